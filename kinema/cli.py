@@ -1,0 +1,143 @@
+"""The `kinema` command: one entry point, one subcommand per job.
+
+Every subcommand is a pair: `_add_NAME(subparsers)` declares its arguments (with an example in its help) and
+`_run_NAME(args)` does the work by calling the library, so the Python API and the CLI never diverge.
+Exit codes: 0 success, 2 bad usage (argparse), 1 failure. Errors print one line on stderr unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from kinema import __version__
+from kinema.errors import KinemaError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def _example(text: str) -> str:
+    return f"example:\n  {text}"
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="report torch, device, video codecs, model folder and free memory",
+        description="Check that this machine can run kinema and say where it looks for models.",
+        epilog=_example("kinema doctor --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=_run_doctor)
+
+
+def _free_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def doctor_report() -> dict:
+    """What kinema sees on this machine, as plain data."""
+    import av
+    import torch
+
+    from kinema.paths import models_dir
+
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    wanted = ["libx264", "h264", "mpeg4", "gif", "libwebp", "webp", "png", "vp9", "libvpx-vp9"]
+    encoders = [name for name in wanted if name in av.codecs_available]
+    free = _free_memory_bytes()
+    return {
+        "kinema": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "pyav": av.__version__,
+        "video_codecs": encoders,
+        "models_dir": str(models_dir()),
+        "free_memory_gib": round(free / 2**30, 2) if free is not None else None,
+    }
+
+
+def _run_doctor(args: argparse.Namespace) -> None:
+    report = doctor_report()
+    if args.json:
+        print(json.dumps(report))
+        return
+    for key, value in report.items():
+        print(f"{key:>15}: {value}")
+
+
+# ---------------------------------------------------------------- entry point
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_doctor]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kinema",
+        description="Text-to-video and image-to-video diffusion: AnimateDiff and EasyAnimate V3.",
+        epilog="Run `kinema COMMAND --help` for each command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"kinema {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except KinemaError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"kinema {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kinema {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure still gets one line; --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        print(f"kinema {args.command}: error: {type(err).__name__}: {err} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
