@@ -1,0 +1,170 @@
+"""The temporal and hybrid motion modules against a direct, plain-torch writing of AnimateDiff's definition."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kinema.errors import KinemaError
+from kinema.models.motion import (
+    MOTION_MODULES,
+    HybridMotionModule,
+    TemporalMotionModule,
+    build_motion_module,
+    register_motion_module,
+    sinusoidal_frame_encoding,
+)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def reference_pe(length: int, dim: int) -> torch.Tensor:
+    # AnimateDiff's PositionalEncoding table, written out independently.
+    pe = torch.zeros(length, dim)
+    for pos in range(length):
+        for i in range(0, dim, 2):
+            angle = pos / (10000 ** (i / dim))
+            pe[pos, i] = math.sin(angle)
+            pe[pos, i + 1] = math.cos(angle)
+    return pe
+
+
+def reference_attention(x, attn, heads):
+    # (S, L, C): q/k/v without bias, softmax(q k^T / sqrt(d)) v, output projection with bias.
+    s, length, c = x.shape
+    d = c // heads
+    q = F.linear(x, attn.to_q.weight).view(s, length, heads, d).transpose(1, 2)
+    k = F.linear(x, attn.to_k.weight).view(s, length, heads, d).transpose(1, 2)
+    v = F.linear(x, attn.to_v.weight).view(s, length, heads, d).transpose(1, 2)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = (w @ v).transpose(1, 2).reshape(s, length, c)
+    return F.linear(out, attn.to_out[0].weight, attn.to_out[0].bias)
+
+
+def reference_motion_module(module, x, heads, kinds, per_frame=True):
+    """Original SD1.5 AnimateDiff VanillaTemporalModule forward on (b, c, f, h, w), per-frame GroupNorm."""
+    tt = module.temporal_transformer
+    b, c, f, h, w = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    if per_frame:
+        normed = F.group_norm(frames, tt.norm.num_groups, tt.norm.weight, tt.norm.bias, tt.norm.eps)
+    else:
+        normed = F.group_norm(x, tt.norm.num_groups, tt.norm.weight, tt.norm.bias, tt.norm.eps)
+        normed = normed.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    hs = normed.permute(0, 2, 3, 1).reshape(b * f, h * w, c)
+    hs = F.linear(hs, tt.proj_in.weight, tt.proj_in.bias)
+    pe = reference_pe(f, c)
+    for block in tt.transformer_blocks:
+        for kind, norm, attn in zip(kinds, block.norms, block.attention_blocks):
+            n = F.layer_norm(hs, (c,), norm.weight, norm.bias, norm.eps)
+            n = n.view(b, f, h * w, c) + pe[None, :, None, :]
+            if kind == "temporal":
+                seq = n.permute(0, 2, 1, 3).reshape(b * h * w, f, c)
+                out = reference_attention(seq, attn, heads).view(b, h * w, f, c).permute(0, 2, 1, 3)
+            else:
+                out = reference_attention(n.reshape(b, f * h * w, c), attn, heads).view(b, f, h * w, c)
+            hs = hs + out.reshape(b * f, h * w, c)
+        n = F.layer_norm(hs, (c,), block.ff_norm.weight, block.ff_norm.bias, block.ff_norm.eps)
+        proj = F.linear(n, block.ff.net[0].proj.weight, block.ff.net[0].proj.bias)
+        value, gate = proj.chunk(2, dim=-1)
+        hs = hs + F.linear(value * F.gelu(gate), block.ff.net[2].weight, block.ff.net[2].bias)
+    hs = F.linear(hs, tt.proj_out.weight, tt.proj_out.bias)
+    out = hs.view(b * f, h, w, c).permute(0, 3, 1, 2) + frames
+    return out.view(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def test_frame_encoding_matches_the_published_table():
+    assert torch.allclose(sinusoidal_frame_encoding(24, 64), reference_pe(24, 64), atol=1e-5)
+
+
+def test_published_key_layout_and_parameter_count():
+    module = TemporalMotionModule(320)
+    keys = list(module.state_dict())
+    assert len(keys) == 26  # 28 in published files, less the two pos_encoder.pe buffers
+    assert "temporal_transformer.transformer_blocks.0.attention_blocks.1.to_out.0.bias" in keys
+    assert "temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.bias" not in keys
+    assert sum(p.numel() for p in module.parameters()) == 22 * 320**2 + 21 * 320
+
+
+@pytest.mark.parametrize("cls", [TemporalMotionModule, HybridMotionModule])
+def test_fresh_module_is_an_identity(cls):
+    module = cls(64, num_attention_heads=8, norm_num_groups=32)
+    x = torch.randn(2, 64, 5, 3, 4)
+    assert torch.equal(module(x), x)
+
+
+@pytest.mark.parametrize("cls,kinds", [(TemporalMotionModule, ("temporal", "temporal")),
+                                       (HybridMotionModule, ("temporal", "global"))])
+@pytest.mark.parametrize("norm_mode", ["per_frame", "across_frames"])
+def test_matches_direct_definition(cls, kinds, norm_mode):
+    torch.manual_seed(0)
+    module = cls(64, num_attention_heads=8, norm_num_groups=32, norm_mode=norm_mode)
+    randomize(module)
+    x = torch.randn(2, 64, 6, 3, 5)
+    expected = reference_motion_module(module, x, 8, kinds, per_frame=norm_mode == "per_frame")
+    assert (module(x) - expected).abs().max().item() < 1e-4
+
+
+def test_norm_modes_differ_on_real_video():
+    torch.manual_seed(0)
+    a = TemporalMotionModule(64, norm_mode="per_frame")
+    randomize(a)
+    b = TemporalMotionModule(64, norm_mode="across_frames")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 64, 4, 3, 3) * torch.arange(1, 5).view(1, 1, 4, 1, 1)
+    assert (a(x) - b(x)).abs().max().item() > 1e-2
+
+
+def test_attention_chunking_and_checkpointing_change_nothing():
+    torch.manual_seed(0)
+    module = HybridMotionModule(64)
+    randomize(module)
+    x = torch.randn(2, 64, 4, 4, 4, requires_grad=True)
+    base = module(x)
+    base.square().sum().backward()
+    grad = x.grad.clone()
+    module.set_attention_chunk_size(3)
+    module.temporal_transformer.gradient_checkpointing = True
+    x.grad = None
+    chunked = module(x)
+    chunked.square().sum().backward()
+    assert (chunked - base).abs().max().item() < 1e-5
+    assert (x.grad - grad).abs().max().item() < 1e-4
+
+
+def test_more_frames_than_encoding_is_refused_with_advice():
+    module = TemporalMotionModule(64, max_frames=24)
+    with pytest.raises(KinemaError, match="context windows"):
+        module(torch.zeros(1, 64, 25, 2, 2))
+
+
+def test_registry_builds_by_name_and_rejects_unknown():
+    assert isinstance(build_motion_module({"type": "hybrid", "max_frames": 16}, 64), HybridMotionModule)
+    with pytest.raises(KinemaError, match="registered"):
+        build_motion_module({"type": "nope"}, 64)
+    with pytest.raises(KinemaError, match="bad settings"):
+        build_motion_module({"type": "temporal", "heads": 3}, 64)
+
+
+def test_user_module_registers_and_builds():
+    @register_motion_module("test_scale")
+    class Scale(torch.nn.Module):
+        def __init__(self, channels, factor=0.0):
+            super().__init__()
+            self.factor = torch.nn.Parameter(torch.tensor(factor))
+
+        def forward(self, x):
+            return x + self.factor * x.mean(dim=2, keepdim=True)
+
+    try:
+        module = build_motion_module({"type": "test_scale"}, 8)
+        x = torch.randn(1, 8, 3, 2, 2)
+        assert torch.equal(module(x), x)
+    finally:
+        MOTION_MODULES.pop("test_scale")
