@@ -19,7 +19,8 @@ _RULES: list[tuple[str, str]] = [
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)ff_norm\.(?P<rest>.*)", r"\g<pre>norm3.\g<rest>"),
 ]
 _REVERSE: list[tuple[str, str]] = [
-    (r"(?P<pre>.*\.motion_modules\.\d+\.)(?P<rest>(?!temporal_transformer\.).*)", r"\g<pre>temporal_transformer.\g<rest>"),
+    (r"(?P<pre>.*\.motion_modules\.\d+\.)(?P<rest>(?!temporal_transformer\.).*)",
+     r"\g<pre>temporal_transformer.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attn1\.(?P<rest>.*)", r"\g<pre>attention_blocks.0.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attn2\.(?P<rest>.*)", r"\g<pre>attention_blocks.1.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)norm1\.(?P<rest>.*)", r"\g<pre>norms.0.\g<rest>"),

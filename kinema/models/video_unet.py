@@ -165,7 +165,8 @@ class VideoUNet(ModelMixin, ConfigMixin):
         found = [f"{label} (e.g. {', '.join(keys[:3])})" for label, keys in problems if keys]
         if found:
             raise KinemaError("motion-module weights do not fit this UNet: " + "; ".join(found)
-                              + ". Check the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches the base")
+                              + ". Check that the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) "
+                              "matches the base UNet")
         self.unet.load_state_dict({**self.unet.state_dict(), **state_dict}, strict=True)
 
     def freeze_base(self) -> None:

@@ -61,7 +61,7 @@ def reference_motion_module(module, x, heads, kinds, per_frame=True):
     hs = F.linear(hs, tt.proj_in.weight, tt.proj_in.bias)
     pe = reference_pe(f, c)
     for block in tt.transformer_blocks:
-        for kind, norm, attn in zip(kinds, block.norms, block.attention_blocks):
+        for kind, norm, attn in zip(kinds, block.norms, block.attention_blocks, strict=True):
             n = F.layer_norm(hs, (c,), norm.weight, norm.bias, norm.eps)
             n = n.view(b, f, h * w, c) + pe[None, :, None, :]
             if kind == "temporal":

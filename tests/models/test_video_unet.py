@@ -1,0 +1,158 @@
+"""Video UNet: inflation, placement, parity with diffusers' UNetMotionModel, norm modes, motion weights apart."""
+
+import pytest
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+from kinema.errors import KinemaError
+from kinema.loaders.animatediff_keys import diffusers_to_original_key
+from kinema.models.video_unet import AcrossFramesGroupNorm, VideoUNet
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+    cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32, attention_head_dim=8,
+)
+
+
+def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def unet2d() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY_UNET).eval()
+
+
+def inputs(frames=4, batch=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, frames, 16, 16, generator=gen), torch.tensor([10, 700])[:batch],
+            torch.randn(batch, 7, 32, generator=gen))
+
+
+def test_fresh_inflation_reproduces_the_2d_unet_on_every_frame(unet2d):
+    video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True)
+    assert all(torch.equal(video.unet.state_dict()[k], v) for k, v in unet2d.state_dict().items())
+    x, t, text = inputs()
+    out = video(x, t, text)
+    for f in range(x.shape[2]):
+        expected = unet2d(x[:, :, f], t, text).sample
+        assert (out[:, :, f] - expected).abs().max().item() < 1e-5
+
+
+def test_placement_matches_animatediff(unet2d):
+    names = [name for name, _ in VideoUNet.from_unet2d(unet2d, motion_mid_block=True).motion_modules()]
+    assert names == [f"down_blocks.{i}.motion_modules.{j}" for i in range(2) for j in range(2)] + [
+        f"up_blocks.{i}.motion_modules.{j}" for i in range(2) for j in range(3)] + ["mid_block.motion_modules.0"]
+    without_mid = VideoUNet.from_unet2d(unet2d, motion_mid_block=False)
+    assert len(list(without_mid.motion_modules())) == 10
+
+
+@pytest.mark.parametrize("mid_block", [True, False], ids=["v2-style", "v3-style"])
+def test_parity_with_diffusers_unet_motion_model(unet2d, mid_block):
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
+                            motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=mid_block)
+    randomize(adapter, seed=3, scale=0.1)
+    reference = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+
+    video = VideoUNet.from_unet2d(unet2d, motion_mid_block=mid_block, resnet_norm_mode="per_frame",
+                                  motion_module={"type": "temporal", "norm_mode": "across_frames", "max_frames": 32})
+    motion = {diffusers_to_original_key(k): v for k, v in reference.state_dict().items()
+              if ".motion_modules." in k and not k.endswith("pos_embed.pe")}
+    video.load_motion_state_dict(motion)
+
+    x, t, text = inputs(frames=5)
+    with torch.no_grad():
+        # diffusers' UNetMotionModel takes text tokens already repeated per frame, (B*F, L, D).
+        expected = reference(x, t, text.repeat_interleave(x.shape[2], dim=0)).sample
+        out = video(x, t, text)
+    assert expected.abs().mean().item() > 0.1
+    assert (out - expected).abs().max().item() <= 1e-4
+    # The motion modules matter: without them the outputs differ by far more than the tolerance.
+    assert (VideoUNet.from_unet2d(unet2d, motion_mid_block=mid_block)(x, t, text) - expected).abs().max() > 1e-2
+
+
+def test_across_frames_resnet_norm_is_a_5d_group_norm(unet2d):
+    video = VideoUNet.from_unet2d(unet2d, resnet_norm_mode="across_frames")
+    norms = [m for m in video.unet.modules() if isinstance(m, AcrossFramesGroupNorm)]
+    # 2 per resnet (4 down, 1+1 mid, 6 up) plus conv_norm_out
+    assert len(norms) == 2 * (4 + 2 + 6) + 1
+    video._frames.value = 3
+    x = torch.randn(6, 32, 4, 4)
+    five_d = x.view(2, 3, 32, 4, 4).permute(0, 2, 1, 3, 4)
+    expected = torch.nn.functional.group_norm(five_d, 32, norms[0].weight, norms[0].bias, norms[0].eps)
+    assert torch.allclose(norms[0](x), expected.permute(0, 2, 1, 3, 4).reshape(6, 32, 4, 4), atol=1e-6)
+    a, t, text = inputs(frames=3)
+    per_frame = VideoUNet.from_unet2d(unet2d)
+    assert (video(a, t, text) - per_frame(a, t, text)).abs().max().item() > 1e-3
+
+
+def test_motion_weights_save_apart_and_whole_model_round_trips(unet2d, tmp_path):
+    torch.manual_seed(0)
+    video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True)
+    randomize(video, seed=5)
+    video.save_pretrained(tmp_path / "model")
+    again = VideoUNet.from_pretrained(tmp_path / "model")
+    x, t, text = inputs(frames=3)
+    with torch.no_grad():
+        assert (again(x, t, text) - video(x, t, text)).abs().max().item() <= 1e-5
+
+    fresh = VideoUNet.from_unet2d(unet2d, motion_mid_block=True)
+    fresh.unet.load_state_dict({**fresh.unet.state_dict(),
+                                **{k: v for k, v in video.unet.state_dict().items() if ".motion_modules." not in k}})
+    fresh.load_motion_state_dict(video.motion_state_dict())
+    with torch.no_grad():
+        assert (fresh(x, t, text) - video(x, t, text)).abs().max().item() <= 1e-5
+
+
+def test_per_frame_text_tokens(unet2d):
+    video = VideoUNet.from_unet2d(unet2d)
+    x, t, text = inputs(frames=3)
+    shared = video(x, t, text)
+    per_frame = video(x, t, text[:, None].expand(-1, 3, -1, -1))
+    assert torch.allclose(shared, per_frame, atol=1e-6)
+
+
+def test_freeze_base_leaves_only_motion_trainable(unet2d):
+    video = VideoUNet.from_unet2d(unet2d)
+    video.freeze_base()
+    trainable = {n for n, p in video.named_parameters() if p.requires_grad}
+    assert trainable and all(".motion_modules." in n for n in trainable)
+    assert sum(p.numel() for n, p in video.named_parameters() if p.requires_grad) == sum(
+        v.numel() for v in video.motion_state_dict().values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unet2d):
+    torch.manual_seed(0)
+    video = VideoUNet.from_unet2d(unet2d)
+    randomize(video, seed=7)
+    x, t, text = inputs(frames=3)
+    video(x, t, text).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in video.named_parameters() if ".motion_modules." in n}
+    video.zero_grad()
+    video.enable_gradient_checkpointing()
+    video.train()
+    video(x, t, text).square().mean().backward()
+    assert max((p.grad - grads[n]).abs().max().item() for n, p in video.named_parameters() if n in grads) < 5e-5
+
+
+def test_bad_input(unet2d):
+    video = VideoUNet.from_unet2d(unet2d, motion_module={"type": "temporal", "max_frames": 24})
+    x, t, text = inputs(frames=25, batch=1)
+    with pytest.raises(KinemaError, match="context windows"):
+        video(x, t, text)
+    with pytest.raises(KinemaError, match=r"\(B, C, F, H, W\)"):
+        video(x[:, :, 0], t, text)
+    with pytest.raises(KinemaError, match="channels"):
+        video(x[:, :3, :4], t, text)
+    wide = VideoUNet.from_unet2d(UNet2DConditionModel(**{**TINY_UNET, "block_out_channels": (64, 64)}))
+    with pytest.raises(KinemaError, match="mismatched"):
+        video.load_motion_state_dict(wide.motion_state_dict())
+    missing = dict(video.motion_state_dict())
+    missing.pop(next(iter(missing)))
+    with pytest.raises(KinemaError, match="1 missing"):
+        video.load_motion_state_dict(missing)
