@@ -168,3 +168,18 @@ def test_user_module_registers_and_builds():
         assert torch.equal(module(x), x)
     finally:
         MOTION_MODULES.pop("test_scale")
+
+
+def test_attention_runs_through_scaled_dot_product_attention(monkeypatch):
+    module = TemporalMotionModule(64)
+    randomize(module)
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    module(torch.randn(1, 64, 4, 2, 2))
+    assert len(calls) == 2 and calls[0] == (4, 8, 4, 8)  # (B*H*W sequences, heads, frames, head dim)
