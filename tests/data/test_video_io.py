@@ -1,0 +1,259 @@
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kinema import __version__
+from kinema.data import video_io
+from kinema.data.video_io import (
+    generation_settings,
+    read_embedded_settings,
+    read_sidecar,
+    read_video,
+    sidecar_path,
+    to_uint8_frames,
+    write_video,
+)
+from kinema.errors import KinemaError
+
+
+def smooth_clip(frames: int = 12, height: int = 48, width: int = 64) -> torch.Tensor:
+    """A moving colour wave, (F, 3, H, W) in [-1, 1]: smooth, like real footage rather than noise."""
+    ys = torch.linspace(-1, 1, height).view(height, 1)
+    xs = torch.linspace(-1, 1, width).view(1, width)
+    out = []
+    for i in range(frames):
+        r = 0.6 * torch.sin(2.0 * xs + 0.4 * i) * torch.cos(1.5 * ys)
+        g = 0.5 * torch.cos(1.3 * ys + 0.3 * i) + 0 * xs
+        b = 0.4 * torch.sin(1.1 * (xs + ys) - 0.2 * i)
+        out.append(torch.stack([c.expand(height, width) for c in (r, g, b)]))
+    return torch.stack(out)
+
+
+def index_clip(frames: int = 12, size: int = 32) -> torch.Tensor:
+    """Frame i is flat grey at brightness -0.9 + 1.8 i / (F - 1), so its index can be read back from the pixels."""
+    levels = torch.linspace(-0.9, 0.9, frames)
+    return levels.view(frames, 1, 1, 1).expand(frames, 3, size, size).clone()
+
+
+def frame_indices(clip: torch.Tensor, frames: int = 12) -> list[int]:
+    return [round((f.mean().item() + 0.9) / 1.8 * (frames - 1)) for f in clip]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (10 * torch.log10(4 / ((a - b) ** 2).mean())).item()  # peak-to-peak of [-1, 1] is 2
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize(("name", "min_psnr"), [("clip.mp4", 35.0), ("clip.webm", 35.0), ("clip.webp", 35.0),
+                                                ("clip.gif", 30.0)])
+def test_round_trip_quality(tmp_path, name, min_psnr):
+    frames = smooth_clip()
+    clip = read_video(write_video(frames, tmp_path / name, fps=8))
+    assert clip.frames.shape == frames.shape
+    assert clip.frames.dtype == torch.float32
+    assert psnr(clip.frames, frames) >= min_psnr
+    assert frame_indices(read_video(write_video(index_clip(), tmp_path / f"i{name}")).frames) == list(range(12))
+
+
+def test_png_folder_and_single_png_are_exact_to_half_a_level(tmp_path):
+    frames = smooth_clip()
+    folder = read_video(write_video(frames, tmp_path / "frames", fps=12))
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir())[:2] == ["00000.png", "00001.png"]
+    assert (folder.frames - frames).abs().max().item() <= 1 / 255 + 1e-6
+    assert folder.fps == 12  # a folder has no frame rate of its own: it comes from the sidecar
+    still = read_video(write_video(frames[:1], tmp_path / "still.png"))
+    assert still.frames.shape == (1, 3, 48, 64)
+    assert (still.frames - frames[:1]).abs().max().item() <= 1 / 255 + 1e-6
+
+
+def test_uint8_numpy_and_grey_inputs(tmp_path):
+    frames = smooth_clip(frames=3)
+    as_numpy = to_uint8_frames(frames)
+    assert as_numpy.dtype == np.uint8 and as_numpy.shape == (3, 48, 64, 3)
+    a = read_video(write_video(frames, tmp_path / "a")).frames
+    b = read_video(write_video(as_numpy, tmp_path / "b")).frames
+    assert torch.equal(a, b)
+    grey = read_video(write_video(frames[:, :1], tmp_path / "grey")).frames
+    assert torch.equal(grey[:, 0], grey[:, 2]) and torch.equal(grey[:, 0], a[:, 0])
+
+
+@pytest.mark.parametrize(("name", "fps", "expected"), [("c.mp4", 24, 24.0), ("c.webm", 12.5, 12.5),
+                                                       ("c.webp", 10, 10.0), ("c.gif", 8, 1000 / 120)])
+def test_fps_round_trip(tmp_path, name, fps, expected):
+    # GIF stores frame times in 10 ms steps: 125 ms (8 fps) is stored as 120 ms.
+    assert read_video(write_video(index_clip(frames=4), tmp_path / name, fps=fps)).fps == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["c.mp4", "c.gif", "c.webp", "frames"])
+def test_start_stride_max_frames_pick_the_right_frames(tmp_path, name):
+    path = write_video(index_clip(), tmp_path / name)
+    assert frame_indices(read_video(path, start=2, stride=3).frames) == [2, 5, 8, 11]
+    assert frame_indices(read_video(path, start=2, stride=3, max_frames=2).frames) == [2, 5]
+    assert frame_indices(read_video(path, max_frames=1).frames) == [0]
+    assert frame_indices(read_video(path, start=11).frames) == [11]
+    with pytest.raises(KinemaError, match="start 12 is past the end .* 12 frames"):
+        read_video(path, start=12)
+    with pytest.raises(KinemaError, match="stride >= 1"):
+        read_video(path, stride=0)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_mp4_settings_in_sidecar_and_container_comment(tmp_path):
+    settings = generation_settings("a red ball", negative_prompt="blurry", seed=7, model="tiny", steps=4,
+                                   scheduler="ddim", guidance=7.5, width=64, height=48, frames=12, fps=8,
+                                   lora_scale=0.8)
+    path = write_video(smooth_clip(), tmp_path / "clip.mp4", settings=settings)
+    assert sidecar_path(path) == tmp_path / "clip.mp4.json"
+    side = json.loads((tmp_path / "clip.mp4.json").read_text())
+    assert side["kinema"] == __version__
+    assert (side["prompt"], side["negative_prompt"], side["seed"], side["steps"]) == ("a red ball", "blurry", 7, 4)
+    assert (side["scheduler"], side["guidance"], side["lora_scale"]) == ("ddim", 7.5, 0.8)
+    with av.open(str(path)) as container:
+        assert json.loads(container.metadata["comment"]) == side
+    assert read_embedded_settings(path) == side == read_sidecar(path)
+
+
+@pytest.mark.parametrize("name", ["c.webm", "c.gif", "c.png"])
+def test_settings_embedded_in_other_formats(tmp_path, name):
+    frames = smooth_clip(frames=1 if name.endswith(".png") else 3)
+    path = write_video(frames, tmp_path / name, settings=generation_settings("cat", seed=3))
+    embedded = read_embedded_settings(path)
+    assert embedded == read_sidecar(path)
+    assert (embedded["prompt"], embedded["seed"], embedded["width"], embedded["height"]) == ("cat", 3, 64, 48)
+
+
+def test_sidecar_always_written_and_filled_from_the_frames(tmp_path):
+    write_video(smooth_clip(frames=5), tmp_path / "frames", fps=6)
+    side = read_sidecar(tmp_path / "frames")
+    assert (tmp_path / "frames.json").is_file()
+    assert side == {"kinema": __version__, "width": 64, "height": 48, "frames": 5, "fps": 6}
+    with Image.open(tmp_path / "frames" / "00004.png") as image:
+        assert json.loads(image.info[video_io.SETTINGS_KEY]) == side
+
+
+def test_settings_must_be_json(tmp_path):
+    with pytest.raises(KinemaError, match="'weights'.*JSON"):
+        generation_settings("x", weights=torch.zeros(2))
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _fail_after(count, real):
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > count:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def test_failed_mp4_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", _fail_after(3, av.VideoFrame.from_ndarray))
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_video(smooth_clip(), tmp_path / "clip.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_file(tmp_path, monkeypatch):
+    path = write_video(index_clip(frames=4), tmp_path / "clip.mp4", settings=generation_settings("old"))
+    before = path.read_bytes()
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", _fail_after(2, av.VideoFrame.from_ndarray))
+    with pytest.raises(RuntimeError):
+        write_video(smooth_clip(), path, settings=generation_settings("new"))
+    assert path.read_bytes() == before
+    assert read_sidecar(path)["prompt"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "clip.mp4.json"]
+
+
+def test_failed_folder_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", _fail_after(3, Image.Image.save))
+    with pytest.raises(RuntimeError):
+        write_video(smooth_clip(), tmp_path / "frames")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rewriting_a_frame_folder_replaces_it(tmp_path):
+    write_video(index_clip(frames=6), tmp_path / "frames")
+    write_video(index_clip(frames=3), tmp_path / "frames")
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "frames.json"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_corrupt_and_truncated_videos_name_the_file(tmp_path):
+    bad = tmp_path / "x.mp4"
+    bad.write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(KinemaError, match=r"cannot read .*x\.mp4.*corrupt"):
+        read_video(bad)
+    good = write_video(smooth_clip(), tmp_path / "good.mp4").read_bytes()
+    (tmp_path / "half.mp4").write_bytes(good[: len(good) // 2])
+    with pytest.raises(KinemaError, match=r"half\.mp4"):
+        read_video(tmp_path / "half.mp4")
+    (tmp_path / "y.gif").write_bytes(b"GIF89a" + b"\x00" * 10)
+    with pytest.raises(KinemaError, match=r"y\.gif"):
+        read_video(tmp_path / "y.gif")
+
+
+def test_unsupported_extensions_list_the_supported_ones(tmp_path):
+    with pytest.raises(KinemaError, match=r"'\.avi'; supported: \.mp4, \.webm, \.gif, \.webp, \.png"):
+        write_video(smooth_clip(frames=2), tmp_path / "c.avi")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(KinemaError, match=r"'\.txt'; supported: \.mp4, .*\.gif"):
+        read_video(tmp_path / "notes.txt")
+    with pytest.raises(KinemaError, match="no such file"):
+        read_video(tmp_path / "missing.mp4")
+
+
+@pytest.mark.parametrize(("frames", "message"), [
+    (torch.zeros(0, 3, 8, 8), "zero frames"),
+    (torch.zeros(3, 8, 8), r"\(F, C, H, W\), got a tensor of shape \(3, 8, 8\)"),
+    (torch.zeros(2, 4, 8, 8), "C = 4"),
+    (torch.zeros(2, 3, 8, 8, dtype=torch.int64), "float frames"),
+    (torch.full((2, 3, 8, 8), float("nan")), "NaN"),
+    (np.zeros((2, 8, 8, 3), np.float32), "uint8"),
+    ([[0.0]], "torch tensor"),
+])
+def test_bad_frames(tmp_path, frames, message):
+    with pytest.raises(KinemaError, match=message):
+        write_video(frames, tmp_path / "c.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_where_folder_is_needed_and_back(tmp_path):
+    (tmp_path / "frames").write_text("a file")
+    with pytest.raises(KinemaError, match="is a file but a frame folder"):
+        write_video(smooth_clip(frames=2), tmp_path / "frames")
+    (tmp_path / "clip.mp4").mkdir()
+    with pytest.raises(KinemaError, match="is a folder"):
+        write_video(smooth_clip(frames=2), tmp_path / "clip.mp4")
+    with pytest.raises(KinemaError, match="frames is a file, not a folder"):
+        write_video(smooth_clip(frames=2), tmp_path / "frames" / "c.mp4")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(KinemaError, match="not kinema frames"):
+        write_video(smooth_clip(frames=2), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_other_write_errors(tmp_path):
+    with pytest.raises(KinemaError, match="even width and height, got 63x48"):
+        write_video(smooth_clip(frames=2, width=63), tmp_path / "c.mp4")
+    with pytest.raises(KinemaError, match="holds one frame, got 2"):
+        write_video(smooth_clip(frames=2), tmp_path / "c.png")
+    with pytest.raises(KinemaError, match="fps must be positive"):
+        write_video(smooth_clip(frames=2), tmp_path / "c.gif", fps=0)
+    assert list(tmp_path.iterdir()) == []
