@@ -1,0 +1,90 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kinema.cli import main
+from kinema.data.synth import SynthMotionDataset
+from kinema.data.video_io import read_video, to_uint8_frames
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
+    return float(10 * np.log10(255**2 / max(mse, 1e-10)))
+
+
+def test_data_synth_50_clips_decode_back_above_35_db(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--n", "50", "--seed", "0"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"wrote 50 entries (50 videos, 0 images) to {out} in ")
+    entries = json.loads((out / "metadata.json").read_text())
+    assert [e["file_path"] for e in entries] == [f"videos/{i:04d}.mp4" for i in range(50)]
+    dataset = SynthMotionDataset(50, seed=0)
+    scores = []
+    for index, entry in enumerate(entries):
+        clip = read_video(out / entry["file_path"])
+        assert clip.fps == 8
+        rendered = dataset.clip(index)
+        assert entry["text"] == rendered.text
+        scores.append(psnr_uint8(to_uint8_frames(clip.frames), rendered.frames))
+    assert min(scores) >= 35.0, f"worst clip {int(np.argmin(scores))} at {min(scores):.2f} dB"
+
+
+@pytest.mark.parametrize("args", [
+    ["--n", "0"], ["--n", "-3"], ["--n", "x"], ["--frames", "0"], ["--frames", "-1"], ["--frames", "1"],
+    ["--size", "0"], ["--size", "-16"], ["--size", "40"], ["--fps", "0"], ["--image-fraction", "2"],
+])
+def test_bad_numbers_exit_2(tmp_path, capsys, args):
+    base = {"--out": str(tmp_path / "d"), "--n": "2"}
+    base.update(dict(zip(args[::2], args[1::2], strict=True)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "synth", *[part for pair in base.items() for part in pair]])
+    assert exit_info.value.code == 2
+    assert f"argument {args[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_data_needs_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data"])
+    assert exit_info.value.code == 2
+
+
+def test_out_is_a_file_exits_1_with_one_line(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    assert main(["data", "synth", "--out", str(target), "--n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err == f"kinema data: error: {target} is a file; give a folder path for the dataset\n"
+    assert target.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_out_is_someone_elses_folder_exits_1_and_leaves_it(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    assert main(["data", "synth", "--out", str(mine), "--n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty and is not a kinema synth dataset" in err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_installed_kinema_entry_point(tmp_path):
+    exe = Path(sys.executable).parent / "kinema"
+    out = tmp_path / "set"
+    done = subprocess.run([str(exe), "data", "synth", "--out", str(out), "--n", "3", "--frames", "4", "--size", "32",
+                           "--image-fraction", "0.5", "--seed", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    entries = json.loads((out / "metadata.json").read_text())
+    assert len(entries) == 3 and done.stdout.startswith("wrote 3 entries")
+    dataset = SynthMotionDataset(3, seed=2, frames=4, size=32, image_fraction=0.5)
+    assert [e["type"] for e in entries] == [dataset[i]["type"] for i in range(3)]
+    bad = subprocess.run([str(exe), "data", "synth", "--out", str(out / "metadata.json"), "--n", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "metadata.json is a file" in bad.stderr
