@@ -1,0 +1,119 @@
+"""Safe checkpoint reading and atomic writing: formats, wrappers, dropped entries, refused pickles, broken files."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from kinema.errors import KinemaError
+from kinema.loaders.checkpoint_io import read_checkpoint, read_state_dict, write_state_dict
+
+
+def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(3, 4, generator=gen), "b.bias": torch.randn(5, generator=gen).half(),
+            "c.count": torch.arange(6)}
+
+
+def assert_same(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ".pt", ".pth", ".bin"])
+def test_write_then_read_is_exact(tmp_path, suffix):
+    path = write_state_dict(tensors(), tmp_path / f"w{suffix}")
+    assert_same(read_state_dict(path), tensors())
+    assert sorted(os.listdir(tmp_path)) == [f"w{suffix}"]  # the temporary file is gone
+
+
+def test_safetensors_metadata_round_trips(tmp_path):
+    path = write_state_dict(tensors(), tmp_path / "w.safetensors", {"kinema_layout": "motion-module", "n": "3"})
+    assert read_checkpoint(path).metadata == {"kinema_layout": "motion-module", "n": "3"}
+    with pytest.raises(KinemaError, match="only be stored in .safetensors"):
+        write_state_dict(tensors(), tmp_path / "w.ckpt", {"a": "b"})
+
+
+def test_state_dict_wrapper_and_non_tensor_entries_are_dropped_and_noted(tmp_path):
+    # AnimateDiff's train.py wraps the weights; v3 files carry an `animatediff_config` entry.
+    torch.save({"state_dict": {**tensors(), "animatediff_config": {"motion_module_kwargs": {"heads": 8}}},
+                "epoch": 3, "global_step": 1200}, tmp_path / "wrapped.ckpt")
+    checkpoint = read_checkpoint(tmp_path / "wrapped.ckpt")
+    assert_same(checkpoint.tensors, tensors())
+    assert checkpoint.dropped == {"top-level epoch": "int", "top-level global_step": "int",
+                                  "animatediff_config": "dict with 1 entries (0 tensors)"}
+
+
+def test_overwrite_is_atomic_and_replaces(tmp_path):
+    path = write_state_dict(tensors(0), tmp_path / "w.safetensors")
+    write_state_dict(tensors(1), path)
+    assert_same(read_state_dict(path), tensors(1))
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code from the pickle ran."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "legacy-pickle"])
+def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    payload = {"a.weight": torch.zeros(2), "evil": _Payload(str(marker))}
+    if zip_format:
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"evil": _Payload(str(marker))}, f)
+    with pytest.raises(KinemaError, match="refused to run code from the pickle") as err:
+        read_state_dict(path)
+    assert "safetensors" in str(err.value) and "kinema convert" in str(err.value) and str(path) in str(err.value)
+    assert not marker.exists()
+    # The payload is live: an ordinary unpickle does create the file.
+    pickle.loads(pickle.dumps(_Payload(str(tmp_path / "control"))))
+    assert (tmp_path / "control").exists()
+
+
+def test_broken_files_name_the_file(tmp_path):
+    write_state_dict(tensors(), tmp_path / "w.safetensors")
+    torch.save(tensors(), tmp_path / "w.ckpt")
+    for name in ("w.safetensors", "w.ckpt"):
+        data = (tmp_path / name).read_bytes()
+        truncated = tmp_path / f"cut-{name}"
+        truncated.write_bytes(data[: len(data) // 2])
+        with pytest.raises(KinemaError, match=f"cut-{name}.*corrupt or truncated"):
+            read_state_dict(truncated)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(KinemaError, match="empty.pt is empty"):
+        read_state_dict(tmp_path / "empty.pt")
+    (tmp_path / "lfs.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    with pytest.raises(KinemaError, match="Git LFS pointer"):
+        read_state_dict(tmp_path / "lfs.safetensors")
+    (tmp_path / "page.ckpt").write_text("<!DOCTYPE html><html>Not found</html>")
+    with pytest.raises(KinemaError, match="HTML page"):
+        read_state_dict(tmp_path / "page.ckpt")
+
+
+def test_bad_paths_and_extensions(tmp_path):
+    with pytest.raises(KinemaError, match="no such file"):
+        read_state_dict(tmp_path / "missing.safetensors")
+    with pytest.raises(KinemaError, match="is a folder"):
+        read_state_dict(tmp_path)
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(KinemaError, match=r"unknown checkpoint extension '.onnx'; supported: .safetensors, .ckpt"):
+        read_state_dict(tmp_path / "w.onnx")
+    with pytest.raises(KinemaError, match="unknown extension '.npz'"):
+        write_state_dict(tensors(), tmp_path / "w.npz")
+    with pytest.raises(KinemaError, match="not tensors"):
+        write_state_dict({"a": 1}, tmp_path / "w.safetensors")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(KinemaError, match="holds a list, not a dict of tensors"):
+        read_state_dict(tmp_path / "list.pt")
