@@ -186,7 +186,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         """CLIP image embedding `(B, image_embed_dim)` -> image tokens `(B, num_image_tokens, C)`.
 
         V3 appends these after the text tokens only for the last part of sampling (its `clip_apply_ratio` 0.5);
-        the sampler decides when by passing `clip_image_embeds` / `clip_attention_mask` to `forward`.
+        before that it passes zero embeddings with a zero mask, which is the same as passing none. The sampler
+        decides when by passing `clip_image_embeds` / `clip_attention_mask` to `forward`.
         """
         if self.clip_projection is None:
             raise KinemaError("this model has no image projection (image_embed_dim is None), so it cannot take CLIP "
