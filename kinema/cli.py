@@ -160,9 +160,64 @@ def _run_data_synth(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - began:.1f} s")
 
 
+# ---------------------------------------------------------------- inspect, convert
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
+        description="Recognise a motion module (AnimateDiff file or diffusers MotionAdapter folder), motion LoRA "
+                    "or EasyAnimate folder and print its format, version, key and parameter counts (buffers "
+                    "excluded), frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles "
+                    "that need code are refused.",
+        epilog=_example("kinema inspect models/mm_sd_v15_v2.ckpt --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="weights file or model folder")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from kinema.loaders.inspect import describe
+
+    report = describe(args.path)
+    if args.json:
+        print(json.dumps(report))
+        return
+    for key, value in report.items():
+        print(f"{key:>19}: {value}")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a motion module in another layout (original, diffusers, kinema) without changing a weight",
+        description="Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with "
+                    "the published names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and "
+                    "`kinema` (.safetensors with its motion settings in the metadata). Weights are copied exactly.",
+        epilog=_example("kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="motion-module file or MotionAdapter folder")
+    p.add_argument("output", help="file to write (.safetensors/.ckpt) or, for --to diffusers, a folder")
+    p.add_argument("--to", required=True, choices=["original", "diffusers", "kinema"], help="target layout")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from kinema.loaders.animatediff import convert_motion_module
+
+    out, notes = convert_motion_module(args.input, args.output, args.to)
+    print(f"wrote {out} ({args.to} layout)")
+    for note in notes:
+        print(f"note: {note}")
+
+
 # ---------------------------------------------------------------- entry point
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_doctor, _add_data]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_doctor, _add_data, _add_inspect, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,3 +46,35 @@ def original_to_diffusers_key(key: str) -> str:
 def diffusers_to_original_key(key: str) -> str:
     """Inverse of `original_to_diffusers_key`."""
     return _rename(key, _REVERSE)
+
+
+# ---------------------------------------------------------------- frame-encoding buffers
+
+# Where each layout stores the fixed sinusoidal frame table `pe` [1, L, C]: (pattern of the key it sits beside,
+# pe key). Original files hold one table per attention, diffusers one per transformer block, shared by attn1 and
+# attn2. kinema computes the table on the fly and stores none.
+PE_PLACES: dict[str, tuple[str, str]] = {
+    "original": (r"(?P<at>.*\.attention_blocks\.\d+\.)to_q\.weight", r"\g<at>pos_encoder.pe"),
+    "diffusers": (r"(?P<at>.*\.transformer_blocks\.\d+\.)attn1\.to_q\.weight", r"\g<at>pos_embed.pe"),
+}
+PE_SUFFIXES: tuple[str, ...] = (".pos_encoder.pe", ".pos_embed.pe")
+
+
+def is_pe_key(key: str) -> bool:
+    """True for a stored frame-encoding buffer (`...pos_encoder.pe` or `...pos_embed.pe`)."""
+    return key.endswith(PE_SUFFIXES)
+
+
+def pe_places(keys: list[str], layout: str) -> dict[str, str]:
+    """`{pe key: key it sits beside}` for the tensors `keys` named in `layout` ("original" or "diffusers")."""
+    pattern, replacement = PE_PLACES[layout]
+    return {re.sub(f"^{pattern}$", replacement, k): k for k in keys if re.fullmatch(pattern, k)}
+
+
+def rename_state_dict(state_dict: dict, source: str, target: str) -> dict:
+    """Rename every key between the "original"/"kinema" names (the same) and "diffusers" names."""
+    if {source, target} <= {"original", "kinema"} or source == target:
+        return dict(state_dict)
+    if target == "diffusers":
+        return {original_to_diffusers_key(k): v for k, v in state_dict.items()}
+    return {diffusers_to_original_key(k): v for k, v in state_dict.items()}
