@@ -1,0 +1,115 @@
+"""`kinema inspect` and `kinema convert` through `kinema.cli.main`: reports, conversions and one-line errors."""
+
+import json
+
+import pytest
+import torch
+from diffusers import MotionAdapter
+from loaders.animatediff_fixtures import TINY_CHANNELS, original_motion_state_dict, tiny_unet
+
+from kinema.cli import main
+from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def inspect_json(capsys, path):
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_inspect_a_v2_file(tmp_path, capsys):
+    path = tmp_path / "mm_v2.safetensors"
+    write_state_dict(original_motion_state_dict("v2"), path)
+    assert inspect_json(capsys, path) == {
+        "path": str(path), "kind": "motion_module", "format": "animatediff-original", "version": "v2",
+        "keys": 588, "parameters": 1_579_296, "max_frames": 32, "max_frames_source": "file", "dtype": "float32",
+        "mid_block": True, "channels": list(TINY_CHANNELS), "num_attention_heads": 8, "norm_num_groups": 32,
+        "norm_mode": "per_frame", "resnet_norm_mode": "per_frame", "dropped": {}}
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0 and "            version: v2\n" in out and "         parameters: 1579296\n" in out
+
+
+def test_inspect_v3_ckpt_reports_the_dropped_config(tmp_path, capsys):
+    torch.save({**original_motion_state_dict("v3", dtype=torch.float16), "animatediff_config": {"L": 16}},
+               tmp_path / "v3.ckpt")
+    report = inspect_json(capsys, tmp_path / "v3.ckpt")
+    assert (report["version"], report["keys"], report["max_frames"], report["dtype"]) == ("v3", 560, 32, "float16")
+    assert report["dropped"] == {"animatediff_config": "dict with 1 entries (0 tensors)"}
+
+
+def test_inspect_a_diffusers_folder(tmp_path, capsys):
+    MotionAdapter(block_out_channels=TINY_CHANNELS, motion_max_seq_length=32).save_pretrained(tmp_path / "adapter")
+    report = inspect_json(capsys, tmp_path / "adapter")
+    assert (report["format"], report["version"], report["keys"], report["norm_mode"]) == (
+        "animatediff-diffusers", "v2", 21 * 27, "across_frames")
+
+
+def test_inspect_a_motion_lora(tmp_path, capsys):
+    prefix = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor"
+    write_state_dict({f"{prefix}.to_q_lora.down.weight": torch.zeros(4, 32),
+                      f"{prefix}.to_q_lora.up.weight": torch.zeros(32, 4)}, tmp_path / "zoom.safetensors")
+    report = inspect_json(capsys, tmp_path / "zoom.safetensors")
+    assert (report["kind"], report["rank"], report["parameters"]) == ("motion_lora", 4, 256)
+
+
+def test_inspect_unknown_and_broken_files(tmp_path, capsys):
+    write_state_dict(tiny_unet().state_dict(), tmp_path / "unet.safetensors")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "unet.safetensors"))
+    assert code == 1 and err.count("\n") == 1
+    assert "not a format kinema knows: looked for AnimateDiff motion module" in err
+    assert "motion LoRA; EasyAnimate V3" in err and "it looks like an image UNet" in err
+
+    (tmp_path / "notes.txt").write_text("hello")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "notes.txt"))
+    assert code == 1 and "weights files kinema reads end in .safetensors, .ckpt" in err
+    code, _, err = run(capsys, "inspect", str(tmp_path / "missing.ckpt"))
+    assert code == 1 and "no such file or folder" in err
+
+    v1 = original_motion_state_dict("v1")
+    key = next(k for k in v1 if k.endswith("pos_encoder.pe"))
+    write_state_dict({**v1, key: torch.zeros(1, 32, 32)}, tmp_path / "mixed.safetensors")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "mixed.safetensors"))
+    assert code == 1 and "mixed.safetensors: frame-encoding lengths disagree" in err
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.ckpt")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "evil.ckpt"))
+    assert code == 1 and "refused to run code from the pickle" in err and not (tmp_path / "pwned").exists()
+
+
+def test_convert_original_to_diffusers_to_original_is_bit_exact(tmp_path, capsys):
+    source = tmp_path / "mm_sd_v15_v2.ckpt"
+    write_state_dict(original_motion_state_dict("v2", seed=7), source)
+    code, out, _ = run(capsys, "convert", str(source), str(tmp_path / "adapter"), "--to", "diffusers")
+    assert code == 0 and out.startswith(f"wrote {tmp_path / 'adapter'} (diffusers layout)\nnote: ")
+    adapter = MotionAdapter.from_pretrained(tmp_path / "adapter")
+    assert set(adapter.state_dict()) == set(read_state_dict(tmp_path / "adapter/diffusion_pytorch_model.safetensors"))
+    for source_name, target, layout in [("adapter", "back.ckpt", "original"), ("back.ckpt", "k.safetensors", "kinema"),
+                                        ("k.safetensors", "o.ckpt", "original")]:
+        assert run(capsys, "convert", str(tmp_path / source_name), str(tmp_path / target), "--to", layout)[0] == 0
+    expected = read_state_dict(source)
+    for name in ("back.ckpt", "o.ckpt"):
+        got = read_state_dict(tmp_path / name)
+        assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert inspect_json(capsys, tmp_path / "k.safetensors")["format"] == "kinema"
+
+
+def test_convert_errors_and_help(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", str(tmp_path / "none.ckpt"), str(tmp_path / "o.ckpt"), "--to", "original")
+    assert code == 1 and "no such file" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "a", "b", "--to", "comfy"])
+    assert exit_info.value.code == 2
+    for command in ("inspect", "convert"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0 and f"example:\n  kinema {command} " in capsys.readouterr().out
