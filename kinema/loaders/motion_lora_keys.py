@@ -1,0 +1,274 @@
+"""Motion-LoRA key layouts: read any published layout, describe it, and convert between layouts losslessly.
+
+A motion LoRA (AnimateDiff's MotionLoRA) is a low-rank update `up @ down` of the to_q/to_k/to_v/to_out projections
+of the motion modules' temporal attentions; `down` is `(r, C_in)` and `up` is `(C_out, r)`. Files come in four key
+layouts, each written below once as data (a regex that reads keys and templates that write them):
+
+- `original`: AnimateDiff's release, legacy attention-processor names on the original module paths,
+  `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora.down.weight`.
+- `diffusers`: what diffusers' `scripts/convert_animatediff_motion_lora_to_diffusers.py` writes and the Hub's
+  `guoyww/animatediff-motion-lora-*` repos hold: the same processor names on diffusers paths under `unet.`,
+  `unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight`.
+- `diffusers_peft`: peft names on diffusers paths, as diffusers' `save_lora_weights` writes them,
+  `unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.lora_A.weight`.
+- `kinema`: peft names on kinema's paths (the keys of `VideoUNet.unet` with the adapter name left out),
+  `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.lora_A.weight`.
+
+The peft layouts may also carry a per-layer `alpha` scalar (update scaled by alpha / r) and, when read, an adapter
+name inside the key (`lora_A.<name>.weight`). Converting only renames keys, so the tensors of a round trip are the
+same objects; the one exception is writing a file whose alpha differs from its rank into a layout with no place for
+alpha (`original`, `diffusers`): the scale alpha / r is then baked into `up`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from kinema.errors import KinemaError
+
+MotionLoraFormat = Literal["original", "diffusers", "diffusers_peft", "kinema"]
+PROJECTIONS = ("q", "k", "v", "out")  # canonical projection names, in the order they are reported
+
+_MM = r"(?P<mm>(?:down_blocks|up_blocks)\.\d+\.motion_modules\.\d+|mid_block\.motion_modules\.\d+)"
+_KINEMA_PATH = _MM + r"\.temporal_transformer\.transformer_blocks\.(?P<block>\d+)\.attention_blocks\.(?P<attn>\d+)"
+_DIFFUSERS_PATH = r"unet\." + _MM + r"\.transformer_blocks\.(?P<block>\d+)\.attn(?P<attn>[1-9]\d*)"
+_PROCESSOR_TAIL = r"\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight"
+_PEFT_TAIL = (r"\.(?P<proj>to_q|to_k|to_v|to_out\.0)"
+              r"\.(?:(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[\w-]+))?\.weight|(?P<alpha>alpha))")
+_PROCESSOR_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
+_PEFT_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One key layout. Templates take `mm`, `block`, `attn` (already offset), `proj` (this layout's name) and `part`."""
+
+    read: str
+    write: str
+    alpha: str | None  # template of the alpha scalar's key; None where the layout has no place for it
+    first_attention: int  # index of a block's first attention: attention_blocks.0 vs attn1
+    projections: dict[str, str]
+    parts: tuple[str, str]  # names of (down, up)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "original": Layout(
+        read=_KINEMA_PATH + _PROCESSOR_TAIL,
+        write="{mm}.temporal_transformer.transformer_blocks.{block}.attention_blocks.{attn}.processor.{proj}_lora"
+              ".{part}.weight",
+        alpha=None, first_attention=0, projections=_PROCESSOR_NAMES, parts=("down", "up")),
+    "diffusers": Layout(
+        read=_DIFFUSERS_PATH + _PROCESSOR_TAIL,
+        write="unet.{mm}.transformer_blocks.{block}.attn{attn}.processor.{proj}_lora.{part}.weight",
+        alpha=None, first_attention=1, projections=_PROCESSOR_NAMES, parts=("down", "up")),
+    "diffusers_peft": Layout(
+        read=_DIFFUSERS_PATH + _PEFT_TAIL,
+        write="unet.{mm}.transformer_blocks.{block}.attn{attn}.{proj}.{part}.weight",
+        alpha="unet.{mm}.transformer_blocks.{block}.attn{attn}.{proj}.alpha",
+        first_attention=1, projections=_PEFT_NAMES, parts=("lora_A", "lora_B")),
+    "kinema": Layout(
+        read=_KINEMA_PATH + _PEFT_TAIL,
+        write="{mm}.temporal_transformer.transformer_blocks.{block}.attention_blocks.{attn}.{proj}.{part}.weight",
+        alpha="{mm}.temporal_transformer.transformer_blocks.{block}.attention_blocks.{attn}.{proj}.alpha",
+        first_attention=0, projections=_PEFT_NAMES, parts=("lora_A", "lora_B")),
+}
+_COMPILED = {name: re.compile(layout.read) for name, layout in LAYOUTS.items()}
+_CANONICAL = {name: canon for names in (_PROCESSOR_NAMES, _PEFT_NAMES) for canon, name in names.items()}
+
+
+class Slot(NamedTuple):
+    """One adapted projection: motion module path, transformer block, attention index (from 0), projection."""
+
+    mm: str
+    block: int
+    attention: int
+    projection: str
+
+    @property
+    def module_path(self) -> str:
+        """The projection's path inside `VideoUNet.unet`, e.g. `...attention_blocks.0.to_out.0`."""
+        return (f"{self.mm}.temporal_transformer.transformer_blocks.{self.block}.attention_blocks.{self.attention}."
+                f"{_PEFT_NAMES[self.projection]}")
+
+
+@dataclass
+class LoraPair:
+    """`down` `(r, C_in)`, `up` `(C_out, r)` and an optional scalar `alpha` (update scaled by alpha / r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """Factor on `up @ down` at strength 1: 1 without alpha (the original MotionLoRA rule), else alpha / r."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+
+@dataclass
+class MotionLora:
+    """A parsed motion LoRA: its file layout, its layers by slot (file order) and the file key naming each."""
+
+    format: str
+    layers: dict[Slot, LoraPair]
+    keys: dict[Slot, str]
+    adapter: str | None = None
+
+
+def _match(key: str) -> tuple[str, re.Match] | None:
+    for name, pattern in _COMPILED.items():
+        found = pattern.fullmatch(key)
+        if found:
+            return name, found
+    return None
+
+
+def _examples(keys: list[str], count: int = 3) -> str:
+    return ", ".join(keys[:count]) + (f" and {len(keys) - count} more" if len(keys) > count else "")
+
+
+def is_motion_lora(state_dict: Mapping[str, Any]) -> bool:
+    """Whether any key is a motion-LoRA key in one of the known layouts."""
+    return any(_match(key) for key in state_dict)
+
+
+def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
+    """Read a motion-LoRA state dict in any layout, strictly.
+
+    Raises `KinemaError` naming the keys when a key belongs to no layout (or to a second layout), a layer lacks its
+    down or up matrix, ranks disagree, a key repeats, or more than one adapter name appears.
+    """
+    matched: dict[str, tuple[str, re.Match]] = {}
+    unknown: list[str] = []
+    for key in state_dict:
+        hit = _match(key)
+        if hit:
+            matched[key] = hit
+        else:
+            unknown.append(key)
+    if not matched:
+        example = LAYOUTS["original"].write.format(mm="down_blocks.0.motion_modules.0", block=0, attn=0, proj="to_q",
+                                                   part="down")
+        raise KinemaError(f"no motion-LoRA keys among {len(state_dict)} keys (e.g. {_examples(list(state_dict))}); "
+                          f"expected keys like {example}")
+    counts = Counter(name for name, _ in matched.values())
+    fmt = counts.most_common(1)[0][0]
+    strays = unknown + [key for key, (name, _) in matched.items() if name != fmt]
+    if strays:
+        raise KinemaError(
+            f"{len(strays)} of {len(state_dict)} keys are not {fmt!r} motion-LoRA keys: {_examples(strays)}. A motion "
+            "LoRA holds only the down/up matrices of the temporal attentions' to_q/to_k/to_v/to_out, in one layout")
+    layout = LAYOUTS[fmt]
+    parts: dict[Slot, dict[str, torch.Tensor]] = {}
+    keys: dict[Slot, str] = {}
+    adapters: set[str] = set()
+    for key, (_, found) in matched.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise KinemaError(f"motion-LoRA entry {key} is a {type(value).__name__}, not a tensor")
+        groups = found.groupdict()
+        slot = Slot(groups["mm"], int(groups["block"]), int(groups["attn"]) - layout.first_attention,
+                    _CANONICAL[groups["proj"]])
+        part = "alpha" if groups.get("alpha") else ("down" if groups["part"] in ("down", "lora_A") else "up")
+        if groups.get("adapter"):
+            adapters.add(groups["adapter"])
+        if part in parts.setdefault(slot, {}):
+            raise KinemaError(f"motion-LoRA key {key} repeats the {part} matrix of {keys[slot]}")
+        parts[slot][part] = value
+        keys.setdefault(slot, key)
+    if len(adapters) > 1:
+        raise KinemaError(f"the motion LoRA holds several adapters {sorted(adapters)}; save one adapter per file")
+    return MotionLora(fmt, {slot: _pair(keys[slot], found) for slot, found in parts.items()}, keys,
+                      adapters.pop() if adapters else None)
+
+
+def _pair(key: str, parts: dict[str, torch.Tensor]) -> LoraPair:
+    missing = [p for p in ("down", "up") if p not in parts]
+    if missing:
+        raise KinemaError(f"motion-LoRA layer of {key} has no {' or '.join(missing)} matrix; the file is incomplete")
+    down, up, alpha = parts["down"], parts["up"], parts.get("alpha")
+    if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        raise KinemaError(f"motion-LoRA layer of {key}: down {tuple(down.shape)} and up {tuple(up.shape)} are not "
+                          "(r, C_in) and (C_out, r) with one rank r")
+    if alpha is not None and alpha.numel() != 1:
+        raise KinemaError(f"motion-LoRA alpha of {key} has shape {tuple(alpha.shape)}; it must be a single number")
+    return LoraPair(down, up, alpha)
+
+
+def write_motion_lora(lora: MotionLora, to: MotionLoraFormat) -> dict[str, torch.Tensor]:
+    """Write a parsed motion LoRA's tensors under the key names of layout `to`."""
+    if to not in LAYOUTS:
+        raise KinemaError(f"unknown motion-LoRA layout {to!r}; choose one of {sorted(LAYOUTS)}")
+    layout = LAYOUTS[to]
+    out: dict[str, torch.Tensor] = {}
+    for slot, pair in lora.layers.items():
+        fields = dict(mm=slot.mm, block=slot.block, attn=slot.attention + layout.first_attention,
+                      proj=layout.projections[slot.projection])
+        up = pair.up
+        if pair.alpha is not None and layout.alpha is None and pair.scale != 1.0:
+            up = (up.float() * pair.scale).to(up.dtype)  # this layout cannot store alpha: bake alpha / r into up
+        out[layout.write.format(part=layout.parts[0], **fields)] = pair.down
+        out[layout.write.format(part=layout.parts[1], **fields)] = up
+        if pair.alpha is not None and layout.alpha is not None:
+            out[layout.alpha.format(**fields)] = pair.alpha
+    return out
+
+
+def convert_motion_lora(state_dict: Mapping[str, torch.Tensor], to: MotionLoraFormat) -> dict[str, torch.Tensor]:
+    """Rename a motion LoRA's keys into layout `to` (`original`, `diffusers`, `diffusers_peft` or `kinema`).
+
+    The tensors are passed through unchanged, so any round trip is bit-exact, except that an alpha differing from
+    the rank is baked into `up` when `to` has no place for alpha. Shapes: down `(r, C_in)`, up `(C_out, r)`.
+    """
+    return write_motion_lora(parse_motion_lora(state_dict), to)
+
+
+def _one_or_all(values: set) -> Any:
+    ordered = sorted(values)
+    return ordered[0] if len(ordered) == 1 else ordered
+
+
+def summarize_motion_lora(lora: MotionLora, key_count: int) -> dict[str, Any]:
+    """What `describe_motion_lora` reports, for an already parsed LoRA."""
+    pairs = list(lora.layers.values())
+    present = {slot.projection for slot in lora.layers}
+    alphas = {float(p.alpha) for p in pairs if p.alpha is not None}
+    return {
+        "kind": "motion_lora",
+        "format": lora.format,
+        "rank": _one_or_all({p.rank for p in pairs}),
+        "targets": [_PROCESSOR_NAMES[p] for p in PROJECTIONS if p in present],
+        "motion_modules": len({slot.mm for slot in lora.layers}),
+        "mid_block": any(slot.mm.startswith("mid_block.") for slot in lora.layers),
+        "channels": _one_or_all({p.down.shape[1] for p in pairs}),
+        "layers": len(pairs),
+        "keys": key_count,
+        "parameters": sum(p.down.numel() + p.up.numel() + (p.alpha.numel() if p.alpha is not None else 0)
+                          for p in pairs),
+        "dtype": _one_or_all({str(t.dtype).removeprefix("torch.") for p in pairs for t in (p.down, p.up)}),
+        "alpha": _one_or_all(alphas) if alphas else None,
+        "adapter": lora.adapter,
+    }
+
+
+def describe_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Summary for `kinema inspect`, or None when no key is a motion-LoRA key.
+
+    Returns `{"kind": "motion_lora", "format", "rank", "targets" (e.g. ["to_q", "to_k", "to_v", "to_out"]),
+    "motion_modules", "mid_block", "channels", "layers", "keys", "parameters", "dtype", "alpha", "adapter"}`; rank,
+    channels, dtype and alpha are a list when they differ between layers. A file that looks like a motion LoRA but
+    is malformed raises `KinemaError`. Works on meta tensors (shapes only).
+    """
+    if not is_motion_lora(state_dict):
+        return None
+    return summarize_motion_lora(parse_motion_lora(state_dict), len(state_dict))
