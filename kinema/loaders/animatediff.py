@@ -24,13 +24,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff_keys import is_pe_key, pe_places, rename_state_dict
+from kinema.loaders.animatediff_keys import is_pe_key, pe_places, rename_state_dict, with_pe_tables
 from kinema.loaders.checkpoint_io import read_checkpoint, write_state_dict
 from kinema.models.motion import sinusoidal_frame_encoding
 from kinema.models.video_unet import VideoUNet
 
-FORMATS = ("animatediff-original", "animatediff-diffusers", "kinema")
-LAYOUTS = {"original": "animatediff-original", "diffusers": "animatediff-diffusers", "kinema": "kinema"}
+LAYOUTS = ("original", "diffusers", "kinema")  # what `save_motion_module` / `kinema convert --to` write
 ADAPTER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                    "diffusion_pytorch_model.bin")
 KINEMA_LAYOUT_TAG = "motion-module"
@@ -93,13 +92,10 @@ class MotionModuleInfo:
     def label(self) -> str:
         return f"AnimateDiff {self.version} ({self.format})"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "channels": list(self.channels), "modules_per_level": list(self.modules_per_level)}
-
 
 @dataclass(frozen=True)
 class MotionSettings:
-    """How to build the VideoUNet for a motion module; every field but `mid_block` can be overridden."""
+    """How to build the VideoUNet for a motion module; the fields in OVERRIDABLE can be set by the caller."""
 
     max_frames: int
     mid_block: bool
@@ -436,17 +432,6 @@ def _settings_of(video_unet: VideoUNet) -> MotionSettings:
         resnet_norm_mode=video_unet.config.resnet_norm_mode)
 
 
-def _with_pe(state_dict: dict[str, torch.Tensor], layout: str, max_frames: int) -> dict[str, torch.Tensor]:
-    named = rename_state_dict(state_dict, "kinema", layout)
-    tables = {}
-    for pe_key, beside in pe_places(list(named), layout).items():
-        reference = named[beside]
-        # A fresh tensor per key: safetensors refuses tensors that share memory.
-        table = sinusoidal_frame_encoding(max_frames, reference.shape[0])[None].to(reference.dtype)
-        tables[pe_key] = table
-    return {**named, **tables}
-
-
 def _adapter_config(structure: dict, settings: MotionSettings) -> dict[str, Any]:
     import diffusers
 
@@ -481,13 +466,13 @@ def write_motion_module(
                     "motion_settings": json.dumps(asdict(settings))}
         return write_state_dict(state_dict, path, metadata)
     if layout == "original":
-        return write_state_dict(_with_pe(state_dict, "original", settings.max_frames) if with_pe else state_dict,
+        return write_state_dict(with_pe_tables(state_dict, "original", settings.max_frames) if with_pe else state_dict,
                                 path)
     if path.suffix:
         raise KinemaError(f"the diffusers layout is a folder (config.json + {ADAPTER_WEIGHTS[0]}); give a folder "
                           f"path without an extension, got {path}")
     config = _adapter_config(structure, settings)
-    write_state_dict(_with_pe(state_dict, "diffusers", settings.max_frames), path / ADAPTER_WEIGHTS[0],
+    write_state_dict(with_pe_tables(state_dict, "diffusers", settings.max_frames), path / ADAPTER_WEIGHTS[0],
                      {"format": "pt"})
     tmp = path / f".config.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(config, indent=2) + "\n")

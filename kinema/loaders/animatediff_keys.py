@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from kinema.models.motion import sinusoidal_frame_encoding
+
 # (original / kinema pattern, diffusers pattern) with named groups shared by both sides.
 _RULES: list[tuple[str, str]] = [
     (r"(?P<pre>.*\.motion_modules\.\d+\.)temporal_transformer\.(?P<rest>.*)", r"\g<pre>\g<rest>"),
@@ -78,3 +82,13 @@ def rename_state_dict(state_dict: dict, source: str, target: str) -> dict:
     if target == "diffusers":
         return {original_to_diffusers_key(k): v for k, v in state_dict.items()}
     return {diffusers_to_original_key(k): v for k, v in state_dict.items()}
+
+
+def with_pe_tables(state_dict: dict[str, torch.Tensor], layout: str, max_frames: int) -> dict[str, torch.Tensor]:
+    """kinema-named motion weights renamed to `layout` with its sinusoidal `pe` tables [1, max_frames, C] added,
+    in the dtype of the weights beside them."""
+    named = rename_state_dict(state_dict, "kinema", layout)
+    # A fresh tensor per key: safetensors refuses tensors that share memory.
+    tables = {pe_key: sinusoidal_frame_encoding(max_frames, named[beside].shape[0])[None].to(named[beside].dtype)
+              for pe_key, beside in pe_places(list(named), layout).items()}
+    return {**named, **tables}
