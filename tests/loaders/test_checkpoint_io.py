@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import sys
+import types
 
 import pytest
 import torch
@@ -63,6 +65,7 @@ class _Payload:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "legacy-pickle"])
 def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path, zip_format):
     marker = tmp_path / "pwned"
@@ -117,3 +120,19 @@ def test_bad_paths_and_extensions(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(KinemaError, match="holds a list, not a dict of tensors"):
         read_state_dict(tmp_path / "list.pt")
+
+
+def test_december_2023_v3_upload_gets_its_own_advice(tmp_path, monkeypatch):
+    # That upload carried an OmegaConf DictConfig; stand in a class with the same import path.
+    module = types.ModuleType("omegaconf.dictconfig")
+
+    class DictConfig(dict):
+        pass
+
+    DictConfig.__module__, DictConfig.__qualname__ = module.__name__, "DictConfig"
+    module.DictConfig = DictConfig
+    monkeypatch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+    monkeypatch.setitem(sys.modules, "omegaconf.dictconfig", module)
+    torch.save({**tensors(), "animatediff_config": DictConfig(a=1)}, tmp_path / "v3_sd15_mm.ckpt")
+    with pytest.raises(KinemaError, match=r"it needs omegaconf\.dictconfig\.DictConfig.*download it again"):
+        read_state_dict(tmp_path / "v3_sd15_mm.ckpt")
