@@ -1,0 +1,301 @@
+"""SD1.5 base loading: shipped configs, diffusers folders, LDM single files, offline only, kohya LoRAs fused."""
+
+import json
+import re
+import socket
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from kinema.errors import KinemaError
+from kinema.loaders.stable_diffusion import SD15_CONFIGS, load_spatial_lora, load_stable_diffusion
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+    cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32, attention_head_dim=8,
+)
+TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32, layers_per_block=1)
+TINY_CLIP = dict(vocab_size=516, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, bos_token_id=514, eos_token_id=515, pad_token_id=515)
+
+
+def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return module.eval()
+
+
+def write_tokenizer(folder) -> None:
+    """A tiny CLIP BPE vocabulary: the 512 byte tokens, two merges ("the"), and the start/end tokens (514, 515)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {"unet": randomize(UNet2DConditionModel(**TINY_UNET), 1), "vae": randomize(AutoencoderKL(**TINY_VAE), 2),
+            "text_encoder": randomize(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), 3)}
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    for name, model in tiny.items():
+        model.save_pretrained(root / name)
+    write_tokenizer(root / "tokenizer")
+    PNDMScheduler.from_pretrained(SD15_CONFIGS, subfolder="scheduler").save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.fixture(scope="module")
+def config_dir(tiny, sd_folder, tmp_path_factory):
+    """Tiny component configs laid out like kinema's shipped SD1.5 configs."""
+    root = tmp_path_factory.mktemp("configs")
+    for name, model in tiny.items():
+        (model.save_config if hasattr(model, "save_config") else model.config.save_pretrained)(root / name)
+    PNDMScheduler.from_pretrained(SD15_CONFIGS, subfolder="scheduler").save_config(root / "scheduler")
+    return root
+
+
+def assert_same_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+# ---------------------------------------------------------------- diffusers -> LDM names, for writing test files
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_unet_key(key: str, layers: int, up_attention: set[int]) -> str:
+    """The original LDM name of a diffusers UNet key (openaimodel's input/middle/output block numbering)."""
+    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in fixed:
+        return fixed[key]
+    found = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if found:
+        side, i, kind, j, rest = found.groups()
+        index = (1 if side == "down" else 0) + int(i) * (layers + 1) + int(j)
+        if kind == "resnets":
+            head, _, tail = rest.partition(".")
+            return f"{'input' if side == 'down' else 'output'}_blocks.{index}.0.{_RESNET[head]}.{tail}"
+        return f"{'input' if side == 'down' else 'output'}_blocks.{index}.1.{rest}"
+    found = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
+    if found:
+        return f"input_blocks.{(int(found[1]) + 1) * (layers + 1)}.0.op.{found[2]}"
+    found = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key)
+    if found:
+        i = int(found[1])
+        return f"output_blocks.{i * (layers + 1) + layers}.{2 if i in up_attention else 1}.conv.{found[2]}"
+    found = re.fullmatch(r"mid_block\.resnets\.(\d+)\.([a-z_0-9]+)\.(.+)", key)
+    if found:
+        return f"middle_block.{2 * int(found[1])}.{_RESNET[found[2]]}.{found[3]}"
+    return key.replace("mid_block.attentions.0.", "middle_block.1.")
+
+
+def ldm_vae_key(key: str, levels: int) -> str:
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in fixed:
+        return fixed[key]
+    key = key.replace("conv_shortcut", "nin_shortcut")
+    for pattern, replace in (
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block."),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample."),
+        (r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
+        (r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
+         lambda m: f"mid.attn_1.{_VAE_ATTENTION[m[1]]}."),
+    ):
+        key = re.sub(pattern, replace, key)
+    return key
+
+
+def ldm_checkpoint(tiny) -> dict[str, torch.Tensor]:
+    """The tiny components as one LDM-layout file, plus training-only entries a real file carries."""
+    unet, vae, clip = tiny["unet"], tiny["vae"], tiny["text_encoder"]
+    up_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
+    state = {f"model.diffusion_model.{ldm_unet_key(k, unet.config.layers_per_block, up_attention)}": v.clone()
+             for k, v in unet.state_dict().items()}
+    for key, value in vae.state_dict().items():
+        # LDM's VAE attention uses 1x1 convolutions where diffusers has linears.
+        conv = ".mid.attn_1." in ldm_vae_key(key, 2) and value.ndim == 2
+        state[f"first_stage_model.{ldm_vae_key(key, 2)}"] = value[:, :, None, None].clone() if conv else value.clone()
+    state |= {f"cond_stage_model.transformer.text_model.{k}": v.clone() for k, v in clip.state_dict().items()}
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state |= {"alphas_cumprod": torch.linspace(1, 0, 1000), "model_ema.decay": torch.tensor(0.9999)}
+    return state
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_shipped_sd15_configs_build_the_published_model_sizes():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae"))
+        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder"))
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, clip)]
+    assert sizes == [859_520_964, 83_653_863, 123_060_480]
+    assert vae.config.scaling_factor == 0.18215
+    scheduler = PNDMScheduler.from_pretrained(SD15_CONFIGS, subfolder="scheduler")
+    assert scheduler.betas[0].item() == pytest.approx(0.00085) and scheduler.betas[-1].item() == pytest.approx(0.012)
+    assert scheduler.config.steps_offset == 1 and scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_diffusers_folder_loads_every_component_exactly(tiny, sd_folder):
+    sd = load_stable_diffusion(sd_folder)
+    for name, model in tiny.items():
+        assert_same_weights(getattr(sd, name), model)
+    assert sd.tokenizer("the cat").input_ids == [514, 513, 66, 64, 339, 515]  # <start> the</w> c a t</w> <end>
+    assert type(sd.scheduler) is PNDMScheduler and sd.scheduler.config.beta_end == 0.012
+    half = load_stable_diffusion(sd_folder, dtype=torch.float16)
+    assert half.unet.dtype == torch.float16 and half.text_encoder.dtype == torch.float16
+
+
+def test_missing_components_are_named(sd_folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        (broken / name).symlink_to(sd_folder / name, target_is_directory=True)
+    (broken / "vae").mkdir()
+    (broken / "vae" / "config.json").write_text((sd_folder / "vae" / "config.json").read_text())
+    with pytest.raises(KinemaError, match=r"broken is not a complete.*missing vae/ weights"):
+        load_stable_diffusion(broken)
+    (broken / "tokenizer").unlink()
+    with pytest.raises(KinemaError, match=r"missing vae/ weights.*tokenizer/ \(vocab.json and merges.txt"):
+        load_stable_diffusion(broken)
+    with pytest.raises(KinemaError, match="no such model file or folder"):
+        load_stable_diffusion(tmp_path / "nothing")
+    with pytest.raises(KinemaError, match="tokenizer= and config= are for single-file"):
+        load_stable_diffusion(sd_folder, tokenizer=sd_folder)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_loads_the_same_weights_as_the_diffusers_models(tiny, sd_folder, config_dir, tmp_path, suffix):
+    path = tmp_path / f"dreambooth{suffix}"
+    state = ldm_checkpoint(tiny)
+    save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state, "epoch": 3}, path)
+    sd = load_stable_diffusion(path, tokenizer=sd_folder, config=config_dir)
+    for name, model in tiny.items():
+        assert_same_weights(getattr(sd, name), model)
+    assert sorted(sd.ignored_keys) == ["alphas_cumprod", "model_ema.decay"]
+    assert sd.tokenizer("the").input_ids == [514, 513, 515] and type(sd.scheduler) is PNDMScheduler
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = sd.text_encoder(torch.tensor([sd.tokenizer("the cat").input_ids]))[0]
+    with torch.no_grad():
+        assert torch.equal(sd.unet(x, 10, text).sample, tiny["unet"](x, 10, text).sample)
+
+
+def test_single_file_problems_are_refused_with_the_reason(tiny, sd_folder, config_dir, tmp_path):
+    state = ldm_checkpoint(tiny)
+
+    def attempt(entries, **kwargs):
+        path = tmp_path / "model.safetensors"
+        save_file(entries, path)
+        return load_stable_diffusion(path, **{"tokenizer": sd_folder, "config": config_dir, **kwargs})
+
+    with pytest.raises(KinemaError, match="holds no tokenizer: pass tokenizer="):
+        attempt(state, tokenizer=None)
+    dropped = "model.diffusion_model.output_blocks.4.1.proj_out.weight"
+    with pytest.raises(KinemaError, match=r"unet weights do not fit.*1 missing \(e.g. up_blocks.1.attentions.1.proj_o"):
+        attempt({k: v for k, v in state.items() if k != dropped})
+    with pytest.raises(KinemaError, match=r"1 unet entries have no place.*model.diffusion_model.extra_block.weight"):
+        attempt({**state, "model.diffusion_model.extra_block.weight": torch.zeros(2)})
+    v2_key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    with pytest.raises(KinemaError, match="looks like a 'v2' checkpoint"):
+        attempt({**state, v2_key: torch.zeros(32, 1024)})
+    with pytest.raises(KinemaError, match=r"no vae \(first_stage_model.\*\), text_encoder"):
+        attempt({k: v for k, v in state.items() if k.startswith("model.diffusion_model.")})
+    with pytest.raises(KinemaError, match=r"weights do not fit the Stable Diffusion 1.5 unet.*mismatched"):
+        attempt(state, config=SD15_CONFIGS)  # tiny weights against the real SD1.5 configs
+
+
+def test_nothing_reaches_for_the_network(tiny, sd_folder, config_dir, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    path = tmp_path / "model.safetensors"
+    save_file(ldm_checkpoint(tiny), path)
+    assert_same_weights(load_stable_diffusion(sd_folder).vae, tiny["vae"])
+    assert_same_weights(load_stable_diffusion(path, tokenizer=sd_folder, config=config_dir).vae, tiny["vae"])
+
+
+def kohya_lora(seed: int = 0, rank: int = 4, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """A kohya/civitai-format SD1.5 LoRA: two UNet attention projections and one text-encoder attention's q/k/v/out.
+
+    (diffusers recognises a text-encoder LoRA by its out_proj layer, which real kohya files always have.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    layers = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (32, 32),
+              "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k": (32, 32)}
+    layers |= {f"lora_te_text_model_encoder_layers_1_self_attn_{p}_proj": (32, 32) for p in ("q", "k", "v", "out")}
+    state = {}
+    for name, (c_out, c_in) in layers.items():
+        state[f"{name}.lora_down.weight"] = torch.randn(rank, c_in, generator=gen) * 0.3
+        state[f"{name}.lora_up.weight"] = torch.randn(c_out, rank, generator=gen) * 0.3
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def test_kohya_lora_is_fused_as_scale_alpha_over_rank_up_down(sd_folder):
+    sd, reference, base = (load_stable_diffusion(sd_folder) for _ in range(3))
+    lora = kohya_lora()
+    assert load_spatial_lora(sd, lora, scale=0.7) == {"unet": 2, "text_encoder": 4}
+    assert not any(isinstance(m, BaseTunerLayer) for part in (sd.unet, sd.text_encoder) for m in part.modules())
+    targets = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+               reference.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q,
+               "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k":
+               reference.unet.up_blocks[1].attentions[2].transformer_blocks[0].attn2.to_k,
+               **{f"lora_te_text_model_encoder_layers_1_self_attn_{p}_proj":
+                  getattr(reference.text_encoder.encoder.layers[1].self_attn, f"{p}_proj")
+                  for p in ("q", "k", "v", "out")}}
+    with torch.no_grad():
+        for name, layer in targets.items():
+            layer.weight += 0.7 * (2.0 / 4) * lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]
+    for part in ("unet", "text_encoder"):
+        ours, expected = getattr(sd, part).state_dict(), getattr(reference, part).state_dict()
+        assert ours.keys() == expected.keys()
+        assert max((v - expected[k]).abs().max().item() for k, v in ours.items()) < 1e-6
+    ids = torch.tensor([sd.tokenizer("the cat").input_ids])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text, text_ref, text_base = (c.text_encoder(ids)[0] for c in (sd, reference, base))
+        out, expected, before = (c.unet(x, 10, t).sample for c, t in ((sd, text), (reference, text_ref),
+                                                                        (base, text_base)))
+    assert (text - text_ref).abs().max().item() < 1e-5 and (text - text_base).abs().max().item() > 1e-3
+    assert (out - expected).abs().max().item() < 1e-5 and (out - before).abs().max().item() > 1e-3
+
+
+def test_lora_layers_that_do_not_fit_are_refused(sd_folder):
+    sd = load_stable_diffusion(sd_folder)
+    lora = kohya_lora()
+    lora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(4, 48)
+    with pytest.raises(KinemaError, match="could not read.*size mismatch for down_blocks.0.attentions.0"):
+        load_spatial_lora(sd, lora)
+    extra = kohya_lora()
+    extra["lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)
+    extra["lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 4)
+    with pytest.raises(KinemaError, match=r"only 6 of the LoRA's 7 layers fit this SD1.5 model"):
+        load_spatial_lora(sd, extra)
+    with pytest.raises(KinemaError, match="no LoRA down matrices"):
+        load_spatial_lora(sd, {"conv_in.weight": torch.zeros(1)})
+    assert_same_weights(sd.unet, load_stable_diffusion(sd_folder).unet)  # nothing was changed
