@@ -62,19 +62,21 @@ class StableDiffusionComponents:
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
     source: Path
-    ignored_keys: list[str] = field(default_factory=list)  # single file: entries that are no network's weights
+    # Single file: entries of no component (EMA copies, noise-schedule buffers, the VAE's training loss).
+    ignored_keys: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- diffusers folders
 
 
-def _weights_variant(folder: Path, stems: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None | bool:
-    """None for plain weights, "fp16" when only the fp16 variant is there, False when there are none."""
-    for variant, infix in ((None, ""), ("fp16", ".fp16")):
+def _weights_variant(folder: Path, stems: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
+    """"" for plain weight files, "fp16" when only the fp16 variant is there, None when there are none."""
+    for variant in ("", "fp16"):
+        infix = f".{variant}" if variant else ""
         for stem, suffixes in stems:
             if any((folder / f"{stem}{infix}{suffix}").is_file() for suffix in suffixes):
                 return variant
-    return False
+    return None
 
 
 def _check_folder(root: Path) -> dict[str, str | None]:
@@ -85,7 +87,7 @@ def _check_folder(root: Path) -> dict[str, str | None]:
         if not (root / name / "config.json").is_file():
             missing.append(f"{name}/config.json")
         variant = _weights_variant(root / name, stems)
-        if variant is False:
+        if variant is None:
             missing.append(f"{name}/ weights ({stems[0][0]}.safetensors or .bin)")
         variants[name] = variant or None
     if not (root / "scheduler" / "scheduler_config.json").is_file():

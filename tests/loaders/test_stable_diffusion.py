@@ -1,5 +1,6 @@
 """SD1.5 base loading: shipped configs, diffusers folders, LDM single files, offline only, kohya LoRAs fused."""
 
+import copy
 import json
 import re
 import socket
@@ -9,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -185,6 +186,27 @@ def test_missing_components_are_named(sd_folder, tmp_path):
         load_stable_diffusion(tmp_path / "nothing")
     with pytest.raises(KinemaError, match="tokenizer= and config= are for single-file"):
         load_stable_diffusion(sd_folder, tokenizer=sd_folder)
+
+
+def test_folder_weights_are_checked_strictly_and_fp16_variants_found(tiny, sd_folder, tmp_path):
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        (folder / name).symlink_to(sd_folder / name, target_is_directory=True)
+    half = copy.deepcopy(tiny["vae"]).half()
+    half.save_pretrained(folder / "vae", variant="fp16")
+    assert sorted(p.name for p in (folder / "vae").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    sd = load_stable_diffusion(folder)
+    assert sd.vae.dtype == torch.float32  # dtype= decides, whatever the file holds
+    assert_same_weights(sd.vae, half.float())
+
+    weights = load_file(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    weights.pop("decoder.conv_out.bias")
+    save_file({**weights, "extra.weight": torch.zeros(1)}, folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(KinemaError, match=r"variant/vae: weights do not fit its config: 1 missing keys "
+                                          r"\(e.g. \['decoder.conv_out.bias'\]\); 1 unexpected keys \(e.g. \['extra"):
+        load_stable_diffusion(folder)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
