@@ -1,0 +1,128 @@
+"""Strict loading of EasyAnimate V3 Slice VAE folders (the `vae/` of an EasyAnimateV3 checkpoint, or a kinema save).
+
+A folder holds `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`, read with `weights_only=True`).
+Every config field must be a `SliceVAE` argument or listed below as metadata; every weight must match the model's
+name and shape. Anything else raises KinemaError naming the first few offenders, before any weight is copied.
+"""
+
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kinema.errors import KinemaError
+from kinema.models.slice_vae import SliceVAE
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# Class names a V3 VAE config is saved under: V3's own class, the AutoencoderKL name some V3 copies carry, and ours.
+CLASS_NAMES = {"AutoencoderKLMagvit", "AutoencoderKL", "SliceVAE"}
+# Fields that describe the file, and `sample_size` (AutoencoderKL metadata V3's class never read): no effect on maths.
+IGNORED_FIELDS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size"}
+# Weights of V3's VAE *training loss* (LPIPS + 2D/3D discriminators) that V3 VAE files can carry and V3 drops through
+# strict=False. They are not part of the autoencoder; they are dropped by this exact prefix and counted in the log.
+TRAINING_ONLY_PREFIXES = ("loss.",)
+SHOW = 5  # offending keys named per category
+
+
+def _folder(path: str | Path, subfolder: str | None) -> Path:
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    if not (folder / CONFIG_NAME).is_file():
+        raise KinemaError(f"{folder} has no {CONFIG_NAME}; point at the VAE folder (e.g. <checkpoint>/vae).")
+    return folder
+
+
+def read_slice_vae_config(folder: str | Path) -> dict:
+    """The `SliceVAE` keyword arguments in `folder/config.json`, after rejecting unknown fields and class names."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise KinemaError(f"{path} is not valid JSON ({err}); re-download or re-save the VAE.") from err
+    class_name = config.get("_class_name", "SliceVAE")
+    if class_name not in CLASS_NAMES:
+        raise KinemaError(f"{path} describes a {class_name}, not an EasyAnimate V3 Slice VAE "
+                          f"(expected one of {sorted(CLASS_NAMES)}).")
+    params = set(inspect.signature(SliceVAE.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - params - IGNORED_FIELDS)
+    if unknown:
+        raise KinemaError(f"{path} has field(s) the V3 Slice VAE does not know: {unknown[:SHOW]}. They would change "
+                          "the model in the code that wrote them; this is probably not a V3 VAE.")
+    return {k: v for k, v in config.items() if k in params}
+
+
+def is_slice_vae_folder(folder: str | Path) -> bool:
+    """Detection rule: config.json with `slice_compression_vae: true`, none of the V2/V4/V5 modes, 4 latent channels
+    (the default when absent), and a weights file next to it. Never raises."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    later_modes = ("slice_mag_vae", "cache_compression_vae", "cache_mag_vae", "spatial_group_norm")
+    return (
+        config.get("slice_compression_vae") is True
+        and not any(config.get(k) for k in later_modes)
+        and config.get("latent_channels", 4) == 4
+        and any((folder / name).is_file() for name in WEIGHT_NAMES)
+    )
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_NAMES:
+        path = folder / name
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return load_file(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    raise KinemaError(f"{folder} has no weights; expected one of {list(WEIGHT_NAMES)}.")
+
+
+def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise KinemaError unless `state_dict` has exactly the `expected` names and shapes."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:SHOW])}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:SHOW])}")
+    if wrong:
+        shapes = [f"{k} {list(state_dict[k].shape)} in file vs {list(expected[k])} expected" for k in wrong[:SHOW]]
+        problems.append(f"wrong shapes ({len(wrong)}): {'; '.join(shapes)}")
+    if problems:
+        cause = ("config.json widths (ch, ch_mult, latent_channels, in/out_channels) do not match the weights"
+                 if wrong and not (missing or unexpected) else
+                 "the weights are not a V3 Slice VAE, or config.json describes a different layout "
+                 "(block types, layers_per_block, mid_block_use_attention)")
+        raise KinemaError(f"{source} does not match the Slice VAE: {'; '.join(problems)}. Likely cause: {cause}.")
+
+
+def load_slice_vae(path: str | Path, subfolder: str | None = None,
+                   torch_dtype: torch.dtype | None = None) -> SliceVAE:
+    """Build a `SliceVAE` from `path[/subfolder]` and load its weights strictly; returns it in eval mode, in
+    `torch_dtype` (default float32).
+
+    Keys under `loss.` (training-only loss networks) are dropped and counted; any other missing, unexpected or
+    wrongly shaped key raises KinemaError naming it, before any weight is copied.
+    """
+    folder = _folder(path, subfolder)
+    kwargs = read_slice_vae_config(folder)
+    with torch.device("meta"):
+        model = SliceVAE(**kwargs)
+    state_dict = _read_weights(folder)
+    dropped = [k for k in state_dict if k.startswith(TRAINING_ONLY_PREFIXES)]
+    for k in dropped:
+        del state_dict[k]
+    if dropped:
+        logger.info("Dropped %d training-only keys under %s from %s.", len(dropped), TRAINING_ONLY_PREFIXES, folder)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, str(folder))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(torch_dtype or torch.float32).eval()

@@ -1,0 +1,357 @@
+"""Tests for kinema/models/slice_vae.py (+ its blocks and tiling) and kinema/loaders/easyanimate_vae.py."""
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+
+from kinema.errors import KinemaError
+from kinema.loaders.easyanimate_vae import is_slice_vae_folder, load_slice_vae
+from kinema.models.slice_vae import V3_DOWN_BLOCKS, V3_UP_BLOCKS, SliceVAE
+from kinema.models.slice_vae_tiling import Tiling
+
+TINY = dict(ch=8, ch_mult=(1, 2, 2, 2), norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def vae() -> SliceVAE:
+    torch.manual_seed(0)
+    model = SliceVAE(**TINY).eval()
+    # Default init leaves GroupNorm affine at identity and biases near zero; randomise so every weight matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def video(b: int, f: int, hw: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(b, 3, f, hw, hw, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def latents(b: int, f: int, hw: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(b, 4, f, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- shapes and values
+
+
+def to_diffusers_2d(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """V3 3D weights -> diffusers AutoencoderKL (SD VAE) names, keeping each kernel's centre frame."""
+    renames = [(".convs.", ".resnets."), (".shortcut.", ".conv_shortcut."), (".downsampler.", ".downsamplers.0."),
+               (".upsampler.", ".upsamplers.0."), (".to_out.", ".to_out.0.")]
+    out = {}
+    for key, value in state.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value[:, :, value.shape[2] // 2] if value.ndim == 5 else value
+    return out
+
+
+@torch.no_grad()
+def test_image_path_equals_diffusers_autoencoderkl(vae):
+    # One frame with zero temporal padding is a 2D VAE with the kernels' centre frames: V3's image path is the SD VAE.
+    ref = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4)
+    ref.load_state_dict(to_diffusers_2d(vae.state_dict()), strict=True)
+    x = video(2, 1, 32)
+    moments = vae.encode(x).latent_dist.parameters
+    assert moments.shape == (2, 8, 1, 4, 4)
+    torch.testing.assert_close(moments[:, :, 0], ref.encode(x[:, :, 0]).latent_dist.parameters, atol=1e-5, rtol=1e-5)
+    z = latents(2, 1, 4)
+    pixels = vae.decode(z).sample
+    assert pixels.shape == (2, 3, 1, 32, 32)
+    torch.testing.assert_close(pixels[:, :, 0], ref.decode(z[:, :, 0]).sample, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_video_shapes_and_recorded_values(vae):
+    moments = vae.encode(video(2, 16, 32)).latent_dist.parameters
+    assert moments.shape == (2, 8, 4, 4, 4)
+    pixels = vae.decode(latents(2, 4, 4)).sample
+    assert pixels.shape == (2, 3, 16, 32, 32)
+    # Recorded with this seed. Before recording, EasyAnimate V3's own code (616a354) on these weights gave the same
+    # numbers (max abs diff 6e-7 on the moments, 7e-6 on the pixels).
+    assert moments.abs().mean().item() == pytest.approx(RECORDED["moments_abs_mean"], rel=1e-4)
+    assert pixels.abs().mean().item() == pytest.approx(RECORDED["pixels_abs_mean"], rel=1e-4)
+
+
+RECORDED = {"moments_abs_mean": 0.55675352, "pixels_abs_mean": 0.62275934}
+
+
+@torch.no_grad()
+def test_encode_slices_are_independent(vae):
+    x = video(1, 16, 32)
+    base = vae.encode(x).latent_dist.parameters
+    x2 = x.clone()
+    x2[:, :, 8:] = video(1, 8, 32, seed=9)
+    moved = vae.encode(x2).latent_dist.parameters
+    assert torch.equal(moved[:, :, :2], base[:, :, :2])
+    assert (moved[:, :, 2:] - base[:, :, 2:]).abs().mean() > 1e-2
+
+
+# ---------------------------------------------------------------- decoder feature sharing
+
+
+def by_hand(vae: SliceVAE, context: torch.Tensor, start: int) -> torch.Tensor:
+    """Slice decode composed from the submodules: conv_in + mid block on `context`, crop 2 latents, up blocks."""
+    shared = vae.decoder.shared(vae.post_quant_conv(context))
+    return vae.decoder.upsample(shared[:, :, start:start + 2])
+
+
+@torch.no_grad()
+def test_decode_shares_features_with_neighbouring_slices_only(vae):
+    z = latents(1, 6, 4)  # three slices
+    out = vae.decode(z).sample
+    torch.testing.assert_close(out[:, :, 0:8], by_hand(vae, z[:, :, 0:4], 0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, :, 8:16], by_hand(vae, z[:, :, 0:6], 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, :, 16:24], by_hand(vae, z[:, :, 2:6], 2), atol=1e-6, rtol=0)
+
+    z2 = z.clone()
+    z2[:, :, 4:6] += 1.0  # change slice 2 only
+    out2 = vae.decode(z2).sample
+    assert torch.equal(out2[:, :, 0:8], out[:, :, 0:8])  # two slices away: untouched
+    assert (out2[:, :, 8:16] - out[:, :, 8:16]).abs().mean() > 1e-3  # neighbour: changed through conv_in/mid block
+
+
+@torch.no_grad()
+def test_one_slice_clip_has_no_neighbours(vae):
+    z = latents(1, 4, 4)
+    alone = vae.decode(z[:, :, :2]).sample
+    torch.testing.assert_close(alone, by_hand(vae, z[:, :, :2], 0), atol=1e-6, rtol=0)
+    with_next = vae.decode(z).sample[:, :, :8]
+    # Absent neighbours are left out (not zero-filled), so slice 0 alone differs from slice 0 with a next slice.
+    assert (alone - with_next).abs().mean().item() == pytest.approx(RECORDED_SHARING, rel=1e-3)
+
+
+RECORDED_SHARING = 0.55099052
+
+
+@torch.no_grad()
+def test_decode_feeds_at_most_three_slices_to_the_shared_stage(vae):
+    seen = []
+    handle = vae.decoder.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[2]))
+    try:
+        vae.decode(latents(1, 10, 2))  # five slices
+    finally:
+        handle.remove()
+    assert seen == [4, 6, 6, 6, 4]
+
+
+# ---------------------------------------------------------------- strategies: tiling and seam smoothing
+
+
+@torch.no_grad()
+def test_tiling_covering_the_frame_is_exactly_untiled(vae):
+    z = latents(1, 2, 8)
+    plain = vae.decode(z, tiling="off").sample
+    assert torch.equal(vae.decode(z, tiling=Tiling(64, 0.25)).sample, plain)
+    assert torch.equal(vae.decode(z).sample, plain)  # config default: use_tiling false
+
+
+@torch.no_grad()
+def test_tiled_decode_stitches_tiles_with_a_linear_ramp(vae):
+    # 12x12 latents, 64 px tiles (8 latents) every 6 latents: tiles start at 0 and 6 (and 12 -> none) on each axis.
+    z = latents(1, 2, 12)
+    tiled = vae.decode(z, tiling=Tiling(64, 0.25)).sample
+    plain = vae.decode(z, tiling="off").sample
+    assert tiled.shape == plain.shape == (1, 3, 8, 96, 96)
+    t00 = vae.decode(z[..., 0:8, 0:8], tiling="off").sample
+    t10 = vae.decode(z[..., 6:12, 0:8], tiling="off").sample
+    # Rows 0..47 of the first tile that no other tile overlaps are that tile's decode, bit for bit.
+    torch.testing.assert_close(tiled[..., 0:48, 0:32], t00[..., 0:48, 0:32], atol=0, rtol=0)
+    # Rows 48..63 cross-fade into the tile below: weight y/16 on the lower tile at its row y.
+    w = (torch.arange(16) / 16).view(16, 1)
+    expected = t00[..., 48:64, 0:32] * (1 - w) + t10[..., 0:16, 0:32] * w
+    torch.testing.assert_close(tiled[..., 48:64, 0:32], expected, atol=1e-6, rtol=0)
+    # Whole-frame GroupNorm statistics and the mid-block attention differ per tile, so tiled and untiled only agree
+    # as well as the weights allow; for this random tiny model the mean gap is recorded, not small.
+    assert (tiled - plain).abs().mean().item() == pytest.approx(RECORDED_TILE_GAP, rel=1e-3)
+
+
+RECORDED_TILE_GAP = 0.33589816
+
+
+@torch.no_grad()
+def test_seam_smoothing_changes_only_the_overlapped_span(vae):
+    z = latents(1, 6, 4)  # 24 frames
+    plain = vae.decode(z).sample.clamp(-1, 1)
+    smooth = vae.decode(z, smooth_seams=True).sample
+    assert torch.equal(smooth[:, :, :4], plain[:, :, :4])
+    assert torch.equal(smooth[:, :, -4:], plain[:, :, -4:])
+    middle = plain[:, :, 4:-4]
+    redo = vae.decode(vae.encode(middle).latent_dist.mode()).sample
+    torch.testing.assert_close(smooth[:, :, 4:-4], ((middle + redo) / 2).clamp(-1, 1), atol=1e-6, rtol=0)
+    assert (smooth[:, :, 4:-4] - middle).abs().mean() > 1e-3
+
+
+# ---------------------------------------------------------------- input and config errors
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 3, 10, 32, 32), "F must be 1 or a multiple of 8; got 10 — trim or pad to 8 or 16"),
+    ((1, 3, 3, 32, 32), "F must be 1 or a multiple of 8; got 3 — pad to 8"),
+    ((1, 3, 8, 36, 32), "H and W must be multiples of 8; got 36x32"),
+    ((1, 4, 8, 32, 32), r"encode expects video \(B, 3, F, H, W\)"),
+])
+def test_bad_video_raises_before_any_conv(vae, shape, match):
+    calls = []
+    handle = vae.encoder.conv_in.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(KinemaError, match=match):
+            vae.encode(torch.zeros(shape))
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_bad_latents_raise(vae):
+    with pytest.raises(KinemaError, match="latent F' must be 1 or a multiple of 2; got 3"):
+        vae.decode(torch.zeros(1, 4, 3, 4, 4))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(slice_compression_vae=False), "V2's MagViT mode"),
+    (dict(cache_mag_vae=True), "cache_mag_vae=True is a later EasyAnimate VAE mode"),
+    (dict(mini_batch_decoder=3), r"mini_batch_encoder \(8\) must be mini_batch_decoder \(3\)"),
+    (dict(mini_batch_decoder=1, mini_batch_encoder=8, down_block_types=["SpatialTemporalDownBlock3D"] * 4,
+          up_block_types=["SpatialTemporalUpBlock3D"] * 4), "cannot be told apart from an image"),
+    (dict(mid_block_attention_type="spatial_temporal"), "mid_block_attention_type 'spatial_temporal'"),
+    (dict(block_out_channels=[8, 16, 16, 32]), "disagrees with ch \\* ch_mult"),
+    (dict(down_block_types=["DownEncoderBlock2D"] * 4), "unsupported block type"),
+])
+def test_config_fields_that_change_the_maths_are_validated(change, match):
+    with pytest.raises(KinemaError, match=match):
+        SliceVAE(**{**TINY, **change})
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def test_save_pretrained_from_pretrained_round_trip(vae, tmp_path):
+    vae.save_pretrained(tmp_path)
+    loaded = SliceVAE.from_pretrained(tmp_path)
+    assert loaded.config.ch_mult == list(TINY["ch_mult"])
+    for (k, a), (k2, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    z = latents(1, 2, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+
+
+def v3_key_shapes(ch: int, mult: tuple[int, ...], latent: int = 4, layers: int = 2) -> dict[str, tuple[int, ...]]:
+    """The V3 VAE state-dict layout, written from EasyAnimate's module tree (omnigen_enc_dec + vaemodules)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    widths = [ch * m for m in mult]
+
+    def conv(name, o, i, k=3):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (o, i, k, k, k), (o,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (c,)
+
+    def resnet(name, i, o):
+        norm(f"{name}.norm1", i), conv(f"{name}.conv1", o, i), norm(f"{name}.norm2", o), conv(f"{name}.conv2", o, o)
+        if i != o:
+            conv(f"{name}.shortcut", o, i, k=1)
+
+    def mid(name, c):
+        resnet(f"{name}.convs.0", c, c), resnet(f"{name}.convs.1", c, c), norm(f"{name}.attentions.0.group_norm", c)
+        for proj in ("to_q", "to_k", "to_v", "to_out"):
+            shapes[f"{name}.attentions.0.{proj}.weight"], shapes[f"{name}.attentions.0.{proj}.bias"] = (c, c), (c,)
+
+    conv("encoder.conv_in", widths[0], 3)
+    for i, w in enumerate(widths):
+        for j in range(layers):
+            resnet(f"encoder.down_blocks.{i}.convs.{j}", widths[max(i - 1, 0)] if j == 0 else w, w)
+        if i < len(widths) - 1:
+            conv(f"encoder.down_blocks.{i}.downsampler.conv", w, w)
+    mid("encoder.mid_block", widths[-1])
+    norm("encoder.conv_norm_out", widths[-1]), conv("encoder.conv_out", 2 * latent, widths[-1])
+    rev = widths[::-1]
+    conv("decoder.conv_in", rev[0], latent)
+    mid("decoder.mid_block", rev[0])
+    for i, w in enumerate(rev):
+        for j in range(layers + 1):
+            resnet(f"decoder.up_blocks.{i}.convs.{j}", rev[max(i - 1, 0)] if j == 0 else w, w)
+        if i < len(rev) - 1:
+            conv(f"decoder.up_blocks.{i}.upsampler.conv", w, w)
+    norm("decoder.conv_norm_out", rev[-1]), conv("decoder.conv_out", 3, rev[-1])
+    conv("quant_conv", 2 * latent, 2 * latent, k=1), conv("post_quant_conv", latent, latent, k=1)
+    return shapes
+
+
+def write_v3_folder(folder, state: dict[str, torch.Tensor], **config_changes) -> None:
+    # Field names and values as in a V3 vae/config.json (class name as in the copy kijai's wrapper ships), tiny widths.
+    config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.22.0.dev0", "act_fn": "silu",
+              "down_block_types": list(V3_DOWN_BLOCKS), "up_block_types": list(V3_UP_BLOCKS), "in_channels": 3,
+              "latent_channels": 4, "layers_per_block": 2, "out_channels": 3, "scaling_factor": 0.18215,
+              "slice_compression_vae": True, "use_tiling": False, "mid_block_attention_type": "3d",
+              "mini_batch_encoder": 8, "mini_batch_decoder": 2, "ch": 8, "ch_mult": [1, 2, 2, 2],
+              "norm_num_groups": 4, **config_changes}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+
+
+def random_v3_state(seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.1 for k, s in v3_key_shapes(8, (1, 2, 2, 2)).items()}
+
+
+def test_folder_with_v3_key_names_loads_exactly(tmp_path):
+    state = random_v3_state()
+    state["loss.discriminator.main.0.weight"] = torch.zeros(2, 3)  # training-only: dropped by the loader
+    write_v3_folder(tmp_path / "vae", state)
+    assert is_slice_vae_folder(tmp_path / "vae")
+    model = load_slice_vae(tmp_path, subfolder="vae")
+    loaded = model.state_dict()
+    assert len(loaded) == len(state) - 1 == 244
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
+def test_renamed_key_raises_naming_it(tmp_path):
+    state = random_v3_state()
+    state["decoder.mid_block.attentions.0.to_out.0.weight"] = state.pop("decoder.mid_block.attentions.0.to_out.weight")
+    write_v3_folder(tmp_path, state)
+    with pytest.raises(KinemaError, match=r"missing keys \(1\): decoder.mid_block.attentions.0.to_out.weight.*"
+                                          r"unexpected keys \(1\): decoder.mid_block.attentions.0.to_out.0.weight"):
+        load_slice_vae(tmp_path)
+
+
+def test_wrong_shape_raises_naming_it(tmp_path):
+    state = random_v3_state()
+    state["decoder.conv_in.weight"] = torch.zeros(16, 8, 3, 3, 3)
+    write_v3_folder(tmp_path, state)
+    with pytest.raises(KinemaError, match=r"decoder.conv_in.weight \[16, 8, 3, 3, 3\] in file vs \[16, 4, 3, 3, 3\]"):
+        SliceVAE.from_pretrained(tmp_path)
+
+
+def test_unknown_config_field_raises(tmp_path):
+    write_v3_folder(tmp_path, random_v3_state(), temporal_compression_ratio=4)
+    assert is_slice_vae_folder(tmp_path)
+    with pytest.raises(KinemaError, match=r"does not know: \['temporal_compression_ratio'\]"):
+        load_slice_vae(tmp_path)
+
+
+# ---------------------------------------------------------------- full size
+
+# Derived from EasyAnimate V3 (commit 616a354) by building its Encoder/Decoder + quant convs with the V3 config and
+# listing the state dict: 248 tensors, 245,979,879 parameters (0.98 GB in fp32).
+V3_KEYS, V3_PARAMS = 248, 245_979_879
+V3_LAYOUT_SHA256 = "fc0302a29d478bfee96bab390b2c9ae3c5d7ede8a9e80fbc21234acd7ba5f3de"
+
+
+@pytest.mark.slow
+def test_full_v3_size_matches_easyanimate_key_list():
+    with torch.device("meta"):
+        model = SliceVAE()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == v3_key_shapes(128, (1, 2, 4, 4))
+    assert len(shapes) == V3_KEYS
+    assert sum(math.prod(s) for s in shapes.values()) == V3_PARAMS
+    layout = "\n".join(f"{k}:{'x'.join(map(str, s))}" for k, s in sorted(shapes.items()))
+    assert hashlib.sha256(layout.encode()).hexdigest() == V3_LAYOUT_SHA256
