@@ -14,6 +14,7 @@ alpha / r for peft-style files carrying alpha. Key layouts and conversion live i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -89,7 +90,7 @@ def _check_strength(strength: float) -> float:
         value = float(strength)
     except (TypeError, ValueError):
         raise KinemaError(f"motion LoRA strength must be a number, got {strength!r}") from None
-    if not torch.isfinite(torch.tensor(value)):
+    if not math.isfinite(value):
         raise KinemaError(f"motion LoRA strength must be finite, got {strength!r}")
     return value
 
@@ -157,9 +158,11 @@ def _rebuild_merged(unet: nn.Module, state: _State, paths: Iterable[str]) -> Non
 def _trainability_kept(unet: nn.Module) -> Iterator[None]:
     """Undo peft's changes to which existing parameters train (its first adapter freezes the whole model)."""
     before = [(param, param.requires_grad) for param in unet.parameters()]
-    yield
-    for param, flag in before:
-        param.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for param, flag in before:
+            param.requires_grad_(flag)
 
 
 def _tuner_layers(unet: nn.Module) -> dict[str, BaseTunerLayer]:
@@ -179,21 +182,28 @@ def _inject(unet: nn.Module, name: str, entry: _Loaded) -> None:
     )
     # peft makes the new adapter the only active one on every LoRA layer of the model; note what was active.
     active = {path: list(layer.active_adapters) for path, layer in _tuner_layers(unet).items()}
-    with _trainability_kept(unet):
-        with warnings.catch_warnings():
-            # peft warns whenever a second adapter joins a model; several motion LoRAs at once are the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(config, unet, adapter_name=name)
-        weights = {f"{path}.{part}.weight": tensor for path, pair in pairs.items()
-                   for part, tensor in (("lora_A", pair.down), ("lora_B", pair.up))}
-        result = set_peft_model_state_dict(unet, weights, adapter_name=name)
-        own = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\.weight$")
-        unloaded = [k for k in result.missing_keys if own.search(k)]
-        if result.unexpected_keys or unloaded:
-            raise KinemaError(f"peft did not take every motion-LoRA weight: unexpected {result.unexpected_keys[:3]}, "
-                              f"not loaded {unloaded[:3]}")
-        for path, layer in _tuner_layers(unet).items():
-            layer.set_adapter(active.get(path, []) + ([name] if path in pairs else []))
+    try:
+        with _trainability_kept(unet):
+            with warnings.catch_warnings():
+                # peft warns whenever a second adapter joins a model; several motion LoRAs at once are the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                inject_adapter_in_model(config, unet, adapter_name=name)
+            weights = {f"{path}.{part}.weight": tensor for path, pair in pairs.items()
+                       for part, tensor in (("lora_A", pair.down), ("lora_B", pair.up))}
+            result = set_peft_model_state_dict(unet, weights, adapter_name=name)
+            own = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\.weight$")
+            unloaded = [k for k in result.missing_keys if own.search(k)]
+            if result.unexpected_keys or unloaded:
+                raise KinemaError(f"peft did not take every motion-LoRA weight: unexpected "
+                                  f"{result.unexpected_keys[:3]}, not loaded {unloaded[:3]}")
+            for path, layer in _tuner_layers(unet).items():
+                layer.set_adapter(active.get(path, []) + ([name] if path in pairs else []))
+    except Exception:  # undo whatever peft had done, so a failed load changes nothing
+        with _trainability_kept(unet):
+            for path, layer in _tuner_layers(unet).items():
+                layer.set_adapter(active.get(path, [name]))
+        _remove_adapter(unet, name, [path for path, layer in _tuner_layers(unet).items() if name in layer.lora_A])
+        raise
     for path in pairs:
         layer = unet.get_submodule(path)
         # Loaded LoRAs stay frozen, so that freeze_base() + training never picks them up by accident.
@@ -206,9 +216,10 @@ def _remove_adapter(unet: nn.Module, name: str, paths: Iterable[str]) -> None:
     with _trainability_kept(unet):
         for path in paths:
             layer = unet.get_submodule(path)
+            remaining = [a for a in layer.active_adapters if a != name]
             layer.delete_adapter(name)
             if layer.lora_A:
-                layer.set_adapter([a for a in layer.active_adapters if a in layer.lora_A])
+                layer.set_adapter(remaining)
             else:  # no adapter left: put the original Linear back, so the module tree is as before any LoRA
                 parent, _, child = path.rpartition(".")
                 setattr(unet.get_submodule(parent), child, layer.get_base_layer())
@@ -237,6 +248,9 @@ def load_motion_lora(
 
     Returns the LoRA's summary (see `describe_motion_lora`). Raises `KinemaError`, before changing anything, for a
     bad name or strength, a malformed file, or a LoRA whose layers or channel sizes do not fit the motion modules.
+
+    While a peft adapter is loaded, the targeted projections are peft wrappers (`to_q.base_layer.weight`, ...), so
+    `VideoUNet.motion_state_dict()` has other names: save motion-module weights after unloading, or merge instead.
     """
     state = _state(video_unet)
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -256,6 +270,8 @@ def load_motion_lora(
             _inject(video_unet.unet, name, entry)
     except Exception:
         del state.loaded[name]
+        if entry.merged:
+            _rebuild_merged(video_unet.unet, state, entry.pairs)
         raise
     return summarize_motion_lora(parsed, len(state_dict))
 

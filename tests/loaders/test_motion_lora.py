@@ -368,3 +368,27 @@ def test_same_output_as_diffusers_unet_motion_model_with_the_same_lora():
     out = run(video)
     assert (out - base).abs().max().item() > 0.1
     assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_a_failure_inside_peft_leaves_the_model_as_it_was(make_video, loras, monkeypatch):
+    import kinema.loaders.motion_lora as motion_lora
+
+    first, second = loras
+    video = make_video()
+    load_motion_lora(video, first, "zoom", strength=0.5)
+    load_motion_lora(video, first, "tilt", strength=0.25)
+    video.freeze_base()
+    trainable = {n for n, p in video.named_parameters() if p.requires_grad}
+    expected = run(video)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(motion_lora, "set_peft_model_state_dict", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        load_motion_lora(video, second, "pan")
+    assert list(loaded_motion_loras(video)) == ["zoom", "tilt"] and list(video.unet.peft_config) == ["zoom", "tilt"]
+    layers = [m for m in video.modules() if isinstance(m, BaseTunerLayer)]
+    assert all(list(m.lora_A) == ["zoom", "tilt"] and m.active_adapters == ["zoom", "tilt"] for m in layers)
+    assert {n for n, p in video.named_parameters() if p.requires_grad} == trainable
+    assert torch.equal(run(video), expected)
