@@ -130,10 +130,12 @@ def _check_fits(unet: nn.Module, lora: MotionLora) -> None:
 
 
 def _merge_delta(strength: float, pair: LoraPair, weight: torch.Tensor) -> torch.Tensor:
+    """`strength * scale * up @ down` in fp32 on the weight's device, `(C_out, C_in)`."""
     up = pair.up.to(weight.device, torch.float32)
     down = pair.down.to(weight.device, torch.float32)
-    # Written as the original repo's `alpha * torch.mm(up, down)` so that fp32 results match it bit for bit.
-    return ((strength * pair.scale) * torch.mm(up, down)).to(weight.dtype)
+    # The original repo's `W += alpha * torch.mm(up, down)`, kept in that form (and added in fp32, cast on the way
+    # in) so that results match it bit for bit.
+    return (strength * pair.scale) * torch.mm(up, down)
 
 
 @torch.no_grad()
