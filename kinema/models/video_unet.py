@@ -170,9 +170,16 @@ class VideoUNet(ModelMixin, ConfigMixin):
         self.unet.load_state_dict({**self.unet.state_dict(), **state_dict}, strict=True)
 
     def freeze_base(self) -> None:
-        """Train motion modules only: freeze every 2D weight."""
-        for name, param in self.unet.named_parameters():
-            param.requires_grad_(".motion_modules." in name)
+        """Train motion modules only: freeze every 2D weight and every loaded (peft) LoRA."""
+        from peft.tuners.lora import LoraLayer
+
+        self.unet.requires_grad_(False)
+        for _, module in self.motion_modules():
+            module.requires_grad_(True)
+            for layer in module.modules():
+                if isinstance(layer, LoraLayer):  # a loaded motion LoRA is an input, not something to train
+                    layer.lora_A.requires_grad_(False)
+                    layer.lora_B.requires_grad_(False)
 
     def set_attention_chunk_size(self, chunk_size: int | None) -> None:
         """Chunk every motion module's attention into at most `chunk_size` sequences (same result, less memory)."""

@@ -344,6 +344,15 @@ def test_loading_leaves_trainability_alone_and_loras_frozen(make_video, loras):
     assert {n.replace(".base_layer", "") for n, p in video.named_parameters() if p.requires_grad} == trainable
 
 
+def test_freeze_base_after_loading_keeps_loras_frozen(make_video, loras):
+    video = make_video()
+    load_motion_lora(video, loras[0], "zoom")
+    video.freeze_base()
+    trainable = {n for n, p in video.named_parameters() if p.requires_grad}
+    assert not any("lora_" in n for n in trainable)
+    assert {n.replace(".base_layer", "") for n in trainable} == {f"unet.{k}" for k in make_video().motion_state_dict()}
+
+
 def test_same_output_as_diffusers_unet_motion_model_with_the_same_lora():
     torch.manual_seed(0)
     unet2d = UNet2DConditionModel(**TINY_UNET).eval()
