@@ -193,23 +193,30 @@ def _run_inspect(args: argparse.Namespace) -> None:
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="rewrite a motion module in another layout (original, diffusers, kinema) without changing a weight",
+        help="rewrite a motion module or motion LoRA in another layout without changing a weight",
         description="Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with "
                     "the published names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and "
-                    "`kinema` (.safetensors with its motion settings in the metadata). Weights are copied exactly.",
-        epilog=_example("kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers"),
+                    "`kinema` (.safetensors with its motion settings in the metadata).\n"
+                    "Convert a motion LoRA between `original` (processor.to_q_lora.down/up), `diffusers` (what "
+                    "diffusers' conversion script writes), `diffusers_peft` (lora_A/lora_B, what "
+                    "`load_lora_weights` reads) and `kinema`. Weights are copied exactly.",
+        epilog="example:\n"
+               "  kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers\n"
+               "  kinema convert models/v2_lora_ZoomIn.ckpt models/zoom_in_peft.safetensors --to diffusers_peft",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="motion-module file or MotionAdapter folder")
-    p.add_argument("output", help="file to write (.safetensors/.ckpt) or, for --to diffusers, a folder")
-    p.add_argument("--to", required=True, choices=["original", "diffusers", "kinema"], help="target layout")
+    p.add_argument("input", help="motion-module or motion-LoRA file, or MotionAdapter folder")
+    p.add_argument("output", help="file to write (.safetensors/.ckpt) or, for a motion module --to diffusers, a folder")
+    # Written out rather than taken from kinema.loaders.convert.LAYOUTS so `--help` need not import torch.
+    p.add_argument("--to", required=True, choices=["original", "diffusers", "diffusers_peft", "kinema"],
+                   help="target layout")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from kinema.loaders.animatediff import convert_motion_module
+    from kinema.loaders.convert import convert
 
-    out, notes = convert_motion_module(args.input, args.output, args.to)
+    out, notes = convert(args.input, args.output, args.to)
     print(f"wrote {out} ({args.to} layout)")
     for note in notes:
         print(f"note: {note}")

@@ -103,6 +103,38 @@ def test_convert_original_to_diffusers_to_original_is_bit_exact(tmp_path, capsys
     assert inspect_json(capsys, tmp_path / "k.safetensors")["format"] == "kinema"
 
 
+def test_convert_a_motion_lora_through_every_layout_is_bit_exact(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(0)
+    source = {}
+    for mm, width in [("down_blocks.0.motion_modules.0", 32), ("mid_block.motion_modules.0", 64)]:
+        for attn in (0, 1):
+            prefix = f"{mm}.temporal_transformer.transformer_blocks.0.attention_blocks.{attn}.processor"
+            for proj in ("to_q", "to_k", "to_v", "to_out"):
+                source[f"{prefix}.{proj}_lora.down.weight"] = torch.randn(4, width, generator=gen)
+                source[f"{prefix}.{proj}_lora.up.weight"] = torch.randn(width, 4, generator=gen)
+    write_state_dict(source, tmp_path / "zoom.ckpt")
+    steps = [("zoom.ckpt", "d.safetensors", "diffusers"), ("d.safetensors", "p.safetensors", "diffusers_peft"),
+             ("p.safetensors", "k.safetensors", "kinema"), ("k.safetensors", "back.ckpt", "original")]
+    for name, target, layout in steps:
+        code, out, err = run(capsys, "convert", str(tmp_path / name), str(tmp_path / target), "--to", layout)
+        assert code == 0, err
+        assert inspect_json(capsys, tmp_path / target)["format"] == layout
+    peft_keys = read_state_dict(tmp_path / "p.safetensors")
+    assert "unet.mid_block.motion_modules.0.transformer_blocks.0.attn2.to_out.0.lora_B.weight" in peft_keys
+    back = read_state_dict(tmp_path / "back.ckpt")
+    assert set(back) == set(source) and all(torch.equal(back[k], v) for k, v in source.items())
+
+
+def test_convert_refuses_a_layout_the_kind_lacks(tmp_path, capsys):
+    write_state_dict(original_motion_state_dict("v3"), tmp_path / "mm.safetensors")
+    code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "o.safetensors"),
+                       "--to", "diffusers_peft")
+    assert code == 1 and "a motion_module converts to ['original', 'diffusers', 'kinema']" in err
+    code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "mm.safetensors"),
+                       "--to", "original")
+    assert code == 1 and "is the input" in err
+
+
 def test_convert_errors_and_help(tmp_path, capsys):
     code, _, err = run(capsys, "convert", str(tmp_path / "none.ckpt"), str(tmp_path / "o.ckpt"), "--to", "original")
     assert code == 1 and "no such file" in err
