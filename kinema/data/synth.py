@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +32,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from kinema.data.video_io import DEFAULT_CRF, generation_settings, replace_folder, to_float_frames, write_video
+from kinema.data.video_io import DEFAULT_CRF, generation_settings, to_float_frames, write_video
 from kinema.errors import KinemaError
+from kinema.fileio import atomic_folder
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (45, 90, 235), "yellow": (240, 215, 40),
@@ -308,9 +307,8 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     dataset = SynthMotionDataset(n, seed, frames, size, image_fraction)
     width = max(4, len(str(n - 1)))
-    temp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
     entries = []
-    try:
+    with atomic_folder(out_dir) as temp:
         for index in tqdm(range(n), desc="synth", unit="clip", disable=None if progress else True):
             item = dataset.clip(index)
             relative = f"videos/{index:0{width}d}.mp4" if item.type == "video" else f"images/{index:0{width}d}.png"
@@ -323,8 +321,4 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
         summary = generation_settings("", seed=seed, model="kinema-synth", width=size, height=size, frames=frames,
                                       fps=fps, n=n, image_fraction=image_fraction, crf=crf)
         (temp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        replace_folder(temp, out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return entries

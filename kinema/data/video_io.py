@@ -42,6 +42,7 @@ from PIL import Image, PngImagePlugin
 
 from kinema import __version__
 from kinema.errors import KinemaError
+from kinema.fileio import replace_folder
 
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
@@ -277,17 +278,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def replace_folder(temp: Path, path: Path) -> None:
-    """Move the finished folder `temp` to `path`, swapping out an old `path` only once `temp` is complete."""
-    if not path.exists():
-        os.replace(temp, path)
-        return
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-    os.replace(path, old / "old")
-    os.replace(temp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS,
