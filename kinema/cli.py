@@ -193,20 +193,25 @@ def _run_inspect(args: argparse.Namespace) -> None:
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="rewrite a motion module or motion LoRA in another layout without changing a weight",
+        help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, weights unchanged",
         description="Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with "
                     "the published names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and "
                     "`kinema` (.safetensors with its motion settings in the metadata).\n"
                     "Convert a motion LoRA between `original` (processor.to_q_lora.down/up), `diffusers` (what "
                     "diffusers' conversion script writes), `diffusers_peft` (lora_A/lora_B, what "
-                    "`load_lora_weights` reads) and `kinema`. Weights are copied exactly.",
+                    "`load_lora_weights` reads) and `kinema`.\n"
+                    "Convert an EasyAnimate V3 transformer folder between `original` (V3's config.json and names, "
+                    "with its stored frame tables) and `kinema` (VideoDiT's config, no tables). "
+                    "Weights are copied exactly.",
         epilog="example:\n"
                "  kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers\n"
-               "  kinema convert models/v2_lora_ZoomIn.ckpt models/zoom_in_peft.safetensors --to diffusers_peft",
+               "  kinema convert models/v2_lora_ZoomIn.ckpt models/zoom_in_peft.safetensors --to diffusers_peft\n"
+               "  kinema convert models/EasyAnimateV3-XL-2-InP-512x512 models/v3_kinema_transformer --to kinema",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="motion-module or motion-LoRA file, or MotionAdapter folder")
-    p.add_argument("output", help="file to write (.safetensors/.ckpt) or, for a motion module --to diffusers, a folder")
+    p.add_argument("input", help="motion-module or motion-LoRA file, MotionAdapter folder or EasyAnimate folder")
+    p.add_argument("output", help="file to write (.safetensors/.ckpt) or, for a MotionAdapter or an EasyAnimate "
+                                  "transformer, a folder")
     # Written out rather than taken from kinema.loaders.convert.LAYOUTS so `--help` need not import torch.
     p.add_argument("--to", required=True, choices=["original", "diffusers", "diffusers_peft", "kinema"],
                    help="target layout")

@@ -12,6 +12,7 @@ from pathlib import Path
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff import convert_motion_module
 from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict
+from kinema.loaders.easyanimate import convert_easyanimate_transformer
 from kinema.loaders.inspect import describe
 from kinema.loaders.motion_lora import convert_motion_lora
 
@@ -28,6 +29,7 @@ def convert_motion_lora_file(source: str | os.PathLike, target: str | os.PathLik
 CONVERTERS: dict[str, tuple[Converter, tuple[str, ...]]] = {
     "motion_module": (convert_motion_module, ("original", "diffusers", "kinema")),
     "motion_lora": (convert_motion_lora_file, ("original", "diffusers", "diffusers_peft", "kinema")),
+    "easyanimate_transformer": (convert_easyanimate_transformer, ("original", "kinema")),
 }
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in CONVERTERS.values() for layout in layouts))
 

@@ -20,8 +20,16 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
+from kinema.fileio import atomic_folder
+from kinema.loaders.animatediff_keys import with_pe_tables
+from kinema.loaders.easyanimate_config import (
+    V3_INPAINT_CHANNELS,
+    easyanimate_config_from_video_dit,
+    video_dit_config_from_easyanimate,
+)
 from kinema.models.motion import sinusoidal_frame_encoding
 from kinema.models.video_dit import VideoDiT
 
@@ -33,138 +41,6 @@ PE_ATOL = 1e-3
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 # ---------------------------------------------------------------- V3 config.json -> VideoDiT settings
-
-# `transformer_additional_kwargs` of config/easyanimate_video_slicevae_motion_module_v3.yaml, which EasyAnimate adds
-# to transformer/config.json when it loads V3. Used as defaults: values in the config.json itself win.
-V3_YAML_EXTRAS: dict[str, Any] = {
-    "patch_3d": False,
-    "fake_3d": False,
-    "basic_block_type": "global_motionmodule",
-    "time_position_encoding_before_transformer": False,
-    "motion_module_type": "Vanilla",
-    "enable_uvit": True,
-    "motion_module_kwargs_even": {
-        "num_attention_heads": 16, "num_transformer_block": 1, "attention_block_types": ["Temporal_Self"] * 2,
-        "temporal_position_encoding": True, "temporal_position_encoding_max_len": 4096,
-        "temporal_attention_dim_div": 1, "block_size": 1, "remove_time_embedding_in_photo": False,
-    },
-    "motion_module_kwargs_odd": {
-        "num_attention_heads": 16, "num_transformer_block": 1,
-        "attention_block_types": ["Temporal_Self", "Global_Self"],
-        "temporal_position_encoding": True, "temporal_position_encoding_max_len": 4096,
-        "temporal_attention_dim_div": 1, "block_size": 1, "remove_time_embedding_in_photo": False,
-    },
-}
-# Fields VideoDiT takes under the same name and meaning.
-V3_SAME_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "dropout",
-                  "cross_attention_dim", "attention_bias", "sample_size", "patch_size", "activation_fn",
-                  "upcast_attention", "norm_elementwise_affine", "norm_eps", "caption_channels", "enable_uvit")
-V3_REQUIRED_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "cross_attention_dim",
-                      "sample_size", "patch_size", "caption_channels")
-# V3 Transformer3DModel defaults for same-meaning fields a config.json may leave out.
-V3_CLASS_DEFAULTS: dict[str, Any] = {"out_channels": None, "dropout": 0.0, "attention_bias": False,
-                                     "activation_fn": "geglu", "upcast_attention": False,
-                                     "norm_elementwise_affine": True, "norm_eps": 1e-5}
-# Accepted only at V3's value: other values switch on code paths (3D patches, KV compression, ...) kinema lacks.
-V3_FIXED_FIELDS: dict[str, Any] = {
-    "norm_type": "ada_norm_single", "num_vector_embeds": None, "only_cross_attention": False,
-    "double_self_attention": False, "attention_type": "default", "patch_3d": False, "fake_3d": False,
-    "casual_3d": False, "casual_3d_upsampler_index": None, "motion_module_type": "Vanilla",
-    "time_position_encoding_before_transformer": False, "qk_norm": False, "after_norm": False,
-    "resize_inpaint_mask_directly": False, "enable_text_attention_mask": True, "add_noise_in_inpaint_model": False,
-}
-# Stored by V3 but without effect on its transformer (unused branch sizes, checked-only values).
-V3_INERT_FIELDS = ("norm_num_groups", "use_linear_projection", "num_embeds_ada_norm", "time_patch_size",
-                   "enable_clip_in_inpaint", "basic_block_type", "motion_module_kwargs", "motion_module_kwargs_even",
-                   "motion_module_kwargs_odd")
-V3_BLOCK_TYPES = ("global_motionmodule", "motionmodule")
-# V3's CLIPProjection: ViT-L/14 image embeddings (768), hard-coded there for in_channels == 12.
-V3_IMAGE_EMBED_DIM, V3_INPAINT_CHANNELS = 768, 12
-
-# VanillaTemporalModule defaults (V3 motion_module.py), for keys a motion_module_kwargs dict leaves out.
-V3_MOTION_DEFAULTS: dict[str, Any] = {
-    "num_attention_heads": 8, "num_transformer_block": 2, "attention_block_types": ["Temporal_Self"] * 2,
-    "cross_frame_attention_mode": None, "temporal_position_encoding": False,
-    "temporal_position_encoding_max_len": 4096, "temporal_attention_dim_div": 1, "zero_initialize": True,
-    "block_size": 1, "remove_time_embedding_in_photo": False, "global_num_attention_heads": 16,
-    "global_attention": False, "qk_norm": False,
-}
-V3_MOTION_FIXED: dict[str, Any] = {
-    "cross_frame_attention_mode": None, "temporal_position_encoding": True, "temporal_attention_dim_div": 1,
-    "block_size": 1, "remove_time_embedding_in_photo": False, "global_attention": False, "qk_norm": False,
-}
-V3_ATTENTION_KINDS = {"Temporal_Self": "temporal", "Global_Self": "global"}
-MOTION_TYPES = {("temporal", "temporal"): "temporal", ("temporal", "global"): "hybrid"}
-
-
-def _check_fixed(config: dict[str, Any], fixed: dict[str, Any], where: str) -> None:
-    for name, value in fixed.items():
-        if name in config and config[name] != value:
-            raise KinemaError(f"{where}: {name}={config[name]!r} is not supported (EasyAnimate V3 uses {value!r}); "
-                              "kinema loads EasyAnimate V3 transformers only")
-
-
-def _motion_spec(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
-    """One V3 `motion_module_kwargs` dict -> a kinema motion-module spec."""
-    unknown = sorted(set(kwargs) - set(V3_MOTION_DEFAULTS))
-    if unknown:
-        raise KinemaError(f"{where}: unknown motion-module settings {unknown}; kinema loads EasyAnimate V3 only")
-    kwargs = {**V3_MOTION_DEFAULTS, **kwargs}
-    _check_fixed(kwargs, V3_MOTION_FIXED, where)
-    blocks = kwargs["attention_block_types"]
-    if any(block not in V3_ATTENTION_KINDS for block in blocks):
-        raise KinemaError(f"{where}: attention_block_types {blocks} are not supported; use "
-                          f"{sorted(V3_ATTENTION_KINDS)}")
-    kinds = tuple(V3_ATTENTION_KINDS[block] for block in blocks)
-    spec = {"type": MOTION_TYPES.get(kinds, "temporal")}
-    if kinds not in MOTION_TYPES:
-        spec["attention_kinds"] = list(kinds)
-    return {**spec, "num_attention_heads": kwargs["num_attention_heads"],
-            "num_transformer_blocks": kwargs["num_transformer_block"],
-            "max_frames": kwargs["temporal_position_encoding_max_len"], "norm_mode": "per_frame",
-            "norm_num_groups": 32}
-
-
-def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
-    """EasyAnimate V3 `transformer/config.json` (or a kinema VideoDiT config) -> `VideoDiT(**kwargs)` arguments.
-
-    Same-name fields pass through (`V3_SAME_FIELDS`); `V3_FIXED_FIELDS` are refused at any value but V3's;
-    `V3_INERT_FIELDS` have no effect; V3's YAML extras fill in what the file lacks. `basic_block_type` with
-    `motion_module_kwargs_even/_odd` (or `motion_module_kwargs` for every block) becomes `motion_modules`, and
-    `in_channels == 12` with `enable_clip_in_inpaint` becomes `image_embed_dim=768`. Unknown fields are refused.
-    """
-    if config.get("_class_name") == VideoDiT.__name__:
-        return {name: value for name, value in config.items() if not name.startswith("_")}
-    where = "EasyAnimate transformer config"
-    config = {**V3_YAML_EXTRAS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    known = set(V3_SAME_FIELDS) | set(V3_FIXED_FIELDS) | set(V3_INERT_FIELDS)
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise KinemaError(f"{where}: unknown fields {unknown}; is this an EasyAnimate V3 transformer?")
-    missing = [name for name in V3_REQUIRED_FIELDS if config.get(name) is None]
-    if missing:
-        raise KinemaError(f"{where}: missing {missing}; is this an EasyAnimate V3 transformer config.json?")
-    _check_fixed(config, V3_FIXED_FIELDS, where)
-    if config["sample_size"] == 128:
-        raise KinemaError(f"{where}: sample_size 128 turns on PixArt's resolution conditioning, which V3 does not "
-                          "use and kinema does not support")
-    kwargs = {name: config.get(name, V3_CLASS_DEFAULTS.get(name)) for name in V3_SAME_FIELDS}
-    kwargs["out_channels"] = kwargs["out_channels"] or kwargs["in_channels"]
-    layers, block_type = config["num_layers"], config["basic_block_type"]
-    if block_type == "global_motionmodule":
-        even = _motion_spec(config["motion_module_kwargs_even"] or {}, f"{where} motion_module_kwargs_even")
-        odd = _motion_spec(config["motion_module_kwargs_odd"] or {}, f"{where} motion_module_kwargs_odd")
-        kwargs["motion_modules"] = [dict(even if index % 2 == 0 else odd) for index in range(layers)]
-    elif block_type == "motionmodule":
-        spec = _motion_spec(config.get("motion_module_kwargs") or {}, where)
-        kwargs["motion_modules"] = [dict(spec) for _ in range(layers)]
-    else:
-        raise KinemaError(f"{where}: basic_block_type {block_type!r} is not supported; kinema loads "
-                          f"{list(V3_BLOCK_TYPES)} (EasyAnimate V3 uses 'global_motionmodule')")
-    with_clip = config["in_channels"] == V3_INPAINT_CHANNELS and config.get("enable_clip_in_inpaint", True)
-    kwargs["image_embed_dim"] = V3_IMAGE_EMBED_DIM if with_clip else None
-    return kwargs
-
 
 # ---------------------------------------------------------------- transformer weights
 
@@ -400,7 +276,9 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
     pe_length = next(iter(pe.values()))[1] if pe else _pe_length_from_config(config)
     dtypes = sorted({SAFETENSORS_DTYPES.get(dtype, dtype) for _, dtype in header.values()})
     return {
+        "kind": "easyanimate_transformer",
         "format": "easyanimate-v3",
+        "layout": "kinema" if config.get("_class_name") == VideoDiT.__name__ else "original",
         "path": str(weights),
         "variant": "InP" if in_channels == V3_INPAINT_CHANNELS else "T2V",
         "blocks": len({name.split(".")[1] for name in params if name.startswith("transformer_blocks.")}),
@@ -414,6 +292,31 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
         "dtype": dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes),
         "pe_length": pe_length,
     }
+
+
+def convert_easyanimate_transformer(
+    source: str | os.PathLike, target: str | os.PathLike, to: str
+) -> tuple[Path, list[str]]:
+    """Rewrite an EasyAnimate transformer folder as `original` (V3's config.json and names, with the `pe` frame
+    tables it stores) or `kinema` (`VideoDiT.save_pretrained`: kinema's config, no tables). Weights are copied
+    exactly. Only the transformer is written; the other parts of a model folder are used as they are."""
+    model = load_video_dit(source)
+    notes = []
+    if Path(source, "transformer").is_dir():
+        notes.append(f"only the transformer was converted; {source}'s other folders (vae/, text_encoder/, ...) "
+                     "are used as they are")
+    with atomic_folder(target) as folder:
+        if to == "kinema":
+            model.save_pretrained(folder)
+            return Path(target), notes
+        config = easyanimate_config_from_video_dit(dict(model.config))
+        lengths = {spec["max_frames"] for spec in model.config.motion_modules}
+        if len(lengths) != 1:
+            raise KinemaError(f"V3 gives every motion module one frame-encoding length; this model has {lengths}")
+        state = with_pe_tables(model.state_dict(), "original", lengths.pop())
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
+    return Path(target), notes
 
 
 def _pe_length_from_config(config: dict[str, Any]) -> int | None:

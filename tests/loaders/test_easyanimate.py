@@ -353,3 +353,33 @@ def test_folder_missing_a_part_is_refused(tmp_path, model):
     write_transformer(tmp_path, v3_state(model), v3_config())
     with pytest.raises(KinemaError, match=r"has no vae/ folder \(it holds \['transformer'\]\)"):
         load_easyanimate(tmp_path)
+
+
+def test_convert_v3_to_kinema_and_back_is_exact(v3_root, model, tmp_path):
+    from kinema.cli import main
+    from kinema.loaders.inspect import describe
+
+    source = v3_root / "transformer"
+    assert main(["convert", str(v3_root), str(tmp_path / "k"), "--to", "kinema"]) == 0
+    assert main(["convert", str(tmp_path / "k"), str(tmp_path / "o"), "--to", "original"]) == 0
+    assert describe(tmp_path / "k")["layout"] == "kinema" and describe(tmp_path / "k")["pe_buffers"] == 0
+    assert describe(tmp_path / "o")["layout"] == "original" and describe(tmp_path / "o")["pe_buffers"] == 8
+    original, back = load_file(source / "diffusion_pytorch_model.safetensors"), load_file(
+        tmp_path / "o" / "diffusion_pytorch_model.safetensors")
+    assert set(back) == set(original) and all(torch.equal(back[k], v) for k, v in original.items())
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert video_dit_config_from_easyanimate(written) == video_dit_config_from_easyanimate(v3_config())
+    assert torch.equal(run(load_video_dit(tmp_path / "o")), run(model))
+    assert torch.equal(run(load_video_dit(tmp_path / "k")), run(model))
+
+
+def test_convert_refuses_what_v3_cannot_express(tmp_path, model):
+    from kinema.loaders.easyanimate_config import easyanimate_config_from_video_dit
+
+    specs = [dict(spec) for spec in model.config.motion_modules]
+    specs[2]["type"] = "hybrid"  # no longer one module or an even/odd alternation
+    with pytest.raises(KinemaError, match="alternates two"):
+        easyanimate_config_from_video_dit({**model.config, "motion_modules": specs})
+    specs = [{**spec, "norm_mode": "across_frames"} for spec in model.config.motion_modules]
+    with pytest.raises(KinemaError, match="no EasyAnimate V3 equivalent"):
+        easyanimate_config_from_video_dit({**model.config, "motion_modules": specs})
