@@ -268,7 +268,8 @@ def test_v3_xl_config_builds_the_v3_xl_preset():
 def test_describe_reads_only_the_header(v3_root, model):
     tensors = len(model.state_dict()) + 8
     expected = {
-        "format": "easyanimate-v3", "variant": "InP", "blocks": 4, "width": 64, "in_channels": 12,
+        "kind": "easyanimate_transformer", "format": "easyanimate-v3", "layout": "original", "variant": "InP",
+        "blocks": 4, "width": 64, "in_channels": 12,
         "out_channels": 8, "skips": 1, "keys": tensors, "parameters": sum(p.numel() for p in model.parameters()),
         "pe_buffers": 8, "dtype": "float32", "pe_length": PE_LEN,
         "path": str(v3_root / "transformer" / "diffusion_pytorch_model.safetensors"),
