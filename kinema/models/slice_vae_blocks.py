@@ -117,6 +117,15 @@ class MidAttention(nn.Module):
         return rearrange(tokens, f"{layout} -> b c f h w", b=b, f=f, h=h, w=w)
 
 
+def residual_stack(in_channels: int, out_channels: int, num_layers: int, norm_num_groups: int,
+                   act_fn: str) -> nn.ModuleList:
+    """`num_layers` residual blocks, the first one changing the width from `in_channels` to `out_channels`."""
+    return nn.ModuleList(
+        ResidualBlock3D(in_channels if i == 0 else out_channels, out_channels, norm_num_groups, act_fn)
+        for i in range(num_layers)
+    )
+
+
 class MidBlock3D(nn.Module):
     """`num_layers` residual blocks with an attention between each pair: `(B, C, F, H, W) -> (B, C, F, H, W)`."""
 
@@ -135,15 +144,6 @@ class MidBlock3D(nn.Module):
                 x = self.attentions[i](x)
             x = resnet(x)
         return x
-
-
-def residual_stack(in_channels: int, out_channels: int, num_layers: int, norm_num_groups: int,
-                   act_fn: str) -> nn.ModuleList:
-    """`num_layers` residual blocks, the first one changing the width from `in_channels` to `out_channels`."""
-    return nn.ModuleList(
-        ResidualBlock3D(in_channels if i == 0 else out_channels, out_channels, norm_num_groups, act_fn)
-        for i in range(num_layers)
-    )
 
 
 class DownBlock3D(nn.Module):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from kinema.errors import KinemaError
 from kinema.loaders.easyanimate_vae import is_slice_vae_folder, load_slice_vae
 from kinema.models.slice_vae import V3_DOWN_BLOCKS, V3_UP_BLOCKS, SliceVAE
+from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, MidAttention
 from kinema.models.slice_vae_tiling import Tiling
 
 TINY = dict(ch=8, ch_mult=(1, 2, 2, 2), norm_num_groups=4)
@@ -91,6 +92,19 @@ def test_encode_slices_are_independent(vae):
     moved = vae.encode(x2).latent_dist.parameters
     assert torch.equal(moved[:, :, :2], base[:, :, :2])
     assert (moved[:, :, 2:] - base[:, :, 2:]).abs().mean() > 1e-2
+
+
+@torch.no_grad()
+def test_attention_layouts_agree_where_their_token_sets_coincide():
+    torch.manual_seed(0)
+    attn = {layout: MidAttention(16, 2, 4, layout) for layout in ATTENTION_LAYOUTS}
+    for module in attn.values():
+        module.load_state_dict(attn["3d"].state_dict())
+    frame, column = torch.randn(2, 16, 1, 3, 3), torch.randn(2, 16, 5, 1, 1)
+    torch.testing.assert_close(attn["spatial"](frame), attn["3d"](frame), atol=1e-6, rtol=0)
+    torch.testing.assert_close(attn["temporal"](column), attn["3d"](column), atol=1e-6, rtol=0)
+    clip = torch.randn(2, 16, 2, 3, 3)
+    assert (attn["spatial"](clip) - attn["3d"](clip)).abs().mean() > 1e-3
 
 
 # ---------------------------------------------------------------- decoder feature sharing
