@@ -8,6 +8,7 @@ name and shape. Anything else raises KinemaError naming the first few offenders,
 import inspect
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -126,3 +127,34 @@ def load_slice_vae(path: str | Path, subfolder: str | None = None,
     check_state_dict(expected, state_dict, str(folder))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(torch_dtype or torch.float32).eval()
+
+
+def describe_slice_vae(path: str | Path) -> dict | None:
+    """What `kinema inspect` prints for a V3 Slice VAE folder (or a model folder holding `vae/`); None otherwise.
+
+    Reads config.json and the weights' names and shapes (the safetensors header only, never tensor data).
+    """
+    from kinema.loaders.easyanimate import SAFETENSORS_DTYPES, read_safetensors_header
+
+    folder = Path(path)
+    if not is_slice_vae_folder(folder):
+        folder = folder / "vae"
+        if not is_slice_vae_folder(folder):
+            return None
+    config = read_slice_vae_config(folder)
+    weights = next(folder / name for name in WEIGHT_NAMES if (folder / name).is_file())
+    if weights.suffix == ".safetensors":
+        header = read_safetensors_header(weights)
+    else:
+        header = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in _read_weights(folder).items()}
+    kept = {k: v for k, v in header.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    dtypes = sorted({SAFETENSORS_DTYPES.get(dtype, dtype) for _, dtype in kept.values()})
+    defaults = {name: p.default for name, p in inspect.signature(SliceVAE.__init__).parameters.items()}
+    setting = {name: config.get(name, defaults[name]) for name in
+               ("latent_channels", "scaling_factor", "mini_batch_encoder", "mini_batch_decoder", "use_tiling")}
+    return {
+        "kind": "slice_vae", "format": "easyanimate-v3-vae", "path": str(weights), "keys": len(kept),
+        "parameters": sum(math.prod(shape) for shape, _ in kept.values()),
+        "training_only_keys": len(header) - len(kept),
+        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes), **setting,
+    }

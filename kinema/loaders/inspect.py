@@ -82,10 +82,18 @@ def describe_easyanimate_path(path: Path) -> dict[str, Any] | None:
     return describe_easyanimate(path)
 
 
+def describe_slice_vae_path(path: Path) -> dict[str, Any] | None:
+    """An EasyAnimate V3 Slice VAE folder (kinema.loaders.easyanimate_vae)."""
+    from kinema.loaders.easyanimate_vae import describe_slice_vae
+
+    return describe_slice_vae(path) if path.is_dir() else None
+
+
 DESCRIBERS: list[tuple[str, Callable[[Path], dict[str, Any] | None]]] = [
     ("AnimateDiff motion module (file or diffusers MotionAdapter folder)", describe_motion_module),
     ("motion LoRA", describe_motion_lora_file),
     ("EasyAnimate V3 folder or transformer", describe_easyanimate_path),
+    ("EasyAnimate V3 Slice VAE folder", describe_slice_vae_path),
 ]
 
 

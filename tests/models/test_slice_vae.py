@@ -325,6 +325,13 @@ def test_folder_with_v3_key_names_loads_exactly(tmp_path):
     loaded = model.state_dict()
     assert len(loaded) == len(state) - 1 == 244
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    # kinema inspect on the model folder finds the VAE in vae/ and reads only the header
+    from kinema.loaders.inspect import describe
+
+    report = describe(tmp_path)
+    assert (report["kind"], report["keys"], report["training_only_keys"], report["latent_channels"]) == (
+        "slice_vae", 244, 1, 4)
+    assert report["parameters"] == sum(v.numel() for v in loaded.values())
 
 
 def test_renamed_key_raises_naming_it(tmp_path):
