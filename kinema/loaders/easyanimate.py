@@ -32,6 +32,7 @@ from kinema.loaders.easyanimate_config import (
 )
 from kinema.models.motion import sinusoidal_frame_encoding
 from kinema.models.video_dit import VideoDiT
+from kinema.state_dicts import key_mismatch
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -89,10 +90,6 @@ def looks_like(names: set[str]) -> str:
     return "no checkpoint kinema recognises"
 
 
-def _examples(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
-
-
 def check_video_dit_keys(
     model: VideoDiT, header: dict[str, tuple[tuple[int, ...], str]], source: str
 ) -> set[str]:
@@ -107,21 +104,11 @@ def check_video_dit_keys(
         if ".attn_temporal." in name and ".attention_blocks." in name and name.endswith(".to_q.weight"):
             max_frames = model.transformer_blocks[int(name.split(".")[1])].attn_temporal.max_frames
             pe_shapes[name.removesuffix(".to_q.weight")] = (1, max_frames, shape[1])
-    pe_names, unexpected, misshaped = set(), [], []
-    for name, (shape, _) in header.items():
-        match = PE_BUFFER.match(name)
-        want = pe_shapes.get(match["attention"]) if match else expected.get(name)
-        if want is None:
-            unexpected.append(name)
-        elif shape != want:
-            misshaped.append(f"{name} {list(shape)} vs model {list(want)}")
-        elif match:
-            pe_names.add(name)
-    missing = [name for name in expected if name not in header]
-    if missing or unexpected or misshaped:
-        parts = [f"{label} {len(items)} ({_examples(items)})" for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
-        raise KinemaError(f"{source} does not match the video DiT its config describes: {'; '.join(parts)}. "
+    pe_names = {name for name in header if (match := PE_BUFFER.match(name)) and match["attention"] in pe_shapes}
+    wanted = {**expected, **{name: pe_shapes[PE_BUFFER.match(name)["attention"]] for name in pe_names}}
+    found = key_mismatch(wanted, {name: shape for name, (shape, _) in header.items()})
+    if found:
+        raise KinemaError(f"{source} does not match the video DiT its config describes: {found}. "
                           f"The file has {len(header)} tensors and looks like {looks_like(set(header))}")
     return pe_names
 

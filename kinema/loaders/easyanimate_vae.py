@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from kinema.errors import KinemaError
 from kinema.models.slice_vae import SliceVAE
+from kinema.state_dicts import key_mismatch, shapes
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +87,13 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Raise KinemaError unless `state_dict` has exactly the `expected` names and shapes."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:SHOW])}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:SHOW])}")
-    if wrong:
-        shapes = [f"{k} {list(state_dict[k].shape)} in file vs {list(expected[k])} expected" for k in wrong[:SHOW]]
-        problems.append(f"wrong shapes ({len(wrong)}): {'; '.join(shapes)}")
-    if problems:
+    found = key_mismatch(expected, shapes(state_dict))
+    if found:
         cause = ("config.json widths (ch, ch_mult, latent_channels, in/out_channels) do not match the weights"
-                 if wrong and not (missing or unexpected) else
+                 if set(expected) == set(state_dict) else
                  "the weights are not a V3 Slice VAE, or config.json describes a different layout "
                  "(block types, layers_per_block, mid_block_use_attention)")
-        raise KinemaError(f"{source} does not match the Slice VAE: {'; '.join(problems)}. Likely cause: {cause}.")
+        raise KinemaError(f"{source} does not match the Slice VAE: {found}. Likely cause: {cause}.")
 
 
 def load_slice_vae(path: str | Path, subfolder: str | None = None,

@@ -39,6 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from kinema.errors import KinemaError
 from kinema.loaders.checkpoint_io import SUPPORTED_SUFFIXES, read_state_dict
+from kinema.state_dicts import key_mismatch, shapes
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
 # Key prefixes of the three networks inside an LDM single file; everything else there is training state (EMA copies,
@@ -151,15 +152,9 @@ def _strict_load(model: nn.Module, weights: dict[str, torch.Tensor], what: str, 
     own = model.state_dict()
     # Old files store buffers that transformers now rebuilds (CLIP's position_ids); those are not weights.
     non_persistent = {name for name, _ in model.named_buffers()} - set(own)
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own and k not in non_persistent]
-    wrong = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in weights and weights[k].shape != own[k].shape]
-    problems = [(f"{len(missing)} missing", missing), (f"{len(unexpected)} unexpected", unexpected),
-                (f"{len(wrong)} mismatched", wrong)]
-    found = [f"{label} (e.g. {', '.join(keys[:3])})" for label, keys in problems if keys]
+    found = key_mismatch(shapes(own), shapes(weights), ignore=non_persistent)
     if found:
-        raise KinemaError(f"{path}: its {what} weights do not fit the Stable Diffusion 1.5 {what}: {'; '.join(found)}. "
+        raise KinemaError(f"{path}: its {what} weights do not fit the Stable Diffusion 1.5 {what}: {found}. "
                           "Is this an SD1.5-architecture checkpoint (SD2, SDXL and inpainting models differ)?")
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
 

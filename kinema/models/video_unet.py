@@ -22,6 +22,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.models.motion import build_motion_module
+from kinema.state_dicts import key_mismatch, shapes
 
 ResnetNormMode = Literal["per_frame", "across_frames"]
 MOTION_PREFIX = "unet."
@@ -155,18 +156,10 @@ class VideoUNet(ModelMixin, ConfigMixin):
 
     def load_motion_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load motion-module weights strictly: every key present, none extra, every shape equal."""
-        own = self.motion_state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-        problems = [(f"{len(missing)} missing", missing), (f"{len(unexpected)} unexpected", unexpected),
-                    (f"{len(mismatched)} mismatched", mismatched)]
-        found = [f"{label} (e.g. {', '.join(keys[:3])})" for label, keys in problems if keys]
+        found = key_mismatch(shapes(self.motion_state_dict()), shapes(state_dict))
         if found:
-            raise KinemaError("motion-module weights do not fit this UNet: " + "; ".join(found)
-                              + ". Check that the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) "
-                              "matches the base UNet")
+            raise KinemaError(f"motion-module weights do not fit this UNet: {found}. Check that the motion module "
+                              "version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches the base UNet")
         self.unet.load_state_dict({**self.unet.state_dict(), **state_dict}, strict=True)
 
     def freeze_base(self) -> None:

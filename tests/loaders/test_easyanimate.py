@@ -175,13 +175,14 @@ BLOCK1_PE = ("transformer_blocks.1.attn_temporal.temporal_transformer.transforme
              ".pos_encoder.pe")
 BAD_WEIGHTS = {
     "missing": (lambda s: _drop(s, "transformer_blocks.2.attn2.to_k.weight"),
-                r"missing 1 \(transformer_blocks.2.attn2.to_k.weight\)"),
+                r"1 missing \(e.g. transformer_blocks.2.attn2.to_k.weight\)"),
     "unexpected": (lambda s: s.__setitem__("transformer_blocks.0.norm3.weight", torch.ones(64)),
-                   r"unexpected 1 \(transformer_blocks.0.norm3.weight\)"),
+                   r"1 unexpected \(e.g. transformer_blocks.0.norm3.weight\)"),
     "wrong shape": (lambda s: s.__setitem__("proj_out.weight", torch.zeros(16, 64)),
-                    r"wrong shape 1 \(proj_out.weight \[16, 64\] vs model \[32, 64\]\)"),
+                    r"1 mismatched \(e.g. proj_out.weight: file \(16, 64\) vs model \(32, 64\)\)"),
     "pe length": (lambda s: s.__setitem__(BLOCK1_PE, v3_pe(32, 64)),
-                  r"wrong shape 1 \(.*attention_blocks.1.pos_encoder.pe \[1, 32, 64\] vs model \[1, 64, 64\]\)"),
+                  r"1 mismatched \(e.g. .*attention_blocks.1.pos_encoder.pe: file \(1, 32, 64\) "
+                  r"vs model \(1, 64, 64\)\)"),
     "pe values": (lambda s: s.__setitem__(BLOCK1_PE, v3_pe(PE_LEN, 64) * 2), "differs from the sinusoidal frame"),
 }
 

@@ -1,0 +1,32 @@
+"""Strict comparison of a checkpoint's tensors with a model's: one rule and one message format for every loader.
+
+kinema never loads with `strict=False`: a missing, extra or mis-shaped tensor stops the load, and the error names
+the first few of each so the user can tell a wrong file from a wrong config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+SHOW = 3  # keys named per kind of problem
+
+
+def key_mismatch(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], ignore: Iterable[str] = ()
+) -> str | None:
+    """How the tensor names and shapes in `found` differ from `expected` (both `{name: shape}`), as one phrase
+    such as `1 missing (e.g. a.weight); 2 mismatched (e.g. b.weight: file (3, 4) vs model (4, 4))`; None when
+    they agree. Names in `ignore` may be present in `found` without counting as unexpected."""
+    ignore = set(ignore)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and k not in ignore]
+    mismatched = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+                  for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:SHOW])})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
+    return "; ".join(parts) or None
+
+
+def shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` of a state dict."""
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
