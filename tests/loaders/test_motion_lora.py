@@ -6,6 +6,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
+from tiny_models import TINY_UNET, perturb
 
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff_keys import diffusers_to_original_key
@@ -19,11 +20,6 @@ from kinema.loaders.motion_lora import (
 )
 from kinema.models.video_unet import VideoUNet
 
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-    cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32, attention_head_dim=8,
-)
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 LINEAR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
@@ -52,19 +48,12 @@ def published_motion_lora(modules: dict[str, int], rank: int, seed: int | None =
     return state
 
 
-def randomize(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
 @pytest.fixture(scope="module")
 def base_parts():
     torch.manual_seed(0)
     unet2d = UNet2DConditionModel(**TINY_UNET).eval()
     video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True)
-    randomize(video, seed=3)  # non-zero proj_out, so the attentions (and their LoRAs) reach the output
+    perturb(video, seed=3, scale=0.1)  # non-zero proj_out, so the attentions (and their LoRAs) reach the output
     return unet2d, video.motion_state_dict()
 
 
@@ -358,7 +347,7 @@ def test_same_output_as_diffusers_unet_motion_model_with_the_same_lora():
     unet2d = UNet2DConditionModel(**TINY_UNET).eval()
     adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
                             motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True)
-    randomize(adapter, seed=3)
+    perturb(adapter, seed=3, scale=0.1)
     reference = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
     video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True,
                                   motion_module={"type": "temporal", "norm_mode": "across_frames"}).eval()

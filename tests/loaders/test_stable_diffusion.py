@@ -11,17 +11,13 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY_UNET
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from kinema.errors import KinemaError
 from kinema.loaders.stable_diffusion import SD15_CONFIGS, load_spatial_lora, load_stable_diffusion
 
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-    cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32, attention_head_dim=8,
-)
 TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32, layers_per_block=1)
 TINY_CLIP = dict(vocab_size=516, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

@@ -3,23 +3,11 @@
 import pytest
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from tiny_models import TINY_UNET, perturb
 
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff_keys import diffusers_to_original_key
 from kinema.models.video_unet import AcrossFramesGroupNorm, VideoUNet
-
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-    cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32, attention_head_dim=8,
-)
-
-
-def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ def test_placement_matches_animatediff(unet2d):
 def test_parity_with_diffusers_unet_motion_model(unet2d, mid_block):
     adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
                             motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=mid_block)
-    randomize(adapter, seed=3, scale=0.1)
+    perturb(adapter, seed=3, scale=0.1)
     reference = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
 
     video = VideoUNet.from_unet2d(unet2d, motion_mid_block=mid_block, resnet_norm_mode="per_frame",
@@ -94,7 +82,7 @@ def test_across_frames_resnet_norm_is_a_5d_group_norm(unet2d):
 def test_motion_weights_save_apart_and_whole_model_round_trips(unet2d, tmp_path):
     torch.manual_seed(0)
     video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True)
-    randomize(video, seed=5)
+    perturb(video, seed=5)
     video.save_pretrained(tmp_path / "model")
     again = VideoUNet.from_pretrained(tmp_path / "model")
     x, t, text = inputs(frames=3)
@@ -129,7 +117,7 @@ def test_freeze_base_leaves_only_motion_trainable(unet2d):
 def test_gradient_checkpointing_gives_the_same_gradients(unet2d):
     torch.manual_seed(0)
     video = VideoUNet.from_unet2d(unet2d)
-    randomize(video, seed=7)
+    perturb(video, seed=7)
     x, t, text = inputs(frames=3)
     video(x, t, text).square().mean().backward()
     grads = {n: p.grad.clone() for n, p in video.named_parameters() if ".motion_modules." in n}
