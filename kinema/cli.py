@@ -233,6 +233,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_doctor, _a
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `kinema` argument parser with every subcommand in `_COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="kinema",
         description="Text-to-video and image-to-video diffusion: AnimateDiff and EasyAnimate V3.",
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `kinema` with `argv` (default: the command line); returns the exit code: 0 ok, 1 failure, 2 bad usage."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

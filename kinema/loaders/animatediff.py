@@ -24,6 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from kinema.errors import KinemaError
+from kinema.fileio import atomic_folder
 from kinema.loaders.animatediff_keys import is_pe_key, pe_places, rename_state_dict, with_pe_tables
 from kinema.loaders.checkpoint_io import read_checkpoint, write_state_dict
 from kinema.models.motion import sinusoidal_frame_encoding
@@ -472,11 +473,10 @@ def write_motion_module(
         raise KinemaError(f"the diffusers layout is a folder (config.json + {ADAPTER_WEIGHTS[0]}); give a folder "
                           f"path without an extension, got {path}")
     config = _adapter_config(structure, settings)
-    write_state_dict(with_pe_tables(state_dict, "diffusers", settings.max_frames), path / ADAPTER_WEIGHTS[0],
-                     {"format": "pt"})
-    tmp = path / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, path / "config.json")
+    with atomic_folder(path) as folder:
+        write_state_dict(with_pe_tables(state_dict, "diffusers", settings.max_frames), folder / ADAPTER_WEIGHTS[0],
+                         {"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 

@@ -37,7 +37,7 @@ LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in CONVERTERS.values() for l
 def convert(source: str | os.PathLike, target: str | os.PathLike, to: str) -> tuple[Path, list[str]]:
     """Convert whatever `source` is into layout `to` at `target`; returns the written path and notes for the user."""
     report = describe(source)
-    kind = report.get("kind", report.get("format"))
+    kind = report["kind"]
     if kind not in CONVERTERS:
         raise KinemaError(f"{source} is {kind}; kinema converts {sorted(CONVERTERS)}")
     converter, layouts = CONVERTERS[kind]

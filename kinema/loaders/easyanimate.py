@@ -41,8 +41,6 @@ PE_BUFFER = re.compile(r"^(?P<attention>.*\.attn_temporal\..*\.attention_blocks\
 PE_ATOL = 1e-3
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
-# ---------------------------------------------------------------- V3 config.json -> VideoDiT settings
-
 # ---------------------------------------------------------------- transformer weights
 
 
@@ -307,8 +305,8 @@ def convert_easyanimate_transformer(
 
 
 def _pe_length_from_config(config: dict[str, Any]) -> int | None:
-    """Frame-encoding length from a kinema config (`motion_modules`) or a V3 one (`motion_module_kwargs_even`)."""
-    spec = (config.get("motion_modules") or [None])[0]
-    if isinstance(spec, dict) and "max_frames" in spec:
-        return spec["max_frames"]
-    return (config.get("motion_module_kwargs_even") or {}).get("temporal_position_encoding_max_len")
+    """Frame-encoding length of the first motion module, read through the one V3/kinema config translation;
+    None when the folder has no config.json."""
+    if not config:
+        return None
+    return video_dit_config_from_easyanimate(config)["motion_modules"][0].get("max_frames")

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from kinema.errors import KinemaError
+from kinema.models.motion import check_frame_count
 from kinema.models.video_dit_blocks import (
     MotionModuleSpec,
     VideoDiTBlock,
@@ -224,9 +225,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if height % patch or width % patch:
             raise KinemaError(f"latent size {height}x{width} is not divisible by the patch size {patch}; use a pixel "
                               f"height and width that are multiples of {8 * patch} (the VAE downsamples by 8)")
-        if frames > self.max_frames:
-            raise KinemaError(f"{frames} latent frames exceed the motion modules' frame encoding length "
-                              f"{self.max_frames}; generate fewer frames at once")
+        check_frame_count(frames, self.max_frames, unit="latent frames")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch \
                 or encoder_hidden_states.shape[2] != cfg.caption_channels:
             raise KinemaError(f"encoder_hidden_states must be (B={batch}, L, {cfg.caption_channels}) text-encoder "

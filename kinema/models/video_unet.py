@@ -21,11 +21,10 @@ from einops import rearrange
 from torch import nn
 
 from kinema.errors import KinemaError
-from kinema.models.motion import build_motion_module
+from kinema.models.motion import build_motion_module, check_frame_count
 from kinema.state_dicts import key_mismatch, shapes
 
 ResnetNormMode = Literal["per_frame", "across_frames"]
-MOTION_PREFIX = "unet."
 
 
 class _FrameCount:
@@ -160,7 +159,10 @@ class VideoUNet(ModelMixin, ConfigMixin):
         if found:
             raise KinemaError(f"motion-module weights do not fit this UNet: {found}. Check that the motion module "
                               "version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches the base UNet")
-        self.unet.load_state_dict({**self.unet.state_dict(), **state_dict}, strict=True)
+        for name, module in self.motion_modules():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},
+                                   strict=True)
 
     def freeze_base(self) -> None:
         """Train motion modules only: freeze every 2D weight and every loaded (peft) LoRA."""
@@ -208,10 +210,7 @@ class VideoUNet(ModelMixin, ConfigMixin):
         batch, channels, frames = sample.shape[:3]
         if channels != self.unet.config.in_channels:
             raise KinemaError(f"latents have {channels} channels, the UNet takes {self.unet.config.in_channels}")
-        if frames > self.max_frames:
-            raise KinemaError(
-                f"{frames} frames exceed the motion modules' frame encoding length {self.max_frames}; "
-                f"generate at most {self.max_frames} frames at once and use context windows for longer videos")
+        check_frame_count(frames, self.max_frames)
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
         if encoder_hidden_states.ndim == 3:
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)

@@ -35,7 +35,9 @@ _SEQUENCE_PATTERNS: dict[str, tuple[str, str]] = {
 }
 
 
-def sinusoidal_frame_encoding(num_frames: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+def sinusoidal_frame_encoding(
+    num_frames: int, dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Transformer sin/cos table for frame indices 0..F-1: `(F, dim)`, sin in even and cos in odd channels."""
     position = torch.arange(num_frames, dtype=torch.float32, device=device)[:, None]
     div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
@@ -43,6 +45,14 @@ def sinusoidal_frame_encoding(num_frames: int, dim: int, device=None, dtype=None
     table[:, 0::2] = torch.sin(position * div_term)
     table[:, 1::2] = torch.cos(position * div_term)
     return table.to(dtype) if dtype is not None else table
+
+
+def check_frame_count(frames: int, max_frames: int, unit: str = "frames") -> None:
+    """Refuse more frames than a frame encoding of `max_frames` covers, pointing at context windows."""
+    if frames > max_frames:
+        raise KinemaError(
+            f"{frames} {unit} exceed the motion modules' frame encoding length {max_frames}; "
+            f"generate at most {max_frames} {unit} at once and use context windows for longer videos")
 
 
 def video_group_norm(norm: nn.GroupNorm, x: torch.Tensor, mode: NormMode) -> torch.Tensor:
@@ -127,10 +137,7 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, C, F, H, W)` -> `(B, C, F, H, W)`."""
         frames, height = x.shape[2], x.shape[3]
-        if frames > self.max_frames:
-            raise KinemaError(
-                f"{frames} frames exceed this motion module's frame encoding length {self.max_frames}; "
-                f"generate at most {self.max_frames} frames at once and use context windows for longer videos")
+        check_frame_count(frames, self.max_frames)
         h = rearrange(video_group_norm(self.norm, x, self.norm_mode), "b c f h w -> b f (h w) c")
         h = self.proj_in(h)
         encoding = sinusoidal_frame_encoding(frames, h.shape[-1], device=h.device, dtype=h.dtype)
