@@ -108,6 +108,29 @@ def _read_pickle(path: Path) -> Checkpoint:
     return Checkpoint(path, tensors, {}, dropped)
 
 
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype name) from a safetensors file's header, without reading tensor data."""
+    with safe_open(str(path), framework="pt") as f:
+        slices = {name: f.get_slice(name) for name in f.keys()}
+        return {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
+
+
+def tensor_names(path: str | os.PathLike) -> list[str] | None:
+    """Tensor names of a `.safetensors` file read from its header alone (no tensor data); None for other formats,
+    whose names cannot be known without unpickling the whole file."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise KinemaError(f"{path} is not a readable .safetensors file (corrupt or truncated?): {err}") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a weights file (`.safetensors`, or a torch pickle read with `weights_only=True`) onto the CPU."""
     path = Path(path)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder
 from kinema.loaders.animatediff_keys import with_pe_tables
+from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, read_safetensors_header
 from kinema.loaders.easyanimate_config import (
     V3_INPAINT_CHANNELS,
     easyanimate_config_from_video_dit,
@@ -39,7 +40,6 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Frame-encoding buffers stored by V3's motion attentions; kinema recomputes them.
 PE_BUFFER = re.compile(r"^(?P<attention>.*\.attn_temporal\..*\.attention_blocks\.\d+)\.pos_encoder\.pe$")
 PE_ATOL = 1e-3
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 # ---------------------------------------------------------------- transformer weights
 
@@ -64,12 +64,6 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     found = sorted(p.name for p in folder.iterdir())
     raise KinemaError(f"{folder} has no {WEIGHTS_NAME}; it holds {found[:8]}. kinema reads safetensors only: convert "
                       "a .bin checkpoint to safetensors first")
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor name -> (shape, dtype name) from a safetensors file's header, without reading tensor data."""
-    with safe_open(str(path), framework="pt") as f:
-        return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
 
 
 def looks_like(names: set[str]) -> str:

@@ -125,7 +125,7 @@ def describe_slice_vae(path: str | Path) -> dict | None:
 
     Reads config.json and the weights' names and shapes (the safetensors header only, never tensor data).
     """
-    from kinema.loaders.easyanimate import SAFETENSORS_DTYPES, read_safetensors_header
+    from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, read_safetensors_header
 
     folder = Path(path)
     if not is_slice_vae_folder(folder):

@@ -21,7 +21,7 @@ from kinema.loaders.animatediff import (
     read_motion_module,
     to_kinema_motion_state_dict,
 )
-from kinema.loaders.checkpoint_io import SUPPORTED_SUFFIXES, Checkpoint, read_checkpoint
+from kinema.loaders.checkpoint_io import SUPPORTED_SUFFIXES, Checkpoint, read_checkpoint, tensor_names
 
 
 # Several describers look at the same file; one `describe` call reads it once.
@@ -53,11 +53,12 @@ def describe_motion_module(path: Path) -> dict[str, Any] | None:
         return _motion_report(motion.info, motion.dropped)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         return None
-    checkpoint = _read(path)
-    keys = list(checkpoint.tensors)
+    # Decide from the header where the format has one: an EasyAnimate transformer is GBs, and not ours to load.
+    keys = tensor_names(path) or list(_read(path).tensors)
     temporal = any(".motion_modules." in k or "temporal_attentions." in k for k in keys)
     if not temporal or any("lora" in k.lower() for k in keys):  # motion LoRAs have their own describer
         return None
+    checkpoint = _read(path)
     try:
         info = detect_motion_module(checkpoint.tensors, checkpoint.metadata)
         to_kinema_motion_state_dict(checkpoint.tensors, info)  # checks the frame tables' values
@@ -71,6 +72,9 @@ def describe_motion_lora_file(path: Path) -> dict[str, Any] | None:
     from kinema.loaders.motion_lora import describe_motion_lora
 
     if not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        return None
+    names = tensor_names(path)
+    if names is not None and not any("lora" in name.lower() for name in names):
         return None
     return describe_motion_lora(_read(path).tensors)
 

@@ -385,3 +385,14 @@ def test_convert_refuses_what_v3_cannot_express(tmp_path, model):
     specs = [{**spec, "norm_mode": "across_frames"} for spec in model.config.motion_modules]
     with pytest.raises(KinemaError, match="no EasyAnimate V3 equivalent"):
         easyanimate_config_from_video_dit({**model.config, "motion_modules": specs})
+
+
+def test_inspect_never_loads_a_transformer_file(v3_root, monkeypatch):
+    import kinema.loaders.inspect as inspect_module
+
+    def refuse(path):
+        raise AssertionError(f"{path} was read in full")
+
+    monkeypatch.setattr(inspect_module, "read_checkpoint", refuse)
+    weights = v3_root / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert inspect_module.describe(weights)["kind"] == "easyanimate_transformer"
