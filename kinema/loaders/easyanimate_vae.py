@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from kinema.errors import KinemaError
+from kinema.loaders.checkpoint_io import read_state_dict
 from kinema.models.slice_vae import SliceVAE
 from kinema.state_dicts import key_mismatch, shapes
 
@@ -77,11 +77,8 @@ def is_slice_vae_folder(folder: str | Path) -> bool:
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in WEIGHT_NAMES:
-        path = folder / name
-        if path.is_file():
-            if path.suffix == ".safetensors":
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
     raise KinemaError(f"{folder} has no weights; expected one of {list(WEIGHT_NAMES)}.")
 
 

@@ -144,3 +144,18 @@ def test_bad_input(unet2d):
     missing.pop(next(iter(missing)))
     with pytest.raises(KinemaError, match="1 missing"):
         video.load_motion_state_dict(missing)
+
+
+def test_hybrid_module_plugs_into_the_unet(unet2d):
+    video = VideoUNet.from_unet2d(unet2d, motion_module={"type": "hybrid", "max_frames": 16})
+    assert all(type(m).__name__ == "HybridMotionModule" for _, m in video.motion_modules())
+    x, t, text = inputs(frames=3)
+    with torch.no_grad():
+        fresh = video(x, t, text)
+        assert (fresh - VideoUNet.from_unet2d(unet2d)(x, t, text)).abs().max().item() == 0
+        perturb(video, seed=9)
+        mixed = video(x, t, text)
+        # global attention mixes every frame and position: changing frame 0 moves the output of frame 2
+        x2 = x.clone()
+        x2[:, :, 0] += 1
+        assert (video(x2, t, text)[:, :, 2] - mixed[:, :, 2]).abs().max().item() > 1e-3
