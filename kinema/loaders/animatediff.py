@@ -25,9 +25,8 @@ from diffusers import UNet2DConditionModel
 
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder
-from kinema.loaders.animatediff_keys import is_pe_key, pe_places, rename_state_dict, with_pe_tables
+from kinema.loaders.animatediff_keys import check_frame_table, is_pe_key, pe_places, rename_state_dict, with_pe_tables
 from kinema.loaders.checkpoint_io import read_checkpoint, write_state_dict
-from kinema.models.motion import sinusoidal_frame_encoding
 from kinema.models.video_unet import VideoUNet
 
 LAYOUTS = ("original", "diffusers", "kinema")  # what `save_motion_module` / `kinema convert --to` write
@@ -302,12 +301,8 @@ def motion_settings(info: MotionModuleInfo, **overrides: Any) -> MotionSettings:
 
 def _check_pe_values(pe: dict[str, torch.Tensor]) -> None:
     for key, table in pe.items():
-        expected = sinusoidal_frame_encoding(table.shape[1], table.shape[2]).to(table.dtype).float()
         tolerance = max(1e-4, torch.finfo(table.dtype).eps) if table.is_floating_point() else 1e-4
-        error = (table[0].float() - expected).abs().max().item()
-        if error > tolerance:
-            raise KinemaError(f"{key} is not the sinusoidal frame table (max difference {error:.2e}): the module "
-                              "uses a learned frame encoding, which kinema does not support")
+        check_frame_table(key, table, tolerance)
 
 
 def to_kinema_motion_state_dict(

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from kinema.errors import KinemaError
 from kinema.models.motion import sinusoidal_frame_encoding
 
 # (original / kinema pattern, diffusers pattern) with named groups shared by both sides.
@@ -92,3 +93,19 @@ def with_pe_tables(state_dict: dict[str, torch.Tensor], layout: str, max_frames:
     tables = {pe_key: sinusoidal_frame_encoding(max_frames, named[beside].shape[0])[None].to(named[beside].dtype)
               for pe_key, beside in pe_places(list(named), layout).items()}
     return {**named, **tables}
+
+
+def frame_table_error(table: torch.Tensor) -> float:
+    """Largest difference between a stored `pe` buffer `(1, L, C)` and the sinusoidal table kinema computes."""
+    expected = sinusoidal_frame_encoding(table.shape[1], table.shape[2], device=table.device).to(table.dtype)
+    return (table[0].float() - expected.float()).abs().max().item()
+
+
+def check_frame_table(key: str, table: torch.Tensor, atol: float) -> None:
+    """Refuse a stored `pe` buffer that is not the sinusoidal table: kinema recomputes the encoding, so a learned
+    or altered one would make the motion modules behave differently here."""
+    error = frame_table_error(table)
+    if error > atol:
+        raise KinemaError(f"{key} is not the sinusoidal frame table (max difference {error:.2e}): kinema computes "
+                          "that encoding itself, so a learned or altered encoding is not supported")
+

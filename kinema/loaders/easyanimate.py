@@ -24,14 +24,13 @@ from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder
-from kinema.loaders.animatediff_keys import with_pe_tables
+from kinema.loaders.animatediff_keys import check_frame_table, with_pe_tables
 from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, read_safetensors_header
 from kinema.loaders.easyanimate_config import (
     V3_INPAINT_CHANNELS,
     easyanimate_config_from_video_dit,
     video_dit_config_from_easyanimate,
 )
-from kinema.models.motion import sinusoidal_frame_encoding
 from kinema.models.video_dit import VideoDiT
 from kinema.state_dicts import key_mismatch
 
@@ -105,15 +104,6 @@ def check_video_dit_keys(
     return pe_names
 
 
-def _check_frame_encoding(name: str, pe: torch.Tensor, source: str) -> None:
-    table = sinusoidal_frame_encoding(pe.shape[1], pe.shape[2], device=pe.device).to(pe.dtype)
-    error = (pe[0].float() - table.float()).abs().max().item()
-    if error > PE_ATOL:
-        raise KinemaError(f"{source}: buffer {name} differs from the sinusoidal frame encoding by {error:.3g}; "
-                          "kinema recomputes that encoding, so this checkpoint's motion modules would behave "
-                          "differently here")
-
-
 def load_video_dit(
     folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> VideoDiT:
@@ -141,7 +131,10 @@ def load_video_dit(
             for name in f.keys():
                 tensor = f.get_tensor(name)
                 if name in pe_names:
-                    _check_frame_encoding(name, tensor, source)
+                    try:
+                        check_frame_table(name, tensor, PE_ATOL)
+                    except KinemaError as err:
+                        raise KinemaError(f"{source}: {err}") from None
                     continue
                 state[name] = tensor.to(dtype) if dtype is not None else tensor
     model.load_state_dict(state, strict=True, assign=True)

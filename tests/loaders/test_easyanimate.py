@@ -183,7 +183,7 @@ BAD_WEIGHTS = {
     "pe length": (lambda s: s.__setitem__(BLOCK1_PE, v3_pe(32, 64)),
                   r"1 mismatched \(e.g. .*attention_blocks.1.pos_encoder.pe: file \(1, 32, 64\) "
                   r"vs model \(1, 64, 64\)\)"),
-    "pe values": (lambda s: s.__setitem__(BLOCK1_PE, v3_pe(PE_LEN, 64) * 2), "differs from the sinusoidal frame"),
+    "pe values": (lambda s: s.__setitem__(BLOCK1_PE, v3_pe(PE_LEN, 64) * 2), "is not the sinusoidal frame table"),
 }
 
 
