@@ -6,7 +6,11 @@ the first few of each so the user can tell a wrong file from a wrong config.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from kinema.errors import KinemaError
 
 SHOW = 3  # keys named per kind of problem
 
@@ -30,3 +34,23 @@ def key_mismatch(
 def shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
     """`{name: shape}` of a state dict."""
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
+class StrictFromPretrained:
+    """Mixin for diffusers `ModelMixin` models: `from_pretrained` refuses a folder whose weights do not match the
+    model its config builds, where diffusers would only log the missing and unused keys and carry on."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """diffusers' `from_pretrained`, then a KinemaError naming any missing, unexpected or mismatched key."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = [(label, [k if isinstance(k, str) else k[0] for k in info.get(field) or []])
+                    for label, field in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                         ("mismatched", "mismatched_keys"))]
+        found = "; ".join(f"{len(keys)} {label} (e.g. {', '.join(keys[:SHOW])})" for label, keys in problems if keys)
+        if found:
+            raise KinemaError(f"{pretrained_model_name_or_path}: weights do not fit the {cls.__name__} its "
+                              f"config.json describes: {found}. Re-save the model, or check that config.json and "
+                              "the weights file belong together")
+        return (model, info) if want_info else model

@@ -33,6 +33,7 @@ from kinema.models.video_dit_blocks import (
     easyanimate_v3_motion_modules,
     uvit_skip_pairs,
 )
+from kinema.state_dicts import StrictFromPretrained
 
 # Modules an inflated model adds to its image DiT; `from_image_dit` leaves them at their initialisation.
 VIDEO_ONLY_MODULES = ("attn_temporal", "long_connect_fc", "clip_projection")
@@ -40,7 +41,7 @@ VIDEO_ONLY_MODULES = ("attn_temporal", "long_connect_fc", "clip_projection")
 VIDEO_SETTINGS = ("in_channels", "enable_uvit", "motion_modules", "image_embed_dim", "num_image_tokens")
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
+class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
     """EasyAnimate V3 video transformer; defaults are V3-XL/2 InP (1152 wide, 28 blocks, 12 -> 8 channels).
 
     Args:

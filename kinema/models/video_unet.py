@@ -22,7 +22,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.models.motion import build_motion_module, check_frame_count
-from kinema.state_dicts import key_mismatch, shapes
+from kinema.state_dicts import StrictFromPretrained, key_mismatch, shapes
 
 ResnetNormMode = Literal["per_frame", "across_frames"]
 
@@ -73,7 +73,7 @@ def motion_slots(unet: UNet2DConditionModel, mid_block: bool) -> Iterator[Motion
                          unet.mid_block.attentions[0])
 
 
-class VideoUNet(ModelMixin, ConfigMixin):
+class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
     """A 2D text-to-image UNet that denoises video `(B, C, F, H, W)` through inserted motion modules.
 
     Args:

@@ -218,6 +218,14 @@ def test_save_and_reload_round_trip(tmp_path):
         diff = (model(latents, torch.tensor([1, 2]), states, mask) - reloaded(latents, torch.tensor([1, 2]), states,
                                                                               mask)).abs().max().item()
     assert diff <= 1e-6
+    # a weights file that lost a tensor is refused, not filled with fresh random weights
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    weights.pop("long_connect_fc.0.weight")
+    save_file(weights, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(KinemaError, match=r"1 missing \(e.g. long_connect_fc.0.weight\)"):
+        VideoDiT.from_pretrained(tmp_path)
 
 
 def test_gradient_checkpointing_matches_plain_backward():

@@ -159,3 +159,16 @@ def test_hybrid_module_plugs_into_the_unet(unet2d):
         x2 = x.clone()
         x2[:, :, 0] += 1
         assert (video(x2, t, text)[:, :, 2] - mixed[:, :, 2]).abs().max().item() > 1e-3
+
+
+def test_from_pretrained_refuses_weights_that_do_not_fit(unet2d, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    VideoUNet.from_unet2d(unet2d).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    dropped = next(k for k in weights if ".motion_modules." in k)
+    weights.pop(dropped)
+    weights["extra.weight"] = torch.zeros(3)
+    save_file(weights, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(KinemaError, match=rf"1 missing \(e.g. {dropped}\); 1 unexpected \(e.g. extra.weight\)"):
+        VideoUNet.from_pretrained(tmp_path)
