@@ -145,3 +145,10 @@ def test_convert_errors_and_help(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0 and f"example:\n  kinema {command} " in capsys.readouterr().out
+
+
+def test_inspect_names_a_git_lfs_pointer(tmp_path, capsys):
+    pointer = tmp_path / "mm_sd_v15_v2.safetensors"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1817888431\n")
+    code, _, err = run(capsys, "inspect", str(pointer))
+    assert code == 1 and "is a Git LFS pointer" in err and err.count("\n") == 1

@@ -55,6 +55,21 @@ def _check_not_weights(path: Path) -> None:
             raise KinemaError(f"{path} is {what}")
 
 
+def _check_readable(path: Path) -> None:
+    """Refuse, with the reason, a path that is no weights file: a folder, missing, another extension, empty, or a
+    Git LFS pointer / web page saved in place of the weights."""
+    if path.is_dir():
+        raise KinemaError(f"{path} is a folder; give a weights file ({_supported()})")
+    if not path.is_file():
+        raise KinemaError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise KinemaError(f"{path}: unknown checkpoint extension {suffix!r}; supported: {_supported()}")
+    if path.stat().st_size == 0:
+        raise KinemaError(f"{path} is empty (0 bytes); the download or save did not finish")
+    _check_not_weights(path)
+
+
 def _describe_value(value: object) -> str:
     if isinstance(value, dict):
         tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
@@ -124,6 +139,7 @@ def tensor_names(path: str | os.PathLike) -> list[str] | None:
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None
+    _check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -134,17 +150,8 @@ def tensor_names(path: str | os.PathLike) -> list[str] | None:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a weights file (`.safetensors`, or a torch pickle read with `weights_only=True`) onto the CPU."""
     path = Path(path)
-    if path.is_dir():
-        raise KinemaError(f"{path} is a folder; give a weights file ({_supported()})")
-    if not path.is_file():
-        raise KinemaError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise KinemaError(f"{path}: unknown checkpoint extension {suffix!r}; supported: {_supported()}")
-    if path.stat().st_size == 0:
-        raise KinemaError(f"{path} is empty (0 bytes); the download or save did not finish")
-    _check_not_weights(path)
-    return _read_safetensors(path) if suffix in SAFETENSORS_SUFFIXES else _read_pickle(path)
+    _check_readable(path)
+    return _read_safetensors(path) if path.suffix.lower() in SAFETENSORS_SUFFIXES else _read_pickle(path)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

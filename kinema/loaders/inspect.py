@@ -1,7 +1,8 @@
 """`kinema inspect`: say what a weights file or model folder is.
 
-Describers take a path and return a summary dict, or None when the path is not their kind. They are tried in the
-order of DESCRIBERS and the first answer wins. A describer that recognises its kind but finds the file broken or
+Describers take a `Source` (the path, with its tensor names and tensors read at most once, on first use) and return
+a summary dict, or None when the path is not their kind. They are tried in the order of DESCRIBERS and the first
+answer wins. A describer that recognises its kind but finds the file broken or
 unsupported raises KinemaError, so a damaged motion module is reported as such rather than as "unknown".
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,25 @@ from kinema.loaders.animatediff import (
 from kinema.loaders.checkpoint_io import SUPPORTED_SUFFIXES, Checkpoint, read_checkpoint, tensor_names
 
 
-# Several describers look at the same file; one `describe` call reads it once.
-@lru_cache(maxsize=1)
-def _read(path: Path) -> Checkpoint:
-    return read_checkpoint(path)
+@dataclass
+class Source:
+    """A path being described. Several describers look at the same file; it is read once, and only as far as
+    needed: a .safetensors header answers `names` without reading tensor data."""
+
+    path: Path
+
+    @cached_property
+    def is_weights_file(self) -> bool:
+        return self.path.is_file() and self.path.suffix.lower() in SUPPORTED_SUFFIXES
+
+    @cached_property
+    def checkpoint(self) -> Checkpoint:
+        return read_checkpoint(self.path)
+
+    @cached_property
+    def names(self) -> list[str]:
+        header = tensor_names(self.path)
+        return header if header is not None else list(self.checkpoint.tensors)
 
 
 def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
@@ -40,8 +57,9 @@ def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def describe_motion_module(path: Path) -> dict[str, Any] | None:
+def describe_motion_module(source: Source) -> dict[str, Any] | None:
     """An AnimateDiff motion module: original or kinema file, or a diffusers MotionAdapter folder."""
+    path = source.path
     if path.is_dir():
         config = path / "config.json"
         try:
@@ -51,14 +69,13 @@ def describe_motion_module(path: Path) -> dict[str, Any] | None:
             raise KinemaError(f"{config} is not readable JSON: {err}") from None
         motion = read_motion_module(path)
         return _motion_report(motion.info, motion.dropped)
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+    if not source.is_weights_file:
         return None
-    # Decide from the header where the format has one: an EasyAnimate transformer is GBs, and not ours to load.
-    keys = tensor_names(path) or list(_read(path).tensors)
-    temporal = any(".motion_modules." in k or "temporal_attentions." in k for k in keys)
-    if not temporal or any("lora" in k.lower() for k in keys):  # motion LoRAs have their own describer
+    # Decided from the names, which a header gives: an EasyAnimate transformer is GBs, and not ours to load.
+    temporal = any(".motion_modules." in k or "temporal_attentions." in k for k in source.names)
+    if not temporal or any("lora" in k.lower() for k in source.names):  # motion LoRAs have their own describer
         return None
-    checkpoint = _read(path)
+    checkpoint = source.checkpoint
     try:
         info = detect_motion_module(checkpoint.tensors, checkpoint.metadata)
         to_kinema_motion_state_dict(checkpoint.tensors, info)  # checks the frame tables' values
@@ -67,33 +84,30 @@ def describe_motion_module(path: Path) -> dict[str, Any] | None:
     return _motion_report(info, checkpoint.dropped)
 
 
-def describe_motion_lora_file(path: Path) -> dict[str, Any] | None:
+def describe_motion_lora_file(source: Source) -> dict[str, Any] | None:
     """A motion LoRA file (kinema.loaders.motion_lora)."""
     from kinema.loaders.motion_lora import describe_motion_lora
 
-    if not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
+    if not source.is_weights_file or not any("lora" in name.lower() for name in source.names):
         return None
-    names = tensor_names(path)
-    if names is not None and not any("lora" in name.lower() for name in names):
-        return None
-    return describe_motion_lora(_read(path).tensors)
+    return describe_motion_lora(source.checkpoint.tensors)
 
 
-def describe_easyanimate_path(path: Path) -> dict[str, Any] | None:
+def describe_easyanimate_path(source: Source) -> dict[str, Any] | None:
     """An EasyAnimate V3 folder or transformer file (kinema.loaders.easyanimate)."""
     from kinema.loaders.easyanimate import describe_easyanimate
 
-    return describe_easyanimate(path)
+    return describe_easyanimate(source.path)
 
 
-def describe_slice_vae_path(path: Path) -> dict[str, Any] | None:
+def describe_slice_vae_path(source: Source) -> dict[str, Any] | None:
     """An EasyAnimate V3 Slice VAE folder (kinema.loaders.easyanimate_vae)."""
     from kinema.loaders.easyanimate_vae import describe_slice_vae
 
-    return describe_slice_vae(path) if path.is_dir() else None
+    return describe_slice_vae(source.path) if source.path.is_dir() else None
 
 
-DESCRIBERS: list[tuple[str, Callable[[Path], dict[str, Any] | None]]] = [
+DESCRIBERS: list[tuple[str, Callable[[Source], dict[str, Any] | None]]] = [
     ("AnimateDiff motion module (file or diffusers MotionAdapter folder)", describe_motion_module),
     ("motion LoRA", describe_motion_lora_file),
     ("EasyAnimate V3 folder or transformer", describe_easyanimate_path),
@@ -107,17 +121,15 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise KinemaError(f"no such file or folder: {path}")
-    try:
-        for _, describer in DESCRIBERS:
-            report = describer(path)
-            if report is not None:
-                return {"path": str(path), **report}
-        hint = ""
-        if path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES:
-            hint = f"; {guess_kind(list(_read(path).tensors))}"
-        elif path.is_file():
-            hint = f"; weights files kinema reads end in {', '.join(SUPPORTED_SUFFIXES)}"
-    finally:
-        _read.cache_clear()
+    source = Source(path)
+    for _, describer in DESCRIBERS:
+        report = describer(source)
+        if report is not None:
+            return {"path": str(path), **report}
+    hint = ""
+    if source.is_weights_file:
+        hint = f"; {guess_kind(source.names)}"
+    elif path.is_file():
+        hint = f"; weights files kinema reads end in {', '.join(SUPPORTED_SUFFIXES)}"
     looked = "; ".join(name for name, _ in DESCRIBERS)
     raise KinemaError(f"{path}: not a format kinema knows: looked for {looked}{hint}")
