@@ -86,13 +86,18 @@ def doctor_report() -> dict:
     }
 
 
-def _run_doctor(args: argparse.Namespace) -> None:
-    report = doctor_report()
-    if args.json:
+def _print_report(report: dict, as_json: bool) -> None:
+    """One JSON object, or one `key: value` line per field with the keys right-aligned."""
+    if as_json:
         print(json.dumps(report))
         return
+    width = max(map(len, report))
     for key, value in report.items():
-        print(f"{key:>15}: {value}")
+        print(f"{key:>{width}}: {value}")
+
+
+def _run_doctor(args: argparse.Namespace) -> None:
+    _print_report(doctor_report(), args.json)
 
 
 # ---------------------------------------------------------------- data
@@ -182,12 +187,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> None:
     from kinema.loaders.inspect import describe
 
-    report = describe(args.path)
-    if args.json:
-        print(json.dumps(report))
-        return
-    for key, value in report.items():
-        print(f"{key:>19}: {value}")
+    _print_report(describe(args.path), args.json)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
