@@ -1,9 +1,67 @@
-"""The one error type kinema raises for bad input.
+"""The one error type kinema raises for bad input, and the funnel that turns OS and library errors into it.
 
 A `KinemaError` carries a message written for the person at the keyboard: what is wrong and how to fix it.
 The CLI prints it as one line and exits 1; library users catch it like any `ValueError`.
 """
 
+from __future__ import annotations
+
+import errno
+import os
+import re
+
 
 class KinemaError(ValueError):
     """Bad input (file, size, frame count, config or checkpoint), with a message that names the problem and the fix."""
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """`text` on one line, cut at a word boundary to at most about `limit` characters (never mid-word), with `…`."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + " …"
+
+
+# errno -> what it means to the user, and what to do
+_OS_CAUSES: dict[int, str] = {
+    errno.ENOSPC: "the disk is full; free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write somewhere else",
+    errno.EACCES: "permission denied; check the folder's permissions or write somewhere else",
+    errno.EPERM: "operation not permitted; check the permissions or write somewhere else",
+    errno.EROFS: "the file system is read-only; write somewhere else",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.ENOTEMPTY: "the folder is not empty",
+    errno.EEXIST: "it already exists",
+    errno.EBUSY: "it is in use (the current folder or a mount point?)",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.EXDEV: "it is on another file system",
+    errno.EMFILE: "too many open files",
+    errno.EIO: "an input/output error from the disk",
+}
+
+# Hidden names kinema gives its temporary files and folders (see kinema.fileio); never shown to the user.
+_TEMP_NAME = re.compile(r"/?\.[^/\s]*\.kinema-(?:part|old)-\d+[^/\s]*")
+
+
+def os_error_message(err: OSError, path: str | os.PathLike | None = None, action: str = "") -> str:
+    """One line for an OS error: `cannot ACTION PATH: cause`, naming the user's `path` rather than a temp path."""
+    shown = path if path is not None else err.filename
+    cause = _OS_CAUSES.get(err.errno or -1) or shorten(err.strerror or str(err))
+    subject = f"cannot {action} {shown}" if action else f"{shown}"
+    if shown is None:
+        subject = f"cannot {action}" if action else "error"
+    return f"{subject}: {cause}"
+
+
+def library_error_message(err: BaseException) -> str:
+    """One line for an unexpected library error: its type and message, temp names removed, cut at a word."""
+    text = _TEMP_NAME.sub("", str(err))
+    if "enforce fail" in text and ("file write failed" in text or "inline_container" in text):
+        return "writing the file failed (the disk is probably full); free some space or write somewhere else"
+    return shorten(f"{type(err).__name__}: {text}")
