@@ -2,7 +2,9 @@
 
 Every subcommand is a pair: `_add_NAME(subparsers)` declares its arguments (with an example in its help) and
 `_run_NAME(args)` does the work by calling the library, so the Python API and the CLI never diverge.
-Exit codes: 0 success, 2 bad usage (argparse), 1 failure. Errors print one line on stderr unless `--debug`.
+Exit codes: 0 success, 2 bad usage (argparse, checked before any heavy import), 1 failure, 130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP. Errors print one line on stderr (`--debug`, before or after the subcommand, adds the
+traceback). SIGTERM and SIGHUP clean up like Ctrl-C: nothing half-written is left behind.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
 
 from kinema import __version__
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, library_error_message, os_error_message
 
 
 def _positive_int(text: str) -> int:
@@ -28,16 +31,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _example(text: str) -> str:
     return f"example:\n  {text}"
+
+
+# Options every subcommand accepts wherever they stand on the line. SUPPRESS: a subcommand that was not given
+# `--debug` must not reset the value the main parser set.
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show the full traceback on errors")
+
+
+def _subparser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, parents=[_COMMON], **kwargs)
 
 
 # ---------------------------------------------------------------- doctor
 
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "doctor",
+    p = _subparser(
+        sub, "doctor",
         help="report torch, device, video codecs, model folder and free memory",
         description="Check that this machine can run kinema and say where it looks for models.",
         epilog=_example("kinema doctor --json"),
@@ -103,20 +127,6 @@ def _run_doctor(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- data
 
 
-def _synth_size(text: str) -> int:
-    value = _positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (VAE x8, then 2x2 patches), got {value}")
-    return value
-
-
-def _synth_frames(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a clip needs at least 2 frames to show motion, got {value}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -128,28 +138,38 @@ def _fraction(text: str) -> float:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="make and inspect training data", description="Make and inspect training data.")
+    p = _subparser(sub, "data", help="make and inspect training data", description="Make and inspect training data.")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    s = data_sub.add_parser(
-        "synth",
+    s = _subparser(
+        data_sub, "synth",
         help="render a synthetic motion dataset (coloured shapes moving over muted backgrounds)",
         description="Render N captioned clips to OUT/videos/NNNN.mp4 (and OUT/images/NNNN.png) plus "
-                    "OUT/metadata.json. The same seed always gives the same clips. An existing OUT must be empty "
-                    "or an earlier synth output, which is replaced once the new set is complete.",
+                    "OUT/metadata.json. The same seed always gives the same clips. OUT must be new or empty; "
+                    "--overwrite replaces an earlier synth output (never files kinema did not write), once the new "
+                    "set is complete.",
         epilog=_example("kinema data synth --out out/synth --n 20 --seed 0 --frames 16 --size 64"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--out", required=True, help="dataset folder to create")
     s.add_argument("--n", type=_positive_int, required=True, help="number of clips")
-    s.add_argument("--seed", type=int, default=0, help="dataset seed, >= 0 (default 0)")
-    s.add_argument("--frames", type=_synth_frames, default=16, help="frames per clip, >= 2 (default 16)")
-    s.add_argument("--size", type=_synth_size, default=64, help="width = height in pixels, a multiple of 16 "
-                   "(default 64)")
+    s.add_argument("--seed", type=_non_negative_int, default=0, help="dataset seed, >= 0 (default 0)")
+    s.add_argument("--frames", type=_positive_int, default=16, help="frames per clip, 2 to 1024 (default 16)")
+    s.add_argument("--size", type=_positive_int, default=64, help="width = height in pixels, a multiple of 16 "
+                   "up to 1024 (default 64)")
     s.add_argument("--fps", type=_positive_int, default=8, help="frame rate stored in the videos (default 8)")
     s.add_argument("--image-fraction", type=_fraction, default=0.0,
                    help="share of entries written as single-frame PNG images for joint image+video training "
                         "(default 0)")
-    s.set_defaults(func=_run_data_synth)
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier synth output at OUT")
+    s.set_defaults(func=_run_data_synth, check=_check_data_synth)
+
+
+def _check_data_synth(args: argparse.Namespace) -> None:
+    from kinema.data.synth_limits import SYNTH_KIND, check_synth_args
+    from kinema.fileio import check_output
+
+    check_synth_args(args.frames, args.size, args.image_fraction)
+    check_output(args.out, SYNTH_KIND, folder=True, overwrite=args.overwrite)
 
 
 def _run_data_synth(args: argparse.Namespace) -> None:
@@ -159,7 +179,7 @@ def _run_data_synth(args: argparse.Namespace) -> None:
 
     began = time.perf_counter()
     entries = write_synth_dataset(args.out, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
-                                  fps=args.fps, image_fraction=args.image_fraction)
+                                  fps=args.fps, image_fraction=args.image_fraction, overwrite=args.overwrite)
     images = sum(entry["type"] == "image" for entry in entries)
     print(f"wrote {len(entries)} entries ({len(entries) - images} videos, {images} images) to {args.out} "
           f"in {time.perf_counter() - began:.1f} s")
@@ -169,8 +189,8 @@ def _run_data_synth(args: argparse.Namespace) -> None:
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
+    p = _subparser(
+        sub, "inspect",
         help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
         description="Recognise a motion module (AnimateDiff file or diffusers MotionAdapter folder), motion LoRA "
                     "or EasyAnimate folder and print its format, version, key and parameter counts (buffers "
@@ -181,7 +201,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", help="weights file or model folder")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=_run_inspect)
+    p.set_defaults(func=_run_inspect, check=_check_inspect)
+
+
+def _check_inspect(args: argparse.Namespace) -> None:
+    if not os.path.lexists(args.path):
+        raise KinemaError(f"no such file or folder: {args.path}")
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
@@ -191,8 +216,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
+    p = _subparser(
+        sub, "convert",
         help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, weights unchanged",
         description="Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with "
                     "the published names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and "
@@ -215,13 +240,23 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     # Written out rather than taken from kinema.loaders.convert.LAYOUTS so `--help` need not import torch.
     p.add_argument("--to", required=True, choices=["original", "diffusers", "diffusers_peft", "kinema"],
                    help="target layout")
-    p.set_defaults(func=_run_convert)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier kinema output at OUTPUT (never a file or folder kinema did not write)")
+    p.set_defaults(func=_run_convert, check=_check_convert)
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    from kinema.fileio import check_output
+
+    if not os.path.lexists(args.input):
+        raise KinemaError(f"no such file or folder: {args.input}")
+    check_output(args.output, None, folder=None, overwrite=args.overwrite, inputs=(args.input,))
 
 
 def _run_convert(args: argparse.Namespace) -> None:
     from kinema.loaders.convert import convert
 
-    out, notes = convert(args.input, args.output, args.to)
+    out, notes = convert(args.input, args.output, args.to, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to} layout)")
     for note in notes:
         print(f"note: {note}")
@@ -247,32 +282,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every `finally` and cleanup runs, as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    for name in ("SIGTERM", "SIGHUP"):  # a second signal must not cut the cleanup short
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _fail(command: str, message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"kinema {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run `kinema` with `argv` (default: the command line); returns the exit code: 0 ok, 1 failure, 2 bad usage."""
+    """Run `kinema` with `argv` (default: the command line); returns the exit code: 0 ok, 1 failure, 2 bad usage,
+    130/143/129 interrupted by Ctrl-C/SIGTERM/SIGHUP."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    command = " ".join(part for part in (args.command, getattr(args, "data_command", None)) if part)
+    debug = getattr(args, "debug", False)
+    # Usage checks (argument combinations, paths) run before heavy imports; a bad one is bad usage: exit 2.
+    check = getattr(args, "check", None)
+    if check is not None:
+        try:
+            check(args)
+        except KinemaError as err:
+            print(f"kinema {command}: error: {err}", file=sys.stderr)
+            return 2
+    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    try:
+        for signum in handled:
+            signal.signal(signum, _terminate)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        previous = {}
     try:
         args.func(args)
     except KinemaError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"kinema {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return _fail(command, str(err), debug)
     except KeyboardInterrupt:
-        print(f"kinema {args.command}: interrupted", file=sys.stderr)
+        print(f"kinema {command}: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"kinema {command}: stopped by {stop}; nothing half-written was left", file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as err:
+        return _fail(command, os_error_message(err), debug)
     except Exception as err:  # an unexpected failure still gets one line; --debug shows where
-        if args.debug:
-            traceback.print_exc()
-        print(f"kinema {args.command}: error: {type(err).__name__}: {err} (rerun with --debug for details)",
-              file=sys.stderr)
-        return 1
+        return _fail(command, f"{library_error_message(err)} (rerun with --debug for details)", debug)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -47,11 +47,14 @@ _OS_CAUSES: dict[int, str] = {
 
 # Hidden names kinema gives its temporary files and folders (see kinema.fileio); never shown to the user.
 _TEMP_NAME = re.compile(r"/?\.[^/\s]*\.kinema-(?:part|old)-\d+[^/\s]*")
+_TEMP_IN_PATH = re.compile(r"(^|/)\.([^/]+)\.kinema-(?:part|old)-\d+(?=/|$)")
 
 
 def os_error_message(err: OSError, path: str | os.PathLike | None = None, action: str = "") -> str:
     """One line for an OS error: `cannot ACTION PATH: cause`, naming the user's `path` rather than a temp path."""
     shown = path if path is not None else err.filename
+    if shown is not None:
+        shown = _TEMP_IN_PATH.sub(r"\1\2", str(shown))  # the user's name for a temporary kinema wrote beside it
     cause = _OS_CAUSES.get(err.errno or -1) or shorten(err.strerror or str(err))
     subject = f"cannot {action} {shown}" if action else f"{shown}"
     if shown is None:

@@ -1,47 +1,373 @@
-"""Atomic writes: an output appears whole or not at all.
+"""Everything kinema writes goes through one output policy and appears whole or not at all.
 
-Everything kinema saves (videos, datasets, converted checkpoints) is written under a temporary name beside its
-target and renamed into place at the end, so an interrupted run leaves the old output (or nothing) and no half.
+The policy (`check_output`), for every command that writes (convert, data synth, and all that come later):
+- a new path, or an empty folder: write;
+- an existing file or non-empty folder: refuse in one line, unless `overwrite=True` and it is an earlier output of
+  the same kind that kinema recognises by the mark it wrote *inside* it (a manifest in a folder, safetensors
+  metadata or a zip record in a weights file, the settings in a video), and it holds nothing kinema did not write
+  and none of the inputs;
+- a symbolic link is written through (the link stays, what it points to gets the output); a dangling one is refused;
+- files get `0666 & ~umask`, folders `0777 & ~umask` (a setgid parent's group bit is kept by the kernel); a replaced
+  output keeps its mode.
+
+Writes go to a hidden temporary `.NAME.kinema-part-PID` beside the target and are renamed into place at the end;
+on any error, Ctrl-C, SIGTERM or SIGHUP (the CLI turns those into exceptions) the temporary is removed. A SIGKILL
+leaves it behind; the next write to the same target removes it (and puts back an output that was being replaced).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Iterator
+import struct
+import zipfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, os_error_message
+from kinema.errors import KinemaError, library_error_message, os_error_message
+
+MANIFEST = "kinema-output.json"  # inside every folder kinema writes: its kind and the files it wrote
+MARK_KEY = "kinema_output"  # safetensors metadata key / zip record name that marks a weights file kinema wrote
+_TEMP = re.compile(r"^\.(?P<name>.+)\.kinema-(?P<role>part|old)-(?P<pid>\d+)(?:\.[^/]*)?$")
 
 
-def replace_folder(temp: Path, path: Path) -> None:
-    """Move the finished folder `temp` to `path`, swapping out an old `path` only once `temp` is complete."""
-    if not path.exists():
-        os.replace(temp, path)
+# ---------------------------------------------------------------- recognising kinema's own outputs
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """Relative paths of every file (and symlink) under `folder`, sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.append(os.path.relpath(os.path.join(root, name), folder))
+    return sorted(found)
+
+
+def write_manifest(folder: Path, kind: str) -> None:
+    """Mark `folder` as a kinema output of `kind`, listing every file in it (so later files are known as foreign)."""
+    from kinema import __version__
+
+    files = [name for name in _folder_files(folder) if name != MANIFEST]
+    (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files}, indent=1)
+                                   + "\n")
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get(MARK_KEY), str) or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def _safetensors_mark(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (length,) = struct.unpack("<Q", head)
+        if length > 100_000_000:
+            return None
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return None
+    mark = (header.get("__metadata__") or {}).get(MARK_KEY) if isinstance(header, dict) else None
+    return mark if isinstance(mark, str) else None
+
+
+def _zip_mark(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(f"/{MARK_KEY}.json")), None)
+            if name is None:
+                return None
+            mark = json.loads(archive.read(name)).get(MARK_KEY)
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError):
+        return None
+    return mark if isinstance(mark, str) else None
+
+
+def mark_weights_file(path: Path, kind: str) -> None:
+    """Add kinema's mark to a torch zip checkpoint just written at `path` (safetensors files carry it in their
+    metadata instead). torch.load ignores records it does not know."""
+    with zipfile.ZipFile(path, "a") as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+        archive.writestr(f"{prefix}/{MARK_KEY}.json", json.dumps({MARK_KEY: kind}))
+
+
+def _settings_mark(path: Path) -> str | None:
+    """A settings sidecar kinema wrote beside a video: a JSON object stamped with the kinema version."""
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return "video_settings" if isinstance(settings, dict) and "kinema" in settings else None
+
+
+def _video_mark(path: Path) -> str | None:
+    side = path.with_name(path.name + ".json")
+    try:
+        settings = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    return "video" if isinstance(settings, dict) and "kinema" in settings else None
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """The kind of kinema output at `path` (from the mark kinema wrote inside it), or None when kinema did not
+    write it. A folder's kind needs its manifest; a file's needs its metadata, zip record or video sidecar."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = _manifest(path)
+        return manifest[MARK_KEY] if manifest else None
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04":
+            return _zip_mark(path)
+        if path.suffix.lower() == ".json":
+            return _settings_mark(path)
+        return _safetensors_mark(path) or _video_mark(path)
+    except OSError:
+        return None
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in a kinema output folder that its manifest does not list (added by someone else)."""
+    manifest = _manifest(folder) or {"files": []}
+    known = set(manifest["files"]) | {MANIFEST}
+    return [name for name in _folder_files(folder) if name not in known]
+
+
+# ---------------------------------------------------------------- the policy
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(
+    path: str | os.PathLike, kind: str | None, *, folder: bool | None, overwrite: bool = False, inputs: Iterable = ()
+) -> Path:
+    """Apply the output policy to `path` for an output of `kind` (a folder if `folder`) and return the real path to
+    write (symlinks resolved). Raises one KinemaError naming the path, the problem and the fix. `kind` or `folder`
+    None (not known yet) checks everything else, for an early refusal before long work."""
+    given = Path(path)
+    if given.is_symlink() and not given.exists():
+        raise KinemaError(f"{given} is a symbolic link to {os.readlink(given)}, which does not exist; "
+                          "fix the link or give another path")
+    real = Path(os.path.realpath(given))
+    for parent in real.parents:
+        if parent.exists() and not parent.is_dir():
+            raise KinemaError(f"cannot write {given}: {parent} is a file, not a folder")
+    for source in inputs:
+        source_real = Path(os.path.realpath(source))
+        if _is_within(source_real, real):
+            what = "is" if source_real == real else "holds"
+            raise KinemaError(f"the output {given} {what} the input {source}; write the result somewhere else")
+    if not real.exists():
+        return real
+    noun = "folder" if real.is_dir() else "file"
+    if folder is True and not real.is_dir():
+        raise KinemaError(f"{given} is a file; give a folder path for the {(kind or 'output').replace('_', ' ')}")
+    if folder is False and real.is_dir():
+        raise KinemaError(f"{given} is a folder; give a file name such as {given / ('output' + given.suffix)}")
+    if _is_within(Path.cwd().resolve(), real):
+        raise KinemaError(f"{given} is the folder you are working in (or holds it); run kinema from outside it "
+                          "or give another path")
+    if real.is_dir() and not any(real.iterdir()):
+        return real
+    found = output_kind(real)
+    if found is None:
+        hint = ""
+        if real.is_dir():
+            hint = f" (it holds {', '.join(sorted(p.name for p in real.iterdir())[:3])})"
+        raise KinemaError(f"{given} already exists and kinema did not write it{hint}; kinema never replaces what it "
+                          f"did not write: choose a new {noun} or an empty folder")
+    if kind is not None and found != kind:
+        raise KinemaError(f"{given} is an earlier kinema output of another kind ({found}, not {kind}); choose "
+                          f"another path")
+    if real.is_dir():
+        foreign = _foreign_files(real)
+        if foreign:
+            raise KinemaError(f"{given} is an earlier kinema output but now also holds files kinema did not write "
+                              f"({', '.join(foreign[:3])}); kinema never deletes them: move them out or choose "
+                              "another folder")
+    if not overwrite:
+        raise KinemaError(f"{given} already exists (an earlier kinema {found.replace('_', ' ')}); pass --overwrite "
+                          "to replace it, or choose another path")
+    return real
+
+
+# ---------------------------------------------------------------- temporary names and stale leftovers
+
+
+def _temp_path(target: Path, role: str) -> Path:
+    return target.with_name(f".{target.name}.kinema-{role}-{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of the hidden temporary names kinema writes under (see the module docstring)."""
+    return _TEMP.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(target: Path) -> None:
+    """Remove temporaries of earlier writes to `target` whose process is gone (killed with SIGKILL); an output
+    that was being replaced when the process died is put back first."""
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
         return
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-    os.replace(path, old / "old")
-    os.replace(temp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if not match or match["name"] != target.name or _alive(int(match["pid"])):
+            continue
+        if match["role"] == "old" and not os.path.lexists(target):
+            os.replace(entry, target)
+        else:
+            _remove(entry)
+
+
+def _make_parents(folder: Path) -> Path | None:
+    """Create `folder` and missing parents; return the topmost folder created (to remove again on failure)."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KinemaError(os_error_message(err, folder, "create the folder")) from None
+    return missing[-1] if missing else None
+
+
+def _remove_empty_parents(top: Path | None, folder: Path) -> None:
+    if top is None:
+        return
+    for path in [folder, *folder.parents]:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top:
+            return
+
+
+def _chmod_tree(folder: Path, top_mode: int | None) -> None:
+    """Give everything written under `folder` the modes the umask asks for (mkstemp/mkdtemp and some writers
+    use 0600/0700); the folder itself gets `top_mode` when it replaces an existing one."""
+    file_mode, folder_mode = _file_mode(), 0o777 & ~_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), folder_mode | (os.stat(os.path.join(root, name)).st_mode & 0o2000))
+    if top_mode is not None:
+        os.chmod(folder, top_mode)
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; when the block ends without error it replaces `path`
-    whole, and on any error (or Ctrl-C) it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+def _cleanup_on_failure(temp: Path, created: Path | None, parent: Path, shown: Path) -> Iterator[None]:
+    """Remove the temporary (and parents this write created) on any exception or signal; an OS error, or torch's
+    "file write failed" on a full disk, becomes one line naming the user's path `shown`, never the temporary."""
     try:
-        yield temp
-        replace_folder(temp, path)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        yield
+    except BaseException as err:
+        _remove(temp)
+        _remove_empty_parents(created, parent)
+        if isinstance(err, OSError):
+            raise KinemaError(os_error_message(err, shown, "write")) from err
+        if isinstance(err, RuntimeError) and "enforce fail" in str(err):
+            raise KinemaError(f"cannot write {shown}: {library_error_message(err)}") from err
         raise
+
+
+@contextmanager
+def atomic_folder(
+    path: str | os.PathLike, kind: str, *, overwrite: bool = False, inputs: Iterable = ()
+) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path` (after `check_output`); when the block ends without error it
+    gets kinema's manifest and replaces `path` whole; on any error or signal it is removed and `path` is left as it
+    was."""
+    target = check_output(path, kind, folder=True, overwrite=overwrite, inputs=inputs)
+    created = _make_parents(target.parent)
+    clean_stale(target)
+    temp = _temp_path(target, "part")
+    with _cleanup_on_failure(temp, created, target.parent, Path(path)):
+        _remove(temp)
+        os.mkdir(temp)
+        yield temp
+        write_manifest(temp, kind)
+        old_mode = target.stat().st_mode & 0o7777 if target.is_dir() else None
+        _chmod_tree(temp, old_mode)
+        _swap_in(temp, target)
+
+
+@contextmanager
+def atomic_file(
+    path: str | os.PathLike, kind: str, *, overwrite: bool = False, inputs: Iterable = ()
+) -> Iterator[Path]:
+    """Yield a temporary file name beside `path` (after `check_output`) for the caller to write; when the block
+    ends without error it replaces `path` (keeping an old file's mode); on any error or signal it is removed.
+    The caller marks the file as kinema's (see `output_kind`)."""
+    target = check_output(path, kind, folder=False, overwrite=overwrite, inputs=inputs)
+    created = _make_parents(target.parent)
+    clean_stale(target)
+    temp = _temp_path(target, "part")
+    with _cleanup_on_failure(temp, created, target.parent, Path(path)):
+        _remove(temp)
+        yield temp
+        os.chmod(temp, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
+        os.replace(temp, target)
+
+
+def _swap_in(temp: Path, target: Path) -> None:
+    """Rename the finished `temp` to `target`. An old non-empty `target` is first renamed aside (so a crash in
+    between leaves it recoverable by `clean_stale`) and removed once the new one is in place."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(temp, target)  # rename(2) replaces an empty folder atomically
+        return
+    old = _temp_path(target, "old")
+    os.replace(target, old)
+    os.replace(temp, target)
+    _remove(old)
+
+
+# ---------------------------------------------------------------- reading
 
 
 def read_json(path: str | os.PathLike, what: str = "") -> Any:

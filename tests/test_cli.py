@@ -41,11 +41,53 @@ def test_data_synth_50_clips_decode_back_above_35_db(tmp_path, capsys):
 def test_bad_numbers_exit_2(tmp_path, capsys, args):
     base = {"--out": str(tmp_path / "d"), "--n": "2"}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["data", "synth", *[part for pair in base.items() for part in pair]])
-    assert exit_info.value.code == 2
-    assert f"argument {args[0]}" in capsys.readouterr().err
+    try:  # argparse's own type checks exit; the combined checks (kinema.data.synth_limits) return 2
+        code = main(["data", "synth", *[part for pair in base.items() for part in pair]])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"argument {args[0]}" in err or args[0].strip("-").split("-")[0].replace("fps", "") in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seed", "-5"], "argument --seed: must be 0 or more, got -5"),
+    (["--size", "6400"], "16 frames of 6400x6400 would need about 7.3 GiB per clip"),
+    (["--frames", "5000"], "the limits are size <= 1024, frames <= 1024"),
+])
+def test_bad_usage_exits_2_at_once_before_heavy_imports(tmp_path, args, message):
+    """Run in a fresh interpreter so the modules already imported by other tests do not hide a heavy import."""
+    code = ("import sys; from kinema.cli import main; rc = main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'numpy', 'av', 'diffusers') if m in sys.modules]; "
+            "print('heavy:', heavy); sys.exit(rc)")
+    try_args = ["data", "synth", "--out", str(tmp_path / "d"), "--n", "2", *args]
+    done = subprocess.run([sys.executable, "-c", code, *try_args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "heavy: []" in done.stdout or done.stdout == ""  # argparse exits before the print
+    assert not (tmp_path / "d").exists()
+
+
+def test_inspect_a_missing_path_exits_before_diffusers_is_imported(tmp_path):
+    code = ("import sys; from kinema.cli import main; rc = main(['inspect', sys.argv[1]]); "
+            "print('diffusers' in sys.modules, 'torch' in sys.modules); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.ckpt")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == f"kinema inspect: error: no such file or folder: {tmp_path / 'missing.ckpt'}\n"
+    assert done.stdout == "False False\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_is_accepted_before_or_after_the_subcommand(tmp_path, capsys, where):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    args = ["inspect", str(target)]
+    args = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("kinema inspect: error: ")
 
 
 def test_data_needs_a_subcommand(capsys):
@@ -54,24 +96,24 @@ def test_data_needs_a_subcommand(capsys):
     assert exit_info.value.code == 2
 
 
-def test_out_is_a_file_exits_1_with_one_line(tmp_path, capsys):
+def test_out_is_a_file_exits_2_with_one_line(tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("not a folder")
-    assert main(["data", "synth", "--out", str(target), "--n", "2"]) == 1
+    assert main(["data", "synth", "--out", str(target), "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err == f"kinema data: error: {target} is a file; give a folder path for the dataset\n"
+    assert err == f"kinema data synth: error: {target} is a file; give a folder path for the synth dataset\n"
     assert target.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_out_is_someone_elses_folder_exits_1_and_leaves_it(tmp_path, capsys):
+def test_out_is_someone_elses_folder_exits_2_and_leaves_it(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep")
-    assert main(["data", "synth", "--out", str(mine), "--n", "2"]) == 1
+    assert main(["data", "synth", "--out", str(mine), "--n", "2", "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not empty and is not a kinema synth dataset" in err
+    assert err.count("\n") == 1 and "kinema did not write it (it holds thesis.tex)" in err
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
 
@@ -87,4 +129,4 @@ def test_installed_kinema_entry_point(tmp_path):
     assert [e["type"] for e in entries] == [dataset[i]["type"] for i in range(3)]
     bad = subprocess.run([str(exe), "data", "synth", "--out", str(out / "metadata.json"), "--n", "1"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "metadata.json is a file" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "metadata.json is a file" in bad.stderr

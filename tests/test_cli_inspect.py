@@ -69,7 +69,7 @@ def test_inspect_unknown_and_broken_files(tmp_path, capsys):
     code, _, err = run(capsys, "inspect", str(tmp_path / "notes.txt"))
     assert code == 1 and "weights files kinema reads end in .safetensors, .ckpt" in err
     code, _, err = run(capsys, "inspect", str(tmp_path / "missing.ckpt"))
-    assert code == 1 and "no such file or folder" in err
+    assert code == 2 and "no such file or folder" in err
 
     v1 = original_motion_state_dict("v1")
     key = next(k for k in v1 if k.endswith("pos_encoder.pe"))
@@ -132,12 +132,12 @@ def test_convert_refuses_a_layout_the_kind_lacks(tmp_path, capsys):
     assert code == 1 and "a motion_module converts to ['original', 'diffusers', 'kinema']" in err
     code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "mm.safetensors"),
                        "--to", "original")
-    assert code == 1 and "is the input" in err
+    assert code == 2 and "is the input" in err
 
 
 def test_convert_errors_and_help(tmp_path, capsys):
     code, _, err = run(capsys, "convert", str(tmp_path / "none.ckpt"), str(tmp_path / "o.ckpt"), "--to", "original")
-    assert code == 1 and "no such file" in err
+    assert code == 2 and "no such file" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "a", "b", "--to", "comfy"])
     assert exit_info.value.code == 2

@@ -32,9 +32,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from kinema.data.synth_limits import SYNTH_KIND, check_synth_args
 from kinema.data.video_io import DEFAULT_CRF, generation_settings, to_float_frames, write_video
 from kinema.errors import KinemaError
-from kinema.fileio import atomic_folder
+from kinema.fileio import atomic_folder, check_output
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (45, 90, 235), "yellow": (240, 215, 40),
@@ -206,17 +207,6 @@ def _caption(rng: np.random.Generator, colour: str, shape: str, motion: str | No
     return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange ball"
 
 
-def check_synth_args(frames: int, size: int, image_fraction: float) -> None:
-    """Raise `KinemaError` for sizes the renderer or the later models cannot use."""
-    if frames < 2:
-        raise KinemaError(f"a synthetic clip needs at least 2 frames to show motion, got {frames}")
-    if size < 16 or size % 16:
-        raise KinemaError(f"size must be a positive multiple of 16 (VAE downsampling x8, then 2x2 patches), "
-                          f"got {size}; try {max(16, -(-size // 16) * 16)}")
-    if not 0.0 <= image_fraction <= 1.0:
-        raise KinemaError(f"image_fraction must be between 0 and 1, got {image_fraction}")
-
-
 def synth_clip(seed: int, index: int, frames: int = 16, size: int = 64, image_fraction: float = 0.0) -> SynthClip:
     """Render clip `index` of the dataset with `seed`: frames uint8 `(F, size, size, 3)` (F = 1 for an image)."""
     check_synth_args(frames, size, image_fraction)
@@ -273,29 +263,19 @@ class SynthMotionDataset(Dataset):
 
 # ---------------------------------------------------------------- writing a dataset folder
 
-MARKER = "synth.json"  # settings of the whole set; its presence marks a folder this module may replace
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise KinemaError(f"{out_dir} is a file; give a folder path for the dataset")
-    for parent in out_dir.parents:
-        if parent.exists() and not parent.is_dir():
-            raise KinemaError(f"cannot write {out_dir}: {parent} is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise KinemaError(f"{out_dir} is not empty and is not a kinema synth dataset; "
-                          "choose a new or empty folder (a previous synth output there would be replaced)")
+SETTINGS_NAME = "synth.json"  # settings of the whole set
 
 
 def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frames: int = 16, size: int = 64,
                         fps: float = 8.0, image_fraction: float = 0.0, crf: int = DEFAULT_CRF,
-                        progress: bool = True) -> list[dict]:
+                        progress: bool = True, *, overwrite: bool = False) -> list[dict]:
     """Render `n` clips to `out_dir/videos/NNNN.mp4` (and `images/NNNN.png`) plus `out_dir/metadata.json`.
 
     `metadata.json` is a list of `{"file_path": relative path, "text": caption, "type": "video" | "image",
     "ground_truth": {...}}`; `synth.json` records the settings of the whole set. Everything is written to a
-    temporary folder beside `out_dir` and renamed into place at the end, replacing an earlier synth output.
-    Returns the metadata list.
+    temporary folder beside `out_dir` and renamed into place at the end. `out_dir` follows kinema's output policy
+    (kinema.fileio): new or empty, or with `overwrite` an earlier synth dataset holding no files kinema did not
+    write. Returns the metadata list.
     """
     out_dir = Path(out_dir)
     if n < 1:
@@ -303,12 +283,11 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
     check_synth_args(frames, size, image_fraction)
     if seed < 0:
         raise KinemaError(f"seed must be >= 0, got {seed}")
-    _check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out_dir, SYNTH_KIND, folder=True, overwrite=overwrite)
     dataset = SynthMotionDataset(n, seed, frames, size, image_fraction)
     width = max(4, len(str(n - 1)))
     entries = []
-    with atomic_folder(out_dir) as temp:
+    with atomic_folder(out_dir, SYNTH_KIND, overwrite=overwrite) as temp:
         for index in tqdm(range(n), desc="synth", unit="clip", disable=None if progress else True):
             item = dataset.clip(index)
             relative = f"videos/{index:0{width}d}.mp4" if item.type == "video" else f"images/{index:0{width}d}.png"
@@ -320,5 +299,5 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
         (temp / "metadata.json").write_text(json.dumps(entries, indent=1) + "\n")
         summary = generation_settings("", seed=seed, model="kinema-synth", width=size, height=size, frames=frames,
                                       fps=fps, n=n, image_fraction=image_fraction, crf=crf)
-        (temp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+        (temp / SETTINGS_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return entries

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -41,13 +38,12 @@ from av.video.reformatter import Interpolation
 from PIL import Image, PngImagePlugin
 
 from kinema import __version__
-from kinema.errors import KinemaError
-from kinema.fileio import replace_folder
+from kinema.errors import KinemaError, shorten
+from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
 
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
 SETTINGS_KEY = "kinema"  # PNG text-chunk key
-_FRAME_NAME = re.compile(r"^\d{5}\.png$")
 _FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # swscale's default RGB <-> yuv420p path subsamples chroma crudely; averaging on the way in and interpolating
 # chroma on the way out gains 1.5-3 dB PSNR on clips with saturated colour edges.
@@ -102,13 +98,18 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
     if not side.is_file():
         return None
     try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError) as err:
-        raise KinemaError(f"settings file {side} is not valid JSON ({err}); delete or fix it") from None
+        settings = read_json(side, what=f"the settings of {Path(path).name}")
+    except KinemaError as err:
+        raise KinemaError(f"{err}; delete or fix it") from None
+    if not isinstance(settings, dict):
+        raise KinemaError(f"{side} (the settings of {Path(path).name}) is JSON but not an object of settings "
+                          "({...}); delete or fix it")
+    return settings
 
 
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:
-    """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None."""
+    """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None: also when the
+    comment is not a JSON object, since other tools write comments of their own there."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -123,10 +124,14 @@ def read_embedded_settings(path: str | os.PathLike) -> dict | None:
         else:
             return None
     except (OSError, av.FFmpegError) as err:
-        raise KinemaError(f"cannot read {path}: {err}") from None
+        raise KinemaError(f"cannot read {path}: {shorten(str(err))}") from None
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    return json.loads(text) if text else None
+    try:
+        settings = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def _complete_settings(settings: dict | None, frames: np.ndarray, fps: float) -> dict:
@@ -249,44 +254,27 @@ _WRITERS: dict[str, _Writer] = {
 }
 
 
-def _check_destination(path: Path, is_folder: bool) -> None:
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise KinemaError(f"cannot write {path}: {parent} is a file, not a folder")
-    if is_folder and path.is_file():
-        raise KinemaError(f"{path} is a file but a frame folder was asked for (no extension); "
-                          "choose another name or add an extension such as .mp4")
-    if not is_folder and path.is_dir():
-        raise KinemaError(f"{path} is a folder; give a file name such as {path / 'clip.mp4'}")
-    if is_folder and path.is_dir():
-        foreign = [p.name for p in path.iterdir() if not _FRAME_NAME.match(p.name)]
-        if foreign:
-            raise KinemaError(f"{path} already holds files that are not kinema frames ({', '.join(foreign[:3])}); "
-                              "choose an empty or new folder")
-
-
-def _temp_name(path: Path, folder: bool) -> Path:
-    if folder:
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(handle)
-    return Path(name)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _check_sidecar(side: Path) -> None:
+    """A sidecar name that exists must be one kinema wrote (settings JSON stamped with the kinema version)."""
+    if not os.path.lexists(side):
+        return
+    try:
+        settings = json.loads(side.read_text())
+    except (OSError, ValueError):
+        settings = None
+    if not (isinstance(settings, dict) and "kinema" in settings):
+        raise KinemaError(f"{side} already exists and kinema did not write it; kinema keeps a video's settings "
+                          "there: move it or choose another output name")
 
 
 def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS,
-                crf: int = DEFAULT_CRF, settings: dict | None = None) -> Path:
+                crf: int = DEFAULT_CRF, settings: dict | None = None, *, overwrite: bool = False) -> Path:
     """Write frames `(F, C, H, W)` in [-1, 1] (or uint8 `(F, H, W, C)`) to `path` in the format its extension names.
 
     `crf` is the constant rate factor of mp4 (H.264) and webm (VP9), lower is better, 18 is visually lossless;
     the other formats have none. `settings` (see `generation_settings`) go into the sidecar `<path>.json` and,
-    where the format allows, into the file. Returns the path written.
+    where the format allows, into the file. `path` follows kinema's output policy (kinema.fileio): an existing
+    output is replaced only with `overwrite` and only when kinema wrote it. Returns the path written.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -299,24 +287,16 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps:
         raise KinemaError(f"crf must be between 0 and 63 (lower is better quality), got {crf}")
     array = to_uint8_frames(frames)
     is_folder = suffix == ""
-    _check_destination(path, is_folder)
+    side = sidecar_path(path)
+    check_output(path, "video", folder=is_folder, overwrite=overwrite)
+    _check_sidecar(side)
     full = _complete_settings(settings, array, fps)
     comment = json.dumps(full)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_name(path, is_folder)
-    side_temp = _temp_name(sidecar_path(path), folder=False)
-    try:
+    atomic = atomic_folder if is_folder else atomic_file
+    with atomic(path, "video", overwrite=overwrite) as temp:
         _WRITERS[suffix](array, temp, fps, crf, comment)
-        side_temp.write_text(json.dumps(full, indent=2) + "\n")
-        os.replace(side_temp, sidecar_path(path))
-        if is_folder:
-            replace_folder(temp, path)
-        else:
-            os.replace(temp, path)
-    except BaseException:
-        _remove(temp)
-        _remove(side_temp)
-        raise
+        with atomic_file(side, "video_settings", overwrite=True) as side_temp:
+            side_temp.write_text(json.dumps(full, indent=2) + "\n")
     return path
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kinema.errors import KinemaError
+from kinema.fileio import check_output
 from kinema.loaders.animatediff import convert_motion_module
 from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict
 from kinema.loaders.easyanimate import convert_easyanimate_transformer
@@ -19,10 +20,12 @@ from kinema.loaders.motion_lora import convert_motion_lora
 Converter = Callable[[str | os.PathLike, str | os.PathLike, str], tuple[Path, list[str]]]
 
 
-def convert_motion_lora_file(source: str | os.PathLike, target: str | os.PathLike, to: str) -> tuple[Path, list[str]]:
+def convert_motion_lora_file(
+    source: str | os.PathLike, target: str | os.PathLike, to: str, *, overwrite: bool = False
+) -> tuple[Path, list[str]]:
     """Rename a motion LoRA file's keys into layout `to`; tensors are copied as they are."""
     converted = convert_motion_lora(read_state_dict(source), to)
-    return write_state_dict(converted, target), []
+    return write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source,)), []
 
 
 # kind reported by `describe` -> (converter, layouts it writes)
@@ -34,8 +37,19 @@ CONVERTERS: dict[str, tuple[Converter, tuple[str, ...]]] = {
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in CONVERTERS.values() for layout in layouts))
 
 
-def convert(source: str | os.PathLike, target: str | os.PathLike, to: str) -> tuple[Path, list[str]]:
-    """Convert whatever `source` is into layout `to` at `target`; returns the written path and notes for the user."""
+# kind reported by `describe` -> the output written for layout: a folder, or a file
+_FOLDER_OUTPUTS = {("motion_module", "diffusers"), ("easyanimate_transformer", "original"),
+                   ("easyanimate_transformer", "kinema")}
+
+
+def convert(
+    source: str | os.PathLike, target: str | os.PathLike, to: str, *, overwrite: bool = False
+) -> tuple[Path, list[str]]:
+    """Convert whatever `source` is into layout `to` at `target`; returns the written path and notes for the user.
+    `target` follows kinema's output policy (kinema.fileio): a new path, or with `overwrite` an earlier kinema
+    output of the same kind; never a file or folder kinema did not write, never the input or a folder holding it."""
+    # The policy is checked before reading (a V3 transformer is GBs) and again once the kind is known.
+    check_output(target, None, folder=None, overwrite=overwrite, inputs=(source,))
     report = describe(source)
     kind = report["kind"]
     if kind not in CONVERTERS:
@@ -43,6 +57,5 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str) -> tu
     converter, layouts = CONVERTERS[kind]
     if to not in layouts:
         raise KinemaError(f"a {kind} converts to {list(layouts)}, not {to!r}")
-    if Path(target).resolve() == Path(source).resolve():
-        raise KinemaError(f"output {target} is the input; write the converted copy somewhere else")
-    return converter(source, target, to)
+    check_output(target, kind, folder=(kind, to) in _FOLDER_OUTPUTS, overwrite=overwrite, inputs=(source,))
+    return converter(source, target, to, overwrite=overwrite)

@@ -197,7 +197,8 @@ def test_write_synth_dataset_layout(tmp_path):
     out = tmp_path / "set"
     entries = write_synth_dataset(out, n=6, seed=4, frames=4, size=32, fps=6, image_fraction=0.5, progress=False)
     assert json.loads((out / "metadata.json").read_text()) == entries
-    assert sorted(p.name for p in out.iterdir()) == ["images", "metadata.json", "synth.json", "videos"]
+    assert sorted(p.name for p in out.iterdir()) == ["images", "kinema-output.json", "metadata.json", "synth.json",
+                                                     "videos"]
     dataset = SynthMotionDataset(6, seed=4, frames=4, size=32, image_fraction=0.5)
     assert {e["type"] for e in entries} == {"video", "image"}
     for index, entry in enumerate(entries):
@@ -234,7 +235,9 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 def test_replaces_previous_output_but_not_other_folders(tmp_path):
     out = tmp_path / "set"
     write_synth_dataset(out, n=4, seed=0, frames=3, size=16, progress=False)
-    write_synth_dataset(out, n=2, seed=1, frames=3, size=16, progress=False)
+    with pytest.raises(KinemaError, match="already exists .an earlier kinema synth dataset.; pass --overwrite"):
+        write_synth_dataset(out, n=2, seed=1, frames=3, size=16, progress=False)
+    write_synth_dataset(out, n=2, seed=1, frames=3, size=16, progress=False, overwrite=True)
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["0000.mp4", "0000.mp4.json", "0001.mp4",
                                                                   "0001.mp4.json"]
     assert json.loads((out / "synth.json").read_text())["seed"] == 1
@@ -242,8 +245,8 @@ def test_replaces_previous_output_but_not_other_folders(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(KinemaError, match="not empty and is not a kinema synth dataset"):
-        write_synth_dataset(mine, n=2, progress=False)
+    with pytest.raises(KinemaError, match="kinema did not write it"):
+        write_synth_dataset(mine, n=2, progress=False, overwrite=True)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(KinemaError, match="is a file"):

@@ -171,7 +171,7 @@ def test_failed_overwrite_keeps_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
     monkeypatch.setattr(av.VideoFrame, "from_ndarray", _fail_after(2, av.VideoFrame.from_ndarray))
     with pytest.raises(RuntimeError):
-        write_video(smooth_clip(), path, settings=generation_settings("new"))
+        write_video(smooth_clip(), path, settings=generation_settings("new"), overwrite=True)
     assert path.read_bytes() == before
     assert read_sidecar(path)["prompt"] == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "clip.mp4.json"]
@@ -186,8 +186,11 @@ def test_failed_folder_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_rewriting_a_frame_folder_replaces_it(tmp_path):
     write_video(index_clip(frames=6), tmp_path / "frames")
-    write_video(index_clip(frames=3), tmp_path / "frames")
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    with pytest.raises(KinemaError, match="already exists.*--overwrite"):
+        write_video(index_clip(frames=3), tmp_path / "frames")
+    write_video(index_clip(frames=3), tmp_path / "frames", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["00000.png", "00001.png", "00002.png",
+                                                                        "kinema-output.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "frames.json"]
 
 
@@ -235,7 +238,7 @@ def test_bad_frames(tmp_path, frames, message):
 
 def test_file_where_folder_is_needed_and_back(tmp_path):
     (tmp_path / "frames").write_text("a file")
-    with pytest.raises(KinemaError, match="is a file but a frame folder"):
+    with pytest.raises(KinemaError, match="frames is a file; give a folder path"):
         write_video(smooth_clip(frames=2), tmp_path / "frames")
     (tmp_path / "clip.mp4").mkdir()
     with pytest.raises(KinemaError, match="is a folder"):
@@ -244,8 +247,8 @@ def test_file_where_folder_is_needed_and_back(tmp_path):
         write_video(smooth_clip(frames=2), tmp_path / "frames" / "c.mp4")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(KinemaError, match="not kinema frames"):
-        write_video(smooth_clip(frames=2), tmp_path / "mine")
+    with pytest.raises(KinemaError, match="kinema did not write it"):
+        write_video(smooth_clip(frames=2), tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 

@@ -1,0 +1,30 @@
+"""Limits of the synthetic dataset's arguments, in a module light enough for the CLI to check them before it
+imports numpy, torch or PyAV (bad usage then exits 2 at once)."""
+
+from kinema.errors import KinemaError
+
+SYNTH_KIND = "synth_dataset"  # kind in the output manifest (kinema.fileio)
+MAX_SIZE = 1024
+MAX_FRAMES = 1024
+MAX_CLIP_BYTES = 4 * 2**30
+
+
+def clip_memory_bytes(frames: int, size: int) -> int:
+    """Peak memory of rendering one clip: measured at about 4 bytes per output value (F x size x size x 3)."""
+    return 4 * frames * size * size * 3
+
+
+def check_synth_args(frames: int, size: int, image_fraction: float) -> None:
+    """Raise `KinemaError` for sizes the renderer or the later models cannot use, or that would not fit in memory."""
+    if frames < 2:
+        raise KinemaError(f"a synthetic clip needs at least 2 frames to show motion, got {frames}")
+    if size < 16 or size % 16:
+        raise KinemaError(f"size must be a positive multiple of 16 (VAE downsampling x8, then 2x2 patches), "
+                          f"got {size}; try {max(16, -(-size // 16) * 16)}")
+    need = clip_memory_bytes(frames, size)
+    if size > MAX_SIZE or frames > MAX_FRAMES or need > MAX_CLIP_BYTES:
+        raise KinemaError(f"{frames} frames of {size}x{size} would need about {need / 2**30:.1f} GiB per clip while "
+                          f"rendering; the limits are size <= {MAX_SIZE}, frames <= {MAX_FRAMES} and "
+                          f"{MAX_CLIP_BYTES // 2**30} GiB per clip (synthetic training clips are usually 64-256 px)")
+    if not 0.0 <= image_fraction <= 1.0:
+        raise KinemaError(f"image_fraction must be between 0 and 1, got {image_fraction}")
