@@ -180,6 +180,7 @@ def check_output(
     for parent in real.parents:
         if parent.exists() and not parent.is_dir():
             raise KinemaError(f"cannot write {given}: {parent} is a file, not a folder")
+    clean_stale(real)  # first, so that an output a killed run was replacing is back in place to be judged
     for source in inputs:
         source_real = Path(os.path.realpath(source))
         if _is_within(source_real, real):
@@ -325,7 +326,6 @@ def atomic_folder(
     was."""
     target = check_output(path, kind, folder=True, overwrite=overwrite, inputs=inputs)
     created = _make_parents(target.parent)
-    clean_stale(target)
     temp = _temp_path(target, "part")
     with _cleanup_on_failure(temp, created, target.parent, Path(path)):
         _remove(temp)
@@ -346,7 +346,6 @@ def atomic_file(
     The caller marks the file as kinema's (see `output_kind`)."""
     target = check_output(path, kind, folder=False, overwrite=overwrite, inputs=inputs)
     created = _make_parents(target.parent)
-    clean_stale(target)
     temp = _temp_path(target, "part")
     with _cleanup_on_failure(temp, created, target.parent, Path(path)):
         _remove(temp)

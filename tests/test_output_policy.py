@@ -1,0 +1,243 @@
+"""The output policy (kinema.fileio): kinema never deletes or overwrites what it did not write.
+
+Each case is one the reliability audit reproduced against `kinema convert` and `kinema data synth`; every refusal is
+one line, exit 2, and leaves the file system exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from loaders.animatediff_fixtures import original_motion_state_dict
+from safetensors import safe_open
+
+from kinema.cli import main
+from kinema.errors import KinemaError
+from kinema.fileio import atomic_folder, check_output, output_kind
+from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for folders) and symlink targets: the whole state to compare."""
+    found: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = f"-> {os.readlink(path)}".encode()
+        else:
+            found[key] = path.read_bytes() if path.is_file() else None
+    return found
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture
+def motion_module(tmp_path) -> Path:
+    path = tmp_path / "in" / "mm_sd_v15_v2.safetensors"
+    path.parent.mkdir()
+    write_state_dict(original_motion_state_dict("v2"), path)
+    return path
+
+
+def user_project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "README.md").write_text("my notes")
+    (root / "src").mkdir()
+    (root / "src" / "train.py").write_text("print('mine')")
+    return root
+
+
+# ---------------------------------------------------------------- convert
+
+
+def test_convert_refuses_a_folder_of_user_files_even_with_overwrite(tmp_path, capsys, motion_module):
+    project = user_project(tmp_path / "project")
+    before = snapshot(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        code, err = run(capsys, "convert", str(motion_module), str(project), "--to", "diffusers", *extra)
+        assert code == 2 and err.count("\n") == 1
+        assert "kinema did not write it (it holds README.md, src)" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_refuses_a_regular_file(tmp_path, capsys, motion_module):
+    target = tmp_path / "out"
+    target.write_text("a file of mine")
+    before = snapshot(tmp_path)
+    code, err = run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers", "--overwrite")
+    assert code == 2 and "kinema did not write it" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_into_the_folder_holding_the_input_is_refused(tmp_path, capsys, motion_module):
+    (motion_module.parent / "neighbour.ckpt").write_bytes(b"keep")
+    before = snapshot(tmp_path)
+    for target in (motion_module.parent, tmp_path, motion_module):
+        code, err = run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers", "--overwrite")
+        assert code == 2 and f"holds the input {motion_module}" in err or "is the input" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_easyanimate_convert_onto_its_models_folder_is_refused(tmp_path, capsys):
+    models = tmp_path / "EasyAnimateV3-XL-2-InP-512x512"
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder"):
+        (models / part).mkdir(parents=True)
+        (models / part / "config.json").write_text("{}")
+    before = snapshot(tmp_path)
+    for source, target in ((models, models), (models / "transformer", models), (models, models / "transformer")):
+        code, err = run(capsys, "convert", str(source), str(target), "--to", "kinema", "--overwrite")
+        assert code == 2 and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_overwrites_only_its_own_output_of_the_same_kind(tmp_path, capsys, motion_module):
+    target = tmp_path / "adapter"
+    assert run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers")[0] == 0
+    assert output_kind(target) == "motion_module"
+    code, err = run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers")
+    assert code == 2 and "pass --overwrite" in err
+    assert run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers", "--overwrite")[0] == 0
+    (target / "notes.txt").write_text("added by the user")
+    code, err = run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers", "--overwrite")
+    assert code == 2 and "also holds files kinema did not write (notes.txt)" in err
+    assert (target / "notes.txt").read_text() == "added by the user"
+
+    single = tmp_path / "mm.safetensors"
+    assert run(capsys, "convert", str(motion_module), str(single), "--to", "kinema")[0] == 0
+    assert run(capsys, "convert", str(motion_module), str(single), "--to", "original", "--overwrite")[0] == 0
+    with safe_open(str(single), "pt") as f:
+        assert f.metadata()["kinema_output"] == "motion_module"
+    synth = tmp_path / "synth"
+    assert run(capsys, "data", "synth", "--out", str(synth), "--n", "1", "--frames", "2", "--size", "16")[0] == 0
+    code, err = run(capsys, "convert", str(motion_module), str(synth), "--to", "diffusers", "--overwrite")
+    assert code == 1 and "another kind (synth_dataset, not motion_module)" in err  # known once the input is read
+
+
+def test_ckpt_outputs_carry_the_mark_and_still_load_with_weights_only(tmp_path, motion_module):
+    import torch
+
+    out = write_state_dict(read_state_dict(motion_module), tmp_path / "mm.ckpt", kind="motion_module")
+    assert output_kind(out) == "motion_module"
+    assert set(torch.load(out, weights_only=True)) == set(read_state_dict(motion_module))
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"a": torch.ones(1)}, plain)
+    assert output_kind(plain) is None
+
+
+# ---------------------------------------------------------------- data synth
+
+
+def test_synth_never_wipes_a_folder_holding_a_file_named_synth_json(tmp_path, capsys):
+    work = user_project(tmp_path / "work")
+    (work / "synth.json").write_text('{"my": "own settings"}')
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "step_1000.safetensors").write_bytes(b"weights")
+    before = snapshot(tmp_path)
+    code, err = run(capsys, "data", "synth", "--out", str(work), "--n", "2", "--overwrite")
+    assert code == 2 and "kinema did not write it" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_user_files_inside_an_earlier_synth_output_are_never_lost(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert run(capsys, "data", "synth", "--out", str(out), "--n", "2", "--frames", "2", "--size", "16")[0] == 0
+    (out / "my_split.txt").write_text("train: 0")
+    code, err = run(capsys, "data", "synth", "--out", str(out), "--n", "3", "--frames", "2", "--size", "16",
+                    "--overwrite")
+    assert code == 2 and "also holds files kinema did not write (my_split.txt)" in err
+    assert (out / "my_split.txt").read_text() == "train: 0"
+
+
+def test_running_inside_an_earlier_output_is_refused_cleanly(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "set"
+    assert run(capsys, "data", "synth", "--out", str(out), "--n", "1", "--frames", "2", "--size", "16")[0] == 0
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(out)
+    code, err = run(capsys, "data", "synth", "--out", ".", "--n", "1", "--frames", "2", "--size", "16", "--overwrite")
+    assert code == 2 and "the folder you are working in" in err
+    assert snapshot(tmp_path) == before  # no `..XXXX.old/` left beside it
+
+
+# ---------------------------------------------------------------- modes and links
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_outputs_honour_the_umask(tmp_path, capsys, motion_module, umask_022):
+    folder = tmp_path / "adapter"
+    assert run(capsys, "convert", str(motion_module), str(folder), "--to", "diffusers")[0] == 0
+    assert mode(folder) == 0o755
+    assert {mode(p) for p in folder.iterdir()} == {0o644}
+    single = tmp_path / "mm_kinema.safetensors"
+    assert run(capsys, "convert", str(motion_module), str(single), "--to", "kinema")[0] == 0
+    assert mode(single) == 0o644
+    os.chmod(single, 0o600)  # a replaced output keeps the mode its owner gave it
+    assert run(capsys, "convert", str(motion_module), str(single), "--to", "kinema", "--overwrite")[0] == 0
+    assert mode(single) == 0o600
+
+
+def test_synth_in_a_setgid_shared_folder(tmp_path, capsys, umask_022):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    args = ["--n", "1", "--frames", "2", "--size", "16"]
+    assert run(capsys, "data", "synth", "--out", str(shared), *args)[0] == 0  # empty: written into, mode kept
+    assert mode(shared) == 0o2775
+    inner = shared / "set"
+    assert run(capsys, "data", "synth", "--out", str(inner), *args)[0] == 0
+    assert mode(inner) == 0o2755  # group bit inherited from the setgid parent, the rest from the umask
+    assert all(mode(p) == 0o644 for p in inner.rglob("*") if p.is_file())
+
+
+def test_a_symlinked_target_is_written_through_never_replaced(tmp_path, capsys):
+    real = tmp_path / "real_set"
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(KinemaError, match="symbolic link to .*real_set, which does not exist"):
+        check_output(link, "synth_dataset", folder=True)
+    real.mkdir()
+    assert run(capsys, "data", "synth", "--out", str(link), "--n", "1", "--frames", "2", "--size", "16")[0] == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / "metadata.json").is_file()
+
+
+def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    target = tmp_path / "out"
+    dead_pid = 2**22 + 12345  # above the kernel's default pid_max: no such process
+    stale = tmp_path / f".out.kinema-part-{dead_pid}"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    mine = tmp_path / ".out.not-kinema"
+    mine.mkdir()
+    with atomic_folder(target, "test_output") as folder:
+        (folder / "a.txt").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.not-kinema", "out"]
+
+
+def test_an_output_being_replaced_when_killed_is_put_back(tmp_path):
+    target = tmp_path / "out"
+    with atomic_folder(target, "test_output") as folder:
+        (folder / "a.txt").write_text("first")
+    dead_pid = 2**22 + 12346
+    target.rename(tmp_path / f".out.kinema-old-{dead_pid}")  # killed between the two renames of the swap
+    with pytest.raises(KinemaError, match="pass --overwrite"):
+        with atomic_folder(target, "test_output") as folder:
+            pass
+    assert (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
