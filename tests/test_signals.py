@@ -1,0 +1,113 @@
+"""SIGTERM and SIGHUP (timeout, docker stop, Slurm, systemd, a closed terminal) clean up like Ctrl-C: a stopped
+`kinema` leaves exactly what existed before it started. A SIGKILL cannot be caught; the next run removes what it
+left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from loaders.animatediff_fixtures import SD15_CHANNELS, original_motion_state_dict
+from test_output_policy import snapshot
+
+from kinema.loaders.checkpoint_io import write_state_dict
+
+KINEMA = [sys.executable, "-m", "kinema"]
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the run to start writing")
+        time.sleep(0.01)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if ".kinema-part-" in p.name]
+
+
+# A convert whose weights write blocks half-way (the file is on disk, not yet renamed), so the signal arrives at a
+# known point: mid-write.
+SLOW_WRITE = """
+import sys, time
+import kinema.loaders.checkpoint_io as io
+real_save = io.save_file
+def slow_save(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    print("writing", flush=True)
+    time.sleep(60)
+io.save_file = slow_save
+from kinema.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("signum", "code", "layout"), [(signal.SIGTERM, 143, "kinema"),
+                                                        (signal.SIGHUP, 129, "diffusers")])
+def test_signal_mid_convert_leaves_what_existed_before(tmp_path, signum, code, layout):
+    source = tmp_path / "mm.safetensors"
+    write_state_dict(original_motion_state_dict("v2"), source)
+    before = snapshot(tmp_path)
+    target = tmp_path / ("out.safetensors" if layout == "kinema" else "out")
+    run = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, "convert", str(source), str(target), "--to", layout],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "writing\n"
+    assert temporaries(tmp_path)  # the half-written output is there...
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == code
+    assert err == f"kinema convert: stopped by {signal.Signals(signum).name}; nothing half-written was left\n"
+    assert snapshot(tmp_path) == before  # ...and gone
+
+
+def test_sigterm_mid_synth_leaves_what_existed_before(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    run = subprocess.Popen([*KINEMA, "data", "synth", "--out", str(tmp_path / "sub" / "set"), "--n", "400"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "sub").is_dir() and any(p.rglob("*.mp4") for p in temporaries(tmp_path / "sub")))
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143, err
+    assert err.strip().endswith("stopped by SIGTERM; nothing half-written was left")
+    assert snapshot(tmp_path) == before  # the parent folder it created is gone too
+
+
+def test_after_sigkill_the_next_run_removes_the_leftover(tmp_path):
+    out = tmp_path / "set"
+    run = subprocess.Popen([*KINEMA, "data", "synth", "--out", str(out), "--n", "400"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any(p.rglob("*.mp4") for p in temporaries(tmp_path)))
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    assert temporaries(tmp_path)  # SIGKILL cannot be caught: the temporary stays...
+    done = subprocess.run([*KINEMA, "data", "synth", "--out", str(out), "--n", "1", "--frames", "2", "--size", "16"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # ...until the next run to the same target
+
+
+@pytest.mark.slow
+def test_sigterm_mid_write_of_a_full_size_motion_module(tmp_path):
+    """The audit's case: `convert --to kinema` of a full-size v2 module (1.8 GB) stopped by SIGTERM left a 1.8 GB
+    hidden temp file."""
+    source = tmp_path / "mm_sd_v15_v2.safetensors"
+    write_state_dict(original_motion_state_dict("v2", SD15_CHANNELS), source)
+    assert source.stat().st_size > 1.8e9
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(out)
+    run = subprocess.Popen([*KINEMA, "convert", str(source), str(out / "mm.safetensors"), "--to", "kinema"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(p.stat().st_size > 100e6 for p in temporaries(out)), timeout=300)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 143, err
+    assert snapshot(out) == before
+    os.unlink(source)
