@@ -47,14 +47,20 @@ _OS_CAUSES: dict[int, str] = {
 
 # Hidden names kinema gives its temporary files and folders (see kinema.fileio); never shown to the user.
 _TEMP_NAME = re.compile(r"/?\.[^/\s]*\.kinema-(?:part|old)-\d+[^/\s]*")
-_TEMP_IN_PATH = re.compile(r"(^|/)\.([^/]+)\.kinema-(?:part|old)-\d+(?=/|$)")
+_TEMP_IN_PATH = re.compile(r"(^|/)\.([^/\s]+)\.kinema-(?:part|old)-\d+(?=/|$|\s|:|,)")
+
+
+def without_temporaries(text: str) -> str:
+    """`text` with each path through a temporary kinema writes under put as the user's own path (see kinema.fileio:
+    `dir/.out.kinema-part-7/x` -> `dir/out/x`)."""
+    return _TEMP_IN_PATH.sub(r"\1\2", text)
 
 
 def os_error_message(err: OSError, path: str | os.PathLike | None = None, action: str = "") -> str:
     """One line for an OS error: `cannot ACTION PATH: cause`, naming the user's `path` rather than a temp path."""
     shown = path if path is not None else err.filename
     if shown is not None:
-        shown = _TEMP_IN_PATH.sub(r"\1\2", str(shown))  # the user's name for a temporary kinema wrote beside it
+        shown = without_temporaries(str(shown))
     cause = _OS_CAUSES.get(err.errno or -1) or shorten(err.strerror or str(err))
     subject = f"cannot {action} {shown}" if action else f"{shown}"
     if shown is None:
@@ -62,9 +68,19 @@ def os_error_message(err: OSError, path: str | os.PathLike | None = None, action
     return f"{subject}: {cause}"
 
 
+# How libraries that do their own I/O (torch's zip writer, safetensors' Rust writer) report a full disk.
+_DISK_FULL = re.compile(r"No space left on device|os error 28|file write failed|enforce fail at inline_container")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err`, from the OS or from a library's own writer, means the disk ran out of space."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return bool(_DISK_FULL.search(str(err)))
+
+
 def library_error_message(err: BaseException) -> str:
     """One line for an unexpected library error: its type and message, temp names removed, cut at a word."""
-    text = _TEMP_NAME.sub("", str(err))
-    if "enforce fail" in text and ("file write failed" in text or "inline_container" in text):
+    if is_disk_full(err):
         return "writing the file failed (the disk is probably full); free some space or write somewhere else"
-    return shorten(f"{type(err).__name__}: {text}")
+    return shorten(f"{type(err).__name__}: {_TEMP_NAME.sub('', str(err))}")

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, library_error_message, os_error_message
+from kinema.errors import KinemaError, is_disk_full, library_error_message, os_error_message, without_temporaries
 
 MANIFEST = "kinema-output.json"  # inside every folder kinema writes: its kind and the files it wrote
 MARK_KEY = "kinema_output"  # safetensors metadata key / zip record name that marks a weights file kinema wrote
@@ -227,9 +227,9 @@ def _temp_path(target: Path, role: str) -> Path:
     return target.with_name(f".{target.name}.kinema-{role}-{os.getpid()}")
 
 
-def is_temp_name(name: str) -> bool:
-    """Whether `name` is one of the hidden temporary names kinema writes under (see the module docstring)."""
-    return _TEMP.match(name) is not None
+def is_temp_name_in(text: str) -> bool:
+    """Whether `text` (an error message) mentions one of kinema's temporary names."""
+    return ".kinema-part-" in text or ".kinema-old-" in text
 
 
 def _alive(pid: int) -> bool:
@@ -310,9 +310,11 @@ def _cleanup_on_failure(temp: Path, created: Path | None, parent: Path, shown: P
     except BaseException as err:
         _remove(temp)
         _remove_empty_parents(created, parent)
+        if isinstance(err, KinemaError) and is_temp_name_in(str(err)):
+            raise KinemaError(without_temporaries(str(err))) from err
         if isinstance(err, OSError):
             raise KinemaError(os_error_message(err, shown, "write")) from err
-        if isinstance(err, RuntimeError) and "enforce fail" in str(err):
+        if isinstance(err, Exception) and is_disk_full(err):
             raise KinemaError(f"cannot write {shown}: {library_error_message(err)}") from err
         raise
 
