@@ -1,17 +1,27 @@
 """Read and write checkpoint files without ever running code from them.
 
-`.safetensors` files are plain data. Torch pickles (`.ckpt`, `.pt`, `.pth`, `.bin`) are read with
-`torch.load(weights_only=True)`, whose unpickler only rebuilds tensors and plain containers: a file that needs
-any other class is refused before anything in it runs. Readers get the tensors only; non-tensor entries (training
-counters, AnimateDiff v3's `animatediff_config`) are dropped and listed in `Checkpoint.dropped`.
+A file is read by what its content is (`kinema.sniff`), not by its extension. Files get renamed (a safetensors file
+saved as `.ckpt`, `v3_sd15_mm.ckpt?download=true`), and both readers are safe on any input, so the name is no reason
+to refuse a file or to pick a reader: safetensors content is plain data and is read as such whatever the suffix;
+torch checkpoints (zip or legacy pickle) are read with `torch.load(weights_only=True)`, whose unpickler only rebuilds
+tensors and plain containers, so a file that needs any other class is refused before anything in it runs. Anything
+else (an HTML or XML error page, a Git LFS pointer, text, a truncated download, another format) is refused with the
+one line `sniff` gives for it. Writing goes by the extension, which picks the format.
+
+Readers get the tensors only; non-tensor entries (training counters, AnimateDiff v3's `animatediff_config`) are
+dropped and listed in `Checkpoint.dropped`.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +29,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, library_error_message, shorten
+from kinema.sniff import FileKind, Kind, sniff
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUPPORTED_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-
-# What a download gone wrong leaves behind instead of weights, recognised by the file's first bytes.
-_NOT_WEIGHTS: dict[bytes, str] = {
-    b"version https://git-lfs": "a Git LFS pointer, not the weights (run `git lfs pull` or download the file itself)",
-    b"<!doctype html": "an HTML page, not weights (the download saved a web page; fetch the file's direct link)",
-    b"<html": "an HTML page, not weights (the download saved a web page; fetch the file's direct link)",
-}
 
 
 @dataclass
@@ -47,27 +51,38 @@ def _supported() -> str:
     return ", ".join(SUPPORTED_SUFFIXES)
 
 
-def _check_not_weights(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip().lower()
-    for prefix, what in _NOT_WEIGHTS.items():
-        if head.startswith(prefix):
-            raise KinemaError(f"{path} is {what}")
-
-
-def _check_readable(path: Path) -> None:
-    """Refuse, with the reason, a path that is no weights file: a folder, missing, another extension, empty, or a
-    Git LFS pointer / web page saved in place of the weights."""
+def check_weights_file(path: str | os.PathLike) -> FileKind:
+    """What the weights file `path` holds (safetensors or a torch checkpoint), from its first bytes; one KinemaError
+    naming the path and the fix for anything else (a folder, a missing or empty file, a download gone wrong).
+    Cheap: call it before long work that ends in reading the file."""
+    path = Path(path)
     if path.is_dir():
         raise KinemaError(f"{path} is a folder; give a weights file ({_supported()})")
     if not path.is_file():
         raise KinemaError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise KinemaError(f"{path}: unknown checkpoint extension {suffix!r}; supported: {_supported()}")
-    if path.stat().st_size == 0:
-        raise KinemaError(f"{path} is empty (0 bytes); the download or save did not finish")
-    _check_not_weights(path)
+    kind = sniff(path)
+    if not kind.is_weights:
+        raise KinemaError(kind.diagnosis)
+    return kind
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a file that is not safetensors, for the readers that take safetensors only (header reads, streaming)."""
+    kind = check_weights_file(path)
+    if kind.kind is not Kind.SAFETENSORS:
+        raise KinemaError(f"{path} is {kind.what}, but this is read from safetensors files only; save its tensors as "
+                          "safetensors (safetensors.torch.save_file(kinema.loaders.checkpoint_io.read_state_dict("
+                          "path), new_path)) and use that file")
+
+
+@contextmanager
+def _named_errors(path: Path) -> Iterator[None]:
+    """Turn a safetensors library error inside the block into one line naming `path` (the block only reads)."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise KinemaError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                          f"{library_error_message(err)}") from None
 
 
 def _describe_value(value: object) -> str:
@@ -77,40 +92,91 @@ def _describe_value(value: object) -> str:
     return type(value).__name__
 
 
+def iter_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of a safetensors file, read one at a time onto `device` (so a caller can cast
+    or drop each before the next is read). Refuses other content, and names the file on any read error."""
+    path = Path(path)
+    _check_safetensors(path)
+    with _named_errors(path), safe_open(str(path), framework="pt", device=str(device)) as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
 def _read_safetensors(path: Path) -> Checkpoint:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise KinemaError(f"{path} is not a readable .safetensors file (corrupt or truncated?): {err}") from None
+    with _named_errors(path), safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     return Checkpoint(path, tensors, metadata)
 
 
-def _refusal(path: Path, err: Exception) -> KinemaError:
-    found = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(err))
-    needs = f" (it needs {found.group(1)})" if found else ""
+# torch's weights-only unpickler errors that mean the pickle asks for code (a class or function to import or call);
+# its other errors (an unknown opcode, a bad storage id) mean the file is damaged.
+_NEEDS_CODE = re.compile(r"GLOBAL|reduce for unrecognized function|Can only (?:create new object|build)")
+
+
+def _refusal(path: Path, needs: str | None) -> KinemaError:
     hint = ""
-    if found and found.group(1).startswith("omegaconf"):
+    if needs and needs.startswith("omegaconf"):
         hint = (" This is the December 2023 upload of AnimateDiff v3, whose `animatediff_config` entry is an "
                 "OmegaConf object; the authors re-uploaded the file without it, so download it again.")
     return KinemaError(
-        f"refused to run code from the pickle in {path}{needs}: kinema only reads tensors from .ckpt/.pt/.pth/.bin "
-        f"files.{hint} If you trust the file, load it once in a trusted environment and re-save its tensors as "
-        "safetensors (safetensors.torch.save_file), then use that file; `kinema convert` turns safe files into "
-        "other layouts")
+        f"refused to run code from the pickle in {path}{f' (it needs {needs})' if needs else ''}: kinema only reads "
+        f"tensors from .ckpt/.pt/.pth/.bin files.{hint} If you trust the file, load it once in a trusted environment "
+        "and re-save its tensors as safetensors (safetensors.torch.save_file), then use that file; `kinema convert` "
+        "turns safe files into other layouts")
+
+
+def _protocol4_imports(path: Path) -> list[str]:
+    """What a raw pickle of protocol 4 or later would import ("module.name"), read with pickletools' disassembler,
+    which decodes opcodes and runs nothing. torch's weights-only unpickler stops at such a pickle's FRAME opcode
+    before it reaches any import, so it cannot tell code from damage; for older protocols it can, and this is []."""
+    imports: list[str] = []
+    pushed: list[str | None] = []  # strings pushed so far (None: something else), to name STACK_GLOBAL's operands
+    memo: dict[int, str | None] = {}
+    try:
+        with open(path, "rb") as f:
+            for position, (opcode, arg, _) in enumerate(pickletools.genops(f)):
+                if position == 0 and not (opcode.name == "PROTO" and arg >= 4):
+                    return []
+                if opcode.name in ("GLOBAL", "INST"):
+                    imports.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":
+                    module, name = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+                    imports.append(f"{module}.{name}" if module and name else "a class or function")
+                    pushed.append(None)
+                elif opcode.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif opcode.name in ("BINGET", "LONG_BINGET", "GET"):
+                    pushed.append(memo.get(arg))
+                elif isinstance(arg, str):
+                    pushed.append(arg)
+    except (ValueError, EOFError, OSError):
+        pass  # damaged after the imports found so far
+    return imports
 
 
 def _read_pickle(path: Path) -> Checkpoint:
+    unreadable = f"{path} is not a readable torch checkpoint (corrupt or truncated?)"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load reads any path ending in .safetensors as safetensors.
+        with open(path, "rb") as f, warnings.catch_warnings():
+            # Protocol 4+ pickles are reported below in one line; torch would also print a paragraph about them.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower() or "unsupported global" in str(err).lower():
-            raise _refusal(path, err) from None
-        raise KinemaError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {err}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise KinemaError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
-                          f"{type(err).__name__}: {str(err)[:200]}") from None
+        if _NEEDS_CODE.search(str(err)):
+            needs = re.search(r"GLOBAL ([\w.]+)", str(err))
+            raise _refusal(path, needs.group(1) if needs else None) from None
+        imports = _protocol4_imports(path)
+        if imports:
+            raise _refusal(path, imports[0]) from None
+        # torch wraps the cause in paragraphs of advice about weights_only=False; keep the cause alone.
+        cause = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(err), re.DOTALL)
+        raise KinemaError(f"{unreadable}: {shorten(cause.group(1)) if cause else library_error_message(err)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        raise KinemaError(f"{unreadable}: {library_error_message(err)}") from None
     if not isinstance(obj, dict):
         raise KinemaError(f"{path} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
     dropped: dict[str, str] = {}
@@ -127,31 +193,32 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor name -> (shape, dtype name) from a safetensors file's header, without reading tensor data."""
-    with safe_open(str(path), framework="pt") as f:
+    """Tensor name -> (shape, dtype name) from a safetensors file's header, without reading tensor data. Refuses
+    other content with the sniffed diagnosis, and names the file on any read error."""
+    path = Path(path)
+    _check_safetensors(path)
+    with _named_errors(path), safe_open(str(path), framework="pt") as f:
         slices = {name: f.get_slice(name) for name in f.keys()}
         return {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
 
 
 def tensor_names(path: str | os.PathLike) -> list[str] | None:
-    """Tensor names of a `.safetensors` file read from its header alone (no tensor data); None for other formats,
-    whose names cannot be known without unpickling the whole file."""
+    """Tensor names of a safetensors file (whatever its extension) read from its header alone (no tensor data); None
+    for a torch checkpoint, whose names cannot be known without unpickling the whole file. Other content is refused
+    with the sniffed diagnosis."""
     path = Path(path)
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+    if check_weights_file(path).kind is not Kind.SAFETENSORS:
         return None
-    _check_readable(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise KinemaError(f"{path} is not a readable .safetensors file (corrupt or truncated?): {err}") from None
+    with _named_errors(path), safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a weights file (`.safetensors`, or a torch pickle read with `weights_only=True`) onto the CPU."""
+    """Read a weights file onto the CPU: safetensors, or a torch checkpoint read with `weights_only=True`, whichever
+    the content is (the extension does not matter). Anything else raises the sniffed one-line diagnosis."""
     path = Path(path)
-    _check_readable(path)
-    return _read_safetensors(path) if path.suffix.lower() in SAFETENSORS_SUFFIXES else _read_pickle(path)
+    kind = check_weights_file(path)
+    return _read_safetensors(path) if kind.kind is Kind.SAFETENSORS else _read_pickle(path)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder
 from kinema.loaders.animatediff_keys import check_frame_table, with_pe_tables
-from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, read_safetensors_header
+from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, iter_safetensors, read_safetensors_header
 from kinema.loaders.easyanimate_config import (
     V3_INPAINT_CHANNELS,
     easyanimate_config_from_video_dit,
@@ -127,16 +126,14 @@ def load_video_dit(
 
     state = {}
     for path in sorted(set(files.values())):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name in pe_names:
-                    try:
-                        check_frame_table(name, tensor, PE_ATOL)
-                    except KinemaError as err:
-                        raise KinemaError(f"{source}: {err}") from None
-                    continue
-                state[name] = tensor.to(dtype) if dtype is not None else tensor
+        for name, tensor in iter_safetensors(path, device):
+            if name in pe_names:
+                try:
+                    check_frame_table(name, tensor, PE_ATOL)
+                except KinemaError as err:
+                    raise KinemaError(f"{source}: {err}") from None
+                continue
+            state[name] = tensor.to(dtype) if dtype is not None else tensor
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 

@@ -17,7 +17,6 @@ Nothing here touches the network: every path is local and every diffusers/transf
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from kinema.errors import KinemaError
-from kinema.loaders.checkpoint_io import SUPPORTED_SUFFIXES, read_state_dict
+from kinema.errors import KinemaError, shorten
+from kinema.fileio import read_json
+from kinema.loaders.checkpoint_io import check_weights_file, read_state_dict
 from kinema.state_dicts import key_mismatch, shapes
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
@@ -115,11 +115,14 @@ def _check_loading_info(info: Mapping[str, Any], what: str, root: Path) -> None:
 
 
 def _load_scheduler(folder: Path) -> SchedulerMixin:
-    config = json.loads((folder / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    path = folder / "scheduler_config.json"
+    config = read_json(path, what="the scheduler's config")
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise KinemaError(f"{path} is not a diffusers scheduler config: that is a JSON object naming its class, e.g. "
+                          '{"_class_name": "PNDMScheduler", ...}; copy scheduler/ from an SD1.5 diffusers folder')
+    cls = getattr(diffusers, str(config["_class_name"]), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise KinemaError(f"{folder / 'scheduler_config.json'}: {config.get('_class_name')!r} is not a diffusers "
-                          "scheduler class")
+        raise KinemaError(f"{path}: {config['_class_name']!r} is not a diffusers scheduler class")
     return cls.from_config(config)
 
 
@@ -244,8 +247,7 @@ def load_stable_diffusion(
         return _load_folder(root, dtype)
     if not root.is_file():
         raise KinemaError(f"no such model file or folder: {root}")
-    if root.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise KinemaError(f"{root}: give a diffusers folder or a {'/'.join(SUPPORTED_SUFFIXES)} single-file checkpoint")
+    check_weights_file(root)  # before the tokenizer and configs are read
     config_dir = Path(config) if config is not None else SD15_CONFIGS
     return _load_single_file(root, tokenizer, config_dir, dtype)
 
@@ -283,7 +285,7 @@ def load_spatial_lora(
         pipe.load_lora_weights(state, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as err:
         pipe.unload_lora_weights()
-        raise KinemaError(f"diffusers could not read this LoRA for SD1.5: {' '.join(str(err).split())[:300]}") from None
+        raise KinemaError(f"diffusers could not read this LoRA for SD1.5: {shorten(str(err))}") from None
     counts = {"unet": len(_lora_layer_names(components.unet, adapter)),
               "text_encoder": len(_lora_layer_names(components.text_encoder, adapter))}
     if sum(counts.values()) != downs:

@@ -1,0 +1,315 @@
+"""kinema.sniff and the readers built on it: a file is read by its content, and everything that is not weights gets
+the one line that says what it is, end to end through read_checkpoint / read_state_dict / tensor_names / describe.
+
+The bad files are what real downloads leave: an S3 `AccessDenied` XML page (the body S3 sends for an expired or
+private link), a Git LFS pointer (the three lines git writes without git-lfs), HTML, server JSON errors, text,
+truncated safetensors. Expected numbers (sizes, header lengths, first bytes) are computed here from the bytes
+written, independently of kinema's parser.
+"""
+
+import gzip
+import json
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from loaders.animatediff_fixtures import original_motion_state_dict
+from loaders.test_easyanimate import v3_config
+from safetensors.torch import load_file, save_file
+
+from kinema.errors import KinemaError
+from kinema.loaders.checkpoint_io import read_checkpoint, read_safetensors_header, read_state_dict, tensor_names
+from kinema.loaders.easyanimate import load_video_dit
+from kinema.loaders.inspect import describe
+from kinema.sniff import Kind, sniff
+
+S3_ACCESS_DENIED = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
+                    '</Message><RequestId>4442587FB7D0A2F9</RequestId><HostId>abc=</HostId></Error>')
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 2436581392\n")
+READERS = [read_checkpoint, read_state_dict, tensor_names]
+
+
+def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(3, 4, generator=gen), "b.bias": torch.randn(5, generator=gen).half(),
+            "c.count": torch.arange(6)}
+
+
+def assert_exact(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+def refusals(path: Path, readers=READERS) -> list[str]:
+    """The message each reader raises for `path`; each must be one KinemaError line naming the path."""
+    messages = []
+    for reader in readers:
+        with pytest.raises(KinemaError) as err:
+            reader(path)
+        message = str(err.value)
+        assert str(path) in message and "\n" not in message, (reader.__name__, message)
+        assert "pickle" not in message.lower(), message  # none of these files is a pickle
+        messages.append(message)
+    return messages
+
+
+def test_xml_error_page_saved_as_ckpt(tmp_path):
+    path = tmp_path / "v3_sd15_mm.ckpt"
+    path.write_text(S3_ACCESS_DENIED)
+    assert sniff(path).kind is Kind.XML and not sniff(path).is_weights
+    for message in refusals(path, READERS + [describe]):
+        assert message.startswith(f"{path} is an XML error page from the download server (AccessDenied: Access "
+                                  "Denied), not weights; download the file again"), message
+
+
+def test_safetensors_named_ckpt_loads_bit_exactly(tmp_path):
+    for suffix in (".ckpt", ".pt", ".bin", ".weights", ""):
+        path = tmp_path / f"w{suffix}"
+        save_file(tensors(), str(path), metadata={"note": "named " + suffix})
+        assert sniff(path).kind is Kind.SAFETENSORS
+        checkpoint = read_checkpoint(path)
+        assert_exact(checkpoint.tensors, load_file(str(path)))  # safetensors' own reader as the reference
+        assert_exact(checkpoint.tensors, tensors())
+        assert checkpoint.metadata == {"note": "named " + suffix} and checkpoint.dropped == {}
+        assert tensor_names(path) == sorted(tensors())  # from the header, as for .safetensors
+        assert read_safetensors_header(path)["a.weight"] == ((3, 4), "F32")
+
+
+def test_safetensors_motion_module_named_ckpt_is_described(tmp_path):
+    state = original_motion_state_dict("v2")
+    save_file(state, str(tmp_path / "mm_sd_v15_v2.safetensors"))
+    save_file(state, str(tmp_path / "mm_sd_v15_v2.ckpt"))
+    named_right = describe(tmp_path / "mm_sd_v15_v2.safetensors")
+    named_wrong = describe(tmp_path / "mm_sd_v15_v2.ckpt")
+    assert named_wrong["kind"] == "motion_module" and named_wrong["version"] == "v2"
+    assert {**named_wrong, "path": ""} == {**named_right, "path": ""}
+
+
+def test_torch_checkpoints_load_whatever_their_name(tmp_path):
+    zipped, legacy = tmp_path / "zipped.safetensors", tmp_path / "legacy.weights"
+    torch.save(tensors(), zipped)
+    torch.save(tensors(), legacy, _use_new_zipfile_serialization=False)
+    assert sniff(zipped).kind is Kind.TORCH_ZIP and sniff(legacy).kind is Kind.PICKLE
+    for path in (zipped, legacy):
+        assert_exact(read_state_dict(path), tensors())
+        assert tensor_names(path) is None  # names of a torch file need the whole file
+    with pytest.raises(KinemaError, match=r"zipped.safetensors is a torch checkpoint \(zip format\), but this is read "
+                                          "from safetensors files only; save its tensors as safetensors"):
+        read_safetensors_header(zipped)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code from the pickle ran."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
+    marker = tmp_path / "pwned"
+    # Protocol 4+ pickles (pickle.dump's default) start with a FRAME opcode, where torch's unpickler stops.
+    for name, protocol in (("evil.safetensors", 2), ("evil.pt", 4), ("evil.bin", 5)):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps({"a": 1, "evil": _Payload(str(marker))}, protocol=protocol))
+        assert sniff(path).kind is Kind.PICKLE and sniff(path).what == "a Python pickle"
+        for reader in (read_checkpoint, read_state_dict, describe):
+            with pytest.raises(KinemaError) as err:
+                reader(path)
+            assert str(err.value).startswith(f"refused to run code from the pickle in {path} (it needs io.open): ")
+        assert tensor_names(path) is None  # a pickle's names are not read without unpickling it
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Payload(str(tmp_path / "control"))))  # the payload is live
+    assert (tmp_path / "control").exists()
+
+
+def test_text_file_named_pt(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("some notes about the model.\nsecond line\n")
+    for message in refusals(path, READERS + [describe]):
+        assert message.startswith(f"{path} is a text file, not weights (first line: 'some notes about the model.'); "
+                                  "check the path"), message
+
+
+def test_git_lfs_pointer(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_text(LFS_POINTER)
+    for message in refusals(path, READERS + [read_safetensors_header, describe]):
+        assert message.startswith(f"{path} is a Git LFS pointer, not the weights (the real file is 2.44 GB); run "
+                                  "`git lfs install` and `git lfs pull`"), message
+
+
+def test_easyanimate_folder_cloned_without_git_lfs(tmp_path):
+    transformer = tmp_path / "EasyAnimateV3-XL-2-InP-512x512" / "transformer"
+    transformer.mkdir(parents=True)
+    (transformer / "config.json").write_text(json.dumps(v3_config()))
+    weights = transformer / "diffusion_pytorch_model.safetensors"
+    weights.write_text(LFS_POINTER)
+    for message in refusals(transformer.parent, [describe, load_video_dit]):
+        assert message.startswith(f"{weights} is a Git LFS pointer, not the weights"), message
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("utf8-bom.ckpt", b"\xef\xbb\xbf" + json.dumps({"_class_name": "MotionAdapter"}).encode(),
+     "is a JSON file (UTF-8 with a byte-order mark), not weights; a config.json goes beside the weights"),
+    ("utf16.pt", "héllo wörld\r\nline two\r\n".encode("utf-16"),
+     "is a text file (UTF-16), not weights (first line: 'héllo wörld')"),
+    ("index.bin", json.dumps({"metadata": {"total_size": 8}, "weight_map": {"a": "m-00001-of-00002.safetensors"}})
+     .encode(), "is the index of a sharded checkpoint (a JSON list of shard files), not weights; point at the folder"),
+    ("hub.ckpt", b'{"error":"Repository Not Found for url: https://huggingface.co/api/models/x."}',
+     "is a JSON error from the download server (Repository Not Found for url: https://huggingface.co/api/models/x.)"
+     ", not weights; download the file again"),
+    ("page.safetensors", b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body></body></html>",
+     "is an HTML page (title: '404 Not Found'), not weights; the download saved a web page"),
+    ("empty.pt", b"", "is empty (0 bytes); the download or save did not finish"),
+    ("w.safetensors.gz", gzip.compress(b"\x00" * 64), "is a gzip-compressed file, not weights; decompress it"),
+    ("w.gguf", b"GGUF\x03\x00\x00\x00" + bytes(64), "is a GGUF file (quantised weights for llama.cpp"),
+])
+def test_not_weights_get_their_one_line(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    for message in refusals(path):
+        assert message.startswith(f"{path} {expected}"), message
+
+
+def test_random_bytes_are_unknown_binary(tmp_path):
+    data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    path = tmp_path / "noise.ckpt"
+    path.write_bytes(data.tobytes())
+    shown = " ".join(f"{b:02x}" for b in data[:8])
+    for message in refusals(path):
+        assert message == (f"{path} is not a weights file kinema reads: neither safetensors nor a torch checkpoint "
+                           f"(it starts with the bytes {shown}); give a .safetensors, .ckpt, .pt, .pth or .bin file")
+
+
+def test_zip_that_is_not_a_torch_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("README.txt", "weights inside")
+        archive.writestr("model.onnx", b"\x08\x07")
+    for message in refusals(path):
+        assert message == (f"{path} is a zip archive, not a torch checkpoint (it holds 2 files: README.txt, "
+                           "model.onnx); unpack it and point at the weights inside")
+
+
+def test_truncated_and_overlong_safetensors(tmp_path):
+    full = tmp_path / "full.safetensors"
+    save_file(tensors(), str(full))
+    data = full.read_bytes()
+    (header_length,) = struct.unpack("<Q", data[:8])
+    cases = {
+        "cut-data.safetensors": (data[:-5], f"whose header says {len(data)} bytes but the file has {len(data) - 5}: "
+                                            "truncated download; download the file again"),
+        "cut-header.safetensors": (data[:20], f"whose header says it is at least {8 + header_length} bytes but the "
+                                              "file has 20: truncated download"),
+        "longer.safetensors": (data + b"\x00" * 3, f"whose header says {len(data)} bytes but the file has "
+                                                   f"{len(data) + 3}: something was written after its end"),
+        "bad-header.safetensors": (data[:8] + b"{" + b"x" * (len(data) - 9), "with a damaged header"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for message in refusals(path, READERS + [read_safetensors_header]):
+            assert message.startswith(f"{path} is a safetensors file {expected}"), message
+
+
+def test_damaged_torch_checkpoint_message_is_cut_at_a_word(tmp_path):
+    path = tmp_path / "w.ckpt"
+    torch.save(tensors(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError) as torch_error:  # the reference: what torch itself says
+        torch.load(path, weights_only=True)
+    said = " ".join(f"RuntimeError: {torch_error.value}".split())
+    with pytest.raises(KinemaError) as err:
+        read_state_dict(path)
+    message = str(err.value)
+    start = f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
+    assert message.startswith(start) and "\n" not in message and len(said) > 300
+    kept = message.removeprefix(start).removesuffix(" …")
+    assert message.endswith(" …") and said.startswith(kept) and said[len(kept)] == " ", message
+
+
+def test_damaged_pickle_is_not_called_code(tmp_path):
+    path = tmp_path / "w.ckpt"
+    path.write_bytes(b"\x80\x02" + b"garbage here" * 3)  # a pickle header, then bytes that are no pickle opcodes
+    with pytest.raises(KinemaError) as err:
+        read_state_dict(path)
+    assert str(err.value) == (f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
+                              "Unsupported operand 103")  # opcode 103 is "g", the first garbage byte
+
+
+def test_sniff_reads_only_the_head_of_a_text_file(tmp_path):
+    # A 1 MB log saved as weights: the first line is shown even though the head ends mid-line and mid-character.
+    path = tmp_path / "log.bin"
+    path.write_text("é" * (1 << 20))
+    found = sniff(path)
+    assert found.kind is Kind.TEXT and found.diagnosis.startswith(f"{path} is a text file, not weights (first line: "
+                                                                  "'éééé")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[1, 2]", "is JSON but not an object of settings"),
+    ('{"ch": 8,', "(the Slice VAE's config) is not valid JSON at line 1 column 10"),
+    (LFS_POINTER, "(the Slice VAE's config) is a Git LFS pointer"),
+])
+def test_slice_vae_config_that_is_not_an_object(tmp_path, text, expected):
+    from kinema.loaders.easyanimate_vae import is_slice_vae_folder, load_slice_vae
+
+    (tmp_path / "config.json").write_text(text)
+    save_file(tensors(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert not is_slice_vae_folder(tmp_path)  # detection never raises
+    with pytest.raises(KinemaError) as err:
+        load_slice_vae(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'config.json'} {expected}"), str(err.value)
+
+
+@pytest.mark.parametrize("config", [["PNDMScheduler"], {"num_train_timesteps": 1000}])
+def test_scheduler_config_without_a_class_name(tmp_path, config):
+    from kinema.loaders.stable_diffusion import _load_scheduler
+
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(KinemaError, match=r"scheduler_config.json is not a diffusers scheduler config: that is a JSON "
+                                          r'object naming its class, e.g. \{"_class_name": "PNDMScheduler"'):
+        _load_scheduler(tmp_path)
+
+
+def test_single_file_model_is_sniffed_before_the_tokenizer(tmp_path):
+    from kinema.loaders.stable_diffusion import load_stable_diffusion
+
+    path = tmp_path / "dreamshaper_8.safetensors"
+    path.write_text(S3_ACCESS_DENIED)
+    with pytest.raises(KinemaError, match=f"^{path} is an XML error page"):  # the tokenizer folder does not exist
+        load_stable_diffusion(path, tokenizer=tmp_path / "no-such-tokenizer")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[24]", "(the settings of clip.mp4) is JSON but not an object of settings ({...}); delete or fix it"),
+    ('{"fps": }', "(the settings of clip.mp4) is not valid JSON at line 1 column 9: Expecting value; delete or fix it"),
+])
+def test_settings_sidecar_that_is_not_an_object(tmp_path, text, expected):
+    from kinema.data.video_io import read_sidecar
+
+    (tmp_path / "clip.mp4.json").write_text(text)
+    with pytest.raises(KinemaError) as err:
+        read_sidecar(tmp_path / "clip.mp4")
+    assert str(err.value) == f"{tmp_path / 'clip.mp4.json'} {expected}"
+
+
+def test_a_foreign_comment_is_no_settings(tmp_path):
+    from PIL import Image
+
+    from kinema.data.video_io import read_embedded_settings
+
+    path = tmp_path / "made-elsewhere.gif"
+    Image.new("RGB", (4, 4)).save(path, comment=b"Created with GIMP")
+    assert read_embedded_settings(path) is None
+    Image.new("RGB", (4, 4)).save(path, comment=b'["a list"]')
+    assert read_embedded_settings(path) is None
