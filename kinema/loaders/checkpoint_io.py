@@ -20,7 +20,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError, library_error_message, shorten
+from kinema.fileio import MARK_KEY, atomic_file, mark_weights_file
 from kinema.sniff import FileKind, Kind, sniff
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -227,10 +228,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def write_state_dict(
-    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
+    kind: str = "weights", overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write tensors to `.safetensors` (with string `metadata`) or, for `.ckpt`/`.pt`/`.pth`/`.bin`, a tensors-only
-    torch file. The file appears whole or not at all: it is written beside the target and renamed over it."""
+    torch file, under kinema's output policy (`kinema.fileio`): a new path is written, an existing one only with
+    `overwrite` when it is an earlier kinema output of this `kind`, never one of `inputs`. The file is marked as
+    kinema's `kind` (safetensors metadata or a zip record) and appears whole or not at all."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
@@ -242,15 +246,11 @@ def write_state_dict(
         raise KinemaError(f"cannot write {path}: metadata can only be stored in .safetensors files")
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise KinemaError("safetensors metadata must map strings to strings")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path, kind, overwrite=overwrite, inputs=inputs) as temp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         if suffix in SAFETENSORS_SUFFIXES:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(temp), metadata={**(metadata or {}), MARK_KEY: kind})
         else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            torch.save(tensors, temp)
+            mark_weights_file(temp, kind)
     return path
