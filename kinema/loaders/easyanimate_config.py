@@ -1,9 +1,10 @@
 """EasyAnimate V3 `transformer/config.json` <-> kinema `VideoDiT` arguments, both ways.
 
 V3 describes its blocks with switches (`basic_block_type`, `motion_module_kwargs_even/_odd`, `in_channels == 12`
-meaning CLIP tokens); kinema with one motion-module spec per block and an explicit `image_embed_dim`. Fields are
-sorted into data tables: same name and meaning, fixed at V3's value (other values switch on code kinema lacks),
-inert (stored by V3 without effect). Anything else is refused.
+meaning CLIP tokens, `enable_uvit` meaning 13 skip linears wired by block index); kinema with one motion-module spec
+per block, an explicit `image_embed_dim` and explicit `skip_pairs` / `num_skip_linears`. Fields are sorted into
+data tables: same name and meaning, fixed at V3's value (other values switch on code kinema lacks), inert (stored by
+V3 without effect). Anything else is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from kinema.errors import KinemaError
 from kinema.models.video_dit import VideoDiT
+from kinema.models.video_dit_blocks import EASYANIMATE_V3_SKIP_LINEARS, easyanimate_v3_skip_pairs
 
 # `transformer_additional_kwargs` of config/easyanimate_video_slicevae_motion_module_v3.yaml, which EasyAnimate adds
 # to transformer/config.json when it loads V3. Used as defaults: values in the config.json itself win.
@@ -110,7 +112,8 @@ def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
     Same-name fields pass through (`V3_SAME_FIELDS`); `V3_FIXED_FIELDS` are refused at any value but V3's;
     `V3_INERT_FIELDS` have no effect; V3's YAML extras fill in what the file lacks. `basic_block_type` with
     `motion_module_kwargs_even/_odd` (or `motion_module_kwargs` for every block) becomes `motion_modules`, and
-    `in_channels == 12` with `enable_clip_in_inpaint` becomes `image_embed_dim=768`. Unknown fields are refused.
+    `in_channels == 12` with `enable_clip_in_inpaint` becomes `image_embed_dim=768`, and `enable_uvit` becomes
+    V3's skip wiring at this depth (`easyanimate_v3_skip_pairs`, 13 linears). Unknown fields are refused.
     """
     if config.get("_class_name") == VideoDiT.__name__:
         return {name: value for name, value in config.items() if not name.startswith("_")}
@@ -142,6 +145,9 @@ def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
                           f"{list(V3_BLOCK_TYPES)} (EasyAnimate V3 uses 'global_motionmodule')")
     with_clip = config["in_channels"] == V3_INPAINT_CHANNELS and config.get("enable_clip_in_inpaint", True)
     kwargs["image_embed_dim"] = V3_IMAGE_EMBED_DIM if with_clip else None
+    skip_pairs = easyanimate_v3_skip_pairs(layers) if kwargs["enable_uvit"] else []
+    kwargs["skip_pairs"] = [list(pair) for pair in skip_pairs]
+    kwargs["num_skip_linears"] = EASYANIMATE_V3_SKIP_LINEARS if kwargs["enable_uvit"] else 0
     return kwargs
 
 
@@ -164,6 +170,21 @@ def _v3_motion_kwargs(spec: dict[str, Any], where: str) -> dict[str, Any]:
         "block_size": 1,
         "remove_time_embedding_in_photo": False,
     }
+
+
+def _v3_enable_uvit(config: dict[str, Any], where: str) -> bool:
+    """V3's `enable_uvit` for a kinema config's skips; refuses skips V3 cannot express (it has no skips, or exactly
+    its own 13 linears wired by block index)."""
+    pairs = [tuple(pair) for pair in config["skip_pairs"]]
+    linears, layers = config["num_skip_linears"], config["num_layers"]
+    if not pairs and not linears:
+        return False
+    v3_pairs = easyanimate_v3_skip_pairs(layers)
+    if pairs != v3_pairs or linears != EASYANIMATE_V3_SKIP_LINEARS:
+        raise KinemaError(f"{where}: skips {pairs} with {linears} linears have no EasyAnimate V3 equivalent: V3 "
+                          f"always stores {EASYANIMATE_V3_SKIP_LINEARS} skip linears and at {layers} blocks wires "
+                          f"{v3_pairs or 'none of them'}; keep this model in kinema layout")
+    return True
 
 
 def easyanimate_config_from_video_dit(config: dict[str, Any]) -> dict[str, Any]:
@@ -191,4 +212,5 @@ def easyanimate_config_from_video_dit(config: dict[str, Any]) -> dict[str, Any]:
     else:
         raise KinemaError(f"{where}: V3 repeats one motion module, or alternates two, over its blocks; this model "
                           "varies them otherwise. Keep it in kinema layout")
+    v3["enable_uvit"] = _v3_enable_uvit(config, where)
     return v3

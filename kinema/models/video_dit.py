@@ -8,8 +8,9 @@ frames, and cross-attends to the text (+ image) tokens. Parameter names are Easy
 
 Config fields share V3's `transformer/config.json` names where they mean the same thing. V3's block-type switches
 (`basic_block_type`, `motion_module_kwargs_even/_odd`, ...) become the per-block `motion_modules` list, and V3's
-rule "a CLIP projection exists when in_channels == 12" becomes the explicit `image_embed_dim`; the loader
-translates a V3 config and lists the fields it accepts and refuses.
+rule "a CLIP projection exists when in_channels == 12" becomes the explicit `image_embed_dim`, and V3's skips (wired by
+block index whatever the depth) become the explicit `skip_pairs` / `num_skip_linears`; the loader translates a V3
+config and lists the fields it accepts and refuses.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kinema.models.motion import check_frame_count
 from kinema.models.video_dit_blocks import (
     MotionModuleSpec,
     VideoDiTBlock,
+    check_skip_pairs,
     easyanimate_v3_motion_modules,
     uvit_skip_pairs,
 )
@@ -38,7 +40,8 @@ from kinema.state_dicts import StrictFromPretrained
 # Modules an inflated model adds to its image DiT; `from_image_dit` leaves them at their initialisation.
 VIDEO_ONLY_MODULES = ("attn_temporal", "long_connect_fc", "clip_projection")
 # Settings `from_image_dit` takes from the call; every other setting comes from the image model.
-VIDEO_SETTINGS = ("in_channels", "enable_uvit", "motion_modules", "image_embed_dim", "num_image_tokens")
+VIDEO_SETTINGS = ("in_channels", "enable_uvit", "skip_pairs", "num_skip_linears", "motion_modules", "image_embed_dim",
+                  "num_image_tokens")
 
 
 class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
@@ -59,7 +62,13 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         norm_elementwise_affine, norm_eps: the blocks' LayerNorms (V3: no affine, 1e-6).
         interpolation_scale: sin-cos position scale; None means `max(sample_size // 64, 1)` as in PixArt and V3.
         caption_channels: width of the text-encoder states (T5-XXL: 4096).
-        enable_uvit: add the U-ViT long skips of `uvit_skip_pairs(num_layers)`, each a zero-initialised Linear.
+        enable_uvit: add U-ViT long skips, each a zero-initialised Linear; False means none.
+        skip_pairs: `(source, target)` blocks of each skip, skip j using linear j: the output of block `source` goes
+            through `long_connect_fc[j]` and is added to the input of block `target`. None means the symmetric rule
+            `uvit_skip_pairs(num_layers)` of kinema-native models (or none without `enable_uvit`); EasyAnimate V3
+            files get `easyanimate_v3_skip_pairs(num_layers)`. Recorded explicitly in the config.
+        num_skip_linears: skip linears stored (at least one per pair; V3 always stores 13, unused ones included).
+            None means one per pair. Recorded explicitly in the config.
         motion_modules: one motion-module spec per block; None means V3's pattern (`easyanimate_v3_motion_modules`
             with this model's heads), recorded explicitly in the config.
         image_embed_dim: width of the CLIP image embedding projected into image tokens (V3 InP: 768); None for
@@ -89,6 +98,8 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         interpolation_scale: float | None = None,
         caption_channels: int = 4096,
         enable_uvit: bool = True,
+        skip_pairs: list[tuple[int, int]] | None = None,
+        num_skip_linears: int | None = None,
         motion_modules: list[MotionModuleSpec] | None = None,
         image_embed_dim: int | None = 768,
         num_image_tokens: int = 8,
@@ -105,6 +116,15 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         if len(motion_modules) != num_layers:
             raise KinemaError(f"motion_modules has {len(motion_modules)} specs but the model has {num_layers} blocks; "
                               "give one spec per block")
+        if skip_pairs is None:
+            skip_pairs = uvit_skip_pairs(num_layers) if enable_uvit else []
+        num_skip_linears = len(skip_pairs) if num_skip_linears is None else num_skip_linears
+        if not enable_uvit and (skip_pairs or num_skip_linears):
+            raise KinemaError(f"enable_uvit is False but skip_pairs {skip_pairs} / num_skip_linears {num_skip_linears} "
+                              "ask for skips; set enable_uvit True or leave both unset")
+        check_skip_pairs(skip_pairs, num_skip_linears, num_layers)
+        skip_pairs = [(source, target) for source, target in skip_pairs]  # a saved config holds them as lists
+        self.register_to_config(skip_pairs=[list(pair) for pair in skip_pairs], num_skip_linears=num_skip_linears)
 
         # 1. Patches, timestep, text and image conditioning
         scale = interpolation_scale if interpolation_scale is not None else max(sample_size // 64, 1)
@@ -126,8 +146,8 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
                           upcast_attention=upcast_attention)
             for spec in motion_modules
         )
-        self.skip_pairs = uvit_skip_pairs(num_layers) if enable_uvit else []
-        self.long_connect_fc = nn.ModuleList(nn.Linear(inner_dim, inner_dim) for _ in self.skip_pairs)
+        self.skip_pairs = skip_pairs
+        self.long_connect_fc = nn.ModuleList(nn.Linear(inner_dim, inner_dim) for _ in range(num_skip_linears))
 
         # 3. Output
         self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)

@@ -1,4 +1,4 @@
-"""Pieces of the video DiT: its transformer block, the U-ViT skip wiring and EasyAnimate V3's motion-module pattern.
+"""Pieces of the video DiT: its transformer block, the U-ViT skip rules and EasyAnimate V3's motion-module pattern.
 
 Everything is built from diffusers' `Attention` and `FeedForward` plus kinema's motion-module registry. Parameter
 names equal EasyAnimate V3's `TemporalTransformerBlock` (`norm1`, `attn1`, `attn_temporal`, `norm2`, `attn2`, `ff`,
@@ -7,6 +7,7 @@ names equal EasyAnimate V3's `TemporalTransformerBlock` (`norm1`, `attn1`, `attn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,21 +16,70 @@ from diffusers.models.attention_processor import Attention
 from einops import rearrange
 from torch import nn
 
+from kinema.errors import KinemaError
 from kinema.models.motion import build_motion_module
 
 MotionModuleSpec = str | dict[str, Any]
 
 
 def uvit_skip_pairs(num_layers: int) -> list[tuple[int, int]]:
-    """U-ViT long skips as `(source, target)` block pairs; the position in the list is the skip linear's index.
+    """Symmetric U-ViT long skips as `(source, target)` block pairs; the position in the list is the skip linear's
+    index. This is the rule of kinema-native models.
 
     The output of block `i` is added (through a linear) to the input of block `num_layers - 1 - i` for the first
-    `num_layers // 2 - 1` blocks, so the two middle blocks stay unlinked. For EasyAnimate V3's 28 blocks that is
-    13 skips, (12, 15), (11, 16), ..., (0, 27): V3 hard-codes it as `range(13)`, `index < 13` and `index >= 15`.
+    `num_layers // 2 - 1` blocks, so the two middle blocks stay unlinked. At 28 blocks this equals EasyAnimate V3's
+    wiring (`easyanimate_v3_skip_pairs`), 13 skips (12, 15), (11, 16), ..., (0, 27); at other depths the two differ.
     Skip `j` is consumed in increasing target order, so it pairs the most recent source with the first target.
     """
     num_skips = max(num_layers // 2 - 1, 0)
     return [(num_skips - 1 - j, num_layers - num_skips + j) for j in range(num_skips)]
+
+
+# EasyAnimate V3's Transformer3DModel always builds 13 skip linears, keeps the outputs of blocks 0-12 on a stack and,
+# before each block from 15 on, adds linear `block - 15` of the most recently kept output: its depth-28 numbers.
+EASYANIMATE_V3_SKIP_LINEARS = 13
+EASYANIMATE_V3_FIRST_SKIP_TARGET = 15
+
+
+def easyanimate_v3_skip_pairs(num_layers: int) -> list[tuple[int, int]]:
+    """EasyAnimate V3's long skips at any depth, as `(source, target)` pairs indexed like `uvit_skip_pairs`.
+
+    V3 wires skips by block index, not by depth: block `k` (15 <= k < min(num_layers, 28)) gets linear `k - 15` of
+    the output of block `27 - k`. So 20 blocks link 12..8 -> 15..19, 15 or fewer blocks link nothing, and the file
+    still holds all `EASYANIMATE_V3_SKIP_LINEARS` linears. Beyond 28 blocks V3's forward runs out of linears and
+    fails, so such a model has no V3 rule to follow and is refused.
+    """
+    last_target = 2 * EASYANIMATE_V3_FIRST_SKIP_TARGET - 3  # 27: the target of the first kept output, block 0
+    if num_layers > last_target + 1:
+        raise KinemaError(f"EasyAnimate V3 wires its {EASYANIMATE_V3_SKIP_LINEARS} U-ViT skip linears into blocks "
+                          f"{EASYANIMATE_V3_FIRST_SKIP_TARGET}-{last_target}, so with enable_uvit it runs at most "
+                          f"{last_target + 1} blocks (its forward fails at block {last_target + 1}); this config has "
+                          f"num_layers {num_layers}, which no EasyAnimate V3 code can run")
+    return [(last_target - k, k) for k in range(EASYANIMATE_V3_FIRST_SKIP_TARGET, min(num_layers, last_target + 1))]
+
+
+def check_skip_pairs(skip_pairs: Sequence[Sequence[int]], num_skip_linears: int, num_layers: int) -> None:
+    """Raise one KinemaError line unless every skip is a `(source, target)` pair of blocks, earlier to later, no
+    block sends or receives two skips, and there is a linear for each (extra linears are allowed: V3 stores 13)."""
+    malformed = [pair for pair in skip_pairs if not (
+        isinstance(pair, list | tuple) and len(pair) == 2
+        and all(isinstance(block, int) and not isinstance(block, bool) for block in pair))]
+    if malformed:
+        raise KinemaError(f"skip_pairs entries {malformed[:3]} are not [source, target] pairs of block indices")
+    if not isinstance(num_skip_linears, int) or isinstance(num_skip_linears, bool) or num_skip_linears < 0:
+        raise KinemaError(f"num_skip_linears must be a whole number >= 0, got {num_skip_linears!r}")
+    sources = [source for source, _ in skip_pairs]
+    targets = [target for _, target in skip_pairs]
+    bad = [pair for pair in skip_pairs if not 0 <= pair[0] < pair[1] < num_layers]
+    if bad:
+        raise KinemaError(f"skip_pairs {bad} are not (source, target) blocks with 0 <= source < target < num_layers "
+                          f"= {num_layers}; a skip carries an earlier block's output to a later block's input")
+    if len(set(sources)) != len(sources) or len(set(targets)) != len(targets):
+        raise KinemaError(f"skip_pairs {skip_pairs} use a block twice as a source or as a target; each block sends "
+                          "and receives at most one skip")
+    if num_skip_linears < len(skip_pairs):
+        raise KinemaError(f"num_skip_linears {num_skip_linears} is below the {len(skip_pairs)} skip_pairs; skip j "
+                          "uses linear j, so give at least one linear per pair")
 
 
 def easyanimate_v3_motion_modules(

@@ -95,9 +95,11 @@ def v3_key_names(layers: int, skips: int) -> set[str]:
 
 def source_model() -> VideoDiT:
     torch.manual_seed(0)
+    # EasyAnimate V3 always stores 13 skip linears and at 4 blocks wires none of them.
     model = VideoDiT(num_attention_heads=2, attention_head_dim=32, in_channels=12, out_channels=8, num_layers=4,
                      cross_attention_dim=64, sample_size=8, caption_channels=48, image_embed_dim=768,
-                     motion_modules=easyanimate_v3_motion_modules(4, 2, max_frames=PE_LEN)).eval()
+                     motion_modules=easyanimate_v3_motion_modules(4, 2, max_frames=PE_LEN), skip_pairs=[],
+                     num_skip_linears=13).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
@@ -145,7 +147,7 @@ def run(model: VideoDiT) -> torch.Tensor:
 
 def test_written_folder_has_exactly_v3_key_names(v3_root):
     names = set(load_file(v3_root / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert names == v3_key_names(layers=4, skips=1)
+    assert names == v3_key_names(layers=4, skips=13)
 
 
 def test_v3_folder_loads_strictly_and_reproduces_its_source(v3_root, model):
@@ -271,7 +273,7 @@ def test_describe_reads_only_the_header(v3_root, model):
     expected = {
         "kind": "easyanimate_transformer", "format": "easyanimate-v3", "layout": "original", "variant": "InP",
         "blocks": 4, "width": 64, "in_channels": 12,
-        "out_channels": 8, "skips": 1, "keys": tensors, "parameters": sum(p.numel() for p in model.parameters()),
+        "out_channels": 8, "skips": 13, "keys": tensors, "parameters": sum(p.numel() for p in model.parameters()),
         "pe_buffers": 8, "dtype": "float32", "pe_length": PE_LEN,
         "path": str(v3_root / "transformer" / "diffusion_pytorch_model.safetensors"),
     }
@@ -279,13 +281,14 @@ def test_describe_reads_only_the_header(v3_root, model):
     assert describe_easyanimate(v3_root / "transformer") == expected
     assert describe_easyanimate(v3_root / "transformer" / "diffusion_pytorch_model.safetensors") == expected
     # image DiT + 4 motion modules (GroupNorm, proj_in/out, 2 attentions + LayerNorms, GEGLU ff + LayerNorm)
-    # + CLIP projection 768 -> 8 x 64 + one skip linear
+    # + CLIP projection 768 -> 8 x 64 + 13 skip linears
     d = 64
     image_dit = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=12, out_channels=8,
                                          num_layers=4, cross_attention_dim=64, sample_size=8, caption_channels=48)
     motion = 2 * d + 2 * (d * d + d) + 2 * (4 * d * d + d + 2 * d) + (8 * d * d + 8 * d + 4 * d * d + d) + 2 * d
     clip = (768 * 8 * d + 8 * d) + (8 * d * 8 * d + 8 * d)
-    assert expected["parameters"] == sum(p.numel() for p in image_dit.parameters()) + 4 * motion + clip + d * d + d
+    assert expected["parameters"] == sum(p.numel() for p in image_dit.parameters()) + 4 * motion + clip \
+        + 13 * (d * d + d)
     assert describe_easyanimate(v3_root / "nothing") is None
     (v3_root / "notes.txt").write_text("hi")
     assert describe_easyanimate(v3_root / "notes.txt") is None
