@@ -187,6 +187,21 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ forward
 
+    @staticmethod
+    def _text_per_frame(text: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """Text tokens as shared `(B, L, D)`, per-frame `(B, F, L, D)` or folded `(B*F, L, D)` -> `(B*F, L, D)`, the
+        frame-folded batch order of the latents; anything else raises one KinemaError line."""
+        if text.ndim == 3 and text.shape[0] == batch:  # with F == 1 shared and folded are the same thing
+            return text.repeat_interleave(frames, dim=0)
+        if text.ndim == 3 and text.shape[0] == batch * frames:
+            return text
+        if text.ndim == 4 and text.shape[:2] == (batch, frames):
+            return rearrange(text, "b f l d -> (b f) l d")
+        raise KinemaError(f"encoder_hidden_states of shape {tuple(text.shape)} do not fit {batch} clip(s) of "
+                          f"{frames} frames; pass (B, L, D) = ({batch}, L, D) shared by all frames, or per frame "
+                          f"({batch}, {frames}, L, D) or ({batch * frames}, L, D) with row b*F + f for frame f of "
+                          "clip b")
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -199,7 +214,8 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
         Args:
             sample: noisy latents `(B, C, F, H, W)`.
             timestep: `()` or `(B,)`.
-            encoder_hidden_states: text tokens `(B, L, D)` shared by all frames, or `(B, F, L, D)` per frame.
+            encoder_hidden_states: text tokens `(B, L, D)` shared by all frames, or per frame as `(B, F, L, D)` or
+                as diffusers' AnimateDiff pipeline passes them, `(B*F, L, D)` with row `b*F + f` for frame f of clip b.
             unet_kwargs: passed to the 2D UNet (e.g. `cross_attention_kwargs`, `added_cond_kwargs`).
 
         Returns:
@@ -212,10 +228,7 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
             raise KinemaError(f"latents have {channels} channels, the UNet takes {self.unet.config.in_channels}")
         check_frame_count(frames, self.max_frames)
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
-        if encoder_hidden_states.ndim == 3:
-            encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
-        else:
-            encoder_hidden_states = rearrange(encoder_hidden_states, "b f l d -> (b f) l d")
+        encoder_hidden_states = self._text_per_frame(encoder_hidden_states, batch, frames)
         self._frames.value = frames
         out = self.unet(
             rearrange(sample, "b c f h w -> (b f) c h w"),

@@ -105,6 +105,25 @@ def test_per_frame_text_tokens(unet2d):
     assert torch.allclose(shared, per_frame, atol=1e-6)
 
 
+def test_diffusers_folded_per_frame_text_states(unet2d):
+    # diffusers' AnimateDiff pipeline passes text states as (B*F, L, D), row b*F + f for frame f of clip b. A fresh
+    # inflation has identity motion modules, so each frame must get the 2D UNet's result on its own frame's tokens.
+    video = VideoUNet.from_unet2d(unet2d)
+    x, t, _ = inputs(frames=3)
+    folded = torch.randn(2 * 3, 7, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = video(x, t, folded)
+        for b in range(2):
+            for f in range(3):
+                expected = unet2d(x[b:b + 1, :, f], t[b:b + 1], folded[b * 3 + f:b * 3 + f + 1]).sample
+                assert (out[b:b + 1, :, f] - expected).abs().max().item() < 1e-5, (b, f)
+        assert torch.equal(video(x, t, folded.reshape(2, 3, 7, 32)), out)
+    for wrong in (torch.randn(4, 7, 32), torch.randn(2, 2, 7, 32)):
+        with pytest.raises(KinemaError, match=r"do not fit 2 clip\(s\) of 3 frames.*\(6, L, D\)") as err:
+            video(x, t, wrong)
+        assert "\n" not in str(err.value)
+
+
 def test_freeze_base_leaves_only_motion_trainable(unet2d):
     video = VideoUNet.from_unet2d(unet2d)
     video.freeze_base()
