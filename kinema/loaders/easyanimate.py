@@ -22,7 +22,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
-from kinema.fileio import atomic_folder
+from kinema.fileio import atomic_folder, read_json
 from kinema.loaders.animatediff_keys import check_frame_table, with_pe_tables
 from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, iter_safetensors, read_safetensors_header
 from kinema.loaders.easyanimate_config import (
@@ -52,12 +52,37 @@ def _transformer_dir(folder: str | os.PathLike) -> Path:
                       "folder or its transformer/ subfolder")
 
 
+# JSON value kinds by Python type, for saying what a file holds instead of an object.
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+              type(None): "null"}
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """`path`'s JSON, which must be an object; anything else raises one KinemaError line naming the file."""
+    value = read_json(path, what=what)
+    if not isinstance(value, dict):
+        raise KinemaError(f"{path} ({what}) holds {JSON_KINDS.get(type(value), 'a JSON value')}, not an object of "
+                          "named fields; restore it from the original download")
+    return value
+
+
+def _read_transformer_config(folder: Path) -> dict[str, Any]:
+    return _read_json_object(folder / "config.json", "the transformer's config")
+
+
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it, for a single or an index-sharded diffusers weights file."""
     if (folder / WEIGHTS_NAME).is_file():
         return dict.fromkeys(read_safetensors_header(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
     if (folder / WEIGHTS_INDEX_NAME).is_file():
-        weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+        index_path = folder / WEIGHTS_INDEX_NAME
+        weight_map = _read_json_object(index_path, "the sharded weights' index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+            raise KinemaError(f'{index_path} has no "weight_map" object (tensor name -> shard file), so the shards '
+                              "cannot be found; it is not a diffusers weights index: restore it from the download")
+        missing = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if missing:
+            raise KinemaError(f"{index_path} lists shard(s) {missing[:3]} that are not in {folder}; download them")
         return {name: folder / file for name, file in weight_map.items()}
     found = sorted(p.name for p in folder.iterdir())
     raise KinemaError(f"{folder} has no {WEIGHTS_NAME}; it holds {found[:8]}. kinema reads safetensors only: convert "
@@ -104,16 +129,19 @@ def check_video_dit_keys(
 
 
 def load_video_dit(
-    folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    mmap: bool = False,
 ) -> VideoDiT:
     """Load an EasyAnimate V3 `transformer/` folder (or a kinema-saved VideoDiT folder) strictly.
 
     Accepts the model root or its `transformer/` folder. The V3 config is translated by
     `video_dit_config_from_easyanimate`; stored `pos_encoder.pe` buffers `(1, max_frames, C)` are checked and
-    dropped. `dtype` casts the weights (default: as stored). Returns the model in eval mode.
+    dropped. `dtype` casts the weights (default: as stored). The weights are read into memory; `mmap=True` leaves
+    uncast CPU weights as views of the memory-mapped file instead (less memory, but the first forward pass then
+    pages the whole file in, several times slower). Returns the model in eval mode.
     """
     folder = _transformer_dir(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_transformer_config(folder)
     kwargs = video_dit_config_from_easyanimate(config)
     files = _weight_files(folder)
     header: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -133,7 +161,7 @@ def load_video_dit(
                 except KinemaError as err:
                     raise KinemaError(f"{source}: {err}") from None
                 continue
-            state[name] = tensor.to(dtype) if dtype is not None else tensor
+            state[name] = tensor.to(dtype or tensor.dtype, copy=not mmap)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 
@@ -185,29 +213,33 @@ def _load_tokenizer(folder: Path) -> Any:
 
 
 def load_easyanimate(
-    folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    mmap: bool = False,
 ) -> EasyAnimateModel:
     """Load a whole EasyAnimate V3 folder: transformer, Slice VAE, T5 encoder + tokenizer, CLIP image encoder.
 
-    All models are cast to `dtype` and moved to `device`; the encoders are returned in eval mode.
+    All models are cast to `dtype` and moved to `device`; the encoders are returned in eval mode. `mmap` is passed
+    to the transformer and VAE loaders (default: weights read into memory).
     """
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, T5EncoderModel
+    # The PIL image processor is the one EasyAnimate's pipeline used (transformers 4's CLIPImageProcessor); the
+    # default CLIPImageProcessor of transformers 5 wants torchvision and prints a notice when falling back to it.
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, T5EncoderModel
 
     from kinema.loaders.easyanimate_vae import load_slice_vae
 
     # Every folder and the tokenizer are checked before the multi-GB weights are read.
     folder = Path(folder)
     dirs = {name: _require_dir(folder, name) for name in ("transformer", "vae", "text_encoder", "tokenizer")}
-    transformer_config = video_dit_config_from_easyanimate(
-        json.loads((_transformer_dir(dirs["transformer"]) / "config.json").read_text()))
+    transformer_config = video_dit_config_from_easyanimate(_read_transformer_config(_transformer_dir(
+        dirs["transformer"])))
     image_dir = folder / "image_encoder"
     if transformer_config.get("image_embed_dim") is not None and not image_dir.is_dir():
         raise KinemaError(f"{folder} is an InP model (its transformer takes CLIP image tokens) but has no "
                           "image_encoder/ folder; restore it from the original download")
     tokenizer = _load_tokenizer(dirs["tokenizer"])
 
-    transformer = load_video_dit(dirs["transformer"], dtype=dtype, device=device)
-    vae = load_slice_vae(dirs["vae"], torch_dtype=dtype).to(device)
+    transformer = load_video_dit(dirs["transformer"], dtype=dtype, device=device, mmap=mmap)
+    vae = load_slice_vae(dirs["vae"], torch_dtype=dtype, mmap=mmap).to(device)
     text_dir = dirs["text_encoder"]
     text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtype, variant=_variant(text_dir))
     image_encoder = image_processor = None
@@ -215,7 +247,7 @@ def load_easyanimate(
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_dir, dtype=dtype,
                                                                       variant=_variant(image_dir))
         image_encoder = image_encoder.to(device).eval()
-        image_processor = CLIPImageProcessor.from_pretrained(image_dir)
+        image_processor = CLIPImageProcessorPil.from_pretrained(image_dir)
     return EasyAnimateModel(transformer, vae, text_encoder.to(device).eval(), tokenizer, image_encoder,
                             image_processor)
 
@@ -241,7 +273,7 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
     pe = {name: shape for name, (shape, _) in header.items() if PE_BUFFER.match(name)}
     params = {name: shape for name, (shape, _) in header.items() if name not in pe}
     width, in_channels, patch, _ = params["pos_embed.proj.weight"]
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = _read_transformer_config(config_path.parent) if config_path.is_file() else {}
     pe_length = next(iter(pe.values()))[1] if pe else _pe_length_from_config(config)
     dtypes = sorted({SAFETENSORS_DTYPES.get(dtype, dtype) for _, dtype in header.values()})
     return {

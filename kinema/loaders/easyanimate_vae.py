@@ -96,12 +96,13 @@ def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torc
 
 
 def load_slice_vae(path: str | Path, subfolder: str | None = None,
-                   torch_dtype: torch.dtype | None = None) -> SliceVAE:
+                   torch_dtype: torch.dtype | None = None, mmap: bool = False) -> SliceVAE:
     """Build a `SliceVAE` from `path[/subfolder]` and load its weights strictly; returns it in eval mode, in
     `torch_dtype` (default float32).
 
     Keys under `loss.` (training-only loss networks) are dropped and counted; any other missing, unexpected or
-    wrongly shaped key raises KinemaError naming it, before any weight is copied.
+    wrongly shaped key raises KinemaError naming it, before any weight is copied. Weights are read into memory;
+    `mmap=True` leaves uncast safetensors weights as views of the memory-mapped file.
     """
     folder = _folder(path, subfolder)
     kwargs = read_slice_vae_config(folder)
@@ -115,8 +116,13 @@ def load_slice_vae(path: str | Path, subfolder: str | None = None,
         logger.info("Dropped %d training-only keys under %s from %s.", len(dropped), TRAINING_ONLY_PREFIXES, folder)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(expected, state_dict, str(folder))
+    # The tensors are cast before they are assigned: diffusers' ModelMixin.to(dtype) warns about modules "that
+    # should be kept in float32" on every dtype cast, even for models like this one that list none.
+    dtype = torch_dtype or torch.float32
+    for name in list(state_dict):  # one tensor at a time, so at most one extra copy is alive
+        state_dict[name] = state_dict[name].to(dtype, copy=not mmap)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(torch_dtype or torch.float32).eval()
+    return model.eval()
 
 
 def describe_slice_vae(path: str | Path) -> dict | None:

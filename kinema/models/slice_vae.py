@@ -304,7 +304,7 @@ class SliceVAE(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None, **kwargs) -> "SliceVAE":
+                        torch_dtype: torch.dtype | None = None, mmap: bool = False, **kwargs) -> "SliceVAE":
         """Load a local folder (config.json + weights) strictly; see `kinema.loaders.easyanimate_vae.load_slice_vae`.
 
         diffusers' own `from_pretrained` only warns about missing or unexpected keys, so this routes to the strict
@@ -313,5 +313,6 @@ class SliceVAE(ModelMixin, ConfigMixin):
         from kinema.loaders.easyanimate_vae import load_slice_vae  # the loader imports this module
 
         if kwargs:
-            raise KinemaError(f"SliceVAE.from_pretrained takes subfolder and torch_dtype only; got {sorted(kwargs)}.")
-        return load_slice_vae(pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype)
+            raise KinemaError(f"SliceVAE.from_pretrained takes subfolder, torch_dtype and mmap only; got "
+                              f"{sorted(kwargs)}.")
+        return load_slice_vae(pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, mmap=mmap)
