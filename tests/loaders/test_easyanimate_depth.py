@@ -159,3 +159,26 @@ def test_bad_skip_settings_raise_one_line(case):
         VideoDiT(num_attention_heads=2, attention_head_dim=32, num_layers=4, cross_attention_dim=WIDTH,
                  sample_size=8, caption_channels=48, **settings)
     assert "\n" not in str(err.value)
+
+
+BAD_FILES = {
+    "config not an object": ("config.json", "[1, 2]",
+                             r"config.json \(the transformer's config\) holds an array, not an object"),
+    "config not JSON": ("config.json", '{"num_layers": 4,\n}',
+                        r"config.json \(the transformer's config\) is not valid JSON at line 2 column 1"),
+    "index without weight_map": ("diffusion_pytorch_model.safetensors.index.json", '{"metadata": {}}',
+                                 'has no "weight_map" object'),
+    "index naming a missing shard": ("diffusion_pytorch_model.safetensors.index.json",
+                                     '{"weight_map": {"proj_out.weight": "part-1.safetensors"}}',
+                                     r"lists shard\(s\) \['part-1.safetensors'\] that are not in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_config_or_index_is_one_line(tmp_path, case):
+    name, text, message = BAD_FILES[case]
+    (tmp_path / "config.json").write_text(json.dumps(v3_config()))
+    (tmp_path / name).write_text(text)
+    with pytest.raises(KinemaError, match=message) as err:
+        load_video_dit(tmp_path)
+    assert "\n" not in str(err.value)
