@@ -296,17 +296,18 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def convert_easyanimate_transformer(
-    source: str | os.PathLike, target: str | os.PathLike, to: str
+    source: str | os.PathLike, target: str | os.PathLike, to: str, *, overwrite: bool = False
 ) -> tuple[Path, list[str]]:
     """Rewrite an EasyAnimate transformer folder as `original` (V3's config.json and names, with the `pe` frame
     tables it stores) or `kinema` (`VideoDiT.save_pretrained`: kinema's config, no tables). Weights are copied
-    exactly. Only the transformer is written; the other parts of a model folder are used as they are."""
+    exactly. Only the transformer is written; the other parts of a model folder are used as they are. `target`
+    follows kinema's output policy: `overwrite` replaces only an earlier kinema transformer, never `source`."""
     model = load_video_dit(source)
     notes = []
     if Path(source, "transformer").is_dir():
         notes.append(f"only the transformer was converted; {source}'s other folders (vae/, text_encoder/, ...) "
                      "are used as they are")
-    with atomic_folder(target) as folder:
+    with atomic_folder(target, "easyanimate_transformer", overwrite=overwrite, inputs=(source,)) as folder:
         if to == "kinema":
             model.save_pretrained(folder)
             return Path(target), notes
