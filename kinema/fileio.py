@@ -343,17 +343,24 @@ def atomic_folder(
 def atomic_file(
     path: str | os.PathLike, kind: str, *, overwrite: bool = False, inputs: Iterable = ()
 ) -> Iterator[Path]:
-    """Yield a temporary file name beside `path` (after `check_output`) for the caller to write; when the block
-    ends without error it replaces `path` (keeping an old file's mode); on any error or signal it is removed.
-    The caller marks the file as kinema's (see `output_kind`)."""
+    """Yield a temporary file name (after `check_output`) for the caller to write; when the block ends without
+    error it replaces `path` (keeping an old file's mode); on any error or signal it is removed. The caller marks
+    the file as kinema's (see `output_kind`).
+
+    The name lies inside a hidden temporary folder beside `path`, because writers may make temporaries of their own
+    next to the name they are given (safetensors writes `.tmpXXXXXX` and renames it): those stay under kinema's
+    recognisable name too, and go with it."""
     target = check_output(path, kind, folder=False, overwrite=overwrite, inputs=inputs)
     created = _make_parents(target.parent)
     temp = _temp_path(target, "part")
     with _cleanup_on_failure(temp, created, target.parent, Path(path)):
         _remove(temp)
-        yield temp
-        os.chmod(temp, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
-        os.replace(temp, target)
+        os.mkdir(temp)
+        written = temp / target.name
+        yield written
+        os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
+        os.replace(written, target)
+        os.rmdir(temp)
 
 
 def _swap_in(temp: Path, target: Path) -> None:
