@@ -123,12 +123,7 @@ def _settings_mark(path: Path) -> str | None:
 
 
 def _video_mark(path: Path) -> str | None:
-    side = path.with_name(path.name + ".json")
-    try:
-        settings = json.loads(side.read_text())
-    except (OSError, ValueError):
-        return None
-    return "video" if isinstance(settings, dict) and "kinema" in settings else None
+    return "video" if _settings_mark(path.with_name(path.name + ".json")) else None
 
 
 def output_kind(path: str | os.PathLike) -> str | None:
@@ -376,6 +371,22 @@ def _swap_in(temp: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading
+
+
+# JSON value kinds by Python type, for saying what a file holds instead of an object.
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def read_json_object(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
+    """`read_json` for files that must hold an object of named fields (configs, indexes, settings); any other JSON
+    value raises one KinemaError naming the file and what it holds instead."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        label = f"{path} ({what})" if what else str(path)
+        raise KinemaError(f"{label} holds {_JSON_KINDS.get(type(value), 'a JSON value')}, not an object of named "
+                          "fields ({...}); restore it from the original download or re-save it")
+    return value
 
 
 def read_json(path: str | os.PathLike, what: str = "") -> Any:

@@ -256,7 +256,7 @@ def test_sniff_reads_only_the_head_of_a_text_file(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("[1, 2]", "is JSON but not an object of settings"),
+    ("[1, 2]", "(the Slice VAE's config) holds an array, not an object of named fields"),
     ('{"ch": 8,', "(the Slice VAE's config) is not valid JSON at line 1 column 10"),
     (LFS_POINTER, "(the Slice VAE's config) is a Git LFS pointer"),
 ])
@@ -271,13 +271,16 @@ def test_slice_vae_config_that_is_not_an_object(tmp_path, text, expected):
     assert str(err.value).startswith(f"{tmp_path / 'config.json'} {expected}"), str(err.value)
 
 
-@pytest.mark.parametrize("config", [["PNDMScheduler"], {"num_train_timesteps": 1000}])
-def test_scheduler_config_without_a_class_name(tmp_path, config):
+@pytest.mark.parametrize(("config", "expected"), [
+    (["PNDMScheduler"], r"scheduler_config.json \(the scheduler's config\) holds an array, not an object"),
+    ({"num_train_timesteps": 1000}, r"scheduler_config.json is not a diffusers scheduler config: that is a JSON "
+                                    r'object naming its class, e.g. \{"_class_name": "PNDMScheduler"'),
+])
+def test_scheduler_config_without_a_class_name(tmp_path, config, expected):
     from kinema.loaders.stable_diffusion import _load_scheduler
 
     (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
-    with pytest.raises(KinemaError, match=r"scheduler_config.json is not a diffusers scheduler config: that is a JSON "
-                                          r'object naming its class, e.g. \{"_class_name": "PNDMScheduler"'):
+    with pytest.raises(KinemaError, match=expected):
         _load_scheduler(tmp_path)
 
 

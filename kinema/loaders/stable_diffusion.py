@@ -37,7 +37,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from kinema.errors import KinemaError, shorten
-from kinema.fileio import read_json
+from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import check_weights_file, read_state_dict
 from kinema.state_dicts import key_mismatch, shapes
 
@@ -116,8 +116,8 @@ def _check_loading_info(info: Mapping[str, Any], what: str, root: Path) -> None:
 
 def _load_scheduler(folder: Path) -> SchedulerMixin:
     path = folder / "scheduler_config.json"
-    config = read_json(path, what="the scheduler's config")
-    if not isinstance(config, dict) or "_class_name" not in config:
+    config = read_json_object(path, what="the scheduler's config")
+    if "_class_name" not in config:
         raise KinemaError(f"{path} is not a diffusers scheduler config: that is a JSON object naming its class, e.g. "
                           '{"_class_name": "PNDMScheduler", ...}; copy scheduler/ from an SD1.5 diffusers folder')
     cls = getattr(diffusers, str(config["_class_name"]), None)
