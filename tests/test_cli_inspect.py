@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from diffusers import MotionAdapter
+from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from loaders.animatediff_fixtures import TINY_CHANNELS, original_motion_state_dict, tiny_unet
 
 from kinema.cli import main
@@ -15,6 +17,12 @@ def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_same_tensors(got, expected):
+    """Same names, and each tensor bit-exact with the same dtype (convert only renames, so it owns every bit)."""
+    assert set(got) == set(expected)
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in expected.items())
 
 
 def inspect_json(capsys, path):
@@ -92,15 +100,22 @@ def test_convert_original_to_diffusers_to_original_is_bit_exact(tmp_path, capsys
     code, out, _ = run(capsys, "convert", str(source), str(tmp_path / "adapter"), "--to", "diffusers")
     assert code == 0 and out.startswith(f"wrote {tmp_path / 'adapter'} (diffusers layout)\nnote: ")
     adapter = MotionAdapter.from_pretrained(tmp_path / "adapter")
-    assert set(adapter.state_dict()) == set(read_state_dict(tmp_path / "adapter/diffusion_pytorch_model.safetensors"))
+    written = read_state_dict(tmp_path / "adapter/diffusion_pytorch_model.safetensors")
+    assert set(adapter.state_dict()) == set(written)
+    # The diffusers side against diffusers' own converter (behind MotionAdapter.from_single_file), which never
+    # writes the pe tables: a rename kinema made on the way out and undid on the way back would show here.
+    assert_same_tensors({k: v for k, v in written.items() if not k.endswith(".pos_embed.pe")},
+                        convert_animatediff_checkpoint_to_diffusers(read_state_dict(source)))
     for source_name, target, layout in [("adapter", "back.ckpt", "original"), ("back.ckpt", "k.safetensors", "kinema"),
                                         ("k.safetensors", "o.ckpt", "original")]:
         assert run(capsys, "convert", str(tmp_path / source_name), str(tmp_path / target), "--to", layout)[0] == 0
     expected = read_state_dict(source)
     for name in ("back.ckpt", "o.ckpt"):
-        got = read_state_dict(tmp_path / name)
-        assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+        assert_same_tensors(read_state_dict(tmp_path / name), expected)
     assert inspect_json(capsys, tmp_path / "k.safetensors")["format"] == "kinema"
+    # kinema's layout is the original names without the frame tables.
+    assert_same_tensors(read_state_dict(tmp_path / "k.safetensors"),
+                        {k: v for k, v in expected.items() if not k.endswith(".pos_encoder.pe")})
 
 
 def test_convert_a_motion_lora_through_every_layout_is_bit_exact(tmp_path, capsys):
@@ -121,8 +136,14 @@ def test_convert_a_motion_lora_through_every_layout_is_bit_exact(tmp_path, capsy
         assert inspect_json(capsys, tmp_path / target)["format"] == layout
     peft_keys = read_state_dict(tmp_path / "p.safetensors")
     assert "unet.mid_block.motion_modules.0.transformer_blocks.0.attn2.to_out.0.lora_B.weight" in peft_keys
-    back = read_state_dict(tmp_path / "back.ckpt")
-    assert set(back) == set(source) and all(torch.equal(back[k], v) for k, v in source.items())
+    assert_same_tensors(read_state_dict(tmp_path / "back.ckpt"), source)
+    # Each layout on the way against diffusers' own renaming of the source, so a rename made on the way out and
+    # undone on the way back cannot hide: its motion-module converter (+ "unet.") as diffusers' LoRA script writes,
+    # and its legacy -> peft renaming for the peft layouts (diffusers' paths, and kinema's = the original paths).
+    diffusers_layout = {f"unet.{k}": v for k, v in convert_animatediff_checkpoint_to_diffusers(source).items()}
+    assert_same_tensors(read_state_dict(tmp_path / "d.safetensors"), diffusers_layout)
+    assert_same_tensors(peft_keys, convert_unet_state_dict_to_peft(diffusers_layout))
+    assert_same_tensors(read_state_dict(tmp_path / "k.safetensors"), convert_unet_state_dict_to_peft(source))
 
 
 def test_convert_refuses_a_layout_the_kind_lacks(tmp_path, capsys):
