@@ -15,20 +15,36 @@ from kinema.errors import KinemaError
 SHOW = 3  # keys named per kind of problem
 
 
+def key_problems(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], ignore: Iterable[str] = ()
+) -> dict[str, list[str]]:
+    """How `found` differs from `expected` (both `{name: shape}`), by kind: `{"missing": [names], "unexpected":
+    [names], "mismatched": ["name: file (3, 4) vs model (4, 4)"]}` in `expected` / `found` order, holding only the
+    kinds that occur (empty when they agree). Names in `ignore` may be in `found` without being unexpected."""
+    ignore = set(ignore)
+    problems = {
+        "missing": [k for k in expected if k not in found],
+        "unexpected": [k for k in found if k not in expected and k not in ignore],
+        "mismatched": [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+                       for k in expected if k in found and tuple(found[k]) != tuple(expected[k])],
+    }
+    return {kind: keys for kind, keys in problems.items() if keys}
+
+
+def problems_phrase(problems: Mapping[str, Sequence[str]]) -> str | None:
+    """`{"missing": [a.weight], ...}` as `1 missing (e.g. a.weight); ...`, naming the first SHOW of each kind;
+    None when there are none."""
+    return "; ".join(f"{len(keys)} {kind} (e.g. {', '.join(keys[:SHOW])})" for kind, keys in problems.items()
+                     if keys) or None
+
+
 def key_mismatch(
     expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], ignore: Iterable[str] = ()
 ) -> str | None:
     """How the tensor names and shapes in `found` differ from `expected` (both `{name: shape}`), as one phrase
     such as `1 missing (e.g. a.weight); 2 mismatched (e.g. b.weight: file (3, 4) vs model (4, 4))`; None when
     they agree. Names in `ignore` may be present in `found` without counting as unexpected."""
-    ignore = set(ignore)
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected and k not in ignore]
-    mismatched = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
-                  for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:SHOW])})"
-             for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
-    return "; ".join(parts) or None
+    return problems_phrase(key_problems(expected, found, ignore))
 
 
 def shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
@@ -45,10 +61,9 @@ class StrictFromPretrained:
         """diffusers' `from_pretrained`, then a KinemaError naming any missing, unexpected or mismatched key."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        problems = [(label, [k if isinstance(k, str) else k[0] for k in info.get(field) or []])
-                    for label, field in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
-                                         ("mismatched", "mismatched_keys"))]
-        found = "; ".join(f"{len(keys)} {label} (e.g. {', '.join(keys[:SHOW])})" for label, keys in problems if keys)
+        found = problems_phrase({kind: [k if isinstance(k, str) else k[0] for k in info.get(field) or []]
+                                 for kind, field in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                                     ("mismatched", "mismatched_keys"))})
         if found:
             raise KinemaError(f"{pretrained_model_name_or_path}: weights do not fit the {cls.__name__} its "
                               f"config.json describes: {found}. Re-save the model, or check that config.json and "
