@@ -24,10 +24,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from kinema.errors import KinemaError
-from kinema.fileio import atomic_folder
+from kinema.fileio import atomic_folder, read_json_object
 from kinema.loaders.animatediff_keys import check_frame_table, is_pe_key, pe_places, rename_state_dict, with_pe_tables
 from kinema.loaders.checkpoint_io import read_checkpoint, write_state_dict
+from kinema.models.motion import build_motion_module
 from kinema.models.video_unet import VideoUNet
+from kinema.state_dicts import key_problems, problems_phrase, shapes
 
 LAYOUTS = ("original", "diffusers", "kinema")  # what `save_motion_module` / `kinema convert --to` write
 ADAPTER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -63,6 +65,13 @@ LOOKS_LIKE: list[tuple[str, str]] = [
     (r"^(down_blocks|up_blocks|mid_block)\.\d*\.?(resnets|attentions)\.", "an image UNet (diffusers layout)"),
     (r"^(transformer_blocks|blocks)\.\d+\.", "a transformer (DiT) checkpoint"),
 ]
+# What each kind of difference from the layout a file's structure describes usually means.
+LIKELY_CAUSES = {
+    "missing": "the file is incomplete (an interrupted download, or an export that skipped tensors)",
+    "unexpected": "the file holds tensors AnimateDiff motion modules do not have (another architecture, or another "
+                  "model's tensors saved with them)",
+    "mismatched": "tensors were reshaped or replaced (a faulty merge or edit), or the file is damaged",
+}
 _MODULE = re.compile(r"^(?P<module>(?:down_blocks\.(?P<down>\d+)|up_blocks\.(?P<up>\d+)|mid_block)"
                      r"\.motion_modules\.\d+)\.temporal_transformer\.")
 
@@ -90,7 +99,12 @@ class MotionModuleInfo:
 
     @property
     def label(self) -> str:
-        return f"AnimateDiff {self.version} ({self.format})"
+        return motion_label(self.version, self.format)
+
+
+def motion_label(version: str, fmt: str) -> str:
+    """`AnimateDiff v2 (animatediff-original)`: how messages name a detected motion module."""
+    return f"AnimateDiff {version} ({fmt})"
 
 
 @dataclass(frozen=True)
@@ -183,16 +197,63 @@ def _structure(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     if sorted(down) != list(range(levels)) or sorted(up) != list(range(levels)) or len(set(down.values())) != 1:
         raise KinemaError(f"unexpected motion-module placement: down levels {dict(down)}, up levels {dict(up)}; "
                           "AnimateDiff has the same number of modules on every down level and up level")
-    channels = []
-    for level in range(levels):
-        key = f"down_blocks.{level}.motion_modules.0.temporal_transformer.norm.weight"
-        if key not in weights:
-            raise KinemaError(f"missing key {key}, needed to read the width of level {level}")
-        channels.append(weights[key].shape[0])
     blocks = {k.split(".transformer_blocks.")[1].split(".")[0] for k in weights
               if k.startswith("down_blocks.0.motion_modules.0.") and ".transformer_blocks." in k}
-    return {"channels": tuple(channels), "mid_block": "mid_block.motion_modules.0" in modules,
+    return {"channels": _level_widths(weights, levels), "mid_block": "mid_block.motion_modules.0" in modules,
             "modules_per_level": (down[0], up[0]), "transformer_blocks": max(len(blocks), 1)}
+
+
+def _level_widths(weights: dict[str, torch.Tensor], levels: int) -> tuple[int, ...]:
+    """Width C of each UNet level: the most common length of its modules' `temporal_transformer.norm.weight` (C,)
+    (down level i, up level L-1-i, and the mid block for the deepest). Taking the majority means one damaged or
+    missing tensor is reported as such, rather than setting the width every other tensor is compared with."""
+    votes: list[Counter] = [Counter() for _ in range(levels)]
+    for key, tensor in weights.items():
+        found = _MODULE.match(key)
+        if found and key.endswith(".temporal_transformer.norm.weight") and tensor.ndim == 1:
+            level = (int(found["down"]) if found["down"] is not None
+                     else levels - 1 - int(found["up"]) if found["up"] is not None else levels - 1)
+            votes[level][tensor.shape[0]] += 1
+    unread = [level for level, count in enumerate(votes) if not count]
+    if unread:
+        raise KinemaError(f"no motion module of UNet level {unread[0]} has a temporal_transformer.norm.weight of "
+                          "shape (C,), which gives the level's width C: the file is incomplete or damaged")
+    return tuple(count.most_common(1)[0][0] for count in votes)
+
+
+def expected_motion_shapes(structure: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """`{kinema name: shape}` of every weight of the motion modules `structure` describes (see `_structure`), taken
+    from kinema's own module built on the meta device: no memory, so checking a full-size SD1.5 module is quick."""
+    channels = structure["channels"]
+    down, up = structure["modules_per_level"]
+    # AnimateDiff's placement (kinema.models.video_unet.motion_slots): up level i is as wide as down level L-1-i.
+    places = [(f"down_blocks.{i}.motion_modules.{j}", c) for i, c in enumerate(channels) for j in range(down)]
+    places += [(f"up_blocks.{i}.motion_modules.{j}", c) for i, c in enumerate(reversed(channels)) for j in range(up)]
+    if structure["mid_block"]:
+        places.append(("mid_block.motion_modules.0", channels[-1]))
+    # Heads and norm groups change no shape; one of each builds a module of any width.
+    spec = {"type": "temporal", "num_transformer_blocks": structure["transformer_blocks"],
+            "num_attention_heads": 1, "norm_num_groups": 1}
+    with torch.device("meta"):
+        per_width = {c: shapes(build_motion_module(spec, c).state_dict()) for c in dict.fromkeys(channels)}
+    return {f"{prefix}.{name}": shape for prefix, c in places for name, shape in per_width[c].items()}
+
+
+def _check_weights(weights: dict[str, torch.Tensor], structure: dict[str, Any], fmt: str, label: str) -> None:
+    """Refuse weights (`pe` buffers left out) whose names or shapes differ from the modules `structure` describes,
+    named in the file's own layout."""
+    expected = expected_motion_shapes(structure)
+    if fmt == "animatediff-diffusers":
+        expected = rename_state_dict(expected, "kinema", "diffusers")
+    problems = key_problems(expected, shapes(weights))
+    if problems:
+        down, up = structure["modules_per_level"]
+        mid = " and a mid-block module" if structure["mid_block"] else ""
+        raise KinemaError(
+            f"the weights do not match detected {label}, checked against {len(structure['channels'])} levels of "
+            f"widths {structure['channels']} with {down} down / {up} up modules each{mid}: "
+            f"{problems_phrase(problems)}. Likely cause: {'; '.join(LIKELY_CAUSES[kind] for kind in problems)}. "
+            "Download the file again, or re-export it from the original")
 
 
 def _pe_length(pe: dict, weights: dict, layout: str) -> int | None:
@@ -213,6 +274,12 @@ def _pe_length(pe: dict, weights: dict, layout: str) -> int | None:
     if len(lengths) > 1:
         raise KinemaError(f"frame-encoding lengths disagree between modules: {dict(lengths)} (length: count)")
     return next(iter(lengths))
+
+
+def _common_pe_length(pe: dict[str, torch.Tensor]) -> int | None:
+    """The frame-encoding length most `pe` tables [1, L, C] have (all of them, once `_pe_length` has passed)."""
+    lengths = Counter(table.shape[1] for table in pe.values() if table.ndim == 3)
+    return lengths.most_common(1)[0][0] if lengths else None
 
 
 def _classify(levels: int, mid_block: bool, pe_length: int | None) -> str:
@@ -266,14 +333,17 @@ def detect_motion_module(
     weights, pe = _split_pe(state_dict)
     structure = _structure(rename_state_dict(weights, "diffusers" if fmt == "animatediff-diffusers" else "kinema",
                                              "kinema"))
-    pe_length = _pe_length(pe, weights, fmt)
-    if config is not None:
-        _check_adapter_config(config, structure, pe_length)
     stored = _stored_settings(fmt, metadata, config)
-    version = stored.pop("version", None) or _classify(len(structure["channels"]), structure["mid_block"], pe_length)
+    version = stored.pop("version", None) or _classify(len(structure["channels"]), structure["mid_block"],
+                                                       _common_pe_length(pe))
     if version not in VERSION_DEFAULTS:
         raise KinemaError(f"unknown motion-module version {version!r} in the file's metadata; known: "
                           f"{list(VERSION_DEFAULTS)}")
+    # Every weight is checked before the frame tables, whose places are found beside the weights.
+    _check_weights(weights, structure, fmt, motion_label(version, fmt))
+    pe_length = _pe_length(pe, weights, fmt)
+    if config is not None:
+        _check_adapter_config(config, structure, pe_length)
     defaults = {**VERSION_DEFAULTS[version], **(DIFFUSERS_NORMS if fmt == "animatediff-diffusers" else {})}
     source = "file" if pe_length else "metadata" if fmt == "kinema" else "config" if config else "assumed"
     settings = {"num_attention_heads": 8, "norm_num_groups": 32, **defaults, **stored}
@@ -299,7 +369,9 @@ def motion_settings(info: MotionModuleInfo, **overrides: Any) -> MotionSettings:
     return replace(base, **overrides)
 
 
-def _check_pe_values(pe: dict[str, torch.Tensor]) -> None:
+def check_frame_tables(pe: dict[str, torch.Tensor]) -> None:
+    """Refuse stored `pe` buffers `(1, L, C)` that are not the sinusoidal table kinema computes, at the precision
+    of their dtype."""
     for key, table in pe.items():
         tolerance = max(1e-4, torch.finfo(table.dtype).eps) if table.is_floating_point() else 1e-4
         check_frame_table(key, table, tolerance)
@@ -311,7 +383,7 @@ def to_kinema_motion_state_dict(
     """Motion weights under kinema names (the published original names), `pe` buffers checked and dropped."""
     weights, pe = _split_pe(state_dict)
     if check_pe_values:
-        _check_pe_values(pe)
+        check_frame_tables(pe)
     return rename_state_dict(weights, "diffusers" if info.format == "animatediff-diffusers" else "kinema", "kinema")
 
 
@@ -325,21 +397,19 @@ class MotionModuleFile:
     dropped: dict[str, str]
 
 
-def _read_adapter_folder(path: Path) -> tuple[dict, dict, Path]:
+def adapter_files(path: Path) -> tuple[dict[str, Any], Path]:
+    """A diffusers MotionAdapter folder's config and its weights file; KinemaError when it is not one."""
     config_path = path / "config.json"
     if not config_path.is_file():
         raise KinemaError(f"{path} is a folder without config.json; a diffusers MotionAdapter folder holds "
                           f"config.json and {ADAPTER_WEIGHTS[0]}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise KinemaError(f"{config_path} is not readable JSON: {err}") from None
+    config = read_json_object(config_path, "a model config")
     if config.get("_class_name") != "MotionAdapter":
         raise KinemaError(f"{path} holds a {config.get('_class_name')!r}, not a diffusers MotionAdapter")
     weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise KinemaError(f"{path} has no weights file; expected one of {list(ADAPTER_WEIGHTS)}")
-    return config, read_checkpoint(weights).tensors, weights
+    return config, weights
 
 
 def read_motion_module(source: str | os.PathLike) -> MotionModuleFile:
@@ -347,8 +417,8 @@ def read_motion_module(source: str | os.PathLike) -> MotionModuleFile:
     path = Path(source)
     try:
         if path.is_dir():
-            config, tensors, _ = _read_adapter_folder(path)
-            metadata, dropped = None, {}
+            config, weights = adapter_files(path)
+            tensors, metadata, dropped = read_checkpoint(weights).tensors, None, {}
         else:
             checkpoint = read_checkpoint(path)
             config, tensors, metadata, dropped = None, checkpoint.tensors, checkpoint.metadata, checkpoint.dropped
