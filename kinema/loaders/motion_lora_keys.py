@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from kinema.errors import KinemaError
+from kinema.state_dicts import key_problems, problems_phrase
 
 MotionLoraFormat = Literal["original", "diffusers", "diffusers_peft", "kinema"]
 PROJECTIONS = ("q", "k", "v", "out")  # canonical projection names, in the order they are reported
@@ -145,8 +146,10 @@ def is_motion_lora(state_dict: Mapping[str, Any]) -> bool:
 def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
     """Read a motion-LoRA state dict in any layout, strictly.
 
-    Raises `KinemaError` naming the keys when a key belongs to no layout (or to a second layout), a layer lacks its
-    down or up matrix, ranks disagree, a key repeats, or more than one adapter name appears.
+    Raises `KinemaError` naming the keys when a key belongs to no layout (or to a second layout), a key repeats,
+    more than one adapter name appears, or the shapes are not down `(r, C)` and up `(C, r)` (see `_check_shapes`):
+    a layer without its down or up matrix, ranks that disagree within a pair, or a width C other than that of the
+    motion module the key names. Works on meta tensors (shapes only), except for the value of an alpha.
     """
     matched: dict[str, tuple[str, re.Match]] = {}
     unknown: list[str] = []
@@ -169,8 +172,7 @@ def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
             f"{len(strays)} of {len(state_dict)} keys are not {fmt!r} motion-LoRA keys: {_examples(strays)}. A motion "
             "LoRA holds only the down/up matrices of the temporal attentions' to_q/to_k/to_v/to_out, in one layout")
     layout = LAYOUTS[fmt]
-    parts: dict[Slot, dict[str, torch.Tensor]] = {}
-    keys: dict[Slot, str] = {}
+    parts: dict[Slot, dict[str, str]] = {}  # slot -> "down" / "up" / "alpha" -> key, in file order
     adapters: set[str] = set()
     for key, (_, found) in matched.items():
         value = state_dict[key]
@@ -183,26 +185,83 @@ def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
         if groups.get("adapter"):
             adapters.add(groups["adapter"])
         if part in parts.setdefault(slot, {}):
-            raise KinemaError(f"motion-LoRA key {key} repeats the {part} matrix of {keys[slot]}")
-        parts[slot][part] = value
-        keys.setdefault(slot, key)
+            raise KinemaError(f"motion-LoRA key {key} repeats the {part} matrix of {next(iter(parts[slot].values()))}")
+        parts[slot][part] = key
     if len(adapters) > 1:
         raise KinemaError(f"the motion LoRA holds several adapters {sorted(adapters)}; save one adapter per file")
-    return MotionLora(fmt, {slot: _pair(keys[slot], found) for slot, found in parts.items()}, keys,
+    _check_shapes(fmt, parts, {key: found for key, (_, found) in matched.items()}, state_dict)
+    layers = {slot: LoraPair(state_dict[p["down"]], state_dict[p["up"]],
+                             state_dict[p["alpha"]] if "alpha" in p else None) for slot, p in parts.items()}
+    return MotionLora(fmt, layers, {slot: next(iter(p.values())) for slot, p in parts.items()},
                       adapters.pop() if adapters else None)
 
 
-def _pair(key: str, parts: dict[str, torch.Tensor]) -> LoraPair:
-    missing = [p for p in ("down", "up") if p not in parts]
-    if missing:
-        raise KinemaError(f"motion-LoRA layer of {key} has no {' or '.join(missing)} matrix; the file is incomplete")
-    down, up, alpha = parts["down"], parts["up"], parts.get("alpha")
-    if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-        raise KinemaError(f"motion-LoRA layer of {key}: down {tuple(down.shape)} and up {tuple(up.shape)} are not "
-                          "(r, C_in) and (C_out, r) with one rank r")
-    if alpha is not None and alpha.numel() != 1:
-        raise KinemaError(f"motion-LoRA alpha of {key} has shape {tuple(alpha.shape)}; it must be a single number")
-    return LoraPair(down, up, alpha)
+def _width_group(slot: Slot) -> str:
+    """The UNet block whose width C a slot's projections have; the mid block is as wide as up_blocks.0 (both sit
+    at the deepest level)."""
+    block = slot.mm.rsplit(".motion_modules.", 1)[0]
+    return "up_blocks.0 and mid_block" if block in ("up_blocks.0", "mid_block") else block
+
+
+def _check_shapes(fmt: str, parts: dict[Slot, dict[str, str]], matches: dict[str, re.Match],
+                  state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a LoRA whose pairs are not down (r, C) and up (C, r): every pair complete, one rank r per pair, and C
+    the width of the motion module the key names (its attention projections are C -> C). C is the most common width
+    among the pairs of that UNet block and r, where down and up disagree, the file's most common rank, so the
+    message names the odd tensor out."""
+    for p in parts.values():
+        if "down" not in p and "up" not in p:
+            raise KinemaError(f"motion-LoRA alpha {p['alpha']} has no down or up matrix; the file is incomplete")
+        if "alpha" in p and state_dict[p["alpha"]].numel() != 1:
+            raise KinemaError(f"motion-LoRA alpha {p['alpha']} has shape {tuple(state_dict[p['alpha']].shape)}; it "
+                              "must be a single number")
+    found = {key: tuple(state_dict[key].shape) for p in parts.values() for part, key in p.items() if part != "alpha"}
+    flat = [key for key, shape in found.items() if len(shape) != 2]
+    if flat:
+        raise KinemaError(f"motion-LoRA matrix {flat[0]} has shape {found[flat[0]]}; LoRA matrices are 2-D: down "
+                          "(r, C_in) and up (C_out, r)")
+    widths: dict[str, Counter] = {}
+    ranks: Counter = Counter()
+    for slot, p in parts.items():
+        width = widths.setdefault(_width_group(slot), Counter())
+        if "down" in p:
+            ranks[found[p["down"]][0]] += 1
+            width[found[p["down"]][1]] += 1
+        if "up" in p:
+            ranks[found[p["up"]][1]] += 1
+            width[found[p["up"]][0]] += 1
+    expected: dict[str, tuple[int, int]] = {}
+    incomplete: list[str] = []
+    for slot, p in parts.items():
+        c = widths[_width_group(slot)].most_common(1)[0][0]
+        down = p.get("down") or _partner(p["up"], matches)
+        up = p.get("up") or _partner(p["down"], matches)
+        # The pair's rank: down's and up's when they agree, else the one more common in the file (down's on a tie).
+        r = max([found[key][i] for key, i in ((down, 0), (up, 1)) if key in found], key=ranks.__getitem__)
+        expected[down], expected[up] = (r, c), (c, r)
+        absent = [part for part in ("down", "up") if part not in p]
+        if absent:
+            incomplete.append(f"{p.get('down') or p['up']} has no {absent[0]} matrix")
+    problems = key_problems(expected, found)
+    if problems:
+        causes = []
+        if incomplete:
+            causes.append(f"{incomplete[0]}: the file is incomplete (an interrupted download or export)")
+        if "mismatched" in problems:
+            causes.append("a matrix was reshaped or replaced (a faulty merge or edit), or the file is damaged")
+        block_widths = ", ".join(f"{block}: {count.most_common(1)[0][0]}" for block, count in sorted(widths.items()))
+        raise KinemaError(
+            f"motion LoRA ({fmt} layout) does not fit the motion-module layers its keys name: "
+            f"{problems_phrase(problems)}. Checked against down (r, C) and up (C, r) per layer, one rank r per pair "
+            f"and C the width of the block it targets ({block_widths}). Likely cause: {'; '.join(causes)}")
+
+
+def _partner(key: str, matches: dict[str, re.Match]) -> str:
+    """The name the other matrix of `key`'s pair has: `...down.weight` <-> `...up.weight`, `lora_A` <-> `lora_B`."""
+    found = matches[key]
+    start, end = found.span("part")
+    other = {"down": "up", "up": "down", "lora_A": "lora_B", "lora_B": "lora_A"}[found["part"]]
+    return key[:start] + other + key[end:]
 
 
 def write_motion_lora(lora: MotionLora, to: MotionLoraFormat) -> dict[str, torch.Tensor]:
