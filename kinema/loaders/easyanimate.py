@@ -255,7 +255,8 @@ def load_easyanimate(
 def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
     """What `kinema inspect` prints for an EasyAnimate V3 folder or transformer file; None if it is not one.
 
-    Reads config.json (when present) and the safetensors header only, never tensor data.
+    Reads config.json (when present) and the safetensors header only, never tensor data. With a config, every
+    tensor name and shape is checked against the VideoDiT it builds (`check_video_dit_keys`, as a load does).
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -270,10 +271,14 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
     header = read_safetensors_header(weights)
     if "adaln_single.linear.weight" not in header or not any(".attn_temporal." in n for n in header):
         return None
+    config = _read_transformer_config(config_path.parent) if config_path.is_file() else {}
+    if config:  # every name and shape against the model the config builds, on the meta device (no memory)
+        with init_empty_weights():
+            model = VideoDiT(**video_dit_config_from_easyanimate(config))
+        check_video_dit_keys(model, header, f"transformer weights in {config_path.parent}")
     pe = {name: shape for name, (shape, _) in header.items() if PE_BUFFER.match(name)}
     params = {name: shape for name, (shape, _) in header.items() if name not in pe}
     width, in_channels, patch, _ = params["pos_embed.proj.weight"]
-    config = _read_transformer_config(config_path.parent) if config_path.is_file() else {}
     pe_length = next(iter(pe.values()))[1] if pe else _pe_length_from_config(config)
     dtypes = sorted({SAFETENSORS_DTYPES.get(dtype, dtype) for _, dtype in header.values()})
     return {
@@ -292,6 +297,8 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
         "pe_buffers": len(pe),
         "dtype": dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes),
         "pe_length": pe_length,
+        **({} if config else {"not_checked": f"no {config_path.name} beside the file, so its names and shapes were "
+                                              "not checked against a model"}),
     }
 
 

@@ -128,7 +128,8 @@ def load_slice_vae(path: str | Path, subfolder: str | None = None,
 def describe_slice_vae(path: str | Path) -> dict | None:
     """What `kinema inspect` prints for a V3 Slice VAE folder (or a model folder holding `vae/`); None otherwise.
 
-    Reads config.json and the weights' names and shapes (the safetensors header only, never tensor data).
+    Reads config.json and the weights' names and shapes (the safetensors header only, never tensor data), and
+    checks every name and shape against the SliceVAE the config builds (`check_state_dict`, as a load does).
     """
     from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, read_safetensors_header
 
@@ -144,6 +145,9 @@ def describe_slice_vae(path: str | Path) -> dict | None:
     else:
         header = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in _read_weights(folder).items()}
     kept = {k: v for k, v in header.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    with torch.device("meta"):  # every name and shape against the model config.json builds, as a load checks them
+        expected = shapes(SliceVAE(**config).state_dict())
+    check_state_dict(expected, {k: torch.empty(shape, device="meta") for k, (shape, _) in kept.items()}, str(folder))
     dtypes = sorted({SAFETENSORS_DTYPES.get(dtype, dtype) for _, dtype in kept.values()})
     defaults = {name: p.default for name, p in inspect.signature(SliceVAE.__init__).parameters.items()}
     setting = {name: config.get(name, defaults[name]) for name in

@@ -1,41 +1,60 @@
-"""`kinema inspect`: say what a weights file or model folder is.
+"""`kinema inspect`: say what a weights file or model folder is, and check it is whole.
 
 Describers take a `Source` (the path, with its tensor names and tensors read at most once, on first use) and return
 a summary dict, or None when the path is not their kind. They are tried in the order of DESCRIBERS and the first
-answer wins. A describer that recognises its kind but finds the file broken or
-unsupported raises KinemaError, so a damaged motion module is reported as such rather than as "unknown".
+answer wins. A describer that recognises its kind checks every tensor name and shape against the layout it detected
+and raises KinemaError when the file is broken or unsupported, so a damaged motion module is reported as such rather
+than as "unknown", and `kinema convert` (which describes first) writes nothing from it.
+
+Names and shapes come from a .safetensors header, never from tensor data, so checking a file of GBs is quick. This
+module imports no model code: each describer imports what it needs, after `describe` has found the path.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff import (
-    detect_motion_module,
-    guess_kind,
-    read_motion_module,
-    to_kinema_motion_state_dict,
+from kinema.fileio import read_json_object
+from kinema.loaders.checkpoint_io import (
+    SAFETENSORS_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    Checkpoint,
+    read_checkpoint,
+    tensor_names,
 )
-from kinema.loaders.checkpoint_io import SUPPORTED_SUFFIXES, Checkpoint, read_checkpoint, tensor_names
+
+# safetensors dtype codes -> torch dtypes, for shape-only (meta) tensors made from a header.
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @dataclass
 class Source:
     """A path being described. Several describers look at the same file; it is read once, and only as far as
-    needed: a .safetensors header answers `names` without reading tensor data."""
+    needed: a .safetensors header answers `names` and `layout` without reading tensor data."""
 
     path: Path
 
     @cached_property
     def is_weights_file(self) -> bool:
         return self.path.is_file() and self.path.suffix.lower() in SUPPORTED_SUFFIXES
+
+    @cached_property
+    def is_safetensors(self) -> bool:
+        return self.path.suffix.lower() in SAFETENSORS_SUFFIXES
 
     @cached_property
     def checkpoint(self) -> Checkpoint:
@@ -45,6 +64,43 @@ class Source:
     def names(self) -> list[str]:
         header = tensor_names(self.path)
         return header if header is not None else list(self.checkpoint.tensors)
+
+    @cached_property
+    def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors as far as names, shapes and dtypes go, and the safetensors metadata. From a .safetensors
+        header these are meta tensors (no data); a torch pickle has no header, so it is read."""
+        if not self.is_safetensors:
+            return self.checkpoint.tensors, self.checkpoint.metadata
+        _ = self.names  # a broken file (Git LFS pointer, empty, web page) is refused where the names are read
+        with safe_open(str(self.path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            header = {name: f.get_slice(name) for name in f.keys()}
+            tensors = {name: self._meta(name, part.get_shape(), part.get_dtype()) for name, part in header.items()}
+        return tensors, metadata
+
+    def _meta(self, name: str, shape: list[int], code: str) -> torch.Tensor:
+        if code not in _TORCH_DTYPES:
+            raise KinemaError(f"{self.path}: tensor {name} has the safetensors dtype {code}, which kinema does not "
+                              f"read (it reads {', '.join(_TORCH_DTYPES)})")
+        return torch.empty(shape, dtype=_TORCH_DTYPES[code], device="meta")
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors `names` with their data; from a .safetensors file, only those are read."""
+        if not self.is_safetensors:
+            return {name: self.checkpoint.tensors[name] for name in names}
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in names}
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        """Non-tensor entries a torch pickle held (a .safetensors file holds tensors only)."""
+        return {} if self.is_safetensors else self.checkpoint.dropped
+
+
+def _named(path: Path, err: KinemaError) -> KinemaError:
+    """`err` with `path` in front, unless its message names the path already."""
+    message = str(err)
+    return KinemaError(message if str(path) in message else f"{path}: {message}")
 
 
 def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
@@ -57,40 +113,53 @@ def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _check_motion_module(weights: Source, config: dict | None, shown: Path) -> dict[str, Any]:
+    from kinema.loaders.animatediff import check_frame_tables, detect_motion_module
+    from kinema.loaders.animatediff_keys import is_pe_key
+
+    tensors, metadata = weights.layout
+    try:
+        # Every name and shape is checked from the header; then only the small frame tables are read, for values.
+        info = detect_motion_module(tensors, metadata if config is None else None, config)
+        check_frame_tables(weights.read(name for name in tensors if is_pe_key(name)))
+    except KinemaError as err:
+        raise _named(shown, err) from None
+    return _motion_report(info, weights.dropped)
+
+
 def describe_motion_module(source: Source) -> dict[str, Any] | None:
     """An AnimateDiff motion module: original or kinema file, or a diffusers MotionAdapter folder."""
     path = source.path
     if path.is_dir():
-        config = path / "config.json"
-        try:
-            if not config.is_file() or json.loads(config.read_text()).get("_class_name") != "MotionAdapter":
-                return None
-        except ValueError as err:
-            raise KinemaError(f"{config} is not readable JSON: {err}") from None
-        motion = read_motion_module(path)
-        return _motion_report(motion.info, motion.dropped)
+        if not (path / "config.json").is_file():
+            return None
+        from kinema.loaders.animatediff import adapter_files
+
+        if read_json_object(path / "config.json", "a model config").get("_class_name") != "MotionAdapter":
+            return None
+        config, weights = adapter_files(path)
+        return _check_motion_module(Source(weights), config, path)
     if not source.is_weights_file:
         return None
     # Decided from the names, which a header gives: an EasyAnimate transformer is GBs, and not ours to load.
     temporal = any(".motion_modules." in k or "temporal_attentions." in k for k in source.names)
     if not temporal or any("lora" in k.lower() for k in source.names):  # motion LoRAs have their own describer
         return None
-    checkpoint = source.checkpoint
-    try:
-        info = detect_motion_module(checkpoint.tensors, checkpoint.metadata)
-        to_kinema_motion_state_dict(checkpoint.tensors, info)  # checks the frame tables' values
-    except KinemaError as err:
-        raise KinemaError(f"{path}: {err}") from None
-    return _motion_report(info, checkpoint.dropped)
+    return _check_motion_module(source, None, path)
 
 
 def describe_motion_lora_file(source: Source) -> dict[str, Any] | None:
-    """A motion LoRA file (kinema.loaders.motion_lora)."""
-    from kinema.loaders.motion_lora import describe_motion_lora
+    """A motion LoRA file (kinema.loaders.motion_lora_keys); its names and shapes come from the header, and only
+    the alpha scalars are read."""
+    from kinema.loaders.motion_lora_keys import describe_motion_lora
 
     if not source.is_weights_file or not any("lora" in name.lower() for name in source.names):
         return None
-    return describe_motion_lora(source.checkpoint.tensors)
+    tensors, _ = source.layout
+    try:
+        return describe_motion_lora({**tensors, **source.read(k for k in tensors if k.endswith(".alpha"))})
+    except KinemaError as err:
+        raise _named(source.path, err) from None
 
 
 def describe_easyanimate_path(source: Source) -> dict[str, Any] | None:
@@ -116,8 +185,9 @@ DESCRIBERS: list[tuple[str, Callable[[Source], dict[str, Any] | None]]] = [
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """What `path` holds, as plain data (`{"kind" or "format": ..., ...}`); KinemaError when kinema knows no such
-    format, naming what was looked for and what the file looks like."""
+    """What `path` holds, as plain data (`{"kind" or "format": ..., ...}`), once every tensor name and shape has been
+    checked against the layout detected; KinemaError when kinema knows no such format (naming what was looked for
+    and what the file looks like) or when the file does not match its layout (naming the keys and shapes)."""
     path = Path(path)
     if not path.exists():
         raise KinemaError(f"no such file or folder: {path}")
@@ -128,6 +198,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             return {"path": str(path), **report}
     hint = ""
     if source.is_weights_file:
+        from kinema.loaders.animatediff import guess_kind
+
         hint = f"; {guess_kind(source.names)}"
     elif path.is_file():
         hint = f"; weights files kinema reads end in {', '.join(SUPPORTED_SUFFIXES)}"
