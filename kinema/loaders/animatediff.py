@@ -516,10 +516,13 @@ def _adapter_config(structure: dict, settings: MotionSettings) -> dict[str, Any]
 
 def write_motion_module(
     state_dict: dict[str, torch.Tensor], settings: MotionSettings, path: str | os.PathLike,
-    layout: str = "kinema", version: str | None = None, with_pe: bool = True,
+    layout: str = "kinema", version: str | None = None, with_pe: bool = True, *, overwrite: bool = False,
+    inputs: tuple = (),
 ) -> Path:
     """Write kinema-named motion weights in `layout`: "kinema" (.safetensors + settings metadata), "original"
-    (.ckpt/.safetensors with `pos_encoder.pe`, omitted when `with_pe` is False) or "diffusers" (a folder)."""
+    (.ckpt/.safetensors with `pos_encoder.pe`, omitted when `with_pe` is False) or "diffusers" (a folder), under
+    kinema's output policy (`overwrite` replaces only an earlier kinema motion module; never one of `inputs`)."""
+    policy = {"kind": "motion_module", "overwrite": overwrite, "inputs": inputs}
     if layout not in LAYOUTS:
         raise KinemaError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
     path = Path(path)
@@ -530,30 +533,36 @@ def write_motion_module(
             raise KinemaError(f"the kinema layout is a .safetensors file (it keeps settings in metadata), got {path}")
         metadata = {"kinema_layout": KINEMA_LAYOUT_TAG, "version": version,
                     "motion_settings": json.dumps(asdict(settings))}
-        return write_state_dict(state_dict, path, metadata)
+        return write_state_dict(state_dict, path, metadata, **policy)
     if layout == "original":
         return write_state_dict(with_pe_tables(state_dict, "original", settings.max_frames) if with_pe else state_dict,
-                                path)
+                                path, **policy)
     if path.suffix:
         raise KinemaError(f"the diffusers layout is a folder (config.json + {ADAPTER_WEIGHTS[0]}); give a folder "
                           f"path without an extension, got {path}")
     config = _adapter_config(structure, settings)
-    with atomic_folder(path) as folder:
+    with atomic_folder(path, **policy) as folder:
         write_state_dict(with_pe_tables(state_dict, "diffusers", settings.max_frames), folder / ADAPTER_WEIGHTS[0],
-                         {"format": "pt"})
+                         {"format": "pt"}, kind="motion_module")
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 
 def save_motion_module(
-    video_unet: VideoUNet, path: str | os.PathLike, layout: str = "kinema", version: str | None = None
+    video_unet: VideoUNet, path: str | os.PathLike, layout: str = "kinema", version: str | None = None, *,
+    overwrite: bool = False,
 ) -> Path:
-    """Save a VideoUNet's motion modules alone in `layout` ("kinema", "original" or "diffusers")."""
-    return write_motion_module(video_unet.motion_state_dict(), _settings_of(video_unet), path, layout, version)
+    """Save a VideoUNet's motion modules alone in `layout` ("kinema", "original" or "diffusers"); `overwrite`
+    replaces only an earlier kinema motion module."""
+    return write_motion_module(video_unet.motion_state_dict(), _settings_of(video_unet), path, layout, version,
+                               overwrite=overwrite)
 
 
-def convert_motion_module(source: str | os.PathLike, target: str | os.PathLike, to: str) -> tuple[Path, list[str]]:
-    """Rewrite a motion module in another layout without changing a weight; returns the output and notes."""
+def convert_motion_module(
+    source: str | os.PathLike, target: str | os.PathLike, to: str, *, overwrite: bool = False
+) -> tuple[Path, list[str]]:
+    """Rewrite a motion module in another layout without changing a weight; returns the output and notes.
+    `overwrite` replaces only an earlier kinema motion module at `target`, never `source`."""
     motion = read_motion_module(source)
     info, notes = motion.info, []
     settings = motion_settings(info)
@@ -563,5 +572,5 @@ def convert_motion_module(source: str | os.PathLike, target: str | os.PathLike, 
     if info.max_frames_source == "assumed":
         notes.append(f"the file stores no frame table; frame-encoding length {info.max_frames} was assumed")
     out = write_motion_module(motion.state_dict, settings, target, to, info.version,
-                              with_pe=info.max_frames_source != "assumed")
+                              with_pe=info.max_frames_source != "assumed", overwrite=overwrite, inputs=(source,))
     return out, notes

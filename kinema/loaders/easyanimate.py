@@ -22,7 +22,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
-from kinema.fileio import atomic_folder, read_json
+from kinema.fileio import atomic_folder, read_json_object
 from kinema.loaders.animatediff_keys import check_frame_table, with_pe_tables
 from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, iter_safetensors, read_safetensors_header
 from kinema.loaders.easyanimate_config import (
@@ -52,22 +52,8 @@ def _transformer_dir(folder: str | os.PathLike) -> Path:
                       "folder or its transformer/ subfolder")
 
 
-# JSON value kinds by Python type, for saying what a file holds instead of an object.
-JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
-              type(None): "null"}
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """`path`'s JSON, which must be an object; anything else raises one KinemaError line naming the file."""
-    value = read_json(path, what=what)
-    if not isinstance(value, dict):
-        raise KinemaError(f"{path} ({what}) holds {JSON_KINDS.get(type(value), 'a JSON value')}, not an object of "
-                          "named fields; restore it from the original download")
-    return value
-
-
 def _read_transformer_config(folder: Path) -> dict[str, Any]:
-    return _read_json_object(folder / "config.json", "the transformer's config")
+    return read_json_object(folder / "config.json", "the transformer's config")
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -76,7 +62,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(read_safetensors_header(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
     if (folder / WEIGHTS_INDEX_NAME).is_file():
         index_path = folder / WEIGHTS_INDEX_NAME
-        weight_map = _read_json_object(index_path, "the sharded weights' index").get("weight_map")
+        weight_map = read_json_object(index_path, "the sharded weights' index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
             raise KinemaError(f'{index_path} has no "weight_map" object (tensor name -> shard file), so the shards '
                               "cannot be found; it is not a diffusers weights index: restore it from the download")

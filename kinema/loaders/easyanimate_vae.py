@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kinema.errors import KinemaError
-from kinema.fileio import read_json
+from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import read_state_dict
 from kinema.models.slice_vae import SliceVAE
 from kinema.state_dicts import key_mismatch, shapes
@@ -42,10 +42,7 @@ def _folder(path: str | Path, subfolder: str | None) -> Path:
 def read_slice_vae_config(folder: str | Path) -> dict:
     """The `SliceVAE` keyword arguments in `folder/config.json`, after rejecting unknown fields and class names."""
     path = Path(folder) / CONFIG_NAME
-    config = read_json(path, what="the Slice VAE's config")
-    if not isinstance(config, dict):
-        raise KinemaError(f"{path} is JSON but not an object of settings ({{...}}), which a VAE config.json is; "
-                          "re-download or re-save the VAE.")
+    config = read_json_object(path, what="the Slice VAE's config")
     class_name = config.get("_class_name", "SliceVAE")
     if class_name not in CLASS_NAMES:
         raise KinemaError(f"{path} describes a {class_name}, not an EasyAnimate V3 Slice VAE "
@@ -63,10 +60,8 @@ def is_slice_vae_folder(folder: str | Path) -> bool:
     (the default when absent), and a weights file next to it. Never raises."""
     folder = Path(folder)
     try:
-        config = read_json(folder / CONFIG_NAME)
+        config = read_json_object(folder / CONFIG_NAME)
     except KinemaError:
-        return False
-    if not isinstance(config, dict):
         return False
     later_modes = ("slice_mag_vae", "cache_compression_vae", "cache_mag_vae", "spatial_group_norm")
     return (
