@@ -59,10 +59,11 @@ def _folder_files(folder: Path) -> list[str]:
 
 
 def write_manifest(folder: Path, kind: str) -> None:
-    """Mark `folder` as a kinema output of `kind`, listing every file in it (so later files are known as foreign)."""
+    """Mark `folder` as a kinema output of `kind`, listing every file in it with its size, so that files added or
+    edited later are known as the user's."""
     from kinema import __version__
 
-    files = [name for name in _folder_files(folder) if name != MANIFEST]
+    files = {name: os.lstat(folder / name).st_size for name in _folder_files(folder) if name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files}, indent=1)
                                    + "\n")
 
@@ -72,7 +73,7 @@ def _manifest(folder: Path) -> dict | None:
         data = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get(MARK_KEY), str) or not isinstance(data.get("files"), list):
+    if not isinstance(data, dict) or not isinstance(data.get(MARK_KEY), str) or not isinstance(data.get("files"), dict):
         return None
     return data
 
@@ -148,10 +149,11 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 
 def _foreign_files(folder: Path) -> list[str]:
-    """Files in a kinema output folder that its manifest does not list (added by someone else)."""
-    manifest = _manifest(folder) or {"files": []}
-    known = set(manifest["files"]) | {MANIFEST}
-    return [name for name in _folder_files(folder) if name not in known]
+    """Files in a kinema output folder that its manifest does not list (added since), or whose size changed
+    (edited since): the user's work, which kinema never deletes."""
+    written = (_manifest(folder) or {"files": {}})["files"]
+    return [name for name in _folder_files(folder)
+            if name != MANIFEST and (name not in written or written[name] != os.lstat(folder / name).st_size)]
 
 
 # ---------------------------------------------------------------- the policy
@@ -207,8 +209,8 @@ def check_output(
         foreign = _foreign_files(real)
         if foreign:
             raise KinemaError(f"{given} is an earlier kinema output but now also holds files kinema did not write "
-                              f"({', '.join(foreign[:3])}); kinema never deletes them: move them out or choose "
-                              "another folder")
+                              f"or that were edited since ({', '.join(foreign[:3])}); kinema never deletes them: move "
+                              "them out or choose another folder")
     if not overwrite:
         raise KinemaError(f"{given} already exists (an earlier kinema {found.replace('_', ' ')}); pass --overwrite "
                           "to replace it, or choose another path")

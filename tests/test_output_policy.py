@@ -6,6 +6,7 @@ one line, exit 2, and leaves the file system exactly as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_convert_overwrites_only_its_own_output_of_the_same_kind(tmp_path, capsy
     assert run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers", "--overwrite")[0] == 0
     (target / "notes.txt").write_text("added by the user")
     code, err = run(capsys, "convert", str(motion_module), str(target), "--to", "diffusers", "--overwrite")
-    assert code == 2 and "also holds files kinema did not write (notes.txt)" in err
+    assert code == 2 and "also holds files kinema did not write or that were edited since (notes.txt)" in err
     assert (target / "notes.txt").read_text() == "added by the user"
 
     single = tmp_path / "mm.safetensors"
@@ -151,8 +152,16 @@ def test_user_files_inside_an_earlier_synth_output_are_never_lost(tmp_path, caps
     (out / "my_split.txt").write_text("train: 0")
     code, err = run(capsys, "data", "synth", "--out", str(out), "--n", "3", "--frames", "2", "--size", "16",
                     "--overwrite")
-    assert code == 2 and "also holds files kinema did not write (my_split.txt)" in err
+    assert code == 2 and "did not write or that were edited since (my_split.txt)" in err
     assert (out / "my_split.txt").read_text() == "train: 0"
+    (out / "my_split.txt").unlink()
+    entries = json.loads((out / "metadata.json").read_text())
+    entries[0]["text"] = "a caption I corrected by hand"
+    (out / "metadata.json").write_text(json.dumps(entries))
+    code, err = run(capsys, "data", "synth", "--out", str(out), "--n", "3", "--frames", "2", "--size", "16",
+                    "--overwrite")
+    assert code == 2 and "edited since (metadata.json)" in err
+    assert "corrected by hand" in (out / "metadata.json").read_text()
 
 
 def test_running_inside_an_earlier_output_is_refused_cleanly(tmp_path, capsys, monkeypatch):
