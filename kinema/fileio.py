@@ -220,8 +220,12 @@ def check_output(
 # ---------------------------------------------------------------- temporary names and stale leftovers
 
 
+def _temp_stem(target: Path) -> str:
+    return target.name[:200]  # a name near the 255-byte limit still leaves room for the temporary's decoration
+
+
 def _temp_path(target: Path, role: str) -> Path:
-    return target.with_name(f".{target.name}.kinema-{role}-{os.getpid()}")
+    return target.with_name(f".{_temp_stem(target)}.kinema-{role}-{os.getpid()}")
 
 
 def is_temp_name_in(text: str) -> bool:
@@ -255,7 +259,7 @@ def clean_stale(target: Path) -> None:
         return
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if not match or match["name"] != target.name or _alive(int(match["pid"])):
+        if not match or match["name"] != _temp_stem(target) or _alive(int(match["pid"])):
             continue
         if match["role"] == "old" and not os.path.lexists(target):
             os.replace(entry, target)

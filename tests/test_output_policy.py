@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from loaders.animatediff_fixtures import original_motion_state_dict
 from safetensors import safe_open
 
@@ -250,3 +251,9 @@ def test_an_output_being_replaced_when_killed_is_put_back(tmp_path):
             pass
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_name_near_the_length_limit_still_writes(tmp_path):
+    target = tmp_path / ("v" * 240 + ".safetensors")
+    write_state_dict({"a": torch.zeros(2)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
