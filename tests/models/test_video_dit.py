@@ -16,15 +16,30 @@ config/easyanimate_video_slicevae_motion_module_v3.yaml) that these tests pin:
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 
 from kinema.errors import KinemaError
 from kinema.models.motion import HybridMotionModule
 from kinema.models.video_dit import VIDEO_DIT_PRESETS, VideoDiT
-from kinema.models.video_dit_blocks import easyanimate_v3_motion_modules, uvit_skip_pairs
+from kinema.models.video_dit_blocks import (
+    easyanimate_v3_motion_modules,
+    easyanimate_v3_skip_pairs,
+    uvit_skip_pairs,
+)
 
 TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, cross_attention_dim=64, sample_size=8,
             caption_channels=48)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tensors are tiny: on a shared 2-core machine, handing each small op to a thread pool costs several times
+    # the maths. Results are compared exactly only between runs in this same setting, else with tolerances.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_pixart() -> PixArtTransformer2DModel:
@@ -54,10 +69,10 @@ def test_fresh_hybrid_motion_module_is_identity():
     assert torch.equal(module(x), x)
 
 
-def v3_skip_pairs() -> list[tuple[int, int]]:
+def v3_skip_pairs(num_layers: int = 28) -> list[tuple[int, int]]:
     """V3's literal rule (transformer3d.py): push after blocks index < 13, pop before blocks index >= 15."""
     stack, pairs = [], []
-    for index in range(28):
+    for index in range(num_layers):
         if index >= 15:
             pairs.append((stack.pop(), index))
         if index < 13:
@@ -122,30 +137,48 @@ def test_inflation_refuses_settings_of_the_image_model():
         VideoDiT.from_image_dit(tiny_pixart(), num_layers=6)
 
 
-def test_identity_skip_adds_source_output_to_target_input():
-    model = small_model(num_layers=6)
+# Each wiring as target block -> (source block, skip linear), written out independently of kinema's rule functions.
+SKIP_WIRINGS = {
+    "kinema rule, 6 blocks": (dict(num_layers=6), {4: (1, 0), 5: (0, 1)}),
+    # V3 feeds linear `k - 15` into block k, whatever the depth; at 20 blocks linears 5-12 are stored but unused.
+    "V3 rule, 28 blocks": (dict(num_layers=28, skip_pairs=easyanimate_v3_skip_pairs(28), num_skip_linears=13),
+                           {target: (source, target - 15) for source, target in v3_skip_pairs(28)}),
+    "V3 rule, 20 blocks": (dict(num_layers=20, skip_pairs=easyanimate_v3_skip_pairs(20), num_skip_linears=13),
+                           {target: (source, target - 15) for source, target in v3_skip_pairs(20)}),
+}
+
+
+@pytest.mark.parametrize("case", list(SKIP_WIRINGS))
+def test_every_skip_adds_its_scaled_source_output_to_its_target_input(case):
+    config, wiring = SKIP_WIRINGS[case]
+    model = small_model(**config)
     randomize(model)
-    pairs = uvit_skip_pairs(6)
-    assert pairs == [(1, 4), (0, 5)]
     with torch.no_grad():
-        for fc in model.long_connect_fc:
-            fc.weight.zero_()
+        # Linear j is (j + 2) * I: each skip is visible, and a skip taken through the wrong linear gives the wrong
+        # multiple. Multiplying by an identity multiple is exact in float32, so the sums are compared exactly.
+        for j, fc in enumerate(model.long_connect_fc):
+            fc.weight.copy_(torch.eye(64) * (j + 2))
             fc.bias.zero_()
-        model.long_connect_fc[1].weight.copy_(torch.eye(64))  # skip 1: output of block 0 -> input of block 5
     inputs, outputs = {}, {}
     for index, block in enumerate(model.transformer_blocks):
         block.register_forward_pre_hook(lambda mod, args, i=index: inputs.__setitem__(i, args[0].clone()))
         block.register_forward_hook(lambda mod, args, out, i=index: outputs.__setitem__(i, out.clone()))
     states, mask = text()
-    latents = torch.randn(2, 4, 2, 8, 8)
+    latents, step = torch.randn(2, 4, 2, 8, 8), torch.tensor([3, 700])
     with torch.no_grad():
-        with_skip = model(latents, torch.tensor([3, 700]), states, mask)
-        for index in range(1, 6):
-            expected = outputs[index - 1] + (outputs[0] if index == 5 else 0)
-            assert torch.equal(inputs[index], expected), index
-        model.long_connect_fc[1].weight.zero_()
-        without_skip = model(latents, torch.tensor([3, 700]), states, mask)
-    assert (with_skip - without_skip).abs().max().item() > 1e-3
+        with_skips = model(latents, step, states, mask)
+    for index in range(1, len(model.transformer_blocks)):
+        expected = outputs[index - 1]
+        if index in wiring:
+            source, linear = wiring[index]
+            expected = expected + (linear + 2) * outputs[source]
+        assert torch.equal(inputs[index], expected), index
+    # The first skip (12 -> 15 in V3-XL) matters for the output too: without it the prediction moves.
+    first_target = min(wiring)
+    with torch.no_grad():
+        model.long_connect_fc[wiring[first_target][1]].weight.zero_()
+        without_first = model(latents, step, states, mask)
+    assert (with_skips - without_first).abs().max().item() > 1e-3
 
 
 def small_model(**overrides) -> VideoDiT:
@@ -204,6 +237,39 @@ def test_image_tokens_follow_text_and_their_mask_switches_them_off():
     assert (plain - masked).abs().max().item() <= 1e-6
     assert (plain - used).abs().max().item() > 1e-3
     assert model.image_tokens(clip).shape == (2, 8, 64)
+
+
+def test_token_order_where_it_is_observable():
+    # Attention over keys with their bias is blind to the keys' order, so the order is checked where the tokens are
+    # handed over: the context of the cross-attention and the input of the first block.
+    model = small_model(in_channels=12, image_embed_dim=32)
+    randomize(model)
+    states, mask = text()  # clip 1 masks its last two text tokens
+    image_mask = torch.tensor([[1.0, 1, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 1]])
+    latents, inpaint, clip = torch.randn(2, 4, 3, 8, 6), torch.randn(2, 8, 3, 8, 6), torch.randn(2, 32)
+    seen = {}
+    model.transformer_blocks[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("tokens", args[0]))
+    model.transformer_blocks[0].attn2.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(latents, torch.tensor([5, 900]), states, mask, inpaint_latents=inpaint, clip_image_embeds=clip,
+              clip_attention_mask=image_mask)
+
+        def mlp(x, projection):  # V3's CaptionProjection / CLIPProjection: Linear -> GELU(tanh) -> Linear
+            hidden = F.gelu(F.linear(x, projection.linear_1.weight, projection.linear_1.bias), approximate="tanh")
+            return F.linear(hidden, projection.linear_2.weight, projection.linear_2.bias)
+
+        # V3 (transformer3d.py): text tokens, then clip_projection(...).view(B, 8, C), masks concatenated alike.
+        expected_context = torch.cat([mlp(states, model.caption_projection),
+                                      mlp(clip, model.clip_projection).view(2, 8, 64)], dim=1)
+        expected_bias = (1 - torch.cat([mask, image_mask], dim=1))[:, None, :] * -10000.0
+        # Frames are patched one at a time and laid out frame after frame, (B, F*h*w, C): row f*h*w + n is
+        # patch n of frame f.
+        frames = [model.pos_embed(torch.cat([latents, inpaint], dim=1)[:, :, f]) for f in range(3)]
+    # Same torch kernels on the same weights; the tolerance only absorbs batch-size-dependent GEMM/conv blocking.
+    torch.testing.assert_close(seen["encoder_hidden_states"], expected_context, atol=1e-6, rtol=0)
+    assert torch.equal(seen["attention_mask"], expected_bias)
+    torch.testing.assert_close(seen["tokens"], torch.cat(frames, dim=1), atol=1e-6, rtol=0)
 
 
 def test_save_and_reload_round_trip(tmp_path):
