@@ -17,6 +17,16 @@ from kinema.models.motion import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tensors are tiny: on a shared 2-core machine, handing each small op to a thread pool costs several times
+    # the maths. Results are compared exactly only between runs in this same setting, else with tolerances.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -121,19 +131,43 @@ def test_norm_modes_differ_on_real_video():
     assert (a(x) - b(x)).abs().max().item() > 1e-2
 
 
+def record_forward_calls(module: torch.nn.Module, calls: list) -> None:
+    """Append the first argument's shape for every run of `module.forward`. Forward hooks cannot count a
+    checkpoint's recomputation: torch stops it once it has the tensors it needs, before the hooks would run."""
+    forward = module.forward
+
+    def recording(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return forward(*args, **kwargs)
+
+    module.forward = recording
+
+
 def test_attention_chunking_and_checkpointing_change_nothing():
     torch.manual_seed(0)
     module = HybridMotionModule(64)
     randomize(module)
+    block = module.temporal_transformer.transformer_blocks[0]
+    temporal_calls, global_calls, block_calls = [], [], []
+    record_forward_calls(block.attention_blocks[0], temporal_calls)
+    record_forward_calls(block.attention_blocks[1], global_calls)
+    record_forward_calls(block, block_calls)
     x = torch.randn(2, 64, 4, 4, 4, requires_grad=True)
     base = module(x)
     base.square().sum().backward()
     grad = x.grad.clone()
+    # Unchunked: one call per attention over all its sequences, 2 x 16 positions of 4 frames, and 2 clips of 64.
+    assert (temporal_calls, global_calls, len(block_calls)) == ([(32, 4, 64)], [(2, 64, 64)], 1)
+    temporal_calls.clear(), global_calls.clear(), block_calls.clear()
     module.set_attention_chunk_size(3)
     module.temporal_transformer.gradient_checkpointing = True
     x.grad = None
     chunked = module(x)
+    # Chunking ran: 32 temporal sequences in ceil(32 / 3) = 11 calls of at most 3, the 2 clips in one call.
+    assert temporal_calls == [(3, 4, 64)] * 10 + [(2, 4, 64)] and global_calls == [(2, 64, 64)]
     chunked.square().sum().backward()
+    # Checkpointing ran: the backward pass ran the block (and its 12 attention calls) a second time.
+    assert len(block_calls) == 2 and len(temporal_calls) == 22 and len(global_calls) == 2
     assert (chunked - base).abs().max().item() < 1e-5
     assert (x.grad - grad).abs().max().item() < 1e-4
 
