@@ -1,7 +1,9 @@
 """Safe checkpoint reading and atomic writing: formats, wrappers, dropped entries, refused pickles, broken files."""
 
+import errno
 import os
 import pickle
+import re
 import sys
 import types
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from kinema.errors import KinemaError
+from kinema.loaders import checkpoint_io
 from kinema.loaders.checkpoint_io import read_checkpoint, read_state_dict, write_state_dict
 
 
@@ -49,13 +52,38 @@ def test_state_dict_wrapper_and_non_tensor_entries_are_dropped_and_noted(tmp_pat
                                   "animatediff_config": "dict with 1 entries (0 tensors)"}
 
 
-def test_overwrite_is_atomic_and_replaces(tmp_path):
-    path = write_state_dict(tensors(0), tmp_path / "w.safetensors")
+def die_half_way(real_writer):
+    """A writer that writes the whole file, cuts it to half its size and fails, as a full disk or a killed process
+    leaves a file behind."""
+
+    def writer(tensors, target, *args, **kwargs):
+        real_writer(tensors, target, *args, **kwargs)
+        os.truncate(target, os.path.getsize(target) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return writer
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_overwrite_is_atomic_and_replaces(tmp_path, monkeypatch, suffix):
+    path = write_state_dict(tensors(0), tmp_path / f"w{suffix}")
+    old_bytes = path.read_bytes()
     with pytest.raises(KinemaError, match="already exists"):
         write_state_dict(tensors(1), path)
+    # The replacement fails half-way through writing: the old file is untouched and no temporary is left.
+    with monkeypatch.context() as patch:
+        if suffix == ".safetensors":
+            patch.setattr(checkpoint_io, "save_file", die_half_way(checkpoint_io.save_file))
+        else:
+            patch.setattr(torch, "save", die_half_way(torch.save))
+        with pytest.raises(KinemaError, match=re.escape(f"cannot write {path}: the disk is full")) as err:
+            write_state_dict(tensors(1), path, overwrite=True)
+    assert "kinema-part" not in str(err.value)  # names the user's file, not the temporary
+    assert path.read_bytes() == old_bytes
+    assert os.listdir(tmp_path) == [path.name]
     write_state_dict(tensors(1), path, overwrite=True)
     assert_same(read_state_dict(path), tensors(1))
-    assert os.listdir(tmp_path) == ["w.safetensors"]
+    assert os.listdir(tmp_path) == [path.name]
 
 
 class _Payload:
