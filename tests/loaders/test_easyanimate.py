@@ -268,7 +268,10 @@ def test_v3_xl_config_builds_the_v3_xl_preset():
     assert video_dit_config_from_easyanimate(v3_xl_config(enable_clip_in_inpaint=False))["image_embed_dim"] is None
 
 
-def test_describe_reads_only_the_header(v3_root, model):
+def test_describe_reads_only_the_header(v3_root, model, monkeypatch):
+    from tensor_reads import TensorDataRead, forbid_tensor_data_reads
+
+    attempts = forbid_tensor_data_reads(monkeypatch)
     tensors = len(model.state_dict()) + 8
     expected = {
         "kind": "easyanimate_transformer", "format": "easyanimate-v3", "layout": "original", "variant": "InP",
@@ -292,6 +295,10 @@ def test_describe_reads_only_the_header(v3_root, model):
     assert describe_easyanimate(v3_root / "nothing") is None
     (v3_root / "notes.txt").write_text("hi")
     assert describe_easyanimate(v3_root / "notes.txt") is None
+    assert attempts == []
+    # The guard is live: loading the same folder, which needs the tensors, is stopped by it.
+    with pytest.raises(TensorDataRead):
+        load_video_dit(v3_root)
 
 
 def write_full_folder(root: Path, model: VideoDiT, with_image_encoder: bool = True) -> dict:
@@ -407,11 +414,14 @@ def test_convert_refuses_what_v3_cannot_express(tmp_path, model):
 
 
 def test_inspect_never_loads_a_transformer_file(v3_root, monkeypatch):
-    import kinema.loaders.inspect as inspect_module
+    # `kinema inspect` tries the motion-module and LoRA describers first, which read some tensors of their own kinds
+    # (frame tables, alphas); none of them may read any of a transformer file's tensors.
+    from tensor_reads import forbid_tensor_data_reads
 
-    def refuse(path):
-        raise AssertionError(f"{path} was read in full")
+    from kinema.loaders.inspect import describe
 
-    monkeypatch.setattr(inspect_module, "read_checkpoint", refuse)
+    attempts = forbid_tensor_data_reads(monkeypatch)
     weights = v3_root / "transformer" / "diffusion_pytorch_model.safetensors"
-    assert inspect_module.describe(weights)["kind"] == "easyanimate_transformer"
+    for path in (weights, v3_root / "transformer", v3_root):
+        assert describe(path)["kind"] == "easyanimate_transformer"
+    assert attempts == []
