@@ -1,0 +1,134 @@
+"""`kinema doctor`: every field checked against a source of its own (torch, PyAV, the package metadata, the
+environment, /proc/meminfo read here), never against the report itself."""
+
+import io
+import json
+import platform
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from kinema import cli
+from kinema.cli import doctor_report, main
+
+FIELDS = ["kinema", "python", "torch", "torch_threads", "device", "cuda_devices", "pyav", "video_codecs", "models_dir",
+          "free_memory_gib"]
+
+
+def json_report(capsys) -> dict:
+    assert main(["doctor", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and out.count("\n") == 1  # one JSON object on one line
+    return json.loads(out)
+
+
+def mem_available_gib() -> float:
+    """MemAvailable from /proc/meminfo, parsed here on its own ("MemAvailable:   23110496 kB")."""
+    found = re.search(r"^MemAvailable:\s+(\d+) kB$", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    return int(found[1]) / 2**20
+
+
+def test_json_report_fields_match_their_sources(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KINEMA_HOME", str(tmp_path / "kinema home"))
+    before = mem_available_gib()
+    report = json_report(capsys)
+    after = mem_available_gib()
+    assert list(report) == FIELDS
+    assert report["kinema"] == version("kinema")
+    assert report["python"] == platform.python_version()
+    assert report["torch"] == torch.__version__
+    assert report["torch_threads"] == torch.get_num_threads()
+    assert report["pyav"] == av.__version__
+    assert report["models_dir"] == str(tmp_path / "kinema home" / "models")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert (report["device"], report["cuda_devices"]) == ("cpu", [])
+    # Memory moves on a shared machine between the reads; 0.25 GiB of slack (MemFree, the wrong field, is GiBs off
+    # where page cache is in use).
+    assert min(before, after) - 0.25 <= report["free_memory_gib"] <= max(before, after) + 0.25
+
+
+def test_video_codecs_are_encoders_pyav_has(capsys):
+    codecs = json_report(capsys)["video_codecs"]
+    assert codecs, "this PyAV build has video encoders"
+    for name in codecs:
+        assert name in av.codecs_available
+        assert av.codec.Codec(name, "w").type == "video", name  # opens as an encoder (raises otherwise)
+    # kinema writes .mp4 with libx264 (kinema.data.video_io): the report says whether it can.
+    assert ("libx264" in codecs) == ("libx264" in av.codecs_available)
+
+
+def test_video_codecs_follow_what_pyav_offers(monkeypatch):
+    monkeypatch.setattr(av, "codecs_available", {"libx264", "gif", "flac", "no-such-codec"})
+    assert doctor_report()["video_codecs"] == ["libx264", "gif"]  # an audio codec and unknown names are left out
+    monkeypatch.setattr(av, "codecs_available", set())
+    assert doctor_report()["video_codecs"] == []
+
+
+def test_models_dir_defaults_to_the_home_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("KINEMA_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert doctor_report()["models_dir"] == str(tmp_path / ".cache" / "kinema" / "models")
+
+
+def test_cuda_devices_are_listed_by_name(monkeypatch):
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA A10"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: names[index])
+    report = doctor_report()
+    assert (report["device"], report["cuda_devices"]) == ("cuda", ["NVIDIA H100 80GB HBM3", "NVIDIA A10"])
+
+
+MEMINFO = """MemTotal:       24684096 kB
+MemFree:         1048576 kB
+MemAvailable:    3670016 kB
+Buffers:          123456 kB
+"""
+
+
+def test_free_memory_is_mem_available_with_fallbacks(monkeypatch):
+    real_open = open
+
+    def fake_meminfo(path, *args, **kwargs):
+        return io.StringIO(MEMINFO) if path == "/proc/meminfo" else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "open", fake_meminfo, raising=False)
+    assert doctor_report()["free_memory_gib"] == 3.5  # 3670016 kB; MemFree would give 1.0
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    pages = {"SC_AVPHYS_PAGES": 393216, "SC_PAGE_SIZE": 4096}  # 1.5 GiB, where there is no /proc (macOS)
+    monkeypatch.setattr(cli, "open", no_proc, raising=False)
+    monkeypatch.setattr(cli.os, "sysconf", lambda name: pages[name])
+    assert doctor_report()["free_memory_gib"] == 1.5
+
+    def unsupported(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    monkeypatch.setattr(cli.os, "sysconf", unsupported)
+    assert doctor_report()["free_memory_gib"] is None
+
+
+def test_text_report_is_one_aligned_line_per_field(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KINEMA_HOME", str(tmp_path))
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    parsed = [re.fullmatch(r" *(\w+): (.*)", line) for line in lines]
+    assert [found[1] for found in parsed] == FIELDS
+    assert len({line.index(": ") for line in lines}) == 1  # keys right-aligned on the colon
+    values = {found[1]: found[2] for found in parsed}
+    assert values["torch"] == torch.__version__
+    assert values["models_dir"] == str(tmp_path / "models")
+
+
+@pytest.mark.parametrize("args", [["doctor", "--nope"], ["doctor", "extra"]])
+def test_bad_usage_exits_2(capsys, args):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert f"unrecognized arguments: {args[1]}" in capsys.readouterr().err
