@@ -19,16 +19,6 @@ from kinema.models.slice_vae_tiling import Tiling
 TINY = dict(ch=8, ch_mult=(1, 2, 2, 2), norm_num_groups=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors are tiny: on a shared 2-core machine, handing each small op to a thread pool costs several times
-    # the maths. Results are compared exactly only between runs in this same setting, else with tolerances.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae() -> SliceVAE:
     torch.manual_seed(0)

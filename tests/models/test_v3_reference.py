@@ -29,16 +29,6 @@ EASYANIMATE_V3_COMMIT = "616a35425d3100d3e10adb58dc554794f8a7e9cb"
 TOLERANCE = dict(atol=5e-5, rtol=5e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors are tiny: on a shared CPU, handing each of ~1500 small ops to a thread pool costs ten times the
-    # maths. One thread keeps each test well under a second; results are compared with a tolerance either way.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def transformer():
     # V3's file keeps its weights in float16 (fixture size); EasyAnimate upcast them to float32, and so does this.

@@ -32,16 +32,6 @@ TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, cross_at
             caption_channels=48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors are tiny: on a shared 2-core machine, handing each small op to a thread pool costs several times
-    # the maths. Results are compared exactly only between runs in this same setting, else with tolerances.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_pixart() -> PixArtTransformer2DModel:
     torch.manual_seed(0)
     return PixArtTransformer2DModel(in_channels=4, out_channels=8, **TINY).eval()

@@ -10,17 +10,6 @@ from kinema.loaders.animatediff_keys import diffusers_to_original_key
 from kinema.models.video_unet import AcrossFramesGroupNorm, VideoUNet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors are tiny: on a shared 2-core machine, handing each small op to a thread pool costs far more than
-    # the maths (measured under load: 12 s vs 0.4 s for one video forward). Results are compared exactly only between
-    # runs in this same setting, else with tolerances.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet2d() -> UNet2DConditionModel:
     torch.manual_seed(0)

@@ -17,16 +17,6 @@ from kinema.models.motion import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors are tiny: on a shared 2-core machine, handing each small op to a thread pool costs several times
-    # the maths. Results are compared exactly only between runs in this same setting, else with tolerances.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
