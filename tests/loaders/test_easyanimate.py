@@ -136,6 +136,18 @@ def v3_root(tmp_path, model) -> Path:
     return tmp_path
 
 
+# A model loaded from a file and its in-memory source run the same kinema code on bit-identical weights (checked
+# separately, exactly); outputs (|x| <= 1.7 here) get a few float32 ulps of room because MKL's CPU GEMM may pick its
+# summation order by the alignment of the weights' memory. Measured difference: 0.
+SAME_CODE_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
+
+
+def assert_same_weights(got: torch.nn.Module, expected: torch.nn.Module) -> None:
+    ours, theirs = got.state_dict(), expected.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].dtype == v.dtype and torch.equal(ours[k], v) for k, v in theirs.items())
+
+
 def run(model: VideoDiT) -> torch.Tensor:
     torch.manual_seed(3)
     states, mask = torch.randn(2, 5, 48), torch.ones(2, 5)
@@ -154,7 +166,8 @@ def test_v3_folder_loads_strictly_and_reproduces_its_source(v3_root, model):
     expected = run(model)
     for path in (v3_root, v3_root / "transformer"):
         loaded = load_video_dit(path)
-        assert torch.equal(run(loaded), expected)
+        assert_same_weights(loaded, model)
+        torch.testing.assert_close(run(loaded), expected, **SAME_CODE_TOLERANCE)
     assert [spec["type"] for spec in loaded.config.motion_modules] == ["temporal", "hybrid"] * 2
     assert loaded.max_frames == PE_LEN and not loaded.training
     half = load_video_dit(v3_root, dtype=torch.bfloat16)
@@ -164,7 +177,9 @@ def test_v3_folder_loads_strictly_and_reproduces_its_source(v3_root, model):
 
 def test_kinema_saved_folder_loads(tmp_path, model):
     model.save_pretrained(tmp_path)
-    assert torch.equal(run(load_video_dit(tmp_path)), run(model))
+    loaded = load_video_dit(tmp_path)
+    assert_same_weights(loaded, model)
+    torch.testing.assert_close(run(loaded), run(model), **SAME_CODE_TOLERANCE)
     described = describe_easyanimate(tmp_path)
     assert (described["pe_buffers"], described["pe_length"], described["keys"]) == (0, PE_LEN, len(model.state_dict()))
 
@@ -353,7 +368,7 @@ def test_load_whole_v3_folder(tmp_path, model):
     assert same_weights(loaded.text_encoder, parts["text_encoder"].float())
     assert same_weights(loaded.image_encoder, parts["image_encoder"])
     assert loaded.text_encoder.dtype == torch.float32
-    assert torch.equal(run(loaded.transformer), run(model))
+    torch.testing.assert_close(run(loaded.transformer), run(model), **SAME_CODE_TOLERANCE)
     ids = loaded.tokenizer("a cat runs on grass", return_tensors="pt").input_ids
     assert ids.tolist() == [[3, 4, 5, 6, 7, 1]]
     # ... and the encoders are built from the stored configs. Their outputs are compared within a few float32 ulps,
@@ -397,8 +412,48 @@ def test_convert_v3_to_kinema_and_back_is_exact(v3_root, model, tmp_path):
     assert set(back) == set(original) and all(torch.equal(back[k], v) for k, v in original.items())
     written = json.loads((tmp_path / "o" / "config.json").read_text())
     assert video_dit_config_from_easyanimate(written) == video_dit_config_from_easyanimate(v3_config())
-    assert torch.equal(run(load_video_dit(tmp_path / "o")), run(model))
-    assert torch.equal(run(load_video_dit(tmp_path / "k")), run(model))
+    for folder in ("o", "k"):
+        loaded = load_video_dit(tmp_path / folder)
+        assert_same_weights(loaded, model)
+        torch.testing.assert_close(run(loaded), run(model), **SAME_CODE_TOLERANCE)
+
+
+V3_REFERENCE = Path(__file__).resolve().parent.parent / "fixtures" / "easyanimate_v3" / "transformer"
+
+
+def test_convert_v3_reference_folder_to_kinema_and_back_is_exact(tmp_path):
+    """The round trip above starts from a folder this file wrote; here both ends are checked against a folder
+    EasyAnimate's own V3 code wrote (tests/fixtures/easyanimate_v3, see make_fixtures.py there), so a rename or
+    reorder made on the way out and undone on the way back cannot hide."""
+    from kinema.cli import main
+
+    assert main(["convert", str(V3_REFERENCE), str(tmp_path / "k"), "--to", "kinema"]) == 0
+    assert main(["convert", str(tmp_path / "k"), str(tmp_path / "o"), "--to", "original"]) == 0
+    reference = load_file(V3_REFERENCE / "diffusion_pytorch_model.safetensors")
+    tables = {name for name in reference if name.endswith(".pos_encoder.pe")}
+    assert len(reference) == 1417 and len(tables) == 2 * 28
+    # The weights are stored in float16 and convert never casts a weight: both sides hold V3's float16 bits.
+    weights = {name: t for name, t in reference.items() if name not in tables}
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+
+    def assert_exact(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+        assert set(got) == set(expected)
+        assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in expected.items())
+
+    assert_exact(load_file(tmp_path / "k" / "diffusion_pytorch_model.safetensors"), weights)  # kinema: no tables
+    back = load_file(tmp_path / "o" / "diffusion_pytorch_model.safetensors")
+    assert_exact({name: t for name, t in back.items() if name not in tables}, weights)
+    # V3 keeps its frame tables in float32 beside float16 weights; kinema writes them in the weights' dtype, so the
+    # tables come back under V3's names with V3's values, rounded to float16.
+    assert tables <= set(back)
+    assert all(back[name].dtype == torch.float16 and torch.equal(back[name], reference[name].half())
+               for name in tables)
+
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    v3 = json.loads((V3_REFERENCE / "config.json").read_text())
+    # Every field kinema writes has V3's value; the one V3's file leaves out is at V3's class default.
+    assert {name: value for name, value in written.items() if v3.get(name) != value} == {"enable_clip_in_inpaint": True}
+    assert video_dit_config_from_easyanimate(written) == video_dit_config_from_easyanimate(v3)
 
 
 def test_convert_refuses_what_v3_cannot_express(tmp_path, model):
