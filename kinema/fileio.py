@@ -321,22 +321,31 @@ def _cleanup_on_failure(temp: Path, created: Path | None, parent: Path, shown: P
 
 
 @contextmanager
+def _temporary(
+    path: str | os.PathLike, kind: str, folder: bool, overwrite: bool, inputs: Iterable
+) -> Iterator[tuple[Path, Path]]:
+    """The policy check, then `(target, temp)`: a fresh hidden temporary folder beside the real target, removed with
+    any parents this write created if the block fails or is interrupted."""
+    target = check_output(path, kind, folder=folder, overwrite=overwrite, inputs=inputs)
+    created = _make_parents(target.parent)
+    temp = _temp_path(target, "part")
+    with _cleanup_on_failure(temp, created, target.parent, Path(path)):
+        _remove(temp)
+        os.mkdir(temp)
+        yield target, temp
+
+
+@contextmanager
 def atomic_folder(
     path: str | os.PathLike, kind: str, *, overwrite: bool = False, inputs: Iterable = ()
 ) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path` (after `check_output`); when the block ends without error it
     gets kinema's manifest and replaces `path` whole; on any error or signal it is removed and `path` is left as it
     was."""
-    target = check_output(path, kind, folder=True, overwrite=overwrite, inputs=inputs)
-    created = _make_parents(target.parent)
-    temp = _temp_path(target, "part")
-    with _cleanup_on_failure(temp, created, target.parent, Path(path)):
-        _remove(temp)
-        os.mkdir(temp)
+    with _temporary(path, kind, True, overwrite, inputs) as (target, temp):
         yield temp
         write_manifest(temp, kind)
-        old_mode = target.stat().st_mode & 0o7777 if target.is_dir() else None
-        _chmod_tree(temp, old_mode)
+        _chmod_tree(temp, target.stat().st_mode & 0o7777 if target.is_dir() else None)
         _swap_in(temp, target)
 
 
@@ -351,12 +360,7 @@ def atomic_file(
     The name lies inside a hidden temporary folder beside `path`, because writers may make temporaries of their own
     next to the name they are given (safetensors writes `.tmpXXXXXX` and renames it): those stay under kinema's
     recognisable name too, and go with it."""
-    target = check_output(path, kind, folder=False, overwrite=overwrite, inputs=inputs)
-    created = _make_parents(target.parent)
-    temp = _temp_path(target, "part")
-    with _cleanup_on_failure(temp, created, target.parent, Path(path)):
-        _remove(temp)
-        os.mkdir(temp)
+    with _temporary(path, kind, False, overwrite, inputs) as (target, temp):
         written = temp / target.name
         yield written
         os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
