@@ -1,0 +1,328 @@
+"""Deliberate bugs against the test suite: every one must make at least one default (not slow) test fail.
+
+Run from anywhere, with the project's virtualenv active:
+
+    python tests/mutations/run_mutations.py              # all mutations, each against the test files it concerns
+    python tests/mutations/run_mutations.py --full       # each against the whole default suite (much slower)
+    python tests/mutations/run_mutations.py --only skip  # mutations whose name contains "skip"
+    python tests/mutations/run_mutations.py --list       # names, files and test targets; runs nothing
+    python tests/mutations/run_mutations.py --committed  # HEAD only, without uncommitted working-tree changes
+
+What it does: builds a scratch copy of the repository (`git archive HEAD`, then the working tree's modified and
+untracked files copied over and deleted ones removed, unless --committed), runs the chosen tests there once unmutated
+(the control), then for each mutation copies the scratch tree, applies one small exact text substitution to one
+kinema file and runs pytest inside that copy with PYTHONPATH pointing at it (so `import kinema` is the mutated copy,
+never the checkout or its editable install). It prints one line per mutation,
+
+    <mutation> -> N failed: <test ids>      or      <mutation> -> SURVIVED
+
+counting only tests that passed in the control, and exits 1 when any mutation survived (2 when the control or a
+mutation could not be run: a pattern not found exactly once, kinema not imported from the copy, pytest unable to
+collect). A pattern that is not found exactly once is an error, not a pass: when the code moves, update the
+mutation here. Nothing in the checkout is touched. The default run takes about 10 minutes on 2 cores.
+
+This file is not a test module (its name does not start with test_), so pytest never collects or imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Test targets, relative to the repository root. Each mutation runs against the test files that exercise the code it
+# breaks, to keep the whole script near 10 minutes on 2 cores; --full runs the whole default suite instead.
+DIT_TESTS = ("tests/models/test_video_dit.py", "tests/models/test_v3_reference.py", "tests/models/motion",
+             "tests/loaders/test_easyanimate.py", "tests/loaders/test_easyanimate_depth.py")
+VAE_TESTS = ("tests/models/test_slice_vae.py", "tests/models/test_v3_reference.py",
+             "tests/loaders/test_easyanimate.py")
+VIDEO_UNET_TESTS = ("tests/models/test_video_unet.py", "tests/loaders/test_animatediff.py",
+                    "tests/loaders/test_motion_lora.py", "tests/docs")
+KEY_MAP_TESTS = ("tests/loaders/test_animatediff.py", "tests/loaders/test_motion_lora.py", "tests/test_cli.py",
+                 "tests/test_cli_inspect.py")
+WRITE_TESTS = ("tests/test_fileio.py", "tests/test_signals.py", "tests/test_output_policy.py",
+               "tests/test_error_funnel.py", "tests/loaders/test_checkpoint_io.py", "tests/test_cli.py")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # the kinema file, relative to the repository root
+    # Each edit is one or more (old, new) alternatives: exactly one alternative's `old` must occur, exactly once (the
+    # alternatives cover code known to be in flux; anything else stops the script).
+    edits: tuple[tuple[tuple[str, str], ...], ...]
+    tests: tuple[str, ...]
+
+
+NORMS_FORWARD = (
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norms\\.0\\.(?P<rest>.*)", r"\\g<pre>norm1.\\g<rest>"),\n'
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norms\\.1\\.(?P<rest>.*)", r"\\g<pre>norm2.\\g<rest>"),\n',
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norms\\.0\\.(?P<rest>.*)", r"\\g<pre>norm2.\\g<rest>"),\n'
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norms\\.1\\.(?P<rest>.*)", r"\\g<pre>norm1.\\g<rest>"),\n',
+)
+NORMS_REVERSE = (
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norm1\\.(?P<rest>.*)", r"\\g<pre>norms.0.\\g<rest>"),\n'
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norm2\\.(?P<rest>.*)", r"\\g<pre>norms.1.\\g<rest>"),\n',
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norm1\\.(?P<rest>.*)", r"\\g<pre>norms.1.\\g<rest>"),\n'
+    '    (r"(?P<pre>.*\\.transformer_blocks\\.\\d+\\.)norm2\\.(?P<rest>.*)", r"\\g<pre>norms.0.\\g<rest>"),\n',
+)
+
+MUTATIONS = (
+    Mutation(
+        "DiT block: motion module after the cross-attention",
+        "kinema/models/video_dit_blocks.py",
+        (((
+            '        video = rearrange(x, "b (f h w) c -> b c f h w", f=num_frames, h=height, w=width)\n'
+            '        x = rearrange(self.attn_temporal(video), "b c f h w -> b (f h w) c")\n'
+            "        # No norm before cross-attention: PixArt (and V3) feed the raw hidden states.\n"
+            "        x = x + self.attn2(x, encoder_hidden_states=context, attention_mask=context_bias)\n",
+            "        x = x + self.attn2(x, encoder_hidden_states=context, attention_mask=context_bias)\n"
+            '        video = rearrange(x, "b (f h w) c -> b c f h w", f=num_frames, h=height, w=width)\n'
+            '        x = rearrange(self.attn_temporal(video), "b c f h w -> b (f h w) c")\n',
+        ),),),
+        DIT_TESTS,
+    ),
+    Mutation(
+        "U-ViT: first skip (block 12 -> 15 at depth 28) dropped",
+        "kinema/models/video_dit.py",
+        (((
+            "        skip_into = {target: (index, source) for index, (source, target) in enumerate(self.skip_pairs)}\n",
+            "        skip_into = {target: (index, source) for index, (source, target) in enumerate(self.skip_pairs)"
+            " if index > 0}\n",
+        ),),),
+        DIT_TESTS,
+    ),
+    Mutation(
+        "Slice VAE: latent frames reversed within each encoded slice",
+        "kinema/models/slice_vae.py",
+        (((
+            "            moments[:, :, i * latents:(i + 1) * latents] = self._spatial(self._encode_slice, clip, tiling,"
+            " up=False)\n",
+            "            moments[:, :, i * latents:(i + 1) * latents] = self._spatial(self._encode_slice, clip, tiling,"
+            " up=False).flip(2)\n",
+        ),),),
+        VAE_TESTS,
+    ),
+    Mutation(
+        "VideoUNet: per-frame text ignored (every frame gets the first frame's text)",
+        "kinema/models/video_unet.py",
+        (((
+            "        if text.ndim == 3 and text.shape[0] == batch * frames:\n"
+            "            return text\n"
+            "        if text.ndim == 4 and text.shape[:2] == (batch, frames):\n"
+            '            return rearrange(text, "b f l d -> (b f) l d")\n',
+            "        if text.ndim == 3 and text.shape[0] == batch * frames:\n"
+            "            return text[::frames].repeat_interleave(frames, dim=0)\n"
+            "        if text.ndim == 4 and text.shape[:2] == (batch, frames):\n"
+            "            return text[:, 0].repeat_interleave(frames, dim=0)\n",
+        ),),),
+        VIDEO_UNET_TESTS,
+    ),
+    Mutation(
+        "hybrid motion module: global attention dropped",
+        "kinema/models/motion/temporal.py",
+        (((
+            "        for kind, norm, attention in zip(self.attention_kinds, self.norms, self.attention_blocks,"
+            " strict=True):\n",
+            "        for kind, norm, attention in zip(self.attention_kinds, self.norms, self.attention_blocks,"
+            " strict=True):\n"
+            '            if kind == "global":\n'
+            "                continue\n",
+        ),),),
+        DIT_TESTS,
+    ),
+    Mutation(
+        "key map original -> diffusers: norm1/norm2 swapped",
+        "kinema/loaders/animatediff_keys.py",
+        ((NORMS_FORWARD,),),
+        KEY_MAP_TESTS,
+    ),
+    Mutation(
+        "key map diffusers -> original: norm1/norm2 swapped",
+        "kinema/loaders/animatediff_keys.py",
+        ((NORMS_REVERSE,),),
+        KEY_MAP_TESTS,
+    ),
+    Mutation(
+        "key maps both ways: norm1/norm2 swapped (a symmetric bug every round trip undoes)",
+        "kinema/loaders/animatediff_keys.py",
+        ((NORMS_FORWARD,), (NORMS_REVERSE,)),
+        KEY_MAP_TESTS,
+    ),
+    Mutation(
+        "V3 convert casts the weights to float32 (round trip exact, files no longer V3's float16)",
+        "kinema/loaders/easyanimate.py",
+        ((("    model = load_video_dit(source)\n", "    model = load_video_dit(source, dtype=torch.float32)\n"),),),
+        ("tests/loaders/test_easyanimate.py",),
+    ),
+    Mutation(
+        "checkpoint write not atomic: atomic_file hands out the target itself, no temporary and rename",
+        "kinema/fileio.py",
+        ((
+            # HEAD (7fea762): the temporary is a file beside the target.
+            ("        yield temp\n"
+             "        os.chmod(temp, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())\n"
+             "        os.replace(temp, target)\n",
+             "        yield target\n"),
+            # Working-tree variant: the temporary file sits inside a temporary folder.
+            ("        yield written\n"
+             "        os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())\n"
+             "        os.replace(written, target)\n",
+             "        yield target\n"),
+        ),),
+        WRITE_TESTS,
+    ),
+)
+
+# A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in
+# the file named by KINEMA_MUTATION_FAILURES, so nothing depends on parsing pytest's console output.
+PLUGIN = '''
+import os
+
+
+def _record(nodeid):
+    with open(os.environ["KINEMA_MUTATION_FAILURES"], "a") as f:
+        f.write(nodeid + "\\n")
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _record(report.nodeid)
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _record("collecting " + (report.nodeid or "?"))
+'''
+
+
+class ScriptError(Exception):
+    """The control or a mutation could not be run as intended."""
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout
+
+
+def build_scratch(root: Path, committed_only: bool) -> Path:
+    """HEAD's tree at root/base, plus the working tree's uncommitted files unless `committed_only`."""
+    base = root / "base"
+    base.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    if not committed_only:
+        for name in git("ls-files", "-z", "-m", "-o", "--exclude-standard").split("\0"):
+            source = REPO / name
+            if name and source.is_file():
+                (base / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, base / name)
+        for name in git("ls-files", "-z", "-d").split("\0"):
+            if name:
+                (base / name).unlink(missing_ok=True)
+    (root / "plugin").mkdir()
+    (root / "plugin" / "kinema_mutation_plugin.py").write_text(PLUGIN)
+    return base
+
+
+def mutated(mutation: Mutation, text: str) -> str:
+    """`text` (the file's content) with the mutation's edits applied."""
+    for alternatives in mutation.edits:
+        found = [(old, new) for old, new in alternatives if text.count(old) == 1]
+        counts = [text.count(old) for old, _ in alternatives]
+        if len(found) != 1 or sum(counts) != 1:
+            raise ScriptError(f"{mutation.name}: in {mutation.path} the pattern(s) occur {counts} times, need "
+                              f"exactly one occurrence of one of them; the code moved, update {Path(__file__).name}")
+        old, new = found[0]
+        text = text.replace(old, new)
+    return text
+
+
+def apply(mutation: Mutation, tree: Path) -> None:
+    path = tree / mutation.path
+    path.write_text(mutated(mutation, path.read_text()))
+
+
+def run_pytest(tree: Path, root: Path, targets: tuple[str, ...], label: str) -> tuple[set[str], float]:
+    """Run pytest inside `tree` on `targets`; return the ids of failed tests and the seconds it took."""
+    failures = root / f"failures-{label}.txt"
+    failures.unlink(missing_ok=True)
+    failures.touch()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(root / "plugin")]),
+           "KINEMA_MUTATION_FAILURES": str(failures), "PYTHONDONTWRITEBYTECODE": "1"}
+    check = subprocess.run([sys.executable, "-c", "import kinema; print(kinema.__file__)"], cwd=tree, env=env,
+                           capture_output=True, text=True)
+    if not check.stdout.strip().startswith(str(tree)):
+        raise ScriptError(f"{label}: kinema was imported from {check.stdout.strip() or check.stderr.strip()}, "
+                          f"not from the copy {tree}")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "kinema_mutation_plugin",
+                             "-q", "--tb=no", "--no-header", *targets],
+                            cwd=tree, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    failed = set(failures.read_text().splitlines())  # one id a line: parametrize ids may hold spaces
+    if result.returncode not in (0, 1) or (result.returncode == 1) != bool(failed):
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise ScriptError(f"{label}: pytest exited {result.returncode} (failures recorded: {len(failed)}):\n{tail}")
+    return failed, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="run the whole default suite for every mutation")
+    parser.add_argument("--only", help="run only the mutations whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their test targets")
+    parser.add_argument("--committed", action="store_true", help="HEAD only, no uncommitted working-tree files")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or args.only.lower() in m.name.lower()]
+    if not chosen:
+        parser.error(f"no mutation name contains {args.only!r}")
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name}\n    {mutation.path}\n    tests: {' '.join(mutation.tests)}")
+        return 0
+
+    def targets(mutation: Mutation) -> tuple[str, ...]:
+        return ("tests",) if args.full else mutation.tests
+
+    with tempfile.TemporaryDirectory(prefix="kinema-mutations-") as scratch:
+        root = Path(scratch)
+        try:
+            base = build_scratch(root, args.committed)
+            for mutation in chosen:  # every pattern is checked before the long runs start
+                mutated(mutation, (base / mutation.path).read_text())
+            control_targets = tuple(dict.fromkeys(t for m in chosen for t in targets(m)))
+            control, seconds = run_pytest(base, root, control_targets, "control")
+            print(f"control (unmutated, {'HEAD' if args.committed else 'HEAD + working tree'}): "
+                  f"{len(control)} failed in {seconds:.0f}s" + (f": {' '.join(sorted(control))}" if control else ""),
+                  flush=True)
+            survived = []
+            for index, mutation in enumerate(chosen):
+                tree = shutil.copytree(base, root / f"mutant-{index}", symlinks=True)
+                apply(mutation, tree)
+                failed, seconds = run_pytest(tree, root, targets(mutation), f"mutant-{index}")
+                killers = sorted(failed - control)
+                shutil.rmtree(tree)
+                verdict = f"{len(killers)} failed: {' '.join(killers)}" if killers else "SURVIVED"
+                print(f"{mutation.name} -> {verdict}  [{seconds:.0f}s]", flush=True)
+                if not killers:
+                    survived.append(mutation.name)
+        except ScriptError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if survived:
+        print(f"{len(survived)} of {len(chosen)} mutations survived", file=sys.stderr)
+        return 1
+    print(f"all {len(chosen)} mutations were caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
