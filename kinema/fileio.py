@@ -190,11 +190,11 @@ def check_output(
         raise KinemaError(f"{given} is a file; give a folder path for the {(kind or 'output').replace('_', ' ')}")
     if folder is False and real.is_dir():
         raise KinemaError(f"{given} is a folder; give a file name such as {given / ('output' + given.suffix)}")
-    if _is_within(Path.cwd().resolve(), real):
-        raise KinemaError(f"{given} is the folder you are working in (or holds it); run kinema from outside it "
-                          "or give another path")
     if real.is_dir() and not any(real.iterdir()):
         return real
+    if _is_within(Path.cwd().resolve(), real):  # replacing it would leave this process (and the shell) nowhere
+        raise KinemaError(f"{given} is the folder you are working in (or holds it); run kinema from outside it "
+                          "or give another path")
     found = output_kind(real)
     if found is None:
         hint = ""
@@ -368,11 +368,31 @@ def atomic_file(
         os.rmdir(temp)
 
 
+def _fill_empty_folder(temp: Path, target: Path) -> None:
+    """Move the finished contents of `temp` into the existing empty folder `target`, which keeps its inode, mode and
+    owner (it may be the current folder, a mount point or a shared setgid folder); the manifest moves last, so the
+    folder counts as kinema's only when whole, and an interruption takes back what was moved."""
+    names = sorted((p.name for p in temp.iterdir()), key=lambda name: name == MANIFEST)
+    moved = []
+    try:
+        for name in names:
+            os.rename(temp / name, target / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            _remove(target / name)
+        raise
+    os.rmdir(temp)
+
+
 def _swap_in(temp: Path, target: Path) -> None:
     """Rename the finished `temp` to `target`. An old non-empty `target` is first renamed aside (so a crash in
     between leaves it recoverable by `clean_stale`) and removed once the new one is in place."""
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        os.replace(temp, target)  # rename(2) replaces an empty folder atomically
+    if not target.exists():
+        os.replace(temp, target)
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        _fill_empty_folder(temp, target)
         return
     old = _temp_path(target, "old")
     os.replace(target, old)

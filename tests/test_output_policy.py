@@ -165,6 +165,17 @@ def test_user_files_inside_an_earlier_synth_output_are_never_lost(tmp_path, caps
     assert "corrected by hand" in (out / "metadata.json").read_text()
 
 
+def test_the_empty_current_folder_is_written_into(tmp_path, capsys, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    assert run(capsys, "data", "synth", "--out", ".", "--n", "1", "--frames", "2", "--size", "16")[0] == 0
+    assert here.stat().st_ino == inode and Path.cwd() == here  # the same folder, filled, not replaced
+    assert (here / "metadata.json").is_file() and output_kind(here) == "synth_dataset"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_running_inside_an_earlier_output_is_refused_cleanly(tmp_path, capsys, monkeypatch):
     out = tmp_path / "set"
     assert run(capsys, "data", "synth", "--out", str(out), "--n", "1", "--frames", "2", "--size", "16")[0] == 0
