@@ -85,12 +85,15 @@ def rename_state_dict(state_dict: dict, source: str, target: str) -> dict:
     return {diffusers_to_original_key(k): v for k, v in state_dict.items()}
 
 
-def with_pe_tables(state_dict: dict[str, torch.Tensor], layout: str, max_frames: int) -> dict[str, torch.Tensor]:
+def with_pe_tables(
+    state_dict: dict[str, torch.Tensor], layout: str, max_frames: int, table_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """kinema-named motion weights renamed to `layout` with its sinusoidal `pe` tables [1, max_frames, C] added,
-    in the dtype of the weights beside them."""
+    in `table_dtype` (default: the dtype of the weights beside them)."""
     named = rename_state_dict(state_dict, "kinema", layout)
     # A fresh tensor per key: safetensors refuses tensors that share memory.
-    tables = {pe_key: sinusoidal_frame_encoding(max_frames, named[beside].shape[0])[None].to(named[beside].dtype)
+    tables = {pe_key: sinusoidal_frame_encoding(max_frames, named[beside].shape[0])[None].to(
+                  table_dtype or named[beside].dtype)
               for pe_key, beside in pe_places(list(named), layout).items()}
     return {**named, **tables}
 

@@ -308,7 +308,8 @@ def convert_easyanimate_transformer(
         lengths = {spec["max_frames"] for spec in model.config.motion_modules}
         if len(lengths) != 1:
             raise KinemaError(f"V3 gives every motion module one frame-encoding length; this model has {lengths}")
-        state = with_pe_tables(model.state_dict(), "original", lengths.pop())
+        # V3 keeps its frame tables in float32 whatever the weights' dtype, and EasyAnimate reads them as they are.
+        state = with_pe_tables(model.state_dict(), "original", lengths.pop(), table_dtype=torch.float32)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
     return Path(target), notes
