@@ -132,3 +132,23 @@ def test_slice_vae_weights_are_in_memory_unless_mmap_is_asked(tmp_path):
         latents = in_memory.encode(video).latent_dist.mode()
         assert torch.equal(latents, mapped.encode(video).latent_dist.mode())
         assert torch.equal(latents, source.encode(video).latent_dist.mode())
+
+
+@needs_proc_maps
+def test_text_and_image_encoders_are_in_memory_unless_mmap_is_asked(tmp_path):
+    from loaders.test_easyanimate import source_model, write_full_folder
+
+    from kinema.loaders.easyanimate import load_easyanimate
+
+    write_full_folder(tmp_path, source_model())  # the text encoder is a sharded fp16 variant, CLIP one fp32 file
+    in_memory, mapped = load_easyanimate(tmp_path), load_easyanimate(tmp_path, mmap=True)
+    for part in ("text_encoder", "image_encoder"):
+        files = list((tmp_path / part).glob("*.safetensors"))
+        weights = list(getattr(in_memory, part).parameters())
+        assert not any(file_backed(p, f) for p in weights for f in files), part
+        for (name, a), (_, b) in zip(getattr(in_memory, part).state_dict().items(),
+                                     getattr(mapped, part).state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    # the check can see a mapping: transformers maps CLIP's float32 weights from its file when mmap is asked for
+    clip_file = tmp_path / "image_encoder" / "model.safetensors"
+    assert any(file_backed(p, clip_file) for p in mapped.image_encoder.parameters())

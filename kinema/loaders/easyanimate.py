@@ -198,14 +198,24 @@ def _load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
+def _into_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every weight of `module` memory of its own. transformers maps float32 weights zero-copy from the
+    safetensors file: the first pass then pages them in from disk, and a weight lying at an unaligned offset in the
+    file makes MKL sum in another order than for the same weight in memory."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            tensor.data = tensor.data.clone()
+    return module
+
+
 def load_easyanimate(
     folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     mmap: bool = False,
 ) -> EasyAnimateModel:
     """Load a whole EasyAnimate V3 folder: transformer, Slice VAE, T5 encoder + tokenizer, CLIP image encoder.
 
-    All models are cast to `dtype` and moved to `device`; the encoders are returned in eval mode. `mmap` is passed
-    to the transformer and VAE loaders (default: weights read into memory).
+    All models are cast to `dtype` and moved to `device`; the encoders are returned in eval mode. Weights are read
+    into memory; `mmap=True` leaves every part's weights mapped from its file (less memory, a slow first pass).
     """
     # The PIL image processor is the one EasyAnimate's pipeline used (transformers 4's CLIPImageProcessor); the
     # default CLIPImageProcessor of transformers 5 wants torchvision and prints a notice when falling back to it.
@@ -227,11 +237,12 @@ def load_easyanimate(
     transformer = load_video_dit(dirs["transformer"], dtype=dtype, device=device, mmap=mmap)
     vae = load_slice_vae(dirs["vae"], torch_dtype=dtype, mmap=mmap).to(device)
     text_dir = dirs["text_encoder"]
-    text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtype, variant=_variant(text_dir))
+    in_memory = (lambda module: module) if mmap else _into_memory
+    text_encoder = in_memory(T5EncoderModel.from_pretrained(text_dir, dtype=dtype, variant=_variant(text_dir)))
     image_encoder = image_processor = None
     if image_dir.is_dir():
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_dir, dtype=dtype,
-                                                                      variant=_variant(image_dir))
+        image_encoder = in_memory(CLIPVisionModelWithProjection.from_pretrained(image_dir, dtype=dtype,
+                                                                                variant=_variant(image_dir)))
         image_encoder = image_encoder.to(device).eval()
         image_processor = CLIPImageProcessorPil.from_pretrained(image_dir)
     return EasyAnimateModel(transformer, vae, text_encoder.to(device).eval(), tokenizer, image_encoder,
