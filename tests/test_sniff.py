@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from loaders.animatediff_fixtures import original_motion_state_dict
+from loaders.test_checkpoint_io import assert_same as assert_exact
+from loaders.test_checkpoint_io import tensors
 from loaders.test_easyanimate import v3_config
 from safetensors.torch import load_file, save_file
 
@@ -31,18 +33,6 @@ S3_ACCESS_DENIED = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>Access
 LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
                "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 2436581392\n")
 READERS = [read_checkpoint, read_state_dict, tensor_names]
-
-
-def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"a.weight": torch.randn(3, 4, generator=gen), "b.bias": torch.randn(5, generator=gen).half(),
-            "c.count": torch.arange(6)}
-
-
-def assert_exact(got: dict, expected: dict) -> None:
-    assert set(got) == set(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
 
 
 def refusals(path: Path, readers=READERS) -> list[str]:
