@@ -78,6 +78,12 @@ def test_safetensors_motion_module_named_ckpt_is_described(tmp_path):
     named_wrong = describe(tmp_path / "mm_sd_v15_v2.ckpt")
     assert named_wrong["kind"] == "motion_module" and named_wrong["version"] == "v2"
     assert {**named_wrong, "path": ""} == {**named_right, "path": ""}
+    # and the other way round: a torch checkpoint named .safetensors, and safetensors under a name kinema does not
+    # list, are described by their content too
+    torch.save(state, tmp_path / "torch_inside.safetensors")
+    save_file(state, str(tmp_path / "mm_sd_v15_v2.weights"))
+    for name in ("torch_inside.safetensors", "mm_sd_v15_v2.weights"):
+        assert {**describe(tmp_path / name), "path": ""} == {**named_right, "path": ""}, name
 
 
 def test_torch_checkpoints_load_whatever_their_name(tmp_path):

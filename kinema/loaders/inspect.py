@@ -25,12 +25,12 @@ from safetensors import safe_open
 from kinema.errors import KinemaError
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import (
-    SAFETENSORS_SUFFIXES,
     SUPPORTED_SUFFIXES,
     Checkpoint,
     read_checkpoint,
     tensor_names,
 )
+from kinema.sniff import sniff
 
 # safetensors dtype codes -> torch dtypes, for shape-only (meta) tensors made from a header.
 _TORCH_DTYPES = {
@@ -50,11 +50,17 @@ class Source:
 
     @cached_property
     def is_weights_file(self) -> bool:
-        return self.path.is_file() and self.path.suffix.lower() in SUPPORTED_SUFFIXES
+        """A file named as weights (so a broken one gets its sniffed diagnosis) or holding weights by content."""
+        return self.path.is_file() and (self.path.suffix.lower() in SUPPORTED_SUFFIXES or sniff(self.path).is_weights)
+
+    @cached_property
+    def _header_names(self) -> list[str] | None:
+        return tensor_names(self.path)  # None for a torch checkpoint, whatever the extension says
 
     @cached_property
     def is_safetensors(self) -> bool:
-        return self.path.suffix.lower() in SAFETENSORS_SUFFIXES
+        """Whether the content is safetensors (a header to read names and shapes from), not the extension."""
+        return self._header_names is not None
 
     @cached_property
     def checkpoint(self) -> Checkpoint:
@@ -62,16 +68,14 @@ class Source:
 
     @cached_property
     def names(self) -> list[str]:
-        header = tensor_names(self.path)
-        return header if header is not None else list(self.checkpoint.tensors)
+        return self._header_names if self.is_safetensors else list(self.checkpoint.tensors)
 
     @cached_property
     def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors as far as names, shapes and dtypes go, and the safetensors metadata. From a .safetensors
         header these are meta tensors (no data); a torch pickle has no header, so it is read."""
-        if not self.is_safetensors:
+        if not self.is_safetensors:  # a broken file (Git LFS pointer, empty, web page) is refused in there
             return self.checkpoint.tensors, self.checkpoint.metadata
-        _ = self.names  # a broken file (Git LFS pointer, empty, web page) is refused where the names are read
         with safe_open(str(self.path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             header = {name: f.get_slice(name) for name in f.keys()}
