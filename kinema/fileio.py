@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError, is_disk_full, library_error_message, os_error_message, without_temporaries
+from kinema.sniff import Kind, sniff
 
 MANIFEST = "kinema-output.json"  # inside every folder kinema writes: its kind and the files it wrote
 MARK_KEY = "kinema_output"  # safetensors metadata key / zip record name that marks a weights file kinema wrote
@@ -78,22 +78,6 @@ def _manifest(folder: Path) -> dict | None:
     return data
 
 
-def _safetensors_mark(path: Path) -> str | None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return None
-        (length,) = struct.unpack("<Q", head)
-        if length > 100_000_000:
-            return None
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            return None
-    mark = (header.get("__metadata__") or {}).get(MARK_KEY) if isinstance(header, dict) else None
-    return mark if isinstance(mark, str) else None
-
-
 def _zip_mark(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -137,15 +121,17 @@ def output_kind(path: str | os.PathLike) -> str | None:
     if not path.is_file():
         return None
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"PK\x03\x04":
-            return _zip_mark(path)
-        if path.suffix.lower() == ".json":
-            return _settings_mark(path)
-        return _safetensors_mark(path) or _video_mark(path)
-    except OSError:
+        found = sniff(path)
+    except KinemaError:  # unreadable: not something kinema can know as its own
         return None
+    if found.kind is Kind.SAFETENSORS:
+        mark = found.metadata.get(MARK_KEY)
+        return mark if isinstance(mark, str) else None
+    if found.kind is Kind.TORCH_ZIP:
+        return _zip_mark(path)
+    if path.suffix.lower() == ".json":
+        return _settings_mark(path)
+    return _video_mark(path)
 
 
 def _foreign_files(folder: Path) -> list[str]:
@@ -228,11 +214,6 @@ def _temp_path(target: Path, role: str) -> Path:
     return target.with_name(f".{_temp_stem(target)}.kinema-{role}-{os.getpid()}")
 
 
-def is_temp_name_in(text: str) -> bool:
-    """Whether `text` (an error message) mentions one of kinema's temporary names."""
-    return ".kinema-part-" in text or ".kinema-old-" in text
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -311,7 +292,7 @@ def _cleanup_on_failure(temp: Path, created: Path | None, parent: Path, shown: P
     except BaseException as err:
         _remove(temp)
         _remove_empty_parents(created, parent)
-        if isinstance(err, KinemaError) and is_temp_name_in(str(err)):
+        if isinstance(err, KinemaError) and without_temporaries(str(err)) != str(err):
             raise KinemaError(without_temporaries(str(err))) from err
         if isinstance(err, OSError):
             raise KinemaError(os_error_message(err, shown, "write")) from err

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -61,6 +61,7 @@ class FileKind:
     kind: Kind
     what: str
     advice: str = ""  # how to get the real file; empty for the kinds that hold weights
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)  # a safetensors file's `__metadata__`
 
     @property
     def is_weights(self) -> bool:
@@ -126,7 +127,9 @@ def _safetensors(path: Path, f, head: bytes, size: int) -> FileKind | None:
     if expected < size:
         return FileKind(path, Kind.SAFETENSORS_DAMAGED, f"a safetensors file whose header says {expected} bytes "
                         f"but the file has {size}: something was written after its end", _DOWNLOAD_AGAIN)
-    return FileKind(path, Kind.SAFETENSORS, "a safetensors file")
+    metadata = header.get("__metadata__")
+    return FileKind(path, Kind.SAFETENSORS, "a safetensors file",
+                    metadata=metadata if isinstance(metadata, dict) else {})
 
 
 def _zip(path: Path, head: bytes) -> FileKind:

@@ -268,3 +268,15 @@ def test_a_name_near_the_length_limit_still_writes(tmp_path):
     target = tmp_path / ("v" * 240 + ".safetensors")
     write_state_dict({"a": torch.zeros(2)}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_users_file_where_the_settings_sidecar_goes_stops_the_video_write(tmp_path):
+    from kinema.data.video_io import write_video
+
+    (tmp_path / "clip.mp4.json").write_text('{"my": "notes"}')
+    before = snapshot(tmp_path)
+    frames = torch.zeros(2, 3, 16, 16)
+    for overwrite in (False, True):
+        with pytest.raises(KinemaError, match=r"clip\.mp4\.json already exists and kinema did not write it"):
+            write_video(frames, tmp_path / "clip.mp4", overwrite=overwrite)
+    assert snapshot(tmp_path) == before

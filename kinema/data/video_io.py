@@ -254,19 +254,6 @@ _WRITERS: dict[str, _Writer] = {
 }
 
 
-def _check_sidecar(side: Path) -> None:
-    """A sidecar name that exists must be one kinema wrote (settings JSON stamped with the kinema version)."""
-    if not os.path.lexists(side):
-        return
-    try:
-        settings = json.loads(side.read_text())
-    except (OSError, ValueError):
-        settings = None
-    if not (isinstance(settings, dict) and "kinema" in settings):
-        raise KinemaError(f"{side} already exists and kinema did not write it; kinema keeps a video's settings "
-                          "there: move it or choose another output name")
-
-
 def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS,
                 crf: int = DEFAULT_CRF, settings: dict | None = None, *, overwrite: bool = False) -> Path:
     """Write frames `(F, C, H, W)` in [-1, 1] (or uint8 `(F, H, W, C)`) to `path` in the format its extension names.
@@ -289,7 +276,7 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps:
     is_folder = suffix == ""
     side = sidecar_path(path)
     check_output(path, "video", folder=is_folder, overwrite=overwrite)
-    _check_sidecar(side)
+    check_output(side, "video_settings", folder=False, overwrite=True)  # before encoding: a user's file there stops it
     full = _complete_settings(settings, array, fps)
     comment = json.dumps(full)
     atomic = atomic_folder if is_folder else atomic_file
