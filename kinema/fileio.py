@@ -225,6 +225,8 @@ def _alive(pid: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    if not os.path.lexists(path):  # unlink of a missing name fails with EROFS, not ENOENT, on a read-only disk
+        return
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -50,6 +50,28 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro), where even removing a missing name fails with EROFS."""
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_disk_is_one_line_naming_the_output(capsys, motion_module, read_only_disk):
+    convert = ["convert", str(motion_module), str(read_only_disk / "adapter"), "--to", "diffusers"]
+    synth = ["data", "synth", "--out", str(read_only_disk / "set"), "--n", "1", "--frames", "2", "--size", "16"]
+    for args, target in ((convert, read_only_disk / "adapter"), (synth, read_only_disk / "set")):
+        code, err = run(capsys, *args)
+        assert code == 1
+        one_line_without_temporaries(err)
+        assert f"cannot write {target}: the file system is read-only" in err
+
+
 @pytest.mark.parametrize(("name", "layout"), [("mm.safetensors", "kinema"), ("mm.ckpt", "original"),
                                               ("adapter", "diffusers")])
 def test_full_disk_is_one_line_naming_the_output(tmp_path, capsys, motion_module, tiny_disk, name, layout):
