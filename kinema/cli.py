@@ -210,7 +210,7 @@ def _check_inspect(args: argparse.Namespace) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from kinema.loaders.inspect import describe
+    from kinema.loaders.describe import describe
 
     _print_report(describe(args.path), args.json)
 

@@ -84,3 +84,9 @@ def library_error_message(err: BaseException) -> str:
     if is_disk_full(err):
         return "writing the file failed (the disk is probably full); free some space or write somewhere else"
     return shorten(f"{type(err).__name__}: {_TEMP_NAME.sub('', str(err))}")
+
+
+def naming(path: str | os.PathLike, err: KinemaError) -> KinemaError:
+    """`err` with `path` in front, unless its message names the path already: errors about a file say which."""
+    message = str(err)
+    return KinemaError(message if str(path) in message else f"{path}: {message}")

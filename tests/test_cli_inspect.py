@@ -7,7 +7,7 @@ import torch
 from diffusers import MotionAdapter
 from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-from loaders.animatediff_fixtures import TINY_CHANNELS, original_motion_state_dict, tiny_unet
+from loaders.animatediff.animatediff_fixtures import TINY_CHANNELS, original_motion_state_dict, tiny_unet
 
 from kinema.cli import main
 from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict

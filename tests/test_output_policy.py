@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loaders.animatediff_fixtures import original_motion_state_dict
+from loaders.animatediff.animatediff_fixtures import original_motion_state_dict
 from safetensors import safe_open
 
 from kinema.cli import main

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kinema.loaders.easyanimate import load_video_dit
-from kinema.loaders.easyanimate_config import video_dit_config_from_easyanimate
-from kinema.loaders.easyanimate_vae import load_slice_vae
+from kinema.loaders.easyanimate.config import video_dit_config_from_easyanimate
+from kinema.loaders.easyanimate.transformer import load_video_dit
+from kinema.loaders.easyanimate.vae import load_slice_vae
 from kinema.models.slice_vae import SliceVAE
 from kinema.models.video_dit import VideoDiT
 
@@ -59,14 +59,14 @@ def test_slice_vae_load_prints_no_float32_notice(tmp_path):
 
 
 def test_whole_folder_load_prints_no_torchvision_notice(tmp_path):
-    from loaders.test_easyanimate import v3_config, write_full_folder
+    from loaders.easyanimate.test_easyanimate import v3_config, write_full_folder
 
     write_full_folder(tmp_path, VideoDiT(**video_dit_config_from_easyanimate(v3_config())).eval())
     # A fresh interpreter: transformers prints the notice once per process, at the import of the class.
     script = textwrap.dedent("""
         import sys
         from PIL import Image
-        from kinema.loaders.easyanimate import load_easyanimate
+        from kinema.loaders.easyanimate.transformer import load_easyanimate
 
         image = Image.new("RGB", (40, 48), (200, 30, 90))
         pixels = load_easyanimate(sys.argv[1]).image_processor(image, return_tensors="pt").pixel_values
@@ -106,7 +106,7 @@ needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reas
 
 @needs_proc_maps
 def test_transformer_weights_are_in_memory_unless_mmap_is_asked(tmp_path):
-    from loaders.test_easyanimate import run, v3_config, v3_state, write_transformer
+    from loaders.easyanimate.test_easyanimate import run, v3_config, v3_state, write_transformer
 
     torch.manual_seed(0)
     model = VideoDiT(**video_dit_config_from_easyanimate(v3_config())).eval()
@@ -136,9 +136,9 @@ def test_slice_vae_weights_are_in_memory_unless_mmap_is_asked(tmp_path):
 
 @needs_proc_maps
 def test_text_and_image_encoders_are_in_memory_unless_mmap_is_asked(tmp_path):
-    from loaders.test_easyanimate import source_model, write_full_folder
+    from loaders.easyanimate.test_easyanimate import source_model, write_full_folder
 
-    from kinema.loaders.easyanimate import load_easyanimate
+    from kinema.loaders.easyanimate.transformer import load_easyanimate
 
     write_full_folder(tmp_path, source_model())  # the text encoder is a sharded fp16 variant, CLIP one fp32 file
     in_memory, mapped = load_easyanimate(tmp_path), load_easyanimate(tmp_path, mmap=True)

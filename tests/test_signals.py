@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from loaders.animatediff_fixtures import SD15_CHANNELS, original_motion_state_dict
+from loaders.animatediff.animatediff_fixtures import SD15_CHANNELS, original_motion_state_dict
 from test_output_policy import snapshot
 
 from kinema.loaders.checkpoint_io import write_state_dict

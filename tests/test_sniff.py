@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from loaders.animatediff_fixtures import original_motion_state_dict
+from loaders.animatediff.animatediff_fixtures import original_motion_state_dict
+from loaders.easyanimate.test_easyanimate import v3_config
 from loaders.test_checkpoint_io import assert_same as assert_exact
 from loaders.test_checkpoint_io import tensors
-from loaders.test_easyanimate import v3_config
 from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
 from kinema.loaders.checkpoint_io import read_checkpoint, read_safetensors_header, read_state_dict, tensor_names
-from kinema.loaders.easyanimate import load_video_dit
-from kinema.loaders.inspect import describe
+from kinema.loaders.describe import describe
+from kinema.loaders.easyanimate.transformer import load_video_dit
 from kinema.sniff import Kind, sniff
 
 S3_ACCESS_DENIED = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
@@ -257,7 +257,7 @@ def test_sniff_reads_only_the_head_of_a_text_file(tmp_path):
     (LFS_POINTER, "(the Slice VAE's config) is a Git LFS pointer"),
 ])
 def test_slice_vae_config_that_is_not_an_object(tmp_path, text, expected):
-    from kinema.loaders.easyanimate_vae import is_slice_vae_folder, load_slice_vae
+    from kinema.loaders.easyanimate.vae import is_slice_vae_folder, load_slice_vae
 
     (tmp_path / "config.json").write_text(text)
     save_file(tensors(), str(tmp_path / "diffusion_pytorch_model.safetensors"))

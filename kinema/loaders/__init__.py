@@ -1,0 +1,49 @@
+"""One front door for every weights file and model folder kinema reads: `describe`, `load`, `convert`.
+
+Each kind (motion module, motion LoRA, EasyAnimate transformer or folder, Slice VAE, ...) is one entry of the
+format registry in `kinema.loaders.formats`; the per-family code is in `animatediff/`, `easyanimate/` and
+`stable_diffusion.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What `path` holds, as plain data (`{"kind": ..., "format": ..., ...}`), every tensor name and shape checked;
+    KinemaError naming the problem when it is broken or not a format kinema knows. Reads headers, not weights."""
+    from kinema.loaders.describe import describe as describe_path
+
+    return describe_path(path)
+
+
+def load(path: str | os.PathLike, **options: Any) -> Any:
+    """Load whatever `path` is, strictly (every key present, none extra, every shape equal).
+
+    What comes back depends on the kind `describe` finds: a motion module gives a `VideoUNet` (pass `unet=`, the
+    base image UNet), a motion LoRA is applied to `video_unet=` and returns it, an EasyAnimate transformer gives a
+    `VideoDiT` and a whole V3 folder an `EasyAnimateModel`, a Slice VAE folder a `SliceVAE`. `options` go to that
+    kind's loader (e.g. `dtype`, `mmap`, `strength`).
+    """
+    from kinema.loaders.describe import Source, describe_source
+    from kinema.loaders.formats import format_of
+
+    source = Source(Path(path))
+    kind = describe_source(source)["kind"]
+    return format_of(kind).function("load")(source.path, **options)
+
+
+def convert(
+    source: str | os.PathLike, target: str | os.PathLike, to: str, *, overwrite: bool = False
+) -> tuple[Path, list[str]]:
+    """Rewrite `source` in layout `to` at `target`, weights unchanged; returns the written path and notes. `target`
+    is new, or with `overwrite` an earlier kinema output of the same kind (never anything kinema did not write)."""
+    from kinema.loaders.convert import convert as convert_path
+
+    return convert_path(source, target, to, overwrite=overwrite)
+
+
+__all__ = ["convert", "describe", "load"]

@@ -1,7 +1,7 @@
 """EasyAnimate V3's Slice VAE: a 3D-conv KL autoencoder that encodes and decodes video one time slice at a time.
 
 The config arguments are V3's `AutoencoderKLMagvit` names, so a V3 `vae/config.json` builds this class; the
-state-dict names are V3's too (see `kinema.loaders.easyanimate_vae` for the strict loader). What V3 needs that
+state-dict names are V3's too (see `kinema.loaders.easyanimate.vae` for the strict loader). What V3 needs that
 diffusers' `AutoencoderKLMagvit` (V5) lacks is listed at the top of `slice_vae_blocks.py`.
 
 Contract: video `(B, 3, F, H, W)` in [-1, 1] with F = 1 (an image) or a multiple of 8, H and W multiples of 8 ->
@@ -305,12 +305,12 @@ class SliceVAE(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, mmap: bool = False, **kwargs) -> "SliceVAE":
-        """Load a local folder (config.json + weights) strictly; see `kinema.loaders.easyanimate_vae.load_slice_vae`.
+        """Load a local folder (config.json + weights) strictly; see `kinema.loaders.easyanimate.vae.load_slice_vae`.
 
         diffusers' own `from_pretrained` only warns about missing or unexpected keys, so this routes to the strict
         loader, which raises KinemaError naming them.
         """
-        from kinema.loaders.easyanimate_vae import load_slice_vae  # the loader imports this module
+        from kinema.loaders.easyanimate.vae import load_slice_vae  # the loader imports this module
 
         if kwargs:
             raise KinemaError(f"SliceVAE.from_pretrained takes subfolder, torch_dtype and mmap only; got "

@@ -4,7 +4,8 @@ Built from diffusers' `PatchEmbed`, `AdaLayerNormSingle`, `PixArtAlphaTextProjec
 `FeedForward`. Frames are folded into the batch for patching (2D patches, sin-cos positions recomputed for any size),
 then the clip is one token sequence `(B, F*h*w, C)`: each block attends within frames, runs its motion module across
 frames, and cross-attends to the text (+ image) tokens. Parameter names are EasyAnimate V3's, so its
-`transformer/diffusion_pytorch_model.safetensors` loads with an identity key map (`kinema.loaders.easyanimate`).
+`transformer/diffusion_pytorch_model.safetensors` loads with an identity key map
+(`kinema.loaders.easyanimate.transformer`).
 
 Config fields share V3's `transformer/config.json` names where they mean the same thing. V3's block-type switches
 (`basic_block_type`, `motion_module_kwargs_even/_odd`, ...) become the per-block `motion_modules` list, and V3's

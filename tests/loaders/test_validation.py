@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from animatediff_fixtures import (
+from diffusers import MotionAdapter
+from loaders.animatediff.animatediff_fixtures import (
     MODULE_TENSORS,
     PE_SUFFIXES,
     TINY_CHANNELS,
@@ -28,15 +29,14 @@ from animatediff_fixtures import (
     module_prefixes,
     original_motion_state_dict,
 )
-from diffusers import MotionAdapter
 from safetensors.torch import load_file, save_file
 
 from kinema.cli import main
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff import convert_motion_module, detect_motion_module
-from kinema.loaders.easyanimate import convert_easyanimate_transformer, load_video_dit
-from kinema.loaders.inspect import describe
-from kinema.loaders.motion_lora_keys import convert_motion_lora
+from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora
+from kinema.loaders.animatediff.motion_module import convert_motion_module, detect_motion_module
+from kinema.loaders.describe import describe
+from kinema.loaders.easyanimate.transformer import convert_easyanimate_transformer, load_video_dit
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "easyanimate_v3"
 Mutation = Callable[[dict[str, torch.Tensor]], None]
@@ -373,7 +373,7 @@ def test_a_whole_slice_vae_inspects(capsys):
 
 
 def test_inspect_imports_no_model_code_before_it_finds_the_path(tmp_path):
-    script = ("import sys\nfrom kinema.loaders.inspect import describe\nfrom kinema.errors import KinemaError\n"
+    script = ("import sys\nfrom kinema.loaders.describe import describe\nfrom kinema.errors import KinemaError\n"
               f"try:\n    describe({str(tmp_path / 'missing.ckpt')!r})\nexcept KinemaError as err:\n    print(err)\n"
               "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'kinema.models.video_unet') "
               "if m in sys.modules))")

@@ -1,4 +1,4 @@
-"""Tests for kinema/models/slice_vae.py (+ its blocks and tiling) and kinema/loaders/easyanimate_vae.py."""
+"""Tests for kinema/models/slice_vae.py (+ its blocks and tiling) and kinema/loaders/easyanimate/vae.py."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
-from kinema.loaders.easyanimate_vae import is_slice_vae_folder, load_slice_vae
+from kinema.loaders.easyanimate.vae import is_slice_vae_folder, load_slice_vae
 from kinema.models.slice_vae import V3_DOWN_BLOCKS, V3_UP_BLOCKS, SliceVAE
 from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, MidAttention
 from kinema.models.slice_vae_tiling import Tiling
@@ -352,7 +352,7 @@ def test_folder_with_v3_key_names_loads_exactly(tmp_path, monkeypatch):
     # kinema inspect on the model folder finds the VAE in vae/ and reads only the header: any tensor read raises.
     from tensor_reads import TensorDataRead, forbid_tensor_data_reads
 
-    from kinema.loaders.inspect import describe
+    from kinema.loaders.describe import describe
 
     attempts = forbid_tensor_data_reads(monkeypatch)
     for path in (tmp_path, tmp_path / "vae"):

@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kinema.loaders.easyanimate import load_video_dit
-from kinema.loaders.easyanimate_vae import load_slice_vae
+from kinema.loaders.easyanimate.transformer import load_video_dit
+from kinema.loaders.easyanimate.vae import load_slice_vae
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "easyanimate_v3"
 EASYANIMATE_V3_COMMIT = "616a35425d3100d3e10adb58dc554794f8a7e9cb"

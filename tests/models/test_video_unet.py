@@ -6,7 +6,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from tiny_models import TINY_UNET, perturb
 
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff_keys import diffusers_to_original_key
+from kinema.loaders.animatediff.keys import diffusers_to_original_key
 from kinema.models.video_unet import AcrossFramesGroupNorm, VideoUNet
 
 

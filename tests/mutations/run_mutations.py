@@ -41,13 +41,13 @@ REPO = Path(__file__).resolve().parents[2]
 # Test targets, relative to the repository root. Each mutation runs against the test files that exercise the code it
 # breaks, to keep the whole script near 10 minutes on 2 cores; --full runs the whole default suite instead.
 DIT_TESTS = ("tests/models/test_video_dit.py", "tests/models/test_v3_reference.py", "tests/models/motion",
-             "tests/loaders/test_easyanimate.py", "tests/loaders/test_easyanimate_depth.py")
+             "tests/loaders/easyanimate/test_easyanimate.py", "tests/loaders/easyanimate/test_easyanimate_depth.py")
 VAE_TESTS = ("tests/models/test_slice_vae.py", "tests/models/test_v3_reference.py",
-             "tests/loaders/test_easyanimate.py")
-VIDEO_UNET_TESTS = ("tests/models/test_video_unet.py", "tests/loaders/test_animatediff.py",
-                    "tests/loaders/test_motion_lora.py", "tests/docs")
-KEY_MAP_TESTS = ("tests/loaders/test_animatediff.py", "tests/loaders/test_motion_lora.py", "tests/test_cli.py",
-                 "tests/test_cli_inspect.py")
+             "tests/loaders/easyanimate/test_easyanimate.py")
+VIDEO_UNET_TESTS = ("tests/models/test_video_unet.py", "tests/loaders/animatediff/test_animatediff.py",
+                    "tests/loaders/animatediff/test_motion_lora.py", "tests/docs")
+KEY_MAP_TESTS = ("tests/loaders/animatediff/test_animatediff.py", "tests/loaders/animatediff/test_motion_lora.py",
+                 "tests/test_cli.py", "tests/test_cli_inspect.py")
 WRITE_TESTS = ("tests/test_fileio.py", "tests/test_signals.py", "tests/test_output_policy.py",
                "tests/test_error_funnel.py", "tests/loaders/test_checkpoint_io.py", "tests/test_cli.py")
 
@@ -141,27 +141,27 @@ MUTATIONS = (
     ),
     Mutation(
         "key map original -> diffusers: norm1/norm2 swapped",
-        "kinema/loaders/animatediff_keys.py",
+        "kinema/loaders/animatediff/keys.py",
         ((NORMS_FORWARD,),),
         KEY_MAP_TESTS,
     ),
     Mutation(
         "key map diffusers -> original: norm1/norm2 swapped",
-        "kinema/loaders/animatediff_keys.py",
+        "kinema/loaders/animatediff/keys.py",
         ((NORMS_REVERSE,),),
         KEY_MAP_TESTS,
     ),
     Mutation(
         "key maps both ways: norm1/norm2 swapped (a symmetric bug every round trip undoes)",
-        "kinema/loaders/animatediff_keys.py",
+        "kinema/loaders/animatediff/keys.py",
         ((NORMS_FORWARD,), (NORMS_REVERSE,)),
         KEY_MAP_TESTS,
     ),
     Mutation(
         "V3 convert casts the weights to float32 (round trip exact, files no longer V3's float16)",
-        "kinema/loaders/easyanimate.py",
+        "kinema/loaders/easyanimate/transformer.py",
         ((("    model = load_video_dit(source)\n", "    model = load_video_dit(source, dtype=torch.float32)\n"),),),
-        ("tests/loaders/test_easyanimate.py",),
+        ("tests/loaders/easyanimate/test_easyanimate.py",),
     ),
     Mutation(
         "checkpoint write not atomic: atomic_file hands out the target itself, no temporary and rename",

@@ -1,4 +1,4 @@
-"""Tests for kinema/loaders/easyanimate.py: strict V3 transformer loading, config translation, whole folders, inspect.
+"""kinema/loaders/easyanimate/transformer.py: strict V3 transformer loading, config translation, whole folders, inspect.
 
 The tiny folders are written with EasyAnimate V3's layout and key names (EasyAnimate @616a354): config.json with
 the PixArt base fields, the V3 YAML extras and the fields later code added to V3's class; safetensors with every
@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
-from kinema.loaders.easyanimate import (
+from kinema.loaders.easyanimate.transformer import (
     describe_easyanimate,
     load_easyanimate,
     load_video_dit,
@@ -400,7 +400,7 @@ def test_folder_missing_a_part_is_refused(tmp_path, model):
 
 def test_convert_v3_to_kinema_and_back_is_exact(v3_root, model, tmp_path):
     from kinema.cli import main
-    from kinema.loaders.inspect import describe
+    from kinema.loaders.describe import describe
 
     source = v3_root / "transformer"
     assert main(["convert", str(v3_root), str(tmp_path / "k"), "--to", "kinema"]) == 0
@@ -418,7 +418,7 @@ def test_convert_v3_to_kinema_and_back_is_exact(v3_root, model, tmp_path):
         torch.testing.assert_close(run(loaded), run(model), **SAME_CODE_TOLERANCE)
 
 
-V3_REFERENCE = Path(__file__).resolve().parent.parent / "fixtures" / "easyanimate_v3" / "transformer"
+V3_REFERENCE = Path(__file__).resolve().parents[2] / "fixtures" / "easyanimate_v3" / "transformer"
 
 
 def test_convert_v3_reference_folder_to_kinema_and_back_is_exact(tmp_path):
@@ -456,7 +456,7 @@ def test_convert_v3_reference_folder_to_kinema_and_back_is_exact(tmp_path):
 
 
 def test_convert_refuses_what_v3_cannot_express(tmp_path, model):
-    from kinema.loaders.easyanimate_config import easyanimate_config_from_video_dit
+    from kinema.loaders.easyanimate.config import easyanimate_config_from_video_dit
 
     specs = [dict(spec) for spec in model.config.motion_modules]
     specs[2]["type"] = "hybrid"  # no longer one module or an even/odd alternation
@@ -472,7 +472,7 @@ def test_inspect_never_loads_a_transformer_file(v3_root, monkeypatch):
     # (frame tables, alphas); none of them may read any of a transformer file's tensors.
     from tensor_reads import forbid_tensor_data_reads
 
-    from kinema.loaders.inspect import describe
+    from kinema.loaders.describe import describe
 
     attempts = forbid_tensor_data_reads(monkeypatch)
     weights = v3_root / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder, read_json_object
-from kinema.loaders.animatediff_keys import check_frame_table, with_pe_tables
+from kinema.loaders.animatediff.keys import check_frame_table, with_pe_tables
 from kinema.loaders.checkpoint_io import SAFETENSORS_DTYPES, iter_safetensors, read_safetensors_header
-from kinema.loaders.easyanimate_config import (
+from kinema.loaders.easyanimate.config import (
     V3_INPAINT_CHANNELS,
     easyanimate_config_from_video_dit,
     video_dit_config_from_easyanimate,
@@ -221,7 +221,7 @@ def load_easyanimate(
     # default CLIPImageProcessor of transformers 5 wants torchvision and prints a notice when falling back to it.
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, T5EncoderModel
 
-    from kinema.loaders.easyanimate_vae import load_slice_vae
+    from kinema.loaders.easyanimate.vae import load_slice_vae
 
     # Every folder and the tokenizer are checked before the multi-GB weights are read.
     folder = Path(folder)

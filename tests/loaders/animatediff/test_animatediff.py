@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_t
 
 from kinema.cli import main
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff import (
+from kinema.loaders.animatediff.motion_module import (
     convert_motion_module,
     detect_motion_module,
     load_motion_module,

@@ -31,8 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from kinema.errors import KinemaError
-from kinema.loaders.checkpoint_io import read_state_dict
-from kinema.loaders.motion_lora_keys import (
+from kinema.loaders.animatediff.motion_lora_keys import (
     LoraPair,
     MotionLora,
     convert_motion_lora,
@@ -40,6 +39,7 @@ from kinema.loaders.motion_lora_keys import (
     parse_motion_lora,
     summarize_motion_lora,
 )
+from kinema.loaders.checkpoint_io import read_state_dict
 from kinema.models.video_unet import VideoUNet
 
 __all__ = [

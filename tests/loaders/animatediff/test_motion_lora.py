@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from tiny_models import TINY_UNET, perturb
 
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff_keys import diffusers_to_original_key
-from kinema.loaders.motion_lora import (
+from kinema.loaders.animatediff.keys import diffusers_to_original_key
+from kinema.loaders.animatediff.motion_lora import (
     convert_motion_lora,
     describe_motion_lora,
     load_motion_lora,
@@ -395,7 +395,7 @@ def test_same_output_as_diffusers_unet_motion_model_with_the_same_lora():
 
 
 def test_a_failure_inside_peft_leaves_the_model_as_it_was(make_video, loras, monkeypatch):
-    import kinema.loaders.motion_lora as motion_lora
+    import kinema.loaders.animatediff.motion_lora as motion_lora
 
     first, second = loras
     video = make_video()

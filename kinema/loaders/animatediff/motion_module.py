@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, naming
 from kinema.fileio import atomic_folder, read_json_object
-from kinema.loaders.animatediff_keys import check_frame_table, is_pe_key, pe_places, rename_state_dict, with_pe_tables
+from kinema.loaders.animatediff.keys import check_frame_table, is_pe_key, pe_places, rename_state_dict, with_pe_tables
 from kinema.loaders.checkpoint_io import read_checkpoint, write_state_dict
 from kinema.models.motion import build_motion_module
 from kinema.models.video_unet import VideoUNet
@@ -154,7 +154,8 @@ def _refuse_other_kinds(keys: list[str]) -> None:
     lora = [k for k in motion_keys if "lora" in k.lower()]
     if lora:
         raise KinemaError(f"this is a motion LoRA ({len(lora)} LoRA tensors, e.g. {lora[0]}), not a motion module: "
-                          "load a motion module first and apply the LoRA on top of it (kinema.loaders.motion_lora)")
+                          "load a motion module first and apply the LoRA on top of it "
+                          "(kinema.loaders.animatediff.motion_lora)")
 
 
 def _split_pe(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -425,8 +426,7 @@ def read_motion_module(source: str | os.PathLike) -> MotionModuleFile:
         info = detect_motion_module(tensors, metadata, config)
         state_dict = to_kinema_motion_state_dict(tensors, info)
     except KinemaError as err:
-        message = str(err)
-        raise KinemaError(message if str(path) in message else f"{path}: {message}") from None
+        raise naming(path, err) from None
     return MotionModuleFile(path, info, state_dict, dropped)
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from test_easyanimate import PE_LEN, v3_config, v3_key_names, v3_state, write_transformer
 
 from kinema.errors import KinemaError
-from kinema.loaders.easyanimate import convert_easyanimate_transformer, load_video_dit
-from kinema.loaders.easyanimate_config import video_dit_config_from_easyanimate
+from kinema.loaders.easyanimate.config import video_dit_config_from_easyanimate
+from kinema.loaders.easyanimate.transformer import convert_easyanimate_transformer, load_video_dit
 from kinema.models.video_dit import VideoDiT
 from kinema.models.video_dit_blocks import easyanimate_v3_motion_modules
 

@@ -1,0 +1,119 @@
+"""AnimateDiff entries of the format registry (kinema.loaders.formats): motion modules and motion LoRAs.
+
+Describers decide from tensor names (a .safetensors header gives them without reading data), check every name and
+shape against the layout they detect, and read only the small tensors they need the values of (frame tables,
+LoRA alphas).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from kinema.errors import KinemaError, naming
+from kinema.fileio import read_json_object
+from kinema.loaders.describe import Source
+
+
+def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
+    return {
+        "kind": "motion_module", "format": info.format, "version": info.version, "keys": info.num_keys,
+        "parameters": info.num_params, "max_frames": info.max_frames, "max_frames_source": info.max_frames_source,
+        "dtype": info.dtype, "mid_block": info.mid_block, "channels": list(info.channels),
+        "num_attention_heads": info.num_attention_heads, "norm_num_groups": info.norm_num_groups,
+        "norm_mode": info.norm_mode, "resnet_norm_mode": info.resnet_norm_mode, "dropped": dropped,
+    }
+
+
+def _check_motion_module(weights: Source, config: dict | None, shown: Path) -> dict[str, Any]:
+    from kinema.loaders.animatediff.keys import is_pe_key
+    from kinema.loaders.animatediff.motion_module import check_frame_tables, detect_motion_module
+
+    tensors, metadata = weights.layout
+    try:
+        # Every name and shape is checked from the header; then only the small frame tables are read, for values.
+        info = detect_motion_module(tensors, metadata if config is None else None, config)
+        check_frame_tables(weights.read(name for name in tensors if is_pe_key(name)))
+    except KinemaError as err:
+        raise naming(shown, err) from None
+    return _motion_report(info, weights.dropped)
+
+
+def describe_motion_module(source: Source) -> dict[str, Any] | None:
+    """An AnimateDiff motion module: original or kinema file, or a diffusers MotionAdapter folder."""
+    path = source.path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return None
+        from kinema.loaders.animatediff.motion_module import adapter_files
+
+        if read_json_object(path / "config.json", "a model config").get("_class_name") != "MotionAdapter":
+            return None
+        config, weights = adapter_files(path)
+        return _check_motion_module(Source(weights), config, path)
+    if not source.is_weights_file:
+        return None
+    # Decided from the names, which a header gives: an EasyAnimate transformer is GBs, and not ours to load.
+    temporal = any(".motion_modules." in k or "temporal_attentions." in k for k in source.names)
+    if not temporal or any("lora" in k.lower() for k in source.names):  # motion LoRAs have their own describer
+        return None
+    return _check_motion_module(source, None, path)
+
+
+def describe_motion_lora_source(source: Source) -> dict[str, Any] | None:
+    """A motion LoRA file (kinema.loaders.animatediff.motion_lora_keys); its names and shapes come from the header,
+    and only the alpha scalars are read."""
+    from kinema.loaders.animatediff.motion_lora_keys import describe_motion_lora
+
+    if not source.is_weights_file or not any("lora" in name.lower() for name in source.names):
+        return None
+    tensors, _ = source.layout
+    try:
+        return describe_motion_lora({**tensors, **source.read(k for k in tensors if k.endswith(".alpha"))})
+    except KinemaError as err:
+        raise naming(source.path, err) from None
+
+
+def load_motion_module_path(path: Path, *, unet: Any = None, **overrides: Any) -> Any:
+    """A motion module inflating `unet` (a diffusers `UNet2DConditionModel`, a `VideoUNet`, or loaded Stable
+    Diffusion components) into a `VideoUNet`; `overrides` change detected settings (e.g. `norm_mode`)."""
+    from kinema.loaders.animatediff.motion_module import load_motion_module
+
+    if unet is None:
+        raise KinemaError(f"{path} is a motion module, which animates a base image UNet: pass unet=, e.g. "
+                          "kinema.load(motion_module, unet=kinema.load('stable-diffusion-v1-5').unet)")
+    return load_motion_module(path, getattr(unet, "unet", unet) if hasattr(unet, "text_encoder") else unet,
+                              **overrides)
+
+
+def load_motion_lora_path(path: Path, *, video_unet: Any = None, name: str | None = None, strength: float = 1.0,
+                          merge: bool = False) -> Any:
+    """A motion LoRA applied to `video_unet` under `name` (default: the file's name); returns the VideoUNet."""
+    from kinema.loaders.animatediff.motion_lora import load_motion_lora
+
+    if video_unet is None:
+        raise KinemaError(f"{path} is a motion LoRA, which changes a video UNet's motion modules: pass video_unet=, "
+                          "e.g. kinema.load(lora, video_unet=kinema.load(motion_module, unet=...))")
+    adapter = name if name is not None else re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+    load_motion_lora(video_unet, path, adapter, strength=strength, merge=merge)
+    return video_unet
+
+
+def convert_motion_module_source(source: Source, target: Path, to: str, *, overwrite: bool = False
+                                 ) -> tuple[Path, list[str]]:
+    """A motion module in layout `to` (original / diffusers / kinema), weights unchanged."""
+    from kinema.loaders.animatediff.motion_module import convert_motion_module
+
+    return convert_motion_module(source.path, target, to, overwrite=overwrite)
+
+
+def convert_motion_lora_source(source: Source, target: Path, to: str, *, overwrite: bool = False
+                               ) -> tuple[Path, list[str]]:
+    """Rename a motion LoRA file's keys into layout `to`; tensors are copied as they are."""
+    from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora
+    from kinema.loaders.checkpoint_io import write_state_dict
+
+    tensors = source.read(source.names)
+    converted = convert_motion_lora(tensors, to)
+    return write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source.path,)), []

@@ -1,0 +1,55 @@
+"""EasyAnimate V3 entries of the format registry (kinema.loaders.formats): transformers, Slice VAEs, whole folders.
+
+Describers read config.json and the safetensors header only, never tensor data (a V3 transformer is GBs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kinema.loaders.describe import Source
+
+# The parts of a whole V3 model folder besides transformer/; with them, `kinema.load` gives the whole model.
+WHOLE_FOLDER_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+def describe_easyanimate_source(source: Source) -> dict[str, Any] | None:
+    """An EasyAnimate V3 folder or transformer folder or file (kinema.loaders.easyanimate.transformer)."""
+    from kinema.loaders.easyanimate.transformer import describe_easyanimate
+
+    return describe_easyanimate(source.path)
+
+
+def describe_slice_vae_source(source: Source) -> dict[str, Any] | None:
+    """An EasyAnimate V3 Slice VAE folder (kinema.loaders.easyanimate.vae)."""
+    from kinema.loaders.easyanimate.vae import describe_slice_vae
+
+    return describe_slice_vae(source.path) if source.path.is_dir() else None
+
+
+def load_easyanimate_path(path: Path, **options: Any) -> Any:
+    """A whole V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]) as an `EasyAnimateModel`;
+    a transformer folder as a `VideoDiT`. Options: `dtype`, `device`, `mmap`."""
+    from kinema.loaders.easyanimate.transformer import load_easyanimate, load_video_dit
+
+    path = Path(path)
+    if (path / "transformer").is_dir() and all((path / part).is_dir() for part in WHOLE_FOLDER_PARTS):
+        return load_easyanimate(path, **options)
+    return load_video_dit(path, **options)
+
+
+def load_slice_vae_path(path: Path, **options: Any) -> Any:
+    """A Slice VAE folder (or a model folder holding vae/) as a `SliceVAE`. Options: `torch_dtype`, `mmap`."""
+    from kinema.loaders.easyanimate.vae import load_slice_vae
+
+    path = Path(path)
+    return load_slice_vae(path if (path / "config.json").is_file() else path / "vae", **options)
+
+
+def convert_easyanimate_source(source: Source, target: Path, to: str, *, overwrite: bool = False
+                               ) -> tuple[Path, list[str]]:
+    """A V3 transformer in layout `to` (original / kinema), weights unchanged."""
+    from kinema.loaders.easyanimate.transformer import convert_easyanimate_transformer
+
+    return convert_easyanimate_transformer(source.path, target, to, overwrite=overwrite)

@@ -1,0 +1,80 @@
+"""The format registry: every kind of weights file or model folder kinema reads, and what it can do with each.
+
+One table drives `kinema.describe` (tried in order, first answer wins), `kinema.load`, `kinema.convert` and the
+CLI's `--to` choices. Entries name their functions as `"module:function"` and are imported only when used, so
+reading this table (e.g. for `kinema convert --help`) imports neither torch nor any model code.
+
+Function contracts:
+- describe `(source: kinema.loaders.describe.Source) -> dict | None`: None when the path is not this kind; a report
+  `{"kind": kind, ...}` once every tensor name and shape is checked; KinemaError when it is this kind but broken.
+- load `(path: Path, **options) -> object`: the model (or components) the path holds, loaded strictly.
+- convert `(source: Source, target: Path, to: str, *, overwrite: bool) -> (written path, notes)`: the same weights
+  in layout `to`, under kinema's output policy (kinema.fileio).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kinema.errors import KinemaError
+
+
+@dataclass(frozen=True)
+class Format:
+    """One kind of input: how to recognise it, load it and convert it, and the layouts it converts to."""
+
+    kind: str
+    label: str
+    describe: str
+    load: str
+    convert: str | None = None
+    layouts: tuple[str, ...] = ()
+    folder_layouts: tuple[str, ...] = ()  # layouts written as a folder rather than one file
+
+    def function(self, role: str) -> Callable[..., Any]:
+        """The describe / load / convert function of this format, imported now."""
+        ref = getattr(self, role)
+        if ref is None:
+            raise KinemaError(f"a {self.kind} cannot be {role}ed; kinema converts {convertible_kinds()}")
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_ANIMATEDIFF = "kinema.loaders.animatediff.formats"
+_EASYANIMATE = "kinema.loaders.easyanimate.formats"
+
+FORMATS: tuple[Format, ...] = (
+    Format("motion_module", "AnimateDiff motion module (file or diffusers MotionAdapter folder)",
+           describe=f"{_ANIMATEDIFF}:describe_motion_module", load=f"{_ANIMATEDIFF}:load_motion_module_path",
+           convert=f"{_ANIMATEDIFF}:convert_motion_module_source", layouts=("original", "diffusers", "kinema"),
+           folder_layouts=("diffusers",)),
+    Format("motion_lora", "motion LoRA",
+           describe=f"{_ANIMATEDIFF}:describe_motion_lora_source", load=f"{_ANIMATEDIFF}:load_motion_lora_path",
+           convert=f"{_ANIMATEDIFF}:convert_motion_lora_source",
+           layouts=("original", "diffusers", "diffusers_peft", "kinema")),
+    Format("easyanimate_transformer", "EasyAnimate V3 folder or transformer",
+           describe=f"{_EASYANIMATE}:describe_easyanimate_source", load=f"{_EASYANIMATE}:load_easyanimate_path",
+           convert=f"{_EASYANIMATE}:convert_easyanimate_source", layouts=("original", "kinema"),
+           folder_layouts=("original", "kinema")),
+    Format("slice_vae", "EasyAnimate V3 Slice VAE folder",
+           describe=f"{_EASYANIMATE}:describe_slice_vae_source", load=f"{_EASYANIMATE}:load_slice_vae_path"),
+)
+
+# Every layout some kind converts to, in table order: the CLI's `--to` choices.
+CONVERT_LAYOUTS: tuple[str, ...] = tuple(dict.fromkeys(layout for f in FORMATS for layout in f.layouts))
+
+
+def format_of(kind: str) -> Format:
+    """The registry entry for `kind` (as a describe report names it)."""
+    for entry in FORMATS:
+        if entry.kind == kind:
+            return entry
+    raise KinemaError(f"unknown kind {kind!r}; kinema knows {[f.kind for f in FORMATS]}")
+
+
+def convertible_kinds() -> list[str]:
+    """Kinds `kinema convert` rewrites."""
+    return [f.kind for f in FORMATS if f.convert is not None]
