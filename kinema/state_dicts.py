@@ -10,6 +10,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
+from torch import nn
+
 from kinema.errors import KinemaError
 
 SHOW = 3  # keys named per kind of problem
@@ -50,6 +53,30 @@ def key_mismatch(
 def shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
     """`{name: shape}` of a state dict."""
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
+def check_fits(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], context: str, *,
+    ignore: Iterable[str] = (), advice: str = "",
+) -> None:
+    """Raise one KinemaError, `"{context}: 1 missing (e.g. ...); ... {advice}"`, unless `found` has exactly the names
+    and shapes of `expected` (both `{name: shape}`; names in `ignore` may be extra). Checked before anything is
+    copied, so a wrong file changes nothing."""
+    found_phrase = key_mismatch(expected, found, ignore)
+    if found_phrase:
+        raise KinemaError(f"{context}: {found_phrase}" + (f". {advice}" if advice else ""))
+
+
+def load_strict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], context: str, *, ignore: Iterable[str] = (),
+    advice: str = "", assign: bool = False,
+) -> None:
+    """Load `state_dict` into `model` only if every tensor is present, none is extra (bar `ignore`) and every shape
+    is equal; otherwise raise `check_fits`' one-line KinemaError and leave the model as it was. `assign=True`
+    takes the tensors themselves (e.g. into a model built on the meta device)."""
+    ignore = set(ignore)
+    check_fits(shapes(model.state_dict()), shapes(state_dict), context, ignore=ignore, advice=advice)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=True, assign=assign)
 
 
 class StrictFromPretrained:
