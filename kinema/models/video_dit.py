@@ -16,7 +16,7 @@ config and lists the fields it accepts and refuses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from kinema.errors import KinemaError
-from kinema.models.motion import check_frame_count
+from kinema.models.motion import check_frame_count, initialize_motion_weights
 from kinema.models.video_dit_blocks import (
     MotionModuleSpec,
     VideoDiTBlock,
@@ -36,6 +36,7 @@ from kinema.models.video_dit_blocks import (
     easyanimate_v3_motion_modules,
     uvit_skip_pairs,
 )
+from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
 from kinema.state_dicts import StrictFromPretrained
 
 # Modules an inflated model adds to its image DiT; `from_image_dit` leaves them at their initialisation.
@@ -45,8 +46,11 @@ VIDEO_SETTINGS = ("in_channels", "enable_uvit", "skip_pairs", "num_skip_linears"
                   "num_image_tokens")
 
 
-class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
+class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
     """EasyAnimate V3 video transformer; defaults are V3-XL/2 InP (1152 wide, 28 blocks, 12 -> 8 channels).
+
+    Its motion modules are `transformer_blocks.{i}.attn_temporal`, one per block (`motion_modules`); `freeze_base`
+    leaves only those trainable.
 
     Args:
         num_attention_heads, attention_head_dim: spatial/cross attention heads; width C is their product.
@@ -78,6 +82,8 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    motion_mismatch_advice = ("check that the motion weights come from a video DiT of the same width, depth and "
+                              "motion_modules specs")
 
     @register_to_config
     def __init__(
@@ -189,10 +195,8 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         for linear in zeroed:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
-        for block in self.transformer_blocks:
-            init_motion = getattr(block.attn_temporal, "initialize_weights", None)
-            if init_motion is not None:
-                init_motion()
+        for _, module in self.motion_modules():
+            initialize_motion_weights(module)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable | None = None):
         # Checkpointing whole blocks covers their motion modules; flagging those as well (as diffusers' default walk
@@ -200,10 +204,10 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         self.gradient_checkpointing = enable
         self._gradient_checkpointing_func = gradient_checkpointing_func
 
-    @property
-    def max_frames(self) -> int:
-        """Most latent frames the motion modules can take in one pass (their frame-encoding length)."""
-        return min(getattr(block.attn_temporal, "max_frames", 2**31) for block in self.transformer_blocks)
+    def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """`(name, module)` for the motion module of every block, `transformer_blocks.{i}.attn_temporal`."""
+        for index, block in enumerate(self.transformer_blocks):
+            yield f"transformer_blocks.{index}.attn_temporal", block.attn_temporal
 
     def image_tokens(self, clip_image_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding `(B, image_embed_dim)` -> image tokens `(B, num_image_tokens, C)`.
@@ -220,16 +224,16 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
 
     def check_inputs(
         self,
-        hidden_states: torch.Tensor,
+        sample: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         inpaint_latents: torch.Tensor | None = None,
         clip_image_embeds: torch.Tensor | None = None,
     ) -> None:
         """Raise one `KinemaError` line for inputs this model cannot take; shapes as in `forward`."""
         cfg = self.config
-        if hidden_states.ndim != 5:
-            raise KinemaError(f"latents must be (B, C, F, H, W); got shape {tuple(hidden_states.shape)}")
-        batch, channels, frames, height, width = hidden_states.shape
+        if sample.ndim != 5:
+            raise KinemaError(f"latents must be (B, C, F, H, W); got shape {tuple(sample.shape)}")
+        batch, channels, frames, height, width = sample.shape
         if inpaint_latents is not None:
             if cfg.in_channels <= channels:
                 raise KinemaError(f"this model takes {cfg.in_channels} input channels in all, so it is not an "
@@ -238,7 +242,7 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
             if inpaint_latents.shape != (batch, cfg.in_channels - channels, frames, height, width):
                 raise KinemaError(f"inpaint_latents must be (B, {cfg.in_channels - channels}, F, H, W) = "
                                   f"{(batch, cfg.in_channels - channels, frames, height, width)} next to latents "
-                                  f"{tuple(hidden_states.shape)}; got {tuple(inpaint_latents.shape)}")
+                                  f"{tuple(sample.shape)}; got {tuple(inpaint_latents.shape)}")
         elif channels != cfg.in_channels:
             hint = (f"; this is an inpaint (InP) model: pass inpaint_latents (B, {cfg.in_channels - channels}, F, H, W)"
                     " (mask latents then masked-video latents)" if channels < cfg.in_channels else "")
@@ -285,8 +289,8 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
+        sample: torch.Tensor,
+        timestep: Timestep,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         inpaint_latents: torch.Tensor | None = None,
@@ -296,8 +300,8 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         """Predict noise (and variance) for a clip.
 
         Args:
-            hidden_states: noisy latents `(B, C, F, H, W)` (all `in_channels` when `inpaint_latents` is None).
-            timestep: `(B,)` diffusion timesteps (a scalar is used for the whole batch).
+            sample: noisy latents `(B, C, F, H, W)` (all `in_channels` when `inpaint_latents` is None).
+            timestep: an int, a float, a 0-d tensor (one timestep for every clip) or `(B,)`.
             encoder_hidden_states: text-encoder states `(B, L, caption_channels)`.
             encoder_attention_mask: `(B, L)`, 1 = keep, 0 = padding.
             inpaint_latents: `(B, in_channels - C, F, H, W)`: mask latents, then masked-video latents (InP models).
@@ -307,19 +311,19 @@ class VideoDiT(StrictFromPretrained, ModelMixin, ConfigMixin):
         Returns:
             `(B, out_channels, F, H, W)`; with learned sigma, channels `[:out_channels // 2]` are epsilon.
         """
-        self.check_inputs(hidden_states, encoder_hidden_states, inpaint_latents, clip_image_embeds)
-        batch, _, frames, height, width = hidden_states.shape
+        self.check_inputs(sample, encoder_hidden_states, inpaint_latents, clip_image_embeds)
+        batch, _, frames, height, width = sample.shape
         patch = self.config.patch_size
         rows, cols = height // patch, width // patch
 
         # 1. Patch every frame; add the 2D sin-cos positions (recomputed by PatchEmbed for new sizes)
         if inpaint_latents is not None:
-            hidden_states = torch.cat([hidden_states, inpaint_latents], dim=1)  # (B, C_in, F, H, W)
-        x = self.pos_embed(rearrange(hidden_states, "b c f h w -> (b f) c h w"))  # (B*F, h*w, C)
+            sample = torch.cat([sample, inpaint_latents], dim=1)  # (B, C_in, F, H, W)
+        x = self.pos_embed(rearrange(sample, "b c f h w -> (b f) c h w"))  # (B*F, h*w, C)
         x = rearrange(x, "(b f) n c -> b (f n) c", b=batch)  # (B, F*h*w, C)
 
         # 2. Timestep modulation and context tokens
-        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        timestep = timesteps_per_clip(timestep, batch, sample.device)
         modulation, embedded_timestep = self.adaln_single(timestep, None, batch_size=batch, hidden_dtype=x.dtype)
         context, context_bias = self._context(encoder_hidden_states, encoder_attention_mask, clip_image_embeds,
                                               clip_attention_mask)  # (B, L', C), (B, 1, L')

@@ -10,27 +10,49 @@ and optionally `mid_block.motion_modules.0`: the names of published AnimateDiff 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kinema.errors import KinemaError
-from kinema.models.motion import build_motion_module, check_frame_count
-from kinema.state_dicts import StrictFromPretrained, key_mismatch, shapes
+from kinema.models.motion import NormMode, build_motion_module, check_frame_count, check_norm_mode, video_group_norm
+from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
+from kinema.state_dicts import StrictFromPretrained
 
-ResnetNormMode = Literal["per_frame", "across_frames"]
+# Frames per clip of the forward pass running in this thread (or task): the hooks and frame-aware norms see folded
+# `(B*F, ...)` tensors and need F to unfold them. A context variable, not an attribute of the model, so that calls
+# in several threads at once never see each other's value.
+_FRAMES_PER_CLIP: ContextVar[int | None] = ContextVar("kinema_video_unet_frames_per_clip", default=None)
 
 
-class _FrameCount:
-    """Frames per clip of the forward pass in progress, shared by the hooks and frame-aware norms."""
+@contextmanager
+def frames_per_clip(frames: int) -> Iterator[None]:
+    """Within this block, in this thread, the folded tensors `(B*F, C, H, W)` a VideoUNet's layers see hold clips of
+    `frames` frames. `VideoUNet.forward` sets it; set it yourself only to call one of its layers directly."""
+    token = _FRAMES_PER_CLIP.set(frames)
+    try:
+        yield
+    finally:
+        _FRAMES_PER_CLIP.reset(token)
 
-    value: int = 1
+
+def current_frames_per_clip() -> int:
+    """The frame count set by the enclosing `frames_per_clip` (i.e. by the running `VideoUNet.forward`)."""
+    frames = _FRAMES_PER_CLIP.get()
+    if frames is None:
+        raise KinemaError("a VideoUNet layer ran outside VideoUNet.forward, so it cannot tell how many frames a clip "
+                          "has; call the VideoUNet itself, or wrap the call in "
+                          "kinema.models.video_unet.frames_per_clip(F)")
+    return frames
 
 
 class AcrossFramesGroupNorm(nn.GroupNorm):
@@ -40,32 +62,84 @@ class AcrossFramesGroupNorm(nn.GroupNorm):
     normalise each frame on its own. Same parameters as `nn.GroupNorm`, so state-dict keys do not change.
     """
 
-    def __init__(self, norm: nn.GroupNorm, frames: _FrameCount):
+    def __init__(self, norm: nn.GroupNorm):
         super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
         self.load_state_dict(norm.state_dict())
-        self._frames = frames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        video = rearrange(x, "(b f) c h w -> b c f h w", f=self._frames.value)
-        return rearrange(super().forward(video), "b c f h w -> (b f) c h w")
+        """`(B*F, C, H, W)` -> `(B*F, C, H, W)`, F from the running forward (`frames_per_clip`)."""
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=current_frames_per_clip())
+        return rearrange(video_group_norm(self, video, "across_frames"), "b c f h w -> (b f) c h w")
+
+
+class MotionHook:
+    """Forward hook that runs one motion module on a spatial layer's folded output `(B*F, C, H, W)`.
+
+    An object holding its module, not a closure: `copy.deepcopy` of the model then maps `motion_module` to the copy's
+    own module (through deepcopy's memo) and the model pickles. It keeps no per-call state; F comes from the running
+    forward.
+    """
+
+    def __init__(self, motion_module: nn.Module):
+        self.motion_module = motion_module
+
+    def __call__(self, layer: nn.Module, inputs: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output  # attentions return a 1-tuple
+        video = rearrange(hidden, "(b f) c h w -> b c f h w", f=current_frames_per_clip())
+        hidden = rearrange(self.motion_module(video), "b c f h w -> (b f) c h w")
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _RunWithFrames:
+    """A layer call that sets the frame count first: what a checkpoint reruns during the backward pass."""
+
+    def __init__(self, layer: Callable[..., Any], frames: int):
+        self.layer = layer
+        self.frames = frames
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with frames_per_clip(self.frames):
+            return self.layer(*args, **kwargs)
+
+
+class FrameCountCheckpoint:
+    """Wraps a diffusers gradient-checkpointing function `func(layer, *args)` so that the recomputation sees the
+    frame count of the forward that first ran the layer.
+
+    The backward pass reruns checkpointed layers after `VideoUNet.forward` has returned (on a GPU, in autograd's own
+    thread), where no frame count is set; the wrapper captures F at forward time and sets it inside the rerun.
+    """
+
+    def __init__(self, checkpoint_func: Callable[..., Any]):
+        self.checkpoint_func = checkpoint_func
+
+    def __call__(self, layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        frames = _FRAMES_PER_CLIP.get()
+        if frames is None:  # the 2D UNet called on its own: nothing frame-aware runs
+            return self.checkpoint_func(layer, *args, **kwargs)
+        return self.checkpoint_func(_RunWithFrames(layer, frames), *args, **kwargs)
 
 
 @dataclass(frozen=True)
 class MotionSlot:
-    """Where one motion module sits: its name, its width and the spatial layer whose output it transforms."""
+    """Where one motion module sits: its name, its width, the spatial layer whose output it transforms, and whether
+    that layer is a resnet (which diffusers' blocks run through their gradient-checkpointing function)."""
 
     name: str
     channels: int
     after: nn.Module
+    after_resnet: bool = False
 
 
 def motion_slots(unet: UNet2DConditionModel, mid_block: bool) -> Iterator[MotionSlot]:
     """AnimateDiff's placement: after each resnet/attention pair of every down and up block, and the mid attention."""
     for kind, blocks in (("down_blocks", unet.down_blocks), ("up_blocks", unet.up_blocks)):
         for i, block in enumerate(blocks):
-            layers = block.attentions if hasattr(block, "attentions") else block.resnets
+            has_attention = hasattr(block, "attentions")
+            layers = block.attentions if has_attention else block.resnets
             for j, layer in enumerate(layers):
-                yield MotionSlot(f"{kind}.{i}.motion_modules.{j}", block.resnets[j].out_channels, layer)
+                yield MotionSlot(f"{kind}.{i}.motion_modules.{j}", block.resnets[j].out_channels, layer,
+                                 after_resnet=not has_attention)
     if mid_block:
         if not hasattr(unet.mid_block, "attentions"):
             raise KinemaError("a mid-block motion module needs a UNet whose mid block has attention")
@@ -73,8 +147,11 @@ def motion_slots(unet: UNet2DConditionModel, mid_block: bool) -> Iterator[Motion
                          unet.mid_block.attentions[0])
 
 
-class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
+class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
     """A 2D text-to-image UNet that denoises video `(B, C, F, H, W)` through inserted motion modules.
+
+    Motion-module names (`motion_modules`, `motion_state_dict`) are those of published AnimateDiff files without the
+    `unet.` prefix, e.g. `down_blocks.0.motion_modules.1`; their frame tables (`pos_encoder.pe`) are not stored.
 
     Args:
         unet_config: the `UNet2DConditionModel` config (a dict), e.g. SD1.5's.
@@ -86,6 +163,8 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    motion_mismatch_advice = ("check that the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches "
+                              "the base UNet")
 
     @register_to_config
     def __init__(
@@ -93,13 +172,11 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
         unet_config: dict[str, Any],
         motion_module: dict[str, Any] | None = None,
         motion_mid_block: bool = False,
-        resnet_norm_mode: ResnetNormMode = "per_frame",
+        resnet_norm_mode: NormMode = "per_frame",
     ):
         super().__init__()
-        if resnet_norm_mode not in ("per_frame", "across_frames"):
-            raise KinemaError(f"resnet_norm_mode must be 'per_frame' or 'across_frames', got {resnet_norm_mode!r}")
+        check_norm_mode("resnet_norm_mode", resnet_norm_mode)
         self.unet = UNet2DConditionModel.from_config(unet_config)
-        self._frames = _FrameCount()
         spec = motion_module or {"type": "temporal"}
         for slot in motion_slots(self.unet, motion_mid_block):
             owner = self.unet.get_submodule(slot.name.rsplit(".motion_modules.", 1)[0])
@@ -107,20 +184,9 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
                 owner.motion_modules = nn.ModuleList()
             module = build_motion_module(spec, slot.channels)
             owner.motion_modules.append(module)
-            slot.after.register_forward_hook(self._motion_hook(module))
+            slot.after.register_forward_hook(MotionHook(module))
         if resnet_norm_mode == "across_frames":
             self._norm_across_frames()
-
-    def _motion_hook(self, module: nn.Module):
-        frames = self._frames
-
-        def apply_motion(_layer: nn.Module, _inputs: Any, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output  # attentions return a 1-tuple
-            video = rearrange(hidden, "(b f) c h w -> b c f h w", f=frames.value)
-            hidden = rearrange(module(video), "b c f h w -> (b f) c h w")
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return apply_motion
 
     def _norm_across_frames(self) -> None:
         for name, module in list(self.unet.named_modules()):
@@ -128,7 +194,20 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
             if isinstance(module, nn.GroupNorm) and (is_resnet_norm or name == "conv_norm_out"):
                 parent_name, _, attr = name.rpartition(".")
                 parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
-                setattr(parent, attr, AcrossFramesGroupNorm(module, self._frames))
+                setattr(parent, attr, AcrossFramesGroupNorm(module))
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable[..., Any] = checkpoint
+    ) -> None:
+        # diffusers calls this from enable/disable_gradient_checkpointing; the rerun of a checkpointed layer needs F.
+        super()._set_gradient_checkpointing(enable, FrameCountCheckpoint(gradient_checkpointing_func))
+        # A motion module after a resnet already reruns inside the resnet's checkpoint; its own checkpointing (set by
+        # diffusers' walk over all submodules) would make the backward pass run it a third time.
+        for slot in motion_slots(self.unet, self.config.motion_mid_block):
+            if slot.after_resnet:
+                for part in self.unet.get_submodule(slot.name).modules():
+                    if hasattr(part, "gradient_checkpointing"):
+                        part.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ building and parts
 
@@ -148,42 +227,6 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
         for name, module in self.unet.named_modules():
             if name.rpartition(".")[0].endswith("motion_modules"):
                 yield name, module
-
-    def motion_state_dict(self) -> dict[str, torch.Tensor]:
-        """Motion-module weights alone, named as in published AnimateDiff files (without `pos_encoder.pe`)."""
-        return {k: v for k, v in self.unet.state_dict().items() if ".motion_modules." in k}
-
-    def load_motion_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load motion-module weights strictly: every key present, none extra, every shape equal."""
-        found = key_mismatch(shapes(self.motion_state_dict()), shapes(state_dict))
-        if found:
-            raise KinemaError(f"motion-module weights do not fit this UNet: {found}. Check that the motion module "
-                              "version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches the base UNet")
-        for name, module in self.motion_modules():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},
-                                   strict=True)
-
-    def freeze_base(self) -> None:
-        """Train motion modules only: freeze every 2D weight and every loaded (peft) LoRA."""
-        from peft.tuners.lora import LoraLayer
-
-        self.unet.requires_grad_(False)
-        for _, module in self.motion_modules():
-            module.requires_grad_(True)
-            for layer in module.modules():
-                if isinstance(layer, LoraLayer):  # a loaded motion LoRA is an input, not something to train
-                    layer.lora_A.requires_grad_(False)
-                    layer.lora_B.requires_grad_(False)
-
-    def set_attention_chunk_size(self, chunk_size: int | None) -> None:
-        """Chunk every motion module's attention into at most `chunk_size` sequences (same result, less memory)."""
-        for _, module in self.motion_modules():
-            module.set_attention_chunk_size(chunk_size)
-
-    @property
-    def max_frames(self) -> int:
-        return min(getattr(module, "max_frames", 2**31) for _, module in self.motion_modules())
 
     # ------------------------------------------------------------------ forward
 
@@ -205,7 +248,7 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
+        timestep: Timestep,
         encoder_hidden_states: torch.Tensor,
         **unet_kwargs: Any,
     ) -> torch.Tensor:
@@ -213,7 +256,7 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
 
         Args:
             sample: noisy latents `(B, C, F, H, W)`.
-            timestep: `()` or `(B,)`.
+            timestep: an int, a float, a 0-d tensor or `(B,)`.
             encoder_hidden_states: text tokens `(B, L, D)` shared by all frames, or per frame as `(B, F, L, D)` or
                 as diffusers' AnimateDiff pipeline passes them, `(B*F, L, D)` with row `b*F + f` for frame f of clip b.
             unet_kwargs: passed to the 2D UNet (e.g. `cross_attention_kwargs`, `added_cond_kwargs`).
@@ -227,14 +270,14 @@ class VideoUNet(StrictFromPretrained, ModelMixin, ConfigMixin):
         if channels != self.unet.config.in_channels:
             raise KinemaError(f"latents have {channels} channels, the UNet takes {self.unet.config.in_channels}")
         check_frame_count(frames, self.max_frames)
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
+        timestep = timesteps_per_clip(timestep, batch, sample.device)
         encoder_hidden_states = self._text_per_frame(encoder_hidden_states, batch, frames)
-        self._frames.value = frames
-        out = self.unet(
-            rearrange(sample, "b c f h w -> (b f) c h w"),
-            timestep.repeat_interleave(frames),
-            encoder_hidden_states,
-            return_dict=False,
-            **unet_kwargs,
-        )[0]
+        with frames_per_clip(frames):
+            out = self.unet(
+                rearrange(sample, "b c f h w -> (b f) c h w"),
+                timestep.repeat_interleave(frames),
+                encoder_hidden_states,
+                return_dict=False,
+                **unet_kwargs,
+            )[0]
         return rearrange(out, "(b f) c h w -> b c f h w", f=frames)

@@ -3,26 +3,54 @@
 A motion module maps video hidden states `(B, C, F, H, W)` to the same shape and is an identity at
 initialisation (its output projection is zeroed), so it can be dropped into a pretrained image model.
 Built-in modules register themselves on import; users register their own with `@register_motion_module`.
+`MotionModule` states what is required; hosts reach the optional parts only through the helpers below
+(`motion_max_frames`, `initialize_motion_weights`, `set_motion_attention_chunk_size`), which supply the default
+when a module leaves a part out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from kinema.errors import KinemaError
+
+# What `motion_max_frames` reports for a module that sets no limit: more frames than any video holds.
+UNLIMITED_FRAMES = 2**31
+
+
+@runtime_checkable
+class MotionModule(Protocol):
+    """What a motion module must provide; an `nn.Module` subclass registered with `@register_motion_module`.
+
+    Required:
+        `__init__(channels, **settings)`: built as `cls(channels, **settings)`, where `channels` is the width C at its
+            place in the host and `settings` are the spec's other entries (`{"type": name, **settings}`).
+        `forward(x)`: video hidden states `(B, C, F, H, W)` -> `(B, C, F, H, W)`. It should be an identity when freshly
+            built (zero its output layer), so an inflated model starts out as its image model.
+
+    Optional, each read through a helper of this module that gives the default when it is missing:
+        `max_frames` (int attribute or property): most frames it can take in one pass, e.g. the length of a frame
+            encoding. Default: unlimited (`motion_max_frames`).
+        `initialize_weights()`: put the weights back to their fresh, identity state. Default: nothing to do
+            (`initialize_motion_weights`).
+        `set_attention_chunk_size(chunk_size)`: attend over at most `chunk_size` sequences at a time (None: all at
+            once), same result with less memory. Default: nothing to chunk (`set_motion_attention_chunk_size`).
+    """
+
+    def __init__(self, channels: int, **settings: Any) -> None: ...
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
 
 MOTION_MODULES: dict[str, type[nn.Module]] = {}
 
 
 def register_motion_module(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make a motion module buildable as `{"type": name, ...}`.
-
-    The class is constructed as `cls(channels, **kwargs)` and its forward maps `(B, C, F, H, W)` to
-    `(B, C, F, H, W)`. It may define `max_frames` (frames it can attend over) and `initialize_weights()`.
-    """
+    """Class decorator: make a motion module (see `MotionModule`) buildable as `{"type": name, **settings}`."""
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
         if name in MOTION_MODULES and MOTION_MODULES[name] is not cls:
@@ -45,3 +73,23 @@ def build_motion_module(spec: str | dict[str, Any], channels: int) -> nn.Module:
         return MOTION_MODULES[name](channels, **spec)
     except TypeError as err:
         raise KinemaError(f"bad settings for motion module {name!r}: {err}") from None
+
+
+def motion_max_frames(module: nn.Module) -> int:
+    """The most frames `module` takes in one pass: its `max_frames`, or `UNLIMITED_FRAMES` when it sets none."""
+    return getattr(module, "max_frames", UNLIMITED_FRAMES)
+
+
+def initialize_motion_weights(module: nn.Module) -> None:
+    """Reset `module` to its fresh (identity) weights with its `initialize_weights()`; nothing when it has none."""
+    initialize = getattr(module, "initialize_weights", None)
+    if initialize is not None:
+        initialize()
+
+
+def set_motion_attention_chunk_size(module: nn.Module, chunk_size: int | None) -> None:
+    """Chunk `module`'s attention into at most `chunk_size` sequences (None: unchunked) with its
+    `set_attention_chunk_size`; a module without one has nothing to chunk and is left as it is."""
+    set_chunk_size = getattr(module, "set_attention_chunk_size", None)
+    if set_chunk_size is not None:
+        set_chunk_size(chunk_size)

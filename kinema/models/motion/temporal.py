@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kinema.errors import KinemaError
+from kinema.models.motion.norms import NormMode, check_norm_mode, video_group_norm
 from kinema.models.motion.registry import register_motion_module
 
 AttentionKind = Literal["temporal", "global"]
-NormMode = Literal["per_frame", "across_frames"]
 
 # How each attention kind groups (B, F, N, C) hidden states into (batch, sequence, C) for attention.
 _SEQUENCE_PATTERNS: dict[str, tuple[str, str]] = {
@@ -53,14 +53,6 @@ def check_frame_count(frames: int, max_frames: int, unit: str = "frames") -> Non
         raise KinemaError(
             f"{frames} {unit} exceed the motion modules' frame encoding length {max_frames}; "
             f"generate at most {max_frames} {unit} at once and use context windows for longer videos")
-
-
-def video_group_norm(norm: nn.GroupNorm, x: torch.Tensor, mode: NormMode) -> torch.Tensor:
-    """GroupNorm of a video `(B, C, F, H, W)` with statistics per frame or across all frames of a clip."""
-    if mode == "across_frames":
-        return norm(x)
-    frames = x.shape[2]
-    return rearrange(norm(rearrange(x, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", f=frames)
 
 
 class MotionBlock(nn.Module):
@@ -116,8 +108,7 @@ class TemporalTransformer(nn.Module):
         unknown = set(attention_kinds) - set(_SEQUENCE_PATTERNS)
         if unknown:
             raise KinemaError(f"unknown attention kind(s) {sorted(unknown)}; use {sorted(_SEQUENCE_PATTERNS)}")
-        if norm_mode not in ("per_frame", "across_frames"):
-            raise KinemaError(f"norm_mode must be 'per_frame' or 'across_frames', got {norm_mode!r}")
+        check_norm_mode("norm_mode", norm_mode)
         self.max_frames = max_frames
         self.norm_mode = norm_mode
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6, affine=True)
