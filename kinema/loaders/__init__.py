@@ -33,7 +33,7 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
 
     source = Source(Path(path))
     kind = describe_source(source)["kind"]
-    return format_of(kind).function("load")(source.path, **options)
+    return format_of(kind).function("load")(source, **options)
 
 
 def convert(

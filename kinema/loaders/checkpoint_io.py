@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError, library_error_message, shorten
-from kinema.fileio import MARK_KEY, atomic_file, mark_weights_file
+from kinema.fileio import MARK_KEY, atomic_file, mark_weights_file, read_json_object
 from kinema.sniff import FileKind, Kind, sniff
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -254,3 +254,49 @@ def write_state_dict(
             torch.save(tensors, temp)
             mark_weights_file(temp, kind)
     return path
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weights of a model folder: one file, or the shards its index names."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    index: Path | None = None  # the sharded checkpoint's index, if it is one
+    variant: str | None = None  # "fp16" when only that variant is there (V3's T5); None for plain files
+
+
+def find_weights(
+    folder: str | os.PathLike, stems: tuple[str, ...] = ("diffusion_pytorch_model",),
+    suffixes: tuple[str, ...] = (".safetensors", ".bin"), variants: tuple[str | None, ...] = (None,),
+) -> WeightFiles:
+    """Find a diffusers/transformers model folder's weights: `{stem}[.{variant}]{suffix}`, or a sharded checkpoint
+    through its index `{stem}{suffix}.index[.{variant}].json` (shards checked present). Tried in order of
+    `variants`, `stems`, `suffixes`, so the first of each is preferred. KinemaError naming what was looked for and
+    what the folder holds when there is none, or when an index is broken or names missing shards."""
+    folder = Path(folder)
+    for variant in variants:
+        infix = f".{variant}" if variant else ""
+        for stem in stems:
+            for suffix in suffixes:
+                single = folder / f"{stem}{infix}{suffix}"
+                if single.is_file():
+                    return WeightFiles(folder, (single,), None, variant)
+                index = folder / f"{stem}{suffix}.index{infix}.json"
+                if index.is_file():
+                    return WeightFiles(folder, _shards(index), index, variant)
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    wanted = [f"{stem}{suffix}" for stem in stems for suffix in suffixes]
+    raise KinemaError(f"{folder} has no weights file: looked for {wanted} (or a sharded index of them); it holds "
+                      f"{held[:8]}")
+
+
+def _shards(index: Path) -> tuple[Path, ...]:
+    weight_map = read_json_object(index, "the sharded weights' index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise KinemaError(f'{index} has no "weight_map" object (tensor name -> shard file), so the shards cannot be '
+                          "found; it is not a diffusers weights index: restore it from the download")
+    missing = sorted({file for file in weight_map.values() if not (index.parent / file).is_file()})
+    if missing:
+        raise KinemaError(f"{index} lists shard(s) {missing[:3]} that are not in {index.parent}; download them")
+    return tuple(index.parent / file for file in dict.fromkeys(weight_map.values()))

@@ -7,7 +7,8 @@ reading this table (e.g. for `kinema convert --help`) imports neither torch nor 
 Function contracts:
 - describe `(source: kinema.loaders.describe.Source) -> dict | None`: None when the path is not this kind; a report
   `{"kind": kind, ...}` once every tensor name and shape is checked; KinemaError when it is this kind but broken.
-- load `(path: Path, **options) -> object`: the model (or components) the path holds, loaded strictly.
+- load `(source: Source, **options) -> object`: the model (or components) it holds, loaded strictly; what describe
+  read is in `source` and is not read again.
 - convert `(source: Source, target: Path, to: str, *, overwrite: bool) -> (written path, notes)`: the same weights
   in layout `to`, under kinema's output policy (kinema.fileio).
 """

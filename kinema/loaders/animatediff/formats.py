@@ -75,11 +75,12 @@ def describe_motion_lora_source(source: Source) -> dict[str, Any] | None:
         raise naming(source.path, err) from None
 
 
-def load_motion_module_path(path: Path, *, unet: Any = None, **overrides: Any) -> Any:
+def load_motion_module_path(source: Source, *, unet: Any = None, **overrides: Any) -> Any:
     """A motion module inflating `unet` (a diffusers `UNet2DConditionModel`, a `VideoUNet`, or loaded Stable
     Diffusion components) into a `VideoUNet`; `overrides` change detected settings (e.g. `norm_mode`)."""
     from kinema.loaders.animatediff.motion_module import load_motion_module
 
+    path = source.path
     if unet is None:
         raise KinemaError(f"{path} is a motion module, which animates a base image UNet: pass unet=, e.g. "
                           "kinema.load(motion_module, unet=kinema.load('stable-diffusion-v1-5').unet)")
@@ -87,11 +88,12 @@ def load_motion_module_path(path: Path, *, unet: Any = None, **overrides: Any) -
                               **overrides)
 
 
-def load_motion_lora_path(path: Path, *, video_unet: Any = None, name: str | None = None, strength: float = 1.0,
+def load_motion_lora_path(source: Source, *, video_unet: Any = None, name: str | None = None, strength: float = 1.0,
                           merge: bool = False) -> Any:
     """A motion LoRA applied to `video_unet` under `name` (default: the file's name); returns the VideoUNet."""
     from kinema.loaders.animatediff.motion_lora import load_motion_lora
 
+    path = source.path
     if video_unet is None:
         raise KinemaError(f"{path} is a motion LoRA, which changes a video UNet's motion modules: pass video_unet=, "
                           "e.g. kinema.load(lora, video_unet=kinema.load(motion_module, unet=...))")

@@ -28,22 +28,22 @@ def describe_slice_vae_source(source: Source) -> dict[str, Any] | None:
     return describe_slice_vae(source.path) if source.path.is_dir() else None
 
 
-def load_easyanimate_path(path: Path, **options: Any) -> Any:
+def load_easyanimate_path(source: Source, **options: Any) -> Any:
     """A whole V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]) as an `EasyAnimateModel`;
     a transformer folder as a `VideoDiT`. Options: `dtype`, `device`, `mmap`."""
     from kinema.loaders.easyanimate.transformer import load_easyanimate, load_video_dit
 
-    path = Path(path)
+    path = source.path
     if (path / "transformer").is_dir() and all((path / part).is_dir() for part in WHOLE_FOLDER_PARTS):
         return load_easyanimate(path, **options)
     return load_video_dit(path, **options)
 
 
-def load_slice_vae_path(path: Path, **options: Any) -> Any:
+def load_slice_vae_path(source: Source, **options: Any) -> Any:
     """A Slice VAE folder (or a model folder holding vae/) as a `SliceVAE`. Options: `torch_dtype`, `mmap`."""
     from kinema.loaders.easyanimate.vae import load_slice_vae
 
-    path = Path(path)
+    path = source.path
     return load_slice_vae(path if (path / "config.json").is_file() else path / "vae", **options)
 
 
