@@ -1,7 +1,12 @@
-"""Fixtures for every test."""
+"""Fixtures for every test: one torch thread, and the tiny models of tests/tiny_models.py."""
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from tiny_models import tiny_unet2d, tiny_video_dit, tiny_video_unet
+
+from kinema.models.video_dit import VideoDiT
+from kinema.models.video_unet import VideoUNet
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -13,3 +18,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet2d() -> UNet2DConditionModel:
+    """The tiny SD1.5-shaped 2D UNet (`TINY_UNET`), seeded; shared by a module's tests, so do not change it."""
+    return tiny_unet2d()
+
+
+@pytest.fixture
+def video_unet(unet2d: UNet2DConditionModel) -> VideoUNet:
+    """`unet2d` inflated with fresh (identity) temporal motion modules; a new one per test."""
+    return tiny_video_unet(unet2d)
+
+
+@pytest.fixture
+def video_dit() -> VideoDiT:
+    """A fresh tiny text-to-video DiT (`TINY_DIT`, 4 channels, no image tokens); a new one per test."""
+    return tiny_video_dit()

@@ -1,17 +1,10 @@
 """Runs every Python block of docs/custom_motion_module.md, in order, and checks what the page claims."""
 
-import re
-from pathlib import Path
-
 import torch
+from tiny_models import CUSTOM_MOTION_MODULE_DOC as DOC
+from tiny_models import python_blocks
 
 from kinema.models.motion import MOTION_MODULES
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "custom_motion_module.md"
-
-
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def test_the_doc_runs_and_its_claims_hold():

@@ -17,7 +17,7 @@ config/easyanimate_video_slicevae_motion_module_v3.yaml) that these tests pin:
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import PixArtTransformer2DModel
+from tiny_models import TINY_DIT, perturb, tiny_pixart, tiny_video_dit
 
 from kinema.errors import KinemaError
 from kinema.models.motion import HybridMotionModule
@@ -28,25 +28,10 @@ from kinema.models.video_dit_blocks import (
     uvit_skip_pairs,
 )
 
-TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, cross_attention_dim=64, sample_size=8,
-            caption_channels=48)
-
-
-def tiny_pixart() -> PixArtTransformer2DModel:
-    torch.manual_seed(0)
-    return PixArtTransformer2DModel(in_channels=4, out_channels=8, **TINY).eval()
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-
 
 def text(batch: int = 2, length: int = 5):
     torch.manual_seed(1)
-    states = torch.randn(batch, length, TINY["caption_channels"])
+    states = torch.randn(batch, length, TINY_DIT["caption_channels"])
     mask = torch.ones(batch, length)
     mask[1, -2:] = 0
     return states, mask
@@ -141,8 +126,8 @@ SKIP_WIRINGS = {
 @pytest.mark.parametrize("case", list(SKIP_WIRINGS))
 def test_every_skip_adds_its_scaled_source_output_to_its_target_input(case):
     config, wiring = SKIP_WIRINGS[case]
-    model = small_model(**config)
-    randomize(model)
+    model = tiny_video_dit(**config)
+    perturb(model, seed=0)
     with torch.no_grad():
         # Linear j is (j + 2) * I: each skip is visible, and a skip taken through the wrong linear gives the wrong
         # multiple. Multiplying by an identity multiple is exact in float32, so the sums are compared exactly.
@@ -171,11 +156,6 @@ def test_every_skip_adds_its_scaled_source_output_to_its_target_input(case):
     assert (with_skips - without_first).abs().max().item() > 1e-3
 
 
-def small_model(**overrides) -> VideoDiT:
-    torch.manual_seed(0)
-    return VideoDiT(**{**TINY, "in_channels": 4, "image_embed_dim": None, **overrides}).eval()
-
-
 def never_patch(model: VideoDiT) -> None:
     def refuse(*_):
         raise AssertionError("heavy work started before the input check")
@@ -200,7 +180,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_one_line_before_heavy_work(case):
     config, shapes, message = BAD_INPUTS[case]
-    model = small_model(**config)
+    model = tiny_video_dit(**config)
     never_patch(model)
     kwargs = {}
     if "inpaint" in shapes:
@@ -214,8 +194,8 @@ def test_bad_input_raises_one_line_before_heavy_work(case):
 
 
 def test_image_tokens_follow_text_and_their_mask_switches_them_off():
-    model = small_model(in_channels=12, image_embed_dim=32)
-    randomize(model)
+    model = tiny_video_dit(in_channels=12, image_embed_dim=32)
+    perturb(model, seed=0)
     states, mask = text()
     latents, inpaint, clip = torch.randn(2, 4, 2, 8, 8), torch.randn(2, 8, 2, 8, 8), torch.randn(2, 32)
     step = torch.tensor([5, 900])
@@ -232,8 +212,8 @@ def test_image_tokens_follow_text_and_their_mask_switches_them_off():
 def test_token_order_where_it_is_observable():
     # Attention over keys with their bias is blind to the keys' order, so the order is checked where the tokens are
     # handed over: the context of the cross-attention and the input of the first block.
-    model = small_model(in_channels=12, image_embed_dim=32)
-    randomize(model)
+    model = tiny_video_dit(in_channels=12, image_embed_dim=32)
+    perturb(model, seed=0)
     states, mask = text()  # clip 1 masks its last two text tokens
     image_mask = torch.tensor([[1.0, 1, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 1]])
     latents, inpaint, clip = torch.randn(2, 4, 3, 8, 6), torch.randn(2, 8, 3, 8, 6), torch.randn(2, 32)
@@ -262,9 +242,9 @@ def test_token_order_where_it_is_observable():
     torch.testing.assert_close(seen["tokens"], torch.cat(frames, dim=1), atol=1e-6, rtol=0)
 
 
-def test_save_and_reload_round_trip(tmp_path):
-    model = small_model()
-    randomize(model)
+def test_save_and_reload_round_trip(video_dit, tmp_path):
+    model = video_dit
+    perturb(model, seed=0)
     model.save_pretrained(tmp_path)
     reloaded = VideoDiT.from_pretrained(tmp_path).eval()
     assert reloaded.config.motion_modules == easyanimate_v3_motion_modules(4, 2)
@@ -284,9 +264,9 @@ def test_save_and_reload_round_trip(tmp_path):
         VideoDiT.from_pretrained(tmp_path)
 
 
-def test_gradient_checkpointing_matches_plain_backward():
-    model = small_model().train()
-    randomize(model)
+def test_gradient_checkpointing_matches_plain_backward(video_dit):
+    model = video_dit.train()
+    perturb(model, seed=0)
     states, mask = text()
     latents = torch.randn(2, 4, 2, 8, 8)
 
@@ -308,9 +288,9 @@ def test_gradient_checkpointing_matches_plain_backward():
 
 def test_config_rules_are_checked():
     with pytest.raises(KinemaError, match="cross_attention_dim 48 must equal the model width"):
-        VideoDiT(**{**TINY, "cross_attention_dim": 48})
+        VideoDiT(**{**TINY_DIT, "cross_attention_dim": 48})
     with pytest.raises(KinemaError, match="motion_modules has 2 specs but the model has 4 blocks"):
-        VideoDiT(**TINY, motion_modules=["temporal", "hybrid"])
+        VideoDiT(**TINY_DIT, motion_modules=["temporal", "hybrid"])
 
 
 def v3_motion_module_params(d: int) -> int:

@@ -10,12 +10,6 @@ from kinema.loaders.animatediff.keys import diffusers_to_original_key
 from kinema.models.video_unet import AcrossFramesGroupNorm, VideoUNet, frames_per_clip
 
 
-@pytest.fixture(scope="module")
-def unet2d() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**TINY_UNET).eval()
-
-
 def inputs(frames=4, batch=2, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 4, frames, 16, 16, generator=gen), torch.tensor([10, 700])[:batch],
@@ -154,6 +148,21 @@ def count_forward_calls(module: torch.nn.Module, counts: dict[str, int], name: s
         return forward(*args, **kwargs)
 
     module.forward = counting
+
+
+def test_gradient_checkpointing_reruns_every_motion_module_once(unet2d):
+    # Modules after attentions checkpoint their own blocks; modules after resnets rerun inside the resnet's checkpoint
+    # and must not checkpoint themselves as well (that made three runs, not two).
+    video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True)
+    perturb(video, seed=7)
+    counts: dict[str, int] = {}
+    for name, module in video.motion_modules():
+        count_forward_calls(module.temporal_transformer.transformer_blocks[0], counts, name)
+    video.train()
+    video.enable_gradient_checkpointing()
+    x, t, text = inputs(frames=3)
+    video(x, t, text).square().mean().backward()
+    assert counts == {name: 2 for name, _ in video.motion_modules()}
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(unet2d):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import perturb
 
 from kinema.errors import KinemaError
 from kinema.models.motion import (
@@ -15,13 +16,6 @@ from kinema.models.motion import (
     register_motion_module,
     sinusoidal_frame_encoding,
 )
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def reference_pe(length: int, dim: int) -> torch.Tensor:
@@ -105,7 +99,7 @@ def test_fresh_module_is_an_identity(cls):
 def test_matches_direct_definition(cls, kinds, norm_mode):
     torch.manual_seed(0)
     module = cls(64, num_attention_heads=8, norm_num_groups=32, norm_mode=norm_mode)
-    randomize(module)
+    perturb(module, seed=0, scale=0.2)
     x = torch.randn(2, 64, 6, 3, 5)
     expected = reference_motion_module(module, x, 8, kinds, per_frame=norm_mode == "per_frame")
     assert (module(x) - expected).abs().max().item() < 1e-4
@@ -114,7 +108,7 @@ def test_matches_direct_definition(cls, kinds, norm_mode):
 def test_norm_modes_differ_on_real_video():
     torch.manual_seed(0)
     a = TemporalMotionModule(64, norm_mode="per_frame")
-    randomize(a)
+    perturb(a, seed=0, scale=0.2)
     b = TemporalMotionModule(64, norm_mode="across_frames")
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 64, 4, 3, 3) * torch.arange(1, 5).view(1, 1, 4, 1, 1)
@@ -136,7 +130,7 @@ def record_forward_calls(module: torch.nn.Module, calls: list) -> None:
 def test_attention_chunking_and_checkpointing_change_nothing():
     torch.manual_seed(0)
     module = HybridMotionModule(64)
-    randomize(module)
+    perturb(module, seed=0, scale=0.2)
     block = module.temporal_transformer.transformer_blocks[0]
     temporal_calls, global_calls, block_calls = [], [], []
     record_forward_calls(block.attention_blocks[0], temporal_calls)
@@ -196,7 +190,7 @@ def test_user_module_registers_and_builds():
 
 def test_attention_runs_through_scaled_dot_product_attention(monkeypatch):
     module = TemporalMotionModule(64)
-    randomize(module)
+    perturb(module, seed=0, scale=0.2)
     calls = []
     original = F.scaled_dot_product_attention
 
