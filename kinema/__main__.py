@@ -1,3 +1,5 @@
+"""`python -m kinema`: the `kinema` command, for when the console script is not on PATH."""
+
 import sys
 
 from kinema.cli import main

@@ -12,8 +12,9 @@ import av
 import pytest
 import torch
 
-from kinema import cli
-from kinema.cli import doctor_report, main
+from kinema import doctor
+from kinema.cli import main
+from kinema.doctor import doctor_report
 
 FIELDS = ["kinema", "python", "torch", "torch_threads", "device", "cuda_devices", "pyav", "video_codecs", "models_dir",
           "free_memory_gib"]
@@ -96,21 +97,21 @@ def test_free_memory_is_mem_available_with_fallbacks(monkeypatch):
     def fake_meminfo(path, *args, **kwargs):
         return io.StringIO(MEMINFO) if path == "/proc/meminfo" else real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "open", fake_meminfo, raising=False)
+    monkeypatch.setattr(doctor, "open", fake_meminfo, raising=False)
     assert doctor_report()["free_memory_gib"] == 3.5  # 3670016 kB; MemFree would give 1.0
 
     def no_proc(path, *args, **kwargs):
         raise FileNotFoundError(path)
 
     pages = {"SC_AVPHYS_PAGES": 393216, "SC_PAGE_SIZE": 4096}  # 1.5 GiB, where there is no /proc (macOS)
-    monkeypatch.setattr(cli, "open", no_proc, raising=False)
-    monkeypatch.setattr(cli.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(doctor, "open", no_proc, raising=False)
+    monkeypatch.setattr(doctor.os, "sysconf", lambda name: pages[name])
     assert doctor_report()["free_memory_gib"] == 1.5
 
     def unsupported(name):
         raise ValueError(f"unrecognized configuration name {name}")
 
-    monkeypatch.setattr(cli.os, "sysconf", unsupported)
+    monkeypatch.setattr(doctor.os, "sysconf", unsupported)
     assert doctor_report()["free_memory_gib"] is None
 
 

@@ -1,0 +1,95 @@
+"""What every `kinema` subcommand shares: the common options, the argument types and the way a command is added.
+
+Only argparse and the standard library are imported here, so that `kinema --help` and usage errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+# What a command module gives `add_command`: `run(args)` does the work; `check(args)` validates the arguments
+# before any heavy import and raises KinemaError for bad usage (exit 2).
+Run = Callable[[argparse.Namespace], None]
+Check = Callable[[argparse.Namespace], None]
+
+
+def add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Add `--debug`, `--verbose` and `--quiet` to `parser`.
+
+    The top-level parser holds the defaults (`defaults=True`); subcommands get the same options with SUPPRESS as
+    default, so that a subcommand that was not given one does not reset what the top-level parser set. That way each
+    option works before or after the command.
+    """
+    default: Any = False if defaults else argparse.SUPPRESS
+    parser.add_argument("--debug", action="store_true", default=default, help="show the full traceback on errors")
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="also show kinema's progress messages (log level info)")
+    parser.add_argument("--quiet", action="store_true", default=default,
+                        help="show only errors, not warnings")
+
+
+COMMON = argparse.ArgumentParser(add_help=False)
+add_common_options(COMMON, defaults=False)
+
+
+def add_group(subparsers: argparse._SubParsersAction, name: str, **parser_options: Any) -> argparse.ArgumentParser:
+    """A subcommand that only holds subcommands of its own (`kinema data synth`); add those with `add_command`."""
+    return subparsers.add_parser(name, parents=[COMMON], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 **parser_options)
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    *,
+    run: Run,
+    check: Check | None = None,
+    label: str | None = None,
+    **parser_options: Any,
+) -> argparse.ArgumentParser:
+    """Add subcommand `name` that calls `run(args)`, after `check(args)` where given; returns its parser for the
+    arguments. `label` is how messages name the command (default `name`; e.g. "data synth" for a nested one)."""
+    parser = subparsers.add_parser(name, parents=[COMMON], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   **parser_options)
+    parser.set_defaults(run=run, check=check, label=label or name)
+    return parser
+
+
+def example(*lines: str) -> str:
+    """An epilog showing example command lines."""
+    return "example:\n" + "".join(f"  {line}\n" for line in lines).rstrip("\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value

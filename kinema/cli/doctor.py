@@ -1,0 +1,26 @@
+"""`kinema doctor`: print `kinema.doctor.doctor_report`."""
+
+from __future__ import annotations
+
+import argparse
+
+from kinema.cli.args import add_command, example
+
+
+def add(subparsers: argparse._SubParsersAction) -> None:
+    """Register `kinema doctor`."""
+    parser = add_command(
+        subparsers, "doctor", run=run,
+        help="report torch, device, video codecs, model folder and free memory",
+        description="Check that this machine can run kinema and say where it looks for models.",
+        epilog=example("kinema doctor --json"),
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the report, as aligned lines or one JSON object."""
+    from kinema.cli.output import print_report
+    from kinema.doctor import doctor_report
+
+    print_report(doctor_report(), args.json)

@@ -1,0 +1,98 @@
+"""`kinema inspect` and `kinema convert`: what a weights file or model folder is, and the same weights in another
+layout. Both go through the loaders' front door (`kinema.loaders.describe` / `convert`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+from collections.abc import Callable
+from typing import Any
+
+from kinema.cli.args import add_command, example
+from kinema.errors import KinemaError
+
+# The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
+from kinema.loaders.formats import CONVERT_LAYOUTS
+
+
+def add(subparsers: argparse._SubParsersAction) -> None:
+    """Register `kinema inspect` and `kinema convert`."""
+    inspect = add_command(
+        subparsers, "inspect", run=run_inspect, check=check_inspect,
+        help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
+        description="Recognise a motion module (AnimateDiff file or diffusers MotionAdapter folder), motion LoRA "
+                    "or EasyAnimate folder and print its format, version, key and parameter counts (buffers "
+                    "excluded), frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles "
+                    "that need code are refused.",
+        epilog=example("kinema inspect models/mm_sd_v15_v2.ckpt --json"),
+    )
+    inspect.add_argument("path", help="weights file or model folder")
+    inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    convert = add_command(
+        subparsers, "convert", run=run_convert, check=check_convert,
+        help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, weights unchanged",
+        description="Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with "
+                    "the published names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and "
+                    "`kinema` (.safetensors with its motion settings in the metadata).\n"
+                    "Convert a motion LoRA between `original` (processor.to_q_lora.down/up), `diffusers` (what "
+                    "diffusers' conversion script writes), `diffusers_peft` (lora_A/lora_B, what "
+                    "`load_lora_weights` reads) and `kinema`.\n"
+                    "Convert an EasyAnimate V3 transformer folder between `original` (V3's config.json and names, "
+                    "with its stored frame tables) and `kinema` (VideoDiT's config, no tables). "
+                    "Weights are copied exactly.",
+        epilog=example(
+            "kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers",
+            "kinema convert models/v2_lora_ZoomIn.ckpt models/zoom_in_peft.safetensors --to diffusers_peft",
+            "kinema convert models/EasyAnimateV3-XL-2-InP-512x512 models/v3_kinema_transformer --to kinema",
+        ),
+    )
+    convert.add_argument("input", help="motion-module or motion-LoRA file, MotionAdapter folder or EasyAnimate folder")
+    convert.add_argument("output", help="file to write (.safetensors/.ckpt) or, for a MotionAdapter or an EasyAnimate "
+                                        "transformer, a folder")
+    convert.add_argument("--to", required=True, choices=CONVERT_LAYOUTS, help="target layout")
+    convert.add_argument("--overwrite", action="store_true", help="replace an earlier kinema output at OUTPUT "
+                         "(never a file or folder kinema did not write)")
+
+
+def _front_door(name: str) -> Callable[..., Any]:
+    """`kinema.loaders.<name>`, the front-door function.
+
+    kinema.loaders also has submodules named `describe` and `convert`; once one is imported, the package attribute
+    is that module, not the function. Until they are renamed, the function of the same name inside it is taken.
+    """
+    import kinema.loaders
+
+    found = getattr(kinema.loaders, name)
+    return getattr(found, name) if isinstance(found, types.ModuleType) else found
+
+
+def check_inspect(args: argparse.Namespace) -> None:
+    """Bad usage: the path does not exist."""
+    if not os.path.lexists(args.path):
+        raise KinemaError(f"no such file or folder: {args.path}")
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    """Print what the path holds."""
+    from kinema.cli.output import print_report
+
+    print_report(_front_door("describe")(args.path), args.json)
+
+
+def check_convert(args: argparse.Namespace) -> None:
+    """Bad usage: the input does not exist, or the output is not new (nor, with --overwrite, kinema's own)."""
+    from kinema.fileio import check_output
+
+    if not os.path.lexists(args.input):
+        raise KinemaError(f"no such file or folder: {args.input}")
+    check_output(args.output, None, folder=None, overwrite=args.overwrite, inputs=(args.input,))
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    """Convert, then name what was written and print the converter's notes."""
+    out, notes = _front_door("convert")(args.input, args.output, args.to, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.to} layout)")
+    for note in notes:
+        print(f"note: {note}")
