@@ -8,4 +8,74 @@ from __future__ import annotations
 
 # ---------------------------------------------------------------- AnimateDiff (VideoUNet)
 
+
+def _animatediff_motion_module(max_frames: int, norm_mode: str = "per_frame") -> dict:
+    """AnimateDiff's motion-module spec: one transformer block of two temporal attentions, 8 heads, 32 groups."""
+    return {"type": "temporal", "max_frames": max_frames, "num_transformer_blocks": 1, "num_attention_heads": 8,
+            "norm_num_groups": 32, "norm_mode": norm_mode}
+
+
+# `VideoUNet` keyword arguments each AnimateDiff version was trained with (docs/reference: AnimateDiff configs,
+# AnimateLCM loaders). A file's stored `pe` tables override max_frames and its weights say whether there is a mid
+# block; norms are never stored. v1 normalises resnets across frames, later SD1.5 versions per frame; the SDXL
+# branch normalises its motion modules across frames.
+ANIMATEDIFF_VERSIONS: dict[str, dict] = {
+    "v1": {"motion_module": _animatediff_motion_module(24), "motion_mid_block": False,
+           "resnet_norm_mode": "across_frames"},
+    "v2": {"motion_module": _animatediff_motion_module(32), "motion_mid_block": True, "resnet_norm_mode": "per_frame"},
+    "v3": {"motion_module": _animatediff_motion_module(32), "motion_mid_block": False, "resnet_norm_mode": "per_frame"},
+    "animatelcm": {"motion_module": _animatediff_motion_module(64), "motion_mid_block": True,
+                   "resnet_norm_mode": "per_frame"},
+    "sdxl-beta": {"motion_module": _animatediff_motion_module(32, "across_frames"), "motion_mid_block": False,
+                  "resnet_norm_mode": "per_frame"},
+}
+# diffusers' AnimateDiffTransformer3D normalises across frames and its resnets per frame, whatever the version: what a
+# MotionAdapter folder's settings change in its version's (a partial set of VideoUNet keyword arguments).
+ANIMATEDIFF_DIFFUSERS_NORMS: dict = {"motion_module": {"norm_mode": "across_frames"}, "resnet_norm_mode": "per_frame"}
+
+
 # ---------------------------------------------------------------- EasyAnimate V3 (VideoDiT, SliceVAE)
+
+
+def easyanimate_v3_xl_2(variant: str = "InP") -> dict:
+    """`VideoDiT` keyword arguments of EasyAnimate V3-XL/2 (alibaba-pai/EasyAnimateV3-XL-2-InP-*), a new dict each
+    call: PixArt-alpha XL/2 (28 blocks of 16 heads x 72, T5-XXL text states of 4096) with V3's motion module in
+    every block (temporal in even blocks, temporal + global in odd ones, frame tables of 4096) and V3's 13 U-ViT
+    skips. `variant` "InP": 12 input channels and 8 CLIP image tokens from 768-d embeddings; "T2V": 4 channels,
+    text only. Either predicts 8 channels (noise and variance)."""
+    # V3's skip and motion-module rules live with the blocks that run them; that module imports torch and diffusers,
+    # so it is imported only when a preset is asked for.
+    from kinema.errors import KinemaError
+    from kinema.models.video_dit_blocks import (
+        EASYANIMATE_V3_SKIP_LINEARS,
+        easyanimate_v3_motion_modules,
+        easyanimate_v3_skip_pairs,
+    )
+
+    if variant not in ("InP", "T2V"):
+        raise KinemaError(f"EasyAnimate V3-XL/2 comes as variant 'InP' or 'T2V'; got {variant!r}")
+    layers, heads, inpaint = 28, 16, variant == "InP"
+    return {
+        "num_attention_heads": heads, "attention_head_dim": 72, "in_channels": 12 if inpaint else 4,
+        "out_channels": 8, "num_layers": layers, "dropout": 0.0, "cross_attention_dim": 1152, "attention_bias": True,
+        "sample_size": 64, "patch_size": 2, "activation_fn": "gelu-approximate", "upcast_attention": False,
+        "norm_elementwise_affine": False, "norm_eps": 1e-6, "caption_channels": 4096, "enable_uvit": True,
+        "skip_pairs": [list(pair) for pair in easyanimate_v3_skip_pairs(layers)],
+        "num_skip_linears": EASYANIMATE_V3_SKIP_LINEARS,
+        "motion_modules": easyanimate_v3_motion_modules(layers, heads, max_frames=4096),
+        "image_embed_dim": 768 if inpaint else None, "num_image_tokens": 8,
+    }
+
+
+# `SliceVAE` keyword arguments of EasyAnimate V3's Slice VAE (the `vae/` of every V3 model): 8x spatial and 4x
+# temporal compression to 4 latent channels, 8-frame encoder slices and 2-latent decoder slices, tiling off. These
+# are also SliceVAE's defaults, and the values a V3 vae/config.json leaves out.
+EASYANIMATE_V3_SLICE_VAE: dict = {
+    "in_channels": 3, "out_channels": 3, "ch": 128, "ch_mult": (1, 2, 4, 4),
+    "down_block_types": ("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+    "up_block_types": ("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
+    "mid_block_use_attention": True, "mid_block_attention_type": "3d", "mid_block_num_attention_heads": 1,
+    "layers_per_block": 2, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215,
+    "mini_batch_encoder": 8, "mini_batch_decoder": 2, "use_tiling": False, "use_tiling_encoder": False,
+    "use_tiling_decoder": False, "tile_sample_min_size": 384, "tile_overlap_factor": 0.25,
+}

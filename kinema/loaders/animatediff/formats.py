@@ -27,8 +27,9 @@ def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
 
 
 def _check_motion_module(weights: Source, config: dict | None, shown: Path) -> dict[str, Any]:
+    from kinema.loaders.animatediff.detect import detect_motion_module
     from kinema.loaders.animatediff.keys import is_pe_key
-    from kinema.loaders.animatediff.motion_module import check_frame_tables, detect_motion_module
+    from kinema.loaders.animatediff.structure import check_frame_tables
 
     tensors, metadata = weights.layout
     try:
@@ -46,7 +47,7 @@ def describe_motion_module(source: Source) -> dict[str, Any] | None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             return None
-        from kinema.loaders.animatediff.motion_module import adapter_files
+        from kinema.loaders.animatediff.load import adapter_files
 
         if read_json_object(path / "config.json", "a model config").get("_class_name") != "MotionAdapter":
             return None
@@ -77,14 +78,15 @@ def describe_motion_lora_source(source: Source) -> dict[str, Any] | None:
 
 def load_motion_module_path(source: Source, *, unet: Any = None, **overrides: Any) -> Any:
     """A motion module inflating `unet` (a diffusers `UNet2DConditionModel`, a `VideoUNet`, or loaded Stable
-    Diffusion components) into a `VideoUNet`; `overrides` change detected settings (e.g. `norm_mode`)."""
-    from kinema.loaders.animatediff.motion_module import load_motion_module
+    Diffusion components) into a `VideoUNet`; `overrides` change detected settings (e.g. `norm_mode`). What
+    `describe` read of the file is used, not read again."""
+    from kinema.loaders.animatediff.load import load_motion_module
 
     path = source.path
     if unet is None:
         raise KinemaError(f"{path} is a motion module, which animates a base image UNet: pass unet=, e.g. "
                           "kinema.load(motion_module, unet=kinema.load('stable-diffusion-v1-5').unet)")
-    return load_motion_module(path, getattr(unet, "unet", unet) if hasattr(unet, "text_encoder") else unet,
+    return load_motion_module(source, getattr(unet, "unet", unet) if hasattr(unet, "text_encoder") else unet,
                               **overrides)
 
 
@@ -98,16 +100,17 @@ def load_motion_lora_path(source: Source, *, video_unet: Any = None, name: str |
         raise KinemaError(f"{path} is a motion LoRA, which changes a video UNet's motion modules: pass video_unet=, "
                           "e.g. kinema.load(lora, video_unet=kinema.load(motion_module, unet=...))")
     adapter = name if name is not None else re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
-    load_motion_lora(video_unet, path, adapter, strength=strength, merge=merge)
+    load_motion_lora(video_unet, source.checkpoint.tensors, adapter, strength=strength, merge=merge)
     return video_unet
 
 
 def convert_motion_module_source(source: Source, target: Path, to: str, *, overwrite: bool = False
                                  ) -> tuple[Path, list[str]]:
-    """A motion module in layout `to` (original / diffusers / kinema), weights unchanged."""
-    from kinema.loaders.animatediff.motion_module import convert_motion_module
+    """A motion module in layout `to` (original / diffusers / kinema), weights unchanged; what `describe` read of the
+    file is used, not read again."""
+    from kinema.loaders.animatediff.write import convert_motion_module
 
-    return convert_motion_module(source.path, target, to, overwrite=overwrite)
+    return convert_motion_module(source, target, to, overwrite=overwrite)
 
 
 def convert_motion_lora_source(source: Source, target: Path, to: str, *, overwrite: bool = False
@@ -116,6 +119,5 @@ def convert_motion_lora_source(source: Source, target: Path, to: str, *, overwri
     from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora
     from kinema.loaders.checkpoint_io import write_state_dict
 
-    tensors = source.read(source.names)
-    converted = convert_motion_lora(tensors, to)
+    converted = convert_motion_lora(source.checkpoint.tensors, to)
     return write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source.path,)), []

@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_t
 
 from kinema.cli import main
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff.motion_module import (
+from kinema.loaders.animatediff import (
     convert_motion_module,
     detect_motion_module,
     load_motion_module,
@@ -108,13 +108,14 @@ def test_detects_a_diffusers_motion_adapter_folder(tmp_path):
 
 def test_settings_follow_the_version_and_yield_to_overrides():
     info = detect_motion_module(original_motion_state_dict("v1"))
-    settings = motion_settings(info)
-    assert settings.video_config() == {
+    video_unet_kwargs = motion_settings(info)  # VideoUNet's keyword arguments, the one form settings take
+    assert video_unet_kwargs == {
         "motion_module": {"type": "temporal", "max_frames": 24, "num_transformer_blocks": 1,
                           "num_attention_heads": 8, "norm_num_groups": 32, "norm_mode": "per_frame"},
         "motion_mid_block": False, "resnet_norm_mode": "across_frames"}
     changed = motion_settings(info, norm_mode="across_frames", resnet_norm_mode="per_frame", max_frames=48)
-    assert (changed.norm_mode, changed.resnet_norm_mode, changed.max_frames) == ("across_frames", "per_frame", 48)
+    spec = changed["motion_module"]
+    assert (spec["norm_mode"], changed["resnet_norm_mode"], spec["max_frames"]) == ("across_frames", "per_frame", 48)
     with pytest.raises(KinemaError, match=r"unknown motion-module setting\(s\) \['mid_block'\]; you can set"):
         motion_settings(info, mid_block=True)
 

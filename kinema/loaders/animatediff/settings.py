@@ -1,0 +1,149 @@
+"""A motion module's settings in their one form: `VideoUNet` keyword arguments.
+
+    {"motion_module": {"type": "temporal", "max_frames": 32, "num_transformer_blocks": 1, "num_attention_heads": 8,
+                       "norm_num_groups": 32, "norm_mode": "per_frame"},
+     "motion_mid_block": True, "resnet_norm_mode": "per_frame"}
+
+Detection starts from the version's preset (kinema.models.presets.ANIMATEDIFF_VERSIONS), lays over it what the weights
+and the file say, and the caller's overrides after that; the VideoUNet built from them keeps them in its config, and
+saving reads them back from there. Files keep settings in their own terms (a kinema file's `motion_settings`
+metadata, a MotionAdapter's config.json); this module is the only place that translates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from kinema.errors import KinemaError
+from kinema.models.motion.temporal import TemporalMotionModule
+
+# Where each named setting sits in the keyword arguments: `motion_module.<key>` inside the motion-module spec, or a
+# keyword argument of its own. The names are those callers override and kinema files store (`motion_settings`).
+SETTING_PLACES: dict[str, str] = {
+    "max_frames": "motion_module.max_frames",
+    "mid_block": "motion_mid_block",
+    "transformer_blocks": "motion_module.num_transformer_blocks",
+    "num_attention_heads": "motion_module.num_attention_heads",
+    "norm_num_groups": "motion_module.norm_num_groups",
+    "norm_mode": "motion_module.norm_mode",
+    "resnet_norm_mode": "resnet_norm_mode",
+}
+# The structure (mid block, blocks per module) is fixed by the weights; the rest is the caller's to choose.
+OVERRIDABLE = tuple(name for name in SETTING_PLACES if name not in ("mid_block", "transformer_blocks"))
+
+
+def merged(video_unet_kwargs: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`video_unet_kwargs` with `update` (some of the same keyword arguments) laid over it, a fresh dict; the
+    motion-module spec is merged key by key, so `{"motion_module": {"norm_mode": ...}}` changes that key alone."""
+    spec = {**video_unet_kwargs.get("motion_module", {}), **update.get("motion_module", {})}
+    return {**video_unet_kwargs, **update, "motion_module": spec}
+
+
+def setting(video_unet_kwargs: Mapping[str, Any], name: str) -> Any:
+    """The value of the named setting (a key of SETTING_PLACES), e.g. `setting(kwargs, "max_frames")`."""
+    outer, _, inner = SETTING_PLACES[name].partition(".")
+    return video_unet_kwargs[outer][inner] if inner else video_unet_kwargs[outer]
+
+
+def named_settings(video_unet_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every named setting, `{"max_frames": 32, "mid_block": True, ...}`: what a kinema file's metadata stores."""
+    return {name: setting(video_unet_kwargs, name) for name in SETTING_PLACES}
+
+
+def with_settings(video_unet_kwargs: Mapping[str, Any], **settings: Any) -> dict[str, Any]:
+    """`video_unet_kwargs` with named settings (keys of SETTING_PLACES) changed, a fresh dict."""
+    update: dict[str, Any] = {"motion_module": {}}
+    for name, value in settings.items():
+        outer, _, inner = SETTING_PLACES[name].partition(".")
+        if inner:
+            update[outer][inner] = value
+        else:
+            update[outer] = value
+    return merged(video_unet_kwargs, update)
+
+
+def overridden(video_unet_kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`video_unet_kwargs` with the caller's `overrides` (any of OVERRIDABLE) applied."""
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise KinemaError(f"unknown motion-module setting(s) {unknown}; you can set {list(OVERRIDABLE)}")
+    return with_settings(video_unet_kwargs, **overrides)
+
+
+# ---------------------------------------------------------------- what files store
+
+
+def kinema_file_settings(metadata: Mapping[str, str] | None) -> tuple[str, dict[str, Any]]:
+    """(version, overridable settings) from a kinema file's safetensors metadata; its `motion_settings` is the JSON
+    of `named_settings` (files written before settings became keyword arguments hold the same fields)."""
+    try:
+        stored = json.loads(metadata["motion_settings"])
+        return metadata["version"], {name: stored[name] for name in OVERRIDABLE}
+    except (KeyError, ValueError, TypeError) as err:
+        raise KinemaError(f"kinema motion-module metadata is incomplete ({err}); re-save the module") from None
+
+
+def adapter_file_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a diffusers MotionAdapter config.json holds, with diffusers' defaults for those it leaves out."""
+    return {"max_frames": config.get("motion_max_seq_length", 32),
+            "num_attention_heads": config.get("motion_num_attention_heads", 8),
+            "norm_num_groups": config.get("motion_norm_num_groups", 32)}
+
+
+def check_adapter_config(config: Mapping[str, Any], structure: Mapping[str, Any], pe_length: int | None) -> None:
+    """Refuse a MotionAdapter config.json that disagrees with its weights (`structure`, see `motion_structure`, and
+    the stored frame-table length) or asks for what kinema does not build (PIA's conv_in, per-level heads)."""
+    if config.get("conv_in_channels"):
+        raise KinemaError("this is a PIA motion adapter (conv_in_channels set); it is not supported yet")
+    heads = config.get("motion_num_attention_heads", 8)
+    if not isinstance(heads, int):
+        raise KinemaError(f"per-level motion_num_attention_heads {heads} are not supported; kinema uses one value")
+    checks = {"block_out_channels": (tuple(config.get("block_out_channels", ())), structure["channels"]),
+              "use_motion_mid_block": (bool(config.get("use_motion_mid_block", True)), structure["mid_block"]),
+              "motion_max_seq_length": (config.get("motion_max_seq_length", 32), pe_length or
+                                        config.get("motion_max_seq_length", 32))}
+    for name, (said, found) in checks.items():
+        if said != found:
+            raise KinemaError(f"config.json says {name}={said!r} but the weights have {found!r}")
+
+
+def adapter_config(structure: Mapping[str, Any], video_unet_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json of a diffusers MotionAdapter holding the modules `structure` describes with these settings."""
+    import diffusers
+
+    down, up = structure["modules_per_level"]
+    if up != down + 1:
+        raise KinemaError(f"a diffusers MotionAdapter needs one more up module than down modules per level, "
+                          f"this module has {down} and {up}")
+    spec = video_unet_kwargs["motion_module"]
+    return {"_class_name": "MotionAdapter", "_diffusers_version": diffusers.__version__,
+            "block_out_channels": list(structure["channels"]), "motion_layers_per_block": down,
+            "motion_transformer_layers_per_block": spec["num_transformer_blocks"],
+            "motion_mid_block_layers_per_block": 1,
+            "motion_transformer_layers_per_mid_block": spec["num_transformer_blocks"],
+            "motion_num_attention_heads": spec["num_attention_heads"],
+            "motion_norm_num_groups": spec["norm_num_groups"], "motion_max_seq_length": spec["max_frames"],
+            "use_motion_mid_block": video_unet_kwargs["motion_mid_block"], "conv_in_channels": None}
+
+
+# ---------------------------------------------------------------- what a VideoUNet was built with
+
+
+def video_unet_settings(video_unet: Any) -> dict[str, Any]:
+    """The keyword arguments `video_unet` (a `VideoUNet`) was built with, read from its config, the motion-module
+    spec completed with the temporal module's own defaults; KinemaError unless its modules are AnimateDiff's."""
+    config = video_unet.config
+    spec = dict(config.motion_module or {"type": "temporal"})
+    if spec.get("type") != "temporal":
+        raise KinemaError("only AnimateDiff temporal motion modules can be saved as motion-module files")
+    parameters = inspect.signature(TemporalMotionModule).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    spec = {**defaults, **spec}
+    kinds = tuple(spec["attention_kinds"] or TemporalMotionModule.default_attention_kinds)
+    if kinds != ("temporal", "temporal"):
+        raise KinemaError(f"AnimateDiff layouts hold two temporal attentions per block, not {kinds}")
+    return {"motion_module": spec, "motion_mid_block": bool(config.motion_mid_block),
+            "resnet_norm_mode": config.resnet_norm_mode}
