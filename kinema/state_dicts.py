@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +35,15 @@ def key_problems(
     return {kind: keys for kind, keys in problems.items() if keys}
 
 
-def problems_phrase(problems: Mapping[str, Sequence[str]]) -> str | None:
+def problems_phrase(problems: Mapping[str, Sequence[str]], *, quoted_lists: bool = False) -> str | None:
     """`{"missing": [a.weight], ...}` as `1 missing (e.g. a.weight); ...`, naming the first SHOW of each kind;
-    None when there are none."""
-    return "; ".join(f"{len(keys)} {kind} (e.g. {', '.join(keys[:SHOW])})" for kind, keys in problems.items()
-                     if keys) or None
+    None when there are none. `quoted_lists` gives the older form `1 missing keys (e.g. ['a.weight'])`, which
+    Stable Diffusion folder loads have always printed (and scripts may match)."""
+    if quoted_lists:
+        parts = [f"{len(keys)} {kind} keys (e.g. {list(keys[:SHOW])})" for kind, keys in problems.items() if keys]
+    else:
+        parts = [f"{len(keys)} {kind} (e.g. {', '.join(keys[:SHOW])})" for kind, keys in problems.items() if keys]
+    return "; ".join(parts) or None
 
 
 def key_mismatch(
@@ -55,6 +60,13 @@ def shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
 
 
+def _refuse(context: str, problems: Mapping[str, Sequence[str]], advice: str, quoted_lists: bool = False) -> None:
+    """The one refusal of every strict check: `"{context}: {problems}. {advice}"`, when there are problems."""
+    phrase = problems_phrase(problems, quoted_lists=quoted_lists)
+    if phrase:
+        raise KinemaError(f"{context}: {phrase}" + (f". {advice}" if advice else ""))
+
+
 def check_fits(
     expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], context: str, *,
     ignore: Iterable[str] = (), advice: str = "",
@@ -62,9 +74,22 @@ def check_fits(
     """Raise one KinemaError, `"{context}: 1 missing (e.g. ...); ... {advice}"`, unless `found` has exactly the names
     and shapes of `expected` (both `{name: shape}`; names in `ignore` may be extra). Checked before anything is
     copied, so a wrong file changes nothing."""
-    found_phrase = key_mismatch(expected, found, ignore)
-    if found_phrase:
-        raise KinemaError(f"{context}: {found_phrase}" + (f". {advice}" if advice else ""))
+    _refuse(context, key_problems(expected, found, ignore), advice)
+
+
+def loading_info_problems(info: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The `output_loading_info=True` report of a diffusers or transformers `from_pretrained` as `key_problems`'
+    `{"missing": [names], "unexpected": [...], "mismatched": [...]}` (only the kinds that occur)."""
+    problems = {kind: [key if isinstance(key, str) else key[0] for key in info.get(f"{kind}_keys") or []]
+                for kind in ("missing", "unexpected", "mismatched")}  # mismatched keys come as (name, shapes...)
+    return {kind: keys for kind, keys in problems.items() if keys}
+
+
+def check_loading_info(info: Mapping[str, Any], context: str, *, advice: str = "", quoted_lists: bool = False) -> None:
+    """`check_fits` for a model a library has already loaded: one KinemaError in the same form when its loading
+    report (`output_loading_info=True`) names any missing, unexpected or mismatched key. `quoted_lists`: see
+    `problems_phrase`."""
+    _refuse(context, loading_info_problems(info), advice, quoted_lists)
 
 
 def load_strict(
@@ -80,19 +105,30 @@ def load_strict(
 
 
 class StrictFromPretrained:
-    """Mixin for diffusers `ModelMixin` models: `from_pretrained` refuses a folder whose weights do not match the
-    model its config builds, where diffusers would only log the missing and unused keys and carry on."""
+    """Mixin for diffusers `ModelMixin` models: `from_pretrained` loads a folder `save_pretrained` wrote (config.json
+    and its weights) and refuses one whose weights do not match the model its config builds, where diffusers would
+    only log the missing and unused keys and carry on (and stops at a mis-shaped tensor with its own error)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        """diffusers' `from_pretrained`, then a KinemaError naming any missing, unexpected or mismatched key."""
+        """diffusers' `from_pretrained` of a local folder, once every weight name and shape is checked against the
+        model config.json builds (`check_fits`); a KinemaError naming any missing, unexpected or mismatched key."""
+        from accelerate import init_empty_weights
+
+        from kinema.fileio import read_json_object
+        from kinema.loaders.checkpoint_io import find_weights
+
+        folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if not folder.is_dir():
+            raise KinemaError(f"no such model folder: {folder}; {cls.__name__}.from_pretrained loads a folder that "
+                              "save_pretrained wrote (config.json and its weights)")
+        context = f"{pretrained_model_name_or_path}: weights do not fit the {cls.__name__} its config.json describes"
+        advice = "Re-save the model, or check that config.json and the weights file belong together"
+        config = read_json_object(folder / "config.json", f"the {cls.__name__}'s config")
+        with init_empty_weights():  # parameters on the meta device: names and shapes without memory
+            expected = shapes(cls.from_config(config).state_dict())
+        check_fits(expected, find_weights(folder, variants=(kwargs.get("variant"),)).shapes(), context, advice=advice)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        found = problems_phrase({kind: [k if isinstance(k, str) else k[0] for k in info.get(field) or []]
-                                 for kind, field in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
-                                                     ("mismatched", "mismatched_keys"))})
-        if found:
-            raise KinemaError(f"{pretrained_model_name_or_path}: weights do not fit the {cls.__name__} its "
-                              f"config.json describes: {found}. Re-save the model, or check that config.json and "
-                              "the weights file belong together")
+        check_loading_info(info, context, advice=advice)  # diffusers' own view, in case it renames keys
         return (model, info) if want_info else model

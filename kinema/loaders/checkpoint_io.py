@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -265,15 +266,42 @@ class WeightFiles:
     index: Path | None = None  # the sharded checkpoint's index, if it is one
     variant: str | None = None  # "fp16" when only that variant is there (V3's T5); None for plain files
 
+    def header(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """`{name: (shape, dtype name)}` over every file: from a safetensors header (no tensor data); a torch
+        pickle, which has no header, is read."""
+        found: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in self.files:
+            if check_weights_file(file).kind is Kind.SAFETENSORS:
+                found |= {name: (shape, SAFETENSORS_DTYPES.get(code, code))
+                          for name, (shape, code) in read_safetensors_header(file).items()}
+            else:
+                found |= {name: (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                          for name, tensor in read_state_dict(file).items()}
+        return found
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """`{name: shape}` over every file, as `header` reads them."""
+        return {name: shape for name, (shape, _) in self.header().items()}
+
+
+@overload
+def find_weights(folder: str | os.PathLike, stems: tuple[str, ...] = ..., suffixes: tuple[str, ...] = ...,
+                 variants: tuple[str | None, ...] = ..., *, missing_ok: Literal[False] = ...) -> WeightFiles: ...
+@overload
+def find_weights(folder: str | os.PathLike, stems: tuple[str, ...] = ..., suffixes: tuple[str, ...] = ...,
+                 variants: tuple[str | None, ...] = ..., *, missing_ok: bool) -> WeightFiles | None: ...
+
 
 def find_weights(
     folder: str | os.PathLike, stems: tuple[str, ...] = ("diffusion_pytorch_model",),
-    suffixes: tuple[str, ...] = (".safetensors", ".bin"), variants: tuple[str | None, ...] = (None,),
-) -> WeightFiles:
+    suffixes: tuple[str, ...] = (".safetensors", ".bin"), variants: tuple[str | None, ...] = (None,), *,
+    missing_ok: bool = False,
+) -> WeightFiles | None:
     """Find a diffusers/transformers model folder's weights: `{stem}[.{variant}]{suffix}`, or a sharded checkpoint
     through its index `{stem}{suffix}.index[.{variant}].json` (shards checked present). Tried in order of
     `variants`, `stems`, `suffixes`, so the first of each is preferred. KinemaError naming what was looked for and
-    what the folder holds when there is none, or when an index is broken or names missing shards."""
+    what the folder holds when there is none (None instead with `missing_ok`, for a caller listing everything a
+    folder lacks), and always when an index is broken or names missing shards."""
     folder = Path(folder)
     for variant in variants:
         infix = f".{variant}" if variant else ""
@@ -285,6 +313,8 @@ def find_weights(
                 index = folder / f"{stem}{suffix}.index{infix}.json"
                 if index.is_file():
                     return WeightFiles(folder, _shards(index), index, variant)
+    if missing_ok:
+        return None
     held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     wanted = [f"{stem}{suffix}" for stem in stems for suffix in suffixes]
     raise KinemaError(f"{folder} has no weights file: looked for {wanted} (or a sharded index of them); it holds "

@@ -17,6 +17,7 @@ Nothing here touches the network: every path is local and every diffusers/transf
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 
 import diffusers
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
@@ -38,8 +40,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import read_json_object
-from kinema.loaders.checkpoint_io import check_weights_file, read_state_dict
-from kinema.state_dicts import key_mismatch, shapes
+from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, find_weights, read_state_dict
+from kinema.loaders.describe import Source
+from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
 # Key prefixes of the three networks inside an LDM single file; everything else there is training state (EMA copies,
@@ -48,9 +51,16 @@ LDM_PREFIXES = {
     "unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer.",
 }
 LDM_TRAINING_ONLY = ("first_stage_model.loss.",)
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
-_TRANSFORMERS_WEIGHTS = (("model", (".safetensors", ".safetensors.index.json")),
-                         ("pytorch_model", (".bin", ".bin.index.json")))
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+}
+# The weight files each component's library reads, as `find_weights`' (stems, suffixes): diffusers takes either
+# suffix, transformers pairs each stem with one. Plain files are preferred to the fp16 variant.
+_WEIGHT_NAMES = {
+    "unet": ((("diffusion_pytorch_model",), (".safetensors", ".bin")),),
+    "vae": ((("diffusion_pytorch_model",), (".safetensors", ".bin")),),
+    "text_encoder": ((("model",), (".safetensors",)), (("pytorch_model",), (".bin",))),
+}
 
 
 @dataclass
@@ -70,27 +80,28 @@ class StableDiffusionComponents:
 # ---------------------------------------------------------------- diffusers folders
 
 
-def _weights_variant(folder: Path, stems: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
-    """"" for plain weight files, "fp16" when only the fp16 variant is there, None when there are none."""
-    for variant in ("", "fp16"):
-        infix = f".{variant}" if variant else ""
-        for stem, suffixes in stems:
-            if any((folder / f"{stem}{infix}{suffix}").is_file() for suffix in suffixes):
-                return variant
+def _component_weights(folder: Path, name: str) -> WeightFiles | None:
+    """The weights of component `name` in `folder` (plain files first, then the fp16 variant); None when there are
+    none. A broken sharded index raises."""
+    for variant in (None, "fp16"):
+        for stems, suffixes in _WEIGHT_NAMES[name]:
+            found = find_weights(folder, stems, suffixes, (variant,), missing_ok=True)
+            if found is not None:
+                return found
     return None
 
 
-def _check_folder(root: Path) -> dict[str, str | None]:
-    """Every component is present with its config and weights; returns the weights variant per model."""
-    missing, variants = [], {}
-    for name, stems in (("unet", (_DIFFUSERS_WEIGHTS,)), ("vae", (_DIFFUSERS_WEIGHTS,)),
-                        ("text_encoder", _TRANSFORMERS_WEIGHTS)):
+def _check_folder(root: Path) -> dict[str, WeightFiles]:
+    """Every component is present with its config and weights; returns each model's weights."""
+    missing, weights = [], {}
+    for name in MODEL_CLASSES:
         if not (root / name / "config.json").is_file():
             missing.append(f"{name}/config.json")
-        variant = _weights_variant(root / name, stems)
-        if variant is None:
-            missing.append(f"{name}/ weights ({stems[0][0]}.safetensors or .bin)")
-        variants[name] = variant or None
+        found = _component_weights(root / name, name)
+        if found is None:
+            missing.append(f"{name}/ weights ({_WEIGHT_NAMES[name][0][0][0]}.safetensors or .bin)")
+        else:
+            weights[name] = found
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler/scheduler_config.json")
     if _tokenizer_files_missing(root / "tokenizer"):
@@ -98,20 +109,12 @@ def _check_folder(root: Path) -> dict[str, str | None]:
     if missing:
         raise KinemaError(f"{root} is not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
                           "Download the whole model folder, or give a single .safetensors/.ckpt file instead")
-    return variants
+    return weights
 
 
 def _tokenizer_files_missing(folder: Path) -> bool:
     return not ((folder / "tokenizer.json").is_file() or
                 ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()))
-
-
-def _check_loading_info(info: Mapping[str, Any], what: str, root: Path) -> None:
-    problems = {kind: list(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        found = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[:3]})" for kind, keys in problems.items())
-        raise KinemaError(f"{root / what}: weights do not fit its config: {found}")
 
 
 def _load_scheduler(folder: Path) -> SchedulerMixin:
@@ -137,12 +140,13 @@ def load_tokenizer(path: str | os.PathLike) -> CLIPTokenizer:
 
 
 def _load_folder(root: Path, dtype: torch.dtype) -> StableDiffusionComponents:
-    variants = _check_folder(root)
+    weights = _check_folder(root)
     models = {}
-    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
-        model, info = cls.from_pretrained(root, subfolder=name, local_files_only=True, variant=variants[name],
+    for name, cls in MODEL_CLASSES.items():
+        model, info = cls.from_pretrained(root, subfolder=name, local_files_only=True, variant=weights[name].variant,
                                           torch_dtype=dtype, output_loading_info=True)
-        _check_loading_info(info, name, root)
+        # The wording SD folder loads have always used (quoted key lists), which scripts may match.
+        check_loading_info(info, f"{root / name}: weights do not fit its config", quoted_lists=True)
         models[name] = model.eval()
     return StableDiffusionComponents(**models, tokenizer=load_tokenizer(root),
                                      scheduler=_load_scheduler(root / "scheduler"), source=root)
@@ -151,72 +155,112 @@ def _load_folder(root: Path, dtype: torch.dtype) -> StableDiffusionComponents:
 # ---------------------------------------------------------------- single LDM files
 
 
-def _strict_load(model: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path) -> None:
-    own = model.state_dict()
-    # Old files store buffers that transformers now rebuilds (CLIP's position_ids); those are not weights.
-    non_persistent = {name for name, _ in model.named_buffers()} - set(own)
-    found = key_mismatch(shapes(own), shapes(weights), ignore=non_persistent)
-    if found:
-        raise KinemaError(f"{path}: its {what} weights do not fit the Stable Diffusion 1.5 {what}: {found}. "
-                          "Is this an SD1.5-architecture checkpoint (SD2, SDXL and inpainting models differ)?")
-    model.load_state_dict({k: weights[k] for k in own}, strict=True)
+_SD15_ADVICE = "Is this an SD1.5-architecture checkpoint (SD2, SDXL and inpainting models differ)?"
+
+
+def _rebuilt_buffers(model: nn.Module) -> set[str]:
+    """Buffers old files store but the model makes itself (CLIP's position_ids): not weights to load."""
+    return {name for name, _ in model.named_buffers()} - set(model.state_dict())
+
+
+def _fit_context(path: Path, name: str) -> str:
+    return f"{path}: its {name} weights do not fit the Stable Diffusion 1.5 {name}"
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    """What a converted tensor shares with the one it came from: its memory, or for a meta tensor (no memory, as
+    describe makes them from a header) the tensor it is a view of."""
+    if tensor.is_meta:
+        return id(tensor if tensor._base is None else tensor._base)
+    return tensor.data_ptr()
 
 
 def _unconverted(state: Mapping[str, torch.Tensor], prefix: str, converted: Mapping[str, torch.Tensor]) -> list[str]:
     """Keys under `prefix` whose tensor the conversion did not carry over (it copies or views, never recomputes)."""
-    taken = {tensor.data_ptr() for tensor in converted.values()}
+    taken = {_storage_of(tensor) for tensor in converted.values()}
     return [k for k, v in state.items()
-            if k.startswith(prefix) and not k.startswith(LDM_TRAINING_ONLY) and v.data_ptr() not in taken]
+            if k.startswith(prefix) and not k.startswith(LDM_TRAINING_ONLY) and _storage_of(v) not in taken]
 
 
-def _build(cls: type, config_dir: Path, name: str) -> tuple[nn.Module, dict[str, Any]]:
-    if cls is CLIPTextModel:
-        config = CLIPTextConfig.from_pretrained(config_dir / name, local_files_only=True)
-        return CLIPTextModel(config), config.to_dict()
-    config = cls.load_config(config_dir / name, local_files_only=True)
-    return cls.from_config(config), dict(config)
+def _build_empty(name: str, config_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Component `name` built from its config in `config_dir`, parameters on the meta device (no memory, no random
+    init): a load assigns the file's tensors, a describe compares names and shapes."""
+    with init_empty_weights():  # buffers stay real: CLIP's position_ids are made here, not loaded
+        if name == "text_encoder":
+            config = CLIPTextConfig.from_pretrained(config_dir / name, local_files_only=True)
+            return CLIPTextModel(config), config.to_dict()
+        cls = MODEL_CLASSES[name]
+        config = cls.load_config(config_dir / name, local_files_only=True)
+        return cls.from_config(config), dict(config)
 
 
-def _load_single_file(path: Path, tokenizer: str | os.PathLike | None, config_dir: Path,
-                      dtype: torch.dtype) -> StableDiffusionComponents:
-    if tokenizer is None:
-        raise KinemaError(f"{path} is a single-file checkpoint, which holds no tokenizer: pass tokenizer= (CLI: "
-                          "--tokenizer) an SD1.5 diffusers folder or a folder with the CLIP tokenizer's vocab.json and "
-                          "merges.txt")
-    missing_dirs = [name for name in ("unet", "vae", "text_encoder", "scheduler") if not (config_dir / name).is_dir()]
-    if missing_dirs:
-        raise KinemaError(f"config folder {config_dir} lacks {', '.join(f'{n}/' for n in missing_dirs)}")
-    tok = load_tokenizer(tokenizer)
-    state = read_state_dict(path)
+def _check_ldm_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """`state` holds the UNet, VAE and text encoder of Stable Diffusion 1.x, or a KinemaError saying what it is."""
     absent = [f"{name} ({prefix}*)" for name, prefix in LDM_PREFIXES.items()
               if not any(k.startswith(prefix) for k in state)]
     if absent:
         raise KinemaError(f"{path} has no {', '.join(absent)} weights: it is not a full Stable Diffusion checkpoint "
                           "(a LoRA, VAE or UNet-only file?); use a full SD1.5 file or a diffusers folder")
-    kind = infer_diffusers_model_type(state)
+    kind = infer_diffusers_model_type(state)  # from names and shapes only
     if kind != "v1":
         raise KinemaError(f"{path} looks like a {kind!r} checkpoint, not Stable Diffusion 1.x; AnimateDiff's SD1.5 "
                           "motion modules need an SD1.5-architecture base")
+
+
+def _ldm_component(path: Path, state: Mapping[str, torch.Tensor], name: str, model: nn.Module,
+                   config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Component `name`'s tensors of the LDM file `state`, renamed for `model` by diffusers' key maps; KinemaError
+    when some tensor under its prefix has no place there. Works on meta tensors too (names and shapes only)."""
+    if name == "unet":
+        weights = convert_ldm_unet_checkpoint(state, config)
+    elif name == "vae":
+        weights = convert_ldm_vae_checkpoint(state, config)
+    else:
+        weights = convert_ldm_clip_checkpoint(state)
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    left = _unconverted(state, LDM_PREFIXES[name], weights)
+    if left:
+        raise KinemaError(f"{path}: {len(left)} {name} entries have no place in SD1.5's {name} "
+                          f"(e.g. {', '.join(left[:3])}); is this an SD1.5-architecture checkpoint?")
+    return weights
+
+
+def _ignored_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Entries of an LDM file that belong to no component: EMA copies, noise-schedule buffers, training loss."""
+    return [k for k in state if not k.startswith(tuple(LDM_PREFIXES.values())) or k.startswith(LDM_TRAINING_ONLY)]
+
+
+def _check_config_dir(config_dir: Path) -> None:
+    missing_dirs = [name for name in ("unet", "vae", "text_encoder", "scheduler") if not (config_dir / name).is_dir()]
+    if missing_dirs:
+        raise KinemaError(f"config folder {config_dir} lacks {', '.join(f'{n}/' for n in missing_dirs)}")
+
+
+def _load_single_file(source: Source, tokenizer: str | os.PathLike | None, config_dir: Path,
+                      dtype: torch.dtype) -> StableDiffusionComponents:
+    path = source.path
+    if tokenizer is None:
+        raise KinemaError(f"{path} is a single-file checkpoint, which holds no tokenizer: pass tokenizer= (CLI: "
+                          "--tokenizer) an SD1.5 diffusers folder or a folder with the CLIP tokenizer's vocab.json and "
+                          "merges.txt")
+    _check_config_dir(config_dir)
+    tok = load_tokenizer(tokenizer)
+    state = source.checkpoint.tensors  # already in memory when describe had to unpickle the file
+    _check_ldm_file(path, state)
     models = {}
-    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
-        model, config = _build(cls, config_dir, name)
-        if name == "unet":
-            weights = convert_ldm_unet_checkpoint(state, config)
-        elif name == "vae":
-            weights = convert_ldm_vae_checkpoint(state, config)
-        else:
-            weights = convert_ldm_clip_checkpoint(state)
-            if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-                weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-        left = _unconverted(state, LDM_PREFIXES[name], weights)
-        if left:
-            raise KinemaError(f"{path}: {len(left)} {name} entries have no place in SD1.5's {name} "
-                              f"(e.g. {', '.join(left[:3])}); is this an SD1.5-architecture checkpoint?")
-        _strict_load(model, weights, name, path)
+    for name in MODEL_CLASSES:
+        model, config = _build_empty(name, config_dir)
+        weights = _ldm_component(path, state, name, model, config)
+        # The parameters are on the meta device, so the tensors are assigned: copies in memory of their own (as a
+        # copy into a built model would be), not views of the file's tensors. Their alignment changes how MKL sums
+        # (measured: 1e-6 on UNet outputs), and the VAE's attention weights are views of 1x1 convolutions.
+        fresh = {k: v.clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
+        load_strict(model, fresh, _fit_context(path, name),
+                    ignore=_rebuilt_buffers(model), advice=_SD15_ADVICE, assign=True)
         models[name] = model.to(dtype).eval()
-    ignored = [k for k in state if not k.startswith(tuple(LDM_PREFIXES.values())) or k.startswith(LDM_TRAINING_ONLY)]
     return StableDiffusionComponents(**models, tokenizer=tok, scheduler=_load_scheduler(config_dir / "scheduler"),
-                                     source=path, ignored_keys=ignored)
+                                     source=path, ignored_keys=_ignored_keys(state))
 
 
 def load_stable_diffusion(
@@ -239,7 +283,12 @@ def load_stable_diffusion(
     The UNet maps latents `(N, 4, h, w)` and text tokens `(N, 77, 768)` to noise `(N, 4, h, w)`; the VAE maps
     images `(N, 3, 8h, 8w)` to latents `(N, 4, h, w)` (scaling factor 0.18215).
     """
-    root = Path(path)
+    return _load_source(Source(Path(path)), tokenizer, config, dtype)
+
+
+def _load_source(source: Source, tokenizer: str | os.PathLike | None, config: str | os.PathLike | None,
+                 dtype: torch.dtype) -> StableDiffusionComponents:
+    root = source.path
     if root.is_dir():
         if tokenizer is not None or config is not None:
             raise KinemaError(f"{root} is a diffusers folder, which brings its own tokenizer and configs; "
@@ -249,7 +298,85 @@ def load_stable_diffusion(
         raise KinemaError(f"no such model file or folder: {root}")
     check_weights_file(root)  # before the tokenizer and configs are read
     config_dir = Path(config) if config is not None else SD15_CONFIGS
-    return _load_single_file(root, tokenizer, config_dir, dtype)
+    return _load_single_file(source, tokenizer, config_dir, dtype)
+
+
+# ---------------------------------------------------------------- the format registry's entry
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    """A diffusers Stable Diffusion folder by its layout: `unet/` beside `model_index.json`, or beside `vae/` and
+    `text_encoder/`. (An EasyAnimate folder has `transformer/` instead; a motion adapter has no `unet/`.)"""
+    return (path / "unet").is_dir() and ((path / "model_index.json").is_file() or
+                                         ((path / "vae").is_dir() and (path / "text_encoder").is_dir()))
+
+
+def _dtype_name(dtypes: set[str]) -> str:
+    names = sorted(dtypes)
+    return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
+
+
+def _describe_folder(root: Path) -> dict[str, Any]:
+    weights = _check_folder(root)
+    headers = {name: found.header() for name, found in weights.items()}
+    for name in ("unet", "vae"):  # every name and shape against the model its config builds, as a load checks
+        config = read_json_object(root / name / "config.json", f"the {name}'s config")
+        with init_empty_weights():
+            expected = shapes(MODEL_CLASSES[name].from_config(config).state_dict())
+        check_fits(expected, {k: shape for k, (shape, _) in headers[name].items()},
+                   f"{root / name}: weights do not fit its config")
+    unet_config = read_json_object(root / "unet" / "config.json", "the unet's config")
+    components = {name: sum(math.prod(shape) for shape, _ in header.values()) for name, header in headers.items()}
+    return {
+        "kind": "stable_diffusion", "format": "stable-diffusion", "layout": "diffusers",
+        "cross_attention_dim": unet_config.get("cross_attention_dim"), "in_channels": unet_config.get("in_channels"),
+        "variant": next((found.variant for found in weights.values() if found.variant), "plain"),
+        "components": components, "parameters": sum(components.values()),
+        "dtype": _dtype_name({dtype for header in headers.values() for _, dtype in header.values()}),
+        "not_checked": "text_encoder names (transformers renames them as it loads)",
+    }
+
+
+def _describe_single_file(source: Source) -> dict[str, Any]:
+    path = source.path
+    state, _ = source.layout  # meta tensors from a .safetensors header; a torch pickle is read
+    _check_ldm_file(path, state)
+    _check_config_dir(SD15_CONFIGS)
+    components = {}
+    for name in MODEL_CLASSES:  # every name and shape against the shipped SD1.5 configs, as a load checks
+        model, config = _build_empty(name, SD15_CONFIGS)
+        weights = _ldm_component(path, state, name, model, config)
+        check_fits(shapes(model.state_dict()), shapes(weights), _fit_context(path, name),
+                   ignore=_rebuilt_buffers(model), advice=_SD15_ADVICE)
+        components[name] = sum(tensor.numel() for key, tensor in weights.items() if key in model.state_dict())
+    ignored = _ignored_keys(state)
+    return {
+        "kind": "stable_diffusion", "format": "stable-diffusion", "layout": "original", "base": "SD1.5",
+        "components": components, "parameters": sum(components.values()), "keys": len(state),
+        "ignored_keys": len(ignored),
+        "dtype": _dtype_name({str(state[k].dtype).removeprefix("torch.") for k in state if k not in ignored}),
+        "tokenizer": "none in a single file: load with tokenizer= (an SD1.5 diffusers folder or CLIP tokenizer)",
+    }
+
+
+def describe_stable_diffusion(source: Source) -> dict[str, Any] | None:
+    """The format registry's describer: a diffusers SD folder, or one file in the original LDM layout (its UNet
+    under `model.diffusion_model.`); None for anything else. Names and shapes come from headers (a torch pickle
+    is read); every component's are checked against the model it loads into."""
+    if source.path.is_dir():
+        return _describe_folder(source.path) if is_diffusers_folder(source.path) else None
+    if not source.is_weights_file or not any(k.startswith(LDM_PREFIXES["unet"]) for k in source.names):
+        return None
+    return _describe_single_file(source)
+
+
+def load_stable_diffusion_source(source: Source, **options: Any) -> StableDiffusionComponents:
+    """The format registry's loader: `load_stable_diffusion` of a described source (a torch pickle describe read is
+    not read again). Options: `tokenizer`, `config`, `dtype`."""
+    unknown = set(options) - {"tokenizer", "config", "dtype"}
+    if unknown:
+        raise KinemaError(f"a Stable Diffusion model loads with tokenizer=, config= and dtype=; not {sorted(unknown)}")
+    return _load_source(source, options.get("tokenizer"), options.get("config"), options.get("dtype", torch.float32))
 
 
 # ---------------------------------------------------------------- spatial LoRAs
