@@ -1,0 +1,130 @@
+"""The harness every benchmark runs on.
+
+A benchmark is a few named cases, one of them the reference, and a `measure(case, options)` function that returns
+the case's figures as a dict of JSON values. `run_benchmark`:
+- runs each case in a fresh subprocess of the benchmark's own script, so the peak memory it reports (`max_rss`, the
+  child's own `ru_maxrss`, in bytes) is that case's alone, and no case warms a cache for the next;
+- times the `measure` call (`seconds`), unless `measure` reports `seconds` itself (e.g. to leave out building a
+  model);
+- divides every number of each case by the reference case's, measured in the same run (`ratios`);
+- takes `--quick`, the benchmark's small setting (seconds, not minutes; what CI and a first look use);
+- prints one line per case, then every figure as ONE JSON object on the last line of stdout.
+
+Usage from a benchmark script in this folder (run as `python benchmarks/bench_NAME.py`, so this folder is on
+sys.path):
+
+    from common import run_benchmark
+
+    def measure(case: str, options: argparse.Namespace) -> dict: ...
+
+    if __name__ == "__main__":
+        run_benchmark("name", __doc__, cases=["small", "large"], reference="small", measure=measure)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+Figures = dict[str, Any]
+Measure = Callable[[str, argparse.Namespace], Mapping[str, Any]]
+
+# The hidden option that makes the script measure one case in this process, as the harness's subprocess.
+CASE_OPTION = "--case"
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def ratios_to(reference: Mapping[str, Any], figures: Mapping[str, Any]) -> dict[str, float]:
+    """`figures[key] / reference[key]` for every number both have (a zero reference has no ratio)."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return {key: round(value / reference[key], 4) for key, value in figures.items()
+            if number(value) and number(reference.get(key)) and reference[key] != 0}
+
+
+def _measure_here(measure: Measure, case: str, options: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    figures = dict(measure(case, options))
+    seconds = time.perf_counter() - start
+    figures.setdefault("seconds", round(seconds, 4))
+    figures["max_rss"] = peak_rss_bytes()
+    print(json.dumps(figures))
+
+
+def _measure_in_subprocess(script: str, argv: Sequence[str], case: str) -> Figures:
+    done = subprocess.run([sys.executable, script, *argv, CASE_OPTION, case], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"case {case} failed (exit code {done.returncode}):\n{done.stderr.strip()}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise SystemExit(f"case {case} printed no JSON line last; its output was:\n{done.stdout}") from None
+
+
+def _case_line(case: str, figures: Mapping[str, Any]) -> str:
+    return f"{case}: {figures['seconds']:.3f} s, peak RSS {figures['max_rss'] / 2**20:.1f} MiB"
+
+
+def run_benchmark(
+    name: str,
+    description: str | None,
+    *,
+    cases: Sequence[str],
+    reference: str,
+    measure: Measure,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    summarize: Callable[[dict[str, Figures], argparse.Namespace], Mapping[str, Any]] | None = None,
+    case_line: Callable[[str, Mapping[str, Any]], str] = _case_line,
+    argv: Sequence[str] | None = None,
+    script: str | None = None,
+) -> Figures | None:
+    """Measure every case of benchmark `name`, each in its own subprocess, and print the figures.
+
+    `add_arguments` adds the benchmark's own options (they reach every case, as `options`); `summarize(cases,
+    options)` adds top-level keys to the JSON (e.g. a headline ratio); `case_line` is the line printed per case.
+    Returns the printed JSON object as a dict (None in a case's subprocess). `script` is the benchmark's file
+    (default: the script Python runs) and `argv` its arguments (default: the command line).
+    """
+    if reference not in cases:
+        raise ValueError(f"the reference case {reference!r} is not one of the cases {list(cases)}")
+    parser = argparse.ArgumentParser(description=(description or name).strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small setting: seconds, not minutes")
+    parser.add_argument(CASE_OPTION, choices=list(cases), help=argparse.SUPPRESS)
+    if add_arguments is not None:
+        add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = parser.parse_args(argv)
+    if options.case is not None:
+        _measure_here(measure, options.case, options)
+        return None
+
+    script = script or sys.argv[0]
+    figures: dict[str, Figures] = {}
+    for case in cases:
+        figures[case] = _measure_in_subprocess(script, argv, case)
+        print(case_line(case, figures[case]), flush=True)
+    result: Figures = {
+        "benchmark": name,
+        "quick": options.quick,
+        "reference": reference,
+        "cases": figures,
+        "ratios": {case: ratios_to(figures[reference], figures[case]) for case in cases if case != reference},
+    }
+    if summarize is not None:
+        result.update(summarize(figures, options))
+    print(json.dumps(result))
+    return result
