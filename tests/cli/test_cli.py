@@ -130,3 +130,15 @@ def test_installed_kinema_entry_point(tmp_path):
     bad = subprocess.run([str(exe), "data", "synth", "--out", str(out / "metadata.json"), "--n", "1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "metadata.json is a file" in bad.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["convert", "--help"], ["inspect", "--help"], ["data", "synth", "--help"],
+                                  ["doctor", "--help"]])
+def test_help_imports_no_torch(args):
+    """`--to`'s choices come from the format registry, which must stay plain data for this."""
+    code = ("import sys; from kinema.cli import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n"
+            "print([m for m in ('torch', 'numpy', 'av', 'diffusers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "usage: kinema" in done.stdout

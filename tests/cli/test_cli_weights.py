@@ -173,3 +173,12 @@ def test_inspect_names_a_git_lfs_pointer(tmp_path, capsys):
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1817888431\n")
     code, _, err = run(capsys, "inspect", str(pointer))
     assert code == 1 and "is a Git LFS pointer" in err and err.count("\n") == 1
+
+
+def test_convert_offers_every_layout_of_the_format_registry(capsys):
+    from kinema.loaders.formats import CONVERT_LAYOUTS, FORMATS
+
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "{" + ",".join(CONVERT_LAYOUTS) + "}" in capsys.readouterr().out
+    assert set(CONVERT_LAYOUTS) == {layout for entry in FORMATS for layout in entry.layouts}
