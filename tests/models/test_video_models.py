@@ -32,10 +32,11 @@ class VideoUNetTests(VideoModelTests):
         model = VideoUNet.from_unet2d(tiny_unet2d(), **self.video_config)
         return perturb(model, seed=5).eval()
 
-    def make_inputs(self, frames: int) -> dict[str, Any]:
+    def make_inputs(self, frames: int, batch: int = 2) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(frames)
-        return {"sample": torch.randn(2, 4, frames, 16, 16, generator=gen), "timestep": torch.tensor([10, 700]),
-                "encoder_hidden_states": torch.randn(2, 7, 32, generator=gen)}
+        return {"sample": torch.randn(batch, 4, frames, 16, 16, generator=gen),
+                "timestep": torch.tensor([10, 700, 300])[:batch],
+                "encoder_hidden_states": torch.randn(batch, 7, 32, generator=gen)}
 
     def fresh_inflation(self, frames: int) -> tuple[VideoUNet, dict[str, Any], torch.Tensor]:
         unet2d = tiny_unet2d()
@@ -72,14 +73,15 @@ class TestVideoDiT(VideoModelTests):
     def make_model(self) -> VideoDiT:
         return perturb(tiny_video_dit(in_channels=12, image_embed_dim=32), seed=5).eval()
 
-    def make_inputs(self, frames: int) -> dict[str, Any]:
+    def make_inputs(self, frames: int, batch: int = 2) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(frames)
-        mask = torch.ones(2, 5)
-        mask[1, -2:] = 0
-        return {"sample": torch.randn(2, 4, frames, 8, 8, generator=gen), "timestep": torch.tensor([10, 500]),
-                "encoder_hidden_states": torch.randn(2, 5, 48, generator=gen), "encoder_attention_mask": mask,
-                "inpaint_latents": torch.randn(2, 8, frames, 8, 8, generator=gen),
-                "clip_image_embeds": torch.randn(2, 32, generator=gen)}
+        mask = torch.ones(batch, 5)
+        mask[-1, -2:] = 0  # the last clip's text is padded
+        return {"sample": torch.randn(batch, 4, frames, 8, 8, generator=gen),
+                "timestep": torch.tensor([10, 500, 900])[:batch],
+                "encoder_hidden_states": torch.randn(batch, 5, 48, generator=gen), "encoder_attention_mask": mask,
+                "inpaint_latents": torch.randn(batch, 8, frames, 8, 8, generator=gen),
+                "clip_image_embeds": torch.randn(batch, 32, generator=gen)}
 
     def fresh_inflation(self, frames: int) -> tuple[VideoDiT, dict[str, Any], torch.Tensor]:
         pixart = tiny_pixart()

@@ -34,9 +34,9 @@ class VideoModelTests:
         """A model in eval mode whose motion modules (and other zero-initialised parts) are not identities."""
         raise NotImplementedError
 
-    def make_inputs(self, frames: int) -> dict[str, Any]:
-        """Keyword arguments of one forward on 2 clips of `frames` frames: `sample` `(2, C, F, H, W)`, `timestep`
-        `(2,)`, `encoder_hidden_states` and any conditioning the host takes."""
+    def make_inputs(self, frames: int, batch: int = 2) -> dict[str, Any]:
+        """Keyword arguments of one forward on `batch` clips of `frames` frames: `sample` `(B, C, F, H, W)`,
+        `timestep` `(B,)`, `encoder_hidden_states` and any conditioning the host takes."""
         raise NotImplementedError
 
     def fresh_inflation(self, frames: int) -> tuple[VideoModel, dict[str, Any], torch.Tensor] | None:
@@ -176,7 +176,7 @@ class VideoModelTests:
     def test_two_threads_with_different_frame_counts(self, model):
         # One model, two threads at once, 8 and 16 frames: any per-call state kept on the model reshapes the other
         # thread's tensors (an error) or mixes its clips (a different result).
-        inputs = {frames: self.make_inputs(frames) for frames in (8, 16)}
+        inputs = {frames: self.make_inputs(frames, batch=1) for frames in (8, 16)}
         expected = {frames: self.run(model, inputs[frames]) for frames in inputs}
         start = threading.Barrier(len(inputs))
         results: dict[int, list[torch.Tensor]] = {frames: [] for frames in inputs}
