@@ -25,13 +25,14 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
 
     What comes back depends on the kind `describe` finds: a motion module gives a `VideoUNet` (pass `unet=`, the
     base image UNet), a motion LoRA is applied to `video_unet=` and returns it, an EasyAnimate transformer gives a
-    `VideoDiT` and a whole V3 folder an `EasyAnimateModel`, a Slice VAE folder a `SliceVAE`. `options` go to that
+    `VideoDiT` and a whole V3 folder an `EasyAnimateModel`, a Slice VAE folder a `SliceVAE`, a Stable Diffusion 1.5
+    folder or single file `StableDiffusionComponents` (a single file needs `tokenizer=`). `options` go to that
     kind's loader (e.g. `dtype`, `mmap`, `strength`).
     """
     from kinema.loaders.describe import Source, describe_source
     from kinema.loaders.formats import format_of
 
-    source = Source(Path(path))
+    source = Source(Path(path), options)
     kind = describe_source(source)["kind"]
     return format_of(kind).function("load")(source, **options)
 

@@ -14,8 +14,8 @@ module imports no model code: each describer imports what it needs, after `descr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,12 @@ _TORCH_DTYPES = {
 @dataclass
 class Source:
     """A path being described. Several describers look at the same file; it is read once, and only as far as
-    needed: a .safetensors header answers `names` and `layout` without reading tensor data."""
+    needed: a .safetensors header answers `names` and `layout` without reading tensor data. `options` are the
+    options of the load it is described for, for a describer whose check depends on them (a Stable Diffusion
+    single file is checked against the component configs of `config=`)."""
 
     path: Path
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
     def is_weights_file(self) -> bool:

@@ -46,6 +46,7 @@ class Format:
 
 _ANIMATEDIFF = "kinema.loaders.animatediff.formats"
 _EASYANIMATE = "kinema.loaders.easyanimate.formats"
+_STABLE_DIFFUSION = "kinema.loaders.stable_diffusion"
 
 FORMATS: tuple[Format, ...] = (
     Format("motion_module", "AnimateDiff motion module (file or diffusers MotionAdapter folder)",
@@ -62,6 +63,11 @@ FORMATS: tuple[Format, ...] = (
            folder_layouts=("original", "kinema")),
     Format("slice_vae", "EasyAnimate V3 Slice VAE folder",
            describe=f"{_EASYANIMATE}:describe_slice_vae_source", load=f"{_EASYANIMATE}:load_slice_vae_path"),
+    # Last: a motion module, a LoRA and a Slice VAE folder also have UNet-like names or a vae/ folder, and the
+    # entries above claim them first.
+    Format("stable_diffusion", "Stable Diffusion 1.5 (diffusers folder or original single file)",
+           describe=f"{_STABLE_DIFFUSION}:describe_stable_diffusion",
+           load=f"{_STABLE_DIFFUSION}:load_stable_diffusion_source"),
 )
 
 # Every layout some kind converts to, in table order: the CLI's `--to` choices.

@@ -341,17 +341,21 @@ def _describe_single_file(source: Source) -> dict[str, Any]:
     path = source.path
     state, _ = source.layout  # meta tensors from a .safetensors header; a torch pickle is read
     _check_ldm_file(path, state)
-    _check_config_dir(SD15_CONFIGS)
+    # Every name and shape against the configs a load would build from: config= of the load it is described for,
+    # else the shipped SD1.5 ones.
+    config_dir = Path(source.options.get("config") or SD15_CONFIGS)
+    _check_config_dir(config_dir)
     components = {}
-    for name in MODEL_CLASSES:  # every name and shape against the shipped SD1.5 configs, as a load checks
-        model, config = _build_empty(name, SD15_CONFIGS)
+    for name in MODEL_CLASSES:
+        model, config = _build_empty(name, config_dir)
         weights = _ldm_component(path, state, name, model, config)
         check_fits(shapes(model.state_dict()), shapes(weights), _fit_context(path, name),
                    ignore=_rebuilt_buffers(model), advice=_SD15_ADVICE)
         components[name] = sum(tensor.numel() for key, tensor in weights.items() if key in model.state_dict())
     ignored = _ignored_keys(state)
     return {
-        "kind": "stable_diffusion", "format": "stable-diffusion", "layout": "original", "base": "SD1.5",
+        "kind": "stable_diffusion", "format": "stable-diffusion", "layout": "original",
+        "checked_against": "the shipped SD1.5 configs" if config_dir == SD15_CONFIGS else str(config_dir),
         "components": components, "parameters": sum(components.values()), "keys": len(state),
         "ignored_keys": len(ignored),
         "dtype": _dtype_name({str(state[k].dtype).removeprefix("torch.") for k in state if k not in ignored}),

@@ -1,0 +1,167 @@
+"""The front door (`kinema.describe` / `load` / `convert`) and the format registry behind it; Stable Diffusion 1.5
+through `kinema.load`. Each family's own kinds through the front door are tested with that family."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from loaders import test_stable_diffusion as sd_tests
+from safetensors.torch import save_file
+
+import kinema
+import kinema.loaders
+from kinema.errors import KinemaError
+from kinema.loaders.describe import Source, describe
+from kinema.loaders.formats import CONVERT_LAYOUTS, FORMATS, format_of
+from kinema.loaders.stable_diffusion import StableDiffusionComponents, describe_stable_diffusion, load_stable_diffusion
+
+# The tiny SD1.5 models and the folder and configs written from them, shared with test_stable_diffusion.
+tiny = sd_tests.tiny
+sd_folder = sd_tests.sd_folder
+config_dir = sd_tests.config_dir
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "dreambooth.safetensors"
+    save_file(sd_tests.ldm_checkpoint(tiny), path)
+    return path
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_every_registry_function_resolves_to_a_callable():
+    for entry in FORMATS:
+        for role in ("describe", "load", "convert"):
+            if getattr(entry, role) is None:
+                continue
+            assert callable(entry.function(role)), f"{entry.kind}.{role} -> {getattr(entry, role)}"
+
+
+def test_convert_layouts_are_every_layout_once_and_folder_layouts_are_layouts():
+    layouts = [layout for entry in FORMATS for layout in entry.layouts]
+    assert set(CONVERT_LAYOUTS) == set(layouts) and len(CONVERT_LAYOUTS) == len(set(layouts))
+    for entry in FORMATS:
+        assert set(entry.folder_layouts) <= set(entry.layouts), entry.kind
+        assert bool(entry.layouts) == (entry.convert is not None), entry.kind
+
+
+def test_kinds_are_unique_and_stable_diffusion_is_tried_last():
+    kinds = [entry.kind for entry in FORMATS]
+    assert len(kinds) == len(set(kinds))
+    # A motion module has UNet-like names and a Slice VAE folder sits in a vae/ folder: their entries come first.
+    assert kinds[-1] == "stable_diffusion"
+
+
+def test_an_unknown_kind_is_one_line_naming_the_known_ones():
+    with pytest.raises(KinemaError, match=r"unknown kind 'sdxl'; kinema knows \[.*'stable_diffusion'") as err:
+        format_of("sdxl")
+    assert "\n" not in str(err.value)
+    with pytest.raises(KinemaError, match=r"a stable_diffusion cannot be converted; kinema converts \["):
+        format_of("stable_diffusion").function("convert")
+
+
+def test_load_of_something_that_is_not_a_model_says_so(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(KinemaError, match="notes.txt: not a format kinema knows: looked for AnimateDiff motion"):
+        kinema.loaders.load(notes)
+    weights = tmp_path / "stats.safetensors"
+    save_file({"mean": torch.zeros(3)}, weights)
+    with pytest.raises(KinemaError, match=r"not a format kinema knows: .*Stable Diffusion 1.5.*it looks like"):
+        kinema.load(weights)
+    with pytest.raises(KinemaError, match="no such file or folder"):
+        kinema.load(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------- the package's public names
+
+
+def test_import_kinema_imports_no_torch_and_every_public_name_resolves():
+    # -X importtime lists every module imported; the CLI reads kinema.__version__ before parsing --help.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import kinema"], capture_output=True,
+                            text=True, check=True)
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert "kinema" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "diffusers")]
+    assert all(getattr(kinema, name) is not None for name in kinema.__all__)
+    assert kinema.load is kinema.loaders.load and callable(kinema.describe) and callable(kinema.convert)
+    assert kinema.VideoUNet.__name__ == "VideoUNet" and kinema.SliceVAE.__name__ == "SliceVAE"
+    assert set(kinema.__all__) >= {"describe", "load", "convert", "KinemaError", "__version__", "VideoUNet",
+                                   "VideoDiT", "SliceVAE"}
+    with pytest.raises(AttributeError, match="no attribute 'loadd'"):
+        kinema.loadd  # noqa: B018
+
+
+# ---------------------------------------------------------------- Stable Diffusion 1.5 through the front door
+
+
+def assert_components_equal(loaded: StableDiffusionComponents, *references) -> None:
+    for name in ("unet", "vae", "text_encoder"):
+        for reference in references:
+            expected = reference[name] if isinstance(reference, dict) else getattr(reference, name)
+            sd_tests.assert_same_weights(getattr(loaded, name), expected)
+
+
+def test_a_diffusers_folder_loads_through_the_front_door(tiny, sd_folder):
+    sd = kinema.load(sd_folder)
+    assert isinstance(sd, StableDiffusionComponents) and sd.source == sd_folder
+    assert_components_equal(sd, tiny, load_stable_diffusion(sd_folder))
+    assert sd.tokenizer("the cat").input_ids == [514, 513, 66, 64, 339, 515]
+    assert kinema.load(sd_folder, dtype=torch.float16).unet.dtype == torch.float16
+
+
+def test_a_single_file_loads_through_the_front_door(tiny, sd_folder, config_dir, single_file):
+    sd = kinema.load(single_file, tokenizer=sd_folder, config=config_dir)
+    assert isinstance(sd, StableDiffusionComponents)
+    assert_components_equal(sd, tiny, load_stable_diffusion(single_file, tokenizer=sd_folder, config=config_dir))
+    assert sorted(sd.ignored_keys) == ["alphas_cumprod", "model_ema.decay"]
+    with pytest.raises(KinemaError, match="holds no tokenizer: pass tokenizer="):
+        kinema.load(single_file, config=config_dir)
+    with pytest.raises(KinemaError, match=r"loads with tokenizer=, config= and dtype=; not \['mmap'\]"):
+        kinema.load(sd_folder, mmap=True)
+
+
+def test_a_torch_pickle_single_file_is_unpickled_once(tiny, sd_folder, config_dir, tmp_path, monkeypatch):
+    path = tmp_path / "dreambooth.ckpt"
+    torch.save({"state_dict": sd_tests.ldm_checkpoint(tiny), "epoch": 3}, path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs))
+    assert_components_equal(kinema.load(path, tokenizer=sd_folder, config=config_dir), tiny)
+    assert len(loads) == 1  # describe's read is the load's
+
+
+def test_describe_reports_a_stable_diffusion_folder(tiny, sd_folder):
+    report = json.loads(json.dumps(kinema.describe(sd_folder)))  # plain data
+    sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in tiny.items()}
+    assert (report["kind"], report["layout"], report["dtype"], report["variant"]) == (
+        "stable_diffusion", "diffusers", "float32", "plain")
+    assert report["components"] == sizes and report["parameters"] == sum(sizes.values())
+    assert report["cross_attention_dim"] == tiny["unet"].config.cross_attention_dim
+
+
+def test_describe_checks_a_single_file_against_the_configs_it_loads_with(tiny, config_dir, single_file):
+    report = describe_stable_diffusion(Source(single_file, {"config": config_dir}))
+    sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in tiny.items()}
+    assert (report["kind"], report["layout"], report["ignored_keys"]) == ("stable_diffusion", "original", 2)
+    assert report["components"] == sizes
+    # Tiny weights against the shipped SD1.5 configs: every mismatch is found from the header alone.
+    with pytest.raises(KinemaError, match=r"its unet weights do not fit the Stable Diffusion 1.5 unet: .*mismatched"):
+        describe(single_file)
+
+
+def test_the_stable_diffusion_describer_leaves_other_kinds_alone(tiny, tmp_path):
+    motion = {"down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(4, 4)}
+    image_unet = tiny["unet"].state_dict()
+    for name, tensors in (("motion.safetensors", motion), ("unet.safetensors", image_unet)):
+        save_file(tensors, tmp_path / name)
+        assert describe_stable_diffusion(Source(tmp_path / name)) is None
+    (tmp_path / "folder" / "vae").mkdir(parents=True)
+    assert describe_stable_diffusion(Source(tmp_path / "folder")) is None
+    unet_only = {k: v for k, v in sd_tests.ldm_checkpoint(tiny).items() if k.startswith("model.diffusion_model.")}
+    save_file(unet_only, tmp_path / "unet_only.safetensors")
+    with pytest.raises(KinemaError, match=r"has no vae \(first_stage_model.\*\), text_encoder .* not a full Stable"):
+        describe(tmp_path / "unet_only.safetensors")
