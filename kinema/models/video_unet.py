@@ -4,6 +4,8 @@ The 2D UNet is reused as it is, not copied. Frames are folded into the batch onc
 (B*F, C, H, W)`, and unfolded at exit. Each motion module runs as a forward hook on the spatial layer it follows
 (the attention of a resnet/attention pair, or the resnet where a block has no attention), so the diffusers blocks'
 own loops, gradient checkpointing and skip bookkeeping stay untouched and skip tensors are taken after the module.
+The hooks keep no per-call state: each holds its module (so a deep copy runs the copy's modules), and the frame count
+of the call in progress is a context variable that `forward` sets for its own thread (`frames_per_clip`).
 Modules live at `down_blocks.i.motion_modules.j` (2 per down block), `up_blocks.i.motion_modules.j` (3 per up block)
 and optionally `mid_block.motion_modules.0`: the names of published AnimateDiff checkpoints under the `unet.` prefix.
 """
