@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from kinema.errors import KinemaError
 from kinema.loaders.checkpoint_io import (
+    SAFETENSORS_DTYPES,
     SUPPORTED_SUFFIXES,
     Checkpoint,
     read_checkpoint,
@@ -34,12 +35,7 @@ from kinema.loaders.formats import FORMATS
 from kinema.sniff import sniff
 
 # safetensors dtype codes -> torch dtypes, for shape-only (meta) tensors made from a header.
-_TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
-    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+_TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass

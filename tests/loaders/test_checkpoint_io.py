@@ -1,6 +1,7 @@
 """Safe checkpoint reading and atomic writing: formats, wrappers, dropped entries, refused pickles, broken files."""
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -9,10 +10,11 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
 from kinema.loaders import checkpoint_io
-from kinema.loaders.checkpoint_io import read_checkpoint, read_state_dict, write_state_dict
+from kinema.loaders.checkpoint_io import WeightFiles, find_weights, read_checkpoint, read_state_dict, write_state_dict
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -168,3 +170,78 @@ def test_december_2023_v3_upload_gets_its_own_advice(tmp_path, monkeypatch):
     torch.save({**tensors(), "animatediff_config": DictConfig(a=1)}, tmp_path / "v3_sd15_mm.ckpt")
     with pytest.raises(KinemaError, match=r"it needs omegaconf\.dictconfig\.DictConfig.*download it again"):
         read_state_dict(tmp_path / "v3_sd15_mm.ckpt")
+
+
+# ---------------------------------------------------------------- find_weights: a model folder's weights
+
+
+def test_find_weights_takes_the_plain_file_before_a_variant_and_safetensors_before_bin(tmp_path):
+    save_file(tensors(), tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file(tensors(), tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    torch.save(tensors(), tmp_path / "diffusion_pytorch_model.bin")
+    found = find_weights(tmp_path, variants=(None, "fp16"))
+    assert found == WeightFiles(tmp_path, (tmp_path / "diffusion_pytorch_model.safetensors",), None, None)
+    assert found.shapes() == {"a.weight": (3, 4), "b.bias": (5,), "c.count": (6,)}
+    header = found.header()
+    assert header["b.bias"] == ((5,), "float16")
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    assert find_weights(tmp_path).files == (tmp_path / "diffusion_pytorch_model.bin",)
+    assert find_weights(tmp_path).header() == header  # a pickle's names, shapes and dtypes, read
+
+
+def test_find_weights_finds_an_fp16_variant_only_when_asked(tmp_path):
+    save_file(tensors(), tmp_path / "model.fp16.safetensors")
+    found = find_weights(tmp_path, stems=("model",), variants=(None, "fp16"))
+    assert (found.files, found.variant) == ((tmp_path / "model.fp16.safetensors",), "fp16")
+    with pytest.raises(KinemaError, match=r"has no weights file: looked for \['model.safetensors', 'model.bin'\] "
+                                          r"\(or a sharded index of them\); it holds \['model.fp16.safetensors'\]"):
+        find_weights(tmp_path, stems=("model",))
+
+
+def write_shards(folder, variant: str = "") -> dict[str, str]:
+    """Two shards of `tensors()` and their index, named as diffusers names them."""
+    infix = f".{variant}" if variant else ""
+    weight_map = {"a.weight": f"part-1{infix}.safetensors", "b.bias": f"part-2{infix}.safetensors",
+                  "c.count": f"part-2{infix}.safetensors"}
+    for shard in set(weight_map.values()):
+        save_file({k: v for k, v in tensors().items() if weight_map[k] == shard}, folder / shard)
+    (folder / f"diffusion_pytorch_model.safetensors.index{infix}.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+@pytest.mark.parametrize("variant", ["", "fp16"])
+def test_find_weights_follows_a_sharded_index(tmp_path, variant):
+    write_shards(tmp_path, variant)
+    found = find_weights(tmp_path, variants=(variant or None,))
+    infix = f".{variant}" if variant else ""
+    assert found.index == tmp_path / f"diffusion_pytorch_model.safetensors.index{infix}.json"
+    assert found.files == (tmp_path / f"part-1{infix}.safetensors", tmp_path / f"part-2{infix}.safetensors")
+    assert found.variant == (variant or None)
+    assert found.shapes() == {"a.weight": (3, 4), "b.bias": (5,), "c.count": (6,)}
+
+
+def test_find_weights_refuses_a_broken_index_or_a_missing_shard(tmp_path):
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(KinemaError, match=r'index.json has no "weight_map" object .* restore it from the download'):
+        find_weights(tmp_path)
+    index.write_text("{not json")
+    with pytest.raises(KinemaError, match="index.json .*is not valid JSON at line 1"):
+        find_weights(tmp_path)
+    write_shards(tmp_path)
+    (tmp_path / "part-2.safetensors").unlink()
+    with pytest.raises(KinemaError, match=r"lists shard\(s\) \['part-2.safetensors'\] that are not in .*; download"):
+        find_weights(tmp_path)
+    with pytest.raises(KinemaError, match="lists shard"):  # missing_ok is for no weights at all, not broken ones
+        find_weights(tmp_path, missing_ok=True)
+
+
+def test_find_weights_names_what_it_looked_for_when_there_is_nothing(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(KinemaError, match=r"has no weights file: looked for \['diffusion_pytorch_model.safetensors', "
+                                          r"'diffusion_pytorch_model.bin'\] .*it holds \['config.json'\]"):
+        find_weights(tmp_path)
+    assert find_weights(tmp_path, missing_ok=True) is None
+    with pytest.raises(KinemaError, match=r"missing has no weights file: .*it holds \[\]"):
+        find_weights(tmp_path / "missing")
