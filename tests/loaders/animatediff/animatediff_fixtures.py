@@ -88,3 +88,22 @@ def video_inputs(frames: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Te
     """Latents `(1, 4, F, 8, 8)`, a timestep and text tokens `(1, 5, 32)`."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(1, 4, frames, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 5, 32, generator=gen)
+
+
+LORA_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")  # what a MotionLoRA adapts in each temporal attention
+
+
+def published_motion_lora(modules: dict[str, int], rank: int, seed: int | None = 0,
+                          scale: float = 0.15) -> dict[str, torch.Tensor]:
+    """A MotionLoRA in AnimateDiff's released layout (down `(r, C)`, up `(C, r)`); seed None = shapes only (meta)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    state = {}
+    for module, c in modules.items():
+        for attention in (0, 1):
+            for proj in LORA_PROJECTIONS:
+                prefix = (f"{module}.temporal_transformer.transformer_blocks.0.attention_blocks.{attention}"
+                          f".processor.{proj}_lora")
+                for part, shape in (("down", (rank, c)), ("up", (c, rank))):
+                    state[f"{prefix}.{part}.weight"] = (torch.empty(shape, device="meta") if gen is None
+                                                        else torch.randn(shape, generator=gen) * scale)
+    return state

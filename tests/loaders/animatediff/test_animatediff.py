@@ -137,7 +137,8 @@ def test_v1_loads_strictly_with_its_settings(tmp_path, unet2d):
     assert video.max_frames == 24 and video.config.resnet_norm_mode == "across_frames"
     assert sum(isinstance(m, AcrossFramesGroupNorm) for m in video.modules()) == 2 * 22 + 1  # resnets + norm_out
     assert_equal_dicts(video.motion_state_dict(), without_pe(read_state_dict(path)))
-    assert all(torch.equal(video.unet.state_dict()[k], v) for k, v in unet2d.state_dict().items())
+    base = video.unet.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in unet2d.state_dict().items())
     x, t, text = video_inputs(frames=25)
     with pytest.raises(KinemaError, match="25 frames exceed .* 24; .*use context windows"):
         video(x, t, text)
@@ -148,7 +149,8 @@ def test_loading_replaces_the_motion_modules_of_a_video_unet(tmp_path, unet2d):
     v2 = load_motion_module(write(tmp_path, "v2", seed=4), v1)
     assert v2.max_frames == 32 and v2.config.motion_mid_block and v2.config.resnet_norm_mode == "per_frame"
     assert not any(isinstance(m, AcrossFramesGroupNorm) for m in v2.modules())
-    assert all(torch.equal(v2.unet.state_dict()[k], v) for k, v in unet2d.state_dict().items())
+    base = v2.unet.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in unet2d.state_dict().items())
     assert_equal_dicts(v2.motion_state_dict(), without_pe(original_motion_state_dict("v2", seed=4)))
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from animatediff_fixtures import published_motion_lora
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
@@ -21,7 +22,6 @@ from kinema.loaders.animatediff.motion_lora import (
 )
 from kinema.models.video_unet import VideoUNet
 
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 LINEAR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
 
@@ -31,22 +31,6 @@ def sd15_modules(mid_block: bool = True) -> dict[str, int]:
     names = {f"down_blocks.{i}.motion_modules.{j}": c for i, c in enumerate(widths) for j in range(2)}
     names |= {f"up_blocks.{i}.motion_modules.{j}": c for i, c in enumerate(reversed(widths)) for j in range(3)}
     return names | ({"mid_block.motion_modules.0": 1280} if mid_block else {})
-
-
-def published_motion_lora(modules: dict[str, int], rank: int, seed: int | None = 0,
-                          scale: float = 0.15) -> dict[str, torch.Tensor]:
-    """A MotionLoRA in AnimateDiff's released layout (down `(r, C)`, up `(C, r)`); seed None = shapes only (meta)."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    state = {}
-    for module, c in modules.items():
-        for attention in (0, 1):
-            for proj in PROJECTIONS:
-                prefix = (f"{module}.temporal_transformer.transformer_blocks.0.attention_blocks.{attention}"
-                          f".processor.{proj}_lora")
-                for part, shape in (("down", (rank, c)), ("up", (c, rank))):
-                    state[f"{prefix}.{part}.weight"] = (torch.empty(shape, device="meta") if gen is None
-                                                        else torch.randn(shape, generator=gen) * scale)
-    return state
 
 
 @pytest.fixture(scope="module")
