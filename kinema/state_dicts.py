@@ -7,9 +7,9 @@ the first few of each so the user can tell a wrong file from a wrong config.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -108,6 +108,8 @@ class StrictFromPretrained:
     """Mixin for diffusers `ModelMixin` models: `from_pretrained` loads a folder `save_pretrained` wrote (config.json
     and its weights) and refuses one whose weights do not match the model its config builds, where diffusers would
     only log the missing and unused keys and carry on (and stops at a mis-shaped tensor with its own error)."""
+
+    from_config: ClassVar[Callable[..., Any]]  # ConfigMixin's, beside this mixin in the model's bases
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:

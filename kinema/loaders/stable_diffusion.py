@@ -51,7 +51,7 @@ LDM_PREFIXES = {
     "unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer.",
 }
 LDM_TRAINING_ONLY = ("first_stage_model.loss.",)
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
+MODEL_CLASSES: dict[str, Any] = {  # diffusers and transformers classes, which share no base with from_config
     "unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
 }
 # The weight files each component's library reads, as `find_weights`' (stems, suffixes): diffusers takes either
@@ -141,7 +141,7 @@ def load_tokenizer(path: str | os.PathLike) -> CLIPTokenizer:
 
 def _load_folder(root: Path, dtype: torch.dtype) -> StableDiffusionComponents:
     weights = _check_folder(root)
-    models = {}
+    models: dict[str, Any] = {}
     for name, cls in MODEL_CLASSES.items():
         model, info = cls.from_pretrained(root, subfolder=name, local_files_only=True, variant=weights[name].variant,
                                           torch_dtype=dtype, output_loading_info=True)
@@ -248,7 +248,7 @@ def _load_single_file(source: Source, tokenizer: str | os.PathLike | None, confi
     tok = load_tokenizer(tokenizer)
     state = source.checkpoint.tensors  # already in memory when describe had to unpickle the file
     _check_ldm_file(path, state)
-    models = {}
+    models: dict[str, Any] = {}
     for name in MODEL_CLASSES:
         model, config = _build_empty(name, config_dir)
         weights = _ldm_component(path, state, name, model, config)
