@@ -1,8 +1,10 @@
 """EasyAnimate V3's Slice VAE: a 3D-conv KL autoencoder that encodes and decodes video one time slice at a time.
 
-The config arguments are V3's `AutoencoderKLMagvit` names, so a V3 `vae/config.json` builds this class; the
-state-dict names are V3's too (see `kinema.loaders.easyanimate.vae` for the strict loader). What V3 needs that
-diffusers' `AutoencoderKLMagvit` (V5) lacks is listed at the top of `slice_vae_blocks.py`.
+The arguments are the ones of V3's `AutoencoderKLMagvit` that change the maths, under V3's names; the state-dict
+names are V3's too. V3's own `vae/config.json` also holds switches with one allowed value and fields without effect:
+reading those folders (checking the switches, dropping the rest) is `kinema.loaders.easyanimate.vae`'s job, while
+`SliceVAE.from_pretrained` reads folders kinema saved. What V3 needs that diffusers' `AutoencoderKLMagvit` (V5)
+lacks is listed at the top of `slice_vae_blocks.py`.
 
 Contract: video `(B, 3, F, H, W)` in [-1, 1] with F = 1 (an image) or a multiple of 8, H and W multiples of 8 ->
 latents `(B, 4, F', H/8, W/8)` with F' = 1 or F/4. Each 8-frame slice is encoded on its own. Decoding turns each
@@ -10,10 +12,11 @@ latents `(B, 4, F', H/8, W/8)` with F' = 1 or F/4. Each 8-frame slice is encoded
 Seam smoothing and spatial tiling are arguments of `decode`/`encode`, never module state.
 """
 
-import ast
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -25,11 +28,14 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from kinema.errors import KinemaError
+from kinema.fileio import read_json_object
+from kinema.models.presets import EASYANIMATE_V3_SLICE_VAE
 from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, Decoder3D, Encoder3D
 from kinema.models.slice_vae_tiling import Tiling, tiled_map
+from kinema.state_dicts import StrictFromPretrained
 
-V3_DOWN_BLOCKS = ("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3
-V3_UP_BLOCKS = ("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3
+V3 = EASYANIMATE_V3_SLICE_VAE  # the defaults below
+V3_DOWN_BLOCKS, V3_UP_BLOCKS = V3["down_block_types"], V3["up_block_types"]
 # Block type -> does it resample time as well as space.
 DOWN_BLOCK_TEMPORAL = {"SpatialDownBlock3D": False, "SpatialTemporalDownBlock3D": True}
 UP_BLOCK_TEMPORAL = {"SpatialUpBlock3D": False, "SpatialTemporalUpBlock3D": True}
@@ -37,9 +43,7 @@ UP_BLOCK_TEMPORAL = {"SpatialUpBlock3D": False, "SpatialTemporalUpBlock3D": True
 TilingArg = Tiling | Literal["config", "off"]
 
 
-def _block_types(value: Sequence[str] | str, known: dict[str, bool], field: str, n: int) -> list[bool]:
-    # V3's training YAMLs write the tuple as a string: "(\"SpatialDownBlock3D\", ...)".
-    types = list(ast.literal_eval(value) if isinstance(value, str) else value)
+def _block_types(types: Sequence[str], known: dict[str, bool], field: str, n: int) -> list[bool]:
     if len(types) != n:
         raise KinemaError(f"{field} has {len(types)} entries but ch_mult has {n}; give one block type per width.")
     unknown = [t for t in types if t not in known]
@@ -53,84 +57,61 @@ def _require(ok: bool, message: str) -> None:
         raise KinemaError(message)
 
 
-class SliceVAE(ModelMixin, ConfigMixin):
-    """EasyAnimate V3 Slice VAE (defaults: the full V3 size, 246M parameters).
+class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):
+    """EasyAnimate V3 Slice VAE (defaults: V3's, `kinema.models.presets.EASYANIMATE_V3_SLICE_VAE`, 246M parameters).
 
     Args:
         in_channels, out_channels: pixel channels (3).
         ch, ch_mult: block widths are `ch * m` for m in `ch_mult` (128, 256, 512, 512).
-        block_out_channels: optional, must equal `ch * ch_mult` (later EasyAnimate configs write both).
-        use_gc_blocks: must be None or all False (global-context blocks are not part of V3).
         down_block_types, up_block_types: "Spatial*Block3D" (H, W only) or "SpatialTemporal*Block3D" (also F) per
             width; the last block of each side never resamples. V3: 8x spatial, 4x temporal.
-        mid_block_type: "MidBlock3D". mid_block_use_attention: attention between the mid-block resnets.
+        mid_block_use_attention: attention between the mid-block resnets.
         mid_block_attention_type: "3d" (over F*H*W, V3), "spatial" (per frame) or "temporal" (per pixel).
         mid_block_num_attention_heads: heads of that attention (1 in V3).
         layers_per_block: resnets per encoder block and mid block; decoder blocks get one more.
-        act_fn: activation (diffusers names). num_attention_heads: only used by attention down/up block types, which
-            the Slice VAE does not have, so it has no effect.
+        act_fn: activation (diffusers names).
         latent_channels: 4. norm_num_groups: GroupNorm groups (32).
         scaling_factor: multiply latents by this before the diffusion model (V3 config: 0.18215).
-        force_upcast: pipeline hint (decode in float32); no effect inside the model.
-        slice_compression_vae: must be True; slice_mag_vae, cache_compression_vae, cache_mag_vae must be False
-            (those are EasyAnimate V2/V4/V5 modes with different maths).
         mini_batch_encoder, mini_batch_decoder: frames per encoder slice (8) and latents per decoder slice (2); their
             ratio must equal the temporal compression.
         use_tiling, use_tiling_encoder, use_tiling_decoder, tile_sample_min_size, tile_overlap_factor: the tiling used
             when `encode`/`decode` are called with `tiling="config"`.
-        upcast_vae, spatial_group_norm: must be False (later EasyAnimate options that change dtype or norm maths).
     """
 
     @register_to_config
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        block_out_channels: Sequence[int] | None = None,
-        use_gc_blocks: Sequence[bool] | None = None,
-        down_block_types: Sequence[str] | str = V3_DOWN_BLOCKS,
-        up_block_types: Sequence[str] | str = V3_UP_BLOCKS,
-        mid_block_type: str = "MidBlock3D",
-        mid_block_use_attention: bool = True,
-        mid_block_attention_type: str = "3d",
-        mid_block_num_attention_heads: int = 1,
-        layers_per_block: int = 2,
-        act_fn: str = "silu",
-        num_attention_heads: int = 1,
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        scaling_factor: float = 0.18215,
-        force_upcast: bool = True,
-        slice_compression_vae: bool = True,
-        slice_mag_vae: bool = False,
-        cache_compression_vae: bool = False,
-        cache_mag_vae: bool = False,
-        mini_batch_encoder: int = 8,
-        mini_batch_decoder: int = 2,
-        use_tiling: bool = False,
-        use_tiling_encoder: bool = False,
-        use_tiling_decoder: bool = False,
-        tile_sample_min_size: int = 384,
-        tile_overlap_factor: float = 0.25,
-        upcast_vae: bool = False,
-        spatial_group_norm: bool = False,
+        in_channels: int = V3["in_channels"],
+        out_channels: int = V3["out_channels"],
+        ch: int = V3["ch"],
+        ch_mult: Sequence[int] = V3["ch_mult"],
+        down_block_types: Sequence[str] = V3_DOWN_BLOCKS,
+        up_block_types: Sequence[str] = V3_UP_BLOCKS,
+        mid_block_use_attention: bool = V3["mid_block_use_attention"],
+        mid_block_attention_type: str = V3["mid_block_attention_type"],
+        mid_block_num_attention_heads: int = V3["mid_block_num_attention_heads"],
+        layers_per_block: int = V3["layers_per_block"],
+        act_fn: str = V3["act_fn"],
+        latent_channels: int = V3["latent_channels"],
+        norm_num_groups: int = V3["norm_num_groups"],
+        scaling_factor: float = V3["scaling_factor"],
+        mini_batch_encoder: int = V3["mini_batch_encoder"],
+        mini_batch_decoder: int = V3["mini_batch_decoder"],
+        use_tiling: bool = V3["use_tiling"],
+        use_tiling_encoder: bool = V3["use_tiling_encoder"],
+        use_tiling_decoder: bool = V3["use_tiling_decoder"],
+        tile_sample_min_size: int = V3["tile_sample_min_size"],
+        tile_overlap_factor: float = V3["tile_overlap_factor"],
     ):
         super().__init__()
-        # 1. Validate: every field that would change the maths is either implemented or rejected here.
+        # 1. Validate: every setting is implemented for every value accepted here.
         widths = [ch * m for m in ch_mult]
         _require(len(widths) >= 1 and all(w > 0 for w in widths), f"ch * ch_mult must be positive; got {widths}.")
-        _require(block_out_channels is None or list(block_out_channels) == widths,
-                 f"block_out_channels {block_out_channels} disagrees with ch * ch_mult = {widths}; fix one of them.")
-        _require(not use_gc_blocks or not any(use_gc_blocks),
-                 f"use_gc_blocks={use_gc_blocks}: global-context blocks are not part of the V3 Slice VAE.")
         temporal_down = _block_types(down_block_types, DOWN_BLOCK_TEMPORAL, "down_block_types", len(widths))
         temporal_up = _block_types(up_block_types, UP_BLOCK_TEMPORAL, "up_block_types", len(widths))
         n_down, n_up = sum(temporal_down[:-1]), sum(temporal_up[:-1])
         _require(n_down == n_up, f"The encoder halves time {n_down} times but the decoder doubles it {n_up} times; "
                                  "down_block_types and up_block_types must mirror each other.")
-        _require(mid_block_type == "MidBlock3D", f"mid_block_type {mid_block_type!r} is unknown; use 'MidBlock3D'.")
         _require(mid_block_attention_type in ATTENTION_LAYOUTS,
                  f"mid_block_attention_type {mid_block_attention_type!r} is not supported; use one of "
                  f"{sorted(ATTENTION_LAYOUTS)}.")
@@ -141,12 +122,6 @@ class SliceVAE(ModelMixin, ConfigMixin):
         _require(all(w % norm_num_groups == 0 for w in widths),
                  f"norm_num_groups={norm_num_groups} must divide every block width {widths}.")
         _require(scaling_factor > 0, f"scaling_factor must be positive; got {scaling_factor}.")
-        _require(slice_compression_vae, "slice_compression_vae=False is EasyAnimate V2's MagViT mode (causal "
-                                        "padding); kinema's SliceVAE implements V3's slice mode only.")
-        for name, value in [("slice_mag_vae", slice_mag_vae), ("cache_compression_vae", cache_compression_vae),
-                            ("cache_mag_vae", cache_mag_vae), ("upcast_vae", upcast_vae),
-                            ("spatial_group_norm", spatial_group_norm)]:
-            _require(not value, f"{name}=True is a later EasyAnimate VAE mode, not V3's; set it to false.")
         _require(mini_batch_decoder >= 2, f"mini_batch_decoder={mini_batch_decoder}: a one-latent slice cannot be told "
                                           "apart from an image, so slices must hold at least 2 latent frames.")
         _require(mini_batch_encoder == mini_batch_decoder * 2**n_down,
@@ -303,16 +278,16 @@ class SliceVAE(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None, mmap: bool = False, **kwargs) -> "SliceVAE":
-        """Load a local folder (config.json + weights) strictly; see `kinema.loaders.easyanimate.vae.load_slice_vae`.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load a folder kinema saved (`save_pretrained`) strictly: a KinemaError names any missing, unexpected or
+        mis-shaped weight. Options are diffusers' (`subfolder`, `torch_dtype`, ...).
 
-        diffusers' own `from_pretrained` only warns about missing or unexpected keys, so this routes to the strict
-        loader, which raises KinemaError naming them.
+        EasyAnimate's own V3 `vae/` folders are read by `kinema.load` (or `kinema.loaders.easyanimate.load_slice_vae`),
+        which checks the switches their config.json holds; this refuses them, as it refuses any other class's folder.
         """
-        from kinema.loaders.easyanimate.vae import load_slice_vae  # the loader imports this module
-
-        if kwargs:
-            raise KinemaError(f"SliceVAE.from_pretrained takes subfolder, torch_dtype and mmap only; got "
-                              f"{sorted(kwargs)}.")
-        return load_slice_vae(pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, mmap=mmap)
+        config_file = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "", "config.json")
+        class_name = read_json_object(config_file).get("_class_name") if config_file.is_file() else cls.__name__
+        if class_name != cls.__name__:
+            raise KinemaError(f"{pretrained_model_name_or_path} is not a kinema-saved {cls.__name__} (its config.json "
+                              f"names {class_name}): read EasyAnimate V3 VAE folders with kinema.load(path)")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -29,6 +29,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.models.motion import check_frame_count, initialize_motion_weights
+from kinema.models.presets import easyanimate_v3_xl_2
 from kinema.models.video_dit_blocks import (
     MotionModuleSpec,
     VideoDiTBlock,
@@ -404,13 +405,14 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
 
 
 def video_dit_xl_2_inp(**kwargs: Any) -> VideoDiT:
-    """EasyAnimate V3-XL/2 InP: 28 blocks x 1152, in 12 / out 8, 13 long skips, 8 CLIP tokens."""
-    return VideoDiT(**kwargs)
+    """EasyAnimate V3-XL/2 InP: 28 blocks x 1152, in 12 / out 8, 13 long skips, 8 CLIP tokens (settings:
+    `kinema.models.presets.easyanimate_v3_xl_2`; `kwargs` override them)."""
+    return VideoDiT(**{**easyanimate_v3_xl_2("InP"), **kwargs})
 
 
 def video_dit_xl_2_t2v(**kwargs: Any) -> VideoDiT:
     """The same transformer for text-to-video only: 4 input channels, no image tokens."""
-    return VideoDiT(in_channels=4, image_embed_dim=None, **kwargs)
+    return VideoDiT(**{**easyanimate_v3_xl_2("T2V"), **kwargs})
 
 
 VIDEO_DIT_PRESETS: dict[str, Callable[..., VideoDiT]] = {

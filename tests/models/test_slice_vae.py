@@ -1,4 +1,5 @@
-"""Tests for kinema/models/slice_vae.py (+ its blocks and tiling) and kinema/loaders/easyanimate/vae.py."""
+"""Tests for kinema/models/slice_vae.py (+ its blocks and tiling) and kinema/loaders/easyanimate/vae.py (V3's config
+translated into SliceVAE arguments, strict loads)."""
 
 import hashlib
 import json
@@ -11,7 +12,13 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
-from kinema.loaders.easyanimate.vae import is_slice_vae_folder, load_slice_vae
+from kinema.loaders.easyanimate.vae import (
+    SLICE_VAE_FIELDS,
+    is_slice_vae_folder,
+    load_slice_vae,
+    slice_vae_config_from_easyanimate,
+)
+from kinema.models.presets import EASYANIMATE_V3_SLICE_VAE
 from kinema.models.slice_vae import V3_DOWN_BLOCKS, V3_UP_BLOCKS, SliceVAE
 from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, MidAttention
 from kinema.models.slice_vae_tiling import Tiling
@@ -252,13 +259,10 @@ def test_bad_latents_raise(vae):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(slice_compression_vae=False), "V2's MagViT mode"),
-    (dict(cache_mag_vae=True), "cache_mag_vae=True is a later EasyAnimate VAE mode"),
     (dict(mini_batch_decoder=3), r"mini_batch_encoder \(8\) must be mini_batch_decoder \(3\)"),
     (dict(mini_batch_decoder=1, mini_batch_encoder=8, down_block_types=["SpatialTemporalDownBlock3D"] * 4,
           up_block_types=["SpatialTemporalUpBlock3D"] * 4), "cannot be told apart from an image"),
     (dict(mid_block_attention_type="spatial_temporal"), "mid_block_attention_type 'spatial_temporal'"),
-    (dict(block_out_channels=[8, 16, 16, 32]), "disagrees with ch \\* ch_mult"),
     (dict(down_block_types=["DownEncoderBlock2D"] * 4), "unsupported block type"),
 ])
 def test_config_fields_that_change_the_maths_are_validated(change, match):
@@ -266,11 +270,42 @@ def test_config_fields_that_change_the_maths_are_validated(change, match):
         SliceVAE(**{**TINY, **change})
 
 
+# V3's switches and redundant fields are V3 config.json business: checked where a V3 config is translated.
+@pytest.mark.parametrize("change, match", [
+    (dict(slice_compression_vae=False), "V2's MagViT mode"),
+    (dict(cache_mag_vae=True), "cache_mag_vae=True is a later EasyAnimate VAE mode"),
+    (dict(block_out_channels=[8, 16, 16, 32]), "disagrees with ch \\* ch_mult"),
+    (dict(use_gc_blocks=[False, True, False, False]), "global-context blocks are not part of the V3 Slice VAE"),
+    (dict(mid_block_type="MidBlock2D"), "mid_block_type='MidBlock2D' is a mid block the V3 Slice VAE does not have"),
+])
+def test_v3_config_fields_with_one_v3_value_are_validated(change, match):
+    with pytest.raises(KinemaError, match=match) as err:
+        slice_vae_config_from_easyanimate({**TINY, **change})
+    assert "\n" not in str(err.value)
+
+
+def test_v3_config_translates_to_the_arguments_that_change_the_maths():
+    v3 = json.loads((V3_FIXTURES / "vae" / "config.json").read_text())
+    kwargs = slice_vae_config_from_easyanimate(v3)
+    # Every SliceVAE argument, from the file or V3's value (the preset names them all); none of V3's switches or
+    # inert fields.
+    assert set(kwargs) == set(SLICE_VAE_FIELDS) == set(EASYANIMATE_V3_SLICE_VAE)
+    assert {name: kwargs[name] for name in v3 if name in kwargs} == {name: v3[name] for name in v3 if name in kwargs}
+    assert {name: kwargs[name] for name in kwargs if name not in v3} == {
+        name: EASYANIMATE_V3_SLICE_VAE[name] for name in kwargs if name not in v3}
+    # V3's training YAMLs write block types as one string.
+    as_string = slice_vae_config_from_easyanimate({**v3, "down_block_types": str(tuple(v3["down_block_types"]))})
+    assert list(as_string["down_block_types"]) == v3["down_block_types"]
+
+
 # ---------------------------------------------------------------- save / load
 
 
 def test_save_pretrained_from_pretrained_round_trip(vae, tmp_path):
     vae.save_pretrained(tmp_path)
+    # A kinema save holds only what changes the maths: none of V3's switches or inert fields.
+    saved = {name for name in json.loads((tmp_path / "config.json").read_text()) if not name.startswith("_")}
+    assert saved == set(SLICE_VAE_FIELDS)
     loaded = SliceVAE.from_pretrained(tmp_path)
     assert loaded.config.ch_mult == list(TINY["ch_mult"])
     for (k, a), (k2, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -380,7 +415,32 @@ def test_wrong_shape_raises_naming_it(tmp_path):
     write_v3_folder(tmp_path, state)
     with pytest.raises(KinemaError, match=r"decoder.conv_in.weight: file \(16, 8, 3, 3, 3\) "
                                           r"vs model \(16, 4, 3, 3, 3\)"):
+        load_slice_vae(tmp_path)
+
+
+def test_from_pretrained_reads_kinema_saves_and_points_v3_folders_to_the_loader(tmp_path):
+    write_v3_folder(tmp_path, random_v3_state())
+    with pytest.raises(KinemaError, match=r"is not a kinema-saved SliceVAE \(its config.json names AutoencoderKL\): "
+                                          r"read EasyAnimate V3 VAE folders with kinema.load\(path\)"):
         SliceVAE.from_pretrained(tmp_path)
+
+
+def test_folder_saved_by_an_earlier_kinema_loads(tmp_path, vae):
+    # Earlier SliceVAE configs also held V3's switches and inert fields, at V3's values.
+    vae.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(block_out_channels=None, use_gc_blocks=None, mid_block_type="MidBlock3D", num_attention_heads=1,
+                  force_upcast=True, slice_compression_vae=True, slice_mag_vae=False, cache_compression_vae=False,
+                  cache_mag_vae=False, upcast_vae=False, spatial_group_norm=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert is_slice_vae_folder(tmp_path)
+    loaded = load_slice_vae(tmp_path)
+
+    def settings(model: SliceVAE) -> dict:  # as JSON holds them (tuples as lists), diffusers' metadata left out
+        return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+    assert settings(loaded) == settings(vae)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values(), strict=True))
 
 
 def test_unknown_config_field_raises(tmp_path):

@@ -59,8 +59,8 @@ V3_INERT_FIELDS = ("norm_num_groups", "use_linear_projection", "num_embeds_ada_n
                    "enable_clip_in_inpaint", "basic_block_type", "motion_module_kwargs", "motion_module_kwargs_even",
                    "motion_module_kwargs_odd")
 V3_BLOCK_TYPES = ("global_motionmodule", "motionmodule")
-# V3's CLIPProjection: ViT-L/14 image embeddings (768), hard-coded there for in_channels == 12.
-V3_IMAGE_EMBED_DIM, V3_INPAINT_CHANNELS = 768, 12
+# V3's CLIPProjection: ViT-L/14 image embeddings (768) as 8 tokens, hard-coded there for in_channels == 12.
+V3_IMAGE_EMBED_DIM, V3_IMAGE_TOKENS, V3_INPAINT_CHANNELS = 768, 8, 12
 
 # VanillaTemporalModule defaults (V3 motion_module.py), for keys a motion_module_kwargs dict leaves out.
 V3_MOTION_DEFAULTS: dict[str, Any] = {
@@ -145,6 +145,7 @@ def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
                           f"{list(V3_BLOCK_TYPES)} (EasyAnimate V3 uses 'global_motionmodule')")
     with_clip = config["in_channels"] == V3_INPAINT_CHANNELS and config.get("enable_clip_in_inpaint", True)
     kwargs["image_embed_dim"] = V3_IMAGE_EMBED_DIM if with_clip else None
+    kwargs["num_image_tokens"] = V3_IMAGE_TOKENS
     skip_pairs = easyanimate_v3_skip_pairs(layers) if kwargs["enable_uvit"] else []
     kwargs["skip_pairs"] = [list(pair) for pair in skip_pairs]
     kwargs["num_skip_linears"] = EASYANIMATE_V3_SKIP_LINEARS if kwargs["enable_uvit"] else 0
@@ -196,8 +197,10 @@ def easyanimate_config_from_video_dit(config: dict[str, Any]) -> dict[str, Any]:
     scale = config.get("interpolation_scale")
     if scale is not None and scale != max(config["sample_size"] // 64, 1):
         raise KinemaError(f"{where}: interpolation_scale {scale} differs from V3's sample_size // 64 rule")
-    if config.get("num_image_tokens", 8) != 8 or config.get("image_embed_dim") not in (None, V3_IMAGE_EMBED_DIM):
-        raise KinemaError(f"{where}: V3 has exactly 8 CLIP image tokens from {V3_IMAGE_EMBED_DIM}-d embeddings")
+    if config.get("num_image_tokens", V3_IMAGE_TOKENS) != V3_IMAGE_TOKENS \
+            or config.get("image_embed_dim") not in (None, V3_IMAGE_EMBED_DIM):
+        raise KinemaError(f"{where}: V3 has exactly {V3_IMAGE_TOKENS} CLIP image tokens from {V3_IMAGE_EMBED_DIM}-d "
+                          "embeddings")
     with_clip = config.get("image_embed_dim") is not None
     if with_clip and config["in_channels"] != V3_INPAINT_CHANNELS:
         raise KinemaError(f"{where}: V3 has CLIP image tokens only in {V3_INPAINT_CHANNELS}-channel (InP) models")

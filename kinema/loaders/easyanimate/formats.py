@@ -10,12 +10,10 @@ from typing import Any
 
 from kinema.loaders.describe import Source
 
-# The parts of a whole V3 model folder besides transformer/; with them, `kinema.load` gives the whole model.
-WHOLE_FOLDER_PARTS = ("vae", "text_encoder", "tokenizer")
-
 
 def describe_easyanimate_source(source: Source) -> dict[str, Any] | None:
-    """An EasyAnimate V3 folder or transformer folder or file (kinema.loaders.easyanimate.transformer)."""
+    """An EasyAnimate V3 folder, or a transformer folder (one weights file or shards) or file
+    (kinema.loaders.easyanimate.transformer)."""
     from kinema.loaders.easyanimate.transformer import describe_easyanimate
 
     return describe_easyanimate(source.path)
@@ -30,21 +28,21 @@ def describe_slice_vae_source(source: Source) -> dict[str, Any] | None:
 
 def load_easyanimate_path(source: Source, **options: Any) -> Any:
     """A whole V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]) as an `EasyAnimateModel`;
-    a transformer folder as a `VideoDiT`. Options: `dtype`, `device`, `mmap`."""
-    from kinema.loaders.easyanimate.transformer import load_easyanimate, load_video_dit
+    a transformer folder or file as a `VideoDiT`. Options: `dtype`, `device`, `mmap`."""
+    from kinema.loaders.easyanimate.folder import is_model_folder, load_easyanimate
+    from kinema.loaders.easyanimate.transformer import load_video_dit
 
     path = source.path
-    if (path / "transformer").is_dir() and all((path / part).is_dir() for part in WHOLE_FOLDER_PARTS):
-        return load_easyanimate(path, **options)
-    return load_video_dit(path, **options)
+    return load_easyanimate(path, **options) if is_model_folder(path) else load_video_dit(path, **options)
 
 
-def load_slice_vae_path(source: Source, **options: Any) -> Any:
-    """A Slice VAE folder (or a model folder holding vae/) as a `SliceVAE`. Options: `torch_dtype`, `mmap`."""
+def load_slice_vae_path(source: Source, dtype: Any = None, mmap: bool = False) -> Any:
+    """A Slice VAE folder (or a model folder holding vae/) as a `SliceVAE`. Options: `dtype` (default float32),
+    `mmap`, as for the transformer."""
     from kinema.loaders.easyanimate.vae import load_slice_vae
 
     path = source.path
-    return load_slice_vae(path if (path / "config.json").is_file() else path / "vae", **options)
+    return load_slice_vae(path if (path / "config.json").is_file() else path / "vae", torch_dtype=dtype, mmap=mmap)
 
 
 def convert_easyanimate_source(source: Source, target: Path, to: str, *, overwrite: bool = False

@@ -1,4 +1,5 @@
-"""kinema/loaders/easyanimate/transformer.py: strict V3 transformer loading, config translation, whole folders, inspect.
+"""kinema/loaders/easyanimate: strict V3 transformer loading (transformer.py), config translation (config.py), whole
+folders (folder.py), inspect.
 
 The tiny folders are written with EasyAnimate V3's layout and key names (EasyAnimate @616a354): config.json with
 the PixArt base fields, the V3 YAML extras and the fields later code added to V3's class; safetensors with every
@@ -18,12 +19,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
-from kinema.loaders.easyanimate.transformer import (
+from kinema.loaders.easyanimate import (
     describe_easyanimate,
     load_easyanimate,
     load_video_dit,
     video_dit_config_from_easyanimate,
 )
+from kinema.models.presets import easyanimate_v3_xl_2
 from kinema.models.video_dit import VIDEO_DIT_PRESETS, VideoDiT
 from kinema.models.video_dit_blocks import easyanimate_v3_motion_modules
 
@@ -280,6 +282,9 @@ def test_v3_xl_config_builds_the_v3_xl_preset():
     assert shapes_on_meta(**video_dit_config_from_easyanimate(base)) == preset
     t2v = video_dit_config_from_easyanimate(v3_xl_config(in_channels=4))
     assert t2v["image_embed_dim"] is None and t2v["out_channels"] == 8
+    # The translation gives exactly the presets' keyword arguments, so a V3-XL folder saved by kinema has their config.
+    assert video_dit_config_from_easyanimate(v3_xl_config()) == easyanimate_v3_xl_2("InP")
+    assert t2v == easyanimate_v3_xl_2("T2V")
     assert video_dit_config_from_easyanimate(v3_xl_config(enable_clip_in_inpaint=False))["image_embed_dim"] is None
 
 
