@@ -62,7 +62,9 @@ def easyanimate_v3_xl_2(variant: str = "InP") -> dict:
         "norm_elementwise_affine": False, "norm_eps": 1e-6, "caption_channels": 4096, "enable_uvit": True,
         "skip_pairs": [list(pair) for pair in easyanimate_v3_skip_pairs(layers)],
         "num_skip_linears": EASYANIMATE_V3_SKIP_LINEARS,
-        "motion_modules": easyanimate_v3_motion_modules(layers, heads, max_frames=4096),
+        # V3's motion_module_kwargs name their one transformer block; so does the spec its config translates to.
+        "motion_modules": [{**spec, "num_transformer_blocks": 1}
+                           for spec in easyanimate_v3_motion_modules(layers, heads, max_frames=4096)],
         "image_embed_dim": 768 if inpaint else None, "num_image_tokens": 8,
     }
 
