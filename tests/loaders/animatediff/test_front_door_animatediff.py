@@ -1,7 +1,7 @@
-"""AnimateDiff through the front door (`kinema.loaders.describe` / `load` / `convert`): every layout of motion modules
-and motion LoRAs, compared with what was written (the published layout from animatediff_fixtures, diffusers' own
-converter and MotionAdapter) or with the library functions, never only with the front door's own earlier output; and
-a torch checkpoint is unpickled once however many steps look at it."""
+"""AnimateDiff through the front door (`kinema.describe` / `load` / `convert`: kinema.loaders' functions): every layout
+of motion modules and motion LoRAs, compared with what was written (the published layout from animatediff_fixtures,
+diffusers' own converter and MotionAdapter) or with the library functions, never only with the front door's own
+earlier output; and a torch checkpoint is unpickled once however many steps look at it."""
 
 import copy
 import json
@@ -20,7 +20,8 @@ from diffusers import MotionAdapter
 from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 from safetensors.torch import save_file
 
-from kinema.loaders import checkpoint_io, convert, describe, load
+import kinema
+from kinema.loaders import checkpoint_io
 from kinema.loaders.animatediff import convert_motion_lora, load_motion_lora, load_motion_module
 from kinema.models.video_unet import VideoUNet
 
@@ -69,7 +70,7 @@ def assert_animates(video, unet2d, expected_motion):
 @pytest.mark.parametrize("version", list(VERSION_SETTINGS))
 def test_load_opens_published_motion_modules(tmp_path, unet2d, version, suffix):
     written = original_motion_state_dict(version, seed=3)
-    video = load(save(written, tmp_path / f"mm_{version}{suffix}"), unet=unet2d)
+    video = kinema.load(save(written, tmp_path / f"mm_{version}{suffix}"), unet=unet2d)
     assert_animates(video, unet2d, without_pe(written))
     max_frames, mid_block, resnet_norm = VERSION_SETTINGS[version]
     assert (video.max_frames, video.config.motion_mid_block, video.config.resnet_norm_mode) == (
@@ -88,11 +89,11 @@ def diffusers_adapter_folder(folder, original):
 
 def test_load_opens_a_diffusers_motion_adapter_folder(tmp_path, unet2d):
     original = original_motion_state_dict("v2", seed=4)
-    video = load(diffusers_adapter_folder(tmp_path / "adapter", original), unet=unet2d)
+    video = kinema.load(diffusers_adapter_folder(tmp_path / "adapter", original), unet=unet2d)
     assert_animates(video, unet2d, without_pe(original))
     # diffusers' semantics: motion norm across frames, resnets per frame; an override changes that
     assert (video.config.motion_module["norm_mode"], video.config.resnet_norm_mode) == ("across_frames", "per_frame")
-    per_frame = load(tmp_path / "adapter", unet=unet2d, norm_mode="per_frame")
+    per_frame = kinema.load(tmp_path / "adapter", unet=unet2d, norm_mode="per_frame")
     assert per_frame.config.motion_module["norm_mode"] == "per_frame"
 
 
@@ -103,8 +104,8 @@ def test_load_opens_a_kinema_file_written_before_settings_were_keyword_arguments
     weights = without_pe(original_motion_state_dict("v2", seed=5))
     path = save(weights, tmp_path / "mm_kinema.safetensors", {"kinema_layout": "motion-module", "version": "v2",
                                                               "motion_settings": json.dumps(old_settings)})
-    assert describe(path)["format"] == "kinema"
-    video = load(path, unet=unet2d)
+    assert kinema.describe(path)["format"] == "kinema"
+    video = kinema.load(path, unet=unet2d)
     assert_animates(video, unet2d, weights)
     assert video.config.motion_module["norm_mode"] == "across_frames"  # from the metadata, not v2's per_frame
 
@@ -118,20 +119,20 @@ def test_a_saved_module_keeps_its_settings_in_the_old_metadata_form(tmp_path, un
     stored = json.loads(checkpoint_io.read_checkpoint(out).metadata["motion_settings"])
     assert stored == {"max_frames": 20, "mid_block": False, "transformer_blocks": 1, "num_attention_heads": 8,
                       "norm_num_groups": 32, "norm_mode": "across_frames", "resnet_norm_mode": "across_frames"}
-    assert load(out, unet=unet2d).config == video.config
+    assert kinema.load(out, unet=unet2d).config == video.config
 
 
 @pytest.mark.parametrize("to", ["original", "diffusers", "kinema"])
 def test_describe_and_convert_round_trip_through_the_registry(tmp_path, unet2d, to):
     written = original_motion_state_dict("v1", seed=6)
     source = save(written, tmp_path / "mm_v1.ckpt")
-    assert (describe(source)["kind"], describe(source)["version"]) == ("motion_module", "v1")
+    assert (kinema.describe(source)["kind"], kinema.describe(source)["version"]) == ("motion_module", "v1")
     target = tmp_path / {"original": "out.ckpt", "diffusers": "out", "kinema": "out.safetensors"}[to]
-    out, _ = convert(source, target, to)
-    report = describe(out)
+    out, _ = kinema.convert(source, target, to)
+    report = kinema.describe(out)
     expected_format = {"original": "animatediff-original", "diffusers": "animatediff-diffusers", "kinema": "kinema"}
     assert (report["kind"], report["format"], report["version"]) == ("motion_module", expected_format[to], "v1")
-    assert_animates(load(out, unet=unet2d, norm_mode="per_frame"), unet2d, without_pe(written))
+    assert_animates(kinema.load(out, unet=unet2d, norm_mode="per_frame"), unet2d, without_pe(written))
     if to == "original":  # the published layout again, frame tables included
         assert_same_tensors(checkpoint_io.read_state_dict(out), written)
 
@@ -155,11 +156,11 @@ def tiny_lora():
 def test_load_applies_motion_loras_in_every_layout(tmp_path, v2_video, layout, suffix):
     published = tiny_lora()
     path = save(convert_motion_lora(published, layout), tmp_path / f"lora_{layout}{suffix}")
-    assert describe(path)["format"] == layout
+    assert kinema.describe(path)["format"] == layout
     x, t, text = video_inputs(frames=3)
     with torch.no_grad():
         before = v2_video(x, t, text)
-        through_front_door = load(path, video_unet=copy.deepcopy(v2_video))
+        through_front_door = kinema.load(path, video_unet=copy.deepcopy(v2_video))
         reference = copy.deepcopy(v2_video)
         load_motion_lora(reference, published, "reference")
         got, expected = through_front_door(x, t, text), reference(x, t, text)
@@ -171,8 +172,8 @@ def test_convert_motion_lora_round_trips_through_the_registry(tmp_path):
     published = tiny_lora()
     source = save(published, tmp_path / "lora.ckpt")
     for layout in ("diffusers", "diffusers_peft", "kinema", "original"):
-        out, _ = convert(source, tmp_path / f"{layout}.safetensors", layout)
-        assert describe(out)["format"] == layout
+        out, _ = kinema.convert(source, tmp_path / f"{layout}.safetensors", layout)
+        assert kinema.describe(out)["format"] == layout
         source = out
     assert_same_tensors(checkpoint_io.read_state_dict(source), published)
 
@@ -196,17 +197,17 @@ def unpickles(monkeypatch):
 
 def test_the_front_door_unpickles_a_motion_module_once(tmp_path, unet2d, unpickles):
     source = save(original_motion_state_dict("v3"), tmp_path / "v3.ckpt")
-    load(source, unet=unet2d)
+    kinema.load(source, unet=unet2d)
     assert len(unpickles) == 1
-    convert(source, tmp_path / "out.safetensors", "kinema")
+    kinema.convert(source, tmp_path / "out.safetensors", "kinema")
     assert len(unpickles) == 2
 
 
 def test_the_front_door_unpickles_a_motion_lora_once(tmp_path, v2_video, unpickles):
     source = save(tiny_lora(), tmp_path / "lora.ckpt")
-    load(source, video_unet=copy.deepcopy(v2_video))
+    kinema.load(source, video_unet=copy.deepcopy(v2_video))
     assert len(unpickles) == 1
-    convert(source, tmp_path / "out.safetensors", "kinema")
+    kinema.convert(source, tmp_path / "out.safetensors", "kinema")
     assert len(unpickles) == 2
 
 
@@ -220,5 +221,5 @@ def test_the_front_door_reads_a_safetensors_motion_module_once(tmp_path, unet2d,
 
     monkeypatch.setattr(checkpoint_io, "_read_safetensors", counting_read)
     source = save(original_motion_state_dict("v3"), tmp_path / "v3.safetensors")
-    load(source, unet=unet2d)
+    kinema.load(source, unet=unet2d)
     assert reads == [source]  # describe read the header only; the load read the data
