@@ -13,7 +13,7 @@ from typing import Any
 
 from kinema.errors import KinemaError, naming
 from kinema.fileio import read_json_object
-from kinema.loaders.describe import Source
+from kinema.loaders.source import Source
 
 
 def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from kinema.loaders.animatediff.detect import MotionModuleInfo, detect_motion_mo
 from kinema.loaders.animatediff.keys import rename_state_dict
 from kinema.loaders.animatediff.structure import check_frame_tables, names_of, split_pe
 from kinema.loaders.checkpoint_io import Checkpoint, find_weights, read_checkpoint
-from kinema.loaders.describe import Source
+from kinema.loaders.source import Source
 from kinema.models.video_unet import VideoUNet
 from kinema.state_dicts import load_strict
 
@@ -63,7 +63,7 @@ def adapter_files(path: Path) -> tuple[dict[str, Any], Path]:
 
 def read_motion_module(source: str | os.PathLike | Source) -> MotionModuleFile:
     """Read and recognise a motion-module file or MotionAdapter folder; errors name the file. A `Source` keeps what
-    was read of it (kinema.loaders.describe), so a torch checkpoint `describe` unpickled is not unpickled again."""
+    was read of it (kinema.loaders.source), so a torch checkpoint `describe` unpickled is not unpickled again."""
     described = source if isinstance(source, Source) else Source(Path(source))
     path = described.path
     try:

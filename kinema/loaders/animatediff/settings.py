@@ -79,6 +79,7 @@ def overridden(video_unet_kwargs: Mapping[str, Any], overrides: Mapping[str, Any
 def kinema_file_settings(metadata: Mapping[str, str] | None) -> tuple[str, dict[str, Any]]:
     """(version, overridable settings) from a kinema file's safetensors metadata; its `motion_settings` is the JSON
     of `named_settings` (files written before settings became keyword arguments hold the same fields)."""
+    metadata = metadata or {}
     try:
         stored = json.loads(metadata["motion_settings"])
         return metadata["version"], {name: stored[name] for name in OVERRIDABLE}

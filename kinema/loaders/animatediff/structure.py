@@ -190,7 +190,7 @@ def frame_table_length(pe: dict[str, torch.Tensor], weights: dict[str, torch.Ten
     places = pe_places(list(weights), "diffusers" if fmt == "animatediff-diffusers" else "original")
     # Names only here: the tables' lengths are what is being found out, their widths are checked below.
     check_fits(dict.fromkeys(places, ()), dict.fromkeys(pe, ()), "frame-encoding buffers do not match the modules")
-    lengths = Counter()
+    lengths: Counter[int] = Counter()
     for key, table in pe.items():
         width = weights[places[key]].shape[0]
         if table.ndim != 3 or table.shape[0] != 1 or table.shape[2] != width:

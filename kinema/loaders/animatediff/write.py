@@ -24,7 +24,7 @@ from kinema.loaders.animatediff.load import ADAPTER_WEIGHTS_FILE, read_motion_mo
 from kinema.loaders.animatediff.settings import adapter_config, named_settings, setting, video_unet_settings
 from kinema.loaders.animatediff.structure import KINEMA_LAYOUT_TAG, motion_structure
 from kinema.loaders.checkpoint_io import write_state_dict
-from kinema.loaders.describe import Source
+from kinema.loaders.source import Source
 from kinema.models.video_unet import VideoUNet
 
 MOTION_MODULE_LAYOUTS = ("original", "diffusers", "kinema")  # what `save_motion_module` / `kinema convert --to` write
@@ -39,7 +39,7 @@ def write_motion_module(
     in `layout`: "kinema" (.safetensors + settings metadata), "original" (.ckpt/.safetensors with `pos_encoder.pe`,
     omitted when `with_pe` is False) or "diffusers" (a folder), under kinema's output policy (`overwrite` replaces
     only an earlier kinema motion module; never one of `inputs`)."""
-    policy = {"kind": "motion_module", "overwrite": overwrite, "inputs": inputs}
+    policy: dict[str, Any] = {"kind": "motion_module", "overwrite": overwrite, "inputs": inputs}
     if layout not in MOTION_MODULE_LAYOUTS:
         raise KinemaError(f"unknown layout {layout!r}; choose from {list(MOTION_MODULE_LAYOUTS)}")
     path = Path(path)
