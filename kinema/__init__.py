@@ -20,19 +20,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+source"
 
 if TYPE_CHECKING:
-    from kinema.loaders import load
-    from kinema.loaders.convert import convert
-    from kinema.loaders.describe import describe
+    from kinema.loaders import convert, describe, load
     from kinema.models.slice_vae import SliceVAE
     from kinema.models.video_dit import VideoDiT
     from kinema.models.video_unet import VideoUNet
 
-# name -> the module defining it. `describe` and `convert` are taken from their own modules, not from
-# kinema.loaders: importing those submodules rebinds kinema.loaders.describe / .convert to the modules themselves.
+# name -> the module defining it.
 _LAZY = {
-    "describe": "kinema.loaders.describe",
+    "describe": "kinema.loaders",
     "load": "kinema.loaders",
-    "convert": "kinema.loaders.convert",
+    "convert": "kinema.loaders",
     "VideoUNet": "kinema.models.video_unet",
     "VideoDiT": "kinema.models.video_dit",
     "SliceVAE": "kinema.models.slice_vae",

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
 from kinema.loaders.checkpoint_io import read_checkpoint, read_safetensors_header, read_state_dict, tensor_names
-from kinema.loaders.describe import describe
 from kinema.loaders.easyanimate.transformer import load_video_dit
+from kinema.loaders.source import describe
 from kinema.sniff import Kind, sniff
 
 S3_ACCESS_DENIED = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'

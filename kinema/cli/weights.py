@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import types
-from collections.abc import Callable
-from typing import Any
 
 from kinema.cli.args import add_command, example
 from kinema.errors import KinemaError
@@ -56,18 +53,6 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                          "(never a file or folder kinema did not write)")
 
 
-def _front_door(name: str) -> Callable[..., Any]:
-    """`kinema.loaders.<name>`, the front-door function.
-
-    kinema.loaders also has submodules named `describe` and `convert`; once one is imported, the package attribute
-    is that module, not the function. Until they are renamed, the function of the same name inside it is taken.
-    """
-    import kinema.loaders
-
-    found = getattr(kinema.loaders, name)
-    return getattr(found, name) if isinstance(found, types.ModuleType) else found
-
-
 def check_inspect(args: argparse.Namespace) -> None:
     """Bad usage: the path does not exist."""
     if not os.path.lexists(args.path):
@@ -77,8 +62,9 @@ def check_inspect(args: argparse.Namespace) -> None:
 def run_inspect(args: argparse.Namespace) -> None:
     """Print what the path holds."""
     from kinema.cli.output import print_report
+    from kinema.loaders import describe
 
-    print_report(_front_door("describe")(args.path), args.json)
+    print_report(describe(args.path), args.json)
 
 
 def check_convert(args: argparse.Namespace) -> None:
@@ -92,7 +78,9 @@ def check_convert(args: argparse.Namespace) -> None:
 
 def run_convert(args: argparse.Namespace) -> None:
     """Convert, then name what was written and print the converter's notes."""
-    out, notes = _front_door("convert")(args.input, args.output, args.to, overwrite=args.overwrite)
+    from kinema.loaders import convert
+
+    out, notes = convert(args.input, args.output, args.to, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to} layout)")
     for note in notes:
         print(f"note: {note}")

@@ -15,7 +15,7 @@ from typing import Any
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `path` holds, as plain data (`{"kind": ..., "format": ..., ...}`), every tensor name and shape checked;
     KinemaError naming the problem when it is broken or not a format kinema knows. Reads headers, not weights."""
-    from kinema.loaders.describe import describe as describe_path
+    from kinema.loaders.source import describe as describe_path
 
     return describe_path(path)
 
@@ -29,8 +29,8 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     folder or single file `StableDiffusionComponents` (a single file needs `tokenizer=`). `options` go to that
     kind's loader (e.g. `dtype`, `mmap`, `strength`).
     """
-    from kinema.loaders.describe import Source, describe_source
     from kinema.loaders.formats import format_of
+    from kinema.loaders.source import Source, describe_source
 
     source = Source(Path(path), options)
     kind = describe_source(source)["kind"]
@@ -42,7 +42,7 @@ def convert(
 ) -> tuple[Path, list[str]]:
     """Rewrite `source` in layout `to` at `target`, weights unchanged; returns the written path and notes. `target`
     is new, or with `overwrite` an earlier kinema output of the same kind (never anything kinema did not write)."""
-    from kinema.loaders.convert import convert as convert_path
+    from kinema.loaders.conversion import convert as convert_path
 
     return convert_path(source, target, to, overwrite=overwrite)
 

@@ -5,7 +5,7 @@ CLI's `--to` choices. Entries name their functions as `"module:function"` and ar
 reading this table (e.g. for `kinema convert --help`) imports neither torch nor any model code.
 
 Function contracts:
-- describe `(source: kinema.loaders.describe.Source) -> dict | None`: None when the path is not this kind; a report
+- describe `(source: kinema.loaders.source.Source) -> dict | None`: None when the path is not this kind; a report
   `{"kind": kind, ...}` once every tensor name and shape is checked; KinemaError when it is this kind but broken.
 - load `(source: Source, **options) -> object`: the model (or components) it holds, loaded strictly; what describe
   read is in `source` and is not read again.

@@ -41,7 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, find_weights, read_state_dict
-from kinema.loaders.describe import Source
+from kinema.loaders.source import Source
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"

@@ -173,7 +173,7 @@ def test_a_motion_adapter_folder_with_broken_config_names_it(tmp_path, capsys, m
 
 
 def test_unexpected_library_errors_are_one_line_cut_at_a_word(tmp_path, capsys, monkeypatch, motion_module):
-    import kinema.loaders.describe as inspect_module
+    import kinema.loaders.source as inspect_module
 
     long = "tensor shape mismatch while copying " * 40 + f"in {tmp_path}/.mm.safetensors.kinema-part-123 at end"
 
@@ -191,7 +191,7 @@ def test_unexpected_library_errors_are_one_line_cut_at_a_word(tmp_path, capsys, 
 
 
 def test_os_errors_the_cli_did_not_foresee_name_the_path_and_cause(capsys, monkeypatch, motion_module):
-    import kinema.loaders.describe as inspect_module
+    import kinema.loaders.source as inspect_module
 
     for error, cause in ((IsADirectoryError(errno.EISDIR, "Is a directory", "/data/x/.a.kinema-part-7"),
                           "/data/x/a: it is a folder, not a file"),

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 import kinema
 import kinema.loaders
 from kinema.errors import KinemaError
-from kinema.loaders.describe import Source, describe
 from kinema.loaders.formats import CONVERT_LAYOUTS, FORMATS, format_of
+from kinema.loaders.source import Source, describe
 from kinema.loaders.stable_diffusion import StableDiffusionComponents, describe_stable_diffusion, load_stable_diffusion
 
 # The tiny SD1.5 models and the folder and configs written from them, shared with test_stable_diffusion.

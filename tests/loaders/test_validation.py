@@ -35,8 +35,8 @@ from kinema.cli import main
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora
 from kinema.loaders.animatediff.motion_module import convert_motion_module, detect_motion_module
-from kinema.loaders.describe import describe
 from kinema.loaders.easyanimate.transformer import convert_easyanimate_transformer, load_video_dit
+from kinema.loaders.source import describe
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "easyanimate_v3"
 Mutation = Callable[[dict[str, torch.Tensor]], None]
@@ -373,7 +373,7 @@ def test_a_whole_slice_vae_inspects(capsys):
 
 
 def test_inspect_imports_no_model_code_before_it_finds_the_path(tmp_path):
-    script = ("import sys\nfrom kinema.loaders.describe import describe\nfrom kinema.errors import KinemaError\n"
+    script = ("import sys\nfrom kinema.loaders.source import describe\nfrom kinema.errors import KinemaError\n"
               f"try:\n    describe({str(tmp_path / 'missing.ckpt')!r})\nexcept KinemaError as err:\n    print(err)\n"
               "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'kinema.models.video_unet') "
               "if m in sys.modules))")

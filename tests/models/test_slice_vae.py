@@ -387,7 +387,7 @@ def test_folder_with_v3_key_names_loads_exactly(tmp_path, monkeypatch):
     # kinema inspect on the model folder finds the VAE in vae/ and reads only the header: any tensor read raises.
     from tensor_reads import TensorDataRead, forbid_tensor_data_reads
 
-    from kinema.loaders.describe import describe
+    from kinema.loaders.source import describe
 
     attempts = forbid_tensor_data_reads(monkeypatch)
     for path in (tmp_path, tmp_path / "vae"):

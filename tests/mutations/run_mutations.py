@@ -47,9 +47,9 @@ VAE_TESTS = ("tests/models/test_slice_vae.py", "tests/models/test_v3_reference.p
 VIDEO_UNET_TESTS = ("tests/models/test_video_unet.py", "tests/loaders/animatediff/test_animatediff.py",
                     "tests/loaders/animatediff/test_motion_lora.py", "tests/docs")
 KEY_MAP_TESTS = ("tests/loaders/animatediff/test_animatediff.py", "tests/loaders/animatediff/test_motion_lora.py",
-                 "tests/test_cli.py", "tests/test_cli_inspect.py")
-WRITE_TESTS = ("tests/test_fileio.py", "tests/test_signals.py", "tests/test_output_policy.py",
-               "tests/test_error_funnel.py", "tests/loaders/test_checkpoint_io.py", "tests/test_cli.py")
+                 "tests/cli/test_cli.py", "tests/cli/test_cli_weights.py")
+WRITE_TESTS = ("tests/test_fileio.py", "tests/cli/test_signals.py", "tests/test_output_policy.py",
+               "tests/cli/test_error_funnel.py", "tests/loaders/test_checkpoint_io.py", "tests/cli/test_cli.py")
 
 
 @dataclass(frozen=True)

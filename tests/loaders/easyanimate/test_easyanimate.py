@@ -405,7 +405,7 @@ def test_folder_missing_a_part_is_refused(tmp_path, model):
 
 def test_convert_v3_to_kinema_and_back_is_exact(v3_root, model, tmp_path):
     from kinema.cli import main
-    from kinema.loaders.describe import describe
+    from kinema.loaders.source import describe
 
     source = v3_root / "transformer"
     assert main(["convert", str(v3_root), str(tmp_path / "k"), "--to", "kinema"]) == 0
@@ -477,7 +477,7 @@ def test_inspect_never_loads_a_transformer_file(v3_root, monkeypatch):
     # (frame tables, alphas); none of them may read any of a transformer file's tensors.
     from tensor_reads import forbid_tensor_data_reads
 
-    from kinema.loaders.describe import describe
+    from kinema.loaders.source import describe
 
     attempts = forbid_tensor_data_reads(monkeypatch)
     weights = v3_root / "transformer" / "diffusion_pytorch_model.safetensors"

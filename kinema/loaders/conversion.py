@@ -11,8 +11,8 @@ from pathlib import Path
 
 from kinema.errors import KinemaError
 from kinema.fileio import check_output
-from kinema.loaders.describe import Source, describe_source
 from kinema.loaders.formats import convertible_kinds, format_of
+from kinema.loaders.source import Source, describe_source
 
 
 def convert(
