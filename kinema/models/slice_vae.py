@@ -57,7 +57,8 @@ def _require(ok: bool, message: str) -> None:
         raise KinemaError(message)
 
 
-class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):
+# diffusers' ModelMixin sets config_name to a str where ConfigMixin declares it None: a conflict inside diffusers.
+class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[misc]
     """EasyAnimate V3 Slice VAE (defaults: V3's, `kinema.models.presets.EASYANIMATE_V3_SLICE_VAE`, 246M parameters).
 
     Args:
@@ -77,6 +78,10 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):
         use_tiling, use_tiling_encoder, use_tiling_decoder, tile_sample_min_size, tile_overlap_factor: the tiling used
             when `encode`/`decode` are called with `tiling="config"`.
     """
+
+    # diffusers' FrozenDict of the __init__ arguments, read by attribute (`self.config.latent_channels`); diffusers
+    # types it as a plain dict.
+    config: Any
 
     @register_to_config
     def __init__(
@@ -133,7 +138,7 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):
 
         # 2. Modules, named as in V3 checkpoints.
         layout = mid_block_attention_type if mid_block_use_attention else None
-        common = dict(layers_per_block=layers_per_block, norm_num_groups=norm_num_groups, act_fn=act_fn,
+        common: dict[str, Any] = dict(layers_per_block=layers_per_block, norm_num_groups=norm_num_groups, act_fn=act_fn,
                       attention_heads=mid_block_num_attention_heads, attention_layout=layout)
         self.encoder = Encoder3D(in_channels, latent_channels, widths, temporal_down, **common)
         self.decoder = Decoder3D(latent_channels, out_channels, widths, temporal_up, **common)
@@ -278,7 +283,9 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    def from_pretrained(  # type: ignore[override]  # kinema loads local folders, so a path is required
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> Any:
         """Load a folder kinema saved (`save_pretrained`) strictly: a KinemaError names any missing, unexpected or
         mis-shaped weight. Options are diffusers' (`subfolder`, `torch_dtype`, ...).
 

@@ -133,9 +133,10 @@ class MidBlock3D(nn.Module):
                  attention_heads: int, attention_layout: str | None):
         super().__init__()
         self.convs = residual_stack(channels, channels, num_layers, norm_num_groups, act_fn)
-        n_attn = num_layers - 1 if attention_layout is not None else 0
-        self.attentions = nn.ModuleList(MidAttention(channels, attention_heads, norm_num_groups, attention_layout)
-                                        for _ in range(n_attn))
+        self.attentions = nn.ModuleList(
+            [] if attention_layout is None else
+            [MidAttention(channels, attention_heads, norm_num_groups, attention_layout) for _ in range(num_layers - 1)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.convs[0](x)

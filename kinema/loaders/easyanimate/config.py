@@ -75,7 +75,9 @@ V3_MOTION_FIXED: dict[str, Any] = {
     "block_size": 1, "remove_time_embedding_in_photo": False, "global_attention": False, "qk_norm": False,
 }
 V3_ATTENTION_KINDS = {"Temporal_Self": "temporal", "Global_Self": "global"}
-MOTION_TYPES = {("temporal", "temporal"): "temporal", ("temporal", "global"): "hybrid"}
+# The attention kinds of kinema's motion-module types that V3 has, both ways.
+MOTION_TYPES: dict[tuple[str, ...], str] = {("temporal", "temporal"): "temporal", ("temporal", "global"): "hybrid"}
+MOTION_TYPE_KINDS = {motion_type: kinds for kinds, motion_type in MOTION_TYPES.items()}
 
 
 def _check_fixed(config: dict[str, Any], fixed: dict[str, Any], where: str) -> None:
@@ -97,7 +99,7 @@ def _motion_spec(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
         raise KinemaError(f"{where}: attention_block_types {blocks} are not supported; use "
                           f"{sorted(V3_ATTENTION_KINDS)}")
     kinds = tuple(V3_ATTENTION_KINDS[block] for block in blocks)
-    spec = {"type": MOTION_TYPES.get(kinds, "temporal")}
+    spec: dict[str, Any] = {"type": MOTION_TYPES.get(kinds, "temporal")}
     if kinds not in MOTION_TYPES:
         spec["attention_kinds"] = list(kinds)
     return {**spec, "num_attention_heads": kwargs["num_attention_heads"],
@@ -154,8 +156,7 @@ def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
 
 def _v3_motion_kwargs(spec: dict[str, Any], where: str) -> dict[str, Any]:
     """One kinema motion-module spec -> V3 `motion_module_kwargs`; refuses what V3 cannot express."""
-    kinds = tuple(spec.get("attention_kinds") or {"temporal": ("temporal", "temporal"),
-                                                   "hybrid": ("temporal", "global")}.get(spec["type"], ()))
+    kinds = tuple(spec.get("attention_kinds") or MOTION_TYPE_KINDS.get(spec["type"], ()))
     block_types = {kind: name for name, kind in V3_ATTENTION_KINDS.items()}
     if spec["type"] not in ("temporal", "hybrid") or not kinds or spec.get("norm_mode", "per_frame") != "per_frame" \
             or spec.get("norm_num_groups", 32) != 32:

@@ -103,7 +103,7 @@ def load_easyanimate(
     tokenizer = _load_tokenizer(dirs["tokenizer"])
 
     transformer = load_video_dit(dirs["transformer"], dtype=dtype, device=device, mmap=mmap)
-    vae = load_slice_vae(dirs["vae"], torch_dtype=dtype, mmap=mmap).to(device)
+    vae = load_slice_vae(dirs["vae"], torch_dtype=dtype, mmap=mmap, device=device)
     text_dir = dirs["text_encoder"]
     in_memory = (lambda module: module) if mmap else _into_memory
     text_encoder = in_memory(T5EncoderModel.from_pretrained(text_dir, dtype=dtype, variant=_encoder_variant(text_dir)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kinema.loaders.describe import Source
+from kinema.loaders.source import Source
 
 
 def describe_easyanimate_source(source: Source) -> dict[str, Any] | None:
@@ -36,13 +36,14 @@ def load_easyanimate_path(source: Source, **options: Any) -> Any:
     return load_easyanimate(path, **options) if is_model_folder(path) else load_video_dit(path, **options)
 
 
-def load_slice_vae_path(source: Source, dtype: Any = None, mmap: bool = False) -> Any:
+def load_slice_vae_path(source: Source, dtype: Any = None, device: Any = "cpu", mmap: bool = False) -> Any:
     """A Slice VAE folder (or a model folder holding vae/) as a `SliceVAE`. Options: `dtype` (default float32),
-    `mmap`, as for the transformer."""
+    `device`, `mmap`, as for the transformer."""
     from kinema.loaders.easyanimate.vae import load_slice_vae
 
     path = source.path
-    return load_slice_vae(path if (path / "config.json").is_file() else path / "vae", torch_dtype=dtype, mmap=mmap)
+    folder = path if (path / "config.json").is_file() else path / "vae"
+    return load_slice_vae(folder, torch_dtype=dtype, mmap=mmap, device=device)
 
 
 def convert_easyanimate_source(source: Source, target: Path, to: str, *, overwrite: bool = False

@@ -29,6 +29,7 @@ from kinema.loaders.easyanimate.config import (
     easyanimate_config_from_video_dit,
     video_dit_config_from_easyanimate,
 )
+from kinema.models.motion import motion_max_frames
 from kinema.models.video_dit import VideoDiT
 from kinema.state_dicts import check_fits, load_strict
 
@@ -105,16 +106,18 @@ def check_video_dit_keys(model: VideoDiT, header: Header, source: str) -> set[st
     """
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     # Each motion attention may carry a (1, max_frames, C) encoding buffer.
+    max_frames = {f"{name}.": motion_max_frames(module) for name, module in model.motion_modules()}
     pe_shapes = {}
     for name, shape in expected.items():
         if ".attn_temporal." in name and ".attention_blocks." in name and name.endswith(".to_q.weight"):
-            max_frames = model.transformer_blocks[int(name.split(".")[1])].attn_temporal.max_frames
-            pe_shapes[name.removesuffix(".to_q.weight")] = (1, max_frames, shape[1])
-    pe_names = {name for name in header if (match := PE_BUFFER.match(name)) and match["attention"] in pe_shapes}
-    wanted = {**expected, **{name: pe_shapes[PE_BUFFER.match(name)["attention"]] for name in pe_names}}
+            frames = next(frames for module, frames in max_frames.items() if name.startswith(module))
+            pe_shapes[name.removesuffix(".to_q.weight")] = (1, frames, shape[1])
+    pe_attentions = {name: match["attention"] for name in header
+                     if (match := PE_BUFFER.match(name)) and match["attention"] in pe_shapes}
+    wanted = {**expected, **{name: pe_shapes[attention] for name, attention in pe_attentions.items()}}
     check_fits(wanted, {name: shape for name, (shape, _) in header.items()}, _mismatch_context(source),
                advice=f"The file has {len(header)} tensors and looks like {looks_like(set(header))}")
-    return pe_names
+    return set(pe_attentions)
 
 
 def load_video_dit(
@@ -228,7 +231,7 @@ def convert_easyanimate_transformer(
             model.save_pretrained(folder)
             return Path(target), notes
         config = easyanimate_config_from_video_dit(dict(model.config))
-        lengths = {spec["max_frames"] for spec in model.config.motion_modules}
+        lengths = {spec["max_frames"] for spec in model.config["motion_modules"]}
         if len(lengths) != 1:
             raise KinemaError(f"V3 gives every motion module one frame-encoding length; this model has {lengths}")
         # V3 keeps its frame tables in float32 whatever the weights' dtype, and EasyAnimate reads them as they are.

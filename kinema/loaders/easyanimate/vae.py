@@ -150,10 +150,10 @@ def _read_state_dict(weights: WeightFiles) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def load_slice_vae(path: str | Path, subfolder: str | None = None,
-                   torch_dtype: torch.dtype | None = None, mmap: bool = False) -> SliceVAE:
+def load_slice_vae(path: str | Path, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                   mmap: bool = False, device: str | torch.device = "cpu") -> SliceVAE:
     """Build a `SliceVAE` from `path[/subfolder]` (a V3 VAE folder or a kinema-saved one) and load its weights
-    strictly; returns it in eval mode, in `torch_dtype` (default float32).
+    strictly; returns it in eval mode, in `torch_dtype` (default float32), on `device`.
 
     Keys under `loss.` (training-only loss networks) are dropped and counted; any other missing, unexpected or
     wrongly shaped key raises KinemaError naming it, before any weight is copied. Weights are read into memory;
@@ -176,7 +176,7 @@ def load_slice_vae(path: str | Path, subfolder: str | None = None,
     # should be kept in float32" on every dtype cast, even for models like this one that list none.
     dtype = torch_dtype or torch.float32
     for name in list(state_dict):  # one tensor at a time, so at most one extra copy is alive
-        state_dict[name] = state_dict[name].to(dtype, copy=not mmap)
+        state_dict[name] = state_dict[name].to(device, dtype, copy=not mmap)
     load_strict(model, state_dict, context, advice=advice, assign=True)
     return model.eval()
 
