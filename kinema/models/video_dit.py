@@ -17,7 +17,7 @@ config and lists the fields it accepts and refuses.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import ConfigMixin, ModelMixin, PixArtTransformer2DModel
@@ -208,7 +208,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
     def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """`(name, module)` for the motion module of every block, `transformer_blocks.{i}.attn_temporal`."""
         for index, block in enumerate(self.transformer_blocks):
-            yield f"transformer_blocks.{index}.attn_temporal", block.attn_temporal
+            yield f"transformer_blocks.{index}.attn_temporal", cast(nn.Module, block.attn_temporal)
 
     def image_tokens(self, clip_image_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding `(B, image_embed_dim)` -> image tokens `(B, num_image_tokens, C)`.

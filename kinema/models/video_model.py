@@ -9,7 +9,7 @@ A host is a diffusers model that denoises video `(B, C, F, H, W)` with motion mo
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,12 +54,6 @@ class VideoModel:
     # How to fix motion-module weights that do not fit, said after the mismatch; hosts name their own versions.
     motion_mismatch_advice = "check that the motion weights come from a model of the same kind and size"
 
-    def forward(
-        self, sample: torch.Tensor, timestep: Timestep, encoder_hidden_states: torch.Tensor, **conditioning: Any
-    ) -> torch.Tensor:
-        """Predict noise for a clip: `(B, C, F, H, W)` latents -> `(B, C_out, F, H, W)`; see the class docstring."""
-        raise NotImplementedError(f"{type(self).__name__} must implement forward")
-
     def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """`(name, module)` for every motion module; the host says where they are."""
         raise NotImplementedError(f"{type(self).__name__} must say where its motion modules are")
@@ -74,7 +68,7 @@ class VideoModel:
         """Train motion modules only: freeze every other weight and every loaded (peft) LoRA."""
         from peft.tuners.lora import LoraLayer
 
-        self.requires_grad_(False)
+        cast(nn.Module, self).requires_grad_(False)
         for _, module in self.motion_modules():
             module.requires_grad_(True)
             for layer in module.modules():

@@ -202,7 +202,9 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         self, enable: bool = True, gradient_checkpointing_func: Callable[..., Any] = checkpoint
     ) -> None:
         # diffusers calls this from enable/disable_gradient_checkpointing; the rerun of a checkpointed layer needs F.
-        super()._set_gradient_checkpointing(enable, FrameCountCheckpoint(gradient_checkpointing_func))
+        # (mypy does not find diffusers' method past the mixins before ModelMixin)
+        super()._set_gradient_checkpointing(  # type: ignore[misc]
+            enable, FrameCountCheckpoint(gradient_checkpointing_func))
         # A motion module after a resnet already reruns inside the resnet's checkpoint; its own checkpointing (set by
         # diffusers' walk over all submodules) would make the backward pass run it a third time.
         for slot in motion_slots(self.unet, self.config.motion_mid_block):
