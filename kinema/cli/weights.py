@@ -1,5 +1,5 @@
 """`kinema inspect` and `kinema convert`: what a weights file or model folder is, and the same weights in another
-layout. Both go through the loaders' front door (`kinema.loaders.describe` / `convert`)."""
+layout. Both go through the loaders' front door (`kinema.loaders`: `describe`, `convert`)."""
 
 from __future__ import annotations
 
@@ -12,39 +12,41 @@ from kinema.errors import KinemaError
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
 from kinema.loaders.formats import CONVERT_LAYOUTS
 
+INSPECT_DESCRIPTION = (
+    "Recognise an AnimateDiff motion module (file or diffusers MotionAdapter folder), a motion LoRA, an EasyAnimate "
+    "V3 folder, transformer or Slice VAE, or a Stable Diffusion 1.5 folder or single file, check every tensor name "
+    "and shape against its layout, and print its format, version, key and parameter counts (buffers excluded), "
+    "frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles that need code are refused."
+)
+CONVERT_DESCRIPTION = (
+    "Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with the published "
+    "names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and `kinema` (.safetensors with its "
+    "motion settings in the metadata).\n"
+    "Convert a motion LoRA between `original` (processor.to_q_lora.down/up), `diffusers` (what diffusers' "
+    "conversion script writes), `diffusers_peft` (lora_A/lora_B, what `load_lora_weights` reads) and `kinema`.\n"
+    "Convert an EasyAnimate V3 transformer folder between `original` (V3's config.json and names, with its stored "
+    "frame tables) and `kinema` (VideoDiT's config, no tables). Weights are copied exactly."
+)
+CONVERT_EXAMPLES = (
+    "kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers",
+    "kinema convert models/v2_lora_ZoomIn.ckpt models/zoom_in_peft.safetensors --to diffusers_peft",
+    "kinema convert models/EasyAnimateV3-XL-2-InP-512x512 models/v3_kinema_transformer --to kinema",
+)
+
 
 def add(subparsers: argparse._SubParsersAction) -> None:
     """Register `kinema inspect` and `kinema convert`."""
-    inspect = add_command(
-        subparsers, "inspect", run=run_inspect, check=check_inspect,
-        help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
-        description="Recognise a motion module (AnimateDiff file or diffusers MotionAdapter folder), motion LoRA "
-                    "or EasyAnimate folder and print its format, version, key and parameter counts (buffers "
-                    "excluded), frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles "
-                    "that need code are refused.",
-        epilog=example("kinema inspect models/mm_sd_v15_v2.ckpt --json"),
-    )
+    inspect = add_command(subparsers, "inspect", run=run_inspect, check=check_inspect,
+                          help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
+                          description=INSPECT_DESCRIPTION,
+                          epilog=example("kinema inspect models/mm_sd_v15_v2.ckpt --json"))
     inspect.add_argument("path", help="weights file or model folder")
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    convert = add_command(
-        subparsers, "convert", run=run_convert, check=check_convert,
-        help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, weights unchanged",
-        description="Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with "
-                    "the published names and pos_encoder.pe tables), `diffusers` (a MotionAdapter folder) and "
-                    "`kinema` (.safetensors with its motion settings in the metadata).\n"
-                    "Convert a motion LoRA between `original` (processor.to_q_lora.down/up), `diffusers` (what "
-                    "diffusers' conversion script writes), `diffusers_peft` (lora_A/lora_B, what "
-                    "`load_lora_weights` reads) and `kinema`.\n"
-                    "Convert an EasyAnimate V3 transformer folder between `original` (V3's config.json and names, "
-                    "with its stored frame tables) and `kinema` (VideoDiT's config, no tables). "
-                    "Weights are copied exactly.",
-        epilog=example(
-            "kinema convert models/mm_sd_v15_v2.ckpt models/mm_sd_v15_v2_diffusers --to diffusers",
-            "kinema convert models/v2_lora_ZoomIn.ckpt models/zoom_in_peft.safetensors --to diffusers_peft",
-            "kinema convert models/EasyAnimateV3-XL-2-InP-512x512 models/v3_kinema_transformer --to kinema",
-        ),
-    )
+    convert = add_command(subparsers, "convert", run=run_convert, check=check_convert,
+                          help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, "
+                               "weights unchanged",
+                          description=CONVERT_DESCRIPTION, epilog=example(*CONVERT_EXAMPLES))
     convert.add_argument("input", help="motion-module or motion-LoRA file, MotionAdapter folder or EasyAnimate folder")
     convert.add_argument("output", help="file to write (.safetensors/.ckpt) or, for a MotionAdapter or an EasyAnimate "
                                         "transformer, a folder")

@@ -38,28 +38,27 @@ def one_line_without_temporaries(err: str) -> None:
     assert "Traceback" not in err
 
 
+def mounted_tmpfs(folder, options: str):
+    """A real tmpfs mounted at `folder` with `options`, unmounted afterwards; the test is skipped where mounting is
+    not allowed."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A real 256 KiB file system (tmpfs), so that a write runs out of space as it would on a full disk."""
-    mount = tmp_path / "tiny_disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from mounted_tmpfs(tmp_path / "tiny_disk", "size=256k")
 
 
 @pytest.fixture
 def read_only_disk(tmp_path):
     """A real read-only file system (a tmpfs mounted ro), where even removing a missing name fails with EROFS."""
-    mount = tmp_path / "read_only"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from mounted_tmpfs(tmp_path / "read_only", "ro,size=64k")
 
 
 def test_a_read_only_disk_is_one_line_naming_the_output(capsys, motion_module, read_only_disk):
