@@ -7,9 +7,9 @@ the first few of each so the user can tell a wrong file from a wrong config.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -104,15 +104,27 @@ def load_strict(
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=True, assign=assign)
 
 
+class _DiffusersModelClass(Protocol):
+    """What `StrictFromPretrained` needs of the class it is mixed into: diffusers' `ConfigMixin.from_config` and,
+    after the mixin in the method order, `ModelMixin.from_pretrained`."""
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> Any: ...
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any: ...
+
+
 class StrictFromPretrained:
     """Mixin for diffusers `ModelMixin` models: `from_pretrained` loads a folder `save_pretrained` wrote (config.json
     and its weights) and refuses one whose weights do not match the model its config builds, where diffusers would
-    only log the missing and unused keys and carry on (and stops at a mis-shaped tensor with its own error)."""
-
-    from_config: ClassVar[Callable[..., Any]]  # ConfigMixin's, beside this mixin in the model's bases
+    only log the missing and unused keys and carry on (and stops at a mis-shaped tensor with its own error). Put it
+    before `ModelMixin` and `ConfigMixin` in the model's bases."""
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    def from_pretrained(
+        cls: type[_DiffusersModelClass], pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> Any:
         """diffusers' `from_pretrained` of a local folder, once every weight name and shape is checked against the
         model config.json builds (`check_fits`); a KinemaError naming any missing, unexpected or mismatched key."""
         from accelerate import init_empty_weights

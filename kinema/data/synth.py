@@ -116,7 +116,7 @@ def render_background(kind: str, colour: str, size: int, rng: np.random.Generato
     if kind == "noise":
         # Low-frequency noise: a coarse random grid upsampled smoothly, so H.264 keeps it cheaply.
         coarse = rng.uniform(-1, 1, size=(4, 4)).astype(np.float32)
-        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float64)
+        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), np.float64)
         return base + np.clip(smooth, -1, 1)[..., None] * 18
     if kind == "checker":
         cell = max(4, size // 8)
@@ -195,6 +195,7 @@ def _trajectory(motion: str, frames: int, size: int, rng: np.random.Generator) -
 def _caption(rng: np.random.Generator, colour: str, shape: str, motion: str | None, background: dict,
              relative_size: float) -> str:
     size_word = "small " if relative_size < 0.15 else "large " if relative_size > 0.24 else ""
+    phrases: tuple[str, ...]
     if background["kind"] == "plain":
         phrases = (f"a {background['colour']} background", f"plain {background['colour']}")
     else:

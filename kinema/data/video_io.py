@@ -157,8 +157,8 @@ def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
             raise KinemaError(f"expected float frames in [-1, 1], got dtype {frames.dtype}")
         if not torch.isfinite(frames).all():
             raise KinemaError("frames contain NaN or infinity; the model output is broken, not the file")
-        array = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        array = array.permute(0, 2, 3, 1).cpu().numpy()
+        as_bytes = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        array = as_bytes.permute(0, 2, 3, 1).cpu().numpy()
     elif isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] not in (1, 3):
             raise KinemaError(f"expected a uint8 numpy array shaped (F, H, W, 3), got {frames.dtype} "
@@ -373,6 +373,7 @@ def read_video(path: str | os.PathLike, start: int = 0, stride: int = 1, max_fra
     if not path.exists():
         raise KinemaError(f"no such file or folder: {path}")
     suffix = path.suffix.lower()
+    reader: _Reader
     if path.is_dir():
         reader = _read_folder
     elif suffix in _READERS:

@@ -139,10 +139,12 @@ def _protocol4_imports(path: Path) -> list[str]:
     memo: dict[int, str | None] = {}
     try:
         with open(path, "rb") as f:
+            # genops types every argument as optional; each opcode's own argument type (PROTO and the GETs take an
+            # int, GLOBAL and INST a "module name" string) is checked rather than assumed.
             for position, (opcode, arg, _) in enumerate(pickletools.genops(f)):
-                if position == 0 and not (opcode.name == "PROTO" and arg >= 4):
+                if position == 0 and not (opcode.name == "PROTO" and isinstance(arg, int) and arg >= 4):
                     return []
-                if opcode.name in ("GLOBAL", "INST"):
+                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
                     imports.append(arg.replace(" ", "."))
                 elif opcode.name == "STACK_GLOBAL":
                     module, name = (pushed[-2:] if len(pushed) >= 2 else [None, None])
@@ -150,7 +152,7 @@ def _protocol4_imports(path: Path) -> list[str]:
                     pushed.append(None)
                 elif opcode.name == "MEMOIZE":
                     memo[len(memo)] = pushed[-1] if pushed else None
-                elif opcode.name in ("BINGET", "LONG_BINGET", "GET"):
+                elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int):
                     pushed.append(memo.get(arg))
                 elif isinstance(arg, str):
                     pushed.append(arg)

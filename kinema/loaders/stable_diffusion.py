@@ -22,18 +22,25 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import diffusers
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
     infer_diffusers_model_type,
 )
+
+# Each class from its own module: mypy reads `from diffusers import ...` as diffusers' placeholder classes for
+# installs without torch (its TYPE_CHECKING imports name those first), which have none of the real methods.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -124,9 +131,9 @@ def _load_scheduler(folder: Path) -> SchedulerMixin:
         raise KinemaError(f"{path} is not a diffusers scheduler config: that is a JSON object naming its class, e.g. "
                           '{"_class_name": "PNDMScheduler", ...}; copy scheduler/ from an SD1.5 diffusers folder')
     cls = getattr(diffusers, str(config["_class_name"]), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin) and issubclass(cls, ConfigMixin)):
         raise KinemaError(f"{path}: {config['_class_name']!r} is not a diffusers scheduler class")
-    return cls.from_config(config)
+    return cast(SchedulerMixin, cls.from_config(config))  # (instance, unused) only with return_unused_kwargs=True
 
 
 def load_tokenizer(path: str | os.PathLike) -> CLIPTokenizer:
@@ -407,10 +414,13 @@ def load_spatial_lora(
     if not downs:
         raise KinemaError(f"no LoRA down matrices (`*.lora_down.weight` / `*.lora_A.weight`) among {len(state)} keys; "
                           "is this a LoRA file?")
+    # diffusers' annotations are narrower than what it takes: `scheduler` is typed as its KarrasDiffusionSchedulers
+    # enum (any scheduler instance works), and the safety parts as required (None is documented for both when
+    # requires_safety_checker is False).
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=components.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        unet=components.unet, requires_safety_checker=False,
+        scheduler=components.scheduler, safety_checker=None, feature_extractor=None)  # type: ignore[arg-type]
     adapter = "kinema_spatial"
     try:
         pipe.load_lora_weights(state, adapter_name=adapter)

@@ -23,10 +23,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -41,6 +42,7 @@ from kinema.loaders.animatediff.motion_lora_keys import (
 )
 from kinema.loaders.checkpoint_io import read_state_dict
 from kinema.models.video_unet import VideoUNet
+from kinema.state_dicts import problems_phrase
 
 __all__ = [
     "convert_motion_lora",
@@ -101,16 +103,29 @@ def _entry(state: _State, name: str) -> _Loaded:
     return state.loaded[name]
 
 
-def _base_linear(unet: nn.Module, path: str) -> nn.Linear:
+def _base_layer(unet: nn.Module, path: str) -> nn.Module:
+    """The layer at `path`, or the one a peft wrapper there wraps."""
     layer = unet.get_submodule(path)
     return layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+
+
+def _base_linear(unet: nn.Module, path: str) -> nn.Linear:
+    layer = _base_layer(unet, path)
+    if not isinstance(layer, nn.Linear):  # _check_fits refuses such a LoRA before anything is merged
+        raise KinemaError(f"{path} is a {type(layer).__name__}, not a Linear a motion LoRA can merge into")
+    return layer
+
+
+def _lora_layer(unet: nn.Module, path: str) -> LoraLayer:
+    """The peft LoRA wrapper at `path`, one that `_inject` targeted (so the cast is what is there)."""
+    return cast(LoraLayer, unet.get_submodule(path))
 
 
 def _check_fits(unet: nn.Module, lora: MotionLora) -> None:
     problems = []
     for slot, pair in lora.layers.items():
         try:
-            base = _base_linear(unet, slot.module_path)
+            base = _base_layer(unet, slot.module_path)
         except AttributeError:
             problems.append(f"{lora.keys[slot]} (the UNet has no {slot.module_path})")
             continue
@@ -171,6 +186,14 @@ def _tuner_layers(unet: nn.Module) -> dict[str, BaseTunerLayer]:
     return {path: module for path, module in unet.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
+class _LoadResult(Protocol):
+    """What `set_peft_model_state_dict` returns: torch's `load_state_dict` result (peft annotates it as a bare
+    namedtuple, which tells a type checker none of its fields)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 def _inject(unet: nn.Module, name: str, entry: _Loaded) -> None:
     pairs = entry.pairs
     ranks = {path: pair.rank for path, pair in pairs.items()}
@@ -178,7 +201,9 @@ def _inject(unet: nn.Module, name: str, entry: _Loaded) -> None:
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted(pairs), inference_mode=True,
+        # peft annotates lora_alpha as an int, but uses it as `alpha / r` and so takes the float alphas files hold
+        r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+        lora_dropout=0.0, target_modules=sorted(pairs), inference_mode=True,
         rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
         alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha},
     )
@@ -192,22 +217,23 @@ def _inject(unet: nn.Module, name: str, entry: _Loaded) -> None:
                 inject_adapter_in_model(config, unet, adapter_name=name)
             weights = {f"{path}.{part}.weight": tensor for path, pair in pairs.items()
                        for part, tensor in (("lora_A", pair.down), ("lora_B", pair.up))}
-            result = set_peft_model_state_dict(unet, weights, adapter_name=name)
+            result = cast(_LoadResult, set_peft_model_state_dict(unet, weights, adapter_name=name))
             own = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\.weight$")
-            unloaded = [k for k in result.missing_keys if own.search(k)]
-            if result.unexpected_keys or unloaded:
-                raise KinemaError(f"peft did not take every motion-LoRA weight: unexpected "
-                                  f"{result.unexpected_keys[:3]}, not loaded {unloaded[:3]}")
+            problems = {"unexpected": list(result.unexpected_keys),
+                        "not loaded": [k for k in result.missing_keys if own.search(k)]}
+            if any(problems.values()):
+                raise KinemaError(f"peft did not take every motion-LoRA weight: {problems_phrase(problems)}")
             for path, layer in _tuner_layers(unet).items():
                 layer.set_adapter(active.get(path, []) + ([name] if path in pairs else []))
     except Exception:  # undo whatever peft had done, so a failed load changes nothing
         with _trainability_kept(unet):
             for path, layer in _tuner_layers(unet).items():
                 layer.set_adapter(active.get(path, [name]))
-        _remove_adapter(unet, name, [path for path, layer in _tuner_layers(unet).items() if name in layer.lora_A])
+        _remove_adapter(unet, name, [path for path, layer in _tuner_layers(unet).items()
+                                     if isinstance(layer, LoraLayer) and name in layer.lora_A])
         raise
     for path in pairs:
-        layer = unet.get_submodule(path)
+        layer = _lora_layer(unet, path)
         # Loaded LoRAs stay frozen, so that freeze_base() + training never picks them up by accident.
         layer.lora_A[name].requires_grad_(False)
         layer.lora_B[name].requires_grad_(False)
@@ -217,7 +243,7 @@ def _inject(unet: nn.Module, name: str, entry: _Loaded) -> None:
 def _remove_adapter(unet: nn.Module, name: str, paths: Iterable[str]) -> None:
     with _trainability_kept(unet):
         for path in paths:
-            layer = unet.get_submodule(path)
+            layer = _lora_layer(unet, path)
             remaining = [a for a in layer.active_adapters if a != name]
             layer.delete_adapter(name)
             if layer.lora_A:
@@ -287,7 +313,7 @@ def set_motion_lora_strength(video_unet: VideoUNet, name: str, strength: float) 
         _rebuild_merged(video_unet.unet, state, entry.pairs)
     else:
         for path in entry.pairs:
-            video_unet.unet.get_submodule(path).set_scale(name, entry.strength)
+            _lora_layer(video_unet.unet, path).set_scale(name, entry.strength)
 
 
 def unload_motion_lora(video_unet: VideoUNet, name: str) -> None:

@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 
@@ -58,7 +58,7 @@ class Layout:
     parts: tuple[str, str]  # names of (down, up)
 
 
-LAYOUTS: dict[str, Layout] = {
+LAYOUTS: dict[MotionLoraFormat, Layout] = {
     "original": Layout(
         read=_KINEMA_PATH + _PROCESSOR_TAIL,
         write="{mm}.temporal_transformer.transformer_blocks.{block}.attention_blocks.{attn}.processor.{proj}_lora"
@@ -120,13 +120,13 @@ class LoraPair:
 class MotionLora:
     """A parsed motion LoRA: its file layout, its layers by slot (file order) and the file key naming each."""
 
-    format: str
+    format: MotionLoraFormat
     layers: dict[Slot, LoraPair]
     keys: dict[Slot, str]
     adapter: str | None = None
 
 
-def _match(key: str) -> tuple[str, re.Match] | None:
+def _match(key: str) -> tuple[MotionLoraFormat, re.Match] | None:
     for name, pattern in _COMPILED.items():
         found = pattern.fullmatch(key)
         if found:
@@ -151,7 +151,7 @@ def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
     a layer without its down or up matrix, ranks that disagree within a pair, or a width C other than that of the
     motion module the key names. Works on meta tensors (shapes only), except for the value of an alpha.
     """
-    matched: dict[str, tuple[str, re.Match]] = {}
+    matched: dict[str, tuple[MotionLoraFormat, re.Match]] = {}
     unknown: list[str] = []
     for key in state_dict:
         hit = _match(key)
@@ -264,11 +264,16 @@ def _partner(key: str, matches: dict[str, re.Match]) -> str:
     return key[:start] + other + key[end:]
 
 
+def motion_lora_format(name: str) -> MotionLoraFormat:
+    """`name` (e.g. a `--to` choice) as a motion-LoRA layout; KinemaError naming the layouts when it is none."""
+    if name not in LAYOUTS:
+        raise KinemaError(f"unknown motion-LoRA layout {name!r}; choose one of {sorted(LAYOUTS)}")
+    return cast(MotionLoraFormat, name)  # one of LAYOUTS' keys, which are the layouts
+
+
 def write_motion_lora(lora: MotionLora, to: MotionLoraFormat) -> dict[str, torch.Tensor]:
     """Write a parsed motion LoRA's tensors under the key names of layout `to`."""
-    if to not in LAYOUTS:
-        raise KinemaError(f"unknown motion-LoRA layout {to!r}; choose one of {sorted(LAYOUTS)}")
-    layout = LAYOUTS[to]
+    layout = LAYOUTS[motion_lora_format(to)]  # checked again: callers without a type checker pass any string
     out: dict[str, torch.Tensor] = {}
     for slot, pair in lora.layers.items():
         fields = dict(mm=slot.mm, block=slot.block, attn=slot.attention + layout.first_attention,
