@@ -66,7 +66,7 @@ def test_whole_folder_load_prints_no_torchvision_notice(tmp_path):
     script = textwrap.dedent("""
         import sys
         from PIL import Image
-        from kinema.loaders.easyanimate.transformer import load_easyanimate
+        from kinema.loaders.easyanimate import load_easyanimate
 
         image = Image.new("RGB", (40, 48), (200, 30, 90))
         pixels = load_easyanimate(sys.argv[1]).image_processor(image, return_tensors="pt").pixel_values
@@ -138,7 +138,7 @@ def test_slice_vae_weights_are_in_memory_unless_mmap_is_asked(tmp_path):
 def test_text_and_image_encoders_are_in_memory_unless_mmap_is_asked(tmp_path):
     from loaders.easyanimate.test_easyanimate import source_model, write_full_folder
 
-    from kinema.loaders.easyanimate.transformer import load_easyanimate
+    from kinema.loaders.easyanimate import load_easyanimate
 
     write_full_folder(tmp_path, source_model())  # the text encoder is a sharded fp16 variant, CLIP one fp32 file
     in_memory, mapped = load_easyanimate(tmp_path), load_easyanimate(tmp_path, mmap=True)

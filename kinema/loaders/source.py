@@ -47,6 +47,14 @@ class Source:
 
     path: Path
     options: Mapping[str, Any] = field(default_factory=dict)
+    _files_inside: dict[Path, Source] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def file_inside(self, path: Path) -> Source:
+        """The `Source` of a file in this folder (e.g. a MotionAdapter's weights), made on first use and kept, so
+        that a describer and the loader after it share its reads: a torch pickle there is unpickled once too."""
+        if path not in self._files_inside:
+            self._files_inside[path] = Source(path, self.options)
+        return self._files_inside[path]
 
     @cached_property
     def is_weights_file(self) -> bool:
@@ -68,7 +76,8 @@ class Source:
 
     @cached_property
     def names(self) -> list[str]:
-        return self._header_names if self.is_safetensors else list(self.checkpoint.tensors)
+        header_names = self._header_names
+        return header_names if header_names is not None else list(self.checkpoint.tensors)
 
     @cached_property
     def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -119,7 +128,7 @@ def describe_source(source: Source) -> dict[str, Any]:
             return {"path": str(path), **report}
     hint = ""
     if source.is_weights_file:
-        from kinema.loaders.animatediff.motion_module import guess_kind  # names what else the file looks like
+        from kinema.loaders.animatediff.structure import guess_kind  # names what else the file looks like
 
         hint = f"; {guess_kind(source.names)}"
     elif path.is_file():

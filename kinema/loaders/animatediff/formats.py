@@ -52,7 +52,7 @@ def describe_motion_module(source: Source) -> dict[str, Any] | None:
         if read_json_object(path / "config.json", "a model config").get("_class_name") != "MotionAdapter":
             return None
         config, weights = adapter_files(path)
-        return _check_motion_module(Source(weights), config, path)
+        return _check_motion_module(source.file_inside(weights), config, path)
     if not source.is_weights_file:
         return None
     # Decided from the names, which a header gives: an EasyAnimate transformer is GBs, and not ours to load.
@@ -116,8 +116,8 @@ def convert_motion_module_source(source: Source, target: Path, to: str, *, overw
 def convert_motion_lora_source(source: Source, target: Path, to: str, *, overwrite: bool = False
                                ) -> tuple[Path, list[str]]:
     """Rename a motion LoRA file's keys into layout `to`; tensors are copied as they are."""
-    from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora
+    from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora, motion_lora_format
     from kinema.loaders.checkpoint_io import write_state_dict
 
-    converted = convert_motion_lora(source.checkpoint.tensors, to)
+    converted = convert_motion_lora(source.checkpoint.tensors, motion_lora_format(to))
     return write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source.path,)), []

@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+
+# From its own module: mypy reads `from diffusers import ...` as diffusers' placeholder class for installs without
+# torch (its TYPE_CHECKING imports name those first), which has none of the model's attributes.
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from kinema.errors import KinemaError, naming
 from kinema.fileio import read_json_object
 from kinema.loaders.animatediff.detect import MotionModuleInfo, detect_motion_module, motion_settings
 from kinema.loaders.animatediff.keys import rename_state_dict
 from kinema.loaders.animatediff.structure import check_frame_tables, names_of, split_pe
-from kinema.loaders.checkpoint_io import Checkpoint, find_weights, read_checkpoint
+from kinema.loaders.checkpoint_io import Checkpoint, find_weights
 from kinema.loaders.source import Source
 from kinema.models.video_unet import VideoUNet
 from kinema.state_dicts import load_strict
@@ -70,7 +73,7 @@ def read_motion_module(source: str | os.PathLike | Source) -> MotionModuleFile:
         checkpoint: Checkpoint
         if path.is_dir():
             config, weights = adapter_files(path)
-            checkpoint, metadata, dropped = read_checkpoint(weights), None, {}
+            checkpoint, metadata, dropped = described.file_inside(weights).checkpoint, None, {}
         else:
             checkpoint, config = described.checkpoint, None
             metadata, dropped = checkpoint.metadata, checkpoint.dropped

@@ -247,12 +247,3 @@ def _pe_length_from_config(config: dict[str, Any]) -> int | None:
     if not config:
         return None
     return video_dit_config_from_easyanimate(config)["motion_modules"][0].get("max_frames")
-
-
-def __getattr__(name: str) -> Any:
-    # Whole-folder loading moved to folder.py, which imports this module; code that imports it from here still works.
-    if name in ("EasyAnimateModel", "load_easyanimate"):
-        from kinema.loaders.easyanimate import folder
-
-        return getattr(folder, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

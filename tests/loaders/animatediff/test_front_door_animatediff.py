@@ -77,13 +77,14 @@ def test_load_opens_published_motion_modules(tmp_path, unet2d, version, suffix):
         max_frames, mid_block, resnet_norm)
 
 
-def diffusers_adapter_folder(folder, original):
+def diffusers_adapter_folder(folder, original, safe_serialization=True):
     """A MotionAdapter folder written by diffusers itself, holding `original`'s weights as diffusers' own converter
-    names them (independent of kinema's key maps) and the frame tables a MotionAdapter computes."""
+    names them (independent of kinema's key maps) and the frame tables a MotionAdapter computes; its weights are a
+    torch pickle (`.bin`) when `safe_serialization` is False."""
     adapter = MotionAdapter(block_out_channels=TINY_CHANNELS, motion_max_seq_length=32, use_motion_mid_block=True)
     tables = {k: v for k, v in adapter.state_dict().items() if k.endswith(".pos_embed.pe")}
     adapter.load_state_dict({**convert_animatediff_checkpoint_to_diffusers(original), **tables}, strict=True)
-    adapter.save_pretrained(folder)
+    adapter.save_pretrained(folder, safe_serialization=safe_serialization)
     return folder
 
 
@@ -195,8 +196,15 @@ def unpickles(monkeypatch):
     return calls
 
 
-def test_the_front_door_unpickles_a_motion_module_once(tmp_path, unet2d, unpickles):
-    source = save(original_motion_state_dict("v3"), tmp_path / "v3.ckpt")
+@pytest.mark.parametrize("layout", ["ckpt file", "bin MotionAdapter folder"])
+def test_the_front_door_unpickles_a_motion_module_once(tmp_path, unet2d, unpickles, layout):
+    if layout == "ckpt file":
+        source = save(original_motion_state_dict("v3"), tmp_path / "v3.ckpt")
+    else:
+        source = diffusers_adapter_folder(tmp_path / "adapter", original_motion_state_dict("v2"),
+                                          safe_serialization=False)
+        assert [f.name for f in source.glob("*.bin")] == ["diffusion_pytorch_model.bin"]
+    assert unpickles == []
     kinema.load(source, unet=unet2d)
     assert len(unpickles) == 1
     kinema.convert(source, tmp_path / "out.safetensors", "kinema")
