@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
-from tiny_models import TINY_UNET
+from tiny_models import TINY_UNET, perturb
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -22,14 +22,6 @@ TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock
                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32, layers_per_block=1)
 TINY_CLIP = dict(vocab_size=516, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, bos_token_id=514, eos_token_id=515, pad_token_id=515)
-
-
-def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return module.eval()
 
 
 def write_tokenizer(folder) -> None:
@@ -43,8 +35,9 @@ def write_tokenizer(folder) -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return {"unet": randomize(UNet2DConditionModel(**TINY_UNET), 1), "vae": randomize(AutoencoderKL(**TINY_VAE), 2),
-            "text_encoder": randomize(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), 3)}
+    return {"unet": perturb(UNet2DConditionModel(**TINY_UNET), 1).eval(),
+            "vae": perturb(AutoencoderKL(**TINY_VAE), 2).eval(),
+            "text_encoder": perturb(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), 3).eval()}
 
 
 @pytest.fixture(scope="module")

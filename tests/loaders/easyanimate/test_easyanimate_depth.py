@@ -36,6 +36,8 @@ def v3_skips(num_layers: int) -> dict[int, tuple[int, int]]:
 
 
 def randomize(model: VideoDiT, seed: int = 0) -> VideoDiT:
+    """Replace every parameter with seeded noise. Not tiny_models.perturb, which adds noise to the constructor's
+    initialisation: the models here are built without seeding torch, so only replacing keeps their weights fixed."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
