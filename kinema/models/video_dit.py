@@ -16,14 +16,15 @@ config and lists the fields it accepts and refuses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, PixArtTransformer2DModel
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
+from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from einops import rearrange
 from torch import nn
 
@@ -47,7 +48,10 @@ VIDEO_SETTINGS = ("in_channels", "enable_uvit", "skip_pairs", "num_skip_linears"
                   "num_image_tokens")
 
 
-class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
+# Two base-class conflicts mypy reports here, neither a fault of this class: diffusers' ModelMixin sets config_name
+# to a str where its ConfigMixin declares it None, and StrictFromPretrained requires the folder path that diffusers'
+# from_pretrained lets be None (kinema loads local folders only).
+class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[misc]
     """EasyAnimate V3 video transformer; defaults are V3-XL/2 InP (1152 wide, 28 blocks, 12 -> 8 channels).
 
     Its motion modules are `transformer_blocks.{i}.attn_temporal`, one per block (`motion_modules`); `freeze_base`
@@ -108,7 +112,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         enable_uvit: bool = True,
         skip_pairs: list[tuple[int, int]] | None = None,
         num_skip_linears: int | None = None,
-        motion_modules: list[MotionModuleSpec] | None = None,
+        motion_modules: Sequence[MotionModuleSpec] | None = None,
         image_embed_dim: int | None = 768,
         num_image_tokens: int = 8,
     ):
@@ -167,7 +171,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
 
     def initialize_weights(self) -> None:
         """PixArt-alpha's initialisation, plus zeros on everything video-only so a fresh model is its image model."""
-        inner_dim = self.config.num_attention_heads * self.config.attention_head_dim
+        inner_dim = self.config["num_attention_heads"] * self.config["attention_head_dim"]
 
         def xavier(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -185,13 +189,13 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         for linear in (timestep_mlp.linear_1, timestep_mlp.linear_2, self.adaln_single.linear,
                        self.caption_projection.linear_1, self.caption_projection.linear_2):
             nn.init.normal_(linear.weight, std=0.02)
-        for table in [self.scale_shift_table] + [block.scale_shift_table for block in self.transformer_blocks]:
+        for table in [self.scale_shift_table] + [block.scale_shift_table for block in self._blocks()]:
             nn.init.normal_(table, std=inner_dim**-0.5)
         # PixArt zeroes the cross-attention outputs and the final projection for a stable start.
-        zeroed = [block.attn2.to_out[0] for block in self.transformer_blocks] + [self.proj_out]
+        zeroed = [cast(nn.Linear, block.attn2.to_out[0]) for block in self._blocks()] + [self.proj_out]
         # Video-only parts start at zero so that they change nothing: skips and the image tokens' last linear
         # (motion modules zero their own output projection).
-        zeroed += list(self.long_connect_fc)
+        zeroed += [cast(nn.Linear, linear) for linear in self.long_connect_fc]
         zeroed += [self.clip_projection.linear_2] if self.clip_projection is not None else []
         for linear in zeroed:
             nn.init.zeros_(linear.weight)
@@ -205,10 +209,14 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         self.gradient_checkpointing = enable
         self._gradient_checkpointing_func = gradient_checkpointing_func
 
+    def _blocks(self) -> list[VideoDiTBlock]:
+        # nn.ModuleList types its items as plain Modules; every item here is a VideoDiTBlock.
+        return cast(list[VideoDiTBlock], list(self.transformer_blocks))
+
     def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """`(name, module)` for the motion module of every block, `transformer_blocks.{i}.attn_temporal`."""
-        for index, block in enumerate(self.transformer_blocks):
-            yield f"transformer_blocks.{index}.attn_temporal", cast(nn.Module, block.attn_temporal)
+        for index, block in enumerate(self._blocks()):
+            yield f"transformer_blocks.{index}.attn_temporal", block.attn_temporal
 
     def image_tokens(self, clip_image_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding `(B, image_embed_dim)` -> image tokens `(B, num_image_tokens, C)`.
@@ -221,7 +229,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
             raise KinemaError("this model has no image projection (image_embed_dim is None), so it cannot take CLIP "
                               "image embeddings; image-to-video needs an EasyAnimate InP model")
         tokens = self.clip_projection(clip_image_embeds)  # (B, T*C)
-        return rearrange(tokens, "b (t c) -> b t c", t=self.config.num_image_tokens)
+        return rearrange(tokens, "b (t c) -> b t c", t=self.config["num_image_tokens"])
 
     def check_inputs(
         self,
@@ -231,39 +239,40 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         clip_image_embeds: torch.Tensor | None = None,
     ) -> None:
         """Raise one `KinemaError` line for inputs this model cannot take; shapes as in `forward`."""
-        cfg = self.config
+        in_channels, patch = self.config["in_channels"], self.config["patch_size"]
+        caption_channels = self.config["caption_channels"]
         if sample.ndim != 5:
             raise KinemaError(f"latents must be (B, C, F, H, W); got shape {tuple(sample.shape)}")
         batch, channels, frames, height, width = sample.shape
         if inpaint_latents is not None:
-            if cfg.in_channels <= channels:
-                raise KinemaError(f"this model takes {cfg.in_channels} input channels in all, so it is not an "
+            if in_channels <= channels:
+                raise KinemaError(f"this model takes {in_channels} input channels in all, so it is not an "
                                   "inpaint (InP) model and cannot take inpaint_latents; image-to-video and video "
                                   "continuation need an EasyAnimate InP model (in_channels 12)")
-            if inpaint_latents.shape != (batch, cfg.in_channels - channels, frames, height, width):
-                raise KinemaError(f"inpaint_latents must be (B, {cfg.in_channels - channels}, F, H, W) = "
-                                  f"{(batch, cfg.in_channels - channels, frames, height, width)} next to latents "
+            if inpaint_latents.shape != (batch, in_channels - channels, frames, height, width):
+                raise KinemaError(f"inpaint_latents must be (B, {in_channels - channels}, F, H, W) = "
+                                  f"{(batch, in_channels - channels, frames, height, width)} next to latents "
                                   f"{tuple(sample.shape)}; got {tuple(inpaint_latents.shape)}")
-        elif channels != cfg.in_channels:
-            hint = (f"; this is an inpaint (InP) model: pass inpaint_latents (B, {cfg.in_channels - channels}, F, H, W)"
-                    " (mask latents then masked-video latents)" if channels < cfg.in_channels else "")
-            raise KinemaError(f"latents have {channels} channels but the model takes {cfg.in_channels}{hint}")
-        patch = cfg.patch_size
+        elif channels != in_channels:
+            hint = (f"; this is an inpaint (InP) model: pass inpaint_latents (B, {in_channels - channels}, F, H, W)"
+                    " (mask latents then masked-video latents)" if channels < in_channels else "")
+            raise KinemaError(f"latents have {channels} channels but the model takes {in_channels}{hint}")
         if height % patch or width % patch:
             raise KinemaError(f"latent size {height}x{width} is not divisible by the patch size {patch}; use a pixel "
                               f"height and width that are multiples of {8 * patch} (the VAE downsamples by 8)")
         check_frame_count(frames, self.max_frames, unit="latent frames")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch \
-                or encoder_hidden_states.shape[2] != cfg.caption_channels:
-            raise KinemaError(f"encoder_hidden_states must be (B={batch}, L, {cfg.caption_channels}) text-encoder "
+                or encoder_hidden_states.shape[2] != caption_channels:
+            raise KinemaError(f"encoder_hidden_states must be (B={batch}, L, {caption_channels}) text-encoder "
                               f"states; got {tuple(encoder_hidden_states.shape)}")
         if clip_image_embeds is not None:
             if self.clip_projection is None:
                 raise KinemaError("this model has no image projection (image_embed_dim is None), so it cannot take "
                                   "clip_image_embeds; image-to-video needs an EasyAnimate InP model")
-            if clip_image_embeds.shape != (batch, cfg.image_embed_dim):
-                raise KinemaError(f"clip_image_embeds must be (B, {cfg.image_embed_dim}) = "
-                                  f"{(batch, cfg.image_embed_dim)}; got {tuple(clip_image_embeds.shape)}")
+            image_embed_dim = self.config["image_embed_dim"]
+            if clip_image_embeds.shape != (batch, image_embed_dim):
+                raise KinemaError(f"clip_image_embeds must be (B, {image_embed_dim}) = "
+                                  f"{(batch, image_embed_dim)}; got {tuple(clip_image_embeds.shape)}")
 
     def _context(
         self,
@@ -314,7 +323,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         """
         self.check_inputs(sample, encoder_hidden_states, inpaint_latents, clip_image_embeds)
         batch, _, frames, height, width = sample.shape
-        patch = self.config.patch_size
+        patch = self.config["patch_size"]
         rows, cols = height // patch, width // patch
 
         # 1. Patch every frame; add the 2D sin-cos positions (recomputed by PatchEmbed for new sizes)
@@ -366,18 +375,19 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
             raise KinemaError(f"from_image_dit settings {refused} come from the image model or do not exist; "
                               f"only {list(VIDEO_SETTINGS)} can be set")
         image_cfg = pixart.config
-        if pixart.use_additional_conditions or image_cfg.attention_type != "default" or not image_cfg.caption_channels:
+        if (pixart.use_additional_conditions or image_cfg["attention_type"] != "default"
+                or not image_cfg["caption_channels"]):
             raise KinemaError("only PixArt-alpha models without resolution conditioning, with default attention and a "
                               "caption projection can be inflated (e.g. PixArt-XL-2-512x512)")
         shared = ("num_attention_heads", "attention_head_dim", "num_layers", "dropout", "cross_attention_dim",
                   "attention_bias", "sample_size", "patch_size", "activation_fn", "upcast_attention",
                   "norm_elementwise_affine", "norm_eps", "interpolation_scale", "caption_channels")
         config = {name: image_cfg[name] for name in shared}
-        config.update(in_channels=image_cfg.in_channels, out_channels=pixart.out_channels, image_embed_dim=None)
+        config.update(in_channels=image_cfg["in_channels"], out_channels=pixart.out_channels, image_embed_dim=None)
         config.update(video_kwargs)
-        if config["in_channels"] < image_cfg.in_channels:
+        if config["in_channels"] < image_cfg["in_channels"]:
             raise KinemaError(f"in_channels {config['in_channels']} is below the image model's "
-                              f"{image_cfg.in_channels}; inflation can only add input channels")
+                              f"{image_cfg['in_channels']}; inflation can only add input channels")
         model = cls(**config)
         model.to(dtype=pixart.dtype)
 

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from kinema.errors import KinemaError
 from kinema.models.motion import NormMode, build_motion_module, check_frame_count, check_norm_mode, video_group_norm
 from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
-from kinema.state_dicts import StrictFromPretrained
+from kinema.state_dicts import StrictFromPretrained, load_strict
 
 # Frames per clip of the forward pass running in this thread (or task): the hooks and frame-aware norms see folded
 # `(B*F, ...)` tensors and need F to unfold them. A context variable, not an attribute of the model, so that calls
@@ -138,10 +139,13 @@ def motion_slots(unet: UNet2DConditionModel, mid_block: bool) -> Iterator[Motion
     for kind, blocks in (("down_blocks", unet.down_blocks), ("up_blocks", unet.up_blocks)):
         for i, block in enumerate(blocks):
             has_attention = hasattr(block, "attentions")
-            layers = block.attentions if has_attention else block.resnets
+            # nn.Module types attributes as `Tensor | Module`: diffusers' blocks hold their layers in ModuleLists, and
+            # every resnet's width is an int.
+            resnets = cast(nn.ModuleList, block.resnets)
+            layers = cast(nn.ModuleList, block.attentions) if has_attention else resnets
             for j, layer in enumerate(layers):
-                yield MotionSlot(f"{kind}.{i}.motion_modules.{j}", block.resnets[j].out_channels, layer,
-                                 after_resnet=not has_attention)
+                channels = cast(int, resnets[j].out_channels)
+                yield MotionSlot(f"{kind}.{i}.motion_modules.{j}", channels, layer, after_resnet=not has_attention)
     if mid_block:
         if not hasattr(unet.mid_block, "attentions"):
             raise KinemaError("a mid-block motion module needs a UNet whose mid block has attention")
@@ -149,7 +153,10 @@ def motion_slots(unet: UNet2DConditionModel, mid_block: bool) -> Iterator[Motion
                          unet.mid_block.attentions[0])
 
 
-class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
+# Two base-class conflicts mypy reports here, neither a fault of this class: diffusers' ModelMixin sets config_name
+# to a str where its ConfigMixin declares it None, and StrictFromPretrained requires the folder path that diffusers'
+# from_pretrained lets be None (kinema loads local folders only).
+class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[misc]
     """A 2D text-to-image UNet that denoises video `(B, C, F, H, W)` through inserted motion modules.
 
     Motion-module names (`motion_modules`, `motion_state_dict`) are those of published AnimateDiff files without the
@@ -202,12 +209,10 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         self, enable: bool = True, gradient_checkpointing_func: Callable[..., Any] = checkpoint
     ) -> None:
         # diffusers calls this from enable/disable_gradient_checkpointing; the rerun of a checkpointed layer needs F.
-        # (mypy does not find diffusers' method past the mixins before ModelMixin)
-        super()._set_gradient_checkpointing(  # type: ignore[misc]
-            enable, FrameCountCheckpoint(gradient_checkpointing_func))
+        super()._set_gradient_checkpointing(enable, FrameCountCheckpoint(gradient_checkpointing_func))
         # A motion module after a resnet already reruns inside the resnet's checkpoint; its own checkpointing (set by
         # diffusers' walk over all submodules) would make the backward pass run it a third time.
-        for slot in motion_slots(self.unet, self.config.motion_mid_block):
+        for slot in motion_slots(self.unet, self.config["motion_mid_block"]):
             if slot.after_resnet:
                 for part in self.unet.get_submodule(slot.name).modules():
                     if hasattr(part, "gradient_checkpointing"):
@@ -220,10 +225,8 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):
         """Inflate a 2D UNet: copy every 2D weight exactly (strict) and add fresh, identity motion modules."""
         config = {k: v for k, v in unet2d.config.items() if not k.startswith("_")}
         model = cls(unet_config=config, **video_config)
-        try:
-            model.unet.load_state_dict({**unet2d.state_dict(), **model.motion_state_dict()}, strict=True)
-        except RuntimeError as err:
-            raise KinemaError(f"the 2D UNet's weights do not fit its own config: {str(err)[:300]}") from None
+        load_strict(model.unet, {**unet2d.state_dict(), **model.motion_state_dict()},
+                    "the 2D UNet's weights do not fit its own config")
         return model if unet2d.dtype == torch.float32 else model.to(unet2d.dtype)
 
     def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:

@@ -34,6 +34,14 @@ def test_placement_matches_animatediff(unet2d):
     assert len(list(without_mid.motion_modules())) == 10
 
 
+def test_inflation_refuses_a_2d_unet_whose_weights_do_not_fit_its_config():
+    # E.g. a UNet patched by hand: its state dict holds a tensor that the UNet its config builds has no place for.
+    patched = UNet2DConditionModel(**TINY_UNET)
+    patched.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(KinemaError, match=r"2D UNet's weights do not fit its own config: 1 unexpected \(e.g. extra\)"):
+        VideoUNet.from_unet2d(patched)
+
+
 @pytest.mark.parametrize("mid_block", [True, False], ids=["v2-style", "v3-style"])
 def test_parity_with_diffusers_unet_motion_model(unet2d, mid_block):
     adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from diffusers.models.attention import FeedForward
@@ -82,7 +82,7 @@ class MotionBlock(nn.Module):
     def forward(self, x: torch.Tensor, frame_encoding: torch.Tensor) -> torch.Tensor:
         """`(B, F, N, C)` hidden states and an `(F, C)` frame encoding -> `(B, F, N, C)`."""
         for kind, norm, attention in zip(self.attention_kinds, self.norms, self.attention_blocks, strict=True):
-            x = x + self._attend(attention, norm(x) + frame_encoding[None, :, None, :], kind)
+            x = x + self._attend(cast(Attention, attention), norm(x) + frame_encoding[None, :, None, :], kind)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -187,7 +187,7 @@ class TemporalMotionModule(nn.Module):
     def set_attention_chunk_size(self, chunk_size: int | None) -> None:
         """Attend over at most `chunk_size` sequences at a time (less memory, same result); None for all at once."""
         for block in self.temporal_transformer.transformer_blocks:
-            block.attention_chunk_size = chunk_size
+            cast(MotionBlock, block).attention_chunk_size = chunk_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, C, F, H, W)` -> `(B, C, F, H, W)`; identity at initialisation."""
