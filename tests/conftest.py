@@ -3,8 +3,9 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from tiny_models import tiny_unet2d, tiny_video_dit, tiny_video_unet
+from tiny_models import SMALLEST_SLICE_VAE, tiny_slice_vae, tiny_unet2d, tiny_video_dit, tiny_video_unet
 
+from kinema.models.slice_vae import SliceVAE
 from kinema.models.video_dit import VideoDiT
 from kinema.models.video_unet import VideoUNet
 
@@ -36,3 +37,9 @@ def video_unet(unet2d: UNet2DConditionModel) -> VideoUNet:
 def video_dit() -> VideoDiT:
     """A fresh tiny text-to-video DiT (`TINY_DIT`, 4 channels, no image tokens); a new one per test."""
     return tiny_video_dit()
+
+
+@pytest.fixture
+def slice_vae() -> SliceVAE:
+    """A fresh `SMALLEST_SLICE_VAE` (one resnet per block, 8 channels throughout), seeded; a new one per test."""
+    return tiny_slice_vae(**SMALLEST_SLICE_VAE)

@@ -1,7 +1,7 @@
 """Tiny models, their configs and weight perturbation, shared by the tests (seconds on a CPU).
 
-The pytest fixtures `unet2d`, `video_unet` and `video_dit` (tests/conftest.py) build these; tests that need a variant
-call the builders here with settings of their own.
+The pytest fixtures `unet2d`, `video_unet`, `video_dit` and `slice_vae` (tests/conftest.py) build these; tests that
+need a variant call the builders here with settings of their own.
 """
 
 import re
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
+from kinema.models.slice_vae import SliceVAE
 from kinema.models.video_dit import VideoDiT
 from kinema.models.video_unet import VideoUNet
 
@@ -24,6 +25,11 @@ TINY_UNET = dict(
 # A PixArt-shaped DiT: 4 blocks 64 wide (2 heads of 32), 8x8 latents, 48-wide text states.
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, cross_attention_dim=64, sample_size=8,
                 caption_channels=48)
+
+# An EasyAnimate V3-shaped Slice VAE (four levels, widths doubling once) at 8 base channels in norm groups of 4.
+TINY_SLICE_VAE = dict(ch=8, ch_mult=(1, 2, 2, 2), norm_num_groups=4)
+# Smaller still, for tests that only save, load or convert one: one resnet per block, 8 channels throughout.
+SMALLEST_SLICE_VAE = dict(TINY_SLICE_VAE, ch_mult=(1, 1, 1, 1), layers_per_block=1)
 
 CUSTOM_MOTION_MODULE_DOC = Path(__file__).resolve().parents[1] / "docs" / "custom_motion_module.md"
 
@@ -59,6 +65,13 @@ def tiny_video_dit(**overrides: Any) -> VideoDiT:
     say otherwise, in eval mode."""
     torch.manual_seed(0)
     return VideoDiT(**{**TINY_DIT, "in_channels": 4, "image_embed_dim": None, **overrides}).eval()
+
+
+def tiny_slice_vae(**settings: Any) -> SliceVAE:
+    """A freshly initialised `TINY_SLICE_VAE`, seeded, with `settings` changed (e.g. `**SMALLEST_SLICE_VAE`), in eval
+    mode."""
+    torch.manual_seed(0)
+    return SliceVAE(**{**TINY_SLICE_VAE, **settings}).eval()
 
 
 def python_blocks(markdown: str) -> list[str]:

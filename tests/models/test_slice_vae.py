@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY_SLICE_VAE, tiny_slice_vae
 
 from kinema.errors import KinemaError
 from kinema.loaders.easyanimate.vae import (
@@ -23,13 +24,10 @@ from kinema.models.slice_vae import V3_DOWN_BLOCKS, V3_UP_BLOCKS, SliceVAE
 from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, MidAttention
 from kinema.models.slice_vae_tiling import Tiling
 
-TINY = dict(ch=8, ch_mult=(1, 2, 2, 2), norm_num_groups=4)
-
 
 @pytest.fixture(scope="module")
 def vae() -> SliceVAE:
-    torch.manual_seed(0)
-    model = SliceVAE(**TINY).eval()
+    model = tiny_slice_vae()
     # Default init leaves GroupNorm affine at identity and biases near zero; randomise so every weight matters.
     with torch.no_grad():
         for p in model.parameters():
@@ -267,7 +265,7 @@ def test_bad_latents_raise(vae):
 ])
 def test_config_fields_that_change_the_maths_are_validated(change, match):
     with pytest.raises(KinemaError, match=match):
-        SliceVAE(**{**TINY, **change})
+        SliceVAE(**{**TINY_SLICE_VAE, **change})
 
 
 # V3's switches and redundant fields are V3 config.json business: checked where a V3 config is translated.
@@ -280,7 +278,7 @@ def test_config_fields_that_change_the_maths_are_validated(change, match):
 ])
 def test_v3_config_fields_with_one_v3_value_are_validated(change, match):
     with pytest.raises(KinemaError, match=match) as err:
-        slice_vae_config_from_easyanimate({**TINY, **change})
+        slice_vae_config_from_easyanimate({**TINY_SLICE_VAE, **change})
     assert "\n" not in str(err.value)
 
 
@@ -307,7 +305,7 @@ def test_save_pretrained_from_pretrained_round_trip(vae, tmp_path):
     saved = {name for name in json.loads((tmp_path / "config.json").read_text()) if not name.startswith("_")}
     assert saved == set(SLICE_VAE_FIELDS)
     loaded = SliceVAE.from_pretrained(tmp_path)
-    assert loaded.config.ch_mult == list(TINY["ch_mult"])
+    assert loaded.config.ch_mult == list(TINY_SLICE_VAE["ch_mult"])
     for (k, a), (k2, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     z = latents(1, 2, 4)
