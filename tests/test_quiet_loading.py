@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import SMALLEST_SLICE_VAE, tiny_slice_vae
 
 from kinema.loaders.easyanimate.config import video_dit_config_from_easyanimate
 from kinema.loaders.easyanimate.transformer import load_video_dit
@@ -24,11 +25,6 @@ from kinema.models.video_dit import VideoDiT
 
 FLOAT32_NOTICE = "should be kept in float32"
 TORCHVISION_NOTICE = "requires torchvision"
-
-
-def tiny_vae() -> SliceVAE:
-    torch.manual_seed(0)
-    return SliceVAE(ch=8, ch_mult=(1, 1, 1, 1), layers_per_block=1, norm_num_groups=4).eval()
 
 
 @contextmanager
@@ -46,7 +42,7 @@ def diffusers_warnings():
 
 
 def test_slice_vae_load_prints_no_float32_notice(tmp_path):
-    tiny_vae().save_pretrained(tmp_path)
+    tiny_slice_vae(**SMALLEST_SLICE_VAE).save_pretrained(tmp_path)
     with diffusers_warnings() as messages:
         for dtype in (None, torch.float16):
             vae = load_slice_vae(tmp_path, torch_dtype=dtype)
@@ -54,7 +50,7 @@ def test_slice_vae_load_prints_no_float32_notice(tmp_path):
         SliceVAE.from_pretrained(tmp_path)
     assert not [m for m in messages if FLOAT32_NOTICE in m]
     with diffusers_warnings() as messages:
-        tiny_vae().to(torch.float16)  # what the loader used to do
+        tiny_slice_vae(**SMALLEST_SLICE_VAE).to(torch.float16)  # what the loader used to do
     assert [m for m in messages if FLOAT32_NOTICE in m]
 
 
@@ -121,7 +117,7 @@ def test_transformer_weights_are_in_memory_unless_mmap_is_asked(tmp_path):
 
 @needs_proc_maps
 def test_slice_vae_weights_are_in_memory_unless_mmap_is_asked(tmp_path):
-    source = tiny_vae()
+    source = tiny_slice_vae(**SMALLEST_SLICE_VAE)
     source.save_pretrained(tmp_path)
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     in_memory, mapped = load_slice_vae(tmp_path), load_slice_vae(tmp_path, mmap=True)
