@@ -7,9 +7,13 @@ format registry in `kinema.loaders.formats`; the per-family code is in `animated
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -32,9 +36,14 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     from kinema.loaders.formats import format_of
     from kinema.loaders.source import Source, describe_source
 
+    began = time.perf_counter()
     source = Source(Path(path), options)
-    kind = describe_source(source)["kind"]
-    return format_of(kind).function("load")(source, **options)
+    report = describe_source(source)
+    kind = report["kind"]
+    logger.info("loading %s: %s (%s)", path, kind, report.get("format", "kinema"))
+    loaded = format_of(kind).function("load")(source, **options)
+    logger.info("loaded %s as %s in %.1f s", path, type(loaded).__name__, time.perf_counter() - began)
+    return loaded
 
 
 def convert(

@@ -113,6 +113,14 @@ def test_a_diffusers_folder_loads_through_the_front_door(tiny, sd_folder):
     assert kinema.load(sd_folder, dtype=torch.float16).unet.dtype == torch.float16
 
 
+def test_a_load_says_what_it_found_at_info_level(tiny, sd_folder, caplog):
+    with caplog.at_level("INFO", logger="kinema"):
+        kinema.load(sd_folder)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kinema.loaders"]
+    assert lines[0] == f"loading {sd_folder}: stable_diffusion ({kinema.describe(sd_folder)['format']})"
+    assert lines[1].startswith(f"loaded {sd_folder} as StableDiffusionComponents in ")
+
+
 def test_a_single_file_loads_through_the_front_door(tiny, sd_folder, config_dir, single_file):
     sd = kinema.load(single_file, tokenizer=sd_folder, config=config_dir)
     assert isinstance(sd, StableDiffusionComponents)
