@@ -87,7 +87,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # ty
     """
 
     _supports_gradient_checkpointing = True
-    motion_mismatch_advice = ("check that the motion weights come from a video DiT of the same width, depth and "
+    motion_mismatch_advice = ("Check that the motion weights come from a video DiT of the same width, depth and "
                               "motion_modules specs")
 
     @register_to_config

@@ -16,7 +16,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.models.motion import UNLIMITED_FRAMES, motion_max_frames, set_motion_attention_chunk_size
-from kinema.state_dicts import key_mismatch, shapes
+from kinema.state_dicts import check_fits, shapes
 
 Timestep = torch.Tensor | float | int
 
@@ -52,7 +52,7 @@ class VideoModel:
     """
 
     # How to fix motion-module weights that do not fit, said after the mismatch; hosts name their own versions.
-    motion_mismatch_advice = "check that the motion weights come from a model of the same kind and size"
+    motion_mismatch_advice = "Check that the motion weights come from a model of the same kind and size"
 
     def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """`(name, module)` for every motion module; the host says where they are."""
@@ -83,10 +83,8 @@ class VideoModel:
 
     def load_motion_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load motion-module weights strictly: every key present, none extra, every shape equal."""
-        found = key_mismatch(shapes(self.motion_state_dict()), shapes(state_dict))
-        if found:
-            raise KinemaError(f"motion-module weights do not fit this {type(self).__name__}: {found}; "
-                              f"{self.motion_mismatch_advice}")
+        check_fits(shapes(self.motion_state_dict()), shapes(state_dict),
+                   f"motion-module weights do not fit this {type(self).__name__}", advice=self.motion_mismatch_advice)
         for name, module in self.motion_modules():
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},

@@ -172,7 +172,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
     """
 
     _supports_gradient_checkpointing = True
-    motion_mismatch_advice = ("check that the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches "
+    motion_mismatch_advice = ("Check that the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches "
                               "the base UNet")
 
     @register_to_config
