@@ -8,11 +8,11 @@ torch, because the CLI reads `kinema.__version__` before it parses `--help`.
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kinema.errors import KinemaError
+from kinema.lazy import lazy_exports
 
 try:
     __version__ = version("kinema")
@@ -25,27 +25,11 @@ if TYPE_CHECKING:
     from kinema.models.video_dit import VideoDiT
     from kinema.models.video_unet import VideoUNet
 
-# name -> the module defining it.
-_LAZY = {
-    "describe": "kinema.loaders",
-    "load": "kinema.loaders",
-    "convert": "kinema.loaders",
-    "VideoUNet": "kinema.models.video_unet",
-    "VideoDiT": "kinema.models.video_dit",
-    "SliceVAE": "kinema.models.slice_vae",
-}
-
 __all__ = ["KinemaError", "SliceVAE", "VideoDiT", "VideoUNet", "__version__", "convert", "describe", "load"]
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name on first use (PEP 562) and keep it, so later lookups are plain attribute reads."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'kinema' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# The others are imported on first use (kinema.lazy), so `import kinema` imports no torch.
+_, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".loaders": ("convert", "describe", "load"),
+    ".models.video_unet": ("VideoUNet",),
+    ".models.video_dit": ("VideoDiT",),
+    ".models.slice_vae": ("SliceVAE",),
+})

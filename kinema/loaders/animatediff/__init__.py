@@ -8,31 +8,15 @@ diffusers and peft with it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kinema.lazy import lazy_exports
 
-_EXPORTS_BY_MODULE: dict[str, tuple[str, ...]] = {
-    "detect": ("MotionModuleInfo", "detect_motion_module", "motion_settings"),
-    "load": ("MotionModuleFile", "adapter_files", "load_motion_module", "read_motion_module"),
-    "write": ("MOTION_MODULE_LAYOUTS", "convert_motion_module", "save_motion_module", "write_motion_module"),
-    "settings": ("OVERRIDABLE", "video_unet_settings"),
-    "structure": ("check_frame_tables", "expected_motion_shapes", "guess_kind"),
-    "keys": ("diffusers_to_original_key", "original_to_diffusers_key"),
-    "motion_lora": ("load_motion_lora", "loaded_motion_loras", "set_motion_lora_strength", "unload_motion_lora"),
-    "motion_lora_keys": ("MotionLora", "convert_motion_lora", "describe_motion_lora", "parse_motion_lora"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS_BY_MODULE.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".detect": ("MotionModuleInfo", "detect_motion_module", "motion_settings"),
+    ".load": ("MotionModuleFile", "adapter_files", "load_motion_module", "read_motion_module"),
+    ".write": ("MOTION_MODULE_LAYOUTS", "convert_motion_module", "save_motion_module", "write_motion_module"),
+    ".settings": ("OVERRIDABLE", "video_unet_settings"),
+    ".structure": ("check_frame_tables", "expected_motion_shapes", "guess_kind"),
+    ".keys": ("diffusers_to_original_key", "original_to_diffusers_key"),
+    ".motion_lora": ("load_motion_lora", "loaded_motion_loras", "set_motion_lora_strength", "unload_motion_lora"),
+    ".motion_lora_keys": ("MotionLora", "convert_motion_lora", "describe_motion_lora", "parse_motion_lora"),
+})

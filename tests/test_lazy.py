@@ -1,0 +1,42 @@
+"""kinema/lazy.py: package exports imported on first use. Checked in fresh interpreters, whose modules are clean."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = ["kinema", "kinema.models", "kinema.data", "kinema.loaders.animatediff", "kinema.loaders.easyanimate"]
+
+
+def run(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_importing_a_package_imports_none_of_its_exports(package):
+    found = run(f"import sys, json, importlib; importlib.import_module({package!r}); "
+                "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('torch', 'diffusers')))))")
+    assert found == []
+
+
+def test_every_export_resolves_to_its_defining_module_and_is_kept():
+    found = run(
+        "import importlib, json\n"
+        f"packages = [importlib.import_module(name) for name in {PACKAGES!r}]\n"
+        "report = {}\n"
+        "for package in packages:\n"
+        "    for name in package.__all__:\n"
+        "        value = getattr(package, name)\n"
+        "        report[package.__name__ + '.' + name] = [name in vars(package), name in dir(package)]\n"
+        "print(json.dumps(report))")
+    assert len(found) > 40 and all(kept and listed for kept, listed in found.values())
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    import kinema.models
+
+    with pytest.raises(AttributeError, match="module 'kinema.models' has no attribute 'VideoNet'"):
+        kinema.models.VideoNet  # noqa: B018
