@@ -14,7 +14,6 @@ warnings and errors by default, info too with `--verbose`, errors only with `--q
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from kinema import __version__
 from kinema.cli import data, doctor, weights
 from kinema.cli.args import add_common_options
 from kinema.errors import KinemaError, library_error_message, os_error_message
+from kinema.interrupt import Terminated, stop_on_signals
 from kinema.log import cli_level, log_to_stderr
 
 # Every command group, in the order `kinema --help` lists them.
@@ -48,21 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread so that every `finally` and cleanup runs, as for Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _terminate(signum: int, frame: object) -> None:
-    for name in ("SIGTERM", "SIGHUP"):  # a second signal must not cut the cleanup short
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    raise Terminated(signum)
-
-
 def _fail(label: str, message: str, debug: bool) -> int:
     if debug:
         traceback.print_exc()
@@ -73,15 +58,9 @@ def _fail(label: str, message: str, debug: bool) -> int:
 def _run(args: argparse.Namespace, label: str) -> int:
     """`args.run(args)` under the error policy: every failure is one line and an exit code, never a traceback
     (unless --debug)."""
-    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {signum: signal.getsignal(signum) for signum in handled}
     try:
-        for signum in handled:
-            signal.signal(signum, _terminate)
-    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
-        previous = {}
-    try:
-        args.run(args)
+        with stop_on_signals():
+            args.run(args)
     except KinemaError as err:
         return _fail(label, str(err), args.debug)
     except KeyboardInterrupt:
@@ -97,9 +76,6 @@ def _run(args: argparse.Namespace, label: str) -> int:
         return _fail(label, os_error_message(err), args.debug)
     except Exception as err:  # an unexpected failure still gets one line; --debug shows where
         return _fail(label, f"{library_error_message(err)} (rerun with --debug for details)", args.debug)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     return 0
 
 

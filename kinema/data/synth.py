@@ -36,6 +36,7 @@ from kinema.data.synth_limits import SYNTH_KIND, check_synth_args
 from kinema.data.video_io import DEFAULT_CRF, generation_settings, to_float_frames, write_video
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder, check_output
+from kinema.interrupt import stop_if_requested
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (45, 90, 235), "yellow": (240, 215, 40),
@@ -290,6 +291,7 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
     entries = []
     with atomic_folder(out_dir, SYNTH_KIND, overwrite=overwrite) as temp:
         for index in tqdm(range(n), desc="synth", unit="clip", disable=None if progress else True):
+            stop_if_requested()
             item = dataset.clip(index)
             relative = f"videos/{index:0{width}d}.mp4" if item.type == "video" else f"images/{index:0{width}d}.png"
             settings = generation_settings(item.text, seed=seed, model="kinema-synth", width=size, height=size,

@@ -15,6 +15,7 @@ import pytest
 from loaders.animatediff.animatediff_fixtures import SD15_CHANNELS, original_motion_state_dict
 from test_output_policy import snapshot
 
+from kinema.cli import main
 from kinema.loaders.checkpoint_io import write_state_dict
 
 KINEMA = [sys.executable, "-m", "kinema"]
@@ -123,3 +124,33 @@ def test_sigterm_mid_write_of_a_full_size_motion_module(tmp_path):
     assert run.returncode == 143, err
     assert snapshot(out) == before
     os.unlink(source)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_swallowed_by_a_library_still_stops_the_run(tmp_path, monkeypatch, capsys, signum, code):
+    """A signal's exception raised inside code that swallows it (as numpy's lazy import of numpy.random once did,
+    letting a SIGTERM'd synth run to the end) is raised again before the next clip."""
+    from kinema.data import synth
+
+    rendered = []
+    render = synth.SynthMotionDataset.clip
+
+    def clip_in_a_swallowing_library(self, index):
+        if index == 2:
+            try:
+                os.kill(os.getpid(), signum)
+                for _ in range(1000):  # the handler runs between bytecodes, here
+                    pass
+            except BaseException:
+                pass
+        rendered.append(index)
+        return render(self, index)
+
+    monkeypatch.setattr(synth.SynthMotionDataset, "clip", clip_in_a_swallowing_library)
+    before = snapshot(tmp_path)
+    out = tmp_path / "set"
+    assert main(["data", "synth", "--out", str(out), "--n", "6", "--frames", "2", "--size", "16"]) == code
+    assert rendered == [0, 1, 2]
+    assert capsys.readouterr().err.strip().endswith("nothing half-written was left")
+    assert snapshot(tmp_path) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
