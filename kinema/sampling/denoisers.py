@@ -1,0 +1,89 @@
+"""Denoisers: one per model family, each turning a video model's output into the noise (epsilon) prediction.
+
+A denoiser is called as `denoiser(latents, timestep, cond)`: latents `(B, C, F, H, W)`, one timestep for all clips
+(an int, a float or a 0-d tensor, as schedulers give them) and `cond`, the model's conditioning as a mapping of its
+forward keyword arguments, each a tensor batched along dim 0 like the latents (or None: not given). Classifier-free
+guidance (kinema.sampling.guidance) joins a conditional and an unconditional `cond` key by key into one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from kinema.errors import KinemaError
+from kinema.models.video_model import Timestep
+
+Conditioning = Mapping[str, torch.Tensor | None]
+
+
+class Denoiser:
+    """Wraps a video model; subclasses name the conditioning it takes (`condition_names`) and read its output."""
+
+    condition_names: tuple[str, ...] = ()
+    required: tuple[str, ...] = ("encoder_hidden_states",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def check(self, cond: Conditioning) -> None:
+        """One KinemaError line for conditioning this model does not take, or lacks."""
+        family = type(self).__name__
+        unknown = sorted(set(cond) - set(self.condition_names))
+        if unknown:
+            raise KinemaError(f"{family} takes no conditioning {', '.join(unknown)}; it takes "
+                              f"{', '.join(self.condition_names)}")
+        missing = [name for name in self.required if cond.get(name) is None]
+        if missing:
+            raise KinemaError(f"{family} needs conditioning {', '.join(missing)}")
+
+    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
+        """Epsilon `(B, C, F, H, W)` for noisy `latents` at `timestep` under `cond`."""
+        self.check(cond)
+        return self.predict(latents, timestep, cond)
+
+
+class UNetDenoiser(Denoiser):
+    """AnimateDiff: a `VideoUNet` predicts epsilon directly; `encoder_hidden_states` are the CLIP text states
+    `(B, L, D)` shared by all frames (or per frame, see `VideoUNet.forward`)."""
+
+    condition_names = ("encoder_hidden_states",)
+
+    @staticmethod
+    def conditioning(text_states: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {"encoder_hidden_states": text_states}
+
+    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
+        return self.model(latents, timestep, **{k: v for k, v in cond.items() if v is not None})
+
+
+class DiTDenoiser(Denoiser):
+    """EasyAnimate V3: a `VideoDiT` predicts epsilon and a learned variance; epsilon is its first half of channels
+    (as many as the latents have). Conditioning: T5 text states and their mask, inpaint latents (mask latents then
+    masked-video latents, for InP models) and CLIP image embeddings with their token mask."""
+
+    condition_names = ("encoder_hidden_states", "encoder_attention_mask", "inpaint_latents", "clip_image_embeds",
+                       "clip_attention_mask")
+
+    @staticmethod
+    def conditioning(text_states: torch.Tensor, text_mask: torch.Tensor | None = None,
+                     inpaint_latents: torch.Tensor | None = None, clip_image_embeds: torch.Tensor | None = None,
+                     clip_attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        return {"encoder_hidden_states": text_states, "encoder_attention_mask": text_mask,
+                "inpaint_latents": inpaint_latents, "clip_image_embeds": clip_image_embeds,
+                "clip_attention_mask": clip_attention_mask}
+
+    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
+        out = self.model(latents, timestep, **{k: v for k, v in cond.items() if v is not None})
+        channels = latents.shape[1]
+        if out.shape[1] == 2 * channels:  # learned sigma: [epsilon, variance]
+            return out[:, :channels]
+        if out.shape[1] == channels:
+            return out
+        raise KinemaError(f"the DiT gives {out.shape[1]} channels for {channels}-channel latents; expected "
+                          f"{channels} (epsilon) or {2 * channels} (epsilon and learned variance)")

@@ -1,0 +1,59 @@
+"""Noise schedulers by kinema name, each family's training noise schedule filled in.
+
+`SCHEDULERS` and `FAMILIES` are plain data (names, diffusers class names, settings), so a CLI can offer them as
+choices without importing torch; `make_scheduler` imports diffusers and builds one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from kinema.errors import KinemaError
+
+# kinema name -> (diffusers scheduler class, its settings beyond the family's noise schedule)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+# model family -> the noise schedule it was trained with (epsilon prediction, 1000 training steps)
+FAMILIES: dict[str, dict[str, Any]] = {
+    # AnimateDiff's inference configs: linear betas 0.00085 .. 0.012 (not SD's scaled_linear), steps_offset 1.
+    "animatediff": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear",
+                    "steps_offset": 1, "prediction_type": "epsilon"},
+    # EasyAnimate V3: DDPM's linear betas 1e-4 .. 0.02.
+    "easyanimate": {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                    "prediction_type": "epsilon"},
+}
+
+
+def _unknown(what: str, name: str, known: list[str]) -> KinemaError:
+    return KinemaError(f"unknown {what} {name!r}; known {what}s: {', '.join(known)}")
+
+
+def make_scheduler(name: str, family: str = "animatediff", **overrides: Any) -> Any:
+    """A fresh diffusers scheduler for kinema scheduler `name` (a key of `SCHEDULERS`) with `family`'s noise schedule
+    (a key of `FAMILIES`); `overrides` change any setting the scheduler class takes (e.g. `timestep_spacing`)."""
+    if name not in SCHEDULERS:
+        raise _unknown("scheduler", name, list(SCHEDULERS))
+    if family not in FAMILIES:
+        raise _unknown("model family", family, list(FAMILIES))
+    import diffusers
+
+    class_name, settings = SCHEDULERS[name]
+    scheduler_class = getattr(diffusers, class_name)
+    accepted = set(inspect.signature(scheduler_class.__init__).parameters) - {"self"}
+    wrong = sorted(set(overrides) - accepted)
+    if wrong:
+        raise KinemaError(f"scheduler {name!r} ({class_name}) has no setting {', '.join(wrong)}; its settings: "
+                          f"{', '.join(sorted(accepted))}")
+    config = {key: value for key, value in {**FAMILIES[family], **settings}.items() if key in accepted}
+    return scheduler_class(**{**config, **overrides})
