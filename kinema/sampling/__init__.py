@@ -11,5 +11,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".schedulers": ("SCHEDULERS", "FAMILIES", "make_scheduler"),
     ".denoisers": ("Denoiser", "UNetDenoiser", "DiTDenoiser"),
     ".guidance": ("guided_prediction",),
-    ".loop": ("sample", "initial_noise"),
+    ".loop": ("sample", "initial_noise", "generators"),
 })

@@ -35,17 +35,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _unknown(what: str, name: str, known: list[str]) -> KinemaError:
-    return KinemaError(f"unknown {what} {name!r}; known {what}s: {', '.join(known)}")
+def _unknown(what: str, plural: str, name: str, known: list[str]) -> KinemaError:
+    return KinemaError(f"unknown {what} {name!r}; known {plural}: {', '.join(known)}")
 
 
 def make_scheduler(name: str, family: str = "animatediff", **overrides: Any) -> Any:
     """A fresh diffusers scheduler for kinema scheduler `name` (a key of `SCHEDULERS`) with `family`'s noise schedule
     (a key of `FAMILIES`); `overrides` change any setting the scheduler class takes (e.g. `timestep_spacing`)."""
     if name not in SCHEDULERS:
-        raise _unknown("scheduler", name, list(SCHEDULERS))
+        raise _unknown("scheduler", "schedulers", name, list(SCHEDULERS))
     if family not in FAMILIES:
-        raise _unknown("model family", family, list(FAMILIES))
+        raise _unknown("model family", "model families", family, list(FAMILIES))
     import diffusers
 
     class_name, settings = SCHEDULERS[name]
