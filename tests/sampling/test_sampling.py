@@ -1,5 +1,6 @@
 """The sampling core: schedulers by name, guidance, denoisers, per-video seeds and clean stops in the loop."""
 
+import copy
 import signal
 import subprocess
 import sys
@@ -153,6 +154,23 @@ def test_guidance_one_is_the_conditional_result_in_one_forward_per_step(moving_u
         assert counting.batches == [4, 4, 4]
     with pytest.raises(KinemaError, match="guidance 7.5 needs unconditional inputs"):
         guided_prediction(counting, latents, t, UNetDenoiser.conditioning(cond), None, 7.5)
+
+
+def test_a_half_precision_model_runs_under_a_float32_loop(moving_unet):
+    cond, uncond = texts()
+    noise = initial_noise(SHAPE, seeds=[1, 2])
+
+    def run(model):
+        with torch.no_grad():
+            return sample(UNetDenoiser(model), make_scheduler("ddim"), noise, UNetDenoiser.conditioning(cond),
+                          UNetDenoiser.conditioning(uncond), steps=2, guidance=3.0, progress=False)
+
+    reference = run(moving_unet)
+    half = run(copy.deepcopy(moving_unet).to(torch.bfloat16))
+    assert half.dtype == torch.float32
+    error = (half - reference).abs().max().item() / reference.abs().max().item()
+    print(f"bfloat16 model: relative max error {error:.3g}")
+    assert error < 0.05
 
 
 # ---------------------------------------------------------------- the DiT denoiser
