@@ -49,7 +49,7 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
             uncond may be None when `guidance` is 1.
         guidance: classifier-free guidance scale; 1 runs the conditional forward only.
         callback: called as `callback(step, timestep, latents)` after each step.
-        progress: show a progress bar.
+        progress: show a progress bar (on a terminal; tqdm leaves it off where stderr is not one).
         generator: for schedulers that add noise while stepping (euler_a, lcm): a generator, or one per video.
     """
     if steps < 1:
@@ -60,12 +60,12 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
         step_kwargs["generator"] = generator
     latents = latents * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
-    bar = tqdm(timesteps, desc="sampling", unit="step", disable=None if progress else True)
-    for index, timestep in enumerate(bar):
-        stop_if_requested()
-        model_input = scheduler.scale_model_input(latents, timestep)
-        eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, guidance)
-        latents = scheduler.step(eps, timestep, latents, **step_kwargs, return_dict=False)[0]
-        if callback is not None:
-            callback(index, timestep, latents)
+    with tqdm(timesteps, desc="sampling", unit="step", disable=None if progress else True) as bar:
+        for index, timestep in enumerate(bar):
+            stop_if_requested()
+            model_input = scheduler.scale_model_input(latents, timestep)
+            eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, guidance)
+            latents = scheduler.step(eps, timestep, latents, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                callback(index, timestep, latents)
     return latents
