@@ -98,3 +98,27 @@ def test_bad_inputs_are_refused_before_the_unet_runs(pair, parts, kwargs, words)
     assert calls == []
     if "frames" in kwargs and kwargs["frames"] > 1:
         assert "32" in message
+
+
+def test_a_batch_of_seeds_equals_diffusers_with_one_generator_per_video(pair, parts):  # noqa: F811
+    """diffusers draws video b's noise from generator b: kinema's per-video seeds reproduce a batch of them."""
+    from kinema.sampling.schedulers import make_scheduler
+
+    pipe, video = pair
+    pipe.scheduler = make_scheduler("ddim")
+    with torch.no_grad():
+        expected = pipe(prompt=[PROMPT] * 2, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=2,
+                        guidance_scale=GUIDANCE, output_type="pt",
+                        generator=[torch.Generator().manual_seed(seed) for seed in (3, 4)]).frames
+    frames = ours(video, parts, seeds=[3, 4], steps=2)
+    assert (frames - expected).abs().max().item() <= 1e-3
+
+
+def test_parts_as_attributes_and_a_missing_part(pair, parts):  # noqa: F811
+    from types import SimpleNamespace
+
+    _, video = pair
+    latents = ours(video, SimpleNamespace(**parts), seeds=[1], steps=1, output="latent")
+    assert latents.shape == (1, 4, FRAMES, SIZE // 2, SIZE // 2)
+    with pytest.raises(KinemaError, match="text_encoder"):
+        ours(video, {"vae": parts["vae"], "tokenizer": parts["tokenizer"]})
