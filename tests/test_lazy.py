@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-PACKAGES = ["kinema", "kinema.models", "kinema.data", "kinema.sampling", "kinema.loaders.animatediff",
-            "kinema.loaders.easyanimate"]
+PACKAGES = ["kinema", "kinema.models", "kinema.data", "kinema.sampling", "kinema.pipelines",
+            "kinema.loaders.animatediff", "kinema.loaders.easyanimate"]
 
 
 def run(code: str) -> dict:
