@@ -81,13 +81,14 @@ def load_motion_module_path(source: Source, *, unet: Any = None, **overrides: An
     Diffusion components) into a `VideoUNet`; `overrides` change detected settings (e.g. `norm_mode`). What
     `describe` read of the file is used, not read again."""
     from kinema.loaders.animatediff.load import load_motion_module
+    from kinema.loaders.stable_diffusion import StableDiffusionComponents
 
     path = source.path
     if unet is None:
         raise KinemaError(f"{path} is a motion module, which animates a base image UNet: pass unet=, e.g. "
                           "kinema.load(motion_module, unet=kinema.load('stable-diffusion-v1-5').unet)")
-    return load_motion_module(source, getattr(unet, "unet", unet) if hasattr(unet, "text_encoder") else unet,
-                              **overrides)
+    base = unet.unet if isinstance(unet, StableDiffusionComponents) else unet
+    return load_motion_module(source, base, **overrides)
 
 
 def load_motion_lora_path(source: Source, *, video_unet: Any = None, name: str | None = None, strength: float = 1.0,

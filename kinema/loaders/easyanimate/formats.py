@@ -39,10 +39,10 @@ def load_easyanimate_path(source: Source, **options: Any) -> Any:
 def load_slice_vae_path(source: Source, dtype: Any = None, device: Any = "cpu", mmap: bool = False) -> Any:
     """A Slice VAE folder (or a model folder holding vae/) as a `SliceVAE`. Options: `dtype` (default float32),
     `device`, `mmap`, as for the transformer."""
-    from kinema.loaders.easyanimate.vae import load_slice_vae
+    from kinema.loaders.easyanimate.vae import load_slice_vae, slice_vae_folder
 
-    path = source.path
-    folder = path if (path / "config.json").is_file() else path / "vae"
+    # describe found a Slice VAE here, so the folder exists; the same rule as describe's picks it.
+    folder = slice_vae_folder(source.path) or source.path
     return load_slice_vae(folder, torch_dtype=dtype, mmap=mmap, device=device)
 
 

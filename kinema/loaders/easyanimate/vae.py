@@ -181,17 +181,23 @@ def load_slice_vae(path: str | Path, subfolder: str | None = None, torch_dtype: 
     return model.eval()
 
 
+def slice_vae_folder(path: str | Path) -> Path | None:
+    """The Slice VAE folder `path` names: itself, or the `vae/` of a model folder; None when neither is one."""
+    for folder in (Path(path), Path(path) / "vae"):
+        if is_slice_vae_folder(folder):
+            return folder
+    return None
+
+
 def describe_slice_vae(path: str | Path) -> dict[str, Any] | None:
     """What `kinema inspect` prints for a V3 Slice VAE folder (or a model folder holding `vae/`); None otherwise.
 
     Reads config.json and the weights' names and shapes (the safetensors headers only, never tensor data), and
     checks every name and shape against the SliceVAE the config builds, as a load does.
     """
-    folder = Path(path)
-    if not is_slice_vae_folder(folder):
-        folder = folder / "vae"
-        if not is_slice_vae_folder(folder):
-            return None
+    folder = slice_vae_folder(path)
+    if folder is None:
+        return None
     config = read_slice_vae_config(folder)
     weights = find_weights(folder)
     header = weights.header()
