@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
+from kinema.models.motion import check_frame_count
 from kinema.pipelines.decode import decode_latents
 from kinema.pipelines.text_encoding import encode_prompts
 from kinema.sampling.denoisers import UNetDenoiser
@@ -72,9 +73,7 @@ def text_to_video(video_unet: Any, components_or_parts: Any, prompt: str | Seque
                           f"got {height}x{width}")
     if frames < 1:
         raise KinemaError(f"frames must be at least 1, got {frames}")
-    if frames > video_unet.max_frames:
-        raise KinemaError(f"{frames} frames exceed this model's limit of {video_unet.max_frames} frames at once; "
-                          f"generate at most {video_unet.max_frames} (longer videos need context windows)")
+    check_frame_count(frames, video_unet.max_frames)  # the model's own limit, checked before any text is encoded
     if steps < 1:
         raise KinemaError(f"steps must be at least 1, got {steps}")
     if output not in OUTPUTS:

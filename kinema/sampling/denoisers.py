@@ -40,7 +40,13 @@ class Denoiser:
             raise KinemaError(f"{family} needs conditioning {', '.join(missing)}")
 
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
-        raise NotImplementedError
+        """The model's output for the given conditioning (None entries left out), read as epsilon."""
+        return self.epsilon(self.model(latents, timestep, **{k: v for k, v in cond.items() if v is not None}),
+                            latents)
+
+    def epsilon(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Epsilon from the model's output; models that predict it directly give it as it is."""
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,9 +72,6 @@ class UNetDenoiser(Denoiser):
     def conditioning(text_states: torch.Tensor) -> dict[str, torch.Tensor | None]:
         return {"encoder_hidden_states": text_states}
 
-    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
-        return self.model(latents, timestep, **{k: v for k, v in cond.items() if v is not None})
-
 
 class DiTDenoiser(Denoiser):
     """EasyAnimate V3: a `VideoDiT` predicts epsilon and a learned variance; epsilon is its first half of channels
@@ -86,8 +89,7 @@ class DiTDenoiser(Denoiser):
                 "inpaint_latents": inpaint_latents, "clip_image_embeds": clip_image_embeds,
                 "clip_attention_mask": clip_attention_mask}
 
-    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
-        out = self.model(latents, timestep, **{k: v for k, v in cond.items() if v is not None})
+    def epsilon(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         channels = latents.shape[1]
         if out.shape[1] == 2 * channels:  # learned sigma: [epsilon, variance]
             return out[:, :channels]
