@@ -201,6 +201,12 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def dtype_report(dtypes: Iterable[str]) -> str:
+    """How `kinema inspect` names the dtypes of a file's tensors: `float16`, or `mixed: float16, float32`."""
+    names = sorted(set(dtypes))
+    return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, dtype name) from a safetensors file's header, without reading tensor data. Refuses
     other content with the sniffed diagnosis, and names the file on any read error."""

@@ -47,7 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import read_json_object
-from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, find_weights, read_state_dict
+from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, dtype_report, find_weights, read_state_dict
 from kinema.loaders.source import Source
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
 
@@ -318,28 +318,23 @@ def is_diffusers_folder(path: Path) -> bool:
                                          ((path / "vae").is_dir() and (path / "text_encoder").is_dir()))
 
 
-def _dtype_name(dtypes: set[str]) -> str:
-    names = sorted(dtypes)
-    return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
-
-
 def _describe_folder(root: Path) -> dict[str, Any]:
     weights = _check_folder(root)
     headers = {name: found.header() for name, found in weights.items()}
-    for name in ("unet", "vae"):  # every name and shape against the model its config builds, as a load checks
-        config = read_json_object(root / name / "config.json", f"the {name}'s config")
+    configs = {name: read_json_object(root / name / "config.json", f"the {name}'s config") for name in ("unet", "vae")}
+    for name, config in configs.items():  # every name and shape against the model its config builds, as a load does
         with init_empty_weights():
             expected = shapes(MODEL_CLASSES[name].from_config(config).state_dict())
         check_fits(expected, {k: shape for k, (shape, _) in headers[name].items()},
                    f"{root / name}: weights do not fit its config")
-    unet_config = read_json_object(root / "unet" / "config.json", "the unet's config")
+    unet_config = configs["unet"]
     components = {name: sum(math.prod(shape) for shape, _ in header.values()) for name, header in headers.items()}
     return {
         "kind": "stable_diffusion", "format": "stable-diffusion", "layout": "diffusers",
         "cross_attention_dim": unet_config.get("cross_attention_dim"), "in_channels": unet_config.get("in_channels"),
         "variant": next((found.variant for found in weights.values() if found.variant), "plain"),
         "components": components, "parameters": sum(components.values()),
-        "dtype": _dtype_name({dtype for header in headers.values() for _, dtype in header.values()}),
+        "dtype": dtype_report(dtype for header in headers.values() for _, dtype in header.values()),
         "not_checked": "text_encoder names (transformers renames them as it loads)",
     }
 
@@ -365,7 +360,7 @@ def _describe_single_file(source: Source) -> dict[str, Any]:
         "checked_against": "the shipped SD1.5 configs" if config_dir == SD15_CONFIGS else str(config_dir),
         "components": components, "parameters": sum(components.values()), "keys": len(state),
         "ignored_keys": len(ignored),
-        "dtype": _dtype_name({str(state[k].dtype).removeprefix("torch.") for k in state if k not in ignored}),
+        "dtype": dtype_report(str(state[k].dtype).removeprefix("torch.") for k in state if k not in ignored),
         "tokenizer": "none in a single file: load with tokenizer= (an SD1.5 diffusers folder or CLIP tokenizer)",
     }
 

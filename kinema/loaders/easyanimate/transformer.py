@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder, read_json_object
 from kinema.loaders.animatediff.keys import check_frame_table, with_pe_tables
-from kinema.loaders.checkpoint_io import WeightFiles, find_weights, iter_safetensors
+from kinema.loaders.checkpoint_io import WeightFiles, dtype_report, find_weights, iter_safetensors
 from kinema.loaders.easyanimate.config import (
     V3_INPAINT_CHANNELS,
     easyanimate_config_from_video_dit,
@@ -192,7 +192,6 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
     params = {name: shape for name, (shape, _) in header.items() if name not in pe}
     width, in_channels, patch, _ = params["pos_embed.proj.weight"]
     pe_length = next(iter(pe.values()))[1] if pe else _pe_length_from_config(config)
-    dtypes = sorted({dtype for _, dtype in header.values()})
     return {
         "kind": "easyanimate_transformer",
         "format": "easyanimate-v3",
@@ -207,7 +206,7 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
         "keys": len(header),
         "parameters": sum(math.prod(shape) for shape in params.values()),
         "pe_buffers": len(pe),
-        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes),
+        "dtype": dtype_report(dtype for _, dtype in header.values()),
         "pe_length": pe_length,
         **({} if config else {"not_checked": f"no {CONFIG_NAME} beside the file, so its names and shapes were "
                                               "not checked against a model"}),

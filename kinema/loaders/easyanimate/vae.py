@@ -18,7 +18,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.fileio import read_json_object
-from kinema.loaders.checkpoint_io import WeightFiles, find_weights
+from kinema.loaders.checkpoint_io import WeightFiles, dtype_report, find_weights
 from kinema.loaders.checkpoint_io import read_state_dict as read_weights_file
 from kinema.models.presets import EASYANIMATE_V3_SLICE_VAE
 from kinema.models.slice_vae import SliceVAE
@@ -206,12 +206,11 @@ def describe_slice_vae(path: str | Path) -> dict[str, Any] | None:
         expected = shapes(SliceVAE(**config).state_dict())
     check_fits(expected, kept, f"{folder} does not match the Slice VAE", advice=_mismatch_cause(set(expected),
                                                                                                set(kept)))
-    dtypes = sorted({dtype for k, (_, dtype) in header.items() if k in kept})
     return {
         "kind": "slice_vae", "format": "easyanimate-v3-vae", "path": str(weights.index or weights.files[0]),
         "keys": len(kept), "parameters": sum(math.prod(shape) for shape in kept.values()),
         "training_only_keys": len(header) - len(kept),
-        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes),
+        "dtype": dtype_report(dtype for k, (_, dtype) in header.items() if k in kept),
         **{name: config[name] for name in ("latent_channels", "scaling_factor", "mini_batch_encoder",
                                            "mini_batch_decoder", "use_tiling")},
     }
