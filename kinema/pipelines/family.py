@@ -1,0 +1,123 @@
+"""What one model family gives the generation pipeline: its model, text encoding, VAE and conditioning.
+
+`generate()` (kinema.pipelines.generate) drives every mode (text/image/video-to-video, continuation, context
+windows, prompt travel) through this one interface, so the modes are written once for both families:
+`AnimateDiffFamily` (kinema.pipelines.animatediff: VideoUNet, CLIP text, the SD VAE frame by frame) and
+`EasyAnimateFamily` (kinema.pipelines.easyanimate: VideoDiT, T5 text, Slice VAE, inpaint latents, CLIP image tokens).
+
+Frames are float `(B, F, 3, H, W)` in [0, 1] everywhere in the pipelines; latents are `(B, C, F', h, w)`, already
+multiplied by the VAE's scaling factor (what the diffusion model sees).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kinema.errors import KinemaError
+from kinema.sampling.denoisers import Denoiser
+
+Conditioning = dict[str, torch.Tensor | None]
+
+
+class VideoFamily:
+    """Base of the per-family pipeline parts. Subclasses set `family` (a key of `kinema.sampling.FAMILIES`: its noise
+    schedule) and `default_scheduler`, and implement the methods that raise NotImplementedError here."""
+
+    family: str = ""
+    default_scheduler: str = "ddim"
+    # How much the VAE shrinks height and width (8 for SD1.5 and the Slice VAE).
+    spatial_factor: int = 8
+    # The text conditioning key that may be given per frame as (B, F', L, D) for prompt travel.
+    text_key: str = "encoder_hidden_states"
+
+    # The VideoModel (VideoUNet / VideoDiT) the denoiser wraps.
+    model: Any
+
+    def denoiser(self) -> Denoiser:
+        """The denoiser wrapping this family's model (kinema.sampling.denoisers)."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """What the settings record as the model (its folder or file, or the class name)."""
+        return getattr(self, "source", None) or type(self.model).__name__
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the noisy latents (4 for both families; the DiT's inpaint channels come on top)."""
+        raise NotImplementedError
+
+    @property
+    def max_frames(self) -> int:
+        """The most pixel frames the model denoises in one pass (its motion modules' limit, in pixel frames)."""
+        return self.pixel_frames(int(self.model.max_frames))
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames F' for a video of `frames` pixel frames; one KinemaError line naming the nearest valid
+        counts when the VAE cannot take `frames`."""
+        raise NotImplementedError
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from `latent_frames` latent frames (the inverse of `latent_frames`)."""
+        raise NotImplementedError
+
+    def check_size(self, height: int, width: int) -> None:
+        """One KinemaError line when the model cannot make `height` x `width` videos (with the nearest sizes)."""
+        factor = self.spatial_factor
+        if height < factor or width < factor or height % factor or width % factor:
+            near = f"{max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
+            raise KinemaError(f"height and width must be positive multiples of {factor} (the VAE's downscale); got "
+                              f"{height}x{width}: use {near}")
+
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for a batch of prompts: the denoiser's keyword arguments, each batched along dim 0
+        (`encoder_hidden_states` `(B, L, D)`, and for T5 `encoder_attention_mask` `(B, L)`)."""
+        raise NotImplementedError
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Latents `(B, C, F', h, w)` (scaled) of frames `(B, F, 3, H, W)` in [0, 1]: the posterior mean."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Frames `(B, F, 3, H, W)` float32 in [0, 1] from scaled latents `(B, C, F', h, w)`."""
+        raise NotImplementedError
+
+    @property
+    def inpaints(self) -> bool:
+        """Whether the model takes inpaint conditioning (an EasyAnimate InP model): image-to-video and continuation
+        then condition through `inpaint_conditioning`; otherwise the pipeline keeps the known frames' latents
+        (repaint-style)."""
+        return False
+
+    def inpaint_conditioning(self, video: torch.Tensor, keep: torch.Tensor,
+                             clip_image: torch.Tensor | None) -> tuple[Conditioning, Conditioning]:
+        """The conditional and unconditional inpaint inputs for an InP model.
+
+        Args:
+            video: `(B, F, 3, H, W)` in [0, 1]: the known frames at their places (the rest is ignored).
+            keep: `(F,)` bool, True for the frames to keep.
+            clip_image: `(B, 3, H, W)` in [0, 1], the image whose CLIP embedding conditions (None: no image tokens).
+        Returns:
+            `(cond, uncond)` mappings with `inpaint_latents` `(B, 2C, F', h, w)` and, when `clip_image` is given,
+            `clip_image_embeds` / `clip_attention_mask` (zeros with a zero mask on the unconditional side).
+        """
+        raise KinemaError(f"{type(self).__name__} is not an inpaint model; image-to-video keeps the first frame's "
+                          "latents instead")
+
+    def image_tokens_from(self, step: int, steps: int) -> bool:
+        """Whether CLIP image tokens are passed at sampling step `step` of `steps` (V3 applies them only in the last
+        part of sampling); families without image tokens answer True (nothing to withhold)."""
+        return True
+
+    def to(self, device: torch.device | str) -> VideoFamily:
+        """Move every model of this family to `device` (for CPU offload between stages)."""
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """What to record about the model in a video's settings."""
+        return {"model": self.name, "family": self.family}

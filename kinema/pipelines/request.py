@@ -1,0 +1,168 @@
+"""What one generation is asked to do: `GenerationRequest`, shared by `generate()`, the CLI, the web app and the API.
+
+Plain data with no torch import, so a front end can build, check and record a request before any model loads.
+The mode follows from the inputs: `video` with `extend_frames` continues a video, `video` alone is video-to-video
+(SDEdit at `strength`), `image` is image-to-video, otherwise text-to-video.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kinema.errors import KinemaError
+
+MODES = ("text-to-video", "image-to-video", "video-to-video", "extend")
+DTYPES = ("float32", "bfloat16", "float16")
+OUTPUT_TYPES = ("tensor", "numpy", "pil", "latent")
+PromptSpec = str | Mapping[Any, Any]
+
+
+@dataclass
+class ContextSettings:
+    """Context windows for videos longer than the model's window (see kinema.sampling.context): `length` and
+    `overlap` in pixel frames."""
+
+    length: int = 16
+    overlap: int = 4
+    stride: int = 1
+    closed_loop: bool = False
+    schedule: str = "uniform"
+    fuse: str = "flat"
+    freenoise: bool = False
+
+
+@dataclass
+class FreeInitSettings:
+    """FreeInit noise re-initialisation (kinema.sampling.freeinit)."""
+
+    iterations: int = 3
+    method: str = "butterworth"
+    spatial_stop: float = 0.25
+    temporal_stop: float = 0.25
+    order: int = 4
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one call of `generate()` needs besides the model.
+
+    Args:
+        prompt: a string, or a prompt-travel schedule (`{0: "...", 48: "..."}` or head_prompt / prompt_map /
+            tail_prompt, see kinema.sampling.prompt_travel).
+        negative_prompt: the unconditional side of guidance.
+        frames, height, width: the video's size in pixels (for `extend`: how many frames to append).
+        steps, guidance, scheduler: sampling steps, guidance scale, scheduler name (None: the family's default).
+        seeds: one video per seed.
+        image, end_image: image-to-video start (and end) frame: a path, a PIL image or frames `(3, H, W)` in [0, 1].
+        resize: resize `image` / `video` to height x width instead of refusing another size.
+        video: the input of video-to-video or of `extend`: a path or frames `(F, 3, H, W)` in [0, 1].
+        strength: video-to-video: how much of the input is noised away (0 keeps it, 1 ignores it).
+        extend_frames: append this many frames to `video` (continuation).
+        overlap_frames: continuation: how many of the last frames condition the next segment (and are cross-faded).
+        segment_frames: continuation: frames per generated segment (None: the model's window).
+        context: context windows for long text-to-video (None: one window; automatic past the model's limit).
+        interpolation: prompt travel between keyframes: "linear" or "slerp".
+        free_init: FreeInit iterations (None: off).
+        dtype: "float32", "bfloat16" or "float16" for the whole pipeline.
+        vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
+        attention_chunk: compute attention in chunks of this many queries (None: at once).
+        offload: keep each model on the CPU until its stage runs (for accelerators).
+        fps: frames per second of the written video.
+    """
+
+    prompt: PromptSpec = ""
+    negative_prompt: str = ""
+    frames: int = 16
+    height: int = 512
+    width: int = 512
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: str | None = None
+    seeds: Sequence[int] = (0,)
+    image: Any = None
+    end_image: Any = None
+    resize: bool = False
+    video: Any = None
+    strength: float = 0.6
+    extend_frames: int | None = None
+    overlap_frames: int = 4
+    segment_frames: int | None = None
+    context: ContextSettings | None = None
+    interpolation: str = "linear"
+    free_init: FreeInitSettings | None = None
+    dtype: str = "float32"
+    vae_tiling: bool = False
+    decode_chunk: int = 16
+    attention_chunk: int | None = None
+    offload: bool = False
+    fps: float = 8.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        """One of MODES, from the inputs given."""
+        if self.video is not None:
+            return "extend" if self.extend_frames is not None else "video-to-video"
+        if self.image is not None:
+            return "image-to-video"
+        return "text-to-video"
+
+    def check(self) -> None:
+        """One KinemaError line for settings that no model can take (model-specific limits are checked by
+        `generate()` before any denoising)."""
+        def positive(name: str, value: float) -> None:
+            if not value >= 1:
+                raise KinemaError(f"{name} must be at least 1, got {value}")
+
+        positive("steps", self.steps)
+        positive("height", self.height)
+        positive("width", self.width)
+        positive("frames", self.frames)
+        positive("decode_chunk", self.decode_chunk)
+        if not self.fps > 0:
+            raise KinemaError(f"fps must be positive, got {self.fps}")
+        if self.guidance < 1:
+            raise KinemaError(f"guidance must be at least 1 (1 turns classifier-free guidance off), got "
+                              f"{self.guidance}")
+        seeds = list(self.seeds)
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
+        if self.dtype not in DTYPES:
+            raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
+        if self.interpolation not in ("linear", "slerp"):
+            raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use linear or slerp")
+        if self.end_image is not None and self.image is None:
+            raise KinemaError("an end image needs a start image: give image too")
+        if not 0 < self.strength <= 1:
+            raise KinemaError(f"strength must be in (0, 1] (the share of the input noised away), got {self.strength}")
+        if self.extend_frames is not None:
+            positive("extend_frames", self.extend_frames)
+            if self.video is None:
+                raise KinemaError("extend_frames continues a video: give video too")
+        if self.overlap_frames < 1:
+            raise KinemaError(f"overlap_frames must be at least 1, got {self.overlap_frames}")
+        if self.segment_frames is not None:
+            positive("segment_frames", self.segment_frames)
+        if self.attention_chunk is not None:
+            positive("attention_chunk", self.attention_chunk)
+        if not isinstance(self.prompt, (str, Mapping)):
+            raise KinemaError(f"prompt must be a string or a prompt schedule mapping; got {type(self.prompt).__name__}")
+
+    def settings(self) -> dict[str, Any]:
+        """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
+        type)."""
+        data = asdict(self)
+        for key in ("image", "end_image", "video"):
+            value = data[key]
+            if isinstance(value, os.PathLike):
+                data[key] = os.fspath(value)
+            elif value is not None and not isinstance(value, str):
+                data[key] = f"<{type(value).__name__}>"
+        data["seeds"] = list(self.seeds)
+        data["mode"] = self.mode
+        if isinstance(self.prompt, Mapping):
+            data["prompt"] = {str(k): v for k, v in self.prompt.items()}
+        return data
