@@ -89,6 +89,14 @@ class DiTDenoiser(Denoiser):
                 "inpaint_latents": inpaint_latents, "clip_image_embeds": clip_image_embeds,
                 "clip_attention_mask": clip_attention_mask}
 
+    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
+        """As `Denoiser.predict`; per-frame text states `(B, F, L, D)` (prompt travel) become the middle frame's,
+        because the DiT cross-attends every frame to one text (with context windows: each window's middle frame)."""
+        text = cond.get("encoder_hidden_states")
+        if text is not None and text.ndim == 4:
+            cond = {**cond, "encoder_hidden_states": text[:, text.shape[1] // 2]}
+        return super().predict(latents, timestep, cond)
+
     def epsilon(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         channels = latents.shape[1]
         if out.shape[1] == 2 * channels:  # learned sigma: [epsilon, variance]

@@ -15,6 +15,10 @@ from kinema.sampling.denoisers import Conditioning, Denoiser
 from kinema.sampling.guidance import guided_prediction
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+# step index -> the (cond, uncond) of that step, for conditioning that changes while sampling (V3's image tokens)
+ConditioningAt = Callable[[int], tuple[Conditioning, Conditioning | None]]
+# (step index, latents after the step) -> latents to go on with (repaint: put the known frames back)
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -38,7 +42,9 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype
 
 def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Conditioning,
            uncond: Conditioning | None, steps: int, guidance: float, *, callback: StepCallback | None = None,
-           progress: bool = True, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+           progress: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
+           first_step: int = 0, conditioning_at: ConditioningAt | None = None,
+           after_step: AfterStep | None = None) -> torch.Tensor:
     """Denoise `latents` in `steps` scheduler steps; returns the final latents `(B, C, F, H, W)`.
 
     Args:
@@ -51,21 +57,70 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
         callback: called as `callback(step, timestep, latents)` after each step.
         progress: show a progress bar (on a terminal; tqdm leaves it off where stderr is not one).
         generator: for schedulers that add noise while stepping (euler_a, lcm): a generator, or one per video.
+        first_step: start at this step of the `steps` schedule (video-to-video): `latents` are then already noised to
+            `scheduler.timesteps[first_step]` (see `noised_to`) and are not scaled again.
+        conditioning_at: when given, `conditioning_at(step)` gives that step's (cond, uncond) in place of both.
+        after_step: when given, `after_step(step, latents)` replaces the latents after each step (repaint).
     """
     if steps < 1:
         raise KinemaError(f"sampling needs at least 1 step, got {steps}")
+    if not 0 <= first_step < steps:
+        raise KinemaError(f"first_step must be in [0, {steps}), got {first_step}")
     scheduler.set_timesteps(steps, device=latents.device)
     step_kwargs: dict[str, Any] = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generator
-    latents = latents * scheduler.init_noise_sigma
-    timesteps = scheduler.timesteps
+    if first_step:
+        if hasattr(scheduler, "set_begin_index"):  # multistep schedulers count their steps from here
+            scheduler.set_begin_index(first_step * scheduler.order)
+    else:
+        latents = latents * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps[first_step * scheduler.order:]
     with tqdm(timesteps, desc="sampling", unit="step", disable=None if progress else True) as bar:
-        for index, timestep in enumerate(bar):
+        for index, timestep in enumerate(bar, start=first_step):
             stop_if_requested()
+            if conditioning_at is not None:
+                cond, uncond = conditioning_at(index)
             model_input = scheduler.scale_model_input(latents, timestep)
             eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, guidance)
             latents = scheduler.step(eps, timestep, latents, **step_kwargs, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(index, latents)
             if callback is not None:
                 callback(index, timestep, latents)
     return latents
+
+
+def noised_to(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """`clean` latents `(B, C, F, H, W)` noised with unit `noise` to the timestep the sampler runs at `step` of
+    `steps` (the scheduler's own `add_noise`, so it fits DDIM's and Euler's parametrisations alike); `step == steps`
+    gives `clean` itself (the end of sampling). It sets the scheduler's timesteps: call it before `sample`, not from
+    inside (`repaint_step` is the in-loop form)."""
+    if step >= steps:
+        return clean
+    scheduler.set_timesteps(steps, device=clean.device)
+    timestep = scheduler.timesteps[step * scheduler.order]
+    return scheduler.add_noise(clean, noise, timestep.reshape(1))
+
+
+def repaint_step(scheduler: Any, known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, steps: int) -> AfterStep:
+    """An `after_step` that puts the known latents back after every step, noised to the next step's level
+    (repaint-style conditioning for models without inpaint channels) and clean after the last step.
+
+    Args:
+        known: clean latents `(B, C, F, H, W)`; only the frames where `keep` is True are used.
+        keep: `(F,)` bool, the latent frames to hold.
+        noise: unit noise `(B, C, F, H, W)` used to re-noise them (fixed for the whole run).
+    """
+    def put_back(index: int, latents: torch.Tensor) -> torch.Tensor:
+        following = index + 1
+        if following >= steps:
+            level = known
+        else:
+            # Schedulers that track their step (Euler, DPM++) noise to the step they are at, which after step()
+            # is this following one; the others read the timestep given.
+            level = scheduler.add_noise(known, noise, scheduler.timesteps[following * scheduler.order].reshape(1))
+        mask = keep.to(latents.device).view(1, 1, -1, 1, 1)
+        return torch.where(mask, level.to(latents.dtype), latents)
+
+    return put_back
