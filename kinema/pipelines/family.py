@@ -91,6 +91,10 @@ class VideoFamily:
         (repaint-style)."""
         return False
 
+    # Whether a model without inpaint channels may hold known frames' latents instead (repaint): AnimateDiff's
+    # image-to-video and continuation; EasyAnimate needs its InP model.
+    repaint_fallback: bool = False
+
     def inpaint_conditioning(self, video: torch.Tensor, keep: torch.Tensor,
                              clip_image: torch.Tensor | None) -> tuple[Conditioning, Conditioning]:
         """The conditional and unconditional inpaint inputs for an InP model.

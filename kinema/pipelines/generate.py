@@ -1,0 +1,516 @@
+"""`generate()`: every generation mode on either model family, the one call behind the CLI, the web app and the API.
+
+Modes (`GenerationRequest.mode`):
+- text-to-video: noise -> denoise -> decode; an InP DiT gets V3's "generate everything" inpaint inputs.
+- image-to-video: an InP model is conditioned through mask + masked-video latents and CLIP image tokens; a model
+  without inpaint channels (AnimateDiff) holds the first (and last) frame's latents, re-noised at each step (repaint).
+- video-to-video (SDEdit): the input's latents noised to `strength` and denoised from there.
+- extend: segments of the model's window appended one by one, each conditioned on the last `overlap_frames` frames
+  of what exists, the overlap cross-faded; memory does not grow with the number of segments but for the frames.
+Long text-to-video runs the whole model per context window (kinema.sampling.context); a prompt schedule gives each
+frame its own interpolated text (kinema.sampling.prompt_travel). Everything is checked before any denoising.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kinema.errors import KinemaError
+from kinema.memory import peak_memory_bytes, reset_peak_memory
+from kinema.pipelines.family import Conditioning, VideoFamily
+from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest
+from kinema.sampling.denoisers import Denoiser
+from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
+from kinema.sampling.schedulers import make_scheduler
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LatentsHook = Callable[[torch.Tensor, list[dict[str, Any]]], None]
+
+
+@dataclass
+class GenerationResult:
+    """What `generate()` returns.
+
+    frames: output "tensor": float `(B, F, 3, H, W)` in [0, 1]; "numpy": a list of uint8 `(F, H, W, 3)` arrays;
+        "pil": a list of lists of PIL images; "latent": None.
+    latents: the final latents `(B, C, F', h, w)` (scaled; for `extend`, the last segment's).
+    settings: one JSON-ready dict per video (its seed included), for sidecars.
+    report: "mode", "dtype", "seconds", "peak_memory_bytes", "frames", "family", "windows" / "segments".
+    """
+
+    frames: Any
+    latents: torch.Tensor
+    settings: list[dict[str, Any]]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
+    """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, height, width)` in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise KinemaError(f"{what} {path} does not exist")
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as err:
+            raise KinemaError(f"cannot read {what} {path}: {err}") from None
+    if isinstance(image, Image.Image):
+        image = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        raise KinemaError(f"{what} must be a path, a PIL image or a (3, H, W) tensor in [0, 1]")
+    return _fit(image[None], height, width, resize, what)[0]
+
+
+def _fit(frames: torch.Tensor, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
+    """Frames `(F, 3, H, W)` at height x width: as they are, resized when `resize`, else one error offering it."""
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames.float()
+    if not resize:
+        raise KinemaError(f"{what} is {frames.shape[-1]}x{frames.shape[-2]} but the video is {width}x{height}; pass "
+                          f"--resize (resize=True) to resize it, or set --width {frames.shape[-1]} --height "
+                          f"{frames.shape[-2]}")
+    return torch.nn.functional.interpolate(frames.float(), size=(height, width), mode="bicubic",
+                                           align_corners=False, antialias=True).clamp(0, 1)
+
+
+def _video_tensor(video: Any, height: int, width: int, resize: bool) -> torch.Tensor:
+    """`video` (a path or `(F, 3, H, W)` in [0, 1]) as float `(F, 3, height, width)` in [0, 1]."""
+    if isinstance(video, (str, Path)):
+        from kinema.data.video_io import read_video
+
+        video = (read_video(video).frames + 1) / 2
+    if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
+        raise KinemaError("the input video must be a path or an (F, 3, H, W) tensor in [0, 1]")
+    return _fit(video, height, width, resize, "the input video")
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+@dataclass
+class _Text:
+    """The text conditioning of a run: `cond` / `uncond` batched per video; per-frame states for prompt travel."""
+
+    cond: Conditioning
+    uncond: Conditioning | None
+    table: str | None = None
+
+
+def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, latent_frames: int,
+                 pixel_frames: int) -> _Text:
+    """Encode the prompt (or each keyframe prompt of a schedule, interpolated per latent frame) and the negative
+    prompt, one row per video."""
+    uncond = family.encode_text([request.negative_prompt] * videos) if request.guidance != 1 else None
+    if isinstance(request.prompt, str):
+        return _Text(family.encode_text([request.prompt] * videos), uncond)
+    from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule, schedule_table
+
+    schedule = parse_prompt_schedule(request.prompt, pixel_frames, interpolation=request.interpolation)
+    keyframes = family.encode_text(schedule.prompts())
+    states = keyframes[family.text_key]
+    assert states is not None
+    per_frame = interpolate_states(states, schedule, pixel_frames)  # (F, L, D)
+    if latent_frames != pixel_frames:  # the VAE merges frames in time: each latent frame takes its middle frame's
+        index = torch.linspace(0, pixel_frames - 1, latent_frames).round().long()
+        per_frame = per_frame[index]
+    cond: Conditioning = {family.text_key: per_frame[None].expand(videos, *per_frame.shape).contiguous()}
+    for key, value in keyframes.items():
+        if key != family.text_key and value is not None:  # masks: a token kept by any keyframe prompt is kept
+            cond[key] = value.amax(dim=0, keepdim=True).expand(videos, *value.shape[1:])
+    if uncond is not None and family.text_key in uncond:
+        negative = uncond[family.text_key]
+        assert negative is not None
+        uncond = {**uncond, family.text_key: negative[:, None].expand(-1, latent_frames, -1, -1).contiguous()}
+    return _Text(cond, uncond, schedule_table(schedule, pixel_frames))
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class _Plan:
+    """What a request comes to on a family, settled before any denoising."""
+
+    frames: int          # pixel frames of one denoised clip (a segment when extending)
+    latent_frames: int
+    scheduler: str
+    context: Any = None  # kinema.sampling.context.ContextOptions in latent frames, or None
+    continuation: bool = False
+
+
+def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
+    request.check()
+    family.check_size(request.height, request.width)
+    scheduler = request.scheduler or family.default_scheduler
+    make_scheduler(scheduler, family.family)  # an unknown name fails here, listing the known ones
+    mode = request.mode
+    if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
+        raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "
+                          f"holds the known frames instead; {family.name} is neither")
+    if mode == "extend":
+        segment = request.segment_frames or family.max_frames
+        return _Plan(segment, family.latent_frames(segment), scheduler, continuation=True)
+    frames = request.frames
+    latent_frames = family.latent_frames(frames)  # the VAE's frame rule first: its message gives the nearest counts
+    context = None
+    if request.context is not None or latent_frames > family.model.max_frames:
+        if request.context is None and family.inpaints and mode == "text-to-video" and request.segment_frames is None:
+            segment = family.max_frames  # InP models go past their window by continuation (V3's long video)
+            return _Plan(segment, family.latent_frames(segment), scheduler, continuation=True)
+        context = _context_options(family, request, latent_frames)
+    return _Plan(frames, latent_frames, scheduler, context)
+
+
+def _context_options(family: VideoFamily, request: GenerationRequest, latent_frames: int) -> Any:
+    from kinema.pipelines.request import ContextSettings
+    from kinema.sampling.context import ContextOptions
+
+    settings = request.context or ContextSettings(length=min(16, family.max_frames))
+    scale = max(family.pixel_frames(2) // 2, 1)  # pixel frames per latent frame, for the windows' latent length
+    options = ContextOptions(length=max(settings.length // scale, 1), overlap=settings.overlap // scale,
+                             stride=settings.stride, closed_loop=settings.closed_loop, schedule=settings.schedule,
+                             fuse=settings.fuse, freenoise=settings.freenoise)
+    options.check(latent_frames, family.model.max_frames)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+@contextmanager
+def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> Any:
+    dtype = DTYPES[request.dtype]
+    for module in vars(family).values():
+        if isinstance(module, torch.nn.Module) and any(p.is_floating_point() for p in module.parameters()):
+            module.to(dtype)
+    family.model.set_attention_chunk_size(request.attention_chunk)
+    for name, value in (("vae_tiling", request.vae_tiling), ("decode_chunk", request.decode_chunk)):
+        if hasattr(family, name):
+            setattr(family, name, value)
+    try:
+        yield
+    finally:
+        family.model.set_attention_chunk_size(None)
+
+
+def _device(family: VideoFamily) -> torch.device:
+    return next(family.model.parameters()).device
+
+
+@dataclass
+class _Clip:
+    """One clip to denoise: its latent shape and the conditioning beyond text."""
+
+    noise: torch.Tensor
+    cond_extra: Conditioning = field(default_factory=dict)
+    uncond_extra: Conditioning = field(default_factory=dict)
+    clean: torch.Tensor | None = None    # video-to-video: the input's latents
+    known: torch.Tensor | None = None    # repaint: latents of the kept frames
+    keep: torch.Tensor | None = None     # repaint: (F',) bool
+
+
+def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text: _Text, clip: _Clip,
+             seeds: Sequence[int], callback: StepCallback | None, progress: bool) -> torch.Tensor:
+    """Sample one clip's latents `(B, C, F', h, w)` under everything the plan and the clip ask for."""
+    scheduler = make_scheduler(plan.scheduler, family.family)
+    steps = request.steps
+    denoiser: Denoiser = family.denoiser()
+    frames = clip.noise.shape[2]
+    if plan.context is not None:
+        from kinema.sampling.context import ContextDenoiser
+
+        axes = {key: 1 for key in (family.text_key,) if (text.cond.get(key) is not None
+                                                          and text.cond[key].ndim == 4)}  # type: ignore[union-attr]
+        denoiser = ContextDenoiser(denoiser, plan.context, frames, steps=steps, frame_axes=axes)  # type: ignore[assignment]
+
+    def conditioning_at(step: int) -> tuple[Conditioning, Conditioning | None]:
+        with_image = family.image_tokens_from(step, steps)
+        cond = {**text.cond, **{k: v for k, v in clip.cond_extra.items() if with_image or not k.startswith("clip_")}}
+        if text.uncond is None:
+            return cond, None
+        uncond = {**text.uncond,
+                  **{k: v for k, v in clip.uncond_extra.items() if with_image or not k.startswith("clip_")}}
+        return cond, uncond
+
+    first_step = 0
+    start = clip.noise
+    if clip.clean is not None:
+        first_step = min(steps - 1, steps - max(1, round(steps * request.strength)))
+        start = noised_to(scheduler, clip.clean, clip.noise, first_step, steps)
+
+    def run(noise: torch.Tensor, run_steps: int) -> torch.Tensor:
+        repaint = None
+        if clip.known is not None and clip.keep is not None:
+            repaint = repaint_step(scheduler, clip.known, clip.keep, clip.noise, run_steps)
+        cond, uncond = conditioning_at(first_step)
+        return sample(denoiser, scheduler, noise, cond, uncond, run_steps, request.guidance, callback=callback,
+                      progress=progress, generator=generators(seeds), first_step=first_step,
+                      conditioning_at=conditioning_at, after_step=repaint)
+
+    with torch.no_grad():
+        if request.free_init is None or clip.clean is not None:
+            return run(start, steps)
+        from kinema.sampling.freeinit import FreeInitOptions, free_init_sample, seeded_fresh_noise
+
+        options = FreeInitOptions(**vars(request.free_init))
+        fresh = seeded_fresh_noise(start.shape, seeds, dtype=start.dtype, device=start.device)
+        return free_init_sample(run, start, scheduler, options, steps, fresh)
+
+
+def _noise(family: VideoFamily, plan: _Plan, request: GenerationRequest, seeds: Sequence[int],
+           device: torch.device) -> torch.Tensor:
+    shape = (len(seeds), family.latent_channels, plan.latent_frames, request.height // family.spatial_factor,
+             request.width // family.spatial_factor)
+    if plan.context is not None and plan.context.freenoise:
+        from kinema.sampling.noise import freenoise_initial_noise
+
+        return freenoise_initial_noise(shape, seeds, plan.context.length, plan.context.overlap, device=device)
+    return initial_noise(shape, seeds, device=device)
+
+
+def _condition_on_frames(family: VideoFamily, noise: torch.Tensor, video: torch.Tensor, keep: torch.Tensor,
+                         clip_image: torch.Tensor | None, inpaint: bool) -> _Clip:
+    """A clip conditioned on known frames: `video` `(B, F, 3, H, W)` in [0, 1] with `keep` `(F,)` True where known.
+    InP models take inpaint inputs; the others hold the known frames' latents (repaint)."""
+    if inpaint:
+        cond, uncond = family.inpaint_conditioning(video, keep, clip_image)
+        return _Clip(noise, cond, uncond)
+    known = family.encode_frames(video).to(noise)
+    latent_keep = _latent_keep(family, keep)
+    return _Clip(noise, known=known, keep=latent_keep)
+
+
+def _latent_keep(family: VideoFamily, keep: torch.Tensor) -> torch.Tensor:
+    """Latent frames whose every pixel frame is kept (pixel frames merged per latent frame by the VAE)."""
+    frames = keep.shape[0]
+    latent_frames = family.latent_frames(frames)
+    per = frames // latent_frames if latent_frames > 1 else frames
+    if latent_frames == frames:
+        return keep.clone()
+    return keep[: latent_frames * per].view(latent_frames, per).all(dim=1)
+
+
+def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, request: GenerationRequest) -> _Clip:
+    if not family.inpaints:
+        return _Clip(noise)
+    # An InP model makes text-to-video with every frame to generate (V3's T2V with an InP checkpoint).
+    frames = family.pixel_frames(noise.shape[2])
+    video = torch.zeros(noise.shape[0], frames, 3, request.height, request.width, device=noise.device)
+    return _condition_on_frames(family, noise, video, torch.zeros(frames, dtype=torch.bool), None, inpaint=True)
+
+
+def _image_clip(family: VideoFamily, noise: torch.Tensor, request: GenerationRequest) -> _Clip:
+    frames = family.pixel_frames(noise.shape[2])
+    start = _image_tensor(request.image, request.height, request.width, request.resize, "the start image")
+    video = torch.zeros(noise.shape[0], frames, 3, request.height, request.width)
+    keep = torch.zeros(frames, dtype=torch.bool)
+    video[:, 0], keep[0] = start, True
+    if request.end_image is not None:
+        video[:, -1] = _image_tensor(request.end_image, request.height, request.width, request.resize,
+                                     "the end image")
+        keep[-1] = True
+    clip_image = start[None].expand(noise.shape[0], -1, -1, -1)
+    return _condition_on_frames(family, noise, video.to(noise.device), keep, clip_image.to(noise.device),
+                                inpaint=family.inpaints)
+
+
+def _crossfade(tail: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Blend overlapping frames `(B, K, 3, H, W)`: a linear ramp from the old `tail` to the new `head`."""
+    k = tail.shape[1]
+    ramp = torch.arange(1, k + 1, dtype=tail.dtype, device=tail.device).div(k + 1).view(1, k, 1, 1, 1)
+    return tail * (1 - ramp) + head * ramp
+
+
+def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start: torch.Tensor, total: int,
+            seeds: Sequence[int], callback: StepCallback | None, progress: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                          int]:
+    """Append segments to `start` `(B, F0, 3, H, W)` until the video has `total` frames; returns (frames, last
+    segment's latents, segments)."""
+    batch = start.shape[0]
+    prompt_at = _prompt_at(request.prompt, total)
+    overlap = request.overlap_frames
+    segment = plan.frames
+    if overlap >= segment:
+        raise KinemaError(f"overlap_frames ({overlap}) must be below the segment length ({segment} frames)")
+    video = torch.empty(batch, total, 3, request.height, request.width)
+    have = min(start.shape[1], total)
+    video[:, :have] = start[:, :have].cpu()
+    latents = torch.empty(0)
+    segments = 0
+    while have < total:
+        context = video[:, have - overlap:have]
+        text = _encode_text(family, replace(request, prompt=prompt_at(have)), batch, plan.latent_frames, segment)
+        frames = torch.zeros(batch, segment, 3, request.height, request.width)
+        frames[:, :overlap] = context
+        keep = torch.zeros(segment, dtype=torch.bool)
+        keep[:overlap] = True
+        noise = _noise(family, plan, request, [s + 7919 * (segments + 1) for s in seeds], _device(family))
+        device = noise.device
+        clip = _condition_on_frames(family, noise, frames.to(device), keep, context[:, 0].to(device),
+                                    inpaint=family.inpaints)
+        latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
+        new = family.decode(latents).cpu()
+        video[:, have - overlap:have] = _crossfade(context, new[:, :overlap])
+        take = min(segment - overlap, total - have)
+        video[:, have:have + take] = new[:, overlap:overlap + take]
+        have += take
+        segments += 1
+        logger.info("extend: segment %d done, %d of %d frames", segments, have, total)
+    return video, latents, segments
+
+
+def _prompt_at(prompt: Any, total: int) -> Callable[[int], str]:
+    """The prompt in force at a frame, for continuation: a schedule's last keyframe prompt at or before it (its
+    first before any); segments are conditioned on one prompt each."""
+    if isinstance(prompt, str):
+        return lambda frame: prompt
+    from kinema.sampling.prompt_travel import parse_prompt_schedule
+
+    keyframes = parse_prompt_schedule(prompt, total).keyframes
+    return lambda frame: max(((k, p) for k, p in keyframes if k <= frame), default=keyframes[0])[1]
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def _as_output(frames: torch.Tensor, output: str) -> Any:
+    if output == "tensor":
+        return frames
+    arrays = [(video.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy() for video in frames]
+    if output == "numpy":
+        return arrays
+    from PIL import Image
+
+    return [[Image.fromarray(frame) for frame in video] for video in arrays]
+
+
+def decode_saved(family: VideoFamily, latents: torch.Tensor) -> torch.Tensor:
+    """Frames `(B, F, 3, H, W)` in [0, 1] of latents saved before decoding (`kinema decode`)."""
+    if latents.ndim != 5 or latents.shape[1] != family.latent_channels:
+        raise KinemaError(f"saved latents must be (B, {family.latent_channels}, F', h, w) for this model; got "
+                          f"{tuple(latents.shape)}")
+    with torch.no_grad():
+        return family.decode(latents.to(_device(family)))
+
+
+def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepCallback | None = None,
+             progress: bool = True, output: str = "tensor", on_latents: LatentsHook | None = None) -> GenerationResult:
+    """Make one video per seed of `request` with `family`'s model (see the module docstring for the modes).
+
+    Args:
+        family: the model's parts (`kinema.pipelines.load.load_family`, or an `AnimateDiffFamily` /
+            `EasyAnimateFamily` built from parts).
+        request: the settings; checked, with the family's own limits, before any denoising.
+        callback: called as `callback(step, timestep, latents)` after each sampling step.
+        progress: show progress bars.
+        output: "tensor", "numpy", "pil" or "latent" (see `GenerationResult.frames`).
+        on_latents: called with the final latents `(B, C, F', h, w)` and the settings before decoding (to save them,
+            so a failed decode can be redone with `decode_saved`).
+    """
+    if output not in OUTPUT_TYPES:
+        raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUT_TYPES)}")
+    began = time.perf_counter()
+    plan = _plan(family, request)
+    seeds = [int(s) for s in request.seeds]
+    device = _device(family)
+    mode = request.mode
+    # Inputs are read and sized before any model runs, so a bad file fails fast.
+    input_video = None
+    if mode in ("video-to-video", "extend"):
+        input_video = _video_tensor(request.video, request.height, request.width, request.resize)
+        if mode == "video-to-video":
+            family.latent_frames(input_video.shape[0])
+            plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
+            if plan.latent_frames > family.model.max_frames and plan.context is None:
+                plan.context = _context_options(family, request, plan.latent_frames)
+        elif input_video.shape[0] < request.overlap_frames:
+            raise KinemaError(f"the video to extend has {input_video.shape[0]} frames, fewer than overlap_frames "
+                              f"({request.overlap_frames})")
+    elif mode == "image-to-video":
+        _image_tensor(request.image, request.height, request.width, request.resize, "the start image")
+    if plan.context is None and not plan.continuation:
+        from kinema.models.motion import check_frame_count
+
+        check_frame_count(plan.latent_frames, family.model.max_frames,
+                          unit="frames" if plan.frames == plan.latent_frames else "latent frames")
+
+    settings = [{**request.settings(), **family.settings(), "seed": seed, "seeds": None,
+                 "scheduler": plan.scheduler} for seed in seeds]
+    reset_peak_memory(device)
+    segments = 0
+    windows = None
+    with _precision_and_memory(family, request):
+        if plan.continuation:
+            total = request.frames if mode == "text-to-video" else (input_video.shape[0] + request.extend_frames)  # type: ignore[union-attr,operator]
+            if mode == "text-to-video":
+                first = _generate_clip(family, replace(request, frames=plan.frames), plan, seeds, callback, progress)
+                with torch.no_grad():
+                    start = family.decode(first).cpu()
+                segments = 1
+            else:
+                assert input_video is not None
+                start = input_video[None].expand(len(seeds), -1, -1, -1, -1)
+            with torch.no_grad():
+                frames, latents, more = _extend(family, request, plan, start, total, seeds, callback, progress)
+            segments += more
+        else:
+            if mode == "video-to-video":
+                assert input_video is not None
+                noise = _noise(family, plan, request, seeds, device)
+                with torch.no_grad():
+                    clean = family.encode_frames(input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device))
+                clip = _Clip(noise, clean=clean.to(noise))
+                if family.inpaints:
+                    clip = replace(_text_to_video_clip(family, noise, request), clean=clean.to(noise))
+                text = _encode_text(family, request, len(seeds), plan.latent_frames, plan.frames)
+                latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
+            else:
+                latents = _generate_clip(family, request, plan, seeds, callback, progress)
+            if plan.context is not None:
+                from kinema.sampling.context import context_windows
+
+                windows = len(context_windows(plan.latent_frames, plan.context))
+            if on_latents is not None:
+                on_latents(latents, settings)
+            frames = None
+            if output != "latent":
+                with torch.no_grad():
+                    frames = family.decode(latents).cpu()
+    dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
+    report = {"mode": mode, "family": family.family, "dtype": dtype, "seconds": round(time.perf_counter() - began, 3),
+              "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
+              "latent_frames": int(latents.shape[2]), "scheduler": plan.scheduler, "windows": windows,
+              "segments": segments or None}
+    logger.info("generated %s: %s", mode, report)
+    for entry in settings:
+        entry["report"] = report
+    return GenerationResult(None if frames is None else _as_output(frames, output), latents, settings, report)
+
+
+def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],
+                   callback: StepCallback | None, progress: bool) -> torch.Tensor:
+    """Latents of a text- or image-to-video clip of `plan.frames` frames."""
+    device = _device(family)
+    noise = _noise(family, plan, request, seeds, device)
+    with torch.no_grad():
+        text = _encode_text(family, request, len(seeds), plan.latent_frames, plan.frames)
+        if text.table is not None:
+            logger.info("prompt schedule:\n%s", text.table)
+        clip = _image_clip(family, noise, request) if request.image is not None else \
+            _text_to_video_clip(family, noise, request)
+    return _denoise(family, request, plan, text, clip, seeds, callback, progress)
