@@ -1,0 +1,127 @@
+"""The AnimateDiff family for the generation pipeline: a VideoUNet on SD1.5, CLIP text, the SD VAE frame by frame.
+
+The SD VAE is an image VAE, so a video's latents have one latent frame per pixel frame (`latent_frames` and
+`pixel_frames` are the identity) and frames are encoded and decoded as a batch of images, `decode_chunk` at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kinema.errors import KinemaError
+from kinema.pipelines.decode import decode_latents
+from kinema.pipelines.family import Conditioning, VideoFamily
+from kinema.pipelines.text_encoding import encode_prompts
+from kinema.sampling.denoisers import Denoiser, UNetDenoiser
+
+
+class AnimateDiffFamily(VideoFamily):
+    """AnimateDiff's parts for `generate()`.
+
+    Args:
+        video_unet: a `VideoUNet` (the SD1.5 UNet inflated with motion modules, LoRAs already applied).
+        vae: the SD `AutoencoderKL`: images `(N, 3, H, W)` in [-1, 1] <-> latents `(N, 4, H/8, W/8)`.
+        text_encoder, tokenizer: SD1.5's CLIP text model and tokenizer.
+        source: the model's folder or file, recorded in the settings.
+        vae_tiling: encode and decode each frame in overlapping spatial tiles (diffusers' VAE tiling), for frames
+            larger than the VAE's `sample_size`; smaller frames are done whole either way.
+        decode_chunk: frames per VAE call when encoding or decoding.
+        motion_module, loras: what was loaded into `video_unet` (path, and `(path, weight)` per LoRA), recorded in
+            the settings.
+    """
+
+    family = "animatediff"
+    # The original AnimateDiff inference configs and diffusers' AnimateDiffPipeline example both sample with DDIM.
+    default_scheduler = "ddim"
+    # No inpaint channels: image-to-video and continuation keep the known frames' latents instead (repaint).
+    repaint_fallback = True
+
+    def __init__(self, video_unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, source: str | None = None,
+                 vae_tiling: bool = False, decode_chunk: int = 16, *, motion_module: str | None = None,
+                 loras: Sequence[tuple[str, float]] = ()) -> None:
+        if decode_chunk < 1:
+            raise KinemaError(f"decode_chunk must be at least 1 frame, got {decode_chunk}")
+        self.model = video_unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.source = source
+        # 2 per VAE level after the first: 8 for SD1.5's VAE (smaller test VAEs downscale less).
+        self.spatial_factor = int(2 ** (len(vae.config.block_out_channels) - 1))
+        self.decode_chunk = decode_chunk
+        self.vae_tiling = vae_tiling
+        self.motion_module = motion_module
+        self.loras: list[tuple[str, float]] = [(str(path), float(weight)) for path, weight in loras]
+
+    @property
+    def video_unet(self) -> Any:
+        """The `VideoUNet` (the same object as `model`)."""
+        return self.model
+
+    @property
+    def vae_tiling(self) -> bool:
+        """Whether the VAE encodes and decodes in spatial tiles; setting it switches the VAE's own tiling."""
+        return bool(self.vae.use_tiling)
+
+    @vae_tiling.setter
+    def vae_tiling(self, tiled: bool) -> None:
+        if tiled:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+
+    def denoiser(self) -> Denoiser:
+        """A `UNetDenoiser` over the VideoUNet: latents `(B, 4, F, h, w)` and CLIP states -> epsilon."""
+        return UNetDenoiser(self.model)
+
+    @property
+    def latent_channels(self) -> int:
+        """The UNet's input channels (4 for SD1.5)."""
+        return int(self.model.unet.config.in_channels)
+
+    def latent_frames(self, frames: int) -> int:
+        """One latent frame per pixel frame (an image VAE); frames must be at least 1."""
+        if frames < 1:
+            raise KinemaError(f"frames must be at least 1, got {frames}")
+        return frames
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """One pixel frame per latent frame."""
+        return latent_frames
+
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        """`{"encoder_hidden_states": (B, 77, D)}`: CLIP's last hidden states, one row per prompt."""
+        return {"encoder_hidden_states": encode_prompts(self.text_encoder, self.tokenizer, prompts)}
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Scaled latents `(B, 4, F, H/8, W/8)` float32 (H/8 for SD1.5's VAE) of frames `(B, F, 3, H, W)` in [0, 1]:
+        each frame's posterior mean times the VAE's scaling factor, `decode_chunk` frames per VAE call."""
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise KinemaError(f"encoding takes frames (B, F, 3, H, W) in [0, 1]; got shape {tuple(frames.shape)}")
+        self.check_size(frames.shape[-2], frames.shape[-1])
+        batch, count = frames.shape[:2]
+        parameter = next(self.vae.parameters())
+        images = frames.reshape(batch * count, *frames.shape[2:]) * 2 - 1
+        means = []
+        with torch.no_grad():
+            for start in range(0, images.shape[0], self.decode_chunk):
+                chunk = images[start:start + self.decode_chunk].to(device=parameter.device, dtype=parameter.dtype)
+                means.append(self.vae.encode(chunk).latent_dist.mean.float())
+        latents = torch.cat(means) * self.vae.config.scaling_factor
+        return latents.reshape(batch, count, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Frames `(B, F, 3, H, W)` float32 in [0, 1] from scaled latents `(B, 4, F, h, w)` (see `decode_latents`)."""
+        return decode_latents(self.vae, latents, self.decode_chunk)
+
+    def settings(self) -> dict[str, Any]:
+        """The model, family, and the motion module and LoRAs when known (`loras`: `{"path", "weight"}` each)."""
+        recorded = super().settings()
+        if self.motion_module is not None:
+            recorded["motion_module"] = self.motion_module
+        if self.loras:
+            recorded["loras"] = [{"path": path, "weight": weight} for path, weight in self.loras]
+        return recorded

@@ -1,0 +1,233 @@
+"""A model for generation from paths: `load_family` tells what `model` is and returns that family's parts.
+
+An EasyAnimate V3 folder becomes an `EasyAnimateFamily`; a Stable Diffusion 1.5 folder or single file becomes an
+`AnimateDiffFamily` once a motion module inflates its UNet. Every path, weight and kind is checked before any
+weights are read (headers only), so a typo fails in a second rather than after the base model has loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from kinema.errors import KinemaError, naming
+from kinema.pipelines.family import VideoFamily
+from kinema.pipelines.request import DTYPES
+
+logger = logging.getLogger(__name__)
+
+_MODEL_KINDS = "a Stable Diffusion 1.5 folder or single file (with a motion module) or an EasyAnimate V3 folder"
+# Names of the spatial LoRA matrices load_spatial_lora fuses (kohya/civitai, peft/diffusers, and diffusers' old form).
+_SPATIAL_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
+    found = Path(path)
+    if not found.exists():
+        raise KinemaError(f"{what} {found} does not exist: check the path")
+    return found
+
+
+def _checked_loras(loras: Sequence[tuple[str | os.PathLike, float]]) -> list[tuple[Path, float]]:
+    checked: list[tuple[Path, float]] = []
+    for entry in loras:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise KinemaError(f"each LoRA is a (path, weight) pair; got {entry!r}")
+        path, weight = entry
+        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
+            raise KinemaError(f"LoRA weight for {path} must be a finite number, got {weight!r}")
+        checked.append((_existing(path, "LoRA"), float(weight)))
+    return checked
+
+
+def _describe(path: Path, **options: Any) -> tuple[Any, dict[str, Any]]:
+    """`path`'s `Source` (what describe read, kept so the load reads nothing twice) and its describe report."""
+    from kinema.loaders.source import Source, describe_source
+
+    source = Source(path, options)
+    return source, describe_source(source)
+
+
+def _load_described(source: Any, kind: str, **options: Any) -> Any:
+    """What `kinema.load` does once a path is described: the kind's loader, on the same `Source`."""
+    from kinema.loaders.formats import format_of
+
+    return format_of(kind).function("load")(source, **options)
+
+
+def _lora_kind(path: Path) -> tuple[Any, str]:
+    """`(source, "motion" or "spatial")` for a LoRA file: a motion LoRA by the registry's own describer (which
+    raises for a malformed one); else any file of LoRA down matrices is a spatial (image) LoRA."""
+    from kinema.loaders.animatediff.formats import describe_motion_lora_source
+    from kinema.loaders.source import Source
+
+    source = Source(path)
+    if describe_motion_lora_source(source) is not None:
+        return source, "motion"
+    if source.is_weights_file and any(name.endswith(_SPATIAL_LORA_DOWN) for name in source.names):
+        return source, "spatial"
+    try:
+        import kinema.loaders
+
+        found = f"it is a {kinema.loaders.describe(path)['kind']}"
+    except KinemaError as err:
+        found = str(err).removeprefix(f"{path}: ")
+    raise KinemaError(f"{path} is not a LoRA ({found}); --lora takes motion LoRAs and SD1.5 image LoRAs")
+
+
+def _unet_widths(model: Path, config: str | os.PathLike | None) -> tuple[int, ...]:
+    """The SD UNet's block widths from its config (the folder's, or the single-file configs), reading no weights."""
+    from kinema.fileio import read_json_object
+    from kinema.loaders.stable_diffusion import SD15_CONFIGS
+
+    folder = model if model.is_dir() else Path(config) if config is not None else SD15_CONFIGS
+    unet_config = read_json_object(folder / "unet" / "config.json", "the UNet's config")
+    return tuple(unet_config.get("block_out_channels", ()))
+
+
+def _adapter_name(path: Path, taken: set[str]) -> str:
+    """A peft adapter name from the file's name, unique among the motion LoRAs loaded."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem) or "motion_lora"
+    name, number = stem, 1
+    while name in taken:
+        number += 1
+        name = f"{stem}_{number}"
+    taken.add(name)
+    return name
+
+
+def load_family(
+    model: str | os.PathLike,
+    *,
+    motion_module: str | os.PathLike | None = None,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
+    dtype: str = "float32",
+    device: Any = "cpu",
+    tokenizer: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+) -> VideoFamily:
+    """Load `model` for generation as its family's parts (`AnimateDiffFamily` or `EasyAnimateFamily`).
+
+    Args:
+        model: an EasyAnimate V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]), or a
+            Stable Diffusion 1.5 diffusers folder or single `.safetensors`/`.ckpt` file.
+        motion_module: for SD models (required there): an AnimateDiff motion module file or MotionAdapter folder;
+            it inflates the UNet into a `VideoUNet` taking latents `(B, 4, F, h, w)`.
+        loras: SD models only: `(path, weight)` pairs. Motion LoRAs (told apart by `kinema.describe`) are applied to
+            the motion modules at strength `weight`; any other LoRA is an image LoRA, fused into the UNet and text
+            encoder at scale `weight` before the UNet is inflated. Weights may be any finite number.
+        dtype: "float32", "bfloat16" or "float16" for every model (the text encoders too). SD parts are loaded and
+            LoRAs fused in float32, then cast.
+        device: where the models go.
+        tokenizer: SD single files only (they hold none): an SD1.5 diffusers folder or a CLIP tokenizer folder.
+        config: SD single files only: a folder of component configs (default: the shipped SD1.5 ones).
+
+    Raises one KinemaError line, before any weights are read, for a missing path, an unknown dtype, a non-finite
+    LoRA weight, a model that is neither family, an SD model without motion module, a motion module or LoRA given
+    with an EasyAnimate model, a file given as motion module or LoRA that is not one, or a motion module made for
+    another UNet.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
+    model_path = _existing(model, "model")
+    motion_path = None if motion_module is None else _existing(motion_module, "motion module")
+    checked_loras = _checked_loras(loras)
+    if tokenizer is not None:
+        _existing(tokenizer, "tokenizer")
+    source, report = _describe(model_path, **({} if config is None else {"config": config}))
+    kind = report["kind"]
+    logger.info("%s is a %s (%s)", model_path, kind, report.get("format", "kinema"))
+
+    if kind == "easyanimate_transformer":
+        return _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config)
+    if kind != "stable_diffusion":
+        raise KinemaError(f"{model_path} is a {kind}, not a model to generate with: give {_MODEL_KINDS}")
+    return _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config)
+
+
+def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
+                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any) -> VideoFamily:
+    from kinema.loaders.easyanimate.folder import MODEL_PARTS, is_model_folder
+
+    if motion_path is not None:
+        raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
+                          "(motion modules are for Stable Diffusion 1.5 models)")
+    if loras:
+        raise KinemaError(f"{path} is an EasyAnimate model: --lora is for AnimateDiff (SD1.5) models; drop it")
+    if tokenizer is not None or config is not None:
+        raise KinemaError(f"{path} is an EasyAnimate folder, which brings its own tokenizer and configs; tokenizer= "
+                          "and config= are for single-file SD checkpoints")
+    if not is_model_folder(path):
+        raise KinemaError(f"{path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
+                          f"({', '.join(part + '/' for part in MODEL_PARTS)})")
+    from kinema.pipelines.easyanimate import EasyAnimateFamily  # type: ignore[import-not-found]  # lands soon
+
+    family = EasyAnimateFamily.from_model(_load_described(source, "easyanimate_transformer", dtype=dtype,
+                                                          device=device), source=str(path))
+    logger.info("loaded EasyAnimate model %s (%s)", path, str(dtype).removeprefix("torch."))
+    return family
+
+
+def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
+                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any) -> VideoFamily:
+    import torch
+
+    from kinema.pipelines.animatediff import AnimateDiffFamily
+
+    if path.is_dir() and (tokenizer is not None or config is not None):
+        raise KinemaError(f"{path} is a diffusers folder, which brings its own tokenizer and configs; tokenizer= and "
+                          "config= are for single-file checkpoints")
+    if motion_path is None:
+        raise KinemaError(f"{path} is a Stable Diffusion 1.5 model; AnimateDiff needs a motion module: pass "
+                          "--motion-module PATH (motion_module= in Python)")
+    motion_source, motion_report = _describe(motion_path)
+    if motion_report["kind"] != "motion_module":
+        raise KinemaError(f"{motion_path} is a {motion_report['kind']}, not a motion module: give an AnimateDiff "
+                          "motion module file (e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
+    widths = _unet_widths(path, config)
+    if tuple(motion_report["channels"]) != widths:
+        raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
+                          f"{path}'s UNet has widths {widths}: use a motion module made for this base model")
+    kinds = [(lora_path, weight, *_lora_kind(lora_path)) for lora_path, weight in loras]
+
+    # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.
+    options: dict[str, Any] = {"dtype": torch.float32, "tokenizer": tokenizer}
+    if config is not None:
+        options["config"] = config
+    components = _load_described(source, "stable_diffusion", **options)
+    for lora_path, weight, lora_source, lora_kind in kinds:
+        if lora_kind == "spatial":  # into the 2D weights, which inflating copies
+            from kinema.loaders.stable_diffusion import load_spatial_lora
+
+            try:
+                counts = load_spatial_lora(components, lora_source.read(lora_source.names), scale=weight)
+            except KinemaError as err:
+                raise naming(lora_path, err) from None
+            logger.info("fused image LoRA %s at %g (%s)", lora_path, weight, counts)
+    video_unet = _load_described(motion_source, "motion_module", unet=components.unet)
+    logger.info("inflated the UNet with motion module %s (%s)", motion_path, motion_report.get("version"))
+    taken: set[str] = set()
+    for lora_path, weight, lora_source, lora_kind in kinds:
+        if lora_kind == "motion":
+            _load_described(lora_source, "motion_lora", video_unet=video_unet, strength=weight,
+                            name=_adapter_name(lora_path, taken))
+            logger.info("applied motion LoRA %s at %g", lora_path, weight)
+
+    parts = [video_unet.eval(), components.vae, components.text_encoder]
+    for part in parts:
+        part.to(device=device, dtype=dtype)
+    family = AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
+                               source=str(path), motion_module=str(motion_path),
+                               loras=[(str(lora_path), weight) for lora_path, weight in loras])
+    logger.info("loaded AnimateDiff model %s with %s: %d LoRAs, %s on %s", path, motion_path, len(loras),
+                str(dtype).removeprefix("torch."), device)
+    return family

@@ -1,0 +1,224 @@
+"""load_family: an SD1.5 folder or single file with a motion module and LoRAs gives the VideoUNet that loading the
+pieces by hand gives (diffusers' own LoRA fuse, kinema.load for the motion module and motion LoRA); bad input is one
+KinemaError line before any weights are read."""
+
+import logging
+import math
+
+import pytest
+import torch
+from diffusers import PNDMScheduler, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from tiny_easyanimate import source_model, v3_config, v3_state, write_transformer
+from tiny_sd import (
+    tiny_sd_parts,
+    write_kohya_lora,
+    write_motion_lora,
+    write_motion_module,
+    write_sd_configs,
+    write_sd_folder,
+    write_sd_single_file,
+)
+from transformers import CLIPTextModel
+
+import kinema
+from kinema.errors import KinemaError
+from kinema.loaders.stable_diffusion import load_tokenizer
+from kinema.models.video_unet import VideoUNet
+from kinema.pipelines.animatediff import AnimateDiffFamily
+from kinema.pipelines.load import load_family
+
+KOHYA_WEIGHT, MOTION_WEIGHT = 0.7, 0.5
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    parts = tiny_sd_parts()
+    return {
+        "parts": parts,
+        "folder": write_sd_folder(root / "tiny-sd", parts),
+        "single": write_sd_single_file(root / "tiny-sd.safetensors", parts),
+        "configs": write_sd_configs(root / "configs", parts),
+        "motion_module": write_motion_module(root / "mm_v2.safetensors", "v2", seed=5),
+        "motion_lora": root / "pan_left.safetensors",
+        "kohya": root / "style.safetensors",
+        "sdxl_module": write_motion_module(root / "mm_4_levels.safetensors", "v2", widths=(32, 64, 64, 64)),
+        "easyanimate": write_transformer(root / "easyanimate", v3_state(source_model()), v3_config()).parent,
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loras(files):
+    write_motion_lora(files["motion_lora"], seed=6)
+    write_kohya_lora(files["kohya"], seed=7)
+
+
+def by_hand(files):
+    """The independent path: diffusers fuses the image LoRA from its file, kinema.load adds the motion parts."""
+    folder = files["folder"]
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    from diffusers import AutoencoderKL
+
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(folder / "vae"), text_encoder=text_encoder,
+                                   tokenizer=load_tokenizer(folder), unet=unet,
+                                   scheduler=PNDMScheduler.from_pretrained(folder / "scheduler"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(files["kohya"]))
+    pipe.fuse_lora(lora_scale=KOHYA_WEIGHT)
+    pipe.unload_lora_weights()
+    video = kinema.load(files["motion_module"], unet=unet)
+    kinema.load(files["motion_lora"], video_unet=video, strength=MOTION_WEIGHT)
+    return video, text_encoder
+
+
+def assert_same_weights(got: torch.nn.Module, expected: torch.nn.Module, tolerance: float = 0.0) -> None:
+    """Every tensor of `got` equals `expected`'s cast to its dtype, within `tolerance`."""
+    ours, theirs = got.state_dict(), expected.state_dict()
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k].float() - v.to(ours[k].dtype).float()).abs().max().item() for k, v in theirs.items())
+    assert worst <= tolerance, worst
+
+
+@pytest.fixture(scope="module")
+def loaded(files):
+    return load_family(files["folder"], motion_module=files["motion_module"],
+                       loras=[(files["motion_lora"], MOTION_WEIGHT), (files["kohya"], KOHYA_WEIGHT)])
+
+
+@pytest.fixture(scope="module")
+def plain(files):
+    return load_family(files["folder"], motion_module=files["motion_module"])
+
+
+def test_folder_motion_module_and_loras_equal_loading_the_pieces_by_hand(files, loaded, plain):
+    family = loaded
+    assert isinstance(family, AnimateDiffFamily) and isinstance(family.model, VideoUNet)
+    video, text_encoder = by_hand(files)
+    # The image LoRA fuses into the float32 weights the same way; diffusers' fuse adds the same update.
+    assert_same_weights(family.model, video, tolerance=1e-6)
+    assert_same_weights(family.text_encoder, text_encoder, tolerance=1e-6)
+    assert_same_weights(family.vae, files["parts"]["vae"])
+    # The LoRAs did reach the weights: without them, the UNet and text encoder differ.
+    with pytest.raises(AssertionError):
+        assert_same_weights(plain.model, video, tolerance=1e-4)
+    with pytest.raises(AssertionError):
+        assert_same_weights(plain.text_encoder, text_encoder, tolerance=1e-4)
+    assert family.settings() == {
+        "model": str(files["folder"]), "family": "animatediff", "motion_module": str(files["motion_module"]),
+        "loras": [{"path": str(files["motion_lora"]), "weight": MOTION_WEIGHT},
+                  {"path": str(files["kohya"]), "weight": KOHYA_WEIGHT}]}
+    with torch.no_grad():  # the outputs agree too, a step that runs the motion LoRA's peft layers
+        x = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(family.model(x, 10, text), video(x, 10, text), rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_motion_lora_twice_gets_two_adapters(files, loaded):
+    twice = load_family(files["folder"], motion_module=files["motion_module"],
+                        loras=[(files["motion_lora"], MOTION_WEIGHT / 2), (files["kohya"], KOHYA_WEIGHT),
+                               (files["motion_lora"], MOTION_WEIGHT / 2)])
+    x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # two halves add up to one whole (LoRA updates are linear in the strength)
+        torch.testing.assert_close(twice.model(x, 10, text), loaded.model(x, 10, text), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_casts_every_part_after_a_float32_load(files, loaded, caplog):
+    with caplog.at_level(logging.INFO, logger="kinema.pipelines.load"):
+        half = load_family(files["folder"], motion_module=files["motion_module"], dtype="bfloat16",
+                           loras=[(files["motion_lora"], MOTION_WEIGHT), (files["kohya"], KOHYA_WEIGHT)])
+    for part in (half.model, half.vae, half.text_encoder):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    for name in ("model", "vae", "text_encoder"):
+        assert_same_weights(getattr(half, name), getattr(loaded, name))
+    messages = caplog.text
+    assert "is a stable_diffusion" in messages and "fused image LoRA" in messages
+    assert "applied motion LoRA" in messages and "loaded AnimateDiff model" in messages
+
+
+def test_single_file_needs_a_tokenizer_and_loads_the_same_model(files, plain):
+    with pytest.raises(KinemaError, match="single-file checkpoint, which holds no tokenizer: pass tokenizer="):
+        load_family(files["single"], motion_module=files["motion_module"], config=files["configs"])
+    family = load_family(files["single"], motion_module=files["motion_module"], tokenizer=files["folder"],
+                         config=files["configs"])
+    assert_same_weights(family.model, plain.model)
+    assert_same_weights(family.text_encoder, plain.text_encoder)
+    assert family.tokenizer("the cat").input_ids == plain.tokenizer("the cat").input_ids
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Loading any kind's weights fails the test: the refusals must come first."""
+    from kinema.loaders import formats
+
+    def refuse(self, role):
+        if role == "load":
+            raise AssertionError(f"{self.kind} weights were loaded before the input was refused")
+        return original(self, role)
+
+    original = formats.Format.function
+    monkeypatch.setattr(formats.Format, "function", refuse)
+
+
+BAD = {
+    "no motion module": (lambda f: ((f["folder"],), {}),
+                         "AnimateDiff needs a motion module: pass --motion-module PATH"),
+    "missing model": (lambda f: ((f["root"] / "nope",), {"motion_module": f["motion_module"]}),
+                      r"model .*nope does not exist: check the path"),
+    "missing motion module": (lambda f: ((f["folder"],), {"motion_module": f["root"] / "mm.ckpt"}),
+                              r"motion module .*mm.ckpt does not exist"),
+    "missing LoRA": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                 "loras": [(f["root"] / "gone.safetensors", 1.0)]}),
+                     r"LoRA .*gone.safetensors does not exist"),
+    "NaN weight": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                               "loras": [(f["kohya"], math.nan)]}),
+                   r"LoRA weight for .*style.safetensors must be a finite number, got nan"),
+    "infinite weight": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                    "loras": [(f["kohya"], -math.inf)]}),
+                        "must be a finite number, got -inf"),
+    "weight as text": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                   "loras": [(f["kohya"], "0.5")]}),
+                       "must be a finite number, got '0.5'"),
+    "LoRA not a pair": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"], "loras": [f["kohya"]]}),
+                        r"each LoRA is a \(path, weight\) pair"),
+    "unknown dtype": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"], "dtype": "fp8"}),
+                      "unknown dtype 'fp8'; known dtypes: float32, bfloat16, float16"),
+    "motion module as model": (lambda f: ((f["motion_module"],), {}),
+                               "is a motion_module, not a model to generate with: give a Stable Diffusion 1.5"),
+    "LoRA as model": (lambda f: ((f["kohya"],), {}), "not a format kinema knows.*it looks like a LoRA"),
+    "LoRA as motion module": (lambda f: ((f["folder"],), {"motion_module": f["motion_lora"]}),
+                              "pan_left.safetensors is a motion_lora, not a motion module"),
+    "motion module as LoRA": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                          "loras": [(f["motion_module"], 1.0)]}),
+                              r"mm_v2.safetensors is not a LoRA \(it is a motion_module\)"),
+    "module for another UNet": (lambda f: ((f["folder"],), {"motion_module": f["sdxl_module"]}),
+                                r"made for a UNet of widths \(32, 64, 64, 64\), but .*tiny-sd's UNet has widths "
+                                r"\(32, 64\)"),
+    "tokenizer with a folder": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                            "tokenizer": f["folder"]}),
+                                "is a diffusers folder, which brings its own tokenizer and configs; tokenizer= and "
+                                "config= are for single-file"),
+    "config with a folder": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                         "config": f["configs"]}),
+                             "is a diffusers folder, which brings its own tokenizer"),
+    "motion module with EasyAnimate": (lambda f: ((f["easyanimate"],), {"motion_module": f["motion_module"]}),
+                                       "is an EasyAnimate model, which has its own motion layers: drop "
+                                       "--motion-module"),
+    "LoRA with EasyAnimate": (lambda f: ((f["easyanimate"],), {"loras": [(f["kohya"], 1.0)]}),
+                              "is an EasyAnimate model: --lora is for AnimateDiff"),
+    "EasyAnimate transformer alone": (lambda f: ((f["easyanimate"],), {}),
+                                      "is an EasyAnimate transformer alone; generation needs the whole V3 folder "
+                                      r"\(transformer/, vae/"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_before_any_weights_are_read(files, case, no_weights_read):
+    make, message = BAD[case]
+    args, kwargs = make(files)
+    with pytest.raises(KinemaError, match=message) as caught:
+        load_family(*args, **kwargs)
+    assert "\n" not in str(caught.value)

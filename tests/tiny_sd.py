@@ -1,0 +1,78 @@
+"""Tiny random-weight Stable Diffusion 1.5 models on disk, in the published layouts, for pipeline tests.
+
+Built from the pieces the loader tests already write out by hand (their layouts are checked there against the
+published names): a diffusers folder and an LDM single file (tests/loaders/test_stable_diffusion.py), original-layout
+motion modules and motion LoRAs (tests/loaders/animatediff/animatediff_fixtures.py), and a kohya image LoRA. The
+UNet is `TINY_UNET` (two levels, 32 and 64 wide, 32-wide text states), so motion modules are made for those widths.
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from loaders.animatediff.animatediff_fixtures import module_prefixes, original_motion_state_dict, published_motion_lora
+from loaders.test_stable_diffusion import TINY_CLIP, TINY_VAE, kohya_lora, ldm_checkpoint, write_tokenizer
+from safetensors.torch import save_file
+from tiny_models import TINY_UNET, perturb
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from kinema.loaders.stable_diffusion import SD15_CONFIGS
+
+TINY_SD_WIDTHS = tuple(TINY_UNET["block_out_channels"])
+
+
+def tiny_sd_parts(seed: int = 1) -> dict[str, torch.nn.Module]:
+    """The UNet (`TINY_UNET`), VAE (`TINY_VAE`) and CLIP text encoder (`TINY_CLIP`), perturbed from `seed`, eval."""
+    return {"unet": perturb(UNet2DConditionModel(**TINY_UNET), seed).eval(),
+            "vae": perturb(AutoencoderKL(**TINY_VAE), seed + 1).eval(),
+            "text_encoder": perturb(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), seed + 2).eval()}
+
+
+def write_sd_folder(root: Path, parts: dict[str, torch.nn.Module]) -> Path:
+    """`parts` as a diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) at `root`."""
+    for name, model in parts.items():
+        model.save_pretrained(root / name)
+    write_tokenizer(root / "tokenizer")
+    PNDMScheduler.from_pretrained(SD15_CONFIGS, subfolder="scheduler").save_pretrained(root / "scheduler")
+    return root
+
+
+def write_sd_configs(root: Path, parts: dict[str, torch.nn.Module]) -> Path:
+    """The component configs of `parts` laid out like kinema's shipped SD1.5 configs (`config=` of a single file)."""
+    for name, model in parts.items():
+        (model.save_config if hasattr(model, "save_config") else model.config.save_pretrained)(root / name)
+    PNDMScheduler.from_pretrained(SD15_CONFIGS, subfolder="scheduler").save_config(root / "scheduler")
+    return root
+
+
+def write_sd_single_file(path: Path, parts: dict[str, torch.nn.Module]) -> Path:
+    """`parts` as one original-layout (LDM) `.safetensors` file, with the training-only entries real files carry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(ldm_checkpoint(parts), path)
+    return path
+
+
+def write_motion_module(path: Path, version: str = "v2", seed: int = 0,
+                        widths: tuple[int, ...] = TINY_SD_WIDTHS) -> Path:
+    """An original-layout AnimateDiff motion module of `version` for a UNet of `widths`, random weights."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(original_motion_state_dict(version, channels=widths, seed=seed), path)
+    return path
+
+
+def write_motion_lora(path: Path, rank: int = 4, seed: int = 0, mid_block: bool = True,
+                      widths: tuple[int, ...] = TINY_SD_WIDTHS) -> dict[str, torch.Tensor]:
+    """A MotionLoRA in AnimateDiff's released layout for the modules of a UNet of `widths`; returns its tensors."""
+    lora = published_motion_lora(dict(module_prefixes(widths, mid_block)), rank=rank, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora, path)
+    return lora
+
+
+def write_kohya_lora(path: Path, seed: int = 0, rank: int = 4, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """A kohya/civitai image LoRA (two UNet attention projections, one CLIP attention) for `TINY_UNET` and
+    `TINY_CLIP`; returns its tensors."""
+    lora = kohya_lora(seed=seed, rank=rank, alpha=alpha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora, path)
+    return lora
