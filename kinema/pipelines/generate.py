@@ -168,7 +168,7 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
     frames = request.frames
     latent_frames = family.latent_frames(frames)  # the VAE's frame rule first: its message gives the nearest counts
     context = None
-    if request.context is not None or latent_frames > family.model.max_frames:
+    if request.context is not None or frames > family.max_frames:
         if request.context is None and family.inpaints and mode == "text-to-video" and request.segment_frames is None:
             segment = family.max_frames  # InP models go past their window by continuation (V3's long video)
             return _Plan(segment, family.latent_frames(segment), scheduler, continuation=True)
@@ -196,7 +196,9 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
 def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> Any:
     dtype = DTYPES[request.dtype]
     for module in vars(family).values():
-        if isinstance(module, torch.nn.Module) and any(p.is_floating_point() for p in module.parameters()):
+        floating = [p.dtype for p in module.parameters() if p.is_floating_point()] \
+            if isinstance(module, torch.nn.Module) else []
+        if floating and set(floating) != {dtype}:
             module.to(dtype)
     family.model.set_attention_chunk_size(request.attention_chunk)
     for name, value in (("vae_tiling", request.vae_tiling), ("decode_chunk", request.decode_chunk)):
@@ -436,7 +438,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         if mode == "video-to-video":
             family.latent_frames(input_video.shape[0])
             plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
-            if plan.latent_frames > family.model.max_frames and plan.context is None:
+            if plan.frames > family.max_frames and plan.context is None:
                 plan.context = _context_options(family, request, plan.latent_frames)
         elif input_video.shape[0] < request.overlap_frames:
             raise KinemaError(f"the video to extend has {input_video.shape[0]} frames, fewer than overlap_frames "

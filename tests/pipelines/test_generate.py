@@ -1,0 +1,311 @@
+"""generate(): every mode on tiny random-weight models of both families.
+
+The references are independent of generate(): kinema's text_to_video (equal to diffusers' AnimateDiffPipeline, see
+test_text_to_video.py), the families' own encoders called directly, the prompt-travel and context-window functions,
+and spies on the models that record what they were given. Bad input fails before the model runs once.
+"""
+
+import pytest
+import torch
+from loaders.test_stable_diffusion import write_tokenizer
+from tiny_easyanimate import source_model, write_full_folder
+from tiny_models import perturb, tiny_video_dit
+from tiny_sd import tiny_sd_parts
+
+from kinema.errors import KinemaError
+from kinema.loaders.easyanimate.folder import load_easyanimate
+from kinema.loaders.stable_diffusion import load_tokenizer
+from kinema.models.video_unet import VideoUNet
+from kinema.pipelines.animatediff import AnimateDiffFamily
+from kinema.pipelines.easyanimate import EasyAnimateFamily
+from kinema.pipelines.generate import generate
+from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
+from kinema.pipelines.text_to_video import text_to_video
+from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule
+
+SIZE = 32
+
+
+class Spy:
+    """Stands in for a model's forward and records every call's latents shape, timestep and keyword arguments."""
+
+    def __init__(self, forward):
+        self.calls = []
+        self.forward = forward
+
+    def __call__(self, sample, timestep, **kwargs):
+        self.calls.append({"shape": tuple(sample.shape), "timestep": float(torch.as_tensor(timestep).flatten()[0]),
+                           **kwargs})
+        return self.forward(sample, timestep, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def animatediff(tmp_path_factory):
+    parts = tiny_sd_parts(seed=1)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder)
+    video = VideoUNet.from_unet2d(parts["unet"], motion_module={"type": "temporal", "max_frames": 24})
+    for _, module in video.motion_modules():
+        perturb(module, seed=5, scale=0.1)  # motion modules start as the identity; give them an effect
+    return AnimateDiffFamily(video.eval(), parts["vae"], parts["text_encoder"], load_tokenizer(folder))
+
+
+@pytest.fixture(scope="module")
+def easyanimate(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v3")
+    write_full_folder(root, source_model())
+    return EasyAnimateFamily.from_model(load_easyanimate(root), source=str(root))
+
+
+def request(**kwargs) -> GenerationRequest:
+    options = dict(prompt="a cat runs", negative_prompt="blurry", frames=4, height=SIZE, width=SIZE, steps=3,
+                   guidance=7.5, seeds=[3])
+    return GenerationRequest(**{**options, **kwargs})
+
+
+def run(family, output="tensor", **kwargs):
+    return generate(family, request(**kwargs), progress=False, output=output)
+
+
+def spy_on(family, monkeypatch) -> Spy:
+    spy = Spy(family.model.forward)
+    monkeypatch.setattr(family.model, "forward", spy, raising=False)
+    return spy
+
+
+# ------------------------------------------------------------------------------------------ text-to-video
+
+
+def test_animatediff_text_to_video_equals_text_to_video(animatediff):
+    """generate() on the AnimateDiff family equals text_to_video, which equals diffusers' AnimateDiffPipeline."""
+    result = run(animatediff, seeds=[3, 4], scheduler="euler")
+    expected = text_to_video(animatediff.model, animatediff, "a cat runs", negative_prompt="blurry", frames=4,
+                             height=SIZE, width=SIZE, steps=3, guidance=7.5, seeds=[3, 4], scheduler="euler",
+                             progress=False)
+    assert result.frames.shape == (2, 4, 3, SIZE, SIZE)
+    torch.testing.assert_close(result.frames, expected, rtol=0, atol=1e-6)
+    assert [s["seed"] for s in result.settings] == [3, 4]
+    assert result.report["mode"] == "text-to-video" and result.report["dtype"] == "float32"
+    assert result.report["peak_memory_bytes"] > 0
+
+
+@pytest.fixture
+def family(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("family", ["animatediff", "easyanimate"], indirect=True)
+def test_text_to_video_shapes_and_per_video_seeds(family):
+    frames = 8
+    both = run(family, frames=frames, seeds=[3, 4], steps=2)
+    assert both.frames.shape == (2, frames, 3, SIZE, SIZE)
+    assert both.frames.min() >= 0 and both.frames.max() <= 1
+    alone = run(family, frames=frames, seeds=[4], steps=2)
+    torch.testing.assert_close(alone.frames[0], both.frames[1], rtol=0, atol=1e-5)
+    assert (both.frames[0] - both.frames[1]).abs().max() > 1e-3
+    latent_frames = family.latent_frames(frames)
+    side = SIZE // family.spatial_factor
+    assert both.latents.shape == (2, 4, latent_frames, side, side)
+    numpy = run(family, frames=frames, seeds=[4], steps=2, output="numpy").frames
+    assert numpy[0].shape == (frames, SIZE, SIZE, 3) and numpy[0].dtype.name == "uint8"
+    pil = run(family, frames=frames, seeds=[4], steps=2, output="pil").frames
+    assert len(pil[0]) == frames and pil[0][0].size == (SIZE, SIZE)
+
+
+def test_inp_text_to_video_marks_every_frame_to_generate(easyanimate, monkeypatch):
+    spy = spy_on(easyanimate, monkeypatch)
+    run(easyanimate, frames=8, steps=2)
+    video = torch.zeros(1, 8, 3, SIZE, SIZE)
+    expected, _ = easyanimate.inpaint_conditioning(video, torch.zeros(8, dtype=torch.bool), None)
+    seen = spy.calls[0]["inpaint_latents"]
+    torch.testing.assert_close(seen, torch.cat([expected["inpaint_latents"]] * 2))
+    assert all(call.get("clip_image_embeds") is None for call in spy.calls)
+
+
+# ------------------------------------------------------------------------------------------ image-to-video
+
+
+def test_animatediff_image_to_video_holds_the_first_and_last_frames(animatediff, monkeypatch):
+    start = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    end = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    result = run(animatediff, image=start, end_image=end, frames=6)
+    with torch.no_grad():
+        known = animatediff.encode_frames(torch.stack([start, end])[None])
+    torch.testing.assert_close(result.latents[:, :, 0], known[:, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(result.latents[:, :, -1], known[:, :, 1], rtol=0, atol=0)
+    assert (result.latents[:, :, 1] - known[:, :, 0]).abs().max() > 1e-2  # the frames between are generated
+    assert result.report["mode"] == "image-to-video"
+
+
+def test_inp_image_to_video_conditions_on_the_image(easyanimate, monkeypatch):
+    start = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    spy = spy_on(easyanimate, monkeypatch)
+    steps = 4
+    run(easyanimate, image=start, frames=8, steps=steps)
+    video = torch.zeros(1, 8, 3, SIZE, SIZE)
+    video[:, 0] = start
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[0] = True
+    cond, uncond = easyanimate.inpaint_conditioning(video, keep, start[None])
+    seen = spy.calls[0]
+    torch.testing.assert_close(seen["inpaint_latents"], torch.cat([uncond["inpaint_latents"],
+                                                                    cond["inpaint_latents"]]))
+    with_image = [call.get("clip_image_embeds") is not None for call in spy.calls]
+    assert with_image == [easyanimate.image_tokens_from(step, steps) for step in range(steps)]
+    assert any(with_image) and not all(with_image)
+    last = spy.calls[-1]
+    torch.testing.assert_close(last["clip_image_embeds"], torch.cat([uncond["clip_image_embeds"],
+                                                                      cond["clip_image_embeds"]]))
+
+
+# ------------------------------------------------------------------------------------------ video-to-video
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_video_to_video_starts_at_the_strength(animatediff, monkeypatch, strength):
+    from kinema.sampling.schedulers import make_scheduler
+
+    video = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    spy = spy_on(animatediff, monkeypatch)
+    result = run(animatediff, video=video, strength=strength, steps=4, guidance=1)
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(4)
+    expected = [float(t) for t in scheduler.timesteps[4 - round(4 * strength):]]
+    assert [call["timestep"] for call in spy.calls] == expected
+    assert result.frames.shape == (1, 4, 3, SIZE, SIZE) and result.report["mode"] == "video-to-video"
+
+
+# ------------------------------------------------------------------------------------------ continuation
+
+
+def test_animatediff_extend_keeps_the_video_and_cross_fades(animatediff):
+    video = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    result = run(animatediff, video=video, extend_frames=5, overlap_frames=2, segment_frames=4, steps=2)
+    assert result.frames.shape == (1, 11, 3, SIZE, SIZE)
+    torch.testing.assert_close(result.frames[0, :4], video[:4], rtol=0, atol=0)
+    assert result.report["segments"] == 3  # 5 new frames, 2 per 4-frame segment after a 2-frame overlap
+    assert result.report["mode"] == "extend"
+
+
+def test_inp_extend_conditions_each_segment_on_the_last_frames(easyanimate, monkeypatch):
+    video = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    keeps = []
+    original = easyanimate.inpaint_conditioning
+
+    def record(frames, keep, clip_image):
+        keeps.append((frames.clone(), keep.clone()))
+        return original(frames, keep, clip_image)
+
+    monkeypatch.setattr(easyanimate, "inpaint_conditioning", record)
+    result = run(easyanimate, video=video, extend_frames=8, overlap_frames=4, segment_frames=8, steps=2)
+    assert result.frames.shape == (1, 16, 3, SIZE, SIZE)
+    torch.testing.assert_close(result.frames[0, :4], video[:4], rtol=0, atol=0)
+    assert len(keeps) == 2
+    frames, keep = keeps[0]
+    assert keep.tolist() == [True] * 4 + [False] * 4
+    torch.testing.assert_close(frames[0, :4], video[4:])  # the first segment's kept frames are the input's last 4
+
+
+def test_inp_text_to_video_past_the_window_continues(easyanimate, monkeypatch):
+    monkeypatch.setattr(type(easyanimate), "max_frames", property(lambda self: 8))
+    result = run(easyanimate, frames=16, steps=2)
+    assert result.frames.shape == (1, 16, 3, SIZE, SIZE)
+    assert result.report["segments"] == 3  # 8 frames, then 4 new frames per segment after 4 overlapping
+
+
+# ------------------------------------------------------------------------------------------ context windows
+
+
+def test_context_windows_bound_what_the_model_sees(animatediff, monkeypatch):
+    spy = spy_on(animatediff, monkeypatch)
+    context = ContextSettings(length=4, overlap=2, schedule="static")
+    result = run(animatediff, frames=10, steps=2, context=context)
+    assert result.frames.shape == (1, 10, 3, SIZE, SIZE)
+    assert {call["shape"][2] for call in spy.calls} == {4}
+    assert result.report["windows"] == 4  # 0-3, 2-5, 4-7, 6-9
+
+
+def test_one_window_over_every_frame_is_plain_sampling(animatediff):
+    plain = run(animatediff, frames=6, steps=2)
+    windowed = run(animatediff, frames=6, steps=2, context=ContextSettings(length=6, overlap=2))
+    torch.testing.assert_close(windowed.frames, plain.frames, rtol=0, atol=1e-6)
+
+
+def test_context_windows_on_the_dit_slice_inpaint_latents(easyanimate, monkeypatch):
+    spy = spy_on(easyanimate, monkeypatch)
+    context = ContextSettings(length=16, overlap=8, schedule="static")
+    run(easyanimate, frames=24, steps=2, context=context)
+    assert {call["shape"][2] for call in spy.calls} == {4}  # 16 pixel frames = 4 latent frames
+    assert {call["inpaint_latents"].shape[2] for call in spy.calls} == {4}
+
+
+# ------------------------------------------------------------------------------------------ prompt travel
+
+
+def test_prompt_travel_gives_each_frame_its_interpolated_text(animatediff, monkeypatch):
+    spy = spy_on(animatediff, monkeypatch)
+    schedule = {"0": "a cat runs", "4": "a dog sleeps"}
+    run(animatediff, prompt=schedule, frames=6, steps=1)
+    seen = spy.calls[0]["encoder_hidden_states"]  # (2B, F, L, D): unconditional rows first
+    assert seen.shape[:2] == (2, 6)
+    parsed = parse_prompt_schedule(schedule, 6)
+    keyframes = animatediff.encode_text(parsed.prompts())["encoder_hidden_states"]
+    torch.testing.assert_close(seen[1], interpolate_states(keyframes, parsed, 6))
+    negative = animatediff.encode_text(["blurry"])["encoder_hidden_states"]
+    torch.testing.assert_close(seen[0], negative.expand(6, -1, -1))
+
+
+# ------------------------------------------------------------------------------------------ FreeInit, dtype
+
+
+def test_free_init_runs_the_sampler_once_per_iteration(animatediff, monkeypatch):
+    spy = spy_on(animatediff, monkeypatch)
+    plain = run(animatediff, steps=2)
+    calls = len(spy.calls)
+    freed = run(animatediff, steps=2, free_init=FreeInitSettings(iterations=2))
+    assert len(spy.calls) - calls == 2 * calls
+    assert (freed.frames - plain.frames).abs().max() > 1e-4
+
+
+def test_bfloat16_runs_and_is_reported(tmp_path_factory):
+    parts = tiny_sd_parts(seed=2)
+    folder = tmp_path_factory.mktemp("tok")
+    write_tokenizer(folder)
+    family = AnimateDiffFamily(VideoUNet.from_unet2d(parts["unet"]).eval(), parts["vae"], parts["text_encoder"],
+                               load_tokenizer(folder))
+    result = run(family, dtype="bfloat16", steps=2)
+    assert result.report["dtype"] == "bfloat16"
+    assert torch.isfinite(result.frames).all()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(("family", "kwargs", "words"), [
+    ("easyanimate", dict(frames=20), "16 or 24"),
+    ("animatediff", dict(image=torch.rand(3, 16, 16)), "--resize"),
+    ("animatediff", dict(prompt={"0": "a cat", "9": "a dog"}), "9"),
+    ("animatediff", dict(prompt={"3": "a cat", "1": "a dog"}), "order"),
+    ("animatediff", dict(frames=30, context=ContextSettings(length=32, overlap=4)), "32"),
+    ("animatediff", dict(scheduler="heun"), "ddim, euler"),
+    ("animatediff", dict(height=31), "multiples of"),
+    ("animatediff", dict(frames=40), None),
+], indirect=["family"])
+def test_bad_input_fails_before_denoising(family, kwargs, words, monkeypatch):
+    spy = spy_on(family, monkeypatch)
+    if words is None:  # 40 frames on a 24-frame model: context windows come in by themselves
+        result = run(family, steps=1, **kwargs)
+        assert result.frames.shape[1] == 40
+        return
+    with pytest.raises(KinemaError, match=words):
+        run(family, **kwargs)
+    assert spy.calls == []
+
+
+def test_image_to_video_needs_an_inpaint_model_on_the_dit(easyanimate, monkeypatch):
+    t2v = EasyAnimateFamily(tiny_video_dit(caption_channels=48), easyanimate.vae, easyanimate.text_encoder,
+                            easyanimate.tokenizer)
+    spy = spy_on(t2v, monkeypatch)
+    with pytest.raises(KinemaError, match="inpaint"):
+        run(t2v, image=torch.rand(3, SIZE, SIZE), frames=8)
+    assert spy.calls == []
