@@ -34,10 +34,8 @@ def moving_unet(video_unet):
     return video_unet
 
 
-def text_states(batch=1, seed=3, frames=None):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, 7, 32) if frames is None else (batch, frames, 7, 32)
-    return torch.randn(shape, generator=gen)
+def text_states(batch=1, seed=3):
+    return torch.randn(batch, 7, 32, generator=torch.Generator().manual_seed(seed))
 
 
 class FrameModel(torch.nn.Module):
@@ -198,20 +196,14 @@ def test_each_frames_window_shares_sum_to_one(fuse):
 # ---------------------------------------------------------------- the context denoiser
 
 
-def reference_fused_epsilon(denoiser, latents, timestep, cond, windows, weights_of, frame_axes=None):
+def reference_fused_epsilon(denoiser, latents, timestep, cond, windows, weights_of):
     """Windowed fusion restated frame by frame: eps[f] = sum over windows of w * eps_window[f] / sum of w, with
     `weights_of(window)` the weight of each position of a window."""
-    frame_axes = frame_axes or {}
     frames = latents.shape[2]
     numerator = [0.0] * frames
     denominator = [0.0] * frames
     for window in windows:
-        window_cond = {}
-        for key, value in cond.items():
-            if key in frame_axes:
-                value = torch.stack([value.select(frame_axes[key], f) for f in window], dim=frame_axes[key])
-            window_cond[key] = value
-        eps = denoiser(torch.stack([latents[:, :, f] for f in window], dim=2), timestep, window_cond)
+        eps = denoiser(torch.stack([latents[:, :, f] for f in window], dim=2), timestep, cond)
         for position, (frame, weight) in enumerate(zip(window, weights_of(window), strict=True)):
             numerator[frame] = numerator[frame] + weight * eps[:, :, position].double()
             denominator[frame] += weight
