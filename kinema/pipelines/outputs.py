@@ -72,14 +72,16 @@ def check_video_suffix(path: str | os.PathLike, frames: int | None = None) -> No
                           "for one PNG per frame, or .mp4 / .gif")
 
 
-def check_video_outputs(paths: Sequence[Path], *, overwrite: bool = False, frames: int | None = None) -> None:
+def check_video_outputs(paths: Sequence[Path], *, overwrite: bool = False, frames: int | None = None,
+                        inputs: Sequence[str | os.PathLike] = ()) -> None:
     """The output policy (kinema.fileio.check_output) for every video of `paths` and its settings sidecar, before
-    any is written, so that a refusal leaves nothing half-done. Raises one KinemaError line."""
+    any is written, so that a refusal leaves nothing half-done; no video may be (or hold) one of `inputs`. Raises
+    one KinemaError line."""
     from kinema.fileio import check_output
 
     for path in paths:
         check_video_suffix(path, frames)
-        check_output(path, "video", folder=path.suffix == "", overwrite=overwrite)
+        check_output(path, "video", folder=path.suffix == "", overwrite=overwrite, inputs=inputs)
         # The sidecar is always replaced along with its video, but never when a user's own file sits there.
         check_output(path.with_name(path.name + ".json"), "video_settings", folder=False, overwrite=True)
 
@@ -173,12 +175,15 @@ def save_latents(latents: torch.Tensor, settings: Sequence[dict[str, Any]], path
                             kind=LATENTS_KIND, overwrite=overwrite)
 
 
-def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """The latents `(B, C, F', h, w)` and per-video settings that `save_latents` wrote to `path`. Reads
-    safetensors only (no pickle); any other file, or a safetensors file kinema did not write as latents, is refused
-    in one KinemaError line."""
-    from safetensors.torch import load_file
+def _damaged(path: Path) -> KinemaError:
+    return KinemaError(f"{path} is marked as kinema latents but its contents are damaged (expected one "
+                       "(B, C, F', h, w) tensor and B settings); generate it again")
 
+
+def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-video settings stored with latents `save_latents` wrote to `path`, from the safetensors header alone
+    (no torch: the CLI checks a latents file before anything heavy). A file that is not kinema latents is refused
+    in one KinemaError line."""
     from kinema.fileio import MARK_KEY
     from kinema.sniff import Kind, sniff
 
@@ -195,11 +200,21 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, 
     try:
         settings = json.loads(found.metadata.get(SETTINGS_METADATA_KEY, ""))
     except ValueError:
-        settings = None
+        raise _damaged(path) from None
+    if not isinstance(settings, list) or not all(isinstance(entry, dict) for entry in settings):
+        raise _damaged(path)
+    return settings
+
+
+def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The latents `(B, C, F', h, w)` and per-video settings that `save_latents` wrote to `path`. Reads
+    safetensors only (no pickle); any other file, or a safetensors file kinema did not write as latents, is refused
+    in one KinemaError line."""
+    from safetensors.torch import load_file
+
+    settings = read_latents_settings(path)
     tensors = load_file(str(path))
     latents = tensors.get(LATENTS_TENSOR)
-    if (latents is None or set(tensors) != {LATENTS_TENSOR} or latents.ndim != 5 or not isinstance(settings, list)
-            or len(settings) != latents.shape[0] or not all(isinstance(entry, dict) for entry in settings)):
-        raise KinemaError(f"{path} is marked as kinema latents but its contents are damaged (expected one "
-                          "(B, C, F', h, w) tensor and B settings); generate it again")
+    if latents is None or set(tensors) != {LATENTS_TENSOR} or latents.ndim != 5 or len(settings) != latents.shape[0]:
+        raise _damaged(Path(path))
     return latents, settings

@@ -1,0 +1,520 @@
+"""`kinema generate`, `kinema v2v`, `kinema extend` and `kinema decode`: make videos from a prompt, a video or saved
+latents. Each command builds a `GenerationRequest` and calls the library (`load_family`, `generate`, and
+kinema.pipelines.outputs for the files), so the CLI does nothing the Python API cannot.
+
+Before anything heavy is imported, `check` refuses bad usage (exit 2): numbers, missing files, a prompt schedule that
+does not parse, and outputs the output policy would refuse (every video, its settings sidecar and the latents file).
+
+Where the files go (`-o OUT`, see kinema.pipelines.outputs): one seed writes OUT, several write `STEM-seedS.SUFFIX`
+beside it; the final latents are saved before decoding to `OUT.latents.safetensors` (one file for all seeds), so
+`kinema decode` can redo a failed or different decode without sampling again. `extend` saves no latents: its video
+is decoded segment by segment. Without `-o`, videos go to `out/`: `out/<prompt words>-seed<S>.mp4` for `generate`
+(`out/<video name>-v2v-seed<S>.mp4`, `out/<video name>-extended-seed<S>.mp4`), and `decode` writes
+`<latents name>-decoded.mp4` beside the latents file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
+from kinema.errors import KinemaError
+from kinema.pipelines.request import DTYPES
+
+# Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
+from kinema.sampling.schedulers import SCHEDULERS
+
+# kinema.sampling.context imports torch, so its SCHEDULES and FUSE_METHODS are repeated here for the choices;
+# tests/cli/test_generate_cli.py checks that the two stay equal.
+CONTEXT_SCHEDULES = ("uniform", "static")
+FUSE_METHODS = ("flat", "pyramid", "overlap-linear")
+INTERPOLATIONS = ("linear", "slerp")
+DEFAULT_OUTPUT_FOLDER = Path("out")
+DEFAULT_SUFFIX = ".mp4"
+MISSING_MODEL = ("--model is required for now (a bundled default model comes with a later release): give a Stable "
+                 "Diffusion 1.5 folder or single file with --motion-module, or an EasyAnimate V3 folder")
+# A prompt schedule for video-to-video and extend is checked for its form before the input's length is known:
+# parsed against a length no keyframe reaches, so only the keyframes' syntax and order are judged here.
+_ANY_LENGTH = 10**9
+_SLUG_LENGTH = 48
+
+GENERATE_DESCRIPTION = (
+    "Make one video per --seed from PROMPT: text to video, or image to video with --image (and --end-image). "
+    "PROMPT is text, a prompt schedule as JSON text ({\"0\": \"a cat\", \"16\": \"a dog\"}, or head_prompt / "
+    "prompt_map / tail_prompt), or the path of a .json file holding one (a PROMPT ending in .json is read as a "
+    "file). Videos longer than the model's window use context windows (--context-*). The final latents are saved "
+    "to OUT.latents.safetensors before decoding (see `kinema decode`); each video's settings go into OUT.json "
+    "beside it. With several seeds, OUT names STEM-seedS.SUFFIX files. Without -o: out/<prompt>-seed<S>.mp4."
+)
+V2V_DESCRIPTION = (
+    "Remake VIDEO after PROMPT (SDEdit): its latents are noised by --strength (0 keeps the input, 1 ignores it) "
+    "and denoised from there. The size defaults to the input's. Without -o: out/<video name>-v2v-seed<S>.mp4."
+)
+EXTEND_DESCRIPTION = (
+    "Append --frames frames to VIDEO, segment by segment, each conditioned on the last --overlap frames of what "
+    "exists. The prompt defaults to the one stored in VIDEO's settings (kinema's sidecar or embedded settings). "
+    "The output holds the whole video; no latents are saved. Without -o: out/<video name>-extended-seed<S>.mp4."
+)
+DECODE_DESCRIPTION = (
+    "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
+    "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
+    "default). Without -o: <latents name>-decoded.mp4 beside the latents file."
+)
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` -> `(path, weight)`, weight 1.0 when not given. Only the last colon can start a weight, and
+    only when what follows it is a number, so Windows drive letters and colons inside a path stay in the path
+    (`C:\\loras\\zoom.safetensors:0.8` -> `("C:\\loras\\zoom.safetensors", 0.8)`)."""
+    path, weight = text, 1.0
+    head, colon, tail = text.rpartition(":")
+    if colon:
+        try:
+            weight, path = float(tail), head
+        except ValueError:
+            pass
+    if not path:
+        raise argparse.ArgumentTypeError(f"expected PATH or PATH:WEIGHT, got {text!r}")
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"the LoRA weight must be a finite number, got {weight} in {text!r}")
+    return path, weight
+
+
+number = checked_number(float, "a number", math.isfinite, "a finite number")
+positive_number = checked_number(float, "a number", lambda value: math.isfinite(value) and value > 0,
+                                 "a positive number")
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def add(subparsers: argparse._SubParsersAction) -> None:
+    """Register `kinema generate`, `kinema v2v`, `kinema extend` and `kinema decode`."""
+    generate = add_command(
+        subparsers, "generate", run=run_generate, check=check_generate,
+        help="make videos from a prompt (text to video, or image to video with --image)",
+        description=GENERATE_DESCRIPTION,
+        epilog=example(
+            "kinema generate \"a red fox running through snow\" --model models/stable-diffusion-v1-5 "
+            "--motion-module models/mm_sd_v15_v2.ckpt --frames 16 --seed 1 2 -o out/fox.mp4",
+            "kinema generate prompts/day_to_night.json --model models/EasyAnimateV3-XL-2-InP-512x512 --frames 72 "
+            "--print-schedule",
+        ),
+    )
+    generate.add_argument("prompt", help="text, JSON prompt schedule, or a .json file holding one")
+    _add_model_options(generate)
+    _add_size_options(generate, "(default 512)")
+    generate.add_argument("--frames", type=positive_int, default=16, help="frames of each video (default 16)")
+    generate.add_argument("--image", help="image to video: the first frame (an image file)")
+    generate.add_argument("--end-image", help="image to video: the last frame too (needs --image)")
+    _add_sampling_options(generate)
+    _add_context_options(generate)
+    generate.add_argument("--print-schedule", action="store_true",
+                          help="print which prompt each frame gets (a prompt schedule's blend per frame) and exit "
+                               "without loading a model")
+    _add_output_options(generate, latents=True)
+
+    v2v = add_command(
+        subparsers, "v2v", run=run_v2v, check=check_v2v,
+        help="remake a video after a prompt (video to video, SDEdit)", description=V2V_DESCRIPTION,
+        epilog=example("kinema v2v clips/walk.mp4 \"a robot walking, neon city\" --strength 0.6 --model "
+                       "models/stable-diffusion-v1-5 --motion-module models/mm_sd_v15_v2.ckpt -o out/robot.mp4"),
+    )
+    v2v.add_argument("video", help="the input video (mp4, webm, gif, webp or a folder of frames)")
+    v2v.add_argument("prompt", help="text, JSON prompt schedule, or a .json file holding one")
+    v2v.add_argument("--strength", type=number, required=True,
+                     help="how much of the input is noised away, in (0, 1]: 0.3 keeps its look, 0.8 keeps only its "
+                          "layout")
+    _add_model_options(v2v)
+    _add_size_options(v2v, "(default: the input's)")
+    _add_sampling_options(v2v)
+    _add_context_options(v2v)
+    _add_output_options(v2v, latents=True)
+
+    extend = add_command(
+        subparsers, "extend", run=run_extend, check=check_extend,
+        help="append frames to a video, segment by segment", description=EXTEND_DESCRIPTION,
+        epilog=example("kinema extend out/fox.mp4 --frames 32 --overlap 4 --model models/stable-diffusion-v1-5 "
+                       "--motion-module models/mm_sd_v15_v2.ckpt -o out/fox-longer.mp4"),
+    )
+    extend.add_argument("video", help="the video to continue (mp4, webm, gif, webp or a folder of frames)")
+    extend.add_argument("--frames", type=positive_int, required=True, help="how many frames to append")
+    extend.add_argument("--prompt", help="text or JSON prompt schedule (default: the prompt in VIDEO's settings)")
+    extend.add_argument("--overlap", type=positive_int, default=4,
+                        help="frames of the video each new segment is conditioned on (and cross-faded over; default "
+                             "4)")
+    _add_model_options(extend)
+    _add_size_options(extend, "(default: the input's)")
+    _add_sampling_options(extend)
+    _add_output_options(extend, latents=False)
+
+    decode = add_command(
+        subparsers, "decode", run=run_decode, check=check_decode,
+        help="decode saved latents into videos", description=DECODE_DESCRIPTION,
+        epilog=example("kinema decode out/fox.mp4.latents.safetensors --model models/stable-diffusion-v1-5 "
+                       "--motion-module models/mm_sd_v15_v2.ckpt -o out/fox-frames"),
+    )
+    decode.add_argument("latents", help="a .latents.safetensors file kinema saved")
+    _add_model_options(decode)
+    decode.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp) or frames folder (no "
+                                               "extension); default <latents name>-decoded.mp4")
+    decode.add_argument("--fps", type=positive_number, help="frames per second (default: the stored settings')")
+    decode.add_argument("--overwrite", action="store_true",
+                        help="replace earlier kinema outputs at OUT (never files kinema did not write)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, or EasyAnimate V3 folder "
+                                       "(required for now)")
+    group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
+    group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
+                       help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
+    group.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of every model (default "
+                                                                          "float32)")
+    group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
+    group.add_argument("--decode-chunk", type=positive_int, default=16,
+                       help="frames per VAE call (SD VAE; default 16)")
+    group.add_argument("--attention-chunk", type=positive_int,
+                       help="compute attention in chunks of this many queries (less memory, slower)")
+    group.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
+
+
+def _add_size_options(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--height", type=positive_int, help=f"height in pixels, a multiple of 8 {default}")
+    parser.add_argument("--width", type=positive_int, help=f"width in pixels, a multiple of 8 {default}")
+    parser.add_argument("--resize", action="store_true",
+                        help="resize input images / video to height x width instead of refusing another size")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
+    group.add_argument("--guidance", type=number, default=7.5,
+                       help="classifier-free guidance scale, >= 1 (1 turns it off; default 7.5)")
+    group.add_argument("--seed", type=non_negative_int, nargs="+", default=[0], metavar="N",
+                       help="one video per seed (default 0)")
+    group.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: the model family's)")
+    group.add_argument("--negative", default="", help="negative prompt")
+    group.add_argument("--free-init", type=positive_int, metavar="N",
+                       help="FreeInit: sample N times in all, each run after the first from the last one's low "
+                            "frequencies (N times the time; 1 is plain sampling)")
+    group.add_argument("--interpolation", choices=INTERPOLATIONS, default="linear",
+                       help="how a prompt schedule blends between keyframes (default linear)")
+
+
+def _add_context_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("context windows (videos longer than the model's window)")
+    group.add_argument("--context-length", type=positive_int, help="frames per window (default 16)")
+    group.add_argument("--context-overlap", type=non_negative_int, help="frames shared by neighbouring windows "
+                                                                        "(default 4)")
+    group.add_argument("--context-stride", type=positive_int, help="uniform schedule: window spacings 1, 2, ... "
+                                                                   "2^(n-1) (default 1)")
+    group.add_argument("--context-schedule", choices=CONTEXT_SCHEDULES,
+                       help="uniform (windows shift every step) or static (default uniform)")
+    group.add_argument("--closed-loop", action="store_true", help="windows wrap around: a looping video")
+    group.add_argument("--fuse", choices=FUSE_METHODS, help="how overlapping windows are averaged (default flat)")
+    group.add_argument("--freenoise", action="store_true", help="FreeNoise: start from noise shuffled across windows")
+
+
+def _add_output_options(parser: argparse.ArgumentParser, *, latents: bool) -> None:
+    saved = " and OUT.latents.safetensors" if latents else ""
+    group = parser.add_argument_group("output")
+    group.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or "
+                                              "frames folder (no extension); several seeds write STEM-seedS.SUFFIX "
+                                              "beside it")
+    group.add_argument("--fps", type=positive_number, default=8.0, help="frames per second (default 8)")
+    group.add_argument("--overwrite", action="store_true",
+                       help=f"replace earlier kinema outputs at OUT{saved} (never files kinema did not write)")
+
+
+# ---------------------------------------------------------------- prompts and names
+
+
+def read_prompt(text: str) -> str | dict[str, Any]:
+    """PROMPT as the request takes it: plain text as is; JSON text (starting with "{") or the contents of a file
+    named `*.json` (a schedule object, or a JSON string for a plain prompt) as the parsed value."""
+    import json
+
+    from kinema.fileio import read_json
+
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        from kinema.sampling.prompt_travel import parse_prompt_schedule
+
+        parse_prompt_schedule(stripped, _ANY_LENGTH)  # its one-line errors for bad JSON and repeated keys
+        return json.loads(stripped)
+    if stripped.lower().endswith(".json"):
+        if not os.path.isfile(stripped):
+            raise KinemaError(f"no such prompt file: {stripped} (a PROMPT ending in .json is read as a prompt "
+                              "schedule file)")
+        value = read_json(stripped, "a prompt schedule")
+        if isinstance(value, (str, dict)):
+            return value
+        raise KinemaError(f"{stripped} holds {type(value).__name__}, not a prompt schedule: write an object like "
+                          "{\"0\": \"a cat\", \"16\": \"a dog\"} or a string")
+    return text
+
+
+def _first_prompt(prompt: str | dict[str, Any]) -> str:
+    """The prompt the default file name is made of: the text, or a schedule's first prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    values = prompt.get("prompt_map", prompt)
+    first = next(iter(values.values()), "") if isinstance(values, dict) else ""
+    return first if isinstance(first, str) else ""
+
+
+def slug(text: str) -> str:
+    """A file name from text: lower-case ASCII letters and digits, words joined by '-', at most 48 characters
+    ("video" when nothing is left)."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:_SLUG_LENGTH].rstrip("-") or "video"
+
+
+def default_output(name: str, seeds: list[int]) -> Path:
+    """`out/NAME-seedS.mp4` for one seed; `out/NAME.mp4` for several (each video then gets its `-seedS`)."""
+    tail = f"-seed{seeds[0]}" if len(seeds) == 1 else ""
+    return DEFAULT_OUTPUT_FOLDER / f"{name}{tail}{DEFAULT_SUFFIX}"
+
+
+# ---------------------------------------------------------------- checks (no torch)
+
+
+def _require_path(path: str | None, what: str) -> None:
+    if path is not None and not os.path.lexists(path):
+        raise KinemaError(f"no such {what}: {path}")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise KinemaError(MISSING_MODEL)
+    _require_path(args.model, "model file or folder")
+    _require_path(args.motion_module, "motion module")
+    for path, _ in args.lora:
+        _require_path(path, "LoRA file")
+
+
+def _context(args: argparse.Namespace) -> Any:
+    """ContextSettings when any --context-* / --closed-loop / --fuse / --freenoise option is given, else None
+    (the pipeline then uses windows only past the model's limit)."""
+    from kinema.pipelines.request import ContextSettings
+
+    given = {"length": args.context_length, "overlap": args.context_overlap, "stride": args.context_stride,
+             "schedule": args.context_schedule, "fuse": args.fuse,
+             "closed_loop": args.closed_loop or None, "freenoise": args.freenoise or None}
+    chosen = {key: value for key, value in given.items() if value is not None}
+    return ContextSettings(**chosen) if chosen else None
+
+
+def _request(args: argparse.Namespace, **fields: Any) -> Any:
+    """The GenerationRequest of the options every generating command shares, plus `fields`."""
+    from kinema.pipelines.request import FreeInitSettings, GenerationRequest
+
+    free_init = None if args.free_init is None else FreeInitSettings(iterations=args.free_init)
+    shared: dict[str, Any] = dict(
+        negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+        seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
+        dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
+        attention_chunk=args.attention_chunk, offload=args.offload, fps=args.fps)
+    for key in ("height", "width"):
+        if getattr(args, key) is not None:
+            shared[key] = getattr(args, key)
+    return GenerationRequest(**{**shared, **fields})
+
+
+def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, inputs: tuple[str, ...],
+                   latents: bool) -> None:
+    """Settle OUT (its default when -o is not given) and refuse, before any work, whatever the output policy
+    would refuse: each video, its sidecar and, for `latents`, the latents file."""
+    from kinema.fileio import check_output
+    from kinema.pipelines.outputs import check_video_outputs, latents_path, video_paths
+
+    args.output = Path(args.output) if args.output is not None else default
+    check_video_outputs(video_paths(args.output, args.seed), overwrite=args.overwrite, frames=frames, inputs=inputs)
+    if latents:
+        check_output(latents_path(args.output), "latents", folder=False, overwrite=args.overwrite, inputs=inputs)
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    """Bad usage of `kinema generate`, refused before any heavy import."""
+    args.prompt = read_prompt(args.prompt)
+    if args.print_schedule:
+        from kinema.sampling.prompt_travel import parse_prompt_schedule
+
+        parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
+        return
+    if args.end_image is not None and args.image is None:
+        raise KinemaError("--end-image needs --image (the first frame) too")
+    _require_path(args.image, "image")
+    _require_path(args.end_image, "end image")
+    _check_model(args)
+    args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
+                            end_image=args.end_image, context=_context(args))
+    args.request.check()
+    if not isinstance(args.prompt, str):
+        from kinema.sampling.prompt_travel import parse_prompt_schedule
+
+        parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
+    inputs = tuple(path for path in (args.image, args.end_image) if path is not None)
+    _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
+                   latents=True)
+
+
+def _check_video_input(args: argparse.Namespace) -> None:
+    if not os.path.exists(args.video):
+        raise KinemaError(f"no such video: {args.video}")
+
+
+def check_v2v(args: argparse.Namespace) -> None:
+    """Bad usage of `kinema v2v`, refused before any heavy import."""
+    _check_video_input(args)
+    args.prompt = read_prompt(args.prompt)
+    _check_model(args)
+    args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
+                            context=_context(args))
+    args.request.check()
+    _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), None, (args.video,),
+                   latents=True)
+
+
+def check_extend(args: argparse.Namespace) -> None:
+    """Bad usage of `kinema extend`, refused before any heavy import."""
+    _check_video_input(args)
+    if args.prompt is not None:
+        args.prompt = read_prompt(args.prompt)
+    _check_model(args)
+    args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=args.frames,
+                            overlap_frames=args.overlap)
+    args.request.check()
+    _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
+                   latents=False)
+
+
+def check_decode(args: argparse.Namespace) -> None:
+    """Bad usage of `kinema decode`: the latents file is not kinema's, no model, or outputs the policy refuses."""
+    from kinema.pipelines.outputs import LATENTS_SUFFIX, read_latents_settings
+
+    settings = read_latents_settings(args.latents)
+    _check_model(args)
+    args.seed = [entry.get("seed") for entry in settings]
+    if len(args.seed) > 1 and not all(isinstance(seed, int) for seed in args.seed):
+        raise KinemaError(f"{args.latents} holds several videos but not an integer seed for each to name their files "
+                          f"({args.seed}); save the latents again with kinema")
+    latents = Path(args.latents)
+    name = latents.name.removesuffix(LATENTS_SUFFIX) if latents.name.endswith(LATENTS_SUFFIX) else latents.stem
+    base = Path(name)
+    default = latents.with_name(f"{base.stem}-decoded{base.suffix or DEFAULT_SUFFIX}")
+    _check_outputs(args, default, None, (args.latents,), latents=False)
+
+
+# ---------------------------------------------------------------- running
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from kinema.pipelines.load import load_family
+
+    return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype)
+
+
+def _gib(count: int | None) -> str:
+    return "unknown" if count is None else f"{count / 2**30:.2f} GiB"
+
+
+def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:
+    for path in paths:
+        print(f"wrote {path}: {report.get('frames')} frames in {report.get('seconds', 0):.1f} s, "
+              f"{report.get('dtype')}, peak memory {_gib(report.get('peak_memory_bytes'))}")
+    if latents is not None:
+        print(f"saved latents to {latents} (`kinema decode` decodes them again)")
+
+
+def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -> None:
+    """Load the model, generate (saving the final latents first when `latents`), write and summarise."""
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.outputs import latents_path, save_latents, write_result
+
+    family = _load(args)
+    saved: list[Path] = []
+    target = latents_path(args.output)
+
+    def keep_latents(final: Any, settings: list[dict[str, Any]]) -> None:
+        saved.append(save_latents(final, settings, target, overwrite=args.overwrite))
+
+    result = generate(family, request, progress=not args.quiet, on_latents=keep_latents if latents else None)
+    paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite)
+    _print_summary(paths, result.report, saved[0] if saved else None)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Print the prompt schedule (--print-schedule), or generate and write the videos and latents."""
+    if args.print_schedule:
+        from kinema.sampling.prompt_travel import parse_prompt_schedule, schedule_table
+
+        print(schedule_table(parse_prompt_schedule(args.prompt, args.frames, args.interpolation), args.frames))
+        return
+    _generate_and_write(args, args.request, latents=True)
+
+
+def _with_input_size(args: argparse.Namespace) -> Any:
+    """The request at the input video's size where --height / --width were not given."""
+    from dataclasses import replace
+
+    if args.height is not None and args.width is not None:
+        return args.request
+    from kinema.data.video_io import read_video
+
+    first = read_video(args.video, max_frames=1).frames
+    return replace(args.request, height=args.height or first.shape[-2], width=args.width or first.shape[-1])
+
+
+def run_v2v(args: argparse.Namespace) -> None:
+    """Remake the video and write the results and latents."""
+    _generate_and_write(args, _with_input_size(args), latents=True)
+
+
+def run_extend(args: argparse.Namespace) -> None:
+    """Continue the video (with the prompt stored in its settings unless --prompt) and write the results."""
+    from dataclasses import replace
+
+    from kinema.data.video_io import read_embedded_settings, read_sidecar
+
+    request = _with_input_size(args)
+    if args.prompt is None:
+        stored = read_sidecar(args.video) or (read_embedded_settings(args.video) if os.path.isfile(args.video)
+                                              else None) or {}
+        prompt = stored.get("prompt")
+        if isinstance(prompt, (str, dict)) and prompt:
+            request = replace(request, prompt=prompt)
+    _generate_and_write(args, request, latents=False)
+
+
+def run_decode(args: argparse.Namespace) -> None:
+    """Decode the saved latents and write each video with its stored settings."""
+    import time
+
+    from kinema.memory import peak_memory_bytes, reset_peak_memory
+    from kinema.pipelines.generate import GenerationResult, decode_saved
+    from kinema.pipelines.outputs import load_latents, write_result
+
+    latents, settings = load_latents(args.latents)
+    family = _load(args)
+    device = next(family.model.parameters()).device
+    reset_peak_memory(device)
+    began = time.perf_counter()
+    frames = decode_saved(family, latents).cpu()
+    report = {"mode": "decode", "family": family.family, "dtype": args.dtype,
+              "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
+              "frames": frames.shape[1], "latents": str(args.latents)}
+    fps = args.fps or next((entry["fps"] for entry in settings if entry.get("fps")), 8.0)
+    result = GenerationResult(frames, latents, settings, report)
+    paths = write_result(result, args.output, fps=fps, overwrite=args.overwrite)
+    _print_summary(paths, report, None)

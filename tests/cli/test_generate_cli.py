@@ -1,0 +1,309 @@
+"""`kinema generate`, `v2v`, `extend` and `decode`: arguments become the GenerationRequest the library takes, bad usage
+exits 2 with one line before torch is imported, and on tiny SD weights `generate` writes what the library makes
+while `decode` of the saved latents gives the same frames again."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kinema.cli import build_parser, main
+from kinema.cli.generate import (
+    CONTEXT_SCHEDULES,
+    FUSE_METHODS,
+    MISSING_MODEL,
+    default_output,
+    parse_lora,
+    read_prompt,
+    slug,
+)
+from kinema.errors import KinemaError
+from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
+
+COMMANDS = ("generate", "v2v", "extend", "decode")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("zoom.safetensors", ("zoom.safetensors", 1.0)),
+    ("zoom.safetensors:0.8", ("zoom.safetensors", 0.8)),
+    ("loras/zoom.safetensors:-1.5", ("loras/zoom.safetensors", -1.5)),
+    ("C:\\loras\\zoom.safetensors", ("C:\\loras\\zoom.safetensors", 1.0)),
+    ("C:\\loras\\zoom.safetensors:.5", ("C:\\loras\\zoom.safetensors", 0.5)),
+    ("models/a:b/zoom.ckpt", ("models/a:b/zoom.ckpt", 1.0)),
+    ("models/a:b/zoom.ckpt:2", ("models/a:b/zoom.ckpt", 2.0)),
+    ("zoom.safetensors:", ("zoom.safetensors:", 1.0)),  # nothing after the colon: part of the (missing) path
+])
+def test_lora_weight_is_split_off_the_last_colon_only_when_it_is_a_number(text, expected):
+    assert parse_lora(text) == expected
+
+
+@pytest.mark.parametrize("text", [":0.5", "zoom.safetensors:nan", "zoom.safetensors:inf"])
+def test_lora_without_a_path_or_with_a_non_finite_weight_is_refused(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_lora(text)
+
+
+def test_prompt_is_text_json_text_or_a_json_file(tmp_path):
+    assert read_prompt("a cat on a mat") == "a cat on a mat"
+    assert read_prompt(' {"0": "a cat", "8": "a dog"}') == {"0": "a cat", "8": "a dog"}
+    schedule = {"head_prompt": "masterpiece", "prompt_map": {"0": "spring", "12": "winter"}}
+    (tmp_path / "travel.json").write_text(json.dumps(schedule))
+    assert read_prompt(str(tmp_path / "travel.json")) == schedule
+    (tmp_path / "plain.JSON").write_text('"a plain prompt"')
+    assert read_prompt(str(tmp_path / "plain.JSON")) == "a plain prompt"
+    (tmp_path / "list.json").write_text('["a", "b"]')
+    with pytest.raises(KinemaError, match="holds list, not a prompt schedule"):
+        read_prompt(str(tmp_path / "list.json"))
+    with pytest.raises(KinemaError, match="no such prompt file: .*nope.json"):
+        read_prompt(str(tmp_path / "nope.json"))
+    with pytest.raises(KinemaError, match="given twice"):
+        read_prompt('{"0": "a", "0": "b"}')
+
+
+def test_default_names():
+    assert slug("A red fox, running through SNOW!") == "a-red-fox-running-through-snow"
+    assert slug("猫") == "video"
+    assert len(slug("word " * 40)) <= 48 and not slug("word " * 40).endswith("-")
+    assert default_output("fox", [3]) == Path("out/fox-seed3.mp4")
+    assert default_output("fox", [3, 4]) == Path("out/fox.mp4")  # each video then gets -seed3 / -seed4
+
+
+def test_context_choices_are_the_samplers_own():
+    from kinema.sampling.context import FUSE_METHODS as fuse_methods
+    from kinema.sampling.context import SCHEDULES
+
+    assert CONTEXT_SCHEDULES == SCHEDULES and FUSE_METHODS == fuse_methods
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    (tmp_path / "sd").mkdir()
+    for name in ("mm.safetensors", "zoom.safetensors", "style.safetensors", "start.png", "end.png"):
+        (tmp_path / name).write_bytes(b"x")
+    return tmp_path
+
+
+def checked(argv):
+    args = build_parser().parse_args(argv)
+    args.check(args)
+    return args
+
+
+def test_options_become_the_request(model_files):
+    root = model_files
+    args = checked([
+        "generate", '{"0": "a cat", "8": "a dog"}', "--model", str(root / "sd"), "--motion-module",
+        str(root / "mm.safetensors"), "--lora", f"{root / 'zoom.safetensors'}:0.6", "--lora",
+        str(root / "style.safetensors"), "--frames", "24", "--height", "256", "--width", "384", "--steps", "9",
+        "--guidance", "5", "--seed", "3", "1", "--scheduler", "euler_a", "--negative", "blurry", "--image",
+        str(root / "start.png"), "--end-image", str(root / "end.png"), "--resize", "--dtype", "bfloat16",
+        "--context-length", "12", "--context-overlap", "2", "--closed-loop", "--fuse", "pyramid", "--free-init", "2",
+        "--interpolation", "slerp", "--vae-tiling", "--decode-chunk", "4", "--attention-chunk", "64", "--offload",
+        "--fps", "12", "-o", str(root / "runs" / "travel.webm"),
+    ])
+    assert args.request == GenerationRequest(
+        prompt={"0": "a cat", "8": "a dog"}, negative_prompt="blurry", frames=24, height=256, width=384, steps=9,
+        guidance=5.0, scheduler="euler_a", seeds=[3, 1], image=str(root / "start.png"),
+        end_image=str(root / "end.png"), resize=True,
+        context=ContextSettings(length=12, overlap=2, closed_loop=True, fuse="pyramid"), interpolation="slerp",
+        free_init=FreeInitSettings(iterations=2), dtype="bfloat16", vae_tiling=True, decode_chunk=4,
+        attention_chunk=64, offload=True, fps=12.0)
+    assert args.lora == [(str(root / "zoom.safetensors"), 0.6), (str(root / "style.safetensors"), 1.0)]
+    assert args.output == root / "runs" / "travel.webm"
+
+
+def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", "sd", "--motion-module", "mm.safetensors"]
+    args = checked(["generate", "A fox!", *model])
+    assert args.request == GenerationRequest(prompt="A fox!", seeds=[0])  # the library's defaults otherwise
+    assert args.request.context is None and args.output == Path("out/a-fox-seed0.mp4")
+    (tmp_path / "walk.mp4").write_bytes(b"x")
+    args = checked(["v2v", "walk.mp4", "a robot", "--strength", "0.4", "--seed", "5", "6", *model])
+    assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4, seeds=[5, 6])
+    assert args.output == Path("out/walk-v2v.mp4")
+    args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", *model])
+    assert args.request == GenerationRequest(prompt="", video="walk.mp4", extend_frames=20, overlap_frames=3,
+                                             seeds=[0])
+    assert args.output == Path("out/walk-extended-seed0.mp4")
+
+
+def test_print_schedule_needs_no_model(capsys):
+    assert main(["generate", '{"2": "a cat", "6": "a dog"}', "--frames", "8", "--print-schedule"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        'frames 0-2: "a cat"', 'frame 3: 0.75 "a cat" -> 0.25 "a dog"', 'frame 4: 0.50 "a cat" -> 0.50 "a dog"',
+        'frame 5: 0.25 "a cat" -> 0.75 "a dog"', 'frames 6-7: "a dog"']
+
+
+# ---------------------------------------------------------------- usage errors, in a fresh interpreter
+
+DRIVER = """
+import contextlib, io, json, sys
+from kinema.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+    results.append([code, out.getvalue(), err.getvalue()])
+heavy = [m for m in ("torch", "numpy", "av", "diffusers", "safetensors") if m in sys.modules]
+print(json.dumps({"results": results, "heavy": heavy}))
+"""
+
+
+def run_fresh(argvs, cwd):
+    """Run each argv through `main` in one fresh interpreter: (code, stdout, stderr) each, and the heavy modules
+    imported by the end (modules other tests imported cannot hide one there)."""
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    return report["results"], report["heavy"]
+
+
+def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files, tmp_path):
+    (tmp_path / "theirs.mp4").write_bytes(b"my video")
+    (tmp_path / "new.mp4.latents.safetensors").write_bytes(b"my file")
+    (tmp_path / "clip.mp4").write_bytes(b"input")
+    from safetensors.torch import save_file
+
+    save_file({"latents": torch.zeros(1, 4, 2, 2, 2)}, str(tmp_path / "weights.safetensors"))
+    model = ["--model", "sd", "--motion-module", "mm.safetensors"]
+    cases = [  # (argv, the line printed: ours in full after "kinema COMMAND: error: ", argparse's at the end)
+        (["generate", "a cat"], MISSING_MODEL),
+        (["generate", "a cat", "--model", "nowhere"], "no such model file or folder: nowhere"),
+        (["generate", "a cat", "--model", "sd", "--motion-module", "mm.ckpt"], "no such motion module: mm.ckpt"),
+        (["generate", "a cat", *model, "--lora", "pan.safetensors:0.5"], "no such LoRA file: pan.safetensors"),
+        (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be at least 1 (1 turns classifier-free "
+                                                             "guidance off), got 0.5"),
+        (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
+        (["generate", "a cat", *model, "--image", "gone.png"], "no such image: gone.png"),
+        (["generate", "a cat", *model, "--seed", "3", "1", "3"], "seed 3 is given more than once, which would make "
+                                                                 "the same video twice; give each seed once"),
+        (["generate", "a cat", *model, "-o", "theirs.mp4", "--overwrite"], "theirs.mp4 already exists and kinema "
+         "did not write it; kinema never replaces what it did not write: choose a new file or an empty folder"),
+        (["generate", "a cat", *model, "-o", "new.mp4"], "new.mp4.latents.safetensors already exists and kinema did "
+         "not write it; kinema never replaces what it did not write: choose a new file or an empty folder"),
+        (["generate", '{"0": "a cat",', *model], "the prompt schedule is not valid JSON"),
+        (["generate", '{"0": "a", "20": "b"}', *model], "prompt schedule key '20' is out of range: keyframes go "
+                                                         "from 0 to 15 for 16 frames"),
+        (["generate", "a cat", *model, "-o", "fox.avi"], "cannot write fox.avi: unsupported extension '.avi'"),
+        (["generate", "a cat", *model, "-o", "fox.png"], "fox.png: a .png file holds one frame, not 16"),
+        (["v2v", "clip.mp4", "a robot", "--strength", "1.5", *model], "strength must be in (0, 1] (the share of the "
+                                                                       "input noised away), got 1.5"),
+        (["v2v", "clip.mp4", "a robot", "--strength", "0.5", *model, "-o", "clip.mp4", "--overwrite"],
+         "the output clip.mp4 is the input clip.mp4; write the result somewhere else"),
+        (["extend", "gone.mp4", "--frames", "8", *model], "no such video: gone.mp4"),
+        (["decode", "weights.safetensors", *model], "weights.safetensors is a safetensors file but not latents kinema "
+         "saved (no 'latents' mark in its metadata); give the .latents.safetensors file that `kinema generate` saved "
+         "beside its video"),
+        (["decode", "clip.mp4", *model], "clip.mp4 is not kinema latents"),
+    ]
+    argparse_cases = [
+        (["generate", "a cat", *model, "--steps", "0"], "argument --steps: must be a positive whole number, got 0"),
+        (["generate", "a cat", *model, "--scheduler", "magic"], "argument --scheduler: invalid choice: 'magic'"),
+        (["generate", "a cat", *model, "--lora", "x:inf"], "argument --lora: the LoRA weight must be a finite number"),
+        (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),
+        (["extend", "clip.mp4", *model], "the following arguments are required: --frames"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    results, heavy = run_fresh([argv for argv, _ in cases + argparse_cases], tmp_path)
+    for (argv, message), (code, out, err) in zip(cases, results, strict=False):
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and err.startswith(f"kinema {argv[0]}: error: {message}"), (argv, err)
+        assert out == ""
+    for (argv, message), (code, _, err) in zip(argparse_cases, results[len(cases):], strict=True):
+        assert code == 2 and message in err.splitlines()[-1], (argv, err)
+    assert heavy == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_help_has_an_example_and_imports_no_torch(tmp_path):
+    results, heavy = run_fresh([[command, "--help"] for command in COMMANDS] + [["--help"]], tmp_path)
+    for command, (code, out, _) in zip(COMMANDS, results, strict=False):
+        assert code == 0
+        assert f"usage: kinema {command}" in out
+        assert f"example:\n  kinema {command} " in out
+    assert all(f" {command} " in results[-1][1] for command in COMMANDS)
+    assert heavy == []
+
+
+# ---------------------------------------------------------------- end to end on tiny SD weights
+
+LUMA = np.array([0.299, 0.587, 0.114])  # BT.601 weights
+SMALL = ["--frames", "4", "--height", "32", "--width", "32", "--steps", "2", "--guidance", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
+
+    root = tmp_path_factory.mktemp("models")
+    folder = write_sd_folder(root / "tiny-sd", tiny_sd_parts())
+    module = write_motion_module(root / "mm_v2.safetensors", "v2", seed=5)
+    return ["--model", str(folder), "--motion-module", str(module)]
+
+
+def png_frames(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("*.png"))])
+
+
+def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, tmp_path, capsys):
+    from kinema.data.video_io import read_sidecar, read_video
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.outputs import load_latents
+
+    argv = ["generate", "a red fox", "--negative", "blurry", "--seed", "4", "7", *SMALL, *tiny_sd, "-o",
+            str(tmp_path / "fox.mp4"), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[0].startswith(f"wrote {tmp_path / 'fox-seed4.mp4'}: 4 frames in ")
+    assert printed[0].endswith(" GiB") and ", float32, peak memory " in printed[0]
+    assert printed[2] == f"saved latents to {tmp_path / 'fox.mp4.latents.safetensors'} (`kinema decode` decodes " \
+                         "them again)"
+
+    # The independent side: the library on the request written out by hand.
+    family = load_family(tiny_sd[1], motion_module=tiny_sd[3])
+    expected = generate(family, GenerationRequest(prompt="a red fox", negative_prompt="blurry", frames=4, height=32,
+                                                  width=32, steps=2, guidance=3.0, seeds=[4, 7]), progress=False)
+    latents, stored = load_latents(tmp_path / "fox.mp4.latents.safetensors")
+    assert torch.equal(latents, expected.latents)
+    assert [entry["seed"] for entry in stored] == [4, 7]
+    as_bytes = [(video * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() for video in expected.frames]
+    for index, seed in enumerate((4, 7)):
+        settings = read_sidecar(tmp_path / f"fox-seed{seed}.mp4")
+        assert (settings["prompt"], settings["negative_prompt"], settings["seed"]) == ("a red fox", "blurry", seed)
+        assert settings["report"]["mode"] == "text-to-video"
+        decoded = ((read_video(tmp_path / f"fox-seed{seed}.mp4").frames + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+        # Luma only: yuv420 keeps one colour sample per 2x2 pixels, and random tiny weights make pixel noise.
+        error = (((decoded - as_bytes[index]) @ LUMA) ** 2).mean()
+        assert 10 * np.log10(255**2 / max(error, 1e-10)) > 30
+
+    # Decoding the saved latents into PNG frames (lossless) gives exactly the frames generate made.
+    decode = ["decode", str(tmp_path / "fox.mp4.latents.safetensors"), *tiny_sd, "-o", str(tmp_path / "again")]
+    assert main(decode) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'again-seed4'}: 4 frames in ")
+    for index, seed in enumerate((4, 7)):
+        np.testing.assert_array_equal(png_frames(tmp_path / f"again-seed{seed}"), as_bytes[index])
+        settings = read_sidecar(tmp_path / f"again-seed{seed}")
+        assert settings["seed"] == seed and settings["prompt"] == "a red fox"
+        assert settings["report"]["mode"] == "decode"
+
+    # Writing to the same outputs again is refused until --overwrite, which replaces kinema's own files.
+    assert main(decode) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*decode, "--overwrite"]) == 0
