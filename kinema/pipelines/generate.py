@@ -204,10 +204,36 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
     for name, value in (("vae_tiling", request.vae_tiling), ("decode_chunk", request.decode_chunk)):
         if hasattr(family, name):
             setattr(family, name, value)
+    offloaded = _offload(family) if request.offload else []
     try:
         yield
     finally:
         family.model.set_attention_chunk_size(None)
+        if offloaded:
+            from accelerate.hooks import remove_hook_from_module
+
+            for module in offloaded:
+                remove_hook_from_module(module, recurse=True)
+
+
+def _offload(family: VideoFamily) -> list[torch.nn.Module]:
+    """Model CPU offload through accelerate's hooks (as diffusers' `enable_model_cpu_offload`): each model stays in
+    CPU memory and moves to the accelerator for its own forward, sending the previous one back. Without an
+    accelerator there is nowhere to offload from, and it is logged and skipped."""
+    if not torch.cuda.is_available():
+        logger.warning("offload: no accelerator here, so the models stay where they are")
+        return []
+    from accelerate import cpu_offload_with_hook
+
+    vae = getattr(family, "vae", None)
+    encoders = [m for m in vars(family).values() if isinstance(m, torch.nn.Module) and m is not family.model
+                and m is not vae]
+    modules = [*encoders, family.model, *([vae] if isinstance(vae, torch.nn.Module) else [])]  # the order of use
+    hook = None
+    for module in modules:
+        module.to("cpu")
+        _, hook = cpu_offload_with_hook(module, "cuda", prev_module_hook=hook)
+    return modules
 
 
 def _device(family: VideoFamily) -> torch.device:

@@ -54,12 +54,12 @@ class Denoiser:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def __call__(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
-        """Epsilon `(B, C, F, H, W)` for noisy `latents` at `timestep` under `cond`, in the latents' dtype. Floating
-        inputs run in the model's dtype (a half-precision model under a float32 loop)."""
+        """Epsilon `(B, C, F, H, W)` for noisy `latents` at `timestep` under `cond`, in the latents' dtype and on their
+        device. Floating inputs run in the model's dtype (a half-precision model under a float32 loop)."""
         self.check(cond)
         dtype = self.dtype
         cast = {k: v.to(dtype) if v is not None and v.is_floating_point() else v for k, v in cond.items()}
-        return self.predict(latents.to(dtype), timestep, cast).to(latents.dtype)
+        return self.predict(latents.to(dtype), timestep, cast).to(latents)  # offloaded models answer elsewhere
 
 
 class UNetDenoiser(Denoiser):
