@@ -1,4 +1,5 @@
-"""CLIP prompt encoding for Stable Diffusion 1.5 (AnimateDiff), tokenized as diffusers' SD pipelines do."""
+"""Prompt encoding: CLIP for Stable Diffusion 1.5 (AnimateDiff), tokenized as diffusers' SD pipelines do, and T5 for
+EasyAnimate V3, tokenized as its pipeline does (PixArt-alpha's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from kinema.errors import KinemaError
 
 SD_TEXT_LENGTH = 77
+# T5 tokens per prompt in EasyAnimate V3 (its pipeline's max_sequence_length and its training's tokenizer_max_length).
+T5_TEXT_LENGTH = 120
 
 
 def text_length(tokenizer: Any, text_encoder: Any) -> int:
@@ -18,16 +21,43 @@ def text_length(tokenizer: Any, text_encoder: Any) -> int:
     return int(min(tokenizer.model_max_length, positions))
 
 
+def _prompt_batch(prompts: str | Sequence[str]) -> list[str]:
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not batch or not all(isinstance(p, str) for p in batch):
+        raise KinemaError("prompts must be a string or a non-empty list of strings")
+    return batch
+
+
 def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str]) -> torch.Tensor:
     """CLIP text states `(B, L, D)` for a prompt or a batch of prompts: each padded to the maximum length and
     truncated to it (L = 77 for SD1.5), the text encoder's last hidden state (`text_encoder(ids)[0]`), in the
     encoder's dtype on its device."""
-    batch = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not batch or not all(isinstance(p, str) for p in batch):
-        raise KinemaError("prompts must be a string or a non-empty list of strings")
+    batch = _prompt_batch(prompts)
     ids = tokenizer(batch, padding="max_length", max_length=text_length(tokenizer, text_encoder), truncation=True,
                     return_tensors="pt").input_ids
     parameter = next(text_encoder.parameters())
     with torch.no_grad():
         states = text_encoder(ids.to(parameter.device))[0]
     return states.to(parameter.dtype)
+
+
+def encode_t5_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str],
+                      max_length: int = T5_TEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 text states `(B, max_length, D)` and their attention mask `(B, max_length)` for a prompt or a batch.
+
+    Each prompt is tokenized with its end-of-sequence token, truncated to `max_length` tokens and padded to it; the
+    mask is 1 on the real tokens (end token included) and 0 on the padding. The encoder runs with that mask, so the
+    padding does not change the real tokens' states, and the states are its last hidden state in the encoder's dtype
+    on its device (the mask is int64, on the same device). Prompts are encoded as given: EasyAnimate's lower-casing
+    is `EasyAnimateFamily.encode_text`'s.
+    """
+    batch = _prompt_batch(prompts)
+    if max_length < 1:
+        raise KinemaError(f"max_length must be at least 1 token, got {max_length}")
+    tokens = tokenizer(batch, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                       return_attention_mask=True, return_tensors="pt")
+    parameter = next(text_encoder.parameters())
+    ids, mask = tokens.input_ids.to(parameter.device), tokens.attention_mask.to(parameter.device)
+    with torch.no_grad():
+        states = text_encoder(ids, attention_mask=mask).last_hidden_state
+    return states.to(parameter.dtype), mask

@@ -1,22 +1,32 @@
 """kinema/loaders/easyanimate: strict V3 transformer loading (transformer.py), config translation (config.py), whole
 folders (folder.py), inspect.
 
-The tiny folders are written with EasyAnimate V3's layout and key names (EasyAnimate @616a354): config.json with
-the PixArt base fields, the V3 YAML extras and the fields later code added to V3's class; safetensors with every
-parameter plus a `pos_encoder.pe` (1, max_len, C) buffer per motion attention, computed with V3's formula.
+The tiny folders (written by tests/tiny_easyanimate.py) have EasyAnimate V3's layout and key names (EasyAnimate
+@616a354): config.json with the PixArt base fields, the V3 YAML extras and the fields later code added to V3's class;
+safetensors with every parameter plus a `pos_encoder.pe` (1, max_len, C) buffer per motion attention, computed with
+V3's formula.
 [inferred] the exact field list of the published V3 transformer/config.json was not readable here; the loader
 accepts any subset of the V3 class's fields and refuses unknown ones.
 """
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tiny_easyanimate import (
+    PE_LEN,
+    motion_kwargs,
+    source_model,
+    v3_config,
+    v3_pe,
+    v3_state,
+    write_full_folder,
+    write_transformer,
+)
 
 from kinema.errors import KinemaError
 from kinema.loaders.easyanimate import (
@@ -27,48 +37,6 @@ from kinema.loaders.easyanimate import (
 )
 from kinema.models.presets import easyanimate_v3_xl_2
 from kinema.models.video_dit import VIDEO_DIT_PRESETS, VideoDiT
-from kinema.models.video_dit_blocks import easyanimate_v3_motion_modules
-
-PE_LEN = 64
-
-
-def motion_kwargs(kinds: list[str], heads: int = 2, max_len: int = PE_LEN) -> dict:
-    return {"num_attention_heads": heads, "num_transformer_block": 1, "attention_block_types": kinds,
-            "temporal_position_encoding": True, "temporal_position_encoding_max_len": max_len,
-            "temporal_attention_dim_div": 1, "block_size": 1, "remove_time_embedding_in_photo": False}
-
-
-def v3_config(**overrides) -> dict:
-    """A V3 transformer/config.json, reduced to 4 blocks x 64 wide."""
-    config = {
-        "_class_name": "Transformer3DModel", "_diffusers_version": "0.28.2",
-        "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 32,
-        "attention_type": "default", "caption_channels": 48, "cross_attention_dim": 64,
-        "double_self_attention": False, "dropout": 0.0, "in_channels": 12, "norm_elementwise_affine": False,
-        "norm_eps": 1e-6, "norm_num_groups": 32, "norm_type": "ada_norm_single", "num_attention_heads": 2,
-        "num_embeds_ada_norm": 1000, "num_layers": 4, "num_vector_embeds": None, "only_cross_attention": False,
-        "out_channels": 8, "patch_size": 2, "sample_size": 8, "upcast_attention": False,
-        "use_linear_projection": False,
-        "basic_block_type": "global_motionmodule", "enable_uvit": True, "patch_3d": False, "fake_3d": False,
-        "time_patch_size": None, "casual_3d": False, "casual_3d_upsampler_index": None,
-        "motion_module_type": "Vanilla", "motion_module_kwargs": None,
-        "motion_module_kwargs_even": motion_kwargs(["Temporal_Self", "Temporal_Self"]),
-        "motion_module_kwargs_odd": motion_kwargs(["Temporal_Self", "Global_Self"]),
-        "time_position_encoding_before_transformer": False, "qk_norm": False, "after_norm": False,
-        "resize_inpaint_mask_directly": False, "enable_clip_in_inpaint": True, "enable_text_attention_mask": True,
-        "add_noise_in_inpaint_model": False,
-    }
-    return {**config, **overrides}
-
-
-def v3_pe(max_len: int, dim: int) -> torch.Tensor:
-    """V3 motion_module.py PositionalEncoding buffer."""
-    position = torch.arange(max_len).unsqueeze(1)
-    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(1, max_len, dim)
-    pe[0, :, 0::2] = torch.sin(position * div_term)
-    pe[0, :, 1::2] = torch.cos(position * div_term)
-    return pe
 
 
 def v3_key_names(layers: int, skips: int) -> set[str]:
@@ -93,38 +61,6 @@ def v3_key_names(layers: int, skips: int) -> set[str]:
             names |= {f"{inner}.attention_blocks.{j}.pos_encoder.pe", *(f"{inner}.norms.{j}{s}" for s in wb)}
         names |= {f"{inner}.{m}{s}" for m in ("ff.net.0.proj", "ff.net.2", "ff_norm") for s in wb}
     return names
-
-
-def source_model() -> VideoDiT:
-    torch.manual_seed(0)
-    # EasyAnimate V3 always stores 13 skip linears and at 4 blocks wires none of them.
-    model = VideoDiT(num_attention_heads=2, attention_head_dim=32, in_channels=12, out_channels=8, num_layers=4,
-                     cross_attention_dim=64, sample_size=8, caption_channels=48, image_embed_dim=768,
-                     motion_modules=easyanimate_v3_motion_modules(4, 2, max_frames=PE_LEN), skip_pairs=[],
-                     num_skip_linears=13).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
-
-
-def v3_state(model: VideoDiT) -> dict[str, torch.Tensor]:
-    state = {name: t.clone() for name, t in model.state_dict().items()}
-    for i in range(model.config.num_layers):
-        for j in range(2):
-            name = f"transformer_blocks.{i}.attn_temporal.temporal_transformer.transformer_blocks.0." \
-                   f"attention_blocks.{j}.pos_encoder.pe"
-            state[name] = v3_pe(PE_LEN, 64)
-    return state
-
-
-def write_transformer(root: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
-    folder = root / "transformer"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file(state, folder / "diffusion_pytorch_model.safetensors")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -319,43 +255,6 @@ def test_describe_reads_only_the_header(v3_root, model, monkeypatch):
     # The guard is live: loading the same folder, which needs the tensors, is stopped by it.
     with pytest.raises(TensorDataRead):
         load_video_dit(v3_root)
-
-
-def write_full_folder(root: Path, model: VideoDiT, with_image_encoder: bool = True) -> dict:
-    """A whole V3 folder with tiny random T5, tokenizer, CLIP and Slice VAE; returns the source parts."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-        T5Tokenizer,
-    )
-
-    from kinema.models.slice_vae import SliceVAE
-
-    write_transformer(root, v3_state(model), v3_config())
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=32, d_model=48, d_kv=8, d_ff=64, num_layers=2,
-                                           num_heads=2)).to(torch.float16).eval()
-    # V3 ships T5 as model.fp16-0000N-of-0000M.safetensors shards with an index
-    text_encoder.save_pretrained(root / "text_encoder", variant="fp16", max_shard_size="20KB")
-    assert (root / "text_encoder" / "model.safetensors.index.fp16.json").is_file()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
-        (word, -float(i)) for i, word in enumerate(["▁a", "▁cat", "▁runs", "▁on", "▁grass", "a", "▁"])]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(root / "tokenizer")
-    vae = SliceVAE(ch=8, ch_mult=(1, 1, 1, 1), layers_per_block=1, norm_num_groups=4).eval()
-    vae.save_pretrained(root / "vae")
-    parts = {"text_encoder": text_encoder, "vae": vae}
-    if with_image_encoder:
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-            patch_size=8, projection_dim=768)).eval()
-        image_encoder.save_pretrained(root / "image_encoder")
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-            root / "image_encoder")
-        parts["image_encoder"] = image_encoder
-    return parts
 
 
 def test_load_whole_v3_folder(tmp_path, model):
