@@ -119,8 +119,9 @@ def load_family(
             Stable Diffusion 1.5 diffusers folder or single `.safetensors`/`.ckpt` file.
         motion_module: for SD models (required there): an AnimateDiff motion module file or MotionAdapter folder;
             it inflates the UNet into a `VideoUNet` taking latents `(B, 4, F, h, w)`.
-        loras: SD models only: `(path, weight)` pairs. Motion LoRAs (told apart by `kinema.describe`) are applied to
-            the motion modules at strength `weight`; any other LoRA is an image LoRA, fused into the UNet and text
+        loras: SD models only: `(path, weight)` pairs, applied in order. Motion LoRAs (told apart by the format
+            registry's motion-LoRA describer, as `kinema.describe` tells them) are applied to the motion modules at
+            strength `weight`; any other file of LoRA matrices is an image LoRA, fused into the UNet and text
             encoder at scale `weight` before the UNet is inflated. Weights may be any finite number.
         dtype: "float32", "bfloat16" or "float16" for every model (the text encoders too). SD parts are loaded and
             LoRAs fused in float32, then cast.
@@ -128,7 +129,8 @@ def load_family(
         tokenizer: SD single files only (they hold none): an SD1.5 diffusers folder or a CLIP tokenizer folder.
         config: SD single files only: a folder of component configs (default: the shipped SD1.5 ones).
 
-    Raises one KinemaError line, before any weights are read, for a missing path, an unknown dtype, a non-finite
+    Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
+    see its names), for a missing path, an unknown dtype, a non-finite
     LoRA weight, a model that is neither family, an SD model without motion module, a motion module or LoRA given
     with an EasyAnimate model, a file given as motion module or LoRA that is not one, or a motion module made for
     another UNet.
@@ -145,7 +147,7 @@ def load_family(
         _existing(tokenizer, "tokenizer")
     source, report = _describe(model_path, **({} if config is None else {"config": config}))
     kind = report["kind"]
-    logger.info("%s is a %s (%s)", model_path, kind, report.get("format", "kinema"))
+    logger.info("%s: %s (%s)", model_path, kind, report.get("format", "kinema"))
 
     if kind == "easyanimate_transformer":
         return _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config)
@@ -169,7 +171,7 @@ def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     if not is_model_folder(path):
         raise KinemaError(f"{path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                           f"({', '.join(part + '/' for part in MODEL_PARTS)})")
-    from kinema.pipelines.easyanimate import EasyAnimateFamily  # type: ignore[import-not-found]  # lands soon
+    from kinema.pipelines.easyanimate import EasyAnimateFamily
 
     family = EasyAnimateFamily.from_model(_load_described(source, "easyanimate_transformer", dtype=dtype,
                                                           device=device), source=str(path))

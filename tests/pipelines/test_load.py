@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import PNDMScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from tiny_easyanimate import source_model, v3_config, v3_state, write_transformer
+from tiny_easyanimate import source_model, v3_config, v3_state, write_full_folder, write_transformer
 from tiny_sd import (
     tiny_sd_parts,
     write_kohya_lora,
@@ -135,7 +135,7 @@ def test_bfloat16_casts_every_part_after_a_float32_load(files, loaded, caplog):
     for name in ("model", "vae", "text_encoder"):
         assert_same_weights(getattr(half, name), getattr(loaded, name))
     messages = caplog.text
-    assert "is a stable_diffusion" in messages and "fused image LoRA" in messages
+    assert "tiny-sd: stable_diffusion (stable-diffusion)" in messages and "fused image LoRA" in messages
     assert "applied motion LoRA" in messages and "loaded AnimateDiff model" in messages
 
 
@@ -147,6 +147,24 @@ def test_single_file_needs_a_tokenizer_and_loads_the_same_model(files, plain):
     assert_same_weights(family.model, plain.model)
     assert_same_weights(family.text_encoder, plain.text_encoder)
     assert family.tokenizer("the cat").input_ids == plain.tokenizer("the cat").input_ids
+
+
+def test_an_easyanimate_folder_gives_its_family_in_the_dtype_asked(tmp_path, caplog):
+    from kinema.pipelines.easyanimate import EasyAnimateFamily
+
+    folder = tmp_path / "easyanimate-v3"
+    model = source_model()
+    write_full_folder(folder, model)
+    with caplog.at_level(logging.INFO, logger="kinema.pipelines.load"):
+        family = load_family(folder, dtype="bfloat16")
+    assert isinstance(family, EasyAnimateFamily) and family.settings()["model"] == str(folder)
+    by_hand = kinema.load(folder)  # float32: the family's parts are these, cast
+    for name in ("transformer", "vae", "text_encoder", "image_encoder"):
+        part = getattr(family, name)
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}, name
+        assert_same_weights(part, getattr(by_hand, name))
+    assert_same_weights(by_hand.transformer, model)
+    assert "easyanimate-v3: easyanimate_transformer" in caplog.text and "loaded EasyAnimate model" in caplog.text
 
 
 @pytest.fixture
