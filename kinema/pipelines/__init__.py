@@ -1,4 +1,5 @@
-"""Generation pipelines: text to video for the AnimateDiff family (library functions; no files written).
+"""Generation pipelines: `generate()` over either model family (text-, image-, video-to-video, continuation),
+the request it takes, loading a model for it, and writing its outputs.
 
 Each name is imported from its module on first use (kinema.lazy), so importing this package imports no torch.
 """
@@ -8,6 +9,13 @@ from __future__ import annotations
 from kinema.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".request": ("GenerationRequest", "ContextSettings", "FreeInitSettings"),
+    ".generate": ("generate", "GenerationResult", "decode_saved"),
+    ".family": ("VideoFamily",),
+    ".animatediff": ("AnimateDiffFamily",),
+    ".easyanimate": ("EasyAnimateFamily",),
+    ".load": ("load_family",),
+    ".outputs": ("write_result", "save_latents", "load_latents"),
     ".text_encoding": ("encode_prompts",),
     ".decode": ("decode_latents",),
     ".text_to_video": ("text_to_video",),

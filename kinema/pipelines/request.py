@@ -111,15 +111,13 @@ class GenerationRequest:
         return "text-to-video"
 
     def check(self) -> None:
-        """One KinemaError line for settings that no model can take (model-specific limits are checked by
-        `generate()` before any denoising)."""
+        """One KinemaError line for settings that no model can take (model-specific limits, such as the sizes a VAE
+        takes, are checked by `generate()` before any denoising)."""
         def positive(name: str, value: float) -> None:
             if not value >= 1:
                 raise KinemaError(f"{name} must be at least 1, got {value}")
 
         positive("steps", self.steps)
-        positive("height", self.height)
-        positive("width", self.width)
         positive("frames", self.frames)
         positive("decode_chunk", self.decode_chunk)
         if not self.fps > 0:

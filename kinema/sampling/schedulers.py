@@ -29,9 +29,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # AnimateDiff's inference configs: linear betas 0.00085 .. 0.012 (not SD's scaled_linear), steps_offset 1.
     "animatediff": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear",
                     "steps_offset": 1, "prediction_type": "epsilon"},
-    # EasyAnimate V3: DDPM's linear betas 1e-4 .. 0.02.
+    # EasyAnimate V3's inference settings: DDPM's linear betas 1e-4 .. 0.02, steps_offset 1.
     "easyanimate": {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                    "prediction_type": "epsilon"},
+                    "steps_offset": 1, "prediction_type": "epsilon"},
 }
 
 

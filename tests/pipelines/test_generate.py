@@ -20,7 +20,6 @@ from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.easyanimate import EasyAnimateFamily
 from kinema.pipelines.generate import generate
 from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
-from kinema.pipelines.text_to_video import text_to_video
 from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule
 
 SIZE = 32
@@ -76,15 +75,11 @@ def spy_on(family, monkeypatch) -> Spy:
 # ------------------------------------------------------------------------------------------ text-to-video
 
 
-def test_animatediff_text_to_video_equals_text_to_video(animatediff):
-    """generate() on the AnimateDiff family equals text_to_video, which equals diffusers' AnimateDiffPipeline."""
+def test_animatediff_report_and_settings(animatediff):
+    """(Frames equal to diffusers' AnimateDiffPipeline: test_text_to_video.py, whose text_to_video is generate().)"""
     result = run(animatediff, seeds=[3, 4], scheduler="euler")
-    expected = text_to_video(animatediff.model, animatediff, "a cat runs", negative_prompt="blurry", frames=4,
-                             height=SIZE, width=SIZE, steps=3, guidance=7.5, seeds=[3, 4], scheduler="euler",
-                             progress=False)
-    assert result.frames.shape == (2, 4, 3, SIZE, SIZE)
-    torch.testing.assert_close(result.frames, expected, rtol=0, atol=1e-6)
     assert [s["seed"] for s in result.settings] == [3, 4]
+    assert all(s["prompt"] == "a cat runs" and s["scheduler"] == "euler" for s in result.settings)
     assert result.report["mode"] == "text-to-video" and result.report["dtype"] == "float32"
     assert result.report["peak_memory_bytes"] > 0
 

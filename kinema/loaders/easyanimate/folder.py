@@ -63,9 +63,9 @@ def _load_tokenizer(folder: Path) -> Any:
     from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
     if (folder / "spiece.model").is_file() and not (folder / "tokenizer.json").is_file() \
-            and not (is_sentencepiece_available() or is_protobuf_available()):
+            and not (is_sentencepiece_available() and is_protobuf_available()):
         raise KinemaError(f"{folder} holds only a SentencePiece spiece.model; reading it needs the sentencepiece "
-                          "package: pip install sentencepiece")
+                          "and protobuf packages: pip install sentencepiece protobuf")
     return AutoTokenizer.from_pretrained(folder)
 
 
