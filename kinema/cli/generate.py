@@ -151,6 +151,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     extend.add_argument("--overlap", type=positive_int, default=4,
                         help="frames of the video each new segment is conditioned on (and cross-faded over; default "
                              "4)")
+    extend.add_argument("--segment-frames", type=positive_int,
+                        help="frames generated per segment, overlap included (default: the model's window)")
     _add_model_options(extend)
     _add_size_options(extend, "(default: the input's)")
     _add_sampling_options(extend)
@@ -393,7 +395,7 @@ def check_extend(args: argparse.Namespace) -> None:
         args.prompt = read_prompt(args.prompt)
     _check_model(args)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=args.frames,
-                            overlap_frames=args.overlap)
+                            overlap_frames=args.overlap, segment_frames=args.segment_frames)
     args.request.check()
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)

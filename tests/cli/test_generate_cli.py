@@ -132,8 +132,9 @@ def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeyp
     args = checked(["v2v", "walk.mp4", "a robot", "--strength", "0.4", "--seed", "5", "6", *model])
     assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4, seeds=[5, 6])
     assert args.output == Path("out/walk-v2v.mp4")
-    args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", *model])
+    args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", "--segment-frames", "8", *model])
     assert args.request == GenerationRequest(prompt="", video="walk.mp4", extend_frames=20, overlap_frames=3,
+                                             segment_frames=8,
                                              seeds=[0])
     assert args.output == Path("out/walk-extended-seed0.mp4")
 
@@ -257,14 +258,21 @@ def tiny_sd(tmp_path_factory):
     return ["--model", str(folder), "--motion-module", str(module)]
 
 
+@pytest.fixture(scope="module")
+def family(tiny_sd):
+    """The library's side of the comparisons: the same files through load_family."""
+    from kinema.pipelines.load import load_family
+
+    return load_family(tiny_sd[1], motion_module=tiny_sd[3])
+
+
 def png_frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("*.png"))])
 
 
-def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, tmp_path, capsys):
+def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, family, tmp_path, capsys):
     from kinema.data.video_io import read_sidecar, read_video
     from kinema.pipelines.generate import generate
-    from kinema.pipelines.load import load_family
     from kinema.pipelines.outputs import load_latents
 
     argv = ["generate", "a red fox", "--negative", "blurry", "--seed", "4", "7", *SMALL, *tiny_sd, "-o",
@@ -277,7 +285,6 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
                          "them again)"
 
     # The independent side: the library on the request written out by hand.
-    family = load_family(tiny_sd[1], motion_module=tiny_sd[3])
     expected = generate(family, GenerationRequest(prompt="a red fox", negative_prompt="blurry", frames=4, height=32,
                                                   width=32, steps=2, guidance=3.0, seeds=[4, 7]), progress=False)
     latents, stored = load_latents(tmp_path / "fox.mp4.latents.safetensors")
@@ -307,3 +314,30 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
     assert main(decode) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*decode, "--overwrite"]) == 0
+
+
+def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
+    from kinema.data.video_io import read_sidecar, read_video, write_video
+    from kinema.pipelines.generate import generate
+
+    clip = torch.rand(4, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    write_video(clip * 2 - 1, tmp_path / "walk", settings={"prompt": "a walking fox"})
+    as_input = read_video(tmp_path / "walk").frames.add(1).div(2)  # what the pipeline reads back from the PNGs
+    common = ["--steps", "2", "--guidance", "3", "--seed", "2", *tiny_sd, "--quiet"]
+    assert main(["v2v", str(tmp_path / "walk"), "a robot", "--strength", "0.5", *common,
+                 "-o", str(tmp_path / "robot")]) == 0
+    expected = generate(family, GenerationRequest(prompt="a robot", video=as_input, strength=0.5, height=24,
+                                                  width=40, steps=2, guidance=3.0, seeds=[2]), progress=False)
+    as_bytes = (expected.frames[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(png_frames(tmp_path / "robot"), as_bytes)
+    assert (tmp_path / "robot.latents.safetensors").is_file()
+
+    capsys.readouterr()
+    assert main(["extend", str(tmp_path / "walk"), "--frames", "3", "--overlap", "2", "--segment-frames", "4",
+                 *common, "-o", str(tmp_path / "longer.gif")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'longer.gif'}: 7 frames in ")
+    settings = read_sidecar(tmp_path / "longer.gif")
+    assert settings["prompt"] == "a walking fox" and settings["extend_frames"] == 3
+    assert settings["segment_frames"] == 4 and settings["report"]["segments"] == 2
+    assert read_video(tmp_path / "longer.gif").frames.shape == (7, 3, 24, 40)
+    assert not (tmp_path / "longer.gif.latents.safetensors").exists()
