@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 
 from kinema.data.video_io import read_embedded_settings, read_sidecar, read_video
 from kinema.errors import KinemaError
-from kinema.pipelines.outputs import latents_path, load_latents, save_latents, video_paths, write_result
+from kinema.pipelines.outputs import (
+    VIDEO_SUFFIXES,
+    latents_path,
+    load_latents,
+    save_latents,
+    video_paths,
+    write_result,
+)
 
 FRAMES, SIZE = 4, 32
 
@@ -60,6 +67,12 @@ def test_video_paths_for_one_and_three_seeds(tmp_path):
     assert video_paths(folder, [0, 1, 2]) == [tmp_path / f"frames-seed{s}" for s in range(3)]
     with pytest.raises(KinemaError, match="seed 4 is given more than once"):
         video_paths(out, [4, 2, 4])
+
+
+def test_the_suffixes_checked_early_are_the_ones_video_io_writes():
+    from kinema.data import video_io
+
+    assert set(VIDEO_SUFFIXES) == set(video_io._WRITERS)  # outputs repeats them to stay free of torch
 
 
 def test_latents_path_is_beside_the_output(tmp_path):
