@@ -178,6 +178,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, or EasyAnimate V3 folder "
                                        "(required for now)")
     group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
+    group.add_argument("--tokenizer", help="for an SD1.5 single file, which holds none: an SD1.5 diffusers folder "
+                                           "or CLIP tokenizer folder")
     group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
                        help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of every model (default "
@@ -301,6 +303,7 @@ def _check_model(args: argparse.Namespace) -> None:
         raise KinemaError(MISSING_MODEL)
     _require_path(args.model, "model file or folder")
     _require_path(args.motion_module, "motion module")
+    _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
 
@@ -424,7 +427,8 @@ def check_decode(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from kinema.pipelines.load import load_family
 
-    return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype)
+    return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype,
+                       tokenizer=args.tokenizer)
 
 
 def _gib(count: int | None) -> str:
