@@ -462,7 +462,6 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if mode in ("video-to-video", "extend"):
         input_video = _video_tensor(request.video, request.height, request.width, request.resize)
         if mode == "video-to-video":
-            family.latent_frames(input_video.shape[0])
             plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
             if plan.frames > family.max_frames and plan.context is None:
                 plan.context = _context_options(family, request, plan.latent_frames)
@@ -477,7 +476,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         check_frame_count(plan.latent_frames, family.model.max_frames,
                           unit="frames" if plan.frames == plan.latent_frames else "latent frames")
 
-    settings = [{**request.settings(), **family.settings(), "seed": seed, "seeds": None,
+    # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
+    settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
                  "scheduler": plan.scheduler} for seed in seeds]
     reset_peak_memory(device)
     segments = 0

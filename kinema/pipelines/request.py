@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kinema.errors import KinemaError
@@ -99,7 +99,6 @@ class GenerationRequest:
     attention_chunk: int | None = None
     offload: bool = False
     fps: float = 8.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:

@@ -180,6 +180,12 @@ def test_animatediff_extend_keeps_the_video_and_cross_fades(animatediff):
     torch.testing.assert_close(result.frames[0, :4], video[:4], rtol=0, atol=0)
     assert result.report["segments"] == 3  # 5 new frames, 2 per 4-frame segment after a 2-frame overlap
     assert result.report["mode"] == "extend"
+    # The first segment holds the input's last 2 frames' latents, so its first 2 frames decode to them; they are
+    # cross-faded into the input with weights 1/3, 2/3.
+    with torch.no_grad():
+        held = animatediff.decode(animatediff.encode_frames(video[None, 4:6]))[0]
+    ramp = torch.tensor([1 / 3, 2 / 3]).view(2, 1, 1, 1)
+    torch.testing.assert_close(result.frames[0, 4:6], video[4:6] * (1 - ramp) + held * ramp, rtol=0, atol=1e-5)
 
 
 def test_inp_extend_conditions_each_segment_on_the_last_frames(easyanimate, monkeypatch):
