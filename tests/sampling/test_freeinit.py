@@ -1,19 +1,14 @@
 """FreeInit equals diffusers' Apache-2.0 FreeInitMixin: the low-pass filters, the noise re-initialisation, the
 coarse-to-fine step counts, and a whole two-iteration run of AnimateDiffPipeline on identical tiny weights."""
 
-import json
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, AutoencoderKL, FlowMatchEulerDiscreteScheduler, MotionAdapter
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.free_init_utils import FreeInitMixin
-from tiny_models import perturb
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from sampling.test_parity import embeddings, pair  # noqa: F401  (pair: the fixture)
 
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff.keys import diffusers_to_original_key
-from kinema.models.video_unet import VideoUNet
 from kinema.sampling.denoisers import UNetDenoiser
 from kinema.sampling.freeinit import (
     FreeInitOptions,
@@ -153,47 +148,7 @@ def test_seeded_fresh_noise_continues_each_videos_generator():
         fresh(0)
 
 
-# --- a whole run against AnimateDiffPipeline.enable_free_init (the fixture pattern of test_parity.py) ---
-
-def tiny_tokenizer(folder) -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer with no merges: the pipeline wants one, the prompt embeddings given make it idle."""
-    folder.mkdir(parents=True, exist_ok=True)
-    units = list(bytes_to_unicode().values())
-    tokens = units + [u + "</w>" for u in units] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps(dict(zip(tokens, range(len(tokens)), strict=True))))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def pair(unet2d, tmp_path_factory):
-    """diffusers' pipeline (its UNetMotionModel built from the 2D UNet and a perturbed MotionAdapter) and kinema's
-    VideoUNet carrying the same motion weights."""
-    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
-                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
-                        layers_per_block=1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37,
-                                                num_hidden_layers=1, num_attention_heads=4,
-                                                max_position_embeddings=77))
-    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder,
-                               tokenizer=tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), unet=unet2d,
-                               motion_adapter=adapter, scheduler=make_scheduler("ddim"))
-    pipe.set_progress_bar_config(disable=True)
-    video = VideoUNet.from_unet2d(unet2d, motion_mid_block=False, resnet_norm_mode="per_frame",
-                                  motion_module={"type": "temporal", "norm_mode": "across_frames", "max_frames": 32})
-    video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
-                                  if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
-    return pipe, video.eval()
-
-
-def embeddings():
-    gen = torch.Generator().manual_seed(7)
-    return torch.randn(2, 7, 32, generator=gen), torch.randn(2, 7, 32, generator=gen)  # cond, uncond
-
+# --- a whole run against AnimateDiffPipeline.enable_free_init (on test_parity.py's pair of pipelines) ---
 
 def diffusers_free_init(pipe, options):
     """The pipeline draws the initial noise and then FreeInit's fresh noise from one generator per video."""
@@ -230,7 +185,7 @@ def kinema_free_init(video, options):
     return latents, finished
 
 
-def test_free_init_run_equals_diffusers_animatediff_pipeline(pair):
+def test_free_init_run_equals_diffusers_animatediff_pipeline(pair):  # noqa: F811
     # Three iterations (the third's fresh noise is each generator's third draw) under the coarse-to-fine schedule
     # (1, 2 then 3 steps): as many UNet calls as two full iterations, and every part of the rule in play.
     pipe, video = pair
