@@ -23,11 +23,13 @@ def decode_latents(vae: Any, latents: torch.Tensor, decode_chunk: int = 16) -> t
     parameter = next(vae.parameters())
     images = (latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height,
                                                                                    width)
-    decoded = []
+    video: torch.Tensor | None = None
     with torch.no_grad():
         for start in range(0, images.shape[0], decode_chunk):
             chunk = images[start:start + decode_chunk].to(device=parameter.device, dtype=parameter.dtype)
-            decoded.append(vae.decode(chunk).sample.float())
-    video = torch.cat(decoded)
-    video = video.reshape(batch, frames, *video.shape[1:])
-    return (video / 2 + 0.5).clamp(0, 1)
+            decoded = vae.decode(chunk).sample
+            if video is None:  # one float32 video, filled chunk by chunk: long videos are not held twice
+                video = torch.empty(batch * frames, *decoded.shape[1:])
+            video[start:start + decode_chunk] = decoded.float().div_(2).add_(0.5).clamp_(0, 1).cpu()
+    assert video is not None
+    return video.reshape(batch, frames, *video.shape[1:])
