@@ -74,9 +74,13 @@ class MotionBlock(nn.Module):
         to_sequences, from_sequences = _SEQUENCE_PATTERNS[kind]
         frames, positions = x.shape[1], x.shape[2]
         seq = rearrange(x, to_sequences)
-        # Chunking bounds the attention's working memory; sequences are independent along dim 0.
-        chunk = self.attention_chunk_size or seq.shape[0]
-        out = torch.cat([attention(part) for part in seq.split(chunk)], dim=0)
+        # Chunking bounds the attention's working memory; sequences are independent along dim 0. Unchunked, the
+        # output is used as it is: a cat of one part would copy the whole activation once more.
+        chunk = self.attention_chunk_size
+        if chunk is None or chunk >= seq.shape[0]:
+            out = attention(seq)
+        else:
+            out = torch.cat([attention(part) for part in seq.split(chunk)], dim=0)
         return rearrange(out, from_sequences, f=frames, n=positions)
 
     def forward(self, x: torch.Tensor, frame_encoding: torch.Tensor) -> torch.Tensor:
