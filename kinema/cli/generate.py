@@ -182,8 +182,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                                            "or CLIP tokenizer folder")
     group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
                        help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
-    group.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of every model (default "
-                                                                          "float32)")
+    group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int, default=16,
                        help="frames per VAE call (SD VAE; default 16)")
@@ -427,7 +426,7 @@ def check_decode(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from kinema.pipelines.load import load_family
 
-    return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype,
+    return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype or "float32",
                        tokenizer=args.tokenizer)
 
 
@@ -517,7 +516,7 @@ def run_decode(args: argparse.Namespace) -> None:
     reset_peak_memory(device)
     began = time.perf_counter()
     frames = decode_saved(family, latents).cpu()
-    report = {"mode": "decode", "family": family.family, "dtype": args.dtype,
+    report = {"mode": "decode", "family": family.family, "dtype": args.dtype or "float32",
               "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
               "frames": frames.shape[1], "latents": str(args.latents)}
     fps = args.fps or next((entry["fps"] for entry in settings if entry.get("fps")), 8.0)

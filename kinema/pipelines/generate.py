@@ -194,12 +194,12 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
 
 @contextmanager
 def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> Any:
-    dtype = DTYPES[request.dtype]
-    for module in vars(family).values():
-        floating = [p.dtype for p in module.parameters() if p.is_floating_point()] \
-            if isinstance(module, torch.nn.Module) else []
-        if floating and set(floating) != {dtype}:
-            module.to(dtype)
+    if request.dtype is not None:
+        dtype = DTYPES[request.dtype]
+        for module in vars(family).values():
+            if isinstance(module, torch.nn.Module) and \
+                    {p.dtype for p in module.parameters() if p.is_floating_point()} - {dtype}:
+                module.to(dtype)  # only when needed: diffusers warns on every cast
     family.model.set_attention_chunk_size(request.attention_chunk)
     for name, value in (("vae_tiling", request.vae_tiling), ("decode_chunk", request.decode_chunk)):
         if hasattr(family, name):

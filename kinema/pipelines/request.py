@@ -66,7 +66,7 @@ class GenerationRequest:
         context: context windows for long text-to-video (None: one window; automatic past the model's limit).
         interpolation: prompt travel between keyframes: "linear" or "slerp".
         free_init: FreeInit iterations (None: off).
-        dtype: "float32", "bfloat16" or "float16" for the whole pipeline.
+        dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
         offload: keep each model on the CPU until its stage runs (for accelerators).
@@ -93,7 +93,7 @@ class GenerationRequest:
     context: ContextSettings | None = None
     interpolation: str = "linear"
     free_init: FreeInitSettings | None = None
-    dtype: str = "float32"
+    dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
     attention_chunk: int | None = None
@@ -127,7 +127,7 @@ class GenerationRequest:
         seeds = list(self.seeds)
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in ("linear", "slerp"):
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use linear or slerp")

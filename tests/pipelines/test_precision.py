@@ -121,8 +121,6 @@ def test_motion_module_in_bfloat16_is_within_a_few_roundings_of_float32():
     assert relative <= 8 * BF16_ROUNDOFF
 
 
-@pytest.mark.xfail(strict=True, reason="text_to_video builds its GenerationRequest with the default dtype float32, "
-                                       "so generate() casts models the caller cast to bfloat16 back to float32")
 def test_text_to_video_keeps_the_dtype_the_models_were_cast_to(pair):  # noqa: F811
     from kinema.pipelines.text_to_video import text_to_video
 
