@@ -24,7 +24,7 @@ kinema and diffusers in float32, then kinema in bfloat16 (`generate()` with dtyp
 it beforehand) and diffusers (float32 weights) under `torch.autocast("cpu", torch.bfloat16)`. `--precisions
 float32` leaves the two bfloat16 cases out (on a CPU without bfloat16 kernels they take hours at SD1.5 size) and
 `--configs` picks configs. kinema is called
-through `generate()` (as `kinema generate`), because `text_to_video` takes no dtype and runs float32.
+through `generate()` with the request's dtype (the whole pipeline's, as `kinema generate --dtype`).
 
 Timing: a step runs from the end of the previous one (the first: from the first UNet call) to the end of its own,
 read from the step callbacks both pipelines offer (kinema `callback`, diffusers `callback_on_step_end`) and a
@@ -247,8 +247,7 @@ class StepClock:
 def kinema_generate(video_unet: Any, parts: Mapping[str, Any], config: Config, steps: int, dtype: str,
                     on_step: Callable[[], None]) -> tuple[torch.Tensor, str]:
     """kinema's frames `(1, F, 3, H, W)` in [0, 1] and the dtype its report says ran: the one place the kinema side
-    is called. `generate()` (whose `dtype` is the whole pipeline's, as `kinema generate --dtype`) rather than
-    `text_to_video`, which takes no dtype and so runs float32."""
+    is called. `generate()` with the request's `dtype` (the whole pipeline's, as `kinema generate --dtype`)."""
     from kinema.pipelines.animatediff import AnimateDiffFamily
     from kinema.pipelines.generate import generate
     from kinema.pipelines.request import GenerationRequest
