@@ -196,6 +196,7 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
 def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> Any:
     if request.dtype is not None:
         dtype = DTYPES[request.dtype]
+        _warn_if_emulated(dtype, _device(family))
         for module in vars(family).values():
             if isinstance(module, torch.nn.Module) and \
                     {p.dtype for p in module.parameters() if p.is_floating_point()} - {dtype}:
@@ -214,6 +215,18 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
 
             for module in offloaded:
                 remove_hook_from_module(module, recurse=True)
+
+
+def _warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
+    """Half precision on a CPU without native support (AVX2 only: no AVX-512 BF16 / AMX) runs in slow fallback
+    kernels, measured ~100x slower than float32 at SD1.5 size; say so rather than let a run crawl."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else \
+        torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if not native:
+        logger.warning("this CPU has no native %s support, so the models run far slower than in float32; use "
+                       "--dtype float32 here", str(dtype).removeprefix("torch."))
 
 
 def _offload(family: VideoFamily) -> list[torch.nn.Module]:
