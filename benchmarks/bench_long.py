@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -72,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import run_benchmark
+from common import byte_tokenizer, run_benchmark, seeded
 
 FRAME_COUNTS = (16, 64, 144, 512)
 QUICK_FRAME_COUNTS = (16, 64, 144)
@@ -136,42 +135,7 @@ def cases_for(argv: list[str]) -> list[str]:
 # ---------------------------------------------------------------- memory readings
 
 
-def _proc_status(field_name: str) -> int:
-    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field_name} line (this benchmark needs Linux)")
-
-
-def resident_bytes() -> int:
-    """The process's resident memory now, in bytes."""
-    gc.collect()
-    return _proc_status("VmRSS")
-
-
 # ---------------------------------------------------------------- the models, identical on both sides
-
-
-def byte_tokenizer(folder: Path) -> Any:
-    """A CLIP tokenizer over the 256 byte symbols (and their end-of-word forms) with no merges, 77 tokens long: real
-    tokenization (padding, truncation, start and end tokens) without a downloaded vocabulary."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocabulary = symbols + [symbol + "</w>" for symbol in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocabulary)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    tokenizer.model_max_length = 77
-    return tokenizer
-
-
-def _seeded(seed: int, build: Any) -> Any:
-    torch.manual_seed(seed)
-    return build().eval()
 
 
 def base_parts(size: int, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -179,10 +143,10 @@ def base_parts(size: int, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet2d = _seeded(0, lambda: UNet2DConditionModel(sample_size=size // 8, **UNET))
-    adapter = _seeded(1, lambda: MotionAdapter(**ADAPTER))
-    vae = _seeded(2, lambda: AutoencoderKL(sample_size=size, **VAE))
-    text_encoder = _seeded(3, lambda: CLIPTextModel(CLIPTextConfig(**CLIP)))
+    unet2d = seeded(0, lambda: UNet2DConditionModel(sample_size=size // 8, **UNET))
+    adapter = seeded(1, lambda: MotionAdapter(**ADAPTER))
+    vae = seeded(2, lambda: AutoencoderKL(sample_size=size, **VAE))
+    text_encoder = seeded(3, lambda: CLIPTextModel(CLIPTextConfig(**CLIP)))
     return unet2d, adapter, {"vae": vae, "text_encoder": text_encoder, "tokenizer": byte_tokenizer(folder)}
 
 
@@ -272,15 +236,17 @@ def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
 
     import kinema.pipelines.animatediff
     import kinema.pipelines.generate  # noqa: F401
-    from kinema.memory import reset_peak_memory
+    from kinema.memory import reset_peak_memory, resident_bytes
 
     method, count = case.split(".")
     frames, size, steps = int(count), frame_size(options), sampling_steps(options)
     torch.set_num_threads(options.threads)
+    gc.collect()
     library_rss = resident_bytes()
     with tempfile.TemporaryDirectory() as folder:
         model: Any = diffusers_pipeline(size, Path(folder)) if method == "diffusers" else \
             kinema_family(size, Path(folder))
+    gc.collect()
     rss_before = resident_bytes()
     load_before = os.getloadavg()[0]
     if not reset_peak_memory("cpu"):

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import run_benchmark
+from common import byte_tokenizer, run_benchmark, seeded
 
 SEED, GUIDANCE, SCHEDULER = 5, 7.5, "ddim"
 PROMPT, NEGATIVE = "a red fox runs through the snow", "blurry"
@@ -127,27 +127,6 @@ def case_name(config: str, side: str, precision: str) -> str:
 
 # ---------------------------------------------------------------- the models, identical on both sides
 
-
-def byte_tokenizer(folder: Path) -> Any:
-    """A CLIP tokenizer over the 256 byte symbols (and their end-of-word forms) with no merges, 77 tokens long: real
-    tokenization (padding, truncation, special tokens) without a downloaded vocabulary."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocabulary = symbols + [symbol + "</w>" for symbol in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocabulary)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    tokenizer.model_max_length = 77
-    return tokenizer
-
-
-def seeded(seed: int, build: Callable[[], Any]) -> Any:
-    """`build()` right after seeding torch's global generator, in eval mode: the same weights in every process."""
-    torch.manual_seed(seed)
-    return build().eval()
 
 
 def motion_adapter(config: Config) -> Any:
@@ -279,26 +258,11 @@ def diffusers_generate(pipe: Any, config: Config, steps: int, on_step: Callable[
                     guidance_scale=GUIDANCE, output_type="pt", callback_on_step_end=step_end).frames
 
 
-def _proc_status(field_name: str) -> int:
-    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
-
-
-def reset_peak_rss() -> bool:
-    """Restart the resident-memory high-water mark (VmHWM) at the current RSS; False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
     """Build one side's models, generate one video (after a warm-up where the config has one) and time it; the
     frames go to `options.outputs` for the comparison in `summarize`."""
+    from kinema.memory import peak_memory_bytes, reset_peak_memory, resident_bytes
+
     config_name, side, precision = case.split(".")
     config = configs()[config_name]
     threads = options.threads or config.threads
@@ -324,8 +288,8 @@ def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
         if config.warmup:
             generate(1, lambda: None)
         gc.collect()
-        rss_before = _proc_status("VmRSS")
-        peak_reset = reset_peak_rss()
+        rss_before = resident_bytes()
+        peak_reset = reset_peak_memory()
         load_before = os.getloadavg()[0]
         step_seconds: list[float] = []
         other_seconds: list[float] = []
@@ -340,7 +304,7 @@ def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"{case}: {len(steps)} step callbacks for {config.steps} steps")
             step_seconds += steps
             other_seconds.append(call_seconds - sum(steps))
-        peak_rss = _proc_status("VmHWM")
+        peak_rss = peak_memory_bytes()
     if not torch.isfinite(frames).all():
         raise RuntimeError(f"{case}: the frames are not all finite")
     torch.save(frames.float(), Path(options.outputs) / f"{case}.pt")

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 Figures = dict[str, Any]
@@ -128,3 +129,28 @@ def run_benchmark(
         result.update(summarize(figures, options))
     print(json.dumps(result))
     return result
+
+
+def byte_tokenizer(folder: Path) -> Any:
+    """A CLIP tokenizer over the 256 byte symbols (and their end-of-word forms) with no merges, 77 tokens long: real
+    tokenization (padding, truncation, start and end tokens) without a downloaded vocabulary."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocabulary = symbols + [symbol + "</w>" for symbol in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocabulary)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """`build()` right after seeding torch's global generator, in eval mode: the same weights in every process."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build().eval()
+

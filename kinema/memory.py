@@ -12,14 +12,28 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _rss_high_water() -> int:
-    """Resident-memory high-water mark in bytes: Linux's VmHWM (resettable), else getrusage's lifetime peak."""
+def _status_bytes(field: str) -> int | None:
+    """A memory line of Linux's /proc/self/status (`VmRSS`, `VmHWM`) in bytes; None elsewhere."""
     if _STATUS.is_file():
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
+    return None
+
+
+def _rss_high_water() -> int:
+    """Resident-memory high-water mark in bytes: Linux's VmHWM (resettable), else getrusage's lifetime peak."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now, in bytes (Linux; the peak so far elsewhere)."""
+    now = _status_bytes("VmRSS")
+    return now if now is not None else _rss_high_water()
 
 
 def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
