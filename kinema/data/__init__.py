@@ -1,5 +1,6 @@
-"""Video files and datasets: reading and writing videos with their generation settings (PyAV), and the synthetic
-motion dataset. Each name is imported from its module on first use (kinema.lazy)."""
+"""Video files and datasets: reading and writing videos with their generation settings (PyAV), the synthetic motion
+dataset, and the training dataset over a metadata.json. Each name is imported from its module on first use
+(kinema.lazy)."""
 
 from __future__ import annotations
 
@@ -8,4 +9,5 @@ from kinema.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".video_io": ("VideoClip", "generation_settings", "read_sidecar", "read_video", "write_video"),
     ".synth": ("SynthMotionDataset", "synth_clip", "write_synth_dataset"),
+    ".dataset": ("VideoTextDataset", "load_metadata"),
 })
