@@ -33,7 +33,6 @@ from kinema.sampling.loop import StepCallback, generators, initial_noise, noised
 from kinema.sampling.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LatentsHook = Callable[[torch.Tensor, list[dict[str, Any]]], None]
 
 
@@ -195,7 +194,7 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
 @contextmanager
 def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> Any:
     if request.dtype is not None:
-        dtype = DTYPES[request.dtype]
+        dtype = getattr(torch, request.dtype)  # a name of request.DTYPES, checked by request.check()
         _warn_if_emulated(dtype, _device(family))
         for module in vars(family).values():
             if isinstance(module, torch.nn.Module) and \
@@ -355,16 +354,14 @@ def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, request: Gener
     return _condition_on_frames(family, noise, video, torch.zeros(frames, dtype=torch.bool), None, inpaint=True)
 
 
-def _image_clip(family: VideoFamily, noise: torch.Tensor, request: GenerationRequest) -> _Clip:
+def _image_clip(family: VideoFamily, noise: torch.Tensor, start: torch.Tensor, end: torch.Tensor | None) -> _Clip:
+    """A clip holding `start` (and `end`), each `(3, H, W)` in [0, 1], as its first (and last) frame."""
     frames = family.pixel_frames(noise.shape[2])
-    start = _image_tensor(request.image, request.height, request.width, request.resize, "the start image")
-    video = torch.zeros(noise.shape[0], frames, 3, request.height, request.width)
+    video = torch.zeros(noise.shape[0], frames, 3, *start.shape[1:])
     keep = torch.zeros(frames, dtype=torch.bool)
     video[:, 0], keep[0] = start, True
-    if request.end_image is not None:
-        video[:, -1] = _image_tensor(request.end_image, request.height, request.width, request.resize,
-                                     "the end image")
-        keep[-1] = True
+    if end is not None:
+        video[:, -1], keep[-1] = end, True
     clip_image = start[None].expand(noise.shape[0], -1, -1, -1)
     return _condition_on_frames(family, noise, video.to(noise.device), keep, clip_image.to(noise.device),
                                 inpaint=family.inpaints)
@@ -481,8 +478,11 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         elif input_video.shape[0] < request.overlap_frames:
             raise KinemaError(f"the video to extend has {input_video.shape[0]} frames, fewer than overlap_frames "
                               f"({request.overlap_frames})")
-    elif mode == "image-to-video":
-        _image_tensor(request.image, request.height, request.width, request.resize, "the start image")
+    images = None
+    if mode == "image-to-video":  # read (and sized) once, here, before any model runs
+        images = (_image_tensor(request.image, request.height, request.width, request.resize, "the start image"),
+                  None if request.end_image is None else
+                  _image_tensor(request.end_image, request.height, request.width, request.resize, "the end image"))
     if plan.context is None and not plan.continuation:
         from kinema.models.motion import check_frame_count
 
@@ -521,7 +521,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 text = _encode_text(family, request, len(seeds), plan.latent_frames, plan.frames)
                 latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
             else:
-                latents = _generate_clip(family, request, plan, seeds, callback, progress)
+                latents = _generate_clip(family, request, plan, seeds, callback, progress, images)
             if plan.context is not None:
                 from kinema.sampling.context import context_windows
 
@@ -544,14 +544,15 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 
 
 def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],
-                   callback: StepCallback | None, progress: bool) -> torch.Tensor:
-    """Latents of a text- or image-to-video clip of `plan.frames` frames."""
+                   callback: StepCallback | None, progress: bool,
+                   images: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Latents of a clip of `plan.frames` frames: text-to-video, or image-to-video holding `images` (start, end)."""
     device = _device(family)
     noise = _noise(family, plan, request, seeds, device)
     with torch.no_grad():
         text = _encode_text(family, request, len(seeds), plan.latent_frames, plan.frames)
         if text.table is not None:
             logger.info("prompt schedule:\n%s", text.table)
-        clip = _image_clip(family, noise, request) if request.image is not None else \
+        clip = _image_clip(family, noise, *images) if images is not None else \
             _text_to_video_clip(family, noise, request)
     return _denoise(family, request, plan, text, clip, seeds, callback, progress)
