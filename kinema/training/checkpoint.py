@@ -200,13 +200,14 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | os.PathLike, config: dict, *, resume: str | None, keep: int,
-             ignore: Iterable[str] = ()) -> RunFolder:
+             ignore: Iterable[str] = (), create: bool = True) -> RunFolder:
         """Start a run in `path` (`resume` None: a new or empty folder) or continue the run there (`resume` "latest"
         or a checkpoint folder of that run), refusing in one line anything else: a folder kinema did not make, a run
         started without --resume, or a config that differs from the run's (up to keys in `ignore`).
         Cheap: call it before loading models. The checkpoint `resume` names is found by `resolve` (call it early
         too, to refuse a missing checkpoint before long work); `open` only checks the run. Keeps the newest `keep`
-        checkpoints."""
+        checkpoints. `create` False checks a new run's folder without making it (a refusal before long work; the
+        real start comes after it)."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise KinemaError(f"the number of checkpoints to keep must be a whole number of at least 1, got {keep!r}")
         ignore = tuple(ignore)
@@ -214,7 +215,7 @@ class RunFolder:
         given = Path(path)
         run_file = given / RUN_FILE
         if resume is None:
-            return cls._start(given, config, wanted, keep)
+            return cls._start(given, config, wanted, keep, create)
         if not given.is_dir():
             raise KinemaError(f"cannot resume: {given} is not a folder; --resume continues a training run in its "
                               "output folder (run without --resume to start one)")
@@ -240,11 +241,11 @@ class RunFolder:
         return cls(given, wanted, keep)
 
     @classmethod
-    def _start(cls, given: Path, config: dict, wanted: str, keep: int) -> RunFolder:
+    def _start(cls, given: Path, config: dict, wanted: str, keep: int, create: bool) -> RunFolder:
         if (given / RUN_FILE).exists():
-            if not cls(given, wanted, keep).checkpoints():  # --resume latest would have nothing to resume either
-                raise KinemaError(f"{given} already holds a training run that saved no checkpoint, so there is "
-                                  "nothing to resume; remove the folder, or choose another output folder")
+            if not cls(given, wanted, keep).checkpoints():  # the trainer's --resume latest then starts at step 0
+                raise KinemaError(f"{given} already holds a training run that saved no checkpoint yet; pass --resume "
+                                  "latest to start it again from step 0, or choose another output folder")
             raise KinemaError(f"{given} already holds a training run; pass --resume latest to continue it, or choose "
                               "another output folder")
         if given.is_dir() and any(given.iterdir()):
@@ -252,6 +253,8 @@ class RunFolder:
             raise KinemaError(f"{given} is not empty and holds no training run (it holds {held}); kinema starts a run "
                               "only in a new or empty folder: choose another output folder")
         check_output(given, RUN_KIND, folder=True)  # a file, a dangling link, a file in the way of the parents
+        if not create:
+            return cls(given, wanted, keep)
         record = {"kind": RUN_KIND, "fingerprint": wanted, "config": config, "kinema_version": _version(),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with atomic_file(given / RUN_FILE, RUN_KIND) as temp:

@@ -117,7 +117,7 @@ def test_a_file_is_refused(tmp_path):
 
 def test_an_existing_run_needs_resume(tmp_path):
     run = RunFolder.open(tmp_path, CONFIG, resume=None, keep=2)
-    with pytest.raises(KinemaError, match="saved no checkpoint.*remove the folder"):
+    with pytest.raises(KinemaError, match="saved no checkpoint.*--resume latest"):
         RunFolder.open(tmp_path, CONFIG, resume=None, keep=2)
     run.save(10, {"model": {"w": torch.ones(2)}}, {})
     with pytest.raises(KinemaError, match="already holds a training run; pass --resume latest") as err:

@@ -1,0 +1,371 @@
+"""What each training mode trains, how its loss is computed and what it exports: one `TrainingTask` per run.
+
+The model declares what may train (`freeze_base()` for motion modules, peft's LoRA layers, the V3 transformer's
+submodules by name), never a substring match over parameter names. Every random draw of a step (timesteps, noise,
+inpaint masks, CLIP on/off) comes from the one generator the trainer seeds per step and process, so a step is a pure
+function of the weights, the batch and that seed: what makes a resumed run equal an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinema.errors import KinemaError
+from kinema.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# EasyAnimate V3's train.sh trains these transformer parts (`--trainable_modules`); the caption, timestep and CLIP
+# projections stay as pretrained.
+V3_TRAINABLE_MODULES = ("transformer_blocks", "proj_out", "pos_embed", "long_connect_fc", "scale_shift_table")
+
+
+def _parameter_count(parameters: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def _link_or_copy_tree(source: Path, target: Path) -> None:
+    """Hard-link every file of `source` under `target` (no second copy of a multi-GB text encoder), copying where
+    links are not possible (another file system)."""
+    for root, _, files in os.walk(source):
+        out = target / os.path.relpath(root, source)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(os.path.join(root, name), out / name)
+            except OSError:
+                shutil.copy2(os.path.join(root, name), out / name)
+
+
+class TrainingTask:
+    """One mode's model, trainable weights, loss and export.
+
+    `model` is the model that trains; `module` is a small `nn.Module` holding it whose forward computes the loss
+    from the prepared inputs. accelerate wraps `module` (DDP on several processes), so gradients are synchronised
+    whichever methods of the model the loss calls (the VAE's encode/decode are not its forward); the frozen encoders
+    stay outside it and run in `inputs`, without gradients.
+    """
+
+    model: Any  # a VideoModel host or the SliceVAE
+    module: nn.Module
+    family: Any = None  # the VideoFamily, for validation videos (None for the VAE)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """`(name, parameter)` of every weight that trains, in a fixed order (names relative to `model`)."""
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name (what a checkpoint stores besides the optimiser)."""
+        return {name: p.detach() for name, p in self.trainable_parameters()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put checkpointed trainable weights back, strictly (same names and shapes)."""
+        own = dict(self.trainable_parameters())
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise KinemaError(f"the checkpoint's weights do not fit this run ({len(missing)} missing, e.g. "
+                              f"{missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): resume with the run's own "
+                              "config")
+        with torch.no_grad():
+            for name, parameter in own.items():
+                if parameter.shape != state[name].shape:
+                    raise KinemaError(f"checkpoint weight {name} has shape {tuple(state[name].shape)}, the model "
+                                      f"{tuple(parameter.shape)}: resume with the run's own config")
+                parameter.copy_(state[name])
+
+    def inputs(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """The keyword arguments of `module`'s forward for `batch` (encoded without gradients, noise drawn from
+        `generator`)."""
+        raise NotImplementedError
+
+    def export(self, folder: Path) -> list[str]:
+        """Write the trained weights into `folder` (a fresh temporary folder the trainer renames into place) in the
+        formats other tools load; returns the names written."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Counts for the dry run and the log: trainable and total parameters."""
+        trainable = [p for _, p in self.trainable_parameters()]
+        return {"trainable_parameters": _parameter_count(trainable),
+                "total_parameters": _parameter_count(list(self.model.parameters()))}
+
+
+class _DenoisingLoss(nn.Module):
+    """Epsilon MSE of the model under its family's denoiser (what DDP wraps in the diffusion modes)."""
+
+    def __init__(self, model: nn.Module, denoiser_class: type):
+        super().__init__()
+        self.model = model
+        self.denoiser_class = denoiser_class
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        epsilon = self.denoiser_class(self.model)(noisy, timesteps, cond)
+        return F.mse_loss(epsilon.float(), noise)
+
+
+# ---------------------------------------------------------------- diffusion modes
+
+
+def _load_animatediff_family(config: TrainConfig) -> Any:
+    """The AnimateDiff family for training: the SD1.5 model inflated with `model.motion_module`'s weights, or with
+    fresh (identity) motion modules of `model.motion_version`'s layout when none is given."""
+    from kinema.pipelines.load import load_family
+
+    if config.model.motion_module:
+        return load_family(config.model.path, motion_module=config.model.motion_module,
+                           tokenizer=config.model.tokenizer)
+    from kinema.loaders.stable_diffusion import load_stable_diffusion
+    from kinema.models.presets import ANIMATEDIFF_VERSIONS
+    from kinema.models.video_unet import VideoUNet
+    from kinema.pipelines.animatediff import AnimateDiffFamily
+
+    version = config.model.motion_version
+    if version not in ANIMATEDIFF_VERSIONS or version == "sdxl-beta":
+        known = [v for v in ANIMATEDIFF_VERSIONS if v != "sdxl-beta"]
+        raise KinemaError(f"unknown model.motion_version {version!r}; choose one of {', '.join(known)}")
+    components = load_stable_diffusion(config.model.path, tokenizer=config.model.tokenizer)
+    video_unet = VideoUNet.from_unet2d(components.unet, **ANIMATEDIFF_VERSIONS[version])
+    return AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
+                             source=config.model.path)
+
+
+def load_training_family(config: TrainConfig) -> Any:
+    """The model family `config.model.path` is (AnimateDiff or EasyAnimate), loaded in float32 for training, with
+    one KinemaError line when the mode does not apply to it."""
+    import kinema.loaders
+
+    kind = kinema.loaders.describe(config.model.path)["kind"]
+    family_modes = {"stable_diffusion": ("motion", "image", "lora"),
+                    "easyanimate_transformer": ("motion", "lora", "full", "vae")}
+    if kind not in family_modes:
+        raise KinemaError(f"{config.model.path} is a {kind}; training needs a Stable Diffusion 1.5 model (modes "
+                          "motion, image, lora) or an EasyAnimate V3 folder (modes motion, lora, full, vae)")
+    if config.mode not in family_modes[kind]:
+        name = "a Stable Diffusion 1.5 model (AnimateDiff)" if kind == "stable_diffusion" else "an EasyAnimate model"
+        raise KinemaError(f"mode {config.mode} does not apply to {config.model.path}, {name}: its modes are "
+                          f"{', '.join(family_modes[kind])}")
+    if kind == "stable_diffusion":
+        return _load_animatediff_family(config)
+    if config.model.motion_module:
+        raise KinemaError("model.motion_module is for Stable Diffusion models; an EasyAnimate model has its own "
+                          "motion layers: remove it")
+    from kinema.pipelines.load import load_family
+
+    return load_family(config.model.path)
+
+
+class DiffusionTask(TrainingTask):
+    """Modes motion, image, lora and full: epsilon-prediction MSE on the family's noise schedule."""
+
+    def __init__(self, config: TrainConfig, family: Any):
+        from diffusers import DDPMScheduler
+
+        from kinema.sampling.schedulers import FAMILIES
+
+        self.config, self.family = config, family
+        self.model = family.model
+        self.module = _DenoisingLoss(self.model, type(family.denoiser()))
+        self.is_dit = family.family == "easyanimate"
+        self.noise_schedule = DDPMScheduler(**FAMILIES[family.family])
+        # AnimateDiff samples timesteps uniformly; EasyAnimate V3 logit-normally (sigmoid(N(0, 1)) * 1000).
+        self.timesteps = config.train.timesteps or ("logit_normal" if self.is_dit else "uniform")
+        for part in (family.vae, family.text_encoder, getattr(family, "image_encoder", None)):
+            if part is not None:
+                part.requires_grad_(False).eval()
+        self._select_trainable()
+        if config.train.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.model.train()
+        self.latent_cache: Any = None
+        self.text_cache: Any = None
+        if config.data.cache:
+            self._open_caches(config.data.cache)
+
+    def _open_caches(self, folder: str) -> None:
+        """Caches of the frozen encoders' outputs, each keyed by its encoder's weights and settings, so a changed
+        VAE or text encoder never reads a stale entry."""
+        from kinema.training.cache import EmbeddingCache, module_fingerprint
+
+        family = self.family
+        vae_settings = {"family": family.family, "scaling_factor": float(family.vae.config.scaling_factor),
+                        "config": {k: v for k, v in family.vae.config.items() if not k.startswith("_")},
+                        "latents": "posterior mean"}
+        tokenizer = family.tokenizer
+        text_settings = {"tokenizer": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                         "max_length": int(tokenizer.model_max_length), "family": family.family}
+        self.latent_cache = EmbeddingCache(module_fingerprint(family.vae, settings=vae_settings), folder)
+        self.text_cache = EmbeddingCache(module_fingerprint(family.text_encoder, settings=text_settings), folder)
+
+    def _select_trainable(self) -> None:
+        mode, model = self.config.mode, self.model
+        if mode == "motion":
+            model.freeze_base()
+        elif mode == "image":  # AnimateDiff's image stage: the image UNet learns, motion modules stay as they are
+            model.requires_grad_(True)
+            for _, motion in model.motion_modules():
+                motion.requires_grad_(False)
+        elif mode == "lora":
+            from kinema.training.lora import add_lora
+
+            add_lora(model, self.config.lora.rank, self.config.lora.alpha, self.config.lora.targets)
+        elif mode == "full":
+            names = self.config.train.trainable_modules or list(V3_TRAINABLE_MODULES)
+            known = [name for name, _ in model.named_children()] + [
+                name for name, _ in model.named_parameters(recurse=False)]
+            unknown = [name for name in names if name not in known]
+            if unknown:
+                raise KinemaError(f"train.trainable_modules names {', '.join(map(repr, unknown))}, which the "
+                                  f"transformer does not have; its parts are: {', '.join(known)}")
+            model.requires_grad_(False)
+            for name in names:
+                part = getattr(model, name)
+                part.requires_grad_(True) if isinstance(part, nn.Module) else part.requires_grad_(True)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise KinemaError(f"mode {mode} found nothing to train in this model")
+
+    # ------------------------------------------------------------------ a step
+
+    def _timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        steps = self.noise_schedule.config.num_train_timesteps
+        if self.timesteps == "logit_normal":
+            draw = torch.sigmoid(torch.randn(batch, generator=generator))
+            return (draw * steps).long().clamp(0, steps - 1)
+        return torch.randint(0, steps, (batch,), generator=generator)
+
+    def _inpaint_conditioning(self, frames: torch.Tensor, types: list[str],
+                              generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from kinema.training.masks import sample_clip, sample_keep, training_inpaint_conditioning
+
+        keep, _ = sample_keep(types, frames.shape[1], generator)
+        use_clip, clip_frame = sample_clip(keep, generator, self.config.inpaint.clip_probability)
+        return training_inpaint_conditioning(self.family, frames, keep, use_clip, clip_frame)
+
+    def _encode(self, frames: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Latents `(B, C, F', h, w)` of frames `(B, F, 3, H, W)` in [0, 1] and the text conditioning, through the
+        caches when the config names one (a clip is keyed by its pixels, a caption by its text)."""
+        if self.latent_cache is None or self.text_cache is None:
+            return self.family.encode_frames(frames), dict(self.family.encode_text(texts))
+        from kinema.training.cache import tensor_key
+
+        latents = self.latent_cache.get_many(
+            [tensor_key(clip) for clip in frames],
+            lambda missing: {"latents": self.family.encode_frames(frames[missing])})["latents"]
+        text = self.text_cache.get_many(
+            [tensor_key(text) for text in texts],
+            lambda missing: {k: v for k, v in self.family.encode_text([texts[i] for i in missing]).items()
+                             if v is not None})
+        return latents, text
+
+    def inputs(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Noisy latents, timesteps, noise and conditioning for `batch["pixels"]` `(B, F, 3, H, W)` in [-1, 1] with
+        captions `batch["text"]`."""
+        frames = (batch["pixels"].float() + 1) / 2
+        with torch.no_grad():
+            latents, cond = self._encode(frames, list(batch["text"]))
+            if self.is_dit and self.family.inpaints:
+                cond.update(self._inpaint_conditioning(frames, list(batch["type"]), generator))
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = self._timesteps(latents.shape[0], generator)
+        noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
+        return {"noisy": noisy, "timesteps": timesteps, "noise": noise, "cond": cond}
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, folder: Path) -> list[str]:
+        """motion (AnimateDiff): `motion_module.safetensors` in the original AnimateDiff layout; image: an SD1.5
+        diffusers folder `model/`; lora: `lora.safetensors` (diffusers/peft) and, for motion LoRAs on a UNet,
+        `motion_lora.safetensors` (original AnimateDiff layout); EasyAnimate motion/full: a V3 folder `model/`
+        (the trained transformer, the other parts linked from the source folder)."""
+        mode = self.config.mode
+        if mode == "lora":
+            from kinema.training.lora import save_lora
+
+            written = [save_lora(self.model, folder / "lora.safetensors", "diffusers").name]
+            if not self.is_dit and self.config.lora.targets == "motion":
+                written.append(save_lora(self.model, folder / "motion_lora.safetensors", "animatediff").name)
+            return written
+        if not self.is_dit and mode == "motion":
+            from kinema.loaders.animatediff.write import save_motion_module
+
+            return [save_motion_module(self.model, folder / "motion_module.safetensors", "original").name]
+        if not self.is_dit:  # image
+            return [self._export_sd_folder(folder / "model")]
+        source = Path(self.config.model.path)
+        target = folder / "model"
+        for part in sorted(p.name for p in source.iterdir() if p.is_dir() and p.name != "transformer"):
+            _link_or_copy_tree(source / part, target / part)
+        self.model.save_pretrained(target / "transformer")
+        return ["model"]
+
+    def _export_sd_folder(self, target: Path) -> str:
+        from diffusers import UNet2DConditionModel
+
+        video_unet = self.model
+        motion = {f"{name}." for name, _ in video_unet.motion_modules()}
+        state = {k: v for k, v in video_unet.unet.state_dict().items() if not k.startswith(tuple(motion))}
+        config = {k: v for k, v in video_unet.unet.config.items() if not k.startswith("_")}
+        unet = UNet2DConditionModel.from_config(config)
+        unet.load_state_dict(state, strict=True)
+        unet.save_pretrained(target / "unet")
+        self.family.vae.save_pretrained(target / "vae")
+        self.family.text_encoder.save_pretrained(target / "text_encoder")
+        self.family.tokenizer.save_pretrained(target / "tokenizer")
+        return target.name
+
+
+# ---------------------------------------------------------------- the VAE
+
+
+class VAETask(TrainingTask):
+    """Mode vae: the Slice VAE of an EasyAnimate folder learns to reconstruct clips (reconstruction + KL)."""
+
+    def __init__(self, config: TrainConfig, family: Any):
+        from kinema.training.vae_objective import VAELossSettings
+
+        self.config, self.family = config, None
+        self.model = family.vae
+        self.model.requires_grad_(True).train()
+        settings = VAELossSettings(kl_weight=config.vae.kl_weight, reconstruction=config.vae.reconstruction)
+        self.module = _VAELoss(self.model, settings)
+        if config.train.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
+    def inputs(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """The clips `(B, 3, F, H, W)` in [-1, 1] as the VAE takes them, and the posterior's noise generator."""
+        return {"video": batch["pixels"].float().permute(0, 2, 1, 3, 4), "generator": generator}
+
+    def export(self, folder: Path) -> list[str]:
+        """`vae/`: the trained Slice VAE (`SliceVAE.save_pretrained`), for a V3 folder's vae/."""
+        self.model.save_pretrained(folder / "vae")
+        return ["vae"]
+
+
+class _VAELoss(nn.Module):
+    """Reconstruction + KL of the VAE (what DDP wraps in mode vae)."""
+
+    def __init__(self, vae: Any, settings: Any):
+        super().__init__()
+        self.vae = vae
+        self.settings = settings
+
+    def forward(self, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from kinema.training.vae_objective import vae_losses
+
+        return vae_losses(self.vae, video, self.settings, generator)["loss"]
+
+
+def make_task(config: TrainConfig) -> TrainingTask:
+    """Load the model of `config` and set it up for its mode."""
+    family = load_training_family(config)
+    if config.mode == "vae":
+        return VAETask(config, family)
+    return DiffusionTask(config, family)

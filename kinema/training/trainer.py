@@ -1,0 +1,419 @@
+"""The training loop: one flat loop for every mode, on accelerate (one process, or data parallel over many).
+
+A step is a pure function of the weights, the optimiser state and the step number: its batches come from
+`BatchOrder` (a function of the seed and the micro-step) and every random draw of the loss (timesteps, noise, masks)
+from a generator seeded with `(seed, micro-step, rank)`. A checkpoint therefore only needs the weights, the
+optimiser, the LR schedule, the EMA and the step; a run killed anywhere and resumed from its last checkpoint ends
+with the same weights, bit for bit, as one never interrupted (CPU, deterministic algorithms).
+
+The run folder (`output:`) holds `kinema-run.json` (the config and its fingerprint), `checkpoints/step-N/` (each
+written whole or not at all; the newest `checkpoint.keep` kept), `logs.csv`, `tensorboard/`, `validation/step-N/`
+and, at the end, `final/` with the trained weights in the formats other tools load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kinema.errors import KinemaError
+from kinema.interrupt import stop_if_requested
+from kinema.training.config import TrainConfig, resume_identity
+
+logger = logging.getLogger(__name__)
+
+LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds", "clips_per_second")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the steps run in this call, the last loss, where things are."""
+
+    run_folder: Path | None
+    start_step: int
+    end_step: int
+    last_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    final: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    task: Any = None  # the TrainingTask, with the trained model in memory
+    is_main: bool = True  # whether this process is the main one (the one that writes)
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The seed of micro-step `micro_step` on process `rank`: independent streams for every step and process."""
+    return int(np.random.SeedSequence((seed, micro_step, rank)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _dataset(config: TrainConfig) -> Any:
+    from kinema.data.dataset import VideoTextDataset
+
+    data = config.data
+    size = (int(data.size[0]), int(data.size[1]))
+    buckets = [(b[0], b[1], b[2]) for b in data.buckets] if data.buckets else None
+    return VideoTextDataset(data.root, data.metadata, frames=data.frames, stride=data.stride, size=size,
+                            image_frames=data.image_frames, text_dropout=data.text_dropout, flip=data.flip,
+                            max_missing_fraction=data.max_missing_fraction, seed=config.seed,
+                            random_crop=data.random_crop, decode_timeout=data.decode_timeout, buckets=buckets)
+
+
+def _batch_order(config: TrainConfig, dataset: Any, world_size: int) -> Any:
+    from kinema.data.sampler import BatchOrder
+
+    groups = dataset.groups()
+    image_groups = {g for g in groups if g[0] == "image"}
+    return BatchOrder(groups, config.train.batch_size, config.seed, world_size=world_size,
+                      image_ratio=config.data.image_ratio, image_groups=image_groups)
+
+
+def _batches(config: TrainConfig, dataset: Any, order: Any, rank: int, start_micro_step: int) -> Iterator[dict]:
+    from torch.utils.data import DataLoader
+
+    from kinema.data.dataset import TrainBatches
+
+    source = TrainBatches(dataset, order, rank=rank, start=start_micro_step)
+    workers = config.data.num_workers
+    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
+                        persistent_workers=False, prefetch_factor=2 if workers else None)
+    return iter(loader)
+
+
+def _data_report(dataset: Any) -> dict[str, Any]:
+    types = [entry["type"] for entry in dataset.entries]
+    return {"clips": len(types), "videos": types.count("video"), "images": types.count("image"),
+            "root": str(dataset.root)}
+
+
+def _optimizer_and_schedule(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> tuple[Any, Any]:
+    from diffusers.optimization import get_scheduler
+
+    train = config.train
+    optimizer = torch.optim.AdamW(parameters, lr=train.learning_rate, betas=(train.adam_betas[0], train.adam_betas[1]),
+                                  eps=train.adam_eps, weight_decay=train.weight_decay)
+    schedule = get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps,
+                             num_training_steps=train.steps)
+    return optimizer, schedule
+
+
+class _Ema:
+    """Exponential moving average of the trainable weights (diffusers' EMAModel), kept by name for checkpoints."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float):
+        from diffusers.training_utils import EMAModel
+
+        self.names = [name for name, _ in named]
+        self.parameters = [p for _, p in named]
+        self.ema = EMAModel(self.parameters, decay=decay)
+
+    def step(self) -> None:
+        self.ema.step(self.parameters)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.ema.shadow_params, strict=True))
+
+    def counters(self) -> dict[str, int]:
+        return {"optimization_step": int(self.ema.optimization_step)}
+
+    def load(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
+        for name, shadow in zip(self.names, self.ema.shadow_params, strict=True):
+            shadow.copy_(tensors[name])
+        self.ema.optimization_step = counters["optimization_step"]
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the model for the block (validation, export), the trained ones back afterwards."""
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.parameters)
+
+
+# ---------------------------------------------------------------- logs
+
+
+class _Logs:
+    """logs.csv (one row per logged step) and TensorBoard, both cut back to the resumed step on resume."""
+
+    def __init__(self, folder: Path, start_step: int, tensorboard: bool):
+        self.path = folder / "logs.csv"
+        rows: list[dict[str, str]] = []
+        if self.path.exists():
+            with self.path.open(newline="") as file:
+                for row in csv.DictReader(file):
+                    # A killed run may have logged past its last checkpoint, or died mid-line.
+                    if None not in row.values() and row.get("step", "").isdigit() and int(row["step"]) <= start_step:
+                        rows.append(row)
+        with self.path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                logger.warning("TensorBoard logs need the tensorboard package (pip install tensorboard); "
+                               "writing logs.csv only")
+
+    def write(self, values: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as file:
+            csv.DictWriter(file, LOG_FIELDS).writerow({k: values.get(k, "") for k in LOG_FIELDS})
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "clips_per_second"):
+                if values.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", values[key], int(values["step"]))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------- checks before step 1
+
+
+def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, device: Any) -> Any:
+    """Estimate the memory of a step from one probe clip and refuse, before step 1, a batch that cannot fit."""
+    from kinema.training.estimate import check_memory, estimate_training_memory
+
+    probe = _probe_batch(config, dataset, order)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def forward() -> torch.Tensor:
+        return task.module(**task.inputs(probe, generator))
+
+    estimate = estimate_training_memory(task.module, forward, config.train.batch_size, probe_batch=1,
+                                        mixed_precision=config.train.mixed_precision,
+                                        gradient_checkpointing=config.train.gradient_checkpointing)
+    data = config.data
+    check_memory(estimate, device, f"a batch of {config.train.batch_size} x {data.frames} frames at "
+                                   f"{data.size[0]}x{data.size[1]}")
+    return estimate
+
+
+def _probe_batch(config: TrainConfig, dataset: Any, order: Any) -> dict[str, Any]:
+    """One clip of the first batch, as the loader gives it."""
+    from kinema.data.dataset import TrainBatches
+
+    batch = TrainBatches(dataset, order, rank=0, start=0)[0]
+    return {key: value[:1] for key, value in batch.items()}
+
+
+def _deterministic(on: bool) -> None:
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _save_checkpoint(run: Any, step: int, task: Any, optimizer: Any, schedule: Any, ema: _Ema | None) -> Path:
+    from kinema.training.checkpoint import rng_state
+
+    tensors = {"model": {k: v.contiguous() for k, v in task.trainable_state().items()}}
+    state: dict[str, Any] = {"step": step, "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(),
+                             "rng": rng_state()}
+    if ema is not None:
+        tensors["ema"] = {k: v.contiguous() for k, v in ema.tensors().items()}
+        state["ema"] = ema.counters()
+    return run.save(step, tensors, state)
+
+
+def _restore(checkpoint: Any, task: Any, optimizer: Any, schedule: Any, ema: _Ema | None) -> int:
+    from kinema.training.checkpoint import set_rng_state
+
+    task.load_trainable_state(checkpoint.tensors["model"])
+    optimizer.load_state_dict(checkpoint.state["optimizer"])
+    schedule.load_state_dict(checkpoint.state["lr_schedule"])
+    if ema is not None:
+        if "ema" not in checkpoint.tensors:
+            raise KinemaError("the checkpoint has no EMA weights but this run keeps an EMA: resume with the run's "
+                              "own config")
+        ema.load(checkpoint.tensors["ema"], checkpoint.state["ema"])
+    set_rng_state(checkpoint.state["rng"])
+    return int(checkpoint.step)
+
+
+def _validate(config: TrainConfig, task: Any, run_folder: Path, step: int, ema: _Ema | None) -> None:
+    """Render the validation prompts with the current (EMA, when kept) weights into validation/step-N/."""
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.outputs import write_result
+    from kinema.pipelines.request import GenerationRequest
+
+    if task.family is None:
+        return
+    settings = config.validation
+    frames = settings.frames or config.data.frames
+    task.model.eval()
+    scope = ema.applied() if ema is not None else contextlib.nullcontext()
+    try:
+        with scope, torch.no_grad():
+            for index, prompt in enumerate(settings.prompts):
+                request = GenerationRequest(prompt=prompt, frames=frames, height=config.data.size[0],
+                                            width=config.data.size[1], steps=settings.steps,
+                                            guidance=settings.guidance, seeds=(settings.seed,))
+                result = generate(task.family, request, progress=False)
+                out = run_folder / "validation" / f"step-{step:08d}" / f"{index:02d}.mp4"
+                write_result(result, out, fps=8, overwrite=True)
+    finally:
+        task.model.train()
+
+
+def _export(run_folder: Path, task: Any, config: TrainConfig, ema: _Ema | None) -> Path:
+    import yaml
+
+    from kinema.fileio import atomic_folder
+
+    target = run_folder / "final"
+    scope = ema.applied() if ema is not None else contextlib.nullcontext()
+    with scope, atomic_folder(target, "training_export", overwrite=True) as folder:
+        task.export(folder)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return target
+
+
+def train(config: TrainConfig, *, resume: str | None = None, dry_run: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Run (or continue) the training run `config` describes.
+
+    Args:
+        config: a checked config (`kinema.training.config.load_config`).
+        resume: None for a new run; "latest" or a checkpoint folder to continue the run in `config.output`
+            (refused when the run's config differs in anything but steps and what only observes the run).
+        dry_run: check everything, load the model, time one step on the first batch without changing a weight,
+            and return the report (trainable parameters, data found, memory estimate, step time); nothing is
+            written.
+        progress: show a progress bar with the loss and the time left.
+    Raises one KinemaError line, before step 1, for bad data, a missing model, a mode that does not apply, an
+    unknown trainable module, a resume from another config, or a batch that does not fit the machine's memory.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from kinema.training.checkpoint import RunFolder
+    from kinema.training.tasks import make_task
+
+    _deterministic(config.train.deterministic)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+
+    dataset = _dataset(config)  # metadata, missing files and captions are checked here, before any model loads
+    order = _batch_order(config, dataset, world)
+    identity = resume_identity(config)
+    if not dry_run:  # refuse a foreign folder, a started run or another run's config before the model loads
+        checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False)
+        if resume is not None and not (resume == "latest" and not checked.checkpoints()):
+            checked.resolve(resume)
+    task = make_task(config)
+    task.model.to(accelerator.device)
+    estimate = _check_memory(config, task, dataset, order, accelerator.device)
+    task.model.zero_grad(set_to_none=True)
+    named = task.trainable_parameters()
+    report: dict[str, Any] = {"mode": config.mode, "model": config.model.path, **task.describe(),
+                              "data": _data_report(dataset), "processes": world,
+                              "memory_estimate": estimate.describe()}
+    if dry_run:
+        report["seconds_per_step"] = _time_one_step(config, task, dataset, order)
+        return TrainResult(None, 0, 0, report=report, task=task, is_main=main)
+
+    if main:
+        run = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep)
+    accelerator.wait_for_everyone()
+    if not main:  # the folder the main process has just checked or made; these processes only read from it
+        run = RunFolder.open(config.output, identity, resume=resume or "latest", keep=config.checkpoint.keep)
+    optimizer, schedule = _optimizer_and_schedule(config, [p for _, p in named])
+    ema = _Ema(named, config.train.ema_decay) if config.train.ema_decay else None
+    start = 0
+    if resume == "latest" and not run.checkpoints():  # stopped before its first checkpoint: nothing to lose
+        logger.warning("%s has no checkpoint yet; starting it from step 0", run.path)
+    elif resume is not None:
+        start = _restore(run.load(run.resolve(resume)), task, optimizer, schedule, ema)
+        logger.info("resumed %s at step %d", run.path, start)
+    module, optimizer = accelerator.prepare(task.module, optimizer)
+    logs = _Logs(run.path, start, config.log.tensorboard) if main else None
+    accumulation = config.train.gradient_accumulation
+    batches = _batches(config, dataset, order, rank, start * accumulation)
+    parameters = [p for _, p in named]
+    result = TrainResult(run.path, start, start, report=report, task=task, is_main=main)
+    bar = tqdm(total=config.train.steps, initial=start, disable=not (progress and main), unit="step",
+               desc=f"train {config.mode}")
+    try:
+        for step in range(start, config.train.steps):
+            began = time.perf_counter()
+            total_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accumulation):
+                stop_if_requested()
+                micro_step = step * accumulation + micro
+                generator = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rank))
+                inputs = task.inputs(next(batches), generator)
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(module)
+                with sync, accelerator.autocast():
+                    loss = module(**inputs) / accumulation
+                    accelerator.backward(loss)
+                total_loss += loss.detach()
+            grad_norm = None
+            if config.train.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step()
+            mean_loss = float(accelerator.reduce(total_loss, "mean"))
+            if not math.isfinite(mean_loss):
+                raise KinemaError(f"the loss became {mean_loss} at step {step + 1}: lower train.learning_rate, set "
+                                  "train.max_grad_norm, or use mixed_precision: no; resume from the last checkpoint")
+            done = step + 1
+            result.end_step, result.last_loss = done, mean_loss
+            result.losses.append(mean_loss)
+            seconds = time.perf_counter() - began
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            if logs is not None and (done % config.log.every == 0 or done == config.train.steps):
+                logs.write({"step": done, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                            "seconds": round(seconds, 4),
+                            "clips_per_second": round(config.global_batch * world / seconds, 3)})
+            if done % config.checkpoint.every == 0 or done == config.train.steps:
+                if main:
+                    _save_checkpoint(run, done, task, optimizer, schedule, ema)
+                accelerator.wait_for_everyone()
+            if main and config.validation.every and done % config.validation.every == 0:
+                _validate(config, task, run.path, done, ema)
+        if main:
+            result.final = _export(run.path, task, config, ema)
+        accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        if logs is not None:
+            logs.close()
+    return result
+
+
+def _time_one_step(config: TrainConfig, task: Any, dataset: Any, order: Any) -> float:
+    """Seconds of one forward and backward pass on the first batch; gradients are dropped, no weight changes."""
+    from kinema.data.dataset import TrainBatches
+
+    batch = TrainBatches(dataset, order, rank=0, start=0)[0]
+    generator = torch.Generator().manual_seed(config.seed)
+    began = time.perf_counter()
+    for _ in range(config.train.gradient_accumulation):
+        loss = task.module(**task.inputs(batch, generator))
+        loss.backward()
+    seconds = time.perf_counter() - began
+    task.model.zero_grad(set_to_none=True)
+    return round(seconds, 3)

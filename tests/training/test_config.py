@@ -1,0 +1,92 @@
+"""The training config: defaults, every key checked, one line per mistake, overrides and paths."""
+
+import os
+
+import pytest
+import yaml
+
+from kinema.errors import KinemaError
+from kinema.training.config import MODES, TrainConfig, config_from_dict, load_config, resume_identity
+
+BASE = {"mode": "motion", "output": "runs/a", "model": {"path": "sd"}, "data": {"root": "data"}}
+
+
+def config(**changes) -> TrainConfig:
+    values = {key: dict(value) if isinstance(value, dict) else value for key, value in BASE.items()}
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            values.setdefault(section, {})[key] = value
+        else:
+            values[section] = value
+    return config_from_dict(values)
+
+
+def test_defaults_fill_what_the_file_leaves_out():
+    made = config()
+    assert made.train.steps == 1000 and made.train.batch_size == 1 and made.data.frames == 16
+    assert made.data.size == [64, 64] and made.lora.targets == "motion" and made.checkpoint.keep == 3
+    assert made.global_batch == 1
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mode": "dance"}, "unknown mode 'dance'; choose one of: motion"),
+    ({"mode": ""}, "no mode given"),
+    ({"train__setps": 3}, "unknown config key train.setps; did you mean train.steps?"),
+    ({"train__zzz": 3}, "unknown config key train.zzz; known keys here: steps"),
+    ({"trian": {}}, "unknown config key trian; did you mean train?"),
+    ({"train__steps": "many"}, "config key train.steps must be a whole number, got 'many'"),
+    ({"train__steps": 0}, "config key train.steps must be at least 1, got 0"),
+    ({"train__steps": True}, "config key train.steps must be a whole number"),
+    ({"data__size": [30, 64]}, "data.size must be [height, width], multiples of 8"),
+    ({"data__text_dropout": 1.5}, "data.text_dropout is a fraction in [0, 1]"),
+    ({"train__lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
+    ({"train__trainable_modules": ["proj_out"]}, "train.trainable_modules is for mode full"),
+    ({"lora__targets": "everything"}, "unknown lora.targets 'everything'"),
+    ({"validation__every": 5}, "validation.prompts is empty"),
+    ({"train": 3}, "config key train must be a mapping"),
+    ({"output": ""}, "no output folder"),
+])
+def test_each_mistake_is_one_line_naming_the_key(changes, message):
+    with pytest.raises(KinemaError) as caught:
+        config(**changes)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_mode_is_offered_in_the_refusal():
+    with pytest.raises(KinemaError) as caught:
+        config(mode="x")
+    assert all(mode in str(caught.value) for mode in MODES)
+
+
+def test_numbers_yaml_reads_as_text_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mode: lora\noutput: runs/x\nmodel: {path: m}\ndata: {root: d}\ntrain: {learning_rate: 1e-4}\n")
+    assert load_config(path).train.learning_rate == pytest.approx(1e-4)
+
+
+def test_overrides_and_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    made = load_config(path, {"train.steps": 7, "lora.rank": 2})
+    assert made.train.steps == 7 and made.lora.rank == 2
+    assert made.output == os.path.join(str(tmp_path), "runs", "a") and os.path.isabs(made.model.path)
+    with pytest.raises(KinemaError, match="no config file"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("mode: [\n")
+    with pytest.raises(KinemaError, match="is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(KinemaError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_resume_identity_ignores_length_and_observation_only():
+    base = resume_identity(config())
+    assert resume_identity(config(train__steps=5, log__every=1, checkpoint__keep=9, data__num_workers=2)) == base
+    assert resume_identity(config(train__learning_rate=1e-3)) != base
+    assert resume_identity(config(data__frames=8)) != base
+    # A decaying schedule is stretched by the run's length, so there steps are part of the run's identity.
+    linear = resume_identity(config(train__lr_schedule="linear"))
+    assert resume_identity(config(train__lr_schedule="linear", train__steps=5)) != linear

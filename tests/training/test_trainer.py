@@ -1,0 +1,204 @@
+"""The trainer end to end on tiny models: what each mode changes (and leaves bit-identical), that the loss falls,
+exact resume, the exports loading back, and the refusals before step 1."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kinema.errors import KinemaError
+from kinema.training.config import config_from_dict
+from kinema.training.tasks import make_task
+from kinema.training.trainer import train
+
+SD_DATA = {"frames": 4, "size": [16, 16], "text_dropout": 0.0}
+V3_DATA = {"frames": 8, "size": [32, 32], "text_dropout": 0.0}
+
+
+def make_config(tmp_path: Path, model: dict, data_root: Path, mode: str, data: dict, **sections) -> object:
+    values = {"mode": mode, "output": str(tmp_path / "run"), "seed": 0, "model": model,
+              "data": {"root": str(data_root), **data},
+              "train": {"steps": 4, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0},
+              "checkpoint": {"every": 2, "keep": 2}, "log": {"every": 1, "tensorboard": False}}
+    for name, section in sections.items():
+        values[name] = {**values.get(name, {}), **section}
+    return config_from_dict(values)
+
+
+def fixed_loss(task, batch, draws: int = 6) -> float:
+    """The loss of `batch` averaged over fixed noise draws: comparable before and after training."""
+    with torch.no_grad():
+        losses = [float(task.module(**task.inputs(batch, torch.Generator().manual_seed(i)))) for i in range(draws)]
+    return sum(losses) / draws
+
+
+def first_batch(config) -> dict:
+    from kinema.data.dataset import TrainBatches
+    from kinema.training.trainer import _batch_order, _dataset
+
+    dataset = _dataset(config)
+    return TrainBatches(dataset, _batch_order(config, dataset, 1), rank=0, start=0)[0]
+
+
+def sd_model_section(sd_model) -> dict:
+    return {"path": str(sd_model["path"]), "motion_module": str(sd_model["motion_module"])}
+
+
+# ---------------------------------------------------------------- what each mode trains
+
+
+def test_motion_mode_changes_motion_modules_only_and_the_loss_halves(tmp_path, sd_model, synth_videos):
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                         train={"steps": 40, "learning_rate": 3e-3, "max_grad_norm": None})
+    before_task = make_task(config)
+    batch = first_batch(config)
+    before_loss = fixed_loss(before_task, batch)
+    before = {k: v.clone() for k, v in before_task.model.state_dict().items()}
+    result = train(config, progress=False)
+    after = result.task.model.state_dict()
+    motion = tuple(f"unet.{name}." for name, _ in result.task.model.motion_modules())
+    base_keys = [k for k in before if not k.startswith(motion)]
+    assert len(base_keys) > 100 and all(torch.equal(before[k], after[k]) for k in base_keys)
+    changed = [k for k in before if k.startswith(motion) and not torch.equal(before[k], after[k])]
+    assert changed, "no motion weight changed"
+    after_loss = fixed_loss(result.task, batch)
+    assert after_loss <= 0.5 * before_loss, (before_loss, after_loss)
+    # The export is an original-layout motion module that kinema loads back to the trained weights.
+    import kinema.loaders
+
+    exported = result.final / "motion_module.safetensors"
+    assert kinema.loaders.describe(exported)["kind"] == "motion_module"
+    reloaded = make_task(make_config(tmp_path / "b", {"path": str(sd_model["path"]), "motion_module": str(exported)},
+                                     synth_videos, "motion", SD_DATA)).model.motion_state_dict()
+    trained = result.task.model.motion_state_dict()
+    assert reloaded.keys() == trained.keys() and all(torch.equal(reloaded[k], trained[k]) for k in trained)
+
+
+def test_lora_mode_changes_lora_weights_only(tmp_path, sd_model, synth_videos):
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "lora", SD_DATA,
+                         train={"steps": 3}, lora={"rank": 2, "alpha": 2.0})
+    before = {k: v.clone() for k, v in make_task(config).model.state_dict().items()}
+    result = train(config, progress=False)
+    after = result.task.model.state_dict()
+    assert before.keys() == after.keys()
+    lora_keys = [k for k in after if ".lora_" in k]
+    base_keys = [k for k in after if ".lora_" not in k]
+    assert lora_keys and len(base_keys) > 100
+    assert all(torch.equal(before[k], after[k]) for k in base_keys)
+    assert all(not torch.equal(before[k], after[k]) for k in lora_keys if ".lora_B." in k)
+    assert sorted(p.name for p in result.final.iterdir()) == ["config.yaml", "kinema-output.json", "lora.safetensors",
+                                                              "motion_lora.safetensors"]
+
+
+def test_full_mode_on_v3_trains_and_the_loss_halves(tmp_path, v3_model, synth_videos):
+    config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full", V3_DATA,
+                         train={"steps": 30, "learning_rate": 2e-3, "batch_size": 2})
+    task = make_task(config)
+    frozen = ("caption_projection", "adaln_single", "clip_projection")
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    batch = first_batch(config)
+    before_loss = fixed_loss(task, batch)
+    result = train(config, progress=False)
+    after = result.task.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(frozen))
+    assert not torch.equal(before["proj_out.weight"], after["proj_out.weight"])
+    after_loss = fixed_loss(result.task, batch)
+    assert after_loss <= 0.5 * before_loss, (before_loss, after_loss)
+    from kinema.pipelines.load import load_family
+
+    reloaded = load_family(result.final / "model").model.state_dict()
+    assert all(torch.equal(reloaded[k], after[k]) for k in after)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _final_state(result) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in result.task.trainable_state().items()}
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, sd_model, synth_videos):
+    common = dict(train={"steps": 4, "ema_decay": 0.9, "gradient_accumulation": 2,
+                         "lr_schedule": "constant_with_warmup", "warmup_steps": 3})
+    data = {**SD_DATA, "text_dropout": 0.5, "flip": True}
+    whole = train(make_config(tmp_path / "whole", sd_model_section(sd_model), synth_videos, "motion", data,
+                              **common), progress=False)
+    short = make_config(tmp_path / "parts", sd_model_section(sd_model), synth_videos, "motion", data,
+                        train={**common["train"], "steps": 2})
+    train(short, progress=False)
+    resumed_config = make_config(tmp_path / "parts", sd_model_section(sd_model), synth_videos, "motion", data,
+                                 **common)
+    resumed = train(resumed_config, resume="latest", progress=False)
+    assert resumed.start_step == 2 and resumed.end_step == 4
+    expected, got = _final_state(whole), _final_state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert whole.losses[2:] == resumed.losses
+    # The EMA and the log rows match too.
+    ema_whole = (whole.run_folder / "final" / "motion_module.safetensors").read_bytes()
+    ema_resumed = (resumed.run_folder / "final" / "motion_module.safetensors").read_bytes()
+    assert ema_whole == ema_resumed
+    rows = (resumed.run_folder / "logs.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
+
+
+def test_resume_refuses_another_config_and_a_new_run_refuses_an_existing_one(tmp_path, sd_model, synth_videos):
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA, train={"steps": 2})
+    train(config, progress=False)
+    with pytest.raises(KinemaError, match="--resume latest"):
+        train(config, progress=False)
+    other = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                        train={"steps": 2, "learning_rate": 5e-3})
+    with pytest.raises(KinemaError, match="learning_rate"):
+        train(other, resume="latest", progress=False)
+
+
+# ---------------------------------------------------------------- refusals before step 1
+
+
+def test_bad_inputs_fail_before_any_step(tmp_path, sd_model, synth_videos, v3_model):
+    metadata = json.loads((synth_videos / "metadata.json").read_text())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metadata.json").write_text(json.dumps(metadata + [{"file_path": "gone.mp4", "text": "x",
+                                                                  "type": "video"}] * 3))
+    for entry in metadata:
+        target = broken / entry["file_path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(synth_videos / entry["file_path"])
+    config = make_config(tmp_path, sd_model_section(sd_model), broken, "motion", SD_DATA)
+    with pytest.raises(KinemaError, match="3 of 9"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    (uncaptioned / "metadata.json").write_text(json.dumps([{**e, "text": ""} if i == 1 else e
+                                                           for i, e in enumerate(metadata)]))
+    with pytest.raises(KinemaError, match="caption"):
+        train(make_config(tmp_path, sd_model_section(sd_model), uncaptioned, "motion", SD_DATA), progress=False)
+    with pytest.raises(KinemaError, match="'blocks'.*its parts are"):
+        train(make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full", V3_DATA,
+                          train={"trainable_modules": ["blocks"]}), progress=False)
+    with pytest.raises(KinemaError, match="mode full does not apply"):
+        train(make_config(tmp_path, sd_model_section(sd_model), synth_videos, "full", SD_DATA), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_too_big_for_the_memory_is_refused_with_the_estimate(tmp_path, sd_model, synth_videos, monkeypatch):
+    import kinema.training.estimate as estimate
+
+    monkeypatch.setattr(estimate, "available_memory", lambda device="cpu": 1 << 20)
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA)
+    with pytest.raises(KinemaError, match=r"needs about .*GiB.*batch_size"):
+        train(config, progress=False)
+
+
+def test_dry_run_reports_and_writes_nothing(tmp_path, sd_model, synth_videos):
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA)
+    result = train(config, dry_run=True, progress=False)
+    report = result.report
+    motion = sum(v.numel() for v in result.task.model.motion_state_dict().values())
+    assert report["trainable_parameters"] == motion
+    assert report["data"]["clips"] == 6 and report["seconds_per_step"] > 0 and "GiB" in report["memory_estimate"]
+    assert not (tmp_path / "run").exists()
+    assert all(p.grad is None for p in result.task.model.parameters())
