@@ -16,7 +16,7 @@ Refinements over a plain sum:
 - With gradient checkpointing, the probe gives the model a checkpoint function that runs each checkpointed part
   while recording what it saves: a step holds every part's inputs (which the checkpoint keeps) plus, during the
   backward pass, the recomputed activations of one part at a time (the largest is counted).
-- Mixed precision ("fp16", "bf16") runs the probe under `torch.autocast`, as accelerate runs the step.
+- Mixed precision ("fp16", "bf16") runs the model's forward under `torch.autocast`, as accelerate runs the step.
 
 Not counted: the transient memory of single operations (attention scores of a fused kernel, activation gradients
 in flight during the backward pass), the memory allocator's fragmentation, and models outside `model` that the step
@@ -258,6 +258,31 @@ def _probe_checkpointing(model: nn.Module, enabled: bool, probe: _Probe) -> Iter
                 setattr(module, name, value)
 
 
+@contextlib.contextmanager
+def _autocast_forward(model: nn.Module, device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Run `model`'s forward under autocast, as accelerate runs a prepared module: what `forward` computes around
+    it (VAE and text encoding of the probe batch) keeps its own precision."""
+    if dtype is None:
+        yield
+        return
+    open_contexts: list[Any] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        context = torch.autocast(device_type, dtype=dtype)
+        context.__enter__()
+        open_contexts.append(context)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        open_contexts.pop().__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # ---------------------------------------------------------------- the estimate
 
 
@@ -274,11 +299,12 @@ def estimate_training_memory(model: nn.Module, forward: Callable[[], torch.Tenso
             and buffers are the weights.
         forward: builds a probe batch of `probe_batch` samples at the real frame count and size, e.g. latents
             `(probe_batch, C, F', h, w)`, runs `model` on it and returns the loss (a tensor that requires grad).
-            It is called once, under the saved-tensor hooks and, with mixed precision, autocast; the global RNG
-            states are put back afterwards.
+            It is called once, under the saved-tensor hooks, with `model`'s forward under autocast for mixed
+            precision; the global RNG states are put back afterwards.
         batch: the batch size of a step (per process).
         probe_batch: how many samples `forward` builds.
-        mixed_precision: "no", "fp16" or "bf16" (accelerate's values): the probe runs under autocast in that dtype.
+        mixed_precision: "no", "fp16" or "bf16" (accelerate's values): `model`'s forward runs under autocast in that
+            dtype.
         gradient_checkpointing: whether the step checkpoints; the probe switches the model's diffusers parts to the
             probe's checkpoint function (or off) and puts their settings back afterwards.
     Returns:
@@ -305,8 +331,6 @@ def estimate_training_memory(model: nn.Module, forward: Callable[[], torch.Tenso
             weights.add(storage)
 
     probe = _Probe(weights)
-    dtype = MIXED_PRECISION[mixed_precision]
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
     # The probe must not shift the random draws of the training that follows (dropout, noise drawn globally).
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if (
         device.type == "cuda") else []
@@ -315,7 +339,7 @@ def estimate_training_memory(model: nn.Module, forward: Callable[[], torch.Tenso
             stack.enter_context(torch.random.fork_rng(devices=rng_devices))
             stack.enter_context(_probe_checkpointing(model, gradient_checkpointing, probe))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(autocast)
+            stack.enter_context(_autocast_forward(model, device.type, MIXED_PRECISION[mixed_precision]))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(probe.pack, _no_backward))
             stack.enter_context(_FromWeights(weights, probe.from_weights))
             loss = forward()

@@ -211,6 +211,15 @@ def test_weight_copies_under_mixed_precision_are_counted_once_not_per_sample():
     assert expected - 16 * (one - weight_copies) == weight_copies  # the reference: copies once, the rest per sample
     estimate = estimate_training_memory(model, step(1), 16, mixed_precision="bf16")
     assert estimate.activations == expected
+    # As accelerate does it: the model's forward runs under autocast, the rest of the probe forward does not.
+    outside = []
+
+    def probe():
+        outside.append(torch.is_autocast_enabled("cpu"))
+        return model(torch.randn(1, 64))
+
+    estimate_training_memory(model, probe, 1, mixed_precision="bf16")
+    assert outside == [False]
     assert estimate_training_memory(model, step(1), 16).activations < expected  # float32 saves the weights themselves
 
 
