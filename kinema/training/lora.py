@@ -36,7 +36,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff.keys import original_to_diffusers_key
-from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora
+from kinema.loaders.animatediff.motion_lora_keys import ADAPTER_METADATA_KEY, convert_motion_lora
 from kinema.loaders.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, write_state_dict
 from kinema.models.video_dit import VideoDiT
 from kinema.models.video_unet import VideoUNet
@@ -45,8 +45,6 @@ LORA_TARGETS = ("motion", "spatial", "all")
 LORA_FORMATS = ("diffusers", "animatediff")
 TRAIN_ADAPTER = "kinema_train"
 LORA_KIND = "lora"  # the output kind save_lora marks its files with (kinema.fileio's overwrite policy)
-# diffusers' LORA_ADAPTER_METADATA_KEY: the safetensors metadata entry holding the LoraConfig arguments as JSON.
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 

@@ -133,7 +133,9 @@ def _load_animatediff_family(config: TrainConfig) -> Any:
         known = [v for v in ANIMATEDIFF_VERSIONS if v != "sdxl-beta"]
         raise KinemaError(f"unknown model.motion_version {version!r}; choose one of {', '.join(known)}")
     components = load_stable_diffusion(config.model.path, tokenizer=config.model.tokenizer)
-    video_unet = VideoUNet.from_unet2d(components.unet, **ANIMATEDIFF_VERSIONS[version])
+    with torch.random.fork_rng(devices=[]):  # fresh modules from the run's seed: every process and rerun alike
+        torch.manual_seed(config.seed)
+        video_unet = VideoUNet.from_unet2d(components.unet, **ANIMATEDIFF_VERSIONS[version])
     return AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
                              source=config.model.path)
 
@@ -154,6 +156,9 @@ def load_training_family(config: TrainConfig) -> Any:
         raise KinemaError(f"mode {config.mode} does not apply to {config.model.path}, {name}: its modes are "
                           f"{', '.join(family_modes[kind])}")
     if kind == "stable_diffusion":
+        if config.mode == "image" and config.model.motion_module:
+            raise KinemaError("mode image trains the image model alone (its motion modules stay fresh identities, "
+                              "so the result is a plain SD1.5 model): remove model.motion_module")
         return _load_animatediff_family(config)
     if config.model.motion_module:
         raise KinemaError("model.motion_module is for Stable Diffusion models; an EasyAnimate model has its own "

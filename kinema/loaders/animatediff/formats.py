@@ -101,7 +101,8 @@ def load_motion_lora_path(source: Source, *, video_unet: Any = None, name: str |
         raise KinemaError(f"{path} is a motion LoRA, which changes a video UNet's motion modules: pass video_unet=, "
                           "e.g. kinema.load(lora, video_unet=kinema.load(motion_module, unet=...))")
     adapter = name if name is not None else re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
-    load_motion_lora(video_unet, source.checkpoint.tensors, adapter, strength=strength, merge=merge)
+    load_motion_lora(video_unet, source.checkpoint.tensors, adapter, strength=strength, merge=merge,
+                     metadata=source.checkpoint.metadata)
     return video_unet
 
 
@@ -120,5 +121,5 @@ def convert_motion_lora_source(source: Source, target: Path, to: str, *, overwri
     from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora, motion_lora_format
     from kinema.loaders.checkpoint_io import write_state_dict
 
-    converted = convert_motion_lora(source.checkpoint.tensors, motion_lora_format(to))
+    converted = convert_motion_lora(source.checkpoint.tensors, motion_lora_format(to), source.checkpoint.metadata)
     return write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source.path,)), []

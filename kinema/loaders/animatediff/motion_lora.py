@@ -40,7 +40,7 @@ from kinema.loaders.animatediff.motion_lora_keys import (
     parse_motion_lora,
     summarize_motion_lora,
 )
-from kinema.loaders.checkpoint_io import read_state_dict
+from kinema.loaders.checkpoint_io import read_checkpoint
 from kinema.models.video_unet import VideoUNet
 from kinema.state_dicts import problems_phrase
 
@@ -266,13 +266,16 @@ def load_motion_lora(
     name: str,
     strength: float = 1.0,
     merge: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Apply a motion LoRA (file or state dict, any layout) to a VideoUNet's motion modules under `name`.
 
     Several LoRAs can be loaded at once; their updates add up. At strength s, a projection's weight becomes
     `W + s * up @ down` (times alpha / r for files with alpha): strength 1 is the original MotionLoRA merge.
     `merge=True` writes that into the weights (as the original repo does) instead of adding a peft adapter; both
-    compute the same function. The VideoUNet's forward keeps its shapes, `(B, C, F, H, W)` in and out.
+    compute the same function. `metadata`: a state dict's safetensors metadata (read from the file for a path),
+    where diffusers keeps the alpha of peft-named files. The VideoUNet's forward keeps its shapes, `(B, C, F, H, W)`
+    in and out.
 
     Returns the LoRA's summary (see `describe_motion_lora`). Raises `KinemaError`, before changing anything, for a
     bad name or strength, a malformed file, or a LoRA whose layers or channel sizes do not fit the motion modules.
@@ -286,8 +289,11 @@ def load_motion_lora(
     if name in state.loaded:
         raise KinemaError(f"a motion LoRA named {name!r} is already loaded; unload it first or pick another name")
     strength = _check_strength(strength)
-    state_dict = read_state_dict(lora) if isinstance(lora, (str, os.PathLike)) else lora
-    parsed = parse_motion_lora(state_dict)
+    state_dict: Mapping[str, torch.Tensor] = lora if not isinstance(lora, (str, os.PathLike)) else {}
+    if isinstance(lora, (str, os.PathLike)):
+        checkpoint = read_checkpoint(lora)
+        state_dict, metadata = checkpoint.tensors, checkpoint.metadata
+    parsed = parse_motion_lora(state_dict, metadata)
     _check_fits(video_unet.unet, parsed)
     entry = _Loaded(parsed, strength, bool(merge))
     state.loaded[name] = entry

@@ -22,6 +22,7 @@ alpha (`original`, `diffusers`): the scale alpha / r is then baked into `up`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -143,8 +144,34 @@ def is_motion_lora(state_dict: Mapping[str, Any]) -> bool:
     return any(_match(key) for key in state_dict)
 
 
-def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
-    """Read a motion-LoRA state dict in any layout, strictly.
+# diffusers' safetensors metadata entry holding a peft-named LoRA's LoraConfig arguments (rank, alpha) as JSON.
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+def adapter_alpha(metadata: Mapping[str, str] | None) -> float | None:
+    """The alpha diffusers stores in a LoRA file's `lora_adapter_metadata` (as `unet.lora_alpha`) instead of
+    per-layer `.alpha` keys; None when there is none. Per-layer rank or alpha patterns are refused (kinema reads one
+    alpha for all layers)."""
+    packed = (metadata or {}).get(ADAPTER_METADATA_KEY)
+    if not packed:
+        return None
+    try:
+        arguments = json.loads(packed)
+    except json.JSONDecodeError:
+        raise KinemaError(f"the LoRA's {ADAPTER_METADATA_KEY} is not valid JSON; re-save the file") from None
+    if not isinstance(arguments, dict):
+        return None
+    if arguments.get("unet.rank_pattern") or arguments.get("unet.alpha_pattern"):
+        raise KinemaError("the LoRA gives its layers different ranks or alphas (rank_pattern/alpha_pattern), which "
+                          "kinema's motion-LoRA loader does not read; load it with diffusers")
+    alpha = arguments.get("unet.lora_alpha")
+    return float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+
+
+def parse_motion_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                      ) -> MotionLora:
+    """Read a motion-LoRA state dict in any layout, strictly; `metadata` (the file's safetensors metadata) gives the
+    alpha of diffusers files that keep it there (`adapter_alpha`) to every layer without an `.alpha` key.
 
     Raises `KinemaError` naming the keys when a key belongs to no layout (or to a second layout), a key repeats,
     more than one adapter name appears, or the shapes are not down `(r, C)` and up `(C, r)` (see `_check_shapes`):
@@ -190,8 +217,10 @@ def parse_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> MotionLora:
     if len(adapters) > 1:
         raise KinemaError(f"the motion LoRA holds several adapters {sorted(adapters)}; save one adapter per file")
     _check_shapes(fmt, parts, {key: found for key, (_, found) in matched.items()}, state_dict)
+    stored_alpha = adapter_alpha(metadata)
+    default_alpha = None if stored_alpha is None else torch.tensor(stored_alpha)
     layers = {slot: LoraPair(state_dict[p["down"]], state_dict[p["up"]],
-                             state_dict[p["alpha"]] if "alpha" in p else None) for slot, p in parts.items()}
+                             state_dict[p["alpha"]] if "alpha" in p else default_alpha) for slot, p in parts.items()}
     return MotionLora(fmt, layers, {slot: next(iter(p.values())) for slot, p in parts.items()},
                       adapters.pop() if adapters else None)
 
@@ -288,13 +317,15 @@ def write_motion_lora(lora: MotionLora, to: MotionLoraFormat) -> dict[str, torch
     return out
 
 
-def convert_motion_lora(state_dict: Mapping[str, torch.Tensor], to: MotionLoraFormat) -> dict[str, torch.Tensor]:
-    """Rename a motion LoRA's keys into layout `to` (`original`, `diffusers`, `diffusers_peft` or `kinema`).
+def convert_motion_lora(state_dict: Mapping[str, torch.Tensor], to: MotionLoraFormat,
+                        metadata: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Rename a motion LoRA's keys into layout `to` (`original`, `diffusers`, `diffusers_peft` or `kinema`);
+    `metadata` as for `parse_motion_lora`.
 
     The tensors are passed through unchanged, so any round trip is bit-exact, except that an alpha differing from
     the rank is baked into `up` when `to` has no place for alpha. Shapes: down `(r, C_in)`, up `(C_out, r)`.
     """
-    return write_motion_lora(parse_motion_lora(state_dict), to)
+    return write_motion_lora(parse_motion_lora(state_dict, metadata), to)
 
 
 def _one_or_all(values: set) -> Any:
