@@ -21,10 +21,12 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                     "checkpoints every checkpoint.every steps (each written whole or not at all; the newest "
                     "checkpoint.keep kept), logs.csv, tensorboard/, validation videos and, at the end, final/ with "
                     f"the trained weights. Modes: {modes}. Several processes: `accelerate launch --num_processes N "
-                    "-m kinema train CONFIG` (gloo on CPU, NCCL on GPUs).",
-        epilog=example("kinema train configs/motion.yaml --dry-run", "kinema train configs/motion.yaml",
-                       "kinema train configs/motion.yaml --resume latest",
-                       "kinema train configs/motion.yaml --set train.steps=2000 --resume latest"),
+                    "-m kinema train CONFIG` on GPUs; on CPUs (gloo) `torchrun --nproc-per-node N -m kinema train "
+                    "CONFIG` (accelerate's --cpu launches one process).",
+        epilog=example("kinema train configs/train/animatediff-motion.yaml --dry-run",
+                       "kinema train configs/train/animatediff-motion.yaml",
+                       "kinema train configs/train/animatediff-motion.yaml --resume latest",
+                       "kinema train configs/train/animatediff-motion.yaml --set train.steps=2000 --resume latest"),
     )
     parser.add_argument("config", help="the run's YAML config")
     parser.add_argument("--resume", metavar="latest|PATH",

@@ -185,6 +185,17 @@ def _damaged(path: Path, why: str, others: list[Path]) -> KinemaError:
 # ---------------------------------------------------------------- the run folder
 
 
+def _check_writable(folder: Path) -> None:
+    """One KinemaError line when the run folder, or the nearest folder above it that exists, cannot be written:
+    found before the model loads rather than at the first write."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KinemaError(f"cannot write the run folder {folder}: {existing} is not writable (permission denied or "
+                          "read-only); choose an output folder you can write")
+
+
 class RunFolder:
     """A training run's folder: `kinema-run.json` and `checkpoints/step-NNNNNNNN/`. Made with `RunFolder.open`."""
 
@@ -253,6 +264,7 @@ class RunFolder:
             raise KinemaError(f"{given} is not empty and holds no training run (it holds {held}); kinema starts a run "
                               "only in a new or empty folder: choose another output folder")
         check_output(given, RUN_KIND, folder=True)  # a file, a dangling link, a file in the way of the parents
+        _check_writable(given)
         if not create:
             return cls(given, wanted, keep)
         record = {"kind": RUN_KIND, "fingerprint": wanted, "config": config, "kinema_version": _version(),

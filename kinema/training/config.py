@@ -316,6 +316,12 @@ def check_config(config: TrainConfig) -> None:
     _check_range(config.vae.kl_weight >= 0, f"vae.kl_weight must be >= 0, got {config.vae.kl_weight}")
     _check_range(config.vae.reconstruction in ("l1", "mse"), f"unknown vae.reconstruction "
                  f"{config.vae.reconstruction!r}; choose l1 or mse")
+    if config.mode == "vae" and train.gradient_checkpointing:
+        raise KinemaError("mode vae: the Slice VAE has no gradient checkpointing; set train.gradient_checkpointing: "
+                          "false and lower data.frames or data.size to save memory")
+    if config.mode == "vae" and config.validation.every:
+        raise KinemaError("mode vae makes no validation videos (they are sampled from a diffusion model); set "
+                          "validation.every: 0")
     _check_range(config.validation.every >= 0, f"validation.every must be >= 0, got {config.validation.every}")
     if config.validation.every and not config.validation.prompts:
         raise KinemaError("validation.every is set but validation.prompts is empty: list the prompts to render")

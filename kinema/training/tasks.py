@@ -324,6 +324,14 @@ class DiffusionTask(TrainingTask):
         self.family.vae.save_pretrained(target / "vae")
         self.family.text_encoder.save_pretrained(target / "text_encoder")
         self.family.tokenizer.save_pretrained(target / "tokenizer")
+        # The sampling schedule an SD folder carries (kinema samples with its own; other tools read this one).
+        from diffusers import PNDMScheduler
+
+        from kinema.loaders.stable_diffusion import SD15_CONFIGS
+
+        source = Path(self.config.model.path) / "scheduler"
+        scheduler_folder = source if source.is_dir() else Path(SD15_CONFIGS) / "scheduler"
+        PNDMScheduler.from_pretrained(scheduler_folder).save_pretrained(target / "scheduler")
         return target.name
 
 

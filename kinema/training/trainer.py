@@ -213,9 +213,18 @@ def _probe_batch(config: TrainConfig, dataset: Any, order: Any) -> dict[str, Any
     return {key: value[:1] for key, value in batch.items()}
 
 
-def _deterministic(on: bool) -> None:
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """torch's deterministic algorithms for the run (what makes a resumed run equal an uninterrupted one on
+    accelerators too); the process's setting is put back afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     if on:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 # ---------------------------------------------------------------- the run
@@ -286,6 +295,27 @@ def _export(run_folder: Path, task: Any, config: TrainConfig, ema: _Ema | None) 
     return target
 
 
+def _accelerator(config: TrainConfig) -> Any:
+    """accelerate's process and precision state for this run: on a machine without CUDA every process runs on the
+    CPU and several of them talk over gloo. A launcher that asked for several processes but gave this one no process
+    group (e.g. `accelerate launch --cpu --num_processes 2`, which starts one) is refused rather than trained alone."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one precision per Python process; a second run in the same process (the Python API, tests)
+    # with another precision needs the state built again (the process group, if any, stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+    asked = int(os.environ.get("WORLD_SIZE", "1"))
+    if asked != accelerator.num_processes:
+        raise KinemaError(f"the launcher asked for {asked} processes but this one joined "
+                          f"{accelerator.num_processes}; on CPUs launch with `torchrun --nproc-per-node N -m kinema "
+                          "train CONFIG` or `accelerate launch --multi_gpu --num_processes N -m kinema train CONFIG`")
+    return accelerator
+
+
 def train(config: TrainConfig, *, resume: str | None = None, dry_run: bool = False,
           progress: bool = True) -> TrainResult:
     """Run (or continue) the training run `config` describes.
@@ -301,14 +331,17 @@ def train(config: TrainConfig, *, resume: str | None = None, dry_run: bool = Fal
     Raises one KinemaError line, before step 1, for bad data, a missing model, a mode that does not apply, an
     unknown trainable module, a resume from another config, or a batch that does not fit the machine's memory.
     """
-    from accelerate import Accelerator
+    with _deterministic(config.train.deterministic):
+        return _train(config, resume, dry_run, progress)
+
+
+def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
     from kinema.training.checkpoint import RunFolder
     from kinema.training.tasks import make_task
 
-    _deterministic(config.train.deterministic)
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    accelerator = _accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 

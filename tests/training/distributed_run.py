@@ -1,6 +1,6 @@
 """One process of a multi-process training run, for tests/training/test_distributed.py.
 
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/training/distributed_run.py CFG PREFIX
+    accelerate launch --multi_gpu --num_processes 2 tests/training/distributed_run.py CFG PREFIX
 
 (on CPUs; accelerate 1.15's `--cpu --num_processes 2` starts one process, see test_distributed.py)
 

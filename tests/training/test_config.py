@@ -46,6 +46,8 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"validation__every": 5}, "validation.prompts is empty"),
     ({"train": 3}, "config key train must be a mapping"),
     ({"output": ""}, "no output folder"),
+    ({"mode": "vae", "train__gradient_checkpointing": True}, "the Slice VAE has no gradient checkpointing"),
+    ({"mode": "vae", "validation__every": 2, "validation__prompts": ["x"]}, "mode vae makes no validation videos"),
 ])
 def test_each_mistake_is_one_line_naming_the_key(changes, message):
     with pytest.raises(KinemaError) as caught:

@@ -2,10 +2,10 @@
 one-process computation of what data parallelism means (each rank's half of the global batch, gradients averaged,
 then clipping and AdamW), and only rank 0 writes the run folder.
 
-The processes come from `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=1. With
-accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts a single process (its several-CPU-processes
-path is mpirun's, from an `accelerate config` hostfile), and `--multi_gpu` without ACCELERATE_USE_CPU on a machine
-without GPUs starts two processes that each train alone as rank 0 of 1.
+The processes come from `accelerate launch --multi_gpu --num_processes 2`; on a machine without CUDA the trainer puts
+them on the CPU, where accelerate joins them over gloo. (With accelerate 1.15, `accelerate launch --cpu
+--num_processes 2` starts a single process: its several-CPU-processes path is mpirun's, from an `accelerate config`
+hostfile.)
 
 Each launch starts two interpreters (torch, diffusers, accelerate: ~25 s on a loaded 2-core machine).
 """
@@ -64,7 +64,7 @@ def launch(config: Path, prefix: Path, extra_env: dict[str, str] | None = None) 
     command += ["launch", "--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                 str(SCRIPT), str(config), str(prefix)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **(extra_env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
 
 

@@ -172,9 +172,13 @@ def test_bad_inputs_fail_before_any_step(tmp_path, sd_model, synth_videos, v3_mo
     assert not (tmp_path / "run").exists()
     uncaptioned = tmp_path / "uncaptioned"
     uncaptioned.mkdir()
-    (uncaptioned / "metadata.json").write_text(json.dumps([{**e, "text": ""} if i == 1 else e
-                                                           for i, e in enumerate(metadata)]))
-    with pytest.raises(KinemaError, match="caption"):
+    (uncaptioned / "metadata.json").write_text(json.dumps([{k: v for k, v in e.items() if k != "text"} if i == 1
+                                                           else e for i, e in enumerate(metadata)]))
+    for entry in metadata:
+        target = uncaptioned / entry["file_path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(synth_videos / entry["file_path"])
+    with pytest.raises(KinemaError, match="captions missing: 1 entries have no text"):
         train(make_config(tmp_path, sd_model_section(sd_model), uncaptioned, "motion", SD_DATA), progress=False)
     with pytest.raises(KinemaError, match="'blocks'.*its parts are"):
         train(make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full", V3_DATA,
@@ -222,6 +226,11 @@ def test_image_mode_trains_the_image_unet_and_exports_an_sd_folder(tmp_path, sd_
     exported = UNet2DConditionModel.from_pretrained(result.final / "model" / "unet").state_dict()
     trained = {k.removeprefix("unet."): v for k, v in after.items() if not k.startswith(motion)}
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    # AnimateDiff's recipe goes on from here: the exported folder is the base of the motion stage.
+    from kinema.pipelines.load import load_family
+
+    staged = load_family(result.final / "model", motion_module=sd_model["motion_module"]).model.unet.state_dict()
+    assert all(torch.equal(staged[k], trained[k]) for k in trained)
     with pytest.raises(KinemaError, match="remove model.motion_module"):
         make_task(make_config(tmp_path, sd_model_section(sd_model), synth_videos, "image", SD_DATA))
 
