@@ -37,6 +37,14 @@ def synth_videos(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def one_clip(tmp_path_factory) -> Path:
+    """One 8-frame 32x32 synthetic clip: what an overfit check memorises."""
+    root = tmp_path_factory.mktemp("one") / "synth"
+    write_synth_dataset(root, n=1, seed=0, frames=8, size=32)
+    return root
+
+
 def write_config(folder: Path, **sections) -> Path:
     """A config YAML in `folder` from keyword sections (mode=..., data={...}, ...)."""
     path = folder / "config.yaml"

@@ -91,6 +91,18 @@ def test_lora_mode_changes_lora_weights_only(tmp_path, sd_model, synth_videos):
                                                               "motion_lora.safetensors"]
 
 
+def test_lora_mode_memorises_a_clip_the_loss_halves(tmp_path, sd_model, one_clip):
+    """LoRA has far less capacity than the motion modules (attention projections only), so it memorises one clip."""
+    config = make_config(tmp_path, sd_model_section(sd_model), one_clip, "lora", SD_DATA,
+                         train={"steps": 80, "batch_size": 1, "learning_rate": 1e-2, "max_grad_norm": None},
+                         lora={"rank": 16, "alpha": 16.0, "targets": "all"}, checkpoint={"every": 80})
+    batch = first_batch(config)
+    before_loss = fixed_loss(make_task(config), batch)
+    result = train(config, progress=False)
+    after_loss = fixed_loss(result.task, batch)
+    assert after_loss <= 0.5 * before_loss, (before_loss, after_loss)
+
+
 def test_full_mode_on_v3_trains_and_the_loss_halves(tmp_path, v3_model, synth_videos):
     config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full", V3_DATA,
                          train={"steps": 30, "learning_rate": 2e-3, "batch_size": 2})
