@@ -166,7 +166,7 @@ class _Logs:
 
                 self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
-                logger.warning("TensorBoard logs need the tensorboard package (pip install tensorboard); "
+                logger.warning("TensorBoard logs need the tensorboard package (pip install 'kinema[train]'); "
                                "writing logs.csv only")
 
     def write(self, values: dict[str, Any]) -> None:
