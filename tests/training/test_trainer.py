@@ -290,3 +290,15 @@ def test_exported_motion_loras_load_back_through_kinema_at_the_trained_scale(tmp
             family = load_family(sd_model["path"], motion_module=sd_model["motion_module"],
                                  loras=[(result.final / name, 1.0)])
             torch.testing.assert_close(family.model(latents, 10, text), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_latents_and_text_train_like_fresh_encodes(tmp_path, sd_model, synth_videos):
+    """A run through the caches (hits from the second epoch on) follows the run that encodes every batch."""
+    plain = train(make_config(tmp_path / "plain", sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                              train={"steps": 6}), progress=False)
+    cached_config = make_config(tmp_path / "cached", sd_model_section(sd_model), synth_videos, "motion",
+                                {**SD_DATA, "cache": str(tmp_path / "cache")}, train={"steps": 6})
+    cached = train(cached_config, progress=False)
+    assert cached.task.latent_cache.hits > 0 and cached.task.text_cache.hits > 0
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
+    assert any((tmp_path / "cache").rglob("*.safetensors"))
