@@ -17,6 +17,8 @@ import contextlib
 import csv
 import logging
 import math
+import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,8 +53,9 @@ class TrainResult:
 
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
-    """The seed of micro-step `micro_step` on process `rank`: independent streams for every step and process."""
-    return int(np.random.SeedSequence((seed, micro_step, rank)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """The seed of micro-step `micro_step` on process `rank`: independent streams for every step and process
+    (micro-step -1: the process's global generator)."""
+    return int(np.random.SeedSequence((seed, micro_step + 1, rank)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _dataset(config: TrainConfig) -> Any:
@@ -83,8 +86,11 @@ def _batches(config: TrainConfig, dataset: Any, order: Any, rank: int, start_mic
 
     source = TrainBatches(dataset, order, rank=rank, start=start_micro_step)
     workers = config.data.num_workers
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+    # Its own generator: the loader draws its workers' base seed when it starts, and that draw must not move the
+    # global generator a resumed run has just put back.
+    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False,
+                        prefetch_factor=2 if workers else None,
+                        generator=torch.Generator().manual_seed(step_seed(config.seed, start_micro_step, rank)))
     return iter(loader)
 
 
@@ -155,10 +161,13 @@ class _Logs:
                     # A killed run may have logged past its last checkpoint, or died mid-line.
                     if None not in row.values() and row.get("step", "").isdigit() and int(row["step"]) <= start_step:
                         rows.append(row)
-        with self.path.open("w", newline="") as file:
+        # Rewritten beside and renamed over, so a kill now cannot lose the rows up to the resumed step.
+        fresh = self.path.with_name(f".{self.path.name}.kinema-part-{os.getpid()}")
+        with fresh.open("w", newline="") as file:
             writer = csv.DictWriter(file, LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(fresh, self.path)
         self.writer = None
         if tensorboard:
             try:
@@ -299,7 +308,6 @@ def _accelerator(config: TrainConfig) -> Any:
     """accelerate's process and precision state for this run: on a machine without CUDA every process runs on the
     CPU and several of them talk over gloo. A launcher that asked for several processes but gave this one no process
     group (e.g. `accelerate launch --cpu --num_processes 2`, which starts one) is refused rather than trained alone."""
-    import os
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -343,6 +351,10 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
 
     accelerator = _accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
+    # The global generators (model dropout, if any) start from the run's seed; a resume puts back their saved state.
+    torch.manual_seed(step_seed(config.seed, -1, rank))
+    random.seed(config.seed)
+    np.random.seed(config.seed)
     main = accelerator.is_main_process
 
     dataset = _dataset(config)  # metadata, missing files and captions are checked here, before any model loads
