@@ -1,10 +1,15 @@
-"""Fixtures for every test: one torch thread, and the tiny models of tests/tiny_models.py."""
+"""Fixtures for every test: one torch thread, the tiny models of tests/tiny_models.py, and tiny models and data on
+disk for training (an SD1.5 folder with a v3 motion module, a V3 InP folder, synthetic clips), each written once per
+session."""
+
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from tiny_models import SMALLEST_SLICE_VAE, tiny_slice_vae, tiny_unet2d, tiny_video_dit, tiny_video_unet
 
+from kinema.data.synth import write_synth_dataset
 from kinema.models.slice_vae import SliceVAE
 from kinema.models.video_dit import VideoDiT
 from kinema.models.video_unet import VideoUNet
@@ -43,3 +48,39 @@ def video_dit() -> VideoDiT:
 def slice_vae() -> SliceVAE:
     """A fresh `SMALLEST_SLICE_VAE` (one resnet per block, 8 channels throughout), seeded; a new one per test."""
     return tiny_slice_vae(**SMALLEST_SLICE_VAE)
+
+
+@pytest.fixture(scope="session")
+def sd_model(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SD1.5 diffusers folder and a v3 motion module made for it."""
+    from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
+
+    root = tmp_path_factory.mktemp("sd")
+    return {"path": write_sd_folder(root / "sd", tiny_sd_parts()),
+            "motion_module": write_motion_module(root / "mm.safetensors", version="v3")}
+
+
+@pytest.fixture(scope="session")
+def v3_model(tmp_path_factory) -> Path:
+    """A tiny EasyAnimate V3 InP folder (with its CLIP image encoder)."""
+    from tiny_easyanimate import source_model, write_full_folder
+
+    root = tmp_path_factory.mktemp("v3") / "model"
+    write_full_folder(root, source_model())
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_videos(tmp_path_factory) -> Path:
+    """Four 8-frame 32x32 synthetic clips and two images."""
+    root = tmp_path_factory.mktemp("data") / "synth"
+    write_synth_dataset(root, n=6, seed=0, frames=8, size=32, image_fraction=0.34, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def one_clip(tmp_path_factory) -> Path:
+    """One 8-frame 32x32 synthetic clip: what an overfit check memorises."""
+    root = tmp_path_factory.mktemp("one") / "synth"
+    write_synth_dataset(root, n=1, seed=0, frames=8, size=32, progress=False)
+    return root

@@ -33,26 +33,6 @@ EXAMPLE_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
 STOPPED = "kinema train: stopped by SIGTERM; nothing half-written was left"
 
 
-@pytest.fixture(scope="module")
-def sd_model(tmp_path_factory) -> dict[str, Path]:
-    """A tiny SD1.5 diffusers folder and a v3 motion module made for it (as tests/training/conftest.py makes them)."""
-    from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
-
-    root = tmp_path_factory.mktemp("sd")
-    return {"path": write_sd_folder(root / "sd", tiny_sd_parts()),
-            "motion_module": write_motion_module(root / "mm.safetensors", version="v3")}
-
-
-@pytest.fixture(scope="module")
-def synth_videos(tmp_path_factory) -> Path:
-    """Four 8-frame 32x32 synthetic clips and two images."""
-    from kinema.data.synth import write_synth_dataset
-
-    root = tmp_path_factory.mktemp("data") / "synth"
-    write_synth_dataset(root, n=6, seed=0, frames=8, size=32, image_fraction=0.34, progress=False)
-    return root
-
-
 def write_config(folder: Path, sd_model: dict[str, Path], data_root: Path, **train) -> Path:
     """A motion run of 3 steps (or `train`'s) into `folder/run`, checkpoints every 2 steps, a log row per step."""
     values = {"mode": "motion", "output": str(folder / "run"),
