@@ -215,11 +215,13 @@ def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, devi
 
 
 def _probe_batch(config: TrainConfig, dataset: Any, order: Any) -> dict[str, Any]:
-    """One clip of the first batch, as the loader gives it."""
-    from kinema.data.dataset import TrainBatches
+    """The first clip of the first batch alone, collated as the loader gives it (the batch itself may be too big to
+    read, which is what the probe is for)."""
+    from kinema.data.dataset import collate
 
-    batch = TrainBatches(dataset, order, rank=0, start=0)[0]
-    return {key: value[:1] for key, value in batch.items()}
+    indices, group, epoch = order.batch(0, 0)
+    size, frames = dataset.bucket_shape(group)
+    return collate([dataset.load_item(indices[0], epoch, size=size, frames=frames)])
 
 
 @contextlib.contextmanager
