@@ -302,3 +302,21 @@ def test_cached_latents_and_text_train_like_fresh_encodes(tmp_path, sd_model, sy
     assert cached.task.latent_cache.hits > 0 and cached.task.text_cache.hits > 0
     torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
     assert any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_lora_mode_on_v3_changes_lora_weights_only_and_exports_for_diffusers(tmp_path, v3_model, synth_videos):
+    config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "lora", V3_DATA, train={"steps": 2},
+                         lora={"rank": 2, "alpha": 4.0, "targets": "all"})
+    before = {k: v.clone() for k, v in make_task(config).model.state_dict().items()}
+    result = train(config, progress=False)
+    after = result.task.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if ".lora_" not in k)
+    assert all(not torch.equal(before[k], after[k]) for k in after if ".lora_B." in k)
+    from safetensors import safe_open
+
+    with safe_open(str(result.final / "lora.safetensors"), "pt") as file:
+        names = list(file.keys())
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert names and all(name.startswith("transformer.") for name in names)
+    assert metadata["transformer.r"] == 2 and metadata["transformer.lora_alpha"] == 4.0
+    assert not (result.final / "motion_lora.safetensors").exists()
