@@ -231,9 +231,8 @@ class DiffusionTask(TrainingTask):
                 raise KinemaError(f"train.trainable_modules names {', '.join(map(repr, unknown))}, which the "
                                   f"transformer does not have; its parts are: {', '.join(known)}")
             model.requires_grad_(False)
-            for name in names:
-                part = getattr(model, name)
-                part.requires_grad_(True) if isinstance(part, nn.Module) else part.requires_grad_(True)
+            for name in names:  # a submodule or a parameter of the transformer itself (scale_shift_table)
+                getattr(model, name).requires_grad_(True)
         if not any(p.requires_grad for p in model.parameters()):
             raise KinemaError(f"mode {mode} found nothing to train in this model")
 
