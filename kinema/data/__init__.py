@@ -1,6 +1,6 @@
 """Video files and datasets: reading and writing videos with their generation settings (PyAV), the synthetic motion
-dataset, and the training dataset over a metadata.json. Each name is imported from its module on first use
-(kinema.lazy)."""
+dataset, and the training dataset over a metadata.json with its batch order. Each name is imported from its module
+on first use (kinema.lazy)."""
 
 from __future__ import annotations
 
@@ -9,5 +9,6 @@ from kinema.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".video_io": ("VideoClip", "generation_settings", "read_sidecar", "read_video", "write_video"),
     ".synth": ("SynthMotionDataset", "synth_clip", "write_synth_dataset"),
-    ".dataset": ("VideoTextDataset", "load_metadata"),
+    ".dataset": ("VideoTextDataset", "load_metadata", "TrainBatches", "collate"),
+    ".sampler": ("BatchOrder",),
 })
