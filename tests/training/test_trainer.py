@@ -320,3 +320,14 @@ def test_lora_mode_on_v3_changes_lora_weights_only_and_exports_for_diffusers(tmp
     assert names and all(name.startswith("transformer.") for name in names)
     assert metadata["transformer.r"] == 2 and metadata["transformer.lora_alpha"] == 4.0
     assert not (result.final / "motion_lora.safetensors").exists()
+
+
+def test_bf16_mixed_precision_runs_after_a_float32_run_in_one_process(tmp_path, sd_model, synth_videos):
+    """accelerate keeps one precision per process; the trainer builds its state again for each run."""
+    full = train(make_config(tmp_path / "a", sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                             train={"steps": 2}), progress=False)
+    mixed = train(make_config(tmp_path / "b", sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                              train={"steps": 2, "mixed_precision": "bf16"}), progress=False)
+    assert all(torch.isfinite(torch.tensor(mixed.losses)))
+    torch.testing.assert_close(torch.tensor(mixed.losses), torch.tensor(full.losses), rtol=2e-2, atol=0)
+    assert full.losses != mixed.losses  # autocast really ran in bfloat16
