@@ -112,6 +112,8 @@ class InpaintConfig:
 class VAEConfig:
     kl_weight: float = 1e-6
     reconstruction: str = "l1"
+    adversarial_weight: float = 0.0  # > 0: a 3D patch discriminator trains alongside (hinge loss)
+    adversarial_start: int = 0  # the step from which the adversarial terms count
 
 
 @dataclass
@@ -314,6 +316,9 @@ def check_config(config: TrainConfig) -> None:
     _check_range(config.lora.targets in ("motion", "spatial", "all"), f"unknown lora.targets "
                  f"{config.lora.targets!r}; choose motion, spatial or all")
     _check_range(config.vae.kl_weight >= 0, f"vae.kl_weight must be >= 0, got {config.vae.kl_weight}")
+    _check_range(config.vae.adversarial_weight >= 0 and config.vae.adversarial_start >= 0,
+                 f"vae.adversarial_weight and vae.adversarial_start must be >= 0, got {config.vae.adversarial_weight} "
+                 f"and {config.vae.adversarial_start}")
     _check_range(config.vae.reconstruction in ("l1", "mse"), f"unknown vae.reconstruction "
                  f"{config.vae.reconstruction!r}; choose l1 or mse")
     if config.mode == "vae" and train.gradient_checkpointing:

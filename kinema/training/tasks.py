@@ -8,9 +8,11 @@ function of the weights, the batch and that seed: what makes a resumed run equal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +83,9 @@ class TrainingTask:
                                       f"{tuple(parameter.shape)}: resume with the run's own config")
                 parameter.copy_(state[name])
 
-    def inputs(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """The keyword arguments of `module`'s forward for `batch` (encoded without gradients, noise drawn from
-        `generator`)."""
+    def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
+        """The keyword arguments of `module`'s forward for `batch` at optimiser step `step` (encoded without
+        gradients, noise drawn from `generator`)."""
         raise NotImplementedError
 
     def export(self, folder: Path) -> list[str]:
@@ -269,7 +271,7 @@ class DiffusionTask(TrainingTask):
                              if v is not None})
         return latents, text
 
-    def inputs(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+    def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
         """Noisy latents, timesteps, noise and conditioning for `batch["pixels"]` `(B, F, 3, H, W)` in [-1, 1] with
         captions `batch["text"]`."""
         frames = (batch["pixels"].float() + 1) / 2
@@ -338,41 +340,80 @@ class DiffusionTask(TrainingTask):
 
 
 class VAETask(TrainingTask):
-    """Mode vae: the Slice VAE of an EasyAnimate folder learns to reconstruct clips (reconstruction + KL)."""
+    """Mode vae: the Slice VAE of an EasyAnimate folder learns to reconstruct clips (reconstruction + KL), with a 3D
+    patch discriminator alongside when `vae.adversarial_weight` > 0."""
 
     def __init__(self, config: TrainConfig, family: Any):
-        from kinema.training.vae_objective import VAELossSettings
+        from kinema.training.vae_objective import PatchDiscriminator3D, VAELossSettings
 
         self.config, self.family = config, None
         self.model = family.vae
         self.model.requires_grad_(True).train()
-        settings = VAELossSettings(kl_weight=config.vae.kl_weight, reconstruction=config.vae.reconstruction)
-        self.module = _VAELoss(self.model, settings)
-        if config.train.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
+        settings = VAELossSettings(kl_weight=config.vae.kl_weight, reconstruction=config.vae.reconstruction,
+                                   adversarial_weight=config.vae.adversarial_weight,
+                                   adversarial_start=config.vae.adversarial_start)
+        self.discriminator = None
+        if config.vae.adversarial_weight > 0:
+            with torch.random.fork_rng(devices=[]):  # the same start in every process and rerun
+                torch.manual_seed(config.seed)
+                self.discriminator = PatchDiscriminator3D(in_channels=int(self.model.config.in_channels)).train()
+        self.module = _VAELoss(self.model, settings, self.discriminator)
 
-    def inputs(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """The clips `(B, 3, F, H, W)` in [-1, 1] as the VAE takes them, and the posterior's noise generator."""
-        return {"video": batch["pixels"].float().permute(0, 2, 1, 3, 4), "generator": generator}
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The VAE's weights, then the discriminator's (`discriminator.` names) when there is one."""
+        named = super().trainable_parameters()
+        if self.discriminator is not None:
+            named += [(f"discriminator.{name}", p) for name, p in self.discriminator.named_parameters()]
+        return named
+
+    def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
+        """The clips `(B, 3, F, H, W)` in [-1, 1] as the VAE takes it, the posterior's noise generator and the step
+        (the adversarial terms start at `vae.adversarial_start`)."""
+        return {"video": batch["pixels"].float().permute(0, 2, 1, 3, 4), "generator": generator, "step": step}
 
     def export(self, folder: Path) -> list[str]:
-        """`vae/`: the trained Slice VAE (`SliceVAE.save_pretrained`), for a V3 folder's vae/."""
+        """`vae/`: the trained Slice VAE (`SliceVAE.save_pretrained`), for a V3 folder's vae/ (the discriminator is
+        a training aid and is not exported)."""
         self.model.save_pretrained(folder / "vae")
         return ["vae"]
 
 
-class _VAELoss(nn.Module):
-    """Reconstruction + KL of the VAE (what DDP wraps in mode vae)."""
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s weights take no gradient inside the block (they are still used)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(module.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
 
-    def __init__(self, vae: Any, settings: Any):
+
+class _VAELoss(nn.Module):
+    """Reconstruction + KL of the VAE, and with a discriminator the adversarial terms (what DDP wraps in mode vae).
+
+    One backward pass trains both players: the VAE's term scores its reconstruction through the discriminator with
+    the discriminator's weights frozen (so it moves the VAE only), and the discriminator's hinge loss sees the
+    reconstruction detached (so it moves the discriminator only)."""
+
+    def __init__(self, vae: Any, settings: Any, discriminator: nn.Module | None = None):
         super().__init__()
         self.vae = vae
         self.settings = settings
+        self.discriminator = discriminator
 
-    def forward(self, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from kinema.training.vae_objective import vae_losses
+    def forward(self, video: torch.Tensor, generator: torch.Generator, step: int = 0) -> torch.Tensor:
+        from kinema.training.vae_objective import discriminator_loss, vae_losses
 
-        return vae_losses(self.vae, video, self.settings, generator)["loss"]
+        if self.discriminator is None:
+            return vae_losses(self.vae, video, self.settings, generator)["loss"]
+        with _frozen(self.discriminator):
+            losses = vae_losses(self.vae, video, self.settings, generator, self.discriminator, step,
+                                return_decoded=True)
+        if not self.settings.adversarial_on(step):
+            return losses["loss"]
+        return losses["loss"] + discriminator_loss(self.discriminator, video, losses["decoded"])
 
 
 def make_task(config: TrainConfig) -> TrainingTask:

@@ -317,7 +317,13 @@ def _accelerator(config: TrainConfig) -> Any:
     # accelerate keeps one precision per Python process; a second run in the same process (the Python API, tests)
     # with another precision needs the state built again (the process group, if any, stays).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+    handlers = []
+    if config.mode == "vae" and config.vae.adversarial_weight > 0:  # the discriminator sits out until its start step
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=handlers)
     asked = int(os.environ.get("WORLD_SIZE", "1"))
     if asked != accelerator.num_processes:
         raise KinemaError(f"the launcher asked for {asked} processes but this one joined "
@@ -362,7 +368,9 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     dataset = _dataset(config)  # metadata, missing files and captions are checked here, before any model loads
     order = _batch_order(config, dataset, world)
     identity = resume_identity(config)
-    if not dry_run:  # refuse a foreign folder, a started run or another run's config before the model loads
+    # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
+    # as the others could otherwise find the run it has just started.
+    if not dry_run and main:
         checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False)
         if resume is not None and not (resume == "latest" and not checked.checkpoints()):
             checked.resolve(resume)
@@ -407,7 +415,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                 stop_if_requested()
                 micro_step = step * accumulation + micro
                 generator = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rank))
-                inputs = task.inputs(next(batches), generator)
+                inputs = task.inputs(next(batches), generator, step)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(module)
                 with sync, accelerator.autocast():
                     loss = module(**inputs) / accumulation

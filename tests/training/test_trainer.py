@@ -331,3 +331,47 @@ def test_bf16_mixed_precision_runs_after_a_float32_run_in_one_process(tmp_path, 
     assert all(torch.isfinite(torch.tensor(mixed.losses)))
     torch.testing.assert_close(torch.tensor(mixed.losses), torch.tensor(full.losses), rtol=2e-2, atol=0)
     assert full.losses != mixed.losses  # autocast really ran in bfloat16
+
+
+def test_vae_adversarial_training_moves_each_player_by_its_own_loss_and_resumes(tmp_path, v3_model, synth_videos):
+    from kinema.training.vae_objective import discriminator_loss, vae_losses
+
+    adversarial = {"adversarial_weight": 0.5, "adversarial_start": 1}
+    config = make_config(tmp_path / "whole", {"path": str(v3_model)}, synth_videos, "vae", V3_DATA,
+                         train={"steps": 3, "batch_size": 1}, vae=adversarial, checkpoint={"every": 1, "keep": 3})
+    # One backward pass gives the VAE the gradient of its own loss and the discriminator that of the hinge loss.
+    task = make_task(config)
+    batch = first_batch(config)
+    inputs = task.inputs({k: v[:1] for k, v in batch.items()}, torch.Generator().manual_seed(3), step=1)
+    task.module(**inputs).backward()
+    got = {name: p.grad.clone() for name, p in task.trainable_parameters()}
+    task.module.zero_grad(set_to_none=True)
+    inputs["generator"] = torch.Generator().manual_seed(3)
+    losses = vae_losses(task.model, inputs["video"], task.module.settings, inputs["generator"], task.discriminator,
+                        step=1, return_decoded=True)
+    vae_grads = torch.autograd.grad(losses["loss"], list(task.model.parameters()), retain_graph=True)
+    hinge = discriminator_loss(task.discriminator, inputs["video"], losses["decoded"])
+    disc_grads = torch.autograd.grad(hinge, list(task.discriminator.parameters()))
+    names = [name for name, _ in task.trainable_parameters()]
+    for name, expected in zip(names, list(vae_grads) + list(disc_grads), strict=True):
+        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-6)
+    # Trained, the discriminator moves only from its start step, and a resumed run equals the uninterrupted one.
+    whole = train(config, progress=False)
+    state = whole.task.trainable_state()
+    assert any(k.startswith("discriminator.") for k in state)
+    parts = make_config(tmp_path / "parts", {"path": str(v3_model)}, synth_videos, "vae", V3_DATA,
+                        train={"steps": 2, "batch_size": 1}, vae=adversarial, checkpoint={"every": 1})
+    train(parts, progress=False)
+    resumed = train(make_config(tmp_path / "parts", {"path": str(v3_model)}, synth_videos, "vae", V3_DATA,
+                                train={"steps": 3, "batch_size": 1}, vae=adversarial, checkpoint={"every": 1}),
+                    resume="latest", progress=False)
+    again = resumed.task.trainable_state()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    from kinema.training.checkpoint import RunFolder
+    from kinema.training.config import resume_identity
+
+    run = RunFolder.open(config.output, resume_identity(config), resume="latest", keep=2)
+    first = run.load(run.resolve(str(Path(config.output) / "checkpoints" / "step-00000001"))).tensors["model"]
+    start = make_task(config).trainable_state()
+    assert all(torch.equal(first[k], start[k]) for k in first if k.startswith("discriminator."))
+    assert not all(torch.equal(state[k], start[k]) for k in state if k.startswith("discriminator."))
