@@ -22,7 +22,9 @@ TINY_SD_WIDTHS = tuple(TINY_UNET["block_out_channels"])
 
 
 def tiny_sd_parts(seed: int = 1) -> dict[str, torch.nn.Module]:
-    """The UNet (`TINY_UNET`), VAE (`TINY_VAE`) and CLIP text encoder (`TINY_CLIP`), perturbed from `seed`, eval."""
+    """The UNet (`TINY_UNET`), VAE (`TINY_VAE`) and CLIP text encoder (`TINY_CLIP`), initialised and perturbed from
+    `seed` (the same weights in every process), eval."""
+    torch.manual_seed(seed)
     return {"unet": perturb(UNet2DConditionModel(**TINY_UNET), seed).eval(),
             "vae": perturb(AutoencoderKL(**TINY_VAE), seed + 1).eval(),
             "text_encoder": perturb(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), seed + 2).eval()}

@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -211,14 +211,16 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | os.PathLike, config: dict, *, resume: str | None, keep: int,
-             ignore: Iterable[str] = (), create: bool = True) -> RunFolder:
+             ignore: Iterable[str] = (), create: bool = True,
+             upgrade: Callable[[dict], dict] | None = None) -> RunFolder:
         """Start a run in `path` (`resume` None: a new or empty folder) or continue the run there (`resume` "latest"
         or a checkpoint folder of that run), refusing in one line anything else: a folder kinema did not make, a run
         started without --resume, or a config that differs from the run's (up to keys in `ignore`).
         Cheap: call it before loading models. The checkpoint `resume` names is found by `resolve` (call it early
         too, to refuse a missing checkpoint before long work); `open` only checks the run. Keeps the newest `keep`
         checkpoints. `create` False checks a new run's folder without making it (a refusal before long work; the
-        real start comes after it)."""
+        real start comes after it). `upgrade` turns a run's stored config into this version's form before they are
+        compared (settings a later version added, at their defaults), so older runs still resume."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise KinemaError(f"the number of checkpoints to keep must be a whole number of at least 1, got {keep!r}")
         ignore = tuple(ignore)
@@ -238,8 +240,9 @@ class RunFolder:
                 or not isinstance(stored.get("config"), dict)):
             raise KinemaError(f"{run_file} is not a kinema training run record (no kind, fingerprint and config); "
                               "start a new run in another output folder")
-        if stored["fingerprint"] != wanted:
-            differences = config_differences(stored["config"], config, ignore)
+        stored_config = upgrade(stored["config"]) if upgrade is not None else stored["config"]
+        if fingerprint(stored_config, ignore) != wanted:
+            differences = config_differences(stored_config, config, ignore)
             if differences:
                 listed = "; ".join(differences[:_MAX_SHOWN])
                 more = len(differences) - _MAX_SHOWN

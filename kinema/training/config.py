@@ -185,6 +185,19 @@ def resume_identity(config: TrainConfig) -> dict[str, Any]:
     return identity
 
 
+def with_new_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored identity (`resume_identity` of its config) with the settings it lacks, added to kinema after
+    the run started, at their defaults: an older run then resumes unless its config really differs."""
+    defaults = resume_identity(TrainConfig(mode="motion", output="-"))
+    upgraded = {name: dict(value) if isinstance(value, dict) else value for name, value in stored.items()}
+    for name, section in defaults.items():
+        if name not in upgraded:
+            upgraded[name] = section
+        elif isinstance(section, dict) and isinstance(upgraded[name], dict):
+            upgraded[name] = {**section, **upgraded[name]}
+    return upgraded
+
+
 # ---------------------------------------------------------------- reading
 
 

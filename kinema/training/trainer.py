@@ -30,7 +30,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.interrupt import stop_if_requested
-from kinema.training.config import TrainConfig, resume_identity
+from kinema.training.config import TrainConfig, resume_identity, with_new_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,8 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
     # as the others could otherwise find the run it has just started.
     if not dry_run and main:
-        checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False)
+        checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False,
+                                 upgrade=with_new_defaults)
         if resume is not None and not (resume == "latest" and not checked.checkpoints()):
             checked.resolve(resume)
     task = make_task(config)
@@ -387,10 +388,12 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
         return TrainResult(None, 0, 0, report=report, task=task, is_main=main)
 
     if main:
-        run = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep)
+        run = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep,
+                             upgrade=with_new_defaults)
     accelerator.wait_for_everyone()
     if not main:  # the folder the main process has just checked or made; these processes only read from it
-        run = RunFolder.open(config.output, identity, resume=resume or "latest", keep=config.checkpoint.keep)
+        run = RunFolder.open(config.output, identity, resume=resume or "latest", keep=config.checkpoint.keep,
+                             upgrade=with_new_defaults)
     optimizer, schedule = _optimizer_and_schedule(config, [p for _, p in named])
     ema = _Ema(named, config.train.ema_decay) if config.train.ema_decay else None
     start = 0

@@ -96,7 +96,8 @@ def test_text_to_video_shapes_and_per_video_seeds(family):
     assert both.frames.shape == (2, frames, 3, SIZE, SIZE)
     assert both.frames.min() >= 0 and both.frames.max() <= 1
     alone = run(family, frames=frames, seeds=[4], steps=2)
-    torch.testing.assert_close(alone.frames[0], both.frames[1], rtol=0, atol=1e-5)
+    # A batch of two sums in another order than a batch of one: equal to float32 rounding, measured up to 1.1e-5.
+    torch.testing.assert_close(alone.frames[0], both.frames[1], rtol=0, atol=3e-5)
     assert (both.frames[0] - both.frames[1]).abs().max() > 1e-3
     latent_frames = family.latent_frames(frames)
     side = SIZE // family.spatial_factor

@@ -6,7 +6,14 @@ import pytest
 import yaml
 
 from kinema.errors import KinemaError
-from kinema.training.config import MODES, TrainConfig, config_from_dict, load_config, resume_identity
+from kinema.training.config import (
+    MODES,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    resume_identity,
+    with_new_defaults,
+)
 
 BASE = {"mode": "motion", "output": "runs/a", "model": {"path": "sd"}, "data": {"root": "data"}}
 
@@ -92,3 +99,15 @@ def test_resume_identity_ignores_length_and_observation_only():
     # A decaying schedule is stretched by the run's length, so there steps are part of the run's identity.
     linear = resume_identity(config(train__lr_schedule="linear"))
     assert resume_identity(config(train__lr_schedule="linear", train__steps=5)) != linear
+
+
+def test_a_run_from_before_a_setting_existed_still_matches_at_its_default():
+    from kinema.training.checkpoint import config_differences, fingerprint
+
+    now = resume_identity(config())
+    older = {name: dict(v) if isinstance(v, dict) else v for name, v in now.items()}
+    del older["vae"]["adversarial_weight"], older["vae"]["adversarial_start"]
+    assert fingerprint(older) != fingerprint(now)
+    assert fingerprint(with_new_defaults(older)) == fingerprint(now)
+    changed = resume_identity(config(vae__adversarial_weight=0.5))
+    assert config_differences(with_new_defaults(older), changed) == ["vae.adversarial_weight: 0.0 -> 0.5"]

@@ -50,7 +50,7 @@ def sd_model_section(sd_model) -> dict:
 
 def test_motion_mode_changes_motion_modules_only_and_the_loss_halves(tmp_path, sd_model, synth_videos):
     config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
-                         train={"steps": 40, "learning_rate": 3e-3, "max_grad_norm": None})
+                         train={"steps": 50, "learning_rate": 3e-3, "max_grad_norm": None})
     before_task = make_task(config)
     batch = first_batch(config)
     before_loss = fixed_loss(before_task, batch)
