@@ -9,9 +9,9 @@ darker background (plain, gradient, noise or checker). The detectors use numpy o
 A single frame is `(H, W, 3)` uint8 or `(3, H, W)` float in [0, 1].
 
 Segmentation thresholds the per-pixel brightest channel (HSV "value") midway between the background's level and
-the shape's (`_masks`): every shape colour has
-a channel at 205 or more while every background stays below about 145 even where gradient, noise or checker
-push it up, whereas plain luma would not separate a purple shape (luma 103) from a grey background (luma 105).
+the shape's (`_masks`): every shape colour has a channel at 205 or more while every background stays below about
+145 even where gradient, noise or checker push it up, whereas plain luma would not separate a purple shape
+(luma 103) from a grey background (luma 105).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from kinema.data.synth import COLOURS, MOTIONS, SHAPES
+from kinema.data.synth import COLOURS, SHAPES
 from kinema.errors import KinemaError
 
 FrameInput = np.ndarray | torch.Tensor
@@ -275,7 +275,7 @@ def motion_scores(measured: dict) -> dict[str, float]:
 
 
 def detect_motion(frames: FrameInput, measured: dict | None = None) -> str:
-    """One of `MOTIONS` for `frames` `(F, 3, H, W)` float in [0, 1] or `(F, H, W, 3)` uint8.
+    """One of kinema.data.synth's `MOTIONS` for `frames` `(F, 3, H, W)` float in [0, 1] or `(F, H, W, 3)` uint8.
 
     The cue (x or y displacement of the centre, log size change, rotation) with the largest score from
     `motion_scores` wins if that score passes its threshold (|score| > 1); its sign picks the direction;
@@ -290,9 +290,7 @@ def detect_motion(frames: FrameInput, measured: dict | None = None) -> str:
         return "still"
     names = {"x": ("right", "left"), "y": ("down", "up"), "scale": ("grow", "shrink"),
              "rotation": ("rotate_cw", "rotate_ccw")}[cue]
-    motion = names[0] if value > 0 else names[1]
-    assert motion in MOTIONS
-    return motion
+    return names[0] if value > 0 else names[1]
 
 
 def detect(frames: FrameInput) -> dict:
