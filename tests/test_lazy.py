@@ -7,7 +7,7 @@ import sys
 import pytest
 
 PACKAGES = ["kinema", "kinema.models", "kinema.data", "kinema.sampling", "kinema.pipelines",
-            "kinema.loaders.animatediff", "kinema.loaders.easyanimate"]
+            "kinema.loaders.animatediff", "kinema.loaders.easyanimate", "kinema.training", "kinema.eval"]
 
 
 def run(code: str) -> dict:
