@@ -31,15 +31,21 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--image-fraction", type=fraction, default=0.0,
                        help="share of entries written as single-frame PNG images for joint image+video training "
                             "(default 0)")
+    synth.add_argument("--hold-out", default="", metavar="COMBOS",
+                       help="colour:shape:motion combinations to leave out, comma-separated (e.g. "
+                            "red:triangle:left,blue:circle:down): those clips are not written, for testing on "
+                            "combinations a model never saw")
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synth output at OUT")
 
 
 def check_synth(args: argparse.Namespace) -> None:
     """Frame count, size and image share within limits, and OUT a place synth may write."""
+    from kinema.data.synth import check_combinations
     from kinema.data.synth_limits import SYNTH_KIND, check_synth_args
     from kinema.fileio import check_output
 
     check_synth_args(args.frames, args.size, args.image_fraction)
+    args.hold_out = check_combinations([combo.split(":") for combo in args.hold_out.split(",") if combo.strip()])
     check_output(args.out, SYNTH_KIND, folder=True, overwrite=args.overwrite)
 
 
@@ -51,7 +57,8 @@ def run_synth(args: argparse.Namespace) -> None:
 
     began = time.perf_counter()
     entries = write_synth_dataset(args.out, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
-                                  fps=args.fps, image_fraction=args.image_fraction, overwrite=args.overwrite)
+                                  fps=args.fps, image_fraction=args.image_fraction, overwrite=args.overwrite,
+                                  hold_out=args.hold_out)
     images = sum(entry["type"] == "image" for entry in entries)
     print(f"wrote {len(entries)} entries ({len(entries) - images} videos, {images} images) to {args.out} "
           f"in {time.perf_counter() - began:.1f} s")

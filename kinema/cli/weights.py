@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from kinema.cli.args import add_command, example
+from kinema.cli.args import add_command, example, non_negative_int
 from kinema.errors import KinemaError
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
@@ -34,8 +34,17 @@ CONVERT_EXAMPLES = (
 )
 
 
+INIT_DESCRIPTION = (
+    "Write the untrained starting folder of one of kinema's own models (the first step of the bundled models' "
+    "recipe, docs/bundled.md): kinema-tiny (EasyAnimate V3 family: transformer/ and Slice VAE vae/) or "
+    "kinema-tiny-ad (AnimateDiff family: unet/, vae/, scheduler/), each with a kinema.json naming its text encoder "
+    "(all-MiniLM-L6-v2). Every weight is drawn from --seed; --vae puts a trained VAE (a stage's final/vae) in place "
+    "of the fresh one. `kinema train` trains the folder."
+)
+
+
 def add(subparsers: argparse._SubParsersAction) -> None:
-    """Register `kinema inspect` and `kinema convert`."""
+    """Register `kinema inspect`, `kinema convert` and `kinema init-model`."""
     inspect = add_command(subparsers, "inspect", run=run_inspect, check=check_inspect,
                           help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
                           description=INSPECT_DESCRIPTION,
@@ -53,6 +62,18 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", required=True, choices=CONVERT_LAYOUTS, help="target layout")
     convert.add_argument("--overwrite", action="store_true", help="replace an earlier kinema output at OUTPUT "
                          "(never a file or folder kinema did not write)")
+
+    init = add_command(subparsers, "init-model", run=run_init_model, check=check_init_model,
+                       help="write the untrained starting folder of kinema-tiny or kinema-tiny-ad, for `kinema train`",
+                       description=INIT_DESCRIPTION,
+                       epilog=example("kinema init-model kinema-tiny --out runs/kinema-tiny/init",
+                                      "kinema init-model kinema-tiny --vae runs/kinema-tiny/vae/final/vae "
+                                      "--out runs/kinema-tiny/dit-start"))
+    init.add_argument("name", choices=("kinema-tiny", "kinema-tiny-ad"), help="which model")
+    init.add_argument("--out", required=True, help="folder to create (new or empty)")
+    init.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights (default 0)")
+    init.add_argument("--vae", help="a trained VAE folder to use instead of a fresh one")
+    init.add_argument("--overwrite", action="store_true", help="replace an earlier init-model folder at OUT")
 
 
 def check_inspect(args: argparse.Namespace) -> None:
@@ -86,3 +107,20 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({args.to} layout)")
     for note in notes:
         print(f"note: {note}")
+
+
+def check_init_model(args: argparse.Namespace) -> None:
+    """Bad usage: the VAE folder is missing, or OUT is not new (nor, with --overwrite, kinema's own)."""
+    from kinema.fileio import check_output
+
+    if args.vae is not None and not os.path.isfile(os.path.join(args.vae, "config.json")):
+        raise KinemaError(f"{args.vae} is not a VAE folder (no config.json): give a VAE stage's final/vae")
+    check_output(args.out, "model", folder=True, overwrite=args.overwrite)
+
+
+def run_init_model(args: argparse.Namespace) -> None:
+    """Write the folder and say where."""
+    from kinema.models.initial import write_initial_model
+
+    out = write_initial_model(args.name, args.out, seed=args.seed, vae=args.vae, overwrite=args.overwrite)
+    print(f"wrote the untrained {args.name} to {out} (seed {args.seed})")

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,19 +266,37 @@ class SynthMotionDataset(Dataset):
 
 # ---------------------------------------------------------------- writing a dataset folder
 
+
+def check_combinations(combinations: Collection[Sequence[str]]) -> list[tuple[str, str, str]]:
+    """`(colour, shape, motion)` triples checked against the synth world's names (one KinemaError naming the bad
+    one and the known names)."""
+    checked = []
+    for combo in combinations:
+        if len(combo) != 3:
+            raise KinemaError(f"a held-out combination is colour:shape:motion, got {':'.join(combo)!r}")
+        colour, shape, motion = combo
+        for name, known, what in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (motion, MOTIONS, "motion")):
+            if name not in known:
+                raise KinemaError(f"unknown {what} {name!r} in {':'.join(combo)}; known: {', '.join(known)}")
+        checked.append((colour, shape, motion))
+    return checked
+
 SETTINGS_NAME = "synth.json"  # settings of the whole set
 
 
 def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frames: int = 16, size: int = 64,
                         fps: float = 8.0, image_fraction: float = 0.0, crf: int = DEFAULT_CRF,
-                        progress: bool = True, *, overwrite: bool = False) -> list[dict]:
+                        progress: bool = True, *, overwrite: bool = False,
+                        hold_out: Collection[tuple[str, str, str]] = ()) -> list[dict]:
     """Render `n` clips to `out_dir/videos/NNNN.mp4` (and `images/NNNN.png`) plus `out_dir/metadata.json`.
 
     `metadata.json` is a list of `{"file_path": relative path, "text": caption, "type": "video" | "image",
     "ground_truth": {...}}`; `synth.json` records the settings of the whole set. Everything is written to a
     temporary folder beside `out_dir` and renamed into place at the end. `out_dir` follows kinema's output policy
     (kinema.fileio): new or empty, or with `overwrite` an earlier synth dataset holding no files kinema did not
-    write. Returns the metadata list.
+    write. Clips whose `(colour, shape, motion)` is in `hold_out` are rendered but not written, so a model trained on
+    the set never sees those combinations and every other clip keeps its index and content. Returns the metadata
+    list.
     """
     out_dir = Path(out_dir)
     if n < 1:
@@ -286,6 +305,7 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
     if seed < 0:
         raise KinemaError(f"seed must be >= 0, got {seed}")
     check_output(out_dir, SYNTH_KIND, folder=True, overwrite=overwrite)
+    held_out = set(check_combinations(hold_out))
     dataset = SynthMotionDataset(n, seed, frames, size, image_fraction)
     width = max(4, len(str(n - 1)))
     entries = []
@@ -293,6 +313,9 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
         for index in tqdm(range(n), desc="synth", unit="clip", disable=None if progress else True):
             stop_if_requested()
             item = dataset.clip(index)
+            truth = item.ground_truth
+            if (truth["colour"], truth["shape"], truth["motion"]) in held_out:
+                continue
             relative = f"videos/{index:0{width}d}.mp4" if item.type == "video" else f"images/{index:0{width}d}.png"
             settings = generation_settings(item.text, seed=seed, model="kinema-synth", width=size, height=size,
                                            frames=item.frames.shape[0], fps=fps, index=index)
@@ -301,6 +324,7 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
                             "ground_truth": item.ground_truth})
         (temp / "metadata.json").write_text(json.dumps(entries, indent=1) + "\n")
         summary = generation_settings("", seed=seed, model="kinema-synth", width=size, height=size, frames=frames,
-                                      fps=fps, n=n, image_fraction=image_fraction, crf=crf)
+                                      fps=fps, n=n, image_fraction=image_fraction, crf=crf,
+                                      hold_out=[list(combo) for combo in sorted(held_out)])
         (temp / SETTINGS_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return entries

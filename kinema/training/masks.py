@@ -29,7 +29,7 @@ Where kinema differs, on purpose:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -147,7 +147,9 @@ def sample_clip(keep: torch.Tensor, generator: torch.Generator,
 
 
 def training_inpaint_conditioning(family: Any, video: torch.Tensor, keep: torch.Tensor, use_clip: torch.Tensor,
-                                  clip_frame: torch.Tensor) -> dict[str, torch.Tensor]:
+                                  clip_frame: torch.Tensor,
+                                  encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                                  ) -> dict[str, torch.Tensor]:
     """The conditional inpaint inputs of a training batch with one mask per sample, for an EasyAnimate InP model.
 
     Sample b gets what `family.inpaint_conditioning(video[b:b+1], keep[b], clip)[0]` gives, with clip the frame
@@ -160,6 +162,8 @@ def training_inpaint_conditioning(family: Any, video: torch.Tensor, keep: torch.
         video: `(B, F, 3, H, W)` in [0, 1] (F = 1 or 8k); the pixels of frames not kept are ignored.
         keep: `(B, F)` bool, True for the frames given to the model (`sample_keep`).
         use_clip: `(B,)` bool; clip_frame: `(B,)` integer frame indices (`sample_clip`).
+        encode_pixels: what turns videos `(N, 3, F, H, W)` in [-1, 1] into scaled latents `(N, C, F', h, w)`; None:
+            the family's VAE (`family._encode_pixels`). The trainer passes one that reads a latent cache first.
     Returns:
         `{"inpaint_latents": (B, 8, F', h, w)}` (mask latents then masked-video latents, scaled, float32), plus
         `clip_image_embeds` `(B, D)` float32 and `clip_attention_mask` `(B, tokens)` float32 (1 where `use_clip`)
@@ -196,7 +200,7 @@ def training_inpaint_conditioning(family: Any, video: torch.Tensor, keep: torch.
     # Mask videos depend only on the keep row: encode each distinct one once.
     distinct_keep, mask_of_sample = torch.unique(keep, dim=0, return_inverse=True)
     mask_videos = (~distinct_keep)[:, None, :, None, None].to(video.dtype).expand(-1, 3, frames, height, width)
-    latents = family._encode_pixels(torch.cat([masked_videos, mask_videos]))
+    latents = (encode_pixels or family._encode_pixels)(torch.cat([masked_videos, mask_videos]))
     masked_latents, mask_latents = latents[:batch], latents[batch:][mask_of_sample.to(latents.device)]
     conditioning = {"inpaint_latents": torch.cat([mask_latents, masked_latents], dim=1)}
 
