@@ -142,17 +142,40 @@ def _load_animatediff_family(config: TrainConfig) -> Any:
                              source=config.model.path)
 
 
+def _load_sd_vae_only(config: TrainConfig) -> Any:
+    """Mode vae on a Stable Diffusion model: its AutoencoderKL alone (as `.vae` of the returned object), float32.
+    A diffusers folder's `vae/` is read by itself, so the UNet and text encoder, which do not train, are not
+    loaded (and a folder whose text encoder is named elsewhere, like kinema's own, needs none)."""
+    if config.model.motion_module:
+        raise KinemaError("mode vae trains the VAE alone: remove model.motion_module")
+    path = Path(config.model.path)
+    if (path / "vae" / "config.json").is_file():
+        from types import SimpleNamespace
+
+        from diffusers import AutoencoderKL
+
+        from kinema.state_dicts import check_loading_info
+
+        vae, info = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True,
+                                                  output_loading_info=True)
+        check_loading_info(info, f"{path / 'vae'}: weights do not fit its config")
+        return SimpleNamespace(vae=vae)
+    from kinema.loaders.stable_diffusion import load_stable_diffusion
+
+    return load_stable_diffusion(path, tokenizer=config.model.tokenizer)  # a single file: the VAE is inside it
+
+
 def load_training_family(config: TrainConfig) -> Any:
     """The model family `config.model.path` is (AnimateDiff or EasyAnimate), loaded in float32 for training, with
     one KinemaError line when the mode does not apply to it."""
     import kinema.loaders
 
     kind = kinema.loaders.describe(config.model.path)["kind"]
-    family_modes = {"stable_diffusion": ("motion", "image", "lora"),
+    family_modes = {"stable_diffusion": ("motion", "image", "lora", "vae"),
                     "easyanimate_transformer": ("motion", "lora", "full", "vae")}
     if kind not in family_modes:
         raise KinemaError(f"{config.model.path} is a {kind}; training needs a Stable Diffusion 1.5 model (modes "
-                          "motion, image, lora) or an EasyAnimate V3 folder (modes motion, lora, full, vae)")
+                          "motion, image, lora, vae) or an EasyAnimate V3 folder (modes motion, lora, full, vae)")
     if config.mode not in family_modes[kind]:
         name = "a Stable Diffusion 1.5 model (AnimateDiff)" if kind == "stable_diffusion" else "an EasyAnimate model"
         raise KinemaError(f"mode {config.mode} does not apply to {config.model.path}, {name}: its modes are "
@@ -161,6 +184,8 @@ def load_training_family(config: TrainConfig) -> Any:
         if config.mode == "image" and config.model.motion_module:
             raise KinemaError("mode image trains the image model alone (its motion modules stay fresh identities, "
                               "so the result is a plain SD1.5 model): remove model.motion_module")
+        if config.mode == "vae":
+            return _load_sd_vae_only(config)
         return _load_animatediff_family(config)
     if config.model.motion_module:
         raise KinemaError("model.motion_module is for Stable Diffusion models; an EasyAnimate model has its own "
@@ -340,8 +365,9 @@ class DiffusionTask(TrainingTask):
 
 
 class VAETask(TrainingTask):
-    """Mode vae: the Slice VAE of an EasyAnimate folder learns to reconstruct clips (reconstruction + KL), with a 3D
-    patch discriminator alongside when `vae.adversarial_weight` > 0."""
+    """Mode vae: the Slice VAE of an EasyAnimate folder, or the image AutoencoderKL of a Stable Diffusion model (on
+    the clips' frames as images), learns to reconstruct (reconstruction + KL), with a 3D patch discriminator
+    alongside when `vae.adversarial_weight` > 0 (for the image VAE it judges each frame as a one-frame clip)."""
 
     def __init__(self, config: TrainConfig, family: Any):
         from kinema.training.vae_objective import PatchDiscriminator3D, VAELossSettings
@@ -372,8 +398,8 @@ class VAETask(TrainingTask):
         return {"video": batch["pixels"].float().permute(0, 2, 1, 3, 4), "generator": generator, "step": step}
 
     def export(self, folder: Path) -> list[str]:
-        """`vae/`: the trained Slice VAE (`SliceVAE.save_pretrained`), for a V3 folder's vae/ (the discriminator is
-        a training aid and is not exported)."""
+        """`vae/`: the trained VAE (`save_pretrained` of the SliceVAE or AutoencoderKL), for a V3 or SD folder's
+        vae/ (the discriminator is a training aid and is not exported)."""
         self.model.save_pretrained(folder / "vae")
         return ["vae"]
 
@@ -404,7 +430,7 @@ class _VAELoss(nn.Module):
         self.discriminator = discriminator
 
     def forward(self, video: torch.Tensor, generator: torch.Generator, step: int = 0) -> torch.Tensor:
-        from kinema.training.vae_objective import discriminator_loss, vae_losses
+        from kinema.training.vae_objective import discriminator_input, discriminator_loss, vae_losses
 
         if self.discriminator is None:
             return vae_losses(self.vae, video, self.settings, generator)["loss"]
@@ -413,7 +439,8 @@ class _VAELoss(nn.Module):
                                 return_decoded=True)
         if not self.settings.adversarial_on(step):
             return losses["loss"]
-        return losses["loss"] + discriminator_loss(self.discriminator, video, losses["decoded"])
+        real, fake = (discriminator_input(self.vae, v) for v in (video, losses["decoded"]))
+        return losses["loss"] + discriminator_loss(self.discriminator, real, fake)
 
 
 def make_task(config: TrainConfig) -> TrainingTask:

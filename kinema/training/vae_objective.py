@@ -1,13 +1,18 @@
-"""The Slice VAE training objective (`kinema train` mode `vae`): reconstruction + KL, and an optional adversarial term.
+"""The VAE training objective (`kinema train` mode `vae`): reconstruction + KL, and an optional adversarial term, for
+both VAEs kinema trains: EasyAnimate V3's Slice VAE (video in, video out) and an SD-style image `AutoencoderKL`
+(AnimateDiff's family), which sees a batch of clips `(B, 3, F, H, W)` as `B * F` independent images.
 
 EasyAnimate V3 trained its Slice VAE with latent-diffusion's `LPIPSWithDiscriminator` (kl_weight 1e-6, L1 weight 1,
 LPIPS weight 1, discriminator from step 50,001; the decoder-only fine-tune uses L2). That loss sums the pixel error
 over each frame and divides by the number of frames, and sums the KL over each clip's latent and divides by the number
 of clips. Here the reconstruction is a plain mean over every pixel, so the KL is divided by the pixels of one frame
 (C x H x W of the video) as well: `rec + kl_weight * kl` is then exactly the reference's `nll + kl_weight * kl`
-divided by C x H x W, and the published kl_weight keeps its meaning at any clip size. Not implemented: LPIPS (it
-needs VGG weights), the reference's learnable output log-variance (initialised to 0, i.e. a no-op at the start), and
-its adaptive discriminator weight (here `adversarial_weight` is fixed).
+divided by C x H x W, and the published kl_weight keeps its meaning at any clip size. The image VAE follows
+latent-diffusion's image autoencoder, which divides both sums by the number of images: there the KL is divided by
+the pixels of one frame times B * F, so the same kl_weight (SD's VAE also used 1e-6) means the same.
+
+Not implemented: LPIPS (it needs VGG weights), the reference's learnable output log-variance (initialised to 0, i.e. a
+no-op at the start), and its adaptive discriminator weight (here `adversarial_weight` is fixed).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
@@ -69,8 +75,51 @@ def _check_pixels(video: torch.Tensor) -> None:
                           f"{high.item():.3g}. Scale frames with x / 127.5 - 1 (uint8) or 2x - 1 ([0, 1]).")
 
 
+def _is_image_vae(vae: SliceVAE | AutoencoderKL) -> bool:
+    """True for an image VAE (`AutoencoderKL`), False for the Slice VAE; anything else is refused."""
+    if isinstance(vae, AutoencoderKL):
+        return True
+    if isinstance(vae, SliceVAE):
+        return False
+    raise KinemaError(f"mode vae trains a SliceVAE or a diffusers AutoencoderKL, not a {type(vae).__name__}; give an "
+                      "EasyAnimate V3 or Stable Diffusion model folder")
+
+
+def _check_image_shape(vae: AutoencoderKL, video: torch.Tensor) -> None:
+    """The image VAE's shape rules (the Slice VAE checks its own): video `(B, C, F, H, W)` with C its input channels
+    and H, W multiples of its downsampling factor, so the decoded frames have the input's size."""
+    channels = int(vae.config["in_channels"])
+    factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+    if video.ndim != 5 or video.shape[1] != channels:
+        raise KinemaError(f"VAE training video must be (B, {channels}, F, H, W); got shape {tuple(video.shape)}.")
+    if video.shape[-2] % factor or video.shape[-1] % factor:
+        raise KinemaError(f"this VAE downsamples {factor}x, so frame height and width must be multiples of {factor}; "
+                          f"got {video.shape[-2]}x{video.shape[-1]}: set data.size to multiples of {factor}.")
+
+
+def frames_as_images(video: torch.Tensor) -> torch.Tensor:
+    """Video `(B, C, F, H, W)` -> images `(B * F, C, H, W)`, clip-major (clip 0's frames first)."""
+    batch, channels, frames, height, width = video.shape
+    return video.transpose(1, 2).reshape(batch * frames, channels, height, width)
+
+
+def images_as_frames(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """Images `(B * F, C, H, W)` -> video `(B, C, F, H, W)`: the inverse of `frames_as_images`."""
+    count, channels, height, width = images.shape
+    return images.reshape(batch, count // batch, channels, height, width).transpose(1, 2)
+
+
+def discriminator_input(vae: SliceVAE | AutoencoderKL, video: torch.Tensor) -> torch.Tensor:
+    """`video` `(B, C, F, H, W)` as the 3D discriminator judges it for `vae`: whole clips for the Slice VAE; for an
+    image VAE each frame a one-frame clip `(B * F, C, 1, H, W)`, since it encodes frames independently and has no
+    temporal consistency to be judged on."""
+    if _is_image_vae(vae):
+        return frames_as_images(video).unsqueeze(2)
+    return video
+
+
 def vae_losses(
-    vae: SliceVAE,
+    vae: SliceVAE | AutoencoderKL,
     video: torch.Tensor,
     settings: VAELossSettings,
     generator: torch.Generator | None = None,
@@ -78,16 +127,19 @@ def vae_losses(
     step: int = 0,
     return_decoded: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One generator-side loss of the Slice VAE on `video` `(B, 3, F, H, W)` in [-1, 1], F = 1 or 8k.
+    """One generator-side loss of the VAE on `video` `(B, 3, F, H, W)` in [-1, 1].
 
-    Encodes slice by slice to the posterior over latents `(B, 4, F', H/8, W/8)`, samples `z = mean + std * eps` with
-    eps from `generator`, decodes `z` to `x̂` `(B, 3, F, H, W)`, with gradients through both. Tiling is off: a
-    training clip is encoded and decoded whole, as V3 trained. Returns float32 scalars:
+    Slice VAE (F = 1 or 8k): encodes slice by slice to the posterior over latents `(B, 4, F', H/8, W/8)`. Image VAE
+    (`AutoencoderKL`, any F, H and W multiples of its downsampling): encodes the `B * F` frames as images to latents
+    `(B * F, 4, h, w)` (clip-major: `frames_as_images`). Samples `z = mean + std * eps` with eps from `generator`,
+    decodes `z` to `x̂` `(B, 3, F, H, W)`, with gradients through both. Tiling is off: a training clip is encoded and
+    decoded whole, as V3 trained. Returns float32 scalars:
 
     - "reconstruction": mean |x - x̂| ("l1") or mean (x - x̂)² ("mse") over every element;
-    - "kl": KL(posterior || N(0, I)) summed over each clip's latent, averaged over the batch, divided by C*H*W;
+    - "kl": KL(posterior || N(0, I)) summed over each sample's latent (a clip's for the Slice VAE, an image's for the
+      image VAE), averaged over the samples (B, or B * F), divided by C*H*W;
     - "adversarial": `adversarial_weight * -mean(discriminator(x̂))` from step `adversarial_start`, else 0 (and the
-      discriminator is not called);
+      discriminator is not called); the discriminator sees `discriminator_input(vae, x̂)`;
     - "loss": reconstruction + kl_weight * kl + adversarial;
     - "decoded": `x̂` (still attached to the graph), only with `return_decoded`, e.g. for `discriminator_loss`.
 
@@ -96,26 +148,37 @@ def vae_losses(
     without a discriminator, before any conv runs.
     """
     _check_pixels(video)
+    image_vae = _is_image_vae(vae)
+    if image_vae:
+        _check_image_shape(vae, video)  # type: ignore[arg-type]  # _is_image_vae: an AutoencoderKL
     if settings.adversarial_weight > 0 and discriminator is None:
         raise KinemaError("VAE adversarial_weight > 0 needs a discriminator (e.g. PatchDiscriminator3D); pass one "
                           "or set adversarial_weight to 0.")
     # The posterior and the losses in float32, so a half-precision VAE does not round the KL's large sums.
-    moments = vae.encode(video, tiling="off").latent_dist.parameters.float()  # type: ignore[union-attr]
+    batch, channels, frames, height, width = video.shape
+    if image_vae:
+        moments = vae.encode(frames_as_images(video)).latent_dist.parameters.float()  # type: ignore[union-attr]
+    else:
+        moments = vae.encode(video, tiling="off").latent_dist.parameters.float()  # type: ignore[union-attr,call-arg]
     posterior = DiagonalGaussianDistribution(moments)
     latents = posterior.sample(generator=generator)
-    decoded = vae.decode(latents, tiling="off").sample  # type: ignore[union-attr]
+    if image_vae:
+        decoded = images_as_frames(vae.decode(latents).sample, batch)  # type: ignore[union-attr]
+    else:
+        decoded = vae.decode(latents, tiling="off").sample  # type: ignore[union-attr,call-arg]
 
     target, estimate = video.float(), decoded.float()
     if settings.reconstruction == "l1":
         reconstruction = (estimate - target).abs().mean()
     else:
         reconstruction = F.mse_loss(estimate, target)
-    batch, channels, _, height, width = video.shape
-    kl = posterior.kl().sum() / (batch * channels * height * width)
+    samples = batch * frames if image_vae else batch
+    kl = posterior.kl().sum() / (samples * channels * height * width)
 
     if settings.adversarial_on(step):
         assert discriminator is not None  # checked above
-        adversarial = -settings.adversarial_weight * discriminator(decoded).float().mean()
+        judged = discriminator_input(vae, decoded)
+        adversarial = -settings.adversarial_weight * discriminator(judged).float().mean()
     else:
         adversarial = torch.zeros((), device=reconstruction.device)
     losses = {
@@ -177,8 +240,9 @@ class PatchDiscriminator3D(nn.Module):
 def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Hinge loss of the discriminator: `0.5 * (mean(relu(1 - D(real))) + mean(relu(1 + D(fake))))`, a float32 scalar.
 
-    `real` and `fake` are videos `(B, 3, F, H, W)` (fake: `vae_losses(..., return_decoded=True)["decoded"]`); both are
-    detached, so this loss trains the discriminator only. As in the reference, call it only from the step at which
+    `real` and `fake` are videos `(B, 3, F, H, W)` (fake: `vae_losses(..., return_decoded=True)["decoded"]`), each
+    through `discriminator_input` for the VAE that made it; both are detached, so this loss trains the discriminator
+    only. As in the reference, call it only from the step at which
     the adversarial term starts.
     """
     if real.shape != fake.shape or real.ndim != 5:
