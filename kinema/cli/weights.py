@@ -73,6 +73,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--out", required=True, help="folder to create (new or empty)")
     init.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights (default 0)")
     init.add_argument("--vae", help="a trained VAE folder to use instead of a fresh one")
+    init.add_argument("--scale-data", metavar="DATA", help="with --vae: a dataset folder to measure the latents' "
+                      "scaling factor on (1 / their std over its first 64 videos)")
     init.add_argument("--overwrite", action="store_true", help="replace an earlier init-model folder at OUT")
 
 
@@ -115,6 +117,8 @@ def check_init_model(args: argparse.Namespace) -> None:
 
     if args.vae is not None and not os.path.isfile(os.path.join(args.vae, "config.json")):
         raise KinemaError(f"{args.vae} is not a VAE folder (no config.json): give a VAE stage's final/vae")
+    if args.scale_data is not None and args.vae is None:
+        raise KinemaError("--scale-data measures a trained VAE's latents: give --vae too")
     check_output(args.out, "model", folder=True, overwrite=args.overwrite)
 
 
@@ -122,5 +126,6 @@ def run_init_model(args: argparse.Namespace) -> None:
     """Write the folder and say where."""
     from kinema.models.initial import write_initial_model
 
-    out = write_initial_model(args.name, args.out, seed=args.seed, vae=args.vae, overwrite=args.overwrite)
+    out = write_initial_model(args.name, args.out, seed=args.seed, vae=args.vae, scale_data=args.scale_data,
+                              overwrite=args.overwrite)
     print(f"wrote the untrained {args.name} to {out} (seed {args.seed})")

@@ -251,3 +251,22 @@ def test_replaces_previous_output_but_not_other_folders(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(KinemaError, match="is a file"):
         write_synth_dataset(tmp_path / "file", n=2, progress=False)
+
+
+def test_hold_out_leaves_out_exactly_those_combinations(tmp_path):
+    n = 12
+    combos = [(c.ground_truth["colour"], c.ground_truth["shape"], c.ground_truth["motion"])
+              for c in (synth_clip(3, i, 4, 32) for i in range(n))]
+    held = [combos[1], combos[5]]
+    entries = write_synth_dataset(tmp_path / "set", n=n, seed=3, frames=4, size=32, progress=False, hold_out=held)
+    kept = [i for i, combo in enumerate(combos) if combo not in held]
+    assert [e["file_path"] for e in entries] == [f"videos/{i:04d}.mp4" for i in kept]
+    assert all(e["text"] == synth_clip(3, i, 4, 32).text for e, i in zip(entries, kept, strict=True))
+    assert json.loads((tmp_path / "set" / "synth.json").read_text())["hold_out"] == sorted(map(list, set(held)))
+
+
+def test_hold_out_names_are_checked():
+    with pytest.raises(KinemaError, match="unknown colour 'pink'.*known: red"):
+        synth.check_combinations([("pink", "circle", "left")])
+    with pytest.raises(KinemaError, match="colour:shape:motion"):
+        synth.check_combinations([("red", "circle")])
