@@ -73,6 +73,18 @@ _MOTION_WORDS = {
     "rotate_ccw": ("rotating counterclockwise", "spinning anticlockwise", "turning counterclockwise"),
     "still": ("standing still", "not moving", "staying in place", "at rest"),
 }
+
+
+def in_synth_world(prompt: str) -> bool:
+    """Whether `prompt` asks for something the synthetic dataset shows: it names one of `COLOURS` and one of `SHAPES`
+    by a word the captions use for it (ball, box, ...), as whole words in any case, plurals too. Motion may be left out
+    (any motion, or still, fits). Models trained only on this dataset know nothing else."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    words |= {word[:-2] for word in words if word.endswith("es")} | {word[:-1] for word in words if word.endswith("s")}
+    shape_words = {word for names in _SHAPE_WORDS.values() for word in names}
+    return bool(words & set(COLOURS)) and bool(words & shape_words)
+
+
 _BACKGROUND_WORDS = {
     "gradient": ("a soft gradient background", "a gradient background", "a smooth gradient"),
     "noise": ("a mottled background", "a textured background", "a noisy background"),

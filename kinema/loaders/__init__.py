@@ -2,7 +2,8 @@
 
 Each kind (motion module, motion LoRA, EasyAnimate transformer or folder, Slice VAE, ...) is one entry of the
 format registry in `kinema.loaders.formats`; the per-family code is in `animatediff/`, `easyanimate/` and
-`stable_diffusion.py`.
+`stable_diffusion.py`. `describe` and `load` also take a bundled model's name (kinema.bundled) where a path does not
+exist.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `path` holds, as plain data (`{"kind": ..., "format": ..., ...}`), every tensor name and shape checked;
-    KinemaError naming the problem when it is broken or not a format kinema knows. Reads headers, not weights."""
+    KinemaError naming the problem when it is broken or not a format kinema knows. Reads headers, not weights.
+    `path` may be a bundled model's name ("kinema-tiny")."""
+    from kinema.bundled import resolve_model
     from kinema.loaders.source import describe as describe_path
 
-    return describe_path(path)
+    return describe_path(resolve_model(path, f"no such file or folder: {path}"))
 
 
 def load(path: str | os.PathLike, **options: Any) -> Any:
@@ -31,13 +34,14 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     base image UNet), a motion LoRA is applied to `video_unet=` and returns it, an EasyAnimate transformer gives a
     `VideoDiT` and a whole V3 folder an `EasyAnimateModel`, a Slice VAE folder a `SliceVAE`, a Stable Diffusion 1.5
     folder or single file `StableDiffusionComponents` (a single file needs `tokenizer=`). `options` go to that
-    kind's loader (e.g. `dtype`, `mmap`, `strength`).
+    kind's loader (e.g. `dtype`, `mmap`, `strength`). `path` may be a bundled model's name ("kinema-tiny").
     """
+    from kinema.bundled import resolve_model
     from kinema.loaders.formats import format_of
     from kinema.loaders.source import Source, describe_source
 
     began = time.perf_counter()
-    source = Source(Path(path), options)
+    source = Source(resolve_model(path, f"no such file or folder: {path}"), options)
     report = describe_source(source)
     kind = report["kind"]
     logger.info("loading %s: %s (%s)", path, kind, report.get("format", "kinema"))

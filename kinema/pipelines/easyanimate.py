@@ -1,5 +1,8 @@
 """The EasyAnimate V3 family for the generation pipeline: VideoDiT, T5 text, Slice VAE, inpaint latents, CLIP tokens.
 
+The text encoder may also be another masked encoder that a model folder's kinema.json names (kinema's bundled models:
+MiniLM, a BERT), encoded the same way with the entry's token count and lower-casing.
+
 What is V3's is as its inference pipeline does it (`EasyAnimateInpaintPipeline`, EasyAnimate @616a354, with
 `get_image_to_video_latent` and the `predict_*.py` scripts):
 
@@ -29,7 +32,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, encode_t5_prompts
+from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, encode_masked_prompts
 from kinema.sampling.denoisers import Denoiser, DiTDenoiser
 
 # V3's share of the sampling steps, counted from the end, that get the CLIP image tokens.
@@ -43,27 +46,40 @@ class EasyAnimateFamily(VideoFamily):
         transformer: the `VideoDiT` (12 input channels for InP models: latents, mask latents, masked-video latents).
         vae: the `SliceVAE`: video `(B, 3, F, H, W)` in [-1, 1] with F = 1 or 8k <-> latents `(B, 4, F', H/8, W/8)`
             with F' = 1 or 2k.
-        text_encoder, tokenizer: T5 (`T5EncoderModel`) and its tokenizer; the encoder's width must be the
-            transformer's `caption_channels`.
+        text_encoder, tokenizer: T5 (`T5EncoderModel`) and its tokenizer, or another encoder taking ids and an
+            attention mask and giving `last_hidden_state` (a BERT); its width (`d_model` / `hidden_size`) must be
+            the transformer's `caption_channels`.
         image_encoder, image_processor: CLIP vision with projection and its image processor (InP folders'
             `image_encoder/`); needed only to condition on an image's CLIP embedding.
         source: the model's folder, recorded in the settings.
         vae_tiling: encode and decode in spatial tiles of the VAE config's size and overlap (`tile_sample_min_size`,
             `tile_overlap_factor`); False leaves tiling as the VAE's config says (off in V3's folders).
+        text_max_length: tokens per prompt (None: V3's 120).
+        lowercase: lower-case and strip prompts before tokenizing (None: True, as V3 does).
+        world: a `PromptWorld` whose prompts the model knows (models trained on the synthetic dataset); prompts
+            outside it get one warning. None: no check.
     """
 
     family = "easyanimate"
     # V3's predict_t2v.py / predict_i2v.py sample with "DPM++": diffusers' DPMSolverMultistepScheduler at its defaults
     # (dpmsolver++, second order).
     default_scheduler = "dpmpp_2m"
+    world: PromptWorld | None = None
 
     def __init__(self, transformer: Any, vae: Any, text_encoder: Any, tokenizer: Any, image_encoder: Any = None,
-                 image_processor: Any = None, source: str | None = None, vae_tiling: bool = False) -> None:
+                 image_processor: Any = None, source: str | None = None, vae_tiling: bool = False, *,
+                 text_max_length: int | None = None, lowercase: bool | None = None,
+                 world: PromptWorld | None = None) -> None:
         caption_channels = int(transformer.config.caption_channels)
-        text_width = getattr(getattr(text_encoder, "config", None), "d_model", caption_channels)
-        if text_width != caption_channels:
+        # T5 names its width d_model, BERT and CLIP hidden_size (T5's config answers both).
+        encoder_config = getattr(text_encoder, "config", None)
+        text_width = getattr(encoder_config, "d_model", None) or getattr(encoder_config, "hidden_size", None)
+        if text_width is not None and text_width != caption_channels:
             raise KinemaError(f"the text encoder gives {text_width}-wide states but the transformer takes "
-                              f"{caption_channels} (caption_channels); use the text_encoder/ of the same V3 folder")
+                              f"{caption_channels} (caption_channels); use the text encoder the transformer was "
+                              "trained with (the V3 folder's text_encoder/, or the one its kinema.json names)")
+        if text_max_length is not None and text_max_length < 1:
+            raise KinemaError(f"text_max_length must be at least 1 token, got {text_max_length}")
         latent_channels, in_channels = int(vae.config.latent_channels), int(transformer.config.in_channels)
         if in_channels not in (latent_channels, 3 * latent_channels):
             raise KinemaError(f"the transformer takes {in_channels} input channels but the VAE gives "
@@ -86,12 +102,18 @@ class EasyAnimateFamily(VideoFamily):
         self.source = source
         self.vae_tiling = vae_tiling
         self.spatial_factor = int(vae.spatial_ratio)
+        self.text_max_length = T5_TEXT_LENGTH if text_max_length is None else int(text_max_length)
+        self.lowercase = True if lowercase is None else bool(lowercase)
+        self.world = world
 
     @classmethod
-    def from_model(cls, model: Any, source: str | None = None, vae_tiling: bool = False) -> EasyAnimateFamily:
-        """The family of a loaded V3 folder (`kinema.loaders.easyanimate.EasyAnimateModel`)."""
+    def from_model(cls, model: Any, source: str | None = None, vae_tiling: bool = False,
+                   world: PromptWorld | None = None) -> EasyAnimateFamily:
+        """The family of a loaded V3 folder (`kinema.loaders.easyanimate.EasyAnimateModel`), with the prompt settings
+        its kinema.json text encoder entry gives (V3's when it has none)."""
         return cls(model.transformer, model.vae, model.text_encoder, model.tokenizer, model.image_encoder,
-                   model.image_processor, source=source, vae_tiling=vae_tiling)
+                   model.image_processor, source=source, vae_tiling=vae_tiling,
+                   text_max_length=model.text_max_length, lowercase=model.lowercase, world=world)
 
     @property
     def transformer(self) -> Any:
@@ -159,13 +181,16 @@ class EasyAnimateFamily(VideoFamily):
     # ------------------------------------------------------------------ text and images
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
-        """`{"encoder_hidden_states": (B, 120, D), "encoder_attention_mask": (B, 120)}`: each prompt lower-cased and
-        stripped as V3's pipeline does, then T5-encoded (`encode_t5_prompts`)."""
+        """`{"encoder_hidden_states": (B, L, D), "encoder_attention_mask": (B, L)}` with L = `text_max_length` (V3:
+        120): each prompt lower-cased and stripped as V3's pipeline does (unless `lowercase` is False), then encoded
+        with its attention mask (`encode_masked_prompts`)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise KinemaError("prompts must be a list of strings (one per video)")
+        if self.world is not None:
+            self.world.check(prompts)
         # T5's vocabulary is case-sensitive and V3 was trained and sampled on lower-cased captions.
-        states, mask = encode_t5_prompts(self.text_encoder, self.tokenizer, [p.lower().strip() for p in prompts],
-                                         max_length=T5_TEXT_LENGTH)
+        texts = [p.lower().strip() for p in prompts] if self.lowercase else list(prompts)
+        states, mask = encode_masked_prompts(self.text_encoder, self.tokenizer, texts, max_length=self.text_max_length)
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,11 @@
 An EasyAnimate V3 folder becomes an `EasyAnimateFamily`; a Stable Diffusion 1.5 folder or single file becomes an
 `AnimateDiffFamily` once a motion module inflates its UNet. Every path, weight and kind is checked before any
 weights are read (headers only), so a typo fails in a second rather than after the base model has loaded.
+
+`model` may also be a bundled model's name (kinema.bundled: "kinema-tiny", "kinema-tiny-ad"). A model folder's
+kinema.json may name its text encoder (kinema.loaders.text_encoder) and declare its world ("synth": prompts outside
+the synthetic dataset's coloured shapes get one warning); an AnimateDiff folder with kinema.json may hold its own
+motion module as `motion_module.safetensors`, used when no motion module is given.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,9 @@ from kinema.pipelines.request import DTYPES
 logger = logging.getLogger(__name__)
 
 _MODEL_KINDS = "a Stable Diffusion 1.5 folder or single file (with a motion module) or an EasyAnimate V3 folder"
+# The motion module a kinema AnimateDiff folder (one with kinema.json) carries inside it: what `kinema train` mode
+# motion exports.
+FOLDER_MOTION_MODULE = "motion_module.safetensors"
 # Names of the spatial LoRA matrices load_spatial_lora fuses (kohya/civitai, peft/diffusers, and diffusers' old form).
 _SPATIAL_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
 
@@ -115,10 +124,12 @@ def load_family(
     """Load `model` for generation as its family's parts (`AnimateDiffFamily` or `EasyAnimateFamily`).
 
     Args:
-        model: an EasyAnimate V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]), or a
-            Stable Diffusion 1.5 diffusers folder or single `.safetensors`/`.ckpt` file.
-        motion_module: for SD models (required there): an AnimateDiff motion module file or MotionAdapter folder;
-            it inflates the UNet into a `VideoUNet` taking latents `(B, 4, F, h, w)`.
+        model: an EasyAnimate V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]; or
+            transformer/, vae/ and a kinema.json naming the text encoder), a Stable Diffusion 1.5 diffusers folder or
+            single `.safetensors`/`.ckpt` file, or a bundled model's name (`kinema.bundled.available_models()`).
+        motion_module: for SD models (required there, unless the folder has kinema.json and its own
+            `motion_module.safetensors`): an AnimateDiff motion module file or MotionAdapter folder; it inflates the
+            UNet into a `VideoUNet` taking latents `(B, 4, F, h, w)`.
         loras: SD models only: `(path, weight)` pairs, applied in order. Motion LoRAs (told apart by the format
             registry's motion-LoRA describer, as `kinema.describe` tells them) are applied to the motion modules at
             strength `weight`; any other file of LoRA matrices is an image LoRA, fused into the UNet and text
@@ -130,17 +141,24 @@ def load_family(
         config: SD single files only: a folder of component configs (default: the shipped SD1.5 ones).
 
     Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
-    see its names), for a missing path, an unknown dtype, a non-finite
-    LoRA weight, a model that is neither family, an SD model without motion module, a motion module or LoRA given
-    with an EasyAnimate model, a file given as motion module or LoRA that is not one, or a motion module made for
-    another UNet.
+    see its names), for a missing path that is not a bundled model's name either (listing those), an unknown dtype,
+    a non-finite LoRA weight, a model that is neither family, an SD model without motion module, a motion module or
+    LoRA given with an EasyAnimate model, a file given as motion module or LoRA that is not one, or a motion module
+    made for another UNet.
     """
     import torch
 
     if dtype not in DTYPES:
         raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
+    from kinema.bundled import is_bundled_name, model_world, read_model_info, resolve_model
+
     torch_dtype = getattr(torch, dtype)
-    model_path = _existing(model, "model")
+    model_path = resolve_model(model, f"model {Path(model)} does not exist: check the path")
+    # Settings record a bundled model by its name (the same on every install).
+    recorded = str(model) if is_bundled_name(model) else str(model_path)
+    world = model_world(model_path)
+    if motion_module is None and read_model_info(model_path) and (model_path / FOLDER_MOTION_MODULE).is_file():
+        motion_module = model_path / FOLDER_MOTION_MODULE
     motion_path = None if motion_module is None else _existing(motion_module, "motion module")
     checked_loras = _checked_loras(loras)
     if tokenizer is not None:
@@ -149,15 +167,28 @@ def load_family(
     kind = report["kind"]
     logger.info("%s: %s (%s)", model_path, kind, report.get("format", "kinema"))
 
+    from kinema.pipelines.text_encoding import PromptWorld
+
+    named = _Named(recorded, None if world is None else PromptWorld(world))
     if kind == "easyanimate_transformer":
-        return _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config)
+        return _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
+                            named)
     if kind != "stable_diffusion":
         raise KinemaError(f"{model_path} is a {kind}, not a model to generate with: give {_MODEL_KINDS}")
-    return _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config)
+    return _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config, named)
+
+
+@dataclass
+class _Named:
+    """What the family records and checks besides its parts: the model as the settings name it (a bundled model's
+    name, else its path) and the prompt world its kinema.json declares."""
+
+    source: str
+    world: Any
 
 
 def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
-                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any) -> VideoFamily:
+                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
     from kinema.loaders.easyanimate.folder import MODEL_PARTS, is_model_folder
 
     if motion_path is not None:
@@ -174,13 +205,13 @@ def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     from kinema.pipelines.easyanimate import EasyAnimateFamily
 
     family = EasyAnimateFamily.from_model(_load_described(source, "easyanimate_transformer", dtype=dtype,
-                                                          device=device), source=str(path))
+                                                          device=device), source=named.source, world=named.world)
     logger.info("loaded EasyAnimate model %s (%s)", path, str(dtype).removeprefix("torch."))
     return family
 
 
 def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
-                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any) -> VideoFamily:
+                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
     import torch
 
     from kinema.pipelines.animatediff import AnimateDiffFamily
@@ -228,8 +259,8 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     for part in parts:
         part.to(device=device, dtype=dtype)
     family = AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
-                               source=str(path), motion_module=str(motion_path),
-                               loras=[(str(lora_path), weight) for lora_path, weight in loras])
+                               source=named.source, motion_module=str(motion_path),
+                               loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world)
     logger.info("loaded AnimateDiff model %s with %s: %d LoRAs, %s on %s", path, motion_path, len(loras),
                 str(dtype).removeprefix("torch."), device)
     return family

@@ -1,14 +1,18 @@
-"""Prompt encoding: CLIP for Stable Diffusion 1.5 (AnimateDiff), tokenized as diffusers' SD pipelines do, and T5 for
-EasyAnimate V3, tokenized as its pipeline does (PixArt-alpha's)."""
+"""Prompt encoding: CLIP for Stable Diffusion 1.5 (AnimateDiff), tokenized as diffusers' SD pipelines do, and masked
+encoders for EasyAnimate V3 (T5, tokenized as its pipeline does (PixArt-alpha's), or a BERT such as the MiniLM that
+kinema's bundled models name in their kinema.json)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kinema.errors import KinemaError
+
+logger = logging.getLogger(__name__)
 
 SD_TEXT_LENGTH = 77
 # T5 tokens per prompt in EasyAnimate V3 (its pipeline's max_sequence_length and its training's tokenizer_max_length).
@@ -19,6 +23,34 @@ def text_length(tokenizer: Any, text_encoder: Any) -> int:
     """Tokens per prompt: the tokenizer's `model_max_length` (77 for SD1.5), at most the encoder's positions."""
     positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", SD_TEXT_LENGTH)
     return int(min(tokenizer.model_max_length, positions))
+
+
+WORLD_WARNING = ("the bundled models only know coloured shapes: a circle, square or triangle in red, green, blue, "
+                 "yellow, white, purple, orange or cyan, moving left, right, up or down, growing, shrinking, rotating "
+                 "or still (e.g. \"a red circle moving right\"); the video for %r will not show what it asks for")
+
+
+class PromptWorld:
+    """The prompts a model knows, from the world its kinema.json declares ("synth": the synthetic dataset's coloured
+    shapes). `check` logs one warning, the first time a prompt falls outside it; the video is made either way."""
+
+    def __init__(self, world: str) -> None:
+        if world != "synth":
+            raise KinemaError(f"unknown model world {world!r}; kinema knows synth")
+        self.world = world
+        self.warned = False
+
+    def check(self, prompts: Sequence[str]) -> None:
+        """Warn once (kinema's logger) when a non-empty prompt of `prompts` is outside the world; empty prompts (the
+        unconditional side) are not asked for anything."""
+        if self.warned:
+            return
+        from kinema.data.synth import in_synth_world
+
+        outside = next((p for p in prompts if p.strip() and not in_synth_world(p)), None)
+        if outside is not None:
+            self.warned = True
+            logger.warning(WORLD_WARNING, outside)
 
 
 def _prompt_batch(prompts: str | Sequence[str]) -> list[str]:
@@ -41,15 +73,16 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[st
     return states.to(parameter.dtype)
 
 
-def encode_t5_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str],
-                      max_length: int = T5_TEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 text states `(B, max_length, D)` and their attention mask `(B, max_length)` for a prompt or a batch.
+def encode_masked_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str],
+                          max_length: int = T5_TEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states `(B, max_length, D)` and their attention mask `(B, max_length)` for a prompt or a batch, from an
+    encoder that takes token ids and an attention mask and gives `last_hidden_state` (T5's encoder, BERT).
 
-    Each prompt is tokenized with its end-of-sequence token, truncated to `max_length` tokens and padded to it; the
-    mask is 1 on the real tokens (end token included) and 0 on the padding. The encoder runs with that mask, so the
-    padding does not change the real tokens' states, and the states are its last hidden state in the encoder's dtype
-    on its device (the mask is int64, on the same device). Prompts are encoded as given: EasyAnimate's lower-casing
-    is `EasyAnimateFamily.encode_text`'s.
+    Each prompt is tokenized with the tokenizer's special tokens (T5: the end-of-sequence token; BERT: [CLS] and
+    [SEP]), truncated to `max_length` tokens and padded to it; the mask is 1 on the real tokens (special tokens
+    included) and 0 on the padding. The encoder runs with that mask, so the padding does not change the real tokens'
+    states, and the states are its last hidden state in the encoder's dtype on its device (the mask is int64, on the
+    same device). Prompts are encoded as given: EasyAnimate's lower-casing is `EasyAnimateFamily.encode_text`'s.
     """
     batch = _prompt_batch(prompts)
     if max_length < 1:
@@ -61,3 +94,7 @@ def encode_t5_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence
     with torch.no_grad():
         states = text_encoder(ids, attention_mask=mask).last_hidden_state
     return states.to(parameter.dtype), mask
+
+
+# The name EasyAnimate's T5 path has always used; the same function.
+encode_t5_prompts = encode_masked_prompts

@@ -3,6 +3,9 @@
 A V3 folder (`alibaba-pai/EasyAnimateV3-XL-2-InP-*`) holds `transformer/` (see transformer.py), `vae/` (vae.py),
 `text_encoder/` + `tokenizer/` (T5-v1.1-XXL, the encoder shipped only as fp16 shards) and, for InP models,
 `image_encoder/` (CLIP vision with projection). Every folder and the tokenizer are checked before any weight is read.
+
+A folder whose `kinema.json` names its text encoder (kinema's bundled models: `transformer/`, `vae/`, `kinema.json`)
+needs no `text_encoder/` or `tokenizer/`: the encoder comes from where the entry says (kinema.loaders.text_encoder).
 """
 
 from __future__ import annotations
@@ -19,16 +22,26 @@ from kinema.loaders.checkpoint_io import find_weights
 from kinema.loaders.easyanimate.config import video_dit_config_from_easyanimate
 from kinema.loaders.easyanimate.transformer import load_video_dit, read_transformer_config
 from kinema.loaders.easyanimate.vae import load_slice_vae
+from kinema.loaders.text_encoder import (
+    TextEncoderEntry,
+    into_memory,
+    load_text_encoder,
+    resolve_text_encoder,
+    text_encoder_entry,
+)
 from kinema.models.video_dit import VideoDiT
 
 # The folders every V3 model has; InP models also have image_encoder/.
 MODEL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+# What a folder whose kinema.json names its text encoder needs.
+NAMED_ENCODER_PARTS = ("transformer", "vae")
 IMAGE_ENCODER = "image_encoder"
 
 
 @dataclass
 class EasyAnimateModel:
-    """The parts of an EasyAnimate V3 folder. `image_encoder` / `image_processor` are None without `image_encoder/`."""
+    """The parts of an EasyAnimate V3 folder. `image_encoder` / `image_processor` are None without `image_encoder/`.
+    `text_max_length` / `lowercase` are the prompt settings of a text encoder named in kinema.json (None: V3's)."""
 
     transformer: VideoDiT
     vae: Any
@@ -36,11 +49,17 @@ class EasyAnimateModel:
     tokenizer: Any
     image_encoder: Any | None
     image_processor: Any | None
+    text_max_length: int | None = None
+    lowercase: bool | None = None
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a whole V3 model folder (every one of `MODEL_PARTS` is there), not a transformer folder."""
-    return all((Path(path) / part).is_dir() for part in MODEL_PARTS)
+    """Whether `path` is a whole V3 model folder, not a transformer folder: every one of `MODEL_PARTS` is there, or
+    `transformer/` and `vae/` with a kinema.json naming the text encoder."""
+    folder = Path(path)
+    if all((folder / part).is_dir() for part in MODEL_PARTS):
+        return True
+    return all((folder / part).is_dir() for part in NAMED_ENCODER_PARTS) and text_encoder_entry(folder) is not None
 
 
 def _require_dir(folder: Path, name: str) -> Path:
@@ -48,7 +67,8 @@ def _require_dir(folder: Path, name: str) -> Path:
     if not path.is_dir():
         found = sorted(p.name for p in folder.iterdir())
         raise KinemaError(f"{folder} has no {name}/ folder (it holds {found}); an EasyAnimate V3 model folder has "
-                          f"{', '.join(part + '/' for part in MODEL_PARTS)} and, for InP models, {IMAGE_ENCODER}/")
+                          f"{', '.join(part + '/' for part in MODEL_PARTS)} (or {', '.join(NAMED_ENCODER_PARTS)} and a "
+                          f"kinema.json naming its text encoder) and, for InP models, {IMAGE_ENCODER}/")
     return path
 
 
@@ -69,21 +89,12 @@ def _load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _into_memory(module: torch.nn.Module) -> torch.nn.Module:
-    """Give every weight of `module` memory of its own. transformers maps float32 weights zero-copy from the
-    safetensors file: the first pass then pages them in from disk, and a weight lying at an unaligned offset in the
-    file makes MKL sum in another order than for the same weight in memory."""
-    with torch.no_grad():
-        for tensor in (*module.parameters(), *module.buffers()):
-            tensor.data = tensor.data.clone()
-    return module
-
-
 def load_easyanimate(
     folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     mmap: bool = False,
 ) -> EasyAnimateModel:
-    """Load a whole EasyAnimate V3 folder: transformer, Slice VAE, T5 encoder + tokenizer, CLIP image encoder.
+    """Load a whole EasyAnimate V3 folder: transformer, Slice VAE, T5 encoder + tokenizer (or the text encoder its
+    kinema.json names), CLIP image encoder.
 
     All models are cast to `dtype` and moved to `device`; the encoders are returned in eval mode. Weights are read
     into memory; `mmap=True` leaves every part's weights mapped from its file (less memory, a slow first pass).
@@ -94,19 +105,31 @@ def load_easyanimate(
 
     # Every folder and the tokenizer are checked before the multi-GB weights are read.
     folder = Path(folder)
-    dirs = {name: _require_dir(folder, name) for name in MODEL_PARTS}
+    entry: TextEncoderEntry | None = text_encoder_entry(folder)
+    dirs = {name: _require_dir(folder, name) for name in (MODEL_PARTS if entry is None else NAMED_ENCODER_PARTS)}
     transformer_config = video_dit_config_from_easyanimate(read_transformer_config(dirs["transformer"]))
     image_dir = folder / IMAGE_ENCODER
     if transformer_config.get("image_embed_dim") is not None and not image_dir.is_dir():
         raise KinemaError(f"{folder} is an InP model (its transformer takes CLIP image tokens) but has no "
                           f"{IMAGE_ENCODER}/ folder; restore it from the original download")
-    tokenizer = _load_tokenizer(dirs["tokenizer"])
+    if entry is None:
+        tokenizer = _load_tokenizer(dirs["tokenizer"])
+    else:  # a package that is not installed fails here, before the weights are read
+        resolve_text_encoder(entry, folder)
 
     transformer = load_video_dit(dirs["transformer"], dtype=dtype, device=device, mmap=mmap)
     vae = load_slice_vae(dirs["vae"], torch_dtype=dtype, mmap=mmap, device=device)
-    text_dir = dirs["text_encoder"]
-    in_memory = (lambda module: module) if mmap else _into_memory
-    text_encoder = in_memory(T5EncoderModel.from_pretrained(text_dir, dtype=dtype, variant=_encoder_variant(text_dir)))
+    in_memory = (lambda module: module) if mmap else into_memory
+    text_max_length: int | None = None
+    lowercase: bool | None = None
+    if entry is None:
+        text_dir = dirs["text_encoder"]
+        text_encoder = in_memory(T5EncoderModel.from_pretrained(text_dir, dtype=dtype,
+                                                                variant=_encoder_variant(text_dir)))
+    else:
+        named = load_text_encoder(entry, folder, dtype=dtype, device=device, mmap=mmap)
+        text_encoder, tokenizer = named.text_encoder, named.tokenizer
+        text_max_length, lowercase = named.max_length, named.lowercase
     image_encoder = image_processor = None
     if image_dir.is_dir():
         image_encoder = in_memory(CLIPVisionModelWithProjection.from_pretrained(
@@ -114,4 +137,4 @@ def load_easyanimate(
         image_encoder = image_encoder.to(device).eval()
         image_processor = CLIPImageProcessorPil.from_pretrained(image_dir)
     return EasyAnimateModel(transformer, vae, text_encoder.to(device).eval(), tokenizer, image_encoder,
-                            image_processor)
+                            image_processor, text_max_length=text_max_length, lowercase=lowercase)

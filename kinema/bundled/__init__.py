@@ -1,0 +1,141 @@
+"""The models shipped inside kinema, by name, and `kinema.json`, what kinema knows about a model folder.
+
+Two small models trained by kinema on its own synthetic dataset live in this package's folder:
+
+    kinema-tiny      EasyAnimate V3 family: transformer/ (VideoDiT), vae/ (Slice VAE), kinema.json
+    kinema-tiny-ad   AnimateDiff family: unet/, vae/, motion_module.safetensors, kinema.json
+
+Neither holds a text encoder: their `kinema.json` names one (kinema.loaders.text_encoder). A model is asked for by
+name anywhere a model path is taken (`load_family`, `kinema.load`, `kinema generate --model`); an existing path
+always wins over a name. `KINEMA_BUNDLED_DIR` points the registry at another folder holding model folders of these
+names (tests, or weights kept outside the install).
+
+`kinema.json` is a JSON object; kinema reads these keys (others, such as "name", "family", "description" and
+"held_out", are for people and tools):
+
+    "text_encoder": the encoder to load with the model (see kinema.loaders.text_encoder).
+    "defaults": what `kinema generate` uses for the options left unset: "height", "width", "frames", "steps",
+        "guidance", "scheduler".
+    "world": "synth" for models that only know the synthetic dataset's coloured shapes: prompts outside that
+        world get one warning.
+
+Plain data and JSON only, no torch: the CLI reads names and defaults before it imports any model code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kinema.errors import KinemaError
+
+# Bundled model names -> their folders inside `bundled_dir()`.
+BUNDLED_MODELS: dict[str, str] = {"kinema-tiny": "kinema-tiny", "kinema-tiny-ad": "kinema-tiny-ad"}
+DEFAULT_MODEL = "kinema-tiny"
+BUNDLED_DIR_VARIABLE = "KINEMA_BUNDLED_DIR"
+MODEL_INFO = "kinema.json"
+# Worlds a model may declare: the prompts it was trained on come from this vocabulary.
+WORLDS = ("synth",)
+# kinema.json "defaults" -> the type each must have (checked before a request is built).
+DEFAULT_FIELDS: dict[str, str] = {"height": "int", "width": "int", "frames": "int", "steps": "int",
+                                  "guidance": "number", "scheduler": "str"}
+
+
+def bundled_dir() -> Path:
+    """The folder holding the bundled model folders: `$KINEMA_BUNDLED_DIR` when set, else this package's folder."""
+    override = os.environ.get(BUNDLED_DIR_VARIABLE)
+    return Path(override) if override else Path(__file__).resolve().parent
+
+
+def bundled_model_path(name: str) -> Path:
+    """The folder of the bundled model `name` (whether or not it is present); one KinemaError line for a name that
+    is not a bundled model, listing those that are."""
+    if name not in BUNDLED_MODELS:
+        raise KinemaError(f"{name!r} is not a bundled model; bundled models: {', '.join(BUNDLED_MODELS)}")
+    return bundled_dir() / BUNDLED_MODELS[name]
+
+
+def available_models() -> list[str]:
+    """The bundled models whose folder is present in this install (a name in `BUNDLED_MODELS` order)."""
+    return [name for name in BUNDLED_MODELS if (bundled_model_path(name) / MODEL_INFO).is_file()]
+
+
+def is_bundled_name(model: str | os.PathLike) -> bool:
+    """Whether `model` is a bundled model's name and not an existing path (which always wins)."""
+    return isinstance(model, str) and model in BUNDLED_MODELS and not Path(model).exists()
+
+
+def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Path:
+    """`model` as a path: itself when it exists, else the folder of the bundled model of that name.
+
+    Anything else raises one KinemaError line: `not_found` (the caller's words for a missing path; default "no such
+    model file or folder: MODEL"), then the bundled models this install has, or for a bundled name whose folder is
+    missing, that it is missing.
+    """
+    path = Path(model)
+    if path.exists():
+        return path
+    if is_bundled_name(model):
+        folder = bundled_model_path(str(model))
+        if not (folder / MODEL_INFO).is_file():
+            where = f" (${BUNDLED_DIR_VARIABLE})" if os.environ.get(BUNDLED_DIR_VARIABLE) else ""
+            raise KinemaError(f"the bundled model {model} is not in this install: {folder}{where} has no "
+                              f"{MODEL_INFO}; reinstall kinema, or give a model folder with --model")
+        return folder
+    available = available_models()
+    names = ", ".join(available) if available else "none in this install"
+    raise KinemaError(f"{not_found or f'no such model file or folder: {model}'}; a model is an existing path or a "
+                      f"bundled model's name (available: {names})")
+
+
+def read_model_info(model_folder: str | os.PathLike) -> dict[str, Any]:
+    """The `kinema.json` object of a model folder, or {} when it has none (or `model_folder` is a file)."""
+    path = Path(model_folder) / MODEL_INFO
+    if not path.is_file():
+        return {}
+    from kinema.fileio import read_json_object
+
+    return read_json_object(path, "the model's kinema.json")
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, str) and bool(value)
+
+
+def model_defaults(model_folder: str | os.PathLike) -> dict[str, Any]:
+    """The generation defaults of a model folder's `kinema.json` ("defaults"), checked: {} without them. Keys are
+    those of `DEFAULT_FIELDS` (height, width, frames, steps: positive integers; guidance: a number >= 1;
+    scheduler: a name); one KinemaError line for any other key or a value of the wrong kind."""
+    info = read_model_info(model_folder)
+    defaults = info.get("defaults", {})
+    where = Path(model_folder) / MODEL_INFO
+    if not isinstance(defaults, dict):
+        raise KinemaError(f"{where}: \"defaults\" must be an object such as {{\"frames\": 16, \"steps\": 25}}, got "
+                          f"{type(defaults).__name__}")
+    for key, value in defaults.items():
+        if key not in DEFAULT_FIELDS:
+            raise KinemaError(f"{where}: unknown default {key!r}; kinema.json defaults are "
+                              f"{', '.join(DEFAULT_FIELDS)}")
+        kind = DEFAULT_FIELDS[key]
+        if not _is_type(value, kind):
+            wanted = {"int": "a positive whole number", "number": "a number >= 1", "str": "a non-empty name"}[kind]
+            raise KinemaError(f"{where}: default {key} must be {wanted}, got {value!r}")
+    return dict(defaults)
+
+
+def model_world(model_folder: str | os.PathLike) -> str | None:
+    """The world a model folder's `kinema.json` declares ("synth"), or None; one KinemaError line for another."""
+    world = read_model_info(model_folder).get("world")
+    if world is not None and world not in WORLDS:
+        raise KinemaError(f"{Path(model_folder) / MODEL_INFO}: unknown world {world!r}; kinema knows "
+                          f"{', '.join(WORLDS)} (or leave \"world\" out)")
+    return world
+
+
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "available_models", "bundled_model_path", "is_bundled_name",
+           "model_defaults", "model_world", "read_model_info", "resolve_model"]
