@@ -1,0 +1,120 @@
+"""kinema.eval.prompts: the checks of a prompt file, and the shipped synthetic set against the synthetic world's own
+ground truth (kinema.data.synth)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kinema.data import synth
+from kinema.errors import KinemaError
+from kinema.eval.prompts import (
+    COLOR_NAMES,
+    DEFAULT_PROMPTS,
+    HELD_OUT_COMBINATIONS,
+    MOTION_NAMES,
+    SHAPE_NAMES,
+    SYNTH_PROMPT_SEED,
+    read_prompts,
+    write_synth_prompt_set,
+)
+
+GOOD = {"prompt": "a red circle moving right", "color": "red", "shape": "circle", "motion": "right"}
+
+
+def write_lines(path: Path, *lines: object) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_label_names_are_the_synthetic_worlds():
+    assert COLOR_NAMES == tuple(synth.COLOURS)
+    assert SHAPE_NAMES == synth.SHAPES
+    assert MOTION_NAMES == synth.MOTIONS
+
+
+def test_a_good_file_reads_with_images_relative_to_it(tmp_path):
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "pics" / "start.png")
+    path = write_lines(tmp_path / "set.jsonl", GOOD, "", {**GOOD, "image": "pics/start.png", "seed": 4,
+                                                          "held_out": True, "source": "mine"})
+    first, second = read_prompts(path)
+    assert (first.mode, first.image, first.seed, first.held_out, first.line) == ("text-to-video", None, None, False, 1)
+    assert second.image == (tmp_path / "pics" / "start.png").resolve() and second.mode == "image-to-video"
+    assert (second.seed, second.held_out, second.line) == (4, True, 3)
+    assert second.labels == {"color": "red", "shape": "circle", "motion": "right"}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "a red circle", "color": "red",', r":1: not valid JSON \(.*\); each line is one object like"),
+    ({**GOOD, "color": "pink"}, ":1: unknown color 'pink'; choose one of red, green, blue"),
+    ({**GOOD, "motion": "spin"}, ":1: unknown motion 'spin'; choose one of left, right"),
+    ({**{k: v for k, v in GOOD.items() if k != "color"}, "colour": "red"}, ":1: unknown key 'colour'; write 'color'"),
+    ({k: v for k, v in GOOD.items() if k != "shape"}, ":1: missing 'shape'; every line needs"),
+    ({**GOOD, "motion": "rotate_cw"}, ":1: a circle cannot show rotate_cw"),
+    ({**GOOD, "image": "missing.png"}, ":1: no such image missing.png"),
+    ({**GOOD, "seed": -1}, ":1: \"seed\" must be a whole number >= 0"),
+    ({**GOOD, "held_out": "yes"}, ":1: \"held_out\" must be true or false"),
+    ([1, 2], ":1: expected a JSON object"),
+])
+def test_a_bad_line_is_one_error_naming_file_line_and_fix(tmp_path, line, message):
+    path = write_lines(tmp_path / "set.jsonl", line)
+    with pytest.raises(KinemaError) as error:
+        read_prompts(path)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(str(path)) and re.search(message, text), text
+
+
+def test_the_line_number_counts_blank_lines(tmp_path):
+    path = write_lines(tmp_path / "set.jsonl", GOOD, "", {**GOOD, "shape": "hexagon"})
+    with pytest.raises(KinemaError, match=r"set\.jsonl:3: unknown shape 'hexagon'"):
+        read_prompts(path)
+
+
+def test_a_missing_or_empty_file(tmp_path):
+    with pytest.raises(KinemaError, match="no such prompt file"):
+        read_prompts(tmp_path / "nope.jsonl")
+    with pytest.raises(KinemaError, match="holds no prompts"):
+        read_prompts(write_lines(tmp_path / "empty.jsonl", ""))
+
+
+def test_shipped_set_covers_every_label_and_each_held_out_combination():
+    entries = read_prompts(DEFAULT_PROMPTS)
+    assert 60 <= len(entries) <= 80
+    main = [entry for entry in entries if not entry.held_out]
+    for key, names in (("color", COLOR_NAMES), ("shape", SHAPE_NAMES), ("motion", MOTION_NAMES)):
+        assert set(Counter(getattr(entry, key) for entry in main)) == set(names), key
+    combos = Counter((entry.color, entry.shape, entry.motion) for entry in entries if entry.held_out)
+    assert set(combos) == set(HELD_OUT_COMBINATIONS)
+    assert not [entry for entry in main if (entry.color, entry.shape, entry.motion) in HELD_OUT_COMBINATIONS]
+    assert sum(entry.image is not None for entry in entries) >= 4
+    assert len({entry.prompt for entry in entries}) >= 0.9 * len(entries)  # varied phrasings, few repeats
+
+
+def test_shipped_set_is_the_synthetic_worlds_ground_truth():
+    """Each line is the caption and labels of the synth clip its source names (seed 9001, never a training seed);
+    each start image is that clip's first frame."""
+    for entry in read_prompts(DEFAULT_PROMPTS):
+        seed, index = map(int, re.fullmatch(r"synth (\d+):(\d+)", entry.source or "").groups())
+        assert seed == SYNTH_PROMPT_SEED == 9001
+        clip = synth.synth_clip(seed, index)
+        truth = clip.ground_truth
+        assert (entry.prompt, entry.color, entry.shape, entry.motion) == (clip.text, truth["colour"], truth["shape"],
+                                                                          truth["motion"])
+        if entry.image is not None:
+            assert np.array_equal(np.asarray(Image.open(entry.image).convert("RGB")), clip.frames[0])
+
+
+@pytest.mark.slow
+def test_the_shipped_set_is_what_write_synth_prompt_set_makes(tmp_path):
+    """About 20 s: renders the ~750 synth clips the builder looks through."""
+    written = write_synth_prompt_set(tmp_path / "set")
+    assert written.read_text() == DEFAULT_PROMPTS.read_text()
+    for name in sorted((tmp_path / "set" / "images").iterdir()):
+        assert name.read_bytes() == (DEFAULT_PROMPTS.parent / "images" / name.name).read_bytes()

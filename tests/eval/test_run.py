@@ -1,0 +1,137 @@
+"""`evaluate` and `kinema eval` end to end on the tiny random-weight V3 folder (tests/conftest.py `v3_model`): the
+accuracies are whatever random weights give, so these check the report's structure, that the detectors and metrics
+ran on every video, the counts, and the files written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kinema.cli import main
+from kinema.data.synth import synth_clip
+from kinema.eval.run import confusion_matrix, continuation_boundaries, evaluate
+
+LABEL_KEYS = ("color", "shape", "motion")
+
+
+@pytest.fixture
+def two_prompts(tmp_path) -> Path:
+    """An image-to-video line (a synth first frame) and a held-out text-to-video line."""
+    clip = synth_clip(9001, 1, frames=8)
+    Image.fromarray(clip.frames[0]).save(tmp_path / "start.png")
+    truth = clip.ground_truth
+    lines = [{"prompt": clip.text, "color": truth["colour"], "shape": truth["shape"], "motion": truth["motion"],
+              "image": "start.png"},
+             {"prompt": "a red triangle moving left", "color": "red", "shape": "triangle", "motion": "left",
+              "held_out": True, "seed": 3}]
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_evaluate_scores_every_prompt_and_writes_the_report(tmp_path, v3_model, two_prompts):
+    out = tmp_path / "out"
+    report = evaluate(str(v3_model), two_prompts, frames=8, steps=2, progress=False, out_dir=out,
+                      continuation=False)
+    data = report.as_dict()
+    assert (data["n"], data["held_out"]["n"], data["held_out_in_main"], len(data["per_prompt"])) == (1, 1, False, 2)
+    image_row, held_row = data["per_prompt"]
+    assert (image_row["mode"], held_row["mode"], held_row["seed"]) == ("image-to-video", "text-to-video", 3)
+    for row in data["per_prompt"]:
+        assert set(row["detected"]) == set(LABEL_KEYS)  # the detectors ran: labels, or none with the reason
+        assert all(value is not None for value in row["detected"].values()) or row["detector_error"]
+        assert row["correct"] == {key: row["detected"][key] == row["expected"][key] for key in LABEL_KEYS}
+        assert 0 <= row["flicker"] <= 1 and row["flow_magnitude"] >= 0 and isinstance(row["dynamic"], bool)
+    assert data["color_acc"] == float(image_row["correct"]["color"])
+    assert data["held_out"]["motion_acc"] == float(held_row["correct"]["motion"])
+    assert image_row["psnr"] > 0 and data["i2v_psnr"] == image_row["psnr"] and held_row["psnr"] is None
+    assert data["seam_score"] is None and data["continuation"] is None
+    assert data["settings"]["height"] == data["settings"]["width"] == 64  # the model's native size (8 latents x 8)
+    assert data["files"] == sorted(["confusion-color.png", "confusion-motion.png", "confusion-shape.png",
+                                    "report.json"])
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(data))
+    for key in LABEL_KEYS:
+        with Image.open(out / f"confusion-{key}.png") as png:
+            assert png.width > 200 and png.height > 200
+    assert (out / "kinema-output.json").is_file()  # kinema's mark: --overwrite may replace it later
+
+
+def test_continuation_boundaries():
+    # 16 frames extended to 128 in 16-frame segments overlapping by 4: each segment adds 12 new frames
+    assert continuation_boundaries(16, 128, 16, 4) == [16, 28, 40, 52, 64, 76, 88, 100, 112, 124]
+    assert continuation_boundaries(8, 16, 8, 4) == [8, 12]
+    assert continuation_boundaries(8, 8, 8, 4) == []
+
+
+def test_confusion_matrix_counts_and_missing_detections():
+    matrix = confusion_matrix(["a", "a", "b", "b"], ["a", "b", "b", None], ["a", "b"])
+    assert matrix == [[1, 1, 0], [0, 1, 1]]
+
+
+def test_cli_json_is_the_last_line_and_continuation_seams_are_scored(tmp_path, v3_model, two_prompts, capsys):
+    code = main(["eval", "--model", str(v3_model), "--prompts", str(two_prompts), "--json", "--steps", "1",
+                 "--frames", "8", "--limit", "1", "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["n"] == 1 and len(data["per_prompt"]) == 1
+    # the only line is image-to-video: nothing to continue
+    assert data["continuation"] is None
+
+    report = evaluate(str(v3_model), write_t2v(tmp_path), frames=8, steps=1, progress=False,
+                      continuation_frames=16)
+    continued = report.continuation
+    assert continued is not None and continued["frames"] == 16 and continued["boundaries"] == [8, 12]
+    assert continued["segments"] == 2 and report.seam_score == continued["seam_score"] > 0
+
+
+def write_t2v(folder: Path) -> Path:
+    path = folder / "t2v.jsonl"
+    path.write_text(json.dumps({"prompt": "a blue square moving up", "color": "blue", "shape": "square",
+                                "motion": "up"}) + "\n")
+    return path
+
+
+def test_the_models_kinema_json_defaults_are_used(tmp_path, v3_model):
+    model = tmp_path / "model"
+    shutil.copytree(v3_model, model)
+    (model / "kinema.json").write_text(json.dumps({"defaults": {"frames": 8, "steps": 1, "guidance": 2.0}}))
+    report = evaluate(str(model), write_t2v(tmp_path), progress=False, continuation=False)
+    assert report.settings["frames"] == 8 and report.settings["steps"] == 1 and report.settings["guidance"] == 2.0
+    assert report.settings["height"] == 64 and len(report.per_prompt) == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "bad line", "unknown model"])
+def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
+    prompts = tmp_path / "p.jsonl"
+    model = []
+    if case == "bad line":
+        prompts.write_text('{"prompt": "x", "color": "red", "shape": "circle", "motion": "right"}\n{"prompt": \n')
+    if case == "unknown model":
+        prompts.write_text('{"prompt": "x", "color": "red", "shape": "circle", "motion": "right"}\n')
+        model = ["--model", "kinema-huge"]
+    code = ("import sys; from kinema.cli import main; rc = main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "eval", "--prompts", str(prompts), "--out",
+                           str(tmp_path / "out"), *model], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    expected = {"missing": "no such prompt file", "bad line": f"{prompts}:2: not valid JSON",
+                "unknown model": "no such model file or folder: kinema-huge; a model is an existing path or a bundled "
+                                 "model's name (available: "}[case]
+    assert done.stderr.startswith("kinema eval: error: ") and expected in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stdout.strip() == "[]"
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_teaches_with_an_example_and_imports_no_torch():
+    code = ("import sys; from kinema.cli import main\ntry: main(['eval', '--help'])\nexcept SystemExit: pass\n"
+            "print([m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "example:\n  kinema eval --model kinema-tiny --json" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
