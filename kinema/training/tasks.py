@@ -100,6 +100,19 @@ class TrainingTask:
                 "total_parameters": _parameter_count(list(self.model.parameters()))}
 
 
+def _copy_model_manifest(source: Path, target: Path) -> bool:
+    """Copy `source`'s kinema.json (name, text encoder entry, defaults) into the exported folder `target`; False
+    when there is none. Without it a kinema model folder, which holds no text encoder, would not load."""
+    from kinema.models.initial import MODEL_FILE
+
+    manifest = source / MODEL_FILE
+    if not manifest.is_file():
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(manifest, target / MODEL_FILE)
+    return True
+
+
 class _DenoisingLoss(nn.Module):
     """Epsilon MSE of the model under its family's denoiser (what DDP wraps in the diffusion modes)."""
 
@@ -233,7 +246,9 @@ class DiffusionTask(TrainingTask):
                         "latents": "posterior mean"}
         tokenizer = family.tokenizer
         text_settings = {"tokenizer": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
-                         "max_length": int(tokenizer.model_max_length), "family": family.family}
+                         "max_length": int(tokenizer.model_max_length), "family": family.family,
+                         "encoded_length": getattr(family, "text_max_length", None),
+                         "lowercase": getattr(family, "lowercase", None)}
         self.latent_cache = EmbeddingCache(module_fingerprint(family.vae, settings=vae_settings), folder)
         self.text_cache = EmbeddingCache(module_fingerprint(family.text_encoder, settings=text_settings), folder)
 
@@ -278,7 +293,18 @@ class DiffusionTask(TrainingTask):
 
         keep, _ = sample_keep(types, frames.shape[1], generator)
         use_clip, clip_frame = sample_clip(keep, generator, self.config.inpaint.clip_probability)
-        return training_inpaint_conditioning(self.family, frames, keep, use_clip, clip_frame)
+        return training_inpaint_conditioning(self.family, frames, keep, use_clip, clip_frame,
+                                             None if self.latent_cache is None else self._cached_pixel_latents)
+
+    def _cached_pixel_latents(self, videos: torch.Tensor) -> torch.Tensor:
+        """Scaled latents `(N, C, F', h, w)` of masked and mask videos `(N, 3, F, H, W)` in [-1, 1] through the
+        latent cache: a clip keeps one of a few masks, and every text-to-video sample's masked video is the same, so
+        most of the inpaint encodes of a run are repeats."""
+        from kinema.training.cache import tensor_key
+
+        keys = [tensor_key("inpaint pixels", video) for video in videos]
+        return self.latent_cache.get_many(
+            keys, lambda missing: {"latents": self.family._encode_pixels(videos[missing])})["latents"]
 
     def _encode(self, frames: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Latents `(B, C, F', h, w)` of frames `(B, F, 3, H, W)` in [0, 1] and the text conditioning, through the
@@ -334,6 +360,7 @@ class DiffusionTask(TrainingTask):
         target = folder / "model"
         for part in sorted(p.name for p in source.iterdir() if p.is_dir() and p.name != "transformer"):
             _link_or_copy_tree(source / part, target / part)
+        _copy_model_manifest(source, target)
         self.model.save_pretrained(target / "transformer")
         return ["model"]
 
@@ -348,8 +375,10 @@ class DiffusionTask(TrainingTask):
         unet.load_state_dict(state, strict=True)
         unet.save_pretrained(target / "unet")
         self.family.vae.save_pretrained(target / "vae")
-        self.family.text_encoder.save_pretrained(target / "text_encoder")
-        self.family.tokenizer.save_pretrained(target / "tokenizer")
+        # kinema's own models name their text encoder in kinema.json and carry none.
+        if not _copy_model_manifest(Path(self.config.model.path), target):
+            self.family.text_encoder.save_pretrained(target / "text_encoder")
+            self.family.tokenizer.save_pretrained(target / "tokenizer")
         # The sampling schedule an SD folder carries (kinema samples with its own; other tools read this one).
         from diffusers import PNDMScheduler
 
