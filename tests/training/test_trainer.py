@@ -375,3 +375,19 @@ def test_vae_adversarial_training_moves_each_player_by_its_own_loss_and_resumes(
     start = make_task(config).trainable_state()
     assert all(torch.equal(first[k], start[k]) for k in first if k.startswith("discriminator."))
     assert not all(torch.equal(state[k], start[k]) for k in state if k.startswith("discriminator."))
+
+
+def test_cached_inpaint_latents_equal_the_vae_and_repeat_from_the_cache(tmp_path, v3_model, synth_videos):
+    """With data.cache the inpaint (mask and masked-video) latents come through the latent cache: the same values as
+    the VAE gives without a cache, and a repeated batch encodes nothing."""
+    config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full", V3_DATA)
+    cached = make_config(tmp_path / "c", {"path": str(v3_model)}, synth_videos, "full",
+                         {**V3_DATA, "cache": str(tmp_path / "cache")})
+    batch = first_batch(config)
+    plain = make_task(config).inputs(batch, torch.Generator().manual_seed(3))["cond"]["inpaint_latents"]
+    task = make_task(cached)
+    first = task.inputs(batch, torch.Generator().manual_seed(3))["cond"]["inpaint_latents"]
+    misses = task.latent_cache.misses
+    again = task.inputs(batch, torch.Generator().manual_seed(3))["cond"]["inpaint_latents"]
+    torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, first) and task.latent_cache.misses == misses and misses > 0
