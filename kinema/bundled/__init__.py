@@ -18,6 +18,7 @@ names (tests, or weights kept outside the install).
         "guidance", "scheduler".
     "world": "synth" for models that only know the synthetic dataset's coloured shapes: prompts outside that
         world get one warning.
+    "motion": an AnimateDiff folder's motion-module settings (kinema.pipelines.load.model_motion_settings).
 
 Plain data and JSON only, no torch: the CLI reads names and defaults before it imports any model code.
 """

@@ -2,14 +2,20 @@
 bundled models' recipe (docs/bundled.md): `kinema train` then trains them stage by stage.
 
 kinema-tiny is an EasyAnimate V3-family folder (transformer/, vae/) and kinema-tiny-ad a Stable Diffusion-family one
-(unet/, vae/, scheduler/); neither holds a text encoder: `kinema.json` names one (kinema.loaders.text_encoder). Every
-weight is drawn from `seed`, so the same command always writes the same folder.
+(unet/, vae/, scheduler/); neither holds a text encoder: `kinema.json` names one (kinema.loaders.text_encoder).
+kinema-tiny-ad's kinema.json also names its motion modules' settings ("motion", kinema.pipelines.load
+.model_motion_settings), which the motion stage builds its fresh modules with and loading reads back. Every weight is
+drawn from `seed`, so the same command always writes the same folder.
+
+The last step, `bundle_model`, assembles the folder kinema ships from the stages' exports, weights stored in float16.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +29,21 @@ TINY_DESCRIPTION = ("a toy text-to-video model trained by kinema on its syntheti
                     "squares and triangles moving over muted backgrounds")
 
 
-def model_manifest(name: str, family: str, held_out: list[list[str]] | None = None) -> dict[str, Any]:
-    """The `kinema.json` of a kinema model folder: its name, family, text encoder, defaults and world."""
+def model_manifest(name: str, family: str, held_out: list[list[str]] | None = None,
+                   motion: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `kinema.json` of a kinema model folder: its name, family, text encoder, defaults and world, and for an
+    AnimateDiff-family model `motion`, its motion modules' `VideoUNet` keyword arguments, stored as their named
+    settings (kinema.loaders.animatediff.settings.named_settings)."""
     from kinema.models.presets import MINILM_TEXT_ENCODER
 
     manifest: dict[str, Any] = {"name": name, "family": family, "description": TINY_DESCRIPTION,
                                 "text_encoder": dict(MINILM_TEXT_ENCODER), "defaults": dict(TINY_DEFAULTS),
                                 "world": "synth"}
+    if motion is not None:
+        from kinema.loaders.animatediff.settings import named_settings
+        from kinema.pipelines.load import MOTION_SETTINGS_ENTRY
+
+        manifest[MOTION_SETTINGS_ENTRY] = named_settings(motion)
     if held_out:
         manifest["held_out"] = held_out
     return manifest
@@ -117,10 +131,113 @@ def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str 
 def _write_tiny_ad(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from kinema.models.presets import KINEMA_TINY_AD_UNET, KINEMA_TINY_AD_VAE
+    from kinema.models.presets import KINEMA_TINY_AD_MOTION, KINEMA_TINY_AD_UNET, KINEMA_TINY_AD_VAE
     from kinema.sampling.schedulers import FAMILIES
 
     _seeded(seed, lambda: UNet2DConditionModel(**KINEMA_TINY_AD_UNET)).save_pretrained(temp / "unet")
     _write_vae(temp, AutoencoderKL, KINEMA_TINY_AD_VAE, seed, vae_folder, scale_data)
     DDIMScheduler(**FAMILIES["animatediff"]).save_pretrained(temp / "scheduler")
-    (temp / MODEL_FILE).write_text(json.dumps(model_manifest("kinema-tiny-ad", "animatediff"), indent=1) + "\n")
+    manifest = model_manifest("kinema-tiny-ad", "animatediff", motion=KINEMA_TINY_AD_MOTION)
+    (temp / MODEL_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- the bundled folder
+
+# Weights a bundle never holds: pickles (kinema ships safetensors only, and never unpickles).
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+BUNDLE_MAX_MEGABYTES = 30.0  # what a bundled model may take on disk (issue: each model at most 30 MB)
+
+
+def _store_weights(source: Path, target: Path, dtype: Any) -> None:
+    """`source`'s tensors written to `target` with floating-point ones cast to `dtype`, metadata kept; KinemaError
+    for a weight the cast makes infinite (beyond float16's range)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as weights:
+        metadata = weights.metadata()
+        tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+    stored = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            cast = tensor.to(dtype)
+            if bool((torch.isfinite(tensor) & ~torch.isfinite(cast)).any()):
+                raise KinemaError(f"{source}: {name} holds values beyond {str(dtype).removeprefix('torch.')}'s "
+                                  "range; bundle with storage_dtype='float32'")
+            tensor = cast
+        stored[name] = tensor.contiguous()
+    save_file(stored, str(target), metadata=metadata)
+
+
+def _copy_part(source: Path, target: Path, dtype: Any) -> None:
+    """One part of a bundle (a file, or a folder copied file by file): `.safetensors` through `_store_weights`,
+    other files byte for byte, kinema's output manifests left behind (the bundle gets its own); pickled weights are
+    refused."""
+    from kinema.fileio import MANIFEST
+
+    if source.is_dir():
+        target.mkdir()
+        for child in sorted(source.iterdir()):
+            if child.name != MANIFEST:
+                _copy_part(child, target / child.name, dtype)
+    elif source.suffix.lower() in _PICKLE_SUFFIXES:
+        raise KinemaError(f"{source} is a pickle; a bundle holds safetensors only: save it with safetensors "
+                          "(diffusers' save_pretrained does by default)")
+    elif source.suffix.lower() == ".safetensors" and dtype is not None:
+        _store_weights(source, target, dtype)
+    else:
+        shutil.copyfile(source, target)
+
+
+def _folder_bytes(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def bundle_model(model: str | os.PathLike, out: str | os.PathLike, *,
+                 extra: Mapping[str, str | os.PathLike] | None = None, storage_dtype: str | None = "float16",
+                 max_megabytes: float | None = BUNDLE_MAX_MEGABYTES, overwrite: bool = False) -> Path:
+    """Assemble a model folder to ship (kinema.bundled) at `out`: everything in `model`, a stage's exported folder
+    with its kinema.json (kinema-tiny-ad: the image stage's `final/model`, unet/ vae/ scheduler/; kinema-tiny: the
+    DiT stage's `final/model`, transformer/ vae/), plus `extra` parts, each a name in the bundle -> a file or folder
+    (kinema-tiny-ad: `{"motion_module.safetensors": the motion stage's final/motion_module.safetensors}`).
+
+    Every `.safetensors` is rewritten with its floating-point tensors in `storage_dtype` (None: as they are);
+    kinema's loaders cast weights to the dtype they load in, so a float16 bundle loads as float32. Other files are
+    copied byte for byte; pickled weights are refused. `out` follows kinema's output policy (new or empty, or with
+    `overwrite` an earlier bundle); nothing is left there when the result would exceed `max_megabytes` (10^6 bytes;
+    None: no limit). Returns `out`.
+    """
+    import torch
+
+    from kinema.fileio import MANIFEST, atomic_folder
+
+    model = Path(model)
+    if not (model / MODEL_FILE).is_file():
+        raise KinemaError(f"{model} has no {MODEL_FILE}: give a stage's exported final/model (kinema's own models "
+                          "carry one naming their text encoder)")
+    if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+        raise KinemaError(f"unknown storage_dtype {storage_dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    parts = {child.name: child for child in sorted(model.iterdir()) if child.name != MANIFEST}
+    for name, path in (extra or {}).items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise KinemaError(f"bundle part name {name!r} is not a plain file or folder name (no '/')")
+        if name in parts:
+            raise KinemaError(f"{model} already holds {name}; bundle another name or drop that part from extra")
+        if not Path(path).exists():
+            raise KinemaError(f"bundle part {name}: {path} does not exist: check the path")
+        parts[name] = Path(path)
+    dtype = None if storage_dtype is None else getattr(torch, storage_dtype)
+    out = Path(out)
+    with atomic_folder(out, "model", overwrite=overwrite, inputs=[model, *parts.values()]) as temp:
+        for name, path in parts.items():
+            _copy_part(path, temp / name, dtype)
+        sizes = _folder_bytes(temp)
+        total = sum(sizes.values())
+        if max_megabytes is not None and total > max_megabytes * 1e6:
+            largest = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in
+                                sorted(sizes.items(), key=lambda item: -item[1])[:3])
+            raise KinemaError(f"the bundle would take {total / 1e6:.1f} MB, over the {max_megabytes:g} MB a bundled "
+                              f"model may take (largest: {largest}); store float16 weights or make the model smaller")
+    return out

@@ -7,7 +7,9 @@ weights are read (headers only), so a typo fails in a second rather than after t
 `model` may also be a bundled model's name (kinema.bundled: "kinema-tiny", "kinema-tiny-ad"). A model folder's
 kinema.json may name its text encoder (kinema.loaders.text_encoder) and declare its world ("synth": prompts outside
 the synthetic dataset's coloured shapes get one warning); an AnimateDiff folder with kinema.json may hold its own
-motion module as `motion_module.safetensors`, used when no motion module is given.
+motion module as `motion_module.safetensors`, used when no motion module is given, and name its motion modules'
+settings in "motion" (`model_motion_settings`): what training builds fresh modules with and what loading a module
+that does not store them (original or diffusers layout) inflates the UNet with.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ _MODEL_KINDS = "a Stable Diffusion 1.5 folder or single file (with a motion modu
 # The motion module a kinema AnimateDiff folder (one with kinema.json) carries inside it: what `kinema train` mode
 # motion exports.
 FOLDER_MOTION_MODULE = "motion_module.safetensors"
+# The kinema.json entry naming an AnimateDiff folder's motion-module settings (kinema.loaders.animatediff.settings'
+# named settings, all of them), e.g. kinema-tiny-ad's 4 heads, which no original-layout file records.
+MOTION_SETTINGS_ENTRY = "motion"
 # Names of the spatial LoRA matrices load_spatial_lora fuses (kohya/civitai, peft/diffusers, and diffusers' old form).
 _SPATIAL_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
 
@@ -98,6 +103,71 @@ def _unet_widths(model: Path, config: str | os.PathLike | None) -> tuple[int, ..
     folder = model if model.is_dir() else Path(config) if config is not None else SD15_CONFIGS
     unet_config = read_json_object(folder / "unet" / "config.json", "the UNet's config")
     return tuple(unet_config.get("block_out_channels", ()))
+
+
+def _checked_setting(where: Path, name: str, value: Any) -> None:
+    from kinema.models.motion import NORM_MODES
+
+    if name == "mid_block":
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif name in ("norm_mode", "resnet_norm_mode"):
+        ok, wanted = value in NORM_MODES, " or ".join(repr(mode) for mode in NORM_MODES)
+    else:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive whole number"
+    if not ok:
+        raise KinemaError(f"{where}: motion setting {name} must be {wanted}, got {value!r}")
+
+
+def model_motion_settings(model_folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The `VideoUNet` keyword arguments of the motion modules a model folder's kinema.json names in "motion", or
+    None when it names none (a published SD folder: training and loading use AnimateDiff's version presets).
+
+    The entry holds every named setting of kinema.loaders.animatediff.settings, e.g. kinema-tiny-ad's
+    `{"max_frames": 32, "mid_block": false, "transformer_blocks": 1, "num_attention_heads": 4, "norm_num_groups": 32,
+    "norm_mode": "per_frame", "resnet_norm_mode": "per_frame"}`: training's fresh modules are built from it and a
+    motion module that does not store its settings is loaded with it, so the two agree. One KinemaError line for an
+    entry that is not such an object.
+    """
+    from kinema.bundled import MODEL_INFO, read_model_info
+    from kinema.loaders.animatediff.settings import SETTING_PLACES, with_settings
+
+    named = read_model_info(model_folder).get(MOTION_SETTINGS_ENTRY)
+    if named is None:
+        return None
+    where = Path(model_folder) / MODEL_INFO
+    if not isinstance(named, dict):
+        raise KinemaError(f"{where}: \"{MOTION_SETTINGS_ENTRY}\" must be an object of motion-module settings "
+                          f"({', '.join(SETTING_PLACES)}), got {type(named).__name__}")
+    unknown = sorted(set(named) - set(SETTING_PLACES))
+    missing = [name for name in SETTING_PLACES if name not in named]
+    if unknown or missing:
+        raise KinemaError(f"{where}: \"{MOTION_SETTINGS_ENTRY}\" needs exactly the settings "
+                          f"{', '.join(SETTING_PLACES)}" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                          + (f"; missing: {', '.join(missing)}" if missing else ""))
+    for name, value in named.items():
+        _checked_setting(where, name, value)
+    return with_settings({"motion_module": {"type": "temporal"}}, **named)
+
+
+def _folder_motion_overrides(path: Path, motion_path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The settings to load `motion_path` with into the folder `path`'s UNet: those its kinema.json names, for a
+    file that does not store them (a kinema-layout file keeps its own in its metadata); {} without the entry. The
+    weights fix the mid block and the file's frame tables their length: a module that disagrees was made for
+    another model, and is refused."""
+    from kinema.loaders.animatediff.settings import OVERRIDABLE, named_settings
+
+    settings = model_motion_settings(path) if path.is_dir() else None
+    if settings is None or report["format"] == "kinema":
+        return {}
+    named = named_settings(settings)
+    fixed = {"mid_block": report["mid_block"]}
+    if report["max_frames_source"] == "file":
+        fixed["max_frames"] = report["max_frames"]
+    for name, found in fixed.items():
+        if named[name] != found:
+            raise KinemaError(f"{motion_path} has {name}={found!r} but {path}'s kinema.json names {name}="
+                              f"{named[name]!r}: use a motion module made for this model")
+    return {name: named[name] for name in OVERRIDABLE}
 
 
 def _adapter_name(path: Path, taken: set[str]) -> str:
@@ -230,6 +300,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     if tuple(motion_report["channels"]) != widths:
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
                           f"{path}'s UNet has widths {widths}: use a motion module made for this base model")
+    overrides = _folder_motion_overrides(path, motion_path, motion_report)
     kinds = [(lora_path, weight, *_lora_kind(lora_path)) for lora_path, weight in loras]
 
     # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.
@@ -246,8 +317,9 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
             except KinemaError as err:
                 raise naming(lora_path, err) from None
             logger.info("fused image LoRA %s at %g (%s)", lora_path, weight, counts)
-    video_unet = _load_described(motion_source, "motion_module", unet=components.unet)
-    logger.info("inflated the UNet with motion module %s (%s)", motion_path, motion_report.get("version"))
+    video_unet = _load_described(motion_source, "motion_module", unet=components.unet, **overrides)
+    logger.info("inflated the UNet with motion module %s (%s%s)", motion_path, motion_report.get("version"),
+                ", settings from kinema.json" if overrides else "")
     taken: set[str] = set()
     for lora_path, weight, lora_source, lora_kind in kinds:
         if lora_kind == "motion":

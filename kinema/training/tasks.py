@@ -132,8 +132,9 @@ class _DenoisingLoss(nn.Module):
 
 def _load_animatediff_family(config: TrainConfig) -> Any:
     """The AnimateDiff family for training: the SD1.5 model inflated with `model.motion_module`'s weights, or with
-    fresh (identity) motion modules of `model.motion_version`'s layout when none is given."""
-    from kinema.pipelines.load import load_family
+    fresh (identity) motion modules when none is given: of the settings the folder's kinema.json names in "motion"
+    (kinema's own models, whose loading reads the same entry), else of `model.motion_version`'s layout."""
+    from kinema.pipelines.load import load_family, model_motion_settings
 
     if config.model.motion_module:
         return load_family(config.model.path, motion_module=config.model.motion_module,
@@ -147,10 +148,11 @@ def _load_animatediff_family(config: TrainConfig) -> Any:
     if version not in ANIMATEDIFF_VERSIONS or version == "sdxl-beta":
         known = [v for v in ANIMATEDIFF_VERSIONS if v != "sdxl-beta"]
         raise KinemaError(f"unknown model.motion_version {version!r}; choose one of {', '.join(known)}")
+    settings = model_motion_settings(config.model.path) or ANIMATEDIFF_VERSIONS[version]
     components = load_stable_diffusion(config.model.path, tokenizer=config.model.tokenizer)
     with torch.random.fork_rng(devices=[]):  # fresh modules from the run's seed: every process and rerun alike
         torch.manual_seed(config.seed)
-        video_unet = VideoUNet.from_unet2d(components.unet, **ANIMATEDIFF_VERSIONS[version])
+        video_unet = VideoUNet.from_unet2d(components.unet, **settings)
     return AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
                              source=config.model.path)
 

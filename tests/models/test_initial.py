@@ -47,3 +47,79 @@ def test_scaling_factor_is_one_over_the_latent_std(tmp_path, synth_videos):
 def test_bad_requests():
     with pytest.raises(KinemaError, match="unknown model 'kinema-huge'"):
         write_initial_model("kinema-huge", "/nonexistent/x")
+
+
+def exported_v3_folder(folder):
+    """A stage export of the EasyAnimate family, as the DiT stage's final/model: transformer/, vae/, kinema.json and
+    a kinema output manifest (the run's, which a bundle does not take along)."""
+    from tiny_models import SMALLEST_SLICE_VAE, tiny_slice_vae, tiny_video_dit
+
+    tiny_video_dit().save_pretrained(folder / "transformer")
+    tiny_slice_vae(**SMALLEST_SLICE_VAE).save_pretrained(folder / "vae")
+    (folder / "kinema.json").write_text(json.dumps({"name": "kinema-tiny", "family": "easyanimate"}))
+    (folder / "kinema-output.json").write_text("{}")
+    return folder
+
+
+def test_bundle_stores_float16_that_the_loaders_read_as_float32(tmp_path):
+    from safetensors import safe_open
+
+    from kinema.loaders.easyanimate.transformer import load_video_dit
+    from kinema.loaders.easyanimate.vae import load_slice_vae
+    from kinema.models.initial import bundle_model
+
+    source = exported_v3_folder(tmp_path / "export")
+    notes = tmp_path / "NOTES.txt"
+    notes.write_text("trained 2 steps\n")
+    bundle = bundle_model(source, tmp_path / "bundle", extra={"NOTES.txt": notes})
+    weights = [p.relative_to(source) for p in sorted(source.rglob("*.safetensors"))]
+    assert len(weights) == 2
+    for name in weights:
+        original, stored = load_file(source / name), load_file(bundle / name)
+        assert sorted(stored) == sorted(original)
+        for key, tensor in original.items():
+            assert stored[key].dtype == torch.float16
+            assert torch.equal(stored[key], tensor.half())
+        with safe_open(str(source / name), "pt") as before, safe_open(str(bundle / name), "pt") as after:
+            assert after.metadata() == before.metadata()
+    for name in ("kinema.json", "transformer/config.json", "vae/config.json"):
+        assert (bundle / name).read_bytes() == (source / name).read_bytes()
+    assert (bundle / "NOTES.txt").read_text() == "trained 2 steps\n"
+    assert json.loads((bundle / "kinema-output.json").read_text())["kinema_output"] == "model"  # its own mark
+    # The folder loader's calls (kinema.loaders.easyanimate.folder), in float32: the stored float16 values, upcast.
+    dit = load_video_dit(bundle / "transformer", dtype=torch.float32)
+    vae = load_slice_vae(bundle / "vae", torch_dtype=torch.float32)
+    for model, part in ((dit, "transformer"), (vae, "vae")):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        loaded = model.state_dict()
+        for key, tensor in load_file(bundle / part / "diffusion_pytorch_model.safetensors").items():
+            assert torch.equal(loaded[key], tensor.float())
+
+
+def test_bundle_refusals_leave_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    from kinema.models.initial import bundle_model
+
+    source = exported_v3_folder(tmp_path / "export")
+    out = tmp_path / "bundle"
+    with pytest.raises(KinemaError, match="has no kinema.json: give a stage's exported final/model"):
+        bundle_model(source / "vae", out)
+    with pytest.raises(KinemaError, match=r"would take \d+\.\d MB, over the 0.01 MB .*largest: transformer/"):
+        bundle_model(source, out, max_megabytes=0.01)
+    with pytest.raises(KinemaError, match="already holds vae; bundle another name"):
+        bundle_model(source, out, extra={"vae": source / "vae"})
+    with pytest.raises(KinemaError, match="not a plain file or folder name"):
+        bundle_model(source, out, extra={"sub/mm.safetensors": source / "kinema.json"})
+    pickle = tmp_path / "mm.ckpt"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(KinemaError, match="mm.ckpt is a pickle; a bundle holds safetensors only"):
+        bundle_model(source, out, extra={"mm.ckpt": pickle})
+    huge = tmp_path / "huge.safetensors"
+    save_file({"w": torch.tensor([1.0, 1e6])}, str(huge))
+    with pytest.raises(KinemaError, match="w holds values beyond float16's range; bundle with storage_dtype="):
+        bundle_model(source, out, extra={"huge.safetensors": huge})
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["export", "huge.safetensors",
+                                                                                "mm.ckpt"]
+    assert load_file(bundle_model(source, out, extra={"huge.safetensors": huge}, storage_dtype=None)
+                     / "huge.safetensors")["w"].dtype == torch.float32
