@@ -114,6 +114,7 @@ class VAEConfig:
     reconstruction: str = "l1"
     adversarial_weight: float = 0.0  # > 0: a 3D patch discriminator trains alongside (hinge loss)
     adversarial_start: int = 0  # the step from which the adversarial terms count
+    trains: str = "all"  # all | decoder (the encoder, and so the latent space a diffusion model learned, stays)
 
 
 @dataclass
@@ -332,6 +333,8 @@ def check_config(config: TrainConfig) -> None:
     _check_range(config.vae.adversarial_weight >= 0 and config.vae.adversarial_start >= 0,
                  f"vae.adversarial_weight and vae.adversarial_start must be >= 0, got {config.vae.adversarial_weight} "
                  f"and {config.vae.adversarial_start}")
+    _check_range(config.vae.trains in ("all", "decoder"), f"unknown vae.trains {config.vae.trains!r}; choose all "
+                 "or decoder")
     _check_range(config.vae.reconstruction in ("l1", "mse"), f"unknown vae.reconstruction "
                  f"{config.vae.reconstruction!r}; choose l1 or mse")
     if config.mode == "vae" and train.gradient_checkpointing:

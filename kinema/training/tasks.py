@@ -406,6 +406,12 @@ class VAETask(TrainingTask):
         self.config, self.family = config, None
         self.model = family.vae
         self.model.requires_grad_(True).train()
+        if config.vae.trains == "decoder":
+            # The decoder-only fine-tune (V3's, and SD's ft-MSE VAE): the latents keep their meaning, so a diffusion
+            # model trained on this encoder's latents decodes better without retraining.
+            self.model.requires_grad_(False)
+            for part in (self.model.decoder, self.model.post_quant_conv):
+                part.requires_grad_(True)
         settings = VAELossSettings(kl_weight=config.vae.kl_weight, reconstruction=config.vae.reconstruction,
                                    adversarial_weight=config.vae.adversarial_weight,
                                    adversarial_start=config.vae.adversarial_start)

@@ -228,3 +228,22 @@ def test_bad_input_raises(slice_vae: SliceVAE) -> None:
         PatchDiscriminator3D(base_channels=6, norm_num_groups=8)
     with pytest.raises(KinemaError, match="one shape"):
         discriminator_loss(FixedLogits(), random_video(1, 8, 32), random_video(1, 8, 16))
+
+
+def test_vae_trains_decoder_keeps_the_encoder(tmp_path, v3_model, synth_videos):
+    """vae.trains decoder: the decoder and post-quant conv learn; the encoder and quant conv (latent space) stay."""
+    from kinema.training.config import config_from_dict
+    from kinema.training.trainer import train
+
+    config = config_from_dict({
+        "mode": "vae", "output": str(tmp_path / "run"), "model": {"path": str(v3_model)},
+        "data": {"root": str(synth_videos), "frames": 8, "size": [32, 32]}, "vae": {"trains": "decoder"},
+        "train": {"steps": 2, "batch_size": 2, "learning_rate": 1e-2}, "log": {"tensorboard": False}})
+    import kinema
+
+    before = kinema.load(v3_model / "vae").state_dict()
+    train(config, progress=False)
+    after = SliceVAE.from_pretrained(tmp_path / "run" / "final" / "vae").state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+    assert any(name.startswith("post_quant_conv.") for name in changed)
