@@ -19,17 +19,23 @@ sys.path):
 
     if __name__ == "__main__":
         run_benchmark("name", __doc__, cases=["small", "large"], reference="small", measure=measure)
+
+Benchmarks of the `kinema` command as a user runs it (bench_generate, bench_extend) start it with
+`run_command(kinema_command() + [...])`: a fresh process, its wall time and its own peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +160,48 @@ def seeded(seed: int, build: Callable[[], Any]) -> Any:
     torch.manual_seed(seed)
     return build().eval()
 
+
+
+# ---------------------------------------------------------------- commands as a user runs them
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    """One finished command: its wall time, its own peak resident memory and what it printed."""
+
+    seconds: float
+    max_rss: int  # bytes: the command's resident-memory high-water mark (its process and children it waited for)
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def kinema_command() -> list[str]:
+    """The `kinema` console script of this Python's environment, as a user runs it; `python -m kinema` where the
+    script is not installed beside the interpreter."""
+    script = Path(sys.executable).with_name("kinema")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "kinema"]
+
+
+def run_command(command: Sequence[str], *, cwd: str | os.PathLike | None = None,
+                env: Mapping[str, str] | None = None) -> CommandRun:
+    """Run `command` to the end in a fresh process and return its wall seconds and its own peak memory.
+
+    The peak is the child's `ru_maxrss` from `wait4`: that command's alone, not the highest of every child so far.
+    Linux counts the calling process's own peak in the child until it execs, so the figure is really
+    max(caller's peak, command's peak): call this from a small process, as a benchmark case's is (~20 MiB) and not
+    from one holding models. Output goes through temporary files (a pipe could fill and stall the child while
+    nothing reads it).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(list(command), stdout=out, stderr=err, cwd=cwd,
+                                   env=None if env is None else dict(env))
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        out.seek(0)
+        err.seek(0)
+        peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+        return CommandRun(seconds=seconds, max_rss=peak, returncode=process.returncode,
+                          stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
