@@ -290,7 +290,9 @@ class EasyAnimateFamily(VideoFamily):
         inpaint = torch.cat([self._encode_pixels(mask_video), self._encode_pixels(masked_video)], dim=1)
         cond: Conditioning = {"inpaint_latents": inpaint}
         uncond: Conditioning = {"inpaint_latents": inpaint}
-        if clip_image is not None:
+        # A model without image tokens (kinema-tiny: InP, no CLIP) takes the start image through the masked video
+        # alone.
+        if clip_image is not None and self.model.config.image_embed_dim is not None:
             embeds = self.encode_image(clip_image).to(inpaint.device).expand(batch, -1)
             tokens = int(self.model.config.num_image_tokens)
             cond.update(clip_image_embeds=embeds, clip_attention_mask=embeds.new_ones(batch, tokens))
