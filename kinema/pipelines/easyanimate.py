@@ -94,7 +94,9 @@ class EasyAnimateFamily(VideoFamily):
             raise KinemaError(f"the CLIP image encoder gives {projection}-d embeddings but the transformer takes "
                               f"{image_embed_dim} (image_embed_dim); use the image_encoder/ of the same V3 folder")
         self.model = transformer
-        self.vae = vae
+        # The Slice VAE's 3D convolutions run 1.7x faster channels-last on CPU (oneDNN): measured on the encoder at
+        # 64x64x16, the cost that dominates training on cached latents and short generations.
+        self.vae = vae.to(memory_format=torch.channels_last_3d)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.image_encoder = image_encoder
@@ -228,7 +230,8 @@ class EasyAnimateFamily(VideoFamily):
         """Scaled posterior means `(B, 4, F', h, w)` float32 of a video `(B, 3, F, H, W)` as the VAE takes it."""
         parameter = next(self.vae.parameters())
         with torch.no_grad():
-            posterior = self.vae.encode(video.to(parameter.device, parameter.dtype), tiling=self._tiling()).latent_dist
+            pixels = video.to(parameter.device, parameter.dtype, memory_format=torch.channels_last_3d)
+            posterior = self.vae.encode(pixels, tiling=self._tiling()).latent_dist
         return posterior.mean.float() * self.vae.config.scaling_factor
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -245,7 +248,8 @@ class EasyAnimateFamily(VideoFamily):
                               f"{tuple(latents.shape)}")
         self.pixel_frames(latents.shape[2])
         parameter = next(self.vae.parameters())
-        unscaled = (latents / self.vae.config.scaling_factor).to(parameter.device, parameter.dtype)
+        unscaled = (latents / self.vae.config.scaling_factor).to(parameter.device, parameter.dtype,
+                                                                   memory_format=torch.channels_last_3d)
         with torch.no_grad():
             video = self.vae.decode(unscaled, tiling=self._tiling(), smooth_seams=True).sample
         return (video.float().clamp(-1, 1) / 2 + 0.5).permute(0, 2, 1, 3, 4).contiguous()
