@@ -108,7 +108,9 @@ def kinema_tiny_transformer(patch_size: int = 1) -> dict:
         "num_attention_heads": heads, "attention_head_dim": 32, "in_channels": 3 * latent, "out_channels": latent,
         "num_layers": layers, "cross_attention_dim": 128, "sample_size": 8, "patch_size": patch_size,
         "caption_channels": 384, "enable_uvit": True,
-        "motion_modules": easyanimate_v3_motion_modules(layers, heads, max_frames=64), "image_embed_dim": None,
+        # A window of 4 latent frames (16 pixel frames), what it trains on; longer videos are made by continuation.
+        # The frame encodings are sinusoids, so the window can change without touching a weight.
+        "motion_modules": easyanimate_v3_motion_modules(layers, heads, max_frames=4), "image_embed_dim": None,
     }
 
 

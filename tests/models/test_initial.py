@@ -123,3 +123,20 @@ def test_bundle_refusals_leave_nothing(tmp_path):
                                                                                 "mm.ckpt"]
     assert load_file(bundle_model(source, out, extra={"huge.safetensors": huge}, storage_dtype=None)
                      / "huge.safetensors")["w"].dtype == torch.float32
+
+
+def test_the_window_changes_no_output_within_it():
+    """kinema-tiny's 4-latent-frame window: the frame encodings are sinusoids, so a model built with a longer table
+    gives the same output on 4 frames from the same weights (the window can be set without retraining)."""
+    from kinema.models.video_dit import VideoDiT
+
+    torch.manual_seed(0)
+    window = VideoDiT(**kinema_tiny_transformer()).eval()
+    longer = kinema_tiny_transformer()
+    longer["motion_modules"] = [{**spec, "max_frames": 64} for spec in longer["motion_modules"]]
+    wide = VideoDiT(**longer).eval()
+    wide.load_state_dict(window.state_dict(), strict=True)
+    latents, timesteps, text = torch.randn(2, 24, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 32, 384)
+    with torch.no_grad():
+        assert torch.equal(window(latents, timesteps, text), wide(latents, timesteps, text))
+    assert (window.max_frames, wide.max_frames) == (4, 64)
