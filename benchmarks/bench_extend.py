@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common import kinema_command, run_benchmark, run_command
+from common import check_model_option, kinema_command, quick_parser, run_benchmark, run_command
 
 PROMPT = "a red circle moving right"
 PROMPT_LABELS = {"color": "red", "shape": "circle", "motion": "right"}
@@ -217,11 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parser_for_cases() -> argparse.ArgumentParser:
-    """The options that decide which cases run (the harness parses the full command line again)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--quick", action="store_true")
-    add_arguments(parser)
-    return parser
+    """The options that decide which cases run."""
+    return quick_parser(add_arguments)
 
 
 def check_options(options: argparse.Namespace) -> None:
@@ -231,13 +228,7 @@ def check_options(options: argparse.Namespace) -> None:
                          f"quarter) of it and at it, each above the clip's {CLIP_FRAMES} frames")
     if (options.steps is not None and options.steps < 1) or options.segment_frames <= OVERLAP_FRAMES:
         raise SystemExit(f"--steps must be at least 1 and --segment-frames above the {OVERLAP_FRAMES} overlap frames")
-    from kinema.bundled import DEFAULT_MODEL, resolve_model
-    from kinema.errors import KinemaError
-
-    try:
-        resolve_model(options.model or DEFAULT_MODEL)
-    except KinemaError as err:
-        raise SystemExit(f"bench_extend: {err}") from None
+    check_model_option(options.model, "bench_extend")
 
 
 def main(argv: list[str]) -> None:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common import kinema_command, peak_rss_bytes, run_benchmark, run_command
+from common import check_model_option, kinema_command, peak_rss_bytes, quick_parser, run_benchmark, run_command
 
 PROMPT = "a red circle moving right"
 GOAL_SECONDS = 15.0
@@ -226,24 +226,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parser_for_cases() -> argparse.ArgumentParser:
-    """The options that decide which cases run (the harness parses the full command line again)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--quick", action="store_true")
-    add_arguments(parser)
-    return parser
+    """The options that decide which cases run."""
+    return quick_parser(add_arguments)
 
 
 def check_options(options: argparse.Namespace) -> None:
     """Refuse bad options before any case runs (one line, via SystemExit)."""
     if (options.runs is not None and options.runs < 1) or (options.steps is not None and options.steps < 1):
         raise SystemExit("--runs and --steps must be at least 1")
-    from kinema.bundled import DEFAULT_MODEL, resolve_model
-    from kinema.errors import KinemaError
-
-    try:
-        resolve_model(options.model or DEFAULT_MODEL)
-    except KinemaError as err:
-        raise SystemExit(f"bench_generate: {err}") from None
+    check_model_option(options.model, "bench_generate")
 
 
 def main(argv: list[str]) -> None:

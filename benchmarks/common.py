@@ -205,3 +205,23 @@ def run_command(command: Sequence[str], *, cwd: str | os.PathLike | None = None,
         peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
         return CommandRun(seconds=seconds, max_rss=peak, returncode=process.returncode,
                           stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
+
+
+def quick_parser(add_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """A benchmark's options that decide which cases run: `--quick` plus its own (the harness parses the full
+    command line again)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--quick", action="store_true")
+    add_arguments(parser)
+    return parser
+
+
+def check_model_option(model: str | None, benchmark: str) -> None:
+    """Refuse a `--model` that is neither a bundled name nor a folder before any case runs (one line, SystemExit)."""
+    from kinema.bundled import DEFAULT_MODEL, resolve_model
+    from kinema.errors import KinemaError
+
+    try:
+        resolve_model(model or DEFAULT_MODEL)
+    except KinemaError as err:
+        raise SystemExit(f"{benchmark}: {err}") from None
