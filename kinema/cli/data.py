@@ -40,8 +40,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 def check_synth(args: argparse.Namespace) -> None:
     """Frame count, size and image share within limits, and OUT a place synth may write."""
-    from kinema.data.synth import check_combinations
-    from kinema.data.synth_limits import SYNTH_KIND, check_synth_args
+    from kinema.data.synth_limits import SYNTH_KIND, check_combinations, check_synth_args
     from kinema.fileio import check_output
 
     check_synth_args(args.frames, args.size, args.image_fraction)

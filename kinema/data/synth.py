@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from kinema.data.synth_limits import SYNTH_KIND, check_synth_args
+from kinema.data.synth_limits import MOTIONS, SHAPES, SYNTH_KIND, check_combinations, check_synth_args
 from kinema.data.video_io import DEFAULT_CRF, generation_settings, to_float_frames, write_video
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder, check_output
@@ -43,8 +43,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (45, 90, 235), "yellow": (240, 215, 40),
     "white": (245, 245, 245), "purple": (150, 60, 205), "orange": (245, 140, 30), "cyan": (40, 210, 225),
 }
-SHAPES = ("circle", "square", "triangle")
-MOTIONS = ("left", "right", "up", "down", "grow", "shrink", "rotate_cw", "rotate_ccw", "still")
 BACKGROUND_KINDS = ("plain", "gradient", "noise", "checker")
 # Muted, darker than every shape colour so the shape always stands out.
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -277,21 +275,6 @@ class SynthMotionDataset(Dataset):
 
 
 # ---------------------------------------------------------------- writing a dataset folder
-
-
-def check_combinations(combinations: Collection[Sequence[str]]) -> list[tuple[str, str, str]]:
-    """`(colour, shape, motion)` triples checked against the synth world's names (one KinemaError naming the bad
-    one and the known names)."""
-    checked = []
-    for combo in combinations:
-        if len(combo) != 3:
-            raise KinemaError(f"a held-out combination is colour:shape:motion, got {':'.join(combo)!r}")
-        colour, shape, motion = combo
-        for name, known, what in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (motion, MOTIONS, "motion")):
-            if name not in known:
-                raise KinemaError(f"unknown {what} {name!r} in {':'.join(combo)}; known: {', '.join(known)}")
-        checked.append((colour, shape, motion))
-    return checked
 
 SETTINGS_NAME = "synth.json"  # settings of the whole set
 

@@ -1,5 +1,7 @@
-"""Limits of the synthetic dataset's arguments, in a module light enough for the CLI to check them before it
+"""Limits and names of the synthetic dataset's arguments, in a module light enough for the CLI to check them before it
 imports numpy, torch or PyAV (bad usage then exits 2 at once)."""
+
+from collections.abc import Collection, Sequence
 
 from kinema.errors import KinemaError
 
@@ -7,6 +9,10 @@ SYNTH_KIND = "synth_dataset"  # kind in the output manifest (kinema.fileio)
 MAX_SIZE = 1024
 MAX_FRAMES = 1024
 MAX_CLIP_BYTES = 4 * 2**30
+# The world's names (kinema.data.synth holds the colours' RGB values and the words captions use for them).
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "white", "purple", "orange", "cyan")
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = ("left", "right", "up", "down", "grow", "shrink", "rotate_cw", "rotate_ccw", "still")
 
 
 def clip_memory_bytes(frames: int, size: int) -> int:
@@ -28,3 +34,21 @@ def check_synth_args(frames: int, size: int, image_fraction: float) -> None:
                           f"{MAX_CLIP_BYTES // 2**30} GiB per clip (synthetic training clips are usually 64-256 px)")
     if not 0.0 <= image_fraction <= 1.0:
         raise KinemaError(f"image_fraction must be between 0 and 1, got {image_fraction}")
+
+
+def check_combinations(combinations: Collection[Sequence[str]]) -> list[tuple[str, str, str]]:
+    """`(colour, shape, motion)` triples checked against the synth world's names (one KinemaError naming the bad
+    one and the known names)."""
+    checked = []
+    for combo in combinations:
+        if len(combo) != 3:
+            raise KinemaError(f"a held-out combination is colour:shape:motion, got {':'.join(combo)!r}")
+        colour, shape, motion = combo
+        names = ((colour, COLOUR_NAMES, "colour"), (shape, SHAPES, "shape"), (motion, MOTIONS, "motion"))
+        for name, known, what in names:
+            if name not in known:
+                raise KinemaError(f"unknown {what} {name!r} in {':'.join(combo)}; known: {', '.join(known)}")
+        checked.append((colour, shape, motion))
+    return checked
+
+SETTINGS_NAME = "synth.json"  # settings of the whole set

@@ -19,8 +19,9 @@ from kinema.loaders.easyanimate import load_easyanimate
 from kinema.pipelines.easyanimate import EasyAnimateFamily
 from kinema.training.masks import MASK_KINDS, sample_clip, sample_keep, training_inpaint_conditioning
 
-# The same maths on a batch and on one sample: a few float32 ulps apart.
-ULPS = dict(rtol=1e-5, atol=1e-6)
+# The same maths on a batch and on one sample: float32 rounding apart. The family runs its Slice VAE channels-last,
+# where oneDNN picks convolution kernels by batch size: up to about 2e-5 apart on these unit-scale latents.
+ULPS = dict(rtol=1e-4, atol=1e-4)
 
 
 def expected_row(kind: str, kept: int, frames: int) -> torch.Tensor:
