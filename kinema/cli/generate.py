@@ -29,6 +29,10 @@ from typing import Any
 from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
 from kinema.errors import KinemaError
+
+# The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
+# and extend its frame count, from the input): shared with every front end through jobs (plain data, no torch).
+from kinema.pipelines.jobs import GENERATE_DEFAULTS, INPUT_DEFAULTS, model_defaults_for
 from kinema.pipelines.request import DTYPES
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
@@ -41,10 +45,6 @@ FUSE_METHODS = ("flat", "pyramid", "overlap-linear")
 INTERPOLATIONS = ("linear", "slerp")
 DEFAULT_OUTPUT_FOLDER = Path("out")
 DEFAULT_SUFFIX = ".mp4"
-# Request fields a model's kinema.json "defaults" may fill when the option is not given, per command (v2v and extend
-# take their size, and extend its frame count, from the input).
-GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "scheduler")
-INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
 # A prompt schedule for video-to-video and extend is checked for its form before the input's length is known:
 # parsed against a length no keyframe reaches, so only the keyframes' syntax and order are judged here.
 _ANY_LENGTH = 10**9
@@ -315,18 +315,12 @@ def _require_path(path: str | None, what: str) -> None:
 def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> None:
     """The model (`--model`, or the bundled default) exists as a path or a bundled name, and so do the other model
     files; options among `defaults` left unset take the model's kinema.json defaults."""
-    from kinema.bundled import model_defaults, resolve_model
-
     if args.model is None:
         args.model = DEFAULT_MODEL
-    folder = resolve_model(args.model, f"no such model file or folder: {args.model}")
-    found = model_defaults(folder) if folder.is_dir() else {}
-    for key in defaults:
-        if getattr(args, key) is None and key in found:
-            setattr(args, key, found[key])
-            if key == "scheduler" and found[key] not in SCHEDULERS:
-                raise KinemaError(f"{folder / 'kinema.json'}: default scheduler {found[key]!r} is not one kinema "
-                                  f"knows ({', '.join(SCHEDULERS)})")
+    unset = [key for key in defaults if getattr(args, key) is None]
+    _, found = model_defaults_for(args.model, unset, f"no such model file or folder: {args.model}")
+    for key, value in found.items():
+        setattr(args, key, value)
     _require_path(args.motion_module, "motion module")
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:

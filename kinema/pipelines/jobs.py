@@ -1,0 +1,482 @@
+"""Jobs: one generation as plain data, checked before any model loads, and run into a folder of its own.
+
+Every front end builds its work the same way: `job_from_mapping` turns plain data (a JSON body, a JSONL line, a YAML
+config entry, a web form) into a checked `Job`; `run_job` generates it with a model from a `FamilyCache` and writes
+the videos, with their settings, into one output folder. So the CLI's configs, the web app, the HTTP API and batch
+runs refuse the same bad input with the same one-line message, and record the same settings.
+
+A job's folder (`run_job(job, OUT)`), written whole or not at all under kinema's output policy (kinema.fileio):
+
+    OUT/video-seedS.mp4       one video per seed, its settings inside and in the sidecar `video-seedS.mp4.json`
+    OUT/job.json              `job.settings()`: what `job_from_mapping` takes back to make the same videos
+    OUT/report.json           the run's report (time, peak memory, ...)
+
+The model defaults (`model_defaults_for`) are what `kinema generate` fills unset options with. Nothing here imports
+torch at module level: checking a job is plain Python, PIL for images and PyAV for an input video's size.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
+from kinema.errors import KinemaError, shorten
+from kinema.pipelines.request import DTYPES, ContextSettings, FreeInitSettings, GenerationRequest
+from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
+from kinema.sampling.schedulers import SCHEDULERS
+
+if TYPE_CHECKING:
+    from kinema.pipelines.family import VideoFamily
+    from kinema.sampling.loop import StepCallback
+
+# Request fields a model's kinema.json "defaults" fill when a job (or `kinema generate`) leaves them unset; a job
+# with an input video takes its size from the video and its frame count from the input (or extend_frames).
+GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "scheduler")
+INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
+# torch.Generator.manual_seed takes seeds up to 2**64 - 1; a larger one would only fail once sampling starts.
+MAX_SEED = 2**64 - 1
+RANDOM_SEED = -1
+# Random seeds stay below 2**32: JavaScript front ends (the web app, API clients) read JSON numbers as doubles,
+# which keep integers exact only up to 2**53.
+RANDOM_SEED_LIMIT = 2**32
+JOB_FILE = "job.json"
+REPORT_FILE = "report.json"
+JOB_OUTPUT_KIND = "job"
+VIDEO_SUFFIX = ".mp4"
+
+_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer")
+_REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
+# "seed" is the friendlier spelling of "seeds"; "mode" is accepted so that job.settings() reads back (it must agree
+# with the mode the inputs give).
+JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
+_INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
+               "decode_chunk", "attention_chunk")
+_NUMBER_FIELDS = ("guidance", "strength", "fps")
+_BOOL_FIELDS = ("resize", "vae_tiling", "offload")
+_TEXT_FIELDS = ("negative_prompt",)
+_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video"}
+
+
+class Cancelled(Exception):
+    """Raised by a step callback to stop a job; `run_job` leaves nothing of the job's folder behind."""
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class Job:
+    """One generation: the request and the model that serves it (paths resolved and checked by
+    `job_from_mapping`; a bundled model keeps its name)."""
+
+    request: GenerationRequest
+    model: str
+    motion_module: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    tokenizer: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready settings: model, motion_module, loras, tokenizer and `request.settings()` (seeds as used);
+        `job_from_mapping` reads them back into the same job."""
+        return {"model": self.model, "motion_module": self.motion_module,
+                "loras": [[path, weight] for path, weight in self.loras], "tokenizer": self.tokenizer,
+                **self.request.settings()}
+
+    def model_key(self) -> tuple:
+        """What decides which loaded model serves the job: jobs with equal keys share one `load_family`."""
+        return (self.model, self.motion_module, tuple((path, weight) for path, weight in self.loras),
+                self.request.dtype or "float32", self.tokenizer)
+
+
+# ---------------------------------------------------------------- checks shared with `kinema generate`
+
+
+def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found: str | None = None
+                       ) -> tuple[Path, dict[str, Any]]:
+    """`(folder, defaults)`: the model's path (`kinema.bundled.resolve_model`, `not_found` its words for a missing
+    one) and the values its kinema.json "defaults" give the request fields named in `unset` (those it has). One
+    KinemaError line for a missing model or a default scheduler kinema does not know."""
+    folder = resolve_model(model, not_found)
+    found = model_defaults(folder) if folder.is_dir() else {}
+    chosen = {key: found[key] for key in unset if key in found}
+    if chosen.get("scheduler", next(iter(SCHEDULERS))) not in SCHEDULERS:
+        raise KinemaError(f"{folder / 'kinema.json'}: default scheduler {chosen['scheduler']!r} is not one kinema "
+                          f"knows ({', '.join(SCHEDULERS)})")
+    return folder, chosen
+
+
+def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
+    """One KinemaError line when `data` is over `max_bytes` or is not an image PIL can read (a text file named
+    .png is not an image)."""
+    if len(data) > max_bytes:
+        raise KinemaError(f"the {what} is {len(data)} bytes, over the limit of {max_bytes} bytes; send a smaller "
+                          "image (or raise the upload limit)")
+    import io
+
+    _verify_image(lambda: io.BytesIO(data), what)
+
+
+def check_image_file(path: str | os.PathLike, what: str = "image") -> None:
+    """One KinemaError line when the file `path` is not an image PIL can read."""
+    _verify_image(lambda: os.fspath(path), f"{what} {path}")
+
+
+def _verify_image(opener: Any, what: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(opener()) as image:
+            image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-generation
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        detail = "" if isinstance(err, UnidentifiedImageError) else f" ({shorten(str(err), 80)})"
+        raise KinemaError(f"the {what} is not an image{detail}; give a PNG, JPEG or WebP file") from None
+
+
+def _video_size(path: Path) -> tuple[int, int]:
+    """`(height, width)` of an input video (or frames folder) from its first frame, without torch."""
+    from PIL import Image
+
+    try:
+        if path.is_dir():
+            first = min((p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")), default=None)
+            if first is None:
+                raise KinemaError(f"the video folder {path} holds no PNG or JPEG frames")
+            with Image.open(first) as image:
+                return image.height, image.width
+        if path.suffix.lower() in (".gif", ".webp", ".png"):
+            with Image.open(path) as image:
+                return image.height, image.width
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.height, stream.codec_context.width
+    except (OSError, IndexError, ValueError) as err:
+        raise KinemaError(f"cannot read the video {path}: {shorten(str(err), 120)}") from None
+
+
+# ---------------------------------------------------------------- from plain data
+
+
+def _unknown_key(key: Any, known: Iterable[str], within: str = "") -> KinemaError:
+    known = tuple(known)
+    near = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
+    return KinemaError(f"{within}{': ' if within else ''}unknown key {key!r}; {hint}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _integer(value: Any, key: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KinemaError(f"{key} must be a whole number, got {_type_name(value)} {value!r}")
+    if value < minimum:
+        raise KinemaError(f"{key} must be at least {minimum}, got {value}")
+    return value
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise KinemaError(f"{key} must be a finite number, got {_type_name(value)} {value!r}")
+    return float(value)
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise KinemaError(f"{key} must be text, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise KinemaError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _seeds(data: Mapping[str, Any]) -> list[int]:
+    """The job's seeds, -1 drawn at random here (so the settings record the seed used)."""
+    if "seed" in data and "seeds" in data:
+        raise KinemaError("give seed or seeds, not both")
+    key = "seed" if "seed" in data else "seeds"
+    value = data.get(key, 0)
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise KinemaError(f"{key} is an empty list; give at least one seed (one video per seed)")
+    seeds = []
+    for seed in values:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise KinemaError(f"{key} must be a whole number or a list of them, got {_type_name(seed)} "
+                              f"{seed!r}")
+        if seed == RANDOM_SEED:
+            seed = secrets.randbelow(RANDOM_SEED_LIMIT)
+        elif not 0 <= seed <= MAX_SEED:
+            raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED}), "
+                              "or -1 for a random one")
+        seeds.append(seed)
+    if len(set(seeds)) != len(seeds):
+        raise KinemaError(f"a seed is given more than once ({seeds}), which would make the same video twice")
+    return seeds
+
+
+def _settings_object(value: Any, key: str, kind: type) -> Any:
+    """A ContextSettings / FreeInitSettings from a mapping of its fields (each checked against the default's
+    type)."""
+    if not isinstance(value, Mapping):
+        raise KinemaError(f"{key} must be an object of settings ({{...}}), got {_type_name(value)}")
+    known = {f.name: f.default for f in fields(kind)}
+    checked: dict[str, Any] = {}
+    for name, item in value.items():
+        if name not in known:
+            raise _unknown_key(name, known, key)
+        default = known[name]
+        if isinstance(default, bool):
+            if not isinstance(item, bool):
+                raise KinemaError(f"{key}.{name} must be true or false, got {item!r}")
+        elif isinstance(default, int):
+            item = _integer(item, f"{key}.{name}", minimum=0)
+        elif isinstance(default, float):
+            item = _number(item, f"{key}.{name}")
+        else:
+            item = _text(item, f"{key}.{name}")
+        checked[name] = item
+    return kind(**checked)
+
+
+def _path(value: Any, key: str, base: Path, models_dir: Path | None, what: str) -> str:
+    """An existing path, relative ones against `base` then `models_dir`; absolute as a string."""
+    text = _text(value, key)
+    if not text:
+        raise KinemaError(f"{key} is empty; give the {what}'s path")
+    for folder in (base, models_dir):
+        if folder is not None and (folder / text).exists():
+            return os.path.abspath(folder / text)
+    raise KinemaError(f"no such {what}: {text}")
+
+
+def _model(value: Any, base: Path, models_dir: Path | None) -> str:
+    """A model path (absolute), or a bundled model's name as it is."""
+    text = _text(value, "model")
+    if not text.strip():
+        raise KinemaError("model is empty; give a model folder or file, or a bundled model's name")
+    for folder in (base, models_dir):
+        if folder is not None and (folder / text).exists():
+            return os.path.abspath(folder / text)
+    if is_bundled_name(text):
+        resolve_model(text)  # a bundled name whose folder this install lacks says so
+        return text
+    resolve_model(text, f"no such model file or folder: {text}")  # raises, listing the bundled models
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, float]]:
+    form = 'a list of [path, weight] pairs or {"path": ..., "weight": ...} objects'
+    if not isinstance(value, list):
+        raise KinemaError(f"loras must be {form}, got {_type_name(value)}")
+    loras = []
+    for entry in value:
+        if isinstance(entry, Mapping):
+            unknown = [key for key in entry if key not in ("path", "weight")]
+            if unknown:
+                raise _unknown_key(unknown[0], ("path", "weight"), "loras")
+            path, weight = entry.get("path"), entry.get("weight", 1.0)
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            path, weight = entry
+        else:
+            raise KinemaError(f"each LoRA is {form}, got {entry!r}")
+        loras.append((_path(path, "LoRA path", base, models_dir, "LoRA file"),
+                      _number(weight, "LoRA weight")))
+    return loras
+
+
+def _prompt(value: Any) -> str | dict[str, Any]:
+    """A prompt: text, a schedule mapping, or a schedule as JSON text (starting with "{")."""
+    if isinstance(value, Mapping):
+        return {str(key): item for key, item in value.items()}
+    text = _text(value, "prompt")
+    if text.strip().startswith("{"):
+        parse_prompt_schedule(text, 10**9)  # one-line errors for bad JSON and repeated keys
+        return dict(json.loads(text))
+    return text
+
+
+def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir: str | os.PathLike | None = None,
+                     base: str | os.PathLike | None = None) -> Job:
+    """Build and check a Job from plain data (JSON body, JSONL line, YAML entry, web form).
+
+    Keys (`JOB_KEYS`): model (default kinema-tiny), motion_module, loras ([[path, weight], ...] or
+    [{"path": ..., "weight": ...}]), tokenizer, and the GenerationRequest fields (prompt, negative_prompt, frames,
+    height, width, steps, guidance, scheduler, seeds, seed (int, list, or -1 for a random one), image, end_image,
+    resize, video, strength, extend_frames, fps, context {...}, free_init (iterations, or {...}), ...). Unset
+    height/width/frames/steps/guidance/scheduler take the model's kinema.json defaults (as `kinema generate` does);
+    with an input video, the size is the video's. Relative paths resolve against `base` (default: the current
+    folder), then `models_dir`; a model name that is no path is a bundled model's. Random seeds (-1) are drawn
+    here, so job.settings() records the seeds actually used.
+
+    Raises KinemaError with one line starting with `where`: unknown key (naming the nearest valid key), wrong type,
+    missing model/motion-module/LoRA/image file, an image file that is not an image, and request.check()'s limits,
+    all before any model loads.
+    """
+    try:
+        return _job(data, Path(base) if base is not None else Path.cwd(),
+                    Path(models_dir) if models_dir is not None else None)
+    except KinemaError as err:
+        raise KinemaError(f"{where}: {err}") from None
+
+
+def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
+    if not isinstance(data, Mapping):
+        raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
+    for key in data:
+        if key not in JOB_KEYS:
+            raise _unknown_key(key, JOB_KEYS)
+    model = _model(data.get("model", DEFAULT_MODEL), base, models_dir)
+    motion_module = None if data.get("motion_module") is None else _path(
+        data["motion_module"], "motion_module", base, models_dir, "motion module")
+    tokenizer = None if data.get("tokenizer") is None else _path(
+        data["tokenizer"], "tokenizer", base, models_dir, "tokenizer")
+    loras = _loras(data.get("loras") or [], base, models_dir)
+
+    given: dict[str, Any] = {}
+    for key in _INT_FIELDS:
+        if data.get(key) is not None:
+            given[key] = _integer(data[key], key)
+    for key in _NUMBER_FIELDS:
+        if data.get(key) is not None:
+            given[key] = _number(data[key], key)
+    for key in _BOOL_FIELDS:
+        if data.get(key) is not None:
+            if not isinstance(data[key], bool):
+                raise KinemaError(f"{key} must be true or false, got {data[key]!r}")
+            given[key] = data[key]
+    for key in _TEXT_FIELDS:
+        if data.get(key) is not None:
+            given[key] = _text(data[key], key)
+    for key, choices in (("scheduler", SCHEDULERS), ("interpolation", INTERPOLATIONS), ("dtype", DTYPES)):
+        if data.get(key) is not None:
+            given[key] = _choice(data[key], key, choices)
+    if data.get("context") is not None:
+        given["context"] = _settings_object(data["context"], "context", ContextSettings)
+    free_init = data.get("free_init")
+    if free_init is not None:
+        given["free_init"] = (FreeInitSettings(iterations=_integer(free_init, "free_init"))
+                              if not isinstance(free_init, Mapping)
+                              else _settings_object(free_init, "free_init", FreeInitSettings))
+    for key, what in _FILE_FIELDS.items():
+        if data.get(key) is not None:
+            given[key] = _path(data[key], key, base, None, what)
+            if key != "video":
+                check_image_file(given[key], what)
+    given["seeds"] = _seeds(data)
+    prompt = given["prompt"] = _prompt(data.get("prompt", ""))
+
+    video = given.get("video")
+    unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) if key not in given]
+    _, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
+    given.update(defaults)
+    if video is not None and ("height" not in given or "width" not in given):
+        height, width = _video_size(Path(video))
+        given.setdefault("height", height)
+        given.setdefault("width", width)
+    request = GenerationRequest(**given)
+    request.check()
+    if data.get("mode") is not None and data["mode"] != request.mode:
+        raise KinemaError(f"mode is {data['mode']!r} but the inputs make a {request.mode} job; drop mode or fix the "
+                          "inputs (image: image-to-video, video: video-to-video, video + extend_frames: extend)")
+    if request.mode == "text-to-video" and isinstance(prompt, str) and not prompt.strip():
+        raise KinemaError('no prompt: add "prompt": "a red circle moving right" (or a prompt schedule)')
+    if isinstance(prompt, dict) or prompt.strip():
+        # The keyframes must fall within the frames made (an input video's length is not known here).
+        length = request.frames if request.mode in ("text-to-video", "image-to-video") else 10**9
+        parse_prompt_schedule(prompt, length, request.interpolation)
+    return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------- running
+
+
+class FamilyCache:
+    """Keeps loaded models by `Job.model_key()`: `load_family` runs once per key (`loads` counts its calls).
+    `max_models` bounds how many stay loaded (the least recently used goes first; None keeps all); `device` is
+    where they load. Safe to share between threads: a key is loaded by one of them while the others wait."""
+
+    def __init__(self, *, max_models: int | None = None, device: Any = "cpu") -> None:
+        if max_models is not None and max_models < 1:
+            raise KinemaError(f"max_models must be at least 1 (or None for no limit), got {max_models}")
+        self.max_models = max_models
+        self.device = device
+        self.loads = 0
+        self._families: OrderedDict[tuple, VideoFamily] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job: Job) -> VideoFamily:
+        """The model serving `job`, loaded on first use."""
+        key = job.model_key()
+        with self._lock:
+            if key in self._families:
+                self._families.move_to_end(key)
+                return self._families[key]
+            from kinema.pipelines.load import load_family
+
+            if self.max_models is not None:
+                while len(self._families) >= self.max_models:  # free memory before the next model takes it
+                    self._families.popitem(last=False)
+            family = load_family(job.model, motion_module=job.motion_module, loras=job.loras,
+                                 dtype=job.request.dtype or "float32", device=self.device, tokenizer=job.tokenizer)
+            self.loads += 1
+            self._families[key] = family
+            return family
+
+
+def video_names(seeds: Iterable[int]) -> list[str]:
+    """The file name of each seed's video in a job's folder: `video-seedS.mp4`."""
+    return [f"video-seed{seed}{VIDEO_SUFFIX}" for seed in seeds]
+
+
+def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: StepCallback | None = None,
+            progress: bool = False, overwrite: bool = False) -> list[Path]:
+    """Generate `job`'s videos (one per seed) and write them into the folder `out`, created whole or not at all:
+    `video-seedS.mp4` each (settings inside each file and in its sidecar, as `kinema generate` writes them),
+    `job.json` = job.settings() and `report.json`, the run's report.
+
+    `callback(step, timestep, latents)` is generate()'s step callback: it may raise `Cancelled` to stop the job
+    (nothing is written then). `overwrite` replaces an earlier job folder kinema wrote (never anything else); the
+    output policy is checked before the model loads. Returns the video paths.
+    """
+    from kinema.fileio import atomic_folder, check_output
+
+    out = Path(out)
+    inputs = [path for path in (job.request.image, job.request.end_image, job.request.video)
+              if isinstance(path, (str, os.PathLike))]
+    check_output(out, JOB_OUTPUT_KIND, folder=True, overwrite=overwrite, inputs=inputs)
+    family = cache.get(job)
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.outputs import write_result
+
+    result = generate(family, job.request, callback=callback, progress=progress)
+    seeds = [int(seed) for seed in job.request.seeds]
+    names = video_names(seeds)
+    with atomic_folder(out, JOB_OUTPUT_KIND, overwrite=overwrite, inputs=inputs) as folder:
+        # write_result names one seed's video `out` itself and several `STEM-seedS`: both give video-seedS.mp4.
+        target = folder / (names[0] if len(seeds) == 1 else f"video{VIDEO_SUFFIX}")
+        write_result(result, target, fps=job.request.fps)
+        (folder / JOB_FILE).write_text(json.dumps(job.settings(), indent=2) + "\n")
+        (folder / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
+    return [out / name for name in names]
+
+
+__all__ = ["GENERATE_DEFAULTS", "INPUT_DEFAULTS", "JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job",
+           "check_image_bytes", "check_image_file", "job_from_mapping", "model_defaults_for", "run_job",
+           "video_names"]

@@ -1,0 +1,194 @@
+"""kinema.pipelines.jobs: a job from plain data (checked, with the model's defaults and drawn seeds), one-line
+refusals before any model loads, and run_job's folder on the bundled kinema-tiny, compared with generate() called
+directly on a separately loaded model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kinema.bundled import bundled_model_path, model_defaults
+from kinema.data.video_io import read_sidecar, read_video
+from kinema.errors import KinemaError
+from kinema.fileio import output_kind
+from kinema.pipelines.jobs import (
+    JOB_KEYS,
+    MAX_SEED,
+    Cancelled,
+    FamilyCache,
+    check_image_bytes,
+    job_from_mapping,
+    run_job,
+)
+from kinema.pipelines.request import ContextSettings, GenerationRequest
+
+SMALL = {"frames": 8, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def cache() -> FamilyCache:
+    return FamilyCache()
+
+
+def png_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_unset_fields_take_the_model_defaults_and_settings_read_back_into_the_same_job():
+    defaults = model_defaults(bundled_model_path("kinema-tiny"))
+    job = job_from_mapping({"prompt": "a red circle moving right", "seed": -1, "frames": 8})
+    assert job.model == "kinema-tiny" and job.loras == [] and job.motion_module is None
+    assert (job.request.height, job.request.width, job.request.steps) == (defaults["height"], defaults["width"],
+                                                                         defaults["steps"])
+    assert (job.request.guidance, job.request.scheduler, job.request.frames) == (defaults["guidance"],
+                                                                                defaults["scheduler"], 8)
+    [seed] = job.request.seeds
+    assert 0 <= seed < 2**32  # drawn here, and recorded
+    settings = json.loads(json.dumps(job.settings()))
+    assert settings["seeds"] == [seed] and settings["model"] == "kinema-tiny"
+    assert job_from_mapping(settings) == job
+    context = job_from_mapping({"prompt": "a cat", "context": {"length": 8, "closed_loop": True}, "seed": [3, 4]})
+    assert context.request.context == ContextSettings(length=8, closed_loop=True)
+    assert list(context.request.seeds) == [3, 4]
+    assert job_from_mapping(context.settings()) == context
+
+
+def test_equal_settings_share_a_model_key_and_dtype_or_loras_make_another(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+    a = job_from_mapping({"prompt": "a cat", "seed": 1})
+    assert a.model_key() == job_from_mapping({"prompt": "a dog", "steps": 3}).model_key()
+    assert a.model_key() != job_from_mapping({"prompt": "a cat", "dtype": "bfloat16"}).model_key()
+    with_lora = job_from_mapping({"prompt": "a cat", "loras": [{"path": "style.safetensors", "weight": 0.5}]},
+                                 base=tmp_path)
+    assert with_lora.loras == [(str(lora), 0.5)] and with_lora.model_key() != a.model_key()
+    assert job_from_mapping({"prompt": "a cat", "loras": [[str(lora), 0.5]]}).loras == with_lora.loras
+
+
+def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
+    models, configs = tmp_path / "models", tmp_path / "configs"
+    models.mkdir(), configs.mkdir()
+    (models / "mm.ckpt").write_bytes(b"x")
+    (configs / "start.png").write_bytes(png_bytes())
+    job = job_from_mapping({"prompt": "a cat", "motion_module": "mm.ckpt", "image": "start.png"},
+                           base=configs, models_dir=models)
+    assert job.motion_module == str(models / "mm.ckpt") and job.request.image == str(configs / "start.png")
+    assert job.request.mode == "image-to-video"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"promt": "a cat"}, "job: unknown key 'promt'; did you mean 'prompt'?"),
+    ({"prompt": "a cat", "context": {"lenght": 8}}, "job: context: unknown key 'lenght'; did you mean 'length'?"),
+    ({"prompt": "a cat", "loras": [{"path": "x", "wieght": 1}]}, "unknown key 'wieght'; did you mean 'weight'?"),
+    ({"prompt": "a cat", "steps": "ten"}, "job: steps must be a whole number, got str 'ten'"),
+    ({"prompt": "a cat", "guidance": True}, "job: guidance must be a finite number, got bool True"),
+    ({"prompt": "a cat", "scheduler": "eulr"}, "job: unknown scheduler 'eulr'; choose one of"),
+    ({"prompt": "a cat", "seed": 2**64}, f"job: seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
+    ({"prompt": "a cat", "seed": [1, 1]}, "a seed is given more than once"),
+    ({"prompt": "a cat", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
+    ({"prompt": "a cat", "guidance": 0.5}, "job: guidance must be at least 1"),
+    ({"prompt": " "}, "job: no prompt"),
+    ({"prompt": {"0": "a cat", "20": "a dog"}, "frames": 8}, "job: prompt schedule key '20' is out of range"),
+    ({"prompt": "a cat", "model": "kinema-huge"}, "job: no such model file or folder: kinema-huge; a model is"),
+    ({"prompt": "a cat", "motion_module": "missing.ckpt"}, "job: no such motion module: missing.ckpt"),
+    ({"prompt": "a cat", "loras": [["missing.safetensors", 1.0]]}, "job: no such LoRA file: missing.safetensors"),
+    ({"prompt": "a cat", "image": "missing.png"}, "job: no such image: missing.png"),
+    ({"prompt": "a cat", "mode": "extend"}, "mode is 'extend' but the inputs make a text-to-video job"),
+    ([1, 2], "job: a job is an object of settings"),
+])
+def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
+    with pytest.raises(KinemaError) as caught:
+        job_from_mapping(data, base=tmp_path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_request_field_is_a_job_key():
+    from dataclasses import fields
+
+    assert {f.name for f in fields(GenerationRequest)} < set(JOB_KEYS)
+
+
+def test_the_largest_seed_is_torchs_largest():
+    torch.Generator().manual_seed(MAX_SEED)
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator().manual_seed(MAX_SEED + 1)
+    assert list(job_from_mapping({"prompt": "a cat", "seed": MAX_SEED}).request.seeds) == [MAX_SEED]
+
+
+def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
+    check_image_bytes(png_bytes(), max_bytes=10_000)
+    with pytest.raises(KinemaError, match=r"^the start image is \d+ bytes, over the limit of 100 bytes"):
+        check_image_bytes(png_bytes(), max_bytes=100, what="start image")
+    with pytest.raises(KinemaError, match="^the image is not an image; give a PNG, JPEG or WebP file$"):
+        check_image_bytes(b"hello, I am text", max_bytes=10_000)
+    with pytest.raises(KinemaError, match="the image is not an image"):
+        check_image_bytes(png_bytes()[:60], max_bytes=10_000)  # a truncated PNG
+    (tmp_path / "cat.png").write_text("not a picture")
+    with pytest.raises(KinemaError, match=r"^job: the image .*cat.png is not an image"):
+        job_from_mapping({"prompt": "a cat", "image": "cat.png"}, base=tmp_path)
+
+
+def test_run_job_writes_the_videos_and_settings_that_generate_makes(tmp_path, cache):
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.outputs import write_result
+
+    job = job_from_mapping({"prompt": "a blue square moving left", "seed": [5, 7], **SMALL})
+    paths = run_job(job, tmp_path / "job", cache=cache)
+    assert paths == [tmp_path / "job" / "video-seed5.mp4", tmp_path / "job" / "video-seed7.mp4"]
+    assert output_kind(tmp_path / "job") == "job"
+    assert json.loads((tmp_path / "job" / "job.json").read_text()) == job.settings()
+    assert json.loads((tmp_path / "job" / "report.json").read_text())["frames"] == 8
+    # The reference: generate() on its own load of the model, written by write_result as `kinema generate` does.
+    reference = generate(load_family("kinema-tiny"), job.request, progress=False)
+    expected = write_result(reference, tmp_path / "reference.mp4", fps=job.request.fps)
+    for path, other, seed in zip(paths, expected, (5, 7), strict=True):
+        assert np.array_equal(read_video(path).frames.numpy(), read_video(other).frames.numpy())
+        assert read_sidecar(path)["seed"] == seed and read_sidecar(path)["prompt"] == "a blue square moving left"
+    assert cache.loads == 1
+    run_job(job_from_mapping({"prompt": "a red circle", "seed": 1, **SMALL}), tmp_path / "again", cache=cache)
+    assert cache.loads == 1  # the same model key: no second load
+
+
+def test_an_existing_folder_is_refused_before_loading_and_a_cancelled_job_leaves_nothing(tmp_path, cache):
+    job = job_from_mapping({"prompt": "a red circle", **SMALL})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    fresh = FamilyCache()
+    with pytest.raises(KinemaError, match="already exists and kinema did not write it"):
+        run_job(job, tmp_path / "mine", cache=fresh)
+    assert fresh.loads == 0
+
+    def stop(step, timestep, latents):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run_job(job, tmp_path / "cancelled", cache=cache, callback=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_the_cache_keeps_at_most_max_models(monkeypatch):
+    import kinema.pipelines.load as load
+
+    monkeypatch.setattr(load, "load_family", lambda model, **options: object())
+    cache = FamilyCache(max_models=1)
+    cat, small = job_from_mapping({"prompt": "a cat"}), job_from_mapping({"prompt": "a cat", "dtype": "bfloat16"})
+    first = cache.get(cat)
+    assert cache.get(cat) is first and cache.loads == 1
+    cache.get(small)
+    assert cache.get(cat) is not first and cache.loads == 3
+
+
+def test_the_video_size_of_a_video_job_is_the_inputs(tmp_path):
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((4, 40, 48, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
+    job = job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "strength": 0.5}, base=Path(tmp_path))
+    assert (job.request.height, job.request.width, job.request.mode) == (40, 48, "video-to-video")
