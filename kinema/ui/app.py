@@ -1,0 +1,397 @@
+"""The web app (`kinema ui`): a gradio Blocks page over kinema.pipelines.jobs.
+
+Every generation is a job: the form becomes a mapping (kinema.ui.form), `job_from_mapping` checks it (the same
+one-line refusals as the CLI and the HTTP API, shown as a gradio error), and `run_job` makes it into a folder of its
+own under the outputs folder with one `FamilyCache`, so a model loads once however many jobs it serves. The job runs
+in a worker thread; the event handler, a generator, relays its step callbacks as gradio progress and latent previews
+(kinema.ui.preview), and its kinema warnings as gradio warnings. Generations share gradio's queue:
+`concurrency` of them run at once, and the light events (scans, gallery, settings) do not wait behind them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from kinema.bundled import DEFAULT_MODEL
+from kinema.errors import KinemaError, library_error_message, os_error_message
+from kinema.log import LOGGER_NAME
+from kinema.pipelines.jobs import (
+    GENERATE_DEFAULTS,
+    Cancelled,
+    FamilyCache,
+    Job,
+    job_from_mapping,
+    model_defaults_for,
+    run_job,
+)
+from kinema.pipelines.request import GenerationRequest
+from kinema.sampling.schedulers import SCHEDULERS
+from kinema.ui.form import EXTEND, IMAGE_TO_VIDEO, TEXT_TO_VIDEO, VIDEO_TO_VIDEO, form_to_mapping, settings_to_form
+from kinema.ui.gallery import GalleryEntry, new_job_folder, read_gallery
+from kinema.ui.models import ModelChoices, scan_models
+from kinema.ui.preview import latent_preview
+
+logger = logging.getLogger(__name__)
+
+LORA_SLOTS = 3
+TABS = ((TEXT_TO_VIDEO, "Text to Video"), (IMAGE_TO_VIDEO, "Image to Video"), (EXTEND, "Long video / Extend"),
+        (VIDEO_TO_VIDEO, "Video to Video"))
+FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
+NO_CHOICE = ""
+MAX_SEED_DRAWN = 2**32 - 1  # seeds the random button draws: exact as JavaScript numbers (see jobs.RANDOM_SEED_LIMIT)
+
+
+# ---------------------------------------------------------------- plain helpers (no gradio state)
+
+
+def form_defaults(model: str) -> dict[str, Any]:
+    """The size, frames, steps, guidance and scheduler the form shows for `model`: its kinema.json defaults where it
+    has them, else the library's (`GenerationRequest`), as `kinema generate` fills unset options."""
+    library = GenerationRequest()
+    values = {"height": library.height, "width": library.width, "frames": library.frames, "steps": library.steps,
+              "guidance": library.guidance, "scheduler": FAMILY_DEFAULT}
+    _, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
+    values.update(defaults)
+    return values
+
+
+def expected_steps(job: Job) -> int | None:
+    """How many step callbacks the job makes, for the progress bar (None for extend: its segment count follows
+    the model's window)."""
+    request = job.request
+    if request.mode == EXTEND:
+        return None
+    steps = request.steps * (request.free_init.iterations if request.free_init else 1)
+    if request.mode == VIDEO_TO_VIDEO:
+        steps = max(1, round(request.steps * request.strength))
+    return steps
+
+
+def error_message(err: BaseException) -> str:
+    """The one line a failed job shows: kinema's own message, else the library's wording of the error."""
+    if isinstance(err, KinemaError):
+        return str(err)
+    if isinstance(err, OSError):
+        return os_error_message(err)
+    return library_error_message(err)
+
+
+def check_form(values: dict[str, Any], models_dir: str | os.PathLike | None) -> Job:
+    """The job of the form `values`, checked by `job_from_mapping` (KinemaError: one line, as the CLI and API say
+    it)."""
+    return job_from_mapping(form_to_mapping(values), where="form", models_dir=models_dir)
+
+
+class _WarningsOf(logging.Handler):
+    """Collects the kinema warnings one thread logs (the job's worker), to show them to that job's user only."""
+
+    def __init__(self, events: queue.Queue) -> None:
+        super().__init__(logging.WARNING)
+        self.events = events
+        self.thread_id: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread_id:
+            self.events.put(("warning", " ".join(record.getMessage().split())))
+
+
+def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event) -> Iterator[tuple[str, Any]]:
+    """Run `job` into `out` on a worker thread and yield what happens, in order: ("step", preview image) per
+    sampling step, ("warning", text) per kinema warning, then one of ("done", video paths), ("stopped", None) or
+    ("error", exception). Setting `stop` (or closing this generator) stops the job at its next step."""
+    events: queue.Queue = queue.Queue()
+    warnings = _WarningsOf(events)
+
+    def callback(step: int, timestep: Any, latents: Any) -> None:
+        if stop.is_set():
+            raise Cancelled()
+        events.put(("step", latent_preview(latents)))
+
+    def work() -> None:
+        warnings.thread_id = threading.get_ident()
+        try:
+            events.put(("done", run_job(job, out, cache=cache, callback=callback)))
+        except Cancelled:
+            events.put(("stopped", None))
+        except BaseException as err:  # reported to the user; the worker thread must not die silently
+            events.put(("error", err))
+
+    kinema_logger = logging.getLogger(LOGGER_NAME)
+    kinema_logger.addHandler(warnings)
+    worker = threading.Thread(target=work, name="kinema-ui-job", daemon=True)
+    try:
+        worker.start()
+        while True:
+            kind, payload = events.get()
+            yield kind, payload
+            if kind in ("done", "stopped", "error"):
+                return
+    finally:
+        stop.set()  # the page went away or the generator was closed: stop sampling at the next step
+        worker.join()
+        kinema_logger.removeHandler(warnings)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def _choices(entries: list[tuple[str, str]], none: str | None = None) -> list[tuple[str, str]]:
+    return ([(none, NO_CHOICE)] if none is not None else []) + entries
+
+
+def _scan_note(scan: ModelChoices, models_dir: Path | None) -> str:
+    where = f"`{models_dir}`" if models_dir is not None else "no models folder"
+    note = (f"Models folder: {where} — {len(scan.models)} models, {len(scan.motion_modules)} motion modules, "
+            f"{len(scan.loras)} LoRAs.")
+    if scan.skipped:
+        note += f" Skipped {len(scan.skipped)}: " + "; ".join(f"`{label}` ({why})" for label, why in scan.skipped[:5])
+    return note
+
+
+def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os.PathLike = "out/ui", *,
+              concurrency: int = 1, cache: FamilyCache | None = None) -> gr.Blocks:
+    """The web app as a gradio Blocks page, its queue set to run `concurrency` generations at once.
+
+    Args:
+        models_dir: the folder the model, motion module and LoRA pickers scan (the bundled models are always
+            offered); None: the bundled models alone.
+        outputs_dir: where each generation's job folder goes (created on first use) and the gallery reads from.
+        concurrency: generations that run at once; the others wait in gradio's queue.
+        cache: the loaded models, shared by every job (default: a new `FamilyCache`).
+    Serve it with `launch_app`, which lets gradio serve the videos of `outputs_dir`.
+    """
+    models_path = Path(models_dir) if models_dir is not None else None
+    outputs = Path(outputs_dir)
+    family_cache = cache if cache is not None else FamilyCache()
+    stops: dict[str, threading.Event] = {}
+    scan = scan_models(models_path)
+    start = form_defaults(DEFAULT_MODEL)
+    scheduler_choices = [("the model's default", FAMILY_DEFAULT)] + [(name, name) for name in SCHEDULERS]
+
+    with gr.Blocks(title="kinema", analytics_enabled=False) as app:
+        gr.Markdown("# kinema\nText, image and video to video with AnimateDiff and EasyAnimate V3 models. "
+                    "It starts on the bundled model; add your own with `kinema ui --models-dir DIR`.")
+        mode = gr.State(TEXT_TO_VIDEO)
+        gallery_settings = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                    placeholder="a red circle moving right (or a prompt schedule as JSON: "
+                                                "{\"0\": \"...\", \"16\": \"...\"})")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                with gr.Tabs(selected=TEXT_TO_VIDEO) as tabs:
+                    tab_blocks = {}
+                    with gr.Tab(TABS[0][1], id=TEXT_TO_VIDEO) as tab_blocks[TEXT_TO_VIDEO]:
+                        gr.Markdown("A video from the prompt alone. Frames past the model's window are made with "
+                                    "context windows.")
+                    with gr.Tab(TABS[1][1], id=IMAGE_TO_VIDEO) as tab_blocks[IMAGE_TO_VIDEO]:
+                        with gr.Row():
+                            image = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"])
+                            end_image = gr.Image(label="End image (optional)", type="filepath",
+                                                 sources=["upload", "clipboard"])
+                        resize = gr.Checkbox(label="Resize the images to the video's size", value=True)
+                    with gr.Tab(TABS[2][1], id=EXTEND) as tab_blocks[EXTEND]:
+                        extend_video = gr.Video(label="Video to continue", sources=["upload"], include_audio=True)
+                        extend_frames = gr.Number(label="Frames to append", value=16, precision=0, minimum=1)
+                    with gr.Tab(TABS[3][1], id=VIDEO_TO_VIDEO) as tab_blocks[VIDEO_TO_VIDEO]:
+                        v2v_video = gr.Video(label="Input video", sources=["upload"], include_audio=True)
+                        strength = gr.Slider(label="Strength (how much of the input is noised away)", minimum=0.05,
+                                             maximum=1.0, step=0.05, value=0.6)
+                with gr.Accordion("Model", open=True):
+                    with gr.Row():
+                        model = gr.Dropdown(label="Model", choices=scan.models, value=DEFAULT_MODEL,
+                                            allow_custom_value=True, elem_id="model", scale=3)
+                        motion_module = gr.Dropdown(label="Motion module (SD1.5 models)",
+                                                    choices=_choices(scan.motion_modules, "none"), value=NO_CHOICE,
+                                                    allow_custom_value=True, scale=3)
+                        rescan = gr.Button("Rescan models folder", scale=1)
+                    lora_paths, lora_weights = [], []
+                    for slot in range(LORA_SLOTS):
+                        with gr.Row():
+                            lora_paths.append(gr.Dropdown(label=f"LoRA {slot + 1}", value=NO_CHOICE,
+                                                          choices=_choices(scan.loras, "none"),
+                                                          allow_custom_value=True, scale=3))
+                            lora_weights.append(gr.Number(label="weight", value=1.0, step=0.05, scale=1))
+                    scan_note = gr.Markdown(_scan_note(scan, models_path))
+                with gr.Row():
+                    scheduler = gr.Dropdown(label="Sampler", choices=scheduler_choices, value=start["scheduler"])
+                    steps = gr.Number(label="Steps", value=start["steps"], precision=0, minimum=1, elem_id="steps")
+                    guidance = gr.Number(label="Guidance", value=start["guidance"], minimum=1, step=0.5)
+                with gr.Row():
+                    width = gr.Number(label="Width", value=start["width"], precision=0, minimum=8, step=8)
+                    height = gr.Number(label="Height", value=start["height"], precision=0, minimum=8, step=8)
+                    frames = gr.Number(label="Frames", value=start["frames"], precision=0, minimum=1,
+                                       elem_id="frames")
+                with gr.Row():
+                    seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, minimum=-1, elem_id="seed")
+                    random_seed = gr.Button("Random seed", elem_id="random-seed")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=2):
+                preview = gr.Image(label="Latent preview", interactive=False, elem_id="latent-preview", height=256)
+                video = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, elem_id="result-video")
+                status = gr.Markdown(elem_id="status")
+        gr.Markdown("## Earlier results")
+        gallery = gr.Gallery(label="Gallery (select a video to see its settings)", columns=4, height="auto",
+                             interactive=False, elem_id="gallery")
+        with gr.Row():
+            selected_settings = gr.JSON(label="Settings of the selected video", elem_id="selected-settings")
+        with gr.Row():
+            load_settings = gr.Button("Load these settings into the form", elem_id="load-settings")
+            refresh_gallery = gr.Button("Refresh gallery")
+
+        form_fields: dict[str, Any] = {
+            "prompt": prompt, "negative_prompt": negative, "model": model, "motion_module": motion_module,
+            "scheduler": scheduler, "steps": steps, "width": width, "height": height, "frames": frames,
+            "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
+            "v2v_video": v2v_video, "strength": strength, "extend_video": extend_video,
+            "extend_frames": extend_frames,
+        }
+
+        # ---- events
+
+        def gallery_value() -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+            entries: list[GalleryEntry] = read_gallery(outputs)
+            return [(str(entry.video), entry.caption) for entry in entries], [entry.settings for entry in entries]
+
+        def show_gallery() -> tuple[Any, Any]:
+            return gallery_value()
+
+        app.load(show_gallery, outputs=[gallery, gallery_settings], concurrency_limit=None)
+        refresh_gallery.click(show_gallery, outputs=[gallery, gallery_settings], concurrency_limit=None)
+
+        for tab_mode, tab in tab_blocks.items():
+            tab.select(lambda chosen=tab_mode: chosen, outputs=mode, concurrency_limit=None)
+
+        random_seed.click(lambda: int.from_bytes(os.urandom(4), "little") % (MAX_SEED_DRAWN + 1), outputs=seed,
+                          concurrency_limit=None)
+
+        def rescan_models() -> tuple[Any, ...]:
+            found = scan_models(models_path)
+            return (gr.update(choices=found.models), gr.update(choices=_choices(found.motion_modules, "none")),
+                    *[gr.update(choices=_choices(found.loras, "none")) for _ in lora_paths],
+                    _scan_note(found, models_path))
+
+        rescan.click(rescan_models, outputs=[model, motion_module, *lora_paths, scan_note], concurrency_limit=None)
+
+        def model_chosen(chosen: str) -> tuple[Any, ...]:
+            try:
+                defaults = form_defaults(chosen or DEFAULT_MODEL)
+            except KinemaError as err:
+                gr.Warning(str(err))
+                return tuple(gr.skip() for _ in GENERATE_DEFAULTS)
+            return tuple(defaults[key] for key in GENERATE_DEFAULTS)
+
+        # .input, not .change: loading a gallery video's settings sets the model too, and must keep its numbers.
+        model.input(model_chosen, inputs=model, outputs=[form_fields[key] for key in GENERATE_DEFAULTS],
+                    concurrency_limit=None)
+
+        def select_video(settings_list: list[dict[str, Any]], event: gr.SelectData) -> Any:
+            if event.index is None or not 0 <= event.index < len(settings_list):
+                return None
+            return settings_list[event.index]
+
+        gallery.select(select_video, inputs=gallery_settings, outputs=selected_settings, concurrency_limit=None)
+
+        form_outputs = [mode, tabs, *form_fields.values(), *lora_paths, *lora_weights]
+
+        def load_into_form(settings: Any) -> tuple[Any, ...]:
+            if not isinstance(settings, dict):
+                raise gr.Error("select a video in the gallery first")
+            values = settings_to_form(settings)
+            loras = values.pop("loras")
+            if len(loras) > LORA_SLOTS:
+                gr.Warning(f"the video used {len(loras)} LoRAs; the form holds {LORA_SLOTS}, so the first "
+                           f"{LORA_SLOTS} were loaded")
+            loras = (loras + [[NO_CHOICE, 1.0]] * LORA_SLOTS)[:LORA_SLOTS]
+            for key in ("image", "end_image", "v2v_video", "extend_video"):
+                if values.get(key) and not Path(values[key]).is_file():
+                    gr.Warning(f"the {key.replace('_', ' ')} this video was made from is gone; upload it again")
+                    values[key] = None
+            values["motion_module"] = values.get("motion_module") or NO_CHOICE
+            values["scheduler"] = values.get("scheduler") or FAMILY_DEFAULT
+            field_updates = [values[key] if key in values else gr.skip() for key in form_fields]
+            return (values["mode"], gr.Tabs(selected=values["mode"]), *field_updates,
+                    *[path or NO_CHOICE for path, _ in loras], *[weight for _, weight in loras])
+
+        load_settings.click(load_into_form, inputs=selected_settings, outputs=form_outputs, concurrency_limit=None)
+
+        def stop_job(request: gr.Request) -> None:
+            event = stops.get(request.session_hash or "")
+            if event is not None:
+                event.set()
+
+        stop.click(stop_job, concurrency_limit=None)
+
+        # gradio finds its progress tracker by this default value.
+        def generate_video(data: dict[Any, Any], request: gr.Request,
+                           progress: gr.Progress = gr.Progress()  # noqa: B008
+                           ) -> Iterator[dict[Any, Any]]:
+            values = {key: data[component] for key, component in form_fields.items()}
+            values["mode"] = data[mode]
+            values["loras"] = [[data[path], data[weight]] for path, weight in zip(lora_paths, lora_weights,
+                                                                                      strict=True)]
+            try:
+                job = check_form(values, models_path)
+            except KinemaError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            out = new_job_folder(outputs, job.settings())
+            stop_event = threading.Event()
+            session = request.session_hash or ""
+            stops[session] = stop_event
+            total = expected_steps(job)
+            done_steps = 0
+            progress((0, total), desc="loading the model and starting")
+            try:
+                for kind, payload in run_in_worker(job, out, family_cache, stop_event):
+                    if kind == "step":
+                        done_steps += 1
+                        progress((done_steps, total), desc=f"step {done_steps}" + (f" of {total}" if total else ""))
+                        yield {preview: payload, status: f"Sampling: step {done_steps}"}
+                    elif kind == "warning":
+                        gr.Warning(payload)
+                    elif kind == "stopped":
+                        yield {status: "Stopped: nothing was written."}
+                    elif kind == "error":
+                        if not isinstance(payload, (KinemaError, OSError)):
+                            logger.error("job %s failed", out.name, exc_info=payload)
+                        raise gr.Error(error_message(payload), print_exception=False)
+                    else:
+                        items, settings_list = gallery_value()
+                        seeds = ", ".join(str(s) for s in job.request.seeds)
+                        yield {video: str(payload[0]), gallery: items, gallery_settings: settings_list,
+                               selected_settings: settings_list[0] if settings_list else None,
+                               status: f"Done: seed {seeds}, saved in `{out}`."}
+            finally:
+                if stops.get(session) is stop_event:
+                    del stops[session]
+
+        generate_inputs = {mode, *form_fields.values(), *lora_paths, *lora_weights}
+        generate.click(generate_video, inputs=generate_inputs,
+                       outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
+        prompt.submit(generate_video, inputs=generate_inputs,
+                      outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
+    app.queue(default_concurrency_limit=concurrency)
+    return app
+
+
+def launch_app(app: gr.Blocks, *, outputs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860,
+               max_upload_bytes: int | None = 50 * 2**20, block: bool = True, quiet: bool = False) -> None:
+    """Serve `app` at http://HOST:PORT; gradio may serve the videos under `outputs_dir` (the gallery's). `block`:
+    until Ctrl-C (then the server stops); else return once it is up (stop it with `app.close()`)."""
+    Path(outputs_dir).mkdir(parents=True, exist_ok=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("kinema ui listens on %s: anyone who can reach this machine can use it (there is no password)",
+                       host)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, share=False,
+               inbrowser=False, show_error=True, allowed_paths=[str(Path(outputs_dir).resolve())],
+               max_file_size=max_upload_bytes, ssr_mode=False)

@@ -1,0 +1,111 @@
+"""The web app's form as plain data, and its two translations: form values -> the mapping `job_from_mapping` checks
+(so the app refuses bad input with the same line as the CLI and the API), and a job's settings -> form values (the
+gallery's "load settings").
+
+Form values are a dict keyed by `FORM_KEYS`. The tab decides the mode: text-to-video and image-to-video take the
+form's size and frame count; video-to-video and extend keep the input video's size (and video-to-video its length).
+The form holds one seed; a job of several seeds loads back with its first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from kinema.bundled import DEFAULT_MODEL
+from kinema.errors import KinemaError
+from kinema.pipelines.request import MODES
+
+TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
+FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
+             "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
+             "extend_video", "extend_frames")
+# The input video of each mode that takes one: the tabs have a video box each.
+VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}
+_WHOLE_NUMBERS = ("steps", "width", "height", "frames", "seed", "extend_frames")
+_NUMBERS = ("guidance", "strength")
+
+
+def _number(value: Any, whole: bool) -> Any:
+    """A form number as the job wants it: whole numbers as int (sliders and number boxes may give 8.0); anything
+    else as it is, for the job's own one-line refusal."""
+    if whole and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _given(value: Any) -> bool:
+    return value is not None and value != ""
+
+
+def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The job mapping of the form `values` (keys of `FORM_KEYS`; missing or empty ones are left to the job's
+    defaults). One KinemaError line for a tab whose input is missing (no start image, no video)."""
+    mode = values.get("mode") or TEXT_TO_VIDEO
+    if mode not in MODES:
+        raise KinemaError(f"unknown mode {mode!r}; the app's tabs are {', '.join(MODES)}")
+    data: dict[str, Any] = {"mode": mode, "model": values.get("model") or DEFAULT_MODEL,
+                            "prompt": values.get("prompt") or ""}
+    for key in ("negative_prompt", "motion_module", "scheduler"):
+        if _given(values.get(key)):
+            data[key] = values[key]
+    loras = [[path, _number(weight, whole=False)] for path, weight in values.get("loras") or [] if _given(path)]
+    if loras:
+        data["loras"] = loras
+    sized = ("width", "height", "frames") if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO) else ()
+    for key in ("steps", "guidance", "seed", *sized):
+        if _given(values.get(key)):
+            data[key] = _number(values[key], key in _WHOLE_NUMBERS)
+    if mode == IMAGE_TO_VIDEO:
+        if not _given(values.get("image")):
+            raise KinemaError("Image to Video needs a start image: upload one (the end image is optional)")
+        data["image"] = values["image"]
+        if _given(values.get("end_image")):
+            data["end_image"] = values["end_image"]
+        data["resize"] = bool(values.get("resize"))
+    elif mode in VIDEO_KEYS:
+        video = values.get(VIDEO_KEYS[mode])
+        if not _given(video):
+            tab = "Video to Video" if mode == VIDEO_TO_VIDEO else "Long video / Extend"
+            raise KinemaError(f"{tab} needs an input video: upload one")
+        data["video"] = video
+        if mode == VIDEO_TO_VIDEO and _given(values.get("strength")):
+            data["strength"] = _number(values["strength"], whole=False)
+        if mode == EXTEND and _given(values.get("extend_frames")):
+            data["extend_frames"] = _number(values["extend_frames"], whole=True)
+    return data
+
+
+def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Form values (a subset of `FORM_KEYS`) that make the job of `settings` (a job's `settings()`, as job.json
+    and the gallery hold them) again; keys the job's mode does not use are left out, so the form keeps them."""
+    mode = settings.get("mode") if settings.get("mode") in MODES else TEXT_TO_VIDEO
+    prompt = settings.get("prompt", "")
+    values: dict[str, Any] = {
+        "mode": mode,
+        "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
+        "negative_prompt": settings.get("negative_prompt") or "",
+        "model": settings.get("model") or DEFAULT_MODEL,
+        "motion_module": settings.get("motion_module"),
+        "loras": [[path, weight] for path, weight in settings.get("loras") or []],
+        "scheduler": settings.get("scheduler"),
+    }
+    for key in ("steps", "guidance"):
+        if settings.get(key) is not None:
+            values[key] = settings[key]
+    seeds = settings.get("seeds") or [settings.get("seed", 0)]
+    values["seed"] = seeds[0]
+    if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO):
+        values.update({key: settings[key] for key in ("width", "height", "frames") if settings.get(key) is not None})
+    if mode == IMAGE_TO_VIDEO:
+        values.update(image=settings.get("image"), end_image=settings.get("end_image"),
+                      resize=bool(settings.get("resize")))
+    elif mode in VIDEO_KEYS:
+        values[VIDEO_KEYS[mode]] = settings.get("video")
+        if mode == VIDEO_TO_VIDEO:
+            values["strength"] = settings.get("strength")
+        else:
+            values["extend_frames"] = settings.get("extend_frames")
+    return values

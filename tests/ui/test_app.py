@@ -1,0 +1,44 @@
+"""kinema.ui.app without a browser: the page builds, starts on the bundled model's kinema.json defaults, and a job
+run by its worker relays steps, previews and warnings, and stops when asked, leaving nothing written."""
+
+import json
+import threading
+
+import pytest
+
+from kinema.bundled import bundled_model_path
+from kinema.errors import KinemaError
+from kinema.pipelines.jobs import FamilyCache, job_from_mapping
+from kinema.ui.app import build_app, check_form, expected_steps, form_defaults, run_in_worker
+
+
+def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
+    defaults = json.loads((bundled_model_path("kinema-tiny") / "kinema.json").read_text())["defaults"]
+    assert form_defaults("kinema-tiny") == defaults
+    app = build_app(models_dir=None, outputs_dir=tmp_path / "outputs", concurrency=2)
+    config = app.get_config_file()
+    values = {block["props"].get("elem_id"): block["props"].get("value") for block in config["components"]}
+    assert values["model"] == "kinema-tiny"
+    assert (values["steps"], values["frames"]) == (defaults["steps"], defaults["frames"])
+    assert app._queue.default_concurrency_limit == 2
+
+
+def test_a_bad_form_gets_the_jobs_one_line_message():
+    with pytest.raises(KinemaError, match=r"^form: unknown scheduler 'fast'; choose one of ddim, "):
+        check_form({"mode": "text-to-video", "prompt": "a red circle", "scheduler": "fast"}, None)
+
+
+def test_the_worker_relays_steps_and_warnings_and_stops_when_asked(tmp_path):
+    # A prompt outside kinema-tiny's world: the model logs a warning, from the worker thread.
+    job = job_from_mapping({"prompt": "a cat playing the piano", "frames": 8, "steps": 3})
+    assert expected_steps(job) == 3
+    out = tmp_path / "job"
+    stop = threading.Event()
+    seen = []
+    for kind, payload in run_in_worker(job, out, FamilyCache(), stop):
+        seen.append(kind)
+        if kind == "step":
+            assert payload.shape == (256, 256, 3)
+            stop.set()
+    assert seen[-2:] == ["step", "stopped"] and "warning" in seen
+    assert not out.exists()

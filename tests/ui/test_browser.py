@@ -1,0 +1,103 @@
+"""The web app end to end in a real browser: Debian's Chromium, headless, driven by Playwright (nothing downloaded).
+
+The app is launched in this process on a free port with the bundled kinema-tiny; the test types a prompt, makes
+a cheap video (8 frames, 2 steps, 64x64), checks that the <video> element plays it and that the gallery shows it
+with its settings. Screenshots go to $KINEMA_TEST_ARTIFACTS/ui/ when set, else to the test's tmp_path.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import av
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "a red circle moving right"
+# Model load and a 2-step video take a few seconds alone; a loaded CI machine gets ample room.
+GENERATION_TIMEOUT_MS = 180_000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    root = os.environ.get("KINEMA_TEST_ARTIFACTS")
+    folder = Path(root) / "ui" if root else tmp_path / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e .[dev])")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium package (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    from kinema.ui.app import build_app, launch_app
+
+    outputs = tmp_path / "outputs"
+    app = build_app(models_dir=None, outputs_dir=outputs)
+    port = free_port()
+    launch_app(app, outputs_dir=outputs, port=port, block=False, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", outputs
+    finally:
+        app.close()
+
+
+def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(browser, served_app, artifacts):
+    url, outputs = served_app
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.goto(url)
+    page.locator("#prompt textarea").fill(PROMPT)
+    page.locator("#steps input").fill("2")
+    page.locator("#frames input").fill("8")
+    page.locator("#generate").click()
+
+    video = page.locator("#result-video video")
+    video.wait_for(state="attached", timeout=GENERATION_TIMEOUT_MS)
+    page.screenshot(path=str(artifacts / "1-generated.png"), full_page=True)
+    playing = video.evaluate("""async (element) => {
+        element.muted = true;
+        await element.play();
+        const started = element.currentTime;
+        await new Promise((done) => setTimeout(done, 400));
+        return {readyState: element.readyState, duration: element.duration, advanced: element.currentTime !== started,
+                width: element.videoWidth};
+    }""")
+    assert playing["readyState"] >= 2 and playing["duration"] > 0 and playing["advanced"], playing
+    assert playing["width"] == 64
+
+    # What the page shows against what is on disk, read without kinema: PyAV for the video, JSON for the job.
+    folders = [folder for folder in outputs.iterdir() if (folder / "job.json").is_file()]
+    assert len(folders) == 1
+    written = json.loads((folders[0] / "job.json").read_text())
+    assert written["prompt"] == PROMPT and written["frames"] == 8 and written["steps"] == 2
+    with av.open(str(folders[0] / "video-seed0.mp4")) as container:
+        decoded = list(container.decode(video=0))
+    assert len(decoded) == 8 and (decoded[0].width, decoded[0].height) == (64, 64)
+
+    gallery = page.locator("#gallery")
+    gallery.get_by_text(f"{PROMPT} · seed 0 · 8 frames 64x64 · 2 steps").wait_for()
+    gallery.locator("button").filter(has=page.locator("video")).first.click()
+    settings = page.locator("#selected-settings")
+    settings.get_by_text(PROMPT).first.wait_for()
+    page.screenshot(path=str(artifacts / "2-gallery-settings.png"), full_page=True)
+    assert "kinema-tiny" in settings.inner_text()

@@ -1,0 +1,115 @@
+"""The web app's form and gallery without a browser or a model: form values <-> job mappings
+(kinema.ui.form), the outputs folder read back as a gallery (kinema.ui.gallery), and the settings of a gallery
+video loaded back into the form making the same job (`job_from_mapping`, kinema.pipelines.jobs, is the reference:
+what the settings were written from)."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from kinema.errors import KinemaError
+from kinema.pipelines.jobs import JOB_FILE, job_from_mapping
+from kinema.ui.form import FORM_KEYS, form_to_mapping, settings_to_form
+from kinema.ui.gallery import caption, new_job_folder, read_gallery
+
+# What the page holds before anyone touches it (kinema-tiny's defaults), for the keys a loaded video leaves alone.
+BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "model": "kinema-tiny",
+              "motion_module": "", "loras": [], "scheduler": "ddim", "steps": 25, "width": 64, "height": 64,
+              "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
+              "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16}
+
+
+def write_job_folder(outputs, name, settings, videos=True):
+    folder = outputs / name
+    folder.mkdir(parents=True)
+    (folder / JOB_FILE).write_text(json.dumps(settings))
+    if videos:
+        for seed in settings["seeds"]:
+            (folder / f"video-seed{seed}.mp4").write_bytes(b"")  # the gallery lists files; it does not decode them
+    return folder
+
+
+def image_file(path, size=(64, 64)):
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return str(path)
+
+
+def through_the_form(settings):
+    return job_from_mapping(form_to_mapping({**BLANK_FORM, **settings_to_form(settings)}))
+
+
+@pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video", "extend"])
+def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
+    data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
+            "seed": 7, "scheduler": "euler"}
+    if mode == "prompt schedule":
+        data.update(prompt={"0": "a blue square", "4": "a red square"}, frames=8, width=48, height=32)
+    elif mode == "image-to-video":
+        data.update(image=image_file(tmp_path / "start.png"), end_image=image_file(tmp_path / "end.png", (32, 32)),
+                    resize=True, frames=8)
+    elif mode == "video-to-video":
+        data.update(video=image_file(tmp_path / "clip.gif"), strength=0.35)
+    elif mode == "extend":
+        data.update(video=image_file(tmp_path / "clip.gif"), extend_frames=12)
+    job = job_from_mapping(data)
+    write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
+
+    [entry] = read_gallery(tmp_path / "outputs")
+
+    assert entry.settings == job.settings()
+    assert through_the_form(entry.settings).settings() == job.settings()
+
+
+def test_a_job_of_several_seeds_is_one_gallery_entry_per_video_newest_job_first(tmp_path):
+    outputs = tmp_path / "outputs"
+    older = job_from_mapping({"prompt": "a red circle", "seed": [3, 4]}).settings()
+    newer = job_from_mapping({"prompt": "a green triangle", "seed": 5}).settings()
+    write_job_folder(outputs, "b-older", older)
+    newest = write_job_folder(outputs, "a-newer", newer)
+    # newest first by job.json's time, whatever the folder names say
+    os.utime(outputs / "b-older" / JOB_FILE, ns=(10**18, 10**18))
+    os.utime(newest / JOB_FILE, ns=(2 * 10**18, 2 * 10**18))
+    write_job_folder(outputs, "no-videos", newer, videos=False)
+    (outputs / "not-a-job").mkdir()
+    (outputs / "stray.txt").write_text("")
+
+    entries = read_gallery(outputs)
+
+    assert [(entry.video.relative_to(outputs).as_posix(), entry.settings["seeds"]) for entry in entries] == [
+        ("a-newer/video-seed5.mp4", [5]), ("b-older/video-seed3.mp4", [3]), ("b-older/video-seed4.mp4", [4])]
+    assert entries[1].caption == "a red circle · seed 3 · 16 frames 64x64 · 25 steps"
+    assert through_the_form(entries[2].settings).request.seeds == [4]
+
+
+def test_the_form_refuses_a_tab_without_its_input_and_bad_input_as_the_job_does(tmp_path):
+    with pytest.raises(KinemaError, match="Image to Video needs a start image"):
+        form_to_mapping({**BLANK_FORM, "mode": "image-to-video"})
+    with pytest.raises(KinemaError, match="Video to Video needs an input video"):
+        form_to_mapping({**BLANK_FORM, "mode": "video-to-video"})
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    form = {**BLANK_FORM, "mode": "image-to-video", "prompt": "a red circle", "image": str(fake)}
+    with pytest.raises(KinemaError) as from_the_form:
+        job_from_mapping(form_to_mapping(form), where="form")
+    assert str(from_the_form.value) == f"form: the image {fake} is not an image; give a PNG, JPEG or WebP file"
+    with pytest.raises(KinemaError, match="form: steps must be at least 1, got 0"):
+        job_from_mapping(form_to_mapping({**BLANK_FORM, "prompt": "a red circle", "steps": 0.0}), where="form")
+
+
+def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
+    mapping = form_to_mapping({**BLANK_FORM, "prompt": "a red circle", "frames": 8.0, "steps": 2.0, "seed": -1,
+                               "loras": [["", 1.0]]})
+    assert (mapping["frames"], mapping["steps"]) == (8, 2) and type(mapping["frames"]) is int
+    assert "loras" not in mapping  # empty LoRA slots are not LoRAs
+    assert set(settings_to_form(job_from_mapping(mapping).settings())) <= set(FORM_KEYS)
+    assert 0 <= job_from_mapping(mapping).request.seeds[0] < 2**32  # -1: a random seed, drawn by the job
+
+
+def test_new_job_folders_never_collide_with_each_other_or_what_exists(tmp_path):
+    settings = {"prompt": "A Red Circle, moving right!"}
+    first = new_job_folder(tmp_path, settings)
+    second = new_job_folder(tmp_path, settings)
+    assert first.name.endswith("-a-red-circle-moving-right") and second != first
+    assert caption({"prompt": {"0": "x" * 80}, "seeds": [1]}).startswith("x" * 59 + "…")

@@ -1,0 +1,44 @@
+"""kinema.ui.models: the pickers' scan of a models folder, against a folder whose every entry is known by
+construction."""
+
+import os
+
+from tiny_sd import tiny_sd_parts, write_kohya_lora, write_motion_lora, write_motion_module, write_sd_folder
+
+from kinema.ui.models import scan_models
+
+
+def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp_path):
+    root = tmp_path / "models"
+    write_sd_folder(root / "Stable-diffusion" / "tiny-sd", tiny_sd_parts())
+    write_motion_module(root / "mm_tiny_v3.safetensors", version="v3")
+    write_motion_lora(root / "Lora" / "zoom_in.safetensors")
+    write_kohya_lora(root / "Lora" / "style.safetensors")
+    (root / "broken.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+    (root / "notes.txt").write_text("not weights")
+    (root / ".cache").mkdir()
+    write_motion_module(root / ".cache" / "hidden.safetensors")
+
+    found = scan_models(root)
+
+    assert found.models == [("kinema-tiny (bundled)", "kinema-tiny"),
+                            ("Stable-diffusion/tiny-sd/", str(root.resolve() / "Stable-diffusion" / "tiny-sd"))]
+    assert found.motion_modules == [("mm_tiny_v3.safetensors", str(root.resolve() / "mm_tiny_v3.safetensors"))]
+    assert found.loras == [("Lora/style.safetensors", str(root.resolve() / "Lora" / "style.safetensors")),
+                           ("Lora/zoom_in.safetensors", str(root.resolve() / "Lora" / "zoom_in.safetensors"))]
+    assert [label for label, _ in found.skipped] == ["broken.safetensors"]
+    assert "LFS" in found.skipped[0][1] or "pointer" in found.skipped[0][1]
+
+
+def test_without_a_models_folder_the_bundled_model_is_offered(tmp_path):
+    assert scan_models(None).models == [("kinema-tiny (bundled)", "kinema-tiny")]
+    assert scan_models(tmp_path / "missing").models == [("kinema-tiny (bundled)", "kinema-tiny")]
+
+
+def test_a_file_changed_since_the_last_scan_is_described_again(tmp_path):
+    path = write_motion_module(tmp_path / "mm.safetensors", version="v3")
+    assert scan_models(tmp_path).motion_modules
+    write_kohya_lora(path)
+    os.utime(path, ns=(1, 1))  # a new time stamp even on a coarse clock
+    found = scan_models(tmp_path)
+    assert not found.motion_modules and found.loras == [("mm.safetensors", str(path.resolve()))]
