@@ -1,0 +1,511 @@
+"""The FastAPI app of `kinema serve`: jobs in, videos out (see docs/api.md for the endpoints and examples).
+
+    POST   /v1/jobs               queue a job: a JSON object of job fields (kinema.pipelines.jobs.job_from_mapping),
+                                  start/end image as base64 (`image_base64`, `end_image_base64`) or, as
+                                  multipart/form-data, a `job` field holding that JSON plus `image` / `end_image` files
+    GET    /v1/jobs               list jobs, newest first (?status=, ?limit=, ?offset=)
+    GET    /v1/jobs/{id}          a job: status (queued, running, done, failed, cancelled), progress, settings, error
+    GET    /v1/jobs/{id}/result   a done job's video (?seed= for one of several); 409 while it is not done
+    DELETE /v1/jobs/{id}          cancel: a queued job never runs, a running one stops at its next step
+    GET    /v1/health             the server is up, and how many jobs each status has
+    GET    /openapi.json, /docs   the OpenAPI spec (FastAPI's) and its browsable page
+
+Every error is a JSON object `{"detail": "one line"}` with a 4xx status: bad input is 422 (400 for a body that is
+not JSON, 413 over the upload limit, 415 another content type), an unknown job 404, a job in the wrong state 409.
+With an API key, every request (the spec included) needs `Authorization: Bearer KEY`, else 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+
+from kinema import __version__
+from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
+from kinema.api.worker import JobRunner, JobWorker
+from kinema.errors import KinemaError, library_error_message, shorten
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 20
+# Files a job may upload: form field (and `FIELD_base64` JSON key) -> how messages name it.
+UPLOADS = {"image": "start image", "end_image": "end image"}
+# Room in a request body besides its uploads (the job's own fields).
+_BODY_ROOM = 1 << 20
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# ---------------------------------------------------------------- what the API returns
+
+
+class Progress(BaseModel):
+    """Sampling steps done of the job's total (a continuation past the model's window samples in segments, so its
+    total grows as segments start)."""
+
+    step: int
+    total: int
+
+
+class JobView(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    created: str
+    started: str | None
+    finished: str | None
+    progress: Progress
+    cancel_requested: bool
+    error: str | None
+    videos: list[str]
+    settings: dict[str, Any]
+
+
+class JobList(BaseModel):
+    """Jobs, newest first, and how many jobs each status has in all."""
+
+    jobs: list[JobView]
+    counts: dict[str, int]
+
+
+class Health(BaseModel):
+    """The server is up."""
+
+    status: Literal["ok"]
+    version: str
+    counts: dict[str, int]
+
+
+class ErrorBody(BaseModel):
+    """Every error: one line saying what is wrong and how to fix it."""
+
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": words} for code, words in (
+        (400, "the body is not valid JSON"), (401, "missing or wrong API key"), (404, "no such job"),
+        (409, "the job is not in a state that allows this"), (413, "over the upload limit"),
+        (415, "not JSON or multipart/form-data"), (422, "bad job fields or parameters"))}
+
+_JOB_FIELDS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Job fields (kinema.pipelines.jobs.job_from_mapping); unset size, frames, steps, guidance and "
+                   "scheduler take the model's defaults. Unknown keys are refused, naming the nearest valid one.",
+    "properties": {
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "object"}],
+                   "description": "text, or a prompt schedule {frame: text}"},
+        "negative_prompt": {"type": "string"},
+        "model": {"type": "string", "description": "a bundled model's name, a name in --models-dir, or a path"},
+        "motion_module": {"type": "string"},
+        "loras": {"type": "array", "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}]}},
+        "frames": {"type": "integer", "minimum": 1},
+        "height": {"type": "integer", "minimum": 8},
+        "width": {"type": "integer", "minimum": 8},
+        "steps": {"type": "integer", "minimum": 1},
+        "guidance": {"type": "number", "minimum": 1},
+        "scheduler": {"type": "string"},
+        "seed": {"type": "integer", "description": "-1 draws a random seed (recorded in the job's settings)"},
+        "seeds": {"type": "array", "items": {"type": "integer"}, "description": "one video per seed"},
+        "resize": {"type": "boolean", "description": "resize the start image to height x width"},
+        "fps": {"type": "number", "exclusiveMinimum": 0},
+        "image_base64": {"type": "string", "description": "the start image (image-to-video), base64"},
+        "end_image_base64": {"type": "string", "description": "the end image, base64 (needs a start image)"},
+    },
+}
+_SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _JOB_FIELDS_SCHEMA},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["job"], "properties": {
+        "job": {"type": "string", "description": "the job fields as a JSON object"},
+        "image": {"type": "string", "format": "binary", "description": "the start image"},
+        "end_image": {"type": "string", "format": "binary", "description": "the end image"}}}}}}}
+
+
+# ---------------------------------------------------------------- the key and the size limit, before any route
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the API key (compared in constant time) and the request body limit
+    (the declared length, and the bytes actually received for a body sent without one)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.api_key is not None:
+            sent = headers.get(b"authorization", b"")
+            scheme, _, token = sent.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                response = _error_response(401, "missing or wrong API key: send the header `Authorization: Bearer "
+                                                "KEY` with the key kinema serve was started with",
+                                           {"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        too_large = _error_response(413, f"the request body is over the server's limit of {self.max_body} bytes; "
+                                         "send a smaller image (the limit is kinema serve --max-upload-mb)")
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body:
+            if not declared.isdigit():
+                too_large = _error_response(400, "the Content-Length header is not a number")
+            await too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if started:
+                raise
+            await too_large(scope, receive, send)
+
+
+# ---------------------------------------------------------------- reading a submission
+
+
+def _one_line_validation_error(err: RequestValidationError) -> str:
+    parts = []
+    for problem in err.errors()[:3]:
+        where = ".".join(str(part) for part in problem.get("loc", ()))
+        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+    return shorten("; ".join(parts) or "invalid request")
+
+
+def _decode_base64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise KinemaError(f"{what} must be a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise KinemaError(f"{what} is not valid base64; send the file's bytes base64-encoded") from None
+
+
+def _job_object(text: Any) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise KinemaError("the form field `job` must be text: the job fields as a JSON object")
+    try:
+        fields = json.loads(text)
+    except ValueError as err:
+        raise HTTPException(400, f"the form field `job` is not valid JSON: {err}") from None
+    if not isinstance(fields, dict):
+        raise KinemaError("the form field `job` must be a JSON object of job fields, such as {\"prompt\": \"...\"}")
+    return fields
+
+
+async def _read_upload(upload: UploadFile, what: str, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    _check_upload_size(data, what, limit)
+    return data
+
+
+def _check_upload_size(data: bytes, what: str, limit: int) -> None:
+    if len(data) > limit:
+        raise HTTPException(413, f"the {what} is over the server's upload limit of {limit} bytes; send a smaller file "
+                                 "(the limit is kinema serve --max-upload-mb)")
+
+
+async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The job fields and the uploaded files (field -> bytes) of a POST /v1/jobs request."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    uploads: dict[str, bytes] = {}
+    if content_type == "application/json":
+        try:
+            fields = json.loads(await request.body())
+        except ValueError as err:  # also a body that is not UTF-8
+            raise HTTPException(400, f"the body is not valid JSON: {shorten(str(err), 200)}") from None
+        if not isinstance(fields, dict):
+            raise KinemaError("the body must be a JSON object of job fields, such as {\"prompt\": \"a red circle\"}")
+        for name, what in UPLOADS.items():
+            if f"{name}_base64" in fields:
+                uploads[name] = _decode_base64(fields.pop(f"{name}_base64"), f"{name}_base64 (the {what})")
+                _check_upload_size(uploads[name], what, limit)
+        return fields, uploads
+    if content_type == "multipart/form-data":
+        async with request.form(max_files=len(UPLOADS), max_fields=len(UPLOADS) + 1) as form:
+            unknown = sorted(set(form.keys()) - {"job", *UPLOADS})
+            if unknown:
+                raise KinemaError(f"unknown form field {unknown[0]!r}; the form fields are job (the job as JSON), "
+                                  f"{', '.join(UPLOADS)} (files)")
+            if "job" not in form:
+                raise KinemaError("the form has no `job` field; send the job fields as JSON in a field named job")
+            fields = _job_object(form["job"])
+            for name, what in UPLOADS.items():
+                value = form.get(name)
+                if value is None:
+                    continue
+                if not isinstance(value, UploadFile):
+                    raise KinemaError(f"the form field {name} must be a file (the {what})")
+                uploads[name] = await _read_upload(value, what, limit)
+        return fields, uploads
+    raise HTTPException(415, "send the job as application/json, or as multipart/form-data with a `job` field (JSON) "
+                             "and image files")
+
+
+def _image_suffix_checked(data: bytes, what: str, limit: int) -> str:
+    """The file suffix of an uploaded image (from its content), after checking it is one and within `limit`."""
+    from PIL import Image
+
+    from kinema.pipelines.jobs import check_image_bytes
+
+    check_image_bytes(data, max_bytes=limit, what=what)
+    with Image.open(io.BytesIO(data)) as image:
+        return "." + (image.format or "img").lower()
+
+
+def _checked(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`check(*args, **kwargs)` on a client's input: a failure the checks did not foresee (an image that makes PIL
+    raise something else, a type nobody expected) is still bad input, a 422 with its traceback in the log."""
+    try:
+        return check(*args, **kwargs)
+    except KinemaError:
+        raise
+    except Exception as err:
+        logger.warning("input the checks did not foresee", exc_info=True)
+        raise KinemaError(f"the job could not be read: {library_error_message(err)}") from err
+
+
+class _Server:
+    """What the routes share: the settings, the store and the worker (made when the app starts)."""
+
+    def __init__(self, data_dir: Path, models_dir: str | os.PathLike | None, max_upload_bytes: int,
+                 runner: JobRunner | None, poll_seconds: float):
+        self.data_dir = data_dir
+        self.models_dir = models_dir
+        self.max_upload_bytes = max_upload_bytes
+        self.runner = runner
+        self.poll_seconds = poll_seconds
+        self.uploads_dir = data_dir / "uploads"
+        self.results_dir = data_dir / "results"
+        self._store: JobStore | None = None
+        self._worker: JobWorker | None = None
+        self._lock: DataDirLock | None = None
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise RuntimeError("the app has not started (use it inside `with TestClient(app)` or serve it)")
+        return self._store
+
+    @property
+    def worker(self) -> JobWorker:
+        if self._worker is None:
+            raise RuntimeError("the app has not started (use it inside `with TestClient(app)` or serve it)")
+        return self._worker
+
+    def start(self) -> None:
+        self._lock = lock_data_dir(self.data_dir)
+        self.uploads_dir.mkdir(exist_ok=True)
+        self.results_dir.mkdir(exist_ok=True)
+        self._store = JobStore(self.data_dir)
+        self._store.recover()
+        self._worker = JobWorker(self._store, self.results_dir, models_dir=self.models_dir, runner=self.runner,
+                                 poll_seconds=self.poll_seconds)
+        self._worker.start()
+        logger.info("kinema serve: jobs in %s (%s)", self._store.path, self._store.counts())
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+        if self._store is not None:
+            self._store.close()
+        if self._lock is not None:
+            self._lock.close()
+
+    def queue(self, fields: dict[str, Any], uploads: dict[str, bytes]) -> JobRecord:
+        """Check a submission the way `kinema generate` would (before any model loads), keep its uploads and queue
+        it."""
+        from kinema.pipelines.jobs import job_from_mapping
+
+        for key in ("image", "end_image"):
+            if fields.get(key) is not None:
+                raise KinemaError(f"the API reads no server paths: send the {UPLOADS[key]} as the multipart file "
+                                  f"field {key} or as {key}_base64, not as {key!r}")
+        if fields.get("video") is not None:
+            raise KinemaError("the API does not take input videos yet: video-to-video and extend run with kinema v2v "
+                              "and kinema extend")
+        job_id = uuid.uuid4().hex
+        saved: list[Path] = []
+        try:
+            for key, data in uploads.items():
+                suffix = _checked(_image_suffix_checked, data, UPLOADS[key], self.max_upload_bytes)
+                path = self.uploads_dir / f"{job_id}-{key}{suffix}"
+                path.write_bytes(data)
+                saved.append(path)
+                fields[key] = str(path)
+            job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir)
+        except BaseException:
+            for path in saved:
+                path.unlink(missing_ok=True)
+            raise
+        # job.settings() is what job_from_mapping takes back to make the same job after a restart: the seeds drawn,
+        # the model files as resolved, the uploads as the server's files.
+        record = self.store.add(job.settings(), job.settings(), job.request.steps, job_id)
+        self.worker.wake()
+        return record
+
+
+def _found(server: _Server, job_id: str) -> JobRecord:
+    record = server.store.get(job_id)
+    if record is None:
+        raise HTTPException(404, f"no job {shorten(job_id, 80)}; GET /v1/jobs lists the jobs")
+    return record
+
+
+def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
+               models_dir: str | os.PathLike | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20,
+               runner: JobRunner | None = None, poll_seconds: float = 0.5) -> FastAPI:
+    """The kinema HTTP API as a FastAPI app; serve it with uvicorn (`kinema serve` does).
+
+    Args:
+        data_dir: the server's folder: the jobs database, uploads and results (`results/JOB_ID/`). One server at a
+            time may use it.
+        api_key: when set, every request needs `Authorization: Bearer API_KEY`.
+        models_dir: where model names are also looked up, and relative model, motion-module and LoRA paths resolve.
+        max_upload_bytes: the largest image a job may upload.
+        runner: what runs one job (default: the model, through kinema.pipelines.jobs.run_job); a seam for tests.
+        poll_seconds: how often the idle worker looks for jobs.
+
+    The worker thread starts and stops with the app (its lifespan); a job left running by a stopped server is
+    queued again.
+    """
+    server = _Server(Path(data_dir), models_dir, max_upload_bytes, runner, poll_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(server.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.stop)
+
+    bearer = HTTPBearer(auto_error=False, description="kinema serve --api-key (or KINEMA_API_KEY)")
+    app = FastAPI(title="kinema", version=__version__, lifespan=lifespan, responses=_ERRORS,
+                  dependencies=[Depends(bearer)] if api_key else [],
+                  description="Text-to-video and image-to-video generation as durable jobs. Errors are "
+                              "{\"detail\": \"one line\"}.")
+    app.state.server = server
+    app.add_middleware(_Guard, api_key=api_key, max_body=2 * (max_upload_bytes * 4 // 3 + 4) + _BODY_ROOM)
+
+    @app.exception_handler(KinemaError)
+    async def bad_input(request: Request, err: KinemaError) -> JSONResponse:
+        return _error_response(422, shorten(str(err), 1000))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _error_response(422, _one_line_validation_error(err))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return _error_response(err.status_code, str(err.detail), getattr(err, "headers", None))
+
+    @app.post("/v1/jobs", status_code=201, response_model=JobView, openapi_extra=_SUBMIT_BODY,
+              summary="Queue a generation job")
+    async def submit_job(request: Request) -> JSONResponse:
+        fields, uploads = await _read_submission(request, server.max_upload_bytes)
+        record = await run_in_threadpool(server.queue, fields, uploads)
+        return JSONResponse(record.public(), status_code=201, headers={"Location": f"/v1/jobs/{record.id}"})
+
+    @app.get("/v1/jobs", response_model=JobList, summary="List jobs, newest first")
+    def list_jobs(status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
+                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=1 << 40)) -> dict[str, Any]:
+        jobs = server.store.list_jobs(status, limit, offset)
+        return {"jobs": [record.public() for record in jobs], "counts": server.store.counts()}
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, summary="A job's status, progress and settings")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return _found(server, job_id).public()
+
+    @app.get("/v1/jobs/{job_id}/result", summary="A done job's video",
+             responses={200: {"content": {"video/mp4": {}}, "description": "the video file"}})
+    def get_result(job_id: str, seed: int | None = Query(None, description="which video, for a job of several "
+                                                                            "seeds (default: the first)")
+                   ) -> FileResponse:
+        record = _found(server, job_id)
+        if record.status != "done":
+            reason = {"queued": "is queued", "running": f"is running (step {record.step} of {record.total})",
+                      "failed": f"failed: {record.error}", "cancelled": "was cancelled"}[record.status]
+            raise HTTPException(409, f"job {job_id} {reason}; its result exists once GET /v1/jobs/{job_id} says "
+                                     "done")
+        seeds = list(record.spec.get("seeds", []))
+        index = 0
+        if seed is not None:
+            if seed not in seeds or len(seeds) != len(record.videos):
+                raise HTTPException(404, f"job {job_id} has no video of seed {seed}; its seeds are {seeds}")
+            index = seeds.index(seed)
+        if not record.videos:
+            raise HTTPException(404, f"job {job_id} wrote no video")
+        path = server.results_dir / record.id / record.videos[index]
+        if not path.is_file():
+            raise HTTPException(404, f"the video of job {job_id} is no longer on the server ({path.name})")
+        return FileResponse(path, filename=f"{job_id}-{path.name}")
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobView, summary="Cancel a job",
+                responses={202: {"model": JobView, "description": "a running job will stop at its next step"}})
+    def cancel_job(job_id: str) -> JSONResponse:
+        before = _found(server, job_id)
+        if before.status in ("done", "failed", "cancelled"):
+            raise HTTPException(409, f"job {job_id} is already {before.status}; only queued and running jobs can be "
+                                     "cancelled")
+        record = server.store.cancel(job_id)
+        assert record is not None
+        return JSONResponse(record.public(), status_code=202 if record.status == "running" else 200)
+
+    @app.get("/v1/health", response_model=Health, summary="The server is up")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "counts": server.store.counts()}
+
+    return app
+
+
+__all__ = ["DEFAULT_MAX_UPLOAD_MB", "STATUSES", "create_app"]

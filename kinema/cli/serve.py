@@ -1,0 +1,93 @@
+"""`kinema serve`: the HTTP API (kinema.api) on uvicorn.
+
+`check` refuses, before FastAPI or torch is imported: a host other than loopback without an API key (anyone who can
+reach the port could otherwise run jobs and read every result), a data folder holding the user's files or used by
+another server, a models folder that does not exist, a bad port or upload limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+from kinema.cli.args import add_command, checked_number, example, positive_int
+from kinema.errors import KinemaError
+
+API_KEY_VARIABLE = "KINEMA_API_KEY"
+DEFAULT_DATA_DIR = Path("kinema-serve")
+DEFAULT_MAX_UPLOAD_MB = 20  # kinema.api.app.DEFAULT_MAX_UPLOAD_MB, repeated so --help imports no FastAPI
+port_number = checked_number(int, "a port number", lambda value: 0 <= value <= 65535, "between 0 and 65535")
+
+DESCRIPTION = (
+    "Serve kinema as an HTTP API: POST /v1/jobs queues a generation job (JSON; start image as an upload or base64), "
+    "GET /v1/jobs/ID shows its status and progress, GET /v1/jobs/ID/result returns the video, DELETE /v1/jobs/ID "
+    "cancels it, GET /v1/jobs lists jobs; the OpenAPI spec is at /openapi.json (browsable at /docs). Jobs are kept "
+    "in a SQLite database under --data-dir with their results and settings: they survive a client that disconnects "
+    "and a server restart (queued jobs resume, running ones run again). One job runs at a time; each model is "
+    "loaded once. Bound to anything but loopback, the server needs an API key (--api-key, or the KINEMA_API_KEY "
+    "variable, which other users cannot read in the process list): every request then needs "
+    "`Authorization: Bearer KEY`. See docs/api.md."
+)
+
+
+def add(subparsers: argparse._SubParsersAction) -> None:
+    """Register `kinema serve`."""
+    parser = add_command(
+        subparsers, "serve", run=run_serve, check=check_serve,
+        help="serve the HTTP API: durable generation jobs over JSON",
+        description=DESCRIPTION,
+        epilog=example("kinema serve --port 8000",
+                       "KINEMA_API_KEY=$(openssl rand -hex 16) kinema serve --host 0.0.0.0 --data-dir /srv/kinema "
+                       "--models-dir models"),
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; any other needs a key)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help=f"require `Authorization: Bearer KEY` on every request (default ${API_KEY_VARIABLE})")
+    parser.add_argument("--data-dir", metavar="DIR", type=Path, default=DEFAULT_DATA_DIR,
+                        help=f"jobs database, uploads and results (default ./{DEFAULT_DATA_DIR}); new, empty, or "
+                             "an earlier server's")
+    parser.add_argument("--models-dir", metavar="DIR", type=Path,
+                        help="where jobs' model names (and relative model, motion-module and LoRA paths) are found")
+    parser.add_argument("--max-upload-mb", metavar="N", type=positive_int, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest image a job may upload, in MiB (default {DEFAULT_MAX_UPLOAD_MB})")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name, which may resolve to any interface
+        return False
+
+
+def check_serve(args: argparse.Namespace) -> None:
+    """Bad usage of `kinema serve`, refused before any heavy import."""
+    from kinema.api.store import check_data_dir
+
+    args.api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    if args.api_key is None and not is_loopback(args.host):
+        raise KinemaError(f"--host {args.host} lets other machines in, so the server needs an API key: give "
+                          f"--api-key KEY or set {API_KEY_VARIABLE} (or listen on 127.0.0.1)")
+    check_data_dir(args.data_dir)
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise KinemaError(f"no models folder {args.models_dir}; give an existing folder with --models-dir")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Serve the API until Ctrl-C or SIGTERM (a running job goes back to the queue)."""
+    import uvicorn
+
+    from kinema.api.app import create_app
+    from kinema.api.store import lock_data_dir
+
+    lock_data_dir(args.data_dir).close()  # another server on the folder: one line now, not a failed startup later
+    app = create_app(args.data_dir, api_key=args.api_key, models_dir=args.models_dir,
+                     max_upload_bytes=args.max_upload_mb << 20)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                timeout_graceful_shutdown=30)

@@ -1,0 +1,79 @@
+"""`kinema serve`'s checks: no other host than loopback without an API key, data folders that are not the server's,
+one server per data folder, and a --help that loads no web framework."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kinema.api.store import lock_data_dir
+from kinema.cli import main
+from kinema.cli.serve import is_loopback
+from kinema.errors import KinemaError
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "example.com", ""])
+def test_any_host_but_loopback_is_refused_without_a_key(host, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("KINEMA_API_KEY", raising=False)
+    assert main(["serve", "--host", host, "--data-dir", str(tmp_path / "data")]) == 2
+    message = capsys.readouterr().err
+    assert "needs an API key" in message and "--api-key" in message and "KINEMA_API_KEY" in message
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True),
+                                                ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
+                                                ("10.0.0.1", False), ("example.com", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_the_key_can_come_from_the_environment(tmp_path, monkeypatch):
+    from kinema.cli import build_parser
+
+    monkeypatch.setenv("KINEMA_API_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "data")])
+    args.check(args)  # no error: the key is set
+    assert args.api_key == "from-env"
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key", "flag", "--data-dir",
+                                      str(tmp_path / "data")])
+    args.check(args)
+    assert args.api_key == "flag"  # the flag wins over the environment
+
+
+def test_a_folder_of_the_users_is_not_a_data_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["serve", "--data-dir", str(tmp_path)]) == 2
+    assert "not a kinema serve data folder" in capsys.readouterr().err
+    assert main(["serve", "--data-dir", str(tmp_path / "notes.txt")]) == 2
+    assert main(["serve", "--data-dir", str(tmp_path / "new"), "--models-dir", str(tmp_path / "none")]) == 2
+    assert "no models folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_one_server_per_data_folder(tmp_path):
+    first = lock_data_dir(tmp_path / "data")
+    try:
+        with pytest.raises(KinemaError, match="another kinema serve is using the data folder"):
+            lock_data_dir(tmp_path / "data")
+    finally:
+        first.close()
+    lock_data_dir(tmp_path / "data").close()  # free again once the first lets go
+
+
+def test_serve_help_imports_no_web_framework_or_torch():
+    code = ("import sys, json, contextlib, io\n"
+            "from kinema.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n"
+            "        main(['serve', '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'uvicorn', 'torch', 'pydantic'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []

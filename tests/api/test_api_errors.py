@@ -1,0 +1,129 @@
+"""Bad input gets a 4xx JSON error with one message, never a 500; with an API key every request needs it; uploads
+(multipart and base64) reach the job as files of the server's."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def png_bytes(size: int = 64, noise: bool = False) -> bytes:
+    image = Image.effect_noise((size, size), 64).convert("RGB") if noise else Image.new("RGB", (size, size), "red")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def assert_one_line_error(response, status: int, *words: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and detail
+    for word in words:
+        assert word in detail, detail
+    return detail
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"promt": "a red circle"}, 422, ("unknown key 'promt'", "did you mean 'prompt'")),
+    ({"prompt": "a red circle", "frames": "eight"}, 422, ("frames must be a whole number",)),
+    ({"prompt": "a red circle", "model": "no-such-model"}, 422, ("no such model", "kinema-tiny")),
+    ({"prompt": "x", "image": "/etc/hostname"}, 422, ("reads no server paths", "image_base64")),
+    ({"prompt": "x", "video": "clip.mp4"}, 422, ("kinema v2v",)),
+    ({"prompt": "x", "image_base64": "not base64 !!"}, 422, ("not valid base64",)),
+    ({"prompt": "x", "image_base64": base64.b64encode(b"just some text").decode()}, 422, ("not an image",)),
+    (["a", "list"], 422, ("JSON object",)),
+])
+def test_bad_job_fields_get_one_line_4xx(serve, fake_runner, body, status, words):
+    with serve(runner=fake_runner) as client:
+        assert_one_line_error(client.post("/v1/jobs", json=body), status, *words)
+        assert client.get("/v1/jobs").json()["jobs"] == []  # nothing was queued
+        assert list((Path(client.app.state.server.uploads_dir)).iterdir()) == []  # nor kept
+
+
+def test_malformed_bodies_and_parameters(serve, fake_runner):
+    with serve(runner=fake_runner) as client:
+        broken = client.post("/v1/jobs", content=b'{"prompt": ', headers={"content-type": "application/json"})
+        assert_one_line_error(broken, 400, "not valid JSON")
+        binary = client.post("/v1/jobs", content=b"\xff\xfe", headers={"content-type": "application/json"})
+        assert_one_line_error(binary, 400, "not valid JSON")
+        assert_one_line_error(client.post("/v1/jobs", content=b"prompt=x", headers={"content-type": "text/plain"}),
+                              415, "application/json")
+        assert_one_line_error(client.get("/v1/jobs", params={"limit": 0}), 422, "limit")
+        assert_one_line_error(client.get("/v1/jobs", params={"status": "sleeping"}), 422, "status")
+        assert_one_line_error(client.get("/v1/jobs", params={"offset": 10**30}), 422, "offset")
+        assert_one_line_error(client.get("/v1/jobs/x/result", params={"seed": "one"}), 422, "seed")
+
+
+def test_uploads_as_multipart_or_base64_become_server_files(serve, fake_runner, wait):
+    image = png_bytes()
+    with serve(runner=fake_runner) as client:
+        as_form = client.post("/v1/jobs", data={"job": '{"prompt": "a red circle", "steps": 1}'},
+                              files={"image": ("start.png", image, "image/png")})
+        as_json = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1,
+                                                "image_base64": "data:image/png;base64," +
+                                                                base64.b64encode(image).decode()})
+        for response in (as_form, as_json):
+            assert response.status_code == 201, response.text
+            job = wait(client, response.json()["id"])
+            assert job["status"] == "done"
+            assert job["settings"]["mode"] == "image-to-video"
+            assert Path(job["settings"]["image"]).read_bytes() == image
+
+
+def test_multipart_errors(serve, fake_runner):
+    with serve(runner=fake_runner) as client:
+        not_image = client.post("/v1/jobs", data={"job": '{"prompt": "x"}'},
+                                files={"image": ("start.png", b"GIF89a but not really", "image/png")})
+        assert_one_line_error(not_image, 422, "start image is not an image")
+        assert_one_line_error(client.post("/v1/jobs", data={"job": "{"}, files={"image": ("a.png", png_bytes())}),
+                              400, "form field `job` is not valid JSON")
+        assert_one_line_error(client.post("/v1/jobs", data={"prompt": "x"}, files={"image": ("a.png", png_bytes())}),
+                              422, "unknown form field 'prompt'")
+        assert_one_line_error(client.post("/v1/jobs", data={"job": '{"prompt": "x"}', "image": "text"},
+                                          files={"end_image": ("a.png", png_bytes())}),
+                              422, "must be a file")
+
+
+def test_oversized_uploads_get_413_at_the_configured_limit(serve, fake_runner):
+    small, large = png_bytes(8), png_bytes(256, noise=True)
+    limit = 4096
+    assert len(small) < limit < len(large)
+    with serve(runner=fake_runner, max_upload_bytes=limit) as client:
+        form = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'}, files={"image": ("a.png", large)})
+        assert_one_line_error(form, 413, "upload limit of 4096 bytes", "--max-upload-mb")
+        as_json = client.post("/v1/jobs", json={"prompt": "x", "image_base64": base64.b64encode(large).decode()})
+        assert_one_line_error(as_json, 413, "upload limit")
+        whole_body = client.post("/v1/jobs", content=b"x" * (4 << 20), headers={"content-type": "application/json"})
+        assert_one_line_error(whole_body, 413, "over the server's limit")
+        accepted = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'},
+                               files={"image": ("a.png", small)})
+        assert accepted.status_code == 201, accepted.text
+
+
+def test_every_request_needs_the_key_when_one_is_set(serve, fake_runner):
+    with serve(runner=fake_runner, api_key="s3cret-key") as client:
+        for method, path in (("get", "/openapi.json"), ("get", "/docs"), ("get", "/v1/jobs"), ("get", "/v1/health"),
+                             ("post", "/v1/jobs"), ("get", "/v1/jobs/x"), ("delete", "/v1/jobs/x"),
+                             ("get", "/v1/jobs/x/result"), ("get", "/no/such/path")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                            {"Authorization": "Basic s3cret-key"}):
+                response = client.request(method, path, headers=headers)
+                assert_one_line_error(response, 401, "Authorization: Bearer")
+                assert response.headers["www-authenticate"] == "Bearer"
+        key = {"Authorization": "Bearer s3cret-key"}
+        assert client.get("/openapi.json", headers=key).status_code == 200
+        submitted = client.post("/v1/jobs", json={"prompt": "x", "steps": 1}, headers=key)
+        assert submitted.status_code == 201
+        spec = client.get("/openapi.json", headers=key).json()
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_without_a_key_nothing_asks_for_one(serve, fake_runner):
+    with serve(runner=fake_runner) as client:
+        assert client.get("/v1/health").json()["status"] == "ok"
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})

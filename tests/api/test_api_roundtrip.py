@@ -1,0 +1,85 @@
+"""The API with the real bundled model (kinema-tiny, 8 frames, 2 steps): a text-to-video round trip decoded with
+PyAV, image-to-video from an uploaded start image, and cancelling a job while the model samples it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from kinema.api.app import create_app
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
+    """One server with the real model for the module, so kinema-tiny loads once."""
+    data = tmp_path_factory.mktemp("api-model") / "data"
+    with TestClient(create_app(data, poll_seconds=0.05), raise_server_exceptions=False) as client:
+        yield client, data
+
+
+def decoded_frames(video: bytes) -> list[np.ndarray]:
+    """Every frame of an mp4 as (H, W, 3) uint8, read by PyAV."""
+    with av.open(io.BytesIO(video)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_round_trip_submit_poll_fetch_and_decode(model_server, wait):
+    client, data = model_server
+    request = {"prompt": "a red circle moving right", "frames": 8, "steps": 2, "height": 64, "width": 64, "seed": 7}
+    submitted = client.post("/v1/jobs", json=request)
+    assert submitted.status_code == 201, submitted.text
+    job = wait(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "done", job["error"]
+    assert job["progress"] == {"step": 2, "total": 2}
+    assert job["settings"]["seeds"] == [7] and job["settings"]["model"] == "kinema-tiny"
+    result = client.get(f"/v1/jobs/{job['id']}/result")
+    assert result.status_code == 200 and result.headers["content-type"] == "video/mp4"
+    frames = decoded_frames(result.content)
+    assert len(frames) == request["frames"]
+    assert {frame.shape for frame in frames} == {(request["height"], request["width"], 3)}
+    # the result folder keeps the settings beside the video
+    folder = data / "results" / job["id"]
+    assert (folder / "job.json").is_file() and (folder / "video-seed7.mp4.json").is_file()
+
+
+@pytest.mark.slow
+def test_image_to_video_from_an_uploaded_start_image(model_server, wait):
+    client, _ = model_server
+    start = np.zeros((64, 64, 3), np.uint8)
+    start[:, :32] = (200, 40, 40)
+    start[:, 32:] = (40, 40, 200)
+    png = io.BytesIO()
+    Image.fromarray(start).save(png, format="PNG")
+    fields = {"prompt": "a red circle moving right", "frames": 8, "steps": 2, "seed": 1,
+              "image_base64": base64.b64encode(png.getvalue()).decode()}
+    job_id = client.post("/v1/jobs", json=fields).json()["id"]
+    job = wait(client, job_id, timeout=300)
+    assert job["status"] == "done", job["error"]
+    assert job["settings"]["mode"] == "image-to-video"
+    # the server kept the upload's bytes and generated from that file
+    assert Path(job["settings"]["image"]).read_bytes() == png.getvalue()
+    frames = decoded_frames(client.get(f"/v1/jobs/{job_id}/result").content)
+    assert len(frames) == 8 and frames[0].shape == (64, 64, 3)
+
+
+def test_cancelling_while_the_model_samples_stops_the_job_and_writes_nothing(model_server, wait):
+    client, data = model_server
+    job_id = client.post("/v1/jobs", json={"prompt": "a blue square", "frames": 8, "steps": 500}).json()["id"]
+    deadline = time.monotonic() + 300
+    while client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+    job = wait(client, job_id, timeout=60)
+    assert job["status"] == "cancelled"
+    assert job["progress"]["step"] < 500
+    assert not (data / "results" / job_id).exists()
