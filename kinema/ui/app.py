@@ -242,7 +242,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 status = gr.Markdown(elem_id="status")
         gr.Markdown("## Earlier results")
         gallery = gr.Gallery(label="Gallery (select a video to see its settings)", columns=4, height="auto",
-                             interactive=False, elem_id="gallery")
+                             fit_columns=False, object_fit="contain", interactive=False, elem_id="gallery")
         with gr.Row():
             selected_settings = gr.JSON(label="Settings of the selected video", elem_id="selected-settings")
         with gr.Row():
@@ -370,7 +370,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                         seeds = ", ".join(str(s) for s in job.request.seeds)
                         yield {video: str(payload[0]), gallery: items, gallery_settings: settings_list,
                                selected_settings: settings_list[0] if settings_list else None,
-                               status: f"Done: seed {seeds}, saved in `{out}`."}
+                               status: f"Done: seed {seeds}. Saved in {out}"}
             finally:
                 if stops.get(session) is stop_event:
                     del stops[session]

@@ -19,6 +19,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 PROMPT = "a red circle moving right"
 # Model load and a 2-step video take a few seconds alone; a loaded CI machine gets ample room.
 GENERATION_TIMEOUT_MS = 180_000
+UPLOAD_LIMIT = 100_000
 
 
 def free_port() -> int:
@@ -48,14 +49,14 @@ def browser():
             chromium.close()
 
 
-@pytest.fixture
-def served_app(tmp_path):
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
     from kinema.ui.app import build_app, launch_app
 
-    outputs = tmp_path / "outputs"
+    outputs = tmp_path_factory.mktemp("ui") / "outputs"
     app = build_app(models_dir=None, outputs_dir=outputs)
     port = free_port()
-    launch_app(app, outputs_dir=outputs, port=port, block=False, quiet=True)
+    launch_app(app, outputs_dir=outputs, port=port, block=False, quiet=True, max_upload_bytes=UPLOAD_LIMIT)
     try:
         yield f"http://127.0.0.1:{port}/", outputs
     finally:
@@ -63,6 +64,8 @@ def served_app(tmp_path):
 
 
 def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(browser, served_app, artifacts):
+    from playwright import sync_api
+
     url, outputs = served_app
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
     page.goto(url)
@@ -101,3 +104,20 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     settings.get_by_text(PROMPT).first.wait_for()
     page.screenshot(path=str(artifacts / "2-gallery-settings.png"), full_page=True)
     assert "kinema-tiny" in settings.inner_text()
+
+    page.locator("#steps input").fill("5")
+    page.locator("#prompt textarea").fill("something else")
+    page.locator("#load-settings").click()
+    expect = sync_api.expect
+    expect(page.locator("#prompt textarea")).to_have_value(PROMPT)
+    expect(page.locator("#steps input")).to_have_value("2")
+
+
+def test_an_upload_over_the_limit_is_refused(served_app):
+    import httpx
+
+    url, _ = served_app
+    refused = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", b"0" * (UPLOAD_LIMIT + 1))})
+    assert refused.status_code == 413, refused.text
+    accepted = httpx.post(f"{url}gradio_api/upload", files={"files": ("small.png", b"0" * 100)})
+    assert accepted.status_code == 200, accepted.text
