@@ -1,6 +1,8 @@
 """Make every way kinema, safetensors, torch or diffusers has of reading tensor data fail, for tests of code that
 promises to read only a safetensors header (names, shapes, dtypes, metadata)."""
 
+import importlib
+import pkgutil
 import sys
 
 import pytest
@@ -74,6 +76,12 @@ def forbid_tensor_data_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return reader
 
+    # A module first imported while the guard holds would keep the refusing readers it imported after the test ends
+    # (monkeypatch restores only what it rebound), so every kinema module that reads checkpoints is imported first.
+    import kinema.loaders
+
+    for found in pkgutil.walk_packages(kinema.loaders.__path__, "kinema.loaders."):
+        importlib.import_module(found.name)
     replacements = {id(real_safe_open): header_only_open}
     for owner, names in ((safetensors.torch, ("load_file", "load")), (torch, ("load",)),
                          (checkpoint_io, ("read_checkpoint", "read_state_dict", "iter_safetensors",

@@ -21,7 +21,6 @@ from typing import Any, Literal
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.activations import ACT2CLS
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
@@ -29,6 +28,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.fileio import read_json_object
+from kinema.models.distributions import DecoderOutput, DiagonalGaussianDistribution
 from kinema.models.presets import EASYANIMATE_V3_SLICE_VAE
 from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, Decoder3D, Encoder3D
 from kinema.models.slice_vae_tiling import Tiling, tiled_map

@@ -17,14 +17,13 @@ config and lists the fields it accepts and refuses.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
-from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from einops import rearrange
 from torch import nn
 
@@ -40,6 +39,9 @@ from kinema.models.video_dit_blocks import (
 )
 from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
 from kinema.state_dicts import StrictFromPretrained
+
+if TYPE_CHECKING:  # importing diffusers.models.transformers loads every diffusers transformer: seconds at start-up
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 # Modules an inflated model adds to its image DiT; `from_image_dit` leaves them at their initialisation.
 VIDEO_ONLY_MODULES = ("attn_temporal", "long_connect_fc", "clip_projection")
@@ -368,6 +370,8 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # ty
         initialisation. `video_kwargs` may set only `VIDEO_SETTINGS`; `in_channels` defaults to the image model's
         and `image_embed_dim` to None (no image tokens).
         """
+        from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+
         if not isinstance(pixart, PixArtTransformer2DModel):
             raise KinemaError(f"from_image_dit needs a diffusers PixArtTransformer2DModel, got {type(pixart).__name__}")
         refused = sorted(set(video_kwargs) - set(VIDEO_SETTINGS))

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from kinema.errors import KinemaError
+from kinema.models.distributions import DiagonalGaussianDistribution
 from kinema.models.slice_vae import SliceVAE
 
 RECONSTRUCTIONS = ("l1", "mse")
