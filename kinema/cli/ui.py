@@ -72,9 +72,16 @@ def check_ui(args: argparse.Namespace) -> None:
 
 
 def run_ui(args: argparse.Namespace) -> None:
-    """Build the app and serve it until Ctrl-C."""
+    """Build the app and serve it until Ctrl-C (or SIGTERM: the server is closed either way)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise KinemaError("the web app needs gradio, which is not installed: pip install \"kinema[ui]\"")
     from kinema.ui.app import build_app, launch_app
 
     app = build_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, concurrency=args.concurrency)
-    launch_app(app, outputs_dir=args.outputs_dir, host=args.host, port=args.port,
-               max_upload_bytes=int(args.max_upload_mb * 2**20), block=True, quiet=args.quiet)
+    try:
+        launch_app(app, outputs_dir=args.outputs_dir, host=args.host, port=args.port,
+                   max_upload_bytes=int(args.max_upload_mb * 2**20), block=True, quiet=args.quiet)
+    finally:
+        app.close(verbose=False)

@@ -35,7 +35,7 @@ from kinema.pipelines.jobs import (
 from kinema.pipelines.request import GenerationRequest
 from kinema.sampling.schedulers import SCHEDULERS
 from kinema.ui.form import EXTEND, IMAGE_TO_VIDEO, TEXT_TO_VIDEO, VIDEO_TO_VIDEO, form_to_mapping, settings_to_form
-from kinema.ui.gallery import GalleryEntry, new_job_folder, read_gallery
+from kinema.ui.gallery import GalleryEntry, keep_input, new_job_folder, read_gallery
 from kinema.ui.models import ModelChoices, scan_models
 from kinema.ui.preview import latent_preview
 
@@ -47,6 +47,10 @@ TABS = ((TEXT_TO_VIDEO, "Text to Video"), (IMAGE_TO_VIDEO, "Image to Video"), (E
 FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
 NO_CHOICE = ""
 MAX_SEED_DRAWN = 2**32 - 1  # seeds the random button draws: exact as JavaScript numbers (see jobs.RANDOM_SEED_LIMIT)
+# Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
+INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video")
+# Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.
+CACHE_CLEANING = (3600, 86400)
 
 
 # ---------------------------------------------------------------- plain helpers (no gradio state)
@@ -176,7 +180,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     start = form_defaults(DEFAULT_MODEL)
     scheduler_choices = [("the model's default", FAMILY_DEFAULT)] + [(name, name) for name in SCHEDULERS]
 
-    with gr.Blocks(title="kinema", analytics_enabled=False) as app:
+    with gr.Blocks(title="kinema", analytics_enabled=False, delete_cache=CACHE_CLEANING) as app:
         gr.Markdown("# kinema\nText, image and video to video with AnimateDiff and EasyAnimate V3 models. "
                     "It starts on the bundled model; add your own with `kinema ui --models-dir DIR`.")
         mode = gr.State(TEXT_TO_VIDEO)
@@ -200,7 +204,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                         resize = gr.Checkbox(label="Resize the images to the video's size", value=True)
                     with gr.Tab(TABS[2][1], id=EXTEND) as tab_blocks[EXTEND]:
                         extend_video = gr.Video(label="Video to continue", sources=["upload"], include_audio=True)
-                        extend_frames = gr.Number(label="Frames to append", value=16, precision=0, minimum=1)
+                        extend_frames = gr.Number(label="Frames to append", value=16, precision=0)
                     with gr.Tab(TABS[3][1], id=VIDEO_TO_VIDEO) as tab_blocks[VIDEO_TO_VIDEO]:
                         v2v_video = gr.Video(label="Input video", sources=["upload"], include_audio=True)
                         strength = gr.Slider(label="Strength (how much of the input is noised away)", minimum=0.05,
@@ -221,17 +225,18 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                                                           allow_custom_value=True, scale=3))
                             lora_weights.append(gr.Number(label="weight", value=1.0, step=0.05, scale=1))
                     scan_note = gr.Markdown(_scan_note(scan, models_path))
+                # No minimum or maximum on the numbers: the job's check refuses bad ones, in the CLI's and API's words.
                 with gr.Row():
                     scheduler = gr.Dropdown(label="Sampler", choices=scheduler_choices, value=start["scheduler"])
-                    steps = gr.Number(label="Steps", value=start["steps"], precision=0, minimum=1, elem_id="steps")
-                    guidance = gr.Number(label="Guidance", value=start["guidance"], minimum=1, step=0.5)
+                    steps = gr.Number(label="Steps", value=start["steps"], precision=0, elem_id="steps")
+                    guidance = gr.Number(label="Guidance", value=start["guidance"], step=0.5)
                 with gr.Row():
-                    width = gr.Number(label="Width", value=start["width"], precision=0, minimum=8, step=8)
-                    height = gr.Number(label="Height", value=start["height"], precision=0, minimum=8, step=8)
-                    frames = gr.Number(label="Frames", value=start["frames"], precision=0, minimum=1,
+                    width = gr.Number(label="Width", value=start["width"], precision=0, step=8)
+                    height = gr.Number(label="Height", value=start["height"], precision=0, step=8)
+                    frames = gr.Number(label="Frames", value=start["frames"], precision=0,
                                        elem_id="frames")
                 with gr.Row():
-                    seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, minimum=-1, elem_id="seed")
+                    seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
                     random_seed = gr.Button("Random seed", elem_id="random-seed")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -313,7 +318,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 gr.Warning(f"the video used {len(loras)} LoRAs; the form holds {LORA_SLOTS}, so the first "
                            f"{LORA_SLOTS} were loaded")
             loras = (loras + [[NO_CHOICE, 1.0]] * LORA_SLOTS)[:LORA_SLOTS]
-            for key in ("image", "end_image", "v2v_video", "extend_video"):
+            for key in INPUT_KEYS:
                 if values.get(key) and not Path(values[key]).is_file():
                     gr.Warning(f"the {key.replace('_', ' ')} this video was made from is gone; upload it again")
                     values[key] = None
@@ -341,9 +346,15 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             values["loras"] = [[data[path], data[weight]] for path, weight in zip(lora_paths, lora_weights,
                                                                                       strict=True)]
             try:
+                check_form(values, models_path)  # refuse bad input before anything is copied
+                for key in INPUT_KEYS:
+                    if values.get(key):
+                        values[key] = str(keep_input(values[key], outputs))
                 job = check_form(values, models_path)
             except KinemaError as err:
                 raise gr.Error(str(err), print_exception=False) from None
+            except OSError as err:
+                raise gr.Error(os_error_message(err), print_exception=False) from None
             out = new_job_folder(outputs, job.settings())
             stop_event = threading.Event()
             session = request.session_hash or ""

@@ -5,9 +5,11 @@ gallery shows folders made by any front end that writes job folders there, and o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from kinema.pipelines.jobs import JOB_FILE, video_names
 
 MAX_ENTRIES = 100
 _SLUG_LENGTH = 40
+INPUTS_FOLDER = "inputs"
 
 
 @dataclass
@@ -101,3 +104,22 @@ def new_job_folder(outputs_dir: str | os.PathLike, settings: dict[str, Any]) -> 
                 _reserved.add(folder)
                 return folder
     raise KinemaError(f"no free folder name for {stem} under {root}; move earlier results out of it")
+
+
+def keep_input(path: str | os.PathLike, outputs_dir: str | os.PathLike) -> Path:
+    """A lasting copy of an uploaded input (gradio's upload cache is temporary) in `outputs_dir/inputs/`, named by
+    its content (`<sha256 prefix><suffix>`), so a job's settings name a file that is still there to load again; an
+    equal file kept before is reused, and nothing else is ever replaced."""
+    source = Path(path)
+    digest = hashlib.sha256()
+    with open(source, "rb") as data:
+        for block in iter(lambda: data.read(2**20), b""):
+            digest.update(block)
+    folder = Path(outputs_dir) / INPUTS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / f"{digest.hexdigest()[:20]}{source.suffix.lower()}"
+    if not kept.exists():
+        temporary = kept.with_name(f".{kept.name}.{os.getpid()}.{threading.get_ident()}.part")
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, kept)  # whole or not at all; a same-named file holds the same bytes
+    return kept.resolve()

@@ -60,7 +60,7 @@ def served_app(tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{port}/", outputs
     finally:
-        app.close()
+        app.close(verbose=False)
 
 
 def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(browser, served_app, artifacts):
@@ -68,6 +68,7 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
 
     url, outputs = served_app
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.set_default_timeout(90_000)  # each later wait: a loaded CI machine may be slow to render
     page.goto(url)
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#steps input").fill("2")
@@ -111,6 +112,12 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     expect = sync_api.expect
     expect(page.locator("#prompt textarea")).to_have_value(PROMPT)
     expect(page.locator("#steps input")).to_have_value("2")
+
+    # Bad input is refused by the job's check, in the words of the CLI and the API, before any model work.
+    page.locator("#steps input").fill("0")
+    page.locator("#generate").click()
+    expect(page.locator(".toast-body").first).to_contain_text("form: steps must be at least 1, got 0")
+    assert len([folder for folder in outputs.iterdir() if (folder / "job.json").is_file()]) == 1
 
 
 def test_an_upload_over_the_limit_is_refused(served_app):

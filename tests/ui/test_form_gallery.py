@@ -12,7 +12,7 @@ from PIL import Image
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import JOB_FILE, job_from_mapping
 from kinema.ui.form import FORM_KEYS, form_to_mapping, settings_to_form
-from kinema.ui.gallery import caption, new_job_folder, read_gallery
+from kinema.ui.gallery import caption, keep_input, new_job_folder, read_gallery
 
 # What the page holds before anyone touches it (kinema-tiny's defaults), for the keys a loaded video leaves alone.
 BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "model": "kinema-tiny",
@@ -113,3 +113,20 @@ def test_new_job_folders_never_collide_with_each_other_or_what_exists(tmp_path):
     second = new_job_folder(tmp_path, settings)
     assert first.name.endswith("-a-red-circle-moving-right") and second != first
     assert caption({"prompt": {"0": "x" * 80}, "seeds": [1]}).startswith("x" * 59 + "…")
+
+
+def test_an_upload_is_kept_in_the_outputs_folder_so_its_job_loads_again_after_the_upload_is_gone(tmp_path):
+    upload = image_file(tmp_path / "upload.PNG")
+    outputs = tmp_path / "outputs"
+    kept = keep_input(upload, outputs)
+    assert kept.read_bytes() == (tmp_path / "upload.PNG").read_bytes()
+    assert kept.parent == (outputs / "inputs").resolve() and kept.suffix == ".png"
+    other = tmp_path / "same-bytes.png"
+    other.write_bytes(kept.read_bytes())
+    assert keep_input(other, outputs) == kept and len(list(kept.parent.iterdir())) == 1
+
+    job = job_from_mapping({"prompt": "a red circle", "image": str(kept), "frames": 8})
+    write_job_folder(outputs, "job", job.settings())
+    os.remove(upload)
+    [entry] = read_gallery(outputs)  # the inputs folder is no job
+    assert through_the_form(entry.settings).settings() == job.settings()
