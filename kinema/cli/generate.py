@@ -69,6 +69,23 @@ EXTEND_DESCRIPTION = (
     "exists. The prompt defaults to the one stored in VIDEO's settings (kinema's sidecar or embedded settings). "
     "The output holds the whole video; no latents are saved. Without -o: out/<video name>-extended-seed<S>.mp4."
 )
+CONFIG_HELP = (
+    "run a prompt config instead of PROMPT: AnimateDiff's configs/prompts YAML or an animatediff-cli-prompt-travel "
+    "JSON/YAML file (docs/configs.md). Writes one subfolder of videos per prompt into -o OUT_DIR (default "
+    "out/<config name>/) and OUT_DIR/config.yaml, the config with the seeds used, which makes the same videos again. "
+    "--steps, --frames, --height, --width, --guidance, --scheduler, --fps, --dtype and --tokenizer apply to every "
+    "entry (and are written into config.yaml); other options belong in the file"
+)
+# kinema generate --config: options set for every entry, as the config keys they become.
+CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W", "guidance": "guidance_scale",
+                    "scheduler": "scheduler", "fps": "fps", "dtype": "dtype", "tokenizer": "tokenizer"}
+# ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
+NOT_WITH_CONFIG: dict[str, Any] = {
+    "--model": None, "--motion-module": None, "--lora": [], "--image": None, "--end-image": None, "--negative": "",
+    "--seed": [0], "--free-init": None, "--interpolation": "linear", "--print-schedule": False, "--resize": False,
+    "--vae-tiling": False, "--decode-chunk": 16, "--attention-chunk": None, "--offload": False,
+    "--context-length": None, "--context-overlap": None, "--context-stride": None, "--context-schedule": None,
+    "--closed-loop": False, "--fuse": None, "--freenoise": False}
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -119,7 +136,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
             "--print-schedule",
         ),
     )
-    generate.add_argument("prompt", help="text, JSON prompt schedule, or a .json file holding one")
+    generate.add_argument("prompt", nargs="?", help="text, JSON prompt schedule, or a .json file holding one")
+    generate.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
     _add_model_options(generate)
     _add_size_options(generate, "(default: the model's kinema.json defaults, else 512)")
     generate.add_argument("--frames", type=positive_int,
@@ -249,7 +267,7 @@ def _add_output_options(parser: argparse.ArgumentParser, *, latents: bool) -> No
     group.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or "
                                               "frames folder (no extension); several seeds write STEM-seedS.SUFFIX "
                                               "beside it")
-    group.add_argument("--fps", type=positive_number, default=8.0, help="frames per second (default 8)")
+    group.add_argument("--fps", type=positive_number, help="frames per second (default 8)")
     group.add_argument("--overwrite", action="store_true",
                        help=f"replace earlier kinema outputs at OUT{saved} (never files kinema did not write)")
 
@@ -348,8 +366,8 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
-        attention_chunk=args.attention_chunk, offload=args.offload, fps=args.fps)
-    for key in ("height", "width", "steps", "guidance"):  # unset (nor in the model's defaults): the request's
+        attention_chunk=args.attention_chunk, offload=args.offload)
+    for key in ("height", "width", "steps", "guidance", "fps"):  # unset (nor in the model's defaults): the request's
         if getattr(args, key) is not None:
             shared[key] = getattr(args, key)
     return GenerationRequest(**{**shared, **fields})
@@ -378,8 +396,34 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
         check_output(latents_path(args.output), "latents", folder=False, overwrite=args.overwrite, inputs=inputs)
 
 
+def _check_config(args: argparse.Namespace) -> None:
+    """`kinema generate --config`: the whole config read and checked, and the output folder, before any model
+    loads; options other than CONFIG_OVERRIDES belong in the file."""
+    from kinema.pipelines.prompt_configs import check_config_output, read_config
+
+    if args.prompt is not None:
+        raise KinemaError("give PROMPT or --config, not both (a config file holds its prompts)")
+    given = [option for option, default in NOT_WITH_CONFIG.items()
+             if getattr(args, option.removeprefix("--").replace("-", "_")) != default]
+    if given:
+        raise KinemaError(f"{given[0]} cannot be combined with --config; set it in the config file (see "
+                          "docs/configs.md)")
+    overrides = {key: getattr(args, option) for option, key in CONFIG_OVERRIDES.items()
+                 if getattr(args, option) is not None}
+    args.config_run = read_config(args.config, overrides=overrides)
+    args.output = Path(args.output) if args.output is not None else DEFAULT_OUTPUT_FOLDER / slug(Path(args.config).stem)
+    if args.output.suffix:
+        raise KinemaError(f"with --config, -o names a folder (one subfolder per prompt), not {args.output.name}")
+    check_config_output(args.output, overwrite=args.overwrite)
+
+
 def check_generate(args: argparse.Namespace) -> None:
     """Bad usage of `kinema generate`, refused before any heavy import."""
+    if args.config is not None:
+        _check_config(args)
+        return
+    if args.prompt is None:
+        raise KinemaError("give a PROMPT (or a prompt config with --config FILE.yaml)")
     args.prompt = read_prompt(args.prompt)
     if args.print_schedule:  # no model is read: --frames or the library's default
         from kinema.sampling.prompt_travel import parse_prompt_schedule
@@ -492,7 +536,15 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    """Print the prompt schedule (--print-schedule), or generate and write the videos and latents."""
+    """Run a prompt config (--config), print the prompt schedule (--print-schedule), or generate and write the
+    videos and latents."""
+    if args.config is not None:
+        from kinema.pipelines.prompt_configs import CONFIG_FILE, run_config
+
+        for path in run_config(args.config_run, args.output, overwrite=args.overwrite, progress=not args.quiet):
+            print(f"wrote {path}")
+        print(f"wrote {args.output / CONFIG_FILE}: the config with the seeds used (run it again for the same videos)")
+        return
     if args.print_schedule:
         from kinema.sampling.prompt_travel import parse_prompt_schedule, schedule_table
 

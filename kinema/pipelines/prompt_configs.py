@@ -1,0 +1,408 @@
+"""Prompt configs: AnimateDiff's `configs/prompts/*.yaml` and animatediff-cli-prompt-travel's JSON/YAML files, read
+into kinema jobs (kinema.pipelines.jobs) and run into one folder with a `config.yaml` that reproduces it.
+
+A file holds entries: a YAML/JSON list of them, a mapping of name -> entry (AnimateDiff's older files), or one entry
+at the top (prompt-travel files). An entry's keys, in either spelling:
+
+    model, dreambooth_path, path      the model (a path or a bundled model's name; default kinema-tiny);
+    base                              older AnimateDiff files: the model, with `path` then a LoRA on it
+    motion_module                     a file or MotionAdapter folder, or a list of them (one run each)
+    motion_module_lora_configs        [{path, alpha}]; lora_model_path + lora_alpha (default 0.8, as AnimateDiff);
+    lora_map, motion_lora_map         {path: weight} (prompt travel)
+    prompt                            a list of prompts (one video each), a prompt, or a prompt schedule
+    head_prompt, prompt_map, tail_prompt   prompt travel: one video per seed following the schedule
+    n_prompt                          negative prompts: one per prompt, or one for all
+    seed                              an integer or a list (AnimateDiff: one per prompt, or one for all; prompt
+                                      travel: one video per seed); -1 draws a random one
+    steps, guidance_scale, scheduler, W / width, H / height, L / length, fps (or output: {fps})
+    context (a length, or kinema's context settings {...}), overlap, stride     context windows
+    tokenizer, dtype, name            kinema's: an SD1.5 single file's tokenizer, precision, the entry's name
+
+Keys kinema has no use for (AnimateDiff's inference_config, adapter_lora_*, controlnet_*; prompt travel's
+controlnet_map, ip_adapter_map, clip_skip, vae_path, ...) are accepted with one warning naming those set; any other
+key is an error naming the nearest valid one. Relative paths resolve against the current folder, then the config
+file's folder. Everything is checked, model files included, before any model loads.
+
+`run_config` writes, whole or not at all, `OUT/<entry>-<prompt>/` per video set (a jobs folder each) and
+`OUT/config.yaml`: the config with every seed the integer used and any overrides applied, so running it again makes
+the same videos frame for frame.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kinema.errors import KinemaError
+from kinema.pipelines.jobs import Job, job_from_mapping
+
+if TYPE_CHECKING:
+    from kinema.pipelines.jobs import FamilyCache
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+CONFIG_OUTPUT_KIND = "prompt_config"
+# AnimateDiff's default LoRA strength (scripts/animate.py: lora_alpha 0.8).
+DEFAULT_LORA_ALPHA = 0.8
+MODEL_KEYS = ("model", "dreambooth_path", "path", "base")
+SCHEDULE_KEYS = ("head_prompt", "prompt_map", "tail_prompt")
+ENTRY_KEYS: tuple[str, ...] = (
+    *MODEL_KEYS, "motion_module", "motion_module_lora_configs", "lora_model_path", "lora_alpha", "lora_map",
+    "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed", "steps", "guidance_scale",
+    "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context", "overlap", "stride", "dtype",
+    "name")
+# Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
+IGNORED_KEYS = (
+    "inference_config", "adapter_lora_path", "adapter_lora_scale", "controlnet_path", "controlnet_config",
+    "controlnet_images", "controlnet_image_indexs", "normalize_condition_images", "compile", "clip_skip",
+    "prompt_fixed_ratio", "vae_path", "unet_batch_size", "ip_adapter_map", "img2img_map", "controlnet_map",
+    "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
+    "lcm_lora_scale", "is_single_prompt_mode")
+# animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
+SCHEDULER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m",
+                     "k_dpmpp_2m_karras": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
+# Entry keys the command line may set for every entry (kinema generate --config --steps 4 ...).
+OVERRIDE_KEYS = ("steps", "L", "H", "W", "guidance_scale", "scheduler", "fps", "dtype", "tokenizer")
+_SIZE_KEYS = {"W": "width", "H": "height", "L": "length"}
+
+
+@dataclass
+class ConfigRun:
+    """One job of a config: `folder` is its subfolder of the output, `entry` and `prompt` where it came from."""
+
+    folder: str
+    job: Job
+    entry: str
+    prompt: int
+
+
+@dataclass
+class PromptConfig:
+    """A checked prompt config: its runs (one job each) and, in `used`, the config as run (seeds as used)."""
+
+    path: Path
+    runs: list[ConfigRun]
+    used: Any
+    ignored: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_config_file(path: str | os.PathLike) -> Any:
+    """The parsed YAML or JSON of `path` (YAML reads JSON too); one KinemaError line for a missing file or a syntax
+    error, with its line and column."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise KinemaError(f"no such config file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise KinemaError(f"{path} is not a text file, so it cannot be a YAML or JSON config") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = err.problem or err.context or "malformed"
+        raise KinemaError(f"{path} is not valid YAML ({problem}{where}); fix the file there") from None
+    except yaml.YAMLError as err:
+        raise KinemaError(f"{path} is not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _entries(data: Any, path: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """`(name, entry)` pairs of a config: a list of entries, name -> entry, or one entry at the top."""
+    if isinstance(data, list):
+        if not data:
+            raise KinemaError(f"{path} holds an empty list; give at least one entry with a prompt")
+        named = []
+        for index, entry in enumerate(data):
+            if not isinstance(entry, Mapping):
+                raise KinemaError(f"{path}: entry {index + 1} is {type(entry).__name__}, not a mapping of settings "
+                                  "(prompt: [...], seed: ...)")
+            named.append((str(entry.get("name") or f"entry{index + 1}"), entry))
+        return named
+    if isinstance(data, Mapping):
+        if data and all(isinstance(value, Mapping) for value in data.values()) and not any(
+                key in ENTRY_KEYS for key in data):
+            return [(str(name), entry) for name, entry in data.items()]
+        return [(str(data.get("name") or path.stem), data)]
+    what = "empty" if data is None else f"a {type(data).__name__}"
+    raise KinemaError(f"{path} is {what}, not a prompt config: give a list of entries (AnimateDiff) or a mapping "
+                      "with prompt_map (prompt travel)")
+
+
+def _given(entry: Mapping[str, Any], key: str) -> Any:
+    """The entry's value for `key`, None when absent or empty ("" and {} are how those files leave a key unset)."""
+    value = entry.get(key)
+    return None if value in ("", {}, []) else value
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _model_and_loras(entry: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """The entry's model and LoRAs as job data: [path, weight] pairs."""
+    models = {key: _given(entry, key) for key in MODEL_KEYS if _given(entry, key) is not None}
+    loras: list[Any] = []
+    if "base" in models and "path" in models:  # AnimateDiff's first files: path is then a LoRA on the base model
+        loras.append([models.pop("path"), entry.get("lora_alpha", DEFAULT_LORA_ALPHA)])
+    if len(models) > 1:
+        raise KinemaError(f"give the model once: {' and '.join(models)} are all set")
+    model = next(iter(models.values()), None)
+    if _given(entry, "lora_model_path") is not None:
+        loras.append([entry["lora_model_path"], entry.get("lora_alpha", DEFAULT_LORA_ALPHA)])
+    for item in _given(entry, "motion_module_lora_configs") or []:
+        if not isinstance(item, Mapping) or set(item) - {"path", "alpha"}:
+            raise KinemaError(f"motion_module_lora_configs holds {{path, alpha}} items, got {item!r}")
+        if _given(item, "path") is not None:
+            loras.append([item["path"], item.get("alpha", 1.0)])
+    for key in ("lora_map", "motion_lora_map"):
+        mapping = _given(entry, key) or {}
+        if not isinstance(mapping, Mapping):
+            raise KinemaError(f"{key} maps LoRA paths to weights ({{path: weight}}), got {type(mapping).__name__}")
+        loras.extend([lora_path, weight] for lora_path, weight in mapping.items())
+    return model, loras
+
+
+def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The job data every prompt of the entry shares, besides model and prompts."""
+    data: dict[str, Any] = {}
+    for key, job_key in (("steps", "steps"), ("guidance_scale", "guidance"), ("fps", "fps"), ("dtype", "dtype"),
+                         ("tokenizer", "tokenizer")):
+        if _given(entry, key) is not None:
+            data[job_key] = entry[key]
+    for short, long in _SIZE_KEYS.items():
+        if _given(entry, short) is not None and _given(entry, long) is not None:
+            raise KinemaError(f"give {short} or {long}, not both")
+        value = _given(entry, short) if _given(entry, short) is not None else _given(entry, long)
+        if value is not None:
+            data["frames" if long == "length" else long] = value
+    output = _given(entry, "output")
+    if output is not None:
+        if not isinstance(output, Mapping):
+            raise KinemaError(f"output is a mapping such as {{fps: 8}}, got {type(output).__name__}")
+        if "fps" in output and "fps" not in data:
+            data["fps"] = output["fps"]
+    scheduler = _given(entry, "scheduler")
+    if scheduler is not None:
+        data["scheduler"] = SCHEDULER_ALIASES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
+    context = _given(entry, "context")
+    windows: dict[str, Any] = {}
+    if isinstance(context, Mapping):
+        windows.update(context)
+    elif context is not None:
+        windows["length"] = context  # prompt travel's --context: the window length
+    for key in ("overlap", "stride"):
+        if _given(entry, key) is not None:
+            windows[key] = entry[key]
+    if windows:
+        data["context"] = windows
+    return data
+
+
+def _seeds_per_prompt(seed: Any, prompts: int) -> list[Any]:
+    """AnimateDiff's rule: one seed for every prompt, or one per prompt (default -1, random)."""
+    seeds = _list(-1 if seed is None else seed)
+    if len(seeds) == 1:
+        return seeds * prompts
+    if len(seeds) != prompts:
+        raise KinemaError(f"seed lists {len(seeds)} seeds for {prompts} prompts; give one seed, or one per prompt")
+    return seeds
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:limit].rstrip("-") or "video"
+
+
+def _first_words(prompt: Any) -> str:
+    """What a run's folder is named after: the prompt, or a schedule's first prompt."""
+    if isinstance(prompt, Mapping):
+        prompt = next(iter(prompt.get("prompt_map", prompt).values()), "") if prompt else ""
+    return prompt if isinstance(prompt, str) else ""
+
+
+def _check_keys(entry: Mapping[str, Any]) -> list[str]:
+    """The ignored keys the entry sets; unknown keys are an error naming the nearest valid one."""
+    for key in entry:
+        if key not in ENTRY_KEYS and key not in IGNORED_KEYS:
+            near = difflib.get_close_matches(str(key), ENTRY_KEYS + IGNORED_KEYS, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(ENTRY_KEYS)}"
+            raise KinemaError(f"unknown key {key!r}; {hint}")
+    return [key for key in entry if key in IGNORED_KEYS and _given(entry, key) not in (None, False)]
+
+
+def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, config_folder: Path
+                ) -> tuple[list[ConfigRun], dict[str, Any]]:
+    """The runs of one entry and the entry as run (its seeds the integers used)."""
+    model, loras = _model_and_loras(entry)
+    shared = _shared(entry)
+    if model is not None:
+        shared["model"] = model
+    if loras:
+        shared["loras"] = loras
+    motion_modules = _list(_given(entry, "motion_module"))
+    schedule = {key: entry[key] for key in SCHEDULE_KEYS if _given(entry, key) is not None}
+    n_prompt = _given(entry, "n_prompt")
+    used = dict(entry)
+    stem = f"{index + 1:02d}-{_slug(name, 24)}"
+    runs: list[ConfigRun] = []
+
+    def job(data: dict[str, Any], label: str, modules_label: str) -> Job:
+        return job_from_mapping(data, where=f"{where}, entry {name!r}{label}{modules_label}", base=Path.cwd(),
+                                models_dir=config_folder)
+
+    if schedule:
+        if _given(entry, "prompt") is not None:
+            raise KinemaError(f"{where}, entry {name!r}: give prompt or a prompt schedule (head_prompt, prompt_map, "
+                              "tail_prompt), not both")
+        negatives = _list(n_prompt if n_prompt is not None else "")
+        if len(negatives) != 1:
+            raise KinemaError(f"{where}, entry {name!r}: a prompt schedule takes one n_prompt, got {len(negatives)}")
+        seeds = _list(entry.get("seed", -1))
+        used_seeds: list[int] = []
+        for module_index, module in enumerate(motion_modules):
+            tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
+            data = {**shared, "prompt": schedule, "negative_prompt": negatives[0],
+                    "seed": used_seeds or seeds, "motion_module": module}
+            made = job(data, "", f" (motion module {module_index + 1})" if tail else "")
+            used_seeds = list(made.request.seeds)
+            runs.append(ConfigRun(f"{stem}{tail}", made, name, 0))
+        used["seed"] = used_seeds
+        return runs, used
+
+    prompts = _list(_given(entry, "prompt"))
+    if prompts == [None]:
+        raise KinemaError(f"{where}, entry {name!r}: no prompt; add prompt: [\"a red circle moving right\"] (or "
+                          "prompt_map for prompt travel)")
+    negatives = _list(n_prompt if n_prompt is not None else "")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    elif len(negatives) != len(prompts):
+        raise KinemaError(f"{where}, entry {name!r}: n_prompt lists {len(negatives)} negative prompts for "
+                          f"{len(prompts)} prompts; give one, or one per prompt")
+    try:
+        seeds = _seeds_per_prompt(entry.get("seed"), len(prompts))
+    except KinemaError as err:
+        raise KinemaError(f"{where}, entry {name!r}: {err}") from None
+    used_seeds = []
+    for prompt_index, (prompt, negative, seed) in enumerate(zip(prompts, negatives, seeds, strict=True)):
+        label = f", prompt {prompt_index + 1}" if len(prompts) > 1 else ""
+        words = _first_words(prompt)
+        for module_index, module in enumerate(motion_modules):
+            tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
+            data = {**shared, "prompt": prompt, "negative_prompt": negative, "motion_module": module,
+                    "seed": used_seeds[prompt_index] if len(used_seeds) > prompt_index else seed}
+            made = job(data, label, f" (motion module {module_index + 1})" if tail else "")
+            if len(used_seeds) == prompt_index:
+                used_seeds.append(int(made.request.seeds[0]))
+            folder = f"{stem}-{prompt_index + 1:02d}-{_slug(words)}{tail}"
+            runs.append(ConfigRun(folder, made, name, prompt_index))
+    used["seed"] = used_seeds
+    return runs, used
+
+
+def read_config(path: str | os.PathLike, *, overrides: Mapping[str, Any] | None = None) -> PromptConfig:
+    """Read and check the prompt config `path` into its runs (random seeds drawn now), without loading a model.
+
+    `overrides` are entry keys (`OVERRIDE_KEYS`: steps, L, H, W, guidance_scale, scheduler, fps, dtype, tokenizer)
+    set on every entry, as `kinema generate --config --steps 4` does; they are recorded in `used`. Logs one
+    warning naming the keys set that kinema ignores. Raises one KinemaError line for a malformed file (with line
+    and column), an unknown key (naming the nearest valid one), a wrong value, or a missing file.
+    """
+    path = Path(path)
+    overrides = dict(overrides or {})
+    unknown = [key for key in overrides if key not in OVERRIDE_KEYS]
+    if unknown:
+        raise KinemaError(f"cannot override {unknown[0]!r} for every entry; overrides are {', '.join(OVERRIDE_KEYS)}")
+    data = load_config_file(path)
+    entries = _entries(data, path)
+    runs: list[ConfigRun] = []
+    used_entries: list[tuple[str, dict[str, Any]]] = []
+    ignored: list[str] = []
+    for index, (name, entry) in enumerate(entries):
+        where = f"{path}, entry {name!r}"
+        try:
+            ignored.extend(key for key in _check_keys(entry) if key not in ignored)
+        except KinemaError as err:
+            raise KinemaError(f"{where}: {err}") from None
+        entry = {**entry, **{_override_key(entry, key): value for key, value in overrides.items()}}
+        try:
+            entry_runs, used = _entry_runs(name, entry, index, str(path), path.parent)
+        except KinemaError as err:
+            message = str(err)
+            raise KinemaError(message if message.startswith(str(path)) else f"{where}: {message}") from None
+        runs.extend(entry_runs)
+        used_entries.append((name, used))
+    if ignored:
+        logger.warning("%s: kinema ignores %s (AnimateDiff / prompt-travel settings it has no use for)", path,
+                       ", ".join(ignored))
+    return PromptConfig(path, runs, _same_shape(data, used_entries), ignored)
+
+
+def _override_key(entry: Mapping[str, Any], key: str) -> str:
+    """Where an override goes in this entry: the spelling it already uses (W or width, ...)."""
+    long = _SIZE_KEYS.get(key)
+    return long if long is not None and long in entry and key not in entry else key
+
+
+def _same_shape(data: Any, used: list[tuple[str, dict[str, Any]]]) -> Any:
+    """The config as run, in the file's own layout (list, name -> entry, or one entry)."""
+    if isinstance(data, list):
+        return [entry for _, entry in used]
+    if len(used) == 1 and any(key in ENTRY_KEYS for key in data):
+        name, entry = used[0]
+        return {"name": name, **entry}  # named, so that the rerun's folders are named alike
+    return {name: entry for name, entry in used}
+
+
+# ---------------------------------------------------------------- running
+
+
+def check_config_output(out: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """The output policy for a config's output folder, before any model loads (one KinemaError line)."""
+    from kinema.fileio import check_output
+
+    check_output(out, CONFIG_OUTPUT_KIND, folder=True, overwrite=overwrite)
+
+
+def run_config(config: PromptConfig, out: str | os.PathLike, *, cache: FamilyCache | None = None,
+               overwrite: bool = False, progress: bool = False) -> list[Path]:
+    """Run every job of `config` into the folder `out`, written whole or not at all: one subfolder per run
+    (`run_job`'s folder: video-seedS.mp4 each with its settings, job.json, report.json) and `config.yaml`, the
+    config as run. Jobs sharing a model load it once (`cache`, a new FamilyCache by default). Returns the videos."""
+    import yaml
+
+    from kinema.fileio import atomic_folder
+    from kinema.pipelines.jobs import FamilyCache, run_job, video_names
+
+    cache = cache if cache is not None else FamilyCache(max_models=1)
+    out = Path(out)
+    check_config_output(out, overwrite=overwrite)
+    # Runs of one model next to each other: with one model kept loaded, each loads once.
+    order = sorted(range(len(config.runs)), key=lambda i: list(dict.fromkeys(
+        run.job.model_key() for run in config.runs)).index(config.runs[i].job.model_key()))
+    with atomic_folder(out, CONFIG_OUTPUT_KIND, overwrite=overwrite) as folder:
+        for index in order:
+            run = config.runs[index]
+            logger.info("%s: %s", run.folder, run.job.request.prompt)
+            run_job(run.job, folder / run.folder, cache=cache, progress=progress)
+        (folder / CONFIG_FILE).write_text(
+            f"# kinema ran {config.path.name} with these settings; every seed is the one used\n"
+            + yaml.safe_dump(config.used, sort_keys=False, allow_unicode=True, width=120))
+    return [out / run.folder / name for run in config.runs for name in video_names(run.job.request.seeds)]
+
+
+__all__ = ["CONFIG_FILE", "ENTRY_KEYS", "IGNORED_KEYS", "OVERRIDE_KEYS", "ConfigRun", "PromptConfig",
+           "check_config_output", "load_config_file", "read_config", "run_config"]

@@ -1,0 +1,145 @@
+"""kinema.pipelines.prompt_configs: AnimateDiff and prompt-travel config files read into the jobs their keys mean
+(checked against requests written out by hand from AnimateDiff's rules), one-line refusals before any model loads,
+and every shipped example: the kinema-tiny ones run, the SD1.5 one is refused only for its missing weights."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kinema.errors import KinemaError
+from kinema.pipelines.jobs import FamilyCache
+from kinema.pipelines.prompt_configs import read_config, run_config
+from kinema.pipelines.request import ContextSettings, GenerationRequest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+SD_EXAMPLE = EXAMPLES / "sd15-realisticvision-animatediff.yaml"
+# A seed AnimateDiff publishes (configs/prompts/1_animate/1_3_animate_ToonYou.yaml), above 2**63.
+PUBLISHED_SEED = 12192490710448890259
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False) if path.suffix == ".yaml" else json.dumps(data))
+    return path
+
+
+def touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_animatediff_keys_make_the_requests_animatediff_means(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path, "models/toon.safetensors", "models/mm.ckpt", "models/style.safetensors", "models/zoom.ckpt")
+    config = write(tmp_path / "toon.yaml", [{
+        "inference_config": "configs/inference/inference-v2.yaml", "controlnet_path": "",
+        "dreambooth_path": "models/toon.safetensors", "motion_module": "models/mm.ckpt",
+        "lora_model_path": "models/style.safetensors",
+        "motion_module_lora_configs": [{"path": "models/zoom.ckpt", "alpha": 0.5}],
+        "seed": [PUBLISHED_SEED, 7], "steps": 3, "guidance_scale": 7.5, "W": 32, "H": 48, "L": 8,
+        "prompt": ["a cat walking", "a dog running"], "n_prompt": ["blurry"]}])
+    with caplog.at_level(logging.WARNING):
+        read = read_config(config)
+    assert [r.message for r in caplog.records] == [
+        f"{config}: kinema ignores inference_config (AnimateDiff / prompt-travel settings it has no use for)"]
+    [first, second] = read.runs
+    for run, prompt, seed in ((first, "a cat walking", PUBLISHED_SEED), (second, "a dog running", 7)):
+        assert run.job.request == GenerationRequest(prompt=prompt, negative_prompt="blurry", seeds=[seed], steps=3,
+                                                    guidance=7.5, width=32, height=48, frames=8)
+        assert run.job.model == str(tmp_path / "models/toon.safetensors")
+        assert run.job.motion_module == str(tmp_path / "models/mm.ckpt")
+        # lora_alpha unset: AnimateDiff's 0.8
+        assert run.job.loras == [(str(tmp_path / "models/style.safetensors"), 0.8),
+                                 (str(tmp_path / "models/zoom.ckpt"), 0.5)]
+    assert first.folder == "01-entry1-01-a-cat-walking" and second.folder == "01-entry1-02-a-dog-running"
+    assert read.used[0]["seed"] == [PUBLISHED_SEED, 7]
+
+
+def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path, "v14.ckpt", "v15.ckpt")
+    config = write(tmp_path / "toon.yaml", {"ToonYou": {
+        "motion_module": ["v14.ckpt", "v15.ckpt"], "seed": -1, "prompt": ["a red circle moving right"],
+        "L": 8}})
+    read = read_config(config, overrides={"steps": 2})
+    assert [run.folder for run in read.runs] == ["01-toonyou-01-a-red-circle-moving-right-mm1",
+                                                 "01-toonyou-01-a-red-circle-moving-right-mm2"]
+    seeds = [list(run.job.request.seeds) for run in read.runs]
+    assert seeds[0] == seeds[1] and read.used == {"ToonYou": {**read.used["ToonYou"], "seed": seeds[0]}}
+    assert read.used["ToonYou"]["steps"] == 2 and all(run.job.request.steps == 2 for run in read.runs)
+
+
+def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path, "zoom.ckpt", "style.safetensors")
+    config = write(tmp_path / "travel.json", {
+        "name": "travel", "path": "kinema-tiny", "seed": [4, 5], "scheduler": "k_euler_a", "steps": 2,
+        "guidance_scale": 3, "head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"},
+        "tail_prompt": "moving right", "n_prompt": ["noise"], "lora_map": {"style.safetensors": 0.7},
+        "motion_lora_map": {"zoom.ckpt": 1.0}, "context": 8, "overlap": 2, "output": {"format": "mp4", "fps": 12},
+        "clip_skip": 2, "L": 8})
+    [run] = read_config(config).runs
+    assert run.job.request == GenerationRequest(
+        prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
+        negative_prompt="noise", seeds=[4, 5], scheduler="euler_a", steps=2, guidance=3.0, frames=8, height=64,
+        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2))
+    assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
+    assert run.folder == "01-travel"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- prompt: [a cat]\n  seed: [1\n  steps: 2\n", "is not valid YAML (expected ',' or ']', but got ':' at line 3 "
+                                                   "column 8)"),
+    ("- prompt: [a cat]\n  stpes: 2\n", "entry 'entry1': unknown key 'stpes'; did you mean 'steps'?"),
+    ("- prompt: [a cat]\n  guidance_scale: high\n", "guidance must be a finite number, got str 'high'"),
+    ("- prompt: [a, b, c]\n  n_prompt: [x, y]\n", "n_prompt lists 2 negative prompts for 3 prompts"),
+    ("- prompt: [a, b, c]\n  seed: [1, 2]\n", "seed lists 2 seeds for 3 prompts; give one seed, or one per prompt"),
+    (f"- prompt: [a cat]\n  seed: {2**64}\n", f"seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
+    ("- prompt: [a cat]\n  motion_module: mm_sd_v15_v2.ckpt\n", "no such motion module: mm_sd_v15_v2.ckpt"),
+    ("- prompt: [a cat]\n  dreambooth_path: models/toon.safetensors\n",
+     "no such model file or folder: models/toon.safetensors; a model is an existing path or a bundled model's name"),
+    ("- prompt: [a cat]\n  prompt_map: {0: a dog}\n", "give prompt or a prompt schedule"),
+    ("- steps: 2\n", "entry 'entry1': no prompt"),
+    ("just text\n", "is a str, not a prompt config"),
+])
+def test_bad_configs_are_one_line_naming_the_problem(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(KinemaError) as caught:
+        read_config(tmp_path / "bad.yaml")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(str(tmp_path / "bad.yaml"))
+
+
+def test_the_sd_example_is_refused_only_for_its_missing_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KinemaError, match=r"entry 'entry1', prompt 1: no such model file or folder: "
+                                          r"models/DreamBooth_LoRA/realisticVisionV60B1_v51VAE.safetensors"):
+        read_config(SD_EXAMPLE)
+    touch(tmp_path, "models/DreamBooth_LoRA/realisticVisionV60B1_v51VAE.safetensors",
+          "models/stable-diffusion-v1-5/tokenizer/vocab.json", "models/Motion_Module/mm_sd_v15_v2.ckpt",
+          "models/MotionLoRA/v2_lora_ZoomIn.ckpt")
+    read = read_config(SD_EXAMPLE)
+    assert [list(run.job.request.seeds) for run in read.runs] == [[43242532350557906], [10589116295929063558]]
+    assert read.ignored == ["inference_config"] and read.runs[0].job.request.frames == 16
+
+
+@pytest.fixture(scope="module")
+def cache() -> FamilyCache:
+    return FamilyCache()
+
+
+@pytest.mark.parametrize("example", ["kinema-tiny-animatediff.yaml", "kinema-tiny-prompt-travel.json"])
+def test_each_kinema_tiny_example_runs(tmp_path, example, cache):
+    read = read_config(EXAMPLES / example, overrides={"steps": 2, "L": 8})  # small: a few seconds each
+    paths = run_config(read, tmp_path / "out", cache=cache)
+    assert paths and all(path.is_file() for path in paths) and cache.loads == 1  # one model for all
+    used = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    entries = used if isinstance(used, list) else [used]
+    assert all(isinstance(seed, int) and seed >= 0 for entry in entries for seed in entry["seed"])
+    for path in paths:
+        settings = json.loads(path.with_name(path.name + ".json").read_text())
+        assert settings["model"] == "kinema-tiny" and settings["steps"] == 2
