@@ -386,11 +386,10 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 if stops.get(session) is stop_event:
                     del stops[session]
 
-        generate_inputs = {mode, *form_fields.values(), *lora_paths, *lora_weights}
-        generate.click(generate_video, inputs=generate_inputs,
-                       outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
-        prompt.submit(generate_video, inputs=generate_inputs,
-                      outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
+        # One event for both triggers, so the queue's concurrency limit counts every generation together.
+        gr.on([generate.click, prompt.submit], generate_video,
+              inputs={mode, *form_fields.values(), *lora_paths, *lora_weights},
+              outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
     app.queue(default_concurrency_limit=concurrency)
     return app
 

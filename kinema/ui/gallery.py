@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import JOB_FILE, video_names
+from kinema.pipelines.jobs import JOB_FILE, REPORT_FILE, video_names
 
 MAX_ENTRIES = 100
 _SLUG_LENGTH = 40
@@ -40,14 +40,18 @@ def _first_prompt(prompt: Any) -> str:
     return str(prompt)
 
 
-def caption(settings: dict[str, Any]) -> str:
-    """`prompt · seed S · F frames WxH · N steps` for a video's settings."""
+def caption(settings: dict[str, Any], frames: int | None = None) -> str:
+    """`prompt · seed S · F frames WxH · N steps` for a video's settings, the mode first when it is not
+    text-to-video; `frames`: the frames the video has (its run report's), where the settings cannot say (an input
+    video's length decides for video-to-video and extend)."""
     prompt = " ".join(_first_prompt(settings.get("prompt", "")).split()) or "(no prompt)"
     if len(prompt) > 60:
         prompt = prompt[:59] + "…"
     seed = (settings.get("seeds") or ["?"])[0]
-    return (f"{prompt} · seed {seed} · {settings.get('frames')} frames {settings.get('width')}x"
+    mode = settings.get("mode", "text-to-video")
+    text = (f"{prompt} · seed {seed} · {frames or settings.get('frames')} frames {settings.get('width')}x"
             f"{settings.get('height')} · {settings.get('steps')} steps")
+    return text if mode == "text-to-video" else f"{mode}: {text}"
 
 
 def read_gallery(outputs_dir: str | os.PathLike, limit: int = MAX_ENTRIES) -> list[GalleryEntry]:
@@ -72,13 +76,22 @@ def read_gallery(outputs_dir: str | os.PathLike, limit: int = MAX_ENTRIES) -> li
         seeds = settings.get("seeds") if isinstance(settings, dict) else None
         if not isinstance(seeds, list):
             continue
+        frames = _reported_frames(folder / REPORT_FILE)
         for seed, name in zip(seeds, video_names(seeds), strict=True):
             if (folder / name).is_file():
                 own = {**settings, "seeds": [seed]}
-                entries.append(GalleryEntry(folder / name, own, caption(own)))
+                entries.append(GalleryEntry(folder / name, own, caption(own, frames)))
             if len(entries) >= limit:
                 return entries
     return entries
+
+
+def _reported_frames(path: Path) -> int | None:
+    try:
+        frames = json.loads(path.read_text()).get("frames")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return frames if isinstance(frames, int) else None
 
 
 def slug(text: str) -> str:

@@ -21,6 +21,10 @@ def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
     assert values["model"] == "kinema-tiny"
     assert (values["steps"], values["frames"]) == (defaults["steps"], defaults["frames"])
     assert app._queue.default_concurrency_limit == 2
+    # Generations (Generate or Enter in the prompt) share the queue's limit; scans, gallery and settings never wait.
+    limits = {fn.name: (fn.concurrency_limit, len(fn.targets)) for fn in app.fns.values()}
+    assert limits.pop("generate_video") == ("default", 2)
+    assert {limit for limit, _ in limits.values()} == {None}
 
 
 def test_a_bad_form_gets_the_jobs_one_line_message():

@@ -80,6 +80,11 @@ def test_a_job_of_several_seeds_is_one_gallery_entry_per_video_newest_job_first(
     assert [(entry.video.relative_to(outputs).as_posix(), entry.settings["seeds"]) for entry in entries] == [
         ("a-newer/video-seed5.mp4", [5]), ("b-older/video-seed3.mp4", [3]), ("b-older/video-seed4.mp4", [4])]
     assert entries[1].caption == "a red circle · seed 3 · 16 frames 64x64 · 25 steps"
+    extended = job_from_mapping({"video": image_file(tmp_path / "clip.gif"), "extend_frames": 4, "steps": 2})
+    folder = write_job_folder(outputs, "c-extended", extended.settings())
+    (folder / "report.json").write_text(json.dumps({"frames": 5}))  # the gif's one frame and 4 more
+    os.utime(folder / JOB_FILE, ns=(3 * 10**18, 3 * 10**18))
+    assert read_gallery(outputs)[0].caption == "extend: (no prompt) · seed 0 · 5 frames 64x64 · 2 steps"
     assert through_the_form(entries[2].settings).request.seeds == [4]
 
 
