@@ -109,7 +109,7 @@ def load_config_file(path: str | os.PathLike) -> Any:
     except UnicodeDecodeError:
         raise KinemaError(f"{path} is not a text file, so it cannot be a YAML or JSON config") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader: plain data, never objects
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -117,6 +117,25 @@ def load_config_file(path: str | os.PathLike) -> Any:
         raise KinemaError(f"{path} is not valid YAML ({problem}{where}); fix the file there") from None
     except yaml.YAMLError as err:
         raise KinemaError(f"{path} is not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _unique_keys_loader() -> Any:
+    """yaml's SafeLoader, refusing a key given twice in one mapping (safe_load keeps the last one silently, so a
+    second `seed:` line would quietly win)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice; give each key once", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _entries(data: Any, path: Path) -> list[tuple[str, Mapping[str, Any]]]:

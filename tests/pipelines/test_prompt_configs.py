@@ -94,6 +94,8 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     ("- prompt: [a cat]\n  seed: [1\n  steps: 2\n", "is not valid YAML (expected ',' or ']', but got ':' at line 3 "
                                                    "column 8)"),
     ("- prompt: [a cat]\n  stpes: 2\n", "entry 'entry1': unknown key 'stpes'; did you mean 'steps'?"),
+    ("- prompt: [a cat]\n  seed: 1\n  seed: 2\n", "is not valid YAML (key 'seed' is given twice; give each key "
+                                                  "once at line 3 column 3)"),
     ("- prompt: [a cat]\n  guidance_scale: high\n", "guidance must be a finite number, got str 'high'"),
     ("- prompt: [a, b, c]\n  n_prompt: [x, y]\n", "n_prompt lists 2 negative prompts for 3 prompts"),
     ("- prompt: [a, b, c]\n  seed: [1, 2]\n", "seed lists 2 seeds for 3 prompts; give one seed, or one per prompt"),
