@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from kinema.errors import KinemaError, library_error_message, os_error_message
 from kinema.log import LOGGER_NAME
 from kinema.pipelines.jobs import (
     GENERATE_DEFAULTS,
+    RANDOM_SEED_LIMIT,
     Cancelled,
     FamilyCache,
     Job,
@@ -46,7 +48,6 @@ TABS = ((TEXT_TO_VIDEO, "Text to Video"), (IMAGE_TO_VIDEO, "Image to Video"), (E
         (VIDEO_TO_VIDEO, "Video to Video"))
 FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
 NO_CHOICE = ""
-MAX_SEED_DRAWN = 2**32 - 1  # seeds the random button draws: exact as JavaScript numbers (see jobs.RANDOM_SEED_LIMIT)
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
 INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video")
 # Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.
@@ -277,8 +278,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         for tab_mode, tab in tab_blocks.items():
             tab.select(lambda chosen=tab_mode: chosen, outputs=mode, concurrency_limit=None)
 
-        random_seed.click(lambda: int.from_bytes(os.urandom(4), "little") % (MAX_SEED_DRAWN + 1), outputs=seed,
-                          concurrency_limit=None)
+        # The job's own range for random seeds (-1): exact as JavaScript numbers in the browser.
+        random_seed.click(lambda: secrets.randbelow(RANDOM_SEED_LIMIT), outputs=seed, concurrency_limit=None)
 
         def rescan_models() -> tuple[Any, ...]:
             found = scan_models(models_path)

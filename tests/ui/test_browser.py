@@ -113,6 +113,10 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     expect(page.locator("#prompt textarea")).to_have_value(PROMPT)
     expect(page.locator("#steps input")).to_have_value("2")
 
+    page.locator("#random-seed").click()
+    expect(page.locator("#seed input")).not_to_have_value("0")
+    assert 0 <= int(page.locator("#seed input").input_value()) < 2**32
+
     # Bad input is refused by the job's check, in the words of the CLI and the API, before any model work.
     page.locator("#steps input").fill("0")
     page.locator("#generate").click()
