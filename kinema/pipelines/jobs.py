@@ -65,6 +65,11 @@ _NUMBER_FIELDS = ("guidance", "strength", "fps")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video"}
+# The named choices of ContextSettings and FreeInitSettings, checked here without importing the torch modules that
+# define them (kinema.sampling.context SCHEDULES, FUSE_METHODS; kinema.sampling.freeinit FREE_INIT_METHODS);
+# tests/pipelines/test_jobs.py checks that they stay equal.
+SETTING_CHOICES = {"schedule": ("uniform", "static"), "fuse": ("flat", "pyramid", "overlap-linear"),
+                   "method": ("butterworth", "gaussian", "ideal", "box")}
 
 
 class Cancelled(Exception):
@@ -109,7 +114,7 @@ def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found
     folder = resolve_model(model, not_found)
     found = model_defaults(folder) if folder.is_dir() else {}
     chosen = {key: found[key] for key in unset if key in found}
-    if chosen.get("scheduler", next(iter(SCHEDULERS))) not in SCHEDULERS:
+    if "scheduler" in chosen and chosen["scheduler"] not in SCHEDULERS:
         raise KinemaError(f"{folder / 'kinema.json'}: default scheduler {chosen['scheduler']!r} is not one kinema "
                           f"knows ({', '.join(SCHEDULERS)})")
     return folder, chosen
@@ -246,13 +251,18 @@ def _settings_object(value: Any, key: str, kind: type) -> Any:
             if not isinstance(item, bool):
                 raise KinemaError(f"{key}.{name} must be true or false, got {item!r}")
         elif isinstance(default, int):
-            item = _integer(item, f"{key}.{name}", minimum=0)
+            item = _integer(item, f"{key}.{name}", minimum=0 if name == "overlap" else 1)
         elif isinstance(default, float):
             item = _number(item, f"{key}.{name}")
+            if not 0 < item <= 1:
+                raise KinemaError(f"{key}.{name} must be in (0, 1], got {item}")
         else:
-            item = _text(item, f"{key}.{name}")
+            item = _choice(item, f"{key}.{name}", SETTING_CHOICES[name])
         checked[name] = item
-    return kind(**checked)
+    settings = kind(**checked)
+    if isinstance(settings, ContextSettings) and settings.overlap >= settings.length:
+        raise KinemaError(f"context.overlap ({settings.overlap}) must be below context.length ({settings.length})")
+    return settings
 
 
 def _path(value: Any, key: str, base: Path, models_dir: Path | None, what: str) -> str:

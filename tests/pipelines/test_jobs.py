@@ -88,6 +88,9 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "context": {"lenght": 8}}, "job: context: unknown key 'lenght'; did you mean 'length'?"),
     ({"prompt": "a cat", "loras": [{"path": "x", "wieght": 1}]}, "unknown key 'wieght'; did you mean 'weight'?"),
     ({"prompt": "a cat", "steps": "ten"}, "job: steps must be a whole number, got str 'ten'"),
+    ({"prompt": "a cat", "context": {"fuse": "pyramidal"}}, "job: unknown context.fuse 'pyramidal'; choose one of"),
+    ({"prompt": "a cat", "context": {"length": 8, "overlap": 8}}, "context.overlap (8) must be below context.length"),
+    ({"prompt": "a cat", "free_init": {"spatial_stop": 2.0}}, "job: free_init.spatial_stop must be in (0, 1]"),
     ({"prompt": "a cat", "guidance": True}, "job: guidance must be a finite number, got bool True"),
     ({"prompt": "a cat", "scheduler": "eulr"}, "job: unknown scheduler 'eulr'; choose one of"),
     ({"prompt": "a cat", "seed": 2**64}, f"job: seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
@@ -113,6 +116,14 @@ def test_every_request_field_is_a_job_key():
     from dataclasses import fields
 
     assert {f.name for f in fields(GenerationRequest)} < set(JOB_KEYS)
+
+
+def test_the_named_setting_choices_are_the_sampling_modules():
+    from kinema.pipelines.jobs import SETTING_CHOICES
+    from kinema.sampling.context import FUSE_METHODS, SCHEDULES
+    from kinema.sampling.freeinit import FREE_INIT_METHODS
+
+    assert SETTING_CHOICES == {"schedule": SCHEDULES, "fuse": FUSE_METHODS, "method": FREE_INIT_METHODS}
 
 
 def test_the_largest_seed_is_torchs_largest():
