@@ -36,7 +36,15 @@ from kinema.pipelines.jobs import (
 )
 from kinema.pipelines.request import GenerationRequest
 from kinema.sampling.schedulers import SCHEDULERS
-from kinema.ui.form import EXTEND, IMAGE_TO_VIDEO, TEXT_TO_VIDEO, VIDEO_TO_VIDEO, form_to_mapping, settings_to_form
+from kinema.ui.form import (
+    EXTEND,
+    IMAGE_TO_VIDEO,
+    TEXT_TO_VIDEO,
+    VIDEO_TO_VIDEO,
+    form_to_mapping,
+    settings_to_form,
+    size_of_image,
+)
 from kinema.ui.gallery import GalleryEntry, keep_input, new_job_folder, read_gallery
 from kinema.ui.models import ModelChoices, scan_models
 from kinema.ui.preview import latent_preview
@@ -202,7 +210,9 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                             image = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"])
                             end_image = gr.Image(label="End image (optional)", type="filepath",
                                                  sources=["upload", "clipboard"])
-                        resize = gr.Checkbox(label="Resize the images to the video's size", value=True)
+                        with gr.Row():
+                            resize = gr.Checkbox(label="Resize the images to the video's size", value=True)
+                            image_size = gr.Button("Make the video the start image's size", elem_id="image-size")
                     with gr.Tab(TABS[2][1], id=EXTEND) as tab_blocks[EXTEND]:
                         extend_video = gr.Video(label="Video to continue", sources=["upload"], include_audio=True)
                         extend_frames = gr.Number(label="Frames to append", value=16, precision=0)
@@ -280,6 +290,17 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
         # The job's own range for random seeds (-1): exact as JavaScript numbers in the browser.
         random_seed.click(lambda: secrets.randbelow(RANDOM_SEED_LIMIT), outputs=seed, concurrency_limit=None)
+
+        def size_from_image(path: str | None) -> tuple[Any, Any, Any]:
+            if not path:
+                raise gr.Error("upload a start image first")
+            try:
+                size_width, size_height = size_of_image(path)
+            except KinemaError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            return size_width, size_height, True
+
+        image_size.click(size_from_image, inputs=image, outputs=[width, height, resize], concurrency_limit=None)
 
         def rescan_models() -> tuple[Any, ...]:
             found = scan_models(models_path)

@@ -24,6 +24,8 @@ FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "lor
              "extend_video", "extend_frames")
 # The input video of each mode that takes one: the tabs have a video box each.
 VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}
+# The size a video takes from its start image rounds down to this: both families' VAEs downscale 8x.
+SIZE_MULTIPLE = 8
 _WHOLE_NUMBERS = ("steps", "width", "height", "frames", "seed", "extend_frames")
 _NUMBERS = ("guidance", "strength")
 
@@ -109,3 +111,17 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         else:
             values["extend_frames"] = settings.get("extend_frames")
     return values
+
+
+def size_of_image(path: str, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """`(width, height)` for a video made from the image at `path`: its own size rounded down to a multiple of
+    `multiple` (at least `multiple`; with resize on, the image is scaled by less than `multiple` pixels each way).
+    One KinemaError line when it is not an image."""
+    from kinema.pipelines.jobs import check_image_file
+
+    check_image_file(path, "start image")
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import JOB_FILE, job_from_mapping
-from kinema.ui.form import FORM_KEYS, form_to_mapping, settings_to_form
+from kinema.ui.form import FORM_KEYS, form_to_mapping, settings_to_form, size_of_image
 from kinema.ui.gallery import caption, keep_input, new_job_folder, read_gallery
 
 # What the page holds before anyone touches it (kinema-tiny's defaults), for the keys a loaded video leaves alone.
@@ -135,3 +135,11 @@ def test_an_upload_is_kept_in_the_outputs_folder_so_its_job_loads_again_after_th
     os.remove(upload)
     [entry] = read_gallery(outputs)  # the inputs folder is no job
     assert through_the_form(entry.settings).settings() == job.settings()
+
+
+def test_a_video_takes_the_start_images_size_rounded_down_to_the_vaes_multiple(tmp_path):
+    assert size_of_image(image_file(tmp_path / "wide.png", (203, 117))) == (200, 112)
+    assert size_of_image(image_file(tmp_path / "tiny.png", (5, 64))) == (8, 64)
+    (tmp_path / "fake.png").write_text("text")
+    with pytest.raises(KinemaError, match="is not an image"):
+        size_of_image(str(tmp_path / "fake.png"))
