@@ -134,6 +134,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
             "--motion-module models/mm_sd_v15_v2.ckpt --frames 16 --seed 1 2 -o out/fox.mp4",
             "kinema generate prompts/day_to_night.json --model models/EasyAnimateV3-XL-2-InP-512x512 --frames 72 "
             "--print-schedule",
+            "kinema generate --config configs/prompts/kinema-tiny-animatediff.yaml -o out/shapes",
         ),
     )
     generate.add_argument("prompt", nargs="?", help="text, JSON prompt schedule, or a .json file holding one")

@@ -410,8 +410,8 @@ def run_config(config: PromptConfig, out: str | os.PathLike, *, cache: FamilyCac
     out = Path(out)
     check_config_output(out, overwrite=overwrite)
     # Runs of one model next to each other: with one model kept loaded, each loads once.
-    order = sorted(range(len(config.runs)), key=lambda i: list(dict.fromkeys(
-        run.job.model_key() for run in config.runs)).index(config.runs[i].job.model_key()))
+    models = list(dict.fromkeys(run.job.model_key() for run in config.runs))
+    order = sorted(range(len(config.runs)), key=lambda i: models.index(config.runs[i].job.model_key()))
     with atomic_folder(out, CONFIG_OUTPUT_KIND, overwrite=overwrite) as folder:
         for index in order:
             run = config.runs[index]
