@@ -82,10 +82,10 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 # ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
 NOT_WITH_CONFIG: dict[str, Any] = {
     "--model": None, "--motion-module": None, "--lora": [], "--image": None, "--end-image": None, "--negative": "",
-    "--seed": [0], "--free-init": None, "--interpolation": "linear", "--print-schedule": False, "--resize": False,
-    "--vae-tiling": False, "--decode-chunk": 16, "--attention-chunk": None, "--offload": False,
-    "--context-length": None, "--context-overlap": None, "--context-stride": None, "--context-schedule": None,
-    "--closed-loop": False, "--fuse": None, "--freenoise": False}
+    "--seed": [0], "--free-init": None, "--interpolation": "linear", "--resize": False, "--vae-tiling": False,
+    "--decode-chunk": 16, "--attention-chunk": None, "--offload": False, "--context-length": None,
+    "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
+    "--fuse": None, "--freenoise": False, "--print-schedule": False}
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -406,6 +406,8 @@ def _check_config(args: argparse.Namespace) -> None:
         raise KinemaError("give PROMPT or --config, not both (a config file holds its prompts)")
     given = [option for option, default in NOT_WITH_CONFIG.items()
              if getattr(args, option.removeprefix("--").replace("-", "_")) != default]
+    if given == ["--print-schedule"]:
+        raise KinemaError("--print-schedule shows one PROMPT's schedule; it cannot be combined with --config")
     if given:
         raise KinemaError(f"{given[0]} cannot be combined with --config; set it in the config file (see "
                           "docs/configs.md)")

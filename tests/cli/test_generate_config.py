@@ -55,6 +55,7 @@ def test_a_written_config_makes_the_same_frames_again(tmp_path, capsys):
     (["--seed", "3"], "--seed cannot be combined with --config; set it in the config file (see docs/configs.md)"),
     (["--model", "kinema-tiny"], "--model cannot be combined with --config; set it in the config file (see "
                                  "docs/configs.md)"),
+    (["--print-schedule"], "--print-schedule shows one PROMPT's schedule; it cannot be combined with --config"),
     (["-o", "clip.mp4"], "with --config, -o names a folder (one subfolder per prompt), not clip.mp4"),
 ])
 def test_options_that_belong_in_the_file_are_refused(tmp_path, monkeypatch, capsys, argv, message):
