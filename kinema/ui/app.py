@@ -116,17 +116,43 @@ class _WarningsOf(logging.Handler):
             self.events.put(("warning", " ".join(record.getMessage().split())))
 
 
+def newest_steps(events: queue.Queue) -> Iterator[tuple[str, Any]]:
+    """The events of `events` in order until one of "done", "stopped" or "error", but of several "step" events
+    waiting at once only the newest: a page slower than the sampler gets the current step and preview, not a
+    backlog (the step events carry the count of steps done)."""
+    waiting: tuple[str, Any] | None = None
+    while True:
+        kind, payload = waiting if waiting is not None else events.get()
+        waiting = None
+        while kind == "step":
+            try:
+                newer = events.get_nowait()
+            except queue.Empty:
+                break
+            if newer[0] != "step":
+                waiting = newer
+                break
+            payload = newer[1]
+        yield kind, payload
+        if kind in ("done", "stopped", "error"):
+            return
+
+
 def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event) -> Iterator[tuple[str, Any]]:
-    """Run `job` into `out` on a worker thread and yield what happens, in order: ("step", preview image) per
-    sampling step, ("warning", text) per kinema warning, then one of ("done", video paths), ("stopped", None) or
-    ("error", exception). Setting `stop` (or closing this generator) stops the job at its next step."""
+    """Run `job` into `out` on a worker thread and yield what happens, in order: ("step", (steps done, preview
+    image)) for the newest sampling step (`newest_steps`), ("warning", text) per kinema warning, then one of
+    ("done", video paths), ("stopped", None) or ("error", exception). Setting `stop` (or closing this generator)
+    stops the job at its next step."""
     events: queue.Queue = queue.Queue()
     warnings = _WarningsOf(events)
+    steps_done = 0
 
     def callback(step: int, timestep: Any, latents: Any) -> None:
+        nonlocal steps_done
         if stop.is_set():
             raise Cancelled()
-        events.put(("step", latent_preview(latents)))
+        steps_done += 1
+        events.put(("step", (steps_done, latent_preview(latents))))
 
     def work() -> None:
         warnings.thread_id = threading.get_ident()
@@ -142,11 +168,7 @@ def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event
     worker = threading.Thread(target=work, name="kinema-ui-job", daemon=True)
     try:
         worker.start()
-        while True:
-            kind, payload = events.get()
-            yield kind, payload
-            if kind in ("done", "stopped", "error"):
-                return
+        yield from newest_steps(events)
     finally:
         stop.set()  # the page went away or the generator was closed: stop sampling at the next step
         worker.join()
@@ -382,14 +404,13 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             session = request.session_hash or ""
             stops[session] = stop_event
             total = expected_steps(job)
-            done_steps = 0
             progress((0, total), desc="loading the model and starting")
             try:
                 for kind, payload in run_in_worker(job, out, family_cache, stop_event):
                     if kind == "step":
-                        done_steps += 1
+                        done_steps, picture = payload
                         progress((done_steps, total), desc=f"step {done_steps}" + (f" of {total}" if total else ""))
-                        yield {preview: payload, status: f"Sampling: step {done_steps}"}
+                        yield {preview: picture, status: f"Sampling: step {done_steps}"}
                     elif kind == "warning":
                         gr.Warning(payload)
                     elif kind == "stopped":

@@ -2,6 +2,7 @@
 run by its worker relays steps, previews and warnings, and stops when asked, leaving nothing written."""
 
 import json
+import queue
 import threading
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from kinema.bundled import bundled_model_path
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import FamilyCache, job_from_mapping
-from kinema.ui.app import build_app, check_form, expected_steps, form_defaults, run_in_worker
+from kinema.ui.app import build_app, check_form, expected_steps, form_defaults, newest_steps, run_in_worker
 
 
 def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
@@ -34,15 +35,24 @@ def test_a_bad_form_gets_the_jobs_one_line_message():
 
 def test_the_worker_relays_steps_and_warnings_and_stops_when_asked(tmp_path):
     # A prompt outside kinema-tiny's world: the model logs a warning, from the worker thread.
-    job = job_from_mapping({"prompt": "a cat playing the piano", "frames": 8, "steps": 3})
-    assert expected_steps(job) == 3
+    # 20 steps: ample room for the stop to land before the end, however the threads are scheduled.
+    job = job_from_mapping({"prompt": "a cat playing the piano", "frames": 8, "steps": 20})
+    assert expected_steps(job) == 20
     out = tmp_path / "job"
     stop = threading.Event()
     seen = []
     for kind, payload in run_in_worker(job, out, FamilyCache(), stop):
         seen.append(kind)
         if kind == "step":
-            assert payload.shape == (256, 256, 3)
+            assert payload[0] >= 1 and payload[1].shape == (256, 256, 3)
             stop.set()
     assert seen[-2:] == ["step", "stopped"] and "warning" in seen
     assert not out.exists()
+
+
+def test_a_backlog_of_steps_reaches_the_page_as_the_newest_step_only():
+    events = queue.Queue()
+    for event in [("step", 1), ("step", 2), ("warning", "w"), ("step", 3), ("step", 4), ("done", ["v.mp4"]),
+                  ("step", 5)]:
+        events.put(event)
+    assert list(newest_steps(events)) == [("step", 2), ("warning", "w"), ("step", 4), ("done", ["v.mp4"])]
