@@ -7,10 +7,10 @@ The output folder `DIR` holds:
   as kinema.pipelines.jobs.run_job writes them), written whole or not at all (kinema.fileio.atomic_folder). A job
   is done exactly when its folder exists and carries kinema's mark, so a re-run skips it and never redoes it.
 - `DIR/manifest.jsonl`: what happened, one JSON object per line, only ever appended: a header, then per run a
-  `run` record, per job a record (`line`, `id`, `status` "done" or "failed", `outputs`, `seconds`, `worker`, the
-  worker's `loads` so far, `error` for a failure) and per worker at the end of a run its `loads` count (how many
-  times it loaded a model) and `jobs`. Each record is one write(2) call and the reader skips a torn last line, so a
-  killed run cannot leave the manifest unreadable.
+  `run` record, per job a record (`line`, `job` (its ID), `status` "done" or "failed", `outputs`, `seconds`, `worker`,
+  `loaded`: how many models the job had to load, `error` for a failure) and per worker at the end of a run its
+  `loads` (how many times it loaded a model, the sum of its jobs' `loaded`) and `jobs`. Each record is one
+  write(2) call and the reader skips a torn last line, so a killed run cannot leave the manifest unreadable.
 
 A job's ID is a hash of its line's content (whitespace and key order aside): an edited line is a new job and runs
 again, an untouched one is skipped. Every line is read and checked (kinema.pipelines.jobs.job_from_mapping) before
@@ -238,6 +238,7 @@ def run_one(batch_job: BatchJob, out: str | os.PathLike, cache: FamilyCache, wor
     target = job_folder(out, batch_job.id)
     started = time.perf_counter()
     record: dict[str, Any] = {"job": batch_job.id, "line": batch_job.line, "worker": worker}
+    loads_before = cache.loads
     try:
         run_job(batch_job.job, target, cache=cache)  # writes the folder whole or not at all (atomic_folder)
     except Exception as err:  # one bad job must not stop the others; its error is kept in the manifest
@@ -245,7 +246,7 @@ def run_one(batch_job: BatchJob, out: str | os.PathLike, cache: FamilyCache, wor
         record.update(status="failed", error=message, outputs=[])
     else:
         record.update(status="done", outputs=_outputs(out, target))
-    record.update(seconds=round(time.perf_counter() - started, 3), loads=cache.loads)
+    record.update(seconds=round(time.perf_counter() - started, 3), loaded=cache.loads - loads_before)
     return record
 
 
@@ -348,15 +349,12 @@ def run_batch(
 def _run_here(pending: Sequence[BatchJob], out: Path, record: Record) -> list[dict[str, Any]]:
     """Run the jobs in turn in this process on one FamilyCache; returns the one worker's record."""
     from kinema.interrupt import stop_if_requested
-    from kinema.pipelines.jobs import FamilyCache
 
-    cache = FamilyCache()
-    name = _worker_name(0)
+    worker = BatchWorker(_worker_name(0), str(out))
     for batch_job in pending:
         stop_if_requested()
-        record(run_one(batch_job, out, cache, name))
-    return [{"worker": name, "loads": cache.loads, "jobs": len(pending), "host": socket.gethostname(),
-             "pid": os.getpid()}]
+        record(worker.run(batch_job))
+    return [worker.summary()]
 
 
 # ---------------------------------------------------------------- Ray
@@ -370,21 +368,26 @@ def ray_available() -> bool:
 
 
 class BatchWorker:
-    """A Ray actor's state: a name, the batch folder and a FamilyCache that keeps its models between jobs."""
+    """One worker (a Ray actor, or this process when run here): a name, the batch folder and a FamilyCache that
+    keeps its models between jobs. Its `loads` add up what each job loaded, so they count every model load the
+    worker made, whichever cache made it."""
 
     def __init__(self, name: str, out: str) -> None:
         from kinema.pipelines.jobs import FamilyCache
 
-        self.name, self.out, self.cache, self.jobs = name, out, FamilyCache(), 0
+        self.name, self.out, self.cache = name, out, FamilyCache()
+        self.jobs = self.loads = 0
 
     def run(self, batch_job: BatchJob) -> dict[str, Any]:
         """Run one job; its manifest record."""
+        entry = run_one(batch_job, self.out, self.cache, self.name)
         self.jobs += 1
-        return run_one(batch_job, self.out, self.cache, self.name)
+        self.loads += entry["loaded"]
+        return entry
 
     def summary(self) -> dict[str, Any]:
         """The worker's manifest record: its model loads and jobs."""
-        return {"worker": self.name, "loads": self.cache.loads, "jobs": self.jobs, "host": socket.gethostname(),
+        return {"worker": self.name, "loads": self.loads, "jobs": self.jobs, "host": socket.gethostname(),
                 "pid": os.getpid()}
 
 
@@ -453,7 +456,7 @@ def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address:
                 if isinstance(err, ray.exceptions.RayActorError):
                     alive.discard(index)
                 entry = {"job": batch_job.id, "line": batch_job.line, "worker": _worker_name(index),
-                         "status": "failed", "outputs": [], "seconds": None,
+                         "status": "failed", "outputs": [], "seconds": None, "loaded": 0,
                          "error": f"the Ray worker failed ({library_error_message(err)}); run again to retry"}
             record(entry)
             if index in alive:

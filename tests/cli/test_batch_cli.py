@@ -135,6 +135,7 @@ def test_a_local_run_killed_half_way_resumes_where_it_stopped(tmp_path, capsys):
     second = check_finished(out, jobs, run=2)
     assert sorted(r["line"] for r in second if r.get("status") == "done") == list(range(done_before + 1, 5))
     assert [(r["worker"], r["loads"]) for r in second if "pid" in r] == [("worker-0", 1)]
+    assert [r["loaded"] for r in second if r.get("status") == "done"] == [1] + [0] * (3 - done_before)
     # Nothing that finished before the kill ran again: its files are the first run's.
     first = {r["job"] for r in done_records(out, run=1)}
     assert len(first) == done_before and not first & {r["job"] for r in done_records(out, run=2)}
@@ -162,7 +163,9 @@ def test_eight_jobs_on_two_ray_workers_load_the_model_once_per_worker(tmp_path, 
     assert sorted(workers) == ["worker-0", "worker-1"]
     assert [workers[name]["loads"] for name in sorted(workers)] == [1, 1]
     assert sum(worker["jobs"] for worker in workers.values()) == 8 and all(w["jobs"] >= 1 for w in workers.values())
-    assert {r["worker"] for r in records if r.get("status") == "done"} == set(workers)
+    done = [r for r in records if r.get("status") == "done"]
+    assert {r["worker"] for r in done} == set(workers)
+    assert all(sum(r["loaded"] for r in done if r["worker"] == name) == 1 for name in workers)  # its first job
 
     # The reference: the same line generated directly, with no batch, actor or cache in between.
     line = json.loads(jobs.read_text().splitlines()[5])

@@ -113,7 +113,7 @@ def test_a_failed_job_is_recorded_with_its_error_and_leaves_no_folder(tmp_path):
     job = BatchJob(line=7, id="abc", job=job_from_mapping(LINE))
     record = run_one(job, tmp_path, FailingCache(), "worker-3")
     assert record["status"] == "failed" and record["error"] == "the model is broken; fix it"
-    assert (record["line"], record["job"], record["worker"], record["outputs"], record["loads"]) == (
+    assert (record["line"], record["job"], record["worker"], record["outputs"], record["loaded"]) == (
         7, "abc", "worker-3", [], 0)
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
 
@@ -206,9 +206,10 @@ def fan_out(tmp_path, monkeypatch, cpus: int, workers: int | None, dying_lines: 
     def fake_run_one(batch_job, out, cache, worker):
         if batch_job.line in dying_lines:
             raise FakeRay.exceptions.RayActorError("killed by the out-of-memory killer")
-        cache.loads = 1  # the worker's one model
+        loaded = int(cache.loads == 0)  # the worker's one model, with its first job
+        cache.loads = 1
         return {"job": batch_job.id, "line": batch_job.line, "worker": worker, "status": "done", "outputs": [],
-                "seconds": 0.0, "loads": cache.loads}
+                "seconds": 0.0, "loaded": loaded}
 
     fake = FakeRay(cpus)
     monkeypatch.setitem(sys.modules, "ray", fake)
