@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from kinema.cli.args import add_command, example, positive_int
 
@@ -68,7 +69,13 @@ def run_batch(args: argparse.Namespace) -> None:
     from kinema.errors import KinemaError
     from kinema.pipelines.batch import run_batch as run
 
-    summary = run(args.jobs, args.out, ray=args.ray, workers=args.workers, jobs_file=args.jobs_file)
+    def show(record: dict[str, Any], finished: int, total: int) -> None:
+        if record["status"] == "done":
+            print(f"[{finished}/{total}] line {record['line']} ({record['job']}): done in {record['seconds']:.1f} s "
+                  f"on {record['worker']}", flush=True)
+
+    summary = run(args.jobs, args.out, ray=args.ray, workers=args.workers, jobs_file=args.jobs_file,
+                  on_record=None if args.quiet else show)
     loads = ", ".join(f"{worker} {count}" for worker, count in summary.loads.items()) or "none"
     print(f"batch {summary.out}: {summary.done} job(s) done, {summary.skipped} already done, "
           f"{len(summary.failed)} failed; model loads per worker: {loads}; manifest {summary.manifest}")

@@ -285,6 +285,7 @@ def run_batch(
     ray: str | None = None,
     workers: int | None = None,
     jobs_file: str | os.PathLike | None = None,
+    on_record: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> BatchSummary:
     """Run every job of `jobs` (from `read_jobs`) that is not done yet into `out` and record each in the manifest.
 
@@ -296,6 +297,8 @@ def run_batch(
         workers: Ray only: how many worker actors (each loads a model once and serves many jobs); None: one per
             CPU of the cluster (with "local": `workers` CPUs, default all of this machine's). At most one per job.
         jobs_file: recorded in the manifest's run record.
+        on_record: called with each job's manifest record once it is written, the number of jobs finished (done or
+            failed) in this run so far, and how many this run has to do: for progress.
     Returns:
         A BatchSummary; failed jobs are in it (and the manifest), not raised, so that one bad job does not stop
         the rest.
@@ -334,6 +337,8 @@ def run_batch(
         else:
             summary.failed.append(entry)
             logger.warning("job %s (line %d) failed: %s", entry["job"], entry["line"], entry["error"])
+        if on_record is not None:
+            on_record(entry, summary.done + len(summary.failed), total)
 
     if pending:
         if ray is None:

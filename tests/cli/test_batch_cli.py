@@ -130,8 +130,11 @@ def test_a_local_run_killed_half_way_resumes_where_it_stopped(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done_before = kill_half_way([*KINEMA, "batch", str(jobs), "--out", str(out)], out, env, total=4)
 
-    assert main(["batch", str(jobs), "--out", str(out), "--quiet"]) == 0
-    assert f"{4 - done_before} job(s) done, {done_before} already done, 0 failed" in capsys.readouterr().out
+    assert main(["batch", str(jobs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"{4 - done_before} job(s) done, {done_before} already done, 0 failed" in printed[-1]
+    assert [line.split(" (")[0] for line in printed[:-1]] == [
+        f"[{index + 1}/{4 - done_before}] line {done_before + index + 1}" for index in range(4 - done_before)]
     second = check_finished(out, jobs, run=2)
     assert sorted(r["line"] for r in second if r.get("status") == "done") == list(range(done_before + 1, 5))
     assert [(r["worker"], r["loads"]) for r in second if "pid" in r] == [("worker-0", 1)]
