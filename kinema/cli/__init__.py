@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 
 from kinema import __version__
-from kinema.cli import data, doctor, eval, generate, train, weights
+from kinema.cli import batch, data, doctor, eval, generate, serve, train, ui, weights
 from kinema.cli.args import add_common_options
 from kinema.errors import KinemaError, library_error_message, os_error_message
 from kinema.interrupt import Terminated, stop_on_signals
@@ -29,6 +29,9 @@ from kinema.log import cli_level, log_to_stderr
 COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     doctor.add,
     generate.add,
+    batch.add,
+    ui.add,
+    serve.add,
     train.add,
     eval.add,
     data.add,
