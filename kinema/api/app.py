@@ -27,6 +27,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -315,12 +316,35 @@ def _checked(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise KinemaError(f"the job could not be read: {library_error_message(err)}") from err
 
 
+@dataclass(frozen=True)
+class JobLimits:
+    """The largest job the server accepts, so that one request cannot hold the worker for days (a job past its
+    model's window runs as many segments as it has frames). Each is checked when the job is submitted."""
+
+    frames: int = 1024
+    side: int = 2048
+    steps: int = 500
+    videos: int = 16
+
+    def check(self, job: Any) -> None:
+        """One KinemaError line naming the first limit `job` (a kinema.pipelines.jobs.Job) goes over."""
+        request = job.request
+        sizes = (("frames", request.frames + (request.extend_frames or 0), self.frames, "--max-frames"),
+                 ("height", request.height, self.side, "--max-side"), ("width", request.width, self.side, "--max-side"),
+                 ("steps", request.steps, self.steps, "--max-steps"), ("seeds", len(request.seeds), self.videos, None))
+        for name, value, limit, option in sizes:
+            if value > limit:
+                raise KinemaError(f"{name} is {value}, over this server's limit of {limit}; ask for less"
+                                  + (f" (the server's {option})" if option else " (one video per seed)"))
+
+
 class _Server:
     """What the routes share: the settings, the store and the worker (made when the app starts)."""
 
     def __init__(self, data_dir: Path, models_dir: str | os.PathLike | None, max_upload_bytes: int,
-                 runner: JobRunner | None, poll_seconds: float):
+                 limits: JobLimits, runner: JobRunner | None, poll_seconds: float):
         self.data_dir = data_dir
+        self.limits = limits
         self.models_dir = models_dir
         self.max_upload_bytes = max_upload_bytes
         self.runner = runner
@@ -384,6 +408,7 @@ class _Server:
                 saved.append(path)
                 fields[key] = str(path)
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir)
+            self.limits.check(job)
         except BaseException:
             for path in saved:
                 path.unlink(missing_ok=True)
@@ -404,7 +429,8 @@ def _found(server: _Server, job_id: str) -> JobRecord:
 
 def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
                models_dir: str | os.PathLike | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20,
-               runner: JobRunner | None = None, poll_seconds: float = 0.5) -> FastAPI:
+               limits: JobLimits | None = None, runner: JobRunner | None = None, poll_seconds: float = 0.5
+               ) -> FastAPI:
     """The kinema HTTP API as a FastAPI app; serve it with uvicorn (`kinema serve` does).
 
     Args:
@@ -413,13 +439,14 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
         api_key: when set, every request needs `Authorization: Bearer API_KEY`.
         models_dir: where model names are also looked up, and relative model, motion-module and LoRA paths resolve.
         max_upload_bytes: the largest image a job may upload.
+        limits: the largest job accepted (default `JobLimits()`).
         runner: what runs one job (default: the model, through kinema.pipelines.jobs.run_job); a seam for tests.
         poll_seconds: how often the idle worker looks for jobs.
 
     The worker thread starts and stops with the app (its lifespan); a job left running by a stopped server is
     queued again.
     """
-    server = _Server(Path(data_dir), models_dir, max_upload_bytes, runner, poll_seconds)
+    server = _Server(Path(data_dir), models_dir, max_upload_bytes, limits or JobLimits(), runner, poll_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -508,4 +535,4 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
     return app
 
 
-__all__ = ["DEFAULT_MAX_UPLOAD_MB", "STATUSES", "create_app"]
+__all__ = ["DEFAULT_MAX_UPLOAD_MB", "STATUSES", "JobLimits", "create_app"]

@@ -54,6 +54,13 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="where jobs' model names (and relative model, motion-module and LoRA paths) are found")
     parser.add_argument("--max-upload-mb", metavar="N", type=positive_int, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest image a job may upload, in MiB (default {DEFAULT_MAX_UPLOAD_MB})")
+    # kinema.api.app.JobLimits' defaults, repeated so --help imports no FastAPI
+    parser.add_argument("--max-frames", metavar="N", type=positive_int, default=1024,
+                        help="most frames a job may ask for (default 1024)")
+    parser.add_argument("--max-side", metavar="N", type=positive_int, default=2048,
+                        help="largest height or width a job may ask for (default 2048)")
+    parser.add_argument("--max-steps", metavar="N", type=positive_int, default=500,
+                        help="most sampling steps a job may ask for (default 500)")
 
 
 def is_loopback(host: str) -> bool:
@@ -83,11 +90,12 @@ def run_serve(args: argparse.Namespace) -> None:
     """Serve the API until Ctrl-C or SIGTERM (a running job goes back to the queue)."""
     import uvicorn
 
-    from kinema.api.app import create_app
+    from kinema.api.app import JobLimits, create_app
     from kinema.api.store import lock_data_dir
 
     lock_data_dir(args.data_dir).close()  # another server on the folder: one line now, not a failed startup later
     app = create_app(args.data_dir, api_key=args.api_key, models_dir=args.models_dir,
-                     max_upload_bytes=args.max_upload_mb << 20)
+                     max_upload_bytes=args.max_upload_mb << 20,
+                     limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                 timeout_graceful_shutdown=30)

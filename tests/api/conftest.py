@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi", reason="the api extra (fastapi, uvicorn, python-multipart) is not installed")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from kinema.api.app import create_app  # noqa: E402
+from kinema.api.app import create_app
 
 
 class FakeRunner:
@@ -36,7 +33,7 @@ class FakeRunner:
         with self._lock:
             self.started.append(spec["prompt"])
         for step in range(spec["steps"]):
-            if not self.gate.wait(30):
+            if not self.gate.wait(10):
                 raise TimeoutError("the test never opened the gate")
             time.sleep(self.step_seconds)
             on_step(step, None, None)

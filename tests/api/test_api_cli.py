@@ -10,14 +10,23 @@ import sys
 import pytest
 
 from kinema.api.store import lock_data_dir
-from kinema.cli import main
+from kinema.cli import main, serve
 from kinema.cli.serve import is_loopback
 from kinema.errors import KinemaError
+
+
+def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that lets bad usage through must fail the test, not start a server that never returns."""
+    def started(args: object) -> None:
+        raise AssertionError("kinema serve started although its check should have refused")
+
+    monkeypatch.setattr(serve, "run_serve", started)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "example.com", ""])
 def test_any_host_but_loopback_is_refused_without_a_key(host, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("KINEMA_API_KEY", raising=False)
+    never_serve(monkeypatch)
     assert main(["serve", "--host", host, "--data-dir", str(tmp_path / "data")]) == 2
     message = capsys.readouterr().err
     assert "needs an API key" in message and "--api-key" in message and "KINEMA_API_KEY" in message
@@ -44,7 +53,8 @@ def test_the_key_can_come_from_the_environment(tmp_path, monkeypatch):
     assert args.api_key == "flag"  # the flag wins over the environment
 
 
-def test_a_folder_of_the_users_is_not_a_data_folder(tmp_path, capsys):
+def test_a_folder_of_the_users_is_not_a_data_folder(tmp_path, monkeypatch, capsys):
+    never_serve(monkeypatch)
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["serve", "--data-dir", str(tmp_path)]) == 2
     assert "not a kinema serve data folder" in capsys.readouterr().err
@@ -77,3 +87,13 @@ def test_serve_help_imports_no_web_framework_or_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+def test_the_options_defaults_are_the_apps():
+    from kinema.api.app import DEFAULT_MAX_UPLOAD_MB, JobLimits
+    from kinema.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.max_upload_mb == DEFAULT_MAX_UPLOAD_MB
+    assert (args.max_frames, args.max_side, args.max_steps) == (JobLimits().frames, JobLimits().side,
+                                                                JobLimits().steps)

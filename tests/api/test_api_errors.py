@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kinema.api.app import JobLimits
+
 
 def png_bytes(size: int = 64, noise: bool = False) -> bytes:
     image = Image.effect_noise((size, size), 64).convert("RGB") if noise else Image.new("RGB", (size, size), "red")
@@ -127,3 +129,16 @@ def test_without_a_key_nothing_asks_for_one(serve, fake_runner):
     with serve(runner=fake_runner) as client:
         assert client.get("/v1/health").json()["status"] == "ok"
         assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+
+
+def test_jobs_over_the_servers_limits_are_refused(serve, fake_runner):
+    with serve(runner=fake_runner, limits=JobLimits(frames=8, side=64, steps=4, videos=2)) as client:
+        for fields, words in (({"frames": 9}, ("frames is 9", "limit of 8", "--max-frames")),
+                              ({"height": 72}, ("height is 72", "--max-side")),
+                              ({"width": 72}, ("width is 72",)),
+                              ({"steps": 5}, ("steps is 5", "--max-steps")),
+                              ({"seeds": [1, 2, 3]}, ("seeds is 3", "one video per seed"))):
+            response = client.post("/v1/jobs", json={"prompt": "x", "frames": 8, "steps": 1, **fields})
+            assert_one_line_error(response, 422, *words)
+        at_the_limits = {"prompt": "x", "frames": 8, "height": 64, "width": 64, "steps": 4, "seeds": [1, 2]}
+        assert client.post("/v1/jobs", json=at_the_limits).status_code == 201

@@ -117,7 +117,8 @@ def test_unknown_jobs_are_404_and_results_wait_for_done(serve, fake_runner, wait
         fake_runner.gate.clear()
         job_id = client.post("/v1/jobs", json={"prompt": "p", "steps": 1, "seeds": [3, 5]}).json()["id"]
         early = client.get(f"/v1/jobs/{job_id}/result")
-        assert early.status_code == 409 and "is queued" in early.json()["detail"]
+        assert early.status_code == 409
+        assert "is queued" in early.json()["detail"] or "is running (step 0 of 1)" in early.json()["detail"]
         fake_runner.gate.set()
         wait(client, job_id)
         assert client.get(f"/v1/jobs/{job_id}/result", params={"seed": 5}).content == b"fake video of p seed 5"
@@ -126,3 +127,13 @@ def test_unknown_jobs_are_404_and_results_wait_for_done(serve, fake_runner, wait
         assert missing.status_code == 404 and "[3, 5]" in missing.json()["detail"]
         assert client.get("/v1/jobs", params={"status": "done"}).json()["jobs"][0]["id"] == job_id
         assert client.get("/v1/jobs", params={"status": "queued"}).json()["jobs"] == []
+
+
+def test_a_jobs_settings_posted_again_make_the_same_job(serve, fake_runner, wait):
+    with serve(runner=fake_runner) as client:
+        first = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1, "seed": -1}).json()
+        assert first["settings"]["seeds"][0] >= 0  # the random seed as drawn
+        again = client.post("/v1/jobs", json=first["settings"])
+        assert again.status_code == 201, again.text
+        assert again.json()["settings"] == first["settings"]
+        assert [wait(client, job["id"])["status"] for job in (first, again.json())] == ["done", "done"]

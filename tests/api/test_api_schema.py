@@ -6,15 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation.modes import GenerationMode
 
-schemathesis = pytest.importorskip("schemathesis")
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.generation.modes import GenerationMode  # noqa: E402
-
-from kinema.api.app import create_app  # noqa: E402
+from kinema.api.app import create_app
 
 KEY = {"Authorization": "Bearer property-test-key"}
 EXAMPLES = 20  # per operation and mode (valid, invalid): 6 operations x 2 x 20 requests
