@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -77,11 +79,23 @@ def test_uploads_as_multipart_or_base64_become_server_files(serve, fake_runner, 
             assert Path(job["settings"]["image"]).read_bytes() == image
 
 
+def decompression_bomb() -> bytes:
+    """A small PNG whose header claims 30000 x 30000 pixels (PIL refuses to open it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
 def test_multipart_errors(serve, fake_runner):
     with serve(runner=fake_runner) as client:
         not_image = client.post("/v1/jobs", data={"job": '{"prompt": "x"}'},
                                 files={"image": ("start.png", b"GIF89a but not really", "image/png")})
         assert_one_line_error(not_image, 422, "start image is not an image")
+        bomb = client.post("/v1/jobs", data={"job": '{"prompt": "x"}'},
+                           files={"image": ("a.png", decompression_bomb())})
+        assert_one_line_error(bomb, 422, "900000000 pixels")
         assert_one_line_error(client.post("/v1/jobs", data={"job": "{"}, files={"image": ("a.png", png_bytes())}),
                               400, "form field `job` is not valid JSON")
         assert_one_line_error(client.post("/v1/jobs", data={"prompt": "x"}, files={"image": ("a.png", png_bytes())}),
@@ -102,6 +116,9 @@ def test_oversized_uploads_get_413_at_the_configured_limit(serve, fake_runner):
         assert_one_line_error(as_json, 413, "upload limit")
         whole_body = client.post("/v1/jobs", content=b"x" * (4 << 20), headers={"content-type": "application/json"})
         assert_one_line_error(whole_body, 413, "over the server's limit")
+        chunked = client.post("/v1/jobs", content=iter([b"x" * (1 << 20)] * 4),  # no Content-Length: counted
+                              headers={"content-type": "application/json"})
+        assert_one_line_error(chunked, 413, "over the server's limit")
         accepted = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'},
                                files={"image": ("a.png", small)})
         assert accepted.status_code == 201, accepted.text

@@ -97,3 +97,25 @@ def test_a_server_killed_mid_queue_finishes_every_job_after_a_restart(tmp_path):
         assert client.get("/v1/jobs").json()["counts"]["done"] == 4
     # what the killed run of job 0 left half-written was cleared when its second run wrote its folder
     assert sorted(os.listdir(data / "results")) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_with_its_running_job_back_in_the_queue(tmp_path):
+    from kinema.api.store import JobStore
+
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    with kinema_serve(data, log) as (process, client):
+        job_id = client.post("/v1/jobs", json={"prompt": "a red circle", "frames": 8, "steps": 500}).json()["id"]
+        deadline = time.monotonic() + 300
+        while poll(client, job_id)["progress"]["step"] < 1:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in log.read_text()
+    store = JobStore(data)
+    try:
+        record = store.get(job_id)
+        assert record is not None and record.status == "queued" and record.attempts == 0
+    finally:
+        store.close()
