@@ -1,9 +1,10 @@
 """The thread that runs the API's queued jobs, one at a time, oldest first.
 
 Each job runs through `kinema.pipelines.jobs.run_job` with one `FamilyCache` for the server's life, so a model is
-loaded once and serves every job that asks for it. The step callback records progress and is where a job stops:
-it raises `kinema.pipelines.jobs.Cancelled` when a DELETE asked to cancel the job (the job ends `cancelled`) or when
-the server is stopping (the job goes back to the queue and runs again after the restart).
+loaded once and serves the jobs that ask for it (the `MODELS_KEPT` used last stay loaded). The step callback records
+progress and is where a job stops: it raises `kinema.pipelines.jobs.Cancelled` when a DELETE asked to cancel the
+job (the job ends `cancelled`) or when the server is stopping (the job goes back to the queue and runs again after
+the restart).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ StepCallback = Callable[[int, Any, Any], None]
 # What runs one job: (its spec, its result folder, the step callback) -> the videos written. The default loads the
 # model and generates; tests of the queue give a cheap stand-in.
 JobRunner = Callable[[dict[str, Any], Path, StepCallback], list[Path]]
+# Loaded models kept between jobs: a server that serves several models keeps the two used last, so memory stays
+# bounded however many models its clients ask for over its life.
+MODELS_KEPT = 2
 
 
 def _cancelled_type() -> type[Exception]:
@@ -117,7 +121,7 @@ class JobWorker:
         from kinema.pipelines.jobs import FamilyCache, job_from_mapping, run_job
 
         if self.cache is None:
-            self.cache = FamilyCache()
+            self.cache = FamilyCache(max_models=MODELS_KEPT)
         job = job_from_mapping(spec, models_dir=self.models_dir)
         # overwrite: a job re-run after a restart replaces what its earlier, interrupted run left in its folder
         return run_job(job, out, cache=self.cache, callback=on_step, progress=False, overwrite=True)

@@ -88,6 +88,18 @@ def decompression_bomb() -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
 
 
+def test_an_image_of_another_size_needs_resize(serve, fake_runner, wait):
+    small = png_bytes(32)
+    with serve(runner=fake_runner) as client:
+        refused = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'},
+                              files={"image": ("a.png", small)})
+        assert_one_line_error(refused, 422, "32x32 but the job makes 64x64", '"resize": true')
+        for fields in ('{"prompt": "x", "steps": 1, "resize": true}',
+                       '{"prompt": "x", "steps": 1, "width": 32, "height": 32}'):
+            accepted = client.post("/v1/jobs", data={"job": fields}, files={"image": ("a.png", small)})
+            assert accepted.status_code == 201, accepted.text
+
+
 def test_multipart_errors(serve, fake_runner):
     with serve(runner=fake_runner) as client:
         not_image = client.post("/v1/jobs", data={"job": '{"prompt": "x"}'},
@@ -119,7 +131,7 @@ def test_oversized_uploads_get_413_at_the_configured_limit(serve, fake_runner):
         chunked = client.post("/v1/jobs", content=iter([b"x" * (1 << 20)] * 4),  # no Content-Length: counted
                               headers={"content-type": "application/json"})
         assert_one_line_error(chunked, 413, "over the server's limit")
-        accepted = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'},
+        accepted = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1, "resize": true}'},
                                files={"image": ("a.png", small)})
         assert accepted.status_code == 201, accepted.text
 
