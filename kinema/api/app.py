@@ -338,25 +338,6 @@ class JobLimits:
                                   + (f" (the server's {option})" if option else " (one video per seed)"))
 
 
-def _check_image_sizes(job: Any) -> None:
-    """Uploaded images must be the video's size unless the job resizes them (generate() refuses them otherwise, but
-    only after the model has loaded: a failed job, where the client deserves a 422 at once)."""
-    from PIL import Image
-
-    request = job.request
-    if request.resize:
-        return
-    for key, what in UPLOADS.items():
-        path = getattr(request, key)
-        if path is None:
-            continue
-        with Image.open(path) as image:
-            width, height = image.size
-        if (height, width) != (request.height, request.width):
-            raise KinemaError(f"the {what} is {width}x{height} but the job makes {request.width}x{request.height} "
-                              f"videos; send \"resize\": true, or \"width\": {width}, \"height\": {height}")
-
-
 class _Server:
     """What the routes share: the settings, the store and the worker (made when the app starts)."""
 
@@ -427,8 +408,7 @@ class _Server:
                 saved.append(path)
                 fields[key] = str(path)
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir)
-            self.limits.check(job)
-            _check_image_sizes(job)
+            self.limits.check(job)  # job_from_mapping checked the images' sizes against the video's
         except BaseException:
             for path in saved:
                 path.unlink(missing_ok=True)

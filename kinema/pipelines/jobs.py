@@ -18,9 +18,12 @@ torch at module level: checking a job is plain Python, PIL for images and PyAV f
 from __future__ import annotations
 
 import difflib
+import errno
+import functools
 import json
 import math
 import os
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
-from kinema.errors import KinemaError, shorten
+from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import DTYPES, ContextSettings, FreeInitSettings, GenerationRequest
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS
@@ -121,8 +124,8 @@ def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
-    """One KinemaError line when `data` is over `max_bytes` or is not an image PIL can read (a text file named
-    .png is not an image)."""
+    """One KinemaError line when `data` is over `max_bytes`, is not an image PIL can read (a text file named .png
+    is not an image), or has more pixels than PIL opens (a decompression bomb)."""
     if len(data) > max_bytes:
         raise KinemaError(f"the {what} is {len(data)} bytes, over the limit of {max_bytes} bytes; send a smaller "
                           "image (or raise the upload limit)")
@@ -131,20 +134,39 @@ def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> No
     _verify_image(lambda: io.BytesIO(data), what)
 
 
-def check_image_file(path: str | os.PathLike, what: str = "image") -> None:
-    """One KinemaError line when the file `path` is not an image PIL can read."""
-    _verify_image(lambda: os.fspath(path), f"{what} {path}")
+def check_image_file(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """`(width, height)` of the image file `path`, read from its header; one KinemaError line when it is not an
+    image PIL can read or has more pixels than PIL opens."""
+    return _verify_image(lambda: os.fspath(path), f"{what} {path}")
 
 
-def _verify_image(opener: Any, what: str) -> None:
+# warnings.catch_warnings changes process-wide state: two threads checking images at once (the API, the web app)
+# must not restore each other's filters.
+_WARNINGS_LOCK = threading.Lock()
+
+
+def _verify_image(opener: Any, what: str) -> tuple[int, int]:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(opener()) as image:
-            image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-generation
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; such an image is as unusable here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(opener()) as image:
+                size = image.size
+                image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-generation
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL's error names twice the limit (where it stops warning); the limit that counts here is the one it warns at.
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        count = f"{pixels.group(1)} pixels, " if pixels else ""
+        raise KinemaError(f"the {what} is too large: {count}over the limit of {Image.MAX_IMAGE_PIXELS} pixels (PIL's "
+                          "guard against decompression bombs); give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         detail = "" if isinstance(err, UnidentifiedImageError) else f" ({shorten(str(err), 80)})"
         raise KinemaError(f"the {what} is not an image{detail}; give a PNG, JPEG or WebP file") from None
+    return size
 
 
 def _video_size(path: Path) -> tuple[int, int]:
@@ -265,15 +287,41 @@ def _settings_object(value: Any, key: str, kind: type) -> Any:
     return settings
 
 
+def _existing(text: str, key: str, folders: Iterable[Path | None]) -> Path | None:
+    """The first `folder / text` that exists, or None; one KinemaError line for a text no path can be (too long
+    for a file name, a NUL character), which the file system would otherwise answer with an OSError."""
+    if "\0" in text:  # pathlib calls such a path missing, and the message would carry the NUL along
+        raise KinemaError(f"{key} holds a NUL character, which no path can; give a path without it")
+    for folder in folders:
+        if folder is None:
+            continue
+        candidate = folder / text
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise KinemaError(f"{key} is too long for a path ({len(text)} characters: {shorten(text, 40)}); "
+                                  "give an existing path or a shorter name") from None
+            raise KinemaError(f"{key} {os_error_message(err, shorten(text, 80))}") from None
+    return None
+
+
 def _path(value: Any, key: str, base: Path, models_dir: Path | None, what: str) -> str:
     """An existing path, relative ones against `base` then `models_dir`; absolute as a string."""
     text = _text(value, key)
     if not text:
         raise KinemaError(f"{key} is empty; give the {what}'s path")
-    for folder in (base, models_dir):
-        if folder is not None and (folder / text).exists():
-            return os.path.abspath(folder / text)
-    raise KinemaError(f"no such {what}: {text}")
+    found = _existing(text, key, (base, models_dir))
+    if found is None:
+        raise KinemaError(f"no such {what}: {text}")
+    return os.path.abspath(found)
+
+
+# The model kinds `load_family` generates with (the format registry's names, kinema.loaders.formats).
+_GENERATION_KINDS = ("easyanimate_transformer", "stable_diffusion")
+_MODEL_WORDS = ("an EasyAnimate V3 folder, a Stable Diffusion 1.5 folder or single file, or a bundled model's name "
+                "(kinema.bundled)")
 
 
 def _model(value: Any, base: Path, models_dir: Path | None) -> str:
@@ -281,14 +329,56 @@ def _model(value: Any, base: Path, models_dir: Path | None) -> str:
     text = _text(value, "model")
     if not text.strip():
         raise KinemaError("model is empty; give a model folder or file, or a bundled model's name")
-    for folder in (base, models_dir):
-        if folder is not None and (folder / text).exists():
-            return os.path.abspath(folder / text)
+    found = _existing(text, "model", (base, models_dir))
+    if found is not None:
+        path = os.path.abspath(found)
+        _check_model_path(Path(path))
+        return path
     if is_bundled_name(text):
         resolve_model(text)  # a bundled name whose folder this install lacks says so
         return text
     resolve_model(text, f"no such model file or folder: {text}")  # raises, listing the bundled models
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_model_path(path: Path) -> None:
+    """One KinemaError line unless `path` is a model `load_family` generates with, as far as headers tell: a file
+    is sniffed (its first bytes), a folder or safetensors file described (kinema.loaders.describe reads headers,
+    no weights). A torch pickle shows its names only when unpickled, which is the load's work, so it passes."""
+    stat = path.stat()
+    if path.is_file():
+        from kinema.sniff import Kind, sniff
+
+        found = sniff(path)
+        if not found.is_weights:
+            raise KinemaError(f"model {found.diagnosis}")
+        if found.kind is not Kind.SAFETENSORS:
+            return
+    elif not path.is_dir():
+        raise KinemaError(f"model {path} is neither a file nor a folder; give {_MODEL_WORDS}")
+    kind, whole = _described_kind(str(path), stat.st_mtime_ns, stat.st_size)
+    if kind not in _GENERATION_KINDS:
+        raise KinemaError(f"model {path} is a {kind}, not a model to generate with; give {_MODEL_WORDS}")
+    if not whole:
+        raise KinemaError(f"model {path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
+                          "(transformer/, vae/ and a text encoder)")
+
+
+@functools.lru_cache(maxsize=32)
+def _described_kind(path: str, mtime_ns: int, size: int) -> tuple[str, bool]:
+    """`(kind, whole)`: what kinema.loaders.describe calls `path` and whether an EasyAnimate one is a whole model
+    folder. Cached by modification time, so a batch of jobs on one model describes it once."""
+    from kinema.loaders import describe
+
+    try:
+        kind = describe(path)["kind"]
+    except KinemaError as err:
+        raise KinemaError(f"model {err}; give {_MODEL_WORDS}") from None
+    if kind != "easyanimate_transformer":
+        return kind, True
+    from kinema.loaders.easyanimate.folder import is_model_folder
+
+    return kind, is_model_folder(path)
 
 
 def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, float]]:
@@ -336,8 +426,10 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
     here, so job.settings() records the seeds actually used.
 
     Raises KinemaError with one line starting with `where`: unknown key (naming the nearest valid key), wrong type,
-    missing model/motion-module/LoRA/image file, an image file that is not an image, and request.check()'s limits,
-    all before any model loads.
+    missing model/motion-module/LoRA/image file, a model path that is no model kinema generates with (sniffed or
+    described from headers, no weights read), a path too long or with a NUL character, an image file that is not
+    an image or too large, a start/end image of another size than the video without `resize`, and
+    request.check()'s limits, all before any model loads.
     """
     try:
         return _job(data, Path(base) if base is not None else Path.cwd(),
@@ -384,11 +476,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given["free_init"] = (FreeInitSettings(iterations=_integer(free_init, "free_init"))
                               if not isinstance(free_init, Mapping)
                               else _settings_object(free_init, "free_init", FreeInitSettings))
+    image_sizes: dict[str, tuple[int, int]] = {}
     for key, what in _FILE_FIELDS.items():
         if data.get(key) is not None:
             given[key] = _path(data[key], key, base, None, what)
             if key != "video":
-                check_image_file(given[key], what)
+                image_sizes[what] = check_image_file(given[key], what)
     given["seeds"] = _seeds(data)
     prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 
@@ -402,6 +495,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given.setdefault("width", width)
     request = GenerationRequest(**given)
     request.check()
+    if not request.resize:  # generate() refuses these too, but only once the model has loaded
+        for what, (width, height) in image_sizes.items():
+            if (height, width) != (request.height, request.width):
+                raise KinemaError(f"the {what} is {width}x{height} but the job makes {request.width}x"
+                                  f"{request.height} videos; set \"resize\": true to resize it, or \"width\": {width}, "
+                                  f"\"height\": {height}")
     if data.get("mode") is not None and data["mode"] != request.mode:
         raise KinemaError(f"mode is {data['mode']!r} but the inputs make a {request.mode} job; drop mode or fix the "
                           "inputs (image: image-to-video, video: video-to-video, video + extend_frames: extend)")

@@ -203,3 +203,112 @@ def test_the_video_size_of_a_video_job_is_the_inputs(tmp_path):
     write_video(np.zeros((4, 40, 48, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
     job = job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "strength": 0.5}, base=Path(tmp_path))
     assert (job.request.height, job.request.width, job.request.mode) == (40, 48, "video-to-video")
+
+
+# ---------------------------------------------------------------- hardening: paths, models, image sizes
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (1-bit grey) and holds no pixels: PIL reads the size from its header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    import kinema.pipelines.load as load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model loaded while a job was being checked")
+
+    monkeypatch.setattr(load, "load_family", refuse)
+
+
+def test_a_decompression_bomb_is_too_large_in_one_line(tmp_path):
+    from PIL import Image
+
+    # Over twice PIL's limit PIL raises; between once and twice it only warns: both are refused the same way.
+    for width, height in ((20_000, 20_000), (10_000, 10_000)):
+        assert Image.MAX_IMAGE_PIXELS < width * height
+        with pytest.raises(KinemaError) as caught:
+            check_image_bytes(png_header(width, height), max_bytes=10_000, what="start image")
+        assert str(caught.value) == (f"the start image is too large: {width * height} pixels, over the limit of "
+                                     f"{Image.MAX_IMAGE_PIXELS} pixels (PIL's guard against decompression bombs); "
+                                     "give a smaller image")
+    (tmp_path / "bomb.png").write_bytes(png_header(20_000, 20_000))
+    with pytest.raises(KinemaError, match=r"^job: the image \S+bomb.png is too large: 400000000 pixels, over the "):
+        job_from_mapping({"prompt": "a cat", "image": "bomb.png"}, base=tmp_path)
+
+
+@pytest.mark.parametrize(("key", "what"), [("image", "image"), ("end_image", "end image")])
+def test_an_image_of_another_size_needs_resize_before_any_model_loads(tmp_path, no_model_loads, key, what):
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(tmp_path / "start.png")
+    extra = {"image": "start.png"} if key == "end_image" else {}
+    if extra:
+        Image.new("RGB", (64, 64)).save(tmp_path / "fits.png")
+        extra = {"image": "fits.png"}
+    with pytest.raises(KinemaError) as caught:
+        job_from_mapping({"prompt": "a cat", **extra, key: "start.png"}, base=tmp_path)  # kinema-tiny: 64x64
+    assert str(caught.value) == (f'job: the {what} is 48x32 but the job makes 64x64 videos; set "resize": true to '
+                                 'resize it, or "width": 48, "height": 32')
+    # (with an end image, the 64x64 start image rules out making the video the end image's size)
+    for fits in ({"resize": True}, *([] if extra else [{"width": 48, "height": 32}])):
+        job = job_from_mapping({"prompt": "a cat", **extra, key: "start.png", **fits}, base=tmp_path)
+        assert getattr(job.request, key) == str(tmp_path / "start.png")
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("m" * 300, "job: model is too long for a path (300 characters: mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm …); give "
+                "an existing path or a shorter name"),
+    ("kinema\0tiny", "job: model holds a NUL character, which no path can; give a path without it"),
+    ("notes.txt", "job: model {base}/notes.txt is a text file, not weights (first line: 'my notes'); check the "
+                  "path; a weights file is binary (.safetensors, .ckpt, .pt, .pth, .bin)"),
+])
+def test_a_model_that_cannot_be_a_path_or_a_model_file_is_one_line_without_torch(tmp_path, model, message):
+    import subprocess
+    import sys
+
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    code = ("import json, sys; from kinema.pipelines.jobs import job_from_mapping\n"
+            "try:\n    job_from_mapping({'prompt': 'a cat', 'model': sys.argv[1]}, base=sys.argv[2])\n"
+            "except Exception as err:\n    print(json.dumps([type(err).__name__, str(err), 'torch' in sys.modules]))")
+    if "\0" in model:  # a command line cannot carry NUL: this one is checked here
+        with pytest.raises(KinemaError) as caught:
+            job_from_mapping({"prompt": "a cat", "model": model}, base=tmp_path)
+        assert str(caught.value) == message
+        return
+    done = subprocess.run([sys.executable, "-c", code, model, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert json.loads(done.stdout.splitlines()[-1]) == ["KinemaError", message.format(base=tmp_path), False]
+
+
+def test_a_path_that_is_no_generation_model_is_refused_before_loading(tmp_path, sd_model, no_model_loads):
+    from kinema.loaders.formats import FORMATS
+
+    tiny = bundled_model_path("kinema-tiny")
+    (tmp_path / "empty").mkdir()
+    looked = "; ".join(entry.label for entry in FORMATS)
+    words = ("give an EasyAnimate V3 folder, a Stable Diffusion 1.5 folder or single file, or a bundled model's name "
+             "(kinema.bundled)")
+    for model, message in (
+            ("/////", f"job: model /: not a format kinema knows: looked for {looked}; {words}"),
+            ("empty", f"job: model {tmp_path / 'empty'}: not a format kinema knows: looked for {looked}; {words}"),
+            (str(sd_model["motion_module"]), f"job: model {sd_model['motion_module']} is a motion_module, not a model "
+                                             f"to generate with; {words}"),
+            (str(tiny / "transformer"), f"job: model {tiny / 'transformer'} is an EasyAnimate transformer alone; "
+                                        "generation needs the whole V3 folder (transformer/, vae/ and a text encoder)"),
+    ):
+        with pytest.raises(KinemaError) as caught:
+            job_from_mapping({"prompt": "a cat", "model": model}, base=tmp_path)
+        assert str(caught.value) == message
+    # Model folders of both families pass (an SD model's motion module is the load's to check).
+    assert job_from_mapping({"prompt": "a cat", "model": str(tiny)}).model == str(tiny)
+    sd = job_from_mapping({"prompt": "a cat", "model": str(sd_model["path"]), "height": 64, "width": 64,
+                           "frames": 8, "steps": 2, "guidance": 7.5})
+    assert sd.model == str(sd_model["path"])
