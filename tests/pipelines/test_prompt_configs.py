@@ -31,7 +31,16 @@ def touch(root: Path, *names: str) -> None:
         (root / name).write_bytes(b"x")
 
 
-def test_animatediff_keys_make_the_requests_animatediff_means(tmp_path, monkeypatch, caplog):
+@pytest.fixture()
+def stand_in_models(monkeypatch):
+    """Lets touched files stand in for SD1.5 checkpoints: these tests are about what config keys mean, and
+    job_from_mapping's model check (sniffing and describing the file) is tests/pipelines/test_jobs.py's."""
+    import kinema.pipelines.jobs as jobs
+
+    monkeypatch.setattr(jobs, "_check_model_path", lambda path: None)
+
+
+def test_animatediff_keys_make_the_requests_animatediff_means(tmp_path, monkeypatch, caplog, stand_in_models):
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "models/toon.safetensors", "models/mm.ckpt", "models/style.safetensors", "models/zoom.ckpt")
     config = write(tmp_path / "toon.yaml", [{
@@ -116,7 +125,7 @@ def test_bad_configs_are_one_line_naming_the_problem(tmp_path, monkeypatch, text
     assert str(caught.value).startswith(str(tmp_path / "bad.yaml"))
 
 
-def test_the_sd_example_is_refused_only_for_its_missing_weights(tmp_path, monkeypatch):
+def test_the_sd_example_is_refused_only_for_its_missing_weights(tmp_path, monkeypatch, stand_in_models):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KinemaError, match=r"entry 'entry1', prompt 1: no such model file or folder: "
                                           r"models/DreamBooth_LoRA/realisticVisionV60B1_v51VAE.safetensors"):
