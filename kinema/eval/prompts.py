@@ -129,30 +129,12 @@ def read_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> list[PromptEntry]
     A missing file, a line that is not JSON, an unknown key or label, a rotating circle, or a missing image raises
     one KinemaError naming the file, the line number and the fix.
     """
+    from kinema.jsonl import read_json_lines
+
+    example = '{"prompt": "a red circle moving right", "color": "red", "shape": "circle", "motion": "right"}'
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise KinemaError(f"no such prompt file: {path} (a JSON Lines file, one prompt object per line)") from None
-    except UnicodeDecodeError:
-        raise KinemaError(f"{path} is not a text file; a prompt file is JSON Lines text") from None
-    except OSError as err:
-        raise KinemaError(f"cannot read the prompt file {path}: {err.strerror or err}") from None
-    entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise KinemaError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line is one object "
-                              "like {\"prompt\": \"a red circle moving right\", \"color\": \"red\", \"shape\": "
-                              "\"circle\", \"motion\": \"right\"}") from None
-        entries.append(_entry(value, path.parent, where, number))
-    if not entries:
-        raise KinemaError(f"{path} holds no prompts; write one JSON object per line")
-    return entries
+    return [_entry(value, path.parent, where, number)
+            for where, number, value in read_json_lines(path, what="prompt", example=example)]
 
 
 # ---------------------------------------------------------------- making a prompt set from the synthetic world

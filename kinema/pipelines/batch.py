@@ -72,40 +72,20 @@ def job_id(data: Mapping[str, Any], occurrence: int = 1) -> str:
     return digest if occurrence == 1 else f"{digest}-{occurrence}"
 
 
-def _json_kind(value: Any) -> str:
-    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
-            type(None): "null"}.get(type(value), "a JSON value")
+JOB_EXAMPLE = '{"prompt": "a red circle moving right", "seed": 1}'
 
 
 def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None = None) -> list[BatchJob]:
     """Read and check every job of the JSON Lines file `path` (one JSON object per line; blank lines are skipped),
     before any model loads: each line goes through `job_from_mapping` (relative paths resolve against the file's
     folder, model names also against `models_dir`). Raises one KinemaError naming the first bad line's number."""
+    from kinema.jsonl import read_json_lines
     from kinema.pipelines.jobs import job_from_mapping
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise KinemaError(f"{path} is not a text file, so it cannot be a jobs file (JSON Lines)") from None
-    except OSError as err:
-        from kinema.errors import os_error_message
-
-        raise KinemaError(os_error_message(err, path, "read the jobs file")) from None
     jobs: list[BatchJob] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise KinemaError(f"{where}: not valid JSON at column {err.colno}: {err.msg}; each line holds one job "
-                              "as a JSON object") from None
-        if not isinstance(data, dict):
-            raise KinemaError(f"{where} holds {_json_kind(data)}, not a job object such as "
-                              '{"prompt": "a red circle moving right"}')
+    for where, number, data in read_json_lines(path, what="job", example=JOB_EXAMPLE):
         try:
             job = job_from_mapping(data, where=where, models_dir=models_dir, base=path.parent)
         except KinemaError as err:
@@ -114,9 +94,6 @@ def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None =
         first = job_id(data)
         seen[first] = seen.get(first, 0) + 1
         jobs.append(BatchJob(line=number, id=job_id(data, seen[first]), job=job))
-    if not jobs:
-        raise KinemaError(f"{path} holds no jobs; write one JSON object per line, such as "
-                          '{"prompt": "a red circle moving right", "seed": 1}')
     return jobs
 
 

@@ -52,16 +52,17 @@ def test_a_good_file_reads_with_images_relative_to_it(tmp_path):
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ('{"prompt": "a red circle", "color": "red",', r":1: not valid JSON \(.*\); each line is one object like"),
-    ({**GOOD, "color": "pink"}, ":1: unknown color 'pink'; choose one of red, green, blue"),
-    ({**GOOD, "motion": "spin"}, ":1: unknown motion 'spin'; choose one of left, right"),
-    ({**{k: v for k, v in GOOD.items() if k != "color"}, "colour": "red"}, ":1: unknown key 'colour'; write 'color'"),
-    ({k: v for k, v in GOOD.items() if k != "shape"}, ":1: missing 'shape'; every line needs"),
-    ({**GOOD, "motion": "rotate_cw"}, ":1: a circle cannot show rotate_cw"),
-    ({**GOOD, "image": "missing.png"}, ":1: no such image missing.png"),
-    ({**GOOD, "seed": -1}, ":1: \"seed\" must be a whole number >= 0"),
-    ({**GOOD, "held_out": "yes"}, ":1: \"held_out\" must be true or false"),
-    ([1, 2], ":1: expected a JSON object"),
+    ('{"prompt": "a red circle", "color": "red",', r"line 1: not valid JSON at column .*; each line holds one prompt"),
+    ({**GOOD, "color": "pink"}, " line 1: unknown color 'pink'; choose one of red, green, blue"),
+    ({**GOOD, "motion": "spin"}, " line 1: unknown motion 'spin'; choose one of left, right"),
+    ({**{k: v for k, v in GOOD.items() if k != "color"}, "colour": "red"},
+     " line 1: unknown key 'colour'; write 'color'"),
+    ({k: v for k, v in GOOD.items() if k != "shape"}, " line 1: missing 'shape'; every line needs"),
+    ({**GOOD, "motion": "rotate_cw"}, " line 1: a circle cannot show rotate_cw"),
+    ({**GOOD, "image": "missing.png"}, " line 1: no such image missing.png"),
+    ({**GOOD, "seed": -1}, " line 1: \"seed\" must be a whole number >= 0"),
+    ({**GOOD, "held_out": "yes"}, " line 1: \"held_out\" must be true or false"),
+    ([1, 2], " line 1 holds an array, not a prompt object"),
 ])
 def test_a_bad_line_is_one_error_naming_file_line_and_fix(tmp_path, line, message):
     path = write_lines(tmp_path / "set.jsonl", line)
@@ -73,7 +74,7 @@ def test_a_bad_line_is_one_error_naming_file_line_and_fix(tmp_path, line, messag
 
 def test_the_line_number_counts_blank_lines(tmp_path):
     path = write_lines(tmp_path / "set.jsonl", GOOD, "", {**GOOD, "shape": "hexagon"})
-    with pytest.raises(KinemaError, match=r"set\.jsonl:3: unknown shape 'hexagon'"):
+    with pytest.raises(KinemaError, match=r"set\.jsonl line 3: unknown shape 'hexagon'"):
         read_prompts(path)
 
 

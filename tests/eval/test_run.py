@@ -120,7 +120,7 @@ def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
     done = subprocess.run([sys.executable, "-c", code, "eval", "--prompts", str(prompts), "--out",
                            str(tmp_path / "out"), *model], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    expected = {"missing": "no such prompt file", "bad line": f"{prompts}:2: not valid JSON",
+    expected = {"missing": "no such prompt file", "bad line": f"{prompts} line 2: not valid JSON",
                 "unknown model": "no such model file or folder: kinema-huge; a model is an existing path or a bundled "
                                  "model's name (available: "}[case]
     assert done.stderr.startswith("kinema eval: error: ") and expected in done.stderr

@@ -65,7 +65,7 @@ def test_read_jobs_checks_every_line_and_names_the_first_bad_one(tmp_path):
         read_jobs(write_lines(tmp_path / "bad.jsonl", [json.dumps({**LINE, "image": "not-an-image.png"})]))
     with pytest.raises(KinemaError, match="holds no jobs"):
         read_jobs(write_lines(tmp_path / "empty.jsonl", ["", ""]))
-    with pytest.raises(KinemaError, match="no such file"):
+    with pytest.raises(KinemaError, match="no such job file"):
         read_jobs(tmp_path / "nowhere.jsonl")
 
 
