@@ -61,7 +61,6 @@ def poll(client: httpx.Client, job_id: str) -> dict:
     return response.json()
 
 
-@pytest.mark.slow
 def test_a_server_killed_mid_queue_finishes_every_job_after_a_restart(tmp_path):
     data, log = tmp_path / "data", tmp_path / "serve.log"
     jobs = [{"prompt": "a red circle moving right", "frames": 8, "steps": 40, "seed": 0}] + [
