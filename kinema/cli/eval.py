@@ -49,6 +49,10 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-continuation", action="store_true",
                         help="skip the 128-frame continuation (and its seam score)")
     parser.add_argument("--save-videos", action="store_true", help="also write every video to DIR/videos/")
+    parser.add_argument("--reconstructions", type=positive_int, metavar="N",
+                        help="instead: score the model's VAE alone, the detectors on its reconstructions of N "
+                             "unseen synthetic clips (what any video through that decoder can score at most); "
+                             "prints one JSON object")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier eval output at DIR (never files kinema did not write)")
 
@@ -74,6 +78,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
     from kinema.eval.run import evaluate, format_report
 
+    if args.reconstructions is not None:
+        from kinema.eval.reconstruct import score_reconstructions
+
+        scores = score_reconstructions(args.model, count=args.reconstructions)
+        print(json.dumps({key: value for key, value in scores.items() if key != "per_clip"}))
+        return
     report = evaluate(args.model, args.prompts, seed=args.seed, frames=args.frames, steps=args.steps,
                       progress=not args.quiet, out_dir=args.out, limit=args.limit,
                       continuation=not args.no_continuation, save_videos=args.save_videos, overwrite=args.overwrite)
