@@ -185,7 +185,10 @@ def test_animatediff_format_loads_back_as_the_trained_model(video_unet, tmp_path
     written = (load_file(path) if suffix == ".safetensors" else torch.load(path, weights_only=True))
     assert set(written) == set(published_lora_keys(video))
     load_motion_lora(fresh, path, "trained", strength=1.0)
-    torch.testing.assert_close(run(fresh, unet_inputs()), trained, rtol=0, atol=1e-5)
+    # The loaded LoRA folds alpha / r into its weights and sums in another order than peft's B(A(x)) * scale: float32
+    # rounding measured up to 1.7e-5 here, depending on the fixture's weights (drawn unseeded, so on test order); the
+    # LoRA itself moves the output by more than 0.05.
+    torch.testing.assert_close(run(fresh, unet_inputs()), trained, rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- 3) the diffusers format, loaded by diffusers
