@@ -165,7 +165,7 @@ def test_easyanimate_folder_cloned_without_git_lfs(tmp_path):
     ("page.safetensors", b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body></body></html>",
      "is an HTML page (title: '404 Not Found'), not weights; the download saved a web page"),
     ("empty.pt", b"", "is empty (0 bytes); the download or save did not finish"),
-    ("w.safetensors.gz", gzip.compress(b"\x00" * 64), "is a gzip-compressed file, not weights; decompress it"),
+    ("w.safetensors.gz", gzip.compress(b"\x00" * 64, mtime=0), "is a gzip-compressed file, not weights; decompress it"),
     ("w.gguf", b"GGUF\x03\x00\x00\x00" + bytes(64), "is a GGUF file (quantised weights for llama.cpp"),
 ])
 def test_not_weights_get_their_one_line(tmp_path, name, content, expected):
