@@ -395,13 +395,18 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
+def json_kind(value: Any) -> str:
+    """What a parsed JSON `value` is, for messages: "an array", "a string", "a number", "true/false", "null"."""
+    return _JSON_KINDS.get(type(value), "a JSON value")
+
+
 def read_json_object(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
     """`read_json` for files that must hold an object of named fields (configs, indexes, settings); any other JSON
     value raises one KinemaError naming the file and what it holds instead."""
     value = read_json(path, what)
     if not isinstance(value, dict):
         label = f"{path} ({what})" if what else str(path)
-        raise KinemaError(f"{label} holds {_JSON_KINDS.get(type(value), 'a JSON value')}, not an object of named "
+        raise KinemaError(f"{label} holds {json_kind(value)}, not an object of named "
                           "fields ({...}); restore it from the original download or re-save it")
     return value
 

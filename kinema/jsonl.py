@@ -8,11 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError, os_error_message
-
-
-def _json_kind(value: Any) -> str:
-    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
-            type(None): "null"}.get(type(value), "a JSON value")
+from kinema.fileio import json_kind
 
 
 def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list[tuple[str, int, dict[str, Any]]]:
@@ -41,7 +37,7 @@ def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list
             raise KinemaError(f"{where}: not valid JSON at column {err.colno}: {err.msg}; each line holds one {what} "
                               f"as a JSON object such as {example}") from None
         if not isinstance(value, dict):
-            raise KinemaError(f"{where} holds {_json_kind(value)}, not a {what} object such as {example}")
+            raise KinemaError(f"{where} holds {json_kind(value)}, not a {what} object such as {example}")
         lines.append((where, number, value))
     if not lines:
         raise KinemaError(f"{path} holds no {what}s; write one JSON object per line, such as {example}")

@@ -195,9 +195,12 @@ def _video_size(path: Path) -> tuple[int, int]:
 # ---------------------------------------------------------------- from plain data
 
 
-def _unknown_key(key: Any, known: Iterable[str], within: str = "") -> KinemaError:
+def unknown_key_error(key: Any, known: Iterable[str], within: str = "", *,
+                      also_near: Iterable[str] = ()) -> KinemaError:
+    """`unknown key 'x'; did you mean 'y'?` (the nearest of `known` and `also_near`), else listing `known`; prefixed
+    with `within: ` when given."""
     known = tuple(known)
-    near = difflib.get_close_matches(str(key), known, n=1)
+    near = difflib.get_close_matches(str(key), known + tuple(also_near), n=1)
     hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
     return KinemaError(f"{within}{': ' if within else ''}unknown key {key!r}; {hint}")
 
@@ -267,7 +270,7 @@ def _settings_object(value: Any, key: str, kind: type) -> Any:
     checked: dict[str, Any] = {}
     for name, item in value.items():
         if name not in known:
-            raise _unknown_key(name, known, key)
+            raise unknown_key_error(name, known, key)
         default = known[name]
         if isinstance(default, bool):
             if not isinstance(item, bool):
@@ -390,7 +393,7 @@ def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, f
         if isinstance(entry, Mapping):
             unknown = [key for key in entry if key not in ("path", "weight")]
             if unknown:
-                raise _unknown_key(unknown[0], ("path", "weight"), "loras")
+                raise unknown_key_error(unknown[0], ("path", "weight"), "loras")
             path, weight = entry.get("path"), entry.get("weight", 1.0)
         elif isinstance(entry, (list, tuple)) and len(entry) == 2:
             path, weight = entry
@@ -443,7 +446,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
     for key in data:
         if key not in JOB_KEYS:
-            raise _unknown_key(key, JOB_KEYS)
+            raise unknown_key_error(key, JOB_KEYS)
     model = _model(data.get("model", DEFAULT_MODEL), base, models_dir)
     motion_module = None if data.get("motion_module") is None else _path(
         data["motion_module"], "motion_module", base, models_dir, "motion module")

@@ -30,7 +30,6 @@ the same videos frame for frame.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import Job, job_from_mapping
+from kinema.pipelines.jobs import Job, job_from_mapping, unknown_key_error
 
 if TYPE_CHECKING:
     from kinema.pipelines.jobs import FamilyCache
@@ -256,9 +255,7 @@ def _check_keys(entry: Mapping[str, Any]) -> list[str]:
     """The ignored keys the entry sets; unknown keys are an error naming the nearest valid one."""
     for key in entry:
         if key not in ENTRY_KEYS and key not in IGNORED_KEYS:
-            near = difflib.get_close_matches(str(key), ENTRY_KEYS + IGNORED_KEYS, n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(ENTRY_KEYS)}"
-            raise KinemaError(f"unknown key {key!r}; {hint}")
+            raise unknown_key_error(key, ENTRY_KEYS, also_near=IGNORED_KEYS)
     return [key for key in entry if key in IGNORED_KEYS and _given(entry, key) not in (None, False)]
 
 
