@@ -33,7 +33,7 @@ from kinema.errors import KinemaError
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input): shared with every front end through jobs (plain data, no torch).
 from kinema.pipelines.jobs import GENERATE_DEFAULTS, INPUT_DEFAULTS, model_defaults_for
-from kinema.pipelines.request import DTYPES
+from kinema.pipelines.request import DTYPES, QUANTIZATIONS, SPEEDS
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
 from kinema.sampling.schedulers import SCHEDULERS
@@ -85,7 +85,8 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--seed": [0], "--free-init": None, "--interpolation": "linear", "--resize": False, "--vae-tiling": False,
     "--decode-chunk": 16, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
-    "--fuse": None, "--freenoise": False, "--print-schedule": False}
+    "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
+    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None}
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -115,6 +116,7 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 
 number = checked_number(float, "a number", math.isfinite, "a finite number")
+unit_fraction = checked_number(float, "a number", lambda value: 0 < value <= 1, "a number in (0, 1]")
 positive_number = checked_number(float, "a number", lambda value: math.isfinite(value) and value > 0,
                                  "a positive number")
 
@@ -220,6 +222,23 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-chunk", type=positive_int,
                        help="compute attention in chunks of this many queries (less memory, slower)")
     group.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
+
+    group = parser.add_argument_group("speed (docs/speed.md)")
+    group.add_argument("--speed", choices=SPEEDS,
+                       help="a preset of the options below and of --scheduler, --steps and --dtype, for those not "
+                            "given: fast (DPM++ 2M Karras, 10 steps, bfloat16 where native, step cache 2, guidance "
+                            "on the first 60%% of steps), balanced (15 steps, guidance on 80%%) or quality (the "
+                            "model's own settings); printed with the run")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the video model (cached on disk: only the first run of a size pays)")
+    group.add_argument("--quantize", choices=QUANTIZATIONS,
+                       help="int8: dynamic int8 quantisation of the video model's Linear layers")
+    group.add_argument("--cache-interval", type=positive_int, metavar="N",
+                       help="step caching: recompute the model's deep features every N steps, reuse them between "
+                            "(1: off)")
+    group.add_argument("--cfg-truncation", type=unit_fraction, metavar="F",
+                       help="stop classifier-free guidance after this fraction of the steps (0 < F <= 1); the rest "
+                            "run the conditional half only")
 
 
 def _add_size_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -336,6 +355,7 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> No
     files; options among `defaults` left unset take the model's kinema.json defaults."""
     if args.model is None:
         args.model = DEFAULT_MODEL
+    _apply_speed(args)
     unset = [key for key in defaults if getattr(args, key) is None]
     _, found = model_defaults_for(args.model, unset, f"no such model file or folder: {args.model}")
     for key, value in found.items():
@@ -344,6 +364,21 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> No
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
+
+
+def _apply_speed(args: argparse.Namespace) -> None:
+    """--speed: the preset's settings for the options left unset (given ones win), and the line that says so."""
+    args.speed_line = None
+    if getattr(args, "speed", None) is None:
+        return
+    from kinema.pipelines.speed import describe_speed, preset_settings
+
+    chosen = {}
+    for key, value in preset_settings(args.speed).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            chosen[key] = value
+    args.speed_line = describe_speed(args.speed, chosen)
 
 
 def _context(args: argparse.Namespace) -> Any:
@@ -367,7 +402,9 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
-        attention_chunk=args.attention_chunk, offload=args.offload)
+        attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
+        quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
+        speed=args.speed)
     for key in ("height", "width", "steps", "guidance", "fps"):  # unset (nor in the model's defaults): the request's
         if getattr(args, key) is not None:
             shared[key] = getattr(args, key)
@@ -526,6 +563,8 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
     from kinema.pipelines.generate import generate
     from kinema.pipelines.outputs import latents_path, save_latents, write_result
 
+    if getattr(args, "speed_line", None):
+        print(args.speed_line)
     family = _load(args)
     saved: list[Path] = []
     target = latents_path(args.output)

@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
 from kinema.errors import KinemaError, os_error_message, shorten
-from kinema.pipelines.request import DTYPES, ContextSettings, FreeInitSettings, GenerationRequest
+from kinema.pipelines.request import (
+    DTYPES,
+    QUANTIZATIONS,
+    SPEEDS,
+    ContextSettings,
+    FreeInitSettings,
+    GenerationRequest,
+)
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS
 
@@ -63,9 +70,9 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
-               "decode_chunk", "attention_chunk")
-_NUMBER_FIELDS = ("guidance", "strength", "fps")
-_BOOL_FIELDS = ("resize", "vae_tiling", "offload")
+               "decode_chunk", "attention_chunk", "cache_interval")
+_NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation")
+_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video"}
 # The named choices of ContextSettings and FreeInitSettings, checked here without importing the torch modules that
@@ -103,7 +110,7 @@ class Job:
     def model_key(self) -> tuple:
         """What decides which loaded model serves the job: jobs with equal keys share one `load_family`."""
         return (self.model, self.motion_module, tuple((path, weight) for path, weight in self.loras),
-                self.request.dtype or "float32", self.tokenizer)
+                self.request.dtype or "float32", self.tokenizer, self.request.quantize, self.request.compile)
 
 
 # ---------------------------------------------------------------- checks shared with `kinema generate`
@@ -469,7 +476,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     for key in _TEXT_FIELDS:
         if data.get(key) is not None:
             given[key] = _text(data[key], key)
-    for key, choices in (("scheduler", SCHEDULERS), ("interpolation", INTERPOLATIONS), ("dtype", DTYPES)):
+    for key, choices in (("scheduler", SCHEDULERS), ("interpolation", INTERPOLATIONS), ("dtype", DTYPES),
+                         ("quantize", QUANTIZATIONS), ("speed", SPEEDS)):
         if data.get(key) is not None:
             given[key] = _choice(data[key], key, choices)
     if data.get("context") is not None:
@@ -488,6 +496,10 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     given["seeds"] = _seeds(data)
     prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 
+    if given.get("speed") is not None:  # the preset fills what the job leaves unset, before the model's defaults
+        from kinema.pipelines.speed import preset_settings
+
+        given.update({k: v for k, v in preset_settings(given["speed"]).items() if k not in given})
     video = given.get("video")
     unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) if key not in given]
     _, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")

@@ -16,6 +16,8 @@ from kinema.errors import KinemaError
 
 MODES = ("text-to-video", "image-to-video", "video-to-video", "extend")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8",)
+SPEEDS = ("fast", "balanced", "quality")
 OUTPUT_TYPES = ("tensor", "numpy", "pil", "latent")
 PromptSpec = str | Mapping[Any, Any]
 
@@ -70,6 +72,14 @@ class GenerationRequest:
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
         offload: keep each model on the CPU until its stage runs (for accelerators).
+        compile: torch.compile the video model (a persistent cache: only the first run of a shape pays).
+        quantize: "int8": dynamic int8 quantisation of the video model's Linear layers (None: off).
+        cache_interval: step caching: the model's deep features are computed every `cache_interval` steps and
+            reused in between (None or 1: every step computes everything).
+        cfg_truncation: classifier-free guidance stops after this fraction of the steps; the rest run the
+            conditional half only (None: guidance on every step).
+        speed: the `--speed` preset these settings came from (recorded with the video; front ends apply it with
+            kinema.pipelines.speed, which fills the fields above).
         fps: frames per second of the written video.
     """
 
@@ -99,6 +109,11 @@ class GenerationRequest:
     attention_chunk: int | None = None
     offload: bool = False
     fps: float = 8.0
+    compile: bool = False
+    quantize: str | None = None
+    cache_interval: int | None = None
+    cfg_truncation: float | None = None
+    speed: str | None = None
 
     @property
     def mode(self) -> str:
@@ -145,6 +160,15 @@ class GenerationRequest:
             positive("segment_frames", self.segment_frames)
         if self.attention_chunk is not None:
             positive("attention_chunk", self.attention_chunk)
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise KinemaError(f"unknown quantization {self.quantize!r}; known: {', '.join(QUANTIZATIONS)}")
+        if self.cache_interval is not None:
+            positive("cache_interval", self.cache_interval)
+        if self.cfg_truncation is not None and not 0 < self.cfg_truncation <= 1:
+            raise KinemaError(f"cfg_truncation must be in (0, 1] (the share of steps that keep guidance), got "
+                              f"{self.cfg_truncation}")
+        if self.speed is not None and self.speed not in SPEEDS:
+            raise KinemaError(f"unknown speed preset {self.speed!r}; known presets: {', '.join(SPEEDS)}")
         if not isinstance(self.prompt, (str, Mapping)):
             raise KinemaError(f"prompt must be a string or a prompt schedule mapping; got {type(self.prompt).__name__}")
 

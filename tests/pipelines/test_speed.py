@@ -1,0 +1,82 @@
+"""Speed presets (kinema.pipelines.speed): what each fills in, that given settings win, where bfloat16 is chosen,
+and the same rules through `kinema generate --speed` and a job's "speed" key."""
+
+import pytest
+from cli.test_generate_default import TINY_DEFAULTS, bundled, bundled_dir, checked  # noqa: F401 (fixtures)
+
+from kinema.errors import KinemaError
+from kinema.pipelines import speed
+from kinema.pipelines.jobs import job_from_mapping
+from kinema.pipelines.request import SPEEDS, GenerationRequest
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    monkeypatch.setattr(speed, "native_bfloat16", lambda device="cpu": True)
+
+
+def test_presets_are_the_requests_speeds_and_each_setting_is_a_valid_request_field(native_bf16):
+    assert tuple(speed.SPEED_PRESETS) == SPEEDS
+    for name in SPEEDS:
+        request = speed.apply_speed(GenerationRequest(prompt="x"), name)
+        request.check()
+        assert request.speed == name
+    fast = speed.apply_speed(GenerationRequest(prompt="x"), "fast")
+    assert (fast.scheduler, fast.steps, fast.dtype, fast.cache_interval, fast.cfg_truncation) == \
+        ("dpmpp_2m_karras", 10, "bfloat16", 2, 0.6)
+    assert speed.apply_speed(GenerationRequest(prompt="x"), "quality") == GenerationRequest(prompt="x",
+                                                                                          speed="quality")
+
+
+def test_given_settings_win_and_bfloat16_only_where_native(monkeypatch):
+    monkeypatch.setattr(speed, "native_bfloat16", lambda device="cpu": False)
+    request = speed.apply_speed(GenerationRequest(prompt="x", steps=20), "fast", keep={"steps"})
+    assert (request.steps, request.dtype, request.scheduler) == (20, None, "dpmpp_2m_karras")
+    with pytest.raises(KinemaError, match="unknown speed preset 'ludicrous'; known presets: fast, balanced, quality"):
+        speed.preset_settings("ludicrous")
+
+
+def test_the_line_printed_with_the_run_says_what_the_preset_chose():
+    line = speed.describe_speed("fast", speed.SPEED_PRESETS["fast"])
+    assert line == ("speed fast: dpmpp_2m_karras, 10 steps, bfloat16, deep features every 2 steps, guidance on the "
+                    "first 60% of steps")
+    assert speed.describe_speed("quality", {}) == "speed quality: the model's own settings"
+
+
+def test_cli_speed_fills_what_is_unset_before_the_models_defaults(native_bf16, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = checked(["generate", "a red circle", "--speed", "fast", "--steps", "4"])
+    assert args.request == GenerationRequest(prompt="a red circle", seeds=[0], **{
+        **TINY_DEFAULTS, "steps": 4, "scheduler": "dpmpp_2m_karras", "dtype": "bfloat16", "cache_interval": 2,
+        "cfg_truncation": 0.6, "speed": "fast"})
+    assert args.speed_line == ("speed fast: dpmpp_2m_karras, bfloat16, deep features every 2 steps, guidance on the "
+                               "first 60% of steps")  # the steps were given, so the preset did not choose them
+    args = checked(["generate", "a red circle", "--cache-interval", "3", "--cfg-truncation", "0.5", "--quantize",
+                    "int8", "--compile"])
+    assert (args.request.cache_interval, args.request.cfg_truncation, args.request.quantize, args.request.compile,
+            args.request.speed) == (3, 0.5, "int8", True, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg-truncation", "0"], "a number in (0, 1]"),
+    (["--cache-interval", "0"], "positive"),
+    (["--quantize", "int4"], "invalid choice"),
+    (["--speed", "warp"], "invalid choice"),
+])
+def test_cli_refuses_bad_speed_options(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        checked(["generate", "a red circle", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_a_jobs_speed_key_fills_what_the_job_leaves_unset(native_bf16, tmp_path):
+    job = job_from_mapping({"prompt": "a red circle", "speed": "balanced", "steps": 6}, base=tmp_path)
+    request = job.request
+    assert (request.speed, request.steps, request.scheduler, request.dtype, request.cfg_truncation,
+            request.cache_interval) == ("balanced", 6, "dpmpp_2m_karras", "bfloat16", 0.8, None)
+    quantized = job_from_mapping({"prompt": "a red circle", "quantize": "int8", "compile": True}, base=tmp_path)
+    assert quantized.model_key() != job_from_mapping({"prompt": "a red circle"}, base=tmp_path).model_key()
+    for bad, message in (({"cfg_truncation": 1.5}, "cfg_truncation must be in"), ({"speed": "warp"}, "speed"),
+                         ({"quantize": "int4"}, "quantize"), ({"cache_interval": 0}, "cache_interval")):
+        with pytest.raises(KinemaError, match=message):
+            job_from_mapping({"prompt": "a red circle", **bad}, base=tmp_path)
