@@ -38,6 +38,7 @@ from kinema.models.video_dit_blocks import (
     uvit_skip_pairs,
 )
 from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
+from kinema.sampling.step_cache import active_step_cache, cached_block_span
 from kinema.state_dicts import StrictFromPretrained
 
 if TYPE_CHECKING:  # importing diffusers.models.transformers loads every diffusers transformer: seconds at start-up
@@ -324,6 +325,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # ty
             `(B, out_channels, F, H, W)`; with learned sigma, channels `[:out_channels // 2]` are epsilon.
         """
         self.check_inputs(sample, encoder_hidden_states, inpaint_latents, clip_image_embeds)
+        cache_key = tuple(sample.shape)
         batch, _, frames, height, width = sample.shape
         patch = self.config["patch_size"]
         rows, cols = height // patch, width // patch
@@ -341,25 +343,56 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # ty
                                               clip_attention_mask)  # (B, L', C), (B, 1, L')
 
         # 3. Blocks; a U-ViT skip adds a linear of an early block's output to a late block's input
-        skip_into = {target: (index, source) for index, (source, target) in enumerate(self.skip_pairs)}
-        skip_sources = {source for source, _ in self.skip_pairs}
-        saved: dict[int, torch.Tensor] = {}
-        for index, block in enumerate(self.transformer_blocks):
-            if index in skip_into:
-                fc_index, source = skip_into[index]
-                x = x + self.long_connect_fc[fc_index](saved.pop(source))
-            args = (x, modulation, context, context_bias, frames, rows, cols)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, *args)
-            else:
-                x = block(*args)
-            if index in skip_sources:
-                saved[index] = x
+        blocks_args = (modulation, context, context_bias, frames, rows, cols)
+        step_cache = active_step_cache()
+        if step_cache is None:
+            x, _ = self._run_blocks(x, blocks_args)
+        else:  # reuse the residual of the middle blocks kept at the last full step, or compute and keep it
+            span = cached_block_span(len(self.transformer_blocks), self.skip_pairs, step_cache.depth)
+            slot, residual = step_cache.lookup(cache_key)
+            x, kept = self._run_blocks(x, blocks_args, span, residual)
+            if residual is None:
+                assert kept is not None
+                step_cache.keep(slot, cache_key, kept)
 
         # 4. Final adaLN, projection to patches, unpatchify
         shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)  # (B, 1, C) x2
         x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)  # (B, F*h*w, p*p*C_out)
         return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=frames, h=rows, w=cols, p=patch, q=patch)
+
+    def _run_blocks(
+        self,
+        x: torch.Tensor,
+        blocks_args: tuple[Any, ...],
+        span: tuple[int, int] | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens `(B, F*h*w, C)` through the blocks and their long skips (`blocks_args`: a block's arguments after
+        the tokens). With a `span` of blocks `(first, last)` that no skip crosses, also returns the residual those
+        blocks add `(B, F*h*w, C)`; given that `residual`, adds it in their place and runs none of them."""
+        skip_into = {target: (index, source) for index, (source, target) in enumerate(self.skip_pairs)}
+        skip_sources = {source for source, _ in self.skip_pairs}
+        saved: dict[int, torch.Tensor] = {}
+        span_input, kept = x, None
+        for index, block in enumerate(self.transformer_blocks):
+            if span is not None and span[0] <= index <= span[1]:
+                if index == span[0]:
+                    span_input = x
+                    x = x if residual is None else x + residual
+                if residual is not None:
+                    continue
+            if index in skip_into:
+                fc_index, source = skip_into[index]
+                x = x + self.long_connect_fc[fc_index](saved.pop(source))
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, *blocks_args)
+            else:
+                x = block(x, *blocks_args)
+            if index in skip_sources:
+                saved[index] = x
+            if span is not None and index == span[1]:
+                kept = x - span_input
+        return x, kept
 
     @classmethod
     def from_image_dit(cls, pixart: PixArtTransformer2DModel, **video_kwargs: Any) -> VideoDiT:

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from kinema.errors import KinemaError
 from kinema.models.motion import NormMode, build_motion_module, check_frame_count, check_norm_mode, video_group_norm
 from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
+from kinema.sampling.step_cache import StepCache, active_step_cache
 from kinema.state_dicts import StrictFromPretrained, load_strict
 
 # Frames per clip of the forward pass running in this thread (or task): the hooks and frame-aware norms see folded
@@ -252,6 +253,14 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
                           f"({batch}, {frames}, L, D) or ({batch * frames}, L, D) with row b*F + f for frame f of "
                           "clip b")
 
+    def _check_latents(self, sample: torch.Tensor) -> None:
+        if sample.ndim != 5:
+            raise KinemaError(f"VideoUNet expects latents (B, C, F, H, W), got shape {tuple(sample.shape)}")
+        channels, frames = sample.shape[1:3]
+        if channels != self.unet.config.in_channels:
+            raise KinemaError(f"latents have {channels} channels, the UNet takes {self.unet.config.in_channels}")
+        check_frame_count(frames, self.max_frames)
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -271,12 +280,11 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         Returns:
             `(B, C_out, F, H, W)`.
         """
-        if sample.ndim != 5:
-            raise KinemaError(f"VideoUNet expects latents (B, C, F, H, W), got shape {tuple(sample.shape)}")
-        batch, channels, frames = sample.shape[:3]
-        if channels != self.unet.config.in_channels:
-            raise KinemaError(f"latents have {channels} channels, the UNet takes {self.unet.config.in_channels}")
-        check_frame_count(frames, self.max_frames)
+        self._check_latents(sample)
+        step_cache = active_step_cache()
+        if step_cache is not None:
+            return self._forward_step_cached(step_cache, sample, timestep, encoder_hidden_states, unet_kwargs)
+        batch, _, frames = sample.shape[:3]
         timestep = timesteps_per_clip(timestep, batch, sample.device)
         encoder_hidden_states = self._text_per_frame(encoder_hidden_states, batch, frames)
         with frames_per_clip(frames):
@@ -288,3 +296,115 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
                 **unet_kwargs,
             )[0]
         return rearrange(out, "(b f) c h w -> b c f h w", f=frames)
+
+    # ------------------------------------------------------------------ step caching (DeepCache)
+
+    def _forward_step_cached(self, step_cache: StepCache, sample: torch.Tensor, timestep: Timestep,
+                             text: torch.Tensor, unet_kwargs: dict[str, Any]) -> torch.Tensor:
+        """`forward` under a sampling run's step cache: reuse the deep features it kept for this call, or compute
+        everything and keep them."""
+        depth = 1 if step_cache.depth is None else step_cache.depth
+        slot, deep = step_cache.lookup(tuple(sample.shape))
+        out, kept = self.forward_deep_cached(sample, timestep, text, depth=depth, deep_features=deep, **unet_kwargs)
+        if deep is None:
+            step_cache.keep(slot, tuple(sample.shape), kept)
+        return out
+
+    def forward_deep_cached(
+        self,
+        sample: torch.Tensor,
+        timestep: Timestep,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        depth: int = 1,
+        deep_features: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        **unsupported: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass split where DeepCache splits it: the outermost `depth` levels (input conv, the first
+        `depth` down blocks, the last `depth` up blocks, output) and the deep rest, whose output (the input of up
+        block `len(up_blocks) - depth`) is the deep feature.
+
+        Written out (not diffusers' `UNet2DConditionModel.forward`) because that forward cannot start at an up
+        block; for the SD1.5-style configs it supports it runs the same calls in the same order, so a full pass
+        equals `forward` (tests/sampling/test_step_cache.py).
+
+        Args:
+            sample, timestep, encoder_hidden_states: as `forward`.
+            depth: outer levels a shallow pass runs (1 to the number of up blocks).
+            deep_features: `(B, C_deep, F, h, w)` deep features to use in place of the deep part (a shallow pass),
+                or None to compute them (a full pass).
+            cross_attention_kwargs: as diffusers' UNet takes them.
+
+        Returns:
+            The prediction `(B, C_out, F, H, W)` and the deep features `(B, C_deep, F, h, w)` (those given, on a
+            shallow pass).
+        """
+        unet = self.unet
+        # The parts of diffusers' forward this one leaves out: refused rather than silently dropped.
+        refused = [name for name in ("class_embedding", "add_embedding", "encoder_hid_proj")
+                   if getattr(unet, name, None) is not None]
+        refused += ["center_input_sample"] if unet.config.center_input_sample else []
+        refused += sorted(unsupported)
+        if refused:
+            raise KinemaError(f"step caching runs SD1.5-style UNets only, and this call uses {', '.join(refused)}; "
+                              "turn step caching off (cache_interval 1)")
+        if not 1 <= depth <= len(unet.up_blocks):
+            raise KinemaError(f"cache depth {depth} is not between 1 and the UNet's {len(unet.up_blocks)} levels")
+        self._check_latents(sample)
+        batch, _, frames = sample.shape[:3]
+        timestep = timesteps_per_clip(timestep, batch, sample.device)
+        text = self._text_per_frame(encoder_hidden_states, batch, frames)
+        cut = len(unet.up_blocks) - depth  # the up blocks from here on run on every step
+        text_kwargs = dict(encoder_hidden_states=text, cross_attention_kwargs=cross_attention_kwargs)
+        with frames_per_clip(frames):
+            hidden = rearrange(sample, "b c f h w -> (b f) c h w")
+            up_factor = 2**unet.num_upsamplers
+            forward_upsample_size = any(size % up_factor for size in hidden.shape[-2:])
+            emb = unet.time_embedding(unet.get_time_embed(sample=hidden, timestep=timestep.repeat_interleave(frames)),
+                                      None)
+            if unet.time_embed_act is not None:
+                emb = unet.time_embed_act(emb)
+
+            hidden = unet.conv_in(hidden)
+            skips: tuple[torch.Tensor, ...] = (hidden,)
+            for down_block in unet.down_blocks if deep_features is None else unet.down_blocks[:depth]:
+                if getattr(down_block, "has_cross_attention", False):
+                    hidden, res = down_block(hidden_states=hidden, temb=emb, **text_kwargs)
+                else:
+                    hidden, res = down_block(hidden_states=hidden, temb=emb)
+                skips += res
+            if deep_features is None:
+                if unet.mid_block is not None and getattr(unet.mid_block, "has_cross_attention", False):
+                    hidden = unet.mid_block(hidden, emb, **text_kwargs)
+                elif unet.mid_block is not None:
+                    hidden = unet.mid_block(hidden, emb)
+                first_up = 0
+            else:
+                # The outer up blocks take the first skips: the input conv's and the outer down blocks' resnets'.
+                skips = skips[:sum(len(cast(nn.ModuleList, block.resnets)) for block in unet.up_blocks[cut:])]
+                first_up = cut
+
+            upsample_size = None
+            for index in range(first_up, len(unet.up_blocks)):
+                up_block = unet.up_blocks[index]
+                if index == cut and deep_features is None:
+                    deep_features = rearrange(hidden, "(b f) c h w -> b c f h w", f=frames)
+                elif index == cut and deep_features is not None:
+                    hidden = rearrange(deep_features, "b c f h w -> (b f) c h w")
+                resnet_count = len(cast(nn.ModuleList, up_block.resnets))
+                res, skips = skips[-resnet_count:], skips[:-resnet_count]
+                if index < len(unet.up_blocks) - 1 and forward_upsample_size:
+                    upsample_size = skips[-1].shape[2:]
+                if getattr(up_block, "has_cross_attention", False):
+                    hidden = up_block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res,
+                                      upsample_size=upsample_size, **text_kwargs)
+                else:
+                    hidden = up_block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res,
+                                      upsample_size=upsample_size)
+
+            if unet.conv_norm_out is not None:
+                hidden = unet.conv_act(unet.conv_norm_out(hidden))
+            out = unet.conv_out(hidden)
+        assert deep_features is not None  # kept or given at up block `cut`, which always runs
+        return rearrange(out, "(b f) c h w -> b c f h w", f=frames), deep_features

@@ -1,6 +1,9 @@
-"""Classifier-free guidance: `uncond + g * (cond - uncond)`, both halves in one batched forward."""
+"""Classifier-free guidance: `uncond + g * (cond - uncond)`, both halves in one batched forward; and its truncation,
+guidance on the first steps only."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,3 +43,16 @@ def guided_prediction(denoiser: Denoiser, latents: torch.Tensor, timestep: Times
     both = denoiser(torch.cat([latents, latents]), timestep, join_conditioning(uncond, cond))
     eps_uncond, eps_cond = both.chunk(2)
     return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def guided_steps(steps: int, cfg_truncation: float | None) -> int:
+    """How many of the first of `steps` steps run with guidance when it stops after the fraction `cfg_truncation`
+    of them (rounded up, so at least that share keeps it); None or 1: all of them. The later steps are where
+    guidance matters least (the layout is set early), and each unguided one runs half the batch."""
+    if cfg_truncation is None:
+        return steps
+    if isinstance(cfg_truncation, bool) or not isinstance(cfg_truncation, int | float) \
+            or not 0 < cfg_truncation <= 1:
+        raise KinemaError(f"cfg_truncation must be in (0, 1] (the share of steps that keep guidance), got "
+                          f"{cfg_truncation!r}")
+    return min(steps, math.ceil(cfg_truncation * steps - 1e-9))  # a float product can land a hair above a whole number

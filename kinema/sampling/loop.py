@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -12,7 +14,10 @@ from tqdm import tqdm
 from kinema.errors import KinemaError
 from kinema.interrupt import stop_if_requested
 from kinema.sampling.denoisers import Conditioning, Denoiser
-from kinema.sampling.guidance import guided_prediction
+from kinema.sampling.guidance import guided_prediction, guided_steps
+from kinema.sampling.step_cache import StepCache, caching_disabled_reason, check_cache_interval
+
+logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # step index -> the (cond, uncond) of that step, for conditioning that changes while sampling (V3's image tokens)
@@ -44,7 +49,8 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
            uncond: Conditioning | None, steps: int, guidance: float, *, callback: StepCallback | None = None,
            progress: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
            first_step: int = 0, conditioning_at: ConditioningAt | None = None,
-           after_step: AfterStep | None = None) -> torch.Tensor:
+           after_step: AfterStep | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
+           cfg_truncation: float | None = None) -> torch.Tensor:
     """Denoise `latents` in `steps` scheduler steps; returns the final latents `(B, C, F, H, W)`.
 
     Args:
@@ -61,11 +67,23 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
             `scheduler.timesteps[first_step]` (see `noised_to`) and are not scaled again.
         conditioning_at: when given, `conditioning_at(step)` gives that step's (cond, uncond) in place of both.
         after_step: when given, `after_step(step, latents)` replaces the latents after each step (repaint).
+        cache_interval: step caching (kinema.sampling.step_cache): the model's deep features are computed every
+            `cache_interval` steps and reused by shallow forwards in between; None or 1: every step runs in full.
+            Off, with a logged reason, under context windows that move every step.
+        cache_depth: how much of the model a reuse step runs (`StepCache`'s `depth`); None: the model's default.
+        cfg_truncation: guidance runs on the first `cfg_truncation` share of the `steps` (rounded up) and the rest
+            run the conditional half only (guidance 1); None: every step.
     """
     if steps < 1:
         raise KinemaError(f"sampling needs at least 1 step, got {steps}")
     if not 0 <= first_step < steps:
         raise KinemaError(f"first_step must be in [0, {steps}), got {first_step}")
+    check_cache_interval(cache_interval)
+    cut = guided_steps(steps, cfg_truncation)
+    step_cache = StepCache(cache_interval, cache_depth) if cache_interval is not None and cache_interval > 1 else None
+    if step_cache is not None and (reason := caching_disabled_reason(denoiser, steps)) is not None:
+        logger.warning("step caching off: %s", reason)
+        step_cache = None
     scheduler.set_timesteps(steps, device=latents.device)
     step_kwargs: dict[str, Any] = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
@@ -82,7 +100,11 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
             if conditioning_at is not None:
                 cond, uncond = conditioning_at(index)
             model_input = scheduler.scale_model_input(latents, timestep)
-            eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, guidance)
+            step_guidance = guidance if index < cut else 1.0
+            if step_cache is not None and index == cut and guidance != 1:
+                step_cache.keep_conditional_half()
+            with nullcontext() if step_cache is None else step_cache.step(index - first_step, cond):
+                eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, step_guidance)
             latents = scheduler.step(eps, timestep, latents, **step_kwargs, return_dict=False)[0]
             if after_step is not None:
                 latents = after_step(index, latents)
