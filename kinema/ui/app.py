@@ -35,6 +35,7 @@ from kinema.pipelines.jobs import (
     run_job,
 )
 from kinema.pipelines.request import GenerationRequest
+from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.sampling.schedulers import SCHEDULERS
 from kinema.ui.form import (
     EXTEND,
@@ -55,6 +56,7 @@ LORA_SLOTS = 3
 TABS = ((TEXT_TO_VIDEO, "Text to Video"), (IMAGE_TO_VIDEO, "Image to Video"), (EXTEND, "Long video / Extend"),
         (VIDEO_TO_VIDEO, "Video to Video"))
 FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
+NO_SPEED = ""  # the speed choice "no preset: the form's settings as they are"
 NO_CHOICE = ""
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
 INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video")
@@ -74,6 +76,14 @@ def form_defaults(model: str) -> dict[str, Any]:
     _, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
     values.update(defaults)
     return values
+
+
+def speed_form_values(preset: str, model: str) -> tuple[Any, Any]:
+    """The (sampler, steps) the form shows for speed `preset` (kinema.pipelines.speed) on `model`: the preset's,
+    or the model's defaults for a preset that keeps them ("quality", or none)."""
+    defaults = form_defaults(model)
+    settings = SPEED_PRESETS.get(preset, {})
+    return settings.get("scheduler", defaults["scheduler"]), settings.get("steps", defaults["steps"])
 
 
 def expected_steps(job: Job) -> int | None:
@@ -210,6 +220,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     scan = scan_models(models_path)
     start = form_defaults(DEFAULT_MODEL)
     scheduler_choices = [("the model's default", FAMILY_DEFAULT)] + [(name, name) for name in SCHEDULERS]
+    speed_choices = [("as set here", NO_SPEED)] + [(name, name) for name in SPEED_PRESETS]
 
     with gr.Blocks(title="kinema", analytics_enabled=False, delete_cache=CACHE_CLEANING) as app:
         gr.Markdown("# kinema\nText, image and video to video with AnimateDiff and EasyAnimate V3 models. "
@@ -260,6 +271,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     scan_note = gr.Markdown(_scan_note(scan, models_path))
                 # No minimum or maximum on the numbers: the job's check refuses bad ones, in the CLI's and API's words.
                 with gr.Row():
+                    speed = gr.Dropdown(label="Speed", choices=speed_choices, value=NO_SPEED, elem_id="speed")
                     scheduler = gr.Dropdown(label="Sampler", choices=scheduler_choices, value=start["scheduler"])
                     steps = gr.Number(label="Steps", value=start["steps"], precision=0, elem_id="steps")
                     guidance = gr.Number(label="Guidance", value=start["guidance"], step=0.5)
@@ -292,7 +304,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "scheduler": scheduler, "steps": steps, "width": width, "height": height, "frames": frames,
             "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
             "v2v_video": v2v_video, "strength": strength, "extend_video": extend_video,
-            "extend_frames": extend_frames,
+            "extend_frames": extend_frames, "speed": speed,
         }
 
         # ---- events
@@ -344,6 +356,17 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         model.input(model_chosen, inputs=model, outputs=[form_fields[key] for key in GENERATE_DEFAULTS],
                     concurrency_limit=None)
 
+        def speed_chosen(preset: str, chosen_model: str) -> tuple[Any, Any]:
+            """A preset shows its sampler and steps in the form (what the job will use); its other settings
+            (precision, step caching, guidance truncation) go with the job's speed key."""
+            try:
+                return speed_form_values(preset, chosen_model or DEFAULT_MODEL)
+            except KinemaError as err:  # a model path that has gone: the form keeps its numbers
+                gr.Warning(str(err))
+                return gr.skip(), gr.skip()
+
+        speed.input(speed_chosen, inputs=[speed, model], outputs=[scheduler, steps], concurrency_limit=None)
+
         def select_video(settings_list: list[dict[str, Any]], event: gr.SelectData) -> Any:
             if event.index is None or not 0 <= event.index < len(settings_list):
                 return None
@@ -368,6 +391,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     values[key] = None
             values["motion_module"] = values.get("motion_module") or NO_CHOICE
             values["scheduler"] = values.get("scheduler") or FAMILY_DEFAULT
+            values["speed"] = values.get("speed") or NO_SPEED
             field_updates = [values[key] if key in values else gr.skip() for key in form_fields]
             return (values["mode"], gr.Tabs(selected=values["mode"]), *field_updates,
                     *[path or NO_CHOICE for path, _ in loras], *[weight for _, weight in loras])

@@ -21,7 +21,7 @@ from kinema.pipelines.request import MODES
 TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
-             "extend_video", "extend_frames")
+             "extend_video", "extend_frames", "speed")
 # The input video of each mode that takes one: the tabs have a video box each.
 VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}
 # The size a video takes from its start image rounds down to this: both families' VAEs downscale 8x.
@@ -50,7 +50,7 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
         raise KinemaError(f"unknown mode {mode!r}; the app's tabs are {', '.join(MODES)}")
     data: dict[str, Any] = {"mode": mode, "model": values.get("model") or DEFAULT_MODEL,
                             "prompt": values.get("prompt") or ""}
-    for key in ("negative_prompt", "motion_module", "scheduler"):
+    for key in ("negative_prompt", "motion_module", "scheduler", "speed"):
         if _given(values.get(key)):
             data[key] = values[key]
     loras = [[path, _number(weight, whole=False)] for path, weight in values.get("loras") or [] if _given(path)]
@@ -93,6 +93,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         "motion_module": settings.get("motion_module"),
         "loras": [[path, weight] for path, weight in settings.get("loras") or []],
         "scheduler": settings.get("scheduler"),
+        "speed": settings.get("speed") or "",
     }
     for key in ("steps", "guidance"):
         if settings.get(key) is not None:

@@ -10,7 +10,16 @@ import pytest
 from kinema.bundled import bundled_model_path
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import FamilyCache, job_from_mapping
-from kinema.ui.app import build_app, check_form, expected_steps, form_defaults, newest_steps, run_in_worker
+from kinema.pipelines.speed import SPEED_PRESETS
+from kinema.ui.app import (
+    build_app,
+    check_form,
+    expected_steps,
+    form_defaults,
+    newest_steps,
+    run_in_worker,
+    speed_form_values,
+)
 
 
 def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
@@ -56,3 +65,11 @@ def test_a_backlog_of_steps_reaches_the_page_as_the_newest_step_only():
                   ("step", 5)]:
         events.put(event)
     assert list(newest_steps(events)) == [("step", 2), ("warning", "w"), ("step", 4), ("done", ["v.mp4"])]
+
+
+def test_a_speed_preset_shows_its_sampler_and_steps_and_quality_or_none_the_models():
+    defaults = form_defaults("kinema-tiny")
+    fast = SPEED_PRESETS["fast"]
+    assert speed_form_values("fast", "kinema-tiny") == (fast["scheduler"], fast["steps"])
+    for preset in ("quality", ""):
+        assert speed_form_values(preset, "kinema-tiny") == (defaults["scheduler"], defaults["steps"])

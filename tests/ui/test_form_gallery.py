@@ -18,7 +18,7 @@ from kinema.ui.gallery import caption, keep_input, new_job_folder, read_gallery
 BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "model": "kinema-tiny",
               "motion_module": "", "loras": [], "scheduler": "ddim", "steps": 25, "width": 64, "height": 64,
               "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
-              "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16}
+              "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": ""}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -40,7 +40,8 @@ def through_the_form(settings):
     return job_from_mapping(form_to_mapping({**BLANK_FORM, **settings_to_form(settings)}))
 
 
-@pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video", "extend"])
+@pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video", "extend",
+                                  "speed preset"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -53,6 +54,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
         data.update(video=image_file(tmp_path / "clip.gif"), strength=0.35)
     elif mode == "extend":
         data.update(video=image_file(tmp_path / "clip.gif"), extend_frames=12)
+    elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
+        data.update(speed="fast", scheduler="dpmpp_2m_karras", steps=10)
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
 
