@@ -8,7 +8,13 @@ blocks, a trilinear temporal upsample after the conv, slice encoding of 8 frames
 with the neighbouring slices and the half-slice seam re-decode. None of its blocks computes V3's maths, so the blocks
 here are V3's, with V3's state-dict names; diffusers supplies the activation, the posterior and ModelMixin.
 
-Every module maps `(B, C, F, H, W) -> (B, C', F', H', W')`; none holds state between calls.
+Every module maps `(B, C, F, H, W) -> (B, C', F', H', W')`; none holds state between calls (the upsamplers keep
+their sub-pixel weights, derived from the conv's, while those are unchanged).
+
+Speed (float32, the same maths up to rounding; tests/models/test_slice_vae.py compares with V3's decode design in
+benchmarks/easyanimate_design.py): the 3x3x3 convs always run on oneDNN, the upsamplers' nearest-then-conv is four
+sub-pixel convs on the low-resolution input (12 of 27 taps) written straight into the output, and under no_grad the
+activations and residual adds run in place.
 """
 
 import torch
@@ -20,12 +26,48 @@ from torch import nn
 NORM_EPS = 1e-6
 
 
-def conv3x3x3(in_channels: int, out_channels: int) -> nn.Conv3d:
-    """3x3x3 conv padding one zero on every side, time included.
+def onednn_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  padding: tuple[int, int, int] = (1, 1, 1)) -> torch.Tensor:
+    """`F.conv3d(x, weight, bias, padding=padding)` (stride 1), through oneDNN for float32 on CPU.
+
+    torch's own choice sends a float32 3D conv with batch 1 and fewer than 20480 values in its first four dimensions
+    to its vol2col + GEMM kernel: the full V3 decoder's 512-wide first up blocks (1.3-1.6x slower there than oneDNN)
+    and nearly every conv of a narrow VAE such as kinema-tiny's (its whole decode ran 6x slower). oneDNN has autograd
+    too, so training takes the same path.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), (1, 1, 1), 1)
+    return F.conv3d(x, weight, bias, padding=padding)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` `(B, C, F, H, W)` is laid out channels-last (3D) rather than contiguous."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+class Conv3x3x3(nn.Conv3d):
+    """3x3x3 conv padding one zero on every side, time included: `(B, C_in, F, H, W) -> (B, C_out, F, H, W)`.
 
     V3's `CausalConv3d` in slice mode (the only mode V3 runs) pads time with one zero frame on each side: not causal.
     """
-    return nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_conv3d(x, self.weight, self.bias)
+
+
+def conv3x3x3(in_channels: int, out_channels: int) -> Conv3x3x3:
+    """A `Conv3x3x3` (V3's slice-mode conv)."""
+    return Conv3x3x3(in_channels, out_channels)
+
+
+def activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`act(x)`, in place when nothing records `x` for a backward pass (`x` must be a temporary)."""
+    if isinstance(act, nn.SiLU) and not torch.is_grad_enabled():
+        return F.silu(x, inplace=True)
+    return act(x)
 
 
 class ResidualBlock3D(nn.Module):
@@ -44,9 +86,9 @@ class ResidualBlock3D(nn.Module):
         self.act = get_activation(act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
-        return h + self.shortcut(x)
+        h = self.conv1(activate(self.act, self.norm1(x)))
+        h = self.conv2(activate(self.act, self.norm2(h)))
+        return h.add_(self.shortcut(x)) if not torch.is_grad_enabled() else h + self.shortcut(x)
 
 
 class Downsampler3D(nn.Module):
@@ -64,23 +106,85 @@ class Downsampler3D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Nearest 2x then a 3-tap kernel equals, per output phase, a 2-tap kernel on the input: an even output row 2i sees input
+# rows (i-1, i, i) through taps (0, 1, 2), so it takes (w0, w1 + w2) on rows (i-1, i); an odd row 2i+1 sees (i, i, i+1)
+# and takes (w0 + w1, w2) on rows (i, i+1). Rows: phase, new tap; columns: the original taps.
+SUBPIXEL_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
 class Upsampler3D(nn.Module):
     """Nearest 2x in H and W, a conv, then (when `temporal`) trilinear 2x in F.
 
     `(B, C, F, H, W) -> (B, C, 2F or F, 2H, 2W)`. A single latent frame is an image and stays one frame (V3's
     one-frame mode); a slice always has at least two frames, so the frame count alone tells the two apart.
+
+    The nearest-then-conv is computed as four sub-pixel convs on the input (`SUBPIXEL_TAPS`): 12 of the 27 taps per
+    output value, the same sums up to float32 rounding; each writes its pixels straight into the output, upsampled in
+    time on the way when `temporal`.
     """
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
         self.conv = conv3x3x3(channels, channels)
         self.temporal = temporal
+        self._subpixel_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (key, weight, bias)
+
+    def subpixel_weights(self, layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(4 * C_out, C_in, 3, 2, 2)` weights (phases (0, 0), (0, 1), (1, 0), (1, 1) for (row, column) parity) in
+        `layout` (the input's: oneDNN would copy other weights into it at every call) and the bias repeated per phase.
+        Reused while the conv's parameters are unchanged and no gradient is recorded."""
+        weight, bias = self.conv.weight, self.conv.bias
+        key = (weight.data_ptr(), weight._version, layout, None if bias is None else (bias.data_ptr(), bias._version))
+        if not torch.is_grad_enabled() and self._subpixel_cache is not None and self._subpixel_cache[0] == key:
+            return self._subpixel_cache[1:]
+        taps = SUBPIXEL_TAPS.to(weight.device)
+        # (2, 2, C_out, C_in, 3, 2, 2), summed in float32 so that bfloat16 weights are rounded once, not at every sum.
+        phases = torch.einsum("pak,qbl,oitkl->pqoitab", taps, taps, weight.float()).to(weight.dtype)
+        phase_weight = phases.reshape(-1, *phases.shape[3:]).contiguous(memory_format=layout)
+        phase_bias = None if bias is None else bias.repeat(4)
+        if not torch.is_grad_enabled():
+            self._subpixel_cache = (key, phase_weight, phase_bias)
+        return phase_weight, phase_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
-        if self.temporal and x.shape[2] > 1:
-            x = F.interpolate(x, scale_factor=(2, 1, 1), mode="trilinear")
-        return x
+        b, _, f, h, w = x.shape
+        layout = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+        weights, bias = self.subpixel_weights(layout)
+        channels = weights.shape[0] // 4
+        frames = 2 * f if self.temporal and f > 1 else f
+        # Laid out as x is, so the next conv gets the layout it was given; each phase writes its pixels into a view.
+        out = torch.empty(b, channels, frames, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=layout)
+        by_phase = out.unflatten(4, (w, 2)).unflatten(3, (h, 2))  # (B, C, F', h, row parity, w, column parity)
+        # One zero frame each side of time, one zero row and column each side of space: phase (p, q) is a
+        # (3, 2, 2) conv over the h x w windows that start at row p, column q.
+        padded = F.pad(x, (1, 1, 1, 1, 1, 1))
+        for p in (0, 1):
+            for q in (0, 1):
+                i = 2 * p + q
+                phase = onednn_conv3d(padded[..., p:p + h + 1, q:q + w + 1], weights[i * channels:(i + 1) * channels],
+                                      None if bias is None else bias[i * channels:(i + 1) * channels], (0, 0, 0))
+                if frames == f:
+                    by_phase[:, :, :, :, p, :, q] = phase
+                else:
+                    double_time_into(phase, by_phase[:, :, :, :, p, :, q])
+        return out
+
+
+def double_time_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Write x `(B, C, F, ...)` upsampled 2x in time into `out` `(B, C, 2F, ...)`: the values of
+    `F.interpolate(x, scale_factor=(2, 1, 1), mode="trilinear")` (align_corners False: frame 2t is 3/4 of t and 1/4 of
+    t - 1, frame 2t + 1 is 3/4 of t and 1/4 of t + 1, the ends repeat), without its pass over the spatial weights."""
+    if torch.is_grad_enabled():  # out= has no autograd; assignments to views have
+        out[:, :, 0::2] = torch.add(x * 0.75, torch.cat([x[:, :, :1], x[:, :, :-1]], 2), alpha=0.25)
+        out[:, :, 1::2] = torch.add(x * 0.75, torch.cat([x[:, :, 1:], x[:, :, -1:]], 2), alpha=0.25)
+        return
+    even, odd = out[:, :, 0::2], out[:, :, 1::2]
+    torch.mul(x, 0.75, out=even)
+    even[:, :, 1:].add_(x[:, :, :-1], alpha=0.25)
+    even[:, :, :1].add_(x[:, :, :1], alpha=0.25)
+    torch.mul(x, 0.75, out=odd)
+    odd[:, :, :-1].add_(x[:, :, 1:], alpha=0.25)
+    odd[:, :, -1:].add_(x[:, :, -1:], alpha=0.25)
 
 
 # Token layouts of the mid-block attention (V3's `mid_block_attention_type`); "3d" attends over the whole slice.
@@ -204,7 +308,7 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(activate(self.conv_act, self.conv_norm_out(x)))
 
 
 class Decoder3D(nn.Module):
@@ -240,4 +344,4 @@ class Decoder3D(nn.Module):
         """`(B, C_top, t, h, w) -> (B, out_channels, t * 2**sum(temporal_up), 8h, 8w)` (one frame stays one)."""
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return self.conv_out(activate(self.conv_act, self.conv_norm_out(h)))

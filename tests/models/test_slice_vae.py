@@ -4,6 +4,7 @@ translated into SliceVAE arguments, strict loads)."""
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,11 @@ from kinema.loaders.easyanimate.vae import (
 )
 from kinema.models.presets import EASYANIMATE_V3_SLICE_VAE
 from kinema.models.slice_vae import V3_DOWN_BLOCKS, V3_UP_BLOCKS, SliceVAE
-from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, MidAttention
+from kinema.models.slice_vae_blocks import ATTENTION_LAYOUTS, MidAttention, Upsampler3D, onednn_conv3d
 from kinema.models.slice_vae_tiling import Tiling
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import easyanimate_design  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,84 @@ def test_attention_layouts_agree_where_their_token_sets_coincide():
     torch.testing.assert_close(attn["temporal"](column), attn["3d"](column), atol=1e-6, rtol=0)
     clip = torch.randn(2, 16, 2, 3, 3)
     assert (attn["spatial"](clip) - attn["3d"](clip)).abs().mean() > 1e-3
+
+
+# ---------------------------------------------------------------- the fast decode against V3's decode design
+
+# float32 sums in another order (sub-pixel weights summed before the conv, oneDNN's blocking, in-place ops): a few
+# ulps of O(1) outputs, 8e-6 at most measured on these models; every bug the tests below were checked against (a
+# phase's taps swapped, a stale cached weight, the time upsample's ends) moves outputs by 1e-2 or more.
+EQUAL = dict(atol=2e-5, rtol=2e-5)
+
+
+def test_easyanimate_design_reference_equals_easyanimate_v3():
+    # benchmarks/easyanimate_design.py (V3's decode order and copies on kinema's modules) against the outputs of
+    # EasyAnimate V3's own code: what bench_vae_decode times kinema against is V3's decode, not kinema's own.
+    v3_vae = load_slice_vae(V3_FIXTURES / "vae", torch_dtype=torch.float32)
+    io = load_file(V3_FIXTURES / "vae_io.safetensors")
+    for latent_frames in (1, 2, 4, 6):  # 6: three slices, the middle one with a neighbour on each side
+        video = easyanimate_design.decode_like_easyanimate_v3(v3_vae, io[f"decode.f{latent_frames}.latents"])
+        # Same float32 maths as EasyAnimate's, run by other kernels (see tests/models/test_v3_reference.py): 5e-5.
+        torch.testing.assert_close(video, io[f"decode.f{latent_frames}.video"], atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@torch.no_grad()
+def test_decode_equals_the_easyanimate_design(vae, layout):
+    z = latents(2, 6, 3)  # three slices (the middle one with two neighbours), odd latent sizes
+    reference = easyanimate_design.decode_like_easyanimate_v3(vae, z)
+    fast = vae.to(memory_format=layout).decode(z.contiguous(memory_format=layout)).sample
+    vae.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(fast, reference, **EQUAL)
+    image = latents(1, 1, 3)
+    torch.testing.assert_close(vae.decode(image).sample, easyanimate_design.decode_like_easyanimate_v3(vae, image),
+                               **EQUAL)
+
+
+def perturbed_upsampler(temporal: bool, channels: int = 8) -> Upsampler3D:
+    torch.manual_seed(5)
+    up = Upsampler3D(channels, temporal)
+    with torch.no_grad():
+        for p in up.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return up
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_subpixel_upsampler_equals_nearest_then_conv_then_trilinear(temporal, layout):
+    up = perturbed_upsampler(temporal)
+    for frames in (1, 2, 3):
+        x = torch.randn(2, 8, frames, 5, 7).contiguous(memory_format=layout).requires_grad_()
+        with torch.no_grad():
+            torch.testing.assert_close(up(x), easyanimate_design.upsampler(up, x), **EQUAL)
+        # With autograd on (training), the same values and the same gradients.
+        inputs = [x, up.conv.weight, up.conv.bias]
+        grad = torch.randn_like(easyanimate_design.upsampler(up, x))
+        fast = torch.autograd.grad((up(x) * grad).sum(), inputs)
+        slow = torch.autograd.grad((easyanimate_design.upsampler(up, x) * grad).sum(), inputs)
+        for a, b in zip(fast, slow, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # sums over many more terms than the outputs
+
+
+@torch.no_grad()
+def test_subpixel_weights_follow_the_conv_weights():
+    up = perturbed_upsampler(temporal=True)
+    x = torch.randn(1, 8, 2, 4, 4)
+    up(x)  # caches the sub-pixel weights
+    up.conv.weight.mul_(-0.5)  # in place, as an optimizer step or a load_state_dict does
+    torch.testing.assert_close(up(x), easyanimate_design.upsampler(up, x), **EQUAL)
+    up.load_state_dict(perturbed_upsampler(temporal=True, channels=8).state_dict() | {
+        "conv.bias": torch.ones(8)})
+    torch.testing.assert_close(up(x), easyanimate_design.upsampler(up, x), **EQUAL)
+
+
+def test_onednn_conv3d_equals_conv3d():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 6, 3, 5, 4), torch.randn(7, 6, 3, 2, 2) * 0.1, torch.randn(7)
+    for padding in ((1, 1, 1), (0, 0, 0)):
+        torch.testing.assert_close(onednn_conv3d(x, weight, bias, padding),
+                                   torch.nn.functional.conv3d(x, weight, bias, padding=padding), atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- decoder feature sharing
