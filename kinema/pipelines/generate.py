@@ -194,12 +194,14 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
 @contextmanager
 def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> Any:
     if request.dtype is not None:
+        from kinema.models.precision import prepare_for_inference
+
         dtype = getattr(torch, request.dtype)  # a name of request.DTYPES, checked by request.check()
         _warn_if_emulated(dtype, _device(family))
         for module in vars(family).values():
-            if isinstance(module, torch.nn.Module) and \
-                    {p.dtype for p in module.parameters() if p.is_floating_point()} - {dtype}:
-                module.to(dtype)  # only when needed: diffusers warns on every cast
+            if isinstance(module, torch.nn.Module):
+                prepare_for_inference(module, dtype)
+    _optimize(family.model, request)
     family.model.set_attention_chunk_size(request.attention_chunk)
     for name, value in (("vae_tiling", request.vae_tiling), ("decode_chunk", request.decode_chunk)):
         if hasattr(family, name):
@@ -214,6 +216,23 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
 
             for module in offloaded:
                 remove_hook_from_module(module, recurse=True)
+
+
+def _optimize(model: torch.nn.Module, request: GenerationRequest) -> None:
+    """int8 quantisation and torch.compile of the video model, in place, each once: a model already quantised or
+    compiled (by an earlier request on the same family) stays so, which the report records."""
+    from kinema.models.optimize import compile_model, quantize_model
+
+    if request.quantize is not None and not _quantized(model):
+        quantize_model(model, request.quantize)
+    if request.compile and getattr(model, "_compiled_call_impl", None) is None:
+        compile_model(model)
+
+
+def _quantized(model: torch.nn.Module) -> bool:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    return any(isinstance(module, DynamicQuantizedLinear) for module in model.modules())
 
 
 def _warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
@@ -300,7 +319,8 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         cond, uncond = conditioning_at(first_step)
         return sample(denoiser, scheduler, noise, cond, uncond, run_steps, request.guidance, callback=callback,
                       progress=progress, generator=generators(seeds), first_step=first_step,
-                      conditioning_at=conditioning_at, after_step=repaint)
+                      conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
+                      cfg_truncation=request.cfg_truncation)
 
     with torch.no_grad():
         if request.free_init is None or clip.clean is not None:
@@ -533,7 +553,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 with torch.no_grad():
                     frames = family.decode(latents).cpu()
     dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
-    report = {"mode": mode, "family": family.family, "dtype": dtype, "seconds": round(time.perf_counter() - began, 3),
+    report = {"mode": mode, "family": family.family, "dtype": dtype, "int8": _quantized(family.model),
+              "compiled": getattr(family.model, "_compiled_call_impl", None) is not None,
+              "seconds": round(time.perf_counter() - began, 3),
               "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
               "latent_frames": int(latents.shape[2]), "scheduler": plan.scheduler, "windows": windows,
               "segments": segments or None}

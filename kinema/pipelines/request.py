@@ -162,6 +162,9 @@ class GenerationRequest:
             positive("attention_chunk", self.attention_chunk)
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise KinemaError(f"unknown quantization {self.quantize!r}; known: {', '.join(QUANTIZATIONS)}")
+        if self.quantize is not None and self.dtype not in (None, "float32"):
+            raise KinemaError(f"{self.quantize} quantisation takes a float32 model, not {self.dtype}: drop dtype "
+                              "(--dtype, or pass --dtype float32 with --speed)")
         if self.cache_interval is not None:
             positive("cache_interval", self.cache_interval)
         if self.cfg_truncation is not None and not 0 < self.cfg_truncation <= 1:
