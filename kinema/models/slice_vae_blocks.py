@@ -8,8 +8,7 @@ blocks, a trilinear temporal upsample after the conv, slice encoding of 8 frames
 with the neighbouring slices and the half-slice seam re-decode. None of its blocks computes V3's maths, so the blocks
 here are V3's, with V3's state-dict names; diffusers supplies the activation, the posterior and ModelMixin.
 
-Every module maps `(B, C, F, H, W) -> (B, C', F', H', W')`; none holds state between calls (the upsamplers keep
-their sub-pixel weights, derived from the conv's, while those are unchanged).
+Every module maps `(B, C, F, H, W) -> (B, C', F', H', W')`; none holds state between calls.
 
 Speed (float32, the same maths up to rounding; tests/models/test_slice_vae.py compares with V3's decode design in
 benchmarks/easyanimate_design.py): the 3x3x3 convs always run on oneDNN, the upsamplers' nearest-then-conv is four
@@ -106,10 +105,18 @@ class Downsampler3D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-# Nearest 2x then a 3-tap kernel equals, per output phase, a 2-tap kernel on the input: an even output row 2i sees input
-# rows (i-1, i, i) through taps (0, 1, 2), so it takes (w0, w1 + w2) on rows (i-1, i); an odd row 2i+1 sees (i, i, i+1)
-# and takes (w0 + w1, w2) on rows (i, i+1). Rows: phase, new tap; columns: the original taps.
-SUBPIXEL_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+def subpixel_kernel(weight: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """The `(C_out, C_in, 3, 2, 2)` kernel that gives output rows of parity p and columns of parity q of a 3x3x3
+    `weight` applied after a nearest 2x upsample in H and W, as a conv on the low-resolution input.
+
+    Output row 2i sees input rows (i-1, i, i) through taps (0, 1, 2), so it takes (w0, w1 + w2) on rows (i-1, i);
+    row 2i+1 sees (i, i, i+1) and takes (w0 + w1, w2) on rows (i, i+1). Columns likewise.
+    """
+    def two_taps(w: torch.Tensor, dim: int, parity: int) -> torch.Tensor:
+        first, middle, last = w.unbind(dim)
+        return torch.stack([first, middle + last] if parity == 0 else [first + middle, last], dim)
+
+    return two_taps(two_taps(weight, 3, p), 4, q)
 
 
 class Upsampler3D(nn.Module):
@@ -118,40 +125,22 @@ class Upsampler3D(nn.Module):
     `(B, C, F, H, W) -> (B, C, 2F or F, 2H, 2W)`. A single latent frame is an image and stays one frame (V3's
     one-frame mode); a slice always has at least two frames, so the frame count alone tells the two apart.
 
-    The nearest-then-conv is computed as four sub-pixel convs on the input (`SUBPIXEL_TAPS`): 12 of the 27 taps per
-    output value, the same sums up to float32 rounding; each writes its pixels straight into the output, upsampled in
-    time on the way when `temporal`.
+    The nearest-then-conv runs as four sub-pixel convs on the input (`subpixel_kernel`): 12 of the 27 taps per output
+    value, the same sums up to float32 rounding; each writes its pixels straight into the output, upsampled in time on
+    the way when `temporal`. The four kernels are derived at every call (a few % of the conv's time at 64 px), not
+    kept: kept, they would add 113 MB to the full V3 decoder.
     """
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
         self.conv = conv3x3x3(channels, channels)
         self.temporal = temporal
-        self._subpixel_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (key, weight, bias)
-
-    def subpixel_weights(self, layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(4 * C_out, C_in, 3, 2, 2)` weights (phases (0, 0), (0, 1), (1, 0), (1, 1) for (row, column) parity) in
-        `layout` (the input's: oneDNN would copy other weights into it at every call) and the bias repeated per phase.
-        Reused while the conv's parameters are unchanged and no gradient is recorded."""
-        weight, bias = self.conv.weight, self.conv.bias
-        key = (weight.data_ptr(), weight._version, layout, None if bias is None else (bias.data_ptr(), bias._version))
-        if not torch.is_grad_enabled() and self._subpixel_cache is not None and self._subpixel_cache[0] == key:
-            return self._subpixel_cache[1:]
-        taps = SUBPIXEL_TAPS.to(weight.device)
-        # (2, 2, C_out, C_in, 3, 2, 2), summed in float32 so that bfloat16 weights are rounded once, not at every sum.
-        phases = torch.einsum("pak,qbl,oitkl->pqoitab", taps, taps, weight.float()).to(weight.dtype)
-        phase_weight = phases.reshape(-1, *phases.shape[3:]).contiguous(memory_format=layout)
-        phase_bias = None if bias is None else bias.repeat(4)
-        if not torch.is_grad_enabled():
-            self._subpixel_cache = (key, phase_weight, phase_bias)
-        return phase_weight, phase_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, f, h, w = x.shape
         layout = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
-        weights, bias = self.subpixel_weights(layout)
-        channels = weights.shape[0] // 4
         frames = 2 * f if self.temporal and f > 1 else f
+        channels = self.conv.out_channels
         # Laid out as x is, so the next conv gets the layout it was given; each phase writes its pixels into a view.
         out = torch.empty(b, channels, frames, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=layout)
         by_phase = out.unflatten(4, (w, 2)).unflatten(3, (h, 2))  # (B, C, F', h, row parity, w, column parity)
@@ -160,9 +149,9 @@ class Upsampler3D(nn.Module):
         padded = F.pad(x, (1, 1, 1, 1, 1, 1))
         for p in (0, 1):
             for q in (0, 1):
-                i = 2 * p + q
-                phase = onednn_conv3d(padded[..., p:p + h + 1, q:q + w + 1], weights[i * channels:(i + 1) * channels],
-                                      None if bias is None else bias[i * channels:(i + 1) * channels], (0, 0, 0))
+                # Summed in float32 (bfloat16 weights are rounded once), in x's layout (oneDNN would copy it there).
+                kernel = subpixel_kernel(self.conv.weight.float(), p, q).to(x.dtype, memory_format=layout)
+                phase = onednn_conv3d(padded[..., p:p + h + 1, q:q + w + 1], kernel, self.conv.bias, (0, 0, 0))
                 if frames == f:
                     by_phase[:, :, :, :, p, :, q] = phase
                 else:
