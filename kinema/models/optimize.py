@@ -8,12 +8,14 @@ frames, height, width) is its own bucket and graph; a run of `generate` uses one
 count, e.g. a continuation's shorter last segment). Latent frames are not padded up to a shared bucket: the motion
 modules attend over every frame and take no mask, so padding frames would change the result. Past torch's
 `recompile_limit` (8) shapes, torch runs further shapes eagerly and logs a warning. Timesteps come as tensors from
-the schedulers, so a new step does not recompile. What inductor generates and builds (FX graphs, AOTAutograd
-graphs, compiled C++) is kept in `compile_cache_dir()`, so only the first run of a shape pays for the compile;
-tracing (seconds) still happens in every process.
+the schedulers, so a new step does not recompile (a Python number would be baked into the graph: each new value would
+recompile). A `copy.deepcopy` of a compiled model runs eagerly. What inductor generates and builds (FX graphs,
+AOTAutograd graphs, compiled C++) is kept in `compile_cache_dir()`, so only the first run of a shape pays for the
+compile; tracing and loading the cached code still happen in every process.
 
 Quantize: dynamic int8 (weights int8 per output channel, activations quantised on the fly per call) of every Linear
-layer except those `int8_float_layers` keeps in float; runs on CPU, float32 models only.
+layer except those `int8_float_layers` keeps in float; runs on CPU, float32 models only. Quantise after loading and
+for inference only: the int8 layers hold packed weights that neither `save_pretrained` nor training handles.
 """
 
 from __future__ import annotations

@@ -183,10 +183,14 @@ def test_int8_replaces_every_eligible_linear_and_keeps_the_rest(bundled_dit):
     assert all(type(layers[name]) is nn.Linear for name in kept)
 
 
-def test_narrow_layers_stay_float():
+def test_narrow_layers_embeddings_and_the_output_projection_stay_float():
     model = nn.Sequential(nn.Linear(64, 512), nn.Linear(512, 128), nn.Linear(128, 127))
     assert int8_layers(model) == ["1"] and int8_float_layers(model) == ["0", "2"]
     assert int8_layers(model, min_features=1) == ["0", "1", "2"]
+    wide = nn.ModuleDict({"block": nn.ModuleDict({"proj_out": nn.Linear(256, 256)}), "proj_out": nn.Linear(256, 256),
+                          "time_embedding": nn.Sequential(nn.Linear(256, 256))})
+    assert int8_layers(wide) == ["block.proj_out"]  # only the model's own output projection is kept
+    assert int8_float_layers(wide) == ["proj_out", "time_embedding.0"]
 
 
 def test_int8_bundled_dit_is_close_to_float32_and_quiet(bundled_dit):
