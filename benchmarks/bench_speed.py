@@ -96,10 +96,10 @@ def video_size(quick: bool) -> tuple[int, int]:
     return (8, 64) if quick else (8, 128)
 
 
-def scratch_folder() -> Path:
-    """Where the reference case leaves its output for the others: named after the benchmark's process (every case
-    is its child), removed by it at the end."""
-    return Path(tempfile.gettempdir()) / f"kinema-bench-speed-{os.getppid()}"
+def scratch_folder(benchmark_pid: int) -> Path:
+    """Where the reference case leaves its output for the others: named after the benchmark's process (a case's
+    parent), which removes it at the end."""
+    return Path(tempfile.gettempdir()) / f"kinema-bench-speed-{benchmark_pid}"
 
 
 # ---------------------------------------------------------------- identical weights in every case
@@ -246,7 +246,7 @@ def measure_forward(case: str, options: argparse.Namespace) -> dict[str, Any]:
     if not bf16 or native_bf16():  # emulated bf16 has no peak worth the name: its convs and matmuls differ 10x
         peak = matmul_gflops(torch.bfloat16 if bf16 else torch.float32, 1024 if options.quick else 2048)
         figures.update(matmul_gflops=round(peak, 2), fraction_of_peak=round(flops / seconds / 1e9 / peak, 4))
-    scratch = scratch_folder()
+    scratch = scratch_folder(os.getppid())
     if case == "kinema_fp32":
         scratch.mkdir(exist_ok=True)
         save_file({"output": output.contiguous()}, str(scratch / "kinema_fp32.safetensors"))
@@ -417,7 +417,7 @@ def vae_decode_speedup(options: argparse.Namespace) -> tuple[float | None, str |
 
 
 def summarize(cases: dict[str, dict[str, Any]], options: argparse.Namespace) -> dict[str, Any]:
-    scratch = scratch_folder()
+    scratch = scratch_folder(os.getpid())
     (scratch / "kinema_fp32.safetensors").unlink(missing_ok=True)
     if scratch.is_dir():
         scratch.rmdir()

@@ -22,8 +22,12 @@ def scores(color: float, shape: float, motion: float) -> dict:
     return {"n": 8, "color_acc": color, "shape_acc": shape, "motion_acc": motion, "seconds": 1.0}
 
 
-def test_summary_equals_hand_computed_numbers(monkeypatch):
+def test_summary_equals_hand_computed_numbers(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_speed, "vae_decode_speedup", lambda options: (None, "not there yet"))
+    scratch = tmp_path / "scratch"  # what the reference case leaves for the others: the summary removes it
+    scratch.mkdir()
+    (scratch / "kinema_fp32.safetensors").write_bytes(b"output")
+    monkeypatch.setattr(bench_speed, "scratch_folder", lambda pid: scratch)
     profile = [{"op": "aten::mkldnn_convolution", "self_s": 1.0, "share": 0.5, "calls": 3}]
     cases = {
         "kinema_fp32": {"seconds": 10.0, "fraction_of_peak": 0.8},
@@ -49,6 +53,7 @@ def test_summary_equals_hand_computed_numbers(monkeypatch):
     assert summary["profile"] == profile
     assert summary["vae_decode_speedup_vs_easyanimate_design"] is None
     assert summary["notes"]["vae_decode_speedup_vs_easyanimate_design"] == "not there yet"
+    assert not scratch.exists()
 
 
 @pytest.mark.slow  # nine model-building subprocesses (~1-3 minutes on 2 cores); bf16 is emulated on CPUs without it
