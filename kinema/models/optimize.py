@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-import torch._functorch.config
-import torch._inductor.config
 from torch import nn
 
 from kinema.errors import KinemaError
@@ -86,6 +84,9 @@ def use_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     except OSError as err:
         raise KinemaError(f"cannot create the compile cache folder {folder} ({err.strerror}); set "
                           f"{COMPILE_CACHE_VARIABLE} to a writable folder") from None
+    import torch._functorch.config
+    import torch._inductor.config
+
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
