@@ -62,7 +62,9 @@ class VideoModel:
     def max_frames(self) -> int:
         """Most (latent) frames one forward takes: the smallest limit of its motion modules (`UNLIMITED_FRAMES`
         when none sets one)."""
-        return min((motion_max_frames(module) for _, module in self.motion_modules()), default=UNLIMITED_FRAMES)
+        # min over a list, not min(..., default=): torch.compile cannot trace the `default` keyword and would split
+        # the compiled forward there.
+        return min([motion_max_frames(module) for _, module in self.motion_modules()] + [UNLIMITED_FRAMES])
 
     def freeze_base(self) -> None:
         """Train motion modules only: freeze every other weight and every loaded (peft) LoRA."""
