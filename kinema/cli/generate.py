@@ -226,9 +226,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speed (docs/speed.md)")
     group.add_argument("--speed", choices=SPEEDS,
                        help="a preset of the options below and of --scheduler, --steps and --dtype, for those not "
-                            "given: fast (DPM++ 2M Karras, 10 steps, bfloat16 where native, step cache 2, guidance "
-                            "on the first 60%% of steps), balanced (15 steps, guidance on 80%%) or quality (the "
-                            "model's own settings); printed with the run")
+                            "given: fast (DPM++ 2M Karras, 10 steps, bfloat16 where native, else int8 on CPU, step "
+                            "cache 2, guidance on the first 60%% of steps), balanced (15 steps, guidance on 80%%) or "
+                            "quality (the model's own settings); printed with the run")
     group.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the video model (cached on disk: only the first run of a size pays)")
     group.add_argument("--quantize", choices=QUANTIZATIONS,
@@ -371,13 +371,13 @@ def _apply_speed(args: argparse.Namespace) -> None:
     args.speed_line = None
     if getattr(args, "speed", None) is None:
         return
-    from kinema.pipelines.speed import describe_speed, preset_settings
+    from kinema.pipelines.speed import CPU_WITHOUT_BFLOAT16, SPEED_PRESETS, chosen_settings, describe_speed
 
-    chosen = {}
-    for key, value in preset_settings(args.speed).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            chosen[key] = value
+    settings = {key for preset in (SPEED_PRESETS, CPU_WITHOUT_BFLOAT16) for values in preset.values() for key in values}
+    given = {key: getattr(args, key) for key in settings if getattr(args, key) is not None}
+    chosen = chosen_settings(args.speed, given)
+    for key, value in chosen.items():
+        setattr(args, key, value)
     args.speed_line = describe_speed(args.speed, chosen)
 
 

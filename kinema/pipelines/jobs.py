@@ -497,9 +497,9 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 
     if given.get("speed") is not None:  # the preset fills what the job leaves unset, before the model's defaults
-        from kinema.pipelines.speed import preset_settings
+        from kinema.pipelines.speed import chosen_settings
 
-        given.update({k: v for k, v in preset_settings(given["speed"]).items() if k not in given})
+        given.update(chosen_settings(given["speed"], given))
     video = given.get("video")
     unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) if key not in given]
     _, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")

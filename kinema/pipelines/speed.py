@@ -3,7 +3,8 @@
 A preset fills only the settings a user left unset (a front end passes the ones given as `keep`), so
 `--speed fast --steps 20` keeps 20 steps. `quality` is the model's own defaults (its kinema.json, or the family's
 scheduler at 25 steps, float32). bfloat16 is chosen only where the device runs it natively: a CPU without
-AVX-512 BF16 / AMX emulates it about 100x slower than float32 (kinema.pipelines.generate warns of the same).
+AVX-512 BF16 / AMX emulates it about 100x slower than float32 (kinema.pipelines.generate warns of the same), so
+there `fast` quantises the video model's Linear layers to int8 instead.
 The figures behind each choice are in docs/speed.md (benchmarks/bench_speed.py measures them).
 """
 
@@ -28,6 +29,9 @@ SPEED_PRESETS: dict[str, dict[str, Any]] = {
     "quality": {},
 }
 assert tuple(SPEED_PRESETS) == SPEEDS
+# What a preset uses in place of bfloat16 on a CPU that lacks it: int8 Linear layers run on any x86 CPU (fbgemm),
+# 1.2-2x faster than float32 with outputs within ~1% (kinema.models.optimize; benchmarks/bench_optimize.py).
+CPU_WITHOUT_BFLOAT16: dict[str, dict[str, Any]] = {"fast": {"quantize": "int8"}}
 
 
 def native_bfloat16(device: Any = "cpu") -> bool:
@@ -50,15 +54,28 @@ def preset_settings(name: str, device: Any = "cpu") -> dict[str, Any]:
     if settings.get("dtype") == "bfloat16" and not native_bfloat16(device):
         logger.info("speed %s: this device has no native bfloat16, so the models stay in float32", name)
         del settings["dtype"]
+        import torch
+
+        if torch.device(device).type == "cpu":
+            settings.update(CPU_WITHOUT_BFLOAT16.get(name, {}))
     return settings
+
+
+def chosen_settings(name: str, given: Mapping[str, Any], device: Any = "cpu") -> dict[str, Any]:
+    """What preset `name` sets when the user gave `given` (setting -> value; those win): its settings less the
+    given ones, and no int8 when the user asked for half precision (int8 takes a float32 model)."""
+    chosen = {key: value for key, value in preset_settings(name, device).items() if key not in given}
+    if given.get("dtype") not in (None, "float32"):
+        chosen.pop("quantize", None)
+    return chosen
 
 
 def apply_speed(request: GenerationRequest, name: str, *, keep: Collection[str] = (),
                 device: Any = "cpu") -> GenerationRequest:
     """`request` with preset `name`'s settings, except the fields named in `keep` (those the user set), and
     `speed=name` recorded."""
-    chosen = {key: value for key, value in preset_settings(name, device).items() if key not in keep}
-    return replace(request, **chosen, speed=name)
+    given = {key: getattr(request, key) for key in keep}
+    return replace(request, **chosen_settings(name, given, device), speed=name)
 
 
 def describe_speed(name: str, settings: Mapping[str, Any]) -> str:

@@ -31,7 +31,12 @@ def test_presets_are_the_requests_speeds_and_each_setting_is_a_valid_request_fie
 def test_given_settings_win_and_bfloat16_only_where_native(monkeypatch):
     monkeypatch.setattr(speed, "native_bfloat16", lambda device="cpu": False)
     request = speed.apply_speed(GenerationRequest(prompt="x", steps=20), "fast", keep={"steps"})
-    assert (request.steps, request.dtype, request.scheduler) == (20, None, "dpmpp_2m_karras")
+    assert (request.steps, request.dtype, request.scheduler, request.quantize) == (20, None, "dpmpp_2m_karras", "int8")
+    # int8 takes a float32 model: a user's half precision keeps the preset from choosing it
+    request = speed.apply_speed(GenerationRequest(prompt="x", dtype="bfloat16"), "fast", keep={"dtype"})
+    assert (request.dtype, request.quantize) == ("bfloat16", None)
+    request.check()
+    assert speed.preset_settings("balanced").get("quantize") is None  # int8 stands in for bfloat16 in fast only
     with pytest.raises(KinemaError, match="unknown speed preset 'ludicrous'; known presets: fast, balanced, quality"):
         speed.preset_settings("ludicrous")
 
@@ -67,6 +72,19 @@ def test_cli_refuses_bad_speed_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         checked(["generate", "a red circle", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_cli_and_jobs_take_int8_for_bfloat16_on_a_cpu_without_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(speed, "native_bfloat16", lambda device="cpu": False)
+    monkeypatch.chdir(tmp_path)
+    args = checked(["generate", "a red circle", "--speed", "fast"])
+    assert (args.request.dtype, args.request.quantize) == (None, "int8")
+    assert "int8 Linear layers" in args.speed_line
+    args = checked(["generate", "a red circle", "--speed", "fast", "--dtype", "bfloat16"])
+    assert (args.request.dtype, args.request.quantize) == ("bfloat16", None)
+    job = job_from_mapping({"prompt": "a red circle", "speed": "fast", "dtype": "float16"}, base=tmp_path)
+    assert (job.request.dtype, job.request.quantize) == ("float16", None)
+    assert job_from_mapping({"prompt": "a red circle", "speed": "fast"}, base=tmp_path).request.quantize == "int8"
 
 
 def test_a_jobs_speed_key_fills_what_the_job_leaves_unset(native_bf16, tmp_path):
