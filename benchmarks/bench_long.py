@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import byte_tokenizer, run_benchmark, seeded
+from common import SMALL_SD_TEXT_WIDTH, SMALL_SD_UNET, SMALL_SD_WIDTHS, byte_tokenizer, run_benchmark, seeded
 
 FRAME_COUNTS = (16, 64, 144, 512)
 QUICK_FRAME_COUNTS = (16, 64, 144)
@@ -83,12 +83,7 @@ PROMPT, NEGATIVE, SEED, GUIDANCE, SCHEDULER = "a red fox runs through the snow",
 GOAL = 1.25
 MMAP_THRESHOLD = str(128 * 1024)
 
-WIDTHS = (32, 64, 128, 128)  # SD1.5's (320, 640, 1280, 1280) / 10
-TEXT_WIDTH = 64
-UNET: dict[str, Any] = dict(
-    in_channels=4, out_channels=4, block_out_channels=WIDTHS, layers_per_block=2, cross_attention_dim=TEXT_WIDTH,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32, attention_head_dim=8)
+WIDTHS, TEXT_WIDTH, UNET = SMALL_SD_WIDTHS, SMALL_SD_TEXT_WIDTH, SMALL_SD_UNET
 ADAPTER: dict[str, Any] = dict(
     block_out_channels=WIDTHS, motion_layers_per_block=2, motion_num_attention_heads=8, motion_norm_num_groups=32,
     motion_max_seq_length=32, use_motion_mid_block=True)

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from common import quick_parser, run_benchmark
+from common import mix_motion_modules, quick_parser, run_benchmark
 
 MODELS = ("dit", "unet")
 QUICK_MODELS = ("dit",)
@@ -93,10 +93,7 @@ def unet_model_and_inputs() -> tuple[Any, tuple[Any, ...]]:
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     model = VideoUNet(config, motion_module={"type": "temporal", "max_frames": 32}, motion_mid_block=True).eval()
     gen = torch.Generator().manual_seed(SEED + 1)
-    with torch.no_grad():  # fresh motion modules are identities (zeroed outputs): make them mix frames
-        for _, module in model.motion_modules():
-            for parameter in module.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=gen) * 0.02)
+    mix_motion_modules(model, gen)
     return model, (torch.randn(2, 4, 16, 16, 16, generator=gen), torch.tensor(500),
                    torch.randn(2, 77, UNET_TEXT_WIDTH, generator=gen))
 

@@ -38,7 +38,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common import CASE_OPTION, quick_parser, run_benchmark
+from common import (
+    CASE_OPTION,
+    SMALL_SD_TEXT_WIDTH,
+    SMALL_SD_UNET,
+    mix_motion_modules,
+    quick_parser,
+    run_benchmark,
+)
 
 MODELS = ("tiny", "sd")
 MODES: dict[str, dict[str, Any]] = {
@@ -53,12 +60,7 @@ QUICK_MODES = ("off", "cache2", "cache3", "cfg0.6", "half_steps")
 REFERENCE = "tiny.off"
 GUIDANCE, SEED = 6.0, 0
 
-WIDTHS = (32, 64, 128, 128)  # SD1.5's (320, 640, 1280, 1280) / 10
-TEXT_WIDTH = 64
-UNET: dict[str, Any] = dict(
-    in_channels=4, out_channels=4, block_out_channels=WIDTHS, layers_per_block=2, cross_attention_dim=TEXT_WIDTH,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32, attention_head_dim=8)
+TEXT_WIDTH, UNET = SMALL_SD_TEXT_WIDTH, SMALL_SD_UNET
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,10 +121,7 @@ def sd_inputs(quick: bool) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     torch.manual_seed(SEED)
     model = VideoUNet(UNET, motion_module={"type": "temporal", "max_frames": 32}, motion_mid_block=True).eval()
     gen = torch.Generator().manual_seed(SEED + 2)
-    with torch.no_grad():  # fresh motion modules are identities (zeroed outputs): make them mix frames
-        for _, module in model.motion_modules():
-            for parameter in module.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=gen) * 0.02)
+    mix_motion_modules(model, gen)
     frames, side = (8, 8) if quick else (16, 16)
     text = torch.randn(2, 1, 77, TEXT_WIDTH, generator=gen)
     cond, uncond = (UNetDenoiser.conditioning(states) for states in text)

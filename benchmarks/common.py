@@ -225,3 +225,24 @@ def check_model_option(model: str | None, benchmark: str) -> None:
         resolve_model(model or DEFAULT_MODEL)
     except KinemaError as err:
         raise SystemExit(f"{benchmark}: {err}") from None
+
+
+# A small SD1.5-shaped UNet (diffusers UNet2DConditionModel keyword arguments): SD1.5's block layout at a tenth of
+# its widths, shared by the benchmarks that need an AnimateDiff-family model of realistic shape but laptop size.
+SMALL_SD_WIDTHS = (32, 64, 128, 128)  # SD1.5's (320, 640, 1280, 1280) / 10
+SMALL_SD_TEXT_WIDTH = 64
+SMALL_SD_UNET: dict[str, Any] = dict(
+    in_channels=4, out_channels=4, block_out_channels=SMALL_SD_WIDTHS, layers_per_block=2,
+    cross_attention_dim=SMALL_SD_TEXT_WIDTH, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32, attention_head_dim=8)
+
+
+def mix_motion_modules(model: Any, generator: Any, scale: float = 0.02) -> None:
+    """Add seeded noise (`scale` x unit Gaussian) to every motion-module weight of a kinema video model, in place:
+    fresh motion modules are identities (zeroed outputs), and a benchmark of them must mix frames."""
+    import torch
+
+    with torch.no_grad():
+        for _, module in model.motion_modules():
+            for parameter in module.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)

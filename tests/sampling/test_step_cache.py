@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from sampling.test_sampling import Counting
 from tiny_models import perturb, tiny_video_unet
 
 from kinema.bundled import bundled_model_path
@@ -252,18 +253,6 @@ def test_other_conditioning_or_batch_forces_a_full_step(moving_unet):
 
 
 # ---------------------------------------------------------------- CFG truncation
-
-
-class Counting(UNetDenoiser):
-    """A UNet denoiser that records the batch size of each forward."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.batches = []
-
-    def predict(self, latents, timestep, cond):
-        self.batches.append(latents.shape[0])
-        return super().predict(latents, timestep, cond)
 
 
 def test_cfg_truncation_runs_batch_b_after_the_cut_and_equals_a_hand_written_loop(moving_unet):
