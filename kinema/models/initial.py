@@ -123,8 +123,12 @@ def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str 
     from kinema.models.slice_vae import SliceVAE
     from kinema.models.video_dit import VideoDiT
 
-    _seeded(seed, lambda: VideoDiT(**kinema_tiny_transformer(patch_size=2))).save_pretrained(temp / "transformer")
     _write_vae(temp, SliceVAE, KINEMA_TINY_SLICE_VAE, seed, vae_folder, scale_data)
+    # The DiT is sized from the VAE in the folder, so a trained VAE of another layout gets a DiT that fits it.
+    vae = json.loads((temp / "vae" / "config.json").read_text())
+    latent_side = 64 // 2 ** (len(vae["ch_mult"]) - 1)
+    settings = kinema_tiny_transformer(patch_size=2, latent_channels=vae["latent_channels"], sample_size=latent_side)
+    _seeded(seed, lambda: VideoDiT(**settings)).save_pretrained(temp / "transformer")
     (temp / MODEL_FILE).write_text(json.dumps(model_manifest("kinema-tiny", "easyanimate"), indent=1) + "\n")
 
 

@@ -35,7 +35,7 @@ def test_scaling_factor_is_one_over_the_latent_std(tmp_path, synth_videos):
     from kinema.models.slice_vae import SliceVAE
 
     torch.manual_seed(0)
-    vae = SliceVAE(**{**KINEMA_TINY_SLICE_VAE, "ch_mult": (1, 1, 1, 1)}).eval()
+    vae = SliceVAE(**{**KINEMA_TINY_SLICE_VAE, "ch_mult": (1, 1, 1)}).eval()
     factor = latent_scaling_factor(vae, synth_videos, clips=2)
     entries = [e for e in json.loads((synth_videos / "metadata.json").read_text()) if e["type"] == "video"][:2]
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_the_window_changes_no_output_within_it():
     longer["motion_modules"] = [{**spec, "max_frames": 64} for spec in longer["motion_modules"]]
     wide = VideoDiT(**longer).eval()
     wide.load_state_dict(window.state_dict(), strict=True)
-    latents, timesteps, text = torch.randn(2, 24, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 32, 384)
+    latents, timesteps, text = torch.randn(2, 12, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 32, 384)
     with torch.no_grad():
         assert torch.equal(window(latents, timesteps, text), wide(latents, timesteps, text))
     assert (window.max_frames, wide.max_frames) == (4, 64)

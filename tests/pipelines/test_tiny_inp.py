@@ -26,7 +26,8 @@ def test_image_conditioning_without_image_tokens(tiny_inp):
     cond, uncond = tiny_inp.inpaint_conditioning(video, keep, start)
     assert set(cond) == set(uncond) == {"inpaint_latents"}
     masked = torch.where(keep[None, None, :, None, None], video.permute(0, 2, 1, 3, 4) * 2 - 1, torch.tensor(-1.0))
-    torch.testing.assert_close(cond["inpaint_latents"][:, 8:], tiny_inp._encode_pixels(masked))
+    latent = tiny_inp.vae.config.latent_channels  # inpaint latents: the mask latents, then the masked video
+    torch.testing.assert_close(cond["inpaint_latents"][:, latent:], tiny_inp._encode_pixels(masked))
 
 
 def test_image_to_video_and_extension_run(tiny_inp, tmp_path):
