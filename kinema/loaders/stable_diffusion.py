@@ -44,7 +44,6 @@ from diffusers.loaders.single_file_utils import (
 # installs without torch (its TYPE_CHECKING imports name those first), which have none of the real methods.
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -451,6 +450,10 @@ def load_spatial_lora(
     # diffusers' annotations are narrower than what it takes: `scheduler` is typed as its KarrasDiffusionSchedulers
     # enum (any scheduler instance works), and the safety parts as required (None is documented for both when
     # requires_safety_checker is False).
+    # Imported here, not at the top: the pipeline module pulls in transformers' image processors, which print two
+    # torchvision notices on every run that reads an SD model, and only image-LoRA fusion needs it.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
         unet=components.unet, requires_safety_checker=False,

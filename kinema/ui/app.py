@@ -192,10 +192,15 @@ def _choices(entries: list[tuple[str, str]], none: str | None = None) -> list[tu
     return ([(none, NO_CHOICE)] if none is not None else []) + entries
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _scan_note(scan: ModelChoices, models_dir: Path | None) -> str:
     where = f"`{models_dir}`" if models_dir is not None else "no models folder"
-    note = (f"Models folder: {where} — {len(scan.models)} models, {len(scan.motion_modules)} motion modules, "
-            f"{len(scan.loras)} LoRAs.")
+    counts = ", ".join(_count(len(found), name) for found, name in
+                       ((scan.models, "model"), (scan.motion_modules, "motion module"), (scan.loras, "LoRA")))
+    note = f"Models folder: {where} — {counts}."
     if scan.skipped:
         note += f" Skipped {len(scan.skipped)}: " + "; ".join(f"`{label}` ({why})" for label, why in scan.skipped[:5])
     return note

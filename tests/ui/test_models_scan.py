@@ -42,3 +42,11 @@ def test_a_file_changed_since_the_last_scan_is_described_again(tmp_path):
     os.utime(path, ns=(1, 1))  # a new time stamp even on a coarse clock
     found = scan_models(tmp_path)
     assert not found.motion_modules and found.loras == [("mm.safetensors", str(path.resolve()))]
+
+
+def test_the_scan_note_counts_in_words():
+    from kinema.ui.app import _scan_note
+    from kinema.ui.models import ModelChoices
+
+    one = ModelChoices(models=[("kinema-tiny", "kinema-tiny")], loras=[("a", "/a"), ("b", "/b")])
+    assert _scan_note(one, None) == "Models folder: no models folder — 1 model, 0 motion modules, 2 LoRAs."
