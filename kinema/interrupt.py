@@ -6,11 +6,16 @@ it cannot cut the cleanup short. The exception is raised wherever the main threa
 runs Python from C can swallow it there (seen: numpy's lazy import of numpy.random, which then let `kinema data
 synth` run to the end after a SIGTERM). So the stop is also recorded, and long loops call `stop_if_requested()` once
 per step (a clip, a sampling step, a training step), which raises it again where nothing can swallow it.
+
+Work whose state must change together defers the first signal: inside `stops_deferred()` it is only recorded, and
+the work stops at the end of its unit (the trainer finishes the step and saves a checkpoint there); a second signal
+raises at once.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +33,7 @@ class Terminated(BaseException):
 
 
 _requested: int | None = None  # the signal that asked to stop, while stop_on_signals() is active
+_deferring = False  # inside stops_deferred(): a first signal is only recorded
 
 
 def _stop(signum: int) -> BaseException:
@@ -36,17 +42,41 @@ def _stop(signum: int) -> BaseException:
 
 def _on_signal(signum: int, frame: object) -> None:
     global _requested
+    if _deferring and _requested is None:  # the work finishes its unit first; a second signal stops it at once
+        _requested = signum
+        print("kinema: stopping once this step is done and saved (Ctrl-C again stops at once, without saving it)",
+              file=sys.stderr, flush=True)
+        return
     for other in STOP_SIGNALS:  # a second signal must not cut the cleanup short
         signal.signal(other, signal.SIG_IGN)
-    _requested = signum
+    _requested = _requested or signum
     raise _stop(signum)
 
 
 def stop_if_requested() -> None:
     """Raise the stop a signal asked for, if one did (KeyboardInterrupt or Terminated); call once per step of long
-    work. Outside `stop_on_signals()` nothing is ever requested."""
-    if _requested is not None:
+    work. Outside `stop_on_signals()` nothing is ever requested; inside `stops_deferred()` nothing is raised."""
+    if _requested is not None and not _deferring:
         raise _stop(_requested)
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal has arrived (the work inside `stops_deferred()` asks this at the end of its unit)."""
+    return _requested is not None
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Inside the block a first stop signal is only recorded (and one line says so), so that a unit of work whose
+    state must change together, such as a training step (weights, optimiser, EMA, generators) and its checkpoint,
+    finishes whole; `stop_if_requested()` after the block raises it. A second signal raises at once, as outside."""
+    global _deferring
+    outer = _deferring
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = outer
 
 
 @contextmanager

@@ -4,7 +4,9 @@ A step is a pure function of the weights, the optimiser state and the step numbe
 `BatchOrder` (a function of the seed and the micro-step) and every random draw of the loss (timesteps, noise, masks)
 from a generator seeded with `(seed, micro-step, rank)`. A checkpoint therefore only needs the weights, the
 optimiser, the LR schedule, the EMA and the step; a run killed anywhere and resumed from its last checkpoint ends
-with the same weights, bit for bit, as one never interrupted (CPU, deterministic algorithms).
+with the same weights, bit for bit, as one never interrupted (CPU, deterministic algorithms). Stopped by Ctrl-C,
+SIGTERM or SIGHUP in one process, it finishes the step under way and saves a checkpoint there, so no finished step
+is lost.
 
 The run folder (`output:`) holds `kinema-run.json` (the config and its fingerprint), `checkpoints/step-N/` (each
 written whole or not at all; the newest `checkpoint.keep` kept), `logs.csv`, `tensorboard/`, `validation/step-N/`
@@ -19,6 +21,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
-from kinema.interrupt import stop_if_requested
+from kinema.interrupt import stop_if_requested, stop_requested, stops_deferred
 from kinema.training.config import TrainConfig, resume_identity, with_new_defaults
 
 logger = logging.getLogger(__name__)
@@ -410,48 +413,61 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     result = TrainResult(run.path, start, start, report=report, task=task, is_main=main)
     bar = tqdm(total=config.train.steps, initial=start, disable=not (progress and main), unit="step",
                desc=f"train {config.mode}")
+    saved = start  # the step of the newest checkpoint
     try:
         for step in range(start, config.train.steps):
-            began = time.perf_counter()
-            total_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(accumulation):
-                stop_if_requested()
-                micro_step = step * accumulation + micro
-                generator = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rank))
-                inputs = task.inputs(next(batches), generator, step)
-                sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(module)
-                with sync, accelerator.autocast():
-                    loss = module(**inputs) / accumulation
-                    accelerator.backward(loss)
-                total_loss += loss.detach()
-            grad_norm = None
-            if config.train.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm))
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step()
-            mean_loss = float(accelerator.reduce(total_loss, "mean"))
-            if not math.isfinite(mean_loss):
-                raise KinemaError(f"the loss became {mean_loss} at step {step + 1}: lower train.learning_rate, set "
-                                  "train.max_grad_norm, or use mixed_precision: no; resume from the last checkpoint")
-            done = step + 1
-            result.end_step, result.last_loss = done, mean_loss
-            result.losses.append(mean_loss)
-            seconds = time.perf_counter() - began
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-            if logs is not None and (done % config.log.every == 0 or done == config.train.steps):
-                logs.write({"step": done, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
-                            "seconds": round(seconds, 4),
-                            "clips_per_second": round(config.global_batch * world / seconds, 3)})
-            if done % config.checkpoint.every == 0 or done == config.train.steps:
-                if main:
+            # One process: a stop signal waits for the end of the step and its checkpoint, and a checkpoint is
+            # saved there, so no finished step is lost. Several: each gets the signal at its own point in the
+            # step, so they stop where they are, as without this.
+            with stops_deferred() if world == 1 else contextlib.nullcontext():
+                began = time.perf_counter()
+                total_loss = torch.zeros((), device=accelerator.device)
+                for micro in range(accumulation):
+                    stop_if_requested()
+                    micro_step = step * accumulation + micro
+                    generator = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rank))
+                    inputs = task.inputs(next(batches), generator, step)
+                    sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(module)
+                    with sync, accelerator.autocast():
+                        loss = module(**inputs) / accumulation
+                        accelerator.backward(loss)
+                    total_loss += loss.detach()
+                grad_norm = None
+                if config.train.max_grad_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm))
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.step()
+                mean_loss = float(accelerator.reduce(total_loss, "mean"))
+                if not math.isfinite(mean_loss):
+                    raise KinemaError(f"the loss became {mean_loss} at step {step + 1}: lower train.learning_rate, "
+                                      "set train.max_grad_norm, or use mixed_precision: no; resume from the last "
+                                      "checkpoint")
+                done = step + 1
+                result.end_step, result.last_loss = done, mean_loss
+                result.losses.append(mean_loss)
+                seconds = time.perf_counter() - began
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+                if logs is not None and (done % config.log.every == 0 or done == config.train.steps):
+                    logs.write({"step": done, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
+                                "grad_norm": grad_norm, "seconds": round(seconds, 4),
+                                "clips_per_second": round(config.global_batch * world / seconds, 3)})
+                if done % config.checkpoint.every == 0 or done == config.train.steps:
+                    if main:
+                        _save_checkpoint(run, done, task, optimizer, schedule, ema)
+                        saved = done
+                    accelerator.wait_for_everyone()
+                if main and config.validation.every and done % config.validation.every == 0:
+                    _validate(config, task, run.path, done, ema)
+            if stop_requested():
+                if main and done != saved:
                     _save_checkpoint(run, done, task, optimizer, schedule, ema)
-                accelerator.wait_for_everyone()
-            if main and config.validation.every and done % config.validation.every == 0:
-                _validate(config, task, run.path, done, ema)
+                print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint",
+                      file=sys.stderr, flush=True)
+                stop_if_requested()
         if main:
             result.final = _export(run.path, task, config, ema)
         accelerator.wait_for_everyone()

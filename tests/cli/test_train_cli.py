@@ -1,7 +1,8 @@
 """`kinema train` from the command line, on a tiny SD1.5 model and a `kinema data synth` set: the help, usage errors
 (exit 2, one line), the dry run's report, a short run's folder, the refusals of a second start, of a foreign or
 unwritable output folder and of a resume with another learning rate, resuming to more steps, SIGTERM mid-run (exit
-143, every checkpoint left whole, `--resume latest` finishes the run), and the example configs in configs/train/.
+143, the step under way finished and saved as a whole checkpoint, `--resume latest` finishes the run), and the
+example configs in configs/train/.
 
 One `python -m kinema train` subprocess (the SIGTERM test, ~10-15 s of it imports on a loaded 2-core machine); the
 rest runs in this process through `kinema.cli.main`.
@@ -246,22 +247,22 @@ def test_a_read_only_parent_folder_is_one_error_line(tmp_path, capsys, sd_model,
 # ---------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_mid_run_leaves_whole_checkpoints_and_the_run_resumes(tmp_path, capsys, sd_model, synth_videos):
-    # A checkpoint after every step, so that the signal may land in a save as well as in a step.
-    config = write_config(tmp_path, sd_model, synth_videos, steps=4)
+def test_sigterm_mid_run_finishes_the_step_saves_it_and_the_run_resumes(tmp_path, capsys, sd_model, synth_videos):
+    # No checkpoint is due in the run (every 100 steps), so the one the stop leaves is the stop's own, at the step
+    # it landed in; the signal may land anywhere in a step, which then finishes.
+    config = write_config(tmp_path, sd_model, synth_videos, steps=6)
     values = yaml.safe_load(config.read_text())
-    values["checkpoint"] = {"every": 1, "keep": 3}
+    values["checkpoint"] = {"every": 100, "keep": 3}
     config.write_text(yaml.safe_dump(values))
     run = tmp_path / "run"
-    first = run / "checkpoints" / "step-00000001" / "kinema-output.json"  # written last, as the folder moves in
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "kinema", "train", str(config), "--no-progress"], cwd=tmp_path,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not first.exists():
+        while not ((run / "logs.csv").exists() and log_rows(run)):  # a step done, the next one under way
             assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            assert time.monotonic() < deadline, "no step within 120 s"
             time.sleep(0.01)
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=120)
@@ -270,14 +271,18 @@ def test_sigterm_mid_run_leaves_whole_checkpoints_and_the_run_resumes(tmp_path, 
             child.kill()
             child.wait()
     assert child.returncode == 143, err
-    assert out == "" and kinema_lines(err) == [STOPPED]
-    steps = assert_checkpoints_whole(run)
-    assert steps and max(steps) < 4 and "final" not in {p.name for p in run.iterdir()}
+    logged = [int(row["step"]) for row in log_rows(run)]
+    stopped = logged[-1]
+    assert out == "" and kinema_lines(err) == [
+        f"kinema train: stopped after step {stopped}; `--resume latest` continues from its checkpoint", STOPPED]
+    assert "kinema: stopping once this step is done and saved" in err
+    assert assert_checkpoints_whole(run) == [stopped] and stopped < 6  # the last step logged is the one saved
+    assert "final" not in {p.name for p in run.iterdir()}
 
     code, out, err = train(capsys, str(config), "--resume", "latest")
     assert code == 0, err
-    assert out.startswith(f"trained steps {max(steps)}..4, last loss ")
-    assert [row["step"] for row in log_rows(run)] == ["1", "2", "3", "4"]
+    assert out.startswith(f"trained steps {stopped}..6, last loss ")
+    assert [row["step"] for row in log_rows(run)] == ["1", "2", "3", "4", "5", "6"]
     assert (run / "final" / "motion_module.safetensors").is_file()
 
 
