@@ -82,3 +82,32 @@ def checked_number(parse: Callable[[str], Any], expected: str, accepts: Callable
 positive_int = checked_number(int, "a whole number", lambda value: value > 0, "a positive whole number")
 non_negative_int = checked_number(int, "a whole number", lambda value: value >= 0, "0 or more")
 fraction = checked_number(float, "a number between 0 and 1", lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise one `KinemaError` line when a server could not listen on `host`:`port` (in use, not an address of this
+    machine, or a privileged port), before the server and its models load; port 0 (any free port) always can."""
+    import errno
+    import socket
+
+    from kinema.errors import KinemaError
+
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        raise KinemaError(f"--host {host} is not a host name or address this machine can resolve; give an address "
+                          "such as 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a closing port is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            why = {errno.EADDRINUSE: f"port {port} is in use on {host} (another server, or this one already "
+                                     "running?); stop it or choose another --port",
+                   errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; give one of its "
+                                        "addresses, 127.0.0.1 or 0.0.0.0",
+                   errno.EACCES: f"port {port} needs administrator rights on this system; choose one above 1023"}
+            raise KinemaError(why.get(err.errno, f"cannot listen on {host}:{port}: {err.strerror}")) from None

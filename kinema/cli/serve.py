@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from kinema.cli.args import add_command, checked_number, example, positive_int
+from kinema.cli.args import add_command, check_port_free, checked_number, example, positive_int
 from kinema.errors import KinemaError
 
 API_KEY_VARIABLE = "KINEMA_API_KEY"
@@ -88,6 +88,7 @@ def check_serve(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Serve the API until Ctrl-C or SIGTERM (a running job goes back to the queue)."""
+    check_port_free(args.host, args.port)
     import uvicorn
 
     from kinema.api.app import JobLimits, create_app

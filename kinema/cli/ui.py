@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kinema.cli.args import add_command, checked_number, example, positive_int
+from kinema.cli.args import add_command, check_port_free, checked_number, example, positive_int
 from kinema.errors import KinemaError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -77,6 +77,7 @@ def run_ui(args: argparse.Namespace) -> None:
 
     if importlib.util.find_spec("gradio") is None:
         raise KinemaError("the web app needs gradio, which is not installed: pip install \"kinema[ui]\"")
+    check_port_free(args.host, args.port)
     from kinema.ui.app import build_app, launch_app
 
     app = build_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, concurrency=args.concurrency)

@@ -97,3 +97,29 @@ def test_the_options_defaults_are_the_apps():
     assert args.max_upload_mb == DEFAULT_MAX_UPLOAD_MB
     assert (args.max_frames, args.max_side, args.max_steps) == (JobLimits().frames, JobLimits().side,
                                                                 JobLimits().steps)
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in ("serve", "ui"):
+            folder = ["--data-dir", str(tmp_path / "data")] if command == "serve" else []
+            assert main([command, "--port", str(port), *folder]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"kinema {command}: error: port {port} is in use on 127.0.0.1 (another server, or this one "
+                           "already running?); stop it or choose another --port"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_port_check_names_a_host_that_is_not_here():
+    from kinema.cli.args import check_port_free
+
+    check_port_free("127.0.0.1", 0)  # any free port
+    with pytest.raises(KinemaError, match="--host 192.0.2.1 is not an address of this machine"):
+        check_port_free("192.0.2.1", 8000)  # TEST-NET-1: never a local address
+    with pytest.raises(KinemaError, match="--host nohost.invalid is not a host name"):
+        check_port_free("nohost.invalid", 8000)
