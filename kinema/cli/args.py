@@ -110,4 +110,4 @@ def check_port_free(host: str, port: int) -> None:
                    errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; give one of its "
                                         "addresses, 127.0.0.1 or 0.0.0.0",
                    errno.EACCES: f"port {port} needs administrator rights on this system; choose one above 1023"}
-            raise KinemaError(why.get(err.errno, f"cannot listen on {host}:{port}: {err.strerror}")) from None
+            raise KinemaError(why.get(err.errno or 0, f"cannot listen on {host}:{port}: {err.strerror}")) from None
