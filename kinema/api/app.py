@@ -1,8 +1,10 @@
 """The FastAPI app of `kinema serve`: jobs in, videos out (see docs/api.md for the endpoints and examples).
 
     POST   /v1/jobs               queue a job: a JSON object of job fields (kinema.pipelines.jobs.job_from_mapping),
-                                  start/end image as base64 (`image_base64`, `end_image_base64`) or, as
-                                  multipart/form-data, a `job` field holding that JSON plus `image` / `end_image` files
+                                  start/end image and input video as base64 (`image_base64`, `end_image_base64`,
+                                  `video_base64`) or, as multipart/form-data, a `job` field holding that JSON plus
+                                  `image` / `end_image` / `video` files (a video: video-to-video, or with
+                                  `extend_frames` a continuation)
     GET    /v1/jobs               list jobs, newest first (?status=, ?limit=, ?offset=)
     GET    /v1/jobs/{id}          a job: status (queued, running, done, failed, cancelled), progress, settings, error
     GET    /v1/jobs/{id}/result   a done job's video (?seed= for one of several); 409 while it is not done
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 20
 # Files a job may upload: form field (and `FIELD_base64` JSON key) -> how messages name it.
-UPLOADS = {"image": "start image", "end_image": "end image"}
+UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video"}
 # Room in a request body besides its uploads (the job's own fields).
 _BODY_ROOM = 1 << 20
 Scope = MutableMapping[str, Any]
@@ -134,6 +136,11 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "fps": {"type": "number", "exclusiveMinimum": 0},
         "image_base64": {"type": "string", "description": "the start image (image-to-video), base64"},
         "end_image_base64": {"type": "string", "description": "the end image, base64 (needs a start image)"},
+        "video_base64": {"type": "string", "description": "the input video, base64: video-to-video, or with "
+                                                          "extend_frames a continuation"},
+        "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                     "description": "video-to-video: how far the input is noised (1 redraws it)"},
+        "extend_frames": {"type": "integer", "minimum": 1, "description": "append this many frames to the video"},
     },
 }
 _SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
@@ -141,7 +148,8 @@ _SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["job"], "properties": {
         "job": {"type": "string", "description": "the job fields as a JSON object"},
         "image": {"type": "string", "format": "binary", "description": "the start image"},
-        "end_image": {"type": "string", "format": "binary", "description": "the end image"}}}}}}}
+        "end_image": {"type": "string", "format": "binary", "description": "the end image"},
+        "video": {"type": "string", "format": "binary", "description": "the input video"}}}}}}}
 
 
 # ---------------------------------------------------------------- the key and the size limit, before any route
@@ -290,7 +298,7 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
                 uploads[name] = await _read_upload(value, what, limit)
         return fields, uploads
     raise HTTPException(415, "send the job as application/json, or as multipart/form-data with a `job` field (JSON) "
-                             "and image files")
+                             "and image or video files")
 
 
 def _image_suffix_checked(data: bytes, what: str, limit: int) -> str:
@@ -326,10 +334,12 @@ class JobLimits:
     steps: int = 500
     videos: int = 16
 
-    def check(self, job: Any) -> None:
-        """One KinemaError line naming the first limit `job` (a kinema.pipelines.jobs.Job) goes over."""
+    def check(self, job: Any, input_frames: int | None = None) -> None:
+        """One KinemaError line naming the first limit `job` (a kinema.pipelines.jobs.Job) goes over; an input
+        video's `input_frames` count as made again (video-to-video) or continued (extend)."""
         request = job.request
-        sizes = (("frames", request.frames + (request.extend_frames or 0), self.frames, "--max-frames"),
+        made = request.frames if input_frames is None else input_frames
+        sizes = (("frames", made + (request.extend_frames or 0), self.frames, "--max-frames"),
                  ("height", request.height, self.side, "--max-side"), ("width", request.width, self.side, "--max-side"),
                  ("steps", request.steps, self.steps, "--max-steps"), ("seeds", len(request.seeds), self.videos, None))
         for name, value, limit, option in sizes:
@@ -389,26 +399,28 @@ class _Server:
     def queue(self, fields: dict[str, Any], uploads: dict[str, bytes]) -> JobRecord:
         """Check a submission the way `kinema generate` would (before any model loads), keep its uploads and queue
         it."""
-        from kinema.pipelines.jobs import job_from_mapping
+        from kinema.pipelines.jobs import check_video_bytes, job_from_mapping
 
-        for key in ("image", "end_image"):
+        for key in UPLOADS:
             if fields.get(key) is not None:
                 raise KinemaError(f"the API reads no server paths: send the {UPLOADS[key]} as the multipart file "
                                   f"field {key} or as {key}_base64, not as {key!r}")
-        if fields.get("video") is not None:
-            raise KinemaError("the API does not take input videos yet: video-to-video and extend run with kinema v2v "
-                              "and kinema extend")
         job_id = uuid.uuid4().hex
         saved: list[Path] = []
+        input_frames = None
         try:
             for key, data in uploads.items():
-                suffix = _checked(_image_suffix_checked, data, UPLOADS[key], self.max_upload_bytes)
+                if key == "video":
+                    suffix, input_frames = _checked(check_video_bytes, data, max_bytes=self.max_upload_bytes,
+                                                    what=UPLOADS[key])
+                else:
+                    suffix = _checked(_image_suffix_checked, data, UPLOADS[key], self.max_upload_bytes)
                 path = self.uploads_dir / f"{job_id}-{key}{suffix}"
                 path.write_bytes(data)
                 saved.append(path)
                 fields[key] = str(path)
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir)
-            self.limits.check(job)  # job_from_mapping checked the images' sizes against the video's
+            self.limits.check(job, input_frames)  # job_from_mapping checked the images' sizes against the video's
         except BaseException:
             for path in saved:
                 path.unlink(missing_ok=True)

@@ -141,6 +141,41 @@ def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> No
     _verify_image(lambda: io.BytesIO(data), what)
 
 
+def check_video_bytes(data: bytes, *, max_bytes: int, what: str = "video") -> tuple[str, int]:
+    """`(suffix, frames)` of an uploaded video: the file suffix kinema reads it by (from its content, not its name)
+    and its frame count (from the container, or its packets). One KinemaError line when `data` is over `max_bytes`
+    or is not a video or animation that PyAV or PIL reads."""
+    import io
+
+    if len(data) > max_bytes:
+        raise KinemaError(f"the {what} is {len(data)} bytes, over the limit of {max_bytes} bytes; send a shorter or "
+                          "smaller video (or raise the upload limit)")
+    from PIL import Image, UnidentifiedImageError
+
+    try:  # GIF and WebP animations are read by PIL, as kinema's reader does
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format in ("GIF", "WEBP"):
+                return f".{image.format.lower()}", int(getattr(image, "n_frames", 1))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        pass
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise KinemaError(f"the {what} has no video stream; send an MP4, WebM, MKV, MOV or GIF video")
+            stream = container.streams.video[0]
+            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            names = set(container.format.name.split(","))
+    except (OSError, av.FFmpegError, ValueError):
+        raise KinemaError(f"the {what} is not a video kinema can read; send an MP4, WebM, MKV, MOV or GIF "
+                          "video") from None
+    if frames < 1:
+        raise KinemaError(f"the {what} holds no frames")
+    suffix = ".webm" if names & {"webm", "matroska"} else ".avi" if "avi" in names else ".mp4"
+    return suffix, frames
+
+
 def check_image_file(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
     """`(width, height)` of the image file `path`, read from its header; one KinemaError line when it is not an
     image PIL can read or has more pixels than PIL opens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -37,7 +38,9 @@ def assert_one_line_error(response, status: int, *words: str) -> str:
     ({"prompt": "a red circle", "frames": "eight"}, 422, ("frames must be a whole number",)),
     ({"prompt": "a red circle", "model": "no-such-model"}, 422, ("no such model", "kinema-tiny")),
     ({"prompt": "x", "image": "/etc/hostname"}, 422, ("reads no server paths", "image_base64")),
-    ({"prompt": "x", "video": "clip.mp4"}, 422, ("kinema v2v",)),
+    ({"prompt": "x", "video": "clip.mp4"}, 422, ("reads no server paths", "video_base64")),
+    ({"prompt": "x", "video_base64": base64.b64encode(b"just some text").decode()}, 422,
+     ("input video is not a video",)),
     ({"prompt": "x", "image_base64": "not base64 !!"}, 422, ("not valid base64",)),
     ({"prompt": "x", "image_base64": base64.b64encode(b"just some text").decode()}, 422, ("not an image",)),
     (["a", "list"], 422, ("JSON object",)),
@@ -171,3 +174,48 @@ def test_jobs_over_the_servers_limits_are_refused(serve, fake_runner):
             assert_one_line_error(response, 422, *words)
         at_the_limits = {"prompt": "x", "frames": 8, "height": 64, "width": 64, "steps": 4, "seeds": [1, 2]}
         assert client.post("/v1/jobs", json=at_the_limits).status_code == 201
+
+
+def video_bytes(tmp_path: Path, frames: int, suffix: str = ".mp4") -> bytes:
+    """A real `frames`-frame 64x64 synth clip in `suffix`'s container, as kinema writes it."""
+    from kinema.data.synth import synth_clip
+    from kinema.data.video_io import write_video
+
+    path = tmp_path / f"clip{frames}{suffix}"
+    write_video(synth_clip(9001, 0, frames, 64).frames, path)
+    return path.read_bytes()
+
+
+def test_an_uploaded_video_makes_video_to_video_or_extend_jobs(serve, fake_runner, wait, tmp_path):
+    clip, gif = video_bytes(tmp_path, 8), video_bytes(tmp_path, 8, ".gif")
+    with serve(runner=fake_runner) as client:
+        as_form = client.post("/v1/jobs", data={"job": '{"prompt": "a red circle", "steps": 1, "strength": 0.5}'},
+                              files={"video": ("whatever.bin", clip)})
+        as_json = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1, "extend_frames": 8,
+                                                "video_base64": base64.b64encode(gif).decode()})
+        for response, mode, sent, suffix in ((as_form, "video-to-video", clip, ".mp4"),
+                                             (as_json, "extend", gif, ".gif")):
+            assert response.status_code == 201, response.text
+            job = wait(client, response.json()["id"])
+            assert job["status"] == "done" and job["settings"]["mode"] == mode
+            server_file = Path(job["settings"]["video"])
+            assert server_file.read_bytes() == sent and server_file.suffix == suffix  # named from its content
+            assert (job["settings"]["height"], job["settings"]["width"]) == (64, 64)  # the video's size
+
+
+def test_an_input_video_counts_against_the_frame_limit(serve, fake_runner, tmp_path):
+    clip = video_bytes(tmp_path, 8)
+    with serve(runner=fake_runner, limits=JobLimits(frames=12)) as client:
+        for fields, words in (({"strength": 0.5, "frames": 4}, None),  # an 8-frame input, made again
+                              ({"extend_frames": 4}, None),  # 8 + 4: at the limit
+                              ({"extend_frames": 5}, ("frames is 13", "limit of 12"))):
+            response = client.post("/v1/jobs", data={"job": json.dumps({"prompt": "x", "steps": 1, **fields})},
+                                   files={"video": ("clip.mp4", clip)})
+            if words is None:
+                assert response.status_code == 201, response.text
+            else:
+                assert_one_line_error(response, 422, *words)
+    with serve(runner=fake_runner, limits=JobLimits(frames=7)) as client:
+        response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1, "frames": 4}'},
+                               files={"video": ("clip.mp4", clip)})
+        assert_one_line_error(response, 422, "frames is 8", "limit of 7")

@@ -1,5 +1,6 @@
 """The API with the real bundled model (kinema-tiny, 8 frames, 2 steps): a text-to-video round trip decoded with
-PyAV, image-to-video from an uploaded start image, and cancelling a job while the model samples it."""
+PyAV, image-to-video from an uploaded start image, extending an uploaded video, and cancelling a job while the model
+samples it."""
 
 from __future__ import annotations
 
@@ -69,6 +70,26 @@ def test_image_to_video_from_an_uploaded_start_image(model_server, wait):
     assert Path(job["settings"]["image"]).read_bytes() == png.getvalue()
     frames = decoded_frames(client.get(f"/v1/jobs/{job_id}/result").content)
     assert len(frames) == 8 and frames[0].shape == (64, 64, 3)
+
+
+def test_extending_an_uploaded_video(model_server, wait, tmp_path):
+    from kinema.data.synth import synth_clip
+    from kinema.data.video_io import write_video
+
+    client, _ = model_server
+    write_video(synth_clip(9001, 2, 8, 64).frames, tmp_path / "clip.mp4")
+    sent = (tmp_path / "clip.mp4").read_bytes()
+    submitted = client.post("/v1/jobs", data={"job": '{"prompt": "a red circle moving right", "extend_frames": 4, '
+                                                     '"steps": 2, "seed": 3}'}, files={"video": ("clip.mp4", sent)})
+    assert submitted.status_code == 201, submitted.text
+    job = wait(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "done", job["error"]
+    assert job["settings"]["mode"] == "extend"
+    frames = decoded_frames(client.get(f"/v1/jobs/{job['id']}/result").content)
+    given = decoded_frames(sent)
+    assert len(frames) == len(given) + 4 and frames[0].shape == (64, 64, 3)
+    # the input comes back first (through a second H.264 pass, so within a few levels)
+    assert np.abs(np.stack(frames[:4]).astype(int) - np.stack(given[:4]).astype(int)).mean() < 4
 
 
 def test_cancelling_while_the_model_samples_stops_the_job_and_writes_nothing(model_server, wait):
