@@ -288,8 +288,8 @@ def eval_scores(setting: str, options: argparse.Namespace) -> dict[str, Any]:
     import kinema.pipelines.generate as generate_module
     from kinema.eval.run import evaluate
 
-    # evaluate() builds its requests from the model's defaults; every one of them goes through this setting here
-    # (kinema eval has no speed option yet), so both settings are scored on the same prompts, seeds and sizes.
+    # Both arms start from diffusers' defaults (REFERENCE_SETTINGS, which `kinema eval --speed` would not set), so
+    # every request evaluate() makes goes through this setting here: the same prompts, seeds and sizes.
     plain = generate_module.generate
 
     def generate_with_setting(family: Any, request: Any, **kwargs: Any) -> Any:

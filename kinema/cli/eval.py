@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import add_command, example, non_negative_int, positive_int
+from kinema.pipelines.request import SPEEDS
 
 DESCRIPTION = (
     "Generate one video per line of a prompt set (JSON Lines: {\"prompt\", \"color\", \"shape\", \"motion\", "
@@ -43,6 +44,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="sampling steps per video (default: the model's kinema.json defaults, else 25)")
     parser.add_argument("--frames", type=positive_int,
                         help="frames per video (default: the model's kinema.json defaults, else 16)")
+    parser.add_argument("--speed", choices=SPEEDS,
+                        help="score under a speed preset, as kinema generate --speed makes videos (default: the "
+                             "model's own settings)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="added to every prompt's seed: another draw of the same set (default 0)")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N prompts")
@@ -86,7 +90,8 @@ def run_eval(args: argparse.Namespace) -> None:
         return
     report = evaluate(args.model, args.prompts, seed=args.seed, frames=args.frames, steps=args.steps,
                       progress=not args.quiet, out_dir=args.out, limit=args.limit,
-                      continuation=not args.no_continuation, save_videos=args.save_videos, overwrite=args.overwrite)
+                      continuation=not args.no_continuation, save_videos=args.save_videos, overwrite=args.overwrite,
+                      speed=args.speed)
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

@@ -245,6 +245,7 @@ def evaluate(
     continuation_frames: int = CONTINUATION_FRAMES,
     save_videos: bool = False,
     overwrite: bool = False,
+    speed: str | None = None,
 ) -> EvalReport:
     """Generate one video per line of `prompts_path` with `model` and score it (see the module docstring).
 
@@ -261,6 +262,8 @@ def evaluate(
         limit: score only the first `limit` lines.
         continuation: also extend the first text-to-video line's video (not held out) to `continuation_frames`
             frames and score its seams.
+        speed: a speed preset (kinema.pipelines.speed: fast, balanced, quality) whose settings replace the model's
+            defaults, as `kinema generate --speed` does; `steps` still wins. None: the model's defaults.
     Returns:
         The `EvalReport`; videos are `(F, 3, H, W)` frames in [0, 1] at the model's native size.
     """
@@ -271,6 +274,10 @@ def evaluate(
         entries = entries[:limit]
     if frames is not None and frames < 2:
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
+    if speed is not None:
+        from kinema.pipelines.speed import preset_settings
+
+        preset_settings(speed)  # an unknown preset fails here, before any model loads
     began = time.perf_counter()
     with ExitStack() as stack:
         folder = None
@@ -280,7 +287,7 @@ def evaluate(
             folder = stack.enter_context(atomic_folder(out_dir, EVAL_KIND, overwrite=overwrite,
                                                        inputs=(prompts_path,)))
         report = _run(model, entries, Path(prompts_path), seed=seed, frames=frames,
-                      steps=steps, progress=progress, folder=folder,
+                      steps=steps, speed=speed, progress=progress, folder=folder,
                       continuation=continuation_frames if continuation else None, save_videos=save_videos)
         report.seconds = round(time.perf_counter() - began, 1)
         if folder is not None:
@@ -300,8 +307,8 @@ def _model_defaults(model: str) -> dict[str, Any]:
 
 
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
-         steps: int | None, progress: bool, folder: Path | None, continuation: int | None, save_videos: bool
-         ) -> EvalReport:
+         steps: int | None, speed: str | None, progress: bool, folder: Path | None, continuation: int | None,
+         save_videos: bool) -> EvalReport:
     from tqdm import tqdm
 
     from kinema.eval.metrics import dynamic_degree, first_frame_psnr, temporal_flicker
@@ -316,6 +323,12 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     for key, given in (("frames", frames), ("steps", steps)):
         if given is not None:
             shared[key] = given
+    if speed is not None:  # as `kinema generate --speed`: the preset fills what the user left unset
+        from kinema.pipelines.speed import chosen_settings, describe_speed
+
+        chosen = chosen_settings(speed, {"steps": steps} if steps is not None else {})
+        shared.update(chosen, speed=speed)
+        logger.info("%s", describe_speed(speed, chosen))
     settings = {"steps": GenerationRequest.steps, "guidance": GenerationRequest.guidance, **shared, "seed": seed}
     continued = next((i for i, entry in enumerate(entries) if entry.mode == "text-to-video" and not entry.held_out),
                      None) if continuation is not None else None

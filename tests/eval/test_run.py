@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from kinema.cli import main
+from kinema.errors import KinemaError
 from kinema.data.synth import synth_clip
 from kinema.eval.run import confusion_matrix, continuation_boundaries, evaluate
 
@@ -104,6 +105,27 @@ def test_the_models_kinema_json_defaults_are_used(tmp_path, v3_model):
     report = evaluate(str(model), write_t2v(tmp_path), progress=False, continuation=False)
     assert report.settings["frames"] == 8 and report.settings["steps"] == 1 and report.settings["guidance"] == 2.0
     assert report.settings["height"] == 64 and len(report.per_prompt) == 1
+
+
+def test_a_speed_preset_replaces_the_models_defaults_but_not_given_steps(tmp_path, v3_model, monkeypatch):
+    import kinema.pipelines.generate as generate_module
+    from kinema.pipelines.speed import chosen_settings
+
+    model = tmp_path / "model"
+    shutil.copytree(v3_model, model)
+    (model / "kinema.json").write_text(json.dumps({"defaults": {"frames": 8, "steps": 1, "scheduler": "ddim"}}))
+    requests = []
+    plain = generate_module.generate
+    monkeypatch.setattr(generate_module, "generate", lambda family, request, **kw: (requests.append(request),
+                                                                                   plain(family, request, **kw))[1])
+    report = evaluate(str(model), write_t2v(tmp_path), steps=2, speed="fast", progress=False, continuation=False)
+    preset = chosen_settings("fast", {"steps": 2})  # what `kinema generate --speed fast --steps 2` takes
+    assert preset and "steps" not in preset
+    for key, value in {**preset, "steps": 2, "speed": "fast", "frames": 8}.items():
+        assert getattr(requests[0], key) == value, key
+        assert report.settings[key] == value, key
+    with pytest.raises(KinemaError, match="unknown speed preset 'fastest'"):
+        evaluate(str(model), write_t2v(tmp_path), speed="fastest", progress=False)
 
 
 @pytest.mark.parametrize("case", ["missing", "bad line", "unknown model"])
