@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from kinema.cli import main
-from kinema.errors import KinemaError
 from kinema.data.synth import synth_clip
+from kinema.errors import KinemaError
 from kinema.eval.run import confusion_matrix, continuation_boundaries, evaluate
 
 LABEL_KEYS = ("color", "shape", "motion")
