@@ -160,18 +160,18 @@ def check_video_bytes(data: bytes, *, max_bytes: int, what: str = "video") -> tu
         pass
     import av
 
+    frames, names = 0, set()
     try:
         with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise KinemaError(f"the {what} has no video stream; send an MP4, WebM, MKV, MOV or GIF video")
-            stream = container.streams.video[0]
-            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
             names = set(container.format.name.split(","))
+            if container.streams.video:
+                stream = container.streams.video[0]
+                frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     except (OSError, av.FFmpegError, ValueError):
         raise KinemaError(f"the {what} is not a video kinema can read; send an MP4, WebM, MKV, MOV or GIF "
                           "video") from None
     if frames < 1:
-        raise KinemaError(f"the {what} holds no frames")
+        raise KinemaError(f"the {what} has no video frames (sound only?); send an MP4, WebM, MKV, MOV or GIF video")
     suffix = ".webm" if names & {"webm", "matroska"} else ".avi" if "avi" in names else ".mp4"
     return suffix, frames
 

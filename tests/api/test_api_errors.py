@@ -219,3 +219,23 @@ def test_an_input_video_counts_against_the_frame_limit(serve, fake_runner, tmp_p
         response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1, "frames": 4}'},
                                files={"video": ("clip.mp4", clip)})
         assert_one_line_error(response, 422, "frames is 8", "limit of 7")
+
+
+def test_a_video_file_without_pictures_is_refused(serve, fake_runner):
+    import av
+    import numpy as np
+
+    sound = io.BytesIO()
+    with av.open(sound, "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=8000)
+        for index in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, index * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with serve(runner=fake_runner) as client:
+        response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "extend_frames": 4}'},
+                               files={"video": ("clip.mp4", sound.getvalue())})
+        assert_one_line_error(response, 422, "input video has no video frames")
