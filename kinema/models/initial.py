@@ -108,14 +108,16 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
 
 
 def _write_vae(temp: Path, vae_class: Any, settings: dict, seed: int, vae_folder: Path | None,
-               scale_data: str | os.PathLike | None) -> None:
+               scale_data: str | os.PathLike | None) -> Any:
+    """Write the folder's `vae/` (fresh from `settings`, or the trained one at `vae_folder`) and return it."""
     if vae_folder is None:
-        _seeded(seed + 1, lambda: vae_class(**settings)).save_pretrained(temp / "vae")
-        return
-    vae = vae_class.from_pretrained(vae_folder).eval()
-    if scale_data is not None:
-        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, scale_data))
+        vae = _seeded(seed + 1, lambda: vae_class(**settings))
+    else:
+        vae = vae_class.from_pretrained(vae_folder).eval()
+        if scale_data is not None:
+            vae.register_to_config(scaling_factor=latent_scaling_factor(vae, scale_data))
     vae.save_pretrained(temp / "vae")
+    return vae
 
 
 def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None) -> None:
@@ -123,11 +125,10 @@ def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str 
     from kinema.models.slice_vae import SliceVAE
     from kinema.models.video_dit import VideoDiT
 
-    _write_vae(temp, SliceVAE, KINEMA_TINY_SLICE_VAE, seed, vae_folder, scale_data)
+    vae = _write_vae(temp, SliceVAE, KINEMA_TINY_SLICE_VAE, seed, vae_folder, scale_data)
     # The DiT is sized from the VAE in the folder, so a trained VAE of another layout gets a DiT that fits it.
-    vae = json.loads((temp / "vae" / "config.json").read_text())
-    latent_side = 64 // 2 ** (len(vae["ch_mult"]) - 1)
-    settings = kinema_tiny_transformer(patch_size=2, latent_channels=vae["latent_channels"], sample_size=latent_side)
+    settings = kinema_tiny_transformer(patch_size=2, latent_channels=vae.config.latent_channels,
+                                       sample_size=TINY_DEFAULTS["height"] // vae.spatial_ratio)
     _seeded(seed, lambda: VideoDiT(**settings)).save_pretrained(temp / "transformer")
     (temp / MODEL_FILE).write_text(json.dumps(model_manifest("kinema-tiny", "easyanimate"), indent=1) + "\n")
 

@@ -413,7 +413,6 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     result = TrainResult(run.path, start, start, report=report, task=task, is_main=main)
     bar = tqdm(total=config.train.steps, initial=start, disable=not (progress and main), unit="step",
                desc=f"train {config.mode}")
-    saved = start  # the step of the newest checkpoint
     try:
         for step in range(start, config.train.steps):
             # One process: a stop signal waits for the end of the step and its checkpoint, and a checkpoint is
@@ -455,15 +454,15 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                     logs.write({"step": done, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
                                 "grad_norm": grad_norm, "seconds": round(seconds, 4),
                                 "clips_per_second": round(config.global_batch * world / seconds, 3)})
-                if done % config.checkpoint.every == 0 or done == config.train.steps:
+                due = done % config.checkpoint.every == 0 or done == config.train.steps
+                if due:
                     if main:
                         _save_checkpoint(run, done, task, optimizer, schedule, ema)
-                        saved = done
                     accelerator.wait_for_everyone()
                 if main and config.validation.every and done % config.validation.every == 0:
                     _validate(config, task, run.path, done, ema)
             if stop_requested():
-                if main and done != saved:
+                if main and not due:
                     _save_checkpoint(run, done, task, optimizer, schedule, ema)
                 print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint",
                       file=sys.stderr, flush=True)
