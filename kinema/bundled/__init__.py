@@ -19,6 +19,8 @@ names (tests, or weights kept outside the install).
     "world": "synth" for models that only know the synthetic dataset's coloured shapes: prompts outside that
         world get one warning.
     "motion": an AnimateDiff folder's motion-module settings (kinema.pipelines.load.model_motion_settings).
+    "prediction_type": what the model predicts, "epsilon" (when absent) or "v_prediction" (kinema-tiny); sampling
+        and training follow it.
 
 Plain data and JSON only, no torch: the CLI reads names and defaults before it imports any model code.
 """
@@ -38,6 +40,8 @@ BUNDLED_DIR_VARIABLE = "KINEMA_BUNDLED_DIR"
 MODEL_INFO = "kinema.json"
 # Worlds a model may declare: the prompts it was trained on come from this vocabulary.
 WORLDS = ("synth",)
+# What a model may predict (diffusers' prediction_type names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 # kinema.json "defaults" -> the type each must have (checked before a request is built).
 DEFAULT_FIELDS: dict[str, str] = {"height": "int", "width": "int", "frames": "int", "steps": "int",
                                   "guidance": "number", "scheduler": "str"}
@@ -140,3 +144,13 @@ def model_world(model_folder: str | os.PathLike) -> str | None:
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "available_models", "bundled_model_path", "is_bundled_name",
            "model_defaults", "model_world", "read_model_info", "resolve_model"]
+
+
+def model_prediction_type(model_folder: str | os.PathLike) -> str:
+    """What a model folder's `kinema.json` says the model predicts ("prediction_type"): "epsilon" when it says
+    nothing; one KinemaError line for a value kinema does not sample."""
+    prediction = read_model_info(model_folder).get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise KinemaError(f"{Path(model_folder) / MODEL_INFO}: unknown prediction_type {prediction!r}; kinema "
+                          f"samples {', '.join(PREDICTION_TYPES)} models")
+    return str(prediction)

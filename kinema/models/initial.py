@@ -30,15 +30,18 @@ TINY_DESCRIPTION = ("a toy text-to-video model trained by kinema on its syntheti
 
 
 def model_manifest(name: str, family: str, held_out: list[list[str]] | None = None,
-                   motion: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `kinema.json` of a kinema model folder: its name, family, text encoder, defaults and world, and for an
-    AnimateDiff-family model `motion`, its motion modules' `VideoUNet` keyword arguments, stored as their named
-    settings (kinema.loaders.animatediff.settings.named_settings)."""
+                   motion: dict[str, Any] | None = None, prediction_type: str | None = None) -> dict[str, Any]:
+    """The `kinema.json` of a kinema model folder: its name, family, text encoder, defaults and world, what the model
+    predicts when it is not the noise (`prediction_type`), and for an AnimateDiff-family model `motion`, its motion
+    modules' `VideoUNet` keyword arguments, stored as their named settings
+    (kinema.loaders.animatediff.settings.named_settings)."""
     from kinema.models.presets import MINILM_TEXT_ENCODER
 
     manifest: dict[str, Any] = {"name": name, "family": family, "description": TINY_DESCRIPTION,
                                 "text_encoder": dict(MINILM_TEXT_ENCODER), "defaults": dict(TINY_DEFAULTS),
                                 "world": "synth"}
+    if prediction_type is not None:
+        manifest["prediction_type"] = prediction_type
     if motion is not None:
         from kinema.loaders.animatediff.settings import named_settings
         from kinema.pipelines.load import MOTION_SETTINGS_ENTRY
@@ -130,7 +133,11 @@ def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str 
     settings = kinema_tiny_transformer(patch_size=2, latent_channels=vae.config.latent_channels,
                                        sample_size=TINY_DEFAULTS["height"] // vae.spatial_ratio)
     _seeded(seed, lambda: VideoDiT(**settings)).save_pretrained(temp / "transformer")
-    (temp / MODEL_FILE).write_text(json.dumps(model_manifest("kinema-tiny", "easyanimate"), indent=1) + "\n")
+    # v-prediction: a small DiT trained for an hour or two could not compose a clip from pure noise predicting
+    # epsilon (at DDPM's last steps, signal-to-noise 4e-5, x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies every
+    # error by 150), so it learns the velocity, whose x0 stays bounded (docs/bundled.md, the fifth session).
+    manifest = model_manifest("kinema-tiny", "easyanimate", prediction_type="v_prediction")
+    (temp / MODEL_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _write_tiny_ad(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None) -> None:

@@ -31,6 +31,8 @@ class VideoFamily:
     spatial_factor: int = 8
     # The text conditioning key that may be given per frame as (B, F', L, D) for prompt travel.
     text_key: str = "encoder_hidden_states"
+    # What the model predicts (kinema.json "prediction_type"): "epsilon" (the published models) or "v_prediction".
+    prediction_type: str = "epsilon"
 
     # The VideoModel (VideoUNet / VideoDiT) the denoiser wraps.
     model: Any
@@ -38,6 +40,13 @@ class VideoFamily:
     def denoiser(self) -> Denoiser:
         """The denoiser wrapping this family's model (kinema.sampling.denoisers)."""
         raise NotImplementedError
+
+    def noise_schedule(self) -> dict[str, Any]:
+        """The noise schedule the model was trained with (diffusers scheduler settings): the family's, with the
+        model's own prediction type."""
+        from kinema.sampling.schedulers import FAMILIES
+
+        return {**FAMILIES[self.family], "prediction_type": self.prediction_type}
 
     @property
     def name(self) -> str:

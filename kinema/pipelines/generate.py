@@ -286,7 +286,7 @@ class _Clip:
 def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text: _Text, clip: _Clip,
              seeds: Sequence[int], callback: StepCallback | None, progress: bool) -> torch.Tensor:
     """Sample one clip's latents `(B, C, F', h, w)` under everything the plan and the clip ask for."""
-    scheduler = make_scheduler(plan.scheduler, family.family)
+    scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type)
     steps = request.steps
     denoiser: Denoiser = family.denoiser()
     frames = clip.noise.shape[2]

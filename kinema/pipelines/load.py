@@ -220,13 +220,14 @@ def load_family(
 
     if dtype not in DTYPES:
         raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
-    from kinema.bundled import is_bundled_name, model_world, read_model_info, resolve_model
+    from kinema.bundled import is_bundled_name, model_prediction_type, model_world, read_model_info, resolve_model
 
     torch_dtype = getattr(torch, dtype)
     model_path = resolve_model(model, f"model {Path(model)} does not exist: check the path")
     # Settings record a bundled model by its name (the same on every install).
     recorded = str(model) if is_bundled_name(model) else str(model_path)
     world = model_world(model_path)
+    prediction_type = model_prediction_type(model_path)
     if motion_module is None and read_model_info(model_path) and (model_path / FOLDER_MOTION_MODULE).is_file():
         motion_module = model_path / FOLDER_MOTION_MODULE
     motion_path = None if motion_module is None else _existing(motion_module, "motion module")
@@ -241,11 +242,15 @@ def load_family(
 
     named = _Named(recorded, None if world is None else PromptWorld(world))
     if kind == "easyanimate_transformer":
-        return _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
-                            named)
-    if kind != "stable_diffusion":
+        family = _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
+                              named)
+    elif kind == "stable_diffusion":
+        family = _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
+                              named)
+    else:
         raise KinemaError(f"{model_path} is a {kind}, not a model to generate with: give {_MODEL_KINDS}")
-    return _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config, named)
+    family.prediction_type = prediction_type
+    return family
 
 
 @dataclass

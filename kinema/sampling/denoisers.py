@@ -1,4 +1,5 @@
-"""Denoisers: one per model family, each turning a video model's output into the noise (epsilon) prediction.
+"""Denoisers: one per model family, each turning a video model's output into the noise (epsilon) prediction, or the
+velocity for a v-prediction model (`VideoFamily.prediction_type`: the scheduler reads it as such).
 
 A denoiser is called as `denoiser(latents, timestep, cond)`: latents `(B, C, F, H, W)`, one timestep for all clips
 (an int, a float or a 0-d tensor, as schedulers give them) and `cond`, the model's conditioning as a mapping of its

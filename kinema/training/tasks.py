@@ -114,17 +114,18 @@ def _copy_model_manifest(source: Path, target: Path) -> bool:
 
 
 class _DenoisingLoss(nn.Module):
-    """Epsilon MSE of the model under its family's denoiser (what DDP wraps in the diffusion modes)."""
+    """MSE of the model's prediction (the noise, or the velocity for v-prediction models) under its family's
+    denoiser (what DDP wraps in the diffusion modes)."""
 
     def __init__(self, model: nn.Module, denoiser_class: type):
         super().__init__()
         self.model = model
         self.denoiser_class = denoiser_class
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        epsilon = self.denoiser_class(self.model)(noisy, timesteps, cond)
-        return F.mse_loss(epsilon.float(), noise)
+        prediction = self.denoiser_class(self.model)(noisy, timesteps, cond)
+        return F.mse_loss(prediction.float(), target)
 
 
 # ---------------------------------------------------------------- diffusion modes
@@ -201,7 +202,11 @@ def load_training_family(config: TrainConfig) -> Any:
                               "so the result is a plain SD1.5 model): remove model.motion_module")
         if config.mode == "vae":
             return _load_sd_vae_only(config)
-        return _load_animatediff_family(config)
+        from kinema.bundled import model_prediction_type
+
+        family = _load_animatediff_family(config)
+        family.prediction_type = model_prediction_type(config.model.path)
+        return family
     if config.model.motion_module:
         raise KinemaError("model.motion_module is for Stable Diffusion models; an EasyAnimate model has its own "
                           "motion layers: remove it")
@@ -216,13 +221,11 @@ class DiffusionTask(TrainingTask):
     def __init__(self, config: TrainConfig, family: Any):
         from diffusers import DDPMScheduler
 
-        from kinema.sampling.schedulers import FAMILIES
-
         self.config, self.family = config, family
         self.model = family.model
         self.module = _DenoisingLoss(self.model, type(family.denoiser()))
         self.is_dit = family.family == "easyanimate"
-        self.noise_schedule = DDPMScheduler(**FAMILIES[family.family])
+        self.noise_schedule = DDPMScheduler(**family.noise_schedule())
         # AnimateDiff samples timesteps uniformly; EasyAnimate V3 logit-normally (sigmoid(N(0, 1)) * 1000).
         self.timesteps = config.train.timesteps or ("logit_normal" if self.is_dit else "uniform")
         for part in (family.vae, family.text_encoder, getattr(family, "image_encoder", None)):
@@ -335,7 +338,10 @@ class DiffusionTask(TrainingTask):
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = self._timesteps(latents.shape[0], generator)
         noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
-        return {"noisy": noisy, "timesteps": timesteps, "noise": noise, "cond": cond}
+        target = noise
+        if self.family.prediction_type == "v_prediction":
+            target = self.noise_schedule.get_velocity(latents, noise, timesteps)
+        return {"noisy": noisy, "timesteps": timesteps, "target": target, "cond": cond}
 
     # ------------------------------------------------------------------ export
 

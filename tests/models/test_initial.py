@@ -28,6 +28,7 @@ def test_kinema_tiny_folder_is_seeded_and_loads(tmp_path):
     assert vae.config.latent_channels == KINEMA_TINY_SLICE_VAE["latent_channels"]
     manifest = json.loads((first / "kinema.json").read_text())
     assert manifest["family"] == "easyanimate" and manifest["text_encoder"]["hub_id"].endswith("all-MiniLM-L6-v2")
+    assert manifest["prediction_type"] == "v_prediction"
 
 
 def test_scaling_factor_is_one_over_the_latent_std(tmp_path, synth_videos):

@@ -119,6 +119,12 @@ def test_kinema_json_defaults_and_world_are_checked(tmp_path):
     info.write_text(json.dumps({"world": "real"}))
     with pytest.raises(KinemaError, match="unknown world 'real'; kinema knows synth"):
         kinema.bundled.model_world(tmp_path)
+    assert kinema.bundled.model_prediction_type(tmp_path) == "epsilon"
+    info.write_text(json.dumps({"prediction_type": "v_prediction"}))
+    assert kinema.bundled.model_prediction_type(tmp_path) == "v_prediction"
+    info.write_text(json.dumps({"prediction_type": "sample"}))
+    with pytest.raises(KinemaError, match="unknown prediction_type 'sample'; kinema samples epsilon, v_prediction"):
+        kinema.bundled.model_prediction_type(tmp_path)
 
 
 # ---------------------------------------------------------------- kinema-tiny's shape, with the real MiniLM

@@ -118,6 +118,35 @@ def test_inp_text_to_video_marks_every_frame_to_generate(easyanimate, monkeypatc
     assert all(call.get("clip_image_embeds") is None for call in spy.calls)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sampling_reads_the_model_as_its_prediction_type(easyanimate, monkeypatch, prediction_type):
+    """A model that answers exactly what it is meant to predict for one clean latent video x0 samples x0, whichever
+    of epsilon and v it predicts; read as the other, it does not. The oracle's maths is written here from DDPM's
+    linear betas (1e-4 .. 0.02 over 1000 steps), independent of diffusers."""
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    clean = torch.randn(1, 4, easyanimate.latent_frames(8), SIZE // easyanimate.spatial_factor,
+                        SIZE // easyanimate.spatial_factor, generator=torch.Generator().manual_seed(0))
+
+    def oracle(answers):
+        def forward(sample, timestep, **kwargs):
+            a = alpha_bar[int(torch.as_tensor(timestep).flatten()[0])].float()
+            noise = (sample - a.sqrt() * clean) / (1 - a).sqrt()
+            answer = noise if answers == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * clean
+            return answer.expand(sample.shape[0], -1, -1, -1, -1)
+        return forward
+
+    monkeypatch.setattr(easyanimate, "prediction_type", prediction_type)
+    monkeypatch.setattr(easyanimate.model, "forward", oracle(prediction_type), raising=False)
+    got = run(easyanimate, frames=8, steps=10, scheduler="ddim", output="latent").latents
+    # DDIM's last step lands on alpha_bar[0] (not 1): x0 plus 1% of the noise.
+    torch.testing.assert_close(got, clean, rtol=0, atol=0.05)
+    other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
+    monkeypatch.setattr(easyanimate.model, "forward", oracle(other), raising=False)
+    wrong = run(easyanimate, frames=8, steps=10, scheduler="ddim", output="latent").latents
+    # Misread, it lands 0.23 (epsilon read as v) or 4.9 (v read as epsilon) away at the worst latent.
+    assert (wrong - clean).abs().max() > 0.15
+
+
 # ------------------------------------------------------------------------------------------ image-to-video
 
 

@@ -377,6 +377,33 @@ def test_vae_adversarial_training_moves_each_player_by_its_own_loss_and_resumes(
     assert not all(torch.equal(state[k], start[k]) for k in state if k.startswith("discriminator."))
 
 
+@pytest.mark.parametrize("prediction_type", [None, "v_prediction"])
+def test_the_target_is_what_the_model_predicts(tmp_path, v3_model, synth_videos, prediction_type):
+    """The loss target is the noise, or with kinema.json "prediction_type": "v_prediction" the velocity
+    sqrt(a) * noise - sqrt(1 - a) * x0: either way the clean latents come back from the noisy ones and the target
+    by DDPM's algebra, written here from the linear betas (1e-4 .. 0.02) independently of diffusers."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(v3_model, model)
+    if prediction_type:
+        (model / "kinema.json").write_text(json.dumps({"prediction_type": prediction_type}))
+    task = make_task(make_config(tmp_path, {"path": str(model)}, synth_videos, "full", V3_DATA))
+    assert task.family.prediction_type == (prediction_type or "epsilon")
+    batch = first_batch(task.config)
+    inputs = task.inputs(batch, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        clean = task.family.encode_frames((batch["pixels"].float() + 1) / 2)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    a = alpha_bar[inputs["timesteps"]].float().view(-1, 1, 1, 1, 1)
+    noisy, target = inputs["noisy"], inputs["target"]
+    if prediction_type == "v_prediction":
+        recovered = a.sqrt() * noisy - (1 - a).sqrt() * target
+    else:
+        recovered = (noisy - (1 - a).sqrt() * target) / a.sqrt()
+    torch.testing.assert_close(recovered, clean, rtol=1e-4, atol=1e-3 / float(a.sqrt().min()))
+
+
 def test_cached_inpaint_latents_equal_the_vae_and_repeat_from_the_cache(tmp_path, v3_model, synth_videos):
     """With data.cache the inpaint (mask and masked-video) latents come through the latent cache: the same values as
     the VAE gives without a cache, and a repeated batch encodes nothing."""
