@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.cli.args import add_command, example, non_negative_int, positive_int
+from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
 from kinema.pipelines.request import SPEEDS
 
 DESCRIPTION = (
@@ -44,6 +44,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="sampling steps per video (default: the model's kinema.json defaults, else 25)")
     parser.add_argument("--frames", type=positive_int,
                         help="frames per video (default: the model's kinema.json defaults, else 16)")
+    parser.add_argument("--guidance", type=_guidance,
+                        help="classifier-free guidance scale, >= 1 (default: the model's kinema.json defaults, "
+                             "else 7.5)")
     parser.add_argument("--speed", choices=SPEEDS,
                         help="score under a speed preset, as kinema generate --speed makes videos (default: the "
                              "model's own settings)")
@@ -59,6 +62,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                              "prints one JSON object")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier eval output at DIR (never files kinema did not write)")
+
+
+_guidance = checked_number(float, "a number", lambda value: 1 <= value < float("inf"), "a finite number >= 1")
 
 
 def check_eval(args: argparse.Namespace) -> None:
@@ -89,6 +95,7 @@ def run_eval(args: argparse.Namespace) -> None:
         print(json.dumps({key: value for key, value in scores.items() if key != "per_clip"}))
         return
     report = evaluate(args.model, args.prompts, seed=args.seed, frames=args.frames, steps=args.steps,
+                      guidance=args.guidance,
                       progress=not args.quiet, out_dir=args.out, limit=args.limit,
                       continuation=not args.no_continuation, save_videos=args.save_videos, overwrite=args.overwrite,
                       speed=args.speed)

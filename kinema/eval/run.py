@@ -238,6 +238,7 @@ def evaluate(
     seed: int = 0,
     frames: int | None = None,
     steps: int | None = None,
+    guidance: float | None = None,
     progress: bool = True,
     out_dir: str | os.PathLike | None = None,
     limit: int | None = None,
@@ -253,9 +254,9 @@ def evaluate(
         model: what `kinema.pipelines.load.load_family` loads: a bundled model's name or a model folder.
         prompts_path: a prompt set (kinema.eval.prompts); default the shipped synthetic set.
         seed: added to every line's seed (a line's own `seed`, else one drawn from its text).
-        frames, steps: frames per video and sampling steps; by default the model's kinema.json defaults (as
-            `kinema generate` takes them, with its size, guidance and scheduler), else 16 frames and
-            GenerationRequest's steps at the model's native size (`native_size`).
+        frames, steps, guidance: frames per video, sampling steps and guidance scale; by default the model's
+            kinema.json defaults (as `kinema generate` takes them, with its size and scheduler), else 16 frames and
+            GenerationRequest's steps and guidance at the model's native size (`native_size`).
         progress: show a progress bar over the prompts.
         out_dir: write report.json, confusion-{color,shape,motion}.png (and videos/ with `save_videos`) here;
             None writes nothing. It follows kinema's output policy (`overwrite` replaces an earlier eval output).
@@ -274,6 +275,9 @@ def evaluate(
         entries = entries[:limit]
     if frames is not None and frames < 2:
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
+    if guidance is not None and not 1 <= guidance < float("inf"):
+        raise KinemaError(f"guidance must be a finite number >= 1 (1 turns classifier-free guidance off), got "
+                          f"{guidance}")
     if speed is not None:
         from kinema.pipelines.speed import preset_settings
 
@@ -287,7 +291,7 @@ def evaluate(
             folder = stack.enter_context(atomic_folder(out_dir, EVAL_KIND, overwrite=overwrite,
                                                        inputs=(prompts_path,)))
         report = _run(model, entries, Path(prompts_path), seed=seed, frames=frames,
-                      steps=steps, speed=speed, progress=progress, folder=folder,
+                      steps=steps, guidance=guidance, speed=speed, progress=progress, folder=folder,
                       continuation=continuation_frames if continuation else None, save_videos=save_videos)
         report.seconds = round(time.perf_counter() - began, 1)
         if folder is not None:
@@ -307,7 +311,8 @@ def _model_defaults(model: str) -> dict[str, Any]:
 
 
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
-         steps: int | None, speed: str | None, progress: bool, folder: Path | None, continuation: int | None,
+         steps: int | None, guidance: float | None, speed: str | None, progress: bool, folder: Path | None,
+         continuation: int | None,
          save_videos: bool) -> EvalReport:
     from tqdm import tqdm
 
@@ -320,7 +325,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     family = load_family(model)
     size = native_size(family)
     shared: dict[str, Any] = {"height": size, "width": size, "frames": DEFAULT_FRAMES, **defaults, "fps": FPS}
-    for key, given in (("frames", frames), ("steps", steps)):
+    for key, given in (("frames", frames), ("steps", steps), ("guidance", guidance)):
         if given is not None:
             shared[key] = given
     if speed is not None:  # as `kinema generate --speed`: the preset fills what the user left unset

@@ -105,6 +105,12 @@ def test_the_models_kinema_json_defaults_are_used(tmp_path, v3_model):
     report = evaluate(str(model), write_t2v(tmp_path), progress=False, continuation=False)
     assert report.settings["frames"] == 8 and report.settings["steps"] == 1 and report.settings["guidance"] == 2.0
     assert report.settings["height"] == 64 and len(report.per_prompt) == 1
+    # A given guidance wins over the model's; a bad one is refused before the model loads.
+    report = evaluate(str(model), write_t2v(tmp_path), guidance=1.5, progress=False, continuation=False)
+    assert report.settings["guidance"] == 1.5 and report.settings["steps"] == 1
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(KinemaError, match="guidance must be a finite number >= 1"):
+            evaluate("no-such-model", write_t2v(tmp_path), guidance=bad, progress=False)
 
 
 def test_a_speed_preset_replaces_the_models_defaults_but_not_given_steps(tmp_path, v3_model, monkeypatch):
