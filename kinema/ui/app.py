@@ -10,6 +10,7 @@ in a worker thread; the event handler, a generator, relays its step callbacks as
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -105,6 +106,14 @@ def error_message(err: BaseException) -> str:
     if isinstance(err, OSError):
         return os_error_message(err)
     return library_error_message(err)
+
+
+def extra_note_text(extra: dict[str, Any]) -> str:
+    """What the page says about a loaded video's settings that the form has no field for ("" when none)."""
+    if not extra:
+        return ""
+    listed = ", ".join(f"{key} {json.dumps(value)}" for key, value in extra.items())
+    return f"Also from the loaded video (no field for them here; the next video uses them): {listed}"
 
 
 def check_form(values: dict[str, Any], models_dir: str | os.PathLike | None) -> Job:
@@ -288,6 +297,11 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
                     random_seed = gr.Button("Random seed", elem_id="random-seed")
+                # Settings of a loaded video that the form has no field for; the next job takes them as they were.
+                extra = gr.State({})
+                with gr.Row():
+                    extra_note = gr.Markdown("", elem_id="extra-settings")
+                    forget_extra = gr.Button("Forget them", visible=False, elem_id="forget-extra")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -379,12 +393,14 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
         gallery.select(select_video, inputs=gallery_settings, outputs=selected_settings, concurrency_limit=None)
 
-        form_outputs = [mode, tabs, *form_fields.values(), *lora_paths, *lora_weights]
+        form_outputs = [mode, tabs, *form_fields.values(), *lora_paths, *lora_weights, extra, extra_note,
+                        forget_extra]
 
         def load_into_form(settings: Any) -> tuple[Any, ...]:
             if not isinstance(settings, dict):
                 raise gr.Error("select a video in the gallery first")
             values = settings_to_form(settings)
+            extra_values = values.pop("extra")
             loras = values.pop("loras")
             if len(loras) > LORA_SLOTS:
                 gr.Warning(f"the video used {len(loras)} LoRAs; the form holds {LORA_SLOTS}, so the first "
@@ -399,9 +415,12 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             values["speed"] = values.get("speed") or NO_SPEED
             field_updates = [values[key] if key in values else gr.skip() for key in form_fields]
             return (values["mode"], gr.Tabs(selected=values["mode"]), *field_updates,
-                    *[path or NO_CHOICE for path, _ in loras], *[weight for _, weight in loras])
+                    *[path or NO_CHOICE for path, _ in loras], *[weight for _, weight in loras], extra_values,
+                    extra_note_text(extra_values), gr.Button(visible=bool(extra_values)))
 
         load_settings.click(load_into_form, inputs=selected_settings, outputs=form_outputs, concurrency_limit=None)
+        forget_extra.click(lambda: ({}, "", gr.Button(visible=False)), outputs=[extra, extra_note, forget_extra],
+                           concurrency_limit=None)
 
         def stop_job(request: gr.Request) -> None:
             event = stops.get(request.session_hash or "")
@@ -416,6 +435,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                            ) -> Iterator[dict[Any, Any]]:
             values = {key: data[component] for key, component in form_fields.items()}
             values["mode"] = data[mode]
+            values["extra"] = data[extra]
             values["loras"] = [[data[path], data[weight]] for path, weight in zip(lora_paths, lora_weights,
                                                                                       strict=True)]
             try:
@@ -460,7 +480,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
         # One event for both triggers, so the queue's concurrency limit counts every generation together.
         gr.on([generate.click, prompt.submit], generate_video,
-              inputs={mode, *form_fields.values(), *lora_paths, *lora_weights},
+              inputs={mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
               outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
     app.queue(default_concurrency_limit=concurrency)
     return app

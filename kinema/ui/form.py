@@ -4,11 +4,14 @@ gallery's "load settings").
 
 Form values are a dict keyed by `FORM_KEYS`. The tab decides the mode: text-to-video and image-to-video take the
 form's size and frame count; video-to-video and extend keep the input video's size (and video-to-video its length).
-The form holds one seed; a job of several seeds loads back with its first.
+The form holds one seed; a job of several seeds loads back with its first. Settings the form has no field for
+(context windows, FreeInit, dtype, step caching, ...) load back into "extra", which the page shows and the next job
+takes as they were.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -16,12 +19,17 @@ from typing import Any
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.errors import KinemaError
-from kinema.pipelines.request import MODES
+from kinema.pipelines.request import MODES, GenerationRequest
 
 TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
-             "extend_video", "extend_frames", "speed")
+             "extend_video", "extend_frames", "speed", "extra")
+# Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra".
+EXTRA_KEYS = ("tokenizer", "overlap_frames", "segment_frames", "context", "interpolation", "free_init", "dtype",
+              "vae_tiling", "decode_chunk", "attention_chunk", "offload", "compile", "quantize", "cache_interval",
+              "cfg_truncation", "fps")
+_REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
 # The input video of each mode that takes one: the tabs have a video box each.
 VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}
 # The size a video takes from its start image rounds down to this: both families' VAEs downscale 8x.
@@ -60,6 +68,12 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("steps", "guidance", "seed", *sized):
         if _given(values.get(key)):
             data[key] = _number(values[key], key in _WHOLE_NUMBERS)
+    extra = values.get("extra") or {}
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        raise KinemaError(f"the form's extra settings hold {', '.join(unknown)}, which are not among "
+                          f"{', '.join(EXTRA_KEYS)}")
+    data.update(extra)
     if mode == IMAGE_TO_VIDEO:
         if not _given(values.get("image")):
             raise KinemaError("Image to Video needs a start image: upload one (the end image is optional)")
@@ -80,6 +94,18 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _extra_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `settings` without a form field that the job set: not at GenerationRequest's defaults, and
+    not what its speed preset filled in (the form's speed brings those, and a changed speed must replace them)."""
+    from kinema.pipelines.speed import CPU_WITHOUT_BFLOAT16, SPEED_PRESETS
+
+    speed = settings.get("speed")
+    preset = {**SPEED_PRESETS.get(speed, {}), **CPU_WITHOUT_BFLOAT16.get(speed, {})} if isinstance(speed, str) else {}
+    return {key: settings[key] for key in EXTRA_KEYS
+            if settings.get(key) is not None and settings[key] != _REQUEST_DEFAULTS.get(key)
+            and not (key in preset and settings[key] == preset[key])}
+
+
 def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Form values (a subset of `FORM_KEYS`) that make the job of `settings` (a job's `settings()`, as job.json
     and the gallery hold them) again; keys the job's mode does not use are left out, so the form keeps them."""
@@ -94,6 +120,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         "loras": [[path, weight] for path, weight in settings.get("loras") or []],
         "scheduler": settings.get("scheduler"),
         "speed": settings.get("speed") or "",
+        "extra": _extra_settings(settings),
     }
     for key in ("steps", "guidance"):
         if settings.get(key) is not None:

@@ -137,3 +137,57 @@ def test_an_upload_over_the_limit_is_refused(served_app):
     assert refused.status_code == 413, refused.text
     accepted = httpx.post(f"{url}gradio_api/upload", files={"files": ("small.png", b"0" * 100)})
     assert accepted.status_code == 200, accepted.text
+
+
+def write_clip(path: Path, frames: int = 8, size: int = 64) -> None:
+    """A small H.264 clip written with PyAV: what the gallery shows for a job folder written by hand."""
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for index in range(frames):
+            picture = np.full((size, size, 3), 40 + 20 * index, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_a_loaded_video_brings_the_settings_the_form_has_no_field_for(browser, served_app):
+    """A video made through the API or the CLI with settings the form lacks (guidance truncation, fps) loads them
+    as "extra": the page lists them, the next video is made with them, and "Forget them" drops them."""
+    from playwright import sync_api
+
+    from kinema.pipelines.jobs import JOB_FILE, job_from_mapping
+
+    url, outputs = served_app
+    prompt = "a green square moving up"
+    job = job_from_mapping({"prompt": prompt, "frames": 8, "steps": 2, "seed": 5, "cfg_truncation": 0.5, "fps": 12})
+    folder = outputs / "20200101-000000-a-green-square"
+    folder.mkdir(parents=True)
+    write_clip(folder / "video-seed5.mp4")
+    (folder / JOB_FILE).write_text(json.dumps(job.settings()))
+    before = {path.parent.name for path in outputs.glob(f"*/{JOB_FILE}")}
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.set_default_timeout(90_000)
+    page.goto(url)
+    expect = sync_api.expect
+    gallery = page.locator("#gallery")
+    gallery.get_by_text(f"{prompt} · seed 5").first.click()
+    page.locator("#selected-settings").get_by_text(prompt).first.wait_for()
+    page.locator("#load-settings").click()
+    expect(page.locator("#prompt textarea")).to_have_value(prompt)
+    note = page.locator("#extra-settings")
+    expect(note).to_contain_text("cfg_truncation 0.5")
+    expect(note).to_contain_text("fps 12")
+
+    page.locator("#generate").click()
+    page.locator("#status").get_by_text("Done: seed 5").wait_for(timeout=GENERATION_TIMEOUT_MS)
+    [made] = {path.parent.name for path in outputs.glob(f"*/{JOB_FILE}")} - before
+    written = json.loads((outputs / made / JOB_FILE).read_text())
+    assert written["prompt"] == prompt and written["cfg_truncation"] == 0.5 and written["fps"] == 12
+
+    page.locator("#forget-extra").click()
+    expect(page.locator("#forget-extra")).to_be_hidden()
+    expect(note).not_to_contain_text("cfg_truncation")

@@ -18,7 +18,8 @@ from kinema.ui.gallery import caption, keep_input, new_job_folder, read_gallery
 BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "model": "kinema-tiny",
               "motion_module": "", "loras": [], "scheduler": "ddim", "steps": 25, "width": 64, "height": 64,
               "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
-              "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": ""}
+              "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": "",
+              "extra": {}}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -41,7 +42,7 @@ def through_the_form(settings):
 
 
 @pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video", "extend",
-                                  "speed preset"])
+                                  "speed preset", "settings without a field"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -56,6 +57,9 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
         data.update(video=image_file(tmp_path / "clip.gif"), extend_frames=12)
     elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
         data.update(speed="fast", scheduler="dpmpp_2m_karras", steps=10)
+    elif mode == "settings without a field":  # the API's and the CLI's options the form lacks come back as "extra"
+        data.update(frames=32, context={"length": 16, "overlap": 4}, free_init={"iterations": 2}, dtype="bfloat16",
+                    cache_interval=2, cfg_truncation=0.5, fps=12, attention_chunk=64, interpolation="slerp")
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
 
@@ -63,6 +67,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
 
     assert entry.settings == job.settings()
     assert through_the_form(entry.settings).settings() == job.settings()
+    extra = settings_to_form(entry.settings)["extra"]
+    assert (extra != {}) == (mode == "settings without a field")
 
 
 def test_a_job_of_several_seeds_is_one_gallery_entry_per_video_newest_job_first(tmp_path):
@@ -113,6 +119,8 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
     assert "loras" not in mapping  # empty LoRA slots are not LoRAs
     assert set(settings_to_form(job_from_mapping(mapping).settings())) <= set(FORM_KEYS)
     assert 0 <= job_from_mapping(mapping).request.seeds[0] < 2**32  # -1: a random seed, drawn by the job
+    with pytest.raises(KinemaError, match="the form's extra settings hold steps, which are not among tokenizer"):
+        form_to_mapping({**BLANK_FORM, "extra": {"steps": 3}})
 
 
 def test_new_job_folders_never_collide_with_each_other_or_what_exists(tmp_path):
