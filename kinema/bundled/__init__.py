@@ -142,10 +142,6 @@ def model_world(model_folder: str | os.PathLike) -> str | None:
     return world
 
 
-__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "available_models", "bundled_model_path", "is_bundled_name",
-           "model_defaults", "model_world", "read_model_info", "resolve_model"]
-
-
 def model_prediction_type(model_folder: str | os.PathLike) -> str:
     """What a model folder's `kinema.json` says the model predicts ("prediction_type"): "epsilon" when it says
     nothing; one KinemaError line for a value kinema does not sample."""
@@ -154,3 +150,8 @@ def model_prediction_type(model_folder: str | os.PathLike) -> str:
         raise KinemaError(f"{Path(model_folder) / MODEL_INFO}: unknown prediction_type {prediction!r}; kinema "
                           f"samples {', '.join(PREDICTION_TYPES)} models")
     return str(prediction)
+
+
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "available_models", "bundled_model_path", "is_bundled_name",
+           "model_defaults", "model_prediction_type", "model_world", "read_model_info", "resolve_model"]
+
