@@ -44,7 +44,7 @@ def kinema_tiny_dit() -> VideoDiT:
 
 
 def dit_inputs(model: VideoDiT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy latents `(1, C_in, 4, 8, 8)` and text states `(1, 32, D)`, seeded."""
+    """Noisy latents `(1, C_in, 4, h, w)` at the model's latent size and text states `(1, 32, D)`, seeded."""
     generator = torch.Generator().manual_seed(5)
     config = model.config
     latents = torch.randn(1, config.in_channels, 4, config.sample_size, config.sample_size, generator=generator)
@@ -132,7 +132,7 @@ def test_a_bf16_model_in_the_float32_sampling_loop(kinema_tiny_dit):
     and 3 DDIM steps with guidance stay within tolerance of the float32 model's."""
     latents, text = dit_inputs(kinema_tiny_dit)
     channels = kinema_tiny_dit.config.out_channels  # the InP channels beyond these are conditioning
-    noise = initial_noise((1, channels, 4, 8, 8), seeds=[3])
+    noise = initial_noise((1, channels, *latents.shape[2:]), seeds=[3])
     inpaint = latents[:, channels:]
     cond = DiTDenoiser.conditioning(text, inpaint_latents=inpaint)
     uncond = DiTDenoiser.conditioning(torch.zeros_like(text), inpaint_latents=inpaint)
