@@ -19,16 +19,20 @@ from typing import Any
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.errors import KinemaError
+from kinema.pipelines.jobs import JOB_KEYS
 from kinema.pipelines.request import MODES, GenerationRequest
 
 TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
              "extend_video", "extend_frames", "speed", "extra")
-# Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra".
-EXTRA_KEYS = ("tokenizer", "overlap_frames", "segment_frames", "context", "interpolation", "free_init", "dtype",
-              "vae_tiling", "decode_chunk", "attention_chunk", "offload", "compile", "quantize", "cache_interval",
-              "cfg_truncation", "fps")
+# The job keys the form's fields (and tabs) make; every other job key is "extra".
+_FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
+                  "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
+                  "extend_frames", "speed", "mode")
+# Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
+# from the job's keys, so a setting added to jobs later loads back without a change here.
+EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
 _REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
 # The input video of each mode that takes one: the tabs have a video box each.
 VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}

@@ -119,6 +119,10 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
     assert "loras" not in mapping  # empty LoRA slots are not LoRAs
     assert set(settings_to_form(job_from_mapping(mapping).settings())) <= set(FORM_KEYS)
     assert 0 <= job_from_mapping(mapping).request.seeds[0] < 2**32  # -1: a random seed, drawn by the job
+    from kinema.pipelines.jobs import JOB_KEYS
+    from kinema.ui.form import _FORM_JOB_KEYS
+
+    assert set(_FORM_JOB_KEYS) < set(JOB_KEYS)  # a misspelt form key would otherwise count as "extra"
     with pytest.raises(KinemaError, match="the form's extra settings hold steps, which are not among tokenizer"):
         form_to_mapping({**BLANK_FORM, "extra": {"steps": 3}})
 
