@@ -7,6 +7,7 @@ The mode follows from the inputs: `video` with `extend_frames` continues a video
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -127,18 +128,20 @@ class GenerationRequest:
     def check(self) -> None:
         """One KinemaError line for settings that no model can take (model-specific limits, such as the sizes a VAE
         takes, are checked by `generate()` before any denoising)."""
+        # Checked as `not (finite and in range)`, so that NaN, which fails every comparison, and infinity, which
+        # passes a lower bound, are refused too (the Python API hands floats straight through).
         def positive(name: str, value: float) -> None:
-            if not value >= 1:
+            if not (math.isfinite(value) and value >= 1):
                 raise KinemaError(f"{name} must be at least 1, got {value}")
 
         positive("steps", self.steps)
         positive("frames", self.frames)
         positive("decode_chunk", self.decode_chunk)
-        if not self.fps > 0:
+        if not (math.isfinite(self.fps) and self.fps > 0):
             raise KinemaError(f"fps must be positive, got {self.fps}")
-        if self.guidance < 1:
-            raise KinemaError(f"guidance must be at least 1 (1 turns classifier-free guidance off), got "
-                              f"{self.guidance}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 1):
+            raise KinemaError(f"guidance must be a finite number of at least 1 (1 turns classifier-free guidance "
+                              f"off), got {self.guidance}")
         seeds = list(self.seeds)
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")

@@ -186,8 +186,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", "--model", "nowhere"], "no such model file or folder: nowhere"),
         (["generate", "a cat", "--model", "sd", "--motion-module", "mm.ckpt"], "no such motion module: mm.ckpt"),
         (["generate", "a cat", *model, "--lora", "pan.safetensors:0.5"], "no such LoRA file: pan.safetensors"),
-        (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be at least 1 (1 turns classifier-free "
-                                                             "guidance off), got 0.5"),
+        (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be a finite number of at least 1 (1 turns "
+                                                             "classifier-free guidance off), got 0.5"),
         (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
         (["generate", "a cat", *model, "--image", "gone.png"], "no such image: gone.png"),
         (["generate", "a cat", *model, "--seed", "3", "1", "3"], "seed 3 is given more than once, which would make "

@@ -96,7 +96,7 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "seed": 2**64}, f"job: seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
     ({"prompt": "a cat", "seed": [1, 1]}, "a seed is given more than once"),
     ({"prompt": "a cat", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
-    ({"prompt": "a cat", "guidance": 0.5}, "job: guidance must be at least 1"),
+    ({"prompt": "a cat", "guidance": 0.5}, "job: guidance must be a finite number of at least 1"),
     ({"prompt": " "}, "job: no prompt"),
     ({"prompt": {"0": "a cat", "20": "a dog"}, "frames": 8}, "job: prompt schedule key '20' is out of range"),
     ({"prompt": "a cat", "model": "kinema-huge"}, "job: no such model file or folder: kinema-huge; a model is"),
@@ -110,6 +110,20 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
     with pytest.raises(KinemaError) as caught:
         job_from_mapping(data, base=tmp_path)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("guidance", float("nan"), "guidance must be a finite number of at least 1"),
+    ("guidance", float("inf"), "guidance must be a finite number of at least 1"),
+    ("fps", float("inf"), "fps must be positive"),
+    ("fps", float("nan"), "fps must be positive"),
+    ("steps", float("inf"), "steps must be at least 1"),
+])
+def test_the_python_api_refuses_nan_and_infinity(field, value, message):
+    """GenerationRequest is also built directly (the Python API), where no job parser has checked the numbers."""
+    request = GenerationRequest(prompt="a cat", **{field: value})
+    with pytest.raises(KinemaError, match=message):
+        request.check()
 
 
 def test_every_request_field_is_a_job_key():
