@@ -381,9 +381,13 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
             section = section.setdefault(parent, {})
         section[last] = value
     config = config_from_dict(values, str(path))
+    from kinema.bundled import is_bundled_name, resolve_model
+
     for holder, key in ((config, "output"), (config.model, "path"), (config.model, "motion_module"),
                         (config.model, "tokenizer"), (config.data, "root"), (config.data, "cache")):
         value = getattr(holder, key)
+        if holder is config.model and key == "path" and is_bundled_name(value):
+            value = str(resolve_model(value))  # a bundled model's name: its folder in this install, as other commands
         if value:
             setattr(holder, key, os.path.abspath(os.path.expanduser(value)))
     return config

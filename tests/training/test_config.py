@@ -91,6 +91,19 @@ def test_overrides_and_paths(tmp_path, monkeypatch):
         load_config(tmp_path / "list.yaml")
 
 
+def test_a_bundled_model_name_is_its_folder_and_a_path_still_wins(tmp_path, monkeypatch):
+    """model.path takes a bundled model's name, as --model does (to continue training the shipped weights)."""
+    from kinema.bundled import bundled_model_path
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    made = load_config(path, {"model.path": "kinema-tiny"})
+    assert made.model.path == os.path.abspath(bundled_model_path("kinema-tiny"))
+    (tmp_path / "kinema-tiny").mkdir()  # a folder of that name where the command runs is what the user means
+    assert load_config(path, {"model.path": "kinema-tiny"}).model.path == str(tmp_path / "kinema-tiny")
+
+
 def test_resume_identity_ignores_length_and_observation_only():
     base = resume_identity(config())
     assert resume_identity(config(train__steps=5, log__every=1, checkpoint__keep=9, data__num_workers=2)) == base
