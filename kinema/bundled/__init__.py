@@ -86,7 +86,7 @@ def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Pat
         if not (folder / MODEL_INFO).is_file():
             where = f" (${BUNDLED_DIR_VARIABLE})" if os.environ.get(BUNDLED_DIR_VARIABLE) else ""
             raise KinemaError(f"the bundled model {model} is not in this install: {folder}{where} has no "
-                              f"{MODEL_INFO}; reinstall kinema, or give a model folder with --model")
+                              f"{MODEL_INFO}; reinstall kinema, or give a model folder instead")
         return folder
     available = available_models()
     names = ", ".join(available) if available else "none in this install"
