@@ -383,11 +383,11 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     config = config_from_dict(values, str(path))
     from kinema.bundled import is_bundled_name, resolve_model
 
+    if is_bundled_name(config.model.path):  # a bundled model's name means its folder here, as for every command
+        config.model.path = str(resolve_model(config.model.path))
     for holder, key in ((config, "output"), (config.model, "path"), (config.model, "motion_module"),
                         (config.model, "tokenizer"), (config.data, "root"), (config.data, "cache")):
         value = getattr(holder, key)
-        if holder is config.model and key == "path" and is_bundled_name(value):
-            value = str(resolve_model(value))  # a bundled model's name: its folder in this install, as other commands
         if value:
             setattr(holder, key, os.path.abspath(os.path.expanduser(value)))
     return config
