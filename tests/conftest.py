@@ -35,6 +35,28 @@ def same_random_state_for_every_test():
     yield
 
 
+@pytest.fixture
+def encoded_frames(monkeypatch) -> dict[str, list]:
+    """The frames each `write_video` call hands to the encoder, by file name (a list: one entry per write).
+
+    Tests that make a video twice compare these, not the decoded files: libx264 is not bit-reproducible (fed
+    identical YUV frames it wrote a different stream in 4 of 30 runs, decoded pixels one level off).
+    """
+    import numpy as np
+
+    from kinema.data import video_io
+
+    encoded: dict[str, list] = {}
+    write_video = video_io.write_video
+
+    def recording_write_video(frames, path, *args, **kwargs):
+        encoded.setdefault(Path(path).name, []).append(np.array(frames))
+        return write_video(frames, path, *args, **kwargs)
+
+    monkeypatch.setattr(video_io, "write_video", recording_write_video)
+    return encoded
+
+
 @pytest.fixture(scope="module")
 def unet2d() -> UNet2DConditionModel:
     """The tiny SD1.5-shaped 2D UNet (`TINY_UNET`), seeded; shared by a module's tests, so do not change it."""

@@ -2,14 +2,11 @@
 again, makes the same frames (compared exactly as they go to the encoder); bad usage is refused in one line (exit 2)
 before any model loads."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import yaml
 
 from kinema.cli import main
-from kinema.data import video_io
 from kinema.data.video_io import read_sidecar, read_video
 
 CONFIG = """\
@@ -29,18 +26,8 @@ def frames_by_folder(out):
     return {path.relative_to(out): read_video(path).frames.numpy() for path in sorted(out.glob("*/*.mp4"))}
 
 
-def test_a_written_config_makes_the_same_frames_again(tmp_path, monkeypatch, capsys):
-    # libx264 is not bit-reproducible from one process to the next: fed identical YUV frames it wrote different
-    # streams in 4 of 30 runs (decoded pixels off by one level). So the frames are compared as kinema hands them to
-    # the encoder, and the decoded files only to within that one level.
-    encoded = {}  # file name (one seed each): [frames of the first run, frames of the rerun]
-    write_video = video_io.write_video
-
-    def recording_write_video(frames, path, *args, **kwargs):
-        encoded.setdefault(Path(path).name, []).append(np.array(frames))
-        return write_video(frames, path, *args, **kwargs)
-
-    monkeypatch.setattr(video_io, "write_video", recording_write_video)
+def test_a_written_config_makes_the_same_frames_again(tmp_path, capsys, encoded_frames):
+    # Compared exactly as they go to the encoder; the decoded files only to within libx264's one level.
     (tmp_path / "shapes.yaml").write_text(CONFIG)
     first, again = tmp_path / "first", tmp_path / "again"
     # --steps is set for every entry and written into config.yaml, so the rerun needs no options.
@@ -61,8 +48,8 @@ def test_a_written_config_makes_the_same_frames_again(tmp_path, monkeypatch, cap
     assert main(["generate", "--config", str(first / "config.yaml"), "-o", str(again), "--quiet"]) == 0
     rerun = frames_by_folder(again)
     assert rerun.keys() == videos.keys()
-    assert sorted(encoded) == sorted(path.name for path in videos)
-    assert all(len(runs) == 2 and np.array_equal(*runs) for runs in encoded.values())
+    assert sorted(encoded_frames) == sorted(path.name for path in videos)
+    assert all(len(runs) == 2 and np.array_equal(*runs) for runs in encoded_frames.values())
     for path in videos:
         assert np.abs(videos[path].astype(int) - rerun[path].astype(int)).max() <= 1
 
