@@ -115,6 +115,7 @@ class VAEConfig:
     adversarial_weight: float = 0.0  # > 0: a 3D patch discriminator trains alongside (hinge loss)
     adversarial_start: int = 0  # the step from which the adversarial terms count
     trains: str = "all"  # all | decoder (the encoder, and so the latent space a diffusion model learned, stays)
+    temporal_weight: float = 0.0  # > 0: also match the frame-to-frame changes (kinema.training.vae_objective)
 
 
 @dataclass
@@ -330,6 +331,8 @@ def check_config(config: TrainConfig) -> None:
     _check_range(config.lora.targets in ("motion", "spatial", "all"), f"unknown lora.targets "
                  f"{config.lora.targets!r}; choose motion, spatial or all")
     _check_range(config.vae.kl_weight >= 0, f"vae.kl_weight must be >= 0, got {config.vae.kl_weight}")
+    _check_range(config.vae.temporal_weight >= 0, f"vae.temporal_weight must be >= 0 (0 turns it off), got "
+                 f"{config.vae.temporal_weight}")
     _check_range(config.vae.adversarial_weight >= 0 and config.vae.adversarial_start >= 0,
                  f"vae.adversarial_weight and vae.adversarial_start must be >= 0, got {config.vae.adversarial_weight} "
                  f"and {config.vae.adversarial_start}")

@@ -420,7 +420,8 @@ class VAETask(TrainingTask):
                 part.requires_grad_(True)
         settings = VAELossSettings(kl_weight=config.vae.kl_weight, reconstruction=config.vae.reconstruction,
                                    adversarial_weight=config.vae.adversarial_weight,
-                                   adversarial_start=config.vae.adversarial_start)
+                                   adversarial_start=config.vae.adversarial_start,
+                                   temporal_weight=config.vae.temporal_weight)
         self.discriminator = None
         if config.vae.adversarial_weight > 0:
             with torch.random.fork_rng(devices=[]):  # the same start in every process and rerun

@@ -87,6 +87,30 @@ def test_terms_equal_plain_torch_and_diffusers(slice_vae: SliceVAE) -> None:
     assert mse["reconstruction"].item() == pytest.approx(((video - expected_video) ** 2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("reconstruction", ["l1", "mse"])
+def test_the_temporal_term_is_the_error_of_frame_changes(slice_vae: SliceVAE, reconstruction: str) -> None:
+    vae = randomise(slice_vae)
+    video = random_video(2, 16, 32)
+    settings = VAELossSettings(kl_weight=0.3, reconstruction=reconstruction, temporal_weight=0.7)
+    losses = vae_losses(vae, video, settings, generator=torch.Generator().manual_seed(5), return_decoded=True)
+    decoded = losses["decoded"].detach()
+
+    errors = []
+    for t in range(15):  # frame t to t + 1 of both clips, one pair at a time
+        change = (decoded[:, :, t + 1] - decoded[:, :, t]) - (video[:, :, t + 1] - video[:, :, t])
+        errors.append(change.abs() if reconstruction == "l1" else change**2)
+    temporal = 0.7 * torch.stack(errors).mean().item()
+    assert temporal > 0.01
+    assert losses["temporal"].item() == pytest.approx(temporal, rel=1e-5)
+    untimed = vae_losses(vae, video, VAELossSettings(kl_weight=0.3, reconstruction=reconstruction),
+                         generator=torch.Generator().manual_seed(5))
+    assert untimed["temporal"].item() == 0
+    assert losses["loss"].item() == pytest.approx(untimed["loss"].item() + temporal, rel=1e-5)
+    # One frame (an image) has no change to match.
+    image = vae_losses(vae, random_video(1, 1, 32), settings, generator=torch.Generator().manual_seed(5))
+    assert image["temporal"].item() == 0
+
+
 def test_decode_is_differentiable_and_matches_plain_slice_decode(slice_vae: SliceVAE) -> None:
     vae = randomise(slice_vae)
     # 3 slices, so the middle one has context on both sides.
@@ -218,6 +242,8 @@ def test_bad_input_raises(slice_vae: SliceVAE) -> None:
         VAELossSettings(kl_weight=-1.0)
     with pytest.raises(KinemaError, match="adversarial_start"):
         VAELossSettings(adversarial_start=-5)
+    with pytest.raises(KinemaError, match="temporal_weight must be >= 0"):
+        VAELossSettings(temporal_weight=-0.1)
     with pytest.raises(KinemaError, match=r"\[-1, 1\]"):
         vae_losses(slice_vae, random_video(1, 8, 32) * 127.5 + 127.5, VAELossSettings())
     with pytest.raises(KinemaError, match="multiple of 8"):
