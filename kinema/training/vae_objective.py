@@ -43,8 +43,8 @@ class VAELossSettings:
     adversarial_start: the first training step at which the adversarial term counts (V3: 50,001).
     temporal_weight: multiplies the error of the frame-to-frame changes, `x̂[t+1] - x̂[t]` against `x[t+1] - x[t]`
         (measured as `reconstruction` is); 0 turns it off (V3 has no such term). The per-frame error alone lets the
-        decoder jump where one latent frame's 4 frames meet the next's (kinema-tiny's reconstructions changed about
-        twice as much there as between other frames).
+        decoder jump where one latent frame's 4 frames meet the next's: kinema-tiny's reconstructions changed 2.0x
+        the median frame change from frame 7 to 8 (the decoder slices' seam) and 1.2-1.4x at the other joins.
     """
 
     kl_weight: float = 1e-6
