@@ -125,10 +125,6 @@ def discriminator_input(vae: SliceVAE | AutoencoderKL, video: torch.Tensor) -> t
     return video
 
 
-def _l1(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (estimate - target).abs().mean()
-
-
 def vae_losses(
     vae: SliceVAE | AutoencoderKL,
     video: torch.Tensor,
@@ -180,7 +176,7 @@ def vae_losses(
         decoded = vae.decode(latents, tiling="off").sample  # type: ignore[union-attr,call-arg]
 
     target, estimate = video.float(), decoded.float()
-    error = _l1 if settings.reconstruction == "l1" else F.mse_loss
+    error = F.l1_loss if settings.reconstruction == "l1" else F.mse_loss
     reconstruction = error(estimate, target)
     if settings.temporal_weight > 0 and frames > 1:
         temporal = settings.temporal_weight * error(estimate.diff(dim=2), target.diff(dim=2))
