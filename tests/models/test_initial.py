@@ -31,6 +31,15 @@ def test_kinema_tiny_folder_is_seeded_and_loads(tmp_path):
     assert manifest["prediction_type"] == "v_prediction"
 
 
+def test_kinema_tiny_ad_folder_predicts_the_velocity(tmp_path):
+    from kinema.bundled import model_prediction_type
+
+    folder = write_initial_model("kinema-tiny-ad", tmp_path / "ad")
+    assert json.loads((folder / "kinema.json").read_text())["prediction_type"] == "v_prediction"
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert model_prediction_type(folder) == "v_prediction"
+
+
 def test_scaling_factor_is_one_over_the_latent_std(tmp_path, synth_videos):
     from kinema.data.video_io import read_video
     from kinema.models.slice_vae import SliceVAE

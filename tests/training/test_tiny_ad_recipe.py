@@ -59,6 +59,7 @@ def test_recipe_from_init_to_generate_and_eval(tmp_path, synth_videos, capsys):
     from kinema.pipelines.load import load_family
 
     family = load_family(bundle)
+    assert family.prediction_type == motion_run.task.family.prediction_type == "v_prediction"
     assert motion_heads(family.model) == motion_heads(trained)
     assert family.model.config.motion_module["norm_mode"] == KINEMA_TINY_AD_MOTION["motion_module"]["norm_mode"]
     # The loaded weights are the motion stage's export (its EMA weights), rounded to float16, read back as float32.
