@@ -7,6 +7,9 @@ from tiny_sd import tiny_sd_parts, write_kohya_lora, write_motion_lora, write_mo
 
 from kinema.ui.models import scan_models
 
+# Both models ship in the package, the default first.
+BUNDLED = [("kinema-tiny (bundled)", "kinema-tiny"), ("kinema-tiny-ad (bundled)", "kinema-tiny-ad")]
+
 
 def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp_path):
     root = tmp_path / "models"
@@ -21,7 +24,7 @@ def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp
 
     found = scan_models(root)
 
-    assert found.models == [("kinema-tiny (bundled)", "kinema-tiny"),
+    assert found.models == [*BUNDLED,
                             ("Stable-diffusion/tiny-sd/", str(root.resolve() / "Stable-diffusion" / "tiny-sd"))]
     assert found.motion_modules == [("mm_tiny_v3.safetensors", str(root.resolve() / "mm_tiny_v3.safetensors"))]
     assert found.loras == [("Lora/style.safetensors", str(root.resolve() / "Lora" / "style.safetensors")),
@@ -30,9 +33,9 @@ def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp
     assert "LFS" in found.skipped[0][1] or "pointer" in found.skipped[0][1]
 
 
-def test_without_a_models_folder_the_bundled_model_is_offered(tmp_path):
-    assert scan_models(None).models == [("kinema-tiny (bundled)", "kinema-tiny")]
-    assert scan_models(tmp_path / "missing").models == [("kinema-tiny (bundled)", "kinema-tiny")]
+def test_without_a_models_folder_the_bundled_models_are_offered(tmp_path):
+    assert scan_models(None).models == BUNDLED
+    assert scan_models(tmp_path / "missing").models == BUNDLED
 
 
 def test_a_file_changed_since_the_last_scan_is_described_again(tmp_path):
