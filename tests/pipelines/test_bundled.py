@@ -184,3 +184,34 @@ def test_a_prompt_outside_the_world_warns_once(caplog):
                                                      "or triangle in red, green, blue, yellow, white, purple, orange "
                                                      "or cyan, moving left, right, up or down")
     assert "'a cat chasing a dog'" in caplog.records[0].getMessage()
+
+
+# ---------------------------------------------------------------- the shipped kinema-tiny-ad
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_shipped_kinema_tiny_ad_loads_by_name_as_float32_without_diffusers_cast_warnings(monkeypatch):
+    monkeypatch.delenv("KINEMA_BUNDLED_DIR", raising=False)
+    folder = bundled_model_path("kinema-tiny-ad")
+    stored = sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
+    assert stored <= 30e6
+    # diffusers' loggers do not propagate to the root, so caplog would not see them: listen on diffusers' own.
+    diffusers_logger = logging.getLogger("diffusers")
+    records = _Records()
+    diffusers_logger.addHandler(records)
+    try:
+        family = load_family("kinema-tiny-ad")
+    finally:
+        diffusers_logger.removeHandler(records)
+    # diffusers' ModelMixin.to logs "should be kept in float32: []" for any dtype it is given; kinema casts past it.
+    assert not [message for message in records.messages if "kept in float32" in message]
+    assert family.prediction_type == "v_prediction"
+    assert {p.dtype for part in (family.model, family.vae) for p in part.parameters()} == {torch.float32}
