@@ -1,4 +1,5 @@
-"""Loading EasyAnimate parts prints nothing it need not, and puts the weights in memory unless mmap is asked for.
+"""Loading EasyAnimate and Stable Diffusion parts prints nothing it need not, and puts the weights in memory unless
+mmap is asked for.
 
 Two notices used to appear on every load: diffusers' "There are modules in SliceVAE that should be kept in float32:
 []" (its `ModelMixin.to` warns on any dtype cast, even with no such modules) and transformers' "`CLIPImageProcessor`
@@ -52,6 +53,26 @@ def test_slice_vae_load_prints_no_float32_notice(tmp_path):
     with diffusers_warnings() as messages:
         tiny_slice_vae(**SMALLEST_SLICE_VAE).to(torch.float16)  # what the loader used to do
     assert [m for m in messages if FLOAT32_NOTICE in m]
+
+
+def test_stable_diffusion_loads_print_no_float32_notice(tmp_path, monkeypatch):
+    from loaders.test_stable_diffusion import write_tokenizer
+    from tiny_sd import tiny_sd_parts, write_sd_configs, write_sd_single_file
+
+    from kinema.loaders.stable_diffusion import load_stable_diffusion
+    from kinema.pipelines.load import load_family
+
+    monkeypatch.delenv("KINEMA_BUNDLED_DIR", raising=False)
+    parts = tiny_sd_parts()
+    path = write_sd_single_file(tmp_path / "tiny.safetensors", parts)
+    configs = write_sd_configs(tmp_path / "configs", parts)
+    write_tokenizer(tmp_path / "tokenizer")
+    with diffusers_warnings() as messages:
+        for dtype in (torch.float32, torch.float16):
+            sd = load_stable_diffusion(path, tokenizer=tmp_path / "tokenizer", config=configs, dtype=dtype)
+            assert {p.dtype for p in sd.unet.parameters()} == {dtype}
+        load_family("kinema-tiny-ad")  # a folder with its motion module: the AnimateDiff family's own cast
+    assert not [m for m in messages if FLOAT32_NOTICE in m]
 
 
 def test_whole_folder_load_prints_no_torchvision_notice(tmp_path):

@@ -54,6 +54,7 @@ from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, dtype_report, find_weights, read_state_dict
 from kinema.loaders.source import Source
 from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
+from kinema.models.precision import cast_module
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
@@ -290,7 +291,7 @@ def _load_single_file(source: Source, tokenizer: str | os.PathLike | None, confi
         fresh = {k: v.clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
         load_strict(model, fresh, _fit_context(path, name),
                     ignore=_rebuilt_buffers(model), advice=_SD15_ADVICE, assign=True)
-        models[name] = model.to(dtype).eval()
+        models[name] = cast_module(model, dtype=dtype).eval()
     return StableDiffusionComponents(**models, tokenizer=tok, scheduler=_load_scheduler(config_dir / "scheduler"),
                                      source=path, ignored_keys=_ignored_keys(state))
 

@@ -38,6 +38,18 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 INFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def cast_module(module: ModelT, *, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> ModelT:
+    """`module.to(device=device, dtype=dtype)` in place, through torch's own `nn.Module.to`, and return it.
+
+    diffusers' `ModelMixin.to` logs "There are modules in X that should be kept in float32: []" on every dtype it is
+    given (its keep-in-float32 list defaults to an empty one); its other checks are for quantised and group-offloaded
+    models, which kinema's are not when it casts them.
+    """
+    nn.Module.to(module, device=device, dtype=dtype)
+    return module
+
+
 def prepare_for_inference(model: ModelT, dtype: torch.dtype = torch.bfloat16, *,
                           channels_last: bool = False) -> ModelT:
     """Make `model` run inference in `dtype`, in place, and return it.
@@ -65,9 +77,7 @@ def prepare_for_inference(model: ModelT, dtype: torch.dtype = torch.bfloat16, *,
                           "pass torch.bfloat16, torch.float16 or torch.float32")
     floating = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if floating - {dtype}:
-        # nn.Module's own cast: diffusers' ModelMixin.to warns about `_keep_in_fp32_modules` on every cast, even
-        # when a model has none (kinema's have none; the rule above is why).
-        nn.Module.to(model, dtype)
+        cast_module(model, dtype=dtype)
     if channels_last:
         # Module.to takes memory_format (it converts the 4-D tensors); torch's type stubs do not declare it.
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -29,6 +29,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.models.motion import check_frame_count, initialize_motion_weights
+from kinema.models.precision import cast_module
 from kinema.models.presets import easyanimate_v3_xl_2
 from kinema.models.video_dit_blocks import (
     MotionModuleSpec,
@@ -426,7 +427,7 @@ class VideoDiT(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # ty
             raise KinemaError(f"in_channels {config['in_channels']} is below the image model's "
                               f"{image_cfg['in_channels']}; inflation can only add input channels")
         model = cls(**config)
-        model.to(dtype=pixart.dtype)
+        cast_module(model, dtype=pixart.dtype)
 
         state = model.state_dict()
         for name, weight in pixart.state_dict().items():

@@ -289,6 +289,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
     import torch
 
+    from kinema.models.precision import cast_module
     from kinema.pipelines.animatediff import AnimateDiffFamily
 
     if path.is_dir() and (tokenizer is not None or config is not None):
@@ -334,10 +335,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
 
     parts = [video_unet.eval(), components.vae, components.text_encoder]
     for part in parts:
-        # torch's own `to`: diffusers' ModelMixin.to logs "modules ... should be kept in float32: []" on every dtype
-        # it is given (its keep-in-float32 list defaults to an empty one), and its other checks are for quantised
-        # and group-offloaded models, which these parts are not at this point.
-        torch.nn.Module.to(part, device=device, dtype=dtype)
+        cast_module(part, device=device, dtype=dtype)
     family = AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
                                source=named.source, motion_module=str(motion_path),
                                loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world)
