@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kinema.data.sampler import BatchOrder
-from kinema.data.video_io import read_video
+from kinema.data.video_io import FOLDER_IMAGE_SUFFIXES, read_video
 from kinema.errors import KinemaError
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,10 @@ def resize_and_crop(pixels: torch.Tensor, size: tuple[int, int], position: float
 
 
 def count_frames(path: Path) -> int:
-    """Frames in a video file: the container's count when it has one, else counted by decoding."""
+    """Frames in a video, animation, still or frame folder: the container's count when it has one, else counted
+    by decoding."""
+    if path.is_dir() or path.suffix.lower() in _PILLOW_SUFFIXES:
+        return probe(path)[2]
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise KinemaError(f"{path} has no video stream")
@@ -179,7 +182,7 @@ def probe(path: Path) -> tuple[int, int, int]:
     fewer frames is skipped when read), else counted by decoding.
     """
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _PILLOW_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
         if not files:
             raise KinemaError(f"{path} holds no frames")
         with Image.open(files[0]) as image:

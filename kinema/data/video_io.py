@@ -44,7 +44,7 @@ from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
 SETTINGS_KEY = "kinema"  # PNG text-chunk key
-_FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # swscale's default RGB <-> yuv420p path subsamples chroma crudely; averaging on the way in and interpolating
 # chroma on the way out gains 1.5-3 dB PSNR on clips with saturated colour edges.
 _TO_YUV = Interpolation.AREA | Interpolation.FULL_CHR_H_INP | Interpolation.ACCURATE_RND
@@ -336,7 +336,7 @@ def _read_pillow(path: Path, start: int, stride: int, max_frames: int | None) ->
 
 
 def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) -> tuple[np.ndarray, float, int]:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in _FOLDER_IMAGE_SUFFIXES)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
     wanted = []
     for index in _indices(len(files), start, stride, max_frames):
         with Image.open(files[index]) as image:

@@ -436,3 +436,17 @@ def test_train_batches_in_workers_equal_a_direct_loop(bucket_root):
         TrainBatches(dataset, BatchOrder(dataset.groups()[1:], 1, 0), steps=1)
     with pytest.raises(KinemaError, match="rank 2 is outside"):
         TrainBatches(dataset, order, steps=1, rank=2)
+
+
+@pytest.mark.parametrize("name", ["frames", "clip.webp", "clip.gif"])
+def test_frame_folders_and_animations_are_read_without_buckets(tmp_path, name):
+    # Without buckets the frame count comes from count_frames, which opened every path with PyAV: a folder of PNG
+    # frames failed ("Is a directory") and was skipped for another clip.
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    write_video(pixels, tmp_path / name)
+    write_metadata(tmp_path, [{"file_path": name, "text": "a clip", "type": "video"}])
+    dataset = VideoTextDataset(tmp_path, frames=4, stride=2, size=(16, 16), text_dropout=0.0)
+    item = dataset[0]
+    assert not dataset.bad
+    assert matching_start(read_video(tmp_path / name).frames, item["pixels"], stride=2) is not None
