@@ -59,6 +59,13 @@ class TrainingTask:
     model: Any  # a VideoModel host or the SliceVAE
     module: nn.Module
     family: Any = None  # the VideoFamily, for validation videos (None for the VAE)
+    device: torch.device = torch.device("cpu")  # where `inputs` puts what it returns
+
+    def to(self, device: torch.device | str) -> TrainingTask:
+        """Move what trains (`module`) to `device`, where `inputs` then puts its tensors."""
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """`(name, parameter)` of every weight that trains, in a fixed order (names relative to `model`)."""
@@ -283,6 +290,13 @@ class DiffusionTask(TrainingTask):
         if not any(p.requires_grad for p in model.parameters()):
             raise KinemaError(f"mode {mode} found nothing to train in this model")
 
+    def to(self, device: torch.device | str) -> TrainingTask:
+        """Move the model and the frozen encoders (VAE, text and image encoders) to `device`: on a GPU the
+        encoding of uncached clips runs there too."""
+        super().to(device)
+        self.family.to(self.device)
+        return self
+
     # ------------------------------------------------------------------ a step
 
     def _timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -335,13 +349,18 @@ class DiffusionTask(TrainingTask):
             latents, cond = self._encode(frames, list(batch["text"]))
             if self.is_dit and self.family.inpaints:
                 cond.update(self._inpaint_conditioning(frames, list(batch["type"]), generator))
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = self._timesteps(latents.shape[0], generator)
+        # Drawn on the CPU generator and then moved, so a step's noise is the same on every device.
+        device = self.device
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = self._timesteps(latents.shape[0], generator).to(device)
+        latents = latents.to(device)  # cached latents come back on the CPU
         noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
         target = noise
         if self.family.prediction_type == "v_prediction":
             target = self.noise_schedule.get_velocity(latents, noise, timesteps)
-        return {"noisy": noisy, "timesteps": timesteps, "target": target, "cond": cond}
+        return {"noisy": noisy, "timesteps": timesteps, "target": target,
+                "cond": {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                         for key, value in cond.items()}}
 
     # ------------------------------------------------------------------ export
 
@@ -439,7 +458,8 @@ class VAETask(TrainingTask):
     def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
         """The clips `(B, 3, F, H, W)` in [-1, 1] as the VAE takes it, the posterior's noise generator and the step
         (the adversarial terms start at `vae.adversarial_start`)."""
-        return {"video": batch["pixels"].float().permute(0, 2, 1, 3, 4), "generator": generator, "step": step}
+        return {"video": batch["pixels"].float().permute(0, 2, 1, 3, 4).to(self.device), "generator": generator,
+                "step": step}
 
     def export(self, folder: Path) -> list[str]:
         """`vae/`: the trained VAE (`save_pretrained` of the SliceVAE or AutoencoderKL), for a V3 or SD folder's

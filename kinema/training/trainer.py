@@ -379,7 +379,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
         if resume is not None and not (resume == "latest" and not checked.checkpoints()):
             checked.resolve(resume)
     task = make_task(config)
-    task.model.to(accelerator.device)
+    task.to(accelerator.device)
     estimate = _check_memory(config, task, dataset, order, accelerator.device)
     task.model.zero_grad(set_to_none=True)
     named = task.trainable_parameters()

@@ -418,3 +418,32 @@ def test_cached_inpaint_latents_equal_the_vae_and_repeat_from_the_cache(tmp_path
     again = task.inputs(batch, torch.Generator().manual_seed(3))["cond"]["inpaint_latents"]
     torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
     assert torch.equal(again, first) and task.latent_cache.misses == misses and misses > 0
+
+
+@pytest.mark.parametrize("mode", ["motion", "full", "vae", "vae-adversarial"])
+def test_a_task_moved_to_another_device_computes_its_loss_there(tmp_path, sd_model, v3_model, synth_videos, mode,
+                                                                 monkeypatch):
+    # The trainer moves the task to accelerate's device. A GPU run failed at step 1 when only the trained model
+    # moved ("Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor) should be the same"): the
+    # frozen encoders, the batch and the noise stayed on the CPU. The meta device stands in for the GPU here:
+    # PyTorch refuses an op that mixes it with the CPU, as it does CUDA. The text encoders make data-dependent
+    # choices (`.item()`), which the meta device cannot, so a first CPU pass fills the cache and the meta pass reads
+    # the text (and latents) from it, as every later epoch of a cached run does.
+    data = {**(SD_DATA if mode == "motion" else V3_DATA), "cache": str(tmp_path / "cache")}
+    if mode == "motion":
+        config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", data)
+    else:
+        sections = {"vae": {"adversarial_weight": 0.1}} if mode == "vae-adversarial" else {}
+        config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, mode.split("-")[0], data, **sections)
+    batch = first_batch(config)
+    make_task(config).inputs(batch, torch.Generator().manual_seed(0))
+    from kinema.training import vae_objective
+
+    monkeypatch.setattr(vae_objective, "_check_pixels", lambda *args: None)  # reads values, which meta has not
+    task = make_task(config).to("meta")
+    inputs = task.inputs(batch, torch.Generator().manual_seed(0))
+    loss = task.module(**inputs)
+    assert loss.device.type == "meta" and loss.shape == ()
+    if task.family is not None:  # the frozen encoders too: an uncached clip or caption is encoded on the device
+        encoders = [task.family.vae, task.family.text_encoder, getattr(task.family, "image_encoder", None)]
+        assert {p.device.type for part in encoders if part is not None for p in part.parameters()} == {"meta"}
