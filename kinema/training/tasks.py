@@ -253,15 +253,20 @@ class DiffusionTask(TrainingTask):
         from kinema.training.cache import EmbeddingCache, module_fingerprint
 
         family = self.family
-        vae_settings = {"family": family.family, "scaling_factor": float(family.vae.config.scaling_factor),
-                        "config": {k: v for k, v in family.vae.config.items() if not k.startswith("_")},
-                        "latents": "posterior mean"}
+        vae = family.vae
+        vae_settings = {"family": family.family, "scaling_factor": float(vae.config.scaling_factor),
+                        "config": {k: v for k, v in vae.config.items() if not k.startswith("_")},
+                        "latents": "posterior mean", "vae": f"{type(vae).__module__}.{type(vae).__qualname__}"}
+        # The posterior mean is the encoder's and quant_conv's alone: a decoder-only fine-tune keeps the cache.
+        latent_modules = [vae]
+        if isinstance(getattr(vae, "encoder", None), nn.Module):
+            latent_modules = [vae.encoder, *[m for m in [getattr(vae, "quant_conv", None)] if isinstance(m, nn.Module)]]
         tokenizer = family.tokenizer
         text_settings = {"tokenizer": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
                          "max_length": int(tokenizer.model_max_length), "family": family.family,
                          "encoded_length": getattr(family, "text_max_length", None),
                          "lowercase": getattr(family, "lowercase", None)}
-        self.latent_cache = EmbeddingCache(module_fingerprint(family.vae, settings=vae_settings), folder)
+        self.latent_cache = EmbeddingCache(module_fingerprint(*latent_modules, settings=vae_settings), folder)
         self.text_cache = EmbeddingCache(module_fingerprint(family.text_encoder, settings=text_settings), folder)
 
     def _select_trainable(self) -> None:

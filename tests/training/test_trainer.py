@@ -447,3 +447,25 @@ def test_a_task_moved_to_another_device_computes_its_loss_there(tmp_path, sd_mod
     if task.family is not None:  # the frozen encoders too: an uncached clip or caption is encoded on the device
         encoders = [task.family.vae, task.family.text_encoder, getattr(task.family, "image_encoder", None)]
         assert {p.device.type for part in encoders if part is not None for p in part.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("model_kind", ["v3", "sd"])
+def test_the_latent_cache_follows_the_vae_encoder_not_its_decoder(tmp_path, sd_model, v3_model, synth_videos,
+                                                                  model_kind):
+    # A decoder-only fine-tune (the bundled recipes' stages 2b-2d) leaves every posterior mean as it was, so it must
+    # keep the cache; one changed encoder weight must not.
+    if model_kind == "sd":
+        config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion",
+                             {**SD_DATA, "cache": str(tmp_path / "cache")})
+    else:
+        config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full",
+                             {**V3_DATA, "cache": str(tmp_path / "cache")})
+    task = make_task(config)
+    vae = task.family.vae
+    namespaces = [task.latent_cache.namespace]
+    for part in (vae.decoder, vae.encoder):
+        with torch.no_grad():
+            next(part.parameters()).add_(1e-3)
+        task._open_caches(config.data.cache)
+        namespaces.append(task.latent_cache.namespace)
+    assert namespaces[1] == namespaces[0] != namespaces[2]
