@@ -258,9 +258,8 @@ class DiffusionTask(TrainingTask):
                         "config": {k: v for k, v in vae.config.items() if not k.startswith("_")},
                         "latents": "posterior mean", "vae": f"{type(vae).__module__}.{type(vae).__qualname__}"}
         # The posterior mean is the encoder's and quant_conv's alone: a decoder-only fine-tune keeps the cache.
-        latent_modules = [vae]
-        if isinstance(getattr(vae, "encoder", None), nn.Module):
-            latent_modules = [vae.encoder, *[m for m in [getattr(vae, "quant_conv", None)] if isinstance(m, nn.Module)]]
+        # (AutoencoderKL's quant_conv is None with use_quant_conv off; the Slice VAE always has one.)
+        latent_modules = [part for part in (vae.encoder, vae.quant_conv) if part is not None]
         tokenizer = family.tokenizer
         text_settings = {"tokenizer": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
                          "max_length": int(tokenizer.model_max_length), "family": family.family,
