@@ -7,7 +7,7 @@ does not parse, and outputs the output policy would refuse (every video, its set
 
 The model is `--model` (a path, or a bundled model's name), else the bundled default, kinema-tiny. Options left unset
 (size, frames, steps, guidance, scheduler) take the model's kinema.json "defaults" when it has them (kinema-tiny:
-16 frames at 64x64), else the library's (`GenerationRequest`); reading them is plain JSON, before any heavy import.
+16 frames at 64x64), else the library's (`LIBRARY_DEFAULTS`); reading them is plain JSON, before any heavy import.
 
 Where the files go (`-o OUT`, see kinema.pipelines.outputs): one seed writes OUT, several write `STEM-seedS.SUFFIX`
 beside it; the final latents are saved before decoding to `OUT.latents.safetensors` (one file for all seeds), so
@@ -29,11 +29,18 @@ from typing import Any
 from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
 from kinema.errors import KinemaError
+from kinema.pipelines.jobs import model_defaults_for
 
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
-# and extend its frame count, from the input): shared with every front end through jobs (plain data, no torch).
-from kinema.pipelines.jobs import GENERATE_DEFAULTS, INPUT_DEFAULTS, model_defaults_for
-from kinema.pipelines.request import DTYPES, QUANTIZATIONS, SPEEDS
+# and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
+from kinema.pipelines.request import (
+    DTYPES,
+    GENERATE_DEFAULTS,
+    INPUT_DEFAULTS,
+    LIBRARY_DEFAULTS,
+    QUANTIZATIONS,
+    SPEEDS,
+)
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
 from kinema.sampling.schedulers import SCHEDULERS
@@ -408,17 +415,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     for key in ("height", "width", "steps", "guidance", "fps"):  # unset (nor in the model's defaults): the request's
         if getattr(args, key) is not None:
             shared[key] = getattr(args, key)
-    return GenerationRequest(**{**shared, **fields})
-
-
-def _request_default(name: str) -> Any:
-    """The library's default of request field `name` (what an option neither given nor in the model's defaults
-    takes)."""
-    from dataclasses import fields
-
-    from kinema.pipelines.request import GenerationRequest
-
-    return next(field.default for field in fields(GenerationRequest) if field.name == name)
+    return GenerationRequest(**{**shared, **fields}).with_defaults()
 
 
 def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, inputs: tuple[str, ...],
@@ -468,7 +465,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if args.print_schedule:  # no model is read: --frames or the library's default
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
-        args.frames = args.frames or _request_default("frames")
+        args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
         parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
         return
     if args.end_image is not None and args.image is None:
@@ -476,7 +473,7 @@ def check_generate(args: argparse.Namespace) -> None:
     _require_path(args.image, "image")
     _require_path(args.end_image, "end image")
     _check_model(args, GENERATE_DEFAULTS)
-    args.frames = args.frames or _request_default("frames")
+    args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()

@@ -319,7 +319,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     from kinema.eval.metrics import dynamic_degree, first_frame_psnr, temporal_flicker
     from kinema.pipelines.generate import generate
     from kinema.pipelines.load import load_family
-    from kinema.pipelines.request import GenerationRequest
+    from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
 
     defaults = _model_defaults(model)
     family = load_family(model)
@@ -334,7 +334,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         chosen = chosen_settings(speed, {"steps": steps} if steps is not None else {})
         shared.update(chosen, speed=speed)
         logger.info("%s", describe_speed(speed, chosen))
-    settings = {"steps": GenerationRequest.steps, "guidance": GenerationRequest.guidance, **shared, "seed": seed}
+    settings = {"steps": LIBRARY_DEFAULTS["steps"], "guidance": LIBRARY_DEFAULTS["guidance"], **shared, "seed": seed}
     continued = next((i for i, entry in enumerate(entries) if entry.mode == "text-to-video" and not entry.held_out),
                      None) if continuation is not None else None
     start_video = None

@@ -11,6 +11,8 @@ multiplied by the VAE's scaling factor (what the diffusion model sees).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,6 +35,9 @@ class VideoFamily:
     text_key: str = "encoder_hidden_states"
     # What the model predicts (kinema.json "prediction_type"): "epsilon" (the published models) or "v_prediction".
     prediction_type: str = "epsilon"
+    # The generation settings the model's kinema.json recommends ("defaults": size, frames, steps, guidance,
+    # scheduler); `generate()` fills a request's unset fields from them.
+    defaults: Mapping[str, Any] = MappingProxyType({})
 
     # The VideoModel (VideoUNet / VideoDiT) the denoiser wraps.
     model: Any

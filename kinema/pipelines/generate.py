@@ -87,15 +87,16 @@ def _fit(frames: torch.Tensor, height: int, width: int, resize: bool, what: str)
                                            align_corners=False, antialias=True).clamp(0, 1)
 
 
-def _video_tensor(video: Any, height: int, width: int, resize: bool) -> torch.Tensor:
-    """`video` (a path or `(F, 3, H, W)` in [0, 1]) as float `(F, 3, height, width)` in [0, 1]."""
+def _video_tensor(video: Any, height: int | None, width: int | None, resize: bool) -> torch.Tensor:
+    """`video` (a path or `(F, 3, H, W)` in [0, 1]) as float `(F, 3, height, width)` in [0, 1] (height or width
+    None: the video's own)."""
     if isinstance(video, (str, Path)):
         from kinema.data.video_io import read_video
 
         video = (read_video(video).frames + 1) / 2
     if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
         raise KinemaError("the input video must be a path or an (F, 3, H, W) tensor in [0, 1]")
-    return _fit(video, height, width, resize, "the input video")
+    return _fit(video, height or video.shape[-2], width or video.shape[-1], resize, "the input video")
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -148,31 +149,44 @@ class _Plan:
     frames: int          # pixel frames of one denoised clip (a segment when extending)
     latent_frames: int
     scheduler: str
+    height: int
+    width: int
+    steps: int
+    guidance: float
     context: Any = None  # kinema.sampling.context.ContextOptions in latent frames, or None
     continuation: bool = False
 
 
 def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
+    """The plan of `request`, whose None fields `generate()` has filled (`with_defaults`, an input video's size)."""
     request.check()
-    family.check_size(request.height, request.width)
+    height, width, frames = request.height, request.width, request.frames
+    steps, guidance = request.steps, request.guidance
+    if height is None or width is None or frames is None or steps is None or guidance is None:
+        raise TypeError("_plan takes a request with its defaults filled (GenerationRequest.with_defaults)")
+    family.check_size(height, width)
     scheduler = request.scheduler or family.default_scheduler
     make_scheduler(scheduler, family.family)  # an unknown name fails here, listing the known ones
+
+    def planned(frames: int, context: Any = None, continuation: bool = False) -> _Plan:
+        return _Plan(frames, family.latent_frames(frames), scheduler, height, width, steps, guidance, context,
+                     continuation)
+
     mode = request.mode
     if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
         raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "
                           f"holds the known frames instead; {family.name} is neither")
     if mode == "extend":
         segment = request.segment_frames or family.max_frames
-        return _Plan(segment, family.latent_frames(segment), scheduler, continuation=True)
-    frames = request.frames
+        return planned(segment, continuation=True)
     latent_frames = family.latent_frames(frames)  # the VAE's frame rule first: its message gives the nearest counts
     context = None
     if request.context is not None or frames > family.max_frames:
         if request.context is None and family.inpaints and mode == "text-to-video" and request.segment_frames is None:
             segment = family.max_frames  # InP models go past their window by continuation (V3's long video)
-            return _Plan(segment, family.latent_frames(segment), scheduler, continuation=True)
+            return planned(segment, continuation=True)
         context = _context_options(family, request, latent_frames)
-    return _Plan(frames, latent_frames, scheduler, context)
+    return planned(frames, context)
 
 
 def _context_options(family: VideoFamily, request: GenerationRequest, latent_frames: int) -> Any:
@@ -287,7 +301,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
              seeds: Sequence[int], callback: StepCallback | None, progress: bool) -> torch.Tensor:
     """Sample one clip's latents `(B, C, F', h, w)` under everything the plan and the clip ask for."""
     scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type)
-    steps = request.steps
+    steps = plan.steps
     denoiser: Denoiser = family.denoiser()
     frames = clip.noise.shape[2]
     if plan.context is not None:
@@ -317,7 +331,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         if clip.known is not None and clip.keep is not None:
             repaint = repaint_step(scheduler, clip.known, clip.keep, clip.noise, run_steps)
         cond, uncond = conditioning_at(first_step)
-        return sample(denoiser, scheduler, noise, cond, uncond, run_steps, request.guidance, callback=callback,
+        return sample(denoiser, scheduler, noise, cond, uncond, run_steps, plan.guidance, callback=callback,
                       progress=progress, generator=generators(seeds), first_step=first_step,
                       conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
                       cfg_truncation=request.cfg_truncation)
@@ -334,8 +348,8 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
 
 def _noise(family: VideoFamily, plan: _Plan, request: GenerationRequest, seeds: Sequence[int],
            device: torch.device) -> torch.Tensor:
-    shape = (len(seeds), family.latent_channels, plan.latent_frames, request.height // family.spatial_factor,
-             request.width // family.spatial_factor)
+    shape = (len(seeds), family.latent_channels, plan.latent_frames, plan.height // family.spatial_factor,
+             plan.width // family.spatial_factor)
     if plan.context is not None and plan.context.freenoise:
         from kinema.sampling.noise import freenoise_initial_noise
 
@@ -365,12 +379,12 @@ def _latent_keep(family: VideoFamily, keep: torch.Tensor) -> torch.Tensor:
     return keep[: latent_frames * per].view(latent_frames, per).all(dim=1)
 
 
-def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, request: GenerationRequest) -> _Clip:
+def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, plan: _Plan) -> _Clip:
     if not family.inpaints:
         return _Clip(noise)
     # An InP model makes text-to-video with every frame to generate (V3's T2V with an InP checkpoint).
     frames = family.pixel_frames(noise.shape[2])
-    video = torch.zeros(noise.shape[0], frames, 3, request.height, request.width, device=noise.device)
+    video = torch.zeros(noise.shape[0], frames, 3, plan.height, plan.width, device=noise.device)
     return _condition_on_frames(family, noise, video, torch.zeros(frames, dtype=torch.bool), None, inpaint=True)
 
 
@@ -405,7 +419,7 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
     segment = plan.frames
     if overlap >= segment:
         raise KinemaError(f"overlap_frames ({overlap}) must be below the segment length ({segment} frames)")
-    video = torch.empty(batch, total, 3, request.height, request.width)
+    video = torch.empty(batch, total, 3, plan.height, plan.width)
     have = min(start.shape[1], total)
     video[:, :have] = start[:, :have].cpu()
     latents = torch.empty(0)
@@ -413,7 +427,7 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
     while have < total:
         context = video[:, have - overlap:have]
         text = _encode_text(family, replace(request, prompt=prompt_at(have)), batch, plan.latent_frames, segment)
-        frames = torch.zeros(batch, segment, 3, request.height, request.width)
+        frames = torch.zeros(batch, segment, 3, plan.height, plan.width)
         frames[:, :overlap] = context
         keep = torch.zeros(segment, dtype=torch.bool)
         keep[:overlap] = True
@@ -483,14 +497,20 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if output not in OUTPUT_TYPES:
         raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUT_TYPES)}")
     began = time.perf_counter()
-    plan = _plan(family, request)
-    seeds = [int(s) for s in request.seeds]
-    device = _device(family)
+    request.check()
+    # Fields left None take the model's kinema.json defaults (a bundled model's 64x64), else the library's; the
+    # filled request is what the video's settings record.
+    request = request.with_defaults(family.defaults)
     mode = request.mode
     # Inputs are read and sized before any model runs, so a bad file fails fast.
     input_video = None
     if mode in ("video-to-video", "extend"):
         input_video = _video_tensor(request.video, request.height, request.width, request.resize)
+        request = replace(request, height=input_video.shape[-2], width=input_video.shape[-1])
+    plan = _plan(family, request)
+    seeds = [int(s) for s in request.seeds]
+    device = _device(family)
+    if input_video is not None:
         if mode == "video-to-video":
             plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
             if plan.frames > family.max_frames and plan.context is None:
@@ -500,9 +520,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                               f"({request.overlap_frames})")
     images = None
     if mode == "image-to-video":  # read (and sized) once, here, before any model runs
-        images = (_image_tensor(request.image, request.height, request.width, request.resize, "the start image"),
+        images = (_image_tensor(request.image, plan.height, plan.width, request.resize, "the start image"),
                   None if request.end_image is None else
-                  _image_tensor(request.end_image, request.height, request.width, request.resize, "the end image"))
+                  _image_tensor(request.end_image, plan.height, plan.width, request.resize, "the end image"))
     if plan.context is None and not plan.continuation:
         from kinema.models.motion import check_frame_count
 
@@ -517,14 +537,16 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     windows = None
     with _precision_and_memory(family, request):
         if plan.continuation:
-            total = request.frames if mode == "text-to-video" else (input_video.shape[0] + request.extend_frames)  # type: ignore[union-attr,operator]
             if mode == "text-to-video":
+                assert request.frames is not None  # filled by with_defaults
+                total = request.frames
                 first = _generate_clip(family, replace(request, frames=plan.frames), plan, seeds, callback, progress)
                 with torch.no_grad():
                     start = family.decode(first).cpu()
                 segments = 1
             else:
-                assert input_video is not None
+                assert input_video is not None and request.extend_frames is not None
+                total = input_video.shape[0] + request.extend_frames
                 start = input_video[None].expand(len(seeds), -1, -1, -1, -1)
             with torch.no_grad():
                 frames, latents, more = _extend(family, request, plan, start, total, seeds, callback, progress)
@@ -537,7 +559,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                     clean = family.encode_frames(input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device))
                 clip = _Clip(noise, clean=clean.to(noise))
                 if family.inpaints:
-                    clip = replace(_text_to_video_clip(family, noise, request), clean=clean.to(noise))
+                    clip = replace(_text_to_video_clip(family, noise, plan), clean=clean.to(noise))
                 text = _encode_text(family, request, len(seeds), plan.latent_frames, plan.frames)
                 latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
             else:
@@ -576,5 +598,5 @@ def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan,
         if text.table is not None:
             logger.info("prompt schedule:\n%s", text.table)
         clip = _image_clip(family, noise, *images) if images is not None else \
-            _text_to_video_clip(family, noise, request)
+            _text_to_video_clip(family, noise, plan)
     return _denoise(family, request, plan, text, clip, seeds, callback, progress)

@@ -36,6 +36,8 @@ from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resol
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     DTYPES,
+    GENERATE_DEFAULTS,
+    INPUT_DEFAULTS,
     QUANTIZATIONS,
     SPEEDS,
     ContextSettings,
@@ -49,10 +51,6 @@ if TYPE_CHECKING:
     from kinema.pipelines.family import VideoFamily
     from kinema.sampling.loop import StepCallback
 
-# Request fields a model's kinema.json "defaults" fill when a job (or `kinema generate`) leaves them unset; a job
-# with an input video takes its size from the video and its frame count from the input (or extend_frames).
-GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "scheduler")
-INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
 # torch.Generator.manual_seed takes seeds up to 2**64 - 1; a larger one would only fail once sampling starts.
 MAX_SEED = 2**64 - 1
 RANDOM_SEED = -1
@@ -543,7 +541,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         height, width = _video_size(Path(video))
         given.setdefault("height", height)
         given.setdefault("width", width)
-    request = GenerationRequest(**given)
+    # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
+    request = GenerationRequest(**given).with_defaults()
     request.check()
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
@@ -558,7 +557,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         raise KinemaError('no prompt: add "prompt": "a red circle moving right" (or a prompt schedule)')
     if isinstance(prompt, dict) or prompt.strip():
         # The keyframes must fall within the frames made (an input video's length is not known here).
-        length = request.frames if request.mode in ("text-to-video", "image-to-video") else 10**9
+        length = (request.frames if request.mode in ("text-to-video", "image-to-video") and request.frames
+                  else 10**9)
         parse_prompt_schedule(prompt, length, request.interpolation)
     return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
 
@@ -636,6 +636,6 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
     return [out / name for name in names]
 
 
-__all__ = ["GENERATE_DEFAULTS", "INPUT_DEFAULTS", "JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job",
+__all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job",
            "check_image_bytes", "check_image_file", "job_from_mapping", "model_defaults_for", "run_job",
            "video_names"]

@@ -220,7 +220,14 @@ def load_family(
 
     if dtype not in DTYPES:
         raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
-    from kinema.bundled import is_bundled_name, model_prediction_type, model_world, read_model_info, resolve_model
+    from kinema.bundled import (
+        is_bundled_name,
+        model_defaults,
+        model_prediction_type,
+        model_world,
+        read_model_info,
+        resolve_model,
+    )
 
     torch_dtype = getattr(torch, dtype)
     model_path = resolve_model(model, f"model {Path(model)} does not exist: check the path")
@@ -250,6 +257,7 @@ def load_family(
     else:
         raise KinemaError(f"{model_path} is a {kind}, not a model to generate with: give {_MODEL_KINDS}")
     family.prediction_type = prediction_type
+    family.defaults = model_defaults(model_path) if model_path.is_dir() else {}
     return family
 
 

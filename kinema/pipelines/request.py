@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kinema.errors import KinemaError
@@ -21,6 +21,13 @@ QUANTIZATIONS = ("int8",)
 SPEEDS = ("fast", "balanced", "quality")
 OUTPUT_TYPES = ("tensor", "numpy", "pil", "latent")
 PromptSpec = str | Mapping[Any, Any]
+# What the fields left None take when the model's kinema.json "defaults" say nothing: SD1.5's size, AnimateDiff's
+# 16 frames, diffusers' 25 steps and guidance 7.5.
+LIBRARY_DEFAULTS: dict[str, Any] = {"height": 512, "width": 512, "frames": 16, "steps": 25, "guidance": 7.5}
+# The fields a model's kinema.json "defaults" fill when a request leaves them None; a request with an input video
+# takes its size from the video and its frame count from the input (or extend_frames).
+GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "scheduler")
+INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
 
 
 @dataclass
@@ -56,8 +63,11 @@ class GenerationRequest:
         prompt: a string, or a prompt-travel schedule (`{0: "...", 48: "..."}` or head_prompt / prompt_map /
             tail_prompt, see kinema.sampling.prompt_travel).
         negative_prompt: the unconditional side of guidance.
-        frames, height, width: the video's size in pixels (for `extend`: how many frames to append).
-        steps, guidance, scheduler: sampling steps, guidance scale, scheduler name (None: the family's default).
+        frames, height, width: the video's size in pixels. None (the default): the model's kinema.json "defaults"
+            (a bundled model's 16 frames at 64x64), else `LIBRARY_DEFAULTS` (16 frames at 512x512); video-to-video
+            and extend take the input video's size.
+        steps, guidance, scheduler: sampling steps and guidance scale (None: the model's defaults, else 25 and
+            7.5), scheduler name (None: the model's default, else the family's).
         seeds: one video per seed.
         image, end_image: image-to-video start (and end) frame: a path, a PIL image or frames `(3, H, W)` in [0, 1].
         resize: resize `image` / `video` to height x width instead of refusing another size.
@@ -86,11 +96,11 @@ class GenerationRequest:
 
     prompt: PromptSpec = ""
     negative_prompt: str = ""
-    frames: int = 16
-    height: int = 512
-    width: int = 512
-    steps: int = 25
-    guidance: float = 7.5
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
     scheduler: str | None = None
     seeds: Sequence[int] = (0,)
     image: Any = None
@@ -125,6 +135,20 @@ class GenerationRequest:
             return "image-to-video"
         return "text-to-video"
 
+    def with_defaults(self, model_defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
+        """This request with the fields it left None filled: from `model_defaults` (a model's kinema.json
+        "defaults", `kinema.bundled.model_defaults`) where the mode takes them (`GENERATE_DEFAULTS`, or
+        `INPUT_DEFAULTS` with an input video), else from `LIBRARY_DEFAULTS`. With an input video, height and width
+        stay None: they are the video's, which only `generate()` reads."""
+        video = self.video is not None
+        taken = INPUT_DEFAULTS if video else GENERATE_DEFAULTS
+        filled = {key: value for key, value in (model_defaults or {}).items()
+                  if key in taken and getattr(self, key) is None}
+        for key, value in LIBRARY_DEFAULTS.items():
+            if getattr(self, key) is None and key not in filled and not (video and key in ("height", "width")):
+                filled[key] = value
+        return replace(self, **filled) if filled else self
+
     def check(self) -> None:
         """One KinemaError line for settings that no model can take (model-specific limits, such as the sizes a VAE
         takes, are checked by `generate()` before any denoising)."""
@@ -134,12 +158,14 @@ class GenerationRequest:
             if not (math.isfinite(value) and value >= 1):
                 raise KinemaError(f"{name} must be at least 1, got {value}")
 
-        positive("steps", self.steps)
-        positive("frames", self.frames)
+        # None is "the model's default" (`with_defaults`), checked once filled.
+        for name in ("steps", "frames"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
         positive("decode_chunk", self.decode_chunk)
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise KinemaError(f"fps must be positive, got {self.fps}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 1):
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 1):
             raise KinemaError(f"guidance must be a finite number of at least 1 (1 turns classifier-free guidance "
                               f"off), got {self.guidance}")
         seeds = list(self.seeds)

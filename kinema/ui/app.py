@@ -26,7 +26,6 @@ from kinema.bundled import DEFAULT_MODEL
 from kinema.errors import KinemaError, library_error_message, os_error_message
 from kinema.log import LOGGER_NAME
 from kinema.pipelines.jobs import (
-    GENERATE_DEFAULTS,
     RANDOM_SEED_LIMIT,
     Cancelled,
     FamilyCache,
@@ -35,7 +34,7 @@ from kinema.pipelines.jobs import (
     model_defaults_for,
     run_job,
 )
-from kinema.pipelines.request import GenerationRequest
+from kinema.pipelines.request import GENERATE_DEFAULTS, LIBRARY_DEFAULTS
 from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.sampling.schedulers import SCHEDULERS
 from kinema.ui.form import (
@@ -70,10 +69,8 @@ CACHE_CLEANING = (3600, 86400)
 
 def form_defaults(model: str) -> dict[str, Any]:
     """The size, frames, steps, guidance and scheduler the form shows for `model`: its kinema.json defaults where it
-    has them, else the library's (`GenerationRequest`), as `kinema generate` fills unset options."""
-    library = GenerationRequest()
-    values = {"height": library.height, "width": library.width, "frames": library.frames, "steps": library.steps,
-              "guidance": library.guidance, "scheduler": FAMILY_DEFAULT}
+    has them, else the library's (`LIBRARY_DEFAULTS`), as `kinema generate` fills unset options."""
+    values = {**LIBRARY_DEFAULTS, "scheduler": FAMILY_DEFAULT}
     _, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
     values.update(defaults)
     return values
@@ -91,12 +88,11 @@ def expected_steps(job: Job) -> int | None:
     """How many step callbacks the job makes, for the progress bar (None for extend: its segment count follows
     the model's window)."""
     request = job.request
-    if request.mode == EXTEND:
+    if request.mode == EXTEND or request.steps is None:
         return None
-    steps = request.steps * (request.free_init.iterations if request.free_init else 1)
     if request.mode == VIDEO_TO_VIDEO:
-        steps = max(1, round(request.steps * request.strength))
-    return steps
+        return max(1, round(request.steps * request.strength))
+    return request.steps * (request.free_init.iterations if request.free_init else 1)
 
 
 def error_message(err: BaseException) -> str:

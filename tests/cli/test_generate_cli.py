@@ -125,16 +125,18 @@ def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     model = ["--model", "sd", "--motion-module", "mm.safetensors"]
     args = checked(["generate", "A fox!", *model])
-    assert args.request == GenerationRequest(prompt="A fox!", seeds=[0])  # the library's defaults otherwise
+    # The library's defaults otherwise (16 frames at 512x512).
+    assert args.request == GenerationRequest(prompt="A fox!", seeds=[0]).with_defaults()
+    assert (args.request.height, args.request.frames, args.request.steps) == (512, 16, 25)
     assert args.request.context is None and args.output == Path("out/a-fox-seed0.mp4")
     (tmp_path / "walk.mp4").write_bytes(b"x")
     args = checked(["v2v", "walk.mp4", "a robot", "--strength", "0.4", "--seed", "5", "6", *model])
-    assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4, seeds=[5, 6])
+    assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4,
+                                             seeds=[5, 6]).with_defaults()
     assert args.output == Path("out/walk-v2v.mp4")
     args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", "--segment-frames", "8", *model])
     assert args.request == GenerationRequest(prompt="", video="walk.mp4", extend_frames=20, overlap_frames=3,
-                                             segment_frames=8,
-                                             seeds=[0])
+                                             segment_frames=8, seeds=[0]).with_defaults()
     assert args.output == Path("out/walk-extended-seed0.mp4")
 
 

@@ -51,7 +51,7 @@ def test_no_model_means_kinema_tiny_and_its_defaults_fill_what_is_unset(tmp_path
     (tmp_path / "walk.mp4").write_bytes(b"x")
     args = checked(["v2v", "walk.mp4", "a blue square", "--strength", "0.5"])  # the size stays the input's
     assert (args.request.steps, args.request.guidance, args.request.scheduler) == (2, 3.0, "euler")
-    assert (args.request.height, args.request.width) == (512, 512)
+    assert (args.request.height, args.request.width) == (None, None)  # read from the video when it runs
 
 
 def test_the_help_says_what_the_default_model_is(capsys):

@@ -158,6 +158,21 @@ def test_generate_runs_end_to_end_on_the_named_model(tiny):
     assert result.settings[0]["model"] == "kinema-tiny"
 
 
+def test_a_python_request_that_leaves_the_size_unset_takes_the_models_kinema_json_defaults(tiny):
+    # The front ends fill kinema.json's defaults themselves; a Python caller's bare request used to make 512x512.
+    steps: list[int] = []
+    result = generate(tiny, GenerationRequest(prompt="a red circle moving right"), progress=False,
+                      callback=lambda step, timestep, latents: steps.append(step))
+    assert result.frames.shape == (1, 8, 3, 32, 32)
+    assert len(steps) == 2
+    settings = result.settings[0]
+    assert (settings["height"], settings["width"], settings["frames"], settings["guidance"]) == (32, 32, 8, 3.0)
+    # What the caller sets wins over the model's defaults.
+    given = generate(tiny, GenerationRequest(prompt="a red circle moving right", height=16, width=48, steps=1),
+                     progress=False)
+    assert given.frames.shape == (1, 8, 3, 16, 48) and given.settings[0]["steps"] == 1
+
+
 # ---------------------------------------------------------------- the synthetic world
 
 

@@ -200,6 +200,28 @@ def test_video_to_video_starts_at_the_strength(animatediff, monkeypatch, strengt
     assert result.frames.shape == (1, 4, 3, SIZE, SIZE) and result.report["mode"] == "video-to-video"
 
 
+def test_video_to_video_without_a_size_takes_the_input_videos(animatediff):
+    video = torch.rand(4, 3, 24, 40, generator=torch.Generator().manual_seed(3))
+    result = generate(animatediff, GenerationRequest(prompt="a cat runs", video=video, steps=1), progress=False)
+    assert result.frames.shape == (1, 4, 3, 24, 40)
+    assert (result.settings[0]["height"], result.settings[0]["width"]) == (24, 40)
+
+
+def test_a_request_fills_what_it_leaves_unset_from_the_model_then_the_library():
+    bare = GenerationRequest(prompt="a cat runs")
+    assert (bare.height, bare.width, bare.frames, bare.steps, bare.guidance) == (None,) * 5
+    bare.check()  # None is "the model's default", not a bad value
+    model = {"height": 64, "width": 64, "steps": 10, "scheduler": "euler"}
+    filled = bare.with_defaults(model)
+    assert (filled.height, filled.width, filled.frames, filled.steps, filled.guidance) == (64, 64, 16, 10, 7.5)
+    assert filled.scheduler == "euler"
+    assert (bare.with_defaults().height, bare.with_defaults().width, bare.with_defaults().scheduler) == (512, 512, None)
+    assert GenerationRequest(steps=3, height=32).with_defaults(model).steps == 3  # what the caller set wins
+    # An input video brings its size (generate() reads it) and its length; the model's steps still apply.
+    video = GenerationRequest(video="in.mp4").with_defaults({**model, "frames": 8})
+    assert (video.height, video.width, video.steps) == (None, None, 10)
+
+
 # ------------------------------------------------------------------------------------------ continuation
 
 
