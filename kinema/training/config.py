@@ -92,7 +92,9 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     ema_decay: float | None = None  # none: no EMA
     timesteps: str | None = None  # uniform | logit_normal (none: the family's recipe)
-    trainable_modules: list[str] | None = None  # full mode: the transformer's submodules to train (none: V3's set)
+    # full: the transformer's submodules to train (none: V3's set); motion: parts of the base model's parameter
+    # names that train with the motion modules (AnimateDiff's trainable_modules; "attn2." the spatial cross-attention)
+    trainable_modules: list[str] | None = None
     deterministic: bool = True  # torch deterministic algorithms: a resumed run equals an uninterrupted one
 
 
@@ -324,9 +326,12 @@ def check_config(config: TrainConfig) -> None:
     if train.timesteps is not None:
         _check_range(train.timesteps in TIMESTEP_SAMPLING, f"unknown train.timesteps {train.timesteps!r}; choose "
                      f"one of {', '.join(TIMESTEP_SAMPLING)}")
-    if train.trainable_modules is not None and config.mode != "full":
-        raise KinemaError(f"train.trainable_modules is for mode full; mode {config.mode} trains "
+    if train.trainable_modules is not None and config.mode not in ("full", "motion"):
+        raise KinemaError(f"train.trainable_modules is for modes full and motion; mode {config.mode} trains "
                           f"{MODES[config.mode].split(';')[0]}: remove it")
+    if train.trainable_modules is not None and not all(isinstance(n, str) and n for n in train.trainable_modules):
+        raise KinemaError(f"train.trainable_modules must be a list of non-empty names, got "
+                          f"{train.trainable_modules!r}")
     _check_range(config.lora.alpha > 0, f"lora.alpha must be > 0, got {config.lora.alpha}")
     _check_range(config.lora.targets in ("motion", "spatial", "all"), f"unknown lora.targets "
                  f"{config.lora.targets!r}; choose motion, spatial or all")

@@ -272,6 +272,7 @@ class DiffusionTask(TrainingTask):
         mode, model = self.config.mode, self.model
         if mode == "motion":
             model.freeze_base()
+            self._train_also(self.config.train.trainable_modules or [])
         elif mode == "image":  # AnimateDiff's image stage: the image UNet learns, motion modules stay as they are
             model.requires_grad_(True)
             for _, motion in model.motion_modules():
@@ -293,6 +294,25 @@ class DiffusionTask(TrainingTask):
                 getattr(model, name).requires_grad_(True)
         if not any(p.requires_grad for p in model.parameters()):
             raise KinemaError(f"mode {mode} found nothing to train in this model")
+
+    def _train_also(self, patterns: list[str]) -> None:
+        """Mode motion: the base model's parameters whose names contain one of `patterns` train with the motion
+        modules, as AnimateDiff's `trainable_modules` (`attn2.`: the spatial cross-attention, which is where a frozen
+        image model would have to learn what a motion word looks like)."""
+        named = [(name, p) for name, p in self.model.named_parameters() if not p.requires_grad]
+        for pattern in patterns:
+            chosen = [p for name, p in named if pattern in name]
+            if not chosen:
+                example = ", ".join(name for name, _ in named[:3])
+                raise KinemaError(f"train.trainable_modules: no parameter of the base model has {pattern!r} in its "
+                                  f"name (they read like {example}); give a part of those names, such as attn2.")
+            for p in chosen:
+                p.requires_grad_(True)
+
+    @property
+    def trains_base(self) -> bool:
+        """Whether mode motion also trains some of the base model (`train.trainable_modules`)."""
+        return self.config.mode == "motion" and bool(self.config.train.trainable_modules)
 
     def to(self, device: torch.device | str) -> TrainingTask:
         """Move the model and the frozen encoders (VAE, text and image encoders) to `device`: on a GPU the
@@ -369,7 +389,8 @@ class DiffusionTask(TrainingTask):
     # ------------------------------------------------------------------ export
 
     def export(self, folder: Path) -> list[str]:
-        """motion (AnimateDiff): `motion_module.safetensors` in the original AnimateDiff layout; image: an SD1.5
+        """motion (AnimateDiff): `motion_module.safetensors` in the original AnimateDiff layout, plus the SD1.5
+        diffusers folder `model/` when `train.trainable_modules` trained some of the UNet too; image: an SD1.5
         diffusers folder `model/`; lora: `lora.safetensors` (diffusers/peft) and, for motion LoRAs on a UNet,
         `motion_lora.safetensors` (original AnimateDiff layout); EasyAnimate motion/full: a V3 folder `model/`
         (the trained transformer, the other parts linked from the source folder)."""
@@ -384,7 +405,8 @@ class DiffusionTask(TrainingTask):
         if not self.is_dit and mode == "motion":
             from kinema.loaders.animatediff.write import save_motion_module
 
-            return [save_motion_module(self.model, folder / "motion_module.safetensors", "original").name]
+            written = [save_motion_module(self.model, folder / "motion_module.safetensors", "original").name]
+            return written + ([self._export_sd_folder(folder / "model")] if self.trains_base else [])
         if not self.is_dit:  # image
             return [self._export_sd_folder(folder / "model")]
         source = Path(self.config.model.path)

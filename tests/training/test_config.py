@@ -48,7 +48,9 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"data__size": [30, 64]}, "data.size must be [height, width], multiples of 8"),
     ({"data__text_dropout": 1.5}, "data.text_dropout is a fraction in [0, 1]"),
     ({"train__lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
-    ({"train__trainable_modules": ["proj_out"]}, "train.trainable_modules is for mode full"),
+    ({"mode": "lora", "train__trainable_modules": ["proj_out"]}, "train.trainable_modules is for modes full and "
+     "motion"),
+    ({"train__trainable_modules": [""]}, "train.trainable_modules must be a list of non-empty names"),
     ({"lora__targets": "everything"}, "unknown lora.targets 'everything'"),
     ({"validation__every": 5}, "validation.prompts is empty"),
     ({"train": 3}, "config key train must be a mapping"),

@@ -223,6 +223,32 @@ def test_dry_run_reports_and_writes_nothing(tmp_path, sd_model, synth_videos):
 # ---------------------------------------------------------------- image and vae modes, validation
 
 
+def test_motion_mode_with_trainable_modules_trains_those_too_and_exports_both(tmp_path, sd_model, synth_videos):
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                         train={"steps": 2, "trainable_modules": ["attn2."]})
+    before = {k: v.clone() for k, v in make_task(config).model.state_dict().items()}
+    result = train(config, progress=False)
+    model = result.task.model
+    after = model.state_dict()
+    motion = tuple(f"unet.{name}." for name, _ in model.motion_modules())
+    cross = [k for k in after if ".attn2." in k and not k.startswith(motion)]
+    others = [k for k in after if ".attn2." not in k and not k.startswith(motion)]
+    assert len(cross) > 4 and len(others) > 100
+    assert all(not torch.equal(before[k], after[k]) for k in cross if k.endswith(".weight"))
+    assert all(torch.equal(before[k], after[k]) for k in others)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(motion))
+    # The export: the motion module and the UNet whose cross-attention trained, which load back as the trained model.
+    assert (result.final / "motion_module.safetensors").is_file() and (result.final / "model" / "unet").is_dir()
+    from kinema.pipelines.load import load_family
+
+    loaded = load_family(result.final / "model", motion_module=result.final / "motion_module.safetensors")
+    reloaded = loaded.model.state_dict()
+    assert reloaded.keys() == after.keys() and all(torch.equal(reloaded[k], after[k]) for k in after)
+    with pytest.raises(KinemaError, match="no parameter of the base model has 'atn2.'"):
+        make_task(make_config(tmp_path / "b", sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                              train={"trainable_modules": ["atn2."]}))
+
+
 def test_image_mode_trains_the_image_unet_and_exports_an_sd_folder(tmp_path, sd_model, synth_videos):
     config = make_config(tmp_path, {"path": str(sd_model["path"])}, synth_videos, "image",
                          {**SD_DATA, "frames": 1}, train={"steps": 2})
