@@ -32,15 +32,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kinema.data.sampler import BatchOrder
-from kinema.data.video_io import FOLDER_IMAGE_SUFFIXES, read_video
+from kinema.data.video_io import IMAGE_SUFFIXES, PILLOW_SUFFIXES, read_video
 from kinema.errors import KinemaError
 
 logger = logging.getLogger(__name__)
 
 TYPES = ("video", "image")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# Read by Pillow (as read_video does); everything else but a folder goes through PyAV.
-_PILLOW_SUFFIXES = (".gif", ".webp", ".png", ".jpg", ".jpeg")
 # What reading a broken file can raise (PyAV's errors, Pillow's truncated-file errors, read_video's KinemaError).
 _READ_ERRORS = (KinemaError, OSError, av.FFmpegError, EOFError, SyntaxError, Image.DecompressionBombError)
 # A group: (type, bucket index), the bucket None when the dataset has no buckets.
@@ -112,7 +109,7 @@ def _read_metadata(root: Path, metadata: str | os.PathLike) -> tuple[Path, list[
         kind = entry.get("type")
         if kind is None:
             # Older lists have no type; the file's extension decides.
-            kind = "image" if Path(entry["file_path"]).suffix.lower() in _IMAGE_SUFFIXES else "video"
+            kind = "image" if Path(entry["file_path"]).suffix.lower() in IMAGE_SUFFIXES else "video"
         if kind not in TYPES:
             raise KinemaError(f"{path}: entry {index} has unknown type {kind!r}; use one of {', '.join(TYPES)}")
         checked.append({**entry, "type": kind})
@@ -163,7 +160,7 @@ def resize_and_crop(pixels: torch.Tensor, size: tuple[int, int], position: float
 def count_frames(path: Path) -> int:
     """Frames in a video, animation, still or frame folder: the container's count when it has one, else counted
     by decoding."""
-    if path.is_dir() or path.suffix.lower() in _PILLOW_SUFFIXES:
+    if path.is_dir() or path.suffix.lower() in PILLOW_SUFFIXES:
         return probe(path)[2]
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -182,12 +179,12 @@ def probe(path: Path) -> tuple[int, int, int]:
     fewer frames is skipped when read), else counted by decoding.
     """
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise KinemaError(f"{path} holds no frames")
         with Image.open(files[0]) as image:
             return image.height, image.width, len(files)
-    if path.suffix.lower() in _PILLOW_SUFFIXES:
+    if path.suffix.lower() in PILLOW_SUFFIXES:
         with Image.open(path) as image:
             return image.height, image.width, getattr(image, "n_frames", 1)
     with av.open(str(path)) as container:

@@ -44,7 +44,8 @@ from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
 SETTINGS_KEY = "kinema"  # PNG text-chunk key
-FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # swscale's default RGB <-> yuv420p path subsamples chroma crudely; averaging on the way in and interpolating
 # chroma on the way out gains 1.5-3 dB PSNR on clips with saturated colour edges.
 _TO_YUV = Interpolation.AREA | Interpolation.FULL_CHR_H_INP | Interpolation.ACCURATE_RND
@@ -336,7 +337,7 @@ def _read_pillow(path: Path, start: int, stride: int, max_frames: int | None) ->
 
 
 def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) -> tuple[np.ndarray, float, int]:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     wanted = []
     for index in _indices(len(files), start, stride, max_frames):
         with Image.open(files[index]) as image:
@@ -358,6 +359,8 @@ _READERS: dict[str, _Reader] = {
     ".mp4": _read_av, ".webm": _read_av, ".mov": _read_av, ".mkv": _read_av, ".avi": _read_av,
     ".gif": _read_pillow, ".webp": _read_pillow, ".png": _read_pillow, ".jpg": _read_pillow, ".jpeg": _read_pillow,
 }
+# The files Pillow reads (stills and animations), not PyAV.
+PILLOW_SUFFIXES = tuple(suffix for suffix, reader in _READERS.items() if reader is _read_pillow)
 
 
 def read_video(path: str | os.PathLike, start: int = 0, stride: int = 1, max_frames: int | None = None) -> VideoClip:
