@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -215,6 +216,10 @@ def _type_name(kind: Any) -> str:
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
 
+class _NotFinite(KinemaError):
+    """A number that is infinite or NaN: the right type, so no other type of a union may take it instead."""
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     """`value` as `kind` (a field annotation), or one KinemaError naming `key` and the type it needs."""
     origin = typing.get_origin(kind)
@@ -226,6 +231,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, key)
+            except _NotFinite:
+                raise
             except KinemaError:
                 continue
     elif origin is list:
@@ -238,13 +245,19 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # .inf passes every lower bound the checks below set, and NaN turns a loss into NaN at step 1.
+            if not math.isfinite(number):
+                raise _NotFinite(f"config key {key} must be a finite number, got {value!r}")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value
