@@ -53,6 +53,15 @@ def _on_signal(signum: int, frame: object) -> None:
     raise _stop(signum)
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """In a worker process (DataLoader's `worker_init_fn`): ignore Ctrl-C, SIGTERM and SIGHUP. A terminal, or
+    `kill -- -PGID`, sends them to the whole process group; a worker that died of one made the main process fail
+    mid-step ("DataLoader worker exited unexpectedly") instead of finishing the step and saving. The main process
+    alone decides when to stop; it then shuts its workers down, and a worker whose parent dies exits by itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def stop_if_requested() -> None:
     """Raise the stop a signal asked for, if one did (KeyboardInterrupt or Terminated); call once per step of long
     work. Outside `stop_on_signals()` nothing is ever requested; inside `stops_deferred()` nothing is raised."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
-from kinema.interrupt import stop_if_requested, stop_requested, stops_deferred
+from kinema.interrupt import ignore_stop_signals, stop_if_requested, stop_requested, stops_deferred
 from kinema.training.config import TrainConfig, resume_identity, with_new_defaults
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _batches(config: TrainConfig, dataset: Any, order: Any, rank: int, start_mic
     # Its own generator: the loader draws its workers' base seed when it starts, and that draw must not move the
     # global generator a resumed run has just put back.
     loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False,
-                        prefetch_factor=2 if workers else None,
+                        prefetch_factor=2 if workers else None, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(step_seed(config.seed, start_micro_step, rank)))
     return iter(loader)
 

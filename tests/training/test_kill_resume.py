@@ -9,6 +9,9 @@ frozen with SIGSTOP the moment a save's hidden temporary appears, and killed onl
 
 Four interpreter starts (~15-20 s each on a loaded 2-core machine: torch, diffusers, accelerate) make this ~100 s,
 so it is marked slow: run it with `pytest -m slow tests/training/test_kill_resume.py`.
+
+The file also checks, in the default suite, that SIGTERM or Ctrl-C sent to the whole process group (as a terminal
+does) still lets a run with DataLoader workers finish its step and save it.
 """
 
 from __future__ import annotations
@@ -271,3 +274,39 @@ def test_three_sigkills_and_resumes_end_bit_identical_to_an_uninterrupted_run(tm
     # the comparison is not vacuous: training moved the weights between the two kept checkpoints
     before = load_file(reference_run / CHECKPOINTS / kept[0] / "model.safetensors")
     assert any(not torch.equal(before[k], expected["model"][k]) for k in before)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_sent_to_the_process_group_with_dataloader_workers_still_saves_the_step(
+        tmp_path, sd_model, synth_videos, signum, code):
+    # A terminal's Ctrl-C, or `kill -- -PGID`, reaches the DataLoader workers too; a worker that died of it used to
+    # fail the main process mid-step ("DataLoader worker exited unexpectedly") before its deferred save.
+    config = run_config(tmp_path, sd_model, synth_videos)
+    values = yaml.safe_load(config.read_text())
+    values["data"]["num_workers"] = 2
+    values["train"].update(steps=400, gradient_accumulation=1)
+    values["checkpoint"] = {"every": 1000, "keep": 1}  # the stop's own save is the only one
+    config.write_text(yaml.safe_dump(values, sort_keys=False))
+    logs = tmp_path / "run" / "logs.csv"
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "kinema", "train", str(config), "--no-progress"], cwd=REPO,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                 stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (logs.is_file() and len(logs.read_text().splitlines()) > 3):
+            assert child.poll() is None, stderr_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the run logged no steps"
+            time.sleep(0.05)
+        os.killpg(child.pid, signum)  # the main process and its workers, as a terminal does
+        returncode = child.wait(timeout=RUN_TIMEOUT)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    err = stderr_path.read_text()
+    assert returncode == code, err[-2000:]
+    assert "exited unexpectedly" not in err and "Traceback" not in err, err[-2000:]
+    logged = len(logs.read_text().splitlines()) - 1
+    # The step the signal fell in finished and was saved: the last logged step has its checkpoint.
+    assert sorted(path.name for path in (tmp_path / "run" / CHECKPOINTS).iterdir()) == [f"step-{logged:08d}"]
