@@ -6,6 +6,7 @@ Only argparse and the standard library are imported here, so that `kinema --help
 from __future__ import annotations
 
 import argparse
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -87,27 +88,36 @@ fraction = checked_number(float, "a number between 0 and 1", lambda value: 0.0 <
 def check_port_free(host: str, port: int) -> None:
     """Raise one `KinemaError` line when a server could not listen on `host`:`port` (in use, not an address of this
     machine, or a privileged port), before the server and its models load; port 0 (any free port) always can."""
+    if port != 0:
+        listen_on(host, port).close()
+
+
+def listen_on(host: str, port: int) -> socket.socket:
+    """A socket listening on `host`:`port` (0: any free port), for a server that takes one (uvicorn): held from
+    before its models load, so nothing can take the port in between. One `KinemaError` line when it cannot listen
+    (in use, not an address of this machine, or a privileged port)."""
     import errno
-    import socket
 
     from kinema.errors import KinemaError
 
-    if port == 0:
-        return
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror:
         raise KinemaError(f"--host {host} is not a host name or address this machine can resolve; give an address "
                           "such as 127.0.0.1") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a closing port is free
-        try:
-            probe.bind(address)
-        except OSError as err:
-            why = {errno.EADDRINUSE: f"port {port} is in use on {host} (another server, or this one already "
-                                     "running?); stop it or choose another --port",
-                   errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; give one of its "
-                                        "addresses, 127.0.0.1 or 0.0.0.0",
-                   errno.EACCES: f"port {port} needs administrator rights on this system; choose one above 1023"}
-            raise KinemaError(why.get(err.errno or 0, f"cannot listen on {host}:{port}: {err.strerror}")) from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a closing port is free
+        # Listening at once: on Linux another SO_REUSEADDR socket may bind a port bound but not yet listening.
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as err:
+        listener.close()
+        why = {errno.EADDRINUSE: f"port {port} is in use on {host} (another server, or this one already "
+                                 "running?); stop it or choose another --port",
+               errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; give one of its "
+                                    "addresses, 127.0.0.1 or 0.0.0.0",
+               errno.EACCES: f"port {port} needs administrator rights on this system; choose one above 1023"}
+        raise KinemaError(why.get(err.errno or 0, f"cannot listen on {host}:{port}: {err.strerror}")) from None
+    return listener

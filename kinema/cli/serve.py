@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from kinema.cli.args import add_command, check_port_free, checked_number, example, positive_int
+from kinema.cli.args import add_command, checked_number, example, listen_on, positive_int
 from kinema.errors import KinemaError
 
 API_KEY_VARIABLE = "KINEMA_API_KEY"
@@ -88,15 +88,17 @@ def check_serve(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Serve the API until Ctrl-C or SIGTERM (a running job goes back to the queue)."""
-    check_port_free(args.host, args.port)
-    import uvicorn
+    # The port is held from here on: nothing can take it while the app starts (uvicorn serves this socket).
+    with listen_on(args.host, args.port) as listener:
+        import uvicorn
 
-    from kinema.api.app import JobLimits, create_app
-    from kinema.api.store import lock_data_dir
+        from kinema.api.app import JobLimits, create_app
+        from kinema.api.store import lock_data_dir
 
-    lock_data_dir(args.data_dir).close()  # another server on the folder: one line now, not a failed startup later
-    app = create_app(args.data_dir, api_key=args.api_key, models_dir=args.models_dir,
-                     max_upload_bytes=args.max_upload_mb << 20,
-                     limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                timeout_graceful_shutdown=30)
+        lock_data_dir(args.data_dir).close()  # another server on the folder: one line now, not a failed startup later
+        app = create_app(args.data_dir, api_key=args.api_key, models_dir=args.models_dir,
+                         max_upload_bytes=args.max_upload_mb << 20,
+                         limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps))
+        config = uvicorn.Config(app, host=args.host, port=listener.getsockname()[1],
+                                log_level="warning" if args.quiet else "info", timeout_graceful_shutdown=30)
+        uvicorn.Server(config).run(sockets=[listener])

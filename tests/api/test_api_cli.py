@@ -115,6 +115,36 @@ def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path, capsys):
     assert not (tmp_path / "data").exists()
 
 
+def test_serve_holds_its_port_from_the_check_until_uvicorn_serves_it(tmp_path, monkeypatch):
+    # A port found free and bound only once the app had started could be taken in between.
+    import socket
+
+    import uvicorn
+
+    import kinema.api.app as api_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    real_create_app = api_app.create_app
+
+    def create_app(*args, **kwargs):
+        with socket.socket() as rival, pytest.raises(OSError):  # the port is taken while the app starts
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            rival.bind(("127.0.0.1", port))
+        return real_create_app(*args, **kwargs)
+
+    served = []
+    monkeypatch.setattr(api_app, "create_app", create_app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.extend(
+        (self.config.port, sock.getsockname()[1]) for sock in sockets))
+    assert main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 0
+    assert served == [(port, port)]
+    with socket.socket() as after:  # given back when the server stops
+        after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        after.bind(("127.0.0.1", port))
+
+
 def test_the_port_check_names_a_host_that_is_not_here():
     from kinema.cli.args import check_port_free
 
