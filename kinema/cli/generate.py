@@ -87,13 +87,16 @@ CONFIG_HELP = (
 CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W", "guidance": "guidance_scale",
                     "scheduler": "scheduler", "fps": "fps", "dtype": "dtype", "tokenizer": "tokenizer"}
 # ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
+# Every value option's parser default is None, so that one given at its effective default is still seen.
 NOT_WITH_CONFIG: dict[str, Any] = {
-    "--model": None, "--motion-module": None, "--lora": [], "--image": None, "--end-image": None, "--negative": "",
-    "--seed": [0], "--free-init": None, "--interpolation": "linear", "--resize": False, "--vae-tiling": False,
-    "--decode-chunk": 16, "--attention-chunk": None, "--offload": False, "--context-length": None,
+    "--model": None, "--motion-module": None, "--lora": [], "--image": None, "--end-image": None, "--negative": None,
+    "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
+    "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
     "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
     "--quantize": None, "--cache-interval": None, "--cfg-truncation": None}
+# What those options are when not given.
+OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16}
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -224,7 +227,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
-    group.add_argument("--decode-chunk", type=positive_int, default=16,
+    group.add_argument("--decode-chunk", type=positive_int,
                        help="frames per VAE call (SD VAE; default 16)")
     group.add_argument("--attention-chunk", type=positive_int,
                        help="compute attention in chunks of this many queries (less memory, slower)")
@@ -262,15 +265,15 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=number,
                        help="classifier-free guidance scale, >= 1 (1 turns it off; default: the model's kinema.json "
                             "defaults, else 7.5)")
-    group.add_argument("--seed", type=non_negative_int, nargs="+", default=[0], metavar="N",
+    group.add_argument("--seed", type=non_negative_int, nargs="+", metavar="N",
                        help="one video per seed (default 0)")
     group.add_argument("--scheduler", choices=list(SCHEDULERS),
                        help="sampler (default: the model's kinema.json defaults, else the model family's)")
-    group.add_argument("--negative", default="", help="negative prompt")
+    group.add_argument("--negative", help="negative prompt (default none)")
     group.add_argument("--free-init", type=positive_int, metavar="N",
                        help="FreeInit: sample N times in all, each run after the first from the last one's low "
                             "frequencies (N times the time; 1 is plain sampling)")
-    group.add_argument("--interpolation", choices=INTERPOLATIONS, default="linear",
+    group.add_argument("--interpolation", choices=INTERPOLATIONS,
                        help="how a prompt schedule blends between keyframes (default linear)")
 
 
@@ -454,11 +457,19 @@ def _check_config(args: argparse.Namespace) -> None:
     check_config_output(args.output, overwrite=args.overwrite)
 
 
+def _fill_option_defaults(args: argparse.Namespace) -> None:
+    """The effective defaults of the options whose parser default is None (see NOT_WITH_CONFIG)."""
+    for name, value in OPTION_DEFAULTS.items():
+        if getattr(args, name, "absent") is None:
+            setattr(args, name, list(value) if isinstance(value, list) else value)
+
+
 def check_generate(args: argparse.Namespace) -> None:
     """Bad usage of `kinema generate`, refused before any heavy import."""
     if args.config is not None:
         _check_config(args)
         return
+    _fill_option_defaults(args)
     if args.prompt is None:
         raise KinemaError("give a PROMPT (or a prompt config with --config FILE.yaml)")
     args.prompt = read_prompt(args.prompt)
@@ -493,6 +504,7 @@ def _check_video_input(args: argparse.Namespace) -> None:
 
 def check_v2v(args: argparse.Namespace) -> None:
     """Bad usage of `kinema v2v`, refused before any heavy import."""
+    _fill_option_defaults(args)
     _check_video_input(args)
     args.prompt = read_prompt(args.prompt)
     _check_model(args, INPUT_DEFAULTS)
@@ -505,6 +517,7 @@ def check_v2v(args: argparse.Namespace) -> None:
 
 def check_extend(args: argparse.Namespace) -> None:
     """Bad usage of `kinema extend`, refused before any heavy import."""
+    _fill_option_defaults(args)
     _check_video_input(args)
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
@@ -518,6 +531,7 @@ def check_extend(args: argparse.Namespace) -> None:
 
 def check_decode(args: argparse.Namespace) -> None:
     """Bad usage of `kinema decode`: the latents file is not kinema's, no model, or outputs the policy refuses."""
+    _fill_option_defaults(args)
     from kinema.pipelines.outputs import LATENTS_SUFFIX, read_latents_settings
 
     settings = read_latents_settings(args.latents)

@@ -57,6 +57,14 @@ def test_a_written_config_makes_the_same_frames_again(tmp_path, capsys, encoded_
 @pytest.mark.parametrize(("argv", "message"), [
     (["a red circle"], "give PROMPT or --config, not both (a config file holds its prompts)"),
     (["--seed", "3"], "--seed cannot be combined with --config; set it in the config file (see docs/configs.md)"),
+    # Given at the value they take when left out, they are still given (and would be ignored otherwise).
+    (["--seed", "0"], "--seed cannot be combined with --config; set it in the config file (see docs/configs.md)"),
+    (["--negative", ""], "--negative cannot be combined with --config; set it in the config file (see "
+                         "docs/configs.md)"),
+    (["--interpolation", "linear"], "--interpolation cannot be combined with --config; set it in the config file "
+                                    "(see docs/configs.md)"),
+    (["--decode-chunk", "16"], "--decode-chunk cannot be combined with --config; set it in the config file (see "
+                               "docs/configs.md)"),
     (["--model", "kinema-tiny"], "--model cannot be combined with --config; set it in the config file (see "
                                  "docs/configs.md)"),
     (["--print-schedule"], "--print-schedule shows one PROMPT's schedule; it cannot be combined with --config"),
