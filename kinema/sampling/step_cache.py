@@ -38,6 +38,9 @@ _ACTIVE: ContextVar[StepCache | None] = ContextVar("kinema_step_cache", default=
 CallKey = tuple[int, ...]
 
 
+# The cache's bookkeeping runs outside torch.compile's graphs: traced, its counters and dict became guards, and each
+# model call recompiled until dynamo gave up and ran eagerly (78 s of recompiling on kinema-tiny, then no speedup).
+@torch.compiler.disable
 def active_step_cache() -> StepCache | None:
     """The step cache of the sampling step running in this thread, or None (compute everything)."""
     return _ACTIVE.get()
@@ -94,6 +97,7 @@ class StepCache:
         finally:
             _ACTIVE.reset(token)
 
+    @torch.compiler.disable
     def lookup(self, key: CallKey) -> tuple[int, torch.Tensor | None]:
         """For the next model call of this step, with input latents of shape `key`: its slot and the features to
         reuse, or None to run in full (a full step, or nothing kept for this call and shape) and `keep` them."""
@@ -106,6 +110,7 @@ class StepCache:
         self.full_calls += 1
         return slot, None
 
+    @torch.compiler.disable
     def keep(self, slot: int, key: CallKey, features: torch.Tensor) -> None:
         """Keep `features` (batch first) of the full model call in `slot` with input latents of shape `key`."""
         self._entries[slot] = (tuple(key), features)

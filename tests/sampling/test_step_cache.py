@@ -207,6 +207,30 @@ def test_cached_dit_sampling_stays_close_and_skips_the_middle_blocks(tiny_dit):
     assert 0 < relative_l2(cached, reference) < 0.25
 
 
+def test_a_compiled_dit_under_the_cache_compiles_once_and_equals_eager(tmp_path):
+    # Traced, the cache's counters and entries became guards: each call recompiled until dynamo's limit (9 graphs
+    # for 8 steps), then ran eagerly.
+    from torch._dynamo.testing import CompileCounter
+
+    from kinema.models.optimize import compile_model
+
+    model = VideoDiT.from_pretrained(bundled_model_path("kinema-tiny") / "transformer").eval()
+    noise, cond, uncond = dit_inputs(model)
+    eager = run(DiTDenoiser(model), noise, cond, uncond, steps=8, family="easyanimate", cache_interval=2)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    try:
+        compile_model(model, cache_dir=tmp_path, backend=counter)
+        compiled = run(DiTDenoiser(model), noise, cond, uncond, steps=8, family="easyanimate", cache_interval=2)
+        first = counter.frame_count
+        run(DiTDenoiser(model), noise * 0.5, cond, uncond, steps=8, family="easyanimate", cache_interval=2)
+    finally:
+        torch._dynamo.reset()
+    assert first <= 4, first  # the full and the reuse step's graphs, split around the cache's bookkeeping
+    assert counter.frame_count == first
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
 def test_reuse_is_kept_per_context_window(moving_unet):
     # Static windows are the same every step, so each keeps its own features: a reuse step on the same input
     # reproduces the full step exactly, which it could not if a window took another's features.
