@@ -301,15 +301,6 @@ def evaluate(
     return report
 
 
-def _model_defaults(model: str) -> dict[str, Any]:
-    """The generation settings a model folder's kinema.json recommends (kinema.bundled.model_defaults: height,
-    width, frames, steps, guidance, scheduler), as `kinema generate` takes them; {} for a model without them."""
-    from kinema.bundled import model_defaults, resolve_model
-
-    folder = resolve_model(model)
-    return model_defaults(folder) if folder.is_dir() else {}
-
-
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
          steps: int | None, guidance: float | None, speed: str | None, progress: bool, folder: Path | None,
          continuation: int | None,
@@ -321,10 +312,10 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
 
-    defaults = _model_defaults(model)
     family = load_family(model)
     size = native_size(family)
-    shared: dict[str, Any] = {"height": size, "width": size, "frames": DEFAULT_FRAMES, **defaults, "fps": FPS}
+    # The model's kinema.json defaults (load_family reads them), as `kinema generate` takes them.
+    shared: dict[str, Any] = {"height": size, "width": size, "frames": DEFAULT_FRAMES, **family.defaults, "fps": FPS}
     for key, given in (("frames", frames), ("steps", steps), ("guidance", guidance)):
         if given is not None:
             shared[key] = given

@@ -158,8 +158,8 @@ class _Plan:
 
 
 def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
-    """The plan of `request`, whose None fields `generate()` has filled (`with_defaults`, an input video's size)."""
-    request.check()
+    """The plan of `request`, whose None fields `generate()` has filled (`with_defaults`, an input video's size)
+    and which it has checked."""
     height, width, frames = request.height, request.width, request.frames
     steps, guidance = request.steps, request.guidance
     if height is None or width is None or frames is None or steps is None or guidance is None:
@@ -497,10 +497,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if output not in OUTPUT_TYPES:
         raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUT_TYPES)}")
     began = time.perf_counter()
-    request.check()
     # Fields left None take the model's kinema.json defaults (a bundled model's 64x64), else the library's; the
-    # filled request is what the video's settings record.
+    # filled request is what the video's settings record, and what is checked.
     request = request.with_defaults(family.defaults)
+    request.check()
     mode = request.mode
     # Inputs are read and sized before any model runs, so a bad file fails fast.
     input_video = None
