@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from kinema.cli.args import add_command, example, non_negative_int
+from kinema.cli.args import add_command, example, non_negative_int, positive_int
 from kinema.errors import KinemaError
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
@@ -68,7 +68,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        description=INIT_DESCRIPTION,
                        epilog=example("kinema init-model kinema-tiny --out runs/kinema-tiny/init",
                                       "kinema init-model kinema-tiny --vae runs/kinema-tiny/vae/final/vae "
-                                      "--out runs/kinema-tiny/dit-start"))
+                                      "--out runs/kinema-tiny/dit-start",
+                                      "kinema init-model kinema-tiny --vae runs/kinema-tiny/vae/final/vae "
+                                      "--patch-size 1 --heads 8 --out runs/kinema-tiny/dit-p1-start"))
     init.add_argument("name", choices=("kinema-tiny", "kinema-tiny-ad"), help="which model")
     init.add_argument("--out", required=True, help="folder to create (new or empty)")
     init.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights (default 0)")
@@ -76,6 +78,11 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--scale-data", metavar="DATA", help="with --vae: a dataset folder to measure the latents' "
                       "scaling factor on (1 / their std over its first 64 videos)")
     init.add_argument("--overwrite", action="store_true", help="replace an earlier init-model folder at OUT")
+    size = init.add_argument_group("kinema-tiny's DiT size (default: the shipped 6 layers of 4 heads, patch 2)")
+    size.add_argument("--layers", type=positive_int, help="transformer blocks (temporal and hybrid in turn)")
+    size.add_argument("--heads", type=positive_int, help="attention heads, each 32 wide: the model is 32 x HEADS wide")
+    size.add_argument("--patch-size", type=positive_int, choices=(1, 2, 4),
+                      help="latent pixels per token side: 1 gives 4x the tokens of 2, for finer detail")
 
 
 def check_inspect(args: argparse.Namespace) -> None:
@@ -119,6 +126,9 @@ def check_init_model(args: argparse.Namespace) -> None:
         raise KinemaError(f"{args.vae} is not a VAE folder (no config.json): give a VAE stage's final/vae")
     if args.scale_data is not None and args.vae is None:
         raise KinemaError("--scale-data measures a trained VAE's latents: give --vae too")
+    from kinema.models.initial import check_dit_size
+
+    check_dit_size(args.name, _dit_size(args))
     check_output(args.out, "model", folder=True, overwrite=args.overwrite)
 
 
@@ -127,5 +137,10 @@ def run_init_model(args: argparse.Namespace) -> None:
     from kinema.models.initial import write_initial_model
 
     out = write_initial_model(args.name, args.out, seed=args.seed, vae=args.vae, scale_data=args.scale_data,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, size=_dit_size(args))
     print(f"wrote the untrained {args.name} to {out} (seed {args.seed})")
+
+
+def _dit_size(args: argparse.Namespace) -> dict[str, int]:
+    return {key: value for key, value in (("layers", args.layers), ("heads", args.heads),
+                                          ("patch_size", args.patch_size)) if value is not None}

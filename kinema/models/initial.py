@@ -84,15 +84,19 @@ def latent_scaling_factor(vae: Any, data_root: str | os.PathLike, clips: int = 6
 
 
 def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: str | os.PathLike | None = None,
-                        *, scale_data: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+                        *, scale_data: str | os.PathLike | None = None, overwrite: bool = False,
+                        size: Mapping[str, int] | None = None) -> Path:
     """Write the untrained folder of kinema model `name` (one of `INITIAL_MODELS`) to `out`, its weights drawn from
     `seed`; `vae` puts a trained VAE folder (a stage's `final/vae`) in place of the fresh one, and with `scale_data`
-    (a dataset folder) its `scaling_factor` is measured there (`latent_scaling_factor`). `out` follows kinema's
-    output policy (new or empty, or with `overwrite` an earlier folder this function wrote). Returns `out`."""
+    (a dataset folder) its `scaling_factor` is measured there (`latent_scaling_factor`). `size` changes kinema-tiny's
+    DiT from the shipped `KINEMA_TINY_DIT_SIZE` (keys `layers`, `heads`, `patch_size`; e.g. `{"patch_size": 1}`).
+    `out` follows kinema's output policy (new or empty, or with `overwrite` an earlier folder this function wrote).
+    Returns `out`."""
     from kinema.fileio import atomic_folder, check_output
 
     if name not in INITIAL_MODELS:
         raise KinemaError(f"unknown model {name!r}: kinema can start {', '.join(INITIAL_MODELS)}")
+    dit_size = check_dit_size(name, size)
     out = Path(out)
     check_output(out, "model", folder=True, overwrite=overwrite)
     vae_folder = None
@@ -104,10 +108,35 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
         raise KinemaError("the latents' scale is measured on a trained VAE: give the VAE folder too")
     with atomic_folder(out, "model", overwrite=overwrite) as temp:
         if name == "kinema-tiny":
-            _write_tiny(temp, seed, vae_folder, scale_data)
+            _write_tiny(temp, seed, vae_folder, scale_data, dit_size)
         else:
             _write_tiny_ad(temp, seed, vae_folder, scale_data)
     return out
+
+
+def check_dit_size(name: str, size: Mapping[str, int] | None) -> dict[str, int]:
+    """kinema-tiny's DiT size with `size`'s changes, each checked (one line per problem, before anything is
+    written); only kinema-tiny takes a size."""
+    from kinema.models.presets import KINEMA_TINY_DIT_SIZE
+
+    changes = {key: value for key, value in (size or {}).items() if value is not None}
+    if changes and name != "kinema-tiny":
+        raise KinemaError(f"{name} has no DiT to size; the DiT's layers, heads and patch size are kinema-tiny's "
+                          f"options")
+    unknown = sorted(set(changes) - set(KINEMA_TINY_DIT_SIZE))
+    if unknown:
+        raise KinemaError(f"unknown DiT size setting {unknown[0]!r}; use {', '.join(KINEMA_TINY_DIT_SIZE)}")
+    for key, value in changes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KinemaError(f"the DiT's {key} must be a whole number of at least 1, got {value!r}")
+    merged = {**KINEMA_TINY_DIT_SIZE, **changes}
+    if merged["layers"] < 2:
+        raise KinemaError(f"the DiT needs at least 2 layers (a temporal block and a hybrid one), got "
+                          f"{merged['layers']}")
+    if merged["patch_size"] not in (1, 2, 4):
+        raise KinemaError(f"the patch size must be 1, 2 or 4 (it divides the 16x16 latents), got "
+                          f"{merged['patch_size']}")
+    return merged
 
 
 def _write_vae(temp: Path, vae_class: Any, settings: dict, seed: int, vae_folder: Path | None,
@@ -123,15 +152,16 @@ def _write_vae(temp: Path, vae_class: Any, settings: dict, seed: int, vae_folder
     return vae
 
 
-def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None) -> None:
+def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None,
+                dit_size: Mapping[str, int]) -> None:
     from kinema.models.presets import KINEMA_TINY_SLICE_VAE, kinema_tiny_transformer
     from kinema.models.slice_vae import SliceVAE
     from kinema.models.video_dit import VideoDiT
 
     vae = _write_vae(temp, SliceVAE, KINEMA_TINY_SLICE_VAE, seed, vae_folder, scale_data)
     # The DiT is sized from the VAE in the folder, so a trained VAE of another layout gets a DiT that fits it.
-    settings = kinema_tiny_transformer(patch_size=2, latent_channels=vae.config.latent_channels,
-                                       sample_size=TINY_DEFAULTS["height"] // vae.spatial_ratio)
+    settings = kinema_tiny_transformer(latent_channels=vae.config.latent_channels,
+                                       sample_size=TINY_DEFAULTS["height"] // vae.spatial_ratio, **dit_size)
     _seeded(seed, lambda: VideoDiT(**settings)).save_pretrained(temp / "transformer")
     # v-prediction: a small DiT trained for an hour or two could not compose a clip from pure noise predicting
     # epsilon (at DDPM's last steps, signal-to-noise 4e-5, x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies every

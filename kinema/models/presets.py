@@ -6,6 +6,8 @@ config, so a setting has one form from the file to the model and back.
 
 from __future__ import annotations
 
+from kinema.errors import KinemaError
+
 # ---------------------------------------------------------------- AnimateDiff (VideoUNet)
 
 
@@ -98,21 +100,29 @@ KINEMA_TINY_SLICE_VAE: dict = {
 }
 
 
-def kinema_tiny_transformer(patch_size: int = 1, latent_channels: int | None = None,
-                            sample_size: int = 16) -> dict:
+# kinema-tiny's DiT: 6 blocks of 4 heads, each head 32 wide (so 128 wide in all), patch 2 on 16x16 latents.
+KINEMA_TINY_DIT_SIZE = {"layers": 6, "heads": 4, "patch_size": 2}
+DIT_HEAD_WIDTH = 32
+
+
+def kinema_tiny_transformer(patch_size: int = 1, latent_channels: int | None = None, sample_size: int = 16,
+                            heads: int = KINEMA_TINY_DIT_SIZE["heads"],
+                            layers: int = KINEMA_TINY_DIT_SIZE["layers"]) -> dict:
     """`VideoDiT` keyword arguments of kinema-tiny: V3's block design (hybrid motion module in every block, temporal
-    on even blocks and temporal + global on odd ones, U-ViT skips, inpaint channels) at 6 blocks of 4 heads x 32,
-    for 64x64 video (`sample_size` 16: the 16x16 latents of `KINEMA_TINY_SLICE_VAE`; `latent_channels` defaults to
-    its) and all-MiniLM-L6-v2 text states (384 wide). InP without CLIP image tokens: the masked-video latents carry
-    the start image. Predicts epsilon only."""
+    on even blocks and temporal + global on odd ones, U-ViT skips, inpaint channels) at `layers` blocks of `heads`
+    heads x 32 (the shipped model: 6 x 4, 128 wide, patch 2), for 64x64 video (`sample_size` 16: the 16x16 latents
+    of `KINEMA_TINY_SLICE_VAE`; `latent_channels` defaults to its) and all-MiniLM-L6-v2 text states (384 wide,
+    projected to the model's width). InP without CLIP image tokens: the masked-video latents carry the start image.
+    Predicts epsilon only."""
     from kinema.models.video_dit_blocks import easyanimate_v3_motion_modules
 
+    if sample_size % patch_size:
+        raise KinemaError(f"the patch size ({patch_size}) must divide the latents' side ({sample_size})")
     latent = latent_channels or KINEMA_TINY_SLICE_VAE["latent_channels"]
-    layers, heads = 6, 4
     return {
-        "num_attention_heads": heads, "attention_head_dim": 32, "in_channels": 3 * latent, "out_channels": latent,
-        "num_layers": layers, "cross_attention_dim": 128, "sample_size": sample_size, "patch_size": patch_size,
-        "caption_channels": 384, "enable_uvit": True,
+        "num_attention_heads": heads, "attention_head_dim": DIT_HEAD_WIDTH, "in_channels": 3 * latent,
+        "out_channels": latent, "num_layers": layers, "cross_attention_dim": heads * DIT_HEAD_WIDTH,
+        "sample_size": sample_size, "patch_size": patch_size, "caption_channels": 384, "enable_uvit": True,
         # A window of 4 latent frames (16 pixel frames), what it trains on; longer videos are made by continuation.
         # The frame encodings are sinusoids, so the window can change without touching a weight.
         "motion_modules": easyanimate_v3_motion_modules(layers, heads, max_frames=4), "image_embed_dim": None,

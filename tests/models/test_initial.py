@@ -31,6 +31,46 @@ def test_kinema_tiny_folder_is_seeded_and_loads(tmp_path):
     assert manifest["prediction_type"] == "v_prediction"
 
 
+def test_the_default_dit_is_the_shipped_one_and_the_size_options_change_it(tmp_path, capsys):
+    """init-model's default DiT has the bundled kinema-tiny's architecture; --layers, --heads and --patch-size make
+    another that loads and generates (text states projected to the new width)."""
+    from kinema.bundled import bundled_model_path
+    from kinema.cli import main
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.request import GenerationRequest
+
+    def config(folder):
+        found = json.loads((folder / "transformer" / "config.json").read_text())
+        return {k: v for k, v in found.items() if not k.startswith("_")}
+
+    assert config(write_initial_model("kinema-tiny", tmp_path / "default")) == config(bundled_model_path("kinema-tiny"))
+    assert main(["init-model", "kinema-tiny", "--patch-size", "1", "--heads", "8", "--layers", "4",
+                 "--out", str(tmp_path / "p1")]) == 0
+    sized = config(tmp_path / "p1")
+    assert (sized["patch_size"], sized["num_layers"], sized["num_attention_heads"], sized["cross_attention_dim"]) == (
+        1, 4, 8, 256)
+    modules = [(m["type"], m["num_attention_heads"]) for m in sized["motion_modules"]]
+    assert modules == [("temporal", 8), ("hybrid", 8)] * 2
+    family = load_family(tmp_path / "p1")
+    video = generate(family, GenerationRequest(prompt="a red circle moving right", frames=8, steps=1, seeds=[0]),
+                     progress=False).frames
+    assert video.shape == (1, 8, 3, 64, 64) and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize(("name", "size", "message"), [
+    ("kinema-tiny-ad", {"heads": 8}, "kinema-tiny-ad has no DiT to size"),
+    ("kinema-tiny", {"width": 256}, "unknown DiT size setting 'width'; use layers, heads, patch_size"),
+    ("kinema-tiny", {"layers": 1}, "at least 2 layers"),
+    ("kinema-tiny", {"heads": 0}, "heads must be a whole number of at least 1, got 0"),
+    ("kinema-tiny", {"patch_size": 3}, "patch size must be 1, 2 or 4"),
+])
+def test_bad_dit_sizes_write_nothing(tmp_path, name, size, message):
+    with pytest.raises(KinemaError, match=message):
+        write_initial_model(name, tmp_path / "out", size=size)
+    assert not (tmp_path / "out").exists()
+
+
 def test_kinema_tiny_ad_folder_predicts_the_velocity(tmp_path):
     from kinema.bundled import model_prediction_type
 
