@@ -1,4 +1,4 @@
-"""`kinema data ...`: make training data (`data synth`)."""
+"""`kinema data ...`: make training data (`data synth`) and prompt sets to score models on (`data prompts`)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,22 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                             "combinations a model never saw")
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synth output at OUT")
 
+    prompts = add_command(
+        data_subparsers, "prompts", run=run_prompts, check=check_prompts, label="data prompts",
+        help="write a prompt set for kinema eval from synthetic clips of a seed of your choice",
+        description="Write OUT/synth.jsonl (and the start images in OUT/images/) for `kinema eval --prompts`: the "
+                    "captions and labels of synthetic clips of --seed, chosen as the shipped set is (48 balanced "
+                    "colour x shape x motion lines, 6 image-to-video lines, 2 lines of each held-out combination). "
+                    "A seed no model trained on gives prompts it has not seen, the way to check that settings or "
+                    "a model were not tuned to one prompt file; seed 9001 gives the shipped set.",
+        epilog=example("kinema data prompts --out out/prompts-31337 --seed 31337",
+                       "kinema eval --prompts out/prompts-31337/synth.jsonl --json"),
+    )
+    prompts.add_argument("--out", required=True, help="folder to create")
+    prompts.add_argument("--seed", type=non_negative_int, required=True,
+                         help="synth seed to draw the clips from (not a seed any model trained on)")
+    prompts.add_argument("--overwrite", action="store_true", help="replace an earlier prompt set at OUT")
+
 
 def check_synth(args: argparse.Namespace) -> None:
     """Frame count, size and image share within limits, and OUT a place synth may write."""
@@ -61,3 +77,23 @@ def run_synth(args: argparse.Namespace) -> None:
     images = sum(entry["type"] == "image" for entry in entries)
     print(f"wrote {len(entries)} entries ({len(entries) - images} videos, {images} images) to {args.out} "
           f"in {time.perf_counter() - began:.1f} s")
+
+
+def check_prompts(args: argparse.Namespace) -> None:
+    """OUT a place a prompt set may be written."""
+    from kinema.eval.prompts import PROMPT_SET_KIND
+    from kinema.fileio import check_output
+
+    check_output(args.out, PROMPT_SET_KIND, folder=True, overwrite=args.overwrite)
+
+
+def run_prompts(args: argparse.Namespace) -> None:
+    """Write the set and say what it holds and how to score a model on it."""
+    from kinema.eval.prompts import read_prompts, write_synth_prompt_set
+
+    path = write_synth_prompt_set(args.out, seed=args.seed, overwrite=args.overwrite)
+    entries = read_prompts(path)
+    images = sum(entry.image is not None for entry in entries)
+    held_out = sum(entry.held_out for entry in entries)
+    print(f"wrote {len(entries)} prompts ({images} image-to-video, {held_out} held out) to {path}; score a model "
+          f"on them with: kinema eval --prompts {path}")

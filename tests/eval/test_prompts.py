@@ -119,3 +119,26 @@ def test_the_shipped_set_is_what_write_synth_prompt_set_makes(tmp_path):
     assert written.read_text() == DEFAULT_PROMPTS.read_text()
     for name in sorted((tmp_path / "set" / "images").iterdir()):
         assert name.read_bytes() == (DEFAULT_PROMPTS.parent / "images" / name.name).read_bytes()
+
+
+def test_kinema_data_prompts_writes_a_set_of_the_seed_asked_for(tmp_path, capsys):
+    """`kinema data prompts --seed 31337`: every line is the caption and labels of a clip of that seed (read back
+    through synth_clip, not the builder), with the shipped set's make-up, and a second run needs --overwrite."""
+    from kinema.cli import main
+
+    out = tmp_path / "set"
+    assert main(["data", "prompts", "--out", str(out), "--seed", "31337"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote 70 prompts (6 image-to-video, 16 held out) to {out}")
+    entries = read_prompts(out / "synth.jsonl")
+    for entry in entries:
+        seed, index = map(int, re.fullmatch(r"synth (\d+):(\d+)", entry.source or "").groups())
+        clip = synth.synth_clip(seed, index)
+        truth = clip.ground_truth
+        assert seed == 31337 and (entry.prompt, entry.color, entry.shape, entry.motion) == (
+            clip.text, truth["colour"], truth["shape"], truth["motion"])
+        if entry.image is not None:
+            assert np.array_equal(np.asarray(Image.open(entry.image).convert("RGB")), clip.frames[0])
+    held = Counter((e.color, e.shape, e.motion) for e in entries if e.held_out)
+    assert held == Counter({tuple(combo): 2 for combo in HELD_OUT_COMBINATIONS})
+    assert main(["data", "prompts", "--out", str(out), "--seed", "1"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
