@@ -105,8 +105,8 @@ KINEMA_TINY_DIT_SIZE = {"layers": 6, "heads": 4, "patch_size": 2}
 DIT_HEAD_WIDTH = 32
 
 
-def kinema_tiny_transformer(patch_size: int = 1, latent_channels: int | None = None, sample_size: int = 16,
-                            heads: int = KINEMA_TINY_DIT_SIZE["heads"],
+def kinema_tiny_transformer(patch_size: int = KINEMA_TINY_DIT_SIZE["patch_size"], latent_channels: int | None = None,
+                            sample_size: int = 16, heads: int = KINEMA_TINY_DIT_SIZE["heads"],
                             layers: int = KINEMA_TINY_DIT_SIZE["layers"]) -> dict:
     """`VideoDiT` keyword arguments of kinema-tiny: V3's block design (hybrid motion module in every block, temporal
     on even blocks and temporal + global on odd ones, U-ViT skips, inpaint channels) at `layers` blocks of `heads`
