@@ -490,6 +490,14 @@ def launch_app(app: gr.Blocks, *, outputs_dir: str | os.PathLike, host: str = "1
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("kinema ui listens on %s: anyone who can reach this machine can use it (there is no password)",
                        host)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, share=False,
-               inbrowser=False, show_error=True, allowed_paths=[str(Path(outputs_dir).resolve())],
-               max_file_size=max_upload_bytes, ssr_mode=False)
+    try:
+        app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, share=False,
+                   inbrowser=False, show_error=True, allowed_paths=[str(Path(outputs_dir).resolve())],
+                   max_file_size=max_upload_bytes, ssr_mode=False)
+    except OSError:
+        # gradio binds the port itself, so it can be taken between `kinema ui`'s check and here; gradio's message
+        # then names its own settings (GRADIO_SERVER_PORT, launch()), kinema's names --port.
+        from kinema.cli.args import check_port_free
+
+        check_port_free(host, port)
+        raise

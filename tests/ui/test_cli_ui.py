@@ -62,3 +62,29 @@ def test_kinema_ui_serves_the_page_until_stopped(tmp_path):
             server.kill()
             output = server.communicate()[0]
     assert server.returncode in (0, 130), output
+
+
+def test_a_port_taken_while_the_app_starts_is_one_line_naming_port(tmp_path, monkeypatch, capsys):
+    """gradio binds the port itself, after `kinema ui` checked it: a port taken in between (here, while the app is
+    built) gives kinema's line about --port, not gradio's about GRADIO_SERVER_PORT."""
+    import socket
+
+    import kinema.ui.app as app_module
+
+    port = free_port()
+    rival = socket.socket()
+    build = app_module.build_app
+
+    def build_then_lose_the_port(**kwargs):
+        rival.bind(("127.0.0.1", port))
+        rival.listen()
+        return build(**kwargs)
+
+    monkeypatch.setattr(app_module, "build_app", build_then_lose_the_port)
+    try:
+        assert main(["ui", "--port", str(port), "--outputs-dir", str(tmp_path / "out")]) == 1
+    finally:
+        rival.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"kinema ui: error: port {port} is in use on 127.0.0.1 (another server, or this one already "
+                       "running?); stop it or choose another --port")
