@@ -62,9 +62,11 @@ def os_error_message(err: OSError, path: str | os.PathLike | None = None, action
     if shown is not None:
         shown = without_temporaries(str(shown))
     cause = _OS_CAUSES.get(err.errno or -1) or shorten(err.strerror or str(err))
+    if shown is None and not action:  # nothing to name but the cause (callers prefix "error:" themselves)
+        return cause
     subject = f"cannot {action} {shown}" if action else f"{shown}"
     if shown is None:
-        subject = f"cannot {action}" if action else "error"
+        subject = f"cannot {action}"
     return f"{subject}: {cause}"
 
 

@@ -196,7 +196,10 @@ def test_os_errors_the_cli_did_not_foresee_name_the_path_and_cause(capsys, monke
                           "/data/x/a: it is a folder, not a file"),
                          (FileExistsError(errno.EEXIST, "File exists", "/data/out"), "/data/out: it already exists"),
                          (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/o"),
-                          "/mnt/ro/o: the file system is read-only")):
+                          "/mnt/ro/o: the file system is read-only"),
+                         # no path to name: the cause alone, not "error: error: ..."
+                         (OSError("Cannot find empty port in range: 7860-7860"),
+                          "Cannot find empty port in range: 7860-7860")):
         def broken(path, error=error):
             raise error
 
@@ -205,6 +208,7 @@ def test_os_errors_the_cli_did_not_foresee_name_the_path_and_cause(capsys, monke
         assert code == 1
         one_line_without_temporaries(err)
         assert err.startswith(f"kinema inspect: error: {cause}"), err
+        assert ": error: error" not in err
 
 
 def test_shorten_and_messages_never_cut_mid_word():
