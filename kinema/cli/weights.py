@@ -141,6 +141,6 @@ def run_init_model(args: argparse.Namespace) -> None:
     print(f"wrote the untrained {args.name} to {out} (seed {args.seed})")
 
 
-def _dit_size(args: argparse.Namespace) -> dict[str, int]:
-    return {key: value for key, value in (("layers", args.layers), ("heads", args.heads),
-                                          ("patch_size", args.patch_size)) if value is not None}
+def _dit_size(args: argparse.Namespace) -> dict[str, int | None]:
+    """The DiT size options as `check_dit_size` takes them (None: not given, the shipped value)."""
+    return {"layers": args.layers, "heads": args.heads, "patch_size": args.patch_size}

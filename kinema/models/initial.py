@@ -85,7 +85,7 @@ def latent_scaling_factor(vae: Any, data_root: str | os.PathLike, clips: int = 6
 
 def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: str | os.PathLike | None = None,
                         *, scale_data: str | os.PathLike | None = None, overwrite: bool = False,
-                        size: Mapping[str, int] | None = None) -> Path:
+                        size: Mapping[str, int | None] | None = None) -> Path:
     """Write the untrained folder of kinema model `name` (one of `INITIAL_MODELS`) to `out`, its weights drawn from
     `seed`; `vae` puts a trained VAE folder (a stage's `final/vae`) in place of the fresh one, and with `scale_data`
     (a dataset folder) its `scaling_factor` is measured there (`latent_scaling_factor`). `size` changes kinema-tiny's
@@ -114,9 +114,9 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
     return out
 
 
-def check_dit_size(name: str, size: Mapping[str, int] | None) -> dict[str, int]:
-    """kinema-tiny's DiT size with `size`'s changes, each checked (one line per problem, before anything is
-    written); only kinema-tiny takes a size."""
+def check_dit_size(name: str, size: Mapping[str, int | None] | None) -> dict[str, int]:
+    """kinema-tiny's DiT size with `size`'s changes (a None value changes nothing), each checked (one line per
+    problem, before anything is written); only kinema-tiny takes a size."""
     from kinema.models.presets import KINEMA_TINY_DIT_SIZE
 
     changes = {key: value for key, value in (size or {}).items() if value is not None}
