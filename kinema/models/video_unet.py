@@ -5,7 +5,8 @@ The 2D UNet is reused as it is, not copied. Frames are folded into the batch onc
 (the attention of a resnet/attention pair, or the resnet where a block has no attention), so the diffusers blocks'
 own loops, gradient checkpointing and skip bookkeeping stay untouched and skip tensors are taken after the module.
 The hooks keep no per-call state: each holds its module (so a deep copy runs the copy's modules), and the frame count
-of the call in progress is a context variable that `forward` sets for its own thread (`frames_per_clip`).
+and prompt tokens of the call in progress are a context variable that `forward` sets for its own thread
+(`frames_per_clip`).
 Modules live at `down_blocks.i.motion_modules.j` (2 per down block), `up_blocks.i.motion_modules.j` (3 per up block)
 and optionally `mid_block.motion_modules.0`: the names of published AnimateDiff checkpoints under the `unet.` prefix.
 """
@@ -27,36 +28,58 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kinema.errors import KinemaError
-from kinema.models.motion import NormMode, build_motion_module, check_frame_count, check_norm_mode, video_group_norm
+from kinema.models.motion import (
+    NormMode,
+    build_motion_module,
+    check_frame_count,
+    check_norm_mode,
+    motion_takes_text,
+    video_group_norm,
+)
 from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
 from kinema.sampling.step_cache import StepCache, active_step_cache
 from kinema.state_dicts import StrictFromPretrained, load_strict
 
-# Frames per clip of the forward pass running in this thread (or task): the hooks and frame-aware norms see folded
-# `(B*F, ...)` tensors and need F to unfold them. A context variable, not an attribute of the model, so that calls
-# in several threads at once never see each other's value.
-_FRAMES_PER_CLIP: ContextVar[int | None] = ContextVar("kinema_video_unet_frames_per_clip", default=None)
+
+@dataclass(frozen=True)
+class _Clip:
+    """What the forward pass running in this thread knows about its clips: frames per clip, and the prompt tokens of
+    every frame `(B*F, L, D)` (None where no layer needs them)."""
+
+    frames: int
+    text: torch.Tensor | None = None
+
+
+# The clips of the forward pass running in this thread (or task): the hooks and frame-aware norms see folded
+# `(B*F, ...)` tensors and need F to unfold them, and a motion module that reads the prompt needs its tokens. A
+# context variable, not an attribute of the model, so that calls in several threads at once never see each other's.
+_CLIP: ContextVar[_Clip | None] = ContextVar("kinema_video_unet_clip", default=None)
 
 
 @contextmanager
-def frames_per_clip(frames: int) -> Iterator[None]:
+def frames_per_clip(frames: int, text: torch.Tensor | None = None) -> Iterator[None]:
     """Within this block, in this thread, the folded tensors `(B*F, C, H, W)` a VideoUNet's layers see hold clips of
-    `frames` frames. `VideoUNet.forward` sets it; set it yourself only to call one of its layers directly."""
-    token = _FRAMES_PER_CLIP.set(frames)
+    `frames` frames, whose prompt tokens are `text` `(B*F, L, D)`. `VideoUNet.forward` sets it; set it yourself only
+    to call one of its layers directly."""
+    token = _CLIP.set(_Clip(frames, text))
     try:
         yield
     finally:
-        _FRAMES_PER_CLIP.reset(token)
+        _CLIP.reset(token)
+
+
+def _current_clip() -> _Clip:
+    clip = _CLIP.get()
+    if clip is None:
+        raise KinemaError("a VideoUNet layer ran outside VideoUNet.forward, so it cannot tell how many frames a clip "
+                          "has; call the VideoUNet itself, or wrap the call in "
+                          "kinema.models.video_unet.frames_per_clip(F)")
+    return clip
 
 
 def current_frames_per_clip() -> int:
     """The frame count set by the enclosing `frames_per_clip` (i.e. by the running `VideoUNet.forward`)."""
-    frames = _FRAMES_PER_CLIP.get()
-    if frames is None:
-        raise KinemaError("a VideoUNet layer ran outside VideoUNet.forward, so it cannot tell how many frames a clip "
-                          "has; call the VideoUNet itself, or wrap the call in "
-                          "kinema.models.video_unet.frames_per_clip(F)")
-    return frames
+    return _current_clip().frames
 
 
 class AcrossFramesGroupNorm(nn.GroupNorm):
@@ -89,20 +112,26 @@ class MotionHook:
 
     def __call__(self, layer: nn.Module, inputs: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output  # attentions return a 1-tuple
-        video = rearrange(hidden, "(b f) c h w -> b c f h w", f=current_frames_per_clip())
-        hidden = rearrange(self.motion_module(video), "b c f h w -> (b f) c h w")
+        clip = _current_clip()
+        video = rearrange(hidden, "(b f) c h w -> b c f h w", f=clip.frames)
+        if motion_takes_text(self.motion_module):
+            video = self.motion_module(video, text=clip.text)
+        else:
+            video = self.motion_module(video)
+        hidden = rearrange(video, "b c f h w -> (b f) c h w")
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class _RunWithFrames:
-    """A layer call that sets the frame count first: what a checkpoint reruns during the backward pass."""
+    """A layer call that sets the clips' frame count and prompt tokens first: what a checkpoint reruns during the
+    backward pass."""
 
-    def __init__(self, layer: Callable[..., Any], frames: int):
+    def __init__(self, layer: Callable[..., Any], clip: _Clip):
         self.layer = layer
-        self.frames = frames
+        self.clip = clip
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with frames_per_clip(self.frames):
+        with frames_per_clip(self.clip.frames, self.clip.text):
             return self.layer(*args, **kwargs)
 
 
@@ -111,17 +140,18 @@ class FrameCountCheckpoint:
     frame count of the forward that first ran the layer.
 
     The backward pass reruns checkpointed layers after `VideoUNet.forward` has returned (on a GPU, in autograd's own
-    thread), where no frame count is set; the wrapper captures F at forward time and sets it inside the rerun.
+    thread), where no frame count is set; the wrapper captures F (and the prompt tokens) at forward time and sets
+    them inside the rerun.
     """
 
     def __init__(self, checkpoint_func: Callable[..., Any]):
         self.checkpoint_func = checkpoint_func
 
     def __call__(self, layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        frames = _FRAMES_PER_CLIP.get()
-        if frames is None:  # the 2D UNet called on its own: nothing frame-aware runs
+        clip = _CLIP.get()
+        if clip is None:  # the 2D UNet called on its own: nothing frame-aware runs
             return self.checkpoint_func(layer, *args, **kwargs)
-        return self.checkpoint_func(_RunWithFrames(layer, frames), *args, **kwargs)
+        return self.checkpoint_func(_RunWithFrames(layer, clip), *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -287,7 +317,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         batch, _, frames = sample.shape[:3]
         timestep = timesteps_per_clip(timestep, batch, sample.device)
         encoder_hidden_states = self._text_per_frame(encoder_hidden_states, batch, frames)
-        with frames_per_clip(frames):
+        with frames_per_clip(frames, encoder_hidden_states):
             out = self.unet(
                 rearrange(sample, "b c f h w -> (b f) c h w"),
                 timestep.repeat_interleave(frames),
@@ -357,7 +387,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         text = self._text_per_frame(encoder_hidden_states, batch, frames)
         cut = len(unet.up_blocks) - depth  # the up blocks from here on run on every step
         text_kwargs = dict(encoder_hidden_states=text, cross_attention_kwargs=cross_attention_kwargs)
-        with frames_per_clip(frames):
+        with frames_per_clip(frames, text):
             hidden = rearrange(sample, "b c f h w -> (b f) c h w")
             up_factor = 2**unet.num_upsamplers
             forward_upsample_size = any(size % up_factor for size in hidden.shape[-2:])

@@ -112,6 +112,12 @@ def _checked_setting(where: Path, name: str, value: Any) -> None:
         ok, wanted = isinstance(value, bool), "true or false"
     elif name in ("norm_mode", "resnet_norm_mode"):
         ok, wanted = value in NORM_MODES, " or ".join(repr(mode) for mode in NORM_MODES)
+    elif name == "attention_kinds":
+        ok = isinstance(value, list) and bool(value) and all(kind in ("temporal", "text") for kind in value)
+        wanted = 'a list of "temporal" and "text" attentions, e.g. ["temporal", "text", "temporal"]'
+    elif name == "cross_attention_dim":
+        ok = value is None or isinstance(value, int) and not isinstance(value, bool) and value > 0
+        wanted = "null or the prompt tokens' width (a positive whole number)"
     else:
         ok, wanted = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive whole number"
     if not ok:
@@ -129,7 +135,7 @@ def model_motion_settings(model_folder: str | os.PathLike) -> dict[str, Any] | N
     entry that is not such an object.
     """
     from kinema.bundled import MODEL_INFO, read_model_info
-    from kinema.loaders.animatediff.settings import SETTING_PLACES, with_settings
+    from kinema.loaders.animatediff.settings import SETTING_DEFAULTS, SETTING_PLACES, with_settings
 
     named = read_model_info(model_folder).get(MOTION_SETTINGS_ENTRY)
     if named is None:
@@ -139,10 +145,12 @@ def model_motion_settings(model_folder: str | os.PathLike) -> dict[str, Any] | N
         raise KinemaError(f"{where}: \"{MOTION_SETTINGS_ENTRY}\" must be an object of motion-module settings "
                           f"({', '.join(SETTING_PLACES)}), got {type(named).__name__}")
     unknown = sorted(set(named) - set(SETTING_PLACES))
-    missing = [name for name in SETTING_PLACES if name not in named]
+    missing = [name for name in SETTING_PLACES if name not in named and name not in SETTING_DEFAULTS]
     if unknown or missing:
-        raise KinemaError(f"{where}: \"{MOTION_SETTINGS_ENTRY}\" needs exactly the settings "
-                          f"{', '.join(SETTING_PLACES)}" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        required = [name for name in SETTING_PLACES if name not in SETTING_DEFAULTS]
+        raise KinemaError(f"{where}: \"{MOTION_SETTINGS_ENTRY}\" needs exactly the settings {', '.join(required)}, "
+                          f"and may hold {', '.join(SETTING_DEFAULTS)}"
+                          + (f"; unknown: {', '.join(unknown)}" if unknown else "")
                           + (f"; missing: {', '.join(missing)}" if missing else ""))
     for name, value in named.items():
         _checked_setting(where, name, value)
@@ -154,13 +162,14 @@ def _folder_motion_overrides(path: Path, motion_path: Path, report: dict[str, An
     file that does not store them (a kinema-layout file keeps its own in its metadata); {} without the entry. The
     weights fix the mid block and the file's frame tables their length: a module that disagrees was made for
     another model, and is refused."""
-    from kinema.loaders.animatediff.settings import OVERRIDABLE, named_settings
+    from kinema.loaders.animatediff.settings import OVERRIDABLE, SETTING_DEFAULTS, named_settings
 
     settings = model_motion_settings(path) if path.is_dir() else None
     if settings is None or report["format"] == "kinema":
         return {}
-    named = named_settings(settings)
-    fixed = {"mid_block": report["mid_block"]}
+    named = {**SETTING_DEFAULTS, **named_settings(settings)}
+    fixed = {"mid_block": report["mid_block"], "attention_kinds": report["attention_kinds"],
+             "cross_attention_dim": report["cross_attention_dim"]}
     if report["max_frames_source"] == "file":
         fixed["max_frames"] = report["max_frames"]
     for name, found in fixed.items():

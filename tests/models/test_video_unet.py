@@ -239,3 +239,60 @@ def test_from_pretrained_refuses_weights_that_do_not_fit(unet2d, tmp_path):
     save_file(weights, tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(KinemaError, match=rf"1 missing \(e.g. {dropped}\); 1 unexpected \(e.g. extra.weight\)"):
         VideoUNet.from_pretrained(tmp_path)
+
+
+TEXT_MOTION = {"type": "temporal", "attention_kinds": ["temporal", "text", "temporal"], "cross_attention_dim": 32}
+
+
+def record_text(module: torch.nn.Module, seen: list) -> None:
+    """Append the `text` every run of `module.forward` is given (recomputations included)."""
+    forward = module.forward
+
+    def recording(x, text=None):
+        seen.append(text)
+        return forward(x, text=text)
+
+    module.forward = recording
+
+
+def test_text_motion_modules_read_each_frames_prompt(unet2d):
+    # Each motion module with a `text` attention gets the prompt tokens of every frame, (B*F, L, D) in the UNet's
+    # frame-folded order, whether given shared (B, L, D) or per frame (B, F, L, D).
+    video = VideoUNet.from_unet2d(unet2d, motion_mid_block=True, motion_module=TEXT_MOTION)
+    perturb(video, seed=3)
+    seen: dict[str, list] = {}
+    for name, module in video.motion_modules():
+        record_text(module, seen.setdefault(name, []))
+    x, t, shared = inputs(frames=3)
+    per_frame = torch.randn(2, 3, 7, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        video(x, t, per_frame)
+        for name, texts in seen.items():
+            assert len(texts) == 1 and torch.equal(texts[0], per_frame.reshape(6, 7, 32)), name
+        out = video(x, t, shared)
+        assert all(torch.equal(texts[1], shared.repeat_interleave(3, dim=0)) for texts in seen.values())
+        # The prompt reaches the motion modules themselves: zero their text attentions and the output changes.
+        for _, module in video.motion_modules():
+            module.temporal_transformer.transformer_blocks[0].attention_blocks[1].to_out[0].weight.zero_()
+        assert (video(x, t, shared) - out).abs().max().item() > 1e-3
+
+
+def test_text_motion_modules_under_checkpointing_and_step_caching(unet2d):
+    # The backward pass reruns checkpointed layers after forward has returned: the rerun must see the same prompt
+    # (without it the module refuses to run). The step-caching forward is the same computation.
+    torch.manual_seed(0)
+    video = VideoUNet.from_unet2d(unet2d, motion_module=TEXT_MOTION)
+    perturb(video, seed=7)
+    x, t, text = inputs(frames=3)
+    video.train()
+    video(x, t, text).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in video.named_parameters() if ".motion_modules." in n}
+    assert max(g.abs().max().item() for n, g in grads.items() if ".attention_blocks.1.to_k." in n) > 0
+    video.zero_grad()
+    video.enable_gradient_checkpointing()
+    video(x, t, text).square().mean().backward()
+    assert max((p.grad - grads[n]).abs().max().item() for n, p in video.named_parameters() if n in grads) < 5e-5
+    video.eval()
+    with torch.no_grad():
+        out, _ = video.forward_deep_cached(x, t, text, depth=1)
+        torch.testing.assert_close(out, video(x, t, text), atol=1e-5, rtol=0)

@@ -81,14 +81,22 @@ def test_recipe_from_init_to_generate_and_eval(tmp_path, synth_videos, capsys):
     assert len(report["per_prompt"]) == 2
 
 
-def test_fresh_motion_modules_and_the_loader_read_the_same_settings(tmp_path, synth_videos):
+# The prompt-reading modules (AnimateDiff's Temporal_Cross) as a kinema.json "motion" entry names them.
+TEXT_ATTENTIONS = {"attention_kinds": ["temporal", "text", "temporal"], "cross_attention_dim": 384}
+
+
+@pytest.mark.parametrize("attentions", [{}, TEXT_ATTENTIONS], ids=["temporal", "text"])
+def test_fresh_motion_modules_and_the_loader_read_the_same_settings(tmp_path, synth_videos, attentions):
     from kinema.loaders import describe
     from kinema.loaders.animatediff.write import save_motion_module
     from kinema.pipelines.load import load_family
     from kinema.training.tasks import load_training_family
 
     model = write_initial_model("kinema-tiny-ad", tmp_path / "model")
-    assert json.loads((model / "kinema.json").read_text())["motion"]["num_attention_heads"] == 4
+    manifest = json.loads((model / "kinema.json").read_text())
+    assert manifest["motion"]["num_attention_heads"] == 4
+    manifest["motion"].update(attentions)
+    (model / "kinema.json").write_text(json.dumps(manifest))
     trained = load_training_family(stage_config("motion", tmp_path, model, synth_videos)).model
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-looking modules (fresh ones are identities, whatever their heads)
@@ -101,8 +109,10 @@ def test_fresh_motion_modules_and_the_loader_read_the_same_settings(tmp_path, sy
     report = describe(module)
     assert (report["version"], report["num_attention_heads"], report["norm_mode"]) == ("sdxl-beta", 8,
                                                                                         "across_frames")
+    assert report["attention_kinds"] == attentions.get("attention_kinds", ["temporal", "temporal"])
     loaded = load_family(model).model
     assert motion_heads(loaded) == motion_heads(trained) == {4}
+    assert {module.takes_text for _, module in loaded.motion_modules()} == {bool(attentions)}
     latents = torch.randn(1, 4, 8, 4, 4, generator=generator)  # (B, C, F, h, w)
     text = torch.randn(1, 32, 384, generator=generator)
     timestep = torch.tensor([500])
@@ -119,12 +129,33 @@ def test_motion_settings_entry_is_checked(tmp_path):
                 "norm_num_groups": 32, "norm_mode": "per_frame", "resnet_norm_mode": "per_frame"}
     (tmp_path / "kinema.json").write_text(json.dumps({"motion": settings}))
     assert model_motion_settings(tmp_path) == KINEMA_TINY_AD_MOTION
+    (tmp_path / "kinema.json").write_text(json.dumps({"motion": {**settings, **TEXT_ATTENTIONS}}))
+    text_spec = model_motion_settings(tmp_path)["motion_module"]
+    assert (text_spec["attention_kinds"], text_spec["cross_attention_dim"]) == (["temporal", "text", "temporal"], 384)
     bad = {"heads": ({**settings, "heads": 4}, "unknown: heads"),
            "missing": ({k: v for k, v in settings.items() if k != "max_frames"}, "missing: max_frames"),
            "norm": ({**settings, "norm_mode": "per_clip"}, "norm_mode must be 'per_frame' or 'across_frames'"),
            "count": ({**settings, "num_attention_heads": 0}, "num_attention_heads must be a positive whole number"),
-           "list": ([4], "must be an object")}
+           "list": ([4], "must be an object"),
+           "kinds": ({**settings, "attention_kinds": ["temporal", "global"]}, "attention_kinds must be a list of"),
+           "width": ({**settings, "cross_attention_dim": 0}, "cross_attention_dim must be null or")}
     for entry, message in bad.values():
         (tmp_path / "kinema.json").write_text(json.dumps({"motion": entry}))
         with pytest.raises(KinemaError, match=message):
             model_motion_settings(tmp_path)
+
+
+def test_a_module_without_the_text_attentions_its_folder_names_is_refused(tmp_path, synth_videos):
+    from kinema.loaders.animatediff.write import save_motion_module
+    from kinema.pipelines.load import load_family
+    from kinema.training.tasks import load_training_family
+
+    model = write_initial_model("kinema-tiny-ad", tmp_path / "model")
+    plain = load_training_family(stage_config("motion", tmp_path, model, synth_videos)).model
+    save_motion_module(plain, model / "motion_module.safetensors", "original")
+    manifest = json.loads((model / "kinema.json").read_text())
+    manifest["motion"].update(TEXT_ATTENTIONS)
+    (model / "kinema.json").write_text(json.dumps(manifest))
+    with pytest.raises(KinemaError, match=r"has attention_kinds=\['temporal', 'temporal'\] but .*kinema.json names "
+                                          r"attention_kinds=\['temporal', 'text', 'temporal'\]: use a motion module"):
+        load_family(model)

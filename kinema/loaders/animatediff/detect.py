@@ -69,6 +69,8 @@ class MotionModuleInfo:
     norm_num_groups = _Setting()
     norm_mode = _Setting()
     resnet_norm_mode = _Setting()
+    attention_kinds = _Setting()
+    cross_attention_dim = _Setting()
 
     @property
     def label(self) -> str:
@@ -123,7 +125,9 @@ def detect_motion_module(
     preset = merged(ANIMATEDIFF_VERSIONS[version], ANIMATEDIFF_DIFFUSERS_NORMS if fmt == "animatediff-diffusers"
                     else {})
     video_unet_kwargs = with_settings(preset, mid_block=structure["mid_block"],
-                                      transformer_blocks=structure["transformer_blocks"], **stored)
+                                      transformer_blocks=structure["transformer_blocks"],
+                                      attention_kinds=structure["attention_kinds"],
+                                      cross_attention_dim=structure["cross_attention_dim"], **stored)
     if pe_length:
         video_unet_kwargs = with_settings(video_unet_kwargs, max_frames=pe_length)
     source = "file" if pe_length else "metadata" if fmt == "kinema" else "config" if config else "assumed"

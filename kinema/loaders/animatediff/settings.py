@@ -30,9 +30,16 @@ SETTING_PLACES: dict[str, str] = {
     "norm_num_groups": "motion_module.norm_num_groups",
     "norm_mode": "motion_module.norm_mode",
     "resnet_norm_mode": "resnet_norm_mode",
+    "attention_kinds": "motion_module.attention_kinds",
+    "cross_attention_dim": "motion_module.cross_attention_dim",
 }
-# The structure (mid block, blocks per module) is fixed by the weights; the rest is the caller's to choose.
-OVERRIDABLE = tuple(name for name in SETTING_PLACES if name not in ("mid_block", "transformer_blocks"))
+# Settings that may be left out (kinema.json entries and kwargs written before they existed): their value then. The
+# default attentions are every published module's, two temporal self-attentions; a `text` one (AnimateDiff's
+# `Temporal_Cross`) reads prompt tokens of width `cross_attention_dim`.
+SETTING_DEFAULTS: dict[str, Any] = {"attention_kinds": ["temporal", "temporal"], "cross_attention_dim": None}
+# The structure (mid block, blocks per module, their attentions) is fixed by the weights; the rest is the caller's.
+STRUCTURAL = ("mid_block", "transformer_blocks", "attention_kinds", "cross_attention_dim")
+OVERRIDABLE = tuple(name for name in SETTING_PLACES if name not in STRUCTURAL)
 
 
 def merged(video_unet_kwargs: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,26 +50,45 @@ def merged(video_unet_kwargs: Mapping[str, Any], update: Mapping[str, Any]) -> d
 
 
 def setting(video_unet_kwargs: Mapping[str, Any], name: str) -> Any:
-    """The value of the named setting (a key of SETTING_PLACES), e.g. `setting(kwargs, "max_frames")`."""
+    """The value of the named setting (a key of SETTING_PLACES), e.g. `setting(kwargs, "max_frames")`; attention
+    kinds as a list. One left out that has a default (SETTING_DEFAULTS) reads as that default."""
     outer, _, inner = SETTING_PLACES[name].partition(".")
-    return video_unet_kwargs[outer][inner] if inner else video_unet_kwargs[outer]
+    holder = video_unet_kwargs[outer] if inner else video_unet_kwargs
+    key = inner or outer
+    value = holder[key] if key in holder or name not in SETTING_DEFAULTS else SETTING_DEFAULTS[name]
+    if name == "attention_kinds":  # None in a module spec means the module's own default
+        return list(value or SETTING_DEFAULTS[name])
+    return value
 
 
 def named_settings(video_unet_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Every named setting, `{"max_frames": 32, "mid_block": True, ...}`: what a kinema file's metadata stores."""
-    return {name: setting(video_unet_kwargs, name) for name in SETTING_PLACES}
+    """Every named setting, `{"max_frames": 32, "mid_block": True, ...}`: what a kinema file's metadata and a
+    kinema.json's "motion" store. Those at their default (SETTING_DEFAULTS) are left out, so a plain module's entry
+    reads as it did before they existed."""
+    named = {name: setting(video_unet_kwargs, name) for name in SETTING_PLACES}
+    return {name: value for name, value in named.items()
+            if name not in SETTING_DEFAULTS or not _same(value, SETTING_DEFAULTS[name])}
 
 
 def with_settings(video_unet_kwargs: Mapping[str, Any], **settings: Any) -> dict[str, Any]:
-    """`video_unet_kwargs` with named settings (keys of SETTING_PLACES) changed, a fresh dict."""
+    """`video_unet_kwargs` with named settings (keys of SETTING_PLACES) changed, a fresh dict. A setting given at its
+    default (SETTING_DEFAULTS) that the kwargs leave out stays out, so plain modules keep their plain kwargs."""
     update: dict[str, Any] = {"motion_module": {}}
     for name, value in settings.items():
+        if name in SETTING_DEFAULTS and _same(value, SETTING_DEFAULTS[name]) and _same(
+                setting(video_unet_kwargs, name), value):
+            continue
         outer, _, inner = SETTING_PLACES[name].partition(".")
         if inner:
             update[outer][inner] = value
         else:
             update[outer] = value
     return merged(video_unet_kwargs, update)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with lists and tuples alike (JSON holds attention kinds as lists)."""
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 def overridden(video_unet_kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,6 +125,9 @@ def check_adapter_config(config: Mapping[str, Any], structure: Mapping[str, Any]
     the stored frame-table length) or asks for what kinema does not build (PIA's conv_in, per-level heads)."""
     if config.get("conv_in_channels"):
         raise KinemaError("this is a PIA motion adapter (conv_in_channels set); it is not supported yet")
+    if structure["attention_kinds"] != SETTING_DEFAULTS["attention_kinds"]:
+        raise KinemaError(f"the weights hold {structure['attention_kinds']} attentions, which a diffusers "
+                          "MotionAdapter cannot: its blocks hold two temporal self-attentions")
     heads = config.get("motion_num_attention_heads", 8)
     if not isinstance(heads, int):
         raise KinemaError(f"per-level motion_num_attention_heads {heads} are not supported; kinema uses one value")
@@ -120,6 +149,9 @@ def adapter_config(structure: Mapping[str, Any], video_unet_kwargs: Mapping[str,
         raise KinemaError(f"a diffusers MotionAdapter needs one more up module than down modules per level, "
                           f"this module has {down} and {up}")
     spec = video_unet_kwargs["motion_module"]
+    if setting(video_unet_kwargs, "attention_kinds") != SETTING_DEFAULTS["attention_kinds"]:
+        raise KinemaError(f"a diffusers MotionAdapter holds two temporal self-attentions per block, not "
+                          f"{setting(video_unet_kwargs, 'attention_kinds')}; save in the original or kinema layout")
     return {"_class_name": "MotionAdapter", "_diffusers_version": diffusers.__version__,
             "block_out_channels": list(structure["channels"]), "motion_layers_per_block": down,
             "motion_transformer_layers_per_block": spec["num_transformer_blocks"],
@@ -144,7 +176,8 @@ def video_unet_settings(video_unet: Any) -> dict[str, Any]:
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     spec = {**defaults, **spec}
     kinds = tuple(spec["attention_kinds"] or TemporalMotionModule.default_attention_kinds)
-    if kinds != ("temporal", "temporal"):
-        raise KinemaError(f"AnimateDiff layouts hold two temporal attentions per block, not {kinds}")
+    if "global" in kinds:
+        raise KinemaError(f"AnimateDiff layouts hold temporal attentions (and `text` ones, Temporal_Cross), "
+                          f"not {kinds}")
     return {"motion_module": spec, "motion_mid_block": bool(config.motion_mid_block),
             "resnet_norm_mode": config.resnet_norm_mode}

@@ -105,8 +105,9 @@ def split_pe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def motion_structure(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """`{"channels": width C per level, "mid_block", "modules_per_level": (down, up), "transformer_blocks"}` of
-    kinema-named motion weights (no `pe`); KinemaError for stray tensors or a placement AnimateDiff never has."""
+    """`{"channels": width C per level, "mid_block", "modules_per_level": (down, up), "transformer_blocks",
+    "attention_kinds", "cross_attention_dim"}` of kinema-named motion weights (no `pe`); KinemaError for stray
+    tensors or a placement AnimateDiff never has."""
     modules: dict[str, tuple[str | None, str | None]] = {}
     stray = []
     for key in weights:
@@ -126,8 +127,35 @@ def motion_structure(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
                           "AnimateDiff has the same number of modules on every down level and up level")
     blocks = {k.split(".transformer_blocks.")[1].split(".")[0] for k in weights
               if k.startswith("down_blocks.0.motion_modules.0.") and ".transformer_blocks." in k}
-    return {"channels": _level_widths(weights, levels), "mid_block": "mid_block.motion_modules.0" in modules,
-            "modules_per_level": (down[0], up[0]), "transformer_blocks": max(len(blocks), 1)}
+    channels = _level_widths(weights, levels)
+    kinds, text_width = _attention_kinds(weights, channels)
+    return {"channels": channels, "mid_block": "mid_block.motion_modules.0" in modules,
+            "modules_per_level": (down[0], up[0]), "transformer_blocks": max(len(blocks), 1),
+            "attention_kinds": kinds, "cross_attention_dim": text_width}
+
+
+def _attention_kinds(weights: dict[str, torch.Tensor], channels: tuple[int, ...]) -> tuple[list[str], int | None]:
+    """(attention kinds of a block, prompt-token width or None), by the majority of modules, as the level widths
+    are, so one damaged tensor is reported by `check_weights` rather than read as another layout: an attention whose
+    keys are projected from another width than its module's level is a `text` one (AnimateDiff's Temporal_Cross).
+    Only a prompt as wide as every level could pass for a temporal attention."""
+    levels = len(channels)
+    votes: dict[int, Counter] = {}  # attention index -> Counter of the keys' input width, None where it is C
+    for key, tensor in weights.items():
+        found = _MODULE.match(key)
+        rest = key[found.end():] if found else ""
+        m = re.fullmatch(r"transformer_blocks\.0\.attention_blocks\.(\d+)\.to_k\.weight", rest)
+        if found and m and tensor.ndim == 2:
+            level = (int(found["down"]) if found["down"] is not None
+                     else levels - 1 - int(found["up"]) if found["up"] is not None else levels - 1)
+            width = tensor.shape[1]
+            votes.setdefault(int(m[1]), Counter())[None if width == channels[level] else width] += 1
+    if not votes or sorted(votes) != list(range(len(votes))):
+        return ["temporal", "temporal"], None  # check_weights names what is missing
+    read = [votes[index].most_common(1)[0][0] for index in range(len(votes))]
+    text_widths = Counter(width for width in read if width is not None)
+    kinds = ["temporal" if width is None else "text" for width in read]
+    return kinds, text_widths.most_common(1)[0][0] if text_widths else None
 
 
 def _level_widths(weights: dict[str, torch.Tensor], levels: int) -> tuple[int, ...]:
@@ -161,7 +189,8 @@ def expected_motion_shapes(structure: dict[str, Any]) -> dict[str, tuple[int, ..
         places.append(("mid_block.motion_modules.0", channels[-1]))
     # Heads and norm groups change no shape; one of each builds a module of any width.
     spec = {"type": "temporal", "num_transformer_blocks": structure["transformer_blocks"],
-            "num_attention_heads": 1, "norm_num_groups": 1}
+            "num_attention_heads": 1, "norm_num_groups": 1, "attention_kinds": structure["attention_kinds"],
+            "cross_attention_dim": structure["cross_attention_dim"]}
     with torch.device("meta"):
         per_width = {c: shapes(build_motion_module(spec, c).state_dict()) for c in dict.fromkeys(channels)}
     return {f"{prefix}.{name}": shape for prefix, c in places for name, shape in per_width[c].items()}

@@ -9,6 +9,7 @@ from kinema.models.motion.registry import (
     build_motion_module,
     initialize_motion_weights,
     motion_max_frames,
+    motion_takes_text,
     register_motion_module,
     set_motion_attention_chunk_size,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "check_norm_mode",
     "initialize_motion_weights",
     "motion_max_frames",
+    "motion_takes_text",
     "register_motion_module",
     "set_motion_attention_chunk_size",
     "sinusoidal_frame_encoding",

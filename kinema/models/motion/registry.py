@@ -4,8 +4,8 @@ A motion module maps video hidden states `(B, C, F, H, W)` to the same shape and
 initialisation (its output projection is zeroed), so it can be dropped into a pretrained image model.
 Built-in modules register themselves on import; users register their own with `@register_motion_module`.
 `MotionModule` states what is required; hosts reach the optional parts only through the helpers below
-(`motion_max_frames`, `initialize_motion_weights`, `set_motion_attention_chunk_size`), which supply the default
-when a module leaves a part out.
+(`motion_max_frames`, `motion_takes_text`, `initialize_motion_weights`, `set_motion_attention_chunk_size`), which
+supply the default when a module leaves a part out.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class MotionModule(Protocol):
     Optional, each read through a helper of this module that gives the default when it is missing:
         `max_frames` (int attribute or property): most frames it can take in one pass, e.g. the length of a frame
             encoding. Default: unlimited (`motion_max_frames`).
+        `takes_text` (bool attribute or property): true when `forward(x, text=...)` needs the prompt tokens of every
+            frame `(B*F, L, D)`; a host that has them passes them. Default: false (`motion_takes_text`).
         `initialize_weights()`: put the weights back to their fresh, identity state. Default: nothing to do
             (`initialize_motion_weights`).
         `set_attention_chunk_size(chunk_size)`: attend over at most `chunk_size` sequences at a time (None: all at
@@ -78,6 +80,11 @@ def build_motion_module(spec: str | dict[str, Any], channels: int) -> nn.Module:
 def motion_max_frames(module: nn.Module) -> int:
     """The most frames `module` takes in one pass: its `max_frames`, or `UNLIMITED_FRAMES` when it sets none."""
     return getattr(module, "max_frames", UNLIMITED_FRAMES)
+
+
+def motion_takes_text(module: nn.Module) -> bool:
+    """Whether `module`'s forward needs the prompt tokens (`forward(x, text=...)`): its `takes_text`, else False."""
+    return bool(getattr(module, "takes_text", False))
 
 
 def initialize_motion_weights(module: nn.Module) -> None:

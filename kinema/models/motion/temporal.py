@@ -6,7 +6,11 @@ with an identity key map. The sinusoidal frame encoding is recomputed for the fr
 stored: published files carry it as a `pos_encoder.pe` buffer, which the loaders check and drop.
 
 Hidden states inside the module are kept as `(B, F, N, C)` (N = H*W positions); each attention regroups that
-into sequences by its *kind*: `temporal` attends over the F frames at each position, `global` over all F*N tokens.
+into sequences by its *kind*: `temporal` attends over the F frames at each position, `global` over all F*N tokens,
+and `text` cross-attends from every token to its frame's prompt tokens: the original code's `Temporal_Cross` block
+type (`cross_attention_dim` set only for block names ending in `_Cross`), which no published file uses. It gives the
+module the prompt directly, where a plain module sees it only through the image layers' features; a host passes the
+prompt to a module whose `takes_text` is true.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from kinema.errors import KinemaError
 from kinema.models.motion.norms import NormMode, check_norm_mode, video_group_norm
 from kinema.models.motion.registry import register_motion_module
 
-AttentionKind = Literal["temporal", "global"]
+AttentionKind = Literal["temporal", "global", "text"]
 
-# How each attention kind groups (B, F, N, C) hidden states into (batch, sequence, C) for attention.
+# How each attention kind groups (B, F, N, C) hidden states into (batch, sequence, C) for attention. A `text`
+# attention's queries are independent of each other, so grouping them by frame lets each frame read its own prompt
+# (prompt travel) with the text states as the UNet holds them, `(B*F, L, D)`.
 _SEQUENCE_PATTERNS: dict[str, tuple[str, str]] = {
     "temporal": ("b f n c -> (b n) f c", "(b n) f c -> b f n c"),
     "global": ("b f n c -> b (f n) c", "b (f n) c -> b f n c"),
+    "text": ("b f n c -> (b f) n c", "(b f) n c -> b f n c"),
 }
 
 
@@ -58,35 +65,41 @@ def check_frame_count(frames: int, max_frames: int, unit: str = "frames") -> Non
 class MotionBlock(nn.Module):
     """Pre-LN attentions (one per kind, frame encoding added to the normed input) then a GEGLU feed-forward."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_kinds: Sequence[AttentionKind], ff_mult: int = 4):
+    def __init__(self, dim: int, num_attention_heads: int, attention_kinds: Sequence[AttentionKind], ff_mult: int = 4,
+                 cross_attention_dim: int | None = None):
         super().__init__()
         self.attention_kinds = tuple(attention_kinds)
         self.attention_blocks = nn.ModuleList(
-            Attention(query_dim=dim, heads=num_attention_heads, dim_head=dim // num_attention_heads, bias=False)
-            for _ in self.attention_kinds
+            Attention(query_dim=dim, heads=num_attention_heads, dim_head=dim // num_attention_heads, bias=False,
+                      cross_attention_dim=cross_attention_dim if kind == "text" else None)
+            for kind in self.attention_kinds
         )
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.attention_kinds)
         self.ff = FeedForward(dim, mult=ff_mult, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
         self.attention_chunk_size: int | None = None
 
-    def _attend(self, attention: Attention, x: torch.Tensor, kind: str) -> torch.Tensor:
+    def _attend(self, attention: Attention, x: torch.Tensor, kind: str, text: torch.Tensor | None) -> torch.Tensor:
         to_sequences, from_sequences = _SEQUENCE_PATTERNS[kind]
         frames, positions = x.shape[1], x.shape[2]
         seq = rearrange(x, to_sequences)
+        context = text if kind == "text" else None  # one row of text per sequence: (B*F, L, D)
         # Chunking bounds the attention's working memory; sequences are independent along dim 0. Unchunked, the
         # output is used as it is: a cat of one part would copy the whole activation once more.
         chunk = self.attention_chunk_size
         if chunk is None or chunk >= seq.shape[0]:
-            out = attention(seq)
+            out = attention(seq, encoder_hidden_states=context)
         else:
-            out = torch.cat([attention(part) for part in seq.split(chunk)], dim=0)
+            contexts = context.split(chunk) if context is not None else [None] * len(seq.split(chunk))
+            out = torch.cat([attention(part, encoder_hidden_states=rows)
+                             for part, rows in zip(seq.split(chunk), contexts, strict=True)], dim=0)
         return rearrange(out, from_sequences, f=frames, n=positions)
 
-    def forward(self, x: torch.Tensor, frame_encoding: torch.Tensor) -> torch.Tensor:
-        """`(B, F, N, C)` hidden states and an `(F, C)` frame encoding -> `(B, F, N, C)`."""
+    def forward(self, x: torch.Tensor, frame_encoding: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, F, N, C)` hidden states, an `(F, C)` frame encoding and, for `text` attentions, the prompt tokens of
+        every frame `(B*F, L, D)` -> `(B, F, N, C)`."""
         for kind, norm, attention in zip(self.attention_kinds, self.norms, self.attention_blocks, strict=True):
-            x = x + self._attend(cast(Attention, attention), norm(x) + frame_encoding[None, :, None, :], kind)
+            x = x + self._attend(cast(Attention, attention), norm(x) + frame_encoding[None, :, None, :], kind, text)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -103,6 +116,7 @@ class TemporalTransformer(nn.Module):
         norm_mode: NormMode = "per_frame",
         norm_num_groups: int = 32,
         ff_mult: int = 4,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         if channels % num_attention_heads:
@@ -112,13 +126,18 @@ class TemporalTransformer(nn.Module):
         unknown = set(attention_kinds) - set(_SEQUENCE_PATTERNS)
         if unknown:
             raise KinemaError(f"unknown attention kind(s) {sorted(unknown)}; use {sorted(_SEQUENCE_PATTERNS)}")
+        self.takes_text = "text" in attention_kinds
+        if self.takes_text != (cross_attention_dim is not None):
+            raise KinemaError("a `text` attention needs cross_attention_dim (the width of the prompt tokens), and "
+                              "cross_attention_dim needs a `text` attention kind; set both or neither")
         check_norm_mode("norm_mode", norm_mode)
         self.max_frames = max_frames
         self.norm_mode = norm_mode
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            MotionBlock(channels, num_attention_heads, attention_kinds, ff_mult) for _ in range(num_transformer_blocks)
+            MotionBlock(channels, num_attention_heads, attention_kinds, ff_mult, cross_attention_dim)
+            for _ in range(num_transformer_blocks)
         )
         self.proj_out = nn.Linear(channels, channels)
         self.gradient_checkpointing = False
@@ -129,20 +148,33 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, C, F, H, W)` -> `(B, C, F, H, W)`."""
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, C, F, H, W)` and, when it `takes_text`, the prompt tokens of every frame `(B*F, L, D)` (row b*F + f
+        for frame f of clip b) -> `(B, C, F, H, W)`."""
         frames, height = x.shape[2], x.shape[3]
         check_frame_count(frames, self.max_frames)
+        text = self._checked_text(text, x.shape[0] * frames)
         h = rearrange(video_group_norm(self.norm, x, self.norm_mode), "b c f h w -> b f (h w) c")
         h = self.proj_in(h)
         encoding = sinusoidal_frame_encoding(frames, h.shape[-1], device=h.device, dtype=h.dtype)
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, encoding, use_reentrant=False)
+                h = checkpoint(block, h, encoding, text, use_reentrant=False)
             else:
-                h = block(h, encoding)
+                h = block(h, encoding, text)
         h = self.proj_out(h)
         return x + rearrange(h, "b f (h w) c -> b c f h w", h=height)
+
+    def _checked_text(self, text: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        if not self.takes_text:
+            return None
+        if text is None:
+            raise KinemaError("this motion module attends to the prompt (a `text` attention) but was given no prompt "
+                              "tokens; run it inside its VideoUNet, or pass text=(B*F, L, D)")
+        if text.ndim != 3 or text.shape[0] != rows:
+            raise KinemaError(f"the motion module's prompt tokens have shape {tuple(text.shape)}; it needs one row "
+                              f"per frame, ({rows}, L, D)")
+        return text
 
 
 @register_motion_module("temporal")
@@ -153,12 +185,14 @@ class TemporalMotionModule(nn.Module):
         channels: width C of the hidden states it sees.
         num_attention_heads: heads per attention (AnimateDiff: 8).
         num_transformer_blocks: motion blocks in sequence (AnimateDiff: 1).
-        attention_kinds: one entry per attention in a block, `temporal` or `global`.
+        attention_kinds: one entry per attention in a block, `temporal`, `global` or `text` (cross-attention to the
+            prompt, AnimateDiff's `Temporal_Cross`).
         max_frames: length of the frame encoding the weights were trained with (24 for v1, 32 for v2/v3);
             more frames than this is refused with advice to use context windows.
         norm_mode: GroupNorm statistics `per_frame` (original SD1.5 AnimateDiff) or `across_frames` (diffusers).
         norm_num_groups: GroupNorm groups (32).
         ff_mult: feed-forward inner width as a multiple of C (4).
+        cross_attention_dim: width D of the prompt tokens a `text` attention reads (None without one).
     """
 
     default_attention_kinds: tuple[AttentionKind, ...] = ("temporal", "temporal")
@@ -173,17 +207,24 @@ class TemporalMotionModule(nn.Module):
         norm_mode: NormMode = "per_frame",
         norm_num_groups: int = 32,
         ff_mult: int = 4,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         # The child's name matches the `temporal_transformer.` level of published checkpoints.
         self.temporal_transformer = TemporalTransformer(
             channels, num_attention_heads, num_transformer_blocks,
             attention_kinds or self.default_attention_kinds, max_frames, norm_mode, norm_num_groups, ff_mult,
+            cross_attention_dim,
         )
 
     @property
     def max_frames(self) -> int:
         return self.temporal_transformer.max_frames
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether `forward` needs the prompt tokens (a `text` attention)."""
+        return self.temporal_transformer.takes_text
 
     def initialize_weights(self) -> None:
         self.temporal_transformer.initialize_weights()
@@ -193,6 +234,7 @@ class TemporalMotionModule(nn.Module):
         for block in self.temporal_transformer.transformer_blocks:
             cast(MotionBlock, block).attention_chunk_size = chunk_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, C, F, H, W)` -> `(B, C, F, H, W)`; identity at initialisation."""
-        return self.temporal_transformer(x)
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, C, F, H, W)` -> `(B, C, F, H, W)`; identity at initialisation. `text`: the prompt tokens of every
+        frame `(B*F, L, D)`, needed (and read) only when the module `takes_text`."""
+        return self.temporal_transformer(x, text)

@@ -33,6 +33,20 @@ MODULE_TENSORS: dict[str, Callable[[int], tuple[int, ...]]] = {
 }
 PE_SUFFIXES = [f"transformer_blocks.0.attention_blocks.{a}.pos_encoder.pe" for a in (0, 1)]
 
+
+def temporal_cross_tensors(text_width: int) -> dict[str, Callable[[int], tuple[int, ...]]]:
+    """A module whose blocks are the original code's ("Temporal_Self", "Temporal_Cross", "Temporal_Self"): a third
+    attention and norm, and the middle attention's keys and values projected from the prompt's `text_width`."""
+    tensors = {k: v for k, v in MODULE_TENSORS.items() if ".attention_blocks." not in k and ".norms." not in k}
+    for a in (0, 1, 2):
+        for k, shape in _ATTENTION.items():
+            cross = a == 1 and k in ("to_k.weight", "to_v.weight")
+            tensors[f"transformer_blocks.0.attention_blocks.{a}.{k}"] = (
+                (lambda c: (c, text_width)) if cross else shape)
+        for p in ("weight", "bias"):
+            tensors[f"transformer_blocks.0.norms.{a}.{p}"] = lambda c: (c,)
+    return tensors
+
 # version -> (mid-block module, stored PE length or None when the file stores no `pe`)
 VERSIONS: dict[str, tuple[bool, int | None]] = {
     "v1": (False, 24), "v2": (True, 32), "v3": (False, 32), "animatelcm": (True, None), "sdxl-beta": (False, 32),
@@ -53,20 +67,25 @@ def module_params(c: int) -> int:
 
 
 def original_motion_state_dict(
-    version: str, channels: tuple[int, ...] = TINY_CHANNELS, dtype: torch.dtype = torch.float32, seed: int = 0
+    version: str, channels: tuple[int, ...] = TINY_CHANNELS, dtype: torch.dtype = torch.float32, seed: int = 0,
+    text_width: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A published-layout motion module of `version` with random weights and diffusers-computed `pe` tables."""
+    """A published-layout motion module of `version` with random weights and diffusers-computed `pe` tables; with
+    `text_width`, of the original code's Temporal_Cross blocks instead (`temporal_cross_tensors`)."""
     mid_block, pe_length = VERSIONS[version]
     gen = torch.Generator().manual_seed(seed)
     state_dict: dict[str, torch.Tensor] = {}
+    tensors = MODULE_TENSORS if text_width is None else temporal_cross_tensors(text_width)
+    pe_suffixes = PE_SUFFIXES if text_width is None else [
+        f"transformer_blocks.0.attention_blocks.{a}.pos_encoder.pe" for a in (0, 1, 2)]
     for prefix, c in module_prefixes(channels, mid_block):
-        for suffix, shape in MODULE_TENSORS.items():
+        for suffix, shape in tensors.items():
             values = torch.randn(shape(c), generator=gen) * (0.5 / c**0.5 if len(shape(c)) == 2 else 0.1)
             if "norm" in suffix and suffix.endswith("weight"):  # norm scales near 1, like trained ones
                 values = values + 1.0
             state_dict[f"{prefix}.temporal_transformer.{suffix}"] = values.to(dtype)
         if pe_length is not None:
-            for suffix in PE_SUFFIXES:
+            for suffix in pe_suffixes:
                 table = SinusoidalPositionalEmbedding(c, pe_length).pe
                 state_dict[f"{prefix}.temporal_transformer.{suffix}"] = table.to(dtype)
     return state_dict

@@ -256,6 +256,33 @@ def test_save_layout_errors(tmp_path, unet2d):
         save_motion_module(video, tmp_path / "k.safetensors", "comfy")
 
 
+def test_temporal_cross_modules_load_save_and_run(tmp_path, unet2d):
+    # The original code's Temporal_Cross blocks (no published file has them; kinema-tiny-ad's text-reading modules
+    # do): detected from the shapes, loaded strictly, run with the prompt, and written back bit for bit.
+    path = write(tmp_path, "v3", name="cross.ckpt", seed=4, text_width=32)
+    info = read_motion_module(path).info
+    assert (info.attention_kinds, info.cross_attention_dim) == (["temporal", "text", "temporal"], 32)
+    video = load_motion_module(path, unet2d)
+    assert all(module.takes_text for _, module in video.motion_modules())
+    x, t, text = video_inputs()
+    with torch.no_grad():
+        out = video(x, t, text)
+        # The middle attention reads the prompt: zero its output and the video changes.
+        for _, module in video.motion_modules():
+            module.temporal_transformer.transformer_blocks[0].attention_blocks[1].to_out[0].weight.zero_()
+        assert (video(x, t, text) - out).abs().max().item() > 1e-3
+    video = load_motion_module(path, unet2d)
+    save_motion_module(video, tmp_path / "back.ckpt", "original")
+    assert_equal_dicts(read_state_dict(tmp_path / "back.ckpt"), read_state_dict(path))
+    save_motion_module(video, tmp_path / "k.safetensors")
+    again = load_motion_module(tmp_path / "k.safetensors", unet2d)
+    assert again.config == video.config
+    torch.testing.assert_close(again(x, t, text), out, **SAME_CODE_TOLERANCE)
+    with pytest.raises(KinemaError, match="MotionAdapter holds two temporal self-attentions"):
+        save_motion_module(video, tmp_path / "adapter", "diffusers")
+    assert not (tmp_path / "adapter").exists()
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -29,20 +29,24 @@ def reference_pe(length: int, dim: int) -> torch.Tensor:
     return pe
 
 
-def reference_attention(x, attn, heads):
-    # (S, L, C): q/k/v without bias, softmax(q k^T / sqrt(d)) v, output projection with bias.
+def reference_attention(x, attn, heads, context=None):
+    # (S, L, C) queries, keys and values from `context` (S, M, D) when given: q/k/v without bias,
+    # softmax(q k^T / sqrt(d)) v, output projection with bias.
     s, length, c = x.shape
     d = c // heads
+    context = x if context is None else context
     q = F.linear(x, attn.to_q.weight).view(s, length, heads, d).transpose(1, 2)
-    k = F.linear(x, attn.to_k.weight).view(s, length, heads, d).transpose(1, 2)
-    v = F.linear(x, attn.to_v.weight).view(s, length, heads, d).transpose(1, 2)
+    k = F.linear(context, attn.to_k.weight).view(s, context.shape[1], heads, d).transpose(1, 2)
+    v = F.linear(context, attn.to_v.weight).view(s, context.shape[1], heads, d).transpose(1, 2)
     w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
     out = (w @ v).transpose(1, 2).reshape(s, length, c)
     return F.linear(out, attn.to_out[0].weight, attn.to_out[0].bias)
 
 
-def reference_motion_module(module, x, heads, kinds, per_frame=True):
-    """Original SD1.5 AnimateDiff VanillaTemporalModule forward on (b, c, f, h, w), per-frame GroupNorm."""
+def reference_motion_module(module, x, heads, kinds, per_frame=True, text=None):
+    """Original SD1.5 AnimateDiff VanillaTemporalModule forward on (b, c, f, h, w), per-frame GroupNorm. A "text"
+    kind is the original's Temporal_Cross block: temporal sequences (one per position) as queries, and the clip's
+    prompt tokens `text` (b, L, D), repeated for every position, as keys and values."""
     tt = module.temporal_transformer
     b, c, f, h, w = x.shape
     frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
@@ -58,9 +62,10 @@ def reference_motion_module(module, x, heads, kinds, per_frame=True):
         for kind, norm, attn in zip(kinds, block.norms, block.attention_blocks, strict=True):
             n = F.layer_norm(hs, (c,), norm.weight, norm.bias, norm.eps)
             n = n.view(b, f, h * w, c) + pe[None, :, None, :]
-            if kind == "temporal":
+            if kind in ("temporal", "text"):
                 seq = n.permute(0, 2, 1, 3).reshape(b * h * w, f, c)
-                out = reference_attention(seq, attn, heads).view(b, h * w, f, c).permute(0, 2, 1, 3)
+                context = text.repeat_interleave(h * w, dim=0) if kind == "text" else None
+                out = reference_attention(seq, attn, heads, context).view(b, h * w, f, c).permute(0, 2, 1, 3)
             else:
                 out = reference_attention(n.reshape(b, f * h * w, c), attn, heads).view(b, f, h * w, c)
             hs = hs + out.reshape(b * f, h * w, c)
@@ -103,6 +108,40 @@ def test_matches_direct_definition(cls, kinds, norm_mode):
     x = torch.randn(2, 64, 6, 3, 5)
     expected = reference_motion_module(module, x, 8, kinds, per_frame=norm_mode == "per_frame")
     assert (module(x) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kinds", [("temporal", "text", "temporal"), ("text", "temporal")])
+def test_text_attention_is_the_original_temporal_cross(kinds):
+    # AnimateDiff's TemporalTransformerBlock builds a "Temporal_Cross" block with cross_attention_dim (the prompt's
+    # width); kinema's `text` kind groups its queries by frame instead, which changes nothing, and reads the tokens
+    # per frame (B*F, L, D), here the clip's tokens for every frame.
+    torch.manual_seed(0)
+    module = TemporalMotionModule(64, num_attention_heads=8, attention_kinds=kinds, cross_attention_dim=24)
+    assert module.takes_text
+    perturb(module, seed=0, scale=0.2)
+    x, text = torch.randn(2, 64, 6, 3, 5), torch.randn(2, 7, 24)
+    per_frame = text.repeat_interleave(6, dim=0)
+    expected = reference_motion_module(module, x, 8, kinds, text=text)
+    assert (module(x, text=per_frame) - expected).abs().max().item() < 1e-4
+    # The prompt reaches the output: other tokens, another result.
+    assert (module(x, text=per_frame.flip(0)) - expected).abs().max().item() > 1e-2
+    module.set_attention_chunk_size(5)  # the text rows are split with their queries
+    assert (module(x, text=per_frame) - expected).abs().max().item() < 1e-4
+
+
+def test_text_attention_refuses_what_it_cannot_read():
+    with pytest.raises(KinemaError, match="set both or neither"):
+        TemporalMotionModule(64, attention_kinds=("temporal", "text"))
+    with pytest.raises(KinemaError, match="set both or neither"):
+        TemporalMotionModule(64, cross_attention_dim=24)
+    module = TemporalMotionModule(64, attention_kinds=("temporal", "text"), cross_attention_dim=24)
+    x = torch.randn(1, 64, 4, 2, 2)
+    with pytest.raises(KinemaError, match="given no prompt tokens"):
+        module(x)
+    with pytest.raises(KinemaError, match=r"one row per frame, \(4, L, D\)"):
+        module(x, text=torch.randn(1, 7, 24))
+    plain = TemporalMotionModule(64)
+    assert not plain.takes_text and torch.equal(plain(x, text=torch.randn(4, 7, 24)), plain(x))
 
 
 def test_norm_modes_differ_on_real_video():
