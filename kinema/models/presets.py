@@ -149,8 +149,13 @@ KINEMA_TINY_AD_VAE: dict = {
 # of 16). An original-layout file records neither heads nor norms, and its 3 levels read as sdxl-beta (norms across
 # frames) whatever the heads, so init-model writes these settings into kinema.json's "motion": the motion stage builds
 # its fresh modules from there and loading reads them back (kinema.pipelines.load.model_motion_settings).
+# Each block reads the prompt between its two temporal attentions (a `text` attention, the original code's
+# Temporal_Cross, on the MiniLM states): the image UNet learned from still frames, where "moving left" and "moving
+# right" look alike, so its features carry the motion word only faintly, and modules without the prompt moved the
+# object in a near-random direction (docs/bundled.md, the ninth, tenth and twelfth sessions).
 KINEMA_TINY_AD_MOTION: dict = {
-    "motion_module": {**_animatediff_motion_module(32), "num_attention_heads": 4},
+    "motion_module": {**_animatediff_motion_module(32), "num_attention_heads": 4,
+                      "attention_kinds": ["temporal", "text", "temporal"], "cross_attention_dim": 384},
     "motion_mid_block": False, "resnet_norm_mode": "per_frame",
 }
 # The text encoder both bundled models read (kinema.json's "text_encoder" entry): sentence-transformers'

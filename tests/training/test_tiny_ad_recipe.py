@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
+from tiny_models import TINY_UNET
 
 from kinema.cli import main
 from kinema.errors import KinemaError
 from kinema.models.initial import bundle_model, write_initial_model
 from kinema.models.presets import KINEMA_TINY_AD_MOTION
+from kinema.models.video_unet import VideoUNet
 from kinema.training.config import load_config
 from kinema.training.trainer import train
 
@@ -81,11 +84,13 @@ def test_recipe_from_init_to_generate_and_eval(tmp_path, synth_videos, capsys):
     assert len(report["per_prompt"]) == 2
 
 
-# The prompt-reading modules (AnimateDiff's Temporal_Cross) as a kinema.json "motion" entry names them.
+# The prompt-reading modules (AnimateDiff's Temporal_Cross; kinema-tiny-ad's) and published modules' two temporal
+# attentions, as a kinema.json "motion" entry names them.
 TEXT_ATTENTIONS = {"attention_kinds": ["temporal", "text", "temporal"], "cross_attention_dim": 384}
+PLAIN_ATTENTIONS = {"attention_kinds": ["temporal", "temporal"], "cross_attention_dim": None}
 
 
-@pytest.mark.parametrize("attentions", [{}, TEXT_ATTENTIONS], ids=["temporal", "text"])
+@pytest.mark.parametrize("attentions", [PLAIN_ATTENTIONS, TEXT_ATTENTIONS], ids=["temporal", "text"])
 def test_fresh_motion_modules_and_the_loader_read_the_same_settings(tmp_path, synth_videos, attentions):
     from kinema.loaders import describe
     from kinema.loaders.animatediff.write import save_motion_module
@@ -109,10 +114,10 @@ def test_fresh_motion_modules_and_the_loader_read_the_same_settings(tmp_path, sy
     report = describe(module)
     assert (report["version"], report["num_attention_heads"], report["norm_mode"]) == ("sdxl-beta", 8,
                                                                                         "across_frames")
-    assert report["attention_kinds"] == attentions.get("attention_kinds", ["temporal", "temporal"])
+    assert report["attention_kinds"] == attentions["attention_kinds"]
     loaded = load_family(model).model
     assert motion_heads(loaded) == motion_heads(trained) == {4}
-    assert {module.takes_text for _, module in loaded.motion_modules()} == {bool(attentions)}
+    assert {module.takes_text for _, module in loaded.motion_modules()} == {attentions == TEXT_ATTENTIONS}
     latents = torch.randn(1, 4, 8, 4, 4, generator=generator)  # (B, C, F, h, w)
     text = torch.randn(1, 32, 384, generator=generator)
     timestep = torch.tensor([500])
@@ -127,11 +132,14 @@ def test_motion_settings_entry_is_checked(tmp_path):
     assert model_motion_settings(tmp_path) is None  # no kinema.json: AnimateDiff's version presets apply
     settings = {"max_frames": 32, "mid_block": False, "transformer_blocks": 1, "num_attention_heads": 4,
                 "norm_num_groups": 32, "norm_mode": "per_frame", "resnet_norm_mode": "per_frame"}
-    (tmp_path / "kinema.json").write_text(json.dumps({"motion": settings}))
-    assert model_motion_settings(tmp_path) == KINEMA_TINY_AD_MOTION
     (tmp_path / "kinema.json").write_text(json.dumps({"motion": {**settings, **TEXT_ATTENTIONS}}))
-    text_spec = model_motion_settings(tmp_path)["motion_module"]
-    assert (text_spec["attention_kinds"], text_spec["cross_attention_dim"]) == (["temporal", "text", "temporal"], 384)
+    assert model_motion_settings(tmp_path) == KINEMA_TINY_AD_MOTION
+    # An entry written before the attentions were named (the published layout's two temporal ones) still reads.
+    (tmp_path / "kinema.json").write_text(json.dumps({"motion": settings}))
+    plain = model_motion_settings(tmp_path)
+    assert "attention_kinds" not in plain["motion_module"]
+    video_unet = VideoUNet.from_unet2d(UNet2DConditionModel(**TINY_UNET), **plain)
+    assert not any(module.takes_text for _, module in video_unet.motion_modules())
     bad = {"heads": ({**settings, "heads": 4}, "unknown: heads"),
            "missing": ({k: v for k, v in settings.items() if k != "max_frames"}, "missing: max_frames"),
            "norm": ({**settings, "norm_mode": "per_clip"}, "norm_mode must be 'per_frame' or 'across_frames'"),
@@ -151,9 +159,12 @@ def test_a_module_without_the_text_attentions_its_folder_names_is_refused(tmp_pa
     from kinema.training.tasks import load_training_family
 
     model = write_initial_model("kinema-tiny-ad", tmp_path / "model")
+    manifest = json.loads((model / "kinema.json").read_text())
+    assert {key: manifest["motion"][key] for key in TEXT_ATTENTIONS} == TEXT_ATTENTIONS  # kinema-tiny-ad's own
+    manifest["motion"].update(PLAIN_ATTENTIONS)
+    (model / "kinema.json").write_text(json.dumps(manifest))
     plain = load_training_family(stage_config("motion", tmp_path, model, synth_videos)).model
     save_motion_module(plain, model / "motion_module.safetensors", "original")
-    manifest = json.loads((model / "kinema.json").read_text())
     manifest["motion"].update(TEXT_ATTENTIONS)
     (model / "kinema.json").write_text(json.dumps(manifest))
     with pytest.raises(KinemaError, match=r"has attention_kinds=\['temporal', 'temporal'\] but .*kinema.json names "
