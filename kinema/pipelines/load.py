@@ -168,8 +168,8 @@ def _folder_motion_overrides(path: Path, motion_path: Path, report: dict[str, An
     if settings is None or report["format"] == "kinema":
         return {}
     named = {**SETTING_DEFAULTS, **named_settings(settings)}
-    fixed = {"mid_block": report["mid_block"], "attention_kinds": report["attention_kinds"],
-             "cross_attention_dim": report["cross_attention_dim"]}
+    fixed = {"mid_block": report["mid_block"], **{name: report.get(name, default)
+                                                  for name, default in SETTING_DEFAULTS.items()}}
     if report["max_frames_source"] == "file":
         fixed["max_frames"] = report["max_frames"]
     for name, found in fixed.items():

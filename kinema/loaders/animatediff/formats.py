@@ -17,13 +17,17 @@ from kinema.loaders.source import Source
 
 
 def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
+    from kinema.loaders.animatediff.settings import SETTING_DEFAULTS
+
+    # The attentions only where they are not every published module's two temporal ones.
+    attentions = {name: getattr(info, name) for name in SETTING_DEFAULTS
+                  if getattr(info, name) != SETTING_DEFAULTS[name]}
     return {
         "kind": "motion_module", "format": info.format, "version": info.version, "keys": info.num_keys,
         "parameters": info.num_params, "max_frames": info.max_frames, "max_frames_source": info.max_frames_source,
         "dtype": info.dtype, "mid_block": info.mid_block, "channels": list(info.channels),
         "num_attention_heads": info.num_attention_heads, "norm_num_groups": info.norm_num_groups,
-        "norm_mode": info.norm_mode, "resnet_norm_mode": info.resnet_norm_mode,
-        "attention_kinds": info.attention_kinds, "cross_attention_dim": info.cross_attention_dim, "dropped": dropped,
+        "norm_mode": info.norm_mode, "resnet_norm_mode": info.resnet_norm_mode, **attentions, "dropped": dropped,
     }
 
 
