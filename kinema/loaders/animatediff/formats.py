@@ -17,11 +17,11 @@ from kinema.loaders.source import Source
 
 
 def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
-    from kinema.loaders.animatediff.settings import SETTING_DEFAULTS
+    from kinema.loaders.animatediff.settings import SETTING_DEFAULTS, named_settings
 
-    # The attentions only where they are not every published module's two temporal ones.
-    attentions = {name: getattr(info, name) for name in SETTING_DEFAULTS
-                  if getattr(info, name) != SETTING_DEFAULTS[name]}
+    # The attentions only where they are not every published module's two temporal ones, as kinema files store them.
+    attentions = {name: value for name, value in named_settings(info.video_unet_kwargs).items()
+                  if name in SETTING_DEFAULTS}
     return {
         "kind": "motion_module", "format": info.format, "version": info.version, "keys": info.num_keys,
         "parameters": info.num_params, "max_frames": info.max_frames, "max_frames_source": info.max_frames_source,

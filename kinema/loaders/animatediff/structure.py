@@ -146,16 +146,22 @@ def _attention_kinds(weights: dict[str, torch.Tensor], channels: tuple[int, ...]
         rest = key[found.end():] if found else ""
         m = re.fullmatch(r"transformer_blocks\.0\.attention_blocks\.(\d+)\.to_k\.weight", rest)
         if found and m and tensor.ndim == 2:
-            level = (int(found["down"]) if found["down"] is not None
-                     else levels - 1 - int(found["up"]) if found["up"] is not None else levels - 1)
             width = tensor.shape[1]
-            votes.setdefault(int(m[1]), Counter())[None if width == channels[level] else width] += 1
+            same = width == channels[_level_of(found, levels)]
+            votes.setdefault(int(m[1]), Counter())[None if same else width] += 1
     if not votes or sorted(votes) != list(range(len(votes))):
         return ["temporal", "temporal"], None  # check_weights names what is missing
     read = [votes[index].most_common(1)[0][0] for index in range(len(votes))]
     text_widths = Counter(width for width in read if width is not None)
     kinds = ["temporal" if width is None else "text" for width in read]
     return kinds, text_widths.most_common(1)[0][0] if text_widths else None
+
+
+def _level_of(module: re.Match, levels: int) -> int:
+    """The UNet level of a `_MODULE` match: down level i, up level L-1-i, the mid block the deepest."""
+    if module["down"] is not None:
+        return int(module["down"])
+    return levels - 1 - int(module["up"]) if module["up"] is not None else levels - 1
 
 
 def _level_widths(weights: dict[str, torch.Tensor], levels: int) -> tuple[int, ...]:
@@ -166,9 +172,7 @@ def _level_widths(weights: dict[str, torch.Tensor], levels: int) -> tuple[int, .
     for key, tensor in weights.items():
         found = _MODULE.match(key)
         if found and key.endswith(".temporal_transformer.norm.weight") and tensor.ndim == 1:
-            level = (int(found["down"]) if found["down"] is not None
-                     else levels - 1 - int(found["up"]) if found["up"] is not None else levels - 1)
-            votes[level][tensor.shape[0]] += 1
+            votes[_level_of(found, levels)][tensor.shape[0]] += 1
     unread = [level for level, count in enumerate(votes) if not count]
     if unread:
         raise KinemaError(f"no motion module of UNet level {unread[0]} has a temporal_transformer.norm.weight of "

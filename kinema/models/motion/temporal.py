@@ -90,9 +90,10 @@ class MotionBlock(nn.Module):
         if chunk is None or chunk >= seq.shape[0]:
             out = attention(seq, encoder_hidden_states=context)
         else:
-            contexts = context.split(chunk) if context is not None else [None] * len(seq.split(chunk))
+            parts = seq.split(chunk)
+            contexts = context.split(chunk) if context is not None else [None] * len(parts)
             out = torch.cat([attention(part, encoder_hidden_states=rows)
-                             for part, rows in zip(seq.split(chunk), contexts, strict=True)], dim=0)
+                             for part, rows in zip(parts, contexts, strict=True)], dim=0)
         return rearrange(out, from_sequences, f=frames, n=positions)
 
     def forward(self, x: torch.Tensor, frame_encoding: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
