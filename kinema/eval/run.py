@@ -45,7 +45,8 @@ _CELL, _MARGIN, _FONT = 40, 90, 12
 class EvalReport:
     """What `evaluate` measured. `as_dict()` is the JSON `kinema eval --json` prints: `n` and the `*_acc` cover the
     lines that are not held out; `flicker`, `dynamic_degree` (the share of videos VBench's rule finds moving) and
-    `dynamic_magnitude` every video; `i2v_psnr` the image-to-video lines; `seam_score` the continuation. A metric
+    `dynamic_magnitude` every video; `i2v_psnr` and `i2v_jump` the image-to-video lines; `seam_score` the
+    continuation. A metric
     with nothing to measure is None. `files` are the paths written under `out_dir` (relative to it)."""
 
     model: str
@@ -58,6 +59,7 @@ class EvalReport:
     dynamic_degree: float | None
     dynamic_magnitude: float | None
     i2v_psnr: float | None
+    i2v_jump: float | None
     seam_score: float | None
     held_out: dict[str, Any]
     continuation: dict[str, Any] | None
@@ -71,7 +73,8 @@ class EvalReport:
         """The report as JSON-ready data, in the order of the issue's `kinema eval --json`."""
         return {"n": self.n, "color_acc": self.color_acc, "shape_acc": self.shape_acc, "motion_acc": self.motion_acc,
                 "flicker": self.flicker, "dynamic_degree": self.dynamic_degree, "i2v_psnr": self.i2v_psnr,
-                "seam_score": self.seam_score, "held_out": self.held_out, "held_out_in_main": False,
+                "i2v_jump": self.i2v_jump, "seam_score": self.seam_score, "held_out": self.held_out,
+                "held_out_in_main": False,
                 "dynamic_magnitude": self.dynamic_magnitude, "continuation": self.continuation, "model": self.model,
                 "prompts": self.prompts, "settings": self.settings, "seconds": self.seconds,
                 "out_dir": self.out_dir, "files": self.files, "per_prompt": self.per_prompt}
@@ -307,7 +310,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
          save_videos: bool) -> EvalReport:
     from tqdm import tqdm
 
-    from kinema.eval.metrics import dynamic_degree, first_frame_psnr, temporal_flicker
+    from kinema.eval.metrics import dynamic_degree, first_frame_psnr, seam_score, temporal_flicker
     from kinema.pipelines.generate import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
@@ -348,6 +351,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
             "seed": video_seed, "expected": entry.labels, "detected": detected,
             "correct": {key: detected[key] == entry.labels[key] for key in LABELS},
             "flicker": round(temporal_flicker(video), 4), "dynamic": None, "flow_magnitude": None, "psnr": None,
+            "jump": None,
             "seconds": round(time.perf_counter() - made, 2)}
         if problem is not None:
             row["detector_error"] = problem
@@ -356,6 +360,9 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
             row["dynamic"], row["flow_magnitude"] = moved.dynamic, round(moved.magnitude, 3)
         if image is not None:
             row["psnr"] = round(first_frame_psnr(video, image), 2)
+            # A video can keep its start image as frame 0 and then ignore it; the step after it, against the
+            # median step, tells (1: it moves on from the image as from any frame).
+            row["jump"] = round(seam_score(video, [1]), 3)
         if folder is not None and save_videos:
             row["video"] = _write_video(folder, f"{index:03d}-{_slug(entry.prompt)}", video, result.settings[0])
             files.append(row["video"])
@@ -380,7 +387,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         flicker=_mean([row["flicker"] for row in rows]),
         dynamic_degree=_mean([float(value) for value in dynamic]) if dynamic else None,
         dynamic_magnitude=_mean([row["flow_magnitude"] for row in rows]),
-        i2v_psnr=_mean([row["psnr"] for row in rows]),
+        i2v_psnr=_mean([row["psnr"] for row in rows]), i2v_jump=_mean([row["jump"] for row in rows]),
         seam_score=None if continuation_report is None else continuation_report["seam_score"],
         held_out=_accuracies(held), continuation=continuation_report,
         settings={**settings, "i2v_n": sum(row["psnr"] is not None for row in rows), "dynamic_degree_missing":
@@ -445,6 +452,8 @@ def format_report(report: EvalReport) -> str:
              f"{number(report.dynamic_magnitude, digits=2)} px/frame)",
              f"image-to-video PSNR   {number(report.i2v_psnr, digits=2)} dB   "
              f"({report.settings.get('i2v_n', 0)} start images)",
+             f"image-to-video jump   {number(report.i2v_jump, digits=2)}   (frame 0 -> 1 over the median step; "
+             f"1 = it moves on from the image)",
              f"seam score            {number(report.seam_score)}   (1 = seamless; " +
              (f"{report.continuation['frames']}-frame continuation)" if report.continuation else "no continuation)")]
     if report.out_dir is not None:

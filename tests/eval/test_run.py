@@ -52,6 +52,7 @@ def test_evaluate_scores_every_prompt_and_writes_the_report(tmp_path, v3_model, 
     assert data["color_acc"] == float(image_row["correct"]["color"])
     assert data["held_out"]["motion_acc"] == float(held_row["correct"]["motion"])
     assert image_row["psnr"] > 0 and data["i2v_psnr"] == image_row["psnr"] and held_row["psnr"] is None
+    assert image_row["jump"] > 0 and data["i2v_jump"] == image_row["jump"] and held_row["jump"] is None
     assert data["seam_score"] is None and data["continuation"] is None
     assert data["settings"]["height"] == data["settings"]["width"] == 64  # the model's native size (8 latents x 8)
     assert data["files"] == sorted(["confusion-color.png", "confusion-motion.png", "confusion-shape.png",

@@ -26,7 +26,8 @@ SIZE = 32
 
 
 class Spy:
-    """Stands in for a model's forward and records every call's latents shape, timestep and keyword arguments."""
+    """Stands in for a model's forward and records every call's latents (and shape), timestep and keyword
+    arguments."""
 
     def __init__(self, forward):
         self.calls = []
@@ -34,7 +35,7 @@ class Spy:
 
     def __call__(self, sample, timestep, **kwargs):
         self.calls.append({"shape": tuple(sample.shape), "timestep": float(torch.as_tensor(timestep).flatten()[0]),
-                           **kwargs})
+                           "latents": sample.detach().clone(), **kwargs})
         return self.forward(sample, timestep, **kwargs)
 
 
@@ -162,6 +163,34 @@ def test_animatediff_image_to_video_holds_the_first_and_last_frames(animatediff,
     assert result.report["mode"] == "image-to-video"
 
 
+def repaint_start(family, held: torch.Tensor, seed: int, steps: int) -> tuple[list[float], torch.Tensor]:
+    """The timesteps a repaint sample runs and the latents it starts from, written out from their definition: the
+    held video `(1, F, 3, H, W)` encoded, noised with the seed's noise to step steps - round(steps * strength)."""
+    from kinema.pipelines.generate import REPAINT_START_STRENGTH
+    from kinema.sampling.loop import initial_noise
+    from kinema.sampling.schedulers import make_scheduler
+
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    first = steps - round(steps * REPAINT_START_STRENGTH)
+    with torch.no_grad():
+        clean = family.encode_frames(held)
+    noise = initial_noise(clean.shape, [seed])
+    timesteps = scheduler.timesteps[first:]
+    return [float(t) for t in timesteps], scheduler.add_noise(clean, noise, timesteps[:1])
+
+
+def test_animatediff_image_to_video_starts_from_the_held_frames(animatediff, monkeypatch):
+    start = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    end = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    spy = spy_on(animatediff, monkeypatch)
+    run(animatediff, image=start, end_image=end, frames=4, steps=8, guidance=1)
+    # Each frame between starts as the last held frame before it: start, start, start, end.
+    timesteps, latents = repaint_start(animatediff, torch.stack([start, start, start, end])[None], seed=3, steps=8)
+    assert [call["timestep"] for call in spy.calls] == timesteps and len(timesteps) < 8
+    torch.testing.assert_close(spy.calls[0]["latents"], latents, rtol=0, atol=1e-5)
+
+
 def test_inp_image_to_video_conditions_on_the_image(easyanimate, monkeypatch):
     start = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     spy = spy_on(easyanimate, monkeypatch)
@@ -238,6 +267,16 @@ def test_animatediff_extend_keeps_the_video_and_cross_fades(animatediff):
         held = animatediff.decode(animatediff.encode_frames(video[None, 4:6]))[0]
     ramp = torch.tensor([1 / 3, 2 / 3]).view(2, 1, 1, 1)
     torch.testing.assert_close(result.frames[0, 4:6], video[4:6] * (1 - ramp) + held * ramp, rtol=0, atol=1e-5)
+
+
+def test_animatediff_extend_starts_each_segment_from_the_last_frames(animatediff, monkeypatch):
+    video = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    spy = spy_on(animatediff, monkeypatch)
+    run(animatediff, video=video, extend_frames=2, overlap_frames=2, segment_frames=4, steps=8, guidance=1)
+    held = video[None, [4, 5, 5, 5]]  # the last 2 frames, then the last one held
+    timesteps, latents = repaint_start(animatediff, held, seed=3 + 7919, steps=8)  # the first segment's seed
+    assert [call["timestep"] for call in spy.calls] == timesteps
+    torch.testing.assert_close(spy.calls[0]["latents"], latents, rtol=0, atol=1e-5)
 
 
 def test_inp_extend_conditions_each_segment_on_the_last_frames(easyanimate, monkeypatch):
