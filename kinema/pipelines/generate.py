@@ -74,7 +74,8 @@ def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str) 
         except OSError as err:
             raise KinemaError(f"cannot read {what} {path}: {err}") from None
     if isinstance(image, Image.Image):
-        image = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+        # np.array copies: torch warns about the read-only buffer np.asarray would share with PIL
+        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise KinemaError(f"{what} must be a path, a PIL image or a (3, H, W) tensor in [0, 1]")
     return _fit(image[None], height, width, resize, what)[0]
