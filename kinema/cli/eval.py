@@ -18,8 +18,9 @@ DESCRIPTION = (
     "\"image\"?, \"seed\"?, \"held_out\"?}) and score it: detectors read the colour, shape and motion of the object "
     "in the frames and compare them with the line's labels (held-out combinations are reported apart). Also "
     "temporal flicker (VBench's formula), dynamic degree (optical flow), first-frame PSNR and the jump after the "
-    "start image (i2v_jump) for lines with one, and a 128-frame continuation's seam score. Writes report.json and a confusion-matrix PNG per label to "
-    "--out (default out/eval-<model>/). Without --prompts: the shipped synthetic prompt set (70 prompts)."
+    "start image (i2v_jump) for lines with one, and a 128-frame continuation's seam score. Writes report.json and a "
+    "confusion-matrix PNG per label to --out (default out/eval-<model>/). Without --prompts: the shipped synthetic "
+    "prompt set (70 prompts)."
 )
 
 
