@@ -46,8 +46,8 @@ class EvalReport:
     """What `evaluate` measured. `as_dict()` is the JSON `kinema eval --json` prints: `n` and the `*_acc` cover the
     lines that are not held out; `flicker`, `dynamic_degree` (the share of videos VBench's rule finds moving) and
     `dynamic_magnitude` every video; `i2v_psnr` and `i2v_jump` the image-to-video lines; `seam_score` the
-    continuation. A metric
-    with nothing to measure is None. `files` are the paths written under `out_dir` (relative to it)."""
+    continuation. A metric with nothing to measure is None. `files` are the paths written under `out_dir` (relative
+    to it)."""
 
     model: str
     prompts: str

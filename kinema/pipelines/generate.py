@@ -344,10 +344,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
                       cfg_truncation=request.cfg_truncation)
 
     with torch.no_grad():
-        if request.free_init is None or clip.clean is not None:
-            if request.free_init is not None:  # FreeInit re-noises from pure noise, which these starts are not
-                logger.warning("FreeInit is off for this clip: sampling starts from given frames (video-to-video, "
-                               "or the held frames of a model without inpaint channels), not from noise")
+        if request.free_init is None or clip.clean is not None:  # `generate` says when FreeInit is off
             return run(start, steps)
         from kinema.sampling.freeinit import FreeInitOptions, free_init_sample, seeded_fresh_noise
 
@@ -552,6 +549,13 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         check_frame_count(plan.latent_frames, family.model.max_frames,
                           unit="frames" if plan.frames == plan.latent_frames else "latent frames")
 
+    if request.free_init is not None and (mode == "video-to-video" or (
+            mode in ("image-to-video", "extend") and not family.inpaints)):
+        # These clips start from given frames (`_Clip.clean`: the input's, or repaint's held ones), and FreeInit
+        # re-noises from pure noise; said once here rather than per continuation segment.
+        logger.warning("FreeInit is off: sampling starts from given frames (video-to-video, or the held frames of "
+                       "a model without inpaint channels), not from noise")
+
     # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
     settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
                  "scheduler": plan.scheduler} for seed in seeds]
@@ -580,10 +584,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 noise = _noise(family, plan, request, seeds, device)
                 with torch.no_grad():
                     clean = family.encode_frames(input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device))
-                clip = _Clip(noise, clean=clean.to(noise), strength=request.strength)
-                if family.inpaints:
-                    clip = replace(_text_to_video_clip(family, noise, plan), clean=clean.to(noise),
-                                   strength=request.strength)
+                clip = replace(_text_to_video_clip(family, noise, plan), clean=clean.to(noise),
+                               strength=request.strength)
                 text = _encode_text(family, request, len(seeds), plan.latent_frames, plan.frames)
                 latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
             else:

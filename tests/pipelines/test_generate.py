@@ -279,6 +279,17 @@ def test_animatediff_extend_starts_each_segment_from_the_last_frames(animatediff
     torch.testing.assert_close(spy.calls[0]["latents"], latents, rtol=0, atol=1e-5)
 
 
+def test_freeinit_off_for_frames_held_by_repaint_is_said_once(animatediff, caplog):
+    video = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with caplog.at_level("WARNING", logger="kinema.pipelines.generate"):
+        result = run(animatediff, video=video, extend_frames=5, overlap_frames=2, segment_frames=4, steps=2,
+                     free_init=FreeInitSettings(iterations=2))
+    assert result.report["segments"] == 3
+    assert [record.message for record in caplog.records].count(
+        "FreeInit is off: sampling starts from given frames (video-to-video, or the held frames of a model without "
+        "inpaint channels), not from noise") == 1
+
+
 def test_inp_extend_conditions_each_segment_on_the_last_frames(easyanimate, monkeypatch):
     video = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     keeps = []
