@@ -93,6 +93,7 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     ema_decay: float | None = None  # none: no EMA
     timesteps: str | None = None  # uniform | logit_normal (none: the family's recipe)
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper); none: plain MSE
     # full: the transformer's submodules to train (none: V3's set); motion: parts of the base model's parameter
     # names that train with the motion modules (AnimateDiff's trainable_modules; "attn2." the spatial cross-attention)
     trainable_modules: list[str] | None = None
@@ -339,6 +340,11 @@ def check_config(config: TrainConfig) -> None:
     if train.timesteps is not None:
         _check_range(train.timesteps in TIMESTEP_SAMPLING, f"unknown train.timesteps {train.timesteps!r}; choose "
                      f"one of {', '.join(TIMESTEP_SAMPLING)}")
+    if train.snr_gamma is not None:
+        _check_range(math.isfinite(train.snr_gamma) and train.snr_gamma > 0, f"train.snr_gamma must be a positive "
+                     f"number (5 in the Min-SNR paper; null for plain MSE), got {train.snr_gamma}")
+        if config.mode == "vae":
+            raise KinemaError(f"train.snr_gamma weights the denoising loss; mode {config.mode} trains a VAE: remove it")
     if train.trainable_modules is not None and config.mode not in ("full", "motion"):
         raise KinemaError(f"train.trainable_modules is for modes full and motion; mode {config.mode} trains "
                           f"{MODES[config.mode].split(';')[0]}: remove it")

@@ -120,6 +120,22 @@ def _copy_model_manifest(source: Path, target: Path) -> bool:
     return True
 
 
+def min_snr_weights(noise_schedule: Any, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma loss weights `(B,)` for `timesteps` `(B,)` (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): the loss of an x0 prediction weighted by min(SNR, gamma), written for the target
+    the model predicts. An epsilon model's loss is SNR times x0's, a velocity model's SNR + 1 times, so the weights
+    are min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1); low-noise steps, whose easy losses otherwise pull
+    the gradient their way, count less. `noise_schedule`: a diffusers scheduler (its `alphas_cumprod`)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_schedule, timesteps)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))  # the limit at SNR 0 (zero terminal SNR)
+
+
 class _DenoisingLoss(nn.Module):
     """MSE of the model's prediction (the noise, or the velocity for v-prediction models) under its family's
     denoiser (what DDP wraps in the diffusion modes)."""
@@ -130,9 +146,13 @@ class _DenoisingLoss(nn.Module):
         self.denoiser_class = denoiser_class
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
-                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+                cond: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """`weights` `(B,)`: each sample's share of the loss (Min-SNR); None: plain MSE over everything."""
         prediction = self.denoiser_class(self.model)(noisy, timesteps, cond)
-        return F.mse_loss(prediction.float(), target)
+        if weights is None:
+            return F.mse_loss(prediction.float(), target)
+        per_sample = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+        return (per_sample * weights).mean()
 
 
 # ---------------------------------------------------------------- diffusion modes
@@ -382,9 +402,13 @@ class DiffusionTask(TrainingTask):
         target = noise
         if self.family.prediction_type == "v_prediction":
             target = self.noise_schedule.get_velocity(latents, noise, timesteps)
-        return {"noisy": noisy, "timesteps": timesteps, "target": target,
-                "cond": {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                         for key, value in cond.items()}}
+        inputs = {"noisy": noisy, "timesteps": timesteps, "target": target,
+                  "cond": {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                           for key, value in cond.items()}}
+        if self.config.train.snr_gamma is not None:
+            inputs["weights"] = min_snr_weights(self.noise_schedule, timesteps, self.config.train.snr_gamma,
+                                                self.family.prediction_type)
+        return inputs
 
     # ------------------------------------------------------------------ export
 

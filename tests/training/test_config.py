@@ -61,6 +61,8 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"output": ""}, "no output folder"),
     ({"mode": "vae", "train__gradient_checkpointing": True}, "the Slice VAE has no gradient checkpointing"),
     ({"mode": "vae", "validation__every": 2, "validation__prompts": ["x"]}, "mode vae makes no validation videos"),
+    ({"train__snr_gamma": 0}, "train.snr_gamma must be a positive number (5 in the Min-SNR paper"),
+    ({"mode": "vae", "train__snr_gamma": 5}, "train.snr_gamma weights the denoising loss; mode vae trains a VAE"),
     ({"mode": "vae", "vae__temporal_weight": -0.5}, "vae.temporal_weight must be >= 0 (0 turns it off), got -0.5"),
 ])
 def test_each_mistake_is_one_line_naming_the_key(changes, message):

@@ -430,6 +430,47 @@ def test_the_target_is_what_the_model_predicts(tmp_path, v3_model, synth_videos,
     torch.testing.assert_close(recovered, clean, rtol=1e-4, atol=1e-3 / float(a.sqrt().min()))
 
 
+@pytest.mark.parametrize("prediction_type", [None, "v_prediction"])
+def test_min_snr_weights_the_loss_as_the_paper_writes_it_in_x0(tmp_path, v3_model, synth_videos, prediction_type):
+    """With train.snr_gamma the loss is, per sample, min(SNR, gamma) times the squared error of the clean latents
+    the prediction implies (Hang et al. 2023, eq. 7), whatever the model predicts: the clean estimate and the SNR
+    written here from the linear betas, independently of diffusers; without it, plain MSE of the target."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(v3_model, model)
+    if prediction_type:
+        (model / "kinema.json").write_text(json.dumps({"prediction_type": prediction_type}))
+    gamma = 5.0
+    config = make_config(tmp_path, {"path": str(model)}, synth_videos, "full", V3_DATA, train={"snr_gamma": gamma})
+    task = make_task(config)
+    batch = first_batch(config)
+    # Timesteps from both ends of the schedule, so that both sides of the clip at gamma are tested.
+    timesteps = torch.tensor([5, 990])
+    task._timesteps = lambda count, generator: timesteps[:count]
+    inputs = task.inputs(batch, torch.Generator().manual_seed(3))
+    timesteps = inputs["timesteps"]
+    with torch.no_grad():
+        loss = float(task.module(**inputs))
+        prediction = task.module.denoiser_class(task.module.model)(inputs["noisy"], timesteps, inputs["cond"])
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    a = alpha_bar[timesteps].float().view(-1, 1, 1, 1, 1)
+    noisy, target = inputs["noisy"], inputs["target"]
+
+    def clean_from(output):
+        if prediction_type == "v_prediction":
+            return a.sqrt() * noisy - (1 - a).sqrt() * output
+        return (noisy - (1 - a).sqrt() * output) / a.sqrt()
+
+    x0_error = (clean_from(prediction) - clean_from(target)).pow(2).flatten(1).mean(1)
+    snr = (a / (1 - a)).flatten()
+    expected = float((snr.clamp(max=gamma) * x0_error).mean())
+    assert loss == pytest.approx(expected, rel=1e-3)
+    assert min(snr) < gamma < max(snr)
+    plain = make_task(make_config(tmp_path / "plain", {"path": str(model)}, synth_videos, "full", V3_DATA))
+    assert "weights" not in plain.inputs(batch, torch.Generator().manual_seed(3))
+
+
 def test_cached_inpaint_latents_equal_the_vae_and_repeat_from_the_cache(tmp_path, v3_model, synth_videos):
     """With data.cache the inpaint (mask and masked-video) latents come through the latent cache: the same values as
     the VAE gives without a cache, and a repeated batch encodes nothing."""
