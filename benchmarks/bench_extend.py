@@ -59,12 +59,21 @@ PROMPT = "a red circle moving right"
 PROMPT_LABELS = {"color": "red", "shape": "circle", "motion": "right"}
 CLIP_FRAMES = 16   # the clip `kinema generate` makes with kinema-tiny's defaults, and the frames each detection reads
 CLIP_NAME = "clip.mp4"
-OVERLAP_FRAMES = 4  # kinema extend's default --overlap
 DEFAULT_FRAMES, QUICK_FRAMES = 256, 128
 QUICK_STEPS = 2
 FLAT_RATIO, FLAT_SLACK_MIB = 1.10, 32
 GENERATE_CASE = "generate.16"
 MMAP_THRESHOLD = str(128 * 1024)
+
+
+def overlap_frames(options: argparse.Namespace) -> int:
+    """kinema extend's overlap for the model: its kinema.json default, else the library's."""
+    from kinema.bundled import DEFAULT_MODEL
+    from kinema.pipelines.jobs import model_defaults_for
+    from kinema.pipelines.request import LIBRARY_DEFAULTS
+
+    _, defaults = model_defaults_for(options.model or DEFAULT_MODEL, ["overlap_frames"])
+    return defaults.get("overlap_frames", LIBRARY_DEFAULTS["overlap_frames"])
 
 
 def final_frames(options: argparse.Namespace) -> int:
@@ -191,7 +200,7 @@ def summarize(cases: Mapping[str, Mapping[str, Any]], options: argparse.Namespac
         "flat_rule": f"peak at {counts[-1]} <= {FLAT_RATIO} x peak at {counts[0]} + {FLAT_SLACK_MIB} MiB",
         "settings": {"model": options.model or "(bundled default)", "prompt": PROMPT, "clip_frames": CLIP_FRAMES,
                      "frames": final_frames(options), "frame_counts": counts,
-                     "segment_frames": options.segment_frames, "overlap_frames": OVERLAP_FRAMES,
+                     "segment_frames": options.segment_frames, "overlap_frames": overlap_frames(options),
                      "steps": sampling_steps(options) or "the model's default", "cpu_count": os.cpu_count(),
                      "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)},
     }
@@ -226,9 +235,11 @@ def check_options(options: argparse.Namespace) -> None:
     if len(frame_counts(final_frames(options))) < 2:
         raise SystemExit(f"--frames must be at least {2 * (CLIP_FRAMES + 1)}: peaks are compared at a half (or a "
                          f"quarter) of it and at it, each above the clip's {CLIP_FRAMES} frames")
-    if (options.steps is not None and options.steps < 1) or options.segment_frames <= OVERLAP_FRAMES:
-        raise SystemExit(f"--steps must be at least 1 and --segment-frames above the {OVERLAP_FRAMES} overlap frames")
     check_model_option(options.model, "bench_extend")
+    overlap = overlap_frames(options)
+    if (options.steps is not None and options.steps < 1) or options.segment_frames <= overlap:
+        raise SystemExit(f"--steps must be at least 1 and --segment-frames above the model's {overlap} overlap "
+                         "frames")
 
 
 def main(argv: list[str]) -> None:

@@ -44,7 +44,7 @@ WORLDS = ("synth",)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # kinema.json "defaults" -> the type each must have (checked before a request is built).
 DEFAULT_FIELDS: dict[str, str] = {"height": "int", "width": "int", "frames": "int", "steps": "int",
-                                  "guidance": "number", "scheduler": "str"}
+                                  "guidance": "number", "scheduler": "str", "overlap_frames": "int"}
 
 
 def bundled_dir() -> Path:
@@ -114,8 +114,8 @@ def _is_type(value: Any, kind: str) -> bool:
 
 def model_defaults(model_folder: str | os.PathLike) -> dict[str, Any]:
     """The generation defaults of a model folder's `kinema.json` ("defaults"), checked: {} without them. Keys are
-    those of `DEFAULT_FIELDS` (height, width, frames, steps: positive integers; guidance: a number >= 1;
-    scheduler: a name); one KinemaError line for any other key or a value of the wrong kind."""
+    those of `DEFAULT_FIELDS` (height, width, frames, steps, overlap_frames: positive integers; guidance: a number
+    >= 1; scheduler: a name); one KinemaError line for any other key or a value of the wrong kind."""
     info = read_model_info(model_folder)
     defaults = info.get("defaults", {})
     where = Path(model_folder) / MODEL_INFO

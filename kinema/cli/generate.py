@@ -34,6 +34,7 @@ from kinema.pipelines.jobs import model_defaults_for
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
 from kinema.pipelines.request import (
+    CONTINUATION_DEFAULTS,
     DTYPES,
     GENERATE_DEFAULTS,
     INPUT_DEFAULTS,
@@ -190,9 +191,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     extend.add_argument("video", help="the video to continue (mp4, webm, gif, webp or a folder of frames)")
     extend.add_argument("--frames", type=positive_int, required=True, help="how many frames to append")
     extend.add_argument("--prompt", help="text or JSON prompt schedule (default: the prompt in VIDEO's settings)")
-    extend.add_argument("--overlap", type=positive_int, default=4,
-                        help="frames of the video each new segment is conditioned on (and cross-faded over; default "
-                             "4)")
+    extend.add_argument("--overlap", dest="overlap_frames", type=positive_int,
+                        help="frames of the video each new segment is conditioned on (and cross-faded over; default: "
+                             "the model's kinema.json defaults, else 4; kinema-tiny-ad: 8)")
     extend.add_argument("--segment-frames", type=positive_int,
                         help="frames generated per segment, overlap included (default: the model's window)")
     _add_model_options(extend)
@@ -366,7 +367,8 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> No
     if args.model is None:
         args.model = DEFAULT_MODEL
     _apply_speed(args)
-    unset = [key for key in defaults if getattr(args, key) is None]
+    # `kinema generate` has no --overlap, but continues past the model's window with the model's overlap.
+    unset = [key for key in defaults + CONTINUATION_DEFAULTS if getattr(args, key, None) is None]
     _, found = model_defaults_for(args.model, unset, f"no such model file or folder: {args.model}")
     for key, value in found.items():
         setattr(args, key, value)
@@ -415,8 +417,9 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
         speed=args.speed)
-    for key in ("height", "width", "steps", "guidance", "fps"):  # unset (nor in the model's defaults): the request's
-        if getattr(args, key) is not None:
+    # Options unset, and not in the model's defaults either, take the request's.
+    for key in ("height", "width", "steps", "guidance", "fps", "overlap_frames"):
+        if getattr(args, key, None) is not None:
             shared[key] = getattr(args, key)
     return GenerationRequest(**{**shared, **fields}).with_defaults()
 
@@ -523,7 +526,7 @@ def check_extend(args: argparse.Namespace) -> None:
         args.prompt = read_prompt(args.prompt)
     _check_model(args, INPUT_DEFAULTS)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=args.frames,
-                            overlap_frames=args.overlap, segment_frames=args.segment_frames)
+                            segment_frames=args.segment_frames)
     args.request.check()
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)

@@ -35,7 +35,6 @@ REPORT_NAME = "report.json"
 LABELS = LABEL_NAMES
 DEFAULT_FRAMES = 16  # the synthetic clips' length, which kinema's bundled models were trained on
 CONTINUATION_FRAMES = 128
-CONTINUATION_OVERLAP = 4  # GenerationRequest's default overlap_frames
 FPS = 8.0
 # The confusion-matrix drawing: cell side, label margins and font size in pixels.
 _CELL, _MARGIN, _FONT = 40, 90, 12
@@ -407,15 +406,17 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
         raise KinemaError(f"the continuation must be longer than the clip it extends ({frames} frames), got {total}")
     request = GenerationRequest(
         prompt=entry.prompt, seeds=[seed], video=start, extend_frames=total - frames, segment_frames=frames,
-        overlap_frames=CONTINUATION_OVERLAP, **shared)
+        **shared).with_defaults(family.defaults)  # the overlap: the model's default, as `kinema extend` takes it
+    overlap = request.overlap_frames
+    assert overlap is not None  # filled by with_defaults
     made = time.perf_counter()
     result = generate(family, request, progress=False)
     video = result.frames[0]
-    boundaries = continuation_boundaries(frames, total, frames, CONTINUATION_OVERLAP)
+    boundaries = continuation_boundaries(frames, total, frames, overlap)
     tail, problem = _detect(video[-frames:])
     report: dict[str, Any] = {
         "prompt": entry.prompt, "line": entry.line, "seed": seed, "frames": int(video.shape[0]),
-        "segment_frames": frames, "overlap": CONTINUATION_OVERLAP, "segments": result.report.get("segments"),
+        "segment_frames": frames, "overlap": overlap, "segments": result.report.get("segments"),
         "boundaries": boundaries, "seam_score": round(seam_score(video, boundaries), 4),
         "tail_detected": tail, "tail_correct": {key: tail[key] == entry.labels[key] for key in LABELS},
         "seconds": round(time.perf_counter() - made, 2)}

@@ -25,6 +25,9 @@ INITIAL_MODELS = ("kinema-tiny", "kinema-tiny-ad")
 MODEL_FILE = "kinema.json"
 # What a folder of either tiny model makes by default (the CLI fills unset options from it).
 TINY_DEFAULTS = {"height": 64, "width": 64, "frames": 16, "steps": 25, "guidance": 6.0, "scheduler": "ddim"}
+# Continuation: the frames each new segment holds. kinema-tiny-ad's motion modules join segments more smoothly
+# holding 8 (docs/generation.md); kinema-tiny's DiT, whose latent frames span 4, joins best on 4, the library's.
+TINY_OVERLAP_FRAMES = {"kinema-tiny-ad": 8}
 TINY_DESCRIPTION = ("a toy text-to-video model trained by kinema on its synthetic dataset: coloured circles, "
                     "squares and triangles moving over muted backgrounds")
 
@@ -37,9 +40,11 @@ def model_manifest(name: str, family: str, held_out: list[list[str]] | None = No
     (kinema.loaders.animatediff.settings.named_settings)."""
     from kinema.models.presets import MINILM_TEXT_ENCODER
 
+    defaults = dict(TINY_DEFAULTS)
+    if name in TINY_OVERLAP_FRAMES:
+        defaults["overlap_frames"] = TINY_OVERLAP_FRAMES[name]
     manifest: dict[str, Any] = {"name": name, "family": family, "description": TINY_DESCRIPTION,
-                                "text_encoder": dict(MINILM_TEXT_ENCODER), "defaults": dict(TINY_DEFAULTS),
-                                "world": "synth"}
+                                "text_encoder": dict(MINILM_TEXT_ENCODER), "defaults": defaults, "world": "synth"}
     if prediction_type is not None:
         manifest["prediction_type"] = prediction_type
     if motion is not None:

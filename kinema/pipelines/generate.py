@@ -436,6 +436,8 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
     batch = start.shape[0]
     prompt_at = _prompt_at(request.prompt, total)
     overlap = request.overlap_frames
+    if overlap is None:
+        raise TypeError("_extend takes a request with its defaults filled (GenerationRequest.with_defaults)")
     segment = plan.frames
     if overlap >= segment:
         raise KinemaError(f"overlap_frames ({overlap}) must be below the segment length ({segment} frames)")
@@ -535,7 +537,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
             if plan.frames > family.max_frames and plan.context is None:
                 plan.context = _context_options(family, request, plan.latent_frames)
-        elif input_video.shape[0] < request.overlap_frames:
+        elif input_video.shape[0] < (request.overlap_frames or 0):  # filled by with_defaults
             raise KinemaError(f"the video to extend has {input_video.shape[0]} frames, fewer than overlap_frames "
                               f"({request.overlap_frames})")
     images = None

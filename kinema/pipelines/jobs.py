@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
+    CONTINUATION_DEFAULTS,
     DTYPES,
     GENERATE_DEFAULTS,
     INPUT_DEFAULTS,
@@ -534,7 +535,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
 
         given.update(chosen_settings(given["speed"], given))
     video = given.get("video")
-    unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) if key not in given]
+    unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) + CONTINUATION_DEFAULTS
+             if key not in given]
     _, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
     given.update(defaults)
     if video is not None and ("height" not in given or "width" not in given):

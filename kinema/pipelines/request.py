@@ -23,11 +23,14 @@ OUTPUT_TYPES = ("tensor", "numpy", "pil", "latent")
 PromptSpec = str | Mapping[Any, Any]
 # What the fields left None take when the model's kinema.json "defaults" say nothing: SD1.5's size, AnimateDiff's
 # 16 frames, diffusers' 25 steps and guidance 7.5.
-LIBRARY_DEFAULTS: dict[str, Any] = {"height": 512, "width": 512, "frames": 16, "steps": 25, "guidance": 7.5}
+LIBRARY_DEFAULTS: dict[str, Any] = {"height": 512, "width": 512, "frames": 16, "steps": 25, "guidance": 7.5,
+                                    "overlap_frames": 4}
 # The fields a model's kinema.json "defaults" fill when a request leaves them None; a request with an input video
 # takes its size from the video and its frame count from the input (or extend_frames).
 GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "scheduler")
 INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
+# Filled in every mode: continuation runs in extend mode and in text/image-to-video past the model's window.
+CONTINUATION_DEFAULTS = ("overlap_frames",)
 
 
 @dataclass
@@ -74,7 +77,8 @@ class GenerationRequest:
         video: the input of video-to-video or of `extend`: a path or frames `(F, 3, H, W)` in [0, 1].
         strength: video-to-video: how much of the input is noised away (0 keeps it, 1 ignores it).
         extend_frames: append this many frames to `video` (continuation).
-        overlap_frames: continuation: how many of the last frames condition the next segment (and are cross-faded).
+        overlap_frames: continuation: how many of the last frames condition the next segment (and are cross-faded;
+            None: the model's default, else 4).
         segment_frames: continuation: frames per generated segment (None: the model's window).
         context: context windows for long text-to-video (None: one window; automatic past the model's limit).
         interpolation: prompt travel between keyframes: "linear" or "slerp".
@@ -109,7 +113,7 @@ class GenerationRequest:
     video: Any = None
     strength: float = 0.6
     extend_frames: int | None = None
-    overlap_frames: int = 4
+    overlap_frames: int | None = None
     segment_frames: int | None = None
     context: ContextSettings | None = None
     interpolation: str = "linear"
@@ -141,7 +145,7 @@ class GenerationRequest:
         `INPUT_DEFAULTS` with an input video), else from `LIBRARY_DEFAULTS`. With an input video, height and width
         stay None: they are the video's, which only `generate()` reads."""
         video = self.video is not None
-        taken = INPUT_DEFAULTS if video else GENERATE_DEFAULTS
+        taken = (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) + CONTINUATION_DEFAULTS
         filled = {key: value for key, value in (model_defaults or {}).items()
                   if key in taken and getattr(self, key) is None}
         for key, value in LIBRARY_DEFAULTS.items():
@@ -183,7 +187,7 @@ class GenerationRequest:
             positive("extend_frames", self.extend_frames)
             if self.video is None:
                 raise KinemaError("extend_frames continues a video: give video too")
-        if self.overlap_frames < 1:
+        if self.overlap_frames is not None and self.overlap_frames < 1:
             raise KinemaError(f"overlap_frames must be at least 1, got {self.overlap_frames}")
         if self.segment_frames is not None:
             positive("segment_frames", self.segment_frames)

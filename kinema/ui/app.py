@@ -70,7 +70,8 @@ CACHE_CLEANING = (3600, 86400)
 def form_defaults(model: str) -> dict[str, Any]:
     """The size, frames, steps, guidance and scheduler the form shows for `model`: its kinema.json defaults where it
     has them, else the library's (`LIBRARY_DEFAULTS`), as `kinema generate` fills unset options."""
-    values = {**LIBRARY_DEFAULTS, "scheduler": FAMILY_DEFAULT}
+    values = {key: LIBRARY_DEFAULTS[key] for key in GENERATE_DEFAULTS if key in LIBRARY_DEFAULTS}
+    values["scheduler"] = FAMILY_DEFAULT
     _, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
     values.update(defaults)
     return values

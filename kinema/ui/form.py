@@ -20,7 +20,7 @@ from typing import Any
 from kinema.bundled import DEFAULT_MODEL
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import JOB_KEYS
-from kinema.pipelines.request import MODES, GenerationRequest
+from kinema.pipelines.request import CONTINUATION_DEFAULTS, LIBRARY_DEFAULTS, MODES, GenerationRequest
 
 TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
@@ -33,7 +33,10 @@ _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt"
 # Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
 # from the job's keys, so a setting added to jobs later loads back without a change here.
 EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
-_REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
+# A setting at the request's default is no "extra": nor is one that the library's defaults fill (the continuation
+# overlap), which the job fills again.
+_REQUEST_DEFAULTS = {**{field.name: field.default for field in dataclasses.fields(GenerationRequest)},
+                     **{key: LIBRARY_DEFAULTS[key] for key in CONTINUATION_DEFAULTS}}
 # The input video of each mode that takes one: the tabs have a video box each.
 VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}
 # The size a video takes from its start image rounds down to this: both families' VAEs downscale 8x.

@@ -116,7 +116,7 @@ def test_options_become_the_request(model_files):
         end_image=str(root / "end.png"), resize=True,
         context=ContextSettings(length=12, overlap=2, closed_loop=True, fuse="pyramid"), interpolation="slerp",
         free_init=FreeInitSettings(iterations=2), dtype="bfloat16", vae_tiling=True, decode_chunk=4,
-        attention_chunk=64, offload=True, fps=12.0)
+        attention_chunk=64, offload=True, fps=12.0, overlap_frames=4)
     assert args.lora == [(str(root / "zoom.safetensors"), 0.6), (str(root / "style.safetensors"), 1.0)]
     assert args.output == root / "runs" / "travel.webm"
 
@@ -138,6 +138,24 @@ def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeyp
     assert args.request == GenerationRequest(prompt="", video="walk.mp4", extend_frames=20, overlap_frames=3,
                                              segment_frames=8, seeds=[0]).with_defaults()
     assert args.output == Path("out/walk-extended-seed0.mp4")
+
+
+def test_the_continuation_overlap_is_the_models_default_unless_given(model_files, tmp_path, monkeypatch):
+    """kinema.json "defaults" may name overlap_frames: `kinema extend` without --overlap, and `kinema generate`
+    past the model's window, take it; --overlap wins; a model without it takes the library's 4. The bundled
+    kinema-tiny-ad names 8, kinema-tiny nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "walk.mp4").write_bytes(b"x")
+    (tmp_path / "sd" / "kinema.json").write_text(json.dumps({"defaults": {"overlap_frames": 6}}))
+    model = ["--model", "sd", "--motion-module", "mm.safetensors"]
+    assert checked(["extend", "walk.mp4", "--frames", "20", *model]).request.overlap_frames == 6
+    assert checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", *model]).request.overlap_frames == 3
+    assert checked(["generate", "a fox", "--frames", "40", *model]).request.overlap_frames == 6
+    (tmp_path / "sd" / "kinema.json").write_text(json.dumps({"defaults": {"overlap_frames": 0}}))
+    with pytest.raises(KinemaError, match="default overlap_frames must be a positive whole number, got 0"):
+        checked(["extend", "walk.mp4", "--frames", "20", *model])
+    assert checked(["extend", "walk.mp4", "--frames", "20", "--model", "kinema-tiny-ad"]).request.overlap_frames == 8
+    assert checked(["extend", "walk.mp4", "--frames", "20", "--model", "kinema-tiny"]).request.overlap_frames == 4
 
 
 def test_print_schedule_needs_no_model(capsys):

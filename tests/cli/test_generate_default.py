@@ -43,10 +43,11 @@ def test_no_model_means_kinema_tiny_and_its_defaults_fill_what_is_unset(tmp_path
     monkeypatch.chdir(tmp_path)
     args = checked(["generate", "a red circle moving right"])
     assert args.model == "kinema-tiny"
-    assert args.request == GenerationRequest(prompt="a red circle moving right", seeds=[0], **TINY_DEFAULTS)
+    assert args.request == GenerationRequest(prompt="a red circle moving right", seeds=[0], **TINY_DEFAULTS,
+                                             overlap_frames=4)
     args = checked(["generate", "a red circle", "--frames", "16", "--steps", "5", "--height", "64",
                     "--scheduler", "ddim"])
-    assert args.request == GenerationRequest(prompt="a red circle", seeds=[0], **{
+    assert args.request == GenerationRequest(prompt="a red circle", seeds=[0], overlap_frames=4, **{
         **TINY_DEFAULTS, "frames": 16, "steps": 5, "height": 64, "scheduler": "ddim"})
     (tmp_path / "walk.mp4").write_bytes(b"x")
     args = checked(["v2v", "walk.mp4", "a blue square", "--strength", "0.5"])  # the size stays the input's

@@ -249,6 +249,12 @@ def test_a_request_fills_what_it_leaves_unset_from_the_model_then_the_library():
     # An input video brings its size (generate() reads it) and its length; the model's steps still apply.
     video = GenerationRequest(video="in.mp4").with_defaults({**model, "frames": 8})
     assert (video.height, video.width, video.steps) == (None, None, 10)
+    # The continuation overlap, in every mode (text-to-video continues past the window): the model's, else 4.
+    extend = GenerationRequest(video="in.mp4", extend_frames=8)
+    assert extend.with_defaults({"overlap_frames": 8}).overlap_frames == 8
+    assert bare.with_defaults({"overlap_frames": 6}).overlap_frames == 6
+    assert (extend.with_defaults().overlap_frames, filled.overlap_frames) == (4, 4)
+    assert GenerationRequest(overlap_frames=2).with_defaults({"overlap_frames": 8}).overlap_frames == 2
 
 
 # ------------------------------------------------------------------------------------------ continuation

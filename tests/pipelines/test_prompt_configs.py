@@ -57,7 +57,7 @@ def test_animatediff_keys_make_the_requests_animatediff_means(tmp_path, monkeypa
     [first, second] = read.runs
     for run, prompt, seed in ((first, "a cat walking", PUBLISHED_SEED), (second, "a dog running", 7)):
         assert run.job.request == GenerationRequest(prompt=prompt, negative_prompt="blurry", seeds=[seed], steps=3,
-                                                    guidance=7.5, width=32, height=48, frames=8)
+                                                    guidance=7.5, width=32, height=48, frames=8, overlap_frames=4)
         assert run.job.model == str(tmp_path / "models/toon.safetensors")
         assert run.job.motion_module == str(tmp_path / "models/mm.ckpt")
         # lora_alpha unset: AnimateDiff's 0.8
@@ -94,7 +94,7 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     assert run.job.request == GenerationRequest(
         prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
         negative_prompt="noise", seeds=[4, 5], scheduler="euler_a", steps=2, guidance=3.0, frames=8, height=64,
-        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2))
+        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=4)
     assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
     assert run.folder == "01-travel"
 

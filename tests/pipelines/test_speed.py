@@ -53,7 +53,7 @@ def test_cli_speed_fills_what_is_unset_before_the_models_defaults(native_bf16, t
     args = checked(["generate", "a red circle", "--speed", "fast", "--steps", "4"])
     assert args.request == GenerationRequest(prompt="a red circle", seeds=[0], **{
         **TINY_DEFAULTS, "steps": 4, "scheduler": "dpmpp_2m_karras", "dtype": "bfloat16", "cache_interval": 2,
-        "cfg_truncation": 0.6, "speed": "fast"})
+        "cfg_truncation": 0.6, "speed": "fast", "overlap_frames": 4})
     assert args.speed_line == ("speed fast: dpmpp_2m_karras, bfloat16, deep features every 2 steps, guidance on the "
                                "first 60% of steps")  # the steps were given, so the preset did not choose them
     args = checked(["generate", "a red circle", "--cache-interval", "3", "--cfg-truncation", "0.5", "--quantize",
