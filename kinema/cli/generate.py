@@ -191,7 +191,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     extend.add_argument("video", help="the video to continue (mp4, webm, gif, webp or a folder of frames)")
     extend.add_argument("--frames", type=positive_int, required=True, help="how many frames to append")
     extend.add_argument("--prompt", help="text or JSON prompt schedule (default: the prompt in VIDEO's settings)")
-    extend.add_argument("--overlap", dest="overlap_frames", type=positive_int,
+    extend.add_argument("--overlap", dest="overlap_frames", metavar="N", type=positive_int,
                         help="frames of the video each new segment is conditioned on (and cross-faded over; default: "
                              "the model's kinema.json defaults, else 4; kinema-tiny-ad: 8)")
     extend.add_argument("--segment-frames", type=positive_int,
