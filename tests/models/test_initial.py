@@ -190,3 +190,16 @@ def test_the_window_changes_no_output_within_it():
     with torch.no_grad():
         assert torch.equal(window(latents, timesteps, text), wide(latents, timesteps, text))
     assert (window.max_frames, wide.max_frames) == (4, 64)
+
+
+@pytest.mark.parametrize("name", ["kinema-tiny", "kinema-tiny-ad"])
+def test_each_bundled_folder_is_what_its_manifest_says_bundle_model_wrote(name):
+    """A bundled folder's kinema-output.json lists every file at its size: a hand edit (a new default in kinema.json)
+    would otherwise make the next `bundle_model` refuse the folder as the user's work."""
+    from kinema.bundled import bundled_model_path
+    from kinema.fileio import _foreign_files
+
+    folder = bundled_model_path(name)
+    written = json.loads((folder / "kinema-output.json").read_text())["files"]
+    assert written and _foreign_files(folder) == []
+    assert all((folder / path).is_file() for path in written)
