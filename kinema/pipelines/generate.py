@@ -440,8 +440,9 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
         raise TypeError("_extend takes a request with its defaults filled (GenerationRequest.with_defaults)")
     segment = plan.frames
     if overlap >= segment:
-        raise KinemaError(f"overlap_frames ({overlap}: --overlap, else the model's kinema.json default) must be below "
-                          f"the segment length ({segment} frames); lower --overlap or raise --segment-frames")
+        raise KinemaError(f"overlap_frames ({overlap}: the request's, else the model's kinema.json default) must be "
+                          f"below the segment length ({segment} frames); lower overlap_frames (kinema extend "
+                          "--overlap) or raise segment_frames (--segment-frames)")
     video = torch.empty(batch, total, 3, plan.height, plan.width)
     have = min(start.shape[1], total)
     video[:, :have] = start[:, :have].cpu()
