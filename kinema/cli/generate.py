@@ -524,16 +524,10 @@ def check_extend(args: argparse.Namespace) -> None:
     _check_video_input(args)
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
-    overlap_given = args.overlap_frames is not None
     _check_model(args, INPUT_DEFAULTS)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=args.frames,
                             segment_frames=args.segment_frames)
     args.request.check()
-    overlap = args.request.overlap_frames
-    if args.segment_frames is not None and overlap >= args.segment_frames:  # refused before the model loads
-        source = "--overlap" if overlap_given else "the model's default overlap"
-        raise KinemaError(f"{source} ({overlap} frames) must be below --segment-frames ({args.segment_frames}); "
-                          "lower --overlap or raise --segment-frames")
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)
 

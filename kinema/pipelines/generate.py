@@ -28,7 +28,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.memory import peak_memory_bytes, reset_peak_memory
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest
+from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, overlap_error
 from kinema.sampling.denoisers import Denoiser
 from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
 from kinema.sampling.schedulers import make_scheduler
@@ -440,9 +440,7 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
         raise TypeError("_extend takes a request with its defaults filled (GenerationRequest.with_defaults)")
     segment = plan.frames
     if overlap >= segment:
-        raise KinemaError(f"overlap_frames ({overlap}: the request's, else the model's kinema.json default) must be "
-                          f"below the segment length ({segment} frames); lower overlap_frames (kinema extend "
-                          "--overlap) or raise segment_frames (--segment-frames)")
+        raise overlap_error(overlap, segment)
     video = torch.empty(batch, total, 3, plan.height, plan.width)
     have = min(start.shape[1], total)
     video[:, :have] = start[:, :have].cpu()

@@ -33,6 +33,14 @@ INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
 CONTINUATION_DEFAULTS = ("overlap_frames",)
 
 
+def overlap_error(overlap: int, segment: int) -> KinemaError:
+    """The one refusal of a continuation overlap that is not below the segment length, for requests that set both
+    (`GenerationRequest.check`, before any model loads) and for segments that are the model's window (`generate`)."""
+    return KinemaError(f"overlap_frames ({overlap}: the request's, else the model's kinema.json default) must be "
+                       f"below the segment length ({segment} frames); lower overlap_frames (kinema extend --overlap) "
+                       "or raise segment_frames (--segment-frames)")
+
+
 @dataclass
 class ContextSettings:
     """Context windows for videos longer than the model's window (see kinema.sampling.context): `length` and
@@ -191,6 +199,8 @@ class GenerationRequest:
             raise KinemaError(f"overlap_frames must be at least 1, got {self.overlap_frames}")
         if self.segment_frames is not None:
             positive("segment_frames", self.segment_frames)
+            if self.overlap_frames is not None and self.overlap_frames >= self.segment_frames:
+                raise overlap_error(self.overlap_frames, self.segment_frames)
         if self.attention_chunk is not None:
             positive("attention_chunk", self.attention_chunk)
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:

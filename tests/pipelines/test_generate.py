@@ -320,6 +320,9 @@ def test_inp_text_to_video_past_the_window_continues(easyanimate, monkeypatch):
     result = run(easyanimate, frames=16, steps=2)
     assert result.frames.shape == (1, 16, 3, SIZE, SIZE)
     assert result.report["segments"] == 3  # 8 frames, then 4 new frames per segment after 4 overlapping
+    # A request may leave segment_frames to the model's window, so only generate can refuse an overlap that fills it.
+    with pytest.raises(KinemaError, match=r"overlap_frames \(8: .*\) must be below the segment length \(8 frames\)"):
+        run(easyanimate, frames=16, steps=2, overlap_frames=8)
 
 
 # ------------------------------------------------------------------------------------------ context windows

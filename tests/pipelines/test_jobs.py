@@ -103,6 +103,10 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "motion_module": "missing.ckpt"}, "job: no such motion module: missing.ckpt"),
     ({"prompt": "a cat", "loras": [["missing.safetensors", 1.0]]}, "job: no such LoRA file: missing.safetensors"),
     ({"prompt": "a cat", "image": "missing.png"}, "job: no such image: missing.png"),
+    ({"prompt": "a cat", "overlap_frames": 8, "segment_frames": 8},
+     "overlap_frames (8: the request's, else the model's kinema.json default) must be below the segment length (8 "),
+    ({"prompt": "a cat", "model": "kinema-tiny-ad", "segment_frames": 8},  # the model's overlap is 8, read unloaded
+     "overlap_frames (8: the request's, else the model's kinema.json default) must be below the segment length (8 "),
     ({"prompt": "a cat", "mode": "extend"}, "mode is 'extend' but the inputs make a text-to-video job"),
     ([1, 2], "job: a job is an object of settings"),
 ])
