@@ -94,14 +94,15 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
     """Write the untrained folder of kinema model `name` (one of `INITIAL_MODELS`) to `out`, its weights drawn from
     `seed`; `vae` puts a trained VAE folder (a stage's `final/vae`) in place of the fresh one, and with `scale_data`
     (a dataset folder) its `scaling_factor` is measured there (`latent_scaling_factor`). `size` changes kinema-tiny's
-    DiT from the shipped `KINEMA_TINY_DIT_SIZE` (keys `layers`, `heads`, `patch_size`; e.g. `{"patch_size": 1}`).
+    DiT from the shipped `KINEMA_TINY_DIT_SIZE` (keys `layers`, `heads`, `patch_size`; e.g. `{"patch_size": 1}`) or
+    kinema-tiny-ad's fresh image VAE (`vae_downsample`: 8, shipped, or 4; `check_size`).
     `out` follows kinema's output policy (new or empty, or with `overwrite` an earlier folder this function wrote).
     Returns `out`."""
     from kinema.fileio import atomic_folder, check_output
 
     if name not in INITIAL_MODELS:
         raise KinemaError(f"unknown model {name!r}: kinema can start {', '.join(INITIAL_MODELS)}")
-    dit_size = check_dit_size(name, size)
+    sized = check_size(name, size, trained_vae=vae is not None)
     out = Path(out)
     check_output(out, "model", folder=True, overwrite=overwrite)
     vae_folder = None
@@ -113,28 +114,37 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
         raise KinemaError("the latents' scale is measured on a trained VAE: give the VAE folder too")
     with atomic_folder(out, "model", overwrite=overwrite) as temp:
         if name == "kinema-tiny":
-            _write_tiny(temp, seed, vae_folder, scale_data, dit_size)
+            _write_tiny(temp, seed, vae_folder, scale_data, sized)
         else:
-            _write_tiny_ad(temp, seed, vae_folder, scale_data)
+            _write_tiny_ad(temp, seed, vae_folder, scale_data, sized["vae_downsample"])
     return out
 
 
-def check_dit_size(name: str, size: Mapping[str, int | None] | None) -> dict[str, int]:
-    """kinema-tiny's DiT size with `size`'s changes (a None value changes nothing), each checked (one line per
-    problem, before anything is written); only kinema-tiny takes a size."""
-    from kinema.models.presets import KINEMA_TINY_DIT_SIZE
+def check_size(name: str, size: Mapping[str, int | None] | None, trained_vae: bool = False) -> dict[str, int]:
+    """Model `name`'s size settings with `size`'s changes (a None value changes nothing), each checked (one line per
+    problem, before anything is written): kinema-tiny's DiT (`KINEMA_TINY_DIT_SIZE`: layers, heads, patch_size) or
+    kinema-tiny-ad's fresh image VAE (`KINEMA_TINY_AD_SIZE`: vae_downsample, which a `trained_vae` fixes)."""
+    from kinema.models.presets import KINEMA_TINY_AD_SIZE, KINEMA_TINY_DIT_SIZE
 
+    shipped = {"kinema-tiny": KINEMA_TINY_DIT_SIZE, "kinema-tiny-ad": KINEMA_TINY_AD_SIZE}
     changes = {key: value for key, value in (size or {}).items() if value is not None}
-    if changes and name != "kinema-tiny":
-        raise KinemaError(f"{name} has no DiT to size; the DiT's layers, heads and patch size are kinema-tiny's "
-                          f"options")
-    unknown = sorted(set(changes) - set(KINEMA_TINY_DIT_SIZE))
-    if unknown:
-        raise KinemaError(f"unknown DiT size setting {unknown[0]!r}; use {', '.join(KINEMA_TINY_DIT_SIZE)}")
-    for key, value in changes.items():
+    for key in changes:
+        if key not in shipped[name]:
+            owner = next((other for other, keys in shipped.items() if key in keys), None)
+            if owner is not None:
+                raise KinemaError(f"{key} is {owner}'s setting; {name} takes {', '.join(shipped[name])}")
+            raise KinemaError(f"unknown {name} size setting {key!r}; use {', '.join(shipped[name])}")
+        value = changes[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise KinemaError(f"the DiT's {key} must be a whole number of at least 1, got {value!r}")
-    merged = {**KINEMA_TINY_DIT_SIZE, **changes}
+            raise KinemaError(f"{name}'s {key} must be a whole number of at least 1, got {value!r}")
+    if trained_vae and "vae_downsample" in changes:
+        raise KinemaError("a trained VAE keeps the downsampling it was trained with: drop the VAE's downsampling "
+                          "(--vae-downsample) or the VAE folder (--vae)")
+    merged = {**shipped[name], **changes}
+    if name == "kinema-tiny-ad":
+        if merged["vae_downsample"] not in (4, 8):
+            raise KinemaError(f"the image VAE's downsampling must be 4 or 8, got {merged['vae_downsample']}")
+        return merged
     if merged["layers"] < 2:
         raise KinemaError(f"the DiT needs at least 2 layers (a temporal block and a hybrid one), got "
                           f"{merged['layers']}")
@@ -175,14 +185,18 @@ def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str 
     (temp / MODEL_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def _write_tiny_ad(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None) -> None:
+def _write_tiny_ad(temp: Path, seed: int, vae_folder: Path | None, scale_data: str | os.PathLike | None,
+                   vae_downsample: int) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from kinema.models.presets import KINEMA_TINY_AD_MOTION, KINEMA_TINY_AD_UNET, KINEMA_TINY_AD_VAE
+    from kinema.models.presets import KINEMA_TINY_AD_MOTION, KINEMA_TINY_AD_UNET, kinema_tiny_ad_vae
     from kinema.sampling.schedulers import FAMILIES
 
-    _seeded(seed, lambda: UNet2DConditionModel(**KINEMA_TINY_AD_UNET)).save_pretrained(temp / "unet")
-    _write_vae(temp, AutoencoderKL, KINEMA_TINY_AD_VAE, seed, vae_folder, scale_data)
+    vae = _write_vae(temp, AutoencoderKL, kinema_tiny_ad_vae(vae_downsample), seed, vae_folder, scale_data)
+    # The UNet's sample_size is the VAE's latent side (eval reads the model's native size from it).
+    latent_side = TINY_DEFAULTS["height"] // 2 ** (len(vae.config.block_out_channels) - 1)
+    _seeded(seed, lambda: UNet2DConditionModel(**{**KINEMA_TINY_AD_UNET, "sample_size": latent_side})).save_pretrained(
+        temp / "unet")
     # v-prediction for the reason _write_tiny gives: AnimateDiff's betas end at a signal-to-noise ratio of 1.6e-3, where
     # an epsilon model's x0 multiplies every error by 25, too much for a model trained for an hour.
     DDIMScheduler(**{**FAMILIES["animatediff"], "prediction_type": "v_prediction"}).save_pretrained(temp / "scheduler")

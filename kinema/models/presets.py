@@ -143,6 +143,16 @@ KINEMA_TINY_AD_VAE: dict = {
     "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
     "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 64, "scaling_factor": 1.0,
 }
+KINEMA_TINY_AD_SIZE = {"vae_downsample": 8}
+
+
+def kinema_tiny_ad_vae(vae_downsample: int = KINEMA_TINY_AD_SIZE["vae_downsample"]) -> dict:
+    """`AutoencoderKL` keyword arguments of kinema-tiny-ad's image VAE shrinking each side `vae_downsample` times:
+    8 is `KINEMA_TINY_AD_VAE` (SD's 4 levels); 4 drops its last level, so 64x64 frames give 16x16 latents, where a
+    shape 9-17 pixels across spans 2-4 latent pixels instead of 1-2 (docs/bundled.md, the fifteenth session)."""
+    levels = {4: 3, 8: 4}[vae_downsample]
+    return {**KINEMA_TINY_AD_VAE, "block_out_channels": KINEMA_TINY_AD_VAE["block_out_channels"][:levels],
+            "down_block_types": ("DownEncoderBlock2D",) * levels, "up_block_types": ("UpDecoderBlock2D",) * levels}
 # Its motion modules: v3's layout with 4 heads, so each head is 16 or 32 wide at 64 and 128 channels (v3's 8 heads
 # would be 8 and 16 wide, narrower than any published module's 40; the step time is the same within noise: 1.15
 # against 1.12 CPU-seconds per motion-stage step for 4 and 8 heads, batch 4 x 16 frames at 64x64, one thread, median

@@ -59,13 +59,15 @@ def test_the_default_dit_is_the_shipped_one_and_the_size_options_change_it(tmp_p
 
 
 @pytest.mark.parametrize(("name", "size", "message"), [
-    ("kinema-tiny-ad", {"heads": 8}, "kinema-tiny-ad has no DiT to size"),
-    ("kinema-tiny", {"width": 256}, "unknown DiT size setting 'width'; use layers, heads, patch_size"),
+    ("kinema-tiny-ad", {"heads": 8}, "heads is kinema-tiny's setting; kinema-tiny-ad takes vae_downsample"),
+    ("kinema-tiny", {"vae_downsample": 4}, "vae_downsample is kinema-tiny-ad's setting; kinema-tiny takes layers"),
+    ("kinema-tiny", {"width": 256}, "unknown kinema-tiny size setting 'width'; use layers, heads, patch_size"),
     ("kinema-tiny", {"layers": 1}, "at least 2 layers"),
     ("kinema-tiny", {"heads": 0}, "heads must be a whole number of at least 1, got 0"),
     ("kinema-tiny", {"patch_size": 3}, "patch size must be 1, 2 or 4"),
+    ("kinema-tiny-ad", {"vae_downsample": 2}, "the image VAE's downsampling must be 4 or 8, got 2"),
 ])
-def test_bad_dit_sizes_write_nothing(tmp_path, name, size, message):
+def test_bad_sizes_write_nothing(tmp_path, name, size, message):
     with pytest.raises(KinemaError, match=message):
         write_initial_model(name, tmp_path / "out", size=size)
     assert not (tmp_path / "out").exists()
@@ -78,6 +80,41 @@ def test_kinema_tiny_ad_folder_predicts_the_velocity(tmp_path):
     assert json.loads((folder / "kinema.json").read_text())["prediction_type"] == "v_prediction"
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert model_prediction_type(folder) == "v_prediction"
+
+
+def test_the_image_vae_downsampling_option_sizes_the_vae_and_the_unet(tmp_path):
+    """`--vae-downsample 4` gives kinema-tiny-ad a 3-level VAE (16x16 latents at 64x64) and a UNet whose sample_size
+    says so; the folder loads and makes 64x64 video, its native size for eval; the default is the shipped layout."""
+    from diffusers import AutoencoderKL
+
+    from kinema.bundled import bundled_model_path
+    from kinema.cli import main
+    from kinema.eval.run import native_size
+    from kinema.pipelines.generate import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.request import GenerationRequest
+
+    def config(folder, part):
+        return {k: v for k, v in json.loads((folder / part / "config.json").read_text()).items()
+                if not k.startswith("_") and k != "scaling_factor"}
+
+    default = write_initial_model("kinema-tiny-ad", tmp_path / "default")
+    for part in ("unet", "vae"):
+        assert config(default, part) == config(bundled_model_path("kinema-tiny-ad"), part)
+    assert main(["init-model", "kinema-tiny-ad", "--vae-downsample", "4", "--out", str(tmp_path / "ad4")]) == 0
+    vae = AutoencoderKL.from_pretrained(tmp_path / "ad4" / "vae")
+    assert vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 16, 16)
+    assert config(tmp_path / "ad4", "unet")["sample_size"] == 16
+    # The shipped motion modules fit: the UNet's widths are the same, only its latents are larger.
+    family = load_family(tmp_path / "ad4",
+                         motion_module=bundled_model_path("kinema-tiny-ad") / "motion_module.safetensors")
+    assert native_size(family) == 64
+    video = generate(family, GenerationRequest(prompt="a red circle moving right", frames=8, steps=1, seeds=[0]),
+                     progress=False).frames
+    assert video.shape == (1, 8, 3, 64, 64) and torch.isfinite(video).all()
+    with pytest.raises(KinemaError, match="a trained VAE keeps the downsampling it was trained with"):
+        write_initial_model("kinema-tiny-ad", tmp_path / "again", vae=tmp_path / "ad4" / "vae",
+                            size={"vae_downsample": 4})
 
 
 def test_scaling_factor_is_one_over_the_latent_std(tmp_path, synth_videos):
