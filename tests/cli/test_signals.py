@@ -148,9 +148,11 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_run(tmp_path, monkeypatch
 
     monkeypatch.setattr(synth.SynthMotionDataset, "clip", clip_in_a_swallowing_library)
     before = snapshot(tmp_path)
+    # What the process had (a shell's background job, e.g. under nohup, starts with SIGINT ignored, not Python's).
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     out = tmp_path / "set"
     assert main(["data", "synth", "--out", str(out), "--n", "6", "--frames", "2", "--size", "16"]) == code
     assert rendered == [0, 1, 2]
     assert capsys.readouterr().err.strip().endswith("nothing half-written was left")
     assert snapshot(tmp_path) == before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert {stop: signal.getsignal(stop) for stop in handlers} == handlers  # handlers put back
