@@ -24,7 +24,9 @@ from kinema.errors import KinemaError
 INITIAL_MODELS = ("kinema-tiny", "kinema-tiny-ad")
 MODEL_FILE = "kinema.json"
 # What a folder of either tiny model makes by default (the CLI fills unset options from it).
-TINY_DEFAULTS = {"height": 64, "width": 64, "frames": 16, "steps": 25, "guidance": 6.0, "scheduler": "ddim"}
+TINY_SIDE = 64  # pixels: the synthetic world's frames are square
+TINY_DEFAULTS = {"height": TINY_SIDE, "width": TINY_SIDE, "frames": 16, "steps": 25, "guidance": 6.0,
+                 "scheduler": "ddim"}
 # Continuation: the frames each new segment holds. kinema-tiny-ad's motion modules join segments more smoothly
 # holding 8 (docs/generation.md); kinema-tiny's DiT, whose latent frames span 4, joins best on 4, the library's.
 TINY_OVERLAP_FRAMES = {"kinema-tiny-ad": 8}
@@ -176,7 +178,7 @@ def _write_tiny(temp: Path, seed: int, vae_folder: Path | None, scale_data: str 
     vae = _write_vae(temp, SliceVAE, KINEMA_TINY_SLICE_VAE, seed, vae_folder, scale_data)
     # The DiT is sized from the VAE in the folder, so a trained VAE of another layout gets a DiT that fits it.
     settings = kinema_tiny_transformer(latent_channels=vae.config.latent_channels,
-                                       sample_size=TINY_DEFAULTS["height"] // vae.spatial_ratio, **dit_size)
+                                       sample_size=TINY_SIDE // vae.spatial_ratio, **dit_size)
     _seeded(seed, lambda: VideoDiT(**settings)).save_pretrained(temp / "transformer")
     # v-prediction: a small DiT trained for an hour or two could not compose a clip from pure noise predicting
     # epsilon (at DDPM's last steps, signal-to-noise 4e-5, x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies every
@@ -189,12 +191,17 @@ def _write_tiny_ad(temp: Path, seed: int, vae_folder: Path | None, scale_data: s
                    vae_downsample: int) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from kinema.models.presets import KINEMA_TINY_AD_MOTION, KINEMA_TINY_AD_UNET, kinema_tiny_ad_vae
+    from kinema.models.presets import (
+        KINEMA_TINY_AD_MOTION,
+        KINEMA_TINY_AD_UNET,
+        image_vae_downsample,
+        kinema_tiny_ad_vae,
+    )
     from kinema.sampling.schedulers import FAMILIES
 
     vae = _write_vae(temp, AutoencoderKL, kinema_tiny_ad_vae(vae_downsample), seed, vae_folder, scale_data)
     # The UNet's sample_size is the VAE's latent side (eval reads the model's native size from it).
-    latent_side = TINY_DEFAULTS["height"] // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_side = TINY_SIDE // image_vae_downsample(vae.config.block_out_channels)
     _seeded(seed, lambda: UNet2DConditionModel(**{**KINEMA_TINY_AD_UNET, "sample_size": latent_side})).save_pretrained(
         temp / "unet")
     # v-prediction for the reason _write_tiny gives: AnimateDiff's betas end at a signal-to-noise ratio of 1.6e-3, where

@@ -6,6 +6,8 @@ config, so a setting has one form from the file to the model and back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kinema.errors import KinemaError
 
 # ---------------------------------------------------------------- AnimateDiff (VideoUNet)
@@ -144,6 +146,12 @@ KINEMA_TINY_AD_VAE: dict = {
     "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 64, "scaling_factor": 1.0,
 }
 KINEMA_TINY_AD_SIZE = {"vae_downsample": 8}
+
+
+def image_vae_downsample(block_out_channels: Sequence[int]) -> int:
+    """How many times a diffusers `AutoencoderKL` with these level widths shrinks each side: 2 per level after the
+    first (8 for SD1.5's 4 levels)."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def kinema_tiny_ad_vae(vae_downsample: int = KINEMA_TINY_AD_SIZE["vae_downsample"]) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
+from kinema.models.presets import image_vae_downsample
 from kinema.pipelines.decode import decode_latents
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.text_encoding import PromptWorld, encode_prompts
@@ -52,8 +53,7 @@ class AnimateDiffFamily(VideoFamily):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.source = source
-        # 2 per VAE level after the first: 8 for SD1.5's VAE (smaller test VAEs downscale less).
-        self.spatial_factor = int(2 ** (len(vae.config.block_out_channels) - 1))
+        self.spatial_factor = image_vae_downsample(vae.config.block_out_channels)
         self.decode_chunk = decode_chunk
         self.vae_tiling = vae_tiling
         self.motion_module = motion_module

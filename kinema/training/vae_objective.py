@@ -26,6 +26,7 @@ from torch import nn
 
 from kinema.errors import KinemaError
 from kinema.models.distributions import DiagonalGaussianDistribution
+from kinema.models.presets import image_vae_downsample
 from kinema.models.slice_vae import SliceVAE
 
 RECONSTRUCTIONS = ("l1", "mse")
@@ -96,7 +97,7 @@ def _check_image_shape(vae: AutoencoderKL, video: torch.Tensor) -> None:
     """The image VAE's shape rules (the Slice VAE checks its own): video `(B, C, F, H, W)` with C its input channels
     and H, W multiples of its downsampling factor, so the decoded frames have the input's size."""
     channels = int(vae.config["in_channels"])
-    factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+    factor = image_vae_downsample(vae.config["block_out_channels"])
     if video.ndim != 5 or video.shape[1] != channels:
         raise KinemaError(f"VAE training video must be (B, {channels}, F, H, W); got shape {tuple(video.shape)}.")
     if video.shape[-2] % factor or video.shape[-1] % factor:
