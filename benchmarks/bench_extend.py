@@ -10,7 +10,7 @@ temporary folder:
 - `extend.N` for N = F/4, F/2 and F (`--frames` F, default 256: 64, 128 and 256 frames; counts not above the clip's
   16 are left out): `kinema extend CLIP --frames N-16 --segment-frames 16`, the prompt read back from the clip's
   settings, segments of 16 frames each conditioned on (and cross-faded over) the last 4 frames of what exists
-  (kinema.pipelines.generate's extend mode). 16 frames is the clip's length, what the bundled models were trained
+  (kinema.pipelines.generation's extend mode). 16 frames is the clip's length, what the bundled models were trained
   on and what `kinema eval`'s continuation uses; without `--segment-frames`, kinema extends by the model's window,
   which for kinema-tiny is 256 frames (its motion modules' 64-frame tables times the VAE's 4x in time): one segment
   far longer than anything it saw in training (this benchmark's `--segment-frames` changes it). Each length is its

@@ -136,7 +136,7 @@ def measure_library(options: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from kinema.cli import build_parser
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.outputs import latents_path, save_latents, write_result
 

@@ -193,7 +193,7 @@ def _request(size: int, steps: int, frames: int, **changes: Any) -> Any:
 def run_kinema(method: str, frames: int, size: int, steps: int, family: Any) -> dict[str, Any]:
     """Generate with kinema; returns the frames `(1, frames, 3, size, size)`, the peak RSS and the windows/segments."""
     from kinema.memory import peak_memory_bytes
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.request import ContextSettings
 
     if method == "context":
@@ -230,7 +230,7 @@ def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
     import transformers  # noqa: F401
 
     import kinema.pipelines.animatediff
-    import kinema.pipelines.generate  # noqa: F401
+    import kinema.pipelines.generation  # noqa: F401
     from kinema.memory import reset_peak_memory, resident_bytes
 
     method, count = case.split(".")

@@ -275,7 +275,7 @@ def preset_request(request: Any, setting: str) -> Any:
 
 def timed_generate(family: Any, request: Any) -> float:
     """Seconds of one `generate()` (frames decoded), after a 1-step warm-up of the same request."""
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
 
     generate(family, replace(request, steps=1), progress=False)
     start = time.perf_counter()
@@ -285,7 +285,7 @@ def timed_generate(family: Any, request: Any) -> float:
 
 def eval_scores(setting: str, options: argparse.Namespace) -> dict[str, Any]:
     """`kinema eval` of kinema-tiny on the first `--eval-prompts` prompts with the requests of `setting`."""
-    import kinema.pipelines.generate as generate_module
+    import kinema.pipelines.generation as generate_module
     from kinema.eval.run import evaluate
 
     # Both arms start from diffusers' defaults (REFERENCE_SETTINGS, which `kinema eval --speed` would not set), so

@@ -228,7 +228,7 @@ def kinema_generate(video_unet: Any, parts: Mapping[str, Any], config: Config, s
     """kinema's frames `(1, F, 3, H, W)` in [0, 1] and the dtype its report says ran: the one place the kinema side
     is called. `generate()` with the request's `dtype` (the whole pipeline's, as `kinema generate --dtype`)."""
     from kinema.pipelines.animatediff import AnimateDiffFamily
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.request import GenerationRequest
 
     family = AnimateDiffFamily(video_unet, parts["vae"], parts["text_encoder"], parts["tokenizer"])

@@ -51,3 +51,24 @@ def test_an_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="module 'kinema.models' has no attribute 'VideoNet'"):
         kinema.models.VideoNet  # noqa: B018
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_export_is_named_like_a_module_of_its_package(package):
+    # Importing a submodule sets it as the package's attribute of that name, so an export of the same name would
+    # turn into the module once anything imported it first: `from kinema.pipelines import text_to_video` made
+    # `from kinema.pipelines import generate` the module kinema/pipelines/generate.py.
+    import importlib
+    import importlib.util
+
+    module = importlib.import_module(package)
+    clashes = [name for name in getattr(module, "__all__", ())
+               if hasattr(module, "__path__") and importlib.util.find_spec(f"{package}.{name}") is not None]
+    assert clashes == []
+
+
+def test_generate_stays_the_function_after_its_module_is_imported():
+    found = run("import json, kinema.pipelines.generation, kinema.pipelines.from_parts\n"
+                "from kinema.pipelines import generate, text_to_video\n"
+                "print(json.dumps([callable(generate) and generate.__module__, text_to_video.__module__]))")
+    assert found == ["kinema.pipelines.generation", "kinema.pipelines.from_parts"]

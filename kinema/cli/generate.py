@@ -574,7 +574,7 @@ def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | No
 
 def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -> None:
     """Load the model, generate (saving the final latents first when `latents`), write and summarise."""
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.outputs import latents_path, save_latents, write_result
 
     if getattr(args, "speed_line", None):
@@ -647,7 +647,7 @@ def run_decode(args: argparse.Namespace) -> None:
     import time
 
     from kinema.memory import peak_memory_bytes, reset_peak_memory
-    from kinema.pipelines.generate import GenerationResult, decode_saved
+    from kinema.pipelines.generation import GenerationResult, decode_saved
     from kinema.pipelines.outputs import load_latents, write_result
 
     latents, settings = load_latents(args.latents)

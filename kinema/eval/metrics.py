@@ -1,7 +1,7 @@
 """Weight-free video metrics for `kinema eval`: temporal flicker, dynamic degree, seam score and first-frame PSNR.
 
 Every function reads frames as float `(F, 3, H, W)` in [0, 1] (a torch tensor or a numpy array), what
-`kinema.pipelines.generate` returns per video. None of them needs model weights: flicker, seams and PSNR are pixel
+`kinema.pipelines.generation` returns per video. None of them needs model weights: flicker, seams and PSNR are pixel
 arithmetic, and the dynamic degree's optical flow is OpenCV's Farneback (extra `[eval]`) where VBench runs RAFT.
 """
 

@@ -25,7 +25,7 @@ def score_reconstructions(model: str, *, count: int = 24, seed: int = DEFAULT_SE
 
     from kinema.data.synth import synth_clip
     from kinema.eval.detectors import detect
-    from kinema.pipelines.generate import decode_saved
+    from kinema.pipelines.generation import decode_saved
 
     if family is None:
         from kinema.pipelines.load import load_family

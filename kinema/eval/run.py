@@ -85,7 +85,7 @@ class EvalReport:
 def continuation_boundaries(start_frames: int, total: int, segment: int, overlap: int) -> list[int]:
     """The first frame of each segment that `generate`'s extend mode appends to a `start_frames`-frame video until it
     has `total` frames, each segment `segment` frames of which the first `overlap` re-make (and cross-fade over) the
-    end of what exists. Mirrors the loop of kinema.pipelines.generate._extend, which does not report them: segment
+    end of what exists. Mirrors the loop of kinema.pipelines.generation._extend, which does not report them: segment
     k's new frames start where the video ended, `start_frames + k * (segment - overlap)`."""
     if not 0 < overlap < segment:
         raise KinemaError(f"overlap ({overlap}) must be at least 1 and below the segment length ({segment})")
@@ -310,7 +310,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     from tqdm import tqdm
 
     from kinema.eval.metrics import dynamic_degree, first_frame_psnr, seam_score, temporal_flicker
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
 
@@ -398,7 +398,7 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
     """Extend `start` `(F, 3, H, W)` (the video of `entry`) to `total` frames in segments of F frames
     (the length the eval generates, so each segment is what the model makes best) and score the joins."""
     from kinema.eval.metrics import seam_score
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.request import GenerationRequest
 
     frames = start.shape[0]

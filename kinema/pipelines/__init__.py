@@ -10,7 +10,7 @@ from kinema.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".request": ("GenerationRequest", "ContextSettings", "FreeInitSettings"),
-    ".generate": ("generate", "GenerationResult", "decode_saved"),
+    ".generation": ("generate", "GenerationResult", "decode_saved"),
     ".family": ("VideoFamily",),
     ".animatediff": ("AnimateDiffFamily",),
     ".easyanimate": ("EasyAnimateFamily",),
@@ -18,5 +18,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".outputs": ("write_result", "save_latents", "load_latents"),
     ".text_encoding": ("encode_prompts",),
     ".decode": ("decode_latents",),
-    ".text_to_video": ("text_to_video",),
+    ".from_parts": ("text_to_video",),
 })

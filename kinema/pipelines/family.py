@@ -1,6 +1,6 @@
 """What one model family gives the generation pipeline: its model, text encoding, VAE and conditioning.
 
-`generate()` (kinema.pipelines.generate) drives every mode (text/image/video-to-video, continuation, context
+`generate()` (kinema.pipelines.generation) drives every mode (text/image/video-to-video, continuation, context
 windows, prompt travel) through this one interface, so the modes are written once for both families:
 `AnimateDiffFamily` (kinema.pipelines.animatediff: VideoUNet, CLIP text, the SD VAE frame by frame) and
 `EasyAnimateFamily` (kinema.pipelines.easyanimate: VideoDiT, T5 text, Slice VAE, inpaint latents, CLIP image tokens).

@@ -623,7 +623,7 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
               if isinstance(path, (str, os.PathLike))]
     check_output(out, JOB_OUTPUT_KIND, folder=True, overwrite=overwrite, inputs=inputs)
     family = cache.get(job)
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.outputs import write_result
 
     result = generate(family, job.request, callback=callback, progress=progress)

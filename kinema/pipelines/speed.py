@@ -3,7 +3,7 @@
 A preset fills only the settings a user left unset (a front end passes the ones given as `keep`), so
 `--speed fast --steps 20` keeps 20 steps. `quality` is the model's own defaults (its kinema.json, or the family's
 scheduler at 25 steps, float32). bfloat16 is chosen only where the device runs it natively: a CPU without
-AVX-512 BF16 / AMX emulates it about 100x slower than float32 (kinema.pipelines.generate warns of the same), so
+AVX-512 BF16 / AMX emulates it about 100x slower than float32 (kinema.pipelines.generation warns of the same), so
 there `fast` quantises the video model's Linear layers to int8 instead.
 The figures behind each choice are in docs/speed.md (benchmarks/bench_speed.py measures them).
 """

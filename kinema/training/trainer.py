@@ -273,7 +273,7 @@ def _restore(checkpoint: Any, task: Any, optimizer: Any, schedule: Any, ema: _Em
 
 def _validate(config: TrainConfig, task: Any, run_folder: Path, step: int, ema: _Ema | None) -> None:
     """Render the validation prompts with the current (EMA, when kept) weights into validation/step-N/."""
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.outputs import write_result
     from kinema.pipelines.request import GenerationRequest
 

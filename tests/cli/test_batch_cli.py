@@ -152,7 +152,7 @@ def ray_env(temp: str) -> dict[str, str]:
 @pytest.mark.slow
 @needs_ray
 def test_eight_jobs_on_two_ray_workers_load_the_model_once_per_worker(tmp_path, monkeypatch, capsys):
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.jobs import job_from_mapping
     from kinema.pipelines.load import load_family
 

@@ -295,7 +295,7 @@ def png_frames(folder: Path) -> np.ndarray:
 
 def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, family, tmp_path, capsys):
     from kinema.data.video_io import read_sidecar, read_video
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.outputs import load_latents
 
     argv = ["generate", "a red fox", "--negative", "blurry", "--seed", "4", "7", *SMALL, *tiny_sd, "-o",
@@ -341,7 +341,7 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
 
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
     from kinema.data.video_io import read_sidecar, read_video, write_video
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
 
     clip = torch.rand(4, 3, 24, 40, generator=torch.Generator().manual_seed(0))
     write_video(clip * 2 - 1, tmp_path / "walk", settings={"prompt": "a walking fox"})

@@ -115,7 +115,7 @@ def test_the_models_kinema_json_defaults_are_used(tmp_path, v3_model):
 
 
 def test_a_speed_preset_replaces_the_models_defaults_but_not_given_steps(tmp_path, v3_model, monkeypatch):
-    import kinema.pipelines.generate as generate_module
+    import kinema.pipelines.generation as generate_module
     from kinema.pipelines.speed import chosen_settings
 
     model = tmp_path / "model"

@@ -36,7 +36,7 @@ def test_the_default_dit_is_the_shipped_one_and_the_size_options_change_it(tmp_p
     another that loads and generates (text states projected to the new width)."""
     from kinema.bundled import bundled_model_path
     from kinema.cli import main
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import GenerationRequest
 
@@ -90,7 +90,7 @@ def test_the_image_vae_downsampling_option_sizes_the_vae_and_the_unet(tmp_path):
     from kinema.bundled import bundled_model_path
     from kinema.cli import main
     from kinema.eval.run import native_size
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import GenerationRequest
 

@@ -218,7 +218,7 @@ def test_int8_refuses_what_it_cannot_run(bundled_dit):
 
 
 def test_generate_runs_end_to_end_on_an_int8_model():
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import GenerationRequest
 

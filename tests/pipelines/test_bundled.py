@@ -29,7 +29,7 @@ from kinema.bundled import (
     resolve_model,
 )
 from kinema.errors import KinemaError
-from kinema.pipelines.generate import generate
+from kinema.pipelines.generation import generate
 from kinema.pipelines.load import load_family
 from kinema.pipelines.request import GenerationRequest
 from kinema.pipelines.text_encoding import PromptWorld

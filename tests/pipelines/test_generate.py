@@ -18,7 +18,7 @@ from kinema.loaders.stable_diffusion import load_tokenizer
 from kinema.models.video_unet import VideoUNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.easyanimate import EasyAnimateFamily
-from kinema.pipelines.generate import generate
+from kinema.pipelines.generation import generate
 from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
 from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule
 
@@ -166,7 +166,7 @@ def test_animatediff_image_to_video_holds_the_first_and_last_frames(animatediff,
 def repaint_start(family, held: torch.Tensor, seed: int, steps: int) -> tuple[list[float], torch.Tensor]:
     """The timesteps a repaint sample runs and the latents it starts from, written out from their definition: the
     held video `(1, F, 3, H, W)` encoded, noised with the seed's noise to step steps - round(steps * strength)."""
-    from kinema.pipelines.generate import REPAINT_START_STRENGTH
+    from kinema.pipelines.generation import REPAINT_START_STRENGTH
     from kinema.sampling.loop import initial_noise
     from kinema.sampling.schedulers import make_scheduler
 
@@ -287,7 +287,7 @@ def test_animatediff_extend_starts_each_segment_from_the_last_frames(animatediff
 
 def test_freeinit_off_for_frames_held_by_repaint_is_said_once(animatediff, caplog):
     video = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
-    with caplog.at_level("WARNING", logger="kinema.pipelines.generate"):
+    with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
         result = run(animatediff, video=video, extend_frames=5, overlap_frames=2, segment_frames=4, steps=2,
                      free_init=FreeInitSettings(iterations=2))
     assert result.report["segments"] == 3

@@ -165,7 +165,7 @@ def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
 
 
 def test_run_job_writes_the_videos_and_settings_that_generate_makes(tmp_path, cache, encoded_frames):
-    from kinema.pipelines.generate import generate
+    from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.outputs import write_result
 

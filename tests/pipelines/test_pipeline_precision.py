@@ -21,7 +21,7 @@ from sampling.test_parity import pair  # noqa: F401  (the fixture: diffusers' pi
 
 from kinema.models.motion import TemporalMotionModule, video_group_norm
 from kinema.pipelines.animatediff import AnimateDiffFamily
-from kinema.pipelines.generate import generate
+from kinema.pipelines.generation import generate
 from kinema.pipelines.request import GenerationRequest
 
 FRAMES, STEPS, SIZE, SEED = 4, 2, 16, 5
@@ -122,7 +122,7 @@ def test_motion_module_in_bfloat16_is_within_a_few_roundings_of_float32():
 
 
 def test_text_to_video_keeps_the_dtype_the_models_were_cast_to(pair):  # noqa: F811
-    from kinema.pipelines.text_to_video import text_to_video
+    from kinema.pipelines.from_parts import text_to_video
 
     pipe, video = pair
     video, vae, text_encoder = (copy.deepcopy(m).to(torch.bfloat16) for m in (video, pipe.vae, pipe.text_encoder))

@@ -7,7 +7,7 @@ import torch
 from kinema.data.synth import synth_clip
 from kinema.data.video_io import to_float_frames
 from kinema.models.initial import write_initial_model
-from kinema.pipelines.generate import generate
+from kinema.pipelines.generation import generate
 from kinema.pipelines.load import load_family
 from kinema.pipelines.request import GenerationRequest
 

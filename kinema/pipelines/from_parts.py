@@ -11,7 +11,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.models.motion import check_frame_count
 from kinema.pipelines.animatediff import AnimateDiffFamily
-from kinema.pipelines.generate import generate
+from kinema.pipelines.generation import generate
 from kinema.pipelines.request import GenerationRequest
 from kinema.sampling.loop import StepCallback
 
@@ -56,7 +56,7 @@ def text_to_video(video_unet: Any, components_or_parts: Any, prompt: str, *,
         raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise KinemaError("text_to_video takes one prompt and one negative prompt for every seed; for a prompt "
-                          "schedule use kinema.pipelines.generate")
+                          "schedule use kinema.pipelines.generation")
     if frames >= 1:
         check_frame_count(frames, video_unet.max_frames)  # one window: generate() would bring in context windows
     family = AnimateDiffFamily(video_unet, vae, text_encoder, tokenizer, decode_chunk=decode_chunk)

@@ -7,8 +7,8 @@ from sampling.test_parity import pair  # noqa: F401  (the fixture: diffusers' pi
 
 from kinema.errors import KinemaError
 from kinema.pipelines.decode import decode_latents
+from kinema.pipelines.from_parts import text_to_video
 from kinema.pipelines.text_encoding import encode_prompts
-from kinema.pipelines.text_to_video import text_to_video
 
 FRAMES, STEPS, GUIDANCE, SIZE = 4, 3, 7.5, 32
 PROMPT, NEGATIVE = "a red fox runs", "blurry"
