@@ -122,6 +122,11 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
     return out
 
 
+def _spelled(key: str) -> str:
+    """A size setting as both the Python key and `kinema init-model`'s option: "patch_size (--patch-size)"."""
+    return f"{key} (--{key.replace('_', '-')})"
+
+
 def check_size(name: str, size: Mapping[str, int | None] | None, trained_vae: bool = False) -> dict[str, int]:
     """Model `name`'s size settings with `size`'s changes (a None value changes nothing), each checked (one line per
     problem, before anything is written): kinema-tiny's DiT (`KINEMA_TINY_DIT_SIZE`: layers, heads, patch_size) or
@@ -133,12 +138,13 @@ def check_size(name: str, size: Mapping[str, int | None] | None, trained_vae: bo
     for key in changes:
         if key not in shipped[name]:
             owner = next((other for other, keys in shipped.items() if key in keys), None)
+            takes = ", ".join(map(_spelled, shipped[name]))
             if owner is not None:
-                raise KinemaError(f"{key} is {owner}'s setting; {name} takes {', '.join(shipped[name])}")
-            raise KinemaError(f"unknown {name} size setting {key!r}; use {', '.join(shipped[name])}")
+                raise KinemaError(f"{_spelled(key)} is {owner}'s setting; {name} takes {takes}")
+            raise KinemaError(f"unknown {name} size setting {key!r}; use {takes}")
         value = changes[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise KinemaError(f"{name}'s {key} must be a whole number of at least 1, got {value!r}")
+            raise KinemaError(f"{name}'s {_spelled(key)} must be a whole number of at least 1, got {value!r}")
     if trained_vae and "vae_downsample" in changes:
         raise KinemaError("a trained VAE keeps the downsampling it was trained with: drop the VAE's downsampling "
                           "(--vae-downsample) or the VAE folder (--vae)")

@@ -59,11 +59,16 @@ def test_the_default_dit_is_the_shipped_one_and_the_size_options_change_it(tmp_p
 
 
 @pytest.mark.parametrize(("name", "size", "message"), [
-    ("kinema-tiny-ad", {"heads": 8}, "heads is kinema-tiny's setting; kinema-tiny-ad takes vae_downsample"),
-    ("kinema-tiny", {"vae_downsample": 4}, "vae_downsample is kinema-tiny-ad's setting; kinema-tiny takes layers"),
-    ("kinema-tiny", {"width": 256}, "unknown kinema-tiny size setting 'width'; use layers, heads, patch_size"),
+    # Each setting is named as Python's key and as init-model's option, for callers of either.
+    ("kinema-tiny-ad", {"heads": 8},
+     r"heads \(--heads\) is kinema-tiny's setting; kinema-tiny-ad takes vae_downsample \(--vae-downsample\)"),
+    ("kinema-tiny", {"vae_downsample": 4},
+     r"vae_downsample \(--vae-downsample\) is kinema-tiny-ad's setting; kinema-tiny takes layers \(--layers\)"),
+    ("kinema-tiny", {"width": 256},
+     r"unknown kinema-tiny size setting 'width'; use layers \(--layers\), heads \(--heads\), "
+     r"patch_size \(--patch-size\)"),
     ("kinema-tiny", {"layers": 1}, "at least 2 layers"),
-    ("kinema-tiny", {"heads": 0}, "heads must be a whole number of at least 1, got 0"),
+    ("kinema-tiny", {"heads": 0}, r"heads \(--heads\) must be a whole number of at least 1, got 0"),
     ("kinema-tiny", {"patch_size": 3}, "patch size must be 1, 2 or 4"),
     ("kinema-tiny-ad", {"vae_downsample": 2}, "the image VAE's downsampling must be 4 or 8, got 2"),
 ])
