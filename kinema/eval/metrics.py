@@ -153,15 +153,22 @@ def seam_score(frames: torch.Tensor | np.ndarray, boundaries: Sequence[int]) -> 
     return jump / typical
 
 
-def first_frame_psnr(frames: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray) -> float:
-    """PSNR in dB of the first of `frames` `(F, 3, H, W)` against `image` `(3, H, W)`, both in [0, 1]: how well
-    image-to-video kept its start image. Identical images give MAX_PSNR_DB (100)."""
-    first = _frames(frames)[0]
-    reference = _frames(image[None], "the image")[0]
-    if first.shape != reference.shape:
-        raise KinemaError(f"the image is {reference.shape[2]}x{reference.shape[1]} but the video's frames are "
-                          f"{first.shape[2]}x{first.shape[1]}; resize the image to the video's size first")
-    mse = float(np.mean((first - reference) ** 2))
+def video_psnr(frames: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray,
+               what: str = "the reference") -> float:
+    """PSNR in dB of `frames` `(F, 3, H, W)` against `reference` of the same shape, both in [0, 1], over all their
+    pixels; identical frames give MAX_PSNR_DB (100)."""
+    ours = _frames(frames)
+    theirs = _frames(reference, what)
+    if ours.shape != theirs.shape:
+        raise KinemaError(f"{what} has shape (F, 3, H, W) {tuple(theirs.shape)} but the video compared with it "
+                          f"{tuple(ours.shape)}; resize {what} to the video's size first")
+    mse = float(np.mean((ours - theirs) ** 2))
     if mse <= 10 ** (-MAX_PSNR_DB / 10):
         return MAX_PSNR_DB
     return 10.0 * math.log10(1.0 / mse)
+
+
+def first_frame_psnr(frames: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray) -> float:
+    """PSNR in dB of the first of `frames` `(F, 3, H, W)` against `image` `(3, H, W)`, both in [0, 1]: how well
+    image-to-video kept its start image. Identical images give MAX_PSNR_DB (100)."""
+    return video_psnr(_frames(frames)[:1], _frames(image[None], "the image"), "the image")

@@ -5,7 +5,6 @@ that model, and they can be measured before any diffusion model is trained on th
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 LABELS = ("color", "shape", "motion")
@@ -25,6 +24,7 @@ def score_reconstructions(model: str, *, count: int = 24, seed: int = DEFAULT_SE
 
     from kinema.data.synth import synth_clip
     from kinema.eval.detectors import detect
+    from kinema.eval.metrics import video_psnr
     from kinema.pipelines.generation import decode_saved
 
     if family is None:
@@ -37,11 +37,10 @@ def score_reconstructions(model: str, *, count: int = 24, seed: int = DEFAULT_SE
         original = torch.from_numpy(clip.frames.copy()).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W)
         with torch.no_grad():
             rebuilt = decode_saved(family, family.encode_frames(original[None]))[0].clamp(0, 1).cpu()
-        error = (rebuilt - original).pow(2).mean().item()
         truth = {"color": clip.ground_truth["colour"], "shape": clip.ground_truth["shape"],
                  "motion": clip.ground_truth["motion"]}
         rows.append({"index": index, "truth": truth, "detected": detect(rebuilt),
-                     "psnr": math.inf if error == 0 else -10 * math.log10(error)})
+                     "psnr": video_psnr(rebuilt, original, "the clip")})
     scores: dict[str, Any] = {"n": count}
     for label in LABELS:
         scores[f"{label}_acc"] = sum(row["detected"][label] == row["truth"][label] for row in rows) / count

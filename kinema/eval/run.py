@@ -397,7 +397,7 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
               folder: Path | None) -> dict[str, Any]:
     """Extend `start` `(F, 3, H, W)` (the video of `entry`) to `total` frames in segments of F frames
     (the length the eval generates, so each segment is what the model makes best) and score the joins."""
-    from kinema.eval.metrics import seam_score
+    from kinema.eval.metrics import seam_score, video_psnr
     from kinema.pipelines.generation import generate
     from kinema.pipelines.request import GenerationRequest
 
@@ -418,6 +418,10 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
         "prompt": entry.prompt, "line": entry.line, "seed": seed, "frames": int(video.shape[0]),
         "segment_frames": frames, "overlap": overlap, "segments": result.report.get("segments"),
         "boundaries": boundaries, "seam_score": round(seam_score(video, boundaries), 4),
+        # The join is cross-faded over the held frames, so a continuation that re-made them differently would spread
+        # its jump over them (a ghosted blend the seam score does not see): how much of the clip they kept.
+        "overlap_psnr": round(video_psnr(video[frames - overlap:frames], start[frames - overlap:],
+                                         "the clip's held frames"), 2),
         "tail_detected": tail, "tail_correct": {key: tail[key] == entry.labels[key] for key in LABELS},
         "seconds": round(time.perf_counter() - made, 2)}
     if problem is not None:
@@ -457,6 +461,9 @@ def format_report(report: EvalReport) -> str:
              f"1 = it moves on from the image)",
              f"seam score            {number(report.seam_score)}   (1 = seamless; " +
              (f"{report.continuation['frames']}-frame continuation)" if report.continuation else "no continuation)")]
+    if report.continuation and report.continuation.get("overlap_psnr") is not None:
+        lines.append(f"held frames kept      {number(report.continuation['overlap_psnr'], digits=2)} dB   (the "
+                     f"{report.continuation['overlap']} frames the continuation held, against the clip's)")
     if report.out_dir is not None:
         lines += ["", f"wrote {report.out_dir}: {', '.join(report.files)}"]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from kinema.data.synth import synth_clip
 from kinema.errors import KinemaError
-from kinema.eval.metrics import dynamic_degree, first_frame_psnr, optical_flow, seam_score, temporal_flicker
+from kinema.eval.metrics import dynamic_degree, first_frame_psnr, optical_flow, seam_score, temporal_flicker, video_psnr
 
 
 def as_float(frames_uint8: np.ndarray) -> torch.Tensor:
@@ -100,6 +100,16 @@ def test_first_frame_psnr_known_answers():
     assert first_frame_psnr(noisy, image.numpy()) == pytest.approx(10 * math.log10(1 / mse))
     with pytest.raises(KinemaError, match="resize the image"):
         first_frame_psnr(frames, torch.zeros(3, 4, 4))
+
+
+def test_video_psnr_is_over_every_pixel_of_every_frame():
+    reference = torch.full((2, 3, 8, 8), 0.5)
+    frames = reference.clone()
+    frames[0] += 0.2  # one frame of two off by 0.2: MSE 0.04 / 2 = 0.02
+    assert video_psnr(frames, reference) == pytest.approx(10 * math.log10(1 / 0.02), abs=1e-4)
+    assert video_psnr(reference, reference) == 100.0
+    with pytest.raises(KinemaError, match=r"the held frames has shape \(F, 3, H, W\) \(1, 3, 8, 8\)"):
+        video_psnr(frames, reference[:1], "the held frames")
 
 
 def test_frames_outside_zero_one_are_refused():

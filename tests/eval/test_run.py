@@ -16,7 +16,7 @@ from PIL import Image
 from kinema.cli import main
 from kinema.data.synth import synth_clip
 from kinema.errors import KinemaError
-from kinema.eval.run import confusion_matrix, continuation_boundaries, evaluate
+from kinema.eval.run import confusion_matrix, continuation_boundaries, evaluate, format_report
 
 LABEL_KEYS = ("color", "shape", "motion")
 
@@ -90,6 +90,7 @@ def test_cli_json_is_the_last_line_and_continuation_seams_are_scored(tmp_path, v
     continued = report.continuation
     assert continued is not None and continued["frames"] == 16 and continued["boundaries"] == [8, 12]
     assert continued["segments"] == 2 and report.seam_score == continued["seam_score"] > 0
+    assert 0 < continued["overlap_psnr"] <= 100 and "held frames kept" in format_report(report)
 
 
 def write_t2v(folder: Path) -> Path:
