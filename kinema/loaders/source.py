@@ -117,6 +117,14 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return describe_source(Source(Path(path)))
 
 
+# kinema's own outputs that hold no weights, and what takes each: `kinema inspect` given one says so.
+_NOT_WEIGHTS = {"latents": ": `kinema decode` makes its video",
+                "video": ": `kinema extend` and `kinema v2v` take it; its settings are in its sidecar",
+                "video_settings": ": the settings of the video beside it", "synth_dataset": ": `kinema train` takes it",
+                "training_export": ": inspect the folders inside it", "eval": "", "eval_prompts": "",
+                "embedding_cache": "", "prompt_config": "", "job": ""}
+
+
 def describe_source(source: Source) -> dict[str, Any]:
     """`describe` of a `Source` whose reads the caller keeps (e.g. `convert`, which then converts from it)."""
     path = source.path
@@ -126,8 +134,13 @@ def describe_source(source: Source) -> dict[str, Any]:
         report = entry.function("describe")(source)
         if report is not None:
             return {"path": str(path), **report}
+    from kinema.fileio import output_kind
+
     hint = ""
-    if source.is_weights_file:
+    own = output_kind(path)
+    if own in _NOT_WEIGHTS:
+        hint = f"; it is kinema's own {own.replace('_', ' ')} output, not weights{_NOT_WEIGHTS[own]}"
+    elif source.is_weights_file:
         from kinema.loaders.animatediff.structure import guess_kind  # names what else the file looks like
 
         hint = f"; {guess_kind(source.names)}"

@@ -77,6 +77,16 @@ def test_load_of_something_that_is_not_a_model_says_so(tmp_path):
         kinema.load(tmp_path / "missing.safetensors")
 
 
+def test_kinemas_own_latents_are_named_with_what_takes_them(tmp_path):
+    from kinema.pipelines.outputs import save_latents
+
+    latents = save_latents(torch.zeros(1, 4, 2, 8, 8), [{"prompt": "a red circle"}],
+                           tmp_path / "v.mp4.latents.safetensors")
+    with pytest.raises(KinemaError, match=r"it is kinema's own latents output, not weights: `kinema decode` makes its "
+                                          r"video$"):
+        kinema.loaders.describe(latents)
+
+
 # ---------------------------------------------------------------- the package's public names
 
 
