@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
+from kinema.errors import KinemaError
 from kinema.pipelines.request import SPEEDS
 
 DESCRIPTION = (
@@ -56,6 +57,10 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N prompts")
     parser.add_argument("--no-continuation", action="store_true",
                         help="skip the 128-frame continuation (and its seam score)")
+    parser.add_argument("--continuations", type=positive_int, metavar="N",
+                        help="continue the videos of the first N text-to-video lines (not held out) to 128 frames "
+                             "and report their mean seam score: one video's joins can be far from another's "
+                             "(default 1; each takes about as long as 10 of the eval's videos)")
     parser.add_argument("--save-videos", action="store_true", help="also write every video to DIR/videos/")
     parser.add_argument("--reconstructions", type=positive_int, metavar="N",
                         help="instead: score the model's VAE alone, the detectors on its reconstructions of N "
@@ -76,6 +81,8 @@ def check_eval(args: argparse.Namespace) -> None:
     from kinema.eval.run import EVAL_KIND, default_out_dir
     from kinema.fileio import check_output
 
+    if args.continuations is not None and args.no_continuation:
+        raise KinemaError("--continuations N and --no-continuation contradict each other: give one")
     args.prompts = Path(args.prompts) if args.prompts is not None else DEFAULT_PROMPTS
     read_prompts(args.prompts)
     resolve_model(args.model)
@@ -98,7 +105,8 @@ def run_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.model, args.prompts, seed=args.seed, frames=args.frames, steps=args.steps,
                       guidance=args.guidance,
                       progress=not args.quiet, out_dir=args.out, limit=args.limit,
-                      continuation=not args.no_continuation, save_videos=args.save_videos, overwrite=args.overwrite,
+                      continuation=not args.no_continuation, continuations=args.continuations or 1,
+                      save_videos=args.save_videos, overwrite=args.overwrite,
                       speed=args.speed)
     if args.json:
         print(json.dumps(report.as_dict()))

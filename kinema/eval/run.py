@@ -45,8 +45,8 @@ class EvalReport:
     """What `evaluate` measured. `as_dict()` is the JSON `kinema eval --json` prints: `n` and the `*_acc` cover the
     lines that are not held out; `flicker`, `dynamic_degree` (the share of videos VBench's rule finds moving) and
     `dynamic_magnitude` every video; `i2v_psnr` and `i2v_jump` the image-to-video lines; `seam_score` the
-    continuation. A metric with nothing to measure is None. `files` are the paths written under `out_dir` (relative
-    to it)."""
+    continuations (their mean; `continuation` is the first one's report, `continuations` every one's). A metric with
+    nothing to measure is None. `files` are the paths written under `out_dir` (relative to it)."""
 
     model: str
     prompts: str
@@ -67,6 +67,7 @@ class EvalReport:
     per_prompt: list[dict[str, Any]]
     out_dir: str | None = None
     files: list[str] = field(default_factory=list)
+    continuations: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data, in the order of the issue's `kinema eval --json`."""
@@ -74,7 +75,8 @@ class EvalReport:
                 "flicker": self.flicker, "dynamic_degree": self.dynamic_degree, "i2v_psnr": self.i2v_psnr,
                 "i2v_jump": self.i2v_jump, "seam_score": self.seam_score, "held_out": self.held_out,
                 "held_out_in_main": False,
-                "dynamic_magnitude": self.dynamic_magnitude, "continuation": self.continuation, "model": self.model,
+                "dynamic_magnitude": self.dynamic_magnitude, "continuation": self.continuation,
+                "continuations": self.continuations, "model": self.model,
                 "prompts": self.prompts, "settings": self.settings, "seconds": self.seconds,
                 "out_dir": self.out_dir, "files": self.files, "per_prompt": self.per_prompt}
 
@@ -246,6 +248,7 @@ def evaluate(
     limit: int | None = None,
     continuation: bool = True,
     continuation_frames: int = CONTINUATION_FRAMES,
+    continuations: int = 1,
     save_videos: bool = False,
     overwrite: bool = False,
     speed: str | None = None,
@@ -263,8 +266,10 @@ def evaluate(
         out_dir: write report.json, confusion-{color,shape,motion}.png (and videos/ with `save_videos`) here;
             None writes nothing. It follows kinema's output policy (`overwrite` replaces an earlier eval output).
         limit: score only the first `limit` lines.
-        continuation: also extend the first text-to-video line's video (not held out) to `continuation_frames`
-            frames and score its seams.
+        continuation: also extend the video of the first text-to-video line that is not held out to
+            `continuation_frames` frames and score its seams.
+        continuations: how many such lines' videos to extend (the first ones); one seam score is one video's, and
+            videos' joins differ (on the bundled kinema-tiny-ad, 1.3-4.4 over six prompts).
         speed: a speed preset (kinema.pipelines.speed: fast, balanced, quality) whose settings replace the model's
             defaults, as `kinema generate --speed` does; `steps` still wins. None: the model's defaults.
     Returns:
@@ -275,6 +280,8 @@ def evaluate(
         if limit < 1:
             raise KinemaError(f"limit must be at least 1, got {limit}")
         entries = entries[:limit]
+    if isinstance(continuations, bool) or not isinstance(continuations, int) or continuations < 1:
+        raise KinemaError(f"continuations must be a whole number of at least 1, got {continuations!r}")
     if frames is not None and frames < 2:
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
     if guidance is not None and not 1 <= guidance < float("inf"):
@@ -294,7 +301,8 @@ def evaluate(
                                                        inputs=(prompts_path,)))
         report = _run(model, entries, Path(prompts_path), seed=seed, frames=frames,
                       steps=steps, guidance=guidance, speed=speed, progress=progress, folder=folder,
-                      continuation=continuation_frames if continuation else None, save_videos=save_videos)
+                      continuation=continuation_frames if continuation else None, continuations=continuations,
+                      save_videos=save_videos)
         report.seconds = round(time.perf_counter() - began, 1)
         if folder is not None:
             report.out_dir = str(out_dir)
@@ -305,8 +313,7 @@ def evaluate(
 
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
          steps: int | None, guidance: float | None, speed: str | None, progress: bool, folder: Path | None,
-         continuation: int | None,
-         save_videos: bool) -> EvalReport:
+         continuation: int | None, continuations: int, save_videos: bool) -> EvalReport:
     from tqdm import tqdm
 
     from kinema.eval.metrics import dynamic_degree, first_frame_psnr, seam_score, temporal_flicker
@@ -328,9 +335,9 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         shared.update(chosen, speed=speed)
         logger.info("%s", describe_speed(speed, chosen))
     settings = {"steps": LIBRARY_DEFAULTS["steps"], "guidance": LIBRARY_DEFAULTS["guidance"], **shared, "seed": seed}
-    continued = next((i for i, entry in enumerate(entries) if entry.mode == "text-to-video" and not entry.held_out),
-                     None) if continuation is not None else None
-    start_video = None
+    continued = [i for i, entry in enumerate(entries) if entry.mode == "text-to-video" and not entry.held_out
+                 ][:continuations] if continuation is not None else []
+    start_videos: dict[int, Any] = {}
     flow_missing = None
     if importlib.util.find_spec("cv2") is None:  # the one metric that needs the [eval] extra: reported as null
         flow_missing = "OpenCV is not installed: pip install 'kinema[eval]' (or opencv-python-headless)"
@@ -365,17 +372,19 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         if folder is not None and save_videos:
             row["video"] = _write_video(folder, f"{index:03d}-{_slug(entry.prompt)}", video, result.settings[0])
             files.append(row["video"])
-        if index == continued:
-            start_video = video
+        if index in continued:
+            start_videos[index] = video
         rows.append(row)
         logger.info("eval %d/%d %r: %s", index + 1, len(entries), entry.prompt, detected)
 
-    continuation_report = None
-    if start_video is not None and continued is not None and continuation is not None:
-        continuation_report = _continue(family, entries[continued], rows[continued]["seed"], start_video, continuation,
-                                        shared, folder if save_videos else None)
-        if "video" in continuation_report:
-            files.append(continuation_report["video"])
+    continuation_reports = []
+    for index in continued:
+        assert continuation is not None  # `continued` is empty without it
+        continued_report = _continue(family, entries[index], rows[index]["seed"], start_videos[index], continuation,
+                                     shared, folder if save_videos else None)
+        continuation_reports.append(continued_report)
+        if "video" in continued_report:
+            files.append(continued_report["video"])
     main = [row for row in rows if not row["held_out"]]
     held = [row for row in rows if row["held_out"]]
     scores = _accuracies(main)
@@ -387,8 +396,9 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         dynamic_degree=_mean([float(value) for value in dynamic]) if dynamic else None,
         dynamic_magnitude=_mean([row["flow_magnitude"] for row in rows]),
         i2v_psnr=_mean([row["psnr"] for row in rows]), i2v_jump=_mean([row["jump"] for row in rows]),
-        seam_score=None if continuation_report is None else continuation_report["seam_score"],
-        held_out=_accuracies(held), continuation=continuation_report,
+        seam_score=_mean([report["seam_score"] for report in continuation_reports]),
+        held_out=_accuracies(held), continuation=continuation_reports[0] if continuation_reports else None,
+        continuations=continuation_reports,
         settings={**settings, "i2v_n": sum(row["psnr"] is not None for row in rows), "dynamic_degree_missing":
                   flow_missing}, seconds=0.0, per_prompt=rows, files=files)
 
@@ -434,6 +444,17 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
 # ---------------------------------------------------------------- printing
 
 
+def _continued(report: EvalReport) -> str:
+    """What the seam score is over: "128-frame continuation", "mean of 6 128-frame continuations (1.31-4.38)"."""
+    if not report.continuations:
+        return "no continuation"
+    frames = report.continuations[0]["frames"]
+    if len(report.continuations) == 1:
+        return f"{frames}-frame continuation"
+    scores = [entry["seam_score"] for entry in report.continuations]
+    return f"mean of {len(scores)} {frames}-frame continuations, {min(scores):.2f}-{max(scores):.2f}"
+
+
 def format_report(report: EvalReport) -> str:
     """A readable summary of `report`: the accuracies, the metrics and where the files went."""
     def number(value: float | None, percent: bool = False, digits: int = 3) -> str:
@@ -459,11 +480,11 @@ def format_report(report: EvalReport) -> str:
              f"({report.settings.get('i2v_n', 0)} start images)",
              f"image-to-video jump   {number(report.i2v_jump, digits=2)}   (frame 0 -> 1 over the median step; "
              f"1 = it moves on from the image)",
-             f"seam score            {number(report.seam_score)}   (1 = seamless; " +
-             (f"{report.continuation['frames']}-frame continuation)" if report.continuation else "no continuation)")]
-    if report.continuation and report.continuation.get("overlap_psnr") is not None:
-        lines.append(f"held frames kept      {number(report.continuation['overlap_psnr'], digits=2)} dB   (the "
-                     f"{report.continuation['overlap']} frames the continuation held, against the clip's)")
+             f"seam score            {number(report.seam_score)}   (1 = seamless; " + _continued(report) + ")"]
+    kept = _mean([entry.get("overlap_psnr") for entry in report.continuations])
+    if kept is not None:
+        lines.append(f"held frames kept      {number(kept, digits=2)} dB   (the {report.continuations[0]['overlap']} "
+                     f"frames each continuation held, against its clip's)")
     if report.out_dir is not None:
         lines += ["", f"wrote {report.out_dir}: {', '.join(report.files)}"]
     return "\n".join(lines)

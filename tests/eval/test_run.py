@@ -93,6 +93,31 @@ def test_cli_json_is_the_last_line_and_continuation_seams_are_scored(tmp_path, v
     assert 0 < continued["overlap_psnr"] <= 100 and "held frames kept" in format_report(report)
 
 
+def test_several_continuations_report_their_mean_seam(tmp_path, v3_model):
+    lines = [{"prompt": "a blue square moving up", "color": "blue", "shape": "square", "motion": "up"},
+             {"prompt": "a red circle moving left", "color": "red", "shape": "circle", "motion": "left"},
+             {"prompt": "a green triangle growing", "color": "green", "shape": "triangle", "motion": "grow"}]
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = evaluate(str(v3_model), path, frames=8, steps=1, progress=False, continuation_frames=16,
+                      continuations=2)
+    assert [entry["prompt"] for entry in report.continuations] == [line["prompt"] for line in lines[:2]]
+    assert report.continuation == report.continuations[0]
+    scores = [entry["seam_score"] for entry in report.continuations]
+    assert report.seam_score == pytest.approx(sum(scores) / 2, abs=1e-4)
+    assert "mean of 2 16-frame continuations" in format_report(report)
+    assert report.as_dict()["continuations"] == report.continuations
+    with pytest.raises(KinemaError, match="continuations must be a whole number of at least 1, got 0"):
+        evaluate(str(v3_model), path, continuations=0)
+
+
+def test_continuations_and_no_continuation_contradict(tmp_path, v3_model, two_prompts, capsys):
+    code = main(["eval", "--model", str(v3_model), "--prompts", str(two_prompts), "--continuations", "3",
+                 "--no-continuation", "--out", str(tmp_path / "out")])
+    assert code == 2 and "contradict each other" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def write_t2v(folder: Path) -> Path:
     path = folder / "t2v.jsonl"
     path.write_text(json.dumps({"prompt": "a blue square moving up", "color": "blue", "shape": "square",
