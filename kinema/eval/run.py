@@ -337,6 +337,9 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     settings = {"steps": LIBRARY_DEFAULTS["steps"], "guidance": LIBRARY_DEFAULTS["guidance"], **shared, "seed": seed}
     continued = [i for i, entry in enumerate(entries) if entry.mode == "text-to-video" and not entry.held_out
                  ][:continuations] if continuation is not None else []
+    if continuation is not None and len(continued) < continuations:
+        logger.warning("%d continuations asked for, but the prompts hold %d text-to-video lines that are not held "
+                       "out; continuing those", continuations, len(continued))
     start_videos: dict[int, Any] = {}
     flow_missing = None
     if importlib.util.find_spec("cv2") is None:  # the one metric that needs the [eval] extra: reported as null

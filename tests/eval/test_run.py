@@ -93,7 +93,7 @@ def test_cli_json_is_the_last_line_and_continuation_seams_are_scored(tmp_path, v
     assert 0 < continued["overlap_psnr"] <= 100 and "held frames kept" in format_report(report)
 
 
-def test_several_continuations_report_their_mean_seam(tmp_path, v3_model):
+def test_several_continuations_report_their_mean_seam(tmp_path, v3_model, caplog):
     lines = [{"prompt": "a blue square moving up", "color": "blue", "shape": "square", "motion": "up"},
              {"prompt": "a red circle moving left", "color": "red", "shape": "circle", "motion": "left"},
              {"prompt": "a green triangle growing", "color": "green", "shape": "triangle", "motion": "grow"}]
@@ -107,6 +107,10 @@ def test_several_continuations_report_their_mean_seam(tmp_path, v3_model):
     assert report.seam_score == pytest.approx(sum(scores) / 2, abs=1e-4)
     assert "mean of 2 16-frame continuations" in format_report(report)
     assert report.as_dict()["continuations"] == report.continuations
+    with caplog.at_level("WARNING", logger="kinema.eval.run"):
+        fewer = evaluate(str(v3_model), path, frames=8, steps=1, progress=False, continuation_frames=16, limit=1,
+                         continuations=2)
+    assert len(fewer.continuations) == 1 and "2 continuations asked for, but the prompts hold 1" in caplog.text
     with pytest.raises(KinemaError, match="continuations must be a whole number of at least 1, got 0"):
         evaluate(str(v3_model), path, continuations=0)
 
