@@ -111,6 +111,11 @@ def _video_mark(path: Path) -> str | None:
     return "video" if _settings_mark(path.with_name(path.name + ".json")) else None
 
 
+def kind_words(kind: str) -> str:
+    """An output kind as messages name it: "synth_dataset" -> "synth dataset"."""
+    return kind.replace("_", " ")
+
+
 def output_kind(path: str | os.PathLike) -> str | None:
     """The kind of kinema output at `path` (from the mark kinema wrote inside it), or None when kinema did not
     write it. A folder's kind needs its manifest; a file's needs its metadata, zip record or video sidecar."""
@@ -173,7 +178,7 @@ def check_output(
         return real
     noun = "folder" if real.is_dir() else "file"
     if folder is True and not real.is_dir():
-        raise KinemaError(f"{given} is a file; give a folder path for the {(kind or 'output').replace('_', ' ')}")
+        raise KinemaError(f"{given} is a file; give a folder path for the {kind_words(kind or 'output')}")
     if folder is False and real.is_dir():
         raise KinemaError(f"{given} is a folder; give a file name such as {given / ('output' + given.suffix)}")
     if real.is_dir() and not any(real.iterdir()):
@@ -198,7 +203,7 @@ def check_output(
                               f"or that were edited since ({', '.join(foreign[:3])}); kinema never deletes them: move "
                               "them out or choose another folder")
     if not overwrite:
-        raise KinemaError(f"{given} already exists (an earlier kinema {found.replace('_', ' ')}); pass --overwrite "
+        raise KinemaError(f"{given} already exists (an earlier kinema {kind_words(found)}); pass --overwrite "
                           "to replace it, or choose another path")
     return real
 

@@ -1,7 +1,7 @@
 """Weight-free video metrics for `kinema eval`: temporal flicker, dynamic degree, seam score and first-frame PSNR.
 
 Every function reads frames as float `(F, 3, H, W)` in [0, 1] (a torch tensor or a numpy array), what
-`kinema.pipelines.generation` returns per video. None of them needs model weights: flicker, seams and PSNR are pixel
+`kinema.pipelines.generate()` returns per video. None of them needs model weights: flicker, seams and PSNR are pixel
 arithmetic, and the dynamic degree's optical flow is OpenCV's Farneback (extra `[eval]`) where VBench runs RAFT.
 """
 
@@ -171,4 +171,4 @@ def video_psnr(frames: torch.Tensor | np.ndarray, reference: torch.Tensor | np.n
 def first_frame_psnr(frames: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray) -> float:
     """PSNR in dB of the first of `frames` `(F, 3, H, W)` against `image` `(3, H, W)`, both in [0, 1]: how well
     image-to-video kept its start image. Identical images give MAX_PSNR_DB (100)."""
-    return video_psnr(_frames(frames)[:1], _frames(image[None], "the image"), "the image")
+    return video_psnr(frames[:1], image[None], "the image")

@@ -381,13 +381,13 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         logger.info("eval %d/%d %r: %s", index + 1, len(entries), entry.prompt, detected)
 
     continuation_reports = []
-    for index in continued:
-        assert continuation is not None  # `continued` is empty without it
-        continued_report = _continue(family, entries[index], rows[index]["seed"], start_videos[index], continuation,
-                                     shared, folder if save_videos else None)
-        continuation_reports.append(continued_report)
-        if "video" in continued_report:
-            files.append(continued_report["video"])
+    if continuation is not None:
+        for index in continued:
+            continued_report = _continue(family, entries[index], rows[index]["seed"], start_videos[index],
+                                         continuation, shared, folder if save_videos else None)
+            continuation_reports.append(continued_report)
+            if "video" in continued_report:
+                files.append(continued_report["video"])
     main = [row for row in rows if not row["held_out"]]
     held = [row for row in rows if row["held_out"]]
     scores = _accuracies(main)
@@ -484,7 +484,7 @@ def format_report(report: EvalReport) -> str:
              f"image-to-video jump   {number(report.i2v_jump, digits=2)}   (frame 0 -> 1 over the median step; "
              f"1 = it moves on from the image)",
              f"seam score            {number(report.seam_score)}   (1 = seamless; " + _continued(report) + ")"]
-    kept = _mean([entry.get("overlap_psnr") for entry in report.continuations])
+    kept = _mean([entry["overlap_psnr"] for entry in report.continuations])
     if kept is not None:
         lines.append(f"held frames kept      {number(kept, digits=2)} dB   (the {report.continuations[0]['overlap']} "
                      f"frames each continuation held, against its clip's)")

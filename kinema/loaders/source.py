@@ -134,12 +134,12 @@ def describe_source(source: Source) -> dict[str, Any]:
         report = entry.function("describe")(source)
         if report is not None:
             return {"path": str(path), **report}
-    from kinema.fileio import output_kind
+    from kinema.fileio import kind_words, output_kind
 
     hint = ""
     own = output_kind(path)
     if own in _NOT_WEIGHTS:
-        hint = f"; it is kinema's own {own.replace('_', ' ')} output, not weights{_NOT_WEIGHTS[own]}"
+        hint = f"; it is kinema's own {kind_words(own)} output, not weights{_NOT_WEIGHTS[own]}"
     elif source.is_weights_file:
         from kinema.loaders.animatediff.structure import guess_kind  # names what else the file looks like
 

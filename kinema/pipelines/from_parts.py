@@ -56,7 +56,7 @@ def text_to_video(video_unet: Any, components_or_parts: Any, prompt: str, *,
         raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise KinemaError("text_to_video takes one prompt and one negative prompt for every seed; for a prompt "
-                          "schedule use kinema.pipelines.generation")
+                          "schedule use kinema.pipelines.generate()")
     if frames >= 1:
         check_frame_count(frames, video_unet.max_frames)  # one window: generate() would bring in context windows
     family = AnimateDiffFamily(video_unet, vae, text_encoder, tokenizer, decode_chunk=decode_chunk)

@@ -94,7 +94,7 @@ def _frames_per_video(frames: Any) -> list[Any]:
 
     if frames is None:
         raise KinemaError("the result holds no frames (it was generated with output='latent'); decode its latents "
-                          "first (kinema.pipelines.generation.decode_saved)")
+                          "first (kinema.pipelines.decode_saved)")
     if isinstance(frames, torch.Tensor):
         if frames.ndim != 5 or frames.shape[2] != 3:
             raise KinemaError(f"expected frames shaped (B, F, 3, H, W), got {tuple(frames.shape)}")
