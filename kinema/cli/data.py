@@ -35,6 +35,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        help="colour:shape:motion combinations to leave out, comma-separated (e.g. "
                             "red:triangle:left,blue:circle:down): those clips are not written, for testing on "
                             "combinations a model never saw")
+    synth.add_argument("--video-format", choices=("mp4", "png"), default="mp4",
+                       help="mp4 (H.264, the default) or png: each clip a folder of lossless PNG frames, "
+                            "videos/NNNN/, which needs no PyAV to write or to train on")
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synth output at OUT")
 
     prompts = add_command(
@@ -73,7 +76,7 @@ def run_synth(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     entries = write_synth_dataset(args.out, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
                                   fps=args.fps, image_fraction=args.image_fraction, overwrite=args.overwrite,
-                                  hold_out=args.hold_out)
+                                  hold_out=args.hold_out, video_format=args.video_format)
     images = sum(entry["type"] == "image" for entry in entries)
     print(f"wrote {len(entries)} entries ({len(entries) - images} videos, {images} images) to {args.out} "
           f"in {time.perf_counter() - began:.1f} s")

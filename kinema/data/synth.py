@@ -279,11 +279,17 @@ class SynthMotionDataset(Dataset):
 SETTINGS_NAME = "synth.json"  # settings of the whole set
 
 
+VIDEO_FORMATS = {"mp4": ".mp4", "png": ""}  # a clip's file suffix by format ("": a folder of PNG frames)
+
+
 def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frames: int = 16, size: int = 64,
                         fps: float = 8.0, image_fraction: float = 0.0, crf: int = DEFAULT_CRF,
                         progress: bool = True, *, overwrite: bool = False,
-                        hold_out: Collection[tuple[str, str, str]] = ()) -> list[dict]:
+                        hold_out: Collection[tuple[str, str, str]] = (), video_format: str = "mp4") -> list[dict]:
     """Render `n` clips to `out_dir/videos/NNNN.mp4` (and `images/NNNN.png`) plus `out_dir/metadata.json`.
+
+    `video_format` "png" writes each clip as a folder of lossless PNG frames, `videos/NNNN/`, instead of an H.264
+    file: what a machine without PyAV can write and train on.
 
     `metadata.json` is a list of `{"file_path": relative path, "text": caption, "type": "video" | "image",
     "ground_truth": {...}}`; `synth.json` records the settings of the whole set. Everything is written to a
@@ -299,6 +305,9 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
     check_synth_args(frames, size, image_fraction)
     if seed < 0:
         raise KinemaError(f"seed must be >= 0, got {seed}")
+    if video_format not in VIDEO_FORMATS:
+        raise KinemaError(f"video_format must be one of {', '.join(VIDEO_FORMATS)}; got {video_format!r}")
+    suffix = VIDEO_FORMATS[video_format]
     check_output(out_dir, SYNTH_KIND, folder=True, overwrite=overwrite)
     held_out = set(check_combinations(hold_out))
     dataset = SynthMotionDataset(n, seed, frames, size, image_fraction)
@@ -311,7 +320,8 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
             truth = item.ground_truth
             if (truth["colour"], truth["shape"], truth["motion"]) in held_out:
                 continue
-            relative = f"videos/{index:0{width}d}.mp4" if item.type == "video" else f"images/{index:0{width}d}.png"
+            relative = (f"videos/{index:0{width}d}{suffix}" if item.type == "video"
+                        else f"images/{index:0{width}d}.png")
             settings = generation_settings(item.text, seed=seed, model="kinema-synth", width=size, height=size,
                                            frames=item.frames.shape[0], fps=fps, index=index)
             write_video(item.frames, temp / relative, fps=fps, crf=crf, settings=settings)
@@ -319,7 +329,7 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
                             "ground_truth": item.ground_truth})
         (temp / "metadata.json").write_text(json.dumps(entries, indent=1) + "\n")
         summary = generation_settings("", seed=seed, model="kinema-synth", width=size, height=size, frames=frames,
-                                      fps=fps, n=n, image_fraction=image_fraction, crf=crf,
+                                      fps=fps, n=n, image_fraction=image_fraction, crf=crf, video_format=video_format,
                                       hold_out=[list(combo) for combo in sorted(held_out)])
         (temp / SETTINGS_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return entries

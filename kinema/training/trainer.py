@@ -37,6 +37,7 @@ from kinema.training.config import TrainConfig, resume_identity, with_new_defaul
 
 logger = logging.getLogger(__name__)
 
+_clock = time.monotonic  # the time limit's clock (a seam for tests)
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds", "clips_per_second")
 
 
@@ -53,6 +54,7 @@ class TrainResult:
     report: dict[str, Any] = field(default_factory=dict)
     task: Any = None  # the TrainingTask, with the trained model in memory
     is_main: bool = True  # whether this process is the main one (the one that writes)
+    time_limited: bool = False  # the time limit ended the run before train.steps
 
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -336,7 +338,7 @@ def _accelerator(config: TrainConfig) -> Any:
 
 
 def train(config: TrainConfig, *, resume: str | None = None, dry_run: bool = False,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, time_limit: float | None = None) -> TrainResult:
     """Run (or continue) the training run `config` describes.
 
     Args:
@@ -347,14 +349,32 @@ def train(config: TrainConfig, *, resume: str | None = None, dry_run: bool = Fal
             and return the report (trainable parameters, data found, memory estimate, step time); nothing is
             written.
         progress: show a progress bar with the loss and the time left.
+        time_limit: seconds of wall time from this call on (loading included); the first step that ends past it is
+            the last: it is checkpointed and the weights exported to final/ as at the end of the run, and
+            `resume="latest"` later trains on to `train.steps`. For a machine lent for a fixed time.
     Raises one KinemaError line, before step 1, for bad data, a missing model, a mode that does not apply, an
     unknown trainable module, a resume from another config, or a batch that does not fit the machine's memory.
     """
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
+        raise KinemaError(f"the time limit must be a positive number of seconds; got {time_limit}")
+    deadline = None if time_limit is None else _clock() + time_limit
     with _deterministic(config.train.deterministic):
-        return _train(config, resume, dry_run, progress)
+        return _train(config, resume, dry_run, progress, deadline)
 
 
-def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: bool) -> TrainResult:
+def _past(deadline: float | None, accelerator: Any) -> bool:
+    """Whether the run's deadline has passed, as every process agrees (the slowest one's clock decides, so that
+    no process waits for a step the others will not take)."""
+    if deadline is None:
+        return False
+    past = _clock() >= deadline
+    if accelerator.num_processes == 1:
+        return past
+    return bool(accelerator.reduce(torch.tensor(float(past), device=accelerator.device), "max") > 0)
+
+
+def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: bool,
+           deadline: float | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from kinema.training.checkpoint import RunFolder
@@ -467,6 +487,16 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                 print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint",
                       file=sys.stderr, flush=True)
                 stop_if_requested()
+            if done < config.train.steps and _past(deadline, accelerator):
+                if main and not due:
+                    _save_checkpoint(run, done, task, optimizer, schedule, ema)
+                accelerator.wait_for_everyone()
+                result.time_limited = True
+                if main:
+                    print(f"kinema train: the time limit ended the run after step {done} of "
+                          f"{config.train.steps}; its weights are exported as they are, and `--resume latest` "
+                          "trains on", file=sys.stderr, flush=True)
+                break
         if main:
             result.final = _export(run.path, task, config, ema)
         accelerator.wait_for_everyone()

@@ -125,6 +125,24 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, capsys, sd_model, syn
     assert (code, err) == (2, "kinema train: error: --set takes KEY=VALUE (e.g. train.steps=20), got 'train.steps'\n")
     code, _, err = train(capsys, str(config), "--dry-run", "--resume", "latest")
     assert code == 2 and err.startswith("kinema train: error: --dry-run checks a run before it starts")
+    code, _, err = train(capsys, str(config), "--dry-run", "--time-limit", "5m")
+    assert code == 2 and err.startswith("kinema train: error: --dry-run times one step and trains nothing")
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "x", "5d", "nan", "inf", ""])
+def test_a_time_limit_that_is_no_time_is_refused_by_argparse(tmp_path, capsys, text):
+    with pytest.raises(SystemExit) as exit_info:
+        train(capsys, str(tmp_path / "config.yaml"), "--time-limit", text)
+    assert exit_info.value.code == 2
+    assert "argument --time-limit: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("25m", 1500.0), ("1.5h", 5400.0),
+                                              ("2M", 120.0)])
+def test_time_limits_read_as_seconds(text, seconds):
+    from kinema.cli.train import duration
+
+    assert duration(text) == seconds
 
 
 # ---------------------------------------------------------------- dry run

@@ -216,6 +216,24 @@ def test_write_synth_dataset_layout(tmp_path):
     assert list(tmp_path.iterdir()) == [out]
 
 
+def test_png_clips_are_folders_of_the_rendered_frames_and_train_as_videos(tmp_path):
+    from kinema.data.dataset import VideoTextDataset
+
+    out = tmp_path / "set"
+    entries = write_synth_dataset(out, n=4, seed=2, frames=4, size=32, image_fraction=0.25, progress=False,
+                                  video_format="png")
+    videos = [(index, e) for index, e in enumerate(entries) if e["type"] == "video"]
+    assert videos and all(e["file_path"] == f"videos/{index:04d}" for index, e in videos)
+    assert json.loads((out / "synth.json").read_text())["video_format"] == "png"
+    for index, entry in videos:  # lossless: the frames read back are the rendered ones, bit for bit
+        rendered = synth_clip(2, index, frames=4, size=32, image_fraction=0.25).frames
+        assert torch.equal(read_video(out / entry["file_path"]).frames, to_float_frames(rendered))
+    dataset = VideoTextDataset(out, "metadata.json", frames=4, size=(32, 32))
+    assert sorted(e["type"] for e in dataset.entries) == sorted(e["type"] for e in entries)
+    with pytest.raises(KinemaError, match="video_format must be one of mp4, png"):
+        write_synth_dataset(tmp_path / "other", n=1, progress=False, video_format="gif")
+
+
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     calls = []
 

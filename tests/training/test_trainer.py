@@ -2,6 +2,7 @@
 exact resume, the exports loading back, and the refusals before step 1."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,31 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, sd_model, synth_vid
     assert ema_whole == ema_resumed
     rows = (resumed.run_folder / "logs.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
+
+
+def test_the_time_limit_ends_the_run_exported_and_a_resume_loses_nothing(tmp_path, sd_model, synth_videos,
+                                                                          monkeypatch):
+    from kinema.training import trainer
+
+    common = dict(train={"steps": 6, "ema_decay": 0.9}, checkpoint={"every": 4, "keep": 2})
+    whole = train(make_config(tmp_path / "whole", sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                              **common), progress=False)
+    three = train(make_config(tmp_path / "three", sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                              train={**common["train"], "steps": 3}, checkpoint=common["checkpoint"]), progress=False)
+    ticks = iter(range(1000))  # one second a reading: the deadline is read once at the start, then after each step
+    monkeypatch.setattr(trainer, "_clock", lambda: float(next(ticks)))
+    config = make_config(tmp_path / "limited", sd_model_section(sd_model), synth_videos, "motion", SD_DATA, **common)
+    limited = train(config, progress=False, time_limit=2.5)
+    assert (limited.start_step, limited.end_step, limited.time_limited) == (0, 3, True)
+    exported = (limited.final / "motion_module.safetensors").read_bytes()
+    assert exported == (three.final / "motion_module.safetensors").read_bytes()  # the EMA weights after step 3
+    monkeypatch.setattr(trainer, "_clock", time.monotonic)
+    resumed = train(config, resume="latest", progress=False, time_limit=3600)
+    assert (resumed.start_step, resumed.end_step, resumed.time_limited) == (3, 6, False)
+    assert (resumed.final / "motion_module.safetensors").read_bytes() == (
+        whole.final / "motion_module.safetensors").read_bytes()
+    with pytest.raises(KinemaError, match="positive number of seconds"):
+        train(config, progress=False, time_limit=float("nan"))
 
 
 def test_resume_refuses_another_config_and_a_new_run_refuses_an_existing_one(tmp_path, sd_model, synth_videos):
