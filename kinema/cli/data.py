@@ -38,6 +38,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--video-format", choices=("mp4", "png"), default="mp4",
                        help="mp4 (H.264, the default) or png: each clip a folder of lossless PNG frames, "
                             "videos/NNNN/, which needs no PyAV to write or to train on")
+    synth.add_argument("--workers", type=positive_int, default=1,
+                       help="processes that render and write clips (default 1); the dataset is the same for any "
+                            "number")
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier synth output at OUT")
 
     prompts = add_command(
@@ -76,7 +79,8 @@ def run_synth(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     entries = write_synth_dataset(args.out, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
                                   fps=args.fps, image_fraction=args.image_fraction, overwrite=args.overwrite,
-                                  hold_out=args.hold_out, video_format=args.video_format)
+                                  hold_out=args.hold_out, video_format=args.video_format,
+                                  workers=args.workers)
     images = sum(entry["type"] == "image" for entry in entries)
     print(f"wrote {len(entries)} entries ({len(entries) - images} videos, {images} images) to {args.out} "
           f"in {time.perf_counter() - began:.1f} s")

@@ -19,11 +19,14 @@ H.264 round trips above 35 dB PSNR and makes the area centroid equal the recorde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +40,7 @@ from kinema.data.synth_limits import MOTIONS, SHAPES, SYNTH_KIND, check_combinat
 from kinema.data.video_io import DEFAULT_CRF, generation_settings, to_float_frames, write_video
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder, check_output
-from kinema.interrupt import stop_if_requested
+from kinema.interrupt import ignore_stop_signals, stop_if_requested
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (45, 90, 235), "yellow": (240, 215, 40),
@@ -282,14 +285,43 @@ SETTINGS_NAME = "synth.json"  # settings of the whole set
 VIDEO_FORMATS = {"mp4": ".mp4", "png": ""}  # a clip's file suffix by format ("": a folder of PNG frames)
 
 
+@dataclass(frozen=True)
+class _ClipJob:
+    """Render and write one clip of a synth dataset into `temp` (a picklable callable, for worker processes)."""
+
+    dataset: SynthMotionDataset
+    temp: Path
+    width: int  # digits in the file names
+    suffix: str
+    fps: float
+    crf: int
+    held_out: frozenset[tuple[str, str, str]]
+
+    def __call__(self, index: int) -> dict | None:
+        """The clip's metadata entry, or None for a held-out combination (rendered, not written)."""
+        item = self.dataset.clip(index)
+        truth = item.ground_truth
+        if (truth["colour"], truth["shape"], truth["motion"]) in self.held_out:
+            return None
+        relative = (f"videos/{index:0{self.width}d}{self.suffix}" if item.type == "video"
+                    else f"images/{index:0{self.width}d}.png")
+        size = self.dataset.size
+        settings = generation_settings(item.text, seed=self.dataset.seed, model="kinema-synth", width=size,
+                                       height=size, frames=item.frames.shape[0], fps=self.fps, index=index)
+        write_video(item.frames, self.temp / relative, fps=self.fps, crf=self.crf, settings=settings)
+        return {"file_path": relative, "text": item.text, "type": item.type, "ground_truth": item.ground_truth}
+
+
 def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frames: int = 16, size: int = 64,
                         fps: float = 8.0, image_fraction: float = 0.0, crf: int = DEFAULT_CRF,
                         progress: bool = True, *, overwrite: bool = False,
-                        hold_out: Collection[tuple[str, str, str]] = (), video_format: str = "mp4") -> list[dict]:
+                        hold_out: Collection[tuple[str, str, str]] = (), video_format: str = "mp4",
+                        workers: int = 1) -> list[dict]:
     """Render `n` clips to `out_dir/videos/NNNN.mp4` (and `images/NNNN.png`) plus `out_dir/metadata.json`.
 
     `video_format` "png" writes each clip as a folder of lossless PNG frames, `videos/NNNN/`, instead of an H.264
-    file: what a machine without PyAV can write and train on.
+    file: what a machine without PyAV can write and train on. `workers` > 1 renders and writes clips in that many
+    processes; the files and the metadata are the same as with one.
 
     `metadata.json` is a list of `{"file_path": relative path, "text": caption, "type": "video" | "image",
     "ground_truth": {...}}`; `synth.json` records the settings of the whole set. Everything is written to a
@@ -307,26 +339,26 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
         raise KinemaError(f"seed must be >= 0, got {seed}")
     if video_format not in VIDEO_FORMATS:
         raise KinemaError(f"video_format must be one of {', '.join(VIDEO_FORMATS)}; got {video_format!r}")
-    suffix = VIDEO_FORMATS[video_format]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise KinemaError(f"workers must be a whole number >= 1, got {workers!r}")
     check_output(out_dir, SYNTH_KIND, folder=True, overwrite=overwrite)
     held_out = set(check_combinations(hold_out))
-    dataset = SynthMotionDataset(n, seed, frames, size, image_fraction)
-    width = max(4, len(str(n - 1)))
     entries = []
     with atomic_folder(out_dir, SYNTH_KIND, overwrite=overwrite) as temp:
-        for index in tqdm(range(n), desc="synth", unit="clip", disable=None if progress else True):
-            stop_if_requested()
-            item = dataset.clip(index)
-            truth = item.ground_truth
-            if (truth["colour"], truth["shape"], truth["motion"]) in held_out:
-                continue
-            relative = (f"videos/{index:0{width}d}{suffix}" if item.type == "video"
-                        else f"images/{index:0{width}d}.png")
-            settings = generation_settings(item.text, seed=seed, model="kinema-synth", width=size, height=size,
-                                           frames=item.frames.shape[0], fps=fps, index=index)
-            write_video(item.frames, temp / relative, fps=fps, crf=crf, settings=settings)
-            entries.append({"file_path": relative, "text": item.text, "type": item.type,
-                            "ground_truth": item.ground_truth})
+        job = _ClipJob(SynthMotionDataset(n, seed, frames, size, image_fraction), temp, max(4, len(str(n - 1))),
+                       VIDEO_FORMATS[video_format], fps, crf, frozenset(held_out))
+        with contextlib.ExitStack() as stack:
+            written: Iterator[dict | None] = map(job, range(n))
+            if workers > 1:
+                pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(
+                    "spawn"), initializer=ignore_stop_signals))
+                # The pool is shut down (queued clips cancelled) before the temporary folder is removed.
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+                written = pool.map(job, range(n), chunksize=16)
+            for entry in tqdm(written, total=n, desc="synth", unit="clip", disable=None if progress else True):
+                stop_if_requested()
+                if entry is not None:
+                    entries.append(entry)
         (temp / "metadata.json").write_text(json.dumps(entries, indent=1) + "\n")
         summary = generation_settings("", seed=seed, model="kinema-synth", width=size, height=size, frames=frames,
                                       fps=fps, n=n, image_fraction=image_fraction, crf=crf, video_format=video_format,

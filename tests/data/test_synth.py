@@ -234,6 +234,21 @@ def test_png_clips_are_folders_of_the_rendered_frames_and_train_as_videos(tmp_pa
         write_synth_dataset(tmp_path / "other", n=1, progress=False, video_format="gif")
 
 
+def test_several_workers_write_the_same_dataset(tmp_path):
+    one = write_synth_dataset(tmp_path / "one", n=40, seed=5, frames=3, size=16, image_fraction=0.2, progress=False,
+                              video_format="png", hold_out=[("red", "circle", "left")])
+    two = write_synth_dataset(tmp_path / "two", n=40, seed=5, frames=3, size=16, image_fraction=0.2, progress=False,
+                              video_format="png", hold_out=[("red", "circle", "left")], workers=2)
+    assert one == two
+    files = {path.relative_to(tmp_path / "one"): path.read_bytes() for path in (tmp_path / "one").rglob("*")
+             if path.is_file() and path.name not in ("kinema-output.json", "synth.json")}
+    assert len(files) > 40 and files == {path.relative_to(tmp_path / "two"): path.read_bytes()
+                                         for path in (tmp_path / "two").rglob("*") if path.relative_to(
+                                             tmp_path / "two") in files}
+    with pytest.raises(KinemaError, match="workers must be a whole number >= 1"):
+        write_synth_dataset(tmp_path / "three", n=1, progress=False, workers=0)
+
+
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     calls = []
 
