@@ -122,7 +122,11 @@ _NOT_WEIGHTS = {"latents": ": `kinema decode` makes its video",
                 "video": ": `kinema extend` and `kinema v2v` take it; its settings are in its sidecar",
                 "video_settings": ": the settings of the video beside it", "synth_dataset": ": `kinema train` takes it",
                 "training_export": ": inspect the folders inside it", "eval": "", "eval_prompts": "",
-                "embedding_cache": "", "prompt_config": "", "job": ""}
+                "embedding_cache": "", "prompt_config": "", "job": "",
+                "training_run": ": its final/ holds the trained weights, and `kinema train CONFIG --resume latest` "
+                                "continues it",
+                "training_checkpoint": ": `kinema train CONFIG --resume PATH` continues from it, and the run's "
+                                       "final/ holds the exported weights"}
 
 
 def describe_source(source: Source) -> dict[str, Any]:
@@ -135,9 +139,12 @@ def describe_source(source: Source) -> dict[str, Any]:
         if report is not None:
             return {"path": str(path), **report}
     from kinema.fileio import kind_words, output_kind
+    from kinema.training.checkpoint import RUN_FILE, RUN_KIND
 
     hint = ""
     own = output_kind(path)
+    if own is None and (path.name == RUN_FILE or (path / RUN_FILE).is_file()):  # a run folder has no manifest
+        own = RUN_KIND
     if own in _NOT_WEIGHTS:
         hint = f"; it is kinema's own {kind_words(own)} output, not weights{_NOT_WEIGHTS[own]}"
     elif source.is_weights_file:

@@ -87,6 +87,20 @@ def test_kinemas_own_latents_are_named_with_what_takes_them(tmp_path):
         kinema.loaders.describe(latents)
 
 
+def test_a_training_run_its_checkpoints_and_its_run_file_are_named_with_what_takes_them(tmp_path):
+    import torch
+
+    from kinema.training.checkpoint import RunFolder
+
+    run = RunFolder.open(tmp_path / "run", {"mode": "motion"}, resume=None, keep=2)
+    checkpoint = run.save(3, {"model": {"w": torch.zeros(2)}}, {"step": 3})
+    for path, words in ((run.path, "training run"), (run.path / "kinema-run.json", "training run"),
+                        (checkpoint, "training checkpoint")):
+        with pytest.raises(KinemaError, match=f"it is kinema's own {words} output, not weights: .*`kinema train "
+                                              "CONFIG --resume"):
+            kinema.loaders.describe(path)
+
+
 # ---------------------------------------------------------------- the package's public names
 
 
