@@ -291,31 +291,28 @@ def check_encoder(args: argparse.Namespace) -> None:
                       "relative_gap_mean": float(gap.mean())}))
 
 
+# name, help, function, positional arguments (a trailing "+" takes one or more)
+_COMMANDS = (("pack", "here: build .gpu/ to carry", pack, ()),
+             ("setup", "there: wheels, encoder and PyAV's stand-in into SITE", setup, ("site",)),
+             ("captions", "there: refuse captions the compact encoder cannot encode", captions, ("site", "metadata")),
+             ("collect", "there: folders as tar parts into OUT", collect, ("name", "out", "folders+")),
+             ("unpack", "here: the returned parts into folders", unpack, ("source", "target")),
+             ("check-encoder", "here: rebuilt vs real encoder on synth captions", check_encoder, ()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("pack", help="here: build .gpu/ to carry").set_defaults(run=pack)
-    command = commands.add_parser("setup", help="there: wheels, encoder and PyAV's stand-in into SITE")
-    command.add_argument("site")
-    command.add_argument("--force-av-stand-in", action="store_true", help="use the stand-in even where av is there")
-    command.set_defaults(run=setup)
-    command = commands.add_parser("captions", help="there: refuse captions the compact encoder cannot encode")
-    command.add_argument("site")
-    command.add_argument("metadata")
-    command.set_defaults(run=captions)
-    command = commands.add_parser("collect", help="there: folders as tar parts into OUT")
-    command.add_argument("name")
-    command.add_argument("out")
-    command.add_argument("folders", nargs="+")
-    command.set_defaults(run=collect)
-    command = commands.add_parser("unpack", help="here: the returned parts into folders")
-    command.add_argument("source")
-    command.add_argument("target")
-    command.set_defaults(run=unpack)
-    command = commands.add_parser("check-encoder", help="here: rebuilt vs real encoder on synth captions")
-    command.add_argument("--n", type=int, default=2000)
-    command.add_argument("--seed", type=int, default=11)
-    command.set_defaults(run=check_encoder)
+    made = {}
+    for name, text, function, positionals in _COMMANDS:
+        made[name] = command = commands.add_parser(name, help=text)
+        for positional in positionals:
+            command.add_argument(positional.rstrip("+"), nargs="+" if positional.endswith("+") else None)
+        command.set_defaults(run=function)
+    made["setup"].add_argument("--force-av-stand-in", action="store_true",
+                               help="use the stand-in even where av is installed")
+    made["check-encoder"].add_argument("--n", type=int, default=2000, help="synth clips whose captions to encode")
+    made["check-encoder"].add_argument("--seed", type=int, default=11, help="their synth seed (the recipe's: 11)")
     args = parser.parse_args(argv)
     args.run(args)
 
