@@ -31,6 +31,9 @@ rm -rf "$WORK/site" "$WORK/data" "$WORK/tiny" "$WORK/ad4" "$WORK/bundle" "$WORK/
 mkdir -p "$WORK" "$OUT"
 $PY configs/gpu/device.py setup "$WORK/site" ${KINEMA_GPU_FORCE_AV_STAND_IN:+--force-av-stand-in}
 export PYTHONPATH="$WORK/site:$PWD" PYTHONUNBUFFERED=1
+# float32 matrix products on the tensor cores (TF32, 10-bit mantissa inputs, float32 sums): several times the plain
+# float32 rate on an H100, where these small models are otherwise short of arithmetic; convolutions do so already.
+export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
 kinema() { $PY -m kinema "$@"; }
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
