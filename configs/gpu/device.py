@@ -176,11 +176,12 @@ def install_av_stand_in(site: Path) -> None:
     (package / "video" / "reformatter.py").write_text(_AV_INTERPOLATION)
 
 
-def _tree_bytes() -> int:
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True).stdout.split(b"\0")
-    return sum((REPO / os.fsdecode(name)).stat().st_size for name in names if name and (REPO / os.fsdecode(name))
-               .is_file())
+def _travelling(*extra: str) -> list[tuple[int, str]]:
+    """(size, path) of each file a device call sends: tracked, or untracked and not ignored (git ls-files)."""
+    names = subprocess.run(["git", "ls-files", "-z", *extra], cwd=REPO, check=True,
+                           capture_output=True).stdout.split(b"\0")
+    paths = [REPO / os.fsdecode(name) for name in names if name]
+    return [(path.stat().st_size, str(path.relative_to(REPO))) for path in paths if path.is_file()]
 
 
 def _pins() -> dict[str, str]:
@@ -210,11 +211,14 @@ def pack(args: argparse.Namespace) -> None:
                     *specs], check=True)
     pack_encoder(_installed_encoder(), CARRY / "minilm")
     carried = sum(path.stat().st_size for path in CARRY.rglob("*") if path.is_file())
-    tree = _tree_bytes()
+    tree = sum(size for size, _ in _travelling("--cached", "--others", "--exclude-standard"))
     print(f"packed {CARRY}: {carried / 2**20:.1f} MiB; with the working tree ({tree / 2**20:.1f} MiB) "
           f"{(carried + tree) / 2**20:.1f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB a call may carry")
     if carried + tree > CARRY_LIMIT:
-        sys.exit("too large to carry: commit nothing large before the device call, or drop a wheel")
+        untracked = sorted(_travelling("--others", "--exclude-standard"), reverse=True)[:5]
+        named = ", ".join(f"{path} ({size / 2**20:.1f} MiB)" for size, path in untracked) or "none"
+        sys.exit(f"too large to carry: move untracked files out of the checkout, or list them in .git/info/exclude "
+                 f"(the largest untracked: {named})")
 
 
 def setup(args: argparse.Namespace) -> None:
