@@ -73,8 +73,9 @@ V2V_DESCRIPTION = (
     "and denoised from there. The size defaults to the input's. Without -o: out/<video name>-v2v-seed<S>.mp4."
 )
 EXTEND_DESCRIPTION = (
-    "Append --frames frames to VIDEO, segment by segment, each conditioned on the last --overlap frames of what "
-    "exists. The prompt defaults to the one stored in VIDEO's settings (kinema's sidecar or embedded settings). "
+    "Append --frames frames to VIDEO (or extend it to --to frames in all), segment by segment, each conditioned on "
+    "the last --overlap frames of what exists. The prompt defaults to the one stored in VIDEO's settings (kinema's "
+    "sidecar or embedded settings). "
     "The output holds the whole video; no latents are saved. Without -o: out/<video name>-extended-seed<S>.mp4."
 )
 CONFIG_HELP = (
@@ -189,7 +190,11 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        "--motion-module models/mm_sd_v15_v2.ckpt -o out/fox-longer.mp4"),
     )
     extend.add_argument("video", help="the video to continue (mp4, webm, gif, webp or a folder of frames)")
-    extend.add_argument("--frames", type=positive_int, required=True, help="how many frames to append")
+    length = extend.add_mutually_exclusive_group(required=True)
+    length.add_argument("--frames", type=positive_int, help="how many frames to append")
+    length.add_argument("--to", dest="total_frames", metavar="TOTAL", type=positive_int,
+                        help="the length to extend to, in frames: VIDEO's own frames count (--to 256 on a 16-frame "
+                             "clip appends 240)")
     extend.add_argument("--prompt", help="text or JSON prompt schedule (default: the prompt in VIDEO's settings)")
     extend.add_argument("--overlap", dest="overlap_frames", metavar="N", type=positive_int,
                         help="frames of the video each new segment is conditioned on (and cross-faded over; default: "
@@ -525,11 +530,26 @@ def check_extend(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
     _check_model(args, INPUT_DEFAULTS)
-    args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=args.frames,
-                            segment_frames=args.segment_frames)
+    # With --to, what to append is known once VIDEO's frames are counted (run_extend); any positive count checks
+    # the rest of the request the same way here.
+    args.request = _request(args, prompt=args.prompt or "", video=args.video,
+                            extend_frames=args.frames or args.total_frames, segment_frames=args.segment_frames)
     args.request.check()
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)
+
+
+def _frames_to_append(video: str, total: int) -> int:
+    """How many frames `kinema extend --to TOTAL` appends to `video`; a KinemaError when it is already that long."""
+    from kinema.data.dataset import count_frames
+    from kinema.data.video_io import read_video
+
+    read_video(video, max_frames=1)  # a corrupt or unreadable file is refused in one line, as everywhere
+    have = count_frames(Path(video))
+    if total <= have:
+        raise KinemaError(f"{video} already has {have} frames, so --to {total} appends nothing; give --to more than "
+                          f"{have}, or --frames N to append N frames")
+    return total - have
 
 
 def check_decode(args: argparse.Namespace) -> None:
@@ -633,6 +653,8 @@ def run_extend(args: argparse.Namespace) -> None:
     from kinema.data.video_io import read_embedded_settings, read_sidecar
 
     request = _with_input_size(args)
+    if args.total_frames is not None:
+        request = replace(request, extend_frames=_frames_to_append(args.video, args.total_frames))
     if args.prompt is None:
         stored = read_sidecar(args.video) or (read_embedded_settings(args.video) if os.path.isfile(args.video)
                                               else None) or {}

@@ -241,7 +241,9 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--scheduler", "magic"], "argument --scheduler: invalid choice: 'magic'"),
         (["generate", "a cat", *model, "--lora", "x:inf"], "argument --lora: the LoRA weight must be a finite number"),
         (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),
-        (["extend", "clip.mp4", *model], "the following arguments are required: --frames"),
+        (["extend", "clip.mp4", *model], "one of the arguments --frames --to is required"),
+        (["extend", "clip.mp4", "--frames", "8", "--to", "32", *model], "argument --to: not allowed with argument "
+                                                                          "--frames"),
     ]
     before = sorted(p.name for p in tmp_path.iterdir())
     results, heavy = run_fresh([argv for argv, _ in cases + argparse_cases], tmp_path)
@@ -364,3 +366,15 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     assert settings["segment_frames"] == 4 and settings["report"]["segments"] == 2
     assert read_video(tmp_path / "longer.gif").frames.shape == (7, 3, 24, 40)
     assert not (tmp_path / "longer.gif.latents.safetensors").exists()
+
+    # --to TOTAL counts the input's own 4 frames: --to 7 is --frames 3, frame for frame (PNG folders: lossless).
+    for name, length in (("to-seven", ["--to", "7"]), ("three-more", ["--frames", "3"])):
+        assert main(["extend", str(tmp_path / "walk"), *length, "--overlap", "2", "--segment-frames", "4", *common,
+                     "-o", str(tmp_path / name)]) == 0
+    assert read_sidecar(tmp_path / "to-seven")["extend_frames"] == 3
+    np.testing.assert_array_equal(png_frames(tmp_path / "to-seven"), png_frames(tmp_path / "three-more"))
+    capsys.readouterr()
+    assert main(["extend", str(tmp_path / "walk"), "--to", "4", *common, "-o", str(tmp_path / "same")]) == 1
+    assert capsys.readouterr().err.endswith("already has 4 frames, so --to 4 appends nothing; give --to more than 4, "
+                                            "or --frames N to append N frames\n")
+    assert not (tmp_path / "same").exists()
