@@ -8,6 +8,7 @@ The CLI shows them with `log_to_stderr`, one plain line each.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,3 +59,38 @@ def log_to_stderr(level: int) -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(saved_level)
         logger.propagate = saved_propagate
+
+
+# transformers draws its own bars (loading weights, writing shards) whatever stderr is. This is huggingface_hub's
+# switch, which transformers and huggingface_hub read once, when they are imported.
+HUB_BARS_OFF = "HF_HUB_DISABLE_PROGRESS_BARS"
+_BAR_MODULES = ("transformers.utils.logging", "diffusers.utils.logging")  # each has the three *_progress_bar functions
+
+
+@contextmanager
+def library_progress_bars(shown: bool) -> Iterator[None]:
+    """While the block runs, the progress bars transformers and diffusers draw themselves are on or off with kinema's
+    own (`shown`; the CLI's rule: a terminal and no --quiet).
+
+    Off means: the modules already imported are switched off until the block ends, and `HF_HUB_DISABLE_PROGRESS_BARS`
+    is set meanwhile, so transformers imported during the block starts with its bars off and keeps them off (it
+    reads the switch once; a CLI process is the block's whole life).
+    """
+    if shown:
+        yield
+        return
+    saved_env = os.environ.get(HUB_BARS_OFF)
+    os.environ[HUB_BARS_OFF] = "1"
+    saved = {name: bool(sys.modules[name].is_progress_bar_enabled()) for name in _BAR_MODULES if name in sys.modules}
+    for name in saved:
+        sys.modules[name].disable_progress_bar()
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            del os.environ[HUB_BARS_OFF]
+        else:
+            os.environ[HUB_BARS_OFF] = saved_env
+        for name, enabled in saved.items():
+            if enabled:
+                sys.modules[name].enable_progress_bar()

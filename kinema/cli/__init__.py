@@ -8,7 +8,8 @@ Adding a command is a new module and one line in `COMMAND_GROUPS`.
 Exit codes: 0 success, 2 bad usage (argparse, or a failed check), 1 failure, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
 Errors print one line on stderr (`--debug`, before or after the subcommand, adds the traceback). SIGTERM and SIGHUP
 clean up like Ctrl-C: nothing half-written is left behind. Library messages show on stderr as `kinema: LEVEL: ...`:
-warnings and errors by default, info too with `--verbose`, errors only with `--quiet`.
+warnings and errors by default, info too with `--verbose`, errors only with `--quiet`. Progress bars, kinema's and
+those transformers draws itself, show on a terminal only, and not with `--quiet`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kinema.cli import batch, data, doctor, eval, generate, serve, train, ui, we
 from kinema.cli.args import add_common_options
 from kinema.errors import KinemaError, library_error_message, os_error_message
 from kinema.interrupt import Terminated, stop_on_signals
-from kinema.log import cli_level, log_to_stderr
+from kinema.log import cli_level, library_progress_bars, log_to_stderr
 
 # Every command group, in the order `kinema --help` lists them.
 COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kinema {args.label}: error: --verbose and --quiet contradict each other; give one of them",
               file=sys.stderr)
         return 2
-    with log_to_stderr(cli_level(args.verbose, args.quiet)):
+    # Library bars follow kinema's own: on a terminal, and not under --quiet.
+    bars = not args.quiet and sys.stderr.isatty()
+    with log_to_stderr(cli_level(args.verbose, args.quiet)), library_progress_bars(bars):
         # Usage checks (argument combinations, paths) run before heavy imports; a bad one is bad usage: exit 2.
         if args.check is not None:
             try:

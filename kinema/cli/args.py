@@ -28,7 +28,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> No
     parser.add_argument("--verbose", action="store_true", default=default,
                         help="also show kinema's progress messages (log level info)")
     parser.add_argument("--quiet", action="store_true", default=default,
-                        help="show only errors, not warnings")
+                        help="show only errors: no warnings, no progress bars")
 
 
 COMMON = argparse.ArgumentParser(add_help=False)

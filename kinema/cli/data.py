@@ -80,7 +80,7 @@ def run_synth(args: argparse.Namespace) -> None:
     entries = write_synth_dataset(args.out, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
                                   fps=args.fps, image_fraction=args.image_fraction, overwrite=args.overwrite,
                                   hold_out=args.hold_out, video_format=args.video_format,
-                                  workers=args.workers)
+                                  workers=args.workers, progress=not args.quiet)
     images = sum(entry["type"] == "image" for entry in entries)
     print(f"wrote {len(entries)} entries ({len(entries) - images} videos, {images} images) to {args.out} "
           f"in {time.perf_counter() - began:.1f} s")

@@ -43,7 +43,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="wall time for this command, loading included (90s, 25m, 1.5h; a bare number is "
                              "seconds): the step that ends past it is the last, checkpointed, and the weights are "
                              "exported to final/ as at the end; `--resume latest` trains on to train.steps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (--quiet: none either)")
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> None:
     """Train, then say where the run and its weights are."""
     from kinema.training.trainer import train
 
-    result = train(args.train_config, resume=args.resume, dry_run=args.dry_run, progress=not args.no_progress,
-                   time_limit=args.time_limit)
+    result = train(args.train_config, resume=args.resume, dry_run=args.dry_run,
+                   progress=not (args.no_progress or args.quiet), time_limit=args.time_limit)
     if args.dry_run:
         if result.is_main:
             print(json.dumps(result.report, indent=1))

@@ -52,3 +52,23 @@ def test_verbose_and_quiet_together_is_bad_usage(capsys, chatty_doctor):
     assert main(["--verbose", "doctor", "--quiet"]) == 2
     assert capsys.readouterr().err == ("kinema doctor: error: --verbose and --quiet contradict each other; give one "
                                        "of them\n")
+
+
+def test_library_progress_bars_switches_them_for_the_block_only(monkeypatch):
+    import os
+
+    from transformers.utils import logging as transformers_logging
+
+    from kinema.log import HUB_BARS_OFF, library_progress_bars
+
+    monkeypatch.delenv(HUB_BARS_OFF, raising=False)
+    transformers_logging.enable_progress_bar()
+    with library_progress_bars(shown=True):
+        assert transformers_logging.is_progress_bar_enabled() and HUB_BARS_OFF not in os.environ
+    with library_progress_bars(shown=False):
+        assert not transformers_logging.is_progress_bar_enabled() and os.environ[HUB_BARS_OFF] == "1"
+    assert transformers_logging.is_progress_bar_enabled() and HUB_BARS_OFF not in os.environ
+    monkeypatch.setenv(HUB_BARS_OFF, "0")  # the caller's own setting comes back
+    with library_progress_bars(shown=False):
+        assert os.environ[HUB_BARS_OFF] == "1"
+    assert os.environ[HUB_BARS_OFF] == "0"

@@ -84,3 +84,23 @@ def test_a_prompt_outside_the_world_still_makes_a_video_and_warns_once(tmp_path,
         assert settings["model"] == "kinema-tiny" and settings["steps"] == 2
     assert main(["generate", "a red circle moving right", "-o", str(tmp_path / "red.mp4")]) == 0
     assert WARNING not in capsys.readouterr().err
+
+
+def test_library_bars_stay_off_where_kinemas_own_are_off(bundled, tmp_path):
+    """transformers draws a "Loading weights" bar whatever stderr is; a kinema command whose stderr is not a terminal
+    (here a pipe, in a fresh interpreter so nothing imported transformers before) shows none, as its own bars."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KINEMA_BUNDLED_DIR": str(bundled)}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    from pathlib import Path
+
+    run = [str(Path(sys.executable).parent / "kinema"), "generate", "a red circle moving right", "-o",
+           str(tmp_path / "a.mp4")]
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {tmp_path / 'a.mp4'}: 8 frames in ")
+    assert done.stderr == ""
+
