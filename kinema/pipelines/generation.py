@@ -502,6 +502,23 @@ def decode_saved(family: VideoFamily, latents: torch.Tensor) -> torch.Tensor:
         return family.decode(latents.to(_device(family)))
 
 
+def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None:
+    """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
+    need more memory than the machine has free (left unchecked where that cannot be read)."""
+    from kinema.doctor import free_memory_bytes
+
+    needed = videos * frames * 3 * height * width * 4
+    free = free_memory_bytes()
+    if free is not None and needed > free:
+        count = f"{videos} videos of " if videos > 1 else ""
+        def size(n: int) -> str:
+            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {size(needed)} of memory for the "
+                          f"finished frames alone, and {size(free)} is free; ask for fewer frames "
+                          f"(generate --frames, extend --frames / --to), a smaller size or fewer seeds")
+
+
 def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepCallback | None = None,
              progress: bool = True, output: str = "tensor", on_latents: LatentsHook | None = None) -> GenerationResult:
     """Make one video per seed of `request` with `family`'s model (see the module docstring for the modes).
@@ -550,6 +567,13 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 
         check_frame_count(plan.latent_frames, family.model.max_frames,
                           unit="frames" if plan.frames == plan.latent_frames else "latent frames")
+
+    if mode == "extend":
+        assert input_video is not None and request.extend_frames is not None  # read above; filled by with_defaults
+        made = input_video.shape[0] + request.extend_frames
+    else:
+        made = input_video.shape[0] if input_video is not None else int(request.frames or plan.frames)
+    _check_frames_fit(len(seeds), made, plan.height, plan.width)
 
     if request.free_init is not None and (mode == "video-to-video" or (
             mode in ("image-to-video", "extend") and not family.inpaints)):
