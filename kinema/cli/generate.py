@@ -677,7 +677,7 @@ def run_decode(args: argparse.Namespace) -> None:
     device = next(family.model.parameters()).device
     reset_peak_memory(device)
     began = time.perf_counter()
-    frames = decode_saved(family, latents).cpu()
+    frames = decode_saved(family, latents, settings).cpu()
     report = {"mode": "decode", "family": family.family, "dtype": args.dtype or "float32",
               "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
               "frames": frames.shape[1], "latents": str(args.latents)}

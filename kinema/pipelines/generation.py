@@ -493,11 +493,33 @@ def _as_output(frames: torch.Tensor, output: str) -> Any:
     return [[Image.fromarray(frame) for frame in video] for video in arrays]
 
 
-def decode_saved(family: VideoFamily, latents: torch.Tensor) -> torch.Tensor:
-    """Frames `(B, F, 3, H, W)` in [0, 1] of latents saved before decoding (`kinema decode`)."""
+def _check_saved_by_a_match(family: VideoFamily, latents: torch.Tensor, settings: Sequence[dict[str, Any]]) -> None:
+    """One KinemaError line when the settings saved with `latents` say another kind of VAE made them: another family,
+    or a video size this model's VAE would not decode them to. Older files without those fields pass."""
+    recorded = settings[0] if settings else {}
+    maker = recorded.get("model")
+    fix = f"decode them with --model {maker}, the model that made them" if maker else \
+        "decode them with the model that made them"
+    if recorded.get("family") not in (None, family.family):
+        raise KinemaError(f"these latents were made by {maker or 'a model'} of the {recorded['family']} family, and "
+                          f"{family.name} is of the {family.family} family: its VAE reads other latents; {fix}")
+    side = (latents.shape[-2] * family.spatial_factor, latents.shape[-1] * family.spatial_factor)
+    wanted = (recorded.get("height"), recorded.get("width"))
+    if None not in wanted and side != wanted:
+        raise KinemaError(f"these latents were saved for {wanted[1]}x{wanted[0]} videos, but {family.name}'s VAE "
+                          f"would decode them to {side[1]}x{side[0]}: it is not the VAE that made them; {fix}")
+
+
+def decode_saved(family: VideoFamily, latents: torch.Tensor,
+                 settings: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+    """Frames `(B, F, 3, H, W)` in [0, 1] of latents saved before decoding (`kinema decode`). `settings`, the ones
+    saved with them (`load_latents`), are checked first: latents another family's or another size of VAE made are
+    refused, before any decoding."""
     if latents.ndim != 5 or latents.shape[1] != family.latent_channels:
         raise KinemaError(f"saved latents must be (B, {family.latent_channels}, F', h, w) for this model; got "
                           f"{tuple(latents.shape)}")
+    if settings is not None:
+        _check_saved_by_a_match(family, latents, settings)
     with torch.no_grad():
         return family.decode(latents.to(_device(family)))
 

@@ -435,6 +435,27 @@ def test_frames_that_cannot_fit_in_memory_are_refused_before_denoising(family, m
     assert run(family, frames=8, seeds=[1, 2], steps=1).frames.shape == (2, 8, 3, SIZE, SIZE)
 
 
+def test_saved_latents_are_refused_by_a_vae_that_did_not_make_them(animatediff, easyanimate):
+    """decode_saved with the settings saved beside the latents: the family that made them decodes them as generate
+    did; the other family, or a VAE that would decode them to another size, is refused before decoding."""
+    from kinema.pipelines.generation import decode_saved
+
+    saved = {}
+    made = generate(easyanimate, request(frames=8, steps=2), progress=False,
+                    on_latents=lambda latents, settings: saved.update(latents=latents, settings=settings))
+    latents, settings = saved["latents"], saved["settings"]
+    torch.testing.assert_close(decode_saved(easyanimate, latents, settings), made.frames)
+    with pytest.raises(KinemaError, match=r"made by .* of the easyanimate family, and .* is of the animatediff "
+                                          r"family: its VAE reads other latents; decode them with --model "):
+        decode_saved(animatediff, latents, settings)
+    smaller = [{**settings[0], "height": SIZE // 2, "width": SIZE // 2}]
+    with pytest.raises(KinemaError, match=f"saved for {SIZE // 2}x{SIZE // 2} videos, but .* would decode them to "
+                                          f"{SIZE}x{SIZE}: it is not the VAE that made them"):
+        decode_saved(easyanimate, latents, smaller)
+    without = [{k: v for k, v in settings[0].items() if k not in ("family", "height", "width")}]
+    torch.testing.assert_close(decode_saved(easyanimate, latents, without), made.frames)  # older files pass
+
+
 def test_image_to_video_needs_an_inpaint_model_on_the_dit(easyanimate, monkeypatch):
     t2v = EasyAnimateFamily(tiny_video_dit(caption_channels=48), easyanimate.vae, easyanimate.text_encoder,
                             easyanimate.tokenizer)
