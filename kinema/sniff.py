@@ -91,6 +91,12 @@ _MAGIC: list[tuple[int, bytes, Kind, str, str]] = [
     (0, b"\x89PNG\r\n\x1a\n", Kind.OTHER_FORMAT, "a PNG image, not weights", "check the path"),
     (0, b"\xff\xd8\xff", Kind.OTHER_FORMAT, "a JPEG image, not weights", "check the path"),
     (0, b"%PDF-", Kind.OTHER_FORMAT, "a PDF document, not weights", "check the path"),
+    # Videos and animations, e.g. a model's sample clip saved in place of its weights.
+    *((offset, magic, Kind.OTHER_FORMAT, f"{what}, not weights",
+       "check the path (`kinema extend` and `kinema v2v` take videos)")
+      for offset, magic, what in ((4, b"ftyp", "an MP4 / MOV video"), (0, b"\x1aE\xdf\xa3", "a WebM / Matroska video"),
+                                  (0, b"GIF8", "a GIF image or animation"), (8, b"WEBP", "a WebP image or animation"),
+                                  (8, b"AVI ", "an AVI video"))),
 ]
 
 # Byte-order marks, longest first (UTF-32's begin with UTF-16's).

@@ -175,6 +175,21 @@ def test_not_weights_get_their_one_line(tmp_path, name, content, expected):
         assert message.startswith(f"{path} {expected}"), message
 
 
+@pytest.mark.parametrize(("suffix", "what"), [
+    (".mp4", "an MP4 / MOV video"), (".webm", "a WebM / Matroska video"), (".gif", "a GIF image or animation"),
+    (".webp", "a WebP image or animation"),
+])
+def test_a_video_named_as_weights_is_called_a_video(tmp_path, suffix, what):
+    """A real clip (written by kinema's video writer) saved under a weights name."""
+    from kinema.data.video_io import write_video
+
+    write_video(torch.zeros(2, 3, 16, 16), tmp_path / f"clip{suffix}")
+    path = (tmp_path / f"clip{suffix}").rename(tmp_path / "mm_sd_v15_v2.ckpt")
+    for message in refusals(path):
+        assert message == (f"{path} is {what}, not weights; check the path (`kinema extend` and `kinema v2v` take "
+                           f"videos)"), message
+
+
 def test_random_bytes_are_unknown_binary(tmp_path):
     data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
     path = tmp_path / "noise.ckpt"
