@@ -524,6 +524,10 @@ def decode_saved(family: VideoFamily, latents: torch.Tensor,
         return family.decode(latents.to(_device(family)))
 
 
+def _memory_words(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None:
     """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
     need more memory than the machine has free (left unchecked where that cannot be read)."""
@@ -533,11 +537,8 @@ def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None
     free = free_memory_bytes()
     if free is not None and needed > free:
         count = f"{videos} videos of " if videos > 1 else ""
-        def size(n: int) -> str:
-            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {size(needed)} of memory for the "
-                          f"finished frames alone, and {size(free)} is free; ask for fewer frames "
+        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {_memory_words(needed)} of memory for "
+                          f"the finished frames alone, and {_memory_words(free)} is free; ask for fewer frames "
                           f"(generate --frames, extend --frames / --to), a smaller size or fewer seeds")
 
 
