@@ -542,9 +542,7 @@ def check_extend(args: argparse.Namespace) -> None:
 def _frames_to_append(video: str, total: int) -> int:
     """How many frames `kinema extend --to TOTAL` appends to `video`; a KinemaError when it is already that long."""
     from kinema.data.dataset import count_frames
-    from kinema.data.video_io import read_video
 
-    read_video(video, max_frames=1)  # a corrupt or unreadable file is refused in one line, as everywhere
     have = count_frames(Path(video))
     if total <= have:
         raise KinemaError(f"{video} already has {have} frames, so --to {total} appends nothing; give --to more than "

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kinema.data.sampler import BatchOrder
-from kinema.data.video_io import IMAGE_SUFFIXES, PILLOW_SUFFIXES, read_video
+from kinema.data.video_io import IMAGE_SUFFIXES, PILLOW_SUFFIXES, read_errors_named, read_video
 from kinema.errors import KinemaError
 
 logger = logging.getLogger(__name__)
@@ -159,10 +159,10 @@ def resize_and_crop(pixels: torch.Tensor, size: tuple[int, int], position: float
 
 def count_frames(path: Path) -> int:
     """Frames in a video, animation, still or frame folder: the container's count when it has one, else counted
-    by decoding."""
+    by decoding. A file that cannot be read is one KinemaError line (`read_errors_named`)."""
     if path.is_dir() or path.suffix.lower() in PILLOW_SUFFIXES:
         return probe(path)[2]
-    with av.open(str(path)) as container:
+    with read_errors_named(path), av.open(str(path)) as container:
         if not container.streams.video:
             raise KinemaError(f"{path} has no video stream")
         stream = container.streams.video[0]
@@ -187,7 +187,7 @@ def probe(path: Path) -> tuple[int, int, int]:
     if path.suffix.lower() in PILLOW_SUFFIXES:
         with Image.open(path) as image:
             return image.height, image.width, getattr(image, "n_frames", 1)
-    with av.open(str(path)) as container:
+    with read_errors_named(path), av.open(str(path)) as container:
         if not container.streams.video:
             raise KinemaError(f"{path} has no video stream")
         stream = container.streams.video[0]

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -363,6 +364,17 @@ _READERS: dict[str, _Reader] = {
 PILLOW_SUFFIXES = tuple(suffix for suffix, reader in _READERS.items() if reader is _read_pillow)
 
 
+@contextmanager
+def read_errors_named(path: Path) -> Iterator[None]:
+    """Reading `path` in the block, a decoder's error becomes one KinemaError line naming the file and the cause."""
+    try:
+        yield
+    except (OSError, av.FFmpegError, Image.DecompressionBombError, EOFError, SyntaxError) as err:
+        # Pillow reports some truncated files as SyntaxError; PyAV's errors subclass OSError or FFmpegError.
+        raise KinemaError(f"cannot read {path}: it is corrupt, truncated or not a {path.suffix.lower() or 'frame'} "
+                          f"file ({type(err).__name__}: {err})") from None
+
+
 def read_video(path: str | os.PathLike, start: int = 0, stride: int = 1, max_frames: int | None = None) -> VideoClip:
     """Read frames `start, start + stride, ...` (at most `max_frames`) of a video, animation, image or frame folder.
 
@@ -384,12 +396,8 @@ def read_video(path: str | os.PathLike, start: int = 0, stride: int = 1, max_fra
     else:
         raise KinemaError(f"cannot read {path.name}: unsupported extension {suffix!r}; supported: "
                           f"{', '.join(_READERS)}, or a folder of frames")
-    try:
+    with read_errors_named(path):
         array, fps, total = reader(path, start, stride, max_frames)
-    except (OSError, av.FFmpegError, Image.DecompressionBombError, EOFError, SyntaxError) as err:
-        # Pillow reports some truncated files as SyntaxError; PyAV's errors subclass OSError or FFmpegError.
-        raise KinemaError(f"cannot read {path}: it is corrupt, truncated or not a {suffix or 'frame'} file "
-                          f"({type(err).__name__}: {err})") from None
     if array.shape[0] == 0:
         if total == 0:
             raise KinemaError(f"{path} holds no frames")

@@ -378,3 +378,10 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     assert capsys.readouterr().err.endswith("already has 4 frames, so --to 4 appends nothing; give --to more than 4, "
                                             "or --frames N to append N frames\n")
     assert not (tmp_path / "same").exists()
+    # Counting the frames of a file no decoder can read is one line, also when --height / --width skip reading it.
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    assert main(["extend", str(tmp_path / "broken.mp4"), "--to", "8", "--height", "24", "--width", "40", *common,
+                 "-o", str(tmp_path / "never.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot read {tmp_path / 'broken.mp4'}: it is corrupt, truncated or not a .mp4 " \
+        "file (InvalidDataError" in err
