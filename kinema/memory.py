@@ -1,12 +1,16 @@
-"""Peak memory of a stage of work: the process's resident memory on the CPU, allocated memory on CUDA."""
+"""Memory of a stage of work: its peak (the process's resident memory on the CPU, allocated memory on CUDA), and
+what a device has free before it starts."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from kinema.errors import KinemaError
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -54,3 +58,90 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return _rss_high_water()
+
+
+# What is free: the host's MemAvailable, capped by the memory cgroup's room.
+_MEMINFO = Path("/proc/meminfo")
+_PROC_CGROUP = Path("/proc/self/cgroup")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1 reports "no limit" as a huge page-rounded number.
+_NO_LIMIT = 1 << 60
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_field(path: Path, field: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == field and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_room() -> int | None:
+    """Bytes the process's memory cgroup may still take (its limit less what it holds, less file cache the kernel
+    would reclaim); None without a limit."""
+    own_v2, own_v1 = "", ""
+    try:
+        for line in _PROC_CGROUP.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own_v2 = path.strip("/")
+            elif "memory" in controllers.split(","):
+                own_v1 = path.strip("/")
+    except (OSError, ValueError):
+        pass
+    candidates = [(_CGROUP_ROOT / own_v2, "memory.max", "memory.current", "inactive_file"),
+                  (_CGROUP_ROOT, "memory.max", "memory.current", "inactive_file"),
+                  (_CGROUP_ROOT / "memory" / own_v1, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                   "total_inactive_file"),
+                  (_CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+    for folder, limit_file, usage_file, cache_field in candidates:
+        limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
+        if limit is None or usage is None:
+            continue  # "max" (v2's no limit) reads as None too
+        if limit >= _NO_LIMIT:
+            return None
+        return max(limit - max(usage - _stat_field(folder / "memory.stat", cache_field), 0), 0)
+    return None
+
+
+def _host_available() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else the free pages sysconf reports."""
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return int(os.sysconf(name)) * page
+        except (ValueError, OSError):
+            continue
+    raise KinemaError("cannot tell how much memory this machine has free (no /proc/meminfo or sysconf)")
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes free for this process on `device`: for the CPU (and Apple's unified memory) the host's MemAvailable,
+    capped by the memory cgroup's room; for CUDA the driver's free memory plus what this process's caching allocator
+    holds unused."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type in ("cpu", "mps"):
+        host = _host_available()
+        room = _cgroup_room()
+        return host if room is None else min(host, room)
+    raise KinemaError(f"cannot tell the free memory of device {device}; train on cpu or cuda")

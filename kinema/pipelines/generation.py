@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
-from kinema.memory import peak_memory_bytes, reset_peak_memory
+from kinema.memory import available_memory, peak_memory_bytes, reset_peak_memory
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, overlap_error
 from kinema.sampling.denoisers import Denoiser
@@ -531,11 +531,12 @@ def _memory_words(size: int) -> str:
 def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None:
     """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
     need more memory than the machine has free (left unchecked where that cannot be read)."""
-    from kinema.doctor import free_memory_bytes
-
     needed = videos * frames * 3 * height * width * 4
-    free = free_memory_bytes()
-    if free is not None and needed > free:
+    try:
+        free = available_memory("cpu")  # the finished frames are gathered on the CPU, whatever the device
+    except KinemaError:
+        return
+    if needed > free:
         count = f"{videos} videos of " if videos > 1 else ""
         raise KinemaError(f"{count}{frames} frames at {width}x{height} need {_memory_words(needed)} of memory for "
                           f"the finished frames alone, and {_memory_words(free)} is free; ask for fewer frames "

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import kinema.memory as memory_module
 import kinema.training.estimate as estimate_module
 from kinema.errors import KinemaError
 from kinema.training.estimate import (
@@ -289,9 +290,9 @@ def test_available_memory_reads_meminfo_capped_by_the_cgroup(monkeypatch, tmp_pa
     (cgroups / "job").mkdir(parents=True)
     proc_cgroup = tmp_path / "self_cgroup"
     proc_cgroup.write_text("0::/job\n")
-    monkeypatch.setattr(estimate_module, "_MEMINFO", meminfo)
-    monkeypatch.setattr(estimate_module, "_CGROUP_ROOT", cgroups)
-    monkeypatch.setattr(estimate_module, "_PROC_CGROUP", proc_cgroup)
+    monkeypatch.setattr(memory_module, "_MEMINFO", meminfo)
+    monkeypatch.setattr(memory_module, "_CGROUP_ROOT", cgroups)
+    monkeypatch.setattr(memory_module, "_PROC_CGROUP", proc_cgroup)
     assert available_memory("cpu") == 1500000 * 1024  # no cgroup files: the host's MemAvailable
     (cgroups / "job" / "memory.max").write_text("max\n")
     (cgroups / "job" / "memory.current").write_text("700000000\n")
