@@ -5,29 +5,23 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from kinema import __version__
+from kinema.errors import KinemaError
+from kinema.memory import available_memory
 
 # The encoders the report looks for, in the order it lists them (kinema writes .mp4 with libx264).
 VIDEO_ENCODERS = ("libx264", "h264", "mpeg4", "gif", "libwebp", "webp", "png", "vp9", "libvpx-vp9")
 
 
 def free_memory_bytes() -> int | None:
-    """Memory available to a new process, in bytes: MemAvailable on Linux (MemFree leaves out the page cache the
-    kernel would give back), free pages elsewhere; None where neither can be read."""
+    """Memory free for kinema on the CPU, in bytes, as generation and training read it (MemAvailable capped by the
+    memory cgroup, `kinema.memory.available_memory`); None where it cannot be read."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        return available_memory("cpu")
+    except KinemaError:
         return None
 
 

@@ -16,6 +16,13 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def memory_words(size: int | None) -> str:
+    """Bytes as people read them: GiB with two decimals from 1 GiB up, whole MiB below; "unknown" for None."""
+    if size is None:
+        return "unknown"
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
 def _status_bytes(field: str) -> int | None:
     """A memory line of Linux's /proc/self/status (`VmRSS`, `VmHWM`) in bytes; None elsewhere."""
     if _STATUS.is_file():
@@ -123,11 +130,10 @@ def _host_available() -> int:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    page = os.sysconf("SC_PAGE_SIZE")
     for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
         try:
-            return int(os.sysconf(name)) * page
-        except (ValueError, OSError):
+            return int(os.sysconf(name)) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # AttributeError: no os.sysconf (Windows)
             continue
     raise KinemaError("cannot tell how much memory this machine has free (no /proc/meminfo or sysconf)")
 

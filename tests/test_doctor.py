@@ -1,7 +1,6 @@
 """`kinema doctor`: every field checked against a source of its own (torch, PyAV, the package metadata, the
 environment, /proc/meminfo read here), never against the report itself."""
 
-import io
 import json
 import platform
 import re
@@ -12,7 +11,7 @@ import av
 import pytest
 import torch
 
-from kinema import doctor
+from kinema import memory as memory_module
 from kinema.cli import main
 from kinema.doctor import doctor_report
 
@@ -91,27 +90,32 @@ Buffers:          123456 kB
 """
 
 
-def test_free_memory_is_mem_available_with_fallbacks(monkeypatch):
-    real_open = open
-
-    def fake_meminfo(path, *args, **kwargs):
-        return io.StringIO(MEMINFO) if path == "/proc/meminfo" else real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(doctor, "open", fake_meminfo, raising=False)
+def test_free_memory_is_mem_available_capped_by_the_cgroup_with_fallbacks(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    monkeypatch.setattr(memory_module, "_MEMINFO", meminfo)
+    monkeypatch.setattr(memory_module, "_PROC_CGROUP", tmp_path / "no cgroup file")
+    monkeypatch.setattr(memory_module, "_CGROUP_ROOT", tmp_path / "no cgroups")
     assert doctor_report()["free_memory_gib"] == 3.5  # 3670016 kB; MemFree would give 1.0
 
-    def no_proc(path, *args, **kwargs):
-        raise FileNotFoundError(path)
+    # A container's memory cgroup (v2) with 3 GiB of room less 0.5 GiB held: what generation and training count too.
+    group = tmp_path / "cgroups"
+    group.mkdir()
+    (group / "memory.max").write_text(str(3 * 2**30))
+    (group / "memory.current").write_text(str(2**29))
+    monkeypatch.setattr(memory_module, "_CGROUP_ROOT", group)
+    assert doctor_report()["free_memory_gib"] == 2.5
 
     pages = {"SC_AVPHYS_PAGES": 393216, "SC_PAGE_SIZE": 4096}  # 1.5 GiB, where there is no /proc (macOS)
-    monkeypatch.setattr(doctor, "open", no_proc, raising=False)
-    monkeypatch.setattr(doctor.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(memory_module, "_MEMINFO", tmp_path / "no meminfo")
+    monkeypatch.setattr(memory_module, "_CGROUP_ROOT", tmp_path / "no cgroups")
+    monkeypatch.setattr(memory_module.os, "sysconf", lambda name: pages[name])
     assert doctor_report()["free_memory_gib"] == 1.5
 
     def unsupported(name):
         raise ValueError(f"unrecognized configuration name {name}")
 
-    monkeypatch.setattr(doctor.os, "sysconf", unsupported)
+    monkeypatch.setattr(memory_module.os, "sysconf", unsupported)
     assert doctor_report()["free_memory_gib"] is None
 
 

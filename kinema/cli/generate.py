@@ -578,14 +578,12 @@ def _load(args: argparse.Namespace) -> Any:
                        tokenizer=args.tokenizer)
 
 
-def _gib(count: int | None) -> str:
-    return "unknown" if count is None else f"{count / 2**30:.2f} GiB"
-
-
 def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:
+    from kinema.memory import memory_words
+
     for path in paths:
         print(f"wrote {path}: {report.get('frames')} frames in {report.get('seconds', 0):.1f} s, "
-              f"{report.get('dtype')}, peak memory {_gib(report.get('peak_memory_bytes'))}")
+              f"{report.get('dtype')}, peak memory {memory_words(report.get('peak_memory_bytes'))}")
     if latents is not None:
         print(f"saved latents to {latents} (`kinema decode` decodes them again)")
 

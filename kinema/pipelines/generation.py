@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
-from kinema.memory import available_memory, peak_memory_bytes, reset_peak_memory
+from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, overlap_error
 from kinema.sampling.denoisers import Denoiser
@@ -524,10 +524,6 @@ def decode_saved(family: VideoFamily, latents: torch.Tensor,
         return family.decode(latents.to(_device(family)))
 
 
-def _memory_words(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-
-
 def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None:
     """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
     need more memory than the machine has free (left unchecked where that cannot be read)."""
@@ -538,8 +534,8 @@ def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None
         return
     if needed > free:
         count = f"{videos} videos of " if videos > 1 else ""
-        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {_memory_words(needed)} of memory for "
-                          f"the finished frames alone, and {_memory_words(free)} is free; ask for fewer frames "
+        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {memory_words(needed)} of memory for "
+                          f"the finished frames alone, and {memory_words(free)} is free; ask for fewer frames "
                           f"(generate --frames, extend --frames / --to), a smaller size or fewer seeds")
 
 
