@@ -45,6 +45,7 @@ from kinema import __version__
 from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.errors import KinemaError, library_error_message, shorten
+from kinema.pipelines.request import MAX_FPS, MAX_SEED, MIN_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,11 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "steps": {"type": "integer", "minimum": 1},
         "guidance": {"type": "number", "minimum": 1},
         "scheduler": {"type": "string"},
-        "seed": {"type": "integer", "description": "-1 draws a random seed (recorded in the job's settings)"},
+        "seed": {"type": "integer", "maximum": MAX_SEED,
+                 "description": "-1 draws a random seed (recorded in the job's settings)"},
         "seeds": {"type": "array", "items": {"type": "integer"}, "description": "one video per seed"},
         "resize": {"type": "boolean", "description": "resize the start image to height x width"},
-        "fps": {"type": "number", "exclusiveMinimum": 0},
+        "fps": {"type": "number", "minimum": MIN_FPS, "maximum": MAX_FPS},
         "image_base64": {"type": "string", "description": "the start image (image-to-video), base64"},
         "end_image_base64": {"type": "string", "description": "the end image, base64 (needs a start image)"},
         "video_base64": {"type": "string", "description": "the input video, base64: video-to-video, or with "

@@ -1,6 +1,7 @@
 """What every `kinema` subcommand shares: the common options, the argument types and the way a command is added.
 
-Only argparse and the standard library are imported here, so that `kinema --help` and usage errors stay fast.
+Only argparse, the standard library and kinema's plain-data request (no torch) are imported here, so that `kinema
+--help` and usage errors stay fast.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import argparse
 import socket
 from collections.abc import Callable
 from typing import Any
+
+from kinema.pipelines.request import MAX_FPS, MAX_SEED, MIN_FPS
 
 # What a command module gives `add_command`: `run(args)` does the work; `check(args)` validates the arguments
 # before any heavy import and raises KinemaError for bad usage (exit 2).
@@ -82,6 +85,13 @@ def checked_number(parse: Callable[[str], Any], expected: str, accepts: Callable
 
 positive_int = checked_number(int, "a whole number", lambda value: value > 0, "a positive whole number")
 non_negative_int = checked_number(int, "a whole number", lambda value: value >= 0, "0 or more")
+# A seed seeds a torch.Generator, which takes 0 .. 2**64 - 1 (kinema.pipelines.request.MAX_SEED).
+seed_number = checked_number(int, "a whole number", lambda value: 0 <= value <= MAX_SEED,
+                             "from 0 to 2**64 - 1")
+frame_rate = checked_number(float, "a number", lambda value: MIN_FPS <= value <= MAX_FPS,
+                            f"from {MIN_FPS} to {MAX_FPS:g} frames per second")
+whole_frame_rate = checked_number(int, "a whole number", lambda value: 1 <= value <= MAX_FPS,
+                                  f"from 1 to {MAX_FPS:g} frames per second")
 fraction = checked_number(float, "a number between 0 and 1", lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kinema.cli.args import add_command, add_group, example, fraction, non_negative_int, positive_int
+from kinema.cli.args import add_command, add_group, example, fraction, positive_int, seed_number, whole_frame_rate
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:
@@ -23,11 +23,11 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--out", required=True, help="dataset folder to create")
     synth.add_argument("--n", type=positive_int, required=True, help="number of clips")
-    synth.add_argument("--seed", type=non_negative_int, default=0, help="dataset seed, >= 0 (default 0)")
+    synth.add_argument("--seed", type=seed_number, default=0, help="dataset seed, >= 0 (default 0)")
     synth.add_argument("--frames", type=positive_int, default=16, help="frames per clip, 2 to 1024 (default 16)")
     synth.add_argument("--size", type=positive_int, default=64, help="width = height in pixels, a multiple of 16 "
                        "up to 1024 (default 64)")
-    synth.add_argument("--fps", type=positive_int, default=8, help="frame rate stored in the videos (default 8)")
+    synth.add_argument("--fps", type=whole_frame_rate, default=8, help="frame rate stored in the videos (default 8)")
     synth.add_argument("--image-fraction", type=fraction, default=0.0,
                        help="share of entries written as single-frame PNG images for joint image+video training "
                             "(default 0)")
@@ -55,7 +55,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        "kinema eval --prompts out/prompts-31337/synth.jsonl --json"),
     )
     prompts.add_argument("--out", required=True, help="folder to create")
-    prompts.add_argument("--seed", type=non_negative_int, required=True,
+    prompts.add_argument("--seed", type=seed_number, required=True,
                          help="synth seed to draw the clips from (not a seed any model trained on)")
     prompts.add_argument("--overwrite", action="store_true", help="replace an earlier prompt set at OUT")
 

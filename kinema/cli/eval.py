@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
+from kinema.cli.args import add_command, checked_number, example, positive_int, seed_number
 from kinema.errors import KinemaError
 from kinema.pipelines.request import SPEEDS
 
@@ -52,7 +52,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--speed", choices=SPEEDS,
                         help="score under a speed preset, as kinema generate --speed makes videos (default: the "
                              "model's own settings)")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
+    parser.add_argument("--seed", type=seed_number, default=0,
                         help="added to every prompt's seed: another draw of the same set (default 0)")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N prompts")
     parser.add_argument("--no-continuation", action="store_true",
@@ -78,14 +78,15 @@ def check_eval(args: argparse.Namespace) -> None:
     prompt file (every line) and DIR."""
     from kinema.bundled import resolve_model
     from kinema.eval.prompts import DEFAULT_PROMPTS, read_prompts
-    from kinema.eval.run import EVAL_KIND, default_out_dir
+    from kinema.eval.run import EVAL_KIND, check_eval_inputs, default_out_dir
     from kinema.fileio import check_output
 
     if args.continuations is not None and args.no_continuation:
         raise KinemaError("--continuations N and --no-continuation contradict each other: give one")
     args.prompts = Path(args.prompts) if args.prompts is not None else DEFAULT_PROMPTS
-    read_prompts(args.prompts)
+    entries = read_prompts(args.prompts)
     resolve_model(args.model)
+    check_eval_inputs(args.model, entries[:args.limit], args.prompts, seed=args.seed, frames=args.frames)
     args.out = Path(args.out) if args.out is not None else default_out_dir(args.model)
     check_output(args.out, EVAL_KIND, folder=True, overwrite=args.overwrite, inputs=(args.prompts,))
 

@@ -27,9 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.cli.args import add_command, checked_number, example, non_negative_int, positive_int
+from kinema.cli.args import (
+    add_command,
+    checked_number,
+    example,
+    frame_rate,
+    non_negative_int,
+    positive_int,
+    seed_number,
+)
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import model_defaults_for
+from kinema.pipelines.jobs import check_image_file, check_model_frames, model_defaults_for
 
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
@@ -216,7 +224,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     _add_model_options(decode)
     decode.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp) or frames folder (no "
                                                "extension); default <latents name>-decoded.mp4")
-    decode.add_argument("--fps", type=positive_number, help="frames per second (default: the stored settings')")
+    decode.add_argument("--fps", type=frame_rate, help="frames per second (default: the stored settings')")
     decode.add_argument("--overwrite", action="store_true",
                         help="replace earlier kinema outputs at OUT (never files kinema did not write)")
 
@@ -271,7 +279,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=number,
                        help="classifier-free guidance scale, >= 1 (1 turns it off; default: the model's kinema.json "
                             "defaults, else 7.5)")
-    group.add_argument("--seed", type=non_negative_int, nargs="+", metavar="N",
+    group.add_argument("--seed", type=seed_number, nargs="+", metavar="N",
                        help="one video per seed (default 0)")
     group.add_argument("--scheduler", choices=list(SCHEDULERS),
                        help="sampler (default: the model's kinema.json defaults, else the model family's)")
@@ -303,7 +311,7 @@ def _add_output_options(parser: argparse.ArgumentParser, *, latents: bool) -> No
     group.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or "
                                               "frames folder (no extension); several seeds write STEM-seedS.SUFFIX "
                                               "beside it")
-    group.add_argument("--fps", type=positive_number, help="frames per second (default 8)")
+    group.add_argument("--fps", type=frame_rate, help="frames per second (default 8)")
     group.add_argument("--overwrite", action="store_true",
                        help=f"replace earlier kinema outputs at OUT{saved} (never files kinema did not write)")
 
@@ -366,21 +374,32 @@ def _require_path(path: str | None, what: str) -> None:
         raise KinemaError(f"no such {what}: {path}")
 
 
-def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> None:
+def _check_image(path: str | None, what: str) -> None:
+    """An image option names an image file PIL can read (its header, not its pixels)."""
+    _require_path(path, what)
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise KinemaError(f"the {what} {path} is a folder; give an image file (PNG, JPEG or WebP)")
+    check_image_file(path, what)
+
+
+def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Path:
     """The model (`--model`, or the bundled default) exists as a path or a bundled name, and so do the other model
-    files; options among `defaults` left unset take the model's kinema.json defaults."""
+    files; options among `defaults` left unset take the model's kinema.json defaults. Returns the model's path."""
     if args.model is None:
         args.model = DEFAULT_MODEL
     _apply_speed(args)
     # `kinema generate` has no --overlap, but continues past the model's window with the model's overlap.
     unset = [key for key in defaults + CONTINUATION_DEFAULTS if getattr(args, key, None) is None]
-    _, found = model_defaults_for(args.model, unset, f"no such model file or folder: {args.model}")
+    folder, found = model_defaults_for(args.model, unset, f"no such model file or folder: {args.model}")
     for key, value in found.items():
         setattr(args, key, value)
     _require_path(args.motion_module, "motion module")
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
+    return folder
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -489,10 +508,11 @@ def check_generate(args: argparse.Namespace) -> None:
         return
     if args.end_image is not None and args.image is None:
         raise KinemaError("--end-image needs --image (the first frame) too")
-    _require_path(args.image, "image")
-    _require_path(args.end_image, "end image")
-    _check_model(args, GENERATE_DEFAULTS)
+    _check_image(args.image, "image")
+    _check_image(args.end_image, "end image")
+    model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
+    check_model_frames(model, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from kinema.cli.args import add_command, example, non_negative_int, positive_int
+from kinema.cli.args import add_command, example, positive_int, seed_number
 from kinema.errors import KinemaError
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
@@ -73,7 +73,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                                       "--patch-size 1 --heads 8 --out runs/kinema-tiny/dit-p1-start"))
     init.add_argument("name", choices=("kinema-tiny", "kinema-tiny-ad"), help="which model")
     init.add_argument("--out", required=True, help="folder to create (new or empty)")
-    init.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights (default 0)")
+    init.add_argument("--seed", type=seed_number, default=0, help="seed of the initial weights (default 0)")
     init.add_argument("--vae", help="a trained VAE folder to use instead of a fresh one")
     init.add_argument("--scale-data", metavar="DATA", help="with --vae: a dataset folder to measure the latents' "
                       "scaling factor on (1 / their std over its first 64 videos)")

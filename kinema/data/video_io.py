@@ -41,6 +41,7 @@ from PIL import Image, PngImagePlugin
 from kinema import __version__
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
+from kinema.pipelines.request import check_fps
 
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
@@ -270,8 +271,7 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps:
     if suffix not in _WRITERS:
         supported = ", ".join(s for s in _WRITERS if s) + ", or a folder path with no extension (PNG frames)"
         raise KinemaError(f"cannot write {path.name}: unsupported extension {suffix!r}; supported: {supported}")
-    if not fps > 0:
-        raise KinemaError(f"fps must be positive, got {fps}")
+    check_fps(fps)
     if not 0 <= crf <= 63:
         raise KinemaError(f"crf must be between 0 and 63 (lower is better quality), got {crf}")
     array = to_uint8_frames(frames)

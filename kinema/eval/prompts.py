@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError
+from kinema.pipelines.request import MAX_SEED
 
 COLOR_NAMES = ("red", "green", "blue", "yellow", "white", "purple", "orange", "cyan")
 SHAPE_NAMES = ("circle", "square", "triangle")
@@ -102,8 +103,8 @@ def _entry(value: Any, folder: Path, where: str, line: int) -> PromptEntry:
         raise KinemaError(f"{where}: a circle cannot show {value['motion']} (a turning circle looks still, so the "
                           "synthetic world never rotates circles); use a square or triangle, or another motion")
     seed = value.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise KinemaError(f"{where}: \"seed\" must be a whole number >= 0, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise KinemaError(f"{where}: \"seed\" must be a whole number from 0 to 2**64 - 1, got {seed!r}")
     held_out = value.get("held_out", False)
     if not isinstance(held_out, bool):
         raise KinemaError(f"{where}: \"held_out\" must be true or false, got {held_out!r}")
@@ -116,9 +117,17 @@ def _entry(value: Any, folder: Path, where: str, line: int) -> PromptEntry:
         if not isinstance(image, str) or not image:
             raise KinemaError(f"{where}: \"image\" must be a path (relative to the prompt file), got {image!r}")
         image_path = (folder / image).resolve()
+        if image_path.is_dir():
+            raise KinemaError(f"{where}: \"image\" {image} is a folder ({image_path}); give an image file")
         if not image_path.is_file():
             raise KinemaError(f"{where}: no such image {image} (looked for {image_path}); image paths are relative "
                               "to the prompt file's folder")
+        from kinema.pipelines.jobs import check_image_file
+
+        try:
+            check_image_file(image_path, "start image")
+        except KinemaError as err:
+            raise KinemaError(f"{where}: {err}") from None
     return PromptEntry(prompt=prompt, color=value["color"], shape=value["shape"], motion=value["motion"],
                        image=image_path, seed=seed, held_out=held_out, source=source, line=line)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from kinema.errors import KinemaError
 from kinema.eval.prompts import DEFAULT_PROMPTS, LABEL_NAMES, PromptEntry, default_seed, read_prompts
+from kinema.pipelines.request import MAX_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,23 @@ def default_out_dir(model: str) -> Path:
     return Path("out") / f"eval-{_slug(Path(str(model)).name)}"
 
 
+def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: str | os.PathLike, *, seed: int,
+                      frames: int | None) -> None:
+    """One KinemaError line, before any model loads, for a frame count the model cannot make (or too few to show
+    motion) or a line whose seed plus `seed` is past the largest seed."""
+    if frames is not None and frames < 2:
+        raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
+    if frames is not None:
+        from kinema.bundled import resolve_model
+        from kinema.pipelines.jobs import check_model_frames
+
+        check_model_frames(resolve_model(model, f"no such model file or folder: {model}"), frames)
+    for entry in entries:
+        if _video_seed(entry, seed) > MAX_SEED:
+            raise KinemaError(f"{prompts_path}, line {entry.line}: its seed plus --seed {seed} is "
+                              f"{_video_seed(entry, seed)}, over 2**64 - 1 (the largest seed); give a smaller --seed")
+
+
 def evaluate(
     model: str,
     prompts_path: str | os.PathLike = DEFAULT_PROMPTS,
@@ -282,8 +300,7 @@ def evaluate(
         entries = entries[:limit]
     if isinstance(continuations, bool) or not isinstance(continuations, int) or continuations < 1:
         raise KinemaError(f"continuations must be a whole number of at least 1, got {continuations!r}")
-    if frames is not None and frames < 2:
-        raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
+    check_eval_inputs(model, entries, prompts_path, seed=seed, frames=frames)
     if guidance is not None and not 1 <= guidance < float("inf"):
         raise KinemaError(f"guidance must be a finite number >= 1 (1 turns classifier-free guidance off), got "
                           f"{guidance}")
@@ -309,6 +326,11 @@ def evaluate(
             report.files = sorted([*report.files, *_write_confusions(folder, report.per_prompt), REPORT_NAME])
             (folder / REPORT_NAME).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
     return report
+
+
+def _video_seed(entry: PromptEntry, seed: int) -> int:
+    """The seed of `entry`'s video: its own seed, else one drawn from its text, plus the eval's `seed`."""
+    return entry.seed + seed if entry.seed is not None else default_seed(entry.prompt, seed)
 
 
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
@@ -348,7 +370,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     files: list[str] = []
     rows: list[dict[str, Any]] = []
     for index, entry in enumerate(tqdm(entries, desc="eval", unit="prompt", disable=None if progress else True)):
-        video_seed = entry.seed + seed if entry.seed is not None else default_seed(entry.prompt, seed)
+        video_seed = _video_seed(entry, seed)
         image = _load_image(entry.image, shared["height"], shared["width"]) if entry.image is not None else None
         request = GenerationRequest(prompt=entry.prompt, seeds=[video_seed], image=image, **shared)
         made = time.perf_counter()

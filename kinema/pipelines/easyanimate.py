@@ -32,6 +32,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.pipelines.family import Conditioning, VideoFamily
+from kinema.pipelines.jobs import check_slice_frames
 from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, encode_masked_prompts
 from kinema.sampling.denoisers import Denoiser, DiTDenoiser
 
@@ -143,14 +144,8 @@ class EasyAnimateFamily(VideoFamily):
         """Latent frames of a video of `frames` pixel frames: 1 -> 1 (an image), 8k -> 2k; any other count raises
         one KinemaError line naming the nearest counts V3 can make."""
         pixels, latents = self._slice
-        if frames == 1:
-            return 1
-        if frames >= pixels and frames % pixels == 0:
-            return frames // pixels * latents
-        below = frames // pixels * pixels if frames > pixels else 1
-        above = max(frames // pixels + 1, 1) * pixels
-        raise KinemaError(f"EasyAnimate V3 makes 1 or a multiple of {pixels} frames; {frames} is not: use {below} "
-                          f"or {above}")
+        check_slice_frames(frames, pixels)
+        return 1 if frames == 1 else frames // pixels * latents
 
     def pixel_frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from `latent_frames`: 1 -> 1, 2k -> 8k (one KinemaError line for other counts)."""

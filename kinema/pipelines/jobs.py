@@ -39,6 +39,7 @@ from kinema.pipelines.request import (
     DTYPES,
     GENERATE_DEFAULTS,
     INPUT_DEFAULTS,
+    MAX_SEED,
     QUANTIZATIONS,
     SPEEDS,
     ContextSettings,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
     from kinema.sampling.loop import StepCallback
 
 # torch.Generator.manual_seed takes seeds up to 2**64 - 1; a larger one would only fail once sampling starts.
-MAX_SEED = 2**64 - 1
 RANDOM_SEED = -1
 # Random seeds stay below 2**32: JavaScript front ends (the web app, API clients) read JSON numbers as doubles,
 # which keep integers exact only up to 2**53.
@@ -127,6 +127,29 @@ def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found
         raise KinemaError(f"{folder / 'kinema.json'}: default scheduler {chosen['scheduler']!r} is not one kinema "
                           f"knows ({', '.join(SCHEDULERS)})")
     return folder, chosen
+
+
+def check_slice_frames(frames: int, per_slice: int) -> None:
+    """One KinemaError line unless a Slice VAE of `per_slice` frames per slice (8 in V3) can make `frames`: 1 (an
+    image) or a multiple of `per_slice`. It names the nearest counts it can make."""
+    if frames == 1 or (frames >= per_slice and frames % per_slice == 0):
+        return
+    below = frames // per_slice * per_slice if frames > per_slice else 1
+    above = max(frames // per_slice + 1, 1) * per_slice
+    raise KinemaError(f"EasyAnimate V3 makes 1 or a multiple of {per_slice} frames; {frames} is not: use {below} or "
+                      f"{above}")
+
+
+def check_model_frames(folder: Path, frames: int) -> None:
+    """`check_slice_frames` for an EasyAnimate model folder, read from its vae/config.json before any weights load
+    (`mini_batch_encoder`, the Slice VAE's frames per slice); other models make any count."""
+    try:
+        config = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a Slice VAE folder, or one the loader will name the problem of
+    per_slice = config.get("mini_batch_encoder") if isinstance(config, dict) else None
+    if isinstance(per_slice, int) and not isinstance(per_slice, bool) and per_slice > 0:
+        check_slice_frames(frames, per_slice)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -537,7 +560,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     video = given.get("video")
     unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) + CONTINUATION_DEFAULTS
              if key not in given]
-    _, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
+    folder, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
     given.update(defaults)
     if video is not None and ("height" not in given or "width" not in given):
         height, width = _video_size(Path(video))
@@ -546,6 +569,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
+    if video is None and request.frames is not None:  # a video's own frames are checked when it is read
+        check_model_frames(folder, request.frames)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):
@@ -639,5 +664,5 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
 
 
 __all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job",
-           "check_image_bytes", "check_image_file", "job_from_mapping", "model_defaults_for", "run_job",
-           "video_names"]
+           "check_image_bytes", "check_image_file", "check_model_frames", "check_slice_frames", "job_from_mapping",
+           "model_defaults_for", "run_job", "video_names"]

@@ -15,6 +15,12 @@ from typing import Any
 
 from kinema.errors import KinemaError
 
+# torch.Generator.manual_seed takes 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+# Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
+# rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
+MIN_FPS, MAX_FPS = 0.01, 1000.0
+
 MODES = ("text-to-video", "image-to-video", "video-to-video", "extend")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8",)
@@ -39,6 +45,12 @@ def overlap_error(overlap: int, segment: int) -> KinemaError:
     return KinemaError(f"overlap_frames ({overlap}: the request's, else the model's kinema.json default) must be "
                        f"below the segment length ({segment} frames); lower overlap_frames (kinema extend --overlap) "
                        "or raise segment_frames (--segment-frames)")
+
+
+def check_fps(fps: float) -> None:
+    """One KinemaError line for a frame rate a video cannot keep (outside MIN_FPS .. MAX_FPS)."""
+    if not MIN_FPS <= fps <= MAX_FPS:  # NaN fails too
+        raise KinemaError(f"fps must be from {MIN_FPS} to {MAX_FPS:g} frames per second, got {fps}")
 
 
 @dataclass
@@ -175,14 +187,16 @@ class GenerationRequest:
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
         positive("decode_chunk", self.decode_chunk)
-        if not (math.isfinite(self.fps) and self.fps > 0):
-            raise KinemaError(f"fps must be positive, got {self.fps}")
+        check_fps(self.fps)
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 1):
             raise KinemaError(f"guidance must be a finite number of at least 1 (1 turns classifier-free guidance "
                               f"off), got {self.guidance}")
         seeds = list(self.seeds)
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
+        for seed in seeds:
+            if not 0 <= seed <= MAX_SEED:
+                raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in ("linear", "slerp"):

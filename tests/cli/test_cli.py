@@ -52,7 +52,9 @@ def test_bad_numbers_exit_2(tmp_path, capsys, args):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--seed", "-5"], "argument --seed: must be 0 or more, got -5"),
+    (["--seed", "-5"], "argument --seed: must be from 0 to 2**64 - 1, got -5"),
+    (["--seed", str(2**64)], f"argument --seed: must be from 0 to 2**64 - 1, got {2**64}"),
+    (["--fps", "5000"], "argument --fps: must be from 1 to 1000 frames per second, got 5000"),
     (["--size", "6400"], "16 frames of 6400x6400 would need about 7.3 GiB per clip"),
     (["--frames", "5000"], "the limits are size <= 1024, frames <= 1024"),
 ])

@@ -88,8 +88,10 @@ def test_context_choices_are_the_samplers_own():
 @pytest.fixture
 def model_files(tmp_path):
     (tmp_path / "sd").mkdir()
-    for name in ("mm.safetensors", "zoom.safetensors", "style.safetensors", "start.png", "end.png"):
+    for name in ("mm.safetensors", "zoom.safetensors", "style.safetensors"):
         (tmp_path / name).write_bytes(b"x")
+    for name in ("start.png", "end.png"):  # read before any model loads: real images
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
     return tmp_path
 
 
@@ -216,6 +218,11 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                              "classifier-free guidance off), got 0.5"),
         (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
         (["generate", "a cat", *model, "--image", "gone.png"], "no such image: gone.png"),
+        (["generate", "a cat", *model, "--image", "clip.mp4"], "the image clip.mp4 is not an image"),
+        (["generate", "a cat", *model, "--image", "."], "the image . is a folder; give an image file (PNG, JPEG or "
+                                                        "WebP)"),
+        (["generate", "a cat", "--frames", "12"], "EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use "
+                                                  "8 or 16"),
         (["generate", "a cat", *model, "--seed", "3", "1", "3"], "seed 3 is given more than once, which would make "
                                                                  "the same video twice; give each seed once"),
         (["generate", "a cat", *model, "-o", "theirs.mp4", "--overwrite"], "theirs.mp4 already exists and kinema "
@@ -239,6 +246,10 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
     ]
     argparse_cases = [
         (["generate", "a cat", *model, "--steps", "0"], "argument --steps: must be a positive whole number, got 0"),
+        (["generate", "a cat", *model, "--seed", str(2**64)], "argument --seed: must be from 0 to 2**64 - 1, got "
+                                                              f"{2**64}"),
+        (["generate", "a cat", *model, "--fps", "1e20"], "argument --fps: must be from 0.01 to 1000 frames per "
+                                                         "second, got 1e+20"),
         (["generate", "a cat", *model, "--scheduler", "magic"], "argument --scheduler: invalid choice: 'magic'"),
         (["generate", "a cat", *model, "--lora", "x:inf"], "argument --lora: the LoRA weight must be a finite number"),
         (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),

@@ -257,6 +257,9 @@ def test_other_write_errors(tmp_path):
         write_video(smooth_clip(frames=2, width=63), tmp_path / "c.mp4")
     with pytest.raises(KinemaError, match="holds one frame, got 2"):
         write_video(smooth_clip(frames=2), tmp_path / "c.png")
-    with pytest.raises(KinemaError, match="fps must be positive"):
+    with pytest.raises(KinemaError, match="fps must be from 0.01 to 1000 frames per second, got 0"):
         write_video(smooth_clip(frames=2), tmp_path / "c.gif", fps=0)
+    # A rate the container cannot keep (PyAV overflows its 32-bit time base past 2**31 - 1).
+    with pytest.raises(KinemaError, match=r"^fps must be from 0.01 to 1000 frames per second, got 1e\+20$"):
+        write_video(smooth_clip(frames=2), tmp_path / "c.mp4", fps=1e20)
     assert list(tmp_path.iterdir()) == []

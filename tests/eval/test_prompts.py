@@ -60,7 +60,8 @@ def test_a_good_file_reads_with_images_relative_to_it(tmp_path):
     ({k: v for k, v in GOOD.items() if k != "shape"}, " line 1: missing 'shape'; every line needs"),
     ({**GOOD, "motion": "rotate_cw"}, " line 1: a circle cannot show rotate_cw"),
     ({**GOOD, "image": "missing.png"}, " line 1: no such image missing.png"),
-    ({**GOOD, "seed": -1}, " line 1: \"seed\" must be a whole number >= 0"),
+    ({**GOOD, "seed": -1}, " line 1: \"seed\" must be a whole number from 0 to 2\\*\\*64 - 1, got -1"),
+    ({**GOOD, "seed": 2**64}, f" line 1: \"seed\" must be a whole number from 0 to 2\\*\\*64 - 1, got {2**64}"),
     ({**GOOD, "held_out": "yes"}, " line 1: \"held_out\" must be true or false"),
     ([1, 2], " line 1 holds an array, not a prompt object"),
 ])
@@ -70,6 +71,18 @@ def test_a_bad_line_is_one_error_naming_file_line_and_fix(tmp_path, line, messag
         read_prompts(path)
     text = str(error.value)
     assert "\n" not in text and text.startswith(str(path)) and re.search(message, text), text
+
+
+def test_a_start_image_that_is_a_folder_or_not_an_image_is_named_with_its_line(tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "notes.png").write_text("not an image\n")
+    path = write_lines(tmp_path / "set.jsonl", GOOD, {**GOOD, "image": "pics"})
+    with pytest.raises(KinemaError, match=r'line 2: "image" pics is a folder \(.*pics\); give an image file$'):
+        read_prompts(path)
+    path = write_lines(tmp_path / "set.jsonl", {**GOOD, "image": "notes.png"})
+    with pytest.raises(KinemaError, match=r"line 1: the start image .*notes.png is not an image.*; give a PNG, JPEG or "
+                                          r"WebP file$"):
+        read_prompts(path)
 
 
 def test_the_line_number_counts_blank_lines(tmp_path):

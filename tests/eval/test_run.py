@@ -165,7 +165,7 @@ def test_a_speed_preset_replaces_the_models_defaults_but_not_given_steps(tmp_pat
         evaluate(str(model), write_t2v(tmp_path), speed="fastest", progress=False)
 
 
-@pytest.mark.parametrize("case", ["missing", "bad line", "unknown model"])
+@pytest.mark.parametrize("case", ["missing", "bad line", "unknown model", "frames", "seed"])
 def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
     prompts = tmp_path / "p.jsonl"
     model = []
@@ -174,6 +174,9 @@ def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
     if case == "unknown model":
         prompts.write_text('{"prompt": "x", "color": "red", "shape": "circle", "motion": "right"}\n')
         model = ["--model", "kinema-huge"]
+    if case in ("frames", "seed"):
+        prompts.write_text('{"prompt": "x", "color": "red", "shape": "circle", "motion": "right", "seed": 5}\n')
+        model = ["--frames", "12"] if case == "frames" else ["--seed", str(2**64 - 5)]
     code = ("import sys; from kinema.cli import main; rc = main(sys.argv[1:]); "
             "print([m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]); sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, "eval", "--prompts", str(prompts), "--out",
@@ -181,7 +184,10 @@ def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
     assert done.returncode == 2, done.stderr
     expected = {"missing": "no such prompt file", "bad line": f"{prompts} line 2: not valid JSON",
                 "unknown model": "no such model file or folder: kinema-huge; a model is an existing path or a bundled "
-                                 "model's name (available: "}[case]
+                                 "model's name (available: ",
+                "frames": "EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use 8 or 16",
+                "seed": f"{prompts}, line 1: its seed plus --seed {2**64 - 5} is {2**64}, over 2**64 - 1 (the largest "
+                        "seed); give a smaller --seed"}[case]
     assert done.stderr.startswith("kinema eval: error: ") and expected in done.stderr
     assert done.stderr.count("\n") == 1 and done.stdout.strip() == "[]"
     assert not (tmp_path / "out").exists()

@@ -108,6 +108,9 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "model": "kinema-tiny-ad", "segment_frames": 8},  # the model's overlap is 8, read unloaded
      "overlap_frames (8: the request's, else the model's kinema.json default) must be below the segment length (8 "),
     ({"prompt": "a cat", "mode": "extend"}, "mode is 'extend' but the inputs make a text-to-video job"),
+    ({"prompt": "a cat", "frames": 12}, "job: EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use 8 or "
+                                         "16"),  # the bundled kinema-tiny's vae/config.json, read unloaded
+    ({"prompt": "a cat", "fps": 5000}, "job: fps must be from 0.01 to 1000 frames per second, got 5000"),
     ([1, 2], "job: a job is an object of settings"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
@@ -119,8 +122,8 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("guidance", float("nan"), "guidance must be a finite number of at least 1"),
     ("guidance", float("inf"), "guidance must be a finite number of at least 1"),
-    ("fps", float("inf"), "fps must be positive"),
-    ("fps", float("nan"), "fps must be positive"),
+    ("fps", float("inf"), "fps must be from 0.01 to 1000"),
+    ("fps", float("nan"), "fps must be from 0.01 to 1000"),
     ("steps", float("inf"), "steps must be at least 1"),
 ])
 def test_the_python_api_refuses_nan_and_infinity(field, value, message):
