@@ -58,14 +58,34 @@ def _folder_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
+# Files up to this size are listed with their SHA-256 too, so an edit that keeps the size (a caption corrected in
+# metadata.json, a setting in a config) is known; larger ones (weights, videos) by size alone, to keep saves fast.
+_HASHED_BYTES = 16 * 2**20
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hashed(folder: Path, name: str, size: int) -> bool:
+    return size <= _HASHED_BYTES and not os.path.islink(folder / name)
+
+
 def write_manifest(folder: Path, kind: str) -> None:
-    """Mark `folder` as a kinema output of `kind`, listing every file in it with its size, so that files added or
-    edited later are known as the user's."""
+    """Mark `folder` as a kinema output of `kind`, listing every file in it with its size (and the SHA-256 of the
+    small ones), so that files added or edited later are known as the user's."""
     from kinema import __version__
 
     files = {name: os.lstat(folder / name).st_size for name in _folder_files(folder) if name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files}, indent=1)
-                                   + "\n")
+    hashes = {name: _sha256(folder / name) for name, size in files.items() if _hashed(folder, name, size)}
+    (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files,
+                                               "sha256": hashes}, indent=1) + "\n")
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -98,17 +118,38 @@ def mark_weights_file(path: Path, kind: str) -> None:
         archive.writestr(f"{prefix}/{MARK_KEY}.json", json.dumps({MARK_KEY: kind}))
 
 
-def _settings_mark(path: Path) -> str | None:
-    """A settings sidecar kinema wrote beside a video: a JSON object stamped with the kinema version."""
+def _sidecar_settings(path: Path) -> dict | None:
+    """The settings in a sidecar as kinema writes them: a JSON object stamped with the kinema version."""
     try:
         settings = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return "video_settings" if isinstance(settings, dict) and "kinema" in settings else None
+    return settings if isinstance(settings, dict) and "kinema" in settings else None
+
+
+def _carries(video: Path, settings: dict) -> bool:
+    """Whether the video file `video` holds `settings` inside it, as every video kinema writes holds its sidecar's
+    (kinema.data.video_io): a user's video put in place of kinema's, or a sidecar edited by hand, breaks the pair."""
+    from kinema.data.video_io import read_embedded_settings
+
+    try:
+        return read_embedded_settings(video) == settings
+    except KinemaError:
+        return False
+
+
+def _settings_mark(path: Path) -> str | None:
+    """A settings sidecar kinema wrote: kinema's settings, which its video (where one is left) holds too."""
+    settings = _sidecar_settings(path)
+    if settings is None:
+        return None
+    video = path.with_name(path.name.removesuffix(".json"))
+    return "video_settings" if not video.is_file() or _carries(video, settings) else None
 
 
 def _video_mark(path: Path) -> str | None:
-    return "video" if _settings_mark(path.with_name(path.name + ".json")) else None
+    settings = _sidecar_settings(path.with_name(path.name + ".json"))
+    return "video" if settings is not None and _carries(path, settings) else None
 
 
 def kind_words(kind: str) -> str:
@@ -140,11 +181,19 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 
 def _foreign_files(folder: Path) -> list[str]:
-    """Files in a kinema output folder that its manifest does not list (added since), or whose size changed
-    (edited since): the user's work, which kinema never deletes."""
-    written = (_manifest(folder) or {"files": {}})["files"]
-    return [name for name in _folder_files(folder)
-            if name != MANIFEST and (name not in written or written[name] != os.lstat(folder / name).st_size)]
+    """Files in a kinema output folder that its manifest does not list (added since), or whose size or SHA-256
+    changed (edited since; manifests before kinema listed hashes give sizes only): the user's work, which kinema
+    never deletes."""
+    manifest = _manifest(folder) or {"files": {}}
+    written, hashes = manifest["files"], manifest.get("sha256")
+    hashes = hashes if isinstance(hashes, dict) else {}
+
+    def edited(name: str) -> bool:
+        if name not in written or written[name] != os.lstat(folder / name).st_size:
+            return True
+        return name in hashes and hashes[name] != _sha256(folder / name)
+
+    return [name for name in _folder_files(folder) if name != MANIFEST and edited(name)]
 
 
 # ---------------------------------------------------------------- the policy

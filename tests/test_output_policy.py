@@ -280,3 +280,60 @@ def test_a_users_file_where_the_settings_sidecar_goes_stops_the_video_write(tmp_
         with pytest.raises(KinemaError, match=r"clip\.mp4\.json already exists and kinema did not write it"):
             write_video(frames, tmp_path / "clip.mp4", overwrite=overwrite)
     assert snapshot(tmp_path) == before
+
+
+def test_an_edit_that_keeps_a_files_size_is_still_the_users(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert run(capsys, "data", "synth", "--out", str(out), "--n", "2", "--frames", "2", "--size", "16")[0] == 0
+    text = (out / "metadata.json").read_text()
+    edited = text.replace("circle", "CIRCLE", 1) if "circle" in text else text.replace("square", "SQUARE", 1)
+    assert edited != text and len(edited) == len(text)
+    (out / "metadata.json").write_text(edited)
+    code, err = run(capsys, "data", "synth", "--out", str(out), "--n", "2", "--frames", "2", "--size", "16",
+                    "--overwrite")
+    assert code == 2 and "edited since (metadata.json)" in err
+    assert (out / "metadata.json").read_text() == edited
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif", ".webp"])
+def test_a_video_is_kinemas_only_while_it_and_its_sidecar_carry_the_same_settings(tmp_path, suffix):
+    from kinema.data.video_io import read_embedded_settings, read_sidecar, write_video
+
+    frames = torch.zeros(2, 3, 16, 16)
+    clip, side = tmp_path / f"clip{suffix}", tmp_path / f"clip{suffix}.json"
+    write_video(frames, clip, settings={"prompt": 'a "red" circle & more'})
+    assert read_embedded_settings(clip) == read_sidecar(clip)  # the pair, in every format kinema writes
+    assert (output_kind(clip), output_kind(side)) == ("video", "video_settings")
+    write_video(frames, clip, settings={"prompt": "again"}, overwrite=True)  # its own output: replaced
+    assert read_sidecar(clip)["prompt"] == "again"
+
+    # A user's video of the same format put in its place, the sidecar left as it was: never replaced.
+    write_video(frames + 0.5, tmp_path / f"theirs{suffix}", settings={"prompt": "theirs"})
+    os.replace(tmp_path / f"theirs{suffix}", clip)
+    before = snapshot(tmp_path)
+    with pytest.raises(KinemaError, match=rf"clip\{suffix} already exists and kinema did not write it"):
+        write_video(frames, clip, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+    # A kinema sidecar with the user's notes added: the pair is broken, so neither is replaced.
+    write_video(frames, tmp_path / f"new{suffix}", settings={"prompt": "new"})
+    noted = {**read_sidecar(tmp_path / f"new{suffix}"), "notes": "keep the second take"}
+    (tmp_path / f"new{suffix}.json").write_text(json.dumps(noted))
+    before = snapshot(tmp_path)
+    with pytest.raises(KinemaError, match=rf"new\{suffix} already exists and kinema did not write it"):
+        write_video(frames, tmp_path / f"new{suffix}", overwrite=True)
+    assert snapshot(tmp_path) == before
+    assert output_kind(side) is None and output_kind(tmp_path / f"new{suffix}.json") is None
+
+
+def test_a_sidecar_left_without_its_video_is_replaced_only_with_overwrite(tmp_path):
+    from kinema.data.video_io import read_sidecar, write_video
+
+    frames = torch.zeros(2, 3, 16, 16)
+    write_video(frames, tmp_path / "clip.mp4", settings={"prompt": "first"})
+    (tmp_path / "clip.mp4").unlink()
+    with pytest.raises(KinemaError, match=r"clip\.mp4\.json"):
+        write_video(frames, tmp_path / "clip.mp4", settings={"prompt": "second"})
+    assert read_sidecar(tmp_path / "clip.mp4")["prompt"] == "first"
+    write_video(frames, tmp_path / "clip.mp4", settings={"prompt": "second"}, overwrite=True)
+    assert read_sidecar(tmp_path / "clip.mp4")["prompt"] == "second"

@@ -10,7 +10,7 @@ Formats, chosen by the path's extension (a path with no extension is a folder of
 | .mp4  | H.264 (libx264) yuv420p, `crf` | PyAV | `comment` metadata (JSON) |
 | .webm | VP9 (libvpx-vp9) yuv420p, `crf` | PyAV | `comment` metadata (JSON) |
 | .gif  | Pillow, palettised (256 colours), frame time in 10 ms steps | Pillow | GIF comment (JSON) |
-| .webp | Pillow, animated, lossy quality 90 | Pillow | none (sidecar only) |
+| .webp | Pillow, animated, lossy quality 90 | Pillow | XMP packet, `kinema:settings` (JSON) |
 | .png  | one frame only | Pillow | `kinema` text chunk (JSON) |
 | folder | one PNG per frame | Pillow | `kinema` text chunk in every frame |
 
@@ -18,19 +18,24 @@ Formats, chosen by the path's extension (a path with no extension is a folder of
 
 Every write also leaves a sidecar `<output name>.json` beside the output (`clip.mp4` -> `clip.mp4.json`, frame
 folder `frames/` -> `frames.json`) holding the settings, so two formats of the same clip never share one sidecar.
+The settings inside a video file equal its sidecar's: that pair is how kinema knows a video file as its own
+(kinema.fileio), so a user's video put in its place, or a sidecar edited by hand, is not replaced.
 Writes are atomic: everything goes to a temporary name in the destination folder and is renamed into place at the
 end, so a failed or interrupted write leaves the old file (or nothing) and no partial output.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 import av
 import numpy as np
@@ -121,9 +126,12 @@ def read_embedded_settings(path: str | os.PathLike) -> dict | None:
                 # Matroska/WebM upper-cases tag names on write.
                 tags = {key.lower(): value for key, value in container.metadata.items()}
                 text = tags.get("comment")
-        elif suffix in (".png", ".gif"):
+        elif suffix in (".png", ".gif", ".webp"):
             with Image.open(path) as image:
-                text = image.info.get(SETTINGS_KEY) if suffix == ".png" else image.info.get("comment")
+                if suffix == ".webp":
+                    text = _xmp_settings(image.info.get("xmp") or b"")
+                else:
+                    text = image.info.get(SETTINGS_KEY) if suffix == ".png" else image.info.get("comment")
         else:
             return None
     except (OSError, av.FFmpegError) as err:
@@ -227,7 +235,24 @@ def _write_gif(frames: np.ndarray, path: Path, fps: float, crf: int, comment: st
 def _write_webp(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str) -> None:
     images = [Image.fromarray(array) for array in frames]
     images[0].save(path, format="WEBP", save_all=True, append_images=images[1:], duration=_frame_ms(fps), loop=0,
-                   quality=90)
+                   quality=90, xmp=_xmp_packet(comment))
+
+
+# WebP keeps no comment; its XMP packet holds the settings as one attribute of a namespace of kinema's own.
+_XMP_NAMESPACE = "urn:kinema:settings:1"
+_XMP_SETTINGS = re.compile(rb'kinema:settings="([^"]*)"')
+
+
+def _xmp_packet(comment: str) -> bytes:
+    value = xml_escape(comment, {'"': "&quot;"})
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:kinema="{_XMP_NAMESPACE}" kinema:settings="{value}"/>'
+            '</rdf:RDF></x:xmpmeta>').encode()
+
+
+def _xmp_settings(packet: bytes) -> str | None:
+    found = _XMP_SETTINGS.search(packet)
+    return html.unescape(found[1].decode("utf-8", "replace")) if found else None
 
 
 def _png_info(comment: str) -> PngImagePlugin.PngInfo:
@@ -278,13 +303,13 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps:
     is_folder = suffix == ""
     side = sidecar_path(path)
     check_output(path, "video", folder=is_folder, overwrite=overwrite)
-    check_output(side, "video_settings", folder=False, overwrite=True)  # before encoding: a user's file there stops it
+    check_output(side, "video_settings", folder=False, overwrite=overwrite)  # before encoding
     full = _complete_settings(settings, array, fps)
     comment = json.dumps(full)
     atomic = atomic_folder if is_folder else atomic_file
     with atomic(path, "video", overwrite=overwrite) as temp:
         _WRITERS[suffix](array, temp, fps, crf, comment)
-        with atomic_file(side, "video_settings", overwrite=True) as side_temp:
+        with atomic_file(side, "video_settings", overwrite=overwrite) as side_temp:
             side_temp.write_text(json.dumps(full, indent=2) + "\n")
     return path
 

@@ -82,8 +82,7 @@ def check_video_outputs(paths: Sequence[Path], *, overwrite: bool = False, frame
     for path in paths:
         check_video_suffix(path, frames)
         check_output(path, "video", folder=path.suffix == "", overwrite=overwrite, inputs=inputs)
-        # The sidecar is always replaced along with its video, but never when a user's own file sits there.
-        check_output(path.with_name(path.name + ".json"), "video_settings", folder=False, overwrite=True)
+        check_output(path.with_name(path.name + ".json"), "video_settings", folder=False, overwrite=overwrite)
 
 
 def _frames_per_video(frames: Any) -> list[Any]:
