@@ -207,9 +207,29 @@ def check_output(
     path: str | os.PathLike, kind: str | None, *, folder: bool | None, overwrite: bool = False, inputs: Iterable = ()
 ) -> Path:
     """Apply the output policy to `path` for an output of `kind` (a folder if `folder`) and return the real path to
-    write (symlinks resolved). Raises one KinemaError naming the path, the problem and the fix. `kind` or `folder`
-    None (not known yet) checks everything else, for an early refusal before long work."""
-    given = Path(path)
+    write (symlinks resolved). Raises one KinemaError naming the path, the problem and the fix: also when the folder
+    it goes in cannot be written (read-only, no permission), which would otherwise show only once the work is done.
+    `kind` or `folder` None (not known yet) checks everything else, for an early refusal before long work."""
+    real = _allowed(Path(path), kind, folder=folder, overwrite=overwrite, inputs=inputs)
+    _check_writable(real, Path(path))
+    return real
+
+
+def _check_writable(real: Path, given: Path) -> None:
+    """Create and remove a temporary (named as a write's, so a kill in between leaves what `clean_stale` removes)
+    in the nearest existing folder `real` would be written in."""
+    place = next(parent for parent in real.parents if parent.exists())
+    probe = place / f".{_temp_stem(real)}.kinema-part-{os.getpid()}.probe"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return  # this process is writing there now
+    except OSError as err:
+        raise KinemaError(os_error_message(err, given, "write")) from None
+    os.unlink(probe)
+
+
+def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: bool, inputs: Iterable) -> Path:
     if given.is_symlink() and not given.exists():
         raise KinemaError(f"{given} is a symbolic link to {os.readlink(given)}, which does not exist; "
                           "fix the link or give another path")

@@ -337,3 +337,26 @@ def test_a_sidecar_left_without_its_video_is_replaced_only_with_overwrite(tmp_pa
     assert read_sidecar(tmp_path / "clip.mp4")["prompt"] == "first"
     write_video(frames, tmp_path / "clip.mp4", settings={"prompt": "second"}, overwrite=True)
     assert read_sidecar(tmp_path / "clip.mp4")["prompt"] == "second"
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """As root no folder is read-only to this process, so the OS's refusal is simulated where kinema asks it to
+    create a file: the refusal names the output and leaves nothing."""
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(path).parent == tmp_path / "locked":
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "open", read_only)
+    for target, folder in ((tmp_path / "locked" / "clip.mp4", False), (tmp_path / "locked" / "new" / "set", True)):
+        with pytest.raises(KinemaError, match=rf"^cannot write {target}: the file system is read-only; write "
+                                              "somewhere else$"):
+            check_output(target, None, folder=folder)
+    assert snapshot(tmp_path) == {"locked": None}
+    assert check_output(tmp_path / "free.mp4", "video", folder=False) == tmp_path / "free.mp4"
+    assert snapshot(tmp_path) == {"locked": None}  # the check leaves nothing behind
