@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError
+from kinema.pipelines.request import MAX_SEED
 
 # mode -> what trains in it
 MODES: dict[str, str] = {
@@ -304,6 +305,11 @@ def check_config(config: TrainConfig) -> None:
                  "or an EasyAnimate V3 folder)")
     _check_range(bool(config.data.root), "no data: set data.root to a folder with a metadata.json (make one with "
                  "`kinema data synth`)")
+    # The run's seed also seeds NumPy's global generator, which takes 0 .. 2**32 - 1.
+    _check_range(0 <= config.seed < 2**32, f"config key seed must be from 0 to 2**32 - 1 ({2**32 - 1}), got "
+                 f"{config.seed}")
+    _check_range(0 <= config.validation.seed <= MAX_SEED, f"config key validation.seed must be from 0 to 2**64 - 1, "
+                 f"got {config.validation.seed}")
     data, train = config.data, config.train
     for key, value in (("data.frames", data.frames), ("data.stride", data.stride), ("data.image_frames",
                        data.image_frames), ("train.steps", train.steps), ("train.batch_size", train.batch_size),

@@ -50,6 +50,9 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"train__max_grad_norm": float("nan")}, "config key train.max_grad_norm must be a finite number"),
     ({"train__adam_betas": [0.9, float("inf")]}, "config key train.adam_betas[1] must be a finite number"),
     ({"data__size": [30, 64]}, "data.size must be [height, width], multiples of 8"),
+    ({"seed": 2**32}, "config key seed must be from 0 to 2**32 - 1 (4294967295), got 4294967296"),
+    ({"seed": -1}, "config key seed must be from 0 to 2**32 - 1 (4294967295), got -1"),
+    ({"validation__seed": 2**64}, f"config key validation.seed must be from 0 to 2**64 - 1, got {2**64}"),
     ({"data__text_dropout": 1.5}, "data.text_dropout is a fraction in [0, 1]"),
     ({"train__lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
     ({"mode": "lora", "train__trainable_modules": ["proj_out"]}, "train.trainable_modules is for modes full and "
