@@ -37,7 +37,7 @@ from kinema.cli.args import (
     seed_number,
 )
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import check_image_file, check_model_frames, model_defaults_for
+from kinema.pipelines.jobs import check_image_file, check_model_shape, model_defaults_for
 
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
@@ -512,7 +512,7 @@ def check_generate(args: argparse.Namespace) -> None:
     _check_image(args.end_image, "end image")
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
-    check_model_frames(model, args.frames)
+    check_model_shape(model, frames=args.frames, height=args.height, width=args.width)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()

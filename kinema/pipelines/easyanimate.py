@@ -32,7 +32,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.jobs import check_slice_frames
+from kinema.pipelines.jobs import check_size_multiple, check_slice_frames
 from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, encode_masked_prompts
 from kinema.sampling.denoisers import Denoiser, DiTDenoiser
 
@@ -168,12 +168,9 @@ class EasyAnimateFamily(VideoFamily):
     def check_size(self, height: int, width: int) -> None:
         """One KinemaError line unless height and width are positive multiples of 16 (the VAE's 8x downscale times
         the transformer's 2x2 patches), naming the nearest smaller size."""
-        factor = self.spatial_factor * int(self.model.config.patch_size)
-        if height < factor or width < factor or height % factor or width % factor:
-            near = f"{max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
-            raise KinemaError(f"EasyAnimate V3 makes heights and widths that are positive multiples of {factor} (the "
-                              f"VAE's {self.spatial_factor}x downscale times the transformer's patches); got "
-                              f"{height}x{width}: use {near}")
+        patch = int(self.model.config.patch_size)
+        check_size_multiple(height, width, self.spatial_factor * patch, f"the VAE's {self.spatial_factor}x downscale "
+                            f"times the transformer's {patch}x{patch} patches")
 
     # ------------------------------------------------------------------ text and images
 

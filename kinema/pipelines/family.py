@@ -79,11 +79,9 @@ class VideoFamily:
 
     def check_size(self, height: int, width: int) -> None:
         """One KinemaError line when the model cannot make `height` x `width` videos (with the nearest sizes)."""
-        factor = self.spatial_factor
-        if height < factor or width < factor or height % factor or width % factor:
-            near = f"{max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
-            raise KinemaError(f"height and width must be positive multiples of {factor} (the VAE's downscale); got "
-                              f"{height}x{width}: use {near}")
+        from kinema.pipelines.jobs import check_size_multiple
+
+        check_size_multiple(height, width, self.spatial_factor, "the VAE's downscale")
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
         """Text conditioning for a batch of prompts: the denoiser's keyword arguments, each batched along dim 0

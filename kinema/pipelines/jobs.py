@@ -140,16 +140,69 @@ def check_slice_frames(frames: int, per_slice: int) -> None:
                       f"{above}")
 
 
-def check_model_frames(folder: Path, frames: int) -> None:
-    """`check_slice_frames` for an EasyAnimate model folder, read from its vae/config.json before any weights load
-    (`mini_batch_encoder`, the Slice VAE's frames per slice); other models make any count."""
+def check_size_multiple(height: int, width: int, factor: int, why: str) -> None:
+    """One KinemaError line unless `height` and `width` are positive multiples of `factor` (`why`: what makes it),
+    naming the nearest smaller size."""
+    if height < factor or width < factor or height % factor or width % factor:
+        near = f"{max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
+        raise KinemaError(f"height and width must be positive multiples of {factor} ({why}); got {height}x{width}: "
+                          f"use {near}")
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _config(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads((folder / "vae" / "config.json").read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError):
-        return  # not a Slice VAE folder, or one the loader will name the problem of
-    per_slice = config.get("mini_batch_encoder") if isinstance(config, dict) else None
-    if isinstance(per_slice, int) and not isinstance(per_slice, bool) and per_slice > 0:
-        check_slice_frames(frames, per_slice)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizes and frame counts a model folder makes, read from its configs before any weights load: heights and
+    widths are multiples of `size_multiple` (`why`), frames 1 or a multiple of `frames_per_slice` (a Slice VAE's;
+    None: any count)."""
+
+    size_multiple: int
+    why: str
+    frames_per_slice: int | None = None
+
+
+def model_shape(folder: Path) -> ModelShape | None:
+    """The `ModelShape` of an EasyAnimate V3 folder (its Slice VAE's `ch_mult` and `mini_batch_encoder`, its
+    transformer's `patch_size`) or a Stable Diffusion folder (its VAE's `block_out_channels`), as the loaded family
+    checks them; None for anything else (a single file, a folder the loader will name the problem of)."""
+    from kinema.models.presets import image_vae_downsample
+
+    vae = _config(folder / "vae" / "config.json")
+    per_slice = _whole(vae.get("mini_batch_encoder"))
+    if per_slice is not None and isinstance(vae.get("ch_mult"), list) and vae["ch_mult"]:
+        ratio = image_vae_downsample(vae["ch_mult"])
+        patch = _whole(_config(folder / "transformer" / "config.json").get("patch_size"))
+        if patch is None:
+            return None
+        return ModelShape(ratio * patch, f"the VAE's {ratio}x downscale times the transformer's {patch}x{patch} "
+                                         "patches", per_slice)
+    if isinstance(vae.get("block_out_channels"), list) and vae["block_out_channels"]:
+        return ModelShape(image_vae_downsample(vae["block_out_channels"]), "the VAE's downscale")
+    return None
+
+
+def check_model_shape(folder: Path, *, frames: int | None = None, height: int | None = None,
+                      width: int | None = None) -> None:
+    """Before any weights load, one KinemaError line for a frame count or size the model folder cannot make (see
+    `model_shape`); values left None, and models whose configs say nothing, are not checked."""
+    shape = model_shape(folder)
+    if shape is None:
+        return
+    if frames is not None and shape.frames_per_slice is not None:
+        check_slice_frames(frames, shape.frames_per_slice)
+    if height is not None and width is not None:
+        check_size_multiple(height, width, shape.size_multiple, shape.why)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -569,8 +622,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
-    if video is None and request.frames is not None:  # a video's own frames are checked when it is read
-        check_model_frames(folder, request.frames)
+    # A video's own frame count is checked when it is read.
+    check_model_shape(folder, frames=None if video else request.frames, height=request.height, width=request.width)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):
@@ -663,6 +716,6 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
     return [out / name for name in names]
 
 
-__all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job",
-           "check_image_bytes", "check_image_file", "check_model_frames", "check_slice_frames", "job_from_mapping",
-           "model_defaults_for", "run_job", "video_names"]
+__all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job", "ModelShape", "check_image_bytes",
+           "check_image_file", "check_model_shape", "check_size_multiple", "check_slice_frames", "job_from_mapping",
+           "model_defaults_for", "model_shape", "run_job", "video_names"]

@@ -223,6 +223,11 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                         "WebP)"),
         (["generate", "a cat", "--frames", "12"], "EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use "
                                                   "8 or 16"),
+        (["generate", "a cat", "--height", "50"], "height and width must be positive multiples of 8 (the VAE's 4x "
+                                                  "downscale times the transformer's 2x2 patches); got 50x64: use "
+                                                  "48x64"),
+        (["generate", "a cat", "--model", "kinema-tiny-ad", "--width", "60"], "height and width must be positive "
+         "multiples of 8 (the VAE's downscale); got 64x60: use 64x56"),
         (["generate", "a cat", *model, "--seed", "3", "1", "3"], "seed 3 is given more than once, which would make "
                                                                  "the same video twice; give each seed once"),
         (["generate", "a cat", *model, "-o", "theirs.mp4", "--overwrite"], "theirs.mp4 already exists and kinema "

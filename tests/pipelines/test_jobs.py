@@ -20,7 +20,9 @@ from kinema.pipelines.jobs import (
     Cancelled,
     FamilyCache,
     check_image_bytes,
+    check_model_shape,
     job_from_mapping,
+    model_shape,
     run_job,
 )
 from kinema.pipelines.request import ContextSettings, GenerationRequest
@@ -336,3 +338,44 @@ def test_a_path_that_is_no_generation_model_is_refused_before_loading(tmp_path, 
     sd = job_from_mapping({"prompt": "a cat", "model": str(sd_model["path"]), "height": 64, "width": 64,
                            "frames": 8, "steps": 2, "guidance": 7.5})
     assert sd.model == str(sd_model["path"])
+
+
+@pytest.mark.parametrize("model", ["kinema-tiny", "kinema-tiny-ad", "v3_model", "sd_model"])
+def test_the_shape_read_before_loading_is_the_loaded_familys(model, request):
+    """`model_shape` reads the configs alone; the loaded family checks its own modules. Sizes and frame counts one
+    refuses, the other refuses in the same words, and what one accepts the other accepts."""
+    from kinema.pipelines.load import load_family
+
+    if model in ("v3_model", "sd_model"):
+        fixture = request.getfixturevalue(model)
+        folder = fixture["path"] if model == "sd_model" else fixture
+        family = load_family(folder, **({"motion_module": fixture["motion_module"]} if model == "sd_model" else {}))
+    else:
+        folder, family = bundled_model_path(model), load_family(model)
+    shape = model_shape(folder)
+    assert shape is not None
+    factor = shape.size_multiple
+    for height, width in ((factor, 2 * factor), (factor + 8, factor), (factor // 2, factor), (factor, factor * 3 + 4)):
+        loaded, read = [], []
+        for check, into in ((family.check_size, loaded),
+                            (lambda h, w: check_model_shape(folder, height=h, width=w), read)):
+            try:
+                check(height, width)
+                into.append(None)
+            except KinemaError as err:
+                into.append(str(err))
+        assert read == loaded, (height, width)
+    assert (shape.frames_per_slice is None) == (model in ("kinema-tiny-ad", "sd_model"))
+    for frames in (1, 2, 7, 8, 12, 16, 24):
+        loaded, read = [], []
+        try:
+            family.latent_frames(frames)
+            loaded.append(None)
+        except KinemaError as err:
+            loaded.append(str(err))
+        try:
+            check_model_shape(folder, frames=frames)
+            read.append(None)
+        except KinemaError as err:
+            read.append(str(err))
+        assert read == loaded, frames
