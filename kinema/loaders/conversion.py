@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kinema.errors import KinemaError
 from kinema.fileio import check_output
-from kinema.loaders.formats import convertible_kinds, format_of
+from kinema.loaders.formats import Format, convertible_kinds, format_of
 from kinema.loaders.source import Source, describe_source
 
 
@@ -31,4 +31,21 @@ def convert(
     if to not in entry.layouts:
         raise KinemaError(f"a {kind} converts to {list(entry.layouts)}, not {to!r}")
     check_output(target, kind, folder=to in entry.folder_layouts, overwrite=overwrite, inputs=(source,))
+    _check_target_form(Path(target), entry, to)
     return entry.function("convert")(described, Path(target), to, overwrite=overwrite)
+
+
+def _check_target_form(target: Path, entry: Format, to: str) -> None:
+    """The target path has the form layout `to` is written in (a folder, or a file of a weights suffix), checked
+    before the weights are read."""
+    from kinema.loaders.checkpoint_io import SAFETENSORS_SUFFIXES, SUPPORTED_SUFFIXES
+
+    if to in entry.folder_layouts:
+        if target.suffix:
+            raise KinemaError(f"the {to} layout of a {entry.kind.replace('_', ' ')} is a folder; give a folder path "
+                              f"without an extension, got {target}")
+        return
+    suffixes = SAFETENSORS_SUFFIXES if to in entry.safetensors_layouts else SUPPORTED_SUFFIXES
+    if target.suffix.lower() not in suffixes:
+        raise KinemaError(f"the {to} layout of a {entry.kind.replace('_', ' ')} is a {' or '.join(suffixes)} file, "
+                          f"got {target}")

@@ -34,6 +34,7 @@ class Format:
     convert: str | None = None
     layouts: tuple[str, ...] = ()
     folder_layouts: tuple[str, ...] = ()  # layouts written as a folder rather than one file
+    safetensors_layouts: tuple[str, ...] = ()  # file layouts that keep settings in safetensors metadata
 
     def function(self, role: str) -> Callable[..., Any]:
         """The describe / load / convert function of this format, imported now."""
@@ -52,7 +53,7 @@ FORMATS: tuple[Format, ...] = (
     Format("motion_module", "AnimateDiff motion module (file or diffusers MotionAdapter folder)",
            describe=f"{_ANIMATEDIFF}:describe_motion_module", load=f"{_ANIMATEDIFF}:load_motion_module_path",
            convert=f"{_ANIMATEDIFF}:convert_motion_module_source", layouts=("original", "diffusers", "kinema"),
-           folder_layouts=("diffusers",)),
+           folder_layouts=("diffusers",), safetensors_layouts=("kinema",)),
     Format("motion_lora", "motion LoRA",
            describe=f"{_ANIMATEDIFF}:describe_motion_lora_source", load=f"{_ANIMATEDIFF}:load_motion_lora_path",
            convert=f"{_ANIMATEDIFF}:convert_motion_lora_source",

@@ -156,6 +156,27 @@ def test_convert_refuses_a_layout_the_kind_lacks(tmp_path, capsys):
     assert code == 2 and "is the input" in err
 
 
+def test_a_target_of_the_wrong_form_is_refused_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
+    from kinema.loaders.formats import format_of
+
+    write_state_dict(original_motion_state_dict("v3"), tmp_path / "mm.safetensors")
+    described = type(format_of("motion_module")).function  # describe runs; convert, which reads the weights, not
+
+    def no_convert(self, role):
+        return pytest.fail("convert ran") if role == "convert" else described(self, role)
+
+    monkeypatch.setattr(type(format_of("motion_module")), "function", no_convert)
+    for target, layout, words in (("o.txt", "kinema", "the kinema layout of a motion module is a .safetensors file"),
+                                  ("o.ckpt", "kinema", "the kinema layout of a motion module is a .safetensors file"),
+                                  ("o.txt", "original", "the original layout of a motion module is a .safetensors or "),
+                                  ("adapter.x", "diffusers", "the diffusers layout of a motion module is a folder; "
+                                                             "give a folder path without an extension")):
+        code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / target), "--to",
+                           layout)
+        assert code == 1 and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mm.safetensors"]
+
+
 def test_convert_errors_and_help(tmp_path, capsys):
     code, _, err = run(capsys, "convert", str(tmp_path / "none.ckpt"), str(tmp_path / "o.ckpt"), "--to", "original")
     assert code == 2 and "no such file" in err
