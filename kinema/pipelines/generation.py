@@ -494,8 +494,9 @@ def _as_output(frames: torch.Tensor, output: str) -> Any:
 
 
 def _check_saved_by_a_match(family: VideoFamily, latents: torch.Tensor, settings: Sequence[dict[str, Any]]) -> None:
-    """One KinemaError line when the settings saved with `latents` say another kind of VAE made them: another family,
-    or a video size this model's VAE would not decode them to. Older files without those fields pass."""
+    """One KinemaError line when the settings saved with `latents` say another kind of VAE made them (another family,
+    or a video size this model's VAE would not decode them to) or that the latents were cut or padded since (their
+    frame count is not the one recorded). Older files without those fields pass."""
     recorded = settings[0] if settings else {}
     maker = recorded.get("model")
     fix = f"decode them with --model {maker}, the model that made them" if maker else \
@@ -508,6 +509,17 @@ def _check_saved_by_a_match(family: VideoFamily, latents: torch.Tensor, settings
     if None not in wanted and side != wanted:
         raise KinemaError(f"these latents were saved for {wanted[1]}x{wanted[0]} videos, but {family.name}'s VAE "
                           f"would decode them to {side[1]}x{side[0]}: it is not the VAE that made them; {fix}")
+    frames, held = recorded.get("frames"), int(latents.shape[2])
+    if isinstance(frames, int) and not isinstance(frames, bool):
+        try:
+            decoded: int | None = family.pixel_frames(held)
+        except KinemaError:
+            decoded = None
+        if decoded != frames:
+            makes = f"{decoded} frames" if decoded is not None else "no video"
+            raise KinemaError(f"these latents hold {held} latent frames, which {family.name} decodes to {makes}, but "
+                              f"their settings say {frames} frames: the file was changed after kinema saved it; "
+                              "decode the file as kinema saved it, or generate again")
 
 
 def decode_saved(family: VideoFamily, latents: torch.Tensor,

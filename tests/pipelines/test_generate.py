@@ -451,7 +451,13 @@ def test_saved_latents_are_refused_by_a_vae_that_did_not_make_them(animatediff, 
     with pytest.raises(KinemaError, match=f"saved for {SIZE // 2}x{SIZE // 2} videos, but .* would decode them to "
                                           f"{SIZE}x{SIZE}: it is not the VAE that made them"):
         decode_saved(easyanimate, latents, smaller)
-    without = [{k: v for k, v in settings[0].items() if k not in ("family", "height", "width")}]
+    # Latent frames cut or padded after saving, the settings still saying 8 frames: 1 latent decodes to 1 frame, 3
+    # (not whole slices of 2) to none.
+    for changed, makes in ((latents[:, :, :1], "1 frames"), (torch.cat([latents, latents[:, :, :1]], 2), "no video")):
+        with pytest.raises(KinemaError, match=rf"^these latents hold {changed.shape[2]} latent frames, which .* "
+                                              rf"decodes to {makes}, but their settings say 8 frames: the file was"):
+            decode_saved(easyanimate, changed, settings)
+    without = [{k: v for k, v in settings[0].items() if k not in ("family", "height", "width", "frames")}]
     torch.testing.assert_close(decode_saved(easyanimate, latents, without), made.frames)  # older files pass
 
 
