@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import os
@@ -298,7 +299,10 @@ def _validate(config: TrainConfig, task: Any, run_folder: Path, step: int, ema: 
         task.model.train()
 
 
-def _export(run_folder: Path, task: Any, config: TrainConfig, ema: _Ema | None) -> Path:
+EXPORT_RECORD = "export.json"  # in final/: the step its weights were trained to
+
+
+def _export(run_folder: Path, task: Any, config: TrainConfig, ema: _Ema | None, step: int) -> Path:
     import yaml
 
     from kinema.fileio import atomic_folder
@@ -308,7 +312,18 @@ def _export(run_folder: Path, task: Any, config: TrainConfig, ema: _Ema | None) 
     with scope, atomic_folder(target, "training_export", overwrite=True) as folder:
         task.export(folder)
         (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (folder / EXPORT_RECORD).write_text(json.dumps({"step": step, "steps": config.train.steps,
+                                                        "ema": ema is not None}) + "\n")
     return target
+
+
+def _exported_step(run_folder: Path) -> int | None:
+    """The step the weights in `run_folder`/final/ were trained to, or None (no export, or one without a record)."""
+    try:
+        step = json.loads((run_folder / "final" / EXPORT_RECORD).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _accelerator(config: TrainConfig) -> Any:
@@ -484,8 +499,11 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
             if stop_requested():
                 if main and not due:
                     _save_checkpoint(run, done, task, optimizer, schedule, ema)
-                print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint",
-                      file=sys.stderr, flush=True)
+                exported = _exported_step(run.path) if main else None
+                stale = (f"; final/ still holds the weights of step {exported}, exported before"
+                         if exported is not None and exported != done else "")
+                print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint"
+                      f"{stale}", file=sys.stderr, flush=True)
                 stop_if_requested()
             if done < config.train.steps and _past(deadline, accelerator):
                 if main and not due:
@@ -498,7 +516,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                           "trains on", file=sys.stderr, flush=True)
                 break
         if main:
-            result.final = _export(run.path, task, config, ema)
+            result.final = _export(run.path, task, config, ema, result.end_step)
         accelerator.wait_for_everyone()
     finally:
         bar.close()

@@ -188,7 +188,7 @@ def test_a_short_run_then_a_second_start_and_resumes(tmp_path, capsys, sd_model,
     assert recorded["kind"] == "training_run" and recorded["config"] == resume_identity(load_config(config))
     assert "steps" not in recorded["config"]["train"] and recorded["config"]["train"]["batch_size"] == 2
     assert assert_checkpoints_whole(run) == [2, 3]
-    assert sorted(p.name for p in (run / "final").iterdir()) == ["config.yaml", "kinema-output.json",
+    assert sorted(p.name for p in (run / "final").iterdir()) == ["config.yaml", "export.json", "kinema-output.json",
                                                                  "motion_module.safetensors"]
     # TensorBoard holds the same losses as logs.csv, read back with TensorBoard's own reader.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

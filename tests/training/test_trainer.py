@@ -88,8 +88,8 @@ def test_lora_mode_changes_lora_weights_only(tmp_path, sd_model, synth_videos):
     assert lora_keys and len(base_keys) > 100
     assert all(torch.equal(before[k], after[k]) for k in base_keys)
     assert all(not torch.equal(before[k], after[k]) for k in lora_keys if ".lora_B." in k)
-    assert sorted(p.name for p in result.final.iterdir()) == ["config.yaml", "kinema-output.json", "lora.safetensors",
-                                                              "motion_lora.safetensors"]
+    assert sorted(p.name for p in result.final.iterdir()) == ["config.yaml", "export.json", "kinema-output.json",
+                                                              "lora.safetensors", "motion_lora.safetensors"]
 
 
 def test_lora_mode_memorises_a_clip_the_loss_halves(tmp_path, sd_model, one_clip):
@@ -156,7 +156,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, sd_model, synth_vid
 
 
 def test_the_time_limit_ends_the_run_exported_and_a_resume_loses_nothing(tmp_path, sd_model, synth_videos,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     from kinema.training import trainer
 
     common = dict(train={"steps": 6, "ema_decay": 0.9}, checkpoint={"every": 4, "keep": 2})
@@ -171,11 +171,26 @@ def test_the_time_limit_ends_the_run_exported_and_a_resume_loses_nothing(tmp_pat
     assert (limited.start_step, limited.end_step, limited.time_limited) == (0, 3, True)
     exported = (limited.final / "motion_module.safetensors").read_bytes()
     assert exported == (three.final / "motion_module.safetensors").read_bytes()  # the EMA weights after step 3
+    assert json.loads((limited.final / "export.json").read_text()) == {"step": 3, "steps": 6, "ema": True}
     monkeypatch.setattr(trainer, "_clock", time.monotonic)
+
+    # Stopped (a signal) after step 4 of a resume: final/ is not rewritten, and the stop says which step it holds.
+    asked = []
+    monkeypatch.setattr(trainer, "stop_requested", lambda: asked.append(True) or True)
+    monkeypatch.setattr(trainer, "stop_if_requested", lambda: (_ for _ in ()).throw(KeyboardInterrupt) if asked
+                        else None)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume="latest", progress=False)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "kinema train: stopped after step 4; `--resume latest` continues from its checkpoint; final/ still holds the "
+        "weights of step 3, exported before")
+    assert (limited.final / "motion_module.safetensors").read_bytes() == exported
+    monkeypatch.undo()
     resumed = train(config, resume="latest", progress=False, time_limit=3600)
-    assert (resumed.start_step, resumed.end_step, resumed.time_limited) == (3, 6, False)
+    assert (resumed.start_step, resumed.end_step, resumed.time_limited) == (4, 6, False)
     assert (resumed.final / "motion_module.safetensors").read_bytes() == (
         whole.final / "motion_module.safetensors").read_bytes()
+    assert json.loads((resumed.final / "export.json").read_text())["step"] == 6
     with pytest.raises(KinemaError, match="positive number of seconds"):
         train(config, progress=False, time_limit=float("nan"))
 

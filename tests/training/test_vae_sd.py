@@ -98,7 +98,7 @@ def test_sd_vae_mode_trains_the_autoencoder_and_exports_it(tmp_path, sd_model, s
     assert sum(not torch.equal(before[k], trained[k]) for k in trained) > 0.9 * len(trained)
     exported = AutoencoderKL.from_pretrained(result.final / "vae").state_dict()
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
-    assert sorted(p.name for p in result.final.iterdir()) == ["config.yaml", "kinema-output.json", "vae"]
+    assert sorted(p.name for p in result.final.iterdir()) == ["config.yaml", "export.json", "kinema-output.json", "vae"]
 
 
 def test_sd_vae_mode_refusals(tmp_path, sd_model, synth_videos):
