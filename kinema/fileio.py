@@ -32,6 +32,9 @@ from kinema.sniff import Kind, sniff
 
 MANIFEST = "kinema-output.json"  # inside every folder kinema writes: its kind and the files it wrote
 MARK_KEY = "kinema_output"  # safetensors metadata key / zip record name that marks a weights file kinema wrote
+# A training run's folder is marked by its record instead (kinema.training.checkpoint): it grows while the run goes.
+RUN_FILE = "kinema-run.json"
+RUN_KIND = "training_run"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.kinema-(?P<role>part|old)-(?P<pid>\d+)(?:\.[^/]*)?$")
 
 
@@ -152,6 +155,14 @@ def _video_mark(path: Path) -> str | None:
     return "video" if settings is not None and _carries(path, settings) else None
 
 
+def _run_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("kind") == RUN_KIND
+
+
 def kind_words(kind: str) -> str:
     """An output kind as messages name it: "synth_dataset" -> "synth dataset"."""
     return kind.replace("_", " ")
@@ -159,11 +170,14 @@ def kind_words(kind: str) -> str:
 
 def output_kind(path: str | os.PathLike) -> str | None:
     """The kind of kinema output at `path` (from the mark kinema wrote inside it), or None when kinema did not
-    write it. A folder's kind needs its manifest; a file's needs its metadata, zip record or video sidecar."""
+    write it. A folder's kind needs its manifest (or a training run's record); a file's needs its metadata, zip
+    record or video sidecar."""
     path = Path(path)
     if path.is_dir():
         manifest = _manifest(path)
-        return manifest[MARK_KEY] if manifest else None
+        if manifest:
+            return manifest[MARK_KEY]
+        return RUN_KIND if _run_record(path / RUN_FILE) else None
     if not path.is_file():
         return None
     try:
@@ -197,6 +211,10 @@ def _foreign_files(folder: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- the policy
+
+
+# Files whose names kinema makes from the output's (clip.mp4 -> clip.mp4.json, clip.mp4.latents.safetensors).
+_BESIDE_KINDS = ("video_settings", "latents")
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -249,6 +267,9 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
     if folder is True and not real.is_dir():
         raise KinemaError(f"{given} is a file; give a folder path for the {kind_words(kind or 'output')}")
     if folder is False and real.is_dir():
+        if kind in _BESIDE_KINDS:
+            raise KinemaError(f"{given} is a folder, where kinema writes the {kind_words(kind)} beside the output; "
+                              "move the folder or give the output another name")
         raise KinemaError(f"{given} is a folder; give a file name such as {given / ('output' + given.suffix)}")
     if real.is_dir() and not any(real.iterdir()):
         return real

@@ -360,3 +360,17 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, mo
     assert snapshot(tmp_path) == {"locked": None}
     assert check_output(tmp_path / "free.mp4", "video", folder=False) == tmp_path / "free.mp4"
     assert snapshot(tmp_path) == {"locked": None}  # the check leaves nothing behind
+
+
+def test_a_training_run_folder_is_known_as_kinemas_run_and_never_replaced_by_another_kind(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "kinema-run.json").write_text(json.dumps({"kind": "training_run", "config": {}}))
+    assert output_kind(run) == "training_run"
+    before = snapshot(tmp_path)
+    with pytest.raises(KinemaError, match=r"run is an earlier kinema output of another kind \(training_run, not "
+                                          r"model\); choose another path$"):
+        check_output(run, "model", folder=True, overwrite=True)
+    assert snapshot(tmp_path) == before
+    (run / "kinema-run.json").write_text(json.dumps({"kind": "my notes"}))
+    assert output_kind(run) is None

@@ -559,11 +559,9 @@ def check_extend(args: argparse.Namespace) -> None:
                    latents=False)
 
 
-def _frames_to_append(video: str, total: int) -> int:
-    """How many frames `kinema extend --to TOTAL` appends to `video`; a KinemaError when it is already that long."""
-    from kinema.data.dataset import count_frames
-
-    have = count_frames(Path(video))
+def _frames_to_append(video: str, total: int, have: int) -> int:
+    """How many frames `kinema extend --to TOTAL` appends to `video` of `have` frames; a KinemaError when it is
+    already that long."""
     if total <= have:
         raise KinemaError(f"{video} already has {have} frames, so --to {total} appends nothing; give --to more than "
                           f"{have}, or --frames N to append N frames")
@@ -666,11 +664,15 @@ def run_extend(args: argparse.Namespace) -> None:
     """Continue the video (with the prompt stored in its settings unless --prompt) and write the results."""
     from dataclasses import replace
 
+    from kinema.data.dataset import count_frames
     from kinema.data.video_io import read_embedded_settings, read_sidecar
+    from kinema.pipelines.request import check_video_holds_overlap
 
     request = _with_input_size(args)
+    have = count_frames(Path(args.video))  # before the model loads
+    check_video_holds_overlap(have, request.with_defaults().overlap_frames or 0)
     if args.total_frames is not None:
-        request = replace(request, extend_frames=_frames_to_append(args.video, args.total_frames))
+        request = replace(request, extend_frames=_frames_to_append(args.video, args.total_frames, have))
     if args.prompt is None:
         stored = read_sidecar(args.video) or (read_embedded_settings(args.video) if os.path.isfile(args.video)
                                               else None) or {}

@@ -138,12 +138,11 @@ def describe_source(source: Source) -> dict[str, Any]:
         report = entry.function("describe")(source)
         if report is not None:
             return {"path": str(path), **report}
-    from kinema.fileio import kind_words, output_kind
-    from kinema.training.checkpoint import RUN_FILE, RUN_KIND
+    from kinema.fileio import RUN_FILE, RUN_KIND, kind_words, output_kind
 
     hint = ""
     own = output_kind(path)
-    if own is None and (path.name == RUN_FILE or (path / RUN_FILE).is_file()):  # a run folder has no manifest
+    if own is None and path.name == RUN_FILE:
         own = RUN_KIND
     if own in _NOT_WEIGHTS:
         hint = f"; it is kinema's own {kind_words(own)} output, not weights{_NOT_WEIGHTS[own]}"

@@ -28,7 +28,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, overlap_error
+from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, check_video_holds_overlap, overlap_error
 from kinema.sampling.denoisers import Denoiser
 from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
 from kinema.sampling.schedulers import make_scheduler
@@ -586,9 +586,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
             if plan.frames > family.max_frames and plan.context is None:
                 plan.context = _context_options(family, request, plan.latent_frames)
-        elif input_video.shape[0] < (request.overlap_frames or 0):  # filled by with_defaults
-            raise KinemaError(f"the video to extend has {input_video.shape[0]} frames, fewer than overlap_frames "
-                              f"({request.overlap_frames})")
+        else:
+            check_video_holds_overlap(input_video.shape[0], request.overlap_frames or 0)  # filled by with_defaults
     images = None
     if mode == "image-to-video":  # read (and sized) once, here, before any model runs
         images = (_image_tensor(request.image, plan.height, plan.width, request.resize, "the start image"),

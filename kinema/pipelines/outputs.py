@@ -187,10 +187,12 @@ def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
     from kinema.sniff import Kind, sniff
 
     path = Path(path)
+    hint = f"give the {LATENTS_SUFFIX} file that `kinema generate` saved beside its video"
+    if path.is_dir():
+        raise KinemaError(f"{path} is a folder; {hint}")
     if not path.is_file():
         raise KinemaError(f"no such latents file: {path}")
     found = sniff(path)
-    hint = f"give the {LATENTS_SUFFIX} file that `kinema generate` saved beside its video"
     if found.kind is not Kind.SAFETENSORS:
         raise KinemaError(f"{path} is not kinema latents: it is {found.what}; {hint}")
     if found.metadata.get(MARK_KEY) != LATENTS_KIND:

@@ -47,6 +47,14 @@ def overlap_error(overlap: int, segment: int) -> KinemaError:
                        "or raise segment_frames (--segment-frames)")
 
 
+def check_video_holds_overlap(video_frames: int, overlap_frames: int) -> None:
+    """One KinemaError line when a video to extend is shorter than the frames each new segment is conditioned on."""
+    if video_frames < overlap_frames:
+        raise KinemaError(f"the video to extend has {video_frames} frames, fewer than the {overlap_frames} each new "
+                          f"segment is conditioned on (overlap_frames, --overlap); give an overlap of at most "
+                          f"{video_frames}, or a longer video")
+
+
 def check_fps(fps: float) -> None:
     """One KinemaError line for a frame rate a video cannot keep (outside MIN_FPS .. MAX_FPS)."""
     if not MIN_FPS <= fps <= MAX_FPS:  # NaN fails too

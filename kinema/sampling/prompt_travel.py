@@ -147,7 +147,9 @@ def _keyframes(mapping: Mapping[Any, Any], frames: int) -> tuple[tuple[int, str]
     keyframes: list[tuple[int, str]] = []
     for key, prompt in mapping.items():
         frame = _frame_index(key)
-        if not 0 <= frame < frames:
+        if frame < 0:
+            raise KinemaError(f"prompt schedule key {key!r} is negative: keyframes are frame numbers from 0")
+        if frame >= frames:
             raise KinemaError(f"prompt schedule key {key!r} is out of range: keyframes go from 0 to {frames - 1} "
                               f"for {frames} frames")
         if any(frame == seen for seen, _ in keyframes):

@@ -32,12 +32,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError, library_error_message, os_error_message, shorten
-from kinema.fileio import MANIFEST, atomic_file, atomic_folder, check_output, clean_stale, output_kind, read_json_object
+from kinema.fileio import (
+    MANIFEST,
+    RUN_FILE,
+    RUN_KIND,
+    atomic_file,
+    atomic_folder,
+    check_output,
+    clean_stale,
+    output_kind,
+    read_json_object,
+)
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "kinema-run.json"  # marks a folder as a kinema training run
-RUN_KIND = "training_run"
 CHECKPOINT_KIND = "training_checkpoint"  # kind in the fileio manifest of each checkpoint folder
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
@@ -185,17 +193,6 @@ def _damaged(path: Path, why: str, others: list[Path]) -> KinemaError:
 # ---------------------------------------------------------------- the run folder
 
 
-def _check_writable(folder: Path) -> None:
-    """One KinemaError line when the run folder, or the nearest folder above it that exists, cannot be written:
-    found before the model loads rather than at the first write."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise KinemaError(f"cannot write the run folder {folder}: {existing} is not writable (permission denied or "
-                          "read-only); choose an output folder you can write")
-
-
 class RunFolder:
     """A training run's folder: `kinema-run.json` and `checkpoints/step-NNNNNNNN/`. Made with `RunFolder.open`."""
 
@@ -266,8 +263,9 @@ class RunFolder:
             held = ", ".join(sorted(p.name for p in given.iterdir())[:_MAX_SHOWN])
             raise KinemaError(f"{given} is not empty and holds no training run (it holds {held}); kinema starts a run "
                               "only in a new or empty folder: choose another output folder")
-        check_output(given, RUN_KIND, folder=True)  # a file, a dangling link, a file in the way of the parents
-        _check_writable(given)
+        # A file, a dangling link, a file in the way of the parents, a folder that cannot be written: before the
+        # model loads rather than at the first write.
+        check_output(given, RUN_KIND, folder=True)
         if not create:
             return cls(given, wanted, keep)
         record = {"kind": RUN_KIND, "fingerprint": wanted, "config": config, "kinema_version": _version(),

@@ -206,6 +206,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
     (tmp_path / "theirs.mp4").write_bytes(b"my video")
     (tmp_path / "new.mp4.latents.safetensors").write_bytes(b"my file")
     (tmp_path / "clip.mp4").write_bytes(b"input")
+    (tmp_path / "held.mp4.json").mkdir()
+    (tmp_path / "frames").mkdir()
     from safetensors.torch import save_file
 
     save_file({"latents": torch.zeros(1, 4, 2, 2, 2)}, str(tmp_path / "weights.safetensors"))
@@ -248,6 +250,11 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
          "saved (no 'latents' mark in its metadata); give the .latents.safetensors file that `kinema generate` saved "
          "beside its video"),
         (["decode", "clip.mp4", *model], "clip.mp4 is not kinema latents"),
+        (["decode", "frames", *model], "frames is a folder; give the .latents.safetensors file that `kinema "
+                                       "generate` saved beside its video"),
+        (["generate", "a cat", *model, "-o", "held.mp4"], "held.mp4.json is a folder, where kinema writes the video "
+                                                          "settings beside the output; move the folder or give the "
+                                                          "output another name"),
     ]
     argparse_cases = [
         (["generate", "a cat", *model, "--steps", "0"], "argument --steps: must be a positive whole number, got 0"),
@@ -402,3 +409,16 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot read {tmp_path / 'broken.mp4'}: it is corrupt, truncated or not a .mp4 " \
         "file (InvalidDataError" in err
+
+
+def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from kinema.data.video_io import write_video
+    from kinema.pipelines import load as load_module
+
+    write_video(torch.zeros(1, 3, 64, 64), tmp_path / "one.mp4")
+    monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["extend", str(tmp_path / "one.mp4"), "--frames", "8", "-o", str(tmp_path / "longer.mp4")]) == 1
+    assert capsys.readouterr().err == (
+        "kinema extend: error: the video to extend has 1 frames, fewer than the 4 each new segment is conditioned on "
+        "(overlap_frames, --overlap); give an overlap of at most 1, or a longer video\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "one.mp4.json"]

@@ -45,7 +45,7 @@ def test_plain_prompt_and_empty_head_tail_parts():
 
 @pytest.mark.parametrize("spec, frames, message", [
     ({"0": "a", "16": "b"}, 16, "key '16' is out of range: keyframes go from 0 to 15 for 16 frames"),
-    ({"-1": "a"}, 16, "key '-1' is out of range: keyframes go from 0 to 15"),
+    ({"-1": "a"}, 16, "key '-1' is negative: keyframes are frame numbers from 0"),
     ({"8": "a", "0": "b"}, 16, "keys are out of order: 0 comes after 8; list keyframes in ascending frame order"),
     ('{"0": "a", "0": "b"}', 16, "key '0' is given twice"),
     ({"0": "a", "00": "b"}, 16, "frame 0 is given twice"),
