@@ -338,12 +338,17 @@ class JobLimits:
 
     def check(self, job: Any, input_frames: int | None = None) -> None:
         """One KinemaError line naming the first limit `job` (a kinema.pipelines.jobs.Job) goes over; an input
-        video's `input_frames` count as made again (video-to-video) or continued (extend)."""
+        video's `input_frames` count as made again (video-to-video) or continued (extend), and FreeInit's
+        iterations multiply the steps."""
         request = job.request
         made = request.frames if input_frames is None else input_frames
+        # FreeInit samples `iterations` times over: its steps count as many times.
+        runs = request.free_init.iterations if request.free_init is not None else 1
+        steps = ("steps" if runs == 1 else f"steps x free_init.iterations ({request.steps} x {runs})")
         sizes = (("frames", made + (request.extend_frames or 0), self.frames, "--max-frames"),
                  ("height", request.height, self.side, "--max-side"), ("width", request.width, self.side, "--max-side"),
-                 ("steps", request.steps, self.steps, "--max-steps"), ("seeds", len(request.seeds), self.videos, None))
+                 (steps, request.steps * runs, self.steps, "--max-steps"),
+                 ("seeds", len(request.seeds), self.videos, None))
         for name, value, limit, option in sizes:
             if value > limit:
                 raise KinemaError(f"{name} is {value}, over this server's limit of {limit}; ask for less"

@@ -37,7 +37,13 @@ from kinema.cli.args import (
     seed_number,
 )
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import check_image_file, check_model_shape, model_defaults_for
+from kinema.pipelines.jobs import (
+    check_easyanimate_extras,
+    check_image_file,
+    check_model_shape,
+    model_defaults_for,
+    model_shape,
+)
 
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
@@ -399,6 +405,9 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
+    shape = model_shape(folder) if folder.is_dir() else None
+    if shape is not None and shape.family == "easyanimate":
+        check_easyanimate_extras(folder, motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer)
     return folder
 
 

@@ -200,6 +200,9 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
     from kinema.sampling.context import ContextOptions
 
     settings = request.context or ContextSettings(length=min(16, family.max_frames))
+    if settings.length > family.max_frames:  # in the request's pixel frames, not the windows' latent ones
+        raise KinemaError(f"context length {settings.length} exceeds the {family.max_frames} frames {family.name} "
+                          f"denoises at once; use a context length of at most {family.max_frames}")
     scale = max(family.pixel_frames(2) // 2, 1)  # pixel frames per latent frame, for the windows' latent length
     options = ContextOptions(length=max(settings.length // scale, 1), overlap=settings.overlap // scale,
                              stride=settings.stride, closed_loop=settings.closed_loop, schedule=settings.schedule,

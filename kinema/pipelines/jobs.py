@@ -45,6 +45,7 @@ from kinema.pipelines.request import (
     ContextSettings,
     FreeInitSettings,
     GenerationRequest,
+    check_video_holds_overlap,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS
@@ -170,6 +171,7 @@ class ModelShape:
     size_multiple: int
     why: str
     frames_per_slice: int | None = None
+    family: str = "animatediff"  # or "easyanimate": which family's loader takes the folder
 
 
 def model_shape(folder: Path) -> ModelShape | None:
@@ -186,10 +188,24 @@ def model_shape(folder: Path) -> ModelShape | None:
         if patch is None:
             return None
         return ModelShape(ratio * patch, f"the VAE's {ratio}x downscale times the transformer's {patch}x{patch} "
-                                         "patches", per_slice)
+                                         "patches", per_slice, "easyanimate")
     if isinstance(vae.get("block_out_channels"), list) and vae["block_out_channels"]:
         return ModelShape(image_vae_downsample(vae["block_out_channels"]), "the VAE's downscale")
     return None
+
+
+def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
+                             config: Any = None) -> None:
+    """An EasyAnimate model brings its own motion layers, tokenizer and configs: one KinemaError line for a motion
+    module, LoRA, tokenizer or config given with one (they are for Stable Diffusion 1.5 models)."""
+    if motion_module is not None:
+        raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
+                          "(motion modules are for Stable Diffusion 1.5 models)")
+    if loras:
+        raise KinemaError(f"{path} is an EasyAnimate model: --lora is for AnimateDiff (SD1.5) models; drop it")
+    if tokenizer is not None or config is not None:
+        raise KinemaError(f"{path} is an EasyAnimate folder, which brings its own tokenizer and configs; tokenizer= "
+                          "and config= are for single-file SD checkpoints")
 
 
 def check_model_shape(folder: Path, *, frames: int | None = None, height: int | None = None,
@@ -225,10 +241,26 @@ def check_video_bytes(data: bytes, *, max_bytes: int, what: str = "video") -> tu
     if len(data) > max_bytes:
         raise KinemaError(f"the {what} is {len(data)} bytes, over the limit of {max_bytes} bytes; send a shorter or "
                           "smaller video (or raise the upload limit)")
+    return _video_kind_and_frames(lambda: io.BytesIO(data), what)
+
+
+def video_frame_count(path: str | os.PathLike, what: str = "video") -> int:
+    """Frames of the video, animation or frames folder `path`, from its container (or packets) without decoding or
+    torch; one KinemaError line when it is not one kinema reads."""
+    path = Path(path)
+    if path.is_dir():
+        frames = sum(1 for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if frames < 1:
+            raise KinemaError(f"the {what} {path} is a folder without PNG or JPEG frames")
+        return frames
+    return _video_kind_and_frames(lambda: os.fspath(path), f"{what} {path}")[1]
+
+
+def _video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
     from PIL import Image, UnidentifiedImageError
 
     try:  # GIF and WebP animations are read by PIL, as kinema's reader does
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(opener()) as image:
             if image.format in ("GIF", "WEBP"):
                 return f".{image.format.lower()}", int(getattr(image, "n_frames", 1))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
@@ -237,7 +269,7 @@ def check_video_bytes(data: bytes, *, max_bytes: int, what: str = "video") -> tu
 
     frames, names = 0, set()
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(opener()) as container:
             names = set(container.format.name.split(","))
             if container.streams.video:
                 stream = container.streams.video[0]
@@ -273,7 +305,9 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(opener()) as image:
                 size = image.size
-                image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-generation
+                image.verify()  # the chunks and checksums: a truncated file fails here
+            with Image.open(opener()) as image:
+                image.load()  # the pixels: verify passes compressed data that is garbage with good checksums
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL's error names twice the limit (where it stops warning); the limit that counts here is the one it warns at.
         pixels = re.search(r"\((\d+) pixels\)", str(err))
@@ -622,8 +656,18 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
-    # A video's own frame count is checked when it is read.
-    check_model_shape(folder, frames=None if video else request.frames, height=request.height, width=request.width)
+    if video is None:
+        check_model_shape(folder, frames=request.frames, height=request.height, width=request.width)
+    else:  # its frames are remade (video-to-video), or continued past the overlap (extend)
+        have = video_frame_count(video)
+        if request.extend_frames is None:
+            check_model_shape(folder, frames=have, height=request.height, width=request.width)
+        else:
+            check_video_holds_overlap(have, request.overlap_frames or 0)
+            check_model_shape(folder, height=request.height, width=request.width)
+    shape = model_shape(folder) if folder.is_dir() else None
+    if shape is not None and shape.family == "easyanimate":
+        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):
@@ -716,6 +760,6 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
     return [out / name for name in names]
 
 
-__all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job", "ModelShape", "check_image_bytes",
-           "check_image_file", "check_model_shape", "check_size_multiple", "check_slice_frames", "job_from_mapping",
-           "model_defaults_for", "model_shape", "run_job", "video_names"]
+__all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job", "ModelShape", "check_easyanimate_extras",
+           "check_image_bytes", "check_image_file", "check_model_shape", "check_size_multiple", "check_slice_frames",
+           "job_from_mapping", "model_defaults_for", "model_shape", "run_job", "video_frame_count", "video_names"]

@@ -282,15 +282,9 @@ class _Named:
 def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
     from kinema.loaders.easyanimate.folder import MODEL_PARTS, is_model_folder
+    from kinema.pipelines.jobs import check_easyanimate_extras
 
-    if motion_path is not None:
-        raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
-                          "(motion modules are for Stable Diffusion 1.5 models)")
-    if loras:
-        raise KinemaError(f"{path} is an EasyAnimate model: --lora is for AnimateDiff (SD1.5) models; drop it")
-    if tokenizer is not None or config is not None:
-        raise KinemaError(f"{path} is an EasyAnimate folder, which brings its own tokenizer and configs; tokenizer= "
-                          "and config= are for single-file SD checkpoints")
+    check_easyanimate_extras(path, motion_module=motion_path, loras=loras, tokenizer=tokenizer, config=config)
     if not is_model_folder(path):
         raise KinemaError(f"{path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                           f"({', '.join(part + '/' for part in MODEL_PARTS)})")

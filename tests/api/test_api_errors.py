@@ -169,6 +169,8 @@ def test_jobs_over_the_servers_limits_are_refused(serve, fake_runner):
                               ({"height": 72}, ("height is 72", "--max-side")),
                               ({"width": 72}, ("width is 72",)),
                               ({"steps": 5}, ("steps is 5", "--max-steps")),
+                              ({"steps": 2, "free_init": {"iterations": 3}},
+                               ("steps x free_init.iterations (2 x 3) is 6, over this server's limit of 4",)),
                               ({"seeds": [1, 2, 3]}, ("seeds is 3", "one video per seed"))):
             response = client.post("/v1/jobs", json={"prompt": "x", "frames": 8, "steps": 1, **fields})
             assert_one_line_error(response, 422, *words)

@@ -401,6 +401,9 @@ def test_bfloat16_runs_and_is_reported(tmp_path_factory):
     ("animatediff", dict(prompt={"0": "a cat", "9": "a dog"}), "9"),
     ("animatediff", dict(prompt={"3": "a cat", "1": "a dog"}), "order"),
     ("animatediff", dict(frames=30, context=ContextSettings(length=32, overlap=4)), "32"),
+    # The window named in the request's pixel frames (V3 packs 4 into a latent frame), with a fix that works.
+    ("easyanimate", dict(frames=8, context=ContextSettings(length=1024, overlap=4)),
+     r"^context length 1024 exceeds the \d+ frames .* denoises at once; use a context length of at most \d+$"),
     ("animatediff", dict(scheduler="heun"), "ddim, euler"),
     ("animatediff", dict(height=31), "multiples of"),
     ("animatediff", dict(frames=40), None),

@@ -68,10 +68,13 @@ def test_equal_settings_share_a_model_key_and_dtype_or_loras_make_another(tmp_pa
     a = job_from_mapping({"prompt": "a cat", "seed": 1})
     assert a.model_key() == job_from_mapping({"prompt": "a dog", "steps": 3}).model_key()
     assert a.model_key() != job_from_mapping({"prompt": "a cat", "dtype": "bfloat16"}).model_key()
-    with_lora = job_from_mapping({"prompt": "a cat", "loras": [{"path": "style.safetensors", "weight": 0.5}]},
-                                 base=tmp_path)
-    assert with_lora.loras == [(str(lora), 0.5)] and with_lora.model_key() != a.model_key()
-    assert job_from_mapping({"prompt": "a cat", "loras": [[str(lora), 0.5]]}).loras == with_lora.loras
+    sd = {"prompt": "a cat", "model": "kinema-tiny-ad"}  # LoRAs are for SD models (kinema-tiny's family refuses them)
+    with_lora = job_from_mapping({**sd, "loras": [{"path": "style.safetensors", "weight": 0.5}]}, base=tmp_path)
+    assert with_lora.loras == [(str(lora), 0.5)]
+    assert with_lora.model_key() != job_from_mapping(sd).model_key()
+    assert job_from_mapping({**sd, "loras": [[str(lora), 0.5]]}).loras == with_lora.loras
+    with pytest.raises(KinemaError, match="is an EasyAnimate model: --lora is for AnimateDiff"):
+        job_from_mapping({"prompt": "a cat", "loras": [[str(lora), 0.5]]})  # kinema-tiny, refused before it loads
 
 
 def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
@@ -79,8 +82,8 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     models.mkdir(), configs.mkdir()
     (models / "mm.ckpt").write_bytes(b"x")
     (configs / "start.png").write_bytes(png_bytes())
-    job = job_from_mapping({"prompt": "a cat", "motion_module": "mm.ckpt", "image": "start.png"},
-                           base=configs, models_dir=models)
+    job = job_from_mapping({"prompt": "a cat", "model": "kinema-tiny-ad", "motion_module": "mm.ckpt",
+                            "image": "start.png"}, base=configs, models_dir=models)
     assert job.motion_module == str(models / "mm.ckpt") and job.request.image == str(configs / "start.png")
     assert job.request.mode == "image-to-video"
 
@@ -156,6 +159,20 @@ def test_the_largest_seed_is_torchs_largest():
     assert list(job_from_mapping({"prompt": "a cat", "seed": MAX_SEED}).request.seeds) == [MAX_SEED]
 
 
+def png_with_garbage_pixels() -> bytes:
+    """A 16x16 PNG whose pixel data (IDAT) is garbage with a correct checksum: its chunks verify, its pixels do not
+    decode."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x78\x9c" + bytes(range(200))) + \
+        chunk(b"IEND", b"")
+
+
 def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
     check_image_bytes(png_bytes(), max_bytes=10_000)
     with pytest.raises(KinemaError, match=r"^the start image is \d+ bytes, over the limit of 100 bytes"):
@@ -164,6 +181,8 @@ def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
         check_image_bytes(b"hello, I am text", max_bytes=10_000)
     with pytest.raises(KinemaError, match="the image is not an image"):
         check_image_bytes(png_bytes()[:60], max_bytes=10_000)  # a truncated PNG
+    with pytest.raises(KinemaError, match="the image is not an image"):
+        check_image_bytes(png_with_garbage_pixels(), max_bytes=10_000)
     (tmp_path / "cat.png").write_text("not a picture")
     with pytest.raises(KinemaError, match=r"^job: the image .*cat.png is not an image"):
         job_from_mapping({"prompt": "a cat", "image": "cat.png"}, base=tmp_path)
@@ -226,9 +245,24 @@ def test_the_cache_keeps_at_most_max_models(monkeypatch):
 def test_the_video_size_of_a_video_job_is_the_inputs(tmp_path):
     from kinema.data.video_io import write_video
 
-    write_video(np.zeros((4, 40, 48, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
+    write_video(np.zeros((8, 40, 48, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
     job = job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "strength": 0.5}, base=Path(tmp_path))
     assert (job.request.height, job.request.width, job.request.mode) == (40, 48, "video-to-video")
+
+
+def test_a_video_job_its_model_cannot_make_is_refused_before_loading(tmp_path, no_model_loads):
+    """The input's frames, counted from its container: kinema-tiny remakes 1 or a multiple of 8, and a
+    continuation holds the video's last frames (4 by default)."""
+    from kinema.data.video_io import write_video
+
+    frames = np.stack([np.full((64, 64, 3), 80 * i, np.uint8) for i in range(3)])  # GIF merges equal frames
+    write_video(frames, tmp_path / "three.gif", fps=8)
+    with pytest.raises(KinemaError, match=r"^job: EasyAnimate V3 makes 1 or a multiple of 8 frames; 3 is not"):
+        job_from_mapping({"prompt": "a cat", "video": "three.gif", "strength": 0.5}, base=tmp_path)
+    with pytest.raises(KinemaError, match=r"^job: the video to extend has 3 frames, fewer than the 4 each new "):
+        job_from_mapping({"prompt": "a cat", "video": "three.gif", "extend_frames": 8}, base=tmp_path)
+    assert job_from_mapping({"prompt": "a cat", "video": "three.gif", "extend_frames": 8, "overlap_frames": 2},
+                            base=tmp_path).request.mode == "extend"
 
 
 # ---------------------------------------------------------------- hardening: paths, models, image sizes

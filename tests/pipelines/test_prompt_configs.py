@@ -71,8 +71,8 @@ def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "v14.ckpt", "v15.ckpt")
     config = write(tmp_path / "toon.yaml", {"ToonYou": {
-        "motion_module": ["v14.ckpt", "v15.ckpt"], "seed": -1, "prompt": ["a red circle moving right"],
-        "L": 8}})
+        "path": "kinema-tiny-ad", "motion_module": ["v14.ckpt", "v15.ckpt"], "seed": -1,
+        "prompt": ["a red circle moving right"], "L": 8}})
     read = read_config(config, overrides={"steps": 2})
     assert [run.folder for run in read.runs] == ["01-toonyou-01-a-red-circle-moving-right-mm1",
                                                  "01-toonyou-01-a-red-circle-moving-right-mm2"]
@@ -85,7 +85,7 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "zoom.ckpt", "style.safetensors")
     config = write(tmp_path / "travel.json", {
-        "name": "travel", "path": "kinema-tiny", "seed": [4, 5], "scheduler": "k_euler_a", "steps": 2,
+        "name": "travel", "path": "kinema-tiny-ad", "seed": [4, 5], "scheduler": "k_euler_a", "steps": 2,
         "guidance_scale": 3, "head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"},
         "tail_prompt": "moving right", "n_prompt": ["noise"], "lora_map": {"style.safetensors": 0.7},
         "motion_lora_map": {"zoom.ckpt": 1.0}, "context": 8, "overlap": 2, "output": {"format": "mp4", "fps": 12},
@@ -94,7 +94,7 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     assert run.job.request == GenerationRequest(
         prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
         negative_prompt="noise", seeds=[4, 5], scheduler="euler_a", steps=2, guidance=3.0, frames=8, height=64,
-        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=4)
+        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=8)
     assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
     assert run.folder == "01-travel"
 

@@ -37,6 +37,12 @@ def image_file(path, size=(64, 64)):
     return str(path)
 
 
+def animation_file(path, frames):
+    images = [Image.new("RGB", (64, 64), (40 * i, 30, 30)) for i in range(frames)]  # distinct: GIF merges equal ones
+    images[0].save(path, save_all=True, append_images=images[1:], duration=125)
+    return str(path)
+
+
 def through_the_form(settings):
     return job_from_mapping(form_to_mapping({**BLANK_FORM, **settings_to_form(settings)}))
 
@@ -54,7 +60,7 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
     elif mode == "video-to-video":
         data.update(video=image_file(tmp_path / "clip.gif"), strength=0.35)
     elif mode == "extend":
-        data.update(video=image_file(tmp_path / "clip.gif"), extend_frames=12)
+        data.update(video=animation_file(tmp_path / "clip.gif", 5), extend_frames=12)  # holds the 4-frame overlap
     elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
         data.update(speed="fast", scheduler="dpmpp_2m_karras", steps=10)
     elif mode == "settings without a field":  # the API's and the CLI's options the form lacks come back as "extra"
@@ -89,7 +95,8 @@ def test_a_job_of_several_seeds_is_one_gallery_entry_per_video_newest_job_first(
     assert [(entry.video.relative_to(outputs).as_posix(), entry.settings["seeds"]) for entry in entries] == [
         ("a-newer/video-seed5.mp4", [5]), ("b-older/video-seed3.mp4", [3]), ("b-older/video-seed4.mp4", [4])]
     assert entries[1].caption == "a red circle · seed 3 · 16 frames 64x64 · 25 steps"
-    extended = job_from_mapping({"video": image_file(tmp_path / "clip.gif"), "extend_frames": 4, "steps": 2})
+    extended = job_from_mapping({"video": image_file(tmp_path / "clip.gif"), "extend_frames": 4, "steps": 2,
+                                 "overlap_frames": 1})
     folder = write_job_folder(outputs, "c-extended", extended.settings())
     (folder / "report.json").write_text(json.dumps({"frames": 5}))  # the gif's one frame and 4 more
     os.utime(folder / JOB_FILE, ns=(3 * 10**18, 3 * 10**18))
