@@ -66,7 +66,8 @@ def _folder_files(folder: Path) -> list[str]:
 _HASHED_BYTES = 16 * 2**20
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of the file `path`, in hex (read in 1 MiB blocks)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -86,7 +87,7 @@ def write_manifest(folder: Path, kind: str) -> None:
     from kinema import __version__
 
     files = {name: os.lstat(folder / name).st_size for name in _folder_files(folder) if name != MANIFEST}
-    hashes = {name: _sha256(folder / name) for name, size in files.items() if _hashed(folder, name, size)}
+    hashes = {name: sha256_of(folder / name) for name, size in files.items() if _hashed(folder, name, size)}
     (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files,
                                                "sha256": hashes}, indent=1) + "\n")
 
@@ -205,7 +206,7 @@ def _foreign_files(folder: Path) -> list[str]:
     def edited(name: str) -> bool:
         if name not in written or written[name] != os.lstat(folder / name).st_size:
             return True
-        return name in hashes and hashes[name] != _sha256(folder / name)
+        return name in hashes and hashes[name] != sha256_of(folder / name)
 
     return [name for name in _folder_files(folder) if name != MANIFEST and edited(name)]
 
@@ -523,3 +524,5 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise KinemaError(f"{label} is not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise KinemaError(f"{label} is JSON nested too deeply to read") from None

@@ -36,6 +36,9 @@ def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list
         except json.JSONDecodeError as err:
             raise KinemaError(f"{where}: not valid JSON at column {err.colno}: {err.msg}; each line holds one {what} "
                               f"as a JSON object such as {example}") from None
+        except RecursionError:  # the parser recurses once per nesting level
+            raise KinemaError(f"{where}: JSON nested too deeply to read; each line holds one {what} as a JSON "
+                              f"object such as {example}") from None
         if not isinstance(value, dict):
             raise KinemaError(f"{where} holds {json_kind(value)}, not a {what} object such as {example}")
         lines.append((where, number, value))

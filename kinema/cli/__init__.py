@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             except KinemaError as err:
                 print(f"kinema {args.label}: error: {err}", file=sys.stderr)
                 return 2
+            except OSError as err:
+                return _fail(args.label, os_error_message(err), args.debug)
+            except Exception as err:  # a check that failed unexpectedly still gets one line, as the work does
+                return _fail(args.label, f"{library_error_message(err)} (rerun with --debug for details)",
+                             args.debug)
         return _run(args, args.label)
 
 

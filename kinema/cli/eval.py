@@ -83,6 +83,19 @@ def check_eval(args: argparse.Namespace) -> None:
 
     if args.continuations is not None and args.no_continuation:
         raise KinemaError("--continuations N and --no-continuation contradict each other: give one")
+    if args.reconstructions is not None:
+        unused = [option for option, given in (
+            ("--prompts", args.prompts is not None), ("--out", args.out is not None), ("--steps", args.steps),
+            ("--frames", args.frames), ("--guidance", args.guidance), ("--speed", args.speed), ("--seed", args.seed),
+            ("--limit", args.limit), ("--no-continuation", args.no_continuation),
+            ("--continuations", args.continuations), ("--save-videos", args.save_videos),
+            ("--overwrite", args.overwrite)) if given]
+        if unused:
+            raise KinemaError(f"--reconstructions scores the VAE alone on its own clips, generates nothing and writes "
+                              f"nothing, so {', '.join(unused)} would do nothing; drop them, or drop "
+                              "--reconstructions")
+        resolve_model(args.model)
+        return
     args.prompts = Path(args.prompts) if args.prompts is not None else DEFAULT_PROMPTS
     entries = read_prompts(args.prompts)
     resolve_model(args.model)

@@ -72,7 +72,11 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise KinemaError(f"--set takes KEY=VALUE (e.g. train.steps=20), got {pair!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise KinemaError(f"--set {key.strip()}: the value {value!r} is not valid YAML; quote text, and write "
+                              "lists as [1, 2]") from None
     return overrides
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from kinema.cli.args import add_command, example, positive_int, seed_number
 from kinema.errors import KinemaError
@@ -128,6 +129,10 @@ def check_init_model(args: argparse.Namespace) -> None:
 
     if args.vae is not None and not os.path.isfile(os.path.join(args.vae, "config.json")):
         raise KinemaError(f"{args.vae} is not a VAE folder (no config.json): give a VAE stage's final/vae")
+    if args.vae is not None and not any(Path(args.vae).glob("*.safetensors")) and \
+            not any(Path(args.vae).glob("*.bin")):
+        raise KinemaError(f"{args.vae} holds a config.json but no weights (.safetensors): give the whole VAE folder "
+                          "(a VAE stage's final/vae)")
     if args.scale_data is not None and args.vae is None:
         raise KinemaError("--scale-data measures a trained VAE's latents: give --vae too")
     from kinema.models.initial import check_size

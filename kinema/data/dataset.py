@@ -89,6 +89,9 @@ def _read_metadata(root: Path, metadata: str | os.PathLike) -> tuple[Path, list[
         entries = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise KinemaError(f"{path} is not valid JSON ({err}); fix or rewrite it") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise KinemaError(f"{path} is JSON nested too deeply to read; a metadata file is a list of entry objects: "
+                          "fix or rewrite it") from None
     if not isinstance(entries, list) or not entries:
         raise KinemaError(f"{path} must hold a non-empty JSON list of entries, got "
                           f"{type(entries).__name__ if not isinstance(entries, list) else 'an empty list'}")

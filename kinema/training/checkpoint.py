@@ -42,6 +42,7 @@ from kinema.fileio import (
     clean_stale,
     output_kind,
     read_json_object,
+    sha256_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,13 @@ class RunFolder:
                 raise KinemaError(f"no checkpoint in {self.path} yet (the run stopped before its first save), so there "
                                   "is nothing to resume; remove the folder and run without --resume, or start a new "
                                   "run in another output folder")
+            newest = found[-1][0]
+            stray = sorted(entry for entry in self.checkpoints_folder.iterdir() if entry.is_dir()
+                           and (match := _CHECKPOINT_NAME.match(entry.name)) and int(match[1]) > newest)
+            if stray:  # resuming behind it would retrain its steps, then stop at saving over it
+                raise KinemaError(f"{stray[-1]} is newer than the last complete checkpoint (step {newest}) but not one "
+                                  f"kinema can read (its {MANIFEST} is missing or damaged); move it out of "
+                                  f"{self.checkpoints_folder} to resume from step {newest}")
             return found[-1][1]
         given = Path(resume)
         real = Path(os.path.realpath(given))
@@ -383,9 +391,9 @@ class RunFolder:
         others = self._others(checkpoint)
         if output_kind(checkpoint) != CHECKPOINT_KIND:
             raise _damaged(checkpoint, "is not a complete kinema training checkpoint (no manifest of one)", others)
-        sizes = read_json_object(checkpoint / MANIFEST, "the checkpoint's manifest")["files"]
+        manifest = read_json_object(checkpoint / MANIFEST, "the checkpoint's manifest")
         info_path = checkpoint / INFO_FILE
-        self._check_size(info_path, sizes, others)
+        self._check_saved(info_path, manifest, others)
         info = read_json_object(info_path, "the checkpoint's record")
         step, groups = info.get("step"), info.get("groups")
         if (isinstance(step, bool) or not isinstance(step, int) or not isinstance(groups, list)
@@ -394,14 +402,14 @@ class RunFolder:
         tensors = {}
         for group in groups:
             path = checkpoint / f"{group}.safetensors"
-            self._check_size(path, sizes, others)
+            self._check_saved(path, manifest, others)
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     tensors[group] = {name: f.get_tensor(name) for name in f.keys()}
             except (SafetensorError, OSError, ValueError, RuntimeError) as err:
                 raise _damaged(path, f"cannot be read (corrupt?): {library_error_message(err)}", others) from None
         state_path = checkpoint / STATE_FILE
-        self._check_size(state_path, sizes, others)
+        self._check_saved(state_path, manifest, others)
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -419,15 +427,19 @@ class RunFolder:
         return Checkpoint(step, tensors, state)
 
     @staticmethod
-    def _check_size(path: Path, sizes: dict, others: list[Path]) -> None:
-        """Compare a file's size with the one the manifest recorded when kinema wrote it: a cheap check that
-        catches truncation and replacement before a reader trips on them."""
+    def _check_saved(path: Path, manifest: dict, others: list[Path]) -> None:
+        """Compare a file with what the manifest recorded when kinema wrote it: its size (truncation, replacement)
+        and, for files up to 16 MiB, its SHA-256 (an edit or damage that keeps the size), before a reader trips on
+        it or trains on from it."""
         if not path.is_file():
             raise _damaged(path, "is missing", others)
-        size = path.stat().st_size
+        size, sizes = path.stat().st_size, manifest.get("files") or {}
         if sizes.get(path.name) != size:
             raise _damaged(path, f"was truncated or changed since it was saved ({size} bytes, saved as "
                                  f"{sizes.get(path.name)})", others)
+        hashes = manifest.get("sha256")
+        if isinstance(hashes, dict) and path.name in hashes and hashes[path.name] != sha256_of(path):
+            raise _damaged(path, "was changed since it was saved (same size, other contents)", others)
 
 
 def _version() -> str:

@@ -379,6 +379,17 @@ def check_config(config: TrainConfig) -> None:
     _check_range(config.validation.every >= 0, f"validation.every must be >= 0, got {config.validation.every}")
     if config.validation.every and not config.validation.prompts:
         raise KinemaError("validation.every is set but validation.prompts is empty: list the prompts to render")
+    validation = config.validation
+    _check_range(validation.steps >= 1, f"config key validation.steps must be at least 1, got {validation.steps}")
+    _check_range(validation.frames is None or validation.frames >= 1, f"config key validation.frames must be at "
+                 f"least 1 (or null for data.frames), got {validation.frames}")
+    _check_range(validation.guidance >= 1, f"config key validation.guidance must be at least 1 (1 turns "
+                 f"classifier-free guidance off), got {validation.guidance}")
+    # Values torch's AdamW and DataLoader would refuse only once the model has loaded.
+    _check_range(train.adam_eps > 0, f"config key train.adam_eps must be > 0, got {train.adam_eps}")
+    _check_range(train.weight_decay >= 0, f"config key train.weight_decay must be >= 0, got {train.weight_decay}")
+    _check_range(data.num_workers >= 0, f"config key data.num_workers must be >= 0 (0 loads in the main process), "
+                 f"got {data.num_workers}")
 
 
 def config_from_dict(values: Any, where: str = "the config") -> TrainConfig:
@@ -410,8 +421,14 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     for dotted, value in (overrides or {}).items():
         section = values
         *parents, last = dotted.split(".")
-        for parent in parents:
-            section = section.setdefault(parent, {})
+        for depth, parent in enumerate(parents):
+            if section.get(parent) is None:  # absent, or an empty `data:` in the file
+                section[parent] = {}
+            section = section[parent]
+            if not isinstance(section, dict):
+                where = ".".join(parents[:depth + 1])
+                raise KinemaError(f"--set {dotted}: config key {where} is {section!r}, not a mapping of settings, so "
+                                  f"it holds no {'.'.join([*parents[depth + 1:], last])}; check the key")
         section[last] = value
     config = config_from_dict(values, str(path))
     from kinema.bundled import is_bundled_name, resolve_model

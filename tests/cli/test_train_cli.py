@@ -123,6 +123,12 @@ def test_set_overrides_are_checked_like_the_file(tmp_path, capsys, sd_model, syn
     assert (code, err) == (2, "kinema train: error: train.learning_rate must be > 0, got -1.0\n")
     code, _, err = train(capsys, str(config), "--set", "train.steps")
     assert (code, err) == (2, "kinema train: error: --set takes KEY=VALUE (e.g. train.steps=20), got 'train.steps'\n")
+    code, _, err = train(capsys, str(config), "--set", "mode.x=1")  # through a value that is not a section
+    assert (code, err) == (2, "kinema train: error: --set mode.x: config key mode is 'motion', not a mapping of "
+                              "settings, so it holds no x; check the key\n")
+    code, _, err = train(capsys, str(config), "--set", "train.steps=[1")
+    assert (code, err) == (2, "kinema train: error: --set train.steps: the value '[1' is not valid YAML; quote text, "
+                              "and write lists as [1, 2]\n")
     code, _, err = train(capsys, str(config), "--dry-run", "--resume", "latest")
     assert code == 2 and err.startswith("kinema train: error: --dry-run checks a run before it starts")
     code, _, err = train(capsys, str(config), "--dry-run", "--time-limit", "5m")

@@ -64,6 +64,7 @@ def test_a_good_file_reads_with_images_relative_to_it(tmp_path):
     ({**GOOD, "seed": 2**64}, f" line 1: \"seed\" must be a whole number from 0 to 2\\*\\*64 - 1, got {2**64}"),
     ({**GOOD, "held_out": "yes"}, " line 1: \"held_out\" must be true or false"),
     ([1, 2], " line 1 holds an array, not a prompt object"),
+    ("[" * 100_000 + "]" * 100_000, " line 1: JSON nested too deeply to read; each line holds one prompt"),
 ])
 def test_a_bad_line_is_one_error_naming_file_line_and_fix(tmp_path, line, message):
     path = write_lines(tmp_path / "set.jsonl", line)

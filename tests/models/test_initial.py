@@ -245,3 +245,16 @@ def test_each_bundled_folder_is_what_its_manifest_says_bundle_model_wrote(name):
     written = json.loads((folder / "kinema-output.json").read_text())["files"]
     assert written and _foreign_files(folder) == []
     assert all((folder / path).is_file() for path in written)
+
+
+def test_a_vae_folder_without_weights_is_refused_before_anything_loads(tmp_path, capsys):
+    from kinema.cli import main
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    for given, words in ((tmp_path / "none", "is not a VAE folder (no config.json)"),
+                         (tmp_path / "vae", "holds a config.json but no weights (.safetensors): give the whole VAE "
+                                            "folder")):
+        assert main(["init-model", "kinema-tiny-ad", "--vae", str(given), "--out", str(tmp_path / "out")]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

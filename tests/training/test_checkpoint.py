@@ -369,9 +369,13 @@ def two_checkpoints(tmp_path):
 
 
 def record_size(folder, name):
-    """Make the manifest agree with a file replaced on purpose, as a checkpoint crafted by someone else would."""
+    """Make the manifest agree with a file replaced on purpose (its size and SHA-256), as a checkpoint crafted by
+    someone else would."""
+    import hashlib
+
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"][name] = (folder / name).stat().st_size
+    manifest["sha256"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -391,9 +395,26 @@ def test_a_corrupt_state_file_of_the_right_size_is_one_error_line(two_checkpoint
     data = bytearray((newest / "state.pt").read_bytes())
     data[-200:] = bytes(200)  # the zip's central directory
     (newest / "state.pt").write_bytes(bytes(data))
+    with pytest.raises(KinemaError, match=r"state.pt was changed since it was saved \(same size, other contents\)"):
+        run.load(newest)  # the manifest's SHA-256 finds it first
+    record_size(newest, "state.pt")  # a manifest that agrees: the reader finds it
     with pytest.raises(KinemaError, match="state.pt cannot be read") as err:
         run.load(newest)
     assert "step-00000001" in one_line(err)
+
+
+@pytest.mark.parametrize("name", ["checkpoint.json", "model.safetensors"])
+def test_an_edit_that_keeps_the_size_is_found_before_training_goes_on(two_checkpoints, name):
+    """A step number edited in checkpoint.json (2 -> 5) would skip steps; bytes overwritten in the weights would
+    train on from damage. Both keep the file's size."""
+    run, newest = two_checkpoints
+    path = newest / name
+    data = path.read_bytes()
+    changed = data.replace(b'"step": 2', b'"step": 5') if name == "checkpoint.json" else data[:-8] + bytes(8)
+    assert changed != data and len(changed) == len(data)
+    path.write_bytes(changed)
+    with pytest.raises(KinemaError, match=rf"{name} was changed since it was saved \(same size, other contents\)"):
+        run.load(newest)
 
 
 def test_a_state_file_that_asks_for_code_is_refused(two_checkpoints):
@@ -413,3 +434,13 @@ def test_a_truncated_weights_file_is_one_error_line(two_checkpoints):
     with pytest.raises(KinemaError, match="model.safetensors cannot be read") as err:
         run.load(newest)
     one_line(err)
+
+
+def test_latest_refuses_to_resume_behind_a_newer_checkpoint_it_cannot_read(two_checkpoints):
+    run, newest = two_checkpoints
+    manifest = json.loads((newest / MANIFEST).read_text())
+    del manifest["files"]
+    (newest / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KinemaError, match=r"step-00000002 is newer than the last complete checkpoint \(step 1\) but "
+                                          r"not one kinema can read .*; move it out of .* to resume from step 1$"):
+        run.resolve("latest")
