@@ -410,8 +410,8 @@ class VideoTextDataset(Dataset):
                 return item
         kind = self.entries[index]["type"]
         which = f"{kind} entries" if same_group else "files listed"
-        raise KinemaError(f"none of the {which} for {self.root} could be read (see the warnings above); check the "
-                          f"data")
+        raise KinemaError(f"none of the {which} for {self.root} could be read (see the warnings above); fix those "
+                          f"files, or lower data.frames / data.stride where the clips are too short")
 
     def _candidates(self, index: int, same_group: bool) -> Iterator[int]:
         count = len(self.entries)

@@ -220,6 +220,16 @@ def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, devi
     return estimate
 
 
+def _probe_each_kind(dataset: Any) -> None:
+    """One entry of each type (video, image) read now, at its group's shape: a set none of whose clips of a type
+    can be used (all too short, all corrupt) is refused before the model loads, where a usable one costs a decode."""
+    first: dict[Any, int] = {}
+    for index, group in enumerate(dataset.groups()):
+        first.setdefault(group[0], index)
+    for index in first.values():
+        dataset.load_item(index, 0)
+
+
 def _probe_batch(config: TrainConfig, dataset: Any, order: Any) -> dict[str, Any]:
     """The first clip of the first batch alone, collated as the loader gives it (the batch itself may be too big to
     read, which is what the probe is for)."""
@@ -405,6 +415,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
 
     dataset = _dataset(config)  # metadata, missing files and captions are checked here, before any model loads
     order = _batch_order(config, dataset, world)
+    _probe_each_kind(dataset)
     identity = resume_identity(config)
     # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
     # as the others could otherwise find the run it has just started.

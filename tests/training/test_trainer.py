@@ -209,7 +209,9 @@ def test_resume_refuses_another_config_and_a_new_run_refuses_an_existing_one(tmp
 # ---------------------------------------------------------------- refusals before step 1
 
 
-def test_bad_inputs_fail_before_any_step(tmp_path, sd_model, synth_videos, v3_model):
+def test_bad_inputs_fail_before_any_step(tmp_path, sd_model, synth_videos, v3_model, monkeypatch):
+    from kinema.training import tasks as tasks_module
+
     metadata = json.loads((synth_videos / "metadata.json").read_text())
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -233,6 +235,14 @@ def test_bad_inputs_fail_before_any_step(tmp_path, sd_model, synth_videos, v3_mo
         target.symlink_to(synth_videos / entry["file_path"])
     with pytest.raises(KinemaError, match="captions missing: 1 entries have no text"):
         train(make_config(tmp_path, sd_model_section(sd_model), uncaptioned, "motion", SD_DATA), progress=False)
+    # Every clip shorter than data.frames (8-frame clips, 16 asked): refused before the model loads.
+    monkeypatch.setattr(tasks_module, "make_task", lambda config: pytest.fail("the model loaded"))
+    with pytest.raises(KinemaError, match=r"none of the video entries for .* could be read \(see the warnings "
+                                          r"above\); fix those files, or lower data.frames / data.stride"):
+        train(make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", {**SD_DATA, "frames": 16}),
+              progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "run").exists()
     with pytest.raises(KinemaError, match="'blocks'.*its parts are"):
         train(make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "full", V3_DATA,
                           train={"trainable_modules": ["blocks"]}), progress=False)
