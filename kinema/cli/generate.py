@@ -143,8 +143,6 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 number = checked_number(float, "a number", math.isfinite, "a finite number")
 unit_fraction = checked_number(float, "a number", lambda value: 0 < value <= 1, "a number in (0, 1]")
-positive_number = checked_number(float, "a number", lambda value: math.isfinite(value) and value > 0,
-                                 "a positive number")
 
 
 # ---------------------------------------------------------------- the commands

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from kinema.pipelines.family import VideoFamily
     from kinema.sampling.loop import StepCallback
 
-# torch.Generator.manual_seed takes seeds up to 2**64 - 1; a larger one would only fail once sampling starts.
 RANDOM_SEED = -1
 # Random seeds stay below 2**32: JavaScript front ends (the web app, API clients) read JSON numbers as doubles,
 # which keep integers exact only up to 2**53.
