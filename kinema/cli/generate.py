@@ -37,13 +37,7 @@ from kinema.cli.args import (
     seed_number,
 )
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import (
-    check_easyanimate_extras,
-    check_image_file,
-    check_model_shape,
-    model_defaults_for,
-    model_shape,
-)
+from kinema.pipelines.jobs import check_image_file, check_model_request, model_defaults_for
 
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
@@ -403,9 +397,7 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
-    shape = model_shape(folder) if folder.is_dir() else None
-    if shape is not None and shape.family == "easyanimate":
-        check_easyanimate_extras(folder, motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer)
+    check_model_request(folder, motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer)
     return folder
 
 
@@ -519,7 +511,7 @@ def check_generate(args: argparse.Namespace) -> None:
     _check_image(args.end_image, "end image")
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
-    check_model_shape(model, frames=args.frames, height=args.height, width=args.width)
+    check_model_request(model, frames=args.frames, height=args.height, width=args.width)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()

@@ -244,9 +244,9 @@ def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: 
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
     if frames is not None:
         from kinema.bundled import resolve_model
-        from kinema.pipelines.jobs import check_model_shape
+        from kinema.pipelines.jobs import check_model_request
 
-        check_model_shape(resolve_model(model, f"no such model file or folder: {model}"), frames=frames)
+        check_model_request(resolve_model(model, f"no such model file or folder: {model}"), frames=frames)
     for entry in entries:
         if _video_seed(entry, seed) > MAX_SEED:
             raise KinemaError(f"{prompts_path}, line {entry.line}: its seed plus --seed {seed} is "

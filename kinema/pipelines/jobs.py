@@ -207,10 +207,12 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
                           "and config= are for single-file SD checkpoints")
 
 
-def check_model_shape(folder: Path, *, frames: int | None = None, height: int | None = None,
-                      width: int | None = None) -> None:
-    """Before any weights load, one KinemaError line for a frame count or size the model folder cannot make (see
-    `model_shape`); values left None, and models whose configs say nothing, are not checked."""
+def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
+                        width: int | None = None, motion_module: Any = None, loras: Any = (),
+                        tokenizer: Any = None) -> None:
+    """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
+    once (`model_shape`): a frame count or size it cannot make, or a motion module, LoRA or tokenizer given with an
+    EasyAnimate model. Values left None, and models whose configs say nothing, are not checked."""
     shape = model_shape(folder)
     if shape is None:
         return
@@ -218,6 +220,8 @@ def check_model_shape(folder: Path, *, frames: int | None = None, height: int | 
         check_slice_frames(frames, shape.frames_per_slice)
     if height is not None and width is not None:
         check_size_multiple(height, width, shape.size_multiple, shape.why)
+    if shape.family == "easyanimate":
+        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -655,18 +659,14 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
-    if video is None:
-        check_model_shape(folder, frames=request.frames, height=request.height, width=request.width)
-    else:  # its frames are remade (video-to-video), or continued past the overlap (extend)
+    made = request.frames
+    if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)
         have = video_frame_count(video)
-        if request.extend_frames is None:
-            check_model_shape(folder, frames=have, height=request.height, width=request.width)
-        else:
+        made = have if request.extend_frames is None else None
+        if request.extend_frames is not None:
             check_video_holds_overlap(have, request.overlap_frames or 0)
-            check_model_shape(folder, height=request.height, width=request.width)
-    shape = model_shape(folder) if folder.is_dir() else None
-    if shape is not None and shape.family == "easyanimate":
-        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
+    check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
+                        loras=loras, tokenizer=tokenizer)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):
@@ -760,5 +760,5 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
 
 
 __all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job", "ModelShape", "check_easyanimate_extras",
-           "check_image_bytes", "check_image_file", "check_model_shape", "check_size_multiple", "check_slice_frames",
+           "check_image_bytes", "check_image_file", "check_model_request", "check_size_multiple", "check_slice_frames",
            "job_from_mapping", "model_defaults_for", "model_shape", "run_job", "video_frame_count", "video_names"]

@@ -20,7 +20,7 @@ from kinema.pipelines.jobs import (
     Cancelled,
     FamilyCache,
     check_image_bytes,
-    check_model_shape,
+    check_model_request,
     job_from_mapping,
     model_shape,
     run_job,
@@ -392,7 +392,7 @@ def test_the_shape_read_before_loading_is_the_loaded_familys(model, request):
     for height, width in ((factor, 2 * factor), (factor + 8, factor), (factor // 2, factor), (factor, factor * 3 + 4)):
         loaded, read = [], []
         for check, into in ((family.check_size, loaded),
-                            (lambda h, w: check_model_shape(folder, height=h, width=w), read)):
+                            (lambda h, w: check_model_request(folder, height=h, width=w), read)):
             try:
                 check(height, width)
                 into.append(None)
@@ -408,7 +408,7 @@ def test_the_shape_read_before_loading_is_the_loaded_familys(model, request):
         except KinemaError as err:
             loaded.append(str(err))
         try:
-            check_model_shape(folder, frames=frames)
+            check_model_request(folder, frames=frames)
             read.append(None)
         except KinemaError as err:
             read.append(str(err))
