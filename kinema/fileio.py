@@ -195,20 +195,26 @@ def output_kind(path: str | os.PathLike) -> str | None:
     return _video_mark(path)
 
 
+def change_since_written(folder: Path, name: str, manifest: dict) -> str | None:
+    """How the file `name` in `folder` differs from what `manifest` recorded when kinema wrote it: "unlisted" (added
+    since), "size" or "contents" (edited since: its size, or the SHA-256 of a file up to 16 MiB; manifests from
+    before kinema listed hashes give sizes only), or None when it is as written."""
+    written, hashes = manifest.get("files") or {}, manifest.get("sha256")
+    if name not in written:
+        return "unlisted"
+    if written[name] != os.lstat(folder / name).st_size:
+        return "size"
+    if isinstance(hashes, dict) and name in hashes and hashes[name] != sha256_of(folder / name):
+        return "contents"
+    return None
+
+
 def _foreign_files(folder: Path) -> list[str]:
-    """Files in a kinema output folder that its manifest does not list (added since), or whose size or SHA-256
-    changed (edited since; manifests before kinema listed hashes give sizes only): the user's work, which kinema
-    never deletes."""
+    """Files in a kinema output folder that are not as its manifest recorded them (`change_since_written`): the
+    user's work, which kinema never deletes."""
     manifest = _manifest(folder) or {"files": {}}
-    written, hashes = manifest["files"], manifest.get("sha256")
-    hashes = hashes if isinstance(hashes, dict) else {}
-
-    def edited(name: str) -> bool:
-        if name not in written or written[name] != os.lstat(folder / name).st_size:
-            return True
-        return name in hashes and hashes[name] != sha256_of(folder / name)
-
-    return [name for name in _folder_files(folder) if name != MANIFEST and edited(name)]
+    return [name for name in _folder_files(folder)
+            if name != MANIFEST and change_since_written(folder, name, manifest) is not None]
 
 
 # ---------------------------------------------------------------- the policy

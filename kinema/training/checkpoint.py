@@ -38,11 +38,11 @@ from kinema.fileio import (
     RUN_KIND,
     atomic_file,
     atomic_folder,
+    change_since_written,
     check_output,
     clean_stale,
     output_kind,
     read_json_object,
-    sha256_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -433,12 +433,11 @@ class RunFolder:
         it or trains on from it."""
         if not path.is_file():
             raise _damaged(path, "is missing", others)
-        size, sizes = path.stat().st_size, manifest.get("files") or {}
-        if sizes.get(path.name) != size:
-            raise _damaged(path, f"was truncated or changed since it was saved ({size} bytes, saved as "
-                                 f"{sizes.get(path.name)})", others)
-        hashes = manifest.get("sha256")
-        if isinstance(hashes, dict) and path.name in hashes and hashes[path.name] != sha256_of(path):
+        change = change_since_written(path.parent, path.name, manifest)
+        if change in ("unlisted", "size"):
+            raise _damaged(path, f"was truncated or changed since it was saved ({path.stat().st_size} bytes, saved as "
+                                 f"{(manifest.get('files') or {}).get(path.name)})", others)
+        if change == "contents":
             raise _damaged(path, "was changed since it was saved (same size, other contents)", others)
 
 
