@@ -663,12 +663,12 @@ def run_extend(args: argparse.Namespace) -> None:
     """Continue the video (with the prompt stored in its settings unless --prompt) and write the results."""
     from dataclasses import replace
 
-    from kinema.data.dataset import count_frames
+    from kinema.data.probe import frame_count
     from kinema.data.video_io import read_embedded_settings, read_sidecar
     from kinema.pipelines.request import check_video_holds_overlap
 
     request = _with_input_size(args)
-    have = count_frames(Path(args.video))  # before the model loads
+    have = frame_count(args.video)  # before the model loads
     check_video_holds_overlap(have, request.with_defaults().overlap_frames or 0)
     if args.total_frames is not None:
         request = replace(request, extend_frames=_frames_to_append(args.video, args.total_frames, have))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from kinema.data.probe import frame_count
 from kinema.data.sampler import BatchOrder
 from kinema.data.video_io import IMAGE_SUFFIXES, PILLOW_SUFFIXES, read_errors_named, read_video
 from kinema.errors import KinemaError
@@ -160,20 +161,6 @@ def resize_and_crop(pixels: torch.Tensor, size: tuple[int, int], position: float
     return pixels[..., top:top + height, left:left + width]
 
 
-def count_frames(path: Path) -> int:
-    """Frames in a video, animation, still or frame folder: the container's count when it has one, else counted
-    by decoding. A file that cannot be read is one KinemaError line (`read_errors_named`)."""
-    if path.is_dir() or path.suffix.lower() in PILLOW_SUFFIXES:
-        return probe(path)[2]
-    with read_errors_named(path), av.open(str(path)) as container:
-        if not container.streams.video:
-            raise KinemaError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for _ in container.decode(stream))
-
-
 def probe(path: Path) -> tuple[int, int, int]:
     """`(height, width, frames)` of a video, animation, still or frame folder, from its header where it has one.
 
@@ -260,7 +247,7 @@ def _decode(path: Path, kind: str, frames: int, stride: int, start_draw: float, 
         return read_video(path, max_frames=1).frames, None, 0
     span = (frames - 1) * stride + 1
     if total is None:
-        total = count_frames(path)
+        total = frame_count(path)
     if total < span:
         return None, total, 0
     start = min(int(start_draw * (total - span + 1)), total - span)
@@ -302,7 +289,7 @@ class VideoTextDataset(Dataset):
         self.text_dropout, self.flip, self.random_crop, self.seed = text_dropout, flip, random_crop, seed
         self.decode_timeout = decode_timeout
         self.epoch = 0
-        # Frame counts as first read (headers with buckets, else count_frames): every process derives the same
+        # Frame counts as first read (headers with buckets, else frame_count): every process derives the same
         # numbers from the same file, so clip starts agree across DataLoader workers and resumed runs.
         self._lengths: dict[int, int] = {}
         if self.buckets is None:

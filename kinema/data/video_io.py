@@ -44,6 +44,7 @@ from av.video.reformatter import Interpolation
 from PIL import Image, PngImagePlugin
 
 from kinema import __version__
+from kinema.data.probe import IMAGE_SUFFIXES
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
 from kinema.pipelines.request import check_fps
@@ -51,8 +52,6 @@ from kinema.pipelines.request import check_fps
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
 SETTINGS_KEY = "kinema"  # PNG text-chunk key
-# Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # swscale's default RGB <-> yuv420p path subsamples chroma crudely; averaging on the way in and interpolating
 # chroma on the way out gains 1.5-3 dB PSNR on clips with saturated colour edges.
 _TO_YUV = Interpolation.AREA | Interpolation.FULL_CHR_H_INP | Interpolation.ACCURATE_RND

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
+from kinema.data.probe import frame_count, video_kind_and_frames
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
@@ -244,46 +245,7 @@ def check_video_bytes(data: bytes, *, max_bytes: int, what: str = "video") -> tu
     if len(data) > max_bytes:
         raise KinemaError(f"the {what} is {len(data)} bytes, over the limit of {max_bytes} bytes; send a shorter or "
                           "smaller video (or raise the upload limit)")
-    return _video_kind_and_frames(lambda: io.BytesIO(data), what)
-
-
-def video_frame_count(path: str | os.PathLike, what: str = "video") -> int:
-    """Frames of the video, animation or frames folder `path`, from its container (or packets) without decoding or
-    torch; one KinemaError line when it is not one kinema reads."""
-    path = Path(path)
-    if path.is_dir():
-        frames = sum(1 for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if frames < 1:
-            raise KinemaError(f"the {what} {path} is a folder without PNG or JPEG frames")
-        return frames
-    return _video_kind_and_frames(lambda: os.fspath(path), f"{what} {path}")[1]
-
-
-def _video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:  # GIF and WebP animations are read by PIL, as kinema's reader does
-        with Image.open(opener()) as image:
-            if image.format in ("GIF", "WEBP"):
-                return f".{image.format.lower()}", int(getattr(image, "n_frames", 1))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        pass
-    import av
-
-    frames, names = 0, set()
-    try:
-        with av.open(opener()) as container:
-            names = set(container.format.name.split(","))
-            if container.streams.video:
-                stream = container.streams.video[0]
-                frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-    except (OSError, av.FFmpegError, ValueError):
-        raise KinemaError(f"the {what} is not a video kinema can read; send an MP4, WebM, MKV, MOV or GIF "
-                          "video") from None
-    if frames < 1:
-        raise KinemaError(f"the {what} has no video frames (sound only?); send an MP4, WebM, MKV, MOV or GIF video")
-    suffix = ".webm" if names & {"webm", "matroska"} else ".avi" if "avi" in names else ".mp4"
-    return suffix, frames
+    return video_kind_and_frames(lambda: io.BytesIO(data), what)
 
 
 def check_image_file(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
@@ -661,7 +623,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     request.check()
     made = request.frames
     if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)
-        have = video_frame_count(video)
+        have = frame_count(video)
         made = have if request.extend_frames is None else None
         if request.extend_frames is not None:
             check_video_holds_overlap(have, request.overlap_frames or 0)
@@ -761,4 +723,4 @@ def run_job(job: Job, out: str | os.PathLike, *, cache: FamilyCache, callback: S
 
 __all__ = ["JOB_KEYS", "MAX_SEED", "Cancelled", "FamilyCache", "Job", "ModelShape", "check_easyanimate_extras",
            "check_image_bytes", "check_image_file", "check_model_request", "check_size_multiple", "check_slice_frames",
-           "job_from_mapping", "model_defaults_for", "model_shape", "run_job", "video_frame_count", "video_names"]
+           "job_from_mapping", "model_defaults_for", "model_shape", "run_job", "video_names"]

@@ -40,7 +40,7 @@ def assert_one_line_error(response, status: int, *words: str) -> str:
     ({"prompt": "x", "image": "/etc/hostname"}, 422, ("reads no server paths", "image_base64")),
     ({"prompt": "x", "video": "clip.mp4"}, 422, ("reads no server paths", "video_base64")),
     ({"prompt": "x", "video_base64": base64.b64encode(b"just some text").decode()}, 422,
-     ("input video is not a video",)),
+     ("input video is corrupt, truncated or not a video",)),
     ({"prompt": "x", "image_base64": "not base64 !!"}, 422, ("not valid base64",)),
     ({"prompt": "x", "image_base64": base64.b64encode(b"just some text").decode()}, 422, ("not an image",)),
     (["a", "list"], 422, ("JSON object",)),

@@ -407,8 +407,8 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     assert main(["extend", str(tmp_path / "broken.mp4"), "--to", "8", "--height", "24", "--width", "40", *common,
                  "-o", str(tmp_path / "never.mp4")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"cannot read {tmp_path / 'broken.mp4'}: it is corrupt, truncated or not a .mp4 " \
-        "file (InvalidDataError" in err
+    assert err.count("\n") == 1 and f"the video {tmp_path / 'broken.mp4'} is corrupt, truncated or not a " \
+        "video kinema can read (InvalidDataError" in err
 
 
 def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(tmp_path, capsys, monkeypatch):

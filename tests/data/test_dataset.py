@@ -440,7 +440,7 @@ def test_train_batches_in_workers_equal_a_direct_loop(bucket_root):
 
 @pytest.mark.parametrize("name", ["frames", "clip.webp", "clip.gif"])
 def test_frame_folders_and_animations_are_read_without_buckets(tmp_path, name):
-    # Without buckets the frame count comes from count_frames, which opened every path with PyAV: a folder of PNG
+    # Without buckets the frame count comes from frame_count, which opened every path with PyAV: a folder of PNG
     # frames failed ("Is a directory") and was skipped for another clip.
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)

@@ -1,0 +1,58 @@
+"""What a video file or frame folder holds, read from its container without decoding and without torch, so the API,
+batch checks and `kinema extend` can refuse a bad input before any model loads, and the training dataset can count
+frames cheaply."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kinema.errors import KinemaError, shorten
+
+# Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def frame_count(path: str | os.PathLike, what: str = "video") -> int:
+    """Frames of the video, animation or frame folder `path`, from its container (or its packets) without decoding;
+    one KinemaError line naming `what` when it is not one kinema reads."""
+    path = Path(path)
+    if path.is_dir():
+        frames = sum(1 for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if frames < 1:
+            raise KinemaError(f"the {what} {path} is a folder without PNG, JPEG or WebP frames")
+        return frames
+    if not path.exists():
+        raise KinemaError(f"the {what} {path} does not exist")
+    return video_kind_and_frames(lambda: os.fspath(path), f"{what} {path}")[1]
+
+
+def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
+    """`(suffix, frames)` of the video opened by `opener()` (a path or a file object): the suffix kinema reads it by,
+    from its content rather than its name, and its frame count from the container or its non-empty packets."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:  # GIF and WebP animations are read by PIL, as kinema's reader does
+        with Image.open(opener()) as image:
+            if image.format in ("GIF", "WEBP"):
+                return f".{image.format.lower()}", int(getattr(image, "n_frames", 1))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        pass
+    import av
+
+    frames, names = 0, set()
+    try:
+        with av.open(opener()) as container:
+            names = set(container.format.name.split(","))
+            if container.streams.video:
+                stream = container.streams.video[0]
+                frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    except (OSError, av.FFmpegError, ValueError) as err:
+        raise KinemaError(f"the {what} is corrupt, truncated or not a video kinema can read ({type(err).__name__}: "
+                          f"{shorten(str(err), 80)}); give an MP4, WebM, MKV, MOV, GIF or WebP video") from None
+    if frames < 1:
+        raise KinemaError(f"the {what} has no video frames (sound only?); give an MP4, WebM, MKV, MOV, GIF or WebP "
+                          "video")
+    suffix = ".webm" if names & {"webm", "matroska"} else ".avi" if "avi" in names else ".mp4"
+    return suffix, frames
