@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,9 +350,22 @@ class JobLimits:
                  (steps, request.steps * runs, self.steps, "--max-steps"),
                  ("seeds", len(request.seeds), self.videos, None))
         for name, value, limit, option in sizes:
-            if value > limit:
-                raise KinemaError(f"{name} is {value}, over this server's limit of {limit}; ask for less"
-                                  + (f" (the server's {option})" if option else " (one video per seed)"))
+            _refuse_over(name, value, limit, option)
+
+    def check_given(self, fields: Mapping[str, Any]) -> None:
+        """The limits on the frames, size and steps a submission names, checked before its model's rules, whose
+        suggestions (the nearest frame count a Slice VAE makes) could go past them."""
+        for name, limit, option in (("frames", self.frames, "--max-frames"), ("height", self.side, "--max-side"),
+                                    ("width", self.side, "--max-side"), ("steps", self.steps, "--max-steps")):
+            value = fields.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                _refuse_over(name, value, limit, option)
+
+
+def _refuse_over(name: str, value: int, limit: int, option: str | None) -> None:
+    if value > limit:
+        raise KinemaError(f"{name} is {value}, over this server's limit of {limit}; ask for less"
+                          + (f" (the server's {option})" if option else " (one video per seed)"))
 
 
 class _Server:
@@ -426,6 +439,7 @@ class _Server:
                 path.write_bytes(data)
                 saved.append(path)
                 fields[key] = str(path)
+            self.limits.check_given(fields)
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir)
             self.limits.check(job, input_frames)  # job_from_mapping checked the images' sizes against the video's
         except BaseException:
