@@ -94,6 +94,10 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     ema_decay: float | None = None  # none: no EMA
     timesteps: str | None = None  # uniform | logit_normal (none: the family's recipe)
+    # logit_normal draws t = sigmoid(N(logit_mean, logit_std)) * steps (SD3's names); a negative mean trains the
+    # low-noise steps, where detail is drawn, more often
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper); none: plain MSE
     # full: the transformer's submodules to train (none: V3's set); motion: parts of the base model's parameter
     # names that train with the motion modules (AnimateDiff's trainable_modules; "attn2." the spatial cross-attention)
@@ -346,6 +350,13 @@ def check_config(config: TrainConfig) -> None:
     if train.timesteps is not None:
         _check_range(train.timesteps in TIMESTEP_SAMPLING, f"unknown train.timesteps {train.timesteps!r}; choose "
                      f"one of {', '.join(TIMESTEP_SAMPLING)}")
+    if (train.logit_mean, train.logit_std) != (0.0, 1.0):
+        _check_range(math.isfinite(train.logit_mean) and math.isfinite(train.logit_std) and train.logit_std > 0,
+                     f"train.logit_mean must be a number and train.logit_std a positive one, got {train.logit_mean} "
+                     f"and {train.logit_std}")
+        if config.mode == "vae" or train.timesteps != "logit_normal":
+            raise KinemaError("train.logit_mean and train.logit_std shape the logit-normal timestep draw; add "
+                              "train.timesteps: logit_normal (or remove them)")
     if train.snr_gamma is not None:
         _check_range(math.isfinite(train.snr_gamma) and train.snr_gamma > 0, f"train.snr_gamma must be a positive "
                      f"number (5 in the Min-SNR paper; null for plain MSE), got {train.snr_gamma}")

@@ -136,6 +136,18 @@ def min_snr_weights(noise_schedule: Any, timesteps: torch.Tensor, gamma: float,
     return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))  # the limit at SNR 0 (zero terminal SNR)
 
 
+def draw_timesteps(kind: str, batch: int, steps: int, generator: torch.Generator, logit_mean: float = 0.0,
+                   logit_std: float = 1.0) -> torch.Tensor:
+    """Training timesteps `(B,)` in `[0, steps)`: `uniform` (AnimateDiff), or `logit_normal`, `sigmoid(N(logit_mean,
+    logit_std)) * steps` (V3 with the defaults; SD3's draw, diffusers' `compute_density_for_timestep_sampling`)."""
+    if kind == "logit_normal":
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        draw = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean, logit_std, generator=generator)
+        return (draw * steps).long().clamp(0, steps - 1)
+    return torch.randint(0, steps, (batch,), generator=generator)
+
+
 class _DenoisingLoss(nn.Module):
     """MSE of the model's prediction (the noise, or the velocity for v-prediction models) under its family's
     denoiser (what DDP wraps in the diffusion modes)."""
@@ -344,11 +356,9 @@ class DiffusionTask(TrainingTask):
     # ------------------------------------------------------------------ a step
 
     def _timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        steps = self.noise_schedule.config.num_train_timesteps
-        if self.timesteps == "logit_normal":
-            draw = torch.sigmoid(torch.randn(batch, generator=generator))
-            return (draw * steps).long().clamp(0, steps - 1)
-        return torch.randint(0, steps, (batch,), generator=generator)
+        train = self.config.train
+        return draw_timesteps(self.timesteps, batch, self.noise_schedule.config.num_train_timesteps, generator,
+                              train.logit_mean, train.logit_std)
 
     def _inpaint_conditioning(self, frames: torch.Tensor, types: list[str],
                               generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -72,6 +72,9 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"mode": "vae", "validation__every": 2, "validation__prompts": ["x"]}, "mode vae makes no validation videos"),
     ({"train__snr_gamma": 0}, "train.snr_gamma must be a positive number (5 in the Min-SNR paper"),
     ({"mode": "vae", "train__snr_gamma": 5}, "train.snr_gamma weights the denoising loss; mode vae trains a VAE"),
+    ({"train__timesteps": "logit_normal", "train__logit_std": 0.0}, "train.logit_std a positive one, got 0.0 and 0.0"),
+    ({"train__logit_mean": -1.0}, "train.logit_mean and train.logit_std shape the logit-normal timestep draw; add "
+                                  "train.timesteps: logit_normal"),
     ({"mode": "vae", "vae__temporal_weight": -0.5}, "vae.temporal_weight must be >= 0 (0 turns it off), got -0.5"),
 ])
 def test_each_mistake_is_one_line_naming_the_key(changes, message):
