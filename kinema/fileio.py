@@ -265,8 +265,10 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
     clean_stale(real)  # first, so that an output a killed run was replacing is back in place to be judged
     for source in inputs:
         source_real = Path(os.path.realpath(source))
-        if _is_within(source_real, real):
-            what = "is" if source_real == real else "holds"
+        # Nor inside an input folder: a file written there changes the input (a model folder's weights, a frame
+        # folder's frames), even one kinema wrote there earlier.
+        if _is_within(source_real, real) or (source_real.is_dir() and _is_within(real, source_real)):
+            what = "is" if source_real == real else "holds" if _is_within(source_real, real) else "is inside"
             raise KinemaError(f"the output {given} {what} the input {source}; write the result somewhere else")
     if not real.exists():
         return real

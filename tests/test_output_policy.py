@@ -87,6 +87,17 @@ def test_convert_into_the_folder_holding_the_input_is_refused(tmp_path, capsys, 
     assert snapshot(tmp_path) == before
 
 
+def test_convert_into_its_own_input_folder_is_refused(tmp_path, capsys, motion_module):
+    # A MotionAdapter folder converted back into itself replaced its own weights file with another layout's.
+    assert run(capsys, "convert", str(motion_module), str(tmp_path / "ad"), "--to", "diffusers")[0] == 0
+    before = snapshot(tmp_path)
+    for target, extra in (("diffusion_pytorch_model.safetensors", ["--overwrite"]), ("x.safetensors", [])):
+        code, err = run(capsys, "convert", str(tmp_path / "ad"), str(tmp_path / "ad" / target), "--to", "original",
+                        *extra)
+        assert code == 2 and f"the output {tmp_path / 'ad' / target} is inside the input {tmp_path / 'ad'}" in err
+    assert snapshot(tmp_path) == before
+
+
 def test_easyanimate_convert_onto_its_models_folder_is_refused(tmp_path, capsys):
     models = tmp_path / "EasyAnimateV3-XL-2-InP-512x512"
     for part in ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder"):
