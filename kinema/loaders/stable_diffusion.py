@@ -234,7 +234,10 @@ def _check_ldm_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     if absent:
         raise KinemaError(f"{path} has no {', '.join(absent)} weights: it is not a full Stable Diffusion checkpoint "
                           "(a LoRA, VAE or UNet-only file?); use a full SD1.5 file or a diffusers folder")
-    kind = infer_diffusers_model_type(state)  # from names and shapes only
+    try:
+        kind = infer_diffusers_model_type(state)  # from names and shapes only
+    except (IndexError, KeyError, ValueError, AttributeError):
+        return  # a tensor too malformed for diffusers to read the type from: the shape check names it
     if kind != "v1":
         raise KinemaError(f"{path} looks like a {kind!r} checkpoint, not Stable Diffusion 1.x; AnimateDiff's SD1.5 "
                           "motion modules need an SD1.5-architecture base")

@@ -236,6 +236,9 @@ def test_single_file_problems_are_refused_with_the_reason(tiny, sd_folder, confi
     v2_key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
     with pytest.raises(KinemaError, match="looks like a 'v2' checkpoint"):
         attempt({**state, v2_key: torch.zeros(32, 1024)})
+    # A tensor too malformed for diffusers' type guess (an IndexError there) is named by the shape check instead.
+    with pytest.raises(KinemaError, match=r"1 mismatched \(e.g. conv_in.weight: file \(3,\) vs model \(32, 4, 3, 3\)"):
+        attempt({**state, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3)})
     with pytest.raises(KinemaError, match=r"no vae \(first_stage_model.\*\), text_encoder"):
         attempt({k: v for k, v in state.items() if k.startswith("model.diffusion_model.")})
     with pytest.raises(KinemaError, match=r"weights do not fit the Stable Diffusion 1.5 unet.*mismatched"):
