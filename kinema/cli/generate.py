@@ -219,7 +219,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        "--motion-module models/mm_sd_v15_v2.ckpt -o out/fox-frames"),
     )
     decode.add_argument("latents", help="a .latents.safetensors file kinema saved")
-    _add_model_options(decode)
+    _add_model_options(decode, samples=False)
     decode.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp) or frames folder (no "
                                                "extension); default <latents name>-decoded.mp4")
     decode.add_argument("--fps", type=frame_rate, help="frames per second (default: the stored settings')")
@@ -227,7 +227,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="replace earlier kinema outputs at OUT (never files kinema did not write)")
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True) -> None:
+    """The model and its memory options; with `samples` False (decode) only those that change the VAE's decode:
+    no LoRA, attention chunks, offload or speed options."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, EasyAnimate V3 folder, or a "
                                        f"bundled model's name (default: {DEFAULT_MODEL}, bundled with kinema; "
@@ -235,12 +237,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
     group.add_argument("--tokenizer", help="for an SD1.5 single file, which holds none: an SD1.5 diffusers folder "
                                            "or CLIP tokenizer folder")
-    group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
-                       help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
+    if samples:
+        group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
+                           help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
+    else:
+        parser.set_defaults(lora=[])
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
                        help="frames per VAE call (SD VAE; default 16)")
+    if not samples:
+        return
     group.add_argument("--attention-chunk", type=positive_int,
                        help="compute attention in chunks of this many queries (less memory, slower)")
     group.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
@@ -582,7 +589,9 @@ def check_decode(args: argparse.Namespace) -> None:
     name = latents.name.removesuffix(LATENTS_SUFFIX) if latents.name.endswith(LATENTS_SUFFIX) else latents.stem
     base = Path(name)
     default = latents.with_name(f"{base.stem}-decoded{base.suffix or DEFAULT_SUFFIX}")
-    _check_outputs(args, default, None, (args.latents,), latents=False)
+    frames = {entry.get("frames") for entry in settings}  # a .png output holds one frame: refused before decoding
+    known = frames.pop() if len(frames) == 1 else None
+    _check_outputs(args, default, known if isinstance(known, int) else None, (args.latents,), latents=False)
 
 
 # ---------------------------------------------------------------- running
@@ -686,19 +695,23 @@ def run_decode(args: argparse.Namespace) -> None:
     import time
 
     from kinema.memory import peak_memory_bytes, reset_peak_memory
-    from kinema.pipelines.generation import GenerationResult, decode_saved
+    from kinema.pipelines.generation import GenerationResult, decode_saved, set_vae_options
     from kinema.pipelines.outputs import load_latents, write_result
 
     latents, settings = load_latents(args.latents)
     family = _load(args)
+    set_vae_options(family, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk)
     device = next(family.model.parameters()).device
     reset_peak_memory(device)
     began = time.perf_counter()
     frames = decode_saved(family, latents, settings).cpu()
     report = {"mode": "decode", "family": family.family, "dtype": args.dtype or "float32",
               "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
-              "frames": frames.shape[1], "latents": str(args.latents)}
+              "frames": frames.shape[1], "latents": str(args.latents), "vae_tiling": args.vae_tiling,
+              "decode_chunk": args.decode_chunk}
     fps = args.fps or next((entry["fps"] for entry in settings if entry.get("fps")), 8.0)
+    if args.fps is not None:  # the settings say what the video plays at
+        settings = [{**entry, "fps": args.fps} for entry in settings]
     result = GenerationResult(frames, latents, settings, report)
     paths = write_result(result, args.output, fps=fps, overwrite=args.overwrite)
     _print_summary(paths, report, None)

@@ -226,9 +226,7 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
                 prepare_for_inference(module, dtype)
     _optimize(family.model, request)
     family.model.set_attention_chunk_size(request.attention_chunk)
-    for name, value in (("vae_tiling", request.vae_tiling), ("decode_chunk", request.decode_chunk)):
-        if hasattr(family, name):
-            setattr(family, name, value)
+    set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
     offloaded = _offload(family) if request.offload else []
     try:
         yield
@@ -525,11 +523,19 @@ def _check_saved_by_a_match(family: VideoFamily, latents: torch.Tensor, settings
                               "decode the file as kinema saved it, or generate again")
 
 
+def set_vae_options(family: VideoFamily, *, vae_tiling: bool, decode_chunk: int | None) -> None:
+    """The VAE's memory options on `family`: spatial tiles, and frames per VAE call (an SD VAE's; a Slice VAE
+    decodes by its slices, so it has none). None leaves the family's own."""
+    for name, value in (("vae_tiling", vae_tiling), ("decode_chunk", decode_chunk)):
+        if value is not None and hasattr(family, name):
+            setattr(family, name, value)
+
+
 def decode_saved(family: VideoFamily, latents: torch.Tensor,
                  settings: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
-    """Frames `(B, F, 3, H, W)` in [0, 1] of latents saved before decoding (`kinema decode`). `settings`, the ones
-    saved with them (`load_latents`), are checked first: latents another family's or another size of VAE made are
-    refused, before any decoding."""
+    """Frames `(B, F, 3, H, W)` in [0, 1] of latents saved before decoding (`kinema decode`; `set_vae_options` sets
+    tiling and chunks first). `settings`, the ones saved with them (`load_latents`), are checked first: latents
+    another family's or another size of VAE made are refused, before any decoding."""
     if latents.ndim != 5 or latents.shape[1] != family.latent_channels:
         raise KinemaError(f"saved latents must be (B, {family.latent_channels}, F', h, w) for this model; got "
                           f"{tuple(latents.shape)}")

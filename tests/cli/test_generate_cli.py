@@ -364,6 +364,27 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*decode, "--overwrite"]) == 0
 
+    # decode's VAE options reach the VAE (they were once accepted and dropped), the fps it writes at is the one its
+    # settings record, and a .png output (one frame) is refused before anything decodes.
+    import kinema.pipelines.animatediff as animatediff
+
+    chunks = []
+
+    def spy(vae, latents, decode_chunk=16):
+        chunks.append(decode_chunk)
+        return decode_latents(vae, latents, decode_chunk)
+
+    decode_latents = animatediff.decode_latents
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(animatediff, "decode_latents", spy)
+        tiled = [*decode[:-1], str(tmp_path / "tiled.gif"), "--decode-chunk", "3", "--vae-tiling", "--fps", "5"]
+        assert main(tiled) == 0 and chunks == [3]
+        assert read_sidecar(tmp_path / "tiled-seed4.gif")["fps"] == 5.0
+        assert main([*decode[:-1], str(tmp_path / "one.png")]) == 2 and chunks == [3]
+    assert "a .png file holds one frame, not 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # decode samples nothing: no speed, LoRA or offload options
+        main([*decode, "--speed", "fast"])
+
 
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
     from kinema.data.video_io import read_sidecar, read_video, write_video
