@@ -531,36 +531,49 @@ def check_generate(args: argparse.Namespace) -> None:
                    latents=True)
 
 
-def _check_video_input(args: argparse.Namespace) -> None:
+def _check_video_input(args: argparse.Namespace) -> int:
+    """VIDEO's frame count; its size fills --height / --width where they are not given (torch-free reads)."""
+    from kinema.data.probe import frame_count, video_size
+
     if not os.path.exists(args.video):
         raise KinemaError(f"no such video: {args.video}")
+    frames = frame_count(args.video)
+    if args.height is None or args.width is None:
+        height, width = video_size(args.video)
+        args.height, args.width = args.height or height, args.width or width
+    return frames
 
 
 def check_v2v(args: argparse.Namespace) -> None:
     """Bad usage of `kinema v2v`, refused before any heavy import."""
     _fill_option_defaults(args)
-    _check_video_input(args)
+    frames = _check_video_input(args)
     args.prompt = read_prompt(args.prompt)
-    _check_model(args, INPUT_DEFAULTS)
+    model = _check_model(args, INPUT_DEFAULTS)
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
                             context=_context(args))
     args.request.check()
-    _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), None, (args.video,),
+    check_model_request(model, frames=frames, height=args.height, width=args.width, input_video=True)
+    _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames, (args.video,),
                    latents=True)
 
 
 def check_extend(args: argparse.Namespace) -> None:
     """Bad usage of `kinema extend`, refused before any heavy import."""
+    from kinema.pipelines.request import check_video_holds_overlap
+
     _fill_option_defaults(args)
-    _check_video_input(args)
+    have = _check_video_input(args)
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
-    _check_model(args, INPUT_DEFAULTS)
-    # With --to, what to append is known once VIDEO's frames are counted (run_extend); any positive count checks
-    # the rest of the request the same way here.
-    args.request = _request(args, prompt=args.prompt or "", video=args.video,
-                            extend_frames=args.frames or args.total_frames, segment_frames=args.segment_frames)
+    model = _check_model(args, INPUT_DEFAULTS)
+    check_model_request(model, height=args.height, width=args.width)
+    extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
+                                                                                      have)
+    args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
+                            segment_frames=args.segment_frames)
     args.request.check()
+    check_video_holds_overlap(have, args.request.with_defaults().overlap_frames or 0)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)
 
@@ -651,41 +664,21 @@ def run_generate(args: argparse.Namespace) -> None:
     _generate_and_write(args, args.request, latents=True)
 
 
-def _with_input_size(args: argparse.Namespace) -> Any:
-    """The request at the input video's size where --height / --width were not given."""
-    from dataclasses import replace
-
-    if args.height is not None and args.width is not None:
-        return args.request
-    from kinema.data.video_io import read_video
-
-    first = read_video(args.video, max_frames=1).frames
-    return replace(args.request, height=args.height or first.shape[-2], width=args.width or first.shape[-1])
-
-
 def run_v2v(args: argparse.Namespace) -> None:
     """Remake the video and write the results and latents."""
-    _generate_and_write(args, _with_input_size(args), latents=True)
+    _generate_and_write(args, args.request, latents=True)
 
 
 def run_extend(args: argparse.Namespace) -> None:
     """Continue the video (with the prompt stored in its settings unless --prompt) and write the results."""
     from dataclasses import replace
 
-    from kinema.data.probe import frame_count
-    from kinema.data.video_io import read_embedded_settings, read_sidecar
-    from kinema.pipelines.request import check_video_holds_overlap
+    from kinema.data.video_io import stored_prompt
 
-    request = _with_input_size(args)
-    have = frame_count(args.video)  # before the model loads
-    check_video_holds_overlap(have, request.with_defaults().overlap_frames or 0)
-    if args.total_frames is not None:
-        request = replace(request, extend_frames=_frames_to_append(args.video, args.total_frames, have))
+    request = args.request
     if args.prompt is None:
-        stored = read_sidecar(args.video) or (read_embedded_settings(args.video) if os.path.isfile(args.video)
-                                              else None) or {}
-        prompt = stored.get("prompt")
-        if isinstance(prompt, (str, dict)) and prompt:
+        prompt = stored_prompt(args.video)
+        if prompt is not None:
             request = replace(request, prompt=prompt)
     _generate_and_write(args, request, latents=False)
 

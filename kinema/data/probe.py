@@ -28,6 +28,28 @@ def frame_count(path: str | os.PathLike, what: str = "video") -> int:
     return video_kind_and_frames(lambda: os.fspath(path), f"{what} {path}")[1]
 
 
+def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
+    """`(height, width)` of a video, animation or frame folder, from its first frame's header or the container."""
+    from PIL import Image
+
+    path = Path(path)
+    frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not frames:
+        raise KinemaError(f"the {what} {path} is a folder without PNG, JPEG or WebP frames")
+    first = frames[0]
+    try:
+        if first.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
+            with Image.open(first) as image:
+                return image.height, image.width
+        import av
+
+        with av.open(os.fspath(path)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.height, stream.codec_context.width
+    except (OSError, IndexError, ValueError) as err:
+        raise KinemaError(f"cannot read the {what} {path}: {shorten(str(err), 120)}") from None
+
+
 def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
     """`(suffix, frames)` of the video opened by `opener()` (a path or a file object): the suffix kinema reads it by,
     from its content rather than its name, and its frame count from the container or its non-empty packets."""

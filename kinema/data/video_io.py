@@ -114,6 +114,14 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
     return settings
 
 
+def stored_prompt(path: str | os.PathLike) -> str | dict | None:
+    """The prompt (text or schedule) kinema stored with the video at `path`, in its sidecar or else inside the file;
+    None when it has none: what `kinema extend` and extend jobs continue a video with when given no prompt."""
+    stored = read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
+    prompt = stored.get("prompt")
+    return prompt if isinstance(prompt, (str, dict)) and prompt else None
+
+
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:
     """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None: also when the
     comment is not a JSON object, since other tools write comments of their own there."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
-from kinema.data.probe import frame_count, video_kind_and_frames
+from kinema.data.probe import frame_count, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
@@ -130,13 +130,18 @@ def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found
     return folder, chosen
 
 
-def check_slice_frames(frames: int, per_slice: int) -> None:
+def check_slice_frames(frames: int, per_slice: int, input_video: bool = False) -> None:
     """One KinemaError line unless a Slice VAE of `per_slice` frames per slice (8 in V3) can make `frames`: 1 (an
-    image) or a multiple of `per_slice`. It names the nearest counts it can make."""
+    image) or a multiple of `per_slice`. It names the nearest counts it can make; for an `input_video` remade frame
+    for frame, how to trim it."""
     if frames == 1 or (frames >= per_slice and frames % per_slice == 0):
         return
     below = frames // per_slice * per_slice if frames > per_slice else 1
     above = max(frames // per_slice + 1, 1) * per_slice
+    if input_video:
+        fix = f"trim it to {below} frames" if frames > per_slice else f"give one of {per_slice} frames or more"
+        raise KinemaError(f"the input video has {frames} frames, and EasyAnimate V3 remakes 1 or a multiple of "
+                          f"{per_slice}: {fix}")
     raise KinemaError(f"EasyAnimate V3 makes 1 or a multiple of {per_slice} frames; {frames} is not: use {below} or "
                       f"{above}")
 
@@ -210,15 +215,16 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
-                        tokenizer: Any = None) -> None:
+                        tokenizer: Any = None, input_video: bool = False) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
-    once (`model_shape`): a frame count or size it cannot make, or a motion module, LoRA or tokenizer given with an
-    EasyAnimate model. Values left None, and models whose configs say nothing, are not checked."""
+    once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
+    motion module, LoRA or tokenizer given with an EasyAnimate model. Values left None, and models whose configs say
+    nothing, are not checked."""
     shape = model_shape(folder)
     if shape is None:
         return
     if frames is not None and shape.frames_per_slice is not None:
-        check_slice_frames(frames, shape.frames_per_slice)
+        check_slice_frames(frames, shape.frames_per_slice, input_video)
     if height is not None and width is not None:
         check_size_multiple(height, width, shape.size_multiple, shape.why)
     if shape.family == "easyanimate":
@@ -283,29 +289,6 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
         detail = "" if isinstance(err, UnidentifiedImageError) else f" ({shorten(str(err), 80)})"
         raise KinemaError(f"the {what} is not an image{detail}; give a PNG, JPEG or WebP file") from None
     return size
-
-
-def _video_size(path: Path) -> tuple[int, int]:
-    """`(height, width)` of an input video (or frames folder) from its first frame, without torch."""
-    from PIL import Image
-
-    try:
-        if path.is_dir():
-            first = min((p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")), default=None)
-            if first is None:
-                raise KinemaError(f"the video folder {path} holds no PNG or JPEG frames")
-            with Image.open(first) as image:
-                return image.height, image.width
-        if path.suffix.lower() in (".gif", ".webp", ".png"):
-            with Image.open(path) as image:
-                return image.height, image.width
-        import av
-
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            return stream.codec_context.height, stream.codec_context.width
-    except (OSError, IndexError, ValueError) as err:
-        raise KinemaError(f"cannot read the video {path}: {shorten(str(err), 120)}") from None
 
 
 # ---------------------------------------------------------------- from plain data
@@ -615,9 +598,13 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     folder, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
     given.update(defaults)
     if video is not None and ("height" not in given or "width" not in given):
-        height, width = _video_size(Path(video))
+        height, width = video_size(video)
         given.setdefault("height", height)
         given.setdefault("width", width)
+    if video is not None and given.get("extend_frames") is not None and prompt == "":
+        from kinema.data.video_io import stored_prompt  # torch, but only for an extend job given no prompt
+
+        given["prompt"] = prompt = stored_prompt(video) or ""  # as `kinema extend` continues the video's own
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
@@ -628,7 +615,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         if request.extend_frames is not None:
             check_video_holds_overlap(have, request.overlap_frames or 0)
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
-                        loras=loras, tokenizer=tokenizer)
+                        loras=loras, tokenizer=tokenizer, input_video=video is not None)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):

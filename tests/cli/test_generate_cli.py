@@ -124,6 +124,13 @@ def test_options_become_the_request(model_files):
     assert args.output == root / "runs" / "travel.webm"
 
 
+def write_walk(folder: Path) -> None:
+    """walk.mp4: 8 frames at 96x64, an input video as v2v and extend read it before any model loads."""
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 64, 96, 3), np.uint8), folder / "walk.mp4")
+
+
 def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = ["--model", "sd", "--motion-module", "mm.safetensors"]
@@ -132,14 +139,14 @@ def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeyp
     assert args.request == GenerationRequest(prompt="A fox!", seeds=[0]).with_defaults()
     assert (args.request.height, args.request.frames, args.request.steps) == (512, 16, 25)
     assert args.request.context is None and args.output == Path("out/a-fox-seed0.mp4")
-    (tmp_path / "walk.mp4").write_bytes(b"x")
+    write_walk(tmp_path)  # the size of an input video is its own, read from its header
     args = checked(["v2v", "walk.mp4", "a robot", "--strength", "0.4", "--seed", "5", "6", *model])
-    assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4,
+    assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4, height=64, width=96,
                                              seeds=[5, 6]).with_defaults()
     assert args.output == Path("out/walk-v2v.mp4")
     args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", "--segment-frames", "8", *model])
     assert args.request == GenerationRequest(prompt="", video="walk.mp4", extend_frames=20, overlap_frames=3,
-                                             segment_frames=8, seeds=[0]).with_defaults()
+                                             segment_frames=8, height=64, width=96, seeds=[0]).with_defaults()
     assert args.output == Path("out/walk-extended-seed0.mp4")
 
 
@@ -148,7 +155,7 @@ def test_the_continuation_overlap_is_the_models_default_unless_given(model_files
     past the model's window, take it; --overlap wins; a model without it takes the library's 4. The bundled
     kinema-tiny-ad names 8, kinema-tiny nothing."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "walk.mp4").write_bytes(b"x")
+    write_walk(tmp_path)
     (tmp_path / "sd" / "kinema.json").write_text(json.dumps({"defaults": {"overlap_frames": 6}}))
     model = ["--model", "sd", "--motion-module", "mm.safetensors"]
     assert checked(["extend", "walk.mp4", "--frames", "20", *model]).request.overlap_frames == 6
@@ -187,7 +194,8 @@ for argv in json.loads(sys.argv[1]):
         except SystemExit as stop:
             code = stop.code
     results.append([code, out.getvalue(), err.getvalue()])
-heavy = [m for m in ("torch", "numpy", "av", "diffusers", "safetensors") if m in sys.modules]
+# PyAV is not among them: an input video is counted and sized in the check (importing av takes about 50 ms).
+heavy = [m for m in ("torch", "numpy", "diffusers", "safetensors") if m in sys.modules]
 print(json.dumps({"results": results, "heavy": heavy}))
 """
 
@@ -205,7 +213,9 @@ def run_fresh(argvs, cwd):
 def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files, tmp_path):
     (tmp_path / "theirs.mp4").write_bytes(b"my video")
     (tmp_path / "new.mp4.latents.safetensors").write_bytes(b"my file")
-    (tmp_path / "clip.mp4").write_bytes(b"input")
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 32, 32, 3), np.uint8), tmp_path / "clip.mp4")  # an input: counted and sized first
     (tmp_path / "held.mp4.json").mkdir()
     (tmp_path / "frames").mkdir()
     from safetensors.torch import save_file
@@ -419,14 +429,14 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     assert read_sidecar(tmp_path / "to-seven")["extend_frames"] == 3
     np.testing.assert_array_equal(png_frames(tmp_path / "to-seven"), png_frames(tmp_path / "three-more"))
     capsys.readouterr()
-    assert main(["extend", str(tmp_path / "walk"), "--to", "4", *common, "-o", str(tmp_path / "same")]) == 1
+    assert main(["extend", str(tmp_path / "walk"), "--to", "4", *common, "-o", str(tmp_path / "same")]) == 2
     assert capsys.readouterr().err.endswith("already has 4 frames, so --to 4 appends nothing; give --to more than 4, "
                                             "or --frames N to append N frames\n")
     assert not (tmp_path / "same").exists()
     # Counting the frames of a file no decoder can read is one line, also when --height / --width skip reading it.
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     assert main(["extend", str(tmp_path / "broken.mp4"), "--to", "8", "--height", "24", "--width", "40", *common,
-                 "-o", str(tmp_path / "never.mp4")]) == 1
+                 "-o", str(tmp_path / "never.mp4")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"the video {tmp_path / 'broken.mp4'} is corrupt, truncated or not a " \
         "video kinema can read (InvalidDataError" in err
@@ -438,7 +448,7 @@ def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(
 
     write_video(torch.zeros(1, 3, 64, 64), tmp_path / "one.mp4")
     monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
-    assert main(["extend", str(tmp_path / "one.mp4"), "--frames", "8", "-o", str(tmp_path / "longer.mp4")]) == 1
+    assert main(["extend", str(tmp_path / "one.mp4"), "--frames", "8", "-o", str(tmp_path / "longer.mp4")]) == 2
     assert capsys.readouterr().err == (
         "kinema extend: error: the video to extend has 1 frames, fewer than the 4 each new segment is conditioned on "
         "(overlap_frames, --overlap); give an overlap of at most 1, or a longer video\n")

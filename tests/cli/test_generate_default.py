@@ -4,6 +4,7 @@ models, and a prompt outside the synthetic world still making a video with one w
 
 import json
 
+import numpy as np
 import pytest
 from loaders.test_text_encoder import write_named_v3_folder, write_tiny_bert
 
@@ -49,10 +50,12 @@ def test_no_model_means_kinema_tiny_and_its_defaults_fill_what_is_unset(tmp_path
                     "--scheduler", "ddim"])
     assert args.request == GenerationRequest(prompt="a red circle", seeds=[0], overlap_frames=4, **{
         **TINY_DEFAULTS, "frames": 16, "steps": 5, "height": 64, "scheduler": "ddim"})
-    (tmp_path / "walk.mp4").write_bytes(b"x")
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 48, 80, 3), np.uint8), tmp_path / "walk.mp4")
     args = checked(["v2v", "walk.mp4", "a blue square", "--strength", "0.5"])  # the size stays the input's
     assert (args.request.steps, args.request.guidance, args.request.scheduler) == (2, 3.0, "euler")
-    assert (args.request.height, args.request.width) == (None, None)  # read from the video when it runs
+    assert (args.request.height, args.request.width) == (48, 80)  # read from the video's header, before any load
 
 
 def test_the_help_says_what_the_default_model_is(capsys):
@@ -104,3 +107,27 @@ def test_library_bars_stay_off_where_kinemas_own_are_off(bundled, tmp_path):
     assert done.stdout.startswith(f"wrote {tmp_path / 'a.mp4'}: 8 frames in ")
     assert done.stderr == ""
 
+
+
+def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, capsys, monkeypatch):
+    # These once failed inside generate(), after the model had loaded (or, for .png, after sampling).
+    from kinema.data.video_io import write_video
+    from kinema.pipelines import load as load_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
+    write_video(np.zeros((10, 64, 64, 3), np.uint8), tmp_path / "ten.mp4")
+    write_video(np.zeros((8, 60, 60, 3), np.uint8), tmp_path / "sixty.mp4")
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "eight.mp4")
+    for argv, message in (
+            (["ten.mp4"], "the input video has 10 frames, and EasyAnimate V3 remakes 1 or a multiple of 8: trim it "
+                          "to 8 frames"),
+            (["sixty.mp4"], "height and width must be positive multiples of 16 (the VAE's 8x downscale times the "
+                            "transformer's 2x2 patches); got 60x60: use 48x48"),
+            (["sixty.mp4", "--width", "60", "--height", "64", "--resize"], "got 64x60: use 64x48"),
+            (["eight.mp4", "--steps", "1", "-o", "still.png"], "still.png: a .png file holds one frame, not 8")):
+        assert main(["v2v", *argv[:1], "a blue square", "--strength", "0.5", *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".mp4") == ["eight.mp4", "sixty.mp4", "ten.mp4"]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("still*"))

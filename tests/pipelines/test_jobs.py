@@ -257,7 +257,7 @@ def test_a_video_job_its_model_cannot_make_is_refused_before_loading(tmp_path, n
 
     frames = np.stack([np.full((64, 64, 3), 80 * i, np.uint8) for i in range(3)])  # GIF merges equal frames
     write_video(frames, tmp_path / "three.gif", fps=8)
-    with pytest.raises(KinemaError, match=r"^job: EasyAnimate V3 makes 1 or a multiple of 8 frames; 3 is not"):
+    with pytest.raises(KinemaError, match=r"^job: the input video has 3 frames, and EasyAnimate V3 remakes 1 or"):
         job_from_mapping({"prompt": "a cat", "video": "three.gif", "strength": 0.5}, base=tmp_path)
     with pytest.raises(KinemaError, match=r"^job: the video to extend has 3 frames, fewer than the 4 each new "):
         job_from_mapping({"prompt": "a cat", "video": "three.gif", "extend_frames": 8}, base=tmp_path)
@@ -413,3 +413,18 @@ def test_the_shape_read_before_loading_is_the_loaded_familys(model, request):
         except KinemaError as err:
             read.append(str(err))
         assert read == loaded, frames
+
+
+def test_an_extend_job_without_a_prompt_continues_the_videos_own(tmp_path):
+    # As `kinema extend` does; the web app's Extend tab ran such jobs with an empty prompt.
+    from kinema.data.video_io import write_video
+
+    frames = np.zeros((8, 64, 64, 3), np.uint8)
+    write_video(frames, tmp_path / "made.mp4", settings={"prompt": "a red circle moving right"})
+    (tmp_path / "made.mp4.json").unlink()  # an upload keeps only what is inside the file
+    write_video(frames, tmp_path / "theirs.mp4")
+    for video, prompt in (("made.mp4", "a red circle moving right"), ("theirs.mp4", "")):
+        job = job_from_mapping({"video": video, "extend_frames": 8}, base=tmp_path)
+        assert job.request.prompt == prompt
+    given = job_from_mapping({"video": "made.mp4", "extend_frames": 8, "prompt": "a blue square"}, base=tmp_path)
+    assert given.request.prompt == "a blue square"
