@@ -234,10 +234,12 @@ def _width_group(slot: Slot) -> str:
 
 def _check_shapes(fmt: str, parts: dict[Slot, dict[str, str]], matches: dict[str, re.Match],
                   state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a LoRA whose pairs are not down (r, C) and up (C, r): every pair complete, one rank r per pair, and C
-    the width of the motion module the key names (its attention projections are C -> C). C is the most common width
+    """Refuse a LoRA whose pairs are not down (r, C_in) and up (C, r): every pair complete, one rank r per pair, and
+    C the width of the motion module the key names (its attention projections are C -> C). C is the most common width
     among the pairs of that UNet block and r, where down and up disagree, the file's most common rank, so the
-    message names the odd tensor out."""
+    message names the odd tensor out. C_in is C but for the key and value projections of a cross-attention (a
+    motion module that reads the prompt: their input is the text states' width), so those of each attention index
+    take their own most common input width; loading checks every pair against the layer itself."""
     for p in parts.values():
         if "down" not in p and "up" not in p:
             raise KinemaError(f"motion-LoRA alpha {p['alpha']} has no down or up matrix; the file is incomplete")
@@ -250,12 +252,18 @@ def _check_shapes(fmt: str, parts: dict[Slot, dict[str, str]], matches: dict[str
         raise KinemaError(f"motion-LoRA matrix {flat[0]} has shape {found[flat[0]]}; LoRA matrices are 2-D: down "
                           "(r, C_in) and up (C_out, r)")
     widths: dict[str, Counter] = {}
+    kv_widths: dict[tuple[str, int], Counter] = {}  # the key and value projections' input widths, by attention
+
+    def kv_group(slot: Slot) -> tuple[str, int] | None:
+        return (_width_group(slot), slot.attention) if slot.projection in ("k", "v") else None
+
     ranks: Counter = Counter()
     for slot, p in parts.items():
         width = widths.setdefault(_width_group(slot), Counter())
+        group = kv_group(slot)
         if "down" in p:
             ranks[found[p["down"]][0]] += 1
-            width[found[p["down"]][1]] += 1
+            (width if group is None else kv_widths.setdefault(group, Counter()))[found[p["down"]][1]] += 1
         if "up" in p:
             ranks[found[p["up"]][1]] += 1
             width[found[p["up"]][0]] += 1
@@ -263,11 +271,16 @@ def _check_shapes(fmt: str, parts: dict[Slot, dict[str, str]], matches: dict[str
     incomplete: list[str] = []
     for slot, p in parts.items():
         c = widths[_width_group(slot)].most_common(1)[0][0]
+        group = kv_group(slot)
+        c_in = c
+        if group in kv_widths:  # the block's own width unless another is more common (a tie keeps C)
+            counts = kv_widths[group]
+            c_in = c if counts[c] == max(counts.values()) else counts.most_common(1)[0][0]
         down = p.get("down") or _partner(p["up"], matches)
         up = p.get("up") or _partner(p["down"], matches)
         # The pair's rank: down's and up's when they agree, else the one more common in the file (down's on a tie).
         r = max([found[key][i] for key, i in ((down, 0), (up, 1)) if key in found], key=ranks.__getitem__)
-        expected[down], expected[up] = (r, c), (c, r)
+        expected[down], expected[up] = (r, c_in), (c, r)
         absent = [part for part in ("down", "up") if part not in p]
         if absent:
             incomplete.append(f"{p.get('down') or p['up']} has no {absent[0]} matrix")
