@@ -385,3 +385,31 @@ def test_a_training_run_folder_is_known_as_kinemas_run_and_never_replaced_by_ano
     assert snapshot(tmp_path) == before
     (run / "kinema-run.json").write_text(json.dumps({"kind": "my notes"}))
     assert output_kind(run) is None
+
+
+def test_a_refused_run_still_removes_every_videos_leftovers(tmp_path):
+    # A run killed while writing seed 3 left its temporary; the next run, refused at seed 1 (already there), used to
+    # stop checking before it reached seed 3 and left the temporary for good.
+    from kinema.pipelines.outputs import check_video_outputs
+
+    (tmp_path / "a-seed1.mp4").write_bytes(b"not kinema's")
+    stale = tmp_path / f".a-seed3.mp4.kinema-part-{2**22 + 12347}"
+    stale.mkdir()
+    with pytest.raises(KinemaError, match="a-seed1.mp4 already exists and kinema did not write it"):
+        check_video_outputs([tmp_path / f"a-seed{seed}.mp4" for seed in (1, 2, 3)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-seed1.mp4"]
+
+
+def test_a_run_stopped_after_sampling_says_where_its_latents_are(tmp_path, capsys, monkeypatch):
+    from kinema.pipelines import outputs
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "write_result", stopped)
+    out = tmp_path / "a.mp4"
+    assert main(["generate", "a red circle", "--steps", "1", "-o", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"the final latents are kept in {out}.latents.safetensors: `kinema decode {out}.latents.safetensors`" in err
+    assert err.endswith("interrupted; nothing half-written was left\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4.latents.safetensors"]

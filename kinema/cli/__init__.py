@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 args.check(args)
             except KinemaError as err:
+                if args.debug:
+                    traceback.print_exc()
                 print(f"kinema {args.label}: error: {err}", file=sys.stderr)
                 return 2
             except OSError as err:

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -641,8 +642,14 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
     def keep_latents(final: Any, settings: list[dict[str, Any]]) -> None:
         saved.append(save_latents(final, settings, target, overwrite=args.overwrite))
 
-    result = generate(family, request, progress=not args.quiet, on_latents=keep_latents if latents else None)
-    paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite)
+    try:
+        result = generate(family, request, progress=not args.quiet, on_latents=keep_latents if latents else None)
+        paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite)
+    except BaseException:  # stopped or failed after sampling: what was kept, and how to finish without sampling
+        if saved:
+            print(f"the final latents are kept in {saved[0]}: `kinema decode {saved[0]}` with the same --model "
+                  "writes the videos without sampling again", file=sys.stderr)
+        raise
     _print_summary(paths, result.report, saved[0] if saved else None)
 
 

@@ -77,8 +77,11 @@ def check_video_outputs(paths: Sequence[Path], *, overwrite: bool = False, frame
     """The output policy (kinema.fileio.check_output) for every video of `paths` and its settings sidecar, before
     any is written, so that a refusal leaves nothing half-done; no video may be (or hold) one of `inputs`. Raises
     one KinemaError line."""
-    from kinema.fileio import check_output
+    from kinema.fileio import check_output, clean_stale
 
+    for path in paths:  # a killed run's leftovers of every video first, also where a refusal below stops early
+        for target in (path, path.with_name(path.name + ".json")):
+            clean_stale(Path(os.path.realpath(target)))
     for path in paths:
         check_video_suffix(path, frames)
         check_output(path, "video", folder=path.suffix == "", overwrite=overwrite, inputs=inputs)
