@@ -20,7 +20,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +199,16 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": "float8_e5m2", "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
     "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
 }
+
+
+def check_float_weights(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """One KinemaError line when a file whose every tensor is a weight (a motion module, a LoRA) holds integer or
+    boolean tensors: cast to int8, say, it would load as a model of garbage without a word."""
+    odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if not t.is_floating_point()})
+    if odd:
+        example = next(name for name, t in tensors.items() if not t.is_floating_point())
+        raise KinemaError(f"{what} holds {', '.join(odd)} tensors (e.g. {example}); kinema reads float16, bfloat16 "
+                          "and float32 weights: use the original file, not a quantised or converted copy")
 
 
 def dtype_report(dtypes: Iterable[str]) -> str:

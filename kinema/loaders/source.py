@@ -28,6 +28,7 @@ from kinema.loaders.checkpoint_io import (
     SAFETENSORS_DTYPES,
     SUPPORTED_SUFFIXES,
     Checkpoint,
+    check_float_weights,
     read_checkpoint,
     tensor_names,
 )
@@ -117,6 +118,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return describe_source(Source(Path(path)))
 
 
+# Kinds whose files hold weights only (an SD single file also holds integer buffers such as position_ids).
+_WEIGHTS_ONLY_KINDS = ("motion_module", "motion_lora")
 # kinema's own outputs that hold no weights, and what takes each: `kinema inspect` given one says so.
 _NOT_WEIGHTS = {"latents": ": `kinema decode` makes its video",
                 "video": ": `kinema extend` and `kinema v2v` take it; its settings are in its sidecar",
@@ -137,6 +140,8 @@ def describe_source(source: Source) -> dict[str, Any]:
     for entry in FORMATS:
         report = entry.function("describe")(source)
         if report is not None:
+            if report.get("kind") in _WEIGHTS_ONLY_KINDS and source.is_weights_file:
+                check_float_weights(source.layout[0], f"{path} (a {report['kind'].replace('_', ' ')})")
             return {"path": str(path), **report}
     from kinema.fileio import RUN_FILE, RUN_KIND, kind_words, output_kind
 

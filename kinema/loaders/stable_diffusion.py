@@ -51,7 +51,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import read_json_object
-from kinema.loaders.checkpoint_io import WeightFiles, check_weights_file, dtype_report, find_weights, read_state_dict
+from kinema.loaders.checkpoint_io import (
+    WeightFiles,
+    check_float_weights,
+    check_weights_file,
+    dtype_report,
+    find_weights,
+    read_state_dict,
+)
 from kinema.loaders.source import Source
 from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
 from kinema.models.precision import cast_module
@@ -447,6 +454,7 @@ def load_spatial_lora(
     Raises `KinemaError` when diffusers cannot place every layer of the file.
     """
     state = dict(read_state_dict(lora) if isinstance(lora, (str, os.PathLike)) else lora)
+    check_float_weights(state, f"the image LoRA {lora}" if isinstance(lora, (str, os.PathLike)) else "the image LoRA")
     downs = sum(k.endswith((".lora_down.weight", ".lora_A.weight", ".down.weight")) for k in state)
     if not downs:
         raise KinemaError(f"no LoRA down matrices (`*.lora_down.weight` / `*.lora_A.weight`) among {len(state)} keys; "

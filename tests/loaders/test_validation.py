@@ -379,3 +379,26 @@ def test_inspect_imports_no_model_code_before_it_finds_the_path(tmp_path):
               "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.splitlines() == [f"no such file or folder: {tmp_path / 'missing.ckpt'}", "[]"], result.stderr
+
+
+def test_weights_cast_to_integers_are_refused(tmp_path):
+    # An int8 copy of a motion module or LoRA once loaded silently as a model of garbage.
+    from safetensors.torch import save_file
+    from tiny_sd import kohya_lora, published_motion_lora
+    from tiny_sd import module_prefixes as prefixes
+
+    import kinema
+    from kinema.loaders.stable_diffusion import load_spatial_lora
+
+    def as_int8(tensors):
+        return {name: tensor.to(torch.int8) for name, tensor in tensors.items()}
+
+    save_file(as_int8(original_motion_state_dict("v2", (32, 64))), tmp_path / "mm.safetensors")
+    save_file(as_int8(published_motion_lora(dict(prefixes((32, 64), True)), rank=4, seed=0)), tmp_path / "ml.ckpt")
+    for name, kind in (("mm.safetensors", "motion module"), ("ml.ckpt", "motion lora")):
+        with pytest.raises(KinemaError, match=f"{name} \\(a {kind}\\) holds int8 tensors .*kinema reads float16"):
+            kinema.describe(tmp_path / name)
+    with pytest.raises(KinemaError, match="the image LoRA holds int8 tensors"):
+        load_spatial_lora(None, as_int8(kohya_lora(seed=0, rank=4, alpha=2.0)))
+    save_file({k: v.half() for k, v in original_motion_state_dict("v2", (32, 64)).items()}, tmp_path / "half.ckpt")
+    assert kinema.describe(tmp_path / "half.ckpt")["kind"] == "motion_module"  # float16 stays welcome

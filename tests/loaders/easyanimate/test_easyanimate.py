@@ -70,8 +70,9 @@ def model() -> VideoDiT:
 
 @pytest.fixture
 def v3_root(tmp_path, model) -> Path:
-    write_transformer(tmp_path, v3_state(model), v3_config())
-    return tmp_path
+    """An EasyAnimate V3 folder (its transformer) in tmp_path/v3, so outputs beside it are not inside it."""
+    write_transformer(tmp_path / "v3", v3_state(model), v3_config())
+    return tmp_path / "v3"
 
 
 # A model loaded from a file and its in-memory source run the same kinema code on bit-identical weights (checked
