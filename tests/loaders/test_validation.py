@@ -402,3 +402,29 @@ def test_weights_cast_to_integers_are_refused(tmp_path):
         load_spatial_lora(None, as_int8(kohya_lora(seed=0, rank=4, alpha=2.0)))
     save_file({k: v.half() for k, v in original_motion_state_dict("v2", (32, 64)).items()}, tmp_path / "half.ckpt")
     assert kinema.describe(tmp_path / "half.ckpt")["kind"] == "motion_module"  # float16 stays welcome
+
+
+@pytest.mark.parametrize(("setting", "value", "words"), [
+    ("num_attention_heads", 0, "num_attention_heads is 0, which must be a positive whole number"),
+    ("num_attention_heads", -8, "num_attention_heads is -8"),
+    ("num_attention_heads", 7, "num_attention_heads 7 does not divide the module's width 32"),
+    ("max_frames", "32", "max_frames is '32'"),
+    ("max_frames", 0, "max_frames is 0"),
+    ("norm_mode", "banana", "norm_mode is 'banana'; it is one of per_frame, across_frames"),
+])
+def test_impossible_stored_settings_are_refused_by_inspect(tmp_path, setting, value, words):
+    # They once passed inspect and crashed the load with ZeroDivisionError, TypeError or RuntimeError.
+    import kinema
+
+    path = write_motion_module(tmp_path, "kinema")
+    state = load_file(path)
+    save_file(state, path, metadata={"kinema_layout": "motion-module", "version": "v2",
+                                     "motion_settings": json.dumps({**KINEMA_SETTINGS, setting: value})})
+    with pytest.raises(KinemaError, match=f"the file's motion_settings metadata: {re.escape(words)}"):
+        kinema.describe(path)
+    adapter = tmp_path / "adapter"
+    MotionAdapter(block_out_channels=TINY_CHANNELS, motion_max_seq_length=32).save_pretrained(adapter)
+    config = json.loads((adapter / "config.json").read_text())
+    (adapter / "config.json").write_text(json.dumps({**config, "motion_num_attention_heads": 0}))
+    with pytest.raises(KinemaError, match="its config.json: num_attention_heads is 0"):
+        kinema.describe(adapter)

@@ -16,6 +16,7 @@ from kinema.loaders.animatediff.keys import rename_state_dict
 from kinema.loaders.animatediff.settings import (
     adapter_file_settings,
     check_adapter_config,
+    check_setting_values,
     kinema_file_settings,
     merged,
     overridden,
@@ -112,6 +113,8 @@ def detect_motion_module(
     weights, pe = split_pe(state_dict)
     structure = motion_structure(rename_state_dict(weights, names_of(fmt), "kinema"))
     stored_version, stored = _stored_settings(fmt, metadata, config)
+    check_setting_values(stored, "the file's motion_settings metadata" if fmt == "kinema" else "its config.json",
+                         structure["channels"])
     version = stored_version or classify_version(len(structure["channels"]), structure["mid_block"],
                                                  common_pe_length(pe))
     if version not in ANIMATEDIFF_VERSIONS:

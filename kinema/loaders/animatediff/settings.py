@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kinema.errors import KinemaError
@@ -96,7 +96,29 @@ def overridden(video_unet_kwargs: Mapping[str, Any], overrides: Mapping[str, Any
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise KinemaError(f"unknown motion-module setting(s) {unknown}; you can set {list(OVERRIDABLE)}")
+    check_setting_values(overrides, "the motion-module settings given")
     return with_settings(video_unet_kwargs, **overrides)
+
+
+NORM_MODES = ("per_frame", "across_frames")
+
+
+def check_setting_values(settings: Mapping[str, Any], where: str, channels: Sequence[int] = ()) -> None:
+    """One KinemaError line, naming `where` the settings come from, for an overridable setting no module can be
+    built with: counts that are not positive whole numbers, an unknown norm mode, or (given the module's
+    `channels`) heads or norm groups that do not divide every level's width."""
+    for name in ("max_frames", "num_attention_heads", "norm_num_groups"):
+        value = settings.get(name)
+        if name in settings and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KinemaError(f"{where}: {name} is {value!r}, which must be a positive whole number")
+    for name in ("norm_mode", "resnet_norm_mode"):
+        if name in settings and settings[name] not in NORM_MODES:
+            raise KinemaError(f"{where}: {name} is {settings[name]!r}; it is one of {', '.join(NORM_MODES)}")
+    for name in ("num_attention_heads", "norm_num_groups"):
+        odd = [width for width in channels if name in settings and width % settings[name]]
+        if odd:
+            raise KinemaError(f"{where}: {name} {settings[name]} does not divide the module's width {odd[0]}; give "
+                              f"a divisor of {', '.join(map(str, channels))}")
 
 
 # ---------------------------------------------------------------- what files store
