@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kinema.errors import KinemaError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,6 +43,8 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     from kinema.loaders.source import Source, describe_source
 
     began = time.perf_counter()
+    if "dtype" in options:
+        options = {**options, "dtype": _torch_dtype(options["dtype"])}
     source = Source(resolve_model(path, f"no such file or folder: {path}"), options)
     report = describe_source(source)
     kind = report["kind"]
@@ -48,6 +52,23 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     loaded = format_of(kind).function("load")(source, **options)
     logger.info("loaded %s as %s in %.1f s", path, type(loaded).__name__, time.perf_counter() - began)
     return loaded
+
+
+def _torch_dtype(value: Any) -> Any:
+    """`dtype=` as every loader takes it, a torch dtype: one of kinema's names ("float16") or the dtype itself; one
+    KinemaError line for anything else, where diffusers quietly loaded "float16" as float32 beside a float16 text
+    encoder."""
+    import torch
+
+    from kinema.pipelines.request import DTYPES
+
+    known = {getattr(torch, name): name for name in DTYPES}
+    if isinstance(value, str) and value in DTYPES:
+        return getattr(torch, value)
+    if isinstance(value, torch.dtype) and value in known:
+        return value
+    raise KinemaError(f"dtype {value!r} is not one kinema loads; give one of {', '.join(DTYPES)} (a name or the "
+                      "torch dtype)")
 
 
 def convert(

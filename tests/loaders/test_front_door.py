@@ -2,6 +2,7 @@
 through `kinema.load`. Each family's own kinds through the front door are tested with that family."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -143,6 +144,17 @@ def test_a_load_says_what_it_found_at_info_level(tiny, sd_folder, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "kinema.loaders"]
     assert lines[0] == f"loading {sd_folder}: stable_diffusion ({kinema.describe(sd_folder)['format']})"
     assert lines[1].startswith(f"loaded {sd_folder} as StableDiffusionComponents in ")
+
+
+def test_dtype_is_a_name_or_a_torch_dtype_for_every_part(sd_folder):
+    # "float16" once gave a float16 text encoder beside a float32 UNet and VAE (diffusers ignored the string).
+    for dtype in ("float16", torch.float16):
+        sd = kinema.load(sd_folder, dtype=dtype)
+        assert {p.dtype for part in (sd.unet, sd.vae, sd.text_encoder) for p in part.parameters()} == {torch.float16}
+    for dtype in ("fp16", 3, torch.int8):
+        with pytest.raises(KinemaError, match=f"dtype {re.escape(repr(dtype))} is not one kinema loads; give one of "
+                                              "float32, bfloat16, float16"):
+            kinema.load(sd_folder, dtype=dtype)
 
 
 def test_a_single_file_loads_through_the_front_door(tiny, sd_folder, config_dir, single_file):
