@@ -206,7 +206,9 @@ BAD = {
                       "unknown dtype 'fp8'; known dtypes: float32, bfloat16, float16"),
     "motion module as model": (lambda f: ((f["motion_module"],), {}),
                                "is a motion_module, not a model to generate with: give a Stable Diffusion 1.5"),
-    "LoRA as model": (lambda f: ((f["kohya"],), {}), "not a format kinema knows.*it looks like a LoRA"),
+    "LoRA as model": (lambda f: ((f["kohya"],), {}), "not a format kinema knows.*it looks like a LoRA for Stable "
+                                                     "Diffusion images .kohya/civitai layout., which kinema applies "
+                                                     "with generate --lora"),
     "LoRA as motion module": (lambda f: ((f["folder"],), {"motion_module": f["motion_lora"]}),
                               "pan_left.safetensors is a motion_lora, not a motion module"),
     "motion module as LoRA": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],

@@ -29,7 +29,9 @@ UNSUPPORTED: list[tuple[str, str]] = [
 ]
 # Guesses for files that are not motion modules: (regex searched in the keys, what the file looks like).
 LOOKS_LIKE: list[tuple[str, str]] = [
-    (r"(?i)lora", "a LoRA"),
+    (r"^lora_(unet|te\d?)_", "a LoRA for Stable Diffusion images (kohya/civitai layout), which kinema applies with "
+                            "generate --lora on an SD1.5 model"),
+    (r"(?i)lora", "a LoRA, which kinema applies with generate --lora"),
     (r"^model\.diffusion_model\.", "a full Stable Diffusion checkpoint (original layout)"),
     (r"^(first_stage_model\.|encoder\.down(_blocks)?\.|decoder\.up(_blocks)?\.)", "a VAE"),
     (r"^(cond_stage_model\.|text_model\.|conditioner\.)", "a text encoder"),
