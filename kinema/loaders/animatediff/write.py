@@ -21,7 +21,7 @@ from kinema.fileio import atomic_folder
 from kinema.loaders.animatediff.detect import classify_version
 from kinema.loaders.animatediff.keys import with_pe_tables
 from kinema.loaders.animatediff.load import ADAPTER_WEIGHTS_FILE, read_motion_module
-from kinema.loaders.animatediff.settings import adapter_config, named_settings, setting, video_unet_settings
+from kinema.loaders.animatediff.settings import adapter_config, merged, named_settings, setting, video_unet_settings
 from kinema.loaders.animatediff.structure import KINEMA_LAYOUT_TAG, motion_structure
 from kinema.loaders.checkpoint_io import write_state_dict
 from kinema.loaders.source import Source
@@ -77,6 +77,25 @@ def save_motion_module(
                                overwrite=overwrite)
 
 
+def _settings_the_layout_loses(video_unet_kwargs: dict[str, Any], version: str, to: str) -> dict[str, Any]:
+    """The settings a module written in layout `to` would be loaded without: where they differ from the module's
+    own, `{name: the module's value}`. A kinema file records them all; a MotionAdapter's config.json the frames,
+    heads and norm groups (its norms are diffusers' own); an original file only its frame table (the rest is the
+    version's preset)."""
+    if to == "kinema":
+        return {}
+    from kinema.models.presets import ANIMATEDIFF_DIFFUSERS_NORMS, ANIMATEDIFF_VERSIONS
+
+    names: tuple[str, ...]
+    if to == "diffusers":
+        assumed, names = ANIMATEDIFF_DIFFUSERS_NORMS, ("norm_mode", "resnet_norm_mode")
+    else:
+        assumed = ANIMATEDIFF_VERSIONS[version]
+        names = ("norm_mode", "resnet_norm_mode", "num_attention_heads", "norm_num_groups")
+    return {name: setting(video_unet_kwargs, name) for name in names
+            if setting(video_unet_kwargs, name) != setting(merged(ANIMATEDIFF_VERSIONS[version], assumed), name)}
+
+
 def convert_motion_module(
     source: str | os.PathLike | Source, target: str | os.PathLike, to: str, *, overwrite: bool = False
 ) -> tuple[Path, list[str]]:
@@ -85,9 +104,12 @@ def convert_motion_module(
     not read again."""
     motion = read_motion_module(source)
     info, notes = motion.info, []
-    if to == "diffusers" and info.norm_mode == "per_frame":
-        notes.append(f"{info.label} normalises its motion modules per frame, diffusers' MotionAdapter across frames; "
-                     "load the converted folder with norm_mode='per_frame' to keep the original behaviour")
+    lost = _settings_the_layout_loses(info.video_unet_kwargs, info.version, to)
+    if lost:
+        given = ", ".join(f"{name}={value!r}" for name, value in lost.items())
+        notes.append(f"the {to} layout does not record every setting of {info.label}; load the converted "
+                     f"{'folder' if to == 'diffusers' else 'file'} with {given} to keep its behaviour (they differ "
+                     "from what the layout is loaded with)")
     if info.max_frames_source == "assumed":
         notes.append(f"the file stores no frame table; frame-encoding length {info.max_frames} was assumed")
     out = write_motion_module(motion.state_dict, info.video_unet_kwargs, target, to, info.version,

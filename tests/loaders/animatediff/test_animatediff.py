@@ -154,6 +154,35 @@ def test_loading_replaces_the_motion_modules_of_a_video_unet(tmp_path, unet2d):
     assert_equal_dicts(v2.motion_state_dict(), without_pe(original_motion_state_dict("v2", seed=4)))
 
 
+def note_settings(notes):
+    """The `name='value'` settings a conversion note tells the user to load with."""
+    import re
+
+    return {name: value for note in notes for name, value in re.findall(r"(\w+)='(\w+)'", note)}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_loading_as_the_conversion_note_says_keeps_the_behaviour(tmp_path, unet2d, version):
+    # v1 -> diffusers once named only norm_mode, leaving v1's resnet norms across frames out (0.31 apart), and
+    # diffusers -> original said nothing (0.049 apart).
+    path = write(tmp_path, version, seed=3)
+    x, t, text = video_inputs(frames=3)
+    with torch.no_grad():
+        expected = load_motion_module(path, unet2d)(x, t, text)
+        _, notes = convert_motion_module(path, tmp_path / "adapter", "diffusers")
+        said = note_settings(notes)
+        assert said == ({"norm_mode": "per_frame", "resnet_norm_mode": "across_frames"} if version == "v1" else
+                        {"norm_mode": "per_frame"})
+        torch.testing.assert_close(load_motion_module(tmp_path / "adapter", unet2d, **said)(x, t, text), expected,
+                                   **SAME_CODE_TOLERANCE)
+        adapter_output = load_motion_module(tmp_path / "adapter", unet2d)(x, t, text)
+        _, notes = convert_motion_module(tmp_path / "adapter", tmp_path / "back.safetensors", "original")
+        back = load_motion_module(tmp_path / "back.safetensors", unet2d, **note_settings(notes))(x, t, text)
+        torch.testing.assert_close(back, adapter_output, **SAME_CODE_TOLERANCE)
+        assert (adapter_output - expected).abs().max() > 1e-3  # the norms matter here
+        assert convert_motion_module(path, tmp_path / "k.safetensors", "kinema")[1] == []
+
+
 def test_sdxl_beta_loads_on_a_three_level_unet(tmp_path):
     video = load_motion_module(write(tmp_path, "sdxl-beta", channels=TINY_SDXL_CHANNELS), tiny_unet(TINY_SDXL_CHANNELS))
     assert len(list(video.motion_modules())) == 15
