@@ -67,22 +67,28 @@ CACHE_CLEANING = (3600, 86400)
 # ---------------------------------------------------------------- plain helpers (no gradio state)
 
 
-def form_defaults(model: str) -> dict[str, Any]:
+# The video tabs' resize box: for an input whose size the model cannot make (each side a multiple of 16, say).
+RESIZE_LABEL = "Resize the video to the Width x Height below (else it keeps its own size)"
+
+
+def form_defaults(model: str, preset: str | None = None) -> dict[str, Any]:
     """The size, frames, steps, guidance and scheduler the form shows for `model`: its kinema.json defaults where it
-    has them, else the library's (`LIBRARY_DEFAULTS`), as `kinema generate` fills unset options."""
+    has them, else the library's (`LIBRARY_DEFAULTS`), as `kinema generate` fills unset options; with a speed
+    `preset` (kinema.pipelines.speed), its sampler and steps where it sets them, as `--speed` does."""
     values = {key: LIBRARY_DEFAULTS[key] for key in GENERATE_DEFAULTS if key in LIBRARY_DEFAULTS}
     values["scheduler"] = FAMILY_DEFAULT
     _, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
     values.update(defaults)
+    settings = SPEED_PRESETS.get(preset or "", {})
+    values.update({key: settings[key] for key in ("scheduler", "steps") if key in settings})
     return values
 
 
 def speed_form_values(preset: str, model: str) -> tuple[Any, Any]:
-    """The (sampler, steps) the form shows for speed `preset` (kinema.pipelines.speed) on `model`: the preset's,
-    or the model's defaults for a preset that keeps them ("quality", or none)."""
-    defaults = form_defaults(model)
-    settings = SPEED_PRESETS.get(preset, {})
-    return settings.get("scheduler", defaults["scheduler"]), settings.get("steps", defaults["steps"])
+    """The (sampler, steps) the form shows for speed `preset` on `model`: the preset's, or the model's defaults for
+    a preset that keeps them ("quality", or none)."""
+    values = form_defaults(model, preset)
+    return values["scheduler"], values["steps"]
 
 
 def expected_steps(job: Job) -> int | None:
@@ -260,10 +266,12 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     with gr.Tab(TABS[2][1], id=EXTEND) as tab_blocks[EXTEND]:
                         extend_video = gr.Video(label="Video to continue", sources=["upload"], include_audio=True)
                         extend_frames = gr.Number(label="Frames to append", value=16, precision=0)
+                        extend_resize = gr.Checkbox(label=RESIZE_LABEL, value=False)
                     with gr.Tab(TABS[3][1], id=VIDEO_TO_VIDEO) as tab_blocks[VIDEO_TO_VIDEO]:
                         v2v_video = gr.Video(label="Input video", sources=["upload"], include_audio=True)
                         strength = gr.Slider(label="Strength (how much of the input is noised away)", minimum=0.05,
                                              maximum=1.0, step=0.05, value=0.6)
+                        v2v_resize = gr.Checkbox(label=RESIZE_LABEL, value=False)
                 with gr.Accordion("Model", open=True):
                     with gr.Row():
                         model = gr.Dropdown(label="Model", choices=scan.models, value=DEFAULT_MODEL,
@@ -320,7 +328,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "scheduler": scheduler, "steps": steps, "width": width, "height": height, "frames": frames,
             "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
             "v2v_video": v2v_video, "strength": strength, "extend_video": extend_video,
-            "extend_frames": extend_frames, "speed": speed,
+            "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
         }
 
         # ---- events
@@ -360,16 +368,17 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
         rescan.click(rescan_models, outputs=[model, motion_module, *lora_paths, scan_note], concurrency_limit=None)
 
-        def model_chosen(chosen: str) -> tuple[Any, ...]:
+        def model_chosen(chosen: str, preset: str) -> tuple[Any, ...]:
+            """The model's defaults, under the speed preset chosen (which a new model must not undo)."""
             try:
-                defaults = form_defaults(chosen or DEFAULT_MODEL)
+                defaults = form_defaults(chosen or DEFAULT_MODEL, preset)
             except KinemaError as err:
                 gr.Warning(str(err))
                 return tuple(gr.skip() for _ in GENERATE_DEFAULTS)
             return tuple(defaults[key] for key in GENERATE_DEFAULTS)
 
         # .input, not .change: loading a gallery video's settings sets the model too, and must keep its numbers.
-        model.input(model_chosen, inputs=model, outputs=[form_fields[key] for key in GENERATE_DEFAULTS],
+        model.input(model_chosen, inputs=[model, speed], outputs=[form_fields[key] for key in GENERATE_DEFAULTS],
                     concurrency_limit=None)
 
         def speed_chosen(preset: str, chosen_model: str) -> tuple[Any, Any]:

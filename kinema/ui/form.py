@@ -3,7 +3,8 @@
 gallery's "load settings").
 
 Form values are a dict keyed by `FORM_KEYS`. The tab decides the mode: text-to-video and image-to-video take the
-form's size and frame count; video-to-video and extend keep the input video's size (and video-to-video its length).
+form's size and frame count; video-to-video and extend keep the input video's size (and video-to-video its length),
+unless their tab's resize box asks for the form's width and height.
 The form holds one seed; a job of several seeds loads back with its first. Settings the form has no field for
 (context windows, FreeInit, dtype, step caching, ...) load back into "extra", which the page shows and the next job
 takes as they were.
@@ -25,7 +26,7 @@ from kinema.pipelines.request import CONTINUATION_DEFAULTS, LIBRARY_DEFAULTS, MO
 TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
-             "extend_video", "extend_frames", "speed", "extra")
+             "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
@@ -39,6 +40,8 @@ _REQUEST_DEFAULTS = {**{field.name: field.default for field in dataclasses.field
                      **{key: LIBRARY_DEFAULTS[key] for key in CONTINUATION_DEFAULTS}}
 # The input video of each mode that takes one: the tabs have a video box each.
 VIDEO_KEYS = {VIDEO_TO_VIDEO: "v2v_video", EXTEND: "extend_video"}
+# ... and its box "resize the video to the form's width x height" (for an input whose size the model cannot make).
+RESIZE_KEYS = {VIDEO_TO_VIDEO: "v2v_resize", EXTEND: "extend_resize"}
 # The size a video takes from its start image rounds down to this: both families' VAEs downscale 8x.
 SIZE_MULTIPLE = 8
 _WHOLE_NUMBERS = ("steps", "width", "height", "frames", "seed", "extend_frames")
@@ -94,6 +97,11 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
             tab = "Video to Video" if mode == VIDEO_TO_VIDEO else "Long video / Extend"
             raise KinemaError(f"{tab} needs an input video: upload one")
         data["video"] = video
+        if values.get(RESIZE_KEYS[mode]):  # else the video keeps its own size
+            data["resize"] = True
+            for key in ("width", "height"):
+                if _given(values.get(key)):
+                    data[key] = _number(values[key], whole=True)
         if mode == VIDEO_TO_VIDEO and _given(values.get("strength")):
             data["strength"] = _number(values["strength"], whole=False)
         if mode == EXTEND and _given(values.get("extend_frames")):
@@ -141,6 +149,9 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
                       resize=bool(settings.get("resize")))
     elif mode in VIDEO_KEYS:
         values[VIDEO_KEYS[mode]] = settings.get("video")
+        values[RESIZE_KEYS[mode]] = bool(settings.get("resize"))
+        if settings.get("resize"):
+            values.update({key: settings[key] for key in ("width", "height") if settings.get(key) is not None})
         if mode == VIDEO_TO_VIDEO:
             values["strength"] = settings.get("strength")
         else:

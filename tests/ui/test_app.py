@@ -73,3 +73,14 @@ def test_a_speed_preset_shows_its_sampler_and_steps_and_quality_or_none_the_mode
     assert speed_form_values("fast", "kinema-tiny") == (fast["scheduler"], fast["steps"])
     for preset in ("quality", ""):
         assert speed_form_values(preset, "kinema-tiny") == (defaults["scheduler"], defaults["steps"])
+
+
+def test_choosing_a_model_keeps_the_speed_presets_sampler_and_steps():
+    # The model's defaults once replaced the preset's in the form (ddim at 25 steps, recorded as speed "fast").
+    fast = SPEED_PRESETS["fast"]
+    chosen = form_defaults("kinema-tiny-ad", "fast")
+    plain = form_defaults("kinema-tiny-ad")
+    assert (chosen["scheduler"], chosen["steps"]) == (fast["scheduler"], fast["steps"]) != (plain["scheduler"],
+                                                                                            plain["steps"])
+    assert {k: v for k, v in chosen.items() if k not in ("scheduler", "steps")} == {
+        k: v for k, v in plain.items() if k not in ("scheduler", "steps")}

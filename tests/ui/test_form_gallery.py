@@ -19,7 +19,7 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "motion_module": "", "loras": [], "scheduler": "ddim", "steps": 25, "width": 64, "height": 64,
               "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
               "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": "",
-              "extra": {}}
+              "extra": {}, "v2v_resize": False, "extend_resize": False}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -47,8 +47,8 @@ def through_the_form(settings):
     return job_from_mapping(form_to_mapping({**BLANK_FORM, **settings_to_form(settings)}))
 
 
-@pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video", "extend",
-                                  "speed preset", "settings without a field"])
+@pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video",
+                                  "video-to-video resized", "extend", "speed preset", "settings without a field"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -59,6 +59,9 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
                     resize=True, frames=8)
     elif mode == "video-to-video":
         data.update(video=image_file(tmp_path / "clip.gif"), strength=0.35)
+    elif mode == "video-to-video resized":  # a 60x60 input the model cannot make at its own size
+        data.update(video=image_file(tmp_path / "clip.gif", (60, 60)), strength=0.35, resize=True, width=48,
+                    height=48)
     elif mode == "extend":
         data.update(video=animation_file(tmp_path / "clip.gif", 5), extend_frames=12)  # holds the 4-frame overlap
     elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
