@@ -91,9 +91,11 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check_inspect(args: argparse.Namespace) -> None:
-    """Bad usage: the path does not exist."""
+    """Bad usage: the path does not exist and is no bundled model's name."""
+    from kinema.bundled import resolve_model
+
     if not os.path.lexists(args.path):
-        raise KinemaError(f"no such file or folder: {args.path}")
+        resolve_model(args.path, f"no such file or folder: {args.path}")  # a bundled name, or one line naming them
 
 
 def run_inspect(args: argparse.Namespace) -> None:

@@ -38,9 +38,21 @@ def test_inspect_a_v2_file(tmp_path, capsys):
         "path": str(path), "kind": "motion_module", "format": "animatediff-original", "version": "v2",
         "keys": 588, "parameters": 1_579_296, "max_frames": 32, "max_frames_source": "file", "dtype": "float32",
         "mid_block": True, "channels": list(TINY_CHANNELS), "num_attention_heads": 8, "norm_num_groups": 32,
-        "norm_mode": "per_frame", "resnet_norm_mode": "per_frame", "dropped": {}}
+        "norm_mode": "per_frame", "resnet_norm_mode": "per_frame",
+        "settings_source": "the v2 preset (the file records only weights and frame tables; a model folder's "
+                           "kinema.json \"motion\" entry may set others)", "dropped": {}}
     code, out, _ = run(capsys, "inspect", str(path))
     assert code == 0 and "            version: v2\n" in out and "         parameters: 1579296\n" in out
+
+
+def test_inspect_takes_a_bundled_models_name_and_names_its_motion_module(capsys):
+    # `kinema inspect kinema-tiny-ad` was refused (no such file); the folder's report now says which settings its
+    # original-layout motion module loads with, which the file alone cannot (inspect of it shows the v3/sdxl preset).
+    report = inspect_json(capsys, "kinema-tiny-ad")
+    assert report["kind"] == "stable_diffusion" and report["motion_module"].startswith(
+        "motion_module.safetensors with kinema.json's \"motion\" settings {'max_frames': 32, ")
+    assert "'num_attention_heads': 4" in report["motion_module"]
+    assert inspect_json(capsys, "kinema-tiny")["kind"] == "easyanimate_transformer"
 
 
 def test_inspect_v3_ckpt_reports_the_dropped_config(tmp_path, capsys):

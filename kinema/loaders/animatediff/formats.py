@@ -22,12 +22,18 @@ def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
     # The attentions only where they are not every published module's two temporal ones, as kinema files store them.
     attentions = {name: value for name, value in named_settings(info.video_unet_kwargs).items()
                   if name in SETTING_DEFAULTS}
+    # Where heads and norms come from: an original-layout file records only weights and frame tables, so a model
+    # folder's kinema.json (or the caller) may load it with other settings than the version's preset shown here.
+    settings_source = {"kinema": "the file's metadata", "animatediff-diffusers": "config.json"}.get(
+        info.format, f"the {info.version} preset (the file records only weights and frame tables; a model folder's "
+                     "kinema.json \"motion\" entry may set others)")
     return {
         "kind": "motion_module", "format": info.format, "version": info.version, "keys": info.num_keys,
         "parameters": info.num_params, "max_frames": info.max_frames, "max_frames_source": info.max_frames_source,
         "dtype": info.dtype, "mid_block": info.mid_block, "channels": list(info.channels),
         "num_attention_heads": info.num_attention_heads, "norm_num_groups": info.norm_num_groups,
-        "norm_mode": info.norm_mode, "resnet_norm_mode": info.resnet_norm_mode, **attentions, "dropped": dropped,
+        "norm_mode": info.norm_mode, "resnet_norm_mode": info.resnet_norm_mode, **attentions,
+        "settings_source": settings_source, "dropped": dropped,
     }
 
 
