@@ -113,7 +113,10 @@ def _safetensors(path: Path, f, head: bytes, size: int) -> FileKind | None:
     if len(head) < 9 or head[8:9] != b"{":
         return None
     (length,) = struct.unpack("<Q", head[:8])
-    if not 2 <= length <= SAFETENSORS_MAX_HEADER:
+    if length > SAFETENSORS_MAX_HEADER:  # the JSON is there, so the length before it was damaged
+        return FileKind(path, Kind.SAFETENSORS_DAMAGED, f"a safetensors file with a damaged header (its length field "
+                        f"says {length} bytes, over the format's cap of {SAFETENSORS_MAX_HEADER})", _DOWNLOAD_AGAIN)
+    if length < 2:
         return None
     if 8 + length > size:
         return FileKind(path, Kind.SAFETENSORS_TRUNCATED, f"a safetensors file whose header says it is at least "
@@ -245,6 +248,9 @@ def sniff(path: str | os.PathLike) -> FileKind:
     if decoded is not None:
         return _text_kind(path, *decoded)
     shown = " ".join(f"{b:02x}" for b in head[:8])
+    if path.suffix.lower() == ".safetensors" and (size < 9 or head[8:9] == b"{"):
+        return FileKind(path, Kind.SAFETENSORS_DAMAGED, f"a .safetensors file cut short or with a damaged header "
+                        f"({size} bytes, starting {shown})", _DOWNLOAD_AGAIN)
     return FileKind(path, Kind.BINARY, f"not a weights file kinema reads: neither safetensors nor a torch "
                     f"checkpoint (it starts with the bytes {shown})",
                     "give a .safetensors, .ckpt, .pt, .pth or .bin file")

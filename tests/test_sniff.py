@@ -223,12 +223,24 @@ def test_truncated_and_overlong_safetensors(tmp_path):
         "longer.safetensors": (data + b"\x00" * 3, f"whose header says {len(data)} bytes but the file has "
                                                    f"{len(data) + 3}: something was written after its end"),
         "bad-header.safetensors": (data[:8] + b"{" + b"x" * (len(data) - 9), "with a damaged header"),
+        # These two were called "neither safetensors nor a torch checkpoint".
+        "huge-length.safetensors": (struct.pack("<Q", 2**62) + data[8:], "with a damaged header (its length field "
+                                                                         f"says {2**62} bytes"),
     }
     for name, (content, expected) in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
         for message in refusals(path, READERS + [read_safetensors_header]):
             assert message.startswith(f"{path} is a safetensors file {expected}"), message
+
+
+def test_a_safetensors_file_cut_inside_its_length_field_is_called_cut(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file(tensors(), str(path))
+    path.write_bytes(path.read_bytes()[:8])
+    assert sniff(path).kind is Kind.SAFETENSORS_DAMAGED
+    for message in refusals(path, READERS + [read_safetensors_header]):
+        assert message.startswith(f"{path} is a .safetensors file cut short or with a damaged header (8 bytes"), message
 
 
 def test_damaged_torch_checkpoint_message_is_cut_at_a_word(tmp_path):
