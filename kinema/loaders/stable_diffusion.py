@@ -348,14 +348,16 @@ def _load_source(source: Source, tokenizer: str | os.PathLike | None, config: st
 
 
 def is_diffusers_folder(path: Path) -> bool:
-    """A diffusers Stable Diffusion folder by its layout: `unet/` beside `model_index.json`, or beside `vae/` and
-    `text_encoder/` (or a kinema.json naming the text encoder). (An EasyAnimate folder has `transformer/` instead; a
-    motion adapter has no `unet/`.)"""
-    if not (path / "unet").is_dir():
+    """A diffusers Stable Diffusion folder by its layout: `unet` beside `model_index.json` or another component
+    (`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, or a kinema.json naming the text encoder). One with parts
+    missing is still one, so that describing it names what is missing. (An EasyAnimate folder has `transformer/`
+    instead; a motion adapter has no `unet/`.)"""
+    if not (path / "unet").exists():
         return False
     if (path / "model_index.json").is_file():
         return True
-    return (path / "vae").is_dir() and ((path / "text_encoder").is_dir() or text_encoder_entry(path) is not None)
+    return (any((path / name).is_dir() for name in ("vae", "text_encoder", "tokenizer", "scheduler"))
+            or text_encoder_entry(path) is not None)
 
 
 def _describe_folder(root: Path) -> dict[str, Any]:

@@ -171,6 +171,17 @@ def test_missing_components_are_named(sd_folder, tmp_path):
     (broken / "tokenizer").unlink()
     with pytest.raises(KinemaError, match=r"missing vae/ weights.*tokenizer/ \(vocab.json and merges.txt"):
         load_stable_diffusion(broken)
+    # A whole component folder gone (or unet/ a file) is named too; describe once called it an unknown format.
+    import kinema
+
+    (broken / "vae" / "config.json").unlink()
+    (broken / "vae").rmdir()
+    with pytest.raises(KinemaError, match=r"broken is not a complete.*missing vae/config.json, vae/ weights"):
+        kinema.describe(broken)
+    (broken / "unet").unlink()
+    (broken / "unet").write_text("not a folder")
+    with pytest.raises(KinemaError, match=r"missing unet/config.json, unet/ weights"):
+        kinema.describe(broken)
     with pytest.raises(KinemaError, match="no such model file or folder"):
         load_stable_diffusion(tmp_path / "nothing")
     with pytest.raises(KinemaError, match="tokenizer= and config= are for single-file"):

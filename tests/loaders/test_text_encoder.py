@@ -237,12 +237,13 @@ def test_an_sd_folder_naming_its_encoder_describes_and_loads_with_its_own_motion
     torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_an_sd_folder_without_text_encoder_and_no_entry_is_not_a_model(tmp_path):
+def test_an_sd_folder_without_text_encoder_and_no_entry_names_what_is_missing(tmp_path):
     from tiny_sd import tiny_sd_parts
 
     parts = tiny_sd_parts()
     for name in ("unet", "vae"):
         parts[name].save_pretrained(tmp_path / name)
     save_file({"x": torch.zeros(1)}, tmp_path / "extra.safetensors")
-    with pytest.raises(KinemaError, match="not a format kinema knows"):
+    with pytest.raises(KinemaError, match=r"not a complete diffusers Stable Diffusion folder: missing "
+                                          r"text_encoder/config.json.*tokenizer/"):
         kinema.describe(tmp_path)
