@@ -50,7 +50,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                           help="say what a weights file or model folder is (format, version, keys, parameters, frames)",
                           description=INSPECT_DESCRIPTION,
                           epilog=example("kinema inspect models/mm_sd_v15_v2.ckpt --json"))
-    inspect.add_argument("path", help="weights file or model folder")
+    inspect.add_argument("path", help="weights file, model folder or a bundled model's name (kinema-tiny)")
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     convert = add_command(subparsers, "convert", run=run_convert, check=check_convert,
