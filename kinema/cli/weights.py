@@ -92,10 +92,10 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 def check_inspect(args: argparse.Namespace) -> None:
     """Bad usage: the path does not exist and is no bundled model's name."""
-    from kinema.bundled import resolve_model
+    from kinema.bundled import is_bundled_name
 
-    if not os.path.lexists(args.path):
-        resolve_model(args.path, f"no such file or folder: {args.path}")  # a bundled name, or one line naming them
+    if not os.path.lexists(args.path) and not is_bundled_name(args.path):
+        raise KinemaError(f"no such file or folder: {args.path}")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
