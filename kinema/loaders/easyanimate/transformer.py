@@ -184,6 +184,10 @@ def describe_easyanimate(path: str | os.PathLike) -> dict[str, Any] | None:
     if "adaln_single.linear.weight" not in header or not any(".attn_temporal." in n for n in header):
         return None
     config = read_transformer_config(folder) if (folder / CONFIG_NAME).is_file() else {}
+    if folder != Path(path) and (Path(path) / "text_encoder").is_dir():
+        # A whole V3 folder: its T5 shards, which the load would miss only after the transformer, are all there.
+        find_weights(Path(path) / "text_encoder", stems=("model", "pytorch_model"), variants=("fp16", None),
+                     missing_ok=True)
     if config:  # every name and shape against the model the config builds, on the meta device (no memory)
         with init_empty_weights():
             model = VideoDiT(**video_dit_config_from_easyanimate(config))

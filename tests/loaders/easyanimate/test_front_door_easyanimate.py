@@ -126,3 +126,8 @@ def test_whole_v3_folder_loads_as_an_easyanimate_model(tmp_path):
     torch.testing.assert_close(run(loaded.transformer), run(model), rtol=1e-6, atol=1e-6)
     # The transformer/ inside it alone is a transformer folder, not the whole model.
     assert isinstance(load(tmp_path / "transformer"), VideoDiT)
+    # A T5 shard gone is named by describe (inspect once passed such a folder; only the load refused it).
+    shard = sorted((tmp_path / "text_encoder").glob("model.fp16-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(KinemaError, match=f"lists shard\\(s\\) \\['{shard.name}'\\] that are not in"):
+        describe(tmp_path)
