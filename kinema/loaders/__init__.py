@@ -62,10 +62,9 @@ def _torch_dtype(value: Any) -> Any:
 
     from kinema.pipelines.request import DTYPES
 
-    known = {getattr(torch, name): name for name in DTYPES}
     if isinstance(value, str) and value in DTYPES:
         return getattr(torch, value)
-    if isinstance(value, torch.dtype) and value in known:
+    if isinstance(value, torch.dtype) and value in {getattr(torch, name) for name in DTYPES}:
         return value
     raise KinemaError(f"dtype {value!r} is not one kinema loads; give one of {', '.join(DTYPES)} (a name or the "
                       "torch dtype)")

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kinema.errors import KinemaError
+from kinema.models.motion.norms import NORM_MODES
 from kinema.models.motion.temporal import TemporalMotionModule
 
 # Where each named setting sits in the keyword arguments: `motion_module.<key>` inside the motion-module spec, or a
@@ -98,9 +99,6 @@ def overridden(video_unet_kwargs: Mapping[str, Any], overrides: Mapping[str, Any
         raise KinemaError(f"unknown motion-module setting(s) {unknown}; you can set {list(OVERRIDABLE)}")
     check_setting_values(overrides, "the motion-module settings given")
     return with_settings(video_unet_kwargs, **overrides)
-
-
-NORM_MODES = ("per_frame", "across_frames")
 
 
 def check_setting_values(settings: Mapping[str, Any], where: str, channels: Sequence[int] = ()) -> None:
