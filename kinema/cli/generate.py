@@ -405,8 +405,16 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
-    check_model_request(folder, motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer)
     return folder
+
+
+def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
+                       input_video: bool = False) -> None:
+    """What the model folder cannot take, from its configs read once (`check_model_request`): the frame count, the
+    size, and a motion module, LoRA or tokenizer given with an EasyAnimate model."""
+    check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
+                        motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
+                        input_video=input_video)
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -519,7 +527,7 @@ def check_generate(args: argparse.Namespace) -> None:
     _check_image(args.end_image, "end image")
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
-    check_model_request(model, frames=args.frames, height=args.height, width=args.width)
+    _check_model_takes(args, model, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()
@@ -550,11 +558,10 @@ def check_v2v(args: argparse.Namespace) -> None:
     _fill_option_defaults(args)
     frames = _check_video_input(args)
     args.prompt = read_prompt(args.prompt)
-    model = _check_model(args, INPUT_DEFAULTS)
+    _check_model_takes(args, _check_model(args, INPUT_DEFAULTS), frames, input_video=True)
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
                             context=_context(args))
     args.request.check()
-    check_model_request(model, frames=frames, height=args.height, width=args.width, input_video=True)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames, (args.video,),
                    latents=True)
 
@@ -567,8 +574,7 @@ def check_extend(args: argparse.Namespace) -> None:
     have = _check_video_input(args)
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
-    model = _check_model(args, INPUT_DEFAULTS)
-    check_model_request(model, height=args.height, width=args.width)
+    _check_model_takes(args, _check_model(args, INPUT_DEFAULTS))
     extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
                                                                                       have)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
@@ -594,7 +600,7 @@ def check_decode(args: argparse.Namespace) -> None:
     from kinema.pipelines.outputs import LATENTS_SUFFIX, read_latents_settings
 
     settings = read_latents_settings(args.latents)
-    _check_model(args)
+    _check_model_takes(args, _check_model(args))
     args.seed = [entry.get("seed") for entry in settings]
     if len(args.seed) > 1 and not all(isinstance(seed, int) for seed in args.seed):
         raise KinemaError(f"{args.latents} holds several videos but not an integer seed for each to name their files "
