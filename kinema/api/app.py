@@ -344,22 +344,24 @@ class JobLimits:
         made = request.frames if input_frames is None else input_frames
         # FreeInit samples `iterations` times over: its steps count as many times.
         runs = request.free_init.iterations if request.free_init is not None else 1
-        steps = ("steps" if runs == 1 else f"steps x free_init.iterations ({request.steps} x {runs})")
-        sizes = (("frames", made + (request.extend_frames or 0), self.frames, "--max-frames"),
-                 ("height", request.height, self.side, "--max-side"), ("width", request.width, self.side, "--max-side"),
-                 (steps, request.steps * runs, self.steps, "--max-steps"),
-                 ("seeds", len(request.seeds), self.videos, None))
-        for name, value, limit, option in sizes:
-            _refuse_over(name, value, limit, option)
+        sizes = {"frames": made + (request.extend_frames or 0), "height": request.height, "width": request.width,
+                 "steps": request.steps * runs, "seeds": len(request.seeds)}
+        names = {"steps": f"steps x free_init.iterations ({request.steps} x {runs})"} if runs > 1 else {}
+        for field, value in sizes.items():
+            _refuse_over(names.get(field, field), value, *self._bounds()[field])
 
     def check_given(self, fields: Mapping[str, Any]) -> None:
         """The limits on the frames, size and steps a submission names, checked before its model's rules, whose
         suggestions (the nearest frame count a Slice VAE makes) could go past them."""
-        for name, limit, option in (("frames", self.frames, "--max-frames"), ("height", self.side, "--max-side"),
-                                    ("width", self.side, "--max-side"), ("steps", self.steps, "--max-steps")):
-            value = fields.get(name)
+        for field in ("frames", "height", "width", "steps"):
+            value = fields.get(field)
             if isinstance(value, int) and not isinstance(value, bool):
-                _refuse_over(name, value, limit, option)
+                _refuse_over(field, value, *self._bounds()[field])
+
+    def _bounds(self) -> dict[str, tuple[int, str | None]]:
+        """Each limited field's limit and the server option that sets it (seeds: none)."""
+        return {"frames": (self.frames, "--max-frames"), "height": (self.side, "--max-side"),
+                "width": (self.side, "--max-side"), "steps": (self.steps, "--max-steps"), "seeds": (self.videos, None)}
 
 
 def _refuse_over(name: str, value: int, limit: int, option: str | None) -> None:
