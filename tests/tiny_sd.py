@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from loaders.animatediff.animatediff_fixtures import module_prefixes, original_motion_state_dict, published_motion_lora
-from loaders.test_stable_diffusion import TINY_CLIP, TINY_VAE, kohya_lora, ldm_checkpoint, write_tokenizer
+from loaders.test_stable_diffusion import (
+    TINY_CLIP,
+    TINY_VAE,
+    domain_adapter,
+    kohya_lora,
+    ldm_checkpoint,
+    write_tokenizer,
+)
 from safetensors.torch import save_file
 from tiny_models import TINY_UNET, perturb
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -78,3 +85,12 @@ def write_kohya_lora(path: Path, seed: int = 0, rank: int = 4, alpha: float = 2.
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora, path)
     return lora
+
+
+def write_domain_adapter(path: Path, unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """AnimateDiff v3's domain adapter for `unet` as published (v3_sd15_adapter.ckpt: a pickle of
+    `{"state_dict": ..., "animatediff_config": ""}`); returns its tensors."""
+    state = domain_adapter(unet)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "animatediff_config": ""}, path)
+    return state

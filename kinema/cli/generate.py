@@ -240,7 +240,8 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                                            "or CLIP tokenizer folder")
     if samples:
         group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
-                           help="motion LoRA or SD1.5 image LoRA at weight W (default 1.0); repeat for several")
+                           help="motion LoRA or SD1.5 image LoRA (AnimateDiff v3's domain adapter is one) at weight W "
+                                "(default 1.0); repeat for several")
     else:
         parser.set_defaults(lora=[])
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")

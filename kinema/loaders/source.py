@@ -39,6 +39,10 @@ from kinema.sniff import sniff
 _TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
+# Names of an image LoRA's down matrices: kohya/civitai, peft/diffusers, and AnimateDiff's attention-processor form.
+IMAGE_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
+
+
 @dataclass
 class Source:
     """A path being described. Several describers look at the same file; it is read once, and only as far as
@@ -79,6 +83,11 @@ class Source:
     def names(self) -> list[str]:
         header_names = self._header_names
         return header_names if header_names is not None else list(self.checkpoint.tensors)
+
+    @property
+    def holds_image_lora(self) -> bool:
+        """A weights file of image (spatial) LoRA matrices, by their names: what `load_spatial_lora` fuses."""
+        return self.is_weights_file and any(name.endswith(IMAGE_LORA_DOWN) for name in self.names)
 
     @cached_property
     def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

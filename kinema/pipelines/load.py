@@ -37,8 +37,6 @@ FOLDER_MOTION_MODULE = "motion_module.safetensors"
 # The kinema.json entry naming an AnimateDiff folder's motion-module settings (kinema.loaders.animatediff.settings'
 # named settings, all of them), e.g. kinema-tiny-ad's 4 heads, which no original-layout file records.
 MOTION_SETTINGS_ENTRY = "motion"
-# Names of the spatial LoRA matrices load_spatial_lora fuses (kohya/civitai, peft/diffusers, and diffusers' old form).
-_SPATIAL_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
 
 
 def _existing(path: str | os.PathLike, what: str) -> Path:
@@ -84,7 +82,7 @@ def _lora_kind(path: Path) -> tuple[Any, str]:
     source = Source(path)
     if describe_motion_lora_source(source) is not None:
         return source, "motion"
-    if source.is_weights_file and any(name.endswith(_SPATIAL_LORA_DOWN) for name in source.names):
+    if source.holds_image_lora:
         return source, "spatial"
     try:
         import kinema.loaders

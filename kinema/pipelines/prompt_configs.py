@@ -8,6 +8,8 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
     base                              older AnimateDiff files: the model, with `path` then a LoRA on it
     motion_module                     a file or MotionAdapter folder, or a list of them (one run each)
     motion_module_lora_configs        [{path, alpha}]; lora_model_path + lora_alpha (default 0.8, as AnimateDiff);
+    adapter_lora_path                 AnimateDiff v3's domain adapter (v3_sd15_adapter.ckpt), an image LoRA at
+                                      adapter_lora_scale (default 1.0, as AnimateDiff);
     lora_map, motion_lora_map         {path: weight} (prompt travel)
     prompt                            a list of prompts (one video each), a prompt, or a prompt schedule
     head_prompt, prompt_map, tail_prompt   prompt travel: one video per seed following the schedule
@@ -18,7 +20,7 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
     context (a length, or kinema's context settings {...}), overlap, stride     context windows
     tokenizer, dtype, name            kinema's: an SD1.5 single file's tokenizer, precision, the entry's name
 
-Keys kinema has no use for (AnimateDiff's inference_config, adapter_lora_*, controlnet_*; prompt travel's
+Keys kinema has no use for (AnimateDiff's inference_config, controlnet_*; prompt travel's
 controlnet_map, ip_adapter_map, clip_skip, vae_path, ...) are accepted with one warning naming those set; any other
 key is an error naming the nearest valid one. Relative paths resolve against the current folder, then the config
 file's folder. Everything is checked, model files included, before any model loads.
@@ -50,17 +52,18 @@ CONFIG_FILE = "config.yaml"
 CONFIG_OUTPUT_KIND = "prompt_config"
 # AnimateDiff's default LoRA strength (scripts/animate.py: lora_alpha 0.8).
 DEFAULT_LORA_ALPHA = 0.8
+DEFAULT_ADAPTER_SCALE = 1.0  # animatediff/utils/util.py load_weights: adapter_lora_scale
 MODEL_KEYS = ("model", "dreambooth_path", "path", "base")
 SCHEDULE_KEYS = ("head_prompt", "prompt_map", "tail_prompt")
 ENTRY_KEYS: tuple[str, ...] = (
-    *MODEL_KEYS, "motion_module", "motion_module_lora_configs", "lora_model_path", "lora_alpha", "lora_map",
-    "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed", "steps", "guidance_scale",
-    "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context", "overlap", "stride", "dtype",
-    "name")
+    *MODEL_KEYS, "motion_module", "motion_module_lora_configs", "lora_model_path", "lora_alpha", "adapter_lora_path",
+    "adapter_lora_scale", "lora_map", "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed",
+    "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
+    "overlap", "stride", "dtype", "name")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
-    "inference_config", "adapter_lora_path", "adapter_lora_scale", "controlnet_path", "controlnet_config",
-    "controlnet_images", "controlnet_image_indexs", "normalize_condition_images", "compile", "clip_skip",
+    "inference_config", "controlnet_path", "controlnet_config", "controlnet_images", "controlnet_image_indexs",
+    "normalize_condition_images", "compile", "clip_skip",
     "prompt_fixed_ratio", "vae_path", "unet_batch_size", "ip_adapter_map", "img2img_map", "controlnet_map",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
@@ -180,6 +183,8 @@ def _model_and_loras(entry: Mapping[str, Any]) -> tuple[Any, list[Any]]:
     model = next(iter(models.values()), None)
     if _given(entry, "lora_model_path") is not None:
         loras.append([entry["lora_model_path"], entry.get("lora_alpha", DEFAULT_LORA_ALPHA)])
+    if _given(entry, "adapter_lora_path") is not None:
+        loras.append([entry["adapter_lora_path"], entry.get("adapter_lora_scale", DEFAULT_ADAPTER_SCALE)])
     for item in _given(entry, "motion_module_lora_configs") or []:
         if not isinstance(item, Mapping) or set(item) - {"path", "alpha"}:
             raise KinemaError(f"motion_module_lora_configs holds {{path, alpha}} items, got {item!r}")

@@ -21,8 +21,6 @@ MAX_ENTRIES = 2000  # a models folder pointed at a home directory must not hang 
 MODEL_KINDS = ("stable_diffusion", "easyanimate_transformer")
 MOTION_MODULE_KINDS = ("motion_module",)
 MOTION_LORA_KINDS = ("motion_lora",)
-# The tensor names of an image (spatial) LoRA: load_family fuses any weights file holding these into the SD model.
-_IMAGE_LORA_MARKS = (".lora_down.weight", ".lora_A.weight")
 WEIGHTS_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -62,8 +60,7 @@ def kind_of(path: Path) -> str | None:
         kind: str | None = describe_source(source)["kind"]
     except KinemaError:
         # describe refuses what it does not know: a weights file of LoRA matrices is an image LoRA all the same.
-        if path.is_file() and source.is_weights_file and any(name.endswith(_IMAGE_LORA_MARKS)
-                                                               for name in source.names):
+        if path.is_file() and source.holds_image_lora:
             kind = "image_lora"
         elif path.is_file():
             raise

@@ -314,6 +314,60 @@ def test_kohya_lora_is_fused_as_scale_alpha_over_rank_up_down(sd_folder):
     assert (out - expected).abs().max().item() < 1e-5 and (out - before).abs().max().item() > 1e-3
 
 
+def domain_adapter(unet: UNet2DConditionModel, rank: int = 4, prefix: str = "") -> dict[str, torch.Tensor]:
+    """AnimateDiff v3's domain adapter layout (v3_sd15_adapter.ckpt): a LoRA on every spatial attention's
+    to_q/to_k/to_v/to_out in legacy attention-processor names, `down` `(r, C_in)` and `up` `(C_out, r)`."""
+    gen = torch.Generator().manual_seed(3)
+    state = {}
+    for name, module in unet.named_modules():
+        if re.search(r"attentions\.\d+\.transformer_blocks\.\d+\.attn[12]$", name):
+            for projection in ("to_q", "to_k", "to_v", "to_out"):
+                layer = module.to_out[0] if projection == "to_out" else getattr(module, projection)
+                key = f"{prefix}{name}.processor.{projection}_lora"
+                state[f"{key}.down.weight"] = torch.randn(rank, layer.in_features, generator=gen) * 0.3
+                state[f"{key}.up.weight"] = torch.randn(layer.out_features, rank, generator=gen) * 0.3
+    return state
+
+
+def merged_as_animatediff_does(unet: UNet2DConditionModel, state: dict[str, torch.Tensor], alpha: float) -> None:
+    """A plain-torch rewrite of AnimateDiff's merge for these files (animatediff/utils: load_diffusers_lora): from
+    each down key, drop `processor.`, `_lora` and `down.`, read `to_out.` as `to_out.0.`, and add
+    `alpha * up @ down` to that layer's weight."""
+    with torch.no_grad():
+        for key, down in state.items():
+            if ".down." not in key:
+                continue
+            path = key.removeprefix("unet.").replace("processor.", "").replace("_lora", "").replace("down.", "")
+            layer = unet.get_submodule(path.replace("to_out.", "to_out.0.").removesuffix(".weight"))
+            layer.weight += alpha * state[key.replace(".down.", ".up.")] @ down
+
+
+@pytest.mark.parametrize("prefix", ["", "unet."])
+def test_animatediff_domain_adapter_is_fused_as_animatediff_merges_it(sd_folder, tmp_path, prefix):
+    sd, reference = load_stable_diffusion(sd_folder), load_stable_diffusion(sd_folder)
+    state = domain_adapter(sd.unet, prefix=prefix)
+    # As published: a pickle of {"state_dict": ..., "animatediff_config": ""}, read with weights_only.
+    path = tmp_path / "v3_sd15_adapter.ckpt"
+    torch.save({"state_dict": state, "animatediff_config": ""}, path)
+    attentions = len(state) // 8  # 4 projections, a down and an up each
+    assert attentions == sum(name.endswith((".attn1", ".attn2")) for name, _ in sd.unet.named_modules()) > 0
+    assert load_spatial_lora(sd, path, scale=0.6) == {"unet": 4 * attentions, "text_encoder": 0}
+    merged_as_animatediff_does(reference.unet, state, 0.6)
+    ours, expected = sd.unet.state_dict(), reference.unet.state_dict()
+    assert ours.keys() == expected.keys()
+    assert max((v - expected[k]).abs().max().item() for k, v in ours.items()) < 1e-6
+    assert_same_weights(sd.text_encoder, reference.text_encoder)
+
+
+def test_a_domain_adapter_is_named_where_a_motion_module_is_expected(sd_folder, tmp_path):
+    import kinema.loaders
+
+    path = tmp_path / "adapter.safetensors"
+    save_file(domain_adapter(load_stable_diffusion(sd_folder).unet), path)
+    with pytest.raises(KinemaError, match=r"looks like AnimateDiff v3's domain adapter .* generate --lora"):
+        kinema.loaders.describe(path)
+
+
 def test_lora_layers_that_do_not_fit_are_refused(sd_folder):
     sd = load_stable_diffusion(sd_folder)
     lora = kohya_lora()

@@ -67,6 +67,21 @@ def test_animatediff_keys_make_the_requests_animatediff_means(tmp_path, monkeypa
     assert read.used[0]["seed"] == [PUBLISHED_SEED, 7]
 
 
+def test_the_v3_domain_adapter_is_an_image_lora_at_its_own_scale(tmp_path, monkeypatch, caplog, stand_in_models):
+    # AnimateDiff's configs/prompts/v3 files: adapter_lora_path with adapter_lora_scale (1.0 when unset).
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path, "models/rv.safetensors", "models/v3_sd15_mm.ckpt", "models/v3_sd15_adapter.ckpt")
+    entry = {"dreambooth_path": "models/rv.safetensors", "motion_module": "models/v3_sd15_mm.ckpt",
+             "adapter_lora_path": "models/v3_sd15_adapter.ckpt", "prompt": ["a cat"], "L": 8}
+    config = write(tmp_path / "v3.yaml", [entry, {**entry, "adapter_lora_scale": 0.5},
+                                          {**entry, "adapter_lora_path": "", "adapter_lora_scale": 0.5}])
+    with caplog.at_level(logging.WARNING):
+        read = read_config(config)
+    assert not caplog.records
+    adapter = str(tmp_path / "models/v3_sd15_adapter.ckpt")
+    assert [run.job.loras for run in read.runs] == [[(adapter, 1.0)], [(adapter, 0.5)], []]
+
+
 def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "v14.ckpt", "v15.ckpt")

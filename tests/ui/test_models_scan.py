@@ -3,7 +3,14 @@ construction."""
 
 import os
 
-from tiny_sd import tiny_sd_parts, write_kohya_lora, write_motion_lora, write_motion_module, write_sd_folder
+from tiny_sd import (
+    tiny_sd_parts,
+    write_domain_adapter,
+    write_kohya_lora,
+    write_motion_lora,
+    write_motion_module,
+    write_sd_folder,
+)
 
 from kinema.ui.models import scan_models
 
@@ -13,8 +20,10 @@ BUNDLED = [("kinema-tiny (bundled)", "kinema-tiny"), ("kinema-tiny-ad (bundled)"
 
 def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp_path):
     root = tmp_path / "models"
-    write_sd_folder(root / "Stable-diffusion" / "tiny-sd", tiny_sd_parts())
+    parts = tiny_sd_parts()
+    write_sd_folder(root / "Stable-diffusion" / "tiny-sd", parts)
     write_motion_module(root / "mm_tiny_v3.safetensors", version="v3")
+    write_domain_adapter(root / "Lora" / "v3_sd15_adapter.ckpt", parts["unet"])
     write_motion_lora(root / "Lora" / "zoom_in.safetensors")
     write_kohya_lora(root / "Lora" / "style.safetensors")
     (root / "broken.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
@@ -28,6 +37,7 @@ def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp
                             ("Stable-diffusion/tiny-sd/", str(root.resolve() / "Stable-diffusion" / "tiny-sd"))]
     assert found.motion_modules == [("mm_tiny_v3.safetensors", str(root.resolve() / "mm_tiny_v3.safetensors"))]
     assert found.loras == [("Lora/style.safetensors", str(root.resolve() / "Lora" / "style.safetensors")),
+                           ("Lora/v3_sd15_adapter.ckpt", str(root.resolve() / "Lora" / "v3_sd15_adapter.ckpt")),
                            ("Lora/zoom_in.safetensors", str(root.resolve() / "Lora" / "zoom_in.safetensors"))]
     assert [label for label, _ in found.skipped] == ["broken.safetensors"]
     assert "LFS" in found.skipped[0][1] or "pointer" in found.skipped[0][1]

@@ -44,6 +44,12 @@ _PROCESSOR_TAIL = r"\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>
 _PEFT_TAIL = (r"\.(?P<proj>to_q|to_k|to_v|to_out\.0)"
               r"\.(?:(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[\w-]+))?\.weight|(?P<alpha>alpha))")
 _PROCESSOR_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
+# The same processor names on the image UNet's own attentions: AnimateDiff v3's domain adapter (v3_sd15_adapter.ckpt),
+# `down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight`, which AnimateDiff merges as
+# it merges motion LoRAs (`W += scale * up @ down`, no alpha). It is an image LoRA, not a motion LoRA.
+SPATIAL_PROCESSOR_KEY = re.compile(
+    r"^(?:unet\.)?(?P<path>(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
+    r"\.attn[12])" + _PROCESSOR_TAIL + "$")
 _PEFT_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 
 

@@ -15,6 +15,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff.keys import check_frame_table, is_pe_key, pe_places, rename_state_dict
+from kinema.loaders.animatediff.motion_lora_keys import SPATIAL_PROCESSOR_KEY
 from kinema.models.motion import build_motion_module
 from kinema.state_dicts import check_fits, key_problems, problems_phrase, shapes
 
@@ -31,6 +32,8 @@ UNSUPPORTED: list[tuple[str, str]] = [
 LOOKS_LIKE: list[tuple[str, str]] = [
     (r"^lora_(unet|te\d?)_", "a LoRA for Stable Diffusion images (kohya/civitai layout), which kinema applies with "
                             "generate --lora on an SD1.5 model"),
+    (SPATIAL_PROCESSOR_KEY.pattern, "AnimateDiff v3's domain adapter (an image LoRA, e.g. v3_sd15_adapter.ckpt), "
+                                    "which kinema applies with generate --lora on an SD1.5 model"),
     (r"(?i)lora", "a LoRA, which kinema applies with generate --lora"),
     (r"^model\.diffusion_model\.", "a full Stable Diffusion checkpoint (original layout)"),
     (r"^(first_stage_model\.|encoder\.down(_blocks)?\.|decoder\.up(_blocks)?\.)", "a VAE"),
