@@ -105,7 +105,8 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
     "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
-    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None}
+    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None, "--motion-scale": None,
+    "--motion-effect": None}
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16}
 DECODE_DESCRIPTION = (
@@ -296,6 +297,12 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
                             "frequencies (N times the time; 1 is plain sampling)")
     group.add_argument("--interpolation", choices=INTERPOLATIONS,
                        help="how a prompt schedule blends between keyframes (default linear)")
+    group.add_argument("--motion-scale", type=number, metavar="F",
+                       help="factor on the motion modules' attention keys, as ComfyUI-AnimateDiff's motion scale: "
+                            "above 1 sharper attention over frames, below 1 smoother (default 1: as trained)")
+    group.add_argument("--motion-effect", type=number, metavar="F",
+                       help="factor on what the motion modules add, as ComfyUI-AnimateDiff's effect: 0 makes each "
+                            "frame its own picture, 0.5 half the motion (default 1: as trained)")
 
 
 def _add_context_options(parser: argparse.ArgumentParser) -> None:
@@ -458,7 +465,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
         speed=args.speed)
     # Options unset, and not in the model's defaults either, take the request's.
-    for key in ("height", "width", "steps", "guidance", "fps", "overlap_frames"):
+    for key in ("height", "width", "steps", "guidance", "fps", "overlap_frames", "motion_scale", "motion_effect"):
         if getattr(args, key, None) is not None:
             shared[key] = getattr(args, key)
     return GenerationRequest(**{**shared, **fields}).with_defaults()

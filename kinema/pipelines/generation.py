@@ -27,6 +27,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
+from kinema.models.motion.strength import motion_strength
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, check_video_holds_overlap, overlap_error
 from kinema.sampling.denoisers import Denoiser
@@ -229,7 +230,8 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
     offloaded = _offload(family) if request.offload else []
     try:
-        yield
+        with motion_strength(request.motion_scale, request.motion_effect):
+            yield
     finally:
         family.model.set_attention_chunk_size(None)
         if offloaded:

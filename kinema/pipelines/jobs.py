@@ -71,7 +71,7 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
                "decode_chunk", "attention_chunk", "cache_interval")
-_NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation")
+_NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video"}

@@ -86,6 +86,18 @@ class FreeInitSettings:
     order: int = 4
 
 
+def check_motion_strength(scale: float, effect: float) -> None:
+    """One KinemaError line for a motion scale (factor on the motion attentions' keys) that is not a finite number
+    above 0, or a motion effect (factor on the motion modules' residual) that is not a finite number of at least 0
+    (kinema.models.motion.strength)."""
+    # `not (finite and in range)`, so that NaN, which fails every comparison, is refused too.
+    if not (math.isfinite(scale) and scale > 0):
+        raise KinemaError(f"motion scale must be a finite number above 0 (1: as trained), got {scale}")
+    if not (math.isfinite(effect) and effect >= 0):
+        raise KinemaError(f"motion effect must be a finite number of at least 0 (0: no motion module, 1: as "
+                          f"trained), got {effect}")
+
+
 @dataclass
 class GenerationRequest:
     """Everything one call of `generate()` needs besides the model.
@@ -111,6 +123,10 @@ class GenerationRequest:
         context: context windows for long text-to-video (None: one window; automatic past the model's limit).
         interpolation: prompt travel between keyframes: "linear" or "slerp".
         free_init: FreeInit iterations (None: off).
+        motion_scale: factor on the motion modules' attention keys, a softmax temperature (ComfyUI-AnimateDiff's
+            motion scale; 1: as trained).
+        motion_effect: factor on the motion modules' residual (ComfyUI-AnimateDiff's effect; 0: each frame its own
+            picture, 1: as trained).
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
@@ -146,6 +162,8 @@ class GenerationRequest:
     context: ContextSettings | None = None
     interpolation: str = "linear"
     free_init: FreeInitSettings | None = None
+    motion_scale: float = 1.0
+    motion_effect: float = 1.0
     dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
@@ -209,6 +227,7 @@ class GenerationRequest:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in ("linear", "slerp"):
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use linear or slerp")
+        check_motion_strength(self.motion_scale, self.motion_effect)
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
         if not 0 < self.strength <= 1:

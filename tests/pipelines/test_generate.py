@@ -5,6 +5,8 @@ test_text_to_video.py), the families' own encoders called directly, the prompt-t
 and spies on the models that record what they were given. Bad input fails before the model runs once.
 """
 
+import copy
+
 import pytest
 import torch
 from loaders.test_stable_diffusion import write_tokenizer
@@ -379,6 +381,19 @@ def test_free_init_runs_the_sampler_once_per_iteration(animatediff, monkeypatch)
     freed = run(animatediff, steps=2, free_init=FreeInitSettings(iterations=2))
     assert len(spy.calls) - calls == 2 * calls
     assert (freed.frames - plain.frames).abs().max() > 1e-4
+
+
+def test_motion_effect_zero_is_the_model_without_its_motion_modules(animatediff):
+    # The reference: the same model with each motion module's output projection zeroed, so it adds nothing.
+    still = run(animatediff, steps=2, motion_effect=0.0)
+    assert still.settings[0]["motion_effect"] == 0.0
+    without = copy.deepcopy(animatediff)
+    for _, module in without.model.motion_modules():
+        torch.nn.init.zeros_(module.temporal_transformer.proj_out.weight)
+        torch.nn.init.zeros_(module.temporal_transformer.proj_out.bias)
+    assert torch.equal(still.frames, run(without, steps=2).frames)
+    scaled = run(animatediff, steps=2, motion_scale=1.5)
+    assert (scaled.frames - run(animatediff, steps=2).frames).abs().max() > 1e-4
 
 
 def test_bfloat16_runs_and_is_reported(tmp_path_factory):

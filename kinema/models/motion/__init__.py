@@ -13,6 +13,7 @@ from kinema.models.motion.registry import (
     register_motion_module,
     set_motion_attention_chunk_size,
 )
+from kinema.models.motion.strength import MotionStrength, current_motion_strength, motion_strength
 from kinema.models.motion.temporal import (
     TemporalMotionModule,
     check_frame_count,
@@ -25,13 +26,16 @@ __all__ = [
     "UNLIMITED_FRAMES",
     "HybridMotionModule",
     "MotionModule",
+    "MotionStrength",
     "NormMode",
     "TemporalMotionModule",
     "build_motion_module",
     "check_frame_count",
     "check_norm_mode",
+    "current_motion_strength",
     "initialize_motion_weights",
     "motion_max_frames",
+    "motion_strength",
     "motion_takes_text",
     "register_motion_module",
     "set_motion_attention_chunk_size",

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from kinema.errors import KinemaError
 from kinema.models.motion.norms import NormMode, check_norm_mode, video_group_norm
 from kinema.models.motion.registry import register_motion_module
+from kinema.models.motion.strength import MotionAttnProcessor, current_motion_strength
 
 AttentionKind = Literal["temporal", "global", "text"]
 
@@ -71,7 +72,8 @@ class MotionBlock(nn.Module):
         self.attention_kinds = tuple(attention_kinds)
         self.attention_blocks = nn.ModuleList(
             Attention(query_dim=dim, heads=num_attention_heads, dim_head=dim // num_attention_heads, bias=False,
-                      cross_attention_dim=cross_attention_dim if kind == "text" else None)
+                      cross_attention_dim=cross_attention_dim if kind == "text" else None,
+                      processor=MotionAttnProcessor())  # type: ignore[arg-type]  # diffusers annotates one class
             for kind in self.attention_kinds
         )
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.attention_kinds)
@@ -164,6 +166,9 @@ class TemporalTransformer(nn.Module):
             else:
                 h = block(h, encoding, text)
         h = self.proj_out(h)
+        effect = current_motion_strength().effect
+        if effect != 1:
+            h = h * effect
         return x + rearrange(h, "b f (h w) c -> b c f h w", h=height)
 
     def _checked_text(self, text: torch.Tensor | None, rows: int) -> torch.Tensor | None:

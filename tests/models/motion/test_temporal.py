@@ -1,6 +1,7 @@
 """The temporal and hybrid motion modules against a direct, plain-torch writing of AnimateDiff's definition."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ from kinema.errors import KinemaError
 from kinema.models.motion import (
     MOTION_MODULES,
     HybridMotionModule,
+    MotionStrength,
     TemporalMotionModule,
     build_motion_module,
+    current_motion_strength,
+    motion_strength,
     register_motion_module,
     sinusoidal_frame_encoding,
 )
@@ -29,24 +33,26 @@ def reference_pe(length: int, dim: int) -> torch.Tensor:
     return pe
 
 
-def reference_attention(x, attn, heads, context=None):
+def reference_attention(x, attn, heads, context=None, key_scale=1.0):
     # (S, L, C) queries, keys and values from `context` (S, M, D) when given: q/k/v without bias,
-    # softmax(q k^T / sqrt(d)) v, output projection with bias.
+    # softmax(q k^T / sqrt(d)) v, output projection with bias. `key_scale` multiplies the keys as
+    # ComfyUI-AnimateDiff-Evolved's motion scale does (utils_motion.py: `k *= self.scale`).
     s, length, c = x.shape
     d = c // heads
     context = x if context is None else context
     q = F.linear(x, attn.to_q.weight).view(s, length, heads, d).transpose(1, 2)
-    k = F.linear(context, attn.to_k.weight).view(s, context.shape[1], heads, d).transpose(1, 2)
+    k = (F.linear(context, attn.to_k.weight) * key_scale).view(s, context.shape[1], heads, d).transpose(1, 2)
     v = F.linear(context, attn.to_v.weight).view(s, context.shape[1], heads, d).transpose(1, 2)
     w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
     out = (w @ v).transpose(1, 2).reshape(s, length, c)
     return F.linear(out, attn.to_out[0].weight, attn.to_out[0].bias)
 
 
-def reference_motion_module(module, x, heads, kinds, per_frame=True, text=None):
+def reference_motion_module(module, x, heads, kinds, per_frame=True, text=None, key_scale=1.0, effect=1.0):
     """Original SD1.5 AnimateDiff VanillaTemporalModule forward on (b, c, f, h, w), per-frame GroupNorm. A "text"
     kind is the original's Temporal_Cross block: temporal sequences (one per position) as queries, and the clip's
-    prompt tokens `text` (b, L, D), repeated for every position, as keys and values."""
+    prompt tokens `text` (b, L, D), repeated for every position, as keys and values. `key_scale` and `effect` are
+    ComfyUI-AnimateDiff-Evolved's motion scale and effect (`x * (1 - effect) + module(x) * effect`)."""
     tt = module.temporal_transformer
     b, c, f, h, w = x.shape
     frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
@@ -65,16 +71,19 @@ def reference_motion_module(module, x, heads, kinds, per_frame=True, text=None):
             if kind in ("temporal", "text"):
                 seq = n.permute(0, 2, 1, 3).reshape(b * h * w, f, c)
                 context = text.repeat_interleave(h * w, dim=0) if kind == "text" else None
-                out = reference_attention(seq, attn, heads, context).view(b, h * w, f, c).permute(0, 2, 1, 3)
+                out = reference_attention(seq, attn, heads, context, key_scale)
+                out = out.view(b, h * w, f, c).permute(0, 2, 1, 3)
             else:
-                out = reference_attention(n.reshape(b, f * h * w, c), attn, heads).view(b, f, h * w, c)
+                out = reference_attention(n.reshape(b, f * h * w, c), attn, heads, key_scale=key_scale)
+                out = out.view(b, f, h * w, c)
             hs = hs + out.reshape(b * f, h * w, c)
         n = F.layer_norm(hs, (c,), block.ff_norm.weight, block.ff_norm.bias, block.ff_norm.eps)
         proj = F.linear(n, block.ff.net[0].proj.weight, block.ff.net[0].proj.bias)
         value, gate = proj.chunk(2, dim=-1)
         hs = hs + F.linear(value * F.gelu(gate), block.ff.net[2].weight, block.ff.net[2].bias)
     hs = F.linear(hs, tt.proj_out.weight, tt.proj_out.bias)
-    out = hs.view(b * f, h, w, c).permute(0, 3, 1, 2) + frames
+    moved = hs.view(b * f, h, w, c).permute(0, 3, 1, 2) + frames
+    out = frames * (1 - effect) + moved * effect
     return out.view(b, f, c, h, w).permute(0, 2, 1, 3, 4)
 
 
@@ -127,6 +136,74 @@ def test_text_attention_is_the_original_temporal_cross(kinds):
     assert (module(x, text=per_frame.flip(0)) - expected).abs().max().item() > 1e-2
     module.set_attention_chunk_size(5)  # the text rows are split with their queries
     assert (module(x, text=per_frame) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("cls,kinds", [(TemporalMotionModule, ("temporal", "temporal")),
+                                       (HybridMotionModule, ("temporal", "global"))])
+@pytest.mark.parametrize("scale,effect", [(1.0, 0.0), (1.0, 0.5), (1.6, 1.0), (0.5, 1.3)])
+def test_motion_strength_is_comfyui_animatediffs_scale_and_effect(cls, kinds, scale, effect):
+    torch.manual_seed(0)
+    module = perturb(cls(64, num_attention_heads=8, norm_num_groups=32), seed=0, scale=0.2)
+    x = torch.randn(2, 64, 6, 3, 5)
+    with motion_strength(scale=scale, effect=effect):
+        out = module(x)
+    expected = reference_motion_module(module, x, 8, kinds, key_scale=scale, effect=effect)
+    assert (out - expected).abs().max().item() < 1e-4
+    as_trained = reference_motion_module(module, x, 8, kinds)
+    assert (out - as_trained).abs().max().item() > 1e-2  # each setting changes the output
+    assert torch.equal(module(x), module(x)) and current_motion_strength() == MotionStrength()  # reset after
+
+
+def test_motion_strength_belongs_to_the_thread_that_sets_it():
+    module = perturb(TemporalMotionModule(64), seed=0, scale=0.2)
+    x = torch.randn(1, 64, 4, 2, 2)
+    seen = {}
+
+    def other_thread():
+        seen["strength"], seen["out"] = current_motion_strength(), module(x)
+
+    with motion_strength(effect=0.0):
+        assert torch.equal(module(x), x)  # no motion module at all
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert seen["strength"] == MotionStrength() and torch.equal(seen["out"], module(x))
+
+
+def test_a_compiled_module_follows_the_strength_of_each_call():
+    # Outside any strength the context variable is not read (torch.compile cannot trace it); a compiled module must
+    # still see a strength set later, and drop it after.
+    module = perturb(TemporalMotionModule(64), seed=0, scale=0.2)
+    x = torch.randn(1, 64, 4, 2, 2)
+    eager = {effect: reference_motion_module(module, x, 8, ("temporal", "temporal"), effect=effect)
+             for effect in (1.0, 0.5)}
+    module.compile(backend="eager", dynamic=False)
+    assert (module(x) - eager[1.0]).abs().max().item() < 1e-4
+    with motion_strength(effect=0.5):
+        assert (module(x) - eager[0.5]).abs().max().item() < 1e-4
+    assert (module(x) - eager[1.0]).abs().max().item() < 1e-4
+
+
+def test_the_motion_attention_processor_is_diffusers_at_scale_one():
+    # kinema's processor exists to scale the keys; as trained it must be diffusers' own fused attention.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for kinds, text in ((("temporal", "global"), None), (("text", "temporal"), torch.randn(6, 5, 24))):
+        module = perturb(TemporalMotionModule(64, attention_kinds=kinds,
+                                              cross_attention_dim=24 if text is not None else None), seed=1)
+        attention = module.temporal_transformer.transformer_blocks[0].attention_blocks[0]
+        tokens = torch.randn(6, 7, 64)
+        ours = attention(tokens, encoder_hidden_states=text)
+        attention.set_processor(AttnProcessor2_0())
+        assert torch.equal(ours, attention(tokens, encoder_hidden_states=text))
+
+
+def test_motion_strength_refuses_what_has_no_meaning():
+    for scale, effect, words in ((0.0, 1.0, "motion scale must be a finite number above 0"),
+                                 (float("nan"), 1.0, "motion scale"), (1.0, -0.5, "motion effect must be"),
+                                 (1.0, float("inf"), "motion effect")):
+        with pytest.raises(KinemaError, match=words):
+            MotionStrength(scale, effect)
 
 
 def test_text_attention_refuses_what_it_cannot_read():
