@@ -53,13 +53,13 @@ from kinema.pipelines.request import (
 )
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
-from kinema.sampling.schedulers import SCHEDULERS
+from kinema.sampling.prompt_travel import INTERPOLATIONS
+from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 
 # kinema.sampling.context imports torch, so its SCHEDULES and FUSE_METHODS are repeated here for the choices;
 # tests/cli/test_generate_cli.py checks that the two stay equal.
 CONTEXT_SCHEDULES = ("uniform", "static")
 FUSE_METHODS = ("flat", "pyramid", "overlap-linear")
-INTERPOLATIONS = ("linear", "slerp")
 DEFAULT_OUTPUT_FOLDER = Path("out")
 DEFAULT_SUFFIX = ".mp4"
 # A prompt schedule for video-to-video and extend is checked for its form before the input's length is known:
@@ -106,7 +106,7 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
     "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
     "--quantize": None, "--cache-interval": None, "--cfg-truncation": None, "--motion-scale": None,
-    "--motion-effect": None}
+    "--motion-effect": None, "--timestep-spacing": None}
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16}
 DECODE_DESCRIPTION = (
@@ -297,6 +297,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
                             "frequencies (N times the time; 1 is plain sampling)")
     group.add_argument("--interpolation", choices=INTERPOLATIONS,
                        help="how a prompt schedule blends between keyframes (default linear)")
+    group.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS,
+                       help="where the sampling steps fall among the training steps (default: the scheduler's "
+                            "own); trailing for few-step distilled models, e.g. AnimateDiff-Lightning with "
+                            "--scheduler euler --steps 4 --guidance 1")
     group.add_argument("--motion-scale", type=number, metavar="F",
                        help="factor on the motion modules' attention keys, as ComfyUI-AnimateDiff's motion scale: "
                             "above 1 sharper attention over frames, below 1 smoother (default 1: as trained)")
@@ -460,6 +464,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     shared: dict[str, Any] = dict(
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
+        timestep_spacing=args.timestep_spacing,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,

@@ -310,7 +310,8 @@ class _Clip:
 def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text: _Text, clip: _Clip,
              seeds: Sequence[int], callback: StepCallback | None, progress: bool) -> torch.Tensor:
     """Sample one clip's latents `(B, C, F', h, w)` under everything the plan and the clip ask for."""
-    scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type)
+    spacing = {} if request.timestep_spacing is None else {"timestep_spacing": request.timestep_spacing}
+    scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type, **spacing)
     steps = plan.steps
     denoiser: Denoiser = family.denoiser()
     frames = clip.noise.shape[2]

@@ -49,7 +49,7 @@ from kinema.pipelines.request import (
     check_video_holds_overlap,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
-from kinema.sampling.schedulers import SCHEDULERS
+from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 
 if TYPE_CHECKING:
     from kinema.pipelines.family import VideoFamily
@@ -569,7 +569,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         if data.get(key) is not None:
             given[key] = _text(data[key], key)
     for key, choices in (("scheduler", SCHEDULERS), ("interpolation", INTERPOLATIONS), ("dtype", DTYPES),
-                         ("quantize", QUANTIZATIONS), ("speed", SPEEDS)):
+                         ("quantize", QUANTIZATIONS), ("speed", SPEEDS), ("timestep_spacing", TIMESTEP_SPACINGS)):
         if data.get(key) is not None:
             given[key] = _choice(data[key], key, choices)
     if data.get("context") is not None:

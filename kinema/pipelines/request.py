@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kinema.errors import KinemaError
+from kinema.sampling.prompt_travel import INTERPOLATIONS
+from kinema.sampling.schedulers import TIMESTEP_SPACINGS
 
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
@@ -122,6 +124,8 @@ class GenerationRequest:
         segment_frames: continuation: frames per generated segment (None: the model's window).
         context: context windows for long text-to-video (None: one window; automatic past the model's limit).
         interpolation: prompt travel between keyframes: "linear" or "slerp".
+        timestep_spacing: where the sampling steps fall, `TIMESTEP_SPACINGS` (None: the scheduler's own; "trailing"
+            for few-step distilled models such as AnimateDiff-Lightning).
         free_init: FreeInit iterations (None: off).
         motion_scale: factor on the motion modules' attention keys, a softmax temperature (ComfyUI-AnimateDiff's
             motion scale; 1: as trained).
@@ -161,6 +165,7 @@ class GenerationRequest:
     segment_frames: int | None = None
     context: ContextSettings | None = None
     interpolation: str = "linear"
+    timestep_spacing: str | None = None
     free_init: FreeInitSettings | None = None
     motion_scale: float = 1.0
     motion_effect: float = 1.0
@@ -225,8 +230,11 @@ class GenerationRequest:
                 raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
-        if self.interpolation not in ("linear", "slerp"):
-            raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use linear or slerp")
+        if self.interpolation not in INTERPOLATIONS:
+            raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use {' or '.join(INTERPOLATIONS)}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise KinemaError(f"unknown timestep spacing {self.timestep_spacing!r}; known: "
+                              f"{', '.join(TIMESTEP_SPACINGS)}")
         check_motion_strength(self.motion_scale, self.motion_effect)
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")

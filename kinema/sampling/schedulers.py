@@ -24,6 +24,12 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("LCMScheduler", {}),
 }
 
+# diffusers' ways of placing the sampling steps over the training steps (each scheduler's `timestep_spacing`).
+# `trailing` starts at the last training step and spaces evenly from it, what few-step distilled models such as
+# AnimateDiff-Lightning are sampled with (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are
+# Flawed"); each scheduler's own default is `leading` or `linspace`.
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
 # model family -> the noise schedule it was trained with (epsilon prediction, 1000 training steps)
 FAMILIES: dict[str, dict[str, Any]] = {
     # AnimateDiff's inference configs: linear betas 0.00085 .. 0.012 (not SD's scaled_linear), steps_offset 1.

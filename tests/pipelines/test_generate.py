@@ -24,6 +24,7 @@ from kinema.pipelines.easyanimate import EasyAnimateFamily
 from kinema.pipelines.generation import generate
 from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
 from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule
+from kinema.sampling.schedulers import SCHEDULERS
 
 SIZE = 32
 
@@ -394,6 +395,21 @@ def test_motion_effect_zero_is_the_model_without_its_motion_modules(animatediff)
     assert torch.equal(still.frames, run(without, steps=2).frames)
     scaled = run(animatediff, steps=2, motion_scale=1.5)
     assert (scaled.frames - run(animatediff, steps=2).frames).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
+def test_timestep_spacing_places_the_steps_as_diffusers_does(animatediff, monkeypatch, scheduler):
+    import diffusers
+
+    spy = spy_on(animatediff, monkeypatch)
+    result = run(animatediff, steps=4, guidance=1.0, scheduler=scheduler, timestep_spacing="trailing")
+    assert result.settings[0]["timestep_spacing"] == "trailing"
+    # The reference: diffusers' scheduler with AnimateDiff-Lightning's settings (linear betas, trailing).
+    reference = getattr(diffusers, SCHEDULERS[scheduler][0])(
+        beta_schedule="linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing")
+    reference.set_timesteps(4)
+    assert [call["timestep"] for call in spy.calls] == [float(t) for t in reference.timesteps]
+    assert spy.calls[0]["timestep"] == 999  # trailing starts at the last training step
 
 
 def test_bfloat16_runs_and_is_reported(tmp_path_factory):
