@@ -46,6 +46,7 @@ from kinema.pipelines.request import (
     ContextSettings,
     FreeInitSettings,
     GenerationRequest,
+    check_seed,
     check_video_holds_overlap,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
@@ -351,9 +352,8 @@ def _seeds(data: Mapping[str, Any]) -> list[int]:
                               f"{seed!r}")
         if seed == RANDOM_SEED:
             seed = secrets.randbelow(RANDOM_SEED_LIMIT)
-        elif not 0 <= seed <= MAX_SEED:
-            raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED}), "
-                              "or -1 for a random one")
+        else:
+            check_seed(seed, ", or -1 for a random one")
         seeds.append(seed)
     if len(set(seeds)) != len(seeds):
         raise KinemaError(f"a seed is given more than once ({seeds}), which would make the same video twice")

@@ -88,6 +88,13 @@ class FreeInitSettings:
     order: int = 4
 
 
+def check_seed(seed: int, also: str = "") -> None:
+    """One KinemaError line for a seed torch.Generator does not take; `also` adds to the range the message gives
+    (jobs: ", or -1 for a random one")."""
+    if not 0 <= seed <= MAX_SEED:
+        raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED}){also}")
+
+
 def check_motion_strength(scale: float, effect: float) -> None:
     """One KinemaError line for a motion scale (factor on the motion attentions' keys) that is not a finite number
     above 0, or a motion effect (factor on the motion modules' residual) that is not a finite number of at least 0
@@ -226,8 +233,7 @@ class GenerationRequest:
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
         for seed in seeds:
-            if not 0 <= seed <= MAX_SEED:
-                raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED})")
+            check_seed(seed)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in INTERPOLATIONS:

@@ -92,8 +92,9 @@ def _settings_the_layout_loses(video_unet_kwargs: dict[str, Any], version: str, 
     else:
         assumed = ANIMATEDIFF_VERSIONS[version]
         names = ("norm_mode", "resnet_norm_mode", "num_attention_heads", "norm_num_groups")
-    return {name: setting(video_unet_kwargs, name) for name in names
-            if setting(video_unet_kwargs, name) != setting(merged(ANIMATEDIFF_VERSIONS[version], assumed), name)}
+    loaded_as = merged(ANIMATEDIFF_VERSIONS[version], assumed)
+    own = {name: setting(video_unet_kwargs, name) for name in names}
+    return {name: value for name, value in own.items() if value != setting(loaded_as, name)}
 
 
 def convert_motion_module(
