@@ -300,6 +300,11 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     frames = gr.Number(label="Frames", value=start["frames"], precision=0,
                                        elem_id="frames")
                 with gr.Row():
+                    motion_effect = gr.Number(label="Motion effect (0: none, 1: as trained)", value=1.0, step=0.1,
+                                              elem_id="motion-effect")
+                    motion_scale = gr.Number(label="Motion scale (attention sharpness, 1: as trained)", value=1.0,
+                                             step=0.1, elem_id="motion-scale")
+                with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
                     random_seed = gr.Button("Random seed", elem_id="random-seed")
                 # Settings of a loaded video that the form has no field for; the next job takes them as they were.
@@ -329,6 +334,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
             "v2v_video": v2v_video, "strength": strength, "extend_video": extend_video,
             "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
+            "motion_effect": motion_effect, "motion_scale": motion_scale,
         }
 
         # ---- events

@@ -26,11 +26,12 @@ from kinema.pipelines.request import CONTINUATION_DEFAULTS, LIBRARY_DEFAULTS, MO
 TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
-             "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize")
+             "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize", "motion_effect",
+             "motion_scale")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
-                  "extend_frames", "speed", "mode")
+                  "extend_frames", "speed", "mode", "motion_effect", "motion_scale")
 # Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
 # from the job's keys, so a setting added to jobs later loads back without a change here.
 EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
@@ -75,7 +76,7 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     if loras:
         data["loras"] = loras
     sized = ("width", "height", "frames") if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO) else ()
-    for key in ("steps", "guidance", "seed", *sized):
+    for key in ("steps", "guidance", "seed", "motion_effect", "motion_scale", *sized):
         if _given(values.get(key)):
             data[key] = _number(values[key], key in _WHOLE_NUMBERS)
     extra = values.get("extra") or {}
@@ -137,7 +138,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         "speed": settings.get("speed") or "",
         "extra": _extra_settings(settings),
     }
-    for key in ("steps", "guidance"):
+    for key in ("steps", "guidance", "motion_effect", "motion_scale"):
         if settings.get(key) is not None:
             values[key] = settings[key]
     seeds = settings.get("seeds") or [settings.get("seed", 0)]

@@ -19,7 +19,7 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "motion_module": "", "loras": [], "scheduler": "ddim", "steps": 25, "width": 64, "height": 64,
               "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
               "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": "",
-              "extra": {}, "v2v_resize": False, "extend_resize": False}
+              "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -48,7 +48,8 @@ def through_the_form(settings):
 
 
 @pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video",
-                                  "video-to-video resized", "extend", "speed preset", "settings without a field"])
+                                  "video-to-video resized", "extend", "speed preset", "settings without a field",
+                                  "motion strength"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -68,7 +69,10 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
         data.update(speed="fast", scheduler="dpmpp_2m_karras", steps=10)
     elif mode == "settings without a field":  # the API's and the CLI's options the form lacks come back as "extra"
         data.update(frames=32, context={"length": 16, "overlap": 4}, free_init={"iterations": 2}, dtype="bfloat16",
-                    cache_interval=2, cfg_truncation=0.5, fps=12, attention_chunk=64, interpolation="slerp")
+                    cache_interval=2, cfg_truncation=0.5, fps=12, attention_chunk=64, interpolation="slerp",
+                    timestep_spacing="trailing")
+    elif mode == "motion strength":  # form fields of their own
+        data.update(motion_effect=0.5, motion_scale=1.3)
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
 
