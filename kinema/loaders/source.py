@@ -39,8 +39,10 @@ from kinema.sniff import sniff
 _TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
-# Names of an image LoRA's down matrices: kohya/civitai, peft/diffusers, and AnimateDiff's attention-processor form.
+# Names of a LoRA's down matrices: kohya/civitai, peft/diffusers, and AnimateDiff's attention-processor form.
 IMAGE_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
+# What every motion-module tensor name holds, in every layout (motion LoRAs included).
+MOTION_MODULE_NAME = ".motion_modules."
 
 
 @dataclass
@@ -86,8 +88,15 @@ class Source:
 
     @property
     def holds_image_lora(self) -> bool:
-        """A weights file of image (spatial) LoRA matrices, by their names: what `load_spatial_lora` fuses."""
-        return self.is_weights_file and any(name.endswith(IMAGE_LORA_DOWN) for name in self.names)
+        """A weights file with LoRA matrices outside motion modules, by their names: what `load_spatial_lora`
+        fuses (a file may hold a motion LoRA beside them)."""
+        return self.is_weights_file and any(name.endswith(IMAGE_LORA_DOWN) and MOTION_MODULE_NAME not in name
+                                            for name in self.names)
+
+    @property
+    def holds_motion_weights(self) -> bool:
+        """A weights file with tensors of motion modules, by their names."""
+        return self.is_weights_file and any(MOTION_MODULE_NAME in name for name in self.names)
 
     @cached_property
     def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from kinema.loaders.checkpoint_io import (
     check_weights_file,
     dtype_report,
     find_weights,
-    read_state_dict,
+    read_checkpoint,
 )
 from kinema.loaders.source import IMAGE_LORA_DOWN, Source
 from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
@@ -477,6 +478,9 @@ def _peft_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
+# An up matrix in the names diffusers writes: peft's (`to_q.lora_B.weight`, with or without an adapter name) and
+# its older ones (`to_q.lora.up.weight`; `q_proj.lora_linear_layer.up.weight` for the text encoder).
+_PEFT_UP = re.compile(r"\.(?:lora_B(?:\.[\w-]+)?|lora\.up|lora_linear_layer\.up)\.weight$")
 # Library notices that tell a kinema user nothing while an image LoRA loads: diffusers warns, and asks for a bug
 # report, when a LoRA has nothing for one component (a UNet-only LoRA), which kinema counts itself below; transformers
 # says it falls back to PIL image processors, which the SD pipeline class imports and kinema never uses.
@@ -501,19 +505,41 @@ def _without_lora_notices() -> Iterator[None]:
             logger.removeFilter(_not_a_notice)
 
 
+def _alpha_folded(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
+    """`state` with each component's alpha from diffusers' `lora_adapter_metadata` (what its `save_lora_weights` and
+    kinema's own LoRA export write) folded into the component's up matrices as alpha / r: diffusers reads that alpha
+    only from a file it opens itself, and is handed tensors here."""
+    from kinema.loaders.animatediff.motion_lora_keys import adapter_alpha
+
+    folded = dict(state)
+    for component in ("unet", "text_encoder"):
+        alpha = adapter_alpha(metadata, component)
+        if alpha is None:
+            continue
+        for key, up in state.items():
+            if key.startswith(f"{component}.") and _PEFT_UP.search(key):
+                folded[key] = up * (alpha / up.shape[1])  # up: (C_out, r) or a conv's (C_out, r, kh, kw)
+    return folded
+
+
 def load_spatial_lora(
     components: StableDiffusionComponents,
     lora: str | os.PathLike | Mapping[str, torch.Tensor],
     scale: float = 1.0,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Fuse an image LoRA (kohya/civitai `lora_unet_*`/`lora_te_*`, diffusers format, or AnimateDiff v3's domain
     adapter) into the 2D UNet and text encoder, in place: `W += scale * alpha / r * up @ down` per layer, through
-    diffusers' `load_lora_weights` (a file without alpha: `W += scale * up @ down`).
+    diffusers' `load_lora_weights` (a file without alpha: `W += scale * up @ down`). `metadata`: the safetensors
+    metadata of a state dict (read from the file for a path), where diffusers keeps the alpha of peft-named files.
 
     Call it before `VideoUNet.from_unet2d`. Returns how many layers it changed: `{"unet": n, "text_encoder": m}`.
     Raises `KinemaError` when diffusers cannot place every layer of the file.
     """
-    state = _peft_names(read_state_dict(lora) if isinstance(lora, (str, os.PathLike)) else lora)
+    if isinstance(lora, (str, os.PathLike)):
+        checkpoint = read_checkpoint(lora)
+        lora, metadata = checkpoint.tensors, checkpoint.metadata
+    state = _alpha_folded(_peft_names(lora), metadata)
     check_float_weights(state, f"the image LoRA {lora}" if isinstance(lora, (str, os.PathLike)) else "the image LoRA")
     downs = sum(k.endswith(IMAGE_LORA_DOWN) for k in state)
     if not downs:

@@ -74,16 +74,18 @@ def _load_described(source: Any, kind: str, **options: Any) -> Any:
 
 
 def _lora_kind(path: Path) -> tuple[Any, str]:
-    """`(source, "motion" or "spatial")` for a LoRA file: a motion LoRA by the registry's own describer (which
-    raises for a malformed one); else any file of LoRA down matrices is a spatial (image) LoRA."""
+    """`(source, kind)` for a LoRA file: "motion" for a motion LoRA by the registry's own describer (which raises for
+    a malformed one); "spatial" for a file of LoRA matrices on the image layers; "both" for one with LoRA matrices
+    on the image layers and motion-module tensors (kinema's `lora.targets: all` export, diffusers' save of such a
+    LoRA), whose two parts are applied as each kind is."""
     from kinema.loaders.animatediff.formats import describe_motion_lora_source
     from kinema.loaders.source import Source
 
     source = Source(path)
+    if source.holds_image_lora:
+        return source, "both" if source.holds_motion_weights else "spatial"
     if describe_motion_lora_source(source) is not None:
         return source, "motion"
-    if source.holds_image_lora:
-        return source, "spatial"
     try:
         import kinema.loaders
 
@@ -298,6 +300,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
     import torch
 
+    from kinema.loaders.source import MOTION_MODULE_NAME
     from kinema.models.precision import cast_module
     from kinema.pipelines.animatediff import AnimateDiffFamily
 
@@ -324,11 +327,13 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         options["config"] = config
     components = _load_described(source, "stable_diffusion", **options)
     for lora_path, weight, lora_source, lora_kind in kinds:
-        if lora_kind == "spatial":  # into the 2D weights, which inflating copies
+        if lora_kind in ("spatial", "both"):  # into the 2D weights, which inflating copies
             from kinema.loaders.stable_diffusion import load_spatial_lora
 
+            image_part = [key for key in lora_source.names if MOTION_MODULE_NAME not in key]
             try:
-                counts = load_spatial_lora(components, lora_source.read(lora_source.names), scale=weight)
+                counts = load_spatial_lora(components, lora_source.read(image_part), scale=weight,
+                                           metadata=lora_source.layout[1])
             except KinemaError as err:
                 raise naming(lora_path, err) from None
             logger.info("fused image LoRA %s at %g (%s)", lora_path, weight, counts)
@@ -340,7 +345,18 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         if lora_kind == "motion":
             _load_described(lora_source, "motion_lora", video_unet=video_unet, strength=weight,
                             name=_adapter_name(lora_path, taken))
-            logger.info("applied motion LoRA %s at %g", lora_path, weight)
+        elif lora_kind == "both":
+            from kinema.loaders.animatediff.motion_lora import load_motion_lora
+
+            motion_part = [key for key in lora_source.names if MOTION_MODULE_NAME in key]
+            try:
+                load_motion_lora(video_unet, lora_source.read(motion_part), _adapter_name(lora_path, taken), weight,
+                                 metadata=lora_source.layout[1])
+            except KinemaError as err:
+                raise naming(lora_path, err) from None
+        else:
+            continue
+        logger.info("applied motion LoRA %s at %g", lora_path, weight)
 
     parts = [video_unet.eval(), components.vae, components.text_encoder]
     for part in parts:

@@ -314,6 +314,38 @@ def test_kohya_lora_is_fused_as_scale_alpha_over_rank_up_down(sd_folder):
     assert (out - expected).abs().max().item() < 1e-5 and (out - before).abs().max().item() > 1e-3
 
 
+def test_a_diffusers_saved_lora_keeps_the_alpha_in_its_metadata(sd_folder, tmp_path):
+    # save_lora_weights writes rank 4, alpha 8 into `lora_adapter_metadata`, not into the tensors; the reference is
+    # diffusers' own load_lora_weights(folder) + fuse_lora on identical weights.
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    def pipeline(sd):
+        return StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                       scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    trained = load_stable_diffusion(sd_folder)
+    trained.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    perturb(trained.unet, seed=2, scale=0.2)  # lora_B starts at zero
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(trained.unet),
+        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict())
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+
+    ours, reference, base = (load_stable_diffusion(sd_folder) for _ in range(3))
+    load_spatial_lora(ours, path, scale=0.8)
+    pipe = pipeline(reference)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    pipe.fuse_lora(components=["unet"], lora_scale=0.8)
+    pipe.unload_lora_weights()
+    moved = max((v - base.unet.state_dict()[k]).abs().max().item() for k, v in reference.unet.state_dict().items())
+    assert moved > 1e-2
+    expected = reference.unet.state_dict()
+    assert max((v - expected[k]).abs().max().item() for k, v in ours.unet.state_dict().items()) < 1e-6
+
+
 def domain_adapter(unet: UNet2DConditionModel, rank: int = 4, prefix: str = "") -> dict[str, torch.Tensor]:
     """AnimateDiff v3's domain adapter layout (v3_sd15_adapter.ckpt): a LoRA on every spatial attention's
     to_q/to_k/to_v/to_out in legacy attention-processor names, `down` `(r, C_in)` and `up` `(C_out, r)`."""

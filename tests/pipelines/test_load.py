@@ -55,8 +55,10 @@ def loras(files):
     write_kohya_lora(files["kohya"], seed=7)
 
 
-def by_hand(files):
+def by_hand(files, kohya_weight=None, motion_weight=None):
     """The independent path: diffusers fuses the image LoRA from its file, kinema.load adds the motion parts."""
+    kohya_weight = KOHYA_WEIGHT if kohya_weight is None else kohya_weight
+    motion_weight = MOTION_WEIGHT if motion_weight is None else motion_weight
     folder = files["folder"]
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
@@ -67,10 +69,10 @@ def by_hand(files):
                                    scheduler=PNDMScheduler.from_pretrained(folder / "scheduler"),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(files["kohya"]))
-    pipe.fuse_lora(lora_scale=KOHYA_WEIGHT)
+    pipe.fuse_lora(lora_scale=kohya_weight)
     pipe.unload_lora_weights()
     video = kinema.load(files["motion_module"], unet=unet)
-    kinema.load(files["motion_lora"], video_unet=video, strength=MOTION_WEIGHT)
+    kinema.load(files["motion_lora"], video_unet=video, strength=motion_weight)
     return video, text_encoder
 
 
@@ -111,6 +113,22 @@ def test_folder_motion_module_and_loras_equal_loading_the_pieces_by_hand(files, 
         "loras": [{"path": str(files["motion_lora"]), "weight": MOTION_WEIGHT},
                   {"path": str(files["kohya"]), "weight": KOHYA_WEIGHT}]}
     with torch.no_grad():  # the outputs agree too, a step that runs the motion LoRA's peft layers
+        x = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(family.model(x, 10, text), video(x, 10, text), rtol=1e-5, atol=1e-5)
+
+
+def test_one_file_of_an_image_and_a_motion_lora_applies_both(files, tmp_path):
+    # What kinema's `lora.targets: all` export and diffusers' save of such a LoRA are: image-layer LoRA matrices and
+    # motion-module ones in one file, each part applied as its own kind would be.
+    from safetensors.torch import load_file, save_file
+
+    both = tmp_path / "both.safetensors"
+    save_file({**load_file(files["kohya"]), **load_file(files["motion_lora"])}, both)
+    family = load_family(files["folder"], motion_module=files["motion_module"], loras=[(both, 0.6)])
+    video, text_encoder = by_hand(files, kohya_weight=0.6, motion_weight=0.6)
+    assert_same_weights(family.text_encoder, text_encoder, tolerance=1e-6)
+    with torch.no_grad():
         x = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(family.model(x, 10, text), video(x, 10, text), rtol=1e-5, atol=1e-5)

@@ -80,6 +80,8 @@ def describe_motion_lora_source(source: Source) -> dict[str, Any] | None:
 
     if not source.is_weights_file or not any("lora" in name.lower() for name in source.names):
         return None
+    if source.holds_image_lora:  # LoRA matrices on the image layers too: generate --lora applies both parts
+        return None
     tensors, _ = source.layout
     try:
         return describe_motion_lora({**tensors, **source.read(k for k in tensors if k.endswith(".alpha"))})

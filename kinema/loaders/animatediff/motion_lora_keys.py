@@ -154,10 +154,10 @@ def is_motion_lora(state_dict: Mapping[str, Any]) -> bool:
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
-def adapter_alpha(metadata: Mapping[str, str] | None) -> float | None:
-    """The alpha diffusers stores in a LoRA file's `lora_adapter_metadata` (as `unet.lora_alpha`) instead of
-    per-layer `.alpha` keys; None when there is none. Per-layer rank or alpha patterns are refused (kinema reads one
-    alpha for all layers)."""
+def adapter_alpha(metadata: Mapping[str, str] | None, component: str = "unet") -> float | None:
+    """The alpha diffusers stores in a LoRA file's `lora_adapter_metadata` for `component`'s layers (as
+    `unet.lora_alpha`, `text_encoder.lora_alpha`) instead of per-layer `.alpha` keys; None when there is none.
+    Per-layer rank or alpha patterns are refused (kinema reads one alpha for all of a component's layers)."""
     packed = (metadata or {}).get(ADAPTER_METADATA_KEY)
     if not packed:
         return None
@@ -167,10 +167,10 @@ def adapter_alpha(metadata: Mapping[str, str] | None) -> float | None:
         raise KinemaError(f"the LoRA's {ADAPTER_METADATA_KEY} is not valid JSON; re-save the file") from None
     if not isinstance(arguments, dict):
         return None
-    if arguments.get("unet.rank_pattern") or arguments.get("unet.alpha_pattern"):
+    if arguments.get(f"{component}.rank_pattern") or arguments.get(f"{component}.alpha_pattern"):
         raise KinemaError("the LoRA gives its layers different ranks or alphas (rank_pattern/alpha_pattern), which "
-                          "kinema's motion-LoRA loader does not read; load it with diffusers")
-    alpha = arguments.get("unet.lora_alpha")
+                          "kinema's LoRA loaders do not read; load it with diffusers")
+    alpha = arguments.get(f"{component}.lora_alpha")
     return float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
 
 
@@ -224,9 +224,14 @@ def parse_motion_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[
         raise KinemaError(f"the motion LoRA holds several adapters {sorted(adapters)}; save one adapter per file")
     _check_shapes(fmt, parts, {key: found for key, (_, found) in matched.items()}, state_dict)
     stored_alpha = adapter_alpha(metadata)
-    default_alpha = None if stored_alpha is None else torch.tensor(stored_alpha)
-    layers = {slot: LoraPair(state_dict[p["down"]], state_dict[p["up"]],
-                             state_dict[p["alpha"]] if "alpha" in p else default_alpha) for slot, p in parts.items()}
+
+    def alpha(keys: dict[str, str]) -> torch.Tensor | None:
+        # One tensor per layer: a writer of `.alpha` keys (safetensors) refuses tensors that share memory.
+        if "alpha" in keys:
+            return state_dict[keys["alpha"]]
+        return None if stored_alpha is None else torch.tensor(stored_alpha)
+
+    layers = {slot: LoraPair(state_dict[p["down"]], state_dict[p["up"]], alpha(p)) for slot, p in parts.items()}
     return MotionLora(fmt, layers, {slot: next(iter(p.values())) for slot, p in parts.items()},
                       adapters.pop() if adapters else None)
 

@@ -156,6 +156,22 @@ def test_peft_layout_with_adapter_name_and_alpha_is_read():
     assert torch.equal(baked[f"{key}.to_q_lora.up.weight"], source * 0.5)
 
 
+def test_a_peft_file_with_its_alpha_in_metadata_converts_to_every_layout(tmp_path):
+    # diffusers' save_lora_weights (and kinema's training export) keep alpha in `lora_adapter_metadata`; the layouts
+    # with a place for alpha get one tensor per layer, which safetensors can write.
+    import json
+
+    from kinema.loaders.animatediff.motion_lora_keys import ADAPTER_METADATA_KEY
+    from kinema.loaders.checkpoint_io import read_checkpoint, write_state_dict
+
+    lora = convert_motion_lora(published_motion_lora({"down_blocks.0.motion_modules.0": 32}, rank=4), "diffusers_peft")
+    metadata = {ADAPTER_METADATA_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 8})}
+    for layout in ("original", "diffusers", "diffusers_peft", "kinema"):
+        path = write_state_dict(convert_motion_lora(lora, layout, metadata), tmp_path / f"{layout}.safetensors")
+        info = describe_motion_lora(read_checkpoint(path).tensors)
+        assert info["layers"] == 8 and info.get("alpha") in (8.0, None)
+
+
 def test_malformed_files_raise_one_clear_error():
     lora = published_motion_lora({"down_blocks.0.motion_modules.0": 32}, rank=4)
     with pytest.raises(KinemaError, match=r"1 of 17 keys are not 'original'.*lora_unet_extra"):
