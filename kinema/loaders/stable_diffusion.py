@@ -482,15 +482,21 @@ def _peft_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # its older ones (`to_q.lora.up.weight`; `q_proj.lora_linear_layer.up.weight` for the text encoder).
 _PEFT_UP = re.compile(r"\.(?:lora_B(?:\.[\w-]+)?|lora\.up|lora_linear_layer\.up)\.weight$")
 # Library notices that tell a kinema user nothing while an image LoRA loads: diffusers warns, and asks for a bug
-# report, when a LoRA has nothing for one component (a UNet-only LoRA), which kinema counts itself below; transformers
-# says it falls back to PIL image processors, which the SD pipeline class imports and kinema never uses.
-_NOTICES = {"diffusers.loaders.lora_base": "No LoRA keys associated to",
-            "diffusers.loaders.peft": "No LoRA keys associated to",
-            "transformers.utils.import_utils": "requires torchvision (not installed)"}
+# report, when a LoRA has nothing for one component (a UNet-only LoRA), which kinema counts itself below, and logs
+# every size mismatch before raising them all, which kinema turns into one line; transformers says it falls back to
+# PIL image processors, which the SD pipeline class imports and kinema never uses.
+_NOTICES = {"diffusers.loaders.lora_base": ("No LoRA keys associated to",),
+            "diffusers.loaders.peft": ("No LoRA keys associated to", "was unsuccessful with the following error"),
+            "transformers.utils.import_utils": ("requires torchvision (not installed)",)}
+# Down and up matrix names of one layer, in each naming a LoRA file may use.
+_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+          (".down.weight", ".up.weight"))
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
 
 def _not_a_notice(record: logging.LogRecord) -> bool:
-    return _NOTICES.get(record.name, "\0") not in record.getMessage()
+    return not any(notice in record.getMessage() for notice in _NOTICES.get(record.name, ()))
 
 
 @contextmanager
@@ -503,6 +509,22 @@ def _without_lora_notices() -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(_not_a_notice)
+
+
+def _check_pairs(state: Mapping[str, torch.Tensor]) -> None:
+    """One KinemaError line for a down matrix without its up, or an up without its down: a cut or damaged file, of
+    which diffusers would apply the complete pairs alone, or fail with an IndexError."""
+    alone = []
+    for key in state:
+        for down, up in _PAIRS:
+            if key.endswith(down) or key.endswith(up):
+                partner = key[:-len(down)] + up if key.endswith(down) else key[:-len(up)] + down
+                if partner not in state:
+                    alone.append(key)
+                break
+    if alone:
+        raise KinemaError(f"{len(alone)} of the LoRA's matrices have no partner (e.g. {alone[0]}): every down matrix "
+                          "needs its up matrix; the file is cut or damaged")
 
 
 def _alpha_folded(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
@@ -539,8 +561,9 @@ def load_spatial_lora(
     if isinstance(lora, (str, os.PathLike)):
         checkpoint = read_checkpoint(lora)
         lora, metadata = checkpoint.tensors, checkpoint.metadata
+    check_float_weights(lora, "the image LoRA")
+    _check_pairs(lora)
     state = _alpha_folded(_peft_names(lora), metadata)
-    check_float_weights(state, f"the image LoRA {lora}" if isinstance(lora, (str, os.PathLike)) else "the image LoRA")
     downs = sum(k.endswith(IMAGE_LORA_DOWN) for k in state)
     if not downs:
         raise KinemaError(f"no LoRA down matrices (`*.lora_down.weight` / `*.lora_A.weight`) among {len(state)} keys; "
@@ -561,8 +584,14 @@ def load_spatial_lora(
     try:
         with _without_lora_notices():
             pipe.load_lora_weights(state, adapter_name=adapter)
-    except (ValueError, KeyError, RuntimeError) as err:
+    except (ValueError, KeyError, RuntimeError, IndexError) as err:
         pipe.unload_lora_weights()
+        mismatch = _SIZE_MISMATCH.search(str(err))
+        if mismatch:
+            layer, theirs, ours = mismatch.groups()
+            raise KinemaError(f"the LoRA's matrices do not fit this SD1.5 model: {layer.replace(f'.{adapter}', '')} "
+                              f"is {theirs} in the LoRA and {ours} in the model; is it a LoRA for SD1.5 (not "
+                              "SDXL/SD2)?") from None
         raise KinemaError(f"diffusers could not read this LoRA for SD1.5: {shorten(str(err))}") from None
     counts = {"unet": len(_lora_layer_names(components.unet, adapter)),
               "text_encoder": len(_lora_layer_names(components.text_encoder, adapter))}

@@ -391,6 +391,23 @@ def test_animatediff_domain_adapter_is_fused_as_animatediff_merges_it(sd_folder,
     assert_same_weights(sd.text_encoder, reference.text_encoder)
 
 
+def test_a_cut_or_misfit_lora_is_one_line_and_changes_nothing(sd_folder, capfd):
+    sd = load_stable_diffusion(sd_folder)
+    whole = domain_adapter(sd.unet)
+    no_ups = {k: v for k, v in whole.items() if ".up." not in k}
+    some_ups = {k: v for k, v in whole.items() if not k.endswith("to_q_lora.up.weight")}
+    for cut, count in ((no_ups, len(no_ups)), (some_ups, len(whole) // 8)):
+        with pytest.raises(KinemaError, match=rf"^{count} of the LoRA's matrices have no partner \(e.g. .*processor"):
+            load_spatial_lora(sd, cut)
+    wide = {k: torch.zeros(4, 320) if ".down." in k else torch.zeros(320, 4) for k in whole}  # an SDXL-sized one
+    capfd.readouterr()
+    with pytest.raises(KinemaError, match=r"attn1.to_q.lora_A.weight is \[4, 320\] in the LoRA and \[4, 32\] in the "
+                                          r"model; is it a LoRA for SD1.5 \(not SDXL/SD2\)\?$"):
+        load_spatial_lora(sd, wide)
+    assert "size mismatch" not in capfd.readouterr().err  # diffusers' log of every mismatch is not shown
+    assert_same_weights(sd.unet, load_stable_diffusion(sd_folder).unet)
+
+
 def test_a_domain_adapter_is_named_where_a_motion_module_is_expected(sd_folder, tmp_path):
     import kinema.loaders
 
