@@ -32,7 +32,7 @@ from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, check_video_holds_overlap, overlap_error
 from kinema.sampling.denoisers import Denoiser
 from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
-from kinema.sampling.schedulers import make_scheduler
+from kinema.sampling.schedulers import check_timestep_spacing, make_scheduler
 
 logger = logging.getLogger(__name__)
 LatentsHook = Callable[[torch.Tensor, list[dict[str, Any]]], None]
@@ -174,6 +174,7 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
     family.check_size(height, width)
     scheduler = request.scheduler or family.default_scheduler
     make_scheduler(scheduler, family.family)  # an unknown name fails here, listing the known ones
+    check_timestep_spacing(request.timestep_spacing, scheduler)  # the model's default, or a speed preset's
 
     def planned(frames: int, context: Any = None, continuation: bool = False) -> _Plan:
         return _Plan(frames, family.latent_frames(frames), scheduler, height, width, steps, guidance, context,

@@ -15,7 +15,7 @@ from typing import Any
 
 from kinema.errors import KinemaError
 from kinema.sampling.prompt_travel import INTERPOLATIONS
-from kinema.sampling.schedulers import TIMESTEP_SPACINGS
+from kinema.sampling.schedulers import check_timestep_spacing
 
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
@@ -238,9 +238,7 @@ class GenerationRequest:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in INTERPOLATIONS:
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use {' or '.join(INTERPOLATIONS)}")
-        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise KinemaError(f"unknown timestep spacing {self.timestep_spacing!r}; known: "
-                              f"{', '.join(TIMESTEP_SPACINGS)}")
+        check_timestep_spacing(self.timestep_spacing, self.scheduler)
         check_motion_strength(self.motion_scale, self.motion_effect)
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")

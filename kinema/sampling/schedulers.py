@@ -29,6 +29,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 # AnimateDiff-Lightning are sampled with (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are
 # Flawed"); each scheduler's own default is `leading` or `linspace`.
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# Schedulers that place their steps themselves, whatever the spacing: Karras sigmas, and LCM's own schedule
+# (tests/sampling/test_schedulers.py checks that the spacing moves every other scheduler's steps and not these).
+SPACING_FIXED = {"dpmpp_2m_karras": "Karras sigmas", "lcm": "LCM's own step schedule"}
 
 # model family -> the noise schedule it was trained with (epsilon prediction, 1000 training steps)
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -43,6 +46,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 def _unknown(what: str, plural: str, name: str, known: list[str]) -> KinemaError:
     return KinemaError(f"unknown {what} {name!r}; known {plural}: {', '.join(known)}")
+
+
+def check_timestep_spacing(spacing: str | None, scheduler: str | None) -> None:
+    """One KinemaError line for a spacing that is not one of `TIMESTEP_SPACINGS`, or that `scheduler` (when known)
+    would ignore, so that no video records a setting that did nothing."""
+    if spacing is None:
+        return
+    if spacing not in TIMESTEP_SPACINGS:
+        raise KinemaError(f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
+    if scheduler in SPACING_FIXED:
+        raise KinemaError(f"timestep spacing has no effect on the {scheduler} scheduler, which places its steps by "
+                          f"{SPACING_FIXED[scheduler]}: leave the spacing out, or choose another scheduler (a speed "
+                          "preset's counts too)")
 
 
 def make_scheduler(name: str, family: str = "animatediff", **overrides: Any) -> Any:

@@ -11,10 +11,11 @@ from tiny_models import perturb, tiny_video_dit
 
 from kinema.errors import KinemaError
 from kinema.interrupt import Terminated, stop_on_signals
+from kinema.pipelines.request import GenerationRequest
 from kinema.sampling.denoisers import DiTDenoiser, UNetDenoiser
 from kinema.sampling.guidance import guided_prediction
 from kinema.sampling.loop import generators, initial_noise, sample
-from kinema.sampling.schedulers import FAMILIES, SCHEDULERS, make_scheduler
+from kinema.sampling.schedulers import FAMILIES, SCHEDULERS, SPACING_FIXED, TIMESTEP_SPACINGS, make_scheduler
 
 SHAPE = (2, 4, 3, 16, 16)  # B, C, F, H, W for the tiny video UNet
 
@@ -72,6 +73,21 @@ def test_family_noise_schedules_and_overrides():
     assert karras.config.use_karras_sigmas and karras.config.timestep_spacing == "trailing"
     assert not make_scheduler("dpmpp_2m").config.use_karras_sigmas
     assert set(FAMILIES) == {"animatediff", "easyanimate"}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_the_spacing_moves_the_steps_of_every_scheduler_but_those_that_place_their_own(name):
+    placed = set()
+    for spacing in TIMESTEP_SPACINGS:
+        scheduler = make_scheduler(name, timestep_spacing=spacing)
+        scheduler.set_timesteps(4)
+        placed.add(tuple(float(t) for t in scheduler.timesteps))
+    assert (len(placed) == 1) == (name in SPACING_FIXED)
+    if name in SPACING_FIXED:  # refused before any work, so that no video records a setting that did nothing
+        with pytest.raises(KinemaError, match=f"timestep spacing has no effect on the {name} scheduler"):
+            GenerationRequest(prompt="a cat", scheduler=name, timestep_spacing="trailing").check()
+    else:
+        GenerationRequest(prompt="a cat", scheduler=name, timestep_spacing="trailing").check()
 
 
 @pytest.mark.parametrize("call, message", [
