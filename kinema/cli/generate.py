@@ -91,12 +91,15 @@ CONFIG_HELP = (
     "run a prompt config instead of PROMPT: AnimateDiff's configs/prompts YAML or an animatediff-cli-prompt-travel "
     "JSON/YAML file (docs/configs.md). Writes one subfolder of videos per prompt into -o OUT_DIR (default "
     "out/<config name>/) and OUT_DIR/config.yaml, the config with the seeds used, which makes the same videos again. "
-    "--steps, --frames, --height, --width, --guidance, --scheduler, --fps, --dtype and --tokenizer apply to every "
-    "entry (and are written into config.yaml); other options belong in the file"
+    "--steps, --frames, --height, --width, --guidance, --scheduler, --fps, --dtype, --tokenizer, --motion-scale, "
+    "--motion-effect and --timestep-spacing apply to every entry (and are written into config.yaml); other options "
+    "belong in the file"
 )
 # kinema generate --config: options set for every entry, as the config keys they become.
 CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W", "guidance": "guidance_scale",
-                    "scheduler": "scheduler", "fps": "fps", "dtype": "dtype", "tokenizer": "tokenizer"}
+                    "scheduler": "scheduler", "fps": "fps", "dtype": "dtype", "tokenizer": "tokenizer",
+                    "motion_scale": "motion_scale", "motion_effect": "motion_effect",
+                    "timestep_spacing": "timestep_spacing"}
 # ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
 # Every value option's parser default is None, so that one given at its effective default is still seen.
 NOT_WITH_CONFIG: dict[str, Any] = {
@@ -105,8 +108,7 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
     "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
-    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None, "--motion-scale": None,
-    "--motion-effect": None, "--timestep-spacing": None}
+    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None}
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16}
 DECODE_DESCRIPTION = (

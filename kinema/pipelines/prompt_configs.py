@@ -19,6 +19,7 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
     steps, guidance_scale, scheduler, W / width, H / height, L / length, fps (or output: {fps})
     context (a length, or kinema's context settings {...}), overlap, stride     context windows
     tokenizer, dtype, name            kinema's: an SD1.5 single file's tokenizer, precision, the entry's name
+    motion_scale, motion_effect, timestep_spacing   kinema's sampling settings (kinema generate's options)
 
 Keys kinema has no use for (AnimateDiff's inference_config, controlnet_*; prompt travel's
 controlnet_map, ip_adapter_map, clip_skip, vae_path, ...) are accepted with one warning naming those set; any other
@@ -55,11 +56,13 @@ DEFAULT_LORA_ALPHA = 0.8
 DEFAULT_ADAPTER_SCALE = 1.0  # animatediff/utils/util.py load_weights: adapter_lora_scale
 MODEL_KEYS = ("model", "dreambooth_path", "path", "base")
 SCHEDULE_KEYS = ("head_prompt", "prompt_map", "tail_prompt")
+# kinema's own sampling settings, spelt as its job keys (and as kinema generate's options with `-` for `_`).
+_KINEMA_SAMPLING_KEYS = ("motion_scale", "motion_effect", "timestep_spacing")
 ENTRY_KEYS: tuple[str, ...] = (
     *MODEL_KEYS, "motion_module", "motion_module_lora_configs", "lora_model_path", "lora_alpha", "adapter_lora_path",
     "adapter_lora_scale", "lora_map", "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed",
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
-    "overlap", "stride", "dtype", "name")
+    "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS)
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
     "inference_config", "controlnet_path", "controlnet_config", "controlnet_images", "controlnet_image_indexs",
@@ -71,7 +74,8 @@ IGNORED_KEYS = (
 SCHEDULER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m",
                      "k_dpmpp_2m_karras": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
 # Entry keys the command line may set for every entry (kinema generate --config --steps 4 ...).
-OVERRIDE_KEYS = ("steps", "L", "H", "W", "guidance_scale", "scheduler", "fps", "dtype", "tokenizer")
+OVERRIDE_KEYS = ("steps", "L", "H", "W", "guidance_scale", "scheduler", "fps", "dtype", "tokenizer",
+                 *_KINEMA_SAMPLING_KEYS)
 _SIZE_KEYS = {"W": "width", "H": "height", "L": "length"}
 
 
@@ -184,7 +188,8 @@ def _model_and_loras(entry: Mapping[str, Any]) -> tuple[Any, list[Any]]:
     if _given(entry, "lora_model_path") is not None:
         loras.append([entry["lora_model_path"], entry.get("lora_alpha", DEFAULT_LORA_ALPHA)])
     if _given(entry, "adapter_lora_path") is not None:
-        loras.append([entry["adapter_lora_path"], entry.get("adapter_lora_scale", DEFAULT_ADAPTER_SCALE)])
+        scale = _given(entry, "adapter_lora_scale")
+        loras.append([entry["adapter_lora_path"], DEFAULT_ADAPTER_SCALE if scale is None else scale])
     for item in _given(entry, "motion_module_lora_configs") or []:
         if not isinstance(item, Mapping) or set(item) - {"path", "alpha"}:
             raise KinemaError(f"motion_module_lora_configs holds {{path, alpha}} items, got {item!r}")
@@ -202,7 +207,7 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The job data every prompt of the entry shares, besides model and prompts."""
     data: dict[str, Any] = {}
     for key, job_key in (("steps", "steps"), ("guidance_scale", "guidance"), ("fps", "fps"), ("dtype", "dtype"),
-                         ("tokenizer", "tokenizer")):
+                         ("tokenizer", "tokenizer"), *((key, key) for key in _KINEMA_SAMPLING_KEYS)):
         if _given(entry, key) is not None:
             data[job_key] = entry[key]
     for short, long in _SIZE_KEYS.items():
@@ -337,7 +342,8 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
 def read_config(path: str | os.PathLike, *, overrides: Mapping[str, Any] | None = None) -> PromptConfig:
     """Read and check the prompt config `path` into its runs (random seeds drawn now), without loading a model.
 
-    `overrides` are entry keys (`OVERRIDE_KEYS`: steps, L, H, W, guidance_scale, scheduler, fps, dtype, tokenizer)
+    `overrides` are entry keys (`OVERRIDE_KEYS`: steps, L, H, W, guidance_scale, scheduler, fps, dtype, tokenizer,
+    motion_scale, motion_effect, timestep_spacing)
     set on every entry, as `kinema generate --config --steps 4` does; they are recorded in `used`. Logs one
     warning naming the keys set that kinema ignores. Raises one KinemaError line for a malformed file (with line
     and column), an unknown key (naming the nearest valid one), a wrong value, or a missing file.

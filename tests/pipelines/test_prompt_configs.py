@@ -74,12 +74,25 @@ def test_the_v3_domain_adapter_is_an_image_lora_at_its_own_scale(tmp_path, monke
     entry = {"dreambooth_path": "models/rv.safetensors", "motion_module": "models/v3_sd15_mm.ckpt",
              "adapter_lora_path": "models/v3_sd15_adapter.ckpt", "prompt": ["a cat"], "L": 8}
     config = write(tmp_path / "v3.yaml", [entry, {**entry, "adapter_lora_scale": 0.5},
-                                          {**entry, "adapter_lora_path": "", "adapter_lora_scale": 0.5}])
+                                          {**entry, "adapter_lora_path": "", "adapter_lora_scale": 0.5},
+                                          {**entry, "adapter_lora_scale": ""}])  # empty: unset, as these files mean
     with caplog.at_level(logging.WARNING):
         read = read_config(config)
     assert not caplog.records
     adapter = str(tmp_path / "models/v3_sd15_adapter.ckpt")
-    assert [run.job.loras for run in read.runs] == [[(adapter, 1.0)], [(adapter, 0.5)], []]
+    assert [run.job.loras for run in read.runs] == [[(adapter, 1.0)], [(adapter, 0.5)], [], [(adapter, 1.0)]]
+
+
+def test_kinemas_sampling_settings_are_entry_keys_and_overrides(tmp_path, monkeypatch, stand_in_models):
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path, "models/rv.safetensors", "models/mm.ckpt")
+    entry = {"dreambooth_path": "models/rv.safetensors", "motion_module": "models/mm.ckpt", "prompt": ["a cat"],
+             "L": 8, "motion_effect": 0.5, "timestep_spacing": "trailing", "scheduler": "euler"}
+    config = write(tmp_path / "strength.yaml", [entry])
+    [run] = read_config(config).runs
+    assert (run.job.request.motion_effect, run.job.request.timestep_spacing) == (0.5, "trailing")
+    [run] = read_config(config, overrides={"motion_scale": 1.2, "motion_effect": 0.8}).runs
+    assert (run.job.request.motion_scale, run.job.request.motion_effect) == (1.2, 0.8)
 
 
 def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_path, monkeypatch):
