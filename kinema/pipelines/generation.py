@@ -343,10 +343,13 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         if clip.known is not None and clip.keep is not None:
             repaint = repaint_step(scheduler, clip.known, clip.keep, clip.noise, run_steps)
         cond, uncond = conditioning_at(first_step)
-        return sample(denoiser, scheduler, noise, cond, uncond, run_steps, plan.guidance, callback=callback,
-                      progress=progress, generator=generators(seeds), first_step=first_step,
-                      conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
-                      cfg_truncation=request.cfg_truncation)
+        latents = sample(denoiser, scheduler, noise, cond, uncond, run_steps, plan.guidance, callback=callback,
+                         progress=progress, generator=generators(seeds), first_step=first_step,
+                         conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
+                         cfg_truncation=request.cfg_truncation)
+        if not torch.isfinite(latents).all():
+            raise _not_finite(family, request)
+        return latents
 
     with torch.no_grad():
         if request.free_init is None or clip.clean is not None:  # `generate` says when FreeInit is off
@@ -356,6 +359,24 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         options = FreeInitOptions(**vars(request.free_init))
         fresh = seeded_fresh_noise(start.shape, seeds, dtype=start.dtype, device=start.device)
         return free_init_sample(run, start, scheduler, options, steps, fresh)
+
+
+def _not_finite(family: VideoFamily, request: GenerationRequest) -> KinemaError:
+    """Sampling gave NaN or infinity: one line naming what in this run can cause it, said before anything is
+    decoded or saved."""
+    causes = []
+    if next(family.model.parameters()).dtype == torch.float16:
+        causes.append("float16 overflowed (run in float32 or bfloat16: --dtype)")
+    if (request.motion_scale, request.motion_effect) != (1.0, 1.0):
+        causes.append(f"the motion scale {request.motion_scale:g} or effect {request.motion_effect:g} (1 and 1: as "
+                      "trained)")
+    loras = family.settings().get("loras")
+    if loras:
+        causes.append("a LoRA's weight or file (" + ", ".join(f"{lora['path']} at {lora['weight']:g}"
+                                                              for lora in loras) + ")")
+    causes.append("damaged or mis-converted model weights")
+    return KinemaError("sampling produced NaN or infinity, so nothing was decoded or saved; look at "
+                       + "; ".join(causes))
 
 
 def _noise(family: VideoFamily, plan: _Plan, request: GenerationRequest, seeds: Sequence[int],

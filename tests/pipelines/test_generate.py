@@ -397,6 +397,15 @@ def test_motion_effect_zero_is_the_model_without_its_motion_modules(animatediff)
     assert (scaled.frames - run(animatediff, steps=2).frames).abs().max() > 1e-4
 
 
+def test_sampling_to_nan_names_the_likely_causes_before_any_decode(animatediff, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(animatediff, "decode", lambda latents: decoded.append(latents))
+    with pytest.raises(KinemaError, match=r"^sampling produced NaN or infinity, so nothing was decoded or saved; look "
+                                          r"at the motion scale 1 or effect 1e\+30 .*; damaged or mis-converted"):
+        run(animatediff, steps=2, motion_effect=1e30)
+    assert not decoded
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])
 def test_timestep_spacing_places_the_steps_as_diffusers_does(animatediff, monkeypatch, scheduler):
     import diffusers
