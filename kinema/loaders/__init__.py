@@ -33,9 +33,10 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     """Load whatever `path` is, strictly (every key present, none extra, every shape equal).
 
     What comes back depends on the kind `describe` finds: a motion module gives a `VideoUNet` (pass `unet=`, the
-    base image UNet), a motion LoRA is applied to `video_unet=` and returns it, an EasyAnimate transformer gives a
-    `VideoDiT` and a whole V3 folder an `EasyAnimateModel`, a Slice VAE folder a `SliceVAE`, a Stable Diffusion 1.5
-    folder or single file `StableDiffusionComponents` (a single file needs `tokenizer=`). `options` go to that
+    base image UNet), a motion LoRA is applied to `video_unet=` and returns it, an image LoRA is fused into `sd=`
+    (Stable Diffusion components) and returns them, an EasyAnimate transformer gives a `VideoDiT` and a whole V3
+    folder an `EasyAnimateModel`, a Slice VAE folder a `SliceVAE`, a Stable Diffusion 1.5 folder or single file
+    `StableDiffusionComponents` (a single file needs `tokenizer=`). `options` go to that
     kind's loader (e.g. `dtype`, `mmap`, `strength`). `path` may be a bundled model's name ("kinema-tiny").
     """
     from kinema.bundled import resolve_model

@@ -53,7 +53,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from kinema.errors import KinemaError, shorten
+from kinema.errors import KinemaError, naming, shorten
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import (
     WeightFiles,
@@ -525,6 +525,66 @@ def _check_pairs(state: Mapping[str, torch.Tensor]) -> None:
     if alone:
         raise KinemaError(f"{len(alone)} of the LoRA's matrices have no partner (e.g. {alone[0]}): every down matrix "
                           "needs its up matrix; the file is cut or damaged")
+
+
+def _image_lora_layout(names: list[str]) -> str:
+    """Which key naming an image LoRA uses."""
+    from kinema.loaders.animatediff.motion_lora_keys import SPATIAL_PROCESSOR_KEY
+
+    if any(name.startswith(("lora_unet_", "lora_te")) for name in names):
+        return "kohya"
+    if any(SPATIAL_PROCESSOR_KEY.match(name) for name in names):
+        return "animatediff_domain_adapter"
+    if any(".lora_A." in name or ".lora_B." in name for name in names):
+        return "diffusers_peft"
+    return "diffusers"
+
+
+def describe_image_lora(source: Source) -> dict[str, Any] | None:
+    """The format registry's describer: a file of LoRA matrices on SD1.5's image layers (kohya/civitai, diffusers,
+    AnimateDiff v3's domain adapter), possibly with a motion LoRA beside them; None for anything else. Names and
+    shapes come from the header; each down matrix must have its up matrix. Whether every layer fits a given model
+    is checked when it is fused (`load_spatial_lora`)."""
+    if not source.holds_image_lora:
+        return None
+    from kinema.loaders.animatediff.motion_lora_keys import adapter_alpha
+    from kinema.loaders.source import MOTION_MODULE_NAME
+
+    tensors, metadata = source.layout
+    image = {name: tensor for name, tensor in tensors.items() if MOTION_MODULE_NAME not in name}
+    try:
+        _check_pairs(image)
+    except KinemaError as err:
+        raise naming(source.path, err) from None
+    downs = {name: tensor for name, tensor in image.items() if name.endswith(IMAGE_LORA_DOWN)}
+    text = ("lora_te", "text_encoder.", "te_")
+    layers = {"unet": sum(not name.startswith(text) for name in downs),
+              "text_encoder": sum(name.startswith(text) for name in downs)}
+    ranks = sorted({int(tensor.shape[0]) for tensor in downs.values()})
+    alphas = {component: alpha for component in layers if (alpha := adapter_alpha(metadata, component)) is not None}
+    per_layer = any(name.endswith(".alpha") for name in image)
+    return {"kind": "image_lora", "format": _image_lora_layout(list(image)), "layers": layers,
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": alphas or ("per layer (.alpha keys)" if per_layer else "none: alpha = rank"),
+            "motion_lora_too": source.holds_motion_weights,
+            "dtype": dtype_report(str(tensor.dtype).removeprefix("torch.") for tensor in downs.values())}
+
+
+def load_image_lora_source(source: Source, *, sd: Any = None, strength: float = 1.0) -> StableDiffusionComponents:
+    """The image LoRA fused into `sd` (Stable Diffusion components, e.g. `kinema.load(sd15_folder)`) at
+    `strength`; returns `sd`. A motion LoRA in the same file is left out (it needs the inflated video UNet:
+    `kinema generate --lora` applies both)."""
+    from kinema.loaders.source import MOTION_MODULE_NAME
+
+    if not isinstance(sd, StableDiffusionComponents):
+        raise KinemaError(f"{source.path} is an image LoRA, which changes a Stable Diffusion model's weights: pass "
+                          "sd=, e.g. kinema.load(lora, sd=kinema.load(sd15_folder))")
+    image = [name for name in source.names if MOTION_MODULE_NAME not in name]
+    try:
+        load_spatial_lora(sd, source.read(image), scale=strength, metadata=source.layout[1])
+    except KinemaError as err:
+        raise naming(source.path, err) from None
+    return sd
 
 
 def _alpha_folded(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> dict[str, torch.Tensor]:

@@ -460,7 +460,10 @@ def _check_model_path(path: Path) -> None:
         raise KinemaError(f"model {path} is neither a file nor a folder; give {_MODEL_WORDS}")
     kind, whole = _described_kind(str(path), stat.st_mtime_ns, stat.st_size)
     if kind not in _GENERATION_KINDS:
-        raise KinemaError(f"model {path} is a {kind}, not a model to generate with; give {_MODEL_WORDS}")
+        from kinema.loaders.formats import format_of
+
+        raise KinemaError(f"model {path} is not a model to generate with (it is: {format_of(kind).label}); give "
+                          f"{_MODEL_WORDS}")
     if not whole:
         raise KinemaError(f"model {path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                           "(transformer/, vae/ and a text encoder)")

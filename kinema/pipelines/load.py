@@ -264,7 +264,10 @@ def load_family(
         family = _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
                               named)
     else:
-        raise KinemaError(f"{model_path} is a {kind}, not a model to generate with: give {_MODEL_KINDS}")
+        from kinema.loaders.formats import format_of
+
+        raise KinemaError(f"{model_path} is not a model to generate with (it is: {format_of(kind).label}): give "
+                          f"{_MODEL_KINDS}")
     family.prediction_type = prediction_type
     family.defaults = model_defaults(model_path) if model_path.is_dir() else {}
     return family
@@ -300,6 +303,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
     import torch
 
+    from kinema.loaders.formats import format_of
     from kinema.loaders.source import MOTION_MODULE_NAME
     from kinema.models.precision import cast_module
     from kinema.pipelines.animatediff import AnimateDiffFamily
@@ -312,8 +316,8 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                           "--motion-module PATH (motion_module= in Python)")
     motion_source, motion_report = _describe(motion_path)
     if motion_report["kind"] != "motion_module":
-        raise KinemaError(f"{motion_path} is a {motion_report['kind']}, not a motion module: give an AnimateDiff "
-                          "motion module file (e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
+        raise KinemaError(f"{motion_path} is not a motion module (it is: {format_of(motion_report['kind']).label}): "
+                          "give an AnimateDiff motion module file (e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
     widths = _unet_widths(path, config)
     if tuple(motion_report["channels"]) != widths:
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "

@@ -46,9 +46,9 @@ def _stamp(path: Path) -> tuple[str, int, int]:
 
 
 def kind_of(path: Path) -> str | None:
-    """The kind kinema's format registry gives `path` ("stable_diffusion", "motion_module", ...), "image_lora" for a
-    weights file of LoRA matrices, or None when kinema cannot use it. KinemaError (one line) for a file of a known
-    kind that is broken."""
+    """The kind kinema's format registry gives `path` ("stable_diffusion", "motion_module", "image_lora", ...), or
+    None for a folder kinema cannot use. KinemaError (one line) for a file kinema cannot use, or of a known kind
+    that is broken."""
     from kinema.loaders.source import Source, describe_source
 
     key = _stamp(path)
@@ -59,13 +59,9 @@ def kind_of(path: Path) -> str | None:
     try:
         kind: str | None = describe_source(source)["kind"]
     except KinemaError:
-        # describe refuses what it does not know: a weights file of LoRA matrices is an image LoRA all the same.
-        if path.is_file() and source.holds_image_lora:
-            kind = "image_lora"
-        elif path.is_file():
+        if path.is_file():
             raise
-        else:
-            kind = None
+        kind = None
     if path.is_file():  # a folder's own time stamp does not change when a file inside it does
         with _kinds_lock:
             _kinds[key] = kind

@@ -408,20 +408,36 @@ def test_a_cut_or_misfit_lora_is_one_line_and_changes_nothing(sd_folder, capfd):
     assert_same_weights(sd.unet, load_stable_diffusion(sd_folder).unet)
 
 
-def test_a_domain_adapter_is_named_where_a_motion_module_is_expected(sd_folder, tmp_path):
+def test_image_loras_are_described_and_named_where_a_motion_module_is_expected(sd_folder, tmp_path):
     import kinema.loaders
 
+    sd = load_stable_diffusion(sd_folder)
     path = tmp_path / "adapter.safetensors"
-    save_file(domain_adapter(load_stable_diffusion(sd_folder).unet), path)
+    save_file(domain_adapter(sd.unet), path)
+    report = kinema.loaders.describe(path)
+    attentions = sum(name.endswith((".attn1", ".attn2")) for name, _ in sd.unet.named_modules())
+    assert {key: report[key] for key in ("kind", "format", "layers", "rank", "alpha", "motion_lora_too")} == {
+        "kind": "image_lora", "format": "animatediff_domain_adapter", "layers": {"unet": 4 * attentions,
+        "text_encoder": 0}, "rank": 4, "alpha": "none: alpha = rank", "motion_lora_too": False}
+    kohya = tmp_path / "style.safetensors"
+    save_file(kohya_lora(), kohya)
+    assert kinema.loaders.describe(kohya)["layers"] == {"unet": 2, "text_encoder": 4}
+    assert kinema.loaders.describe(kohya)["alpha"] == "per layer (.alpha keys)"
+    from kinema.loaders.animatediff.load import load_motion_module
+
     with pytest.raises(KinemaError, match=r"looks like AnimateDiff v3's domain adapter .* generate --lora"):
-        kinema.loaders.describe(path)
+        load_motion_module(path, sd.unet)
+    fused, reference = kinema.loaders.load(path, sd=load_stable_diffusion(sd_folder), strength=0.5), sd
+    load_spatial_lora(reference, path, scale=0.5)
+    assert_same_weights(fused.unet, reference.unet)
 
 
 def test_lora_layers_that_do_not_fit_are_refused(sd_folder):
     sd = load_stable_diffusion(sd_folder)
     lora = kohya_lora()
     lora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(4, 48)
-    with pytest.raises(KinemaError, match="could not read.*size mismatch for down_blocks.0.attentions.0"):
+    with pytest.raises(KinemaError, match=r"do not fit this SD1.5 model: down_blocks.0.attentions.0.* is \[4, 48\] in "
+                                          r"the LoRA and \[4, 32\] in the model"):
         load_spatial_lora(sd, lora)
     extra = kohya_lora()
     extra["lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)

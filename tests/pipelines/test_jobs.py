@@ -362,8 +362,9 @@ def test_a_path_that_is_no_generation_model_is_refused_before_loading(tmp_path, 
     for model, message in (
             ("/////", f"job: model /: not a format kinema knows: looked for {looked}; {words}"),
             ("empty", f"job: model {tmp_path / 'empty'}: not a format kinema knows: looked for {looked}; {words}"),
-            (str(sd_model["motion_module"]), f"job: model {sd_model['motion_module']} is a motion_module, not a model "
-                                             f"to generate with; {words}"),
+            (str(sd_model["motion_module"]), f"job: model {sd_model['motion_module']} is not a model to generate "
+                                             "with (it is: AnimateDiff motion module (file or diffusers MotionAdapter "
+                                             f"folder)); {words}"),
             (str(tiny / "transformer"), f"job: model {tiny / 'transformer'} is an EasyAnimate transformer alone; "
                                         "generation needs the whole V3 folder (transformer/, vae/ and a text encoder)"),
     ):

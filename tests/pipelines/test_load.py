@@ -223,12 +223,12 @@ BAD = {
     "unknown dtype": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"], "dtype": "fp8"}),
                       "unknown dtype 'fp8'; known dtypes: float32, bfloat16, float16"),
     "motion module as model": (lambda f: ((f["motion_module"],), {}),
-                               "is a motion_module, not a model to generate with: give a Stable Diffusion 1.5"),
-    "LoRA as model": (lambda f: ((f["kohya"],), {}), "not a format kinema knows.*it looks like a LoRA for Stable "
-                                                     "Diffusion images .kohya/civitai layout., which kinema applies "
-                                                     "with generate --lora"),
+                               r"is not a model to generate with \(it is: AnimateDiff motion module .*\): give a "
+                               "Stable Diffusion 1.5"),
+    "LoRA as model": (lambda f: ((f["kohya"],), {}), r"style.safetensors is not a model to generate with \(it is: "
+                                                     r"image LoRA for SD1.5 .*\): give a Stable Diffusion 1.5 folder"),
     "LoRA as motion module": (lambda f: ((f["folder"],), {"motion_module": f["motion_lora"]}),
-                              "pan_left.safetensors is a motion_lora, not a motion module"),
+                              "pan_left.safetensors is not a motion module .it is: motion LoRA."),
     "motion module as LoRA": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
                                                           "loras": [(f["motion_module"], 1.0)]}),
                               r"mm_v2.safetensors is not a LoRA \(it is a motion_module\)"),
