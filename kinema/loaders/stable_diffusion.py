@@ -68,6 +68,8 @@ from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, res
 from kinema.models.precision import cast_module
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
 
+logger = logging.getLogger(__name__)
+
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
 # Key prefixes of the three networks inside an LDM single file; everything else there is training state (EMA copies,
 # noise-schedule buffers, and the VAE's training loss `first_stage_model.loss.*`), listed in `ignored_keys`.
@@ -581,9 +583,10 @@ def load_image_lora_source(source: Source, *, sd: Any = None, strength: float = 
                           "sd=, e.g. kinema.load(lora, sd=kinema.load(sd15_folder))")
     image = [name for name in source.names if MOTION_MODULE_NAME not in name]
     try:
-        load_spatial_lora(sd, source.read(image), scale=strength, metadata=source.layout[1])
+        counts = load_spatial_lora(sd, source.read(image), scale=strength, metadata=source.layout[1])
     except KinemaError as err:
         raise naming(source.path, err) from None
+    logger.info("image LoRA %s changed %s layers", source.path, counts)
     return sd
 
 

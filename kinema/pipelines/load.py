@@ -332,15 +332,8 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     components = _load_described(source, "stable_diffusion", **options)
     for lora_path, weight, lora_source, lora_kind in kinds:
         if lora_kind in ("spatial", "both"):  # into the 2D weights, which inflating copies
-            from kinema.loaders.stable_diffusion import load_spatial_lora
-
-            image_part = [key for key in lora_source.names if MOTION_MODULE_NAME not in key]
-            try:
-                counts = load_spatial_lora(components, lora_source.read(image_part), scale=weight,
-                                           metadata=lora_source.layout[1])
-            except KinemaError as err:
-                raise naming(lora_path, err) from None
-            logger.info("fused image LoRA %s at %g (%s)", lora_path, weight, counts)
+            _load_described(lora_source, "image_lora", sd=components, strength=weight)
+            logger.info("fused image LoRA %s at %g", lora_path, weight)
     video_unet = _load_described(motion_source, "motion_module", unet=components.unet, **overrides)
     logger.info("inflated the UNet with motion module %s (%s%s)", motion_path, motion_report.get("version"),
                 ", settings from kinema.json" if overrides else "")
