@@ -39,8 +39,11 @@ from kinema.sniff import sniff
 _TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
-# Names of a LoRA's down matrices: kohya/civitai, peft/diffusers, and AnimateDiff's attention-processor form.
-IMAGE_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".down.weight")
+# The down and up matrix names of one LoRA layer: kohya/civitai, peft/diffusers, and AnimateDiff's
+# attention-processor form (motion LoRAs and AnimateDiff v3's domain adapter).
+LORA_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+              (".down.weight", ".up.weight"))
+IMAGE_LORA_DOWN = tuple(down for down, _ in LORA_PAIRS)
 # What every motion-module tensor name holds, in every layout (motion LoRAs included).
 MOTION_MODULE_NAME = ".motion_modules."
 

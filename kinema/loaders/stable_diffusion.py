@@ -63,7 +63,7 @@ from kinema.loaders.checkpoint_io import (
     find_weights,
     read_checkpoint,
 )
-from kinema.loaders.source import IMAGE_LORA_DOWN, Source
+from kinema.loaders.source import IMAGE_LORA_DOWN, LORA_PAIRS, MOTION_MODULE_NAME, Source
 from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
 from kinema.models.precision import cast_module
 from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
@@ -490,9 +490,6 @@ _PEFT_UP = re.compile(r"\.(?:lora_B(?:\.[\w-]+)?|lora\.up|lora_linear_layer\.up)
 _NOTICES = {"diffusers.loaders.lora_base": ("No LoRA keys associated to",),
             "diffusers.loaders.peft": ("No LoRA keys associated to", "was unsuccessful with the following error"),
             "transformers.utils.import_utils": ("requires torchvision (not installed)",)}
-# Down and up matrix names of one layer, in each naming a LoRA file may use.
-_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-          (".down.weight", ".up.weight"))
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
                             r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
@@ -503,14 +500,14 @@ def _not_a_notice(record: logging.LogRecord) -> bool:
 
 @contextmanager
 def _without_lora_notices() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _NOTICES]
-    for logger in loggers:
-        logger.addFilter(_not_a_notice)
+    noisy = [logging.getLogger(name) for name in _NOTICES]
+    for library_logger in noisy:
+        library_logger.addFilter(_not_a_notice)
     try:
         yield
     finally:
-        for logger in loggers:
-            logger.removeFilter(_not_a_notice)
+        for library_logger in noisy:
+            library_logger.removeFilter(_not_a_notice)
 
 
 def _check_pairs(state: Mapping[str, torch.Tensor]) -> None:
@@ -518,7 +515,7 @@ def _check_pairs(state: Mapping[str, torch.Tensor]) -> None:
     which diffusers would apply the complete pairs alone, or fail with an IndexError."""
     alone = []
     for key in state:
-        for down, up in _PAIRS:
+        for down, up in LORA_PAIRS:
             if key.endswith(down) or key.endswith(up):
                 partner = key[:-len(down)] + up if key.endswith(down) else key[:-len(up)] + down
                 if partner not in state:
@@ -550,7 +547,6 @@ def describe_image_lora(source: Source) -> dict[str, Any] | None:
     if not source.holds_image_lora:
         return None
     from kinema.loaders.animatediff.motion_lora_keys import adapter_alpha
-    from kinema.loaders.source import MOTION_MODULE_NAME
 
     tensors, metadata = source.layout
     image = {name: tensor for name, tensor in tensors.items() if MOTION_MODULE_NAME not in name}
@@ -576,8 +572,6 @@ def load_image_lora_source(source: Source, *, sd: Any = None, strength: float = 
     """The image LoRA fused into `sd` (Stable Diffusion components, e.g. `kinema.load(sd15_folder)`) at
     `strength`; returns `sd`. A motion LoRA in the same file is left out (it needs the inflated video UNet:
     `kinema generate --lora` applies both)."""
-    from kinema.loaders.source import MOTION_MODULE_NAME
-
     if not isinstance(sd, StableDiffusionComponents):
         raise KinemaError(f"{source.path} is an image LoRA, which changes a Stable Diffusion model's weights: pass "
                           "sd=, e.g. kinema.load(lora, sd=kinema.load(sd15_folder))")

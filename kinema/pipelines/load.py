@@ -74,24 +74,25 @@ def _load_described(source: Any, kind: str, **options: Any) -> Any:
 
 
 def _lora_kind(path: Path) -> tuple[Any, str]:
-    """`(source, kind)` for a LoRA file: "motion" for a motion LoRA by the registry's own describer (which raises for
-    a malformed one); "spatial" for a file of LoRA matrices on the image layers; "both" for one with LoRA matrices
-    on the image layers and motion-module tensors (kinema's `lora.targets: all` export, diffusers' save of such a
-    LoRA), whose two parts are applied as each kind is."""
-    from kinema.loaders.animatediff.formats import describe_motion_lora_source
-    from kinema.loaders.source import Source
+    """`(source, kind)` for a LoRA file, by the format registry: "motion" for a motion LoRA; "spatial" for an image
+    LoRA; "both" for an image LoRA with a motion LoRA beside it in one file (kinema's `lora.targets: all` export,
+    diffusers' save of such a LoRA), whose two parts are applied as each kind is. A malformed LoRA gets its
+    describer's error; anything else is refused as not a LoRA."""
+    from kinema.loaders.source import Source, describe_source
 
     source = Source(path)
-    if source.holds_image_lora:
-        return source, "both" if source.holds_motion_weights else "spatial"
-    if describe_motion_lora_source(source) is not None:
-        return source, "motion"
     try:
-        import kinema.loaders
-
-        found = f"it is a {kinema.loaders.describe(path)['kind']}"
+        report = describe_source(source)
     except KinemaError as err:
+        if source.holds_image_lora or source.holds_motion_weights:
+            raise  # a LoRA (or motion module) that is broken: its describer says how
         found = str(err).removeprefix(f"{path}: ")
+    else:
+        if report["kind"] == "motion_lora":
+            return source, "motion"
+        if report["kind"] == "image_lora":
+            return source, "both" if report["motion_lora_too"] else "spatial"
+        found = f"it is a {report['kind']}"
     raise KinemaError(f"{path} is not a LoRA ({found}); --lora takes motion LoRAs and SD1.5 image LoRAs")
 
 
