@@ -49,11 +49,13 @@ CASE_OPTION = "--case"
 def peak_rss_bytes() -> int:
     """This process's resident-memory high-water mark so far, in bytes: getrusage's, or the kernel's VmHWM where
     that is higher. The kernel updates the two at different moments (a CI run read VmHWM 56 KiB above
-    ru_maxrss), and a case's own peak, measured with kinema.memory's VmHWM, must not exceed the whole process's."""
-    from kinema.memory import peak_memory_bytes
-
+    ru_maxrss), and a case's own peak, measured with kinema.memory's VmHWM, must not exceed the whole process's.
+    VmHWM is read only where the case imported kinema.memory: importing it here would import torch and raise the
+    high-water mark being read."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(peak if sys.platform == "darwin" else peak * 1024, peak_memory_bytes())  # KiB on Linux
+    peak = peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux
+    memory = sys.modules.get("kinema.memory")
+    return max(peak, memory.peak_memory_bytes()) if memory is not None else peak
 
 
 def ratios_to(reference: Mapping[str, Any], figures: Mapping[str, Any]) -> dict[str, float]:
