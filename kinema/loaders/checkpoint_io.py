@@ -201,14 +201,21 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def check_float_weights(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+def check_weight_values(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """One KinemaError line when a file whose every tensor is a weight (a motion module, a LoRA) holds integer or
-    boolean tensors: cast to int8, say, it would load as a model of garbage without a word."""
+    boolean tensors (cast to int8, say, it would load as a model of garbage without a word) or NaN or infinity
+    (which would surface only as a video of NaN after every sampling step). Meta tensors (a safetensors header read
+    without data) are checked for their dtype only."""
     odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if not t.is_floating_point()})
     if odd:
         example = next(name for name, t in tensors.items() if not t.is_floating_point())
         raise KinemaError(f"{what} holds {', '.join(odd)} tensors (e.g. {example}); kinema reads float16, bfloat16 "
                           "and float32 weights: use the original file, not a quantised or converted copy")
+    for name, tensor in tensors.items():
+        if not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise KinemaError(f"{what} holds NaN or infinite values ({bad} in {name}); the file is damaged or was "
+                              "saved from a training run that diverged: use a good copy")
 
 
 def dtype_report(dtypes: Iterable[str]) -> str:

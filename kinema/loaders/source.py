@@ -28,7 +28,7 @@ from kinema.loaders.checkpoint_io import (
     SAFETENSORS_DTYPES,
     SUPPORTED_SUFFIXES,
     Checkpoint,
-    check_float_weights,
+    check_weight_values,
     read_checkpoint,
     tensor_names,
 )
@@ -162,7 +162,7 @@ def describe_source(source: Source) -> dict[str, Any]:
         report = entry.function("describe")(source)
         if report is not None:
             if report.get("kind") in _WEIGHTS_ONLY_KINDS and source.is_weights_file:
-                check_float_weights(source.layout[0], f"{path} (a {report['kind'].replace('_', ' ')})")
+                check_weight_values(source.layout[0], f"{path} (a {report['kind'].replace('_', ' ')})")
             return {"path": str(path), **report}
     from kinema.fileio import RUN_FILE, RUN_KIND, kind_words, output_kind
 

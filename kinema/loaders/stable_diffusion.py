@@ -57,7 +57,7 @@ from kinema.errors import KinemaError, naming, shorten
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import (
     WeightFiles,
-    check_float_weights,
+    check_weight_values,
     check_weights_file,
     dtype_report,
     find_weights,
@@ -618,7 +618,7 @@ def load_spatial_lora(
     if isinstance(lora, (str, os.PathLike)):
         checkpoint = read_checkpoint(lora)
         lora, metadata = checkpoint.tensors, checkpoint.metadata
-    check_float_weights(lora, "the image LoRA")
+    check_weight_values(lora, "the image LoRA")
     _check_pairs(lora)
     state = _alpha_folded(_peft_names(lora), metadata)
     downs = sum(k.endswith(IMAGE_LORA_DOWN) for k in state)

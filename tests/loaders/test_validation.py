@@ -9,6 +9,7 @@ not from kinema.
 """
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -402,6 +403,37 @@ def test_weights_cast_to_integers_are_refused(tmp_path):
         load_spatial_lora(None, as_int8(kohya_lora(seed=0, rank=4, alpha=2.0)))
     save_file({k: v.half() for k, v in original_motion_state_dict("v2", (32, 64)).items()}, tmp_path / "half.ckpt")
     assert kinema.describe(tmp_path / "half.ckpt")["kind"] == "motion_module"  # float16 stays welcome
+
+
+def test_weights_holding_nan_or_infinity_are_refused_before_any_sampling(tmp_path, sd_model):
+    # A NaN-valued LoRA once loaded, sampled every step and stopped only at the NaN check after sampling.
+    from safetensors.torch import save_file
+    from tiny_sd import kohya_lora, published_motion_lora
+    from tiny_sd import module_prefixes as prefixes
+
+    import kinema
+    from kinema.loaders.stable_diffusion import load_spatial_lora
+    from kinema.pipelines.load import load_family
+
+    def spoiled(tensors, value):
+        name = sorted(tensors)[1]
+        return {k: v.clone().index_fill_(0, torch.tensor([0]), value) if k == name else v for k, v in tensors.items()}
+
+    save_file(spoiled(original_motion_state_dict("v2", (32, 64)), math.nan), tmp_path / "mm.safetensors")
+    motion_lora = spoiled(published_motion_lora(dict(prefixes((32, 64), True)), rank=4, seed=0), math.inf)
+    save_file(motion_lora, tmp_path / "ml.safetensors")
+    torch.save(motion_lora, tmp_path / "ml.ckpt")
+    # describe reads a torch pickle whole (a safetensors file only as far as its header): it checks the values too.
+    with pytest.raises(KinemaError, match=r"ml.ckpt \(a motion lora\) holds NaN or infinite values \([0-9]+ in "
+                                          r".*\); the file is damaged"):
+        kinema.describe(tmp_path / "ml.ckpt")
+    # What `kinema generate --motion-module ... --lora ...` loads, before any sampling.
+    with pytest.raises(KinemaError, match=r"mm.safetensors: the motion module holds NaN or infinite values"):
+        load_family(sd_model["path"], motion_module=tmp_path / "mm.safetensors")
+    with pytest.raises(KinemaError, match=r"the motion LoRA holds NaN or infinite values"):
+        load_family(sd_model["path"], motion_module=sd_model["motion_module"], loras=[(tmp_path / "ml.safetensors", 1)])
+    with pytest.raises(KinemaError, match="the image LoRA holds NaN or infinite values"):
+        load_spatial_lora(None, spoiled(kohya_lora(seed=0, rank=4, alpha=2.0), -math.inf))
 
 
 @pytest.mark.parametrize(("setting", "value", "words"), [

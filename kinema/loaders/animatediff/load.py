@@ -19,7 +19,7 @@ from kinema.fileio import read_json_object
 from kinema.loaders.animatediff.detect import MotionModuleInfo, detect_motion_module, motion_settings
 from kinema.loaders.animatediff.keys import rename_state_dict
 from kinema.loaders.animatediff.structure import check_frame_tables, names_of, split_pe
-from kinema.loaders.checkpoint_io import Checkpoint, find_weights
+from kinema.loaders.checkpoint_io import Checkpoint, check_weight_values, find_weights
 from kinema.loaders.source import Source
 from kinema.models.video_unet import VideoUNet
 from kinema.state_dicts import load_strict
@@ -78,6 +78,7 @@ def read_motion_module(source: str | os.PathLike | Source) -> MotionModuleFile:
             checkpoint, config = described.checkpoint, None
             metadata, dropped = checkpoint.metadata, checkpoint.dropped
         info = detect_motion_module(checkpoint.tensors, metadata, config)
+        check_weight_values(checkpoint.tensors, "the motion module")
         state_dict = to_kinema_motion_state_dict(checkpoint.tensors, info)
     except KinemaError as err:
         raise naming(path, err) from None

@@ -40,7 +40,7 @@ from kinema.loaders.animatediff.motion_lora_keys import (
     parse_motion_lora,
     summarize_motion_lora,
 )
-from kinema.loaders.checkpoint_io import read_checkpoint
+from kinema.loaders.checkpoint_io import check_weight_values, read_checkpoint
 from kinema.models.video_unet import VideoUNet
 from kinema.state_dicts import problems_phrase
 
@@ -293,6 +293,8 @@ def load_motion_lora(
     if isinstance(lora, (str, os.PathLike)):
         checkpoint = read_checkpoint(lora)
         state_dict, metadata = checkpoint.tensors, checkpoint.metadata
+    check_weight_values(state_dict, f"{lora} (a motion LoRA)" if isinstance(lora, (str, os.PathLike)) else
+                        "the motion LoRA")
     parsed = parse_motion_lora(state_dict, metadata)
     _check_fits(video_unet.unet, parsed)
     entry = _Loaded(parsed, strength, bool(merge))
