@@ -92,14 +92,14 @@ CONFIG_HELP = (
     "JSON/YAML file (docs/configs.md). Writes one subfolder of videos per prompt into -o OUT_DIR (default "
     "out/<config name>/) and OUT_DIR/config.yaml, the config with the seeds used, which makes the same videos again. "
     "--steps, --frames, --height, --width, --guidance, --scheduler, --fps, --dtype, --tokenizer, --motion-scale, "
-    "--motion-effect and --timestep-spacing apply to every entry (and are written into config.yaml); other options "
-    "belong in the file"
+    "--motion-effect, --timestep-spacing and --freeu apply to every entry (and are written into config.yaml); other "
+    "options belong in the file"
 )
 # kinema generate --config: options set for every entry, as the config keys they become.
 CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W", "guidance": "guidance_scale",
                     "scheduler": "scheduler", "fps": "fps", "dtype": "dtype", "tokenizer": "tokenizer",
                     "motion_scale": "motion_scale", "motion_effect": "motion_effect",
-                    "timestep_spacing": "timestep_spacing"}
+                    "timestep_spacing": "timestep_spacing", "freeu": "freeu"}
 # ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
 # Every value option's parser default is None, so that one given at its effective default is still seen.
 NOT_WITH_CONFIG: dict[str, Any] = {
@@ -141,6 +141,25 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 number = checked_number(float, "a number", math.isfinite, "a finite number")
 unit_fraction = checked_number(float, "a number", lambda value: 0 < value <= 1, "a number in (0, 1]")
+
+
+def freeu_factors(text: str) -> Any:
+    """--freeu: "on" (`FreeUSettings()`, Stable Diffusion 1.5's factors) or B1,B2,S1,S2 -> FreeUSettings."""
+    from kinema.pipelines.request import FreeUSettings
+
+    if text.strip().lower() == "on":
+        return FreeUSettings()
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected on, or four numbers B1,B2,S1,S2 (e.g. 1.5,1.6,0.9,0.2), got "
+                                         f"{text!r}")
+    try:
+        return FreeUSettings(*values)
+    except KinemaError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ---------------------------------------------------------------- the commands
@@ -309,6 +328,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--motion-effect", type=number, metavar="F",
                        help="factor on what the motion modules add, as ComfyUI-AnimateDiff's effect: 0 makes each "
                             "frame its own picture, 0.5 half the motion (default 1: as trained)")
+    group.add_argument("--freeu", type=freeu_factors, metavar="on|B1,B2,S1,S2",
+                       help="FreeU, for AnimateDiff (UNet) models: B1, B2 multiply half the backbone features of the "
+                            "two deepest up blocks, S1, S2 the low frequencies of their skip features; on: Stable "
+                            "Diffusion 1.5's factors, 1.5,1.6,0.9,0.2 (default off)")
 
 
 def _add_context_options(parser: argparse.ArgumentParser) -> None:
@@ -425,10 +448,10 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
 def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
                        input_video: bool = False) -> None:
     """What the model folder cannot take, from its configs read once (`check_model_request`): the frame count, the
-    size, and a motion module, LoRA or tokenizer given with an EasyAnimate model."""
+    size, and a motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model."""
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
-                        input_video=input_video)
+                        input_video=input_video, freeu=getattr(args, "freeu", None) is not None)
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -466,7 +489,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     shared: dict[str, Any] = dict(
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
-        timestep_spacing=args.timestep_spacing,
+        timestep_spacing=args.timestep_spacing, freeu=args.freeu,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
@@ -505,8 +528,9 @@ def _check_config(args: argparse.Namespace) -> None:
     if given:
         raise KinemaError(f"{given[0]} cannot be combined with --config; set it in the config file (see "
                           "docs/configs.md)")
-    overrides = {key: getattr(args, option) for option, key in CONFIG_OVERRIDES.items()
-                 if getattr(args, option) is not None}
+    # Values as the file would hold them: FreeU's factors as a mapping.
+    overrides = {key: vars(value) if key == "freeu" else value for option, key in CONFIG_OVERRIDES.items()
+                 if (value := getattr(args, option)) is not None}
     args.config_run = read_config(args.config, overrides=overrides)
     args.output = Path(args.output) if args.output is not None else DEFAULT_OUTPUT_FOLDER / slug(Path(args.config).stem)
     if args.output.suffix:

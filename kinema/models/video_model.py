@@ -53,6 +53,8 @@ class VideoModel:
 
     # How to fix motion-module weights that do not fit, said after the mismatch; hosts name their own versions.
     motion_mismatch_advice = "Check that the motion weights come from a model of the same kind and size"
+    # Whether `kinema.models.freeu` acts on this model (UNets: FreeU rebalances their backbone and skip features).
+    supports_freeu = False
 
     def motion_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """`(name, module)` for every motion module; the host says where they are."""

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kinema.errors import KinemaError
+from kinema.models.freeu import install_freeu_hooks
 from kinema.models.motion import (
     NormMode,
     build_motion_module,
@@ -203,6 +204,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
     """
 
     _supports_gradient_checkpointing = True
+    supports_freeu = True  # kinema.models.freeu's hooks, installed in __init__
     motion_mismatch_advice = ("Check that the motion module version (v1/v2/v3, mid block, SD1.5 vs SDXL) matches "
                               "the base UNet")
 
@@ -227,6 +229,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
             slot.after.register_forward_hook(MotionHook(module))
         if resnet_norm_mode == "across_frames":
             self._norm_across_frames()
+        install_freeu_hooks(self.unet)
 
     def _norm_across_frames(self) -> None:
         for name, module in list(self.unet.named_modules()):

@@ -27,9 +27,16 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
+from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.request import OUTPUT_TYPES, GenerationRequest, check_video_holds_overlap, overlap_error
+from kinema.pipelines.request import (
+    OUTPUT_TYPES,
+    GenerationRequest,
+    check_video_holds_overlap,
+    freeu_error,
+    overlap_error,
+)
 from kinema.sampling.denoisers import Denoiser
 from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
 from kinema.sampling.schedulers import check_timestep_spacing, make_scheduler
@@ -180,6 +187,8 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
         return _Plan(frames, family.latent_frames(frames), scheduler, height, width, steps, guidance, context,
                      continuation)
 
+    if request.freeu is not None and not family.model.supports_freeu:
+        raise freeu_error(family.name)
     mode = request.mode
     if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
         raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "
@@ -231,7 +240,7 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
     offloaded = _offload(family) if request.offload else []
     try:
-        with motion_strength(request.motion_scale, request.motion_effect):
+        with motion_strength(request.motion_scale, request.motion_effect), freeu(request.freeu):
             yield
     finally:
         family.model.set_attention_chunk_size(None)
@@ -370,6 +379,8 @@ def _not_finite(family: VideoFamily, request: GenerationRequest) -> KinemaError:
     if (request.motion_scale, request.motion_effect) != (1.0, 1.0):
         causes.append(f"the motion scale {request.motion_scale:g} or effect {request.motion_effect:g} (1 and 1: as "
                       "trained)")
+    if request.freeu is not None:
+        causes.append("FreeU's factors (drop freeu, or bring them nearer 1)")
     loras = family.settings().get("loras")
     if loras:
         causes.append("a LoRA's weight or file (" + ", ".join(f"{lora['path']} at {lora['weight']:g}"

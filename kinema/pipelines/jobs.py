@@ -45,9 +45,11 @@ from kinema.pipelines.request import (
     SPEEDS,
     ContextSettings,
     FreeInitSettings,
+    FreeUSettings,
     GenerationRequest,
     check_seed,
     check_video_holds_overlap,
+    freeu_error,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -201,9 +203,10 @@ def model_shape(folder: Path) -> ModelShape | None:
 
 
 def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
-                             config: Any = None) -> None:
-    """An EasyAnimate model brings its own motion layers, tokenizer and configs: one KinemaError line for a motion
-    module, LoRA, tokenizer or config given with one (they are for Stable Diffusion 1.5 models)."""
+                             config: Any = None, freeu: bool = False) -> None:
+    """An EasyAnimate model brings its own motion layers, tokenizer and configs, and has no UNet: one KinemaError
+    line for a motion module, LoRA, tokenizer, config or FreeU given with one (they are for Stable Diffusion 1.5
+    models)."""
     if motion_module is not None:
         raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
                           "(motion modules are for Stable Diffusion 1.5 models)")
@@ -212,15 +215,17 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
     if tokenizer is not None or config is not None:
         raise KinemaError(f"{path} is an EasyAnimate folder, which brings its own tokenizer and configs; tokenizer= "
                           "and config= are for single-file SD checkpoints")
+    if freeu:
+        raise freeu_error(str(path))
 
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
-                        tokenizer: Any = None, input_video: bool = False) -> None:
+                        tokenizer: Any = None, input_video: bool = False, freeu: bool = False) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
-    motion module, LoRA or tokenizer given with an EasyAnimate model. Values left None, and models whose configs say
-    nothing, are not checked."""
+    motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose
+    configs say nothing, are not checked."""
     shape = model_shape(folder)
     if shape is None:
         return
@@ -229,7 +234,7 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
     if height is not None and width is not None:
         check_size_multiple(height, width, shape.size_multiple, shape.why)
     if shape.family == "easyanimate":
-        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
+        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -361,8 +366,8 @@ def _seeds(data: Mapping[str, Any]) -> list[int]:
 
 
 def _settings_object(value: Any, key: str, kind: type) -> Any:
-    """A ContextSettings / FreeInitSettings from a mapping of its fields (each checked against the default's
-    type)."""
+    """A ContextSettings / FreeInitSettings / FreeUSettings from a mapping of its fields (each checked against the
+    default's type)."""
     if not isinstance(value, Mapping):
         raise KinemaError(f"{key} must be an object of settings ({{...}}), got {_type_name(value)}")
     known = {f.name: f.default for f in fields(kind)}
@@ -378,7 +383,7 @@ def _settings_object(value: Any, key: str, kind: type) -> Any:
             item = _integer(item, f"{key}.{name}", minimum=0 if name == "overlap" else 1)
         elif isinstance(default, float):
             item = _number(item, f"{key}.{name}")
-            if not 0 < item <= 1:
+            if kind is FreeInitSettings and not 0 < item <= 1:  # FreeU's factors check themselves
                 raise KinemaError(f"{key}.{name} must be in (0, 1], got {item}")
         else:
             item = _choice(item, f"{key}.{name}", SETTING_CHOICES[name])
@@ -521,14 +526,14 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
                      base: str | os.PathLike | None = None) -> Job:
     """Build and check a Job from plain data (JSON body, JSONL line, YAML entry, web form).
 
-    Keys (`JOB_KEYS`): model (default kinema-tiny), motion_module, loras ([[path, weight], ...] or
-    [{"path": ..., "weight": ...}]), tokenizer, and the GenerationRequest fields (prompt, negative_prompt, frames,
-    height, width, steps, guidance, scheduler, seeds, seed (int, list, or -1 for a random one), image, end_image,
-    resize, video, strength, extend_frames, fps, context {...}, free_init (iterations, or {...}), ...). Unset
-    height/width/frames/steps/guidance/scheduler take the model's kinema.json defaults (as `kinema generate` does);
-    with an input video, the size is the video's. Relative paths resolve against `base` (default: the current
-    folder), then `models_dir`; a model name that is no path is a bundled model's. Random seeds (-1) are drawn
-    here, so job.settings() records the seeds actually used.
+    Keys (`JOB_KEYS`): model (default kinema-tiny), motion_module, loras ([[path, weight], ...] or [{"path": ...,
+    "weight": ...}]), tokenizer, and the GenerationRequest fields (prompt, negative_prompt, frames, height, width,
+    steps, guidance, scheduler, seeds, seed (int, list, or -1 for a random one), image, end_image, resize, video,
+    strength, extend_frames, fps, context {...}, free_init (iterations, or {...}), freeu (true, or {b1, b2, s1,
+    s2}), ...). Unset height/width/frames/steps/guidance/scheduler take the model's kinema.json defaults (as `kinema
+    generate` does); with an input video, the size is the video's. Relative paths resolve against `base` (default:
+    the current folder), then `models_dir`; a model name that is no path is a bundled model's. Random seeds (-1) are
+    drawn here, so job.settings() records the seeds actually used.
 
     Raises KinemaError with one line starting with `where`: unknown key (naming the nearest valid key), wrong type,
     missing model/motion-module/LoRA/image file, a model path that is no model kinema generates with (sniffed or
@@ -582,6 +587,14 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given["free_init"] = (FreeInitSettings(iterations=_integer(free_init, "free_init"))
                               if not isinstance(free_init, Mapping)
                               else _settings_object(free_init, "free_init", FreeInitSettings))
+    freeu = data.get("freeu")
+    if freeu is True:
+        given["freeu"] = FreeUSettings()
+    elif freeu is not None and freeu is not False:
+        if not isinstance(freeu, Mapping):
+            raise KinemaError(f"freeu must be true (Stable Diffusion 1.5's factors), false, or an object of factors "
+                              f"({{\"b1\": 1.5, \"b2\": 1.6, \"s1\": 0.9, \"s2\": 0.2}}), got {_type_name(freeu)}")
+        given["freeu"] = _settings_object(freeu, "freeu", FreeUSettings)
     image_sizes: dict[str, tuple[int, int]] = {}
     for key, what in _FILE_FIELDS.items():
         if data.get(key) is not None:
@@ -618,7 +631,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         if request.extend_frames is not None:
             check_video_holds_overlap(have, request.overlap_frames or 0)
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
-                        loras=loras, tokenizer=tokenizer, input_video=video is not None)
+                        loras=loras, tokenizer=tokenizer, input_video=video is not None,
+                        freeu=request.freeu is not None)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):

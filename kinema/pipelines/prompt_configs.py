@@ -19,7 +19,8 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
     steps, guidance_scale, scheduler, W / width, H / height, L / length, fps (or output: {fps})
     context (a length, or kinema's context settings {...}), overlap, stride     context windows
     tokenizer, dtype, name            kinema's: an SD1.5 single file's tokenizer, precision, the entry's name
-    motion_scale, motion_effect, timestep_spacing   kinema's sampling settings (kinema generate's options)
+    motion_scale, motion_effect, timestep_spacing, freeu   kinema's sampling settings (kinema generate's options;
+                                      freeu: true, or {b1, b2, s1, s2})
 
 Keys kinema has no use for (AnimateDiff's inference_config, controlnet_*; prompt travel's
 controlnet_map, ip_adapter_map, clip_skip, vae_path, ...) are accepted with one warning naming those set; any other
@@ -57,7 +58,7 @@ DEFAULT_ADAPTER_SCALE = 1.0  # animatediff/utils/util.py load_weights: adapter_l
 MODEL_KEYS = ("model", "dreambooth_path", "path", "base")
 SCHEDULE_KEYS = ("head_prompt", "prompt_map", "tail_prompt")
 # kinema's own sampling settings, spelt as its job keys (and as kinema generate's options with `-` for `_`).
-_KINEMA_SAMPLING_KEYS = ("motion_scale", "motion_effect", "timestep_spacing")
+_KINEMA_SAMPLING_KEYS = ("motion_scale", "motion_effect", "timestep_spacing", "freeu")
 ENTRY_KEYS: tuple[str, ...] = (
     *MODEL_KEYS, "motion_module", "motion_module_lora_configs", "lora_model_path", "lora_alpha", "adapter_lora_path",
     "adapter_lora_scale", "lora_map", "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed",
@@ -343,7 +344,7 @@ def read_config(path: str | os.PathLike, *, overrides: Mapping[str, Any] | None 
     """Read and check the prompt config `path` into its runs (random seeds drawn now), without loading a model.
 
     `overrides` are entry keys (`OVERRIDE_KEYS`: steps, L, H, W, guidance_scale, scheduler, fps, dtype, tokenizer,
-    motion_scale, motion_effect, timestep_spacing)
+    motion_scale, motion_effect, timestep_spacing, freeu)
     set on every entry, as `kinema generate --config --steps 4` does; they are recorded in `used`. Logs one
     warning naming the keys set that kinema ignores. Raises one KinemaError line for a malformed file (with line
     and column), an unknown key (naming the nearest valid one), a wrong value, or a missing file.

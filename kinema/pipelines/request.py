@@ -88,6 +88,33 @@ class FreeInitSettings:
     order: int = 4
 
 
+def freeu_error(model: str) -> KinemaError:
+    """The one refusal of FreeU for a model without UNet skip features (an EasyAnimate diffusion transformer)."""
+    return KinemaError(f"FreeU rebalances a UNet's backbone and skip features, and {model} is a diffusion "
+                       "transformer, which has no skip features to rebalance; drop freeu (--freeu), which works with "
+                       "AnimateDiff models")
+
+
+@dataclass(frozen=True)
+class FreeUSettings:
+    """FreeU (kinema.models.freeu): in a UNet's two deepest up blocks, `b1` / `b2` multiply half the backbone
+    channels and `s1` / `s2` the lowest frequencies of the skip features. The defaults are those diffusers' docs give
+    for Stable Diffusion 1.5 (the FreeU authors' table)."""
+
+    b1: float = 1.5
+    b2: float = 1.6
+    s1: float = 0.9
+    s2: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            # `not (...)`, so that NaN, which fails every comparison, is refused too.
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value)
+                                                                                   and value > 0):
+                raise KinemaError(f"FreeU factor {name} must be a finite number above 0, got {value!r} (1 leaves "
+                                  "that part as trained; to turn FreeU off, leave it unset)")
+
+
 def check_seed(seed: int, also: str = "") -> None:
     """One KinemaError line for a seed torch.Generator does not take; `also` adds to the range the message gives
     (jobs: ", or -1 for a random one")."""
@@ -138,6 +165,7 @@ class GenerationRequest:
             motion scale; 1: as trained).
         motion_effect: factor on the motion modules' residual (ComfyUI-AnimateDiff's effect; 0: each frame its own
             picture, 1: as trained).
+        freeu: FreeU's backbone and skip factors for UNet models (AnimateDiff family; None: off).
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
@@ -176,6 +204,7 @@ class GenerationRequest:
     free_init: FreeInitSettings | None = None
     motion_scale: float = 1.0
     motion_effect: float = 1.0
+    freeu: FreeUSettings | None = None
     dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
@@ -240,6 +269,9 @@ class GenerationRequest:
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use {' or '.join(INTERPOLATIONS)}")
         check_timestep_spacing(self.timestep_spacing, self.scheduler)
         check_motion_strength(self.motion_scale, self.motion_effect)
+        if self.freeu is not None and not isinstance(self.freeu, FreeUSettings):
+            raise KinemaError(f"freeu must be FreeUSettings(b1=..., b2=..., s1=..., s2=...) or None, got "
+                              f"{self.freeu!r}")
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
         if not 0 < self.strength <= 1:

@@ -23,7 +23,7 @@ from kinema.cli.generate import (
     slug,
 )
 from kinema.errors import KinemaError
-from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
+from kinema.pipelines.request import ContextSettings, FreeInitSettings, FreeUSettings, GenerationRequest
 
 COMMANDS = ("generate", "v2v", "extend", "decode")
 
@@ -111,7 +111,7 @@ def test_options_become_the_request(model_files):
         str(root / "start.png"), "--end-image", str(root / "end.png"), "--resize", "--dtype", "bfloat16",
         "--context-length", "12", "--context-overlap", "2", "--closed-loop", "--fuse", "pyramid", "--free-init", "2",
         "--interpolation", "slerp", "--vae-tiling", "--decode-chunk", "4", "--attention-chunk", "64", "--offload",
-        "--fps", "12", "-o", str(root / "runs" / "travel.webm"),
+        "--fps", "12", "--freeu", "1.2,1.4,0.9,0.2", "-o", str(root / "runs" / "travel.webm"),
     ])
     assert args.request == GenerationRequest(
         prompt={"0": "a cat", "8": "a dog"}, negative_prompt="blurry", frames=24, height=256, width=384, steps=9,
@@ -119,7 +119,7 @@ def test_options_become_the_request(model_files):
         end_image=str(root / "end.png"), resize=True,
         context=ContextSettings(length=12, overlap=2, closed_loop=True, fuse="pyramid"), interpolation="slerp",
         free_init=FreeInitSettings(iterations=2), dtype="bfloat16", vae_tiling=True, decode_chunk=4,
-        attention_chunk=64, offload=True, fps=12.0, overlap_frames=4)
+        attention_chunk=64, offload=True, fps=12.0, overlap_frames=4, freeu=FreeUSettings(1.2, 1.4, 0.9, 0.2))
     assert args.lora == [(str(root / "zoom.safetensors"), 0.6), (str(root / "style.safetensors"), 1.0)]
     assert args.output == root / "runs" / "travel.webm"
 
@@ -275,6 +275,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--scheduler", "magic"], "argument --scheduler: invalid choice: 'magic'"),
         (["generate", "a cat", *model, "--lora", "x:inf"], "argument --lora: the LoRA weight must be a finite number"),
         (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),
+        (["generate", "a cat", *model, "--freeu", "1.5,1.6"], "argument --freeu: expected on, or four numbers "
+                                                              "B1,B2,S1,S2 (e.g. 1.5,1.6,0.9,0.2), got '1.5,1.6'"),
+        (["generate", "a cat", *model, "--freeu", "1,1,nan,1"], "argument --freeu: FreeU factor s1 must be a finite "
+                                                                "number above 0, got nan"),
+        (["generate", "a cat", "--freeu", "on"], "kinema-tiny is a diffusion transformer, which has no skip "
+                                                 "features to rebalance; drop freeu (--freeu)"),
         (["extend", "clip.mp4", *model], "one of the arguments --frames --to is required"),
         (["extend", "clip.mp4", "--frames", "8", "--to", "32", *model], "argument --to: not allowed with argument "
                                                                           "--frames"),

@@ -100,3 +100,16 @@ def test_the_help_explains_config(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--config FILE.yaml run a prompt config instead of PROMPT" in text and "docs/configs.md" in text
+
+
+def test_freeu_applies_to_every_entry_as_the_files_mapping(tmp_path, monkeypatch):
+    from kinema.cli import build_parser
+    from kinema.pipelines.request import FreeUSettings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ad.yaml").write_text("- model: kinema-tiny-ad\n  prompt: [a red circle, a blue square]\n")
+    args = build_parser().parse_args(["generate", "--config", "ad.yaml", "--freeu", "1.2,1.4,0.9,0.2"])
+    args.check(args)
+    run = args.config_run
+    assert [r.job.request.freeu for r in run.runs] == [FreeUSettings(1.2, 1.4, 0.9, 0.2)] * 2
+    assert run.used[0]["freeu"] == {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}  # what config.yaml records

@@ -180,6 +180,21 @@ MUTATIONS = (
         ),),
         WRITE_TESTS,
     ),
+    Mutation(
+        "FreeU scales every backbone channel, not half of them",
+        "kinema/models/freeu.py",
+        ((("        half = self.backbone_channels // 2\n", "        half = self.backbone_channels\n"),),),
+        ("tests/models/test_freeu.py",),
+    ),
+    Mutation(
+        "FreeU's setting leaks across threads (read from a module global, not the run's context)",
+        "kinema/models/run_setting.py",
+        ((("        return self._value.get() if self.others_running else self.default\n",
+           "        return self._latest if self.others_running else self.default\n"),),
+         (("        token = self._value.set(value)\n",
+           "        token = self._value.set(value)\n        self._latest = value\n"),)),
+        ("tests/models/test_freeu.py", "tests/models/motion/test_temporal.py"),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

@@ -22,7 +22,7 @@ from kinema.models.video_unet import VideoUNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.easyanimate import EasyAnimateFamily
 from kinema.pipelines.generation import generate
-from kinema.pipelines.request import ContextSettings, FreeInitSettings, GenerationRequest
+from kinema.pipelines.request import ContextSettings, FreeInitSettings, FreeUSettings, GenerationRequest
 from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS
 
@@ -395,6 +395,26 @@ def test_motion_effect_zero_is_the_model_without_its_motion_modules(animatediff)
     assert torch.equal(still.frames, run(without, steps=2).frames)
     scaled = run(animatediff, steps=2, motion_scale=1.5)
     assert (scaled.frames - run(animatediff, steps=2).frames).abs().max() > 1e-4
+
+
+def test_freeu_equals_diffusers_enable_freeu_on_the_same_unet(animatediff):
+    settings = FreeUSettings(b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+    freed = run(animatediff, steps=2, freeu=settings)
+    assert freed.settings[0]["freeu"] == {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}
+    # The reference: diffusers' own FreeU, set on the blocks of the 2D UNet that kinema's video UNet runs.
+    reference = copy.deepcopy(animatediff)
+    reference.model.unet.enable_freeu(**vars(settings))
+    expected = run(reference, steps=2).frames
+    assert (freed.frames - expected).abs().max().item() <= 1e-4
+    assert (freed.frames - run(animatediff, steps=2).frames).abs().max().item() > 1e-3
+
+
+def test_freeu_with_a_diffusion_transformer_is_one_line_before_sampling(easyanimate, monkeypatch):
+    spy = spy_on(easyanimate, monkeypatch)
+    with pytest.raises(KinemaError, match=r"^FreeU rebalances a UNet's backbone and skip features, and .* is a "
+                                          r"diffusion transformer.*drop freeu \(--freeu\)"):
+        run(easyanimate, freeu=FreeUSettings())
+    assert not spy.calls
 
 
 def test_sampling_to_nan_names_the_likely_causes_before_any_decode(animatediff, monkeypatch):

@@ -25,7 +25,7 @@ from kinema.pipelines.jobs import (
     model_shape,
     run_job,
 )
-from kinema.pipelines.request import ContextSettings, GenerationRequest
+from kinema.pipelines.request import ContextSettings, FreeUSettings, GenerationRequest
 
 SMALL = {"frames": 8, "steps": 2}
 
@@ -101,6 +101,10 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "timestep_spacing": "trail"}, "job: unknown timestep_spacing 'trail'; choose one of"),
     ({"prompt": "a cat", "motion_effect": -1}, "job: motion effect must be a finite number of at least 0"),
     ({"prompt": "a cat", "motion_scale": "big"}, "job: motion_scale must be a finite number, got str 'big'"),
+    ({"prompt": "a cat", "freeu": "on"}, "job: freeu must be true (Stable Diffusion 1.5's factors), false, or an"),
+    ({"prompt": "a cat", "freeu": {"b3": 1}}, "job: freeu: unknown key 'b3'; known keys: b1, b2, s1, s2"),
+    ({"prompt": "a cat", "freeu": {"s2": 0}}, "job: FreeU factor s2 must be a finite number above 0, got 0.0"),
+    ({"prompt": "a cat", "freeu": {"s2": "x"}}, "job: freeu.s2 must be a finite number, got str 'x'"),
     ({"prompt": "a cat", "seed": 2**64}, f"job: seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
     ({"prompt": "a cat", "seed": [1, 1]}, "a seed is given more than once"),
     ({"prompt": "a cat", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
@@ -251,6 +255,19 @@ def test_the_video_size_of_a_video_job_is_the_inputs(tmp_path):
     write_video(np.zeros((8, 40, 48, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
     job = job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "strength": 0.5}, base=Path(tmp_path))
     assert (job.request.height, job.request.width, job.request.mode) == (40, 48, "video-to-video")
+
+
+def test_freeu_jobs_and_their_settings_round_trip(no_model_loads):
+    job = job_from_mapping({"prompt": "a cat", "model": "kinema-tiny-ad", "freeu": True})
+    assert job.request.freeu == FreeUSettings() and job.settings()["freeu"] == {"b1": 1.5, "b2": 1.6, "s1": 0.9,
+                                                                                  "s2": 0.2}
+    own = job_from_mapping({"prompt": "a cat", "model": "kinema-tiny-ad", "freeu": {"b1": 1.2, "s2": 0.5}})
+    assert own.request.freeu == FreeUSettings(b1=1.2, s2=0.5)
+    assert job_from_mapping(own.settings()).request == own.request
+    assert job_from_mapping({"prompt": "a cat", "model": "kinema-tiny-ad", "freeu": False}).request.freeu is None
+    # kinema-tiny is a diffusion transformer: refused from its configs, before any weights load.
+    with pytest.raises(KinemaError, match=r"^job: FreeU rebalances a UNet's .*/kinema-tiny is a diffusion"):
+        job_from_mapping({"prompt": "a cat", "freeu": True})
 
 
 def test_a_video_job_its_model_cannot_make_is_refused_before_loading(tmp_path, no_model_loads):

@@ -12,7 +12,7 @@ import yaml
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import FamilyCache
 from kinema.pipelines.prompt_configs import read_config, run_config
-from kinema.pipelines.request import ContextSettings, GenerationRequest
+from kinema.pipelines.request import ContextSettings, FreeUSettings, GenerationRequest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 SD_EXAMPLE = EXAMPLES / "sd15-realisticvision-animatediff.yaml"
@@ -93,6 +93,10 @@ def test_kinemas_sampling_settings_are_entry_keys_and_overrides(tmp_path, monkey
     assert (run.job.request.motion_effect, run.job.request.timestep_spacing) == (0.5, "trailing")
     [run] = read_config(config, overrides={"motion_scale": 1.2, "motion_effect": 0.8}).runs
     assert (run.job.request.motion_scale, run.job.request.motion_effect) == (1.2, 0.8)
+    [run] = read_config(write(tmp_path / "freeu.yaml", [{**entry, "freeu": True}])).runs
+    assert run.job.request.freeu == FreeUSettings()
+    [run] = read_config(config, overrides={"freeu": {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}}).runs
+    assert run.job.request.freeu == FreeUSettings(1.2, 1.4, 0.9, 0.2)
 
 
 def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_path, monkeypatch):

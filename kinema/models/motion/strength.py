@@ -5,17 +5,15 @@
 - `scale` multiplies the keys of every motion-module attention, so the attention logits: a softmax temperature.
   Above 1 each frame attends to fewer frames (sharper, often more motion), below 1 to more (smoother, less).
 
-Both are read from a context variable that `motion_strength` sets around a forward pass, not from the model, so one
-model can run in several threads with different strengths (kinema.models.video_model's contract).
+Both are a per-call setting (kinema.models.run_setting) that `motion_strength` sets around a forward pass, not
+stored on the model, so one model can run in several threads with different strengths.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kinema.errors import KinemaError
+from kinema.models.run_setting import RunSetting
 from kinema.pipelines.request import check_motion_strength
 
 
@@ -39,39 +38,19 @@ class MotionStrength:
 
 
 AS_TRAINED = MotionStrength()
-_STRENGTH: ContextVar[MotionStrength] = ContextVar("kinema_motion_strength", default=AS_TRAINED)
-# How many `motion_strength` blocks with another strength than AS_TRAINED run now, in all threads. torch.compile cannot
-# trace ContextVar.get (each motion attention would split the graph there), but it can guard on this number: while it
-# is 0 the variable is not read and a compiled model stays one graph.
-_OTHER_STRENGTHS = 0
-_COUNT_LOCK = threading.Lock()
-
-
-def _count_other_strengths(change: int) -> None:
-    global _OTHER_STRENGTHS
-    with _COUNT_LOCK:
-        _OTHER_STRENGTHS += change
+_STRENGTH = RunSetting("motion_strength", AS_TRAINED)
 
 
 @contextmanager
 def motion_strength(scale: float = 1.0, effect: float = 1.0) -> Iterator[None]:
     """Within this block, in this thread (or task), every motion module runs at this strength."""
-    strength = MotionStrength(scale, effect)
-    counted = strength != AS_TRAINED
-    token = _STRENGTH.set(strength)
-    if counted:
-        _count_other_strengths(1)
-    try:
+    with _STRENGTH.applied(MotionStrength(scale, effect)):
         yield
-    finally:
-        if counted:
-            _count_other_strengths(-1)
-        _STRENGTH.reset(token)
 
 
 def current_motion_strength() -> MotionStrength:
     """The strength set by the enclosing `motion_strength` (`AS_TRAINED` outside one)."""
-    return _STRENGTH.get() if _OTHER_STRENGTHS else AS_TRAINED
+    return _STRENGTH.current()
 
 
 class MotionAttnProcessor:
