@@ -188,6 +188,9 @@ def _read_pickle(path: Path) -> Checkpoint:
     if isinstance(obj.get("state_dict"), dict):
         dropped.update({f"top-level {k}": _describe_value(v) for k, v in obj.items() if k != "state_dict"})
         obj = obj["state_dict"]
+    if set(obj) == {"image_proj", "ip_adapter"} and all(isinstance(part, dict) for part in obj.values()):
+        # h94/IP-Adapter's .bin files nest their two parts; named as its .safetensors files name them.
+        obj = {f"{part}.{name}": tensor for part, tensors in obj.items() for name, tensor in tensors.items()}
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     dropped.update({str(k): _describe_value(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)})
     return Checkpoint(path, tensors, {}, dropped)

@@ -286,6 +286,17 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
                           f"({batch}, {frames}, L, D) or ({batch * frames}, L, D) with row b*F + f for frame f of "
                           "clip b")
 
+    @staticmethod
+    def _image_prompt_per_frame(unet_kwargs: dict[str, Any], batch: int, frames: int) -> dict[str, Any]:
+        """IP-Adapter image embeddings given per clip (`added_cond_kwargs["image_embeds"]`, each `(B, ...)`) repeated
+        for every frame, as diffusers' UNetMotionModel repeats them; `(B*F, ...)` ones pass as they are."""
+        added = unet_kwargs.get("added_cond_kwargs") or {}
+        if "image_embeds" not in added:
+            return unet_kwargs
+        embeds = [embed.repeat_interleave(frames, dim=0) if embed.shape[0] == batch else embed
+                  for embed in added["image_embeds"]]
+        return {**unet_kwargs, "added_cond_kwargs": {**added, "image_embeds": embeds}}
+
     def _check_latents(self, sample: torch.Tensor) -> None:
         if sample.ndim != 5:
             raise KinemaError(f"VideoUNet expects latents (B, C, F, H, W), got shape {tuple(sample.shape)}")
@@ -320,6 +331,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         batch, _, frames = sample.shape[:3]
         timestep = timesteps_per_clip(timestep, batch, sample.device)
         encoder_hidden_states = self._text_per_frame(encoder_hidden_states, batch, frames)
+        unet_kwargs = self._image_prompt_per_frame(unet_kwargs, batch, frames)
         with frames_per_clip(frames, encoder_hidden_states):
             out = self.unet(
                 rearrange(sample, "b c f h w -> (b f) c h w"),

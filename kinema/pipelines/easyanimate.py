@@ -193,16 +193,10 @@ class EasyAnimateFamily(VideoFamily):
         if self.image_encoder is None or self.image_processor is None:
             raise KinemaError("this EasyAnimate model has no CLIP image encoder; conditioning on an image needs an "
                               "InP folder with image_encoder/")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise KinemaError(f"CLIP takes images (B, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}")
-        from PIL import Image
+        from kinema.pipelines.clip_image import clip_pixels
 
-        # V3 hands the processor 8-bit PIL images: it resizes and crops those with PIL, and a float tensor would be
-        # rescaled by 1/255 a second time.
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        pil_images = [Image.fromarray(image.numpy()) for image in pixels]
         parameter = next(self.image_encoder.parameters())
-        inputs = self.image_processor(images=pil_images, return_tensors="pt").pixel_values
+        inputs = clip_pixels(self.image_processor, images)
         with torch.no_grad():
             embeds = self.image_encoder(pixel_values=inputs.to(parameter.device, parameter.dtype)).image_embeds
         return embeds.float()

@@ -65,9 +65,18 @@ class Denoiser:
 
 class UNetDenoiser(Denoiser):
     """AnimateDiff: a `VideoUNet` predicts epsilon directly; `encoder_hidden_states` are the CLIP text states
-    `(B, L, D)` shared by all frames (or per frame, see `VideoUNet.forward`)."""
+    `(B, L, D)` shared by all frames (or per frame, see `VideoUNet.forward`), `ip_image_embeds` an IP-Adapter's
+    image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded."""
 
-    condition_names = ("encoder_hidden_states",)
+    condition_names = ("encoder_hidden_states", "ip_image_embeds")
+
+    def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
+        """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs`."""
+        image = cond.get("ip_image_embeds")
+        if image is None:
+            return super().predict(latents, timestep, cond)
+        rest = {k: v for k, v in cond.items() if k != "ip_image_embeds" and v is not None}
+        return self.model(latents, timestep, added_cond_kwargs={"image_embeds": [image]}, **rest)
 
     @staticmethod
     def conditioning(text_states: torch.Tensor) -> dict[str, torch.Tensor | None]:

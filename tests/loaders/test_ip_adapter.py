@@ -1,0 +1,169 @@
+"""IP-Adapter: files with the published key names load into kinema's VideoUNet, and sampling with an image prompt
+equals diffusers' AnimateDiffPipeline with the same adapter, image encoder and image; bad files are one line."""
+
+import pytest
+import torch
+from diffusers import AnimateDiffPipeline, AutoencoderKL, MotionAdapter
+from PIL import Image
+from safetensors.torch import save_file
+from sampling.test_parity import FRAMES, GUIDANCE, STEPS, embeddings, tiny_tokenizer
+from tiny_models import perturb
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+import kinema
+from kinema.errors import KinemaError
+from kinema.loaders.animatediff.keys import diffusers_to_original_key
+from kinema.loaders.ip_adapter import load_ip_adapter
+from kinema.models.video_unet import VideoUNet
+from kinema.sampling.denoisers import UNetDenoiser
+from kinema.sampling.loop import initial_noise, sample
+from kinema.sampling.schedulers import make_scheduler
+
+CLIP_DIM = 16  # the tiny image encoder's projection width (ViT-H/14's is 1024)
+
+
+def cross_attention_widths(unet2d) -> list[int]:
+    """The hidden width of every cross-attention layer, in diffusers' processor order."""
+    return [unet2d.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            for name in unet2d.attn_processors if name.endswith("attn2.processor")]
+
+
+def plain_ip_adapter(unet2d, seed=0, tokens=4) -> dict[str, torch.Tensor]:
+    """ip-adapter_sd15's names and layout, at the tiny UNet's widths (text width 32)."""
+    gen = torch.Generator().manual_seed(seed)
+    text = unet2d.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(tokens * text, CLIP_DIM, generator=gen) * 0.2,
+             "image_proj.proj.bias": torch.randn(tokens * text, generator=gen) * 0.1,
+             "image_proj.norm.weight": 1 + torch.randn(text, generator=gen) * 0.1,
+             "image_proj.norm.bias": torch.randn(text, generator=gen) * 0.1}
+    for index, width in enumerate(cross_attention_widths(unet2d)):
+        for kind in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * index + 1}.{kind}.weight"] = torch.randn(width, text, generator=gen) * 0.3
+    return state
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(unet2d, tmp_path_factory):
+    """h94/IP-Adapter's models/ layout: the adapter file and image_encoder/ beside it."""
+    folder = tmp_path_factory.mktemp("ip")
+    save_file(plain_ip_adapter(unet2d), folder / "ip-adapter_sd15.safetensors")
+    torch.manual_seed(1)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=CLIP_DIM)).save_pretrained(folder / "image_encoder")
+    return folder
+
+
+def image() -> torch.Tensor:
+    return torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(5))
+
+
+def as_pil(images: torch.Tensor) -> Image.Image:
+    return Image.fromarray((images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
+def motion_adapter() -> MotionAdapter:
+    return perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
+                                 motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False),
+                   seed=3, scale=0.1)
+
+
+def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                        layers_per_block=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=1, num_attention_heads=4,
+                                                max_position_embeddings=77))
+    encoder = CLIPVisionModelWithProjection.from_pretrained(adapter_folder / "image_encoder")
+    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(tmp_path / "tokenizer"),
+                               unet=unet2d, motion_adapter=motion_adapter(), scheduler=make_scheduler("ddim"),
+                               image_encoder=encoder, feature_extractor=CLIPImageProcessor(
+                                   size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(adapter_folder), subfolder="", weight_name="ip-adapter_sd15.safetensors")
+    pipe.set_ip_adapter_scale(0.7)
+    video = VideoUNet.from_unet2d(unet2d, motion_module={"type": "temporal", "norm_mode": "across_frames",
+                                                         "max_frames": 32})
+    video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
+                                  if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
+    loaded = load_ip_adapter(video.eval(), adapter_folder / "ip-adapter_sd15.safetensors", scale=0.7)
+    assert (loaded.variant, loaded.scale) == ("plain", 0.7)
+
+    noise = initial_noise((2, 4, FRAMES, 16, 16), seeds=[11, 12])
+    cond, uncond = embeddings()
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, ip_adapter_image=as_pil(image()),
+                        latents=noise.clone(), num_frames=FRAMES, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, height=32, width=32, output_type="latent", return_dict=False)[0]
+        image_cond, image_uncond = loaded.embeds(image())
+        assert image_cond.shape == (1, 1, CLIP_DIM) and not image_uncond.any()
+        ours = sample(UNetDenoiser(video), make_scheduler("ddim"), noise,
+                      {"encoder_hidden_states": cond, "ip_image_embeds": image_cond.expand(2, -1, -1)},
+                      {"encoder_hidden_states": uncond, "ip_image_embeds": image_uncond.expand(2, -1, -1)},
+                      STEPS, GUIDANCE, progress=False)
+    assert (ours - expected).abs().max().item() <= 1e-3
+    # The image prompt counts: at scale 0 the adapter adds nothing, and the result moves by far more than that.
+    from kinema.loaders.ip_adapter import set_ip_adapter_scale
+
+    set_ip_adapter_scale(video.unet, 0.0)
+    with torch.no_grad():
+        unprompted = sample(UNetDenoiser(video), make_scheduler("ddim"), noise,
+                            {"encoder_hidden_states": cond, "ip_image_embeds": image_cond.expand(2, -1, -1)},
+                            {"encoder_hidden_states": uncond, "ip_image_embeds": image_uncond.expand(2, -1, -1)},
+                            STEPS, GUIDANCE, progress=False)
+    assert (unprompted - expected).abs().max().item() > 1e-2
+
+
+def test_inspect_names_the_variant_and_bin_files_read_as_safetensors_do(unet2d, adapter_folder, tmp_path):
+    report = kinema.describe(adapter_folder / "ip-adapter_sd15.safetensors")
+    assert report["kind"] == "ip_adapter" and report["variant"] == "plain" and report["layers"] == len(
+        cross_attention_widths(unet2d))
+    state = plain_ip_adapter(unet2d)
+    nested = {part: {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
+              for part in ("image_proj", "ip_adapter")}
+    torch.save(nested, tmp_path / "ip-adapter_sd15.bin")  # how h94 publishes the .bin files
+    assert kinema.describe(tmp_path / "ip-adapter_sd15.bin")["kind"] == "ip_adapter"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: {k: v for k, v in s.items() if k != "ip_adapter.3.to_v_ip.weight"},
+     r"lacks ip_adapter.3.to_v_ip.weight"),
+    (lambda s: {**s, "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 32)},
+     r"ip_adapter.1.to_k_ip.weight is \(8, 32\), and the UNet's .* takes \(32, 32\): the adapter was made for "
+     r"another base model"),
+    (lambda s: {k: v for k, v in s.items() if not k.startswith(("ip_adapter.9.", "ip_adapter.11."))},
+     r"has 4 IP-Adapter layers and the UNet 6 cross-attention layers: it was made for another base model"),
+    (lambda s: {**{k: v for k, v in s.items() if not k.startswith("image_proj.proj.")},
+                "image_proj.proj.0.weight": torch.zeros(2, 2), "image_proj.proj.2.weight": torch.zeros(2, 2)},
+     r"IP-Adapter FaceID file"),
+    (lambda s: {**s, "image_proj.proj.weight": s["image_proj.proj.weight"] * float("nan")},
+     r"the IP-Adapter holds NaN or infinite values"),
+])
+def test_bad_files_are_one_line_before_the_model_changes(unet2d, adapter_folder, tmp_path, change, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(change(plain_ip_adapter(unet2d)), path)
+    video = VideoUNet.from_unet2d(unet2d)
+    before = {k: v.clone() for k, v in video.state_dict().items()}
+    with pytest.raises(KinemaError, match=message):
+        load_ip_adapter(video, path, image_encoder=adapter_folder / "image_encoder")
+    assert video.unet.encoder_hid_proj is None and video.state_dict().keys() == before.keys()
+
+
+def test_a_missing_or_mismatched_image_encoder_is_one_line(unet2d, adapter_folder, tmp_path):
+    save_file(plain_ip_adapter(unet2d), tmp_path / "ip.safetensors")
+    with pytest.raises(KinemaError, match=r"needs its CLIP image encoder, and .*image_encoder is no transformers "
+                                          r"model folder .*--image-encoder"):
+        load_ip_adapter(VideoUNet.from_unet2d(unet2d), tmp_path / "ip.safetensors")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=24)).save_pretrained(tmp_path / "wide")
+    with pytest.raises(KinemaError, match=r"reads 16-wide image features and the image encoder in .*wide gives 24"):
+        load_ip_adapter(VideoUNet.from_unet2d(unet2d), tmp_path / "ip.safetensors", image_encoder=tmp_path / "wide")
