@@ -7,8 +7,11 @@ The CLI prints it as one line and exits 1; library users catch it like any `Valu
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 
 class KinemaError(ValueError):
@@ -92,3 +95,20 @@ def naming(path: str | os.PathLike, err: KinemaError) -> KinemaError:
     """`err` with `path` in front, unless its message names the path already: errors about a file say which."""
     message = str(err)
     return KinemaError(message if str(path) in message else f"{path}: {message}")
+
+
+@contextmanager
+def without_library_notices(notices: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
+    """Within this block, library loggers (`notices`' keys) drop the records whose message holds one of the texts
+    given for them: notices that tell a kinema user nothing (kinema says what matters itself)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in notices.get(record.name, ()))
+
+    noisy = [logging.getLogger(name) for name in notices]
+    for library_logger in noisy:
+        library_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for library_logger in noisy:
+            library_logger.removeFilter(keep)

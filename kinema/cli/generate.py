@@ -103,7 +103,8 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 # ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
 # Every value option's parser default is None, so that one given at its effective default is still seen.
 NOT_WITH_CONFIG: dict[str, Any] = {
-    "--model": None, "--motion-module": None, "--lora": [], "--image": None, "--end-image": None, "--negative": None,
+    "--model": None, "--motion-module": None, "--lora": [], "--ip-adapter": None, "--image-encoder": None,
+    "--ip-image": None, "--image": None, "--end-image": None, "--negative": None,
     "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
@@ -125,6 +126,19 @@ def parse_lora(text: str) -> tuple[str, float]:
     """`PATH[:WEIGHT]` -> `(path, weight)`, weight 1.0 when not given. Only the last colon can start a weight, and
     only when what follows it is a number, so Windows drive letters and colons inside a path stay in the path
     (`C:\\loras\\zoom.safetensors:0.8` -> `("C:\\loras\\zoom.safetensors", 0.8)`)."""
+    return _path_and_number(text, "the LoRA weight")
+
+
+def parse_ip_adapter(text: str) -> tuple[str, float]:
+    """--ip-adapter `PATH[:SCALE]` -> `(path, scale)`, scale 1.0 when not given (split as `parse_lora` splits)."""
+    path, scale = _path_and_number(text, "the IP-Adapter scale")
+    if scale < 0:
+        raise argparse.ArgumentTypeError(f"the IP-Adapter scale must be at least 0 (0: no image prompt, 1: as "
+                                         f"published), got {scale:g} in {text!r}")
+    return path, scale
+
+
+def _path_and_number(text: str, what: str) -> tuple[str, float]:
     path, weight = text, 1.0
     head, colon, tail = text.rpartition(":")
     if colon:
@@ -135,7 +149,7 @@ def parse_lora(text: str) -> tuple[str, float]:
     if not path:
         raise argparse.ArgumentTypeError(f"expected PATH or PATH:WEIGHT, got {text!r}")
     if not math.isfinite(weight):
-        raise argparse.ArgumentTypeError(f"the LoRA weight must be a finite number, got {weight} in {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be a finite number, got {weight} in {text!r}")
     return path, weight
 
 
@@ -264,8 +278,16 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
         group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
                            help="motion LoRA or SD1.5 image LoRA (AnimateDiff v3's domain adapter is one) at weight W "
                                 "(default 1.0); repeat for several")
+        group.add_argument("--ip-adapter", type=parse_ip_adapter, metavar="PATH[:S]",
+                           help="IP-Adapter (h94/IP-Adapter's ip-adapter_sd15 and its plus and full-face variants, "
+                                "SD models) at scale S (default 1.0): --ip-image then prompts with an image")
+        group.add_argument("--image-encoder", metavar="DIR",
+                           help="the IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside the "
+                                "adapter file, as h94/IP-Adapter's models/ holds it)")
+        group.add_argument("--ip-image", metavar="IMAGE",
+                           help="the image prompt of --ip-adapter (any size: CLIP's processor crops it)")
     else:
-        parser.set_defaults(lora=[])
+        parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
@@ -442,6 +464,17 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     _require_path(args.tokenizer, "tokenizer")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
+    if args.ip_adapter is not None:
+        from kinema.loaders.ip_adapter import image_encoder_folder
+
+        _require_path(args.ip_adapter[0], "IP-Adapter file")
+        image_encoder_folder(args.ip_adapter[0], args.image_encoder)
+    elif args.image_encoder is not None:
+        raise KinemaError("--image-encoder is the CLIP image encoder of an IP-Adapter: give --ip-adapter too")
+    if (args.ip_image is None) != (args.ip_adapter is None):
+        raise KinemaError("--ip-adapter and --ip-image come together (the adapter conditions on the image prompt): "
+                          "give both, or neither")
+    _check_image(args.ip_image, "image prompt")
     return folder
 
 
@@ -451,7 +484,8 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
     size, and a motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model."""
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
-                        input_video=input_video, freeu=getattr(args, "freeu", None) is not None)
+                        input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
+                        ip_adapter=args.ip_adapter)
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -489,7 +523,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     shared: dict[str, Any] = dict(
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
-        timestep_spacing=args.timestep_spacing, freeu=args.freeu,
+        timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
@@ -574,7 +608,7 @@ def check_generate(args: argparse.Namespace) -> None:
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
         parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
-    inputs = tuple(path for path in (args.image, args.end_image) if path is not None)
+    inputs = tuple(path for path in (args.image, args.end_image, args.ip_image) if path is not None)
     _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
                    latents=True)
 
@@ -660,7 +694,7 @@ def _load(args: argparse.Namespace) -> Any:
     from kinema.pipelines.load import load_family
 
     return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype or "float32",
-                       tokenizer=args.tokenizer)
+                       tokenizer=args.tokenizer, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder)
 
 
 def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:

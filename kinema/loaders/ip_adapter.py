@@ -17,13 +17,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from kinema.errors import KinemaError, naming, without_library_notices
 
-from kinema.errors import KinemaError, naming
-from kinema.loaders.checkpoint_io import check_weight_values, dtype_report
-from kinema.loaders.source import Source
+if TYPE_CHECKING:  # torch and the readers load when a file is read, so the CLI checks its options without them
+    import torch
+
+    from kinema.loaders.source import Source
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def describe_ip_adapter(source: Source) -> dict[str, Any] | None:
     variant, layer count, token width and what of the image encoder it reads; None for anything else."""
     if not source.is_weights_file:
         return None
+    from kinema.loaders.checkpoint_io import dtype_report
+
     try:
         variant = ip_adapter_variant(source.names)
         if variant is None:
@@ -110,6 +113,8 @@ class IPAdapter:
         """`(cond, uncond)` image-prompt embeddings of images `(B, 3, H, W)` in [0, 1], as diffusers' AnimateDiff
         pipeline makes them: `(B, 1, D)` projected embeddings and zeros (plain), or `(B, 1, 257, W)` penultimate
         hidden states of the image and of a black image (plus, full face)."""
+        import torch
+
         from kinema.pipelines.clip_image import clip_pixels
 
         pixels = clip_pixels(self.image_processor, images)
@@ -129,6 +134,9 @@ class IPAdapter:
 def read_ip_adapter(path: str | os.PathLike) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """`(variant, {"image_proj": {...}, "ip_adapter": {...}})` from an IP-Adapter file (.safetensors, or a .bin
     read with weights_only), the two parts as diffusers' loader takes them."""
+    from kinema.loaders.checkpoint_io import check_weight_values
+    from kinema.loaders.source import Source
+
     source = Source(Path(path))
     try:
         variant = ip_adapter_variant(source.names) if source.is_weights_file else None
@@ -173,7 +181,7 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 
     `image_encoder/` folder beside the file). Checks everything before the model changes."""
     import math
 
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
     if not (isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0):
         raise KinemaError(f"the IP-Adapter scale must be a finite number of at least 0, got {scale!r}")
@@ -184,11 +192,7 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 
     if getattr(unet, "encoder_hid_proj", None) is not None:
         raise KinemaError("this model already has an IP-Adapter (or another image projection) loaded; load the "
                           "model again to use another")
-    encoder_folder = Path(image_encoder) if image_encoder is not None else path.parent / IMAGE_ENCODER_FOLDER
-    if not (encoder_folder / "config.json").is_file():
-        raise KinemaError(f"the IP-Adapter needs its CLIP image encoder, and {encoder_folder} is no transformers "
-                          "model folder (config.json); put h94/IP-Adapter's models/image_encoder beside the adapter "
-                          "file, or give its folder (--image-encoder)")
+    encoder_folder = image_encoder_folder(path, image_encoder)
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(encoder_folder)).eval()
     wanted = _encoder_width(variant, parts)
     given = encoder.config.projection_dim if VARIANTS[variant] == "image_embeds" else encoder.config.hidden_size
@@ -197,15 +201,29 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 
                           f"{encoder_folder} gives {given}: use the encoder the adapter was trained with (ViT-H/14 "
                           "for the SD1.5 adapters)")
     size = encoder.config.image_size
-    processor = (CLIPImageProcessor.from_pretrained(str(encoder_folder))
+    # The PIL processor: the one diffusers' pipelines get without torchvision, without transformers' notice saying so.
+    processor = (CLIPImageProcessorPil.from_pretrained(str(encoder_folder))
                  if (encoder_folder / "preprocessor_config.json").is_file()
-                 else CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+                 else CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
     parameter = next(unet.parameters())
-    unet._load_ip_adapter_weights([parts], low_cpu_mem_usage=False)
+    # diffusers casts the UNet to its own dtype once the layers are in, and warns of float32 modules it has none of.
+    with without_library_notices({"diffusers.models.modeling_utils": ("should be kept in float32",)}):
+        unet._load_ip_adapter_weights([parts], low_cpu_mem_usage=False)
     set_ip_adapter_scale(unet, scale)
     encoder.to(parameter.device)
     logger.info("IP-Adapter %s (%s) loaded at scale %g", path, variant, scale)
     return IPAdapter(str(path), float(scale), variant, encoder, processor)
+
+
+def image_encoder_folder(adapter: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:
+    """The CLIP image encoder folder of the IP-Adapter file `adapter`: `given`, else `image_encoder/` beside the
+    file (h94/IP-Adapter's layout); one KinemaError line when it is no transformers model folder."""
+    folder = Path(given) if given is not None else Path(adapter).parent / IMAGE_ENCODER_FOLDER
+    if not (folder / "config.json").is_file():
+        raise KinemaError(f"the IP-Adapter needs its CLIP image encoder, and {folder} is no transformers model "
+                          "folder (config.json); put h94/IP-Adapter's models/image_encoder beside the adapter file, "
+                          "or give its folder (--image-encoder)")
+    return folder
 
 
 def load_ip_adapter_source(source: Source, *, video_unet: Any = None, scale: float = 1.0,

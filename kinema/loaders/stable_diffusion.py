@@ -27,8 +27,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -53,7 +52,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from kinema.errors import KinemaError, naming, shorten
+from kinema.errors import KinemaError, naming, shorten, without_library_notices
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import (
     WeightFiles,
@@ -494,22 +493,6 @@ _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shap
                             r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
 
-def _not_a_notice(record: logging.LogRecord) -> bool:
-    return not any(notice in record.getMessage() for notice in _NOTICES.get(record.name, ()))
-
-
-@contextmanager
-def _without_lora_notices() -> Iterator[None]:
-    noisy = [logging.getLogger(name) for name in _NOTICES]
-    for library_logger in noisy:
-        library_logger.addFilter(_not_a_notice)
-    try:
-        yield
-    finally:
-        for library_logger in noisy:
-            library_logger.removeFilter(_not_a_notice)
-
-
 def _check_pairs(state: Mapping[str, torch.Tensor]) -> None:
     """One KinemaError line for a down matrix without its up, or an up without its down: a cut or damaged file, of
     which diffusers would apply the complete pairs alone, or fail with an IndexError."""
@@ -630,7 +613,7 @@ def load_spatial_lora(
     # requires_safety_checker is False).
     # Imported here, not at the top: the pipeline module pulls in transformers' image processors (slow to import, and
     # noisy without torchvision), and only image-LoRA fusion needs it.
-    with _without_lora_notices():
+    with without_library_notices(_NOTICES):
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -639,7 +622,7 @@ def load_spatial_lora(
         scheduler=components.scheduler, safety_checker=None, feature_extractor=None)  # type: ignore[arg-type]
     adapter = "kinema_spatial"
     try:
-        with _without_lora_notices():
+        with without_library_notices(_NOTICES):
             pipe.load_lora_weights(state, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError, IndexError) as err:
         pipe.unload_lora_weights()

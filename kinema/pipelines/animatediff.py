@@ -34,6 +34,7 @@ class AnimateDiffFamily(VideoFamily):
             the settings.
         world: a `PromptWorld` whose prompts the model knows (kinema.json "world"); prompts outside it get one
             warning. None: no check.
+        ip_adapter: the IP-Adapter loaded into `video_unet` (kinema.loaders.ip_adapter.load_ip_adapter), if any.
     """
 
     family = "animatediff"
@@ -45,7 +46,8 @@ class AnimateDiffFamily(VideoFamily):
 
     def __init__(self, video_unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, source: str | None = None,
                  vae_tiling: bool = False, decode_chunk: int = 16, *, motion_module: str | None = None,
-                 loras: Sequence[tuple[str, float]] = (), world: PromptWorld | None = None) -> None:
+                 loras: Sequence[tuple[str, float]] = (), world: PromptWorld | None = None,
+                 ip_adapter: Any = None) -> None:
         if decode_chunk < 1:
             raise KinemaError(f"decode_chunk must be at least 1 frame, got {decode_chunk}")
         self.model = video_unet
@@ -59,6 +61,7 @@ class AnimateDiffFamily(VideoFamily):
         self.motion_module = motion_module
         self.loras: list[tuple[str, float]] = [(str(path), float(weight)) for path, weight in loras]
         self.world = world
+        self.ip_adapter = ip_adapter
 
     @property
     def video_unet(self) -> Any:
@@ -131,4 +134,6 @@ class AnimateDiffFamily(VideoFamily):
             recorded["motion_module"] = self.motion_module
         if self.loras:
             recorded["loras"] = [{"path": path, "weight": weight} for path, weight in self.loras]
+        if self.ip_adapter is not None:
+            recorded["ip_adapter"] = {"path": self.ip_adapter.path, "scale": self.ip_adapter.scale}
         return recorded

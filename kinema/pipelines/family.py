@@ -122,6 +122,27 @@ class VideoFamily:
         raise KinemaError(f"{type(self).__name__} is not an inpaint model; image-to-video keeps the first frame's "
                           "latents instead")
 
+    # An IP-Adapter loaded into the model (kinema.loaders.ip_adapter.IPAdapter), whose image prompt every run needs.
+    ip_adapter: Any = None
+
+    def check_image_prompt(self, given: bool) -> None:
+        """One KinemaError line when an image prompt is `given` to a model without IP-Adapter, or missing for a
+        model with one (its IP layers need image embeddings on every call)."""
+        if self.ip_adapter is None and given:
+            raise KinemaError(f"{self.name} has no IP-Adapter loaded, so an image prompt (ip_image, --ip-image) has "
+                              "nothing to condition; load one with the model (--ip-adapter)")
+        if self.ip_adapter is not None and not given:
+            raise KinemaError(f"{self.name} is loaded with an IP-Adapter ({self.ip_adapter.path}), which conditions "
+                              "on an image prompt: give one (ip_image, --ip-image), or load the model without it")
+
+    def image_prompt(self, image: torch.Tensor, videos: int) -> tuple[Conditioning, Conditioning]:
+        """`(cond, uncond)` with `ip_image_embeds`, one row per video, of the image prompt `(1, 3, H, W)` in [0, 1]
+        (its IP-Adapter's CLIP embeddings, and the unprompted side's)."""
+        self.check_image_prompt(True)
+        cond, uncond = self.ip_adapter.embeds(image)
+        return ({"ip_image_embeds": cond.expand(videos, *cond.shape[1:])},
+                {"ip_image_embeds": uncond.expand(videos, *uncond.shape[1:])})
+
     def image_tokens_from(self, step: int, steps: int) -> bool:
         """Whether CLIP image tokens are passed at sampling step `step` of `steps` (V3 applies them only in the last
         part of sampling); families without image tokens answer True (nothing to withhold)."""
@@ -132,6 +153,8 @@ class VideoFamily:
         for value in vars(self).values():
             if isinstance(value, torch.nn.Module):
                 value.to(device)
+        if self.ip_adapter is not None:
+            self.ip_adapter.image_encoder.to(device)
         return self
 
     def settings(self) -> dict[str, Any]:

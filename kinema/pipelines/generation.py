@@ -69,8 +69,9 @@ class GenerationResult:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
-    """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, height, width)` in [0, 1]."""
+def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str, fit: bool = True) -> torch.Tensor:
+    """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, height, width)` in [0, 1] (`fit`
+    False: at its own size)."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
@@ -86,7 +87,7 @@ def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str) 
         image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise KinemaError(f"{what} must be a path, a PIL image or a (3, H, W) tensor in [0, 1]")
-    return _fit(image[None], height, width, resize, what)[0]
+    return _fit(image[None], height, width, resize, what)[0] if fit else image.float()
 
 
 def _fit(frames: torch.Tensor, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
@@ -128,7 +129,17 @@ class _Text:
 def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, latent_frames: int,
                  pixel_frames: int) -> _Text:
     """Encode the prompt (or each keyframe prompt of a schedule, interpolated per latent frame) and the negative
-    prompt, one row per video."""
+    prompt, one row per video; with an IP-Adapter, the image prompt joins both sides."""
+    text = _encode_prompts(family, request, videos, latent_frames, pixel_frames)
+    if request.ip_image is None:
+        return text
+    image = _image_tensor(request.ip_image, 0, 0, False, "the image prompt", fit=False)
+    cond, uncond = family.image_prompt(image[None], videos)
+    return _Text({**text.cond, **cond}, None if text.uncond is None else {**text.uncond, **uncond}, text.table)
+
+
+def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int, latent_frames: int,
+                    pixel_frames: int) -> _Text:
     uncond = family.encode_text([request.negative_prompt] * videos) if request.guidance != 1 else None
     if isinstance(request.prompt, str):
         return _Text(family.encode_text([request.prompt] * videos), uncond)
@@ -189,6 +200,7 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
 
     if request.freeu is not None and not family.model.supports_freeu:
         raise freeu_error(family.name)
+    family.check_image_prompt(request.ip_image is not None)
     mode = request.mode
     if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
         raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "

@@ -67,7 +67,7 @@ REPORT_FILE = "report.json"
 JOB_OUTPUT_KIND = "job"
 VIDEO_SUFFIX = ".mp4"
 
-_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer")
+_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer", "ip_adapter", "image_encoder")
 _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # "seed" is the friendlier spelling of "seeds"; "mode" is accepted so that job.settings() reads back (it must agree
 # with the mode the inputs give).
@@ -77,7 +77,7 @@ _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_f
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile")
 _TEXT_FIELDS = ("negative_prompt",)
-_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video"}
+_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt"}
 # The named choices of ContextSettings and FreeInitSettings, checked here without importing the torch modules that
 # define them (kinema.sampling.context SCHEDULES, FUSE_METHODS; kinema.sampling.freeinit FREE_INIT_METHODS);
 # tests/pipelines/test_jobs.py checks that they stay equal.
@@ -102,18 +102,23 @@ class Job:
     motion_module: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     tokenizer: str | None = None
+    ip_adapter: tuple[str, float] | None = None  # (path, scale)
+    image_encoder: str | None = None
 
     def settings(self) -> dict[str, Any]:
-        """JSON-ready settings: model, motion_module, loras, tokenizer and `request.settings()` (seeds as used);
-        `job_from_mapping` reads them back into the same job."""
+        """JSON-ready settings: model, motion_module, loras, tokenizer, ip_adapter, image_encoder and
+        `request.settings()` (seeds as used); `job_from_mapping` reads them back into the same job."""
         return {"model": self.model, "motion_module": self.motion_module,
                 "loras": [[path, weight] for path, weight in self.loras], "tokenizer": self.tokenizer,
-                **self.request.settings()}
+                "ip_adapter": None if self.ip_adapter is None else {"path": self.ip_adapter[0],
+                                                                    "scale": self.ip_adapter[1]},
+                "image_encoder": self.image_encoder, **self.request.settings()}
 
     def model_key(self) -> tuple:
         """What decides which loaded model serves the job: jobs with equal keys share one `load_family`."""
         return (self.model, self.motion_module, tuple((path, weight) for path, weight in self.loras),
-                self.request.dtype or "float32", self.tokenizer, self.request.quantize, self.request.compile)
+                self.request.dtype or "float32", self.tokenizer, self.request.quantize, self.request.compile,
+                self.ip_adapter, self.image_encoder)
 
 
 # ---------------------------------------------------------------- checks shared with `kinema generate`
@@ -203,10 +208,10 @@ def model_shape(folder: Path) -> ModelShape | None:
 
 
 def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
-                             config: Any = None, freeu: bool = False) -> None:
+                             config: Any = None, freeu: bool = False, ip_adapter: Any = None) -> None:
     """An EasyAnimate model brings its own motion layers, tokenizer and configs, and has no UNet: one KinemaError
-    line for a motion module, LoRA, tokenizer, config or FreeU given with one (they are for Stable Diffusion 1.5
-    models)."""
+    line for a motion module, LoRA, tokenizer, config, FreeU or IP-Adapter given with one (they are for Stable
+    Diffusion 1.5 models)."""
     if motion_module is not None:
         raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
                           "(motion modules are for Stable Diffusion 1.5 models)")
@@ -217,11 +222,15 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
                           "and config= are for single-file SD checkpoints")
     if freeu:
         raise freeu_error(str(path))
+    if ip_adapter is not None:
+        raise KinemaError(f"{path} is an EasyAnimate model: an IP-Adapter is for AnimateDiff (SD1.5) models, and "
+                          "EasyAnimate's InP models take an image as the first frame (--image)")
 
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
-                        tokenizer: Any = None, input_video: bool = False, freeu: bool = False) -> None:
+                        tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
+                        ip_adapter: Any = None) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
     motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose
@@ -234,7 +243,8 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
     if height is not None and width is not None:
         check_size_multiple(height, width, shape.size_multiple, shape.why)
     if shape.family == "easyanimate":
-        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu)
+        check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu,
+                                 ip_adapter=ip_adapter)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -511,6 +521,22 @@ def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, f
     return loras
 
 
+def _ip_adapter(value: Any, base: Path, models_dir: Path | None) -> tuple[str, float] | None:
+    """An IP-Adapter file at its scale: a path (scale 1) or {"path": ..., "scale": ...}."""
+    if value is None:
+        return None
+    scale: Any = 1.0
+    if isinstance(value, Mapping):
+        unknown = [key for key in value if key not in ("path", "scale")]
+        if unknown:
+            raise unknown_key_error(unknown[0], ("path", "scale"), "ip_adapter")
+        value, scale = value.get("path"), value.get("scale", 1.0)
+    scale = _number(scale, "ip_adapter.scale")
+    if scale < 0:
+        raise KinemaError(f"ip_adapter.scale must be at least 0 (0: no image prompt, 1: as published), got {scale}")
+    return _path(value, "ip_adapter", base, models_dir, "IP-Adapter file"), scale
+
+
 def _prompt(value: Any) -> str | dict[str, Any]:
     """A prompt: text, a schedule mapping, or a schedule as JSON text (starting with "{")."""
     if isinstance(value, Mapping):
@@ -560,6 +586,18 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     tokenizer = None if data.get("tokenizer") is None else _path(
         data["tokenizer"], "tokenizer", base, models_dir, "tokenizer")
     loras = _loras(data.get("loras") or [], base, models_dir)
+    ip_adapter = _ip_adapter(data.get("ip_adapter"), base, models_dir)
+    image_encoder = None if data.get("image_encoder") is None else _path(
+        data["image_encoder"], "image_encoder", base, models_dir, "image encoder folder")
+    if ip_adapter is not None:
+        from kinema.loaders.ip_adapter import image_encoder_folder
+
+        image_encoder_folder(ip_adapter[0], image_encoder)
+    elif image_encoder is not None:
+        raise KinemaError("image_encoder is the CLIP image encoder of an IP-Adapter: give ip_adapter too")
+    if (data.get("ip_image") is None) != (ip_adapter is None):
+        raise KinemaError("an IP-Adapter and its image prompt come together: give both ip_adapter and ip_image, "
+                          "or neither")
 
     given: dict[str, Any] = {}
     for key in _INT_FIELDS:
@@ -600,7 +638,9 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         if data.get(key) is not None:
             given[key] = _path(data[key], key, base, None, what)
             if key != "video":
-                image_sizes[what] = check_image_file(given[key], what)
+                size = check_image_file(given[key], what)
+                if key != "ip_image":  # an image prompt may be any size: CLIP's processor crops it
+                    image_sizes[what] = size
     given["seeds"] = _seeds(data)
     prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 
@@ -632,7 +672,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             check_video_holds_overlap(have, request.overlap_frames or 0)
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
-                        freeu=request.freeu is not None)
+                        freeu=request.freeu is not None, ip_adapter=ip_adapter)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):
@@ -649,7 +689,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         length = (request.frames if request.mode in ("text-to-video", "image-to-video") and request.frames
                   else 10**9)
         parse_prompt_schedule(prompt, length, request.interpolation)
-    return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer)
+    return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer,
+               ip_adapter=ip_adapter, image_encoder=image_encoder)
 
 
 # ---------------------------------------------------------------- running
@@ -682,7 +723,8 @@ class FamilyCache:
                 while len(self._families) >= self.max_models:  # free memory before the next model takes it
                     self._families.popitem(last=False)
             family = load_family(job.model, motion_module=job.motion_module, loras=job.loras,
-                                 dtype=job.request.dtype or "float32", device=self.device, tokenizer=job.tokenizer)
+                                 dtype=job.request.dtype or "float32", device=self.device, tokenizer=job.tokenizer,
+                                 ip_adapter=job.ip_adapter, image_encoder=job.image_encoder)
             self.loads += 1
             self._families[key] = family
             return family

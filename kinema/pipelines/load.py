@@ -200,6 +200,8 @@ def load_family(
     device: Any = "cpu",
     tokenizer: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
+    ip_adapter: tuple[str | os.PathLike, float] | None = None,
+    image_encoder: str | os.PathLike | None = None,
 ) -> VideoFamily:
     """Load `model` for generation as its family's parts (`AnimateDiffFamily` or `EasyAnimateFamily`).
 
@@ -219,6 +221,9 @@ def load_family(
         device: where the models go.
         tokenizer: SD single files only (they hold none): an SD1.5 diffusers folder or a CLIP tokenizer folder.
         config: SD single files only: a folder of component configs (default: the shipped SD1.5 ones).
+        ip_adapter: SD models only: `(path, scale)` of an IP-Adapter file (kinema.loaders.ip_adapter), whose image
+            prompt then conditions every run (`GenerationRequest.ip_image`).
+        image_encoder: the IP-Adapter's CLIP image encoder folder (default: `image_encoder/` beside its file).
 
     Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
     see its names), for a missing path that is not a bundled model's name either (listing those), an unknown dtype,
@@ -251,6 +256,7 @@ def load_family(
     checked_loras = _checked_loras(loras)
     if tokenizer is not None:
         _existing(tokenizer, "tokenizer")
+    image_prompt = None if ip_adapter is None else _image_prompt_files(ip_adapter, image_encoder)
     source, report = _describe(model_path, **({} if config is None else {"config": config}))
     kind = report["kind"]
     logger.info("%s: %s (%s)", model_path, kind, report.get("format", "kinema"))
@@ -260,10 +266,10 @@ def load_family(
     named = _Named(recorded, None if world is None else PromptWorld(world))
     if kind == "easyanimate_transformer":
         family = _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
-                              named)
+                              named, image_prompt)
     elif kind == "stable_diffusion":
         family = _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
-                              named)
+                              named, image_prompt)
     else:
         from kinema.loaders.formats import format_of
 
@@ -272,6 +278,26 @@ def load_family(
     family.prediction_type = prediction_type
     family.defaults = model_defaults(model_path) if model_path.is_dir() else {}
     return family
+
+
+@dataclass
+class _ImagePromptFiles:
+    """An IP-Adapter file at its scale, and its image encoder's folder, checked to exist before any weights load."""
+
+    adapter: Path
+    scale: float
+    encoder: Path
+
+
+def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: str | os.PathLike | None
+                        ) -> _ImagePromptFiles:
+    from kinema.loaders.ip_adapter import image_encoder_folder
+
+    path, scale = ip_adapter
+    adapter = _existing(path, "IP-Adapter")
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
+        raise KinemaError(f"the IP-Adapter scale must be a finite number of at least 0, got {scale!r}")
+    return _ImagePromptFiles(adapter, float(scale), image_encoder_folder(adapter, encoder))
 
 
 @dataclass
@@ -284,11 +310,13 @@ class _Named:
 
 
 def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
-                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
+                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named,
+                 image_prompt: _ImagePromptFiles | None = None) -> VideoFamily:
     from kinema.loaders.easyanimate.folder import MODEL_PARTS, is_model_folder
     from kinema.pipelines.jobs import check_easyanimate_extras
 
-    check_easyanimate_extras(path, motion_module=motion_path, loras=loras, tokenizer=tokenizer, config=config)
+    check_easyanimate_extras(path, motion_module=motion_path, loras=loras, tokenizer=tokenizer, config=config,
+                             ip_adapter=image_prompt)
     if not is_model_folder(path):
         raise KinemaError(f"{path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                           f"({', '.join(part + '/' for part in MODEL_PARTS)})")
@@ -301,7 +329,8 @@ def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
 
 
 def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
-                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named) -> VideoFamily:
+                 loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named,
+                 image_prompt: _ImagePromptFiles | None = None) -> VideoFamily:
     import torch
 
     from kinema.loaders.formats import format_of
@@ -356,12 +385,20 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
             continue
         logger.info("applied motion LoRA %s at %g", lora_path, weight)
 
+    ip_adapter = None
+    if image_prompt is not None:
+        from kinema.loaders.ip_adapter import load_ip_adapter
+
+        ip_adapter = load_ip_adapter(video_unet, image_prompt.adapter, scale=image_prompt.scale,
+                                     image_encoder=image_prompt.encoder)
     parts = [video_unet.eval(), components.vae, components.text_encoder]
+    parts += [] if ip_adapter is None else [ip_adapter.image_encoder]
     for part in parts:
         cast_module(part, device=device, dtype=dtype)
     family = AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
                                source=named.source, motion_module=str(motion_path),
-                               loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world)
+                               loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world,
+                               ip_adapter=ip_adapter)
     logger.info("loaded AnimateDiff model %s with %s: %d LoRAs, %s on %s", path, motion_path, len(loras),
                 str(dtype).removeprefix("torch."), device)
     return family

@@ -166,6 +166,8 @@ class GenerationRequest:
         motion_effect: factor on the motion modules' residual (ComfyUI-AnimateDiff's effect; 0: each frame its own
             picture, 1: as trained).
         freeu: FreeU's backbone and skip factors for UNet models (AnimateDiff family; None: off).
+        ip_image: the image prompt of a model loaded with an IP-Adapter (a path, a PIL image or `(3, H, W)` in
+            [0, 1], any size: CLIP's processor resizes and crops it); such a model needs one.
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
@@ -205,6 +207,7 @@ class GenerationRequest:
     motion_scale: float = 1.0
     motion_effect: float = 1.0
     freeu: FreeUSettings | None = None
+    ip_image: Any = None
     dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
@@ -307,7 +310,7 @@ class GenerationRequest:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
         type)."""
         data = asdict(self)
-        for key in ("image", "end_image", "video"):
+        for key in ("image", "end_image", "video", "ip_image"):
             value = data[key]
             if isinstance(value, os.PathLike):
                 data[key] = os.fspath(value)

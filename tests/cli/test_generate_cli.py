@@ -229,6 +229,11 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be a finite number of at least 1 (1 turns "
                                                              "classifier-free guidance off), got 0.5"),
         (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
+        (["generate", "a cat", *model, "--ip-image", "clip.mp4"], "--ip-adapter and --ip-image come together (the "
+                                                                  "adapter conditions on the image prompt): give "
+                                                                  "both, or neither"),
+        (["generate", "a cat", *model, "--ip-adapter", "weights.safetensors", "--ip-image", "clip.mp4"],
+         "the IP-Adapter needs its CLIP image encoder, and image_encoder is no transformers model folder"),
         (["generate", "a cat", *model, "--image", "gone.png"], "no such image: gone.png"),
         (["generate", "a cat", *model, "--image", "clip.mp4"], "the image clip.mp4 is not an image"),
         (["generate", "a cat", *model, "--image", "."], "the image . is a folder; give an image file (PNG, JPEG or "
@@ -275,6 +280,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--scheduler", "magic"], "argument --scheduler: invalid choice: 'magic'"),
         (["generate", "a cat", *model, "--lora", "x:inf"], "argument --lora: the LoRA weight must be a finite number"),
         (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),
+        (["generate", "a cat", *model, "--ip-adapter", "ip.safetensors:-1"], "argument --ip-adapter: the IP-Adapter "
+                                                                             "scale must be at least 0"),
         (["generate", "a cat", *model, "--freeu", "1.5,1.6"], "argument --freeu: expected on, or four numbers "
                                                               "B1,B2,S1,S2 (e.g. 1.5,1.6,0.9,0.2), got '1.5,1.6'"),
         (["generate", "a cat", *model, "--freeu", "1,1,nan,1"], "argument --freeu: FreeU factor s1 must be a finite "

@@ -167,3 +167,51 @@ def test_a_missing_or_mismatched_image_encoder_is_one_line(unet2d, adapter_folde
         patch_size=8, projection_dim=24)).save_pretrained(tmp_path / "wide")
     with pytest.raises(KinemaError, match=r"reads 16-wide image features and the image encoder in .*wide gives 24"):
         load_ip_adapter(VideoUNet.from_unet2d(unet2d), tmp_path / "ip.safetensors", image_encoder=tmp_path / "wide")
+
+
+def test_generate_with_an_image_prompt_from_a_model_folder(sd_model, adapter_folder, tmp_path):
+    from kinema.pipelines.generation import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.request import GenerationRequest
+
+    adapter = adapter_folder / "ip-adapter_sd15.safetensors"
+    family = load_family(sd_model["path"], motion_module=sd_model["motion_module"], ip_adapter=(adapter, 0.8))
+    assert family.settings()["ip_adapter"] == {"path": str(adapter), "scale": 0.8}
+    as_pil(image()).save(tmp_path / "style.png")
+    request = GenerationRequest("a cat", frames=4, height=32, width=32, steps=2, seeds=[1])
+    result = generate(family, GenerationRequest(**{**vars(request), "ip_image": str(tmp_path / "style.png")}),
+                      progress=False)
+    assert result.settings[0]["ip_image"] == str(tmp_path / "style.png")
+    other = generate(family, GenerationRequest(**{**vars(request), "ip_image": torch.zeros(3, 20, 20)}),
+                     progress=False)
+    assert other.settings[0]["ip_image"] == "<Tensor>"
+    assert (result.frames - other.frames).abs().max().item() > 1e-3  # the image prompt reaches the video
+    with pytest.raises(KinemaError, match=r"is loaded with an IP-Adapter \(.*ip-adapter_sd15.safetensors\), which "
+                                          r"conditions on an image prompt: give one \(ip_image, --ip-image\)"):
+        generate(family, request, progress=False)
+    plain = load_family(sd_model["path"], motion_module=sd_model["motion_module"])
+    with pytest.raises(KinemaError, match=r"has no IP-Adapter loaded, so an image prompt .*\(--ip-adapter\)"):
+        generate(plain, GenerationRequest(**{**vars(request), "ip_image": torch.zeros(3, 20, 20)}), progress=False)
+
+
+def test_jobs_take_the_adapter_and_the_image_prompt(sd_model, adapter_folder, tmp_path):
+    from kinema.pipelines.jobs import job_from_mapping
+
+    as_pil(image()).save(tmp_path / "style.png")
+    data = {"prompt": "a cat", "model": str(sd_model["path"]), "motion_module": str(sd_model["motion_module"]),
+            "ip_adapter": {"path": str(adapter_folder / "ip-adapter_sd15.safetensors"), "scale": 0.6},
+            "ip_image": "style.png", "frames": 4, "height": 32, "width": 32}
+    job = job_from_mapping(data, base=tmp_path)
+    assert job.ip_adapter == (str(adapter_folder / "ip-adapter_sd15.safetensors"), 0.6)
+    assert job.request.ip_image == str(tmp_path / "style.png")  # any size: not held to the video's
+    assert job_from_mapping(job.settings()) == job
+    for change, message in [
+        ({"ip_image": None}, "give both ip_adapter and ip_image, or neither"),
+        ({"ip_adapter": None}, "give both ip_adapter and ip_image, or neither"),
+        ({"ip_adapter": {"path": str(adapter_folder / "ip-adapter_sd15.safetensors"), "scale": -1}},
+         "ip_adapter.scale must be at least 0"),
+        ({"image_encoder": str(tmp_path)}, "is no transformers model folder"),
+        ({"model": "kinema-tiny", "motion_module": None, "frames": 8}, "an IP-Adapter is for AnimateDiff"),
+    ]:
+        with pytest.raises(KinemaError, match=message):
+            job_from_mapping({**data, **change}, base=tmp_path)
