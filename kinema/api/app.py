@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 20
 # Files a job may upload: form field (and `FIELD_base64` JSON key) -> how messages name it.
-UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video"}
+UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video", "ip_image": "image prompt"}
 # Room in a request body besides its uploads (the job's own fields).
 _BODY_ROOM = 1 << 20
 Scope = MutableMapping[str, Any]
@@ -125,6 +125,11 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "model": {"type": "string", "description": "a bundled model's name, a name in --models-dir, or a path"},
         "motion_module": {"type": "string"},
         "loras": {"type": "array", "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}]}},
+        "ip_adapter": {"oneOf": [{"type": "string"}, {"type": "object", "properties": {
+            "path": {"type": "string"}, "scale": {"type": "number", "minimum": 0}}}],
+                       "description": "an IP-Adapter file (AnimateDiff models), with its scale; needs ip_image"},
+        "image_encoder": {"type": "string", "description": "the IP-Adapter's CLIP image encoder folder (default: "
+                                                           "image_encoder/ beside the adapter)"},
         "frames": {"type": "integer", "minimum": 1},
         "height": {"type": "integer", "minimum": 8},
         "width": {"type": "integer", "minimum": 8},
@@ -140,6 +145,7 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "end_image_base64": {"type": "string", "description": "the end image, base64 (needs a start image)"},
         "video_base64": {"type": "string", "description": "the input video, base64: video-to-video, or with "
                                                           "extend_frames a continuation"},
+        "ip_image_base64": {"type": "string", "description": "the IP-Adapter's image prompt, base64"},
         "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                      "description": "video-to-video: how far the input is noised (1 redraws it)"},
         "extend_frames": {"type": "integer", "minimum": 1, "description": "append this many frames to the video"},
@@ -151,7 +157,8 @@ _SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "job": {"type": "string", "description": "the job fields as a JSON object"},
         "image": {"type": "string", "format": "binary", "description": "the start image"},
         "end_image": {"type": "string", "format": "binary", "description": "the end image"},
-        "video": {"type": "string", "format": "binary", "description": "the input video"}}}}}}}
+        "video": {"type": "string", "format": "binary", "description": "the input video"},
+        "ip_image": {"type": "string", "format": "binary", "description": "the IP-Adapter's image prompt"}}}}}}}
 
 
 # ---------------------------------------------------------------- the key and the size limit, before any route

@@ -39,6 +39,7 @@ def assert_one_line_error(response, status: int, *words: str) -> str:
     ({"prompt": "a red circle", "model": "no-such-model"}, 422, ("no such model", "kinema-tiny")),
     ({"prompt": "x", "image": "/etc/hostname"}, 422, ("reads no server paths", "image_base64")),
     ({"prompt": "x", "video": "clip.mp4"}, 422, ("reads no server paths", "video_base64")),
+    ({"prompt": "x", "ip_image": "/etc/hostname"}, 422, ("reads no server paths", "ip_image_base64")),
     ({"prompt": "x", "video_base64": base64.b64encode(b"just some text").decode()}, 422,
      ("input video is corrupt, truncated or not a video",)),
     ({"prompt": "x", "image_base64": "not base64 !!"}, 422, ("not valid base64",)),

@@ -68,6 +68,13 @@ def as_pil(images: torch.Tensor) -> Image.Image:
     return Image.fromarray((images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
 
+def image_tensor(path) -> torch.Tensor:
+    """An image file as `(1, 3, H, W)` in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
+
 def motion_adapter() -> MotionAdapter:
     return perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
                                  motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False),
@@ -186,6 +193,21 @@ def test_generate_with_an_image_prompt_from_a_model_folder(sd_model, adapter_fol
                      progress=False)
     assert other.settings[0]["ip_image"] == "<Tensor>"
     assert (result.frames - other.frames).abs().max().item() > 1e-3  # the image prompt reaches the video
+    # Guidance runs both sides in one batch: the prompted half holds the image's embeddings, the other zeros (as
+    # diffusers' pipeline makes the unprompted side of a plain IP-Adapter).
+    seen = []
+    forward = family.model.forward
+    family.model.forward = lambda *args, **kwargs: seen.append(kwargs["added_cond_kwargs"]["image_embeds"][0]) or \
+        forward(*args, **kwargs)
+    try:
+        generate(family, GenerationRequest(**{**vars(request), "ip_image": str(tmp_path / "style.png")}),
+                 progress=False)
+    finally:
+        del family.model.forward
+    expected = family.ip_adapter.embeds(image_tensor(tmp_path / "style.png"))[0]
+    halves = seen[0].chunk(2)
+    assert sorted(bool(half.any()) for half in halves) == [False, True]
+    torch.testing.assert_close(next(half for half in halves if half.any()), expected)
     with pytest.raises(KinemaError, match=r"is loaded with an IP-Adapter \(.*ip-adapter_sd15.safetensors\), which "
                                           r"conditions on an image prompt: give one \(ip_image, --ip-image\)"):
         generate(family, request, progress=False)

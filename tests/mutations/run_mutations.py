@@ -181,6 +181,20 @@ MUTATIONS = (
         WRITE_TESTS,
     ),
     Mutation(
+        "IP-Adapter scale ignored: every IP layer runs at 1",
+        "kinema/loaders/ip_adapter.py",
+        ((("            processor.scale = [scale] * len(processor.scale)\n",
+           "            processor.scale = [1.0] * len(processor.scale)\n"),),),
+        ("tests/loaders/test_ip_adapter.py",),
+    ),
+    Mutation(
+        "IP-Adapter's unprompted side takes the image prompt too",
+        "kinema/pipelines/family.py",
+        ((("                {\"ip_image_embeds\": uncond.expand(videos, *uncond.shape[1:])})\n",
+           "                {\"ip_image_embeds\": cond.expand(videos, *cond.shape[1:])})\n"),),),
+        ("tests/loaders/test_ip_adapter.py",),
+    ),
+    Mutation(
         "FreeU scales every backbone channel, not half of them",
         "kinema/models/freeu.py",
         ((("        half = self.backbone_channels // 2\n", "        half = self.backbone_channels\n"),),),
