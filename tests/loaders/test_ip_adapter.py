@@ -34,6 +34,46 @@ def cross_attention_widths(unet2d) -> list[int]:
             for name in unet2d.attn_processors if name.endswith("attn2.processor")]
 
 
+def plus_ip_adapter(unet2d, seed=0, queries=4) -> dict[str, torch.Tensor]:
+    """ip-adapter-plus_sd15's names and layout (a 4-layer perceiver resampler over the encoder's hidden states, 64
+    per head), at the tiny widths: the encoder's hidden states and the resampler 32 wide, one head."""
+    gen = torch.Generator().manual_seed(seed)
+    width, text, inner = 32, unet2d.config.cross_attention_dim, 64
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    state = {"image_proj.latents": rand(1, queries, width, scale=1.0), "image_proj.proj_in.weight": rand(width, 32),
+             "image_proj.proj_in.bias": rand(width), "image_proj.proj_out.weight": rand(text, width),
+             "image_proj.proj_out.bias": rand(text), "image_proj.norm_out.weight": 1 + rand(text),
+             "image_proj.norm_out.bias": rand(text)}
+    for layer in range(4):
+        prefix = f"image_proj.layers.{layer}"
+        state.update({f"{prefix}.0.norm1.weight": 1 + rand(width), f"{prefix}.0.norm1.bias": rand(width),
+                      f"{prefix}.0.norm2.weight": 1 + rand(width), f"{prefix}.0.norm2.bias": rand(width),
+                      f"{prefix}.0.to_q.weight": rand(inner, width), f"{prefix}.0.to_kv.weight": rand(2 * inner, width),
+                      f"{prefix}.0.to_out.weight": rand(width, inner), f"{prefix}.1.0.weight": 1 + rand(width),
+                      f"{prefix}.1.0.bias": rand(width), f"{prefix}.1.1.weight": rand(4 * width, width),
+                      f"{prefix}.1.3.weight": rand(width, 4 * width)})
+    for index, hidden in enumerate(cross_attention_widths(unet2d)):
+        for kind in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * index + 1}.{kind}.weight"] = rand(hidden, text, scale=0.3)
+    return state
+
+
+def full_face_ip_adapter(unet2d, seed=0) -> dict[str, torch.Tensor]:
+    """ip-adapter-full-face_sd15's names and layout (an MLP over every hidden state of the encoder), tiny widths."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, text = 32, unet2d.config.cross_attention_dim
+    state = {"image_proj.proj.0.weight": torch.randn(hidden, hidden, generator=gen) * 0.2,
+             "image_proj.proj.0.bias": torch.randn(hidden, generator=gen) * 0.1,
+             "image_proj.proj.2.weight": torch.randn(text, hidden, generator=gen) * 0.2,
+             "image_proj.proj.2.bias": torch.randn(text, generator=gen) * 0.1,
+             "image_proj.proj.3.weight": 1 + torch.randn(text, generator=gen) * 0.1,
+             "image_proj.proj.3.bias": torch.randn(text, generator=gen) * 0.1}
+    return {**state, **{k: v for k, v in plain_ip_adapter(unet2d, seed).items() if k.startswith("ip_adapter.")}}
+
+
 def plain_ip_adapter(unet2d, seed=0, tokens=4) -> dict[str, torch.Tensor]:
     """ip-adapter_sd15's names and layout, at the tiny UNet's widths (text width 32)."""
     gen = torch.Generator().manual_seed(seed)
@@ -53,6 +93,8 @@ def adapter_folder(unet2d, tmp_path_factory):
     """h94/IP-Adapter's models/ layout: the adapter file and image_encoder/ beside it."""
     folder = tmp_path_factory.mktemp("ip")
     save_file(plain_ip_adapter(unet2d), folder / "ip-adapter_sd15.safetensors")
+    save_file(plus_ip_adapter(unet2d), folder / "ip-adapter-plus_sd15.safetensors")
+    save_file(full_face_ip_adapter(unet2d), folder / "ip-adapter-full-face_sd15.safetensors")
     torch.manual_seed(1)
     CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -81,7 +123,10 @@ def motion_adapter() -> MotionAdapter:
                    seed=3, scale=0.1)
 
 
-def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, tmp_path):
+@pytest.mark.parametrize(("variant", "file"), [("plain", "ip-adapter_sd15.safetensors"),
+                                             ("plus", "ip-adapter-plus_sd15.safetensors"),
+                                             ("full_face", "ip-adapter-full-face_sd15.safetensors")])
+def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, tmp_path, variant, file):
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
@@ -95,14 +140,14 @@ def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, 
                                image_encoder=encoder, feature_extractor=CLIPImageProcessor(
                                    size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_ip_adapter(str(adapter_folder), subfolder="", weight_name="ip-adapter_sd15.safetensors")
+    pipe.load_ip_adapter(str(adapter_folder), subfolder="", weight_name=file)
     pipe.set_ip_adapter_scale(0.7)
     video = VideoUNet.from_unet2d(unet2d, motion_module={"type": "temporal", "norm_mode": "across_frames",
                                                          "max_frames": 32})
     video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
                                   if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
-    loaded = load_ip_adapter(video.eval(), adapter_folder / "ip-adapter_sd15.safetensors", scale=0.7)
-    assert (loaded.variant, loaded.scale) == ("plain", 0.7)
+    loaded = load_ip_adapter(video.eval(), adapter_folder / file, scale=0.7)
+    assert (loaded.variant, loaded.scale) == (variant, 0.7)
 
     noise = initial_noise((2, 4, FRAMES, 16, 16), seeds=[11, 12])
     cond, uncond = embeddings()
@@ -111,10 +156,13 @@ def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, 
                         latents=noise.clone(), num_frames=FRAMES, num_inference_steps=STEPS,
                         guidance_scale=GUIDANCE, height=32, width=32, output_type="latent", return_dict=False)[0]
         image_cond, image_uncond = loaded.embeds(image())
-        assert image_cond.shape == (1, 1, CLIP_DIM) and not image_uncond.any()
+        # plain: the projected embedding and zeros; plus: the penultimate hidden states of the image and of black.
+        assert image_cond.shape == ((1, 1, CLIP_DIM) if variant == "plain" else (1, 1, 17, 32))
+        assert image_uncond.any() == (variant != "plain")
+        image_cond, image_uncond = (embeds.expand(2, *embeds.shape[1:]) for embeds in (image_cond, image_uncond))
         ours = sample(UNetDenoiser(video), make_scheduler("ddim"), noise,
-                      {"encoder_hidden_states": cond, "ip_image_embeds": image_cond.expand(2, -1, -1)},
-                      {"encoder_hidden_states": uncond, "ip_image_embeds": image_uncond.expand(2, -1, -1)},
+                      {"encoder_hidden_states": cond, "ip_image_embeds": image_cond},
+                      {"encoder_hidden_states": uncond, "ip_image_embeds": image_uncond},
                       STEPS, GUIDANCE, progress=False)
     assert (ours - expected).abs().max().item() <= 1e-3
     # The image prompt counts: at scale 0 the adapter adds nothing, and the result moves by far more than that.
@@ -123,8 +171,8 @@ def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, 
     set_ip_adapter_scale(video.unet, 0.0)
     with torch.no_grad():
         unprompted = sample(UNetDenoiser(video), make_scheduler("ddim"), noise,
-                            {"encoder_hidden_states": cond, "ip_image_embeds": image_cond.expand(2, -1, -1)},
-                            {"encoder_hidden_states": uncond, "ip_image_embeds": image_uncond.expand(2, -1, -1)},
+                            {"encoder_hidden_states": cond, "ip_image_embeds": image_cond},
+                            {"encoder_hidden_states": uncond, "ip_image_embeds": image_uncond},
                             STEPS, GUIDANCE, progress=False)
     assert (unprompted - expected).abs().max().item() > 1e-2
 
