@@ -68,7 +68,8 @@ FORMATS: tuple[Format, ...] = (
            describe=f"{_STABLE_DIFFUSION}:describe_image_lora", load=f"{_STABLE_DIFFUSION}:load_image_lora_source"),
     Format("ip_adapter", "IP-Adapter for SD1.5 (h94/IP-Adapter: plain, plus, full face)",
            describe="kinema.loaders.ip_adapter:describe_ip_adapter",
-           load="kinema.loaders.ip_adapter:load_ip_adapter_source"),
+           load="kinema.loaders.ip_adapter:load_ip_adapter_source",
+           convert="kinema.loaders.ip_adapter:convert_ip_adapter_source", layouts=("original",)),
     # Last: a motion module, a LoRA and a Slice VAE folder also have UNet-like names or a vae/ folder, and the
     # entries above claim them first.
     Format("stable_diffusion", "Stable Diffusion 1.5 (diffusers folder or original single file)",

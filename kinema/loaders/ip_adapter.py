@@ -237,6 +237,20 @@ def load_ip_adapter_source(source: Source, *, video_unet: Any = None, scale: flo
     return load_ip_adapter(video_unet, source.path, scale=scale, image_encoder=image_encoder)
 
 
+def convert_ip_adapter_source(source: Source, target: Path, to: str, *, overwrite: bool = False
+                              ) -> tuple[Path, list[str]]:
+    """An IP-Adapter file as h94's `.safetensors` (layout "original": `image_proj.*` and `ip_adapter.*`, the names
+    diffusers' `load_ip_adapter` reads), e.g. from its pickled `.bin` twin; tensors are copied as they are."""
+    from kinema.loaders.checkpoint_io import write_state_dict
+
+    if Path(target).suffix.lower() != ".safetensors":
+        raise KinemaError(f"an IP-Adapter converts to a .safetensors file (h94's layout, which diffusers and "
+                          f"ComfyUI read), not {Path(target).name}")
+    _, parts = read_ip_adapter(source.path)
+    tensors = {f"{part}.{name}": tensor for part, named in parts.items() for name, tensor in named.items()}
+    return write_state_dict(tensors, target, kind="ip_adapter", overwrite=overwrite, inputs=(source.path,)), []
+
+
 def _encoder_width(variant: str, parts: dict[str, dict[str, torch.Tensor]]) -> int:
     proj = parts["image_proj"]
     if variant == "plain":

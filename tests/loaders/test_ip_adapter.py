@@ -285,3 +285,16 @@ def test_jobs_take_the_adapter_and_the_image_prompt(sd_model, adapter_folder, tm
     ]:
         with pytest.raises(KinemaError, match=message):
             job_from_mapping({**data, **change}, base=tmp_path)
+
+
+def test_a_bin_converts_to_the_published_safetensors(unet2d, tmp_path):
+    from safetensors.torch import load_file
+
+    state = plain_ip_adapter(unet2d)
+    torch.save({part: {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
+                for part in ("image_proj", "ip_adapter")}, tmp_path / "ip-adapter_sd15.bin")
+    written, _ = kinema.convert(tmp_path / "ip-adapter_sd15.bin", tmp_path / "ip.safetensors", to="original")
+    converted = load_file(written)
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    with pytest.raises(KinemaError, match=r"converts to a .safetensors file .*not ip.ckpt"):
+        kinema.convert(tmp_path / "ip-adapter_sd15.bin", tmp_path / "ip.ckpt", to="original")
