@@ -3,15 +3,13 @@ equals diffusers' AnimateDiffPipeline with the same adapter, image encoder and i
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, AutoencoderKL, MotionAdapter
+from diffusers import AnimateDiffPipeline, MotionAdapter
 from PIL import Image
 from safetensors.torch import save_file
-from sampling.test_parity import FRAMES, GUIDANCE, STEPS, embeddings, tiny_tokenizer
+from sampling.test_parity import FRAMES, GUIDANCE, STEPS, embeddings, tiny_pipeline_parts
 from tiny_models import perturb
 from transformers import (
     CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
@@ -127,18 +125,11 @@ def motion_adapter() -> MotionAdapter:
                                              ("plus", "ip-adapter-plus_sd15.safetensors"),
                                              ("full_face", "ip-adapter-full-face_sd15.safetensors")])
 def test_sampling_with_an_image_prompt_equals_diffusers(unet2d, adapter_folder, tmp_path, variant, file):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
-                        layers_per_block=1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37,
-                                                num_hidden_layers=1, num_attention_heads=4,
-                                                max_position_embeddings=77))
     encoder = CLIPVisionModelWithProjection.from_pretrained(adapter_folder / "image_encoder")
-    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(tmp_path / "tokenizer"),
-                               unet=unet2d, motion_adapter=motion_adapter(), scheduler=make_scheduler("ddim"),
-                               image_encoder=encoder, feature_extractor=CLIPImageProcessor(
-                                   size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = AnimateDiffPipeline(**tiny_pipeline_parts(tmp_path / "tokenizer"), unet=unet2d,
+                               motion_adapter=motion_adapter(), scheduler=make_scheduler("ddim"),
+                               image_encoder=encoder, feature_extractor=processor)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(str(adapter_folder), subfolder="", weight_name=file)
     pipe.set_ip_adapter_scale(0.7)

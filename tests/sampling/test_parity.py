@@ -28,13 +28,9 @@ def tiny_tokenizer(folder) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
-def pair(unet2d, tmp_path_factory):
-    """diffusers' pipeline (it builds its UNetMotionModel from the 2D UNet and a perturbed MotionAdapter) and kinema's
-    VideoUNet carrying the same motion weights."""
-    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
-                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
+def tiny_pipeline_parts(tokenizer_folder) -> dict:
+    """The VAE, text encoder and tokenizer an AnimateDiffPipeline needs, tiny and seeded (the tests pass their own
+    prompt embeddings, so the text side is idle)."""
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
@@ -42,8 +38,17 @@ def pair(unet2d, tmp_path_factory):
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37,
                                                 num_hidden_layers=1, num_attention_heads=4,
                                                 max_position_embeddings=77))
-    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder,
-                               tokenizer=tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), unet=unet2d,
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tiny_tokenizer(tokenizer_folder)}
+
+
+@pytest.fixture(scope="module")
+def pair(unet2d, tmp_path_factory):
+    """diffusers' pipeline (it builds its UNetMotionModel from the 2D UNet and a perturbed MotionAdapter) and kinema's
+    VideoUNet carrying the same motion weights."""
+    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
+                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
+                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
+    pipe = AnimateDiffPipeline(**tiny_pipeline_parts(tmp_path_factory.mktemp("tokenizer")), unet=unet2d,
                                motion_adapter=adapter, scheduler=make_scheduler("ddim"))
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.unet, UNetMotionModel)
