@@ -112,7 +112,7 @@ class IPAdapter:
     def embeds(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(cond, uncond)` image-prompt embeddings of images `(B, 3, H, W)` in [0, 1], as diffusers' AnimateDiff
         pipeline makes them: `(B, 1, D)` projected embeddings and zeros (plain), or `(B, 1, 257, W)` penultimate
-        hidden states of the image and of a black image (plus, full face)."""
+        hidden states of the image and of all-zero pixels, CLIP's mean colour (plus, full face)."""
         import torch
 
         from kinema.pipelines.clip_image import clip_pixels

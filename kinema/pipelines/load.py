@@ -295,6 +295,12 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
 
     path, scale = ip_adapter
     adapter = _existing(path, "IP-Adapter")
+    kind = _describe(adapter)[1]["kind"]  # headers only: another kind of file is named before any weights load
+    if kind != "ip_adapter":
+        from kinema.loaders.formats import format_of
+
+        raise KinemaError(f"{adapter} is not an IP-Adapter (it is: {format_of(kind).label}): give h94/IP-Adapter's "
+                          "ip-adapter_sd15.safetensors or its plus or full-face variant")
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
         raise KinemaError(f"the IP-Adapter scale must be a finite number of at least 0, got {scale!r}")
     return _ImagePromptFiles(adapter, float(scale), image_encoder_folder(adapter, encoder))

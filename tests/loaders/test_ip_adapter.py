@@ -289,3 +289,16 @@ def test_a_bin_converts_to_the_published_safetensors(unet2d, tmp_path):
     assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
     with pytest.raises(KinemaError, match=r"converts to a .safetensors file .*not ip.ckpt"):
         kinema.convert(tmp_path / "ip-adapter_sd15.bin", tmp_path / "ip.ckpt", to="original")
+
+
+def test_another_kind_of_file_as_the_adapter_is_named_before_any_weights_load(sd_model, adapter_folder,
+                                                                               monkeypatch):
+    import kinema.pipelines.load as load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(load, "_load_described", refuse)
+    with pytest.raises(KinemaError, match=r"mm.safetensors is not an IP-Adapter \(it is: AnimateDiff motion module"):
+        load.load_family(sd_model["path"], motion_module=sd_model["motion_module"],
+                         ip_adapter=(sd_model["motion_module"], 1.0), image_encoder=adapter_folder / "image_encoder")
