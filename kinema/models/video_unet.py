@@ -364,6 +364,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         depth: int = 1,
         deep_features: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
         **unsupported: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward pass split where DeepCache splits it: the outermost `depth` levels (input conv, the first
@@ -380,6 +381,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
             deep_features: `(B, C_deep, F, h, w)` deep features to use in place of the deep part (a shallow pass),
                 or None to compute them (a full pass).
             cross_attention_kwargs: as diffusers' UNet takes them.
+            added_cond_kwargs: `{"image_embeds": [...]}`, an IP-Adapter's image prompt (per clip or per frame).
 
         Returns:
             The prediction `(B, C_out, F, H, W)` and the deep features `(B, C_deep, F, h, w)` (those given, on a
@@ -387,8 +389,9 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         """
         unet = self.unet
         # The parts of diffusers' forward this one leaves out: refused rather than silently dropped.
-        refused = [name for name in ("class_embedding", "add_embedding", "encoder_hid_proj")
-                   if getattr(unet, name, None) is not None]
+        refused = [name for name in ("class_embedding", "add_embedding") if getattr(unet, name, None) is not None]
+        image_prompt = unet.config.encoder_hid_dim_type == "ip_image_proj"  # an IP-Adapter's, which runs below
+        refused += ["encoder_hid_proj"] if unet.encoder_hid_proj is not None and not image_prompt else []
         refused += ["center_input_sample"] if unet.config.center_input_sample else []
         refused += sorted(unsupported)
         if refused:
@@ -400,8 +403,12 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         batch, _, frames = sample.shape[:3]
         timestep = timesteps_per_clip(timestep, batch, sample.device)
         text = self._text_per_frame(encoder_hidden_states, batch, frames)
+        states: Any = text
+        if unet.encoder_hid_proj is not None:  # the IP-Adapter's (text, image tokens), as diffusers' forward makes them
+            added = self._image_prompt_per_frame({"added_cond_kwargs": added_cond_kwargs}, batch, frames)
+            states = unet.process_encoder_hidden_states(text, added["added_cond_kwargs"] or {})
         cut = len(unet.up_blocks) - depth  # the up blocks from here on run on every step
-        text_kwargs = dict(encoder_hidden_states=text, cross_attention_kwargs=cross_attention_kwargs)
+        text_kwargs = dict(encoder_hidden_states=states, cross_attention_kwargs=cross_attention_kwargs)
         with frames_per_clip(frames, text):
             hidden = rearrange(sample, "b c f h w -> (b f) c h w")
             up_factor = 2**unet.num_upsamplers

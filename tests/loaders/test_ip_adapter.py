@@ -302,3 +302,22 @@ def test_another_kind_of_file_as_the_adapter_is_named_before_any_weights_load(sd
     with pytest.raises(KinemaError, match=r"mm.safetensors is not an IP-Adapter \(it is: AnimateDiff motion module"):
         load.load_family(sd_model["path"], motion_module=sd_model["motion_module"],
                          ip_adapter=(sd_model["motion_module"], 1.0), image_encoder=adapter_folder / "image_encoder")
+
+
+def test_step_caching_runs_the_image_prompt(unet2d, adapter_folder):
+    # DeepCache's split forward once refused an IP-Adapter (and so --speed fast, which caches); its full pass must
+    # equal the plain forward, image prompt included.
+    video = VideoUNet.from_unet2d(unet2d).eval()
+    loaded = load_ip_adapter(video, adapter_folder / "ip-adapter-plus_sd15.safetensors", scale=0.8)
+    gen = torch.Generator().manual_seed(2)
+    x, text = torch.randn(2, 4, 3, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    embeds = loaded.embeds(image())[0].expand(2, -1, -1, -1)
+    with torch.no_grad():
+        expected = video(x, 500, text, added_cond_kwargs={"image_embeds": [embeds]})
+        full, deep = video.forward_deep_cached(x, 500, text, added_cond_kwargs={"image_embeds": [embeds]})
+        shallow, _ = video.forward_deep_cached(x, 500, text, deep_features=deep,
+                                               added_cond_kwargs={"image_embeds": [embeds]})
+        without = video(x, 500, text, added_cond_kwargs={"image_embeds": [torch.zeros_like(embeds)]})
+    assert (full - expected).abs().max().item() <= 1e-5
+    assert (shallow - expected).abs().max().item() <= 1e-5  # the same step's deep features: the same result
+    assert (without - expected).abs().max().item() > 1e-3
