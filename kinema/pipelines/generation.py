@@ -69,9 +69,13 @@ class GenerationResult:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str, fit: bool = True) -> torch.Tensor:
-    """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, height, width)` in [0, 1] (`fit`
-    False: at its own size)."""
+def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
+    """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, height, width)` in [0, 1]."""
+    return _fit(_read_image(image, what)[None], height, width, resize, what)[0]
+
+
+def _read_image(image: Any, what: str) -> torch.Tensor:
+    """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, H, W)` in [0, 1], at its own size."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
@@ -87,7 +91,7 @@ def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str, 
         image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise KinemaError(f"{what} must be a path, a PIL image or a (3, H, W) tensor in [0, 1]")
-    return _fit(image[None], height, width, resize, what)[0] if fit else image.float()
+    return image.float()
 
 
 def _fit(frames: torch.Tensor, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
@@ -133,7 +137,7 @@ def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, l
     text = _encode_prompts(family, request, videos, latent_frames, pixel_frames)
     if request.ip_image is None:
         return text
-    image = _image_tensor(request.ip_image, 0, 0, False, "the image prompt", fit=False)
+    image = _read_image(request.ip_image, "the image prompt")
     cond, uncond = family.image_prompt(image[None], videos)
     return _Text({**text.cond, **cond}, None if text.uncond is None else {**text.uncond, **uncond}, text.table)
 
