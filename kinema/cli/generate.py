@@ -131,11 +131,13 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 def parse_ip_adapter(text: str) -> tuple[str, float]:
     """--ip-adapter `PATH[:SCALE]` -> `(path, scale)`, scale 1.0 when not given (split as `parse_lora` splits)."""
+    from kinema.loaders.ip_adapter import check_ip_adapter_scale
+
     path, scale = _path_and_number(text, "the IP-Adapter scale")
-    if scale < 0:
-        raise argparse.ArgumentTypeError(f"the IP-Adapter scale must be at least 0 (0: no image prompt, 1: as "
-                                         f"published), got {scale:g} in {text!r}")
-    return path, scale
+    try:
+        return path, check_ip_adapter_scale(scale)
+    except KinemaError as err:
+        raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
 
 
 def _path_and_number(text: str, what: str) -> tuple[str, float]:

@@ -13,6 +13,7 @@ folder) is found beside the file unless given.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -179,12 +180,9 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 
     """Load the IP-Adapter at `path` into `video_unet` (a `VideoUNet`) at `scale` (the image prompt's weight, 0 to
     leave the model as it is, 1 as published) and its CLIP image encoder (`image_encoder`, default the
     `image_encoder/` folder beside the file). Checks everything before the model changes."""
-    import math
-
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0):
-        raise KinemaError(f"the IP-Adapter scale must be a finite number of at least 0, got {scale!r}")
+    scale = check_ip_adapter_scale(scale)
     path = Path(path)
     variant, parts = read_ip_adapter(path)
     unet = video_unet.unet
@@ -213,6 +211,15 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 
     encoder.to(parameter.device)
     logger.info("IP-Adapter %s (%s) loaded at scale %g", path, variant, scale)
     return IPAdapter(str(path), float(scale), variant, encoder, processor)
+
+
+def check_ip_adapter_scale(scale: Any, name: str = "the IP-Adapter scale") -> float:
+    """`scale` as a float, or one KinemaError line (`name` naming the setting) unless it is a finite number >= 0."""
+    # `not (...)`, so that NaN, which fails every comparison, is refused too.
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
+        raise KinemaError(f"{name} must be at least 0 and finite (0: no image prompt, 1: as published), got "
+                          f"{scale!r}")
+    return float(scale)
 
 
 def image_encoder_folder(adapter: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:

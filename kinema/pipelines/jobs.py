@@ -531,9 +531,9 @@ def _ip_adapter(value: Any, base: Path, models_dir: Path | None) -> tuple[str, f
         if unknown:
             raise unknown_key_error(unknown[0], ("path", "scale"), "ip_adapter")
         value, scale = value.get("path"), value.get("scale", 1.0)
-    scale = _number(scale, "ip_adapter.scale")
-    if scale < 0:
-        raise KinemaError(f"ip_adapter.scale must be at least 0 (0: no image prompt, 1: as published), got {scale}")
+    from kinema.loaders.ip_adapter import check_ip_adapter_scale
+
+    scale = check_ip_adapter_scale(_number(scale, "ip_adapter.scale"), "ip_adapter.scale")
     return _path(value, "ip_adapter", base, models_dir, "IP-Adapter file"), scale
 
 

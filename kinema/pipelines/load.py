@@ -66,6 +66,13 @@ def _describe(path: Path, **options: Any) -> tuple[Any, dict[str, Any]]:
     return source, describe_source(source)
 
 
+def _not_the_kind(path: Path, wanted: str, kind: str, give: str) -> KinemaError:
+    """The one refusal of a file given as `wanted` that the format registry describes as another `kind`."""
+    from kinema.loaders.formats import format_of
+
+    return KinemaError(f"{path} is not {wanted} (it is: {format_of(kind).label}): give {give}")
+
+
 def _load_described(source: Any, kind: str, **options: Any) -> Any:
     """What `kinema.load` does once a path is described: the kind's loader, on the same `Source`."""
     from kinema.loaders.formats import format_of
@@ -271,10 +278,7 @@ def load_family(
         family = _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
                               named, image_prompt)
     else:
-        from kinema.loaders.formats import format_of
-
-        raise KinemaError(f"{model_path} is not a model to generate with (it is: {format_of(kind).label}): give "
-                          f"{_MODEL_KINDS}")
+        raise _not_the_kind(model_path, "a model to generate with", kind, _MODEL_KINDS)
     family.prediction_type = prediction_type
     family.defaults = model_defaults(model_path) if model_path.is_dir() else {}
     return family
@@ -291,19 +295,15 @@ class _ImagePromptFiles:
 
 def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: str | os.PathLike | None
                         ) -> _ImagePromptFiles:
-    from kinema.loaders.ip_adapter import image_encoder_folder
+    from kinema.loaders.ip_adapter import check_ip_adapter_scale, image_encoder_folder
 
     path, scale = ip_adapter
     adapter = _existing(path, "IP-Adapter")
     kind = _describe(adapter)[1]["kind"]  # headers only: another kind of file is named before any weights load
     if kind != "ip_adapter":
-        from kinema.loaders.formats import format_of
-
-        raise KinemaError(f"{adapter} is not an IP-Adapter (it is: {format_of(kind).label}): give h94/IP-Adapter's "
-                          "ip-adapter_sd15.safetensors or its plus or full-face variant")
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
-        raise KinemaError(f"the IP-Adapter scale must be a finite number of at least 0, got {scale!r}")
-    return _ImagePromptFiles(adapter, float(scale), image_encoder_folder(adapter, encoder))
+        raise _not_the_kind(adapter, "an IP-Adapter", kind, "h94/IP-Adapter's ip-adapter_sd15.safetensors or its "
+                            "plus or full-face variant")
+    return _ImagePromptFiles(adapter, check_ip_adapter_scale(scale), image_encoder_folder(adapter, encoder))
 
 
 @dataclass
@@ -339,7 +339,6 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                  image_prompt: _ImagePromptFiles | None = None) -> VideoFamily:
     import torch
 
-    from kinema.loaders.formats import format_of
     from kinema.loaders.source import MOTION_MODULE_NAME
     from kinema.models.precision import cast_module
     from kinema.pipelines.animatediff import AnimateDiffFamily
@@ -352,8 +351,8 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                           "--motion-module PATH (motion_module= in Python)")
     motion_source, motion_report = _describe(motion_path)
     if motion_report["kind"] != "motion_module":
-        raise KinemaError(f"{motion_path} is not a motion module (it is: {format_of(motion_report['kind']).label}): "
-                          "give an AnimateDiff motion module file (e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
+        raise _not_the_kind(motion_path, "a motion module", motion_report["kind"], "an AnimateDiff motion module file "
+                            "(e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
     widths = _unet_widths(path, config)
     if tuple(motion_report["channels"]) != widths:
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
