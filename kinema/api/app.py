@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 20
 # Files a job may upload: form field (and `FIELD_base64` JSON key) -> how messages name it.
-UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video", "ip_image": "image prompt"}
+UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video", "ip_image": "image prompt",
+           "control_video": "control video"}
 # Room in a request body besides its uploads (the job's own fields).
 _BODY_ROOM = 1 << 20
 Scope = MutableMapping[str, Any]
@@ -130,6 +131,14 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                        "description": "an IP-Adapter file (AnimateDiff models), with its scale; needs ip_image"},
         "image_encoder": {"type": "string", "description": "the IP-Adapter's CLIP image encoder folder (default: "
                                                            "image_encoder/ beside the adapter)"},
+        "controlnet": {"oneOf": [{"type": "string"}, {"type": "object", "properties": {
+            "path": {"type": "string"}, "scale": {"type": "number", "minimum": 0}}}],
+                       "description": "an SD1.5 ControlNet folder or file (AnimateDiff models), with its scale; needs "
+                                      "control_video"},
+        "control_start": {"type": "number", "minimum": 0, "maximum": 1,
+                          "description": "the share of the steps after which the ControlNet steers (default 0)"},
+        "control_end": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "the share of the steps after which it stops (default 1)"},
         "frames": {"type": "integer", "minimum": 1},
         "height": {"type": "integer", "minimum": 8},
         "width": {"type": "integer", "minimum": 8},
@@ -146,6 +155,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "video_base64": {"type": "string", "description": "the input video, base64: video-to-video, or with "
                                                           "extend_frames a continuation"},
         "ip_image_base64": {"type": "string", "description": "the IP-Adapter's image prompt, base64"},
+        "control_video_base64": {"type": "string", "description": "the ControlNet's control images, base64: a video "
+                                                                  "with one per frame, or one image for all"},
         "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                      "description": "video-to-video: how far the input is noised (1 redraws it)"},
         "extend_frames": {"type": "integer", "minimum": 1, "description": "append this many frames to the video"},
@@ -158,7 +169,9 @@ _SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "image": {"type": "string", "format": "binary", "description": "the start image"},
         "end_image": {"type": "string", "format": "binary", "description": "the end image"},
         "video": {"type": "string", "format": "binary", "description": "the input video"},
-        "ip_image": {"type": "string", "format": "binary", "description": "the IP-Adapter's image prompt"}}}}}}}
+        "ip_image": {"type": "string", "format": "binary", "description": "the IP-Adapter's image prompt"},
+        "control_video": {"type": "string", "format": "binary",
+                          "description": "the ControlNet's control images (a video, or one image)"}}}}}}}
 
 
 # ---------------------------------------------------------------- the key and the size limit, before any route
@@ -442,6 +455,8 @@ class _Server:
                 if key == "video":
                     suffix, input_frames = _checked(check_video_bytes, data, max_bytes=self.max_upload_bytes,
                                                     what=UPLOADS[key])
+                elif key == "control_video":  # a video, or one image for every frame: both are read as videos
+                    suffix, _ = _checked(check_video_bytes, data, max_bytes=self.max_upload_bytes, what=UPLOADS[key])
                 else:
                     suffix = _checked(_image_suffix_checked, data, UPLOADS[key], self.max_upload_bytes)
                 path = self.uploads_dir / f"{job_id}-{key}{suffix}"

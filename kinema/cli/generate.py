@@ -104,7 +104,8 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 # Every value option's parser default is None, so that one given at its effective default is still seen.
 NOT_WITH_CONFIG: dict[str, Any] = {
     "--model": None, "--motion-module": None, "--lora": [], "--ip-adapter": None, "--image-encoder": None,
-    "--ip-image": None, "--image": None, "--end-image": None, "--negative": None,
+    "--ip-image": None, "--controlnet": None, "--control-video": None, "--control-start": None,
+    "--control-end": None, "--image": None, "--end-image": None, "--negative": None,
     "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
@@ -136,6 +137,17 @@ def parse_ip_adapter(text: str) -> tuple[str, float]:
     path, scale = _path_and_number(text, "the IP-Adapter scale")
     try:
         return path, check_ip_adapter_scale(scale)
+    except KinemaError as err:
+        raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
+
+
+def parse_controlnet(text: str) -> tuple[str, float]:
+    """--controlnet `PATH[:SCALE]` -> `(path, scale)`, scale 1.0 when not given (split as `parse_lora` splits)."""
+    from kinema.loaders.controlnet import check_controlnet_scale
+
+    path, scale = _path_and_number(text, "the ControlNet scale")
+    try:
+        return path, check_controlnet_scale(scale)
     except KinemaError as err:
         raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
 
@@ -288,8 +300,21 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                                 "adapter file, as h94/IP-Adapter's models/ holds it)")
         group.add_argument("--ip-image", metavar="IMAGE",
                            help="the image prompt of --ip-adapter (any size: CLIP's processor crops it)")
+        group.add_argument("--controlnet", type=parse_controlnet, metavar="PATH[:S]",
+                           help="SD1.5 ControlNet (a diffusers folder such as lllyasviel/control_v11p_sd15_openpose, "
+                                "or an original single file) at scale S (default 1.0), for SD models: "
+                                "--control-video then steers every frame")
+        group.add_argument("--control-video", metavar="VIDEO",
+                           help="the control images of --controlnet, already made (pose, depth, edge maps): a video, "
+                                "animation or folder of frames with one per frame, or one image for all; sized as the "
+                                "video (or --resize)")
+        group.add_argument("--control-start", type=float, metavar="F",
+                           help="the share of the steps after which the ControlNet starts steering (default 0)")
+        group.add_argument("--control-end", type=float, metavar="F",
+                           help="the share of the steps after which it stops (default 1: to the end)")
     else:
-        parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None)
+        parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None, controlnet=None,
+                            control_video=None, control_start=None, control_end=None)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
@@ -477,7 +502,31 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
         raise KinemaError("--ip-adapter and --ip-image come together (the adapter conditions on the image prompt): "
                           "give both, or neither")
     _check_image(args.ip_image, "image prompt")
+    if args.controlnet is not None:
+        _require_path(args.controlnet[0], "ControlNet")
+    if (args.control_video is None) != (args.controlnet is None):
+        raise KinemaError("--controlnet and --control-video come together (the ControlNet steers by the control "
+                          "images): give both, or neither")
+    _require_path(args.control_video, "control video")
     return folder
+
+
+def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
+    """--control-video holds one image per frame of the `frames` made (an `input_video`'s, remade frame for frame),
+    or one for all, at the video's size unless --resize (torch-free reads)."""
+    if args.control_video is None:
+        return
+    from kinema.data.probe import frame_count, video_size
+
+    have = frame_count(args.control_video, "control video")
+    if have not in (1, frames):
+        fix = f"an input video of {have} frames" if input_video else f"make {have} frames (--frames {have})"
+        raise KinemaError(f"the control video {args.control_video} has {have} frames and the video {frames}: give one "
+                          f"control image per frame (or one for all), or {fix}")
+    height, width = video_size(args.control_video, "control video")
+    if not args.resize and None not in (args.height, args.width) and (height, width) != (args.height, args.width):
+        raise KinemaError(f"the control video is {width}x{height} but the video is {args.width}x{args.height}; pass "
+                          f"--resize to resize it, or set --width {width} --height {height}")
 
 
 def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
@@ -487,7 +536,7 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
-                        ip_adapter=args.ip_adapter)
+                        ip_adapter=args.ip_adapter, controlnet=args.controlnet)
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -526,12 +575,14 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
+        control_video=args.control_video,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
         speed=args.speed)
     # Options unset, and not in the model's defaults either, take the request's.
-    for key in ("height", "width", "steps", "guidance", "fps", "overlap_frames", "motion_scale", "motion_effect"):
+    for key in ("height", "width", "steps", "guidance", "fps", "overlap_frames", "motion_scale", "motion_effect",
+                "control_start", "control_end"):
         if getattr(args, key, None) is not None:
             shared[key] = getattr(args, key)
     return GenerationRequest(**{**shared, **fields}).with_defaults()
@@ -603,6 +654,7 @@ def check_generate(args: argparse.Namespace) -> None:
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     _check_model_takes(args, model, args.frames)
+    _check_control_frames(args, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()
@@ -610,7 +662,8 @@ def check_generate(args: argparse.Namespace) -> None:
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
         parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
-    inputs = tuple(path for path in (args.image, args.end_image, args.ip_image) if path is not None)
+    inputs = tuple(path for path in (args.image, args.end_image, args.ip_image, args.control_video)
+                   if path is not None)
     _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
                    latents=True)
 
@@ -634,10 +687,12 @@ def check_v2v(args: argparse.Namespace) -> None:
     frames = _check_video_input(args)
     args.prompt = read_prompt(args.prompt)
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS), frames, input_video=True)
+    _check_control_frames(args, frames, input_video=True)
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
                             context=_context(args))
     args.request.check()
-    _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames, (args.video,),
+    _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,
+                   tuple(path for path in (args.video, args.ip_image, args.control_video) if path is not None),
                    latents=True)
 
 
@@ -696,7 +751,8 @@ def _load(args: argparse.Namespace) -> Any:
     from kinema.pipelines.load import load_family
 
     return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype or "float32",
-                       tokenizer=args.tokenizer, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder)
+                       tokenizer=args.tokenizer, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
+                       controlnet=args.controlnet)
 
 
 def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:

@@ -70,6 +70,11 @@ FORMATS: tuple[Format, ...] = (
            describe="kinema.loaders.ip_adapter:describe_ip_adapter",
            load="kinema.loaders.ip_adapter:load_ip_adapter_source",
            convert="kinema.loaders.ip_adapter:convert_ip_adapter_source", layouts=("original",)),
+    # A ControlNet file of diffusers names has `controlnet_cond_embedding` tensors, which a SparseCtrl encoder has too;
+    # this entry leaves a file with motion modules (SparseCtrl) to the motion module entry above, which names it.
+    Format("controlnet", "ControlNet for SD1.5 (diffusers folder, or original or diffusers single file)",
+           describe="kinema.loaders.controlnet:describe_controlnet",
+           load="kinema.loaders.controlnet:load_controlnet_source"),
     # Last: a motion module, a LoRA and a Slice VAE folder also have UNet-like names or a vae/ folder, and the
     # entries above claim them first.
     Format("stable_diffusion", "Stable Diffusion 1.5 (diffusers folder or original single file)",

@@ -272,7 +272,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
     # ------------------------------------------------------------------ forward
 
     @staticmethod
-    def _text_per_frame(text: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    def text_per_frame(text: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         """Text tokens as shared `(B, L, D)`, per-frame `(B, F, L, D)` or folded `(B*F, L, D)` -> `(B*F, L, D)`, the
         frame-folded batch order of the latents; anything else raises one KinemaError line."""
         if text.ndim == 3 and text.shape[0] == batch:  # with F == 1 shared and folded are the same thing
@@ -330,7 +330,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
             return self._forward_step_cached(step_cache, sample, timestep, encoder_hidden_states, unet_kwargs)
         batch, _, frames = sample.shape[:3]
         timestep = timesteps_per_clip(timestep, batch, sample.device)
-        encoder_hidden_states = self._text_per_frame(encoder_hidden_states, batch, frames)
+        encoder_hidden_states = self.text_per_frame(encoder_hidden_states, batch, frames)
         unet_kwargs = self._image_prompt_per_frame(unet_kwargs, batch, frames)
         with frames_per_clip(frames, encoder_hidden_states):
             out = self.unet(
@@ -365,6 +365,8 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         deep_features: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         added_cond_kwargs: dict[str, Any] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
         **unsupported: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward pass split where DeepCache splits it: the outermost `depth` levels (input conv, the first
@@ -382,6 +384,8 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
                 or None to compute them (a full pass).
             cross_attention_kwargs: as diffusers' UNet takes them.
             added_cond_kwargs: `{"image_embeds": [...]}`, an IP-Adapter's image prompt (per clip or per frame).
+            down_block_additional_residuals, mid_block_additional_residual: a ControlNet's, folded `(B*F, ...)`, added
+                where diffusers' forward adds them (a shallow pass adds those of the skips it runs).
 
         Returns:
             The prediction `(B, C_out, F, H, W)` and the deep features `(B, C_deep, F, h, w)` (those given, on a
@@ -402,7 +406,7 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         self._check_latents(sample)
         batch, _, frames = sample.shape[:3]
         timestep = timesteps_per_clip(timestep, batch, sample.device)
-        text = self._text_per_frame(encoder_hidden_states, batch, frames)
+        text = self.text_per_frame(encoder_hidden_states, batch, frames)
         states: Any = text
         if unet.encoder_hid_proj is not None:  # the IP-Adapter's (text, image tokens), as diffusers' forward makes them
             added = self._image_prompt_per_frame({"added_cond_kwargs": added_cond_kwargs}, batch, frames)
@@ -426,11 +430,17 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
                 else:
                     hidden, res = down_block(hidden_states=hidden, temb=emb)
                 skips += res
+            if down_block_additional_residuals is not None and mid_block_additional_residual is not None:
+                # zip stops at the skips a shallow pass has: the first ones, which the outer levels take.
+                skips = tuple(skip + extra for skip, extra in zip(skips, down_block_additional_residuals,
+                                                                   strict=False))
             if deep_features is None:
                 if unet.mid_block is not None and getattr(unet.mid_block, "has_cross_attention", False):
                     hidden = unet.mid_block(hidden, emb, **text_kwargs)
                 elif unet.mid_block is not None:
                     hidden = unet.mid_block(hidden, emb)
+                if down_block_additional_residuals is not None and mid_block_additional_residual is not None:
+                    hidden = hidden + mid_block_additional_residual
                 first_up = 0
             else:
                 # The outer up blocks take the first skips: the input conv's and the outer down blocks' resnets'.

@@ -35,6 +35,8 @@ class AnimateDiffFamily(VideoFamily):
         world: a `PromptWorld` whose prompts the model knows (kinema.json "world"); prompts outside it get one
             warning. None: no check.
         ip_adapter: the IP-Adapter loaded into `video_unet` (kinema.loaders.ip_adapter.load_ip_adapter), if any.
+        controlnet: a `kinema.models.controlnet.VideoControlNet` for `video_unet` (kinema.loaders.controlnet), if
+            any: every run then takes control images.
     """
 
     family = "animatediff"
@@ -47,7 +49,7 @@ class AnimateDiffFamily(VideoFamily):
     def __init__(self, video_unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, source: str | None = None,
                  vae_tiling: bool = False, decode_chunk: int = 16, *, motion_module: str | None = None,
                  loras: Sequence[tuple[str, float]] = (), world: PromptWorld | None = None,
-                 ip_adapter: Any = None) -> None:
+                 ip_adapter: Any = None, controlnet: Any = None) -> None:
         if decode_chunk < 1:
             raise KinemaError(f"decode_chunk must be at least 1 frame, got {decode_chunk}")
         self.model = video_unet
@@ -62,6 +64,7 @@ class AnimateDiffFamily(VideoFamily):
         self.loras: list[tuple[str, float]] = [(str(path), float(weight)) for path, weight in loras]
         self.world = world
         self.ip_adapter = ip_adapter
+        self.controlnet = controlnet
 
     @property
     def video_unet(self) -> Any:
@@ -81,8 +84,9 @@ class AnimateDiffFamily(VideoFamily):
             self.vae.disable_tiling()
 
     def denoiser(self) -> Denoiser:
-        """A `UNetDenoiser` over the VideoUNet: latents `(B, 4, F, h, w)` and CLIP states -> epsilon."""
-        return UNetDenoiser(self.model)
+        """A `UNetDenoiser` over the VideoUNet (and its ControlNet): latents `(B, 4, F, h, w)` and CLIP states ->
+        epsilon."""
+        return UNetDenoiser(self.model, self.controlnet)
 
     @property
     def latent_channels(self) -> int:
@@ -136,4 +140,6 @@ class AnimateDiffFamily(VideoFamily):
             recorded["loras"] = [{"path": path, "weight": weight} for path, weight in self.loras]
         if self.ip_adapter is not None:
             recorded["ip_adapter"] = {"path": self.ip_adapter.path, "scale": self.ip_adapter.scale}
+        if self.controlnet is not None:
+            recorded["controlnet"] = {"path": self.controlnet.path, "scale": self.controlnet.scale}
         return recorded

@@ -135,6 +135,22 @@ class VideoFamily:
             raise KinemaError(f"{self.name} is loaded with an IP-Adapter ({self.ip_adapter.path}), which conditions "
                               "on an image prompt: give one (ip_image, --ip-image), or load the model without it")
 
+    # A ControlNet steering the model frame by frame (kinema.models.controlnet.VideoControlNet), whose control
+    # images every run needs.
+    controlnet: Any = None
+
+    def check_control(self, given: bool) -> None:
+        """One KinemaError line when control images are `given` to a model without ControlNet, or missing for a
+        model with one."""
+        if self.controlnet is None and given:
+            raise KinemaError(f"{self.name} has no ControlNet loaded, so control images (control_video, "
+                              "--control-video) have nothing to steer; load one with the model (--controlnet), which "
+                              "AnimateDiff models take")
+        if self.controlnet is not None and not given:
+            raise KinemaError(f"{self.name} is loaded with a ControlNet ({self.controlnet.path}), which steers every "
+                              "frame by a control image: give them (control_video, --control-video), or load the "
+                              "model without it")
+
     def image_prompt(self, image: torch.Tensor, videos: int) -> tuple[Conditioning, Conditioning]:
         """`(cond, uncond)` with `ip_image_embeds`, one row per video, of the image prompt `(1, 3, H, W)` in [0, 1]
         (its IP-Adapter's CLIP embeddings, and the unprompted side's)."""

@@ -27,7 +27,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,17 +67,20 @@ REPORT_FILE = "report.json"
 JOB_OUTPUT_KIND = "job"
 VIDEO_SUFFIX = ".mp4"
 
-_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer", "ip_adapter", "image_encoder")
+_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer", "ip_adapter", "image_encoder", "controlnet")
 _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # "seed" is the friendlier spelling of "seeds"; "mode" is accepted so that job.settings() reads back (it must agree
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
                "decode_chunk", "attention_chunk", "cache_interval")
-_NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect")
+_NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
+                  "control_end")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile")
 _TEXT_FIELDS = ("negative_prompt",)
-_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt"}
+_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",
+                "control_video": "control video"}
+_VIDEO_FIELDS = ("video", "control_video")  # file fields that may be videos (or frame folders), not images only
 # The named choices of ContextSettings and FreeInitSettings, checked here without importing the torch modules that
 # define them (kinema.sampling.context SCHEDULES, FUSE_METHODS; kinema.sampling.freeinit FREE_INIT_METHODS);
 # tests/pipelines/test_jobs.py checks that they stay equal.
@@ -104,21 +107,25 @@ class Job:
     tokenizer: str | None = None
     ip_adapter: tuple[str, float] | None = None  # (path, scale)
     image_encoder: str | None = None
+    controlnet: tuple[str, float] | None = None  # (path, scale)
 
     def settings(self) -> dict[str, Any]:
-        """JSON-ready settings: model, motion_module, loras, tokenizer, ip_adapter, image_encoder and
+        """JSON-ready settings: model, motion_module, loras, tokenizer, ip_adapter, image_encoder, controlnet and
         `request.settings()` (seeds as used); `job_from_mapping` reads them back into the same job."""
         return {"model": self.model, "motion_module": self.motion_module,
                 "loras": [[path, weight] for path, weight in self.loras], "tokenizer": self.tokenizer,
                 "ip_adapter": None if self.ip_adapter is None else {"path": self.ip_adapter[0],
                                                                     "scale": self.ip_adapter[1]},
-                "image_encoder": self.image_encoder, **self.request.settings()}
+                "image_encoder": self.image_encoder,
+                "controlnet": None if self.controlnet is None else {"path": self.controlnet[0],
+                                                                    "scale": self.controlnet[1]},
+                **self.request.settings()}
 
     def model_key(self) -> tuple:
         """What decides which loaded model serves the job: jobs with equal keys share one `load_family`."""
         return (self.model, self.motion_module, tuple((path, weight) for path, weight in self.loras),
                 self.request.dtype or "float32", self.tokenizer, self.request.quantize, self.request.compile,
-                self.ip_adapter, self.image_encoder)
+                self.ip_adapter, self.image_encoder, self.controlnet)
 
 
 # ---------------------------------------------------------------- checks shared with `kinema generate`
@@ -208,10 +215,11 @@ def model_shape(folder: Path) -> ModelShape | None:
 
 
 def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
-                             config: Any = None, freeu: bool = False, ip_adapter: Any = None) -> None:
+                             config: Any = None, freeu: bool = False, ip_adapter: Any = None,
+                             controlnet: Any = None) -> None:
     """An EasyAnimate model brings its own motion layers, tokenizer and configs, and has no UNet: one KinemaError
-    line for a motion module, LoRA, tokenizer, config, FreeU or IP-Adapter given with one (they are for Stable
-    Diffusion 1.5 models)."""
+    line for a motion module, LoRA, tokenizer, config, FreeU, IP-Adapter or ControlNet given with one (they are for
+    Stable Diffusion 1.5 models)."""
     if motion_module is not None:
         raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
                           "(motion modules are for Stable Diffusion 1.5 models)")
@@ -225,12 +233,15 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
     if ip_adapter is not None:
         raise KinemaError(f"{path} is an EasyAnimate model: an IP-Adapter is for AnimateDiff (SD1.5) models, and "
                           "EasyAnimate's InP models take an image as the first frame (--image)")
+    if controlnet is not None:
+        raise KinemaError(f"{path} is an EasyAnimate model: a ControlNet steers an SD1.5 UNet, and EasyAnimate is a "
+                          "diffusion transformer; use it with an AnimateDiff model")
 
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
                         tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
-                        ip_adapter: Any = None) -> None:
+                        ip_adapter: Any = None, controlnet: Any = None) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
     motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose
@@ -244,7 +255,7 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
         check_size_multiple(height, width, shape.size_multiple, shape.why)
     if shape.family == "easyanimate":
         check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu,
-                                 ip_adapter=ip_adapter)
+                                 ip_adapter=ip_adapter, controlnet=controlnet)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -521,20 +532,19 @@ def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, f
     return loras
 
 
-def _ip_adapter(value: Any, base: Path, models_dir: Path | None) -> tuple[str, float] | None:
-    """An IP-Adapter file at its scale: a path (scale 1) or {"path": ..., "scale": ...}."""
+def _scaled_file(value: Any, key: str, base: Path, models_dir: Path | None, what: str,
+                 check_scale: Callable[[float], float]) -> tuple[str, float] | None:
+    """A model file at its scale (ip_adapter, controlnet): a path (scale 1) or {"path": ..., "scale": ...}."""
     if value is None:
         return None
     scale: Any = 1.0
     if isinstance(value, Mapping):
-        unknown = [key for key in value if key not in ("path", "scale")]
+        unknown = [name for name in value if name not in ("path", "scale")]
         if unknown:
-            raise unknown_key_error(unknown[0], ("path", "scale"), "ip_adapter")
+            raise unknown_key_error(unknown[0], ("path", "scale"), key)
         value, scale = value.get("path"), value.get("scale", 1.0)
-    from kinema.loaders.ip_adapter import check_ip_adapter_scale
-
-    scale = check_ip_adapter_scale(_number(scale, "ip_adapter.scale"), "ip_adapter.scale")
-    return _path(value, "ip_adapter", base, models_dir, "IP-Adapter file"), scale
+    scale = check_scale(_number(scale, f"{key}.scale"))
+    return _path(value, key, base, models_dir, what), scale
 
 
 def _prompt(value: Any) -> str | dict[str, Any]:
@@ -586,7 +596,16 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     tokenizer = None if data.get("tokenizer") is None else _path(
         data["tokenizer"], "tokenizer", base, models_dir, "tokenizer")
     loras = _loras(data.get("loras") or [], base, models_dir)
-    ip_adapter = _ip_adapter(data.get("ip_adapter"), base, models_dir)
+    from kinema.loaders.controlnet import check_controlnet_scale
+    from kinema.loaders.ip_adapter import check_ip_adapter_scale
+
+    ip_adapter = _scaled_file(data.get("ip_adapter"), "ip_adapter", base, models_dir, "IP-Adapter file",
+                              lambda scale: check_ip_adapter_scale(scale, "ip_adapter.scale"))
+    controlnet = _scaled_file(data.get("controlnet"), "controlnet", base, models_dir, "ControlNet",
+                              check_controlnet_scale)
+    if (data.get("control_video") is None) != (controlnet is None):
+        raise KinemaError("a ControlNet and its control images come together: give both controlnet and "
+                          "control_video, or neither")
     image_encoder = None if data.get("image_encoder") is None else _path(
         data["image_encoder"], "image_encoder", base, models_dir, "image encoder folder")
     if ip_adapter is not None:
@@ -637,7 +656,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     for key, what in _FILE_FIELDS.items():
         if data.get(key) is not None:
             given[key] = _path(data[key], key, base, None, what)
-            if key != "video":
+            if key not in _VIDEO_FIELDS:
                 size = check_image_file(given[key], what)
                 if key != "ip_image":  # an image prompt may be any size: CLIP's processor crops it
                     image_sizes[what] = size
@@ -672,7 +691,15 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             check_video_holds_overlap(have, request.overlap_frames or 0)
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
-                        freeu=request.freeu is not None, ip_adapter=ip_adapter)
+                        freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet)
+    if request.control_video is not None and made is not None:
+        controls = frame_count(request.control_video, "control video")
+        if controls not in (1, made):
+            raise KinemaError(f"the control video has {controls} frames and the job makes {made}: give one control "
+                              f"image per frame (or one for all), or \"frames\": {controls}")
+    if request.control_video is not None:
+        height, width = video_size(request.control_video, "control video")
+        image_sizes["control video"] = (width, height)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):
@@ -690,7 +717,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
                   else 10**9)
         parse_prompt_schedule(prompt, length, request.interpolation)
     return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer,
-               ip_adapter=ip_adapter, image_encoder=image_encoder)
+               ip_adapter=ip_adapter, image_encoder=image_encoder, controlnet=controlnet)
 
 
 # ---------------------------------------------------------------- running
@@ -724,7 +751,8 @@ class FamilyCache:
                     self._families.popitem(last=False)
             family = load_family(job.model, motion_module=job.motion_module, loras=job.loras,
                                  dtype=job.request.dtype or "float32", device=self.device, tokenizer=job.tokenizer,
-                                 ip_adapter=job.ip_adapter, image_encoder=job.image_encoder)
+                                 ip_adapter=job.ip_adapter, image_encoder=job.image_encoder,
+                                 controlnet=job.controlnet)
             self.loads += 1
             self._families[key] = family
             return family

@@ -103,14 +103,13 @@ def _lora_kind(path: Path) -> tuple[Any, str]:
     raise KinemaError(f"{path} is not a LoRA ({found}); --lora takes motion LoRAs and SD1.5 image LoRAs")
 
 
-def _unet_widths(model: Path, config: str | os.PathLike | None) -> tuple[int, ...]:
-    """The SD UNet's block widths from its config (the folder's, or the single-file configs), reading no weights."""
+def _unet_config(model: Path, config: str | os.PathLike | None) -> dict[str, Any]:
+    """The SD UNet's config (the folder's, or the single-file configs), reading no weights."""
     from kinema.fileio import read_json_object
     from kinema.loaders.stable_diffusion import SD15_CONFIGS
 
     folder = model if model.is_dir() else Path(config) if config is not None else SD15_CONFIGS
-    unet_config = read_json_object(folder / "unet" / "config.json", "the UNet's config")
-    return tuple(unet_config.get("block_out_channels", ()))
+    return read_json_object(folder / "unet" / "config.json", "the UNet's config")
 
 
 def _checked_setting(where: Path, name: str, value: Any) -> None:
@@ -209,6 +208,7 @@ def load_family(
     config: str | os.PathLike | None = None,
     ip_adapter: tuple[str | os.PathLike, float] | None = None,
     image_encoder: str | os.PathLike | None = None,
+    controlnet: tuple[str | os.PathLike, float] | None = None,
 ) -> VideoFamily:
     """Load `model` for generation as its family's parts (`AnimateDiffFamily` or `EasyAnimateFamily`).
 
@@ -231,6 +231,8 @@ def load_family(
         ip_adapter: SD models only: `(path, scale)` of an IP-Adapter file (kinema.loaders.ip_adapter), whose image
             prompt then conditions every run (`GenerationRequest.ip_image`).
         image_encoder: the IP-Adapter's CLIP image encoder folder (default: `image_encoder/` beside its file).
+        controlnet: SD models only: `(path, scale)` of a ControlNet folder or file (kinema.loaders.controlnet),
+            whose control images then steer every run (`GenerationRequest.control_video`).
 
     Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
     see its names), for a missing path that is not a bundled model's name either (listing those), an unknown dtype,
@@ -264,6 +266,7 @@ def load_family(
     if tokenizer is not None:
         _existing(tokenizer, "tokenizer")
     image_prompt = None if ip_adapter is None else _image_prompt_files(ip_adapter, image_encoder)
+    control = None if controlnet is None else _control_file(controlnet)
     source, report = _describe(model_path, **({} if config is None else {"config": config}))
     kind = report["kind"]
     logger.info("%s: %s (%s)", model_path, kind, report.get("format", "kinema"))
@@ -273,10 +276,10 @@ def load_family(
     named = _Named(recorded, None if world is None else PromptWorld(world))
     if kind == "easyanimate_transformer":
         family = _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
-                              named, image_prompt)
+                              named, image_prompt, control)
     elif kind == "stable_diffusion":
         family = _animatediff(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
-                              named, image_prompt)
+                              named, image_prompt, control)
     else:
         raise _not_the_kind(model_path, "a model to generate with", kind, _MODEL_KINDS)
     family.prediction_type = prediction_type
@@ -306,6 +309,17 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
     return _ImagePromptFiles(adapter, check_ip_adapter_scale(scale), image_encoder_folder(adapter, encoder))
 
 
+def _control_file(controlnet: tuple[str | os.PathLike, float]) -> tuple[Path, float]:
+    """A ControlNet's path, checked to exist, and its scale, checked; its weights are checked against the base
+    UNet once that is known (`_animatediff`)."""
+    from kinema.loaders.controlnet import check_controlnet_scale
+
+    if not (isinstance(controlnet, (tuple, list)) and len(controlnet) == 2):
+        raise KinemaError(f"controlnet is a (path, scale) pair; got {controlnet!r}")
+    path, scale = controlnet
+    return _existing(path, "ControlNet"), check_controlnet_scale(scale)
+
+
 @dataclass
 class _Named:
     """What the family records and checks besides its parts: the model as the settings name it (a bundled model's
@@ -317,12 +331,13 @@ class _Named:
 
 def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named,
-                 image_prompt: _ImagePromptFiles | None = None) -> VideoFamily:
+                 image_prompt: _ImagePromptFiles | None = None,
+                 control: tuple[Path, float] | None = None) -> VideoFamily:
     from kinema.loaders.easyanimate.folder import MODEL_PARTS, is_model_folder
     from kinema.pipelines.jobs import check_easyanimate_extras
 
     check_easyanimate_extras(path, motion_module=motion_path, loras=loras, tokenizer=tokenizer, config=config,
-                             ip_adapter=image_prompt)
+                             ip_adapter=image_prompt, controlnet=control)
     if not is_model_folder(path):
         raise KinemaError(f"{path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                           f"({', '.join(part + '/' for part in MODEL_PARTS)})")
@@ -336,7 +351,8 @@ def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
 
 def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named,
-                 image_prompt: _ImagePromptFiles | None = None) -> VideoFamily:
+                 image_prompt: _ImagePromptFiles | None = None,
+                 control: tuple[Path, float] | None = None) -> VideoFamily:
     import torch
 
     from kinema.loaders.source import MOTION_MODULE_NAME
@@ -353,11 +369,17 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     if motion_report["kind"] != "motion_module":
         raise _not_the_kind(motion_path, "a motion module", motion_report["kind"], "an AnimateDiff motion module file "
                             "(e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
-    widths = _unet_widths(path, config)
+    unet_config = _unet_config(path, config)
+    widths = tuple(unet_config.get("block_out_channels", ()))
     if tuple(motion_report["channels"]) != widths:
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
                           f"{path}'s UNet has widths {widths}: use a motion module made for this base model")
     overrides = _folder_motion_overrides(path, motion_path, motion_report)
+    if control is not None:  # headers only, against this UNet's config: a misfit is named before any weights load
+        control_kind = _describe(control[0], unet_config=unet_config)[1]["kind"]
+        if control_kind != "controlnet":
+            raise _not_the_kind(control[0], "a ControlNet", control_kind, "an SD1.5 ControlNet folder or file, e.g. "
+                                "lllyasviel's control_v11p_sd15_openpose")
     kinds = [(lora_path, weight, *_lora_kind(lora_path)) for lora_path, weight in loras]
 
     # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.
@@ -396,14 +418,20 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
 
         ip_adapter = load_ip_adapter(video_unet, image_prompt.adapter, scale=image_prompt.scale,
                                      image_encoder=image_prompt.encoder)
+    controlnet = None
+    if control is not None:
+        from kinema.loaders.controlnet import load_controlnet
+
+        controlnet = load_controlnet(video_unet, control[0], scale=control[1])
     parts = [video_unet.eval(), components.vae, components.text_encoder]
     parts += [] if ip_adapter is None else [ip_adapter.image_encoder]
+    parts += [] if controlnet is None else [controlnet]
     for part in parts:
         cast_module(part, device=device, dtype=dtype)
     family = AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
                                source=named.source, motion_module=str(motion_path),
                                loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world,
-                               ip_adapter=ip_adapter)
+                               ip_adapter=ip_adapter, controlnet=controlnet)
     logger.info("loaded AnimateDiff model %s with %s: %d LoRAs, %s on %s", path, motion_path, len(loras),
                 str(dtype).removeprefix("torch."), device)
     return family

@@ -115,6 +115,15 @@ class FreeUSettings:
                                   "that part as trained; to turn FreeU off, leave it unset)")
 
 
+def check_control_window(start: Any, end: Any) -> None:
+    """One KinemaError line unless 0 <= start < end <= 1: the share of the steps a ControlNet steers."""
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (start, end))
+    # `not (...)`, so that NaN, which fails every comparison, is refused too.
+    if not (numbers and 0 <= start < end <= 1):
+        raise KinemaError(f"the ControlNet steers from control_start to control_end, shares of the steps with 0 <= "
+                          f"start < end <= 1; got {start!r} to {end!r}")
+
+
 def check_seed(seed: int, also: str = "") -> None:
     """One KinemaError line for a seed torch.Generator does not take; `also` adds to the range the message gives
     (jobs: ", or -1 for a random one")."""
@@ -168,6 +177,11 @@ class GenerationRequest:
         freeu: FreeU's backbone and skip factors for UNet models (AnimateDiff family; None: off).
         ip_image: the image prompt of a model loaded with an IP-Adapter (a path, a PIL image or `(3, H, W)` in
             [0, 1], any size: CLIP's processor resizes and crops it); such a model needs one.
+        control_video: the control images of a model loaded with a ControlNet (pose, depth or edge maps, ...): a
+            video, animation, image or folder of frames, or frames `(F, 3, H, W)` in [0, 1]; one per frame of the
+            video (or one image for all of them), sized as the video (else `resize`). Such a model needs them.
+        control_start, control_end: the share of the sampling steps the ControlNet steers, from and to (diffusers'
+            control_guidance_start / _end: step i of n is steered when start <= i/n and (i+1)/n <= end).
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
@@ -208,6 +222,9 @@ class GenerationRequest:
     motion_effect: float = 1.0
     freeu: FreeUSettings | None = None
     ip_image: Any = None
+    control_video: Any = None
+    control_start: float = 0.0
+    control_end: float = 1.0
     dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
@@ -275,6 +292,11 @@ class GenerationRequest:
         if self.freeu is not None and not isinstance(self.freeu, FreeUSettings):
             raise KinemaError(f"freeu must be FreeUSettings(b1=..., b2=..., s1=..., s2=...) or None, got "
                               f"{self.freeu!r}")
+        check_control_window(self.control_start, self.control_end)
+        if self.control_video is not None and self.mode == "extend":
+            raise KinemaError("a ControlNet steers the frames of one clip, and extend makes new segments past the "
+                              "control video's end; use the control video with generate (text-, image- or "
+                              "video-to-video), with --frames as long as it")
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
         if not 0 < self.strength <= 1:
@@ -310,7 +332,7 @@ class GenerationRequest:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
         type)."""
         data = asdict(self)
-        for key in ("image", "end_image", "video", "ip_image"):
+        for key in ("image", "end_image", "video", "ip_image", "control_video"):
             value = data[key]
             if isinstance(value, os.PathLike):
                 data[key] = os.fspath(value)

@@ -10,6 +10,7 @@ guidance (kinema.sampling.guidance) joins a conditional and an unconditional `co
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,17 +67,40 @@ class Denoiser:
 class UNetDenoiser(Denoiser):
     """AnimateDiff: a `VideoUNet` predicts epsilon directly; `encoder_hidden_states` are the CLIP text states
     `(B, L, D)` shared by all frames (or per frame, see `VideoUNet.forward`), `ip_image_embeds` an IP-Adapter's
-    image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded."""
+    image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded, and
+    `control_frames` a ControlNet's control images `(B, 3, F, H, W)` in [0, 1], for a denoiser given `controlnet`
+    (a `kinema.models.controlnet.VideoControlNet`)."""
 
-    condition_names = ("encoder_hidden_states", "ip_image_embeds")
+    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames")
+
+    def __init__(self, model: nn.Module, controlnet: nn.Module | None = None):
+        super().__init__(model)
+        self.controlnet = controlnet
+
+    def check(self, cond: Conditioning) -> None:
+        """As `Denoiser.check`, and one line for control images without a ControlNet to read them. A ControlNet
+        without control images rests (the steps outside its control_start .. control_end)."""
+        super().check(cond)
+        if cond.get("control_frames") is not None and self.controlnet is None:
+            raise KinemaError("control images (control_frames) were given, and no ControlNet is loaded to read them; "
+                              "load one with the model (--controlnet)")
 
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
-        """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs`."""
+        """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs` and the
+        ControlNet's residuals as its additional residuals."""
+        extra = ("ip_image_embeds", "control_frames")
+        kwargs: dict[str, Any] = {k: v for k, v in cond.items() if k not in extra and v is not None}
         image = cond.get("ip_image_embeds")
-        if image is None:
-            return super().predict(latents, timestep, cond)
-        rest = {k: v for k, v in cond.items() if k != "ip_image_embeds" and v is not None}
-        return self.model(latents, timestep, added_cond_kwargs={"image_embeds": [image]}, **rest)
+        if image is not None:
+            kwargs["added_cond_kwargs"] = {"image_embeds": [image]}
+        control = cond.get("control_frames")
+        if control is not None and self.controlnet is not None:
+            from kinema.models.video_unet import VideoUNet
+
+            batch, _, frames = latents.shape[:3]
+            text = VideoUNet.text_per_frame(kwargs["encoder_hidden_states"], batch, frames)
+            kwargs.update(self.controlnet(latents, timestep, text, control))
+        return self.model(latents, timestep, **kwargs)
 
     @staticmethod
     def conditioning(text_states: torch.Tensor) -> dict[str, torch.Tensor | None]:

@@ -234,6 +234,24 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                                   "both, or neither"),
         (["generate", "a cat", *model, "--ip-adapter", "weights.safetensors", "--ip-image", "clip.mp4"],
          "the IP-Adapter needs its CLIP image encoder, and image_encoder is no transformers model folder"),
+        (["generate", "a cat", *model, "--control-video", "clip.mp4"], "--controlnet and --control-video come "
+                                                                       "together (the ControlNet steers by the "
+                                                                       "control images): give both, or neither"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "gone.mp4"],
+         "no such control video: gone.mp4"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4"],
+         "the control video clip.mp4 has 8 frames and the video 16: give one control image per frame (or one for "
+         "all), or make 8 frames (--frames 8)"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
+          "--frames", "8", "--height", "64", "--width", "64"], "the control video is 32x32 but the video is 64x64; "
+                                                               "pass --resize to resize it"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
+          "--frames", "8", "--height", "32", "--width", "32", "--control-start", "1"],
+         "the ControlNet steers from control_start to control_end, shares of the steps with 0 <= start < end <= 1; "
+         "got 1.0 to 1.0"),
+        (["extend", "clip.mp4", "--frames", "8", *model, "--controlnet", "weights.safetensors", "--control-video",
+          "clip.mp4"], "a ControlNet steers the frames of one clip, and extend makes new segments past the control "
+                       "video's end"),
         (["generate", "a cat", *model, "--image", "gone.png"], "no such image: gone.png"),
         (["generate", "a cat", *model, "--image", "clip.mp4"], "the image clip.mp4 is not an image"),
         (["generate", "a cat", *model, "--image", "."], "the image . is a folder; give an image file (PNG, JPEG or "
@@ -282,6 +300,10 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),
         (["generate", "a cat", *model, "--ip-adapter", "ip.safetensors:-1"], "argument --ip-adapter: the IP-Adapter "
                                                                              "scale must be at least 0"),
+        (["generate", "a cat", *model, "--controlnet", "cn:nan"], "argument --controlnet: the ControlNet scale "
+                                                                  "must be a finite number, got nan"),
+        (["generate", "a cat", *model, "--controlnet", "cn:-2"], "argument --controlnet: the ControlNet scale "
+                                                                 "must be at least 0 and finite"),
         (["generate", "a cat", *model, "--freeu", "1.5,1.6"], "argument --freeu: expected on, or four numbers "
                                                               "B1,B2,S1,S2 (e.g. 1.5,1.6,0.9,0.2), got '1.5,1.6'"),
         (["generate", "a cat", *model, "--freeu", "1,1,nan,1"], "argument --freeu: FreeU factor s1 must be a finite "

@@ -209,6 +209,26 @@ MUTATIONS = (
            "        token = self._value.set(value)\n        self._latest = value\n"),)),
         ("tests/models/test_freeu.py", "tests/models/motion/test_temporal.py"),
     ),
+    Mutation(
+        "step caching drops the ControlNet's skip residuals",
+        "kinema/models/video_unet.py",
+        ((("skips = tuple(skip + extra for skip, extra in zip(",
+           "skips = tuple(skip + 0 * extra for skip, extra in zip("),),),
+        ("tests/loaders/test_controlnet.py",),
+    ),
+    Mutation(
+        "context windows hand every window the first frames' control images",
+        "kinema/sampling/context.py",
+        ((("{\"inpaint_latents\": 2, \"control_frames\": 2, ", "{\"inpaint_latents\": 2, "),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
+        "the control window is counted in steps, not diffusers' share of the steps",
+        "kinema/pipelines/generation.py",
+        ((("    return not (step / steps < start or (step + 1) / steps > end)\n",
+           "    return not (step < start or step > end)\n"),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

@@ -1,0 +1,254 @@
+"""ControlNet for AnimateDiff (SD1.5): every frame steered by its own control image (pose, depth, edges, ...).
+
+The files people have come in two layouts, both read here, strictly and without unpickling code:
+- a diffusers folder (`config.json` of a `ControlNetModel` beside `diffusion_pytorch_model.safetensors`/`.bin`):
+  lllyasviel/sd-controlnet-*, lllyasviel/control_v11*_sd15_*;
+- one file in the original layout (`input_hint_block.*`, `zero_convs.*`, `middle_block_out.*`, `input_blocks.*`,
+  with or without the `control_model.` prefix): lllyasviel/ControlNet-v1-1's `control_v11p_sd15_openpose.pth` and
+  comfyanonymous' fp16 `.safetensors` of them; or one file of diffusers names.
+A single file carries no config: its ControlNet copies the encoder of the base UNet it steers (diffusers'
+`ControlNetModel.from_unet` config), SD1.5's unless the caller gives the UNet's config, and diffusers' own key map
+(`convert_controlnet_checkpoint`, the function behind `from_single_file`) renames original names.
+
+The ControlNet runs diffusers' `ControlNetModel` on the frames folded into the batch, as diffusers'
+`AnimateDiffControlNetPipeline` does; its residuals are added to the VideoUNet's skips and mid block
+(kinema.sampling.denoisers.UNetDenoiser).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kinema.errors import KinemaError, naming
+
+if TYPE_CHECKING:  # torch and diffusers load when a file is read, so the CLI checks its options without them
+    import torch
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from kinema.loaders.source import Source
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_PREFIX = "control_model."
+# Names only a ControlNet has, in each layout (the UNet it copies has neither).
+ORIGINAL_MARKERS = ("input_hint_block.0.weight", "zero_convs.0.0.weight")
+DIFFUSERS_MARKERS = ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight")
+CONFIG_CLASS = "ControlNetModel"
+
+
+def controlnet_layout(names: list[str]) -> str | None:
+    """"original" or "diffusers" from a file's tensor names, None for no plain ControlNet (a SparseCtrl encoder,
+    with motion modules of its own, is the motion-module reader's to name)."""
+    if any(".motion_modules." in name or name.startswith("motion_modules.") for name in names):
+        return None
+    bare = {name.removeprefix(ORIGINAL_PREFIX) for name in names}
+    if all(marker in bare for marker in ORIGINAL_MARKERS):
+        return "original"
+    if all(marker in bare for marker in DIFFUSERS_MARKERS):
+        return "diffusers"
+    return None
+
+
+def _is_controlnet_folder(path: Path) -> bool:
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    from kinema.fileio import read_json_object
+
+    return read_json_object(config, "the model config").get("_class_name") == CONFIG_CLASS
+
+
+def controlnet_config(unet_config: dict[str, Any] | None = None, conditioning_channels: int = 3) -> dict[str, Any]:
+    """The config of a ControlNet for a UNet of `unet_config` (default: SD1.5's, shipped with kinema), made by
+    diffusers' `ControlNetModel.from_unet` on a weightless UNet."""
+    from accelerate import init_empty_weights
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    from kinema.loaders.stable_diffusion import SD15_CONFIGS
+
+    if unet_config is None:
+        unet_config = dict(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
+    if unet_config.get("encoder_hid_dim_type") == "ip_image_proj":  # an IP-Adapter's addition, not the base UNet's
+        unet_config = {**unet_config, "encoder_hid_dim_type": None, "encoder_hid_dim": None}
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        built = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
+                                          conditioning_channels=conditioning_channels)
+    return {k: v for k, v in built.config.items() if not k.startswith("_")}
+
+
+def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
+    """`(layout, config)` of a ControlNet file or folder; the layout is "diffusers-folder", "original" or
+    "diffusers"."""
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    if source.path.is_dir():
+        return "diffusers-folder", dict(ControlNetModel.load_config(source.path))
+    layout = controlnet_layout(source.names)
+    assert layout is not None  # the caller checked
+    tensors, _ = source.layout
+    hint = tensors.get(f"{ORIGINAL_PREFIX}input_hint_block.0.weight", tensors.get("input_hint_block.0.weight"))
+    if hint is None:
+        hint = tensors["controlnet_cond_embedding.conv_in.weight"]
+    return layout, controlnet_config(source.options.get("unet_config"), int(hint.shape[1]))
+
+
+def _weights_source(source: Source) -> Source:
+    if not source.path.is_dir():
+        return source
+    from kinema.loaders.checkpoint_io import find_weights
+
+    files = find_weights(source.path)
+    if len(files.files) > 1:
+        raise KinemaError(f"{source.path} holds sharded ControlNet weights; kinema reads one weights file (SD1.5 "
+                          "ControlNets are 1.4 GB, never sharded): give the folder as downloaded")
+    return source.file_inside(files.files[0])
+
+
+def _renamed(layout: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The file's tensors under diffusers' names (original ones through diffusers' own key map)."""
+    if layout != "original":
+        return state
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    bare = {name.removeprefix(ORIGINAL_PREFIX): tensor for name, tensor in state.items()}
+    converted = convert_controlnet_checkpoint(bare, config)
+    # The map copies or views; a name it did not carry over has no place in the ControlNet.
+    taken = {id(t) if t.is_meta else t.data_ptr() for t in converted.values() if t is not None}
+    left = [name for name, t in bare.items() if (id(t) if t.is_meta else t.data_ptr()) not in taken]
+    if left:
+        raise KinemaError(f"{len(left)} tensors have no place in the ControlNet (e.g. {', '.join(left[:3])}); is this "
+                          "an SD1.5 ControlNet for this base model?")
+    missing = [name for name, t in converted.items() if t is None]
+    if missing:
+        raise KinemaError(f"the file lacks {len(missing)} ControlNet tensors (e.g. {', '.join(missing[:3])}): it is "
+                          "incomplete (an interrupted download?) or made for another base model")
+    return converted
+
+
+_ADVICE = "Is it an SD1.5 ControlNet, and the base model an SD1.5 model?"
+
+
+def _check_names(layout: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """One KinemaError line unless the (renamed) tensors are exactly the ControlNet's of `config`, names and
+    shapes."""
+    from accelerate import init_empty_weights
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from kinema.state_dicts import check_fits, shapes
+
+    with init_empty_weights():
+        expected = ControlNetModel.from_config(config)
+    check_fits(shapes(expected.state_dict()), shapes(_renamed(layout, tensors, config)),
+               "its weights do not fit the ControlNet", advice=_ADVICE)
+
+
+def describe_controlnet(source: Source) -> dict[str, Any] | None:
+    """The format registry's describer: a ControlNet folder or file, with its layout, conditioning channels and
+    width; None for anything else. A single file is checked against the ControlNet of `unet_config=` (SD1.5's
+    by default); with `unet_config=`, also that its residuals fit that UNet."""
+    if not (_is_controlnet_folder(source.path) or (source.is_weights_file and controlnet_layout(source.names))):
+        return None
+    from kinema.loaders.checkpoint_io import dtype_report
+
+    try:
+        layout, config = _source_config(source)
+        weights = _weights_source(source)
+        tensors, _ = weights.layout
+        _check_names("diffusers" if layout == "diffusers-folder" else layout, config, tensors)
+        if source.options.get("unet_config") is not None:
+            check_fits_unet(config, source.options["unet_config"])
+    except KinemaError as err:
+        raise naming(source.path, err) from None
+    return {"kind": "controlnet", "format": layout, "conditioning_channels": config["conditioning_channels"],
+            "block_out_channels": list(config["block_out_channels"]),
+            "cross_attention_dim": config["cross_attention_dim"],
+            "dtype": dtype_report(str(t.dtype).removeprefix("torch.") for t in tensors.values())}
+
+
+def check_controlnet_scale(scale: Any) -> float:
+    """`scale` as a float, or one KinemaError line unless it is a finite number >= 0."""
+    # `not (...)`, so that NaN, which fails every comparison, is refused too.
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
+        raise KinemaError(f"the ControlNet scale must be at least 0 and finite (0: no control, 1: as trained), got "
+                          f"{scale!r}")
+    return float(scale)
+
+
+def read_controlnet(path: str | os.PathLike, unet_config: dict[str, Any] | None = None, *,
+                    dtype: torch.dtype | None = None) -> ControlNetModel:
+    """The ControlNet at `path` (folder or file), loaded strictly, in `dtype` (default float32); a single file's
+    config comes from `unet_config` (SD1.5's by default)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from kinema.loaders.checkpoint_io import check_weight_values
+    from kinema.loaders.source import Source
+    from kinema.state_dicts import load_strict
+
+    source = Source(Path(path), {"unet_config": unet_config} if unet_config is not None else {})
+    if describe_controlnet(source) is None:
+        raise KinemaError(f"{source.path} is not a ControlNet (no ControlNetModel config.json, nor the tensors of one: "
+                          "input_hint_block.*, zero_convs.*); give an SD1.5 ControlNet folder or file, e.g. "
+                          "control_v11p_sd15_openpose")
+    try:
+        layout, config = _source_config(source)
+        weights = _weights_source(source)
+        state = _renamed("diffusers" if layout == "diffusers-folder" else layout, weights.read(weights.names), config)
+        check_weight_values(state, "the ControlNet")
+        with init_empty_weights():
+            model = ControlNetModel.from_config(config)
+        fresh = {k: v.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+        load_strict(model, fresh, "its weights do not fit the ControlNet", advice=_ADVICE, assign=True)
+    except KinemaError as err:
+        raise naming(source.path, err) from None
+    return model.eval()
+
+
+
+# The UNet settings a ControlNet's residuals must share with the UNet they are added to.
+_MUST_MATCH = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")
+
+
+def check_fits_unet(config: dict[str, Any], unet_config: dict[str, Any]) -> None:
+    """One KinemaError line unless a ControlNet of `config` makes residuals that fit a UNet of `unet_config`."""
+    differ = [name for name in _MUST_MATCH if _as_list(config.get(name)) != _as_list(unet_config.get(name))]
+    if differ:
+        name = differ[0]
+        raise KinemaError(f"the ControlNet's {name} is {config.get(name)} and the base UNet's {unet_config.get(name)}, "
+                          "so its residuals do not fit: use a ControlNet made for this base model (SD1.5 ControlNets "
+                          "for SD1.5 models)")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def load_controlnet(video_unet: Any, path: str | os.PathLike, *, scale: float = 1.0) -> Any:
+    """The ControlNet at `path` for `video_unet` (a `VideoUNet`), as a `kinema.models.controlnet.VideoControlNet`
+    at `scale`, in the UNet's dtype and on its device; a single file takes the UNet's own config. Checks
+    everything (file, scale, fit to the UNet) before anything is built."""
+    from kinema.models.controlnet import VideoControlNet
+
+    scale = check_controlnet_scale(scale)
+    unet = video_unet.unet
+    parameter = next(unet.parameters())
+    model = read_controlnet(path, dict(unet.config), dtype=parameter.dtype)
+    logger.info("ControlNet %s loaded at scale %g", path, scale)
+    return VideoControlNet(model.to(parameter.device), scale=scale, path=str(path))
+
+
+def load_controlnet_source(source: Source, *, video_unet: Any = None, scale: float = 1.0) -> Any:
+    """The format registry's loader: the ControlNet for `video_unet` (`load_controlnet`)."""
+    from kinema.models.video_unet import VideoUNet
+
+    if not isinstance(video_unet, VideoUNet):
+        raise KinemaError(f"{source.path} is a ControlNet, which steers an AnimateDiff model frame by frame: pass "
+                          "video_unet=, e.g. kinema.load(controlnet, video_unet=family.model)")
+    return load_controlnet(video_unet, source.path, scale=scale)

@@ -1,0 +1,62 @@
+"""A ControlNet steering a VideoUNet frame by frame: diffusers' `ControlNetModel` run on the frames folded into the
+batch, as diffusers' `AnimateDiffControlNetPipeline` runs it. Its residuals go to the VideoUNet's forward as
+diffusers' UNet takes them (`down_block_additional_residuals`, `mid_block_additional_residual`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from kinema.errors import KinemaError
+from kinema.models.video_model import Timestep, timesteps_per_clip
+
+
+class VideoControlNet(nn.Module):
+    """A loaded ControlNet and the weight of its residuals.
+
+    Args:
+        controlnet: a diffusers `ControlNetModel` for the VideoUNet's 2D UNet.
+        scale: what its residuals are multiplied by (diffusers' `controlnet_conditioning_scale`): 0 no control,
+            1 as trained.
+        path: where it was loaded from, recorded in the settings.
+    """
+
+    def __init__(self, controlnet: nn.Module, scale: float = 1.0, path: str | None = None):
+        super().__init__()
+        self.controlnet: Any = controlnet  # typed Any: nn.Module types its attributes as `Tensor | Module`
+        self.scale = scale
+        self.path = path
+
+    @property
+    def conditioning_channels(self) -> int:
+        """Channels of the control images (3: RGB)."""
+        return int(self.controlnet.config.conditioning_channels)
+
+    def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor,
+                control: torch.Tensor) -> dict[str, Any]:
+        """The residuals for one VideoUNet call, as its keyword arguments.
+
+        Args:
+            sample: noisy latents `(B, C, F, h, w)`.
+            timestep: as `VideoUNet.forward` takes it.
+            text: text states per frame, folded `(B*F, L, D)` (row `b*F + f`).
+            control: control images `(B, 3, F, H, W)` in [0, 1], H and W the video's (8h, 8w).
+
+        Returns:
+            `{"down_block_additional_residuals": (...), "mid_block_additional_residual": ...}`, each folded
+            `(B*F, ...)`.
+        """
+        batch, _, frames = sample.shape[:3]
+        if control.ndim != 5 or control.shape[:3] != (batch, self.conditioning_channels, frames):
+            raise KinemaError(f"control images {tuple(control.shape)} do not fit latents {tuple(sample.shape)}; give "
+                              f"(B, {self.conditioning_channels}, F, H, W) = ({batch}, {self.conditioning_channels}, "
+                              f"{frames}, H, W), one image per frame")
+        timestep = timesteps_per_clip(timestep, batch, sample.device).repeat_interleave(frames)
+        down, mid = self.controlnet(
+            rearrange(sample, "b c f h w -> (b f) c h w"), timestep, encoder_hidden_states=text,
+            controlnet_cond=rearrange(control, "b c f h w -> (b f) c h w"), conditioning_scale=self.scale,
+            return_dict=False)
+        return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}

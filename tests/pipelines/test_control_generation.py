@@ -1,0 +1,233 @@
+"""A ControlNet through generate(), load_family, jobs and the CLI: generate() equals diffusers'
+AnimateDiffControlNetPipeline on the same parts, prompts and control frames (its control window too); context
+windows hand each window its own control frames; missing or mismatched control inputs are one line before any
+sampling."""
+
+import pytest
+import torch
+from diffusers import AnimateDiffControlNetPipeline, MotionAdapter
+from loaders.test_controlnet import TINY_HINT, as_pil, control_frames, tiny_controlnet
+from loaders.test_stable_diffusion import write_tokenizer
+from tiny_models import perturb
+from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
+
+from kinema.errors import KinemaError
+from kinema.loaders.animatediff.keys import diffusers_to_original_key
+from kinema.loaders.stable_diffusion import load_tokenizer
+from kinema.models.controlnet import VideoControlNet
+from kinema.models.video_unet import VideoUNet
+from kinema.pipelines.animatediff import AnimateDiffFamily
+from kinema.pipelines.generation import controlled, generate
+from kinema.pipelines.jobs import job_from_mapping
+from kinema.pipelines.load import load_family
+from kinema.pipelines.request import ContextSettings, GenerationRequest
+from kinema.sampling.loop import initial_noise
+from kinema.sampling.schedulers import make_scheduler
+
+FRAMES, SIZE, STEPS = 4, 32, 4
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder)
+    parts = tiny_sd_parts(seed=1)
+    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
+                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
+                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.model_max_length = 77  # SD1.5's; the tiny vocabulary's folder says none, which diffusers cannot pad to
+    return {**parts, "tokenizer": tokenizer, "adapter": adapter,
+            "controlnet": tiny_controlnet(parts["unet"], seed=8, hint=TINY_HINT)}
+
+
+@pytest.fixture(scope="module")
+def pipe(parts):
+    pipe = AnimateDiffControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                         tokenizer=parts["tokenizer"], unet=parts["unet"],
+                                         motion_adapter=parts["adapter"], controlnet=parts["controlnet"],
+                                         scheduler=make_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def family(parts, pipe, scale=1.0) -> AnimateDiffFamily:
+    video = VideoUNet.from_unet2d(parts["unet"], motion_module={"type": "temporal", "norm_mode": "across_frames",
+                                                                "max_frames": 32})
+    video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
+                                  if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
+    return AnimateDiffFamily(video.eval(), parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                             controlnet=VideoControlNet(parts["controlnet"], scale=scale, path="control_tiny"))
+
+
+def request(**fields) -> GenerationRequest:
+    options = dict(prompt="the cat", negative_prompt="th", frames=FRAMES, height=SIZE, width=SIZE, steps=STEPS,
+                   guidance=7.5, seeds=[3], scheduler="ddim", control_video=control_frames())
+    return GenerationRequest(**{**options, **fields})
+
+
+@pytest.mark.parametrize("window", [(0.0, 1.0), (0.25, 0.75)])
+def test_generate_equals_diffusers_controlnet_pipeline(parts, pipe, window):
+    ours = generate(family(parts, pipe, scale=0.8), request(control_start=window[0], control_end=window[1]),
+                    progress=False, output="latent")
+    noise = initial_noise((1, 4, FRAMES, SIZE // 2, SIZE // 2), seeds=[3])
+    with torch.no_grad():
+        expected = pipe(prompt="the cat", negative_prompt="th", conditioning_frames=[as_pil(f) for f in
+                                                                                       control_frames()],
+                        controlnet_conditioning_scale=0.8, control_guidance_start=window[0],
+                        control_guidance_end=window[1], latents=noise.clone(), num_frames=FRAMES,
+                        num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="latent",
+                        return_dict=False)[0]
+    assert (ours.latents - expected).abs().max().item() <= 1e-3
+    assert ours.settings[0]["controlnet"] == {"path": "control_tiny", "scale": 0.8}
+    assert (ours.settings[0]["control_start"], ours.settings[0]["control_end"]) == window
+    assert ours.settings[0]["control_video"] == "<Tensor>"
+
+
+def test_the_control_window_follows_diffusers_rule():
+    # diffusers' controlnet_keep: 1 - (i / n < start or (i + 1) / n > end)
+    for start, end in ((0.0, 1.0), (0.25, 0.75), (0.1, 0.5), (0.5, 1.0)):
+        for steps in (4, 7, 25):
+            expected = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+            assert [float(controlled(i, steps, start, end)) for i in range(steps)] == expected
+
+
+def test_context_windows_hand_each_window_its_control_frames(parts, pipe, monkeypatch):
+    ours = family(parts, pipe)
+    seen = []
+    forward = ours.controlnet.forward
+
+    def spy(sample, timestep, text, control):
+        seen.append(control.clone())
+        return forward(sample, timestep, text, control)
+
+    monkeypatch.setattr(ours.controlnet, "forward", spy)
+    frames = 8
+    control = torch.rand(frames, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    generate(ours, request(frames=frames, steps=1, control_video=control,
+                           context=ContextSettings(length=4, overlap=2, schedule="static")),
+             progress=False, output="latent")
+    whole = control.permute(1, 0, 2, 3)
+    windows = [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]]
+    assert len(seen) == len(windows)
+    for got, window in zip(seen, windows, strict=True):
+        assert got.shape == (2, 3, 4, SIZE, SIZE)  # both halves of guidance
+        assert torch.equal(got[0], whole[:, window]) and torch.equal(got[1], whole[:, window])
+
+
+def test_one_control_image_steers_every_frame(parts, pipe):
+    ours = family(parts, pipe)
+    image = control_frames()[1:2]
+    one = generate(ours, request(steps=1, control_video=image), progress=False, output="latent")
+    every = generate(ours, request(steps=1, control_video=image.expand(FRAMES, -1, -1, -1)), progress=False,
+                     output="latent")
+    assert torch.equal(one.latents, every.latents)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"control_video": None}, r"is loaded with a ControlNet \(control_tiny\), which steers every frame by a control "
+                              r"image: give them \(control_video, --control-video\)"),
+    ({"control_video": torch.rand(3, 3, SIZE, SIZE)}, r"^the control video has 3 frames and the video 4: give one "
+                                                     r"control image per frame \(or one for all\)"),
+    ({"control_video": torch.rand(4, 3, 16, 16)}, r"^the control video is 16x16 but the video is 32x32; pass "
+                                                  r"--resize"),
+    ({"control_start": 0.5, "control_end": 0.5}, r"^the ControlNet steers from control_start to control_end, shares "
+                                                 r"of the steps with 0 <= start < end <= 1; got 0.5 to 0.5"),
+    ({"video": torch.rand(4, 3, SIZE, SIZE), "extend_frames": 4}, r"^a ControlNet steers the frames of one clip, and "
+                                                                  r"extend makes new segments"),
+])
+def test_bad_control_input_is_one_line_before_sampling(parts, pipe, monkeypatch, fields, message):
+    ours = family(parts, pipe)
+    monkeypatch.setattr(ours.model, "forward", lambda *a, **k: pytest.fail("sampling ran"))
+    with pytest.raises(KinemaError, match=message):
+        generate(ours, request(**fields), progress=False)
+
+
+def test_control_images_without_a_controlnet_are_one_line(parts, pipe):
+    plain = family(parts, pipe)
+    plain.controlnet = None
+    with pytest.raises(KinemaError, match=r"has no ControlNet loaded, so control images \(control_video, "
+                                          r"--control-video\) have nothing to steer"):
+        generate(plain, request(), progress=False)
+
+
+# ---------------------------------------------------------------- load_family and jobs
+
+
+@pytest.fixture(scope="module")
+def files(parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    sd = {name: parts[name] for name in ("unet", "vae", "text_encoder")}
+    controlnet = root / "control_tiny"
+    parts["controlnet"].save_pretrained(controlnet)
+    control_video = root / "pose.gif"
+    frames = [as_pil(f) for f in control_frames()]
+    frames[0].save(control_video, save_all=True, append_images=frames[1:], duration=125, loop=0)
+    return {"folder": write_sd_folder(root / "tiny-sd", sd),
+            "motion_module": write_motion_module(root / "mm_v2.safetensors", "v2", seed=5),
+            "controlnet": controlnet, "control_video": control_video, "root": root}
+
+
+def test_load_family_loads_the_controlnet_for_the_model(files, parts):
+    loaded = load_family(files["folder"], motion_module=files["motion_module"], controlnet=(files["controlnet"], 0.7),
+                         dtype="bfloat16")
+    assert isinstance(loaded.controlnet, VideoControlNet) and loaded.controlnet.scale == 0.7
+    assert next(loaded.controlnet.parameters()).dtype == torch.bfloat16
+    reference = parts["controlnet"].state_dict()
+    assert all(torch.equal(v, reference[k].to(torch.bfloat16)) for k, v in loaded.controlnet.controlnet.state_dict()
+               .items())
+    result = generate(loaded, request(control_video=files["control_video"], steps=1, dtype="float32"),
+                      progress=False)
+    assert result.frames.shape == (1, FRAMES, 3, SIZE, SIZE)
+    assert result.settings[0]["control_video"] == str(files["control_video"])
+
+
+@pytest.mark.parametrize("given, message", [
+    (lambda f: (f["motion_module"], 1.0), r"mm_v2.safetensors is not a ControlNet \(it is: AnimateDiff motion "
+                                          r"module"),
+    (lambda f: (f["root"] / "gone", 1.0), r"ControlNet .*gone does not exist"),
+    (lambda f: (f["controlnet"], -1.0), r"the ControlNet scale must be at least 0"),
+    (lambda f: f["controlnet"], r"controlnet is a \(path, scale\) pair"),
+])
+def test_bad_controlnet_files_are_one_line_before_weights_load(files, given, message, monkeypatch):
+    from kinema.loaders import formats
+
+    original = formats.Format.function
+
+    def refuse(self, role):
+        if role == "load":
+            raise AssertionError(f"{self.kind} weights were loaded before the input was refused")
+        return original(self, role)
+
+    monkeypatch.setattr(formats.Format, "function", refuse)
+    with pytest.raises(KinemaError, match=message):
+        load_family(files["folder"], motion_module=files["motion_module"], controlnet=given(files))
+
+
+def test_a_job_takes_a_controlnet_and_reads_its_settings_back(files):
+    data = {"model": str(files["folder"]), "motion_module": str(files["motion_module"]), "prompt": "the cat",
+            "controlnet": {"path": str(files["controlnet"]), "scale": 0.6},
+            "control_video": str(files["control_video"]), "control_end": 0.8, "frames": FRAMES,
+            "height": SIZE, "width": SIZE}
+    job = job_from_mapping(data)
+    assert job.controlnet == (str(files["controlnet"]), 0.6) and job.request.control_end == 0.8
+    again = job_from_mapping(job.settings())
+    assert again.controlnet == job.controlnet and again.model_key() == job.model_key()
+    with pytest.raises(KinemaError, match=r"a ControlNet and its control images come together"):
+        job_from_mapping({k: v for k, v in data.items() if k != "control_video"})
+    with pytest.raises(KinemaError, match=r"the control video has 4 frames and the job makes 6: .* \"frames\": 4"):
+        job_from_mapping({**data, "frames": 6})
+    with pytest.raises(KinemaError, match=r"the control video is 32x32 but the job makes 64x64 videos; set "
+                                          r"\"resize\": true"):
+        job_from_mapping({**data, "height": 64, "width": 64})
+    with pytest.raises(KinemaError, match=r"controlnet: unknown key 'weight'; known keys: path, scale"):
+        job_from_mapping({**data, "controlnet": {"path": str(files["controlnet"]), "weight": 1}})
+
+
+def test_an_easyanimate_model_refuses_a_controlnet_from_its_configs(files):
+    from kinema.bundled import resolve_model
+    from kinema.pipelines.jobs import check_model_request
+
+    with pytest.raises(KinemaError, match=r"kinema-tiny is an EasyAnimate model: a ControlNet steers an SD1.5 UNet, "
+                                          r"and EasyAnimate is a diffusion transformer"):
+        check_model_request(resolve_model("kinema-tiny"), controlnet=(files["controlnet"], 1.0))
