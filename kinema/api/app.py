@@ -133,8 +133,11 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                                                            "image_encoder/ beside the adapter)"},
         "controlnet": {"oneOf": [{"type": "string"}, {"type": "object", "properties": {
             "path": {"type": "string"}, "scale": {"type": "number", "minimum": 0}}}],
-                       "description": "an SD1.5 ControlNet folder or file (AnimateDiff models), with its scale; needs "
-                                      "control_video"},
+                       "description": "an SD1.5 ControlNet folder or file, or AnimateDiff v3's SparseCtrl (AnimateDiff "
+                                      "models), with its scale; needs control_video"},
+        "control_indices": {"type": "array", "items": {"type": "integer"},
+                            "description": "SparseCtrl: the frames the control images are keyframes of (-1: the "
+                                           "last)"},
         "control_start": {"type": "number", "minimum": 0, "maximum": 1,
                           "description": "the share of the steps after which the ControlNet steers (default 0)"},
         "control_end": {"type": "number", "minimum": 0, "maximum": 1,

@@ -104,7 +104,8 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 # Every value option's parser default is None, so that one given at its effective default is still seen.
 NOT_WITH_CONFIG: dict[str, Any] = {
     "--model": None, "--motion-module": None, "--lora": [], "--ip-adapter": None, "--image-encoder": None,
-    "--ip-image": None, "--controlnet": None, "--control-video": None, "--control-start": None,
+    "--ip-image": None, "--controlnet": None, "--control-video": None, "--control-indices": None,
+    "--control-start": None,
     "--control-end": None, "--image": None, "--end-image": None, "--negative": None,
     "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
@@ -150,6 +151,15 @@ def parse_controlnet(text: str) -> tuple[str, float]:
         return path, check_controlnet_scale(scale)
     except KinemaError as err:
         raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
+
+
+def parse_indices(text: str) -> list[int]:
+    """--control-indices `0,8,-1` -> `[0, 8, -1]`."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas (e.g. 0,15 or 0,-1), got "
+                                         f"{text!r}") from None
 
 
 def _path_and_number(text: str, what: str) -> tuple[str, float]:
@@ -308,13 +318,16 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                            help="the control images of --controlnet, already made (pose, depth, edge maps): a video, "
                                 "animation or folder of frames with one per frame, or one image for all; sized as the "
                                 "video (or --resize)")
+        group.add_argument("--control-indices", type=parse_indices, metavar="I,J,...",
+                           help="SparseCtrl: the frames the control images are keyframes of, one per image (-1: the "
+                                "last; default: one image per frame, or one image at frame 0)")
         group.add_argument("--control-start", type=float, metavar="F",
                            help="the share of the steps after which the ControlNet starts steering (default 0)")
         group.add_argument("--control-end", type=float, metavar="F",
                            help="the share of the steps after which it stops (default 1: to the end)")
     else:
         parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None, controlnet=None,
-                            control_video=None, control_start=None, control_end=None)
+                            control_video=None, control_indices=None, control_start=None, control_end=None)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
@@ -517,12 +530,11 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
     if args.control_video is None:
         return
     from kinema.data.probe import frame_count, video_size
+    from kinema.pipelines.request import control_places
 
     have = frame_count(args.control_video, "control video")
-    if have not in (1, frames):
-        fix = f"an input video of {have} frames" if input_video else f"make {have} frames (--frames {have})"
-        raise KinemaError(f"the control video {args.control_video} has {have} frames and the video {frames}: give one "
-                          f"control image per frame (or one for all), or {fix}")
+    fix = f"an input video of {have} frames" if input_video else f"make {have} frames (--frames {have})"
+    control_places(have, frames, args.control_indices, what=f"the control video {args.control_video}", fix=fix)
     height, width = video_size(args.control_video, "control video")
     if not args.resize and None not in (args.height, args.width) and (height, width) != (args.height, args.width):
         raise KinemaError(f"the control video is {width}x{height} but the video is {args.width}x{args.height}; pass "
@@ -575,7 +587,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
-        control_video=args.control_video,
+        control_video=args.control_video, control_indices=args.control_indices,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,

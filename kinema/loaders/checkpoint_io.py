@@ -188,6 +188,10 @@ def _read_pickle(path: Path) -> Checkpoint:
     if isinstance(obj.get("state_dict"), dict):
         dropped.update({f"top-level {k}": _describe_value(v) for k, v in obj.items() if k != "state_dict"})
         obj = obj["state_dict"]
+    # AnimateDiff's SparseCtrl checkpoints may wrap theirs as {"controlnet": ...} (its animate.py unwraps them so).
+    if isinstance(obj.get("controlnet"), dict):
+        dropped.update({f"top-level {k}": _describe_value(v) for k, v in obj.items() if k != "controlnet"})
+        obj = obj["controlnet"]
     if set(obj) == {"image_proj", "ip_adapter"} and all(isinstance(part, dict) for part in obj.values()):
         # h94/IP-Adapter's .bin files nest their two parts; named as its .safetensors files name them.
         obj = {f"{part}.{name}": tensor for part, tensors in obj.items() for name, tensor in tensors.items()}

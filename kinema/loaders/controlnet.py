@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,10 @@ def _is_controlnet_folder(path: Path) -> bool:
         return False
     from kinema.fileio import read_json_object
 
-    return read_json_object(config, "the model config").get("_class_name") == CONFIG_CLASS
+    try:
+        return read_json_object(config, "a model config").get("_class_name") == CONFIG_CLASS
+    except KinemaError:  # a broken config is named by the describer of the kind it says it is, or the last one
+        return False
 
 
 def controlnet_config(unet_config: dict[str, Any] | None = None, conditioning_channels: int = 3) -> dict[str, Any]:
@@ -98,7 +102,8 @@ def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
     return layout, controlnet_config(source.options.get("unet_config"), int(hint.shape[1]))
 
 
-def _weights_source(source: Source) -> Source:
+def weights_source(source: Source) -> Source:
+    """The `Source` of a model's weights: the file itself, or the one weights file of a diffusers folder."""
     if not source.path.is_dir():
         return source
     from kinema.loaders.checkpoint_io import find_weights
@@ -158,7 +163,7 @@ def describe_controlnet(source: Source) -> dict[str, Any] | None:
 
     try:
         layout, config = _source_config(source)
-        weights = _weights_source(source)
+        weights = weights_source(source)
         tensors, _ = weights.layout
         _check_names("diffusers" if layout == "diffusers-folder" else layout, config, tensors)
         if source.options.get("unet_config") is not None:
@@ -199,7 +204,7 @@ def read_controlnet(path: str | os.PathLike, unet_config: dict[str, Any] | None 
                           "control_v11p_sd15_openpose")
     try:
         layout, config = _source_config(source)
-        weights = _weights_source(source)
+        weights = weights_source(source)
         state = _renamed("diffusers" if layout == "diffusers-folder" else layout, weights.read(weights.names), config)
         check_weight_values(state, "the ControlNet")
         with init_empty_weights():
@@ -217,8 +222,16 @@ _MUST_MATCH = ("in_channels", "block_out_channels", "layers_per_block", "down_bl
 
 
 def check_fits_unet(config: dict[str, Any], unet_config: dict[str, Any]) -> None:
-    """One KinemaError line unless a ControlNet of `config` makes residuals that fit a UNet of `unet_config`."""
-    differ = [name for name in _MUST_MATCH if _as_list(config.get(name)) != _as_list(unet_config.get(name))]
+    """One KinemaError line unless a ControlNet (or SparseCtrl) of `config` makes residuals that fit a UNet of
+    `unet_config`."""
+    def settings(of: dict[str, Any]) -> dict[str, list[Any]]:
+        found = {name: _as_list(of.get(name)) for name in _MUST_MATCH}
+        # SparseCtrl's blocks are the motion versions of the UNet's (CrossAttnDownBlockMotion for CrossAttnDownBlock2D).
+        found["down_block_types"] = [re.sub(r"(2D|Motion)$", "", str(kind)) for kind in found["down_block_types"]]
+        return found
+
+    ours, theirs = settings(config), settings(unet_config)
+    differ = [name for name in _MUST_MATCH if ours[name] != theirs[name]]
     if differ:
         name = differ[0]
         raise KinemaError(f"the ControlNet's {name} is {config.get(name)} and the base UNet's {unet_config.get(name)}, "
@@ -231,21 +244,31 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def load_controlnet(video_unet: Any, path: str | os.PathLike, *, scale: float = 1.0) -> Any:
-    """The ControlNet at `path` for `video_unet` (a `VideoUNet`), as a `kinema.models.controlnet.VideoControlNet`
-    at `scale`, in the UNet's dtype and on its device; a single file takes the UNet's own config. Checks
-    everything (file, scale, fit to the UNet) before anything is built."""
-    from kinema.models.controlnet import VideoControlNet
+    """The ControlNet or SparseCtrl network at `path` for `video_unet` (a `VideoUNet`), as a
+    `kinema.models.controlnet.VideoControlNet` (or `VideoSparseControlNet`) at `scale`, in the UNet's dtype and on
+    its device; a single file takes the UNet's own config. Checks everything (file, scale, fit to the UNet) before
+    anything is built."""
+    from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl
+    from kinema.loaders.source import Source
+    from kinema.models.controlnet import VideoControlNet, VideoSparseControlNet
 
     scale = check_controlnet_scale(scale)
     unet = video_unet.unet
     parameter = next(unet.parameters())
-    model = read_controlnet(path, dict(unet.config), dtype=parameter.dtype)
-    logger.info("ControlNet %s loaded at scale %g", path, scale)
-    return VideoControlNet(model.to(parameter.device), scale=scale, path=str(path))
+    unet_config = dict(unet.config)
+    if describe_sparsectrl(Source(Path(path), {"unet_config": unet_config})) is not None:
+        wrapper: type[VideoControlNet] = VideoSparseControlNet
+        model = read_sparsectrl(path, unet_config, dtype=parameter.dtype)
+    else:
+        wrapper = VideoControlNet
+        model = read_controlnet(path, unet_config, dtype=parameter.dtype)
+    logger.info("%s %s loaded at scale %g", "SparseCtrl" if wrapper is VideoSparseControlNet else "ControlNet", path,
+                scale)
+    return wrapper(model.to(parameter.device), scale=scale, path=str(path))
 
 
 def load_controlnet_source(source: Source, *, video_unet: Any = None, scale: float = 1.0) -> Any:
-    """The format registry's loader: the ControlNet for `video_unet` (`load_controlnet`)."""
+    """The format registry's loader (ControlNets and SparseCtrl): the network for `video_unet` (`load_controlnet`)."""
     from kinema.models.video_unet import VideoUNet
 
     if not isinstance(video_unet, VideoUNet):

@@ -70,8 +70,12 @@ FORMATS: tuple[Format, ...] = (
            describe="kinema.loaders.ip_adapter:describe_ip_adapter",
            load="kinema.loaders.ip_adapter:load_ip_adapter_source",
            convert="kinema.loaders.ip_adapter:convert_ip_adapter_source", layouts=("original",)),
+    Format("sparsectrl", "AnimateDiff v3 SparseCtrl (RGB or scribble keyframe encoder)",
+           describe="kinema.loaders.animatediff.sparsectrl:describe_sparsectrl",
+           load="kinema.loaders.controlnet:load_controlnet_source"),
     # A ControlNet file of diffusers names has `controlnet_cond_embedding` tensors, which a SparseCtrl encoder has too;
-    # this entry leaves a file with motion modules (SparseCtrl) to the motion module entry above, which names it.
+    # this entry leaves a file with motion modules to the SparseCtrl entry above (and the motion module entry leaves
+    # it to that one).
     Format("controlnet", "ControlNet for SD1.5 (diffusers folder, or original or diffusers single file)",
            describe="kinema.loaders.controlnet:describe_controlnet",
            load="kinema.loaders.controlnet:load_controlnet_source"),

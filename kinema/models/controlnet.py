@@ -35,8 +35,8 @@ class VideoControlNet(nn.Module):
         """Channels of the control images (3: RGB)."""
         return int(self.controlnet.config.conditioning_channels)
 
-    def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor,
-                control: torch.Tensor) -> dict[str, Any]:
+    def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, Any]:
         """The residuals for one VideoUNet call, as its keyword arguments.
 
         Args:
@@ -44,11 +44,14 @@ class VideoControlNet(nn.Module):
             timestep: as `VideoUNet.forward` takes it.
             text: text states per frame, folded `(B*F, L, D)` (row `b*F + f`).
             control: control images `(B, 3, F, H, W)` in [0, 1], H and W the video's (8h, 8w).
+            mask: a SparseCtrl keyframe mask, which a ControlNet, steering every frame, does not take (None).
 
         Returns:
             `{"down_block_additional_residuals": (...), "mid_block_additional_residual": ...}`, each folded
             `(B*F, ...)`.
         """
+        if mask is not None:
+            raise KinemaError("a keyframe mask is SparseCtrl's; a ControlNet steers every frame by its control image")
         batch, _, frames = sample.shape[:3]
         if control.ndim != 5 or control.shape[:3] != (batch, self.conditioning_channels, frames):
             raise KinemaError(f"control images {tuple(control.shape)} do not fit latents {tuple(sample.shape)}; give "
@@ -59,4 +62,46 @@ class VideoControlNet(nn.Module):
             rearrange(sample, "b c f h w -> (b f) c h w"), timestep, encoder_hidden_states=text,
             controlnet_cond=rearrange(control, "b c f h w -> (b f) c h w"), conditioning_scale=self.scale,
             return_dict=False)
+        return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+
+
+class VideoSparseControlNet(VideoControlNet):
+    """AnimateDiff v3's SparseCtrl: a diffusers `SparseControlNetModel` (a ControlNet with motion modules of its
+    own) steering a video from a few keyframes, each marked in a 0/1 mask; the other frames' condition is zero.
+
+    Args:
+        controlnet: the `SparseControlNetModel`.
+        scale, path: as `VideoControlNet`'s.
+    """
+
+    @property
+    def latent_condition(self) -> bool:
+        """Whether the keyframes are given as VAE latents (the RGB variant) rather than pixels (scribble)."""
+        return bool(self.controlnet.config.use_simplified_condition_embedding)
+
+    def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The residuals for one VideoUNet call, as its keyword arguments.
+
+        Args:
+            sample: noisy latents `(B, C, F, h, w)` (SparseCtrl reads only their shape: it zeroes them).
+            timestep: as `VideoUNet.forward` takes it.
+            text: text states per frame, folded `(B*F, L, D)`.
+            control: the keyframes in place, zeros elsewhere: latents `(B, 4, F, h, w)` (RGB) or images
+                `(B, 3, F, H, W)` in [0, 1] (scribble).
+            mask: `(B, 1, F, ...)` of control's size, 1 at the keyframes.
+
+        Returns:
+            `{"down_block_additional_residuals": (...), "mid_block_additional_residual": ...}`, folded `(B*F, ...)`.
+        """
+        batch, _, frames = sample.shape[:3]
+        channels = self.conditioning_channels
+        if mask is None or control.ndim != 5 or control.shape[:3] != (batch, channels, frames) \
+                or mask.shape != (batch, 1, *control.shape[2:]):
+            raise KinemaError(f"SparseCtrl takes keyframes (B, {channels}, F, ...) = ({batch}, {channels}, {frames}, "
+                              f"...) and their mask (B, 1, F, ...); got {tuple(control.shape)} and "
+                              f"{None if mask is None else tuple(mask.shape)}")
+        down, mid = self.controlnet(
+            sample, timesteps_per_clip(timestep, batch, sample.device), encoder_hidden_states=text,
+            controlnet_cond=control, conditioning_mask=mask, conditioning_scale=self.scale, return_dict=False)
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}

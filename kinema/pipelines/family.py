@@ -11,7 +11,7 @@ multiplied by the VAE's scaling factor (what the diffusion model sees).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -150,6 +150,32 @@ class VideoFamily:
             raise KinemaError(f"{self.name} is loaded with a ControlNet ({self.controlnet.path}), which steers every "
                               "frame by a control image: give them (control_video, --control-video), or load the "
                               "model without it")
+
+    def control_conditioning(self, images: torch.Tensor, frames: int,
+                             indices: Sequence[int] | None = None) -> Conditioning:
+        """The loaded ControlNet's conditioning for a video of `frames` frames from control images `(K, 3, H, W)` in
+        [0, 1] at the video's size: `control_frames` `(1, 3, F, H, W)` for a ControlNet (one image per frame, or
+        one for all); for SparseCtrl the keyframes at `indices` (default: one per frame, or one image at frame 0)
+        as latents `(1, 4, F, h, w)` (RGB: the VAE's posterior mean) or images (scribble), zeros elsewhere, and
+        `control_mask` `(1, 1, F, ...)`, 1 at the keyframes."""
+        from kinema.models.controlnet import VideoSparseControlNet
+        from kinema.pipelines.request import control_places
+
+        count = images.shape[0]
+        if not isinstance(self.controlnet, VideoSparseControlNet):
+            if indices is not None:
+                raise KinemaError("control_indices place SparseCtrl keyframes, and this is a ControlNet, which steers "
+                                  "every frame by its own control image: drop control_indices (--control-indices)")
+            control_places(count, frames)
+            return {"control_frames": images.expand(frames, -1, -1, -1).permute(1, 0, 2, 3)[None]}
+        places = [0] if indices is None and count == 1 else control_places(count, frames, indices)
+        keyframes = (self.encode_frames(images[None]) if self.controlnet.latent_condition
+                     else images.permute(1, 0, 2, 3)[None])  # (1, C, K, ...)
+        control = keyframes.new_zeros(1, keyframes.shape[1], frames, *keyframes.shape[3:])
+        mask = keyframes.new_zeros(1, 1, frames, *keyframes.shape[3:])
+        control[:, :, places] = keyframes.expand(-1, -1, len(places), -1, -1) if count == 1 else keyframes
+        mask[:, :, places] = 1
+        return {"control_frames": control, "control_mask": mask}
 
     def image_prompt(self, image: torch.Tensor, videos: int) -> tuple[Conditioning, Conditioning]:
         """`(cond, uncond)` with `ip_image_embeds`, one row per video, of the image prompt `(1, 3, H, W)` in [0, 1]

@@ -118,9 +118,9 @@ def _video_tensor(video: Any, height: int | None, width: int | None, resize: boo
     return _fit(video, height or video.shape[-2], width or video.shape[-1], resize, "the input video")
 
 
-def _control_tensor(control: Any, frames: int, height: int, width: int, resize: bool) -> torch.Tensor:
-    """The control images `control` (a video, animation, image or frame folder, or `(F, 3, H, W)` in [0, 1]) as
-    float `(3, frames, height, width)` in [0, 1]: one per frame, or one image for every frame."""
+def _control_images(control: Any, height: int, width: int, resize: bool) -> torch.Tensor:
+    """The control images `control` (a video, animation, image or frame folder, or `(K, 3, H, W)` in [0, 1]) as
+    float `(K, 3, height, width)` in [0, 1]."""
     if isinstance(control, (str, Path)):
         from kinema.data.video_io import read_video
 
@@ -128,21 +128,16 @@ def _control_tensor(control: Any, frames: int, height: int, width: int, resize: 
     if not isinstance(control, torch.Tensor) or control.ndim != 4 or control.shape[1] != 3:
         raise KinemaError("the control video must be a path (a video, animation, image or folder of frames) or an "
                           "(F, 3, H, W) tensor in [0, 1]")
-    if control.shape[0] not in (1, frames):
-        raise KinemaError(f"the control video has {control.shape[0]} frames and the video {frames}: give one control "
-                          f"image per frame (or one for all), or make {control.shape[0]} frames (--frames "
-                          f"{control.shape[0]})")
-    control = _fit(control, height, width, resize, "the control video")
-    return control.expand(frames, -1, -1, -1).permute(1, 0, 2, 3)
+    return _fit(control, height, width, resize, "the control video")
 
 
-def _with_control(text: _Text, control: torch.Tensor | None, videos: int) -> _Text:
-    """`text` with the control images `(3, F, H, W)` for every video on both sides of guidance (as diffusers'
-    ControlNet pipelines give them), as `control_frames` `(B, 3, F, H, W)`."""
+def _with_control(text: _Text, control: Conditioning | None, videos: int) -> _Text:
+    """`text` with the ControlNet's conditioning (`VideoFamily.control_conditioning`, one row) for every video, on
+    both sides of guidance (as diffusers' ControlNet pipelines give it)."""
     if control is None:
         return text
-    frames = {"control_frames": control[None].expand(videos, *control.shape)}
-    return _Text({**text.cond, **frames}, None if text.uncond is None else {**text.uncond, **frames}, text.table)
+    rows = {key: value.expand(videos, *value.shape[1:]) for key, value in control.items() if value is not None}
+    return _Text({**text.cond, **rows}, None if text.uncond is None else {**text.uncond, **rows}, text.table)
 
 
 def controlled(step: int, steps: int, start: float, end: float) -> bool:
@@ -390,7 +385,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         with_control = controlled(step, count, request.control_start, request.control_end)
 
         def kept(given: Conditioning, extra: Conditioning) -> Conditioning:
-            return {**{k: v for k, v in given.items() if with_control or k != "control_frames"},
+            return {**{k: v for k, v in given.items() if with_control or k not in ("control_frames", "control_mask")},
                     **{k: v for k, v in extra.items() if with_image or not k.startswith("clip_")}}
 
         return kept(text.cond, clip.cond_extra), None if text.uncond is None else kept(text.uncond, clip.uncond_extra)
@@ -692,10 +687,13 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         images = (_image_tensor(request.image, plan.height, plan.width, request.resize, "the start image"),
                   None if request.end_image is None else
                   _image_tensor(request.end_image, plan.height, plan.width, request.resize, "the end image"))
-    control = None
+    control_images = None
     if request.control_video is not None:  # read (and sized) once, here, before any model runs
-        frames_made = input_video.shape[0] if input_video is not None else plan.frames
-        control = _control_tensor(request.control_video, frames_made, plan.height, plan.width, request.resize)
+        from kinema.pipelines.request import control_places
+
+        control_images = _control_images(request.control_video, plan.height, plan.width, request.resize)
+        control_places(control_images.shape[0], input_video.shape[0] if input_video is not None else plan.frames,
+                       request.control_indices)
     if plan.context is None and not plan.continuation:
         from kinema.models.motion import check_frame_count
 
@@ -746,11 +744,14 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                     clean = family.encode_frames(input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device))
                 clip = replace(_text_to_video_clip(family, noise, plan), clean=clean.to(noise),
                                strength=request.strength)
+                with torch.no_grad():
+                    control = None if control_images is None else family.control_conditioning(
+                        control_images.to(device), plan.frames, request.control_indices)
                 text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames),
-                                     None if control is None else control.to(device), len(seeds))
+                                     control, len(seeds))
                 latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
             else:
-                latents = _generate_clip(family, request, plan, seeds, callback, progress, images, control)
+                latents = _generate_clip(family, request, plan, seeds, callback, progress, images, control_images)
             if plan.context is not None:
                 from kinema.sampling.context import context_windows
 
@@ -777,14 +778,16 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],
                    callback: StepCallback | None, progress: bool,
                    images: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                   control: torch.Tensor | None = None) -> torch.Tensor:
+                   control_images: torch.Tensor | None = None) -> torch.Tensor:
     """Latents of a clip of `plan.frames` frames: text-to-video, or image-to-video holding `images` (start, end);
-    steered by the control images `control` `(3, F, H, W)` when given."""
+    steered by the control images `(K, 3, H, W)` when given."""
     device = _device(family)
     noise = _noise(family, plan, request, seeds, device)
     with torch.no_grad():
-        text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames),
-                             None if control is None else control.to(device), len(seeds))
+        control = None if control_images is None else family.control_conditioning(
+            control_images.to(device), plan.frames, request.control_indices)
+        text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames), control,
+                             len(seeds))
         if text.table is not None:
             logger.info("prompt schedule:\n%s", text.table)
         clip = _image_clip(family, noise, *images) if images is not None else \

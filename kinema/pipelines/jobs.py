@@ -49,6 +49,7 @@ from kinema.pipelines.request import (
     GenerationRequest,
     check_seed,
     check_video_holds_overlap,
+    control_places,
     freeu_error,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
@@ -660,6 +661,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
                 size = check_image_file(given[key], what)
                 if key != "ip_image":  # an image prompt may be any size: CLIP's processor crops it
                     image_sizes[what] = size
+    if data.get("control_indices") is not None:
+        indices = data["control_indices"]
+        if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+            raise KinemaError(f"control_indices must be a list of frame numbers (e.g. [0, 15], or [0, -1] for the "
+                              f"first and last), got {indices!r}")
+        given["control_indices"] = indices  # placed (range, repeats) against the frames made, below
     given["seeds"] = _seeds(data)
     prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 
@@ -694,9 +701,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
                         freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet)
     if request.control_video is not None and made is not None:
         controls = frame_count(request.control_video, "control video")
-        if controls not in (1, made):
-            raise KinemaError(f"the control video has {controls} frames and the job makes {made}: give one control "
-                              f"image per frame (or one for all), or \"frames\": {controls}")
+        control_places(controls, made, request.control_indices, fix=f"\"frames\": {controls}")
     if request.control_video is not None:
         height, width = video_size(request.control_video, "control video")
         image_sizes["control video"] = (width, height)

@@ -377,9 +377,9 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     overrides = _folder_motion_overrides(path, motion_path, motion_report)
     if control is not None:  # headers only, against this UNet's config: a misfit is named before any weights load
         control_kind = _describe(control[0], unet_config=unet_config)[1]["kind"]
-        if control_kind != "controlnet":
+        if control_kind not in ("controlnet", "sparsectrl"):
             raise _not_the_kind(control[0], "a ControlNet", control_kind, "an SD1.5 ControlNet folder or file, e.g. "
-                                "lllyasviel's control_v11p_sd15_openpose")
+                                "lllyasviel's control_v11p_sd15_openpose, or AnimateDiff's SparseCtrl")
     kinds = [(lora_path, weight, *_lora_kind(lora_path)) for lora_path, weight in loras]
 
     # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.

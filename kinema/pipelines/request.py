@@ -124,6 +124,30 @@ def check_control_window(start: Any, end: Any) -> None:
                           f"start < end <= 1; got {start!r} to {end!r}")
 
 
+def control_places(count: int, frames: int, indices: Sequence[int] | None = None, *, what: str = "the control video",
+                   fix: str | None = None) -> list[int]:
+    """The frames `count` control images go to in a video of `frames` frames: `indices` (one per image; negative
+    ones count from the end), else every frame (one image each, or one image for all: repeated), or one KinemaError
+    line (`what` naming the control video, `fix` the front end's way to another frame count)."""
+    if indices is None:
+        if count not in (1, frames):
+            raise KinemaError(f"{what} has {count} frames and the video {frames}: give one control image per frame "
+                              f"(or one for all), or {fix or f'make {count} frames'}; SparseCtrl keyframes go where "
+                              "control_indices (--control-indices) say")
+        return list(range(frames))
+    places = list(indices)
+    if len(places) != count:
+        raise KinemaError(f"control_indices name {len(places)} frames for {count} control images; give one index per "
+                          "image (e.g. 0,15 for a first and last keyframe)")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and -frames <= i < frames for i in places):
+        raise KinemaError(f"control_indices must be whole numbers from -{frames} to {frames - 1} (frames of the "
+                          f"{frames}-frame video; -1 is the last), got {places}")
+    normal = [i % frames for i in places]
+    if len(set(normal)) != len(normal):
+        raise KinemaError(f"control_indices {places} name a frame twice; give each keyframe once")
+    return normal
+
+
 def check_seed(seed: int, also: str = "") -> None:
     """One KinemaError line for a seed torch.Generator does not take; `also` adds to the range the message gives
     (jobs: ", or -1 for a random one")."""
@@ -180,6 +204,8 @@ class GenerationRequest:
         control_video: the control images of a model loaded with a ControlNet (pose, depth or edge maps, ...): a
             video, animation, image or folder of frames, or frames `(F, 3, H, W)` in [0, 1]; one per frame of the
             video (or one image for all of them), sized as the video (else `resize`). Such a model needs them.
+        control_indices: SparseCtrl: the frames the control images are keyframes of, one per image (negative ones
+            count from the end; None: one image per frame, or one image for frame 0 of a SparseCtrl model).
         control_start, control_end: the share of the sampling steps the ControlNet steers, from and to (diffusers'
             control_guidance_start / _end: step i of n is steered when start <= i/n and (i+1)/n <= end).
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
@@ -223,6 +249,7 @@ class GenerationRequest:
     freeu: FreeUSettings | None = None
     ip_image: Any = None
     control_video: Any = None
+    control_indices: Sequence[int] | None = None
     control_start: float = 0.0
     control_end: float = 1.0
     dtype: str | None = None
@@ -293,6 +320,8 @@ class GenerationRequest:
             raise KinemaError(f"freeu must be FreeUSettings(b1=..., b2=..., s1=..., s2=...) or None, got "
                               f"{self.freeu!r}")
         check_control_window(self.control_start, self.control_end)
+        if self.control_indices is not None and self.control_video is None:
+            raise KinemaError("control_indices place the images of a control video: give control_video too")
         if self.control_video is not None and self.mode == "extend":
             raise KinemaError("a ControlNet steers the frames of one clip, and extend makes new segments past the "
                               "control video's end; use the control video with generate (text-, image- or "
@@ -339,6 +368,7 @@ class GenerationRequest:
             elif value is not None and not isinstance(value, str):
                 data[key] = f"<{type(value).__name__}>"
         data["seeds"] = list(self.seeds)
+        data["control_indices"] = None if self.control_indices is None else list(self.control_indices)
         data["mode"] = self.mode
         if isinstance(self.prompt, Mapping):
             data["prompt"] = {str(k): v for k, v in self.prompt.items()}

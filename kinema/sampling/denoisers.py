@@ -68,10 +68,11 @@ class UNetDenoiser(Denoiser):
     """AnimateDiff: a `VideoUNet` predicts epsilon directly; `encoder_hidden_states` are the CLIP text states
     `(B, L, D)` shared by all frames (or per frame, see `VideoUNet.forward`), `ip_image_embeds` an IP-Adapter's
     image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded, and
-    `control_frames` a ControlNet's control images `(B, 3, F, H, W)` in [0, 1], for a denoiser given `controlnet`
-    (a `kinema.models.controlnet.VideoControlNet`)."""
+    `control_frames` a ControlNet's control images `(B, 3, F, H, W)` in [0, 1] (SparseCtrl's keyframes, with
+    `control_mask` `(B, 1, F, ...)`), for a denoiser given `controlnet` (a `kinema.models.controlnet.VideoControlNet`
+    or `VideoSparseControlNet`)."""
 
-    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames")
+    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames", "control_mask")
 
     def __init__(self, model: nn.Module, controlnet: nn.Module | None = None):
         super().__init__(model)
@@ -88,7 +89,7 @@ class UNetDenoiser(Denoiser):
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
         """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs` and the
         ControlNet's residuals as its additional residuals."""
-        extra = ("ip_image_embeds", "control_frames")
+        extra = ("ip_image_embeds", "control_frames", "control_mask")
         kwargs: dict[str, Any] = {k: v for k, v in cond.items() if k not in extra and v is not None}
         image = cond.get("ip_image_embeds")
         if image is not None:
@@ -99,7 +100,7 @@ class UNetDenoiser(Denoiser):
 
             batch, _, frames = latents.shape[:3]
             text = VideoUNet.text_per_frame(kwargs["encoder_hidden_states"], batch, frames)
-            kwargs.update(self.controlnet(latents, timestep, text, control))
+            kwargs.update(self.controlnet(latents, timestep, text, control, cond.get("control_mask")))
         return self.model(latents, timestep, **kwargs)
 
     @staticmethod

@@ -249,6 +249,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
           "--frames", "8", "--height", "32", "--width", "32", "--control-start", "1"],
          "the ControlNet steers from control_start to control_end, shares of the steps with 0 <= start < end <= 1; "
          "got 1.0 to 1.0"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
+          "--control-indices", "0,-1"], "control_indices name 2 frames for 8 control images; give one index per "
+                                        "image"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
+          "--frames", "4", "--control-indices", "0,1,2,3,4,5,6,9"], "control_indices must be whole numbers from "
+                                                                    "-4 to 3"),
         (["extend", "clip.mp4", "--frames", "8", *model, "--controlnet", "weights.safetensors", "--control-video",
           "clip.mp4"], "a ControlNet steers the frames of one clip, and extend makes new segments past the control "
                        "video's end"),
@@ -302,6 +308,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                                              "scale must be at least 0"),
         (["generate", "a cat", *model, "--controlnet", "cn:nan"], "argument --controlnet: the ControlNet scale "
                                                                   "must be a finite number, got nan"),
+        (["generate", "a cat", *model, "--control-indices", "0,x"], "argument --control-indices: expected whole "
+                                                                    "numbers separated by commas"),
         (["generate", "a cat", *model, "--controlnet", "cn:-2"], "argument --controlnet: the ControlNet scale "
                                                                  "must be at least 0 and finite"),
         (["generate", "a cat", *model, "--freeu", "1.5,1.6"], "argument --freeu: expected on, or four numbers "

@@ -229,6 +229,13 @@ MUTATIONS = (
            "    return not (step < start or step > end)\n"),),),
         ("tests/pipelines/test_control_generation.py",),
     ),
+    Mutation(
+        "SparseCtrl keyframes go to the first frames, not their control_indices",
+        "kinema/pipelines/family.py",
+        ((("        control[:, :, places] = ",
+           "        places = list(range(len(places)))\n        control[:, :, places] = "),),),
+        ("tests/loaders/animatediff/test_sparsectrl.py",),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

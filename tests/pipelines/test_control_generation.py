@@ -97,9 +97,9 @@ def test_context_windows_hand_each_window_its_control_frames(parts, pipe, monkey
     seen = []
     forward = ours.controlnet.forward
 
-    def spy(sample, timestep, text, control):
+    def spy(sample, timestep, text, control, mask=None):
         seen.append(control.clone())
-        return forward(sample, timestep, text, control)
+        return forward(sample, timestep, text, control, mask)
 
     monkeypatch.setattr(ours.controlnet, "forward", spy)
     frames = 8
@@ -215,11 +215,18 @@ def test_a_job_takes_a_controlnet_and_reads_its_settings_back(files):
     assert again.controlnet == job.controlnet and again.model_key() == job.model_key()
     with pytest.raises(KinemaError, match=r"a ControlNet and its control images come together"):
         job_from_mapping({k: v for k, v in data.items() if k != "control_video"})
-    with pytest.raises(KinemaError, match=r"the control video has 4 frames and the job makes 6: .* \"frames\": 4"):
+    with pytest.raises(KinemaError, match=r"the control video has 4 frames and the video 6: .* \"frames\": 4"):
         job_from_mapping({**data, "frames": 6})
     with pytest.raises(KinemaError, match=r"the control video is 32x32 but the job makes 64x64 videos; set "
                                           r"\"resize\": true"):
         job_from_mapping({**data, "height": 64, "width": 64})
+    keyframes = job_from_mapping({**data, "control_indices": [0, -1, 1, 2]})
+    assert keyframes.request.control_indices == [0, -1, 1, 2]
+    assert job_from_mapping(keyframes.settings()).request.control_indices == [0, -1, 1, 2]
+    with pytest.raises(KinemaError, match=r"control_indices name 2 frames for 4 control images"):
+        job_from_mapping({**data, "control_indices": [0, 3]})
+    with pytest.raises(KinemaError, match=r"control_indices must be a list of frame numbers"):
+        job_from_mapping({**data, "control_indices": "0,3"})
     with pytest.raises(KinemaError, match=r"controlnet: unknown key 'weight'; known keys: path, scale"):
         job_from_mapping({**data, "controlnet": {"path": str(files["controlnet"]), "weight": 1}})
 

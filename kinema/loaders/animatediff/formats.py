@@ -70,6 +70,10 @@ def describe_motion_module(source: Source) -> dict[str, Any] | None:
     temporal = any(".motion_modules." in k or "temporal_attentions." in k for k in source.names)
     if not temporal or any("lora" in k.lower() for k in source.names):  # motion LoRAs have their own describer
         return None
+    from kinema.loaders.animatediff.sparsectrl import sparsectrl_variant
+
+    if sparsectrl_variant(source.names) is not None:  # motion modules inside a ControlNet: SparseCtrl's describer
+        return None
     return _check_motion_module(source, None, path)
 
 

@@ -23,8 +23,6 @@ KINEMA_LAYOUT_TAG = "motion-module"  # the `kinema_layout` metadata of kinema-la
 
 # Related files kinema cannot load yet: (regex searched in the keys, what the file is). First match wins.
 UNSUPPORTED: list[tuple[str, str]] = [
-    (r"controlnet_cond_embedding\.conv_in\.weight$", "a SparseCtrl scribble encoder (sparsectrl-scribble)"),
-    (r"controlnet_cond_embedding\.weight$", "a SparseCtrl RGB encoder (sparsectrl-rgb)"),
     (r"temporal_attentions\.|pos_encoder\.positional_encoding", "a HotShot-XL temporal module"),
     (r"^conv_in\.weight$", "a PIA motion adapter (its own 9-channel conv_in)"),
 ]
@@ -66,6 +64,10 @@ def refuse_other_kinds(keys: list[str]) -> None:
     """Refuse tensor names that are not a motion module's, naming what the file is (SparseCtrl, HotShot-XL, PIA, a
     motion LoRA) or looks like (an image UNet, a VAE, ...)."""
     motion_keys = [k for k in keys if ".motion_modules." in k]
+    if motion_keys and any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        raise KinemaError("this is AnimateDiff v3's SparseCtrl (a keyframe encoder with motion modules of its own), "
+                          "not a motion module: load it as a ControlNet (--controlnet, controlnet=) beside the v3 "
+                          "motion module")
     # Only files with temporal layers are checked: an image UNet has a conv_in.weight too.
     unsupported = _first_match(keys, UNSUPPORTED) if motion_keys or any("temporal" in k for k in keys) else None
     if unsupported:

@@ -332,7 +332,8 @@ def test_files_of_other_kinds_are_named(tmp_path, unet2d):
     assert "this is a motion LoRA" in refusal(tmp_path, motion_lora, unet2d)
     v3 = original_motion_state_dict("v3")
     message = refusal(tmp_path, {**v3, "controlnet_cond_embedding.weight": torch.zeros(4)}, unet2d)
-    assert "SparseCtrl RGB encoder (sparsectrl-rgb); it is not supported yet" in message
+    assert "this is AnimateDiff v3's SparseCtrl (a keyframe encoder with motion modules of its own), not a motion " \
+           "module: load it as a ControlNet (--controlnet" in message
     assert "PIA motion adapter" in refusal(tmp_path, {**v3, "conv_in.weight": torch.zeros(32, 9, 3, 3)}, unet2d)
     hotshot = {"down_blocks.0.attentions.0.temporal_transformer.transformer_blocks.0.attn1.pos_encoder"
                ".positional_encoding": torch.zeros(1, 24, 32)}

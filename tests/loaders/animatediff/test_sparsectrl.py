@@ -1,0 +1,194 @@
+"""SparseCtrl: AnimateDiff v3's keyframe encoders (RGB and scribble) load from files with the published names (and
+from diffusers folders) into diffusers' SparseControlNetModel, and generate() with keyframes equals diffusers'
+AnimateDiffSparseControlNetPipeline on the same weights; bad keyframe placements are one line."""
+
+import re
+
+import pytest
+import torch
+from diffusers import AnimateDiffSparseControlNetPipeline, MotionAdapter, SparseControlNetModel
+from loaders.test_controlnet import as_pil, control_frames
+from loaders.test_stable_diffusion import write_tokenizer
+from safetensors.torch import save_file
+from tiny_models import perturb
+from tiny_sd import tiny_sd_parts
+
+import kinema
+from kinema.errors import KinemaError
+from kinema.loaders.animatediff.keys import diffusers_to_original_key
+from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl, sparsectrl_config
+from kinema.loaders.source import Source
+from kinema.loaders.stable_diffusion import load_tokenizer
+from kinema.models.controlnet import VideoControlNet, VideoSparseControlNet
+from kinema.models.video_unet import VideoUNet
+from kinema.pipelines.animatediff import AnimateDiffFamily
+from kinema.pipelines.generation import generate
+from kinema.pipelines.request import GenerationRequest, control_places
+from kinema.sampling.loop import initial_noise
+from kinema.sampling.schedulers import make_scheduler
+
+FRAMES, SIZE, STEPS = 4, 32, 4
+
+
+def tiny_sparsectrl(unet2d, variant: str, hint=(16, 32), seed=9) -> SparseControlNetModel:
+    config = sparsectrl_config(dict(unet2d.config), variant, 4 if variant == "rgb" else 3)
+    torch.manual_seed(seed)
+    embedding = {} if variant == "rgb" else {"conditioning_embedding_out_channels": hint}
+    model = SparseControlNetModel(**config, **embedding)
+    tables = {k for k in model.state_dict() if k.endswith("pos_embed.pe")}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # zero-initialised output convolutions would make every test pass
+        for name, param in model.named_parameters():
+            if name not in tables:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def original_layout(model: SparseControlNetModel) -> dict[str, torch.Tensor]:
+    """The network under AnimateDiff's names (v3_sd15_sparsectrl_*.ckpt): diffusers' motion names turned back."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".motion_modules." in key:
+            key = re.sub(r"(motion_modules\.\d+)\.", r"\1.temporal_transformer.", key)
+            key = key.replace(".pos_embed.pe", ".attention_blocks.0.pos_encoder.pe")
+            key = key.replace(".attn1.", ".attention_blocks.0.").replace(".norm1.", ".norms.0.")
+            key = key.replace(".norm3.", ".ff_norm.")
+        state[key] = value.clone()
+    return state
+
+
+def assert_same_weights(loaded, reference):
+    ours, theirs = loaded.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("variant", ["rgb", "scribble"])
+def test_a_published_layout_file_loads_to_the_same_weights(unet2d, tmp_path, variant):
+    model = tiny_sparsectrl(unet2d, variant, hint=(16, 32, 96, 256))  # what a file gets: SD1.5's embedding
+    state = original_layout(model)
+    assert "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q" \
+           ".weight" in state
+    ckpt = tmp_path / f"v3_sd15_sparsectrl_{variant}.ckpt"
+    torch.save({"controlnet": {**state, "animatediff_config": {"use_simplified_condition_embedding": True}}}, ckpt)
+    loaded = read_sparsectrl(ckpt, dict(unet2d.config))
+    assert_same_weights(loaded, model)
+    report = describe_sparsectrl(Source(ckpt, {"unet_config": dict(unet2d.config)}))
+    assert (report["kind"], report["format"], report["variant"]) == ("sparsectrl", "original", variant)
+    assert report["conditioning_channels"] == (4 if variant == "rgb" else 3)
+    safetensors = tmp_path / "sparsectrl.safetensors"
+    save_file({k: v for k, v in state.items() if not k.endswith("pos_encoder.pe")}, safetensors)
+    assert_same_weights(read_sparsectrl(safetensors, dict(unet2d.config)), model)
+
+
+def test_a_diffusers_folder_loads_and_the_front_door_names_it(unet2d, tmp_path):
+    model = tiny_sparsectrl(unet2d, "scribble")
+    model.save_pretrained(tmp_path / "sparsectrl-scribble")
+    assert_same_weights(read_sparsectrl(tmp_path / "sparsectrl-scribble"), model)
+    report = kinema.describe(tmp_path / "sparsectrl-scribble")
+    assert (report["kind"], report["variant"]) == ("sparsectrl", "scribble")
+    video = VideoUNet.from_unet2d(unet2d).eval()
+    loaded = kinema.load(tmp_path / "sparsectrl-scribble", video_unet=video, scale=0.5)
+    assert isinstance(loaded, VideoSparseControlNet) and not loaded.latent_condition and loaded.scale == 0.5
+
+
+def test_a_sparsectrl_file_given_as_motion_module_is_named(unet2d, tmp_path):
+    path = tmp_path / "v3_sd15_sparsectrl_rgb.safetensors"
+    save_file(original_layout(tiny_sparsectrl(unet2d, "rgb")), path)
+    from kinema.loaders.animatediff import load_motion_module
+
+    with pytest.raises(KinemaError, match=r"this is AnimateDiff v3's SparseCtrl .*not a motion module: load it as a "
+                                          r"ControlNet \(--controlnet"):
+        load_motion_module(path, unet2d)
+
+
+def test_a_file_missing_tensors_is_one_line(unet2d, tmp_path):
+    state = original_layout(tiny_sparsectrl(unet2d, "rgb"))
+    del state["controlnet_mid_block.weight"]
+    path = tmp_path / "cut.safetensors"
+    save_file(state, path)
+    with pytest.raises(KinemaError, match=r"cut.safetensors: its weights do not fit SparseCtrl: 1 missing \(e.g. "
+                                          r"controlnet_mid_block.weight\).*Is it AnimateDiff v3's SparseCtrl"):
+        read_sparsectrl(path, dict(unet2d.config))
+
+
+# ---------------------------------------------------------------- sampling, against diffusers
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.model_max_length = 77  # SD1.5's; the tiny vocabulary's folder says none, which diffusers cannot pad to
+    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
+                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
+                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
+    return {**tiny_sd_parts(seed=1), "tokenizer": tokenizer, "adapter": adapter}
+
+
+def kinema_family(parts, pipe, sparse) -> AnimateDiffFamily:
+    video = VideoUNet.from_unet2d(parts["unet"], motion_module={"type": "temporal", "norm_mode": "across_frames",
+                                                                "max_frames": 32})
+    video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
+                                  if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
+    return AnimateDiffFamily(video.eval(), parts["vae"], parts["text_encoder"], parts["tokenizer"], controlnet=sparse)
+
+
+@pytest.mark.parametrize("variant, indices", [("rgb", [0, 3]), ("scribble", [0, -1]), ("rgb", None)])
+def test_generate_with_keyframes_equals_diffusers_sparsectrl_pipeline(parts, monkeypatch, variant, indices):
+    import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as reference
+
+    # diffusers draws a sample of the VAE posterior for the RGB keyframes, from the global generator; kinema takes
+    # its mean, so a run repeats. The reference takes the mean here too.
+    monkeypatch.setattr(reference, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+    network = tiny_sparsectrl(parts["unet"], variant)
+    pipe = AnimateDiffSparseControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                               tokenizer=parts["tokenizer"], unet=parts["unet"],
+                                               motion_adapter=parts["adapter"], controlnet=network,
+                                               scheduler=make_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    family = kinema_family(parts, pipe, VideoSparseControlNet(network, scale=0.9, path="sparsectrl"))
+    keyframes = control_frames()[[0, 3]] if indices is not None else control_frames()[:1]
+    request = GenerationRequest(prompt="the cat", negative_prompt="th", frames=FRAMES, height=SIZE, width=SIZE,
+                                steps=STEPS, guidance=7.5, seeds=[5], scheduler="ddim", control_video=keyframes,
+                                control_indices=indices)
+    ours = generate(family, request, progress=False, output="latent")
+    noise = initial_noise((1, 4, FRAMES, SIZE // 2, SIZE // 2), seeds=[5])
+    with torch.no_grad():
+        expected = pipe(prompt="the cat", negative_prompt="th", conditioning_frames=[as_pil(f) for f in keyframes],
+                        controlnet_frame_indices=indices if indices is not None else [0],
+                        controlnet_conditioning_scale=0.9, latents=noise.clone(), num_frames=FRAMES,
+                        num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="latent",
+                        return_dict=False)[0]
+    assert (ours.latents - expected).abs().max().item() <= 1e-3
+    unsteered = kinema_family(parts, pipe, None)
+    plain = generate(unsteered, GenerationRequest(**{**vars(request), "control_video": None,
+                                                     "control_indices": None}), progress=False, output="latent")
+    assert (plain.latents - expected).abs().max().item() > 1e-2
+    assert ours.settings[0]["control_indices"] == indices
+
+
+def test_keyframe_placement_is_checked():
+    assert control_places(2, 16, [0, -1]) == [0, 15]
+    assert control_places(16, 16) == list(range(16))
+    with pytest.raises(KinemaError, match=r"control_indices name 1 frames for 2 control images"):
+        control_places(2, 16, [0])
+    with pytest.raises(KinemaError, match=r"control_indices must be whole numbers from -16 to 15 .*got \[0, 16\]"):
+        control_places(2, 16, [0, 16])
+    with pytest.raises(KinemaError, match=r"control_indices \[0, -16\] name a frame twice"):
+        control_places(2, 16, [0, -16])
+    with pytest.raises(KinemaError, match=r"the control video has 3 frames and the video 16"):
+        control_places(3, 16)
+
+
+def test_keyframe_indices_with_a_controlnet_are_one_line_before_sampling(parts, monkeypatch):
+    from loaders.test_controlnet import tiny_controlnet
+
+    family = AnimateDiffFamily(VideoUNet.from_unet2d(parts["unet"]).eval(), parts["vae"], parts["text_encoder"],
+                               parts["tokenizer"], controlnet=VideoControlNet(tiny_controlnet(parts["unet"])))
+    monkeypatch.setattr(family.model, "forward", lambda *a, **k: pytest.fail("sampling ran"))
+    request = GenerationRequest(prompt="x", frames=FRAMES, height=SIZE, width=SIZE, steps=2,
+                                control_video=control_frames()[:2], control_indices=[0, 3])
+    with pytest.raises(KinemaError, match=r"^control_indices place SparseCtrl keyframes, and this is a ControlNet"):
+        generate(family, request, progress=False)
