@@ -7,8 +7,8 @@ with AnimateDiff's motion-module names inside; diffusers' `SparseControlNetModel
 diffusers' motion names, so the file is renamed (as diffusers' conversion script does) and loaded strictly. A file
 carries no config: the network copies the base UNet's encoder, as AnimateDiff builds it (`from_unet`), with 8 motion
 heads and frame tables of 32 (AnimateDiff's sparsectrl inference configs). Diffusers `SparseControlNetModel`
-folders load as they are. The files' frame tables (`pos_encoder.pe`) are not read: they are the sinusoid the model
-makes itself, and AnimateDiff's own loader drops them too.
+folders load as they are. The files' frame tables (`pos_encoder.pe`) set the network's frame limit and are checked to
+be the sinusoid the model makes itself, which is what runs (AnimateDiff's own loader drops them).
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def sparsectrl_config(unet_config: dict[str, Any] | None, variant: str, conditioning_channels: int) -> dict[str, Any]:
-    """The `SparseControlNetModel` config of a SparseCtrl file for a UNet of `unet_config` (default SD1.5's)."""
+def sparsectrl_config(unet_config: dict[str, Any] | None, variant: str, conditioning_channels: int,
+                      max_frames: int = MAX_FRAMES) -> dict[str, Any]:
+    """The `SparseControlNetModel` config of a SparseCtrl file for a UNet of `unet_config` (default SD1.5's), its
+    frame tables `max_frames` long."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     from kinema.loaders.stable_diffusion import SD15_CONFIGS
@@ -79,7 +81,7 @@ def sparsectrl_config(unet_config: dict[str, Any] | None, variant: str, conditio
     return {**{key: unet[key] for key in copied if key in unet},
             "down_block_types": [motion[block] for block in unet["down_block_types"]],
             "conditioning_channels": conditioning_channels, "use_simplified_condition_embedding": variant == "rgb",
-            "concat_conditioning_mask": True, "motion_max_seq_length": MAX_FRAMES,
+            "concat_conditioning_mask": True, "motion_max_seq_length": max_frames,
             "motion_num_attention_heads": MOTION_HEADS}
 
 
@@ -105,8 +107,12 @@ def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
     assert variant is not None  # the caller checked
     tensors, _ = source.layout
     embedding = tensors[RGB_EMBEDDING if variant == "rgb" else SCRIBBLE_EMBEDDING]
+    tables = {tensor.shape[1] for name, tensor in tensors.items() if _FRAME_TABLE.search(name) and tensor.ndim == 3}
+    if len(tables) > 1:
+        raise KinemaError(f"the frame tables (pos_encoder.pe) disagree in length: {sorted(tables)}")
     # The embedding reads the condition and, appended to it, the keyframe mask.
-    return "original", sparsectrl_config(source.options.get("unet_config"), variant, int(embedding.shape[1]) - 1)
+    return "original", sparsectrl_config(source.options.get("unet_config"), variant, int(embedding.shape[1]) - 1,
+                                         tables.pop() if tables else MAX_FRAMES)
 
 
 _ADVICE = "Is it AnimateDiff v3's SparseCtrl (v3_sd15_sparsectrl_rgb or _scribble), and the base model an SD1.5 model?"
@@ -156,6 +162,7 @@ def read_sparsectrl(path: str | os.PathLike, unet_config: dict[str, Any] | None 
     from accelerate import init_empty_weights
     from diffusers.models.controlnets.controlnet_sparsectrl import SparseControlNetModel
 
+    from kinema.loaders.animatediff.structure import check_frame_tables
     from kinema.loaders.checkpoint_io import check_weight_values
     from kinema.loaders.controlnet import weights_source
     from kinema.loaders.source import Source
@@ -168,7 +175,9 @@ def read_sparsectrl(path: str | os.PathLike, unet_config: dict[str, Any] | None 
     try:
         _, config = _source_config(source)
         weights = weights_source(source)
-        state = _renamed(weights.read(weights.names))
+        stored = weights.read(weights.names)
+        check_frame_tables({k: v for k, v in stored.items() if _FRAME_TABLE.search(k)})
+        state = _renamed(stored)
         check_weight_values(state, "SparseCtrl")
         with init_empty_weights():  # buffers stay real: the frame tables are made here, not loaded
             model = SparseControlNetModel.from_config(config)

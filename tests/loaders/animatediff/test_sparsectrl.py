@@ -102,6 +102,17 @@ def test_a_sparsectrl_file_given_as_motion_module_is_named(unet2d, tmp_path):
         load_motion_module(path, unet2d)
 
 
+def test_an_altered_frame_table_is_refused(unet2d, tmp_path):
+    state = original_layout(tiny_sparsectrl(unet2d, "rgb"))
+    key = "down_blocks.1.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"
+    state[key] = state[key] * 1.5
+    path = tmp_path / "learned.safetensors"
+    save_file(state, path)
+    with pytest.raises(KinemaError, match=r"learned.safetensors: down_blocks.1.*pos_encoder.pe is not the sinusoidal "
+                                          r"frame table"):
+        read_sparsectrl(path, dict(unet2d.config))
+
+
 def test_a_file_missing_tensors_is_one_line(unet2d, tmp_path):
     state = original_layout(tiny_sparsectrl(unet2d, "rgb"))
     del state["controlnet_mid_block.weight"]
