@@ -118,17 +118,26 @@ def _video_tensor(video: Any, height: int | None, width: int | None, resize: boo
     return _fit(video, height or video.shape[-2], width or video.shape[-1], resize, "the input video")
 
 
-def _control_images(control: Any, height: int, width: int, resize: bool) -> torch.Tensor:
-    """The control images `control` (a video, animation, image or frame folder, or `(K, 3, H, W)` in [0, 1]) as
-    float `(K, 3, height, width)` in [0, 1]."""
-    if isinstance(control, (str, Path)):
+def _control_images(control: Any, height: int, width: int, resize: bool, normalize: bool = False) -> torch.Tensor:
+    """The control images `control` (a video, animation, image or frame folder, a list of image paths, or
+    `(K, 3, H, W)` in [0, 1]) as float `(K, 3, height, width)` in [0, 1]; `normalize`: gray, stretched to [0, 1]
+    each, as AnimateDiff's normalize_condition_images makes them."""
+    if isinstance(control, list | tuple):
+        control = torch.stack([_image_tensor(image, height, width, resize, "the control image") for image in control])
+    elif isinstance(control, (str, Path)):
         from kinema.data.video_io import read_video
 
         control = (read_video(control).frames + 1) / 2
     if not isinstance(control, torch.Tensor) or control.ndim != 4 or control.shape[1] != 3:
-        raise KinemaError("the control video must be a path (a video, animation, image or folder of frames) or an "
-                          "(F, 3, H, W) tensor in [0, 1]")
-    return _fit(control, height, width, resize, "the control video")
+        raise KinemaError("the control video must be a path (a video, animation, image or folder of frames), a list "
+                          "of image paths, or an (F, 3, H, W) tensor in [0, 1]")
+    control = _fit(control, height, width, resize, "the control video")
+    if normalize:
+        gray = control.mean(dim=1, keepdim=True)
+        low = gray.amin(dim=(1, 2, 3), keepdim=True)
+        span = (gray.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-6)  # a flat image stays flat, not NaN
+        control = ((gray - low) / span).expand(-1, 3, -1, -1)
+    return control
 
 
 def _with_control(text: _Text, control: Conditioning | None, videos: int) -> _Text:
@@ -691,7 +700,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if request.control_video is not None:  # read (and sized) once, here, before any model runs
         from kinema.pipelines.request import control_places
 
-        control_images = _control_images(request.control_video, plan.height, plan.width, request.resize)
+        control_images = _control_images(request.control_video, plan.height, plan.width, request.resize,
+                                         request.normalize_control)
         control_places(control_images.shape[0], input_video.shape[0] if input_video is not None else plan.frames,
                        request.control_indices)
     if plan.context is None and not plan.continuation:

@@ -77,7 +77,7 @@ _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_f
                "decode_chunk", "attention_chunk", "cache_interval")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
                   "control_end")
-_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile")
+_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",
                 "control_video": "control video"}
@@ -655,7 +655,13 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given["freeu"] = _settings_object(freeu, "freeu", FreeUSettings)
     image_sizes: dict[str, tuple[int, int]] = {}
     for key, what in _FILE_FIELDS.items():
-        if data.get(key) is not None:
+        if key == "control_video" and isinstance(data.get(key), list):  # keyframe images, one path each
+            if not data[key]:
+                raise KinemaError("control_video is an empty list; give a video, an image, or a list of images")
+            given[key] = [_path(item, key, base, None, "control image") for item in data[key]]
+            for index, image in enumerate(given[key]):
+                image_sizes[f"control image {index + 1}"] = check_image_file(image, "control image")
+        elif data.get(key) is not None:
             given[key] = _path(data[key], key, base, None, what)
             if key not in _VIDEO_FIELDS:
                 size = check_image_file(given[key], what)
@@ -699,10 +705,11 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
                         freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet)
+    one_file = isinstance(request.control_video, str)
     if request.control_video is not None and made is not None:
-        controls = frame_count(request.control_video, "control video")
+        controls = frame_count(request.control_video, "control video") if one_file else len(request.control_video)
         control_places(controls, made, request.control_indices, fix=f"\"frames\": {controls}")
-    if request.control_video is not None:
+    if one_file:
         height, width = video_size(request.control_video, "control video")
         image_sizes["control video"] = (width, height)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded

@@ -21,8 +21,12 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
     tokenizer, dtype, name            kinema's: an SD1.5 single file's tokenizer, precision, the entry's name
     motion_scale, motion_effect, timestep_spacing, freeu   kinema's sampling settings (kinema generate's options;
                                       freeu: true, or {b1, b2, s1, s2})
+    controlnet_path, controlnet_images, controlnet_image_indexs, normalize_condition_images
+                                      AnimateDiff v3's SparseCtrl: the network, its keyframe images (a path or a
+                                      list), the frames they go to, and gray sketches (kinema's controlnet,
+                                      control_video, control_indices, normalize_control)
 
-Keys kinema has no use for (AnimateDiff's inference_config, controlnet_*; prompt travel's
+Keys kinema has no use for (AnimateDiff's inference_config, controlnet_config; prompt travel's
 controlnet_map, ip_adapter_map, clip_skip, vae_path, ...) are accepted with one warning naming those set; any other
 key is an error naming the nearest valid one. Relative paths resolve against the current folder, then the config
 file's folder. Everything is checked, model files included, before any model loads.
@@ -63,11 +67,11 @@ ENTRY_KEYS: tuple[str, ...] = (
     *MODEL_KEYS, "motion_module", "motion_module_lora_configs", "lora_model_path", "lora_alpha", "adapter_lora_path",
     "adapter_lora_scale", "lora_map", "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed",
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
-    "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS)
+    "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
+    "controlnet_image_indexs", "normalize_condition_images")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
-    "inference_config", "controlnet_path", "controlnet_config", "controlnet_images", "controlnet_image_indexs",
-    "normalize_condition_images", "compile", "clip_skip",
+    "inference_config", "controlnet_config", "compile", "clip_skip",
     "prompt_fixed_ratio", "vae_path", "unet_batch_size", "ip_adapter_map", "img2img_map", "controlnet_map",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
@@ -217,6 +221,12 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
         value = _given(entry, short) if _given(entry, short) is not None else _given(entry, long)
         if value is not None:
             data["frames" if long == "length" else long] = value
+    # AnimateDiff v3's SparseCtrl entries (configs/prompts/v3/*sparsectrl*), as its animate.py reads them.
+    for key, job_key in (("controlnet_path", "controlnet"), ("controlnet_images", "control_video"),
+                         ("controlnet_image_indexs", "control_indices"),
+                         ("normalize_condition_images", "normalize_control")):
+        if _given(entry, key) is not None:
+            data[job_key] = entry[key]
     output = _given(entry, "output")
     if output is not None:
         if not isinstance(output, Mapping):

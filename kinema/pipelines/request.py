@@ -202,8 +202,11 @@ class GenerationRequest:
         ip_image: the image prompt of a model loaded with an IP-Adapter (a path, a PIL image or `(3, H, W)` in
             [0, 1], any size: CLIP's processor resizes and crops it); such a model needs one.
         control_video: the control images of a model loaded with a ControlNet (pose, depth or edge maps, ...): a
-            video, animation, image or folder of frames, or frames `(F, 3, H, W)` in [0, 1]; one per frame of the
-            video (or one image for all of them), sized as the video (else `resize`). Such a model needs them.
+            video, animation, image or folder of frames, a list of image paths, or frames `(F, 3, H, W)` in [0, 1];
+            one per frame of the video (or one image for all of them; SparseCtrl: one per keyframe), sized as the
+            video (else `resize`). Such a model needs them.
+        normalize_control: turn the control images gray and stretch them to [0, 1] (AnimateDiff's
+            normalize_condition_images, for SparseCtrl scribbles).
         control_indices: SparseCtrl: the frames the control images are keyframes of, one per image (negative ones
             count from the end; None: one image per frame, or one image for frame 0 of a SparseCtrl model).
         control_start, control_end: the share of the sampling steps the ControlNet steers, from and to (diffusers'
@@ -250,6 +253,7 @@ class GenerationRequest:
     ip_image: Any = None
     control_video: Any = None
     control_indices: Sequence[int] | None = None
+    normalize_control: bool = False
     control_start: float = 0.0
     control_end: float = 1.0
     dtype: str | None = None
@@ -365,6 +369,8 @@ class GenerationRequest:
             value = data[key]
             if isinstance(value, os.PathLike):
                 data[key] = os.fspath(value)
+            elif isinstance(value, list | tuple) and all(isinstance(item, str | os.PathLike) for item in value):
+                data[key] = [os.fspath(item) for item in value]  # keyframe images
             elif value is not None and not isinstance(value, str):
                 data[key] = f"<{type(value).__name__}>"
         data["seeds"] = list(self.seeds)

@@ -238,3 +238,28 @@ def test_an_easyanimate_model_refuses_a_controlnet_from_its_configs(files):
     with pytest.raises(KinemaError, match=r"kinema-tiny is an EasyAnimate model: a ControlNet steers an SD1.5 UNet, "
                                           r"and EasyAnimate is a diffusion transformer"):
         check_model_request(resolve_model("kinema-tiny"), controlnet=(files["controlnet"], 1.0))
+
+
+def test_a_list_of_images_is_a_control_video_and_normalising_grays_and_stretches_it(parts, pipe, monkeypatch,
+                                                                                 tmp_path):
+    ours = family(parts, pipe)
+    paths = []
+    for index, frame in enumerate(control_frames()):
+        tinted = frame * torch.tensor([1.0, 0.5, 0.25]).view(3, 1, 1)  # a colour sketch on a dark ground
+        as_pil(tinted).save(tmp_path / f"key{index}.png")
+        paths.append(tmp_path / f"key{index}.png")
+    seen = []
+    forward = ours.controlnet.forward
+
+    def spy(sample, timestep, text, control, mask=None):
+        seen.append(control.clone())
+        return forward(sample, timestep, text, control, mask)
+
+    monkeypatch.setattr(ours.controlnet, "forward", spy)
+    result = generate(ours, request(steps=1, control_video=paths, normalize_control=True), progress=False,
+                      output="latent")
+    assert result.settings[0]["control_video"] == [str(path) for path in paths]
+    control = seen[0][0]  # (3, F, H, W)
+    assert torch.equal(control[0], control[1]) and torch.equal(control[0], control[2])  # gray
+    for frame in range(FRAMES):
+        assert control[:, frame].min().item() == 0 and control[:, frame].max().item() == 1  # stretched per image

@@ -83,6 +83,33 @@ def test_the_v3_domain_adapter_is_an_image_lora_at_its_own_scale(tmp_path, monke
     assert [run.job.loras for run in read.runs] == [[(adapter, 1.0)], [(adapter, 0.5)], [], [(adapter, 1.0)]]
 
 
+def test_sparsectrl_keys_make_the_keyframe_jobs_animatediff_means(tmp_path, monkeypatch, caplog, stand_in_models):
+    # AnimateDiff's configs/prompts/v3 SparseCtrl entries (as its scripts/animate.py reads them).
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path, "models/rv.safetensors", "models/v3_sd15_mm.ckpt", "models/v3_sd15_sparsectrl_scribble.ckpt")
+    for name in ("sketch0.png", "sketch1.png"):
+        Image.new("RGB", (32, 32), "white").save(tmp_path / name)
+    entry = {"dreambooth_path": "models/rv.safetensors", "motion_module": "models/v3_sd15_mm.ckpt",
+             "controlnet_config": "configs/inference/sparsectrl/image_condition.yaml",
+             "controlnet_path": "models/v3_sd15_sparsectrl_scribble.ckpt",
+             "controlnet_images": ["sketch0.png", "sketch1.png"], "controlnet_image_indexs": [0, 7],
+             "normalize_condition_images": True, "prompt": ["a cat"], "L": 8, "W": 32, "H": 32}
+    with caplog.at_level(logging.WARNING):
+        [run] = read_config(write(tmp_path / "sparsectrl.yaml", [entry])).runs
+    assert [r.message.split(": ", 1)[1] for r in caplog.records] == [
+        "kinema ignores controlnet_config (AnimateDiff / prompt-travel settings it has no use for)"]
+    assert run.job.controlnet == (str(tmp_path / "models/v3_sd15_sparsectrl_scribble.ckpt"), 1.0)
+    request = run.job.request
+    assert request.control_video == [str(tmp_path / "sketch0.png"), str(tmp_path / "sketch1.png")]
+    assert (request.control_indices, request.normalize_control) == ([0, 7], True)
+    with pytest.raises(KinemaError, match=r"control_indices name 1 frames for 2 control images"):
+        read_config(write(tmp_path / "bad.yaml", [{**entry, "controlnet_image_indexs": [0]}]))
+    with pytest.raises(KinemaError, match=r"the control image 1 is 32x32 but the job makes 64x64 videos"):
+        read_config(write(tmp_path / "big.yaml", [{**entry, "W": 64, "H": 64}]))
+
+
 def test_kinemas_sampling_settings_are_entry_keys_and_overrides(tmp_path, monkeypatch, stand_in_models):
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "models/rv.safetensors", "models/mm.ckpt")
