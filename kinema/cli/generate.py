@@ -135,20 +135,20 @@ def parse_ip_adapter(text: str) -> tuple[str, float]:
     """--ip-adapter `PATH[:SCALE]` -> `(path, scale)`, scale 1.0 when not given (split as `parse_lora` splits)."""
     from kinema.loaders.ip_adapter import check_ip_adapter_scale
 
-    path, scale = _path_and_number(text, "the IP-Adapter scale")
-    try:
-        return path, check_ip_adapter_scale(scale)
-    except KinemaError as err:
-        raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
+    return _path_and_scale(text, "the IP-Adapter scale", check_ip_adapter_scale)
 
 
 def parse_controlnet(text: str) -> tuple[str, float]:
     """--controlnet `PATH[:SCALE]` -> `(path, scale)`, scale 1.0 when not given (split as `parse_lora` splits)."""
     from kinema.loaders.controlnet import check_controlnet_scale
 
-    path, scale = _path_and_number(text, "the ControlNet scale")
+    return _path_and_scale(text, "the ControlNet scale", check_controlnet_scale)
+
+
+def _path_and_scale(text: str, what: str, check: Any) -> tuple[str, float]:
+    path, scale = _path_and_number(text, what)
     try:
-        return path, check_controlnet_scale(scale)
+        return path, check(scale)
     except KinemaError as err:
         raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
 
@@ -312,12 +312,13 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                            help="the image prompt of --ip-adapter (any size: CLIP's processor crops it)")
         group.add_argument("--controlnet", type=parse_controlnet, metavar="PATH[:S]",
                            help="SD1.5 ControlNet (a diffusers folder such as lllyasviel/control_v11p_sd15_openpose, "
-                                "or an original single file) at scale S (default 1.0), for SD models: "
-                                "--control-video then steers every frame")
+                                "or an original single file), or AnimateDiff v3's SparseCtrl "
+                                "(v3_sd15_sparsectrl_rgb.ckpt, _scribble.ckpt), at scale S (default 1.0), for SD "
+                                "models: --control-video then steers the frames")
         group.add_argument("--control-video", metavar="VIDEO",
-                           help="the control images of --controlnet, already made (pose, depth, edge maps): a video, "
-                                "animation or folder of frames with one per frame, or one image for all; sized as the "
-                                "video (or --resize)")
+                           help="the control images of --controlnet, already made (pose, depth, edge maps; "
+                                "SparseCtrl keyframes): a video, animation or folder of frames with one per frame, or "
+                                "one image for all (SparseCtrl: for frame 0); sized as the video (or --resize)")
         group.add_argument("--control-indices", type=parse_indices, metavar="I,J,...",
                            help="SparseCtrl: the frames the control images are keyframes of, one per image (-1: the "
                                 "last; default: one image per frame, or one image at frame 0)")

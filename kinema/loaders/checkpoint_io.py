@@ -321,6 +321,21 @@ class WeightFiles:
         return {name: shape for name, (shape, _) in self.header().items()}
 
 
+def folder_config_class(folder: str | os.PathLike) -> str | None:
+    """The `_class_name` a diffusers model folder's `config.json` names (e.g. "ControlNetModel"); None for anything
+    else, a broken config included (the describer of the kind it claims to be, or the last one, names that)."""
+    from kinema.fileio import read_json_object
+
+    config = Path(folder) / "config.json"
+    if not (config.parent.is_dir() and config.is_file()):
+        return None
+    try:
+        name = read_json_object(config, "a model config").get("_class_name")
+    except KinemaError:
+        return None
+    return name if isinstance(name, str) else None
+
+
 @overload
 def find_weights(folder: str | os.PathLike, stems: tuple[str, ...] = ..., suffixes: tuple[str, ...] = ...,
                  variants: tuple[str | None, ...] = ..., *, missing_ok: Literal[False] = ...) -> WeightFiles: ...

@@ -54,18 +54,6 @@ def controlnet_layout(names: list[str]) -> str | None:
     return None
 
 
-def _is_controlnet_folder(path: Path) -> bool:
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return False
-    from kinema.fileio import read_json_object
-
-    try:
-        return read_json_object(config, "a model config").get("_class_name") == CONFIG_CLASS
-    except KinemaError:  # a broken config is named by the describer of the kind it says it is, or the last one
-        return False
-
-
 def controlnet_config(unet_config: dict[str, Any] | None = None, conditioning_channels: int = 3) -> dict[str, Any]:
     """The config of a ControlNet for a UNet of `unet_config` (default: SD1.5's, shipped with kinema), made by
     diffusers' `ControlNetModel.from_unet` on a weightless UNet."""
@@ -157,9 +145,11 @@ def describe_controlnet(source: Source) -> dict[str, Any] | None:
     """The format registry's describer: a ControlNet folder or file, with its layout, conditioning channels and
     width; None for anything else. A single file is checked against the ControlNet of `unet_config=` (SD1.5's
     by default); with `unet_config=`, also that its residuals fit that UNet."""
-    if not (_is_controlnet_folder(source.path) or (source.is_weights_file and controlnet_layout(source.names))):
+    from kinema.loaders.checkpoint_io import dtype_report, folder_config_class
+
+    if not (folder_config_class(source.path) == CONFIG_CLASS or (source.is_weights_file
+                                                                 and controlnet_layout(source.names))):
         return None
-    from kinema.loaders.checkpoint_io import dtype_report
 
     try:
         layout, config = _source_config(source)

@@ -6,16 +6,14 @@ sampling."""
 import pytest
 import torch
 from diffusers import AnimateDiffControlNetPipeline, MotionAdapter
-from loaders.test_controlnet import TINY_HINT, as_pil, control_frames, tiny_controlnet
+from loaders.test_controlnet import TINY_HINT, as_pil, control_frames, tiny_controlnet, video_unet_like
 from loaders.test_stable_diffusion import write_tokenizer
 from tiny_models import perturb
 from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
 
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff.keys import diffusers_to_original_key
 from kinema.loaders.stable_diffusion import load_tokenizer
 from kinema.models.controlnet import VideoControlNet
-from kinema.models.video_unet import VideoUNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.generation import controlled, generate
 from kinema.pipelines.jobs import job_from_mapping
@@ -52,12 +50,22 @@ def pipe(parts):
 
 
 def family(parts, pipe, scale=1.0) -> AnimateDiffFamily:
-    video = VideoUNet.from_unet2d(parts["unet"], motion_module={"type": "temporal", "norm_mode": "across_frames",
-                                                                "max_frames": 32})
-    video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
-                                  if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
-    return AnimateDiffFamily(video.eval(), parts["vae"], parts["text_encoder"], parts["tokenizer"],
+    return AnimateDiffFamily(video_unet_like(pipe, parts["unet"]), parts["vae"], parts["text_encoder"],
+                             parts["tokenizer"],
                              controlnet=VideoControlNet(parts["controlnet"], scale=scale, path="control_tiny"))
+
+
+def control_seen(ours, monkeypatch) -> list:
+    """The control images each ControlNet call gets, as the calls come."""
+    seen = []
+    forward = ours.controlnet.forward
+
+    def spy(sample, timestep, text, control, mask=None):
+        seen.append(control.clone())
+        return forward(sample, timestep, text, control, mask)
+
+    monkeypatch.setattr(ours.controlnet, "forward", spy)
+    return seen
 
 
 def request(**fields) -> GenerationRequest:
@@ -94,14 +102,7 @@ def test_the_control_window_follows_diffusers_rule():
 
 def test_context_windows_hand_each_window_its_control_frames(parts, pipe, monkeypatch):
     ours = family(parts, pipe)
-    seen = []
-    forward = ours.controlnet.forward
-
-    def spy(sample, timestep, text, control, mask=None):
-        seen.append(control.clone())
-        return forward(sample, timestep, text, control, mask)
-
-    monkeypatch.setattr(ours.controlnet, "forward", spy)
+    seen = control_seen(ours, monkeypatch)
     frames = 8
     control = torch.rand(frames, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     generate(ours, request(frames=frames, steps=1, control_video=control,
@@ -248,14 +249,7 @@ def test_a_list_of_images_is_a_control_video_and_normalising_grays_and_stretches
         tinted = frame * torch.tensor([1.0, 0.5, 0.25]).view(3, 1, 1)  # a colour sketch on a dark ground
         as_pil(tinted).save(tmp_path / f"key{index}.png")
         paths.append(tmp_path / f"key{index}.png")
-    seen = []
-    forward = ours.controlnet.forward
-
-    def spy(sample, timestep, text, control, mask=None):
-        seen.append(control.clone())
-        return forward(sample, timestep, text, control, mask)
-
-    monkeypatch.setattr(ours.controlnet, "forward", spy)
+    seen = control_seen(ours, monkeypatch)
     result = generate(ours, request(steps=1, control_video=paths, normalize_control=True), progress=False,
                       output="latent")
     assert result.settings[0]["control_video"] == [str(path) for path in paths]

@@ -49,18 +49,6 @@ def sparsectrl_variant(names: list[str]) -> str | None:
     return None
 
 
-def _is_folder(path: Path) -> bool:
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return False
-    from kinema.fileio import read_json_object
-
-    try:
-        return read_json_object(config, "a model config").get("_class_name") == CONFIG_CLASS
-    except KinemaError:  # a broken config is named by the describer of the kind it says it is, or the last one
-        return False
-
-
 def sparsectrl_config(unet_config: dict[str, Any] | None, variant: str, conditioning_channels: int,
                       max_frames: int = MAX_FRAMES) -> dict[str, Any]:
     """The `SparseControlNetModel` config of a SparseCtrl file for a UNet of `unet_config` (default SD1.5's), its
@@ -134,9 +122,11 @@ def describe_sparsectrl(source: Source) -> dict[str, Any] | None:
     """The format registry's describer: a SparseCtrl file or diffusers folder, with its variant; None for anything
     else. A file is checked against the network of `unet_config=` (SD1.5's by default), and with `unet_config=`
     also that its residuals fit that UNet."""
-    if not (_is_folder(source.path) or (source.is_weights_file and sparsectrl_variant(source.names))):
+    from kinema.loaders.checkpoint_io import dtype_report, folder_config_class
+
+    if not (folder_config_class(source.path) == CONFIG_CLASS or (source.is_weights_file
+                                                                 and sparsectrl_variant(source.names))):
         return None
-    from kinema.loaders.checkpoint_io import dtype_report
     from kinema.loaders.controlnet import check_fits_unet, weights_source
 
     try:

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from diffusers import AnimateDiffSparseControlNetPipeline, MotionAdapter, SparseControlNetModel
-from loaders.test_controlnet import as_pil, control_frames
+from loaders.test_controlnet import as_pil, control_frames, video_unet_like
 from loaders.test_stable_diffusion import write_tokenizer
 from safetensors.torch import save_file
 from tiny_models import perturb
@@ -15,7 +15,6 @@ from tiny_sd import tiny_sd_parts
 
 import kinema
 from kinema.errors import KinemaError
-from kinema.loaders.animatediff.keys import diffusers_to_original_key
 from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl, sparsectrl_config
 from kinema.loaders.source import Source
 from kinema.loaders.stable_diffusion import load_tokenizer
@@ -139,11 +138,8 @@ def parts(tmp_path_factory):
 
 
 def kinema_family(parts, pipe, sparse) -> AnimateDiffFamily:
-    video = VideoUNet.from_unet2d(parts["unet"], motion_module={"type": "temporal", "norm_mode": "across_frames",
-                                                                "max_frames": 32})
-    video.load_motion_state_dict({diffusers_to_original_key(k): v for k, v in pipe.unet.state_dict().items()
-                                  if ".motion_modules." in k and not k.endswith("pos_embed.pe")})
-    return AnimateDiffFamily(video.eval(), parts["vae"], parts["text_encoder"], parts["tokenizer"], controlnet=sparse)
+    return AnimateDiffFamily(video_unet_like(pipe, parts["unet"]), parts["vae"], parts["text_encoder"],
+                             parts["tokenizer"], controlnet=sparse)
 
 
 @pytest.mark.parametrize("variant, indices", [("rgb", [0, 3]), ("scribble", [0, -1]), ("rgb", None)])
