@@ -109,11 +109,13 @@ def _renamed(layout: str, state: dict[str, torch.Tensor], config: dict[str, Any]
         return state
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
+    from kinema.loaders.stable_diffusion import storage_of
+
     bare = {name.removeprefix(ORIGINAL_PREFIX): tensor for name, tensor in state.items()}
     converted = convert_controlnet_checkpoint(bare, config)
     # The map copies or views; a name it did not carry over has no place in the ControlNet.
-    taken = {id(t) if t.is_meta else t.data_ptr() for t in converted.values() if t is not None}
-    left = [name for name, t in bare.items() if (id(t) if t.is_meta else t.data_ptr()) not in taken]
+    taken = {storage_of(t) for t in converted.values() if t is not None}
+    left = [name for name, t in bare.items() if storage_of(t) not in taken]
     if left:
         raise KinemaError(f"{len(left)} tensors have no place in the ControlNet (e.g. {', '.join(left[:3])}); is this "
                           "an SD1.5 ControlNet for this base model?")

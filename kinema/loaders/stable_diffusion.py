@@ -212,7 +212,7 @@ def _fit_context(path: Path, name: str) -> str:
     return f"{path}: its {name} weights do not fit the Stable Diffusion 1.5 {name}"
 
 
-def _storage_of(tensor: torch.Tensor) -> int:
+def storage_of(tensor: torch.Tensor) -> int:
     """What a converted tensor shares with the one it came from: its memory, or for a meta tensor (no memory, as
     describe makes them from a header) the tensor it is a view of."""
     if tensor.is_meta:
@@ -222,9 +222,9 @@ def _storage_of(tensor: torch.Tensor) -> int:
 
 def _unconverted(state: Mapping[str, torch.Tensor], prefix: str, converted: Mapping[str, torch.Tensor]) -> list[str]:
     """Keys under `prefix` whose tensor the conversion did not carry over (it copies or views, never recomputes)."""
-    taken = {_storage_of(tensor) for tensor in converted.values()}
+    taken = {storage_of(tensor) for tensor in converted.values()}
     return [k for k, v in state.items()
-            if k.startswith(prefix) and not k.startswith(LDM_TRAINING_ONLY) and _storage_of(v) not in taken]
+            if k.startswith(prefix) and not k.startswith(LDM_TRAINING_ONLY) and storage_of(v) not in taken]
 
 
 def _build_empty(name: str, config_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
