@@ -117,7 +117,9 @@ def test_sampling_under_a_controlnet_equals_diffusers(unet2d, controlnet, contro
                       {"encoder_hidden_states": uncond, "control_frames": control}, STEPS, GUIDANCE, progress=False)
         uncontrolled = sample(UNetDenoiser(video), make_scheduler("ddim"), noise, {"encoder_hidden_states": cond},
                               {"encoder_hidden_states": uncond}, STEPS, GUIDANCE, progress=False)
-    assert (ours - expected).abs().max().item() <= 1e-3
+    difference = (ours - expected).abs().max().item()
+    print(f"ControlNet at scale {scale}: max abs difference {difference:.3g}")
+    assert difference <= 1e-3
     # The control counts: without it the latents end far from diffusers' controlled ones.
     assert (uncontrolled - expected).abs().max().item() > 1e-2
 

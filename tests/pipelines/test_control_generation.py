@@ -86,7 +86,10 @@ def test_generate_equals_diffusers_controlnet_pipeline(parts, pipe, window):
                         control_guidance_end=window[1], latents=noise.clone(), num_frames=FRAMES,
                         num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="latent",
                         return_dict=False)[0]
-    assert (ours.latents - expected).abs().max().item() <= 1e-3
+    difference = (ours.latents - expected).abs().max().item()
+    print(f"control window {window}: max abs difference {difference:.3g}, latents' mean abs "
+          f"{expected.abs().mean():.3g}")
+    assert difference <= 1e-3
     assert ours.settings[0]["controlnet"] == {"path": "control_tiny", "scale": 0.8}
     assert (ours.settings[0]["control_start"], ours.settings[0]["control_end"]) == window
     assert ours.settings[0]["control_video"] == "<Tensor>"

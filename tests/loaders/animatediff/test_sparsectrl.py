@@ -168,7 +168,10 @@ def test_generate_with_keyframes_equals_diffusers_sparsectrl_pipeline(parts, mon
                         controlnet_conditioning_scale=0.9, latents=noise.clone(), num_frames=FRAMES,
                         num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="latent",
                         return_dict=False)[0]
-    assert (ours.latents - expected).abs().max().item() <= 1e-3
+    difference = (ours.latents - expected).abs().max().item()
+    print(f"SparseCtrl {variant} at {indices}: max abs difference {difference:.3g}, latents' mean abs "
+          f"{expected.abs().mean():.3g}")
+    assert difference <= 1e-3
     unsteered = kinema_family(parts, pipe, None)
     plain = generate(unsteered, GenerationRequest(**{**vars(request), "control_video": None,
                                                      "control_indices": None}), progress=False, output="latent")
