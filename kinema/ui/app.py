@@ -59,7 +59,7 @@ FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
 NO_SPEED = ""  # the speed choice "no preset: the form's settings as they are"
 NO_CHOICE = ""
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
-INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video")
+INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video", "control_video")
 # Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.
 CACHE_CLEANING = (3600, 86400)
 
@@ -210,8 +210,9 @@ def _count(n: int, noun: str) -> str:
 
 def _scan_note(scan: ModelChoices, models_dir: Path | None) -> str:
     where = f"`{models_dir}`" if models_dir is not None else "no models folder"
-    counts = ", ".join(_count(len(found), name) for found, name in
-                       ((scan.models, "model"), (scan.motion_modules, "motion module"), (scan.loras, "LoRA")))
+    kinds = [(scan.models, "model"), (scan.motion_modules, "motion module"), (scan.loras, "LoRA")]
+    kinds += [(scan.controlnets, "ControlNet")] if scan.controlnets else []
+    counts = ", ".join(_count(len(found), name) for found, name in kinds)
     note = f"Models folder: {where} — {counts}."
     if scan.skipped:
         note += f" Skipped {len(scan.skipped)}: " + "; ".join(f"`{label}` ({why})" for label, why in scan.skipped[:5])
@@ -288,6 +289,18 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                                                           allow_custom_value=True, scale=3))
                             lora_weights.append(gr.Number(label="weight", value=1.0, step=0.05, scale=1))
                     scan_note = gr.Markdown(_scan_note(scan, models_path))
+                with gr.Accordion("ControlNet (AnimateDiff models)", open=False):
+                    with gr.Row():
+                        controlnet = gr.Dropdown(label="ControlNet or SparseCtrl",
+                                                 choices=_choices(scan.controlnets, "none"), value=NO_CHOICE,
+                                                 allow_custom_value=True, scale=3, elem_id="controlnet")
+                        controlnet_scale = gr.Number(label="scale", value=1.0, step=0.05, scale=1)
+                    with gr.Row():
+                        control_video = gr.File(label="Control video or images (pose, depth, edges; SparseCtrl "
+                                                      "keyframes)", type="filepath", file_types=["video", "image"],
+                                                elem_id="control-video")
+                        control_indices = gr.Textbox(label="SparseCtrl keyframe frames (e.g. 0, -1)",
+                                                     elem_id="control-indices")
                 # No minimum or maximum on the numbers: the job's check refuses bad ones, in the CLI's and API's words.
                 with gr.Row():
                     speed = gr.Dropdown(label="Speed", choices=speed_choices, value=NO_SPEED, elem_id="speed")
@@ -334,7 +347,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
             "v2v_video": v2v_video, "strength": strength, "extend_video": extend_video,
             "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
-            "motion_effect": motion_effect, "motion_scale": motion_scale,
+            "motion_effect": motion_effect, "motion_scale": motion_scale, "controlnet": controlnet,
+            "controlnet_scale": controlnet_scale, "control_video": control_video, "control_indices": control_indices,
         }
 
         # ---- events
@@ -370,9 +384,10 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             found = scan_models(models_path)
             return (gr.update(choices=found.models), gr.update(choices=_choices(found.motion_modules, "none")),
                     *[gr.update(choices=_choices(found.loras, "none")) for _ in lora_paths],
-                    _scan_note(found, models_path))
+                    gr.update(choices=_choices(found.controlnets, "none")), _scan_note(found, models_path))
 
-        rescan.click(rescan_models, outputs=[model, motion_module, *lora_paths, scan_note], concurrency_limit=None)
+        rescan.click(rescan_models, outputs=[model, motion_module, *lora_paths, controlnet, scan_note],
+                     concurrency_limit=None)
 
         def model_chosen(chosen: str, preset: str) -> tuple[Any, ...]:
             """The model's defaults, under the speed preset chosen (which a new model must not undo)."""
@@ -418,11 +433,16 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 gr.Warning(f"the video used {len(loras)} LoRAs; the form holds {LORA_SLOTS}, so the first "
                            f"{LORA_SLOTS} were loaded")
             loras = (loras + [[NO_CHOICE, 1.0]] * LORA_SLOTS)[:LORA_SLOTS]
+            if isinstance(values.get("control_video"), list):  # keyframe images from a job file: no field holds them
+                gr.Warning("the video's control images were a list of files, which the form cannot hold; upload "
+                           "them again as one video or image")
+                values["control_video"] = None
             for key in INPUT_KEYS:
                 if values.get(key) and not Path(values[key]).is_file():
                     gr.Warning(f"the {key.replace('_', ' ')} this video was made from is gone; upload it again")
                     values[key] = None
             values["motion_module"] = values.get("motion_module") or NO_CHOICE
+            values["controlnet"] = values.get("controlnet") or NO_CHOICE
             values["scheduler"] = values.get("scheduler") or FAMILY_DEFAULT
             values["speed"] = values.get("speed") or NO_SPEED
             field_updates = [values[key] if key in values else gr.skip() for key in form_fields]

@@ -27,11 +27,12 @@ TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
              "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize", "motion_effect",
-             "motion_scale")
+             "motion_scale", "controlnet", "controlnet_scale", "control_video", "control_indices")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
-                  "extend_frames", "speed", "mode", "motion_effect", "motion_scale")
+                  "extend_frames", "speed", "mode", "motion_effect", "motion_scale", "controlnet", "control_video",
+                  "control_indices")
 # Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
 # from the job's keys, so a setting added to jobs later loads back without a change here.
 EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
@@ -85,6 +86,7 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
         raise KinemaError(f"the form's extra settings hold {', '.join(unknown)}, which are not among "
                           f"{', '.join(EXTRA_KEYS)}")
     data.update(extra)
+    data.update(_control_mapping(values))
     if mode == IMAGE_TO_VIDEO:
         if not _given(values.get("image")):
             raise KinemaError("Image to Video needs a start image: upload one (the end image is optional)")
@@ -107,6 +109,26 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
             data["strength"] = _number(values["strength"], whole=False)
         if mode == EXTEND and _given(values.get("extend_frames")):
             data["extend_frames"] = _number(values["extend_frames"], whole=True)
+    return data
+
+
+def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The job keys of the form's ControlNet fields (none when no ControlNet is chosen): the network at its scale,
+    the control video, and SparseCtrl's keyframe indices typed as `0, -1`."""
+    if not _given(values.get("controlnet")):
+        return {}
+    scale = values.get("controlnet_scale")
+    data: dict[str, Any] = {"controlnet": {"path": values["controlnet"],
+                                           "scale": 1.0 if not _given(scale) else _number(scale, whole=False)}}
+    if _given(values.get("control_video")):
+        data["control_video"] = values["control_video"]
+    indices = values.get("control_indices")
+    if _given(indices) and str(indices).strip():
+        try:
+            data["control_indices"] = [int(part) for part in str(indices).replace(" ", "").split(",")]
+        except ValueError:
+            raise KinemaError(f"the keyframe indices are whole numbers separated by commas (e.g. 0, -1), got "
+                              f"{indices!r}") from None
     return data
 
 
@@ -141,6 +163,12 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("steps", "guidance", "motion_effect", "motion_scale"):
         if settings.get(key) is not None:
             values[key] = settings[key]
+    # Set either way: a video made without a ControlNet must not take the one the form held before.
+    given = settings.get("controlnet")
+    controlnet: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
+    values.update(controlnet=controlnet.get("path") or "", controlnet_scale=controlnet.get("scale", 1.0),
+                  control_video=settings.get("control_video") if controlnet else None,
+                  control_indices=", ".join(str(i) for i in settings.get("control_indices") or []))
     seeds = settings.get("seeds") or [settings.get("seed", 0)]
     values["seed"] = seeds[0]
     if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO):

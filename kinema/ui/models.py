@@ -21,6 +21,7 @@ MAX_ENTRIES = 2000  # a models folder pointed at a home directory must not hang 
 MODEL_KINDS = ("stable_diffusion", "easyanimate_transformer")
 MOTION_MODULE_KINDS = ("motion_module",)
 MOTION_LORA_KINDS = ("motion_lora",)
+CONTROLNET_KINDS = ("controlnet", "sparsectrl")
 WEIGHTS_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -32,6 +33,7 @@ class ModelChoices:
     models: list[tuple[str, str]] = field(default_factory=list)
     motion_modules: list[tuple[str, str]] = field(default_factory=list)
     loras: list[tuple[str, str]] = field(default_factory=list)
+    controlnets: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (label, why)
 
 
@@ -103,10 +105,12 @@ def scan_models(models_dir: str | os.PathLike | None) -> ModelChoices:
                 choices.motion_modules.append((label, str(path)))
             elif kind in MOTION_LORA_KINDS or kind == "image_lora":
                 choices.loras.append((label, str(path)))
+            elif kind in CONTROLNET_KINDS:
+                choices.controlnets.append((label, str(path)))
             elif path.is_dir() and kind is None and depth < MAX_DEPTH:
                 visit(path, depth + 1)
             elif path.is_file():
-                choices.skipped.append((label, f"a {kind} is not a model, motion module or LoRA"))
+                choices.skipped.append((label, f"a {kind} is not a model, motion module, LoRA or ControlNet"))
 
     visit(root, 1)
     return choices

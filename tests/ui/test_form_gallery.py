@@ -19,7 +19,8 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "motion_module": "", "loras": [], "scheduler": "ddim", "steps": 25, "width": 64, "height": 64,
               "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
               "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": "",
-              "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0}
+              "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0,
+              "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": ""}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -49,7 +50,7 @@ def through_the_form(settings):
 
 @pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video",
                                   "video-to-video resized", "extend", "speed preset", "settings without a field",
-                                  "motion strength"])
+                                  "motion strength", "controlnet"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -73,6 +74,10 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
                     timestep_spacing="trailing")
     elif mode == "motion strength":  # form fields of their own
         data.update(motion_effect=0.5, motion_scale=1.3)
+    elif mode == "controlnet":  # its own fields too (the job checks the path exists; the kind is load_family's)
+        (tmp_path / "control_tiny").mkdir()
+        data.update(model="kinema-tiny-ad", controlnet={"path": str(tmp_path / "control_tiny"), "scale": 0.7},
+                    control_video=image_file(tmp_path / "pose.png"), control_indices=[0, -1][:1])
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
 
@@ -81,6 +86,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
     assert entry.settings == job.settings()
     assert through_the_form(entry.settings).settings() == job.settings()
     extra = settings_to_form(entry.settings)["extra"]
+    if mode == "controlnet":  # kinema-tiny-ad's continuation overlap (8) is not the library's (4): "extra" keeps it
+        assert extra.pop("overlap_frames") == 8
     assert (extra != {}) == (mode == "settings without a field")
 
 
@@ -139,6 +146,13 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
     assert set(_FORM_JOB_KEYS) < set(JOB_KEYS)  # a misspelt form key would otherwise count as "extra"
     with pytest.raises(KinemaError, match="the form's extra settings hold steps, which are not among tokenizer"):
         form_to_mapping({**BLANK_FORM, "extra": {"steps": 3}})
+    control = form_to_mapping({**BLANK_FORM, "controlnet": "/models/cn", "controlnet_scale": 0.5,
+                               "control_video": "pose.mp4", "control_indices": "0, -1"})
+    assert (control["controlnet"], control["control_video"], control["control_indices"]) == (
+        {"path": "/models/cn", "scale": 0.5}, "pose.mp4", [0, -1])
+    assert "controlnet" not in form_to_mapping({**BLANK_FORM, "control_video": "pose.mp4"})  # no ControlNet chosen
+    with pytest.raises(KinemaError, match=r"the keyframe indices are whole numbers separated by commas"):
+        form_to_mapping({**BLANK_FORM, "controlnet": "/models/cn", "control_indices": "first"})
 
 
 def test_new_job_folders_never_collide_with_each_other_or_what_exists(tmp_path):

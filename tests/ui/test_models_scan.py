@@ -26,6 +26,10 @@ def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp
     write_domain_adapter(root / "Lora" / "v3_sd15_adapter.ckpt", parts["unet"])
     write_motion_lora(root / "Lora" / "zoom_in.safetensors")
     write_kohya_lora(root / "Lora" / "style.safetensors")
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=(16, 32)).save_pretrained(
+        root / "ControlNet" / "control_tiny")
     (root / "broken.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
     (root / "notes.txt").write_text("not weights")
     (root / ".cache").mkdir()
@@ -39,6 +43,7 @@ def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp
     assert found.loras == [("Lora/style.safetensors", str(root.resolve() / "Lora" / "style.safetensors")),
                            ("Lora/v3_sd15_adapter.ckpt", str(root.resolve() / "Lora" / "v3_sd15_adapter.ckpt")),
                            ("Lora/zoom_in.safetensors", str(root.resolve() / "Lora" / "zoom_in.safetensors"))]
+    assert found.controlnets == [("ControlNet/control_tiny/", str(root.resolve() / "ControlNet" / "control_tiny"))]
     assert [label for label, _ in found.skipped] == ["broken.safetensors"]
     assert "LFS" in found.skipped[0][1] or "pointer" in found.skipped[0][1]
 
@@ -63,3 +68,5 @@ def test_the_scan_note_counts_in_words():
 
     one = ModelChoices(models=[("kinema-tiny", "kinema-tiny")], loras=[("a", "/a"), ("b", "/b")])
     assert _scan_note(one, None) == "Models folder: no models folder — 1 model, 0 motion modules, 2 LoRAs."
+    one.controlnets = [("cn", "/cn")]  # counted only when the folder has some, as few do
+    assert _scan_note(one, None).endswith("2 LoRAs, 1 ControlNet.")
