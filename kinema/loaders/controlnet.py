@@ -96,7 +96,8 @@ def weights_source(source: Source) -> Source:
         return source
     from kinema.loaders.checkpoint_io import find_weights
 
-    files = find_weights(source.path)
+    # lllyasviel's folders hold plain and fp16 weights; a folder with only the fp16 ones is read too.
+    files = find_weights(source.path, variants=(None, "fp16"))
     if len(files.files) > 1:
         raise KinemaError(f"{source.path} holds sharded ControlNet weights; kinema reads one weights file (SD1.5 "
                           "ControlNets are 1.4 GB, never sharded): give the folder as downloaded")

@@ -278,3 +278,24 @@ def test_control_images_that_do_not_fit_are_one_line(unet2d, controlnet):
     with pytest.raises(KinemaError, match=r"no ControlNet is loaded to read them"):
         UNetDenoiser(VideoUNet.from_unet2d(unet2d))(torch.zeros(1, 4, 2, 16, 16), 1, {
             "encoder_hidden_states": torch.zeros(1, 7, 32), "control_frames": torch.zeros(1, 3, 2, 32, 32)})
+
+
+def test_a_folder_with_only_fp16_weights_or_a_pickle_loads(unet2d, controlnet, controlnet_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    weights = load_file(controlnet_folder / "diffusion_pytorch_model.safetensors")
+    for name in ("fp16", "bin"):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(controlnet_folder / "config.json", folder / "config.json")
+        if name == "fp16":  # lllyasviel's folders also hold diffusion_pytorch_model.fp16.safetensors
+            save_file({k: v.half() for k, v in weights.items()}, folder / "diffusion_pytorch_model.fp16.safetensors")
+        else:
+            torch.save(weights, folder / "diffusion_pytorch_model.bin")
+    assert_same_weights(read_controlnet(tmp_path / "bin"), controlnet)
+    halved = read_controlnet(tmp_path / "fp16")
+    assert next(halved.parameters()).dtype == torch.float32  # read in float32 unless asked
+    assert all(torch.equal(v, controlnet.state_dict()[k].half().float()) for k, v in halved.state_dict().items())
+    assert kinema.describe(tmp_path / "fp16")["dtype"] == "float16"
