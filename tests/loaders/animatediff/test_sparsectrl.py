@@ -202,3 +202,14 @@ def test_keyframe_indices_with_a_controlnet_are_one_line_before_sampling(parts, 
                                 control_video=control_frames()[:2], control_indices=[0, 3])
     with pytest.raises(KinemaError, match=r"^control_indices place SparseCtrl keyframes, and this is a ControlNet"):
         generate(family, request, progress=False)
+
+
+@pytest.mark.parametrize("variant, channels, size", [("rgb", 4, 1.85), ("scribble", 3, 1.86)])
+def test_the_sd15_config_makes_the_published_networks(variant, channels, size):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = SparseControlNetModel.from_config(sparsectrl_config(None, variant, channels))
+    stored = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    # AnimateDiff's README gives v3_sd15_sparsectrl_rgb.ckpt as 1.85 GB and _scribble.ckpt as 1.86 (float32, GiB).
+    assert round(4 * stored / 2**30, 2) == size
