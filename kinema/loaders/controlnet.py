@@ -244,6 +244,7 @@ def load_controlnet(video_unet: Any, path: str | os.PathLike, *, scale: float = 
     from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl
     from kinema.loaders.source import Source
     from kinema.models.controlnet import VideoControlNet, VideoSparseControlNet
+    from kinema.models.precision import cast_module
 
     scale = check_controlnet_scale(scale)
     unet = video_unet.unet
@@ -257,7 +258,7 @@ def load_controlnet(video_unet: Any, path: str | os.PathLike, *, scale: float = 
         model = read_controlnet(path, unet_config, dtype=parameter.dtype)
     logger.info("%s %s loaded at scale %g", "SparseCtrl" if wrapper is VideoSparseControlNet else "ControlNet", path,
                 scale)
-    return wrapper(model.to(parameter.device), scale=scale, path=str(path))
+    return wrapper(cast_module(model, device=parameter.device), scale=scale, path=str(path))
 
 
 def load_controlnet_source(source: Source, *, video_unet: Any = None, scale: float = 1.0) -> Any:

@@ -3,6 +3,8 @@ AnimateDiffControlNetPipeline on the same parts, prompts and control frames (its
 windows hand each window its own control frames; missing or mismatched control inputs are one line before any
 sampling."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import AnimateDiffControlNetPipeline, MotionAdapter
@@ -172,9 +174,11 @@ def files(parts, tmp_path_factory):
             "controlnet": controlnet, "control_video": control_video, "root": root}
 
 
-def test_load_family_loads_the_controlnet_for_the_model(files, parts):
-    loaded = load_family(files["folder"], motion_module=files["motion_module"], controlnet=(files["controlnet"], 0.7),
-                         dtype="bfloat16")
+def test_load_family_loads_the_controlnet_for_the_model(files, parts, caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = load_family(files["folder"], motion_module=files["motion_module"],
+                             controlnet=(files["controlnet"], 0.7), dtype="bfloat16")
+    assert not [r.getMessage() for r in caplog.records if "float32" in r.getMessage()]  # no diffusers cast notice
     assert isinstance(loaded.controlnet, VideoControlNet) and loaded.controlnet.scale == 0.7
     assert next(loaded.controlnet.parameters()).dtype == torch.bfloat16
     reference = parts["controlnet"].state_dict()

@@ -176,4 +176,6 @@ def read_sparsectrl(path: str | os.PathLike, unet_config: dict[str, Any] | None 
         load_strict(model, {**fresh, **tables}, "its weights do not fit SparseCtrl", advice=_ADVICE, assign=True)
     except KinemaError as err:
         raise naming(source.path, err) from None
-    return model.to(dtype or torch.float32).eval()
+    from kinema.models.precision import cast_module
+
+    return cast_module(model, dtype=dtype or torch.float32).eval()  # the frame tables, made in float32

@@ -2,6 +2,7 @@
 from diffusers folders) into diffusers' SparseControlNetModel, and generate() with keyframes equals diffusers'
 AnimateDiffSparseControlNetPipeline on the same weights; bad keyframe placements are one line."""
 
+import logging
 import re
 
 import pytest
@@ -80,14 +81,16 @@ def test_a_published_layout_file_loads_to_the_same_weights(unet2d, tmp_path, var
     assert_same_weights(read_sparsectrl(safetensors, dict(unet2d.config)), model)
 
 
-def test_a_diffusers_folder_loads_and_the_front_door_names_it(unet2d, tmp_path):
+def test_a_diffusers_folder_loads_and_the_front_door_names_it(unet2d, tmp_path, caplog):
     model = tiny_sparsectrl(unet2d, "scribble")
     model.save_pretrained(tmp_path / "sparsectrl-scribble")
     assert_same_weights(read_sparsectrl(tmp_path / "sparsectrl-scribble"), model)
     report = kinema.describe(tmp_path / "sparsectrl-scribble")
     assert (report["kind"], report["variant"]) == ("sparsectrl", "scribble")
     video = VideoUNet.from_unet2d(unet2d).eval()
-    loaded = kinema.load(tmp_path / "sparsectrl-scribble", video_unet=video, scale=0.5)
+    with caplog.at_level(logging.WARNING):
+        loaded = kinema.load(tmp_path / "sparsectrl-scribble", video_unet=video, scale=0.5)
+    assert not caplog.records  # nor diffusers' notice on casting
     assert isinstance(loaded, VideoSparseControlNet) and not loaded.latent_condition and loaded.scale == 0.5
 
 
