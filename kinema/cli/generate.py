@@ -310,12 +310,13 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                                 "adapter file, as h94/IP-Adapter's models/ holds it)")
         group.add_argument("--ip-image", metavar="IMAGE",
                            help="the image prompt of --ip-adapter (any size: CLIP's processor crops it)")
-        group.add_argument("--controlnet", type=parse_controlnet, metavar="PATH[:S]",
+        group.add_argument("--controlnet", type=parse_controlnet, action="append", metavar="PATH[:S]",
                            help="SD1.5 ControlNet (a diffusers folder such as lllyasviel/control_v11p_sd15_openpose, "
                                 "or an original single file), or AnimateDiff v3's SparseCtrl "
                                 "(v3_sd15_sparsectrl_rgb.ckpt, _scribble.ckpt), at scale S (default 1.0), for SD "
-                                "models: --control-video then steers the frames")
-        group.add_argument("--control-video", metavar="VIDEO",
+                                "models: --control-video then steers the frames; repeat both for ControlNets that "
+                                "steer together")
+        group.add_argument("--control-video", action="append", metavar="VIDEO",
                            help="the control images of --controlnet, already made (pose, depth, edge maps; "
                                 "SparseCtrl keyframes): a video, animation or folder of frames with one per frame, or "
                                 "one image for all (SparseCtrl: for frame 0); sized as the video (or --resize)")
@@ -516,30 +517,31 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
         raise KinemaError("--ip-adapter and --ip-image come together (the adapter conditions on the image prompt): "
                           "give both, or neither")
     _check_image(args.ip_image, "image prompt")
-    if args.controlnet is not None:
-        _require_path(args.controlnet[0], "ControlNet")
-    if (args.control_video is None) != (args.controlnet is None):
+    for path, _ in args.controlnet or []:
+        _require_path(path, "ControlNet")
+    if len(args.control_video or []) != len(args.controlnet or []):
         raise KinemaError("--controlnet and --control-video come together (the ControlNet steers by the control "
-                          "images): give both, or neither")
-    _require_path(args.control_video, "control video")
+                          "images): give one --control-video per --controlnet, in their order, or neither")
+    for video in args.control_video or []:
+        _require_path(video, "control video")
     return folder
 
 
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
     """--control-video holds one image per frame of the `frames` made (an `input_video`'s, remade frame for frame),
     or one for all, at the video's size unless --resize (torch-free reads)."""
-    if args.control_video is None:
-        return
     from kinema.data.probe import frame_count, video_size
     from kinema.pipelines.request import control_places
 
-    have = frame_count(args.control_video, "control video")
-    fix = f"an input video of {have} frames" if input_video else f"make {have} frames (--frames {have})"
-    control_places(have, frames, args.control_indices, what=f"the control video {args.control_video}", fix=fix)
-    height, width = video_size(args.control_video, "control video")
-    if not args.resize and None not in (args.height, args.width) and (height, width) != (args.height, args.width):
-        raise KinemaError(f"the control video is {width}x{height} but the video is {args.width}x{args.height}; pass "
-                          f"--resize to resize it, or set --width {width} --height {height}")
+    for video in args.control_video or []:
+        have = frame_count(video, "control video")
+        fix = f"an input video of {have} frames" if input_video else f"make {have} frames (--frames {have})"
+        control_places(have, frames, args.control_indices, what=f"the control video {video}", fix=fix)
+        height, width = video_size(video, "control video")
+        if not args.resize and None not in (args.height, args.width) and (height, width) != (args.height,
+                                                                                               args.width):
+            raise KinemaError(f"the control video is {width}x{height} but the video is {args.width}x{args.height}; "
+                              f"pass --resize to resize it, or set --width {width} --height {height}")
 
 
 def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
@@ -579,6 +581,13 @@ def _context(args: argparse.Namespace) -> Any:
     return ContextSettings(**chosen) if chosen else None
 
 
+def _one_or_list(given: list[Any] | None) -> Any:
+    """A repeatable option's values as the request and model take them: one value alone, several as a list."""
+    if given is None:
+        return None
+    return given[0] if len(given) == 1 else list(given)
+
+
 def _request(args: argparse.Namespace, **fields: Any) -> Any:
     """The GenerationRequest of the options every generating command shares, plus `fields`."""
     from kinema.pipelines.request import FreeInitSettings, GenerationRequest
@@ -588,7 +597,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
-        control_video=args.control_video, control_indices=args.control_indices,
+        control_video=_one_or_list(args.control_video), control_indices=args.control_indices,
         dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
@@ -675,7 +684,7 @@ def check_generate(args: argparse.Namespace) -> None:
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
         parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
-    inputs = tuple(path for path in (args.image, args.end_image, args.ip_image, args.control_video)
+    inputs = tuple(path for path in (args.image, args.end_image, args.ip_image, *(args.control_video or []))
                    if path is not None)
     _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
                    latents=True)
@@ -705,7 +714,8 @@ def check_v2v(args: argparse.Namespace) -> None:
                             context=_context(args))
     args.request.check()
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,
-                   tuple(path for path in (args.video, args.ip_image, args.control_video) if path is not None),
+                   tuple(path for path in (args.video, args.ip_image, *(args.control_video or []))
+                         if path is not None),
                    latents=True)
 
 
@@ -765,7 +775,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype or "float32",
                        tokenizer=args.tokenizer, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
-                       controlnet=args.controlnet)
+                       controlnet=_one_or_list(args.controlnet))
 
 
 def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:

@@ -4,6 +4,7 @@ diffusers' UNet takes them (`down_block_additional_residuals`, `mid_block_additi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -105,3 +106,61 @@ class VideoSparseControlNet(VideoControlNet):
             sample, timesteps_per_clip(timestep, batch, sample.device), encoder_hidden_states=text,
             controlnet_cond=control, conditioning_mask=mask, conditioning_scale=self.scale, return_dict=False)
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+
+
+class VideoMultiControlNet(nn.Module):
+    """Several ControlNets steering one VideoUNet at once (a pose and a depth map, say): each reads its own control
+    images, given one after another along the channels of `control`, and their residuals add up, as diffusers'
+    `MultiControlNetModel` adds them.
+
+    Args:
+        nets: the `VideoControlNet`s, each at its own scale (SparseCtrl, whose keyframes and mask are its own, is
+            not among them).
+    """
+
+    def __init__(self, nets: Sequence[VideoControlNet]):
+        super().__init__()
+        if len(nets) < 2 or any(isinstance(net, VideoSparseControlNet) for net in nets):
+            raise KinemaError("several ControlNets steer together when there are two or more and none is SparseCtrl, "
+                              "whose keyframes are its own; give SparseCtrl alone")
+        self.nets = nn.ModuleList(nets)
+        self._nets: list[VideoControlNet] = list(nets)  # the same modules, typed (a ModuleList's items are Modules)
+
+    @property
+    def path(self) -> list[str | None]:
+        """Where each was loaded from."""
+        return [net.path for net in self._nets]
+
+    @property
+    def scale(self) -> list[float]:
+        """Each one's scale."""
+        return [net.scale for net in self._nets]
+
+    @property
+    def conditioning_channels(self) -> int:
+        """Channels of all the control images together (3 per ControlNet)."""
+        return sum(net.conditioning_channels for net in self._nets)
+
+    def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The summed residuals for one VideoUNet call; `control` `(B, 3K, F, H, W)` holds the K ControlNets'
+        control images in their order (see `VideoControlNet.forward`)."""
+        if mask is not None:
+            raise KinemaError("a keyframe mask is SparseCtrl's; ControlNets steer every frame by their control images")
+        if control.ndim != 5 or control.shape[1] != self.conditioning_channels:
+            raise KinemaError(f"control images {tuple(control.shape)} do not hold the {len(self.nets)} ControlNets' "
+                              f"{self.conditioning_channels} channels; give (B, {self.conditioning_channels}, F, H, W)")
+        widths = [net.conditioning_channels for net in self._nets]
+        total: dict[str, Any] | None = None
+        for net, part in zip(self._nets, control.split(widths, dim=1), strict=True):
+            out = net(sample, timestep, text, part)
+            if total is None:
+                total = out
+            else:
+                total = {"down_block_additional_residuals": tuple(
+                    a + b for a, b in zip(total["down_block_additional_residuals"],
+                                          out["down_block_additional_residuals"], strict=True)),
+                    "mid_block_additional_residual": total["mid_block_additional_residual"]
+                    + out["mid_block_additional_residual"]}
+        assert total is not None
+        return total

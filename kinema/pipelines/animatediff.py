@@ -35,8 +35,9 @@ class AnimateDiffFamily(VideoFamily):
         world: a `PromptWorld` whose prompts the model knows (kinema.json "world"); prompts outside it get one
             warning. None: no check.
         ip_adapter: the IP-Adapter loaded into `video_unet` (kinema.loaders.ip_adapter.load_ip_adapter), if any.
-        controlnet: a `kinema.models.controlnet.VideoControlNet` for `video_unet` (kinema.loaders.controlnet), if
-            any: every run then takes control images.
+        controlnet: a `kinema.models.controlnet.VideoControlNet` (or `VideoSparseControlNet`, or several in a
+            `VideoMultiControlNet`) for `video_unet` (kinema.loaders.controlnet), if any: every run then takes
+            control images.
     """
 
     family = "animatediff"
@@ -141,5 +142,7 @@ class AnimateDiffFamily(VideoFamily):
         if self.ip_adapter is not None:
             recorded["ip_adapter"] = {"path": self.ip_adapter.path, "scale": self.ip_adapter.scale}
         if self.controlnet is not None:
-            recorded["controlnet"] = {"path": self.controlnet.path, "scale": self.controlnet.scale}
+            nets = getattr(self.controlnet, "nets", [self.controlnet])
+            steering = [{"path": net.path, "scale": net.scale} for net in nets]
+            recorded["controlnet"] = steering[0] if len(steering) == 1 else steering
         return recorded

@@ -151,26 +151,35 @@ class VideoFamily:
                               "frame by a control image: give them (control_video, --control-video), or load the "
                               "model without it")
 
-    def control_conditioning(self, images: torch.Tensor, frames: int,
+    def control_conditioning(self, images: Sequence[torch.Tensor], frames: int,
                              indices: Sequence[int] | None = None) -> Conditioning:
-        """The loaded ControlNet's conditioning for a video of `frames` frames from control images `(K, 3, H, W)` in
-        [0, 1] at the video's size: `control_frames` `(1, 3, F, H, W)` for a ControlNet (one image per frame, or
-        one for all); for SparseCtrl the keyframes at `indices` (default: one per frame, or one image at frame 0)
-        as latents `(1, 4, F, h, w)` (RGB: the VAE's posterior mean) or images (scribble), zeros elsewhere, and
-        `control_mask` `(1, 1, F, ...)`, 1 at the keyframes."""
-        from kinema.models.controlnet import VideoSparseControlNet
+        """The loaded ControlNet's conditioning for a video of `frames` frames from its control images, one
+        `(K, 3, H, W)` in [0, 1] at the video's size per ControlNet loaded:
+        - a ControlNet: `control_frames` `(1, 3, F, H, W)` (one image per frame, or one for all); several: theirs
+          one after another along the channels, `(1, 3N, F, H, W)`;
+        - SparseCtrl: the keyframes at `indices` (default: one per frame, or one image at frame 0) as latents
+          `(1, 4, F, h, w)` (RGB: the VAE's posterior mean) or images (scribble), zeros elsewhere, and
+          `control_mask` `(1, 1, F, ...)`, 1 at the keyframes."""
+        from kinema.models.controlnet import VideoMultiControlNet, VideoSparseControlNet
         from kinema.pipelines.request import control_places
 
-        count = images.shape[0]
+        wanted = len(self.controlnet.nets) if isinstance(self.controlnet, VideoMultiControlNet) else 1
+        if len(images) != wanted:
+            raise KinemaError(f"{len(images)} control videos for {wanted} ControlNets; give one per ControlNet, in "
+                              "their order")
         if not isinstance(self.controlnet, VideoSparseControlNet):
             if indices is not None:
                 raise KinemaError("control_indices place SparseCtrl keyframes, and this is a ControlNet, which steers "
                                   "every frame by its own control image: drop control_indices (--control-indices)")
-            control_places(count, frames)
-            return {"control_frames": images.expand(frames, -1, -1, -1).permute(1, 0, 2, 3)[None]}
+            for each in images:
+                control_places(each.shape[0], frames)
+            return {"control_frames": torch.cat([each.expand(frames, -1, -1, -1).permute(1, 0, 2, 3)[None]
+                                                 for each in images], dim=1)}
+        [keyframe_images] = images
+        count = keyframe_images.shape[0]
         places = [0] if indices is None and count == 1 else control_places(count, frames, indices)
-        keyframes = (self.encode_frames(images[None]) if self.controlnet.latent_condition
-                     else images.permute(1, 0, 2, 3)[None])  # (1, C, K, ...)
+        keyframes = (self.encode_frames(keyframe_images[None]) if self.controlnet.latent_condition
+                     else keyframe_images.permute(1, 0, 2, 3)[None])  # (1, C, K, ...)
         control = keyframes.new_zeros(1, keyframes.shape[1], frames, *keyframes.shape[3:])
         mask = keyframes.new_zeros(1, 1, frames, *keyframes.shape[3:])
         control[:, :, places] = keyframes.expand(-1, -1, len(places), -1, -1) if count == 1 else keyframes

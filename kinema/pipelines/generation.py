@@ -140,6 +140,20 @@ def _control_images(control: Any, height: int, width: int, resize: bool, normali
     return control
 
 
+def _control_videos(family: VideoFamily, control: Any) -> list[Any]:
+    """The control video of each ControlNet loaded: the request's own, or with several ControlNets its list of them,
+    one each (where one ControlNet's list is its keyframe images)."""
+    from kinema.models.controlnet import VideoMultiControlNet
+
+    if not isinstance(family.controlnet, VideoMultiControlNet):
+        return [control]
+    count = len(family.controlnet.nets)
+    if not isinstance(control, list | tuple) or len(control) != count:
+        raise KinemaError(f"{family.name} is loaded with {count} ControlNets, so control_video is a list of {count} "
+                          "control videos or images, one per ControlNet in their order (--control-video once each)")
+    return list(control)
+
+
 def _with_control(text: _Text, control: Conditioning | None, videos: int) -> _Text:
     """`text` with the ControlNet's conditioning (`VideoFamily.control_conditioning`, one row) for every video, on
     both sides of guidance (as diffusers' ControlNet pipelines give it)."""
@@ -700,10 +714,12 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if request.control_video is not None:  # read (and sized) once, here, before any model runs
         from kinema.pipelines.request import control_places
 
-        control_images = _control_images(request.control_video, plan.height, plan.width, request.resize,
-                                         request.normalize_control)
-        control_places(control_images.shape[0], input_video.shape[0] if input_video is not None else plan.frames,
-                       request.control_indices)
+        videos = _control_videos(family, request.control_video)
+        control_images = [_control_images(video, plan.height, plan.width, request.resize, request.normalize_control)
+                          for video in videos]
+        for each in control_images:
+            control_places(each.shape[0], input_video.shape[0] if input_video is not None else plan.frames,
+                           request.control_indices)
     if plan.context is None and not plan.continuation:
         from kinema.models.motion import check_frame_count
 
@@ -756,7 +772,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                                strength=request.strength)
                 with torch.no_grad():
                     control = None if control_images is None else family.control_conditioning(
-                        control_images.to(device), plan.frames, request.control_indices)
+                        [images.to(device) for images in control_images], plan.frames, request.control_indices)
                 text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames),
                                      control, len(seeds))
                 latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
@@ -788,14 +804,14 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],
                    callback: StepCallback | None, progress: bool,
                    images: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                   control_images: torch.Tensor | None = None) -> torch.Tensor:
+                   control_images: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Latents of a clip of `plan.frames` frames: text-to-video, or image-to-video holding `images` (start, end);
-    steered by the control images `(K, 3, H, W)` when given."""
+    steered by the control images `(K, 3, H, W)` of each ControlNet when given."""
     device = _device(family)
     noise = _noise(family, plan, request, seeds, device)
     with torch.no_grad():
         control = None if control_images is None else family.control_conditioning(
-            control_images.to(device), plan.frames, request.control_indices)
+            [images.to(device) for images in control_images], plan.frames, request.control_indices)
         text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames), control,
                              len(seeds))
         if text.table is not None:

@@ -108,7 +108,8 @@ class Job:
     tokenizer: str | None = None
     ip_adapter: tuple[str, float] | None = None  # (path, scale)
     image_encoder: str | None = None
-    controlnet: tuple[str, float] | None = None  # (path, scale)
+    # (path, scale), or a list of them: ControlNets that steer together, each with its own control video
+    controlnet: tuple[str, float] | list[tuple[str, float]] | None = None
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready settings: model, motion_module, loras, tokenizer, ip_adapter, image_encoder, controlnet and
@@ -118,15 +119,22 @@ class Job:
                 "ip_adapter": None if self.ip_adapter is None else {"path": self.ip_adapter[0],
                                                                     "scale": self.ip_adapter[1]},
                 "image_encoder": self.image_encoder,
-                "controlnet": None if self.controlnet is None else {"path": self.controlnet[0],
-                                                                    "scale": self.controlnet[1]},
+                "controlnet": _scaled_settings(self.controlnet),
                 **self.request.settings()}
 
     def model_key(self) -> tuple:
         """What decides which loaded model serves the job: jobs with equal keys share one `load_family`."""
         return (self.model, self.motion_module, tuple((path, weight) for path, weight in self.loras),
                 self.request.dtype or "float32", self.tokenizer, self.request.quantize, self.request.compile,
-                self.ip_adapter, self.image_encoder, self.controlnet)
+                self.ip_adapter, self.image_encoder,
+                tuple(self.controlnet) if isinstance(self.controlnet, list) else self.controlnet)
+
+
+def _scaled_settings(files: tuple[str, float] | list[tuple[str, float]] | None) -> Any:
+    """A model file at its scale as settings, `{"path", "scale"}` (a list of them for a list)."""
+    if isinstance(files, list):
+        return [_scaled_settings(pair) for pair in files]
+    return None if files is None else {"path": files[0], "scale": files[1]}
 
 
 # ---------------------------------------------------------------- checks shared with `kinema generate`
@@ -602,8 +610,21 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
 
     ip_adapter = _scaled_file(data.get("ip_adapter"), "ip_adapter", base, models_dir, "IP-Adapter file",
                               lambda scale: check_ip_adapter_scale(scale, "ip_adapter.scale"))
-    controlnet = _scaled_file(data.get("controlnet"), "controlnet", base, models_dir, "ControlNet",
-                              check_controlnet_scale)
+    controlnet: tuple[str, float] | list[tuple[str, float]] | None
+    if isinstance(data.get("controlnet"), list):  # several that steer together
+        if len(data["controlnet"]) < 2:
+            raise KinemaError("controlnet lists the ControlNets that steer together, two or more; give one as a path "
+                              "or {\"path\": ..., \"scale\": ...}")
+        controlnet = []
+        for index, entry in enumerate(data["controlnet"]):
+            pair = _scaled_file(entry, f"controlnet {index + 1}", base, models_dir, "ControlNet",
+                                check_controlnet_scale)
+            if pair is None:
+                raise KinemaError(f"controlnet {index + 1} is null; give a path or {{\"path\": ..., \"scale\": ...}}")
+            controlnet.append(pair)
+    else:
+        controlnet = _scaled_file(data.get("controlnet"), "controlnet", base, models_dir, "ControlNet",
+                                  check_controlnet_scale)
     if (data.get("control_video") is None) != (controlnet is None):
         raise KinemaError("a ControlNet and its control images come together: give both controlnet and "
                           "control_video, or neither")
@@ -655,7 +676,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given["freeu"] = _settings_object(freeu, "freeu", FreeUSettings)
     image_sizes: dict[str, tuple[int, int]] = {}
     for key, what in _FILE_FIELDS.items():
-        if key == "control_video" and isinstance(data.get(key), list):  # keyframe images, one path each
+        if key == "control_video" and isinstance(controlnet, list):  # one control video per ControlNet
+            if not (isinstance(data.get(key), list) and len(data[key]) == len(controlnet)):
+                raise KinemaError(f"{len(controlnet)} ControlNets steer together, so control_video is a list of "
+                                  f"{len(controlnet)} control videos or images, one per ControlNet in their order")
+            given[key] = [_path(item, key, base, None, "control video") for item in data[key]]
+        elif key == "control_video" and isinstance(data.get(key), list):  # keyframe images, one path each
             if not data[key]:
                 raise KinemaError("control_video is an empty list; give a video, an image, or a list of images")
             given[key] = [_path(item, key, base, None, "control image") for item in data[key]]
@@ -705,13 +731,21 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
                         freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet)
-    one_file = isinstance(request.control_video, str)
-    if request.control_video is not None and made is not None:
-        controls = frame_count(request.control_video, "control video") if one_file else len(request.control_video)
-        control_places(controls, made, request.control_indices, fix=f"\"frames\": {controls}")
-    if one_file:
-        height, width = video_size(request.control_video, "control video")
-        image_sizes["control video"] = (width, height)
+    # The control videos as files, each with its frame count: one file, the files of several ControlNets, or one
+    # ControlNet's keyframe images (counted as one video of that many frames).
+    videos: list[tuple[str, str]] = []
+    if isinstance(request.control_video, str):
+        videos = [(request.control_video, "control video")]
+    elif isinstance(controlnet, list) and request.control_video is not None:
+        videos = [(video, f"control video {index + 1}") for index, video in enumerate(request.control_video)]
+    for video, what in videos:
+        if made is not None:
+            controls = frame_count(video, what)
+            control_places(controls, made, request.control_indices, what=f"the {what}", fix=f"\"frames\": {controls}")
+        height, width = video_size(video, what)
+        image_sizes[what] = (width, height)
+    if isinstance(request.control_video, list) and not isinstance(controlnet, list) and made is not None:
+        control_places(len(request.control_video), made, request.control_indices)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded
         for what, (width, height) in image_sizes.items():
             if (height, width) != (request.height, request.width):

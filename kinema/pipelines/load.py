@@ -208,7 +208,7 @@ def load_family(
     config: str | os.PathLike | None = None,
     ip_adapter: tuple[str | os.PathLike, float] | None = None,
     image_encoder: str | os.PathLike | None = None,
-    controlnet: tuple[str | os.PathLike, float] | None = None,
+    controlnet: tuple[str | os.PathLike, float] | Sequence[tuple[str | os.PathLike, float]] | None = None,
 ) -> VideoFamily:
     """Load `model` for generation as its family's parts (`AnimateDiffFamily` or `EasyAnimateFamily`).
 
@@ -231,8 +231,10 @@ def load_family(
         ip_adapter: SD models only: `(path, scale)` of an IP-Adapter file (kinema.loaders.ip_adapter), whose image
             prompt then conditions every run (`GenerationRequest.ip_image`).
         image_encoder: the IP-Adapter's CLIP image encoder folder (default: `image_encoder/` beside its file).
-        controlnet: SD models only: `(path, scale)` of a ControlNet folder or file (kinema.loaders.controlnet),
-            whose control images then steer every run (`GenerationRequest.control_video`).
+        controlnet: SD models only: `(path, scale)` of a ControlNet folder or file or of AnimateDiff's SparseCtrl
+            (kinema.loaders.controlnet), whose control images then steer every run
+            (`GenerationRequest.control_video`); or a list of such pairs, ControlNets that steer together (each with
+            its own control video).
 
     Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
     see its names), for a missing path that is not a bundled model's name either (listing those), an unknown dtype,
@@ -266,7 +268,7 @@ def load_family(
     if tokenizer is not None:
         _existing(tokenizer, "tokenizer")
     image_prompt = None if ip_adapter is None else _image_prompt_files(ip_adapter, image_encoder)
-    control = None if controlnet is None else _control_file(controlnet)
+    control = None if controlnet is None else _control_files(controlnet)
     source, report = _describe(model_path, **({} if config is None else {"config": config}))
     kind = report["kind"]
     logger.info("%s: %s (%s)", model_path, kind, report.get("format", "kinema"))
@@ -309,15 +311,22 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
     return _ImagePromptFiles(adapter, check_ip_adapter_scale(scale), image_encoder_folder(adapter, encoder))
 
 
-def _control_file(controlnet: tuple[str | os.PathLike, float]) -> tuple[Path, float]:
-    """A ControlNet's path, checked to exist, and its scale, checked; its weights are checked against the base
-    UNet once that is known (`_animatediff`)."""
+def _control_files(controlnet: Any) -> list[tuple[Path, float]]:
+    """Each ControlNet's path, checked to exist, and its scale, checked: `(path, scale)` or a list of such pairs
+    (several steer together). Their weights are checked against the base UNet once that is known
+    (`_animatediff`)."""
     from kinema.loaders.controlnet import check_controlnet_scale
 
-    if not (isinstance(controlnet, (tuple, list)) and len(controlnet) == 2):
-        raise KinemaError(f"controlnet is a (path, scale) pair; got {controlnet!r}")
-    path, scale = controlnet
-    return _existing(path, "ControlNet"), check_controlnet_scale(scale)
+    pairs = controlnet if isinstance(controlnet, list) else [controlnet]
+    checked = []
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise KinemaError(f"controlnet is a (path, scale) pair, or a list of them; got {pair!r}")
+        path, scale = pair
+        checked.append((_existing(path, "ControlNet"), check_controlnet_scale(scale)))
+    if not checked:
+        raise KinemaError("controlnet is an empty list; give a (path, scale) pair, or leave it out")
+    return checked
 
 
 @dataclass
@@ -332,7 +341,7 @@ class _Named:
 def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named,
                  image_prompt: _ImagePromptFiles | None = None,
-                 control: tuple[Path, float] | None = None) -> VideoFamily:
+                 control: list[tuple[Path, float]] | None = None) -> VideoFamily:
     from kinema.loaders.easyanimate.folder import MODEL_PARTS, is_model_folder
     from kinema.pipelines.jobs import check_easyanimate_extras
 
@@ -352,7 +361,7 @@ def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
 def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
                  loras: list[tuple[Path, float]], tokenizer: Any, config: Any, named: _Named,
                  image_prompt: _ImagePromptFiles | None = None,
-                 control: tuple[Path, float] | None = None) -> VideoFamily:
+                 control: list[tuple[Path, float]] | None = None) -> VideoFamily:
     import torch
 
     from kinema.loaders.source import MOTION_MODULE_NAME
@@ -375,11 +384,14 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
                           f"{path}'s UNet has widths {widths}: use a motion module made for this base model")
     overrides = _folder_motion_overrides(path, motion_path, motion_report)
-    if control is not None:  # headers only, against this UNet's config: a misfit is named before any weights load
-        control_kind = _describe(control[0], unet_config=unet_config)[1]["kind"]
+    for control_path, _ in control or []:  # headers only, against this UNet's config: named before weights load
+        control_kind = _describe(control_path, unet_config=unet_config)[1]["kind"]
         if control_kind not in ("controlnet", "sparsectrl"):
-            raise _not_the_kind(control[0], "a ControlNet", control_kind, "an SD1.5 ControlNet folder or file, e.g. "
-                                "lllyasviel's control_v11p_sd15_openpose, or AnimateDiff's SparseCtrl")
+            raise _not_the_kind(control_path, "a ControlNet", control_kind, "an SD1.5 ControlNet folder or file, "
+                                "e.g. lllyasviel's control_v11p_sd15_openpose, or AnimateDiff's SparseCtrl")
+        if control_kind == "sparsectrl" and len(control or []) > 1:
+            raise KinemaError(f"{control_path} is SparseCtrl, whose keyframes are its own: give it alone, not with "
+                              "other ControlNets")
     kinds = [(lora_path, weight, *_lora_kind(lora_path)) for lora_path, weight in loras]
 
     # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.
@@ -421,8 +433,10 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     controlnet = None
     if control is not None:
         from kinema.loaders.controlnet import load_controlnet
+        from kinema.models.controlnet import VideoMultiControlNet
 
-        controlnet = load_controlnet(video_unet, control[0], scale=control[1])
+        nets = [load_controlnet(video_unet, control_path, scale=scale) for control_path, scale in control]
+        controlnet = nets[0] if len(nets) == 1 else VideoMultiControlNet(nets)
     parts = [video_unet.eval(), components.vae, components.text_encoder]
     parts += [] if ip_adapter is None else [ip_adapter.image_encoder]
     parts += [] if controlnet is None else [controlnet]

@@ -428,6 +428,9 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 raise gr.Error("select a video in the gallery first")
             values = settings_to_form(settings)
             extra_values = values.pop("extra")
+            if isinstance(settings.get("controlnet"), list):
+                gr.Warning(f"the video was steered by {len(settings['controlnet'])} ControlNets; the form holds "
+                           "one, so the first was loaded")
             loras = values.pop("loras")
             if len(loras) > LORA_SLOTS:
                 gr.Warning(f"the video used {len(loras)} LoRAs; the form holds {LORA_SLOTS}, so the first "

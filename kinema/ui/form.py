@@ -164,10 +164,13 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         if settings.get(key) is not None:
             values[key] = settings[key]
     # Set either way: a video made without a ControlNet must not take the one the form held before.
-    given = settings.get("controlnet")
+    given, control_video = settings.get("controlnet"), settings.get("control_video")
+    if isinstance(given, list):  # several steered together; the form holds the first (the page says so)
+        given = given[0] if given else None
+        control_video = control_video[0] if isinstance(control_video, list) and control_video else None
     controlnet: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
     values.update(controlnet=controlnet.get("path") or "", controlnet_scale=controlnet.get("scale", 1.0),
-                  control_video=settings.get("control_video") if controlnet else None,
+                  control_video=control_video if controlnet else None,
                   control_indices=", ".join(str(i) for i in settings.get("control_indices") or []))
     seeds = settings.get("seeds") or [settings.get("seed", 0)]
     values["seed"] = seeds[0]

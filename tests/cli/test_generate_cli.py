@@ -236,7 +236,11 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
          "the IP-Adapter needs its CLIP image encoder, and image_encoder is no transformers model folder"),
         (["generate", "a cat", *model, "--control-video", "clip.mp4"], "--controlnet and --control-video come "
                                                                        "together (the ControlNet steers by the "
-                                                                       "control images): give both, or neither"),
+                                                                       "control images): give one --control-video "
+                                                                       "per --controlnet"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--controlnet", "weights.safetensors",
+          "--control-video", "clip.mp4"], "--controlnet and --control-video come together (the ControlNet steers by "
+                                          "the control images): give one --control-video per --controlnet"),
         (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "gone.mp4"],
          "no such control video: gone.mp4"),
         (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4"],

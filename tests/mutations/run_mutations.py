@@ -230,6 +230,13 @@ MUTATIONS = (
         ("tests/pipelines/test_control_generation.py",),
     ),
     Mutation(
+        "several ControlNets: only the last one's residuals count",
+        "kinema/models/controlnet.py",
+        ((("            if total is None:\n                total = out\n",
+           "            if True:\n                total = out\n"),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
         "SparseCtrl keyframes go to the first frames, not their control_indices",
         "kinema/pipelines/family.py",
         ((("        control[:, :, places] = ",

@@ -15,7 +15,7 @@ from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
 
 from kinema.errors import KinemaError
 from kinema.loaders.stable_diffusion import load_tokenizer
-from kinema.models.controlnet import VideoControlNet
+from kinema.models.controlnet import VideoControlNet, VideoMultiControlNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.generation import controlled, generate
 from kinema.pipelines.jobs import job_from_mapping
@@ -95,6 +95,37 @@ def test_generate_equals_diffusers_controlnet_pipeline(parts, pipe, window):
     assert ours.settings[0]["controlnet"] == {"path": "control_tiny", "scale": 0.8}
     assert (ours.settings[0]["control_start"], ours.settings[0]["control_end"]) == window
     assert ours.settings[0]["control_video"] == "<Tensor>"
+
+
+def test_two_controlnets_steer_together_as_diffusers_multicontrolnet(parts, pipe):
+    second = tiny_controlnet(parts["unet"], seed=11, hint=TINY_HINT)
+    reference = AnimateDiffControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                              tokenizer=parts["tokenizer"], unet=parts["unet"],
+                                              motion_adapter=parts["adapter"], controlnet=[parts["controlnet"], second],
+                                              scheduler=make_scheduler("ddim"))
+    reference.set_progress_bar_config(disable=True)
+    ours = AnimateDiffFamily(video_unet_like(pipe, parts["unet"]), parts["vae"], parts["text_encoder"],
+                             parts["tokenizer"], controlnet=VideoMultiControlNet([
+                                 VideoControlNet(parts["controlnet"], 0.8, "pose"), VideoControlNet(second, 0.5,
+                                                                                                    "depth")]))
+    depth = control_frames().flip(-1)  # another control video: the square moving the other way
+    result = generate(ours, request(control_video=[control_frames(), depth]), progress=False, output="latent")
+    noise = initial_noise((1, 4, FRAMES, SIZE // 2, SIZE // 2), seeds=[3])
+    with torch.no_grad():
+        expected = reference(prompt="the cat", negative_prompt="th",
+                             conditioning_frames=[[as_pil(f) for f in control_frames()], [as_pil(f) for f in depth]],
+                             controlnet_conditioning_scale=[0.8, 0.5], latents=noise.clone(), num_frames=FRAMES,
+                             num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                             output_type="latent", return_dict=False)[0]
+    difference = (result.latents - expected).abs().max().item()
+    print(f"two ControlNets: max abs difference {difference:.3g}")
+    assert difference <= 1e-3
+    one = generate(family(parts, pipe, scale=0.8), request(), progress=False, output="latent")
+    assert (one.latents - expected).abs().max().item() > 1e-2  # the second one counts
+    assert result.settings[0]["controlnet"] == [{"path": "pose", "scale": 0.8}, {"path": "depth", "scale": 0.5}]
+    with pytest.raises(KinemaError, match=r"is loaded with 2 ControlNets, so control_video is a list of 2 control "
+                                          r"videos or images"):
+        generate(ours, request(), progress=False)
 
 
 def test_the_control_window_follows_diffusers_rule():
@@ -237,6 +268,36 @@ def test_a_job_takes_a_controlnet_and_reads_its_settings_back(files):
         job_from_mapping({**data, "control_indices": "0,3"})
     with pytest.raises(KinemaError, match=r"controlnet: unknown key 'weight'; known keys: path, scale"):
         job_from_mapping({**data, "controlnet": {"path": str(files["controlnet"]), "weight": 1}})
+
+
+def test_load_family_and_jobs_take_several_controlnets(files, parts, tmp_path):
+    loaded = load_family(files["folder"], motion_module=files["motion_module"],
+                         controlnet=[(files["controlnet"], 0.7), (files["controlnet"], 0.4)])
+    assert isinstance(loaded.controlnet, VideoMultiControlNet) and loaded.controlnet.scale == [0.7, 0.4]
+    result = generate(loaded, request(control_video=[files["control_video"], files["control_video"]], steps=1),
+                      progress=False, output="latent")
+    assert [entry["scale"] for entry in result.settings[0]["controlnet"]] == [0.7, 0.4]
+    from loaders.animatediff.test_sparsectrl import tiny_sparsectrl
+
+    tiny_sparsectrl(parts["unet"], "rgb").save_pretrained(tmp_path / "sparsectrl")
+    with pytest.raises(KinemaError, match=r"sparsectrl is SparseCtrl, whose keyframes are its own: give it alone"):
+        load_family(files["folder"], motion_module=files["motion_module"],
+                    controlnet=[(files["controlnet"], 1.0), (tmp_path / "sparsectrl", 1.0)])
+
+    data = {"model": str(files["folder"]), "motion_module": str(files["motion_module"]), "prompt": "the cat",
+            "controlnet": [str(files["controlnet"]), {"path": str(files["controlnet"]), "scale": 0.5}],
+            "control_video": [str(files["control_video"]), str(files["control_video"])], "frames": FRAMES,
+            "height": SIZE, "width": SIZE}
+    job = job_from_mapping(data)
+    assert job.controlnet == [(str(files["controlnet"]), 1.0), (str(files["controlnet"]), 0.5)]
+    again = job_from_mapping(job.settings())
+    assert again.controlnet == job.controlnet and again.model_key() == job.model_key()
+    with pytest.raises(KinemaError, match=r"2 ControlNets steer together, so control_video is a list of 2"):
+        job_from_mapping({**data, "control_video": str(files["control_video"])})
+    with pytest.raises(KinemaError, match=r"the control video 1 has 4 frames and the video 6"):
+        job_from_mapping({**data, "frames": 6})
+    with pytest.raises(KinemaError, match=r"controlnet lists the ControlNets that steer together, two or more"):
+        job_from_mapping({**data, "controlnet": [str(files["controlnet"])]})
 
 
 def test_an_easyanimate_model_refuses_a_controlnet_from_its_configs(files):

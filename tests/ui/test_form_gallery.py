@@ -151,6 +151,11 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
     assert (control["controlnet"], control["control_video"], control["control_indices"]) == (
         {"path": "/models/cn", "scale": 0.5}, "pose.mp4", [0, -1])
     assert "controlnet" not in form_to_mapping({**BLANK_FORM, "control_video": "pose.mp4"})  # no ControlNet chosen
+    several = settings_to_form({"controlnet": [{"path": "/cn/pose", "scale": 0.8}, {"path": "/cn/depth",
+                                                                                  "scale": 0.5}],
+                                "control_video": ["pose.mp4", "depth.mp4"]})
+    assert (several["controlnet"], several["controlnet_scale"], several["control_video"]) == ("/cn/pose", 0.8,
+                                                                                            "pose.mp4")
     with pytest.raises(KinemaError, match=r"the keyframe indices are whole numbers separated by commas"):
         form_to_mapping({**BLANK_FORM, "controlnet": "/models/cn", "control_indices": "first"})
 
