@@ -18,7 +18,6 @@ The ControlNet runs diffusers' `ControlNetModel` on the frames folded into the b
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -171,11 +170,9 @@ def describe_controlnet(source: Source) -> dict[str, Any] | None:
 
 def check_controlnet_scale(scale: Any) -> float:
     """`scale` as a float, or one KinemaError line unless it is a finite number >= 0."""
-    # `not (...)`, so that NaN, which fails every comparison, is refused too.
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
-        raise KinemaError(f"the ControlNet scale must be at least 0 and finite (0: no control, 1: as trained), got "
-                          f"{scale!r}")
-    return float(scale)
+    from kinema.pipelines.request import check_scale
+
+    return check_scale(scale, "the ControlNet scale", "0: no control, 1: as trained")
 
 
 def read_controlnet(path: str | os.PathLike, unet_config: dict[str, Any] | None = None, *,

@@ -13,7 +13,6 @@ folder) is found beside the file unless given.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -215,11 +214,9 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 
 
 def check_ip_adapter_scale(scale: Any, name: str = "the IP-Adapter scale") -> float:
     """`scale` as a float, or one KinemaError line (`name` naming the setting) unless it is a finite number >= 0."""
-    # `not (...)`, so that NaN, which fails every comparison, is refused too.
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
-        raise KinemaError(f"{name} must be at least 0 and finite (0: no image prompt, 1: as published), got "
-                          f"{scale!r}")
-    return float(scale)
+    from kinema.pipelines.request import check_scale
+
+    return check_scale(scale, name, "0: no image prompt, 1: as published")
 
 
 def image_encoder_folder(adapter: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:

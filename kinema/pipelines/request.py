@@ -148,6 +148,15 @@ def control_places(count: int, frames: int, indices: Sequence[int] | None = None
     return normal
 
 
+def check_scale(scale: Any, name: str, meaning: str) -> float:
+    """`scale` as a float, or one KinemaError line (`name` naming the setting, `meaning` what 0 and 1 do) unless it
+    is a finite number of at least 0: the weight of an IP-Adapter's image prompt or of a ControlNet's residuals."""
+    # `not (...)`, so that NaN, which fails every comparison, is refused too.
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
+        raise KinemaError(f"{name} must be at least 0 and finite ({meaning}), got {scale!r}")
+    return float(scale)
+
+
 def check_seed(seed: int, also: str = "") -> None:
     """One KinemaError line for a seed torch.Generator does not take; `also` adds to the range the message gives
     (jobs: ", or -1 for a random one")."""
