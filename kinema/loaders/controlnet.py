@@ -42,7 +42,7 @@ CONFIG_CLASS = "ControlNetModel"
 
 def controlnet_layout(names: list[str]) -> str | None:
     """"original" or "diffusers" from a file's tensor names, None for no plain ControlNet (a SparseCtrl encoder,
-    with motion modules of its own, is the motion-module reader's to name)."""
+    with motion modules of its own, is kinema.loaders.animatediff.sparsectrl's)."""
     if any(".motion_modules." in name or name.startswith("motion_modules.") for name in names):
         return None
     bare = {name.removeprefix(ORIGINAL_PREFIX) for name in names}
@@ -51,6 +51,14 @@ def controlnet_layout(names: list[str]) -> str | None:
     if all(marker in bare for marker in DIFFUSERS_MARKERS):
         return "diffusers"
     return None
+
+
+def is_controlnet(source: Source) -> bool:
+    """A ControlNet folder or file by its config's class or its tensor names (headers only), not yet checked."""
+    from kinema.loaders.checkpoint_io import folder_config_class
+
+    return folder_config_class(source.path) == CONFIG_CLASS or (source.is_weights_file
+                                                               and controlnet_layout(source.names) is not None)
 
 
 def controlnet_config(unet_config: dict[str, Any] | None = None, conditioning_channels: int = 3) -> dict[str, Any]:
@@ -73,9 +81,9 @@ def controlnet_config(unet_config: dict[str, Any] | None = None, conditioning_ch
     return {k: v for k, v in built.config.items() if not k.startswith("_")}
 
 
-def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
-    """`(layout, config)` of a ControlNet file or folder; the layout is "diffusers-folder", "original" or
-    "diffusers"."""
+def _source_config(source: Source, unet_config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """`(layout, config)` of a ControlNet file or folder (a file's for a UNet of `unet_config`, SD1.5's by default);
+    the layout is "diffusers-folder", "original" or "diffusers"."""
     from diffusers.models.controlnets.controlnet import ControlNetModel
 
     if source.path.is_dir():
@@ -86,7 +94,7 @@ def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
     hint = tensors.get(f"{ORIGINAL_PREFIX}input_hint_block.0.weight", tensors.get("input_hint_block.0.weight"))
     if hint is None:
         hint = tensors["controlnet_cond_embedding.conv_in.weight"]
-    return layout, controlnet_config(source.options.get("unet_config"), int(hint.shape[1]))
+    return layout, controlnet_config(unet_config, int(hint.shape[1]))
 
 
 def weights_source(source: Source) -> Source:
@@ -129,35 +137,36 @@ def _renamed(layout: str, state: dict[str, torch.Tensor], config: dict[str, Any]
 _ADVICE = "Is it an SD1.5 ControlNet, and the base model an SD1.5 model?"
 
 
-def _check_names(layout: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """One KinemaError line unless the (renamed) tensors are exactly the ControlNet's of `config`, names and
-    shapes."""
+def _empty_model(config: dict[str, Any]) -> ControlNetModel:
+    """The `ControlNetModel` of `config`, its weights on the meta device."""
     from accelerate import init_empty_weights
     from diffusers.models.controlnets.controlnet import ControlNetModel
 
+    with init_empty_weights():
+        return ControlNetModel.from_config(config)
+
+
+def _check_fits(model: ControlNetModel, state: dict[str, torch.Tensor]) -> None:
+    """One KinemaError line unless the (renamed) tensors `state` are exactly `model`'s, names and shapes."""
     from kinema.state_dicts import check_fits, shapes
 
-    with init_empty_weights():
-        expected = ControlNetModel.from_config(config)
-    check_fits(shapes(expected.state_dict()), shapes(_renamed(layout, tensors, config)),
-               "its weights do not fit the ControlNet", advice=_ADVICE)
+    check_fits(shapes(model.state_dict()), shapes(state), "its weights do not fit the ControlNet", advice=_ADVICE)
 
 
 def describe_controlnet(source: Source) -> dict[str, Any] | None:
     """The format registry's describer: a ControlNet folder or file, with its layout, conditioning channels and
     width; None for anything else. A single file is checked against the ControlNet of `unet_config=` (SD1.5's
     by default); with `unet_config=`, also that its residuals fit that UNet."""
-    from kinema.loaders.checkpoint_io import dtype_report, folder_config_class
-
-    if not (folder_config_class(source.path) == CONFIG_CLASS or (source.is_weights_file
-                                                                 and controlnet_layout(source.names))):
+    if not is_controlnet(source):
         return None
+    from kinema.loaders.checkpoint_io import dtype_report
 
     try:
-        layout, config = _source_config(source)
+        layout, config = _source_config(source, source.options.get("unet_config"))
         weights = weights_source(source)
         tensors, _ = weights.layout
-        _check_names("diffusers" if layout == "diffusers-folder" else layout, config, tensors)
+        _check_fits(_empty_model(config), _renamed("diffusers" if layout == "diffusers-folder" else layout, tensors,
+                                                   config))
         if source.options.get("unet_config") is not None:
             check_fits_unet(config, source.options["unet_config"])
     except KinemaError as err:
@@ -175,30 +184,32 @@ def check_controlnet_scale(scale: Any) -> float:
     return check_scale(scale, "the ControlNet scale", "0: no control, 1: as trained")
 
 
-def read_controlnet(path: str | os.PathLike, unet_config: dict[str, Any] | None = None, *,
+def read_controlnet(path: str | os.PathLike | Source, unet_config: dict[str, Any] | None = None, *,
                     dtype: torch.dtype | None = None) -> ControlNetModel:
-    """The ControlNet at `path` (folder or file), loaded strictly, in `dtype` (default float32); a single file's
-    config comes from `unet_config` (SD1.5's by default)."""
+    """The ControlNet at `path` (folder or file, or the `Source` a describe read, whose reads are reused: a torch
+    pickle is unpickled once), loaded strictly, in `dtype` (default float32); a single file's config comes from
+    `unet_config` (SD1.5's by default)."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers.models.controlnets.controlnet import ControlNetModel
 
     from kinema.loaders.checkpoint_io import check_weight_values
     from kinema.loaders.source import Source
     from kinema.state_dicts import load_strict
 
-    source = Source(Path(path), {"unet_config": unet_config} if unet_config is not None else {})
-    if describe_controlnet(source) is None:
+    source = path if isinstance(path, Source) else Source(Path(path))
+    if not is_controlnet(source):
         raise KinemaError(f"{source.path} is not a ControlNet (no ControlNetModel config.json, nor the tensors of one: "
                           "input_hint_block.*, zero_convs.*); give an SD1.5 ControlNet folder or file, e.g. "
                           "control_v11p_sd15_openpose")
+    # describe_controlnet's checks, in its order, on the tensors themselves: read once, the model built once.
     try:
-        layout, config = _source_config(source)
+        layout, config = _source_config(source, unet_config)
         weights = weights_source(source)
         state = _renamed("diffusers" if layout == "diffusers-folder" else layout, weights.read(weights.names), config)
+        model = _empty_model(config)
+        _check_fits(model, state)
+        if unet_config is not None:
+            check_fits_unet(config, unet_config)
         check_weight_values(state, "the ControlNet")
-        with init_empty_weights():
-            model = ControlNetModel.from_config(config)
         fresh = {k: v.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
         load_strict(model, fresh, "its weights do not fit the ControlNet", advice=_ADVICE, assign=True)
     except KinemaError as err:
@@ -233,36 +244,38 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def load_controlnet(video_unet: Any, path: str | os.PathLike, *, scale: float = 1.0) -> Any:
-    """The ControlNet or SparseCtrl network at `path` for `video_unet` (a `VideoUNet`), as a
-    `kinema.models.controlnet.VideoControlNet` (or `VideoSparseControlNet`) at `scale`, in the UNet's dtype and on
-    its device; a single file takes the UNet's own config. Checks everything (file, scale, fit to the UNet) before
-    anything is built."""
-    from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl
+def load_controlnet(video_unet: Any, path: str | os.PathLike | Source, *, scale: float = 1.0) -> Any:
+    """The ControlNet or SparseCtrl network at `path` (or the `Source` a describe read) for `video_unet` (a
+    `VideoUNet`), as a `kinema.models.controlnet.VideoControlNet` (or `VideoSparseControlNet`) at `scale`, in the
+    UNet's dtype and on its device; a single file takes the UNet's own config. Checks everything (file, scale, fit to
+    the UNet) before anything is built."""
+    from kinema.loaders.animatediff.sparsectrl import is_sparsectrl, read_sparsectrl
     from kinema.loaders.source import Source
     from kinema.models.controlnet import VideoControlNet, VideoSparseControlNet
     from kinema.models.precision import cast_module
 
     scale = check_controlnet_scale(scale)
+    source = path if isinstance(path, Source) else Source(Path(path))
     unet = video_unet.unet
     parameter = next(unet.parameters())
     unet_config = dict(unet.config)
-    if describe_sparsectrl(Source(Path(path), {"unet_config": unet_config})) is not None:
+    if is_sparsectrl(source):
         wrapper: type[VideoControlNet] = VideoSparseControlNet
-        model = read_sparsectrl(path, unet_config, dtype=parameter.dtype)
+        model = read_sparsectrl(source, unet_config, dtype=parameter.dtype)
     else:
         wrapper = VideoControlNet
-        model = read_controlnet(path, unet_config, dtype=parameter.dtype)
-    logger.info("%s %s loaded at scale %g", "SparseCtrl" if wrapper is VideoSparseControlNet else "ControlNet", path,
-                scale)
-    return wrapper(cast_module(model, device=parameter.device), scale=scale, path=str(path))
+        model = read_controlnet(source, unet_config, dtype=parameter.dtype)
+    logger.info("%s %s loaded at scale %g", "SparseCtrl" if wrapper is VideoSparseControlNet else "ControlNet",
+                source.path, scale)
+    return wrapper(cast_module(model, device=parameter.device), scale=scale, path=str(source.path))
 
 
 def load_controlnet_source(source: Source, *, video_unet: Any = None, scale: float = 1.0) -> Any:
-    """The format registry's loader (ControlNets and SparseCtrl): the network for `video_unet` (`load_controlnet`)."""
+    """The format registry's loader (ControlNets and SparseCtrl): the network for `video_unet` (`load_controlnet`),
+    read through the `Source` its describe read."""
     from kinema.models.video_unet import VideoUNet
 
     if not isinstance(video_unet, VideoUNet):
         raise KinemaError(f"{source.path} is a ControlNet, which steers an AnimateDiff model frame by frame: pass "
                           "video_unet=, e.g. kinema.load(controlnet, video_unet=family.model)")
-    return load_controlnet(video_unet, source.path, scale=scale)
+    return load_controlnet(video_unet, source, scale=scale)

@@ -384,8 +384,11 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
                           f"{path}'s UNet has widths {widths}: use a motion module made for this base model")
     overrides = _folder_motion_overrides(path, motion_path, motion_report)
+    control_sources = []  # kept, so the load reads nothing twice (a torch pickle is unpickled once)
     for control_path, _ in control or []:  # headers only, against this UNet's config: named before weights load
-        control_kind = _describe(control_path, unet_config=unet_config)[1]["kind"]
+        control_source, control_report = _describe(control_path, unet_config=unet_config)
+        control_kind = control_report["kind"]
+        control_sources.append((control_source, control_kind))
         if control_kind not in ("controlnet", "sparsectrl"):
             raise _not_the_kind(control_path, "a ControlNet", control_kind, "an SD1.5 ControlNet folder or file, "
                                 "e.g. lllyasviel's control_v11p_sd15_openpose, or AnimateDiff's SparseCtrl")
@@ -432,10 +435,10 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                                      image_encoder=image_prompt.encoder)
     controlnet = None
     if control is not None:
-        from kinema.loaders.controlnet import load_controlnet
         from kinema.models.controlnet import VideoMultiControlNet
 
-        nets = [load_controlnet(video_unet, control_path, scale=scale) for control_path, scale in control]
+        nets = [_load_described(control_source, kind, video_unet=video_unet, scale=scale)
+                for (control_source, kind), (_, scale) in zip(control_sources, control, strict=True)]
         controlnet = nets[0] if len(nets) == 1 else VideoMultiControlNet(nets)
     parts = [video_unet.eval(), components.vae, components.text_encoder]
     parts += [] if ip_adapter is None else [ip_adapter.image_encoder]

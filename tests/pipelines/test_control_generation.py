@@ -270,6 +270,26 @@ def test_a_job_takes_a_controlnet_and_reads_its_settings_back(files):
         job_from_mapping({**data, "controlnet": {"path": str(files["controlnet"]), "weight": 1}})
 
 
+def test_load_family_unpickles_a_pickled_controlnet_once(files, parts, tmp_path, monkeypatch):
+    from loaders.test_controlnet import original_layout
+
+    import kinema.loaders.source as source_module
+
+    path = tmp_path / "control_v11p_sd15_tiny.pth"
+    torch.save(original_layout(tiny_controlnet(parts["unet"], seed=12, hint=(16, 32, 96, 256))), path)
+    reads = []
+    read_checkpoint = source_module.read_checkpoint
+
+    def counted(where):
+        reads.append(where)
+        return read_checkpoint(where)
+
+    monkeypatch.setattr(source_module, "read_checkpoint", counted)
+    loaded = load_family(files["folder"], motion_module=files["motion_module"], controlnet=(path, 1.0))
+    assert isinstance(loaded.controlnet, VideoControlNet)
+    assert [where for where in reads if where == path] == [path]  # describe's read serves the load too
+
+
 def test_load_family_and_jobs_take_several_controlnets(files, parts, tmp_path):
     loaded = load_family(files["folder"], motion_module=files["motion_module"],
                          controlnet=[(files["controlnet"], 0.7), (files["controlnet"], 0.4)])

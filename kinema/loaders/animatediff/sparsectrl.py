@@ -49,6 +49,14 @@ def sparsectrl_variant(names: list[str]) -> str | None:
     return None
 
 
+def is_sparsectrl(source: Source) -> bool:
+    """A SparseCtrl folder or file by its config's class or its tensor names (headers only), not yet checked."""
+    from kinema.loaders.checkpoint_io import folder_config_class
+
+    return folder_config_class(source.path) == CONFIG_CLASS or (source.is_weights_file
+                                                               and sparsectrl_variant(source.names) is not None)
+
+
 def sparsectrl_config(unet_config: dict[str, Any] | None, variant: str, conditioning_channels: int,
                       max_frames: int = MAX_FRAMES) -> dict[str, Any]:
     """The `SparseControlNetModel` config of a SparseCtrl file for a UNet of `unet_config` (default SD1.5's), its
@@ -85,8 +93,9 @@ def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
-    """`(format, config)`: "diffusers-folder" with the folder's config, or "original" with the one for the UNet."""
+def _source_config(source: Source, unet_config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """`(format, config)`: "diffusers-folder" with the folder's config, or "original" with the one for a UNet of
+    `unet_config` (SD1.5's by default)."""
     from diffusers.models.controlnets.controlnet_sparsectrl import SparseControlNetModel
 
     if source.path.is_dir():
@@ -99,40 +108,43 @@ def _source_config(source: Source) -> tuple[str, dict[str, Any]]:
     if len(tables) > 1:
         raise KinemaError(f"the frame tables (pos_encoder.pe) disagree in length: {sorted(tables)}")
     # The embedding reads the condition and, appended to it, the keyframe mask.
-    return "original", sparsectrl_config(source.options.get("unet_config"), variant, int(embedding.shape[1]) - 1,
+    return "original", sparsectrl_config(unet_config, variant, int(embedding.shape[1]) - 1,
                                          tables.pop() if tables else MAX_FRAMES)
 
 
 _ADVICE = "Is it AnimateDiff v3's SparseCtrl (v3_sd15_sparsectrl_rgb or _scribble), and the base model an SD1.5 model?"
 
 
-def _check_names(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _empty_model(config: dict[str, Any]) -> Any:
+    """The `SparseControlNetModel` of `config`, its weights on the meta device (its frame tables made, real)."""
     from accelerate import init_empty_weights
     from diffusers.models.controlnets.controlnet_sparsectrl import SparseControlNetModel
 
+    with init_empty_weights():
+        return SparseControlNetModel.from_config(config)
+
+
+def _check_fits(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """One KinemaError line unless the renamed tensors `state` are exactly `model`'s (its frame tables aside)."""
     from kinema.state_dicts import check_fits, shapes
 
-    with init_empty_weights():
-        expected = SparseControlNetModel.from_config(config)
-    wanted = {k: v for k, v in shapes(expected.state_dict()).items() if not _FRAME_TABLE.search(k)}
-    check_fits(wanted, shapes(_renamed(tensors)), "its weights do not fit SparseCtrl", advice=_ADVICE)
+    wanted = {k: v for k, v in shapes(model.state_dict()).items() if not _FRAME_TABLE.search(k)}
+    check_fits(wanted, shapes(state), "its weights do not fit SparseCtrl", advice=_ADVICE)
 
 
 def describe_sparsectrl(source: Source) -> dict[str, Any] | None:
     """The format registry's describer: a SparseCtrl file or diffusers folder, with its variant; None for anything
     else. A file is checked against the network of `unet_config=` (SD1.5's by default), and with `unet_config=`
     also that its residuals fit that UNet."""
-    from kinema.loaders.checkpoint_io import dtype_report, folder_config_class
-
-    if not (folder_config_class(source.path) == CONFIG_CLASS or (source.is_weights_file
-                                                                 and sparsectrl_variant(source.names))):
+    if not is_sparsectrl(source):
         return None
+    from kinema.loaders.checkpoint_io import dtype_report
     from kinema.loaders.controlnet import check_fits_unet, weights_source
 
     try:
-        layout, config = _source_config(source)
+        layout, config = _source_config(source, source.options.get("unet_config"))
         tensors, _ = weights_source(source).layout
-        _check_names(config, tensors)
+        _check_fits(_empty_model(config), _renamed(tensors))
         if source.options.get("unet_config") is not None:
             check_fits_unet(config, source.options["unet_config"])
     except KinemaError as err:
@@ -144,34 +156,36 @@ def describe_sparsectrl(source: Source) -> dict[str, Any] | None:
             "dtype": dtype_report(str(t.dtype).removeprefix("torch.") for t in tensors.values())}
 
 
-def read_sparsectrl(path: str | os.PathLike, unet_config: dict[str, Any] | None = None, *,
+def read_sparsectrl(path: str | os.PathLike | Source, unet_config: dict[str, Any] | None = None, *,
                     dtype: torch.dtype | None = None) -> Any:
-    """The SparseCtrl network at `path` (file or diffusers folder) as a diffusers `SparseControlNetModel`, loaded
-    strictly, in `dtype` (default float32)."""
+    """The SparseCtrl network at `path` (file or diffusers folder, or the `Source` a describe read, whose reads are
+    reused: a torch pickle is unpickled once) as a diffusers `SparseControlNetModel`, loaded strictly, in `dtype`
+    (default float32)."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers.models.controlnets.controlnet_sparsectrl import SparseControlNetModel
 
     from kinema.loaders.animatediff.structure import check_frame_tables
     from kinema.loaders.checkpoint_io import check_weight_values
-    from kinema.loaders.controlnet import weights_source
+    from kinema.loaders.controlnet import check_fits_unet, weights_source
     from kinema.loaders.source import Source
     from kinema.state_dicts import load_strict
 
-    source = Source(Path(path), {"unet_config": unet_config} if unet_config is not None else {})
-    if describe_sparsectrl(source) is None:
+    source = path if isinstance(path, Source) else Source(Path(path))
+    if not is_sparsectrl(source):
         raise KinemaError(f"{source.path} is not a SparseCtrl network; give AnimateDiff's v3_sd15_sparsectrl_rgb.ckpt "
                           "or v3_sd15_sparsectrl_scribble.ckpt, or a diffusers SparseControlNetModel folder")
+    # describe_sparsectrl's checks, in its order, on the tensors themselves: read once, the model built once.
     try:
-        _, config = _source_config(source)
+        _, config = _source_config(source, unet_config)
         weights = weights_source(source)
         stored = weights.read(weights.names)
-        check_frame_tables({k: v for k, v in stored.items() if _FRAME_TABLE.search(k)})
         state = _renamed(stored)
-        check_weight_values(state, "SparseCtrl")
-        with init_empty_weights():  # buffers stay real: the frame tables are made here, not loaded
-            model = SparseControlNetModel.from_config(config)
+        model = _empty_model(config)
+        _check_fits(model, state)
         tables = {k: v for k, v in model.state_dict().items() if _FRAME_TABLE.search(k)}
+        if unet_config is not None:
+            check_fits_unet(config, unet_config)
+        check_frame_tables({k: v for k, v in stored.items() if _FRAME_TABLE.search(k)})
+        check_weight_values(state, "SparseCtrl")
         fresh = {k: v.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
         load_strict(model, {**fresh, **tables}, "its weights do not fit SparseCtrl", advice=_ADVICE, assign=True)
     except KinemaError as err:
