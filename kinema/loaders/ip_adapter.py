@@ -131,13 +131,14 @@ class IPAdapter:
         return cond.float()[:, None], uncond.float()[:, None]
 
 
-def read_ip_adapter(path: str | os.PathLike) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+def read_ip_adapter(path: str | os.PathLike | Source) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """`(variant, {"image_proj": {...}, "ip_adapter": {...}})` from an IP-Adapter file (.safetensors, or a .bin
-    read with weights_only), the two parts as diffusers' loader takes them."""
+    read with weights_only; or the `Source` a describe read, whose reads are reused: a pickle is unpickled once),
+    the two parts as diffusers' loader takes them."""
     from kinema.loaders.checkpoint_io import check_weight_values
     from kinema.loaders.source import Source
 
-    source = Source(Path(path))
+    source = path if isinstance(path, Source) else Source(Path(path))
     try:
         variant = ip_adapter_variant(source.names) if source.is_weights_file else None
         if variant is None:
@@ -174,16 +175,19 @@ def _check_fits(unet: Any, parts: dict[str, dict[str, torch.Tensor]], path: str)
                                   f"{name} takes {expected}: the adapter was made for another base model")
 
 
-def load_ip_adapter(video_unet: Any, path: str | os.PathLike, *, scale: float = 1.0,
+def load_ip_adapter(video_unet: Any, path: str | os.PathLike | Source, *, scale: float = 1.0,
                     image_encoder: str | os.PathLike | None = None) -> IPAdapter:
-    """Load the IP-Adapter at `path` into `video_unet` (a `VideoUNet`) at `scale` (the image prompt's weight, 0 to
-    leave the model as it is, 1 as published) and its CLIP image encoder (`image_encoder`, default the
-    `image_encoder/` folder beside the file). Checks everything before the model changes."""
+    """Load the IP-Adapter at `path` (or the `Source` a describe read) into `video_unet` (a `VideoUNet`) at `scale`
+    (the image prompt's weight, 0 to leave the model as it is, 1 as published) and its CLIP image encoder
+    (`image_encoder`, default the `image_encoder/` folder beside the file). Checks everything before the model
+    changes."""
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
+    from kinema.loaders.source import Source
+
     scale = check_ip_adapter_scale(scale)
-    path = Path(path)
     variant, parts = read_ip_adapter(path)
+    path = path.path if isinstance(path, Source) else Path(path)
     unet = video_unet.unet
     _check_fits(unet, parts, str(path))
     if getattr(unet, "encoder_hid_proj", None) is not None:
@@ -232,13 +236,14 @@ def image_encoder_folder(adapter: str | os.PathLike, given: str | os.PathLike | 
 
 def load_ip_adapter_source(source: Source, *, video_unet: Any = None, scale: float = 1.0,
                            image_encoder: str | os.PathLike | None = None) -> IPAdapter:
-    """The format registry's loader: the IP-Adapter loaded into `video_unet` (`load_ip_adapter`)."""
+    """The format registry's loader: the IP-Adapter loaded into `video_unet` (`load_ip_adapter`), read through the
+    `Source` its describe read."""
     from kinema.models.video_unet import VideoUNet
 
     if not isinstance(video_unet, VideoUNet):
         raise KinemaError(f"{source.path} is an IP-Adapter, which adds an image prompt to an AnimateDiff model: pass "
                           "video_unet=, e.g. kinema.load(ip_adapter, video_unet=family.model)")
-    return load_ip_adapter(video_unet, source.path, scale=scale, image_encoder=image_encoder)
+    return load_ip_adapter(video_unet, source, scale=scale, image_encoder=image_encoder)
 
 
 def convert_ip_adapter_source(source: Source, target: Path, to: str, *, overwrite: bool = False

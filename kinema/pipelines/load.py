@@ -291,9 +291,10 @@ def load_family(
 
 @dataclass
 class _ImagePromptFiles:
-    """An IP-Adapter file at its scale, and its image encoder's folder, checked to exist before any weights load."""
+    """An IP-Adapter file (the `Source` its describe read, which the load reads through) at its scale, and its image
+    encoder's folder, checked to exist before any weights load."""
 
-    adapter: Path
+    adapter: Any  # kinema.loaders.source.Source
     scale: float
     encoder: Path
 
@@ -304,11 +305,11 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
 
     path, scale = ip_adapter
     adapter = _existing(path, "IP-Adapter")
-    kind = _describe(adapter)[1]["kind"]  # headers only: another kind of file is named before any weights load
-    if kind != "ip_adapter":
-        raise _not_the_kind(adapter, "an IP-Adapter", kind, "h94/IP-Adapter's ip-adapter_sd15.safetensors or its "
-                            "plus or full-face variant")
-    return _ImagePromptFiles(adapter, check_ip_adapter_scale(scale), image_encoder_folder(adapter, encoder))
+    source, report = _describe(adapter)  # headers only: another kind of file is named before any weights load
+    if report["kind"] != "ip_adapter":
+        raise _not_the_kind(adapter, "an IP-Adapter", report["kind"], "h94/IP-Adapter's ip-adapter_sd15.safetensors "
+                            "or its plus or full-face variant")
+    return _ImagePromptFiles(source, check_ip_adapter_scale(scale), image_encoder_folder(adapter, encoder))
 
 
 def _control_files(controlnet: Any) -> list[tuple[Path, float]]:

@@ -215,6 +215,30 @@ def test_a_missing_or_mismatched_image_encoder_is_one_line(unet2d, adapter_folde
         load_ip_adapter(VideoUNet.from_unet2d(unet2d), tmp_path / "ip.safetensors", image_encoder=tmp_path / "wide")
 
 
+def test_load_family_unpickles_a_bin_adapter_once(sd_model, unet2d, adapter_folder, tmp_path, monkeypatch):
+    import shutil
+
+    import kinema.loaders.source as source_module
+    from kinema.pipelines.load import load_family
+
+    state = plain_ip_adapter(unet2d)
+    torch.save({part: {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part)}
+                for part in ("image_proj", "ip_adapter")}, tmp_path / "ip-adapter_sd15.bin")
+    shutil.copytree(adapter_folder / "image_encoder", tmp_path / "image_encoder")
+    reads = []
+    read_checkpoint = source_module.read_checkpoint
+
+    def counted(where):
+        reads.append(where)
+        return read_checkpoint(where)
+
+    monkeypatch.setattr(source_module, "read_checkpoint", counted)
+    family = load_family(sd_model["path"], motion_module=sd_model["motion_module"],
+                         ip_adapter=(tmp_path / "ip-adapter_sd15.bin", 0.8))
+    assert family.ip_adapter.variant == "plain"
+    assert reads.count(tmp_path / "ip-adapter_sd15.bin") == 1  # describe's read serves the load too
+
+
 def test_generate_with_an_image_prompt_from_a_model_folder(sd_model, adapter_folder, tmp_path):
     from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
