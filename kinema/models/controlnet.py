@@ -5,7 +5,7 @@ diffusers' UNet takes them (`down_block_additional_residuals`, `mid_block_additi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from einops import rearrange
@@ -124,7 +124,11 @@ class VideoMultiControlNet(nn.Module):
             raise KinemaError("several ControlNets steer together when there are two or more and none is SparseCtrl, "
                               "whose keyframes are its own; give SparseCtrl alone")
         self.nets = nn.ModuleList(nets)
-        self._nets: list[VideoControlNet] = list(nets)  # the same modules, typed (a ModuleList's items are Modules)
+
+    @property
+    def _nets(self) -> list[VideoControlNet]:
+        """`nets`, typed: a ModuleList gives its items as plain Modules."""
+        return [cast(VideoControlNet, net) for net in self.nets]
 
     @property
     def path(self) -> list[str | None]:
