@@ -411,6 +411,9 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
         if unet.encoder_hid_proj is not None:  # the IP-Adapter's (text, image tokens), as diffusers' forward makes them
             added = self._image_prompt_per_frame({"added_cond_kwargs": added_cond_kwargs}, batch, frames)
             states = unet.process_encoder_hidden_states(text, added["added_cond_kwargs"] or {})
+        # As diffusers' forward, the residuals count only as a pair.
+        residuals = (None if down_block_additional_residuals is None or mid_block_additional_residual is None
+                     else (down_block_additional_residuals, mid_block_additional_residual))
         cut = len(unet.up_blocks) - depth  # the up blocks from here on run on every step
         text_kwargs = dict(encoder_hidden_states=states, cross_attention_kwargs=cross_attention_kwargs)
         with frames_per_clip(frames, text):
@@ -430,17 +433,16 @@ class VideoUNet(VideoModel, StrictFromPretrained, ModelMixin, ConfigMixin):  # t
                 else:
                     hidden, res = down_block(hidden_states=hidden, temb=emb)
                 skips += res
-            if down_block_additional_residuals is not None and mid_block_additional_residual is not None:
+            if residuals is not None:
                 # zip stops at the skips a shallow pass has: the first ones, which the outer levels take.
-                skips = tuple(skip + extra for skip, extra in zip(skips, down_block_additional_residuals,
-                                                                   strict=False))
+                skips = tuple(skip + extra for skip, extra in zip(skips, residuals[0], strict=False))
             if deep_features is None:
                 if unet.mid_block is not None and getattr(unet.mid_block, "has_cross_attention", False):
                     hidden = unet.mid_block(hidden, emb, **text_kwargs)
                 elif unet.mid_block is not None:
                     hidden = unet.mid_block(hidden, emb)
-                if down_block_additional_residuals is not None and mid_block_additional_residual is not None:
-                    hidden = hidden + mid_block_additional_residual
+                if residuals is not None:
+                    hidden = hidden + residuals[1]
                 first_up = 0
             else:
                 # The outer up blocks take the first skips: the input conv's and the outer down blocks' resnets'.

@@ -99,8 +99,10 @@ class UNetDenoiser(Denoiser):
             from kinema.models.video_unet import VideoUNet
 
             batch, _, frames = latents.shape[:3]
-            text = VideoUNet.text_per_frame(kwargs["encoder_hidden_states"], batch, frames)
-            kwargs.update(self.controlnet(latents, timestep, text, control, cond.get("control_mask")))
+            # Folded once, here, for both: the VideoUNet takes per-frame states (B*F, L, D) as they are.
+            kwargs["encoder_hidden_states"] = VideoUNet.text_per_frame(kwargs["encoder_hidden_states"], batch, frames)
+            kwargs.update(self.controlnet(latents, timestep, kwargs["encoder_hidden_states"], control,
+                                          cond.get("control_mask")))
         return self.model(latents, timestep, **kwargs)
 
     @staticmethod
