@@ -142,6 +142,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                           "description": "the share of the steps after which the ControlNet steers (default 0)"},
         "control_end": {"type": "number", "minimum": 0, "maximum": 1,
                         "description": "the share of the steps after which it stops (default 1)"},
+        "guess_mode": {"type": "boolean", "description": "ControlNet's guess mode: the control images lead, so the "
+                                                         "prompt may be empty"},
         "frames": {"type": "integer", "minimum": 1},
         "height": {"type": "integer", "minimum": 8},
         "width": {"type": "integer", "minimum": 8},

@@ -36,8 +36,14 @@ class VideoControlNet(nn.Module):
         """Channels of the control images (3: RGB)."""
         return int(self.controlnet.config.conditioning_channels)
 
+    @property
+    def pools_globally(self) -> bool:
+        """Whether its residuals are pooled over the image (`global_pool_conditions`, as in the shuffle ControlNet):
+        such a ControlNet is trained for guess mode, which diffusers then turns on whatever was asked."""
+        return bool(self.controlnet.config.global_pool_conditions)
+
     def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
-                mask: torch.Tensor | None = None) -> dict[str, Any]:
+                mask: torch.Tensor | None = None, guess_mode: bool = False) -> dict[str, Any]:
         """The residuals for one VideoUNet call, as its keyword arguments.
 
         Args:
@@ -46,6 +52,9 @@ class VideoControlNet(nn.Module):
             text: text states per frame, folded `(B*F, L, D)` (row `b*F + f`).
             control: control images `(B, 3, F, H, W)` in [0, 1], H and W the video's (8h, 8w).
             mask: a SparseCtrl keyframe mask, which a ControlNet, steering every frame, does not take (None).
+            guess_mode: scale the residuals from 0.1 at the first level to 1 at the middle block (diffusers'
+                `guess_mode`; ControlNet's guess mode also leaves the unprompted half of guidance unsteered, which
+                the denoiser does).
 
         Returns:
             `{"down_block_additional_residuals": (...), "mid_block_additional_residual": ...}`, each folded
@@ -62,7 +71,7 @@ class VideoControlNet(nn.Module):
         down, mid = self.controlnet(
             rearrange(sample, "b c f h w -> (b f) c h w"), timestep, encoder_hidden_states=text,
             controlnet_cond=rearrange(control, "b c f h w -> (b f) c h w"), conditioning_scale=self.scale,
-            return_dict=False)
+            guess_mode=guess_mode, return_dict=False)
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
 
 
@@ -81,7 +90,7 @@ class VideoSparseControlNet(VideoControlNet):
         return bool(self.controlnet.config.use_simplified_condition_embedding)
 
     def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
-                mask: torch.Tensor | None = None) -> dict[str, Any]:
+                mask: torch.Tensor | None = None, guess_mode: bool = False) -> dict[str, Any]:
         """The residuals for one VideoUNet call, as its keyword arguments.
 
         Args:
@@ -91,6 +100,7 @@ class VideoSparseControlNet(VideoControlNet):
             control: the keyframes in place, zeros elsewhere: latents `(B, 4, F, h, w)` (RGB) or images
                 `(B, 3, F, H, W)` in [0, 1] (scribble).
             mask: `(B, 1, F, ...)` of control's size, 1 at the keyframes.
+            guess_mode: as `VideoControlNet.forward`'s.
 
         Returns:
             `{"down_block_additional_residuals": (...), "mid_block_additional_residual": ...}`, folded `(B*F, ...)`.
@@ -104,7 +114,8 @@ class VideoSparseControlNet(VideoControlNet):
                               f"{None if mask is None else tuple(mask.shape)}")
         down, mid = self.controlnet(
             sample, timesteps_per_clip(timestep, batch, sample.device), encoder_hidden_states=text,
-            controlnet_cond=control, conditioning_mask=mask, conditioning_scale=self.scale, return_dict=False)
+            controlnet_cond=control, conditioning_mask=mask, conditioning_scale=self.scale, guess_mode=guess_mode,
+            return_dict=False)
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
 
 
@@ -145,8 +156,13 @@ class VideoMultiControlNet(nn.Module):
         """Channels of all the control images together (3 per ControlNet)."""
         return sum(net.conditioning_channels for net in self._nets)
 
+    @property
+    def pools_globally(self) -> bool:
+        """The first ControlNet's `pools_globally`: diffusers' MultiControlNet reads guess mode's default there."""
+        return self._nets[0].pools_globally
+
     def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
-                mask: torch.Tensor | None = None) -> dict[str, Any]:
+                mask: torch.Tensor | None = None, guess_mode: bool = False) -> dict[str, Any]:
         """The summed residuals for one VideoUNet call; `control` `(B, 3K, F, H, W)` holds the K ControlNets'
         control images in their order (see `VideoControlNet.forward`)."""
         if mask is not None:
@@ -157,7 +173,7 @@ class VideoMultiControlNet(nn.Module):
         widths = [net.conditioning_channels for net in self._nets]
         total: dict[str, Any] | None = None
         for net, part in zip(self._nets, control.split(widths, dim=1), strict=True):
-            out = net(sample, timestep, text, part)
+            out = net(sample, timestep, text, part, guess_mode=guess_mode)
             if total is None:
                 total = out
             else:

@@ -47,6 +47,8 @@ LatentsHook = Callable[[torch.Tensor, list[dict[str, Any]]], None]
 # this far. On kinema-tiny-ad's continuations (6 prompts, 64 frames) the seam score went 4.9 / 3.9 / 3.25 / 2.9 at
 # 1 / 0.95 / 0.85 / 0.7, while the tails went still more often below 0.85 (docs/generation.md).
 REPAINT_START_STRENGTH = 0.85
+# The conditioning a ControlNet reads: left out at the steps outside its control window.
+CONTROL_KEYS = ("control_frames", "control_mask", "control_guess")
 
 
 @dataclass
@@ -154,13 +156,23 @@ def _control_videos(family: VideoFamily, control: Any) -> list[Any]:
     return list(control)
 
 
-def _with_control(text: _Text, control: Conditioning | None, videos: int) -> _Text:
-    """`text` with the ControlNet's conditioning (`VideoFamily.control_conditioning`, one row) for every video, on
-    both sides of guidance (as diffusers' ControlNet pipelines give it)."""
-    if control is None:
+def _with_control(family: VideoFamily, request: GenerationRequest, text: _Text,
+                  control_images: Sequence[torch.Tensor] | None, frames: int, videos: int) -> _Text:
+    """`text` with the ControlNet's conditioning (`VideoFamily.control_conditioning` of each ControlNet's control
+    images `(K, 3, H, W)`) for every video, on both sides of guidance, as diffusers' ControlNet pipelines give it; in
+    guess mode `control_guess` marks the conditional side alone as steered."""
+    if control_images is None:
         return text
+    device = _device(family)
+    control = family.control_conditioning([images.to(device) for images in control_images], frames,
+                                          request.control_indices)
     rows = {key: value.expand(videos, *value.shape[1:]) for key, value in control.items() if value is not None}
-    return _Text({**text.cond, **rows}, None if text.uncond is None else {**text.uncond, **rows}, text.table)
+    cond, uncond = {**text.cond, **rows}, None if text.uncond is None else {**text.uncond, **rows}
+    if request.guess_mode:
+        cond["control_guess"] = torch.ones(videos, dtype=torch.bool, device=device)
+        if uncond is not None:
+            uncond["control_guess"] = torch.zeros(videos, dtype=torch.bool, device=device)
+    return _Text(cond, uncond, text.table)
 
 
 def controlled(step: int, steps: int, start: float, end: float) -> bool:
@@ -408,7 +420,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         with_control = controlled(step, count, request.control_start, request.control_end)
 
         def kept(given: Conditioning, extra: Conditioning) -> Conditioning:
-            return {**{k: v for k, v in given.items() if with_control or k not in ("control_frames", "control_mask")},
+            return {**{k: v for k, v in given.items() if with_control or k not in CONTROL_KEYS},
                     **{k: v for k, v in extra.items() if with_image or not k.startswith("clip_")}}
 
         return kept(text.cond, clip.cond_extra), None if text.uncond is None else kept(text.uncond, clip.uncond_extra)
@@ -688,6 +700,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     # Fields left None take the model's kinema.json defaults (a bundled model's 64x64), else the library's; the
     # filled request is what the video's settings record, and what is checked.
     request = request.with_defaults(family.defaults)
+    if family.controlnet is not None and family.controlnet.pools_globally and not request.guess_mode:
+        request = replace(request, guess_mode=True)  # diffusers' rule; recorded as what ran
     request.check()
     mode = request.mode
     # Inputs are read and sized before any model runs, so a bad file fails fast.
@@ -771,10 +785,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 clip = replace(_text_to_video_clip(family, noise, plan), clean=clean.to(noise),
                                strength=request.strength)
                 with torch.no_grad():
-                    control = None if control_images is None else family.control_conditioning(
-                        [images.to(device) for images in control_images], plan.frames, request.control_indices)
-                text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames),
-                                     control, len(seeds))
+                    text = _with_control(family, request, _encode_text(family, request, len(seeds),
+                                                                       plan.latent_frames, plan.frames),
+                                         control_images, plan.frames, len(seeds))
                 latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
             else:
                 latents = _generate_clip(family, request, plan, seeds, callback, progress, images, control_images)
@@ -810,10 +823,8 @@ def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan,
     device = _device(family)
     noise = _noise(family, plan, request, seeds, device)
     with torch.no_grad():
-        control = None if control_images is None else family.control_conditioning(
-            [images.to(device) for images in control_images], plan.frames, request.control_indices)
-        text = _with_control(_encode_text(family, request, len(seeds), plan.latent_frames, plan.frames), control,
-                             len(seeds))
+        text = _with_control(family, request, _encode_text(family, request, len(seeds), plan.latent_frames,
+                                                           plan.frames), control_images, plan.frames, len(seeds))
         if text.table is not None:
             logger.info("prompt schedule:\n%s", text.table)
         clip = _image_clip(family, noise, *images) if images is not None else \

@@ -77,7 +77,7 @@ _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_f
                "decode_chunk", "attention_chunk", "cache_interval")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
                   "control_end")
-_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control")
+_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",
                 "control_video": "control video"}
@@ -755,7 +755,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if data.get("mode") is not None and data["mode"] != request.mode:
         raise KinemaError(f"mode is {data['mode']!r} but the inputs make a {request.mode} job; drop mode or fix the "
                           "inputs (image: image-to-video, video: video-to-video, video + extend_frames: extend)")
-    if request.mode == "text-to-video" and isinstance(prompt, str) and not prompt.strip():
+    if request.mode == "text-to-video" and isinstance(prompt, str) and not prompt.strip() \
+            and request.control_video is None:  # control images alone may lead (guess mode)
         raise KinemaError('no prompt: add "prompt": "a red circle moving right" (or a prompt schedule)')
     if isinstance(prompt, dict) or prompt.strip():
         # The keyframes must fall within the frames made (an input video's length is not known here).

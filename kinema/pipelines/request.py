@@ -220,6 +220,9 @@ class GenerationRequest:
             count from the end; None: one image per frame, or one image for frame 0 of a SparseCtrl model).
         control_start, control_end: the share of the sampling steps the ControlNet steers, from and to (diffusers'
             control_guidance_start / _end: step i of n is steered when start <= i/n and (i+1)/n <= end).
+        guess_mode: ControlNet's guess mode: the control images lead and the prompt may be empty (the residuals
+            graded from 0.1 at the first level to 1 at the middle block, and the unprompted half of guidance left
+            unsteered). A ControlNet that pools its residuals (shuffle) turns it on itself, as in diffusers.
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
@@ -265,6 +268,7 @@ class GenerationRequest:
     normalize_control: bool = False
     control_start: float = 0.0
     control_end: float = 1.0
+    guess_mode: bool = False
     dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
@@ -335,6 +339,9 @@ class GenerationRequest:
         check_control_window(self.control_start, self.control_end)
         if self.control_indices is not None and self.control_video is None:
             raise KinemaError("control_indices place the images of a control video: give control_video too")
+        if self.guess_mode and self.control_video is None:
+            raise KinemaError("guess_mode (--guess-mode) is a ControlNet's: give the control video (and load the "
+                              "ControlNet), or drop it")
         if self.control_video is not None and self.mode == "extend":
             raise KinemaError("a ControlNet steers the frames of one clip, and extend makes new segments past the "
                               "control video's end; use the control video with generate (text-, image- or "

@@ -70,9 +70,11 @@ class UNetDenoiser(Denoiser):
     image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded, and
     `control_frames` a ControlNet's control images `(B, 3, F, H, W)` in [0, 1] (SparseCtrl's keyframes, with
     `control_mask` `(B, 1, F, ...)`), for a denoiser given `controlnet` (a `kinema.models.controlnet.VideoControlNet`
-    or `VideoSparseControlNet`)."""
+    or `VideoSparseControlNet`). `control_guess` `(B,)` bool turns on guess mode: the clips marked True are steered
+    with guess mode's graded residuals, the others (the unprompted half of guidance) not at all, as in ControlNet's
+    own guess mode and diffusers' image pipelines."""
 
-    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames", "control_mask")
+    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames", "control_mask", "control_guess")
 
     def __init__(self, model: nn.Module, controlnet: nn.Module | None = None):
         super().__init__(model)
@@ -89,7 +91,7 @@ class UNetDenoiser(Denoiser):
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
         """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs` and the
         ControlNet's residuals as its additional residuals."""
-        extra = ("ip_image_embeds", "control_frames", "control_mask")
+        extra = ("ip_image_embeds", "control_frames", "control_mask", "control_guess")
         kwargs: dict[str, Any] = {k: v for k, v in cond.items() if k not in extra and v is not None}
         image = cond.get("ip_image_embeds")
         if image is not None:
@@ -101,9 +103,38 @@ class UNetDenoiser(Denoiser):
             batch, _, frames = latents.shape[:3]
             # Folded once, here, for both: the VideoUNet takes per-frame states (B*F, L, D) as they are.
             kwargs["encoder_hidden_states"] = VideoUNet.text_per_frame(kwargs["encoder_hidden_states"], batch, frames)
-            kwargs.update(self.controlnet(latents, timestep, kwargs["encoder_hidden_states"], control,
-                                          cond.get("control_mask")))
+            guess = cond.get("control_guess")
+            if guess is None:
+                kwargs.update(self.controlnet(latents, timestep, kwargs["encoder_hidden_states"], control,
+                                              cond.get("control_mask")))
+            else:
+                kwargs.update(self._guessed(guess, latents, timestep, kwargs["encoder_hidden_states"], control,
+                                            cond.get("control_mask")))
         return self.model(latents, timestep, **kwargs)
+
+    def _guessed(self, steered: torch.Tensor, latents: torch.Tensor, timestep: Timestep, text: torch.Tensor,
+                 control: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """Guess mode's residuals: the ControlNet runs on the clips `steered` `(B,)` marks, in guess mode, and the
+        other clips' residuals are zero (text folded `(B*F, L, D)`, residuals folded `(B*F, ...)`)."""
+        batch, frames = latents.shape[0], latents.shape[2]
+        if steered.shape != (batch,):
+            raise KinemaError(f"control_guess marks each clip: give ({batch},), got {tuple(steered.shape)}")
+        clips = steered.to(torch.bool).nonzero().flatten().to(latents.device)
+        if len(clips) == 0 or self.controlnet is None:
+            return {}
+        rows = (clips[:, None] * frames + torch.arange(frames, device=latents.device)).flatten()
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 1 and len(timestep) == batch:
+            timestep = timestep[clips.to(timestep.device)]
+        out = self.controlnet(latents[clips], timestep, text[rows], control[clips],
+                              None if mask is None else mask[clips], guess_mode=True)
+
+        def placed(residual: torch.Tensor) -> torch.Tensor:
+            full = residual.new_zeros(batch * frames, *residual.shape[1:])
+            full[rows] = residual
+            return full
+
+        return {"down_block_additional_residuals": tuple(placed(r) for r in out["down_block_additional_residuals"]),
+                "mid_block_additional_residual": placed(out["mid_block_additional_residual"])}
 
     @staticmethod
     def conditioning(text_states: torch.Tensor) -> dict[str, torch.Tensor | None]:

@@ -237,6 +237,19 @@ MUTATIONS = (
         ("tests/pipelines/test_control_generation.py",),
     ),
     Mutation(
+        "guess mode steers the unprompted half of guidance too",
+        "kinema/pipelines/generation.py",
+        ((("uncond[\"control_guess\"] = torch.zeros(", "uncond[\"control_guess\"] = torch.ones("),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
+        "guess mode's residuals are not graded by level",
+        "kinema/sampling/denoisers.py",
+        ((("None if mask is None else mask[clips], guess_mode=True)",
+           "None if mask is None else mask[clips], guess_mode=False)"),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
         "SparseCtrl keyframes go to the first frames, not their control_indices",
         "kinema/pipelines/family.py",
         ((("        control[:, :, places] = ",

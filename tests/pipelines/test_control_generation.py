@@ -62,9 +62,9 @@ def control_seen(ours, monkeypatch) -> list:
     seen = []
     forward = ours.controlnet.forward
 
-    def spy(sample, timestep, text, control, mask=None):
+    def spy(sample, timestep, text, control, mask=None, **options):
         seen.append(control.clone())
-        return forward(sample, timestep, text, control, mask)
+        return forward(sample, timestep, text, control, mask, **options)
 
     monkeypatch.setattr(ours.controlnet, "forward", spy)
     return seen
@@ -152,6 +152,84 @@ def test_context_windows_hand_each_window_its_control_frames(parts, pipe, monkey
         assert torch.equal(got[0], whole[:, window]) and torch.equal(got[1], whole[:, window])
 
 
+def guessed_reference(pipe, controlnet, scale, guidance, seed=3) -> torch.Tensor:
+    """Guess mode under guidance as ControlNet's authors and diffusers' image pipeline run it, a plain DDIM loop over
+    diffusers' networks: the ControlNet steers the conditional half alone, with guess mode's graded residuals, and
+    the unconditional half gets zeros. (diffusers' AnimateDiff ControlNet pipelines leave the zeros out, so their
+    guess mode fails under guidance.)"""
+    cond, uncond = pipe.encode_prompt("the cat", torch.device("cpu"), 1, True, negative_prompt="th")
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(STEPS)
+    latents = initial_noise((1, 4, FRAMES, SIZE // 2, SIZE // 2), seeds=[seed])
+    for t in scheduler.timesteps:
+        folded = latents.transpose(1, 2).reshape(FRAMES, 4, SIZE // 2, SIZE // 2)
+        down, mid = controlnet(folded, t, encoder_hidden_states=cond.repeat_interleave(FRAMES, 0),
+                               controlnet_cond=control_frames(), conditioning_scale=scale, guess_mode=True,
+                               return_dict=False)
+        eps = pipe.unet(torch.cat([latents, latents]), t,  # the text states per frame, as the pipelines give them
+                        encoder_hidden_states=torch.cat([uncond, cond]).repeat_interleave(FRAMES, 0),
+                        down_block_additional_residuals=[torch.cat([torch.zeros_like(d), d]) for d in down],
+                        mid_block_additional_residual=torch.cat([torch.zeros_like(mid), mid])).sample
+        eps_uncond, eps_cond = eps.chunk(2)
+        latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
+    return latents
+
+
+def test_guess_mode_under_guidance_steers_the_prompted_half_alone(parts, pipe):
+    with torch.no_grad():
+        expected = guessed_reference(pipe, parts["controlnet"], 0.8, 7.5)
+    ours = generate(family(parts, pipe, scale=0.8), request(guess_mode=True), progress=False, output="latent")
+    difference = (ours.latents - expected).abs().max().item()
+    print(f"guess mode, guidance 7.5: max abs difference {difference:.3g}, latents' mean abs "
+          f"{expected.abs().mean():.3g}")
+    assert difference <= 1e-3
+    assert ours.settings[0]["guess_mode"] is True
+    plain = generate(family(parts, pipe, scale=0.8), request(), progress=False, output="latent")
+    assert (plain.latents - expected).abs().max().item() > 1e-2
+
+
+def test_guess_mode_without_guidance_equals_diffusers_pipeline(parts, pipe):
+    ours = generate(family(parts, pipe, scale=0.8), request(guess_mode=True, guidance=1.0), progress=False,
+                    output="latent")
+    noise = initial_noise((1, 4, FRAMES, SIZE // 2, SIZE // 2), seeds=[3])
+    with torch.no_grad():
+        expected = pipe(prompt="the cat", conditioning_frames=[as_pil(f) for f in control_frames()],
+                        controlnet_conditioning_scale=0.8, guess_mode=True, latents=noise.clone(), num_frames=FRAMES,
+                        num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE, output_type="latent",
+                        return_dict=False)[0]
+    difference = (ours.latents - expected).abs().max().item()
+    print(f"guess mode, guidance 1: max abs difference {difference:.3g}")
+    assert difference <= 1e-3
+    plain = generate(family(parts, pipe, scale=0.8), request(guidance=1.0), progress=False, output="latent")
+    assert (plain.latents - expected).abs().max().item() > 1e-2  # the graded scales count
+
+
+def test_a_pooling_controlnet_turns_guess_mode_on_as_diffusers_does(parts, pipe):
+    pooling = tiny_controlnet(parts["unet"], seed=8, hint=TINY_HINT)
+    pooling.register_to_config(global_pool_conditions=True)  # as the shuffle ControlNet's config says
+    ours = AnimateDiffFamily(video_unet_like(pipe, parts["unet"]), parts["vae"], parts["text_encoder"],
+                             parts["tokenizer"], controlnet=VideoControlNet(pooling, scale=0.8, path="shuffle"))
+    result = generate(ours, request(), progress=False, output="latent")
+    with torch.no_grad():
+        expected = guessed_reference(pipe, pooling, 0.8, 7.5)
+    difference = (result.latents - expected).abs().max().item()
+    print(f"pooling ControlNet: max abs difference {difference:.3g}")
+    assert difference <= 1e-3
+    assert result.settings[0]["guess_mode"] is True
+
+
+def test_guess_mode_with_context_windows_steers_each_window_alone(parts, pipe, monkeypatch):
+    ours = family(parts, pipe)
+    seen = control_seen(ours, monkeypatch)
+    whole = control_frames(frames=8)
+    settings = ContextSettings(length=4, overlap=2)
+    generate(ours, request(frames=8, steps=1, control_video=whole, context=settings, guess_mode=True),
+             progress=False, output="latent")
+    assert len(seen) == 3
+    for got in seen:  # the conditional half alone, each window its frames
+        assert got.shape == (1, 3, 4, SIZE, SIZE)
+
+
 def test_one_control_image_steers_every_frame(parts, pipe):
     ours = family(parts, pipe)
     image = control_frames()[1:2]
@@ -172,6 +250,8 @@ def test_one_control_image_steers_every_frame(parts, pipe):
                                                  r"of the steps with 0 <= start < end <= 1; got 0.5 to 0.5"),
     ({"video": torch.rand(4, 3, SIZE, SIZE), "extend_frames": 4}, r"^a ControlNet steers the frames of one clip, and "
                                                                   r"extend makes new segments"),
+    ({"control_video": None, "guess_mode": True}, r"^guess_mode \(--guess-mode\) is a ControlNet's: give the control "
+                                                  r"video"),
 ])
 def test_bad_control_input_is_one_line_before_sampling(parts, pipe, monkeypatch, fields, message):
     ours = family(parts, pipe)
@@ -268,6 +348,26 @@ def test_a_job_takes_a_controlnet_and_reads_its_settings_back(files):
         job_from_mapping({**data, "control_indices": "0,3"})
     with pytest.raises(KinemaError, match=r"controlnet: unknown key 'weight'; known keys: path, scale"):
         job_from_mapping({**data, "controlnet": {"path": str(files["controlnet"]), "weight": 1}})
+
+
+def test_the_cli_runs_guess_mode_and_records_it(files, tmp_path):
+    import json
+
+    from kinema.cli import main
+
+    out = tmp_path / "guessed.mp4"
+    main(["generate", "", "--model", str(files["folder"]), "--motion-module", str(files["motion_module"]),
+          "--controlnet", f"{files['controlnet']}:0.7", "--control-video", str(files["control_video"]),
+          "--guess-mode", "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE), "--steps", "1",
+          "--guidance", "4", "-o", str(out), "--quiet"])
+    settings = json.loads(out.with_name(out.name + ".json").read_text())
+    assert (settings["guess_mode"], settings["controlnet"]["scale"], settings["prompt"]) == (True, 0.7, "")
+    data = {"model": str(files["folder"]), "motion_module": str(files["motion_module"]), "prompt": "",
+            "controlnet": str(files["controlnet"]), "control_video": str(files["control_video"]), "frames": FRAMES,
+            "height": SIZE, "width": SIZE, "guess_mode": True}
+    assert job_from_mapping(data).request.guess_mode is True
+    with pytest.raises(KinemaError, match=r"guess_mode must be true or false"):
+        job_from_mapping({**data, "guess_mode": "yes"})
 
 
 def test_load_family_unpickles_a_pickled_controlnet_once(files, parts, tmp_path, monkeypatch):

@@ -182,6 +182,34 @@ def test_generate_with_keyframes_equals_diffusers_sparsectrl_pipeline(parts, mon
     assert ours.settings[0]["control_indices"] == indices
 
 
+def test_guess_mode_without_guidance_equals_diffusers_sparsectrl_pipeline(parts, monkeypatch):
+    import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as reference
+
+    monkeypatch.setattr(reference, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+    network = tiny_sparsectrl(parts["unet"], "rgb")
+    pipe = AnimateDiffSparseControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                               tokenizer=parts["tokenizer"], unet=parts["unet"],
+                                               motion_adapter=parts["adapter"], controlnet=network,
+                                               scheduler=make_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    family = kinema_family(parts, pipe, VideoSparseControlNet(network, scale=0.9, path="sparsectrl"))
+    keyframes = control_frames()[[0, 3]]
+    fields = dict(prompt="the cat", frames=FRAMES, height=SIZE, width=SIZE, steps=STEPS, guidance=1.0, seeds=[5],
+                  scheduler="ddim", control_video=keyframes, control_indices=[0, 3])
+    ours = generate(family, GenerationRequest(**fields, guess_mode=True), progress=False, output="latent")
+    noise = initial_noise((1, 4, FRAMES, SIZE // 2, SIZE // 2), seeds=[5])
+    with torch.no_grad():
+        expected = pipe(prompt="the cat", conditioning_frames=[as_pil(f) for f in keyframes],
+                        controlnet_frame_indices=[0, 3], controlnet_conditioning_scale=0.9, guess_mode=True,
+                        latents=noise.clone(), num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=1.0,
+                        height=SIZE, width=SIZE, output_type="latent", return_dict=False)[0]
+    difference = (ours.latents - expected).abs().max().item()
+    print(f"SparseCtrl guess mode: max abs difference {difference:.3g}")
+    assert difference <= 1e-3
+    plain = generate(family, GenerationRequest(**fields), progress=False, output="latent")
+    assert (plain.latents - expected).abs().max().item() > 1e-2
+
+
 def test_keyframe_placement_is_checked():
     assert control_places(2, 16, [0, -1]) == [0, 15]
     assert control_places(16, 16) == list(range(16))
