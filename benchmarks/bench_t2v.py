@@ -1,7 +1,7 @@
 """Text to video, kinema vs diffusers' AnimateDiffPipeline: seconds per denoising step, peak memory, frame difference.
 
 Usage: python benchmarks/bench_t2v.py [--quick] [--configs tiny sd15] [--precisions float32 bfloat16]
-                                      [--threads N] [--outputs DIR]
+                                      [--controlnet] [--threads N] [--outputs DIR]
 
 Both sides run on identical weights: seeded random weights built from configs (the values do not change the time,
 and no download is needed), the same prompt and negative prompt, the same initial noise (kinema draws it from the
@@ -16,6 +16,10 @@ seed with `initial_noise`; diffusers gets that tensor as `latents=`), DDIM, guid
   the mid block, 32 frame positions), 256x256 px, 16 frames, 2 steps, torch's default threads, one run, no warm-up
   (a step takes a minute or more on a small CPU: first-call costs are noise next to it).
 The motion adapter's weights are perturbed so that its zero-initialised output projections stop being identities.
+`--controlnet` steers both sides by a ControlNet (diffusers' `ControlNetModel.from_unet` of the same UNet, its
+zero-initialised outputs perturbed too) at scale 0.8 with one control image per frame (a bright square moving right,
+in whole 255ths so that the PIL images diffusers' `AnimateDiffControlNetPipeline` takes hold the same values):
+kinema's VideoControlNet against that pipeline. A step then holds the ControlNet's forward too.
 kinema runs the motion modules in diffusers' norm mode (GroupNorm statistics across frames; resnets per frame), the
 mode in which both compute the same function.
 
@@ -65,6 +69,7 @@ import torch
 from common import byte_tokenizer, run_benchmark, seeded
 
 SEED, GUIDANCE, SCHEDULER = 5, 7.5, "ddim"
+CONTROL_SCALE = 0.8
 PROMPT, NEGATIVE = "a red fox runs through the snow", "blurry"
 SIDES = ("kinema", "diffusers")
 PRECISIONS = ("float32", "bfloat16")
@@ -141,8 +146,8 @@ def motion_adapter(config: Config) -> Any:
     return adapter
 
 
-def base_parts(config: Config, folder: Path) -> tuple[Any, dict[str, Any]]:
-    """The seeded 2D UNet, and the VAE, text encoder and tokenizer."""
+def base_parts(config: Config, folder: Path, control: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The seeded 2D UNet, and the VAE, text encoder and tokenizer (and with `control` the ControlNet)."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -150,16 +155,47 @@ def base_parts(config: Config, folder: Path) -> tuple[Any, dict[str, Any]]:
     unet2d = seeded(0, lambda: UNet2DConditionModel.from_config(config.unet))
     vae = seeded(3, lambda: AutoencoderKL.from_config(config.vae))
     text_encoder = seeded(4, lambda: CLIPTextModel(CLIPTextConfig(**config.text_encoder)))
-    return unet2d, {"vae": vae, "text_encoder": text_encoder, "tokenizer": byte_tokenizer(folder / "tokenizer")}
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": byte_tokenizer(folder / "tokenizer")}
+    if control:
+        parts["controlnet"] = controlnet(config, unet2d)
+    return unet2d, parts
 
 
-def kinema_models(config: Config, folder: Path, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
-    """kinema's VideoUNet (diffusers' norm mode) carrying the adapter's motion weights, and the other parts, all in
-    `dtype`."""
+def controlnet(config: Config, unet2d: Any) -> Any:
+    """The UNet's seeded ControlNet, its hint encoder downscaling as the VAE does and every weight perturbed."""
+    from diffusers import ControlNetModel
+
+    levels = len(config.vae["block_out_channels"])  # the VAE downscales by 2 ** (levels - 1)
+    network = seeded(6, lambda: ControlNetModel.from_unet(
+        unet2d, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels]))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * config.perturb_scale)
+    return network.eval()
+
+
+def control_frames(config: Config) -> torch.Tensor:
+    """`(F, 3, H, W)` in whole 255ths: a bright square moving right on a dark ground."""
+    video = torch.full((config.frames, 3, config.size, config.size), 26 / 255)
+    side = config.size // 4
+    for f in range(config.frames):
+        left = f * (config.size - side) // max(config.frames - 1, 1)
+        video[f, :, side:2 * side, left:left + side] = 230 / 255
+    return video
+
+
+def kinema_models(config: Config, folder: Path, dtype: torch.dtype,
+                  control: bool = False) -> tuple[Any, dict[str, Any]]:
+    """kinema's VideoUNet (diffusers' norm mode) carrying the adapter's motion weights, and the other parts (with
+    `control` a VideoControlNet), all in `dtype`."""
     from kinema.loaders.animatediff.keys import diffusers_to_original_key, is_pe_key
+    from kinema.models.controlnet import VideoControlNet
     from kinema.models.video_unet import VideoUNet
 
-    unet2d, parts = base_parts(config, folder)
+    unet2d, parts = base_parts(config, folder, control)
+    if control:
+        parts["controlnet"] = VideoControlNet(parts["controlnet"], CONTROL_SCALE).to(dtype)
     video_unet = VideoUNet.from_unet2d(unet2d, motion_mid_block=config.adapter["use_motion_mid_block"],
                                        resnet_norm_mode="per_frame",
                                        motion_module={"type": "temporal", "norm_mode": "across_frames",
@@ -177,19 +213,21 @@ def kinema_models(config: Config, folder: Path, dtype: torch.dtype) -> tuple[Any
     return video_unet.eval(), parts
 
 
-def diffusers_pipeline(config: Config, folder: Path) -> Any:
-    """diffusers' AnimateDiffPipeline on the same weights (its UNetMotionModel built from the 2D UNet and adapter)."""
-    from diffusers import AnimateDiffPipeline
+def diffusers_pipeline(config: Config, folder: Path, control: bool = False) -> Any:
+    """diffusers' AnimateDiffPipeline on the same weights (its UNetMotionModel built from the 2D UNet and adapter);
+    with `control` its AnimateDiffControlNetPipeline."""
+    from diffusers import AnimateDiffControlNetPipeline, AnimateDiffPipeline
     from diffusers.models.unets.unet_motion_model import UNetMotionModel
 
     from kinema.sampling.schedulers import make_scheduler
 
-    unet2d, parts = base_parts(config, folder)
+    unet2d, parts = base_parts(config, folder, control)
     adapter = motion_adapter(config)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
     del unet2d  # as on kinema's side, only the video UNet stays (the pipeline would also keep the adapter)
     gc.collect()
-    pipe = AnimateDiffPipeline(unet=unet, motion_adapter=None, scheduler=make_scheduler(SCHEDULER), **parts)
+    kind = AnimateDiffControlNetPipeline if control else AnimateDiffPipeline
+    pipe = kind(unet=unet, motion_adapter=None, scheduler=make_scheduler(SCHEDULER), **parts)
     del adapter
     gc.collect()
     pipe.set_progress_bar_config(disable=True)
@@ -231,10 +269,12 @@ def kinema_generate(video_unet: Any, parts: Mapping[str, Any], config: Config, s
     from kinema.pipelines.generation import generate
     from kinema.pipelines.request import GenerationRequest
 
-    family = AnimateDiffFamily(video_unet, parts["vae"], parts["text_encoder"], parts["tokenizer"])
+    family = AnimateDiffFamily(video_unet, parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                               controlnet=parts.get("controlnet"))
     request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, frames=config.frames, height=config.size,
                                 width=config.size, steps=steps, guidance=GUIDANCE, scheduler=SCHEDULER, seeds=[SEED],
-                                dtype=dtype)
+                                dtype=dtype, control_video=None if family.controlnet is None else
+                                control_frames(config))
     result = generate(family, request, callback=lambda *_: on_step(), progress=False)
     return result.frames, result.report["dtype"]
 
@@ -242,6 +282,8 @@ def kinema_generate(video_unet: Any, parts: Mapping[str, Any], config: Config, s
 def diffusers_generate(pipe: Any, config: Config, steps: int, on_step: Callable[[], None],
                        autocast: bool) -> torch.Tensor:
     """diffusers' frames `(1, F, 3, H, W)` in [0, 1], from kinema's initial noise for the same seed."""
+    from PIL import Image
+
     from kinema.sampling.loop import initial_noise
 
     factor = pipe.vae_scale_factor
@@ -252,10 +294,15 @@ def diffusers_generate(pipe: Any, config: Config, steps: int, on_step: Callable[
         on_step()
         return tensors
 
+    control: dict[str, Any] = {}
+    if getattr(pipe, "controlnet", None) is not None:
+        control = {"conditioning_frames": [Image.fromarray((f.permute(1, 2, 0) * 255).round().byte().numpy())
+                                           for f in control_frames(config)],
+                   "controlnet_conditioning_scale": CONTROL_SCALE}
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, latents=noise, num_frames=config.frames,
                     height=config.size, width=config.size, num_inference_steps=steps,
-                    guidance_scale=GUIDANCE, output_type="pt", callback_on_step_end=step_end).frames
+                    guidance_scale=GUIDANCE, output_type="pt", callback_on_step_end=step_end, **control).frames
 
 
 def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
@@ -271,13 +318,13 @@ def measure(case: str, options: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, precision)
     with tempfile.TemporaryDirectory() as folder:
         if side == "kinema":
-            video_unet, parts = kinema_models(config, Path(folder), dtype)
+            video_unet, parts = kinema_models(config, Path(folder), dtype, options.controlnet)
             unet = video_unet
 
             def generate(steps: int, on_step: Callable[[], None]) -> tuple[torch.Tensor, str]:
                 return kinema_generate(video_unet, parts, config, steps, precision, on_step)
         else:
-            pipe = diffusers_pipeline(config, Path(folder))
+            pipe = diffusers_pipeline(config, Path(folder), options.controlnet)
             unet = pipe.unet
             autocast = precision == "bfloat16"
             ran = "float32 weights under torch.autocast('cpu', torch.bfloat16)" if autocast else "float32"
@@ -362,7 +409,8 @@ def summarize(runs: dict[str, dict[str, Any]], options: argparse.Namespace) -> d
                          "motion_mid_block": config.adapter["use_motion_mid_block"],
                          "kinema_dtypes": [figures["kinema", p]["dtype"] for p in precisions],
                          "diffusers_dtypes": [figures["diffusers", p]["dtype"] for p in precisions],
-                         "torch_threads": kinema_32["torch_threads"], "device": "cpu"},
+                         "torch_threads": kinema_32["torch_threads"], "device": "cpu",
+                         "controlnet": options.controlnet},
         }
         if "bfloat16" in precisions:
             kinema_16, diffusers_16 = figures["kinema", "bfloat16"], figures["diffusers", "bfloat16"]
@@ -389,6 +437,9 @@ def case_line(case: str, figures: Mapping[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads per case (default: each config's own setting)")
     parser.add_argument("--outputs", help="folder for each case's frames (default: a temporary folder)")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="steer both sides by a ControlNet (kinema's VideoControlNet against diffusers' "
+                             "AnimateDiffControlNetPipeline)")
     parser.add_argument("--configs", nargs="+", choices=list(configs()),
                         help="configs to run (default: all; tiny with --quick)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),

@@ -38,3 +38,16 @@ def test_quick_run_prints_every_figure_and_the_frames_match():
         figures = result["cases"][case]
         assert figures["peak_rss"] > 0 and figures["max_rss"] >= figures["peak_rss"]
         assert len(figures["step_seconds"]) == 4 * figures["runs"]
+
+
+@pytest.mark.slow  # two model-building subprocesses
+def test_quick_run_with_a_controlnet_matches_diffusers_controlnet_pipeline():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--controlnet", "--precisions", "float32"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    tiny = result["configs"]["tiny"]
+    assert set(result["cases"]) == {"tiny.kinema.float32", "tiny.diffusers.float32"}
+    assert tiny["settings"]["controlnet"] is True
+    assert tiny["kinema_s_per_step"] > 0 and tiny["diffusers_s_per_step"] > 0
+    assert tiny["max_abs_diff"] <= 1e-3  # kinema's VideoControlNet and diffusers' pipeline make the same frames
