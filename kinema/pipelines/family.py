@@ -199,13 +199,15 @@ class VideoFamily:
         part of sampling); families without image tokens answer True (nothing to withhold)."""
         return True
 
+    def modules(self) -> list[torch.nn.Module]:
+        """Every model of this family: its own modules, and an IP-Adapter's image encoder (held by the adapter)."""
+        found = [value for value in vars(self).values() if isinstance(value, torch.nn.Module)]
+        return found + ([] if self.ip_adapter is None else [self.ip_adapter.image_encoder])
+
     def to(self, device: torch.device | str) -> VideoFamily:
         """Move every model of this family to `device` (for CPU offload between stages)."""
-        for value in vars(self).values():
-            if isinstance(value, torch.nn.Module):
-                value.to(device)
-        if self.ip_adapter is not None:
-            self.ip_adapter.image_encoder.to(device)
+        for module in self.modules():
+            module.to(device)
         return self
 
     def settings(self) -> dict[str, Any]:

@@ -312,9 +312,8 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
 
         dtype = getattr(torch, request.dtype)  # a name of request.DTYPES, checked by request.check()
         _warn_if_emulated(dtype, _device(family))
-        for module in vars(family).values():
-            if isinstance(module, torch.nn.Module):
-                prepare_for_inference(module, dtype)
+        for module in family.modules():
+            prepare_for_inference(module, dtype)
     _optimize(family.model, request)
     family.model.set_attention_chunk_size(request.attention_chunk)
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
@@ -370,8 +369,7 @@ def _offload(family: VideoFamily) -> list[torch.nn.Module]:
     from accelerate import cpu_offload_with_hook
 
     vae = getattr(family, "vae", None)
-    encoders = [m for m in vars(family).values() if isinstance(m, torch.nn.Module) and m is not family.model
-                and m is not vae]
+    encoders = [m for m in family.modules() if m is not family.model and m is not vae]
     modules = [*encoders, family.model, *([vae] if isinstance(vae, torch.nn.Module) else [])]  # the order of use
     hook = None
     for module in modules:

@@ -195,6 +195,13 @@ def _model_and_loras(entry: Mapping[str, Any]) -> tuple[Any, list[Any]]:
     if _given(entry, "adapter_lora_path") is not None:
         scale = _given(entry, "adapter_lora_scale")
         loras.append([entry["adapter_lora_path"], DEFAULT_ADAPTER_SCALE if scale is None else scale])
+    for weight, path, default in (("adapter_lora_scale", "adapter_lora_path", DEFAULT_ADAPTER_SCALE),
+                                  ("lora_alpha", "lora_model_path", DEFAULT_LORA_ALPHA)):
+        # AnimateDiff's templates leave the path empty at the default weight; another weight was meant for a file.
+        if _given(entry, path) is None and _given(entry, weight) not in (None, default) and not (
+                weight == "lora_alpha" and "base" in models):
+            logger.warning("%s %s has no %s to weigh, so it does nothing; give the file or drop it", weight,
+                           entry[weight], path)
     for item in _given(entry, "motion_module_lora_configs") or []:
         if not isinstance(item, Mapping) or set(item) - {"path", "alpha"}:
             raise KinemaError(f"motion_module_lora_configs holds {{path, alpha}} items, got {item!r}")

@@ -279,6 +279,21 @@ def test_generate_with_an_image_prompt_from_a_model_folder(sd_model, adapter_fol
         generate(plain, GenerationRequest(**{**vars(request), "ip_image": torch.zeros(3, 20, 20)}), progress=False)
 
 
+def test_a_request_dtype_casts_the_image_encoder_too(sd_model, adapter_folder):
+    from kinema.pipelines.generation import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.request import GenerationRequest
+
+    family = load_family(sd_model["path"], motion_module=sd_model["motion_module"],
+                         ip_adapter=(adapter_folder / "ip-adapter_sd15.safetensors", 0.8))
+    assert next(family.ip_adapter.image_encoder.parameters()).dtype == torch.float32
+    result = generate(family, GenerationRequest("a cat", frames=4, height=32, width=32, steps=1, seeds=[1],
+                                                ip_image=torch.rand(3, 20, 20), dtype="bfloat16"), progress=False)
+    assert result.report["dtype"] == "bfloat16"
+    assert {p.dtype for p in family.ip_adapter.image_encoder.parameters()} == {torch.bfloat16}
+    assert family.ip_adapter.image_encoder in family.modules()
+
+
 def test_jobs_take_the_adapter_and_the_image_prompt(sd_model, adapter_folder, tmp_path):
     from kinema.pipelines.jobs import job_from_mapping
 

@@ -78,7 +78,9 @@ def test_the_v3_domain_adapter_is_an_image_lora_at_its_own_scale(tmp_path, monke
                                           {**entry, "adapter_lora_scale": ""}])  # empty: unset, as these files mean
     with caplog.at_level(logging.WARNING):
         read = read_config(config)
-    assert not caplog.records
+    # A scale without the file is said once; AnimateDiff ignores it silently.
+    assert [r.getMessage() for r in caplog.records] == [
+        "adapter_lora_scale 0.5 has no adapter_lora_path to weigh, so it does nothing; give the file or drop it"]
     adapter = str(tmp_path / "models/v3_sd15_adapter.ckpt")
     assert [run.job.loras for run in read.runs] == [[(adapter, 1.0)], [(adapter, 0.5)], [], [(adapter, 1.0)]]
 
