@@ -105,8 +105,8 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 NOT_WITH_CONFIG: dict[str, Any] = {
     "--model": None, "--motion-module": None, "--lora": [], "--ip-adapter": None, "--image-encoder": None,
     "--ip-image": None, "--controlnet": None, "--control-video": None, "--control-indices": None,
-    "--control-start": None, "--control-end": None, "--guess-mode": False, "--image": None, "--end-image": None,
-    "--negative": None,
+    "--control-start": None, "--control-end": None, "--guess-mode": False, "--pia-motion": None, "--image": None,
+    "--end-image": None, "--negative": None,
     "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
@@ -327,13 +327,17 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                            help="the share of the steps after which the ControlNet starts steering (default 0)")
         group.add_argument("--control-end", type=float, metavar="F",
                            help="the share of the steps after which it stops (default 1: to the end)")
+        group.add_argument("--pia-motion", type=int, choices=range(9), metavar="N",
+                           help="PIA image animators (a PIA motion module, with --image): the motion preset, 0-2 "
+                                "small / moderate / large motion, 3-5 the same looping back, 6-8 style transfer "
+                                "(default 0)")
         group.add_argument("--guess-mode", action="store_true",
                            help="ControlNet's guess mode: the control images lead, so the prompt may be empty "
                                 "(guidance 3 to 5 suits it); shuffle ControlNets turn it on themselves")
     else:
         parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None, controlnet=None,
                             control_video=None, control_indices=None, control_start=None, control_end=None,
-                            guess_mode=False)
+                            guess_mode=False, pia_motion=None)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
@@ -602,7 +606,8 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
         control_video=_one_or_list(args.control_video), control_indices=args.control_indices,
-        guess_mode=args.guess_mode, dtype=args.dtype, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk,
+        guess_mode=args.guess_mode, pia_motion=args.pia_motion, dtype=args.dtype, vae_tiling=args.vae_tiling,
+        decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
         speed=args.speed)

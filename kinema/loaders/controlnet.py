@@ -72,13 +72,22 @@ def controlnet_config(unet_config: dict[str, Any] | None = None, conditioning_ch
 
     if unet_config is None:
         unet_config = dict(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
-    if unet_config.get("encoder_hid_dim_type") == "ip_image_proj":  # an IP-Adapter's addition, not the base UNet's
-        unet_config = {**unet_config, "encoder_hid_dim_type": None, "encoder_hid_dim": None}
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = UNet2DConditionModel.from_config(base_unet_config(unet_config))
         built = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
                                           conditioning_channels=conditioning_channels)
     return {k: v for k, v in built.config.items() if not k.startswith("_")}
+
+
+def base_unet_config(unet_config: dict[str, Any]) -> dict[str, Any]:
+    """The base model's UNet config without what adapters loaded into it added: an IP-Adapter's image projection,
+    and PIA's widened conv_in (a ControlNet reads the latents alone)."""
+    base = dict(unet_config)
+    if base.get("encoder_hid_dim_type") == "ip_image_proj":
+        base.update(encoder_hid_dim_type=None, encoder_hid_dim=None)
+    if "out_channels" in base:
+        base["in_channels"] = base["out_channels"]
+    return base
 
 
 def _source_config(source: Source, unet_config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
@@ -231,7 +240,7 @@ def check_fits_unet(config: dict[str, Any], unet_config: dict[str, Any]) -> None
         found["down_block_types"] = [re.sub(r"(2D|Motion)$", "", str(kind)) for kind in found["down_block_types"]]
         return found
 
-    ours, theirs = settings(config), settings(unet_config)
+    ours, theirs = settings(config), settings(base_unet_config(unet_config))
     differ = [name for name in _MUST_MATCH if ours[name] != theirs[name]]
     if differ:
         name = differ[0]

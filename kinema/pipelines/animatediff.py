@@ -18,6 +18,28 @@ from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.text_encoding import PromptWorld, encode_prompts
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 
+# PIA's motion presets (Zhang et al. 2024, "PIA: Your Personalized Image Animator"; diffusers' PIAPipeline
+# `motion_scale`): the mask value of each frame by its distance from the start image, the last one repeated. A value
+# near 1 holds the frame to the image, a lower one lets it move.
+PIA_MOTION_PRESETS: tuple[tuple[float, ...], ...] = (
+    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8),  # 0: small motion
+    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75),  # 1: moderate motion
+    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5),  # 2: large motion
+    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85, 0.85, 0.9, 1.0),  # 3: loop, small
+    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75, 0.75, 0.75, 0.75, 0.75, 0.78, 0.79, 0.8, 0.8, 1.0),  # 4: loop, moderate
+    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.8, 1.0),  # 5: loop, large
+    (0.5, 0.4, 0.4, 0.4, 0.35, 0.3),  # 6: style transfer, small motion
+    (0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.3, 0.25, 0.2),  # 7: style transfer, moderate motion
+    (0.5, 0.2),  # 8: style transfer, large motion
+)
+
+
+def pia_mask_values(frames: int, preset: int) -> list[float]:
+    """Each frame's mask value for PIA's motion `preset` (an index of `PIA_MOTION_PRESETS`), the start image at
+    frame 0."""
+    values = PIA_MOTION_PRESETS[preset]
+    return [values[min(frame, len(values) - 1)] for frame in range(frames)]
+
 
 class AnimateDiffFamily(VideoFamily):
     """AnimateDiff's parts for `generate()`.
@@ -91,8 +113,32 @@ class AnimateDiffFamily(VideoFamily):
 
     @property
     def latent_channels(self) -> int:
-        """The UNet's input channels (4 for SD1.5)."""
-        return int(self.model.unet.config.in_channels)
+        """The VAE's latent channels (4 for SD1.5)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def animates_image(self) -> bool:
+        """Whether the UNet takes more input channels than the latents (PIA's conv_in: a mask and the start image's
+        latents besides them)."""
+        return int(self.model.unet.config.in_channels) > self.latent_channels
+
+    def image_conditioning(self, image: torch.Tensor, frames: int,
+                           pia_motion: int | None = None) -> tuple[Conditioning, Conditioning]:
+        """PIA's inputs, as diffusers' PIAPipeline makes them: `inpaint_latents` `(B, 5, F, h, w)`, each frame's mask
+        value (`pia_mask_values` of preset `pia_motion`, default 0) then the start image's latents (its posterior
+        mean: diffusers draws a sample), the same on both sides of guidance.
+
+        Args:
+            image: the start image `(B, 3, H, W)` in [0, 1].
+            frames: the clip's frames F.
+            pia_motion: an index of `PIA_MOTION_PRESETS` (None: 0, small motion).
+        """
+        latents = self.encode_frames(image[:, None])  # (B, 4, 1, h, w)
+        values = latents.new_tensor(pia_mask_values(frames, pia_motion or 0)).view(1, 1, frames, 1, 1)
+        mask = values.expand(latents.shape[0], 1, frames, *latents.shape[3:])
+        inputs: dict[str, torch.Tensor | None] = {
+            "inpaint_latents": torch.cat([mask, latents.expand(-1, -1, frames, -1, -1)], dim=1)}
+        return inputs, dict(inputs)
 
     def latent_frames(self, frames: int) -> int:
         """One latent frame per pixel frame (an image VAE); frames must be at least 1."""

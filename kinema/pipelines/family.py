@@ -122,6 +122,18 @@ class VideoFamily:
         raise KinemaError(f"{type(self).__name__} is not an inpaint model; image-to-video keeps the first frame's "
                           "latents instead")
 
+    @property
+    def animates_image(self) -> bool:
+        """Whether the model is an image animator (AnimateDiff with PIA's conv_in): it makes image-to-video only,
+        conditioned through `image_conditioning` on every call."""
+        return False
+
+    def image_conditioning(self, image: torch.Tensor, frames: int,
+                           pia_motion: int | None = None) -> tuple[Conditioning, Conditioning]:
+        """An image animator's inputs for a clip of `frames` frames from its start `image` `(B, 3, H, W)` in [0, 1]:
+        `(cond, uncond)` with `inpaint_latents` `(B, 5, F, h, w)` (see `AnimateDiffFamily.image_conditioning`)."""
+        raise KinemaError(f"{self.name} is not an image animator (PIA)")
+
     # An IP-Adapter loaded into the model (kinema.loaders.ip_adapter.IPAdapter), whose image prompt every run needs.
     ip_adapter: Any = None
 

@@ -270,6 +270,14 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
     family.check_image_prompt(request.ip_image is not None)
     family.check_control(request.control_video is not None)
     mode = request.mode
+    if family.animates_image and (mode != "image-to-video" or request.end_image is not None):
+        raise KinemaError(f"{family.name} is a PIA image animator: it animates one start image (image, --image), "
+                          f"with no end image, and makes nothing else ({mode}"
+                          f"{' with an end image' if mode == 'image-to-video' else ''}); load another motion module "
+                          "for that")
+    if request.pia_motion is not None and not family.animates_image:
+        raise KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {family.name} is not a PIA image "
+                          "animator; load a PIA motion module, or drop it")
     if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
         raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "
                           f"holds the known frames instead; {family.name} is neither")
@@ -527,9 +535,14 @@ def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, plan: _Plan) -
     return _condition_on_frames(family, noise, video, torch.zeros(frames, dtype=torch.bool), None, inpaint=True)
 
 
-def _image_clip(family: VideoFamily, noise: torch.Tensor, start: torch.Tensor, end: torch.Tensor | None) -> _Clip:
-    """A clip holding `start` (and `end`), each `(3, H, W)` in [0, 1], as its first (and last) frame."""
+def _image_clip(family: VideoFamily, noise: torch.Tensor, start: torch.Tensor, end: torch.Tensor | None,
+                pia_motion: int | None = None) -> _Clip:
+    """A clip holding `start` (and `end`), each `(3, H, W)` in [0, 1], as its first (and last) frame; an image
+    animator's (PIA) conditioned on `start` at its motion preset `pia_motion`."""
     frames = family.pixel_frames(noise.shape[2])
+    if family.animates_image:
+        image = start[None].expand(noise.shape[0], -1, -1, -1).to(noise.device)
+        return _Clip(noise, *family.image_conditioning(image, frames, pia_motion))
     video = torch.zeros(noise.shape[0], frames, 3, *start.shape[1:])
     keep = torch.zeros(frames, dtype=torch.bool)
     video[:, 0], keep[0] = start, True
@@ -746,7 +759,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     _check_frames_fit(len(seeds), made, plan.height, plan.width)
 
     if request.free_init is not None and (mode == "video-to-video" or (
-            mode in ("image-to-video", "extend") and not family.inpaints)):
+            mode in ("image-to-video", "extend") and not (family.inpaints or family.animates_image))):
         # These clips start from given frames (`_Clip.clean`: the input's, or repaint's held ones), and FreeInit
         # re-noises from pure noise; said once here rather than per continuation segment.
         logger.warning("FreeInit is off: sampling starts from given frames (video-to-video, or the held frames of "
@@ -825,6 +838,6 @@ def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan,
                                                            plan.frames), control_images, plan.frames, len(seeds))
         if text.table is not None:
             logger.info("prompt schedule:\n%s", text.table)
-        clip = _image_clip(family, noise, *images) if images is not None else \
+        clip = _image_clip(family, noise, *images, pia_motion=request.pia_motion) if images is not None else \
             _text_to_video_clip(family, noise, plan)
     return _denoise(family, request, plan, text, clip, seeds, callback, progress)

@@ -74,7 +74,7 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
-               "decode_chunk", "attention_chunk", "cache_interval")
+               "decode_chunk", "attention_chunk", "cache_interval", "pia_motion")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
                   "control_end")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode")

@@ -220,6 +220,9 @@ class GenerationRequest:
             count from the end; None: one image per frame, or one image for frame 0 of a SparseCtrl model).
         control_start, control_end: the share of the sampling steps the ControlNet steers, from and to (diffusers'
             control_guidance_start / _end: step i of n is steered when start <= i/n and (i+1)/n <= end).
+        pia_motion: a PIA image animator's motion preset (diffusers' PIAPipeline motion_scale): 0, 1, 2 small,
+            moderate, large motion; 3, 4, 5 the same looping back to the image; 6, 7, 8 style transfer with small,
+            moderate, large motion (None: 0). Only for a model loaded with a PIA motion module.
         guess_mode: ControlNet's guess mode: the control images lead and the prompt may be empty (the residuals
             graded from 0.1 at the first level to 1 at the middle block, and the unprompted half of guidance left
             unsteered). A ControlNet that pools its residuals (shuffle) turns it on itself, as in diffusers.
@@ -269,6 +272,7 @@ class GenerationRequest:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
+    pia_motion: int | None = None
     dtype: str | None = None
     vae_tiling: bool = False
     decode_chunk: int = 16
@@ -339,6 +343,8 @@ class GenerationRequest:
         check_control_window(self.control_start, self.control_end)
         if self.control_indices is not None and self.control_video is None:
             raise KinemaError("control_indices place the images of a control video: give control_video too")
+        if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in range(9)):
+            raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to 8, got {self.pia_motion!r}")
         if self.guess_mode and self.control_video is None:
             raise KinemaError("guess_mode (--guess-mode) is a ControlNet's: give the control video (and load the "
                               "ControlNet), or drop it")

@@ -72,9 +72,11 @@ class UNetDenoiser(Denoiser):
     `control_mask` `(B, 1, F, ...)`), for a denoiser given `controlnet` (a `kinema.models.controlnet.VideoControlNet`
     or `VideoSparseControlNet`). `control_guess` `(B,)` bool turns on guess mode: the clips marked True are steered
     with guess mode's graded residuals, the others (the unprompted half of guidance) not at all, as in ControlNet's
-    own guess mode and diffusers' image pipelines."""
+    own guess mode and diffusers' image pipelines. `inpaint_latents` `(B, 5, F, h, w)`, a PIA image animator's mask
+    and start-image latents, join the latents along the channels on the way into the UNet."""
 
-    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames", "control_mask", "control_guess")
+    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames", "control_mask", "control_guess",
+                       "inpaint_latents")
 
     def __init__(self, model: nn.Module, controlnet: nn.Module | None = None):
         super().__init__(model)
@@ -91,7 +93,7 @@ class UNetDenoiser(Denoiser):
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
         """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs` and the
         ControlNet's residuals as its additional residuals."""
-        extra = ("ip_image_embeds", "control_frames", "control_mask", "control_guess")
+        extra = ("ip_image_embeds", "control_frames", "control_mask", "control_guess", "inpaint_latents")
         kwargs: dict[str, Any] = {k: v for k, v in cond.items() if k not in extra and v is not None}
         image = cond.get("ip_image_embeds")
         if image is not None:
@@ -110,7 +112,8 @@ class UNetDenoiser(Denoiser):
             else:
                 kwargs.update(self._guessed(guess, latents, timestep, kwargs["encoder_hidden_states"], control,
                                             cond.get("control_mask")))
-        return self.model(latents, timestep, **kwargs)
+        inpaint = cond.get("inpaint_latents")
+        return self.model(latents if inpaint is None else torch.cat([latents, inpaint], dim=1), timestep, **kwargs)
 
     def _guessed(self, steered: torch.Tensor, latents: torch.Tensor, timestep: Timestep, text: torch.Tensor,
                  control: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:

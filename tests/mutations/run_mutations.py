@@ -250,6 +250,20 @@ MUTATIONS = (
         ("tests/pipelines/test_control_generation.py",),
     ),
     Mutation(
+        "PIA's conv_in replaces the base model's latent channels instead of widening them",
+        "kinema/loaders/animatediff/load.py",
+        ((("    widened = torch.cat([own, weight[:, own.shape[1]:].to(own)], dim=1)\n",
+           "    widened = weight.to(own)\n"),),),
+        ("tests/loaders/animatediff/test_pia.py",),
+    ),
+    Mutation(
+        "PIA's mask holds every frame as the start image",
+        "kinema/pipelines/animatediff.py",
+        ((("    return [values[min(frame, len(values) - 1)] for frame in range(frames)]",
+           "    return [1.0 for frame in range(frames)]"),),),
+        ("tests/loaders/animatediff/test_pia.py",),
+    ),
+    Mutation(
         "SparseCtrl keyframes go to the first frames, not their control_indices",
         "kinema/pipelines/family.py",
         ((("        control[:, :, places] = ",

@@ -31,6 +31,7 @@ from kinema.loaders.animatediff.structure import (
     motion_structure,
     names_of,
     refuse_other_kinds,
+    split_image_conv,
     split_pe,
 )
 from kinema.models.presets import ANIMATEDIFF_DIFFUSERS_NORMS, ANIMATEDIFF_VERSIONS
@@ -62,6 +63,7 @@ class MotionModuleInfo:
     num_keys: int
     num_params: int
     dtype: str
+    image_channels: int | None = None  # PIA: its conv_in's input channels (latents, mask, image latents); else None
 
     max_frames = _Setting()
     mid_block = _Setting()
@@ -75,7 +77,8 @@ class MotionModuleInfo:
 
     @property
     def label(self) -> str:
-        return motion_label(self.version, self.format)
+        label = motion_label(self.version, self.format)
+        return label if self.image_channels is None else f"PIA image animator on {label}"
 
 
 def motion_label(version: str, fmt: str) -> str:
@@ -107,6 +110,7 @@ def detect_motion_module(
 ) -> MotionModuleInfo:
     """Recognise a motion-module state dict (any layout); `metadata` is a kinema file's safetensors metadata,
     `config` a MotionAdapter folder's config.json. Raises KinemaError for other files, naming what they look like."""
+    state_dict, image_conv = split_image_conv(state_dict)
     keys = list(state_dict)
     refuse_other_kinds(keys)
     fmt = layout_of(keys, metadata)
@@ -123,8 +127,9 @@ def detect_motion_module(
     # Every weight is checked before the frame tables, whose places are found beside the weights.
     check_weights(weights, structure, fmt, motion_label(version, fmt))
     pe_length = frame_table_length(pe, weights, fmt)
+    image_channels = int(image_conv["conv_in.weight"].shape[1]) if image_conv else None
     if config is not None:
-        check_adapter_config(config, structure, pe_length)
+        check_adapter_config(config, structure, pe_length, image_channels)
     preset = merged(ANIMATEDIFF_VERSIONS[version], ANIMATEDIFF_DIFFUSERS_NORMS if fmt == "animatediff-diffusers"
                     else {})
     video_unet_kwargs = with_settings(preset, mid_block=structure["mid_block"],
@@ -138,7 +143,7 @@ def detect_motion_module(
     return MotionModuleInfo(
         format=fmt, version=version, video_unet_kwargs=video_unet_kwargs, max_frames_source=source,
         channels=structure["channels"], modules_per_level=structure["modules_per_level"], num_keys=len(keys),
-        num_params=sum(v.numel() for v in weights.values()), dtype="+".join(dtypes),
+        num_params=sum(v.numel() for v in weights.values()), dtype="+".join(dtypes), image_channels=image_channels,
     )
 
 

@@ -34,6 +34,9 @@ def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
         "num_attention_heads": info.num_attention_heads, "norm_num_groups": info.norm_num_groups,
         "norm_mode": info.norm_mode, "resnet_norm_mode": info.resnet_norm_mode, **attentions,
         "settings_source": settings_source, "dropped": dropped,
+        **({} if info.image_channels is None else {
+            "image_conditioning": f"PIA: a {info.image_channels}-channel conv_in (the latents, a mask and the start "
+                                  "image's latents); it animates a start image"}),
     }
 
 

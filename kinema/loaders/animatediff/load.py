@@ -4,7 +4,7 @@ into a `VideoUNet` on a base image UNet, strictly."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from kinema.errors import KinemaError, naming
 from kinema.fileio import read_json_object
 from kinema.loaders.animatediff.detect import MotionModuleInfo, detect_motion_module, motion_settings
 from kinema.loaders.animatediff.keys import rename_state_dict
-from kinema.loaders.animatediff.structure import check_frame_tables, names_of, split_pe
+from kinema.loaders.animatediff.structure import check_frame_tables, names_of, split_image_conv, split_pe
 from kinema.loaders.checkpoint_io import Checkpoint, check_weight_values, find_weights
 from kinema.loaders.source import Source
 from kinema.models.video_unet import VideoUNet
@@ -39,12 +39,14 @@ def to_kinema_motion_state_dict(
 
 @dataclass
 class MotionModuleFile:
-    """A read motion module: where from, what it is, its weights under kinema names, what was dropped."""
+    """A read motion module: where from, what it is, its weights under kinema names, what was dropped, and PIA's
+    image-conditioning `conv_in` (`{"conv_in.weight", "conv_in.bias"}`; empty for other modules)."""
 
     path: Path
     info: MotionModuleInfo
     state_dict: dict[str, torch.Tensor]
     dropped: dict[str, str]
+    image_conv: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def adapter_files(path: Path) -> tuple[dict[str, Any], Path]:
@@ -79,10 +81,11 @@ def read_motion_module(source: str | os.PathLike | Source) -> MotionModuleFile:
             metadata, dropped = checkpoint.metadata, checkpoint.dropped
         info = detect_motion_module(checkpoint.tensors, metadata, config)
         check_weight_values(checkpoint.tensors, "the motion module")
-        state_dict = to_kinema_motion_state_dict(checkpoint.tensors, info)
+        motion, image_conv = split_image_conv(checkpoint.tensors)
+        state_dict = to_kinema_motion_state_dict(motion, info)
     except KinemaError as err:
         raise naming(path, err) from None
-    return MotionModuleFile(path, info, state_dict, dropped)
+    return MotionModuleFile(path, info, state_dict, dropped, image_conv)
 
 
 def _base_unet(unet: VideoUNet | UNet2DConditionModel) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -108,6 +111,19 @@ def _check_unet_fits(info: MotionModuleInfo, unet_config: dict, source: Path) ->
                           f"{layers} layers per block")
 
 
+def _with_image_conv(unet_config: dict, base: dict[str, torch.Tensor], image_conv: dict[str, torch.Tensor],
+                     source: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PIA: the base UNet's config and weights with its conv_in widened to take the mask and the image's latents
+    too. The latents' input channels keep the base model's weights and only the added ones are PIA's, as diffusers'
+    `UNetMotionModel.from_unet2d` and ComfyUI-AnimateDiff combine them (the bias stays the base model's)."""
+    weight, own = image_conv["conv_in.weight"], base["conv_in.weight"]
+    if weight.shape[0] != own.shape[0] or weight.shape[2:] != own.shape[2:] or weight.shape[1] <= own.shape[1]:
+        raise KinemaError(f"{source}: PIA's conv_in {tuple(weight.shape)} does not widen this UNet's conv_in "
+                          f"{tuple(own.shape)}; use a PIA adapter made for this base model (SD1.5)")
+    widened = torch.cat([own, weight[:, own.shape[1]:].to(own)], dim=1)
+    return {**unet_config, "in_channels": int(weight.shape[1])}, {**base, "conv_in.weight": widened}
+
+
 def load_motion_module(
     source: str | os.PathLike | Source, unet: VideoUNet | UNet2DConditionModel, **overrides: Any
 ) -> VideoUNet:
@@ -122,6 +138,8 @@ def load_motion_module(
     video_unet_kwargs = motion_settings(motion.info, **overrides)
     unet_config, base = _base_unet(unet)
     _check_unet_fits(motion.info, unet_config, motion.path)
+    if motion.image_conv:
+        unet_config, base = _with_image_conv(unet_config, base, motion.image_conv, motion.path)
     first = next(iter(base.values()))
     with torch.device(first.device):  # a meta-device base builds a meta model: checks keys without memory
         video = VideoUNet(unet_config=unet_config, **video_unet_kwargs)

@@ -140,11 +140,14 @@ def adapter_file_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             "norm_num_groups": config.get("motion_norm_num_groups", 32)}
 
 
-def check_adapter_config(config: Mapping[str, Any], structure: Mapping[str, Any], pe_length: int | None) -> None:
-    """Refuse a MotionAdapter config.json that disagrees with its weights (`structure`, see `motion_structure`, and
-    the stored frame-table length) or asks for what kinema does not build (PIA's conv_in, per-level heads)."""
-    if config.get("conv_in_channels"):
-        raise KinemaError("this is a PIA motion adapter (conv_in_channels set); it is not supported yet")
+def check_adapter_config(config: Mapping[str, Any], structure: Mapping[str, Any], pe_length: int | None,
+                         image_channels: int | None = None) -> None:
+    """Refuse a MotionAdapter config.json that disagrees with its weights (`structure`, see `motion_structure`, the
+    stored frame-table length and PIA's conv_in input channels) or asks for what kinema does not build (per-level
+    heads)."""
+    if (config.get("conv_in_channels") or None) != image_channels:
+        raise KinemaError(f"config.json says conv_in_channels={config.get('conv_in_channels')!r} but the weights "
+                          f"have {'no conv_in' if image_channels is None else f'a {image_channels}-channel conv_in'}")
     if structure["attention_kinds"] != SETTING_DEFAULTS["attention_kinds"]:
         raise KinemaError(f"the weights hold {structure['attention_kinds']} attentions, which a diffusers "
                           "MotionAdapter cannot: its blocks hold two temporal self-attentions")

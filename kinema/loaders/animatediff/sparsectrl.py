@@ -63,9 +63,10 @@ def sparsectrl_config(unet_config: dict[str, Any] | None, variant: str, conditio
     frame tables `max_frames` long."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
+    from kinema.loaders.controlnet import base_unet_config
     from kinema.loaders.stable_diffusion import SD15_CONFIGS
 
-    unet = dict(unet_config or UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
+    unet = base_unet_config(dict(unet_config or UNet2DConditionModel.load_config(SD15_CONFIGS / "unet")))
     motion = {"CrossAttnDownBlock2D": "CrossAttnDownBlockMotion", "DownBlock2D": "DownBlockMotion"}
     unknown = [block for block in unet["down_block_types"] if block not in motion]
     if unknown:

@@ -24,8 +24,10 @@ KINEMA_LAYOUT_TAG = "motion-module"  # the `kinema_layout` metadata of kinema-la
 # Related files kinema cannot load yet: (regex searched in the keys, what the file is). First match wins.
 UNSUPPORTED: list[tuple[str, str]] = [
     (r"temporal_attentions\.|pos_encoder\.positional_encoding", "a HotShot-XL temporal module"),
-    (r"^conv_in\.weight$", "a PIA motion adapter (its own 9-channel conv_in)"),
 ]
+# PIA's image-conditioning input convolution, stored beside its motion modules (the UNet's conv_in with 5 more input
+# channels: the mask and the image's latents).
+IMAGE_CONV_KEYS = ("conv_in.weight", "conv_in.bias")
 # Guesses for files that are not motion modules: (regex searched in the keys, what the file looks like).
 LOOKS_LIKE: list[tuple[str, str]] = [
     (r"^lora_(unet|te\d?)_", "a LoRA for Stable Diffusion images (kohya/civitai layout), which kinema applies with "
@@ -72,7 +74,7 @@ def refuse_other_kinds(keys: list[str]) -> None:
     unsupported = _first_match(keys, UNSUPPORTED) if motion_keys or any("temporal" in k for k in keys) else None
     if unsupported:
         raise KinemaError(f"this is {unsupported}; it is not supported yet (kinema loads AnimateDiff v1/v2/v3, "
-                          "SDXL beta and AnimateLCM motion modules)")
+                          "SDXL beta, AnimateLCM and PIA motion modules)")
     if not motion_keys:
         raise KinemaError(f"this is not an AnimateDiff motion module: {guess_kind(keys)}. Give a motion module file "
                           "(e.g. mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt) or a diffusers MotionAdapter folder")
@@ -103,6 +105,19 @@ def layout_of(keys: list[str], metadata: dict[str, str] | None) -> str:
 def names_of(fmt: str) -> str:
     """The key names (as `keys.rename_state_dict` calls them) a layout of `layout_of` uses."""
     return "diffusers" if fmt == "animatediff-diffusers" else "kinema"
+
+
+def split_image_conv(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(motion tensors, PIA's `conv_in` weight and bias, empty for other modules) of a motion-module state dict. An
+    image UNet has a conv_in too, so it counts only beside motion modules; the two come together."""
+    conv = {key: state_dict[key] for key in IMAGE_CONV_KEYS if key in state_dict}
+    if not conv or not any(".motion_modules." in key for key in state_dict):
+        return state_dict, {}
+    if len(conv) != len(IMAGE_CONV_KEYS) or conv["conv_in.weight"].dim() != 4:
+        raise KinemaError(f"a PIA motion adapter holds conv_in.weight (out, in, k, k) and conv_in.bias; this file "
+                          f"has {', '.join(f'{k} {tuple(v.shape)}' for k, v in conv.items())}: it is incomplete or "
+                          "damaged")
+    return {k: v for k, v in state_dict.items() if k not in conv}, conv
 
 
 def split_pe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -73,6 +73,10 @@ def save_motion_module(
 ) -> Path:
     """Save a VideoUNet's motion modules alone in `layout` ("kinema", "original" or "diffusers"), with the settings
     its config holds; `overwrite` replaces only an earlier kinema motion module."""
+    config = video_unet.unet.config
+    if config.in_channels != config.out_channels:
+        raise KinemaError(f"this VideoUNet takes {config.in_channels} input channels (a PIA image animator's conv_in), "
+                          "which a motion module alone does not hold; kinema saves motion modules without it")
     return write_motion_module(video_unet.motion_state_dict(), video_unet_settings(video_unet), path, layout, version,
                                overwrite=overwrite)
 
@@ -104,6 +108,9 @@ def convert_motion_module(
     `overwrite` replaces only an earlier kinema motion module at `target`, never `source`. A described `Source` is
     not read again."""
     motion = read_motion_module(source)
+    if motion.image_conv:
+        raise KinemaError(f"{motion.path} is a PIA image animator: its conv_in, which no motion-module layout holds "
+                          "on its own, would be lost; use the file as it is")
     info, notes = motion.info, []
     lost = _settings_the_layout_loses(info.video_unet_kwargs, info.version, to)
     if lost:
