@@ -205,3 +205,25 @@ def test_a_controlnet_steers_a_pia_model_from_the_latents(parts, files, tmp_path
                                                 image=start_image(), control_video=control_frames()),
                       progress=False, output="latent")
     assert result.latents.shape == (1, 4, FRAMES, SIZE // 2, SIZE // 2)
+
+
+def test_context_windows_hand_each_window_its_frames_mask_values(parts, files, monkeypatch):
+    from kinema.pipelines.request import ContextSettings
+
+    family = AnimateDiffFamily(load_motion_module(files["folder"], parts["unet"]).eval(), parts["vae"],
+                               parts["text_encoder"], parts["tokenizer"])
+    seen = []
+    forward = family.model.forward
+
+    def spy(sample, *args, **kwargs):
+        seen.append(sample[:, 4, :, 0, 0].clone())  # the mask channel, per frame
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(family.model, "forward", spy)
+    generate(family, GenerationRequest(prompt="a cat", frames=8, height=SIZE, width=SIZE, steps=1, guidance=1.0,
+                                       image=start_image(), pia_motion=2,
+                                       context=ContextSettings(length=4, overlap=2)), progress=False, output="latent")
+    values = torch.tensor(pia_mask_values(8, 2))
+    assert [got.shape for got in seen] == [(1, 4)] * 3
+    for got, start in zip(seen, (0, 2, 4), strict=True):
+        torch.testing.assert_close(got[0], values[start:start + 4])
