@@ -535,6 +535,40 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     return folder
 
 
+def _check_pia(args: argparse.Namespace) -> None:
+    """What a PIA motion module cannot make (`pia_refusal`), told from its folder's config or its safetensors header
+    without torch; a pickled file is told when it loads, still before sampling."""
+    from kinema.pipelines.request import pia_refusal
+
+    pia = _is_pia_file(Path(args.motion_module)) if args.motion_module is not None else False
+    if pia is None:
+        return
+    request = args.request
+    refusal = pia_refusal(str(args.model), pia, request.mode, request.end_image is not None,
+                          request.pia_motion is not None)
+    if refusal is not None:
+        raise refusal
+
+
+def _is_pia_file(path: Path) -> bool | None:
+    """Whether the motion module at `path` is PIA's (a MotionAdapter folder with conv_in_channels, or a safetensors
+    file holding conv_in beside motion modules); None when that takes unpickling (a .ckpt) or the file is not
+    readable here (the loader names the problem)."""
+    import json
+
+    try:
+        if path.is_dir():
+            return bool(json.loads((path / "config.json").read_text()).get("conv_in_channels"))
+        with path.open("rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 0 < size <= 100 * 2**20:
+                return None
+            names = json.loads(file.read(size))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return isinstance(names, dict) and "conv_in.weight" in names and any(".motion_modules." in name for name in names)
+
+
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
     """--control-video holds one image per frame of the `frames` made (an `input_video`'s, remade frame for frame),
     or one for all, at the video's size unless --resize (torch-free reads)."""
@@ -689,6 +723,7 @@ def check_generate(args: argparse.Namespace) -> None:
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()
+    _check_pia(args)
     if not isinstance(args.prompt, str):
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
@@ -722,6 +757,7 @@ def check_v2v(args: argparse.Namespace) -> None:
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
                             context=_context(args))
     args.request.check()
+    _check_pia(args)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,
                    tuple(path for path in (args.video, args.ip_image, *(args.control_video or []))
                          if path is not None),
@@ -742,6 +778,7 @@ def check_extend(args: argparse.Namespace) -> None:
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
                             segment_frames=args.segment_frames)
     args.request.check()
+    _check_pia(args)
     check_video_holds_overlap(have, args.request.with_defaults().overlap_frames or 0)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)

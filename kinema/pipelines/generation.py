@@ -36,6 +36,7 @@ from kinema.pipelines.request import (
     check_video_holds_overlap,
     freeu_error,
     overlap_error,
+    pia_refusal,
 )
 from kinema.sampling.denoisers import Denoiser
 from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
@@ -270,14 +271,10 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
     family.check_image_prompt(request.ip_image is not None)
     family.check_control(request.control_video is not None)
     mode = request.mode
-    if family.animates_image and (mode != "image-to-video" or request.end_image is not None):
-        raise KinemaError(f"{family.name} is a PIA image animator: it animates one start image (image, --image), "
-                          f"with no end image, and makes nothing else ({mode}"
-                          f"{' with an end image' if mode == 'image-to-video' else ''}); load another motion module "
-                          "for that")
-    if request.pia_motion is not None and not family.animates_image:
-        raise KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {family.name} is not a PIA image "
-                          "animator; load a PIA motion module, or drop it")
+    refusal = pia_refusal(family.name, family.animates_image, mode, request.end_image is not None,
+                          request.pia_motion is not None)
+    if refusal is not None:
+        raise refusal
     if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
         raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "
                           f"holds the known frames instead; {family.name} is neither")

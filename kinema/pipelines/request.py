@@ -148,6 +148,20 @@ def control_places(count: int, frames: int, indices: Sequence[int] | None = None
     return normal
 
 
+def pia_refusal(name: str, pia: bool, mode: str, end_image: bool, preset: bool) -> KinemaError | None:
+    """The one line for what a model `name` (`pia`: loaded with a PIA motion module) cannot make in `mode`: a PIA
+    image animator makes image-to-video from one start image (no `end_image`), and a PIA motion `preset` needs
+    one; None when it can."""
+    if pia and (mode != "image-to-video" or end_image):
+        return KinemaError(f"{name} is a PIA image animator: it animates one start image (image, --image), with no "
+                           f"end image, and makes nothing else ({mode}{' with an end image' if end_image else ''}); "
+                           "load another motion module for that")
+    if preset and not pia:
+        return KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {name} is not a PIA image "
+                           "animator; load a PIA motion module, or drop it")
+    return None
+
+
 def check_scale(scale: Any, name: str, meaning: str) -> float:
     """`scale` as a float, or one KinemaError line (`name` naming the setting, `meaning` what 0 and 1 do) unless it
     is a finite number of at least 0: the weight of an IP-Adapter's image prompt or of a ControlNet's residuals."""

@@ -221,6 +221,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
     from safetensors.torch import save_file
 
     save_file({"latents": torch.zeros(1, 4, 2, 2, 2)}, str(tmp_path / "weights.safetensors"))
+    # PIA motion modules, told from the header and the config alone: the tensors are never read.
+    save_file({"conv_in.weight": torch.zeros(1, 9, 1, 1), "conv_in.bias": torch.zeros(1),
+               "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(1)},
+              str(tmp_path / "pia.safetensors"))
+    (tmp_path / "pia-adapter").mkdir()
+    (tmp_path / "pia-adapter" / "config.json").write_text('{"_class_name": "MotionAdapter", "conv_in_channels": 9}')
     model = ["--model", "sd", "--motion-module", "mm.safetensors"]
     cases = [  # (argv, the line printed: ours in full after "kinema COMMAND: error: ", argparse's at the end)
         (["generate", "a cat", "--model", "nowhere"], "no such model file or folder: nowhere"),
@@ -289,6 +295,15 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["v2v", "clip.mp4", "a robot", "--strength", "0.5", *model, "-o", "clip.mp4", "--overwrite"],
          "the output clip.mp4 is the input clip.mp4; write the result somewhere else"),
         (["extend", "gone.mp4", "--frames", "8", *model], "no such video: gone.mp4"),
+        (["generate", "a cat", "--model", "sd", "--motion-module", "pia.safetensors"], "sd is a PIA image animator: "
+         "it animates one start image (image, --image), with no end image, and makes nothing else (text-to-video); "
+         "load another motion module for that"),
+        (["extend", "clip.mp4", "--frames", "8", "--model", "sd", "--motion-module", "pia-adapter"], "sd is a PIA "
+         "image animator: it animates one start image (image, --image), with no end image, and makes nothing else "
+         "(extend); load another motion module for that"),
+        (["generate", "a cat", "--model", "sd", "--motion-module", "weights.safetensors", "--pia-motion", "1"],
+         "pia_motion (--pia-motion) is a PIA motion preset, and "
+         "sd is not a PIA image animator; load a PIA motion module, or drop it"),
         (["decode", "weights.safetensors", *model], "weights.safetensors is a safetensors file but not latents kinema "
          "saved (no 'latents' mark in its metadata); give the .latents.safetensors file that `kinema generate` saved "
          "beside its video"),
