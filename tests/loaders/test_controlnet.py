@@ -5,11 +5,12 @@ frames; bad files are one line."""
 import pytest
 import torch
 from diffusers import AnimateDiffControlNetPipeline, ControlNetModel, MotionAdapter
-from loaders.test_stable_diffusion import ldm_unet_key
+from loaders.test_stable_diffusion import ldm_unet_key, write_tokenizer
 from PIL import Image
 from safetensors.torch import save_file
 from sampling.test_parity import FRAMES, GUIDANCE, STEPS, embeddings, tiny_pipeline_parts
 from tiny_models import perturb
+from tiny_sd import tiny_sd_parts
 
 import kinema
 from kinema.errors import KinemaError
@@ -36,6 +37,17 @@ def motion_adapter() -> MotionAdapter:
     return perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
                                  motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False),
                    seed=3, scale=0.1)
+
+
+def generation_parts(tokenizer_folder) -> dict:
+    """What diffusers' AnimateDiff pipelines and kinema's AnimateDiffFamily take, tiny: `tiny_sd_parts` (seed 1), the
+    tiny tokenizer written to `tokenizer_folder` and `motion_adapter()`."""
+    from kinema.loaders.stable_diffusion import load_tokenizer
+
+    write_tokenizer(tokenizer_folder)
+    tokenizer = load_tokenizer(tokenizer_folder)
+    tokenizer.model_max_length = 77  # SD1.5's; the tiny vocabulary's folder says none, which diffusers cannot pad to
+    return {**tiny_sd_parts(seed=1), "tokenizer": tokenizer, "adapter": motion_adapter()}
 
 
 def control_frames(frames=FRAMES, size=32) -> torch.Tensor:

@@ -7,14 +7,18 @@ import logging
 
 import pytest
 import torch
-from diffusers import AnimateDiffControlNetPipeline, MotionAdapter
-from loaders.test_controlnet import TINY_HINT, as_pil, control_frames, tiny_controlnet, video_unet_like
-from loaders.test_stable_diffusion import write_tokenizer
-from tiny_models import perturb
-from tiny_sd import tiny_sd_parts, write_motion_module, write_sd_folder
+from diffusers import AnimateDiffControlNetPipeline
+from loaders.test_controlnet import (
+    TINY_HINT,
+    as_pil,
+    control_frames,
+    generation_parts,
+    tiny_controlnet,
+    video_unet_like,
+)
+from tiny_sd import write_motion_module, write_sd_folder
 
 from kinema.errors import KinemaError
-from kinema.loaders.stable_diffusion import load_tokenizer
 from kinema.models.controlnet import VideoControlNet, VideoMultiControlNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.generation import controlled, generate
@@ -29,16 +33,8 @@ FRAMES, SIZE, STEPS = 4, 32, 4
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder)
-    parts = tiny_sd_parts(seed=1)
-    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
-                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
-    tokenizer = load_tokenizer(folder)
-    tokenizer.model_max_length = 77  # SD1.5's; the tiny vocabulary's folder says none, which diffusers cannot pad to
-    return {**parts, "tokenizer": tokenizer, "adapter": adapter,
-            "controlnet": tiny_controlnet(parts["unet"], seed=8, hint=TINY_HINT)}
+    parts = generation_parts(tmp_path_factory.mktemp("tokenizer"))
+    return {**parts, "controlnet": tiny_controlnet(parts["unet"], seed=8, hint=TINY_HINT)}
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,15 @@ import torch
 from diffusers import MotionAdapter
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.deprecated.pia.pipeline_pia import RANGE_list, prepare_mask_coef_by_statistics
-from loaders.test_controlnet import as_pil
-from loaders.test_stable_diffusion import write_tokenizer
+from loaders.test_controlnet import as_pil, generation_parts
 from safetensors.torch import save_file
 from tiny_models import perturb
-from tiny_sd import tiny_sd_parts, write_sd_folder
+from tiny_sd import write_sd_folder
 
 from kinema.errors import KinemaError
 from kinema.loaders import describe
 from kinema.loaders.animatediff import convert_motion_module, load_motion_module, save_motion_module
 from kinema.loaders.animatediff.keys import diffusers_to_original_key
-from kinema.loaders.stable_diffusion import load_tokenizer
 from kinema.pipelines.animatediff import PIA_MOTION_PRESETS, AnimateDiffFamily, pia_mask_values
 from kinema.pipelines.generation import generate
 from kinema.pipelines.request import GenerationRequest
@@ -50,11 +48,7 @@ def original_layout(adapter: MotionAdapter) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder)
-    tokenizer = load_tokenizer(folder)
-    tokenizer.model_max_length = 77  # SD1.5's; the tiny vocabulary's folder says none, which diffusers cannot pad to
-    return {**tiny_sd_parts(seed=1), "tokenizer": tokenizer, "adapter": pia_adapter()}
+    return {**generation_parts(tmp_path_factory.mktemp("tokenizer")), "adapter": pia_adapter()}
 
 
 @pytest.fixture(scope="module")

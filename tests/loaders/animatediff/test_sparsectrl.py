@@ -7,18 +7,14 @@ import re
 
 import pytest
 import torch
-from diffusers import AnimateDiffSparseControlNetPipeline, MotionAdapter, SparseControlNetModel
-from loaders.test_controlnet import as_pil, control_frames, video_unet_like
-from loaders.test_stable_diffusion import write_tokenizer
+from diffusers import AnimateDiffSparseControlNetPipeline, SparseControlNetModel
+from loaders.test_controlnet import as_pil, control_frames, generation_parts, video_unet_like
 from safetensors.torch import save_file
-from tiny_models import perturb
-from tiny_sd import tiny_sd_parts
 
 import kinema
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl, sparsectrl_config
 from kinema.loaders.source import Source
-from kinema.loaders.stable_diffusion import load_tokenizer
 from kinema.models.controlnet import VideoControlNet, VideoSparseControlNet
 from kinema.models.video_unet import VideoUNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
@@ -130,14 +126,21 @@ def test_a_file_missing_tensors_is_one_line(unet2d, tmp_path):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder)
-    tokenizer = load_tokenizer(folder)
-    tokenizer.model_max_length = 77  # SD1.5's; the tiny vocabulary's folder says none, which diffusers cannot pad to
-    adapter = perturb(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                                    motion_num_attention_heads=8, motion_norm_num_groups=32,
-                                    motion_max_seq_length=32, use_motion_mid_block=False), seed=3, scale=0.1)
-    return {**tiny_sd_parts(seed=1), "tokenizer": tokenizer, "adapter": adapter}
+    return generation_parts(tmp_path_factory.mktemp("tokenizer"))
+
+
+def sparsectrl_pipe(parts, network, monkeypatch) -> AnimateDiffSparseControlNetPipeline:
+    """diffusers' SparseCtrl pipeline on the parts, taking the VAE posterior's mean for RGB keyframes as kinema does
+    (diffusers draws a sample, from the global generator), so a run repeats."""
+    import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as reference
+
+    monkeypatch.setattr(reference, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+    pipe = AnimateDiffSparseControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                               tokenizer=parts["tokenizer"], unet=parts["unet"],
+                                               motion_adapter=parts["adapter"], controlnet=network,
+                                               scheduler=make_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def kinema_family(parts, pipe, sparse) -> AnimateDiffFamily:
@@ -147,17 +150,8 @@ def kinema_family(parts, pipe, sparse) -> AnimateDiffFamily:
 
 @pytest.mark.parametrize("variant, indices", [("rgb", [0, 3]), ("scribble", [0, -1]), ("rgb", None)])
 def test_generate_with_keyframes_equals_diffusers_sparsectrl_pipeline(parts, monkeypatch, variant, indices):
-    import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as reference
-
-    # diffusers draws a sample of the VAE posterior for the RGB keyframes, from the global generator; kinema takes
-    # its mean, so a run repeats. The reference takes the mean here too.
-    monkeypatch.setattr(reference, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
     network = tiny_sparsectrl(parts["unet"], variant)
-    pipe = AnimateDiffSparseControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
-                                               tokenizer=parts["tokenizer"], unet=parts["unet"],
-                                               motion_adapter=parts["adapter"], controlnet=network,
-                                               scheduler=make_scheduler("ddim"))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sparsectrl_pipe(parts, network, monkeypatch)
     family = kinema_family(parts, pipe, VideoSparseControlNet(network, scale=0.9, path="sparsectrl"))
     keyframes = control_frames()[[0, 3]] if indices is not None else control_frames()[:1]
     request = GenerationRequest(prompt="the cat", negative_prompt="th", frames=FRAMES, height=SIZE, width=SIZE,
@@ -183,15 +177,8 @@ def test_generate_with_keyframes_equals_diffusers_sparsectrl_pipeline(parts, mon
 
 
 def test_guess_mode_without_guidance_equals_diffusers_sparsectrl_pipeline(parts, monkeypatch):
-    import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as reference
-
-    monkeypatch.setattr(reference, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
     network = tiny_sparsectrl(parts["unet"], "rgb")
-    pipe = AnimateDiffSparseControlNetPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
-                                               tokenizer=parts["tokenizer"], unet=parts["unet"],
-                                               motion_adapter=parts["adapter"], controlnet=network,
-                                               scheduler=make_scheduler("ddim"))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sparsectrl_pipe(parts, network, monkeypatch)
     family = kinema_family(parts, pipe, VideoSparseControlNet(network, scale=0.9, path="sparsectrl"))
     keyframes = control_frames()[[0, 3]]
     fields = dict(prompt="the cat", frames=FRAMES, height=SIZE, width=SIZE, steps=STEPS, guidance=1.0, seeds=[5],
