@@ -58,6 +58,11 @@ TABS = ((TEXT_TO_VIDEO, "Text to Video"), (IMAGE_TO_VIDEO, "Image to Video"), (E
 FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
 NO_SPEED = ""  # the speed choice "no preset: the form's settings as they are"
 NO_CHOICE = ""
+# PIA's motion presets (kinema.pipelines.animatediff.PIA_MOTION_PRESETS), "" for none.
+PIA_MOTION_CHOICES: list[tuple[str, str | int]] = [
+    ("none", ""), ("0: small motion", 0), ("1: moderate motion", 1), ("2: large motion", 2), ("3: loop, small", 3),
+    ("4: loop, moderate", 4), ("5: loop, large", 5), ("6: style transfer, small", 6),
+    ("7: style transfer, moderate", 7), ("8: style transfer, large", 8)]
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
 INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video", "control_video")
 # Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.
@@ -264,6 +269,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                         with gr.Row():
                             resize = gr.Checkbox(label="Resize the images to the video's size", value=True)
                             image_size = gr.Button("Make the video the start image's size", elem_id="image-size")
+                            pia_motion = gr.Dropdown(label="PIA motion preset (a PIA motion module only)",
+                                                     choices=PIA_MOTION_CHOICES, value="", elem_id="pia-motion")
                     with gr.Tab(TABS[2][1], id=EXTEND) as tab_blocks[EXTEND]:
                         extend_video = gr.Video(label="Video to continue", sources=["upload"], include_audio=True)
                         extend_frames = gr.Number(label="Frames to append", value=16, precision=0)
@@ -301,6 +308,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                                                 elem_id="control-video")
                         control_indices = gr.Textbox(label="SparseCtrl keyframe frames (e.g. 0, -1)",
                                                      elem_id="control-indices")
+                        guess_mode = gr.Checkbox(label="Guess mode (the control images lead; the prompt may be "
+                                                       "empty)", value=False, elem_id="guess-mode")
                 # No minimum or maximum on the numbers: the job's check refuses bad ones, in the CLI's and API's words.
                 with gr.Row():
                     speed = gr.Dropdown(label="Speed", choices=speed_choices, value=NO_SPEED, elem_id="speed")
@@ -349,6 +358,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
             "motion_effect": motion_effect, "motion_scale": motion_scale, "controlnet": controlnet,
             "controlnet_scale": controlnet_scale, "control_video": control_video, "control_indices": control_indices,
+            "guess_mode": guess_mode, "pia_motion": pia_motion,
         }
 
         # ---- events

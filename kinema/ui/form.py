@@ -27,12 +27,13 @@ TEXT_TO_VIDEO, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, EXTEND = MODES
 FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "loras", "scheduler", "steps", "width",
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
              "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize", "motion_effect",
-             "motion_scale", "controlnet", "controlnet_scale", "control_video", "control_indices")
+             "motion_scale", "controlnet", "controlnet_scale", "control_video", "control_indices", "guess_mode",
+             "pia_motion")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
                   "extend_frames", "speed", "mode", "motion_effect", "motion_scale", "controlnet", "control_video",
-                  "control_indices")
+                  "control_indices", "guess_mode", "pia_motion")
 # Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
 # from the job's keys, so a setting added to jobs later loads back without a change here.
 EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
@@ -94,6 +95,8 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
         if _given(values.get("end_image")):
             data["end_image"] = values["end_image"]
         data["resize"] = bool(values.get("resize"))
+        if _given(values.get("pia_motion")):
+            data["pia_motion"] = _number(values["pia_motion"], whole=True)
     elif mode in VIDEO_KEYS:
         video = values.get(VIDEO_KEYS[mode])
         if not _given(video):
@@ -122,6 +125,8 @@ def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
                                            "scale": 1.0 if not _given(scale) else _number(scale, whole=False)}}
     if _given(values.get("control_video")):
         data["control_video"] = values["control_video"]
+    if values.get("guess_mode"):
+        data["guess_mode"] = True
     indices = values.get("control_indices")
     if _given(indices) and str(indices).strip():
         try:
@@ -171,14 +176,16 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
     controlnet: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
     values.update(controlnet=controlnet.get("path") or "", controlnet_scale=controlnet.get("scale", 1.0),
                   control_video=control_video if controlnet else None,
-                  control_indices=", ".join(str(i) for i in settings.get("control_indices") or []))
+                  control_indices=", ".join(str(i) for i in settings.get("control_indices") or []),
+                  guess_mode=bool(controlnet and settings.get("guess_mode")))
     seeds = settings.get("seeds") or [settings.get("seed", 0)]
     values["seed"] = seeds[0]
     if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO):
         values.update({key: settings[key] for key in ("width", "height", "frames") if settings.get(key) is not None})
     if mode == IMAGE_TO_VIDEO:
         values.update(image=settings.get("image"), end_image=settings.get("end_image"),
-                      resize=bool(settings.get("resize")))
+                      resize=bool(settings.get("resize")),
+                      pia_motion="" if settings.get("pia_motion") is None else settings["pia_motion"])
     elif mode in VIDEO_KEYS:
         values[VIDEO_KEYS[mode]] = settings.get("video")
         values[RESIZE_KEYS[mode]] = bool(settings.get("resize"))

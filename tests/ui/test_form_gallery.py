@@ -20,7 +20,8 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "frames": 16, "guidance": 6.0, "seed": 0, "image": None, "end_image": None, "resize": True,
               "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": "",
               "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0,
-              "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": ""}
+              "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": "",
+              "guess_mode": False, "pia_motion": ""}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -77,7 +78,7 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
     elif mode == "controlnet":  # its own fields too (the job checks the path exists; the kind is load_family's)
         (tmp_path / "control_tiny").mkdir()
         data.update(model="kinema-tiny-ad", controlnet={"path": str(tmp_path / "control_tiny"), "scale": 0.7},
-                    control_video=image_file(tmp_path / "pose.png"), control_indices=[0, -1][:1])
+                    control_video=image_file(tmp_path / "pose.png"), control_indices=[0, -1][:1], guess_mode=True)
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
 
@@ -151,6 +152,12 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
     assert (control["controlnet"], control["control_video"], control["control_indices"]) == (
         {"path": "/models/cn", "scale": 0.5}, "pose.mp4", [0, -1])
     assert "controlnet" not in form_to_mapping({**BLANK_FORM, "control_video": "pose.mp4"})  # no ControlNet chosen
+    assert form_to_mapping({**BLANK_FORM, "controlnet": "/models/cn", "control_video": "pose.mp4",
+                            "guess_mode": True})["guess_mode"] is True
+    assert "guess_mode" not in form_to_mapping({**BLANK_FORM, "guess_mode": True})  # a ControlNet's
+    animated = form_to_mapping({**BLANK_FORM, "mode": "image-to-video", "image": "start.png", "pia_motion": 2})
+    assert animated["pia_motion"] == 2 and "pia_motion" not in form_to_mapping({**BLANK_FORM, "pia_motion": 2})
+    assert settings_to_form({"mode": "image-to-video", "image": "start.png", "pia_motion": 7})["pia_motion"] == 7
     several = settings_to_form({"controlnet": [{"path": "/cn/pose", "scale": 0.8}, {"path": "/cn/depth",
                                                                                   "scale": 0.5}],
                                 "control_video": ["pose.mp4", "depth.mp4"]})
