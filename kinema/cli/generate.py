@@ -656,14 +656,35 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
 def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, inputs: tuple[str, ...],
                    latents: bool) -> None:
     """Settle OUT (its default when -o is not given) and refuse, before any work, whatever the output policy
-    would refuse: each video, its sidecar and, for `latents`, the latents file."""
+    would refuse: each video, its sidecar and, for `latents`, the latents file. A latents file kinema saved beside
+    videos not all written (a run stopped while decoding) is resumed instead (`args.resume`): generate() checks it
+    is this run's, and the videos of that run are written again."""
     from kinema.fileio import check_output
     from kinema.pipelines.outputs import check_video_outputs, latents_path, video_paths
 
     args.output = Path(args.output) if args.output is not None else default
-    check_video_outputs(video_paths(args.output, args.seed), overwrite=args.overwrite, frames=frames, inputs=inputs)
+    args.resume = None
+    paths = video_paths(args.output, args.seed)
+    saved = latents_path(args.output)
+    if latents and not args.overwrite and _kinema_latents(saved) and not all(path.exists() for path in paths):
+        args.resume = saved
+        # Replacing kinema's own videos of this run, still never a file kinema did not write.
+        check_video_outputs(paths, overwrite=True, frames=frames, inputs=inputs)
+        return
+    check_video_outputs(paths, overwrite=args.overwrite, frames=frames, inputs=inputs)
     if latents:
-        check_output(latents_path(args.output), "latents", folder=False, overwrite=args.overwrite, inputs=inputs)
+        check_output(saved, "latents", folder=False, overwrite=args.overwrite, inputs=inputs)
+
+
+def _kinema_latents(path: Path) -> bool:
+    """Whether `path` holds latents kinema saved (read from the header)."""
+    from kinema.pipelines.outputs import read_latents_settings
+
+    try:
+        read_latents_settings(path)
+    except KinemaError:
+        return False
+    return True
 
 
 def _check_config(args: argparse.Namespace) -> None:
@@ -836,7 +857,7 @@ def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | No
 
 def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -> None:
     """Load the model, generate (saving the final latents first when `latents`), write and summarise."""
-    from kinema.pipelines.generation import generate
+    from kinema.pipelines.generation import NotThisRun, generate
     from kinema.pipelines.outputs import latents_path, save_latents, write_result
 
     if getattr(args, "speed_line", None):
@@ -848,9 +869,21 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
     def keep_latents(final: Any, settings: list[dict[str, Any]]) -> None:
         saved.append(save_latents(final, settings, target, overwrite=args.overwrite))
 
+    resume = None
+    if getattr(args, "resume", None) is not None:
+        from kinema.pipelines.outputs import load_latents
+
+        resume = load_latents(args.resume)
+        print(f"resuming: {args.resume} holds the final latents of a run stopped before writing its videos; they "
+              "are decoded, not sampled again (--overwrite samples anew)", file=sys.stderr)
     try:
-        result = generate(family, request, progress=not args.quiet, on_latents=keep_latents if latents else None)
-        paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite)
+        try:
+            result = generate(family, request, progress=not args.quiet,
+                              on_latents=keep_latents if latents else None, resume=resume)
+        except NotThisRun as err:
+            raise KinemaError(f"{args.resume}: {err}; pass --overwrite to sample anew and replace it, or `kinema "
+                              f"decode {args.resume}` for its own videos") from None
+        paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite or resume is not None)
     except BaseException:  # stopped or failed after sampling: what was kept, and how to finish without sampling
         if saved:
             print(f"the final latents are kept in {saved[0]}: `kinema decode {saved[0]}` with the same --model "

@@ -689,7 +689,8 @@ def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None
 
 
 def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepCallback | None = None,
-             progress: bool = True, output: str = "tensor", on_latents: LatentsHook | None = None) -> GenerationResult:
+             progress: bool = True, output: str = "tensor", on_latents: LatentsHook | None = None,
+             resume: tuple[torch.Tensor, Sequence[dict[str, Any]]] | None = None) -> GenerationResult:
     """Make one video per seed of `request` with `family`'s model (see the module docstring for the modes).
 
     Args:
@@ -701,6 +702,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         output: "tensor", "numpy", "pil" or "latent" (see `GenerationResult.frames`).
         on_latents: called with the final latents `(B, C, F', h, w)` and the settings before decoding (to save them,
             so a failed decode can be redone with `decode_saved`).
+        resume: the final latents `(B, C, F', h, w)` and settings an earlier run of this same request saved
+            (`load_latents`) and stopped before writing its videos: they are decoded instead of sampling again. One
+            KinemaError line, before any denoising, when they are another run's (their settings differ).
     """
     if output not in OUTPUT_TYPES:
         raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUT_TYPES)}")
@@ -765,6 +769,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
     settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
                  "scheduler": plan.scheduler} for seed in seeds]
+    if resume is not None:
+        _check_resumed(resume, settings, (len(seeds), family.latent_channels, plan.latent_frames,
+                                          plan.height // family.spatial_factor, plan.width // family.spatial_factor))
     reset_peak_memory(device)
     segments = 0
     windows = None
@@ -785,7 +792,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 frames, latents, more = _extend(family, request, plan, start, total, seeds, callback, progress)
             segments += more
         else:
-            if mode == "video-to-video":
+            if resume is not None:
+                logger.info("resumed: the saved final latents of this run are decoded, not sampled again")
+                latents = resume[0].to(device)
+            elif mode == "video-to-video":
                 assert input_video is not None
                 noise = _noise(family, plan, request, seeds, device)
                 with torch.no_grad():
@@ -803,7 +813,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 from kinema.sampling.context import context_windows
 
                 windows = len(context_windows(plan.latent_frames, plan.context))
-            if on_latents is not None:
+            if on_latents is not None and resume is None:
                 on_latents(latents, settings)
             frames = None
             if output != "latent":
@@ -815,11 +825,35 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
               "seconds": round(time.perf_counter() - began, 3),
               "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
               "latent_frames": int(latents.shape[2]), "scheduler": plan.scheduler, "windows": windows,
-              "segments": segments or None}
+              "segments": segments or None, "resumed": resume is not None}
     logger.info("generated %s: %s", mode, report)
     for entry in settings:
         entry["report"] = report
     return GenerationResult(None if frames is None else _as_output(frames, output), latents, settings, report)
+
+
+class NotThisRun(KinemaError):
+    """Saved latents given to resume a run are another run's."""
+
+
+def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settings: Sequence[dict[str, Any]],
+                   shape: tuple[int, ...]) -> None:
+    """One KinemaError line unless the saved latents and settings of `resume` are this run's: the same settings,
+    as JSON stores them, and latents of the run's `shape`."""
+    import json
+
+    latents, saved = resume
+    ours = json.loads(json.dumps(list(settings)))
+    if len(saved) != len(ours):
+        raise NotThisRun(f"the saved latents hold {len(saved)} videos and this run makes {len(ours)}, so they are "
+                          "another run's")
+    differ = sorted({key for mine, theirs in zip(ours, saved, strict=True) for key in {*mine, *theirs}
+                     if key != "report" and mine.get(key) != theirs.get(key)})
+    if differ:
+        raise NotThisRun(f"the saved latents are another run's: their settings differ in {', '.join(differ)}")
+    if tuple(latents.shape) != shape:
+        raise NotThisRun(f"the saved latents are {tuple(latents.shape)} where this run makes {shape}: the file was "
+                          "changed after kinema saved it")
 
 
 def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],

@@ -458,6 +458,37 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
         main([*decode, "--speed", "fast"])
 
 
+def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(tiny_sd, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import shutil
+
+    from kinema.data.video_io import read_sidecar
+    from kinema.models.video_unet import VideoUNet
+
+    argv = ["generate", "a red fox", "--seed", "4", "7", *SMALL, *tiny_sd, "-o", str(tmp_path / "fox"), "--quiet"]
+    assert main(argv) == 0  # frames folders: lossless, so the frames compare exactly
+    made = png_frames(tmp_path / "fox-seed7")
+    # As a run killed after the first video: the second video and its settings never written.
+    shutil.rmtree(tmp_path / "fox-seed7")
+    (tmp_path / "fox-seed7.json").unlink()
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(VideoUNet, "forward", lambda *a, **k: pytest.fail("sampled again"))
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert f"resuming: {tmp_path / 'fox.latents.safetensors'} holds the final latents" in captured.err
+        np.testing.assert_array_equal(png_frames(tmp_path / "fox-seed7"), made)
+        assert read_sidecar(tmp_path / "fox-seed7")["report"]["resumed"] is True
+        # A finished run is not resumed: its outputs are refused as before.
+        assert main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
+        # Another run's latents are never taken for this one's, and nothing of it is replaced.
+        shutil.rmtree(tmp_path / "fox-seed7")
+        assert main([argv[0], "a blue fox", *argv[2:]]) == 1
+        assert "the saved latents are another run's: their settings differ in prompt; pass --overwrite" in \
+            capsys.readouterr().err
+        assert not (tmp_path / "fox-seed7").exists()
+
+
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
     from kinema.data.video_io import read_sidecar, read_video, write_video
     from kinema.pipelines.generation import generate

@@ -264,6 +264,13 @@ MUTATIONS = (
         ("tests/loaders/animatediff/test_pia.py",),
     ),
     Mutation(
+        "a resumed run takes another run's saved latents",
+        "kinema/pipelines/generation.py",
+        ((("                     if key != \"report\" and mine.get(key) != theirs.get(key)})",
+           "                     if key == \"never\"})"),),),
+        ("tests/cli/test_generate_cli.py",),
+    ),
+    Mutation(
         "SparseCtrl keyframes go to the first frames, not their control_indices",
         "kinema/pipelines/family.py",
         ((("        control[:, :, places] = ",
