@@ -105,7 +105,8 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 NOT_WITH_CONFIG: dict[str, Any] = {
     "--model": None, "--motion-module": None, "--lora": [], "--ip-adapter": None, "--image-encoder": None,
     "--ip-image": None, "--controlnet": None, "--control-video": None, "--control-indices": None,
-    "--control-start": None, "--control-end": None, "--guess-mode": False, "--pia-motion": None, "--image": None,
+    "--control-preprocess": None, "--control-start": None, "--control-end": None, "--guess-mode": False,
+    "--pia-motion": None, "--image": None,
     "--end-image": None, "--negative": None,
     "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
@@ -320,6 +321,10 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                            help="the control images of --controlnet, already made (pose, depth, edge maps; "
                                 "SparseCtrl keyframes): a video, animation or folder of frames with one per frame, or "
                                 "one image for all (SparseCtrl: for frame 0); sized as the video (or --resize)")
+        group.add_argument("--control-preprocess", action="append", metavar="METHOD",
+                           help="make the control images from ordinary frames: canny (OpenCV's Canny edges, for canny "
+                                "ControlNets; canny:LOW:HIGH for other thresholds than 100:200), invert, or none; "
+                                "one per --controlnet when there are several")
         group.add_argument("--control-indices", type=parse_indices, metavar="I,J,...",
                            help="SparseCtrl: the frames the control images are keyframes of, one per image (-1: the "
                                 "last; default: one image per frame, or one image at frame 0)")
@@ -337,7 +342,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
     else:
         parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None, controlnet=None,
                             control_video=None, control_indices=None, control_start=None, control_end=None,
-                            guess_mode=False, pia_motion=None)
+                            guess_mode=False, pia_motion=None, control_preprocess=None)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
@@ -640,6 +645,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
         control_video=_one_or_list(args.control_video), control_indices=args.control_indices,
+        control_preprocess=_one_or_list(args.control_preprocess),
         guess_mode=args.guess_mode, pia_motion=args.pia_motion, dtype=args.dtype, vae_tiling=args.vae_tiling,
         decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),

@@ -121,10 +121,14 @@ def _video_tensor(video: Any, height: int | None, width: int | None, resize: boo
     return _fit(video, height or video.shape[-2], width or video.shape[-1], resize, "the input video")
 
 
-def _control_images(control: Any, height: int, width: int, resize: bool, normalize: bool = False) -> torch.Tensor:
+def _control_images(control: Any, height: int, width: int, resize: bool, normalize: bool = False,
+                    preprocess: str | None = None) -> torch.Tensor:
     """The control images `control` (a video, animation, image or frame folder, a list of image paths, or
-    `(K, 3, H, W)` in [0, 1]) as float `(K, 3, height, width)` in [0, 1]; `normalize`: gray, stretched to [0, 1]
-    each, as AnimateDiff's normalize_condition_images makes them."""
+    `(K, 3, H, W)` in [0, 1]) as float `(K, 3, height, width)` in [0, 1], made into the map `preprocess` names
+    (kinema.pipelines.control_maps); `normalize`: gray, stretched to [0, 1] each, as AnimateDiff's
+    normalize_condition_images makes them."""
+    from kinema.pipelines.control_maps import preprocess_control
+
     if isinstance(control, list | tuple):
         control = torch.stack([_image_tensor(image, height, width, resize, "the control image") for image in control])
     elif isinstance(control, (str, Path)):
@@ -134,7 +138,7 @@ def _control_images(control: Any, height: int, width: int, resize: bool, normali
     if not isinstance(control, torch.Tensor) or control.ndim != 4 or control.shape[1] != 3:
         raise KinemaError("the control video must be a path (a video, animation, image or folder of frames), a list "
                           "of image paths, or an (F, 3, H, W) tensor in [0, 1]")
-    control = _fit(control, height, width, resize, "the control video")
+    control = preprocess_control(_fit(control, height, width, resize, "the control video"), preprocess)
     if normalize:
         gray = control.mean(dim=1, keepdim=True)
         low = gray.amin(dim=(1, 2, 3), keepdim=True)
@@ -741,8 +745,11 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         from kinema.pipelines.request import control_places
 
         videos = _control_videos(family, request.control_video)
-        control_images = [_control_images(video, plan.height, plan.width, request.resize, request.normalize_control)
-                          for video in videos]
+        from kinema.pipelines.control_maps import preprocessors_for
+
+        preprocessors = preprocessors_for(request.control_preprocess, len(videos))
+        control_images = [_control_images(video, plan.height, plan.width, request.resize, request.normalize_control,
+                                          preprocess) for video, preprocess in zip(videos, preprocessors, strict=True)]
         for each in control_images:
             control_places(each.shape[0], input_video.shape[0] if input_video is not None else plan.frames,
                            request.control_indices)

@@ -699,6 +699,16 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             raise KinemaError(f"control_indices must be a list of frame numbers (e.g. [0, 15], or [0, -1] for the "
                               f"first and last), got {indices!r}")
         given["control_indices"] = indices  # placed (range, repeats) against the frames made, below
+    if data.get("control_preprocess") is not None:
+        from kinema.pipelines.control_maps import preprocessors_for
+
+        names = data["control_preprocess"]
+        several = len(controlnet) if isinstance(controlnet, list) else 1
+        if not (isinstance(names, str) or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
+            raise KinemaError(f"control_preprocess is a preprocessor name (canny, canny:LOW:HIGH, invert, none), or a "
+                              f"list of them, one per ControlNet; got {names!r}")
+        preprocessors_for(names, several)
+        given["control_preprocess"] = names
     given["seeds"] = _seeds(data)
     prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 

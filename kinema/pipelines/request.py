@@ -228,6 +228,9 @@ class GenerationRequest:
             video, animation, image or folder of frames, a list of image paths, or frames `(F, 3, H, W)` in [0, 1];
             one per frame of the video (or one image for all of them; SparseCtrl: one per keyframe), sized as the
             video (else `resize`). Such a model needs them.
+        control_preprocess: make the control images into the map the ControlNet reads, from ordinary frames:
+            "canny" (OpenCV's Canny edges, thresholds 100 and 200; "canny:LOW:HIGH" for others), "invert" or "none";
+            with several ControlNets a list, one per ControlNet (kinema.pipelines.control_maps).
         normalize_control: turn the control images gray and stretch them to [0, 1] (AnimateDiff's
             normalize_condition_images, for SparseCtrl scribbles).
         control_indices: SparseCtrl: the frames the control images are keyframes of, one per image (negative ones
@@ -282,6 +285,7 @@ class GenerationRequest:
     ip_image: Any = None
     control_video: Any = None
     control_indices: Sequence[int] | None = None
+    control_preprocess: str | Sequence[str | None] | None = None
     normalize_control: bool = False
     control_start: float = 0.0
     control_end: float = 1.0
@@ -359,6 +363,17 @@ class GenerationRequest:
             raise KinemaError("control_indices place the images of a control video: give control_video too")
         if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in range(9)):
             raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to 8, got {self.pia_motion!r}")
+        if self.control_preprocess is not None:
+            from kinema.pipelines.control_maps import parse_preprocess
+
+            if self.control_video is None:
+                raise KinemaError("control_preprocess (--control-preprocess) makes control images from a control "
+                                  "video: give control_video too")
+            names: list[str | None] = [self.control_preprocess] if isinstance(self.control_preprocess, str) \
+                else list(self.control_preprocess)
+            for preprocessor in names:
+                if preprocessor is not None:
+                    parse_preprocess(preprocessor)
         if self.guess_mode and self.control_video is None:
             raise KinemaError("guess_mode (--guess-mode) is a ControlNet's: give the control video (and load the "
                               "ControlNet), or drop it")
@@ -411,6 +426,8 @@ class GenerationRequest:
                 data[key] = f"<{type(value).__name__}>"
         data["seeds"] = list(self.seeds)
         data["control_indices"] = None if self.control_indices is None else list(self.control_indices)
+        if self.control_preprocess is not None and not isinstance(self.control_preprocess, str):
+            data["control_preprocess"] = list(self.control_preprocess)
         data["mode"] = self.mode
         if isinstance(self.prompt, Mapping):
             data["prompt"] = {str(k): v for k, v in self.prompt.items()}

@@ -271,6 +271,12 @@ MUTATIONS = (
         ("tests/cli/test_generate_cli.py",),
     ),
     Mutation(
+        "the control preprocessor is never run",
+        "kinema/pipelines/generation.py",
+        ((("\"the control video\"), preprocess)", "\"the control video\"), None)"),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
         "SparseCtrl keyframes go to the first frames, not their control_indices",
         "kinema/pipelines/family.py",
         ((("        control[:, :, places] = ",

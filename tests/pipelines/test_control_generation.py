@@ -226,6 +226,23 @@ def test_guess_mode_with_context_windows_steers_each_window_alone(parts, pipe, m
         assert got.shape == (1, 3, 4, SIZE, SIZE)
 
 
+def test_canny_preprocessing_hands_the_controlnet_the_edges_of_the_control_video(parts, pipe, monkeypatch):
+    import cv2
+    import numpy as np
+
+    ours = family(parts, pipe)
+    seen = control_seen(ours, monkeypatch)
+    video = control_frames()
+    result = generate(ours, request(steps=1, control_video=video, control_preprocess="canny:50:150"),
+                      progress=False, output="latent")
+    pixels = (video * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    edges = torch.from_numpy(np.stack([cv2.Canny(np.ascontiguousarray(p), 50, 150) for p in pixels])) / 255
+    assert edges.sum() > 0
+    for got in seen:  # (2, 3, F, H, W): both halves of guidance, every channel the edges
+        torch.testing.assert_close(got, edges[None, None].expand(2, 3, -1, -1, -1))
+    assert result.settings[0]["control_preprocess"] == "canny:50:150"
+
+
 def test_one_control_image_steers_every_frame(parts, pipe):
     ours = family(parts, pipe)
     image = control_frames()[1:2]
@@ -246,6 +263,10 @@ def test_one_control_image_steers_every_frame(parts, pipe):
                                                  r"of the steps with 0 <= start < end <= 1; got 0.5 to 0.5"),
     ({"video": torch.rand(4, 3, SIZE, SIZE), "extend_frames": 4}, r"^a ControlNet steers the frames of one clip, and "
                                                                   r"extend makes new segments"),
+    ({"control_video": None, "control_preprocess": "canny"}, r"^control_preprocess \(--control-preprocess\) makes "
+                                                             r"control images from a control video"),
+    ({"control_preprocess": "sobel"}, r"^unknown control preprocessor 'sobel'"),
+    ({"control_preprocess": ["canny", "none"]}, r"^2 control preprocessors for 1 ControlNets"),
     ({"control_video": None, "guess_mode": True}, r"^guess_mode \(--guess-mode\) is a ControlNet's: give the control "
                                                   r"video"),
 ])
@@ -364,6 +385,12 @@ def test_the_cli_runs_guess_mode_and_records_it(files, tmp_path):
     assert job_from_mapping(data).request.guess_mode is True
     with pytest.raises(KinemaError, match=r"guess_mode must be true or false"):
         job_from_mapping({**data, "guess_mode": "yes"})
+    assert job_from_mapping({**data, "control_preprocess": "canny"}).request.control_preprocess == "canny"
+    with pytest.raises(KinemaError, match=r"control_preprocess is a preprocessor name \(canny, canny:LOW:HIGH, invert, "
+                                          r"none\), or a list of them"):
+        job_from_mapping({**data, "control_preprocess": 3})
+    with pytest.raises(KinemaError, match=r"2 control preprocessors for 1 ControlNets"):
+        job_from_mapping({**data, "control_preprocess": ["canny", "invert"]})
 
 
 def test_load_family_unpickles_a_pickled_controlnet_once(files, parts, tmp_path, monkeypatch):
