@@ -578,7 +578,11 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
     """--control-video holds one image per frame of the `frames` made (an `input_video`'s, remade frame for frame),
     or one for all, at the video's size unless --resize (torch-free reads)."""
     from kinema.data.probe import frame_count, video_size
+    from kinema.pipelines.control_maps import preprocessors_for
     from kinema.pipelines.request import control_places
+
+    if args.control_preprocess is not None:  # names, their count, and OpenCV for Canny
+        preprocessors_for(_one_or_list(args.control_preprocess), max(len(args.controlnet or []), 1))
 
     for video in args.control_video or []:
         have = frame_count(video, "control video")

@@ -55,8 +55,9 @@ def preprocessors_for(given: str | Sequence[str | None] | None, count: int) -> l
         return [None] * count
     names = [given] if isinstance(given, str) else list(given)
     if len(names) != count:
-        raise KinemaError(f"{len(names)} control preprocessors for {count} ControlNets; give one per ControlNet in "
-                          "their order (none for images already made)")
+        raise KinemaError(f"{len(names)} control preprocessor{'s' * (len(names) != 1)} for {count} "
+                          f"ControlNet{'s' * (count != 1)}; give one per ControlNet in their order (none for images "
+                          "already made)")
     for name in names:
         if name is not None and parse_preprocess(name)[0] == "canny" and importlib.util.find_spec("cv2") is None:
             raise KinemaError(_OPENCV_HINT)

@@ -266,7 +266,7 @@ def test_one_control_image_steers_every_frame(parts, pipe):
     ({"control_video": None, "control_preprocess": "canny"}, r"^control_preprocess \(--control-preprocess\) makes "
                                                              r"control images from a control video"),
     ({"control_preprocess": "sobel"}, r"^unknown control preprocessor 'sobel'"),
-    ({"control_preprocess": ["canny", "none"]}, r"^2 control preprocessors for 1 ControlNets"),
+    ({"control_preprocess": ["canny", "none"]}, r"^2 control preprocessors for 1 ControlNet;"),
     ({"control_video": None, "guess_mode": True}, r"^guess_mode \(--guess-mode\) is a ControlNet's: give the control "
                                                   r"video"),
 ])
@@ -389,7 +389,7 @@ def test_the_cli_runs_guess_mode_and_records_it(files, tmp_path):
     with pytest.raises(KinemaError, match=r"control_preprocess is a preprocessor name \(canny, canny:LOW:HIGH, invert, "
                                           r"none\), or a list of them"):
         job_from_mapping({**data, "control_preprocess": 3})
-    with pytest.raises(KinemaError, match=r"2 control preprocessors for 1 ControlNets"):
+    with pytest.raises(KinemaError, match=r"2 control preprocessors for 1 ControlNet;"):
         job_from_mapping({**data, "control_preprocess": ["canny", "invert"]})
 
 

@@ -51,7 +51,7 @@ def test_bad_names_are_one_line(name, message):
 def test_one_per_controlnet_and_opencv_is_named_when_missing(monkeypatch):
     assert preprocessors_for(["canny", "none"], 2) == ["canny", None]
     assert preprocessors_for(None, 2) == [None, None]
-    with pytest.raises(KinemaError, match=r"1 control preprocessors for 2 ControlNets; give one per ControlNet"):
+    with pytest.raises(KinemaError, match=r"1 control preprocessor for 2 ControlNets; give one per ControlNet"):
         preprocessors_for("canny", 2)
     import importlib.util
 
