@@ -62,6 +62,7 @@ class FileKind:
     what: str
     advice: str = ""  # how to get the real file; empty for the kinds that hold weights
     metadata: dict[str, str] = field(default_factory=dict, hash=False)  # a safetensors file's `__metadata__`
+    names: tuple[str, ...] = field(default=(), hash=False)  # a safetensors file's tensor names, from its header
 
     @property
     def is_weights(self) -> bool:
@@ -138,7 +139,8 @@ def _safetensors(path: Path, f, head: bytes, size: int) -> FileKind | None:
                         f"but the file has {size}: something was written after its end", _DOWNLOAD_AGAIN)
     metadata = header.get("__metadata__")
     return FileKind(path, Kind.SAFETENSORS, "a safetensors file",
-                    metadata=metadata if isinstance(metadata, dict) else {})
+                    metadata=metadata if isinstance(metadata, dict) else {},
+                    names=tuple(name for name in header if name != "__metadata__"))
 
 
 def _zip(path: Path, head: bytes) -> FileKind:

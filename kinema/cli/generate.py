@@ -561,17 +561,17 @@ def _is_pia_file(path: Path) -> bool | None:
     readable here (the loader names the problem)."""
     import json
 
+    from kinema.sniff import Kind, sniff
+
     try:
         if path.is_dir():
             return bool(json.loads((path / "config.json").read_text()).get("conv_in_channels"))
-        with path.open("rb") as file:
-            size = int.from_bytes(file.read(8), "little")
-            if not 0 < size <= 100 * 2**20:
-                return None
-            names = json.loads(file.read(size))
+        found = sniff(path)
     except (OSError, ValueError, AttributeError):
         return None
-    return isinstance(names, dict) and "conv_in.weight" in names and any(".motion_modules." in name for name in names)
+    if found.kind is not Kind.SAFETENSORS:
+        return None
+    return "conv_in.weight" in found.names and any(".motion_modules." in name for name in found.names)
 
 
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
