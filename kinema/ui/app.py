@@ -64,7 +64,7 @@ PIA_MOTION_CHOICES: list[tuple[str, str | int]] = [
     ("4: loop, moderate", 4), ("5: loop, large", 5), ("6: style transfer, small", 6),
     ("7: style transfer, moderate", 7), ("8: style transfer, large", 8)]
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
-INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video", "control_video")
+INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video", "control_video", "control_video_2")
 # Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.
 CACHE_CLEANING = (3600, 86400)
 
@@ -310,6 +310,13 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                                                      elem_id="control-indices")
                         guess_mode = gr.Checkbox(label="Guess mode (the control images lead; the prompt may be "
                                                        "empty)", value=False, elem_id="guess-mode")
+                    with gr.Row():  # a second ControlNet steering together with the first (a depth map and a pose)
+                        controlnet_2 = gr.Dropdown(label="Second ControlNet (optional)",
+                                                   choices=_choices(scan.controlnets, "none"), value=NO_CHOICE,
+                                                   allow_custom_value=True, scale=3, elem_id="controlnet-2")
+                        controlnet_scale_2 = gr.Number(label="scale", value=1.0, step=0.05, scale=1)
+                        control_video_2 = gr.File(label="Its control video or image", type="filepath",
+                                                  file_types=["video", "image"], elem_id="control-video-2")
                 # No minimum or maximum on the numbers: the job's check refuses bad ones, in the CLI's and API's words.
                 with gr.Row():
                     speed = gr.Dropdown(label="Speed", choices=speed_choices, value=NO_SPEED, elem_id="speed")
@@ -358,7 +365,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
             "motion_effect": motion_effect, "motion_scale": motion_scale, "controlnet": controlnet,
             "controlnet_scale": controlnet_scale, "control_video": control_video, "control_indices": control_indices,
-            "guess_mode": guess_mode, "pia_motion": pia_motion,
+            "guess_mode": guess_mode, "pia_motion": pia_motion, "controlnet_2": controlnet_2,
+            "controlnet_scale_2": controlnet_scale_2, "control_video_2": control_video_2,
         }
 
         # ---- events
@@ -394,9 +402,10 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             found = scan_models(models_path)
             return (gr.update(choices=found.models), gr.update(choices=_choices(found.motion_modules, "none")),
                     *[gr.update(choices=_choices(found.loras, "none")) for _ in lora_paths],
+                    gr.update(choices=_choices(found.controlnets, "none")),
                     gr.update(choices=_choices(found.controlnets, "none")), _scan_note(found, models_path))
 
-        rescan.click(rescan_models, outputs=[model, motion_module, *lora_paths, controlnet, scan_note],
+        rescan.click(rescan_models, outputs=[model, motion_module, *lora_paths, controlnet, controlnet_2, scan_note],
                      concurrency_limit=None)
 
         def model_chosen(chosen: str, preset: str) -> tuple[Any, ...]:
@@ -438,9 +447,9 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 raise gr.Error("select a video in the gallery first")
             values = settings_to_form(settings)
             extra_values = values.pop("extra")
-            if isinstance(settings.get("controlnet"), list):
+            if isinstance(settings.get("controlnet"), list) and len(settings["controlnet"]) > 2:
                 gr.Warning(f"the video was steered by {len(settings['controlnet'])} ControlNets; the form holds "
-                           "one, so the first was loaded")
+                           "two, so the first two were loaded")
             loras = values.pop("loras")
             if len(loras) > LORA_SLOTS:
                 gr.Warning(f"the video used {len(loras)} LoRAs; the form holds {LORA_SLOTS}, so the first "
@@ -456,6 +465,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     values[key] = None
             values["motion_module"] = values.get("motion_module") or NO_CHOICE
             values["controlnet"] = values.get("controlnet") or NO_CHOICE
+            values["controlnet_2"] = values.get("controlnet_2") or NO_CHOICE
             values["scheduler"] = values.get("scheduler") or FAMILY_DEFAULT
             values["speed"] = values.get("speed") or NO_SPEED
             field_updates = [values[key] if key in values else gr.skip() for key in form_fields]

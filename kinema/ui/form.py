@@ -28,7 +28,7 @@ FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "lor
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
              "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize", "motion_effect",
              "motion_scale", "controlnet", "controlnet_scale", "control_video", "control_indices", "guess_mode",
-             "pia_motion")
+             "pia_motion", "controlnet_2", "controlnet_scale_2", "control_video_2")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
@@ -117,17 +117,30 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     """The job keys of the form's ControlNet fields (none when no ControlNet is chosen): the network at its scale,
-    the control video, and SparseCtrl's keyframe indices typed as `0, -1`."""
+    the control video, SparseCtrl's keyframe indices typed as `0, -1`, guess mode; with a second ControlNet both,
+    each with its own control video (they steer together)."""
+    def scaled(path: str, scale: Any) -> dict[str, Any]:
+        return {"path": path, "scale": 1.0 if not _given(scale) else _number(scale, whole=False)}
+
     if not _given(values.get("controlnet")):
+        if _given(values.get("controlnet_2")):
+            raise KinemaError("the second ControlNet steers beside a first one: choose the first ControlNet too")
         return {}
-    scale = values.get("controlnet_scale")
-    data: dict[str, Any] = {"controlnet": {"path": values["controlnet"],
-                                           "scale": 1.0 if not _given(scale) else _number(scale, whole=False)}}
+    data: dict[str, Any] = {"controlnet": scaled(values["controlnet"], values.get("controlnet_scale"))}
     if _given(values.get("control_video")):
         data["control_video"] = values["control_video"]
     if values.get("guess_mode"):
         data["guess_mode"] = True
     indices = values.get("control_indices")
+    if _given(values.get("controlnet_2")):
+        if _given(indices) and str(indices).strip():
+            raise KinemaError("keyframe indices are SparseCtrl's, which steers alone: clear them, or the second "
+                              "ControlNet")
+        if not (_given(values.get("control_video")) and _given(values.get("control_video_2"))):
+            raise KinemaError("two ControlNets steer together, each by its own control video: upload both")
+        data["controlnet"] = [data["controlnet"], scaled(values["controlnet_2"], values.get("controlnet_scale_2"))]
+        data["control_video"] = [values["control_video"], values["control_video_2"]]
+        return data
     if _given(indices) and str(indices).strip():
         try:
             data["control_indices"] = [int(part) for part in str(indices).replace(" ", "").split(",")]
@@ -170,9 +183,16 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
             values[key] = settings[key]
     # Set either way: a video made without a ControlNet must not take the one the form held before.
     given, control_video = settings.get("controlnet"), settings.get("control_video")
-    if isinstance(given, list):  # several steered together; the form holds the first (the page says so)
+    second: Mapping[str, Any] = {}
+    second_video = None
+    if isinstance(given, list):  # several steered together; the form holds two (the page says so of more)
+        videos = control_video if isinstance(control_video, list) else []
+        if len(given) > 1 and isinstance(given[1], Mapping):
+            second, second_video = given[1], videos[1] if len(videos) > 1 else None
         given = given[0] if given else None
-        control_video = control_video[0] if isinstance(control_video, list) and control_video else None
+        control_video = videos[0] if videos else None
+    values.update(controlnet_2=second.get("path") or "", controlnet_scale_2=second.get("scale", 1.0),
+                  control_video_2=second_video)
     controlnet: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
     values.update(controlnet=controlnet.get("path") or "", controlnet_scale=controlnet.get("scale", 1.0),
                   control_video=control_video if controlnet else None,

@@ -21,7 +21,8 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "v2v_video": None, "strength": 0.6, "extend_video": None, "extend_frames": 16, "speed": "",
               "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0,
               "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": "",
-              "guess_mode": False, "pia_motion": ""}
+              "guess_mode": False, "pia_motion": "", "controlnet_2": "", "controlnet_scale_2": 1.0,
+              "control_video_2": None}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -51,7 +52,7 @@ def through_the_form(settings):
 
 @pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video",
                                   "video-to-video resized", "extend", "speed preset", "settings without a field",
-                                  "motion strength", "controlnet"])
+                                  "motion strength", "controlnet", "two controlnets"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -79,6 +80,12 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
         (tmp_path / "control_tiny").mkdir()
         data.update(model="kinema-tiny-ad", controlnet={"path": str(tmp_path / "control_tiny"), "scale": 0.7},
                     control_video=image_file(tmp_path / "pose.png"), control_indices=[0, -1][:1], guess_mode=True)
+    elif mode == "two controlnets":  # the form's second slot
+        for name in ("pose", "depth"):
+            (tmp_path / name).mkdir()
+        data.update(model="kinema-tiny-ad", controlnet=[{"path": str(tmp_path / "pose"), "scale": 0.7},
+                                                        {"path": str(tmp_path / "depth"), "scale": 0.4}],
+                    control_video=[image_file(tmp_path / "pose.png"), image_file(tmp_path / "depth.png")])
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
 
@@ -87,7 +94,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
     assert entry.settings == job.settings()
     assert through_the_form(entry.settings).settings() == job.settings()
     extra = settings_to_form(entry.settings)["extra"]
-    if mode == "controlnet":  # kinema-tiny-ad's continuation overlap (8) is not the library's (4): "extra" keeps it
+    # kinema-tiny-ad's continuation overlap (8) is not the library's (4): "extra" keeps it
+    if mode in ("controlnet", "two controlnets"):
         assert extra.pop("overlap_frames") == 8
     assert (extra != {}) == (mode == "settings without a field")
 
@@ -163,6 +171,20 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
                                 "control_video": ["pose.mp4", "depth.mp4"]})
     assert (several["controlnet"], several["controlnet_scale"], several["control_video"]) == ("/cn/pose", 0.8,
                                                                                             "pose.mp4")
+    assert (several["controlnet_2"], several["controlnet_scale_2"], several["control_video_2"]) == (
+        "/cn/depth", 0.5, "depth.mp4")
+    two = form_to_mapping({**BLANK_FORM, **several})
+    assert (two["controlnet"], two["control_video"]) == ([{"path": "/cn/pose", "scale": 0.8},
+                                                          {"path": "/cn/depth", "scale": 0.5}],
+                                                         ["pose.mp4", "depth.mp4"])
+    assert settings_to_form({"controlnet": {"path": "/cn/pose", "scale": 1.0}})["controlnet_2"] == ""  # cleared
+    with pytest.raises(KinemaError, match=r"two ControlNets steer together, each by its own control video: upload "
+                                          r"both"):
+        form_to_mapping({**BLANK_FORM, **several, "control_video_2": None})
+    with pytest.raises(KinemaError, match=r"the second ControlNet steers beside a first one"):
+        form_to_mapping({**BLANK_FORM, "controlnet_2": "/cn/depth"})
+    with pytest.raises(KinemaError, match=r"keyframe indices are SparseCtrl's, which steers alone"):
+        form_to_mapping({**BLANK_FORM, **several, "control_indices": "0"})
     with pytest.raises(KinemaError, match=r"the keyframe indices are whole numbers separated by commas"):
         form_to_mapping({**BLANK_FORM, "controlnet": "/models/cn", "control_indices": "first"})
 
