@@ -776,6 +776,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
     settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
                  "scheduler": plan.scheduler} for seed in seeds]
+    if resume is not None and plan.continuation:
+        raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
+                          "nothing to resume it from; run it without resume")
     if resume is not None:
         _check_resumed(resume, settings, (len(seeds), family.latent_channels, plan.latent_frames,
                                           plan.height // family.spatial_factor, plan.width // family.spatial_factor))
