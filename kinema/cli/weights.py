@@ -52,6 +52,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                           epilog=example("kinema inspect models/mm_sd_v15_v2.ckpt --json"))
     inspect.add_argument("path", help="weights file, model folder or a bundled model's name (kinema-tiny)")
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    inspect.add_argument("--model", metavar="MODEL",
+                         help="check a ControlNet, SparseCtrl or motion module against this SD model's UNet (a "
+                              "folder, or a bundled model's name) instead of Stable Diffusion 1.5's")
 
     convert = add_command(subparsers, "convert", run=run_convert, check=check_convert,
                           help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, "
@@ -91,19 +94,39 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check_inspect(args: argparse.Namespace) -> None:
-    """Bad usage: the path does not exist and is no bundled model's name."""
-    from kinema.bundled import is_bundled_name
+    """Bad usage: the path (or --model) does not exist and is no bundled model's name, or --model has no UNet."""
+    from kinema.bundled import is_bundled_name, resolve_model
 
     if not os.path.lexists(args.path) and not is_bundled_name(args.path):
         raise KinemaError(f"no such file or folder: {args.path}")
+    args.unet_config = None
+    if args.model is not None:
+        from kinema.pipelines.load import unet_config_of
+
+        model = resolve_model(args.model, f"no such model file or folder: {args.model}")
+        if not (model / "unet" / "config.json").is_file():
+            raise KinemaError(f"--model {args.model} has no unet/config.json: give a Stable Diffusion diffusers folder "
+                              "(or an AnimateDiff model's); a single file's UNet is SD1.5's, which is the default")
+        args.unet_config = unet_config_of(model)
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    """Print what the path holds."""
+    """Print what the path holds (checked against --model's UNet when given)."""
+    from kinema.bundled import resolve_model
     from kinema.cli.output import print_report
-    from kinema.loaders import describe
+    from kinema.loaders.source import Source, describe_source
 
-    print_report(describe(args.path), args.json)
+    if args.unet_config is None:
+        from kinema.loaders import describe
+
+        print_report(describe(args.path), args.json)
+        return
+    report = describe_source(Source(resolve_model(args.path), {"unet_config": args.unet_config}))
+    widths = list(args.unet_config.get("block_out_channels", ()))
+    if report.get("kind") == "motion_module" and report.get("channels") != widths:
+        raise KinemaError(f"{args.path} is made for a UNet of widths {tuple(report['channels'])}, but {args.model}'s "
+                          f"UNet has widths {tuple(widths)}: use a motion module made for this base model")
+    print_report({**report, "checked_against": args.model}, args.json)
 
 
 def check_convert(args: argparse.Namespace) -> None:

@@ -103,7 +103,7 @@ def _lora_kind(path: Path) -> tuple[Any, str]:
     raise KinemaError(f"{path} is not a LoRA ({found}); --lora takes motion LoRAs and SD1.5 image LoRAs")
 
 
-def _unet_config(model: Path, config: str | os.PathLike | None) -> dict[str, Any]:
+def unet_config_of(model: Path, config: str | os.PathLike | None = None) -> dict[str, Any]:
     """The SD UNet's config (the folder's, or the single-file configs), reading no weights."""
     from kinema.fileio import read_json_object
     from kinema.loaders.stable_diffusion import SD15_CONFIGS
@@ -379,7 +379,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     if motion_report["kind"] != "motion_module":
         raise _not_the_kind(motion_path, "a motion module", motion_report["kind"], "an AnimateDiff motion module file "
                             "(e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
-    unet_config = _unet_config(path, config)
+    unet_config = unet_config_of(path, config)
     widths = tuple(unet_config.get("block_out_channels", ()))
     if tuple(motion_report["channels"]) != widths:
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "

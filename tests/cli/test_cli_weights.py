@@ -25,8 +25,8 @@ def assert_same_tensors(got, expected):
     assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in expected.items())
 
 
-def inspect_json(capsys, path):
-    code, out, err = run(capsys, "inspect", str(path), "--json")
+def inspect_json(capsys, path, *options):
+    code, out, err = run(capsys, "inspect", str(path), "--json", *options)
     assert code == 0, err
     return json.loads(out)
 
@@ -215,3 +215,25 @@ def test_convert_offers_every_layout_of_the_format_registry(capsys):
         main(["convert", "--help"])
     assert "{" + ",".join(CONVERT_LAYOUTS) + "}" in capsys.readouterr().out
     assert set(CONVERT_LAYOUTS) == {layout for entry in FORMATS for layout in entry.layouts}
+
+
+def test_inspect_checks_a_controlnet_or_motion_module_against_the_models_unet(tmp_path, capsys):
+    from loaders.test_controlnet import original_layout, tiny_controlnet
+    from safetensors.torch import save_file
+    from tiny_sd import tiny_sd_parts, write_sd_folder
+
+    parts = tiny_sd_parts(seed=1)
+    model = write_sd_folder(tmp_path / "tiny-sd", {name: parts[name] for name in ("unet", "vae", "text_encoder")})
+    # The published files' hint encoder (a single file's is not read from its tensors), on the tiny UNet.
+    save_file(original_layout(tiny_controlnet(parts["unet"], hint=(16, 32, 96, 256))),
+              tmp_path / "control_tiny.safetensors")
+    # A single file has no config: alone it is read as SD1.5's ControlNet, which this one is not.
+    code, _, err = run(capsys, "inspect", str(tmp_path / "control_tiny.safetensors"))
+    assert code == 1 and "control_tiny.safetensors" in err, err
+    report = inspect_json(capsys, tmp_path / "control_tiny.safetensors", "--model", str(model))
+    assert (report["kind"], report["checked_against"]) == ("controlnet", str(model))
+    write_state_dict(original_motion_state_dict("v2"), tmp_path / "mm_v2.safetensors")  # made for other widths
+    code, _, err = run(capsys, "inspect", str(tmp_path / "mm_v2.safetensors"), "--model", str(model))
+    assert code == 1 and f"is made for a UNet of widths {TINY_CHANNELS}" in err
+    code, _, err = run(capsys, "inspect", str(tmp_path / "mm_v2.safetensors"), "--model", str(tmp_path))
+    assert code == 2 and "has no unet/config.json" in err
