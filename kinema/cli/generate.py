@@ -543,35 +543,17 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
 def _check_pia(args: argparse.Namespace) -> None:
     """What a PIA motion module cannot make (`pia_refusal`), told from its folder's config or its safetensors header
     without torch; a pickled file is told when it loads, still before sampling."""
+    from kinema.loaders.animatediff.pia import is_pia_file
     from kinema.pipelines.request import pia_refusal
 
-    pia = _is_pia_file(Path(args.motion_module)) if args.motion_module is not None else False
+    pia = is_pia_file(Path(args.motion_module)) if args.motion_module is not None else False
     if pia is None:
         return
     request = args.request
-    refusal = pia_refusal(str(args.model), pia, request.mode, request.end_image is not None,
+    refusal = pia_refusal(args.motion_module, pia, request.mode, request.end_image is not None,
                           request.pia_motion is not None)
     if refusal is not None:
         raise refusal
-
-
-def _is_pia_file(path: Path) -> bool | None:
-    """Whether the motion module at `path` is PIA's (a MotionAdapter folder with conv_in_channels, or a safetensors
-    file holding conv_in beside motion modules); None when that takes unpickling (a .ckpt) or the file is not
-    readable here (the loader names the problem)."""
-    import json
-
-    from kinema.sniff import Kind, sniff
-
-    try:
-        if path.is_dir():
-            return bool(json.loads((path / "config.json").read_text()).get("conv_in_channels"))
-        found = sniff(path)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if found.kind is not Kind.SAFETENSORS:
-        return None
-    return "conv_in.weight" in found.names and any(".motion_modules." in name for name in found.names)
 
 
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
@@ -677,6 +659,7 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     paths = video_paths(args.output, args.seed)
     saved = latents_path(args.output)
     if latents and not args.overwrite and _kinema_latents(saved) and not all(path.exists() for path in paths):
+        _check_resumable(args, saved)
         args.resume = saved
         # Replacing kinema's own videos of this run, still never a file kinema did not write.
         check_video_outputs(paths, overwrite=True, frames=frames, inputs=inputs)
@@ -684,6 +667,32 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     check_video_outputs(paths, overwrite=args.overwrite, frames=frames, inputs=inputs)
     if latents:
         check_output(saved, "latents", folder=False, overwrite=args.overwrite, inputs=inputs)
+
+
+def _not_resumable(path: Path, why: str) -> KinemaError:
+    """The refusal of saved latents that are not this run's, with the two ways on."""
+    return KinemaError(f"{path}: {why}; pass --overwrite to sample anew and replace it, or `kinema decode {path}` "
+                       "(with the same --model and --motion-module) for its own videos")
+
+
+def _check_resumable(args: argparse.Namespace, saved: Path) -> None:
+    """Before any model loads: the settings this run was given (those the model does not fill) and its seeds
+    against those saved with the latents at `saved`; generate() checks every setting again once they are filled."""
+    import json
+
+    from kinema.pipelines.outputs import read_latents_settings
+
+    stored = read_latents_settings(saved)
+    if [entry.get("seed") for entry in stored] != list(args.seed):
+        raise _not_resumable(saved, "the saved latents are another run's: their settings differ in seed")
+    given = json.loads(json.dumps(args.request.settings()))
+    # What the command line says as it is; the rest (sizes, scheduler, guess mode) the model or the input may fill.
+    differ = sorted({key for key in ("prompt", "negative_prompt", "steps", "guidance", "strength", "image",
+                                     "end_image", "video", "ip_image", "control_video")
+                     if given.get(key) is not None for entry in stored if entry.get(key) != given[key]})
+    if differ:
+        raise _not_resumable(saved, f"the saved latents are another run's: their settings differ in "
+                                    f"{', '.join(differ)}")
 
 
 def _kinema_latents(path: Path) -> bool:
@@ -891,13 +900,12 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
             result = generate(family, request, progress=not args.quiet,
                               on_latents=keep_latents if latents else None, resume=resume)
         except NotThisRun as err:
-            raise KinemaError(f"{args.resume}: {err}; pass --overwrite to sample anew and replace it, or `kinema "
-                              f"decode {args.resume}` for its own videos") from None
+            raise _not_resumable(args.resume, str(err)) from None
         paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite or resume is not None)
     except BaseException:  # stopped or failed after sampling: what was kept, and how to finish without sampling
         if saved:
-            print(f"the final latents are kept in {saved[0]}: `kinema decode {saved[0]}` with the same --model "
-                  "writes the videos without sampling again", file=sys.stderr)
+            print(f"the final latents are kept in {saved[0]}: `kinema decode {saved[0]}` with the same --model (and "
+                  "--motion-module) writes the videos without sampling again", file=sys.stderr)
         raise
     _print_summary(paths, result.report, saved[0] if saved else None)
 

@@ -105,8 +105,9 @@ def check_inspect(args: argparse.Namespace) -> None:
 
         model = resolve_model(args.model, f"no such model file or folder: {args.model}")
         if not (model / "unet" / "config.json").is_file():
-            raise KinemaError(f"--model {args.model} has no unet/config.json: give a Stable Diffusion diffusers folder "
-                              "(or an AnimateDiff model's); a single file's UNet is SD1.5's, which is the default")
+            raise KinemaError(f"--model {args.model} is not a Stable Diffusion diffusers folder (no unet/config.json): "
+                              "give one, or an AnimateDiff model's such as kinema-tiny-ad; a single file's UNet is "
+                              "SD1.5's, which is the default")
         args.unet_config = unet_config_of(model)
 
 

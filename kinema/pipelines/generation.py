@@ -275,8 +275,8 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
     family.check_image_prompt(request.ip_image is not None)
     family.check_control(request.control_video is not None)
     mode = request.mode
-    refusal = pia_refusal(family.name, family.animates_image, mode, request.end_image is not None,
-                          request.pia_motion is not None)
+    refusal = pia_refusal(getattr(family, "motion_module", None) or family.name, family.animates_image, mode,
+                          request.end_image is not None, request.pia_motion is not None)
     if refusal is not None:
         raise refusal
     if mode in ("image-to-video", "extend") and not (family.inpaints or family.repaint_fallback):
@@ -861,6 +861,8 @@ def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settin
                      if key != "report" and mine.get(key) != theirs.get(key)})
     if differ:
         raise NotThisRun(f"the saved latents are another run's: their settings differ in {', '.join(differ)}")
+    if not torch.isfinite(latents).all():
+        raise NotThisRun("the saved latents hold NaN or infinity: the file is damaged")
     if tuple(latents.shape) != shape:
         raise NotThisRun(f"the saved latents are {tuple(latents.shape)} where this run makes {shape}: the file was "
                           "changed after kinema saved it")

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
 from kinema.data.probe import frame_count, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
+from kinema.loaders.animatediff.pia import is_pia_file
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
     DTYPES,
@@ -51,6 +52,7 @@ from kinema.pipelines.request import (
     check_video_holds_overlap,
     control_places,
     freeu_error,
+    pia_refusal,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -74,7 +76,7 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
-               "decode_chunk", "attention_chunk", "cache_interval", "pia_motion")
+               "decode_chunk", "attention_chunk", "cache_interval")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
                   "control_end")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode")
@@ -644,6 +646,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     for key in _INT_FIELDS:
         if data.get(key) is not None:
             given[key] = _integer(data[key], key)
+    if data.get("pia_motion") is not None:  # a preset index, 0 to 8 (the request's check names the range)
+        given["pia_motion"] = _integer(data["pia_motion"], "pia_motion", minimum=0)
     for key in _NUMBER_FIELDS:
         if data.get(key) is not None:
             given[key] = _number(data[key], key)
@@ -732,6 +736,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
+    pia = is_pia_file(Path(motion_module)) if motion_module is not None else False
+    if pia is not None:  # what a PIA motion module cannot make, told from its config or header
+        refusal = pia_refusal(motion_module, pia, request.mode, request.end_image is not None,
+                              request.pia_motion is not None)
+        if refusal is not None:
+            raise refusal
     made = request.frames
     if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)
         have = frame_count(video)

@@ -148,16 +148,17 @@ def control_places(count: int, frames: int, indices: Sequence[int] | None = None
     return normal
 
 
-def pia_refusal(name: str, pia: bool, mode: str, end_image: bool, preset: bool) -> KinemaError | None:
-    """The one line for what a model `name` (`pia`: loaded with a PIA motion module) cannot make in `mode`: a PIA
-    image animator makes image-to-video from one start image (no `end_image`), and a PIA motion `preset` needs
-    one; None when it can."""
+def pia_refusal(motion_module: Any, pia: bool, mode: str, end_image: bool, preset: bool) -> KinemaError | None:
+    """The one line for what a model loaded with `motion_module` (`pia`: a PIA motion module) cannot make in
+    `mode`: a PIA image animator makes image-to-video from one start image (no `end_image`), and a PIA motion
+    `preset` needs one; None when it can."""
     if pia and (mode != "image-to-video" or end_image):
-        return KinemaError(f"{name} is a PIA image animator: it animates one start image (image, --image), with no "
-                           f"end image, and makes nothing else ({mode}{' with an end image' if end_image else ''}); "
-                           "load another motion module for that")
+        return KinemaError(f"the motion module {motion_module} is a PIA image animator: it animates one start image "
+                           f"(image, --image), with no end image, and makes nothing else ({mode}"
+                           f"{' with an end image' if end_image else ''}); load another motion module for that")
     if preset and not pia:
-        return KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {name} is not a PIA image "
+        what = "no motion module" if motion_module is None else f"the motion module {motion_module}"
+        return KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {what} is not a PIA image "
                            "animator; load a PIA motion module, or drop it")
     return None
 
@@ -360,7 +361,8 @@ class GenerationRequest:
                               f"{self.freeu!r}")
         check_control_window(self.control_start, self.control_end)
         if self.control_indices is not None and self.control_video is None:
-            raise KinemaError("control_indices place the images of a control video: give control_video too")
+            raise KinemaError("control_indices place the images of a control video: give control_video "
+                              "(--control-video) too")
         if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in range(9)):
             raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to 8, got {self.pia_motion!r}")
         if self.control_preprocess is not None:
@@ -368,7 +370,7 @@ class GenerationRequest:
 
             if self.control_video is None:
                 raise KinemaError("control_preprocess (--control-preprocess) makes control images from a control "
-                                  "video: give control_video too")
+                                  "video: give control_video (--control-video) too")
             names: list[str | None] = [self.control_preprocess] if isinstance(self.control_preprocess, str) \
                 else list(self.control_preprocess)
             for preprocessor in names:

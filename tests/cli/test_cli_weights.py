@@ -236,4 +236,4 @@ def test_inspect_checks_a_controlnet_or_motion_module_against_the_models_unet(tm
     code, _, err = run(capsys, "inspect", str(tmp_path / "mm_v2.safetensors"), "--model", str(model))
     assert code == 1 and f"is made for a UNet of widths {TINY_CHANNELS}" in err
     code, _, err = run(capsys, "inspect", str(tmp_path / "mm_v2.safetensors"), "--model", str(tmp_path))
-    assert code == 2 and "has no unet/config.json" in err
+    assert code == 2 and "is not a Stable Diffusion diffusers folder (no unet/config.json)" in err

@@ -295,18 +295,18 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["v2v", "clip.mp4", "a robot", "--strength", "0.5", *model, "-o", "clip.mp4", "--overwrite"],
          "the output clip.mp4 is the input clip.mp4; write the result somewhere else"),
         (["extend", "gone.mp4", "--frames", "8", *model], "no such video: gone.mp4"),
-        (["generate", "a cat", "--model", "sd", "--motion-module", "pia.safetensors"], "sd is a PIA image animator: "
-         "it animates one start image (image, --image), with no end image, and makes nothing else (text-to-video); "
-         "load another motion module for that"),
-        (["extend", "clip.mp4", "--frames", "8", "--model", "sd", "--motion-module", "pia-adapter"], "sd is a PIA "
-         "image animator: it animates one start image (image, --image), with no end image, and makes nothing else "
-         "(extend); load another motion module for that"),
+        (["generate", "a cat", "--model", "sd", "--motion-module", "pia.safetensors"],
+         "the motion module pia.safetensors is a PIA image animator: it animates one start image (image, --image), "
+         "with no end image, and makes nothing else (text-to-video); load another motion module for that"),
+        (["extend", "clip.mp4", "--frames", "8", "--model", "sd", "--motion-module", "pia-adapter"],
+         "the motion module pia-adapter is a PIA image animator: it animates one start image (image, --image), with "
+         "no end image, and makes nothing else (extend); load another motion module for that"),
         (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
           "--frames", "8", "--height", "32", "--width", "32", "--control-preprocess", "sobel"],
          "unknown control preprocessor 'sobel'; known: canny, invert, none (canny:LOW:HIGH for other thresholds)"),
         (["generate", "a cat", "--model", "sd", "--motion-module", "weights.safetensors", "--pia-motion", "1"],
-         "pia_motion (--pia-motion) is a PIA motion preset, and "
-         "sd is not a PIA image animator; load a PIA motion module, or drop it"),
+         "pia_motion (--pia-motion) is a PIA motion preset, and the motion module weights.safetensors is not a PIA "
+         "image animator; load a PIA motion module, or drop it"),
         (["decode", "weights.safetensors", *model], "weights.safetensors is a safetensors file but not latents kinema "
          "saved (no 'latents' mark in its metadata); give the .latents.safetensors file that `kinema generate` saved "
          "beside its video"),
@@ -486,10 +486,11 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
         assert main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
         # Another run's latents are never taken for this one's, and nothing of it is replaced.
         shutil.rmtree(tmp_path / "fox-seed7")
-        assert main([argv[0], "a blue fox", *argv[2:]]) == 1
+        assert main([argv[0], "a blue fox", *argv[2:]]) == 2  # told from the latents' header, before any load
         assert "the saved latents are another run's: their settings differ in prompt; pass --overwrite" in \
             capsys.readouterr().err
         assert not (tmp_path / "fox-seed7").exists()
+        assert main([*argv, "--seed", "4"]) == 2 and "their settings differ in seed" in capsys.readouterr().err
 
 
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):

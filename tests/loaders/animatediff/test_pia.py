@@ -221,3 +221,17 @@ def test_context_windows_hand_each_window_its_frames_mask_values(parts, files, m
     assert [got.shape for got in seen] == [(1, 4)] * 3
     for got, start in zip(seen, (0, 2, 4), strict=True):
         torch.testing.assert_close(got[0], values[start:start + 4])
+
+
+def test_jobs_take_preset_0_and_refuse_what_pia_cannot_make_before_loading(files, tmp_path):
+    from kinema.pipelines.jobs import job_from_mapping
+
+    as_pil(start_image()).save(tmp_path / "start.png")
+    data = {"model": "kinema-tiny-ad", "motion_module": str(files["folder"]), "prompt": "a cat",
+            "image": str(tmp_path / "start.png"), "height": SIZE, "width": SIZE, "pia_motion": 0}
+    assert job_from_mapping(data).request.pia_motion == 0  # the default preset, which jobs once refused
+    with pytest.raises(KinemaError, match=r"pia_motion is one of PIA's motion presets 0 to 8, got 9"):
+        job_from_mapping({**data, "pia_motion": 9})
+    with pytest.raises(KinemaError, match=r"the motion module .*PIA-condition-adapter is a PIA image animator: .* "
+                                          r"\(text-to-video\)"):
+        job_from_mapping({k: v for k, v in data.items() if k != "image"})
