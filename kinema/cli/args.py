@@ -55,8 +55,9 @@ def add_command(
 ) -> argparse.ArgumentParser:
     """Add subcommand `name` that calls `run(args)`, after `check(args)` where given; returns its parser for the
     arguments. `label` is how messages name the command (default `name`; e.g. "data synth" for a nested one)."""
+    # No abbreviations: `kinema v2v ... --image x` must not be read as --image-encoder (v2v has no --image).
     parser = subparsers.add_parser(name, parents=[COMMON], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   **parser_options)
+                                   allow_abbrev=False, **parser_options)
     parser.set_defaults(run=run, check=check, label=label or name)
     return parser
 
