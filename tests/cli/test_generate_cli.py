@@ -491,6 +491,10 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
             capsys.readouterr().err
         assert not (tmp_path / "fox-seed7").exists()
         assert main([*argv, "--seed", "4"]) == 2 and "their settings differ in seed" in capsys.readouterr().err
+        # A setting the model fills (the sampler) is compared by generate(), once filled, still before sampling.
+        assert main([*argv, "--scheduler", "euler"]) == 1
+        assert "their settings differ in scheduler" in capsys.readouterr().err
+        assert not (tmp_path / "fox-seed7").exists()
 
 
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
