@@ -50,6 +50,7 @@ from kinema.pipelines.request import (
     LIBRARY_DEFAULTS,
     QUANTIZATIONS,
     SPEEDS,
+    check_pia_module,
 )
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
@@ -540,22 +541,6 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     return folder
 
 
-def _check_pia(args: argparse.Namespace) -> None:
-    """What a PIA motion module cannot make (`pia_refusal`), told from its folder's config or its safetensors header
-    without torch; a pickled file is told when it loads, still before sampling."""
-    from kinema.loaders.animatediff.pia import is_pia_file
-    from kinema.pipelines.request import pia_refusal
-
-    pia = is_pia_file(Path(args.motion_module)) if args.motion_module is not None else False
-    if pia is None:
-        return
-    request = args.request
-    refusal = pia_refusal(args.motion_module, pia, request.mode, request.end_image is not None,
-                          request.pia_motion is not None)
-    if refusal is not None:
-        raise refusal
-
-
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
     """--control-video holds one image per frame of the `frames` made (an `input_video`'s, remade frame for frame),
     or one for all, at the video's size unless --resize (torch-free reads)."""
@@ -658,8 +643,9 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     args.resume = None
     paths = video_paths(args.output, args.seed)
     saved = latents_path(args.output)
-    if latents and not args.overwrite and _kinema_latents(saved) and not all(path.exists() for path in paths):
-        _check_resumable(args, saved)
+    stored = _kinema_latents(saved) if latents and not args.overwrite else None
+    if stored is not None and not all(path.exists() for path in paths):
+        _check_resumable(args, saved, stored)
         args.resume = saved
         # Replacing kinema's own videos of this run, still never a file kinema did not write.
         check_video_outputs(paths, overwrite=True, frames=frames, inputs=inputs)
@@ -675,35 +661,29 @@ def _not_resumable(path: Path, why: str) -> KinemaError:
                        "(with the same --model and --motion-module) for its own videos")
 
 
-def _check_resumable(args: argparse.Namespace, saved: Path) -> None:
-    """Before any model loads: the settings this run was given (those the model does not fill) and its seeds
-    against those saved with the latents at `saved`; generate() checks every setting again once they are filled."""
-    import json
+def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[str, Any]]) -> None:
+    """Before any model loads: the seeds and settings this run was given (those the model does not fill) against
+    those `stored` with the latents at `saved`; generate() checks every setting again once they are filled."""
+    from kinema.pipelines.outputs import differing_settings
 
-    from kinema.pipelines.outputs import read_latents_settings
-
-    stored = read_latents_settings(saved)
-    if [entry.get("seed") for entry in stored] != list(args.seed):
-        raise _not_resumable(saved, "the saved latents are another run's: their settings differ in seed")
-    given = json.loads(json.dumps(args.request.settings()))
+    given = args.request.settings()
     # What the command line says as it is; the rest (sizes, scheduler, guess mode) the model or the input may fill.
-    differ = sorted({key for key in ("prompt", "negative_prompt", "steps", "guidance", "strength", "image",
-                                     "end_image", "video", "ip_image", "control_video")
-                     if given.get(key) is not None for entry in stored if entry.get(key) != given[key]})
+    differ = differing_settings([{**given, "seed": seed} for seed in args.seed], stored,
+                                keys=("seed", "prompt", "negative_prompt", "steps", "guidance", "strength", "image",
+                                      "end_image", "video", "ip_image", "control_video"))
     if differ:
         raise _not_resumable(saved, f"the saved latents are another run's: their settings differ in "
                                     f"{', '.join(differ)}")
 
 
-def _kinema_latents(path: Path) -> bool:
-    """Whether `path` holds latents kinema saved (read from the header)."""
+def _kinema_latents(path: Path) -> list[dict[str, Any]] | None:
+    """The settings stored with the latents kinema saved at `path` (read from the header); None for anything else."""
     from kinema.pipelines.outputs import read_latents_settings
 
     try:
-        read_latents_settings(path)
+        return read_latents_settings(path)
     except KinemaError:
-        return False
-    return True
+        return None
 
 
 def _check_config(args: argparse.Namespace) -> None:
@@ -763,7 +743,7 @@ def check_generate(args: argparse.Namespace) -> None:
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
     args.request.check()
-    _check_pia(args)
+    check_pia_module(args.motion_module, args.request)
     if not isinstance(args.prompt, str):
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
@@ -797,7 +777,7 @@ def check_v2v(args: argparse.Namespace) -> None:
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
                             context=_context(args))
     args.request.check()
-    _check_pia(args)
+    check_pia_module(args.motion_module, args.request)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,
                    tuple(path for path in (args.video, args.ip_image, *(args.control_video or []))
                          if path is not None),
@@ -818,7 +798,7 @@ def check_extend(args: argparse.Namespace) -> None:
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
                             segment_frames=args.segment_frames)
     args.request.check()
-    _check_pia(args)
+    check_pia_module(args.motion_module, args.request)
     check_video_holds_overlap(have, args.request.with_defaults().overlap_frames or 0)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)

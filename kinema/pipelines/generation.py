@@ -850,15 +850,13 @@ def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settin
                    shape: tuple[int, ...]) -> None:
     """One KinemaError line unless the saved latents and settings of `resume` are this run's: the same settings,
     as JSON stores them, and latents of the run's `shape`."""
-    import json
+    from kinema.pipelines.outputs import differing_settings
 
     latents, saved = resume
-    ours = json.loads(json.dumps(list(settings)))
-    if len(saved) != len(ours):
-        raise NotThisRun(f"the saved latents hold {len(saved)} videos and this run makes {len(ours)}, so they are "
-                          "another run's")
-    differ = sorted({key for mine, theirs in zip(ours, saved, strict=True) for key in {*mine, *theirs}
-                     if key != "report" and mine.get(key) != theirs.get(key)})
+    if len(saved) != len(settings):
+        raise NotThisRun(f"the saved latents hold {len(saved)} videos and this run makes {len(settings)}, so they are "
+                         "another run's")
+    differ = differing_settings(settings, saved)
     if differ:
         raise NotThisRun(f"the saved latents are another run's: their settings differ in {', '.join(differ)}")
     if not torch.isfinite(latents).all():

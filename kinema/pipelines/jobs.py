@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
 from kinema.data.probe import frame_count, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
-from kinema.loaders.animatediff.pia import is_pia_file
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
     DTYPES,
@@ -48,11 +47,11 @@ from kinema.pipelines.request import (
     FreeInitSettings,
     FreeUSettings,
     GenerationRequest,
+    check_pia_module,
     check_seed,
     check_video_holds_overlap,
     control_places,
     freeu_error,
-    pia_refusal,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -736,12 +735,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
-    pia = is_pia_file(Path(motion_module)) if motion_module is not None else False
-    if pia is not None:  # what a PIA motion module cannot make, told from its config or header
-        refusal = pia_refusal(motion_module, pia, request.mode, request.end_image is not None,
-                              request.pia_motion is not None)
-        if refusal is not None:
-            raise refusal
+    check_pia_module(motion_module, request)
     made = request.frames
     if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)
         have = frame_count(video)

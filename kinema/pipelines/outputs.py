@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,6 +208,21 @@ def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not isinstance(settings, list) or not all(isinstance(entry, dict) for entry in settings):
         raise _damaged(path)
     return settings
+
+
+def differing_settings(ours: Sequence[Mapping[str, Any]], saved: Sequence[Mapping[str, Any]],
+                       keys: Sequence[str] | None = None) -> list[str]:
+    """The names of the settings in which this run's per-video `ours` and the `saved` ones (`read_latents_settings`)
+    differ, compared as JSON stores them: every name but the report, or with `keys` those alone where this run
+    gives a value. A different number of videos differs in "seed"."""
+    if len(ours) != len(saved):
+        return ["seed"]
+    differ: set[str] = set()
+    for mine, theirs in zip(json.loads(json.dumps(list(ours))), saved, strict=True):
+        names = [key for key in keys if mine.get(key) is not None] if keys is not None else \
+            [key for key in {*mine, *theirs} if key != "report"]
+        differ.update(key for key in names if mine.get(key) != theirs.get(key))
+    return sorted(differ)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, Any]]]:

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError
@@ -161,6 +162,21 @@ def pia_refusal(motion_module: Any, pia: bool, mode: str, end_image: bool, prese
         return KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {what} is not a PIA image "
                            "animator; load a PIA motion module, or drop it")
     return None
+
+
+def check_pia_module(motion_module: Any, request: GenerationRequest) -> None:
+    """Before any model loads: `pia_refusal` for the motion module at `motion_module` (None: none), told from its
+    folder's config or safetensors header; a pickled file is told when it loads (`generate`), still before
+    sampling."""
+    from kinema.loaders.animatediff.pia import is_pia_file
+
+    pia = is_pia_file(Path(motion_module)) if motion_module is not None else False
+    if pia is None:
+        return
+    refusal = pia_refusal(motion_module, pia, request.mode, request.end_image is not None,
+                          request.pia_motion is not None)
+    if refusal is not None:
+        raise refusal
 
 
 def check_scale(scale: Any, name: str, meaning: str) -> float:
