@@ -505,6 +505,17 @@ def _check_image(path: str | None, what: str) -> None:
     check_image_file(path, what)
 
 
+def _check_image_size(args: argparse.Namespace, path: str | None, what: str) -> None:
+    """A frame image is at the video's size unless --resize: refused here, before the model loads, where
+    generate() would refuse it only after."""
+    if path is None or args.resize or None in (args.height, args.width):
+        return
+    width, height = check_image_file(path, what)
+    if (height, width) != (args.height, args.width):
+        raise KinemaError(f"the {what} is {width}x{height} but the video is {args.width}x{args.height}; pass --resize "
+                          f"to resize it, or set --width {width} --height {height}")
+
+
 def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Path:
     """The model (`--model`, or the bundled default) exists as a path or a bundled name, and so do the other model
     files; options among `defaults` left unset take the model's kinema.json defaults. Returns the model's path."""
@@ -739,6 +750,8 @@ def check_generate(args: argparse.Namespace) -> None:
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     _check_model_takes(args, model, args.frames)
+    _check_image_size(args, args.image, "start image")
+    _check_image_size(args, args.end_image, "end image")
     _check_control_frames(args, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
