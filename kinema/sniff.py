@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import pickletools
 import re
 import struct
 import zipfile
@@ -221,6 +222,26 @@ def _text_kind(path: Path, text: str, encoding: str) -> FileKind:
     first = f" (first line: {shorten(lines[0], 80)!r})" if lines else " (only blank space)"
     return FileKind(path, Kind.TEXT, f"a text file{note}, not weights{first}",
                     "check the path; a weights file is binary (.safetensors, .ckpt, .pt, .pth, .bin)")
+
+
+# A state dict's pickle is names and storage references, a few hundred KB for SD-sized checkpoints; more is not one.
+PICKLE_STRINGS_MAX_BYTES = 64_000_000
+
+
+def pickled_strings(path: str | os.PathLike) -> frozenset[str] | None:
+    """The text strings in a torch zip checkpoint's pickle (a state dict's tensor names among them), read by
+    disassembling its opcodes with pickletools, which never imports or calls anything; None when `path` is no
+    readable torch zip checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entry = next((info for info in archive.infolist()
+                          if info.filename == "data.pkl" or info.filename.endswith("/data.pkl")), None)
+            if entry is None or entry.file_size > PICKLE_STRINGS_MAX_BYTES:
+                return None
+            data = archive.read(entry)
+        return frozenset(arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
 
 
 def sniff(path: str | os.PathLike) -> FileKind:

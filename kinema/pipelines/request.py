@@ -166,8 +166,8 @@ def pia_refusal(motion_module: Any, pia: bool, mode: str, end_image: bool, prese
 
 def check_pia_module(motion_module: Any, request: GenerationRequest) -> None:
     """Before any model loads: `pia_refusal` for the motion module at `motion_module` (None: none), told from its
-    folder's config or safetensors header; a pickled file is told when it loads (`generate`), still before
-    sampling."""
+    folder's config, safetensors header or zip checkpoint's tensor names; a legacy pickle is told when it loads
+    (`generate`), still before sampling."""
     from kinema.loaders.animatediff.pia import is_pia_file
 
     pia = is_pia_file(Path(motion_module)) if motion_module is not None else False

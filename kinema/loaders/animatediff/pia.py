@@ -1,17 +1,19 @@
 """Telling a PIA image animator's motion module from the others without torch, for checks before any model loads
-(kinema generate, kinema batch): a MotionAdapter folder whose config has conv_in_channels, or a safetensors file with
-conv_in beside its motion modules (the loader, kinema.loaders.animatediff.load, reads either kind fully)."""
+(kinema generate, kinema batch): a MotionAdapter folder whose config has conv_in_channels, or a safetensors file or
+torch zip checkpoint (pia.ckpt) with conv_in beside its motion modules (the loader,
+kinema.loaders.animatediff.load, reads each kind fully)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 
 def is_pia_file(path: Path) -> bool | None:
-    """Whether the motion module at `path` is PIA's; None when telling takes unpickling (a .ckpt) or the file is not
-    readable here (the loader names the problem)."""
-    from kinema.sniff import Kind, sniff
+    """Whether the motion module at `path` is PIA's, from tensor names alone (a pickle's are read without unpickling
+    it); None when the file is not readable here or is a legacy pickle (the loader names the problem)."""
+    from kinema.sniff import Kind, pickled_strings, sniff
 
     try:
         if path.is_dir():
@@ -19,6 +21,9 @@ def is_pia_file(path: Path) -> bool | None:
         found = sniff(path)
     except (OSError, ValueError, AttributeError):
         return None
-    if found.kind is not Kind.SAFETENSORS:
+    names: Collection[str] | None = found.names if found.kind is Kind.SAFETENSORS else None
+    if found.kind is Kind.TORCH_ZIP:
+        names = pickled_strings(path)
+    if names is None:
         return None
-    return "conv_in.weight" in found.names and any(".motion_modules." in name for name in found.names)
+    return "conv_in.weight" in names and any(".motion_modules." in name for name in names)

@@ -235,3 +235,23 @@ def test_jobs_take_preset_0_and_refuse_what_pia_cannot_make_before_loading(files
     with pytest.raises(KinemaError, match=r"the motion module .*PIA-condition-adapter is a PIA image animator: .* "
                                           r"\(text-to-video\)"):
         job_from_mapping({k: v for k, v in data.items() if k != "image"})
+
+
+def test_a_pickled_pia_ckpt_is_told_from_its_names_before_loading(parts, files, tmp_path):
+    """pia.ckpt is a torch zip checkpoint: its tensor names are read from the pickle's opcodes, nothing unpickled."""
+    from kinema.loaders.animatediff.pia import is_pia_file
+    from kinema.pipelines.request import check_pia_module
+
+    state = original_layout(parts["adapter"])
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "pia.ckpt")
+    motion = {k: v for k, v in state.items() if not k.startswith("conv_in.")}
+    torch.save(motion, tmp_path / "mm.ckpt")
+    torch.save({"conv_in.weight": torch.zeros(1, 9, 1, 1)}, tmp_path / "unet_part.ckpt")  # no motion modules
+    assert is_pia_file(tmp_path / "pia.ckpt") is True
+    assert is_pia_file(tmp_path / "mm.ckpt") is False
+    assert is_pia_file(tmp_path / "unet_part.ckpt") is False
+    (tmp_path / "legacy.ckpt").write_bytes(b"\x80\x02" + b"\x00" * 16)  # a legacy pickle: told when it loads
+    assert is_pia_file(tmp_path / "legacy.ckpt") is None
+    with pytest.raises(KinemaError, match=r"pia.ckpt is a PIA image animator: .* \(text-to-video\)"):
+        check_pia_module(tmp_path / "pia.ckpt", GenerationRequest(prompt="a cat", frames=FRAMES))
+    check_pia_module(tmp_path / "mm.ckpt", GenerationRequest(prompt="a cat", frames=FRAMES))
