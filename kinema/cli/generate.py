@@ -688,12 +688,17 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
 
 
 def _kinema_latents(path: Path) -> list[dict[str, Any]] | None:
-    """The settings stored with the latents kinema saved at `path` (read from the header); None for anything else."""
-    from kinema.pipelines.outputs import read_latents_settings
+    """The settings stored with the latents kinema saved at `path` (read from the header); None for anything else
+    (the output checks then refuse what kinema did not write). Latents kinema saved whose header is damaged are
+    refused here, as nothing to resume from."""
+    from kinema.fileio import output_kind
+    from kinema.pipelines.outputs import LATENTS_KIND, read_latents_settings
 
     try:
         return read_latents_settings(path)
-    except KinemaError:
+    except KinemaError as err:
+        if output_kind(path) == LATENTS_KIND:
+            raise KinemaError(f"{err} (pass --overwrite to replace it)") from None
         return None
 
 

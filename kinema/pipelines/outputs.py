@@ -33,6 +33,9 @@ LATENTS_SUFFIX = ".latents.safetensors"
 LATENTS_KIND = "latents"  # the output kind in the file's safetensors metadata (kinema.fileio.MARK_KEY)
 LATENTS_TENSOR = "latents"
 SETTINGS_METADATA_KEY = "kinema_settings"
+# A digest of the latents and their settings text: a flipped bit in a saved file (a disk or copy fault) is refused on
+# load, where it would otherwise decode, or resume, into a wrong video without a word. Files saved before it hold none.
+DIGEST_METADATA_KEY = "kinema_latents_digest"
 
 
 def video_paths(out: str | os.PathLike, seeds: Sequence[int]) -> list[Path]:
@@ -173,8 +176,15 @@ def save_latents(latents: torch.Tensor, settings: Sequence[dict[str, Any]], path
     except (TypeError, ValueError) as err:
         raise KinemaError(f"the settings cannot be stored as JSON ({err}); pass numbers, strings, lists or dicts"
                           ) from None
-    return write_state_dict({LATENTS_TENSOR: latents}, path, metadata={SETTINGS_METADATA_KEY: text},
-                            kind=LATENTS_KIND, overwrite=overwrite)
+    metadata = {SETTINGS_METADATA_KEY: text, DIGEST_METADATA_KEY: _digest(latents, text)}
+    return write_state_dict({LATENTS_TENSOR: latents}, path, metadata=metadata, kind=LATENTS_KIND,
+                            overwrite=overwrite)
+
+
+def _digest(latents: torch.Tensor, settings_text: str) -> str:
+    from kinema.training.cache import tensor_key
+
+    return tensor_key("kinema latents", latents, settings_text)
 
 
 def _damaged(path: Path) -> KinemaError:
@@ -186,10 +196,14 @@ def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-video settings stored with latents `save_latents` wrote to `path`, from the safetensors header alone
     (no torch: the CLI checks a latents file before anything heavy). A file that is not kinema latents is refused
     in one KinemaError line."""
+    return _latents_header(Path(path))[0]
+
+
+def _latents_header(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(per-video settings, the header's metadata) of kinema latents at `path`; see `read_latents_settings`."""
     from kinema.fileio import MARK_KEY
     from kinema.sniff import Kind, sniff
 
-    path = Path(path)
     hint = f"give the {LATENTS_SUFFIX} file that `kinema generate` saved beside its video"
     if path.is_dir():
         raise KinemaError(f"{path} is a folder; {hint}")
@@ -207,7 +221,7 @@ def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise _damaged(path) from None
     if not isinstance(settings, list) or not all(isinstance(entry, dict) for entry in settings):
         raise _damaged(path)
-    return settings
+    return settings, found.metadata
 
 
 def differing_settings(ours: Sequence[Mapping[str, Any]], saved: Sequence[Mapping[str, Any]],
@@ -227,13 +241,17 @@ def differing_settings(ours: Sequence[Mapping[str, Any]], saved: Sequence[Mappin
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """The latents `(B, C, F', h, w)` and per-video settings that `save_latents` wrote to `path`. Reads
-    safetensors only (no pickle); any other file, or a safetensors file kinema did not write as latents, is refused
-    in one KinemaError line."""
+    safetensors only (no pickle); any other file, a safetensors file kinema did not write as latents, or latents
+    whose bytes no longer match the digest saved with them, is refused in one KinemaError line."""
     from safetensors.torch import load_file
 
-    settings = read_latents_settings(path)
+    settings, metadata = _latents_header(Path(path))
     tensors = load_file(str(path))
     latents = tensors.get(LATENTS_TENSOR)
     if latents is None or set(tensors) != {LATENTS_TENSOR} or latents.ndim != 5 or len(settings) != latents.shape[0]:
         raise _damaged(Path(path))
+    if DIGEST_METADATA_KEY in metadata and \
+            metadata[DIGEST_METADATA_KEY] != _digest(latents, metadata.get(SETTINGS_METADATA_KEY, "")):
+        raise KinemaError(f"{path} is damaged: its latents or settings no longer match the digest saved with them (a "
+                          "disk or copy fault); generate it again, or copy it again from where it was made")
     return latents, settings

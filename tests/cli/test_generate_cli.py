@@ -500,6 +500,18 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
         assert main([*argv, "--scheduler", "euler"]) == 1
         assert "their settings differ in scheduler" in capsys.readouterr().err
         assert not (tmp_path / "fox-seed7").exists()
+        # Latents with a flipped bit are refused by their digest, where they would decode into wrong frames.
+        saved = tmp_path / "fox.latents.safetensors"
+        whole = bytearray(saved.read_bytes())
+        whole[-3] ^= 0x10
+        saved.write_bytes(bytes(whole))
+        assert main(argv) == 1 and "its latents or settings no longer match the digest" in capsys.readouterr().err
+        # Latents kinema saved whose header is damaged are refused as nothing to resume from.
+        saved.write_bytes(bytes(whole).replace(b'"[{', b'"[[', 1))  # the settings text, no longer JSON
+        assert main(argv) == 2
+        assert "marked as kinema latents but its contents are damaged (expected one (B, C, F', h, w) tensor and B " \
+               "settings); generate it again (pass --overwrite to replace it)" in capsys.readouterr().err
+        assert not (tmp_path / "fox-seed7").exists()
 
 
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):

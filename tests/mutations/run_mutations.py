@@ -283,6 +283,18 @@ MUTATIONS = (
            "        places = list(range(len(places)))\n        control[:, :, places] = "),),),
         ("tests/loaders/animatediff/test_sparsectrl.py",),
     ),
+    Mutation(
+        "saved latents are loaded without checking their digest",
+        "kinema/pipelines/outputs.py",
+        ((("    if DIGEST_METADATA_KEY in metadata and \\", "    if False and \\"),),),
+        ("tests/pipelines/test_outputs.py",),
+    ),
+    Mutation(
+        "a pickled PIA checkpoint is not told before loading",
+        "kinema/loaders/animatediff/pia.py",
+        ((("        names = pickled_strings(path)", "        names = None"),),),
+        ("tests/loaders/animatediff/test_pia.py",),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

@@ -192,3 +192,23 @@ def test_damaged_latents_settings_are_refused(tmp_path):
     with pytest.raises(KinemaError, match="contents are damaged"):
         load_latents(path)
     assert Path(path).exists()
+
+
+def test_a_flipped_bit_in_saved_latents_or_their_settings_is_refused(tmp_path):
+    latents = torch.randn(1, 4, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    path = save_latents(latents, [{"seed": 4, "prompt": "a cat"}], tmp_path / "run.latents.safetensors")
+    whole = path.read_bytes()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    tensor_flip = bytearray(whole)
+    tensor_flip[-5] ^= 0x01  # one mantissa bit of the last value
+    settings_flip = whole.replace(b'\\"seed\\": 4', b'\\"seed\\": 5')
+    assert settings_flip != whole
+    for name, data in (("tensor.safetensors", bytes(tensor_flip)), ("settings.safetensors", settings_flip)):
+        (damaged / name).write_bytes(data)
+        with pytest.raises(KinemaError, match=r"is damaged: its latents or settings no longer match the digest"):
+            load_latents(damaged / name)
+    # Latents saved before the digest hold none, and still load.
+    save_file({"latents": latents}, str(tmp_path / "older.safetensors"),
+              metadata={"kinema_output": "latents", "kinema_settings": json.dumps([{"seed": 4}])})
+    assert torch.equal(load_latents(tmp_path / "older.safetensors")[0], latents)
