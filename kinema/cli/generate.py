@@ -48,6 +48,7 @@ from kinema.pipelines.request import (
     GENERATE_DEFAULTS,
     INPUT_DEFAULTS,
     LIBRARY_DEFAULTS,
+    PIA_MOTION_NAMES,
     QUANTIZATIONS,
     SPEEDS,
     check_pia_module,
@@ -333,7 +334,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                            help="the share of the steps after which the ControlNet starts steering (default 0)")
         group.add_argument("--control-end", type=float, metavar="F",
                            help="the share of the steps after which it stops (default 1: to the end)")
-        group.add_argument("--pia-motion", type=int, choices=range(9), metavar="N",
+        group.add_argument("--pia-motion", type=int, choices=range(len(PIA_MOTION_NAMES)), metavar="N",
                            help="PIA image animators (a PIA motion module, with --image): the motion preset, 0-2 "
                                 "small / moderate / large motion, 3-5 the same looping back, 6-8 style transfer "
                                 "(default 0)")

@@ -20,17 +20,17 @@ from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 
 # PIA's motion presets (Zhang et al. 2024, "PIA: Your Personalized Image Animator"; diffusers' PIAPipeline
 # `motion_scale`): the mask value of each frame by its distance from the start image, the last one repeated. A value
-# near 1 holds the frame to the image, a lower one lets it move.
+# near 1 holds the frame to the image, a lower one lets it move. By index, named in request.PIA_MOTION_NAMES.
 PIA_MOTION_PRESETS: tuple[tuple[float, ...], ...] = (
-    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8),  # 0: small motion
-    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75),  # 1: moderate motion
-    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5),  # 2: large motion
-    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85, 0.85, 0.9, 1.0),  # 3: loop, small
-    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75, 0.75, 0.75, 0.75, 0.75, 0.78, 0.79, 0.8, 0.8, 1.0),  # 4: loop, moderate
-    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.8, 1.0),  # 5: loop, large
-    (0.5, 0.4, 0.4, 0.4, 0.35, 0.3),  # 6: style transfer, small motion
-    (0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.3, 0.25, 0.2),  # 7: style transfer, moderate motion
-    (0.5, 0.2),  # 8: style transfer, large motion
+    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8),
+    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75),
+    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5),
+    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85, 0.85, 0.9, 1.0),
+    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75, 0.75, 0.75, 0.75, 0.75, 0.78, 0.79, 0.8, 0.8, 1.0),
+    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.8, 1.0),
+    (0.5, 0.4, 0.4, 0.4, 0.35, 0.3),
+    (0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.3, 0.25, 0.2),
+    (0.5, 0.2),
 )
 
 

@@ -40,6 +40,10 @@ GENERATE_DEFAULTS = ("height", "width", "frames", "steps", "guidance", "schedule
 INPUT_DEFAULTS = ("steps", "guidance", "scheduler")
 # Filled in every mode: continuation runs in extend mode and in text/image-to-video past the model's window.
 CONTINUATION_DEFAULTS = ("overlap_frames",)
+# PIA's motion presets by index (`pia_motion`), as PIA names them; their mask values are
+# kinema.pipelines.animatediff.PIA_MOTION_PRESETS.
+PIA_MOTION_NAMES = ("small motion", "moderate motion", "large motion", "loop, small", "loop, moderate", "loop, large",
+                    "style transfer, small", "style transfer, moderate", "style transfer, large")
 
 
 def overlap_error(overlap: int, segment: int) -> KinemaError:
@@ -379,8 +383,10 @@ class GenerationRequest:
         if self.control_indices is not None and self.control_video is None:
             raise KinemaError("control_indices place the images of a control video: give control_video "
                               "(--control-video) too")
-        if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in range(9)):
-            raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to 8, got {self.pia_motion!r}")
+        presets = range(len(PIA_MOTION_NAMES))
+        if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in presets):
+            raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to {presets[-1]}, got "
+                              f"{self.pia_motion!r}")
         if self.control_preprocess is not None:
             from kinema.pipelines.control_maps import parse_preprocess
 

@@ -34,7 +34,7 @@ from kinema.pipelines.jobs import (
     model_defaults_for,
     run_job,
 )
-from kinema.pipelines.request import GENERATE_DEFAULTS, LIBRARY_DEFAULTS
+from kinema.pipelines.request import GENERATE_DEFAULTS, LIBRARY_DEFAULTS, PIA_MOTION_NAMES
 from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.sampling.schedulers import SCHEDULERS
 from kinema.ui.form import (
@@ -58,11 +58,9 @@ TABS = ((TEXT_TO_VIDEO, "Text to Video"), (IMAGE_TO_VIDEO, "Image to Video"), (E
 FAMILY_DEFAULT = ""  # the scheduler choice "the model's own default"
 NO_SPEED = ""  # the speed choice "no preset: the form's settings as they are"
 NO_CHOICE = ""
-# PIA's motion presets (kinema.pipelines.animatediff.PIA_MOTION_PRESETS), "" for none.
+# PIA's motion presets, "" for none.
 PIA_MOTION_CHOICES: list[tuple[str, str | int]] = [
-    ("none", ""), ("0: small motion", 0), ("1: moderate motion", 1), ("2: large motion", 2), ("3: loop, small", 3),
-    ("4: loop, moderate", 4), ("5: loop, large", 5), ("6: style transfer, small", 6),
-    ("7: style transfer, moderate", 7), ("8: style transfer, large", 8)]
+    ("none", ""), *((f"{index}: {name}", index) for index, name in enumerate(PIA_MOTION_NAMES))]
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
 INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video", "control_video", "control_video_2")
 # Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.

@@ -67,7 +67,10 @@ def start_image() -> torch.Tensor:
 
 
 def test_the_mask_values_are_diffusers_presets():
+    from kinema.pipelines.request import PIA_MOTION_NAMES
+
     assert [list(p) for p in PIA_MOTION_PRESETS] == RANGE_list
+    assert len(PIA_MOTION_NAMES) == len(RANGE_list)  # one name per preset (the CLI's, the web app's choices)
     for preset in range(len(RANGE_list)):
         for frames in (1, 4, 16, 24):
             assert pia_mask_values(frames, preset) == prepare_mask_coef_by_statistics(frames, 0, preset)
