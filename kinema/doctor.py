@@ -31,9 +31,10 @@ def doctor_report() -> dict[str, Any]:
     import av
     import torch
 
+    from kinema.devices import resolve_device
     from kinema.paths import models_dir
 
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = str(resolve_device("auto"))  # where `--device auto` runs the models
     encoders = [name for name in VIDEO_ENCODERS if name in av.codecs_available]
     free = free_memory_bytes()
     return {

@@ -36,6 +36,9 @@ export PYTHONPATH="$WORK/site:$PWD" PYTHONUNBUFFERED=1
 export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
 kinema() { $PY -m kinema "$@"; }
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+# --device cuda, run nowhere else yet: each bundled model's text-, image-to-video and extend on the GPU against the
+# CPU, same seeds (a few seconds; a failure is reported and the training goes on).
+$PY configs/gpu/device_check.py > "$OUT/device-check.json" || echo "device check failed: see $OUT/device-check.json"
 
 DATA=$WORK/data
 kinema data synth --out "$DATA" --n "$CLIPS" --seed 11 --frames 16 --size 64 --image-fraction 0.1 \

@@ -405,8 +405,9 @@ class _Server:
     """What the routes share: the settings, the store and the worker (made when the app starts)."""
 
     def __init__(self, data_dir: Path, models_dir: str | os.PathLike | None, max_upload_bytes: int,
-                 limits: JobLimits, runner: JobRunner | None, poll_seconds: float):
+                 limits: JobLimits, runner: JobRunner | None, poll_seconds: float, device: Any):
         self.data_dir = data_dir
+        self.device = device
         self.limits = limits
         self.models_dir = models_dir
         self.max_upload_bytes = max_upload_bytes
@@ -436,8 +437,8 @@ class _Server:
         self.results_dir.mkdir(exist_ok=True)
         self._store = JobStore(self.data_dir)
         self._store.recover()
-        self._worker = JobWorker(self._store, self.results_dir, models_dir=self.models_dir, runner=self.runner,
-                                 poll_seconds=self.poll_seconds)
+        self._worker = JobWorker(self._store, self.results_dir, models_dir=self.models_dir, device=self.device,
+                                 runner=self.runner, poll_seconds=self.poll_seconds)
         self._worker.start()
         logger.info("kinema serve: jobs in %s (%s)", self._store.path, self._store.counts())
 
@@ -497,8 +498,8 @@ def _found(server: _Server, job_id: str) -> JobRecord:
 
 def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
                models_dir: str | os.PathLike | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20,
-               limits: JobLimits | None = None, runner: JobRunner | None = None, poll_seconds: float = 0.5
-               ) -> FastAPI:
+               limits: JobLimits | None = None, runner: JobRunner | None = None, poll_seconds: float = 0.5,
+               device: Any = "cpu") -> FastAPI:
     """The kinema HTTP API as a FastAPI app; serve it with uvicorn (`kinema serve` does).
 
     Args:
@@ -510,11 +511,13 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
         limits: the largest job accepted (default `JobLimits()`).
         runner: what runs one job (default: the model, through kinema.pipelines.jobs.run_job); a seam for tests.
         poll_seconds: how often the idle worker looks for jobs.
+        device: where the models run: a torch device or a kinema.devices name (auto, cpu, cuda, cuda:N, mps).
 
     The worker thread starts and stops with the app (its lifespan); a job left running by a stopped server is
     queued again.
     """
-    server = _Server(Path(data_dir), models_dir, max_upload_bytes, limits or JobLimits(), runner, poll_seconds)
+    server = _Server(Path(data_dir), models_dir, max_upload_bytes, limits or JobLimits(), runner, poll_seconds,
+                     device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -46,13 +46,15 @@ class JobWorker:
         models_dir: where model names are also looked up (as `job_from_mapping` does).
         runner: what runs one job (default: `run_job` with the worker's `FamilyCache`).
         poll_seconds: how often an idle worker looks for jobs that `wake()` was not told about.
+        device: where the models run (`FamilyCache`'s device).
     """
 
     def __init__(self, store: JobStore, results_dir: str | os.PathLike, *, models_dir: str | os.PathLike | None = None,
-                 runner: JobRunner | None = None, poll_seconds: float = 0.5):
+                 runner: JobRunner | None = None, poll_seconds: float = 0.5, device: Any = "cpu"):
         self.store = store
         self.results_dir = Path(results_dir)
         self.models_dir = models_dir
+        self.device = device
         self.runner: JobRunner = runner or self._run_with_model
         self.poll_seconds = poll_seconds
         self.cache: Any = None  # kinema.pipelines.jobs.FamilyCache, made by the first job that needs a model
@@ -121,7 +123,7 @@ class JobWorker:
         from kinema.pipelines.jobs import FamilyCache, job_from_mapping, run_job
 
         if self.cache is None:
-            self.cache = FamilyCache(max_models=MODELS_KEPT)
+            self.cache = FamilyCache(max_models=MODELS_KEPT, device=self.device)
         job = job_from_mapping(spec, models_dir=self.models_dir)
         # overwrite: a job re-run after a restart replaces what its earlier, interrupted run left in its folder
         return run_job(job, out, cache=self.cache, callback=on_step, progress=False, overwrite=True)

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from kinema.devices import AUTO, DEVICE_HELP, check_device_name
+from kinema.errors import KinemaError
 from kinema.pipelines.request import MAX_FPS, MAX_SEED, MIN_FPS
 
 # What a command module gives `add_command`: `run(args)` does the work; `check(args)` validates the arguments
@@ -94,6 +96,19 @@ frame_rate = checked_number(float, "a number", lambda value: MIN_FPS <= value <=
 whole_frame_rate = checked_number(int, "a whole number", lambda value: 1 <= value <= MAX_FPS,
                                   f"from 1 to {MAX_FPS:g} frames per second")
 fraction = checked_number(float, "a number between 0 and 1", lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
+
+
+def add_device_option(parser: argparse.ArgumentParser | Any) -> None:
+    """Add `--device` (kinema.devices: auto, cpu, cuda, cuda:N or mps; default auto) to `parser` or an argument
+    group; the name is checked here, whether this machine has the device once the command runs."""
+    parser.add_argument("--device", type=_device_name, default=AUTO, help=DEVICE_HELP)
+
+
+def _device_name(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except KinemaError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kinema.cli.args import add_command, example, positive_int
+from kinema.cli.args import add_command, add_device_option, example, positive_int
 
 DESCRIPTION = (
     "Run one generation job per line of JOBS.jsonl (a JSON object per line: prompt, model, motion_module, loras, "
@@ -46,6 +46,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                              "the cluster gets N CPUs)")
     parser.add_argument("--models-dir", metavar="DIR",
                         help="a folder where model, motion module and LoRA names of the jobs are also looked up")
+    add_device_option(parser)
 
 
 def check_batch(args: argparse.Namespace) -> None:
@@ -57,6 +58,9 @@ def check_batch(args: argparse.Namespace) -> None:
     if args.workers is not None and args.ray is None:
         raise KinemaError("--workers sets the number of Ray worker actors; give --ray local (or a cluster's "
                           "address) too, or leave --workers out to run the jobs here in turn")
+    if args.ray is not None and args.device.startswith("cuda:"):
+        raise KinemaError(f"--device {args.device} names one GPU of one machine, and Ray gives each worker a GPU of "
+                          "its own: give --device cuda")
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     check_batch_output(args.out)
@@ -74,8 +78,12 @@ def run_batch(args: argparse.Namespace) -> None:
             print(f"[{finished}/{total}] line {record['line']} ({record['job']}): done in {record['seconds']:.1f} s "
                   f"on {record['worker']}", flush=True)
 
+    if args.ray is None:  # here: a device this machine lacks is one line before the batch folder is touched
+        from kinema.devices import resolve_device
+
+        resolve_device(args.device)
     summary = run(args.jobs, args.out, ray=args.ray, workers=args.workers, jobs_file=args.jobs_file,
-                  on_record=None if args.quiet else show)
+                  on_record=None if args.quiet else show, device=args.device)
     loads = ", ".join(f"{worker} {count}" for worker, count in summary.loads.items()) or "none"
     print(f"batch {summary.out}: {summary.done} job(s) done, {summary.skipped} already done, "
           f"{len(summary.failed)} failed; model loads per worker: {loads}; manifest {summary.manifest}")

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.cli.args import add_command, checked_number, example, positive_int, seed_number
+from kinema.cli.args import add_command, add_device_option, checked_number, example, positive_int, seed_number
 from kinema.errors import KinemaError
 from kinema.pipelines.request import SPEEDS
 
@@ -52,6 +52,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--speed", choices=SPEEDS,
                         help="score under a speed preset, as kinema generate --speed makes videos (default: the "
                              "model's own settings)")
+    add_device_option(parser)
     parser.add_argument("--seed", type=seed_number, default=0,
                         help="added to every prompt's seed: another draw of the same set (default 0)")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N prompts")
@@ -108,12 +109,16 @@ def run_eval(args: argparse.Namespace) -> None:
     """Evaluate and print the report: a table, or with --json one JSON object on the last line."""
     import json
 
+    from kinema.devices import resolve_device
     from kinema.eval.run import evaluate, format_report
 
+    device = resolve_device(args.device)  # a device this machine lacks: one line before the output folder is made
     if args.reconstructions is not None:
         from kinema.eval.reconstruct import score_reconstructions
+        from kinema.pipelines.load import load_family
 
-        scores = score_reconstructions(args.model, count=args.reconstructions)
+        scores = score_reconstructions(args.model, count=args.reconstructions,
+                                       family=load_family(args.model, device=device))
         print(json.dumps({key: value for key, value in scores.items() if key != "per_clip"}))
         return
     report = evaluate(args.model, args.prompts, seed=args.seed, frames=args.frames, steps=args.steps,
@@ -121,7 +126,7 @@ def run_eval(args: argparse.Namespace) -> None:
                       progress=not args.quiet, out_dir=args.out, limit=args.limit,
                       continuation=not args.no_continuation, continuations=args.continuations or 1,
                       save_videos=args.save_videos, overwrite=args.overwrite,
-                      speed=args.speed)
+                      speed=args.speed, device=device)
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

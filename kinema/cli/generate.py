@@ -30,6 +30,7 @@ from typing import Any
 from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import (
     add_command,
+    add_device_option,
     checked_number,
     example,
     frame_rate,
@@ -345,6 +346,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
         parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None, controlnet=None,
                             control_video=None, control_indices=None, control_start=None, control_end=None,
                             guess_mode=False, pia_motion=None, control_preprocess=None)
+    add_device_option(group)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
     group.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in spatial tiles")
     group.add_argument("--decode-chunk", type=positive_int,
@@ -589,11 +591,12 @@ def _apply_speed(args: argparse.Namespace) -> None:
     args.speed_line = None
     if getattr(args, "speed", None) is None:
         return
+    from kinema.devices import resolve_device
     from kinema.pipelines.speed import CPU_WITHOUT_BFLOAT16, SPEED_PRESETS, chosen_settings, describe_speed
 
     settings = {key for preset in (SPEED_PRESETS, CPU_WITHOUT_BFLOAT16) for values in preset.values() for key in values}
     given = {key: getattr(args, key) for key in settings if getattr(args, key) is not None}
-    chosen = chosen_settings(args.speed, given)
+    chosen = chosen_settings(args.speed, given, resolve_device(args.device))  # bfloat16 where the device has it
     for key, value in chosen.items():
         setattr(args, key, value)
     args.speed_line = describe_speed(args.speed, chosen)
@@ -856,19 +859,28 @@ def check_decode(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    """The model on --device; with --offload, in CPU memory, each part moved to the device for its own stage."""
+    from kinema.devices import resolve_device
     from kinema.pipelines.load import load_family
 
-    return load_family(args.model, motion_module=args.motion_module, loras=args.lora, dtype=args.dtype or "float32",
-                       tokenizer=args.tokenizer, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
-                       controlnet=_one_or_list(args.controlnet))
+    device = resolve_device(args.device)
+    offload = getattr(args, "offload", False) and device.type != "cpu"
+    family = load_family(args.model, motion_module=args.motion_module, loras=args.lora,
+                         dtype=args.dtype or "float32", device="cpu" if offload else device, tokenizer=args.tokenizer,
+                         ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
+                         controlnet=_one_or_list(args.controlnet))
+    if offload:
+        family.offload_device = device
+    return family
 
 
 def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:
     from kinema.memory import memory_words
 
     for path in paths:
-        print(f"wrote {path}: {report.get('frames')} frames in {report.get('seconds', 0):.1f} s, "
-              f"{report.get('dtype')}, peak memory {memory_words(report.get('peak_memory_bytes'))}")
+        print(f"wrote {path}: {report.get('frames')} frames in {report.get('seconds', 0):.1f} s on "
+              f"{report.get('device', 'cpu')}, {report.get('dtype')}, peak memory "
+              f"{memory_words(report.get('peak_memory_bytes'))}")
     if latents is not None:
         print(f"saved latents to {latents} (`kinema decode` decodes them again)")
 
@@ -913,9 +925,13 @@ def run_generate(args: argparse.Namespace) -> None:
     """Run a prompt config (--config), print the prompt schedule (--print-schedule), or generate and write the
     videos and latents."""
     if args.config is not None:
+        from kinema.devices import resolve_device
+        from kinema.pipelines.jobs import FamilyCache
         from kinema.pipelines.prompt_configs import CONFIG_FILE, run_config
 
-        for path in run_config(args.config_run, args.output, overwrite=args.overwrite, progress=not args.quiet):
+        cache = FamilyCache(max_models=1, device=resolve_device(args.device))
+        for path in run_config(args.config_run, args.output, cache=cache, overwrite=args.overwrite,
+                               progress=not args.quiet):
             print(f"wrote {path}")
         print(f"wrote {args.output / CONFIG_FILE}: the config with the seeds used (run it again for the same videos)")
         return
@@ -961,7 +977,7 @@ def run_decode(args: argparse.Namespace) -> None:
     reset_peak_memory(device)
     began = time.perf_counter()
     frames = decode_saved(family, latents, settings).cpu()
-    report = {"mode": "decode", "family": family.family, "dtype": args.dtype or "float32",
+    report = {"mode": "decode", "family": family.family, "device": str(device), "dtype": args.dtype or "float32",
               "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
               "frames": frames.shape[1], "latents": str(args.latents), "vae_tiling": args.vae_tiling,
               "decode_chunk": args.decode_chunk}

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from kinema.cli.args import add_command, checked_number, example, listen_on, positive_int
+from kinema.cli.args import add_command, add_device_option, checked_number, example, listen_on, positive_int
 from kinema.errors import KinemaError
 
 API_KEY_VARIABLE = "KINEMA_API_KEY"
@@ -59,6 +59,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="most frames a job may ask for (default 1024)")
     parser.add_argument("--max-side", metavar="N", type=positive_int, default=2048,
                         help="largest height or width a job may ask for (default 2048)")
+    add_device_option(parser)
     parser.add_argument("--max-steps", metavar="N", type=positive_int, default=500,
                         help="most sampling steps a job may ask for (default 500)")
 
@@ -94,11 +95,13 @@ def run_serve(args: argparse.Namespace) -> None:
 
         from kinema.api.app import JobLimits, create_app
         from kinema.api.store import lock_data_dir
+        from kinema.devices import resolve_device
 
         lock_data_dir(args.data_dir).close()  # another server on the folder: one line now, not a failed startup later
         app = create_app(args.data_dir, api_key=args.api_key, models_dir=args.models_dir,
                          max_upload_bytes=args.max_upload_mb << 20,
-                         limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps))
+                         limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps),
+                         device=resolve_device(args.device))
         config = uvicorn.Config(app, host=args.host, port=listener.getsockname()[1],
                                 log_level="warning" if args.quiet else "info", timeout_graceful_shutdown=30)
         uvicorn.Server(config).run(sockets=[listener])

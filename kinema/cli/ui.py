@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kinema.cli.args import add_command, check_port_free, checked_number, example, positive_int
+from kinema.cli.args import add_command, add_device_option, check_port_free, checked_number, example, positive_int
 from kinema.errors import KinemaError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -49,6 +49,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                              f"{DEFAULT_OUTPUTS})")
     parser.add_argument("--concurrency", type=positive_int, default=1,
                         help="generations run at once; the rest wait in the queue (default 1)")
+    add_device_option(parser)
     parser.add_argument("--max-upload-mb", type=positive_number, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest image or video upload in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
 
@@ -78,9 +79,12 @@ def run_ui(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("gradio") is None:
         raise KinemaError("the web app needs gradio, which is not installed: pip install \"kinema[ui]\"")
     check_port_free(args.host, args.port)
+    from kinema.devices import resolve_device
+    from kinema.pipelines.jobs import FamilyCache
     from kinema.ui.app import build_app, launch_app
 
-    app = build_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, concurrency=args.concurrency)
+    app = build_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, concurrency=args.concurrency,
+                    cache=FamilyCache(device=resolve_device(args.device)))
     try:
         launch_app(app, outputs_dir=args.outputs_dir, host=args.host, port=args.port,
                    max_upload_bytes=int(args.max_upload_mb * 2**20), block=True, quiet=args.quiet)

@@ -270,6 +270,7 @@ def evaluate(
     save_videos: bool = False,
     overwrite: bool = False,
     speed: str | None = None,
+    device: Any = "cpu",
 ) -> EvalReport:
     """Generate one video per line of `prompts_path` with `model` and score it (see the module docstring).
 
@@ -290,6 +291,7 @@ def evaluate(
             videos' joins differ (on the bundled kinema-tiny-ad, 1.3-4.4 over six prompts).
         speed: a speed preset (kinema.pipelines.speed: fast, balanced, quality) whose settings replace the model's
             defaults, as `kinema generate --speed` does; `steps` still wins. None: the model's defaults.
+        device: where the model runs: a torch device or a kinema.devices name (auto, cpu, cuda, cuda:N, mps).
     Returns:
         The `EvalReport`; videos are `(F, 3, H, W)` frames in [0, 1] at the model's native size.
     """
@@ -319,7 +321,7 @@ def evaluate(
         report = _run(model, entries, Path(prompts_path), seed=seed, frames=frames,
                       steps=steps, guidance=guidance, speed=speed, progress=progress, folder=folder,
                       continuation=continuation_frames if continuation else None, continuations=continuations,
-                      save_videos=save_videos)
+                      save_videos=save_videos, device=device)
         report.seconds = round(time.perf_counter() - began, 1)
         if folder is not None:
             report.out_dir = str(out_dir)
@@ -335,15 +337,17 @@ def _video_seed(entry: PromptEntry, seed: int) -> int:
 
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
          steps: int | None, guidance: float | None, speed: str | None, progress: bool, folder: Path | None,
-         continuation: int | None, continuations: int, save_videos: bool) -> EvalReport:
+         continuation: int | None, continuations: int, save_videos: bool, device: Any) -> EvalReport:
     from tqdm import tqdm
 
+    from kinema.devices import resolve_device
     from kinema.eval.metrics import dynamic_degree, first_frame_psnr, seam_score, temporal_flicker
     from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
 
-    family = load_family(model)
+    device = resolve_device(device) if isinstance(device, str) else device
+    family = load_family(model, device=device)
     size = native_size(family)
     # The model's kinema.json defaults (load_family reads them), as `kinema generate` takes them.
     shared: dict[str, Any] = {"height": size, "width": size, "frames": DEFAULT_FRAMES, **family.defaults, "fps": FPS}
@@ -353,7 +357,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     if speed is not None:  # as `kinema generate --speed`: the preset fills what the user left unset
         from kinema.pipelines.speed import chosen_settings, describe_speed
 
-        chosen = chosen_settings(speed, {"steps": steps} if steps is not None else {})
+        chosen = chosen_settings(speed, {"steps": steps} if steps is not None else {}, device)
         shared.update(chosen, speed=speed)
         logger.info("%s", describe_speed(speed, chosen))
     settings = {"steps": LIBRARY_DEFAULTS["steps"], "guidance": LIBRARY_DEFAULTS["guidance"], **shared, "seed": seed}

@@ -263,6 +263,7 @@ def run_batch(
     workers: int | None = None,
     jobs_file: str | os.PathLike | None = None,
     on_record: Callable[[dict[str, Any], int, int], None] | None = None,
+    device: str = "cpu",
 ) -> BatchSummary:
     """Run every job of `jobs` (from `read_jobs`) that is not done yet into `out` and record each in the manifest.
 
@@ -276,6 +277,8 @@ def run_batch(
         jobs_file: recorded in the manifest's run record.
         on_record: called with each job's manifest record once it is written, the number of jobs finished (done or
             failed) in this run so far, and how many this run has to do: for progress.
+        device: where each worker runs its models, a kinema.devices name resolved on the worker's own machine
+            (auto: its first CUDA GPU, else its CPU). On Ray, `cuda` gives each worker actor a GPU of its own.
     Returns:
         A BatchSummary; failed jobs are in it (and the manifest), not raised, so that one bad job does not stop
         the rest.
@@ -319,20 +322,20 @@ def run_batch(
 
     if pending:
         if ray is None:
-            workers_seen = _run_here(pending, real, record)
+            workers_seen = _run_here(pending, real, record, device)
         else:
-            workers_seen = _run_on_ray(pending, real, record, ray, workers)
+            workers_seen = _run_on_ray(pending, real, record, ray, workers, device)
         for worker in workers_seen:
             append_record(manifest, {**worker, "run": run})
             summary.loads[worker["worker"]] = worker["loads"]
     return summary
 
 
-def _run_here(pending: Sequence[BatchJob], out: Path, record: Record) -> list[dict[str, Any]]:
+def _run_here(pending: Sequence[BatchJob], out: Path, record: Record, device: str) -> list[dict[str, Any]]:
     """Run the jobs in turn in this process on one FamilyCache; returns the one worker's record."""
     from kinema.interrupt import stop_if_requested
 
-    worker = BatchWorker(_worker_name(0), str(out))
+    worker = BatchWorker(_worker_name(0), str(out), device)
     for batch_job in pending:
         stop_if_requested()
         record(worker.run(batch_job))
@@ -354,10 +357,10 @@ class BatchWorker:
     keeps its models between jobs. Its `loads` add up what each job loaded, so they count every model load the
     worker made, whichever cache made it."""
 
-    def __init__(self, name: str, out: str) -> None:
+    def __init__(self, name: str, out: str, device: str = "cpu") -> None:
         from kinema.pipelines.jobs import FamilyCache
 
-        self.name, self.out, self.cache = name, out, FamilyCache()
+        self.name, self.out, self.cache = name, out, FamilyCache(device=device)
         self.jobs = self.loads = 0
 
     def run(self, batch_job: BatchJob) -> dict[str, Any]:
@@ -370,7 +373,7 @@ class BatchWorker:
     def summary(self) -> dict[str, Any]:
         """The worker's manifest record: its model loads and jobs."""
         return {"worker": self.name, "loads": self.loads, "jobs": self.jobs, "host": socket.gethostname(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "device": str(self.cache.device)}
 
 
 def _connect(ray_module: Any, address: str, workers: int | None) -> None:
@@ -399,7 +402,7 @@ def _connect(ray_module: Any, address: str, workers: int | None) -> None:
 
 
 def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address: str,
-                workers: int | None) -> list[dict[str, Any]]:
+                workers: int | None, device: str = "cpu") -> list[dict[str, Any]]:
     """Fan the jobs out over worker actors, each fed one job at a time as it finishes the last; jobs that share a
     model are queued together, so a worker tends to keep serving the model it has loaded."""
     if not ray_available():
@@ -415,8 +418,15 @@ def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address:
         if workers is not None and workers > cpus:  # an actor that finds no free CPU would wait, and its jobs too
             logger.warning("the Ray cluster has %d CPU(s), so %d worker actors instead of %d", cpus, cpus, workers)
         count = min(workers or cpus, cpus, len(pending))
-        actor_class = ray.remote(num_cpus=1)(BatchWorker)
-        actors = [actor_class.remote(_worker_name(index), str(out)) for index in range(count)]
+        # Ray hides the GPUs from an actor that asks for none, so a worker on `cuda` asks for one of its own.
+        gpus = 1 if device.startswith("cuda") else 0
+        if gpus:
+            available = int(ray.cluster_resources().get("GPU", 0))
+            if available < 1:
+                raise KinemaError(f"device {device}: the Ray cluster has no GPU; use --device cpu (or auto)")
+            count = min(count, available)
+        actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(BatchWorker)
+        actors = [actor_class.remote(_worker_name(index), str(out), device) for index in range(count)]
         queue = deque(sorted(pending, key=lambda batch_job: repr(batch_job.job.model_key())))
         running: dict[Any, tuple[Any, BatchJob]] = {}
 

@@ -38,6 +38,8 @@ class VideoFamily:
     # The generation settings the model's kinema.json recommends ("defaults": size, frames, steps, guidance,
     # scheduler); `generate()` fills a request's unset fields from them.
     defaults: Mapping[str, Any] = MappingProxyType({})
+    # Where a request's `offload` runs each model (its parts wait in CPU memory): None is the first CUDA GPU.
+    offload_device: torch.device | None = None
 
     # The VideoModel (VideoUNet / VideoDiT) the denoiser wraps.
     model: Any

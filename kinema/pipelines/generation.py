@@ -168,7 +168,7 @@ def _with_control(family: VideoFamily, request: GenerationRequest, text: _Text,
     guess mode `control_guess` marks the conditional side alone as steered."""
     if control_images is None:
         return text
-    device = _device(family)
+    device = _device(family, request.offload)
     control = family.control_conditioning([images.to(device) for images in control_images], frames,
                                           request.control_indices)
     rows = {key: value.expand(videos, *value.shape[1:]) for key, value in control.items() if value is not None}
@@ -320,7 +320,7 @@ def _precision_and_memory(family: VideoFamily, request: GenerationRequest) -> An
         from kinema.models.precision import prepare_for_inference
 
         dtype = getattr(torch, request.dtype)  # a name of request.DTYPES, checked by request.check()
-        _warn_if_emulated(dtype, _device(family))
+        _warn_if_emulated(dtype, _device(family, request.offload))
         for module in family.modules():
             prepare_for_inference(module, dtype)
     _optimize(family.model, request)
@@ -370,9 +370,11 @@ def _warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
 
 def _offload(family: VideoFamily) -> list[torch.nn.Module]:
     """Model CPU offload through accelerate's hooks (as diffusers' `enable_model_cpu_offload`): each model stays in
-    CPU memory and moves to the accelerator for its own forward, sending the previous one back. Without an
-    accelerator there is nowhere to offload from, and it is logged and skipped."""
-    if not torch.cuda.is_available():
+    CPU memory and moves to the accelerator (`family.offload_device`, else the first CUDA GPU) for its own forward,
+    sending the previous one back. Without an accelerator there is nowhere to offload from, and it is logged and
+    skipped."""
+    target = _offload_target(family)
+    if target is None:
         logger.warning("offload: no accelerator here, so the models stay where they are")
         return []
     from accelerate import cpu_offload_with_hook
@@ -383,12 +385,22 @@ def _offload(family: VideoFamily) -> list[torch.nn.Module]:
     hook = None
     for module in modules:
         module.to("cpu")
-        _, hook = cpu_offload_with_hook(module, "cuda", prev_module_hook=hook)
+        _, hook = cpu_offload_with_hook(module, target, prev_module_hook=hook)
     return modules
 
 
-def _device(family: VideoFamily) -> torch.device:
-    return next(family.model.parameters()).device
+def _offload_target(family: VideoFamily) -> torch.device | None:
+    """The accelerator an offloaded run moves each model to; None where there is none."""
+    target = family.offload_device
+    if target is None and torch.cuda.is_available():
+        target = torch.device("cuda")
+    return None if target is None or torch.device(target).type == "cpu" else torch.device(target)
+
+
+def _device(family: VideoFamily, offload: bool = False) -> torch.device:
+    """Where the run's tensors live: the video model's device, or with `offload` the accelerator the offloaded
+    models run on (their weights wait in CPU memory)."""
+    return (_offload_target(family) if offload else None) or next(family.model.parameters()).device
 
 
 @dataclass
@@ -586,7 +598,8 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
         frames[:, :overlap] = context
         keep = torch.zeros(segment, dtype=torch.bool)
         keep[:overlap] = True
-        noise = _noise(family, plan, request, [s + 7919 * (segments + 1) for s in seeds], _device(family))
+        noise = _noise(family, plan, request, [s + 7919 * (segments + 1) for s in seeds],
+                       _device(family, request.offload))
         device = noise.device
         clip = _condition_on_frames(family, noise, frames.to(device), keep, context[:, 0].to(device),
                                     inpaint=family.inpaints)
@@ -727,7 +740,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         request = replace(request, height=input_video.shape[-2], width=input_video.shape[-1])
     plan = _plan(family, request)
     seeds = [int(s) for s in request.seeds]
-    device = _device(family)
+    device = _device(family, request.offload)
     if input_video is not None:
         if mode == "video-to-video":
             plan = replace(plan, frames=input_video.shape[0], latent_frames=family.latent_frames(input_video.shape[0]))
@@ -830,7 +843,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 with torch.no_grad():
                     frames = family.decode(latents).cpu()
     dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
-    report = {"mode": mode, "family": family.family, "dtype": dtype, "int8": _quantized(family.model),
+    report = {"mode": mode, "family": family.family, "device": str(device), "dtype": dtype,
+              "int8": _quantized(family.model),
               "compiled": getattr(family.model, "_compiled_call_impl", None) is not None,
               "seconds": round(time.perf_counter() - began, 3),
               "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
@@ -872,7 +886,7 @@ def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan,
                    control_images: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Latents of a clip of `plan.frames` frames: text-to-video, or image-to-video holding `images` (start, end);
     steered by the control images `(K, 3, H, W)` of each ControlNet when given."""
-    device = _device(family)
+    device = _device(family, request.offload)
     noise = _noise(family, plan, request, seeds, device)
     with torch.no_grad():
         text = _with_control(family, request, _encode_text(family, request, len(seeds), plan.latent_frames,

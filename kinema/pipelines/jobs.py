@@ -787,13 +787,17 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
 class FamilyCache:
     """Keeps loaded models by `Job.model_key()`: `load_family` runs once per key (`loads` counts its calls).
     `max_models` bounds how many stay loaded (the least recently used goes first; None keeps all); `device` is
-    where they load. Safe to share between threads: a key is loaded by one of them while the others wait."""
+    where they load: a torch device, or a name of kinema.devices (auto, cpu, cuda, cuda:N, mps) resolved here, on
+    the machine that runs the jobs (a Ray worker's own). Safe to share between threads: a key is loaded by one of
+    them while the others wait."""
 
     def __init__(self, *, max_models: int | None = None, device: Any = "cpu") -> None:
         if max_models is not None and max_models < 1:
             raise KinemaError(f"max_models must be at least 1 (or None for no limit), got {max_models}")
+        from kinema.devices import resolve_device
+
         self.max_models = max_models
-        self.device = device
+        self.device = resolve_device(device) if isinstance(device, str) else device
         self.loads = 0
         self._families: OrderedDict[tuple, VideoFamily] = OrderedDict()
         self._lock = threading.Lock()

@@ -165,6 +165,7 @@ def test_eight_jobs_on_two_ray_workers_load_the_model_once_per_worker(tmp_path, 
     workers = {r["worker"]: r for r in records if "pid" in r}
     assert sorted(workers) == ["worker-0", "worker-1"]
     assert [workers[name]["loads"] for name in sorted(workers)] == [1, 1]
+    assert all(worker["device"] == "cpu" for worker in workers.values())  # auto: Ray hides GPUs from actors
     assert sum(worker["jobs"] for worker in workers.values()) == 8 and all(w["jobs"] >= 1 for w in workers.values())
     done = [r for r in records if r.get("status") == "done"]
     assert {r["worker"] for r in done} == set(workers)

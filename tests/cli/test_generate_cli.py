@@ -571,3 +571,47 @@ def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(
         "kinema extend: error: the video to extend has 1 frames, fewer than the 4 each new segment is conditioned on "
         "(overlap_frames, --overlap); give an overlap of at most 1, or a longer video\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "one.mp4.json"]
+
+
+def test_the_model_loads_on_the_device_and_with_offload_waits_in_cpu_memory(monkeypatch):
+    import kinema.devices
+    import kinema.pipelines.load
+    from kinema.cli.generate import _load
+    from kinema.pipelines.family import VideoFamily
+
+    loaded = []
+
+    def load_family(model, **options):
+        loaded.append(options["device"])
+        return VideoFamily()
+
+    monkeypatch.setattr(kinema.pipelines.load, "load_family", load_family)
+    monkeypatch.setattr(kinema.devices, "resolve_device", lambda name: torch.device("cuda", 1))
+    assert _load(checked(["generate", "a cat", "--device", "cuda:1"])).offload_device is None
+    family = _load(checked(["generate", "a cat", "--device", "cuda:1", "--offload"]))
+    assert loaded == [torch.device("cuda", 1), "cpu"] and family.offload_device == torch.device("cuda", 1)
+    monkeypatch.setattr(kinema.devices, "resolve_device", lambda name: torch.device("cpu"))
+    assert _load(checked(["generate", "a cat", "--offload"])).offload_device is None  # nowhere to offload to
+    assert loaded[-1] == torch.device("cpu")
+
+
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["eval"], ["batch", "jobs.jsonl", "--out", "b"], ["ui"],
+                                     ["serve"], ["decode", "x.latents.safetensors"]])
+def test_every_command_that_runs_models_takes_a_device_and_checks_its_name(command, capsys):
+    assert build_parser().parse_args([*command, "--device", "cuda:1"]).device == "cuda:1"
+    assert build_parser().parse_args(command).device == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--device", "gpu"])
+    assert capsys.readouterr().err.endswith("error: argument --device: unknown device 'gpu': use auto, cpu, cuda, "
+                                            "cuda:N or mps\n")
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import kinema.pipelines.load
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    monkeypatch.setattr(kinema.pipelines.load, "load_family", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["generate", "a cat", "--device", "cuda", "-o", str(tmp_path / "cat.mp4")]) == 1
+    assert capsys.readouterr().err.strip() == ("kinema generate: error: device cuda: this torch is built for the CPU "
+                                               "only; use --device cpu (or auto)")

@@ -295,6 +295,12 @@ MUTATIONS = (
         ((("        names = pickled_strings(path)", "        names = None"),),),
         ("tests/loaders/animatediff/test_pia.py",),
     ),
+    Mutation(
+        "--device is read but the model always loads on the CPU",
+        "kinema/cli/generate.py",
+        ((("device=\"cpu\" if offload else device,", "device=\"cpu\","),),),
+        ("tests/cli/test_generate_cli.py",),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

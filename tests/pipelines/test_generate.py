@@ -86,6 +86,7 @@ def test_animatediff_report_and_settings(animatediff):
     assert [s["seed"] for s in result.settings] == [3, 4]
     assert all(s["prompt"] == "a cat runs" and s["scheduler"] == "euler" for s in result.settings)
     assert result.report["mode"] == "text-to-video" and result.report["dtype"] == "float32"
+    assert result.report["device"] == "cpu"  # where it ran, as the CLI prints it
     assert result.report["peak_memory_bytes"] > 0
 
 
