@@ -590,6 +590,9 @@ def test_the_model_loads_on_the_device_and_with_offload_waits_in_cpu_memory(monk
     assert _load(checked(["generate", "a cat", "--device", "cuda:1"])).offload_device is None
     family = _load(checked(["generate", "a cat", "--device", "cuda:1", "--offload"]))
     assert loaded == [torch.device("cuda", 1), "cpu"] and family.offload_device == torch.device("cuda", 1)
+    with pytest.raises(KinemaError, match=r"^--quantize int8 runs on the CPU only .* and --device is cuda:1: drop "
+                                          r"--quantize, or give --device cpu$"):
+        _load(checked(["generate", "a cat", "--device", "cuda:1", "--quantize", "int8"]))
     monkeypatch.setattr(kinema.devices, "resolve_device", lambda name: torch.device("cpu"))
     assert _load(checked(["generate", "a cat", "--offload"])).offload_device is None  # nowhere to offload to
     assert loaded[-1] == torch.device("cpu")
