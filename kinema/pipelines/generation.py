@@ -358,11 +358,16 @@ def _quantized(model: torch.nn.Module) -> bool:
 
 def _warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
     """Half precision on a CPU without native support (AVX2 only: no AVX-512 BF16 / AMX) runs in slow fallback
-    kernels, measured ~100x slower than float32 at SD1.5 size; say so rather than let a run crawl."""
+    kernels, measured ~100x slower than float32 at SD1.5 size; say so rather than let a run crawl. A GPU before
+    Ampere (compute capability 8) has no bfloat16 tensor cores: float16 runs at full speed there."""
+    from kinema.pipelines.speed import native_bfloat16
+
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bfloat16(device):
+        logger.warning("this GPU has no native bfloat16 support (it predates compute capability 8), so the models run "
+                       "slower than they could; use --dtype float16 here")
     if device.type != "cpu" or dtype == torch.float32:
         return
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else \
-        torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    native = native_bfloat16(device) if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported()
     if not native:
         logger.warning("this CPU has no native %s support, so the models run far slower than in float32; use "
                        "--dtype float32 here", str(dtype).removeprefix("torch."))

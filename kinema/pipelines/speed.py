@@ -40,7 +40,8 @@ def native_bfloat16(device: Any = "cpu") -> bool:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        # torch counts pre-Ampere GPUs' emulated bfloat16 as supported by default; emulated is slow, so not native.
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False

@@ -98,3 +98,25 @@ def test_a_jobs_speed_key_fills_what_the_job_leaves_unset(native_bf16, tmp_path)
                          ({"quantize": "int4"}, "quantize"), ({"cache_interval": 0}, "cache_interval")):
         with pytest.raises(KinemaError, match=message):
             job_from_mapping({"prompt": "a red circle", **bad}, base=tmp_path)
+
+
+def test_a_gpu_whose_bfloat16_is_emulated_is_not_native(monkeypatch, caplog):
+    """torch counts a pre-Ampere GPU's bfloat16 as supported unless asked about emulation: presets keep float32
+    there, and a bfloat16 run says float16 is the fast choice."""
+    import torch
+
+    from kinema.pipelines.generation import _warn_if_emulated
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not speed.native_bfloat16("cuda")
+    assert "dtype" not in speed.preset_settings("fast", "cuda") and "quantize" not in speed.preset_settings("fast",
+                                                                                                        "cuda")
+    with caplog.at_level("WARNING", logger="kinema"):
+        _warn_if_emulated(torch.bfloat16, torch.device("cuda"))
+        _warn_if_emulated(torch.float16, torch.device("cuda"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "this GPU has no native bfloat16 support (it predates compute capability 8), so the models run slower than "
+        "they could; use --dtype float16 here"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert speed.native_bfloat16("cuda") and speed.preset_settings("fast", "cuda")["dtype"] == "bfloat16"
