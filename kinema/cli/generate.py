@@ -498,22 +498,22 @@ def _require_path(path: str | None, what: str) -> None:
         raise KinemaError(f"no such {what}: {path}")
 
 
-def _check_image(path: str | None, what: str) -> None:
-    """An image option names an image file PIL can read (its header, not its pixels)."""
+def _check_image(path: str | None, what: str) -> tuple[int, int] | None:
+    """An image option names an image file PIL can read; its `(width, height)` (None: no image given)."""
     _require_path(path, what)
     if path is None:
-        return
+        return None
     if os.path.isdir(path):
         raise KinemaError(f"the {what} {path} is a folder; give an image file (PNG, JPEG or WebP)")
-    check_image_file(path, what)
+    return check_image_file(path, what)
 
 
-def _check_image_size(args: argparse.Namespace, path: str | None, what: str) -> None:
-    """A frame image is at the video's size unless --resize: refused here, before the model loads, where
-    generate() would refuse it only after."""
-    if path is None or args.resize or None in (args.height, args.width):
+def _check_image_size(args: argparse.Namespace, size: tuple[int, int] | None, what: str) -> None:
+    """A frame image of `size` (width, height) is at the video's size unless --resize: refused here, before the
+    model loads, where generate() would refuse it only after."""
+    if size is None or args.resize or None in (args.height, args.width):
         return
-    width, height = check_image_file(path, what)
+    width, height = size
     if (height, width) != (args.height, args.width):
         raise KinemaError(f"the {what} is {width}x{height} but the video is {args.width}x{args.height}; pass --resize "
                           f"to resize it, or set --width {width} --height {height}")
@@ -754,13 +754,12 @@ def check_generate(args: argparse.Namespace) -> None:
         return
     if args.end_image is not None and args.image is None:
         raise KinemaError("--end-image needs --image (the first frame) too")
-    _check_image(args.image, "image")
-    _check_image(args.end_image, "end image")
+    sizes = _check_image(args.image, "image"), _check_image(args.end_image, "end image")
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     _check_model_takes(args, model, args.frames)
-    _check_image_size(args, args.image, "start image")
-    _check_image_size(args, args.end_image, "end image")
+    _check_image_size(args, sizes[0], "start image")
+    _check_image_size(args, sizes[1], "end image")
     _check_control_frames(args, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
@@ -928,11 +927,10 @@ def run_generate(args: argparse.Namespace) -> None:
     """Run a prompt config (--config), print the prompt schedule (--print-schedule), or generate and write the
     videos and latents."""
     if args.config is not None:
-        from kinema.devices import resolve_device
         from kinema.pipelines.jobs import FamilyCache
         from kinema.pipelines.prompt_configs import CONFIG_FILE, run_config
 
-        cache = FamilyCache(max_models=1, device=resolve_device(args.device))
+        cache = FamilyCache(max_models=1, device=args.device)
         for path in run_config(args.config_run, args.output, cache=cache, overwrite=args.overwrite,
                                progress=not args.quiet):
             print(f"wrote {path}")
