@@ -33,6 +33,7 @@ from kinema.cli.args import (
     add_device_option,
     checked_number,
     example,
+    fraction,
     frame_rate,
     non_negative_int,
     positive_int,
@@ -115,7 +116,7 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
     "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
-    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None}
+    "--quantize": None, "--cache-interval": None, "--cfg-truncation": None, "--guidance-rescale": None}
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16}
 DECODE_DESCRIPTION = (
@@ -389,6 +390,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=number,
                        help="classifier-free guidance scale, >= 1 (1 turns it off; default: the model's kinema.json "
                             "defaults, else 7.5)")
+    group.add_argument("--guidance-rescale", type=fraction, metavar="F",
+                       help="rescale the guided prediction towards the conditional one's spread by this share (0 to "
+                            "1; diffusers' guidance_rescale): against the washed-out, over-saturated look of strong "
+                            "guidance, above all on v-prediction models (0.7 there; default 0: off)")
     group.add_argument("--seed", type=seed_number, nargs="+", metavar="N",
                        help="one video per seed (default 0)")
     group.add_argument("--scheduler", choices=list(SCHEDULERS),
@@ -636,7 +641,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         decode_chunk=args.decode_chunk,
         attention_chunk=args.attention_chunk, offload=args.offload, compile=bool(args.compile),
         quantize=args.quantize, cache_interval=args.cache_interval, cfg_truncation=args.cfg_truncation,
-        speed=args.speed)
+        guidance_rescale=args.guidance_rescale, speed=args.speed)
     # Options unset, and not in the model's defaults either, take the request's.
     for key in ("height", "width", "steps", "guidance", "fps", "overlap_frames", "motion_scale", "motion_effect",
                 "control_start", "control_end"):

@@ -463,7 +463,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         latents = sample(denoiser, scheduler, noise, cond, uncond, run_steps, plan.guidance, callback=callback,
                          progress=progress, generator=generators(seeds), first_step=first_step,
                          conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
-                         cfg_truncation=request.cfg_truncation)
+                         cfg_truncation=request.cfg_truncation, guidance_rescale=request.guidance_rescale)
         if not torch.isfinite(latents).all():
             raise _not_finite(family, request)
         return latents

@@ -77,7 +77,7 @@ JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
                "decode_chunk", "attention_chunk", "cache_interval")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
-                  "control_end")
+                  "control_end", "guidance_rescale")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",

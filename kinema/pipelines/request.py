@@ -274,6 +274,9 @@ class GenerationRequest:
             reused in between (None or 1: every step computes everything).
         cfg_truncation: classifier-free guidance stops after this fraction of the steps; the rest run the
             conditional half only (None: guidance on every step).
+        guidance_rescale: in [0, 1], how far the guided prediction is rescaled to the conditional one's spread
+            (diffusers' `guidance_rescale`, Lin et al. 2023; 0.7 there for v-prediction models with zero terminal
+            SNR; None or 0: off).
         speed: the `--speed` preset these settings came from (recorded with the video; front ends apply it with
             kinema.pipelines.speed, which fills the fields above).
         fps: frames per second of the written video.
@@ -322,6 +325,7 @@ class GenerationRequest:
     quantize: str | None = None
     cache_interval: int | None = None
     cfg_truncation: float | None = None
+    guidance_rescale: float | None = None
     speed: str | None = None
 
     @property
@@ -431,6 +435,10 @@ class GenerationRequest:
         if self.cfg_truncation is not None and not 0 < self.cfg_truncation <= 1:
             raise KinemaError(f"cfg_truncation must be in (0, 1] (the share of steps that keep guidance), got "
                               f"{self.cfg_truncation}")
+        if self.guidance_rescale is not None and (isinstance(self.guidance_rescale, bool) or not isinstance(
+                self.guidance_rescale, int | float) or not 0 <= self.guidance_rescale <= 1):
+            raise KinemaError(f"guidance_rescale must be a number from 0 to 1 (the share of the guided prediction "
+                              f"rescaled to the conditional one's spread), got {self.guidance_rescale!r}")
         if self.speed is not None and self.speed not in SPEEDS:
             raise KinemaError(f"unknown speed preset {self.speed!r}; known presets: {', '.join(SPEEDS)}")
         if not isinstance(self.prompt, (str, Mapping)):

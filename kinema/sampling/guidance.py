@@ -1,5 +1,5 @@
-"""Classifier-free guidance: `uncond + g * (cond - uncond)`, both halves in one batched forward; and its truncation,
-guidance on the first steps only."""
+"""Classifier-free guidance: `uncond + g * (cond - uncond)`, both halves in one batched forward, optionally rescaled;
+and its truncation, guidance on the first steps only."""
 
 from __future__ import annotations
 
@@ -32,9 +32,12 @@ def join_conditioning(uncond: Conditioning, cond: Conditioning) -> dict[str, tor
 
 
 def guided_prediction(denoiser: Denoiser, latents: torch.Tensor, timestep: Timestep, cond: Conditioning,
-                      uncond: Conditioning | None, guidance: float) -> torch.Tensor:
-    """Epsilon under classifier-free guidance with scale `guidance`. The unconditional and conditional halves run as
-    one batch of 2B; guidance 1 runs the conditional half alone (and needs no `uncond`)."""
+                      uncond: Conditioning | None, guidance: float, rescale: float | None = None) -> torch.Tensor:
+    """The model's prediction (epsilon or velocity) `(B, C, F, H, W)` under classifier-free guidance with scale
+    `guidance`. The unconditional and conditional halves run as one batch of 2B; guidance 1 runs the conditional half
+    alone (and needs no `uncond`). `rescale` in [0, 1] blends the guided prediction towards itself rescaled to the
+    conditional one's standard deviation per video (diffusers' `rescale_noise_cfg`, Lin et al. 2023, section 3.4:
+    strong guidance otherwise over-saturates, above all with v-prediction and zero terminal SNR); None or 0: none."""
     if guidance == 1:
         return denoiser(latents, timestep, cond)
     if uncond is None:
@@ -42,7 +45,12 @@ def guided_prediction(denoiser: Denoiser, latents: torch.Tensor, timestep: Times
                           "uncond, or guidance 1 for none")
     both = denoiser(torch.cat([latents, latents]), timestep, join_conditioning(uncond, cond))
     eps_uncond, eps_cond = both.chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
+    guided = eps_uncond + guidance * (eps_cond - eps_uncond)
+    if rescale:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=rescale)
+    return guided
 
 
 def guided_steps(steps: int, cfg_truncation: float | None) -> int:

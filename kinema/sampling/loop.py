@@ -50,7 +50,7 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
            progress: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
            first_step: int = 0, conditioning_at: ConditioningAt | None = None,
            after_step: AfterStep | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
-           cfg_truncation: float | None = None) -> torch.Tensor:
+           cfg_truncation: float | None = None, guidance_rescale: float | None = None) -> torch.Tensor:
     """Denoise `latents` in `steps` scheduler steps; returns the final latents `(B, C, F, H, W)`.
 
     Args:
@@ -73,6 +73,8 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
         cache_depth: how much of the model a reuse step runs (`StepCache`'s `depth`); None: the model's default.
         cfg_truncation: guidance runs on the first `cfg_truncation` share of the `steps` (rounded up) and the rest
             run the conditional half only (guidance 1); None: every step.
+        guidance_rescale: the guided prediction's rescale towards the conditional one's spread, in [0, 1]
+            (`guided_prediction`'s `rescale`); None or 0: none.
     """
     if steps < 1:
         raise KinemaError(f"sampling needs at least 1 step, got {steps}")
@@ -104,7 +106,8 @@ def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, cond: Cond
             if step_cache is not None and index == cut and guidance != 1:
                 step_cache.keep_conditional_half()
             with nullcontext() if step_cache is None else step_cache.step(index - first_step, cond):
-                eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, step_guidance)
+                eps = guided_prediction(denoiser, model_input, timestep, cond, uncond, step_guidance,
+                                        guidance_rescale)
             latents = scheduler.step(eps, timestep, latents, **step_kwargs, return_dict=False)[0]
             if after_step is not None:
                 latents = after_step(index, latents)

@@ -301,6 +301,14 @@ MUTATIONS = (
         ((("device=\"cpu\" if offload else device,", "device=\"cpu\","),),),
         ("tests/cli/test_generate_cli.py",),
     ),
+    Mutation(
+        "guidance rescale scales every video by the batch's spread, not its own",
+        "kinema/sampling/guidance.py",
+        ((("        guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=rescale)",
+           "        guided = rescale_noise_cfg(guided.flatten()[None], eps_cond.flatten()[None], "
+           "guidance_rescale=rescale).view_as(guided)"),),),
+        ("tests/sampling/test_sampling.py",),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

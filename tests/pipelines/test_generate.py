@@ -90,6 +90,25 @@ def test_animatediff_report_and_settings(animatediff):
     assert result.report["peak_memory_bytes"] > 0
 
 
+def test_guidance_rescale_reaches_the_sampler_and_is_recorded(animatediff, monkeypatch):
+    import kinema.sampling.guidance as guidance
+
+    seen = []
+    original = guidance.guided_prediction
+
+    def spy(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get("rescale"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("kinema.sampling.loop.guided_prediction", spy)
+    plain, rescaled = run(animatediff), run(animatediff, guidance_rescale=0.7)
+    assert seen == [None] * 3 + [0.7] * 3
+    assert rescaled.settings[0]["guidance_rescale"] == 0.7 and plain.settings[0]["guidance_rescale"] is None
+    assert not torch.allclose(plain.frames, rescaled.frames, atol=1e-3)
+    with pytest.raises(KinemaError, match=r"guidance_rescale must be a number from 0 to 1 .*got 1.5"):
+        run(animatediff, guidance_rescale=1.5)
+
+
 @pytest.fixture
 def family(request):
     return request.getfixturevalue(request.param)

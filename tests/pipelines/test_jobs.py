@@ -101,6 +101,8 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "timestep_spacing": "trail"}, "job: unknown timestep_spacing 'trail'; choose one of"),
     ({"prompt": "a cat", "motion_effect": -1}, "job: motion effect must be a finite number of at least 0"),
     ({"prompt": "a cat", "motion_scale": "big"}, "job: motion_scale must be a finite number, got str 'big'"),
+    ({"prompt": "a cat", "guidance_rescale": "0.7"}, "job: guidance_rescale must be a finite number, got str '0.7'"),
+    ({"prompt": "a cat", "guidance_rescale": 2}, "job: guidance_rescale must be a number from 0 to 1"),
     ({"prompt": "a cat", "freeu": "on"}, "job: freeu must be true (Stable Diffusion 1.5's factors), false, or an"),
     ({"prompt": "a cat", "freeu": {"b3": 1}}, "job: freeu: unknown key 'b3'; known keys: b1, b2, s1, s2"),
     ({"prompt": "a cat", "freeu": {"s2": 0}}, "job: FreeU factor s2 must be a finite number above 0, got 0.0"),

@@ -172,6 +172,30 @@ def test_guidance_one_is_the_conditional_result_in_one_forward_per_step(moving_u
         guided_prediction(counting, latents, t, UNetDenoiser.conditioning(cond), None, 7.5)
 
 
+def test_guidance_rescale_matches_each_videos_spread_to_the_conditional_prediction(moving_unet):
+    """Lin et al. 2023, section 3.4, written out here in plain torch: per video, the guided prediction scaled to the
+    conditional one's standard deviation, blended with the guided one by the rescale share."""
+    cond, uncond = texts()
+    latents, t = initial_noise(SHAPE, seeds=[1, 2]) * 3, torch.tensor(500)
+    with torch.no_grad():
+        on_text = moving_unet(latents, t, cond)
+        negative = moving_unet(latents, t, uncond)
+
+        def guided(rescale):
+            return guided_prediction(UNetDenoiser(moving_unet), latents, t, UNetDenoiser.conditioning(cond),
+                                     UNetDenoiser.conditioning(uncond), guidance=9.0, rescale=rescale)
+
+        plain = negative + 9.0 * (on_text - negative)
+        torch.testing.assert_close(guided(None), plain, atol=1e-4, rtol=0)
+        assert torch.equal(guided(0.0), guided(None))
+        for video in range(SHAPE[0]):  # std over (C, F, H, W) of each video alone
+            ratio = on_text[video].std() / plain[video].std()
+            expected = 0.7 * plain[video] * ratio + 0.3 * plain[video]
+            torch.testing.assert_close(guided(0.7)[video], expected, atol=1e-4, rtol=0)
+            torch.testing.assert_close(guided(1.0)[video].std(), on_text[video].std(), atol=1e-4, rtol=0)
+        assert not torch.allclose(guided(0.7), plain, atol=1e-2)
+
+
 def test_a_half_precision_model_runs_under_a_float32_loop(moving_unet):
     cond, uncond = texts()
     noise = initial_noise(SHAPE, seeds=[1, 2])
