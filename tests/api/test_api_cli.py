@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kinema.api.store import lock_data_dir
 from kinema.cli import main, serve
@@ -129,17 +130,19 @@ def test_serve_holds_its_port_from_the_check_until_uvicorn_serves_it(tmp_path, m
     real_create_app = api_app.create_app
 
     def create_app(*args, **kwargs):
+        devices.append(kwargs["device"])
         with socket.socket() as rival, pytest.raises(OSError):  # the port is taken while the app starts
             rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             rival.bind(("127.0.0.1", port))
         return real_create_app(*args, **kwargs)
 
-    served = []
+    served, devices = [], []
     monkeypatch.setattr(api_app, "create_app", create_app)
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.extend(
         (self.config.port, sock.getsockname()[1]) for sock in sockets))
     assert main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 0
     assert served == [(port, port)]
+    assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]  # --device auto, resolved
     with socket.socket() as after:  # given back when the server stops
         after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         after.bind(("127.0.0.1", port))
