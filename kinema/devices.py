@@ -21,7 +21,8 @@ AUTO = "auto"
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 DEVICE_HELP = (f"where the models run: {DEVICE_NAMES} (default auto: the first CUDA GPU when there is one, else the "
                "CPU)")
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+# ASCII digits without leading zeros: torch refuses "cuda:01", and \d would take other scripts' digits.
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::(?:0|[1-9][0-9]{0,3}))?")
 
 
 def check_device_name(name: str) -> str:

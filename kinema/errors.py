@@ -74,7 +74,10 @@ def os_error_message(err: OSError, path: str | os.PathLike | None = None, action
 
 
 # How libraries that do their own I/O (torch's zip writer, safetensors' Rust writer) report a full disk.
-_DISK_FULL = re.compile(r"No space left on device|os error 28|file write failed|enforce fail at inline_container")
+# torch's zip writer on a full disk fails "at inline_container" with "unexpected pos" or "file write failed"; its
+# reader fails there too on a damaged file ("file in archive is not in a subdirectory"), which is no full disk.
+_DISK_FULL = re.compile(r"No space left on device|os error 28|file write failed|"
+                        r"enforce fail at inline_container.*unexpected pos")
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -169,6 +169,17 @@ def kind_words(kind: str) -> str:
     return kind.replace("_", " ")
 
 
+def _damaged_weights(path: Path) -> str | None:
+    """What a cut-short or damaged safetensors file at `path` is, in a few words (sniff's); None for anything else."""
+    from kinema.sniff import Kind, sniff
+
+    try:
+        found = sniff(path)
+    except KinemaError:
+        return None
+    return found.what if found.kind in (Kind.SAFETENSORS_TRUNCATED, Kind.SAFETENSORS_DAMAGED) else None
+
+
 def output_kind(path: str | os.PathLike) -> str | None:
     """The kind of kinema output at `path` (from the mark kinema wrote inside it), or None when kinema did not
     write it. A folder's kind needs its manifest (or a training run's record); a file's needs its metadata, zip
@@ -290,6 +301,11 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
         hint = ""
         if real.is_dir():
             hint = f" (it holds {', '.join(sorted(p.name for p in real.iterdir())[:3])})"
+        elif (damaged := _damaged_weights(real)) is not None:
+            # kinema's mark is in the part that is gone: whose it was cannot be told, so it stays.
+            raise KinemaError(f"{given} already exists and is {damaged}, so kinema cannot tell whether it wrote it, "
+                              f"and never replaces what it may not have written: delete it yourself if it is an "
+                              f"output of yours, or choose a new {noun}")
         raise KinemaError(f"{given} already exists and kinema did not write it{hint}; kinema never replaces what it "
                           f"did not write: choose a new {noun} or an empty folder")
     if kind is not None and found != kind:

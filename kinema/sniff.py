@@ -17,6 +17,7 @@ import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -224,8 +225,9 @@ def _text_kind(path: Path, text: str, encoding: str) -> FileKind:
                     "check the path; a weights file is binary (.safetensors, .ckpt, .pt, .pth, .bin)")
 
 
-# A state dict's pickle is names and storage references, a few hundred KB for SD-sized checkpoints; more is not one.
-PICKLE_STRINGS_MAX_BYTES = 64_000_000
+# A state dict's pickle is names and storage references, a few hundred KB for SD-sized checkpoints (disassembling it
+# takes milliseconds); a larger one is left to the loader rather than read here for seconds.
+PICKLE_STRINGS_MAX_BYTES = 4_000_000
 
 
 def pickled_strings(path: str | os.PathLike) -> frozenset[str] | None:
@@ -240,7 +242,9 @@ def pickled_strings(path: str | os.PathLike) -> frozenset[str] | None:
                 return None
             data = archive.read(entry)
         return frozenset(arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    # A zip that is encrypted, compressed some other way or damaged, or a pickle that does not disassemble: the loader
+    # reads it and names the problem.
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zlib.error):
         return None
 
 

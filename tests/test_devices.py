@@ -14,7 +14,8 @@ def test_device_names(name, expected):
     assert check_device_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cuda1", "tpu", "", "cpu:0"])
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cuda1", "tpu", "", "cpu:0", "cuda:01", "cuda:\u0663",
+                                  "cuda:\uff11", "cuda:99999999999999999999"])
 def test_unknown_device_names_are_one_line(name):
     with pytest.raises(KinemaError, match=r"^unknown device .*: use auto, cpu, cuda, cuda:N or mps$"):
         check_device_name(name)

@@ -413,3 +413,21 @@ def test_a_run_stopped_after_sampling_says_where_its_latents_are(tmp_path, capsy
     assert f"the final latents are kept in {out}.latents.safetensors: `kinema decode {out}.latents.safetensors`" in err
     assert err.endswith("interrupted; nothing half-written was left\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4.latents.safetensors"]
+
+
+def test_a_cut_short_safetensors_output_is_kept_and_named_for_what_it_is(tmp_path):
+    """kinema's mark is in the header: a file cut short (or with its header damaged) cannot show it, so it is never
+    replaced, and the refusal says why rather than that kinema did not write it."""
+    path = tmp_path / "run.latents.safetensors"
+    write_state_dict({"latents": torch.zeros(1, 4, 2, 2, 2)}, path, kind="latents")
+    whole = path.read_bytes()
+    flipped = bytearray(whole)
+    flipped[13] ^= 0x04  # "__metadata__" becomes "__matadata__": an entry that is no tensor
+    for damaged, what in ((whole[:-1], "whose header says"), (bytes(flipped), "with a damaged header")):
+        path.write_bytes(damaged)
+        for overwrite in (False, True):
+            with pytest.raises(KinemaError, match=rf"run.latents.safetensors already exists and is a safetensors file "
+                                                  rf"{what}.*, so kinema cannot tell whether it wrote it, .*delete it "
+                                                  rf"yourself if it is an output of yours"):
+                check_output(path, "latents", folder=False, overwrite=overwrite)
+        assert path.read_bytes() == damaged

@@ -132,6 +132,12 @@ def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
             archive.writestr(name, data)
     assert {"conv_in.weight", str(marker)} <= pickled_strings(tmp_path / "evil.ckpt")
     assert not marker.exists()
+    # A data.pkl zipfile cannot read (here a compression method it lacks) is left to the loader, whose line names it.
+    whole = bytearray((tmp_path / "evil.ckpt").read_bytes())
+    central = whole.index(b"PK\x01\x02")  # the first central-directory entry: data.pkl, torch writes it first
+    whole[central + 10:central + 12] = (99).to_bytes(2, "little")
+    (tmp_path / "odd.ckpt").write_bytes(bytes(whole))
+    assert pickled_strings(tmp_path / "odd.ckpt") is None
     pickle.loads(pickle.dumps(_Payload(str(tmp_path / "control"))))  # the payload is live
     assert (tmp_path / "control").exists()
 

@@ -58,9 +58,9 @@ def check_batch(args: argparse.Namespace) -> None:
     if args.workers is not None and args.ray is None:
         raise KinemaError("--workers sets the number of Ray worker actors; give --ray local (or a cluster's "
                           "address) too, or leave --workers out to run the jobs here in turn")
-    if args.ray is not None and args.device.startswith("cuda:"):
-        raise KinemaError(f"--device {args.device} names one GPU of one machine, and Ray gives each worker a GPU of "
-                          "its own: give --device cuda")
+    if args.ray is not None and (args.device.startswith("cuda:") or args.device == "mps"):
+        raise KinemaError(f"--device {args.device} names a device of one machine, and on Ray each worker runs on "
+                          "its own: give --device cuda (a GPU per worker), cpu or auto")
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     check_batch_output(args.out)

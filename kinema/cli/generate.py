@@ -516,12 +516,14 @@ def _check_image(path: str | None, what: str) -> tuple[int, int] | None:
 def _check_image_size(args: argparse.Namespace, size: tuple[int, int] | None, what: str) -> None:
     """A frame image of `size` (width, height) is at the video's size unless --resize: refused here, before the
     model loads, where generate() would refuse it only after."""
-    if size is None or args.resize or None in (args.height, args.width):
+    if size is None or args.resize:
         return
     width, height = size
-    if (height, width) != (args.height, args.width):
-        raise KinemaError(f"the {what} is {width}x{height} but the video is {args.width}x{args.height}; pass --resize "
-                          f"to resize it, or set --width {width} --height {height}")
+    # Unset by the options and the model's kinema.json: generate() takes the library's size.
+    video = (args.height or LIBRARY_DEFAULTS["height"], args.width or LIBRARY_DEFAULTS["width"])
+    if (height, width) != video:
+        raise KinemaError(f"the {what} is {width}x{height} but the video is {video[1]}x{video[0]}; pass --resize to "
+                          f"resize it, or set --width {width} --height {height}")
 
 
 def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Path:
@@ -899,6 +901,16 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
 
     if getattr(args, "speed_line", None):
         print(args.speed_line)
+    resume = None
+    if getattr(args, "resume", None) is not None:  # read (and their digest checked) before the model loads
+        from kinema.pipelines.outputs import load_latents
+
+        try:
+            resume = load_latents(args.resume)
+        except KinemaError as err:
+            raise KinemaError(f"{err} (or pass --overwrite to sample anew and replace it)") from None
+        print(f"resuming: {args.resume} holds the final latents of a run stopped before writing its videos; they "
+              "are decoded, not sampled again (--overwrite samples anew)", file=sys.stderr)
     family = _load(args)
     saved: list[Path] = []
     target = latents_path(args.output)
@@ -906,13 +918,6 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
     def keep_latents(final: Any, settings: list[dict[str, Any]]) -> None:
         saved.append(save_latents(final, settings, target, overwrite=args.overwrite))
 
-    resume = None
-    if getattr(args, "resume", None) is not None:
-        from kinema.pipelines.outputs import load_latents
-
-        resume = load_latents(args.resume)
-        print(f"resuming: {args.resume} holds the final latents of a run stopped before writing its videos; they "
-              "are decoded, not sampled again (--overwrite samples anew)", file=sys.stderr)
     try:
         try:
             result = generate(family, request, progress=not args.quiet,

@@ -89,19 +89,21 @@ def check_serve(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Serve the API until Ctrl-C or SIGTERM (a running job goes back to the queue)."""
+    from kinema.devices import resolve_device
+
+    device = resolve_device(args.device)  # a device this machine lacks: one line before the data folder is locked
     # The port is held from here on: nothing can take it while the app starts (uvicorn serves this socket).
     with listen_on(args.host, args.port) as listener:
         import uvicorn
 
         from kinema.api.app import JobLimits, create_app
         from kinema.api.store import lock_data_dir
-        from kinema.devices import resolve_device
 
         lock_data_dir(args.data_dir).close()  # another server on the folder: one line now, not a failed startup later
         app = create_app(args.data_dir, api_key=args.api_key, models_dir=args.models_dir,
                          max_upload_bytes=args.max_upload_mb << 20,
                          limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps),
-                         device=resolve_device(args.device))
+                         device=device)
         config = uvicorn.Config(app, host=args.host, port=listener.getsockname()[1],
                                 log_level="warning" if args.quiet else "info", timeout_graceful_shutdown=30)
         uvicorn.Server(config).run(sockets=[listener])

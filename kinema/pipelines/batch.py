@@ -30,7 +30,8 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -290,13 +291,22 @@ def run_batch(
     if ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     real = check_batch_output(out)
+    finished = [batch_job for batch_job in jobs if is_done(real, batch_job.id)]
+    finished_ids = {batch_job.id for batch_job in finished}
+    pending = [batch_job for batch_job in jobs if batch_job.id not in finished_ids]
+    # Ray is connected (and the cluster checked for the device) before the batch folder is touched.
+    with _ray_session(ray, workers, device) if ray is not None and pending else nullcontext():
+        return _run_pending(jobs, real, finished, pending, ray, workers, jobs_file, on_record, device)
+
+
+def _run_pending(jobs: Sequence[BatchJob], real: Path, finished: list[BatchJob], pending: list[BatchJob],
+                 ray: str | None, workers: int | None, jobs_file: str | os.PathLike | None,
+                 on_record: Callable[[dict[str, Any], int, int], None] | None, device: str) -> BatchSummary:
+    """`run_batch` from its manifest on: the run's records, the pending jobs run, the workers' records."""
     manifest = _start_manifest(real)
     records = read_manifest(real)
     run = 1 + sum(1 for record in records if "started" in record)
     recorded_done = {record["job"] for record in records if record.get("status") == "done" and "job" in record}
-    finished = [batch_job for batch_job in jobs if is_done(real, batch_job.id)]
-    finished_ids = {batch_job.id for batch_job in finished}
-    pending = [batch_job for batch_job in jobs if batch_job.id not in finished_ids]
     summary = BatchSummary(out=real, run=run, skipped=len(finished))
     append_record(manifest, {"run": run, "started": _now(), "jobs_file": None if jobs_file is None
                              else os.path.abspath(jobs_file), "jobs": len(jobs), "skipped": summary.skipped,
@@ -324,7 +334,7 @@ def run_batch(
         if ray is None:
             workers_seen = _run_here(pending, real, record, device)
         else:
-            workers_seen = _run_on_ray(pending, real, record, ray, workers, device)
+            workers_seen = _run_on_ray(pending, real, record, workers, device)
         for worker in workers_seen:
             append_record(manifest, {**worker, "run": run})
             summary.loads[worker["worker"]] = worker["loads"]
@@ -401,10 +411,10 @@ def _connect(ray_module: Any, address: str, workers: int | None) -> None:
                               "start it with `ray start --head`, or give --ray local") from None
 
 
-def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address: str,
-                workers: int | None, device: str = "cpu") -> list[dict[str, Any]]:
-    """Fan the jobs out over worker actors, each fed one job at a time as it finishes the last; jobs that share a
-    model are queued together, so a worker tends to keep serving the model it has loaded."""
+@contextmanager
+def _ray_session(address: str, workers: int | None, device: str) -> Iterator[None]:
+    """Ray connected for the run (a cluster started here, `address` "local", is stopped at the end), with a GPU
+    somewhere in it when `device` is cuda."""
     if not ray_available():
         raise KinemaError(RAY_MISSING)
     import ray
@@ -412,6 +422,22 @@ def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address:
     started_here = not ray.is_initialized()
     if started_here:
         _connect(ray, address, workers)
+    try:
+        if device.startswith("cuda") and int(ray.cluster_resources().get("GPU", 0)) < 1:
+            raise KinemaError(f"device {device}: the Ray cluster has no GPU; use --device cpu (or auto)")
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, workers: int | None,
+                device: str = "cpu") -> list[dict[str, Any]]:
+    """Fan the jobs out over worker actors on the connected Ray cluster (`_ray_session`), each fed one job at a time
+    as it finishes the last; jobs that share a model are queued together, so a worker tends to keep serving the
+    model it has loaded."""
+    import ray
+
     actors: list[Any] = []
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -421,10 +447,7 @@ def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address:
         # Ray hides the GPUs from an actor that asks for none, so a worker on `cuda` asks for one of its own.
         gpus = 1 if device.startswith("cuda") else 0
         if gpus:
-            available = int(ray.cluster_resources().get("GPU", 0))
-            if available < 1:
-                raise KinemaError(f"device {device}: the Ray cluster has no GPU; use --device cpu (or auto)")
-            count = min(count, available)
+            count = min(count, int(ray.cluster_resources().get("GPU", 0)))
         actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(BatchWorker)
         actors = [actor_class.remote(_worker_name(index), str(out), device) for index in range(count)]
         queue = deque(sorted(pending, key=lambda batch_job: repr(batch_job.job.model_key())))
@@ -462,5 +485,3 @@ def _run_on_ray(pending: Sequence[BatchJob], out: Path, record: Record, address:
     finally:
         for actor in actors:
             ray.kill(actor)
-        if started_here:
-            ray.shutdown()

@@ -215,6 +215,8 @@ def _latents_header(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     if found.metadata.get(MARK_KEY) != LATENTS_KIND:
         raise KinemaError(f"{path} is a safetensors file but not latents kinema saved (no '{LATENTS_KIND}' mark in "
                           f"its metadata); {hint}")
+    if not all(isinstance(value, str) for value in found.metadata.values()):  # safetensors metadata is text only
+        raise _damaged(path)
     try:
         settings = json.loads(found.metadata.get(SETTINGS_METADATA_KEY, ""))
     except ValueError:
@@ -243,10 +245,14 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, 
     """The latents `(B, C, F', h, w)` and per-video settings that `save_latents` wrote to `path`. Reads
     safetensors only (no pickle); any other file, a safetensors file kinema did not write as latents, or latents
     whose bytes no longer match the digest saved with them, is refused in one KinemaError line."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     settings, metadata = _latents_header(Path(path))
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError:
+        raise _damaged(Path(path)) from None
     latents = tensors.get(LATENTS_TENSOR)
     if latents is None or set(tensors) != {LATENTS_TENSOR} or latents.ndim != 5 or len(settings) != latents.shape[0]:
         raise _damaged(Path(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kinema.cli import main
 from kinema.data.video_io import read_video
@@ -119,6 +120,10 @@ def test_workers_need_ray_and_a_missing_ray_says_how_to_install_it(tmp_path, mon
     jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
     assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--workers", "2"]) == 2
     assert "give --ray local" in capsys.readouterr().err
+    for device in ("cuda:1", "mps"):  # one machine's device, where each Ray worker runs on its own
+        assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--ray", "local", "--device", device]) == 2
+        assert f"--device {device} names a device of one machine" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     monkeypatch.setattr("kinema.pipelines.batch.ray_available", lambda: False)
     assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--ray", "local"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -159,6 +164,9 @@ def test_eight_jobs_on_two_ray_workers_load_the_model_once_per_worker(tmp_path, 
     jobs, out = write_jobs(tmp_path / "jobs.jsonl", 8), tmp_path / "out"
     with tempfile.TemporaryDirectory(prefix="kr", dir="/tmp") as temp:
         monkeypatch.setenv("RAY_TMPDIR", temp)
+        if not torch.cuda.is_available():  # a cluster without a GPU is told before the batch folder is made
+            assert main(["batch", str(jobs), "--out", str(out), "--ray", "local", "--device", "cuda"]) == 1
+            assert "device cuda: the Ray cluster has no GPU" in capsys.readouterr().err and not out.exists()
         assert main(["batch", str(jobs), "--out", str(out), "--ray", "local", "--workers", "2", "--quiet"]) == 0
     assert "8 job(s) done, 0 already done, 0 failed" in capsys.readouterr().out
     records = check_finished(out, jobs, run=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import kinema.loaders.checkpoint_io as checkpoint_io
 from kinema.cli import main
 from kinema.errors import KinemaError, library_error_message, os_error_message, shorten
 from kinema.fileio import read_json
-from kinema.loaders.checkpoint_io import write_state_dict
+from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict
 
 
 def run(capsys, *args: str) -> tuple[int, str]:
@@ -107,6 +108,23 @@ def test_torch_enforce_fail_on_a_full_disk_becomes_one_line(tmp_path, monkeypatc
                                           r"full\)"):
         write_state_dict({"a": torch.zeros(2)}, tmp_path / "w.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_torch_zip_is_not_called_a_full_disk(tmp_path):
+    """torch's zip reader fails "at inline_container" too; only its writer's failures there mean a full disk."""
+    from kinema.errors import is_disk_full
+
+    torch.save({"a": torch.zeros(2)}, tmp_path / "two.ckpt")
+    with zipfile.ZipFile(tmp_path / "two.ckpt") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(tmp_path / "two.ckpt", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.writestr("zz/data.pkl", next(data for name, data in members.items() if name.endswith("data.pkl")))
+    with pytest.raises(KinemaError) as refused:
+        read_state_dict(tmp_path / "two.ckpt")
+    assert "not a readable torch checkpoint" in str(refused.value) and "disk" not in str(refused.value)
+    assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 240064 vs 240016"))
 
 
 def test_permission_denied_names_the_users_folder(tmp_path, capsys, motion_module, monkeypatch):

@@ -275,6 +275,7 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--image", "start.png", "--height", "64", "--width", "64"],
          "the start image is 8x8 but the video is 64x64; pass --resize to resize it, or set --width 8 --height 8"),
         (["generate", "a cat", "--image", "start.png"], "the start image is 8x8 but the video is 64x64"),  # kinema.json
+        (["generate", "a cat", *model, "--image", "start.png"], "the start image is 8x8 but the video is 512x512"),
         (["generate", "a cat", *model, "--image", "start.png", "--end-image", "clip.mp4"], "the end image clip.mp4 is "
                                                                                            "not an image"),
         (["generate", "a cat", "--frames", "12"], "EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use "
@@ -505,7 +506,12 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
         whole = bytearray(saved.read_bytes())
         whole[-3] ^= 0x10
         saved.write_bytes(bytes(whole))
-        assert main(argv) == 1 and "its latents or settings no longer match the digest" in capsys.readouterr().err
+        with monkeypatch.context() as before_loading:
+            before_loading.setattr("kinema.pipelines.load.load_family", lambda *a, **k: pytest.fail("loaded"))
+            assert main(argv) == 1
+        assert "its latents or settings no longer match the digest saved with them (a disk or copy fault); generate " \
+               "it again, or copy it again from where it was made (or pass --overwrite to sample anew and replace " \
+               "it)" in capsys.readouterr().err
         # Latents kinema saved whose header is damaged are refused as nothing to resume from.
         saved.write_bytes(bytes(whole).replace(b'"[{', b'"[[', 1))  # the settings text, no longer JSON
         assert main(argv) == 2
