@@ -27,14 +27,16 @@ def free_memory_bytes() -> int | None:
 
 def doctor_report() -> dict[str, Any]:
     """What kinema sees on this machine: kinema, python, torch and PyAV versions, torch's threads, the device it
-    would use, the CUDA devices by name, the video encoders available, the models folder and free memory in GiB."""
+    would use and whether it runs bfloat16 natively (what `--speed fast` takes there), the CUDA devices by name, the
+    video encoders available, the models folder and free memory in GiB."""
     import av
     import torch
 
     from kinema.devices import resolve_device
     from kinema.paths import models_dir
+    from kinema.pipelines.speed import native_bfloat16
 
-    device = str(resolve_device("auto"))  # where `--device auto` runs the models
+    device = resolve_device("auto")  # where `--device auto` runs the models
     encoders = [name for name in VIDEO_ENCODERS if name in av.codecs_available]
     free = free_memory_bytes()
     return {
@@ -42,7 +44,8 @@ def doctor_report() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "device": device,
+        "device": str(device),
+        "bfloat16_native": native_bfloat16(device),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "pyav": av.__version__,
         "video_codecs": encoders,

@@ -15,8 +15,8 @@ from kinema import memory as memory_module
 from kinema.cli import main
 from kinema.doctor import doctor_report
 
-FIELDS = ["kinema", "python", "torch", "torch_threads", "device", "cuda_devices", "pyav", "video_codecs", "models_dir",
-          "free_memory_gib"]
+FIELDS = ["kinema", "python", "torch", "torch_threads", "device", "bfloat16_native", "cuda_devices", "pyav",
+          "video_codecs", "models_dir", "free_memory_gib"]
 
 
 def json_report(capsys) -> dict:
@@ -46,6 +46,7 @@ def test_json_report_fields_match_their_sources(capsys, monkeypatch, tmp_path):
     assert report["models_dir"] == str(tmp_path / "kinema home" / "models")
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         assert (report["device"], report["cuda_devices"]) == ("cpu", [])
+        assert report["bfloat16_native"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512 BF16 or AMX
     # Memory moves on a shared machine between the reads; 0.25 GiB of slack (MemFree, the wrong field, is GiBs off
     # where page cache is in use).
     assert min(before, after) - 0.25 <= report["free_memory_gib"] <= max(before, after) + 0.25
@@ -79,8 +80,10 @@ def test_cuda_devices_are_listed_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: names[index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Hopper: native
     report = doctor_report()
     assert (report["device"], report["cuda_devices"]) == ("cuda", ["NVIDIA H100 80GB HBM3", "NVIDIA A10"])
+    assert report["bfloat16_native"] is True
 
 
 MEMINFO = """MemTotal:       24684096 kB
