@@ -18,9 +18,11 @@ import re
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from kinema.errors import KinemaError, os_error_message, shorten
 
@@ -230,10 +232,15 @@ def _text_kind(path: Path, text: str, encoding: str) -> FileKind:
 PICKLE_STRINGS_MAX_BYTES = 4_000_000
 
 
-def pickled_strings(path: str | os.PathLike) -> frozenset[str] | None:
-    """The text strings in a torch zip checkpoint's pickle (a state dict's tensor names among them), read by
-    disassembling its opcodes with pickletools, which never imports or calls anything; None when `path` is no
-    readable torch zip checkpoint."""
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+_MEMO_GETS = ("GET", "BINGET", "LONG_BINGET")
+
+
+def pickled_tensor_names(path: str | os.PathLike) -> frozenset[str] | None:
+    """The tensor names of a torch zip checkpoint's state dict (however nested in dicts), read by disassembling its
+    pickle with pickletools, which never imports or calls anything: each string key that torch.save follows with a
+    tensor's rebuild (`torch._utils _rebuild_...`, named or fetched from the memo). None when `path` is no readable
+    torch zip checkpoint."""
     try:
         with zipfile.ZipFile(path) as archive:
             entry = next((info for info in archive.infolist()
@@ -241,11 +248,43 @@ def pickled_strings(path: str | os.PathLike) -> frozenset[str] | None:
             if entry is None or entry.file_size > PICKLE_STRINGS_MAX_BYTES:
                 return None
             data = archive.read(entry)
-        return frozenset(arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str))
+        return frozenset(_keys_of_tensors(pickletools.genops(data)))
     # A zip that is encrypted, compressed some other way or damaged, or a pickle that does not disassemble: the loader
     # reads it and names the problem.
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zlib.error):
         return None
+
+
+def _keys_of_tensors(opcodes: Iterable[tuple[Any, Any, Any]]) -> Iterator[str]:
+    memo: dict[int, str] = {}  # memo index -> the global stored there ("module name")
+    pushed: list[str] = []  # the strings and globals pushed since the last other opcode, in order
+    memo_size = 0
+    for opcode, arg, _ in opcodes:
+        name = opcode.name
+        if name == "FRAME":  # protocol 4+ framing: no object
+            continue
+        if name in _MEMO_PUTS:  # stores the top of the stack; it pushes nothing
+            index = memo_size if name == "MEMOIZE" else int(arg)
+            memo_size = max(memo_size, index + 1)
+            if pushed:
+                memo[index] = pushed[-1]
+            continue
+        if name == "GLOBAL" and isinstance(arg, str):
+            found = arg
+        elif name in _MEMO_GETS and isinstance(arg, int):
+            found = memo.get(arg, "")
+        elif name == "STACK_GLOBAL" and len(pushed) >= 2:  # protocol 4+: module and name were pushed as strings
+            found = f"{pushed[-2]} {pushed[-1]}"
+            pushed = pushed[:-2]
+        elif isinstance(arg, str):
+            pushed.append(arg)
+            continue
+        else:
+            pushed = []
+            continue
+        if found.startswith("torch._utils _rebuild_") and pushed:
+            yield pushed[-1]  # the key pushed just before the tensor's rebuild
+        pushed = [found]
 
 
 def sniff(path: str | os.PathLike) -> FileKind:

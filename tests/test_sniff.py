@@ -26,7 +26,7 @@ from kinema.errors import KinemaError
 from kinema.loaders.checkpoint_io import read_checkpoint, read_safetensors_header, read_state_dict, tensor_names
 from kinema.loaders.easyanimate.transformer import load_video_dit
 from kinema.loaders.source import describe
-from kinema.sniff import Kind, pickled_strings, sniff
+from kinema.sniff import Kind, pickled_tensor_names, sniff
 
 S3_ACCESS_DENIED = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
                     '</Message><RequestId>4442587FB7D0A2F9</RequestId><HostId>abc=</HostId></Error>')
@@ -121,7 +121,8 @@ def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
                 reader(path)
             assert str(err.value).startswith(f"refused to run code from the pickle in {path} (it needs io.open): ")
         assert tensor_names(path) is None  # a pickle's names are not read without unpickling it
-    # A torch zip checkpoint's strings are read by disassembling its pickle: the payload in it stays inert.
+    # A torch zip checkpoint's tensor names are read by disassembling its pickle: the payload in it stays inert, and
+    # the string it is stored under names no tensor.
     torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "evil.ckpt")
     with zipfile.ZipFile(tmp_path / "evil.ckpt") as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
@@ -130,14 +131,14 @@ def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.ckpt", "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-    assert {"conv_in.weight", str(marker)} <= pickled_strings(tmp_path / "evil.ckpt")
+    assert pickled_tensor_names(tmp_path / "evil.ckpt") == frozenset()
     assert not marker.exists()
     # A data.pkl zipfile cannot read (here a compression method it lacks) is left to the loader, whose line names it.
     whole = bytearray((tmp_path / "evil.ckpt").read_bytes())
     central = whole.index(b"PK\x01\x02")  # the first central-directory entry: data.pkl, torch writes it first
     whole[central + 10:central + 12] = (99).to_bytes(2, "little")
     (tmp_path / "odd.ckpt").write_bytes(bytes(whole))
-    assert pickled_strings(tmp_path / "odd.ckpt") is None
+    assert pickled_tensor_names(tmp_path / "odd.ckpt") is None
     pickle.loads(pickle.dumps(_Payload(str(tmp_path / "control"))))  # the payload is live
     assert (tmp_path / "control").exists()
 

@@ -292,7 +292,7 @@ MUTATIONS = (
     Mutation(
         "a pickled PIA checkpoint is not told before loading",
         "kinema/loaders/animatediff/pia.py",
-        ((("        names = pickled_strings(path)", "        names = None"),),),
+        ((("        names = pickled_tensor_names(path)", "        names = None"),),),
         ("tests/loaders/animatediff/test_pia.py",),
     ),
     Mutation(

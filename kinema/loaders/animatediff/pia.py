@@ -13,7 +13,7 @@ from pathlib import Path
 def is_pia_file(path: Path) -> bool | None:
     """Whether the motion module at `path` is PIA's, from tensor names alone (a pickle's are read without unpickling
     it); None when the file is not readable here or is a legacy pickle (the loader names the problem)."""
-    from kinema.sniff import Kind, pickled_strings, sniff
+    from kinema.sniff import Kind, pickled_tensor_names, sniff
 
     try:
         if path.is_dir():
@@ -23,7 +23,7 @@ def is_pia_file(path: Path) -> bool | None:
         return None
     names: Collection[str] | None = found.names if found.kind is Kind.SAFETENSORS else None
     if found.kind is Kind.TORCH_ZIP:
-        names = pickled_strings(path)
+        names = pickled_tensor_names(path)
     if names is None:
         return None
     return "conv_in.weight" in names and any(".motion_modules." in name for name in names)

@@ -253,6 +253,14 @@ def test_a_pickled_pia_ckpt_is_told_from_its_names_before_loading(parts, files, 
     assert is_pia_file(tmp_path / "pia.ckpt") is True
     assert is_pia_file(tmp_path / "mm.ckpt") is False
     assert is_pia_file(tmp_path / "unet_part.ckpt") is False
+    # Only tensors' names count, however nested and whatever the pickle protocol: not a string stored beside them.
+    torch.save({"state_dict": motion, "note": "conv_in.weight", "bias": "conv_in.bias"}, tmp_path / "noted.ckpt")
+    assert is_pia_file(tmp_path / "noted.ckpt") is False
+    torch.save({"model": {"unet": state}}, tmp_path / "nested.ckpt", pickle_protocol=4)
+    assert is_pia_file(tmp_path / "nested.ckpt") is True
+    parameters = {name: torch.nn.Parameter(value) for name, value in state.items()}
+    torch.save(parameters, tmp_path / "parameters.ckpt", pickle_protocol=5)
+    assert is_pia_file(tmp_path / "parameters.ckpt") is True
     (tmp_path / "legacy.ckpt").write_bytes(b"\x80\x02" + b"\x00" * 16)  # a legacy pickle: told when it loads
     assert is_pia_file(tmp_path / "legacy.ckpt") is None
     with pytest.raises(KinemaError, match=r"pia.ckpt is a PIA image animator: .* \(text-to-video\)"):
