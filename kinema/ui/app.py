@@ -321,6 +321,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     scheduler = gr.Dropdown(label="Sampler", choices=scheduler_choices, value=start["scheduler"])
                     steps = gr.Number(label="Steps", value=start["steps"], precision=0, elem_id="steps")
                     guidance = gr.Number(label="Guidance", value=start["guidance"], step=0.5)
+                    guidance_rescale = gr.Number(label="Guidance rescale (0: off; 0.7 for v-prediction models)",
+                                                 value=0.0, step=0.1, minimum=0, maximum=1, elem_id="guidance-rescale")
                 with gr.Row():
                     width = gr.Number(label="Width", value=start["width"], precision=0, step=8)
                     height = gr.Number(label="Height", value=start["height"], precision=0, step=8)
@@ -365,6 +367,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "controlnet_scale": controlnet_scale, "control_video": control_video, "control_indices": control_indices,
             "guess_mode": guess_mode, "pia_motion": pia_motion, "controlnet_2": controlnet_2,
             "controlnet_scale_2": controlnet_scale_2, "control_video_2": control_video_2,
+            "guidance_rescale": guidance_rescale,
         }
 
         # ---- events

@@ -28,12 +28,12 @@ FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "lor
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
              "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize", "motion_effect",
              "motion_scale", "controlnet", "controlnet_scale", "control_video", "control_indices", "guess_mode",
-             "pia_motion", "controlnet_2", "controlnet_scale_2", "control_video_2")
+             "pia_motion", "controlnet_2", "controlnet_scale_2", "control_video_2", "guidance_rescale")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
                   "extend_frames", "speed", "mode", "motion_effect", "motion_scale", "controlnet", "control_video",
-                  "control_indices", "guess_mode", "pia_motion")
+                  "control_indices", "guess_mode", "pia_motion", "guidance_rescale")
 # Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
 # from the job's keys, so a setting added to jobs later loads back without a change here.
 EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
@@ -81,6 +81,8 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("steps", "guidance", "seed", "motion_effect", "motion_scale", *sized):
         if _given(values.get(key)):
             data[key] = _number(values[key], key in _WHOLE_NUMBERS)
+    if _given(values.get("guidance_rescale")) and values["guidance_rescale"] != 0:  # the field's 0 is "off": None
+        data["guidance_rescale"] = values["guidance_rescale"]
     extra = values.get("extra") or {}
     unknown = sorted(set(extra) - set(EXTRA_KEYS))
     if unknown:
@@ -181,6 +183,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("steps", "guidance", "motion_effect", "motion_scale"):
         if settings.get(key) is not None:
             values[key] = settings[key]
+    values["guidance_rescale"] = settings.get("guidance_rescale") or 0.0
     # Set either way: a video made without a ControlNet must not take the one the form held before.
     given, control_video = settings.get("controlnet"), settings.get("control_video")
     second: Mapping[str, Any] = {}

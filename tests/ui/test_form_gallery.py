@@ -22,7 +22,7 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0,
               "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": "",
               "guess_mode": False, "pia_motion": "", "controlnet_2": "", "controlnet_scale_2": 1.0,
-              "control_video_2": None}
+              "control_video_2": None, "guidance_rescale": 0.0}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -75,7 +75,7 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
                     cache_interval=2, cfg_truncation=0.5, fps=12, attention_chunk=64, interpolation="slerp",
                     timestep_spacing="trailing")
     elif mode == "motion strength":  # form fields of their own
-        data.update(motion_effect=0.5, motion_scale=1.3)
+        data.update(motion_effect=0.5, motion_scale=1.3, guidance_rescale=0.7)
     elif mode == "controlnet":  # its own fields too (the job checks the path exists; the kind is load_family's)
         (tmp_path / "control_tiny").mkdir()
         data.update(model="kinema-tiny-ad", controlnet={"path": str(tmp_path / "control_tiny"), "scale": 0.7},
