@@ -513,9 +513,9 @@ def _check_image(path: str | None, what: str) -> tuple[int, int] | None:
     return check_image_file(path, what)
 
 
-def _check_image_size(args: argparse.Namespace, size: tuple[int, int] | None, what: str) -> None:
-    """A frame image of `size` (width, height) is at the video's size unless --resize: refused here, before the
-    model loads, where generate() would refuse it only after."""
+def _check_input_size(args: argparse.Namespace, size: tuple[int, int] | None, what: str) -> None:
+    """An input of frames (a start or end image, a control video) of `size` (width, height) is at the video's size
+    unless --resize: refused here, before the model loads, where generate() would refuse it only after."""
     if size is None or args.resize:
         return
     width, height = size
@@ -577,10 +577,7 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
         fix = f"an input video of {have} frames" if input_video else f"make {have} frames (--frames {have})"
         control_places(have, frames, args.control_indices, what=f"the control video {video}", fix=fix)
         height, width = video_size(video, "control video")
-        if not args.resize and None not in (args.height, args.width) and (height, width) != (args.height,
-                                                                                               args.width):
-            raise KinemaError(f"the control video is {width}x{height} but the video is {args.width}x{args.height}; "
-                              f"pass --resize to resize it, or set --width {width} --height {height}")
+        _check_input_size(args, (width, height), "control video")
 
 
 def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
@@ -765,8 +762,8 @@ def check_generate(args: argparse.Namespace) -> None:
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     _check_model_takes(args, model, args.frames)
-    _check_image_size(args, sizes[0], "start image")
-    _check_image_size(args, sizes[1], "end image")
+    _check_input_size(args, sizes[0], "start image")
+    _check_input_size(args, sizes[1], "end image")
     _check_control_frames(args, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))

@@ -414,9 +414,7 @@ def _connect(ray_module: Any, address: str, workers: int | None) -> None:
 @contextmanager
 def _ray_session(address: str, workers: int | None, device: str) -> Iterator[None]:
     """Ray connected for the run (a cluster started here, `address` "local", is stopped at the end), with a GPU
-    somewhere in it when `device` is cuda."""
-    if not ray_available():
-        raise KinemaError(RAY_MISSING)
+    somewhere in it when `device` is cuda (run_batch has checked that Ray is installed)."""
     import ray
 
     started_here = not ray.is_initialized()

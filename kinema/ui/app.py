@@ -322,7 +322,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     steps = gr.Number(label="Steps", value=start["steps"], precision=0, elem_id="steps")
                     guidance = gr.Number(label="Guidance", value=start["guidance"], step=0.5)
                     guidance_rescale = gr.Number(label="Guidance rescale (0: off; 0.7 for v-prediction models)",
-                                                 value=0.0, step=0.1, minimum=0, maximum=1, elem_id="guidance-rescale")
+                                                 value=0.0, step=0.1, elem_id="guidance-rescale")
                 with gr.Row():
                     width = gr.Number(label="Width", value=start["width"], precision=0, step=8)
                     height = gr.Number(label="Height", value=start["height"], precision=0, step=8)
