@@ -256,8 +256,18 @@ def pickled_tensor_names(path: str | os.PathLike) -> frozenset[str] | None:
 
 
 def _keys_of_tensors(opcodes: Iterable[tuple[Any, Any, Any]]) -> Iterator[str]:
-    memo: dict[int, str] = {}  # memo index -> the global stored there ("module name")
-    pushed: list[str] = []  # the strings and globals pushed since the last other opcode, in order
+    for found, before in pickle_globals(opcodes):
+        if found is not None and found.startswith("torch._utils _rebuild_") and before is not None:
+            yield before  # the key pushed just before the tensor's rebuild
+
+
+def pickle_globals(opcodes: Iterable[tuple[Any, Any, Any]]) -> Iterator[tuple[str | None, str | None]]:
+    """Each global a pickle's opcodes (`pickletools.genops`) refer to, in order, read without running anything:
+    `("module name", the string pushed just before it)`. The name is None where a protocol 4+ STACK_GLOBAL's operands
+    are not plain strings, and the string None where something else came just before. A global fetched again from
+    the memo is reported again."""
+    memo: dict[int, tuple[str, str | None]] = {}  # memo index -> ("string" | "global" | "other", value)
+    pushed: list[tuple[str, str | None]] = []  # what was pushed since the last other opcode, in order
     memo_size = 0
     for opcode, arg, _ in opcodes:
         name = opcode.name
@@ -269,22 +279,26 @@ def _keys_of_tensors(opcodes: Iterable[tuple[Any, Any, Any]]) -> Iterator[str]:
             if pushed:
                 memo[index] = pushed[-1]
             continue
-        if name == "GLOBAL" and isinstance(arg, str):
-            found = arg
-        elif name in _MEMO_GETS and isinstance(arg, int):
-            found = memo.get(arg, "")
-        elif name == "STACK_GLOBAL" and len(pushed) >= 2:  # protocol 4+: module and name were pushed as strings
-            found = f"{pushed[-2]} {pushed[-1]}"
+        if name in ("GLOBAL", "INST") and isinstance(arg, str):
+            item: tuple[str, str | None] = ("global", arg)
+        elif name == "STACK_GLOBAL":  # protocol 4+: module and name were pushed as strings
+            operands = pushed[-2:]
+            known = len(operands) == 2 and all(kind == "string" for kind, _ in operands)
+            item = ("global", f"{operands[0][1]} {operands[1][1]}" if known else None)
             pushed = pushed[:-2]
+        elif name in _MEMO_GETS and isinstance(arg, int):
+            item = memo.get(arg, ("other", None))
+            if item[0] != "global":
+                pushed.append(item)
+                continue
         elif isinstance(arg, str):
-            pushed.append(arg)
+            pushed.append(("string", arg))
             continue
         else:
             pushed = []
             continue
-        if found.startswith("torch._utils _rebuild_") and pushed:
-            yield pushed[-1]  # the key pushed just before the tensor's rebuild
-        pushed = [found]
+        yield item[1], pushed[-1][1] if pushed and pushed[-1][0] == "string" else None
+        pushed = [item]
 
 
 def sniff(path: str | os.PathLike) -> FileKind:

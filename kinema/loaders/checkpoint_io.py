@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from kinema.errors import KinemaError, library_error_message, shorten
 from kinema.fileio import MARK_KEY, atomic_file, mark_weights_file, read_json_object
-from kinema.sniff import FileKind, Kind, sniff
+from kinema.sniff import FileKind, Kind, pickle_globals, sniff
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -132,31 +132,19 @@ def _refusal(path: Path, needs: str | None) -> KinemaError:
 
 def _protocol4_imports(path: Path) -> list[str]:
     """What a raw pickle of protocol 4 or later would import ("module.name"), read with pickletools' disassembler,
-    which decodes opcodes and runs nothing. torch's weights-only unpickler stops at such a pickle's FRAME opcode
-    before it reaches any import, so it cannot tell code from damage; for older protocols it can, and this is []."""
+    which decodes opcodes and runs nothing (`kinema.sniff.pickle_globals`). torch's weights-only unpickler stops at
+    such a pickle's FRAME opcode before it reaches any import, so it cannot tell code from damage; for older
+    protocols it can, and this is []."""
     imports: list[str] = []
-    pushed: list[str | None] = []  # strings pushed so far (None: something else), to name STACK_GLOBAL's operands
-    memo: dict[int, str | None] = {}
     try:
         with open(path, "rb") as f:
-            # genops types every argument as optional; each opcode's own argument type (PROTO and the GETs take an
-            # int, GLOBAL and INST a "module name" string) is checked rather than assumed.
-            for position, (opcode, arg, _) in enumerate(pickletools.genops(f)):
-                if position == 0 and not (opcode.name == "PROTO" and isinstance(arg, int) and arg >= 4):
-                    return []
-                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                    imports.append(arg.replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL":
-                    module, name = (pushed[-2:] if len(pushed) >= 2 else [None, None])
-                    imports.append(f"{module}.{name}" if module and name else "a class or function")
-                    pushed.append(None)
-                elif opcode.name == "MEMOIZE":
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int):
-                    pushed.append(memo.get(arg))
-                elif isinstance(arg, str):
-                    pushed.append(arg)
-    except (ValueError, EOFError, OSError):
+            opcodes = pickletools.genops(f)
+            opcode, arg, _ = next(opcodes)
+            if not (opcode.name == "PROTO" and isinstance(arg, int) and arg >= 4):
+                return []
+            for found, _before in pickle_globals(opcodes):
+                imports.append(found.replace(" ", ".") if found is not None else "a class or function")
+    except (ValueError, EOFError, OSError, StopIteration):
         pass  # damaged after the imports found so far
     return imports
 
