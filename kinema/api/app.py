@@ -136,8 +136,13 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                        "description": "an SD1.5 ControlNet folder or file, or AnimateDiff v3's SparseCtrl (AnimateDiff "
                                       "models), with its scale; needs control_video"},
         "control_indices": {"type": "array", "items": {"type": "integer"},
-                            "description": "SparseCtrl: the frames the control images are keyframes of (-1: the "
-                                           "last)"},
+                            "description": "the frames the control images are keyframes of (-1: the last); a "
+                                           "ControlNet then steers those frames, and their neighbours by "
+                                           "control_falloff"},
+        "control_falloff": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1},
+                            "description": "a ControlNet's keyframes also steer the frames 1, 2, ... away at these "
+                                           "weights (prompt travel's control_scale_list)"},
+        "control_loop": {"type": "boolean", "description": "control_falloff wraps around the video's ends"},
         "control_start": {"type": "number", "minimum": 0, "maximum": 1,
                           "description": "the share of the steps after which the ControlNet steers (default 0)"},
         "control_end": {"type": "number", "minimum": 0, "maximum": 1,

@@ -109,6 +109,7 @@ CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W"
 NOT_WITH_CONFIG: dict[str, Any] = {
     "--model": None, "--motion-module": None, "--lora": [], "--ip-adapter": None, "--image-encoder": None,
     "--ip-image": None, "--controlnet": None, "--control-video": None, "--control-indices": None,
+    "--control-falloff": None, "--control-loop": False,
     "--control-preprocess": None, "--control-start": None, "--control-end": None, "--guess-mode": False,
     "--pia-motion": None, "--image": None,
     "--end-image": None, "--negative": None,
@@ -164,6 +165,15 @@ def parse_indices(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas (e.g. 0,15 or 0,-1), got "
+                                         f"{text!r}") from None
+
+
+def parse_falloff(text: str) -> list[float]:
+    """--control-falloff `0.5,0.4,0.3` -> `[0.5, 0.4, 0.3]`."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected weights from 0 to 1 separated by commas (e.g. 0.5,0.4,0.3), got "
                                          f"{text!r}") from None
 
 
@@ -330,8 +340,15 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                                 "ControlNets; canny:LOW:HIGH for other thresholds than 100:200), invert, or none; "
                                 "one per --controlnet when there are several")
         group.add_argument("--control-indices", type=parse_indices, metavar="I,J,...",
-                           help="SparseCtrl: the frames the control images are keyframes of, one per image (-1: the "
-                                "last; default: one image per frame, or one image at frame 0)")
+                           help="the frames the control images are keyframes of, one per image (-1: the last; "
+                                "default: one image per frame, or SparseCtrl's one image at frame 0); a ControlNet "
+                                "then steers only those frames, and their neighbours by --control-falloff")
+        group.add_argument("--control-falloff", type=parse_falloff, metavar="W,W,...",
+                           help="a ControlNet's keyframes also steer the frames 1, 2, ... away at these weights "
+                                "(e.g. 0.5,0.4,0.3,0.2,0.1, prompt travel's control_scale_list; default: keyframes "
+                                "only)")
+        group.add_argument("--control-loop", action="store_true",
+                           help="--control-falloff wraps around the video's ends, for looping videos")
         group.add_argument("--control-start", type=float, metavar="F",
                            help="the share of the steps after which the ControlNet starts steering (default 0)")
         group.add_argument("--control-end", type=float, metavar="F",
@@ -345,7 +362,8 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                                 "(guidance 3 to 5 suits it); shuffle ControlNets turn it on themselves")
     else:
         parser.set_defaults(lora=[], ip_adapter=None, image_encoder=None, ip_image=None, controlnet=None,
-                            control_video=None, control_indices=None, control_start=None, control_end=None,
+                            control_video=None, control_indices=None, control_falloff=None, control_loop=False,
+                            control_start=None, control_end=None,
                             guess_mode=False, pia_motion=None, control_preprocess=None)
     add_device_option(group)
     group.add_argument("--dtype", choices=DTYPES, help="precision of every model (default float32)")
@@ -567,8 +585,9 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
     or one for all, at the video's size unless --resize (torch-free reads)."""
     from kinema.data.probe import frame_count, video_size
     from kinema.pipelines.control_maps import preprocessors_for
-    from kinema.pipelines.request import control_places
+    from kinema.pipelines.request import check_control_falloff, control_places
 
+    check_control_falloff(args.control_falloff, args.control_loop, args.control_indices is not None)
     if args.control_preprocess is not None:  # names, their count, and OpenCV for Canny
         preprocessors_for(_one_or_list(args.control_preprocess), max(len(args.controlnet or []), 1))
 
@@ -635,6 +654,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
         control_video=_one_or_list(args.control_video), control_indices=args.control_indices,
+        control_falloff=args.control_falloff, control_loop=args.control_loop,
         control_preprocess=_one_or_list(args.control_preprocess),
         guess_mode=args.guess_mode, pia_motion=args.pia_motion, dtype=args.dtype, vae_tiling=args.vae_tiling,
         decode_chunk=args.decode_chunk,

@@ -15,6 +15,20 @@ from kinema.errors import KinemaError
 from kinema.models.video_model import Timestep, timesteps_per_clip
 
 
+def frame_residuals(residuals: dict[str, Any], rows: torch.Tensor, total: int,
+                    weights: torch.Tensor | None = None) -> dict[str, Any]:
+    """ControlNet residuals computed for some folded frames, placed at their `rows` of `total` rows (zeros
+    elsewhere) and, given `weights` `(len(rows),)`, each row's multiplied by its weight."""
+
+    def placed(residual: torch.Tensor) -> torch.Tensor:
+        full = residual.new_zeros(total, *residual.shape[1:])
+        full[rows] = residual if weights is None else residual * weights.view(-1, *[1] * (residual.ndim - 1))
+        return full
+
+    return {"down_block_additional_residuals": tuple(placed(r) for r in residuals["down_block_additional_residuals"]),
+            "mid_block_additional_residual": placed(residuals["mid_block_additional_residual"])}
+
+
 class VideoControlNet(nn.Module):
     """A loaded ControlNet and the weight of its residuals.
 
@@ -51,7 +65,9 @@ class VideoControlNet(nn.Module):
             timestep: as `VideoUNet.forward` takes it.
             text: text states per frame, folded `(B*F, L, D)` (row `b*F + f`).
             control: control images `(B, 3, F, H, W)` in [0, 1], H and W the video's (8h, 8w).
-            mask: a SparseCtrl keyframe mask, which a ControlNet, steering every frame, does not take (None).
+            mask: how strongly each frame is steered, `(B, 1, F, 1, 1)`: 1 as `scale` says, 0 not at all (the
+                ControlNet skips those frames), between for the neighbours of keyframes (`control_weights`); None:
+                every frame fully.
             guess_mode: scale the residuals from 0.1 at the first level to 1 at the middle block (diffusers'
                 `guess_mode`; ControlNet's guess mode also leaves the unprompted half of guidance unsteered, which
                 the denoiser does).
@@ -60,19 +76,30 @@ class VideoControlNet(nn.Module):
             `{"down_block_additional_residuals": (...), "mid_block_additional_residual": ...}`, each folded
             `(B*F, ...)`.
         """
-        if mask is not None:
-            raise KinemaError("a keyframe mask is SparseCtrl's; a ControlNet steers every frame by its control image")
         batch, _, frames = sample.shape[:3]
         if control.ndim != 5 or control.shape[:3] != (batch, self.conditioning_channels, frames):
             raise KinemaError(f"control images {tuple(control.shape)} do not fit latents {tuple(sample.shape)}; give "
                               f"(B, {self.conditioning_channels}, F, H, W) = ({batch}, {self.conditioning_channels}, "
                               f"{frames}, H, W), one image per frame")
+        if mask is not None and mask.shape != (batch, 1, frames, 1, 1):
+            raise KinemaError(f"a ControlNet's frame weights are (B, 1, F, 1, 1) = ({batch}, 1, {frames}, 1, 1), one "
+                              f"per frame; got {tuple(mask.shape)}")
         timestep = timesteps_per_clip(timestep, batch, sample.device).repeat_interleave(frames)
-        down, mid = self.controlnet(
-            rearrange(sample, "b c f h w -> (b f) c h w"), timestep, encoder_hidden_states=text,
-            controlnet_cond=rearrange(control, "b c f h w -> (b f) c h w"), conditioning_scale=self.scale,
-            guess_mode=guess_mode, return_dict=False)
-        return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+        latents = rearrange(sample, "b c f h w -> (b f) c h w")
+        images = rearrange(control, "b c f h w -> (b f) c h w")
+        weights = None if mask is None else mask.reshape(batch * frames)
+        rows = None if weights is None else weights.nonzero().flatten().to(sample.device)
+        if rows is not None:
+            if len(rows) == 0:
+                return {}
+            latents, timestep, text, images = latents[rows], timestep[rows], text[rows], images[rows]
+        down, mid = self.controlnet(latents, timestep, encoder_hidden_states=text, controlnet_cond=images,
+                                    conditioning_scale=self.scale, guess_mode=guess_mode, return_dict=False)
+        if rows is None or weights is None:
+            return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+        steered = weights[rows.to(weights.device)].to(mid)
+        return frame_residuals({"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid},
+                               rows, batch * frames, steered)
 
 
 class VideoSparseControlNet(VideoControlNet):
@@ -164,23 +191,25 @@ class VideoMultiControlNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: Timestep, text: torch.Tensor, control: torch.Tensor,
                 mask: torch.Tensor | None = None, guess_mode: bool = False) -> dict[str, Any]:
         """The summed residuals for one VideoUNet call; `control` `(B, 3K, F, H, W)` holds the K ControlNets'
-        control images in their order (see `VideoControlNet.forward`)."""
-        if mask is not None:
-            raise KinemaError("a keyframe mask is SparseCtrl's; ControlNets steer every frame by their control images")
+        control images in their order, and `mask` `(B, K, F, 1, 1)`, if given, their frame weights (see
+        `VideoControlNet.forward`)."""
         if control.ndim != 5 or control.shape[1] != self.conditioning_channels:
             raise KinemaError(f"control images {tuple(control.shape)} do not hold the {len(self.nets)} ControlNets' "
                               f"{self.conditioning_channels} channels; give (B, {self.conditioning_channels}, F, H, W)")
+        if mask is not None and (mask.ndim != 5 or mask.shape[1] != len(self.nets)):
+            raise KinemaError(f"frame weights {tuple(mask.shape)} do not hold one channel per ControlNet; give (B, "
+                              f"{len(self.nets)}, F, 1, 1)")
         widths = [net.conditioning_channels for net in self._nets]
-        total: dict[str, Any] | None = None
-        for net, part in zip(self._nets, control.split(widths, dim=1), strict=True):
-            out = net(sample, timestep, text, part, guess_mode=guess_mode)
-            if total is None:
-                total = out
-            else:
-                total = {"down_block_additional_residuals": tuple(
-                    a + b for a, b in zip(total["down_block_additional_residuals"],
-                                          out["down_block_additional_residuals"], strict=True)),
-                    "mid_block_additional_residual": total["mid_block_additional_residual"]
-                    + out["mid_block_additional_residual"]}
-        assert total is not None
+        weights = [None] * len(self.nets) if mask is None else list(mask.split(1, dim=1))
+        total: dict[str, Any] = {}
+        for net, part, weight in zip(self._nets, control.split(widths, dim=1), weights, strict=True):
+            out = net(sample, timestep, text, part, weight, guess_mode=guess_mode)
+            if not total or not out:  # a ControlNet that steers none of these frames adds nothing
+                total = total or out
+                continue
+            total = {"down_block_additional_residuals": tuple(
+                a + b for a, b in zip(total["down_block_additional_residuals"], out["down_block_additional_residuals"],
+                                      strict=True)),
+                "mid_block_additional_residual": total["mid_block_additional_residual"]
+                + out["mid_block_additional_residual"]}
         return total

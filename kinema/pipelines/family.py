@@ -166,29 +166,43 @@ class VideoFamily:
                               "model without it")
 
     def control_conditioning(self, images: Sequence[torch.Tensor], frames: int,
-                             indices: Sequence[int] | None = None) -> Conditioning:
+                             indices: Sequence[int] | None = None, falloff: Sequence[float] | None = None,
+                             loop: bool = False) -> Conditioning:
         """The loaded ControlNet's conditioning for a video of `frames` frames from its control images, one
         `(K, 3, H, W)` in [0, 1] at the video's size per ControlNet loaded:
         - a ControlNet: `control_frames` `(1, 3, F, H, W)` (one image per frame, or one for all); several: theirs
-          one after another along the channels, `(1, 3N, F, H, W)`;
+          one after another along the channels, `(1, 3N, F, H, W)`. Keyframes at `indices` (shared by several)
+          steer their own frames and, at the `falloff` weights, those beside them (`control_weights`): each frame
+          holds the image that steers it, and `control_mask` `(1, N, F, 1, 1)` the weight;
         - SparseCtrl: the keyframes at `indices` (default: one per frame, or one image at frame 0) as latents
           `(1, 4, F, h, w)` (RGB: the VAE's posterior mean) or images (scribble), zeros elsewhere, and
           `control_mask` `(1, 1, F, ...)`, 1 at the keyframes."""
         from kinema.models.controlnet import VideoMultiControlNet, VideoSparseControlNet
-        from kinema.pipelines.request import control_places
+        from kinema.pipelines.request import control_places, control_weights
 
         wanted = len(self.controlnet.nets) if isinstance(self.controlnet, VideoMultiControlNet) else 1
         if len(images) != wanted:
             raise KinemaError(f"{len(images)} control videos for {wanted} ControlNets; give one per ControlNet, in "
                               "their order")
         if not isinstance(self.controlnet, VideoSparseControlNet):
-            if indices is not None:
-                raise KinemaError("control_indices place SparseCtrl keyframes, and this is a ControlNet, which steers "
-                                  "every frame by its own control image: drop control_indices (--control-indices)")
+            if indices is None:
+                for each in images:
+                    control_places(each.shape[0], frames)
+                return {"control_frames": torch.cat([each.expand(frames, -1, -1, -1).permute(1, 0, 2, 3)[None]
+                                                     for each in images], dim=1)}
             for each in images:
-                control_places(each.shape[0], frames)
-            return {"control_frames": torch.cat([each.expand(frames, -1, -1, -1).permute(1, 0, 2, 3)[None]
-                                                 for each in images], dim=1)}
+                places = control_places(each.shape[0], frames, indices)
+            steering = control_weights(places, frames, falloff, loop)
+            sources = torch.tensor([max(image, 0) for image, _ in steering])
+            weights = torch.tensor([weight for _, weight in steering], dtype=images[0].dtype,
+                                   device=images[0].device)
+            control = torch.cat([each[sources].permute(1, 0, 2, 3)[None] for each in images], dim=1)
+            return {"control_frames": control, "control_mask": weights.view(1, 1, frames, 1, 1).expand(
+                1, wanted, frames, 1, 1).contiguous()}
+        if falloff is not None:
+            raise KinemaError("control_falloff spreads an ordinary ControlNet's keyframes; SparseCtrl's own motion "
+                              "modules carry its keyframes to the other frames: drop control_falloff "
+                              "(--control-falloff)")
         [keyframe_images] = images
         count = keyframe_images.shape[0]
         places = [0] if indices is None and count == 1 else control_places(count, frames, indices)

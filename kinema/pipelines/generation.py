@@ -170,7 +170,7 @@ def _with_control(family: VideoFamily, request: GenerationRequest, text: _Text,
         return text
     device = _device(family, request.offload)
     control = family.control_conditioning([images.to(device) for images in control_images], frames,
-                                          request.control_indices)
+                                          request.control_indices, request.control_falloff, request.control_loop)
     rows = {key: value.expand(videos, *value.shape[1:]) for key, value in control.items() if value is not None}
     cond, uncond = {**text.cond, **rows}, None if text.uncond is None else {**text.uncond, **rows}
     if request.guess_mode:

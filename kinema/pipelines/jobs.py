@@ -78,7 +78,7 @@ _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_f
                "decode_chunk", "attention_chunk", "cache_interval")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
                   "control_end", "guidance_rescale")
-_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode")
+_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode", "control_loop")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",
                 "control_video": "control video"}
@@ -702,6 +702,10 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             raise KinemaError(f"control_indices must be a list of frame numbers (e.g. [0, 15], or [0, -1] for the "
                               f"first and last), got {indices!r}")
         given["control_indices"] = indices  # placed (range, repeats) against the frames made, below
+    if data.get("control_falloff") is not None:  # a list of weights: the request's check names what it takes
+        falloff = data["control_falloff"]
+        given["control_falloff"] = falloff if not isinstance(falloff, list) else [
+            _number(weight, "control_falloff") for weight in falloff]
     if data.get("control_preprocess") is not None:
         from kinema.pipelines.control_maps import preprocessors_for
 

@@ -120,6 +120,9 @@ class FreeUSettings:
                                   "that part as trained; to turn FreeU off, leave it unset)")
 
 
+MAX_FALLOFF = 64  # frames a keyframe may reach on each side: past a window's length, a falloff is a typo
+
+
 def check_control_window(start: Any, end: Any) -> None:
     """One KinemaError line unless 0 <= start < end <= 1: the share of the steps a ControlNet steers."""
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (start, end))
@@ -137,7 +140,7 @@ def control_places(count: int, frames: int, indices: Sequence[int] | None = None
     if indices is None:
         if count not in (1, frames):
             raise KinemaError(f"{what} has {count} frames and the video {frames}: give one control image per frame "
-                              f"(or one for all), or {fix or f'make {count} frames'}; SparseCtrl keyframes go where "
+                              f"(or one for all), or {fix or f'make {count} frames'}; keyframes go where "
                               "control_indices (--control-indices) say")
         return list(range(frames))
     places = list(indices)
@@ -151,6 +154,46 @@ def control_places(count: int, frames: int, indices: Sequence[int] | None = None
     if len(set(normal)) != len(normal):
         raise KinemaError(f"control_indices {places} name a frame twice; give each keyframe once")
     return normal
+
+
+def check_control_falloff(falloff: Any, loop: Any, keyframes: bool) -> None:
+    """One KinemaError line unless `falloff` is None or a list of weights from 0 to 1 (at most MAX_FALLOFF), given
+    with keyframes (control_indices) to spread, and `loop` is a bool that only a falloff uses."""
+    if not isinstance(loop, bool):
+        raise KinemaError(f"control_loop is true or false, got {loop!r}")
+    if falloff is None:
+        if loop:
+            raise KinemaError("control_loop wraps the control_falloff around the video's ends: give control_falloff "
+                              "(--control-falloff) too, or drop it")
+        return
+    weights = list(falloff) if isinstance(falloff, list | tuple) else None
+    if weights is None or not 0 < len(weights) <= MAX_FALLOFF or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 1 for w in weights):
+        raise KinemaError(f"control_falloff is a list of 1 to {MAX_FALLOFF} weights from 0 to 1, for the frames 1, 2, "
+                          f"... away from each keyframe (e.g. [0.5, 0.4, 0.3, 0.2, 0.1]), got {falloff!r}")
+    if not keyframes:
+        raise KinemaError("control_falloff spreads keyframes to the frames beside them: give control_indices "
+                          "(--control-indices), the frames the control images are keyframes of")
+
+
+def control_weights(places: Sequence[int], frames: int, falloff: Sequence[float] | None = None,
+                    loop: bool = False) -> list[tuple[int, float]]:
+    """For each of `frames` frames, `(image, weight)`: which keyframe's image steers it (an index into `places`,
+    the keyframes' frames) and how strongly: 1 at a keyframe, `falloff[d - 1]` d frames away (counted around the
+    ends when `loop`), the strongest where several reach a frame (the nearer keyframe first, then the earlier);
+    `(-1, 0.0)` where none does."""
+    spread = [1.0, *(falloff or ())]
+    best: list[tuple[int, float]] = [(-1, 0.0)] * frames
+    nearest = [frames] * frames
+    for image, place in enumerate(places):
+        for frame in range(frames):
+            distance = abs(frame - place)
+            if loop:
+                distance = min(distance, frames - distance)
+            if distance < len(spread) and spread[distance] > 0 and (
+                    spread[distance], -distance) > (best[frame][1], -nearest[frame]):
+                best[frame], nearest[frame] = (image, float(spread[distance])), distance
+    return best
 
 
 def pia_refusal(motion_module: Any, pia: bool, mode: str, end_image: bool, preset: bool) -> KinemaError | None:
@@ -254,8 +297,13 @@ class GenerationRequest:
             with several ControlNets a list, one per ControlNet (kinema.pipelines.control_maps).
         normalize_control: turn the control images gray and stretch them to [0, 1] (AnimateDiff's
             normalize_condition_images, for SparseCtrl scribbles).
-        control_indices: SparseCtrl: the frames the control images are keyframes of, one per image (negative ones
-            count from the end; None: one image per frame, or one image for frame 0 of a SparseCtrl model).
+        control_indices: the frames the control images are keyframes of, one per image (negative ones count from
+            the end; None: one image per frame, or one image for frame 0 of a SparseCtrl model). A ControlNet
+            steers only its keyframes, and their neighbours as control_falloff says; several share them.
+        control_falloff: a ControlNet's keyframes also steer the frames beside them, weakened as this says: the
+            weights 1, 2, ... frames away (animatediff-cli-prompt-travel's control_scale_list, e.g. [0.5, 0.4,
+            0.3, 0.2, 0.1]); a frame two keyframes reach takes the stronger (None: keyframes only).
+        control_loop: the falloff wraps around the video's ends (prompt travel's is_loop), for looping videos.
         control_start, control_end: the share of the sampling steps the ControlNet steers, from and to (diffusers'
             control_guidance_start / _end: step i of n is steered when start <= i/n and (i+1)/n <= end).
         pia_motion: a PIA image animator's motion preset (diffusers' PIAPipeline motion_scale): 0, 1, 2 small,
@@ -309,6 +357,8 @@ class GenerationRequest:
     ip_image: Any = None
     control_video: Any = None
     control_indices: Sequence[int] | None = None
+    control_falloff: Sequence[float] | None = None
+    control_loop: bool = False
     control_preprocess: str | Sequence[str | None] | None = None
     normalize_control: bool = False
     control_start: float = 0.0
@@ -387,6 +437,7 @@ class GenerationRequest:
         if self.control_indices is not None and self.control_video is None:
             raise KinemaError("control_indices place the images of a control video: give control_video "
                               "(--control-video) too")
+        check_control_falloff(self.control_falloff, self.control_loop, self.control_indices is not None)
         presets = range(len(PIA_MOTION_NAMES))
         if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in presets):
             raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to {presets[-1]}, got "
@@ -458,6 +509,7 @@ class GenerationRequest:
                 data[key] = f"<{type(value).__name__}>"
         data["seeds"] = list(self.seeds)
         data["control_indices"] = None if self.control_indices is None else list(self.control_indices)
+        data["control_falloff"] = None if self.control_falloff is None else list(self.control_falloff)
         if self.control_preprocess is not None and not isinstance(self.control_preprocess, str):
             data["control_preprocess"] = list(self.control_preprocess)
         data["mode"] = self.mode

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kinema.errors import KinemaError
+from kinema.models.controlnet import frame_residuals
 from kinema.models.video_model import Timestep
 
 Conditioning = Mapping[str, torch.Tensor | None]
@@ -130,14 +131,7 @@ class UNetDenoiser(Denoiser):
             timestep = timestep[clips.to(timestep.device)]
         out = self.controlnet(latents[clips], timestep, text[rows], control[clips],
                               None if mask is None else mask[clips], guess_mode=True)
-
-        def placed(residual: torch.Tensor) -> torch.Tensor:
-            full = residual.new_zeros(batch * frames, *residual.shape[1:])
-            full[rows] = residual
-            return full
-
-        return {"down_block_additional_residuals": tuple(placed(r) for r in out["down_block_additional_residuals"]),
-                "mid_block_additional_residual": placed(out["mid_block_additional_residual"])}
+        return frame_residuals(out, rows, batch * frames) if out else {}
 
     @staticmethod
     def conditioning(text_states: torch.Tensor) -> dict[str, torch.Tensor | None]:

@@ -265,6 +265,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
           "--frames", "4", "--control-indices", "0,1,2,3,4,5,6,9"], "control_indices must be whole numbers from "
                                                                     "-4 to 3"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
+          "--frames", "8", "--control-loop"],
+         "control_loop wraps the control_falloff around the video's ends: give control_falloff (--control-falloff)"),
+        (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
+          "--frames", "8", "--control-falloff", "0.5"],
+         "control_falloff spreads keyframes to the frames beside them: give control_indices (--control-indices)"),
         (["extend", "clip.mp4", "--frames", "8", *model, "--controlnet", "weights.safetensors", "--control-video",
           "clip.mp4"], "a ControlNet steers the frames of one clip, and extend makes new segments past the control "
                        "video's end"),
@@ -338,6 +344,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                                   "must be a finite number, got nan"),
         (["generate", "a cat", *model, "--control-indices", "0,x"], "argument --control-indices: expected whole "
                                                                     "numbers separated by commas"),
+        (["generate", "a cat", *model, "--control-falloff", "0.5,x"], "argument --control-falloff: expected "
+                                                                      "weights from 0 to 1 separated by commas"),
         (["generate", "a cat", *model, "--controlnet", "cn:-2"], "argument --controlnet: the ControlNet scale "
                                                                  "must be at least 0 and finite"),
         (["generate", "a cat", *model, "--freeu", "1.5,1.6"], "argument --freeu: expected on, or four numbers "

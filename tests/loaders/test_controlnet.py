@@ -283,6 +283,40 @@ def test_step_caching_adds_the_residuals_where_the_plain_forward_does(unet2d, co
     assert (plain - uncontrolled).abs().max().item() > 1e-3
 
 
+def test_frame_weights_scale_each_frames_residuals_as_diffusers_controlnet_at_that_scale(unet2d, controlnet):
+    """Keyframes and their neighbours: each frame's residuals are diffusers' ControlNetModel's on that frame alone at
+    conditioning_scale scale * weight; a frame of weight 0 gets none, and the ControlNet does not run on it."""
+    net = VideoControlNet(controlnet, scale=0.8)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 4, 16, 16, generator=gen)
+    text = VideoUNet.text_per_frame(torch.randn(2, 7, 32, generator=gen), 2, 4)
+    control = torch.rand(2, 3, 4, 32, 32, generator=gen)
+    weights = torch.tensor([[1.0, 0.5, 0.0, 0.25], [0.0, 0.0, 1.0, 0.0]])
+    seen = []
+    hook = controlnet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            out = net(latents, torch.tensor([500, 300]), text, control, weights[:, None, :, None, None])
+    finally:
+        hook.remove()
+    assert seen == [4]  # the four steered frames of eight
+    for clip, frame in ((0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 2)):
+        row = clip * 4 + frame
+        with torch.no_grad():
+            down, mid = controlnet(latents[clip, :, frame][None], torch.tensor([[500, 300][clip]]),
+                                   encoder_hidden_states=text[row][None], controlnet_cond=control[clip, :, frame][None],
+                                   conditioning_scale=0.8 * weights[clip, frame].item(), return_dict=False)
+        for ours, theirs in zip((*out["down_block_additional_residuals"], out["mid_block_additional_residual"]),
+                                (*down, mid), strict=True):
+            assert (ours[row] - theirs[0]).abs().max().item() <= 1e-5
+        if weights[clip, frame] == 0:
+            assert all(r[row].abs().max().item() == 0 for r in out["down_block_additional_residuals"])
+    with torch.no_grad():
+        assert net(latents, 500, text, control, torch.zeros(2, 1, 4, 1, 1)) == {}
+    with pytest.raises(KinemaError, match=r"frame weights are \(B, 1, F, 1, 1\) = \(2, 1, 4, 1, 1\)"):
+        net(latents, 500, text, control, torch.ones(2, 1, 4))
+
+
 def test_control_images_that_do_not_fit_are_one_line(unet2d, controlnet):
     net = VideoControlNet(controlnet)
     with pytest.raises(KinemaError, match=r"control images \(1, 3, 2, 32, 32\) do not fit latents \(1, 4, 3, 16, 16\)"):

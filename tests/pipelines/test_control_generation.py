@@ -252,6 +252,52 @@ def test_one_control_image_steers_every_frame(parts, pipe):
     assert torch.equal(one.latents, every.latents)
 
 
+def test_control_weights_spread_keyframes_by_the_falloff_the_nearer_and_stronger_first():
+    from kinema.pipelines.request import control_weights
+
+    # Keyframes at 0 and 5 of 8 frames, falloff [0.5, 0.25]: each frame's (keyframe image, weight), by hand.
+    assert control_weights([0, 5], 8, [0.5, 0.25]) == [
+        (0, 1.0), (0, 0.5), (0, 0.25), (1, 0.25), (1, 0.5), (1, 1.0), (1, 0.5), (1, 0.25)]
+    # Looping, frame 7 is one frame from keyframe 0 (0.5 beats keyframe 5's 0.25); frame 6 stays with 5.
+    assert control_weights([0, 5], 8, [0.5, 0.25], loop=True)[6:] == [(1, 0.5), (0, 0.5)]
+    assert control_weights([0, 4], 6, [0.5, 0.25])[2] == (0, 0.25)  # equally near and strong: the earlier
+    assert control_weights([1], 4) == [(-1, 0.0), (0, 1.0), (-1, 0.0), (-1, 0.0)]  # keyframes only
+    assert control_weights([0], 4, [0.0, 0.3]) == [(0, 1.0), (-1, 0.0), (0, 0.3), (-1, 0.0)]
+
+
+def test_keyframes_at_every_frame_equal_the_control_video(parts, pipe):
+    """The keyframe path (frames gathered, residuals weighted and placed back) at weight 1 everywhere equals the
+    plain path, which equals diffusers' pipeline (above)."""
+    ours = family(parts, pipe, scale=0.7)
+    plain = generate(ours, request(steps=2), progress=False, output="latent")
+    keyed = generate(ours, request(steps=2, control_indices=[3, 0, 1, 2], control_video=control_frames()[[3, 0, 1, 2]]),
+                     progress=False, output="latent")
+    assert (keyed.latents - plain.latents).abs().max().item() <= 1e-5
+
+
+def test_keyframes_steer_their_frames_and_the_falloff_their_neighbours(parts, pipe, monkeypatch):
+    ours = family(parts, pipe)
+    seen, masks = [], []
+    forward = ours.controlnet.forward
+
+    def spy(sample, timestep, text, control, mask=None, **options):
+        seen.append(control.clone())
+        masks.append(mask.clone())
+        return forward(sample, timestep, text, control, mask, **options)
+
+    monkeypatch.setattr(ours.controlnet, "forward", spy)
+    keyframes = control_frames()[[0, 3]]
+    result = generate(ours, request(steps=1, control_video=keyframes, control_indices=[0, -1],
+                                    control_falloff=[0.5]), progress=False, output="latent")
+    assert masks[0].flatten().tolist() == [1.0, 0.5, 0.5, 1.0] * 2  # both sides of guidance
+    assert torch.equal(seen[0][0].permute(1, 0, 2, 3), keyframes[[0, 0, 1, 1]])
+    assert result.settings[0]["control_falloff"] == [0.5] and result.settings[0]["control_indices"] == [0, -1]
+    alone = generate(ours, request(steps=1, control_video=keyframes, control_indices=[0, -1]), progress=False,
+                     output="latent")
+    assert masks[-1].flatten().tolist() == [1.0, 0.0, 0.0, 1.0] * 2
+    assert (alone.latents - result.latents).abs().max().item() > 1e-4  # the neighbours' steering shows
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"control_video": None}, r"is loaded with a ControlNet \(control_tiny\), which steers every frame by a control "
                               r"image: give them \(control_video, --control-video\)"),
@@ -269,6 +315,12 @@ def test_one_control_image_steers_every_frame(parts, pipe):
     ({"control_preprocess": ["canny", "none"]}, r"^2 control preprocessors for 1 ControlNet;"),
     ({"control_video": None, "guess_mode": True}, r"^guess_mode \(--guess-mode\) is a ControlNet's: give the control "
                                                   r"video"),
+    ({"control_falloff": [0.5]}, r"^control_falloff spreads keyframes to the frames beside them: give control_indices"),
+    ({"control_falloff": [1.5], "control_indices": [0, 1, 2, 3]}, r"^control_falloff is a list of 1 to 64 weights "
+                                                                  r"from 0 to 1"),
+    ({"control_loop": True}, r"^control_loop wraps the control_falloff around the video's ends: give "
+                             r"control_falloff"),
+    ({"control_indices": [0, 1, 2, 9]}, r"^control_indices must be whole numbers from -4 to 3"),
 ])
 def test_bad_control_input_is_one_line_before_sampling(parts, pipe, monkeypatch, fields, message):
     ours = family(parts, pipe)
@@ -363,6 +415,17 @@ def test_a_job_takes_a_controlnet_and_reads_its_settings_back(files):
         job_from_mapping({**data, "control_indices": [0, 3]})
     with pytest.raises(KinemaError, match=r"control_indices must be a list of frame numbers"):
         job_from_mapping({**data, "control_indices": "0,3"})
+    spread = job_from_mapping({**data, "control_video": [str(files["control_video"])], "control_indices": [0],
+                               "control_falloff": [0.5, 0.25], "control_loop": True})
+    assert (spread.request.control_falloff, spread.request.control_loop) == ([0.5, 0.25], True)
+    again = job_from_mapping(spread.settings()).request
+    assert (again.control_falloff, again.control_loop, again.control_indices) == ([0.5, 0.25], True, [0])
+    with pytest.raises(KinemaError, match=r"control_falloff must be a finite number, got str '0.5'"):
+        job_from_mapping({**spread.settings(), "control_falloff": ["0.5"]})
+    with pytest.raises(KinemaError, match=r"control_falloff is a list of 1 to 64 weights from 0 to 1"):
+        job_from_mapping({**spread.settings(), "control_falloff": 0.5})
+    with pytest.raises(KinemaError, match=r"control_loop must be true or false, got 'yes'"):
+        job_from_mapping({**spread.settings(), "control_loop": "yes"})
     with pytest.raises(KinemaError, match=r"controlnet: unknown key 'weight'; known keys: path, scale"):
         job_from_mapping({**data, "controlnet": {"path": str(files["controlnet"]), "weight": 1}})
 

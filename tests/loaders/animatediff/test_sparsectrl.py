@@ -15,7 +15,7 @@ import kinema
 from kinema.errors import KinemaError
 from kinema.loaders.animatediff.sparsectrl import describe_sparsectrl, read_sparsectrl, sparsectrl_config
 from kinema.loaders.source import Source
-from kinema.models.controlnet import VideoControlNet, VideoSparseControlNet
+from kinema.models.controlnet import VideoSparseControlNet
 from kinema.models.video_unet import VideoUNet
 from kinema.pipelines.animatediff import AnimateDiffFamily
 from kinema.pipelines.generation import generate
@@ -210,15 +210,14 @@ def test_keyframe_placement_is_checked():
         control_places(3, 16)
 
 
-def test_keyframe_indices_with_a_controlnet_are_one_line_before_sampling(parts, monkeypatch):
-    from loaders.test_controlnet import tiny_controlnet
-
+def test_a_falloff_for_sparsectrl_is_one_line_before_sampling(parts, monkeypatch):
+    network = VideoSparseControlNet(tiny_sparsectrl(parts["unet"], "rgb"))
     family = AnimateDiffFamily(VideoUNet.from_unet2d(parts["unet"]).eval(), parts["vae"], parts["text_encoder"],
-                               parts["tokenizer"], controlnet=VideoControlNet(tiny_controlnet(parts["unet"])))
+                               parts["tokenizer"], controlnet=network)
     monkeypatch.setattr(family.model, "forward", lambda *a, **k: pytest.fail("sampling ran"))
     request = GenerationRequest(prompt="x", frames=FRAMES, height=SIZE, width=SIZE, steps=2,
-                                control_video=control_frames()[:2], control_indices=[0, 3])
-    with pytest.raises(KinemaError, match=r"^control_indices place SparseCtrl keyframes, and this is a ControlNet"):
+                                control_video=control_frames()[:2], control_indices=[0, 3], control_falloff=[0.5])
+    with pytest.raises(KinemaError, match=r"^control_falloff spreads an ordinary ControlNet's keyframes; SparseCtrl"):
         generate(family, request, progress=False)
 
 
