@@ -682,8 +682,15 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         if key == "control_video" and isinstance(controlnet, list):  # one control video per ControlNet
             if not (isinstance(data.get(key), list) and len(data[key]) == len(controlnet)):
                 raise KinemaError(f"{len(controlnet)} ControlNets steer together, so control_video is a list of "
-                                  f"{len(controlnet)} control videos or images, one per ControlNet in their order")
-            given[key] = [_path(item, key, base, None, "control video") for item in data[key]]
+                                  f"{len(controlnet)} control videos or images (or lists of keyframe images), one per "
+                                  "ControlNet in their order")
+            given[key] = [[_path(image, key, base, None, "control image") for image in item]
+                          if isinstance(item, list) and item else _path(item, key, base, None, "control video")
+                          for item in data[key]]  # a list among them: that ControlNet's keyframe images
+            for index, item in enumerate(given[key]):
+                for number, image in enumerate(item if isinstance(item, list) else []):
+                    image_sizes[f"control image {number + 1} of ControlNet {index + 1}"] = check_image_file(
+                        image, "control image")
         elif key == "control_video" and isinstance(data.get(key), list):  # keyframe images, one path each
             if not data[key]:
                 raise KinemaError("control_video is an empty list; give a video, an image, or a list of images")
@@ -755,7 +762,11 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if isinstance(request.control_video, str):
         videos = [(request.control_video, "control video")]
     elif isinstance(controlnet, list) and request.control_video is not None:
-        videos = [(video, f"control video {index + 1}") for index, video in enumerate(request.control_video)]
+        videos = [(video, f"control video {index + 1}") for index, video in enumerate(request.control_video)
+                  if not isinstance(video, list)]
+        for index, images in enumerate(request.control_video):
+            if isinstance(images, list) and made is not None:
+                control_places(len(images), made, request.control_indices, what=f"control video {index + 1}")
     for video, what in videos:
         if made is not None:
             controls = frame_count(video, what)

@@ -25,9 +25,11 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
                                       AnimateDiff v3's SparseCtrl: the network, its keyframe images (a path or a
                                       list), the frames they go to, and gray sketches (kinema's controlnet,
                                       control_video, control_indices, normalize_control)
+    controlnet_map, ip_adapter_map    prompt travel's ControlNets steering keyframes from numbered images, and its
+                                      image prompt (kinema.pipelines.travel_maps)
 
 Keys kinema has no use for (AnimateDiff's inference_config, controlnet_config; prompt travel's
-controlnet_map, ip_adapter_map, clip_skip, vae_path, ...) are accepted with one warning naming those set; any other
+clip_skip, vae_path, img2img_map, region_map, ...) are accepted with one warning naming those set; any other
 key is an error naming the nearest valid one. Relative paths resolve against the current folder, then the config
 file's folder. Everything is checked, model files included, before any model loads.
 
@@ -68,11 +70,11 @@ ENTRY_KEYS: tuple[str, ...] = (
     "adapter_lora_scale", "lora_map", "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed",
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
     "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
-    "controlnet_image_indexs", "normalize_condition_images")
+    "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
     "inference_config", "controlnet_config", "compile", "clip_skip",
-    "prompt_fixed_ratio", "vae_path", "unet_batch_size", "ip_adapter_map", "img2img_map", "controlnet_map",
+    "prompt_fixed_ratio", "vae_path", "unet_batch_size", "img2img_map",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
 # animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
@@ -257,6 +259,23 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_folder: Path) -> dict[str, Any]:
+    """The job data of prompt travel's controlnet_map and ip_adapter_map (kinema.pipelines.travel_maps)."""
+    from kinema.pipelines.travel_maps import controlnet_job_data, ip_adapter_job_data
+
+    data: dict[str, Any] = {}
+    if _given(entry, "controlnet_map") is not None:
+        if "controlnet" in shared:
+            raise KinemaError("give controlnet_map (prompt travel) or controlnet_path (AnimateDiff's SparseCtrl), "
+                              "not both")
+        frames = shared.get("frames")
+        data.update(controlnet_job_data(entry["controlnet_map"], frames if isinstance(frames, int) else None,
+                                        config_folder))
+    if _given(entry, "ip_adapter_map") is not None:
+        data.update(ip_adapter_job_data(entry["ip_adapter_map"], config_folder))
+    return data
+
+
 def _seeds_per_prompt(seed: Any, prompts: int) -> list[Any]:
     """AnimateDiff's rule: one seed for every prompt, or one per prompt (default -1, random)."""
     seeds = _list(-1 if seed is None else seed)
@@ -292,6 +311,10 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     """The runs of one entry and the entry as run (its seeds the integers used)."""
     model, loras = _model_and_loras(entry)
     shared = _shared(entry)
+    try:
+        shared.update(_travel_maps(entry, shared, config_folder))
+    except KinemaError as err:
+        raise KinemaError(f"{where}, entry {name!r}: {err}") from None
     if model is not None:
         shared["model"] = model
     if loras:

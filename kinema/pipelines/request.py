@@ -120,6 +120,12 @@ class FreeUSettings:
                                   "that part as trained; to turn FreeU off, leave it unset)")
 
 
+def _paths(value: Any) -> bool:
+    """Whether `value` is a path or a list of paths (as settings record them)."""
+    return isinstance(value, str | os.PathLike) or (isinstance(value, list | tuple) and bool(value) and all(
+        isinstance(item, str | os.PathLike) for item in value))
+
+
 MAX_FALLOFF = 64  # frames a keyframe may reach on each side: past a window's length, a falloff is a typo
 
 
@@ -503,8 +509,10 @@ class GenerationRequest:
             value = data[key]
             if isinstance(value, os.PathLike):
                 data[key] = os.fspath(value)
-            elif isinstance(value, list | tuple) and all(isinstance(item, str | os.PathLike) for item in value):
-                data[key] = [os.fspath(item) for item in value]  # keyframe images
+            elif isinstance(value, list | tuple) and all(_paths(item) for item in value):
+                # keyframe images, or several ControlNets' control videos (each a path or its keyframe images)
+                data[key] = [os.fspath(item) if isinstance(item, str | os.PathLike) else [os.fspath(i) for i in item]
+                             for item in value]
             elif value is not None and not isinstance(value, str):
                 data[key] = f"<{type(value).__name__}>"
         data["seeds"] = list(self.seeds)

@@ -284,6 +284,32 @@ MUTATIONS = (
         ("tests/loaders/animatediff/test_sparsectrl.py",),
     ),
     Mutation(
+        "a ControlNet's frame weights are not applied to the residuals of the frames it steers",
+        "kinema/models/controlnet.py",
+        ((("        steered = weights[rows.to(weights.device)].to(mid)\n",
+           "        steered = weights[rows.to(weights.device)].to(mid).clamp(min=1)\n"),),),
+        ("tests/loaders/test_controlnet.py", "tests/pipelines/test_control_generation.py"),
+    ),
+    Mutation(
+        "a keyframe's falloff reaches one frame too far",
+        "kinema/pipelines/request.py",
+        ((("    spread = [1.0, *(falloff or ())]\n", "    spread = [1.0, 1.0, *(falloff or ())]\n"),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
+        "several ControlNets are not handed their frame weights",
+        "kinema/models/controlnet.py",
+        ((("            out = net(sample, timestep, text, part, weight, guess_mode=guess_mode)\n",
+           "            out = net(sample, timestep, text, part, guess_mode=guess_mode)\n"),),),
+        ("tests/pipelines/test_control_generation.py",),
+    ),
+    Mutation(
+        "prompt travel's control images are placed in name order, not at their frame numbers",
+        "kinema/pipelines/travel_maps.py",
+        ((("        found[int(path.stem)] = path\n", "        found[len(found)] = path\n"),),),
+        ("tests/pipelines/test_travel_maps.py",),
+    ),
+    Mutation(
         "saved latents are loaded without checking their digest",
         "kinema/pipelines/outputs.py",
         ((("    if DIGEST_METADATA_KEY in metadata and \\", "    if False and \\"),),),

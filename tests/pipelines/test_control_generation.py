@@ -4,6 +4,7 @@ windows hand each window its own control frames; missing or mismatched control i
 sampling."""
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -504,6 +505,31 @@ def test_load_family_and_jobs_take_several_controlnets(files, parts, tmp_path):
         job_from_mapping({**data, "frames": 6})
     with pytest.raises(KinemaError, match=r"controlnet lists the ControlNets that steer together, two or more"):
         job_from_mapping({**data, "controlnet": [str(files["controlnet"])]})
+
+
+
+def test_several_controlnets_take_keyframe_images_from_a_job(files, parts, tmp_path):
+    """Two copies of one ControlNet at scales 0.7 and 0.4 on the same keyframes steer as that ControlNet at 1.1
+    (diffusers scales the residuals, which add up); each ControlNet's keyframe images are a list in the job."""
+    images = []
+    for frame in (0, 3):
+        images.append(str(tmp_path / f"{frame:04d}.png"))
+        as_pil(control_frames()[frame]).save(images[-1])
+    data = {"model": str(files["folder"]), "motion_module": str(files["motion_module"]), "prompt": "the cat",
+            "controlnet": [{"path": str(files["controlnet"]), "scale": 0.7},
+                           {"path": str(files["controlnet"]), "scale": 0.4}],
+            "control_video": [images, images], "control_indices": [0, -1], "control_falloff": [0.5],
+            "frames": FRAMES, "height": SIZE, "width": SIZE, "steps": 2, "seed": 3}
+    job = job_from_mapping(data)
+    assert job.request.control_video == [images, images]
+    assert job_from_mapping(job.settings()).request.control_video == [images, images]
+    several = load_family(files["folder"], motion_module=files["motion_module"], controlnet=job.controlnet)
+    one = load_family(files["folder"], motion_module=files["motion_module"], controlnet=(files["controlnet"], 1.1))
+    together = generate(several, job.request, progress=False, output="latent")
+    alone = generate(one, replace(job.request, control_video=images), progress=False, output="latent")
+    assert (together.latents - alone.latents).abs().max().item() <= 1e-4
+    with pytest.raises(KinemaError, match=r"control_indices name 2 frames for 1 control images"):
+        job_from_mapping({**data, "control_video": [images, images[:1]]})
 
 
 def test_an_easyanimate_model_refuses_a_controlnet_from_its_configs(files):

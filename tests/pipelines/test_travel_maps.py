@@ -1,0 +1,213 @@
+"""kinema.pipelines.travel_maps: animatediff-cli-prompt-travel's controlnet_map and ip_adapter_map read into the jobs
+their keys mean (checked against jobs written out by hand from prompt travel's rules: images named by frame number
+under data/<input_image_dir>/<controlnet>/, networks from its address table in the Hugging Face cache), and one-line
+refusals where kinema cannot do what the file asks."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kinema.errors import KinemaError
+from kinema.pipelines.prompt_configs import read_config
+
+HUB_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture()
+def stand_in_models(monkeypatch):
+    """Touched files stand in for checkpoints: what the keys mean is tested here, the model checks elsewhere."""
+    import kinema.pipelines.jobs as jobs
+
+    monkeypatch.setattr(jobs, "_check_model_path", lambda path: None)
+
+
+@pytest.fixture()
+def hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache; `cache(repo, subfolder)` puts a repository's config.json in it, as a download
+    leaves it (models--owner--name/snapshots/<commit>/, refs/main naming the commit)."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+
+    def cache(repo: str, subfolder: str = "", filename: str = "config.json") -> Path:
+        folder = root / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(HUB_SNAPSHOT)
+        place = folder / "snapshots" / HUB_SNAPSHOT / subfolder
+        (place / filename).parent.mkdir(parents=True, exist_ok=True)
+        (place / filename).write_text("{}")
+        return place
+
+    return cache
+
+
+def images(folder: Path, *frames: int, size: int = 40) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for frame in frames:
+        Image.new("RGB", (size, size), "white").save(folder / f"{frame:04d}.png")
+    return [str(folder / f"{frame:04d}.png") for frame in frames]
+
+
+def travel(tmp_path: Path, **keys) -> Path:
+    """A prompt-travel config as its config/prompts/prompt_travel.json spells one, with `keys` added."""
+    path = tmp_path / "config" / "prompts" / "travel.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": "travel", "path": "models/rv.safetensors", "motion_module": "models/mm.ckpt",
+                                "seed": [4], "steps": 2, "prompt_map": {"0": "a dancer"}, "n_prompt": [""],
+                                "L": 16, "W": 32, "H": 32, **keys}))
+    return path
+
+
+def net(**keys) -> dict:
+    return {"enable": True, "use_preprocessor": False, "guess_mode": False, "controlnet_conditioning_scale": 1.0,
+            "control_guidance_start": 0.0, "control_guidance_end": 1.0,
+            "control_scale_list": [0.5, 0.4, 0.3, 0.2, 0.1], "control_region_list": [], **keys}
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("models/rv.safetensors", "models/mm.ckpt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    return tmp_path
+
+
+def test_a_controlnet_steers_its_numbered_keyframes_with_the_falloff(project, hub, stand_in_models, caplog):
+    pose = hub("lllyasviel/control_v11p_sd15_openpose")
+    frames = images(project / "data/controlnet_image/test/controlnet_openpose", 0, 8, 20)  # 20: past L 16
+    config = travel(project, controlnet_map={
+        "input_image_dir": "controlnet_image/test", "max_samples_on_vram": 0, "max_models_on_vram": 0,
+        "save_detectmap": True, "preprocess_on_gpu": True, "is_loop": True,
+        "controlnet_openpose": net(controlnet_conditioning_scale=0.8, control_guidance_end=0.9),
+        "controlnet_canny": net(),  # enabled, no folder: left out, as prompt travel leaves it
+        "controlnet_tile": net(enable=False)})
+    with caplog.at_level(logging.WARNING):
+        [run] = read_config(config).runs
+    assert not caplog.records
+    assert run.job.controlnet == (str(pose), 0.8)
+    request = run.job.request
+    assert request.control_video == frames[:2] and request.control_indices == [0, 8]
+    assert (request.control_falloff, request.control_loop) == ([0.5, 0.4, 0.3, 0.2, 0.1], True)
+    assert (request.control_start, request.control_end, request.guess_mode, request.resize) == (0.0, 0.9, False, True)
+    assert request.control_preprocess is None
+
+
+def test_two_controlnets_share_keyframes_and_canny_is_made_here(project, hub, stand_in_models, monkeypatch):
+    import kinema.pipelines.control_maps as control_maps
+
+    monkeypatch.setattr(control_maps.importlib.util, "find_spec", lambda name: object())  # OpenCV "installed"
+    depth, canny = hub("lllyasviel/control_v11f1p_sd15_depth"), hub("lllyasviel/control_v11p_sd15_canny")
+    root = project / "controlnet_image/run"  # under the current folder, not data/
+    depth_frames = images(root / "controlnet_depth", 0, 15)
+    canny_frames = images(root / "controlnet_canny", 0, 15)
+    config = travel(project, controlnet_map={
+        "input_image_dir": "controlnet_image/run", "is_loop": False,
+        "controlnet_depth": net(controlnet_conditioning_scale=0.6, control_scale_list=[]),
+        "controlnet_canny": net(use_preprocessor=True, control_scale_list=[],
+                                preprocessor={"type": "canny", "param": {"low_threshold": 50,
+                                                                         "high_threshold": 150}})})
+    [run] = read_config(config).runs
+    assert run.job.controlnet == [(str(depth), 0.6), (str(canny), 1.0)]
+    request = run.job.request
+    assert request.control_video == [depth_frames, canny_frames] and request.control_indices == [0, 15]
+    assert request.control_preprocess == ["none", "canny:50:150"]
+    assert (request.control_falloff, request.control_loop) == (None, False)  # an empty list: keyframes only
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"controlnet_depth": net(control_guidance_start=0.2)},
+     "kinema steers every ControlNet with one control_guidance_start, and these differ: controlnet_openpose 0.0, "
+     "controlnet_depth 0.2; give them the same"),
+    ({"controlnet_depth": net(control_scale_list=[0.5])}, "kinema steers every ControlNet with one "
+                                                          "control_scale_list"),
+    ({"controlnet_depth": net(), "depth_frames": (0, 4)}, "kinema steers every ControlNet at the same keyframes, and "
+                                                          "these have images for other frames: controlnet_openpose "
+                                                          "[0, 8]; controlnet_depth [0, 4]"),
+    ({"controlnet_openpose": net(use_preprocessor=True)}, "controlnet_map.controlnet_openpose makes its maps with the "
+                                                          "dwpose preprocessor, which kinema does not have"),
+    ({"controlnet_openpose": net(strength=1)}, "controlnet_map.controlnet_openpose: unknown key 'strength'"),
+    ({"controlnet_seg": net()}, "controlnet_map.controlnet_seg is lllyasviel/control_v11p_sd15_seg, which is not in "
+                                "the local Hugging Face cache and cannot be fetched here: add \"path\""),
+    ({"my_net": net()}, "controlnet_map.my_net: unknown ControlNet 'my_net'"),
+    ({"controlnet_openpose": "on"}, "controlnet_map.controlnet_openpose is a mapping of settings"),
+])
+def test_what_kinema_cannot_do_is_one_line_before_anything_loads(project, hub, stand_in_models, change, message):
+    hub("lllyasviel/control_v11p_sd15_openpose")
+    hub("lllyasviel/control_v11f1p_sd15_depth")
+    root = project / "data/cn"
+    images(root / "controlnet_openpose", 0, 8)
+    images(root / "controlnet_depth", *change.pop("depth_frames", (0, 8)))
+    images(root / "controlnet_seg", 0, 8)
+    images(root / "my_net", 0, 8)
+    config = travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net(), **change})
+    with pytest.raises(KinemaError) as caught:
+        read_config(config)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"{config}, entry 'travel': ")
+
+
+def test_a_path_in_the_entry_and_sparsectrl_keys_beside_the_map(project, hub, stand_in_models):
+    (project / "nets").mkdir()
+    (project / "nets/pose.safetensors").write_bytes(b"x")
+    images(project / "data/cn/controlnet_openpose", 3)
+    config = travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net(
+        path="nets/pose.safetensors")})
+    [run] = read_config(config).runs
+    assert run.job.controlnet == (str(project / "nets/pose.safetensors"), 1.0)
+    assert run.job.request.control_indices == [3]
+    with pytest.raises(KinemaError, match=r"give controlnet_map \(prompt travel\) or controlnet_path"):
+        read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()},
+                           controlnet_path="nets/pose.safetensors"))
+
+
+def test_no_images_means_no_controlnet_with_one_warning(project, hub, stand_in_models, caplog):
+    with caplog.at_level(logging.WARNING):
+        [run] = read_config(travel(project, controlnet_map={"input_image_dir": "nowhere",
+                                                             "controlnet_openpose": net()})).runs
+    assert run.job.controlnet is None and run.job.request.control_video is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "controlnet_map: no images in nowhere for controlnet_openpose, so no ControlNet steers (as in prompt travel)"]
+
+
+def test_badly_named_images_are_one_line(project, hub, stand_in_models):
+    hub("lllyasviel/control_v11p_sd15_openpose")
+    folder = project / "data/cn/controlnet_openpose"
+    images(folder, 0)
+    Image.new("RGB", (8, 8)).save(folder / "1a.png")
+    with pytest.raises(KinemaError, match=r"1a.png: control images are named by their frame number"):
+        read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()}))
+    (folder / "1a.png").unlink()
+    Image.new("RGB", (8, 8)).save(folder / "00.png")
+    with pytest.raises(KinemaError, match=r"are both frame 0; keep one"):
+        read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()}))
+
+
+def test_the_ip_adapter_map_prompts_with_its_image_and_the_file_its_flags_name(project, hub, stand_in_models):
+    weights = project / "data/models/ip_adapter/models/ip-adapter-plus_sd15.bin"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"x")
+    encoder = hub("h94/IP-Adapter", "models/image_encoder")  # not beside the adapter: the cache's is used
+    [image] = images(project / "data/ip_adapter_image/test", 0)
+    ip_map = {"enable": True, "input_image_dir": "ip_adapter_image/test", "prompt_fixed_ratio": 0.5,
+              "save_input_image": True, "resized_to_square": False, "scale": 0.5, "is_plus_face": False,
+              "is_plus": True, "is_light": False}
+    [run] = read_config(travel(project, ip_adapter_map=ip_map)).runs
+    assert run.job.ip_adapter == (str(weights), 0.5) and run.job.request.ip_image == image
+    assert run.job.image_encoder == str(encoder)
+    [run] = read_config(travel(project, ip_adapter_map={**ip_map, "enable": False})).runs
+    assert run.job.ip_adapter is None
+    light = hub("h94/IP-Adapter", filename="models/ip-adapter_sd15_light.bin") / "models/ip-adapter_sd15_light.bin"
+    [run] = read_config(travel(project, ip_adapter_map={**ip_map, "is_light": True})).runs
+    assert run.job.ip_adapter == (str(light), 0.5) and run.job.image_encoder is None  # beside it in the cache
+    with pytest.raises(KinemaError, match=r"ip_adapter_map asks for h94/IP-Adapter's models/"
+                                          r"ip-adapter-full-face_sd15.bin, which is neither in"):
+        read_config(travel(project, ip_adapter_map={**ip_map, "is_full_face": True}))
+    images(project / "data/ip_adapter_image/test", 8)
+    with pytest.raises(KinemaError, match=r"holds 2 images for frames \[0, 8\]; kinema prompts a video with one "
+                                          r"image: keep one"):
+        read_config(travel(project, ip_adapter_map=ip_map))
