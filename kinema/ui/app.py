@@ -304,7 +304,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                         control_video = gr.File(label="Control video or images (pose, depth, edges; SparseCtrl "
                                                       "keyframes)", type="filepath", file_types=["video", "image"],
                                                 elem_id="control-video")
-                        control_indices = gr.Textbox(label="SparseCtrl keyframe frames (e.g. 0, -1)",
+                        control_indices = gr.Textbox(label="Keyframe frames (e.g. 0, -1; empty: an image per "
+                                                           "frame)",
                                                      elem_id="control-indices")
                         guess_mode = gr.Checkbox(label="Guess mode (the control images lead; the prompt may be "
                                                        "empty)", value=False, elem_id="guess-mode")

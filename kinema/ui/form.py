@@ -119,8 +119,8 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     """The job keys of the form's ControlNet fields (none when no ControlNet is chosen): the network at its scale,
-    the control video, SparseCtrl's keyframe indices typed as `0, -1`, guess mode; with a second ControlNet both,
-    each with its own control video (they steer together)."""
+    the control video, the frames its images are keyframes of typed as `0, -1`, guess mode; with a second ControlNet
+    both, each with its own control video (they steer together, at the same keyframes)."""
     def scaled(path: str, scale: Any) -> dict[str, Any]:
         return {"path": path, "scale": 1.0 if not _given(scale) else _number(scale, whole=False)}
 
@@ -135,15 +135,11 @@ def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
         data["guess_mode"] = True
     indices = values.get("control_indices")
     if _given(values.get("controlnet_2")):
-        if _given(indices) and str(indices).strip():
-            raise KinemaError("keyframe indices are SparseCtrl's, which steers alone: clear them, or the second "
-                              "ControlNet")
         if not (_given(values.get("control_video")) and _given(values.get("control_video_2"))):
             raise KinemaError("two ControlNets steer together, each by its own control video: upload both")
         data["controlnet"] = [data["controlnet"], scaled(values["controlnet_2"], values.get("controlnet_scale_2"))]
         data["control_video"] = [values["control_video"], values["control_video_2"]]
-        return data
-    if _given(indices) and str(indices).strip():
+    if _given(indices) and str(indices).strip():  # keyframes: SparseCtrl's, or every ControlNet's alike
         try:
             data["control_indices"] = [int(part) for part in str(indices).replace(" ", "").split(",")]
         except ValueError:

@@ -183,8 +183,11 @@ def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
         form_to_mapping({**BLANK_FORM, **several, "control_video_2": None})
     with pytest.raises(KinemaError, match=r"the second ControlNet steers beside a first one"):
         form_to_mapping({**BLANK_FORM, "controlnet_2": "/cn/depth"})
-    with pytest.raises(KinemaError, match=r"keyframe indices are SparseCtrl's, which steers alone"):
-        form_to_mapping({**BLANK_FORM, **several, "control_indices": "0"})
+    keyed = form_to_mapping({**BLANK_FORM, **several, "control_indices": "0, -1",
+                             "extra": {"control_falloff": [0.5], "control_loop": True}})
+    assert (keyed["control_indices"], keyed["control_falloff"], keyed["control_loop"]) == ([0, -1], [0.5], True)
+    back = settings_to_form({**keyed, "control_indices": [0, -1]})
+    assert back["control_indices"] == "0, -1" and back["extra"] == {"control_falloff": [0.5], "control_loop": True}
     with pytest.raises(KinemaError, match=r"the keyframe indices are whole numbers separated by commas"):
         form_to_mapping({**BLANK_FORM, "controlnet": "/models/cn", "control_indices": "first"})
 
