@@ -557,3 +557,34 @@ def test_a_list_of_images_is_a_control_video_and_normalising_grays_and_stretches
     assert torch.equal(control[0], control[1]) and torch.equal(control[0], control[2])  # gray
     for frame in range(FRAMES):
         assert control[:, frame].min().item() == 0 and control[:, frame].max().item() == 1  # stretched per image
+
+
+def test_a_prompt_travel_controlnet_map_runs_end_to_end(files, tmp_path, monkeypatch):
+    """A prompt-travel config with a controlnet_map on the tiny model: read, run, and its videos' settings say the
+    keyframes and falloff it steered with; the config as run reproduces the job."""
+    import json
+
+    from kinema.pipelines.jobs import FamilyCache
+    from kinema.pipelines.prompt_configs import read_config, run_config
+
+    monkeypatch.chdir(tmp_path)
+    poses = tmp_path / "data" / "cn" / "controlnet_openpose"
+    poses.mkdir(parents=True)
+    for frame in (0, 3):
+        as_pil(control_frames(size=16)[frame]).save(poses / f"{frame:04d}.png")  # 16x16: resized to the video
+    config = tmp_path / "travel.json"
+    config.write_text(json.dumps({
+        "name": "travel", "path": str(files["folder"]), "motion_module": str(files["motion_module"]), "seed": [3],
+        "steps": 2, "prompt_map": {"0": "the cat"}, "n_prompt": [""], "L": FRAMES, "W": SIZE, "H": SIZE,
+        "controlnet_map": {"input_image_dir": "cn", "is_loop": False, "controlnet_openpose": {
+            "enable": True, "use_preprocessor": False, "guess_mode": False, "controlnet_conditioning_scale": 0.9,
+            "control_guidance_start": 0.0, "control_guidance_end": 1.0, "control_scale_list": [0.5],
+            "control_region_list": [], "path": str(files["controlnet"])}}}))
+    read = read_config(config)
+    [video] = run_config(read, tmp_path / "out", cache=FamilyCache(max_models=1))
+    settings = json.loads((video.parent / "job.json").read_text())
+    assert settings["controlnet"] == {"path": str(files["controlnet"]), "scale": 0.9}
+    assert (settings["control_indices"], settings["control_falloff"], settings["control_loop"]) == ([0, 3], [0.5],
+                                                                                                    False)
+    again = read_config(tmp_path / "out" / "config.yaml")
+    assert again.runs[0].job.settings() == read.runs[0].job.settings()
