@@ -20,6 +20,7 @@ is decoded segment by segment. Without `-o`, videos go to `out/`: `out/<prompt w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -54,6 +55,7 @@ from kinema.pipelines.request import (
     QUANTIZATIONS,
     SPEEDS,
     check_pia_module,
+    image_prompt_keyframes,
 )
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
@@ -166,6 +168,31 @@ def parse_indices(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas (e.g. 0,15 or 0,-1), got "
                                          f"{text!r}") from None
+
+
+def parse_ip_image(text: str) -> str | dict[str, str]:
+    """--ip-image `style.png`, or an image prompt schedule as JSON `{"0": "a.png", "16": "b.png"}`."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        schedule = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"an image prompt schedule is JSON such as '{{\"0\": \"a.png\", \"16\": "
+                                         f"\"b.png\"}}' ({err})") from None
+    if not isinstance(schedule, dict) or not all(isinstance(image, str) and image for image in schedule.values()):
+        raise argparse.ArgumentTypeError(f"an image prompt schedule maps frame numbers to image paths, such as "
+                                         f"'{{\"0\": \"a.png\", \"16\": \"b.png\"}}', got {text!r}")
+    try:
+        image_prompt_keyframes(schedule)
+    except KinemaError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return schedule
+
+
+def _ip_images(args: argparse.Namespace) -> list[str]:
+    """The image files of --ip-image: one, or a schedule's."""
+    given = getattr(args, "ip_image", None)
+    return [] if given is None else list(given.values()) if isinstance(given, dict) else [given]
 
 
 def parse_falloff(text: str) -> list[float]:
@@ -323,8 +350,10 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
         group.add_argument("--image-encoder", metavar="DIR",
                            help="the IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside the "
                                 "adapter file, as h94/IP-Adapter's models/ holds it)")
-        group.add_argument("--ip-image", metavar="IMAGE",
-                           help="the image prompt of --ip-adapter (any size: CLIP's processor crops it)")
+        group.add_argument("--ip-image", type=parse_ip_image, metavar="IMAGE",
+                           help="the image prompt of --ip-adapter (any size: CLIP's processor crops it); "
+                                "'{\"0\": \"a.png\", \"16\": \"b.png\"}' makes it travel, blended from keyframe to "
+                                "keyframe as a prompt schedule is (--interpolation)")
         group.add_argument("--controlnet", type=parse_controlnet, action="append", metavar="PATH[:S]",
                            help="SD1.5 ControlNet (a diffusers folder such as lllyasviel/control_v11p_sd15_openpose, "
                                 "or an original single file), or AnimateDiff v3's SparseCtrl "
@@ -569,7 +598,8 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     if (args.ip_image is None) != (args.ip_adapter is None):
         raise KinemaError("--ip-adapter and --ip-image come together (the adapter conditions on the image prompt): "
                           "give both, or neither")
-    _check_image(args.ip_image, "image prompt")
+    for image in _ip_images(args):
+        _check_image(image, "image prompt")
     for path, _ in args.controlnet or []:
         _require_path(path, "ControlNet")
     if len(args.control_video or []) != len(args.controlnet or []):
@@ -793,7 +823,7 @@ def check_generate(args: argparse.Namespace) -> None:
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
         parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
-    inputs = tuple(path for path in (args.image, args.end_image, args.ip_image, *(args.control_video or []))
+    inputs = tuple(path for path in (args.image, args.end_image, *_ip_images(args), *(args.control_video or []))
                    if path is not None)
     _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
                    latents=True)
@@ -824,7 +854,7 @@ def check_v2v(args: argparse.Namespace) -> None:
     args.request.check()
     check_pia_module(args.motion_module, args.request)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,
-                   tuple(path for path in (args.video, args.ip_image, *(args.control_video or []))
+                   tuple(path for path in (args.video, *_ip_images(args), *(args.control_video or []))
                          if path is not None),
                    latents=True)
 

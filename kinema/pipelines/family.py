@@ -222,6 +222,29 @@ class VideoFamily:
         return ({"ip_image_embeds": cond.expand(videos, *cond.shape[1:])},
                 {"ip_image_embeds": uncond.expand(videos, *uncond.shape[1:])})
 
+    def image_prompt_frames(self, images: Sequence[torch.Tensor], places: Sequence[int], frames: int, videos: int,
+                            interpolation: str = "linear") -> tuple[Conditioning, Conditioning]:
+        """`(cond, uncond)` with `ip_image_frame_embeds` `(videos, F, ...)`: the image prompts `(3, H, W)` in [0, 1]
+        at the keyframes `places` (ascending), their embeddings blended per frame as a prompt schedule blends text
+        (kinema.sampling.prompt_travel: `interpolation` between keyframes, held before the first and after the
+        last)."""
+        from kinema.sampling.prompt_travel import PromptSchedule, interpolate_states
+
+        self.check_image_prompt(True)
+        if places[-1] >= frames:
+            raise KinemaError(f"the image prompt has a keyframe at frame {places[-1]}, which {frames} frames do not "
+                              f"reach; make at least {places[-1] + 1} frames, or move the keyframe")
+        pairs = [self.ip_adapter.embeds(image.float()[None]) for image in images]  # each its own size
+        cond, uncond = (torch.cat(side) for side in zip(*pairs, strict=True))
+        schedule = PromptSchedule(tuple((place, f"image {index}") for index, place in enumerate(places)),
+                                  interpolation)
+
+        def per_frame(embeds: torch.Tensor) -> torch.Tensor:  # (K, 1, D) or (K, 1, T, W) -> (videos, F, ...)
+            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames)
+            return blended.reshape(frames, *embeds.shape[1:])[None].expand(videos, *[-1] * embeds.ndim)
+
+        return {"ip_image_frame_embeds": per_frame(cond)}, {"ip_image_frame_embeds": per_frame(uncond)}
+
     def image_tokens_from(self, step: int, steps: int) -> bool:
         """Whether CLIP image tokens are passed at sampling step `step` of `steps` (V3 applies them only in the last
         part of sampling); families without image tokens answer True (nothing to withhold)."""

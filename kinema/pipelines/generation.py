@@ -202,11 +202,18 @@ def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, l
                  pixel_frames: int) -> _Text:
     """Encode the prompt (or each keyframe prompt of a schedule, interpolated per latent frame) and the negative
     prompt, one row per video; with an IP-Adapter, the image prompt joins both sides."""
+    from kinema.pipelines.request import image_prompt_keyframes
+
     text = _encode_prompts(family, request, videos, latent_frames, pixel_frames)
     if request.ip_image is None:
         return text
-    image = _read_image(request.ip_image, "the image prompt")
-    cond, uncond = family.image_prompt(image[None], videos)
+    keyframes = image_prompt_keyframes(request.ip_image)
+    if keyframes is None:
+        cond, uncond = family.image_prompt(_read_image(request.ip_image, "the image prompt")[None], videos)
+    else:
+        images = [_read_image(image, f"the image prompt of frame {frame}") for frame, image in keyframes]
+        cond, uncond = family.image_prompt_frames(images, [frame for frame, _ in keyframes], latent_frames, videos,
+                                                  request.interpolation)
     return _Text({**text.cond, **cond}, None if text.uncond is None else {**text.uncond, **uncond}, text.table)
 
 

@@ -52,6 +52,7 @@ from kinema.pipelines.request import (
     check_video_holds_overlap,
     control_places,
     freeu_error,
+    image_prompt_keyframes,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -697,6 +698,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             given[key] = [_path(item, key, base, None, "control image") for item in data[key]]
             for index, image in enumerate(given[key]):
                 image_sizes[f"control image {index + 1}"] = check_image_file(image, "control image")
+        elif key == "ip_image" and isinstance(data.get(key), Mapping):  # an image prompt schedule
+            image_prompt_keyframes(data[key])  # its frame keys, one line each
+            given[key] = {str(frame): _path(image, key, base, None, f"image prompt of frame {frame}")
+                          for frame, image in data[key].items()}
+            for frame, image in given[key].items():
+                check_image_file(image, f"image prompt of frame {frame}")
         elif data.get(key) is not None:
             given[key] = _path(data[key], key, base, None, what)
             if key not in _VIDEO_FIELDS:
@@ -773,6 +780,10 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             control_places(controls, made, request.control_indices, what=f"the {what}", fix=f"\"frames\": {controls}")
         height, width = video_size(video, what)
         image_sizes[what] = (width, height)
+    keyframes = image_prompt_keyframes(request.ip_image)
+    if keyframes and made is not None and keyframes[-1][0] >= made:
+        raise KinemaError(f"the image prompt has a keyframe at frame {keyframes[-1][0]}, which the job's {made} frames "
+                          f"do not reach; make at least {keyframes[-1][0] + 1} frames, or move the keyframe")
     if isinstance(request.control_video, list) and not isinstance(controlnet, list) and made is not None:
         control_places(len(request.control_video), made, request.control_indices)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded

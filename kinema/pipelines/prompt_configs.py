@@ -264,15 +264,16 @@ def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_fol
     from kinema.pipelines.travel_maps import controlnet_job_data, ip_adapter_job_data
 
     data: dict[str, Any] = {}
+    frames = shared.get("frames")
     if _given(entry, "controlnet_map") is not None:
         if "controlnet" in shared:
             raise KinemaError("give controlnet_map (prompt travel) or controlnet_path (AnimateDiff's SparseCtrl), "
                               "not both")
-        frames = shared.get("frames")
         data.update(controlnet_job_data(entry["controlnet_map"], frames if isinstance(frames, int) else None,
                                         config_folder))
     if _given(entry, "ip_adapter_map") is not None:
-        data.update(ip_adapter_job_data(entry["ip_adapter_map"], config_folder))
+        data.update(ip_adapter_job_data(entry["ip_adapter_map"], frames if isinstance(frames, int) else None,
+                                        config_folder))
     return data
 
 

@@ -120,6 +120,28 @@ class FreeUSettings:
                                   "that part as trained; to turn FreeU off, leave it unset)")
 
 
+def image_prompt_keyframes(ip_image: Any) -> list[tuple[int, Any]] | None:
+    """An image prompt schedule's `(frame, image)` keyframes in frame order (None for one image for every frame), or
+    one KinemaError line: keys are whole frame numbers from 0 (as text too, as JSON gives them), each given once."""
+    if not isinstance(ip_image, Mapping):
+        return None
+    if not ip_image:
+        raise KinemaError("ip_image is an empty mapping; give an image, or {frame: image} keyframes such as "
+                          "{\"0\": \"a.png\", \"16\": \"b.png\"}")
+    keyframes: dict[int, Any] = {}
+    for key, image in ip_image.items():
+        text = str(key).strip() if isinstance(key, str | int) and not isinstance(key, bool) else ""
+        if not text.isdigit():
+            raise KinemaError(f"ip_image keyframe {key!r} is not a frame number; keys are whole frame numbers from 0 "
+                              "like \"0\" or \"16\"")
+        if int(text) in keyframes:
+            raise KinemaError(f"ip_image names frame {int(text)} twice; give each keyframe once")
+        if image is None:
+            raise KinemaError(f"ip_image keyframe {key!r} has no image")
+        keyframes[int(text)] = image
+    return sorted(keyframes.items(), key=lambda pair: pair[0])
+
+
 def _paths(value: Any) -> bool:
     """Whether `value` is a path or a list of paths (as settings record them)."""
     return isinstance(value, str | os.PathLike) or (isinstance(value, list | tuple) and bool(value) and all(
@@ -293,7 +315,9 @@ class GenerationRequest:
             picture, 1: as trained).
         freeu: FreeU's backbone and skip factors for UNet models (AnimateDiff family; None: off).
         ip_image: the image prompt of a model loaded with an IP-Adapter (a path, a PIL image or `(3, H, W)` in
-            [0, 1], any size: CLIP's processor resizes and crops it); such a model needs one.
+            [0, 1], any size: CLIP's processor resizes and crops it); such a model needs one. A mapping
+            `{frame: image}` makes it travel: each keyframe's image at its frame, the embeddings between blended as
+            a prompt schedule's text (`interpolation`), held before the first and after the last.
         control_video: the control images of a model loaded with a ControlNet (pose, depth or edge maps, ...): a
             video, animation, image or folder of frames, a list of image paths, or frames `(F, 3, H, W)` in [0, 1];
             one per frame of the video (or one image for all of them; SparseCtrl: one per keyframe), sized as the
@@ -444,6 +468,7 @@ class GenerationRequest:
             raise KinemaError("control_indices place the images of a control video: give control_video "
                               "(--control-video) too")
         check_control_falloff(self.control_falloff, self.control_loop, self.control_indices is not None)
+        image_prompt_keyframes(self.ip_image)
         presets = range(len(PIA_MOTION_NAMES))
         if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in presets):
             raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to {presets[-1]}, got "
@@ -507,7 +532,10 @@ class GenerationRequest:
         data = asdict(self)
         for key in ("image", "end_image", "video", "ip_image", "control_video"):
             value = data[key]
-            if isinstance(value, os.PathLike):
+            if isinstance(value, Mapping):  # an image prompt schedule: its keyframes' images by frame
+                data[key] = {str(frame): os.fspath(image) if isinstance(image, str | os.PathLike)
+                             else f"<{type(image).__name__}>" for frame, image in value.items()}
+            elif isinstance(value, os.PathLike):
                 data[key] = os.fspath(value)
             elif isinstance(value, list | tuple) and all(_paths(item) for item in value):
                 # keyframe images, or several ControlNets' control videos (each a path or its keyframe images)

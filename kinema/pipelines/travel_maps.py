@@ -17,14 +17,16 @@ Hugging Face cache, or a `"path"` kinema reads in the entry. kinema makes Canny 
 preprocessors give maps already made (`"use_preprocessor": false`).
 
 ip_adapter_map: `{"enable": true, "input_image_dir": "ip_adapter_image/test", "scale": 0.5, "is_plus": true, ...}`:
-the image in that folder is the image prompt of h94/IP-Adapter's file the flags name, from the cache, prompt
-travel's `data/models/ip_adapter/models/`, or `"path"` (and `"image_encoder"`).
+the images in that folder, named by frame number, are the image prompt (several: it travels) of h94/IP-Adapter's
+file the flags name, from the cache, prompt travel's `data/models/ip_adapter/models/`, or `"path"` (and
+`"image_encoder"`).
 
 Where kinema differs from prompt travel: it steers every ControlNet with one start, end, guess mode and falloff, at
 the same keyframes (a config whose ControlNets differ there is one line, before anything loads); the ControlNet
 runs on a keyframe's neighbour's own latents with the keyframe's image (prompt travel adds the keyframe's residuals
-to the neighbour); a video has one image prompt, not one per frame. control_region_list and controlnet_ref are left
-out with a warning, as region_map is.
+to the neighbour); an image prompt travels as kinema's prompt schedules do (blended from keyframe to keyframe, held
+after the last, where prompt travel holds each for prompt_fixed_ratio of the way and wraps back to the first).
+control_region_list and controlnet_ref are left out with a warning, as region_map is.
 """
 
 from __future__ import annotations
@@ -244,9 +246,10 @@ def ip_adapter_file(given: Mapping[str, Any]) -> str:
     return "ip-adapter-plus_sd15.bin" if given.get("is_plus") else "ip-adapter_sd15.bin"
 
 
-def ip_adapter_job_data(given: Any, config_folder: Path) -> dict[str, Any]:
-    """The job data (ip_adapter, image_encoder, ip_image) of a prompt-travel `ip_adapter_map`; {} when it is off or
-    its folder has no image, as prompt travel then prompts with none."""
+def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> dict[str, Any]:
+    """The job data (ip_adapter, image_encoder, ip_image) of a prompt-travel `ip_adapter_map` for a video of `frames`
+    frames (None: not said); {} when it is off or its folder has no image, as prompt travel then prompts with none.
+    Images for several frames make an image prompt schedule ({frame: image})."""
     if not isinstance(given, Mapping):
         raise KinemaError(f"ip_adapter_map is a mapping of settings, got {type(given).__name__}")
     unknown = [key for key in given if key not in IP_ADAPTER_KEYS]
@@ -256,15 +259,14 @@ def ip_adapter_job_data(given: Any, config_folder: Path) -> dict[str, Any]:
         return {}
     folder = _folder(given.get("input_image_dir"), "ip_adapter_map", config_folder)
     images = numbered_images(folder, IMAGE_SUFFIXES) if folder is not None else {}
+    images = {frame: path for frame, path in images.items() if frames is None or frame < frames}
     if not images:
         logger.warning("ip_adapter_map: no images in %s, so no image prompt (as in prompt travel)",
                        folder if folder is not None else given.get("input_image_dir"))
         return {}
-    if len(images) > 1:
-        raise KinemaError(f"ip_adapter_map: {folder} holds {len(images)} images for frames {list(images)}; kinema "
-                          "prompts a video with one image: keep one")
     name = ip_adapter_file(given)
-    data: dict[str, Any] = {"ip_image": str(next(iter(images.values())))}
+    data: dict[str, Any] = {"ip_image": str(next(iter(images.values()))) if len(images) == 1 else {
+        str(frame): str(path) for frame, path in images.items()}}  # several: the image prompt travels
     path = given.get("path")
     if not isinstance(path, str):
         local = Path.cwd() / "data/models/ip_adapter/models" / name

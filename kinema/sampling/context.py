@@ -224,7 +224,8 @@ class ContextDenoiser(Denoiser):
 
     Per-frame conditioning is sliced along with the latents: `frame_axes` maps a conditioning key to its frame axis,
     e.g. `{"encoder_hidden_states": 1}` for per-frame text states `(B, F, L, D)`. `inpaint_latents` `(B, C', F, H, W)`
-    and `control_frames` / `control_mask` `(B, C, F, H, W)` are per frame (axis 2) unless `frame_axes` says otherwise;
+    and `control_frames` / `control_mask` `(B, C, F, H, W)` are per frame (axis 2), `ip_image_frame_embeds`
+    `(B, F, ...)` (axis 1), unless `frame_axes` says otherwise;
     every other key goes to each window whole.
 
     The uniform schedule moves the windows with the step. A sampler calls the denoiser once or more per step with the
@@ -244,7 +245,7 @@ class ContextDenoiser(Denoiser):
         self.frames = frames
         self.steps = steps
         self.frame_axes: dict[str, int] = {"inpaint_latents": 2, "control_frames": 2, "control_mask": 2,
-                                           **(frame_axes or {})}
+                                           "ip_image_frame_embeds": 1, **(frame_axes or {})}
         self.condition_names = denoiser.condition_names
         self.required = denoiser.required
         self._step_of_timestep: dict[tuple[float, ...], int] = {}

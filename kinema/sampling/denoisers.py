@@ -68,7 +68,8 @@ class Denoiser:
 class UNetDenoiser(Denoiser):
     """AnimateDiff: a `VideoUNet` predicts epsilon directly; `encoder_hidden_states` are the CLIP text states
     `(B, L, D)` shared by all frames (or per frame, see `VideoUNet.forward`), `ip_image_embeds` an IP-Adapter's
-    image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded, and
+    image prompt `(B, 1, D)` or `(B, 1, T, D)` (kinema.loaders.ip_adapter), for a model with one loaded (or
+    `ip_image_frame_embeds` `(B, F, 1, ...)`, one per frame, for an image prompt that travels), and
     `control_frames` a ControlNet's control images `(B, 3, F, H, W)` in [0, 1] (SparseCtrl's keyframes, with
     `control_mask` `(B, 1, F, ...)`), for a denoiser given `controlnet` (a `kinema.models.controlnet.VideoControlNet`
     or `VideoSparseControlNet`). `control_guess` `(B,)` bool turns on guess mode: the clips marked True are steered
@@ -76,8 +77,8 @@ class UNetDenoiser(Denoiser):
     own guess mode and diffusers' image pipelines. `inpaint_latents` `(B, 5, F, h, w)`, a PIA image animator's mask
     and start-image latents, join the latents along the channels on the way into the UNet."""
 
-    condition_names = ("encoder_hidden_states", "ip_image_embeds", "control_frames", "control_mask", "control_guess",
-                       "inpaint_latents")
+    condition_names = ("encoder_hidden_states", "ip_image_embeds", "ip_image_frame_embeds", "control_frames",
+                       "control_mask", "control_guess", "inpaint_latents")
 
     def __init__(self, model: nn.Module, controlnet: nn.Module | None = None):
         super().__init__(model)
@@ -94,9 +95,13 @@ class UNetDenoiser(Denoiser):
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
         """As `Denoiser.predict`, the image prompt handed to the UNet as diffusers' `added_cond_kwargs` and the
         ControlNet's residuals as its additional residuals."""
-        extra = ("ip_image_embeds", "control_frames", "control_mask", "control_guess", "inpaint_latents")
+        extra = ("ip_image_embeds", "ip_image_frame_embeds", "control_frames", "control_mask", "control_guess",
+                 "inpaint_latents")
         kwargs: dict[str, Any] = {k: v for k, v in cond.items() if k not in extra and v is not None}
         image = cond.get("ip_image_embeds")
+        per_frame = cond.get("ip_image_frame_embeds")
+        if per_frame is not None:  # (B, F, ...): folded, as the VideoUNet takes image prompts per frame
+            image = per_frame.flatten(0, 1)
         if image is not None:
             kwargs["added_cond_kwargs"] = {"image_embeds": [image]}
         control = cond.get("control_frames")

@@ -346,6 +346,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                                     "numbers separated by commas"),
         (["generate", "a cat", *model, "--control-falloff", "0.5,x"], "argument --control-falloff: expected "
                                                                       "weights from 0 to 1 separated by commas"),
+        (["generate", "a cat", *model, "--ip-image", '{"0": "a.png", "x": "b.png"}'],
+         "argument --ip-image: ip_image keyframe 'x' is not a frame number"),
+        (["generate", "a cat", *model, "--ip-image", '{"0": '], "argument --ip-image: an image prompt schedule is "
+                                                               "JSON such as"),
+        (["generate", "a cat", *model, "--ip-image", '{"0": 3}'], "argument --ip-image: an image prompt schedule "
+                                                                 "maps frame numbers to image paths"),
         (["generate", "a cat", *model, "--controlnet", "cn:-2"], "argument --controlnet: the ControlNet scale "
                                                                  "must be at least 0 and finite"),
         (["generate", "a cat", *model, "--freeu", "1.5,1.6"], "argument --freeu: expected on, or four numbers "

@@ -279,6 +279,76 @@ def test_generate_with_an_image_prompt_from_a_model_folder(sd_model, adapter_fol
         generate(plain, GenerationRequest(**{**vars(request), "ip_image": torch.zeros(3, 20, 20)}), progress=False)
 
 
+@pytest.mark.parametrize("file", ["ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"])
+def test_an_image_prompt_schedule_blends_the_keyframes_embeddings_per_frame(sd_model, adapter_folder, tmp_path, file):
+    """{frame: image}: one keyframe equals the image for every frame (the path diffusers is proven equal on); two
+    give each frame the blend of their embeddings that a prompt schedule gives text (linear here), held past the
+    last, on both sides of guidance; context windows hand each window its frames'."""
+    from kinema.pipelines.generation import generate
+    from kinema.pipelines.load import load_family
+    from kinema.pipelines.request import ContextSettings, GenerationRequest
+
+    family = load_family(sd_model["path"], motion_module=sd_model["motion_module"],
+                         ip_adapter=(adapter_folder / file, 0.8))
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    as_pil(image()).save(first)
+    as_pil(torch.rand(1, 3, 36, 36, generator=torch.Generator().manual_seed(9))).save(second)
+    request = GenerationRequest("a cat", frames=6, height=32, width=32, steps=2, seeds=[1])
+    plain = generate(family, GenerationRequest(**{**vars(request), "ip_image": str(first)}), progress=False,
+                     output="latent")
+    held = generate(family, GenerationRequest(**{**vars(request), "ip_image": {"0": str(first)}}), progress=False,
+                    output="latent")
+    assert (held.latents - plain.latents).abs().max().item() <= 1e-5
+    seen = []
+    forward = family.model.forward
+    family.model.forward = lambda *args, **kwargs: seen.append(kwargs["added_cond_kwargs"]["image_embeds"][0]) or \
+        forward(*args, **kwargs)
+    try:
+        travelled = generate(family, GenerationRequest(**{**vars(request), "ip_image": {1: str(first),
+                                                                                         "4": str(second)}}),
+                             progress=False, output="latent")
+        windows = GenerationRequest(**{**vars(request), "steps": 1, "ip_image": {1: str(first), "4": str(second)},
+                                       "context": ContextSettings(length=4, overlap=2)})
+        seen_before = len(seen)
+        generate(family, windows, progress=False, output="latent")
+    finally:
+        del family.model.forward
+    assert travelled.settings[0]["ip_image"] == {"1": str(first), "4": str(second)}
+    a, b = (family.ip_adapter.embeds(image_tensor(path)) for path in (first, second))
+    weights = [0, 0, 1 / 3, 2 / 3, 1, 1]  # frames 0-1 hold the first, 4-5 the second
+    rows = seen[0].unflatten(0, (2, 6))  # guidance: both sides, six frames each
+    prompted = next(side for side in rows if (side - a[1][0]).abs().amax() > 1e-3)  # not the unprompted side
+    unprompted = next(side for side in rows if side is not prompted)
+    for frame, t in enumerate(weights):
+        torch.testing.assert_close(prompted[frame], ((1 - t) * a[0] + t * b[0])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unprompted[frame], ((1 - t) * a[1] + t * b[1])[0], atol=1e-5, rtol=1e-5)
+    window = seen[seen_before].unflatten(0, (2, 4))  # the first window: frames 0-3
+    assert any(torch.allclose(side, prompted[:4], atol=1e-5) for side in window)
+    with pytest.raises(KinemaError, match=r"the image prompt has a keyframe at frame 7, which 6 frames do not reach"):
+        generate(family, GenerationRequest(**{**vars(request), "ip_image": {"0": str(first), "7": str(second)}}),
+                 progress=False)
+    for bad, message in [({}, r"ip_image is an empty mapping"), ({"x": str(first)}, r"keyframe 'x' is not a frame "
+                                                                                     r"number"),
+                         ({"1": str(first), 1: str(second)}, r"ip_image names frame 1 twice")]:
+        with pytest.raises(KinemaError, match=message):
+            GenerationRequest(**{**vars(request), "ip_image": bad}).check()
+
+
+def test_the_cli_takes_an_image_prompt_schedule_and_records_it(sd_model, adapter_folder, tmp_path):
+    import json
+
+    from kinema.cli import main
+
+    for name in ("a.png", "b.png"):
+        as_pil(image()).save(tmp_path / name)
+    out = tmp_path / "travel.mp4"
+    schedule = {"0": str(tmp_path / "a.png"), "3": str(tmp_path / "b.png")}
+    main(["generate", "a cat", "--model", str(sd_model["path"]), "--motion-module", str(sd_model["motion_module"]),
+          "--ip-adapter", f"{adapter_folder / 'ip-adapter_sd15.safetensors'}:0.7", "--ip-image", json.dumps(schedule),
+          "--frames", "4", "--height", "32", "--width", "32", "--steps", "1", "-o", str(out), "--quiet"])
+    assert json.loads(out.with_name(out.name + ".json").read_text())["ip_image"] == schedule
+
+
 def test_a_request_dtype_casts_the_image_encoder_too(sd_model, adapter_folder):
     from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
@@ -305,7 +375,15 @@ def test_jobs_take_the_adapter_and_the_image_prompt(sd_model, adapter_folder, tm
     assert job.ip_adapter == (str(adapter_folder / "ip-adapter_sd15.safetensors"), 0.6)
     assert job.request.ip_image == str(tmp_path / "style.png")  # any size: not held to the video's
     assert job_from_mapping(job.settings()) == job
+    as_pil(image()).save(tmp_path / "late.png")
+    travel = job_from_mapping({**data, "ip_image": {"0": "style.png", "3": "late.png"}}, base=tmp_path)
+    assert travel.request.ip_image == {"0": str(tmp_path / "style.png"), "3": str(tmp_path / "late.png")}
+    assert job_from_mapping(travel.settings()) == travel
     for change, message in [
+        ({"ip_image": {"0": "style.png", "3": "gone.png"}}, "no such image prompt of frame 3: gone.png"),
+        ({"ip_image": {"0": "style.png", "first": "late.png"}}, "ip_image keyframe 'first' is not a frame number"),
+        ({"ip_image": {"0": "style.png", "4": "late.png"}}, "the image prompt has a keyframe at frame 4, which the "
+                                                           "job's 4 frames do not reach"),
         ({"ip_image": None}, "give both ip_adapter and ip_image, or neither"),
         ({"ip_adapter": None}, "give both ip_adapter and ip_image, or neither"),
         ({"ip_adapter": {"path": str(adapter_folder / "ip-adapter_sd15.safetensors"), "scale": -1}},

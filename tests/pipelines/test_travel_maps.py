@@ -207,7 +207,6 @@ def test_the_ip_adapter_map_prompts_with_its_image_and_the_file_its_flags_name(p
     with pytest.raises(KinemaError, match=r"ip_adapter_map asks for h94/IP-Adapter's models/"
                                           r"ip-adapter-full-face_sd15.bin, which is neither in"):
         read_config(travel(project, ip_adapter_map={**ip_map, "is_full_face": True}))
-    images(project / "data/ip_adapter_image/test", 8)
-    with pytest.raises(KinemaError, match=r"holds 2 images for frames \[0, 8\]; kinema prompts a video with one "
-                                          r"image: keep one"):
-        read_config(travel(project, ip_adapter_map=ip_map))
+    [late, _] = images(project / "data/ip_adapter_image/test", 8, 16)  # 16: past L 16
+    [run] = read_config(travel(project, ip_adapter_map=ip_map)).runs
+    assert run.job.request.ip_image == {"0": image, "8": late}  # several images: the image prompt travels
