@@ -310,6 +310,20 @@ MUTATIONS = (
         ("tests/pipelines/test_travel_maps.py",),
     ),
     Mutation(
+        "a travelling image prompt's frames are folded frame by frame, not clip by clip",
+        "kinema/sampling/denoisers.py",
+        ((("            image = per_frame.flatten(0, 1)\n",
+           "            image = per_frame.transpose(0, 1).flatten(0, 1)\n"),),),
+        ("tests/loaders/test_ip_adapter.py",),
+    ),
+    Mutation(
+        "a travelling image prompt runs backwards",
+        "kinema/pipelines/family.py",
+        ((("            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames)\n",
+           "            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames).flip(0)\n"),),),
+        ("tests/loaders/test_ip_adapter.py",),
+    ),
+    Mutation(
         "saved latents are loaded without checking their digest",
         "kinema/pipelines/outputs.py",
         ((("    if DIGEST_METADATA_KEY in metadata and \\", "    if False and \\"),),),
