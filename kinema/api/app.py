@@ -45,7 +45,7 @@ from kinema import __version__
 from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.errors import KinemaError, library_error_message, shorten
-from kinema.pipelines.request import MAX_FPS, MAX_SEED, MIN_FPS
+from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_SEED, MIN_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                             "description": "the frames the control images are keyframes of (-1: the last); a "
                                            "ControlNet then steers those frames, and their neighbours by "
                                            "control_falloff"},
-        "control_falloff": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1},
+        "control_falloff": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1,
+                            "maxItems": MAX_FALLOFF,
                             "description": "a ControlNet's keyframes also steer the frames 1, 2, ... away at these "
                                            "weights (prompt travel's control_scale_list)"},
         "control_loop": {"type": "boolean", "description": "control_falloff wraps around the video's ends"},

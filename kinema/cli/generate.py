@@ -41,7 +41,12 @@ from kinema.cli.args import (
     seed_number,
 )
 from kinema.errors import KinemaError
-from kinema.pipelines.jobs import check_image_file, check_model_request, model_defaults_for
+from kinema.pipelines.jobs import (
+    check_image_file,
+    check_model_request,
+    check_sparsectrl_falloff,
+    model_defaults_for,
+)
 
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
@@ -618,6 +623,7 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
     from kinema.pipelines.request import check_control_falloff, control_places
 
     check_control_falloff(args.control_falloff, args.control_loop, args.control_indices is not None)
+    check_sparsectrl_falloff([path for path, _ in args.controlnet or []], args.control_falloff)
     if args.control_preprocess is not None:  # names, their count, and OpenCV for Canny
         preprocessors_for(_one_or_list(args.control_preprocess), max(len(args.controlnet or []), 1))
 

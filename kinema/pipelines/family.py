@@ -178,7 +178,7 @@ class VideoFamily:
           `(1, 4, F, h, w)` (RGB: the VAE's posterior mean) or images (scribble), zeros elsewhere, and
           `control_mask` `(1, 1, F, ...)`, 1 at the keyframes."""
         from kinema.models.controlnet import VideoMultiControlNet, VideoSparseControlNet
-        from kinema.pipelines.request import control_places, control_weights
+        from kinema.pipelines.request import SPARSECTRL_FALLOFF, control_places, control_weights
 
         wanted = len(self.controlnet.nets) if isinstance(self.controlnet, VideoMultiControlNet) else 1
         if len(images) != wanted:
@@ -200,9 +200,7 @@ class VideoFamily:
             return {"control_frames": control, "control_mask": weights.view(1, 1, frames, 1, 1).expand(
                 1, wanted, frames, 1, 1).contiguous()}
         if falloff is not None:
-            raise KinemaError("control_falloff spreads an ordinary ControlNet's keyframes; SparseCtrl's own motion "
-                              "modules carry its keyframes to the other frames: drop control_falloff "
-                              "(--control-falloff)")
+            raise KinemaError(SPARSECTRL_FALLOFF)
         [keyframe_images] = images
         count = keyframe_images.shape[0]
         places = [0] if indices is None and count == 1 else control_places(count, frames, indices)

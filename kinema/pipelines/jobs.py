@@ -42,6 +42,7 @@ from kinema.pipelines.request import (
     INPUT_DEFAULTS,
     MAX_SEED,
     QUANTIZATIONS,
+    SPARSECTRL_FALLOFF,
     SPEEDS,
     ContextSettings,
     FreeInitSettings,
@@ -267,6 +268,30 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
     if shape.family == "easyanimate":
         check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu,
                                  ip_adapter=ip_adapter, controlnet=controlnet)
+
+
+def check_sparsectrl_falloff(controlnets: Iterable[str | os.PathLike], falloff: Any) -> None:
+    """One KinemaError line, before any weights load, for a control_falloff given with a SparseCtrl network: a folder
+    by its config's class, a file by its tensor names (a torch pickle's read without unpickling it)."""
+    if falloff is None:
+        return
+    from kinema.loaders.animatediff.sparsectrl import CONFIG_CLASS, sparsectrl_variant
+    from kinema.loaders.checkpoint_io import folder_config_class, tensor_names
+    from kinema.sniff import pickled_tensor_names
+
+    for path in map(Path, controlnets):
+        names: Iterable[str] | None = None
+        if path.is_dir():
+            sparse = folder_config_class(path) == CONFIG_CLASS
+        else:
+            try:
+                names = tensor_names(path)
+            except KinemaError:
+                continue  # a broken file: the load names it
+            names = names if names is not None else pickled_tensor_names(path)
+            sparse = names is not None and sparsectrl_variant(list(names)) is not None
+        if sparse:
+            raise KinemaError(SPARSECTRL_FALLOFF)
 
 
 def check_image_bytes(data: bytes, *, max_bytes: int, what: str = "image") -> None:
@@ -685,8 +710,11 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
                 raise KinemaError(f"{len(controlnet)} ControlNets steer together, so control_video is a list of "
                                   f"{len(controlnet)} control videos or images (or lists of keyframe images), one per "
                                   "ControlNet in their order")
+            if any(item == [] for item in data[key]):
+                raise KinemaError(f"control video {[item == [] for item in data[key]].index(True) + 1} is an empty "
+                                  "list; give a video, an image, or a list of keyframe images for each ControlNet")
             given[key] = [[_path(image, key, base, None, "control image") for image in item]
-                          if isinstance(item, list) and item else _path(item, key, base, None, "control video")
+                          if isinstance(item, list) else _path(item, key, base, None, "control video")
                           for item in data[key]]  # a list among them: that ControlNet's keyframe images
             for index, item in enumerate(given[key]):
                 for number, image in enumerate(item if isinstance(item, list) else []):
@@ -695,6 +723,9 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         elif key == "control_video" and isinstance(data.get(key), list):  # keyframe images, one path each
             if not data[key]:
                 raise KinemaError("control_video is an empty list; give a video, an image, or a list of images")
+            if any(isinstance(item, list) for item in data[key]):
+                raise KinemaError("control_video lists one ControlNet's images (paths); a list of lists is for several "
+                                  "ControlNets, one list each (\"controlnet\": [...])")
             given[key] = [_path(item, key, base, None, "control image") for item in data[key]]
             for index, image in enumerate(given[key]):
                 image_sizes[f"control image {index + 1}"] = check_image_file(image, "control image")
@@ -780,6 +811,9 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             control_places(controls, made, request.control_indices, what=f"the {what}", fix=f"\"frames\": {controls}")
         height, width = video_size(video, what)
         image_sizes[what] = (width, height)
+    if controlnet is not None:
+        check_sparsectrl_falloff([path for path, _ in (controlnet if isinstance(controlnet, list) else [controlnet])],
+                                 request.control_falloff)
     keyframes = image_prompt_keyframes(request.ip_image)
     if keyframes and made is not None and keyframes[-1][0] >= made:
         raise KinemaError(f"the image prompt has a keyframe at frame {keyframes[-1][0]}, which the job's {made} frames "

@@ -259,22 +259,44 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_folder: Path) -> dict[str, Any]:
-    """The job data of prompt travel's controlnet_map and ip_adapter_map (kinema.pipelines.travel_maps)."""
+def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_folder: Path
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(job data, entry keys as run)` of prompt travel's controlnet_map and ip_adapter_map
+    (kinema.pipelines.travel_maps): their images for the frames the entry makes (its L, else the model's default)."""
     from kinema.pipelines.travel_maps import controlnet_job_data, ip_adapter_job_data
 
     data: dict[str, Any] = {}
+    used: dict[str, Any] = {}
+    if _given(entry, "controlnet_map") is None and _given(entry, "ip_adapter_map") is None:
+        return data, used
     frames = shared.get("frames")
+    if frames is None:
+        frames = _default_frames(shared.get("model"))
+    frames = frames if isinstance(frames, int) and not isinstance(frames, bool) else None
     if _given(entry, "controlnet_map") is not None:
         if "controlnet" in shared:
             raise KinemaError("give controlnet_map (prompt travel) or controlnet_path (AnimateDiff's SparseCtrl), "
                               "not both")
-        data.update(controlnet_job_data(entry["controlnet_map"], frames if isinstance(frames, int) else None,
-                                        config_folder))
+        found, used["controlnet_map"] = controlnet_job_data(entry["controlnet_map"], frames, config_folder)
+        data.update(found)
     if _given(entry, "ip_adapter_map") is not None:
-        data.update(ip_adapter_job_data(entry["ip_adapter_map"], frames if isinstance(frames, int) else None,
-                                        config_folder))
-    return data
+        found, used["ip_adapter_map"] = ip_adapter_job_data(entry["ip_adapter_map"], frames, config_folder)
+        data.update(found)
+    return data, used
+
+
+def _default_frames(model: Any) -> int | None:
+    """The frames a job of `model` makes when L is not given (its kinema.json default, else the library's); None
+    when the model cannot be found (the job names that)."""
+    from kinema.bundled import DEFAULT_MODEL
+    from kinema.pipelines.jobs import model_defaults_for
+    from kinema.pipelines.request import LIBRARY_DEFAULTS
+
+    try:
+        _, defaults = model_defaults_for(model if model is not None else DEFAULT_MODEL, ["frames"])
+    except KinemaError:
+        return None
+    return int(defaults.get("frames", LIBRARY_DEFAULTS["frames"]))
 
 
 def _seeds_per_prompt(seed: Any, prompts: int) -> list[Any]:
@@ -313,9 +335,10 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     model, loras = _model_and_loras(entry)
     shared = _shared(entry)
     try:
-        shared.update(_travel_maps(entry, shared, config_folder))
+        travelled, travel_used = _travel_maps(entry, shared, config_folder)
     except KinemaError as err:
         raise KinemaError(f"{where}, entry {name!r}: {err}") from None
+    shared.update(travelled)
     if model is not None:
         shared["model"] = model
     if loras:
@@ -323,7 +346,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     motion_modules = _list(_given(entry, "motion_module"))
     schedule = {key: entry[key] for key in SCHEDULE_KEYS if _given(entry, key) is not None}
     n_prompt = _given(entry, "n_prompt")
-    used = dict(entry)
+    used = {**entry, **travel_used}
     stem = f"{index + 1:02d}-{_slug(name, 24)}"
     runs: list[ConfigRun] = []
 

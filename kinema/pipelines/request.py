@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, shorten
 from kinema.sampling.prompt_travel import INTERPOLATIONS
 from kinema.sampling.schedulers import check_timestep_spacing
 
@@ -148,6 +148,8 @@ def _paths(value: Any) -> bool:
         isinstance(item, str | os.PathLike) for item in value))
 
 
+SPARSECTRL_FALLOFF = ("control_falloff spreads an ordinary ControlNet's keyframes; SparseCtrl's own motion modules "
+                      "carry its keyframes to the other frames: drop control_falloff (--control-falloff)")
 MAX_FALLOFF = 64  # frames a keyframe may reach on each side: past a window's length, a falloff is a typo
 
 
@@ -198,7 +200,8 @@ def check_control_falloff(falloff: Any, loop: Any, keyframes: bool) -> None:
     if weights is None or not 0 < len(weights) <= MAX_FALLOFF or not all(
             isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 1 for w in weights):
         raise KinemaError(f"control_falloff is a list of 1 to {MAX_FALLOFF} weights from 0 to 1, for the frames 1, 2, "
-                          f"... away from each keyframe (e.g. [0.5, 0.4, 0.3, 0.2, 0.1]), got {falloff!r}")
+                          f"... away from each keyframe (e.g. [0.5, 0.4, 0.3, 0.2, 0.1]), got "
+                          f"{shorten(repr(falloff), 80)}")
     if not keyframes:
         raise KinemaError("control_falloff spreads keyframes to the frames beside them: give control_indices "
                           "(--control-indices), the frames the control images are keyframes of")

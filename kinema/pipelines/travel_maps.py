@@ -32,11 +32,13 @@ control_region_list and controlnet_ref are left out with a warning, as region_ma
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ IP_ADAPTER_KEYS = ("enable", "input_image_dir", "prompt_fixed_ratio", "save_inpu
                    "scale", "is_plus_face", "is_plus", "is_light", "is_full_face", "path", "image_encoder")
 IP_ADAPTER_REPO = "h94/IP-Adapter"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_DIGITS = "0123456789"
+_FRAME_NUMBER = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() takes "²" and "٣" too
 
 
 def cached_hub_folder(repo: str, subfolder: str = "") -> str | None:
@@ -93,50 +97,87 @@ def _cached_hub_file(repo: str, filename: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _folder(given: Any, key: str, config_folder: Path) -> Path | None:
-    """prompt travel's `input_image_dir` `given`: under ./data (its own rule), ., or the config's folder."""
+def _folder(given: Any, key: str, config_folder: Path, example: str) -> Path:
+    """prompt travel's `input_image_dir` `given`, found under ./data (its own rule), ., or the config's folder; one
+    KinemaError line when it is in none of them."""
     if not isinstance(given, str) or not given:
-        raise KinemaError(f"{key}.input_image_dir is the folder of the images (e.g. \"controlnet_image/test\"), got "
-                          f"{given!r}")
-    for base in (Path.cwd() / "data", Path.cwd(), config_folder):
+        raise KinemaError(f"{key}.input_image_dir is the folder of the images (e.g. \"{example}\"), got {given!r}")
+    bases = (Path.cwd() / "data", Path.cwd(), config_folder)
+    for base in bases:
         if (base / given).is_dir():
-            return base / given
-    return None
+            return (base / given).resolve()
+    raise KinemaError(f"{key}.input_image_dir {given!r} is no folder under {', '.join(str(b) for b in bases)}; fix "
+                      f"the name, or drop {key} to make the video without it")
+
+
+def _flag(entry: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    """A true/false setting; text such as "false" is refused (prompt travel compares with True)."""
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise KinemaError(f"{where}.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _number(entry: Mapping[str, Any], key: str, default: float, where: str, low: float = 0.0,
+            high: float = math.inf) -> float:
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        span = f"from {low:g} to {high:g}" if math.isfinite(high) else f"of at least {low:g}"
+        raise KinemaError(f"{where}.{key} must be a number {span}, got {value!r}")
+    return float(value)
 
 
 def numbered_images(folder: Path, suffixes: tuple[str, ...] = (".png",)) -> dict[int, Path]:
     """The images of `folder` named by frame number (`0016.png`: frame 16), as prompt travel globs them
-    (`[0-9]*.png`); a name that starts with a digit and is not a number is one KinemaError line."""
+    (`[0-9]*.png`); a name that starts with a digit and is not a number is one KinemaError line, and other files
+    are named in one warning."""
     found: dict[int, Path] = {}
+    skipped = []
     for path in sorted(folder.iterdir()):
-        if not (path.is_file() and path.suffix.lower() in suffixes and path.name[:1].isdigit()):
+        if not (path.is_file() and path.suffix.lower() in suffixes and path.name[:1] in _DIGITS):
+            if path.is_file():
+                skipped.append(path.name)
             continue
-        if not path.stem.isdigit():
-            raise KinemaError(f"{path}: control images are named by their frame number (0016.png for frame 16); "
+        if not _FRAME_NUMBER.fullmatch(path.stem):
+            raise KinemaError(f"{path}: images here are named by their frame number (0016.png for frame 16); "
                               "rename it")
         if int(path.stem) in found:
             raise KinemaError(f"{path} and {found[int(path.stem)]} are both frame {int(path.stem)}; keep one")
         found[int(path.stem)] = path
+    if skipped:
+        logger.warning("%s: %s left out (images here are %s files named by frame number, 0016.png)", folder,
+                       shorten(", ".join(skipped), 200), " or ".join(suffixes))
     return dict(sorted(found.items()))
+
+
+def _within(images: dict[int, Path], frames: int | None, folder: Path) -> dict[int, Path]:
+    """The images of frames the video has (all of them when `frames` is None); those past it named in a warning."""
+    if frames is None:
+        return images
+    past = [frame for frame in images if frame >= frames]
+    if past:
+        logger.warning("%s: the images of frames %s are left out: the video has %d frames (L)", folder,
+                       shorten(str(past), 120), frames)
+    return {frame: path for frame, path in images.items() if frame < frames}
 
 
 def _preprocessor(name: str, entry: Mapping[str, Any], where: str) -> str | None:
     """kinema's control_preprocess for the entry (None: its images are the maps)."""
-    if not entry.get("use_preprocessor", True):
+    if not _flag(entry, "use_preprocessor", True, where):
         return None
     given = entry.get("preprocessor")
-    if isinstance(given, Mapping):
-        kind, params = given.get("type"), given.get("param") or {}
-    else:
-        kind, params = DEFAULT_PREPROCESSORS.get(name, "none"), {}
+    if given is not None and not isinstance(given, Mapping):
+        raise KinemaError(f"{where}.preprocessor is {{\"type\": ..., \"param\": {{...}}}}, as prompt travel writes it "
+                          f"(e.g. {{\"type\": \"canny\"}}), got {given!r}")
+    kind, params = (given.get("type"), given.get("param") or {}) if given else (
+        DEFAULT_PREPROCESSORS.get(name, "none"), {})
     if kind == "none":
         return None
-    if kind == "canny":
+    if kind == "canny" and isinstance(params, Mapping):
         low, high = params.get("low_threshold", 100), params.get("high_threshold", 200)
         return f"canny:{low}:{high}" if (low, high) != (100, 200) else "canny"
-    raise KinemaError(f"{where} makes its maps with the {kind} preprocessor, which kinema does not have (its weights "
-                      "cannot be fetched here; kinema makes canny maps itself): put maps already made in its image "
-                      "folder and set \"use_preprocessor\": false")
+    raise KinemaError(f"{where} makes its maps with the {kind} preprocessor, which kinema does not make (it makes "
+                      "canny maps): put maps already made in its image folder and set \"use_preprocessor\": false")
 
 
 def _controlnet_path(name: str, entry: Mapping[str, Any], where: str) -> str:
@@ -162,22 +203,32 @@ def _controlnet_path(name: str, entry: Mapping[str, Any], where: str) -> str:
     return folder
 
 
-def _one_setting(nets: Mapping[str, Mapping[str, Any]], key: str, default: Any) -> Any:
+def _one_setting(values: Mapping[str, Any], key: str) -> Any:
     """The value every enabled ControlNet gives `key` (kinema steers them all with one), or one KinemaError line."""
-    values = {name: entry.get(key, default) for name, entry in nets.items()}
-    if len({repr(value) for value in values.values()}) > 1:
+    first = next(iter(values.values()))
+    if any(value != first for value in values.values()):
         raise KinemaError(f"controlnet_map: kinema steers every ControlNet with one {key}, and these differ: "
                           f"{', '.join(f'{name} {value!r}' for name, value in values.items())}; give them the same")
-    return next(iter(values.values()))
+    return first
 
 
-def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> dict[str, Any]:
-    """The job data (controlnet, control_video, control_indices, control_falloff, ...) of a prompt-travel
-    `controlnet_map` for a video of `frames` frames (None: not said, so every keyframe is kept); {} when no enabled
-    ControlNet has images, as prompt travel then loads none."""
+def _falloff(entry: Mapping[str, Any], where: str) -> list[float]:
+    value = entry.get("control_scale_list", [])
+    if not isinstance(value, list) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 1 for w in value):
+        raise KinemaError(f"{where}.control_scale_list is a list of weights from 0 to 1 for the frames 1, 2, ... from "
+                          f"each keyframe (e.g. [0.5, 0.4, 0.3, 0.2, 0.1]; [] for keyframes only), got "
+                          f"{shorten(repr(value), 80)}")
+    return [float(w) for w in value]
+
+
+def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(job data, map as run)`: the job data (controlnet, control_video, control_indices, control_falloff, ...) of a
+    prompt-travel `controlnet_map` for a video of `frames` frames (None: unknown, every image kept), {} when no
+    enabled ControlNet has images, as prompt travel then loads none; and the map with its image folder absolute, so
+    that a config written out runs again from anywhere."""
     if not isinstance(given, Mapping):
         raise KinemaError(f"controlnet_map is a mapping of settings and ControlNets, got {type(given).__name__}")
-    folder = _folder(given.get("input_image_dir"), "controlnet_map", config_folder)
     entries = {name: entry for name, entry in given.items() if name not in CONTROLNET_MAP_SETTINGS}
     for name, entry in entries.items():
         if not isinstance(entry, Mapping):
@@ -187,20 +238,26 @@ def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> 
         if unknown:
             raise KinemaError(f"controlnet_map.{name}: unknown key {unknown[0]!r}; known keys: "
                               f"{', '.join(CONTROLNET_KEYS)}")
-    enabled = {name: entry for name, entry in entries.items() if entry.get("enable")}
+    folder = _folder(given.get("input_image_dir"), "controlnet_map", config_folder, "controlnet_image/test")
+    used = {**given, "input_image_dir": str(folder)}
+    enabled = {name: entry for name, entry in entries.items()
+               if _flag(entry, "enable", False, f"controlnet_map.{name}")}
     if enabled.pop("controlnet_ref", None) is not None:
         logger.warning("controlnet_map.controlnet_ref (reference-only) is not a ControlNet kinema runs; it is left out")
+    if not enabled:
+        logger.warning("controlnet_map enables no ControlNet (\"enable\": true), so none steers")
+        return {}, used
     keyframes: dict[str, dict[int, Path]] = {}
     for name in enabled:
-        images = numbered_images(folder / name) if folder is not None and (folder / name).is_dir() else {}
-        images = {frame: path for frame, path in images.items() if frames is None or frame < frames}
-        if images:
-            keyframes[name] = images
+        if (folder / name).is_dir():
+            images = _within(numbered_images(folder / name), frames, folder / name)
+            if images:
+                keyframes[name] = images
     if not keyframes:
-        if enabled:
-            logger.warning("controlnet_map: no images in %s for %s, so no ControlNet steers (as in prompt travel)",
-                           folder if folder is not None else given.get("input_image_dir"), ", ".join(enabled))
-        return {}
+        below = f" for frames below {frames}" if frames is not None else ""
+        logger.warning("controlnet_map: no images%s in %s for %s, so no ControlNet steers (as in prompt travel)",
+                       below, ", ".join(str(folder / name) for name in enabled), ", ".join(enabled))
+        return {}, used
     nets = {name: enabled[name] for name in keyframes}
     places = {name: list(images) for name, images in keyframes.items()}
     if len({tuple(frames) for frames in places.values()}) > 1:
@@ -209,22 +266,29 @@ def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> 
                           "each the same frame numbers")
     if any(entry.get("control_region_list") for entry in nets.values()):
         logger.warning("controlnet_map: control_region_list is left out (kinema does not read region_map)")
-    falloff = list(_one_setting(nets, "control_scale_list", []) or [])
+
+    def each(read: Any) -> dict[str, Any]:
+        return {name: read(entry, f"controlnet_map.{name}") for name, entry in nets.items()}
+
+    start = _one_setting(each(lambda e, w: _number(e, "control_guidance_start", 0.0, w, 0, 1)),
+                         "control_guidance_start")
+    end = _one_setting(each(lambda e, w: _number(e, "control_guidance_end", 1.0, w, 0, 1)), "control_guidance_end")
+    falloff = _one_setting(each(_falloff), "control_scale_list")
     data: dict[str, Any] = {
         "controlnet": [], "control_video": [], "control_indices": next(iter(places.values())),
-        "control_start": _one_setting(nets, "control_guidance_start", 0.0),
-        "control_end": _one_setting(nets, "control_guidance_end", 1.0),
-        "guess_mode": bool(_one_setting(nets, "guess_mode", False)), "resize": True}
+        "control_start": start, "control_end": end,
+        "guess_mode": _one_setting(each(lambda e, w: _flag(e, "guess_mode", False, w)), "guess_mode"),
+        "resize": True}
     preprocessors = []
     for name, entry in nets.items():
         where = f"controlnet_map.{name}"
         data["controlnet"].append({"path": _controlnet_path(name, entry, where),
-                                   "scale": entry.get("controlnet_conditioning_scale", 1.0)})
+                                   "scale": _number(entry, "controlnet_conditioning_scale", 1.0, where)})
         data["control_video"].append([str(path) for path in keyframes[name].values()])
         preprocessors.append(_preprocessor(name, entry, where) or "none")
+    loop = _flag(given, "is_loop", True, "controlnet_map")
     if falloff:
-        data["control_falloff"] = falloff
-        data["control_loop"] = bool(given.get("is_loop", True))
+        data["control_falloff"], data["control_loop"] = falloff, loop
     if any(p != "none" for p in preprocessors):
         data["control_preprocess"] = preprocessors
     if len(nets) == 1:  # one ControlNet: its path, images and preprocessor as themselves, not lists of one
@@ -232,39 +296,43 @@ def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> 
         if "control_preprocess" in data:
             data["control_preprocess"] = preprocessors[0]
     logger.info("controlnet_map: %s at frames %s", ", ".join(nets), data["control_indices"])
-    return data
+    return data, used
 
 
 def ip_adapter_file(given: Mapping[str, Any]) -> str:
     """h94/IP-Adapter's SD1.5 file that prompt travel picks for the flags of `given`."""
-    if given.get("is_full_face"):
+    flag = {key: _flag(given, key, False, "ip_adapter_map") for key in (
+        "is_full_face", "is_light", "is_plus_face", "is_plus")}
+    if flag["is_full_face"]:
         return "ip-adapter-full-face_sd15.bin"
-    if given.get("is_light"):
+    if flag["is_light"]:
         return "ip-adapter_sd15_light.bin"
-    if given.get("is_plus_face"):
+    if flag["is_plus_face"]:
         return "ip-adapter-plus-face_sd15.bin"
-    return "ip-adapter-plus_sd15.bin" if given.get("is_plus") else "ip-adapter_sd15.bin"
+    return "ip-adapter-plus_sd15.bin" if flag["is_plus"] else "ip-adapter_sd15.bin"
 
 
-def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> dict[str, Any]:
-    """The job data (ip_adapter, image_encoder, ip_image) of a prompt-travel `ip_adapter_map` for a video of `frames`
-    frames (None: not said); {} when it is off or its folder has no image, as prompt travel then prompts with none.
-    Images for several frames make an image prompt schedule ({frame: image})."""
+def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(job data, map as run)`: the job data (ip_adapter, image_encoder, ip_image) of a prompt-travel
+    `ip_adapter_map` for a video of `frames` frames (None: unknown), {} when it is off or its folder has no image, as
+    prompt travel then prompts with none (images for several frames make an image prompt schedule, {frame: image});
+    and the map with its image folder absolute."""
     if not isinstance(given, Mapping):
         raise KinemaError(f"ip_adapter_map is a mapping of settings, got {type(given).__name__}")
     unknown = [key for key in given if key not in IP_ADAPTER_KEYS]
     if unknown:
         raise KinemaError(f"ip_adapter_map: unknown key {unknown[0]!r}; known keys: {', '.join(IP_ADAPTER_KEYS)}")
-    if not given.get("enable"):
-        return {}
-    folder = _folder(given.get("input_image_dir"), "ip_adapter_map", config_folder)
-    images = numbered_images(folder, IMAGE_SUFFIXES) if folder is not None else {}
-    images = {frame: path for frame, path in images.items() if frames is None or frame < frames}
+    if not _flag(given, "enable", False, "ip_adapter_map"):
+        return {}, dict(given)
+    folder = _folder(given.get("input_image_dir"), "ip_adapter_map", config_folder, "ip_adapter_image/test")
+    used = {**given, "input_image_dir": str(folder)}
+    images = _within(numbered_images(folder, IMAGE_SUFFIXES), frames, folder)
     if not images:
-        logger.warning("ip_adapter_map: no images in %s, so no image prompt (as in prompt travel)",
-                       folder if folder is not None else given.get("input_image_dir"))
-        return {}
+        logger.warning("ip_adapter_map: no images named by frame number in %s, so no image prompt (as in prompt "
+                       "travel)", folder)
+        return {}, used
     name = ip_adapter_file(given)
+    scale = _number(given, "scale", 1.0, "ip_adapter_map")
     data: dict[str, Any] = {"ip_image": str(next(iter(images.values()))) if len(images) == 1 else {
         str(frame): str(path) for frame, path in images.items()}}  # several: the image prompt travels
     path = given.get("path")
@@ -280,8 +348,7 @@ def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> 
             found = cached_hub_folder(IP_ADAPTER_REPO, "models/image_encoder")
             if found is not None:
                 data["image_encoder"] = found
-    scale = given.get("scale", 1.0)
     data["ip_adapter"] = {"path": path, "scale": scale}
     if isinstance(given.get("image_encoder"), str):
         data["image_encoder"] = given["image_encoder"]
-    return data
+    return data, used

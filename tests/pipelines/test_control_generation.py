@@ -530,6 +530,11 @@ def test_several_controlnets_take_keyframe_images_from_a_job(files, parts, tmp_p
     assert (together.latents - alone.latents).abs().max().item() <= 1e-4
     with pytest.raises(KinemaError, match=r"control_indices name 2 frames for 1 control images"):
         job_from_mapping({**data, "control_video": [images, images[:1]]})
+    with pytest.raises(KinemaError, match=r"control video 1 is an empty list"):
+        job_from_mapping({**data, "control_video": [[], images]})
+    with pytest.raises(KinemaError, match=r"control_video lists one ControlNet's images \(paths\); a list of lists is "
+                                          r"for several ControlNets"):
+        job_from_mapping({**data, "controlnet": str(files["controlnet"]), "control_video": [images]})
 
 
 def test_an_easyanimate_model_refuses_a_controlnet_from_its_configs(files):

@@ -87,8 +87,11 @@ def test_a_controlnet_steers_its_numbered_keyframes_with_the_falloff(project, hu
         "controlnet_canny": net(),  # enabled, no folder: left out, as prompt travel leaves it
         "controlnet_tile": net(enable=False)})
     with caplog.at_level(logging.WARNING):
-        [run] = read_config(config).runs
-    assert not caplog.records
+        read = read_config(config)
+    [run] = read.runs
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{frames[0].rsplit('/', 1)[0]}: the images of frames [20] are left out: the video has 16 frames (L)"]
+    assert read.used["controlnet_map"]["input_image_dir"] == str(project / "data/controlnet_image/test")  # reruns
     assert run.job.controlnet == (str(pose), 0.8)
     request = run.job.request
     assert request.control_video == frames[:2] and request.control_indices == [0, 8]
@@ -129,7 +132,23 @@ def test_two_controlnets_share_keyframes_and_canny_is_made_here(project, hub, st
                                                           "these have images for other frames: controlnet_openpose "
                                                           "[0, 8]; controlnet_depth [0, 4]"),
     ({"controlnet_openpose": net(use_preprocessor=True)}, "controlnet_map.controlnet_openpose makes its maps with the "
-                                                          "dwpose preprocessor, which kinema does not have"),
+                                                          "dwpose preprocessor, which kinema does not make"),
+    ({"controlnet_openpose": net(enable="false")}, "controlnet_map.controlnet_openpose.enable must be true or false, "
+                                                   "got 'false'"),
+    ({"controlnet_openpose": net(guess_mode="false")}, "controlnet_openpose.guess_mode must be true or false"),
+    ({"controlnet_openpose": net(use_preprocessor=1)}, "controlnet_openpose.use_preprocessor must be true or false"),
+    ({"is_loop": "false"}, "controlnet_map.is_loop must be true or false, got 'false'"),
+    ({"controlnet_openpose": net(control_scale_list=0.5)}, "controlnet_openpose.control_scale_list is a list of "
+                                                           "weights from 0 to 1"),
+    ({"controlnet_openpose": net(control_scale_list=[1.5])}, "controlnet_openpose.control_scale_list is a list of "
+                                                             "weights from 0 to 1"),
+    ({"controlnet_openpose": net(controlnet_conditioning_scale="1.0")},
+     "controlnet_openpose.controlnet_conditioning_scale must be a number of at least 0, got '1.0'"),
+    ({"controlnet_openpose": net(control_guidance_start=2)}, "controlnet_openpose.control_guidance_start must be a "
+                                                             "number from 0 to 1, got 2"),
+    ({"controlnet_openpose": net(use_preprocessor=True, preprocessor="canny")}, "controlnet_openpose.preprocessor is "
+                                                                                "{\"type\": ..., \"param\""),
+    ({"input_image_dir": "elsewhere"}, "controlnet_map.input_image_dir 'elsewhere' is no folder under"),
     ({"controlnet_openpose": net(strength=1)}, "controlnet_map.controlnet_openpose: unknown key 'strength'"),
     ({"controlnet_seg": net()}, "controlnet_map.controlnet_seg is lllyasviel/control_v11p_sd15_seg, which is not in "
                                 "the local Hugging Face cache and cannot be fetched here: add \"path\""),
@@ -166,12 +185,22 @@ def test_a_path_in_the_entry_and_sparsectrl_keys_beside_the_map(project, hub, st
 
 
 def test_no_images_means_no_controlnet_with_one_warning(project, hub, stand_in_models, caplog):
+    (project / "data/cn/controlnet_openpose").mkdir(parents=True)
+    images(project / "data/cn/controlnet_openpose", 16)  # past L 16
+    (project / "data/cn/controlnet_openpose/notes.txt").write_text("x")
     with caplog.at_level(logging.WARNING):
-        [run] = read_config(travel(project, controlnet_map={"input_image_dir": "nowhere",
-                                                             "controlnet_openpose": net()})).runs
-    assert run.job.controlnet is None and run.job.request.control_video is None
+        [run] = read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net(),
+                                                            "controlnet_depth": net(enable=False)})).runs
+        [again] = read_config(travel(project, controlnet_map={"input_image_dir": "cn",
+                                                              "controlnet_depth": net(enable=False)})).runs
+    assert run.job.controlnet is None and run.job.request.control_video is None and again.job.controlnet is None
+    folder = project / "data/cn/controlnet_openpose"
     assert [r.getMessage() for r in caplog.records] == [
-        "controlnet_map: no images in nowhere for controlnet_openpose, so no ControlNet steers (as in prompt travel)"]
+        f"{folder}: notes.txt left out (images here are .png files named by frame number, 0016.png)",
+        f"{folder}: the images of frames [16] are left out: the video has 16 frames (L)",
+        f"controlnet_map: no images for frames below 16 in {folder} for controlnet_openpose, so no ControlNet steers "
+        "(as in prompt travel)",
+        "controlnet_map enables no ControlNet (\"enable\": true), so none steers"]
 
 
 def test_badly_named_images_are_one_line(project, hub, stand_in_models):
@@ -179,9 +208,13 @@ def test_badly_named_images_are_one_line(project, hub, stand_in_models):
     folder = project / "data/cn/controlnet_openpose"
     images(folder, 0)
     Image.new("RGB", (8, 8)).save(folder / "1a.png")
-    with pytest.raises(KinemaError, match=r"1a.png: control images are named by their frame number"):
+    with pytest.raises(KinemaError, match=r"1a.png: images here are named by their frame number"):
         read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()}))
     (folder / "1a.png").unlink()
+    Image.new("RGB", (8, 8)).save(folder / "5².png")  # a digit to str.isdigit(), not a frame number
+    with pytest.raises(KinemaError, match=r"5².png: images here are named by their frame number"):
+        read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()}))
+    (folder / "5².png").unlink()
     Image.new("RGB", (8, 8)).save(folder / "00.png")
     with pytest.raises(KinemaError, match=r"are both frame 0; keep one"):
         read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()}))

@@ -221,6 +221,29 @@ def test_a_falloff_for_sparsectrl_is_one_line_before_sampling(parts, monkeypatch
         generate(family, request, progress=False)
 
 
+def test_a_falloff_with_sparsectrl_files_is_one_line_before_any_weights_load(unet2d, tmp_path, monkeypatch):
+    """The published .ckpt (its names read by disassembling the pickle), a .safetensors and a diffusers folder are
+    each named as SparseCtrl; an ordinary ControlNet, or no falloff, passes."""
+    from loaders.test_controlnet import tiny_controlnet
+
+    import kinema.loaders.checkpoint_io as checkpoint_io
+    from kinema.pipelines.jobs import check_sparsectrl_falloff
+
+    model = tiny_sparsectrl(unet2d, "rgb")
+    state = original_layout(model)
+    torch.save({"controlnet": state}, tmp_path / "v3_sd15_sparsectrl_rgb.ckpt")
+    save_file(state, tmp_path / "sparsectrl.safetensors")
+    model.save_pretrained(tmp_path / "folder")
+    tiny_controlnet(unet2d).save_pretrained(tmp_path / "pose")
+    monkeypatch.setattr(checkpoint_io, "read_checkpoint", lambda *a: pytest.fail("weights were read"))
+    for path in ("v3_sd15_sparsectrl_rgb.ckpt", "sparsectrl.safetensors", "folder"):
+        with pytest.raises(KinemaError, match=r"^control_falloff spreads an ordinary ControlNet's keyframes; "
+                                              r"SparseCtrl's own motion modules"):
+            check_sparsectrl_falloff([tmp_path / "pose", tmp_path / path], [0.5])
+        check_sparsectrl_falloff([tmp_path / path], None)
+    check_sparsectrl_falloff([tmp_path / "pose"], [0.5])
+
+
 @pytest.mark.parametrize("variant, channels, size", [("rgb", 4, 1.85), ("scribble", 3, 1.86)])
 def test_the_sd15_config_makes_the_published_networks(variant, channels, size):
     from accelerate import init_empty_weights
