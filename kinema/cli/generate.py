@@ -166,13 +166,17 @@ def _path_and_scale(text: str, what: str, check: Any) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{err} in {text!r}") from None
 
 
+def _comma_list(text: str, kind: type, words: str) -> list[Any]:
+    """`text` split at commas, each part read as `kind`; argparse's one line (`words`: what was expected) if not."""
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {words} separated by commas, got {text!r}") from None
+
+
 def parse_indices(text: str) -> list[int]:
     """--control-indices `0,8,-1` -> `[0, 8, -1]`."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas (e.g. 0,15 or 0,-1), got "
-                                         f"{text!r}") from None
+    return _comma_list(text, int, "whole numbers (e.g. 0,15 or 0,-1)")
 
 
 def parse_ip_image(text: str) -> str | dict[str, str]:
@@ -202,11 +206,7 @@ def _ip_images(args: argparse.Namespace) -> list[str]:
 
 def parse_falloff(text: str) -> list[float]:
     """--control-falloff `0.5,0.4,0.3` -> `[0.5, 0.4, 0.3]`."""
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected weights from 0 to 1 separated by commas (e.g. 0.5,0.4,0.3), got "
-                                         f"{text!r}") from None
+    return _comma_list(text, float, "weights from 0 to 1 (e.g. 0.5,0.4,0.3)")
 
 
 def _path_and_number(text: str, what: str) -> tuple[str, float]:

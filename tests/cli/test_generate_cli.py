@@ -343,9 +343,10 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--controlnet", "cn:nan"], "argument --controlnet: the ControlNet scale "
                                                                   "must be a finite number, got nan"),
         (["generate", "a cat", *model, "--control-indices", "0,x"], "argument --control-indices: expected whole "
-                                                                    "numbers separated by commas"),
+                                                                    "numbers (e.g. 0,15 or 0,-1) separated by commas"),
         (["generate", "a cat", *model, "--control-falloff", "0.5,x"], "argument --control-falloff: expected "
-                                                                      "weights from 0 to 1 separated by commas"),
+                                                                      "weights from 0 to 1 (e.g. 0.5,0.4,0.3) "
+                                                                      "separated by commas"),
         (["generate", "a cat", *model, "--ip-image", '{"0": "a.png", "x": "b.png"}'],
          "argument --ip-image: ip_image keyframe 'x' is not a frame number"),
         (["generate", "a cat", *model, "--ip-image", '{"0": '], "argument --ip-image: an image prompt schedule is "
