@@ -120,13 +120,15 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--control-preprocess": None, "--control-start": None, "--control-end": None, "--guess-mode": False,
     "--pia-motion": None, "--image": None,
     "--end-image": None, "--negative": None,
-    "--seed": None, "--free-init": None, "--interpolation": None, "--resize": False, "--vae-tiling": False,
+    "--seed": None, "--free-init": None, "--interpolation": None, "--prompt-hold": None, "--prompt-loop": False,
+    "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
     "--fuse": None, "--freenoise": False, "--print-schedule": False, "--speed": None, "--compile": None,
     "--quantize": None, "--cache-interval": None, "--cfg-truncation": None, "--guidance-rescale": None}
 # What those options are when not given.
-OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16}
+OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16,
+                                   "prompt_hold": 0.0}
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -456,6 +458,12 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
                             "frequencies (N times the time; 1 is plain sampling)")
     group.add_argument("--interpolation", choices=INTERPOLATIONS,
                        help="how a prompt schedule blends between keyframes (default linear)")
+    group.add_argument("--prompt-hold", type=float, metavar="F",
+                       help="a prompt schedule holds each keyframe's prompt for this share of the way to the next "
+                            "before blending, 0 to 1 (prompt travel's prompt_fixed_ratio; default 0)")
+    group.add_argument("--prompt-loop", action="store_true",
+                       help="a prompt schedule is circular: after the last keyframe it blends back to the first, "
+                            "for looping videos (as prompt travel's schedules do)")
     group.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS,
                        help="where the sampling steps fall among the training steps (default: the scheduler's "
                             "own); trailing for few-step distilled models, e.g. AnimateDiff-Lightning with "
@@ -688,6 +696,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     shared: dict[str, Any] = dict(
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
+        prompt_hold=args.prompt_hold, prompt_loop=args.prompt_loop,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
         control_video=_one_or_list(args.control_video), control_indices=args.control_indices,
         control_falloff=args.control_falloff, control_loop=args.control_loop,
@@ -810,7 +819,7 @@ def check_generate(args: argparse.Namespace) -> None:
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
         args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
-        parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
+        parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
         return
     if args.end_image is not None and args.image is None:
         raise KinemaError("--end-image needs --image (the first frame) too")
@@ -828,7 +837,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if not isinstance(args.prompt, str):
         from kinema.sampling.prompt_travel import parse_prompt_schedule
 
-        parse_prompt_schedule(args.prompt, args.frames, args.interpolation)
+        parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
     inputs = tuple(path for path in (args.image, args.end_image, *_ip_images(args), *(args.control_video or []))
                    if path is not None)
     _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
@@ -1002,7 +1011,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.print_schedule:
         from kinema.sampling.prompt_travel import parse_prompt_schedule, schedule_table
 
-        print(schedule_table(parse_prompt_schedule(args.prompt, args.frames, args.interpolation), args.frames))
+        print(schedule_table(parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold,
+                                                   args.prompt_loop), args.frames))
         return
     _generate_and_write(args, args.request, latents=True)
 

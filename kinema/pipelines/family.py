@@ -221,11 +221,11 @@ class VideoFamily:
                 {"ip_image_embeds": uncond.expand(videos, *uncond.shape[1:])})
 
     def image_prompt_frames(self, images: Sequence[torch.Tensor], places: Sequence[int], frames: int, videos: int,
-                            interpolation: str = "linear") -> tuple[Conditioning, Conditioning]:
+                            interpolation: str = "linear", hold: float = 0.0, loop: bool = False
+                            ) -> tuple[Conditioning, Conditioning]:
         """`(cond, uncond)` with `ip_image_frame_embeds` `(videos, F, ...)`: the image prompts `(3, H, W)` in [0, 1]
         at the keyframes `places` (ascending), their embeddings blended per frame as a prompt schedule blends text
-        (kinema.sampling.prompt_travel: `interpolation` between keyframes, held before the first and after the
-        last)."""
+        (kinema.sampling.prompt_travel's `PromptSchedule`: `interpolation`, `hold` and `loop`)."""
         from kinema.sampling.prompt_travel import PromptSchedule, interpolate_states
 
         self.check_image_prompt(True)
@@ -235,7 +235,7 @@ class VideoFamily:
         pairs = [self.ip_adapter.embeds(image.float()[None]) for image in images]  # each its own size
         cond, uncond = (torch.cat(side) for side in zip(*pairs, strict=True))
         schedule = PromptSchedule(tuple((place, f"image {index}") for index, place in enumerate(places)),
-                                  interpolation)
+                                  interpolation, hold, loop)
 
         def per_frame(embeds: torch.Tensor) -> torch.Tensor:  # (K, 1, D) or (K, 1, T, W) -> (videos, F, ...)
             blended = interpolate_states(embeds.flatten(1, -2), schedule, frames)

@@ -213,7 +213,7 @@ def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, l
     else:
         images = [_read_image(image, f"the image prompt of frame {frame}") for frame, image in keyframes]
         cond, uncond = family.image_prompt_frames(images, [frame for frame, _ in keyframes], latent_frames, videos,
-                                                  request.interpolation)
+                                                  request.interpolation, request.prompt_hold, request.prompt_loop)
     return _Text({**text.cond, **cond}, None if text.uncond is None else {**text.uncond, **uncond}, text.table)
 
 
@@ -224,7 +224,8 @@ def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int
         return _Text(family.encode_text([request.prompt] * videos), uncond)
     from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule, schedule_table
 
-    schedule = parse_prompt_schedule(request.prompt, pixel_frames, interpolation=request.interpolation)
+    schedule = parse_prompt_schedule(request.prompt, pixel_frames, request.interpolation, request.prompt_hold,
+                                     request.prompt_loop)
     keyframes = family.encode_text(schedule.prompts())
     states = keyframes[family.text_key]
     assert states is not None

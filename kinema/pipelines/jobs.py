@@ -79,8 +79,9 @@ JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
                "decode_chunk", "attention_chunk", "cache_interval")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
-                  "control_end", "guidance_rescale")
-_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode", "control_loop")
+                  "control_end", "guidance_rescale", "prompt_hold")
+_BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode", "control_loop",
+                "prompt_loop")
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",
                 "control_video": "control video"}
@@ -836,7 +837,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         # The keyframes must fall within the frames made (an input video's length is not known here).
         length = (request.frames if request.mode in ("text-to-video", "image-to-video") and request.frames
                   else 10**9)
-        parse_prompt_schedule(prompt, length, request.interpolation)
+        parse_prompt_schedule(prompt, length, request.interpolation, request.prompt_hold, request.prompt_loop)
     return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer,
                ip_adapter=ip_adapter, image_encoder=image_encoder, controlnet=controlnet)
 

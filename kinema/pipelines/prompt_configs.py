@@ -70,16 +70,19 @@ ENTRY_KEYS: tuple[str, ...] = (
     "adapter_lora_scale", "lora_map", "motion_lora_map", "tokenizer", "prompt", *SCHEDULE_KEYS, "n_prompt", "seed",
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
     "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
-    "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map")
+    "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map", "prompt_fixed_ratio",
+    "tensor_interpolation_slerp")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
     "inference_config", "controlnet_config", "compile", "clip_skip",
-    "prompt_fixed_ratio", "vae_path", "unet_batch_size", "img2img_map",
+    "vae_path", "unet_batch_size", "img2img_map",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
 # animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
 SCHEDULER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m",
                      "k_dpmpp_2m_karras": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
+# prompt travel's defaults for its schedules (its settings.py): each prompt held half the way to the next, slerp.
+TRAVEL_HOLD, TRAVEL_SLERP = 0.5, True
 # Entry keys the command line may set for every entry (kinema generate --config --steps 4 ...).
 OVERRIDE_KEYS = ("steps", "L", "H", "W", "guidance_scale", "scheduler", "fps", "dtype", "tokenizer",
                  *_KINEMA_SAMPLING_KEYS)
@@ -285,6 +288,23 @@ def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_fol
     return data, used
 
 
+def _travel_blend(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """How a prompt-travel schedule blends, as prompt travel blends it: each prompt held for prompt_fixed_ratio of
+    the way to the next (default 0.5), slerp unless tensor_interpolation_slerp is false, and circular (after the
+    last keyframe, back to the first). An ip_adapter_map's images travel alike, so its own ratio must agree."""
+    slerp = entry.get("tensor_interpolation_slerp", TRAVEL_SLERP)
+    if not isinstance(slerp, bool):
+        raise KinemaError(f"{where}: tensor_interpolation_slerp must be true or false, got {slerp!r}")
+    hold = entry.get("prompt_fixed_ratio", TRAVEL_HOLD)
+    ip_map = entry.get("ip_adapter_map")
+    if isinstance(ip_map, Mapping) and ip_map.get("enable") is True and "prompt_fixed_ratio" in ip_map \
+            and ip_map["prompt_fixed_ratio"] != hold:
+        raise KinemaError(f"{where}: ip_adapter_map.prompt_fixed_ratio {ip_map['prompt_fixed_ratio']!r} differs from "
+                          f"prompt_fixed_ratio {hold!r}, and kinema holds the text and the image prompt alike; give "
+                          "them the same")
+    return {"prompt_hold": hold, "prompt_loop": True, "interpolation": "slerp" if slerp else "linear"}
+
+
 def _default_frames(model: Any) -> int | None:
     """The frames a job of `model` makes when L is not given (its kinema.json default, else the library's); None
     when the model cannot be found (the job names that)."""
@@ -334,6 +354,8 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     """The runs of one entry and the entry as run (its seeds the integers used)."""
     model, loras = _model_and_loras(entry)
     shared = _shared(entry)
+    travel = _travel_blend(entry, f"{where}, entry {name!r}") if any(
+        _given(entry, key) is not None for key in SCHEDULE_KEYS) else {}
     try:
         travelled, travel_used = _travel_maps(entry, shared, config_folder)
     except KinemaError as err:
@@ -365,7 +387,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
         used_seeds: list[int] = []
         for module_index, module in enumerate(motion_modules):
             tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
-            data = {**shared, "prompt": schedule, "negative_prompt": negatives[0],
+            data = {**shared, **travel, "prompt": schedule, "negative_prompt": negatives[0],
                     "seed": used_seeds or seeds, "motion_module": module}
             made = job(data, "", f" (motion module {module_index + 1})" if tail else "")
             used_seeds = list(made.request.seeds)

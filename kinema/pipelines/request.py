@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError, shorten
-from kinema.sampling.prompt_travel import INTERPOLATIONS
+from kinema.sampling.prompt_travel import INTERPOLATIONS, check_prompt_hold
 from kinema.sampling.schedulers import check_timestep_spacing
 
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
@@ -309,6 +309,9 @@ class GenerationRequest:
         segment_frames: continuation: frames per generated segment (None: the model's window).
         context: context windows for long text-to-video (None: one window; automatic past the model's limit).
         interpolation: prompt travel between keyframes: "linear" or "slerp".
+        prompt_hold: the share of each gap between keyframes a keyframe's prompt (or image prompt) is held before
+            the blend to the next starts, 0 to 1 (animatediff-cli-prompt-travel's prompt_fixed_ratio).
+        prompt_loop: the schedule is circular: after the last keyframe it blends on to the first (prompt travel's).
         timestep_spacing: where the sampling steps fall, `TIMESTEP_SPACINGS` (None: the scheduler's own; "trailing"
             for few-step distilled models such as AnimateDiff-Lightning).
         free_init: FreeInit iterations (None: off).
@@ -382,6 +385,8 @@ class GenerationRequest:
     segment_frames: int | None = None
     context: ContextSettings | None = None
     interpolation: str = "linear"
+    prompt_hold: float = 0.0
+    prompt_loop: bool = False
     timestep_spacing: str | None = None
     free_init: FreeInitSettings | None = None
     motion_scale: float = 1.0
@@ -461,6 +466,7 @@ class GenerationRequest:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in INTERPOLATIONS:
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use {' or '.join(INTERPOLATIONS)}")
+        check_prompt_hold(self.prompt_hold, self.prompt_loop)
         check_timestep_spacing(self.timestep_spacing, self.scheduler)
         check_motion_strength(self.motion_scale, self.motion_effect)
         if self.freeu is not None and not isinstance(self.freeu, FreeUSettings):

@@ -24,8 +24,7 @@ file the flags name, from the cache, prompt travel's `data/models/ip_adapter/mod
 Where kinema differs from prompt travel: it steers every ControlNet with one start, end, guess mode and falloff, at
 the same keyframes (a config whose ControlNets differ there is one line, before anything loads); the ControlNet
 runs on a keyframe's neighbour's own latents with the keyframe's image (prompt travel adds the keyframe's residuals
-to the neighbour); an image prompt travels as kinema's prompt schedules do (blended from keyframe to keyframe, held
-after the last, where prompt travel holds each for prompt_fixed_ratio of the way and wraps back to the first).
+to the neighbour); an image prompt travels with the text's prompt_fixed_ratio (the map's own must agree).
 control_region_list and controlnet_ref are left out with a warning, as region_map is.
 """
 

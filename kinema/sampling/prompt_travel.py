@@ -32,10 +32,15 @@ _INTEGER = re.compile(r"[+-]?\d+")
 @dataclass(frozen=True)
 class PromptSchedule:
     """Keyframes `(frame, prompt)` in ascending frame order, and how the text states between two keyframes are
-    blended: "linear" or "slerp" (spherical, per token vector)."""
+    blended: "linear" or "slerp" (spherical, per token vector); `hold`, the share of each gap a keyframe's prompt is
+    held before the blend to the next starts (animatediff-cli-prompt-travel's prompt_fixed_ratio); `loop`: the
+    schedule is circular, so the frames after the last keyframe blend on to the first (and those before the first
+    come from the last), as prompt travel's are."""
 
     keyframes: tuple[tuple[int, str], ...]
     interpolation: str = "linear"
+    hold: float = 0.0
+    loop: bool = False
 
     def __post_init__(self) -> None:
         if not self.keyframes:
@@ -49,6 +54,7 @@ class PromptSchedule:
         if self.interpolation not in INTERPOLATIONS:
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; known: "
                               f"{', '.join(INTERPOLATIONS)}")
+        check_prompt_hold(self.hold, self.loop)
 
     def prompts(self) -> list[str]:
         """The distinct keyframe prompts in order of first appearance: encode each once, in this order, for
@@ -57,32 +63,49 @@ class PromptSchedule:
 
     def frame_weights(self, frames: int) -> list[tuple[int, int, float]]:
         """Per frame `(a, b, t)`: the frame's text states are `prompts()[a]` blended towards `prompts()[b]` by
-        `t` in [0, 1] (t = 0 is exactly prompt a). Between keyframes k0 < k1, t = (frame - k0) / (k1 - k0); frames
-        up to the first keyframe take its prompt and frames from the last keyframe on take the last one (t = 0,
-        a = b). Two neighbouring keyframes with the same prompt hold it (t = 0)."""
+        `t` in [0, 1] (t = 0 is exactly prompt a). Between keyframes k0 < k1 the prompt of k0 is held up to frame
+        h = k0 + round((k1 - k0) * hold) (h = k1 - 1 where that reaches k1), then t = (frame - h) / (k1 - h).
+        Without `loop`, frames up to the first keyframe take its prompt and frames from the last keyframe on take
+        the last one; with it, the last keyframe pairs with the first one `frames` later. Two neighbouring
+        keyframes with the same prompt hold it (t = 0)."""
         last = self.keyframes[-1][0]
         if frames < 1 or last >= frames:
             raise KinemaError(f"this prompt schedule has a keyframe at frame {last}, which {frames} frame(s) do not "
                               f"reach; generate at least {last + 1} frames or parse the schedule for {frames}")
         index = {prompt: i for i, prompt in enumerate(self.prompts())}
+        keys = list(self.keyframes)
+        if self.loop:  # the last keyframe one period before, the first one period after
+            keys = [(keys[-1][0] - frames, keys[-1][1]), *keys, (keys[0][0] + frames, keys[0][1])]
         weights: list[tuple[int, int, float]] = []
-        key = 0  # keyframes[key] is the last keyframe at or before the frame
+        key = 0  # keys[key] is the last keyframe at or before the frame
         for frame in range(frames):
-            while key + 1 < len(self.keyframes) and self.keyframes[key + 1][0] <= frame:
+            while key + 1 < len(keys) and keys[key + 1][0] <= frame:
                 key += 1
-            start, prompt = self.keyframes[key]
+            start, prompt = keys[key]
             a = index[prompt]
-            if frame <= start or key + 1 == len(self.keyframes):
+            if frame < start or key + 1 == len(keys):  # before the first keyframe, or from the last on
                 weights.append((a, a, 0.0))
                 continue
-            end, next_prompt = self.keyframes[key + 1]
+            end, next_prompt = keys[key + 1]
             b = index[next_prompt]
-            weights.append((a, b, (frame - start) / (end - start)) if a != b else (a, a, 0.0))
+            held = start + round((end - start) * self.hold)  # Python's round, as prompt travel's
+            held = end - 1 if held >= end else held
+            t = (frame - held) / (end - held) if frame > held else 0.0
+            weights.append((a, b, t) if a != b and t > 0 else (a, a, 0.0))
         return weights
 
 
-def parse_prompt_schedule(spec: str | Mapping[Any, Any], frames: int, interpolation: str = "linear"
-                          ) -> PromptSchedule:
+def check_prompt_hold(hold: Any, loop: Any) -> None:
+    """One KinemaError line unless `hold` is a number from 0 to 1 and `loop` true or false."""
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= 1:
+        raise KinemaError(f"prompt_hold is the share of each gap between keyframes that a prompt is held before the "
+                          f"blend, from 0 to 1 (prompt travel's prompt_fixed_ratio, e.g. 0.5), got {hold!r}")
+    if not isinstance(loop, bool):
+        raise KinemaError(f"prompt_loop is true or false, got {loop!r}")
+
+
+def parse_prompt_schedule(spec: str | Mapping[Any, Any], frames: int, interpolation: str = "linear",
+                          hold: float = 0.0, loop: bool = False) -> PromptSchedule:
     """A `PromptSchedule` for a video of `frames` frames, from any of:
 
     - a plain prompt (text not starting with "{"): that prompt for every frame;
@@ -93,7 +116,8 @@ def parse_prompt_schedule(spec: str | Mapping[Any, Any], frames: int, interpolat
       `head, prompt, tail`, empty parts left out.
 
     Keyframe 0 need not be given: frames before the first keyframe take its prompt (and frames after the last one
-    take the last prompt). Bad input raises one KinemaError line naming the problem.
+    take the last prompt), unless `loop` (`PromptSchedule`, as `hold`). Bad input raises one KinemaError line naming
+    the problem.
     """
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise KinemaError(f"a prompt schedule needs a frame count of at least 1, got {frames!r}")
@@ -104,13 +128,13 @@ def parse_prompt_schedule(spec: str | Mapping[Any, Any], frames: int, interpolat
             if not spec.strip():
                 raise KinemaError("the prompt is empty; write a prompt or a keyframe schedule like "
                                   '{"0": "a cat", "16": "a dog"}')
-            return PromptSchedule(((0, spec.strip()),), interpolation)
+            return PromptSchedule(((0, spec.strip()),), interpolation, hold, loop)
         spec = _json_object(spec)
     if not isinstance(spec, Mapping):
         raise KinemaError(f"a prompt schedule is a prompt, a mapping or JSON text, not {type(spec).__name__}")
     if any(isinstance(key, str) and key in HEAD_TAIL_FIELDS for key in spec):
-        return PromptSchedule(_head_tail_keyframes(spec, frames), interpolation)
-    return PromptSchedule(_keyframes(spec, frames), interpolation)
+        return PromptSchedule(_head_tail_keyframes(spec, frames), interpolation, hold, loop)
+    return PromptSchedule(_keyframes(spec, frames), interpolation, hold, loop)
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -349,6 +349,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                                       "separated by commas"),
         (["generate", "a cat", *model, "--ip-image", '{"0": "a.png", "x": "b.png"}'],
          "argument --ip-image: ip_image keyframe 'x' is not a frame number"),
+        (["generate", '{"0": "a cat", "8": "a dog"}', *model, "--prompt-hold", "2"], "prompt_hold is the share of "
+                                                                                      "each gap between keyframes"),
         (["generate", "a cat", *model, "--ip-image", '{"0": '], "argument --ip-image: an image prompt schedule is "
                                                                "JSON such as"),
         (["generate", "a cat", *model, "--ip-image", '{"0": 3}'], "argument --ip-image: an image prompt schedule "

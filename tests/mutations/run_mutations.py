@@ -324,6 +324,20 @@ MUTATIONS = (
         ("tests/loaders/test_ip_adapter.py",),
     ),
     Mutation(
+        "a prompt schedule's hold is ignored",
+        "kinema/sampling/prompt_travel.py",
+        ((("            held = start + round((end - start) * self.hold)  # Python's round, as prompt travel's\n",
+           "            held = start\n"),),),
+        ("tests/sampling/test_prompt_travel.py",),
+    ),
+    Mutation(
+        "a circular prompt schedule holds its ends instead of wrapping",
+        "kinema/sampling/prompt_travel.py",
+        ((("        if self.loop:  # the last keyframe one period before, the first one period after\n",
+           "        if False:\n"),),),
+        ("tests/sampling/test_prompt_travel.py",),
+    ),
+    Mutation(
         "saved latents are loaded without checking their digest",
         "kinema/pipelines/outputs.py",
         ((("    if DIGEST_METADATA_KEY in metadata and \\", "    if False and \\"),),),

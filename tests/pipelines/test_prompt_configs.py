@@ -155,9 +155,19 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     assert run.job.request == GenerationRequest(
         prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
         negative_prompt="noise", seeds=[4, 5], scheduler="euler_a", steps=2, guidance=3.0, frames=8, height=64,
-        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=8)
+        width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=8,
+        interpolation="slerp", prompt_hold=0.5, prompt_loop=True)  # prompt travel's blend (its settings.py)
     assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
     assert run.folder == "01-travel"
+    [linear] = read_config(write(tmp_path / "linear.json", {**json.loads(config.read_text()), "prompt_fixed_ratio": 0,
+                                                            "tensor_interpolation_slerp": False})).runs
+    assert (linear.job.request.interpolation, linear.job.request.prompt_hold) == ("linear", 0.0)
+    for change, message in [({"prompt_fixed_ratio": 2}, "prompt_hold is the share of each gap"),
+                            ({"tensor_interpolation_slerp": "yes"}, "tensor_interpolation_slerp must be true or false"),
+                            ({"prompt_fixed_ratio": 0.3, "ip_adapter_map": {"enable": True, "prompt_fixed_ratio": 0.5}},
+                             "ip_adapter_map.prompt_fixed_ratio 0.5 differs from prompt_fixed_ratio 0.3")]:
+        with pytest.raises(KinemaError, match=message):
+            read_config(write(tmp_path / "bad.json", {**json.loads(config.read_text()), **change}))
 
 
 @pytest.mark.parametrize(("text", "message"), [

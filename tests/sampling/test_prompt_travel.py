@@ -177,3 +177,25 @@ def test_parsing_imports_no_torch():
             "s = parse_prompt_schedule({'0': 'a', '4': 'b'}, 8); schedule_table(s, 8); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hold_and_loop_blend_as_prompt_travel_designs_it():
+    """animatediff-cli-prompt-travel's prompt_preprocess and PromptEncoder (keys sorted, as its design means): each
+    prompt is held to k0 + round((k1 - k0) * ratio), then blended linearly in frames to k1; the schedule is circular
+    with the video's length as its period. The weights below are written out by hand from those rules."""
+    schedule = parse_prompt_schedule({"0": "A", "32": "B", "64": "C", "96": "D"}, 128, hold=0.5, loop=True)
+    weights = schedule.frame_weights(128)
+    assert weights[:17] == [(0, 0, 0.0)] * 17  # A held to frame 16
+    assert weights[17] == (0, 1, 1 / 16) and weights[24] == (0, 1, 0.5) and weights[32] == (1, 1, 0.0)
+    assert weights[80] == (2, 2, 0.0) and weights[88] == (2, 3, 0.5)
+    assert weights[112] == (3, 3, 0.0) and weights[120] == (3, 0, 0.5) and weights[127] == (3, 0, 15 / 16)
+    # The first keyframe past frame 0: the frames before it come from the last one, a period earlier.
+    early = parse_prompt_schedule({"4": "A", "20": "B"}, 32, hold=0.5, loop=True).frame_weights(32)
+    assert early[:4] == [(1, 0, 0.5), (1, 0, 0.625), (1, 0, 0.75), (1, 0, 0.875)] and early[4] == (0, 0, 0.0)
+    # Without loop the ends hold; a hold of 1 keeps each prompt to the frame before the next; round() halves to even.
+    held = parse_prompt_schedule({"0": "A", "8": "B"}, 12, hold=1.0).frame_weights(12)
+    assert held[:8] == [(0, 0, 0.0)] * 8 and held[8:] == [(1, 1, 0.0)] * 4
+    assert parse_prompt_schedule({"0": "A", "5": "B"}, 6, hold=0.5).frame_weights(6)[3] == (0, 1, 1 / 3)
+    for hold, loop, message in [(1.5, False, "prompt_hold is the share"), (0.5, "yes", "prompt_loop is true or false")]:
+        with pytest.raises(KinemaError, match=message):
+            parse_prompt_schedule({"0": "A"}, 4, hold=hold, loop=loop)
