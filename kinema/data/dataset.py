@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kinema.data.probe import frame_count
+from kinema.data.probe import IMAGE_SUFFIXES, folder_frames, frame_count
 from kinema.data.sampler import BatchOrder
-from kinema.data.video_io import IMAGE_SUFFIXES, PILLOW_SUFFIXES, read_errors_named, read_video
+from kinema.data.video_io import PILLOW_SUFFIXES, read_errors_named, read_video
 from kinema.errors import KinemaError
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def probe(path: Path) -> tuple[int, int, int]:
     fewer frames is skipped when read), else counted by decoding.
     """
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = folder_frames(path)
         if not files:
             raise KinemaError(f"{path} holds no frames")
         with Image.open(files[0]) as image:

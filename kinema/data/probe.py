@@ -5,6 +5,7 @@ frames cheaply."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,17 @@ from kinema.errors import KinemaError, shorten
 
 # Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_DIGIT_RUNS = re.compile(r"([0-9]+)")
+
+
+def folder_frames(path: str | os.PathLike) -> list[Path]:
+    """The frame images of a folder in frame order: names compared with their numbers as numbers, so that
+    `frame2.png` comes before `frame10.png` (ffmpeg's `%d.png` writes such names) as well as `0002.png` before
+    `0010.png`."""
+    def key(file: Path) -> list[Any]:
+        return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in _DIGIT_RUNS.split(file.name)]
+
+    return sorted((p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=key)
 
 
 def frame_count(path: str | os.PathLike, what: str = "video") -> int:
@@ -33,7 +45,7 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
     from PIL import Image
 
     path = Path(path)
-    frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    frames = folder_frames(path) if path.is_dir() else [path]
     if not frames:
         raise KinemaError(f"the {what} {path} is a folder without PNG, JPEG or WebP frames")
     first = frames[0]

@@ -44,7 +44,7 @@ from av.video.reformatter import Interpolation
 from PIL import Image, PngImagePlugin
 
 from kinema import __version__
-from kinema.data.probe import IMAGE_SUFFIXES
+from kinema.data.probe import folder_frames
 from kinema.errors import KinemaError, shorten
 from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
 from kinema.pipelines.request import check_fps
@@ -370,7 +370,7 @@ def _read_pillow(path: Path, start: int, stride: int, max_frames: int | None) ->
 
 
 def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) -> tuple[np.ndarray, float, int]:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = folder_frames(path)
     wanted = []
     for index in _indices(len(files), start, stride, max_frames):
         with Image.open(files[index]) as image:

@@ -263,3 +263,21 @@ def test_other_write_errors(tmp_path):
     with pytest.raises(KinemaError, match=r"^fps must be from 0.01 to 1000 frames per second, got 1e\+20$"):
         write_video(smooth_clip(frames=2), tmp_path / "c.mp4", fps=1e20)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_frames_named_without_padding_are_read_in_frame_order(tmp_path):
+    """ffmpeg's `%d.png` names: 2.png comes before 10.png (as numbers), not after it (as text); the count, the
+    first frame's size and the dataset's reader agree."""
+    from kinema.data.dataset import probe
+    from kinema.data.probe import folder_frames, frame_count, video_size
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index in (1, 2, 10, 11):
+        Image.new("RGB", (8, 6), (index * 20, 0, 0)).save(folder / f"frame{index}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    assert [p.name for p in folder_frames(folder)] == ["frame1.png", "frame2.png", "frame10.png", "frame11.png"]
+    video = read_video(folder)
+    reds = ((video.frames[:, 0, 0, 0] + 1) / 2 * 255).round().tolist()
+    assert reds == [20, 40, 200, 220]
+    assert (frame_count(folder), video_size(folder), probe(folder)) == (4, (6, 8), (6, 8, 4))
