@@ -71,11 +71,11 @@ ENTRY_KEYS: tuple[str, ...] = (
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
     "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
     "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map", "prompt_fixed_ratio",
-    "tensor_interpolation_slerp")
+    "tensor_interpolation_slerp", "img2img_map")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
     "inference_config", "controlnet_config", "compile", "clip_skip",
-    "vae_path", "unet_batch_size", "img2img_map",
+    "vae_path", "unet_batch_size",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
 # animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
@@ -266,11 +266,11 @@ def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_fol
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(job data, entry keys as run)` of prompt travel's controlnet_map and ip_adapter_map
     (kinema.pipelines.travel_maps): their images for the frames the entry makes (its L, else the model's default)."""
-    from kinema.pipelines.travel_maps import controlnet_job_data, ip_adapter_job_data
+    from kinema.pipelines.travel_maps import controlnet_job_data, img2img_job_data, ip_adapter_job_data
 
     data: dict[str, Any] = {}
     used: dict[str, Any] = {}
-    if _given(entry, "controlnet_map") is None and _given(entry, "ip_adapter_map") is None:
+    if all(_given(entry, key) is None for key in ("controlnet_map", "ip_adapter_map", "img2img_map")):
         return data, used
     frames = shared.get("frames")
     if frames is None:
@@ -284,6 +284,9 @@ def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_fol
         data.update(found)
     if _given(entry, "ip_adapter_map") is not None:
         found, used["ip_adapter_map"] = ip_adapter_job_data(entry["ip_adapter_map"], frames, config_folder)
+        data.update(found)
+    if _given(entry, "img2img_map") is not None:
+        found, used["img2img_map"] = img2img_job_data(entry["img2img_map"], frames, config_folder)
         data.update(found)
     return data, used
 

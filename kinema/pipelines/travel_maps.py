@@ -74,6 +74,7 @@ CONTROLNET_KEYS = ("enable", "use_preprocessor", "preprocessor", "guess_mode", "
                    "path")
 IP_ADAPTER_KEYS = ("enable", "input_image_dir", "prompt_fixed_ratio", "save_input_image", "resized_to_square",
                    "scale", "is_plus_face", "is_plus", "is_light", "is_full_face", "path", "image_encoder")
+IMG2IMG_KEYS = ("enable", "init_img_dir", "save_init_image", "denoising_strength")
 IP_ADAPTER_REPO = "h94/IP-Adapter"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DIGITS = "0123456789"
@@ -351,3 +352,41 @@ def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> 
     if isinstance(given.get("image_encoder"), str):
         data["image_encoder"] = given["image_encoder"]
     return data, used
+
+
+def img2img_job_data(given: Any, frames: int | None, config_folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(job data, map as run)` of a prompt-travel `img2img_map`: its frames, named by number in `init_img_dir`, remade
+    at `denoising_strength` (kinema's video-to-video: `video` the folder, `strength`); {} when it is off or the folder
+    has no image. It needs an image for every frame and no other images in the folder (one line each): prompt travel
+    starts a frame without one from zero latents, which kinema does not copy."""
+    if not isinstance(given, Mapping):
+        raise KinemaError(f"img2img_map is a mapping of settings, got {type(given).__name__}")
+    unknown = [key for key in given if key not in IMG2IMG_KEYS]
+    if unknown:
+        raise KinemaError(f"img2img_map: unknown key {unknown[0]!r}; known keys: {', '.join(IMG2IMG_KEYS)}")
+    if not _flag(given, "enable", False, "img2img_map"):
+        return {}, dict(given)
+    folder = _folder(given.get("init_img_dir"), "img2img_map", config_folder, "init_img/test").resolve()
+    used = {**given, "init_img_dir": str(folder)}
+    images = _within(numbered_images(folder), frames, folder)
+    if not images:
+        logger.warning("img2img_map: no images named by frame number in %s, so the video starts from noise (as in "
+                       "prompt travel)", folder)
+        return {}, used
+    wanted = frames if frames is not None else max(images) + 1
+    missing = [frame for frame in range(wanted) if frame not in images]
+    if missing:
+        raise KinemaError(f"img2img_map: {folder} has no image for frames {shorten(str(missing), 80)} of {wanted}; "
+                          "kinema remakes a video from every frame: give each one an image (prompt travel starts "
+                          "the missing ones from zero latents)")
+    strength = _number(given, "denoising_strength", 0.7, "img2img_map", 0, 1)
+    if strength == 0:
+        raise KinemaError("img2img_map.denoising_strength 0 remakes nothing; give a share of the noise from 0 "
+                          "(exclusive) to 1")
+    from kinema.data.probe import folder_frames
+
+    if folder_frames(folder) != list(images.values()):
+        raise KinemaError(f"img2img_map: {folder} holds other images beside those of frames 0 to {wanted - 1} (PNG "
+                          "files named by frame number), and kinema remakes the folder's frames as a video: move the "
+                          "others out")
+    return {"video": str(folder), "strength": strength, "resize": True}, used  # resized to W x H, as there

@@ -243,3 +243,24 @@ def test_the_ip_adapter_map_prompts_with_its_image_and_the_file_its_flags_name(p
     [late, _] = images(project / "data/ip_adapter_image/test", 8, 16)  # 16: past L 16
     [run] = read_config(travel(project, ip_adapter_map=ip_map)).runs
     assert run.job.request.ip_image == {"0": image, "8": late}  # several images: the image prompt travels
+
+
+def test_the_img2img_map_remakes_its_numbered_frames(project, stand_in_models):
+    folder = project / "data/init/run"
+    images(folder, *range(4), size=32)
+    entry = {"enable": True, "init_img_dir": "init/run", "save_init_image": True, "denoising_strength": 0.6}
+    [run] = read_config(travel(project, L=4, img2img_map=entry)).runs
+    request = run.job.request
+    assert (request.video, request.strength, request.mode, request.resize) == (str(folder), 0.6, "video-to-video",
+                                                                               True)
+    [off] = read_config(travel(project, L=4, img2img_map={**entry, "enable": False})).runs
+    assert off.job.request.video is None
+    (folder / "0002.png").unlink()
+    with pytest.raises(KinemaError, match=r"has no image for frames \[2\] of 4; kinema remakes a video from every "
+                                          r"frame"):
+        read_config(travel(project, L=4, img2img_map=entry))
+    images(folder, 2, 9, size=32)  # 9: past L, but a frame the folder would hand to video-to-video
+    with pytest.raises(KinemaError, match=r"holds other images beside those of frames 0 to 3"):
+        read_config(travel(project, L=4, img2img_map=entry))
+    with pytest.raises(KinemaError, match=r"img2img_map.denoising_strength must be a number from 0 to 1, got 1.5"):
+        read_config(travel(project, L=4, img2img_map={**entry, "denoising_strength": 1.5}))
