@@ -121,6 +121,7 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--pia-motion": None, "--image": None,
     "--end-image": None, "--negative": None,
     "--seed": None, "--free-init": None, "--interpolation": None, "--prompt-hold": None, "--prompt-loop": False,
+    "--clip-skip": None,
     "--resize": False, "--vae-tiling": False,
     "--decode-chunk": None, "--attention-chunk": None, "--offload": False, "--context-length": None,
     "--context-overlap": None, "--context-stride": None, "--context-schedule": None, "--closed-loop": False,
@@ -128,7 +129,7 @@ NOT_WITH_CONFIG: dict[str, Any] = {
     "--quantize": None, "--cache-interval": None, "--cfg-truncation": None, "--guidance-rescale": None}
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16,
-                                   "prompt_hold": 0.0}
+                                   "prompt_hold": 0.0, "clip_skip": 1}
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -461,6 +462,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-hold", type=float, metavar="F",
                        help="a prompt schedule holds each keyframe's prompt for this share of the way to the next "
                             "before blending, 0 to 1 (prompt travel's prompt_fixed_ratio; default 0)")
+    group.add_argument("--clip-skip", type=positive_int, metavar="N",
+                       help="the CLIP layer the text comes from, counted from the end: 2 for models trained on the "
+                            "layer before the last (A1111's and prompt travel's clip skip; default 1, the last; "
+                            "AnimateDiff models)")
     group.add_argument("--prompt-loop", action="store_true",
                        help="a prompt schedule is circular: after the last keyframe it blends back to the first, "
                             "for looping videos (as prompt travel's schedules do)")
@@ -650,7 +655,8 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
-                        ip_adapter=args.ip_adapter, controlnet=args.controlnet)
+                        ip_adapter=args.ip_adapter, controlnet=args.controlnet,
+                        clip_skip=getattr(args, "clip_skip", None) or 1)
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -696,7 +702,7 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     shared: dict[str, Any] = dict(
         negative_prompt=args.negative, scheduler=args.scheduler,
         seeds=list(args.seed), resize=args.resize, interpolation=args.interpolation, free_init=free_init,
-        prompt_hold=args.prompt_hold, prompt_loop=args.prompt_loop,
+        prompt_hold=args.prompt_hold, prompt_loop=args.prompt_loop, clip_skip=args.clip_skip,
         timestep_spacing=args.timestep_spacing, freeu=args.freeu, ip_image=args.ip_image,
         control_video=_one_or_list(args.control_video), control_indices=args.control_indices,
         control_falloff=args.control_falloff, control_loop=args.control_loop,

@@ -150,12 +150,13 @@ class AnimateDiffFamily(VideoFamily):
         """One pixel frame per latent frame."""
         return latent_frames
 
-    def encode_text(self, prompts: list[str]) -> Conditioning:
-        """`{"encoder_hidden_states": (B, 77, D)}`: CLIP's last hidden states, one row per prompt (L = the tokenizer's
-        `model_max_length` when not 77: a kinema.json text encoder's max_length)."""
+    def encode_text(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+        """`{"encoder_hidden_states": (B, 77, D)}`: CLIP's last hidden states (`clip_skip` 2: the layer before, ...),
+        one row per prompt (L = the tokenizer's `model_max_length` when not 77: a kinema.json text encoder's
+        max_length)."""
         if self.world is not None:
             self.world.check(prompts)
-        return {"encoder_hidden_states": encode_prompts(self.text_encoder, self.tokenizer, prompts)}
+        return {"encoder_hidden_states": encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip)}
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Scaled latents `(B, 4, F, H/8, W/8)` float32 (H/8 for SD1.5's VAE) of frames `(B, F, 3, H, W)` in [0, 1]:

@@ -174,12 +174,15 @@ class EasyAnimateFamily(VideoFamily):
 
     # ------------------------------------------------------------------ text and images
 
-    def encode_text(self, prompts: list[str]) -> Conditioning:
+    def encode_text(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         """`{"encoder_hidden_states": (B, L, D), "encoder_attention_mask": (B, L)}` with L = `text_max_length` (V3:
         120): each prompt lower-cased and stripped as V3's pipeline does (unless `lowercase` is False), then encoded
         with its attention mask (`encode_masked_prompts`)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise KinemaError("prompts must be a list of strings (one per video)")
+        if clip_skip != 1:
+            raise KinemaError(f"clip_skip {clip_skip} skips layers of a CLIP text encoder, and {self.name} is an "
+                              "EasyAnimate model, whose text encoder is not CLIP: drop clip_skip (--clip-skip)")
         if self.world is not None:
             self.world.check(prompts)
         # T5's vocabulary is case-sensitive and V3 was trained and sampled on lower-cased captions.

@@ -85,9 +85,10 @@ class VideoFamily:
 
         check_size_multiple(height, width, self.spatial_factor, "the VAE's downscale")
 
-    def encode_text(self, prompts: list[str]) -> Conditioning:
+    def encode_text(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         """Text conditioning for a batch of prompts: the denoiser's keyword arguments, each batched along dim 0
-        (`encoder_hidden_states` `(B, L, D)`, and for T5 `encoder_attention_mask` `(B, L)`)."""
+        (`encoder_hidden_states` `(B, L, D)`, and for T5 `encoder_attention_mask` `(B, L)`); `clip_skip` as
+        `kinema.pipelines.text_encoding.encode_prompts` takes it (CLIP text encoders only)."""
         raise NotImplementedError
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:

@@ -219,14 +219,15 @@ def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, l
 
 def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int, latent_frames: int,
                     pixel_frames: int) -> _Text:
-    uncond = family.encode_text([request.negative_prompt] * videos) if request.guidance != 1 else None
+    skip = request.clip_skip
+    uncond = family.encode_text([request.negative_prompt] * videos, skip) if request.guidance != 1 else None
     if isinstance(request.prompt, str):
-        return _Text(family.encode_text([request.prompt] * videos), uncond)
+        return _Text(family.encode_text([request.prompt] * videos, skip), uncond)
     from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule, schedule_table
 
     schedule = parse_prompt_schedule(request.prompt, pixel_frames, request.interpolation, request.prompt_hold,
                                      request.prompt_loop)
-    keyframes = family.encode_text(schedule.prompts())
+    keyframes = family.encode_text(schedule.prompts(), skip)
     states = keyframes[family.text_key]
     assert states is not None
     per_frame = interpolate_states(states, schedule, pixel_frames)  # (F, L, D)

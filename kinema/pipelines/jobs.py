@@ -77,7 +77,7 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
-               "decode_chunk", "attention_chunk", "cache_interval")
+               "decode_chunk", "attention_chunk", "cache_interval", "clip_skip")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
                   "control_end", "guidance_rescale", "prompt_hold")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode", "control_loop",
@@ -229,7 +229,7 @@ def model_shape(folder: Path) -> ModelShape | None:
 
 def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
                              config: Any = None, freeu: bool = False, ip_adapter: Any = None,
-                             controlnet: Any = None) -> None:
+                             controlnet: Any = None, clip_skip: int = 1) -> None:
     """An EasyAnimate model brings its own motion layers, tokenizer and configs, and has no UNet: one KinemaError
     line for a motion module, LoRA, tokenizer, config, FreeU, IP-Adapter or ControlNet given with one (they are for
     Stable Diffusion 1.5 models)."""
@@ -249,12 +249,15 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
     if controlnet is not None:
         raise KinemaError(f"{path} is an EasyAnimate model: a ControlNet steers an SD1.5 UNet, and EasyAnimate is a "
                           "diffusion transformer; use it with an AnimateDiff model")
+    if clip_skip != 1:
+        raise KinemaError(f"{path} is an EasyAnimate model, whose text encoder is not CLIP: clip_skip (--clip-skip) "
+                          "is for AnimateDiff models; drop it")
 
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
                         tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
-                        ip_adapter: Any = None, controlnet: Any = None) -> None:
+                        ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
     motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose
@@ -268,7 +271,7 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
         check_size_multiple(height, width, shape.size_multiple, shape.why)
     if shape.family == "easyanimate":
         check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu,
-                                 ip_adapter=ip_adapter, controlnet=controlnet)
+                                 ip_adapter=ip_adapter, controlnet=controlnet, clip_skip=clip_skip)
 
 
 def check_sparsectrl_falloff(controlnets: Iterable[str | os.PathLike], falloff: Any) -> None:
@@ -794,7 +797,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             check_video_holds_overlap(have, request.overlap_frames or 0)
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
-                        freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet)
+                        freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet,
+                        clip_skip=request.clip_skip)
     # The control videos as files, each with its frame count: one file, the files of several ControlNets, or one
     # ControlNet's keyframe images (counted as one video of that many frames).
     videos: list[tuple[str, str]] = []

@@ -71,10 +71,10 @@ ENTRY_KEYS: tuple[str, ...] = (
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
     "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
     "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map", "prompt_fixed_ratio",
-    "tensor_interpolation_slerp", "img2img_map")
+    "tensor_interpolation_slerp", "img2img_map", "clip_skip")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
-    "inference_config", "controlnet_config", "compile", "clip_skip",
+    "inference_config", "controlnet_config", "compile",
     "vae_path", "unet_batch_size",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
@@ -224,6 +224,7 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The job data every prompt of the entry shares, besides model and prompts."""
     data: dict[str, Any] = {}
     for key, job_key in (("steps", "steps"), ("guidance_scale", "guidance"), ("fps", "fps"), ("dtype", "dtype"),
+                         ("clip_skip", "clip_skip"),
                          ("tokenizer", "tokenizer"), *((key, key) for key in _KINEMA_SAMPLING_KEYS)):
         if _given(entry, key) is not None:
             data[job_key] = entry[key]

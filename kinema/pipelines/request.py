@@ -312,6 +312,8 @@ class GenerationRequest:
         prompt_hold: the share of each gap between keyframes a keyframe's prompt (or image prompt) is held before
             the blend to the next starts, 0 to 1 (animatediff-cli-prompt-travel's prompt_fixed_ratio).
         prompt_loop: the schedule is circular: after the last keyframe it blends on to the first (prompt travel's).
+        clip_skip: which CLIP layer the text comes from, counted from the end: 1 the last (as trained), 2 the one
+            before (A1111's and prompt travel's "clip skip 2", for models trained on it; diffusers' clip_skip 1).
         timestep_spacing: where the sampling steps fall, `TIMESTEP_SPACINGS` (None: the scheduler's own; "trailing"
             for few-step distilled models such as AnimateDiff-Lightning).
         free_init: FreeInit iterations (None: off).
@@ -387,6 +389,7 @@ class GenerationRequest:
     interpolation: str = "linear"
     prompt_hold: float = 0.0
     prompt_loop: bool = False
+    clip_skip: int = 1
     timestep_spacing: str | None = None
     free_init: FreeInitSettings | None = None
     motion_scale: float = 1.0
@@ -467,6 +470,9 @@ class GenerationRequest:
         if self.interpolation not in INTERPOLATIONS:
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use {' or '.join(INTERPOLATIONS)}")
         check_prompt_hold(self.prompt_hold, self.prompt_loop)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise KinemaError(f"clip_skip is a whole number of at least 1 (1: CLIP's last layer, 2: the one before), "
+                              f"got {self.clip_skip!r}")
         check_timestep_spacing(self.timestep_spacing, self.scheduler)
         check_motion_strength(self.motion_scale, self.motion_effect)
         if self.freeu is not None and not isinstance(self.freeu, FreeUSettings):

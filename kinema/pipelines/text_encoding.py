@@ -60,17 +60,45 @@ def _prompt_batch(prompts: str | Sequence[str]) -> list[str]:
     return batch
 
 
-def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str]) -> torch.Tensor:
+def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str], clip_skip: int = 1
+                   ) -> torch.Tensor:
     """CLIP text states `(B, L, D)` for a prompt or a batch of prompts: each padded to the maximum length and
     truncated to it (L = 77 for SD1.5), the text encoder's last hidden state (`text_encoder(ids)[0]`), in the
-    encoder's dtype on its device."""
+    encoder's dtype on its device. `clip_skip` N > 1 takes the hidden state N layers from the end instead (2: the
+    one before the last), through CLIP's final layer norm, as A1111 and animatediff-cli-prompt-travel count it
+    (diffusers' `clip_skip` is N - 1)."""
     batch = _prompt_batch(prompts)
+    check_clip_skip(text_encoder, clip_skip)
     ids = tokenizer(batch, padding="max_length", max_length=text_length(tokenizer, text_encoder), truncation=True,
                     return_tensors="pt").input_ids
     parameter = next(text_encoder.parameters())
     with torch.no_grad():
-        states = text_encoder(ids.to(parameter.device))[0]
+        if clip_skip == 1:
+            states = text_encoder(ids.to(parameter.device))[0]
+        else:
+            hidden = text_encoder(ids.to(parameter.device), output_hidden_states=True).hidden_states[-clip_skip]
+            states = _final_layer_norm(text_encoder)(hidden)
     return states.to(parameter.dtype)
+
+
+def _final_layer_norm(text_encoder: Any) -> Any:
+    """A CLIP text model's final layer norm: transformers 5 holds it on the model itself, 4 on its `text_model`
+    (where diffusers' `encode_prompt` still looks, so its clip_skip fails with transformers 5); None for others."""
+    return getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm", None)
+
+
+def check_clip_skip(text_encoder: Any, clip_skip: int) -> None:
+    """One KinemaError line unless `clip_skip` is 1, or a layer count from the end that `text_encoder`, a CLIP text
+    model, has."""
+    if clip_skip == 1:
+        return
+    if _final_layer_norm(text_encoder) is None:
+        raise KinemaError(f"clip_skip {clip_skip} skips layers of a CLIP text encoder, and this model's is "
+                          f"{type(text_encoder).__name__}: drop clip_skip (--clip-skip)")
+    layers = int(text_encoder.config.num_hidden_layers)
+    if not 1 <= clip_skip <= layers:
+        raise KinemaError(f"clip_skip {clip_skip} is more layers than the text encoder's {layers}; give 1 (the last "
+                          f"layer) to {layers}, usually 2")
 
 
 def encode_masked_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[str],

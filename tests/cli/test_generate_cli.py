@@ -351,6 +351,9 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
          "argument --ip-image: ip_image keyframe 'x' is not a frame number"),
         (["generate", '{"0": "a cat", "8": "a dog"}', *model, "--prompt-hold", "2"], "prompt_hold is the share of "
                                                                                       "each gap between keyframes"),
+        (["generate", "a cat", "--clip-skip", "2"], "is an EasyAnimate model, whose text encoder is not CLIP: "
+                                                   "clip_skip (--clip-skip) is for AnimateDiff models; drop it"),
+        (["generate", "a cat", *model, "--clip-skip", "0"], "argument --clip-skip:"),
         (["generate", "a cat", *model, "--ip-image", '{"0": '], "argument --ip-image: an image prompt schedule is "
                                                                "JSON such as"),
         (["generate", "a cat", *model, "--ip-image", '{"0": 3}'], "argument --ip-image: an image prompt schedule "

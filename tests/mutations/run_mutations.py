@@ -338,6 +338,13 @@ MUTATIONS = (
         ("tests/sampling/test_prompt_travel.py",),
     ),
     Mutation(
+        "clip skip takes the layer one further back",
+        "kinema/pipelines/text_encoding.py",
+        ((("output_hidden_states=True).hidden_states[-clip_skip]\n",
+           "output_hidden_states=True).hidden_states[-clip_skip - 1]\n"),),),
+        ("tests/pipelines/test_animatediff_pipeline.py",),
+    ),
+    Mutation(
         "saved latents are loaded without checking their digest",
         "kinema/pipelines/outputs.py",
         ((("    if DIGEST_METADATA_KEY in metadata and \\", "    if False and \\"),),),

@@ -121,3 +121,43 @@ def test_vae_tiling_is_diffusers_tiled_vae(parts):
     assert (got[1] - untiled[1]).abs().max() > 1e-2  # the tiled path ran
     tiled.vae_tiling = False
     assert vae.use_tiling is False
+
+
+def test_clip_skip_is_a_clip_with_its_last_layers_cut_off(parts):
+    """clip_skip N (A1111's and prompt travel's count: 1 is the last layer; diffusers' N - 1) equals transformers'
+    own CLIPTextModel with its last N - 1 layers removed: its output passes the final layer norm as usual. (diffusers'
+    encode_prompt(clip_skip=...) would be the other reference, but it reads `text_encoder.text_model`, which
+    transformers 5 no longer has.)"""
+    import copy
+
+    encoder = parts["text_encoder"]
+    prompts = ["the cat", "a dog"]
+    layers = encoder.config.num_hidden_layers
+    assert layers >= 2
+    ids = parts["tokenizer"](prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+    for skip in range(1, layers + 1):
+        cut = copy.deepcopy(encoder)
+        stack = getattr(cut, "text_model", cut).encoder
+        stack.layers = stack.layers[:layers - (skip - 1)]
+        with torch.no_grad():
+            theirs = cut(ids).last_hidden_state
+        ours = family(parts).encode_text(prompts, skip)["encoder_hidden_states"]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert (family(parts).encode_text(prompts, 2)["encoder_hidden_states"]
+            - family(parts).encode_text(prompts)["encoder_hidden_states"]).abs().max() > 1e-3
+    with pytest.raises(KinemaError, match=rf"clip_skip {layers + 1} is more layers than the text encoder's {layers}"):
+        family(parts).encode_text(prompts, layers + 1)
+
+
+def test_clip_skip_with_a_text_encoder_that_is_not_clip_is_one_line():
+    from transformers import BertConfig, BertModel
+
+    from kinema.pipelines.text_encoding import check_clip_skip
+
+    bert = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=16))
+    check_clip_skip(bert, 1)
+    with pytest.raises(KinemaError, match=r"^clip_skip 2 skips layers of a CLIP text encoder, and this model's is "
+                                          r"BertModel: drop clip_skip \(--clip-skip\)"):
+        check_clip_skip(bert, 2)

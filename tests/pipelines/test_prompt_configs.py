@@ -156,7 +156,8 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
         prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
         negative_prompt="noise", seeds=[4, 5], scheduler="euler_a", steps=2, guidance=3.0, frames=8, height=64,
         width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=8,
-        interpolation="slerp", prompt_hold=0.5, prompt_loop=True)  # prompt travel's blend (its settings.py)
+        interpolation="slerp", prompt_hold=0.5, prompt_loop=True,  # prompt travel's blend (its settings.py)
+        clip_skip=2)
     assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
     assert run.folder == "01-travel"
     [linear] = read_config(write(tmp_path / "linear.json", {**json.loads(config.read_text()), "prompt_fixed_ratio": 0,
