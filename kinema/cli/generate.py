@@ -20,7 +20,6 @@ is decoded segment by segment. Without `-o`, videos go to `out/`: `out/<prompt w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -59,6 +58,7 @@ from kinema.pipelines.request import (
     PIA_MOTION_NAMES,
     QUANTIZATIONS,
     SPEEDS,
+    check_image_keyframes,
     check_pia_module,
     image_prompt_keyframes,
 )
@@ -186,11 +186,12 @@ def parse_ip_image(text: str) -> str | dict[str, str]:
     """--ip-image `style.png`, or an image prompt schedule as JSON `{"0": "a.png", "16": "b.png"}`."""
     if not text.lstrip().startswith("{"):
         return text
+    from kinema.sampling.prompt_travel import schedule_json
+
     try:
-        schedule = json.loads(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"an image prompt schedule is JSON such as '{{\"0\": \"a.png\", \"16\": "
-                                         f"\"b.png\"}}' ({err})") from None
+        schedule = schedule_json(text, "image prompt schedule", '{"0": "a.png", "16": "b.png"}')
+    except KinemaError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     if not isinstance(schedule, dict) or not all(isinstance(image, str) and image for image in schedule.values()):
         raise argparse.ArgumentTypeError(f"an image prompt schedule maps frame numbers to image paths, such as "
                                          f"'{{\"0\": \"a.png\", \"16\": \"b.png\"}}', got {text!r}")
@@ -636,6 +637,8 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
     from kinema.pipelines.request import check_control_falloff, control_places
 
     check_control_falloff(args.control_falloff, args.control_loop, args.control_indices is not None)
+    check_image_keyframes(getattr(args, "ip_image", None), frames,
+                          "give a longer input video" if input_video else "make more frames (--frames)")
     check_sparsectrl_falloff([path for path, _ in args.controlnet or []], args.control_falloff)
     if args.control_preprocess is not None:  # names, their count, and OpenCV for Canny
         preprocessors_for(_one_or_list(args.control_preprocess), max(len(args.controlnet or []), 1))
@@ -760,7 +763,8 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
     # What the command line says as it is; the rest (sizes, scheduler, guess mode) the model or the input may fill.
     differ = differing_settings([{**given, "seed": seed} for seed in args.seed], stored,
                                 keys=("seed", "prompt", "negative_prompt", "steps", "guidance", "strength", "image",
-                                      "end_image", "video", "ip_image", "control_video"))
+                                      "end_image", "video", "ip_image", "control_video", "interpolation",
+                                      "prompt_hold", "prompt_loop", "clip_skip"))
     if differ:
         raise _not_resumable(saved, f"the saved latents are another run's: their settings differ in "
                                     f"{', '.join(differ)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -747,6 +747,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         request = replace(request, guess_mode=True)  # diffusers' rule; recorded as what ran
     request.check()
     mode = request.mode
+    if isinstance(request.prompt, str) and not isinstance(request.ip_image, Mapping) and (
+            request.prompt_hold or request.prompt_loop or request.interpolation != "linear"):
+        logger.warning("prompt_hold, prompt_loop and interpolation blend a prompt or image prompt schedule, and this "
+                       "video has neither: they change nothing")
     # Inputs are read and sized before any model runs, so a bad file fails fast.
     input_video = None
     if mode in ("video-to-video", "extend"):

@@ -48,6 +48,7 @@ from kinema.pipelines.request import (
     FreeInitSettings,
     FreeUSettings,
     GenerationRequest,
+    check_image_keyframes,
     check_pia_module,
     check_seed,
     check_video_holds_overlap,
@@ -819,10 +820,9 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if controlnet is not None:
         check_sparsectrl_falloff([path for path, _ in (controlnet if isinstance(controlnet, list) else [controlnet])],
                                  request.control_falloff)
-    keyframes = image_prompt_keyframes(request.ip_image)
-    if keyframes and made is not None and keyframes[-1][0] >= made:
-        raise KinemaError(f"the image prompt has a keyframe at frame {keyframes[-1][0]}, which the job's {made} frames "
-                          f"do not reach; make at least {keyframes[-1][0] + 1} frames, or move the keyframe")
+    if made is not None:
+        check_image_keyframes(request.ip_image, made, "make more frames (\"frames\")" if request.video is None
+                              else "give a longer input video")
     if isinstance(request.control_video, list) and not isinstance(controlnet, list) and made is not None:
         control_places(len(request.control_video), made, request.control_indices)
     if not request.resize:  # generate() refuses these too, but only once the model has loaded

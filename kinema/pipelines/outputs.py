@@ -230,14 +230,21 @@ def differing_settings(ours: Sequence[Mapping[str, Any]], saved: Sequence[Mappin
                        keys: Sequence[str] | None = None) -> list[str]:
     """The names of the settings in which this run's per-video `ours` and the `saved` ones (`read_latents_settings`)
     differ, compared as JSON stores them: every name but the report, or with `keys` those alone where this run
-    gives a value. A different number of videos differs in "seed"."""
+    gives a value. A different number of videos differs in "seed". A setting the saved ones lack (written before
+    it existed) differs only when this run's is not the request's default."""
+    import dataclasses
+
+    from kinema.pipelines.request import GenerationRequest
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
     if len(ours) != len(saved):
         return ["seed"]
     differ: set[str] = set()
     for mine, theirs in zip(json.loads(json.dumps(list(ours))), saved, strict=True):
         names = [key for key in keys if mine.get(key) is not None] if keys is not None else \
             [key for key in {*mine, *theirs} if key != "report"]
-        differ.update(key for key in names if mine.get(key) != theirs.get(key))
+        differ.update(key for key in names if mine.get(key) != theirs.get(key) and not (
+            key not in theirs and key in defaults and mine.get(key) == defaults[key]))
     return sorted(differ)
 
 

@@ -71,7 +71,7 @@ ENTRY_KEYS: tuple[str, ...] = (
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
     "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
     "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map", "prompt_fixed_ratio",
-    "tensor_interpolation_slerp", "img2img_map", "clip_skip")
+    "tensor_interpolation_slerp", "img2img_map", "clip_skip", "prompt_loop")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
     "inference_config", "controlnet_config", "compile",
@@ -292,21 +292,42 @@ def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_fol
     return data, used
 
 
-def _travel_blend(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """How a prompt-travel schedule blends, as prompt travel blends it: each prompt held for prompt_fixed_ratio of
-    the way to the next (default 0.5), slerp unless tensor_interpolation_slerp is false, and circular (after the
-    last keyframe, back to the first). An ip_adapter_map's images travel alike, so its own ratio must agree."""
-    slerp = entry.get("tensor_interpolation_slerp", TRAVEL_SLERP)
-    if not isinstance(slerp, bool):
-        raise KinemaError(f"{where}: tensor_interpolation_slerp must be true or false, got {slerp!r}")
-    hold = entry.get("prompt_fixed_ratio", TRAVEL_HOLD)
+def _travel_blend(entry: Mapping[str, Any], where: str, travel_form: bool) -> dict[str, Any]:
+    """How the entry's schedule blends (job keys interpolation, prompt_hold, prompt_loop): prompt_fixed_ratio,
+    tensor_interpolation_slerp and kinema's prompt_loop where given; a prompt-travel schedule (`travel_form`:
+    head_prompt / prompt_map / tail_prompt) otherwise blends as prompt travel does (held half the way, slerp,
+    circular). An ip_adapter_map's images travel alike, so its own ratio must agree."""
+    def flag(key: str, default: bool) -> bool:
+        value = _given(entry, key)
+        if value is not None and not isinstance(value, bool):
+            raise KinemaError(f"{where}: {key} must be true or false, got {value!r}")
+        return default if value is None else value
+
+    def ratio(mapping: Mapping[str, Any], key: str) -> float | None:
+        value = _given(mapping, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1):
+            raise KinemaError(f"{where}: {key} is the share of the way to the next keyframe a prompt is held, a number "
+                              f"from 0 to 1 (e.g. 0.5), got {value!r}")
+        return value
+
+    blend: dict[str, Any] = {}
+    hold = ratio(entry, "prompt_fixed_ratio")
+    hold = TRAVEL_HOLD if hold is None and travel_form else hold
+    if hold is not None:
+        blend["prompt_hold"] = hold
+    slerp = flag("tensor_interpolation_slerp", TRAVEL_SLERP if travel_form else False)
+    if slerp or _given(entry, "tensor_interpolation_slerp") is not None:
+        blend["interpolation"] = "slerp" if slerp else "linear"
+    if flag("prompt_loop", travel_form):
+        blend["prompt_loop"] = True
     ip_map = entry.get("ip_adapter_map")
-    if isinstance(ip_map, Mapping) and ip_map.get("enable") is True and "prompt_fixed_ratio" in ip_map \
-            and ip_map["prompt_fixed_ratio"] != hold:
-        raise KinemaError(f"{where}: ip_adapter_map.prompt_fixed_ratio {ip_map['prompt_fixed_ratio']!r} differs from "
-                          f"prompt_fixed_ratio {hold!r}, and kinema holds the text and the image prompt alike; give "
-                          "them the same")
-    return {"prompt_hold": hold, "prompt_loop": True, "interpolation": "slerp" if slerp else "linear"}
+    if isinstance(ip_map, Mapping) and ip_map.get("enable") is True:
+        theirs = ratio(ip_map, "prompt_fixed_ratio")
+        if theirs is not None and theirs != blend.get("prompt_hold", 0.0):
+            raise KinemaError(f"{where}: ip_adapter_map.prompt_fixed_ratio {theirs!r} differs from the prompts' "
+                              f"{blend.get('prompt_hold', 0.0)!r}, and kinema holds the text and the image prompt "
+                              "alike; give them the same")
+    return blend
 
 
 def _default_frames(model: Any) -> int | None:
@@ -358,8 +379,8 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     """The runs of one entry and the entry as run (its seeds the integers used)."""
     model, loras = _model_and_loras(entry)
     shared = _shared(entry)
-    travel = _travel_blend(entry, f"{where}, entry {name!r}") if any(
-        _given(entry, key) is not None for key in SCHEDULE_KEYS) else {}
+    travel = _travel_blend(entry, f"{where}, entry {name!r}", any(_given(entry, key) is not None
+                                                                 for key in SCHEDULE_KEYS))
     try:
         travelled, travel_used = _travel_maps(entry, shared, config_folder)
     except KinemaError as err:
@@ -419,7 +440,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
         words = _first_words(prompt)
         for module_index, module in enumerate(motion_modules):
             tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
-            data = {**shared, "prompt": prompt, "negative_prompt": negative, "motion_module": module,
+            data = {**shared, **travel, "prompt": prompt, "negative_prompt": negative, "motion_module": module,
                     "seed": used_seeds[prompt_index] if len(used_seeds) > prompt_index else seed}
             made = job(data, label, f" (motion module {module_index + 1})" if tail else "")
             if len(used_seeds) == prompt_index:

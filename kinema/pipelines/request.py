@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -120,6 +121,18 @@ class FreeUSettings:
                                   "that part as trained; to turn FreeU off, leave it unset)")
 
 
+_FRAME_KEY = re.compile(r"[0-9]{1,9}")  # ASCII digits (str.isdigit() takes "³" too), short of int()'s limits
+
+
+def check_image_keyframes(ip_image: Any, frames: int, fix: str) -> None:
+    """One KinemaError line when an image prompt schedule has a keyframe the video's `frames` do not reach (`fix`:
+    the front end's way to more frames)."""
+    keyframes = image_prompt_keyframes(ip_image)
+    if keyframes and keyframes[-1][0] >= frames:
+        raise KinemaError(f"the image prompt has a keyframe at frame {keyframes[-1][0]}, which the video's {frames} "
+                          f"frames do not reach; {fix}, or move the keyframe")
+
+
 def image_prompt_keyframes(ip_image: Any) -> list[tuple[int, Any]] | None:
     """An image prompt schedule's `(frame, image)` keyframes in frame order (None for one image for every frame), or
     one KinemaError line: keys are whole frame numbers from 0 (as text too, as JSON gives them), each given once."""
@@ -131,7 +144,7 @@ def image_prompt_keyframes(ip_image: Any) -> list[tuple[int, Any]] | None:
     keyframes: dict[int, Any] = {}
     for key, image in ip_image.items():
         text = str(key).strip() if isinstance(key, str | int) and not isinstance(key, bool) else ""
-        if not text.isdigit():
+        if not _FRAME_KEY.fullmatch(text):
             raise KinemaError(f"ip_image keyframe {key!r} is not a frame number; keys are whole frame numbers from 0 "
                               "like \"0\" or \"16\"")
         if int(text) in keyframes:
@@ -484,6 +497,10 @@ class GenerationRequest:
                               "(--control-video) too")
         check_control_falloff(self.control_falloff, self.control_loop, self.control_indices is not None)
         image_prompt_keyframes(self.ip_image)
+        if self.mode == "extend" and (isinstance(self.ip_image, Mapping) or self.prompt_hold or self.prompt_loop):
+            raise KinemaError("extend conditions each new segment on one prompt and one image prompt, so an image "
+                              "prompt schedule (ip_image {frame: image}), prompt_hold and prompt_loop have nothing to "
+                              "blend there; give one image, and leave the other two out")
         presets = range(len(PIA_MOTION_NAMES))
         if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in presets):
             raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to {presets[-1]}, got "
@@ -547,9 +564,9 @@ class GenerationRequest:
         data = asdict(self)
         for key in ("image", "end_image", "video", "ip_image", "control_video"):
             value = data[key]
-            if isinstance(value, Mapping):  # an image prompt schedule: its keyframes' images by frame
+            if isinstance(value, Mapping):  # an image prompt schedule: its keyframes' images by frame, in order
                 data[key] = {str(frame): os.fspath(image) if isinstance(image, str | os.PathLike)
-                             else f"<{type(image).__name__}>" for frame, image in value.items()}
+                             else f"<{type(image).__name__}>" for frame, image in image_prompt_keyframes(value) or []}
             elif isinstance(value, os.PathLike):
                 data[key] = os.fspath(value)
             elif isinstance(value, list | tuple) and all(_paths(item) for item in value):

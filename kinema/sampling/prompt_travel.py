@@ -129,7 +129,7 @@ def parse_prompt_schedule(spec: str | Mapping[Any, Any], frames: int, interpolat
                 raise KinemaError("the prompt is empty; write a prompt or a keyframe schedule like "
                                   '{"0": "a cat", "16": "a dog"}')
             return PromptSchedule(((0, spec.strip()),), interpolation, hold, loop)
-        spec = _json_object(spec)
+        spec = schedule_json(spec)
     if not isinstance(spec, Mapping):
         raise KinemaError(f"a prompt schedule is a prompt, a mapping or JSON text, not {type(spec).__name__}")
     if any(isinstance(key, str) and key in HEAD_TAIL_FIELDS for key in spec):
@@ -137,22 +137,23 @@ def parse_prompt_schedule(spec: str | Mapping[Any, Any], frames: int, interpolat
     return PromptSchedule(_keyframes(spec, frames), interpolation, hold, loop)
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    """Parse JSON text, refusing keys given twice (json.loads would keep the last silently)."""
+def schedule_json(text: str, what: str = "prompt schedule", example: str = '{"0": "a cat", "16": "a dog"}'
+                  ) -> Any:
+    """Parse a schedule's JSON text (a prompt's, or an image prompt's), refusing keys given twice (json.loads would
+    keep the last silently); one KinemaError line naming `what`, with `example`, for text that is not JSON."""
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
         for key, value in items:
             if key in seen:
-                raise KinemaError(f"prompt schedule key {key!r} is given twice; give each keyframe once")
+                raise KinemaError(f"{what} key {key!r} is given twice; give each keyframe once")
             seen[key] = value
         return seen
 
     try:
-        parsed = json.loads(text, object_pairs_hook=pairs)
+        return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as error:
-        raise KinemaError(f"the prompt schedule is not valid JSON ({error.msg} at line {error.lineno} column "
-                          f"{error.colno}); write it like {{\"0\": \"a cat\", \"16\": \"a dog\"}}") from None
-    return parsed  # a JSON object: the text starts with "{"
+        raise KinemaError(f"the {what} is not valid JSON ({error.msg} at line {error.lineno} column "
+                          f"{error.colno}); write it like {example}") from None
 
 
 def _frame_index(key: Any) -> int:

@@ -354,8 +354,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", "--clip-skip", "2"], "is an EasyAnimate model, whose text encoder is not CLIP: "
                                                    "clip_skip (--clip-skip) is for AnimateDiff models; drop it"),
         (["generate", "a cat", *model, "--clip-skip", "0"], "argument --clip-skip:"),
-        (["generate", "a cat", *model, "--ip-image", '{"0": '], "argument --ip-image: an image prompt schedule is "
-                                                               "JSON such as"),
+        (["generate", "a cat", *model, "--ip-image", '{"0": '], "argument --ip-image: the image prompt schedule is "
+                                                               "not valid JSON"),
+        (["generate", "a cat", *model, "--ip-image", '{"1": "a.png", "1": "b.png"}'],
+         "argument --ip-image: image prompt schedule key '1' is given twice"),
+        (["generate", "a cat", *model, "--ip-image", '{"³": "a.png"}'], "argument --ip-image: ip_image keyframe '³' "
+                                                                       "is not a frame number"),
         (["generate", "a cat", *model, "--ip-image", '{"0": 3}'], "argument --ip-image: an image prompt schedule "
                                                                  "maps frame numbers to image paths"),
         (["generate", "a cat", *model, "--controlnet", "cn:-2"], "argument --controlnet: the ControlNet scale "

@@ -332,9 +332,14 @@ def test_an_image_prompt_schedule_blends_the_keyframes_embeddings_per_frame(sd_m
                          ({"1": str(first), 1: str(second)}, r"ip_image names frame 1 twice")]:
         with pytest.raises(KinemaError, match=message):
             GenerationRequest(**{**vars(request), "ip_image": bad}).check()
+    for extend in ({"ip_image": {"0": str(first)}}, {"ip_image": str(first), "prompt_loop": True}):
+        with pytest.raises(KinemaError, match=r"^extend conditions each new segment on one prompt and one image "
+                                              r"prompt"):
+            GenerationRequest(**{**vars(request), "video": torch.zeros(4, 3, 32, 32), "extend_frames": 4,
+                                 **extend}).check()
 
 
-def test_the_cli_takes_an_image_prompt_schedule_and_records_it(sd_model, adapter_folder, tmp_path):
+def test_the_cli_takes_an_image_prompt_schedule_and_records_it(sd_model, adapter_folder, tmp_path, capsys):
     import json
 
     from kinema.cli import main
@@ -347,6 +352,14 @@ def test_the_cli_takes_an_image_prompt_schedule_and_records_it(sd_model, adapter
           "--ip-adapter", f"{adapter_folder / 'ip-adapter_sd15.safetensors'}:0.7", "--ip-image", json.dumps(schedule),
           "--frames", "4", "--height", "32", "--width", "32", "--steps", "1", "-o", str(out), "--quiet"])
     assert json.loads(out.with_name(out.name + ".json").read_text())["ip_image"] == schedule
+    late = {"0": str(tmp_path / "a.png"), "9": str(tmp_path / "b.png")}
+    model = ["--model", str(sd_model["path"]), "--motion-module", str(sd_model["motion_module"])]
+    code = main(["generate", "a cat", *model,
+                 "--ip-adapter", str(adapter_folder / "ip-adapter_sd15.safetensors"), "--ip-image", json.dumps(late),
+                 "--frames", "4", "--height", "32", "--width", "32", "-o", str(tmp_path / "late.mp4"), "--quiet"])
+    assert code == 2  # bad usage: refused by the checks that run before any model loads
+    assert "the image prompt has a keyframe at frame 9, which the video's 4 frames do not reach; make more frames " \
+           "(--frames)" in capsys.readouterr().err
 
 
 def test_a_request_dtype_casts_the_image_encoder_too(sd_model, adapter_folder):
@@ -383,7 +396,7 @@ def test_jobs_take_the_adapter_and_the_image_prompt(sd_model, adapter_folder, tm
         ({"ip_image": {"0": "style.png", "3": "gone.png"}}, "no such image prompt of frame 3: gone.png"),
         ({"ip_image": {"0": "style.png", "first": "late.png"}}, "ip_image keyframe 'first' is not a frame number"),
         ({"ip_image": {"0": "style.png", "4": "late.png"}}, "the image prompt has a keyframe at frame 4, which the "
-                                                           "job's 4 frames do not reach"),
+                                                           "video's 4 frames do not reach"),
         ({"ip_image": None}, "give both ip_adapter and ip_image, or neither"),
         ({"ip_adapter": None}, "give both ip_adapter and ip_image, or neither"),
         ({"ip_adapter": {"path": str(adapter_folder / "ip-adapter_sd15.safetensors"), "scale": -1}},

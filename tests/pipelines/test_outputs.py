@@ -212,3 +212,13 @@ def test_a_flipped_bit_in_saved_latents_or_their_settings_is_refused(tmp_path):
     save_file({"latents": latents}, str(tmp_path / "older.safetensors"),
               metadata={"kinema_output": "latents", "kinema_settings": json.dumps([{"seed": 4}])})
     assert torch.equal(load_latents(tmp_path / "older.safetensors")[0], latents)
+
+
+def test_settings_saved_before_a_setting_existed_differ_only_from_a_value_other_than_its_default():
+    from kinema.pipelines.outputs import differing_settings
+
+    saved = [{"seed": 1, "prompt": "a cat"}]  # written before prompt_hold, prompt_loop and clip_skip existed
+    ours = [{"seed": 1, "prompt": "a cat", "prompt_hold": 0.0, "prompt_loop": False, "clip_skip": 1}]
+    assert differing_settings(ours, saved) == []
+    assert differing_settings([{**ours[0], "prompt_hold": 0.5, "clip_skip": 2}], saved) == ["clip_skip", "prompt_hold"]
+    assert differing_settings(ours, [{**saved[0], "clip_skip": 2}]) == ["clip_skip"]  # saved, and not ours

@@ -163,10 +163,24 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     [linear] = read_config(write(tmp_path / "linear.json", {**json.loads(config.read_text()), "prompt_fixed_ratio": 0,
                                                             "tensor_interpolation_slerp": False})).runs
     assert (linear.job.request.interpolation, linear.job.request.prompt_hold) == ("linear", 0.0)
-    for change, message in [({"prompt_fixed_ratio": 2}, "prompt_hold is the share of each gap"),
+    for empty in (None, ""):  # an empty value is unset, as in those files: prompt travel's defaults
+        given = {**json.loads(config.read_text()), "prompt_fixed_ratio": empty, "tensor_interpolation_slerp": empty}
+        [unset] = read_config(write(tmp_path / "unset.json", given)).runs
+        assert (unset.job.request.prompt_hold, unset.job.request.interpolation) == (0.5, "slerp")
+    keyed = {k: v for k, v in json.loads(config.read_text()).items() if k not in ("head_prompt", "prompt_map",
+                                                                                   "tail_prompt", "seed")}
+    [plain] = read_config(write(tmp_path / "plain.json", {**keyed, "prompt": [{"0": "red", "6": "blue"}]})).runs
+    assert (plain.job.request.prompt_hold, plain.job.request.interpolation, plain.job.request.prompt_loop) == (
+        0.0, "linear", False)  # kinema's own schedules blend as kinema's do, unless the keys say otherwise
+    [told] = read_config(write(tmp_path / "told.json", {**keyed, "prompt": [{"0": "red", "6": "blue"}],
+                                                        "prompt_fixed_ratio": 0.3, "prompt_loop": True})).runs
+    assert (told.job.request.prompt_hold, told.job.request.prompt_loop) == (0.3, True)
+    for change, message in [({"prompt_fixed_ratio": 2}, "prompt_fixed_ratio is the share of the way to the next "
+                                                        "keyframe a prompt is held"),
+                            ({"prompt_fixed_ratio": "0.5"}, "prompt_fixed_ratio is the share"),
                             ({"tensor_interpolation_slerp": "yes"}, "tensor_interpolation_slerp must be true or false"),
                             ({"prompt_fixed_ratio": 0.3, "ip_adapter_map": {"enable": True, "prompt_fixed_ratio": 0.5}},
-                             "ip_adapter_map.prompt_fixed_ratio 0.5 differs from prompt_fixed_ratio 0.3")]:
+                             "ip_adapter_map.prompt_fixed_ratio 0.5 differs from the prompts' 0.3")]:
         with pytest.raises(KinemaError, match=message):
             read_config(write(tmp_path / "bad.json", {**json.loads(config.read_text()), **change}))
 
