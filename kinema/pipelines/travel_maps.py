@@ -97,16 +97,16 @@ def _cached_hub_file(repo: str, filename: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _folder(given: Any, key: str, config_folder: Path, example: str) -> Path:
-    """prompt travel's `input_image_dir` `given`, found under ./data (its own rule), ., or the config's folder; one
-    KinemaError line when it is in none of them."""
+def _folder(given: Any, key: str, config_folder: Path, example: str, folder_key: str = "input_image_dir") -> Path:
+    """prompt travel's image folder `given` (a map's `folder_key`), found under ./data (its own rule), ., or the
+    config's folder; one KinemaError line when it is in none of them."""
     if not isinstance(given, str) or not given:
-        raise KinemaError(f"{key}.input_image_dir is the folder of the images (e.g. \"{example}\"), got {given!r}")
+        raise KinemaError(f"{key}.{folder_key} is the folder of the images (e.g. \"{example}\"), got {given!r}")
     bases = (Path.cwd() / "data", Path.cwd(), config_folder)
     for base in bases:
         if (base / given).is_dir():
             return (base / given).resolve()
-    raise KinemaError(f"{key}.input_image_dir {given!r} is no folder under {', '.join(str(b) for b in bases)}; fix "
+    raise KinemaError(f"{key}.{folder_key} {given!r} is no folder under {', '.join(str(b) for b in bases)}; fix "
                       f"the name, or drop {key} to make the video without it")
 
 
@@ -299,6 +299,26 @@ def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> 
     return data, used
 
 
+def _image_map(given: Any, name: str, keys: tuple[str, ...], folder_key: str, example: str, frames: int | None,
+               config_folder: Path, without: str, suffixes: tuple[str, ...] = (".png",)
+               ) -> tuple[dict[str, Any], Path, dict[int, Path]]:
+    """A map of prompt travel's that reads one folder of numbered images (ip_adapter_map, img2img_map), checked:
+    `(the map as run, its folder absolute there, the images of the video's frames)`; no images when it is not
+    enabled, or (with a warning that the video is made `without` them) when its folder holds none."""
+    if not isinstance(given, Mapping):
+        raise KinemaError(f"{name} is a mapping of settings, got {type(given).__name__}")
+    unknown = [key for key in given if key not in keys]
+    if unknown:
+        raise KinemaError(f"{name}: unknown key {unknown[0]!r}; known keys: {', '.join(keys)}")
+    if not _flag(given, "enable", False, name):
+        return dict(given), config_folder, {}
+    folder = _folder(given.get(folder_key), name, config_folder, example, folder_key)
+    images = _within(numbered_images(folder, suffixes), frames, folder)
+    if not images:
+        logger.warning("%s: no images named by frame number in %s, so %s (as in prompt travel)", name, folder, without)
+    return {**given, folder_key: str(folder)}, folder, images
+
+
 def ip_adapter_file(given: Mapping[str, Any]) -> str:
     """h94/IP-Adapter's SD1.5 file that prompt travel picks for the flags of `given`."""
     flag = {key: _flag(given, key, False, "ip_adapter_map") for key in (
@@ -317,19 +337,9 @@ def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> 
     `ip_adapter_map` for a video of `frames` frames (None: unknown), {} when it is off or its folder has no image, as
     prompt travel then prompts with none (images for several frames make an image prompt schedule, {frame: image});
     and the map with its image folder absolute."""
-    if not isinstance(given, Mapping):
-        raise KinemaError(f"ip_adapter_map is a mapping of settings, got {type(given).__name__}")
-    unknown = [key for key in given if key not in IP_ADAPTER_KEYS]
-    if unknown:
-        raise KinemaError(f"ip_adapter_map: unknown key {unknown[0]!r}; known keys: {', '.join(IP_ADAPTER_KEYS)}")
-    if not _flag(given, "enable", False, "ip_adapter_map"):
-        return {}, dict(given)
-    folder = _folder(given.get("input_image_dir"), "ip_adapter_map", config_folder, "ip_adapter_image/test")
-    used = {**given, "input_image_dir": str(folder)}
-    images = _within(numbered_images(folder, IMAGE_SUFFIXES), frames, folder)
+    used, _, images = _image_map(given, "ip_adapter_map", IP_ADAPTER_KEYS, "input_image_dir", "ip_adapter_image/test",
+                                 frames, config_folder, "no image prompt", IMAGE_SUFFIXES)
     if not images:
-        logger.warning("ip_adapter_map: no images named by frame number in %s, so no image prompt (as in prompt "
-                       "travel)", folder)
         return {}, used
     name = ip_adapter_file(given)
     scale = _number(given, "scale", 1.0, "ip_adapter_map")
@@ -359,19 +369,9 @@ def img2img_job_data(given: Any, frames: int | None, config_folder: Path) -> tup
     at `denoising_strength` (kinema's video-to-video: `video` the folder, `strength`); {} when it is off or the folder
     has no image. It needs an image for every frame and no other images in the folder (one line each): prompt travel
     starts a frame without one from zero latents, which kinema does not copy."""
-    if not isinstance(given, Mapping):
-        raise KinemaError(f"img2img_map is a mapping of settings, got {type(given).__name__}")
-    unknown = [key for key in given if key not in IMG2IMG_KEYS]
-    if unknown:
-        raise KinemaError(f"img2img_map: unknown key {unknown[0]!r}; known keys: {', '.join(IMG2IMG_KEYS)}")
-    if not _flag(given, "enable", False, "img2img_map"):
-        return {}, dict(given)
-    folder = _folder(given.get("init_img_dir"), "img2img_map", config_folder, "init_img/test").resolve()
-    used = {**given, "init_img_dir": str(folder)}
-    images = _within(numbered_images(folder), frames, folder)
+    used, folder, images = _image_map(given, "img2img_map", IMG2IMG_KEYS, "init_img_dir", "init_img/test", frames,
+                                      config_folder, "the video starts from noise")
     if not images:
-        logger.warning("img2img_map: no images named by frame number in %s, so the video starts from noise (as in "
-                       "prompt travel)", folder)
         return {}, used
     wanted = frames if frames is not None else max(images) + 1
     missing = [frame for frame in range(wanted) if frame not in images]
