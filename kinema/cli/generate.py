@@ -463,13 +463,13 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-hold", type=float, metavar="F",
                        help="a prompt schedule holds each keyframe's prompt for this share of the way to the next "
                             "before blending, 0 to 1 (prompt travel's prompt_fixed_ratio; default 0)")
+    group.add_argument("--prompt-loop", action="store_true",
+                       help="a prompt schedule is circular: after the last keyframe it blends back to the first, "
+                            "for looping videos (as prompt travel's schedules do)")
     group.add_argument("--clip-skip", type=positive_int, metavar="N",
                        help="the CLIP layer the text comes from, counted from the end: 2 for models trained on the "
                             "layer before the last (A1111's and prompt travel's clip skip; default 1, the last; "
                             "AnimateDiff models)")
-    group.add_argument("--prompt-loop", action="store_true",
-                       help="a prompt schedule is circular: after the last keyframe it blends back to the first, "
-                            "for looping videos (as prompt travel's schedules do)")
     group.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS,
                        help="where the sampling steps fall among the training steps (default: the scheduler's "
                             "own); trailing for few-step distilled models, e.g. AnimateDiff-Lightning with "
@@ -816,6 +816,13 @@ def _fill_option_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, list(value) if isinstance(value, list) else value)
 
 
+def _schedule(args: argparse.Namespace) -> Any:
+    """The prompt schedule of the options (`PromptSchedule`), checked: its keyframes, hold and loop."""
+    from kinema.sampling.prompt_travel import parse_prompt_schedule
+
+    return parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
+
+
 def check_generate(args: argparse.Namespace) -> None:
     """Bad usage of `kinema generate`, refused before any heavy import."""
     if args.config is not None:
@@ -826,10 +833,8 @@ def check_generate(args: argparse.Namespace) -> None:
         raise KinemaError("give a PROMPT (or a prompt config with --config FILE.yaml)")
     args.prompt = read_prompt(args.prompt)
     if args.print_schedule:  # no model is read: --frames or the library's default
-        from kinema.sampling.prompt_travel import parse_prompt_schedule
-
         args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
-        parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
+        _schedule(args)
         return
     if args.end_image is not None and args.image is None:
         raise KinemaError("--end-image needs --image (the first frame) too")
@@ -845,9 +850,7 @@ def check_generate(args: argparse.Namespace) -> None:
     args.request.check()
     check_pia_module(args.motion_module, args.request)
     if not isinstance(args.prompt, str):
-        from kinema.sampling.prompt_travel import parse_prompt_schedule
-
-        parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
+        _schedule(args)
     inputs = tuple(path for path in (args.image, args.end_image, *_ip_images(args), *(args.control_video or []))
                    if path is not None)
     _check_outputs(args, default_output(slug(_first_prompt(args.prompt)), args.seed), args.frames, inputs,
@@ -1019,10 +1022,9 @@ def run_generate(args: argparse.Namespace) -> None:
         print(f"wrote {args.output / CONFIG_FILE}: the config with the seeds used (run it again for the same videos)")
         return
     if args.print_schedule:
-        from kinema.sampling.prompt_travel import parse_prompt_schedule, schedule_table
+        from kinema.sampling.prompt_travel import schedule_table
 
-        print(schedule_table(parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold,
-                                                   args.prompt_loop), args.frames))
+        print(schedule_table(_schedule(args), args.frames))
         return
     _generate_and_write(args, args.request, latents=True)
 

@@ -87,19 +87,17 @@ class VideoControlNet(nn.Module):
         timestep = timesteps_per_clip(timestep, batch, sample.device).repeat_interleave(frames)
         latents = rearrange(sample, "b c f h w -> (b f) c h w")
         images = rearrange(control, "b c f h w -> (b f) c h w")
-        weights = None if mask is None else mask.reshape(batch * frames)
-        rows = None if weights is None else weights.nonzero().flatten().to(sample.device)
-        if rows is not None:
+        weights = None if mask is None else mask.reshape(batch * frames).to(sample.device)
+        if weights is not None:
+            rows = weights.nonzero().flatten()
             if len(rows) == 0:
                 return {}
             latents, timestep, text, images = latents[rows], timestep[rows], text[rows], images[rows]
         down, mid = self.controlnet(latents, timestep, encoder_hidden_states=text, controlnet_cond=images,
                                     conditioning_scale=self.scale, guess_mode=guess_mode, return_dict=False)
-        if rows is None or weights is None:
-            return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
-        steered = weights[rows.to(weights.device)].to(mid)
-        return frame_residuals({"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid},
-                               rows, batch * frames, steered)
+        residuals = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+        return residuals if weights is None else frame_residuals(residuals, rows, batch * frames,
+                                                                 weights[rows].to(mid))
 
 
 class VideoSparseControlNet(VideoControlNet):

@@ -230,9 +230,6 @@ class VideoFamily:
         from kinema.sampling.prompt_travel import PromptSchedule, interpolate_states
 
         self.check_image_prompt(True)
-        if places[-1] >= frames:
-            raise KinemaError(f"the image prompt has a keyframe at frame {places[-1]}, which {frames} frames do not "
-                              f"reach; make at least {places[-1] + 1} frames, or move the keyframe")
         pairs = [self.ip_adapter.embeds(image.float()[None]) for image in images]  # each its own size
         cond, uncond = (torch.cat(side) for side in zip(*pairs, strict=True))
         schedule = PromptSchedule(tuple((place, f"image {index}") for index, place in enumerate(places)),

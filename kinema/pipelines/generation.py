@@ -33,8 +33,10 @@ from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import (
     OUTPUT_TYPES,
     GenerationRequest,
+    check_image_keyframes,
     check_video_holds_overlap,
     freeu_error,
+    image_prompt_keyframes,
     overlap_error,
     pia_refusal,
 )
@@ -202,8 +204,6 @@ def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, l
                  pixel_frames: int) -> _Text:
     """Encode the prompt (or each keyframe prompt of a schedule, interpolated per latent frame) and the negative
     prompt, one row per video; with an IP-Adapter, the image prompt joins both sides."""
-    from kinema.pipelines.request import image_prompt_keyframes
-
     text = _encode_prompts(family, request, videos, latent_frames, pixel_frames)
     if request.ip_image is None:
         return text
@@ -796,6 +796,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     else:
         made = input_video.shape[0] if input_video is not None else int(request.frames or plan.frames)
     _check_frames_fit(len(seeds), made, plan.height, plan.width)
+    check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
+                          else "give a longer input video")
 
     if request.free_init is not None and (mode == "video-to-video" or (
             mode in ("image-to-video", "extend") and not (family.inpaints or family.animates_image))):

@@ -25,11 +25,15 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
                                       AnimateDiff v3's SparseCtrl: the network, its keyframe images (a path or a
                                       list), the frames they go to, and gray sketches (kinema's controlnet,
                                       control_video, control_indices, normalize_control)
-    controlnet_map, ip_adapter_map    prompt travel's ControlNets steering keyframes from numbered images, and its
-                                      image prompt (kinema.pipelines.travel_maps)
+    controlnet_map, ip_adapter_map, img2img_map
+                                      prompt travel's ControlNets steering keyframes from numbered images, its image
+                                      prompt and its video-to-video (kinema.pipelines.travel_maps)
+    prompt_fixed_ratio, tensor_interpolation_slerp, prompt_loop
+                                      how a schedule blends (prompt travel's; its schedules default to 0.5, slerp and
+                                      circular); clip_skip: the CLIP layer, counted from the end
 
 Keys kinema has no use for (AnimateDiff's inference_config, controlnet_config; prompt travel's
-clip_skip, vae_path, img2img_map, region_map, ...) are accepted with one warning naming those set; any other
+vae_path, region_map, ...) are accepted with one warning naming those set; any other
 key is an error naming the nearest valid one. Relative paths resolve against the current folder, then the config
 file's folder. Everything is checked, model files included, before any model loads.
 
@@ -265,7 +269,7 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_folder: Path
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`(job data, entry keys as run)` of prompt travel's controlnet_map and ip_adapter_map
+    """`(job data, entry keys as run)` of prompt travel's controlnet_map, ip_adapter_map and img2img_map
     (kinema.pipelines.travel_maps): their images for the frames the entry makes (its L, else the model's default)."""
     from kinema.pipelines.travel_maps import controlnet_job_data, img2img_job_data, ip_adapter_job_data
 
@@ -379,8 +383,8 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     """The runs of one entry and the entry as run (its seeds the integers used)."""
     model, loras = _model_and_loras(entry)
     shared = _shared(entry)
-    travel = _travel_blend(entry, f"{where}, entry {name!r}", any(_given(entry, key) is not None
-                                                                 for key in SCHEDULE_KEYS))
+    shared.update(_travel_blend(entry, f"{where}, entry {name!r}", any(_given(entry, key) is not None
+                                                                      for key in SCHEDULE_KEYS)))
     try:
         travelled, travel_used = _travel_maps(entry, shared, config_folder)
     except KinemaError as err:
@@ -412,7 +416,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
         used_seeds: list[int] = []
         for module_index, module in enumerate(motion_modules):
             tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
-            data = {**shared, **travel, "prompt": schedule, "negative_prompt": negatives[0],
+            data = {**shared, "prompt": schedule, "negative_prompt": negatives[0],
                     "seed": used_seeds or seeds, "motion_module": module}
             made = job(data, "", f" (motion module {module_index + 1})" if tail else "")
             used_seeds = list(made.request.seeds)
@@ -440,7 +444,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
         words = _first_words(prompt)
         for module_index, module in enumerate(motion_modules):
             tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
-            data = {**shared, **travel, "prompt": prompt, "negative_prompt": negative, "motion_module": module,
+            data = {**shared, "prompt": prompt, "negative_prompt": negative, "motion_module": module,
                     "seed": used_seeds[prompt_index] if len(used_seeds) > prompt_index else seed}
             made = job(data, label, f" (motion module {module_index + 1})" if tail else "")
             if len(used_seeds) == prompt_index:

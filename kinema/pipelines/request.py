@@ -338,7 +338,7 @@ class GenerationRequest:
         ip_image: the image prompt of a model loaded with an IP-Adapter (a path, a PIL image or `(3, H, W)` in
             [0, 1], any size: CLIP's processor resizes and crops it); such a model needs one. A mapping
             `{frame: image}` makes it travel: each keyframe's image at its frame, the embeddings between blended as
-            a prompt schedule's text (`interpolation`), held before the first and after the last.
+            a prompt schedule's text (`interpolation`, `prompt_hold`, `prompt_loop`).
         control_video: the control images of a model loaded with a ControlNet (pose, depth or edge maps, ...): a
             video, animation, image or folder of frames, a list of image paths, or frames `(F, 3, H, W)` in [0, 1];
             one per frame of the video (or one image for all of them; SparseCtrl: one per keyframe), sized as the

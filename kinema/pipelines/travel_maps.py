@@ -1,4 +1,4 @@
-"""animatediff-cli-prompt-travel's `controlnet_map` and `ip_adapter_map`, read into kinema job data.
+"""animatediff-cli-prompt-travel's `controlnet_map`, `ip_adapter_map` and `img2img_map`, read into kinema job data.
 
 controlnet_map (prompt travel's config/prompts/prompt_travel.json):
 
@@ -20,6 +20,9 @@ ip_adapter_map: `{"enable": true, "input_image_dir": "ip_adapter_image/test", "s
 the images in that folder, named by frame number, are the image prompt (several: it travels) of h94/IP-Adapter's
 file the flags name, from the cache, prompt travel's `data/models/ip_adapter/models/`, or `"path"` (and
 `"image_encoder"`).
+
+img2img_map: `{"enable": true, "init_img_dir": "init_img/test", "denoising_strength": 0.7}`: the folder's frames,
+named by number, remade as video-to-video at that strength; every frame needs one.
 
 Where kinema differs from prompt travel: it steers every ControlNet with one start, end, guess mode and falloff, at
 the same keyframes (a config whose ControlNets differ there is one line, before anything loads); the ControlNet
@@ -84,13 +87,12 @@ _FRAME_NUMBER = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() takes "²" 
 def cached_hub_folder(repo: str, subfolder: str = "") -> str | None:
     """The local Hugging Face cache's folder of `repo` (its `subfolder`), where a config.json was downloaded; None
     when it is not there. Reads the cache only: nothing is fetched."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, f"{subfolder}/config.json" if subfolder else "config.json")
-    return str(Path(found).parent) if isinstance(found, str) else None
+    found = _cached_hub_file(repo, f"{subfolder}/config.json" if subfolder else "config.json")
+    return None if found is None else str(Path(found).parent)
 
 
 def _cached_hub_file(repo: str, filename: str) -> str | None:
+    """The local Hugging Face cache's copy of `repo`'s `filename`; None when it is not there."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo, filename)
@@ -260,7 +262,7 @@ def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> 
         return {}, used
     nets = {name: enabled[name] for name in keyframes}
     places = {name: list(images) for name, images in keyframes.items()}
-    if len({tuple(frames) for frames in places.values()}) > 1:
+    if len({tuple(frame_numbers) for frame_numbers in places.values()}) > 1:
         raise KinemaError("controlnet_map: kinema steers every ControlNet at the same keyframes, and these have "
                           f"images for other frames: {'; '.join(f'{name} {p}' for name, p in places.items())}; give "
                           "each the same frame numbers")

@@ -324,7 +324,8 @@ def test_an_image_prompt_schedule_blends_the_keyframes_embeddings_per_frame(sd_m
         torch.testing.assert_close(unprompted[frame], ((1 - t) * a[1] + t * b[1])[0], atol=1e-5, rtol=1e-5)
     window = seen[seen_before].unflatten(0, (2, 4))  # the first window: frames 0-3
     assert any(torch.allclose(side, prompted[:4], atol=1e-5) for side in window)
-    with pytest.raises(KinemaError, match=r"the image prompt has a keyframe at frame 7, which 6 frames do not reach"):
+    with pytest.raises(KinemaError, match=r"the image prompt has a keyframe at frame 7, which the video's 6 frames do "
+                                          r"not reach; make more frames"):
         generate(family, GenerationRequest(**{**vars(request), "ip_image": {"0": str(first), "7": str(second)}}),
                  progress=False)
     for bad, message in [({}, r"ip_image is an empty mapping"), ({"x": str(first)}, r"keyframe 'x' is not a frame "

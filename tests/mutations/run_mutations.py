@@ -232,8 +232,8 @@ MUTATIONS = (
     Mutation(
         "several ControlNets: only the last one's residuals count",
         "kinema/models/controlnet.py",
-        ((("            if total is None:\n                total = out\n",
-           "            if True:\n                total = out\n"),),),
+        ((("            if not total or not out:", "            if True:"),),
+         (("                total = total or out\n", "                total = out or total\n"),)),
         ("tests/pipelines/test_control_generation.py",),
     ),
     Mutation(
@@ -266,8 +266,8 @@ MUTATIONS = (
     Mutation(
         "a resumed run takes another run's saved latents",
         "kinema/pipelines/outputs.py",
-        ((("        differ.update(key for key in names if mine.get(key) != theirs.get(key))",
-           "        differ.update(key for key in names if False)"),),),
+        ((("        differ.update(key for key in names if mine.get(key) != theirs.get(key) and not (",
+           "        differ.update(key for key in names if False and not ("),),),
         ("tests/cli/test_generate_cli.py",),
     ),
     Mutation(
@@ -286,8 +286,7 @@ MUTATIONS = (
     Mutation(
         "a ControlNet's frame weights are not applied to the residuals of the frames it steers",
         "kinema/models/controlnet.py",
-        ((("        steered = weights[rows.to(weights.device)].to(mid)\n",
-           "        steered = weights[rows.to(weights.device)].to(mid).clamp(min=1)\n"),),),
+        ((("weights[rows].to(mid))\n", "weights[rows].to(mid).clamp(min=1))\n"),),),
         ("tests/loaders/test_controlnet.py", "tests/pipelines/test_control_generation.py"),
     ),
     Mutation(
