@@ -17,6 +17,7 @@ from loaders.test_stable_diffusion import (
     domain_adapter,
     kohya_lora,
     ldm_checkpoint,
+    ldm_vae_key,
     write_tokenizer,
 )
 from safetensors.torch import save_file
@@ -93,4 +94,35 @@ def write_domain_adapter(path: Path, unet: UNet2DConditionModel) -> dict[str, to
     state = domain_adapter(unet)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "animatediff_config": ""}, path)
+    return state
+
+
+_DEPRECATED_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def ldm_vae_state(vae: AutoencoderKL, prefix: str = "", training: bool = False) -> dict[str, torch.Tensor]:
+    """`vae`'s tensors under the original (LDM) names of a standalone VAE file, as stabilityai's
+    vae-ft-mse-840000-ema-pruned has them (its mid attention as 1x1 convolutions), under `prefix`; with `training`,
+    the entries of an unpruned training file too (the discriminator's `loss.*`, the EMA counters)."""
+    levels = len(vae.config.block_out_channels)
+    state = {}
+    for key, value in vae.state_dict().items():
+        name = ldm_vae_key(key, levels)
+        conv = ".mid.attn_1." in name and value.ndim == 2
+        state[prefix + name] = value[:, :, None, None].clone() if conv else value.clone()
+    if training:
+        state |= {f"{prefix}loss.logvar": torch.zeros(()), f"{prefix}loss.discriminator.main.0.weight":
+                  torch.ones(8, 3, 4, 4), "model_ema.decay": torch.tensor(0.9999),
+                  "model_ema.num_updates": torch.tensor(840000)}
+    return state
+
+
+def deprecated_vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """`vae`'s tensors under diffusers' names before 0.15 (the mid attention's query/key/value/proj_attn), which
+    older VAE folders and files still carry."""
+    state = {}
+    for key, value in vae.state_dict().items():
+        for new, old in _DEPRECATED_VAE_ATTENTION.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        state[key] = value.clone()
     return state

@@ -125,6 +125,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "negative_prompt": {"type": "string"},
         "model": {"type": "string", "description": "a bundled model's name, a name in --models-dir, or a path"},
         "motion_module": {"type": "string"},
+        "vae": {"type": "string", "description": "another VAE for an AnimateDiff model's own: an SD1.x VAE file or "
+                                                "AutoencoderKL folder"},
         "loras": {"type": "array", "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}]}},
         "ip_adapter": {"oneOf": [{"type": "string"}, {"type": "object", "properties": {
             "path": {"type": "string"}, "scale": {"type": "number", "minimum": 0}}}],

@@ -102,13 +102,14 @@ CONFIG_HELP = (
     "run a prompt config instead of PROMPT: AnimateDiff's configs/prompts YAML or an animatediff-cli-prompt-travel "
     "JSON/YAML file (docs/configs.md). Writes one subfolder of videos per prompt into -o OUT_DIR (default "
     "out/<config name>/) and OUT_DIR/config.yaml, the config with the seeds used, which makes the same videos again. "
-    "--steps, --frames, --height, --width, --guidance, --scheduler, --fps, --dtype, --tokenizer, --motion-scale, "
-    "--motion-effect, --timestep-spacing and --freeu apply to every entry (and are written into config.yaml); other "
-    "options belong in the file"
+    "--steps, --frames, --height, --width, --guidance, --scheduler, --fps, --dtype, --tokenizer, --vae, "
+    "--motion-scale, --motion-effect, --timestep-spacing and --freeu apply to every entry (and are written into "
+    "config.yaml); other options belong in the file"
 )
 # kinema generate --config: options set for every entry, as the config keys they become.
 CONFIG_OVERRIDES = {"steps": "steps", "frames": "L", "height": "H", "width": "W", "guidance": "guidance_scale",
                     "scheduler": "scheduler", "fps": "fps", "dtype": "dtype", "tokenizer": "tokenizer",
+                    "vae": "vae_path",
                     "motion_scale": "motion_scale", "motion_effect": "motion_effect",
                     "timestep_spacing": "timestep_spacing", "freeu": "freeu"}
 # ... and the options refused with --config (they belong in the file), with their defaults (what "not given" is).
@@ -349,6 +350,10 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
     group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
     group.add_argument("--tokenizer", help="for an SD1.5 single file, which holds none: an SD1.5 diffusers folder "
                                            "or CLIP tokenizer folder")
+    group.add_argument("--vae", metavar="PATH",
+                       help="another VAE for an SD model's own: an SD1.x VAE file (e.g. "
+                            "vae-ft-mse-840000-ema-pruned.safetensors, original or diffusers names) or an "
+                            "AutoencoderKL folder; it encodes the input images and decodes the video")
     if samples:
         group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
                            help="motion LoRA or SD1.5 image LoRA (AnimateDiff v3's domain adapter is one) at weight W "
@@ -605,6 +610,7 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
         setattr(args, key, value)
     _require_path(args.motion_module, "motion module")
     _require_path(args.tokenizer, "tokenizer")
+    _require_path(args.vae, "VAE")
     for path, _ in args.lora:
         _require_path(path, "LoRA file")
     if args.ip_adapter is not None:
@@ -654,12 +660,12 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
 def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
                        input_video: bool = False) -> None:
     """What the model folder cannot take, from its configs read once (`check_model_request`): the frame count, the
-    size, and a motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model."""
+    size, and a motion module, LoRA, tokenizer, FreeU or VAE given with an EasyAnimate model."""
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
                         ip_adapter=args.ip_adapter, controlnet=args.controlnet,
-                        clip_skip=getattr(args, "clip_skip", None) or 1)
+                        clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae)
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -952,7 +958,7 @@ def _load(args: argparse.Namespace) -> Any:
     family = load_family(args.model, motion_module=args.motion_module, loras=args.lora,
                          dtype=args.dtype or "float32", device="cpu" if offload else device, tokenizer=args.tokenizer,
                          ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
-                         controlnet=_one_or_list(args.controlnet))
+                         controlnet=_one_or_list(args.controlnet), vae=args.vae)
     if offload:
         family.offload_device = device
     return family

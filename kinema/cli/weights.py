@@ -53,8 +53,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("path", help="weights file, model folder or a bundled model's name (kinema-tiny)")
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
     inspect.add_argument("--model", metavar="MODEL",
-                         help="check a ControlNet, SparseCtrl or motion module against this SD model's UNet (a "
-                              "folder, or a bundled model's name) instead of Stable Diffusion 1.5's")
+                         help="check a ControlNet, SparseCtrl or motion module against this SD model's UNet, and a "
+                              "VAE against its VAE (a folder, or a bundled model's name), instead of Stable "
+                              "Diffusion 1.5's")
 
     convert = add_command(subparsers, "convert", run=run_convert, check=check_convert,
                           help="rewrite a motion module, motion LoRA or EasyAnimate transformer in another layout, "
@@ -99,7 +100,7 @@ def check_inspect(args: argparse.Namespace) -> None:
 
     if not os.path.lexists(args.path) and not is_bundled_name(args.path):
         raise KinemaError(f"no such file or folder: {args.path}")
-    args.unet_config = None
+    args.unet_config = args.vae_config = None
     if args.model is not None:
         from kinema.pipelines.load import unet_config_of
 
@@ -109,10 +110,12 @@ def check_inspect(args: argparse.Namespace) -> None:
                               "give one, or an AnimateDiff model's such as kinema-tiny-ad; a single file's UNet is "
                               "SD1.5's, which is the default")
         args.unet_config = unet_config_of(model)
+        if (model / "vae" / "config.json").is_file():
+            args.vae_config = unet_config_of(model, part="vae")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    """Print what the path holds (checked against --model's UNet when given)."""
+    """Print what the path holds (checked against --model's UNet and VAE when given)."""
     from kinema.bundled import resolve_model
     from kinema.cli.output import print_report
     from kinema.loaders.source import Source, describe_source
@@ -122,7 +125,8 @@ def run_inspect(args: argparse.Namespace) -> None:
 
         print_report(describe(args.path), args.json)
         return
-    report = describe_source(Source(resolve_model(args.path), {"unet_config": args.unet_config}))
+    report = describe_source(Source(resolve_model(args.path), {"unet_config": args.unet_config,
+                                                               "vae_config": args.vae_config}))
     widths = list(args.unet_config.get("block_out_channels", ()))
     if report.get("kind") == "motion_module" and report.get("channels") != widths:
         raise KinemaError(f"{args.path} is made for a UNet of widths {tuple(report['channels'])}, but {args.model}'s "

@@ -73,6 +73,9 @@ FORMATS: tuple[Format, ...] = (
     Format("sparsectrl", "AnimateDiff v3 SparseCtrl (RGB or scribble keyframe encoder)",
            describe="kinema.loaders.animatediff.sparsectrl:describe_sparsectrl",
            load="kinema.loaders.controlnet:load_controlnet_source"),
+    Format("image_vae", "Stable Diffusion 1.x VAE (original or diffusers single file, diffusers AutoencoderKL folder)",
+           describe="kinema.loaders.image_vae:describe_image_vae",
+           load="kinema.loaders.image_vae:load_image_vae_source"),
     # A ControlNet file of diffusers names has `controlnet_cond_embedding` tensors, which a SparseCtrl encoder has too;
     # this entry leaves a file with motion modules to the SparseCtrl entry above (and the motion module entry leaves
     # it to that one).

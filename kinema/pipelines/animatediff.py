@@ -60,6 +60,8 @@ class AnimateDiffFamily(VideoFamily):
         controlnet: a `kinema.models.controlnet.VideoControlNet` (or `VideoSparseControlNet`, or several in a
             `VideoMultiControlNet`) for `video_unet` (kinema.loaders.controlnet), if any: every run then takes
             control images.
+        vae_source: the file or folder `vae` was swapped in from, in place of the model's own (recorded in the
+            settings as "vae").
     """
 
     family = "animatediff"
@@ -72,7 +74,7 @@ class AnimateDiffFamily(VideoFamily):
     def __init__(self, video_unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, source: str | None = None,
                  vae_tiling: bool = False, decode_chunk: int = 16, *, motion_module: str | None = None,
                  loras: Sequence[tuple[str, float]] = (), world: PromptWorld | None = None,
-                 ip_adapter: Any = None, controlnet: Any = None) -> None:
+                 ip_adapter: Any = None, controlnet: Any = None, vae_source: str | None = None) -> None:
         if decode_chunk < 1:
             raise KinemaError(f"decode_chunk must be at least 1 frame, got {decode_chunk}")
         self.model = video_unet
@@ -88,6 +90,7 @@ class AnimateDiffFamily(VideoFamily):
         self.world = world
         self.ip_adapter = ip_adapter
         self.controlnet = controlnet
+        self.vae_source = vae_source
 
     @property
     def video_unet(self) -> Any:
@@ -184,6 +187,8 @@ class AnimateDiffFamily(VideoFamily):
         recorded = super().settings()
         if self.motion_module is not None:
             recorded["motion_module"] = self.motion_module
+        if self.vae_source is not None:
+            recorded["vae"] = self.vae_source
         if self.loras:
             recorded["loras"] = [{"path": path, "weight": weight} for path, weight in self.loras]
         if self.ip_adapter is not None:

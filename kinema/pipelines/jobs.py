@@ -72,7 +72,7 @@ REPORT_FILE = "report.json"
 JOB_OUTPUT_KIND = "job"
 VIDEO_SUFFIX = ".mp4"
 
-_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer", "ip_adapter", "image_encoder", "controlnet")
+_MODEL_KEYS = ("model", "motion_module", "loras", "tokenizer", "ip_adapter", "image_encoder", "controlnet", "vae")
 _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # "seed" is the friendlier spelling of "seeds"; "mode" is accepted so that job.settings() reads back (it must agree
 # with the mode the inputs give).
@@ -115,16 +115,17 @@ class Job:
     image_encoder: str | None = None
     # (path, scale), or a list of them: ControlNets that steer together, each with its own control video
     controlnet: tuple[str, float] | list[tuple[str, float]] | None = None
+    vae: str | None = None  # another VAE for an SD model's own
 
     def settings(self) -> dict[str, Any]:
-        """JSON-ready settings: model, motion_module, loras, tokenizer, ip_adapter, image_encoder, controlnet and
+        """JSON-ready settings: model, motion_module, loras, tokenizer, ip_adapter, image_encoder, controlnet, vae and
         `request.settings()` (seeds as used); `job_from_mapping` reads them back into the same job."""
         return {"model": self.model, "motion_module": self.motion_module,
                 "loras": [[path, weight] for path, weight in self.loras], "tokenizer": self.tokenizer,
                 "ip_adapter": None if self.ip_adapter is None else {"path": self.ip_adapter[0],
                                                                     "scale": self.ip_adapter[1]},
                 "image_encoder": self.image_encoder,
-                "controlnet": _scaled_settings(self.controlnet),
+                "controlnet": _scaled_settings(self.controlnet), "vae": self.vae,
                 **self.request.settings()}
 
     def model_key(self) -> tuple:
@@ -132,7 +133,7 @@ class Job:
         return (self.model, self.motion_module, tuple((path, weight) for path, weight in self.loras),
                 self.request.dtype or "float32", self.tokenizer, self.request.quantize, self.request.compile,
                 self.ip_adapter, self.image_encoder,
-                tuple(self.controlnet) if isinstance(self.controlnet, list) else self.controlnet)
+                tuple(self.controlnet) if isinstance(self.controlnet, list) else self.controlnet, self.vae)
 
 
 def _scaled_settings(files: tuple[str, float] | list[tuple[str, float]] | None) -> Any:
@@ -230,10 +231,10 @@ def model_shape(folder: Path) -> ModelShape | None:
 
 def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
                              config: Any = None, freeu: bool = False, ip_adapter: Any = None,
-                             controlnet: Any = None, clip_skip: int = 1) -> None:
-    """An EasyAnimate model brings its own motion layers, tokenizer and configs, and has no UNet: one KinemaError
-    line for a motion module, LoRA, tokenizer, config, FreeU, IP-Adapter or ControlNet given with one (they are for
-    Stable Diffusion 1.5 models)."""
+                             controlnet: Any = None, clip_skip: int = 1, vae: Any = None) -> None:
+    """An EasyAnimate model brings its own motion layers, tokenizer, configs and Slice VAE, and has no UNet: one
+    KinemaError line for a motion module, LoRA, tokenizer, config, FreeU, IP-Adapter, ControlNet or VAE given with
+    one (they are for Stable Diffusion 1.5 models)."""
     if motion_module is not None:
         raise KinemaError(f"{path} is an EasyAnimate model, which has its own motion layers: drop --motion-module "
                           "(motion modules are for Stable Diffusion 1.5 models)")
@@ -253,12 +254,15 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
     if clip_skip != 1:
         raise KinemaError(f"{path} is an EasyAnimate model, whose text encoder is not CLIP: clip_skip (--clip-skip) "
                           "is for AnimateDiff models; drop it")
+    if vae is not None:
+        raise KinemaError(f"{path} is an EasyAnimate model, whose Slice VAE encodes time as well as space: another "
+                          "VAE (--vae) is for AnimateDiff (SD1.5) models, which use an image VAE; drop it")
 
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
                         tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
-                        ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1) -> None:
+                        ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1, vae: Any = None) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
     motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose
@@ -272,7 +276,7 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
         check_size_multiple(height, width, shape.size_multiple, shape.why)
     if shape.family == "easyanimate":
         check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu,
-                                 ip_adapter=ip_adapter, controlnet=controlnet, clip_skip=clip_skip)
+                                 ip_adapter=ip_adapter, controlnet=controlnet, clip_skip=clip_skip, vae=vae)
 
 
 def check_sparsectrl_falloff(controlnets: Iterable[str | os.PathLike], falloff: Any) -> None:
@@ -604,7 +608,7 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
     """Build and check a Job from plain data (JSON body, JSONL line, YAML entry, web form).
 
     Keys (`JOB_KEYS`): model (default kinema-tiny), motion_module, loras ([[path, weight], ...] or [{"path": ...,
-    "weight": ...}]), tokenizer, and the GenerationRequest fields (prompt, negative_prompt, frames, height, width,
+    "weight": ...}]), tokenizer, vae, and the GenerationRequest fields (prompt, negative_prompt, frames, height, width,
     steps, guidance, scheduler, seeds, seed (int, list, or -1 for a random one), image, end_image, resize, video,
     strength, extend_frames, fps, context {...}, free_init (iterations, or {...}), freeu (true, or {b1, b2, s1,
     s2}), ...). Unset height/width/frames/steps/guidance/scheduler take the model's kinema.json defaults (as `kinema
@@ -636,6 +640,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         data["motion_module"], "motion_module", base, models_dir, "motion module")
     tokenizer = None if data.get("tokenizer") is None else _path(
         data["tokenizer"], "tokenizer", base, models_dir, "tokenizer")
+    vae = None if data.get("vae") is None else _path(data["vae"], "vae", base, models_dir, "VAE")
     loras = _loras(data.get("loras") or [], base, models_dir)
     from kinema.loaders.controlnet import check_controlnet_scale
     from kinema.loaders.ip_adapter import check_ip_adapter_scale
@@ -799,7 +804,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
                         freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet,
-                        clip_skip=request.clip_skip)
+                        clip_skip=request.clip_skip, vae=vae)
     # The control videos as files, each with its frame count: one file, the files of several ControlNets, or one
     # ControlNet's keyframe images (counted as one video of that many frames).
     videos: list[tuple[str, str]] = []
@@ -843,7 +848,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
                   else 10**9)
         parse_prompt_schedule(prompt, length, request.interpolation, request.prompt_hold, request.prompt_loop)
     return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer,
-               ip_adapter=ip_adapter, image_encoder=image_encoder, controlnet=controlnet)
+               ip_adapter=ip_adapter, image_encoder=image_encoder, controlnet=controlnet, vae=vae)
 
 
 # ---------------------------------------------------------------- running
@@ -882,7 +887,7 @@ class FamilyCache:
             family = load_family(job.model, motion_module=job.motion_module, loras=job.loras,
                                  dtype=job.request.dtype or "float32", device=self.device, tokenizer=job.tokenizer,
                                  ip_adapter=job.ip_adapter, image_encoder=job.image_encoder,
-                                 controlnet=job.controlnet)
+                                 controlnet=job.controlnet, vae=job.vae)
             self.loads += 1
             self._families[key] = family
             return family

@@ -103,13 +103,14 @@ def _lora_kind(path: Path) -> tuple[Any, str]:
     raise KinemaError(f"{path} is not a LoRA ({found}); --lora takes motion LoRAs and SD1.5 image LoRAs")
 
 
-def unet_config_of(model: Path, config: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The SD UNet's config (the folder's, or the single-file configs), reading no weights."""
+def unet_config_of(model: Path, config: str | os.PathLike | None = None, part: str = "unet") -> dict[str, Any]:
+    """The SD UNet's config (or another `part`'s: "vae"): the folder's, or the single-file configs; no weights
+    read."""
     from kinema.fileio import read_json_object
     from kinema.loaders.stable_diffusion import SD15_CONFIGS
 
     folder = model if model.is_dir() else Path(config) if config is not None else SD15_CONFIGS
-    return read_json_object(folder / "unet" / "config.json", "the UNet's config")
+    return read_json_object(folder / part / "config.json", f"the {'UNet' if part == 'unet' else part.upper()}'s config")
 
 
 def _checked_setting(where: Path, name: str, value: Any) -> None:
@@ -209,6 +210,7 @@ def load_family(
     ip_adapter: tuple[str | os.PathLike, float] | None = None,
     image_encoder: str | os.PathLike | None = None,
     controlnet: tuple[str | os.PathLike, float] | Sequence[tuple[str | os.PathLike, float]] | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> VideoFamily:
     """Load `model` for generation as its family's parts (`AnimateDiffFamily` or `EasyAnimateFamily`).
 
@@ -235,6 +237,9 @@ def load_family(
             (kinema.loaders.controlnet), whose control images then steer every run
             (`GenerationRequest.control_video`); or a list of such pairs, ControlNets that steer together (each with
             its own control video).
+        vae: SD models only: another VAE for the model's own (kinema.loaders.image_vae): an SD1.x VAE file in the
+            original or diffusers layout (e.g. vae-ft-mse-840000-ema-pruned.safetensors) or an AutoencoderKL folder,
+            checked to share the model's latent space before any weights load.
 
     Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
     see its names), for a missing path that is not a bundled model's name either (listing those), an unknown dtype,
@@ -269,13 +274,14 @@ def load_family(
         _existing(tokenizer, "tokenizer")
     image_prompt = None if ip_adapter is None else _image_prompt_files(ip_adapter, image_encoder)
     control = None if controlnet is None else _control_files(controlnet)
+    vae_path = None if vae is None else _existing(vae, "VAE")
     source, report = _describe(model_path, **({} if config is None else {"config": config}))
     kind = report["kind"]
     logger.info("%s: %s (%s)", model_path, kind, report.get("format", "kinema"))
 
     from kinema.pipelines.text_encoding import PromptWorld
 
-    named = _Named(recorded, None if world is None else PromptWorld(world))
+    named = _Named(recorded, None if world is None else PromptWorld(world), vae_path)
     if kind == "easyanimate_transformer":
         family = _easyanimate(source, model_path, torch_dtype, device, motion_path, checked_loras, tokenizer, config,
                               named, image_prompt, control)
@@ -312,6 +318,17 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
     return _ImagePromptFiles(source, check_ip_adapter_scale(scale), image_encoder_folder(adapter, encoder))
 
 
+def _vae_source(path: Path, model_vae_config: dict[str, Any]) -> Any:
+    """The described `Source` of another VAE for a model whose own VAE has `model_vae_config`: names and shapes
+    checked against that VAE, and a folder's latent space against the model's, before any weights load."""
+    source, report = _describe(path, vae_config=model_vae_config)
+    if report["kind"] != "image_vae":
+        raise _not_the_kind(path, "a VAE", report["kind"], "an SD1.5 VAE file (e.g. "
+                            "vae-ft-mse-840000-ema-pruned.safetensors) or an AutoencoderKL folder (its config.json "
+                            "and weights; of an SD folder, its vae/)")
+    return source
+
+
 def _control_files(controlnet: Any) -> list[tuple[Path, float]]:
     """Each ControlNet's path, checked to exist, and its scale, checked: `(path, scale)` or a list of such pairs
     (several steer together). Their weights are checked against the base UNet once that is known
@@ -337,6 +354,7 @@ class _Named:
 
     source: str
     world: Any
+    vae: Path | None = None  # another VAE for an SD model's own
 
 
 def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: Path | None,
@@ -347,7 +365,7 @@ def _easyanimate(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     from kinema.pipelines.jobs import check_easyanimate_extras
 
     check_easyanimate_extras(path, motion_module=motion_path, loras=loras, tokenizer=tokenizer, config=config,
-                             ip_adapter=image_prompt, controlnet=control)
+                             ip_adapter=image_prompt, controlnet=control, vae=named.vae)
     if not is_model_folder(path):
         raise KinemaError(f"{path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                           f"({', '.join(part + '/' for part in MODEL_PARTS)})")
@@ -385,6 +403,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         raise KinemaError(f"{motion_path} is made for a UNet of widths {tuple(motion_report['channels'])}, but "
                           f"{path}'s UNet has widths {widths}: use a motion module made for this base model")
     overrides = _folder_motion_overrides(path, motion_path, motion_report)
+    vae_source = None if named.vae is None else _vae_source(named.vae, unet_config_of(path, config, "vae"))
     control_sources = []  # kept, so the load reads nothing twice (a torch pickle is unpickled once)
     for control_path, _ in control or []:  # headers only, against this UNet's config: named before weights load
         control_source, control_report = _describe(control_path, unet_config=unet_config)
@@ -407,6 +426,9 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         if lora_kind in ("spatial", "both"):  # into the 2D weights, which inflating copies
             _load_described(lora_source, "image_lora", sd=components, strength=weight)
             logger.info("fused image LoRA %s at %g", lora_path, weight)
+    if vae_source is not None:
+        components.vae = _load_described(vae_source, "image_vae", vae_config=dict(components.vae.config))
+        logger.info("swapped in VAE %s", named.vae)
     video_unet = _load_described(motion_source, "motion_module", unet=components.unet, **overrides)
     logger.info("inflated the UNet with motion module %s (%s%s)", motion_path, motion_report.get("version"),
                 ", settings from kinema.json" if overrides else "")
@@ -449,7 +471,8 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     family = AnimateDiffFamily(video_unet, components.vae, components.text_encoder, components.tokenizer,
                                source=named.source, motion_module=str(motion_path),
                                loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world,
-                               ip_adapter=ip_adapter, controlnet=controlnet)
+                               ip_adapter=ip_adapter, controlnet=controlnet,
+                               vae_source=None if named.vae is None else str(named.vae))
     logger.info("loaded AnimateDiff model %s with %s: %d LoRAs, %s on %s", path, motion_path, len(loras),
                 str(dtype).removeprefix("torch."), device)
     return family

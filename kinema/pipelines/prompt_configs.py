@@ -19,6 +19,8 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
     steps, guidance_scale, scheduler, W / width, H / height, L / length, fps (or output: {fps})
     context (a length, or kinema's context settings {...}), overlap, stride     context windows
     tokenizer, dtype, name            kinema's: an SD1.5 single file's tokenizer, precision, the entry's name
+    vae_path                          another VAE for the model's own (prompt travel's; a file or AutoencoderKL
+                                      folder, kinema.loaders.image_vae)
     motion_scale, motion_effect, timestep_spacing, freeu   kinema's sampling settings (kinema generate's options;
                                       freeu: true, or {b1, b2, s1, s2})
     controlnet_path, controlnet_images, controlnet_image_indexs, normalize_condition_images
@@ -33,7 +35,7 @@ at the top (prompt-travel files). An entry's keys, in either spelling:
                                       circular); clip_skip: the CLIP layer, counted from the end
 
 Keys kinema has no use for (AnimateDiff's inference_config, controlnet_config; prompt travel's
-vae_path, region_map, ...) are accepted with one warning naming those set; any other
+region_map, ...) are accepted with one warning naming those set; any other
 key is an error naming the nearest valid one. Relative paths resolve against the current folder, then the config
 file's folder. Everything is checked, model files included, before any model loads.
 
@@ -75,11 +77,11 @@ ENTRY_KEYS: tuple[str, ...] = (
     "steps", "guidance_scale", "scheduler", "W", "H", "L", "width", "height", "length", "fps", "output", "context",
     "overlap", "stride", "dtype", "name", *_KINEMA_SAMPLING_KEYS, "controlnet_path", "controlnet_images",
     "controlnet_image_indexs", "normalize_condition_images", "controlnet_map", "ip_adapter_map", "prompt_fixed_ratio",
-    "tensor_interpolation_slerp", "img2img_map", "clip_skip", "prompt_loop")
+    "tensor_interpolation_slerp", "img2img_map", "clip_skip", "prompt_loop", "vae_path")
 # Keys of AnimateDiff and animatediff-cli-prompt-travel files that kinema accepts and ignores (with a warning).
 IGNORED_KEYS = (
     "inference_config", "controlnet_config", "compile",
-    "vae_path", "unet_batch_size",
+    "unet_batch_size",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode")
 # animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
@@ -88,7 +90,7 @@ SCHEDULER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "
 # prompt travel's defaults for its schedules (its settings.py): each prompt held half the way to the next, slerp.
 TRAVEL_HOLD, TRAVEL_SLERP = 0.5, True
 # Entry keys the command line may set for every entry (kinema generate --config --steps 4 ...).
-OVERRIDE_KEYS = ("steps", "L", "H", "W", "guidance_scale", "scheduler", "fps", "dtype", "tokenizer",
+OVERRIDE_KEYS = ("steps", "L", "H", "W", "guidance_scale", "scheduler", "fps", "dtype", "tokenizer", "vae_path",
                  *_KINEMA_SAMPLING_KEYS)
 _SIZE_KEYS = {"W": "width", "H": "height", "L": "length"}
 
@@ -228,7 +230,7 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The job data every prompt of the entry shares, besides model and prompts."""
     data: dict[str, Any] = {}
     for key, job_key in (("steps", "steps"), ("guidance_scale", "guidance"), ("fps", "fps"), ("dtype", "dtype"),
-                         ("clip_skip", "clip_skip"),
+                         ("clip_skip", "clip_skip"), ("vae_path", "vae"),
                          ("tokenizer", "tokenizer"), *((key, key) for key in _KINEMA_SAMPLING_KEYS)):
         if _given(entry, key) is not None:
             data[job_key] = entry[key]
@@ -459,7 +461,7 @@ def read_config(path: str | os.PathLike, *, overrides: Mapping[str, Any] | None 
     """Read and check the prompt config `path` into its runs (random seeds drawn now), without loading a model.
 
     `overrides` are entry keys (`OVERRIDE_KEYS`: steps, L, H, W, guidance_scale, scheduler, fps, dtype, tokenizer,
-    motion_scale, motion_effect, timestep_spacing, freeu)
+    vae_path, motion_scale, motion_effect, timestep_spacing, freeu)
     set on every entry, as `kinema generate --config --steps 4` does; they are recorded in `used`. Logs one
     warning naming the keys set that kinema ignores. Raises one KinemaError line for a malformed file (with line
     and column), an unknown key (naming the nearest valid one), a wrong value, or a missing file.

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import kinema
 from kinema.cli import build_parser, main
 from kinema.cli.generate import (
     CONTEXT_SCHEDULES,
@@ -232,6 +233,10 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", "--model", "nowhere"], "no such model file or folder: nowhere"),
         (["generate", "a cat", "--model", "sd", "--motion-module", "mm.ckpt"], "no such motion module: mm.ckpt"),
         (["generate", "a cat", *model, "--lora", "pan.safetensors:0.5"], "no such LoRA file: pan.safetensors"),
+        (["generate", "a cat", *model, "--vae", "vae.pt"], "no such VAE: vae.pt"),
+        (["generate", "a cat", "--vae", "weights.safetensors"],
+         f"{BUNDLED_TINY} is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE (--vae) "
+         "is for AnimateDiff (SD1.5) models, which use an image VAE; drop it"),
         (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be a finite number of at least 1 (1 turns "
                                                              "classifier-free guidance off), got 0.5"),
         (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
@@ -398,6 +403,7 @@ def test_help_has_an_example_and_imports_no_torch(tmp_path):
 
 # ---------------------------------------------------------------- end to end on tiny SD weights
 
+BUNDLED_TINY = Path(kinema.__file__).parent / "bundled" / "kinema-tiny"
 LUMA = np.array([0.299, 0.587, 0.114])  # BT.601 weights
 SMALL = ["--frames", "4", "--height", "32", "--width", "32", "--steps", "2", "--guidance", "3"]
 
@@ -418,6 +424,33 @@ def family(tiny_sd):
     from kinema.pipelines.load import load_family
 
     return load_family(tiny_sd[1], motion_module=tiny_sd[3])
+
+
+def test_another_vae_decodes_the_video_and_is_recorded(tiny_sd, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+    from loaders.test_stable_diffusion import TINY_VAE
+    from safetensors.torch import save_file
+    from tiny_models import perturb
+    from tiny_sd import ldm_vae_state
+
+    from kinema.data.video_io import read_sidecar
+    from kinema.pipelines.outputs import load_latents
+
+    torch.manual_seed(8)
+    other = perturb(AutoencoderKL(**TINY_VAE), 31).eval()
+    save_file(ldm_vae_state(other, training=True), tmp_path / "vae-ft-mse.safetensors")
+    vae = ["--vae", str(tmp_path / "vae-ft-mse.safetensors")]
+    assert main(["generate", "a red fox", "--seed", "4", *SMALL, *tiny_sd, *vae, "-o", str(tmp_path / "fox.mp4"),
+                 "--quiet"]) == 0
+    assert read_sidecar(tmp_path / "fox.mp4")["vae"] == vae[1]
+    latents, _ = load_latents(tmp_path / "fox.mp4.latents.safetensors")
+    assert main(["decode", str(tmp_path / "fox.mp4.latents.safetensors"), *tiny_sd, *vae, "-o",
+                 str(tmp_path / "frames")]) == 0
+    capsys.readouterr()
+    with torch.no_grad():  # the independent side: diffusers' VAE of the same weights on the saved latents
+        images = other.decode(latents[0].transpose(0, 1) / other.config.scaling_factor).sample
+    expected = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(png_frames(tmp_path / "frames").astype(int) - expected).max() <= 1
 
 
 def png_frames(folder: Path) -> np.ndarray:

@@ -369,6 +369,25 @@ MUTATIONS = (
            "guidance_rescale=rescale).view_as(guided)"),),),
         ("tests/sampling/test_sampling.py",),
     ),
+    Mutation(
+        "another VAE's old diffusers attention names are not renamed",
+        "kinema/loaders/image_vae.py",
+        ((("            bare = f\"{found[1]}.{_DEPRECATED_ATTENTION[found[2]]}.{found[3]}\"",
+           "            pass"),),),
+        ("tests/loaders/test_image_vae.py",),
+    ),
+    Mutation(
+        "the swapped VAE is checked but the model keeps its own",
+        "kinema/pipelines/load.py",
+        ((("        components.vae = _load_described(vae_source, ", "        _load_described(vae_source, "),),),
+        ("tests/pipelines/test_load.py",),
+    ),
+    Mutation(
+        "a VAE folder's scaling factor is not compared with the model's",
+        "kinema/loaders/image_vae.py",
+        ((("LATENT_SPACE = (\"latent_channels\", \"scaling_factor\")", "LATENT_SPACE = (\"latent_channels\",)"),),),
+        ("tests/loaders/test_image_vae.py", "tests/pipelines/test_load.py"),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

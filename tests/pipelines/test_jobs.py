@@ -75,6 +75,11 @@ def test_equal_settings_share_a_model_key_and_dtype_or_loras_make_another(tmp_pa
     assert job_from_mapping({**sd, "loras": [[str(lora), 0.5]]}).loras == with_lora.loras
     with pytest.raises(KinemaError, match="is an EasyAnimate model: --lora is for AnimateDiff"):
         job_from_mapping({"prompt": "a cat", "loras": [[str(lora), 0.5]]})  # kinema-tiny, refused before it loads
+    with_vae = job_from_mapping({**sd, "vae": "style.safetensors"}, base=tmp_path)  # exists: load_family checks it
+    assert with_vae.vae == str(lora) and with_vae.model_key() != job_from_mapping(sd).model_key()
+    assert job_from_mapping(with_vae.settings()).model_key() == with_vae.model_key()
+    with pytest.raises(KinemaError, match="is an EasyAnimate model, whose Slice VAE encodes time as well"):
+        job_from_mapping({"prompt": "a cat", "vae": str(lora)})
 
 
 def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):

@@ -11,6 +11,7 @@ from diffusers import PNDMScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from tiny_easyanimate import source_model, v3_config, v3_state, write_full_folder, write_transformer
 from tiny_sd import (
+    ldm_vae_state,
     tiny_sd_parts,
     write_kohya_lora,
     write_motion_lora,
@@ -46,7 +47,28 @@ def files(tmp_path_factory):
         "sdxl_module": write_motion_module(root / "mm_4_levels.safetensors", "v2", widths=(32, 64, 64, 64)),
         "easyanimate": write_transformer(root / "easyanimate", v3_state(source_model()), v3_config()).parent,
         "root": root,
+        "other_vae": other_vae(root),
     }
+
+
+def other_vae(root):
+    """Another VAE for the tiny SD model, as a standalone original-layout file (vae-ft-mse's layout), and a folder of
+    it whose config says SDXL's latent space."""
+    from diffusers import AutoencoderKL
+    from loaders.test_stable_diffusion import TINY_VAE
+    from safetensors.torch import save_file
+    from tiny_models import perturb
+
+    torch.manual_seed(4)
+    vae = perturb(AutoencoderKL(**TINY_VAE), 21).eval()
+    save_file(ldm_vae_state(vae, training=True), root / "vae-ft.safetensors")
+    vae.register_to_config(scaling_factor=0.13025)
+    vae.save_pretrained(root / "sdxl-vae")
+    deeper = AutoencoderKL(**{**TINY_VAE, "block_out_channels": (32, 64, 64), "down_block_types": (
+        "DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3})
+    save_file(ldm_vae_state(deeper), root / "deeper.safetensors")
+    return {"model": vae, "file": root / "vae-ft.safetensors", "sdxl_folder": root / "sdxl-vae",
+            "deeper_file": root / "deeper.safetensors"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,6 +138,22 @@ def test_folder_motion_module_and_loras_equal_loading_the_pieces_by_hand(files, 
         x = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(family.model(x, 10, text), video(x, 10, text), rtol=1e-5, atol=1e-5)
+
+
+def test_another_vae_replaces_the_models_own_and_is_recorded(files, plain):
+    swapped = load_family(files["folder"], motion_module=files["motion_module"], vae=files["other_vae"]["file"])
+    assert_same_weights(swapped.vae, files["other_vae"]["model"])
+    assert_same_weights(swapped.model, plain.model) and assert_same_weights(swapped.text_encoder, plain.text_encoder)
+    assert swapped.vae.config.scaling_factor == plain.vae.config.scaling_factor  # the model's latent space
+    assert swapped.settings()["vae"] == str(files["other_vae"]["file"]) and "vae" not in plain.settings()
+    latents = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        frames = swapped.decode(latents)
+        reference = files["other_vae"]["model"].decode(latents[0].transpose(0, 1) / 0.18215).sample
+    torch.testing.assert_close(frames[0], (reference / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    single = load_family(files["single"], motion_module=files["motion_module"], tokenizer=files["folder"],
+                         config=files["configs"], vae=files["other_vae"]["file"])
+    assert_same_weights(single.vae, files["other_vae"]["model"])
 
 
 def test_one_file_of_an_image_and_a_motion_lora_applies_both(files, tmp_path):
@@ -247,6 +285,20 @@ BAD = {
                                        "--motion-module"),
     "LoRA with EasyAnimate": (lambda f: ((f["easyanimate"],), {"loras": [(f["kohya"], 1.0)]}),
                               "is an EasyAnimate model: --lora is for AnimateDiff"),
+    "missing VAE": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                "vae": f["root"] / "vae.pt"}), r"VAE .*vae.pt does not exist"),
+    "VAE of another latent space": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                                "vae": f["other_vae"]["sdxl_folder"]}),
+                                    r"sdxl-vae: its scaling_factor is 0.13025 and the model's VAE's 0.18215, so it "
+                                    "works in another latent space"),
+    "VAE for another model": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                          "vae": f["other_vae"]["deeper_file"]}),
+                              r"deeper.safetensors: 26 tensors have no place in the VAE \(e.g. decoder.up.2.block"),
+    "model as VAE": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"], "vae": f["motion_module"]}),
+                     r"mm_v2.safetensors is not a VAE \(it is: AnimateDiff motion module"),
+    "VAE with EasyAnimate": (lambda f: ((f["easyanimate"],), {"vae": f["other_vae"]["file"]}),
+                             "is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE "
+                             r"\(--vae\) is for AnimateDiff"),
     "EasyAnimate transformer alone": (lambda f: ((f["easyanimate"],), {}),
                                       "is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                                       r"\(transformer/, vae/"),

@@ -144,13 +144,13 @@ def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_
 
 def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    touch(tmp_path, "zoom.ckpt", "style.safetensors")
+    touch(tmp_path, "zoom.ckpt", "style.safetensors", "share/VAE/vae-ft-mse.safetensors", "other-vae.ckpt")
     config = write(tmp_path / "travel.json", {
         "name": "travel", "path": "kinema-tiny-ad", "seed": [4, 5], "scheduler": "k_euler_a", "steps": 2,
         "guidance_scale": 3, "head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"},
         "tail_prompt": "moving right", "n_prompt": ["noise"], "lora_map": {"style.safetensors": 0.7},
         "motion_lora_map": {"zoom.ckpt": 1.0}, "context": 8, "overlap": 2, "output": {"format": "mp4", "fps": 12},
-        "clip_skip": 2, "L": 8})
+        "clip_skip": 2, "L": 8, "vae_path": "share/VAE/vae-ft-mse.safetensors"})
     [run] = read_config(config).runs
     assert run.job.request == GenerationRequest(
         prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
@@ -160,6 +160,9 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
         clip_skip=2)
     assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
     assert run.folder == "01-travel"
+    assert run.job.vae == str(tmp_path / "share/VAE/vae-ft-mse.safetensors") == run.job.settings()["vae"]
+    [other] = read_config(config, overrides={"vae_path": "other-vae.ckpt"}).runs  # kinema generate --config --vae
+    assert other.job.vae == str(tmp_path / "other-vae.ckpt")
     [linear] = read_config(write(tmp_path / "linear.json", {**json.loads(config.read_text()), "prompt_fixed_ratio": 0,
                                                             "tensor_interpolation_slerp": False})).runs
     assert (linear.job.request.interpolation, linear.job.request.prompt_hold) == ("linear", 0.0)
@@ -179,6 +182,7 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
                                                         "keyframe a prompt is held"),
                             ({"prompt_fixed_ratio": "0.5"}, "prompt_fixed_ratio is the share"),
                             ({"tensor_interpolation_slerp": "yes"}, "tensor_interpolation_slerp must be true or false"),
+                            ({"vae_path": "share/VAE/gone.pt"}, "no such VAE: share/VAE/gone.pt"),
                             ({"prompt_fixed_ratio": 0.3, "ip_adapter_map": {"enable": True, "prompt_fixed_ratio": 0.5}},
                              "ip_adapter_map.prompt_fixed_ratio 0.5 differs from the prompts' 0.3")]:
         with pytest.raises(KinemaError, match=message):
