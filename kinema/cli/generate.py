@@ -951,9 +951,10 @@ def _load(args: argparse.Namespace) -> Any:
     from kinema.pipelines.load import load_family
 
     device = resolve_device(args.device)
-    if getattr(args, "quantize", None) is not None and device.type != "cpu":
-        raise KinemaError(f"--quantize {args.quantize} runs on the CPU only (torch's dynamic int8 kernels), and "
-                          f"--device is {device}: drop --quantize, or give --device cpu")
+    if getattr(args, "quantize", None) is not None:
+        from kinema.models.optimize import check_int8_device
+
+        check_int8_device(args.quantize, device)
     offload = getattr(args, "offload", False) and device.type != "cpu"
     family = load_family(args.model, motion_module=args.motion_module, loras=args.lora,
                          dtype=args.dtype or "float32", device="cpu" if offload else device, tokenizer=args.tokenizer,

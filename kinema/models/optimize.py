@@ -135,6 +135,15 @@ def int8_layers(model: nn.Module, min_features: int = MIN_INT8_FEATURES) -> list
     return [name for name, layer in model.named_modules() if isinstance(layer, nn.Linear) and name not in kept]
 
 
+def check_int8_device(mode: str, *devices: torch.device) -> None:
+    """One KinemaError line unless every device is the CPU: torch's dynamic int8 kernels (fbgemm's / qnnpack's) run
+    there only. Checked before a model loads (`kinema generate --device`) and again on the model itself."""
+    elsewhere = sorted({str(device) for device in devices if torch.device(device).type != "cpu"})
+    if elsewhere:
+        raise KinemaError(f"--quantize {mode} runs on the CPU only (torch's dynamic int8 kernels), and --device is "
+                          f"{', '.join(elsewhere)}: drop --quantize, or give --device cpu")
+
+
 def quantize_model(model: ModelT, mode: str = "int8", *, min_features: int = MIN_INT8_FEATURES) -> ModelT:
     """Dynamic int8 quantisation of `model`'s Linear layers, in place; returns the model (the same object).
 
@@ -152,10 +161,7 @@ def quantize_model(model: ModelT, mode: str = "int8", *, min_features: int = MIN
     if floats - {torch.float32}:
         raise KinemaError(f"int8 quantisation needs a float32 model, this one is {sorted(map(str, floats))}: load it "
                           "in float32 (drop --dtype) to use --quantize int8")
-    devices = {p.device.type for p in model.parameters()}
-    if devices - {"cpu"}:
-        raise KinemaError(f"int8 quantisation runs on the CPU only, the model is on {sorted(devices)}: drop "
-                          "--quantize or run on the CPU")
+    check_int8_device(mode, *{p.device for p in model.parameters()})
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     names = int8_layers(model, min_features)

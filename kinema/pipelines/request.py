@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError, shorten
-from kinema.sampling.prompt_travel import INTERPOLATIONS, check_prompt_hold
+from kinema.sampling.prompt_travel import INTERPOLATIONS, check_prompt_hold, frame_number
 from kinema.sampling.schedulers import check_timestep_spacing
 
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
@@ -121,9 +120,6 @@ class FreeUSettings:
                                   "that part as trained; to turn FreeU off, leave it unset)")
 
 
-_FRAME_KEY = re.compile(r"[0-9]{1,9}")  # ASCII digits (str.isdigit() takes "³" too), short of int()'s limits
-
-
 def check_image_keyframes(ip_image: Any, frames: int, fix: str) -> None:
     """One KinemaError line when an image prompt schedule has a keyframe the video's `frames` do not reach (`fix`:
     the front end's way to more frames)."""
@@ -143,15 +139,15 @@ def image_prompt_keyframes(ip_image: Any) -> list[tuple[int, Any]] | None:
                           "{\"0\": \"a.png\", \"16\": \"b.png\"}")
     keyframes: dict[int, Any] = {}
     for key, image in ip_image.items():
-        text = str(key).strip() if isinstance(key, str | int) and not isinstance(key, bool) else ""
-        if not _FRAME_KEY.fullmatch(text):
+        frame = frame_number(key)
+        if frame is None or frame < 0:
             raise KinemaError(f"ip_image keyframe {key!r} is not a frame number; keys are whole frame numbers from 0 "
                               "like \"0\" or \"16\"")
-        if int(text) in keyframes:
-            raise KinemaError(f"ip_image names frame {int(text)} twice; give each keyframe once")
+        if frame in keyframes:
+            raise KinemaError(f"ip_image names frame {frame} twice; give each keyframe once")
         if image is None:
             raise KinemaError(f"ip_image keyframe {key!r} has no image")
-        keyframes[int(text)] = image
+        keyframes[frame] = image
     return sorted(keyframes.items(), key=lambda pair: pair[0])
 
 

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError, shorten
+from kinema.sampling.prompt_travel import frame_number
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ IMG2IMG_KEYS = ("enable", "init_img_dir", "save_init_image", "denoising_strength
 IP_ADAPTER_REPO = "h94/IP-Adapter"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DIGITS = "0123456789"
-_FRAME_NUMBER = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() takes "²" and "٣" too
 
 
 def cached_hub_folder(repo: str, subfolder: str = "") -> str | None:
@@ -140,12 +139,13 @@ def numbered_images(folder: Path, suffixes: tuple[str, ...] = (".png",)) -> dict
             if path.is_file():
                 skipped.append(path.name)
             continue
-        if not _FRAME_NUMBER.fullmatch(path.stem):
+        frame = frame_number(path.stem)  # the name starts with a digit, so no sign
+        if frame is None:
             raise KinemaError(f"{path}: images here are named by their frame number (0016.png for frame 16); "
                               "rename it")
-        if int(path.stem) in found:
-            raise KinemaError(f"{path} and {found[int(path.stem)]} are both frame {int(path.stem)}; keep one")
-        found[int(path.stem)] = path
+        if frame in found:
+            raise KinemaError(f"{path} and {found[frame]} are both frame {frame}; keep one")
+        found[frame] = path
     if skipped:
         logger.warning("%s: %s left out (images here are %s files named by frame number, 0016.png)", folder,
                        shorten(", ".join(skipped), 200), " or ".join(suffixes))

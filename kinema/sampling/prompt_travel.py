@@ -26,7 +26,8 @@ INTERPOLATIONS = ("linear", "slerp")
 HEAD_TAIL_FIELDS = ("head_prompt", "prompt_map", "tail_prompt")
 # Token vectors closer in direction than this are blended linearly: slerp's sin(omega) divisor loses all precision.
 SLERP_PARALLEL_DOT = 0.9995
-_INTEGER = re.compile(r"[+-]?\d+")
+# ASCII digits (str.isdigit() and \d take "³" and "٣" too), few enough for int() and any frame count.
+_FRAME_NUMBER = re.compile(r"[+-]?[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,20 @@ def schedule_json(text: str, what: str = "prompt schedule", example: str = '{"0"
                           f"{error.colno}); write it like {example}") from None
 
 
-def _frame_index(key: Any) -> int:
+def frame_number(key: Any) -> int | None:
+    """A keyframe's frame number from an int or its text (as JSON and YAML keys and numbered file names give it),
+    signed; None for anything else (bools, other digits than ASCII's, other text)."""
     if isinstance(key, int) and not isinstance(key, bool):
         return key
-    if isinstance(key, str) and _INTEGER.fullmatch(key.strip()):
+    if isinstance(key, str) and _FRAME_NUMBER.fullmatch(key.strip()):
         return int(key.strip())
+    return None
+
+
+def _frame_index(key: Any) -> int:
+    frame = frame_number(key)
+    if frame is not None:
+        return frame
     raise KinemaError(f"prompt schedule key {key!r} is not a frame index; keys are whole frame numbers like "
                       '"0" or "16"')
 

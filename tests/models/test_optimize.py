@@ -215,6 +215,11 @@ def test_int8_refuses_what_it_cannot_run(bundled_dit):
         quantize_model(bundled_dit, "int4")
     with pytest.raises(KinemaError, match="needs a float32 model"):
         quantize_model(bundled_dit.to(torch.bfloat16))
+    with torch.device("meta"):  # not the CPU, as a GPU is not: the int8 kernels are CPU-only
+        elsewhere = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(KinemaError, match=r"^--quantize int8 runs on the CPU only \(torch's dynamic int8 kernels\), "
+                                          r"and --device is meta: drop --quantize, or give --device cpu$"):
+        quantize_model(elsewhere)
 
 
 def test_generate_runs_end_to_end_on_an_int8_model():

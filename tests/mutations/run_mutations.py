@@ -305,7 +305,7 @@ MUTATIONS = (
     Mutation(
         "prompt travel's control images are placed in name order, not at their frame numbers",
         "kinema/pipelines/travel_maps.py",
-        ((("        found[int(path.stem)] = path\n", "        found[len(found)] = path\n"),),),
+        ((("        found[frame] = path\n", "        found[len(found)] = path\n"),),),
         ("tests/pipelines/test_travel_maps.py",),
     ),
     Mutation(

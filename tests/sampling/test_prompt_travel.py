@@ -52,6 +52,8 @@ def test_plain_prompt_and_empty_head_tail_parts():
     ({"0": "a", "1.5": "b"}, 16, "key '1.5' is not a frame index"),
     ({"0": "a", "later": "b"}, 16, "key 'later' is not a frame index"),
     ({0: "a", 2.0: "b"}, 16, "key 2.0 is not a frame index"),
+    ({"0": "a", "\u0663": "b"}, 16, "key '\u0663' is not a frame index"),  # Arabic-Indic 3: int() reads it, we do not
+    ({"0": "a", True: "b"}, 16, "key True is not a frame index"),
     ({"0": "a", "4": "  "}, 16, "the prompt for frame 4 is empty"),
     ({"0": 3}, 16, "the prompt for frame 0 is int, not text"),
     ("   ", 16, "the prompt is empty"),
