@@ -678,7 +678,11 @@ def _apply_speed(args: argparse.Namespace) -> None:
 
     settings = {key for preset in (SPEED_PRESETS, CPU_WITHOUT_BFLOAT16) for values in preset.values() for key in values}
     given = {key: getattr(args, key) for key in settings if getattr(args, key) is not None}
-    chosen = chosen_settings(args.speed, given, resolve_device(args.device))  # bfloat16 where the device has it
+    try:
+        device = resolve_device(args.device)
+    except KinemaError:  # a device this machine lacks: the run refuses it before loading, as it does without --speed
+        return
+    chosen = chosen_settings(args.speed, given, device)  # bfloat16 where the device has it
     for key, value in chosen.items():
         setattr(args, key, value)
     args.speed_line = describe_speed(args.speed, chosen)

@@ -678,6 +678,9 @@ def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(tmp_path
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     monkeypatch.setattr(kinema.pipelines.load, "load_family", lambda *a, **k: pytest.fail("loaded"))
-    assert main(["generate", "a cat", "--device", "cuda", "-o", str(tmp_path / "cat.mp4")]) == 1
-    assert capsys.readouterr().err.strip() == ("kinema generate: error: device cuda: this torch is built for the CPU "
-                                               "only; use --device cpu (or auto)")
+    for speed in ([], ["--speed", "fast"]):  # --speed asks the device what it runs fast, and still fails alike
+        assert main(["generate", "a cat", "--device", "cuda", *speed, "-o", str(tmp_path / "cat.mp4")]) == 1
+        printed = capsys.readouterr()
+        assert printed.err.strip() == ("kinema generate: error: device cuda: this torch is built for the CPU only; use "
+                                       "--device cpu (or auto)") and printed.out == ""
+    assert not list(tmp_path.iterdir())
