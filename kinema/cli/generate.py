@@ -281,8 +281,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     _add_sampling_options(generate)
     _add_context_options(generate)
     generate.add_argument("--print-schedule", action="store_true",
-                          help="print which prompt each frame gets (a prompt schedule's blend per frame) and exit "
-                               "without loading a model")
+                          help="print which prompt each frame gets (a prompt schedule's blend per frame), and "
+                               "which image prompt for --ip-image {frame: image}, and exit without loading a model")
     _add_output_options(generate, latents=True)
 
     v2v = add_command(
@@ -833,6 +833,20 @@ def _schedule(args: argparse.Namespace) -> Any:
     return parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
 
 
+def _image_schedule(args: argparse.Namespace) -> Any:
+    """The image prompt schedule of --ip-image {frame: image} as a `PromptSchedule` of the images' paths, blended as
+    the prompts are (`VideoFamily.image_prompt_frames`); None for one image or none."""
+    from kinema.pipelines.request import check_image_keyframes, image_prompt_keyframes
+    from kinema.sampling.prompt_travel import PromptSchedule
+
+    keyframes = image_prompt_keyframes(getattr(args, "ip_image", None))
+    if keyframes is None:
+        return None
+    check_image_keyframes(args.ip_image, args.frames, "make more frames (--frames)")
+    return PromptSchedule(tuple((frame, str(image)) for frame, image in keyframes), args.interpolation,
+                          args.prompt_hold, args.prompt_loop)
+
+
 def check_generate(args: argparse.Namespace) -> None:
     """Bad usage of `kinema generate`, refused before any heavy import."""
     if args.config is not None:
@@ -845,6 +859,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if args.print_schedule:  # no model is read: --frames or the library's default
         args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
         _schedule(args)
+        _image_schedule(args)
         return
     if args.end_image is not None and args.image is None:
         raise KinemaError("--end-image needs --image (the first frame) too")
@@ -1036,6 +1051,10 @@ def run_generate(args: argparse.Namespace) -> None:
         from kinema.sampling.prompt_travel import schedule_table
 
         print(schedule_table(_schedule(args), args.frames))
+        images = _image_schedule(args)
+        if images is not None:
+            print("image prompt:")
+            print(schedule_table(images, args.frames))
         return
     _generate_and_write(args, args.request, latents=True)
 

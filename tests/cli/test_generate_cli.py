@@ -179,6 +179,15 @@ def test_print_schedule_needs_no_model(capsys):
     assert capsys.readouterr().out.splitlines() == [
         'frames 0-2: "a cat"', 'frame 3: 0.75 "a cat" -> 0.25 "a dog"', 'frame 4: 0.50 "a cat" -> 0.50 "a dog"',
         'frame 5: 0.25 "a cat" -> 0.75 "a dog"', 'frames 6-7: "a dog"']
+    images = ["--ip-image", '{"0": "cat.png", "4": "dog.png"}', "--prompt-hold", "0.5"]  # blended as the prompts
+    assert main(["generate", '{"0": "a cat", "4": "a dog"}', "--frames", "6", "--print-schedule", *images]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        'frames 0-2: "a cat"', 'frame 3: 0.50 "a cat" -> 0.50 "a dog"', 'frames 4-5: "a dog"', "image prompt:",
+        'frames 0-2: "cat.png"', 'frame 3: 0.50 "cat.png" -> 0.50 "dog.png"', 'frames 4-5: "dog.png"']
+    assert main(["generate", "a cat", "--frames", "4", "--print-schedule", "--ip-image", '{"0": "a.png", "4": '
+                 '"b.png"}']) == 2
+    assert "the image prompt has a keyframe at frame 4, which the video's 4 frames do not reach; make more frames " \
+           "(--frames), or move the keyframe" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- usage errors, in a fresh interpreter
