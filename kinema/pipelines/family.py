@@ -222,11 +222,12 @@ class VideoFamily:
                 {"ip_image_embeds": uncond.expand(videos, *uncond.shape[1:])})
 
     def image_prompt_frames(self, images: Sequence[torch.Tensor], places: Sequence[int], frames: int, videos: int,
-                            interpolation: str = "linear", hold: float = 0.0, loop: bool = False
-                            ) -> tuple[Conditioning, Conditioning]:
+                            interpolation: str = "linear", hold: float = 0.0, loop: bool = False,
+                            window: range | None = None) -> tuple[Conditioning, Conditioning]:
         """`(cond, uncond)` with `ip_image_frame_embeds` `(videos, F, ...)`: the image prompts `(3, H, W)` in [0, 1]
-        at the keyframes `places` (ascending), their embeddings blended per frame as a prompt schedule blends text
-        (kinema.sampling.prompt_travel's `PromptSchedule`: `interpolation`, `hold` and `loop`)."""
+        at the keyframes `places` (ascending) of a video of `frames` frames, their embeddings blended per frame as a
+        prompt schedule blends text (kinema.sampling.prompt_travel's `PromptSchedule`: `interpolation`, `hold` and
+        `loop`); with `window`, only those frames (F = len(window): a continuation segment's)."""
         from kinema.sampling.prompt_travel import PromptSchedule, interpolate_states
 
         self.check_image_prompt(True)
@@ -236,8 +237,8 @@ class VideoFamily:
                                   interpolation, hold, loop)
 
         def per_frame(embeds: torch.Tensor) -> torch.Tensor:  # (K, 1, D) or (K, 1, T, W) -> (videos, F, ...)
-            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames)
-            return blended.reshape(frames, *embeds.shape[1:])[None].expand(videos, *[-1] * embeds.ndim)
+            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames, window)
+            return blended.reshape(len(blended), *embeds.shape[1:])[None].expand(videos, *[-1] * embeds.ndim)
 
         return {"ip_image_frame_embeds": per_frame(cond)}, {"ip_image_frame_embeds": per_frame(uncond)}
 

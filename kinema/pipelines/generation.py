@@ -200,11 +200,21 @@ class _Text:
     table: str | None = None
 
 
+@dataclass(frozen=True)
+class _Span:
+    """Where a clip lies in the video it is part of (a continuation's segment): its first frame, and the whole
+    video's frames, over which the prompt and image prompt schedules run."""
+
+    first: int
+    total: int
+
+
 def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, latent_frames: int,
-                 pixel_frames: int) -> _Text:
+                 pixel_frames: int, span: _Span | None = None) -> _Text:
     """Encode the prompt (or each keyframe prompt of a schedule, interpolated per latent frame) and the negative
-    prompt, one row per video; with an IP-Adapter, the image prompt joins both sides."""
-    text = _encode_prompts(family, request, videos, latent_frames, pixel_frames)
+    prompt, one row per video; with an IP-Adapter, the image prompt joins both sides. With `span`, the clip is the
+    frames of a longer video there, and the schedules run over that video."""
+    text = _encode_prompts(family, request, videos, latent_frames, pixel_frames, span)
     if request.ip_image is None:
         return text
     keyframes = image_prompt_keyframes(request.ip_image)
@@ -212,25 +222,31 @@ def _encode_text(family: VideoFamily, request: GenerationRequest, videos: int, l
         cond, uncond = family.image_prompt(_read_image(request.ip_image, "the image prompt")[None], videos)
     else:
         images = [_read_image(image, f"the image prompt of frame {frame}") for frame, image in keyframes]
-        cond, uncond = family.image_prompt_frames(images, [frame for frame, _ in keyframes], latent_frames, videos,
-                                                  request.interpolation, request.prompt_hold, request.prompt_loop)
+        # An IP-Adapter is an AnimateDiff model's, whose latent frames are its frames.
+        frames, window = (latent_frames, None) if span is None else (
+            span.total, range(span.first, span.first + latent_frames))
+        cond, uncond = family.image_prompt_frames(images, [frame for frame, _ in keyframes], frames, videos,
+                                                  request.interpolation, request.prompt_hold, request.prompt_loop,
+                                                  window)
     return _Text({**text.cond, **cond}, None if text.uncond is None else {**text.uncond, **uncond}, text.table)
 
 
 def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int, latent_frames: int,
-                    pixel_frames: int) -> _Text:
+                    pixel_frames: int, span: _Span | None = None) -> _Text:
     skip = request.clip_skip
     uncond = family.encode_text([request.negative_prompt] * videos, skip) if request.guidance != 1 else None
     if isinstance(request.prompt, str):
         return _Text(family.encode_text([request.prompt] * videos, skip), uncond)
     from kinema.sampling.prompt_travel import interpolate_states, parse_prompt_schedule, schedule_table
 
-    schedule = parse_prompt_schedule(request.prompt, pixel_frames, request.interpolation, request.prompt_hold,
+    total = pixel_frames if span is None else span.total
+    schedule = parse_prompt_schedule(request.prompt, total, request.interpolation, request.prompt_hold,
                                      request.prompt_loop)
     keyframes = family.encode_text(schedule.prompts(), skip)
     states = keyframes[family.text_key]
     assert states is not None
-    per_frame = interpolate_states(states, schedule, pixel_frames)  # (F, L, D)
+    window = None if span is None else range(span.first, span.first + pixel_frames)
+    per_frame = interpolate_states(states, schedule, total, window)  # (F, L, D)
     if latent_frames != pixel_frames:  # the VAE merges frames in time: each latent frame takes its middle frame's
         index = torch.linspace(0, pixel_frames - 1, latent_frames).round().long()
         per_frame = per_frame[index]
@@ -242,7 +258,7 @@ def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int
         negative = uncond[family.text_key]
         assert negative is not None
         uncond = {**uncond, family.text_key: negative[:, None].expand(-1, latent_frames, -1, -1).contiguous()}
-    return _Text(cond, uncond, schedule_table(schedule, pixel_frames))
+    return _Text(cond, uncond, schedule_table(schedule, total))
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -593,7 +609,6 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
     """Append segments to `start` `(B, F0, 3, H, W)` until the video has `total` frames; returns (frames, last
     segment's latents, segments)."""
     batch = start.shape[0]
-    prompt_at = _prompt_at(request.prompt, total)
     overlap = request.overlap_frames
     if overlap is None:
         raise TypeError("_extend takes a request with its defaults filled (GenerationRequest.with_defaults)")
@@ -607,7 +622,8 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
     segments = 0
     while have < total:
         context = video[:, have - overlap:have]
-        text = _encode_text(family, replace(request, prompt=prompt_at(have)), batch, plan.latent_frames, segment)
+        # The schedules run over the whole video: each segment takes its own frames' blend.
+        text = _encode_text(family, request, batch, plan.latent_frames, segment, _Span(have - overlap, total))
         frames = torch.zeros(batch, segment, 3, plan.height, plan.width)
         frames[:, :overlap] = context
         keep = torch.zeros(segment, dtype=torch.bool)
@@ -626,17 +642,6 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
         segments += 1
         logger.info("extend: segment %d done, %d of %d frames", segments, have, total)
     return video, latents, segments
-
-
-def _prompt_at(prompt: Any, total: int) -> Callable[[int], str]:
-    """The prompt in force at a frame, for continuation: a schedule's last keyframe prompt at or before it (its
-    first before any); segments are conditioned on one prompt each."""
-    if isinstance(prompt, str):
-        return lambda frame: prompt
-    from kinema.sampling.prompt_travel import parse_prompt_schedule
-
-    keyframes = parse_prompt_schedule(prompt, total).keyframes
-    return lambda frame: max(((k, p) for k, p in keyframes if k <= frame), default=keyframes[0])[1]
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -823,7 +828,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             if mode == "text-to-video":
                 assert request.frames is not None  # filled by with_defaults
                 total = request.frames
-                first = _generate_clip(family, replace(request, frames=plan.frames), plan, seeds, callback, progress)
+                first = _generate_clip(family, replace(request, frames=plan.frames), plan, seeds, callback, progress,
+                                       span=_Span(0, total))
                 with torch.no_grad():
                     start = family.decode(first).cpu()
                 segments = 1
@@ -903,14 +909,16 @@ def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settin
 def _generate_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],
                    callback: StepCallback | None, progress: bool,
                    images: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                   control_images: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                   control_images: Sequence[torch.Tensor] | None = None, span: _Span | None = None) -> torch.Tensor:
     """Latents of a clip of `plan.frames` frames: text-to-video, or image-to-video holding `images` (start, end);
-    steered by the control images `(K, 3, H, W)` of each ControlNet when given."""
+    steered by the control images `(K, 3, H, W)` of each ControlNet when given; `span`: the clip opens a longer
+    video, over which the schedules run."""
     device = _device(family, request.offload)
     noise = _noise(family, plan, request, seeds, device)
     with torch.no_grad():
         text = _with_control(family, request, _encode_text(family, request, len(seeds), plan.latent_frames,
-                                                           plan.frames), control_images, plan.frames, len(seeds))
+                                                           plan.frames, span), control_images, plan.frames,
+                             len(seeds))
         if text.table is not None:
             logger.info("prompt schedule:\n%s", text.table)
         clip = _image_clip(family, noise, *images, pia_motion=request.pia_motion) if images is not None else \

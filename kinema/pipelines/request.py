@@ -493,10 +493,6 @@ class GenerationRequest:
                               "(--control-video) too")
         check_control_falloff(self.control_falloff, self.control_loop, self.control_indices is not None)
         image_prompt_keyframes(self.ip_image)
-        if self.mode == "extend" and (isinstance(self.ip_image, Mapping) or self.prompt_hold or self.prompt_loop):
-            raise KinemaError("extend conditions each new segment on one prompt and one image prompt, so an image "
-                              "prompt schedule (ip_image {frame: image}), prompt_hold and prompt_loop have nothing to "
-                              "blend there; give one image, and leave the other two out")
         presets = range(len(PIA_MOTION_NAMES))
         if self.pia_motion is not None and (isinstance(self.pia_motion, bool) or self.pia_motion not in presets):
             raise KinemaError(f"pia_motion is one of PIA's motion presets 0 to {presets[-1]}, got "

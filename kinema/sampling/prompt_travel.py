@@ -224,7 +224,8 @@ def _head_tail_keyframes(spec: Mapping[Any, Any], frames: int) -> tuple[tuple[in
                  for frame, prompt in _keyframes(prompt_map, frames))
 
 
-def interpolate_states(states: torch.Tensor, schedule: PromptSchedule, frames: int) -> torch.Tensor:
+def interpolate_states(states: torch.Tensor, schedule: PromptSchedule, frames: int,
+                       window: range | None = None) -> torch.Tensor:
     """Per-frame text states from one encoding per distinct keyframe prompt.
 
     Args:
@@ -234,9 +235,12 @@ def interpolate_states(states: torch.Tensor, schedule: PromptSchedule, frames: i
             formula `sin((1-t)w)/sin(w) a + sin(t w)/sin(w) b` with w the angle between them (unit vectors stay
             unit); token vectors that are nearly parallel are blended linearly.
         frames: F, the video's frame count.
+        window: only these frames of the video (a continuation segment's, which may run past its end: those take
+            the last frame's states); default all F.
 
     Returns:
-        `(F, L, D)` or `(B, F, L, D)` in the states' dtype; a keyframe's frame holds exactly its prompt's states.
+        `(F, L, D)` or `(B, F, L, D)` (F = len(window) with a window) in the states' dtype; a keyframe's frame holds
+        exactly its prompt's states.
     """
     import torch
 
@@ -245,6 +249,8 @@ def interpolate_states(states: torch.Tensor, schedule: PromptSchedule, frames: i
         raise KinemaError(f"prompt travel needs the states of the schedule's {count} prompt(s) as (K, L, D) or "
                           f"(B, K, L, D) with K = {count}; got shape {tuple(states.shape)}")
     weights = schedule.frame_weights(frames)
+    if window is not None:
+        weights = [weights[min(frame, frames - 1)] for frame in window]
     a = torch.tensor([w[0] for w in weights], device=states.device)
     b = torch.tensor([w[1] for w in weights], device=states.device)
     # Blend in float32 at least: half-precision sin/acos of nearly equal vectors is too coarse.

@@ -333,11 +333,30 @@ def test_an_image_prompt_schedule_blends_the_keyframes_embeddings_per_frame(sd_m
                          ({"1": str(first), 1: str(second)}, r"ip_image names frame 1 twice")]:
         with pytest.raises(KinemaError, match=message):
             GenerationRequest(**{**vars(request), "ip_image": bad}).check()
-    for extend in ({"ip_image": {"0": str(first)}}, {"ip_image": str(first), "prompt_loop": True}):
-        with pytest.raises(KinemaError, match=r"^extend conditions each new segment on one prompt and one image "
-                                              r"prompt"):
-            GenerationRequest(**{**vars(request), "video": torch.zeros(4, 3, 32, 32), "extend_frames": 4,
-                                 **extend}).check()
+    # Extending: the schedule runs over the whole video (4 given frames and 4 new), past one segment's 4 frames;
+    # each segment (frames 2-5 and 4-7, with an overlap of 2) takes its own frames' blend.
+    seen.clear()
+    family.model.forward = lambda *args, **kwargs: seen.append(kwargs["added_cond_kwargs"]["image_embeds"][0]) or \
+        forward(*args, **kwargs)
+    try:
+        generate(family, GenerationRequest(**{**vars(request), "video": torch.rand(4, 3, 32, 32), "extend_frames": 4,
+                                              "overlap_frames": 2, "segment_frames": 4, "steps": 4,
+                                              "ip_image": {"0": str(first), "7": str(second)}}), progress=False)
+    finally:
+        del family.model.forward
+    whole = [frame / 7 for frame in range(8)]
+
+    def window(start):
+        return torch.stack([((1 - t) * a[0] + t * b[0])[0] for t in whole[start:start + 4]])
+
+    found = []
+    for embeds in seen:
+        sides = embeds.unflatten(0, (2, 4))
+        match = [start for start in (2, 4) if any(torch.allclose(side, window(start), atol=1e-5) for side in sides)]
+        assert len(match) == 1, "a segment's image prompt is no window of the whole video's blend"
+        if not found or found[-1] != match[0]:
+            found.append(match[0])
+    assert found == [2, 4]
 
 
 def test_the_cli_takes_an_image_prompt_schedule_and_records_it(sd_model, adapter_folder, tmp_path, capsys):

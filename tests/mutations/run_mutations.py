@@ -370,6 +370,12 @@ MUTATIONS = (
         ("tests/sampling/test_sampling.py",),
     ),
     Mutation(
+        "each continuation segment restarts the prompt schedule",
+        "kinema/pipelines/generation.py",
+        ((("_Span(have - overlap, total))", "_Span(0, total))"),),),
+        ("tests/pipelines/test_generate.py", "tests/loaders/test_ip_adapter.py"),
+    ),
+    Mutation(
         "another VAE's old diffusers attention names are not renamed",
         "kinema/loaders/image_vae.py",
         ((("            bare = f\"{found[1]}.{_DEPRECATED_ATTENTION[found[2]]}.{found[3]}\"",

@@ -392,6 +392,40 @@ def test_prompt_travel_gives_each_frame_its_interpolated_text(animatediff, monke
     torch.testing.assert_close(seen[0], negative.expand(6, -1, -1))
 
 
+def test_a_continuation_gives_each_segment_its_frames_of_the_whole_videos_schedule(animatediff, monkeypatch):
+    # 6 given frames extended to 12 in segments of 4 overlapping by 2 (frames 4-7, 6-9, 8-11): the schedule, held
+    # and looped, runs over all 12 frames, as it would for a video made in one go.
+    schedule = {"0": "a cat runs", "9": "a dog sleeps"}
+    blend = {"prompt_hold": 0.3, "prompt_loop": True, "interpolation": "slerp"}
+    spy = spy_on(animatediff, monkeypatch)
+    run(animatediff, prompt=schedule, video=torch.rand(6, 3, SIZE, SIZE), extend_frames=6, overlap_frames=2,
+        segment_frames=4, steps=4, **blend)
+    parsed = parse_prompt_schedule(schedule, 12, "slerp", 0.3, True)
+    whole = interpolate_states(animatediff.encode_text(parsed.prompts())["encoder_hidden_states"], parsed, 12)
+    found = []
+    for call in spy.calls:
+        text = call["encoder_hidden_states"][1]
+        starts = [start for start in (4, 6, 8) if torch.allclose(text, whole[start:start + 4], atol=1e-6)]
+        assert len(starts) == 1, "a segment's text is no window of the whole video's schedule"
+        if not found or found[-1] != starts[0]:
+            found.append(starts[0])
+    assert found == [4, 6, 8]
+
+
+def test_inp_text_to_video_past_the_window_follows_a_schedule_past_it(easyanimate, monkeypatch):
+    monkeypatch.setattr(type(easyanimate), "max_frames", property(lambda self: 8))
+    spy = spy_on(easyanimate, monkeypatch)
+    result = run(easyanimate, frames=16, steps=1, prompt={"0": "a cat runs", "12": "a dog sleeps"})
+    assert result.frames.shape == (1, 16, 3, SIZE, SIZE) and result.report["segments"] == 3
+    parsed = parse_prompt_schedule({"0": "a cat runs", "12": "a dog sleeps"}, 16)
+    keyframes = easyanimate.encode_text(parsed.prompts())[easyanimate.text_key]
+    whole = interpolate_states(keyframes, parsed, 16)
+    # Each segment of 8 frames (0-7, 4-11, 8-15) is 2 latent frames, each taking the text of the frame in its middle
+    # (0 and 7 of the segment); the DiT cross-attends to the text of its middle latent frame, the second.
+    for call, start in zip(spy.calls, (0, 4, 8), strict=True):
+        torch.testing.assert_close(call[easyanimate.text_key][-1], whole[start + 7], rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ FreeInit, dtype
 
 
