@@ -13,7 +13,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.models.presets import image_vae_downsample
-from kinema.pipelines.decode import decode_latents
+from kinema.pipelines.decode import decode_latents, overflow_safe
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.text_encoding import PromptWorld, encode_prompts
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
@@ -168,13 +168,13 @@ class AnimateDiffFamily(VideoFamily):
             raise KinemaError(f"encoding takes frames (B, F, 3, H, W) in [0, 1]; got shape {tuple(frames.shape)}")
         self.check_size(frames.shape[-2], frames.shape[-1])
         batch, count = frames.shape[:2]
-        parameter = next(self.vae.parameters())
         images = frames.reshape(batch * count, *frames.shape[2:]) * 2 - 1
         means = []
         with torch.no_grad():
             for start in range(0, images.shape[0], self.decode_chunk):
-                chunk = images[start:start + self.decode_chunk].to(device=parameter.device, dtype=parameter.dtype)
-                means.append(self.vae.encode(chunk).latent_dist.mean.float())
+                mean = overflow_safe(self.vae, images[start:start + self.decode_chunk],
+                                     lambda chunk: self.vae.encode(chunk).latent_dist.mean)
+                means.append(mean.float())
         latents = torch.cat(means) * self.vae.config.scaling_factor
         return latents.reshape(batch, count, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
 

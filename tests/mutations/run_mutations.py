@@ -370,6 +370,13 @@ MUTATIONS = (
         ("tests/sampling/test_sampling.py",),
     ),
     Mutation(
+        "a float16 VAE's overflow is kept, not run again in float32",
+        "kinema/pipelines/decode.py",
+        ((("    if parameter.dtype == torch.float16 and not bool(torch.isfinite(result).all()):",
+           "    if False:"),),),
+        ("tests/pipelines/test_from_parts.py",),
+    ),
+    Mutation(
         "each continuation segment restarts the prompt schedule",
         "kinema/pipelines/generation.py",
         ((("_Span(have - overlap, total))", "_Span(0, total))"),),),

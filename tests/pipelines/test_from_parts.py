@@ -58,6 +58,36 @@ def test_decode_divides_by_the_scaling_factor(parts):
     assert torch.allclose(frames, decode_latents(vae, latents, decode_chunk=16), atol=1e-5)
 
 
+def test_a_float16_vae_that_overflows_runs_again_in_float32(caplog):
+    import copy
+    import logging
+
+    from tiny_sd import tiny_sd_parts
+
+    from kinema.pipelines.decode import overflow_safe
+
+    reference = tiny_sd_parts()["vae"]
+    with torch.no_grad():  # activations past float16's 65504, as an SD VAE's outgrow it at large sizes
+        reference.decoder.conv_in.weight.mul_(1e5)
+    latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = decode_latents(reference, latents)
+    half = copy.deepcopy(reference).half()
+    with torch.no_grad():
+        assert not torch.isfinite(half.decode(latents[:, :, 0].half() / half.config.scaling_factor).sample).all()
+    with caplog.at_level(logging.WARNING, logger="kinema.pipelines.decode"):
+        frames = decode_latents(half, latents, decode_chunk=1)
+    assert [record.message for record in caplog.records] == [
+        "the VAE overflowed in float16 (NaN or infinity), as Stable Diffusion VAEs can; it runs in float32 from now on "
+        "(load the model in bfloat16 or float32 to start there)"]  # once: the VAE stays float32
+    assert next(half.parameters()).dtype == torch.float32
+    torch.testing.assert_close(frames, expected, rtol=0, atol=2e-3)  # float16 weights, float32 sums
+    healthy = tiny_sd_parts()["vae"].half()  # a float16 VAE that does not overflow keeps float16
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean = overflow_safe(healthy, images, lambda chunk: healthy.encode(chunk).latent_dist.mean)
+    assert mean.dtype == torch.float16 and next(healthy.parameters()).dtype == torch.float16
+
+
 def test_prompts_pad_to_77_tokens(parts):
     states = encode_prompts(parts["text_encoder"], parts["tokenizer"], ["a", "b" * 200])
     assert states.shape == (2, 77, 32)
