@@ -152,7 +152,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                         "description": "the share of the steps after which it stops (default 1)"},
         "control_preprocess": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
                                "description": "make the control images from ordinary frames: canny (canny:LOW:HIGH), "
-                                              "invert or none; a list with several ControlNets"},
+                                              "tile_resample:RATE, blur:SIGMA, invert or none; a list with several "
+                                              "ControlNets"},
         "pia_motion": {"type": "integer", "minimum": 0, "maximum": 8,
                        "description": "a PIA image animator's motion preset (0-2 small to large, 3-5 looping, 6-8 "
                                       "style transfer)"},

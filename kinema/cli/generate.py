@@ -380,8 +380,9 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
                                 "one image for all (SparseCtrl: for frame 0); sized as the video (or --resize)")
         group.add_argument("--control-preprocess", action="append", metavar="METHOD",
                            help="make the control images from ordinary frames: canny (OpenCV's Canny edges, for canny "
-                                "ControlNets; canny:LOW:HIGH for other thresholds than 100:200), invert, or none; "
-                                "one per --controlnet when there are several")
+                                "ControlNets; canny:LOW:HIGH for other thresholds than 100:200), tile_resample:RATE "
+                                "(the frame at 1/RATE resolution, for the tile ControlNet) or blur:SIGMA (Gaussian), "
+                                "invert, or none; one per --controlnet when there are several")
         group.add_argument("--control-indices", type=parse_indices, metavar="I,J,...",
                            help="the frames the control images are keyframes of, one per image (-1: the last; "
                                 "default: one image per frame, or SparseCtrl's one image at frame 0); a ControlNet "

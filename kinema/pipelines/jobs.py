@@ -767,7 +767,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         names = data["control_preprocess"]
         several = len(controlnet) if isinstance(controlnet, list) else 1
         if not (isinstance(names, str) or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
-            raise KinemaError(f"control_preprocess is a preprocessor name (canny, canny:LOW:HIGH, invert, none), or a "
+            raise KinemaError(f"control_preprocess is a preprocessor name (canny, canny:LOW:HIGH, tile_resample:RATE, "
+                              f"blur:SIGMA, invert, none), or a "
                               f"list of them, one per ControlNet; got {names!r}")
         preprocessors_for(names, several)
         given["control_preprocess"] = names

@@ -340,7 +340,8 @@ class GenerationRequest:
             one per frame of the video (or one image for all of them; SparseCtrl: one per keyframe), sized as the
             video (else `resize`). Such a model needs them.
         control_preprocess: make the control images into the map the ControlNet reads, from ordinary frames:
-            "canny" (OpenCV's Canny edges, thresholds 100 and 200; "canny:LOW:HIGH" for others), "invert" or "none";
+            "canny" (OpenCV's Canny edges, thresholds 100 and 200; "canny:LOW:HIGH" for others), "tile_resample:RATE"
+            (the frame at 1/RATE resolution, for the tile ControlNet), "blur:SIGMA", "invert" or "none";
             with several ControlNets a list, one per ControlNet (kinema.pipelines.control_maps).
         normalize_control: turn the control images gray and stretch them to [0, 1] (AnimateDiff's
             normalize_condition_images, for SparseCtrl scribbles).

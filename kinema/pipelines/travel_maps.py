@@ -175,11 +175,17 @@ def _preprocessor(name: str, entry: Mapping[str, Any], where: str) -> str | None
         DEFAULT_PREPROCESSORS.get(name, "none"), {})
     if kind == "none":
         return None
-    if kind == "canny" and isinstance(params, Mapping):
+    if not isinstance(params, Mapping):
+        raise KinemaError(f"{where}.preprocessor.param is a mapping of the preprocessor's settings, got {params!r}")
+    if kind == "canny":
         low, high = params.get("low_threshold", 100), params.get("high_threshold", 200)
         return f"canny:{low}:{high}" if (low, high) != (100, 200) else "canny"
+    if kind in ("tile_resample", "blur"):  # checked with kinema's own names (kinema.pipelines.control_maps)
+        setting = "down_sampling_rate" if kind == "tile_resample" else "sigma"
+        return f"{kind}:{params[setting]}" if setting in params else kind
     raise KinemaError(f"{where} makes its maps with the {kind} preprocessor, which kinema does not make (it makes "
-                      "canny maps): put maps already made in its image folder and set \"use_preprocessor\": false")
+                      "canny, tile_resample and blur maps): put maps already made in its image folder and set "
+                      "\"use_preprocessor\": false")
 
 
 def _controlnet_path(name: str, entry: Mapping[str, Any], where: str) -> str:

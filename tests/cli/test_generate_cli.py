@@ -329,7 +329,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
          "no end image, and makes nothing else (extend); load another motion module for that"),
         (["generate", "a cat", *model, "--controlnet", "weights.safetensors", "--control-video", "clip.mp4",
           "--frames", "8", "--height", "32", "--width", "32", "--control-preprocess", "sobel"],
-         "unknown control preprocessor 'sobel'; known: canny, invert, none (canny:LOW:HIGH for other thresholds)"),
+         "unknown control preprocessor 'sobel'; known: canny, invert, tile_resample, blur, none (canny:LOW:HIGH for "
+         "other thresholds, tile_resample:RATE, blur:SIGMA)"),
         (["generate", "a cat", "--model", "sd", "--motion-module", "weights.safetensors", "--pia-motion", "1"],
          "pia_motion (--pia-motion) is a PIA motion preset, and the motion module weights.safetensors is not a PIA "
          "image animator; load a PIA motion module, or drop it"),

@@ -370,6 +370,12 @@ MUTATIONS = (
         ("tests/sampling/test_sampling.py",),
     ),
     Mutation(
+        "tile_resample shrinks with nearest neighbours, not OpenCV's area resize",
+        "kinema/pipelines/control_maps.py",
+        ((("interpolation=cv2.INTER_AREA)", "interpolation=cv2.INTER_NEAREST)"),),),
+        ("tests/pipelines/test_control_maps.py",),
+    ),
+    Mutation(
         "a float16 VAE's overflow is kept, not run again in float32",
         "kinema/pipelines/decode.py",
         ((("    if parameter.dtype == torch.float16 and not bool(torch.isfinite(result).all()):",

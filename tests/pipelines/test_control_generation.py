@@ -450,8 +450,8 @@ def test_the_cli_runs_guess_mode_and_records_it(files, tmp_path):
     with pytest.raises(KinemaError, match=r"guess_mode must be true or false"):
         job_from_mapping({**data, "guess_mode": "yes"})
     assert job_from_mapping({**data, "control_preprocess": "canny"}).request.control_preprocess == "canny"
-    with pytest.raises(KinemaError, match=r"control_preprocess is a preprocessor name \(canny, canny:LOW:HIGH, invert, "
-                                          r"none\), or a list of them"):
+    with pytest.raises(KinemaError, match=r"control_preprocess is a preprocessor name \(canny, canny:LOW:HIGH, "
+                                          r"tile_resample:RATE, blur:SIGMA, invert, none\), or a list of them"):
         job_from_mapping({**data, "control_preprocess": 3})
     with pytest.raises(KinemaError, match=r"2 control preprocessors for 1 ControlNet;"):
         job_from_mapping({**data, "control_preprocess": ["canny", "invert"]})

@@ -1,5 +1,6 @@
 """Control maps from ordinary frames: Canny edges equal OpenCV's Canny on the 8-bit frames (what ControlNet's
-annotator and controlnet_aux's CannyDetector run), inverted images, and the names' checks."""
+annotator and controlnet_aux's CannyDetector run), prompt travel's tile maps (its TileResamplePreProcessor's and
+BlurPreProcessor's OpenCV calls, written out here), inverted images, and the names' checks."""
 
 import cv2
 import numpy as np
@@ -30,6 +31,35 @@ def test_canny_is_opencvs_canny_on_the_8_bit_frames(name, thresholds):
     assert made.sum() > 0
 
 
+def eight_bit(frame: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray((frame * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("name, sigma", [("blur", 5.0), ("blur:1.5", 1.5)])
+def test_blur_is_prompt_travels_gaussian_blur(name, sigma):
+    made = preprocess_control(frames(), name)
+    for index, frame in enumerate(frames()):
+        expected = cv2.GaussianBlur(eight_bit(frame), (0, 0), sigma)  # BlurPreProcessor: sigma, kernel from it
+        np.testing.assert_array_equal((made[index] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), expected)
+    assert (made - frames()).abs().max() > 0.1
+
+
+def test_tile_resample_is_prompt_travels_area_resize_brought_back_to_size():
+    from PIL import Image
+
+    tall = torch.rand(2, 3, 40, 24, generator=torch.Generator().manual_seed(3))
+    made = preprocess_control(tall, "tile_resample:3")
+    assert made.shape == tall.shape
+    for index, frame in enumerate(tall):
+        # TileResamplePreProcessor: the short side to 24 / 3, the long one scaled alike, by OpenCV's area resize;
+        # then to the video's size, as diffusers' control image processor resizes (PIL's Lanczos).
+        k = (24 / 3) / 24
+        small = cv2.resize(eight_bit(frame), (int(24 * k), int(40 * k)), interpolation=cv2.INTER_AREA)
+        expected = np.asarray(Image.fromarray(small).resize((24, 40), Image.Resampling.LANCZOS))
+        np.testing.assert_array_equal((made[index] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), expected)
+    torch.testing.assert_close(preprocess_control(frames(), "tile_resample"), frames())  # rate 1: as it is
+
+
 def test_invert_and_none():
     torch.testing.assert_close(preprocess_control(frames(), "invert"), 1 - frames())
     assert preprocess_control(frames(), "none") is not None
@@ -37,11 +67,16 @@ def test_invert_and_none():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("blur", r"unknown control preprocessor 'blur'; known: canny, invert, none"),
+    ("dwpose", r"unknown control preprocessor 'dwpose'; known: canny, invert, tile_resample, blur, none"),
     ("invert:3", r"unknown control preprocessor 'invert:3'"),
+    ("tile_resample:0.5", r"tile_resample takes a rate of at least 1 \(the short side divided by it\), as "
+                          r"tile_resample:2; got 'tile_resample:0.5'"),
+    ("tile_resample:nan", r"tile_resample takes a rate of at least 1"),
+    ("blur:0", r"blur takes a sigma above 0, as blur:5; got 'blur:0'"),
+    ("blur:1:2", r"blur takes a sigma above 0"),
     ("canny:200:100", r"canny thresholds are two whole numbers LOW:HIGH with 0 <= LOW < HIGH"),
     ("canny:a:b", r"canny thresholds are two whole numbers"),
-    (5, r"a control preprocessor is one of canny, invert, none"),
+    (5, r"a control preprocessor is one of canny, invert, tile_resample, blur, none"),
 ])
 def test_bad_names_are_one_line(name, message):
     with pytest.raises(KinemaError, match=message):
@@ -56,6 +91,8 @@ def test_one_per_controlnet_and_opencv_is_named_when_missing(monkeypatch):
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(KinemaError, match=r"Canny edges need OpenCV: pip install opencv-python-headless"):
-        preprocessors_for("canny", 1)
+    for name in ("canny", "tile_resample:2", "blur"):
+        with pytest.raises(KinemaError, match=r"^canny, tile_resample and blur need OpenCV: pip install "
+                                              r"opencv-python-headless"):
+            preprocessors_for(name, 1)
     assert preprocessors_for("invert", 1) == ["invert"]

@@ -122,6 +122,27 @@ def test_two_controlnets_share_keyframes_and_canny_is_made_here(project, hub, st
     assert (request.control_falloff, request.control_loop) == (None, False)  # an empty list: keyframes only
 
 
+@pytest.mark.parametrize(("preprocessor", "made"), [
+    ({"type": "tile_resample", "param": {"down_sampling_rate": 2.0}}, "tile_resample:2.0"),
+    ({"type": "tile_resample"}, "tile_resample"), ({"type": "blur", "param": {"sigma": 3}}, "blur:3"),
+])
+def test_the_tile_controlnets_maps_are_made_here(project, hub, stand_in_models, monkeypatch, preprocessor, made):
+    import kinema.pipelines.control_maps as control_maps
+
+    monkeypatch.setattr(control_maps.importlib.util, "find_spec", lambda name: object())  # OpenCV "installed"
+    tile = hub("lllyasviel/control_v11f1e_sd15_tile")
+    frames = images(project / "data/controlnet_image/tile/controlnet_tile", 0, 8)
+    config = travel(project, controlnet_map={"input_image_dir": "controlnet_image/tile", "controlnet_tile": net(
+        use_preprocessor=True, preprocessor=preprocessor)})
+    [run] = read_config(config).runs
+    assert run.job.controlnet == (str(tile), 1.0) and run.job.request.control_video == frames
+    assert run.job.request.control_preprocess == made
+    bad = travel(project, controlnet_map={"input_image_dir": "controlnet_image/tile", "controlnet_tile": net(
+        use_preprocessor=True, preprocessor={"type": "tile_resample", "param": {"down_sampling_rate": 0.5}})})
+    with pytest.raises(KinemaError, match="tile_resample takes a rate of at least 1"):
+        read_config(bad)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"controlnet_depth": net(control_guidance_start=0.2)},
      "kinema steers every ControlNet with one control_guidance_start, and these differ: controlnet_openpose 0.0, "
