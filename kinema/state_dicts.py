@@ -104,6 +104,21 @@ def load_strict(
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=True, assign=assign)
 
 
+def assign_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, *,
+                   dtype: torch.dtype | None = None, advice: str = "",
+                   extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load a file's tensors into `model` built on the meta device: every value finite (one KinemaError line naming
+    `what` otherwise), each tensor a contiguous copy of its own in `dtype` (default float32; copies, not views of the
+    file's tensors, as a load into a built model would make them), then `load_strict` with `assign`. `extra`: tensors
+    the model makes itself (a table of positions), loaded as they are."""
+    from kinema.loaders.checkpoint_io import check_weight_values
+
+    check_weight_values(state_dict, what)
+    fresh = {name: tensor.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format)
+             for name, tensor in state_dict.items()}
+    load_strict(model, {**fresh, **(extra or {})}, f"its weights do not fit {what}", advice=advice, assign=True)
+
+
 class _DiffusersModelClass(Protocol):
     """What `StrictFromPretrained` needs of the class it is mixed into: diffusers' `ConfigMixin.from_config` and,
     after the mixin in the method order, `ModelMixin.from_pretrained`."""

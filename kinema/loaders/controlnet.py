@@ -198,11 +198,8 @@ def read_controlnet(path: str | os.PathLike | Source, unet_config: dict[str, Any
     """The ControlNet at `path` (folder or file, or the `Source` a describe read, whose reads are reused: a torch
     pickle is unpickled once), loaded strictly, in `dtype` (default float32); a single file's config comes from
     `unet_config` (SD1.5's by default)."""
-    import torch
-
-    from kinema.loaders.checkpoint_io import check_weight_values
     from kinema.loaders.source import Source
-    from kinema.state_dicts import load_strict
+    from kinema.state_dicts import assign_checked
 
     source = path if isinstance(path, Source) else Source(Path(path))
     if not is_controlnet(source):
@@ -218,9 +215,7 @@ def read_controlnet(path: str | os.PathLike | Source, unet_config: dict[str, Any
         _check_fits(model, state)
         if unet_config is not None:
             check_fits_unet(config, unet_config)
-        check_weight_values(state, "the ControlNet")
-        fresh = {k: v.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
-        load_strict(model, fresh, "its weights do not fit the ControlNet", advice=_ADVICE, assign=True)
+        assign_checked(model, state, "the ControlNet", dtype=dtype, advice=_ADVICE)
     except KinemaError as err:
         raise naming(source.path, err) from None
     return model.eval()

@@ -230,11 +230,8 @@ def read_image_vae(path: str | Path | Source, vae_config: Mapping[str, Any] | No
     pickle is unpickled once), loaded strictly in `dtype` (default float32). A file is built like a VAE of
     `vae_config` (the model's own; SD1.5's by default); a folder from its own config, checked against `vae_config`'s
     latent space when given. It maps images `(N, 3, H, W)` in [-1, 1] to latents `(N, 4, H/8, W/8)` and back."""
-    import torch
-
-    from kinema.loaders.checkpoint_io import check_weight_values
     from kinema.loaders.source import Source
-    from kinema.state_dicts import load_strict
+    from kinema.state_dicts import assign_checked
 
     source = path if isinstance(path, Source) else Source(Path(path))
     if not is_image_vae(source):
@@ -245,9 +242,7 @@ def read_image_vae(path: str | Path | Source, vae_config: Mapping[str, Any] | No
         weights = _weights_source(source)
         names = [name for name in weights.names if not is_training_only(name)]
         _, config, state, model = _checked(source, vae_config, weights.read(names))
-        check_weight_values(state, "the VAE")
-        fresh = {k: v.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
-        load_strict(model, fresh, "its weights do not fit the VAE", advice=_ADVICE, assign=True)
+        assign_checked(model, state, "the VAE", dtype=dtype, advice=_ADVICE)
     except KinemaError as err:
         raise naming(source.path, err) from None
     return model.eval()

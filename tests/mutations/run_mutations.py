@@ -318,8 +318,8 @@ MUTATIONS = (
     Mutation(
         "a travelling image prompt runs backwards",
         "kinema/pipelines/family.py",
-        ((("            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames)\n",
-           "            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames).flip(0)\n"),),),
+        ((("            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames, window)\n",
+           "            blended = interpolate_states(embeds.flatten(1, -2), schedule, frames, window).flip(0)\n"),),),
         ("tests/loaders/test_ip_adapter.py",),
     ),
     Mutation(

@@ -165,10 +165,9 @@ def read_sparsectrl(path: str | os.PathLike | Source, unet_config: dict[str, Any
     import torch
 
     from kinema.loaders.animatediff.structure import check_frame_tables
-    from kinema.loaders.checkpoint_io import check_weight_values
     from kinema.loaders.controlnet import check_fits_unet, weights_source
     from kinema.loaders.source import Source
-    from kinema.state_dicts import load_strict
+    from kinema.state_dicts import assign_checked
 
     source = path if isinstance(path, Source) else Source(Path(path))
     if not is_sparsectrl(source):
@@ -186,9 +185,7 @@ def read_sparsectrl(path: str | os.PathLike | Source, unet_config: dict[str, Any
         if unet_config is not None:
             check_fits_unet(config, unet_config)
         check_frame_tables({k: v for k, v in stored.items() if _FRAME_TABLE.search(k)})
-        check_weight_values(state, "SparseCtrl")
-        fresh = {k: v.to(dtype or torch.float32).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
-        load_strict(model, {**fresh, **tables}, "its weights do not fit SparseCtrl", advice=_ADVICE, assign=True)
+        assign_checked(model, state, "SparseCtrl", dtype=dtype, advice=_ADVICE, extra=tables)
     except KinemaError as err:
         raise naming(source.path, err) from None
     from kinema.models.precision import cast_module
