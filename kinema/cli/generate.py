@@ -20,6 +20,7 @@ is decoded segment by segment. Without `-o`, videos go to `out/`: `out/<prompt w
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -66,6 +67,8 @@ from kinema.pipelines.request import (
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
 from kinema.sampling.prompt_travel import INTERPOLATIONS
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
+
+logger = logging.getLogger(__name__)
 
 # kinema.sampling.context imports torch, so its SCHEDULES and FUSE_METHODS are repeated here for the choices;
 # tests/cli/test_generate_cli.py checks that the two stay equal.
@@ -762,7 +765,7 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
 def _not_resumable(path: Path, why: str) -> KinemaError:
     """The refusal of saved latents that are not this run's, with the two ways on."""
     return KinemaError(f"{path}: {why}; pass --overwrite to sample anew and replace it, or `kinema decode {path}` "
-                       "(with the same --model and --motion-module) for its own videos")
+                       "(with the same --model, --motion-module and --vae) for its own videos")
 
 
 def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[str, Any]]) -> None:
@@ -1030,7 +1033,7 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
     except BaseException:  # stopped or failed after sampling: what was kept, and how to finish without sampling
         if saved:
             print(f"the final latents are kept in {saved[0]}: `kinema decode {saved[0]}` with the same --model (and "
-                  "--motion-module) writes the videos without sampling again", file=sys.stderr)
+                  "--motion-module and --vae) writes the videos without sampling again", file=sys.stderr)
         raise
     _print_summary(paths, result.report, saved[0] if saved else None)
 
@@ -1089,6 +1092,17 @@ def run_decode(args: argparse.Namespace) -> None:
 
     latents, settings = load_latents(args.latents)
     family = _load(args)
+    # The videos record the VAE that decodes them, which may not be the one the latents were made with.
+    used = family.settings().get("vae")
+    made_with = sorted({str(entry.get("vae")) for entry in settings if entry.get("vae") != used})
+    if made_with:
+        logger.warning("these latents were made with %s VAE and are decoded with %s: pass %s for the frames that run "
+                       "made", " and ".join("the model's own" if vae == "None" else vae for vae in made_with),
+                       "the model's own" if used is None else used,
+                       "no --vae" if made_with == ["None"] else f"--vae {made_with[0]}")
+    settings = [{**{key: value for key, value in entry.items() if key != "vae"}, **({} if used is None else
+                                                                                   {"vae": used})}
+                for entry in settings]
     set_vae_options(family, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk)
     device = next(family.model.parameters()).device
     reset_peak_memory(device)

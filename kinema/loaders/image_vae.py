@@ -21,6 +21,8 @@ brings its config, which must share the model's latent space: the same latent ch
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +47,7 @@ TRAINING_ONLY = ("model_ema.decay", "model_ema.num_updates")
 # The settings a swapped VAE must share with the model's own: its latents are the model's.
 LATENT_SPACE = ("latent_channels", "scaling_factor")
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ADVICE = "Is it a VAE for Stable Diffusion 1.x (SD2 and SDXL VAEs differ), and complete?"
+_ADVICE = "Is it a VAE for Stable Diffusion 1.x or 2.x (SDXL's differs), and complete?"
 
 
 def is_training_only(name: str) -> bool:
@@ -89,6 +91,28 @@ def is_image_vae(source: Source) -> bool:
     return conv_in.ndim == 4
 
 
+def other_vae_problem(source: Source) -> str | None:
+    """What keeps a weights file that holds a VAE's tensors (`encoder.conv_in.weight`, `decoder.conv_out.weight`)
+    from being an SD image VAE, in words: entries beside the VAE's, or 3D convolutions (a video VAE's); None for
+    anything else, an image VAE file included."""
+    if source.path.is_dir() or not source.is_weights_file:
+        return None
+    names = source.names
+    kept = [name for name in names if not is_training_only(name)]
+    if not set(MARKERS) <= {_unprefixed(name) for name in kept}:
+        return None
+    tensors, _ = source.layout
+    if next(tensors[name] for name in kept if _unprefixed(name) == MARKERS[0]).ndim != 4:
+        return "its convolutions are 3D, a video VAE's (EasyAnimate's Slice VAE comes in its model's folder)"
+    if vae_file_layout(names) is None:
+        beside = [name for name in kept if not _unprefixed(name).startswith(PARTS)]
+        if not beside:
+            return f"it holds {len(kept)} of an image VAE's tensors but no encoder levels (encoder.down.*): part of one"
+        return (f"it holds {len(beside)} entries that are no part of an image VAE beside its own (e.g. "
+                f"{', '.join(beside[:3])})")
+    return None
+
+
 def sd15_vae_config() -> dict[str, Any]:
     """The VAE config of Stable Diffusion 1.5, shipped with kinema."""
     from kinema.fileio import read_json_object
@@ -111,9 +135,33 @@ def _weights_source(source: Source) -> Source:
 
 
 def _folder_config(source: Source) -> dict[str, Any]:
+    """A folder's config as the model it builds has it: its values checked, diffusers' defaults for those left out
+    (a config without `scaling_factor` decodes at diffusers' 0.18215, whatever the model's latents are)."""
     from kinema.fileio import read_json_object
 
-    return read_json_object(source.path / "config.json", "the VAE's config")
+    config = read_json_object(source.path / "config.json", "the VAE's config")
+    _check_config_values(config)
+    return dict(_empty_model(config).config)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_config_values(config: Mapping[str, Any]) -> None:
+    """One KinemaError line for a config.json value that is not what an AutoencoderKL takes, before diffusers reads
+    it (it would fail later with a bare TypeError, or carry a string into the decode)."""
+    checks = {
+        "scaling_factor": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                           and v > 0, "a number above 0 (SD1.5's VAEs: 0.18215)"),
+        "latent_channels": (_positive_int, "a positive whole number (SD1.5's VAEs: 4)"),
+        "block_out_channels": (lambda v: isinstance(v, list) and bool(v) and all(map(_positive_int, v)),
+                               "a list of positive whole numbers, one per level (SD1.5's: [128, 256, 512, 512])"),
+    }
+    for name, (valid, wanted) in checks.items():
+        if name in config and not valid(config[name]):
+            raise KinemaError(f"its config.json's {name} is {json.dumps(config[name])}, not {wanted}: restore the "
+                              "config.json the VAE came with")
 
 
 def _diffusers_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,8 +191,9 @@ def _renamed(layout: str, state: Mapping[str, torch.Tensor], config: Mapping[str
     converted = convert_ldm_vae_checkpoint(kept, dict(config))
     taken = {storage_of(tensor) for tensor in converted.values()}  # the map copies or views, never recomputes
     left = [name for name, tensor in kept.items() if storage_of(tensor) not in taken]
-    if left:
-        raise KinemaError(f"{len(left)} tensors have no place in the VAE (e.g. {', '.join(left[:3])}). {_ADVICE}")
+    if left or len(converted) != len(kept):  # the map is one to one: fewer out means some had no place
+        named = f" (e.g. {', '.join(left[:3])})" if left else ""
+        raise KinemaError(f"{len(kept) - len(converted)} tensors have no place in the VAE{named}. {_ADVICE}")
     return converted
 
 
@@ -152,8 +201,16 @@ def _empty_model(config: Mapping[str, Any]) -> AutoencoderKL:
     from accelerate import init_empty_weights
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-    with init_empty_weights():
-        return AutoencoderKL.from_config(dict(config))
+    from kinema.errors import library_error_message
+
+    # Without diffusers' private keys: `_use_default_values` would put back its defaults over the values given.
+    settings = {name: value for name, value in config.items() if not name.startswith("_")}
+    try:
+        with init_empty_weights():
+            return AutoencoderKL.from_config(settings)
+    except (IndexError, KeyError, TypeError, ValueError) as err:  # settings that disagree (levels vs block types)
+        raise KinemaError(f"its config does not build an AutoencoderKL ({library_error_message(err)}): restore the "
+                          "config.json the VAE came with") from None
 
 
 def _fits(model: AutoencoderKL, state: Mapping[str, torch.Tensor], against: str) -> None:
@@ -174,9 +231,9 @@ def check_latent_space(config: Mapping[str, Any], model_config: Mapping[str, Any
         raise KinemaError(f"it downscales {downscale_of(config)}x and the model's VAE {downscale_of(model_config)}x, "
                           "so its latents are not the model's: use a VAE made for this model's family (SD1.5 VAEs "
                           "for SD1.5 models)")
-    for name in LATENT_SPACE:
+    for name in LATENT_SPACE:  # both as their models have them: defaults filled, values checked
         ours, theirs = config.get(name), model_config.get(name)
-        if ours is not None and theirs is not None and float(ours) != float(theirs):
+        if ours != theirs:
             raise KinemaError(f"its {name} is {ours} and the model's VAE's {theirs}, so it works in another latent "
                               "space (SDXL's VAE has scaling factor 0.13025, SD1.5's 0.18215): use a VAE made for "
                               "this model's family")
@@ -187,6 +244,8 @@ def _checked(source: Source, model_config: Mapping[str, Any] | None, tensors: Ma
     """`(layout, config, renamed tensors, empty model)` of a VAE, every name and shape checked: a file against a
     VAE of `model_config` (SD1.5's by default), a folder against its own config, which must share `model_config`'s
     latent space when given."""
+    if model_config is not None:  # as the model's VAE has it, diffusers' defaults filled
+        model_config = dict(_empty_model(model_config).config)
     if source.path.is_dir():
         layout, config = "diffusers-folder", _folder_config(source)
         against = "its config.json"
@@ -194,7 +253,7 @@ def _checked(source: Source, model_config: Mapping[str, Any] | None, tensors: Ma
             check_latent_space(config, model_config)
     else:
         layout = vae_file_layout(source.names) or "diffusers"
-        config = dict(model_config) if model_config is not None else sd15_vae_config()
+        config = model_config if model_config is not None else sd15_vae_config()
         against = "the model's VAE" if model_config is not None else "Stable Diffusion 1.5's VAE"
     state = _renamed("diffusers" if layout == "diffusers-folder" else layout, tensors, config)
     model = _empty_model(config)

@@ -256,7 +256,7 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
                           "is for AnimateDiff models; drop it")
     if vae is not None:
         raise KinemaError(f"{path} is an EasyAnimate model, whose Slice VAE encodes time as well as space: another "
-                          "VAE (--vae) is for AnimateDiff (SD1.5) models, which use an image VAE; drop it")
+                          "VAE (vae, --vae) is for AnimateDiff (SD1.5) models, which use an image VAE; drop it")
 
 
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,

@@ -321,6 +321,13 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
 def _vae_source(path: Path, model_vae_config: dict[str, Any]) -> Any:
     """The described `Source` of another VAE for a model whose own VAE has `model_vae_config`: names and shapes
     checked against that VAE, and a folder's latent space against the model's, before any weights load."""
+    from kinema.loaders.image_vae import other_vae_problem
+    from kinema.loaders.source import Source
+
+    problem = other_vae_problem(Source(path))  # names only: a header, or the pickle describe reads anyway
+    if problem is not None:
+        raise KinemaError(f"{path} is not a Stable Diffusion image VAE: {problem}; give an SD1.5 VAE file (e.g. "
+                          "vae-ft-mse-840000-ema-pruned.safetensors) or an AutoencoderKL folder")
     source, report = _describe(path, vae_config=model_vae_config)
     if report["kind"] != "image_vae":
         raise _not_the_kind(path, "a VAE", report["kind"], "an SD1.5 VAE file (e.g. "
@@ -472,7 +479,7 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
                                source=named.source, motion_module=str(motion_path),
                                loras=[(str(lora_path), weight) for lora_path, weight in loras], world=named.world,
                                ip_adapter=ip_adapter, controlnet=controlnet,
-                               vae_source=None if named.vae is None else str(named.vae))
+                               vae_source=None if named.vae is None else os.path.abspath(named.vae))
     logger.info("loaded AnimateDiff model %s with %s: %d LoRAs, %s on %s", path, motion_path, len(loras),
                 str(dtype).removeprefix("torch."), device)
     return family

@@ -244,8 +244,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--lora", "pan.safetensors:0.5"], "no such LoRA file: pan.safetensors"),
         (["generate", "a cat", *model, "--vae", "vae.pt"], "no such VAE: vae.pt"),
         (["generate", "a cat", "--vae", "weights.safetensors"],
-         f"{BUNDLED_TINY} is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE (--vae) "
-         "is for AnimateDiff (SD1.5) models, which use an image VAE; drop it"),
+         f"{BUNDLED_TINY} is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE (vae, "
+         "--vae) is for AnimateDiff (SD1.5) models, which use an image VAE; drop it"),
         (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be a finite number of at least 1 (1 turns "
                                                              "classifier-free guidance off), got 0.5"),
         (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
@@ -461,6 +461,13 @@ def test_another_vae_decodes_the_video_and_is_recorded(tiny_sd, tmp_path, capsys
         images = other.decode(latents[0].transpose(0, 1) / other.config.scaling_factor).sample
     expected = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.abs(png_frames(tmp_path / "frames").astype(int) - expected).max() <= 1
+    assert read_sidecar(tmp_path / "frames")["vae"] == vae[1]
+    # Decoded without it: said, and the videos record the VAE that decoded them (the model's own: no "vae").
+    assert main(["decode", str(tmp_path / "fox.mp4.latents.safetensors"), *tiny_sd, "-o",
+                 str(tmp_path / "own")]) == 0
+    assert f"these latents were made with {vae[1]} VAE and are decoded with the model's own: pass --vae {vae[1]} " \
+           "for the frames that run made" in capsys.readouterr().err
+    assert "vae" not in read_sidecar(tmp_path / "own")
 
 
 def png_frames(folder: Path) -> np.ndarray:

@@ -101,19 +101,37 @@ def test_other_files_are_not_vaes(files, tmp_path):
     assert not is_image_vae(Source(tmp_path / "two.safetensors"))
 
 
-def test_a_folder_of_another_latent_space_is_refused(vae, files, tmp_path):
-    for key, value, message in (
-            ("scaling_factor", 0.13025, "its scaling_factor is 0.13025 and the model's VAE's 0.18215, so it works in "
-                                        "another latent space"),
-            ("block_out_channels", [32, 64, 64], "it downscales 4x and the model's VAE 2x")):
-        folder = tmp_path / key
-        folder.mkdir()
-        config = json.loads((files / "folder" / "config.json").read_text()) | {key: value}
-        (folder / "config.json").write_text(json.dumps(config))
-        (folder / "diffusion_pytorch_model.safetensors").symlink_to(files / "folder" /
-                                                                     "diffusion_pytorch_model.safetensors")
-        with pytest.raises(KinemaError, match=message):
-            read_image_vae(folder, dict(vae.config))
+MISSING = object()
+
+
+def folder_with(files, folder, key, value):
+    """The VAE folder with its config's `key` set to `value` (left out for MISSING)."""
+    folder.mkdir()
+    config = json.loads((files / "folder" / "config.json").read_text()) | {key: value}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not MISSING}))
+    weights = "diffusion_pytorch_model.safetensors"
+    (folder / weights).symlink_to(files / "folder" / weights)
+    return folder
+
+
+@pytest.mark.parametrize(("key", "value", "model", "message"), [
+    ("scaling_factor", 0.13025, {}, "its scaling_factor is 0.13025 and the model's VAE's 0.18215, so it works in "
+                                    "another latent space"),
+    ("block_out_channels", [32, 64, 64], {}, "it downscales 4x and the model's VAE 2x"),
+    # Left out, the config takes diffusers' default, which a model of another scale does not share.
+    ("scaling_factor", MISSING, {"scaling_factor": 0.5}, "its scaling_factor is 0.18215 and the model's VAE's 0.5"),
+    ("scaling_factor", "0.18215", {}, r"its config.json's scaling_factor is \"0.18215\", not a number above 0 "
+                                      r"\(SD1.5's VAEs: 0.18215\): restore the config.json the VAE came with"),
+    ("scaling_factor", None, {}, "its config.json's scaling_factor is null, not a number above 0"),
+    ("latent_channels", "4", {}, r"its config.json's latent_channels is \"4\", not a positive whole number"),
+    ("block_out_channels", 5, {}, "its config.json's block_out_channels is 5, not a list of positive whole numbers"),
+    ("block_out_channels", MISSING, {}, r"its config does not build an AutoencoderKL \(IndexError: .*\): restore"),
+])
+def test_a_folder_of_another_latent_space_or_a_broken_config_is_refused(vae, files, tmp_path, key, value, model,
+                                                                         message):
+    folder = folder_with(files, tmp_path / "vae", key, value)
+    with pytest.raises(KinemaError, match=f"^{tmp_path / 'vae'}: {message}"):
+        read_image_vae(folder, {**vae.config, **model})
 
 
 def test_an_incomplete_or_broken_file_is_one_line(vae, files, tmp_path):

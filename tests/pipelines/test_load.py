@@ -67,8 +67,13 @@ def other_vae(root):
     deeper = AutoencoderKL(**{**TINY_VAE, "block_out_channels": (32, 64, 64), "down_block_types": (
         "DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3})
     save_file(ldm_vae_state(deeper), root / "deeper.safetensors")
+    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3, 3), "decoder.conv_out.weight": torch.zeros(3, 8, 3, 3,
+                                                                                                              3)},
+              root / "slice.safetensors")
+    save_file({**ldm_vae_state(vae), "cond_stage_model.x": torch.zeros(1)}, root / "with-more.safetensors")
     return {"model": vae, "file": root / "vae-ft.safetensors", "sdxl_folder": root / "sdxl-vae",
-            "deeper_file": root / "deeper.safetensors"}
+            "deeper_file": root / "deeper.safetensors", "video_file": root / "slice.safetensors",
+            "with_more": root / "with-more.safetensors"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -296,9 +301,17 @@ BAD = {
                               r"deeper.safetensors: 26 tensors have no place in the VAE \(e.g. decoder.up.2.block"),
     "model as VAE": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"], "vae": f["motion_module"]}),
                      r"mm_v2.safetensors is not a VAE \(it is: AnimateDiff motion module"),
+    "video VAE file as VAE": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                          "vae": f["other_vae"]["video_file"]}),
+                              r"slice.safetensors is not a Stable Diffusion image VAE: its convolutions are 3D, a "
+                              r"video VAE's \(EasyAnimate's Slice VAE comes in its model's folder\); give an SD1.5"),
+    "VAE file with more": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
+                                                       "vae": f["other_vae"]["with_more"]}),
+                           r"with-more.safetensors is not a Stable Diffusion image VAE: it holds 1 entries that are "
+                           r"no part of an image VAE beside its own \(e.g. cond_stage_model.x\)"),
     "VAE with EasyAnimate": (lambda f: ((f["easyanimate"],), {"vae": f["other_vae"]["file"]}),
                              "is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE "
-                             r"\(--vae\) is for AnimateDiff"),
+                             r"\(vae, --vae\) is for AnimateDiff"),
     "EasyAnimate transformer alone": (lambda f: ((f["easyanimate"],), {}),
                                       "is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                                       r"\(transformer/, vae/"),
