@@ -269,6 +269,38 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+# Entry keys that name files (a path, or a list of them); lora_map's and motion_lora_map's keys and
+# motion_module_lora_configs' paths are files too.
+PATH_KEYS = ("model", "dreambooth_path", "path", "base", "lora_model_path", "adapter_lora_path", "tokenizer",
+             "vae_path", "controlnet_path", "motion_module", "controlnet_images")
+
+
+def _paths_as_found(entry: Mapping[str, Any], config_folder: Path) -> dict[str, Any]:
+    """The entry with each relative path that was found beside the config file, not from the current folder, made
+    absolute: config.yaml is written elsewhere, and must run again from there."""
+    def found(value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return value
+        try:
+            if Path(value).is_absolute() or Path(value).exists() or not (config_folder / value).exists():
+                return value
+        except (OSError, ValueError):  # a text no path can be: the job has named it already
+            return value
+        return os.path.abspath(config_folder / value)
+
+    made = dict(entry)
+    for key in PATH_KEYS:
+        if key in made:
+            made[key] = [found(item) for item in made[key]] if isinstance(made[key], list) else found(made[key])
+    for key in ("lora_map", "motion_lora_map"):
+        if isinstance(made.get(key), Mapping):
+            made[key] = {found(path): weight for path, weight in made[key].items()}
+    if isinstance(made.get("motion_module_lora_configs"), list):
+        made["motion_module_lora_configs"] = [{**item, "path": found(item.get("path"))} if isinstance(item, Mapping)
+                                              else item for item in made["motion_module_lora_configs"]]
+    return made
+
+
 def _travel_maps(entry: Mapping[str, Any], shared: Mapping[str, Any], config_folder: Path
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(job data, entry keys as run)` of prompt travel's controlnet_map, ip_adapter_map and img2img_map
@@ -399,7 +431,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     motion_modules = _list(_given(entry, "motion_module"))
     schedule = {key: entry[key] for key in SCHEDULE_KEYS if _given(entry, key) is not None}
     n_prompt = _given(entry, "n_prompt")
-    used = {**entry, **travel_used}
+    used = _paths_as_found({**entry, **travel_used}, config_folder)
     stem = f"{index + 1:02d}-{_slug(name, 24)}"
     runs: list[ConfigRun] = []
 

@@ -370,6 +370,13 @@ MUTATIONS = (
         ("tests/sampling/test_sampling.py",),
     ),
     Mutation(
+        "config.yaml keeps paths relative to a config folder it is not in",
+        "kinema/pipelines/prompt_configs.py",
+        ((("    used = _paths_as_found({**entry, **travel_used}, config_folder)",
+           "    used = {**entry, **travel_used}"),),),
+        ("tests/pipelines/test_prompt_configs.py",),
+    ),
+    Mutation(
         "tile_resample shrinks with nearest neighbours, not OpenCV's area resize",
         "kinema/pipelines/control_maps.py",
         ((("interpolation=cv2.INTER_AREA)", "interpolation=cv2.INTER_NEAREST)"),),),

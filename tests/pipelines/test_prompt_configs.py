@@ -215,6 +215,29 @@ def test_bad_configs_are_one_line_naming_the_problem(tmp_path, monkeypatch, text
     assert str(caught.value).startswith(str(tmp_path / "bad.yaml"))
 
 
+def test_paths_found_beside_the_config_are_written_absolute_so_it_runs_again_from_anywhere(tmp_path, monkeypatch,
+                                                                                         stand_in_models):
+    project, elsewhere = tmp_path / "project", tmp_path / "far" / "elsewhere"
+    touch(project, "toon.safetensors", "mm.ckpt", "vae.pt", "style.safetensors", "zoom.ckpt", "here.safetensors")
+    for folder in (elsewhere, tmp_path / "configs", tmp_path / "out"):
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(project)  # here.safetensors is found from the current folder and stays as written
+    config = write(tmp_path / "configs" / "toon.yaml", [{
+        "dreambooth_path": "../project/toon.safetensors", "motion_module": ["../project/mm.ckpt"],
+        "vae_path": "../project/vae.pt", "lora_map": {"../project/style.safetensors": 0.5, "here.safetensors": 0.3},
+        "motion_module_lora_configs": [{"path": "../project/zoom.ckpt", "alpha": 1.0}],
+        "prompt": ["a cat"], "seed": 1, "steps": 2}])
+    monkeypatch.chdir(elsewhere)  # none of them is found from here: each beside the config file
+    touch(elsewhere, "here.safetensors")
+    [used] = read_config(config).used
+    assert used["dreambooth_path"] == str(project / "toon.safetensors")
+    assert used["motion_module"] == [str(project / "mm.ckpt")] and used["vae_path"] == str(project / "vae.pt")
+    assert used["lora_map"] == {str(project / "style.safetensors"): 0.5, "here.safetensors": 0.3}
+    assert used["motion_module_lora_configs"] == [{"path": str(project / "zoom.ckpt"), "alpha": 1.0}]
+    again = write(tmp_path / "out" / "config.yaml", [used])  # where run_config writes it
+    assert read_config(again).runs[0].job.vae == str(project / "vae.pt")
+
+
 def test_the_sd_example_is_refused_only_for_its_missing_weights(tmp_path, monkeypatch, stand_in_models):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KinemaError, match=r"entry 'entry1', prompt 1: no such model file or folder: "
