@@ -1072,13 +1072,17 @@ def run_extend(args: argparse.Namespace) -> None:
     """Continue the video (with the prompt stored in its settings unless --prompt) and write the results."""
     from dataclasses import replace
 
-    from kinema.data.video_io import stored_prompt
+    from kinema.data.video_io import stored_settings
 
     request = args.request
-    if args.prompt is None:
-        prompt = stored_prompt(args.video)
-        if prompt is not None:
-            request = replace(request, prompt=prompt)
+    stored = stored_settings(args.video)
+    prompt = stored.get("prompt")
+    if args.prompt is None and isinstance(prompt, (str, dict)) and prompt:
+        request = replace(request, prompt=prompt)
+    given = None if args.vae is None else os.path.abspath(args.vae)
+    if stored.get("vae") is not None and stored["vae"] != given:  # its frames are re-encoded for the held ones
+        logger.warning("%s was made with the VAE %s and is continued with %s: pass --vae %s to continue it alike",
+                       args.video, stored["vae"], "the model's own" if given is None else given, stored["vae"])
     _generate_and_write(args, request, latents=False)
 
 

@@ -114,11 +114,15 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
     return settings
 
 
+def stored_settings(path: str | os.PathLike) -> dict:
+    """The settings kinema stored with the video at `path`, in its sidecar or else inside the file; {} for none."""
+    return read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
+
+
 def stored_prompt(path: str | os.PathLike) -> str | dict | None:
-    """The prompt (text or schedule) kinema stored with the video at `path`, in its sidecar or else inside the file;
-    None when it has none: what `kinema extend` and extend jobs continue a video with when given no prompt."""
-    stored = read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
-    prompt = stored.get("prompt")
+    """The prompt (text or schedule) kinema stored with the video at `path` (`stored_settings`); None when it has
+    none: what `kinema extend` and extend jobs continue a video with when given no prompt."""
+    prompt = stored_settings(path).get("prompt")
     return prompt if isinstance(prompt, (str, dict)) and prompt else None
 
 

@@ -436,7 +436,7 @@ def family(tiny_sd):
     return load_family(tiny_sd[1], motion_module=tiny_sd[3])
 
 
-def test_another_vae_decodes_the_video_and_is_recorded(tiny_sd, tmp_path, capsys):
+def test_another_vae_decodes_the_video_and_is_recorded(tiny_sd, tmp_path, capsys, monkeypatch):
     from diffusers import AutoencoderKL
     from loaders.test_stable_diffusion import TINY_VAE
     from safetensors.torch import save_file
@@ -468,6 +468,18 @@ def test_another_vae_decodes_the_video_and_is_recorded(tiny_sd, tmp_path, capsys
     assert f"these latents were made with {vae[1]} VAE and are decoded with the model's own: pass --vae {vae[1]} " \
            "for the frames that run made" in capsys.readouterr().err
     assert "vae" not in read_sidecar(tmp_path / "own")
+    # Extending it re-encodes its last frames: without its VAE, said before anything runs.
+    import kinema.cli.generate as generate_cli
+
+    ran = []
+    monkeypatch.setattr(generate_cli, "_generate_and_write", lambda args, request, latents: ran.append(request))
+    assert main(["extend", str(tmp_path / "fox.mp4"), "--frames", "4", *tiny_sd, "-o", str(tmp_path / "on.mp4")]) == 0
+    assert f"{tmp_path / 'fox.mp4'} was made with the VAE {vae[1]} and is continued with the model's own: pass --vae " \
+           f"{vae[1]} to continue it alike" in capsys.readouterr().err
+    assert ran and ran[0].prompt == "a red fox"  # its prompt, as before
+    assert main(["extend", str(tmp_path / "fox.mp4"), "--frames", "4", *tiny_sd, *vae, "-o",
+                 str(tmp_path / "on2.mp4")]) == 0
+    assert "was made with the VAE" not in capsys.readouterr().err
 
 
 def png_frames(folder: Path) -> np.ndarray:
