@@ -134,7 +134,7 @@ def _sidecar_settings(path: Path) -> dict | None:
 def _carries(video: Path, settings: dict) -> bool:
     """Whether the video file `video` holds `settings` inside it, as every video kinema writes holds its sidecar's
     (kinema.data.video_io): a user's video put in place of kinema's, or a sidecar edited by hand, breaks the pair."""
-    from kinema.data.video_io import read_embedded_settings
+    from kinema.data.probe import read_embedded_settings
 
     try:
         return read_embedded_settings(video) == settings

@@ -308,7 +308,8 @@ def test_an_edit_that_keeps_a_files_size_is_still_the_users(tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif", ".webp"])
 def test_a_video_is_kinemas_only_while_it_and_its_sidecar_carry_the_same_settings(tmp_path, suffix):
-    from kinema.data.video_io import read_embedded_settings, read_sidecar, write_video
+    from kinema.data.probe import read_embedded_settings, read_sidecar
+    from kinema.data.video_io import write_video
 
     frames = torch.zeros(2, 3, 16, 16)
     clip, side = tmp_path / f"clip{suffix}", tmp_path / f"clip{suffix}.json"
@@ -338,7 +339,8 @@ def test_a_video_is_kinemas_only_while_it_and_its_sidecar_carry_the_same_setting
 
 
 def test_a_sidecar_left_without_its_video_is_replaced_only_with_overwrite(tmp_path):
-    from kinema.data.video_io import read_sidecar, write_video
+    from kinema.data.probe import read_sidecar
+    from kinema.data.video_io import write_video
 
     frames = torch.zeros(2, 3, 16, 16)
     write_video(frames, tmp_path / "clip.mp4", settings={"prompt": "first"})

@@ -338,7 +338,7 @@ def test_single_file_model_is_sniffed_before_the_tokenizer(tmp_path):
     ('{"fps": }', "(the settings of clip.mp4) is not valid JSON at line 1 column 9: Expecting value; delete or fix it"),
 ])
 def test_settings_sidecar_that_is_not_an_object(tmp_path, text, expected):
-    from kinema.data.video_io import read_sidecar
+    from kinema.data.probe import read_sidecar
 
     (tmp_path / "clip.mp4.json").write_text(text)
     with pytest.raises(KinemaError) as err:
@@ -349,7 +349,7 @@ def test_settings_sidecar_that_is_not_an_object(tmp_path, text, expected):
 def test_a_foreign_comment_is_no_settings(tmp_path):
     from PIL import Image
 
-    from kinema.data.video_io import read_embedded_settings
+    from kinema.data.probe import read_embedded_settings
 
     path = tmp_path / "made-elsewhere.gif"
     Image.new("RGB", (4, 4)).save(path, comment=b"Created with GIMP")

@@ -65,7 +65,7 @@ from kinema.pipelines.request import (
 )
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
-from kinema.sampling.prompt_travel import INTERPOLATIONS
+from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ NOT_WITH_CONFIG: dict[str, Any] = {
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16,
                                    "prompt_hold": 0.0, "clip_skip": 1}
+# How a prompt schedule blends: `kinema extend` continues a video with its own, unless these options are given.
+BLEND_SETTINGS = ("interpolation", "prompt_hold", "prompt_loop")
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -920,6 +922,7 @@ def check_extend(args: argparse.Namespace) -> None:
     """Bad usage of `kinema extend`, refused before any heavy import."""
     from kinema.pipelines.request import check_video_holds_overlap
 
+    blend_unset = [key for key in BLEND_SETTINGS if getattr(args, key, None) in (None, False)]
     _fill_option_defaults(args)
     have = _check_video_input(args)
     if args.prompt is not None:
@@ -927,6 +930,7 @@ def check_extend(args: argparse.Namespace) -> None:
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS))
     extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
                                                                                       have)
+    _inherit_prompt(args, blend_unset, have + extend_frames)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
                             segment_frames=args.segment_frames)
     args.request.check()
@@ -934,6 +938,28 @@ def check_extend(args: argparse.Namespace) -> None:
     check_video_holds_overlap(have, args.request.with_defaults().overlap_frames or 0)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-extended", args.seed), None, (args.video,),
                    latents=False)
+
+
+def _inherit_prompt(args: argparse.Namespace, blend_unset: list[str], total: int) -> None:
+    """Without --prompt, the prompt stored with the video (and how its schedule blended, where the options leave
+    that unset); the schedule and an image prompt schedule checked against the `total` frames of the whole video,
+    over which they run (keyframes numbered in it)."""
+    from kinema.data.probe import stored_settings
+
+    args.stored_settings = stored = stored_settings(args.video)
+    inherited = args.prompt is None and isinstance(stored.get("prompt"), (str, dict)) and bool(stored["prompt"])
+    if inherited:
+        args.prompt = stored["prompt"]
+        for key in blend_unset:
+            if stored.get(key) is not None:
+                setattr(args, key, stored[key])
+    if isinstance(args.prompt, dict):
+        try:
+            parse_prompt_schedule(args.prompt, total, args.interpolation, args.prompt_hold, args.prompt_loop)
+        except KinemaError as err:
+            where = f"the prompt stored with {args.video}" if inherited else "the prompt schedule"
+            raise KinemaError(f"{where} runs over the whole video's {total} frames: {err}") from None
+    check_image_keyframes(getattr(args, "ip_image", None), total, "append more frames (--frames or --to)")
 
 
 def _frames_to_append(video: str, total: int, have: int) -> int:
@@ -1069,21 +1095,14 @@ def run_v2v(args: argparse.Namespace) -> None:
 
 
 def run_extend(args: argparse.Namespace) -> None:
-    """Continue the video (with the prompt stored in its settings unless --prompt) and write the results."""
-    from dataclasses import replace
-
-    from kinema.data.video_io import stored_settings
-
-    request = args.request
-    stored = stored_settings(args.video)
-    prompt = stored.get("prompt")
-    if args.prompt is None and isinstance(prompt, (str, dict)) and prompt:
-        request = replace(request, prompt=prompt)
+    """Continue the video (with the prompt stored in its settings unless --prompt, as check_extend set it) and write
+    the results."""
+    stored = args.stored_settings
     given = None if args.vae is None else os.path.abspath(args.vae)
     if stored.get("vae") is not None and stored["vae"] != given:  # its frames are re-encoded for the held ones
         logger.warning("%s was made with the VAE %s and is continued with %s: pass --vae %s to continue it alike",
                        args.video, stored["vae"], "the model's own" if given is None else given, stored["vae"])
-    _generate_and_write(args, request, latents=False)
+    _generate_and_write(args, args.request, latents=False)
 
 
 def run_decode(args: argparse.Namespace) -> None:

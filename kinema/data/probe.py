@@ -4,12 +4,15 @@ frames cheaply."""
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError, shorten
+from kinema.fileio import read_json
 
 # Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -90,3 +93,80 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
                           "video")
     suffix = ".webm" if names & {"webm", "matroska"} else ".avi" if "avi" in names else ".mp4"
     return suffix, frames
+
+
+# ---------------------------------------------------------------- settings stored with a video
+
+SETTINGS_KEY = "kinema"  # PNG text-chunk key
+_XMP_SETTINGS = re.compile(rb'kinema:settings="([^"]*)"')
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the settings of `path` are stored: the full name plus `.json` (`clip.mp4` -> `clip.mp4.json`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def read_sidecar(path: str | os.PathLike) -> dict | None:
+    """The settings in the sidecar of `path`, or None when there is none."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        settings = read_json(side, what=f"the settings of {Path(path).name}")
+    except KinemaError as err:
+        raise KinemaError(f"{err}; delete or fix it") from None
+    if not isinstance(settings, dict):
+        raise KinemaError(f"{side} (the settings of {Path(path).name}) is JSON but not an object of settings "
+                          "({...}); delete or fix it")
+    return settings
+
+
+def stored_settings(path: str | os.PathLike) -> dict:
+    """The settings kinema stored with the video at `path`, in its sidecar or else inside the file; {} for none."""
+    return read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
+
+
+def stored_prompt(path: str | os.PathLike) -> str | dict | None:
+    """The prompt (text or schedule) kinema stored with the video at `path` (`stored_settings`); None when it has
+    none: what `kinema extend` and extend jobs continue a video with when given no prompt."""
+    prompt = stored_settings(path).get("prompt")
+    return prompt if isinstance(prompt, (str, dict)) and prompt else None
+
+
+def read_embedded_settings(path: str | os.PathLike) -> dict | None:
+    """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None: also when the
+    comment is not a JSON object, since other tools write comments of their own there."""
+    import av
+    from PIL import Image
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".mp4", ".webm", ".mov", ".mkv"):
+            with av.open(str(path)) as container:
+                # Matroska/WebM upper-cases tag names on write.
+                tags = {key.lower(): value for key, value in container.metadata.items()}
+                text = tags.get("comment")
+        elif suffix in (".png", ".gif", ".webp"):
+            with Image.open(path) as image:
+                if suffix == ".webp":
+                    text = _xmp_settings(image.info.get("xmp") or b"")
+                else:
+                    text = image.info.get(SETTINGS_KEY) if suffix == ".png" else image.info.get("comment")
+        else:
+            return None
+    except (OSError, av.FFmpegError) as err:
+        raise KinemaError(f"cannot read {path}: {shorten(str(err))}") from None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        settings = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def _xmp_settings(packet: bytes) -> str | None:
+    found = _XMP_SETTINGS.search(packet)
+    return html.unescape(found[1].decode("utf-8", "replace")) if found else None

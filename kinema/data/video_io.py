@@ -26,10 +26,8 @@ end, so a failed or interrupted write leaves the old file (or nothing) and no pa
 
 from __future__ import annotations
 
-import html
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,14 +42,13 @@ from av.video.reformatter import Interpolation
 from PIL import Image, PngImagePlugin
 
 from kinema import __version__
-from kinema.data.probe import folder_frames
-from kinema.errors import KinemaError, shorten
-from kinema.fileio import atomic_file, atomic_folder, check_output, read_json
+from kinema.data.probe import SETTINGS_KEY, folder_frames, read_sidecar, sidecar_path
+from kinema.errors import KinemaError
+from kinema.fileio import atomic_file, atomic_folder, check_output
 from kinema.pipelines.request import check_fps
 
 DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
-SETTINGS_KEY = "kinema"  # PNG text-chunk key
 # swscale's default RGB <-> yuv420p path subsamples chroma crudely; averaging on the way in and interpolating
 # chroma on the way out gains 1.5-3 dB PSNR on clips with saturated colour edges.
 _TO_YUV = Interpolation.AREA | Interpolation.FULL_CHR_H_INP | Interpolation.ACCURATE_RND
@@ -91,69 +88,6 @@ def generation_settings(
             raise KinemaError(f"generation setting {key!r} = {value!r} cannot be stored as JSON; "
                               "pass numbers, strings, lists or dicts") from None
     return settings
-
-
-def sidecar_path(path: str | os.PathLike) -> Path:
-    """Where the settings of `path` are stored: the full name plus `.json` (`clip.mp4` -> `clip.mp4.json`)."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
-
-
-def read_sidecar(path: str | os.PathLike) -> dict | None:
-    """The settings in the sidecar of `path`, or None when there is none."""
-    side = sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        settings = read_json(side, what=f"the settings of {Path(path).name}")
-    except KinemaError as err:
-        raise KinemaError(f"{err}; delete or fix it") from None
-    if not isinstance(settings, dict):
-        raise KinemaError(f"{side} (the settings of {Path(path).name}) is JSON but not an object of settings "
-                          "({...}); delete or fix it")
-    return settings
-
-
-def stored_settings(path: str | os.PathLike) -> dict:
-    """The settings kinema stored with the video at `path`, in its sidecar or else inside the file; {} for none."""
-    return read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
-
-
-def stored_prompt(path: str | os.PathLike) -> str | dict | None:
-    """The prompt (text or schedule) kinema stored with the video at `path` (`stored_settings`); None when it has
-    none: what `kinema extend` and extend jobs continue a video with when given no prompt."""
-    prompt = stored_settings(path).get("prompt")
-    return prompt if isinstance(prompt, (str, dict)) and prompt else None
-
-
-def read_embedded_settings(path: str | os.PathLike) -> dict | None:
-    """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None: also when the
-    comment is not a JSON object, since other tools write comments of their own there."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".mp4", ".webm", ".mov", ".mkv"):
-            with av.open(str(path)) as container:
-                # Matroska/WebM upper-cases tag names on write.
-                tags = {key.lower(): value for key, value in container.metadata.items()}
-                text = tags.get("comment")
-        elif suffix in (".png", ".gif", ".webp"):
-            with Image.open(path) as image:
-                if suffix == ".webp":
-                    text = _xmp_settings(image.info.get("xmp") or b"")
-                else:
-                    text = image.info.get(SETTINGS_KEY) if suffix == ".png" else image.info.get("comment")
-        else:
-            return None
-    except (OSError, av.FFmpegError) as err:
-        raise KinemaError(f"cannot read {path}: {shorten(str(err))}") from None
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    try:
-        settings = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return settings if isinstance(settings, dict) else None
 
 
 def _complete_settings(settings: dict | None, frames: np.ndarray, fps: float) -> dict:
@@ -251,7 +185,6 @@ def _write_webp(frames: np.ndarray, path: Path, fps: float, crf: int, comment: s
 
 # WebP keeps no comment; its XMP packet holds the settings as one attribute of a namespace of kinema's own.
 _XMP_NAMESPACE = "urn:kinema:settings:1"
-_XMP_SETTINGS = re.compile(rb'kinema:settings="([^"]*)"')
 
 
 def _xmp_packet(comment: str) -> bytes:
@@ -259,11 +192,6 @@ def _xmp_packet(comment: str) -> bytes:
     return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
             f'<rdf:Description rdf:about="" xmlns:kinema="{_XMP_NAMESPACE}" kinema:settings="{value}"/>'
             '</rdf:RDF></x:xmpmeta>').encode()
-
-
-def _xmp_settings(packet: bytes) -> str | None:
-    found = _XMP_SETTINGS.search(packet)
-    return html.unescape(found[1].decode("utf-8", "replace")) if found else None
 
 
 def _png_info(comment: str) -> PngImagePlugin.PngInfo:

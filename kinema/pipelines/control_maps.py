@@ -29,6 +29,9 @@ PREPROCESSORS = ("canny", "invert", "tile_resample", "blur", "none")
 CANNY_THRESHOLDS = (100, 200)  # ControlNet's annotator/canny and controlnet_aux's CannyDetector defaults
 # animatediff-cli-prompt-travel's defaults: TileResamplePreProcessor's down_sampling_rate, BlurPreProcessor's sigma.
 TILE_RATE, BLUR_SIGMA = 1.0, 5.0
+# OpenCV's kernel grows with sigma (about 6 sigma + 1 pixels a side): past this it blurs a frame to its mean colour
+# anyway, and at thousands it takes seconds a frame.
+MAX_BLUR_SIGMA = 100.0
 OPENCV_METHODS = ("canny", "tile_resample", "blur")
 _OPENCV_HINT = "canny, tile_resample and blur need OpenCV: pip install opencv-python-headless (or kinema[eval])"
 _FORMS = "canny:LOW:HIGH for other thresholds, tile_resample:RATE, blur:SIGMA"
@@ -68,8 +71,8 @@ def _one_number(text: str, method: str, values: list[str]) -> float:
     except ValueError:
         value = math.nan
     low, what = (1.0, "a rate of at least 1 (the short side divided by it)") if method == "tile_resample" else (
-        0.0, "a sigma above 0")
-    if not (math.isfinite(value) and (value >= low if method == "tile_resample" else value > low)):
+        0.0, f"a sigma above 0 and at most {MAX_BLUR_SIGMA:g}")
+    if not (math.isfinite(value) and (value >= low if method == "tile_resample" else low < value <= MAX_BLUR_SIGMA)):
         raise KinemaError(f"{method} takes {what}, as {method}:{2 if method == 'tile_resample' else 5}; got {text!r}")
     return value
 

@@ -11,20 +11,28 @@ import torch
 from kinema.errors import KinemaError
 
 logger = logging.getLogger(__name__)
+# Set on a VAE that overflowed in float16: it runs in float32 whatever a later run's precision setup casts it to.
+OVERFLOWS_FLOAT16 = "_kinema_overflows_float16"
 
 
 def overflow_safe(vae: Any, images: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`run(images)` through the SD VAE `vae`, the images in its dtype and on its device. A float16 VAE whose result
     overflowed (NaN or infinity: SD VAEs' activations outgrow float16, the reason for their config's `force_upcast`)
     is cast to float32 for good, with one warning, and `images` run again: A1111's fallback, where a silent NaN would
-    make black frames. Float16 otherwise stays, as it halves the VAE's memory."""
+    make black frames. Float16 otherwise stays, as it halves the VAE's memory. Images that are not finite themselves
+    are run as they are: the VAE is not to blame. A VAE marked so is cast again where a later run's precision setup
+    made it float16 (a cached model serves many requests), without another warning."""
+    from kinema.models.precision import cast_module
+
     parameter = next(vae.parameters())
+    if parameter.dtype == torch.float16 and getattr(vae, OVERFLOWS_FLOAT16, False):
+        cast_module(vae, dtype=torch.float32)
     result = run(images.to(device=parameter.device, dtype=parameter.dtype))
-    if parameter.dtype == torch.float16 and not bool(torch.isfinite(result).all()):
+    if parameter.dtype == torch.float16 and not bool(torch.isfinite(result).all()) and bool(
+            torch.isfinite(images).all()):
         logger.warning("the VAE overflowed in float16 (NaN or infinity), as Stable Diffusion VAEs can; it runs in "
                        "float32 from now on (load the model in bfloat16 or float32 to start there)")
-        from kinema.models.precision import cast_module
-
+        setattr(vae, OVERFLOWS_FLOAT16, True)
         cast_module(vae, dtype=torch.float32)
         result = run(images.to(device=parameter.device, dtype=torch.float32))
     return result

@@ -802,7 +802,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         made = input_video.shape[0] if input_video is not None else int(request.frames or plan.frames)
     _check_frames_fit(len(seeds), made, plan.height, plan.width)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
-                          else "give a longer input video")
+                          else "append more frames" if mode == "extend" else "give a longer input video")
 
     if request.free_init is not None and (mode == "video-to-video" or (
             mode in ("image-to-video", "extend") and not (family.inpaints or family.animates_image))):

@@ -789,19 +789,26 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given.setdefault("height", height)
         given.setdefault("width", width)
     if video is not None and given.get("extend_frames") is not None and prompt == "":
-        from kinema.data.video_io import stored_prompt  # torch, but only for an extend job given no prompt
+        from kinema.data.probe import stored_prompt, stored_settings
 
-        given["prompt"] = prompt = stored_prompt(video) or ""  # as `kinema extend` continues the video's own
+        # As `kinema extend` continues the video's own: its prompt, blended as it was where the job does not say.
+        given["prompt"] = prompt = stored_prompt(video) or ""
+        stored = stored_settings(video) if isinstance(prompt, dict) else {}
+        given.update({key: stored[key] for key in ("interpolation", "prompt_hold", "prompt_loop")
+                      if data.get(key) is None and stored.get(key) is not None})
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()
     check_pia_module(motion_module, request)
     made = request.frames
+    whole = request.frames  # the frames the schedules run over: the video made, or an extended video's all
     if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)
         have = frame_count(video)
         made = have if request.extend_frames is None else None
+        whole = have if request.extend_frames is None else have + request.extend_frames
         if request.extend_frames is not None:
             check_video_holds_overlap(have, request.overlap_frames or 0)
+            check_image_keyframes(request.ip_image, whole, "append more frames (\"extend_frames\")")
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
                         freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet,
@@ -843,11 +850,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if request.mode == "text-to-video" and isinstance(prompt, str) and not prompt.strip() \
             and request.control_video is None:  # control images alone may lead (guess mode)
         raise KinemaError('no prompt: add "prompt": "a red circle moving right" (or a prompt schedule)')
-    if isinstance(prompt, dict) or prompt.strip():
-        # The keyframes must fall within the frames made (an input video's length is not known here).
-        length = (request.frames if request.mode in ("text-to-video", "image-to-video") and request.frames
-                  else 10**9)
-        parse_prompt_schedule(prompt, length, request.interpolation, request.prompt_hold, request.prompt_loop)
+    if isinstance(prompt, dict) or prompt.strip():  # its keyframes within the frames made (an extended video's all)
+        parse_prompt_schedule(prompt, whole or 10**9, request.interpolation, request.prompt_hold, request.prompt_loop)
     return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer,
                ip_adapter=ip_adapter, image_encoder=image_encoder, controlnet=controlnet, vae=vae)
 

@@ -139,7 +139,8 @@ def numbered_images(folder: Path, suffixes: tuple[str, ...] = (".png",)) -> dict
             if path.is_file():
                 skipped.append(path.name)
             continue
-        frame = frame_number(path.stem)  # the name starts with a digit, so no sign
+        # The name starts with a digit, so no sign; and a file name is its number alone ("0016 .png" is not).
+        frame = frame_number(path.stem) if path.stem == path.stem.strip() else None
         if frame is None:
             raise KinemaError(f"{path}: images here are named by their frame number (0016.png for frame 16); "
                               "rename it")
@@ -180,9 +181,16 @@ def _preprocessor(name: str, entry: Mapping[str, Any], where: str) -> str | None
     if kind == "canny":
         low, high = params.get("low_threshold", 100), params.get("high_threshold", 200)
         return f"canny:{low}:{high}" if (low, high) != (100, 200) else "canny"
-    if kind in ("tile_resample", "blur"):  # checked with kinema's own names (kinema.pipelines.control_maps)
+    if kind in ("tile_resample", "blur"):  # the value checked as kinema's own names are (kinema.pipelines.control_maps)
         setting = "down_sampling_rate" if kind == "tile_resample" else "sigma"
-        return f"{kind}:{params[setting]}" if setting in params else kind
+        unknown = [name for name in params if name != setting]
+        if unknown:
+            raise KinemaError(f"{where}.preprocessor.param has {unknown[0]!r}, which {kind} does not take; it takes "
+                              f"{setting}")
+        value = params.get(setting)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise KinemaError(f"{where}.preprocessor.param.{setting} is a number, got {value!r}")
+        return f"{kind}:{value}" if value is not None else kind
     raise KinemaError(f"{where} makes its maps with the {kind} preprocessor, which kinema does not make (it makes "
                       "canny, tile_resample and blur maps): put maps already made in its image folder and set "
                       "\"use_preprocessor\": false")

@@ -151,6 +151,27 @@ def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeyp
     assert args.output == Path("out/walk-extended-seed0.mp4")
 
 
+def test_extend_checks_its_schedules_over_the_whole_video_before_loading(model_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_walk(tmp_path)  # 8 frames, extended by 20: the schedules run over 28
+    model = ["--model", "sd", "--motion-module", "mm.safetensors"]
+    with pytest.raises(KinemaError, match=r"^the prompt schedule runs over the whole video's 28 frames: prompt "
+                                          r"schedule key '30' is out of range: keyframes go from 0 to 27 for 28 "
+                                          r"frames$"):
+        checked(["extend", "walk.mp4", "--frames", "20", "--prompt", '{"0": "a cat", "30": "a dog"}', *model])
+    # Given no prompt, the video's own, blended as it was unless the options say otherwise.
+    stored = {"prompt": {"0": "a cat", "20": "a dog"}, "prompt_hold": 0.5, "prompt_loop": True,
+              "interpolation": "slerp"}
+    (tmp_path / "walk.mp4.json").write_text(json.dumps(stored))
+    request = checked(["extend", "walk.mp4", "--frames", "20", *model]).request
+    assert (request.prompt, request.prompt_hold, request.prompt_loop, request.interpolation) == (
+        stored["prompt"], 0.5, True, "slerp")
+    assert checked(["extend", "walk.mp4", "--frames", "20", "--prompt-hold", "0.2", *model]).request.prompt_hold == 0.2
+    with pytest.raises(KinemaError, match=r"^the prompt stored with walk.mp4 runs over the whole video's 16 frames: "
+                                          r"prompt schedule key '20' is out of range"):
+        checked(["extend", "walk.mp4", "--frames", "8", *model])
+
+
 def test_the_continuation_overlap_is_the_models_default_unless_given(model_files, tmp_path, monkeypatch):
     """kinema.json "defaults" may name overlap_frames: `kinema extend` without --overlap, and `kinema generate`
     past the model's window, take it; --overlap wins; a model without it takes the library's 4. The bundled
@@ -443,7 +464,7 @@ def test_another_vae_decodes_the_video_and_is_recorded(tiny_sd, tmp_path, capsys
     from tiny_models import perturb
     from tiny_sd import ldm_vae_state
 
-    from kinema.data.video_io import read_sidecar
+    from kinema.data.probe import read_sidecar
     from kinema.pipelines.outputs import load_latents
 
     torch.manual_seed(8)
@@ -487,7 +508,8 @@ def png_frames(folder: Path) -> np.ndarray:
 
 
 def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, family, tmp_path, capsys):
-    from kinema.data.video_io import read_sidecar, read_video
+    from kinema.data.probe import read_sidecar
+    from kinema.data.video_io import read_video
     from kinema.pipelines.generation import generate
     from kinema.pipelines.outputs import load_latents
 
@@ -557,7 +579,7 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
                                                                                  monkeypatch):
     import shutil
 
-    from kinema.data.video_io import read_sidecar
+    from kinema.data.probe import read_sidecar
     from kinema.models.video_unet import VideoUNet
 
     argv = ["generate", "a red fox", "--seed", "4", "7", *SMALL, *tiny_sd, "-o", str(tmp_path / "fox"), "--quiet"]
@@ -607,7 +629,8 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
 
 
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
-    from kinema.data.video_io import read_sidecar, read_video, write_video
+    from kinema.data.probe import read_sidecar
+    from kinema.data.video_io import read_video, write_video
     from kinema.pipelines.generation import generate
 
     clip = torch.rand(4, 3, 24, 40, generator=torch.Generator().manual_seed(0))

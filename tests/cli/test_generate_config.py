@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from kinema.cli import main
-from kinema.data.video_io import read_sidecar, read_video
+from kinema.data.probe import read_sidecar
+from kinema.data.video_io import read_video
 
 CONFIG = """\
 - name: shapes

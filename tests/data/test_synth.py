@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kinema.data import synth
+from kinema.data.probe import read_sidecar
 from kinema.data.synth import (
     BACKGROUND_COLOURS,
     BACKGROUND_KINDS,
@@ -16,7 +17,7 @@ from kinema.data.synth import (
     synth_clip,
     write_synth_dataset,
 )
-from kinema.data.video_io import read_sidecar, read_video, to_float_frames
+from kinema.data.video_io import read_video, to_float_frames
 from kinema.errors import KinemaError
 
 

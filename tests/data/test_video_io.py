@@ -8,15 +8,8 @@ from PIL import Image
 
 from kinema import __version__
 from kinema.data import video_io
-from kinema.data.video_io import (
-    generation_settings,
-    read_embedded_settings,
-    read_sidecar,
-    read_video,
-    sidecar_path,
-    to_uint8_frames,
-    write_video,
-)
+from kinema.data.probe import read_embedded_settings, read_sidecar, sidecar_path
+from kinema.data.video_io import generation_settings, read_video, to_uint8_frames, write_video
 from kinema.errors import KinemaError
 
 

@@ -385,8 +385,8 @@ MUTATIONS = (
     Mutation(
         "a float16 VAE's overflow is kept, not run again in float32",
         "kinema/pipelines/decode.py",
-        ((("    if parameter.dtype == torch.float16 and not bool(torch.isfinite(result).all()):",
-           "    if False:"),),),
+        ((("    if parameter.dtype == torch.float16 and not bool(torch.isfinite(result).all()) and bool(",
+           "    if False and bool("),),),
         ("tests/pipelines/test_from_parts.py",),
     ),
     Mutation(

@@ -72,7 +72,8 @@ def test_invert_and_none():
     ("tile_resample:0.5", r"tile_resample takes a rate of at least 1 \(the short side divided by it\), as "
                           r"tile_resample:2; got 'tile_resample:0.5'"),
     ("tile_resample:nan", r"tile_resample takes a rate of at least 1"),
-    ("blur:0", r"blur takes a sigma above 0, as blur:5; got 'blur:0'"),
+    ("blur:0", r"blur takes a sigma above 0 and at most 100, as blur:5; got 'blur:0'"),
+    ("blur:10000", r"blur takes a sigma above 0 and at most 100"),
     ("blur:1:2", r"blur takes a sigma above 0"),
     ("canny:200:100", r"canny thresholds are two whole numbers LOW:HIGH with 0 <= LOW < HIGH"),
     ("canny:a:b", r"canny thresholds are two whole numbers"),

@@ -81,11 +81,20 @@ def test_a_float16_vae_that_overflows_runs_again_in_float32(caplog):
         "(load the model in bfloat16 or float32 to start there)"]  # once: the VAE stays float32
     assert next(half.parameters()).dtype == torch.float32
     torch.testing.assert_close(frames, expected, rtol=0, atol=2e-3)  # float16 weights, float32 sums
+    caplog.clear()
+    half.half()  # a later run's precision setup (generate's) casts a cached model's parts again
+    with caplog.at_level(logging.WARNING, logger="kinema.pipelines.decode"):
+        again = decode_latents(half, latents, decode_chunk=1)
+    assert not caplog.records and next(half.parameters()).dtype == torch.float32  # straight to float32, unsaid
+    torch.testing.assert_close(again, frames, rtol=0, atol=0)
     healthy = tiny_sd_parts()["vae"].half()  # a float16 VAE that does not overflow keeps float16
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         mean = overflow_safe(healthy, images, lambda chunk: healthy.encode(chunk).latent_dist.mean)
     assert mean.dtype == torch.float16 and next(healthy.parameters()).dtype == torch.float16
+    with caplog.at_level(logging.WARNING, logger="kinema.pipelines.decode"):  # not finite already: not the VAE's
+        decode_latents(healthy, torch.full((1, 4, 1, 8, 8), float("nan")))
+    assert not caplog.records and next(healthy.parameters()).dtype == torch.float16
 
 
 def test_prompts_pad_to_77_tokens(parts):

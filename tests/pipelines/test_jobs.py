@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from kinema.bundled import bundled_model_path, model_defaults
-from kinema.data.video_io import read_sidecar, read_video
+from kinema.data.probe import read_sidecar
+from kinema.data.video_io import read_video
 from kinema.errors import KinemaError
 from kinema.fileio import output_kind
 from kinema.pipelines.jobs import (
@@ -456,3 +457,9 @@ def test_an_extend_job_without_a_prompt_continues_the_videos_own(tmp_path):
         assert job.request.prompt == prompt
     given = job_from_mapping({"video": "made.mp4", "extend_frames": 8, "prompt": "a blue square"}, base=tmp_path)
     assert given.request.prompt == "a blue square"
+    # A schedule, its own or given, runs over the whole video (8 + 8 frames): checked before any model loads.
+    write_video(frames, tmp_path / "travel.mp4", settings={"prompt": {"0": "a cat", "12": "a dog"}, "prompt_hold": 0.5})
+    inherited = job_from_mapping({"video": "travel.mp4", "extend_frames": 8}, base=tmp_path).request
+    assert (inherited.prompt, inherited.prompt_hold) == ({"0": "a cat", "12": "a dog"}, 0.5)
+    with pytest.raises(KinemaError, match=r"key '12' is out of range: keyframes go from 0 to 11 for 12 frames"):
+        job_from_mapping({"video": "travel.mp4", "extend_frames": 4}, base=tmp_path)

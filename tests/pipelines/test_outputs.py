@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from kinema.data.video_io import read_embedded_settings, read_sidecar, read_video
+from kinema.data.probe import read_embedded_settings, read_sidecar
+from kinema.data.video_io import read_video
 from kinema.errors import KinemaError
 from kinema.pipelines.outputs import (
     VIDEO_SUFFIXES,

@@ -137,10 +137,15 @@ def test_the_tile_controlnets_maps_are_made_here(project, hub, stand_in_models, 
     [run] = read_config(config).runs
     assert run.job.controlnet == (str(tile), 1.0) and run.job.request.control_video == frames
     assert run.job.request.control_preprocess == made
-    bad = travel(project, controlnet_map={"input_image_dir": "controlnet_image/tile", "controlnet_tile": net(
-        use_preprocessor=True, preprocessor={"type": "tile_resample", "param": {"down_sampling_rate": 0.5}})})
-    with pytest.raises(KinemaError, match="tile_resample takes a rate of at least 1"):
-        read_config(bad)
+    for param, message in (({"down_sampling_rate": 0.5}, "tile_resample takes a rate of at least 1"),
+                           ({"down_sampling_rate": "2:3"}, r"controlnet_tile.preprocessor.param.down_sampling_rate is "
+                                                           r"a number, got '2:3'"),
+                           ({"rate": 4}, r"controlnet_tile.preprocessor.param has 'rate', which tile_resample does not "
+                                         r"take; it takes down_sampling_rate")):
+        bad = travel(project, controlnet_map={"input_image_dir": "controlnet_image/tile", "controlnet_tile": net(
+            use_preprocessor=True, preprocessor={"type": "tile_resample", "param": param})})
+        with pytest.raises(KinemaError, match=message):
+            read_config(bad)
 
 
 @pytest.mark.parametrize(("change", "message"), [
