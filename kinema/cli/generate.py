@@ -77,8 +77,9 @@ FUSE_METHODS = ("flat", "pyramid", "overlap-linear")
 DEFAULT_OUTPUT_FOLDER = Path("out")
 DEFAULT_SUFFIX = ".mp4"
 # A prompt schedule for video-to-video and extend is checked for its form before the input's length is known:
-# parsed against a length no keyframe reaches, so only the keyframes' syntax and order are judged here.
-_ANY_LENGTH = 10**9
+# parsed against a length no keyframe reaches (frame numbers have at most 18 digits), so only the keyframes' syntax
+# and order are judged here, and a keyframe past the video is named against its real length later.
+_ANY_LENGTH = 10**18
 _SLUG_LENGTH = 48
 
 GENERATE_DESCRIPTION = (

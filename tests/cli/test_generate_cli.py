@@ -200,6 +200,9 @@ def test_print_schedule_needs_no_model(capsys):
     assert capsys.readouterr().out.splitlines() == [
         'frames 0-2: "a cat"', 'frame 3: 0.75 "a cat" -> 0.25 "a dog"', 'frame 4: 0.50 "a cat" -> 0.50 "a dog"',
         'frame 5: 0.25 "a cat" -> 0.75 "a dog"', 'frames 6-7: "a dog"']
+    assert main(["generate", '{"0": "a", "123456789012345678": "b"}', "--frames", "16", "--print-schedule"]) == 2
+    assert "key '123456789012345678' is out of range: keyframes go from 0 to 15 for 16 frames" in \
+        capsys.readouterr().err  # against the frames asked for, not a placeholder length
     images = ["--ip-image", '{"0": "cat.png", "4": "dog.png"}', "--prompt-hold", "0.5"]  # blended as the prompts
     assert main(["generate", '{"0": "a cat", "4": "a dog"}', "--frames", "6", "--print-schedule", *images]) == 0
     assert capsys.readouterr().out.splitlines() == [
