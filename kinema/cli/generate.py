@@ -51,6 +51,7 @@ from kinema.pipelines.jobs import (
 # The request fields a model's kinema.json "defaults" fill when unset, per command (v2v and extend take their size,
 # and extend its frame count, from the input), and the library's values otherwise (plain data, no torch).
 from kinema.pipelines.request import (
+    BLEND_SETTINGS,
     CONTINUATION_DEFAULTS,
     DTYPES,
     GENERATE_DEFAULTS,
@@ -62,6 +63,7 @@ from kinema.pipelines.request import (
     check_image_keyframes,
     check_pia_module,
     image_prompt_keyframes,
+    stored_prompt_settings,
 )
 
 # Plain data (kinema.sampling.schedulers imports no torch at module level), so --help lists the real names.
@@ -135,8 +137,6 @@ NOT_WITH_CONFIG: dict[str, Any] = {
 # What those options are when not given.
 OPTION_DEFAULTS: dict[str, Any] = {"seed": [0], "negative": "", "interpolation": "linear", "decode_chunk": 16,
                                    "prompt_hold": 0.0, "clip_skip": 1}
-# How a prompt schedule blends: `kinema extend` continues a video with its own, unless these options are given.
-BLEND_SETTINGS = ("interpolation", "prompt_hold", "prompt_loop")
 DECODE_DESCRIPTION = (
     "Decode latents saved by `kinema generate` or `kinema v2v` (OUT.latents.safetensors) with the model's VAE and "
     "write the videos with the settings stored with the latents (their seeds name the files, their fps is the "
@@ -833,17 +833,16 @@ def _fill_option_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, list(value) if isinstance(value, list) else value)
 
 
-def _schedule(args: argparse.Namespace) -> Any:
-    """The prompt schedule of the options (`PromptSchedule`), checked: its keyframes, hold and loop."""
-    from kinema.sampling.prompt_travel import parse_prompt_schedule
-
-    return parse_prompt_schedule(args.prompt, args.frames, args.interpolation, args.prompt_hold, args.prompt_loop)
+def _schedule(args: argparse.Namespace, frames: int | None = None) -> Any:
+    """The prompt schedule of the options (`PromptSchedule`) over `frames` (default --frames), checked: its
+    keyframes, hold and loop."""
+    return parse_prompt_schedule(args.prompt, frames or args.frames, args.interpolation, args.prompt_hold,
+                                 args.prompt_loop)
 
 
 def _image_schedule(args: argparse.Namespace) -> Any:
     """The image prompt schedule of --ip-image {frame: image} as a `PromptSchedule` of the images' paths, blended as
     the prompts are (`VideoFamily.image_prompt_frames`); None for one image or none."""
-    from kinema.pipelines.request import check_image_keyframes, image_prompt_keyframes
     from kinema.sampling.prompt_travel import PromptSchedule
 
     keyframes = image_prompt_keyframes(getattr(args, "ip_image", None))
@@ -923,7 +922,7 @@ def check_extend(args: argparse.Namespace) -> None:
     """Bad usage of `kinema extend`, refused before any heavy import."""
     from kinema.pipelines.request import check_video_holds_overlap
 
-    blend_unset = [key for key in BLEND_SETTINGS if getattr(args, key, None) in (None, False)]
+    blend_given = [key for key in BLEND_SETTINGS if getattr(args, key, None) not in (None, False)]
     _fill_option_defaults(args)
     have = _check_video_input(args)
     if args.prompt is not None:
@@ -931,7 +930,7 @@ def check_extend(args: argparse.Namespace) -> None:
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS))
     extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
                                                                                       have)
-    _inherit_prompt(args, blend_unset, have + extend_frames)
+    _inherit_prompt(args, blend_given, have + extend_frames)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
                             segment_frames=args.segment_frames)
     args.request.check()
@@ -941,22 +940,20 @@ def check_extend(args: argparse.Namespace) -> None:
                    latents=False)
 
 
-def _inherit_prompt(args: argparse.Namespace, blend_unset: list[str], total: int) -> None:
-    """Without --prompt, the prompt stored with the video (and how its schedule blended, where the options leave
-    that unset); the schedule and an image prompt schedule checked against the `total` frames of the whole video,
-    over which they run (keyframes numbered in it)."""
+def _inherit_prompt(args: argparse.Namespace, blend_given: list[str], total: int) -> None:
+    """Without --prompt, the prompt stored with the video (and how its schedule blended, where the options do not
+    say: `stored_prompt_settings`); the schedule and an image prompt schedule checked against the `total` frames of
+    the whole video, over which they run (keyframes numbered in it)."""
     from kinema.data.probe import stored_settings
 
-    args.stored_settings = stored = stored_settings(args.video)
-    inherited = args.prompt is None and isinstance(stored.get("prompt"), (str, dict)) and bool(stored["prompt"])
-    if inherited:
-        args.prompt = stored["prompt"]
-        for key in blend_unset:
-            if stored.get(key) is not None:
-                setattr(args, key, stored[key])
+    args.stored_settings = stored_settings(args.video)
+    own = stored_prompt_settings(args.stored_settings, blend_given) if args.prompt is None else {}
+    inherited = bool(own)
+    for key, value in own.items():
+        setattr(args, key, value)
     if isinstance(args.prompt, dict):
         try:
-            parse_prompt_schedule(args.prompt, total, args.interpolation, args.prompt_hold, args.prompt_loop)
+            _schedule(args, total)
         except KinemaError as err:
             where = f"the prompt stored with {args.video}" if inherited else "the prompt schedule"
             raise KinemaError(f"{where} runs over the whole video's {total} frames: {err}") from None
@@ -1118,15 +1115,19 @@ def run_decode(args: argparse.Namespace) -> None:
     family = _load(args)
     # The videos record the VAE that decodes them, which may not be the one the latents were made with.
     used = family.settings().get("vae")
-    made_with = sorted({str(entry.get("vae")) for entry in settings if entry.get("vae") != used})
+
+    def named(vae: str | None) -> str:
+        return "the model's own" if vae is None else vae
+
+    made_with = sorted({entry.get("vae") for entry in settings} - {used}, key=str)
     if made_with:
         logger.warning("these latents were made with %s VAE and are decoded with %s: pass %s for the frames that run "
-                       "made", " and ".join("the model's own" if vae == "None" else vae for vae in made_with),
-                       "the model's own" if used is None else used,
-                       "no --vae" if made_with == ["None"] else f"--vae {made_with[0]}")
-    settings = [{**{key: value for key, value in entry.items() if key != "vae"}, **({} if used is None else
-                                                                                   {"vae": used})}
-                for entry in settings]
+                       "made", " and ".join(map(named, made_with)), named(used),
+                       "no --vae" if made_with == [None] else f"--vae {made_with[0]}")
+    for entry in settings:  # freshly read: each video records the VAE that decodes it
+        entry.pop("vae", None)
+        if used is not None:
+            entry["vae"] = used
     set_vae_options(family, vae_tiling=args.vae_tiling, decode_chunk=args.decode_chunk)
     device = next(family.model.parameters()).device
     reset_peak_memory(device)

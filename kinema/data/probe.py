@@ -127,13 +127,6 @@ def stored_settings(path: str | os.PathLike) -> dict:
     return read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
 
 
-def stored_prompt(path: str | os.PathLike) -> str | dict | None:
-    """The prompt (text or schedule) kinema stored with the video at `path` (`stored_settings`); None when it has
-    none: what `kinema extend` and extend jobs continue a video with when given no prompt."""
-    prompt = stored_settings(path).get("prompt")
-    return prompt if isinstance(prompt, (str, dict)) and prompt else None
-
-
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:
     """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None: also when the
     comment is not a JSON object, since other tools write comments of their own there."""

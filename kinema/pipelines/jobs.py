@@ -55,6 +55,7 @@ from kinema.pipelines.request import (
     control_places,
     freeu_error,
     image_prompt_keyframes,
+    stored_prompt_settings,
 )
 from kinema.sampling.prompt_travel import INTERPOLATIONS, parse_prompt_schedule
 from kinema.sampling.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -789,13 +790,11 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         given.setdefault("height", height)
         given.setdefault("width", width)
     if video is not None and given.get("extend_frames") is not None and prompt == "":
-        from kinema.data.probe import stored_prompt, stored_settings
+        from kinema.data.probe import stored_settings
 
         # As `kinema extend` continues the video's own: its prompt, blended as it was where the job does not say.
-        given["prompt"] = prompt = stored_prompt(video) or ""
-        stored = stored_settings(video) if isinstance(prompt, dict) else {}
-        given.update({key: stored[key] for key in ("interpolation", "prompt_hold", "prompt_loop")
-                      if data.get(key) is None and stored.get(key) is not None})
+        given.update(stored_prompt_settings(stored_settings(video), [key for key in data if data[key] is not None]))
+        prompt = given["prompt"]
     # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
     request = GenerationRequest(**given).with_defaults()
     request.check()

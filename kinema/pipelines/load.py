@@ -322,13 +322,14 @@ def _vae_source(path: Path, model_vae_config: dict[str, Any]) -> Any:
     """The described `Source` of another VAE for a model whose own VAE has `model_vae_config`: names and shapes
     checked against that VAE, and a folder's latent space against the model's, before any weights load."""
     from kinema.loaders.image_vae import other_vae_problem
-    from kinema.loaders.source import Source
+    from kinema.loaders.source import Source, describe_source
 
-    problem = other_vae_problem(Source(path))  # names only: a header, or the pickle describe reads anyway
+    source = Source(path, {"vae_config": model_vae_config})  # one Source: a torch pickle is unpickled once
+    problem = other_vae_problem(source)  # names only
     if problem is not None:
         raise KinemaError(f"{path} is not a Stable Diffusion image VAE: {problem}; give an SD1.5 VAE file (e.g. "
                           "vae-ft-mse-840000-ema-pruned.safetensors) or an AutoencoderKL folder")
-    source, report = _describe(path, vae_config=model_vae_config)
+    report = describe_source(source)
     if report["kind"] != "image_vae":
         raise _not_the_kind(path, "a VAE", report["kind"], "an SD1.5 VAE file (e.g. "
                             "vae-ft-mse-840000-ema-pruned.safetensors) or an AutoencoderKL folder (its config.json "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,22 @@ class FreeUSettings:
                                                                                    and value > 0):
                 raise KinemaError(f"FreeU factor {name} must be a finite number above 0, got {value!r} (1 leaves "
                                   "that part as trained; to turn FreeU off, leave it unset)")
+
+
+# How a prompt schedule blends: what continuing a video (extend) takes from its stored settings with its schedule.
+BLEND_SETTINGS = ("interpolation", "prompt_hold", "prompt_loop")
+
+
+def stored_prompt_settings(stored: Mapping[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
+    """The prompt a video's stored settings hold (text or schedule) as request fields, with how a schedule blended
+    (`BLEND_SETTINGS`, those not in `given`); {} when they hold no prompt. What `kinema extend` and extend jobs
+    continue a video with when given no prompt."""
+    prompt = stored.get("prompt")
+    if not (isinstance(prompt, str | dict) and prompt):
+        return {}
+    blend = {key: stored[key] for key in BLEND_SETTINGS
+             if isinstance(prompt, dict) and key not in given and stored.get(key) is not None}
+    return {"prompt": prompt, **blend}
 
 
 def check_image_keyframes(ip_image: Any, frames: int, fix: str) -> None:
