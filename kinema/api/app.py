@@ -3,8 +3,8 @@
     POST   /v1/jobs               queue a job: a JSON object of job fields (kinema.pipelines.jobs.job_from_mapping),
                                   start/end image and input video as base64 (`image_base64`, `end_image_base64`,
                                   `video_base64`) or, as multipart/form-data, a `job` field holding that JSON plus
-                                  `image` / `end_image` / `video` files (a video: video-to-video, or with
-                                  `extend_frames` a continuation)
+                                  `image` / `end_image` / `video` / `mask` files (a video: video-to-video, or
+                                  with `extend_frames` a continuation; a mask: video inpainting)
     GET    /v1/jobs               list jobs, newest first (?status=, ?limit=, ?offset=)
     GET    /v1/jobs/{id}          a job: status (queued, running, done, failed, cancelled), progress, settings, error
     GET    /v1/jobs/{id}/result   a done job's video (?seed= for one of several); 409 while it is not done
@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 20
 # Files a job may upload: form field (and `FIELD_base64` JSON key) -> how messages name it.
-UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video", "ip_image": "image prompt",
-           "control_video": "control video"}
+UPLOADS = {"image": "start image", "end_image": "end image", "video": "input video", "mask": "mask",
+           "ip_image": "image prompt", "control_video": "control video"}
 # Room in a request body besides its uploads (the job's own fields).
 _BODY_ROOM = 1 << 20
 Scope = MutableMapping[str, Any]
@@ -174,6 +174,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "end_image_base64": {"type": "string", "description": "the end image, base64 (needs a start image)"},
         "video_base64": {"type": "string", "description": "the input video, base64: video-to-video, or with "
                                                           "extend_frames a continuation"},
+        "mask_base64": {"type": "string", "description": "video-to-video inpainting: white pixels remade, black "
+                                                         "held; an image for every frame or a video, base64"},
         "ip_image_base64": {"type": "string", "description": "the IP-Adapter's image prompt, base64"},
         "control_video_base64": {"type": "string", "description": "the ControlNet's control images, base64: a video "
                                                                   "with one per frame, or one image for all"},
@@ -189,6 +191,8 @@ _SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "image": {"type": "string", "format": "binary", "description": "the start image"},
         "end_image": {"type": "string", "format": "binary", "description": "the end image"},
         "video": {"type": "string", "format": "binary", "description": "the input video"},
+        "mask": {"type": "string", "format": "binary",
+                 "description": "the pixels of the input video to remake (white), an image or a video"},
         "ip_image": {"type": "string", "format": "binary", "description": "the IP-Adapter's image prompt"},
         "control_video": {"type": "string", "format": "binary",
                           "description": "the ControlNet's control images (a video, or one image)"}}}}}}}
@@ -476,7 +480,7 @@ class _Server:
                 if key == "video":
                     suffix, input_frames = _checked(check_video_bytes, data, max_bytes=self.max_upload_bytes,
                                                     what=UPLOADS[key])
-                elif key == "control_video":  # a video, or one image for every frame: both are read as videos
+                elif key in ("control_video", "mask"):  # a video, or one image for every frame: read as videos
                     suffix, _ = _checked(check_video_bytes, data, max_bytes=self.max_upload_bytes, what=UPLOADS[key])
                 else:
                     suffix = _checked(_image_suffix_checked, data, UPLOADS[key], self.max_upload_bytes)

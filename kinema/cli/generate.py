@@ -96,7 +96,8 @@ GENERATE_DESCRIPTION = (
 )
 V2V_DESCRIPTION = (
     "Remake VIDEO after PROMPT (SDEdit): its latents are noised by --strength (0 keeps the input, 1 ignores it) "
-    "and denoised from there. The size defaults to the input's. Without -o: out/<video name>-v2v-seed<S>.mp4."
+    "and denoised from there. With --mask, only the mask's white pixels are remade and the rest is held (video "
+    "inpainting). The size defaults to the input's. Without -o: out/<video name>-v2v-seed<S>.mp4."
 )
 EXTEND_DESCRIPTION = (
     "Append --frames frames to VIDEO (or extend it to --to frames in all), segment by segment, each conditioned on "
@@ -302,6 +303,10 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     v2v.add_argument("--strength", type=number, required=True,
                      help="how much of the input is noised away, in (0, 1]: 0.3 keeps its look, 0.8 keeps only its "
                           "layout")
+    v2v.add_argument("--mask", metavar="MASK",
+                     help="video inpainting: an image (for every frame) or a video of one frame per input frame, "
+                          "at the input's size (or --resize); its white pixels are remade and its black ones held, "
+                          "so --strength 1 makes the masked part anew")
     _add_model_options(v2v)
     _add_size_options(v2v, "(default: the input's)")
     _add_sampling_options(v2v)
@@ -908,12 +913,20 @@ def check_v2v(args: argparse.Namespace) -> None:
     args.prompt = read_prompt(args.prompt)
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS), frames, input_video=True)
     _check_control_frames(args, frames, input_video=True)
-    args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength,
+    if args.mask is not None:
+        from kinema.data.probe import frame_count, video_size
+        from kinema.pipelines.request import check_mask_frames
+
+        _require_path(args.mask, "mask")
+        check_mask_frames(frame_count(args.mask, "mask"), frames)
+        height, width = video_size(args.mask, "mask")
+        _check_input_size(args, (width, height), "mask")
+    args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength, mask=args.mask,
                             context=_context(args))
     args.request.check()
     check_pia_module(args.motion_module, args.request)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,
-                   tuple(path for path in (args.video, *_ip_images(args), *(args.control_video or []))
+                   tuple(path for path in (args.video, args.mask, *_ip_images(args), *(args.control_video or []))
                          if path is not None),
                    latents=True)
 

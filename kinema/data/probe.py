@@ -70,12 +70,19 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
     from its content rather than its name, and its frame count from the container or its non-empty packets."""
     from PIL import Image, UnidentifiedImageError
 
-    try:  # GIF and WebP animations are read by PIL, as kinema's reader does
+    still = None
+    try:  # GIF and WebP animations, and PNG and JPEG stills, are read by PIL, as kinema's reader does
         with Image.open(opener()) as image:
             if image.format in ("GIF", "WEBP"):
                 return f".{image.format.lower()}", int(getattr(image, "n_frames", 1))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        pass
+            if image.format in ("PNG", "JPEG"):  # one image for every frame (a mask, a control image)
+                still = ".png" if image.format == "PNG" else ".jpg"
+                image.load()
+                return still, 1
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        if still is not None:
+            raise KinemaError(f"the {what} is a corrupt or truncated {still[1:].upper()} image ({type(err).__name__}: "
+                              f"{shorten(str(err), 80)}); give a whole image or a video") from None
     import av
 
     frames, names = 0, set()

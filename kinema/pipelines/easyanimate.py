@@ -257,7 +257,8 @@ class EasyAnimateFamily(VideoFamily):
         Args:
             video: `(B, F, 3, H, W)` in [0, 1] (F = 1 or 8k): the kept frames at their places; the other frames'
                 pixels are ignored.
-            keep: `(F,)` bool, True for the pixel frames to keep (all False: text-to-video).
+            keep: `(F,)` bool, True for the pixel frames to keep (all False: text-to-video), or `(F, H, W)`, True
+                for the pixels to keep (video inpainting: V3's mask video, per pixel).
             clip_image: `(B, 3, H, W)` (or `(1, 3, H, W)` for all) in [0, 1]: the image whose CLIP embedding
                 conditions (V3: the start image), or None for no image tokens.
         Returns:
@@ -269,13 +270,13 @@ class EasyAnimateFamily(VideoFamily):
             return super().inpaint_conditioning(video, keep, clip_image)
         self._check_frames(video, "inpaint conditioning")
         batch, frames, _, height, width = video.shape
-        if keep.shape != (frames,) or keep.dtype != torch.bool:
-            raise KinemaError(f"keep must be a bool tensor (F,) = ({frames},), one flag per pixel frame; got "
-                              f"{keep.dtype} {tuple(keep.shape)}")
+        if keep.shape not in ((frames,), (frames, height, width)) or keep.dtype != torch.bool:
+            raise KinemaError(f"keep must be a bool tensor (F,) = ({frames},), one flag per pixel frame, or (F, H, W) "
+                              f"= ({frames}, {height}, {width}), one per pixel; got {keep.dtype} {tuple(keep.shape)}")
         if clip_image is not None and (clip_image.dim() != 4 or clip_image.shape[0] not in (1, batch)):
             raise KinemaError(f"clip_image must be (B, 3, H, W) with B = {batch} (or 1 for all videos); got shape "
                               f"{tuple(clip_image.shape)}")
-        kept = keep.to(video.device)[None, None, :, None, None]  # (1, 1, F, 1, 1)
+        kept = keep.to(video.device).view(1, 1, frames, *(keep.shape[1:] or (1, 1)))  # (1, 1, F, 1 or H, 1 or W)
         # V3's mask video: 1 = generate, 0 = keep, binarised and left in [0, 1], on all 3 channels.
         mask_video = (~kept).to(video.dtype).expand(batch, 3, frames, height, width)
         pixels = video.permute(0, 2, 1, 3, 4) * 2 - 1

@@ -116,7 +116,8 @@ class VideoFamily:
 
         Args:
             video: `(B, F, 3, H, W)` in [0, 1]: the known frames at their places (the rest is ignored).
-            keep: `(F,)` bool, True for the frames to keep.
+            keep: `(F,)` bool, True for the frames to keep, or `(F, H, W)`, True for the pixels to keep (video
+                inpainting).
             clip_image: `(B, 3, H, W)` in [0, 1], the image whose CLIP embedding conditions (None: no image tokens).
         Returns:
             `(cond, uncond)` mappings with `inpaint_latents` `(B, 2C, F', h, w)` and, when `clip_image` is given,

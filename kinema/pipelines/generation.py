@@ -34,6 +34,7 @@ from kinema.pipelines.request import (
     OUTPUT_TYPES,
     GenerationRequest,
     check_image_keyframes,
+    check_mask_frames,
     check_video_holds_overlap,
     freeu_error,
     image_prompt_keyframes,
@@ -121,6 +122,26 @@ def _video_tensor(video: Any, height: int | None, width: int | None, resize: boo
     if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
         raise KinemaError("the input video must be a path or an (F, 3, H, W) tensor in [0, 1]")
     return _fit(video, height or video.shape[-2], width or video.shape[-1], resize, "the input video")
+
+
+def _mask_tensor(mask: Any, frames: int, height: int, width: int, resize: bool) -> torch.Tensor:
+    """`mask` (see GenerationRequest.mask) as bool `(frames, height, width)`, True for the pixels to remake."""
+    if isinstance(mask, (str, Path)):
+        from kinema.data.video_io import read_video
+
+        mask = (read_video(mask).frames + 1) / 2
+    elif not isinstance(mask, torch.Tensor):
+        mask = _read_image(mask, "the mask")[None]  # a PIL image
+    if mask.ndim in (2, 3):  # (H, W) or (F, H, W)
+        mask = mask.reshape(-1, 1, *mask.shape[-2:])
+    if mask.ndim != 4 or mask.shape[1] not in (1, 3):
+        raise KinemaError(f"the mask must be a path, a PIL image, or an (H, W) or (F, H, W) tensor in [0, 1]; got "
+                          f"shape {tuple(mask.shape)}")
+    check_mask_frames(mask.shape[0], frames)
+    remake = _fit(mask.float().mean(dim=1, keepdim=True), height, width, resize, "the mask")[:, 0] > 0.5
+    if not remake.any():
+        raise KinemaError("the mask marks no pixel to remake: white (or light) pixels are remade, black kept")
+    return remake.expand(frames, -1, -1)
 
 
 def _control_images(control: Any, height: int, width: int, resize: bool, normalize: bool = False,
@@ -560,13 +581,18 @@ def _held_forward(video: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _latent_keep(family: VideoFamily, keep: torch.Tensor) -> torch.Tensor:
-    """Latent frames whose every pixel frame is kept (pixel frames merged per latent frame by the VAE)."""
+    """What the latents hold of `keep`: `(F,)` kept pixel frames give `(F',)`, the latent frames whose every pixel
+    frame is kept (pixel frames merged per latent frame by the VAE); `(F, H, W)` kept pixels give `(F', h, w)`, the
+    latent pixels whose every pixel is kept."""
     frames = keep.shape[0]
     latent_frames = family.latent_frames(frames)
     per = frames // latent_frames if latent_frames > 1 else frames
-    if latent_frames == frames:
-        return keep.clone()
-    return keep[: latent_frames * per].view(latent_frames, per).all(dim=1)
+    held = keep[: latent_frames * per].reshape(latent_frames, per, *keep.shape[1:]).all(dim=1)
+    if keep.ndim == 1:
+        return held
+    factor = family.spatial_factor
+    height, width = held.shape[1] // factor, held.shape[2] // factor
+    return held.reshape(latent_frames, height, factor, width, factor).all(dim=4).all(dim=2)
 
 
 def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, plan: _Plan) -> _Clip:
@@ -576,6 +602,20 @@ def _text_to_video_clip(family: VideoFamily, noise: torch.Tensor, plan: _Plan) -
     frames = family.pixel_frames(noise.shape[2])
     video = torch.zeros(noise.shape[0], frames, 3, plan.height, plan.width, device=noise.device)
     return _condition_on_frames(family, noise, video, torch.zeros(frames, dtype=torch.bool), None, inpaint=True)
+
+
+def _masked_clip(family: VideoFamily, noise: torch.Tensor, video: torch.Tensor, remake: torch.Tensor,
+                 clean: torch.Tensor) -> _Clip:
+    """Video inpainting: `video` `(B, F, 3, H, W)` in [0, 1] remade where `remake` `(F, H, W)` is True. Every model
+    holds the latents of `clean` `(B, C, F', h, w)` (the input's) wherever every pixel a latent covers is kept
+    (repaint); InP models also see the kept pixels through their inpaint inputs (V3's mask video, per pixel). V3
+    trained its InP checkpoints on frame masks only, so the inputs alone did not keep the kept half of a
+    half-masked video on the bundled kinema-tiny (13.5 dB, as far from the input as the remade half)."""
+    keep = _latent_keep(family, ~remake)
+    if family.inpaints:
+        cond, uncond = family.inpaint_conditioning(video, ~remake.to(video.device), None)
+        return _Clip(noise, cond, uncond, known=clean, keep=keep)
+    return _Clip(noise, known=clean, keep=keep)
 
 
 def _image_clip(family: VideoFamily, noise: torch.Tensor, start: torch.Tensor, end: torch.Tensor | None,
@@ -771,6 +811,11 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 plan.context = _context_options(family, request, plan.latent_frames)
         else:
             check_video_holds_overlap(input_video.shape[0], request.overlap_frames or 0)  # filled by with_defaults
+    remake = None
+    if request.mask is not None:  # read (and sized) once, here, before any model runs
+        assert input_video is not None  # request.check(): a mask comes with video-to-video
+        remake = _mask_tensor(request.mask, input_video.shape[0], input_video.shape[2], input_video.shape[3],
+                              request.resize)
     images = None
     if mode == "image-to-video":  # read (and sized) once, here, before any model runs
         images = (_image_tensor(request.image, plan.height, plan.width, request.resize, "the start image"),
@@ -849,8 +894,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 noise = _noise(family, plan, request, seeds, device)
                 with torch.no_grad():
                     clean = family.encode_frames(input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device))
-                clip = replace(_text_to_video_clip(family, noise, plan), clean=clean.to(noise),
-                               strength=request.strength)
+                clean = clean.to(noise)
+                clip = replace(_text_to_video_clip(family, noise, plan) if remake is None else _masked_clip(
+                    family, noise, input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device), remake, clean),
+                    clean=clean, strength=request.strength)
                 with torch.no_grad():
                     text = _with_control(family, request, _encode_text(family, request, len(seeds),
                                                                        plan.latent_frames, plan.frames),

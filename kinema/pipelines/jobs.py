@@ -49,6 +49,7 @@ from kinema.pipelines.request import (
     FreeUSettings,
     GenerationRequest,
     check_image_keyframes,
+    check_mask_frames,
     check_pia_module,
     check_seed,
     check_video_holds_overlap,
@@ -85,9 +86,9 @@ _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode", "control_loop",
                 "prompt_loop")
 _TEXT_FIELDS = ("negative_prompt",)
-_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "ip_image": "image prompt",
-                "control_video": "control video"}
-_VIDEO_FIELDS = ("video", "control_video")  # file fields that may be videos (or frame folders), not images only
+_FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "mask": "mask",
+                "ip_image": "image prompt", "control_video": "control video"}
+_VIDEO_FIELDS = ("video", "mask", "control_video")  # file fields that may be videos (or frame folders), not images only
 # The named choices of ContextSettings and FreeInitSettings, checked here without importing the torch modules that
 # define them (kinema.sampling.context SCHEDULES, FUSE_METHODS; kinema.sampling.freeinit FREE_INIT_METHODS);
 # tests/pipelines/test_jobs.py checks that they stay equal.
@@ -829,6 +830,11 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             control_places(controls, made, request.control_indices, what=f"the {what}", fix=f"\"frames\": {controls}")
         height, width = video_size(video, what)
         image_sizes[what] = (width, height)
+    if isinstance(request.mask, str):  # one mask image for all frames, or one per frame of the input video
+        if made is not None:
+            check_mask_frames(frame_count(request.mask, "mask"), made)
+        height, width = video_size(request.mask, "mask")
+        image_sizes["mask"] = (width, height)
     if controlnet is not None:
         check_sparsectrl_falloff([path for path, _ in (controlnet if isinstance(controlnet, list) else [controlnet])],
                                  request.control_falloff)

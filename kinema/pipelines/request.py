@@ -298,6 +298,14 @@ def check_seed(seed: int, also: str = "") -> None:
         raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED}){also}")
 
 
+def check_mask_frames(count: int, frames: int) -> None:
+    """One KinemaError line unless a mask of `count` frames fits an input video of `frames`: one mask for all
+    frames, or one per frame."""
+    if count not in (1, frames):
+        raise KinemaError(f"the mask has {count} frames and the input video {frames}: give one mask image for every "
+                          f"frame, or a mask video of {frames} frames")
+
+
 def check_motion_strength(scale: float, effect: float) -> None:
     """One KinemaError line for a motion scale (factor on the motion attentions' keys) that is not a finite number
     above 0, or a motion effect (factor on the motion modules' residual) that is not a finite number of at least 0
@@ -328,6 +336,9 @@ class GenerationRequest:
         resize: resize `image` / `video` to height x width instead of refusing another size.
         video: the input of video-to-video or of `extend`: a path or frames `(F, 3, H, W)` in [0, 1].
         strength: video-to-video: how much of the input is noised away (0 keeps it, 1 ignores it).
+        mask: video-to-video only (video inpainting): the pixels of `video` to remake, white (> 0.5) remade and
+            black kept; a path (an image for every frame, or a video, animation or frame folder of one frame per
+            input frame), a PIL image, or `(H, W)` / `(F, H, W)` in [0, 1] (None: the whole video is remade).
         extend_frames: append this many frames to `video` (continuation).
         overlap_frames: continuation: how many of the last frames condition the next segment (and are cross-faded;
             None: the model's default, else 4).
@@ -408,6 +419,7 @@ class GenerationRequest:
     resize: bool = False
     video: Any = None
     strength: float = 0.6
+    mask: Any = None
     extend_frames: int | None = None
     overlap_frames: int | None = None
     segment_frames: int | None = None
@@ -534,6 +546,9 @@ class GenerationRequest:
                               "video-to-video), with --frames as long as it")
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
+        if self.mask is not None and self.mode != "video-to-video":
+            raise KinemaError("a mask (--mask) marks the pixels of an input video to remake (video-to-video): give "
+                              "video too, without extend_frames")
         if not 0 < self.strength <= 1:
             raise KinemaError(f"strength must be in (0, 1] (the share of the input noised away), got {self.strength}")
         if self.extend_frames is not None:
@@ -571,7 +586,7 @@ class GenerationRequest:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
         type)."""
         data = asdict(self)
-        for key in ("image", "end_image", "video", "ip_image", "control_video"):
+        for key in ("image", "end_image", "video", "mask", "ip_image", "control_video"):
             value = data[key]
             if isinstance(value, Mapping):  # an image prompt schedule: its keyframes' images by frame, in order
                 data[key] = {str(frame): os.fspath(image) if isinstance(image, str | os.PathLike)

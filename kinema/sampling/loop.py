@@ -134,7 +134,7 @@ def repaint_step(scheduler: Any, known: torch.Tensor, keep: torch.Tensor, noise:
 
     Args:
         known: clean latents `(B, C, F, H, W)`; only the frames where `keep` is True are used.
-        keep: `(F,)` bool, the latent frames to hold.
+        keep: `(F,)` bool, the latent frames to hold, or `(F, H, W)`, the latent pixels to hold.
         noise: unit noise `(B, C, F, H, W)` used to re-noise them (fixed for the whole run).
     """
     def put_back(index: int, latents: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def repaint_step(scheduler: Any, known: torch.Tensor, keep: torch.Tensor, noise:
             # Schedulers that track their step (Euler, DPM++) noise to the step they are at, which after step()
             # is this following one; the others read the timestep given.
             level = scheduler.add_noise(known, noise, scheduler.timesteps[following * scheduler.order].reshape(1))
-        mask = keep.to(latents.device).view(1, 1, -1, 1, 1)
+        mask = keep.to(latents.device).view(1, 1, keep.shape[0], *(keep.shape[1:] or (1, 1)))
         return torch.where(mask, level.to(latents.dtype), latents)
 
     return put_back

@@ -62,7 +62,7 @@ NO_CHOICE = ""
 PIA_MOTION_CHOICES: list[tuple[str, str | int]] = [
     ("none", ""), *((f"{index}: {name}", index) for index, name in enumerate(PIA_MOTION_NAMES))]
 # Uploads live in gradio's cache, which is cleared: jobs name lasting copies (kinema.ui.gallery.keep_input).
-INPUT_KEYS = ("image", "end_image", "v2v_video", "extend_video", "control_video", "control_video_2")
+INPUT_KEYS = ("image", "end_image", "v2v_video", "v2v_mask", "extend_video", "control_video", "control_video_2")
 # Every hour, gradio deletes its cached copies (uploads, files it served) older than a day.
 CACHE_CLEANING = (3600, 86400)
 
@@ -277,6 +277,9 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                         v2v_video = gr.Video(label="Input video", sources=["upload"], include_audio=True)
                         strength = gr.Slider(label="Strength (how much of the input is noised away)", minimum=0.05,
                                              maximum=1.0, step=0.05, value=0.6)
+                        v2v_mask = gr.File(label="Mask (optional, video inpainting): its white pixels are remade and "
+                                                 "its black ones held; an image for every frame, or a video",
+                                           type="filepath", file_types=["image", "video"], elem_id="v2v-mask")
                         v2v_resize = gr.Checkbox(label=RESIZE_LABEL, value=False)
                 with gr.Accordion("Model", open=True):
                     with gr.Row():
@@ -362,7 +365,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "prompt": prompt, "negative_prompt": negative, "model": model, "motion_module": motion_module,
             "scheduler": scheduler, "steps": steps, "width": width, "height": height, "frames": frames,
             "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
-            "v2v_video": v2v_video, "strength": strength, "extend_video": extend_video,
+            "v2v_video": v2v_video, "strength": strength, "v2v_mask": v2v_mask, "extend_video": extend_video,
             "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
             "motion_effect": motion_effect, "motion_scale": motion_scale, "controlnet": controlnet,
             "controlnet_scale": controlnet_scale, "control_video": control_video, "control_indices": control_indices,

@@ -213,6 +213,28 @@ def test_an_uploaded_video_makes_video_to_video_or_extend_jobs(serve, fake_runne
             assert (job["settings"]["height"], job["settings"]["width"]) == (64, 64)  # the video's size
 
 
+def test_an_uploaded_mask_makes_a_video_inpainting_job(serve, fake_runner, wait, tmp_path):
+    from PIL import Image
+
+    clip = video_bytes(tmp_path, 8)
+    mask = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(mask, format="PNG")
+    with serve(runner=fake_runner) as client:
+        as_form = client.post("/v1/jobs", data={"job": '{"prompt": "a red circle", "steps": 1, "strength": 1}'},
+                              files={"video": ("clip.mp4", clip), "mask": ("mask.bin", mask.getvalue())})
+        assert as_form.status_code == 201, as_form.text
+        job = wait(client, as_form.json()["id"])
+        server_file = Path(job["settings"]["mask"])
+        assert server_file.read_bytes() == mask.getvalue() and server_file.suffix == ".png"
+        five = video_bytes(tmp_path, 5)
+        response = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1, "strength": 1,
+                                                  "video_base64": base64.b64encode(clip).decode(),
+                                                  "mask_base64": base64.b64encode(five).decode()})
+        assert_one_line_error(response, 422, "the mask has 5 frames and the input video 8")
+        response = client.post("/v1/jobs", json={"prompt": "a red circle", "mask": "/etc/passwd"})
+        assert_one_line_error(response, 422, "the API reads no server paths", "mask_base64")
+
+
 def test_an_input_video_counts_against_the_frame_limit(serve, fake_runner, tmp_path):
     clip = video_bytes(tmp_path, 8)
     with serve(runner=fake_runner, limits=JobLimits(frames=12)) as client:

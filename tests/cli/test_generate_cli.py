@@ -647,6 +647,20 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     as_bytes = (expected.frames[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(png_frames(tmp_path / "robot"), as_bytes)
     assert (tmp_path / "robot.latents.safetensors").is_file()
+    # --mask: video inpainting, the mask image's white half remade, as generate() remakes it.
+    from PIL import Image
+
+    mask = torch.zeros(24, 40)
+    mask[:, 20:] = 1
+    Image.fromarray((mask * 255).byte().numpy()).save(tmp_path / "mask.png")
+    assert main(["v2v", str(tmp_path / "walk"), "a robot", "--strength", "1", "--mask", str(tmp_path / "mask.png"),
+                 *common, "-o", str(tmp_path / "masked")]) == 0
+    expected = generate(family, GenerationRequest(prompt="a robot", video=as_input, strength=1.0, mask=mask,
+                                                  height=24, width=40, steps=2, guidance=3.0, seeds=[2]),
+                        progress=False)
+    as_bytes = (expected.frames[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(png_frames(tmp_path / "masked"), as_bytes)
+    assert read_sidecar(tmp_path / "masked")["mask"] == str(tmp_path / "mask.png")
 
     capsys.readouterr()
     assert main(["extend", str(tmp_path / "walk"), "--frames", "3", "--overlap", "2", "--segment-frames", "4",

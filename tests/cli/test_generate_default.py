@@ -119,15 +119,22 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     write_video(np.zeros((10, 64, 64, 3), np.uint8), tmp_path / "ten.mp4")
     write_video(np.zeros((8, 60, 60, 3), np.uint8), tmp_path / "sixty.mp4")
     write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "eight.mp4")
+    write_video(np.full((8, 64, 64, 3), 255, np.uint8), tmp_path / "mask.mp4")
     for argv, message in (
             (["ten.mp4"], "the input video has 10 frames, and EasyAnimate V3 remakes 1 or a multiple of 8: trim it "
                           "to 8 frames"),
             (["sixty.mp4"], "height and width must be positive multiples of 16 (the VAE's 8x downscale times the "
                             "transformer's 2x2 patches); got 60x60: use 48x48"),
             (["sixty.mp4", "--width", "60", "--height", "64", "--resize"], "got 64x60: use 64x48"),
-            (["eight.mp4", "--steps", "1", "-o", "still.png"], "still.png: a .png file holds one frame, not 8")):
+            (["eight.mp4", "--steps", "1", "-o", "still.png"], "still.png: a .png file holds one frame, not 8"),
+            (["eight.mp4", "--mask", "gone.png"], "no such mask: gone.png"),
+            (["eight.mp4", "--mask", "ten.mp4"], "the mask has 10 frames and the input video 8: give one mask image "
+                                                 "for every frame, or a mask video of 8 frames"),
+            (["eight.mp4", "--mask", "sixty.mp4"], "the mask is 60x60 but the video is 64x64; pass --resize"),
+            (["eight.mp4", "--mask", "mask.mp4", "-o", "mask.mp4"], "the output mask.mp4 is the input mask.mp4")):
         assert main(["v2v", *argv[:1], "a blue square", "--strength", "0.5", *argv[1:]]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".mp4") == ["eight.mp4", "sixty.mp4", "ten.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".mp4") == ["eight.mp4", "mask.mp4", "sixty.mp4",
+                                                                                "ten.mp4"]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("still*"))

@@ -414,6 +414,33 @@ MUTATIONS = (
         ((("LATENT_SPACE = (\"latent_channels\", \"scaling_factor\")", "LATENT_SPACE = (\"latent_channels\",)"),),),
         ("tests/loaders/test_image_vae.py", "tests/pipelines/test_load.py"),
     ),
+    Mutation(
+        "a latent is held where any pixel it covers is kept, not every one",
+        "kinema/pipelines/generation.py",
+        ((("    return held.reshape(latent_frames, height, factor, width, factor).all(dim=4).all(dim=2)",
+           "    return held.reshape(latent_frames, height, factor, width, factor).any(dim=4).any(dim=2)"),),),
+        ("tests/pipelines/test_generate.py",),
+    ),
+    Mutation(
+        "a masked InP clip gets the inpaint inputs but nothing is held",
+        "kinema/pipelines/generation.py",
+        ((("        return _Clip(noise, cond, uncond, known=clean, keep=keep)",
+           "        return _Clip(noise, cond, uncond)"),),),
+        ("tests/pipelines/test_generate.py",),
+    ),
+    Mutation(
+        "the inpaint inputs keep a frame where any of its pixels is kept",
+        "kinema/pipelines/easyanimate.py",
+        ((("        kept = keep.to(video.device).view(1, 1, frames, *(keep.shape[1:] or (1, 1)))",
+           "        kept = keep.reshape(frames, -1).any(dim=1).to(video.device)[None, None, :, None, None]"),),),
+        ("tests/pipelines/test_generate.py",),
+    ),
+    Mutation(
+        "a mask is read inverted: black remade, white kept",
+        "kinema/pipelines/generation.py",
+        ((("\"the mask\")[:, 0] > 0.5", "\"the mask\")[:, 0] <= 0.5"),),),
+        ("tests/pipelines/test_generate.py", "tests/cli/test_generate_cli.py"),
+    ),
 )
 
 # A pytest plugin written into the scratch area: it records the id of every failed test (or failed collection) in

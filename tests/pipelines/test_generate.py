@@ -281,6 +281,107 @@ def test_a_request_fills_what_it_leaves_unset_from_the_model_then_the_library():
     assert GenerationRequest(overlap_frames=2).with_defaults({"overlap_frames": 8}).overlap_frames == 2
 
 
+# ------------------------------------------------------------------------------------------ video inpainting
+
+
+def half_mask(frames: int = 1) -> torch.Tensor:
+    """`(frames, SIZE, SIZE)`: the right half white (remade), the left black (held)."""
+    mask = torch.zeros(frames, SIZE, SIZE)
+    mask[..., SIZE // 2:] = 1
+    return mask
+
+
+def scaled_mean(family, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's scaled posterior mean of `(B, 3, F, H, W)` pixels in [-1, 1], called directly."""
+    with torch.no_grad():
+        return family.vae.encode(pixels).latent_dist.mean * family.vae.config.scaling_factor
+
+
+def test_a_pixel_mask_is_v3s_mask_video_per_pixel(easyanimate):
+    video = torch.rand(1, 8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    keep = half_mask(8) < 0.5  # (F, H, W): the left half kept
+    cond, uncond = easyanimate.inpaint_conditioning(video, keep, None)
+    pixels = video.permute(0, 2, 1, 3, 4) * 2 - 1
+    kept = keep[None, None].expand(1, 3, -1, -1, -1)
+    mask_video = (~kept).float()  # V3: 1 = generate, 0 = keep, on 3 channels
+    masked_video = torch.where(kept, pixels, torch.tensor(-1.0))
+    expected = torch.cat([scaled_mean(easyanimate, mask_video), scaled_mean(easyanimate, masked_video)], dim=1)
+    torch.testing.assert_close(cond["inpaint_latents"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(uncond["inpaint_latents"], cond["inpaint_latents"])
+    # A frame mask is the pixel mask that keeps or remakes whole frames.
+    frames = torch.tensor([True, True, False, False, False, False, False, False])
+    whole = frames[:, None, None].expand(8, SIZE, SIZE)
+    torch.testing.assert_close(easyanimate.inpaint_conditioning(video, frames, None)[0]["inpaint_latents"],
+                               easyanimate.inpaint_conditioning(video, whole, None)[0]["inpaint_latents"],
+                               rtol=0, atol=0)
+    with pytest.raises(KinemaError, match=r"keep must be a bool tensor .* or \(F, H, W\)"):
+        easyanimate.inpaint_conditioning(video, keep[:, :4], None)
+
+
+@pytest.mark.parametrize("family", ["animatediff", "easyanimate"], indirect=True)
+def test_a_mask_holds_the_kept_latents_and_remakes_the_rest(family, monkeypatch):
+    frames = 8
+    video = torch.rand(frames, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+    spy = spy_on(family, monkeypatch)
+    result = run(family, video=video, mask=half_mask(), strength=1.0, frames=None, steps=3)
+    with torch.no_grad():
+        clean = family.encode_frames(video[None])
+    half = clean.shape[-1] // 2  # the latents of the left half cover held pixels only
+    torch.testing.assert_close(result.latents[..., :half], clean[..., :half], rtol=0, atol=1e-5)
+    assert (result.latents[..., half:] - clean[..., half:]).abs().mean() > 0.1
+    if family.inpaints:  # the model also sees the kept pixels, on both sides of guidance
+        reference = family.inpaint_conditioning(video[None], half_mask(frames) < 0.5, None)[0]["inpaint_latents"]
+        assert all(torch.equal(call["inpaint_latents"], torch.cat([reference] * 2)) for call in spy.calls)
+    plain = run(family, video=video, strength=1.0, frames=None, steps=3)  # no mask: nothing is held
+    assert (plain.latents[..., :half] - clean[..., :half]).abs().mean() > 0.1
+    assert result.settings[0]["mask"] == "<Tensor>" and plain.settings[0]["mask"] is None
+
+
+def test_a_latent_is_held_only_where_every_pixel_it_covers_is_kept(animatediff):
+    from kinema.pipelines.generation import _latent_keep
+
+    keep = torch.ones(2, SIZE, SIZE, dtype=torch.bool)
+    factor = animatediff.spatial_factor
+    keep[0, factor + 1, 2 * factor] = False  # one pixel of latent (0, 1, 2) is remade
+    held = _latent_keep(animatediff, keep)
+    assert held.shape == (2, SIZE // factor, SIZE // factor)
+    assert held.sum() == held.numel() - 1 and not held[0, 1, 2]
+
+
+def test_mask_files_and_the_refusals_before_any_denoising(animatediff, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kinema.data.video_io import write_video
+
+    video = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    image = tmp_path / "mask.png"
+    Image.fromarray((half_mask()[0] * 255).byte().numpy()).save(image)
+    from_file = run(animatediff, video=video, mask=str(image), strength=1.0, frames=None, steps=2)
+    from_tensor = run(animatediff, video=video, mask=half_mask(), strength=1.0, frames=None, steps=2)
+    torch.testing.assert_close(from_file.latents, from_tensor.latents, rtol=0, atol=0)
+    assert from_file.settings[0]["mask"] == str(image)
+    moving = torch.zeros(4, 3, SIZE, SIZE)
+    moving[..., SIZE // 2:] = 1
+    write_video(moving * 2 - 1, tmp_path / "mask.mp4", fps=8)  # one mask frame per input frame
+    run(animatediff, video=video, mask=str(tmp_path / "mask.mp4"), strength=1.0, frames=None, steps=1)
+
+    spy = spy_on(animatediff, monkeypatch)
+    for mask, message in ((half_mask(3), r"the mask has 3 frames and the input video 4: give one mask image"),
+                          (torch.zeros(SIZE, SIZE), r"the mask marks no pixel to remake"),
+                          (torch.ones(16, 16), r"the mask is 16x16 but the video is 32x32; pass --resize"),
+                          (torch.ones(1, 1, 2, SIZE, SIZE), r"the mask must be a path, a PIL image, or an \(H, W\)"),
+                          (str(tmp_path / "missing.png"), r"missing.png")):
+        with pytest.raises(KinemaError, match=message):
+            run(animatediff, video=video, mask=mask, strength=1.0, frames=None, steps=1)
+    assert spy.calls == []
+    resized = run(animatediff, video=video, mask=torch.ones(16, 16), resize=True, strength=1.0, frames=None, steps=1)
+    assert resized.frames.shape == (1, 4, 3, SIZE, SIZE)
+    with pytest.raises(KinemaError, match=r"a mask \(--mask\) marks the pixels of an input video to remake"):
+        request(mask=half_mask()).check()
+    with pytest.raises(KinemaError, match=r"give video too, without extend_frames"):
+        request(video=video, extend_frames=4, mask=half_mask()).check()
+
+
 # ------------------------------------------------------------------------------------------ continuation
 
 

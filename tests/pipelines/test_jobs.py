@@ -293,6 +293,26 @@ def test_a_video_job_its_model_cannot_make_is_refused_before_loading(tmp_path, n
                             base=tmp_path).request.mode == "extend"
 
 
+def test_a_mask_job_is_checked_against_its_input_video_before_loading(tmp_path, no_model_loads):
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
+    write_video(np.full((5, 64, 64, 3), 255, np.uint8), tmp_path / "five.mp4", fps=8)
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    video = {"prompt": "a cat", "video": "clip.mp4", "strength": 1.0}
+    job = job_from_mapping({**video, "mask": "mask.png"}, base=tmp_path)
+    assert job.request.mask == str(tmp_path / "mask.png") and job.settings()["mask"] == str(tmp_path / "mask.png")
+    assert job_from_mapping(job.settings()).request == job.request  # read back from a video's settings
+    for mask, message in (("five.mp4", r"^job: the mask has 5 frames and the input video 8: give one mask image"),
+                          ("small.png", r'^job: the mask is 32x32 but the job makes 64x64 videos; set "resize"'),
+                          ("gone.png", r"^job: no such mask: gone.png")):
+        with pytest.raises(KinemaError, match=message):
+            job_from_mapping({**video, "mask": mask}, base=tmp_path)
+    with pytest.raises(KinemaError, match=r"^job: a mask \(--mask\) marks the pixels of an input video to remake"):
+        job_from_mapping({"prompt": "a cat", "mask": "mask.png"}, base=tmp_path)
+
+
 # ---------------------------------------------------------------- hardening: paths, models, image sizes
 
 

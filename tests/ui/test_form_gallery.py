@@ -22,7 +22,7 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0,
               "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": "",
               "guess_mode": False, "pia_motion": "", "controlnet_2": "", "controlnet_scale_2": 1.0,
-              "control_video_2": None, "guidance_rescale": 0.0}
+              "control_video_2": None, "guidance_rescale": 0.0, "v2v_mask": None}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -51,8 +51,8 @@ def through_the_form(settings):
 
 
 @pytest.mark.parametrize("mode", ["text-to-video", "prompt schedule", "image-to-video", "video-to-video",
-                                  "video-to-video resized", "extend", "speed preset", "settings without a field",
-                                  "motion strength", "controlnet", "two controlnets"])
+                                  "video-to-video resized", "video inpainting", "extend", "speed preset",
+                                  "settings without a field", "motion strength", "controlnet", "two controlnets"])
 def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode):
     data = {"prompt": "a blue square moving left", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5,
             "seed": 7, "scheduler": "euler"}
@@ -66,6 +66,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
     elif mode == "video-to-video resized":  # a 60x60 input the model cannot make at its own size
         data.update(video=image_file(tmp_path / "clip.gif", (60, 60)), strength=0.35, resize=True, width=48,
                     height=48)
+    elif mode == "video inpainting":  # the mask has a field of its own in the Video to Video tab
+        data.update(video=image_file(tmp_path / "clip.gif"), strength=1.0, mask=image_file(tmp_path / "mask.png"))
     elif mode == "extend":
         data.update(video=animation_file(tmp_path / "clip.gif", 5), extend_frames=12)  # holds the 4-frame overlap
     elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
