@@ -44,6 +44,7 @@ from starlette.datastructures import UploadFile
 from kinema import __version__
 from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
 from kinema.api.worker import JobRunner, JobWorker
+from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, library_error_message, shorten
 from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_SEED, MIN_FPS
 
@@ -354,7 +355,7 @@ def _image_suffix_checked(data: bytes, what: str, limit: int) -> str:
     from kinema.pipelines.jobs import check_image_bytes
 
     check_image_bytes(data, max_bytes=limit, what=what)
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
         return "." + (image.format or "img").lower()
 
 

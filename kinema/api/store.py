@@ -10,6 +10,7 @@ statement or one transaction under the store's lock, so a job is never lost or r
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -237,11 +238,36 @@ def check_data_dir(folder: str | os.PathLike) -> Path:
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise KinemaError(f"the data folder {path} is a file; give a folder (new or empty) with --data-dir")
+    database = path / DATABASE
+    if database.exists() or database.is_symlink():  # read, never written, before it is known to be a server's
+        problem = _not_a_jobs_database(database)
+        if problem is not None:
+            raise KinemaError(f"{database} is not a kinema serve jobs database ({problem}), so {path} is no server's "
+                              "data folder; give a new or empty folder with --data-dir")
     foreign = sorted(set(os.listdir(path)) - set(DATA_DIR_NAMES)) if path.is_dir() else []
-    if foreign and not (path / DATABASE).is_file():
+    if foreign and not database.is_file():
         raise KinemaError(f"{path} holds files that are not a kinema serve data folder's (such as {foreign[0]}); "
                           "give a new or empty folder with --data-dir")
     return path
+
+
+def _not_a_jobs_database(path: Path) -> str | None:
+    """What makes `path` no jobs database a server wrote (None: it is one), read without changing a byte: an SQLite
+    file whose `jobs` table has every column kinema's has."""
+    if not path.is_file() or path.is_symlink():
+        return "not a plain file"
+    with open(path, "rb") as file:
+        if file.read(16) != b"SQLite format 3\0":
+            return "not an SQLite database"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            columns = {row[0] for row in db.execute("SELECT name FROM pragma_table_info('jobs')")}
+    except sqlite3.Error as err:
+        return f"unreadable: {err}"
+    missing = [column for column in _COLUMNS if column not in columns]
+    if missing:
+        return "it has no jobs table" if not columns else f"its jobs table has no {missing[0]} column"
+    return None
 
 
 class DataDirLock:

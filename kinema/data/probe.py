@@ -16,6 +16,9 @@ from kinema.fileio import read_json
 
 # Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The formats kinema lets PIL open, whatever a file's name says: never EPS (PIL hands it to Ghostscript) nor the
+# dozens of others PIL would try on a disguised upload.
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _DIGIT_RUNS = re.compile(r"([0-9]+)")
 
 
@@ -54,7 +57,7 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
     first = frames[0]
     try:
         if first.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
-            with Image.open(first) as image:
+            with Image.open(first, formats=PIL_FORMATS) as image:
                 return image.height, image.width
         import av
 
@@ -72,7 +75,7 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
 
     still = None
     try:  # GIF and WebP animations, and PNG and JPEG stills, are read by PIL, as kinema's reader does
-        with Image.open(opener()) as image:
+        with Image.open(opener(), formats=PIL_FORMATS) as image:
             if image.format in ("GIF", "WEBP"):
                 return f".{image.format.lower()}", int(getattr(image, "n_frames", 1))
             if image.format in ("PNG", "JPEG"):  # one image for every frame (a mask, a control image)
@@ -149,7 +152,7 @@ def read_embedded_settings(path: str | os.PathLike) -> dict | None:
                 tags = {key.lower(): value for key, value in container.metadata.items()}
                 text = tags.get("comment")
         elif suffix in (".png", ".gif", ".webp"):
-            with Image.open(path) as image:
+            with Image.open(path, formats=PIL_FORMATS) as image:
                 if suffix == ".webp":
                     text = _xmp_settings(image.info.get("xmp") or b"")
                 else:

@@ -42,7 +42,7 @@ from av.video.reformatter import Interpolation
 from PIL import Image, PngImagePlugin
 
 from kinema import __version__
-from kinema.data.probe import SETTINGS_KEY, folder_frames, read_sidecar, sidecar_path
+from kinema.data.probe import PIL_FORMATS, SETTINGS_KEY, folder_frames, read_sidecar, sidecar_path
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_file, atomic_folder, check_output
 from kinema.pipelines.request import check_fps
@@ -290,7 +290,7 @@ def _read_av(path: Path, start: int, stride: int, max_frames: int | None) -> tup
 
 
 def _read_pillow(path: Path, start: int, stride: int, max_frames: int | None) -> tuple[np.ndarray, float, int]:
-    with Image.open(path) as image:
+    with Image.open(path, formats=PIL_FORMATS) as image:
         total = getattr(image, "n_frames", 1)
         duration = image.info.get("duration")
         wanted = []
@@ -305,7 +305,7 @@ def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) ->
     files = folder_frames(path)
     wanted = []
     for index in _indices(len(files), start, stride, max_frames):
-        with Image.open(files[index]) as image:
+        with Image.open(files[index], formats=PIL_FORMATS) as image:
             wanted.append(np.asarray(image.convert("RGB")))
     if len({w.shape for w in wanted}) > 1:
         raise KinemaError(f"frames in {path} differ in size; every frame of a clip must have the same size")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError
 from kinema.eval.prompts import DEFAULT_PROMPTS, LABEL_NAMES, PromptEntry, default_seed, read_prompts
 from kinema.pipelines.request import MAX_SEED
@@ -115,7 +116,7 @@ def _load_image(path: Path, height: int, width: int) -> Any:
     from PIL import Image
 
     try:
-        with Image.open(path) as opened:
+        with Image.open(path, formats=PIL_FORMATS) as opened:
             array = np.asarray(opened.convert("RGB"))
     except OSError as err:
         raise KinemaError(f"cannot read the start image {path}: {err}") from None

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError
 from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
@@ -89,7 +90,7 @@ def _read_image(image: Any, what: str) -> torch.Tensor:
         if not path.is_file():
             raise KinemaError(f"{what} {path} does not exist")
         try:
-            image = Image.open(path).convert("RGB")
+            image = Image.open(path, formats=PIL_FORMATS).convert("RGB")
         except OSError as err:
             raise KinemaError(f"cannot read {what} {path}: {err}") from None
     if isinstance(image, Image.Image):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
-from kinema.data.probe import frame_count, video_kind_and_frames, video_size
+from kinema.data.probe import PIL_FORMATS, frame_count, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
@@ -348,10 +348,10 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; such an image is as unusable here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opener()) as image:
+            with Image.open(opener(), formats=PIL_FORMATS) as image:
                 size = image.size
                 image.verify()  # the chunks and checksums: a truncated file fails here
-            with Image.open(opener()) as image:
+            with Image.open(opener(), formats=PIL_FORMATS) as image:
                 image.load()  # the pixels: verify passes compressed data that is garbage with good checksums
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL's error names twice the limit (where it stops warning); the limit that counts here is the one it warns at.

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kinema.bundled import DEFAULT_MODEL
+from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import JOB_KEYS
 from kinema.pipelines.request import CONTINUATION_DEFAULTS, LIBRARY_DEFAULTS, MODES, GenerationRequest
@@ -228,6 +229,6 @@ def size_of_image(path: str, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     check_image_file(path, "start image")
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(path, formats=PIL_FORMATS) as image:
         width, height = image.size
     return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)

@@ -65,6 +65,33 @@ def test_a_folder_of_the_users_is_not_a_data_folder(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_users_database_named_like_the_servers_is_refused_untouched(tmp_path, monkeypatch, capsys):
+    import hashlib
+    import sqlite3
+
+    from kinema.api.store import JobStore
+
+    never_serve(monkeypatch)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with sqlite3.connect(folder / "jobs.sqlite3") as db:  # the user's own, with a jobs table of other columns
+        db.execute("CREATE TABLE jobs (name TEXT)")
+    db.close()
+    digest = hashlib.md5((folder / "jobs.sqlite3").read_bytes()).hexdigest()
+    for content, words in ((None, "its jobs table has no id column"), (b"a text file", "not an SQLite database")):
+        if content is not None:
+            (folder / "jobs.sqlite3").write_bytes(content)
+            digest = hashlib.md5(content).hexdigest()
+        assert main(["serve", "--data-dir", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"jobs.sqlite3 is not a kinema serve jobs database ({words})" in err, err
+        assert sorted(p.name for p in folder.iterdir()) == ["jobs.sqlite3", "notes.txt"]
+        assert hashlib.md5((folder / "jobs.sqlite3").read_bytes()).hexdigest() == digest
+    JobStore(tmp_path / "served").close()  # a server's own folder is taken again
+    lock_data_dir(tmp_path / "served").close()
+
+
 def test_one_server_per_data_folder(tmp_path):
     first = lock_data_dir(tmp_path / "data")
     try:

@@ -415,6 +415,12 @@ MUTATIONS = (
         ("tests/loaders/test_image_vae.py", "tests/pipelines/test_load.py"),
     ),
     Mutation(
+        "PIL opens any format it knows (EPS through Ghostscript)",
+        "kinema/data/probe.py",
+        ((('PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")', "PIL_FORMATS = None"),),),
+        ("tests/pipelines/test_jobs.py",),
+    ),
+    Mutation(
         "a latent is held where any pixel it covers is kept, not every one",
         "kinema/pipelines/generation.py",
         ((("    return held.reshape(latent_frames, height, factor, width, factor).all(dim=4).all(dim=2)",

@@ -203,6 +203,34 @@ def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
         job_from_mapping({"prompt": "a cat", "image": "cat.png"}, base=tmp_path)
 
 
+@pytest.mark.parametrize("form", ["EPS", "BMP", "TIFF"])
+def test_only_the_documented_image_formats_are_opened(tmp_path, monkeypatch, form):
+    """An EPS file is rendered by Ghostscript when PIL opens it: a fake `gs` on PATH shows it never runs, for an
+    upload, an image path or a video path (the reader of stills and animations)."""
+    import io
+    import os
+    import stat
+
+    from kinema.data.video_io import read_video
+
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data, format=form)
+    with pytest.raises(KinemaError, match="^the image is not an image; give a PNG, JPEG or WebP file$"):
+        check_image_bytes(data.getvalue(), max_bytes=10**6)
+    (tmp_path / "disguised.png").write_bytes(data.getvalue())
+    with pytest.raises(KinemaError, match=r"^job: the image .*disguised.png is not an image"):
+        job_from_mapping({"prompt": "a cat", "image": "disguised.png"}, base=tmp_path)
+    with pytest.raises(KinemaError, match=r"disguised.png"):
+        read_video(tmp_path / "disguised.png")
+    assert not marker.exists()
+
+
 def test_run_job_writes_the_videos_and_settings_that_generate_makes(tmp_path, cache, encoded_frames):
     from kinema.pipelines.generation import generate
     from kinema.pipelines.load import load_family
