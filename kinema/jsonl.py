@@ -27,7 +27,9 @@ def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list
     except OSError as err:
         raise KinemaError(os_error_message(err, path, f"read the {what} file")) from None
     lines = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends lines with \n (and \r\n) only: U+2028 and the like are text inside a JSON string.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         where = f"{path} line {number}"

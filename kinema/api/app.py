@@ -46,7 +46,7 @@ from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_da
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, library_error_message, shorten
-from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_SEED, MIN_FPS
+from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_SEED, MIN_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "height": {"type": "integer", "minimum": 8},
         "width": {"type": "integer", "minimum": 8},
         "steps": {"type": "integer", "minimum": 1},
-        "guidance": {"type": "number", "minimum": 1},
+        "guidance": {"type": "number", "minimum": 1, "maximum": MAX_GUIDANCE},
         "scheduler": {"type": "string"},
         "seed": {"type": "integer", "maximum": MAX_SEED,
                  "description": "-1 draws a random seed (recorded in the job's settings)"},
@@ -294,6 +294,8 @@ def _job_object(text: Any) -> dict[str, Any]:
         fields = json.loads(text)
     except ValueError as err:
         raise HTTPException(400, f"the form field `job` is not valid JSON: {err}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise HTTPException(400, "the form field `job` is JSON nested too deeply to read") from None
     if not isinstance(fields, dict):
         raise KinemaError("the form field `job` must be a JSON object of job fields, such as {\"prompt\": \"...\"}")
     return fields
@@ -320,6 +322,8 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
             fields = json.loads(await request.body())
         except ValueError as err:  # also a body that is not UTF-8
             raise HTTPException(400, f"the body is not valid JSON: {shorten(str(err), 200)}") from None
+        except RecursionError:  # the parser recurses once per nesting level
+            raise HTTPException(400, "the body is JSON nested too deeply to read") from None
         if not isinstance(fields, dict):
             raise KinemaError("the body must be a JSON object of job fields, such as {\"prompt\": \"a red circle\"}")
         for name, what in UPLOADS.items():
@@ -333,6 +337,9 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
             if unknown:
                 raise KinemaError(f"unknown form field {unknown[0]!r}; the form fields are job (the job as JSON), "
                                   f"{', '.join(UPLOADS)} (files)")
+            repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1)
+            if repeated:
+                raise KinemaError(f"the form field {repeated[0]} is given more than once; send each field once")
             if "job" not in form:
                 raise KinemaError("the form has no `job` field; send the job fields as JSON in a field named job")
             fields = _job_object(form["job"])

@@ -546,10 +546,8 @@ def _check_model_path(path: Path) -> None:
 def _described_kind(path: str, mtime_ns: int, size: int) -> tuple[str, bool]:
     """`(kind, whole)`: what kinema.loaders.describe calls `path` and whether an EasyAnimate one is a whole model
     folder. Cached by modification time, so a batch of jobs on one model describes it once."""
-    from kinema.loaders import describe
-
     try:
-        kind = describe(path)["kind"]
+        kind = _described(path, mtime_ns, size)
     except KinemaError as err:
         raise KinemaError(f"model {err}; give {_MODEL_WORDS}") from None
     if kind != "easyanimate_transformer":
@@ -557,6 +555,50 @@ def _described_kind(path: str, mtime_ns: int, size: int) -> tuple[str, bool]:
     from kinema.loaders.easyanimate.folder import is_model_folder
 
     return kind, is_model_folder(path)
+
+
+# What each model-file key of a job takes: the format registry's kinds (kinema.loaders.formats), and its words.
+_FILE_KINDS = {"motion_module": (("motion_module",), "an AnimateDiff motion module (file or MotionAdapter folder)"),
+               "LoRA": (("motion_lora", "image_lora"), "a motion LoRA or an SD1.5 image LoRA"),
+               "vae": (("image_vae",), "an SD1.x VAE (file or AutoencoderKL folder)"),
+               "controlnet": (("controlnet", "sparsectrl"), "a ControlNet or SparseCtrl encoder for SD1.5"),
+               "ip_adapter": (("ip_adapter",), "an IP-Adapter for SD1.5")}
+
+
+def _check_file_kind(path: str, kind: str, key: str | None = None) -> None:
+    """One KinemaError line, when a job is accepted rather than when it runs, unless the file or folder at `path`
+    is what a `kind` key takes (`_FILE_KINDS`) as far as headers tell: a file sniffed (its first bytes), a folder or
+    safetensors file described (no weights read); messages name it as `key` (default: `kind`). A torch pickle
+    passes: its names show only to the load."""
+    from kinema.loaders.formats import format_of
+    from kinema.sniff import Kind, sniff
+
+    kinds, words = _FILE_KINDS[kind]
+    key = key or kind
+    where = Path(path)
+    if where.is_file():
+        found = sniff(where)
+        if not found.is_weights:
+            raise KinemaError(f"{key} {found.diagnosis}")
+        if found.kind is not Kind.SAFETENSORS:
+            return
+    elif not where.is_dir():
+        raise KinemaError(f"{key} {path} is neither a file nor a folder; give {words}")
+    stat = where.stat()
+    try:
+        kind = _described(path, stat.st_mtime_ns, stat.st_size)
+    except KinemaError as err:
+        raise KinemaError(f"{key} {err}; give {words}") from None
+    if kind not in kinds:
+        raise KinemaError(f"{key} {path} is not {words} (it is: {format_of(kind).label}); give {words}")
+
+
+@functools.lru_cache(maxsize=64)
+def _described(path: str, mtime_ns: int, size: int) -> str:
+    """What kinema.loaders.describe calls `path`, cached by modification time (a batch of jobs on one file)."""
+    from kinema.loaders import describe
+
+    return str(describe(path)["kind"])
 
 
 def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, float]]:
@@ -580,7 +622,7 @@ def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, f
 
 
 def _scaled_file(value: Any, key: str, base: Path, models_dir: Path | None, what: str,
-                 check_scale: Callable[[float], float]) -> tuple[str, float] | None:
+                 check_scale: Callable[[float], float], kind: str) -> tuple[str, float] | None:
     """A model file at its scale (ip_adapter, controlnet): a path (scale 1) or {"path": ..., "scale": ...}."""
     if value is None:
         return None
@@ -591,7 +633,9 @@ def _scaled_file(value: Any, key: str, base: Path, models_dir: Path | None, what
             raise unknown_key_error(unknown[0], ("path", "scale"), key)
         value, scale = value.get("path"), value.get("scale", 1.0)
     scale = check_scale(_number(scale, f"{key}.scale"))
-    return _path(value, key, base, models_dir, what), scale
+    path = _path(value, key, base, models_dir, what)
+    _check_file_kind(path, kind, key)
+    return path, scale
 
 
 def _prompt(value: Any) -> str | dict[str, Any]:
@@ -640,15 +684,21 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     model = _model(data.get("model", DEFAULT_MODEL), base, models_dir)
     motion_module = None if data.get("motion_module") is None else _path(
         data["motion_module"], "motion_module", base, models_dir, "motion module")
+    if motion_module is not None:
+        _check_file_kind(motion_module, "motion_module")
     tokenizer = None if data.get("tokenizer") is None else _path(
         data["tokenizer"], "tokenizer", base, models_dir, "tokenizer")
     vae = None if data.get("vae") is None else _path(data["vae"], "vae", base, models_dir, "VAE")
+    if vae is not None:
+        _check_file_kind(vae, "vae")
     loras = _loras(data.get("loras") or [], base, models_dir)
+    for path, _ in loras:
+        _check_file_kind(path, "LoRA")
     from kinema.loaders.controlnet import check_controlnet_scale
     from kinema.loaders.ip_adapter import check_ip_adapter_scale
 
     ip_adapter = _scaled_file(data.get("ip_adapter"), "ip_adapter", base, models_dir, "IP-Adapter file",
-                              lambda scale: check_ip_adapter_scale(scale, "ip_adapter.scale"))
+                              lambda scale: check_ip_adapter_scale(scale, "ip_adapter.scale"), "ip_adapter")
     controlnet: tuple[str, float] | list[tuple[str, float]] | None
     if isinstance(data.get("controlnet"), list):  # several that steer together
         if len(data["controlnet"]) < 2:
@@ -657,13 +707,13 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         controlnet = []
         for index, entry in enumerate(data["controlnet"]):
             pair = _scaled_file(entry, f"controlnet {index + 1}", base, models_dir, "ControlNet",
-                                check_controlnet_scale)
+                                check_controlnet_scale, "controlnet")
             if pair is None:
                 raise KinemaError(f"controlnet {index + 1} is null; give a path or {{\"path\": ..., \"scale\": ...}}")
             controlnet.append(pair)
     else:
         controlnet = _scaled_file(data.get("controlnet"), "controlnet", base, models_dir, "ControlNet",
-                                  check_controlnet_scale)
+                                  check_controlnet_scale, "controlnet")
     if (data.get("control_video") is None) != (controlnet is None):
         raise KinemaError("a ControlNet and its control images come together: give both controlnet and "
                           "control_video, or neither")
@@ -782,14 +832,21 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
 
         given.update(chosen_settings(given["speed"], given))
     video = given.get("video")
+    if video is not None and given.get("extend_frames") is None:  # remade frame for frame
+        count = frame_count(video)
+        if given.get("frames", count) != count:
+            raise KinemaError(f"frames is {given['frames']} but video-to-video remakes the input video's {count} "
+                              "frames; drop frames (or give a video of that length)")
+        given["frames"] = count
     unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) + CONTINUATION_DEFAULTS
              if key not in given]
     folder, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
     given.update(defaults)
-    if video is not None and ("height" not in given or "width" not in given):
+    if video is not None:
         height, width = video_size(video)
         given.setdefault("height", height)
         given.setdefault("width", width)
+        image_sizes["input video"] = (width, height)  # another size needs resize, as for the images
     if video is not None and given.get("extend_frames") is not None and prompt == "":
         from kinema.data.probe import stored_settings
 

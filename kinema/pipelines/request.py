@@ -20,6 +20,10 @@ from kinema.sampling.schedulers import check_timestep_spacing
 
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
+# The largest guidance scale and motion factors taken (ComfyUI's cfg stops at 100 too): past them a sample is noise
+# or overflows, which would show only after every step had run.
+MAX_GUIDANCE = 100.0
+MAX_MOTION_FACTOR = 100.0
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
 # rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
 MIN_FPS, MAX_FPS = 0.01, 1000.0
@@ -311,11 +315,12 @@ def check_motion_strength(scale: float, effect: float) -> None:
     above 0, or a motion effect (factor on the motion modules' residual) that is not a finite number of at least 0
     (kinema.models.motion.strength)."""
     # `not (finite and in range)`, so that NaN, which fails every comparison, is refused too.
-    if not (math.isfinite(scale) and scale > 0):
-        raise KinemaError(f"motion scale must be a finite number above 0 (1: as trained), got {scale}")
-    if not (math.isfinite(effect) and effect >= 0):
-        raise KinemaError(f"motion effect must be a finite number of at least 0 (0: no motion module, 1: as "
-                          f"trained), got {effect}")
+    if not (math.isfinite(scale) and 0 < scale <= MAX_MOTION_FACTOR):
+        raise KinemaError(f"motion scale must be a finite number above 0, at most {MAX_MOTION_FACTOR:g} (1: as "
+                          f"trained), got {scale}")
+    if not (math.isfinite(effect) and 0 <= effect <= MAX_MOTION_FACTOR):
+        raise KinemaError(f"motion effect must be a finite number from 0 to {MAX_MOTION_FACTOR:g} (0: no motion "
+                          f"module, 1: as trained), got {effect}")
 
 
 @dataclass
@@ -495,9 +500,9 @@ class GenerationRequest:
                 positive(name, getattr(self, name))
         positive("decode_chunk", self.decode_chunk)
         check_fps(self.fps)
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 1):
-            raise KinemaError(f"guidance must be a finite number of at least 1 (1 turns classifier-free guidance "
-                              f"off), got {self.guidance}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and 1 <= self.guidance <= MAX_GUIDANCE):
+            raise KinemaError(f"guidance must be a finite number from 1 to {MAX_GUIDANCE:g} (1 turns classifier-free "
+                              f"guidance off; 5 to 9 are usual), got {self.guidance}")
         seeds = list(self.seeds)
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")

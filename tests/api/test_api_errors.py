@@ -119,6 +119,17 @@ def test_multipart_errors(serve, fake_runner):
         assert_one_line_error(bomb, 422, "900000000 pixels")
         assert_one_line_error(client.post("/v1/jobs", data={"job": "{"}, files={"image": ("a.png", png_bytes())}),
                               400, "form field `job` is not valid JSON")
+        deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        assert_one_line_error(client.post("/v1/jobs", data={"job": deep}, files={"image": ("a.png", png_bytes())}),
+                              400, "`job` is JSON nested too deeply")
+        assert_one_line_error(client.post("/v1/jobs", content=deep, headers={"content-type": "application/json"}),
+                              400, "the body is JSON nested too deeply")
+        twice = client.post("/v1/jobs", data={"job": ['{"prompt": "x"}', '{"prompt": "y"}']},
+                            files={"image": ("a.png", png_bytes())})
+        assert_one_line_error(twice, 422, "the form field job is given more than once")
+        assert_one_line_error(client.post("/v1/jobs", data={"job": '{"prompt": "x"}'},
+                                          files=[("image", ("a.png", png_bytes())), ("image", ("b.png", png_bytes()))]),
+                              422, "the form field image is given more than once")
         assert_one_line_error(client.post("/v1/jobs", data={"prompt": "x"}, files={"image": ("a.png", png_bytes())}),
                               422, "unknown form field 'prompt'")
         assert_one_line_error(client.post("/v1/jobs", data={"job": '{"prompt": "x"}', "image": "text"},
@@ -238,7 +249,9 @@ def test_an_uploaded_mask_makes_a_video_inpainting_job(serve, fake_runner, wait,
 def test_an_input_video_counts_against_the_frame_limit(serve, fake_runner, tmp_path):
     clip = video_bytes(tmp_path, 8)
     with serve(runner=fake_runner, limits=JobLimits(frames=12)) as client:
-        for fields, words in (({"strength": 0.5, "frames": 4}, None),  # an 8-frame input, made again
+        for fields, words in (({"strength": 0.5}, None),  # an 8-frame input, made again
+                              ({"strength": 0.5, "frames": 4}, ("frames is 4 but video-to-video remakes the input "
+                                                                "video's 8 frames; drop frames",)),
                               ({"extend_frames": 4}, None),  # 8 + 4: at the limit
                               ({"extend_frames": 5}, ("frames is 13", "limit of 12"))):
             response = client.post("/v1/jobs", data={"job": json.dumps({"prompt": "x", "steps": 1, **fields})},
@@ -248,7 +261,7 @@ def test_an_input_video_counts_against_the_frame_limit(serve, fake_runner, tmp_p
             else:
                 assert_one_line_error(response, 422, *words)
     with serve(runner=fake_runner, limits=JobLimits(frames=7)) as client:
-        response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1, "frames": 4}'},
+        response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'},
                                files={"video": ("clip.mp4", clip)})
         assert_one_line_error(response, 422, "frames is 8", "limit of 7")
 

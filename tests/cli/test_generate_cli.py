@@ -270,8 +270,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", "--vae", "weights.safetensors"],
          f"{BUNDLED_TINY} is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE (vae, "
          "--vae) is for AnimateDiff (SD1.5) models, which use an image VAE; drop it"),
-        (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be a finite number of at least 1 (1 turns "
-                                                             "classifier-free guidance off), got 0.5"),
+        (["generate", "a cat", *model, "--guidance", "0.5"], "guidance must be a finite number from 1 to 100 (1 "
+                                                             "turns classifier-free guidance off; 5 to 9 are usual), "
+                                                             "got 0.5"),
+        (["generate", "a cat", *model, "--guidance", "1e308"], "guidance must be a finite number from 1 to 100"),
+        (["generate", "a cat", *model, "--motion-scale", "1e300"], "motion scale must be a finite number above 0, at "
+                                                                   "most 100 (1: as trained), got 1e+300"),
         (["generate", "a cat", *model, "--end-image", "end.png"], "--end-image needs --image (the first frame) too"),
         (["generate", "a cat", *model, "--ip-image", "clip.mp4"], "--ip-adapter and --ip-image come together (the "
                                                                   "adapter conditions on the image prompt): give "

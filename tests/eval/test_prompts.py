@@ -51,6 +51,14 @@ def test_a_good_file_reads_with_images_relative_to_it(tmp_path):
     assert second.labels == {"color": "red", "shape": "circle", "motion": "right"}
 
 
+def test_line_separators_inside_a_json_string_do_not_end_its_line(tmp_path):
+    path = tmp_path / "set.jsonl"
+    text = json.dumps({**GOOD, "prompt": "a red circle\u2028moving\x85right"}, ensure_ascii=False)
+    path.write_text(text + "\r\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    first, second = read_prompts(path)
+    assert first.prompt == "a red circle\u2028moving\x85right" and (first.line, second.line) == (1, 2)
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ('{"prompt": "a red circle", "color": "red",', r"line 1: not valid JSON at column .*; each line holds one prompt"),
     ({**GOOD, "color": "pink"}, " line 1: unknown color 'pink'; choose one of red, green, blue"),

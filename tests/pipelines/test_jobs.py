@@ -64,8 +64,12 @@ def test_unset_fields_take_the_model_defaults_and_settings_read_back_into_the_sa
 
 
 def test_equal_settings_share_a_model_key_and_dtype_or_loras_make_another(tmp_path):
+    from tiny_sd import tiny_sd_parts, write_kohya_lora
+
     lora = tmp_path / "style.safetensors"
-    lora.write_bytes(b"x")
+    write_kohya_lora(lora)
+    vae = tmp_path / "vae"
+    tiny_sd_parts()["vae"].save_pretrained(vae)  # an AutoencoderKL folder
     a = job_from_mapping({"prompt": "a cat", "seed": 1})
     assert a.model_key() == job_from_mapping({"prompt": "a dog", "steps": 3}).model_key()
     assert a.model_key() != job_from_mapping({"prompt": "a cat", "dtype": "bfloat16"}).model_key()
@@ -76,17 +80,42 @@ def test_equal_settings_share_a_model_key_and_dtype_or_loras_make_another(tmp_pa
     assert job_from_mapping({**sd, "loras": [[str(lora), 0.5]]}).loras == with_lora.loras
     with pytest.raises(KinemaError, match="is an EasyAnimate model: --lora is for AnimateDiff"):
         job_from_mapping({"prompt": "a cat", "loras": [[str(lora), 0.5]]})  # kinema-tiny, refused before it loads
-    with_vae = job_from_mapping({**sd, "vae": "style.safetensors"}, base=tmp_path)  # exists: load_family checks it
-    assert with_vae.vae == str(lora) and with_vae.model_key() != job_from_mapping(sd).model_key()
+    with_vae = job_from_mapping({**sd, "vae": "vae"}, base=tmp_path)
+    assert with_vae.vae == str(vae) and with_vae.model_key() != job_from_mapping(sd).model_key()
     assert job_from_mapping(with_vae.settings()).model_key() == with_vae.model_key()
     with pytest.raises(KinemaError, match="is an EasyAnimate model, whose Slice VAE encodes time as well"):
-        job_from_mapping({"prompt": "a cat", "vae": str(lora)})
+        job_from_mapping({"prompt": "a cat", "vae": str(vae)})
+
+
+def test_a_model_file_of_the_wrong_kind_is_refused_when_the_job_is_accepted(tmp_path, no_model_loads):
+    """Read from headers, not at run time: a job the API accepts is one that can run."""
+    from tiny_sd import write_kohya_lora, write_motion_module
+
+    write_kohya_lora(tmp_path / "style.safetensors")
+    write_motion_module(tmp_path / "mm.safetensors")
+    (tmp_path / "notes.txt").write_text("my notes")
+    sd = {"prompt": "a cat", "model": "kinema-tiny-ad"}
+    assert job_from_mapping({**sd, "motion_module": "mm.safetensors", "loras": [["style.safetensors", 0.5]]},
+                            base=tmp_path).loras == [(str(tmp_path / "style.safetensors"), 0.5)]
+    for fields, message in (
+            ({"vae": "style.safetensors"}, r"^job: vae \S+style.safetensors is not an SD1.x VAE \(file or "
+                                           r"AutoencoderKL folder\) \(it is: image LoRA for SD1.5"),
+            ({"loras": [["mm.safetensors", 1]]}, r"^job: LoRA \S+mm.safetensors is not a motion LoRA or an SD1.5 "
+                                                 r"image LoRA \(it is: AnimateDiff motion module"),
+            ({"motion_module": "style.safetensors"}, r"^job: motion_module \S+style.safetensors is not an AnimateDiff "
+                                                     r"motion module"),
+            ({"controlnet": "mm.safetensors", "control_video": "notes.txt"}, r"^job: controlnet \S+mm.safetensors "
+                                                                              r"is not a ControlNet"),
+            ({"ip_adapter": {"path": "notes.txt", "scale": 0.5}, "ip_image": "notes.txt"},
+             r"^job: ip_adapter \S+notes.txt is a text file, not weights")):
+        with pytest.raises(KinemaError, match=message):
+            job_from_mapping({**sd, **fields}, base=tmp_path)
 
 
 def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     models, configs = tmp_path / "models", tmp_path / "configs"
     models.mkdir(), configs.mkdir()
-    (models / "mm.ckpt").write_bytes(b"x")
+    torch.save({}, models / "mm.ckpt")  # a torch pickle: its kind shows only to the load, so it passes here
     (configs / "start.png").write_bytes(png_bytes())
     job = job_from_mapping({"prompt": "a cat", "model": "kinema-tiny-ad", "motion_module": "mm.ckpt",
                             "image": "start.png"}, base=configs, models_dir=models)
@@ -105,7 +134,7 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "guidance": True}, "job: guidance must be a finite number, got bool True"),
     ({"prompt": "a cat", "scheduler": "eulr"}, "job: unknown scheduler 'eulr'; choose one of"),
     ({"prompt": "a cat", "timestep_spacing": "trail"}, "job: unknown timestep_spacing 'trail'; choose one of"),
-    ({"prompt": "a cat", "motion_effect": -1}, "job: motion effect must be a finite number of at least 0"),
+    ({"prompt": "a cat", "motion_effect": -1}, "job: motion effect must be a finite number from 0 to 100"),
     ({"prompt": "a cat", "motion_scale": "big"}, "job: motion_scale must be a finite number, got str 'big'"),
     ({"prompt": "a cat", "guidance_rescale": "0.7"}, "job: guidance_rescale must be a finite number, got str '0.7'"),
     ({"prompt": "a cat", "guidance_rescale": 2}, "job: guidance_rescale must be a number from 0 to 1"),
@@ -116,7 +145,7 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "seed": 2**64}, f"job: seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
     ({"prompt": "a cat", "seed": [1, 1]}, "a seed is given more than once"),
     ({"prompt": "a cat", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
-    ({"prompt": "a cat", "guidance": 0.5}, "job: guidance must be a finite number of at least 1"),
+    ({"prompt": "a cat", "guidance": 0.5}, "job: guidance must be a finite number from 1 to 100"),
     ({"prompt": " "}, "job: no prompt"),
     ({"prompt": {"0": "a cat", "20": "a dog"}, "frames": 8}, "job: prompt schedule key '20' is out of range"),
     ({"prompt": "a cat", "model": "kinema-huge"}, "job: no such model file or folder: kinema-huge; a model is"),
@@ -140,8 +169,8 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("guidance", float("nan"), "guidance must be a finite number of at least 1"),
-    ("guidance", float("inf"), "guidance must be a finite number of at least 1"),
+    ("guidance", float("nan"), "guidance must be a finite number from 1 to 100"),
+    ("guidance", float("inf"), "guidance must be a finite number from 1 to 100"),
     ("fps", float("inf"), "fps must be from 0.01 to 1000"),
     ("fps", float("nan"), "fps must be from 0.01 to 1000"),
     ("steps", float("inf"), "steps must be at least 1"),
@@ -291,6 +320,15 @@ def test_the_video_size_of_a_video_job_is_the_inputs(tmp_path):
     write_video(np.zeros((8, 40, 48, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
     job = job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "strength": 0.5}, base=Path(tmp_path))
     assert (job.request.height, job.request.width, job.request.mode) == (40, 48, "video-to-video")
+    assert job.request.frames == 8 and job_from_mapping(job.settings()).request == job.request  # as made
+    with pytest.raises(KinemaError, match=r"^job: frames is 16 but video-to-video remakes the input video's 8 "):
+        job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "strength": 0.5, "frames": 16}, base=tmp_path)
+    with pytest.raises(KinemaError, match=r'^job: the input video is 48x40 but the job makes 64x64 videos; set '
+                                          r'"resize": true'):
+        job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "height": 64, "width": 64}, base=tmp_path)
+    resized = job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "height": 64, "width": 64, "resize": True},
+                               base=tmp_path)
+    assert (resized.request.height, resized.request.width) == (64, 64)
 
 
 def test_freeu_jobs_and_their_settings_round_trip(no_model_loads):

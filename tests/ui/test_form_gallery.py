@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from kinema.errors import KinemaError
@@ -79,14 +80,14 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
     elif mode == "motion strength":  # form fields of their own
         data.update(motion_effect=0.5, motion_scale=1.3, guidance_rescale=0.7)
     elif mode == "controlnet":  # its own fields too (the job checks the path exists; the kind is load_family's)
-        (tmp_path / "control_tiny").mkdir()
-        data.update(model="kinema-tiny-ad", controlnet={"path": str(tmp_path / "control_tiny"), "scale": 0.7},
+        torch.save({}, tmp_path / "control_tiny.pth")  # a torch pickle: its kind shows only to the load
+        data.update(model="kinema-tiny-ad", controlnet={"path": str(tmp_path / "control_tiny.pth"), "scale": 0.7},
                     control_video=image_file(tmp_path / "pose.png"), control_indices=[0, -1][:1], guess_mode=True)
     elif mode == "two controlnets":  # the form's second slot
         for name in ("pose", "depth"):
-            (tmp_path / name).mkdir()
-        data.update(model="kinema-tiny-ad", controlnet=[{"path": str(tmp_path / "pose"), "scale": 0.7},
-                                                        {"path": str(tmp_path / "depth"), "scale": 0.4}],
+            torch.save({}, tmp_path / f"{name}.pth")
+        data.update(model="kinema-tiny-ad", controlnet=[{"path": str(tmp_path / "pose.pth"), "scale": 0.7},
+                                                        {"path": str(tmp_path / "depth.pth"), "scale": 0.4}],
                     control_video=[image_file(tmp_path / "pose.png"), image_file(tmp_path / "depth.png")])
     job = job_from_mapping(data)
     write_job_folder(tmp_path / "outputs", "20260101-000000-a-blue-square", job.settings())
