@@ -449,10 +449,14 @@ def atomic_folder(
     """Yield an empty temporary folder beside `path` (after `check_output`); when the block ends without error it
     gets kinema's manifest and replaces `path` whole; on any error or signal it is removed and `path` is left as it
     was."""
+    inputs = tuple(inputs)
     with _temporary(path, kind, True, overwrite, inputs) as (target, temp):
         yield temp
         write_manifest(temp, kind)
         _chmod_tree(temp, target.stat().st_mode & 0o7777 if target.is_dir() else None)
+        # Again at the swap: the work took a while, and files may have appeared there since (another run's, the
+        # user's), which the first check never saw.
+        _allowed(Path(path), kind, folder=True, overwrite=overwrite, inputs=inputs)
         _swap_in(temp, target)
 
 
@@ -467,10 +471,12 @@ def atomic_file(
     The name lies inside a hidden temporary folder beside `path`, because writers may make temporaries of their own
     next to the name they are given (safetensors writes `.tmpXXXXXX` and renames it): those stay under kinema's
     recognisable name too, and go with it."""
+    inputs = tuple(inputs)
     with _temporary(path, kind, False, overwrite, inputs) as (target, temp):
         written = temp / target.name
         yield written
         os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
+        _allowed(Path(path), kind, folder=False, overwrite=overwrite, inputs=inputs)  # again, as atomic_folder does
         os.replace(written, target)
         os.rmdir(temp)
 

@@ -26,3 +26,33 @@ def test_a_failure_leaves_the_old_folder_and_no_debris(tmp_path):
             raise RuntimeError("disk full")
     assert sorted(p.name for p in target.iterdir()) == ["kinema-output.json", "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_what_appears_at_the_target_while_the_work_runs_is_checked_again_at_the_swap(tmp_path):
+    """The policy is checked when the write starts and again when it ends: a user's file put into the old output
+    meanwhile, or an output another run wrote there meanwhile, is never replaced."""
+    from kinema.errors import KinemaError
+    from kinema.fileio import atomic_file
+
+    target = tmp_path / "out"
+    with atomic_folder(target, "test_output") as folder:
+        (folder / "old.txt").write_text("old")
+    with pytest.raises(KinemaError, match="kinema never deletes them"):
+        with atomic_folder(target, "test_output", overwrite=True) as folder:
+            (folder / "new.txt").write_text("new")
+            (target / "precious.txt").write_text("mine")  # the user's, while the work ran
+    assert sorted(p.name for p in target.iterdir()) == ["kinema-output.json", "old.txt", "precious.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    other = tmp_path / "other"
+    with pytest.raises(KinemaError, match="other"):
+        with atomic_folder(other, "test_output") as folder:
+            other.mkdir()  # made meanwhile by someone else
+            (other / "theirs.txt").write_text("theirs")
+            (folder / "ours.txt").write_text("ours")
+    assert sorted(p.name for p in other.iterdir()) == ["theirs.txt"]
+    with pytest.raises(KinemaError, match="file.bin already exists and kinema did not write it"):
+        with atomic_file(tmp_path / "file.bin", "test_output") as written:
+            written.write_bytes(b"kinema's")
+            (tmp_path / "file.bin").write_text("the user's, written meanwhile")
+    assert (tmp_path / "file.bin").read_text() == "the user's, written meanwhile"

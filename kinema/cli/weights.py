@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from kinema.cli.args import add_command, example, positive_int, seed_number
+from kinema.cli.args import add_command, checked_number, example, positive_int, seed_number
 from kinema.errors import KinemaError
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
@@ -84,8 +84,11 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                       "scaling factor on (1 / their std over its first 64 videos)")
     init.add_argument("--overwrite", action="store_true", help="replace an earlier init-model folder at OUT")
     size = init.add_argument_group("kinema-tiny's DiT size (default: the shipped 6 layers of 4 heads, patch 2)")
-    size.add_argument("--layers", type=positive_int, help="transformer blocks (temporal and hybrid in turn)")
-    size.add_argument("--heads", type=positive_int, help="attention heads, each 32 wide: the model is 32 x HEADS wide")
+    # Bounds past which a fresh model would not fit a machine's memory (48 blocks of 32 heads: 0.6 B parameters).
+    size.add_argument("--layers", type=checked_number(int, "a whole number", lambda n: 1 <= n <= 48, "from 1 to 48"),
+                      help="transformer blocks (temporal and hybrid in turn), 1 to 48")
+    size.add_argument("--heads", type=checked_number(int, "a whole number", lambda n: 1 <= n <= 32, "from 1 to 32"),
+                      help="attention heads, each 32 wide: the model is 32 x HEADS wide, 1 to 32")
     size.add_argument("--patch-size", type=positive_int, choices=(1, 2, 4),
                       help="latent pixels per token side: 1 gives 4x the tokens of 2, for finer detail")
     image_vae = init.add_argument_group("kinema-tiny-ad's image VAE (default: the shipped 8x)")

@@ -198,6 +198,16 @@ def _adapter_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def folder_motion_module(model_path: Path) -> Path | None:
+    """The motion modules a kinema AnimateDiff folder (one with kinema.json) carries as `FOLDER_MOTION_MODULE`,
+    which it is loaded with when no other is given; None for other folders and files."""
+    from kinema.bundled import read_model_info
+
+    if model_path.is_dir() and read_model_info(model_path) and (model_path / FOLDER_MOTION_MODULE).is_file():
+        return model_path / FOLDER_MOTION_MODULE
+    return None
+
+
 def load_family(
     model: str | os.PathLike,
     *,
@@ -256,7 +266,6 @@ def load_family(
         model_defaults,
         model_prediction_type,
         model_world,
-        read_model_info,
         resolve_model,
     )
 
@@ -266,8 +275,8 @@ def load_family(
     recorded = str(model) if is_bundled_name(model) else str(model_path)
     world = model_world(model_path)
     prediction_type = model_prediction_type(model_path)
-    if motion_module is None and read_model_info(model_path) and (model_path / FOLDER_MOTION_MODULE).is_file():
-        motion_module = model_path / FOLDER_MOTION_MODULE
+    if motion_module is None:
+        motion_module = folder_motion_module(model_path)
     motion_path = None if motion_module is None else _existing(motion_module, "motion module")
     checked_loras = _checked_loras(loras)
     if tokenizer is not None:

@@ -171,12 +171,19 @@ class _DenoisingLoss(nn.Module):
 
 
 def _load_animatediff_family(config: TrainConfig) -> Any:
-    """The AnimateDiff family for training: the SD1.5 model inflated with `model.motion_module`'s weights, or with
-    fresh (identity) motion modules when none is given: of the settings the folder's kinema.json names in "motion"
-    (kinema's own models, whose loading reads the same entry), else of `model.motion_version`'s layout."""
-    from kinema.pipelines.load import load_family, model_motion_settings
+    """The AnimateDiff family for training: the SD1.5 model inflated with `model.motion_module`'s weights, or, as
+    `kinema generate` loads it, with the motion modules a kinema folder carries (kinema-tiny-ad's: a LoRA on fresh
+    zero-output modules gets no gradient, and a motion run continues the shipped weights), or with fresh (identity)
+    motion modules: of the settings the folder's kinema.json names in "motion" (kinema's own models, whose loading
+    reads the same entry), else of `model.motion_version`'s layout."""
+    from kinema.bundled import resolve_model
+    from kinema.pipelines.load import folder_motion_module, load_family, model_motion_settings
 
-    if config.model.motion_module:
+    path = resolve_model(config.model.path)  # a bundled model's name is its folder here
+    own = None if config.model.motion_module else folder_motion_module(path)
+    if config.model.motion_module or own is not None:
+        if own is not None:
+            logger.info("training on %s with its own motion modules (%s)", config.model.path, own.name)
         return load_family(config.model.path, motion_module=config.model.motion_module,
                            tokenizer=config.model.tokenizer)
     from kinema.loaders.stable_diffusion import load_stable_diffusion
@@ -188,8 +195,8 @@ def _load_animatediff_family(config: TrainConfig) -> Any:
     if version not in ANIMATEDIFF_VERSIONS or version == "sdxl-beta":
         known = [v for v in ANIMATEDIFF_VERSIONS if v != "sdxl-beta"]
         raise KinemaError(f"unknown model.motion_version {version!r}; choose one of {', '.join(known)}")
-    settings = model_motion_settings(config.model.path) or ANIMATEDIFF_VERSIONS[version]
-    components = load_stable_diffusion(config.model.path, tokenizer=config.model.tokenizer)
+    settings = model_motion_settings(path) or ANIMATEDIFF_VERSIONS[version]
+    components = load_stable_diffusion(path, tokenizer=config.model.tokenizer)
     with torch.random.fork_rng(devices=[]):  # fresh modules from the run's seed: every process and rerun alike
         torch.manual_seed(config.seed)
         video_unet = VideoUNet.from_unet2d(components.unet, **settings)

@@ -419,11 +419,19 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     identity = resume_identity(config)
     # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
     # as the others could otherwise find the run it has just started.
+    cache = config.data.cache
+    if cache and Path(config.output).resolve() in (Path(cache).resolve(), *Path(cache).resolve().parents):
+        raise KinemaError(f"data.cache ({cache}) is inside the run folder ({config.output}), which holds only the "
+                          "run; give the cache a folder of its own, such as runs/cache")
     if not dry_run and main:
         checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False,
                                  upgrade=with_new_defaults)
         if resume is not None and not (resume == "latest" and not checked.checkpoints()):
             checked.resolve(resume)
+        if (checked.path / "final").exists():  # the export replaces it at the end: refused now, not after training
+            from kinema.fileio import check_output
+
+            check_output(checked.path / "final", "training_export", folder=True, overwrite=True)
     task = make_task(config)
     task.to(accelerator.device)
     estimate = _check_memory(config, task, dataset, order, accelerator.device)

@@ -52,6 +52,10 @@ def test_the_default_dit_is_the_shipped_one_and_the_size_options_change_it(tmp_p
         1, 4, 8, 256)
     modules = [(m["type"], m["num_attention_heads"]) for m in sized["motion_modules"]]
     assert modules == [("temporal", 8), ("hybrid", 8)] * 2
+    for option, value in (("--heads", "100000"), ("--layers", "100000"), ("--layers", "0")):
+        with pytest.raises(SystemExit) as usage:  # argparse's usage error, before any weights are made
+            main(["init-model", "kinema-tiny", option, value, "--out", str(tmp_path / "huge")])
+        assert usage.value.code == 2 and not (tmp_path / "huge").exists()
     family = load_family(tmp_path / "p1")
     video = generate(family, GenerationRequest(prompt="a red circle moving right", frames=8, steps=1, seeds=[0]),
                      progress=False).frames

@@ -191,18 +191,24 @@ def test_animatediff_format_loads_back_as_the_trained_model(video_unet, tmp_path
     torch.testing.assert_close(run(fresh, unet_inputs()), trained, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("format", ["animatediff", "diffusers"])
-def test_a_motion_lora_of_modules_that_read_the_prompt_loads_back(unet2d, tmp_path, format):
+@pytest.mark.parametrize(("format", "kinds"), [("animatediff", ["temporal", "text"]),
+                                               ("diffusers", ["temporal", "text"]),
+                                               ("diffusers", ["temporal", "temporal", "text"])])
+def test_a_motion_lora_of_modules_that_read_the_prompt_loads_back(unet2d, tmp_path, format, kinds):
     # kinema-tiny-ad's motion modules have a text attention, whose key and value take the text states' width (32
     # here, where up_blocks.0 is 64 wide): the file check once assumed every projection C -> C and refused the export.
+    # Its third attention is diffusers' attn3: the export once left it `attention_blocks.2`, a name no reader took.
+    from kinema.loaders import describe
+
     video = with_active_motion(tiny_video_unet(unet2d, motion_module={
-        "type": "temporal", "attention_kinds": ["temporal", "text"], "cross_attention_dim": 32}))
+        "type": "temporal", "attention_kinds": kinds, "cross_attention_dim": 32}))
     fresh = copy.deepcopy(video)
     add_lora(video, rank=4, alpha=4, targets="motion")
     randomise_lora(video)
     trained = run(video, unet_inputs())
     assert (trained - run(fresh, unet_inputs())).abs().max() > 0.05
     path = save_lora(video, tmp_path / "motion_lora.safetensors", format)
+    assert describe(path)["kind"] == "motion_lora"  # what load_family reads a --lora file by
     load_motion_lora(fresh, path, "trained", strength=1.0)
     torch.testing.assert_close(run(fresh, unet_inputs()), trained, rtol=0, atol=1e-4)
 

@@ -49,6 +49,23 @@ def sd_model_section(sd_model) -> dict:
 # ---------------------------------------------------------------- what each mode trains
 
 
+@pytest.mark.parametrize("mode", ["lora", "motion"])
+def test_a_kinema_folder_trains_on_its_own_motion_modules(tmp_path, synth_videos, mode):
+    """kinema-tiny-ad carries its motion modules (motion_module.safetensors), which generate loads: training loads
+    them too. Fresh ones output zero, so a motion LoRA on them once got no gradient and trained nothing."""
+    from safetensors.torch import load_file
+
+    from kinema.bundled import resolve_model
+
+    folder = resolve_model("kinema-tiny-ad")
+    config = make_config(tmp_path, {"path": str(folder)}, synth_videos, mode, {**SD_DATA, "size": [32, 32]})
+    loaded = make_task(config).model.motion_state_dict()
+    shipped = load_file(folder / "motion_module.safetensors")
+    common = [key for key in loaded if key in shipped]
+    assert len(common) > 100 and all(torch.equal(loaded[k].float(), shipped[k].float()) for k in common)
+    assert any(shipped[k].abs().sum() > 0 for k in common if ".proj_out." in k)  # trained, not zero-output
+
+
 def test_motion_mode_changes_motion_modules_only_and_the_loss_halves(tmp_path, sd_model, synth_videos):
     config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
                          train={"steps": 50, "learning_rate": 3e-3, "max_grad_norm": None})
@@ -204,6 +221,26 @@ def test_resume_refuses_another_config_and_a_new_run_refuses_an_existing_one(tmp
                         train={"steps": 2, "learning_rate": 5e-3})
     with pytest.raises(KinemaError, match="learning_rate"):
         train(other, resume="latest", progress=False)
+
+
+def test_a_users_file_in_final_or_a_cache_in_the_run_folder_is_refused_before_step_1(tmp_path, sd_model,
+                                                                                        synth_videos, monkeypatch):
+    from kinema.training import tasks as tasks_module
+
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA, train={"steps": 2})
+    result = train(config, progress=False)
+    (result.final / "README.txt").write_text("my notes on this run")
+    longer = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA, train={"steps": 4})
+    monkeypatch.setattr(tasks_module, "make_task", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(KinemaError, match=r"final .*README.txt.*kinema never deletes them"):
+        train(longer, resume="latest", progress=False)
+    assert (result.final / "README.txt").read_text() == "my notes on this run"
+    for cache in (tmp_path / "fresh" / "run", tmp_path / "fresh" / "run" / "cache"):
+        inside = make_config(tmp_path / "fresh", sd_model_section(sd_model), synth_videos, "motion",
+                             {**SD_DATA, "cache": str(cache)})
+        with pytest.raises(KinemaError, match=r"data.cache \(.*\) is inside the run folder"):
+            train(inside, progress=False)
+    assert not (tmp_path / "fresh").exists()
 
 
 # ---------------------------------------------------------------- refusals before step 1

@@ -8,33 +8,36 @@ applied per key, each rule written once for both directions.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
 from kinema.errors import KinemaError
 from kinema.models.motion import sinusoidal_frame_encoding
 
-# (original / kinema pattern, diffusers pattern) with named groups shared by both sides.
-_RULES: list[tuple[str, str]] = [
+# (original / kinema pattern, diffusers pattern) with named groups shared by both sides. Attention N is diffusers'
+# attn{N+1}: attn1 and attn2 in published modules, attn3 for a third (kinema-tiny-ad's attention to the prompt).
+_Rule = tuple[str, str | Callable[[re.Match[str]], str]]
+_RULES: list[_Rule] = [
     (r"(?P<pre>.*\.motion_modules\.\d+\.)temporal_transformer\.(?P<rest>.*)", r"\g<pre>\g<rest>"),
-    (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attention_blocks\.0\.(?P<rest>.*)", r"\g<pre>attn1.\g<rest>"),
-    (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attention_blocks\.1\.(?P<rest>.*)", r"\g<pre>attn2.\g<rest>"),
+    (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attention_blocks\.(?P<n>\d+)\.(?P<rest>.*)",
+     lambda m: f"{m['pre']}attn{int(m['n']) + 1}.{m['rest']}"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)norms\.0\.(?P<rest>.*)", r"\g<pre>norm1.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)norms\.1\.(?P<rest>.*)", r"\g<pre>norm2.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)ff_norm\.(?P<rest>.*)", r"\g<pre>norm3.\g<rest>"),
 ]
-_REVERSE: list[tuple[str, str]] = [
+_REVERSE: list[_Rule] = [
     (r"(?P<pre>.*\.motion_modules\.\d+\.)(?P<rest>(?!temporal_transformer\.).*)",
      r"\g<pre>temporal_transformer.\g<rest>"),
-    (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attn1\.(?P<rest>.*)", r"\g<pre>attention_blocks.0.\g<rest>"),
-    (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attn2\.(?P<rest>.*)", r"\g<pre>attention_blocks.1.\g<rest>"),
+    (r"(?P<pre>.*\.transformer_blocks\.\d+\.)attn(?P<n>[1-9]\d*)\.(?P<rest>.*)",
+     lambda m: f"{m['pre']}attention_blocks.{int(m['n']) - 1}.{m['rest']}"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)norm1\.(?P<rest>.*)", r"\g<pre>norms.0.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)norm2\.(?P<rest>.*)", r"\g<pre>norms.1.\g<rest>"),
     (r"(?P<pre>.*\.transformer_blocks\.\d+\.)norm3\.(?P<rest>.*)", r"\g<pre>ff_norm.\g<rest>"),
 ]
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+def _rename(key: str, rules: list[_Rule]) -> str:
     if ".motion_modules." not in key:  # the 2D UNet's own names are the same in both layouts
         return key
     for pattern, replacement in rules:
