@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kinema.errors import KinemaError, is_disk_full, library_error_message, os_error_message, without_temporaries
 from kinema.sniff import Kind, sniff
@@ -511,6 +511,25 @@ def _swap_in(temp: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(temp, target)
     _remove(old)
+
+
+def exclusive_lock(path: Path, busy: str) -> IO[str]:
+    """Hold an exclusive lock on the file `path` (created), released when the returned file is closed or the process
+    dies (the kernel's flock, so a killed holder frees it); one KinemaError line `busy` when another process holds
+    it. The file records the holder's pid."""
+    import fcntl
+
+    file = open(path, "a+")  # noqa: SIM115 - the open file is the lock, held until the caller closes it
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise KinemaError(busy) from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return file
 
 
 # ---------------------------------------------------------------- reading

@@ -275,19 +275,12 @@ class DataDirLock:
     two servers never run the same jobs."""
 
     def __init__(self, folder: str | os.PathLike):
+        from kinema.fileio import exclusive_lock
+
         path = check_data_dir(folder)
         path.mkdir(parents=True, exist_ok=True)
-        self._file = open(path / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise KinemaError(f"another kinema serve is using the data folder {path}; stop it, or give this one "
-                              "another --data-dir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
+        self._file = exclusive_lock(path / LOCK_FILE, f"another kinema serve is using the data folder {path}; stop "
+                                                      "it, or give this one another --data-dir")
 
     def close(self) -> None:
         """Release the lock."""

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".kinema-batch.lock"  # held by the run writing into the folder
 JOBS_FOLDER = "jobs"
 HEADER_KEY = "kinema_batch"  # the manifest's first record names the format: this key, with FORMAT_VERSION
 FORMAT_VERSION = 1
@@ -302,8 +303,23 @@ def run_batch(
 def _run_pending(jobs: Sequence[BatchJob], real: Path, finished: list[BatchJob], pending: list[BatchJob],
                  ray: str | None, workers: int | None, jobs_file: str | os.PathLike | None,
                  on_record: Callable[[dict[str, Any], int, int], None] | None, device: str) -> BatchSummary:
-    """`run_batch` from its manifest on: the run's records, the pending jobs run, the workers' records."""
+    """`run_batch` from its manifest on: the run's records, the pending jobs run, the workers' records. One run at a
+    time writes into a batch folder (a lock held to the end): two would make the same jobs and record both."""
+    from kinema.fileio import exclusive_lock
+
     manifest = _start_manifest(real)
+    with exclusive_lock(real / LOCK_NAME, f"another kinema batch is running into {real}; wait for it to finish "
+                                          "(it resumes where it stops), or give this one another --out"):
+        # Jobs another run finished since run_batch looked are done, not run again.
+        finished = [batch_job for batch_job in jobs if is_done(real, batch_job.id)]
+        done_ids = {batch_job.id for batch_job in finished}
+        return _run_locked(jobs, real, manifest, finished, [job for job in pending if job.id not in done_ids],
+                           ray, workers, jobs_file, on_record, device)
+
+
+def _run_locked(jobs: Sequence[BatchJob], real: Path, manifest: Path, finished: list[BatchJob],
+                pending: list[BatchJob], ray: str | None, workers: int | None, jobs_file: str | os.PathLike | None,
+                on_record: Callable[[dict[str, Any], int, int], None] | None, device: str) -> BatchSummary:
     records = read_manifest(real)
     run = 1 + sum(1 for record in records if "started" in record)
     recorded_done = {record["job"] for record in records if record.get("status") == "done" and "job" in record}

@@ -136,6 +136,20 @@ def test_a_job_folder_renamed_into_place_just_before_a_crash_counts_as_done_and_
                          "outputs": ["jobs/abc/video-seed1.mp4"]}
 
 
+def test_one_run_at_a_time_writes_into_a_batch_folder(tmp_path):
+    from kinema.fileio import exclusive_lock
+    from kinema.pipelines.batch import LOCK_NAME
+
+    job = BatchJob(line=1, id="abc", job=job_from_mapping(LINE))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text(json.dumps({"kinema_batch": 1}) + "\n")
+    with exclusive_lock(out / LOCK_NAME, "held by the first run"):  # the first run, still going
+        with pytest.raises(KinemaError, match=r"another kinema batch is running into \S+out; wait for it"):
+            run_batch([job], out, jobs_file="jobs.jsonl")
+    assert [record for record in read_manifest(out) if "started" in record] == []  # the second recorded nothing
+
+
 class FakeRay:
     """Just enough of Ray's API, run synchronously in this process, to test the fan-out: actors, one call at a time
     each, results in submission order; a call may kill its actor (RayActorError)."""
