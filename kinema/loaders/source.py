@@ -178,5 +178,11 @@ def describe_source(source: Source) -> dict[str, Any]:
         hint = f"; {guess_kind(source.names)}"
     elif path.is_file():
         hint = f"; weights files kinema reads end in {', '.join(SUPPORTED_SUFFIXES)}"
+    elif path.is_dir() and not (path / "config.json").is_file() and any(
+            child.is_file() and child.suffix in SUPPORTED_SUFFIXES for child in path.iterdir()):
+        # A diffusers folder (MotionAdapter, AutoencoderKL, ControlNet, UNet) is built from its config.json.
+        weights = sorted(child.name for child in path.iterdir() if child.suffix in SUPPORTED_SUFFIXES)
+        hint = (f"; it holds {weights[0]} but no config.json, which a diffusers folder is built from: download the "
+                "whole folder (a partial download?)")
     looked = "; ".join(entry.label for entry in FORMATS)
     raise KinemaError(f"{path}: not a format kinema knows: looked for {looked}{hint}")

@@ -241,18 +241,20 @@ def _build_empty(name: str, config_dir: Path) -> tuple[nn.Module, dict[str, Any]
 
 def _check_ldm_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     """`state` holds the UNet, VAE and text encoder of Stable Diffusion 1.x, or a KinemaError saying what it is."""
+    # Another family first: SDXL's and SD2's text encoders sit under other prefixes, which the check below would
+    # call a missing text encoder.
+    try:
+        kind = infer_diffusers_model_type(state)  # from names and shapes only
+    except (IndexError, KeyError, ValueError, AttributeError):
+        kind = None  # a tensor too malformed for diffusers to read the type from: the checks below name it
+    if kind is not None and kind != "v1":
+        raise KinemaError(f"{path} looks like a {kind!r} checkpoint, not Stable Diffusion 1.x; AnimateDiff's SD1.5 "
+                          "motion modules need an SD1.5-architecture base")
     absent = [f"{name} ({prefix}*)" for name, prefix in LDM_PREFIXES.items()
               if not any(k.startswith(prefix) for k in state)]
     if absent:
         raise KinemaError(f"{path} has no {', '.join(absent)} weights: it is not a full Stable Diffusion checkpoint "
                           "(a LoRA, VAE or UNet-only file?); use a full SD1.5 file or a diffusers folder")
-    try:
-        kind = infer_diffusers_model_type(state)  # from names and shapes only
-    except (IndexError, KeyError, ValueError, AttributeError):
-        return  # a tensor too malformed for diffusers to read the type from: the shape check names it
-    if kind != "v1":
-        raise KinemaError(f"{path} looks like a {kind!r} checkpoint, not Stable Diffusion 1.x; AnimateDiff's SD1.5 "
-                          "motion modules need an SD1.5-architecture base")
 
 
 def _ldm_component(path: Path, state: Mapping[str, torch.Tensor], name: str, model: nn.Module,

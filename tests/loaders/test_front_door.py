@@ -76,6 +76,14 @@ def test_load_of_something_that_is_not_a_model_says_so(tmp_path):
         kinema.load(weights)
     with pytest.raises(KinemaError, match="no such file or folder"):
         kinema.load(tmp_path / "missing.safetensors")
+    # A diffusers folder without its config.json (a partial download) is named as such.
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file({"down_blocks.0.motion_modules.0.proj_in.weight": torch.zeros(4, 4)},
+              folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(KinemaError, match=r"adapter: not a format .*; it holds diffusion_pytorch_model.safetensors "
+                                          r"but no config.json, which a diffusers folder is built from"):
+        kinema.describe(folder)
 
 
 def test_kinemas_own_latents_are_named_with_what_takes_them(tmp_path):

@@ -166,6 +166,10 @@ def _describable(path: Path) -> tuple[Path, WeightFiles] | None:
         return None
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     weights = find_weights(folder, suffixes=(".safetensors",), missing_ok=True)
+    if weights is None and folder != path and (folder / CONFIG_NAME).is_file():
+        # A model folder whose transformer has a config and no safetensors weights (a partial download, a .bin):
+        # said here, where the other entries would take it for its vae/ alone.
+        transformer_weights(folder)
     return None if weights is None else (folder, weights)
 
 

@@ -131,3 +131,15 @@ def test_whole_v3_folder_loads_as_an_easyanimate_model(tmp_path):
     shard.unlink()
     with pytest.raises(KinemaError, match=f"lists shard\\(s\\) \\['{shard.name}'\\] that are not in"):
         describe(tmp_path)
+
+
+def test_a_v3_folder_whose_transformer_weights_are_missing_says_so(tmp_path):
+    # Without them the folder's vae/ once answered, and the model was called "a Slice VAE folder".
+    write_full_folder(tmp_path, source_model())
+    weights = next((tmp_path / "transformer").glob("*.safetensors"))
+    weights.rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(KinemaError, match=r"transformer has no weights file: looked for \['diffusion_pytorch_model"):
+        describe(tmp_path)
+    (tmp_path / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(KinemaError, match=r"transformer has no diffusion_pytorch_model.safetensors.*convert a .bin"):
+        describe(tmp_path)
