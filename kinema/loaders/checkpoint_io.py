@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -370,3 +370,32 @@ def _shards(index: Path) -> tuple[Path, ...]:
     if missing:
         raise KinemaError(f"{index} lists shard(s) {missing[:3]} that are not in {index.parent}; download them")
     return tuple(index.parent / file for file in dict.fromkeys(weight_map.values()))
+
+
+def load_pretrained(cls: Any, folder: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(folder, **kwargs)` for a transformers encoder folder (T5, CLIP), held to kinema's rules:
+    a folder without config.json (which transformers would fill with a default config) and weights that do not fit
+    the config are each one KinemaError line naming `what` and the folder, not transformers' table; a pickle that
+    needs code is refused with kinema's own line (its weights-only read), not torch's advice to load it unsafely."""
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise KinemaError(f"the {what} folder {folder} has no config.json (a partial download?); download the whole "
+                          "folder")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report, a table, would come before kinema's line
+    try:
+        model, info = cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except pickle.UnpicklingError:
+        for weights in sorted(folder.glob("*.bin")):
+            read_checkpoint(weights)  # kinema's refusal of the file that needs code
+        raise
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    from kinema.state_dicts import check_loading_info
+
+    check_loading_info(info, f"the {what} weights in {folder}",
+                       advice="its config.json and weights come from different models; download the folder again")
+    return model
+

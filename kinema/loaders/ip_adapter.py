@@ -194,7 +194,9 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike | Source, *, scale:
         raise KinemaError("this model already has an IP-Adapter (or another image projection) loaded; load the "
                           "model again to use another")
     encoder_folder = image_encoder_folder(path, image_encoder)
-    encoder = CLIPVisionModelWithProjection.from_pretrained(str(encoder_folder)).eval()
+    from kinema.loaders.checkpoint_io import load_pretrained
+
+    encoder = load_pretrained(CLIPVisionModelWithProjection, encoder_folder, "IP-Adapter's image encoder").eval()
     wanted = _encoder_width(variant, parts)
     given = encoder.config.projection_dim if VARIANTS[variant] == "image_embeds" else encoder.config.hidden_size
     if wanted != given:

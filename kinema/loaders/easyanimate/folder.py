@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
-from kinema.loaders.checkpoint_io import find_weights
+from kinema.loaders.checkpoint_io import find_weights, load_pretrained
 from kinema.loaders.easyanimate.config import video_dit_config_from_easyanimate
 from kinema.loaders.easyanimate.transformer import load_video_dit, read_transformer_config
 from kinema.loaders.easyanimate.vae import load_slice_vae
@@ -124,16 +124,16 @@ def load_easyanimate(
     lowercase: bool | None = None
     if entry is None:
         text_dir = dirs["text_encoder"]
-        text_encoder = in_memory(T5EncoderModel.from_pretrained(text_dir, dtype=dtype,
-                                                                variant=_encoder_variant(text_dir)))
+        text_encoder = in_memory(load_pretrained(T5EncoderModel, text_dir, "text encoder", dtype=dtype,
+                                                 variant=_encoder_variant(text_dir)))
     else:
         named = load_text_encoder(entry, folder, dtype=dtype, device=device, mmap=mmap)
         text_encoder, tokenizer = named.text_encoder, named.tokenizer
         text_max_length, lowercase = named.max_length, named.lowercase
     image_encoder = image_processor = None
     if image_dir.is_dir():
-        image_encoder = in_memory(CLIPVisionModelWithProjection.from_pretrained(
-            image_dir, dtype=dtype, variant=_encoder_variant(image_dir)))
+        image_encoder = in_memory(load_pretrained(CLIPVisionModelWithProjection, image_dir, "image encoder",
+                                                  dtype=dtype, variant=_encoder_variant(image_dir)))
         image_encoder = image_encoder.to(device).eval()
         image_processor = CLIPImageProcessorPil.from_pretrained(image_dir)
     return EasyAnimateModel(transformer, vae, text_encoder.to(device).eval(), tokenizer, image_encoder,

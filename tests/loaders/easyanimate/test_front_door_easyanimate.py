@@ -143,3 +143,50 @@ def test_a_v3_folder_whose_transformer_weights_are_missing_says_so(tmp_path):
     (tmp_path / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(KinemaError, match=r"transformer has no diffusion_pytorch_model.safetensors.*convert a .bin"):
         describe(tmp_path)
+
+
+@pytest.mark.parametrize(("part", "edit", "message"), [
+    ("text_encoder", "d_model", r"the text encoder weights in \S+text_encoder: \d+ mismatched .*its config.json and "
+                                r"weights come from different models"),
+    ("image_encoder", "projection_dim", r"the image encoder weights in \S+image_encoder: 1 mismatched"),
+    ("text_encoder", None, r"the text encoder folder \S+text_encoder has no config.json \(a partial download\?\)"),
+])
+def test_an_encoder_folder_that_does_not_fit_its_config_is_one_line(tmp_path, part, edit, message):
+    # transformers printed a table of mismatches and raised its own RuntimeError; without config.json it built a
+    # default T5 and failed on shapes.
+    write_full_folder(tmp_path, source_model())
+    config = tmp_path / part / "config.json"
+    if edit is None:
+        config.unlink()
+    else:
+        values = json.loads(config.read_text())
+        values[edit] += 16
+        config.write_text(json.dumps(values))
+    with pytest.raises(KinemaError, match=message):
+        load(tmp_path)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code from the pickle ran."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_an_encoder_pickle_that_needs_code_is_refused_in_kinemas_words(tmp_path):
+    import pickle
+
+    write_full_folder(tmp_path, source_model())
+    marker = tmp_path / "pwned"
+    for weights in (tmp_path / "image_encoder").glob("*.safetensors"):
+        weights.unlink()
+    (tmp_path / "image_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps({"evil": _Payload(str(marker))},
+                                                                                protocol=2))
+    with pytest.raises(KinemaError, match=r"^refused to run code from the pickle in \S+pytorch_model.bin \(it needs "
+                                          r"io.open\)"):
+        load(tmp_path)
+    assert not marker.exists()
+
