@@ -80,11 +80,11 @@ def _load_described(source: Any, kind: str, **options: Any) -> Any:
     return format_of(kind).function("load")(source, **options)
 
 
-def _lora_kind(path: Path) -> tuple[Any, str]:
-    """`(source, kind)` for a LoRA file, by the format registry: "motion" for a motion LoRA; "spatial" for an image
-    LoRA; "both" for an image LoRA with a motion LoRA beside it in one file (kinema's `lora.targets: all` export,
-    diffusers' save of such a LoRA), whose two parts are applied as each kind is. A malformed LoRA gets its
-    describer's error; anything else is refused as not a LoRA."""
+def _lora_kind(path: Path) -> tuple[Any, str, dict[str, Any]]:
+    """`(source, kind, report)` for a LoRA file, by the format registry (`report`: its describe report): "motion"
+    for a motion LoRA; "spatial" for an image LoRA; "both" for an image LoRA with a motion LoRA beside it in one
+    file (kinema's `lora.targets: all` export, diffusers' save of such a LoRA), whose two parts are applied as each
+    kind is. A malformed LoRA gets its describer's error; anything else is refused as not a LoRA."""
     from kinema.loaders.source import Source, describe_source
 
     source = Source(path)
@@ -96,11 +96,27 @@ def _lora_kind(path: Path) -> tuple[Any, str]:
         found = str(err).removeprefix(f"{path}: ")
     else:
         if report["kind"] == "motion_lora":
-            return source, "motion"
+            return source, "motion", report
         if report["kind"] == "image_lora":
-            return source, "both" if report["motion_lora_too"] else "spatial"
+            return source, "both" if report["motion_lora_too"] else "spatial", report
         found = f"it is a {report['kind']}"
     raise KinemaError(f"{path} is not a LoRA ({found}); --lora takes motion LoRAs and SD1.5 image LoRAs")
+
+
+def _check_motion_lora_fits(lora: Path, report: dict[str, Any], motion: Path, motion_report: dict[str, Any]
+                            ) -> None:
+    """One KinemaError line when the motion LoRA `lora` has layers the motion module `motion` lacks (a mid block)
+    or of other widths, from both describe reports: said before any weights load, naming the LoRA."""
+    if report.get("mid_block") and not motion_report.get("mid_block"):
+        raise KinemaError(f"the motion LoRA {lora} has layers for the motion modules' mid block, which "
+                          f"{motion} ({motion_report.get('version', 'its version')}) has none of: AnimateDiff's "
+                          "MotionLoRAs (pan, zoom, tilt, roll) are made for v2 modules, so use one such as "
+                          "mm_sd_v15_v2.ckpt, or a LoRA made for this motion module")
+    widths, have = report.get("channels"), motion_report.get("channels")
+    if widths and have and list(widths) != list(have):
+        raise KinemaError(f"the motion LoRA {lora} is made for motion modules of widths {tuple(widths)}, and "
+                          f"{motion}'s are {tuple(have)}: use a LoRA made for this motion module (SD1.5 and SDXL "
+                          "differ)")
 
 
 def unet_config_of(model: Path, config: str | os.PathLike | None = None, part: str = "unet") -> dict[str, Any]:
@@ -432,7 +448,12 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         if control_kind == "sparsectrl" and len(control or []) > 1:
             raise KinemaError(f"{control_path} is SparseCtrl, whose keyframes are its own: give it alone, not with "
                               "other ControlNets")
-    kinds = [(lora_path, weight, *_lora_kind(lora_path)) for lora_path, weight in loras]
+    described = [(lora_path, weight, _lora_kind(lora_path)) for lora_path, weight in loras]
+    for lora_path, _, (_, lora_kind, lora_report) in described:
+        if lora_kind == "motion":  # from the headers, before any weights load, naming the file
+            _check_motion_lora_fits(lora_path, lora_report, motion_path, motion_report)
+    kinds = [(lora_path, weight, lora_source, lora_kind)
+             for lora_path, weight, (lora_source, lora_kind, _) in described]
 
     # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.
     options: dict[str, Any] = {"dtype": torch.float32, "tokenizer": tokenizer}

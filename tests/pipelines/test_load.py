@@ -42,6 +42,7 @@ def files(tmp_path_factory):
         "single": write_sd_single_file(root / "tiny-sd.safetensors", parts),
         "configs": write_sd_configs(root / "configs", parts),
         "motion_module": write_motion_module(root / "mm_v2.safetensors", "v2", seed=5),
+        "v3_module": write_motion_module(root / "mm_v3.safetensors", "v3", seed=5),
         "motion_lora": root / "pan_left.safetensors",
         "kohya": root / "style.safetensors",
         "sdxl_module": write_motion_module(root / "mm_4_levels.safetensors", "v2", widths=(32, 64, 64, 64)),
@@ -312,6 +313,10 @@ BAD = {
     "VAE with EasyAnimate": (lambda f: ((f["easyanimate"],), {"vae": f["other_vae"]["file"]}),
                              "is an EasyAnimate model, whose Slice VAE encodes time as well as space: another VAE "
                              r"\(vae, --vae\) is for AnimateDiff"),
+    "mid-block motion LoRA on v3": (lambda f: ((f["folder"],), {"motion_module": f["v3_module"],
+                                                                 "loras": [(f["motion_lora"], 0.8)]}),
+                                    r"the motion LoRA \S+pan_left.safetensors has layers for the motion modules' mid "
+                                    r"block, which \S+mm_v3.safetensors \(v3\) has none of: .*mm_sd_v15_v2"),
     "EasyAnimate transformer alone": (lambda f: ((f["easyanimate"],), {}),
                                       "is an EasyAnimate transformer alone; generation needs the whole V3 folder "
                                       r"\(transformer/, vae/"),
