@@ -279,6 +279,41 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
     if shape.family == "easyanimate":
         check_easyanimate_extras(folder, motion_module=motion_module, loras=loras, tokenizer=tokenizer, freeu=freeu,
                                  ip_adapter=ip_adapter, controlnet=controlnet, clip_skip=clip_skip, vae=vae)
+    else:
+        check_sd_folder_extras(folder, tokenizer=tokenizer, clip_skip=clip_skip)
+
+
+def diffusers_folder_tokenizer_error(path: Path) -> KinemaError:
+    """The refusal of a tokenizer (or single-file configs) given with a diffusers folder."""
+    return KinemaError(f"{path} is a diffusers folder, which brings its own tokenizer and configs; tokenizer= and "
+                       "config= are for single-file checkpoints")
+
+
+def check_sd_folder_extras(folder: Path, *, tokenizer: Any = None, clip_skip: int = 1) -> None:
+    """A Stable Diffusion folder's limits read from configs before any weights load: no tokenizer (it has its own),
+    and a clip_skip its text encoder can take (a CLIP encoder with that many layers), for folders with
+    `text_encoder/config.json` or a kinema.json entry whose encoder folder is on this machine."""
+    if tokenizer is not None:
+        raise diffusers_folder_tokenizer_error(folder)
+    if clip_skip == 1:
+        return
+    config = _config(folder / "text_encoder" / "config.json")
+    if not config:
+        from kinema.loaders.text_encoder import resolve_text_encoder, text_encoder_entry
+
+        entry = text_encoder_entry(folder)
+        source = None if entry is None else Path(resolve_text_encoder(entry, folder))
+        config = _config(source / "config.json") if source is not None and source.is_dir() else {}
+    if not config:
+        return
+    architectures = config.get("architectures") or [config.get("model_type", "another model")]
+    if not any("CLIPText" in str(name) for name in architectures):
+        raise KinemaError(f"clip_skip {clip_skip} skips layers of a CLIP text encoder, and {folder}'s is "
+                          f"{architectures[0]}: drop clip_skip (--clip-skip)")
+    layers = _whole(config.get("num_hidden_layers"))
+    if layers is not None and not 1 <= clip_skip <= layers:
+        raise KinemaError(f"clip_skip {clip_skip} is more layers than the text encoder's {layers}; give 1 (the last "
+                          f"layer) to {layers}, usually 2")
 
 
 def check_sparsectrl_falloff(controlnets: Iterable[str | os.PathLike], falloff: Any) -> None:

@@ -421,8 +421,9 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     from kinema.pipelines.animatediff import AnimateDiffFamily
 
     if path.is_dir() and (tokenizer is not None or config is not None):
-        raise KinemaError(f"{path} is a diffusers folder, which brings its own tokenizer and configs; tokenizer= and "
-                          "config= are for single-file checkpoints")
+        from kinema.pipelines.jobs import diffusers_folder_tokenizer_error
+
+        raise diffusers_folder_tokenizer_error(path)
     if motion_path is None:
         raise KinemaError(f"{path} is a Stable Diffusion 1.5 model; AnimateDiff needs a motion module: pass "
                           "--motion-module PATH (motion_module= in Python)")

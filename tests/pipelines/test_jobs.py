@@ -160,6 +160,8 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "frames": 12}, "job: EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use 8 or "
                                          "16"),  # the bundled kinema-tiny's vae/config.json, read unloaded
     ({"prompt": "a cat", "fps": 5000}, "job: fps must be from 0.01 to 1000 frames per second, got 5000"),
+    ({"prompt": "a cat", "model": "kinema-tiny-ad", "clip_skip": 2},  # read from its encoder's config, unloaded
+     "kinema-tiny-ad's is BertModel: drop clip_skip (--clip-skip)"),
     ([1, 2], "job: a job is an object of settings"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
