@@ -5,10 +5,15 @@ import pytest
 from kinema.fileio import atomic_folder
 
 
-def test_a_finished_folder_replaces_the_old_one(tmp_path):
-    target = tmp_path / "out"
+def old_output(target):
+    """`target` as an earlier kinema output holding old.txt."""
     with atomic_folder(target, "test_output") as folder:
         (folder / "old.txt").write_text("old")
+    return target
+
+
+def test_a_finished_folder_replaces_the_old_one(tmp_path):
+    target = old_output(tmp_path / "out")
     with atomic_folder(target, "test_output", overwrite=True) as folder:
         (folder / "new.txt").write_text("new")
         assert not (target / "new.txt").exists()  # nothing shows until the block ends
@@ -17,9 +22,7 @@ def test_a_finished_folder_replaces_the_old_one(tmp_path):
 
 
 def test_a_failure_leaves_the_old_folder_and_no_debris(tmp_path):
-    target = tmp_path / "out"
-    with atomic_folder(target, "test_output") as folder:
-        (folder / "old.txt").write_text("old")
+    target = old_output(tmp_path / "out")
     with pytest.raises(RuntimeError, match="disk full"):
         with atomic_folder(target, "test_output", overwrite=True) as folder:
             (folder / "half.txt").write_text("half")
@@ -34,9 +37,7 @@ def test_what_appears_at_the_target_while_the_work_runs_is_checked_again_at_the_
     from kinema.errors import KinemaError
     from kinema.fileio import atomic_file
 
-    target = tmp_path / "out"
-    with atomic_folder(target, "test_output") as folder:
-        (folder / "old.txt").write_text("old")
+    target = old_output(tmp_path / "out")
     with pytest.raises(KinemaError, match="kinema never deletes them"):
         with atomic_folder(target, "test_output", overwrite=True) as folder:
             (folder / "new.txt").write_text("new")

@@ -20,6 +20,7 @@ from loaders.animatediff.animatediff_fixtures import original_motion_state_dict
 from loaders.easyanimate.test_easyanimate import v3_config
 from loaders.test_checkpoint_io import assert_same as assert_exact
 from loaders.test_checkpoint_io import tensors
+from pickles import CodePayload
 from safetensors.torch import load_file, save_file
 
 from kinema.errors import KinemaError
@@ -99,22 +100,12 @@ def test_torch_checkpoints_load_whatever_their_name(tmp_path):
         read_safetensors_header(zipped)
 
 
-class _Payload:
-    """Unpickling this would create a file: proof that code from the pickle ran."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
     marker = tmp_path / "pwned"
     # Protocol 4+ pickles (pickle.dump's default) start with a FRAME opcode, where torch's unpickler stops.
     for name, protocol in (("evil.safetensors", 2), ("evil.pt", 4), ("evil.bin", 5)):
         path = tmp_path / name
-        path.write_bytes(pickle.dumps({"a": 1, "evil": _Payload(str(marker))}, protocol=protocol))
+        path.write_bytes(pickle.dumps({"a": 1, "evil": CodePayload(str(marker))}, protocol=protocol))
         assert sniff(path).kind is Kind.PICKLE and sniff(path).what == "a Python pickle"
         for reader in (read_checkpoint, read_state_dict, describe):
             with pytest.raises(KinemaError) as err:
@@ -127,7 +118,7 @@ def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.ckpt") as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     inner = next(name for name in members if name.endswith("data.pkl"))
-    members[inner] = pickle.dumps({"conv_in.weight": _Payload(str(marker))}, protocol=2)
+    members[inner] = pickle.dumps({"conv_in.weight": CodePayload(str(marker))}, protocol=2)
     with zipfile.ZipFile(tmp_path / "evil.ckpt", "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
@@ -139,7 +130,7 @@ def test_pickle_needing_code_is_refused_whatever_its_name(tmp_path):
     whole[central + 10:central + 12] = (99).to_bytes(2, "little")
     (tmp_path / "odd.ckpt").write_bytes(bytes(whole))
     assert pickled_tensor_names(tmp_path / "odd.ckpt") is None
-    pickle.loads(pickle.dumps(_Payload(str(tmp_path / "control"))))  # the payload is live
+    pickle.loads(pickle.dumps(CodePayload(str(tmp_path / "control"))))  # the payload is live
     assert (tmp_path / "control").exists()
 
 

@@ -552,63 +552,37 @@ def _model(value: Any, base: Path, models_dir: Path | None) -> str:
 
 
 def _check_model_path(path: Path) -> None:
-    """One KinemaError line unless `path` is a model `load_family` generates with, as far as headers tell: a file
-    is sniffed (its first bytes), a folder or safetensors file described (kinema.loaders.describe reads headers,
-    no weights). A torch pickle shows its names only when unpickled, which is the load's work, so it passes."""
-    stat = path.stat()
-    if path.is_file():
-        from kinema.sniff import Kind, sniff
+    """One KinemaError line unless `path` is a model `load_family` generates with, as far as headers tell
+    (`_check_file_kind`), and an EasyAnimate one a whole model folder."""
+    if _check_file_kind(str(path), "model") == "easyanimate_transformer":
+        from kinema.loaders.easyanimate.folder import is_model_folder
 
-        found = sniff(path)
-        if not found.is_weights:
-            raise KinemaError(f"model {found.diagnosis}")
-        if found.kind is not Kind.SAFETENSORS:
-            return
-    elif not path.is_dir():
-        raise KinemaError(f"model {path} is neither a file nor a folder; give {_MODEL_WORDS}")
-    kind, whole = _described_kind(str(path), stat.st_mtime_ns, stat.st_size)
-    if kind not in _GENERATION_KINDS:
-        from kinema.loaders.formats import format_of
-
-        raise KinemaError(f"model {path} is not a model to generate with (it is: {format_of(kind).label}); give "
-                          f"{_MODEL_WORDS}")
-    if not whole:
-        raise KinemaError(f"model {path} is an EasyAnimate transformer alone; generation needs the whole V3 folder "
-                          "(transformer/, vae/ and a text encoder)")
+        if not is_model_folder(path):
+            raise KinemaError(f"model {path} is an EasyAnimate transformer alone; generation needs the whole V3 "
+                              "folder (transformer/, vae/ and a text encoder)")
 
 
-@functools.lru_cache(maxsize=32)
-def _described_kind(path: str, mtime_ns: int, size: int) -> tuple[str, bool]:
-    """`(kind, whole)`: what kinema.loaders.describe calls `path` and whether an EasyAnimate one is a whole model
-    folder. Cached by modification time, so a batch of jobs on one model describes it once."""
-    try:
-        kind = _described(path, mtime_ns, size)
-    except KinemaError as err:
-        raise KinemaError(f"model {err}; give {_MODEL_WORDS}") from None
-    if kind != "easyanimate_transformer":
-        return kind, True
-    from kinema.loaders.easyanimate.folder import is_model_folder
-
-    return kind, is_model_folder(path)
+# What each model-file key of a job takes: the format registry's kinds (kinema.loaders.formats), what a file of
+# another kind is not, and what to give instead.
+_FILE_KINDS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "model": (_GENERATION_KINDS, "a model to generate with", _MODEL_WORDS),
+    "motion_module": (("motion_module",), "an AnimateDiff motion module", "a motion module file or MotionAdapter "
+                                                                          "folder"),
+    "LoRA": (("motion_lora", "image_lora"), "a LoRA", "a motion LoRA or an SD1.5 image LoRA"),
+    "vae": (("image_vae",), "an SD1.x VAE", "an SD1.x VAE file or AutoencoderKL folder"),
+    "controlnet": (("controlnet", "sparsectrl"), "a ControlNet", "a ControlNet or SparseCtrl encoder for SD1.5"),
+    "ip_adapter": (("ip_adapter",), "an IP-Adapter", "an IP-Adapter for SD1.5")}
 
 
-# What each model-file key of a job takes: the format registry's kinds (kinema.loaders.formats), and its words.
-_FILE_KINDS = {"motion_module": (("motion_module",), "an AnimateDiff motion module (file or MotionAdapter folder)"),
-               "LoRA": (("motion_lora", "image_lora"), "a motion LoRA or an SD1.5 image LoRA"),
-               "vae": (("image_vae",), "an SD1.x VAE (file or AutoencoderKL folder)"),
-               "controlnet": (("controlnet", "sparsectrl"), "a ControlNet or SparseCtrl encoder for SD1.5"),
-               "ip_adapter": (("ip_adapter",), "an IP-Adapter for SD1.5")}
-
-
-def _check_file_kind(path: str, kind: str, key: str | None = None) -> None:
+def _check_file_kind(path: str, kind: str, key: str | None = None) -> str | None:
     """One KinemaError line, when a job is accepted rather than when it runs, unless the file or folder at `path`
     is what a `kind` key takes (`_FILE_KINDS`) as far as headers tell: a file sniffed (its first bytes), a folder or
-    safetensors file described (no weights read); messages name it as `key` (default: `kind`). A torch pickle
-    passes: its names show only to the load."""
+    safetensors file described (no weights read); messages name it as `key` (default: `kind`). Returns the kind
+    described, or None for a torch pickle, which passes: its names show only to the load."""
     from kinema.loaders.formats import format_of
     from kinema.sniff import Kind, sniff
 
-    kinds, words = _FILE_KINDS[kind]
+    kinds, what, words = _FILE_KINDS[kind]
     key = key or kind
     where = Path(path)
     if where.is_file():
@@ -616,16 +590,17 @@ def _check_file_kind(path: str, kind: str, key: str | None = None) -> None:
         if not found.is_weights:
             raise KinemaError(f"{key} {found.diagnosis}")
         if found.kind is not Kind.SAFETENSORS:
-            return
+            return None
     elif not where.is_dir():
         raise KinemaError(f"{key} {path} is neither a file nor a folder; give {words}")
     stat = where.stat()
     try:
-        kind = _described(path, stat.st_mtime_ns, stat.st_size)
+        described = _described(path, stat.st_mtime_ns, stat.st_size)
     except KinemaError as err:
         raise KinemaError(f"{key} {err}; give {words}") from None
-    if kind not in kinds:
-        raise KinemaError(f"{key} {path} is not {words} (it is: {format_of(kind).label}); give {words}")
+    if described not in kinds:
+        raise KinemaError(f"{key} {path} is not {what} (it is: {format_of(described).label}); give {words}")
+    return described
 
 
 @functools.lru_cache(maxsize=64)

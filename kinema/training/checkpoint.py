@@ -241,6 +241,12 @@ class RunFolder:
         stored_config = upgrade(stored["config"]) if upgrade is not None else stored["config"]
         if fingerprint(stored_config, ignore) != wanted:
             differences = config_differences(stored_config, config, ignore)
+            if len(differences) > 1:
+                # train.steps joins the identity only under a decaying schedule (config.resume_identity): with the
+                # schedule changed, its appearing or going is the schedule's change, not another one.
+                differences = [d for d in differences
+                               if not (d.startswith("train.steps: ")
+                                       and (d.startswith("train.steps: (absent)") or d.endswith("-> (absent)")))]
             if differences:
                 listed = "; ".join(differences[:_MAX_SHOWN])
                 more = len(differences) - _MAX_SHOWN

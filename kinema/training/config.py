@@ -331,8 +331,12 @@ def check_config(config: TrainConfig) -> None:
                      f"{data.image_ratio}")
     if data.buckets is not None:
         for bucket in data.buckets:
-            _check_range(len(bucket) == 3 and min(bucket) >= 1, f"each of data.buckets is [height, width, frames], "
-                         f"got {bucket}")
+            _check_range(len(bucket) == 3 and min(bucket) >= 1 and bucket[0] % 8 == 0 and bucket[1] % 8 == 0,
+                         f"each of data.buckets is [height, width, frames], height and width multiples of 8 (the "
+                         f"VAE's downscale), got {bucket}")
+    if data.decode_timeout is not None:
+        _check_range(data.decode_timeout > 0, f"data.decode_timeout is the seconds a file may take to decode, above "
+                     f"0 (or null for no limit), got {data.decode_timeout}")
     _check_range(train.learning_rate > 0, f"train.learning_rate must be > 0, got {train.learning_rate}")
     _check_range(train.lr_schedule in LR_SCHEDULES, f"unknown train.lr_schedule {train.lr_schedule!r}; choose one of "
                  f"{', '.join(LR_SCHEDULES)}")

@@ -459,6 +459,10 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     elif resume is not None:
         start = _restore(run.load(run.resolve(resume)), task, optimizer, schedule, ema)
         logger.info("resumed %s at step %d", run.path, start)
+        if start >= config.train.steps:
+            logger.warning("%s is at step %d, and train.steps is %d: nothing is trained, and final/ holds the weights "
+                           "of step %d; set train.steps above %d to train on", run.path, start, config.train.steps,
+                           start, start)
     module, optimizer = accelerator.prepare(task.module, optimizer)
     logs = _Logs(run.path, start, config.log.tensorboard) if main else None
     accumulation = config.train.gradient_accumulation

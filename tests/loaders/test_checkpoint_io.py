@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from pickles import CodePayload
 from safetensors.torch import save_file
 
 from kinema.errors import KinemaError
@@ -88,33 +89,23 @@ def test_overwrite_is_atomic_and_replaces(tmp_path, monkeypatch, suffix):
     assert os.listdir(tmp_path) == [path.name]
 
 
-class _Payload:
-    """Unpickling this would create a file: proof that code from the pickle ran."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "legacy-pickle"])
 def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path, zip_format):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    payload = {"a.weight": torch.zeros(2), "evil": _Payload(str(marker))}
+    payload = {"a.weight": torch.zeros(2), "evil": CodePayload(str(marker))}
     if zip_format:
         torch.save(payload, path)
     else:
         with open(path, "wb") as f:
-            pickle.dump({"evil": _Payload(str(marker))}, f)
+            pickle.dump({"evil": CodePayload(str(marker))}, f)
     with pytest.raises(KinemaError, match="refused to run code from the pickle") as err:
         read_state_dict(path)
     assert "safetensors" in str(err.value) and "kinema convert" in str(err.value) and str(path) in str(err.value)
     assert not marker.exists()
     # The payload is live: an ordinary unpickle does create the file.
-    pickle.loads(pickle.dumps(_Payload(str(tmp_path / "control"))))
+    pickle.loads(pickle.dumps(CodePayload(str(tmp_path / "control"))))
     assert (tmp_path / "control").exists()
 
 

@@ -98,10 +98,10 @@ def test_a_model_file_of_the_wrong_kind_is_refused_when_the_job_is_accepted(tmp_
     assert job_from_mapping({**sd, "motion_module": "mm.safetensors", "loras": [["style.safetensors", 0.5]]},
                             base=tmp_path).loras == [(str(tmp_path / "style.safetensors"), 0.5)]
     for fields, message in (
-            ({"vae": "style.safetensors"}, r"^job: vae \S+style.safetensors is not an SD1.x VAE \(file or "
-                                           r"AutoencoderKL folder\) \(it is: image LoRA for SD1.5"),
-            ({"loras": [["mm.safetensors", 1]]}, r"^job: LoRA \S+mm.safetensors is not a motion LoRA or an SD1.5 "
-                                                 r"image LoRA \(it is: AnimateDiff motion module"),
+            ({"vae": "style.safetensors"}, r"^job: vae \S+style.safetensors is not an SD1.x VAE \(it is: image "
+                                           r"LoRA for SD1.5 .*\); give an SD1.x VAE file or AutoencoderKL folder"),
+            ({"loras": [["mm.safetensors", 1]]}, r"^job: LoRA \S+mm.safetensors is not a LoRA \(it is: AnimateDiff "
+                                                 r"motion module"),
             ({"motion_module": "style.safetensors"}, r"^job: motion_module \S+style.safetensors is not an AnimateDiff "
                                                      r"motion module"),
             ({"controlnet": "mm.safetensors", "control_video": "notes.txt"}, r"^job: controlnet \S+mm.safetensors "

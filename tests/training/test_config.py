@@ -76,6 +76,9 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"train__logit_mean": -1.0}, "train.logit_mean and train.logit_std shape the logit-normal timestep draw; add "
                                   "train.timesteps: logit_normal"),
     ({"mode": "vae", "vae__temporal_weight": -0.5}, "vae.temporal_weight must be >= 0 (0 turns it off), got -0.5"),
+    ({"data__decode_timeout": 0}, "data.decode_timeout is the seconds a file may take to decode, above 0 (or null"),
+    ({"data__buckets": [[30, 32, 4]]}, "each of data.buckets is [height, width, frames], height and width multiples "
+                                       "of 8"),
 ])
 def test_each_mistake_is_one_line_naming_the_key(changes, message):
     with pytest.raises(KinemaError) as caught:

@@ -221,6 +221,13 @@ def test_resume_refuses_another_config_and_a_new_run_refuses_an_existing_one(tmp
                         train={"steps": 2, "learning_rate": 5e-3})
     with pytest.raises(KinemaError, match="learning_rate"):
         train(other, resume="latest", progress=False)
+    # Under a decaying schedule train.steps is part of the run's identity: the refusal names the schedule alone.
+    cosine = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                         train={"steps": 2, "lr_schedule": "cosine"})
+    refusal = r"differs from the run's: train.lr_schedule: \S+ -> \"cosine\"; resume"
+    with pytest.raises(KinemaError, match=refusal) as caught:
+        train(cosine, resume="latest", progress=False)
+    assert "train.steps" not in str(caught.value)
 
 
 def test_a_users_file_in_final_or_a_cache_in_the_run_folder_is_refused_before_step_1(tmp_path, sd_model,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pickles import CodePayload
 from safetensors.torch import load_file, save_file
 from test_easyanimate import run, source_model, write_full_folder
 
@@ -166,16 +167,6 @@ def test_an_encoder_folder_that_does_not_fit_its_config_is_one_line(tmp_path, pa
         load(tmp_path)
 
 
-class _Payload:
-    """Unpickling this would create a file: proof that code from the pickle ran."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_an_encoder_pickle_that_needs_code_is_refused_in_kinemas_words(tmp_path):
     import pickle
 
@@ -183,7 +174,7 @@ def test_an_encoder_pickle_that_needs_code_is_refused_in_kinemas_words(tmp_path)
     marker = tmp_path / "pwned"
     for weights in (tmp_path / "image_encoder").glob("*.safetensors"):
         weights.unlink()
-    (tmp_path / "image_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps({"evil": _Payload(str(marker))},
+    (tmp_path / "image_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps({"evil": CodePayload(str(marker))},
                                                                                 protocol=2))
     with pytest.raises(KinemaError, match=r"^refused to run code from the pickle in \S+pytorch_model.bin \(it needs "
                                           r"io.open\)"):
