@@ -168,6 +168,9 @@ def _read_pickle(path: Path) -> Checkpoint:
         cause = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(err), re.DOTALL)
         raise KinemaError(f"{unreadable}: {shorten(cause.group(1)) if cause else library_error_message(err)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        if "failed finding central directory" in str(err):  # torch follows it with a paragraph of advice
+            raise KinemaError(f"{path} is a torch checkpoint (zip) without its end, which a whole file has: a "
+                              "truncated download or copy; download it again") from None
         raise KinemaError(f"{unreadable}: {library_error_message(err)}") from None
     if not isinstance(obj, dict):
         raise KinemaError(f"{path} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")

@@ -919,7 +919,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                 with torch.no_grad():
                     frames = family.decode(latents).cpu()
     dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
+    vae_dtype = str(next(family.vae.parameters()).dtype).removeprefix("torch.")
     report = {"mode": mode, "family": family.family, "device": str(device), "dtype": dtype,
+              "vae_dtype": vae_dtype,  # float32 after a float16 VAE overflowed (kinema.pipelines.decode)
               "int8": _quantized(family.model),
               "compiled": getattr(family.model, "_compiled_call_impl", None) is not None,
               "seconds": round(time.perf_counter() - began, 3),

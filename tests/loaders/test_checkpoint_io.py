@@ -116,8 +116,9 @@ def test_broken_files_name_the_file(tmp_path):
         data = (tmp_path / name).read_bytes()
         truncated = tmp_path / f"cut-{name}"
         truncated.write_bytes(data[: len(data) // 2])
-        with pytest.raises(KinemaError, match=f"cut-{name} .*(corrupt or truncated|truncated download)"):
+        with pytest.raises(KinemaError, match=f"cut-{name} .*truncated download") as caught:
             read_state_dict(truncated)
+        assert "miniz" not in str(caught.value)  # torch's paragraph of advice is left out
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(KinemaError, match="empty.pt is empty"):
         read_state_dict(tmp_path / "empty.pt")

@@ -603,7 +603,20 @@ def test_bfloat16_runs_and_is_reported(tmp_path_factory):
     family = AnimateDiffFamily(VideoUNet.from_unet2d(parts["unet"]).eval(), parts["vae"], parts["text_encoder"],
                                load_tokenizer(folder))
     result = run(family, dtype="bfloat16", steps=2)
-    assert result.report["dtype"] == "bfloat16"
+    assert result.report["dtype"] == result.report["vae_dtype"] == "bfloat16"
+    assert torch.isfinite(result.frames).all()
+
+
+def test_a_float16_vae_that_overflowed_is_reported_as_float32(tmp_path_factory):
+    parts = tiny_sd_parts(seed=2)
+    with torch.no_grad():  # activations past float16's range, as an SD VAE's outgrow it at large sizes
+        parts["vae"].decoder.conv_in.weight.mul_(1e5)
+    folder = tmp_path_factory.mktemp("tok")
+    write_tokenizer(folder)
+    family = AnimateDiffFamily(VideoUNet.from_unet2d(parts["unet"]).eval(), parts["vae"], parts["text_encoder"],
+                               load_tokenizer(folder))
+    result = run(family, dtype="float16", steps=1)
+    assert (result.report["dtype"], result.report["vae_dtype"]) == ("float16", "float32")
     assert torch.isfinite(result.frames).all()
 
 
