@@ -41,8 +41,9 @@ class VideoFamily:
     # Where a request's `offload` runs each model (its parts wait in CPU memory): None is the first CUDA GPU.
     offload_device: torch.device | None = None
 
-    # The VideoModel (VideoUNet / VideoDiT) the denoiser wraps.
+    # The VideoModel (VideoUNet / VideoDiT) the denoiser wraps, and the VAE its latents are decoded by.
     model: Any
+    vae: Any
 
     def denoiser(self) -> Denoiser:
         """The denoiser wrapping this family's model (kinema.sampling.denoisers)."""
