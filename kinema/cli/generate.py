@@ -94,6 +94,7 @@ GENERATE_DESCRIPTION = (
     f"Without --model: the bundled {DEFAULT_MODEL}; size, frames, steps, guidance and scheduler left unset come from "
     f"the model's kinema.json defaults ({DEFAULT_MODEL}: 16 frames at 64x64)."
 )
+MAX_PRINTED_FRAMES = 100_000  # --print-schedule's longest video: an hour at 24 fps, and more
 V2V_DESCRIPTION = (
     "Remake VIDEO after PROMPT (SDEdit): its latents are noised by --strength (0 keeps the input, 1 ignores it) "
     "and denoised from there. With --mask, only the mask's white pixels are remade and the rest is held (video "
@@ -869,6 +870,9 @@ def check_generate(args: argparse.Namespace) -> None:
     args.prompt = read_prompt(args.prompt)
     if args.print_schedule:  # no model is read: --frames or the library's default
         args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
+        if args.frames > MAX_PRINTED_FRAMES:  # the blend is worked out frame by frame
+            raise KinemaError(f"--print-schedule works out the blend of every frame, and --frames {args.frames} is "
+                              f"past the {MAX_PRINTED_FRAMES} it prints; give fewer frames")
         _schedule(args)
         _image_schedule(args)
         return

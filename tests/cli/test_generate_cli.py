@@ -203,6 +203,8 @@ def test_print_schedule_needs_no_model(capsys):
     assert main(["generate", '{"0": "a", "123456789012345678": "b"}', "--frames", "16", "--print-schedule"]) == 2
     assert "key '123456789012345678' is out of range: keyframes go from 0 to 15 for 16 frames" in \
         capsys.readouterr().err  # against the frames asked for, not a placeholder length
+    assert main(["generate", '{"0": "a", "900000000": "b"}', "--frames", "1000000000", "--print-schedule"]) == 2
+    assert "--frames 1000000000 is past the 100000 it prints; give fewer frames" in capsys.readouterr().err
     images = ["--ip-image", '{"0": "cat.png", "4": "dog.png"}', "--prompt-hold", "0.5"]  # blended as the prompts
     assert main(["generate", '{"0": "a cat", "4": "a dog"}', "--frames", "6", "--print-schedule", *images]) == 0
     assert capsys.readouterr().out.splitlines() == [
