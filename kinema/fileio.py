@@ -442,6 +442,27 @@ def _temporary(
         yield target, temp
 
 
+def _state(target: Path) -> tuple[Any, ...] | None:
+    """What `target` is now, to tell whether it changed while a write ran: None when absent; a file's inode, size
+    and modification time; a folder's files by path with theirs."""
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        stat = target.stat()
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return tuple(sorted((str(path.relative_to(target)), path.stat().st_size, path.stat().st_mtime_ns)
+                        for path in target.rglob("*") if path.is_file()))
+
+
+def _check_unchanged(target: Path, before: tuple[Any, ...] | None, given: Path, kind: str, folder: bool,
+                     overwrite: bool, inputs: Iterable) -> None:
+    """At the swap, the policy again for a target that changed since the write began (another run's output, the
+    user's files put there meanwhile), which the first check never saw. An unchanged target is not checked again:
+    what the writer itself did beside it (a video's new sidecar) must not count against it."""
+    if _state(target) != before:
+        _allowed(given, kind, folder=folder, overwrite=overwrite, inputs=inputs)
+
+
 @contextmanager
 def atomic_folder(
     path: str | os.PathLike, kind: str, *, overwrite: bool = False, inputs: Iterable = ()
@@ -451,12 +472,11 @@ def atomic_folder(
     was."""
     inputs = tuple(inputs)
     with _temporary(path, kind, True, overwrite, inputs) as (target, temp):
+        before = _state(target)
         yield temp
         write_manifest(temp, kind)
         _chmod_tree(temp, target.stat().st_mode & 0o7777 if target.is_dir() else None)
-        # Again at the swap: the work took a while, and files may have appeared there since (another run's, the
-        # user's), which the first check never saw.
-        _allowed(Path(path), kind, folder=True, overwrite=overwrite, inputs=inputs)
+        _check_unchanged(target, before, Path(path), kind, True, overwrite, inputs)
         _swap_in(temp, target)
 
 
@@ -473,10 +493,11 @@ def atomic_file(
     recognisable name too, and go with it."""
     inputs = tuple(inputs)
     with _temporary(path, kind, False, overwrite, inputs) as (target, temp):
+        before = _state(target)
         written = temp / target.name
         yield written
         os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
-        _allowed(Path(path), kind, folder=False, overwrite=overwrite, inputs=inputs)  # again, as atomic_folder does
+        _check_unchanged(target, before, Path(path), kind, False, overwrite, inputs)
         os.replace(written, target)
         os.rmdir(temp)
 

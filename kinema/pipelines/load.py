@@ -105,18 +105,15 @@ def _lora_kind(path: Path) -> tuple[Any, str, dict[str, Any]]:
 
 def _check_motion_lora_fits(lora: Path, report: dict[str, Any], motion: Path, motion_report: dict[str, Any]
                             ) -> None:
-    """One KinemaError line when the motion LoRA `lora` has layers the motion module `motion` lacks (a mid block)
-    or of other widths, from both describe reports: said before any weights load, naming the LoRA."""
+    """One KinemaError line when the motion LoRA `lora` has layers for a mid block the motion module `motion`
+    lacks, from both describe reports: said before any weights load, naming the LoRA. (Widths are left to the
+    load's layer-by-layer check: a report's LoRA widths are its distinct input widths, a text attention's among
+    them, and the module's one per level.)"""
     if report.get("mid_block") and not motion_report.get("mid_block"):
         raise KinemaError(f"the motion LoRA {lora} has layers for the motion modules' mid block, which "
                           f"{motion} ({motion_report.get('version', 'its version')}) has none of: AnimateDiff's "
                           "MotionLoRAs (pan, zoom, tilt, roll) are made for v2 modules, so use one such as "
                           "mm_sd_v15_v2.ckpt, or a LoRA made for this motion module")
-    widths, have = report.get("channels"), motion_report.get("channels")
-    if widths and have and list(widths) != list(have):
-        raise KinemaError(f"the motion LoRA {lora} is made for motion modules of widths {tuple(widths)}, and "
-                          f"{motion}'s are {tuple(have)}: use a LoRA made for this motion module (SD1.5 and SDXL "
-                          "differ)")
 
 
 def unet_config_of(model: Path, config: str | os.PathLike | None = None, part: str = "unet") -> dict[str, Any]:

@@ -575,9 +575,12 @@ def test_freeu_with_a_diffusion_transformer_is_one_line_before_sampling(easyanim
 def test_sampling_to_nan_names_the_likely_causes_before_any_decode(animatediff, monkeypatch):
     decoded = []
     monkeypatch.setattr(animatediff, "decode", lambda latents: decoded.append(latents))
+    # A model that overflows (as a motion effect of 1e30 once made it: now past the largest taken, 100).
+    monkeypatch.setattr(animatediff.model, "forward", Spy(lambda sample, *args, **kwargs: sample * float("inf")),
+                        raising=False)
     with pytest.raises(KinemaError, match=r"^sampling produced NaN or infinity, so nothing was decoded or saved; look "
-                                          r"at the motion scale 1 or effect 1e\+30 .*; damaged or mis-converted"):
-        run(animatediff, steps=2, motion_effect=1e30)
+                                          r"at the motion scale 1 or effect 100 .*; damaged or mis-converted"):
+        run(animatediff, steps=2, motion_effect=100)
     assert not decoded
 
 

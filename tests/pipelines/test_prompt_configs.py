@@ -34,10 +34,10 @@ def touch(root: Path, *names: str) -> None:
 @pytest.fixture()
 def stand_in_models(monkeypatch):
     """Lets touched files stand in for SD1.5 checkpoints: these tests are about what config keys mean, and
-    job_from_mapping's model check (sniffing and describing the file) is tests/pipelines/test_jobs.py's."""
+    job_from_mapping's model file checks (sniffing and describing each file) are tests/pipelines/test_jobs.py's."""
     import kinema.pipelines.jobs as jobs
 
-    monkeypatch.setattr(jobs, "_check_model_path", lambda path: None)
+    monkeypatch.setattr(jobs, "_check_file_kind", lambda *args, **kwargs: None)
 
 
 def test_animatediff_keys_make_the_requests_animatediff_means(tmp_path, monkeypatch, caplog, stand_in_models):
@@ -128,7 +128,7 @@ def test_kinemas_sampling_settings_are_entry_keys_and_overrides(tmp_path, monkey
     assert run.job.request.freeu == FreeUSettings(1.2, 1.4, 0.9, 0.2)
 
 
-def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_path, monkeypatch):
+def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_path, monkeypatch, stand_in_models):
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "v14.ckpt", "v15.ckpt")
     config = write(tmp_path / "toon.yaml", {"ToonYou": {
@@ -142,7 +142,7 @@ def test_old_named_entries_run_each_motion_module_with_the_same_random_seed(tmp_
     assert read.used["ToonYou"]["steps"] == 2 and all(run.job.request.steps == 2 for run in read.runs)
 
 
-def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
+def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch, stand_in_models):
     monkeypatch.chdir(tmp_path)
     touch(tmp_path, "zoom.ckpt", "style.safetensors", "share/VAE/vae-ft-mse.safetensors", "other-vae.ckpt")
     config = write(tmp_path / "travel.json", {
@@ -150,14 +150,16 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch):
         "guidance_scale": 3, "head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"},
         "tail_prompt": "moving right", "n_prompt": ["noise"], "lora_map": {"style.safetensors": 0.7},
         "motion_lora_map": {"zoom.ckpt": 1.0}, "context": 8, "overlap": 2, "output": {"format": "mp4", "fps": 12},
-        "clip_skip": 2, "L": 8, "vae_path": "share/VAE/vae-ft-mse.safetensors"})
+        "L": 8, "vae_path": "share/VAE/vae-ft-mse.safetensors"})
     [run] = read_config(config).runs
     assert run.job.request == GenerationRequest(
         prompt={"head_prompt": "a circle", "prompt_map": {"0": "red", "6": "blue"}, "tail_prompt": "moving right"},
         negative_prompt="noise", seeds=[4, 5], scheduler="euler_a", steps=2, guidance=3.0, frames=8, height=64,
         width=64, fps=12.0, context=ContextSettings(length=8, overlap=2), overlap_frames=8,
-        interpolation="slerp", prompt_hold=0.5, prompt_loop=True,  # prompt travel's blend (its settings.py)
-        clip_skip=2)
+        interpolation="slerp", prompt_hold=0.5, prompt_loop=True)  # prompt travel's blend (its settings.py)
+    with pytest.raises(KinemaError, match="clip_skip 2 skips layers of a CLIP text encoder, and .*kinema-tiny-ad's "
+                                          "is BertModel"):  # its clip_skip, read against the model's text encoder
+        read_config(write(tmp_path / "skip.json", {**json.loads(config.read_text()), "clip_skip": 2}))
     assert run.job.loras == [(str(tmp_path / "style.safetensors"), 0.7), (str(tmp_path / "zoom.ckpt"), 1.0)]
     assert run.folder == "01-travel"
     assert run.job.vae == str(tmp_path / "share/VAE/vae-ft-mse.safetensors") == run.job.settings()["vae"]

@@ -21,7 +21,7 @@ def stand_in_models(monkeypatch):
     """Touched files stand in for checkpoints: what the keys mean is tested here, the model checks elsewhere."""
     import kinema.pipelines.jobs as jobs
 
-    monkeypatch.setattr(jobs, "_check_model_path", lambda path: None)
+    monkeypatch.setattr(jobs, "_check_file_kind", lambda *args, **kwargs: None)
 
 
 @pytest.fixture()
