@@ -16,6 +16,8 @@ from kinema.fileio import read_json
 
 # Still images: the frames a frame folder may hold, and (by extension) a metadata entry without a type.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Every file kinema reads frames from (kinema.data.video_io's readers, which check they are these).
+READ_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", *IMAGE_SUFFIXES)
 # The formats kinema lets PIL open, whatever a file's name says: never EPS (PIL hands it to Ghostscript) nor the
 # dozens of others PIL would try on a disguised upload.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
@@ -43,7 +45,16 @@ def frame_count(path: str | os.PathLike, what: str = "video") -> int:
         return frames
     if not path.exists():
         raise KinemaError(f"the {what} {path} does not exist")
+    check_read_suffix(path, what)
     return video_kind_and_frames(lambda: os.fspath(path), f"{what} {path}")[1]
+
+
+def check_read_suffix(path: Path, what: str) -> None:
+    """One KinemaError line for a file whose extension no reader of kinema's takes (a BMP, a TIFF), which PyAV would
+    still open here, before the reader refused it after the model had loaded."""
+    if path.is_file() and path.suffix.lower() not in READ_SUFFIXES:
+        raise KinemaError(f"cannot read the {what} {path}: unsupported extension {path.suffix.lower()!r}; supported: "
+                          f"{', '.join(READ_SUFFIXES)}, or a folder of frames")
 
 
 def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
@@ -51,6 +62,7 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
     from PIL import Image
 
     path = Path(path)
+    check_read_suffix(path, what)
     frames = folder_frames(path) if path.is_dir() else [path]
     if not frames:
         raise KinemaError(f"the {what} {path} is a folder without PNG, JPEG or WebP frames")
@@ -66,6 +78,24 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
             return stream.codec_context.height, stream.codec_context.width
     except (OSError, IndexError, ValueError) as err:
         raise KinemaError(f"cannot read the {what} {path}: {shorten(str(err), 120)}") from None
+
+
+def is_blank_mask(path: str | os.PathLike) -> bool:
+    """Whether the still image at `path` (PNG, JPEG, WebP) marks no pixel to remake, none over half bright, as
+    generate() reads a mask; False for anything else (a video is read whole only by generate())."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    try:
+        with Image.open(path, formats=PIL_FORMATS) as image:
+            if getattr(image, "n_frames", 1) != 1:
+                return False
+            _, high = image.convert("L").getextrema()  # one band: (min, max)
+            return bool(high <= 127)  # type: ignore[operator]
+    except (OSError, ValueError):
+        return False  # unreadable: said by the reader, with its own words
 
 
 def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
@@ -98,6 +128,10 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
     except (OSError, av.FFmpegError, ValueError) as err:
         raise KinemaError(f"the {what} is corrupt, truncated or not a video kinema can read ({type(err).__name__}: "
                           f"{shorten(str(err), 80)}); give an MP4, WebM, MKV, MOV, GIF or WebP video") from None
+    pipes = sorted(name for name in names if name.endswith("_pipe") or name == "image2")
+    if pipes:  # an image PIL was not let open above (a BMP, a TIFF): no reader of kinema's takes it
+        raise KinemaError(f"the {what} is a still image of a kind kinema does not read ({pipes[0]}); give a PNG, JPEG "
+                          "or WebP image, or a video")
     if frames < 1:
         raise KinemaError(f"the {what} has no video frames (sound only?); give an MP4, WebM, MKV, MOV, GIF or WebP "
                           "video")

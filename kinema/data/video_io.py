@@ -42,7 +42,7 @@ from av.video.reformatter import Interpolation
 from PIL import Image, PngImagePlugin
 
 from kinema import __version__
-from kinema.data.probe import PIL_FORMATS, SETTINGS_KEY, folder_frames, read_sidecar, sidecar_path
+from kinema.data.probe import PIL_FORMATS, READ_SUFFIXES, SETTINGS_KEY, folder_frames, read_sidecar, sidecar_path
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_file, atomic_folder, check_output
 from kinema.pipelines.request import check_fps
@@ -324,6 +324,8 @@ _READERS: dict[str, _Reader] = {
     ".mp4": _read_av, ".webm": _read_av, ".mov": _read_av, ".mkv": _read_av, ".avi": _read_av,
     ".gif": _read_pillow, ".webp": _read_pillow, ".png": _read_pillow, ".jpg": _read_pillow, ".jpeg": _read_pillow,
 }
+if set(_READERS) != set(READ_SUFFIXES):  # the torch-free checks (kinema.data.probe) refuse what no reader takes
+    raise AssertionError(f"kinema.data.probe.READ_SUFFIXES {READ_SUFFIXES} differ from the readers' {tuple(_READERS)}")
 # The files Pillow reads (stills and animations), not PyAV.
 PILLOW_SUFFIXES = tuple(suffix for suffix, reader in _READERS.items() if reader is _read_pillow)
 

@@ -32,6 +32,7 @@ from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import (
+    MASK_MARKS_NOTHING,
     OUTPUT_TYPES,
     GenerationRequest,
     check_image_keyframes,
@@ -141,7 +142,7 @@ def _mask_tensor(mask: Any, frames: int, height: int, width: int, resize: bool) 
     check_mask_frames(mask.shape[0], frames)
     remake = _fit(mask.float().mean(dim=1, keepdim=True), height, width, resize, "the mask")[:, 0] > 0.5
     if not remake.any():
-        raise KinemaError("the mask marks no pixel to remake: white (or light) pixels are remade, black kept")
+        raise KinemaError(MASK_MARKS_NOTHING)
     return remake.expand(frames, -1, -1)
 
 

@@ -302,6 +302,10 @@ def check_seed(seed: int, also: str = "") -> None:
         raise KinemaError(f"seed {seed} is out of range; seeds go from 0 to 2**64 - 1 ({MAX_SEED}){also}")
 
 
+MASK_MARKS_NOTHING = ("the mask marks no pixel to remake: its white (or light) pixels are remade and its black ones "
+                      "kept, and transparency is not read")
+
+
 def check_mask_frames(count: int, frames: int) -> None:
     """One KinemaError line unless a mask of `count` frames fits an input video of `frames`: one mask for all
     frames, or one per frame."""

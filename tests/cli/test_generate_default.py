@@ -120,6 +120,9 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     write_video(np.zeros((8, 60, 60, 3), np.uint8), tmp_path / "sixty.mp4")
     write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "eight.mp4")
     write_video(np.full((8, 64, 64, 3), 255, np.uint8), tmp_path / "mask.mp4")
+    from PIL import Image
+
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
     for argv, message in (
             (["ten.mp4"], "the input video has 10 frames, and EasyAnimate V3 remakes 1 or a multiple of 8: trim it "
                           "to 8 frames"),
@@ -131,6 +134,7 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
             (["eight.mp4", "--mask", "ten.mp4"], "the mask has 10 frames and the input video 8: give one mask image "
                                                  "for every frame, or a mask video of 8 frames"),
             (["eight.mp4", "--mask", "sixty.mp4"], "the mask is 60x60 but the video is 64x64; pass --resize"),
+            (["eight.mp4", "--mask", "black.png"], "the mask marks no pixel to remake"),
             (["eight.mp4", "--mask", "mask.mp4", "-o", "mask.mp4"], "the output mask.mp4 is the input mask.mp4")):
         assert main(["v2v", *argv[:1], "a blue square", "--strength", "0.5", *argv[1:]]) == 2
         err = capsys.readouterr().err

@@ -22,6 +22,7 @@ from kinema.pipelines.jobs import (
     FamilyCache,
     check_image_bytes,
     check_model_request,
+    check_video_bytes,
     job_from_mapping,
     model_shape,
     run_job,
@@ -259,6 +260,17 @@ def test_only_the_documented_image_formats_are_opened(tmp_path, monkeypatch, for
         job_from_mapping({"prompt": "a cat", "image": "disguised.png"}, base=tmp_path)
     with pytest.raises(KinemaError, match=r"disguised.png"):
         read_video(tmp_path / "disguised.png")
+    # As a video (a mask, a control video) too: PyAV opens BMP and TIFF, which no reader of kinema's takes.
+    with pytest.raises(KinemaError, match=r"^the video (is a still image of a kind kinema does not read|is corrupt)"):
+        check_video_bytes(data.getvalue(), max_bytes=10**6)
+    (tmp_path / f"mask.{form.lower()}").write_bytes(data.getvalue())
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "clip.mp4")
+    with pytest.raises(KinemaError, match=rf"cannot read the mask \S+mask.{form.lower()}: unsupported extension"):
+        job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "mask": f"mask.{form.lower()}"}, base=tmp_path)
+    with pytest.raises(KinemaError, match=r"disguised.png is a still image of a kind kinema does not read"):
+        job_from_mapping({"prompt": "a cat", "video": "disguised.png"}, base=tmp_path)
     assert not marker.exists()
 
 
@@ -368,13 +380,15 @@ def test_a_mask_job_is_checked_against_its_input_video_before_loading(tmp_path, 
     write_video(np.full((5, 64, 64, 3), 255, np.uint8), tmp_path / "five.mp4", fps=8)
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    Image.new("RGBA", (64, 64), (0, 0, 0, 255)).save(tmp_path / "black.png")
     video = {"prompt": "a cat", "video": "clip.mp4", "strength": 1.0}
     job = job_from_mapping({**video, "mask": "mask.png"}, base=tmp_path)
     assert job.request.mask == str(tmp_path / "mask.png") and job.settings()["mask"] == str(tmp_path / "mask.png")
     assert job_from_mapping(job.settings()).request == job.request  # read back from a video's settings
     for mask, message in (("five.mp4", r"^job: the mask has 5 frames and the input video 8: give one mask image"),
                           ("small.png", r'^job: the mask is 32x32 but the job makes 64x64 videos; set "resize"'),
-                          ("gone.png", r"^job: no such mask: gone.png")):
+                          ("gone.png", r"^job: no such mask: gone.png"),
+                          ("black.png", r"^job: the mask marks no pixel to remake: .*transparency is not read")):
         with pytest.raises(KinemaError, match=message):
             job_from_mapping({**video, "mask": mask}, base=tmp_path)
     with pytest.raises(KinemaError, match=r"^job: a mask \(--mask\) marks the pixels of an input video to remake"):

@@ -68,7 +68,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
         data.update(video=image_file(tmp_path / "clip.gif", (60, 60)), strength=0.35, resize=True, width=48,
                     height=48)
     elif mode == "video inpainting":  # the mask has a field of its own in the Video to Video tab
-        data.update(video=image_file(tmp_path / "clip.gif"), strength=1.0, mask=image_file(tmp_path / "mask.png"))
+        Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")  # white: all of it remade
+        data.update(video=image_file(tmp_path / "clip.gif"), strength=1.0, mask=str(tmp_path / "mask.png"))
     elif mode == "extend":
         data.update(video=animation_file(tmp_path / "clip.gif", 5), extend_frames=12)  # holds the 4-frame overlap
     elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
