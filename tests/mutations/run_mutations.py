@@ -175,6 +175,7 @@ MUTATIONS = (
             # Working-tree variant: the temporary file sits inside a temporary folder.
             ("        yield written\n"
              "        os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())\n"
+             "        _check_unchanged(target, before, Path(path), kind, False, overwrite, inputs)\n"
              "        os.replace(written, target)\n",
              "        yield target\n"),
         ),),
