@@ -918,14 +918,10 @@ def check_v2v(args: argparse.Namespace) -> None:
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS), frames, input_video=True)
     _check_control_frames(args, frames, input_video=True)
     if args.mask is not None:
-        from kinema.data.probe import frame_count, is_blank_mask, video_size
-        from kinema.pipelines.request import MASK_MARKS_NOTHING, check_mask_frames
+        from kinema.pipelines.request import check_mask_file
 
         _require_path(args.mask, "mask")
-        check_mask_frames(frame_count(args.mask, "mask"), frames)
-        if is_blank_mask(args.mask):
-            raise KinemaError(MASK_MARKS_NOTHING)
-        height, width = video_size(args.mask, "mask")
+        height, width = check_mask_file(args.mask, frames)
         _check_input_size(args, (width, height), "mask")
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength, mask=args.mask,
                             context=_context(args))

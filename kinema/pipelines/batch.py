@@ -311,10 +311,9 @@ def _run_pending(jobs: Sequence[BatchJob], real: Path, finished: list[BatchJob],
     with exclusive_lock(real / LOCK_NAME, f"another kinema batch is running into {real}; wait for it to finish "
                                           "(it resumes where it stops), or give this one another --out"):
         # Jobs another run finished since run_batch looked are done, not run again.
-        finished = [batch_job for batch_job in jobs if is_done(real, batch_job.id)]
-        done_ids = {batch_job.id for batch_job in finished}
-        return _run_locked(jobs, real, manifest, finished, [job for job in pending if job.id not in done_ids],
-                           ray, workers, jobs_file, on_record, device)
+        since = {batch_job.id for batch_job in pending if is_done(real, batch_job.id)}
+        return _run_locked(jobs, real, manifest, finished + [job for job in pending if job.id in since],
+                           [job for job in pending if job.id not in since], ray, workers, jobs_file, on_record, device)
 
 
 def _run_locked(jobs: Sequence[BatchJob], real: Path, manifest: Path, finished: list[BatchJob],

@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
-from kinema.data.probe import PIL_FORMATS, frame_count, is_blank_mask, video_kind_and_frames, video_size
+from kinema.data.probe import PIL_FORMATS, frame_count, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
     DTYPES,
     GENERATE_DEFAULTS,
     INPUT_DEFAULTS,
-    MASK_MARKS_NOTHING,
     MAX_SEED,
     QUANTIZATIONS,
     SPARSECTRL_FALLOFF,
@@ -50,7 +49,7 @@ from kinema.pipelines.request import (
     FreeUSettings,
     GenerationRequest,
     check_image_keyframes,
-    check_mask_frames,
+    check_mask_file,
     check_pia_module,
     check_seed,
     check_video_holds_overlap,
@@ -899,11 +898,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
         height, width = video_size(video, what)
         image_sizes[what] = (width, height)
     if isinstance(request.mask, str):  # one mask image for all frames, or one per frame of the input video
-        if made is not None:
-            check_mask_frames(frame_count(request.mask, "mask"), made)
-        if is_blank_mask(request.mask):
-            raise KinemaError(MASK_MARKS_NOTHING)
-        height, width = video_size(request.mask, "mask")
+        assert made is not None  # request.check(): a mask comes with video-to-video, which remakes `have` frames
+        height, width = check_mask_file(request.mask, made)
         image_sizes["mask"] = (width, height)
     if controlnet is not None:
         check_sparsectrl_falloff([path for path, _ in (controlnet if isinstance(controlnet, list) else [controlnet])],

@@ -446,12 +446,12 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         if control_kind == "sparsectrl" and len(control or []) > 1:
             raise KinemaError(f"{control_path} is SparseCtrl, whose keyframes are its own: give it alone, not with "
                               "other ControlNets")
-    described = [(lora_path, weight, _lora_kind(lora_path)) for lora_path, weight in loras]
-    for lora_path, _, (_, lora_kind, lora_report) in described:
+    kinds = []
+    for lora_path, weight in loras:
+        lora_source, lora_kind, lora_report = _lora_kind(lora_path)
         if lora_kind == "motion":  # from the headers, before any weights load, naming the file
             _check_motion_lora_fits(lora_path, lora_report, motion_path, motion_report)
-    kinds = [(lora_path, weight, lora_source, lora_kind)
-             for lora_path, weight, (lora_source, lora_kind, _) in described]
+        kinds.append((lora_path, weight, lora_source, lora_kind))
 
     # float32 first: LoRAs fuse and motion modules load at full precision, and the result is cast once.
     options: dict[str, Any] = {"dtype": torch.float32, "tokenizer": tokenizer}

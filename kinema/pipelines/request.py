@@ -314,6 +314,18 @@ def check_mask_frames(count: int, frames: int) -> None:
                           f"frame, or a mask video of {frames} frames")
 
 
+def check_mask_file(mask: str | os.PathLike, frames: int) -> tuple[int, int]:
+    """A mask file checked before any model loads (torch-free reads): its frame count against an input video of
+    `frames`, and an image that marks no pixel to remake; returns its `(height, width)` for the caller's size check
+    (the CLI's options, a job's fields)."""
+    from kinema.data.probe import frame_count, is_blank_mask, video_size
+
+    check_mask_frames(frame_count(mask, "mask"), frames)
+    if is_blank_mask(mask):
+        raise KinemaError(MASK_MARKS_NOTHING)
+    return video_size(mask, "mask")
+
+
 def check_motion_strength(scale: float, effect: float) -> None:
     """One KinemaError line for a motion scale (factor on the motion attentions' keys) that is not a finite number
     above 0, or a motion effect (factor on the motion modules' residual) that is not a finite number of at least 0

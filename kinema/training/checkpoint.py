@@ -244,9 +244,7 @@ class RunFolder:
             if len(differences) > 1:
                 # train.steps joins the identity only under a decaying schedule (config.resume_identity): with the
                 # schedule changed, its appearing or going is the schedule's change, not another one.
-                differences = [d for d in differences
-                               if not (d.startswith("train.steps: ")
-                                       and (d.startswith("train.steps: (absent)") or d.endswith("-> (absent)")))]
+                differences = [d for d in differences if not (d.startswith("train.steps: ") and "(absent)" in d)]
             if differences:
                 listed = "; ".join(differences[:_MAX_SHOWN])
                 more = len(differences) - _MAX_SHOWN

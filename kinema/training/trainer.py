@@ -417,12 +417,12 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     order = _batch_order(config, dataset, world)
     _probe_each_kind(dataset)
     identity = resume_identity(config)
-    # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
-    # as the others could otherwise find the run it has just started.
     cache = config.data.cache
     if cache and Path(config.output).resolve() in (Path(cache).resolve(), *Path(cache).resolve().parents):
         raise KinemaError(f"data.cache ({cache}) is inside the run folder ({config.output}), which holds only the "
                           "run; give the cache a folder of its own, such as runs/cache")
+    # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
+    # as the others could otherwise find the run it has just started.
     if not dry_run and main:
         checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False,
                                  upgrade=with_new_defaults)
