@@ -128,7 +128,10 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
     except (OSError, av.FFmpegError, ValueError) as err:
         raise KinemaError(f"the {what} is corrupt, truncated or not a video kinema can read ({type(err).__name__}: "
                           f"{shorten(str(err), 80)}); give an MP4, WebM, MKV, MOV, GIF or WebP video") from None
-    pipes = sorted(name for name in names if name.endswith("_pipe") or name == "image2")
+    if "image2" in names:  # PyAV's demuxer chosen by an image's name: PIL could not open what the name promised
+        raise KinemaError(f"the {what} is not a PNG, JPEG or WebP image kinema can read (damaged, or another format "
+                          "under that name); give a whole image, or a video")
+    pipes = sorted(name for name in names if name.endswith("_pipe"))
     if pipes:  # an image PIL was not let open above (a BMP, a TIFF): no reader of kinema's takes it
         raise KinemaError(f"the {what} is a still image of a kind kinema does not read ({pipes[0]}); give a PNG, JPEG "
                           "or WebP image, or a video")

@@ -123,6 +123,7 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     from PIL import Image
 
     Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    (tmp_path / "notes.png").write_text("not an image")
     for argv, message in (
             (["ten.mp4"], "the input video has 10 frames, and EasyAnimate V3 remakes 1 or a multiple of 8: trim it "
                           "to 8 frames"),
@@ -135,6 +136,8 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
                                                  "for every frame, or a mask video of 8 frames"),
             (["eight.mp4", "--mask", "sixty.mp4"], "the mask is 60x60 but the video is 64x64; pass --resize"),
             (["eight.mp4", "--mask", "black.png"], "the mask marks no pixel to remake"),
+            (["eight.mp4", "--mask", "notes.png"], "the mask notes.png is not a PNG, JPEG or WebP image kinema can "
+                                                   "read (damaged, or another format under that name)"),
             (["eight.mp4", "--mask", "mask.mp4", "-o", "mask.mp4"], "the output mask.mp4 is the input mask.mp4")):
         assert main(["v2v", *argv[:1], "a blue square", "--strength", "0.5", *argv[1:]]) == 2
         err = capsys.readouterr().err
