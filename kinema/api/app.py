@@ -46,7 +46,7 @@ from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_da
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, library_error_message, shorten
-from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_SEED, MIN_FPS
+from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_MASK_BLUR, MAX_SEED, MIN_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
                                                                   "with one per frame, or one image for all"},
         "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                      "description": "video-to-video: how far the input is noised (1 redraws it)"},
+        "mask_blur": {"type": "number", "minimum": 0, "maximum": MAX_MASK_BLUR,
+                      "description": "with a mask: the radius in pixels of the blur that feathers its edge"},
         "extend_frames": {"type": "integer", "minimum": 1, "description": "append this many frames to the video"},
     },
 }

@@ -307,7 +307,10 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     v2v.add_argument("--mask", metavar="MASK",
                      help="video inpainting: an image (for every frame) or a video of one frame per input frame, "
                           "at the input's size (or --resize); its white pixels are remade and its black ones held, "
-                          "so --strength 1 makes the masked part anew")
+                          "so --strength 1 makes the masked part anew; the held pixels come back as they are")
+    v2v.add_argument("--mask-blur", type=number, default=0.0, metavar="PX",
+                     help="with --mask: feather the mask's edge by a Gaussian blur of this radius in pixels, so the "
+                          "remade part blends into the held one (default 0: a hard edge; A1111 uses 4 at 512x512)")
     _add_model_options(v2v)
     _add_size_options(v2v, "(default: the input's)")
     _add_sampling_options(v2v)
@@ -786,8 +789,8 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
     # What the command line says as it is; the rest (sizes, scheduler, guess mode) the model or the input may fill.
     differ = differing_settings([{**given, "seed": seed} for seed in args.seed], stored,
                                 keys=("seed", "prompt", "negative_prompt", "steps", "guidance", "strength", "image",
-                                      "end_image", "video", "ip_image", "control_video", "interpolation",
-                                      "prompt_hold", "prompt_loop", "clip_skip"))
+                                      "end_image", "video", "mask", "mask_blur", "ip_image", "control_video",
+                                      "interpolation", "prompt_hold", "prompt_loop", "clip_skip"))
     if differ:
         raise _not_resumable(saved, f"the saved latents are another run's: their settings differ in "
                                     f"{', '.join(differ)}")
@@ -924,7 +927,7 @@ def check_v2v(args: argparse.Namespace) -> None:
         height, width = check_mask_file(args.mask, frames)
         _check_input_size(args, (width, height), "mask")
     args.request = _request(args, prompt=args.prompt, video=args.video, strength=args.strength, mask=args.mask,
-                            context=_context(args))
+                            mask_blur=args.mask_blur, context=_context(args))
     args.request.check()
     check_pia_module(args.motion_module, args.request)
     _check_outputs(args, default_output(slug(Path(args.video).stem) + "-v2v", args.seed), frames,

@@ -146,6 +146,26 @@ def _mask_tensor(mask: Any, frames: int, height: int, width: int, resize: bool) 
     return remake.expand(frames, -1, -1)
 
 
+def _composite(frames: torch.Tensor, video: torch.Tensor, remake: torch.Tensor, blur: float) -> torch.Tensor:
+    """Video inpainting's finish: the kept pixels of the input `video` `(F, 3, H, W)` in [0, 1] over the decoded
+    `frames` `(B, F, 3, H, W)`, so that they are the input's own rather than their VAE round trip (kinema-tiny's
+    decoder alone gives back about 30 dB). `remake` `(F, H, W)` (True: remade) is first feathered by a Gaussian blur
+    of radius `blur` pixels (diffusers' VaeImageProcessor.blur, A1111's mask blur). diffusers' apply_overlay does
+    this blend per PIL image in 8 bits; here the frames stay float (tests/pipelines/test_generate.py proves
+    the two equal)."""
+    weight = remake.float()
+    if blur > 0:
+        import numpy as np
+        from diffusers.image_processor import VaeImageProcessor
+        from PIL import Image
+
+        weight = torch.stack([torch.from_numpy(np.asarray(VaeImageProcessor.blur(
+            Image.fromarray(frame.mul(255).round().byte().numpy()), blur), dtype=np.float32) / 255)
+            for frame in weight])
+    weight = weight.to(frames)[None, :, None]
+    return torch.lerp(video.to(frames)[None], frames, weight)
+
+
 def _control_images(control: Any, height: int, width: int, resize: bool, normalize: bool = False,
                     preprocess: str | None = None) -> torch.Tensor:
     """The control images `control` (a video, animation, image or frame folder, a list of image paths, or
@@ -919,6 +939,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             if output != "latent":
                 with torch.no_grad():
                     frames = family.decode(latents).cpu()
+                if remake is not None:
+                    assert input_video is not None  # a mask comes with video-to-video
+                    frames = _composite(frames, input_video, remake, request.mask_blur)
     dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
     vae_dtype = str(next(family.vae.parameters()).dtype).removeprefix("torch.")
     report = {"mode": mode, "family": family.family, "device": str(device), "dtype": dtype,

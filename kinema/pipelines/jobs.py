@@ -82,7 +82,7 @@ JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
                "decode_chunk", "attention_chunk", "cache_interval", "clip_skip")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
-                  "control_end", "guidance_rescale", "prompt_hold")
+                  "control_end", "guidance_rescale", "prompt_hold", "mask_blur")
 _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control", "guess_mode", "control_loop",
                 "prompt_loop")
 _TEXT_FIELDS = ("negative_prompt",)

@@ -24,6 +24,7 @@ MAX_SEED = 2**64 - 1
 # or overflows, which would show only after every step had run.
 MAX_GUIDANCE = 100.0
 MAX_MOTION_FACTOR = 100.0
+MAX_MASK_BLUR = 64.0
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
 # rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
 MIN_FPS, MAX_FPS = 0.01, 1000.0
@@ -326,6 +327,18 @@ def check_mask_file(mask: str | os.PathLike, frames: int) -> tuple[int, int]:
     return video_size(mask, "mask")
 
 
+def check_mask_blur(blur: Any, masked: bool) -> None:
+    """One KinemaError line for a mask blur that is not a number of pixels from 0 to MAX_MASK_BLUR, or one given
+    without a mask (`masked`)."""
+    if isinstance(blur, bool) or not isinstance(blur, int | float) or not (
+            math.isfinite(blur) and 0 <= blur <= MAX_MASK_BLUR):
+        raise KinemaError(f"mask_blur is the radius in pixels of the blur that feathers the mask's edge, from 0 (a "
+                          f"hard edge) to {MAX_MASK_BLUR:g}; got {blur!r}")
+    if blur and not masked:
+        raise KinemaError("mask_blur (--mask-blur) feathers the edge of a video-to-video mask: give the mask "
+                          "(--mask) too, or drop it")
+
+
 def check_motion_strength(scale: float, effect: float) -> None:
     """One KinemaError line for a motion scale (factor on the motion attentions' keys) that is not a finite number
     above 0, or a motion effect (factor on the motion modules' residual) that is not a finite number of at least 0
@@ -360,6 +373,9 @@ class GenerationRequest:
         mask: video-to-video only (video inpainting): the pixels of `video` to remake, white (> 0.5) remade and
             black kept; a path (an image for every frame, or a video, animation or frame folder of one frame per
             input frame), a PIL image, or `(H, W)` / `(F, H, W)` in [0, 1] (None: the whole video is remade).
+            The kept pixels of the finished frames are the input's own, not their VAE round trip.
+        mask_blur: with a mask: the radius in pixels of the Gaussian blur that feathers the mask's edge where the
+            remade pixels meet the input's (A1111's mask blur; 0, the default: a hard edge).
         extend_frames: append this many frames to `video` (continuation).
         overlap_frames: continuation: how many of the last frames condition the next segment (and are cross-faded;
             None: the model's default, else 4).
@@ -441,6 +457,7 @@ class GenerationRequest:
     video: Any = None
     strength: float = 0.6
     mask: Any = None
+    mask_blur: float = 0.0
     extend_frames: int | None = None
     overlap_frames: int | None = None
     segment_frames: int | None = None
@@ -570,6 +587,7 @@ class GenerationRequest:
         if self.mask is not None and self.mode != "video-to-video":
             raise KinemaError("a mask (--mask) marks the pixels of an input video to remake (video-to-video): give "
                               "video too, without extend_frames")
+        check_mask_blur(self.mask_blur, self.mask is not None)
         if not 0 < self.strength <= 1:
             raise KinemaError(f"strength must be in (0, 1] (the share of the input noised away), got {self.strength}")
         if self.extend_frames is not None:

@@ -34,7 +34,7 @@ from kinema.pipelines.jobs import (
     model_defaults_for,
     run_job,
 )
-from kinema.pipelines.request import GENERATE_DEFAULTS, LIBRARY_DEFAULTS, PIA_MOTION_NAMES
+from kinema.pipelines.request import GENERATE_DEFAULTS, LIBRARY_DEFAULTS, MAX_MASK_BLUR, PIA_MOTION_NAMES
 from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.sampling.schedulers import SCHEDULERS
 from kinema.ui.form import (
@@ -280,6 +280,9 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                         v2v_mask = gr.File(label="Mask (optional, video inpainting): its white pixels are remade and "
                                                  "its black ones held; an image for every frame, or a video",
                                            type="filepath", file_types=["image", "video"], elem_id="v2v-mask")
+                        v2v_mask_blur = gr.Slider(label="Mask blur (pixels): feathers the mask's edge, 0 keeps it "
+                                                        "hard", minimum=0, maximum=MAX_MASK_BLUR, step=0.5, value=0,
+                                                  elem_id="v2v-mask-blur")
                         v2v_resize = gr.Checkbox(label=RESIZE_LABEL, value=False)
                 with gr.Accordion("Model", open=True):
                     with gr.Row():
@@ -365,7 +368,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             "prompt": prompt, "negative_prompt": negative, "model": model, "motion_module": motion_module,
             "scheduler": scheduler, "steps": steps, "width": width, "height": height, "frames": frames,
             "guidance": guidance, "seed": seed, "image": image, "end_image": end_image, "resize": resize,
-            "v2v_video": v2v_video, "strength": strength, "v2v_mask": v2v_mask, "extend_video": extend_video,
+            "v2v_video": v2v_video, "strength": strength, "v2v_mask": v2v_mask,
+            "v2v_mask_blur": v2v_mask_blur, "extend_video": extend_video,
             "extend_frames": extend_frames, "speed": speed, "v2v_resize": v2v_resize, "extend_resize": extend_resize,
             "motion_effect": motion_effect, "motion_scale": motion_scale, "controlnet": controlnet,
             "controlnet_scale": controlnet_scale, "control_video": control_video, "control_indices": control_indices,

@@ -29,12 +29,14 @@ FORM_KEYS = ("mode", "prompt", "negative_prompt", "model", "motion_module", "lor
              "height", "frames", "guidance", "seed", "image", "end_image", "resize", "v2v_video", "strength",
              "extend_video", "extend_frames", "speed", "extra", "v2v_resize", "extend_resize", "motion_effect",
              "motion_scale", "controlnet", "controlnet_scale", "control_video", "control_indices", "guess_mode",
-             "pia_motion", "controlnet_2", "controlnet_scale_2", "control_video_2", "guidance_rescale", "v2v_mask")
+             "pia_motion", "controlnet_2", "controlnet_scale_2", "control_video_2", "guidance_rescale", "v2v_mask",
+             "v2v_mask_blur")
 # The job keys the form's fields (and tabs) make; every other job key is "extra".
 _FORM_JOB_KEYS = ("model", "motion_module", "loras", "prompt", "negative_prompt", "frames", "height", "width", "steps",
                   "guidance", "scheduler", "seeds", "seed", "image", "end_image", "resize", "video", "strength",
                   "extend_frames", "speed", "mode", "motion_effect", "motion_scale", "controlnet", "control_video",
-                  "control_indices", "guess_mode", "pia_motion", "guidance_rescale", "mask")
+                  "control_indices", "guess_mode", "pia_motion", "guidance_rescale", "mask",
+                  "mask_blur")
 # Job settings without a form field: a loaded video carries those it set (not at their defaults) in "extra". Derived
 # from the job's keys, so a setting added to jobs later loads back without a change here.
 EXTRA_KEYS = tuple(key for key in JOB_KEYS if key not in _FORM_JOB_KEYS)
@@ -115,6 +117,8 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
             data["strength"] = _number(values["strength"], whole=False)
         if mode == VIDEO_TO_VIDEO and _given(values.get("v2v_mask")):
             data["mask"] = values["v2v_mask"]
+        if mode == VIDEO_TO_VIDEO and _given(values.get("v2v_mask_blur")) and values["v2v_mask_blur"] != 0:
+            data["mask_blur"] = _number(values["v2v_mask_blur"], whole=False)
         if mode == EXTEND and _given(values.get("extend_frames")):
             data["extend_frames"] = _number(values["extend_frames"], whole=True)
     return data
@@ -214,7 +218,8 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         if settings.get("resize"):
             values.update({key: settings[key] for key in ("width", "height") if settings.get(key) is not None})
         if mode == VIDEO_TO_VIDEO:
-            values.update(strength=settings.get("strength"), v2v_mask=settings.get("mask"))
+            values.update(strength=settings.get("strength"), v2v_mask=settings.get("mask"),
+                          v2v_mask_blur=settings.get("mask_blur", 0.0))
         else:
             values["extend_frames"] = settings.get("extend_frames")
     return values

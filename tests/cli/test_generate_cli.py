@@ -660,13 +660,14 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
     mask[:, 20:] = 1
     Image.fromarray((mask * 255).byte().numpy()).save(tmp_path / "mask.png")
     assert main(["v2v", str(tmp_path / "walk"), "a robot", "--strength", "1", "--mask", str(tmp_path / "mask.png"),
-                 *common, "-o", str(tmp_path / "masked")]) == 0
+                 "--mask-blur", "1.5", *common, "-o", str(tmp_path / "masked")]) == 0
     expected = generate(family, GenerationRequest(prompt="a robot", video=as_input, strength=1.0, mask=mask,
-                                                  height=24, width=40, steps=2, guidance=3.0, seeds=[2]),
-                        progress=False)
+                                                  mask_blur=1.5, height=24, width=40, steps=2, guidance=3.0,
+                                                  seeds=[2]), progress=False)
     as_bytes = (expected.frames[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(png_frames(tmp_path / "masked"), as_bytes)
     assert read_sidecar(tmp_path / "masked")["mask"] == str(tmp_path / "mask.png")
+    assert read_sidecar(tmp_path / "masked")["mask_blur"] == 1.5
 
     capsys.readouterr()
     assert main(["extend", str(tmp_path / "walk"), "--frames", "3", "--overlap", "2", "--segment-frames", "4",

@@ -7,6 +7,7 @@ and spies on the models that record what they were given. Bad input fails before
 
 import copy
 
+import numpy
 import pytest
 import torch
 from loaders.test_stable_diffusion import write_tokenizer
@@ -335,6 +336,48 @@ def test_a_mask_holds_the_kept_latents_and_remakes_the_rest(family, monkeypatch)
     plain = run(family, video=video, strength=1.0, frames=None, steps=3)  # no mask: nothing is held
     assert (plain.latents[..., :half] - clean[..., :half]).abs().mean() > 0.1
     assert result.settings[0]["mask"] == "<Tensor>" and plain.settings[0]["mask"] is None
+    # The finished frames: the kept pixels are the input's own; the remade ones, the decoded latents'.
+    with torch.no_grad():
+        decoded = family.decode(result.latents)
+    torch.testing.assert_close(result.frames[0, ..., :SIZE // 2], video[..., :SIZE // 2], rtol=0, atol=0)
+    torch.testing.assert_close(result.frames[..., SIZE // 2:], decoded[..., SIZE // 2:], rtol=0, atol=1e-6)
+    assert (decoded[0, ..., :SIZE // 2] - video[..., :SIZE // 2]).abs().mean() > 0.05  # the VAE's round trip
+
+
+@pytest.mark.parametrize("blur", [0, 3])
+def test_the_kept_pixels_are_put_back_as_diffusers_apply_overlay_does(blur):
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from kinema.pipelines.generation import _composite
+
+    generator = torch.Generator().manual_seed(11)
+    made, video = torch.rand(1, 2, 3, SIZE, SIZE, generator=generator), torch.rand(2, 3, SIZE, SIZE,
+                                                                                   generator=generator)
+    remake = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    remake[0, 4:20, 8:30], remake[1, :, SIZE // 2:] = True, True
+    ours = _composite(made, video, remake, blur)
+
+    def pil(image: torch.Tensor) -> Image.Image:
+        return Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+    processor = VaeImageProcessor()
+    for index in range(2):
+        mask = Image.fromarray(remake[index].byte().mul(255).numpy())
+        if blur:
+            mask = processor.blur(mask, blur)
+        theirs = processor.apply_overlay(mask, pil(video[index]), pil(made[0, index]))
+        expected = torch.from_numpy(numpy.asarray(theirs).copy()).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(ours[0, index], expected, rtol=0, atol=2.5 / 255)  # theirs: 8-bit steps
+    if blur:  # feathered: the pixels either side of the edge blend, and far from it each side is its own
+        assert 0.05 < (ours[0, 1, :, :, SIZE // 2 - 1] - video[1, :, :, SIZE // 2 - 1]).abs().mean()
+        torch.testing.assert_close(ours[0, 1, ..., :SIZE // 2 - 3 * blur], video[1, ..., :SIZE // 2 - 3 * blur],
+                                   rtol=0, atol=1 / 255)
+        torch.testing.assert_close(ours[0, 1, ..., SIZE // 2 + 3 * blur:], made[0, 1, ..., SIZE // 2 + 3 * blur:],
+                                   rtol=0, atol=1 / 255)
+    else:
+        assert torch.equal(ours[0][~remake[:, None].expand(-1, 3, -1, -1)],
+                           video[~remake[:, None].expand(-1, 3, -1, -1)])
 
 
 def test_a_latent_is_held_only_where_every_pixel_it_covers_is_kept(animatediff):
@@ -380,6 +423,12 @@ def test_mask_files_and_the_refusals_before_any_denoising(animatediff, tmp_path,
         request(mask=half_mask()).check()
     with pytest.raises(KinemaError, match=r"give video too, without extend_frames"):
         request(video=video, extend_frames=4, mask=half_mask()).check()
+    for blur in (-1, float("nan"), float("inf"), 65, True, "2"):
+        with pytest.raises(KinemaError, match=r"mask_blur is the radius in pixels .* from 0 \(a hard edge\) to 64"):
+            request(video=video, mask=half_mask(), mask_blur=blur).check()
+    with pytest.raises(KinemaError, match=r"mask_blur \(--mask-blur\) feathers the edge of a video-to-video mask: "
+                                          r"give the mask \(--mask\) too"):
+        request(video=video, mask_blur=4).check()
 
 
 # ------------------------------------------------------------------------------------------ continuation

@@ -385,8 +385,9 @@ def test_a_mask_job_is_checked_against_its_input_video_before_loading(tmp_path, 
     Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
     Image.new("RGBA", (64, 64), (0, 0, 0, 255)).save(tmp_path / "black.png")
     video = {"prompt": "a cat", "video": "clip.mp4", "strength": 1.0}
-    job = job_from_mapping({**video, "mask": "mask.png"}, base=tmp_path)
+    job = job_from_mapping({**video, "mask": "mask.png", "mask_blur": 3}, base=tmp_path)
     assert job.request.mask == str(tmp_path / "mask.png") and job.settings()["mask"] == str(tmp_path / "mask.png")
+    assert job.settings()["mask_blur"] == 3
     assert job_from_mapping(job.settings()).request == job.request  # read back from a video's settings
     for mask, message in (("five.mp4", r"^job: the mask has 5 frames and the input video 8: give one mask image"),
                           ("small.png", r'^job: the mask is 32x32 but the job makes 64x64 videos; set "resize"'),
@@ -396,6 +397,13 @@ def test_a_mask_job_is_checked_against_its_input_video_before_loading(tmp_path, 
             job_from_mapping({**video, "mask": mask}, base=tmp_path)
     with pytest.raises(KinemaError, match=r"^job: a mask \(--mask\) marks the pixels of an input video to remake"):
         job_from_mapping({"prompt": "a cat", "mask": "mask.png"}, base=tmp_path)
+    for blur, message in (("4", r"^job: mask_blur must be a finite number, got str '4'"),
+                          (-2, r"^job: mask_blur is the radius"),
+                          (99, r"^job: mask_blur is the radius in pixels .* to 64; got 99")):
+        with pytest.raises(KinemaError, match=message):
+            job_from_mapping({**video, "mask": "mask.png", "mask_blur": blur}, base=tmp_path)
+    with pytest.raises(KinemaError, match=r"^job: mask_blur \(--mask-blur\) feathers .*: give the mask"):
+        job_from_mapping({**video, "mask_blur": 2}, base=tmp_path)
 
 
 # ---------------------------------------------------------------- hardening: paths, models, image sizes

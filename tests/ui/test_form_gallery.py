@@ -23,7 +23,8 @@ BLANK_FORM = {"mode": "text-to-video", "prompt": "", "negative_prompt": "", "mod
               "extra": {}, "v2v_resize": False, "extend_resize": False, "motion_effect": 1.0, "motion_scale": 1.0,
               "controlnet": "", "controlnet_scale": 1.0, "control_video": None, "control_indices": "",
               "guess_mode": False, "pia_motion": "", "controlnet_2": "", "controlnet_scale_2": 1.0,
-              "control_video_2": None, "guidance_rescale": 0.0, "v2v_mask": None}
+              "control_video_2": None, "guidance_rescale": 0.0, "v2v_mask": None,
+              "v2v_mask_blur": 0}
 
 
 def write_job_folder(outputs, name, settings, videos=True):
@@ -69,7 +70,8 @@ def test_a_gallery_video_loaded_into_the_form_makes_the_same_job(tmp_path, mode)
                     height=48)
     elif mode == "video inpainting":  # the mask has a field of its own in the Video to Video tab
         Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")  # white: all of it remade
-        data.update(video=image_file(tmp_path / "clip.gif"), strength=1.0, mask=str(tmp_path / "mask.png"))
+        data.update(video=image_file(tmp_path / "clip.gif"), strength=1.0, mask=str(tmp_path / "mask.png"),
+                    mask_blur=2.5)
     elif mode == "extend":
         data.update(video=animation_file(tmp_path / "clip.gif", 5), extend_frames=12)  # holds the 4-frame overlap
     elif mode == "speed preset":  # the preset's sampler and steps are in the form; its other settings come again
