@@ -67,6 +67,7 @@ class FileKind:
     advice: str = ""  # how to get the real file; empty for the kinds that hold weights
     metadata: dict[str, str] = field(default_factory=dict, hash=False)  # a safetensors file's `__metadata__`
     names: tuple[str, ...] = field(default=(), hash=False)  # a safetensors file's tensor names, from its header
+    shapes: tuple[tuple[int, ...], ...] = field(default=(), hash=False)  # ... and their shapes, in the same order
 
     @property
     def is_weights(self) -> bool:
@@ -131,6 +132,8 @@ def _safetensors(path: Path, f, head: bytes, size: int) -> FileKind | None:
         header = json.loads(f.read(length))
         offsets = [entry["data_offsets"] for name, entry in header.items() if name != "__metadata__"]
         end = max((int(stop) for _, stop in offsets), default=0)
+        shapes = tuple(tuple(int(size) for size in entry["shape"]) for name, entry in header.items()
+                       if name != "__metadata__")
     except (ValueError, TypeError, KeyError, AttributeError):
         return FileKind(path, Kind.SAFETENSORS_DAMAGED, "a safetensors file with a damaged header (not the JSON "
                         "table of tensors the format needs)", _DOWNLOAD_AGAIN)
@@ -144,7 +147,7 @@ def _safetensors(path: Path, f, head: bytes, size: int) -> FileKind | None:
     metadata = header.get("__metadata__")
     return FileKind(path, Kind.SAFETENSORS, "a safetensors file",
                     metadata=metadata if isinstance(metadata, dict) else {},
-                    names=tuple(name for name in header if name != "__metadata__"))
+                    names=tuple(name for name in header if name != "__metadata__"), shapes=shapes)
 
 
 def _zip(path: Path, head: bytes) -> FileKind:

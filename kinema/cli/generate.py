@@ -676,12 +676,15 @@ def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bo
 def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | None = None,
                        input_video: bool = False) -> None:
     """What the model folder cannot take, from its configs read once (`check_model_request`): the frame count, the
-    size, and a motion module, LoRA, tokenizer, FreeU or VAE given with an EasyAnimate model."""
+    size, a context window or segment past its window, and a motion module, LoRA, tokenizer, FreeU or VAE given
+    with an EasyAnimate model."""
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
                         ip_adapter=args.ip_adapter, controlnet=args.controlnet,
-                        clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae)
+                        clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae,
+                        context_length=getattr(args, "context_length", None),
+                        segment_frames=getattr(args, "segment_frames", None))
 
 
 def _apply_speed(args: argparse.Namespace) -> None:

@@ -38,6 +38,7 @@ from kinema.pipelines.request import (
     check_image_keyframes,
     check_mask_frames,
     check_video_holds_overlap,
+    check_window,
     freeu_error,
     image_prompt_keyframes,
     overlap_error,
@@ -351,6 +352,7 @@ def _plan(family: VideoFamily, request: GenerationRequest) -> _Plan:
         raise KinemaError(f"{mode} needs an inpaint (InP) model (EasyAnimate V3 InP) or an AnimateDiff model, which "
                           f"holds the known frames instead; {family.name} is neither")
     if mode == "extend":
+        check_window(family.max_frames, family.name, segment_frames=request.segment_frames)
         segment = request.segment_frames or family.max_frames
         return planned(segment, continuation=True)
     latent_frames = family.latent_frames(frames)  # the VAE's frame rule first: its message gives the nearest counts
@@ -368,9 +370,7 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
     from kinema.sampling.context import ContextOptions
 
     settings = request.context or ContextSettings(length=min(16, family.max_frames))
-    if settings.length > family.max_frames:  # in the request's pixel frames, not the windows' latent ones
-        raise KinemaError(f"context length {settings.length} exceeds the {family.max_frames} frames {family.name} "
-                          f"denoises at once; use a context length of at most {family.max_frames}")
+    check_window(family.max_frames, family.name, context_length=settings.length)  # pixel frames, as the request's
     scale = max(family.pixel_frames(2) // 2, 1)  # pixel frames per latent frame, for the windows' latent length
     options = ContextOptions(length=max(settings.length // scale, 1), overlap=settings.overlap // scale,
                              stride=settings.stride, closed_loop=settings.closed_loop, schedule=settings.schedule,

@@ -53,6 +53,7 @@ from kinema.pipelines.request import (
     check_pia_module,
     check_seed,
     check_video_holds_overlap,
+    check_window,
     control_places,
     freeu_error,
     image_prompt_keyframes,
@@ -231,6 +232,38 @@ def model_shape(folder: Path) -> ModelShape | None:
     return None
 
 
+def model_window(folder: Path, motion_module: Any = None) -> tuple[int, str] | None:
+    """The most pixel frames the model at `folder` denoises at once, and the name of what sets it, read before any
+    weights load: an EasyAnimate folder's motion-module frame tables (its transformer config, in latent frames) over
+    its Slice VAE's slices, as EasyAnimateFamily.max_frames counts them; an SD1.5 model's motion module's (the
+    `pos_encoder.pe` lengths in a safetensors header: `motion_module`, else the folder's own). None where that takes
+    loading weights (a torch pickle, a module saved without its tables) or the configs say nothing."""
+    from kinema.sniff import Kind, sniff
+
+    shape = model_shape(folder)
+    if shape is not None and shape.family == "easyanimate":
+        vae, config = _config(folder / "vae" / "config.json"), _config(folder / "transformer" / "config.json")
+        specs = config.get("motion_modules") or [config.get(key) for key in (
+            "motion_module_kwargs", "motion_module_kwargs_even", "motion_module_kwargs_odd") if config.get(key)]
+        lengths = [_whole(spec.get("max_frames", spec.get("temporal_position_encoding_max_len")))
+                   for spec in specs if isinstance(spec, dict)] if isinstance(specs, list) else []
+        pixels, latents = _whole(vae.get("mini_batch_encoder")), _whole(vae.get("mini_batch_decoder"))
+        if not lengths or None in lengths or pixels is None or latents is None:
+            return None
+        latent_max = min(length for length in lengths if length is not None)
+        return (latent_max // latents * pixels if latent_max >= latents else 1), folder.name
+    given = isinstance(motion_module, str | os.PathLike)
+    module = Path(motion_module) if given else folder / "motion_module.safetensors"
+    if not module.is_file():
+        return None
+    found = sniff(module)
+    tables = [size[1] for name, size in zip(found.names, found.shapes, strict=True)
+              if name.endswith("pos_encoder.pe") and len(size) == 3]
+    if found.kind is not Kind.SAFETENSORS or not tables:
+        return None
+    return min(tables), module.name if given else folder.name
+
+
 def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: Any = (), tokenizer: Any = None,
                              config: Any = None, freeu: bool = False, ip_adapter: Any = None,
                              controlnet: Any = None, clip_skip: int = 1, vae: Any = None) -> None:
@@ -264,14 +297,20 @@ def check_easyanimate_extras(path: Path, *, motion_module: Any = None, loras: An
 def check_model_request(folder: Path, *, frames: int | None = None, height: int | None = None,
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
                         tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
-                        ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1, vae: Any = None) -> None:
+                        ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1, vae: Any = None,
+                        context_length: int | None = None, segment_frames: int | None = None) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
-    once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, or a
-    motion module, LoRA, tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose
-    configs say nothing, are not checked."""
+    once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, a
+    context window or continuation segment longer than its window (`model_window`), or a motion module, LoRA,
+    tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose configs say nothing, are
+    not checked."""
     shape = model_shape(folder)
     if shape is None:
         return
+    if context_length is not None or segment_frames is not None:
+        window = model_window(folder, motion_module)
+        if window is not None:
+            check_window(*window, context_length=context_length, segment_frames=segment_frames)
     if frames is not None and shape.frames_per_slice is not None:
         check_slice_frames(frames, shape.frames_per_slice, input_video)
     if height is not None and width is not None:
@@ -879,7 +918,9 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
                         loras=loras, tokenizer=tokenizer, input_video=video is not None,
                         freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet,
-                        clip_skip=request.clip_skip, vae=vae)
+                        clip_skip=request.clip_skip, vae=vae,
+                        context_length=None if request.context is None else request.context.length,
+                        segment_frames=request.segment_frames if request.extend_frames is not None else None)
     # The control videos as files, each with its frame count: one file, the files of several ControlNets, or one
     # ControlNet's keyframe images (counted as one video of that many frames).
     videos: list[tuple[str, str]] = []

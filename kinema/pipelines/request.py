@@ -327,6 +327,18 @@ def check_mask_file(mask: str | os.PathLike, frames: int) -> tuple[int, int]:
     return video_size(mask, "mask")
 
 
+def check_window(window: int, name: str, context_length: int | None = None,
+                 segment_frames: int | None = None) -> None:
+    """One KinemaError line for a context window or a continuation segment longer than the `window` pixel frames
+    that `name` (the model, or the motion module that sets its limit) denoises at once."""
+    if context_length is not None and context_length > window:
+        raise KinemaError(f"context length {context_length} exceeds the {window} frames {name} denoises at once; use "
+                          f"a context length of at most {window}")
+    if segment_frames is not None and segment_frames > window:
+        raise KinemaError(f"segments of {segment_frames} frames exceed the {window} frames {name} denoises at once; "
+                          f"use segment_frames (--segment-frames) of at most {window}")
+
+
 def check_mask_blur(blur: Any, masked: bool) -> None:
     """One KinemaError line for a mask blur that is not a number of pixels from 0 to MAX_MASK_BLUR, or one given
     without a mask (`masked`)."""

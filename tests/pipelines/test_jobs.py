@@ -2,6 +2,7 @@
 refusals before any model loads, and run_job's folder on the bundled kinema-tiny, compared with generate() called
 directly on a separately loaded model."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from kinema.pipelines.jobs import (
     check_video_bytes,
     job_from_mapping,
     model_shape,
+    model_window,
     run_job,
 )
 from kinema.pipelines.request import ContextSettings, FreeUSettings, GenerationRequest
@@ -555,6 +557,36 @@ def test_the_shape_read_before_loading_is_the_loaded_familys(model, request):
         except KinemaError as err:
             read.append(str(err))
         assert read == loaded, frames
+    # The window: the most frames one pass denoises, which context windows and continuation segments must fit.
+    module = fixture["motion_module"] if model == "sd_model" else None
+    assert model_window(folder, module) == (family.max_frames, Path(module or folder).name)
+    name = Path(module or folder).name
+    for length in (family.max_frames, family.max_frames + 1):
+        refusal = (f"context length {length} exceeds the {family.max_frames} frames {name} denoises at once; use a "
+                   f"context length of at most {family.max_frames}")
+        with contextlib.nullcontext() if length == family.max_frames else pytest.raises(KinemaError, match=refusal):
+            check_model_request(folder, motion_module=module, context_length=length)
+        refusal = f"segments of {length} frames exceed the {family.max_frames} frames {name} denoises at once"
+        with contextlib.nullcontext() if length == family.max_frames else pytest.raises(KinemaError, match=refusal):
+            check_model_request(folder, motion_module=module, segment_frames=length)
+
+
+def test_context_and_segments_past_the_window_are_refused_when_the_job_is_accepted(tmp_path, no_model_loads):
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((16, 64, 64, 3), np.uint8), tmp_path / "clip.mp4", fps=8)
+    for job, message in (
+            ({"frames": 32, "context": {"length": 24}}, "context length 24 exceeds the 16 frames kinema-tiny denoises"),
+            ({"model": "kinema-tiny-ad", "frames": 48, "context": {"length": 40}},
+             "context length 40 exceeds the 32 frames kinema-tiny-ad denoises at once"),
+            ({"video": "clip.mp4", "extend_frames": 16, "segment_frames": 24},
+             "segments of 24 frames exceed the 16 frames kinema-tiny denoises at once; use segment_frames")):
+        with pytest.raises(KinemaError, match=rf"^job: {message}"):
+            job_from_mapping({"prompt": "a red circle", **job}, base=tmp_path)
+    job_from_mapping({"prompt": "a red circle", "frames": 32, "context": {"length": 16}}, base=tmp_path)
+    # A motion module whose frame tables only a load would read (a torch pickle) is left to the load.
+    torch.save({}, tmp_path / "mm.ckpt")
+    assert model_window(bundled_model_path("kinema-tiny-ad"), tmp_path / "mm.ckpt") is None
 
 
 def test_an_extend_job_without_a_prompt_continues_the_videos_own(tmp_path):
