@@ -10,31 +10,77 @@ from typing import Any
 from kinema.errors import KinemaError, os_error_message
 from kinema.fileio import json_kind
 
+# A JSON Lines file larger than this is refused before it is read whole: a job or prompt line is short, so a file
+# this size is a wrong path (a video, a device such as /dev/zero), not a list of lines.
+MAX_JSON_LINES_BYTES = 64 * 1024 * 1024
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object hook: an object naming one key twice is refused (json keeps the last, silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string in `value` (keys too) holding a lone UTF-16 surrogate, which JSON's \\ud800 escapes can
+    make and no text encoder or file name takes; None when there is none."""
+    if isinstance(value, str):
+        return value if any(0xD800 <= ord(char) <= 0xDFFF for char in value) else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        for item in value:
+            found = _lone_surrogate(item)
+            if found is not None:
+                return found
+    return None
+
+
+
 
 def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list[tuple[str, int, dict[str, Any]]]:
     """`(where, line number, object)` for each non-blank line of `path`, where is `"PATH line N"` for messages.
 
-    `what` names one line's object ("job", "prompt") and `example` shows one, for the messages: a missing or binary
-    file, a line that is not JSON or not an object, and a file without any line each raise one KinemaError naming
-    the file, the line and the fix."""
+    `what` names one line's object ("job", "prompt") and `example` shows one, for the messages: a missing, binary or
+    oversized file, a line that is not UTF-8 or not JSON or not an object, an object
+    naming a key twice, text with a lone surrogate escape, and a file without any line each raise one KinemaError
+    naming the file, the line and the fix."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with path.open("rb") as f:  # a pipe too (`<(...)`); reading stops past the cap, so /dev/zero ends
+            data = f.read(MAX_JSON_LINES_BYTES + 1)
     except FileNotFoundError:
         raise KinemaError(f"no such {what} file: {path} (JSON Lines: one {what} object per line)") from None
-    except UnicodeDecodeError:
-        raise KinemaError(f"{path} is not a text file, so it cannot be a {what} file (JSON Lines)") from None
     except OSError as err:
         raise KinemaError(os_error_message(err, path, f"read the {what} file")) from None
+    if len(data) > MAX_JSON_LINES_BYTES:
+        raise KinemaError(f"{path} is over {MAX_JSON_LINES_BYTES // 2**20} MiB, far more than a {what} file (JSON "
+                          f"Lines) holds; check the path, or split the file")
+    if b"\0" in data[:8192]:
+        raise KinemaError(f"{path} is not a text file, so it cannot be a {what} file (JSON Lines)")
     lines = []
     # JSON Lines ends lines with \n (and \r\n) only: U+2028 and the like are text inside a JSON string.
-    for number, raw in enumerate(text.split("\n"), start=1):
-        raw = raw.removesuffix("\r")
-        if not raw.strip():
-            continue
+    for number, raw_bytes in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         where = f"{path} line {number}"
         try:
-            value = json.loads(raw)
+            raw = raw_bytes.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as err:
+            raise KinemaError(f"{where}: not UTF-8 text (byte 0x{raw_bytes[err.start]:02x} at column {err.start + 1}); "
+                              f"save the {what} file as UTF-8") from None
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+        except _Duplicate as err:
+            raise KinemaError(f"{where}: the key {str(err)!r} appears twice; give each key once") from None
         except json.JSONDecodeError as err:
             raise KinemaError(f"{where}: not valid JSON at column {err.colno}: {err.msg}; each line holds one {what} "
                               f"as a JSON object such as {example}") from None
@@ -43,6 +89,11 @@ def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list
                               f"object such as {example}") from None
         if not isinstance(value, dict):
             raise KinemaError(f"{where} holds {json_kind(value)}, not a {what} object such as {example}")
+        surrogate = _lone_surrogate(value)
+        if surrogate is not None:
+            raise KinemaError(f"{where}: the text {surrogate.encode('utf-8', 'backslashreplace').decode()!r} holds a "
+                              "lone surrogate escape (\\ud800-\\udfff), which is no character; write the character "
+                              "itself, or both halves of its pair")
         lines.append((where, number, value))
     if not lines:
         raise KinemaError(f"{path} holds no {what}s; write one JSON object per line, such as {example}")

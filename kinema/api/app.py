@@ -46,7 +46,7 @@ from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_da
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, library_error_message, shorten
-from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_MASK_BLUR, MAX_SEED, MIN_FPS
+from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_MASK_BLUR, MAX_SEED, MAX_STEPS, MIN_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "frames": {"type": "integer", "minimum": 1},
         "height": {"type": "integer", "minimum": 8},
         "width": {"type": "integer", "minimum": 8},
-        "steps": {"type": "integer", "minimum": 1},
+        "steps": {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
         "guidance": {"type": "number", "minimum": 1, "maximum": MAX_GUIDANCE},
         "scheduler": {"type": "string"},
         "seed": {"type": "integer", "maximum": MAX_SEED,

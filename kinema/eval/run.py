@@ -12,6 +12,7 @@ and, when asked, the videos are written there, whole or not at all (kinema.filei
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -21,11 +22,11 @@ import re
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kinema.data.probe import PIL_FORMATS
+from kinema.data.probe import video_size
 from kinema.errors import KinemaError
 from kinema.eval.prompts import DEFAULT_PROMPTS, LABEL_NAMES, PromptEntry, default_seed, read_prompts
 from kinema.pipelines.request import MAX_SEED
@@ -106,25 +107,6 @@ def native_size(family: Any) -> int:
     config = dict(getattr(family.model, "config", {}) or {})
     sample = config.get("sample_size") or dict(config.get("unet_config") or {}).get("sample_size")
     return int(sample) * int(family.spatial_factor) if isinstance(sample, int) else 512
-
-
-def _load_image(path: Path, height: int, width: int) -> Any:
-    """The start image as float `(3, height, width)` in [0, 1], resized as `generate` resizes (bicubic, antialiased)
-    when it is another size, so the PSNR compares with exactly what the model was given."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    try:
-        with Image.open(path, formats=PIL_FORMATS) as opened:
-            array = np.asarray(opened.convert("RGB"))
-    except OSError as err:
-        raise KinemaError(f"cannot read the start image {path}: {err}") from None
-    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
-    if tuple(image.shape[1:]) != (height, width):
-        image = torch.nn.functional.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False,
-                                                antialias=True).clamp(0, 1)[0]
-    return image
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -234,7 +216,8 @@ def _write_confusions(folder: Path, rows: Sequence[dict[str, Any]]) -> list[str]
 
 def default_out_dir(model: str) -> Path:
     """`out/eval-<model name>`: where `kinema eval` writes without --out."""
-    return Path("out") / f"eval-{_slug(Path(str(model)).name)}"
+    path = Path(str(model))
+    return Path("out") / f"eval-{_slug((path.resolve() if path.exists() else path).name)}"
 
 
 def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: str | os.PathLike, *, seed: int,
@@ -311,24 +294,52 @@ def evaluate(
         from kinema.pipelines.speed import preset_settings
 
         preset_settings(speed)  # an unknown preset fails here, before any model loads
+    entries, held_out_from = _held_out_by_the_model(model, entries, prompts_path)
     began = time.perf_counter()
     with ExitStack() as stack:
         folder = None
         if out_dir is not None:
             from kinema.fileio import atomic_folder
 
-            folder = stack.enter_context(atomic_folder(out_dir, EVAL_KIND, overwrite=overwrite,
-                                                       inputs=(prompts_path,)))
+            folder = stack.enter_context(atomic_folder(
+                out_dir, EVAL_KIND, overwrite=overwrite,
+                inputs=(prompts_path, *(entry.image for entry in entries if entry.image is not None))))
         report = _run(model, entries, Path(prompts_path), seed=seed, frames=frames,
                       steps=steps, guidance=guidance, speed=speed, progress=progress, folder=folder,
                       continuation=continuation_frames if continuation else None, continuations=continuations,
                       save_videos=save_videos, device=device)
         report.seconds = round(time.perf_counter() - began, 1)
-        if folder is not None:
-            report.out_dir = str(out_dir)
+        from kinema import __version__
+
+        # What a reader of report.json needs to run it again: the prompt file's exact bytes, the lines scored.
+        report.prompts = str(Path(prompts_path).resolve())
+        report.settings.update(kinema_version=__version__, limit=limit, held_out_from=held_out_from,
+                               prompts_sha256=hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest())
+        if folder is not None and out_dir is not None:
+            report.out_dir = str(Path(out_dir).resolve())
             report.files = sorted([*report.files, *_write_confusions(folder, report.per_prompt), REPORT_NAME])
             (folder / REPORT_NAME).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
     return report
+
+
+def _held_out_by_the_model(model: str, entries: list[PromptEntry],
+                           prompts_path: str | os.PathLike) -> tuple[list[PromptEntry], str]:
+    """`entries` held out as the model's kinema.json "held_out" list says, where it has one (what its training
+    left out, whatever the prompt file marks), with one warning naming the lines whose mark it changed; else as
+    the file marks them. Returns them and where the marks came from ("kinema.json" or "prompt file")."""
+    from kinema.bundled import read_model_info, resolve_model
+
+    listed = read_model_info(resolve_model(model, f"no such model file or folder: {model}")).get("held_out")
+    if not isinstance(listed, list) or not all(isinstance(combo, list) and len(combo) == 3 for combo in listed):
+        return entries, "prompt file"
+    combos = {tuple(combo) for combo in listed}
+    marked = [replace(entry, held_out=(entry.color, entry.shape, entry.motion) in combos) for entry in entries]
+    changed = [entry.line for entry, new in zip(entries, marked, strict=True) if entry.held_out != new.held_out]
+    if changed:
+        logger.warning("%s marks %d line(s) held out otherwise than %s's kinema.json, which lists what its training "
+                       "left out; scored by the model's list (line %s)", prompts_path, len(changed), model,
+                       ", ".join(str(line) for line in changed[:10]) + (", ..." if len(changed) > 10 else ""))
+    return marked, "kinema.json"
 
 
 def _video_seed(entry: PromptEntry, seed: int) -> int:
@@ -343,7 +354,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
 
     from kinema.devices import resolve_device
     from kinema.eval.metrics import dynamic_degree, first_frame_psnr, seam_score, temporal_flicker
-    from kinema.pipelines.generation import generate
+    from kinema.pipelines.generation import generate, image_tensor
     from kinema.pipelines.load import load_family
     from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
 
@@ -364,7 +375,10 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     settings = {"steps": LIBRARY_DEFAULTS["steps"], "guidance": LIBRARY_DEFAULTS["guidance"], **shared, "seed": seed}
     continued = [i for i, entry in enumerate(entries) if entry.mode == "text-to-video" and not entry.held_out
                  ][:continuations] if continuation is not None else []
-    if continuation is not None and len(continued) < continuations:
+    if continuation is not None and not continued:
+        logger.warning("no continuation and so no seam score: the prompts hold no text-to-video line that is not "
+                       "held out")
+    elif continuation is not None and len(continued) < continuations:
         logger.warning("%d continuations asked for, but the prompts hold %d text-to-video lines that are not held "
                        "out; continuing those", continuations, len(continued))
     start_videos: dict[int, Any] = {}
@@ -376,8 +390,16 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     rows: list[dict[str, Any]] = []
     for index, entry in enumerate(tqdm(entries, desc="eval", unit="prompt", disable=None if progress else True)):
         video_seed = _video_seed(entry, seed)
-        image = _load_image(entry.image, shared["height"], shared["width"]) if entry.image is not None else None
-        request = GenerationRequest(prompt=entry.prompt, seeds=[video_seed], image=image, **shared)
+        image = None
+        if entry.image is not None:  # what generate() makes of it, for the PSNR; the request names its path
+            image = image_tensor(entry.image, shared["height"], shared["width"], True, "the start image")
+            height, width = video_size(entry.image, "start image")
+            if (height, width) != (shared["height"], shared["width"]):
+                logger.warning("%s line %d: the start image %s is %dx%d; it is resized to the model's %dx%d",
+                               prompts_path, entry.line, entry.image, width, height, shared["width"],
+                               shared["height"])
+        request = GenerationRequest(prompt=entry.prompt, seeds=[video_seed], resize=image is not None,
+                                    image=None if entry.image is None else str(entry.image), **shared)
         made = time.perf_counter()
         result = generate(family, request, progress=False)
         video = result.frames[0]
@@ -411,7 +433,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     if continuation is not None:
         for index in continued:
             continued_report = _continue(family, entries[index], rows[index]["seed"], start_videos[index],
-                                         continuation, shared, folder if save_videos else None)
+                                         continuation, shared, folder if save_videos else None, index)
             continuation_reports.append(continued_report)
             if "video" in continued_report:
                 files.append(continued_report["video"])
@@ -430,13 +452,16 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         held_out=_accuracies(held), continuation=continuation_reports[0] if continuation_reports else None,
         continuations=continuation_reports,
         settings={**settings, "i2v_n": sum(row["psnr"] is not None for row in rows), "dynamic_degree_missing":
-                  flow_missing}, seconds=0.0, per_prompt=rows, files=files)
+                  flow_missing, "device": str(device),
+                  "dtype": str(next(family.model.parameters()).dtype).removeprefix("torch.")},
+        seconds=0.0, per_prompt=rows, files=files)
 
 
 def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int, shared: dict[str, Any],
-              folder: Path | None) -> dict[str, Any]:
-    """Extend `start` `(F, 3, H, W)` (the video of `entry`) to `total` frames in segments of F frames
-    (the length the eval generates, so each segment is what the model makes best) and score the joins."""
+              folder: Path | None, index: int) -> dict[str, Any]:
+    """Extend `start` `(F, 3, H, W)` (the video of `entry`, line `index` of the set) to `total` frames in segments
+    of F frames (the length the eval generates, so each segment is what the model makes best) and score the joins;
+    its video, in `folder`, is named by `index` like the line's own."""
     from kinema.eval.metrics import seam_score, video_psnr
     from kinema.pipelines.generation import generate
     from kinema.pipelines.request import GenerationRequest
@@ -467,7 +492,8 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
     if problem is not None:
         report["detector_error"] = problem
     if folder is not None:
-        report["video"] = _write_video(folder, f"continuation-{_slug(entry.prompt)}", video, result.settings[0])
+        report["video"] = _write_video(folder, f"continuation-{index:03d}-{_slug(entry.prompt)}", video,
+                                       result.settings[0])
     return report
 
 

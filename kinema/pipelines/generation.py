@@ -78,7 +78,7 @@ class GenerationResult:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def _image_tensor(image: Any, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
+def image_tensor(image: Any, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
     """`image` (a path, a PIL image or `(3, H, W)` in [0, 1]) as float `(3, height, width)` in [0, 1]."""
     return _fit(_read_image(image, what)[None], height, width, resize, what)[0]
 
@@ -176,7 +176,7 @@ def _control_images(control: Any, height: int, width: int, resize: bool, normali
     from kinema.pipelines.control_maps import preprocess_control
 
     if isinstance(control, list | tuple):
-        control = torch.stack([_image_tensor(image, height, width, resize, "the control image") for image in control])
+        control = torch.stack([image_tensor(image, height, width, resize, "the control image") for image in control])
     elif isinstance(control, (str, Path)):
         from kinema.data.video_io import read_video
 
@@ -842,9 +842,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                               request.resize)
     images = None
     if mode == "image-to-video":  # read (and sized) once, here, before any model runs
-        images = (_image_tensor(request.image, plan.height, plan.width, request.resize, "the start image"),
+        images = (image_tensor(request.image, plan.height, plan.width, request.resize, "the start image"),
                   None if request.end_image is None else
-                  _image_tensor(request.end_image, plan.height, plan.width, request.resize, "the end image"))
+                  image_tensor(request.end_image, plan.height, plan.width, request.resize, "the end image"))
     control_images = None
     if request.control_video is not None:  # read (and sized) once, here, before any model runs
         from kinema.pipelines.request import control_places

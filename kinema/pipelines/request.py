@@ -25,6 +25,8 @@ MAX_SEED = 2**64 - 1
 MAX_GUIDANCE = 100.0
 MAX_MOTION_FACTOR = 100.0
 MAX_MASK_BLUR = 64.0
+# diffusers' schedulers refuse more sampling steps than their training timesteps, 1000 for both families' schedulers.
+MAX_STEPS = 1000
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
 # rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
 MIN_FPS, MAX_FPS = 0.01, 1000.0
@@ -543,6 +545,9 @@ class GenerationRequest:
         for name in ("steps", "frames"):
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
+        if self.steps is not None and self.steps > MAX_STEPS:
+            raise KinemaError(f"steps must be at most {MAX_STEPS} (the schedulers' training timesteps; 20 to 50 are "
+                              f"usual), got {self.steps}")
         positive("decode_chunk", self.decode_chunk)
         check_fps(self.fps)
         if self.guidance is not None and not (math.isfinite(self.guidance) and 1 <= self.guidance <= MAX_GUIDANCE):

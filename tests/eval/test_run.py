@@ -4,6 +4,7 @@ ran on every video, the counts, and the files written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -62,6 +63,46 @@ def test_evaluate_scores_every_prompt_and_writes_the_report(tmp_path, v3_model, 
         with Image.open(out / f"confusion-{key}.png") as png:
             assert png.width > 200 and png.height > 200
     assert (out / "kinema-output.json").is_file()  # kinema's mark: --overwrite may replace it later
+    # What running it again needs: the exact prompt file, the lines scored, where and in what precision it ran.
+    settings = data["settings"]
+    assert settings["prompts_sha256"] == hashlib.sha256(two_prompts.read_bytes()).hexdigest()
+    assert (settings["limit"], settings["device"], settings["dtype"]) == (None, "cpu", "float32")
+    assert settings["kinema_version"] and settings["held_out_from"] == "prompt file"  # v3_model has no kinema.json
+    assert data["prompts"] == str(two_prompts.resolve()) and data["out_dir"] == str(out.resolve())
+
+
+def test_start_images_are_inputs_and_their_videos_name_them(tmp_path, v3_model, two_prompts):
+    out = tmp_path / "out"
+    evaluate(str(v3_model), two_prompts, frames=8, steps=1, progress=False, out_dir=out, continuation=False,
+             limit=1, save_videos=True)
+    [video] = sorted((out / "videos").glob("*.mp4"))
+    settings = json.loads(video.with_name(video.name + ".json").read_text())
+    assert settings["image"] == str((tmp_path / "start.png").resolve()) and settings["resize"] is True
+    # A start image inside the output folder is an input: --overwrite does not replace the folder holding it.
+    shutil.copy(tmp_path / "start.png", out / "start.png")
+    inside = tmp_path / "inside.jsonl"
+    inside.write_text(json.dumps({"prompt": "a red circle moving right", "color": "red", "shape": "circle",
+                                  "motion": "right", "image": "out/start.png"}) + "\n")
+    with pytest.raises(KinemaError, match="holds the input"):
+        evaluate(str(v3_model), inside, frames=8, steps=1, progress=False, out_dir=out, overwrite=True,
+                 continuation=False)
+    assert (out / "start.png").is_file()
+
+
+def test_the_models_held_out_list_decides_which_lines_are_held_out(tmp_path, v3_model, caplog):
+    model = tmp_path / "model"
+    shutil.copytree(v3_model, model)
+    (model / "kinema.json").write_text(json.dumps({"held_out": [["blue", "square", "up"]]}))
+    lines = [{"prompt": "a blue square moving up", "color": "blue", "shape": "square", "motion": "up"},
+             {"prompt": "a red circle moving left", "color": "red", "shape": "circle", "motion": "left",
+              "held_out": True}]
+    path = tmp_path / "marked.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with caplog.at_level("WARNING", logger="kinema.eval.run"):
+        report = evaluate(str(model), path, frames=8, steps=1, progress=False, continuation=False)
+    assert [row["held_out"] for row in report.per_prompt] == [True, False]
+    assert (report.n, report.held_out["n"], report.settings["held_out_from"]) == (1, 1, "kinema.json")
+    assert "marks 2 line(s) held out otherwise than" in caplog.text and "(line 1, 2)" in caplog.text
 
 
 def test_continuation_boundaries():
@@ -113,6 +154,22 @@ def test_several_continuations_report_their_mean_seam(tmp_path, v3_model, caplog
     assert len(fewer.continuations) == 1 and "2 continuations asked for, but the prompts hold 1" in caplog.text
     with pytest.raises(KinemaError, match="continuations must be a whole number of at least 1, got 0"):
         evaluate(str(v3_model), path, continuations=0)
+
+
+def test_continuations_of_one_prompt_text_get_a_video_each(tmp_path, v3_model, caplog):
+    line = {"prompt": "a blue square moving up", "color": "blue", "shape": "square", "motion": "up"}
+    path = tmp_path / "same.jsonl"
+    path.write_text(json.dumps({**line, "seed": 1}) + "\n" + json.dumps({**line, "seed": 2}) + "\n")
+    report = evaluate(str(v3_model), path, frames=8, steps=1, progress=False, continuation_frames=16,
+                      continuations=2, out_dir=tmp_path / "out", save_videos=True)
+    assert [entry["video"] for entry in report.continuations] == [
+        "videos/continuation-000-a-blue-square-moving-up.mp4", "videos/continuation-001-a-blue-square-moving-up.mp4"]
+    assert all((tmp_path / "out" / entry["video"]).is_file() for entry in report.continuations)
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({**line, "held_out": True}) + "\n")
+    with caplog.at_level("WARNING", logger="kinema.eval.run"):
+        assert evaluate(str(v3_model), held, frames=8, steps=1, progress=False).continuations == []
+    assert "no continuation and so no seam score" in caplog.text
 
 
 def test_continuations_and_no_continuation_contradict(tmp_path, v3_model, two_prompts, capsys):
