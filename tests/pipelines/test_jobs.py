@@ -179,6 +179,7 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
     ("fps", float("inf"), "fps must be from 0.01 to 1000"),
     ("fps", float("nan"), "fps must be from 0.01 to 1000"),
     ("steps", float("inf"), "steps must be at least 1"),
+    ("steps", 1001, r"steps must be at most 1000 \(the schedulers' training timesteps"),
 ])
 def test_the_python_api_refuses_nan_and_infinity(field, value, message):
     """GenerationRequest is also built directly (the Python API), where no job parser has checked the numbers."""
