@@ -66,7 +66,8 @@ def check_synth(args: argparse.Namespace) -> None:
     from kinema.fileio import check_output
 
     check_synth_args(args.frames, args.size, args.image_fraction)
-    args.hold_out = check_combinations([combo.split(":") for combo in args.hold_out.split(",") if combo.strip()])
+    args.hold_out = check_combinations([[part.strip() for part in combo.split(":")]
+                                        for combo in args.hold_out.split(",") if combo.strip()])
     check_output(args.out, SYNTH_KIND, folder=True, overwrite=args.overwrite)
 
 

@@ -359,6 +359,9 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
                 stop_if_requested()
                 if entry is not None:
                     entries.append(entry)
+        if not entries:  # raised inside the temporary folder: nothing is written
+            raise KinemaError(f"every one of the {n} clips drawn shows a held-out combination, so the dataset would "
+                              "be empty; draw more clips (--n) or hold out fewer combinations")
         (temp / "metadata.json").write_text(json.dumps(entries, indent=1) + "\n")
         summary = generation_settings("", seed=seed, model="kinema-synth", width=size, height=size, frames=frames,
                                       fps=fps, n=n, image_fraction=image_fraction, crf=crf, video_format=video_format,

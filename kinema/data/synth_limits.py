@@ -48,6 +48,9 @@ def check_combinations(combinations: Collection[Sequence[str]]) -> list[tuple[st
         for name, known, what in names:
             if name not in known:
                 raise KinemaError(f"unknown {what} {name!r} in {':'.join(combo)}; known: {', '.join(known)}")
+        if shape == "circle" and motion.startswith("rotate"):
+            raise KinemaError(f"{':'.join(combo)} holds nothing out: the synthetic world never rotates circles (a "
+                              "turning circle looks still); hold out a square or triangle, or another motion")
         checked.append((colour, shape, motion))
     return checked
 

@@ -304,3 +304,21 @@ def test_hold_out_names_are_checked():
         synth.check_combinations([("pink", "circle", "left")])
     with pytest.raises(KinemaError, match="colour:shape:motion"):
         synth.check_combinations([("red", "circle")])
+    with pytest.raises(KinemaError, match="red:circle:rotate_cw holds nothing out: the synthetic world never rotates"):
+        synth.check_combinations([("red", "circle", "rotate_cw")])
+
+
+def test_hold_out_on_the_command_line_takes_spaces_and_an_empty_set_is_refused(tmp_path, capsys):
+    from kinema.cli import main
+
+    combos = [(c.ground_truth["colour"], c.ground_truth["shape"], c.ground_truth["motion"])
+              for c in (synth_clip(3, i, 2, 16) for i in range(2))]
+    spaced = " , ".join(" : ".join(combo) for combo in combos)  # every clip drawn is held out
+    assert main(["data", "synth", "--out", str(tmp_path / "set"), "--n", "2", "--seed", "3", "--frames", "2",
+                 "--size", "16", "--hold-out", spaced]) == 1  # known once the clips are drawn
+    err = capsys.readouterr().err
+    assert "every one of the 2 clips drawn shows a held-out combination" in err and err.count("\n") == 1
+    assert not (tmp_path / "set").exists()
+    assert main(["data", "synth", "--out", str(tmp_path / "set"), "--n", "2", "--seed", "3", "--frames", "2",
+                 "--size", "16", "--hold-out", " : ".join(combos[0])]) == 0
+    assert len(json.loads((tmp_path / "set" / "metadata.json").read_text())) == 1

@@ -164,3 +164,6 @@ def test_kinema_data_prompts_writes_a_set_of_the_seed_asked_for(tmp_path, capsys
     assert held == Counter({tuple(combo): 2 for combo in HELD_OUT_COMBINATIONS})
     assert main(["data", "prompts", "--out", str(out), "--seed", "1"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+    # The seed the bundled models trained on makes a set, with one warning that they have seen its prompts.
+    assert main(["data", "prompts", "--out", str(tmp_path / "seen"), "--seed", "11"]) == 0
+    assert "seed 11 is the synthetic data the bundled models trained on" in capsys.readouterr().err
