@@ -27,11 +27,14 @@ def check_synth_args(frames: int, size: int, image_fraction: float) -> None:
     if size < 16 or size % 16:
         raise KinemaError(f"size must be a positive multiple of 16 (VAE downsampling x8, then 2x2 patches), "
                           f"got {size}; try {max(16, -(-size // 16) * 16)}")
+    if size > MAX_SIZE or frames > MAX_FRAMES:
+        raise KinemaError(f"{frames} frames of {size}x{size} is past the synthetic clips' limits of size <= "
+                          f"{MAX_SIZE} and frames <= {MAX_FRAMES} (training clips are usually 16 frames of 64-256 px)")
     need = clip_memory_bytes(frames, size)
-    if size > MAX_SIZE or frames > MAX_FRAMES or need > MAX_CLIP_BYTES:
+    if need > MAX_CLIP_BYTES:
         raise KinemaError(f"{frames} frames of {size}x{size} would need about {need / 2**30:.1f} GiB per clip while "
-                          f"rendering; the limits are size <= {MAX_SIZE}, frames <= {MAX_FRAMES} and "
-                          f"{MAX_CLIP_BYTES // 2**30} GiB per clip (synthetic training clips are usually 64-256 px)")
+                          f"rendering, over the limit of {MAX_CLIP_BYTES // 2**30} GiB; make fewer frames or smaller "
+                          "clips (training clips are usually 16 frames of 64-256 px)")
     if not 0.0 <= image_fraction <= 1.0:
         raise KinemaError(f"image_fraction must be between 0 and 1, got {image_fraction}")
 

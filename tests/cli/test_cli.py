@@ -55,8 +55,11 @@ def test_bad_numbers_exit_2(tmp_path, capsys, args):
     (["--seed", "-5"], "argument --seed: must be from 0 to 2**64 - 1, got -5"),
     (["--seed", str(2**64)], f"argument --seed: must be from 0 to 2**64 - 1, got {2**64}"),
     (["--fps", "5000"], "argument --fps: must be from 1 to 1000 frames per second, got 5000"),
-    (["--size", "6400"], "16 frames of 6400x6400 would need about 7.3 GiB per clip"),
-    (["--frames", "5000"], "the limits are size <= 1024, frames <= 1024"),
+    (["--size", "6400"], "16 frames of 6400x6400 is past the synthetic clips' limits of size <= 1024 and frames "
+                         "<= 1024"),
+    (["--frames", "5000"], "5000 frames of 64x64 is past the synthetic clips' limits"),
+    (["--frames", "1024", "--size", "1024"], "1024 frames of 1024x1024 would need about 12.0 GiB per clip while "
+                                             "rendering, over the limit of 4 GiB"),
 ])
 def test_bad_usage_exits_2_at_once_before_heavy_imports(tmp_path, args, message):
     """Run in a fresh interpreter so the modules already imported by other tests do not hide a heavy import."""
