@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.cli.args import add_command, add_device_option, checked_number, example, positive_int, seed_number
+from kinema.cli.generate import parse_lora
 from kinema.errors import KinemaError
 from kinema.pipelines.request import SPEEDS
 
@@ -37,6 +38,12 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a bundled model's name or a model folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--motion-module", metavar="PATH",
+                        help="an AnimateDiff motion module to score on the SD1.5 model (--model), such as one you "
+                             "trained (default: the model's own)")
+    parser.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
+                        help="a motion LoRA or SD1.5 image LoRA at weight W (default 1.0) on the model; repeat for "
+                             "several")
     parser.add_argument("--prompts", metavar="FILE.jsonl",
                         help="prompt set, one JSON object per line (default: the shipped synthetic set)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
@@ -100,9 +107,11 @@ def check_eval(args: argparse.Namespace) -> None:
     args.prompts = Path(args.prompts) if args.prompts is not None else DEFAULT_PROMPTS
     entries = read_prompts(args.prompts)
     resolve_model(args.model)
-    check_eval_inputs(args.model, entries[:args.limit], args.prompts, seed=args.seed, frames=args.frames)
-    args.out = Path(args.out) if args.out is not None else default_out_dir(args.model)
-    check_output(args.out, EVAL_KIND, folder=True, overwrite=args.overwrite, inputs=(args.prompts,))
+    check_eval_inputs(args.model, entries[:args.limit], args.prompts, seed=args.seed, frames=args.frames,
+                      motion_module=args.motion_module, loras=args.lora)
+    args.out = Path(args.out) if args.out is not None else default_out_dir(args.model, args.motion_module)
+    check_output(args.out, EVAL_KIND, folder=True, overwrite=args.overwrite,
+                 inputs=(args.prompts, *(entry.image for entry in entries[:args.limit] if entry.image is not None)))
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -126,7 +135,7 @@ def run_eval(args: argparse.Namespace) -> None:
                       progress=not args.quiet, out_dir=args.out, limit=args.limit,
                       continuation=not args.no_continuation, continuations=args.continuations or 1,
                       save_videos=args.save_videos, overwrite=args.overwrite,
-                      speed=args.speed, device=device)
+                      speed=args.speed, device=device, motion_module=args.motion_module, loras=args.lora)
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

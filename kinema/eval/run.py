@@ -214,23 +214,29 @@ def _write_confusions(folder: Path, rows: Sequence[dict[str, Any]]) -> list[str]
 # ---------------------------------------------------------------- the run
 
 
-def default_out_dir(model: str) -> Path:
-    """`out/eval-<model name>`: where `kinema eval` writes without --out."""
+def default_out_dir(model: str, motion_module: str | os.PathLike | None = None) -> Path:
+    """`out/eval-<model name>[-<motion module name>]`: where `kinema eval` writes without --out."""
     path = Path(str(model))
-    return Path("out") / f"eval-{_slug((path.resolve() if path.exists() else path).name)}"
+    name = _slug((path.resolve() if path.exists() else path).name)
+    return Path("out") / (f"eval-{name}" + (f"-{_slug(Path(motion_module).stem)}" if motion_module else ""))
 
 
 def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: str | os.PathLike, *, seed: int,
-                      frames: int | None) -> None:
+                      frames: int | None, motion_module: str | os.PathLike | None = None,
+                      loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> None:
     """One KinemaError line, before any model loads, for a frame count the model cannot make (or too few to show
-    motion) or a line whose seed plus `seed` is past the largest seed."""
+    motion), a motion module or LoRA that is missing or that the model cannot take, or a line whose seed plus
+    `seed` is past the largest seed."""
+    from kinema.bundled import resolve_model
+    from kinema.pipelines.jobs import check_model_request
+
     if frames is not None and frames < 2:
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
-    if frames is not None:
-        from kinema.bundled import resolve_model
-        from kinema.pipelines.jobs import check_model_request
-
-        check_model_request(resolve_model(model, f"no such model file or folder: {model}"), frames=frames)
+    for path, what in ((motion_module, "motion module"), *((path, "LoRA file") for path, _ in loras)):
+        if path is not None and not os.path.lexists(path):
+            raise KinemaError(f"no such {what}: {path}")
+    check_model_request(resolve_model(model, f"no such model file or folder: {model}"), frames=frames,
+                        motion_module=motion_module, loras=loras)
     for entry in entries:
         if _video_seed(entry, seed) > MAX_SEED:
             raise KinemaError(f"{prompts_path}, line {entry.line}: its seed plus --seed {seed} is "
@@ -255,6 +261,8 @@ def evaluate(
     overwrite: bool = False,
     speed: str | None = None,
     device: Any = "cpu",
+    motion_module: str | os.PathLike | None = None,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
 ) -> EvalReport:
     """Generate one video per line of `prompts_path` with `model` and score it (see the module docstring).
 
@@ -276,6 +284,9 @@ def evaluate(
         speed: a speed preset (kinema.pipelines.speed: fast, balanced, quality) whose settings replace the model's
             defaults, as `kinema generate --speed` does; `steps` still wins. None: the model's defaults.
         device: where the model runs: a torch device or a kinema.devices name (auto, cpu, cuda, cuda:N, mps).
+        motion_module, loras: a motion module and `(path, weight)` LoRAs for an SD1.5 model, as `load_family`
+            takes them (a motion module or LoRA being trained, scored on the model it is for). With either, the
+            lines are held out as the prompt file marks them, not by the model's kinema.json list.
     Returns:
         The `EvalReport`; videos are `(F, 3, H, W)` frames in [0, 1] at the model's native size.
     """
@@ -286,15 +297,18 @@ def evaluate(
         entries = entries[:limit]
     if isinstance(continuations, bool) or not isinstance(continuations, int) or continuations < 1:
         raise KinemaError(f"continuations must be a whole number of at least 1, got {continuations!r}")
-    check_eval_inputs(model, entries, prompts_path, seed=seed, frames=frames)
     if guidance is not None and not 1 <= guidance < float("inf"):
         raise KinemaError(f"guidance must be a finite number >= 1 (1 turns classifier-free guidance off), got "
                           f"{guidance}")
+    check_eval_inputs(model, entries, prompts_path, seed=seed, frames=frames, motion_module=motion_module,
+                      loras=loras)
     if speed is not None:
         from kinema.pipelines.speed import preset_settings
 
         preset_settings(speed)  # an unknown preset fails here, before any model loads
-    entries, held_out_from = _held_out_by_the_model(model, entries, prompts_path)
+    held_out_from = "prompt file"
+    if motion_module is None and not loras:  # the model's list is what its own weights trained without
+        entries, held_out_from = _held_out_by_the_model(model, entries, prompts_path)
     began = time.perf_counter()
     with ExitStack() as stack:
         folder = None
@@ -307,13 +321,16 @@ def evaluate(
         report = _run(model, entries, Path(prompts_path), seed=seed, frames=frames,
                       steps=steps, guidance=guidance, speed=speed, progress=progress, folder=folder,
                       continuation=continuation_frames if continuation else None, continuations=continuations,
-                      save_videos=save_videos, device=device)
+                      save_videos=save_videos, device=device,
+                      parts={"motion_module": motion_module, "loras": list(loras)})
         report.seconds = round(time.perf_counter() - began, 1)
         from kinema import __version__
 
         # What a reader of report.json needs to run it again: the prompt file's exact bytes, the lines scored.
         report.prompts = str(Path(prompts_path).resolve())
         report.settings.update(kinema_version=__version__, limit=limit, held_out_from=held_out_from,
+                               motion_module=None if motion_module is None else os.fspath(motion_module),
+                               loras=[[os.fspath(path), weight] for path, weight in loras],
                                prompts_sha256=hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest())
         if folder is not None and out_dir is not None:
             report.out_dir = str(Path(out_dir).resolve())
@@ -349,7 +366,8 @@ def _video_seed(entry: PromptEntry, seed: int) -> int:
 
 def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: int, frames: int | None,
          steps: int | None, guidance: float | None, speed: str | None, progress: bool, folder: Path | None,
-         continuation: int | None, continuations: int, save_videos: bool, device: Any) -> EvalReport:
+         continuation: int | None, continuations: int, save_videos: bool, device: Any,
+         parts: dict[str, Any]) -> EvalReport:
     from tqdm import tqdm
 
     from kinema.devices import resolve_device
@@ -359,7 +377,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
     from kinema.pipelines.request import LIBRARY_DEFAULTS, GenerationRequest
 
     device = resolve_device(device) if isinstance(device, str) else device
-    family = load_family(model, device=device)
+    family = load_family(model, device=device, **parts)
     size = native_size(family)
     # The model's kinema.json defaults (load_family reads them), as `kinema generate` takes them.
     shared: dict[str, Any] = {"height": size, "width": size, "frames": DEFAULT_FRAMES, **family.defaults, "fps": FPS}

@@ -261,3 +261,30 @@ def test_help_teaches_with_an_example_and_imports_no_torch():
     assert done.returncode == 0, done.stderr
     assert "example:\n  kinema eval --model kinema-tiny --json" in done.stdout
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_motion_module_and_loras_are_scored_on_the_model(tmp_path, monkeypatch, capsys):
+    """`kinema eval --motion-module --lora`: the parts reach load_family, the report records them, and the lines
+    are held out as the prompt file marks them (the model's kinema.json list is its own weights')."""
+    import kinema.pipelines.load as load_module
+    from kinema.bundled import bundled_model_path
+
+    module = bundled_model_path("kinema-tiny-ad") / "motion_module.safetensors"
+    seen = []
+    real = load_module.load_family
+
+    def spy(model, **kwargs):
+        seen.append(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(load_module, "load_family", spy)
+    report = evaluate("kinema-tiny-ad", write_t2v(tmp_path), frames=8, steps=1, progress=False, continuation=False,
+                      motion_module=str(module))
+    assert seen[0]["motion_module"] == str(module) and seen[0]["loras"] == []
+    assert report.settings["motion_module"] == str(module) and report.settings["held_out_from"] == "prompt file"
+    assert main(["eval", "--model", "kinema-tiny", "--motion-module", str(module), "--prompts",
+                 str(write_t2v(tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    assert "is an EasyAnimate model, which has its own motion layers: drop --motion-module" in capsys.readouterr().err
+    assert main(["eval", "--model", "kinema-tiny-ad", "--lora", str(tmp_path / "gone.safetensors"), "--prompts",
+                 str(write_t2v(tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    assert "no such LoRA file:" in capsys.readouterr().err and not (tmp_path / "out").exists()
