@@ -527,7 +527,8 @@ def _add_output_options(parser: argparse.ArgumentParser, *, latents: bool) -> No
     group.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or "
                                               "frames folder (no extension); several seeds write STEM-seedS.SUFFIX "
                                               "beside it")
-    group.add_argument("--fps", type=frame_rate, help="frames per second (default 8)")
+    group.add_argument("--fps", type=frame_rate, help="frames per second (default 8; v2v and extend: the input "
+                                                      "video's)")
     group.add_argument("--overwrite", action="store_true",
                        help=f"replace earlier kinema outputs at OUT{saved} (never files kinema did not write)")
 
@@ -904,8 +905,9 @@ def check_generate(args: argparse.Namespace) -> None:
 
 
 def _check_video_input(args: argparse.Namespace) -> int:
-    """VIDEO's frame count; its size fills --height / --width where they are not given (torch-free reads)."""
-    from kinema.data.probe import frame_count, video_size
+    """VIDEO's frame count; its size fills --height / --width and its frame rate --fps where they are not given
+    (torch-free reads), so the frames kept or remade play at the input's speed."""
+    from kinema.data.probe import frame_count, video_fps, video_size
 
     if not os.path.exists(args.video):
         raise KinemaError(f"no such video: {args.video}")
@@ -913,6 +915,8 @@ def _check_video_input(args: argparse.Namespace) -> int:
     if args.height is None or args.width is None:
         height, width = video_size(args.video)
         args.height, args.width = args.height or height, args.width or width
+    if args.fps is None:
+        args.fps = video_fps(args.video)
     return frames
 
 
@@ -969,6 +973,9 @@ def _inherit_prompt(args: argparse.Namespace, blend_given: list[str], total: int
 
     args.stored_settings = stored_settings(args.video)
     own = stored_prompt_settings(args.stored_settings, blend_given) if args.prompt is None else {}
+    if args.prompt is None and not own:
+        raise KinemaError(f"{args.video} holds no prompt kinema can read (no settings kinema stored with it); pass "
+                          "--prompt TEXT, or --prompt '' to continue it without one")
     inherited = bool(own)
     for key, value in own.items():
         setattr(args, key, value)

@@ -80,6 +80,38 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
         raise KinemaError(f"cannot read the {what} {path}: {shorten(str(err), 120)}") from None
 
 
+def video_fps(path: str | os.PathLike) -> float | None:
+    """The frames per second a video plays at: the fps kinema stored with it, else its container's (a GIF's or
+    WebP's first frame delay, a video stream's average rate); None for a frame folder, a still image, or a rate
+    outside what kinema writes (MIN_FPS .. MAX_FPS), so the caller keeps its default."""
+    from PIL import Image
+
+    from kinema.pipelines.request import MAX_FPS, MIN_FPS
+
+    path = Path(path)
+    try:
+        stored = stored_settings(path).get("fps") if path.is_file() else None
+    except KinemaError:  # an unreadable file: its reader says so in its own words
+        stored = None
+    rate: Any = stored if isinstance(stored, int | float) and not isinstance(stored, bool) else None
+    if rate is None and path.is_file():
+        try:
+            if path.suffix.lower() in (".gif", ".webp"):
+                with Image.open(path, formats=PIL_FORMATS) as image:
+                    delay = image.info.get("duration")
+                    rate = 1000 / delay if getattr(image, "n_frames", 1) > 1 and delay else None
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                import av
+
+                with av.open(os.fspath(path)) as container:
+                    stream = container.streams.video[0]
+                    average = stream.average_rate or stream.guessed_rate
+                    rate = float(average) if average else None
+        except (OSError, IndexError, ValueError, ZeroDivisionError):
+            rate = None  # unreadable: the readers say so in their own words
+    return round(float(rate), 3) if rate is not None and MIN_FPS <= rate <= MAX_FPS else None
+
+
 def is_blank_mask(path: str | os.PathLike) -> bool:
     """Whether the still image at `path` (PNG, JPEG, WebP) marks no pixel to remake, none over half bright, as
     generate() reads a mask; False for anything else (a video is read whole only by generate())."""

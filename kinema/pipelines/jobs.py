@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
-from kinema.data.probe import PIL_FORMATS, frame_count, video_kind_and_frames, video_size
+from kinema.data.probe import PIL_FORMATS, frame_count, video_fps, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
@@ -881,6 +881,10 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
 
         given.update(chosen_settings(given["speed"], given))
     video = given.get("video")
+    if video is not None and "fps" not in given:  # the frames kept or remade play at the input's speed
+        rate = video_fps(video)
+        if rate is not None:
+            given["fps"] = rate
     if video is not None and given.get("extend_frames") is None:  # remade frame for frame
         count = frame_count(video)
         if given.get("frames", count) != count:

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.data.probe import PIL_FORMATS
+from kinema.data.probe import PIL_FORMATS, video_fps
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import JOB_KEYS
 from kinema.pipelines.request import CONTINUATION_DEFAULTS, LIBRARY_DEFAULTS, MODES, GenerationRequest
@@ -156,12 +157,16 @@ def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _extra_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of `settings` without a form field that the job set: not at GenerationRequest's defaults, and
-    not what its speed preset filled in (the form's speed brings those, and a changed speed must replace them)."""
+    """The settings of `settings` without a form field that the job set: not at GenerationRequest's defaults, not
+    what its speed preset filled in (the form's speed brings those, and a changed speed must replace them), and not
+    an input video's own frame rate (the job takes it from the video again)."""
     from kinema.pipelines.speed import CPU_WITHOUT_BFLOAT16, SPEED_PRESETS
 
     speed = settings.get("speed")
     preset = {**SPEED_PRESETS.get(speed, {}), **CPU_WITHOUT_BFLOAT16.get(speed, {})} if isinstance(speed, str) else {}
+    video = settings.get("video")
+    if isinstance(video, str) and Path(video).exists():
+        preset = {**preset, "fps": video_fps(video)}
     return {key: settings[key] for key in EXTRA_KEYS
             if settings.get(key) is not None and settings[key] != _REQUEST_DEFAULTS.get(key)
             and not (key in preset and settings[key] == preset[key])}

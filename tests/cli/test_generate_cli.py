@@ -145,10 +145,22 @@ def test_defaults_and_the_other_commands_requests(model_files, tmp_path, monkeyp
     assert args.request == GenerationRequest(prompt="a robot", video="walk.mp4", strength=0.4, height=64, width=96,
                                              seeds=[5, 6]).with_defaults()
     assert args.output == Path("out/walk-v2v.mp4")
-    args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", "--segment-frames", "8", *model])
+    args = checked(["extend", "walk.mp4", "--frames", "20", "--overlap", "3", "--segment-frames", "8", "--prompt",
+                    "", *model])
     assert args.request == GenerationRequest(prompt="", video="walk.mp4", extend_frames=20, overlap_frames=3,
                                              segment_frames=8, height=64, width=96, seeds=[0]).with_defaults()
     assert args.output == Path("out/walk-extended-seed0.mp4")
+    # A video with no prompt of kinema's is not continued without one, unless asked.
+    with pytest.raises(KinemaError, match=r"^walk.mp4 holds no prompt kinema can read .*; pass --prompt TEXT, or "
+                                          r"--prompt '' to continue it without one$"):
+        checked(["extend", "walk.mp4", "--frames", "20", *model])
+    # The frames kept or remade play at the input's own rate, unless --fps says otherwise.
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 64, 96, 3), np.uint8), tmp_path / "fast.mp4", fps=24)
+    assert checked(["v2v", "fast.mp4", "a robot", "--strength", "0.4", *model]).request.fps == 24
+    assert checked(["extend", "fast.mp4", "--frames", "8", "--prompt", "a cat", *model]).request.fps == 24
+    assert checked(["v2v", "fast.mp4", "a robot", "--strength", "0.4", "--fps", "12", *model]).request.fps == 12
 
 
 def test_extend_checks_its_schedules_over_the_whole_video_before_loading(model_files, tmp_path, monkeypatch):
@@ -178,6 +190,7 @@ def test_the_continuation_overlap_is_the_models_default_unless_given(model_files
     kinema-tiny-ad names 8, kinema-tiny nothing."""
     monkeypatch.chdir(tmp_path)
     write_walk(tmp_path)
+    (tmp_path / "walk.mp4.json").write_text(json.dumps({"prompt": "a walk"}))  # continued with its own prompt
     (tmp_path / "sd" / "kinema.json").write_text(json.dumps({"defaults": {"overlap_frames": 6}}))
     model = ["--model", "sd", "--motion-module", "mm.safetensors"]
     assert checked(["extend", "walk.mp4", "--frames", "20", *model]).request.overlap_frames == 6
@@ -251,7 +264,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
     (tmp_path / "new.mp4.latents.safetensors").write_bytes(b"my file")
     from kinema.data.video_io import write_video
 
-    write_video(np.zeros((8, 32, 32, 3), np.uint8), tmp_path / "clip.mp4")  # an input: counted and sized first
+    write_video(np.zeros((8, 32, 32, 3), np.uint8), tmp_path / "clip.mp4",  # an input: counted and sized first
+                settings={"prompt": "a clip"})
     (tmp_path / "held.mp4.json").mkdir()
     (tmp_path / "frames").mkdir()
     from safetensors.torch import save_file
@@ -705,7 +719,8 @@ def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(
 
     write_video(torch.zeros(1, 3, 64, 64), tmp_path / "one.mp4")
     monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
-    assert main(["extend", str(tmp_path / "one.mp4"), "--frames", "8", "-o", str(tmp_path / "longer.mp4")]) == 2
+    assert main(["extend", str(tmp_path / "one.mp4"), "--frames", "8", "--prompt", "a cat", "-o",
+                 str(tmp_path / "longer.mp4")]) == 2
     assert capsys.readouterr().err == (
         "kinema extend: error: the video to extend has 1 frames, fewer than the 4 each new segment is conditioned on "
         "(overlap_frames, --overlap); give an overlap of at most 1, or a longer video\n")

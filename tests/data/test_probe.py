@@ -34,3 +34,37 @@ def test_what_is_not_a_video_is_one_line(tmp_path):
         with pytest.raises(KinemaError, match=words) as caught:
             frame_count(path, "input video")
         assert "\n" not in str(caught.value) and str(caught.value).startswith(f"the input video {path}")
+
+
+def test_a_videos_frame_rate_is_the_one_kinema_stored_else_its_containers():
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from PIL import Image
+
+    from kinema.data.probe import video_fps
+
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(4)[:, None, None] * 60  # distinct frames: GIF merges equal ones
+    with TemporaryDirectory() as folder:
+        root = Path(folder)
+        import av
+
+        with av.open(str(root / "fast.mp4"), "w") as container:  # another tool's video: the container's own rate
+            stream = container.add_stream("libx264", rate=24)
+            stream.width = stream.height = 16
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        assert video_fps(root / "fast.mp4") == 24
+        write_video(frames, root / "slow.webm", fps=12)  # kinema's stored fps
+        assert video_fps(root / "slow.webm") == 12
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(root / "anim.gif", save_all=True, append_images=images[1:], duration=50)
+        assert video_fps(root / "anim.gif") == 20  # 50 ms a frame
+        images[0].save(root / "still.png")
+        (root / "frames").mkdir()
+        images[0].save(root / "frames" / "0.png")
+        (root / "text.mp4").write_text("not a video")
+        for path in ("still.png", "frames", "text.mp4", "missing.mp4"):  # no rate: the caller's default
+            assert video_fps(root / path) is None
