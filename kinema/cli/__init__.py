@@ -18,6 +18,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 from kinema import __version__
 from kinema.cli import batch, data, doctor, eval, generate, serve, train, ui, weights
@@ -40,9 +41,17 @@ COMMAND_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line for bad usage, as kinema's own checks give: argparse prints the whole usage block
+    first, 30-odd lines for `kinema generate`, above the one that says what was wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `kinema` argument parser with every subcommand of `COMMAND_GROUPS`."""
-    parser = argparse.ArgumentParser(
+    """The `kinema` argument parser with every subcommand of `COMMAND_GROUPS` (their parsers take its class)."""
+    parser = _Parser(
         prog="kinema",
         description="Text-to-video and image-to-video diffusion: AnimateDiff and EasyAnimate V3.",
         epilog="Run `kinema COMMAND --help` for each command's options and an example.",

@@ -759,8 +759,9 @@ def test_every_command_that_runs_models_takes_a_device_and_checks_its_name(comma
     assert build_parser().parse_args(command).device == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*command, "--device", "gpu"])
-    assert capsys.readouterr().err.endswith("error: argument --device: unknown device 'gpu': use auto, cpu, cuda, "
-                                            "cuda:N or mps\n")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f"error: argument --device: unknown device 'gpu': use auto, cpu, "
+                                                  f"cuda, cuda:N or mps (see kinema {command[0]} --help)\n")
 
 
 def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
