@@ -80,6 +80,9 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # "seed" is the friendlier spelling of "seeds"; "mode" is accepted so that job.settings() reads back (it must agree
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
+# What a video's settings (OUT.json) record about its run besides the job: kinema's version, the model's family, the
+# run's report. A job drops them, so the settings kinema wrote beside a video are a job that makes it again.
+RECORD_KEYS = ("kinema", "family", "report")
 _INT_FIELDS = ("frames", "height", "width", "steps", "extend_frames", "overlap_frames", "segment_frames",
                "decode_chunk", "attention_chunk", "cache_interval", "clip_skip")
 _NUMBER_FIELDS = ("guidance", "strength", "fps", "cfg_truncation", "motion_scale", "motion_effect", "control_start",
@@ -727,6 +730,7 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
 def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if not isinstance(data, Mapping):
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
+    data = {key: value for key, value in data.items() if key not in RECORD_KEYS}
     for key in data:
         if key not in JOB_KEYS:
             raise unknown_key_error(key, JOB_KEYS)

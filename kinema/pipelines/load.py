@@ -285,7 +285,7 @@ def load_family(
     torch_dtype = getattr(torch, dtype)
     model_path = resolve_model(model, f"model {Path(model)} does not exist: check the path")
     # Settings record a bundled model by its name (the same on every install).
-    recorded = str(model) if is_bundled_name(model) else str(model_path)
+    recorded = str(model) if is_bundled_name(model) else os.path.abspath(model_path)
     world = model_world(model_path)
     prediction_type = model_prediction_type(model_path)
     if motion_module is None:

@@ -642,18 +642,21 @@ class GenerationRequest:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
         type)."""
         data = asdict(self)
+        # Input files by absolute path: the settings remake the video from any folder (relative paths were the
+        # current folder's, which a job file or another shell does not share).
+        path = os.path.abspath
         for key in ("image", "end_image", "video", "mask", "ip_image", "control_video"):
             value = data[key]
             if isinstance(value, Mapping):  # an image prompt schedule: its keyframes' images by frame, in order
-                data[key] = {str(frame): os.fspath(image) if isinstance(image, str | os.PathLike)
+                data[key] = {str(frame): path(image) if isinstance(image, str | os.PathLike)
                              else f"<{type(image).__name__}>" for frame, image in image_prompt_keyframes(value) or []}
-            elif isinstance(value, os.PathLike):
-                data[key] = os.fspath(value)
+            elif isinstance(value, str | os.PathLike):
+                data[key] = path(value)
             elif isinstance(value, list | tuple) and all(_paths(item) for item in value):
                 # keyframe images, or several ControlNets' control videos (each a path or its keyframe images)
-                data[key] = [os.fspath(item) if isinstance(item, str | os.PathLike) else [os.fspath(i) for i in item]
+                data[key] = [path(item) if isinstance(item, str | os.PathLike) else [path(i) for i in item]
                              for item in value]
-            elif value is not None and not isinstance(value, str):
+            elif value is not None:
                 data[key] = f"<{type(value).__name__}>"
         data["seeds"] = list(self.seeds)
         data["control_indices"] = None if self.control_indices is None else list(self.control_indices)

@@ -148,3 +148,26 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".mp4") == ["eight.mp4", "mask.mp4", "sixty.mp4",
                                                                                 "ten.mp4"]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("still*"))
+
+
+def test_a_videos_settings_are_a_job_that_remakes_it_from_anywhere(tmp_path, monkeypatch):
+    """OUT.json names its inputs by absolute path, and `kinema batch` takes it as a job (its record-only keys,
+    kinema's version, the family and the report, dropped): run from another folder, it makes the same frames."""
+    from kinema.data.video_io import write_video
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    write_video(np.zeros((8, 32, 32, 3), np.uint8), work / "walk.mp4", fps=12)
+    assert main(["v2v", "walk.mp4", "a red circle moving right", "--strength", "0.7", "--seed", "4", "-o",
+                 "remade.mp4"]) == 0
+    settings = json.loads((work / "remade.mp4.json").read_text())
+    assert settings["video"] == str(work / "walk.mp4") and settings["fps"] == 12
+    assert {"kinema", "family", "report"} <= set(settings)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "again.jsonl").write_text(json.dumps(settings) + "\n")
+    assert main(["batch", "again.jsonl", "--out", "batch"]) == 0
+    [made] = list((elsewhere / "batch").rglob("*.mp4"))
+    np.testing.assert_array_equal(read_video(made).frames.numpy(), read_video(work / "remade.mp4").frames.numpy())
