@@ -375,7 +375,16 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
     options = ContextOptions(length=max(settings.length // scale, 1), overlap=settings.overlap // scale,
                              stride=settings.stride, closed_loop=settings.closed_loop, schedule=settings.schedule,
                              fuse=settings.fuse, freenoise=settings.freenoise)
+    if scale > 1 and options.overlap >= options.length:  # said in the frames the request gave, not latent ones
+        raise KinemaError(f"{family.name}'s windows count whole latent frames of {scale} frames, so a context length "
+                          f"of {settings.length} and an overlap of {settings.overlap} make windows of {options.length} "
+                          f"latent frame(s) overlapping by {options.overlap}; use a context length that is a multiple "
+                          f"of {scale} and an overlap at least {scale} frames below it")
     options.check(latent_frames, family.model.max_frames)
+    if options.closed_loop and latent_frames <= options.length:
+        logger.warning("closed_loop (--closed-loop) joins the last context window to the first, and these %d frames "
+                       "fit in one window of %d: nothing loops; make more frames than the context length",
+                       request.frames, settings.length)
     return options
 
 

@@ -533,10 +533,7 @@ def _settings_object(value: Any, key: str, kind: type) -> Any:
         else:
             item = _choice(item, f"{key}.{name}", SETTING_CHOICES[name])
         checked[name] = item
-    settings = kind(**checked)
-    if isinstance(settings, ContextSettings) and settings.overlap >= settings.length:
-        raise KinemaError(f"context.overlap ({settings.overlap}) must be below context.length ({settings.length})")
-    return settings
+    return kind(**checked)  # request.check() checks them together (a context overlap below its length)
 
 
 def _existing(text: str, key: str, folders: Iterable[Path | None]) -> Path | None:

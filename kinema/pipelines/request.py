@@ -563,6 +563,10 @@ class GenerationRequest:
         if self.interpolation not in INTERPOLATIONS:
             raise KinemaError(f"unknown prompt interpolation {self.interpolation!r}; use {' or '.join(INTERPOLATIONS)}")
         check_prompt_hold(self.prompt_hold, self.prompt_loop)
+        if self.context is not None and not 0 <= self.context.overlap < self.context.length:
+            raise KinemaError(f"the context overlap {self.context.overlap} (--context-overlap, context.overlap) must "
+                              f"be below the context length {self.context.length} (--context-length, "
+                              f"context.length); use an overlap of 0 to {max(self.context.length - 1, 0)}")
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
             raise KinemaError(f"clip_skip is a whole number of at least 1 (1: CLIP's last layer, 2: the one before), "
                               f"got {self.clip_skip!r}")

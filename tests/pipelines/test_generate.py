@@ -518,6 +518,17 @@ def test_one_window_over_every_frame_is_plain_sampling(animatediff):
     torch.testing.assert_close(windowed.frames, plain.frames, rtol=0, atol=1e-6)
 
 
+def test_a_closed_loop_that_fits_one_window_is_said_to_loop_nothing(animatediff, caplog):
+    with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
+        run(animatediff, frames=4, steps=1, context=ContextSettings(length=4, overlap=2, closed_loop=True))
+    assert "closed_loop (--closed-loop) joins the last context window to the first, and these 4 frames fit in one " \
+           "window of 4: nothing loops" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
+        run(animatediff, frames=6, steps=1, context=ContextSettings(length=4, overlap=2, closed_loop=True))
+    assert "nothing loops" not in caplog.text
+
+
 def test_context_windows_on_the_dit_slice_inpaint_latents(easyanimate, monkeypatch):
     spy = spy_on(easyanimate, monkeypatch)
     context = ContextSettings(length=16, overlap=8, schedule="static")
@@ -684,6 +695,12 @@ def test_a_float16_vae_that_overflowed_is_reported_as_float32(tmp_path_factory):
     # The window named in the request's pixel frames (V3 packs 4 into a latent frame), with a fix that works.
     ("easyanimate", dict(frames=8, context=ContextSettings(length=1024, overlap=4)),
      r"^context length 1024 exceeds the \d+ frames .* denoises at once; use a context length of at most \d+$"),
+    # Past its rounding to whole latent frames (4 a latent), still said in the frames given.
+    ("easyanimate", dict(frames=16, context=ContextSettings(length=6, overlap=4)),
+     r"windows count whole latent frames of 4 frames, so a context length of 6 and an overlap of 4 make windows of 1 "
+     r"latent frame\(s\) overlapping by 1; use a context length that is a multiple of 4"),
+    ("animatediff", dict(frames=16, context=ContextSettings(length=8, overlap=8)),
+     r"^the context overlap 8 \(--context-overlap, context.overlap\) must be below the context length 8"),
     ("animatediff", dict(scheduler="heun"), "ddim, euler"),
     ("animatediff", dict(height=31), "multiples of"),
     ("animatediff", dict(frames=40), None),
