@@ -98,6 +98,14 @@ whole_frame_rate = checked_number(int, "a whole number", lambda value: 1 <= valu
 fraction = checked_number(float, "a number between 0 and 1", lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
 
 
+def output_path(text: str) -> str:
+    """argparse type of `-o`: a name, not the empty string (which pathlib reads as the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a file name such as out/fox.mp4, or a folder name for "
+                                         "frames")
+    return text
+
+
 def add_device_option(parser: argparse.ArgumentParser | Any) -> None:
     """Add `--device` (kinema.devices: auto, cpu, cuda, cuda:N or mps; default auto) to `parser` or an argument
     group; the name is checked here, whether this machine has the device once the command runs."""

@@ -37,6 +37,7 @@ from kinema.cli.args import (
     fraction,
     frame_rate,
     non_negative_int,
+    output_path,
     positive_int,
     seed_number,
 )
@@ -348,8 +349,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     )
     decode.add_argument("latents", help="a .latents.safetensors file kinema saved")
     _add_model_options(decode, samples=False)
-    decode.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp) or frames folder (no "
-                                               "extension); default <latents name>-decoded.mp4")
+    decode.add_argument("-o", "--output", type=output_path,
+                        help="video file (.mp4, .webm, .gif, .webp) or frames folder (no extension); default "
+                             "<latents name>-decoded.mp4")
     decode.add_argument("--fps", type=frame_rate, help="frames per second (default: the stored settings')")
     decode.add_argument("--overwrite", action="store_true",
                         help="replace earlier kinema outputs at OUT (never files kinema did not write)")
@@ -524,9 +526,9 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser, *, latents: bool) -> None:
     saved = " and OUT.latents.safetensors" if latents else ""
     group = parser.add_argument_group("output")
-    group.add_argument("-o", "--output", help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or "
-                                              "frames folder (no extension); several seeds write STEM-seedS.SUFFIX "
-                                              "beside it")
+    group.add_argument("-o", "--output", type=output_path,
+                       help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or frames folder (no "
+                            "extension); several seeds write STEM-seedS.SUFFIX beside it")
     group.add_argument("--fps", type=frame_rate, help="frames per second (default 8; v2v and extend: the input "
                                                       "video's)")
     group.add_argument("--overwrite", action="store_true",
@@ -550,6 +552,8 @@ def read_prompt(text: str) -> str | dict[str, Any]:
         parse_prompt_schedule(stripped, _ANY_LENGTH)  # its one-line errors for bad JSON and repeated keys
         return json.loads(stripped)
     if stripped.lower().endswith(".json"):
+        if os.path.isdir(stripped):
+            raise KinemaError(f"the prompt file {stripped} is a folder; give a .json file holding a prompt schedule")
         if not os.path.isfile(stripped):
             raise KinemaError(f"no such prompt file: {stripped} (a PROMPT ending in .json is read as a prompt "
                               "schedule file)")
@@ -685,7 +689,9 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
                         ip_adapter=args.ip_adapter, controlnet=args.controlnet,
                         clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae,
                         context_length=getattr(args, "context_length", None),
-                        segment_frames=getattr(args, "segment_frames", None))
+                        segment_frames=getattr(args, "segment_frames", None),
+                        overlap_frames=getattr(args, "overlap_frames", None) if hasattr(args, "segment_frames")
+                        else None)  # extend's: continuation segments
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -1000,10 +1006,22 @@ def _frames_to_append(video: str, total: int, have: int) -> int:
 def check_decode(args: argparse.Namespace) -> None:
     """Bad usage of `kinema decode`: the latents file is not kinema's, no model, or outputs the policy refuses."""
     _fill_option_defaults(args)
-    from kinema.pipelines.outputs import LATENTS_SUFFIX, read_latents_settings
+    from kinema.pipelines.jobs import model_shape
+    from kinema.pipelines.outputs import LATENTS_SUFFIX, another_familys_latents, read_latents_settings
+    from kinema.pipelines.request import MAX_FPS, MIN_FPS
 
     settings = read_latents_settings(args.latents)
-    _check_model_takes(args, _check_model(args))
+    folder = _check_model(args)
+    _check_model_takes(args, folder)
+    shape = model_shape(folder)
+    refusal = None if shape is None or not settings else another_familys_latents(settings[0], args.model, shape.family)
+    if refusal is not None:  # from the model's configs: its weights need not load to tell
+        raise refusal
+    stored_fps = next((entry.get("fps") for entry in settings if entry.get("fps") is not None), None)
+    if args.fps is None and stored_fps is not None and (isinstance(stored_fps, bool) or not isinstance(
+            stored_fps, int | float) or not MIN_FPS <= stored_fps <= MAX_FPS):
+        raise KinemaError(f"the settings saved with {args.latents} give fps {stored_fps!r}, which is no frame rate; "
+                          "pass --fps")
     args.seed = [entry.get("seed") for entry in settings]
     if len(args.seed) > 1 and not all(isinstance(seed, int) for seed in args.seed):
         raise KinemaError(f"{args.latents} holds several videos but not an integer seed for each to name their files "

@@ -733,13 +733,15 @@ def _check_saved_by_a_match(family: VideoFamily, latents: torch.Tensor, settings
     """One KinemaError line when the settings saved with `latents` say another kind of VAE made them (another family,
     or a video size this model's VAE would not decode them to) or that the latents were cut or padded since (their
     frame count is not the one recorded). Older files without those fields pass."""
+    from kinema.pipelines.outputs import another_familys_latents
+
     recorded = settings[0] if settings else {}
     maker = recorded.get("model")
     fix = f"decode them with --model {maker}, the model that made them" if maker else \
         "decode them with the model that made them"
-    if recorded.get("family") not in (None, family.family):
-        raise KinemaError(f"these latents were made by {maker or 'a model'} of the {recorded['family']} family, and "
-                          f"{family.name} is of the {family.family} family: its VAE reads other latents; {fix}")
+    refusal = another_familys_latents(recorded, family.name, family.family)
+    if refusal is not None:
+        raise refusal
     side = (latents.shape[-2] * family.spatial_factor, latents.shape[-1] * family.spatial_factor)
     wanted = (recorded.get("height"), recorded.get("width"))
     if None not in wanted and side != wanted:

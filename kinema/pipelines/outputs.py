@@ -192,6 +192,20 @@ def _damaged(path: Path) -> KinemaError:
                        "(B, C, F', h, w) tensor and B settings); generate it again")
 
 
+def another_familys_latents(recorded: Mapping[str, Any], name: str, family: str) -> KinemaError | None:
+    """The refusal of latents whose saved settings `recorded` say a model of another family than `family` (the
+    model `name`'s) made them, whose VAE reads other latents; None when they match or do not say. Said before the
+    model loads (`kinema decode`'s check, from its config) and again once it has."""
+    made_by = recorded.get("family")
+    if made_by in (None, family):
+        return None
+    maker = recorded.get("model")
+    fix = f"decode them with --model {maker}, the model that made them" if maker else \
+        "decode them with the model that made them"
+    return KinemaError(f"these latents were made by {maker or 'a model'} of the {made_by} family, and {name} is of "
+                       f"the {family} family: its VAE reads other latents; {fix}")
+
+
 def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-video settings stored with latents `save_latents` wrote to `path`, from the safetensors header alone
     (no torch: the CLI checks a latents file before anything heavy). A file that is not kinema latents is refused

@@ -776,3 +776,32 @@ def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(tmp_path
         assert printed.err.strip() == ("kinema generate: error: device cuda: this torch is built for the CPU only; use "
                                        "--device cpu (or auto)") and printed.out == ""
     assert not list(tmp_path.iterdir())
+
+
+def test_refusals_that_the_options_and_headers_decide_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Found by a hostile trial: each of these was refused only after the model had loaded, or in argparse's or
+    Python's words."""
+    from kinema.pipelines import load as load_module
+
+    made = tmp_path / "ad.mp4"
+    assert main(["generate", "a red circle moving right", "--model", "kinema-tiny-ad", "--steps", "1", "--frames",
+                 "8", "-o", str(made)]) == 0
+    (tmp_path / "dir.json").mkdir()
+    capsys.readouterr()
+    monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
+    for argv, message in (
+            (["decode", f"{made}.latents.safetensors", "-o", str(tmp_path / "x.mp4")],
+             "these latents were made by kinema-tiny-ad of the animatediff family, and kinema-tiny is of the "
+             "easyanimate family: its VAE reads other latents; decode them with --model kinema-tiny-ad"),
+            (["extend", str(made), "--frames", "8", "--overlap", "16", "-o", str(tmp_path / "e.mp4")],
+             "overlap_frames (16: the request's, else the model's kinema.json default) must be below the segment "
+             "length (16 frames)"),
+            (["generate", "a cat", "-o", ""], "argument -o/--output: is empty; give a file name"),
+            (["generate", str(tmp_path / "dir.json")], f"the prompt file {tmp_path / 'dir.json'} is a folder")):
+        try:
+            code = main(argv)
+        except SystemExit as usage:  # argparse's own refusals exit
+            code = usage.code
+        assert code == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
