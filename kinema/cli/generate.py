@@ -54,6 +54,7 @@ from kinema.pipelines.jobs import (
 from kinema.pipelines.request import (
     BLEND_SETTINGS,
     CONTINUATION_DEFAULTS,
+    DEFAULT_FPS,
     DTYPES,
     GENERATE_DEFAULTS,
     INPUT_DEFAULTS,
@@ -84,13 +85,15 @@ DEFAULT_SUFFIX = ".mp4"
 # and order are judged here, and a keyframe past the video is named against its real length later.
 _ANY_LENGTH = 10**18
 _SLUG_LENGTH = 48
+MAX_GIF_FPS = 50
 
 GENERATE_DESCRIPTION = (
     "Make one video per --seed from PROMPT: text to video, or image to video with --image (and --end-image). "
     "PROMPT is text, a prompt schedule as JSON text ({\"0\": \"a cat\", \"16\": \"a dog\"}, or head_prompt / "
     "prompt_map / tail_prompt), or the path of a .json file holding one (a PROMPT ending in .json is read as a "
-    "file). Videos longer than the model's window use context windows (--context-*). The final latents are saved "
-    "to OUT.latents.safetensors before decoding (see `kinema decode`); each video's settings go into OUT.json "
+    "file). Videos longer than the model's window use context windows (--context-*), or on an InP model continue "
+    "segment by segment. The final latents are saved to OUT.latents.safetensors before decoding (see `kinema "
+    "decode`), except a continuation's, decoded segment by segment; each video's settings go into OUT.json "
     "beside it. With several seeds, OUT names STEM-seedS.SUFFIX files. Without -o: out/<prompt>-seed<S>.mp4. "
     f"Without --model: the bundled {DEFAULT_MODEL}; size, frames, steps, guidance and scheduler left unset come from "
     f"the model's kinema.json defaults ({DEFAULT_MODEL}: 16 frames at 64x64)."
@@ -769,6 +772,11 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     from kinema.pipelines.outputs import check_video_outputs, latents_path, video_paths
 
     args.output = Path(args.output) if args.output is not None else default
+    fps = getattr(args, "fps", None) or DEFAULT_FPS
+    if args.output.suffix.lower() == ".gif" and fps > MAX_GIF_FPS:
+        raise KinemaError(f"a GIF keeps frame delays in hundredths of a second and players slow any under 2 to a "
+                          f"tenth of a second, so it plays at most {MAX_GIF_FPS} fps, not {fps:g}; write .mp4, .webm "
+                          "or .webp, or lower --fps")
     args.resume = None
     paths = video_paths(args.output, args.seed)
     saved = latents_path(args.output)

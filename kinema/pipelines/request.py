@@ -30,6 +30,7 @@ MAX_STEPS = 1000
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
 # rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
 MIN_FPS, MAX_FPS = 0.01, 1000.0
+DEFAULT_FPS = 8.0
 
 MODES = ("text-to-video", "image-to-video", "video-to-video", "extend")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -501,7 +502,7 @@ class GenerationRequest:
     decode_chunk: int = 16
     attention_chunk: int | None = None
     offload: bool = False
-    fps: float = 8.0
+    fps: float = DEFAULT_FPS
     compile: bool = False
     quantize: str | None = None
     cache_interval: int | None = None

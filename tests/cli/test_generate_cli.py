@@ -797,6 +797,8 @@ def test_refusals_that_the_options_and_headers_decide_come_before_the_model_load
              "overlap_frames (16: the request's, else the model's kinema.json default) must be below the segment "
              "length (16 frames)"),
             (["generate", "a cat", "-o", ""], "argument -o/--output: is empty; give a file name"),
+            (["generate", "a cat", "--fps", "60", "-o", str(tmp_path / "fast.gif")],
+             "so it plays at most 50 fps, not 60; write .mp4, .webm or .webp, or lower --fps"),
             (["generate", str(tmp_path / "dir.json")], f"the prompt file {tmp_path / 'dir.json'} is a folder")):
         try:
             code = main(argv)
