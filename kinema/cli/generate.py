@@ -801,14 +801,20 @@ def _not_resumable(path: Path, why: str) -> KinemaError:
 def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[str, Any]]) -> None:
     """Before any model loads: the seeds and settings this run was given (those the model does not fill) against
     those `stored` with the latents at `saved`; generate() checks every setting again once they are filled."""
+    from kinema.bundled import is_bundled_name, resolve_model
     from kinema.pipelines.outputs import differing_settings
 
-    given = args.request.settings()
-    # What the command line says as it is; the rest (sizes, scheduler, guess mode) the model or the input may fill.
+    # As the run records its model: a bundled one by name, a folder or file by absolute path.
+    model = args.model if is_bundled_name(args.model) else os.path.abspath(resolve_model(args.model))
+    given = {**args.request.settings(), "model": model}
+    # What the command line (with the model's kinema.json defaults) says; the rest (sizes from an input, guess mode)
+    # the input or the model may fill, checked once they are filled.
     differ = differing_settings([{**given, "seed": seed} for seed in args.seed], stored,
-                                keys=("seed", "prompt", "negative_prompt", "steps", "guidance", "strength", "image",
-                                      "end_image", "video", "mask", "mask_blur", "ip_image", "control_video",
-                                      "interpolation", "prompt_hold", "prompt_loop", "clip_skip"))
+                                keys=("seed", "model", "prompt", "negative_prompt", "steps", "guidance", "scheduler",
+                                      "fps", "strength", "image", "end_image", "video", "mask", "mask_blur",
+                                      "ip_image", "control_video", "interpolation", "prompt_hold", "prompt_loop",
+                                      "clip_skip", "guidance_rescale", "cfg_truncation", "motion_scale",
+                                      "motion_effect", "timestep_spacing", "free_init", "freeu", "context"))
     if differ:
         raise _not_resumable(saved, f"the saved latents are another run's: their settings differ in "
                                     f"{', '.join(differ)}")

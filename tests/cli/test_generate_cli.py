@@ -628,9 +628,13 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
             capsys.readouterr().err
         assert not (tmp_path / "fox-seed7").exists()
         assert main([*argv, "--seed", "4"]) == 2 and "their settings differ in seed" in capsys.readouterr().err
-        # A setting the model fills (the sampler) is compared by generate(), once filled, still before sampling.
-        assert main([*argv, "--scheduler", "euler"]) == 1
-        assert "their settings differ in scheduler" in capsys.readouterr().err
+        # Settings the command line gives are compared before any load, and nothing says "resuming" first.
+        for extra, differ in ((["--scheduler", "euler"], "scheduler"), (["--fps", "24"], "fps"),
+                              (["--guidance-rescale", "0.5"], "guidance_rescale"),
+                              (["--model", "kinema-tiny-ad"], "model")):
+            assert main([*argv, *extra]) == 2, extra
+            err = capsys.readouterr().err
+            assert f"their settings differ in {differ}" in err and "resuming" not in err, err
         assert not (tmp_path / "fox-seed7").exists()
         # Latents with a flipped bit are refused by their digest, where they would decode into wrong frames.
         saved = tmp_path / "fox.latents.safetensors"
