@@ -65,7 +65,8 @@ def overlap_error(overlap: int, segment: int) -> KinemaError:
 def check_video_holds_overlap(video_frames: int, overlap_frames: int) -> None:
     """One KinemaError line when a video to extend is shorter than the frames each new segment is conditioned on."""
     if video_frames < overlap_frames:
-        raise KinemaError(f"the video to extend has {video_frames} frames, fewer than the {overlap_frames} each new "
+        raise KinemaError(f"the video to extend has {video_frames} frame{'s' if video_frames != 1 else ''}, fewer "
+                          f"than the {overlap_frames} each new "
                           f"segment is conditioned on (overlap_frames, --overlap); give an overlap of at most "
                           f"{video_frames}, or a longer video")
 

@@ -186,7 +186,7 @@ def _keyframes(mapping: Mapping[Any, Any], frames: int) -> tuple[tuple[int, str]
             raise KinemaError(f"prompt schedule key {key!r} is negative: keyframes are frame numbers from 0")
         if frame >= frames:
             raise KinemaError(f"prompt schedule key {key!r} is out of range: keyframes go from 0 to {frames - 1} "
-                              f"for {frames} frames")
+                              f"for {frames} frames; make at least {frame + 1} frames, or move the keyframe")
         if any(frame == seen for seen, _ in keyframes):
             raise KinemaError(f"prompt schedule frame {frame} is given twice; give each keyframe once")
         if keyframes and frame < keyframes[-1][0]:

@@ -169,7 +169,7 @@ def test_extend_checks_its_schedules_over_the_whole_video_before_loading(model_f
     model = ["--model", "sd", "--motion-module", "mm.safetensors"]
     with pytest.raises(KinemaError, match=r"^the prompt schedule runs over the whole video's 28 frames: prompt "
                                           r"schedule key '30' is out of range: keyframes go from 0 to 27 for 28 "
-                                          r"frames$"):
+                                          r"frames; make at least 31 frames, or move the keyframe$"):
         checked(["extend", "walk.mp4", "--frames", "20", "--prompt", '{"0": "a cat", "30": "a dog"}', *model])
     # Given no prompt, the video's own, blended as it was unless the options say otherwise.
     stored = {"prompt": {"0": "a cat", "20": "a dog"}, "prompt_hold": 0.5, "prompt_loop": True,
@@ -726,7 +726,7 @@ def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(
     assert main(["extend", str(tmp_path / "one.mp4"), "--frames", "8", "--prompt", "a cat", "-o",
                  str(tmp_path / "longer.mp4")]) == 2
     assert capsys.readouterr().err == (
-        "kinema extend: error: the video to extend has 1 frames, fewer than the 4 each new segment is conditioned on "
+        "kinema extend: error: the video to extend has 1 frame, fewer than the 4 each new segment is conditioned on "
         "(overlap_frames, --overlap); give an overlap of at most 1, or a longer video\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "one.mp4.json"]
 
