@@ -424,10 +424,19 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
     if motion_path is None:
         raise KinemaError(f"{path} is a Stable Diffusion 1.5 model; AnimateDiff needs a motion module: pass "
                           "--motion-module PATH (motion_module= in Python)")
-    motion_source, motion_report = _describe(motion_path)
+    give = "an AnimateDiff motion module file (e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder"
+    try:
+        motion_source, motion_report = _describe(motion_path)
+    except KinemaError as err:
+        from kinema.loaders.source import Source
+
+        if motion_path.is_dir() or Source(motion_path).holds_motion_weights:
+            raise  # a motion module that is broken: its describer says how
+        # Something else whose describer refused it (a VAE of other widths): not what was asked for, first.
+        raise KinemaError(f"{motion_path} is not a motion module ({str(err).removeprefix(f'{motion_path}: ')}); "
+                          f"give {give}") from None
     if motion_report["kind"] != "motion_module":
-        raise _not_the_kind(motion_path, "a motion module", motion_report["kind"], "an AnimateDiff motion module file "
-                            "(e.g. mm_sd_v15_v2.ckpt) or a MotionAdapter folder")
+        raise _not_the_kind(motion_path, "a motion module", motion_report["kind"], give)
     unet_config = unet_config_of(path, config)
     widths = tuple(unet_config.get("block_out_channels", ()))
     if tuple(motion_report["channels"]) != widths:

@@ -23,6 +23,7 @@ from tiny_sd import (
 from transformers import CLIPTextModel
 
 import kinema
+from kinema.bundled import bundled_model_path
 from kinema.errors import KinemaError
 from kinema.loaders.stable_diffusion import load_tokenizer
 from kinema.models.video_unet import VideoUNet
@@ -273,6 +274,11 @@ BAD = {
                                                      r"image LoRA for SD1.5 .*\): give a Stable Diffusion 1.5 folder"),
     "LoRA as motion module": (lambda f: ((f["folder"],), {"motion_module": f["motion_lora"]}),
                               "pan_left.safetensors is not a motion module .it is: motion LoRA."),
+    # A file its own describer refuses (a VAE of other widths than SD1.5's) is said not to be a motion module first.
+    "VAE as motion module": (lambda f: ((f["folder"],), {"motion_module": str(
+        bundled_model_path("kinema-tiny-ad") / "vae" / "diffusion_pytorch_model.safetensors")}),
+                             r"diffusion_pytorch_model.safetensors is not a motion module \(its weights do not fit "
+                             r"Stable Diffusion 1.5's VAE: .*\); give an AnimateDiff motion module file"),
     "motion module as LoRA": (lambda f: ((f["folder"],), {"motion_module": f["motion_module"],
                                                           "loras": [(f["motion_module"], 1.0)]}),
                               r"mm_v2.safetensors is not a LoRA \(it is a motion_module\)"),
