@@ -514,10 +514,10 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         denoiser = ContextDenoiser(denoiser, plan.context, frames, steps=steps, frame_axes=axes)  # type: ignore[assignment]
 
     def conditioning_at(step: int) -> tuple[Conditioning, Conditioning | None]:
-        with_image = family.image_tokens_from(step, steps)
         # Counted over the scheduler's timesteps once set, as diffusers counts them (a second-order scheduler has
-        # more than `steps`).
+        # more than `steps`, PNDM one more).
         count = len(scheduler.timesteps) if getattr(scheduler, "num_inference_steps", None) else steps
+        with_image = family.image_tokens_from(step, count)
         with_control = controlled(step, count, request.control_start, request.control_end)
 
         def kept(given: Conditioning, extra: Conditioning) -> Conditioning:

@@ -25,8 +25,10 @@ MAX_SEED = 2**64 - 1
 MAX_GUIDANCE = 100.0
 MAX_MOTION_FACTOR = 100.0
 MAX_MASK_BLUR = 64.0
-# diffusers' schedulers refuse more sampling steps than their training timesteps, 1000 for both families' schedulers.
-MAX_STEPS = 1000
+# Sampling steps: diffusers' schedulers sample 1000 training timesteps, and DDIM fails at 1000 steps and DPM++ gives
+# NaN there; each scheduler ran at 500 (kinema-tiny). LCM takes at most its original_inference_steps, 50.
+MAX_STEPS = 500
+MAX_LCM_STEPS = 50
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
 # rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
 MIN_FPS, MAX_FPS = 0.01, 1000.0
@@ -548,8 +550,11 @@ class GenerationRequest:
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
         if self.steps is not None and self.steps > MAX_STEPS:
-            raise KinemaError(f"steps must be at most {MAX_STEPS} (the schedulers' training timesteps; 20 to 50 are "
-                              f"usual), got {self.steps}")
+            raise KinemaError(f"steps must be at most {MAX_STEPS} (some schedulers fail past it; 20 to 50 are usual), "
+                              f"got {self.steps}")
+        if self.scheduler == "lcm" and self.steps is not None and self.steps > MAX_LCM_STEPS:
+            raise KinemaError(f"the lcm scheduler takes at most {MAX_LCM_STEPS} steps (its original_inference_steps; "
+                              f"4 to 8 are usual), got {self.steps}")
         positive("decode_chunk", self.decode_chunk)
         check_fps(self.fps)
         if self.guidance is not None and not (math.isfinite(self.guidance) and 1 <= self.guidance <= MAX_GUIDANCE):

@@ -180,13 +180,19 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
     ("fps", float("inf"), "fps must be from 0.01 to 1000"),
     ("fps", float("nan"), "fps must be from 0.01 to 1000"),
     ("steps", float("inf"), "steps must be at least 1"),
-    ("steps", 1001, r"steps must be at most 1000 \(the schedulers' training timesteps"),
+    ("steps", 501, r"steps must be at most 500 \(some schedulers fail past it"),
 ])
 def test_the_python_api_refuses_nan_and_infinity(field, value, message):
     """GenerationRequest is also built directly (the Python API), where no job parser has checked the numbers."""
     request = GenerationRequest(prompt="a cat", **{field: value})
     with pytest.raises(KinemaError, match=message):
         request.check()
+
+
+def test_lcm_takes_at_most_its_original_steps():
+    GenerationRequest(prompt="a cat", scheduler="lcm", steps=50).check()
+    with pytest.raises(KinemaError, match=r"the lcm scheduler takes at most 50 steps .*, got 51"):
+        GenerationRequest(prompt="a cat", scheduler="lcm", steps=51).check()
 
 
 def test_every_request_field_is_a_job_key():
