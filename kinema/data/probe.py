@@ -81,20 +81,22 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
 
 
 def video_fps(path: str | os.PathLike) -> float | None:
-    """The frames per second a video plays at: the fps kinema stored with it, else its container's (a GIF's or
-    WebP's first frame delay, a video stream's average rate); None for a frame folder, a still image, or a rate
-    outside what kinema writes (MIN_FPS .. MAX_FPS), so the caller keeps its default."""
+    """The frames per second a video plays at: the fps kinema stored with it (a frames folder's too), unless its
+    container says another (a GIF's or WebP's first frame delay, a video stream's average rate; more than 5 % off:
+    re-encoded since); None for a folder or still image without stored settings, or a rate outside what kinema
+    writes (MIN_FPS .. MAX_FPS), so the caller keeps its default."""
     from PIL import Image
 
     from kinema.pipelines.request import MAX_FPS, MIN_FPS
 
     path = Path(path)
     try:
-        stored = stored_settings(path).get("fps") if path.is_file() else None
+        stored = stored_settings(path).get("fps") if path.exists() else None
     except KinemaError:  # an unreadable file: its reader says so in its own words
         stored = None
-    rate: Any = stored if isinstance(stored, int | float) and not isinstance(stored, bool) else None
-    if rate is None and path.is_file():
+    stored = stored if isinstance(stored, int | float) and not isinstance(stored, bool) else None
+    rate: Any = None
+    if path.is_file():
         try:
             if path.suffix.lower() in (".gif", ".webp"):
                 with Image.open(path, formats=PIL_FORMATS) as image:
@@ -109,7 +111,11 @@ def video_fps(path: str | os.PathLike) -> float | None:
                     rate = float(average) if average else None
         except (OSError, IndexError, ValueError, ZeroDivisionError):
             rate = None  # unreadable: the readers say so in their own words
-    return round(float(rate), 3) if rate is not None and MIN_FPS <= rate <= MAX_FPS else None
+    # The stored rate is exact, and a GIF's rounds to hundredths of a second; but a video re-encoded at another
+    # rate keeps the old settings in its metadata (ffmpeg copies them), so the container wins past 5 %.
+    if stored is not None and (rate is None or abs(rate - stored) <= 0.05 * stored):
+        rate = stored
+    return round(float(rate), 6) if rate is not None and MIN_FPS <= rate <= MAX_FPS else None
 
 
 def is_blank_mask(path: str | os.PathLike) -> bool:
@@ -202,8 +208,18 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
 
 
 def stored_settings(path: str | os.PathLike) -> dict:
-    """The settings kinema stored with the video at `path`, in its sidecar or else inside the file; {} for none."""
-    return read_sidecar(path) or (read_embedded_settings(path) if os.path.isfile(path) else None) or {}
+    """The settings kinema stored with the video at `path`, in its sidecar or else inside the file (a frames
+    folder: inside its first frame, as kinema writes every frame's PNG with them); {} for none."""
+    side = read_sidecar(path)
+    if side:
+        return side
+    embedded = None
+    if os.path.isfile(path):
+        embedded = read_embedded_settings(path)
+    elif os.path.isdir(path):
+        frames = folder_frames(path)
+        embedded = read_embedded_settings(frames[0]) if frames else None
+    return embedded or {}
 
 
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:

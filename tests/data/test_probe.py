@@ -1,5 +1,7 @@
 """frame_count reads a container's count without decoding; the reference is decoding every frame (read_video)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,14 @@ def test_a_videos_frame_rate_is_the_one_kinema_stored_else_its_containers():
         assert video_fps(root / "fast.mp4") == 24
         write_video(frames, root / "slow.webm", fps=12)  # kinema's stored fps
         assert video_fps(root / "slow.webm") == 12
+        # Re-encoded at another rate with the old settings kept (ffmpeg copies metadata): the container wins.
+        (root / "slow.webm.json").write_text(json.dumps({"fps": 8}))
+        assert video_fps(root / "slow.webm") == 12
+        # A frames folder moved without its sidecar: every PNG holds kinema's settings.
+        write_video(frames, root / "made", fps=24)
+        (root / "made.json").unlink()
+        (root / "made").rename(root / "moved")
+        assert video_fps(root / "moved") == 24
         images = [Image.fromarray(frame) for frame in frames]
         images[0].save(root / "anim.gif", save_all=True, append_images=images[1:], duration=50)
         assert video_fps(root / "anim.gif") == 20  # 50 ms a frame
