@@ -97,7 +97,7 @@ def check_eval(args: argparse.Namespace) -> None:
             ("--frames", args.frames), ("--guidance", args.guidance), ("--speed", args.speed), ("--seed", args.seed),
             ("--limit", args.limit), ("--no-continuation", args.no_continuation),
             ("--continuations", args.continuations), ("--save-videos", args.save_videos),
-            ("--overwrite", args.overwrite)) if given]
+            ("--overwrite", args.overwrite), ("--motion-module", args.motion_module), ("--lora", args.lora)) if given]
         if unused:
             raise KinemaError(f"--reconstructions scores the VAE alone on its own clips, generates nothing and writes "
                               f"nothing, so {', '.join(unused)} would do nothing; drop them, or drop "

@@ -617,8 +617,11 @@ def _check_input_size(args: argparse.Namespace, size: tuple[int, int] | None, wh
     # Unset by the options and the model's kinema.json: generate() takes the library's size.
     video = (args.height or LIBRARY_DEFAULTS["height"], args.width or LIBRARY_DEFAULTS["width"])
     if (height, width) != video:
+        # With an input video (v2v), the video's size is the input's: --width/--height would not match it either.
+        other = f"give a {what} of {video[1]}x{video[0]}" if getattr(args, "video", None) is not None else \
+            f"set --width {width} --height {height}"
         raise KinemaError(f"the {what} is {width}x{height} but the video is {video[1]}x{video[0]}; pass --resize to "
-                          f"resize it, or set --width {width} --height {height}")
+                          f"resize it, or {other}")
 
 
 def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Path:

@@ -24,7 +24,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, naming
+from kinema.errors import KinemaError, naming, shorten
 from kinema.pipelines.family import VideoFamily
 from kinema.pipelines.request import DTYPES
 
@@ -433,8 +433,8 @@ def _animatediff(source: Any, path: Path, dtype: Any, device: Any, motion_path: 
         if motion_path.is_dir() or Source(motion_path).holds_motion_weights:
             raise  # a motion module that is broken: its describer says how
         # Something else whose describer refused it (a VAE of other widths): not what was asked for, first.
-        raise KinemaError(f"{motion_path} is not a motion module ({str(err).removeprefix(f'{motion_path}: ')}); "
-                          f"give {give}") from None
+        reason = shorten(str(err).removeprefix(f"{motion_path}: "), 160)
+        raise KinemaError(f"{motion_path} is not a motion module ({reason}); give {give}") from None
     if motion_report["kind"] != "motion_module":
         raise _not_the_kind(motion_path, "a motion module", motion_report["kind"], give)
     unet_config = unet_config_of(path, config)

@@ -612,9 +612,12 @@ class GenerationRequest:
                               "video-to-video), with --frames as long as it")
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
-        if self.mask is not None and self.mode != "video-to-video":
+        if self.mask is not None and self.video is None:
             raise KinemaError("a mask (--mask) marks the pixels of an input video to remake (video-to-video): give "
-                              "video too, without extend_frames")
+                              "video too")
+        if self.mask is not None and self.mode != "video-to-video":
+            raise KinemaError("a mask (--mask) marks pixels of the input video's own frames to remake, and "
+                              "extend_frames appends new ones: give one of them")
         check_mask_blur(self.mask_blur, self.mask is not None)
         if not 0 < self.strength <= 1:
             raise KinemaError(f"strength must be in (0, 1] (the share of the input noised away), got {self.strength}")

@@ -134,7 +134,8 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
             (["eight.mp4", "--mask", "gone.png"], "no such mask: gone.png"),
             (["eight.mp4", "--mask", "ten.mp4"], "the mask has 10 frames and the input video 8: give one mask image "
                                                  "for every frame, or a mask video of 8 frames"),
-            (["eight.mp4", "--mask", "sixty.mp4"], "the mask is 60x60 but the video is 64x64; pass --resize"),
+            (["eight.mp4", "--mask", "sixty.mp4"], "the mask is 60x60 but the video is 64x64; pass --resize to resize "
+                                                  "it, or give a mask of 64x64"),
             (["eight.mp4", "--mask", "black.png"], "the mask marks no pixel to remake"),
             (["eight.mp4", "--mask", "notes.png"], "the mask notes.png is not a PNG, JPEG or WebP image kinema can "
                                                    "read (damaged, or another format under that name)"),

@@ -234,8 +234,8 @@ def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
     if case in ("frames", "seed"):
         prompts.write_text('{"prompt": "x", "color": "red", "shape": "circle", "motion": "right", "seed": 5}\n')
         model = ["--frames", "12"] if case == "frames" else ["--seed", str(2**64 - 5)]
-    if case == "reconstructions":  # scores the VAE alone: --out and --prompts would do nothing
-        model = ["--reconstructions", "2"]
+    if case == "reconstructions":  # scores the VAE alone: --out, --prompts and a motion module would do nothing
+        model = ["--reconstructions", "2", "--motion-module", "mm.safetensors"]
     code = ("import sys; from kinema.cli import main; rc = main(sys.argv[1:]); "
             "print([m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]); sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, "eval", "--prompts", str(prompts), "--out",
@@ -248,7 +248,7 @@ def test_bad_input_exits_2_before_torch_is_imported(tmp_path, case):
                 "seed": f"{prompts}, line 1: its seed plus --seed {2**64 - 5} is {2**64}, over 2**64 - 1 (the largest "
                         "seed); give a smaller --seed",
                 "reconstructions": "--reconstructions scores the VAE alone on its own clips, generates nothing and "
-                                   "writes nothing, so --prompts, --out would do nothing"}[case]
+                                   "writes nothing, so --prompts, --out, --motion-module would do nothing"}[case]
     assert done.stderr.startswith("kinema eval: error: ") and expected in done.stderr
     assert done.stderr.count("\n") == 1 and done.stdout.strip() == "[]"
     assert not (tmp_path / "out").exists()

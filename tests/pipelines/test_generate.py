@@ -421,7 +421,8 @@ def test_mask_files_and_the_refusals_before_any_denoising(animatediff, tmp_path,
     assert resized.frames.shape == (1, 4, 3, SIZE, SIZE)
     with pytest.raises(KinemaError, match=r"a mask \(--mask\) marks the pixels of an input video to remake"):
         request(mask=half_mask()).check()
-    with pytest.raises(KinemaError, match=r"give video too, without extend_frames"):
+    with pytest.raises(KinemaError, match=r"a mask \(--mask\) marks pixels of the input video.s own frames to remake, "
+                                          r"and extend_frames appends new ones: give one of them"):
         request(video=video, extend_frames=4, mask=half_mask()).check()
     for blur in (-1, float("nan"), float("inf"), 65, True, "2"):
         with pytest.raises(KinemaError, match=r"mask_blur is the radius in pixels .* from 0 \(a hard edge\) to 64"):
