@@ -45,9 +45,8 @@ from kinema import __version__
 from kinema.data.probe import PIL_FORMATS, READ_SUFFIXES, SETTINGS_KEY, folder_frames, read_sidecar, sidecar_path
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_file, atomic_folder, check_output
-from kinema.pipelines.request import check_fps
+from kinema.pipelines.request import DEFAULT_FPS, check_fps
 
-DEFAULT_FPS = 8.0
 DEFAULT_CRF = 18
 # swscale's default RGB <-> yuv420p path subsamples chroma crudely; averaging on the way in and interpolating
 # chroma on the way out gains 1.5-3 dB PSNR on clips with saturated colour edges.

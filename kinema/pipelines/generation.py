@@ -41,6 +41,7 @@ from kinema.pipelines.request import (
     check_window,
     freeu_error,
     image_prompt_keyframes,
+    input_digests,
     overlap_error,
     pia_refusal,
 )
@@ -962,7 +963,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
               "seconds": round(time.perf_counter() - began, 3),
               "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
               "latent_frames": int(latents.shape[2]), "scheduler": plan.scheduler, "windows": windows,
-              "segments": segments or None, "resumed": resume is not None}
+              "segments": segments or None, "resumed": resume is not None,
+              "inputs": input_digests(request)}  # so a job replaying these settings can tell a changed input
     logger.info("generated %s: %s", mode, report)
     for entry in settings:
         entry["report"] = report

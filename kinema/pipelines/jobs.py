@@ -21,6 +21,7 @@ import difflib
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,7 @@ from kinema.pipelines.request import (
     FreeInitSettings,
     FreeUSettings,
     GenerationRequest,
+    changed_inputs,
     check_image_keyframes,
     check_mask_file,
     check_pia_module,
@@ -81,6 +83,7 @@ _REQUEST_KEYS = tuple(f.name for f in fields(GenerationRequest))
 # "seed" is the friendlier spelling of "seeds"; "mode" is accepted so that job.settings() reads back (it must agree
 # with the mode the inputs give).
 JOB_KEYS: tuple[str, ...] = (*_MODEL_KEYS, *_REQUEST_KEYS, "seed", "mode")
+logger = logging.getLogger(__name__)
 # What a video's settings (OUT.json) record about its run besides the job: kinema's version, the model's family, the
 # run's report. A job drops them, so the settings kinema wrote beside a video are a job that makes it again.
 RECORD_KEYS = ("kinema", "family", "report")
@@ -733,6 +736,8 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
 def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if not isinstance(data, Mapping):
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
+    report = data.get("report")
+    recorded = report.get("inputs") if isinstance(report, Mapping) else None
     data = {key: value for key, value in data.items() if key not in RECORD_KEYS}
     for key in data:
         if key not in JOB_KEYS:
@@ -917,6 +922,10 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     request = GenerationRequest(**given).with_defaults()
     request.check()
     check_pia_module(motion_module, request)
+    if isinstance(recorded, Mapping):  # a video's settings, replayed: its inputs may have changed since
+        for path in changed_inputs(request, recorded):
+            logger.warning("%s has changed since the video these settings come from was made (its SHA-256 differs), "
+                           "so this job makes another video", path)
     made = request.frames
     whole = request.frames  # the frames the schedules run over: the video made, or an extended video's all
     if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)

@@ -333,6 +333,51 @@ def check_mask_file(mask: str | os.PathLike, frames: int) -> tuple[int, int]:
     return video_size(mask, "mask")
 
 
+INPUT_KEYS = ("image", "end_image", "video", "mask", "ip_image", "control_video")
+
+
+def input_digests(request: GenerationRequest) -> dict[str, str]:
+    """SHA-256 of each input file of `request` given by path (`INPUT_KEYS`; `sha256sum`'s for a file; a frames
+    folder: over its frames' names and bytes), keyed by its absolute path: what a video's report records, so that a
+    job made from its settings can tell an input that has changed since (`changed_inputs`). Inputs given as tensors
+    or images, and paths that are gone, have none."""
+    import hashlib
+
+    from kinema.data.probe import folder_frames
+
+    def paths(value: Any) -> list[str]:
+        if isinstance(value, str | os.PathLike):
+            return [os.fspath(value)]
+        if isinstance(value, Mapping):
+            return [item for each in value.values() for item in paths(each)]
+        if isinstance(value, list | tuple):
+            return [item for each in value for item in paths(each)]
+        return []
+
+    digests = {}
+    for key in INPUT_KEYS:
+        for path in paths(getattr(request, key)):
+            files = folder_frames(path) if os.path.isdir(path) else [Path(path)] if os.path.isfile(path) else []
+            if not files:
+                continue
+            digest = hashlib.sha256()
+            for file in files:
+                if os.path.isdir(path):  # a file's digest is `sha256sum`'s; a folder's frames go by name too
+                    digest.update(file.name.encode() + b"\0")
+                with open(file, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+            digests[os.path.abspath(path)] = digest.hexdigest()
+    return digests
+
+
+def changed_inputs(request: GenerationRequest, recorded: Mapping[str, Any]) -> list[str]:
+    """The input paths of `request` whose SHA-256 is not the one `recorded` (`input_digests` of the run that made a
+    video); paths not recorded are not compared."""
+    now = input_digests(request)
+    return [path for path, digest in now.items() if path in recorded and recorded[path] != digest]
+
+
 def check_window(window: int, name: str, context_length: int | None = None,
                  segment_frames: int | None = None) -> None:
     """One KinemaError line for a context window or a continuation segment longer than the `window` pixel frames
@@ -659,7 +704,7 @@ class GenerationRequest:
         # Input files by absolute path: the settings remake the video from any folder (relative paths were the
         # current folder's, which a job file or another shell does not share).
         path = os.path.abspath
-        for key in ("image", "end_image", "video", "mask", "ip_image", "control_video"):
+        for key in INPUT_KEYS:
             value = data[key]
             if isinstance(value, Mapping):  # an image prompt schedule: its keyframes' images by frame, in order
                 data[key] = {str(frame): path(image) if isinstance(image, str | os.PathLike)

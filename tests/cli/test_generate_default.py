@@ -151,7 +151,7 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("still*"))
 
 
-def test_a_videos_settings_are_a_job_that_remakes_it_from_anywhere(tmp_path, monkeypatch):
+def test_a_videos_settings_are_a_job_that_remakes_it_from_anywhere(tmp_path, monkeypatch, capsys):
     """OUT.json names its inputs by absolute path, and `kinema batch` takes it as a job (its record-only keys,
     kinema's version, the family and the report, dropped): run from another folder, it makes the same frames."""
     from kinema.data.video_io import write_video
@@ -172,3 +172,13 @@ def test_a_videos_settings_are_a_job_that_remakes_it_from_anywhere(tmp_path, mon
     assert main(["batch", "again.jsonl", "--out", "batch"]) == 0
     [made] = list((elsewhere / "batch").rglob("*.mp4"))
     np.testing.assert_array_equal(read_video(made).frames.numpy(), read_video(work / "remade.mp4").frames.numpy())
+    # The report holds each input's SHA-256: a replay after the input changed says it makes another video.
+    import hashlib
+
+    assert settings["report"]["inputs"] == {str(work / "walk.mp4"): hashlib.sha256(
+        (work / "walk.mp4").read_bytes()).hexdigest()}
+    write_video(np.full((8, 32, 32, 3), 90, np.uint8), work / "walk.mp4", fps=12, overwrite=True)
+    capsys.readouterr()
+    assert main(["batch", "again.jsonl", "--out", "batch2"]) == 0
+    assert f"{work / 'walk.mp4'} has changed since the video these settings come from was made" in \
+        capsys.readouterr().err
