@@ -38,6 +38,9 @@ BUNDLED_MODELS: dict[str, str] = {"kinema-tiny": "kinema-tiny", "kinema-tiny-ad"
 DEFAULT_MODEL = "kinema-tiny"
 BUNDLED_DIR_VARIABLE = "KINEMA_BUNDLED_DIR"
 MODEL_INFO = "kinema.json"
+# The motion module a kinema AnimateDiff folder (one with kinema.json) carries inside it: what `kinema train` mode
+# motion exports.
+FOLDER_MOTION_MODULE = "motion_module.safetensors"
 # Worlds a model may declare: the prompts it was trained on come from this vocabulary.
 WORLDS = ("synth",)
 # What a model may predict (diffusers' prediction_type names).
@@ -92,6 +95,15 @@ def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Pat
     names = ", ".join(available) if available else "none in this install"
     raise KinemaError(f"{not_found or f'no such model file or folder: {model}'}; a model is an existing path or a "
                       f"bundled model's name (available: {names})")
+
+
+def folder_motion_module(model_path: str | os.PathLike) -> Path | None:
+    """The motion modules a kinema AnimateDiff folder (one with kinema.json) carries as `FOLDER_MOTION_MODULE`,
+    which it is loaded with when no other is given; None for other folders and files."""
+    model_path = Path(model_path)
+    if model_path.is_dir() and read_model_info(model_path) and (model_path / FOLDER_MOTION_MODULE).is_file():
+        return model_path / FOLDER_MOTION_MODULE
+    return None
 
 
 def read_model_info(model_folder: str | os.PathLike) -> dict[str, Any]:

@@ -394,13 +394,13 @@ def _describe_folder(root: Path) -> dict[str, Any]:
 def _folder_motion_report(root: Path) -> dict[str, Any]:
     """A kinema AnimateDiff folder's own motion module (`kinema train` exports one; kinema-tiny-ad ships one) and
     the settings its kinema.json loads it with, which an original-layout file does not record."""
-    from kinema.bundled import MODEL_INFO, read_model_info
+    from kinema.bundled import FOLDER_MOTION_MODULE, MODEL_INFO, read_model_info
 
-    if not (root / "motion_module.safetensors").is_file():
+    if not (root / FOLDER_MOTION_MODULE).is_file():
         return {}
     motion = read_model_info(root).get("motion")
     where = f" with {MODEL_INFO}'s \"motion\" settings {motion}" if isinstance(motion, dict) else ""
-    return {"motion_module": f"motion_module.safetensors{where}"}
+    return {"motion_module": f"{FOLDER_MOTION_MODULE}{where}"}
 
 
 def _entry_report(entry: TextEncoderEntry) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kinema.bundled import DEFAULT_MODEL, is_bundled_name, model_defaults, resolve_model
+from kinema.bundled import DEFAULT_MODEL, folder_motion_module, is_bundled_name, model_defaults, resolve_model
 from kinema.data.probe import PIL_FORMATS, frame_count, video_fps, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
@@ -260,8 +260,8 @@ def model_window(folder: Path, motion_module: Any = None) -> tuple[int, str] | N
         latent_max = min(length for length in lengths if length is not None)
         return (latent_max // latents * pixels if latent_max >= latents else 1), folder.name
     given = isinstance(motion_module, str | os.PathLike)
-    module = Path(motion_module) if given else folder / "motion_module.safetensors"
-    if not module.is_file():
+    module = Path(motion_module) if given else folder_motion_module(folder)  # the one load_family takes
+    if module is None or not module.is_file():
         return None
     found = sniff(module)
     tables = [size[1] for name, size in zip(found.names, found.shapes, strict=True)

@@ -24,6 +24,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from kinema.bundled import folder_motion_module
 from kinema.errors import KinemaError, naming, shorten
 from kinema.pipelines.family import VideoFamily
 from kinema.pipelines.request import DTYPES
@@ -31,9 +32,6 @@ from kinema.pipelines.request import DTYPES
 logger = logging.getLogger(__name__)
 
 _MODEL_KINDS = "a Stable Diffusion 1.5 folder or single file (with a motion module) or an EasyAnimate V3 folder"
-# The motion module a kinema AnimateDiff folder (one with kinema.json) carries inside it: what `kinema train` mode
-# motion exports.
-FOLDER_MOTION_MODULE = "motion_module.safetensors"
 # The kinema.json entry naming an AnimateDiff folder's motion-module settings (kinema.loaders.animatediff.settings'
 # named settings, all of them), e.g. kinema-tiny-ad's 4 heads, which no original-layout file records.
 MOTION_SETTINGS_ENTRY = "motion"
@@ -209,16 +207,6 @@ def _adapter_name(path: Path, taken: set[str]) -> str:
         name = f"{stem}_{number}"
     taken.add(name)
     return name
-
-
-def folder_motion_module(model_path: Path) -> Path | None:
-    """The motion modules a kinema AnimateDiff folder (one with kinema.json) carries as `FOLDER_MOTION_MODULE`,
-    which it is loaded with when no other is given; None for other folders and files."""
-    from kinema.bundled import read_model_info
-
-    if model_path.is_dir() and read_model_info(model_path) and (model_path / FOLDER_MOTION_MODULE).is_file():
-        return model_path / FOLDER_MOTION_MODULE
-    return None
 
 
 def load_family(

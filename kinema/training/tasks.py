@@ -176,8 +176,8 @@ def _load_animatediff_family(config: TrainConfig) -> Any:
     zero-output modules gets no gradient, and a motion run continues the shipped weights), or with fresh (identity)
     motion modules: of the settings the folder's kinema.json names in "motion" (kinema's own models, whose loading
     reads the same entry), else of `model.motion_version`'s layout."""
-    from kinema.bundled import resolve_model
-    from kinema.pipelines.load import folder_motion_module, load_family, model_motion_settings
+    from kinema.bundled import folder_motion_module, resolve_model
+    from kinema.pipelines.load import load_family, model_motion_settings
 
     path = resolve_model(config.model.path)  # a bundled model's name is its folder here
     own = None if config.model.motion_module else folder_motion_module(path)
@@ -444,9 +444,10 @@ class DiffusionTask(TrainingTask):
                 written.append(save_lora(self.model, folder / "motion_lora.safetensors", "animatediff").name)
             return written
         if not self.is_dit and mode == "motion":
+            from kinema.bundled import FOLDER_MOTION_MODULE
             from kinema.loaders.animatediff.write import save_motion_module
 
-            written = [save_motion_module(self.model, folder / "motion_module.safetensors", "original").name]
+            written = [save_motion_module(self.model, folder / FOLDER_MOTION_MODULE, "original").name]
             return written + ([self._export_sd_folder(folder / "model")] if self.trains_base else [])
         if not self.is_dit:  # image
             return [self._export_sd_folder(folder / "model")]

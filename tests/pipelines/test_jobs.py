@@ -595,6 +595,15 @@ def test_context_and_segments_past_the_window_are_refused_when_the_job_is_accept
     # A motion module whose frame tables only a load would read (a torch pickle) is left to the load.
     torch.save({}, tmp_path / "mm.ckpt")
     assert model_window(bundled_model_path("kinema-tiny-ad"), tmp_path / "mm.ckpt") is None
+    # A folder's own motion module counts where load_family takes it: in a kinema folder (one with kinema.json).
+    import shutil
+
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    shutil.copy(bundled_model_path("kinema-tiny-ad") / "motion_module.safetensors", folder)
+    assert model_window(folder) is None
+    (folder / "kinema.json").write_text(json.dumps({"name": "mine"}))
+    assert model_window(folder) == (32, "sd")
 
 
 def test_an_extend_job_without_a_prompt_continues_the_videos_own(tmp_path):
