@@ -44,15 +44,13 @@ def _lone_surrogate(value: Any) -> str | None:
     return None
 
 
-
-
 def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list[tuple[str, int, dict[str, Any]]]:
     """`(where, line number, object)` for each non-blank line of `path`, where is `"PATH line N"` for messages.
 
     `what` names one line's object ("job", "prompt") and `example` shows one, for the messages: a missing, binary or
-    oversized file, a line that is not UTF-8 or not JSON or not an object, an object
-    naming a key twice, text with a lone surrogate escape, and a file without any line each raise one KinemaError
-    naming the file, the line and the fix."""
+    oversized file, a line that is not UTF-8 or not JSON or not an object, an object naming a key twice, text with a
+    lone surrogate escape, and a file without any line each raise one KinemaError naming the file, the line and the
+    fix."""
     path = Path(path)
     try:
         with path.open("rb") as f:  # a pipe too (`<(...)`); reading stops past the cap, so /dev/zero ends

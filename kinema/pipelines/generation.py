@@ -157,7 +157,6 @@ def _composite(frames: torch.Tensor, video: torch.Tensor, remake: torch.Tensor, 
     the two equal)."""
     weight = remake.float()
     if blur > 0:
-        import numpy as np
         from diffusers.image_processor import VaeImageProcessor
         from PIL import Image
 
@@ -734,12 +733,10 @@ def _check_saved_by_a_match(family: VideoFamily, latents: torch.Tensor, settings
     """One KinemaError line when the settings saved with `latents` say another kind of VAE made them (another family,
     or a video size this model's VAE would not decode them to) or that the latents were cut or padded since (their
     frame count is not the one recorded). Older files without those fields pass."""
-    from kinema.pipelines.outputs import another_familys_latents
+    from kinema.pipelines.outputs import another_familys_latents, decode_with_their_maker
 
     recorded = settings[0] if settings else {}
-    maker = recorded.get("model")
-    fix = f"decode them with --model {maker}, the model that made them" if maker else \
-        "decode them with the model that made them"
+    fix = decode_with_their_maker(recorded)
     refusal = another_familys_latents(recorded, family.name, family.family)
     if refusal is not None:
         raise refusal

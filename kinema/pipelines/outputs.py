@@ -192,6 +192,13 @@ def _damaged(path: Path) -> KinemaError:
                        "(B, C, F', h, w) tensor and B settings); generate it again")
 
 
+def decode_with_their_maker(recorded: Mapping[str, Any]) -> str:
+    """The fix for latents that another model's VAE made, from their saved settings `recorded`."""
+    maker = recorded.get("model")
+    return f"decode them with --model {maker}, the model that made them" if maker else \
+        "decode them with the model that made them"
+
+
 def another_familys_latents(recorded: Mapping[str, Any], name: str, family: str) -> KinemaError | None:
     """The refusal of latents whose saved settings `recorded` say a model of another family than `family` (the
     model `name`'s) made them, whose VAE reads other latents; None when they match or do not say. Said before the
@@ -199,11 +206,9 @@ def another_familys_latents(recorded: Mapping[str, Any], name: str, family: str)
     made_by = recorded.get("family")
     if made_by in (None, family):
         return None
-    maker = recorded.get("model")
-    fix = f"decode them with --model {maker}, the model that made them" if maker else \
-        "decode them with the model that made them"
-    return KinemaError(f"these latents were made by {maker or 'a model'} of the {made_by} family, and {name} is of "
-                       f"the {family} family: its VAE reads other latents; {fix}")
+    return KinemaError(f"these latents were made by {recorded.get('model') or 'a model'} of the {made_by} family, "
+                       f"and {name} is of the {family} family: its VAE reads other latents; "
+                       f"{decode_with_their_maker(recorded)}")
 
 
 def read_latents_settings(path: str | os.PathLike) -> list[dict[str, Any]]:

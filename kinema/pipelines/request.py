@@ -26,7 +26,7 @@ MAX_GUIDANCE = 100.0
 MAX_MOTION_FACTOR = 100.0
 MAX_MASK_BLUR = 64.0
 # Sampling steps: diffusers' schedulers sample 1000 training timesteps, and DDIM fails at 1000 steps and DPM++ gives
-# NaN there; each scheduler ran at 500 (kinema-tiny). LCM takes at most its original_inference_steps, 50.
+# NaN there; every scheduler but LCM ran at 500 (kinema-tiny). LCM takes at most its original_inference_steps, 50.
 MAX_STEPS = 500
 MAX_LCM_STEPS = 50
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
@@ -68,9 +68,8 @@ def check_video_holds_overlap(video_frames: int, overlap_frames: int) -> None:
     """One KinemaError line when a video to extend is shorter than the frames each new segment is conditioned on."""
     if video_frames < overlap_frames:
         raise KinemaError(f"the video to extend has {video_frames} frame{'s' if video_frames != 1 else ''}, fewer "
-                          f"than the {overlap_frames} each new "
-                          f"segment is conditioned on (overlap_frames, --overlap); give an overlap of at most "
-                          f"{video_frames}, or a longer video")
+                          f"than the {overlap_frames} each new segment is conditioned on (overlap_frames, --overlap); "
+                          f"give an overlap of at most {video_frames}, or a longer video")
 
 
 def check_fps(fps: float) -> None:
