@@ -41,6 +41,7 @@ from kinema.cli.args import (
     positive_int,
     seed_number,
 )
+from kinema.data.probe import STILL_IMAGE_KINDS
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import (
     check_image_file,
@@ -604,7 +605,7 @@ def _check_image(path: str | None, what: str) -> tuple[int, int] | None:
     if path is None:
         return None
     if os.path.isdir(path):
-        raise KinemaError(f"the {what} {path} is a folder; give an image file (PNG, JPEG or WebP)")
+        raise KinemaError(f"the {what} {path} is a folder; give an image file ({STILL_IMAGE_KINDS})")
     return check_image_file(path, what)
 
 

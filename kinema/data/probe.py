@@ -21,6 +21,7 @@ READ_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", *IMAGE_SUFFIXE
 # The formats kinema lets PIL open, whatever a file's name says: never EPS (PIL hands it to Ghostscript) nor the
 # dozens of others PIL would try on a disguised upload.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+STILL_IMAGE_KINDS = "PNG, JPEG, WebP or GIF"  # what an image option takes (a GIF: its first frame), for messages
 _DIGIT_RUNS = re.compile(r"([0-9]+)")
 
 
@@ -167,12 +168,12 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
         raise KinemaError(f"the {what} is corrupt, truncated or not a video kinema can read ({type(err).__name__}: "
                           f"{shorten(str(err), 80)}); give an MP4, WebM, MKV, MOV, GIF or WebP video") from None
     if "image2" in names:  # PyAV's demuxer chosen by an image's name: PIL could not open what the name promised
-        raise KinemaError(f"the {what} is not a PNG, JPEG or WebP image kinema can read (damaged, or another format "
-                          "under that name); give a whole image, or a video")
+        raise KinemaError(f"the {what} is not a {STILL_IMAGE_KINDS} image kinema can read (damaged, or another "
+                          "format under that name); give a whole image, or a video")
     pipes = sorted(name for name in names if name.endswith("_pipe"))
     if pipes:  # an image PIL was not let open above (a BMP, a TIFF): no reader of kinema's takes it
-        raise KinemaError(f"the {what} is a still image of a kind kinema does not read ({pipes[0]}); give a PNG, JPEG "
-                          "or WebP image, or a video")
+        raise KinemaError(f"the {what} is a still image of a kind kinema does not read ({pipes[0]}); give a "
+                          f"{STILL_IMAGE_KINDS} image, or a video")
     if frames < 1:
         raise KinemaError(f"the {what} has no video frames (sound only?); give an MP4, WebM, MKV, MOV, GIF or WebP "
                           "video")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, folder_motion_module, is_bundled_name, model_defaults, resolve_model
-from kinema.data.probe import PIL_FORMATS, frame_count, video_fps, video_kind_and_frames, video_size
+from kinema.data.probe import PIL_FORMATS, STILL_IMAGE_KINDS, frame_count, video_fps, video_kind_and_frames, video_size
 from kinema.errors import KinemaError, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
@@ -447,7 +447,7 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
                           "guard against decompression bombs); give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         detail = "" if isinstance(err, UnidentifiedImageError) else f" ({shorten(str(err), 80)})"
-        raise KinemaError(f"the {what} is not an image{detail}; give a PNG, JPEG or WebP file") from None
+        raise KinemaError(f"the {what} is not an image{detail}; give a {STILL_IMAGE_KINDS} file") from None
     return size
 
 

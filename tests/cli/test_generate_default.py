@@ -137,8 +137,8 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
             (["eight.mp4", "--mask", "sixty.mp4"], "the mask is 60x60 but the video is 64x64; pass --resize to resize "
                                                   "it, or give a mask of 64x64"),
             (["eight.mp4", "--mask", "black.png"], "the mask marks no pixel to remake"),
-            (["eight.mp4", "--mask", "notes.png"], "the mask notes.png is not a PNG, JPEG or WebP image kinema can "
-                                                   "read (damaged, or another format under that name)"),
+            (["eight.mp4", "--mask", "notes.png"], "the mask notes.png is not a PNG, JPEG, WebP or GIF image kinema "
+                                                   "can read (damaged, or another format under that name)"),
             (["eight.mp4", "--mask", "mask.mp4", "-o", "mask.mp4"], "the output mask.mp4 is the input mask.mp4"),
             (["eight.mp4", "--mask-blur", "4"], "mask_blur (--mask-blur) feathers the edge of a video-to-video mask: "
                                                 "give the mask (--mask) too"),

@@ -234,7 +234,7 @@ def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
     check_image_bytes(png_bytes(), max_bytes=10_000)
     with pytest.raises(KinemaError, match=r"^the start image is \d+ bytes, over the limit of 100 bytes"):
         check_image_bytes(png_bytes(), max_bytes=100, what="start image")
-    with pytest.raises(KinemaError, match="^the image is not an image; give a PNG, JPEG or WebP file$"):
+    with pytest.raises(KinemaError, match="^the image is not an image; give a PNG, JPEG, WebP or GIF file$"):
         check_image_bytes(b"hello, I am text", max_bytes=10_000)
     with pytest.raises(KinemaError, match="the image is not an image"):
         check_image_bytes(png_bytes()[:60], max_bytes=10_000)  # a truncated PNG
@@ -263,7 +263,7 @@ def test_only_the_documented_image_formats_are_opened(tmp_path, monkeypatch, for
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     data = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(data, format=form)
-    with pytest.raises(KinemaError, match="^the image is not an image; give a PNG, JPEG or WebP file$"):
+    with pytest.raises(KinemaError, match="^the image is not an image; give a PNG, JPEG, WebP or GIF file$"):
         check_image_bytes(data.getvalue(), max_bytes=10**6)
     (tmp_path / "disguised.png").write_bytes(data.getvalue())
     with pytest.raises(KinemaError, match=r"^job: the image .*disguised.png is not an image"):
@@ -280,7 +280,7 @@ def test_only_the_documented_image_formats_are_opened(tmp_path, monkeypatch, for
     with pytest.raises(KinemaError, match=rf"cannot read the mask \S+mask.{form.lower()}: unsupported extension"):
         job_from_mapping({"prompt": "a cat", "video": "clip.mp4", "mask": f"mask.{form.lower()}"}, base=tmp_path)
     # PyAV names BMP and TIFF by their content, and takes EPS for the PNG its name says (its image2 demuxer).
-    said = ("is not a PNG, JPEG or WebP image kinema can read" if form == "EPS"
+    said = ("is not a PNG, JPEG, WebP or GIF image kinema can read" if form == "EPS"
             else "is a still image of a kind kinema does not read")
     with pytest.raises(KinemaError, match=rf"disguised.png {said}"):
         job_from_mapping({"prompt": "a cat", "video": "disguised.png"}, base=tmp_path)

@@ -143,7 +143,7 @@ def test_the_form_refuses_a_tab_without_its_input_and_bad_input_as_the_job_does(
     form = {**BLANK_FORM, "mode": "image-to-video", "prompt": "a red circle", "image": str(fake)}
     with pytest.raises(KinemaError) as from_the_form:
         job_from_mapping(form_to_mapping(form), where="form")
-    assert str(from_the_form.value) == f"form: the image {fake} is not an image; give a PNG, JPEG or WebP file"
+    assert str(from_the_form.value) == f"form: the image {fake} is not an image; give a PNG, JPEG, WebP or GIF file"
     with pytest.raises(KinemaError, match="form: steps must be at least 1, got 0"):
         job_from_mapping(form_to_mapping({**BLANK_FORM, "prompt": "a red circle", "steps": 0.0}), where="form")
 
