@@ -353,6 +353,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_own(path: Path, kind: str) -> bool:
+    """Remove the output of `kind` that kinema wrote at `path` (a file or folder); anything else there, or nothing,
+    is left as it is. Whether it removed something."""
+    if output_kind(path) != kind:
+        return False
+    _remove(path)
+    return True
+
+
 def clean_stale(target: Path) -> None:
     """Remove temporaries of earlier writes to `target` whose process is gone (killed with SIGKILL); an output
     that was being replaced when the process died is put back first."""

@@ -1090,7 +1090,13 @@ def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | No
 def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -> None:
     """Load the model, generate (saving the final latents first when `latents`), write and summarise."""
     from kinema.pipelines.generation import NotThisRun, generate
-    from kinema.pipelines.outputs import latents_path, save_latents, write_result
+    from kinema.pipelines.outputs import (
+        latents_path,
+        remove_replaced_videos,
+        save_latents,
+        video_paths,
+        write_result,
+    )
 
     if getattr(args, "speed_line", None):
         print(args.speed_line)
@@ -1110,6 +1116,8 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
 
     def keep_latents(final: Any, settings: list[dict[str, Any]]) -> None:
         saved.append(save_latents(final, settings, target, overwrite=args.overwrite))
+        if args.overwrite:  # no videos of the replaced run beside these latents, should this one stop before its own
+            remove_replaced_videos(video_paths(args.output, args.seed))
 
     try:
         try:

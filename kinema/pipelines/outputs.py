@@ -91,6 +91,18 @@ def check_video_outputs(paths: Sequence[Path], *, overwrite: bool = False, frame
         check_output(path.with_name(path.name + ".json"), "video_settings", folder=False, overwrite=overwrite)
 
 
+def remove_replaced_videos(paths: Sequence[Path]) -> None:
+    """Remove kinema's own earlier videos at `paths` and their settings sidecars, which a run with `overwrite` is
+    about to replace, once its new latents are saved: a run stopped before its new videos are written then leaves
+    its latents without videos of other settings beside them, and the same command without `overwrite` resumes it
+    (decodes them). Files kinema did not write are left alone."""
+    from kinema.fileio import remove_own
+
+    for path in paths:
+        remove_own(path, "video")  # first: a video is known as kinema's by the sidecar that carries its settings
+        remove_own(path.with_name(path.name + ".json"), "video_settings")
+
+
 def _frames_per_video(frames: Any) -> list[Any]:
     """Each video's frames as uint8 `(F, H, W, 3)` arrays, what video_io writes: from a float `(B, F, 3, H, W)`
     tensor in [0, 1] (rounded to the nearest level), numpy output as is, PIL output stacked."""

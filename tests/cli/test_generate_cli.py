@@ -655,6 +655,30 @@ def test_a_run_stopped_while_writing_its_videos_resumes_from_its_saved_latents(t
         assert not (tmp_path / "fox-seed7").exists()
 
 
+def test_an_overwrite_stopped_while_writing_leaves_its_latents_without_the_old_videos_and_resumes(
+        tiny_sd, tmp_path, capsys, monkeypatch):
+    from kinema.data import video_io
+    from kinema.data.probe import read_sidecar
+
+    common = ["--seed", "4", "7", *SMALL, *tiny_sd, "--quiet"]
+    assert main(["generate", "a red fox", *common, "-o", str(tmp_path / "fox")]) == 0
+    (tmp_path / "fox-seed4-notes.txt").write_text("mine")
+    blue = ["generate", "a blue fox", *common, "-o", str(tmp_path / "fox")]
+    with monkeypatch.context() as patch:  # as a Ctrl-C while the new run writes its first video
+        patch.setattr(video_io, "write_video", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main([*blue, "--overwrite"]) == 130
+    # The red run's videos are gone, not left beside latents of the blue one; a file of the user's is not.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fox-seed4-notes.txt", "fox.latents.safetensors"]
+    capsys.readouterr()
+    assert main(blue) == 0  # the same command without --overwrite finishes it
+    assert "resuming:" in capsys.readouterr().err
+    assert read_sidecar(tmp_path / "fox-seed7")["prompt"] == "a blue fox"
+    assert main([*blue[:-1], str(tmp_path / "straight")]) == 0
+    for seed in (4, 7):
+        np.testing.assert_array_equal(png_frames(tmp_path / f"fox-seed{seed}"),
+                                      png_frames(tmp_path / f"straight-seed{seed}"))
+
+
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
     from kinema.data.probe import read_sidecar
     from kinema.data.video_io import read_video, write_video
