@@ -334,8 +334,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                        "video's end"),
         (["generate", "a cat", *model, "--image", "gone.png"], "no such image: gone.png"),
         (["generate", "a cat", *model, "--image", "clip.mp4"], "the image clip.mp4 is not an image"),
-        (["generate", "a cat", *model, "--image", "."], "the image . is a folder; give an image file (PNG, JPEG or "
-                                                        "WebP)"),
+        (["generate", "a cat", *model, "--image", "."], "the image . is a folder; give an image file (PNG, JPEG, "
+                                                        "WebP or GIF)"),
         (["generate", "a cat", *model, "--image", "start.png", "--height", "64", "--width", "64"],
          "the start image is 8x8 but the video is 64x64; pass --resize to resize it, or set --width 8 --height 8"),
         (["generate", "a cat", "--image", "start.png"], "the start image is 8x8 but the video is 64x64"),  # kinema.json

@@ -117,7 +117,7 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
     write_video(np.zeros((10, 64, 64, 3), np.uint8), tmp_path / "ten.mp4")
-    write_video(np.zeros((8, 60, 60, 3), np.uint8), tmp_path / "sixty.mp4")
+    write_video(np.full((8, 60, 60, 3), 255, np.uint8), tmp_path / "sixty.mp4")
     write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "eight.mp4")
     write_video(np.full((8, 64, 64, 3), 255, np.uint8), tmp_path / "mask.mp4")
     from PIL import Image

@@ -78,3 +78,33 @@ def test_a_videos_frame_rate_is_the_one_kinema_stored_else_its_containers():
         (root / "text.mp4").write_text("not a video")
         for path in ("still.png", "frames", "text.mp4", "missing.mp4"):  # no rate: the caller's default
             assert video_fps(root / path) is None
+
+
+@pytest.mark.parametrize("name", ["mask.mp4", "mask.webm", "mask.gif", "mask.webp", "mask"])
+def test_a_blank_mask_is_told_before_loading_as_generate_reads_it(tmp_path, name):
+    import torch
+
+    from kinema.data.probe import is_blank_mask, rgb_frames
+    from kinema.pipelines.generation import _mask_tensor
+    from kinema.pipelines.request import MASK_MARKS_NOTHING
+
+    def generate_finds_it_blank(path):
+        try:
+            _mask_tensor(str(path), 6, 32, 32, False)
+        except KinemaError as err:
+            assert str(err) == MASK_MARKS_NOTHING
+            return True
+        return False
+
+    # Dark grey, pure green (luma 150 but channel mean 85: kept), and a white block in the last frame only.
+    for case, (value, marked_last) in enumerate([((-0.1, -0.1, -0.1), False), ((-1, 1, -1), False),
+                                                 ((-1, -1, -1), True)]):
+        frames = torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1).expand(6, 3, 32, 32).clone()
+        if marked_last:
+            frames[-1, :, 8:24, 8:24] = 1
+        path = tmp_path / str(case) / name
+        write_video(frames, path)
+        decoded = np.stack(list(rgb_frames(path)))
+        np.testing.assert_array_equal(decoded, read_video(path).frames.add(1).mul(127.5).round().byte().permute(
+            0, 2, 3, 1).numpy())  # the frames generate() reads
+        assert is_blank_mask(path) is generate_finds_it_blank(path) is (not marked_last), (name, case)

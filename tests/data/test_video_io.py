@@ -96,6 +96,28 @@ def test_start_stride_max_frames_pick_the_right_frames(tmp_path, name):
         read_video(path, stride=0)
 
 
+@pytest.mark.parametrize("name", ["c.gif", "c.webp"])
+def test_runs_of_identical_frames_come_back_as_many_frames(tmp_path, name):
+    from kinema.data.probe import frame_count, rgb_frames, video_fps
+
+    # PIL's GIF writer and libwebp store a run of equal frames as one frame shown longer: still stretches of a clip.
+    levels = [0, 0, 0, 5, 5, 7, 7, 7, 7, 11, 11, 11]
+    clip = index_clip()[levels]
+    path = write_video(clip, tmp_path / name, fps=8)
+    with Image.open(path) as image:
+        assert image.n_frames == 4  # the format really merged them
+    read = read_video(path)
+    assert frame_indices(read.frames) == levels and read.fps == 8
+    assert frame_indices(read_video(path, start=1, stride=4).frames) == [0, 7, 11]
+    assert frame_count(path) == 12 and video_fps(path) == 8
+    assert len(list(rgb_frames(path))) == 12
+    # An animation kinema did not write has no frame count of its own to restore: one frame per stored frame.
+    frames = [Image.fromarray(frame) for frame in list(rgb_frames(path))[::3]]
+    frames[0].save(tmp_path / f"theirs{path.suffix}", save_all=True, append_images=frames[1:],
+                   duration=[125, 500, 125, 125])
+    assert read_video(tmp_path / f"theirs{path.suffix}").frames.shape[0] == 4
+
+
 # ---------------------------------------------------------------- settings
 
 

@@ -89,8 +89,8 @@ def test_a_start_image_that_is_a_folder_or_not_an_image_is_named_with_its_line(t
     with pytest.raises(KinemaError, match=r'line 2: "image" pics is a folder \(.*pics\); give an image file$'):
         read_prompts(path)
     path = write_lines(tmp_path / "set.jsonl", {**GOOD, "image": "notes.png"})
-    with pytest.raises(KinemaError, match=r"line 1: the start image .*notes.png is not an image.*; give a PNG, JPEG or "
-                                          r"WebP file$"):
+    with pytest.raises(KinemaError, match=r"line 1: the start image .*notes.png is not an image.*; give a PNG, JPEG, "
+                                          r"WebP or GIF file$"):
         read_prompts(path)
 
 
