@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 
 class KinemaError(ValueError):
@@ -51,6 +52,29 @@ _OS_CAUSES: dict[int, str] = {
 # Hidden names kinema gives its temporary files and folders (see kinema.fileio); never shown to the user.
 _TEMP_NAME = re.compile(r"/?\.[^/\s]*\.kinema-(?:part|old)-\d+[^/\s]*")
 _TEMP_IN_PATH = re.compile(r"(^|/)\.([^/\s]+)\.kinema-(?:part|old)-\d+(?=/|$|\s|:|,)")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first string in `value` (a string, or the keys and values of lists, tuples and dicts within) holding a
+    lone UTF-16 surrogate, which JSON's \\ud800 escapes and non-UTF-8 bytes on a command line make and no text encoder
+    or file name takes; None when there is none."""
+    if isinstance(value, str):
+        return value if any(0xD800 <= ord(char) <= 0xDFFF for char in value) else None
+    if isinstance(value, Mapping):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple):
+        for item in value:
+            found = lone_surrogate(item)
+            if found is not None:
+                return found
+    return None
+
+
+def lone_surrogate_error(text: str) -> KinemaError:
+    """The refusal of `text`, which holds a lone surrogate (`lone_surrogate`)."""
+    return KinemaError(f"the text '{text.encode('utf-8', 'backslashreplace').decode()}' holds a lone surrogate (a "
+                       "\\ud800-\\udfff escape in JSON, or bytes that are not UTF-8 on a command line), which is no "
+                       "character; write the character itself, or both halves of its pair")
 
 
 def without_temporaries(text: str) -> str:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, os_error_message
+from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, os_error_message
 from kinema.fileio import json_kind
 
 # A JSON Lines file larger than this is refused before it is read whole: a job or prompt line is short, so a file
@@ -29,19 +29,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _lone_surrogate(value: Any) -> str | None:
-    """The first string in `value` (keys too) holding a lone UTF-16 surrogate, which JSON's \\ud800 escapes can
-    make and no text encoder or file name takes; None when there is none."""
-    if isinstance(value, str):
-        return value if any(0xD800 <= ord(char) <= 0xDFFF for char in value) else None
-    if isinstance(value, dict):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, list):
-        for item in value:
-            found = _lone_surrogate(item)
-            if found is not None:
-                return found
-    return None
+def loads_once_each(text: str | bytes) -> Any:
+    """json.loads, refusing an object that names a key twice (json keeps the last, silently) with one KinemaError;
+    json's own errors (ValueError, RecursionError) pass through."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _Duplicate as err:
+        raise KinemaError(f"the key {str(err)!r} appears twice; give each key once") from None
 
 
 def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list[tuple[str, int, dict[str, Any]]]:
@@ -76,9 +70,9 @@ def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-        except _Duplicate as err:
-            raise KinemaError(f"{where}: the key {str(err)!r} appears twice; give each key once") from None
+            value = loads_once_each(raw)
+        except KinemaError as err:
+            raise KinemaError(f"{where}: {err}") from None
         except json.JSONDecodeError as err:
             raise KinemaError(f"{where}: not valid JSON at column {err.colno}: {err.msg}; each line holds one {what} "
                               f"as a JSON object such as {example}") from None
@@ -87,11 +81,9 @@ def read_json_lines(path: str | os.PathLike, *, what: str, example: str) -> list
                               f"object such as {example}") from None
         if not isinstance(value, dict):
             raise KinemaError(f"{where} holds {json_kind(value)}, not a {what} object such as {example}")
-        surrogate = _lone_surrogate(value)
+        surrogate = lone_surrogate(value)
         if surrogate is not None:
-            raise KinemaError(f"{where}: the text {surrogate.encode('utf-8', 'backslashreplace').decode()!r} holds a "
-                              "lone surrogate escape (\\ud800-\\udfff), which is no character; write the character "
-                              "itself, or both halves of its pair")
+            raise KinemaError(f"{where}: {lone_surrogate_error(surrogate)}")
         lines.append((where, number, value))
     if not lines:
         raise KinemaError(f"{path} holds no {what}s; write one JSON object per line, such as {example}")

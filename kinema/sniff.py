@@ -76,7 +76,7 @@ class FileKind:
 
     @property
     def diagnosis(self) -> str:
-        """`PATH is WHAT[; ADVICE]`, e.g. "w.ckpt is a text file, not weights (first line: 'hello')"."""
+        """`PATH is WHAT[; ADVICE]`, e.g. "w.ckpt is a text file, not weights; check the path; ..."."""
         return f"{self.path} is {self.what}" + (f"; {self.advice}" if self.advice else "")
 
 
@@ -224,9 +224,9 @@ def _text_kind(path: Path, text: str, encoding: str) -> FileKind:
                             "not weights", "point at the folder holding it and its shards")
         return FileKind(path, Kind.JSON, f"a JSON file{note}, not weights",
                         "a config.json goes beside the weights; give the weights file or the model folder")
-    lines = [line.strip() for line in stripped.splitlines() if line.strip()]
-    first = f" (first line: {shorten(lines[0], 80)!r})" if lines else " (only blank space)"
-    return FileKind(path, Kind.TEXT, f"a text file{note}, not weights{first}",
+    # Its text is not quoted: a server (the API, the web app) says this of any path a client names.
+    empty = "" if stripped.strip() else " (only blank space)"
+    return FileKind(path, Kind.TEXT, f"a text file{note}, not weights{empty}",
                     "check the path; a weights file is binary (.safetensors, .ckpt, .pt, .pth, .bin)")
 
 

@@ -23,7 +23,6 @@ import base64
 import binascii
 import hmac
 import io
-import json
 import logging
 import os
 import uuid
@@ -46,6 +45,8 @@ from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_da
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, library_error_message, shorten
+from kinema.fileio import json_kind
+from kinema.jsonl import loads_once_each
 from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_MASK_BLUR, MAX_SEED, MAX_STEPS, MIN_FPS
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,9 @@ class _TooLarge(Exception):
 
 
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    # A client's text repeated in a message may hold what UTF-8 cannot encode (a lone surrogate): escaped, not a 500.
+    detail = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 class _Guard:
@@ -280,11 +283,13 @@ def _one_line_validation_error(err: RequestValidationError) -> str:
 
 def _decode_base64(text: Any, what: str) -> bytes:
     if not isinstance(text, str):
-        raise KinemaError(f"{what} must be a base64 string, got {type(text).__name__}")
+        raise KinemaError(f"{what} must be a base64 string, got {json_kind(text)}")
     if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
         text = text.split(",", 1)[1]
+    # Line breaks as `base64` and MIME wrap it (every 76 characters), and the URL-safe alphabet, are base64 too.
+    text = "".join(text.split())
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
     except (binascii.Error, ValueError):
         raise KinemaError(f"{what} is not valid base64; send the file's bytes base64-encoded") from None
 
@@ -293,7 +298,9 @@ def _job_object(text: Any) -> dict[str, Any]:
     if not isinstance(text, str):
         raise KinemaError("the form field `job` must be text: the job fields as a JSON object")
     try:
-        fields = json.loads(text)
+        fields = loads_once_each(text)
+    except KinemaError as err:
+        raise KinemaError(f"the form field `job`: {err}") from None
     except ValueError as err:
         raise HTTPException(400, f"the form field `job` is not valid JSON: {err}") from None
     except RecursionError:  # the parser recurses once per nesting level
@@ -321,7 +328,9 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
     uploads: dict[str, bytes] = {}
     if content_type == "application/json":
         try:
-            fields = json.loads(await request.body())
+            fields = loads_once_each(await request.body())
+        except KinemaError:
+            raise
         except ValueError as err:  # also a body that is not UTF-8
             raise HTTPException(400, f"the body is not valid JSON: {shorten(str(err), 200)}") from None
         except RecursionError:  # the parser recurses once per nesting level
@@ -345,6 +354,10 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
             if "job" not in form:
                 raise KinemaError("the form has no `job` field; send the job fields as JSON in a field named job")
             fields = _job_object(form["job"])
+            for name, what in UPLOADS.items():
+                if f"{name}_base64" in fields:
+                    raise KinemaError(f"in a multipart form the {what} is a file: send it as the form field {name}, "
+                                      f"not as {name}_base64 in the job")
             for name, what in UPLOADS.items():
                 value = form.get(name)
                 if value is None:
@@ -507,7 +520,8 @@ class _Server:
             raise
         # job.settings() is what job_from_mapping takes back to make the same job after a restart: the seeds drawn,
         # the model files as resolved, the uploads as the server's files.
-        record = self.store.add(job.settings(), job.settings(), job.request.steps, job_id)
+        record = self.store.add(job.settings(), job.settings(), job.request.sampling_steps() or job.request.steps,
+                                job_id)
         self.worker.wake()
         return record
 
@@ -596,8 +610,9 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
         if record.status != "done":
             reason = {"queued": "is queued", "running": f"is running (step {record.step} of {record.total})",
                       "failed": f"failed: {record.error}", "cancelled": "was cancelled"}[record.status]
-            raise HTTPException(409, f"job {job_id} {reason}; its result exists once GET /v1/jobs/{job_id} says "
-                                     "done")
+            after = (f"its result exists once GET /v1/jobs/{job_id} says done" if record.status in ("queued", "running")
+                     else "it has no result and never will: submit it again (POST /v1/jobs)")
+            raise HTTPException(409, f"job {job_id} {reason}; {after}")
         seeds = list(record.spec.get("seeds", []))
         index = 0
         if seed is not None:

@@ -832,8 +832,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if mode in ("video-to-video", "extend"):
         input_video = _video_tensor(request.video, request.height, request.width, request.resize)
         request = replace(request, height=input_video.shape[-2], width=input_video.shape[-1])
-        if mode == "video-to-video":  # remade frame for frame: the settings record the input's count
-            request = replace(request, frames=input_video.shape[0])
+        # The settings record the frames made: the input's remade frame for frame, or it and those appended.
+        request = replace(request, frames=input_video.shape[0] + (request.extend_frames or 0))
     plan = _plan(family, request)
     seeds = [int(s) for s in request.seeds]
     device = _device(family, request.offload)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, folder_motion_module, is_bundled_name, model_defaults, resolve_model
 from kinema.data.probe import PIL_FORMATS, STILL_IMAGE_KINDS, frame_count, video_fps, video_kind_and_frames, video_size
-from kinema.errors import KinemaError, os_error_message, shorten
+from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
     DTYPES,
@@ -736,6 +736,9 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
 def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if not isinstance(data, Mapping):
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
+    surrogate = lone_surrogate(data)
+    if surrogate is not None:  # before any path is tried or text repeated in a message
+        raise lone_surrogate_error(surrogate)
     report = data.get("report")
     recorded = report.get("inputs") if isinstance(report, Mapping) else None
     data = {key: value for key, value in data.items() if key not in RECORD_KEYS}
@@ -903,6 +906,14 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
             raise KinemaError(f"frames is {given['frames']} but video-to-video remakes the input video's {count} "
                               "frames; drop frames (or give a video of that length)")
         given["frames"] = count
+    elif video is not None:  # extend: the input's frames and those appended, which the job's settings record
+        count = frame_count(video)
+        whole = count + given["extend_frames"]
+        if given.get("frames", whole) != whole:
+            raise KinemaError(f"frames is {given['frames']} but extending the input video's {count} frames by "
+                              f"extend_frames {given['extend_frames']} makes {whole}; drop frames (extend_frames says "
+                              "how many to append)")
+        given["frames"] = whole
     unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) + CONTINUATION_DEFAULTS
              if key not in given]
     folder, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")

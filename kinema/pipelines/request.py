@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, shorten
+from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, shorten
 from kinema.sampling.prompt_travel import INTERPOLATIONS, check_prompt_hold, frame_number
 from kinema.sampling.schedulers import check_timestep_spacing
 
@@ -566,6 +566,16 @@ class GenerationRequest:
             return "image-to-video"
         return "text-to-video"
 
+    def sampling_steps(self) -> int | None:
+        """The denoising steps generate() reports progress for: steps x FreeInit's iterations, or the last
+        round(steps x strength) of them for video-to-video; None for a continuation (its segments follow the model's
+        window) and for steps left to the model's default."""
+        if self.mode == "extend" or self.steps is None:
+            return None
+        if self.mode == "video-to-video":
+            return max(1, round(self.steps * self.strength))
+        return self.steps * (self.free_init.iterations if self.free_init else 1)
+
     def with_defaults(self, model_defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
         """This request with the fields it left None filled: from `model_defaults` (a model's kinema.json
         "defaults", `kinema.bundled.model_defaults`) where the mode takes them (`GENERATE_DEFAULTS`, or
@@ -589,6 +599,10 @@ class GenerationRequest:
             if not (math.isfinite(value) and value >= 1):
                 raise KinemaError(f"{name} must be at least 1, got {value}")
 
+        # Only the text the tokenizer reads: a path's undecodable bytes are the real name of a file (surrogateescape).
+        surrogate = lone_surrogate([self.prompt, self.negative_prompt])
+        if surrogate is not None:
+            raise lone_surrogate_error(surrogate)
         # None is "the model's default" (`with_defaults`), checked once filled.
         for name in ("steps", "frames"):
             if getattr(self, name) is not None:

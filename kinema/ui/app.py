@@ -94,17 +94,6 @@ def speed_form_values(preset: str, model: str) -> tuple[Any, Any]:
     return values["scheduler"], values["steps"]
 
 
-def expected_steps(job: Job) -> int | None:
-    """How many step callbacks the job makes, for the progress bar (None for extend: its segment count follows
-    the model's window)."""
-    request = job.request
-    if request.mode == EXTEND or request.steps is None:
-        return None
-    if request.mode == VIDEO_TO_VIDEO:
-        return max(1, round(request.steps * request.strength))
-    return request.steps * (request.free_init.iterations if request.free_init else 1)
-
-
 def error_message(err: BaseException) -> str:
     """The one line a failed job shows: kinema's own message, else the library's wording of the error."""
     if isinstance(err, KinemaError):
@@ -516,7 +505,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             stop_event = threading.Event()
             session = request.session_hash or ""
             stops[session] = stop_event
-            total = expected_steps(job)
+            total = job.request.sampling_steps()
             progress((0, total), desc="loading the model and starting")
             try:
                 for kind, payload in run_in_worker(job, out, family_cache, stop_event):

@@ -48,12 +48,17 @@ def assert_one_line_error(response, status: int, *words: str) -> str:
     ({"prompt": "x", "video_base64": base64.b64encode(b"just some text").decode()}, 422,
      ("input video is corrupt, truncated or not a video",)),
     ({"prompt": "x", "image_base64": "not base64 !!"}, 422, ("not valid base64",)),
+    ({"prompt": "x", "image_base64": None}, 422, ("must be a base64 string, got null",)),
+    ({"prompt": "a \ud800 circle"}, 422, ("job: the text 'a \\ud800 circle' holds a lone surrogate",)),
+    ({"prompt": "x", "model": "\udfff"}, 422, ("job: the text '\\udfff' holds a lone surrogate",)),
     ({"prompt": "x", "image_base64": base64.b64encode(b"just some text").decode()}, 422, ("not an image",)),
     (["a", "list"], 422, ("JSON object",)),
 ])
 def test_bad_job_fields_get_one_line_4xx(serve, fake_runner, body, status, words):
     with serve(runner=fake_runner) as client:
-        assert_one_line_error(client.post("/v1/jobs", json=body), status, *words)
+        # json.dumps escapes what UTF-8 cannot carry (a lone surrogate) as JSON does: \\ud800
+        sent = client.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert_one_line_error(sent, status, *words)
         assert client.get("/v1/jobs").json()["jobs"] == []  # nothing was queued
         assert list((Path(client.app.state.server.uploads_dir)).iterdir()) == []  # nor kept
 
@@ -66,6 +71,15 @@ def test_malformed_bodies_and_parameters(serve, fake_runner):
         assert_one_line_error(binary, 400, "not valid JSON")
         assert_one_line_error(client.post("/v1/jobs", content=b"prompt=x", headers={"content-type": "text/plain"}),
                               415, "application/json")
+        twice = client.post("/v1/jobs", content=b'{"prompt": "x", "prompt": "y"}',
+                            headers={"content-type": "application/json"})
+        assert_one_line_error(twice, 422, "the key 'prompt' appears twice; give each key once")
+        for job, words in (('{"prompt": "x", "prompt": "y"}', "the form field `job`: the key 'prompt' appears twice"),
+                           ('{"prompt": "x", "image_base64": "AAAA"}', "send it as the form field image, not as "
+                                                                      "image_base64")):
+            as_form = client.post("/v1/jobs", data={"job": job}, files={"end_image": ("a.png", png_bytes())})
+            assert_one_line_error(as_form, 422, words)
+        assert client.get("/v1/jobs").json()["jobs"] == []
         assert_one_line_error(client.get("/v1/jobs", params={"limit": 0}), 422, "limit")
         assert_one_line_error(client.get("/v1/jobs", params={"status": "sleeping"}), 422, "status")
         assert_one_line_error(client.get("/v1/jobs", params={"offset": 10**30}), 422, "offset")
@@ -80,7 +94,13 @@ def test_uploads_as_multipart_or_base64_become_server_files(serve, fake_runner, 
         as_json = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1,
                                                 "image_base64": "data:image/png;base64," +
                                                                 base64.b64encode(image).decode()})
-        for response in (as_form, as_json):
+        # As `base64` and MIME wrap it (a line break every 76 characters), and in the URL-safe alphabet.
+        wrapped = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1,
+                                                "image_base64": base64.encodebytes(image).decode()})
+        url_safe = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1,
+                                                 "image_base64": base64.urlsafe_b64encode(image).decode()})
+        assert {"\n", "-"} <= set(base64.encodebytes(image).decode() + base64.urlsafe_b64encode(image).decode())
+        for response in (as_form, as_json, wrapped, url_safe):
             assert response.status_code == 201, response.text
             job = wait(client, response.json()["id"])
             assert job["status"] == "done"

@@ -49,7 +49,9 @@ def test_cancelling_a_queued_job_means_it_never_runs(serve, fake_runner, wait):
         assert client.get(f"/v1/jobs/{second}").json()["status"] == "cancelled"
         assert fake_runner.started == ["first"]
         result = client.get(f"/v1/jobs/{second}/result")
-        assert result.status_code == 409 and "cancelled" in result.json()["detail"]
+        assert result.status_code == 409
+        assert result.json()["detail"] == f"job {second} was cancelled; it has no result and never will: submit it " \
+                                          "again (POST /v1/jobs)"
         again = client.delete(f"/v1/jobs/{second}")
         assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
 

@@ -58,6 +58,17 @@ def test_no_model_means_kinema_tiny_and_its_defaults_fill_what_is_unset(tmp_path
     assert (args.request.height, args.request.width) == (48, 80)  # read from the video's header, before any load
 
 
+def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kinema.pipelines.load.load_family", lambda *a, **k: pytest.fail("loaded"))
+    # What Python makes of the bytes b"a \xed\xa0\x80 cat" in argv (surrogateescape): text no tokenizer takes.
+    argv_text = b"a \xed\xa0\x80 cat".decode("utf-8", "surrogateescape")
+    for argv in (["generate", argv_text], ["generate", "a cat", "--negative", argv_text]):
+        assert main([*argv, "-o", str(tmp_path / "x.mp4")]) == 2
+        assert "holds a lone surrogate (a \\ud800-\\udfff escape in JSON, or bytes that are not UTF-8 on a " \
+               "command line)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_help_says_what_the_default_model_is(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

@@ -254,6 +254,16 @@ def test_video_to_video_starts_at_the_strength(animatediff, monkeypatch, strengt
     assert result.frames.shape == (1, 4, 3, SIZE, SIZE) and result.report["mode"] == "video-to-video"
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"free_init": FreeInitSettings(iterations=2)},
+                                    {"video": torch.rand(4, 3, SIZE, SIZE), "strength": 0.3},
+                                    {"video": torch.rand(4, 3, SIZE, SIZE), "strength": 0.01}])
+def test_a_requests_sampling_steps_are_the_step_callbacks_generate_makes(animatediff, kwargs):
+    steps = []
+    made = request(steps=5, **kwargs)
+    generate(animatediff, made, progress=False, callback=lambda step, timestep, latents: steps.append(step))
+    assert made.sampling_steps() == len(steps) > 0  # the progress total the web app and the API show
+
+
 def test_video_to_video_without_a_size_takes_the_input_videos(animatediff):
     video = torch.rand(4, 3, 24, 40, generator=torch.Generator().manual_seed(3))
     result = generate(animatediff, GenerationRequest(prompt="a cat runs", video=video, steps=1), progress=False)
@@ -438,7 +448,7 @@ def test_mask_files_and_the_refusals_before_any_denoising(animatediff, tmp_path,
 def test_animatediff_extend_keeps_the_video_and_cross_fades(animatediff):
     video = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     result = run(animatediff, video=video, extend_frames=5, overlap_frames=2, segment_frames=4, steps=2)
-    assert result.frames.shape == (1, 11, 3, SIZE, SIZE)
+    assert result.frames.shape == (1, 11, 3, SIZE, SIZE) and result.settings[0]["frames"] == 11
     torch.testing.assert_close(result.frames[0, :4], video[:4], rtol=0, atol=0)
     assert result.report["segments"] == 3  # 5 new frames, 2 per 4-frame segment after a 2-frame overlap
     assert result.report["mode"] == "extend"

@@ -382,8 +382,13 @@ def test_a_video_job_its_model_cannot_make_is_refused_before_loading(tmp_path, n
         job_from_mapping({"prompt": "a cat", "video": "three.gif", "strength": 0.5}, base=tmp_path)
     with pytest.raises(KinemaError, match=r"^job: the video to extend has 3 frames, fewer than the 4 each new "):
         job_from_mapping({"prompt": "a cat", "video": "three.gif", "extend_frames": 8}, base=tmp_path)
-    assert job_from_mapping({"prompt": "a cat", "video": "three.gif", "extend_frames": 8, "overlap_frames": 2},
-                            base=tmp_path).request.mode == "extend"
+    extend = {"prompt": "a cat", "video": "three.gif", "extend_frames": 8, "overlap_frames": 2}
+    job = job_from_mapping(extend, base=tmp_path)
+    assert job.request.mode == "extend" and job.request.frames == 11 and job.settings()["frames"] == 11
+    assert job_from_mapping({**extend, "frames": 11}, base=tmp_path).request.frames == 11  # as its video records it
+    with pytest.raises(KinemaError, match=r"^job: frames is 16 but extending the input video's 3 frames by "
+                                          r"extend_frames 8 makes 11; drop frames \(extend_frames says how many"):
+        job_from_mapping({**extend, "frames": 16}, base=tmp_path)
 
 
 def test_a_mask_job_is_checked_against_its_input_video_before_loading(tmp_path, no_model_loads):
@@ -478,8 +483,8 @@ def test_an_image_of_another_size_needs_resize_before_any_model_loads(tmp_path, 
     ("m" * 300, "job: model is too long for a path (300 characters: mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm …); give "
                 "an existing path or a shorter name"),
     ("kinema\0tiny", "job: model holds a NUL character, which no path can; give a path without it"),
-    ("notes.txt", "job: model {base}/notes.txt is a text file, not weights (first line: 'my notes'); check the "
-                  "path; a weights file is binary (.safetensors, .ckpt, .pt, .pth, .bin)"),
+    ("notes.txt", "job: model {base}/notes.txt is a text file, not weights; check the path; a weights file is "
+                  "binary (.safetensors, .ckpt, .pt, .pth, .bin)"),
 ])
 def test_a_model_that_cannot_be_a_path_or_a_model_file_is_one_line_without_torch(tmp_path, model, message):
     import subprocess

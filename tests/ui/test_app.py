@@ -14,7 +14,6 @@ from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.ui.app import (
     build_app,
     check_form,
-    expected_steps,
     form_defaults,
     newest_steps,
     run_in_worker,
@@ -40,13 +39,15 @@ def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
 def test_a_bad_form_gets_the_jobs_one_line_message():
     with pytest.raises(KinemaError, match=r"^form: unknown scheduler 'fast'; choose one of ddim, "):
         check_form({"mode": "text-to-video", "prompt": "a red circle", "scheduler": "fast"}, None)
+    with pytest.raises(KinemaError, match=r"^form: the text 'a \\ud800 circle' holds a lone surrogate"):
+        check_form({"mode": "text-to-video", "prompt": "a \ud800 circle"}, None)
 
 
 def test_the_worker_relays_steps_and_warnings_and_stops_when_asked(tmp_path):
     # A prompt outside kinema-tiny's world: the model logs a warning, from the worker thread.
     # 20 steps: ample room for the stop to land before the end, however the threads are scheduled.
     job = job_from_mapping({"prompt": "a cat playing the piano", "frames": 8, "steps": 20})
-    assert expected_steps(job) == 20
+    assert job.request.sampling_steps() == 20
     out = tmp_path / "job"
     stop = threading.Event()
     seen = []
