@@ -39,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kinema import __version__
 from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
@@ -343,7 +344,14 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
                 _check_upload_size(uploads[name], what, limit)
         return fields, uploads
     if content_type == "multipart/form-data":
-        async with request.form(max_files=len(UPLOADS), max_fields=len(UPLOADS) + 1) as form:
+        try:
+            form = await request.form(max_files=len(UPLOADS), max_fields=len(UPLOADS) + 1, max_part_size=_BODY_ROOM)
+        except StarletteHTTPException as err:  # Starlette's words name no fix
+            if "Part exceeded maximum size" not in str(err.detail):
+                raise
+            raise HTTPException(413, f"the form field job is over {_BODY_ROOM // 2**20} MiB, more than a job holds; "
+                                     "send a shorter job (files go in their own form fields)") from None
+        try:
             unknown = sorted(set(form.keys()) - {"job", *UPLOADS})
             if unknown:
                 raise KinemaError(f"unknown form field {unknown[0]!r}; the form fields are job (the job as JSON), "
@@ -365,6 +373,8 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
                 if not isinstance(value, UploadFile):
                     raise KinemaError(f"the form field {name} must be a file (the {what})")
                 uploads[name] = await _read_upload(value, what, limit)
+        finally:
+            await form.close()
         return fields, uploads
     raise HTTPException(415, "send the job as application/json, or as multipart/form-data with a `job` field (JSON) "
                              "and image or video files")
