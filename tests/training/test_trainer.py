@@ -141,6 +141,19 @@ def test_full_mode_on_v3_trains_and_the_loss_halves(tmp_path, v3_model, synth_vi
     assert all(torch.equal(reloaded[k], after[k]) for k in after)
 
 
+def test_motion_mode_on_v3_trains_its_hybrid_motion_modules_alone(tmp_path, v3_model, synth_videos):
+    # Its temporal GroupNorms read the frozen blocks' tokens, whose strides crashed torch's backward (a segfault).
+    config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, "motion", V3_DATA,
+                         train={"steps": 2, "learning_rate": 1e-3})
+    task = make_task(config)
+    motion = tuple(f"{name}." for name, _ in task.model.motion_modules())
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    after = train(config, progress=False).task.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(motion) for k in changed), sorted(changed)[:5]
+    assert any(".norm.weight" in k for k in changed)  # the GroupNorm's weights learn from the frozen tokens
+
+
 # ---------------------------------------------------------------- resume
 
 

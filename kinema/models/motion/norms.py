@@ -32,6 +32,10 @@ def video_group_norm(norm: nn.GroupNorm, x: torch.Tensor, mode: NormMode) -> tor
 
     It calls `F.group_norm` rather than `norm` itself, so a GroupNorm subclass can use it in its own `forward`.
     """
+    if torch.is_grad_enabled() and not x.requires_grad and not x.is_contiguous():
+        # torch 2.13's CPU group_norm backward crashes the process (a segfault) for an input with channels-last
+        # strides that needs no gradient while the weights do: a DiT's motion modules training on its frozen tokens.
+        x = x.contiguous()
     if mode == "across_frames":
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     frames = x.shape[2]

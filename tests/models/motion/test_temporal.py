@@ -317,3 +317,21 @@ def test_attention_runs_through_scaled_dot_product_attention(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     module(torch.randn(1, 64, 4, 2, 2))
     assert len(calls) == 2 and calls[0] == (4, 8, 4, 8)  # (B*H*W sequences, heads, frames, head dim)
+
+
+def test_the_norm_learns_from_frozen_tokens_laid_out_channels_last():
+    from kinema.models.motion import video_group_norm
+
+    # A DiT's tokens (B, F*H*W, C) seen as (B, C, F, H, W): channels-last strides; torch 2.13's CPU backward of
+    # group_norm crashed the process on such an input that needs no gradient while the weights do.
+    tokens = torch.randn(2, 3 * 4 * 4, 32)
+    video = tokens.reshape(2, 3, 4, 4, 32).permute(0, 4, 1, 2, 3)
+    for mode in ("per_frame", "across_frames"):
+        grads = []
+        for given in (video, video.contiguous()):  # the second: the reference, laid out plainly
+            torch.manual_seed(0)
+            norm = torch.nn.GroupNorm(8, 32)
+            torch.nn.init.normal_(norm.weight)
+            (video_group_norm(norm, given, mode) * torch.randn(2, 32, 3, 4, 4)).sum().backward()
+            grads.append((norm.weight.grad, norm.bias.grad))
+        torch.testing.assert_close(grads[0], grads[1])
