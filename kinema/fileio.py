@@ -605,3 +605,45 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
         raise KinemaError(f"{label} is not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except RecursionError:  # the parser recurses once per nesting level
         raise KinemaError(f"{label} is JSON nested too deeply to read") from None
+
+
+def load_config_file(path: str | os.PathLike) -> Any:
+    """The parsed YAML or JSON of `path` (YAML reads JSON too; prompt configs, training configs); one KinemaError
+    line for a missing file, a syntax error (with its line and column) or a key given twice in one mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise KinemaError(f"no such config file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise KinemaError(f"{path} is not a text file, so it cannot be a YAML or JSON config") from None
+    try:
+        return yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader: plain data, never objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = err.problem or err.context or "malformed"
+        raise KinemaError(f"{path} is not valid YAML ({problem}{where}); fix the file there") from None
+    except yaml.YAMLError as err:
+        raise KinemaError(f"{path} is not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _unique_keys_loader() -> Any:
+    """yaml's SafeLoader, refusing a key given twice in one mapping (safe_load keeps the last one silently, so a
+    second `seed:` line would quietly win)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice; give each key once", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader

@@ -85,8 +85,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--overwrite", action="store_true", help="replace an earlier init-model folder at OUT")
     size = init.add_argument_group("kinema-tiny's DiT size (default: the shipped 6 layers of 4 heads, patch 2)")
     # Bounds past which a fresh model would not fit a machine's memory (48 blocks of 32 heads: 0.6 B parameters).
-    size.add_argument("--layers", type=checked_number(int, "a whole number", lambda n: 1 <= n <= 48, "from 1 to 48"),
-                      help="transformer blocks (temporal and hybrid in turn), 1 to 48")
+    size.add_argument("--layers", type=checked_number(int, "a whole number", lambda n: 2 <= n <= 48, "from 2 to 48"),
+                      help="transformer blocks (temporal and hybrid in turn), 2 to 48")
     size.add_argument("--heads", type=checked_number(int, "a whole number", lambda n: 1 <= n <= 32, "from 1 to 32"),
                       help="attention heads, each 32 wide: the model is 32 x HEADS wide, 1 to 32")
     size.add_argument("--patch-size", type=positive_int, choices=(1, 2, 4),
@@ -156,6 +156,27 @@ def run_convert(args: argparse.Namespace) -> None:
         print(f"note: {note}")
 
 
+# The VAE each bundled model is made with (its config.json's _class_name), and what trains one.
+_VAE_CLASSES = {"kinema-tiny": "SliceVAE", "kinema-tiny-ad": "AutoencoderKL"}
+
+
+def _check_vae_kind(vae: str, name: str) -> None:
+    """One line when the VAE folder `vae` is of another kind than model `name` takes (a Slice VAE for kinema-tiny-ad,
+    an image VAE for kinema-tiny), read from its config.json (no torch)."""
+    from kinema.fileio import read_json_object
+
+    made = read_json_object(os.path.join(vae, "config.json"), f"the config of the VAE {vae}").get("_class_name")
+    wanted = _VAE_CLASSES[name]
+    if made != wanted:
+        maker = next((model for model, kind in _VAE_CLASSES.items() if kind == made), None)
+        whose = f" (a {maker} VAE)" if maker else ""
+        def a(word: str) -> str:
+            return f"{'an' if word[:1] in tuple('AEIOU') else 'a'} {word}"
+
+        raise KinemaError(f"{vae} is {a(made or 'VAE of unknown kind')}{whose}, and {name} takes {a(wanted)}: give "
+                          f"the final/vae of a vae stage trained on a {name} folder")
+
+
 def check_init_model(args: argparse.Namespace) -> None:
     """Bad usage: the VAE folder is missing, or OUT is not new (nor, with --overwrite, kinema's own)."""
     from kinema.fileio import check_output
@@ -166,6 +187,8 @@ def check_init_model(args: argparse.Namespace) -> None:
             not any(Path(args.vae).glob("*.bin")):
         raise KinemaError(f"{args.vae} holds a config.json but no weights (.safetensors): give the whole VAE folder "
                           "(a VAE stage's final/vae)")
+    if args.vae is not None:
+        _check_vae_kind(args.vae, args.name)
     if args.scale_data is not None and args.vae is None:
         raise KinemaError("--scale-data measures a trained VAE's latents: give --vae too")
     from kinema.models.initial import check_size

@@ -147,14 +147,18 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[m
 
     # ------------------------------------------------------------------ checks and strategies
 
+    def check_frames(self, frames: int) -> None:
+        """One KinemaError line when encode cannot take `frames` frames: 1 or a multiple of its time slice."""
+        n = self.config.mini_batch_encoder
+        fix = f"pad to {n}" if frames < n else f"trim or pad to {frames // n * n} or {(frames // n + 1) * n}"
+        _require(frames == 1 or frames % n == 0, f"F must be 1 or a multiple of {n}; got {frames} — {fix}.")
+
     def _check_video(self, video: torch.Tensor) -> None:
         c = self.config
         _require(video.ndim == 5 and video.shape[1] == c.in_channels,
                  f"encode expects video (B, {c.in_channels}, F, H, W); got shape {tuple(video.shape)}.")
         f, h, w = video.shape[2:]
-        n = c.mini_batch_encoder
-        fix = f"pad to {n}" if f < n else f"trim or pad to {f // n * n} or {(f // n + 1) * n}"
-        _require(f == 1 or f % n == 0, f"F must be 1 or a multiple of {n}; got {f} — {fix}.")
+        self.check_frames(f)
         r = self.spatial_ratio
         _require(h % r == 0 and w % r == 0, f"H and W must be multiples of {r}; got {h}x{w} — resize or crop to "
                                             f"{h // r * r}x{w // r * r}.")

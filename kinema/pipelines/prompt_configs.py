@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.errors import KinemaError
+from kinema.fileio import load_config_file
 from kinema.pipelines.jobs import Job, job_from_mapping, unknown_key_error
 
 if TYPE_CHECKING:
@@ -116,48 +117,6 @@ class PromptConfig:
 
 
 # ---------------------------------------------------------------- reading
-
-
-def load_config_file(path: str | os.PathLike) -> Any:
-    """The parsed YAML or JSON of `path` (YAML reads JSON too); one KinemaError line for a missing file or a syntax
-    error, with its line and column."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise KinemaError(f"no such config file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise KinemaError(f"{path} is not a text file, so it cannot be a YAML or JSON config") from None
-    try:
-        return yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader: plain data, never objects
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = err.problem or err.context or "malformed"
-        raise KinemaError(f"{path} is not valid YAML ({problem}{where}); fix the file there") from None
-    except yaml.YAMLError as err:
-        raise KinemaError(f"{path} is not valid YAML ({' '.join(str(err).split())})") from None
-
-
-def _unique_keys_loader() -> Any:
-    """yaml's SafeLoader, refusing a key given twice in one mapping (safe_load keeps the last one silently, so a
-    second `seed:` line would quietly win)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice; give each key once", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
 
 
 def _entries(data: Any, path: Path) -> list[tuple[str, Mapping[str, Any]]]:
@@ -582,4 +541,4 @@ def run_config(config: PromptConfig, out: str | os.PathLike, *, cache: FamilyCac
 
 
 __all__ = ["CONFIG_FILE", "ENTRY_KEYS", "IGNORED_KEYS", "OVERRIDE_KEYS", "ConfigRun", "PromptConfig",
-           "check_config_output", "load_config_file", "read_config", "run_config"]
+           "check_config_output", "read_config", "run_config"]

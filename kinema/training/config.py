@@ -420,16 +420,12 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     """Read and check a training config YAML file; `overrides` (dotted keys, e.g. `{"train.steps": 10}`) replace
     values from the file. Relative paths are taken from the current folder (as every kinema command takes them) and
     recorded absolute, so a resumed run finds the same files from anywhere."""
-    import yaml
+    from kinema.fileio import load_config_file
 
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise KinemaError(f"no config file {path}: check the path") from None
-    except yaml.YAMLError as err:
-        raise KinemaError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-    except (OSError, UnicodeDecodeError) as err:
+        values = load_config_file(path)  # a key given twice is refused: YAML keeps the last, dropping a section
+    except OSError as err:
         raise KinemaError(f"cannot read {path}: {err}") from None
     if not isinstance(values, dict):
         raise KinemaError(f"{path} must be a mapping of settings (key: value lines), got {type(values).__name__}")

@@ -90,6 +90,10 @@ class TrainingTask:
                                       f"{tuple(parameter.shape)}: resume with the run's own config")
                 parameter.copy_(state[name])
 
+    def check_frames(self, frames: int) -> None:
+        """One KinemaError line when the model cannot take clips of `frames` frames (the VAE's frame rule)."""
+        self.family.latent_frames(frames)
+
     def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
         """The keyword arguments of `module`'s forward for `batch` at optimiser step `step` (encoded without
         gradients, noise drawn from `generator`)."""
@@ -522,6 +526,12 @@ class VAETask(TrainingTask):
         if self.discriminator is not None:
             named += [(f"discriminator.{name}", p) for name, p in self.discriminator.named_parameters()]
         return named
+
+    def check_frames(self, frames: int) -> None:
+        """A Slice VAE's frame rule; an image VAE takes the frames one by one, any count."""
+        check = getattr(self.model, "check_frames", None)
+        if check is not None:
+            check(frames)
 
     def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
         """The clips `(B, 3, F, H, W)` in [-1, 1] as the VAE takes it, the posterior's noise generator and the step

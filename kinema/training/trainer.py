@@ -201,6 +201,22 @@ class _Logs:
 # ---------------------------------------------------------------- checks before step 1
 
 
+def _check_frame_counts(config: TrainConfig, task: Any) -> None:
+    """Every frame count the run feeds its model (clips, images made clips, validation videos), checked before
+    step 1 and said with the setting that gives it: a count the VAE cannot take failed at the first batch of its
+    kind, images or validation many steps in."""
+    counts = {"data.frames": config.data.frames}
+    if config.data.image_ratio != 0:
+        counts["data.image_frames"] = config.data.image_frames
+    if config.validation.every and task.family is not None:
+        counts["validation.frames"] = config.validation.frames or config.data.frames
+    for key, frames in counts.items():
+        try:
+            task.check_frames(frames)
+        except KinemaError as err:
+            raise KinemaError(f"{key} is {frames}, which this model cannot take: {err}") from None
+
+
 def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, device: Any) -> Any:
     """Estimate the memory of a step from one probe clip and refuse, before step 1, a batch that cannot fit."""
     from kinema.training.estimate import check_memory, estimate_training_memory
@@ -433,6 +449,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
 
             check_output(checked.path / "final", "training_export", folder=True, overwrite=True)
     task = make_task(config)
+    _check_frame_counts(config, task)
     task.to(accelerator.device)
     estimate = _check_memory(config, task, dataset, order, accelerator.device)
     task.model.zero_grad(set_to_none=True)

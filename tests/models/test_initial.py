@@ -262,3 +262,19 @@ def test_a_vae_folder_without_weights_is_refused_before_anything_loads(tmp_path,
         assert main(["init-model", "kinema-tiny-ad", "--vae", str(given), "--out", str(tmp_path / "out")]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vae_of_the_other_models_kind_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
+    from kinema.cli import main
+    from kinema.models.initial import write_initial_model
+
+    for name in ("kinema-tiny", "kinema-tiny-ad"):
+        write_initial_model(name, tmp_path / name)
+    monkeypatch.setattr("kinema.models.initial.write_initial_model", lambda *a, **k: pytest.fail("loaded"))
+    for model, other, vae_kind, wanted in (("kinema-tiny-ad", "kinema-tiny", "a SliceVAE", "an AutoencoderKL"),
+                                           ("kinema-tiny", "kinema-tiny-ad", "an AutoencoderKL", "a SliceVAE")):
+        vae = tmp_path / other / "vae"
+        assert main(["init-model", model, "--vae", str(vae), "--out", str(tmp_path / "out")]) == 2
+        assert f"{vae} is {vae_kind} (a {other} VAE), and {model} takes {wanted}: give the final/vae of a vae " \
+               f"stage trained on a {model} folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

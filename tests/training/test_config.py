@@ -105,11 +105,16 @@ def test_overrides_and_paths(tmp_path, monkeypatch):
     made = load_config(path, {"train.steps": 7, "lora.rank": 2})
     assert made.train.steps == 7 and made.lora.rank == 2
     assert made.output == os.path.join(str(tmp_path), "runs", "a") and os.path.isabs(made.model.path)
-    with pytest.raises(KinemaError, match="no config file"):
+    with pytest.raises(KinemaError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("mode: [\n")
     with pytest.raises(KinemaError, match="is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    # YAML keeps the last of two `data:` sections, dropping the first's settings without a word.
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump(BASE) + "data: {frames: 8}\n")
+    with pytest.raises(KinemaError, match=r"twice.yaml is not valid YAML \(key 'data' is given twice; give each key "
+                                          r"once at line \d+ column 1\); fix the file there"):
+        load_config(tmp_path / "twice.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(KinemaError, match="must be a mapping"):
         load_config(tmp_path / "list.yaml")

@@ -2,6 +2,7 @@
 exact resume, the exports loading back, and the refusals before step 1."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -152,6 +153,24 @@ def test_motion_mode_on_v3_trains_its_hybrid_motion_modules_alone(tmp_path, v3_m
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(motion) for k in changed), sorted(changed)[:5]
     assert any(".norm.weight" in k for k in changed)  # the GroupNorm's weights learn from the frozen tokens
+
+
+@pytest.mark.parametrize(("mode", "data", "sections", "said"), [
+    ("full", {"image_frames": 3, "image_ratio": 0.5}, {},
+     "data.image_frames is 3, which this model cannot take: EasyAnimate V3 makes 1 or a multiple of 8 frames"),
+    ("full", {}, {"validation": {"every": 500, "prompts": ["a red circle"], "frames": 5}},
+     "validation.frames is 5, which this model cannot take: EasyAnimate V3 makes 1 or a multiple of 8 frames"),
+    ("vae", {"frames": 4}, {}, "data.frames is 4, which this model cannot take: F must be 1 or a multiple of 8"),
+])
+def test_a_frame_count_the_model_cannot_take_is_refused_before_step_1(tmp_path, v3_model, synth_videos, mode, data,
+                                                                       sections, said, monkeypatch):
+    # These once failed at the first image batch or the first validation, steps (or a whole run) in.
+    monkeypatch.setattr("kinema.training.trainer._check_memory",
+                        lambda *a, **k: pytest.fail("reached the memory check, past the frame counts"))
+    config = make_config(tmp_path, {"path": str(v3_model)}, synth_videos, mode, {**V3_DATA, **data}, **sections)
+    with pytest.raises(KinemaError, match=f"^{re.escape(said)}"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- resume
