@@ -14,6 +14,7 @@ dropped and listed in `Checkpoint.dropped`.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import pickletools
@@ -279,10 +280,29 @@ def write_state_dict(
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         if suffix in SAFETENSORS_SUFFIXES:
             save_file(tensors, str(temp), metadata={**(metadata or {}), MARK_KEY: kind})
+            _sort_metadata(temp)
         else:
             torch.save(tensors, temp)
             mark_weights_file(temp, kind)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the metadata of the safetensors file `path` in sorted order, in place. safetensors writes it in a hash
+    map's order, which differs from process to process, so the same weights and settings made other bytes (another
+    SHA-256) on each run; sorted, they make the same file."""
+    with path.open("r+b") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+        metadata = header.pop("__metadata__", None)
+        if not metadata or len(metadata) < 2:
+            return
+        # The header as safetensors writes it (compact, metadata first), padded with spaces to its own length.
+        text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) <= size:
+            file.seek(8)
+            file.write(text.ljust(size))
 
 
 @dataclass(frozen=True)

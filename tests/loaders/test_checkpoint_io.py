@@ -45,6 +45,19 @@ def test_safetensors_metadata_round_trips(tmp_path):
         write_state_dict(tensors(), tmp_path / "w.ckpt", {"a": "b"})
 
 
+def test_the_same_weights_and_metadata_make_the_same_bytes(tmp_path):
+    from safetensors import safe_open
+
+    # safetensors writes metadata in a hash map's order, new on each write: six keys make 720 orders.
+    tensors = {"b": torch.arange(4.0), "a": torch.ones(2, 3, dtype=torch.float16)}
+    metadata = {key: f"value of {key}, é" for key in ("version", "zeta", "alpha", "motion_settings", "m", "n")}
+    files = [write_state_dict(tensors, tmp_path / f"w{i}.safetensors", metadata) for i in range(6)]
+    assert len({file.read_bytes() for file in files}) == 1
+    with safe_open(files[0], "pt") as read:  # still what safetensors reads, with every key
+        assert read.metadata() == {**metadata, "kinema_output": "weights"}
+        assert all(torch.equal(read.get_tensor(name), tensor) for name, tensor in tensors.items())
+
+
 def test_state_dict_wrapper_and_non_tensor_entries_are_dropped_and_noted(tmp_path):
     # AnimateDiff's train.py wraps the weights; v3 files carry an `animatediff_config` entry.
     torch.save({"state_dict": {**tensors(), "animatediff_config": {"motion_module_kwargs": {"heads": 8}}},

@@ -109,11 +109,13 @@ def test_fresh_motion_modules_and_the_loader_read_the_same_settings(tmp_path, sy
             for parameter in motion.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     module = save_motion_module(trained, model / "motion_module.safetensors", "original")
-    # What the file alone says: no heads or norms stored, and 3 levels read as SDXL's beta (8 heads, norms across
-    # frames). kinema.json's settings are what make it load as it was trained.
+    # What the file alone says: its names read as SDXL's beta (3 levels; 8 heads, norms across frames, to other
+    # tools), and the settings kinema stored in its metadata, as it was trained.
     report = describe(module)
-    assert (report["version"], report["num_attention_heads"], report["norm_mode"]) == ("sdxl-beta", 8,
-                                                                                        "across_frames")
+    assert (report["version"], report["num_attention_heads"], report["norm_mode"]) == ("sdxl-beta", 4, "per_frame")
+    assert report["settings_source"] == "the file's metadata"
+    as_ckpt = save_motion_module(trained, tmp_path / "motion_module.ckpt", "original")
+    assert describe(as_ckpt)["num_attention_heads"] == 8  # a .ckpt has no metadata: the names alone, a preset
     assert report.get("attention_kinds", ["temporal", "temporal"]) == attentions["attention_kinds"]
     loaded = load_family(model).model
     assert motion_heads(loaded) == motion_heads(trained) == {4}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
+from kinema.fileio import MARK_KEY
 from kinema.loaders.animatediff.keys import rename_state_dict
 from kinema.loaders.animatediff.settings import (
     adapter_file_settings,
@@ -64,6 +65,7 @@ class MotionModuleInfo:
     num_params: int
     dtype: str
     image_channels: int | None = None  # PIA: its conv_in's input channels (latents, mask, image latents); else None
+    settings_stored: bool = False  # the file records its settings (kinema's metadata), not only its names
 
     max_frames = _Setting()
     mid_block = _Setting()
@@ -98,10 +100,12 @@ def classify_version(levels: int, mid_block: bool, pe_length: int | None) -> str
 
 
 def _stored_settings(fmt: str, metadata: dict[str, str] | None, config: dict | None) -> tuple[str | None, dict]:
-    """(version, named settings) that the file itself stores: a kinema file both, a MotionAdapter config some
-    settings, an original file nothing."""
-    if fmt == "kinema":
-        return kinema_file_settings(metadata)
+    """(version, named settings) that the file itself stores: a kinema file both (and an original-layout
+    .safetensors file kinema wrote, in the same metadata), a MotionAdapter config some settings, another original
+    file nothing."""
+    metadata = metadata or {}
+    if fmt == "kinema" or metadata.get(MARK_KEY) == "motion_module" and "motion_settings" in metadata:
+        return kinema_file_settings(metadata)  # an original-layout file kinema wrote keeps them there too
     return None, adapter_file_settings(config) if config is not None else {}
 
 
@@ -117,7 +121,7 @@ def detect_motion_module(
     weights, pe = split_pe(state_dict)
     structure = motion_structure(rename_state_dict(weights, names_of(fmt), "kinema"))
     stored_version, stored = _stored_settings(fmt, metadata, config)
-    check_setting_values(stored, "the file's motion_settings metadata" if fmt == "kinema" else "its config.json",
+    check_setting_values(stored, "its config.json" if config is not None else "the file's motion_settings metadata",
                          structure["channels"])
     version = stored_version or classify_version(len(structure["channels"]), structure["mid_block"],
                                                  common_pe_length(pe))
@@ -144,6 +148,7 @@ def detect_motion_module(
         format=fmt, version=version, video_unet_kwargs=video_unet_kwargs, max_frames_source=source,
         channels=structure["channels"], modules_per_level=structure["modules_per_level"], num_keys=len(keys),
         num_params=sum(v.numel() for v in weights.values()), dtype="+".join(dtypes), image_channels=image_channels,
+        settings_stored=stored_version is not None,
     )
 
 

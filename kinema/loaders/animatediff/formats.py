@@ -22,11 +22,12 @@ def _motion_report(info, dropped: dict[str, str]) -> dict[str, Any]:
     # The attentions only where they are not every published module's two temporal ones, as kinema files store them.
     attentions = {name: value for name, value in named_settings(info.video_unet_kwargs).items()
                   if name in SETTING_DEFAULTS}
-    # Where heads and norms come from: an original-layout file records only weights and frame tables, so a model
-    # folder's kinema.json (or the caller) may load it with other settings than the version's preset shown here.
-    settings_source = {"kinema": "the file's metadata", "animatediff-diffusers": "config.json"}.get(
-        info.format, f"the {info.version} preset (the file records only weights and frame tables; a model folder's "
-                     "kinema.json \"motion\" entry may set others)")
+    # Where heads and norms come from: an original-layout file of others records only weights and frame tables, so
+    # a model folder's kinema.json (or the caller) may load it with other settings than the version's preset.
+    settings_source = "the file's metadata" if info.settings_stored else "config.json" if \
+        info.format == "animatediff-diffusers" else (f"the {info.version} preset (the file records only weights and "
+                                                     "frame tables; a model folder's kinema.json \"motion\" entry may "
+                                                     "set others)")
     return {
         "kind": "motion_module", "format": info.format, "version": info.version, "keys": info.num_keys,
         "parameters": info.num_params, "max_frames": info.max_frames, "max_frames_source": info.max_frames_source,

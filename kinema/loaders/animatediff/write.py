@@ -54,8 +54,12 @@ def write_motion_module(
                     "motion_settings": json.dumps(named_settings(video_unet_kwargs))}
         return write_state_dict(state_dict, path, metadata, **policy)
     if layout == "original":
+        # Other tools read the names alone; kinema also reads the settings back from a .safetensors file's metadata
+        # (a module of its own, such as kinema-tiny-ad's 4 heads, is no published version's preset).
+        settings = ({"version": version, "motion_settings": json.dumps(named_settings(video_unet_kwargs))}
+                    if keeps_settings(layout, path) else None)
         return write_state_dict(with_pe_tables(state_dict, "original", max_frames) if with_pe else state_dict,
-                                path, **policy)
+                                path, settings, **policy)
     if path.suffix:
         raise KinemaError(f"the diffusers layout is a folder (config.json + {ADAPTER_WEIGHTS_FILE}); give a folder "
                           f"path without an extension, got {path}")
@@ -79,6 +83,12 @@ def save_motion_module(
                           "which a motion module alone does not hold; kinema saves motion modules without it")
     return write_motion_module(video_unet.motion_state_dict(), video_unet_settings(video_unet), path, layout, version,
                                overwrite=overwrite)
+
+
+def keeps_settings(layout: str, path: str | os.PathLike) -> bool:
+    """Whether a motion module written in `layout` to `path` records every setting for kinema: a kinema file, or
+    an original-layout .safetensors file (in its metadata, beside the names other tools read)."""
+    return layout == "kinema" or (layout == "original" and Path(path).suffix.lower() == ".safetensors")
 
 
 def _settings_the_layout_loses(video_unet_kwargs: dict[str, Any], version: str, to: str) -> dict[str, Any]:
@@ -112,7 +122,7 @@ def convert_motion_module(
         raise KinemaError(f"{motion.path} is a PIA image animator: its conv_in, which no motion-module layout holds "
                           "on its own, would be lost; use the file as it is")
     info, notes = motion.info, []
-    lost = _settings_the_layout_loses(info.video_unet_kwargs, info.version, to)
+    lost = {} if keeps_settings(to, target) else _settings_the_layout_loses(info.video_unet_kwargs, info.version, to)
     if lost:
         given = ", ".join(f"{name}={value!r}" for name, value in lost.items())
         notes.append(f"the {to} layout does not record every setting of {info.label}; load the converted "
