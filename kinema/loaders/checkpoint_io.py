@@ -277,7 +277,7 @@ def write_state_dict(
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise KinemaError("safetensors metadata must map strings to strings")
     with atomic_file(path, kind, overwrite=overwrite, inputs=inputs) as temp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
         if suffix in SAFETENSORS_SUFFIXES:
             save_file(tensors, str(temp), metadata={**(metadata or {}), MARK_KEY: kind})
             _sort_metadata(temp)
@@ -285,6 +285,19 @@ def write_state_dict(
             torch.save(tensors, temp)
             mark_weights_file(temp, kind)
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with each one that shares memory with an earlier one copied: safetensors refuses shared memory,
+    and a torch file (one alpha object for every layer, tied weights) loads with it."""
+    seen: set[tuple[int, int]] = set()
+    unshared = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        place = (storage.data_ptr(), storage.nbytes())
+        unshared[name] = tensor.clone() if place in seen and storage.nbytes() else tensor
+        seen.add(place)
+    return unshared
 
 
 def _sort_metadata(path: Path) -> None:

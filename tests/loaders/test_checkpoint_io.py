@@ -58,6 +58,18 @@ def test_the_same_weights_and_metadata_make_the_same_bytes(tmp_path):
         assert all(torch.equal(read.get_tensor(name), tensor) for name, tensor in tensors.items())
 
 
+def test_tensors_sharing_memory_are_written_as_their_own(tmp_path):
+    # A torch file loads with one alpha object for every layer, tied weights and slices of one buffer; safetensors
+    # refuses shared memory ("Some tensors share memory"), so convert failed on such files.
+    alpha, flat = torch.tensor(2.0), torch.arange(12.0)
+    shared = {"a.alpha": alpha, "b.alpha": alpha, "w": flat[:6].view(2, 3), "w2": flat[6:].view(3, 2),
+              "tied": flat}
+    torch.save(shared, tmp_path / "shared.pt")
+    source = read_state_dict(tmp_path / "shared.pt")
+    back = read_state_dict(write_state_dict(source, tmp_path / "out.safetensors"))
+    assert back.keys() == shared.keys() and all(torch.equal(back[k], shared[k]) for k in shared)
+
+
 def test_state_dict_wrapper_and_non_tensor_entries_are_dropped_and_noted(tmp_path):
     # AnimateDiff's train.py wraps the weights; v3 files carry an `animatediff_config` entry.
     torch.save({"state_dict": {**tensors(), "animatediff_config": {"motion_module_kwargs": {"heads": 8}}},

@@ -85,14 +85,17 @@ def describe_motion_lora_source(source: Source) -> dict[str, Any] | None:
     """A motion LoRA file (kinema.loaders.animatediff.motion_lora_keys); its names and shapes come from the header,
     and only the alpha scalars are read."""
     from kinema.loaders.animatediff.motion_lora_keys import describe_motion_lora
+    from kinema.loaders.checkpoint_io import check_weight_values
 
     if not source.is_weights_file or not any("lora" in name.lower() for name in source.names):
         return None
     if source.holds_image_lora:  # LoRA matrices on the image layers too: generate --lora applies both parts
         return None
-    tensors, _ = source.layout
+    tensors, metadata = source.layout
     try:
-        return describe_motion_lora({**tensors, **source.read(k for k in tensors if k.endswith(".alpha"))})
+        alphas = source.read(k for k in tensors if k.endswith(".alpha"))
+        check_weight_values(alphas, "the motion LoRA")
+        return describe_motion_lora({**tensors, **alphas}, metadata)
     except KinemaError as err:
         raise naming(source.path, err) from None
 
@@ -139,8 +142,28 @@ def convert_motion_module_source(source: Source, target: Path, to: str, *, overw
 def convert_motion_lora_source(source: Source, target: Path, to: str, *, overwrite: bool = False
                                ) -> tuple[Path, list[str]]:
     """Rename a motion LoRA file's keys into layout `to`; tensors are copied as they are."""
-    from kinema.loaders.animatediff.motion_lora_keys import convert_motion_lora, motion_lora_format
-    from kinema.loaders.checkpoint_io import write_state_dict
+    from kinema.loaders.animatediff.motion_lora_keys import (
+        LAYOUTS,
+        motion_lora_format,
+        parse_motion_lora,
+        write_motion_lora,
+    )
+    from kinema.loaders.checkpoint_io import check_weight_values, write_state_dict
 
-    converted = convert_motion_lora(source.checkpoint.tensors, motion_lora_format(to), source.checkpoint.metadata)
-    return write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source.path,)), []
+    tensors = source.checkpoint.tensors
+    check_weight_values(tensors, f"the motion LoRA {source.path}")
+    layout = motion_lora_format(to)
+    lora = parse_motion_lora(tensors, source.checkpoint.metadata)
+    notes = []
+    scales = {pair.scale for pair in lora.layers.values() if pair.alpha is not None}
+    if scales - {1.0} and LAYOUTS[layout].alpha is None:
+        notes.append(f"the {to} layout has no place for alpha, so alpha / rank ({_listed(scales)}) is multiplied "
+                     "into each up matrix: the same LoRA, but not the same tensors, and a conversion back has no "
+                     "alpha")
+    converted = write_motion_lora(lora, layout)
+    written = write_state_dict(converted, target, kind="motion_lora", overwrite=overwrite, inputs=(source.path,))
+    return written, notes
+
+
+def _listed(values: set[float]) -> str:
+    return ", ".join(f"{value:g}" for value in sorted(values))

@@ -361,7 +361,10 @@ def summarize_motion_lora(lora: MotionLora, key_count: int) -> dict[str, Any]:
     """What `describe_motion_lora` reports, for an already parsed LoRA."""
     pairs = list(lora.layers.values())
     present = {slot.projection for slot in lora.layers}
-    alphas = {float(p.alpha) for p in pairs if p.alpha is not None}
+    with_alpha = [p for p in pairs if p.alpha is not None]
+    alphas = {float(p.alpha) for p in with_alpha}  # type: ignore[arg-type]
+    # None among the values: some layers have no alpha (scaled by 1, the original rule), as they load.
+    alpha = None if not alphas else _one_or_all(alphas) if len(with_alpha) == len(pairs) else [*sorted(alphas), None]
     return {
         "kind": "motion_lora",
         "format": lora.format,
@@ -375,12 +378,13 @@ def summarize_motion_lora(lora: MotionLora, key_count: int) -> dict[str, Any]:
         "parameters": sum(p.down.numel() + p.up.numel() + (p.alpha.numel() if p.alpha is not None else 0)
                           for p in pairs),
         "dtype": _one_or_all({str(t.dtype).removeprefix("torch.") for p in pairs for t in (p.down, p.up)}),
-        "alpha": _one_or_all(alphas) if alphas else None,
+        "alpha": alpha,
         "adapter": lora.adapter,
     }
 
 
-def describe_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+def describe_motion_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                         ) -> dict[str, Any] | None:
     """Summary for `kinema inspect`, or None when no key is a motion-LoRA key.
 
     Returns `{"kind": "motion_lora", "format", "rank", "targets" (e.g. ["to_q", "to_k", "to_v", "to_out"]),
@@ -390,4 +394,4 @@ def describe_motion_lora(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     """
     if not is_motion_lora(state_dict):
         return None
-    return summarize_motion_lora(parse_motion_lora(state_dict), len(state_dict))
+    return summarize_motion_lora(parse_motion_lora(state_dict, metadata), len(state_dict))

@@ -179,6 +179,42 @@ def test_convert_motion_lora_round_trips_through_the_registry(tmp_path):
     assert_same_tensors(checkpoint_io.read_state_dict(source), published)
 
 
+def test_motion_lora_alpha_is_said_as_it_loads_and_a_bad_one_is_refused(tmp_path):
+    from kinema.errors import KinemaError
+
+    peft, _ = kinema.convert(save(tiny_lora(), tmp_path / "lora.ckpt"), tmp_path / "peft.safetensors",
+                             "diffusers_peft")
+    tensors = checkpoint_io.read_state_dict(peft)
+    downs = sorted(k for k in tensors if k.endswith("lora_A.weight"))
+    rank = tensors[downs[0]].shape[0]
+    with_alpha = {**tensors, **{k.replace("lora_A.weight", "alpha"): torch.tensor(2.0) for k in downs}}
+    save_file(with_alpha, tmp_path / "alpha.safetensors")
+    # The original layout has no alpha: alpha / r goes into up, and convert says so.
+    out, notes = kinema.convert(tmp_path / "alpha.safetensors", tmp_path / "original.safetensors", "original")
+    assert notes == [f"the original layout has no place for alpha, so alpha / rank ({2 / rank:g}) is multiplied into "
+                     "each up matrix: the same LoRA, but not the same tensors, and a conversion back has no alpha"]
+    from kinema.loaders.animatediff.motion_lora_keys import parse_motion_lora
+
+    given, written = (parse_motion_lora(checkpoint_io.read_state_dict(path)).layers for path in (peft, out))
+    assert given.keys() == written.keys()
+    assert all(torch.equal(written[slot].up, given[slot].up * (2 / rank)) and written[slot].alpha is None
+               for slot in given)
+    # inspect reports the alpha each layer loads with: from the metadata, or none for some layers.
+    save_file(tensors, tmp_path / "meta.safetensors", metadata={"lora_adapter_metadata": '{"unet.lora_alpha": 2}'})
+    assert kinema.describe(tmp_path / "meta.safetensors")["alpha"] == 2.0
+    half = {**tensors, **{k.replace("lora_A.weight", "alpha"): torch.tensor(2.0) for k in downs[::2]}}
+    save_file(half, tmp_path / "half.safetensors")
+    assert kinema.describe(tmp_path / "half.safetensors")["alpha"] == [2.0, None]
+    # A NaN alpha is refused by inspect and convert, where convert wrote 88 up matrices of NaN.
+    save_file({**with_alpha, downs[0].replace("lora_A.weight", "alpha"): torch.tensor(float("nan"))},
+              tmp_path / "nan.safetensors")
+    for call in (lambda: kinema.describe(tmp_path / "nan.safetensors"),
+                 lambda: kinema.convert(tmp_path / "nan.safetensors", tmp_path / "nan_out.safetensors", "original")):
+        with pytest.raises(KinemaError, match=r"nan.safetensors: the motion LoRA holds NaN or infinite values"):
+            call()
+    assert not (tmp_path / "nan_out.safetensors").exists()
+
+
 # ---------------------------------------------------------------- one read per file
 
 
