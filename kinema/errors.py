@@ -54,6 +54,11 @@ _TEMP_NAME = re.compile(r"/?\.[^/\s]*\.kinema-(?:part|old)-\d+[^/\s]*")
 _TEMP_IN_PATH = re.compile(r"(^|/)\.([^/\s]+)\.kinema-(?:part|old)-\d+(?=/|$|\s|:|,)")
 
 
+def with_article(words: str) -> str:
+    """`words` after "a" or "an", as a message says them: "an easyanimate transformer", "a motion module"."""
+    return f"{'an' if words[:1].lower() in tuple('aeiou') else 'a'} {words}"
+
+
 def lone_surrogate(value: Any) -> str | None:
     """The first string in `value` (a string, or the keys and values of lists, tuples and dicts within) holding a
     lone UTF-16 surrogate, which JSON's \\ud800 escapes and non-UTF-8 bytes on a command line make and no text encoder

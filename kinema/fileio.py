@@ -290,7 +290,9 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
         if kind in _BESIDE_KINDS:
             raise KinemaError(f"{given} is a folder, where kinema writes the {kind_words(kind)} beside the output; "
                               "move the folder or give the output another name")
-        raise KinemaError(f"{given} is a folder; give a file name such as {given / ('output' + given.suffix)}")
+        inside = f"a file name such as {given / ('output' + given.suffix)}" if given.suffix else \
+            "the path of a file inside it, with its extension"
+        raise KinemaError(f"{given} is a folder; give {inside}")
     if real.is_dir() and not any(real.iterdir()):
         return real
     if _is_within(Path.cwd().resolve(), real):  # replacing it would leave this process (and the shell) nowhere
@@ -306,8 +308,9 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
             raise KinemaError(f"{given} already exists and is {damaged}, so kinema cannot tell whether it wrote it, "
                               f"and never replaces what it may not have written: delete it yourself if it is an "
                               f"output of yours, or choose a new {noun}")
+        instead = "a new folder or an empty one" if noun == "folder" else "a new file"
         raise KinemaError(f"{given} already exists and kinema did not write it{hint}; kinema never replaces what it "
-                          f"did not write: choose a new {noun} or an empty folder")
+                          f"did not write: choose {instead}")
     if kind is not None and found != kind:
         raise KinemaError(f"{given} is an earlier kinema output of another kind ({found}, not {kind}); choose "
                           f"another path")

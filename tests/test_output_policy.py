@@ -78,6 +78,16 @@ def test_convert_refuses_a_regular_file(tmp_path, capsys, motion_module):
     assert snapshot(tmp_path) == before
 
 
+def test_convert_to_a_file_layout_onto_a_folder_says_what_path_to_give(tmp_path, capsys, motion_module):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "kept.safetensors").write_text("a file of mine")
+    code, err = run(capsys, "convert", str(motion_module), str(tmp_path / "empty"), "--to", "original")
+    assert code == 1 and err.rstrip().endswith("empty is a folder; give the path of a file inside it, with its "
+                                               "extension")
+    code, err = run(capsys, "convert", str(motion_module), str(tmp_path / "kept.safetensors"), "--to", "original")
+    assert code == 2 and err.rstrip().endswith("kinema never replaces what it did not write: choose a new file")
+
+
 def test_convert_into_the_folder_holding_the_input_is_refused(tmp_path, capsys, motion_module):
     (motion_module.parent / "neighbour.ckpt").write_bytes(b"keep")
     before = snapshot(tmp_path)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from kinema.cli.args import add_command, checked_number, example, positive_int, seed_number
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, with_article
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
 from kinema.loaders.formats import CONVERT_LAYOUTS
@@ -170,11 +170,8 @@ def _check_vae_kind(vae: str, name: str) -> None:
     if made != wanted:
         maker = next((model for model, kind in _VAE_CLASSES.items() if kind == made), None)
         whose = f" (a {maker} VAE)" if maker else ""
-        def a(word: str) -> str:
-            return f"{'an' if word[:1] in tuple('AEIOU') else 'a'} {word}"
-
-        raise KinemaError(f"{vae} is {a(made or 'VAE of unknown kind')}{whose}, and {name} takes {a(wanted)}: give "
-                          f"the final/vae of a vae stage trained on a {name} folder")
+        raise KinemaError(f"{vae} is {with_article(made or 'VAE of unknown kind')}{whose}, and {name} takes "
+                          f"{with_article(wanted)}: give the final/vae of a vae stage trained on a {name} folder")
 
 
 def check_init_model(args: argparse.Namespace) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kinema.errors import KinemaError
-from kinema.fileio import check_output
+from kinema.errors import KinemaError, with_article
+from kinema.fileio import check_output, kind_words
 from kinema.loaders.formats import Format, convertible_kinds, format_of
 from kinema.loaders.source import Source, describe_source
 
@@ -27,9 +27,9 @@ def convert(
     kind = describe_source(described)["kind"]
     entry = format_of(kind)
     if entry.convert is None:
-        raise KinemaError(f"{source} is {kind}; kinema converts {convertible_kinds()}")
+        raise KinemaError(f"{source} is {with_article(kind_words(kind))}; kinema converts {convertible_kinds()}")
     if to not in entry.layouts:
-        raise KinemaError(f"a {kind} converts to {list(entry.layouts)}, not {to!r}")
+        raise KinemaError(f"{with_article(kind_words(kind))} converts to {list(entry.layouts)}, not {to!r}")
     check_output(target, kind, folder=to in entry.folder_layouts, overwrite=overwrite, inputs=(source,))
     _check_target_form(Path(target), entry, to)
     return entry.function("convert")(described, Path(target), to, overwrite=overwrite)

@@ -145,7 +145,9 @@ _WEIGHTS_ONLY_KINDS = ("motion_module", "motion_lora")
 _NOT_WEIGHTS = {"latents": ": `kinema decode` makes its video",
                 "video": ": `kinema extend` and `kinema v2v` take it; its settings are in its sidecar",
                 "video_settings": ": the settings of the video beside it", "synth_dataset": ": `kinema train` takes it",
-                "training_export": ": inspect the folders inside it", "eval": "", "eval_prompts": "",
+                "training_export": ": the weights are inside it: model/ a model folder (--model), "
+                                   "motion_module.safetensors a motion module (--motion-module, with the model it "
+                                   "trained on), lora.safetensors a LoRA (--lora)", "eval": "", "eval_prompts": "",
                 "embedding_cache": "", "prompt_config": "", "job": "",
                 "training_run": ": its final/ holds the trained weights, and `kinema train CONFIG --resume latest` "
                                 "continues it",
@@ -158,6 +160,8 @@ def describe_source(source: Source) -> dict[str, Any]:
     path = source.path
     if not path.exists():
         raise KinemaError(f"no such file or folder: {path}")
+    if path.is_dir() and not any(path.iterdir()):
+        raise KinemaError(f"{path} is an empty folder; give a weights file or a model folder")
     for entry in FORMATS:
         report = entry.function("describe")(source)
         if report is not None:

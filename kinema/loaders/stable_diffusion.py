@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -524,6 +524,14 @@ def _image_lora_layout(names: list[str]) -> str:
     return "diffusers"
 
 
+def _refuse_dora(names: Iterable[str]) -> None:
+    """One line for a DoRA LoRA: diffusers drops its magnitude vectors with a warning, another LoRA than the file's."""
+    dora = next((name for name in names if name.endswith("dora_scale")), None)
+    if dora is not None:
+        raise KinemaError(f"this is a DoRA LoRA ({dora}): kinema would apply it without its magnitude vectors "
+                          "(dora_scale), which changes what it does; use a plain LoRA")
+
+
 def describe_image_lora(source: Source) -> dict[str, Any] | None:
     """The format registry's describer: a file of LoRA matrices on SD1.5's image layers (kohya/civitai, diffusers,
     AnimateDiff v3's domain adapter), possibly with a motion LoRA beside them; None for anything else. Names and
@@ -536,6 +544,7 @@ def describe_image_lora(source: Source) -> dict[str, Any] | None:
     tensors, metadata = source.layout
     image = {name: tensor for name, tensor in tensors.items() if MOTION_MODULE_NAME not in name}
     try:
+        _refuse_dora(image)
         _check_pairs(image)
     except KinemaError as err:
         raise naming(source.path, err) from None
@@ -604,6 +613,7 @@ def load_spatial_lora(
         checkpoint = read_checkpoint(lora)
         lora, metadata = checkpoint.tensors, checkpoint.metadata
     check_weight_values(lora, "the image LoRA")
+    _refuse_dora(lora)
     _check_pairs(lora)
     state = _alpha_folded(_peft_names(lora), metadata)
     downs = sum(k.endswith(IMAGE_LORA_DOWN) for k in state)

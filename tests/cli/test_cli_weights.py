@@ -162,7 +162,7 @@ def test_convert_refuses_a_layout_the_kind_lacks(tmp_path, capsys):
     write_state_dict(original_motion_state_dict("v3"), tmp_path / "mm.safetensors")
     code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "o.safetensors"),
                        "--to", "diffusers_peft")
-    assert code == 1 and "a motion_module converts to ['original', 'diffusers', 'kinema']" in err
+    assert code == 1 and "a motion module converts to ['original', 'diffusers', 'kinema']" in err
     code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "mm.safetensors"),
                        "--to", "original")
     assert code == 2 and "is the input" in err

@@ -352,9 +352,9 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--seed", "3", "1", "3"], "seed 3 is given more than once, which would make "
                                                                  "the same video twice; give each seed once"),
         (["generate", "a cat", *model, "-o", "theirs.mp4", "--overwrite"], "theirs.mp4 already exists and kinema "
-         "did not write it; kinema never replaces what it did not write: choose a new file or an empty folder"),
+         "did not write it; kinema never replaces what it did not write: choose a new file"),
         (["generate", "a cat", *model, "-o", "new.mp4"], "new.mp4.latents.safetensors already exists and kinema did "
-         "not write it; kinema never replaces what it did not write: choose a new file or an empty folder"),
+         "not write it; kinema never replaces what it did not write: choose a new file"),
         (["generate", '{"0": "a cat",', *model], "the prompt schedule is not valid JSON"),
         (["generate", '{"0": "a", "20": "b"}', *model], "prompt schedule key '20' is out of range: keyframes go "
                                                          "from 0 to 15 for 16 frames"),

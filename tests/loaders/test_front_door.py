@@ -76,6 +76,10 @@ def test_load_of_something_that_is_not_a_model_says_so(tmp_path):
         kinema.load(weights)
     with pytest.raises(KinemaError, match="no such file or folder"):
         kinema.load(tmp_path / "missing.safetensors")
+    (tmp_path / "nothing.safetensors").mkdir()
+    with pytest.raises(KinemaError, match=r"nothing.safetensors is an empty folder; give a weights file or a model "
+                                          r"folder$"):
+        kinema.describe(tmp_path / "nothing.safetensors")
     # A diffusers folder without its config.json (a partial download) is named as such.
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -84,6 +88,27 @@ def test_load_of_something_that_is_not_a_model_says_so(tmp_path):
     with pytest.raises(KinemaError, match=r"adapter: not a format .*; it holds diffusion_pytorch_model.safetensors "
                                           r"but no config.json, which a diffusers folder is built from"):
         kinema.describe(folder)
+
+
+def test_lora_kinds_kinema_does_not_apply_and_prefixed_saves_are_named(tmp_path):
+    from tiny_sd import kohya_lora, tiny_sd_parts
+
+    lora = kohya_lora()
+    layer = next(name.removesuffix(".lora_down.weight") for name in lora if name.endswith(".lora_down.weight"))
+    loha = {f"{layer}.{part}": torch.zeros(4, 4) for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    dora = {**lora, f"{layer}.dora_scale": torch.ones(1, 4)}
+    prefixed = {f"module.{name}": tensor for name, tensor in tiny_sd_parts()["unet"].state_dict().items()}
+    for name, tensors, said in (
+            ("loha", loha, "it looks like a LyCORIS LoHa or LoKr (hada_ or lokr_ matrices), which kinema does not "
+                           "apply: use a plain LoRA (lora_down and lora_up)"),
+            ("dora", dora, f"this is a DoRA LoRA ({layer}.dora_scale): kinema would apply it without its magnitude "
+                           "vectors (dora_scale), which changes what it does; use a plain LoRA"),
+            ("ddp", prefixed, "it looks like a model saved from DataParallel or DDP training, every name starting "
+                              "with `module.`: save its state dict again without that prefix")):
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        with pytest.raises(KinemaError) as err:
+            kinema.describe(tmp_path / f"{name}.safetensors")
+        assert said in str(err.value)
 
 
 def test_kinemas_own_latents_are_named_with_what_takes_them(tmp_path):

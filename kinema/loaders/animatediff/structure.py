@@ -30,6 +30,10 @@ UNSUPPORTED: list[tuple[str, str]] = [
 IMAGE_CONV_KEYS = ("conv_in.weight", "conv_in.bias")
 # Guesses for files that are not motion modules: (regex searched in the keys, what the file looks like).
 LOOKS_LIKE: list[tuple[str, str]] = [
+    (r"\.(hada_w[12]_[ab]|lokr_w[12](_[ab])?)$", "a LyCORIS LoHa or LoKr (hada_ or lokr_ matrices), which kinema "
+                                                "does not apply: use a plain LoRA (lora_down and lora_up)"),
+    (r"^module\.", "a model saved from DataParallel or DDP training, every name starting with `module.`: save its "
+                   "state dict again without that prefix"),
     (r"^lora_(unet|te\d?)_", "a LoRA for Stable Diffusion images (kohya/civitai layout), which kinema applies with "
                             "generate --lora on an SD1.5 model"),
     (SPATIAL_PROCESSOR_KEY.pattern, "AnimateDiff v3's domain adapter (an image LoRA, e.g. v3_sd15_adapter.ckpt), "
