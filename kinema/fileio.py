@@ -77,6 +77,37 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def files_fingerprint(path: str | os.PathLike, edge_bytes: int = 0, leave_out: Iterable[str | os.PathLike] = ()
+                      ) -> str:
+    """A SHA-256 over the files at `path` (a file, or every file under a folder but hidden ones): each one's name
+    and size and, with `edge_bytes`, its first and last `edge_bytes` bytes. Cheap on a folder of thousands of clips
+    or GBs of weights, it changes when a file is added, removed, resized or rewritten (other weights differ from
+    the first bytes of a file's data on); a missing path gives the fingerprint of no files. Folders in `leave_out`
+    (a cache or a run folder inside a dataset, which change as a run goes) are not read."""
+    import hashlib
+
+    root = Path(path)
+    skipped = [Path(os.path.realpath(folder)) for folder in leave_out]
+    if root.is_file():
+        files = {root.name: root}
+    elif root.is_dir():
+        files = {file.relative_to(root).as_posix(): file for file in root.rglob("*")
+                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
+                 and not any(_is_within(Path(os.path.realpath(file)), folder) for folder in skipped)}
+    else:
+        files = {}
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        size = files[name].stat().st_size
+        digest.update(f"{name}\0{size}\0".encode())
+        if edge_bytes:
+            with open(files[name], "rb") as f:
+                digest.update(f.read(edge_bytes))
+                f.seek(max(size - edge_bytes, 0))
+                digest.update(f.read(edge_bytes))
+    return digest.hexdigest()
+
+
 def _hashed(folder: Path, name: str, size: int) -> bool:
     return size <= _HASHED_BYTES and not os.path.islink(folder / name)
 

@@ -210,7 +210,7 @@ class RunFolder:
     @classmethod
     def open(cls, path: str | os.PathLike, config: dict, *, resume: str | None, keep: int,
              ignore: Iterable[str] = (), create: bool = True,
-             upgrade: Callable[[dict], dict] | None = None) -> RunFolder:
+             upgrade: Callable[[dict], dict] | None = None, inputs: dict[str, str] | None = None) -> RunFolder:
         """Start a run in `path` (`resume` None: a new or empty folder) or continue the run there (`resume` "latest"
         or a checkpoint folder of that run), refusing in one line anything else: a folder kinema did not make, a run
         started without --resume, or a config that differs from the run's (up to keys in `ignore`).
@@ -218,7 +218,9 @@ class RunFolder:
         too, to refuse a missing checkpoint before long work); `open` only checks the run. Keeps the newest `keep`
         checkpoints. `create` False checks a new run's folder without making it (a refusal before long work; the
         real start comes after it). `upgrade` turns a run's stored config into this version's form before they are
-        compared (settings a later version added, at their defaults), so older runs still resume."""
+        compared (settings a later version added, at their defaults), so older runs still resume. `inputs`
+        (`{what: fingerprint}` of the files the run reads, such as its model and data) are recorded at the start and
+        a resume is refused where one differs (a run that recorded none is not checked)."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise KinemaError(f"the number of checkpoints to keep must be a whole number of at least 1, got {keep!r}")
         ignore = tuple(ignore)
@@ -226,7 +228,7 @@ class RunFolder:
         given = Path(path)
         run_file = given / RUN_FILE
         if resume is None:
-            return cls._start(given, config, wanted, keep, create)
+            return cls._start(given, config, wanted, keep, create, inputs)
         if not given.is_dir():
             raise KinemaError(f"cannot resume: {given} is not a folder; --resume continues a training run in its "
                               "output folder (run without --resume to start one)")
@@ -254,10 +256,19 @@ class RunFolder:
                        "by another kinema version"
             raise KinemaError(f"cannot resume {given}: {what}; resume with the run's own config ({run_file} holds "
                               "it, under \"config\"), or start a new run in another output folder")
+        recorded = stored.get("inputs")
+        if inputs is not None and isinstance(recorded, dict):
+            changed = [what for what, value in inputs.items() if what in recorded and recorded[what] != value]
+            if changed:
+                raise KinemaError(f"cannot resume {given}: {' and '.join(changed)} changed since the run started "
+                                  "(other files, or files rewritten), so the rest of it would train on another model "
+                                  "or data than its first steps; resume with the files it started with, or start a "
+                                  "new run in another output folder")
         return cls(given, wanted, keep)
 
     @classmethod
-    def _start(cls, given: Path, config: dict, wanted: str, keep: int, create: bool) -> RunFolder:
+    def _start(cls, given: Path, config: dict, wanted: str, keep: int, create: bool,
+               inputs: dict[str, str] | None) -> RunFolder:
         if (given / RUN_FILE).exists():
             if not cls(given, wanted, keep).checkpoints():  # the trainer's --resume latest then starts at step 0
                 raise KinemaError(f"{given} already holds a training run that saved no checkpoint yet; pass --resume "
@@ -274,7 +285,8 @@ class RunFolder:
         if not create:
             return cls(given, wanted, keep)
         record = {"kind": RUN_KIND, "fingerprint": wanted, "config": config, "kinema_version": _version(),
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  **({"inputs": inputs} if inputs is not None else {})}
         with atomic_file(given / RUN_FILE, RUN_KIND) as temp:
             temp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         return cls(given, wanted, keep)

@@ -201,6 +201,21 @@ class _Logs:
 # ---------------------------------------------------------------- checks before step 1
 
 
+def _input_fingerprints(config: TrainConfig) -> dict[str, str]:
+    """What the run reads, fingerprinted (kinema.fileio.files_fingerprint) so that a resume on a replaced model or
+    dataset is refused: the model and motion module by their files' names, sizes and first and last MiB, the data
+    folder by its files' names and sizes (a dataset made again differs in its clips' sizes)."""
+    from kinema.bundled import resolve_model
+    from kinema.fileio import files_fingerprint
+
+    found = {"model.path": files_fingerprint(resolve_model(config.model.path), 2**20),
+             "data.root": files_fingerprint(config.data.root,
+                                            leave_out=[p for p in (config.output, config.data.cache) if p])}
+    if config.model.motion_module:
+        found["model.motion_module"] = files_fingerprint(config.model.motion_module, 2**20)
+    return found
+
+
 def _check_frame_counts(config: TrainConfig, task: Any) -> None:
     """Every frame count the run feeds its model (clips, images made clips, validation videos), checked before
     step 1 and said with the setting that gives it: a count the VAE cannot take failed at the first batch of its
@@ -433,6 +448,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     order = _batch_order(config, dataset, world)
     _probe_each_kind(dataset)
     identity = resume_identity(config)
+    inputs = _input_fingerprints(config) if not dry_run and main else None
     cache = config.data.cache
     if cache and Path(config.output).resolve() in (Path(cache).resolve(), *Path(cache).resolve().parents):
         raise KinemaError(f"data.cache ({cache}) is inside the run folder ({config.output}), which holds only the "
@@ -441,7 +457,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     # as the others could otherwise find the run it has just started.
     if not dry_run and main:
         checked = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep, create=False,
-                                 upgrade=with_new_defaults)
+                                 upgrade=with_new_defaults, inputs=inputs)
         if resume is not None and not (resume == "latest" and not checked.checkpoints()):
             checked.resolve(resume)
         if (checked.path / "final").exists():  # the export replaces it at the end: refused now, not after training
@@ -463,7 +479,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
 
     if main:
         run = RunFolder.open(config.output, identity, resume=resume, keep=config.checkpoint.keep,
-                             upgrade=with_new_defaults)
+                             upgrade=with_new_defaults, inputs=inputs)
     accelerator.wait_for_everyone()
     if not main:  # the folder the main process has just checked or made; these processes only read from it
         run = RunFolder.open(config.output, identity, resume=resume or "latest", keep=config.checkpoint.keep,

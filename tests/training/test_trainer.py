@@ -204,6 +204,22 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, sd_model, synth_vid
     assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
 
 
+def test_a_resume_on_a_replaced_model_or_dataset_is_refused_before_loading(tmp_path, sd_model, synth_videos,
+                                                                           monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_videos, data)
+    config = make_config(tmp_path, sd_model_section(sd_model), data, "motion", SD_DATA, train={"steps": 2})
+    train(config, progress=False)
+    resumed = make_config(tmp_path, sd_model_section(sd_model), data, "motion", SD_DATA, train={"steps": 4})
+    clip = next(path for path in sorted(data.rglob("*.mp4")))
+    clip.write_bytes(clip.read_bytes() + b"\0")  # a dataset made again: its clips differ
+    monkeypatch.setattr("kinema.training.tasks.make_task", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(KinemaError, match=r"cannot resume .*: data.root changed since the run started"):
+        train(resumed, resume="latest", progress=False)
+
+
 def test_the_time_limit_ends_the_run_exported_and_a_resume_loses_nothing(tmp_path, sd_model, synth_videos,
                                                                           monkeypatch, capsys):
     from kinema.training import trainer
