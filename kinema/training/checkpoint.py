@@ -329,15 +329,23 @@ class RunFolder:
             return found[-1][1]
         given = Path(resume)
         real = Path(os.path.realpath(given))
-        for _, path in found:
+        for step, path in found:
             if Path(os.path.realpath(path)) == real:
+                for _, later in (entry for entry in found if entry[0] > step):
+                    # The run saves over them as it passes their steps: one a user added files to is refused now,
+                    # not after retraining up to it.
+                    check_output(later, CHECKPOINT_KIND, folder=True, overwrite=True)
                 return path
         if not found:
             fix = "it has none yet; run without --resume in a new output folder"
         else:
             fix = "give one of " + ", ".join(str(p) for _, p in reversed(found[-_MAX_SHOWN:])) + ", or --resume latest"
-        why = "does not exist" if not os.path.lexists(given) else "is not a complete checkpoint of the run in " \
-              f"{self.path}"
+        if not os.path.lexists(given):
+            why = "does not exist"
+        elif output_kind(given) == CHECKPOINT_KIND:
+            why = f"is a checkpoint of another run ({real.parent.parent}), not of the run in {self.path}"
+        else:
+            why = f"is not a complete checkpoint of the run in {self.path}"
         raise KinemaError(f"cannot resume from {given}: it {why}; {fix}")
 
     def save(self, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:

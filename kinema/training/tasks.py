@@ -90,9 +90,14 @@ class TrainingTask:
                                       f"{tuple(parameter.shape)}: resume with the run's own config")
                 parameter.copy_(state[name])
 
-    def check_frames(self, frames: int) -> None:
-        """One KinemaError line when the model cannot take clips of `frames` frames (the VAE's frame rule)."""
+    def check_frames(self, frames: int, at_once: bool = True) -> None:
+        """One KinemaError line when the model cannot take clips of `frames` frames: the VAE's frame rule, and, for
+        a clip it sees `at_once` (a training clip, not a validation video sampled in windows past it), the window
+        its motion modules' frame encoding covers."""
         self.family.latent_frames(frames)
+        if at_once and frames > self.family.max_frames:
+            raise KinemaError(f"{self.family.name} takes at most {self.family.max_frames} frames at once (the length "
+                              "of its motion modules' frame encoding); use at most that many")
 
     def inputs(self, batch: dict[str, Any], generator: torch.Generator, step: int = 0) -> dict[str, Any]:
         """The keyword arguments of `module`'s forward for `batch` at optimiser step `step` (encoded without
@@ -527,7 +532,7 @@ class VAETask(TrainingTask):
             named += [(f"discriminator.{name}", p) for name, p in self.discriminator.named_parameters()]
         return named
 
-    def check_frames(self, frames: int) -> None:
+    def check_frames(self, frames: int, at_once: bool = True) -> None:
         """A Slice VAE's frame rule; an image VAE takes the frames one by one, any count."""
         check = getattr(self.model, "check_frames", None)
         if check is not None:

@@ -227,7 +227,7 @@ def _check_frame_counts(config: TrainConfig, task: Any) -> None:
         counts["validation.frames"] = config.validation.frames or config.data.frames
     for key, frames in counts.items():
         try:
-            task.check_frames(frames)
+            task.check_frames(frames, at_once=key != "validation.frames")
         except KinemaError as err:
             raise KinemaError(f"{key} is {frames}, which this model cannot take: {err}") from None
 
@@ -445,6 +445,11 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     main = accelerator.is_main_process
 
     dataset = _dataset(config)  # metadata, missing files and captions are checked here, before any model loads
+    if config.mode == "motion" and (config.data.image_ratio == 1 or _data_report(dataset)["videos"] == 0):
+        why, fix = (("data.image_ratio is 1", "lower data.image_ratio") if config.data.image_ratio == 1 else
+                    (f"{config.data.root} holds no videos", "give it a dataset of clips"))
+        raise KinemaError(f"mode motion learns how frames follow each other, and {why}, so it would see stills "
+                          f"alone, which teach a motion module nothing; {fix}")
     order = _batch_order(config, dataset, world)
     _probe_each_kind(dataset)
     identity = resume_identity(config)
@@ -453,6 +458,13 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     if cache and Path(config.output).resolve() in (Path(cache).resolve(), *Path(cache).resolve().parents):
         raise KinemaError(f"data.cache ({cache}) is inside the run folder ({config.output}), which holds only the "
                           "run; give the cache a folder of its own, such as runs/cache")
+    from kinema.bundled import resolve_model
+
+    output = Path(config.output).resolve()
+    for key, read in (("model.path", resolve_model(config.model.path)), ("data.root", config.data.root)):
+        if Path(read).resolve() in (output, *output.parents):  # it would change what it reads, and their owner's
+            raise KinemaError(f"the run folder {config.output} is inside {key} ({read}), which the run reads; give "
+                              "the run a folder of its own, such as runs/NAME")
     # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
     # as the others could otherwise find the run it has just started.
     if not dry_run and main:

@@ -171,9 +171,12 @@ def test_resolve_takes_a_checkpoint_of_this_run_only(saved_run, tmp_path):
     assert saved_run.resolve(str(twenty)) == twenty
     other = RunFolder.open(tmp_path / "other", CONFIG, resume=None, keep=5, ignore=["steps"])
     other.save(20, {"model": {"w": torch.zeros(1)}}, {})
-    with pytest.raises(KinemaError, match="not a complete checkpoint of the run") as err:
+    with pytest.raises(KinemaError, match=r"it is a checkpoint of another run \(.*other\), not of the run in ") as err:
         saved_run.resolve(str(other.path / "checkpoints" / "step-00000020"))
     assert "step-00000030" in one_line(err)
+    (tmp_path / "half").mkdir()  # a folder that is no checkpoint at all
+    with pytest.raises(KinemaError, match="is not a complete checkpoint of the run"):
+        saved_run.resolve(str(tmp_path / "half"))
     with pytest.raises(KinemaError, match="does not exist"):
         saved_run.resolve(str(tmp_path / "nowhere"))
 

@@ -161,6 +161,8 @@ def test_motion_mode_on_v3_trains_its_hybrid_motion_modules_alone(tmp_path, v3_m
     ("full", {}, {"validation": {"every": 500, "prompts": ["a red circle"], "frames": 5}},
      "validation.frames is 5, which this model cannot take: EasyAnimate V3 makes 1 or a multiple of 8 frames"),
     ("vae", {"frames": 4}, {}, "data.frames is 4, which this model cannot take: F must be 1 or a multiple of 8"),
+    ("full", {"image_frames": 264, "image_ratio": 0.5}, {},
+     "data.image_frames is 264, which this model cannot take: "),
 ])
 def test_a_frame_count_the_model_cannot_take_is_refused_before_step_1(tmp_path, v3_model, synth_videos, mode, data,
                                                                        sections, said, monkeypatch):
@@ -218,6 +220,39 @@ def test_a_resume_on_a_replaced_model_or_dataset_is_refused_before_loading(tmp_p
     monkeypatch.setattr("kinema.training.tasks.make_task", lambda *a: pytest.fail("loaded"))
     with pytest.raises(KinemaError, match=r"cannot resume .*: data.root changed since the run started"):
         train(resumed, resume="latest", progress=False)
+
+
+def test_resuming_from_a_checkpoint_is_refused_before_loading_where_it_would_fail_later(tmp_path, sd_model,
+                                                                                         synth_videos, monkeypatch):
+    import dataclasses
+
+    def config(folder, **sections):
+        return make_config(folder, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                           train={"steps": 4}, **sections)
+
+    train(config(tmp_path / "one"), progress=False)  # checkpoints at steps 2 and 4
+    train(config(tmp_path / "two"), progress=False)
+    (tmp_path / "one" / "run" / "checkpoints" / "step-00000004" / "notes.txt").write_text("mine")
+    monkeypatch.setattr("kinema.training.tasks.make_task", lambda *a: pytest.fail("loaded"))
+    # Resumed at step 2, the run would save over step 4's checkpoint: its foreign file stopped it after retraining.
+    with pytest.raises(KinemaError, match=r"step-00000004 is an earlier kinema output but now also holds files "
+                                          r"kinema did not write .*\(notes.txt\)"):
+        train(config(tmp_path / "one"), resume=str(tmp_path / "one" / "run" / "checkpoints" / "step-00000002"),
+              progress=False)
+    other = tmp_path / "two" / "run" / "checkpoints" / "step-00000002"
+    with pytest.raises(KinemaError, match=f"it is a checkpoint of another run \\({re.escape(str(tmp_path / 'two'))}"
+                                          r"/run\), not of the run in "):
+        train(config(tmp_path / "one"), resume=str(other), progress=False)
+    # A motion run on stills alone would learn nothing.
+    with pytest.raises(KinemaError, match=r"mode motion learns how frames follow each other, and data.image_ratio is "
+                                          r"1, so it would see stills alone, .*; lower data.image_ratio$"):
+        train(make_config(tmp_path / "stills", sd_model_section(sd_model), synth_videos, "motion",
+                          {**SD_DATA, "image_ratio": 1.0}), progress=False)
+    # A run folder inside the data it reads (or the model) is refused: it would change what it reads.
+    inside = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA)
+    with pytest.raises(KinemaError, match=r"the run folder .*/run is inside data.root \(.*\), which the run reads"):
+        train(dataclasses.replace(inside, output=str(synth_videos / "run")), progress=False)
+    assert not (synth_videos / "run").exists()
 
 
 def test_the_time_limit_ends_the_run_exported_and_a_resume_loses_nothing(tmp_path, sd_model, synth_videos,
