@@ -120,7 +120,14 @@ def library_error_message(err: BaseException) -> str:
     """One line for an unexpected library error: its type and message, temp names removed, cut at a word."""
     if is_disk_full(err):
         return "writing the file failed (the disk is probably full); free some space or write somewhere else"
-    return shorten(f"{type(err).__name__}: {_TEMP_NAME.sub('', str(err))}")
+    text = _TORCH_ASKS.sub("", _TEMP_NAME.sub("", str(err)))
+    return shorten(f"{type(err).__name__}: {text}")
+
+
+# torch ends some errors by asking for bug reports ("If you are a Facebook employee ...", "Could this error message be
+# improved? ..."): words for its developers, not for a user.
+_TORCH_ASKS = re.compile(r"\s*(\(Could this error message be improved\?.*?\)|If you are a Facebook employee.*)",
+                         re.DOTALL)
 
 
 def naming(path: str | os.PathLike, err: KinemaError) -> KinemaError:

@@ -189,7 +189,27 @@ def _read_pickle(path: Path) -> Checkpoint:
         obj = {f"{part}.{name}": tensor for part, tensors in obj.items() for name, tensor in tensors.items()}
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     dropped.update({str(k): _describe_value(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)})
+    _check_pickled_tensors(path, obj, tensors)
     return Checkpoint(path, tensors, {}, dropped)
+
+
+def _check_pickled_tensors(path: Path, obj: dict, tensors: dict) -> None:
+    """One line for what a pickle may hold that no state dict does: a tensor named by no text, a sparse tensor, or
+    the tensors one level down under a key kinema does not unwrap."""
+    unnamed = next((key for key in tensors if not isinstance(key, str)), None)
+    if unnamed is not None:
+        raise KinemaError(f"{path} holds a tensor under {unnamed!r}, which is no name: a state dict names its tensors "
+                          "with text; save it with text names")
+    sparse = next((key for key, tensor in tensors.items() if tensor.layout != torch.strided), None)
+    if sparse is not None:
+        raise KinemaError(f"{path} holds a sparse tensor ({sparse}), and weights are dense: save it with the "
+                          "tensors' .to_dense()")
+    if not tensors:
+        for key, value in obj.items():
+            inner = sum(isinstance(item, torch.Tensor) for item in value.values()) if isinstance(value, dict) else 0
+            if inner:
+                raise KinemaError(f"{path} holds no tensors at its top level, but its entry {key!r} is a dict of "
+                                  f"{inner} tensors: save that dict alone (torch.save(checkpoint[{key!r}], ...))")
 
 
 # safetensors dtype codes -> torch dtype names (`getattr(torch, name)`), every code kinema reads.

@@ -70,6 +70,19 @@ def test_tensors_sharing_memory_are_written_as_their_own(tmp_path):
     assert back.keys() == shared.keys() and all(torch.equal(back[k], shared[k]) for k in shared)
 
 
+def test_what_no_state_dict_holds_is_one_line(tmp_path):
+    weights = tensors()
+    for name, saved, said in (
+            ("unnamed", {1: torch.zeros(1), **weights}, "holds a tensor under 1, which is no name"),
+            ("sparse", {**weights, "s": torch.eye(3).to_sparse()}, "holds a sparse tensor (s), and weights are dense"),
+            ("wrapped", {"model": weights, "epoch": 3}, "holds no tensors at its top level, but its entry 'model' is a "
+                                                        f"dict of {len(weights)} tensors: save that dict alone")):
+        torch.save(saved, tmp_path / f"{name}.ckpt")
+        with pytest.raises(KinemaError) as err:
+            read_checkpoint(tmp_path / f"{name}.ckpt")
+        assert said in str(err.value) and "\n" not in str(err.value)
+
+
 def test_state_dict_wrapper_and_non_tensor_entries_are_dropped_and_noted(tmp_path):
     # AnimateDiff's train.py wraps the weights; v3 files carry an `animatediff_config` entry.
     torch.save({"state_dict": {**tensors(), "animatediff_config": {"motion_module_kwargs": {"heads": 8}}},
