@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -35,6 +36,8 @@ from typing import Any
 
 from kinema.errors import KinemaError
 from kinema.pipelines.request import MAX_SEED
+
+logger = logging.getLogger(__name__)
 
 # mode -> what trains in it
 MODES: dict[str, str] = {
@@ -385,6 +388,16 @@ def check_config(config: TrainConfig) -> None:
                  "or decoder")
     _check_range(config.vae.reconstruction in ("l1", "mse"), f"unknown vae.reconstruction "
                  f"{config.vae.reconstruction!r}; choose l1 or mse")
+    # Said, not refused: a config kept while trying modes carries the others' sections.
+    for section, takes in (("lora", "lora"), ("vae", "vae")):
+        given, default = getattr(config, section), type(getattr(config, section))()
+        if config.mode != takes and given != default:
+            key = next(name for name in vars(default) if getattr(given, name) != getattr(default, name))
+            logger.warning("%s.%s is a setting of mode %s, and mode %s does not read it", section, key, takes,
+                           config.mode)
+    if train.warmup_steps and train.lr_schedule == "constant":
+        logger.warning("train.warmup_steps warms up a schedule with a warm-up, and train.lr_schedule constant has "
+                       "none: it changes nothing (constant_with_warmup has one)")
     if config.mode == "vae" and train.gradient_checkpointing:
         raise KinemaError("mode vae: the Slice VAE has no gradient checkpointing; set train.gradient_checkpointing: "
                           "false and lower data.frames or data.size to save memory")

@@ -153,3 +153,15 @@ def test_a_run_from_before_a_setting_existed_still_matches_at_its_default():
     assert fingerprint(with_new_defaults(older)) == fingerprint(now)
     changed = resume_identity(config(vae__adversarial_weight=0.5))
     assert config_differences(with_new_defaults(older), changed) == ["vae.adversarial_weight: 0.0 -> 0.5"]
+
+
+def test_settings_the_mode_does_not_read_are_said(caplog):
+    with caplog.at_level("WARNING", logger="kinema.training.config"):
+        config(lora__rank=64, vae__kl_weight=0.5)  # mode motion
+        config(train__lr_schedule="constant", train__warmup_steps=100)
+        config(mode="lora", lora__rank=64, train__warmup_steps=100)  # read: nothing said
+    assert [record.getMessage() for record in caplog.records] == [
+        "lora.rank is a setting of mode lora, and mode motion does not read it",
+        "vae.kl_weight is a setting of mode vae, and mode motion does not read it",
+        "train.warmup_steps warms up a schedule with a warm-up, and train.lr_schedule constant has none: it changes "
+        "nothing (constant_with_warmup has one)"]
