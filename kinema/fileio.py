@@ -673,8 +673,16 @@ def _unique_keys_loader() -> Any:
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen: set[Any] = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged by SafeLoader, overridable
+                    continue
                 key = self.construct_object(key_node, deep=deep)
-                if key in seen:
+                try:
+                    given_twice = key in seen
+                except TypeError:  # a list or mapping as a key (`? [a, b]`)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "a key must be text or a number, not a list or mapping", key_node.start_mark
+                    ) from None
+                if given_twice:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} is given twice; give each key once", key_node.start_mark)
                 seen.add(key)

@@ -1,7 +1,10 @@
 """Atomic folder writes: whole or nothing."""
 
+import re
+
 import pytest
 
+from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder
 
 
@@ -57,3 +60,15 @@ def test_what_appears_at_the_target_while_the_work_runs_is_checked_again_at_the_
             written.write_bytes(b"kinema's")
             (tmp_path / "file.bin").write_text("the user's, written meanwhile")
     assert (tmp_path / "file.bin").read_text() == "the user's, written meanwhile"
+
+
+def test_config_files_take_yaml_merge_keys_and_refuse_keys_given_twice_or_unhashable(tmp_path):
+    from kinema.fileio import load_config_file
+
+    (tmp_path / "merge.yaml").write_text("base: &b {a: 1, c: 3}\nx: {<<: *b, a: 2}\n")
+    assert load_config_file(tmp_path / "merge.yaml") == {"base": {"a": 1, "c": 3}, "x": {"a": 2, "c": 3}}
+    for text, said in (("a: 1\na: 2\n", "key 'a' is given twice; give each key once at line 2 column 1"),
+                       ("? [a, b]\n: 1\n", "a key must be text or a number, not a list or mapping at line 1")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(KinemaError, match=re.escape(said)):
+            load_config_file(tmp_path / "bad.yaml")

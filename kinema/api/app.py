@@ -349,8 +349,8 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
         except StarletteHTTPException as err:  # Starlette's words name no fix
             if "Part exceeded maximum size" not in str(err.detail):
                 raise
-            raise HTTPException(413, f"the form field job is over {_BODY_ROOM // 2**20} MiB, more than a job holds; "
-                                     "send a shorter job (files go in their own form fields)") from None
+            raise HTTPException(413, f"a form field that is no file is over {_BODY_ROOM // 2**20} MiB: the job holds "
+                                     "less, and images and videos go as files (-F image=@start.png)") from None
         try:
             unknown = sorted(set(form.keys()) - {"job", *UPLOADS})
             if unknown:

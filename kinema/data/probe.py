@@ -120,25 +120,35 @@ def video_fps(path: str | os.PathLike) -> float | None:
     return round(float(rate), 6) if rate is not None and MIN_FPS <= rate <= MAX_FPS else None
 
 
+def frame_ms(fps: float) -> int:
+    """The whole milliseconds kinema shows each frame of a GIF or WebP for (their delays are whole ms; a GIF stores
+    tens of them)."""
+    return max(1, round(1000 / fps))
+
+
 def animation_frames(image: Any) -> tuple[list[int], float | None]:
     """The stored frame each frame of the opened GIF or WebP animation `image` shows, and its frame rate. PIL's GIF
     writer and libwebp merge a run of identical frames into one frame shown that much longer, so in a clip kinema
-    wrote (its settings, stored inside, say its `frames` and `fps`) each stored frame stands for round(delay / frame
-    time) frames, which gives its frame count back exactly; any other animation is one frame per stored frame, at
-    its first frame's delay (None without one)."""
+    wrote (its settings, stored inside, say its `frames` and `fps`) each stored frame stands for its delay over the
+    frame time kinema wrote (`frame_ms`) frames, which gives its frame count back exactly, at its fps; any other
+    animation is one frame per stored frame, at its first frame's delay (None without one)."""
     count = int(getattr(image, "n_frames", 1))
     image.load()  # a WebP frame's delay is known once it is decoded
     delay = image.info.get("duration")
     rate = 1000 / delay if count > 1 and delay else None
     settings = image_settings(image) or {}
     fps, frames = settings.get("fps"), settings.get("frames")
-    if not (isinstance(frames, int) and frames > count and isinstance(fps, int | float) and 0 < fps < math.inf):
+    if not (isinstance(frames, int) and frames >= count and isinstance(fps, int | float) and 0 < fps < math.inf):
         return list(range(count)), rate
+    if frames == count:  # nothing merged: its frame rate is the one kinema stored (a GIF's delay is rounded)
+        return list(range(count)), float(fps)
+    # A GIF keeps a delay in whole tens of ms, cut down: the run's real length lies up to 10 ms above it.
+    cut = 5 if image.format == "GIF" else 0
     repeats = []
     for index in range(count):  # decodes the frames (GIF seeks are sequential): only for a merged clip of kinema's
         image.seek(index)
         image.load()
-        repeats.append(max(1, round((image.info.get("duration") or 0) * fps / 1000)))
+        repeats.append(max(1, round(((image.info.get("duration") or 0) + cut) / frame_ms(fps))))
     image.seek(0)
     if sum(repeats) != frames:
         return list(range(count)), rate

@@ -48,6 +48,7 @@ from kinema.data.probe import (
     SETTINGS_KEY,
     animation_frames,
     folder_frames,
+    frame_ms,
     from_yuv,
     read_sidecar,
     sidecar_path,
@@ -175,19 +176,15 @@ def _write_webm(frames: np.ndarray, path: Path, fps: float, crf: int, comment: s
     _write_av(frames, path, fps, crf, comment, "webm", "libvpx-vp9", {"b:v": "0"})
 
 
-def _frame_ms(fps: float) -> int:
-    return max(1, round(1000 / fps))
-
-
 def _write_gif(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str) -> None:
     images = [Image.fromarray(array) for array in frames]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=_frame_ms(fps), loop=0,
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms(fps), loop=0,
                    comment=comment)
 
 
 def _write_webp(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str) -> None:
     images = [Image.fromarray(array) for array in frames]
-    images[0].save(path, format="WEBP", save_all=True, append_images=images[1:], duration=_frame_ms(fps), loop=0,
+    images[0].save(path, format="WEBP", save_all=True, append_images=images[1:], duration=frame_ms(fps), loop=0,
                    quality=90, xmp=_xmp_packet(comment))
 
 

@@ -206,10 +206,11 @@ def _check_pickled_tensors(path: Path, obj: dict, tensors: dict) -> None:
                           "tensors' .to_dense()")
     if not tensors:
         for key, value in obj.items():
-            inner = sum(isinstance(item, torch.Tensor) for item in value.values()) if isinstance(value, dict) else 0
-            if inner:
+            # Weights by name, not a random generator's state or an optimizer's (tensors among other entries).
+            if isinstance(value, dict) and len(value) > 1 and all(
+                    isinstance(name, str) and isinstance(item, torch.Tensor) for name, item in value.items()):
                 raise KinemaError(f"{path} holds no tensors at its top level, but its entry {key!r} is a dict of "
-                                  f"{inner} tensors: save that dict alone (torch.save(checkpoint[{key!r}], ...))")
+                                  f"{len(value)} tensors: save that dict alone (torch.save(checkpoint[{key!r}], ...))")
 
 
 # safetensors dtype codes -> torch dtype names (`getattr(torch, name)`), every code kinema reads.

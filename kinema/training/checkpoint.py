@@ -340,12 +340,17 @@ class RunFolder:
             fix = "it has none yet; run without --resume in a new output folder"
         else:
             fix = "give one of " + ", ".join(str(p) for _, p in reversed(found[-_MAX_SHOWN:])) + ", or --resume latest"
+        run_of = real.parent.parent if real.parent.name == CHECKPOINTS and (real.parent.parent / RUN_FILE).is_file() \
+            else None
         if not os.path.lexists(given):
             why = "does not exist"
-        elif output_kind(given) == CHECKPOINT_KIND:
-            why = f"is a checkpoint of another run ({real.parent.parent}), not of the run in {self.path}"
-        else:
+        elif output_kind(given) != CHECKPOINT_KIND:
             why = f"is not a complete checkpoint of the run in {self.path}"
+        elif run_of is None or run_of == Path(os.path.realpath(self.path)):
+            why = (f"is a checkpoint, but not one the run in {self.path} keeps (its own are "
+                   f"{CHECKPOINTS}/step-NNNNNNNN)")
+        else:
+            why = f"is a checkpoint of another run ({run_of}), not of the run in {self.path}"
         raise KinemaError(f"cannot resume from {given}: it {why}; {fix}")
 
     def save(self, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:

@@ -146,7 +146,7 @@ def test_multipart_errors(serve, fake_runner):
                               400, "the body is JSON nested too deeply")
         huge = json.dumps({"prompt": "x" * (1 << 20)})
         assert_one_line_error(client.post("/v1/jobs", data={"job": huge}, files={"image": ("a.png", png_bytes())}),
-                              413, "the form field job is over 1 MiB", "send a shorter job")
+                              413, "a form field that is no file is over 1 MiB", "go as files")
         twice = client.post("/v1/jobs", data={"job": ['{"prompt": "x"}', '{"prompt": "y"}']},
                             files={"image": ("a.png", png_bytes())})
         assert_one_line_error(twice, 422, "the form field job is given more than once")

@@ -77,9 +77,10 @@ def test_uint8_numpy_and_grey_inputs(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "fps", "expected"), [("c.mp4", 24, 24.0), ("c.webm", 12.5, 12.5),
-                                                       ("c.webp", 10, 10.0), ("c.gif", 8, 1000 / 120)])
+                                                       ("c.webp", 24, 24.0), ("c.gif", 8, 8.0)])
 def test_fps_round_trip(tmp_path, name, fps, expected):
-    # GIF stores frame times in 10 ms steps: 125 ms (8 fps) is stored as 120 ms.
+    # GIF stores frame times in 10 ms steps (125 ms, 8 fps, as 120 ms) and WebP in whole ms (24 fps as 42 ms): a
+    # clip kinema wrote reads back at the fps stored with it.
     assert read_video(write_video(index_clip(frames=4), tmp_path / name, fps=fps)).fps == pytest.approx(expected)
 
 
@@ -111,6 +112,10 @@ def test_runs_of_identical_frames_come_back_as_many_frames(tmp_path, name):
     assert frame_indices(read_video(path, start=1, stride=4).frames) == [0, 7, 11]
     assert frame_count(path) == 12 and video_fps(path) == 8
     assert len(list(rgb_frames(path))) == 12
+    # Long still runs at a frame time of no whole ms (24 fps: 41.7 ms written as 42, and a GIF's run cut to 10 ms).
+    long = [0] + [5] * 150 + [11] * 70
+    path24 = write_video(index_clip()[long], tmp_path / f"long{path.suffix}", fps=24)
+    assert frame_indices(read_video(path24).frames) == long and read_video(path24).fps == 24 == video_fps(path24)
     # An animation kinema did not write has no frame count of its own to restore: one frame per stored frame.
     frames = [Image.fromarray(frame) for frame in list(rgb_frames(path))[::3]]
     frames[0].save(tmp_path / f"theirs{path.suffix}", save_all=True, append_images=frames[1:],

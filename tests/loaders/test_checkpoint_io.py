@@ -81,6 +81,10 @@ def test_what_no_state_dict_holds_is_one_line(tmp_path):
         with pytest.raises(KinemaError) as err:
             read_checkpoint(tmp_path / f"{name}.ckpt")
         assert said in str(err.value) and "\n" not in str(err.value)
+    # A trainer's state (a generator's state among other entries) is no wrapped state dict: nothing to unwrap.
+    torch.save({"step": 3, "rng": {"torch": torch.zeros(8, dtype=torch.uint8), "python": (3, (1, 2), None)}},
+               tmp_path / "state.pt")
+    assert read_checkpoint(tmp_path / "state.pt").tensors == {}
 
 
 def test_state_dict_wrapper_and_non_tensor_entries_are_dropped_and_noted(tmp_path):

@@ -174,6 +174,13 @@ def test_resolve_takes_a_checkpoint_of_this_run_only(saved_run, tmp_path):
     with pytest.raises(KinemaError, match=r"it is a checkpoint of another run \(.*other\), not of the run in ") as err:
         saved_run.resolve(str(other.path / "checkpoints" / "step-00000020"))
     assert "step-00000030" in one_line(err)
+    import shutil
+
+    renamed = saved_run.path / "checkpoints" / "keep-me"  # the run's own, under a name it does not keep
+    shutil.copytree(twenty, renamed)
+    with pytest.raises(KinemaError, match=r"keep-me: it is a checkpoint, but not one the run in .* keeps \(its own "
+                                          r"are checkpoints/step-NNNNNNNN\)"):
+        saved_run.resolve(str(renamed))
     (tmp_path / "half").mkdir()  # a folder that is no checkpoint at all
     with pytest.raises(KinemaError, match="is not a complete checkpoint of the run"):
         saved_run.resolve(str(tmp_path / "half"))
