@@ -524,6 +524,19 @@ def _image_lora_layout(names: list[str]) -> str:
     return "diffusers"
 
 
+def _refuse_sdxl(tensors: Mapping[str, Any]) -> None:
+    """One line for an SDXL image LoRA, told from its second text encoder's keys or its cross-attentions reading
+    SDXL's 2048-wide text states, before an SD1.5 model loads to find none of its layers fits."""
+    second = next((name for name in tensors if name.startswith(("lora_te2_", "text_encoder_2."))), None)
+    wide = next((name for name, tensor in tensors.items() if name.endswith(IMAGE_LORA_DOWN)
+                 and re.search(r"attn2[._]to_[kv]", name) and len(tensor.shape) == 2 and tensor.shape[1] == 2048),
+                None)
+    if second or wide:
+        why = f"{second}: SDXL's second text encoder" if second else f"{wide} reads 2048-wide text states"
+        raise KinemaError(f"this is an SDXL LoRA ({why}); kinema applies Stable Diffusion 1.5 image LoRAs: use one "
+                          "made for SD1.5")
+
+
 def _refuse_dora(names: Iterable[str]) -> None:
     """One line for a DoRA LoRA: diffusers drops its magnitude vectors with a warning, another LoRA than the file's."""
     dora = next((name for name in names if name.endswith("dora_scale")), None)
@@ -545,6 +558,7 @@ def describe_image_lora(source: Source) -> dict[str, Any] | None:
     image = {name: tensor for name, tensor in tensors.items() if MOTION_MODULE_NAME not in name}
     try:
         _refuse_dora(image)
+        _refuse_sdxl(image)
         _check_pairs(image)
     except KinemaError as err:
         raise naming(source.path, err) from None
@@ -614,6 +628,7 @@ def load_spatial_lora(
         lora, metadata = checkpoint.tensors, checkpoint.metadata
     check_weight_values(lora, "the image LoRA")
     _refuse_dora(lora)
+    _refuse_sdxl(lora)
     _check_pairs(lora)
     state = _alpha_folded(_peft_names(lora), metadata)
     downs = sum(k.endswith(IMAGE_LORA_DOWN) for k in state)

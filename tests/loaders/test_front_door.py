@@ -98,13 +98,17 @@ def test_lora_kinds_kinema_does_not_apply_and_prefixed_saves_are_named(tmp_path)
     loha = {f"{layer}.{part}": torch.zeros(4, 4) for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
     dora = {**lora, f"{layer}.dora_scale": torch.ones(1, 4)}
     prefixed = {f"module.{name}": tensor for name, tensor in tiny_sd_parts()["unet"].state_dict().items()}
+    second = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    sdxl = {**lora, f"{second}.lora_down.weight": torch.zeros(4, 8), f"{second}.lora_up.weight": torch.zeros(8, 4)}
     for name, tensors, said in (
             ("loha", loha, "it looks like a LyCORIS LoHa or LoKr (hada_ or lokr_ matrices), which kinema does not "
                            "apply: use a plain LoRA (lora_down and lora_up)"),
             ("dora", dora, f"this is a DoRA LoRA ({layer}.dora_scale): kinema would apply it without its magnitude "
                            "vectors (dora_scale), which changes what it does; use a plain LoRA"),
             ("ddp", prefixed, "it looks like a model saved from DataParallel or DDP training, every name starting "
-                              "with `module.`: save its state dict again without that prefix")):
+                              "with `module.`: save its state dict again without that prefix"),
+            ("sdxl", sdxl, f"this is an SDXL LoRA ({second}.lora_down.weight: SDXL's second text encoder); kinema "
+                           "applies Stable Diffusion 1.5 image LoRAs: use one made for SD1.5")):
         save_file(tensors, tmp_path / f"{name}.safetensors")
         with pytest.raises(KinemaError) as err:
             kinema.describe(tmp_path / f"{name}.safetensors")
