@@ -98,13 +98,16 @@ def files_fingerprint(path: str | os.PathLike, edge_bytes: int = 0, leave_out: I
         files = {}
     digest = hashlib.sha256()
     for name in sorted(files):
-        size = files[name].stat().st_size
-        digest.update(f"{name}\0{size}\0".encode())
-        if edge_bytes:
-            with open(files[name], "rb") as f:
-                digest.update(f.read(edge_bytes))
-                f.seek(max(size - edge_bytes, 0))
-                digest.update(f.read(edge_bytes))
+        try:
+            size = files[name].stat().st_size
+            digest.update(f"{name}\0{size}\0".encode())
+            if edge_bytes:
+                with open(files[name], "rb") as f:
+                    digest.update(f.read(edge_bytes))
+                    f.seek(max(size - edge_bytes, 0))
+                    digest.update(f.read(edge_bytes))
+        except FileNotFoundError:  # removed while this ran: as if it were not there
+            continue
     return digest.hexdigest()
 
 
