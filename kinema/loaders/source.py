@@ -161,7 +161,7 @@ def describe_source(source: Source) -> dict[str, Any]:
     if not path.exists():
         raise KinemaError(f"no such file or folder: {path}")
     if path.is_dir() and not any(path.iterdir()):
-        raise KinemaError(f"{path} is an empty folder; give a weights file or a model folder")
+        raise KinemaError(f"{path} is an empty folder, not weights or a model folder")  # callers add their fix
     for entry in FORMATS:
         report = entry.function("describe")(source)
         if report is not None:

@@ -77,7 +77,7 @@ def test_load_of_something_that_is_not_a_model_says_so(tmp_path):
     with pytest.raises(KinemaError, match="no such file or folder"):
         kinema.load(tmp_path / "missing.safetensors")
     (tmp_path / "nothing.safetensors").mkdir()
-    with pytest.raises(KinemaError, match=r"nothing.safetensors is an empty folder; give a weights file or a model "
+    with pytest.raises(KinemaError, match=r"nothing.safetensors is an empty folder, not weights or a model "
                                           r"folder$"):
         kinema.describe(tmp_path / "nothing.safetensors")
     # A diffusers folder without its config.json (a partial download) is named as such.

@@ -514,7 +514,7 @@ def test_a_path_that_is_no_generation_model_is_refused_before_loading(tmp_path, 
              "(kinema.bundled)")
     for model, message in (
             ("/////", f"job: model /: not a format kinema knows: looked for {looked}; {words}"),
-            ("empty", f"job: model {tmp_path / 'empty'}: not a format kinema knows: looked for {looked}; {words}"),
+            ("empty", f"job: model {tmp_path / 'empty'} is an empty folder, not weights or a model folder; {words}"),
             (str(sd_model["motion_module"]), f"job: model {sd_model['motion_module']} is not a model to generate "
                                              "with (it is: AnimateDiff motion module (file or diffusers MotionAdapter "
                                              f"folder)); {words}"),
