@@ -119,6 +119,13 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
             _write_tiny(temp, seed, vae_folder, scale_data, sized)
         else:
             _write_tiny_ad(temp, seed, vae_folder, scale_data, sized["vae_downsample"])
+        # How its starting weights were made, which a trained folder's kinema.json (copied from here) keeps too.
+        manifest = json.loads((temp / MODEL_FILE).read_text())
+        manifest["initialised_with"] = {
+            "seed": seed, "vae": None if vae_folder is None else os.path.abspath(vae_folder),
+            "scale_data": None if scale_data is None else os.path.abspath(scale_data),
+            **{key: value for key, value in sized.items() if value is not None}}
+        (temp / MODEL_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 

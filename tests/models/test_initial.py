@@ -29,6 +29,9 @@ def test_kinema_tiny_folder_is_seeded_and_loads(tmp_path):
     manifest = json.loads((first / "kinema.json").read_text())
     assert manifest["family"] == "easyanimate" and manifest["text_encoder"]["hub_id"].endswith("all-MiniLM-L6-v2")
     assert manifest["prediction_type"] == "v_prediction"
+    # The folder says how its weights were made (a trained folder's kinema.json is copied from here).
+    assert manifest["initialised_with"] == {"seed": 3, "vae": None, "scale_data": None, "layers": 6, "heads": 4,
+                                            "patch_size": 2}
 
 
 def test_the_default_dit_is_the_shipped_one_and_the_size_options_change_it(tmp_path, capsys):
