@@ -93,7 +93,7 @@ def files_fingerprint(path: str | os.PathLike, edge_bytes: int = 0, leave_out: I
     elif root.is_dir():
         files = {file.relative_to(root).as_posix(): file for file in root.rglob("*")
                  if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
-                 and not any(_is_within(Path(os.path.realpath(file)), folder) for folder in skipped)}
+                 and not any(is_within(Path(os.path.realpath(file)), folder) for folder in skipped)}
     else:
         files = {}
     digest = hashlib.sha256()
@@ -269,7 +269,8 @@ def _foreign_files(folder: Path) -> list[str]:
 _BESIDE_KINDS = ("video_settings", "latents")
 
 
-def _is_within(path: Path, folder: Path) -> bool:
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether the resolved path `path` is `folder` or inside it (both resolved: links followed)."""
     return path == folder or folder in path.parents
 
 
@@ -312,8 +313,8 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
         source_real = Path(os.path.realpath(source))
         # Nor inside an input folder: a file written there changes the input (a model folder's weights, a frame
         # folder's frames), even one kinema wrote there earlier.
-        if _is_within(source_real, real) or (source_real.is_dir() and _is_within(real, source_real)):
-            what = "is" if source_real == real else "holds" if _is_within(source_real, real) else "is inside"
+        if is_within(source_real, real) or (source_real.is_dir() and is_within(real, source_real)):
+            what = "is" if source_real == real else "holds" if is_within(source_real, real) else "is inside"
             raise KinemaError(f"the output {given} {what} the input {source}; write the result somewhere else")
     if not real.exists():
         return real
@@ -329,7 +330,7 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
         raise KinemaError(f"{given} is a folder; give {inside}")
     if real.is_dir() and not any(real.iterdir()):
         return real
-    if _is_within(Path.cwd().resolve(), real):  # replacing it would leave this process (and the shell) nowhere
+    if is_within(Path.cwd().resolve(), real):  # replacing it would leave this process (and the shell) nowhere
         raise KinemaError(f"{given} is the folder you are working in (or holds it); run kinema from outside it "
                           "or give another path")
     found = output_kind(real)

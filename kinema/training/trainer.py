@@ -454,15 +454,15 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     _probe_each_kind(dataset)
     identity = resume_identity(config)
     inputs = _input_fingerprints(config) if not dry_run and main else None
-    cache = config.data.cache
-    if cache and Path(config.output).resolve() in (Path(cache).resolve(), *Path(cache).resolve().parents):
+    from kinema.bundled import resolve_model
+    from kinema.fileio import is_within
+
+    output, cache = Path(config.output).resolve(), config.data.cache
+    if cache and is_within(Path(cache).resolve(), output):
         raise KinemaError(f"data.cache ({cache}) is inside the run folder ({config.output}), which holds only the "
                           "run; give the cache a folder of its own, such as runs/cache")
-    from kinema.bundled import resolve_model
-
-    output = Path(config.output).resolve()
     for key, read in (("model.path", resolve_model(config.model.path)), ("data.root", config.data.root)):
-        if Path(read).resolve() in (output, *output.parents):  # it would change what it reads, and their owner's
+        if is_within(output, Path(read).resolve()):  # it would change what it reads, and their owner's
             raise KinemaError(f"the run folder {config.output} is inside {key} ({read}), which the run reads; give "
                               "the run a folder of its own, such as runs/NAME")
     # Refuse a foreign folder, a started run or another run's config before the model loads: the main process only,
