@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from kinema.cli.args import add_command, checked_number, example, positive_int, seed_number
-from kinema.errors import KinemaError, with_article
+from kinema.errors import KinemaError
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
 from kinema.loaders.formats import CONVERT_LAYOUTS
@@ -156,40 +155,15 @@ def run_convert(args: argparse.Namespace) -> None:
         print(f"note: {note}")
 
 
-# The VAE each bundled model is made with (its config.json's _class_name), and what trains one.
-_VAE_CLASSES = {"kinema-tiny": "SliceVAE", "kinema-tiny-ad": "AutoencoderKL"}
-
-
-def _check_vae_kind(vae: str, name: str) -> None:
-    """One line when the VAE folder `vae` is of another kind than model `name` takes (a Slice VAE for kinema-tiny-ad,
-    an image VAE for kinema-tiny), read from its config.json (no torch)."""
-    from kinema.fileio import read_json_object
-
-    made = read_json_object(os.path.join(vae, "config.json"), f"the config of the VAE {vae}").get("_class_name")
-    wanted = _VAE_CLASSES[name]
-    if made != wanted:
-        maker = next((model for model, kind in _VAE_CLASSES.items() if kind == made), None)
-        whose = f" (a {maker} VAE)" if maker else ""
-        raise KinemaError(f"{vae} is {with_article(made or 'VAE of unknown kind')}{whose}, and {name} takes "
-                          f"{with_article(wanted)}: give the final/vae of a vae stage trained on a {name} folder")
-
-
 def check_init_model(args: argparse.Namespace) -> None:
     """Bad usage: the VAE folder is missing, or OUT is not new (nor, with --overwrite, kinema's own)."""
     from kinema.fileio import check_output
+    from kinema.models.initial import check_size, check_vae_folder
 
-    if args.vae is not None and not os.path.isfile(os.path.join(args.vae, "config.json")):
-        raise KinemaError(f"{args.vae} is not a VAE folder (no config.json): give a VAE stage's final/vae")
-    if args.vae is not None and not any(Path(args.vae).glob("*.safetensors")) and \
-            not any(Path(args.vae).glob("*.bin")):
-        raise KinemaError(f"{args.vae} holds a config.json but no weights (.safetensors): give the whole VAE folder "
-                          "(a VAE stage's final/vae)")
     if args.vae is not None:
-        _check_vae_kind(args.vae, args.name)
+        check_vae_folder(args.name, args.vae)
     if args.scale_data is not None and args.vae is None:
         raise KinemaError("--scale-data measures a trained VAE's latents: give --vae too")
-    from kinema.models.initial import check_size
-
     check_size(args.name, _size(args), trained_vae=args.vae is not None)
     check_output(args.out, "model", folder=True, overwrite=args.overwrite)
 

@@ -90,6 +90,32 @@ def latent_scaling_factor(vae: Any, data_root: str | os.PathLike, clips: int = 6
     return float(1.0 / torch.cat(means).std())
 
 
+# The VAE each model is made with (its config.json's _class_name).
+_VAE_CLASSES = {"kinema-tiny": "SliceVAE", "kinema-tiny-ad": "AutoencoderKL"}
+
+
+def check_vae_folder(name: str, vae: str | os.PathLike) -> None:
+    """One KinemaError line, from its files alone (no torch), when `vae` is no trained VAE folder that model `name`
+    takes: no config.json, no weights, or a VAE of the other model's kind (a Slice VAE for kinema-tiny-ad, an image
+    VAE for kinema-tiny)."""
+    from kinema.errors import with_article
+    from kinema.fileio import read_json_object
+
+    vae = Path(vae)
+    if not (vae / "config.json").is_file():
+        raise KinemaError(f"{vae} is not a VAE folder (no config.json): give a VAE stage's final/vae")
+    if not any(vae.glob("*.safetensors")) and not any(vae.glob("*.bin")):
+        raise KinemaError(f"{vae} holds a config.json but no weights (.safetensors): give the whole VAE folder "
+                          "(a VAE stage's final/vae)")
+    made = read_json_object(vae / "config.json", f"the config of the VAE {vae}").get("_class_name")
+    wanted = _VAE_CLASSES[name]
+    if made != wanted:
+        maker = next((model for model, kind in _VAE_CLASSES.items() if kind == made), None)
+        whose = f" (a {maker} VAE)" if maker else ""
+        raise KinemaError(f"{vae} is {with_article(made or 'VAE of unknown kind')}{whose}, and {name} takes "
+                          f"{with_article(wanted)}: give the final/vae of a vae stage trained on a {name} folder")
+
+
 def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: str | os.PathLike | None = None,
                         *, scale_data: str | os.PathLike | None = None, overwrite: bool = False,
                         size: Mapping[str, int | None] | None = None) -> Path:
@@ -109,9 +135,8 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
     check_output(out, "model", folder=True, overwrite=overwrite)
     vae_folder = None
     if vae is not None:
+        check_vae_folder(name, vae)
         vae_folder = Path(vae)
-        if not (vae_folder / "config.json").is_file():
-            raise KinemaError(f"{vae_folder} is not a VAE folder (no config.json): give a stage's final/vae")
     if scale_data is not None and vae_folder is None:
         raise KinemaError("the latents' scale is measured on a trained VAE: give the VAE folder too")
     with atomic_folder(out, "model", overwrite=overwrite) as temp:

@@ -281,3 +281,8 @@ def test_a_vae_of_the_other_models_kind_is_refused_before_anything_loads(tmp_pat
         assert f"{vae} is {vae_kind} (a {other} VAE), and {model} takes {wanted}: give the final/vae of a vae " \
                f"stage trained on a {model} folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # The library refuses it as the command does (it failed in diffusers: "SpatialTemporalDownBlock3D does not exist").
+    with pytest.raises(KinemaError, match=r"vae is a SliceVAE \(a kinema-tiny VAE\), and kinema-tiny-ad takes an "
+                                          r"AutoencoderKL"):
+        write_initial_model("kinema-tiny-ad", tmp_path / "api", vae=tmp_path / "kinema-tiny" / "vae")
+    assert not (tmp_path / "api").exists()
