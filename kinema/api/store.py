@@ -186,8 +186,13 @@ class JobStore:
                              (status, time.time(), error, json.dumps(videos or []), job_id))
 
     def finish(self, job_id: str, videos: list[str]) -> None:
-        """Mark a job done with the names of its videos (inside its result folder)."""
-        self._end(job_id, "done", videos=videos)
+        """Mark a job done with the names of its videos (inside its result folder); its progress total becomes the
+        steps it ran, which the total queued can overstate (FreeInit, which a model without inpaint channels turns
+        off for image-to-video, is counted before the model is loaded)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status = 'done', finished = ?, error = NULL, videos = ?, "
+                             "total = CASE WHEN step > 0 THEN step ELSE total END WHERE id = ?",
+                             (time.time(), json.dumps(videos), job_id))
 
     def fail(self, job_id: str, error: str) -> None:
         """Mark a job failed with a one-line reason."""

@@ -110,6 +110,20 @@ def test_recover_requeues_running_jobs_cancels_those_asked_and_fails_repeat_cras
     store.close()
 
 
+def test_a_done_job_reads_complete_when_it_ran_fewer_steps_than_queued(tmp_path):
+    # FreeInit counted at queueing but turned off by the model (image-to-video without inpaint channels).
+    store = JobStore(tmp_path)
+    job_id = store.add({}, {}, 6).id
+    assert store.claim_next() is not None
+    store.progress(job_id, 1)
+    store.progress(job_id, 2)
+    assert store.get(job_id).public()["progress"] == {"step": 2, "total": 6}  # type: ignore[union-attr]
+    store.finish(job_id, ["a.mp4"])
+    record = store.get(job_id)
+    assert (record.status, record.public()["progress"]) == ("done", {"step": 2, "total": 2})  # type: ignore[union-attr]
+    store.close()
+
+
 def test_unknown_jobs_are_404_and_results_wait_for_done(serve, fake_runner, wait):
     with serve(runner=fake_runner) as client:
         for method, path in (("get", "/v1/jobs/nope"), ("get", "/v1/jobs/nope/result"), ("delete", "/v1/jobs/nope")):
