@@ -807,6 +807,7 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
     those `stored` with the latents at `saved`; generate() checks every setting again once they are filled."""
     from kinema.bundled import is_bundled_name, resolve_model
     from kinema.pipelines.outputs import differing_settings
+    from kinema.pipelines.request import changed_since_saved, input_digests
 
     # As the run records its model: a bundled one by name, a folder or file by absolute path.
     model = args.model if is_bundled_name(args.model) else os.path.abspath(resolve_model(args.model))
@@ -822,6 +823,10 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
     if differ:
         raise _not_resumable(saved, f"the saved latents are another run's: their settings differ in "
                                     f"{', '.join(differ)}")
+    changed = changed_since_saved(input_digests(args.request), stored)
+    if changed:
+        raise _not_resumable(saved, f"the saved latents were made from another {changed[0]}: the file changed "
+                                    "since they were saved")
 
 
 def _kinema_latents(path: Path) -> list[dict[str, Any]] | None:
@@ -1128,8 +1133,9 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
         paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite or resume is not None)
     except BaseException:  # stopped or failed after sampling: what was kept, and how to finish without sampling
         if saved:
-            print(f"the final latents are kept in {saved[0]}: `kinema decode {saved[0]}` with the same --model (and "
-                  "--motion-module and --vae) writes the videos without sampling again", file=sys.stderr)
+            print(f"the final latents are kept in {saved[0]}: the same command again writes its videos without "
+                  f"sampling again (or `kinema decode {saved[0]}` with the same --model, --motion-module and --vae, "
+                  "under the decoded videos' own names)", file=sys.stderr)
         raise
     _print_summary(paths, result.report, saved[0] if saved else None)
 

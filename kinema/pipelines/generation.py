@@ -35,6 +35,7 @@ from kinema.pipelines.request import (
     MASK_MARKS_NOTHING,
     OUTPUT_TYPES,
     GenerationRequest,
+    changed_since_saved,
     check_image_keyframes,
     check_mask_frames,
     check_video_holds_overlap,
@@ -827,6 +828,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             request.prompt_hold or request.prompt_loop or request.interpolation != "linear"):
         logger.warning("prompt_hold, prompt_loop and interpolation blend a prompt or image prompt schedule, and this "
                        "video has neither: they change nothing")
+    # Hashed as they are read, so the report names the inputs this run made its video from, and a resume can
+    # tell inputs changed since its latents were saved.
+    inputs = input_digests(request)
     # Inputs are read and sized before any model runs, so a bad file fails fast.
     input_video = None
     if mode in ("video-to-video", "extend"):
@@ -896,7 +900,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
                           "nothing to resume it from; run it without resume")
     if resume is not None:
-        _check_resumed(resume, settings, (len(seeds), family.latent_channels, plan.latent_frames,
+        _check_resumed(resume, settings, inputs, (len(seeds), family.latent_channels, plan.latent_frames,
                                           plan.height // family.spatial_factor, plan.width // family.spatial_factor))
     reset_peak_memory(device)
     segments = 0
@@ -943,7 +947,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 
                 windows = len(context_windows(plan.latent_frames, plan.context))
             if on_latents is not None and resume is None:
-                on_latents(latents, settings)
+                on_latents(latents, [{**entry, "report": {"inputs": inputs}} for entry in settings])
             frames = None
             if output != "latent":
                 with torch.no_grad():
@@ -961,7 +965,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
               "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
               "latent_frames": int(latents.shape[2]), "scheduler": plan.scheduler, "windows": windows,
               "segments": segments or None, "resumed": resume is not None,
-              "inputs": input_digests(request)}  # so a job replaying these settings can tell a changed input
+              "inputs": inputs}  # so a job replaying these settings can tell a changed input
     logger.info("generated %s: %s", mode, report)
     for entry in settings:
         entry["report"] = report
@@ -973,9 +977,10 @@ class NotThisRun(KinemaError):
 
 
 def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settings: Sequence[dict[str, Any]],
-                   shape: tuple[int, ...]) -> None:
+                   inputs: Mapping[str, str], shape: tuple[int, ...]) -> None:
     """One KinemaError line unless the saved latents and settings of `resume` are this run's: the same settings,
-    as JSON stores them, and latents of the run's `shape`."""
+    as JSON stores them, the same input files (`inputs`, their digests, against those saved with the latents) and
+    latents of the run's `shape`."""
     from kinema.pipelines.outputs import differing_settings
 
     latents, saved = resume
@@ -985,6 +990,10 @@ def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settin
     differ = differing_settings(settings, saved)
     if differ:
         raise NotThisRun(f"the saved latents are another run's: their settings differ in {', '.join(differ)}")
+    changed = changed_since_saved(inputs, saved)
+    if changed:
+        raise NotThisRun(f"the saved latents were made from another {changed[0]}: the file changed since they were "
+                         "saved")
     if not torch.isfinite(latents).all():
         raise NotThisRun("the saved latents hold NaN or infinity: the file is damaged")
     if tuple(latents.shape) != shape:

@@ -252,7 +252,7 @@ def _latents_header(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
         settings = json.loads(found.metadata.get(SETTINGS_METADATA_KEY, ""))
     except ValueError:
         raise _damaged(path) from None
-    if not isinstance(settings, list) or not all(isinstance(entry, dict) for entry in settings):
+    if not isinstance(settings, list) or not settings or not all(isinstance(entry, dict) for entry in settings):
         raise _damaged(path)
     return settings, found.metadata
 
@@ -283,6 +283,7 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, 
     """The latents `(B, C, F', h, w)` and per-video settings that `save_latents` wrote to `path`. Reads
     safetensors only (no pickle); any other file, a safetensors file kinema did not write as latents, or latents
     whose bytes no longer match the digest saved with them, is refused in one KinemaError line."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -298,4 +299,7 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, 
             metadata[DIGEST_METADATA_KEY] != _digest(latents, metadata.get(SETTINGS_METADATA_KEY, "")):
         raise KinemaError(f"{path} is damaged: its latents or settings no longer match the digest saved with them (a "
                           "disk or copy fault); generate it again, or copy it again from where it was made")
+    if not torch.isfinite(latents).all():  # kinema saves none such (generate() refuses them), so the file changed
+        raise KinemaError(f"{path} is damaged: its latents hold NaN or infinity, which kinema never saves; generate "
+                          "it again")
     return latents, settings

@@ -373,7 +373,22 @@ def input_digests(request: GenerationRequest) -> dict[str, str]:
 def changed_inputs(request: GenerationRequest, recorded: Mapping[str, Any]) -> list[str]:
     """The input paths of `request` whose SHA-256 is not the one `recorded` (`input_digests` of the run that made a
     video); paths not recorded are not compared."""
-    now = input_digests(request)
+    return _changed(input_digests(request), recorded)
+
+
+def changed_since_saved(inputs: Mapping[str, str], saved: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The paths among `inputs` (`input_digests` of a run) whose digest is not the one recorded in the `report` of
+    the `saved` settings (those saved with latents, `read_latents_settings`): the inputs that changed since the
+    latents were made. Latents saved with no digests (before kinema recorded them) have nothing to compare."""
+    recorded: dict[str, Any] = {}
+    for entry in saved:
+        report = entry.get("report")
+        if isinstance(report, Mapping) and isinstance(report.get("inputs"), Mapping):
+            recorded.update(report["inputs"])
+    return _changed(inputs, recorded)
+
+
+def _changed(now: Mapping[str, str], recorded: Mapping[str, Any]) -> list[str]:
     return [path for path, digest in now.items() if path in recorded and recorded[path] != digest]
 
 

@@ -679,6 +679,40 @@ def test_an_overwrite_stopped_while_writing_leaves_its_latents_without_the_old_v
                                       png_frames(tmp_path / f"straight-seed{seed}"))
 
 
+def test_a_stopped_v2v_does_not_resume_once_its_input_video_changed(tiny_sd, family, tmp_path, capsys, monkeypatch):
+    from kinema.data import video_io
+    from kinema.data.video_io import write_video
+    from kinema.pipelines.generation import NotThisRun, generate
+    from kinema.pipelines.outputs import load_latents
+
+    def clip(seed):
+        return torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    write_video(clip(0), tmp_path / "walk")
+    argv = ["v2v", str(tmp_path / "walk"), "a robot", "--strength", "0.5", "--steps", "2", "--seed", "2", *tiny_sd,
+            "--quiet", "-o", str(tmp_path / "robot")]
+    with monkeypatch.context() as patch:  # as a Ctrl-C while the run writes its video, after its latents
+        patch.setattr(video_io, "write_video", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(argv) == 130
+    assert "the same command again writes its videos without sampling again" in capsys.readouterr().err
+    # The input is replaced by other frames of the same size and length: its settings alone cannot tell.
+    write_video(clip(1), tmp_path / "walk", overwrite=True)
+    with monkeypatch.context() as before_loading:
+        before_loading.setattr("kinema.pipelines.load.load_family", lambda *a, **k: pytest.fail("loaded"))
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the saved latents were made from another {tmp_path / 'walk'}: the file changed since they were saved; " \
+           "pass --overwrite" in err and "resuming" not in err, err
+    assert not (tmp_path / "robot").exists()
+    # generate() itself refuses them too (the Python API resumes without the command line's check).
+    latents, settings = load_latents(tmp_path / "robot.latents.safetensors")
+    request = GenerationRequest(prompt="a robot", video=str(tmp_path / "walk"), strength=0.5, steps=2, seeds=[2])
+    with pytest.raises(NotThisRun, match="made from another"):
+        generate(family, request, progress=False, resume=(latents, settings))
+    # With --overwrite the run samples anew from the new input.
+    assert main([*argv, "--overwrite"]) == 0 and (tmp_path / "robot").is_dir()
+
+
 def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, family, tmp_path, capsys):
     from kinema.data.probe import read_sidecar
     from kinema.data.video_io import read_video, write_video

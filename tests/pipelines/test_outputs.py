@@ -193,6 +193,17 @@ def test_damaged_latents_settings_are_refused(tmp_path):
     with pytest.raises(KinemaError, match="contents are damaged"):
         load_latents(path)
     assert Path(path).exists()
+    # No videos at all: damaged, not "no seeds given" (which names a flag decode does not have).
+    save_file({"latents": torch.zeros(0, 4, 2, 2, 2)}, str(path),
+              metadata={"kinema_output": "latents", "kinema_settings": "[]"})
+    with pytest.raises(KinemaError, match="contents are damaged"):
+        load_latents(path)
+    # NaN, digest-less (older) or with a digest matching: refused before a decode blames the model.
+    for value in (float("nan"), float("inf")):
+        save_file({"latents": torch.full((1, 4, 2, 2, 2), value)}, str(path),
+                  metadata={"kinema_output": "latents", "kinema_settings": json.dumps([{"seed": 0}])})
+        with pytest.raises(KinemaError, match="its latents hold NaN or infinity, which kinema never saves"):
+            load_latents(path)
 
 
 def test_a_flipped_bit_in_saved_latents_or_their_settings_is_refused(tmp_path):
