@@ -86,7 +86,7 @@ def check_eval(args: argparse.Namespace) -> None:
     prompt file (every line) and DIR."""
     from kinema.bundled import resolve_model
     from kinema.eval.prompts import DEFAULT_PROMPTS, read_prompts
-    from kinema.eval.run import EVAL_KIND, check_eval_inputs, default_out_dir
+    from kinema.eval.run import CONTINUATION_FRAMES, EVAL_KIND, check_eval_inputs, default_out_dir
     from kinema.fileio import check_output
 
     if args.continuations is not None and args.no_continuation:
@@ -108,7 +108,8 @@ def check_eval(args: argparse.Namespace) -> None:
     entries = read_prompts(args.prompts)
     resolve_model(args.model)
     check_eval_inputs(args.model, entries[:args.limit], args.prompts, seed=args.seed, frames=args.frames,
-                      motion_module=args.motion_module, loras=args.lora)
+                      motion_module=args.motion_module, loras=args.lora,
+                      continuation=None if args.no_continuation else CONTINUATION_FRAMES)
     args.out = Path(args.out) if args.out is not None else default_out_dir(args.model, args.motion_module)
     check_output(args.out, EVAL_KIND, folder=True, overwrite=args.overwrite,
                  inputs=(args.prompts, *(entry.image for entry in entries[:args.limit] if entry.image is not None)))

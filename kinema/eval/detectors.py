@@ -63,6 +63,8 @@ def _frames_to_array(frames: FrameInput) -> np.ndarray:
             if frames.ndim != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
                 raise KinemaError(f"expected float frames shaped (F, 3, H, W) in [0, 1], got a {frames.dtype} "
                                   f"tensor of shape {tuple(frames.shape)}")
+            if not torch.isfinite(frames).all():
+                raise KinemaError("expected float frames in [0, 1], got NaN or infinity, which no video has")
             low, high = float(frames.min()), float(frames.max())
             if low < -0.02 or high > 1.02:
                 raise KinemaError(f"expected float frames in [0, 1], got values in [{low:.3f}, {high:.3f}]; "

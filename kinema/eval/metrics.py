@@ -37,6 +37,8 @@ def _frames(frames: torch.Tensor | np.ndarray, what: str = "frames") -> np.ndarr
                           f"{getattr(frames, 'dtype', type(frames).__name__)} of shape {getattr(frames, 'shape', '?')}")
     if 0 in frames.shape:
         raise KinemaError(f"{what} are empty: shape {frames.shape}")
+    if not np.isfinite(frames).all():  # NaN passes every range check, and would score as a still video
+        raise KinemaError(f"{what} hold NaN or infinity, which no video has")
     low, high = float(frames.min()), float(frames.max())
     if low < -0.02 or high > 1.02:
         raise KinemaError(f"{what} must be in [0, 1], got values in [{low:.3f}, {high:.3f}]; frames from read_video "

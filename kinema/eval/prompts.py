@@ -119,13 +119,21 @@ def _entry(value: Any, folder: Path, where: str, line: int) -> PromptEntry:
     if image is not None:
         if not isinstance(image, str) or not image:
             raise KinemaError(f"{where}: \"image\" must be a path (relative to the prompt file), got {image!r}")
+        from kinema.pipelines.jobs import check_image_file, existing_path
+
+        try:
+            found = existing_path(image, '"image"', (folder,))
+        except KinemaError as err:
+            raise KinemaError(f"{where}: {err}") from None
         image_path = (folder / image).resolve()
+        if found is None:
+            raise KinemaError(f"{where}: no such image {image} (looked for {image_path}); image paths are relative "
+                              "to the prompt file's folder")
         if image_path.is_dir():
             raise KinemaError(f"{where}: \"image\" {image} is a folder ({image_path}); give an image file")
         if not image_path.is_file():
-            raise KinemaError(f"{where}: no such image {image} (looked for {image_path}); image paths are relative "
-                              "to the prompt file's folder")
-        from kinema.pipelines.jobs import check_image_file
+            raise KinemaError(f"{where}: \"image\" {image} is not a regular file ({image_path}: a device, pipe or "
+                              "socket); give an image file")
 
         try:
             check_image_file(image_path, "start image")
@@ -145,8 +153,18 @@ def read_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> list[PromptEntry]
 
     example = '{"prompt": "a red circle moving right", "color": "red", "shape": "circle", "motion": "right"}'
     path = Path(path)
-    return [_entry(value, path.parent, where, number)
-            for where, number, value in read_json_lines(path, what="prompt", example=example)]
+    entries, first_line = [], {}
+    for where, number, value in read_json_lines(path, what="prompt", example=example):
+        entry = _entry(value, path.parent, where, number)
+        # The video a line makes: its prompt as the seed reads it, its start image, its seed (`default_seed`).
+        seed = entry.seed if entry.seed is not None else default_seed(entry.prompt)
+        video = (_spaced(entry.prompt), entry.image, seed)
+        if video in first_line:
+            raise KinemaError(f"{where}: the same prompt, start image and seed as line {first_line[video]}, so the "
+                              "same video, which would be scored twice; drop one line, or give one another \"seed\"")
+        first_line[video] = number
+        entries.append(entry)
+    return entries
 
 
 # ---------------------------------------------------------------- making a prompt set from the synthetic world
@@ -229,4 +247,9 @@ def default_seed(prompt: str, seed: int = 0) -> int:
     keeps its video when lines are added, removed or reordered."""
     import zlib
 
-    return seed + zlib.crc32(re.sub(r"\s+", " ", prompt.strip()).encode("utf-8")) % 2**31
+    return seed + zlib.crc32(_spaced(prompt).encode("utf-8")) % 2**31
+
+
+def _spaced(prompt: str) -> str:
+    """`prompt` with its runs of white space made one space and its ends trimmed."""
+    return re.sub(r"\s+", " ", prompt.strip())

@@ -223,15 +223,20 @@ def default_out_dir(model: str, motion_module: str | os.PathLike | None = None) 
 
 def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: str | os.PathLike, *, seed: int,
                       frames: int | None, motion_module: str | os.PathLike | None = None,
-                      loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> None:
+                      loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                      continuation: int | None = CONTINUATION_FRAMES) -> None:
     """One KinemaError line, before any model loads, for a frame count the model cannot make (or too few to show
-    motion), a motion module or LoRA that is missing or that the model cannot take, or a line whose seed plus
-    `seed` is past the largest seed."""
+    motion, or as many as the `continuation` the first videos are extended to: None for none), a motion module or
+    LoRA that is missing or that the model cannot take, or a line whose seed plus `seed` is past the largest
+    seed."""
     from kinema.bundled import resolve_model
     from kinema.pipelines.jobs import check_model_request
 
     if frames is not None and frames < 2:
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
+    if frames is not None and continuation is not None and frames >= continuation:
+        raise KinemaError(f"the continuation extends the first videos to {continuation} frames, so they must be "
+                          f"shorter; got --frames {frames}: ask for fewer frames, or pass --no-continuation")
     for path, what in ((motion_module, "motion module"), *((path, "LoRA file") for path, _ in loras)):
         if path is not None and not os.path.lexists(path):
             raise KinemaError(f"no such {what}: {path}")
@@ -301,7 +306,7 @@ def evaluate(
         raise KinemaError(f"guidance must be a finite number >= 1 (1 turns classifier-free guidance off), got "
                           f"{guidance}")
     check_eval_inputs(model, entries, prompts_path, seed=seed, frames=frames, motion_module=motion_module,
-                      loras=loras)
+                      loras=loras, continuation=continuation_frames if continuation else None)
     if speed is not None:
         from kinema.pipelines.speed import preset_settings
 

@@ -545,7 +545,7 @@ def _settings_object(value: Any, key: str, kind: type) -> Any:
     return kind(**checked)  # request.check() checks them together (a context overlap below its length)
 
 
-def _existing(text: str, key: str, folders: Iterable[Path | None]) -> Path | None:
+def existing_path(text: str, key: str, folders: Iterable[Path | None]) -> Path | None:
     """The first `folder / text` that exists, or None; one KinemaError line for a text no path can be (too long
     for a file name, a NUL character), which the file system would otherwise answer with an OSError."""
     if "\0" in text:  # pathlib calls such a path missing, and the message would carry the NUL along
@@ -570,7 +570,7 @@ def _path(value: Any, key: str, base: Path, models_dir: Path | None, what: str) 
     text = _text(value, key)
     if not text:
         raise KinemaError(f"{key} is empty; give the {what}'s path")
-    found = _existing(text, key, (base, models_dir))
+    found = existing_path(text, key, (base, models_dir))
     if found is None:
         raise KinemaError(f"no such {what}: {text}")
     return os.path.abspath(found)
@@ -587,7 +587,7 @@ def _model(value: Any, base: Path, models_dir: Path | None) -> str:
     text = _text(value, "model")
     if not text.strip():
         raise KinemaError("model is empty; give a model folder or file, or a bundled model's name")
-    found = _existing(text, "model", (base, models_dir))
+    found = existing_path(text, "model", (base, models_dir))
     if found is not None:
         path = os.path.abspath(found)
         _check_model_path(Path(path))

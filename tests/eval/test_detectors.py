@@ -104,6 +104,8 @@ def test_bad_input_raises_one_clear_error():
         detect(minus_one_to_one)
     with pytest.raises(KinemaError, match="uint8 frames shaped"):
         detect(clip.frames.astype(np.float32))
+    with pytest.raises(KinemaError, match="got NaN or infinity"):
+        detect(torch.full((4, 3, 16, 16), float("nan")))
     with pytest.raises(KinemaError, match="no object found"):
         detect(np.full((4, 16, 16, 3), 90, dtype=np.uint8))
     with pytest.raises(KinemaError, match="one frame shaped"):

@@ -115,3 +115,8 @@ def test_video_psnr_is_over_every_pixel_of_every_frame():
 def test_frames_outside_zero_one_are_refused():
     with pytest.raises(KinemaError, match=r"pass \(frames \+ 1\) / 2"):
         temporal_flicker(torch.full((2, 3, 4, 4), -1.0))
+    # NaN passes a range check, and once scored as a still video (flicker 1.0).
+    nan = np.full((8, 3, 16, 16), np.nan)
+    for metric in (temporal_flicker, lambda v: seam_score(v, [4]), lambda v: video_psnr(v, v)):
+        with pytest.raises(KinemaError, match="frames hold NaN or infinity, which no video has"):
+            metric(nan)

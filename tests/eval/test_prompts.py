@@ -54,7 +54,7 @@ def test_a_good_file_reads_with_images_relative_to_it(tmp_path):
 def test_line_separators_inside_a_json_string_do_not_end_its_line(tmp_path):
     path = tmp_path / "set.jsonl"
     text = json.dumps({**GOOD, "prompt": "a red circle\u2028moving\x85right"}, ensure_ascii=False)
-    path.write_text(text + "\r\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    path.write_text(text + "\r\n" + json.dumps({**GOOD, "seed": 1}) + "\n", encoding="utf-8")
     first, second = read_prompts(path)
     assert first.prompt == "a red circle\u2028moving\x85right" and (first.line, second.line) == (1, 2)
 
@@ -91,6 +91,32 @@ def test_a_start_image_that_is_a_folder_or_not_an_image_is_named_with_its_line(t
     path = write_lines(tmp_path / "set.jsonl", {**GOOD, "image": "notes.png"})
     with pytest.raises(KinemaError, match=r"line 1: the start image .*notes.png is not an image.*; give a PNG, JPEG, "
                                           r"WebP or GIF file$"):
+        read_prompts(path)
+
+
+def test_a_start_image_path_with_a_nul_or_of_a_device_is_named_as_such(tmp_path):
+    path = write_lines(tmp_path / "set.jsonl", {**GOOD, "image": "a\0b.png"})
+    with pytest.raises(KinemaError, match=r'line 1: "image" holds a NUL character, which no path can; give a path '
+                                          r"without it$"):
+        read_prompts(path)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    path = write_lines(tmp_path / "set.jsonl", {**GOOD, "image": "zero.png"})
+    with pytest.raises(KinemaError, match=r'line 1: "image" zero.png is not a regular file \(/dev/zero: a device, '
+                                          r"pipe or socket\); give an image file$"):
+        read_prompts(path)
+
+
+def test_a_line_making_the_same_video_as_an_earlier_one_is_refused(tmp_path):
+    spaced = {**GOOD, "prompt": "  " + GOOD["prompt"].replace(" ", "   ")}  # the seed reads it as GOOD's
+    path = write_lines(tmp_path / "set.jsonl", GOOD, {**GOOD, "seed": 3}, "", spaced)
+    with pytest.raises(KinemaError, match=r"set\.jsonl line 4: the same prompt, start image and seed as line 1, so the "
+                                          r"same video, which would be scored twice; drop one line"):
+        read_prompts(path)
+    # Another seed, or the same seed given, is another video.
+    path = write_lines(tmp_path / "set.jsonl", GOOD, {**GOOD, "seed": 3}, {**GOOD, "seed": 4})
+    assert len(read_prompts(path)) == 3
+    path = write_lines(tmp_path / "set.jsonl", {**GOOD, "seed": 3}, {**GOOD, "color": "blue", "seed": 3})
+    with pytest.raises(KinemaError, match="line 2: the same prompt, start image and seed as line 1"):
         read_prompts(path)
 
 

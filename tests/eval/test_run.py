@@ -288,3 +288,16 @@ def test_a_motion_module_and_loras_are_scored_on_the_model(tmp_path, monkeypatch
     assert main(["eval", "--model", "kinema-tiny-ad", "--lora", str(tmp_path / "gone.safetensors"), "--prompts",
                  str(write_t2v(tmp_path)), "--out", str(tmp_path / "out")]) == 2
     assert "no such LoRA file:" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_frames_as_many_as_the_continuation_are_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from kinema.pipelines import load as load_module
+
+    monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("loaded"))
+    prompts = str(write_t2v(tmp_path))
+    assert main(["eval", "--prompts", prompts, "--frames", "128", "--out", str(tmp_path / "out")]) == 2
+    assert "the continuation extends the first videos to 128 frames, so they must be shorter; got --frames 128: ask " \
+           "for fewer frames, or pass --no-continuation" in capsys.readouterr().err
+    with pytest.raises(KinemaError, match="extends the first videos to 64 frames"):
+        evaluate("kinema-tiny", prompts, frames=64, continuation_frames=64, progress=False)
+    assert not (tmp_path / "out").exists()
