@@ -153,7 +153,8 @@ def read_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> list[PromptEntry]
 
     example = '{"prompt": "a red circle moving right", "color": "red", "shape": "circle", "motion": "right"}'
     path = Path(path)
-    entries, first_line = [], {}
+    entries: list[PromptEntry] = []
+    first_line: dict[tuple[str, Path | None, int], int] = {}
     for where, number, value in read_json_lines(path, what="prompt", example=example):
         entry = _entry(value, path.parent, where, number)
         # The video a line makes: its prompt as the seed reads it, its start image, its seed (`default_seed`).
