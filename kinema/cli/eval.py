@@ -129,6 +129,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
         scores = score_reconstructions(args.model, count=args.reconstructions,
                                        family=load_family(args.model, device=device))
+        scores["psnr"] = round(scores["psnr"], 2)
+        scores["settings"]["device"] = str(device)
         print(json.dumps({key: value for key, value in scores.items() if key != "per_clip"}))
         return
     report = evaluate(args.model, args.prompts, seed=args.seed, frames=args.frames, steps=args.steps,

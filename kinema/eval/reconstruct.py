@@ -16,15 +16,18 @@ def score_reconstructions(model: str, *, count: int = 24, seed: int = DEFAULT_SE
     """Encode and decode `count` synth clips (`synth_clip(seed, i, frames, size)`, uint8 `(F, H, W, 3)`) with the
     model's VAE and run the detectors on each reconstruction `(F, 3, H, W)` in [0, 1].
 
-    Returns `{"n", "color_acc", "shape_acc", "motion_acc", "psnr", "per_clip"}`: the share of clips whose detected
-    label is the clip's ground truth, and the mean PSNR in dB over the clips (pixels in [0, 1]). `family` (a loaded
-    VideoFamily) skips loading `model`.
+    Returns `{"n", "color_acc", "shape_acc", "motion_acc", "psnr", "settings", "per_clip"}`: the share of clips
+    whose detected label is the clip's ground truth (a reconstruction with no object to read counts as wrong on
+    all three, its row saying why), the mean PSNR in dB over the clips (pixels in [0, 1]), and what makes the
+    figures again (model, clips, synth seed, frames, size, kinema's version). `family` (a loaded VideoFamily) skips
+    loading `model`.
     """
     import torch
 
+    from kinema import __version__
     from kinema.data.synth import synth_clip
-    from kinema.eval.detectors import detect
     from kinema.eval.metrics import video_psnr
+    from kinema.eval.run import labels_or_why
     from kinema.pipelines.generation import decode_saved
 
     if family is None:
@@ -39,11 +42,14 @@ def score_reconstructions(model: str, *, count: int = 24, seed: int = DEFAULT_SE
             rebuilt = decode_saved(family, family.encode_frames(original[None]))[0].clamp(0, 1).cpu()
         truth = {"color": clip.ground_truth["colour"], "shape": clip.ground_truth["shape"],
                  "motion": clip.ground_truth["motion"]}
-        rows.append({"index": index, "truth": truth, "detected": detect(rebuilt),
+        detected, problem = labels_or_why(rebuilt)
+        rows.append({"index": index, "truth": truth, "detected": detected, "problem": problem,
                      "psnr": video_psnr(rebuilt, original, "the clip")})
     scores: dict[str, Any] = {"n": count}
     for label in LABELS:
         scores[f"{label}_acc"] = sum(row["detected"][label] == row["truth"][label] for row in rows) / count
     scores["psnr"] = sum(row["psnr"] for row in rows) / count
+    scores["settings"] = {"model": model, "clips": count, "synth_seed": seed, "frames": frames, "size": size,
+                          "kinema_version": __version__}
     scores["per_clip"] = rows
     return scores

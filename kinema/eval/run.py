@@ -135,7 +135,7 @@ def _write_video(folder: Path, name: str, video: Any, settings: dict[str, Any]) 
     return relative
 
 
-def _detect(video: Any) -> tuple[dict[str, str | None], str | None]:
+def labels_or_why(video: Any) -> tuple[dict[str, str | None], str | None]:
     """`detect` on a video `(F, 3, H, W)`, or no labels and the reason when there is no object to read."""
     from kinema.eval.detectors import detect
 
@@ -426,7 +426,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
         made = time.perf_counter()
         result = generate(family, request, progress=False)
         video = result.frames[0]
-        detected, problem = _detect(video)
+        detected, problem = labels_or_why(video)
         row: dict[str, Any] = {
             "prompt": entry.prompt, "line": entry.line, "mode": entry.mode, "held_out": entry.held_out,
             "seed": video_seed, "expected": entry.labels, "detected": detected,
@@ -501,7 +501,7 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
     result = generate(family, request, progress=False)
     video = result.frames[0]
     boundaries = continuation_boundaries(frames, total, frames, overlap)
-    tail, problem = _detect(video[-frames:])
+    tail, problem = labels_or_why(video[-frames:])
     report: dict[str, Any] = {
         "prompt": entry.prompt, "line": entry.line, "seed": seed, "frames": int(video.shape[0]),
         "segment_frames": frames, "overlap": overlap, "segments": result.report.get("segments"),

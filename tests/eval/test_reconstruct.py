@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import kinema
 from kinema.data.synth import synth_clip
 from kinema.eval.metrics import MAX_PSNR_DB
 from kinema.eval.reconstruct import score_reconstructions
@@ -30,6 +31,15 @@ def test_a_lossless_vae_lets_everything_through():
     scores = score_reconstructions("unused", count=4, family=_PixelFamily())
     assert (scores["n"], scores["color_acc"], scores["shape_acc"], scores["motion_acc"]) == (4, 1.0, 1.0, 1.0)
     assert scores["psnr"] == MAX_PSNR_DB  # capped like every PSNR kinema eval reports, so --json stays valid JSON
+    assert scores["settings"] == {"model": "unused", "clips": 4, "synth_seed": 9001, "frames": 16, "size": 64,
+                                  "kinema_version": kinema.__version__}
+
+
+def test_a_reconstruction_with_no_object_counts_as_wrong_and_says_why():
+    scores = score_reconstructions("unused", count=2, family=_PixelFamily(lambda frames: frames * 0 + 0.35))
+    assert (scores["color_acc"], scores["shape_acc"], scores["motion_acc"]) == (0.0, 0.0, 0.0)
+    assert all(row["detected"] == {"color": None, "shape": None, "motion": None} and "no object found" in
+               row["problem"] for row in scores["per_clip"])
 
 
 def test_a_vae_that_swaps_red_and_blue_loses_colour_and_its_psnr_is_the_plain_formula():
