@@ -816,6 +816,7 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
     # the input or the model may fill, checked once they are filled.
     differ = differing_settings([{**given, "seed": seed} for seed in args.seed], stored,
                                 keys=("seed", "model", "prompt", "negative_prompt", "steps", "guidance", "scheduler",
+                                      "frames", "height", "width", "dtype",
                                       "fps", "strength", "image", "end_image", "video", "mask", "mask_blur",
                                       "ip_image", "control_video", "interpolation", "prompt_hold", "prompt_loop",
                                       "clip_skip", "guidance_rescale", "cfg_truncation", "motion_scale",

@@ -972,6 +972,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     return GenerationResult(None if frames is None else _as_output(frames, output), latents, settings, report)
 
 
+# Settings that change how latents are decoded, not the latents: a resumed run may take others than its first.
+DECODE_SETTINGS = ("vae_tiling", "decode_chunk", "offload")
+
+
 class NotThisRun(KinemaError):
     """Saved latents given to resume a run are another run's."""
 
@@ -987,7 +991,8 @@ def _check_resumed(resume: tuple[torch.Tensor, Sequence[dict[str, Any]]], settin
     if len(saved) != len(settings):
         raise NotThisRun(f"the saved latents hold {len(saved)} videos and this run makes {len(settings)}, so they are "
                          "another run's")
-    differ = differing_settings(settings, saved)
+    # How the latents are decoded may change (the usual fix for a run stopped by running out of memory there).
+    differ = [key for key in differing_settings(settings, saved) if key not in DECODE_SETTINGS]
     if differ:
         raise NotThisRun(f"the saved latents are another run's: their settings differ in {', '.join(differ)}")
     changed = changed_since_saved(inputs, saved)
