@@ -609,18 +609,25 @@ def _check_image(path: str | None, what: str) -> tuple[int, int] | None:
     return check_image_file(path, what)
 
 
-def _check_input_size(args: argparse.Namespace, size: tuple[int, int] | None, what: str) -> None:
+def _check_input_size(args: argparse.Namespace, size: tuple[int, int] | None, what: str,
+                      folder: Path | None = None) -> None:
     """An input of frames (a start or end image, a control video) of `size` (width, height) is at the video's size
-    unless --resize: refused here, before the model loads, where generate() would refuse it only after."""
+    unless --resize: refused here, before the model loads, where generate() would refuse it only after. `folder`:
+    the model, whose sizes the fix offered is one of."""
+    from kinema.pipelines.jobs import model_shape, size_multiple_below
+
     if size is None or args.resize:
         return
     width, height = size
     # Unset by the options and the model's kinema.json: generate() takes the library's size.
     video = (args.height or LIBRARY_DEFAULTS["height"], args.width or LIBRARY_DEFAULTS["width"])
     if (height, width) != video:
-        # With an input video (v2v), the video's size is the input's: --width/--height would not match it either.
-        other = f"give a {what} of {video[1]}x{video[0]}" if getattr(args, "video", None) is not None else \
-            f"set --width {width} --height {height}"
+        shape = None if folder is None else model_shape(folder)
+        makes_it = shape is None or size_multiple_below(height, width, shape.size_multiple) == (height, width)
+        # With an input video (v2v), the video's size is the input's: --width/--height would not match it either;
+        # nor would a size the model cannot make.
+        other = f"give a {what} of {video[1]}x{video[0]}" if getattr(args, "video", None) is not None or \
+            not makes_it else f"set --width {width} --height {height}"
         raise KinemaError(f"the {what} is {width}x{height} but the video is {video[1]}x{video[0]}; pass --resize to "
                           f"resize it, or {other}")
 
@@ -690,6 +697,8 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
     """What the model folder cannot take, from its configs read once (`check_model_request`): the frame count, the
     size, a context window or segment past its window, and a motion module, LoRA, tokenizer, FreeU or VAE given
     with an EasyAnimate model."""
+    if getattr(args, "size_of_input", False):
+        _check_input_video_size(folder, args.height, args.width)
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
@@ -699,6 +708,21 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
                         segment_frames=getattr(args, "segment_frames", None),
                         overlap_frames=getattr(args, "overlap_frames", None) if hasattr(args, "segment_frames")
                         else None)  # extend's: continuation segments
+
+
+def _check_input_video_size(folder: Path, height: int, width: int) -> None:
+    """An input video (the size of the video made) whose size the model cannot make: refused with the size it can
+    make nearest below, which --resize takes the input to."""
+    from kinema.pipelines.jobs import model_shape, size_multiple_below
+
+    shape = model_shape(folder)
+    if shape is None:
+        return
+    near_height, near_width = size_multiple_below(height, width, shape.size_multiple)
+    if (near_height, near_width) != (height, width):
+        raise KinemaError(f"the input video is {width}x{height}, and the model makes sizes in multiples of "
+                          f"{shape.size_multiple} ({shape.why}): add --width {near_width} --height {near_height} "
+                          "--resize to resize it to the nearest size below")
 
 
 def _apply_speed(args: argparse.Namespace) -> None:
@@ -814,9 +838,11 @@ def _check_resumable(args: argparse.Namespace, saved: Path, stored: list[dict[st
     given = {**args.request.settings(), "model": model}
     # What the command line (with the model's kinema.json defaults) says; the rest (sizes from an input, guess mode)
     # the input or the model may fill, checked once they are filled.
+    # An input video's frames are its own (the request holds the library's default until generate() reads it).
+    frames = ("frames",) if args.request.video is None else ()
     differ = differing_settings([{**given, "seed": seed} for seed in args.seed], stored,
-                                keys=("seed", "model", "prompt", "negative_prompt", "steps", "guidance", "scheduler",
-                                      "frames", "height", "width", "dtype",
+                                keys=(*frames, "seed", "model", "prompt", "negative_prompt", "steps", "guidance",
+                                      "scheduler", "height", "width", "dtype",
                                       "fps", "strength", "image", "end_image", "video", "mask", "mask_blur",
                                       "ip_image", "control_video", "interpolation", "prompt_hold", "prompt_loop",
                                       "clip_skip", "guidance_rescale", "cfg_truncation", "motion_scale",
@@ -919,8 +945,8 @@ def check_generate(args: argparse.Namespace) -> None:
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     _check_model_takes(args, model, args.frames)
-    _check_input_size(args, sizes[0], "start image")
-    _check_input_size(args, sizes[1], "end image")
+    _check_input_size(args, sizes[0], "start image", model)
+    _check_input_size(args, sizes[1], "end image", model)
     _check_control_frames(args, args.frames)
     args.request = _request(args, prompt=args.prompt, frames=args.frames, image=args.image,
                             end_image=args.end_image, context=_context(args))
@@ -942,9 +968,14 @@ def _check_video_input(args: argparse.Namespace) -> int:
     if not os.path.exists(args.video):
         raise KinemaError(f"no such video: {args.video}")
     frames = frame_count(args.video)
-    if args.height is None or args.width is None:
-        height, width = video_size(args.video)
-        args.height, args.width = args.height or height, args.width or width
+    height, width = video_size(args.video)
+    asked = (args.height or height, args.width or width)
+    if asked != (height, width) and not args.resize:
+        raise KinemaError(f"the input video is {width}x{height} but --width/--height ask for {asked[1]}x{asked[0]}; "
+                          "add --resize to resize it to that size, or drop --width and --height")
+    # Taken from the input: a size the model cannot make is the input's, which only --resize changes.
+    args.size_of_input = asked == (height, width) and (args.height is None or args.width is None)
+    args.height, args.width = asked
     if args.fps is None:
         args.fps = video_fps(args.video)
     return frames

@@ -188,11 +188,17 @@ def check_slice_frames(frames: int, per_slice: int, input_video: bool = False) -
 
 def check_size_multiple(height: int, width: int, factor: int, why: str) -> None:
     """One KinemaError line unless `height` and `width` are positive multiples of `factor` (`why`: what makes it),
-    naming the nearest smaller size."""
-    if height < factor or width < factor or height % factor or width % factor:
-        near = f"{max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
-        raise KinemaError(f"height and width must be positive multiples of {factor} ({why}); got {height}x{width}: "
-                          f"use {near}")
+    naming the nearest smaller size (width x height, as every size kinema names)."""
+    near = size_multiple_below(height, width, factor)
+    if near != (height, width):
+        raise KinemaError(f"width and height must be positive multiples of {factor} ({why}); got {width}x{height}: "
+                          f"use {near[1]}x{near[0]}")
+
+
+def size_multiple_below(height: int, width: int, factor: int) -> tuple[int, int]:
+    """(height, width) rounded down to positive multiples of `factor`: the size a model of that `factor` makes
+    nearest below."""
+    return max(height // factor, 1) * factor, max(width // factor, 1) * factor
 
 
 def _whole(value: Any) -> int | None:

@@ -685,6 +685,9 @@ class GenerationRequest:
                               "video-to-video), with --frames as long as it")
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
+        if self.end_image is not None and self.frames == 1:  # the one frame would be the end image, not the start
+            raise KinemaError("an end image is the last frame and the start image the first, so a video of both needs "
+                              "at least 2 frames; ask for more frames, or drop the end image")
         if self.mask is not None and self.video is None:
             raise KinemaError("a mask (--mask) marks the pixels of an input video to remake (video-to-video): give "
                               "video too")

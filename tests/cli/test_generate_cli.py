@@ -266,9 +266,13 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
 
     write_video(np.zeros((8, 32, 32, 3), np.uint8), tmp_path / "clip.mp4",  # an input: counted and sized first
                 settings={"prompt": "a clip"})
+    write_video(np.zeros((8, 36, 44, 3), np.uint8), tmp_path / "odd.mp4")
     (tmp_path / "held.mp4.json").mkdir()
     (tmp_path / "frames").mkdir()
+    from PIL import Image
     from safetensors.torch import save_file
+
+    Image.new("RGB", (100, 84)).save(tmp_path / "odd.png")
 
     save_file({"latents": torch.zeros(1, 4, 2, 2, 2)}, str(tmp_path / "weights.safetensors"))
     # PIA motion modules, told from the header and the config alone: the tensors are never read.
@@ -344,11 +348,21 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                                                            "not an image"),
         (["generate", "a cat", "--frames", "12"], "EasyAnimate V3 makes 1 or a multiple of 8 frames; 12 is not: use "
                                                   "8 or 16"),
-        (["generate", "a cat", "--height", "50"], "height and width must be positive multiples of 8 (the VAE's 4x "
-                                                  "downscale times the transformer's 2x2 patches); got 50x64: use "
-                                                  "48x64"),
-        (["generate", "a cat", "--model", "kinema-tiny-ad", "--width", "60"], "height and width must be positive "
-         "multiples of 8 (the VAE's downscale); got 64x60: use 64x56"),
+        (["generate", "a cat", "--height", "50"], "width and height must be positive multiples of 8 (the VAE's 4x "
+                                                  "downscale times the transformer's 2x2 patches); got 64x50: use "
+                                                  "64x48"),
+        (["generate", "a cat", "--model", "kinema-tiny-ad", "--width", "60"], "width and height must be positive "
+         "multiples of 8 (the VAE's downscale); got 60x64: use 56x64"),
+        # A fix offered is a size the model makes.
+        (["generate", "a cat", "--image", "odd.png"], "the start image is 100x84 but the video is 64x64; pass --resize "
+                                                      "to resize it, or give a start image of 64x64"),
+        (["generate", "a cat", "--image", "odd.png", "--end-image", "odd.png", "--frames", "1", "--resize"],
+         "an end image is the last frame and the start image the first, so a video of both needs at least 2 frames"),
+        (["v2v", "odd.mp4", "a cat", "--strength", "0.5"], "the input video is 44x36, and the model makes sizes in "
+         "multiples of 8 (the VAE's 4x downscale times the transformer's 2x2 patches): add --width 40 --height 32 "
+         "--resize to resize it to the nearest size below"),
+        (["extend", "clip.mp4", "--frames", "8", "--width", "64"], "the input video is 32x32 but --width/--height ask "
+         "for 64x32; add --resize to resize it to that size, or drop --width and --height"),
         (["generate", "a cat", *model, "--seed", "3", "1", "3"], "seed 3 is given more than once, which would make "
                                                                  "the same video twice; give each seed once"),
         (["generate", "a cat", *model, "-o", "theirs.mp4", "--overwrite"], "theirs.mp4 already exists and kinema "

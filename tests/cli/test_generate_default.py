@@ -138,9 +138,9 @@ def test_v2v_refuses_what_kinema_tiny_cannot_remake_before_it_loads(tmp_path, ca
     for argv, message in (
             (["ten.mp4"], "the input video has 10 frames, and EasyAnimate V3 remakes 1 or a multiple of 8: trim it "
                           "to 8 frames"),
-            (["sixty.mp4"], "height and width must be positive multiples of 16 (the VAE's 8x downscale times the "
-                            "transformer's 2x2 patches); got 60x60: use 48x48"),
-            (["sixty.mp4", "--width", "60", "--height", "64", "--resize"], "got 64x60: use 64x48"),
+            (["sixty.mp4"], "the input video is 60x60, and the model makes sizes in multiples of 16 (the VAE's 8x "
+                            "downscale times the transformer's 2x2 patches): add --width 48 --height 48 --resize"),
+            (["sixty.mp4", "--width", "60", "--height", "64", "--resize"], "got 60x64: use 48x64"),
             (["eight.mp4", "--steps", "1", "-o", "still.png"], "still.png: a .png file holds one frame, not 8"),
             (["eight.mp4", "--mask", "gone.png"], "no such mask: gone.png"),
             (["eight.mp4", "--mask", "ten.mp4"], "the mask has 10 frames and the input video 8: give one mask image "
