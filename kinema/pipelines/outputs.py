@@ -66,6 +66,9 @@ def check_video_suffix(path: str | os.PathLike, frames: int | None = None) -> No
     than one frame (`frames`, when known)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if not suffix and path.name.lower() in VIDEO_SUFFIXES:  # `.mp4` alone: pathlib's hidden name, no extension
+        raise KinemaError(f"{path.name} is an extension with no name, which would be a hidden folder of frames; give "
+                          f"a name such as out{path.name}")
     if suffix not in VIDEO_SUFFIXES:
         known = ", ".join(s for s in VIDEO_SUFFIXES if s)
         raise KinemaError(f"cannot write {path.name}: unsupported extension {suffix!r}; use {known}, or a folder path "

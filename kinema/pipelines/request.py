@@ -647,6 +647,15 @@ class GenerationRequest:
             raise KinemaError(f"the context overlap {self.context.overlap} (--context-overlap, context.overlap) must "
                               f"be below the context length {self.context.length} (--context-length, "
                               f"context.length); use an overlap of 0 to {max(self.context.length - 1, 0)}")
+        if self.free_init is not None:
+            from kinema.sampling.freeinit import FreeInitOptions  # torch-free until sampling
+
+            FreeInitOptions(**vars(self.free_init)).check()
+        if self.context is not None and self.context.schedule != "uniform" and self.context.stride != 1:
+            # ContextOptions.check says so too, but only once the model has loaded.
+            raise KinemaError(f"the context stride {self.context.stride} (--context-stride, context.stride) spaces "
+                              f"the windows of the uniform schedule only; drop it with the {self.context.schedule!r} "
+                              "schedule")
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
             raise KinemaError(f"clip_skip is a whole number of at least 1 (1: CLIP's last layer, 2: the one before), "
                               f"got {self.clip_skip!r}")

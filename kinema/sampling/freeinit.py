@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 FREE_INIT_METHODS = ("butterworth", "gaussian", "ideal", "box")
 
 
+# Each iteration is a whole sampling run; the paper's gains level off by 5 (its figures stop there).
+MAX_ITERATIONS = 10
+
+
 @dataclass(frozen=True)
 class FreeInitOptions:
     """FreeInit settings (defaults are the paper's and diffusers').
@@ -42,8 +46,10 @@ class FreeInitOptions:
 
     def check(self) -> None:
         """One KinemaError line for a setting out of range."""
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise KinemaError(f"FreeInit needs at least 1 iteration (1 is plain sampling), got {self.iterations!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or \
+                not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise KinemaError(f"FreeInit runs from 1 (plain sampling) to {MAX_ITERATIONS} iterations, each a whole "
+                              f"sampling run (3 to 5 are usual), got {self.iterations!r}")
         check_filter(self.method, self.spatial_stop, self.temporal_stop, self.order)
 
     def steps_at(self, iteration: int, steps: int) -> int:

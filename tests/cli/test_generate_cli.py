@@ -373,6 +373,12 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", '{"0": "a", "20": "b"}', *model], "prompt schedule key '20' is out of range: keyframes go "
                                                          "from 0 to 15 for 16 frames"),
         (["generate", "a cat", *model, "-o", "fox.avi"], "cannot write fox.avi: unsupported extension '.avi'"),
+        (["generate", "a cat", "-o", "out/.MP4"], ".MP4 is an extension with no name, which would be a hidden folder "
+                                                  "of frames; give a name such as out.MP4"),
+        (["generate", "a cat", "--frames", "32", "--context-schedule", "static", "--context-stride", "2"],
+         "the context stride 2 (--context-stride, context.stride) spaces the windows of the uniform schedule only; "
+         "drop it with the 'static' schedule"),
+        (["generate", "a cat", "--free-init", "11"], "FreeInit runs from 1 (plain sampling) to 10 iterations"),
         (["generate", "a cat", *model, "-o", "fox.png"], "fox.png: a .png file holds one frame, not 16"),
         (["v2v", "clip.mp4", "a robot", "--strength", "1.5", *model], "strength must be in (0, 1] (the share of the "
                                                                        "input noised away), got 1.5"),

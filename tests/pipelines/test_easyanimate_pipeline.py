@@ -101,7 +101,7 @@ def test_frame_counts_follow_the_slice_vae_and_other_counts_name_the_nearest(fam
     with pytest.raises(KinemaError, match="latents hold 1 or a multiple of 2 frames; 3 is not"):
         family.pixel_frames(3)
     family.check_size(64, 48)
-    with pytest.raises(KinemaError, match="multiples of 16 .* got 72x40: use 64x32$"):
+    with pytest.raises(KinemaError, match="multiples of 16 .* got 40x72: use 32x64$"):
         family.check_size(72, 40)
 
 

@@ -55,7 +55,8 @@ def test_box_filter_against_plain_python():
 
 
 @pytest.mark.parametrize("options, message", [
-    (FreeInitOptions(iterations=0), "at least 1 iteration"),
+    (FreeInitOptions(iterations=0), "from 1 (plain sampling) to 10 iterations"),
+    (FreeInitOptions(iterations=11), "from 1 (plain sampling) to 10 iterations"),
     (FreeInitOptions(method="sinc"), "unknown FreeInit filter 'sinc'; known: butterworth, gaussian, ideal, box"),
     (FreeInitOptions(spatial_stop=0), "spatial stop frequency must be in (0, 1], got 0"),
     (FreeInitOptions(temporal_stop=1.5), "temporal stop frequency must be in (0, 1], got 1.5"),
