@@ -15,7 +15,7 @@ from kinema.errors import KinemaError
 from kinema.models.presets import image_vae_downsample
 from kinema.pipelines.decode import decode_latents, overflow_safe
 from kinema.pipelines.family import Conditioning, VideoFamily
-from kinema.pipelines.text_encoding import PromptWorld, encode_prompts
+from kinema.pipelines.text_encoding import PromptWorld, cut_off_text, encode_prompts, text_length
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 
 # PIA's motion presets (Zhang et al. 2024, "PIA: Your Personalized Image Animator"; diffusers' PIAPipeline
@@ -153,12 +153,14 @@ class AnimateDiffFamily(VideoFamily):
         """One pixel frame per latent frame."""
         return latent_frames
 
+    def cut_off_text(self, prompt: str) -> str | None:
+        """The end of `prompt` past CLIP's tokens (77 for SD1.5, with its start and end tokens)."""
+        return cut_off_text(self.tokenizer, prompt, text_length(self.tokenizer, self.text_encoder))
+
     def encode_text(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         """`{"encoder_hidden_states": (B, 77, D)}`: CLIP's last hidden states (`clip_skip` 2: the layer before, ...),
         one row per prompt (L = the tokenizer's `model_max_length` when not 77: a kinema.json text encoder's
         max_length)."""
-        if self.world is not None:
-            self.world.check(prompts)
         return {"encoder_hidden_states": encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip)}
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.jobs import check_size_multiple, check_slice_frames
-from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, encode_masked_prompts
+from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, cut_off_text, encode_masked_prompts
 from kinema.sampling.denoisers import Denoiser, DiTDenoiser
 
 # V3's share of the sampling steps, counted from the end, that get the CLIP image tokens.
@@ -174,6 +174,11 @@ class EasyAnimateFamily(VideoFamily):
 
     # ------------------------------------------------------------------ text and images
 
+    def cut_off_text(self, prompt: str) -> str | None:
+        """The end of `prompt` (as encoded: lower-cased when `lowercase`) past `text_max_length` tokens."""
+        return cut_off_text(self.tokenizer, prompt.lower().strip() if self.lowercase else prompt,
+                            self.text_max_length)
+
     def encode_text(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         """`{"encoder_hidden_states": (B, L, D), "encoder_attention_mask": (B, L)}` with L = `text_max_length` (V3:
         120): each prompt lower-cased and stripped as V3's pipeline does (unless `lowercase` is False), then encoded
@@ -183,8 +188,6 @@ class EasyAnimateFamily(VideoFamily):
         if clip_skip != 1:
             raise KinemaError(f"clip_skip {clip_skip} skips layers of a CLIP text encoder, and {self.name} is an "
                               "EasyAnimate model, whose text encoder is not CLIP: drop clip_skip (--clip-skip)")
-        if self.world is not None:
-            self.world.check(prompts)
         # T5's vocabulary is case-sensitive and V3 was trained and sampled on lower-cased captions.
         texts = [p.lower().strip() for p in prompts] if self.lowercase else list(prompts)
         states, mask = encode_masked_prompts(self.text_encoder, self.tokenizer, texts, max_length=self.text_max_length)

@@ -86,6 +86,11 @@ class VideoFamily:
 
         check_size_multiple(height, width, self.spatial_factor, "the VAE's downscale")
 
+    def cut_off_text(self, prompt: str) -> str | None:
+        """The end of `prompt` past the tokens the text encoder reads, which changes nothing (None: it fits, or the
+        family cannot tell)."""
+        return None
+
     def encode_text(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         """Text conditioning for a batch of prompts: the denoiser's keyword arguments, each batched along dim 0
         (`encoder_hidden_states` `(B, L, D)`, and for T5 `encoder_attention_mask` `(B, L)`); `clip_skip` as

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kinema.data.probe import PIL_FORMATS
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, shorten
 from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
@@ -556,6 +556,37 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         return free_init_sample(run, start, scheduler, options, steps, fresh)
 
 
+def _warn_prompts(family: VideoFamily, request: GenerationRequest, frames: int) -> None:
+    """Warnings, once per run before any sampling, for prompts the model will not follow: one outside the world of
+    a model that declares one (`PromptWorld`: the bundled models' coloured shapes), and each prompt (a schedule's
+    keyframes', and the negative one where guidance reads it) longer than the text encoder reads, naming the end
+    that is cut off and changes nothing."""
+    from kinema.sampling.prompt_travel import parse_prompt_schedule
+
+    prompts = [request.prompt] if isinstance(request.prompt, str) else \
+        parse_prompt_schedule(request.prompt, frames).prompts()
+    world = getattr(family, "world", None)
+    if world is not None:
+        world.check(prompts)
+    if request.guidance != 1 and request.negative_prompt:
+        prompts.append(request.negative_prompt)
+    for prompt in dict.fromkeys(prompts):
+        cut = family.cut_off_text(prompt)
+        if cut:
+            logger.warning("the text encoder reads the start of each prompt only, so the end of %r is cut off and "
+                           "changes nothing: '%s'; shorten the prompt, or spread it over a prompt schedule",
+                           shorten(prompt, 60), _last_words(cut, 60))
+
+
+def _last_words(text: str, limit: int) -> str:
+    """The end of `text` in whole words, at most about `limit` characters, with `…` before where it was cut."""
+    words = text.split()
+    kept: list[str] = []
+    while words and len(" ".join([words[-1], *kept])) <= limit:
+        kept.insert(0, words.pop())
+    return ("…" if words else "") + " ".join(kept or [text.split()[-1]])
+
+
 def _not_finite(family: VideoFamily, request: GenerationRequest) -> KinemaError:
     """Sampling gave NaN or infinity: one line naming what in this run can cause it, said before anything is
     decoded or saved."""
@@ -883,6 +914,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     else:
         made = input_video.shape[0] if input_video is not None else int(request.frames or plan.frames)
     _check_frames_fit(len(seeds), made, plan.height, plan.width)
+    _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")
 

@@ -25,6 +25,16 @@ def text_length(tokenizer: Any, text_encoder: Any) -> int:
     return int(min(tokenizer.model_max_length, positions))
 
 
+def cut_off_text(tokenizer: Any, prompt: str, max_length: int) -> str | None:
+    """The end of `prompt` that an encoder reading `max_length` tokens (its special tokens included, as the encoders
+    here tokenize) never sees, as text; None when the whole prompt fits."""
+    special = len(tokenizer("", add_special_tokens=True).input_ids)  # CLIP and BERT: 2, T5: 1
+    # verbose=False: transformers' own warning names token indices, not the words that are lost.
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+    kept = max(max_length - special, 0)
+    return None if len(ids) <= kept else tokenizer.decode(ids[kept:]).strip()
+
+
 WORLD_WARNING = ("the bundled models only know coloured shapes: a circle, square or triangle in red, green, blue, "
                  "yellow, white, purple, orange or cyan, moving left, right, up or down, growing, shrinking, rotating "
                  "or still (e.g. \"a red circle moving right\"); the video for %r will not show what it asks for")
@@ -32,24 +42,20 @@ WORLD_WARNING = ("the bundled models only know coloured shapes: a circle, square
 
 class PromptWorld:
     """The prompts a model knows, from the world its kinema.json declares ("synth": the synthetic dataset's coloured
-    shapes). `check` logs one warning, the first time a prompt falls outside it; the video is made either way."""
+    shapes). `check` logs one warning for a prompt outside it; the video is made either way."""
 
     def __init__(self, world: str) -> None:
         if world != "synth":
             raise KinemaError(f"unknown model world {world!r}; kinema knows synth")
         self.world = world
-        self.warned = False
 
     def check(self, prompts: Sequence[str]) -> None:
-        """Warn once (kinema's logger) when a non-empty prompt of `prompts` is outside the world; empty prompts (the
-        unconditional side) are not asked for anything."""
-        if self.warned:
-            return
+        """Warn (kinema's logger) once for the first non-empty prompt of `prompts` outside the world: the prompts
+        of one video, asked for (not the negative prompt, which the video avoids)."""
         from kinema.data.synth import in_synth_world
 
         outside = next((p for p in prompts if p.strip() and not in_synth_world(p)), None)
         if outside is not None:
-            self.warned = True
             logger.warning(WORLD_WARNING, outside)
 
 

@@ -98,6 +98,26 @@ def test_a_prompt_outside_the_world_still_makes_a_video_and_warns_once(tmp_path,
         assert settings["model"] == "kinema-tiny" and settings["steps"] == 2
     assert main(["generate", "a red circle moving right", "-o", str(tmp_path / "red.mp4")]) == 0
     assert WARNING not in capsys.readouterr().err
+    # A negative prompt is what the video avoids, not what it asks for.
+    assert main(["generate", "a red circle moving right", "--negative", "a cat chasing a dog", "-o",
+                 str(tmp_path / "red.mp4"), "--overwrite"]) == 0
+    assert WARNING not in capsys.readouterr().err
+
+
+def test_the_end_of_a_prompt_past_what_the_text_encoder_reads_is_named(tmp_path, capsys):
+    from kinema.bundled import bundled_model_path
+
+    # The bundled text encoder reads its kinema.json max_length of tokens, [CLS] and [SEP] among them.
+    config = json.loads((bundled_model_path("kinema-tiny") / "kinema.json").read_text())
+    length = config["text_encoder"]["max_length"]
+    prompt = "a red circle moving right" + " and" * (length - 7) + " a blue square"
+    assert main(["generate", prompt, "-o", str(tmp_path / "long.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "the text encoder reads the start of each prompt only, so the end of 'a red circle moving right and " in err
+    assert "is cut off and changes nothing: 'a blue square'; shorten the prompt, or spread it over a prompt " \
+           "schedule" in err
+    assert main(["generate", prompt.removesuffix(" a blue square"), "-o", str(tmp_path / "fits.mp4")]) == 0
+    assert "cut off" not in capsys.readouterr().err
 
 
 def test_library_bars_stay_off_where_kinemas_own_are_off(bundled, tmp_path):

@@ -161,3 +161,19 @@ def test_clip_skip_with_a_text_encoder_that_is_not_clip_is_one_line():
     with pytest.raises(KinemaError, match=r"^clip_skip 2 skips layers of a CLIP text encoder, and this model's is "
                                           r"BertModel: drop clip_skip \(--clip-skip\)"):
         check_clip_skip(bert, 2)
+
+
+def test_cut_off_text_is_what_clip_truncation_drops(parts):
+    ours = family(parts)
+    tokenizer = parts["tokenizer"]
+    words = [f"w{i}" for i in range(120)]
+    for count in (10, 75, 76, 120):
+        prompt = " ".join(words[:count])
+        # Independent: the ids the encoder gets (start, 75 tokens, end) against the prompt's own.
+        fed = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        whole = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+        dropped = whole[len([i for i in fed if i not in (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                         tokenizer.pad_token_id)]):]
+        cut = ours.cut_off_text(prompt)
+        assert cut == (tokenizer.decode(dropped).strip() if dropped else None), count
+    assert ours.cut_off_text("w1 w2") is None and ours.cut_off_text(" ".join(words)) is not None

@@ -187,13 +187,12 @@ def test_the_synthetic_captions_are_in_the_world_and_other_prompts_are_not():
         assert not in_synth_world(prompt), prompt
 
 
-def test_a_prompt_outside_the_world_warns_once(caplog):
+def test_a_prompt_outside_the_world_warns_once_per_check(caplog):
     world = PromptWorld("synth")
     with caplog.at_level(logging.WARNING, logger=WORLD_LOGGER):
-        world.check(["", "a red ball moving left"])  # the empty negative prompt asks for nothing
+        world.check(["", "a red ball moving left"])  # an empty prompt asks for nothing
         assert caplog.records == []
-        world.check(["a cat chasing a dog"])
-        world.check(["a horse"])
+        world.check(["a cat chasing a dog", "a horse"])
     assert len(caplog.records) == 1
     assert caplog.records[0].getMessage().startswith("the bundled models only know coloured shapes: a circle, square "
                                                      "or triangle in red, green, blue, yellow, white, purple, orange "
