@@ -365,9 +365,10 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True)
     """The model and its memory options; with `samples` False (decode) only those that change the VAE's decode:
     no LoRA, attention chunks, offload or speed options."""
     group = parser.add_argument_group("model")
+    default = f"{DEFAULT_MODEL}, bundled with kinema; kinema-tiny-ad is the AnimateDiff one" if samples else \
+        "the model the latents were made with, as their settings name it"
     group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, EasyAnimate V3 folder, or a "
-                                       f"bundled model's name (default: {DEFAULT_MODEL}, bundled with kinema; "
-                                       "kinema-tiny-ad is the AnimateDiff one)")
+                                       f"bundled model's name (default: {default})")
     group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
     group.add_argument("--tokenizer", help="for an SD1.5 single file, which holds none: an SD1.5 diffusers folder "
                                            "or CLIP tokenizer folder")
@@ -1006,13 +1007,19 @@ def check_v2v(args: argparse.Namespace) -> None:
 
 def check_extend(args: argparse.Namespace) -> None:
     """Bad usage of `kinema extend`, refused before any heavy import."""
+    from kinema.data.probe import stored_settings
     from kinema.pipelines.request import check_video_holds_overlap
 
     blend_given = [key for key in BLEND_SETTINGS if getattr(args, key, None) not in (None, False)]
+    if args.negative is not None:
+        blend_given.append("negative_prompt")
     _fill_option_defaults(args)
     have = _check_video_input(args)
     if args.prompt is not None:
         args.prompt = read_prompt(args.prompt)
+    args.stored_settings = stored_settings(args.video)
+    if args.model is None:  # continued alike: with the model that made it, as its settings name it
+        _take_stored_model(args, args.stored_settings)
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS))
     extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
                                                                                       have)
@@ -1030,16 +1037,13 @@ def _inherit_prompt(args: argparse.Namespace, blend_given: list[str], total: int
     """Without --prompt, the prompt stored with the video (and how its schedule blended, where the options do not
     say: `stored_prompt_settings`); the schedule and an image prompt schedule checked against the `total` frames of
     the whole video, over which they run (keyframes numbered in it)."""
-    from kinema.data.probe import stored_settings
-
-    args.stored_settings = stored_settings(args.video)
     own = stored_prompt_settings(args.stored_settings, blend_given) if args.prompt is None else {}
     if args.prompt is None and not own:
         raise KinemaError(f"{args.video} holds no prompt kinema can read (no settings kinema stored with it); pass "
                           "--prompt TEXT, or --prompt '' to continue it without one")
     inherited = bool(own)
     for key, value in own.items():
-        setattr(args, key, value)
+        setattr(args, "negative" if key == "negative_prompt" else key, value)
     if isinstance(args.prompt, dict):
         try:
             _schedule(args, total)
@@ -1066,6 +1070,8 @@ def check_decode(args: argparse.Namespace) -> None:
     from kinema.pipelines.request import MAX_FPS, MIN_FPS
 
     settings = read_latents_settings(args.latents)
+    if args.model is None:
+        _take_stored_model(args, settings[0])
     folder = _check_model(args)
     _check_model_takes(args, folder)
     shape = model_shape(folder)
@@ -1088,6 +1094,21 @@ def check_decode(args: argparse.Namespace) -> None:
     frames = {entry.get("frames") for entry in settings}  # a .png output holds one frame: refused before decoding
     known = frames.pop() if len(frames) == 1 else None
     _check_outputs(args, default, known if isinstance(known, int) else None, (args.latents,), latents=False)
+
+
+def _take_stored_model(args: argparse.Namespace, recorded: dict[str, Any]) -> None:
+    """decode without --model: the model (and motion module and VAE, unless given) that made the latents, as their
+    settings `recorded` name them, where that is a bundled model or a path that exists; else the default model."""
+    from kinema.bundled import is_bundled_name
+
+    model = recorded.get("model")
+    if not isinstance(model, str) or not (is_bundled_name(model) or os.path.exists(model)):
+        return
+    args.model = model
+    for key in ("motion_module", "vae"):
+        stored = recorded.get(key)
+        if getattr(args, key) is None and isinstance(stored, str) and os.path.exists(stored):
+            setattr(args, key, stored)
 
 
 # ---------------------------------------------------------------- running
@@ -1205,7 +1226,13 @@ def run_v2v(args: argparse.Namespace) -> None:
 def run_extend(args: argparse.Namespace) -> None:
     """Continue the video (with the prompt stored in its settings unless --prompt, as check_extend set it) and write
     the results."""
+    from kinema.bundled import is_bundled_name
+
     stored = args.stored_settings
+    model = args.model if is_bundled_name(args.model) else os.path.abspath(args.model)  # as a run records it
+    if isinstance(stored.get("model"), str) and stored["model"] != model:
+        logger.warning("%s was made by %s and is continued by %s: pass --model %s (or no --model) to continue it "
+                       "alike", args.video, stored["model"], model, stored["model"])
     given = None if args.vae is None else os.path.abspath(args.vae)
     if stored.get("vae") is not None and stored["vae"] != given:  # its frames are re-encoded for the held ones
         logger.warning("%s was made with the VAE %s and is continued with %s: pass --vae %s to continue it alike",
@@ -1229,6 +1256,12 @@ def run_decode(args: argparse.Namespace) -> None:
     def named(vae: str | None) -> str:
         return "the model's own" if vae is None else vae
 
+    decoder = family.settings()
+    made_by = sorted({str(entry["model"]) for entry in settings if entry.get("model") is not None} -
+                     {decoder["model"]})
+    if made_by:
+        logger.warning("these latents were made by %s and are decoded by %s: pass --model %s (or no --model) for the "
+                       "frames that run made", " and ".join(made_by), decoder["model"], made_by[0])
     made_with = sorted({entry.get("vae") for entry in settings} - {used}, key=str)
     if made_with:
         logger.warning("these latents were made with %s VAE and are decoded with %s: pass %s for the frames that run "
@@ -1246,7 +1279,8 @@ def run_decode(args: argparse.Namespace) -> None:
     report = {"mode": "decode", "family": family.family, "device": str(device), "dtype": args.dtype or "float32",
               "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
               "frames": frames.shape[1], "latents": str(args.latents), "vae_tiling": args.vae_tiling,
-              "decode_chunk": args.decode_chunk}
+              "decode_chunk": args.decode_chunk,
+              "decoder": decoder}  # the settings are the run's that made the latents; this model decoded them
     fps = args.fps or next((entry["fps"] for entry in settings if entry.get("fps")), 8.0)
     if args.fps is not None:  # the settings say what the video plays at
         settings = [{**entry, "fps": args.fps} for entry in settings]

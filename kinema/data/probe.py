@@ -284,7 +284,7 @@ def stored_settings(path: str | os.PathLike) -> dict:
     """The settings kinema stored with the video at `path`, in its sidecar or else inside the file (a frames
     folder: inside its first frame, as kinema writes every frame's PNG with them); {} for none."""
     side = read_sidecar(path)
-    if side:
+    if side and _describes(side, path):
         return side
     embedded = None
     if os.path.isfile(path):
@@ -293,6 +293,27 @@ def stored_settings(path: str | os.PathLike) -> dict:
         frames = folder_frames(path)
         embedded = read_embedded_settings(frames[0]) if frames else None
     return embedded or {}
+
+
+def _describes(settings: dict, path: str | os.PathLike) -> bool:
+    """Whether sidecar `settings` can be those of the video at `path`: its frame count and size, where they record
+    them; else it is warned about (another video's, left beside a file since replaced) and not used."""
+    import logging
+
+    recorded = tuple(settings.get(key) for key in ("frames", "width", "height"))
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in recorded):
+        return True
+    try:
+        height, width = video_size(path)
+        actual = (frame_count(path), width, height)
+    except KinemaError:
+        return True  # the caller names what is wrong with the video itself
+    if actual == recorded:
+        return True
+    logging.getLogger(__name__).warning(
+        "the settings beside %s describe another video (%d frames at %dx%d; it has %d at %dx%d), left from a file "
+        "since replaced: they are not used", path, *recorded, *actual)
+    return False
 
 
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:

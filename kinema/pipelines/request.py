@@ -136,13 +136,16 @@ BLEND_SETTINGS = ("interpolation", "prompt_hold", "prompt_loop")
 
 def stored_prompt_settings(stored: Mapping[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
     """The prompt a video's stored settings hold (text or schedule) as request fields, with how a schedule blended
-    (`BLEND_SETTINGS`, those not in `given`); {} when they hold no prompt. What `kinema extend` and extend jobs
-    continue a video with when given no prompt."""
+    (`BLEND_SETTINGS`) and its negative prompt, those not in `given`; {} when they hold no prompt. What `kinema
+    extend` and extend jobs continue a video with when given no prompt."""
     prompt = stored.get("prompt")
     if not (isinstance(prompt, str | dict) and prompt):
         return {}
     blend = {key: stored[key] for key in BLEND_SETTINGS
              if isinstance(prompt, dict) and key not in given and stored.get(key) is not None}
+    negative = stored.get("negative_prompt")
+    if isinstance(negative, str) and negative and "negative_prompt" not in given:
+        blend["negative_prompt"] = negative
     return {"prompt": prompt, **blend}
 
 

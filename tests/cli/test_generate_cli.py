@@ -596,6 +596,21 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*decode, "--overwrite"]) == 0
 
+    # Without --model, the model the latents name decodes them (it once fell back to the bundled default, and
+    # refused these as another family's); with another model, a warning, and the report names the decoder.
+    assert main([*decode[:2], "-o", str(tmp_path / "stored")]) == 0
+    np.testing.assert_array_equal(png_frames(tmp_path / "stored-seed4"), as_bytes[0])
+    assert read_sidecar(tmp_path / "stored-seed4")["report"]["decoder"]["model"] == tiny_sd[1]
+    import shutil
+
+    other = shutil.copytree(tiny_sd[1], tmp_path / "other-sd")
+    capsys.readouterr()
+    assert main([*decode[:2], "--model", str(other), "--motion-module", tiny_sd[3], "-o", str(tmp_path / "by")]) == 0
+    assert f"these latents were made by {tiny_sd[1]} and are decoded by {other}: pass --model {tiny_sd[1]} (or no " \
+           "--model)" in capsys.readouterr().err
+    assert read_sidecar(tmp_path / "by-seed4")["report"]["decoder"]["model"] == str(other)
+    assert read_sidecar(tmp_path / "by-seed4")["model"] == tiny_sd[1]  # the settings stay the making run's
+
     # decode's VAE options reach the VAE (they were once accepted and dropped), the fps it writes at is the one its
     # settings record, and a .png output (one frame) is refused before anything decodes.
     import kinema.pipelines.animatediff as animatediff
@@ -803,6 +818,29 @@ def test_v2v_and_extend_take_the_input_size_and_its_stored_prompt(tiny_sd, famil
         "video kinema can read (InvalidDataError" in err
 
 
+def test_extend_continues_with_the_model_and_negative_prompt_the_video_was_made_with(tiny_sd, tmp_path, capsys):
+    import shutil
+
+    from kinema.data.probe import read_sidecar
+
+    made = tmp_path / "fox"
+    assert main(["generate", "a red fox", "--negative", "blurry", *SMALL, *tiny_sd, "--quiet", "-o", str(made)]) == 0
+    extend = ["extend", str(made), "--frames", "2", "--overlap", "2", "--segment-frames", "4", "--steps", "1"]
+    # No --model: the one the video names (it once fell back to the bundled default, of another family).
+    assert main([*extend, "-o", str(tmp_path / "longer")]) == 0
+    settings = read_sidecar(tmp_path / "longer")
+    assert (settings["model"], settings["motion_module"]) == (tiny_sd[1], tiny_sd[3])
+    assert (settings["prompt"], settings["negative_prompt"]) == ("a red fox", "blurry")
+    assert "continued by" not in capsys.readouterr().err
+    # Given ones win, and another model is said.
+    other = shutil.copytree(tiny_sd[1], tmp_path / "other-sd")
+    assert main([*extend, "--model", str(other), "--motion-module", tiny_sd[3], "--negative", "dark", "-o",
+                 str(tmp_path / "other")]) == 0
+    assert f"{made} was made by {tiny_sd[1]} and is continued by {other}: pass --model {tiny_sd[1]} (or no --model) " \
+           "to continue it alike" in capsys.readouterr().err
+    assert read_sidecar(tmp_path / "other")["negative_prompt"] == "dark"
+
+
 def test_extend_refuses_a_video_shorter_than_the_overlap_before_the_model_loads(tmp_path, capsys, monkeypatch):
     from kinema.data.video_io import write_video
     from kinema.pipelines import load as load_module
@@ -880,10 +918,11 @@ def test_refusals_that_the_options_and_headers_decide_come_before_the_model_load
     capsys.readouterr()
     monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
     for argv, message in (
-            (["decode", f"{made}.latents.safetensors", "-o", str(tmp_path / "x.mp4")],
+            (["decode", f"{made}.latents.safetensors", "--model", "kinema-tiny", "-o", str(tmp_path / "x.mp4")],
              "these latents were made by kinema-tiny-ad of the animatediff family, and kinema-tiny is of the "
              "easyanimate family: its VAE reads other latents; decode them with --model kinema-tiny-ad"),
-            (["extend", str(made), "--frames", "8", "--overlap", "16", "-o", str(tmp_path / "e.mp4")],
+            (["extend", str(made), "--model", "kinema-tiny", "--frames", "8", "--overlap", "16", "-o",
+              str(tmp_path / "e.mp4")],
              "overlap_frames (16: the request's, else the model's kinema.json default) must be below the segment "
              "length (16 frames)"),
             (["generate", "a cat", "-o", ""], "argument -o/--output: is empty; give a file name"),

@@ -108,3 +108,24 @@ def test_a_blank_mask_is_told_before_loading_as_generate_reads_it(tmp_path, name
         np.testing.assert_array_equal(decoded, read_video(path).frames.add(1).mul(127.5).round().byte().permute(
             0, 2, 3, 1).numpy())  # the frames generate() reads
         assert is_blank_mask(path) is generate_finds_it_blank(path) is (not marked_last), (name, case)
+
+
+def test_a_sidecar_left_from_another_video_is_not_taken_for_this_ones(tmp_path, caplog):
+    import logging
+
+    from kinema.data.probe import stored_settings
+
+    made = {"prompt": "a red fox", "frames": 4, "width": 16, "height": 16}
+    write_video(np.zeros((4, 16, 16, 3), np.uint8), tmp_path / "fox.mp4", settings=made)
+    assert stored_settings(tmp_path / "fox.mp4")["prompt"] == "a red fox"
+    # The video replaced by another of 6 frames, its old sidecar left beside it: the file's own settings are read.
+    write_video(np.zeros((6, 16, 16, 3), np.uint8), tmp_path / "new.mp4", settings={**made, "prompt": "a cat",
+                                                                                     "frames": 6})
+    (tmp_path / "new.mp4").replace(tmp_path / "fox.mp4")
+    with caplog.at_level(logging.WARNING, logger="kinema.data.probe"):
+        assert stored_settings(tmp_path / "fox.mp4")["prompt"] == "a cat"
+    assert f"the settings beside {tmp_path / 'fox.mp4'} describe another video (4 frames at 16x16; it has 6 at " \
+           "16x16), left from a file since replaced: they are not used" in caplog.text
+    # Settings without the counts (written by hand, or by other tools) are taken as they are.
+    (tmp_path / "fox.mp4.json").write_text(json.dumps({"prompt": "a dog"}))
+    assert stored_settings(tmp_path / "fox.mp4")["prompt"] == "a dog"
