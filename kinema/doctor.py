@@ -37,6 +37,9 @@ def doctor_report() -> dict[str, Any]:
     from kinema.pipelines.speed import native_bfloat16
 
     device = resolve_device("auto")  # where `--device auto` runs the models
+    from kinema.data.probe import missing_encoder
+    from kinema.pipelines.outputs import VIDEO_SUFFIXES
+
     encoders = [name for name in VIDEO_ENCODERS if name in av.codecs_available]
     free = free_memory_bytes()
     return {
@@ -49,6 +52,8 @@ def doctor_report() -> dict[str, Any]:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "pyav": av.__version__,
         "video_codecs": encoders,
+        # What outputs this machine writes; .mp4 is every command's default.
+        "cannot_write": [suffix for suffix in VIDEO_SUFFIXES if suffix and missing_encoder(suffix) is not None],
         "models_dir": str(models_dir()),
         "free_memory_gib": round(free / 2**30, 2) if free is not None else None,
     }

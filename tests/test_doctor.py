@@ -16,7 +16,7 @@ from kinema.cli import main
 from kinema.doctor import doctor_report
 
 FIELDS = ["kinema", "python", "torch", "torch_threads", "device", "bfloat16_native", "cuda_devices", "pyav",
-          "video_codecs", "models_dir", "free_memory_gib"]
+          "video_codecs", "cannot_write", "models_dir", "free_memory_gib"]
 
 
 def json_report(capsys) -> dict:
@@ -67,6 +67,26 @@ def test_video_codecs_follow_what_pyav_offers(monkeypatch):
     assert doctor_report()["video_codecs"] == ["libx264", "gif"]  # an audio codec and unknown names are left out
     monkeypatch.setattr(av, "codecs_available", set())
     assert doctor_report()["video_codecs"] == []
+
+
+def test_an_ffmpeg_without_the_mp4_encoder_is_flagged_and_refused_before_any_run(monkeypatch, capsys, tmp_path):
+    from kinema.pipelines import load as load_module
+
+    assert json_report(capsys)["cannot_write"] == [suffix for suffix, encoder in
+                                                   ((".mp4", "libx264"), (".webm", "libvpx-vp9"))
+                                                   if encoder not in av.codecs_available]
+    # As a PyAV built against an FFmpeg without libx264 (conda's, some distributions').
+    monkeypatch.setattr(av, "codecs_available", set(av.codecs_available) - {"libx264"})
+    assert main(["doctor"]) == 1
+    captured = capsys.readouterr()
+    assert "cannot_write: ['.mp4']" in captured.out
+    assert "kinema doctor: error: this PyAV's FFmpeg has no libx264 encoder, so kinema cannot write .mp4, every " \
+           "command's default output" in captured.err
+    monkeypatch.setattr(load_module, "load_family", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["generate", "a red circle moving right", "-o", str(tmp_path / "fox.mp4")]) == 2
+    assert "cannot write fox.mp4: this PyAV's FFmpeg has no libx264 encoder, which kinema writes .mp4 with; write " \
+           ".gif, .webp or a frames folder instead" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_models_dir_defaults_to_the_home_cache(monkeypatch, tmp_path):

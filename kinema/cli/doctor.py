@@ -23,4 +23,12 @@ def run(args: argparse.Namespace) -> None:
     from kinema.cli.output import print_report
     from kinema.doctor import doctor_report
 
-    print_report(doctor_report(), args.json)
+    report = doctor_report()
+    print_report(report, args.json)
+    if ".mp4" in report["cannot_write"]:
+        from kinema.data.probe import FORMAT_ENCODERS
+        from kinema.errors import KinemaError
+
+        raise KinemaError(f"this PyAV's FFmpeg has no {FORMAT_ENCODERS['.mp4']} encoder, so kinema cannot write .mp4, "
+                          "every command's default output; install PyAV from PyPI (its wheels bundle it), or give "
+                          "-o a .gif, .webp or frames folder name")

@@ -25,6 +25,18 @@ READ_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", *IMAGE_SUFFIXE
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 STILL_IMAGE_KINDS = "PNG, JPEG, WebP or GIF"  # what an image option takes (a GIF: its first frame), for messages
 _DIGIT_RUNS = re.compile(r"([0-9]+)")
+# The FFmpeg encoders kinema.data.video_io writes these formats with (the others are written by Pillow), which a PyAV
+# built against another FFmpeg may lack (PyPI's wheels bundle both).
+FORMAT_ENCODERS = {".mp4": "libx264", ".webm": "libvpx-vp9"}
+
+
+def missing_encoder(suffix: str) -> str | None:
+    """The FFmpeg encoder that writing a `suffix` video (".mp4", ...) needs and this PyAV lacks; None when it has it
+    or the format needs none."""
+    import av
+
+    encoder = FORMAT_ENCODERS.get(suffix.lower())
+    return encoder if encoder is not None and encoder not in av.codecs_available else None
 
 
 def folder_frames(path: str | os.PathLike) -> list[Path]:

@@ -43,6 +43,7 @@ from PIL import Image, PngImagePlugin
 
 from kinema import __version__
 from kinema.data.probe import (
+    FORMAT_ENCODERS,
     PIL_FORMATS,
     READ_SUFFIXES,
     SETTINGS_KEY,
@@ -168,12 +169,12 @@ def _write_av(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str) -> None:
-    _write_av(frames, path, fps, crf, comment, "mp4", "libx264", {})
+    _write_av(frames, path, fps, crf, comment, "mp4", FORMAT_ENCODERS[".mp4"], {})
 
 
 def _write_webm(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str) -> None:
     # VP9 needs b:v 0 for crf to mean constant quality rather than a bitrate cap.
-    _write_av(frames, path, fps, crf, comment, "webm", "libvpx-vp9", {"b:v": "0"})
+    _write_av(frames, path, fps, crf, comment, "webm", FORMAT_ENCODERS[".webm"], {"b:v": "0"})
 
 
 def _write_gif(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str) -> None:

@@ -73,6 +73,13 @@ def check_video_suffix(path: str | os.PathLike, frames: int | None = None) -> No
         known = ", ".join(s for s in VIDEO_SUFFIXES if s)
         raise KinemaError(f"cannot write {path.name}: unsupported extension {suffix!r}; use {known}, or a folder path "
                           "with no extension for PNG frames")
+    from kinema.data.probe import missing_encoder
+
+    encoder = missing_encoder(suffix)
+    if encoder is not None:  # found before any sampling, not when the finished frames are written
+        raise KinemaError(f"cannot write {path.name}: this PyAV's FFmpeg has no {encoder} encoder, which kinema "
+                          f"writes {suffix} with; write .gif, .webp or a frames folder instead, or install PyAV from "
+                          f"PyPI (its wheels bundle {encoder})")
     if suffix == ".png" and frames is not None and frames != 1:
         raise KinemaError(f"{path.name}: a .png file holds one frame, not {frames}; give a folder path (no extension) "
                           "for one PNG per frame, or .mp4 / .gif")
