@@ -600,6 +600,19 @@ def _require_path(path: str | None, what: str) -> None:
         raise KinemaError(f"no such {what}: {path}")
 
 
+def _require_weights(path: str | None, what: str) -> None:
+    """A weights option names a path that exists and, for a file, holds weights as its first bytes tell (a text
+    file, an image or an archive named .safetensors is refused here, torch-free, rather than once torch has loaded
+    it); what kind of weights is the loader's to say."""
+    from kinema.sniff import sniff
+
+    _require_path(path, what)
+    if path is not None and os.path.isfile(path):
+        found = sniff(path)
+        if not found.is_weights:
+            raise KinemaError(f"the {what} {found.diagnosis}")
+
+
 def _check_image(path: str | None, what: str) -> tuple[int, int] | None:
     """An image option names an image file PIL can read; its `(width, height)` (None: no image given)."""
     _require_path(path, what)
@@ -644,15 +657,15 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     folder, found = model_defaults_for(args.model, unset, f"no such model file or folder: {args.model}")
     for key, value in found.items():
         setattr(args, key, value)
-    _require_path(args.motion_module, "motion module")
+    _require_weights(args.motion_module, "motion module")
     _require_path(args.tokenizer, "tokenizer")
-    _require_path(args.vae, "VAE")
+    _require_weights(args.vae, "VAE")
     for path, _ in args.lora:
-        _require_path(path, "LoRA file")
+        _require_weights(path, "LoRA file")
     if args.ip_adapter is not None:
         from kinema.loaders.ip_adapter import image_encoder_folder
 
-        _require_path(args.ip_adapter[0], "IP-Adapter file")
+        _require_weights(args.ip_adapter[0], "IP-Adapter file")
         image_encoder_folder(args.ip_adapter[0], args.image_encoder)
     elif args.image_encoder is not None:
         raise KinemaError("--image-encoder is the CLIP image encoder of an IP-Adapter: give --ip-adapter too")
@@ -662,7 +675,7 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     for image in _ip_images(args):
         _check_image(image, "image prompt")
     for path, _ in args.controlnet or []:
-        _require_path(path, "ControlNet")
+        _require_weights(path, "ControlNet")
     if len(args.control_video or []) != len(args.controlnet or []):
         raise KinemaError("--controlnet and --control-video come together (the ControlNet steers by the control "
                           "images): give one --control-video per --controlnet, in their order, or neither")

@@ -267,6 +267,7 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
     write_video(np.zeros((8, 32, 32, 3), np.uint8), tmp_path / "clip.mp4",  # an input: counted and sized first
                 settings={"prompt": "a clip"})
     write_video(np.zeros((8, 36, 44, 3), np.uint8), tmp_path / "odd.mp4")
+    (tmp_path / "notes.safetensors").write_text("my notes\n")
     (tmp_path / "held.mp4.json").mkdir()
     (tmp_path / "frames").mkdir()
     from PIL import Image
@@ -379,6 +380,10 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
          "the context stride 2 (--context-stride, context.stride) spaces the windows of the uniform schedule only; "
          "drop it with the 'static' schedule"),
         (["generate", "a cat", "--free-init", "11"], "FreeInit runs from 1 (plain sampling) to 10 iterations"),
+        (["generate", "a cat", "--model", "kinema-tiny-ad", "--lora", "notes.safetensors"],
+         "the LoRA file notes.safetensors is a text file, not weights; check the path"),
+        (["generate", "a cat", "--model", "kinema-tiny-ad", "--motion-module", "notes.safetensors"],
+         "the motion module notes.safetensors is a text file, not weights"),
         (["generate", "a cat", *model, "-o", "fox.png"], "fox.png: a .png file holds one frame, not 16"),
         (["v2v", "clip.mp4", "a robot", "--strength", "1.5", *model], "strength must be in (0, 1] (the share of the "
                                                                        "input noised away), got 1.5"),
