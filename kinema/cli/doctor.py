@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> None:
 
     report = doctor_report()
     print_report(report, args.json)
-    if ".mp4" in report["cannot_write"]:
+    if ".mp4" in report.get("cannot_write", ()):
         from kinema.data.probe import FORMAT_ENCODERS
         from kinema.errors import KinemaError
 

@@ -89,8 +89,10 @@ def test_context_choices_are_the_samplers_own():
 @pytest.fixture
 def model_files(tmp_path):
     (tmp_path / "sd").mkdir()
-    for name in ("mm.safetensors", "zoom.safetensors", "style.safetensors"):
-        (tmp_path / name).write_bytes(b"x")
+    from safetensors.torch import save_file
+
+    for name in ("mm.safetensors", "zoom.safetensors", "style.safetensors"):  # weights as their first bytes tell
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name))
     for name in ("start.png", "end.png"):  # read before any model loads: real images
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     return tmp_path
