@@ -376,16 +376,17 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
     options = ContextOptions(length=max(settings.length // scale, 1), overlap=settings.overlap // scale,
                              stride=settings.stride, closed_loop=settings.closed_loop, schedule=settings.schedule,
                              fuse=settings.fuse, freenoise=settings.freenoise)
-    if scale > 1 and options.overlap >= options.length:  # said in the frames the request gave, not latent ones
+    if scale > 1 and (settings.length % scale or settings.overlap % scale or options.overlap >= options.length):
+        # Said in the frames the request gave, not latent ones; other counts were rounded down without a word.
         raise KinemaError(f"{family.name}'s windows count whole latent frames of {scale} frames, so a context length "
-                          f"of {settings.length} and an overlap of {settings.overlap} make windows of {options.length} "
-                          f"latent frame(s) overlapping by {options.overlap}; use a context length that is a multiple "
-                          f"of {scale} and an overlap at least {scale} frames below it")
+                          f"of {settings.length} and an overlap of {settings.overlap} would be windows of "
+                          f"{options.length * scale} frames overlapping by {options.overlap * scale}; use a context "
+                          f"length and overlap that are multiples of {scale}, the overlap below the length")
     options.check(latent_frames, family.model.max_frames)
-    if options.closed_loop and latent_frames <= options.length:
-        logger.warning("closed_loop (--closed-loop) joins the last context window to the first, and these %d frames "
-                       "fit in one window of %d: nothing loops; make more frames than the context length",
-                       request.frames, settings.length)
+    if request.context is not None and latent_frames <= options.length:
+        logger.warning("the context windows change nothing: these %d frames fit in one window of %d, sampled as one "
+                       "clip, so the context overlap, stride, schedule, fuse, closed loop and FreeNoise do nothing; "
+                       "make more frames than the context length", request.frames, settings.length)
     return options
 
 
@@ -570,6 +571,13 @@ def _warn_prompts(family: VideoFamily, request: GenerationRequest, frames: int) 
         world.check(prompts)
     if request.guidance != 1 and request.negative_prompt:
         prompts.append(request.negative_prompt)
+    unguided = [name for name, value in (("the negative prompt", request.negative_prompt),
+                                         ("guidance_rescale", request.guidance_rescale),
+                                         ("cfg_truncation", request.cfg_truncation)) if value]
+    if request.guidance == 1 and unguided:
+        logger.warning("guidance 1 turns classifier-free guidance off, so %s change%s nothing; give a guidance above 1 "
+                       "(5 to 9 are usual) for %s", " and ".join(unguided), "s" if len(unguided) == 1 else "",
+                       "it" if len(unguided) == 1 else "them")
     for prompt in dict.fromkeys(prompts):
         cut = family.cut_off_text(prompt)
         if cut:

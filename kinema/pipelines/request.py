@@ -671,6 +671,10 @@ class GenerationRequest:
         if self.control_indices is not None and self.control_video is None:
             raise KinemaError("control_indices place the images of a control video: give control_video "
                               "(--control-video) too")
+        if (self.control_start, self.control_end) != (0.0, 1.0) and self.control_video is None:
+            raise KinemaError("control_start and control_end (--control-start, --control-end) time a ControlNet's "
+                              "steering over the steps: give a ControlNet and its control_video (--control-video), or "
+                              "drop them")
         check_control_falloff(self.control_falloff, self.control_loop, self.control_indices is not None)
         image_prompt_keyframes(self.ip_image)
         presets = range(len(PIA_MOTION_NAMES))

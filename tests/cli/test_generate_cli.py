@@ -382,6 +382,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
          "the context stride 2 (--context-stride, context.stride) spaces the windows of the uniform schedule only; "
          "drop it with the 'static' schedule"),
         (["generate", "a cat", "--free-init", "11"], "FreeInit runs from 1 (plain sampling) to 10 iterations"),
+        (["generate", "a cat", "--control-end", "0.5"], "control_start and control_end (--control-start, "
+                                                        "--control-end) time a ControlNet's steering over the steps"),
         (["generate", "a cat", "--model", "kinema-tiny-ad", "--lora", "notes.safetensors"],
          "the LoRA file notes.safetensors is a text file, not weights; check the path"),
         (["generate", "a cat", "--model", "kinema-tiny-ad", "--motion-module", "notes.safetensors"],

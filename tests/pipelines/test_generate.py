@@ -529,15 +529,30 @@ def test_one_window_over_every_frame_is_plain_sampling(animatediff):
     torch.testing.assert_close(windowed.frames, plain.frames, rtol=0, atol=1e-6)
 
 
-def test_a_closed_loop_that_fits_one_window_is_said_to_loop_nothing(animatediff, caplog):
+def test_what_guidance_1_turns_off_is_said_to_do_nothing(animatediff, caplog):
     with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
-        run(animatediff, frames=4, steps=1, context=ContextSettings(length=4, overlap=2, closed_loop=True))
-    assert "closed_loop (--closed-loop) joins the last context window to the first, and these 4 frames fit in one " \
-           "window of 4: nothing loops" in caplog.text
+        off = run(animatediff, frames=4, steps=1, guidance=1.0, negative_prompt="blurry", guidance_rescale=0.7)
+    assert "guidance 1 turns classifier-free guidance off, so the negative prompt and guidance_rescale change " \
+           "nothing" in caplog.text
+    # Independent of the warning: the video is the one without them.
+    torch.testing.assert_close(off.frames, run(animatediff, frames=4, steps=1, guidance=1.0).frames, rtol=0, atol=0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
+        run(animatediff, frames=4, steps=1, guidance=3.0, negative_prompt="blurry")
+    assert "turns classifier-free guidance off" not in caplog.text
+
+
+def test_context_options_on_a_video_of_one_window_are_said_to_do_nothing(animatediff, caplog):
+    for options in ({"closed_loop": True}, {"freenoise": True}, {"fuse": "pyramid"}):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
+            run(animatediff, frames=4, steps=1, context=ContextSettings(length=4, overlap=2, **options))
+        assert "the context windows change nothing: these 4 frames fit in one window of 4, sampled as one clip" in \
+               caplog.text, options
     caplog.clear()
     with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
         run(animatediff, frames=6, steps=1, context=ContextSettings(length=4, overlap=2, closed_loop=True))
-    assert "nothing loops" not in caplog.text
+    assert "change nothing" not in caplog.text
 
 
 def test_context_windows_on_the_dit_slice_inpaint_latents(easyanimate, monkeypatch):
@@ -720,8 +735,11 @@ def test_a_float16_vae_that_overflowed_is_reported_as_float32(tmp_path_factory):
      r"^context length 1024 exceeds the \d+ frames .* denoises at once; use a context length of at most \d+$"),
     # Past its rounding to whole latent frames (4 a latent), still said in the frames given.
     ("easyanimate", dict(frames=16, context=ContextSettings(length=6, overlap=4)),
-     r"windows count whole latent frames of 4 frames, so a context length of 6 and an overlap of 4 make windows of 1 "
-     r"latent frame\(s\) overlapping by 1; use a context length that is a multiple of 4"),
+     r"windows count whole latent frames of 4 frames, so a context length of 6 and an overlap of 4 would be windows "
+     r"of 4 frames overlapping by 4; use a context length and overlap that are multiples of 4, the overlap below"),
+    # Counts once rounded down without a word: 12 frames overlapping by 3 ran as overlapping by 0.
+    ("easyanimate", dict(frames=32, context=ContextSettings(length=12, overlap=3)),
+     r"a context length of 12 and an overlap of 3 would be windows of 12 frames overlapping by 0"),
     ("animatediff", dict(frames=16, context=ContextSettings(length=8, overlap=8)),
      r"^the context overlap 8 \(--context-overlap, context.overlap\) must be below the context length 8"),
     ("animatediff", dict(scheduler="heun"), "ddim, euler"),
