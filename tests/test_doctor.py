@@ -87,6 +87,13 @@ def test_an_ffmpeg_without_the_mp4_encoder_is_flagged_and_refused_before_any_run
     assert "cannot write fox.mp4: this PyAV's FFmpeg has no libx264 encoder, which kinema writes .mp4 with; write " \
            ".gif, .webp or a frames folder instead" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    # The API, batch, the web app and configs write jobs' .mp4 videos: refused when a job is accepted.
+    from kinema.errors import KinemaError
+    from kinema.pipelines.jobs import job_from_mapping
+
+    with pytest.raises(KinemaError, match="job: this PyAV's FFmpeg has no libx264 encoder, which kinema writes a "
+                                          "job's .mp4 videos with"):
+        job_from_mapping({"prompt": "a red circle moving right"})
 
 
 def test_models_dir_defaults_to_the_home_cache(monkeypatch, tmp_path):

@@ -422,7 +422,8 @@ def test_a_run_stopped_after_sampling_says_where_its_latents_are(tmp_path, capsy
     out = tmp_path / "a.mp4"
     assert main(["generate", "a red circle", "--steps", "1", "-o", str(out)]) == 130
     err = capsys.readouterr().err
-    assert f"the final latents are kept in {out}.latents.safetensors: `kinema decode {out}.latents.safetensors`" in err
+    assert f"the final latents are kept in {out}.latents.safetensors: the same command again writes its videos " \
+           f"without sampling again (or `kinema decode {out}.latents.safetensors`" in err
     assert err.endswith("interrupted; nothing half-written was left\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4.latents.safetensors"]
 

@@ -340,7 +340,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                              "the model's kinema.json defaults, else 4; kinema-tiny-ad: 8)")
     extend.add_argument("--segment-frames", type=positive_int,
                         help="frames generated per segment, overlap included (default: the model's window)")
-    _add_model_options(extend)
+    _add_model_options(extend, stored_model_default=f"the model VIDEO was made with, as its settings name it, else "
+                       f"{DEFAULT_MODEL}")
     _add_size_options(extend, "(default: the input's)")
     _add_sampling_options(extend)
     _add_output_options(extend, latents=False)
@@ -352,7 +353,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        "--motion-module models/mm_sd_v15_v2.ckpt -o out/fox-frames"),
     )
     decode.add_argument("latents", help="a .latents.safetensors file kinema saved")
-    _add_model_options(decode, samples=False)
+    _add_model_options(decode, samples=False, stored_model_default=f"the model the latents were made with, as their "
+                       f"settings name it, else {DEFAULT_MODEL}")
     decode.add_argument("-o", "--output", type=output_path,
                         help="video file (.mp4, .webm, .gif, .webp) or frames folder (no extension); default "
                              "<latents name>-decoded.mp4")
@@ -361,12 +363,13 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="replace earlier kinema outputs at OUT (never files kinema did not write)")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True,
+                       stored_model_default: str | None = None) -> None:
     """The model and its memory options; with `samples` False (decode) only those that change the VAE's decode:
-    no LoRA, attention chunks, offload or speed options."""
+    no LoRA, attention chunks, offload or speed options. `stored_model_default`: --model's default where the
+    command takes the model its input's settings name (extend, decode)."""
     group = parser.add_argument_group("model")
-    default = f"{DEFAULT_MODEL}, bundled with kinema; kinema-tiny-ad is the AnimateDiff one" if samples else \
-        "the model the latents were made with, as their settings name it"
+    default = stored_model_default or f"{DEFAULT_MODEL}, bundled with kinema; kinema-tiny-ad is the AnimateDiff one"
     group.add_argument("--model", help="Stable Diffusion 1.5 folder or single file, EasyAnimate V3 folder, or a "
                                        f"bundled model's name (default: {default})")
     group.add_argument("--motion-module", help="AnimateDiff motion module file or MotionAdapter folder (SD models)")
@@ -1109,19 +1112,24 @@ def check_decode(args: argparse.Namespace) -> None:
     _check_outputs(args, default, known if isinstance(known, int) else None, (args.latents,), latents=False)
 
 
-def _take_stored_model(args: argparse.Namespace, recorded: dict[str, Any]) -> None:
-    """decode without --model: the model (and motion module and VAE, unless given) that made the latents, as their
-    settings `recorded` name them, where that is a bundled model or a path that exists; else the default model."""
+def _another_model(subject: str, made_by: str, now: str, purpose: str) -> str:
+    """The warning that an input made by the model `made_by` is used with another (`now`), with the fix where that
+    model is still here."""
     from kinema.bundled import is_bundled_name
 
-    model = recorded.get("model")
-    if not isinstance(model, str) or not (is_bundled_name(model) or os.path.exists(model)):
-        return
-    args.model = model
-    for key in ("motion_module", "vae"):
-        stored = recorded.get(key)
-        if getattr(args, key) is None and isinstance(stored, str) and os.path.exists(stored):
-            setattr(args, key, stored)
+    if is_bundled_name(made_by) or os.path.exists(made_by):
+        return f"{subject} by {made_by} and {now}: pass --model {made_by} (or no --model) {purpose}"
+    return f"{subject} by {made_by}, which is not here any more, and {now}"
+
+
+def _take_stored_model(args: argparse.Namespace, recorded: dict[str, Any]) -> None:
+    """decode and extend without --model: the model (and motion module and VAE, unless given) that made the latents
+    or video, as their settings `recorded` name them, where it is still here; else the default model."""
+    from kinema.pipelines.jobs import stored_model_parts
+
+    for key, value in stored_model_parts(recorded).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # ---------------------------------------------------------------- running
@@ -1199,9 +1207,9 @@ def _generate_and_write(args: argparse.Namespace, request: Any, latents: bool) -
         paths = write_result(result, args.output, fps=request.fps, overwrite=args.overwrite or resume is not None)
     except BaseException:  # stopped or failed after sampling: what was kept, and how to finish without sampling
         if saved:
-            print(f"the final latents are kept in {saved[0]}: the same command again writes its videos without "
-                  f"sampling again (or `kinema decode {saved[0]}` with the same --model, --motion-module and --vae, "
-                  "under the decoded videos' own names)", file=sys.stderr)
+            again = "the same command without --overwrite" if args.overwrite else "the same command again"
+            print(f"the final latents are kept in {saved[0]}: {again} writes its videos without sampling again (or "
+                  f"`kinema decode {saved[0]}`, under the decoded videos' own names)", file=sys.stderr)
         raise
     _print_summary(paths, result.report, saved[0] if saved else None)
 
@@ -1244,8 +1252,8 @@ def run_extend(args: argparse.Namespace) -> None:
     stored = args.stored_settings
     model = args.model if is_bundled_name(args.model) else os.path.abspath(args.model)  # as a run records it
     if isinstance(stored.get("model"), str) and stored["model"] != model:
-        logger.warning("%s was made by %s and is continued by %s: pass --model %s (or no --model) to continue it "
-                       "alike", args.video, stored["model"], model, stored["model"])
+        logger.warning("%s", _another_model(f"{args.video} was made", stored["model"], f"is continued by {model}",
+                                            "to continue it alike"))
     given = None if args.vae is None else os.path.abspath(args.vae)
     if stored.get("vae") is not None and stored["vae"] != given:  # its frames are re-encoded for the held ones
         logger.warning("%s was made with the VAE %s and is continued with %s: pass --vae %s to continue it alike",
@@ -1273,8 +1281,8 @@ def run_decode(args: argparse.Namespace) -> None:
     made_by = sorted({str(entry["model"]) for entry in settings if entry.get("model") is not None} -
                      {decoder["model"]})
     if made_by:
-        logger.warning("these latents were made by %s and are decoded by %s: pass --model %s (or no --model) for the "
-                       "frames that run made", " and ".join(made_by), decoder["model"], made_by[0])
+        logger.warning("%s", _another_model("these latents were made", made_by[0], f"are decoded by {decoder['model']}",
+                                            "for the frames that run made"))
     made_with = sorted({entry.get("vae") for entry in settings} - {used}, key=str)
     if made_with:
         logger.warning("these latents were made with %s VAE and are decoded with %s: pass %s for the frames that run "

@@ -317,15 +317,24 @@ def _describes(settings: dict, path: str | os.PathLike) -> bool:
         return True
     try:
         height, width = video_size(path)
-        actual = (frame_count(path), width, height)
-    except KinemaError:
+        # A GIF or WebP may hold runs of equal frames as one (Pillow merges them), so its count is no evidence.
+        merges = Path(path).suffix.lower() in (".gif", ".webp")
+        actual = (recorded[0] if merges else frame_count(path), width, height)
+        changed = os.stat(path).st_mtime_ns
+    except (KinemaError, OSError):
         return True  # the caller names what is wrong with the video itself
     if actual == recorded:
         return True
-    logging.getLogger(__name__).warning(
-        "the settings beside %s describe another video (%d frames at %dx%d; it has %d at %dx%d), left from a file "
-        "since replaced: they are not used", path, *recorded, *actual)
+    said = (os.path.abspath(path), changed)
+    if said not in _STALE_SAID:  # several reads of one input (its fps, its prompt) say it once
+        _STALE_SAID.add(said)
+        logging.getLogger(__name__).warning(
+            "the settings beside %s describe another video (%d frames at %dx%d; it has %d at %dx%d), left from a file "
+            "since replaced: they are not used", path, *recorded, *actual)
     return False
+
+
+_STALE_SAID: set[tuple[str, int]] = set()
 
 
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:

@@ -935,7 +935,11 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 
     # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
     settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
-                 "scheduler": plan.scheduler} for seed in seeds]
+                 "scheduler": plan.scheduler,
+                 # The dtype the run takes: the models' own when the request names none, which an earlier request
+                 # on this family may have set (the dtype casts the family in place).
+                 "dtype": request.dtype or str(next(family.model.parameters()).dtype).removeprefix("torch.")}
+                for seed in seeds]
     if resume is not None and plan.continuation:
         raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
                           "nothing to resume it from; run it without resume")

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.bundled import DEFAULT_MODEL, folder_motion_module, is_bundled_name, model_defaults, resolve_model
-from kinema.data.probe import PIL_FORMATS, STILL_IMAGE_KINDS, frame_count, video_fps, video_kind_and_frames, video_size
+from kinema.data.probe import (
+    PIL_FORMATS,
+    STILL_IMAGE_KINDS,
+    frame_count,
+    missing_encoder,
+    video_fps,
+    video_kind_and_frames,
+    video_size,
+)
 from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, os_error_message, shorten
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
@@ -713,6 +721,21 @@ def _prompt(value: Any) -> str | dict[str, Any]:
     return text
 
 
+def stored_model_parts(recorded: Mapping[str, Any]) -> dict[str, str]:
+    """The model, motion module and VAE that a video's or latents' settings `recorded` name, those still here (a
+    bundled model's name, or a path that exists): what `kinema extend`, `kinema decode` and extend jobs take when
+    given no model. {} when the model is not here."""
+    model = recorded.get("model")
+    if not isinstance(model, str) or not (is_bundled_name(model) or os.path.exists(model)):
+        return {}
+    parts = {"model": model}
+    for key in ("motion_module", "vae"):
+        stored = recorded.get(key)
+        if isinstance(stored, str) and os.path.exists(stored):
+            parts[key] = stored
+    return parts
+
+
 def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir: str | os.PathLike | None = None,
                      base: str | os.PathLike | None = None) -> Job:
     """Build and check a Job from plain data (JSON body, JSONL line, YAML entry, web form).
@@ -745,12 +768,25 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     surrogate = lone_surrogate(data)
     if surrogate is not None:  # before any path is tried or text repeated in a message
         raise lone_surrogate_error(surrogate)
+    encoder = missing_encoder(VIDEO_SUFFIX)
+    if encoder is not None:  # every job writes its videos so: said when it is accepted, not after its sampling
+        raise KinemaError(f"this PyAV's FFmpeg has no {encoder} encoder, which kinema writes a job's {VIDEO_SUFFIX} "
+                          f"videos with; install PyAV from PyPI (its wheels bundle {encoder})")
     report = data.get("report")
     recorded = report.get("inputs") if isinstance(report, Mapping) else None
     data = {key: value for key, value in data.items() if key not in RECORD_KEYS}
     for key in data:
         if key not in JOB_KEYS:
             raise unknown_key_error(key, JOB_KEYS)
+    video = data.get("video")
+    if data.get("model") is None and data.get("extend_frames") is not None and isinstance(video, str) and video:
+        # As `kinema extend`: a video is continued by the model (and motion module and VAE) that made it.
+        found = existing_path(video, "video", (base, models_dir))
+        if found is not None:
+            from kinema.data.probe import stored_settings
+
+            made_with = stored_model_parts(stored_settings(found))
+            data = {**data, **{key: value for key, value in made_with.items() if data.get(key) is None}}
     model = _model(data.get("model", DEFAULT_MODEL), base, models_dir)
     motion_module = None if data.get("motion_module") is None else _path(
         data["motion_module"], "motion_module", base, models_dir, "motion module")

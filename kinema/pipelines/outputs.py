@@ -66,7 +66,8 @@ def check_video_suffix(path: str | os.PathLike, frames: int | None = None) -> No
     than one frame (`frames`, when known)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if not suffix and path.name.lower() in VIDEO_SUFFIXES:  # `.mp4` alone: pathlib's hidden name, no extension
+    # `.mp4` alone: pathlib's hidden name with no extension.
+    if not suffix and path.name and path.name.lower() in VIDEO_SUFFIXES:
         raise KinemaError(f"{path.name} is an extension with no name, which would be a hidden folder of frames; give "
                           f"a name such as out{path.name}")
     if suffix not in VIDEO_SUFFIXES:

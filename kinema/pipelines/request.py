@@ -504,7 +504,9 @@ class GenerationRequest:
         guess_mode: ControlNet's guess mode: the control images lead and the prompt may be empty (the residuals
             graded from 0.1 at the first level to 1 at the middle block, and the unprompted half of guidance left
             unsteered). A ControlNet that pools its residuals (shuffle) turns it on itself, as in diffusers.
-        dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are).
+        dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are). The
+            family's models are cast in place and stay so for later calls (weights cast down stay rounded): to run a
+            family in one dtype, load it so (`load_family(..., dtype=)`); the settings record the dtype that ran.
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
         offload: keep each model on the CPU until its stage runs (for accelerators).

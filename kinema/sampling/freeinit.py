@@ -48,8 +48,9 @@ class FreeInitOptions:
         """One KinemaError line for a setting out of range."""
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or \
                 not 1 <= self.iterations <= MAX_ITERATIONS:
-            raise KinemaError(f"FreeInit runs from 1 (plain sampling) to {MAX_ITERATIONS} iterations, each a whole "
-                              f"sampling run (3 to 5 are usual), got {self.iterations!r}")
+            raise KinemaError(f"FreeInit (--free-init, free_init.iterations) runs from 1 (plain sampling) to "
+                              f"{MAX_ITERATIONS} iterations, each a whole sampling run (3 to 5 are usual), got "
+                              f"{self.iterations!r}")
         check_filter(self.method, self.spatial_stop, self.temporal_stop, self.order)
 
     def steps_at(self, iteration: int, steps: int) -> int:

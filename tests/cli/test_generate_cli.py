@@ -381,7 +381,8 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", "--frames", "32", "--context-schedule", "static", "--context-stride", "2"],
          "the context stride 2 (--context-stride, context.stride) spaces the windows of the uniform schedule only; "
          "drop it with the 'static' schedule"),
-        (["generate", "a cat", "--free-init", "11"], "FreeInit runs from 1 (plain sampling) to 10 iterations"),
+        (["generate", "a cat", "--free-init", "11"], "FreeInit (--free-init, free_init.iterations) runs from 1 "
+                                                     "(plain sampling) to 10 iterations"),
         (["generate", "a cat", "--control-end", "0.5"], "control_start and control_end (--control-start, "
                                                         "--control-end) time a ControlNet's steering over the steps"),
         (["generate", "a cat", "--model", "kinema-tiny-ad", "--lora", "notes.safetensors"],
@@ -719,6 +720,8 @@ def test_an_overwrite_stopped_while_writing_leaves_its_latents_without_the_old_v
     with monkeypatch.context() as patch:  # as a Ctrl-C while the new run writes its first video
         patch.setattr(video_io, "write_video", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert main([*blue, "--overwrite"]) == 130
+    # Again with --overwrite would sample anew: the way on is the command without it.
+    assert "the same command without --overwrite writes its videos without sampling again" in capsys.readouterr().err
     # The red run's videos are gone, not left beside latents of the blue one; a file of the user's is not.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fox-seed4-notes.txt", "fox.latents.safetensors"]
     capsys.readouterr()

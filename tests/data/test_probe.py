@@ -126,6 +126,15 @@ def test_a_sidecar_left_from_another_video_is_not_taken_for_this_ones(tmp_path, 
         assert stored_settings(tmp_path / "fox.mp4")["prompt"] == "a cat"
     assert f"the settings beside {tmp_path / 'fox.mp4'} describe another video (4 frames at 16x16; it has 6 at " \
            "16x16), left from a file since replaced: they are not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kinema.data.probe"):  # read again (its fps, its prompt): said once
+        assert stored_settings(tmp_path / "fox.mp4")["prompt"] == "a cat"
+    assert not caplog.records
+    # A WebP of equal frames holds them as one: kinema's own sidecar is still the video's.
+    write_video(np.zeros((8, 16, 16, 3), np.uint8), tmp_path / "still.webp", settings={**made, "frames": 8})
+    with caplog.at_level(logging.WARNING, logger="kinema.data.probe"):
+        assert stored_settings(tmp_path / "still.webp")["prompt"] == "a red fox"
+    assert not caplog.records
     # Settings without the counts (written by hand, or by other tools) are taken as they are.
     (tmp_path / "fox.mp4.json").write_text(json.dumps({"prompt": "a dog"}))
     assert stored_settings(tmp_path / "fox.mp4")["prompt"] == "a dog"

@@ -211,3 +211,19 @@ def test_the_shipped_kinema_tiny_ad_loads_by_name_as_a_float32_v_prediction_mode
     family = load_family("kinema-tiny-ad")
     assert family.prediction_type == "v_prediction"
     assert {p.dtype for part in (family.model, family.vae) for p in part.parameters()} == {torch.float32}
+
+
+def test_the_shipped_motion_module_alone_holds_the_settings_of_its_folder():
+    """A motion module travels without its model folder (--motion-module with another SD1.5 model, `kinema
+    inspect`): read alone, it must give the settings the folder's kinema.json "motion" entry gives, not a
+    published version's preset (8 heads, norms across frames, where kinema-tiny-ad's has 4, per frame)."""
+    from kinema import describe
+    from kinema.bundled import bundled_model_path
+
+    folder = bundled_model_path("kinema-tiny-ad")
+    motion = json.loads((folder / "kinema.json").read_text())["motion"]
+    described = describe(folder / "motion_module.safetensors")
+    assert described["settings_source"] == "the file's metadata"
+    for key, value in motion.items():
+        assert described.get(key, value) == value, key  # what describe shows of them (not transformer_blocks)
+    assert (described["num_attention_heads"], described["norm_mode"]) == (4, "per_frame")

@@ -611,6 +611,22 @@ def test_context_and_segments_past_the_window_are_refused_when_the_job_is_accept
     assert model_window(folder) == (32, "sd")
 
 
+def test_an_extend_job_without_a_model_continues_with_the_videos_own(tmp_path):
+    # As `kinema extend` does: a video kinema-tiny-ad made is continued by it, not by the default kinema-tiny.
+    from kinema.data.video_io import write_video
+
+    frames = np.zeros((8, 64, 64, 3), np.uint8)
+    write_video(frames, tmp_path / "ad.mp4", settings={"prompt": "a red circle moving right", "negative_prompt": "dark",
+                                                        "model": "kinema-tiny-ad"})
+    job = job_from_mapping({"video": "ad.mp4", "extend_frames": 8}, base=tmp_path)
+    assert (job.model, job.request.negative_prompt) == ("kinema-tiny-ad", "dark")
+    assert job_from_mapping({"video": "ad.mp4", "extend_frames": 8, "model": "kinema-tiny"}, base=tmp_path).model == \
+        "kinema-tiny"
+    # A model that is not here any more: the default, as without settings.
+    write_video(frames, tmp_path / "gone.mp4", settings={"prompt": "x", "model": str(tmp_path / "gone-model")})
+    assert job_from_mapping({"video": "gone.mp4", "extend_frames": 8}, base=tmp_path).model == "kinema-tiny"
+
+
 def test_an_extend_job_without_a_prompt_continues_the_videos_own(tmp_path):
     # As `kinema extend` does; the web app's Extend tab ran such jobs with an empty prompt.
     from kinema.data.video_io import write_video
