@@ -102,7 +102,23 @@ def _read_image(image: Any, what: str) -> torch.Tensor:
         image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise KinemaError(f"{what} must be a path, a PIL image or a (3, H, W) tensor in [0, 1]")
-    return image.float()
+    return _unit_range(image, what)
+
+
+def _unit_range(frames: torch.Tensor, what: str) -> torch.Tensor:
+    """`frames` as float, refused in one line unless they are finite values in [0, 1]: 0-255 bytes or [-1, 1] pixels
+    would run and wash the video out (or darken it), and NaN would run the whole sampling into a NaN video."""
+    if not frames.is_floating_point():
+        raise KinemaError(f"{what} is a {str(frames.dtype).removeprefix('torch.')} tensor; give floats in [0, 1] "
+                          "(bytes: divide by 255)")
+    frames = frames.float()
+    if not torch.isfinite(frames).all():
+        raise KinemaError(f"{what} holds NaN or infinity; give finite values in [0, 1]")
+    low, high = float(frames.min()), float(frames.max())
+    if low < 0 or high > 1:
+        fix = "divide by 255" if high > 1.5 else "(x + 1) / 2 takes [-1, 1] there" if low < -0.01 else "clamp them"
+        raise KinemaError(f"{what} holds values from {low:.3g} to {high:.3g}; give values in [0, 1] ({fix})")
+    return frames
 
 
 def _fit(frames: torch.Tensor, height: int, width: int, resize: bool, what: str) -> torch.Tensor:
@@ -126,17 +142,23 @@ def _video_tensor(video: Any, height: int | None, width: int | None, resize: boo
         video = (read_video(video).frames + 1) / 2
     if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
         raise KinemaError("the input video must be a path or an (F, 3, H, W) tensor in [0, 1]")
+    video = _unit_range(video, "the input video")
     return _fit(video, height or video.shape[-2], width or video.shape[-1], resize, "the input video")
 
 
 def _mask_tensor(mask: Any, frames: int, height: int, width: int, resize: bool) -> torch.Tensor:
     """`mask` (see GenerationRequest.mask) as bool `(frames, height, width)`, True for the pixels to remake."""
+    from PIL import Image
     if isinstance(mask, (str, Path)):
         from kinema.data.video_io import read_video
 
         mask = (read_video(mask).frames + 1) / 2
-    elif not isinstance(mask, torch.Tensor):
-        mask = _read_image(mask, "the mask")[None]  # a PIL image
+    elif isinstance(mask, Image.Image):
+        mask = _read_image(mask, "the mask")[None]
+    if not isinstance(mask, torch.Tensor):
+        raise KinemaError(f"the mask must be a path, a PIL image, or an (H, W) or (F, H, W) tensor in [0, 1]; got "
+                          f"{type(mask).__name__}")
+    mask = _unit_range(mask.float() if mask.dtype == torch.bool else mask, "the mask")  # True: remake
     if mask.ndim in (2, 3):  # (H, W) or (F, H, W)
         mask = mask.reshape(-1, 1, *mask.shape[-2:])
     if mask.ndim != 4 or mask.shape[1] not in (1, 3):

@@ -8,9 +8,10 @@ The mode follows from the inputs: `video` with `extend_frames` continues a video
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -452,7 +453,8 @@ class GenerationRequest:
         strength: video-to-video: how much of the input is noised away (0 keeps it, 1 ignores it).
         mask: video-to-video only (video inpainting): the pixels of `video` to remake, white (> 0.5) remade and
             black kept; a path (an image for every frame, or a video, animation or frame folder of one frame per
-            input frame), a PIL image, or `(H, W)` / `(F, H, W)` in [0, 1] (None: the whole video is remade).
+            input frame), a PIL image, or `(H, W)` / `(F, H, W)` in [0, 1] or bool (None: the whole video is
+            remade).
             The kept pixels of the finished frames are the input's own, not their VAE round trip.
         mask_blur: with a mask: the radius in pixels of the Gaussian blur that feathers the mask's edge where the
             remade pixels meet the input's (A1111's mask blur; 0, the default: a hard edge).
@@ -469,7 +471,7 @@ class GenerationRequest:
             before (A1111's and prompt travel's "clip skip 2", for models trained on it; diffusers' clip_skip 1).
         timestep_spacing: where the sampling steps fall, `TIMESTEP_SPACINGS` (None: the scheduler's own; "trailing"
             for few-step distilled models such as AnimateDiff-Lightning).
-        free_init: FreeInit iterations (None: off).
+        free_init: FreeInit, `FreeInitSettings(iterations=3, ...)` (None: off).
         motion_scale: factor on the motion modules' attention keys, a softmax temperature (ComfyUI-AnimateDiff's
             motion scale; 1: as trained).
         motion_effect: factor on the motion modules' residual (ComfyUI-AnimateDiff's effect; 0: each frame its own
@@ -619,6 +621,7 @@ class GenerationRequest:
             if not (math.isfinite(value) and value >= 1):
                 raise KinemaError(f"{name} must be at least 1, got {value}")
 
+        self._check_types()
         # Only the text the tokenizer reads: a path's undecodable bytes are the real name of a file (surrogateescape).
         surrogate = lone_surrogate([self.prompt, self.negative_prompt])
         if surrogate is not None:
@@ -639,7 +642,7 @@ class GenerationRequest:
             raise KinemaError(f"guidance must be a finite number from 1 to {MAX_GUIDANCE:g} (1 turns classifier-free "
                               f"guidance off; 5 to 9 are usual), got {self.guidance}")
         seeds = list(self.seeds)
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
         for seed in seeds:
             check_seed(seed)
@@ -746,6 +749,28 @@ class GenerationRequest:
         if not isinstance(self.prompt, (str, Mapping)):
             raise KinemaError(f"prompt must be a string or a prompt schedule mapping; got {type(self.prompt).__name__}")
 
+    def _check_types(self) -> None:
+        """One KinemaError line for a number field given as something else (the Python API hands values straight
+        through: "6", True, a list), before any arithmetic on it fails in Python's words. numpy numbers pass."""
+        for field in fields(self):
+            kind = str(field.type)
+            value = getattr(self, field.name)
+            if value is None or not kind.startswith(("int", "float")):
+                continue
+            whole = kind.startswith("int")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+                raise KinemaError(f"{field.name} must be {'a whole number' if whole else 'a number'}, got "
+                                  f"{type(value).__name__} {shorten(repr(value), 40)}")
+        if isinstance(self.seeds, str | bytes | Mapping) or not isinstance(self.seeds, Iterable):
+            raise KinemaError(f"seeds must be a list of whole numbers (one video per seed), got "
+                              f"{type(self.seeds).__name__} {shorten(repr(self.seeds), 40)}")
+        settings_types: tuple[tuple[str, type], ...] = (("free_init", FreeInitSettings), ("context", ContextSettings))
+        for name, settings_type in settings_types:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, settings_type):
+                raise KinemaError(f"{name} must be {settings_type.__name__}(...) or None, got {type(value).__name__} "
+                                  f"{shorten(repr(value), 40)}")
+
     def settings(self) -> dict[str, Any]:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
         type)."""
@@ -766,7 +791,11 @@ class GenerationRequest:
                              for item in value]
             elif value is not None:
                 data[key] = f"<{type(value).__name__}>"
-        data["seeds"] = list(self.seeds)
+        data["seeds"] = [int(seed) for seed in self.seeds]  # numpy's too: JSON writes Python numbers only
+        for field in fields(self):
+            value = data[field.name]
+            if isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
+                data[field.name] = int(value) if isinstance(value, numbers.Integral) else float(value)
         data["control_indices"] = None if self.control_indices is None else list(self.control_indices)
         data["control_falloff"] = None if self.control_falloff is None else list(self.control_falloff)
         if self.control_preprocess is not None and not isinstance(self.control_preprocess, str):

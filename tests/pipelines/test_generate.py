@@ -727,6 +727,17 @@ def test_a_float16_vae_that_overflowed_is_reported_as_float32(tmp_path_factory):
 @pytest.mark.parametrize(("family", "kwargs", "words"), [
     ("easyanimate", dict(frames=20), "16 or 24"),
     ("animatediff", dict(image=torch.rand(3, 16, 16)), "--resize"),
+    # Tensors that are not [0, 1] pixels: once run, washed out, darkened or NaN after the whole sampling.
+    ("animatediff", dict(image=torch.rand(3, SIZE, SIZE) * 255), r"the start image holds values from .* to .*; give "
+                                                                 r"values in \[0, 1\] \(divide by 255\)"),
+    ("animatediff", dict(image=(torch.rand(3, SIZE, SIZE) * 255).to(torch.uint8)), "is a uint8 tensor; give floats"),
+    ("animatediff", dict(image=torch.rand(3, SIZE, SIZE) * 2 - 1), r"\(x \+ 1\) / 2 takes \[-1, 1\] there"),
+    ("animatediff", dict(image=torch.full((3, SIZE, SIZE), float("nan"))), "the start image holds NaN or infinity"),
+    ("animatediff", dict(video=torch.rand(4, 3, SIZE, SIZE) * 255, strength=0.5, frames=None),
+     "the input video holds values from"),
+    ("animatediff", dict(video=torch.rand(4, 3, SIZE, SIZE), strength=0.5, frames=None,
+                         mask=numpy.ones((SIZE, SIZE), numpy.float32)), "the mask must be a path, a PIL image, or an "
+                                                                   r"\(H, W\) or \(F, H, W\) tensor .*; got ndarray"),
     ("animatediff", dict(prompt={"0": "a cat", "9": "a dog"}), "9"),
     ("animatediff", dict(prompt={"3": "a cat", "1": "a dog"}), "order"),
     ("animatediff", dict(frames=30, context=ContextSettings(length=32, overlap=4)), "32"),

@@ -646,3 +646,28 @@ def test_an_extend_job_without_a_prompt_continues_the_videos_own(tmp_path):
     assert (inherited.prompt, inherited.prompt_hold) == ({"0": "a cat", "12": "a dog"}, 0.5)
     with pytest.raises(KinemaError, match=r"key '12' is out of range: keyframes go from 0 to 11 for 12 frames"):
         job_from_mapping({"video": "travel.mp4", "extend_frames": 4}, base=tmp_path)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"seeds": 1}, "seeds must be a list of whole numbers (one video per seed), got int 1"),
+    ({"guidance": "6"}, "guidance must be a number, got str '6'"),
+    ({"steps": True}, "steps must be a whole number, got bool True"),
+    ({"frames": [8]}, "frames must be a whole number, got list [8]"),
+    ({"steps": 2.0}, "steps must be a whole number, got float 2.0"),
+    ({"free_init": 3}, "free_init must be FreeInitSettings(...) or None, got int 3"),
+    ({"context": {"length": 16}}, "context must be ContextSettings(...) or None, got dict"),
+])
+def test_the_python_api_gets_one_line_for_a_value_of_the_wrong_type(fields, message):
+    # They once failed in Python's words (TypeError: 'int' object is not iterable) deep in the checks.
+    with pytest.raises(KinemaError) as refused:
+        GenerationRequest(prompt="a red circle", **fields).check()
+    assert str(refused.value).startswith(message)
+
+
+def test_numpy_numbers_are_taken_and_recorded_as_python_numbers():
+    request = GenerationRequest(prompt="a red circle", frames=np.int64(8), guidance=np.float32(5.5),
+                                seeds=np.array([1, 2]))
+    request.check()
+    settings = request.settings()
+    assert (settings["frames"], settings["guidance"], settings["seeds"]) == (8, 5.5, [1, 2])
+    assert json.loads(json.dumps(settings))["seeds"] == [1, 2]  # JSON writes Python numbers only
