@@ -209,6 +209,13 @@ def _shared(entry: Mapping[str, Any]) -> dict[str, Any]:
     if output is not None:
         if not isinstance(output, Mapping):
             raise KinemaError(f"output is a mapping such as {{fps: 8}}, got {type(output).__name__}")
+        unknown = sorted(set(map(str, output)) - {"fps", "format", "encode_param"})
+        if unknown:
+            raise KinemaError(f"unknown key {unknown[0]!r} in output; it takes fps (prompt travel's format and "
+                              "encode_param are read and ignored: kinema writes mp4)")
+        if output.get("format") not in (None, "", "mp4"):
+            logger.warning("output format %r is ignored: kinema writes mp4 videos (and their settings beside them)",
+                           output["format"])
         if "fps" in output and "fps" not in data:
             data["fps"] = output["fps"]
     scheduler = _given(entry, "scheduler")
@@ -405,7 +412,8 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
         negatives = _list(n_prompt if n_prompt is not None else "")
         if len(negatives) != 1:
             raise KinemaError(f"{where}, entry {name!r}: a prompt schedule takes one n_prompt, got {len(negatives)}")
-        seeds = _list(entry.get("seed", -1))
+        seed = _given(entry, "seed")  # "" and [] leave it unset, as the other keys: a random seed
+        seeds = _list(-1 if seed is None else seed)
         used_seeds: list[int] = []
         for module_index, module in enumerate(motion_modules):
             tail = f"-mm{module_index + 1}" if len(motion_modules) > 1 else ""
@@ -428,7 +436,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
         raise KinemaError(f"{where}, entry {name!r}: n_prompt lists {len(negatives)} negative prompts for "
                           f"{len(prompts)} prompts; give one, or one per prompt")
     try:
-        seeds = _seeds_per_prompt(entry.get("seed"), len(prompts))
+        seeds = _seeds_per_prompt(_given(entry, "seed"), len(prompts))
     except KinemaError as err:
         raise KinemaError(f"{where}, entry {name!r}: {err}") from None
     used_seeds = []

@@ -269,3 +269,26 @@ def test_each_kinema_tiny_example_runs(tmp_path, example, cache):
     for path in paths:
         settings = json.loads(path.with_name(path.name + ".json").read_text())
         assert settings["model"] == "kinema-tiny" and settings["steps"] == 2
+
+
+def test_an_empty_seed_is_unset_and_output_takes_only_prompt_travels_keys(tmp_path, caplog):
+    # docs/configs.md: "" and [] leave a key unset, as in those files; the seed was refused instead.
+    for empty in ("", []):
+        for entry in ({"model": "kinema-tiny", "prompt": ["a red circle moving right"], "seed": empty},
+                      {"model": "kinema-tiny", "prompt_map": {"0": "a red circle moving right"}, "seed": empty}):
+            config = write(tmp_path / "c.yaml", [entry] if "prompt" in entry else entry)
+            [run] = read_config(config).runs
+            assert len(run.job.request.seeds) == 1, entry  # drawn, as for -1
+    entry = {"model": "kinema-tiny", "prompt_map": {"0": "a red circle moving right"}}
+    for output, error in (({"fps": 8, "bogus": 1}, "unknown key 'bogus' in output; it takes fps"),
+                          ({"fps": 8, "format": "gif", "encode_param": {"crf": 10}}, None)):
+        config = write(tmp_path / "travel.json", {**entry, "output": output})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            if error is None:
+                [run] = read_config(config).runs
+                assert run.job.request.fps == 8
+                assert "output format 'gif' is ignored: kinema writes mp4 videos" in caplog.text
+            else:
+                with pytest.raises(KinemaError, match=error):
+                    read_config(config)
