@@ -325,16 +325,19 @@ def _describes(settings: dict, path: str | os.PathLike) -> bool:
         return True  # the caller names what is wrong with the video itself
     if actual == recorded:
         return True
-    said = (os.path.abspath(path), changed)
-    if said not in _STALE_SAID:  # several reads of one input (its fps, its prompt) say it once
-        _STALE_SAID.add(said)
+    import time
+
+    said, now = (os.path.abspath(path), changed), time.monotonic()
+    # The reads of one input by one command (its fps, its prompt) say it once; a server's later job again.
+    if now - _STALE_SAID.get(said, -60.0) > 30:
+        _STALE_SAID[said] = now
         logging.getLogger(__name__).warning(
             "the settings beside %s describe another video (%d frames at %dx%d; it has %d at %dx%d), left from a file "
             "since replaced: they are not used", path, *recorded, *actual)
     return False
 
 
-_STALE_SAID: set[tuple[str, int]] = set()
+_STALE_SAID: dict[tuple[str, int], float] = {}
 
 
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:

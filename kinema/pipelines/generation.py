@@ -108,6 +108,8 @@ def _read_image(image: Any, what: str) -> torch.Tensor:
 def _unit_range(frames: torch.Tensor, what: str) -> torch.Tensor:
     """`frames` as float, refused in one line unless they are finite values in [0, 1]: 0-255 bytes or [-1, 1] pixels
     would run and wash the video out (or darken it), and NaN would run the whole sampling into a NaN video."""
+    if frames.numel() == 0:  # the frame count's own checks name that
+        return frames.float()
     if not frames.is_floating_point():
         raise KinemaError(f"{what} is a {str(frames.dtype).removeprefix('torch.')} tensor; give floats in [0, 1] "
                           "(bytes: divide by 255)")
@@ -116,7 +118,7 @@ def _unit_range(frames: torch.Tensor, what: str) -> torch.Tensor:
         raise KinemaError(f"{what} holds NaN or infinity; give finite values in [0, 1]")
     low, high = float(frames.min()), float(frames.max())
     if low < 0 or high > 1:
-        fix = "divide by 255" if high > 1.5 else "(x + 1) / 2 takes [-1, 1] there" if low < -0.01 else "clamp them"
+        fix = "divide by 255" if high > 1.5 else "(x + 1) / 2 takes [-1, 1] there" if low < -0.5 else "clamp them"
         raise KinemaError(f"{what} holds values from {low:.3g} to {high:.3g}; give values in [0, 1] ({fix})")
     return frames
 
@@ -957,11 +959,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
 
     # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
     settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
-                 "scheduler": plan.scheduler,
-                 # The dtype the run takes: the models' own when the request names none, which an earlier request
-                 # on this family may have set (the dtype casts the family in place).
-                 "dtype": request.dtype or str(next(family.model.parameters()).dtype).removeprefix("torch.")}
-                for seed in seeds]
+                 "scheduler": plan.scheduler} for seed in seeds]
     if resume is not None and plan.continuation:
         raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
                           "nothing to resume it from; run it without resume")

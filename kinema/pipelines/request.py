@@ -135,6 +135,21 @@ class FreeUSettings:
 BLEND_SETTINGS = ("interpolation", "prompt_hold", "prompt_loop")
 
 
+# Number fields whose checks say more of a wrong type than "must be a number" (check_mask_blur).
+_OWN_TYPE_CHECKS = ("mask_blur",)
+
+
+def _python_numbers(value: Any) -> Any:
+    """`value` with numpy's numbers (alone, or in lists and dicts) as Python's, which JSON writes."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    if isinstance(value, list | tuple):
+        return [_python_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _python_numbers(item) for key, item in value.items()}
+    return value
+
+
 def stored_prompt_settings(stored: Mapping[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
     """The prompt a video's stored settings hold (text or schedule) as request fields, with how a schedule blended
     (`BLEND_SETTINGS`) and its negative prompt, those not in `given`; {} when they hold no prompt. What `kinema
@@ -508,7 +523,7 @@ class GenerationRequest:
             unsteered). A ControlNet that pools its residuals (shuffle) turns it on itself, as in diffusers.
         dtype: "float32", "bfloat16" or "float16" for the whole pipeline (None: the models run as they are). The
             family's models are cast in place and stay so for later calls (weights cast down stay rounded): to run a
-            family in one dtype, load it so (`load_family(..., dtype=)`); the settings record the dtype that ran.
+            family in one dtype, load it so (`load_family(..., dtype=)`); the report records the dtype that ran.
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
         attention_chunk: compute attention in chunks of this many queries (None: at once).
         offload: keep each model on the CPU until its stage runs (for accelerators).
@@ -755,7 +770,7 @@ class GenerationRequest:
         for field in fields(self):
             kind = str(field.type)
             value = getattr(self, field.name)
-            if value is None or not kind.startswith(("int", "float")):
+            if value is None or not kind.startswith(("int", "float")) or field.name in _OWN_TYPE_CHECKS:
                 continue
             whole = kind.startswith("int")
             if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
@@ -791,11 +806,7 @@ class GenerationRequest:
                              for item in value]
             elif value is not None:
                 data[key] = f"<{type(value).__name__}>"
-        data["seeds"] = [int(seed) for seed in self.seeds]  # numpy's too: JSON writes Python numbers only
-        for field in fields(self):
-            value = data[field.name]
-            if isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
-                data[field.name] = int(value) if isinstance(value, numbers.Integral) else float(value)
+        data["seeds"] = list(self.seeds)
         data["control_indices"] = None if self.control_indices is None else list(self.control_indices)
         data["control_falloff"] = None if self.control_falloff is None else list(self.control_falloff)
         if self.control_preprocess is not None and not isinstance(self.control_preprocess, str):
@@ -803,4 +814,4 @@ class GenerationRequest:
         data["mode"] = self.mode
         if isinstance(self.prompt, Mapping):
             data["prompt"] = {str(k): v for k, v in self.prompt.items()}
-        return data
+        return _python_numbers(data)  # numpy's numbers too: JSON writes Python's only

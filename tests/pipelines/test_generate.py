@@ -733,6 +733,8 @@ def test_a_float16_vae_that_overflowed_is_reported_as_float32(tmp_path_factory):
     ("animatediff", dict(image=(torch.rand(3, SIZE, SIZE) * 255).to(torch.uint8)), "is a uint8 tensor; give floats"),
     ("animatediff", dict(image=torch.rand(3, SIZE, SIZE) * 2 - 1), r"\(x \+ 1\) / 2 takes \[-1, 1\] there"),
     ("animatediff", dict(image=torch.full((3, SIZE, SIZE), float("nan"))), "the start image holds NaN or infinity"),
+    ("animatediff", dict(image=torch.rand(3, SIZE, SIZE) * 1.2 - 0.1), r"give values in \[0, 1\] \(clamp them\)"),
+    ("easyanimate", dict(video=torch.zeros(0, 3, SIZE, SIZE), strength=0.5, frames=None), "0 is not"),
     ("animatediff", dict(video=torch.rand(4, 3, SIZE, SIZE) * 255, strength=0.5, frames=None),
      "the input video holds values from"),
     ("animatediff", dict(video=torch.rand(4, 3, SIZE, SIZE), strength=0.5, frames=None,

@@ -179,7 +179,7 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
     ("guidance", float("inf"), "guidance must be a finite number from 1 to 100"),
     ("fps", float("inf"), "fps must be from 0.01 to 1000"),
     ("fps", float("nan"), "fps must be from 0.01 to 1000"),
-    ("steps", float("inf"), "steps must be at least 1"),
+    ("steps", float("inf"), "steps must be a whole number, got float inf"),
     ("steps", 501, r"steps must be at most 500 \(some schedulers fail past it"),
 ])
 def test_the_python_api_refuses_nan_and_infinity(field, value, message):
@@ -665,9 +665,12 @@ def test_the_python_api_gets_one_line_for_a_value_of_the_wrong_type(fields, mess
 
 
 def test_numpy_numbers_are_taken_and_recorded_as_python_numbers():
+    from dataclasses import replace
+
     request = GenerationRequest(prompt="a red circle", frames=np.int64(8), guidance=np.float32(5.5),
                                 seeds=np.array([1, 2]))
     request.check()
-    settings = request.settings()
+    # Within lists too (control_indices come with a control video, not read here).
+    settings = replace(request, control_video="clip.mp4", control_indices=[np.int64(0)]).settings()
     assert (settings["frames"], settings["guidance"], settings["seeds"]) == (8, 5.5, [1, 2])
-    assert json.loads(json.dumps(settings))["seeds"] == [1, 2]  # JSON writes Python numbers only
+    assert json.loads(json.dumps(settings))["control_indices"] == [0]  # JSON writes Python numbers only
