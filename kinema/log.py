@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 LOGGER_NAME = "kinema"
@@ -94,3 +95,27 @@ def library_progress_bars(shown: bool) -> Iterator[None]:
         for name, enabled in saved.items():
             if enabled:
                 sys.modules[name].enable_progress_bar()
+
+
+@contextmanager
+def warnings_of_this_thread(on_warning: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, `on_warning(text)` gets each kinema warning (and error) this thread logs, on one line:
+    a job's warnings, for the user who asked for that job only (the web app shows them, the API returns them)."""
+    handler = _ThreadWarnings(threading.get_ident(), on_warning)
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+class _ThreadWarnings(logging.Handler):
+    def __init__(self, thread_id: int, on_warning: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.thread_id = thread_id
+        self.on_warning = on_warning
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread_id:
+            self.on_warning(" ".join(record.getMessage().split()))

@@ -88,6 +88,7 @@ class JobView(BaseModel):
     cancel_requested: bool
     error: str | None
     videos: list[str]
+    warnings: list[str]  # what the run logged as warnings: a prompt the model will not follow, settings doing nothing
     settings: dict[str, Any]
 
 

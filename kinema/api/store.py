@@ -35,6 +35,7 @@ DATA_DIR_NAMES = (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", LOCK_FILE, "up
 # A job that was running each of this many times the server stopped is taken to be what stops it (memory, a crash in
 # native code) and fails rather than being re-queued forever.
 MAX_ATTEMPTS = 3
+MAX_WARNINGS = 20  # a job's warnings kept for its view (each said once)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -51,13 +52,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     videos TEXT NOT NULL DEFAULT '[]',
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    warnings TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 _COLUMNS = ("id", "status", "created", "started", "finished", "spec", "settings", "step", "total", "error", "videos",
-            "cancel_requested", "attempts")
+            "cancel_requested", "attempts", "warnings")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+# Columns a later kinema added, which JobStore adds to an earlier server's table when it opens it.
+_ADDED_COLUMNS = ("warnings",)
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -83,19 +87,22 @@ class JobRecord:
     videos: list[str]
     cancel_requested: bool
     attempts: int
+    warnings: list[str]
 
     def public(self) -> dict[str, Any]:
-        """The job as the API shows it (JSON-ready): times in ISO 8601 UTC, progress as step of total."""
+        """The job as the API shows it (JSON-ready): times in ISO 8601 UTC, progress as step of total, and the
+        warnings its run logged (a prompt the model will not follow, settings that change nothing)."""
         return {"id": self.id, "status": self.status, "created": _iso(self.created), "started": _iso(self.started),
                 "finished": _iso(self.finished), "progress": {"step": self.step, "total": self.total},
                 "cancel_requested": self.cancel_requested, "error": self.error, "videos": self.videos,
-                "settings": self.settings}
+                "warnings": self.warnings, "settings": self.settings}
 
 
 def _record(row: tuple) -> JobRecord:
     values = dict(zip(_COLUMNS, row, strict=True))
     return JobRecord(**{**values, "spec": json.loads(values["spec"]), "settings": json.loads(values["settings"]),
-                        "videos": json.loads(values["videos"]), "cancel_requested": bool(values["cancel_requested"])})
+                        "videos": json.loads(values["videos"]), "cancel_requested": bool(values["cancel_requested"]),
+                        "warnings": json.loads(values["warnings"])})
 
 
 class JobStore:
@@ -112,6 +119,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an accepted job is on disk before the client hears so
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "warnings" not in columns:  # a data folder an earlier kinema made: its jobs had none recorded
+            self._db.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -168,7 +178,8 @@ class JobStore:
         """Mark the oldest queued job running and return it (None when none waits). One statement, so two claims
         never get the same job."""
         return self._one(
-            f"UPDATE jobs SET status = 'running', started = ?, step = 0, attempts = attempts + 1 WHERE seq = "
+            f"UPDATE jobs SET status = 'running', started = ?, step = 0, warnings = '[]', attempts = attempts + 1 "
+            f"WHERE seq = "
             f"(SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) RETURNING {', '.join(_COLUMNS)}",
             (time.time(),))
 
@@ -184,6 +195,16 @@ class JobStore:
         with self._lock:
             self._db.execute("UPDATE jobs SET status = ?, finished = ?, error = ?, videos = ? WHERE id = ?",
                              (status, time.time(), error, json.dumps(videos or []), job_id))
+
+    def warn(self, job_id: str, text: str) -> None:
+        """Record a warning the job's run logged (the first MAX_WARNINGS, each once), shown with the job."""
+        with self._transaction() as db:
+            row = db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            warnings = json.loads(row[0])
+            if text not in warnings and len(warnings) < MAX_WARNINGS:
+                db.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps([*warnings, text]), job_id))
 
     def finish(self, job_id: str, videos: list[str]) -> None:
         """Mark a job done with the names of its videos (inside its result folder); its progress total becomes the
@@ -249,10 +270,15 @@ def check_data_dir(folder: str | os.PathLike) -> Path:
         if problem is not None:
             raise KinemaError(f"{database} is not a kinema serve jobs database ({problem}), so {path} is no server's "
                               "data folder; give a new or empty folder with --data-dir")
-    foreign = sorted(set(os.listdir(path)) - set(DATA_DIR_NAMES)) if path.is_dir() else []
-    if foreign and not database.is_file():
-        raise KinemaError(f"{path} holds files that are not a kinema serve data folder's (such as {foreign[0]}); "
-                          "give a new or empty folder with --data-dir")
+    entries = set(os.listdir(path)) if path.is_dir() else set()
+    foreign = sorted(entries - set(DATA_DIR_NAMES))
+    # Without the database, a results/ or uploads/ holding anything is no server's either (a server's own folders
+    # come with its database).
+    filled = sorted(name for name in entries & set(DATA_DIR_NAMES) if (path / name).is_dir() and any(
+        (path / name).iterdir()))
+    if (foreign or filled) and not database.is_file():
+        raise KinemaError(f"{path} holds files that are not a kinema serve data folder's (such as "
+                          f"{(foreign or filled)[0]}); give a new or empty folder with --data-dir")
     return path
 
 
@@ -269,7 +295,7 @@ def _not_a_jobs_database(path: Path) -> str | None:
             columns = {row[0] for row in db.execute("SELECT name FROM pragma_table_info('jobs')")}
     except sqlite3.Error as err:
         return f"unreadable: {err}"
-    missing = [column for column in _COLUMNS if column not in columns]
+    missing = [column for column in _COLUMNS if column not in columns and column not in _ADDED_COLUMNS]
     if missing:
         return "it has no jobs table" if not columns else f"its jobs table has no {missing[0]} column"
     return None

@@ -18,6 +18,7 @@ from typing import Any
 
 from kinema.api.store import JobRecord, JobStore
 from kinema.errors import KinemaError, library_error_message
+from kinema.log import warnings_of_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class JobWorker:
 
         logger.info("job %s: running", record.id)
         try:
-            videos = self.runner(record.spec, self.results_dir / record.id, on_step)
+            with warnings_of_this_thread(lambda text: self.store.warn(record.id, text)):
+                videos = self.runner(record.spec, self.results_dir / record.id, on_step)
         except cancelled:
             if self._stop.is_set():
                 self.store.requeue(record.id)

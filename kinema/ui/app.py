@@ -24,7 +24,7 @@ import gradio as gr
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.errors import KinemaError, library_error_message, os_error_message
-from kinema.log import LOGGER_NAME
+from kinema.log import warnings_of_this_thread
 from kinema.pipelines.jobs import (
     RANDOM_SEED_LIMIT,
     Cancelled,
@@ -117,19 +117,6 @@ def check_form(values: dict[str, Any], models_dir: str | os.PathLike | None) -> 
     return job_from_mapping(form_to_mapping(values), where="form", models_dir=models_dir)
 
 
-class _WarningsOf(logging.Handler):
-    """Collects the kinema warnings one thread logs (the job's worker), to show them to that job's user only."""
-
-    def __init__(self, events: queue.Queue) -> None:
-        super().__init__(logging.WARNING)
-        self.events = events
-        self.thread_id: int | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread_id:
-            self.events.put(("warning", " ".join(record.getMessage().split())))
-
-
 def newest_steps(events: queue.Queue) -> Iterator[tuple[str, Any]]:
     """The events of `events` in order until one of "done", "stopped" or "error", but of several "step" events
     waiting at once only the newest: a page slower than the sampler gets the current step and preview, not a
@@ -158,7 +145,6 @@ def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event
     ("done", video paths), ("stopped", None) or ("error", exception). Setting `stop` (or closing this generator)
     stops the job at its next step."""
     events: queue.Queue = queue.Queue()
-    warnings = _WarningsOf(events)
     steps_done = 0
 
     def callback(step: int, timestep: Any, latents: Any) -> None:
@@ -169,16 +155,14 @@ def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event
         events.put(("step", (steps_done, latent_preview(latents))))
 
     def work() -> None:
-        warnings.thread_id = threading.get_ident()
         try:
-            events.put(("done", run_job(job, out, cache=cache, callback=callback)))
+            with warnings_of_this_thread(lambda text: events.put(("warning", text))):
+                events.put(("done", run_job(job, out, cache=cache, callback=callback)))
         except Cancelled:
             events.put(("stopped", None))
         except BaseException as err:  # reported to the user; the worker thread must not die silently
             events.put(("error", err))
 
-    kinema_logger = logging.getLogger(LOGGER_NAME)
-    kinema_logger.addHandler(warnings)
     worker = threading.Thread(target=work, name="kinema-ui-job", daemon=True)
     try:
         worker.start()
@@ -186,7 +170,6 @@ def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event
     finally:
         stop.set()  # the page went away or the generator was closed: stop sampling at the next step
         worker.join()
-        kinema_logger.removeHandler(warnings)
 
 
 # ---------------------------------------------------------------- the page

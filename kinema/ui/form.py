@@ -122,6 +122,10 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
             data["mask_blur"] = _number(values["v2v_mask_blur"], whole=False)
         if mode == EXTEND and _given(values.get("extend_frames")):
             data["extend_frames"] = _number(values["extend_frames"], whole=True)
+        if mode == EXTEND and data["model"] == DEFAULT_MODEL and not _given(values.get("motion_module")):
+            # The model field left as it opens: the video goes on with the model that made it, as `kinema extend`
+            # without --model (the job takes it from the video's settings, else the default).
+            del data["model"]
     return data
 
 

@@ -63,6 +63,30 @@ def test_a_folder_of_the_users_is_not_a_data_folder(tmp_path, monkeypatch, capsy
     assert main(["serve", "--data-dir", str(tmp_path / "new"), "--models-dir", str(tmp_path / "none")]) == 2
     assert "no models folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    # Named like a server's folder, but holding the user's files and no jobs database.
+    (tmp_path / "mine" / "results").mkdir(parents=True)
+    (tmp_path / "mine" / "results" / "notes.txt").write_text("mine")
+    assert main(["serve", "--data-dir", str(tmp_path / "mine")]) == 2
+    assert "not a kinema serve data folder's (such as results)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["results"]
+
+
+def test_an_earlier_servers_data_folder_is_taken_with_its_jobs(tmp_path, monkeypatch):
+    # Its jobs table has no warnings column: the data folder is still a server's, and JobStore adds the column.
+    import sqlite3
+
+    from kinema.api.store import DATABASE, JobStore, check_data_dir
+
+    with sqlite3.connect(tmp_path / DATABASE) as db:
+        db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT "
+                   "NOT NULL, created REAL NOT NULL, started REAL, finished REAL, spec TEXT NOT NULL, settings TEXT "
+                   "NOT NULL, step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, error TEXT, videos "
+                   "TEXT NOT NULL DEFAULT '[]', cancel_requested INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL "
+                   "DEFAULT 0)")
+    db.close()
+    (tmp_path / "results").mkdir()
+    assert check_data_dir(tmp_path) == tmp_path
+    JobStore(tmp_path).close()
 
 
 def test_a_users_database_named_like_the_servers_is_refused_untouched(tmp_path, monkeypatch, capsys):

@@ -153,3 +153,27 @@ def test_a_jobs_settings_posted_again_make_the_same_job(serve, fake_runner, wait
         assert again.status_code == 201, again.text
         assert again.json()["settings"] == first["settings"]
         assert [wait(client, job["id"])["status"] for job in (first, again.json())] == ["done", "done"]
+
+
+def test_a_data_folder_an_earlier_kinema_made_gains_the_warnings_column(tmp_path):
+    import sqlite3
+
+    from kinema.api.store import DATABASE
+
+    tmp_path.mkdir(exist_ok=True)
+    old = sqlite3.connect(tmp_path / DATABASE)  # the table as it was before warnings were kept
+    old.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT NOT "
+                "NULL, created REAL NOT NULL, started REAL, finished REAL, spec TEXT NOT NULL, settings TEXT NOT NULL, "
+                "step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, error TEXT, videos TEXT NOT NULL "
+                "DEFAULT '[]', cancel_requested INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0)")
+    old.execute("INSERT INTO jobs (id, status, created, spec, settings) VALUES ('a', 'done', 0, '{}', '{}')")
+    old.commit()
+    old.close()
+    store = JobStore(tmp_path)
+    assert store.get("a").public()["warnings"] == []  # type: ignore[union-attr]
+    job_id = store.add({}, {}, 2).id
+    store.claim_next()  # job "a" is done: the new one runs
+    store.warn(job_id, "said once")
+    store.warn(job_id, "said once")
+    assert store.get(job_id).public()["warnings"] == ["said once"]  # type: ignore[union-attr]
+    store.close()

@@ -45,7 +45,7 @@ def test_round_trip_submit_poll_fetch_and_decode(model_server, wait):
     result = client.get(f"/v1/jobs/{job['id']}/result")
     assert result.status_code == 200 and result.headers["content-type"] == "video/mp4"
     frames = decoded_frames(result.content)
-    assert len(frames) == request["frames"]
+    assert len(frames) == request["frames"] and job["warnings"] == []
     assert {frame.shape for frame in frames} == {(request["height"], request["width"], 3)}
     # the result folder keeps the settings beside the video
     folder = data / "results" / job["id"]
@@ -104,3 +104,15 @@ def test_cancelling_while_the_model_samples_stops_the_job_and_writes_nothing(mod
     assert job["status"] == "cancelled"
     assert job["progress"]["step"] < 500
     assert not (data / "results" / job_id).exists()
+
+
+def test_a_jobs_warnings_reach_its_client(model_server, wait):
+    # They went to the server's log alone: a prompt outside the bundled world, settings that change nothing.
+    client, _ = model_server
+    request = {"prompt": "an astronaut riding a horse", "negative_prompt": "blue", "guidance": 1, "frames": 8,
+               "steps": 1, "seed": 1}
+    job = wait(client, client.post("/v1/jobs", json=request).json()["id"], timeout=300)
+    assert job["status"] == "done", job["error"]
+    [world, guidance] = job["warnings"]
+    assert world.startswith("the bundled models only know coloured shapes") and "'an astronaut riding a horse'" in world
+    assert guidance.startswith("guidance 1 turns classifier-free guidance off, so the negative prompt changes nothing")

@@ -229,3 +229,24 @@ def test_a_video_takes_the_start_images_size_rounded_down_to_the_vaes_multiple(t
     (tmp_path / "fake.png").write_text("text")
     with pytest.raises(KinemaError, match="is not an image"):
         size_of_image(str(tmp_path / "fake.png"))
+
+
+def test_the_extend_tab_goes_on_with_the_model_that_made_the_video(tmp_path):
+    # The model field as the page opens (kinema-tiny) once continued a kinema-tiny-ad video with kinema-tiny.
+    import numpy as np
+
+    from kinema.data.video_io import write_video
+
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "ad.mp4",
+                settings={"prompt": "a red circle moving right", "model": "kinema-tiny-ad"})
+    form = {**BLANK_FORM, "mode": "extend", "extend_video": str(tmp_path / "ad.mp4"), "extend_frames": 8}
+    assert job_from_mapping(form_to_mapping(form)).model == "kinema-tiny-ad"
+    # A model chosen is the one taken.
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "tiny.mp4",
+                settings={"prompt": "a red circle moving right", "model": "kinema-tiny"})
+    chosen = {**form, "extend_video": str(tmp_path / "tiny.mp4"), "model": "kinema-tiny-ad"}
+    assert job_from_mapping(form_to_mapping(chosen)).model == "kinema-tiny-ad"
+    # A video with no model recorded: the default.
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "theirs.mp4")
+    assert job_from_mapping(form_to_mapping({**form, "extend_video": str(tmp_path / "theirs.mp4"),
+                                             "prompt": "x"})).model == "kinema-tiny"
