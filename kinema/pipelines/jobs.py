@@ -729,6 +729,8 @@ def stored_model_parts(recorded: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(model, str) or not (is_bundled_name(model) or os.path.exists(model)):
         return {}
     parts = {"model": model}
+    if is_bundled_name(model):  # its own folder supplies them, as when it is named (and no install path is copied)
+        return parts
     for key in ("motion_module", "vae"):
         stored = recorded.get(key)
         if isinstance(stored, str) and os.path.exists(stored):

@@ -616,10 +616,16 @@ def test_an_extend_job_without_a_model_continues_with_the_videos_own(tmp_path):
     from kinema.data.video_io import write_video
 
     frames = np.zeros((8, 64, 64, 3), np.uint8)
+    from kinema.bundled import bundled_model_path
+
+    module = str(bundled_model_path("kinema-tiny-ad") / "motion_module.safetensors")  # as a CLI run records it
     write_video(frames, tmp_path / "ad.mp4", settings={"prompt": "a red circle moving right", "negative_prompt": "dark",
-                                                        "model": "kinema-tiny-ad"})
+                                                        "model": "kinema-tiny-ad", "motion_module": module})
     job = job_from_mapping({"video": "ad.mp4", "extend_frames": 8}, base=tmp_path)
     assert (job.model, job.request.negative_prompt) == ("kinema-tiny-ad", "dark")
+    # As the job naming the model records it: no motion module path of the installed package.
+    assert job.settings() == job_from_mapping({"video": "ad.mp4", "extend_frames": 8, "model": "kinema-tiny-ad"},
+                                              base=tmp_path).settings()
     assert job_from_mapping({"video": "ad.mp4", "extend_frames": 8, "model": "kinema-tiny"}, base=tmp_path).model == \
         "kinema-tiny"
     # A model that is not here any more: the default, as without settings.
