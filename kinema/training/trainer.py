@@ -517,11 +517,12 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     bar = tqdm(total=config.train.steps, initial=start, disable=not (progress and main), unit="step",
                desc=f"train {config.mode}")
     try:
-        for step in range(start, config.train.steps):
-            # One process: a stop signal waits for the end of the step and its checkpoint, and a checkpoint is
-            # saved there, so no finished step is lost. Several: each gets the signal at its own point in the
-            # step, so they stop where they are, as without this.
-            with stops_deferred() if world == 1 else contextlib.nullcontext():
+        # One process: a stop signal waits for the end of the step under way and its checkpoint, and a checkpoint
+        # is saved there, so no finished step is lost; the deferral spans the whole loop, so a signal landing
+        # between two steps waits for the next one too. Several: each gets the signal at its own point in the step,
+        # so they stop where they are, as without this.
+        with stops_deferred() if world == 1 else contextlib.nullcontext():
+            for step in range(start, config.train.steps):
                 began = time.perf_counter()
                 total_loss = torch.zeros((), device=accelerator.device)
                 for micro in range(accumulation):
@@ -564,25 +565,26 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                     accelerator.wait_for_everyone()
                 if main and config.validation.every and done % config.validation.every == 0:
                     _validate(config, task, run.path, done, ema)
-            if stop_requested():
-                if main and not due:
-                    _save_checkpoint(run, done, task, optimizer, schedule, ema)
-                exported = _exported_step(run.path) if main else None
-                stale = (f"; final/ still holds the weights of step {exported}, exported before"
-                         if exported is not None and exported != done else "")
-                print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint"
-                      f"{stale}", file=sys.stderr, flush=True)
-                stop_if_requested()
-            if done < config.train.steps and _past(deadline, accelerator):
-                if main and not due:
-                    _save_checkpoint(run, done, task, optimizer, schedule, ema)
-                accelerator.wait_for_everyone()
-                result.time_limited = True
-                if main:
-                    print(f"kinema train: the time limit ended the run after step {done} of "
-                          f"{config.train.steps}; its weights are exported as they are, and `--resume latest` "
-                          "trains on", file=sys.stderr, flush=True)
-                break
+                if stop_requested():
+                    if main and not due:
+                        _save_checkpoint(run, done, task, optimizer, schedule, ema)
+                    exported = _exported_step(run.path) if main else None
+                    stale = (f"; final/ still holds the weights of step {exported}, exported before"
+                             if exported is not None and exported != done else "")
+                    print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint"
+                          f"{stale}", file=sys.stderr, flush=True)
+                    break
+                if done < config.train.steps and _past(deadline, accelerator):
+                    if main and not due:
+                        _save_checkpoint(run, done, task, optimizer, schedule, ema)
+                    accelerator.wait_for_everyone()
+                    result.time_limited = True
+                    if main:
+                        print(f"kinema train: the time limit ended the run after step {done} of "
+                              f"{config.train.steps}; its weights are exported as they are, and `--resume latest` "
+                              "trains on", file=sys.stderr, flush=True)
+                    break
+        stop_if_requested()  # a stop the loop ended on, raised once the deferral is over: nothing is exported
         if main:
             result.final = _export(run.path, task, config, ema, result.end_step)
         accelerator.wait_for_everyone()

@@ -271,6 +271,32 @@ def test_a_read_only_parent_folder_is_one_error_line(tmp_path, capsys, sd_model,
 # ---------------------------------------------------------------- SIGTERM
 
 
+def test_a_sigterm_between_two_steps_waits_for_the_next_step_and_its_checkpoint(tmp_path, capsys, sd_model,
+                                                                                 synth_videos, monkeypatch):
+    # The signal lands after step 1 is logged and before step 2 begins, where the test above once caught a run now
+    # and then (CI): it stopped at once, saving nothing. Sent from the trainer's own between-steps code here.
+    import kinema.training.trainer as trainer
+
+    config = write_config(tmp_path, sd_model, synth_videos, steps=6)
+    values = yaml.safe_load(config.read_text())
+    values["checkpoint"] = {"every": 100, "keep": 3}
+    config.write_text(yaml.safe_dump(values))
+    sent = []
+
+    def past(deadline, accelerator):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+    monkeypatch.setattr(trainer, "_past", past)
+    code, out, err = train(capsys, str(config))
+    assert code == 143, err
+    assert kinema_lines(err) == ["kinema train: stopped after step 2; `--resume latest` continues from its "
+                                 "checkpoint", STOPPED]
+    assert assert_checkpoints_whole(tmp_path / "run") == [2]
+
+
 def test_sigterm_mid_run_finishes_the_step_saves_it_and_the_run_resumes(tmp_path, capsys, sd_model, synth_videos):
     # No checkpoint is due in the run (every 100 steps), so the one the stop leaves is the stop's own, at the step
     # it landed in; the signal may land anywhere in a step, which then finishes.
