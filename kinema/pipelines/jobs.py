@@ -482,9 +482,16 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _got(value: Any) -> str:
+    """How a refusal names the value it got: `null`, `float 8.5`, `str '6'`."""
+    return "null" if value is None else f"{type(value).__name__} {shorten(repr(value), 60)}"
+
+
 def _integer(value: Any, key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise KinemaError(f"{key} must be a whole number, got {_type_name(value)} {value!r}")
+        whole = isinstance(value, float) and value.is_integer()  # JSON's 8.0, as some clients write numbers
+        raise KinemaError(f"{key} must be a whole number, got {_got(value)}"
+                          + (f"; send {int(value)}" if whole else ""))
     if value < minimum:
         raise KinemaError(f"{key} must be at least {minimum}, got {value}")
     return value
@@ -492,13 +499,13 @@ def _integer(value: Any, key: str, minimum: int = 1) -> int:
 
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise KinemaError(f"{key} must be a finite number, got {_type_name(value)} {value!r}")
+        raise KinemaError(f"{key} must be a finite number, got {_got(value)}")
     return float(value)
 
 
 def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
-        raise KinemaError(f"{key} must be text, got {_type_name(value)} {value!r}")
+        raise KinemaError(f"{key} must be text, got {_got(value)}")
     return value
 
 

@@ -131,6 +131,8 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "context": {"lenght": 8}}, "job: context: unknown key 'lenght'; did you mean 'length'?"),
     ({"prompt": "a cat", "loras": [{"path": "x", "wieght": 1}]}, "unknown key 'wieght'; did you mean 'weight'?"),
     ({"prompt": "a cat", "steps": "ten"}, "job: steps must be a whole number, got str 'ten'"),
+    ({"prompt": "a cat", "frames": 8.0}, "job: frames must be a whole number, got float 8.0; send 8"),
+    ({"prompt": None}, "job: prompt must be text, got null"),
     ({"prompt": "a cat", "context": {"fuse": "pyramidal"}}, "job: unknown context.fuse 'pyramidal'; choose one of"),
     ({"prompt": "a cat", "context": {"length": 8, "overlap": 8}},
      "the context overlap 8 (--context-overlap, context.overlap) must be below the context length 8"),
