@@ -19,6 +19,11 @@ class KinemaError(ValueError):
     """Bad input (file, size, frame count, config or checkpoint), with a message that names the problem and the fix."""
 
 
+def value_words(value: Any) -> str:
+    """How a refusal names a value it got: `null`, `float 8.5`, `str '6'` (its type, then its repr, shortened)."""
+    return "null" if value is None else f"{type(value).__name__} {shorten(repr(value), 60)}"
+
+
 def shorten(text: str, limit: int = 300) -> str:
     """`text` on one line, cut at a word boundary to at most about `limit` characters (never mid-word), with `…`."""
     text = " ".join(str(text).split())

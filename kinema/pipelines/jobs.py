@@ -43,7 +43,14 @@ from kinema.data.probe import (
     video_kind_and_frames,
     video_size,
 )
-from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, os_error_message, shorten
+from kinema.errors import (
+    KinemaError,
+    lone_surrogate,
+    lone_surrogate_error,
+    os_error_message,
+    shorten,
+    value_words,
+)
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
     DTYPES,
@@ -482,15 +489,10 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _got(value: Any) -> str:
-    """How a refusal names the value it got: `null`, `float 8.5`, `str '6'`."""
-    return "null" if value is None else f"{type(value).__name__} {shorten(repr(value), 60)}"
-
-
 def _integer(value: Any, key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         whole = isinstance(value, float) and value.is_integer()  # JSON's 8.0, as some clients write numbers
-        raise KinemaError(f"{key} must be a whole number, got {_got(value)}"
+        raise KinemaError(f"{key} must be a whole number, got {value_words(value)}"
                           + (f"; send {int(value)}" if whole else ""))
     if value < minimum:
         raise KinemaError(f"{key} must be at least {minimum}, got {value}")
@@ -499,13 +501,13 @@ def _integer(value: Any, key: str, minimum: int = 1) -> int:
 
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise KinemaError(f"{key} must be a finite number, got {_got(value)}")
+        raise KinemaError(f"{key} must be a finite number, got {value_words(value)}")
     return float(value)
 
 
 def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
-        raise KinemaError(f"{key} must be text, got {_got(value)}")
+        raise KinemaError(f"{key} must be text, got {value_words(value)}")
     return value
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, shorten
+from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, shorten, value_words
 from kinema.sampling.prompt_travel import INTERPOLATIONS, check_prompt_hold, frame_number
 from kinema.sampling.schedulers import check_timestep_spacing
 
@@ -775,16 +775,16 @@ class GenerationRequest:
             whole = kind.startswith("int")
             if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
                 raise KinemaError(f"{field.name} must be {'a whole number' if whole else 'a number'}, got "
-                                  f"{type(value).__name__} {shorten(repr(value), 40)}")
+                                  f"{value_words(value)}")
         if isinstance(self.seeds, str | bytes | Mapping) or not isinstance(self.seeds, Iterable):
             raise KinemaError(f"seeds must be a list of whole numbers (one video per seed), got "
-                              f"{type(self.seeds).__name__} {shorten(repr(self.seeds), 40)}")
+                              f"{value_words(self.seeds)}")
         settings_types: tuple[tuple[str, type], ...] = (("free_init", FreeInitSettings), ("context", ContextSettings))
         for name, settings_type in settings_types:
             value = getattr(self, name)
             if value is not None and not isinstance(value, settings_type):
-                raise KinemaError(f"{name} must be {settings_type.__name__}(...) or None, got {type(value).__name__} "
-                                  f"{shorten(repr(value), 40)}")
+                raise KinemaError(f"{name} must be {settings_type.__name__}(...) or None, got "
+                                  f"{value_words(value)}")
 
     def settings(self) -> dict[str, Any]:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by
