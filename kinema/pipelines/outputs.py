@@ -272,8 +272,8 @@ def differing_settings(ours: Sequence[Mapping[str, Any]], saved: Sequence[Mappin
                        keys: Sequence[str] | None = None) -> list[str]:
     """The names of the settings in which this run's per-video `ours` and the `saved` ones (`read_latents_settings`)
     differ, compared as JSON stores them: every name but the report, or with `keys` those alone where this run
-    gives a value. A different number of videos differs in "seed". A setting the saved ones lack (written before
-    it existed) differs only when this run's is not the request's default."""
+    gives a value. A different number of videos differs in "seed". A setting one side lacks (saved before it
+    existed, or one the request's inputs did not use) differs only when the other's is not the request's default."""
     import dataclasses
 
     from kinema.pipelines.request import GenerationRequest
@@ -285,9 +285,17 @@ def differing_settings(ours: Sequence[Mapping[str, Any]], saved: Sequence[Mappin
     for mine, theirs in zip(json.loads(json.dumps(list(ours))), saved, strict=True):
         names = [key for key in keys if mine.get(key) is not None] if keys is not None else \
             [key for key in {*mine, *theirs} if key != "report"]
-        differ.update(key for key in names if mine.get(key) != theirs.get(key) and not (
-            key not in theirs and key in defaults and mine.get(key) == defaults[key]))
+        differ.update(key for key in names if mine.get(key) != theirs.get(key) and not _defaulted(key, mine, theirs,
+                                                                                                   defaults))
     return sorted(differ)
+
+
+def _defaulted(key: str, mine: Mapping[str, Any], theirs: Mapping[str, Any], defaults: Mapping[str, Any]) -> bool:
+    """Whether one side lacks `key` while the other holds the request's default for it: settings written before the
+    field existed, or without the fields a request's inputs did not use (GenerationRequest.settings), as the same."""
+    if key not in defaults:
+        return False
+    return key not in theirs and mine.get(key) == defaults[key] or key not in mine and theirs.get(key) == defaults[key]
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, list[dict[str, Any]]]:

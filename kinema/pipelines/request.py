@@ -133,6 +133,9 @@ class FreeUSettings:
 
 # How a prompt schedule blends: what continuing a video (extend) takes from its stored settings with its schedule.
 BLEND_SETTINGS = ("interpolation", "prompt_hold", "prompt_loop")
+# What steers a ControlNet: a request without a control video records none of them.
+CONTROL_SETTINGS = ("control_indices", "control_falloff", "control_loop", "control_preprocess", "normalize_control",
+                    "control_start", "control_end", "guess_mode")
 
 
 # Number fields whose checks say more of a wrong type than "must be a number" (check_mask_blur).
@@ -812,6 +815,18 @@ class GenerationRequest:
         if self.control_preprocess is not None and not isinstance(self.control_preprocess, str):
             data["control_preprocess"] = list(self.control_preprocess)
         data["mode"] = self.mode
+        for key in self._unused_settings():
+            del data[key]
         if isinstance(self.prompt, Mapping):
             data["prompt"] = {str(k): v for k, v in self.prompt.items()}
         return _python_numbers(data)  # numpy's numbers too: JSON writes Python's only
+
+    def _unused_settings(self) -> list[str]:
+        """The fields of inputs this request lacks, which had no effect on its videos: left out of their settings,
+        which then say what made them (a text-to-video's recorded no video-to-video strength)."""
+        unused = [*(("strength",) if self.mode != "video-to-video" else ()),
+                  *(("mask_blur",) if self.mask is None else ()),
+                  *(CONTROL_SETTINGS if self.control_video is None else ())]
+        if not isinstance(self.prompt, Mapping) and not isinstance(self.ip_image, Mapping):
+            unused += BLEND_SETTINGS
+        return unused

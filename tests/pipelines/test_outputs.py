@@ -234,3 +234,20 @@ def test_settings_saved_before_a_setting_existed_differ_only_from_a_value_other_
     assert differing_settings(ours, saved) == []
     assert differing_settings([{**ours[0], "prompt_hold": 0.5, "clip_skip": 2}], saved) == ["clip_skip", "prompt_hold"]
     assert differing_settings(ours, [{**saved[0], "clip_skip": 2}]) == ["clip_skip"]  # saved, and not ours
+
+
+def test_settings_leave_out_the_fields_of_inputs_a_request_lacks_and_still_match_latents_saved_with_them():
+    from kinema.pipelines.outputs import differing_settings
+    from kinema.pipelines.request import BLEND_SETTINGS, CONTROL_SETTINGS, GenerationRequest
+
+    text = GenerationRequest(prompt="a cat").settings()
+    assert not {"strength", "mask_blur", *CONTROL_SETTINGS, *BLEND_SETTINGS} & set(text)
+    remake = GenerationRequest(prompt={0: "a cat", 8: "a dog"}, video="in.mp4", strength=0.8, mask="m.png",
+                               mask_blur=2.0, control_video="c.mp4", control_end=0.5).settings()
+    assert (remake["strength"], remake["mask_blur"], remake["control_end"], remake["interpolation"]) == \
+        (0.8, 2.0, 0.5, "linear")
+    assert "strength" not in GenerationRequest(prompt="a cat", video="in.mp4", extend_frames=8).settings()
+    # Latents saved when every setting was recorded: the unused ones at their defaults match, others do not.
+    saved = {**text, "strength": 0.6, "mask_blur": 0.0, "guess_mode": False, "prompt_hold": 0.0, "seed": 0}
+    assert differing_settings([{**text, "seed": 0}], [saved]) == []
+    assert differing_settings([{**text, "seed": 0}], [{**saved, "strength": 0.9}]) == ["strength"]
