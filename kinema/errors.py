@@ -24,6 +24,11 @@ def value_words(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {shorten(repr(value), 60)}"
 
 
+def count_words(n: int, noun: str) -> str:
+    """`1 frame`, `16 frames`: how messages count (nouns whose plural takes an `s`)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def shorten(text: str, limit: int = 300) -> str:
     """`text` on one line, cut at a word boundary to at most about `limit` characters (never mid-word), with `…`."""
     text = " ".join(str(text).split())

@@ -1156,10 +1156,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _print_summary(paths: list[Path], report: dict[str, Any], latents: Path | None) -> None:
+    from kinema.errors import count_words
     from kinema.memory import memory_words
 
     for path in paths:
-        print(f"wrote {path}: {report.get('frames')} frames in {report.get('seconds', 0):.1f} s on "
+        print(f"wrote {path}: {count_words(report.get('frames') or 0, 'frame')} in {report.get('seconds', 0):.1f} s on "
               f"{report.get('device', 'cpu')}, {report.get('dtype')}, peak memory "
               f"{memory_words(report.get('peak_memory_bytes'))}")
     if latents is not None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError, lone_surrogate, lone_surrogate_error, shorten, value_words
+from kinema.errors import KinemaError, count_words, lone_surrogate, lone_surrogate_error, shorten, value_words
 from kinema.sampling.prompt_travel import INTERPOLATIONS, check_prompt_hold, frame_number
 from kinema.sampling.schedulers import check_timestep_spacing
 
@@ -68,7 +68,7 @@ def overlap_error(overlap: int, segment: int) -> KinemaError:
 def check_video_holds_overlap(video_frames: int, overlap_frames: int) -> None:
     """One KinemaError line when a video to extend is shorter than the frames each new segment is conditioned on."""
     if video_frames < overlap_frames:
-        raise KinemaError(f"the video to extend has {video_frames} frame{'s' if video_frames != 1 else ''}, fewer "
+        raise KinemaError(f"the video to extend has {count_words(video_frames, 'frame')}, fewer "
                           f"than the {overlap_frames} each new segment is conditioned on (overlap_frames, --overlap); "
                           f"give an overlap of at most {video_frames}, or a longer video")
 

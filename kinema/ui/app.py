@@ -23,7 +23,7 @@ from typing import Any
 import gradio as gr
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.errors import KinemaError, library_error_message, os_error_message
+from kinema.errors import KinemaError, count_words, library_error_message, os_error_message
 from kinema.log import warnings_of_this_thread
 from kinema.pipelines.jobs import (
     RANDOM_SEED_LIMIT,
@@ -179,15 +179,11 @@ def _choices(entries: list[tuple[str, str]], none: str | None = None) -> list[tu
     return ([(none, NO_CHOICE)] if none is not None else []) + entries
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _scan_note(scan: ModelChoices, models_dir: Path | None) -> str:
     where = f"`{models_dir}`" if models_dir is not None else "no models folder"
     kinds = [(scan.models, "model"), (scan.motion_modules, "motion module"), (scan.loras, "LoRA")]
     kinds += [(scan.controlnets, "ControlNet")] if scan.controlnets else []
-    counts = ", ".join(_count(len(found), name) for found, name in kinds)
+    counts = ", ".join(count_words(len(found), name) for found, name in kinds)
     note = f"Models folder: {where} — {counts}."
     if scan.skipped:
         note += f" Skipped {len(scan.skipped)}: " + "; ".join(f"`{label}` ({why})" for label, why in scan.skipped[:5])
