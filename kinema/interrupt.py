@@ -57,9 +57,31 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
     """In a worker process (DataLoader's `worker_init_fn`): ignore Ctrl-C, SIGTERM and SIGHUP. A terminal, or
     `kill -- -PGID`, sends them to the whole process group; a worker that died of one made the main process fail
     mid-step ("DataLoader worker exited unexpectedly") instead of finishing the step and saving. The main process
-    alone decides when to stop; it then shuts its workers down, and a worker whose parent dies exits by itself."""
+    alone decides when to stop; it then shuts its workers down. A DataLoader worker whose parent dies exits by
+    itself (torch watches); a process pool's takes `pool_worker_init`."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def pool_worker_init() -> None:
+    """A process pool's worker initializer: `ignore_stop_signals`, and exit when the parent process dies. A
+    DataLoader worker has torch's watchdog for that; a ProcessPoolExecutor's worker has none and, its parent killed
+    (SIGKILL, the out-of-memory killer), waited on its task pipe for ever, immune to the SIGTERM it ignores."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+
+    ignore_stop_signals()
+    spawner = multiprocessing.parent_process()  # the pool's process, even if it died before this ran
+    parent = os.getppid() if spawner is None else spawner.pid
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is adopted by init (or a subreaper): its parent id changes
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kinema-parent-watch", daemon=True).start()
 
 
 def stop_if_requested() -> None:

@@ -40,7 +40,7 @@ from kinema.data.synth_limits import MOTIONS, SHAPES, SYNTH_KIND, check_combinat
 from kinema.data.video_io import DEFAULT_CRF, generation_settings, to_float_frames, write_video
 from kinema.errors import KinemaError
 from kinema.fileio import atomic_folder, check_output
-from kinema.interrupt import ignore_stop_signals, stop_if_requested
+from kinema.interrupt import pool_worker_init, stop_if_requested
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (45, 90, 235), "yellow": (240, 215, 40),
@@ -351,7 +351,7 @@ def write_synth_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, frame
             written: Iterator[dict | None] = map(job, range(n))
             if workers > 1:
                 pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(
-                    "spawn"), initializer=ignore_stop_signals))
+                    "spawn"), initializer=pool_worker_init))
                 # The pool is shut down (queued clips cancelled) before the temporary folder is removed.
                 stack.callback(pool.shutdown, wait=True, cancel_futures=True)
                 written = pool.map(job, range(n), chunksize=16)

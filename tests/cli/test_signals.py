@@ -106,6 +106,37 @@ def test_after_sigkill_the_next_run_removes_the_leftover(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # ...until the next run to the same target
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_synth_workers_exit_when_their_parent_is_killed(tmp_path):
+    run = subprocess.Popen([*KINEMA, "data", "synth", "--out", str(tmp_path / "set"), "--n", "4000", "--workers",
+                            "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any(p.rglob("*.mp4") for p in temporaries(tmp_path)))
+    workers = children_of(run.pid)
+    assert len(workers) >= 2  # the pool's two workers (and multiprocessing's resource tracker)
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=30)  # they waited on their task pipe for ever
+
+
 @pytest.mark.slow
 def test_sigterm_mid_write_of_a_full_size_motion_module(tmp_path):
     """The audit's case: `convert --to kinema` of a full-size v2 module (1.8 GB) stopped by SIGTERM left a 1.8 GB
