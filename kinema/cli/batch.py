@@ -53,7 +53,7 @@ def check_batch(args: argparse.Namespace) -> None:
     """Bad usage of `kinema batch`, refused before any heavy import: --workers without --ray, Ray missing, the
     output folder, and every line of the jobs file."""
     from kinema.errors import KinemaError
-    from kinema.pipelines.batch import RAY_MISSING, check_batch_output, ray_available, read_jobs
+    from kinema.pipelines.batch import RAY_MISSING, check_batch_output, ray_available, ray_host_port, read_jobs
 
     if args.workers is not None and args.ray is None:
         raise KinemaError("--workers sets the number of Ray worker actors; give --ray local (or a cluster's "
@@ -61,6 +61,8 @@ def check_batch(args: argparse.Namespace) -> None:
     if args.ray is not None and (args.device.startswith("cuda:") or args.device == "mps"):
         raise KinemaError(f"--device {args.device} names a device of one machine, and on Ray each worker runs on "
                           "its own: give --device cuda (a GPU per worker), cpu or auto")
+    if args.ray is not None:
+        ray_host_port(args.ray)
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     check_batch_output(args.out)

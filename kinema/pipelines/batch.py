@@ -51,6 +51,8 @@ HEADER_KEY = "kinema_batch"  # the manifest's first record names the format: thi
 FORMAT_VERSION = 1
 LOCAL_RAY = "local"  # --ray local: start a Ray cluster on this machine for the run
 RAY_MISSING = 'batch generation on Ray needs Ray, which is not installed; pip install "kinema[batch]"'
+# How long a cluster's address has to answer before the run is refused: Ray's own connect retries for minutes.
+RAY_CONNECT_SECONDS = 10.0
 _ID_LENGTH = 16  # hex digits of sha256: 64 bits, no collision in any batch a person writes
 
 
@@ -289,6 +291,8 @@ def run_batch(
         raise KinemaError("workers are Ray worker actors; give --ray local (or a cluster's address) with --workers")
     if workers is not None and workers < 1:
         raise KinemaError(f"workers must be at least 1, got {workers}")
+    if ray is not None:
+        ray_host_port(ray)
     if ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     real = check_batch_output(out)
@@ -401,11 +405,40 @@ class BatchWorker:
                 "pid": os.getpid(), "device": str(self.cache.device)}
 
 
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray cluster's address ("HEAD:6379", "ray://HEAD:10001"); None for "local" and "auto". One
+    KinemaError line for anything else, before any connection is tried."""
+    if address in (LOCAL_RAY, "auto"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 address in brackets
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise KinemaError(f"--ray {address!r} is not a Ray address; give local (a cluster started here for the "
+                          "run), auto (the cluster this machine joined), HEAD:6379 or ray://HEAD:10001")
+    return host, int(port)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse, in one line and within RAY_CONNECT_SECONDS, a cluster address nothing answers at: Ray would retry
+    for minutes, printing its own connection warnings."""
+    host_port = ray_host_port(address)
+    if host_port is None:
+        return
+    try:
+        socket.create_connection(host_port, timeout=RAY_CONNECT_SECONDS).close()
+    except OSError as err:
+        why = "no answer" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        raise KinemaError(f"cannot connect to the Ray cluster at {address!r} ({why} at {host_port[0]}:"
+                          f"{host_port[1]}); start it with `ray start --head`, check the address and port, or give "
+                          "--ray local") from None
+
+
 def _connect(ray_module: Any, address: str, workers: int | None) -> None:
     """`ray.init` for `address` ("local": a new cluster of `workers` CPUs here). A local start is tried twice: Ray
     gives its node a fixed 30 s to register, which a busy machine can miss once."""
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                                "log_to_driver": False}
+    _check_reachable(address)
     tries = 2 if address == LOCAL_RAY else 1
     for attempt in range(1, tries + 1):
         try:

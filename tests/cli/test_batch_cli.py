@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,28 @@ def test_workers_need_ray_and_a_missing_ray_says_how_to_install_it(tmp_path, mon
     assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--ray", "local"]) == 2
     assert capsys.readouterr().err.strip() == (
         'kinema batch: error: batch generation on Ray needs Ray, which is not installed; pip install "kinema[batch]"')
+
+
+def test_a_bad_ray_address_is_refused_before_anything_runs(tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
+    for address in ("", "head", "head:port", "ray://head:70000"):
+        assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--ray", address]) == 2
+        assert f"error: --ray {address!r} is not a Ray address; give local" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_ray
+def test_a_ray_address_nothing_answers_at_is_refused_within_seconds(tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
+    with socket.socket() as unused:  # a port nothing listens on: bound, never listening
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+        began = time.monotonic()
+        assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--ray", address]) == 1
+    assert time.monotonic() - began < 30  # Ray's own retries ran for minutes
+    assert capsys.readouterr().err.strip().startswith(f"kinema batch: error: cannot connect to the Ray cluster at "
+                                                      f"{address!r} (")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_local_run_killed_half_way_resumes_where_it_stopped(tmp_path, capsys):
