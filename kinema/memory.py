@@ -7,10 +7,12 @@ import os
 import resource
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kinema.errors import KinemaError
+
+if TYPE_CHECKING:
+    import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -50,6 +52,8 @@ def resident_bytes() -> int:
 def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
     """Start a new peak measurement; False where the platform cannot reset it (the peak then covers the process's
     whole life)."""
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
@@ -62,6 +66,8 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
     """Peak memory since the last `reset_peak_memory`: CUDA's allocated peak, or the process's peak resident set."""
+    import torch
+
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return _rss_high_water()
@@ -142,12 +148,29 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     """Bytes free for this process on `device`: for the CPU (and Apple's unified memory) the host's MemAvailable,
     capped by the memory cgroup's room; for CUDA the driver's free memory plus what this process's caching allocator
     holds unused."""
+    if str(device).partition(":")[0] in ("cpu", "mps"):  # torch-free: asked before a model loads (check_frames_fit)
+        host = _host_available()
+        room = _cgroup_room()
+        return host if room is None else min(host, room)
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type in ("cpu", "mps"):
-        host = _host_available()
-        room = _cgroup_room()
-        return host if room is None else min(host, room)
     raise KinemaError(f"cannot tell the free memory of device {device}; train on cpu or cuda")
+
+
+def check_frames_fit(videos: int, frames: int, height: int, width: int, fix: str) -> None:
+    """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
+    need more memory than the machine has free (left unchecked where that cannot be read); `fix` is the front end's
+    way to fewer frames, a smaller size or fewer seeds."""
+    needed = videos * frames * 3 * height * width * 4
+    try:
+        free = available_memory("cpu")  # the finished frames are gathered on the CPU, whatever the device
+    except KinemaError:
+        return
+    if needed > free:
+        count = f"{videos} videos of " if videos > 1 else ""
+        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {memory_words(needed)} of memory for "
+                          f"the finished frames alone, and {memory_words(free)} is free; {fix}")

@@ -27,7 +27,7 @@ import torch
 
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, shorten
-from kinema.memory import available_memory, memory_words, peak_memory_bytes, reset_peak_memory
+from kinema.memory import check_frames_fit, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
 from kinema.pipelines.family import Conditioning, VideoFamily
@@ -844,21 +844,6 @@ def decode_saved(family: VideoFamily, latents: torch.Tensor,
         return family.decode(latents.to(_device(family)))
 
 
-def _check_frames_fit(videos: int, frames: int, height: int, width: int) -> None:
-    """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
-    need more memory than the machine has free (left unchecked where that cannot be read)."""
-    needed = videos * frames * 3 * height * width * 4
-    try:
-        free = available_memory("cpu")  # the finished frames are gathered on the CPU, whatever the device
-    except KinemaError:
-        return
-    if needed > free:
-        count = f"{videos} videos of " if videos > 1 else ""
-        raise KinemaError(f"{count}{frames} frames at {width}x{height} need {memory_words(needed)} of memory for "
-                          f"the finished frames alone, and {memory_words(free)} is free; ask for fewer frames "
-                          f"(generate --frames, extend --frames / --to), a smaller size or fewer seeds")
-
-
 def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepCallback | None = None,
              progress: bool = True, output: str = "tensor", on_latents: LatentsHook | None = None,
              resume: tuple[torch.Tensor, Sequence[dict[str, Any]]] | None = None) -> GenerationResult:
@@ -945,7 +930,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         made = input_video.shape[0] + request.extend_frames
     else:
         made = input_video.shape[0] if input_video is not None else int(request.frames or plan.frames)
-    _check_frames_fit(len(seeds), made, plan.height, plan.width)
+    check_frames_fit(len(seeds), made, plan.height, plan.width, "ask for fewer frames (generate --frames, extend "
+                     "--frames / --to), a smaller size or fewer seeds")
     _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")

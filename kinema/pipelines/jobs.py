@@ -51,6 +51,7 @@ from kinema.errors import (
     shorten,
     value_words,
 )
+from kinema.memory import check_frames_fit
 from kinema.pipelines.request import (
     CONTINUATION_DEFAULTS,
     DTYPES,
@@ -1006,6 +1007,11 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
                         context_length=None if request.context is None else request.context.length,
                         segment_frames=request.segment_frames if request.extend_frames is not None else None,
                         overlap_frames=request.overlap_frames if request.extend_frames is not None else None)
+    finished = made if made is not None else whole  # an extended video's finished frames are all of its frames
+    if finished is not None and request.height is not None and request.width is not None:
+        check_frames_fit(len(request.seeds), finished, request.height, request.width,
+                         'ask for fewer "frames" (or "extend_frames"), a smaller "width" and "height", or fewer '
+                         '"seeds"')
     # The control videos as files, each with its frame count: one file, the files of several ControlNets, or one
     # ControlNet's keyframe images (counted as one video of that many frames).
     videos: list[tuple[str, str]] = []

@@ -15,7 +15,6 @@ from tiny_easyanimate import source_model, write_full_folder
 from tiny_models import perturb, tiny_video_dit
 from tiny_sd import tiny_sd_parts
 
-import kinema.pipelines.generation as generation_module
 from kinema.errors import KinemaError
 from kinema.loaders.easyanimate.folder import load_easyanimate
 from kinema.loaders.stable_diffusion import load_tokenizer
@@ -774,7 +773,7 @@ def test_bad_input_fails_before_denoising(family, kwargs, words, monkeypatch):
 def test_frames_that_cannot_fit_in_memory_are_refused_before_denoising(family, monkeypatch):
     """The finished frames (B, F, 3, H, W) float32 are checked against the free memory first: with 1 MiB free, two
     8-frame videos at 32x32 (0.19 MiB) pass; an extension to 3000 frames (35 MiB) fails, naming the fix."""
-    monkeypatch.setattr(generation_module, "available_memory", lambda device="cpu": 2**20)
+    monkeypatch.setattr("kinema.memory.available_memory", lambda device="cpu": 2**20)
     spy = spy_on(family, monkeypatch)
     video = torch.rand(8, 3, SIZE, SIZE)
     refusal = (r"^3000 frames at 32x32 need 35 MiB of memory for the finished frames alone, and 1 MiB is "

@@ -13,7 +13,7 @@ from PIL import Image
 
 from kinema.bundled import bundled_model_path, model_defaults
 from kinema.data.probe import read_sidecar
-from kinema.data.video_io import read_video
+from kinema.data.video_io import read_video, write_video
 from kinema.errors import KinemaError
 from kinema.fileio import output_kind
 from kinema.pipelines.jobs import (
@@ -682,3 +682,18 @@ def test_numpy_numbers_are_taken_and_recorded_as_python_numbers():
     settings = replace(request, control_video="clip.mp4", control_indices=[np.int64(0)]).settings()
     assert (settings["frames"], settings["guidance"], settings["seeds"]) == (8, 5.5, [1, 2])
     assert json.loads(json.dumps(settings))["control_indices"] == [0]  # JSON writes Python numbers only
+
+
+def test_a_job_whose_finished_frames_cannot_fit_in_memory_is_refused_when_read(tmp_path, monkeypatch):
+    """Checked with the line, before any model loads (a batch's later jobs would have run first), in the job's own
+    keys: with 1 MiB free, 2 videos of 64 frames at 64x64 (6 MiB) fail; an extension counts the whole video."""
+    monkeypatch.setattr("kinema.memory.available_memory", lambda device="cpu": 2**20)
+    with pytest.raises(KinemaError, match=r'^job: 2 videos of 64 frames at 64x64 need 6 MiB of memory for the finished '
+                                          r'frames alone, and 1 MiB is free; ask for fewer "frames" \(or '
+                                          r'"extend_frames"\), a smaller "width" and "height", or fewer "seeds"$'):
+        job_from_mapping({"prompt": "a cat", "frames": 64, "seed": [1, 2]})
+    assert job_from_mapping({"prompt": "a cat", "frames": 8}).request.frames == 8  # 0.4 MiB
+    clip = tmp_path / "clip.mp4"
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), clip)
+    with pytest.raises(KinemaError, match=r"^job: 72 frames at 64x64 need"):
+        job_from_mapping({"video": str(clip), "extend_frames": 64, "prompt": "a cat"})
