@@ -574,6 +574,7 @@ def existing_path(text: str, key: str, folders: Iterable[Path | None]) -> Path |
     for a file name, a NUL character), which the file system would otherwise answer with an OSError."""
     if "\0" in text:  # pathlib calls such a path missing, and the message would carry the NUL along
         raise KinemaError(f"{key} holds a NUL character, which no path can; give a path without it")
+    text = os.path.expanduser(text)  # ~/clip.mp4, as a shell would have given it to the command line
     for folder in folders:
         if folder is None:
             continue
@@ -596,8 +597,17 @@ def _path(value: Any, key: str, base: Path, models_dir: Path | None, what: str) 
         raise KinemaError(f"{key} is empty; give the {what}'s path")
     found = existing_path(text, key, (base, models_dir))
     if found is None:
-        raise KinemaError(f"no such {what}: {text}")
+        raise KinemaError(f"no such {what}: {text}{_looked_in(text, (base, models_dir))}")
     return os.path.abspath(found)
+
+
+def _looked_in(text: str, folders: Iterable[Path | None]) -> str:
+    """Where a relative path was looked for, as a missing file's message says it: a jobs file's paths are its
+    folder's, not the shell's."""
+    if os.path.isabs(os.path.expanduser(text)):
+        return ""
+    places = dict.fromkeys(str(folder) for folder in folders if folder is not None)
+    return f" (looked in {' and '.join(places)})"
 
 
 # The model kinds `load_family` generates with (the format registry's names, kinema.loaders.formats).

@@ -697,3 +697,12 @@ def test_a_job_whose_finished_frames_cannot_fit_in_memory_is_refused_when_read(t
     write_video(np.zeros((8, 64, 64, 3), np.uint8), clip)
     with pytest.raises(KinemaError, match=r"^job: 72 frames at 64x64 need"):
         job_from_mapping({"video": str(clip), "extend_frames": 64, "prompt": "a cat"})
+
+
+def test_a_missing_relative_input_names_where_it_was_looked_for_and_a_home_path_expands(tmp_path, monkeypatch):
+    with pytest.raises(KinemaError, match=rf"^job: no such image: gone.png \(looked in {tmp_path}\)$"):
+        job_from_mapping({"prompt": "a cat", "image": "gone.png"}, base=tmp_path)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "start.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = job_from_mapping({"prompt": "a cat", "image": "~/start.png"}, base=tmp_path / "elsewhere")
+    assert job.request.image == str(tmp_path / "start.png")
