@@ -148,7 +148,7 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     frames: int | None = None  # none: data.frames
     steps: int = 20
-    guidance: float = 7.5
+    guidance: float | None = None  # none: the model's kinema.json default, else 7.5
     seed: int = 0
 
 
@@ -372,6 +372,9 @@ def check_config(config: TrainConfig) -> None:
     if train.trainable_modules is not None and config.mode not in ("full", "motion"):
         raise KinemaError(f"train.trainable_modules is for modes full and motion; mode {config.mode} trains "
                           f"{MODES[config.mode].split(';')[0]}: remove it")
+    if train.trainable_modules == []:  # read as "unset" it trained the default parts without a word
+        raise KinemaError("train.trainable_modules is an empty list: list the parts to train with the motion modules "
+                          "(mode motion) or of the transformer (mode full), or null for the default set")
     if train.trainable_modules is not None and not all(isinstance(n, str) and n for n in train.trainable_modules):
         raise KinemaError(f"train.trainable_modules must be a list of non-empty names, got "
                           f"{train.trainable_modules!r}")
@@ -411,8 +414,9 @@ def check_config(config: TrainConfig) -> None:
     _check_range(validation.steps >= 1, f"config key validation.steps must be at least 1, got {validation.steps}")
     _check_range(validation.frames is None or validation.frames >= 1, f"config key validation.frames must be at "
                  f"least 1 (or null for data.frames), got {validation.frames}")
-    _check_range(validation.guidance >= 1, f"config key validation.guidance must be at least 1 (1 turns "
-                 f"classifier-free guidance off), got {validation.guidance}")
+    _check_range(validation.guidance is None or validation.guidance >= 1, f"config key validation.guidance must be "
+                 f"at least 1 (1 turns classifier-free guidance off), or null for the model's default; got "
+                 f"{validation.guidance}")
     # Values torch's AdamW and DataLoader would refuse only once the model has loaded.
     _check_range(train.adam_eps > 0, f"config key train.adam_eps must be > 0, got {train.adam_eps}")
     _check_range(train.weight_decay >= 0, f"config key train.weight_decay must be >= 0, got {train.weight_decay}")

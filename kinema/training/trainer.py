@@ -563,7 +563,12 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                     if main:
                         _save_checkpoint(run, done, task, optimizer, schedule, ema)
                     accelerator.wait_for_everyone()
-                if main and config.validation.every and done % config.validation.every == 0:
+                out_of_time = _past(deadline, accelerator)
+                timed_out = out_of_time and done < config.train.steps
+                # A run asked to stop, or out of time, renders no validation videos first: with real models they
+                # take minutes, past a scheduler's grace period (or its time limit) before its SIGKILL.
+                if main and config.validation.every and done % config.validation.every == 0 and not (
+                        stop_requested() or out_of_time):
                     _validate(config, task, run.path, done, ema)
                 if stop_requested():
                     if main and not due:
@@ -574,7 +579,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                     print(f"kinema train: stopped after step {done}; `--resume latest` continues from its checkpoint"
                           f"{stale}", file=sys.stderr, flush=True)
                     break
-                if done < config.train.steps and _past(deadline, accelerator):
+                if timed_out:
                     if main and not due:
                         _save_checkpoint(run, done, task, optimizer, schedule, ema)
                     accelerator.wait_for_everyone()

@@ -58,6 +58,7 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"mode": "lora", "train__trainable_modules": ["proj_out"]}, "train.trainable_modules is for modes full and "
      "motion"),
     ({"train__trainable_modules": [""]}, "train.trainable_modules must be a list of non-empty names"),
+    ({"train__trainable_modules": []}, "train.trainable_modules is an empty list: list the parts to train"),
     ({"lora__targets": "everything"}, "unknown lora.targets 'everything'"),
     ({"validation__every": 5}, "validation.prompts is empty"),
     ({"validation__steps": 0}, "config key validation.steps must be at least 1, got 0"),

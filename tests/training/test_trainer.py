@@ -466,14 +466,21 @@ def test_vae_mode_trains_the_slice_vae_only(tmp_path, v3_model, synth_videos):
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
-def test_validation_videos_land_in_the_run_folder(tmp_path, sd_model, synth_videos):
-    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
-                         train={"steps": 2}, validation={"every": 2, "prompts": ["a red circle"], "steps": 2})
-    result = train(config, progress=False)
+def test_validation_videos_land_in_the_run_folder_at_the_models_own_guidance(tmp_path, sd_model, synth_videos):
+    import shutil
+
+    from kinema.data.probe import read_sidecar
     from kinema.data.video_io import read_video
 
+    model = tmp_path / "model"
+    shutil.copytree(sd_model["path"], model)
+    (model / "kinema.json").write_text(json.dumps({"defaults": {"guidance": 3.5}}))
+    config = make_config(tmp_path, {**sd_model_section(sd_model), "path": str(model)}, synth_videos, "motion",
+                         SD_DATA, train={"steps": 2}, validation={"every": 2, "prompts": ["a red circle"], "steps": 2})
+    result = train(config, progress=False)
     clip = read_video(result.run_folder / "validation" / "step-00000002" / "00.mp4")
     assert clip.frames.shape == (4, 3, 16, 16)
+    assert read_sidecar(result.run_folder / "validation" / "step-00000002" / "00.mp4")["guidance"] == 3.5
 
 
 def test_exported_motion_loras_load_back_through_kinema_at_the_trained_scale(tmp_path, sd_model, synth_videos):
