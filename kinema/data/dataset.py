@@ -120,6 +120,11 @@ def _read_metadata(root: Path, metadata: str | os.PathLike) -> tuple[Path, list[
     return path, checked
 
 
+def read_metadata_entries(root: Path, metadata: str | os.PathLike) -> list[dict]:
+    """Every entry of `root/metadata`, checked, each with a `type`, whether its file exists or not."""
+    return _read_metadata(root, metadata)[1]
+
+
 def load_metadata(root: Path, metadata: str | os.PathLike, max_missing_fraction: float) -> list[dict]:
     """Read and check `root/metadata`; returns the entries whose files exist, each with a `type`.
 

@@ -201,19 +201,38 @@ class _Logs:
 # ---------------------------------------------------------------- checks before step 1
 
 
+# The key of the data's fingerprint in a run's record; runs started before it recorded "data.root", every file
+# under the folder, which a README or a clip staged for another run changed too (those resume unchecked).
+DATA_FINGERPRINT = "data.root's metadata and the files it lists"
+
+
 def _input_fingerprints(config: TrainConfig) -> dict[str, str]:
-    """What the run reads, fingerprinted (kinema.fileio.files_fingerprint) so that a resume on a replaced model or
-    dataset is refused: the model and motion module by their files' names, sizes and first and last MiB, the data
-    folder by its files' names and sizes (a dataset made again differs in its clips' sizes)."""
+    """What the run reads, fingerprinted so that a resume on a replaced model or dataset is refused: the model and
+    motion module by their files' names, sizes and first and last MiB (kinema.fileio.files_fingerprint), the data
+    by its metadata's entries and the sizes of the files they list (a dataset made again differs in its clips'
+    sizes); other files in the data folder, and the metadata file's layout, are not the data."""
     from kinema.bundled import resolve_model
     from kinema.fileio import files_fingerprint
 
     found = {"model.path": files_fingerprint(resolve_model(config.model.path), 2**20),
-             "data.root": files_fingerprint(config.data.root,
-                                            leave_out=[p for p in (config.output, config.data.cache) if p])}
+             DATA_FINGERPRINT: _data_fingerprint(Path(config.data.root), config.data.metadata)}
     if config.model.motion_module:
         found["model.motion_module"] = files_fingerprint(config.model.motion_module, 2**20)
     return found
+
+
+def _data_fingerprint(root: Path, metadata: str) -> str:
+    """A SHA-256 over the metadata's entries (as JSON reads them) and the size of each file they list (-1: missing)."""
+    import hashlib
+
+    from kinema.data.dataset import read_metadata_entries
+
+    digest = hashlib.sha256()
+    for entry in read_metadata_entries(root, metadata):
+        path = root / entry["file_path"]
+        size = path.stat().st_size if path.is_file() else -1
+        digest.update(json.dumps(entry, sort_keys=True).encode() + f"\0{size}\0".encode())
+    return digest.hexdigest()
 
 
 def _check_frame_counts(config: TrainConfig, task: Any) -> None:

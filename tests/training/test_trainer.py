@@ -215,10 +215,23 @@ def test_a_resume_on_a_replaced_model_or_dataset_is_refused_before_loading(tmp_p
     config = make_config(tmp_path, sd_model_section(sd_model), data, "motion", SD_DATA, train={"steps": 2})
     train(config, progress=False)
     resumed = make_config(tmp_path, sd_model_section(sd_model), data, "motion", SD_DATA, train={"steps": 4})
-    clip = next(path for path in sorted(data.rglob("*.mp4")))
+    # What is not the data changes nothing: files the metadata does not list, the metadata file's layout.
+    (data / "README.md").write_text("clips for the next run are staged here")
+    shutil.copy(next(data.rglob("*.mp4")), data / "staged.mp4")
+    metadata = data / "metadata.json"
+    entries = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps(entries, indent=4))
+    assert train(resumed, resume="latest", progress=False).end_step == 4
+    resumed = make_config(tmp_path, sd_model_section(sd_model), data, "motion", SD_DATA, train={"steps": 6})
+    clip = data / entries[0]["file_path"]
     clip.write_bytes(clip.read_bytes() + b"\0")  # a dataset made again: its clips differ
     monkeypatch.setattr("kinema.training.tasks.make_task", lambda *a: pytest.fail("loaded"))
-    with pytest.raises(KinemaError, match=r"cannot resume .*: data.root changed since the run started"):
+    refusal = r"cannot resume .*: data.root's metadata and the files it lists changed since the run started"
+    with pytest.raises(KinemaError, match=refusal):
+        train(resumed, resume="latest", progress=False)
+    clip.write_bytes(clip.read_bytes()[:-1])
+    metadata.write_text(json.dumps([{**entries[0], "text": "a blue square"}, *entries[1:]]))  # a caption changed
+    with pytest.raises(KinemaError, match=refusal):
         train(resumed, resume="latest", progress=False)
 
 
