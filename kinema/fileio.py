@@ -77,23 +77,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def files_fingerprint(path: str | os.PathLike, edge_bytes: int = 0, leave_out: Iterable[str | os.PathLike] = ()
-                      ) -> str:
+def files_fingerprint(path: str | os.PathLike, edge_bytes: int = 0) -> str:
     """A SHA-256 over the files at `path` (a file, or every file under a folder but hidden ones): each one's name
     and size and, with `edge_bytes`, its first and last `edge_bytes` bytes. Cheap on a folder of thousands of clips
     or GBs of weights, it changes when a file is added, removed, resized or rewritten (other weights differ from
-    the first bytes of a file's data on); a missing path gives the fingerprint of no files. Folders in `leave_out`
-    (a cache or a run folder inside a dataset, which change as a run goes) are not read."""
+    the first bytes of a file's data on); a missing path gives the fingerprint of no files."""
     import hashlib
 
     root = Path(path)
-    skipped = [Path(os.path.realpath(folder)) for folder in leave_out]
     if root.is_file():
         files = {root.name: root}
     elif root.is_dir():
         files = {file.relative_to(root).as_posix(): file for file in root.rglob("*")
-                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
-                 and not any(is_within(Path(os.path.realpath(file)), folder) for folder in skipped)}
+                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)}
     else:
         files = {}
     digest = hashlib.sha256()

@@ -77,18 +77,16 @@ def test_config_files_take_yaml_merge_keys_and_refuse_keys_given_twice_or_unhash
 def test_a_files_fingerprint_changes_with_what_a_run_reads_and_only_that(tmp_path):
     from kinema.fileio import files_fingerprint
 
-    data = tmp_path / "data"
-    (data / "clips").mkdir(parents=True)
-    (data / "clips" / "a.mp4").write_bytes(b"a" * 5000)
+    data = tmp_path / "model"
+    (data / "unet").mkdir(parents=True)
+    (data / "unet" / "weights.safetensors").write_bytes(b"a" * 5000)
     first = files_fingerprint(data, 1024)
     (data / ".cache").mkdir()
     (data / ".cache" / "x").write_bytes(b"x")  # hidden: a temporary or a tool's own
-    (data / "run").mkdir()
-    (data / "run" / "log.csv").write_text("step")  # left out: a run folder inside the data
-    assert files_fingerprint(data, 1024, leave_out=[data / "run"]) == first
-    (data / "clips" / "a.mp4").write_bytes(b"b" + b"a" * 4999)  # rewritten, same size
-    assert files_fingerprint(data, 1024, leave_out=[data / "run"]) != first
-    assert files_fingerprint(data, 0, leave_out=[data / "run"]) == files_fingerprint(data, 0, leave_out=[data / "run"])
-    (data / "clips" / "b.mp4").write_bytes(b"")
-    assert files_fingerprint(data, 1024, leave_out=[data / "run"]) != first
+    assert files_fingerprint(data, 1024) == first
+    (data / "unet" / "weights.safetensors").write_bytes(b"b" + b"a" * 4999)  # rewritten, same size
+    assert files_fingerprint(data, 1024) != first
+    assert files_fingerprint(data, 0) == files_fingerprint(data, 0)
+    (data / "unet" / "more.safetensors").write_bytes(b"")
+    assert files_fingerprint(data, 1024) != first
     assert files_fingerprint(tmp_path / "missing") == files_fingerprint(tmp_path / "empty-nothing")
