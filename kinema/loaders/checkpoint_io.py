@@ -222,13 +222,15 @@ SAFETENSORS_DTYPES = {
 
 
 def check_weight_values(tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """One KinemaError line when a file whose every tensor is a weight (a motion module, a LoRA) holds integer or
-    boolean tensors (cast to int8, say, it would load as a model of garbage without a word) or NaN or infinity
+    """One KinemaError line when a file whose every tensor is a weight (a motion module, a LoRA) holds integer,
+    boolean or float8 tensors (cast to int8, say, it would load as a model of garbage without a word) or NaN or infinity
     (which would surface only as a video of NaN after every sampling step). Meta tensors (a safetensors header read
     without data) are checked for their dtype only."""
-    odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if not t.is_floating_point()})
+    # float8 is floating point too, but torch cannot compute with it (a library error at the first NaN check).
+    readable = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.dtype not in readable})
     if odd:
-        example = next(name for name, t in tensors.items() if not t.is_floating_point())
+        example = next(name for name, t in tensors.items() if t.dtype not in readable)
         raise KinemaError(f"{what} holds {', '.join(odd)} tensors (e.g. {example}); kinema reads float16, bfloat16 "
                           "and float32 weights: use the original file, not a quantised or converted copy")
     for name, tensor in tensors.items():

@@ -382,7 +382,7 @@ def test_inspect_imports_no_model_code_before_it_finds_the_path(tmp_path):
     assert result.stdout.splitlines() == [f"no such file or folder: {tmp_path / 'missing.ckpt'}", "[]"], result.stderr
 
 
-def test_weights_cast_to_integers_are_refused(tmp_path):
+def test_weights_cast_to_integers_or_float8_are_refused(tmp_path):
     # An int8 copy of a motion module or LoRA once loaded silently as a model of garbage.
     from safetensors.torch import save_file
     from tiny_sd import kohya_lora, published_motion_lora
@@ -403,6 +403,11 @@ def test_weights_cast_to_integers_are_refused(tmp_path):
         load_spatial_lora(None, as_int8(kohya_lora(seed=0, rank=4, alpha=2.0)))
     save_file({k: v.half() for k, v in original_motion_state_dict("v2", (32, 64)).items()}, tmp_path / "half.ckpt")
     assert kinema.describe(tmp_path / "half.ckpt")["kind"] == "motion_module"  # float16 stays welcome
+    # float8 is floating point, but torch computes nothing in it: it failed with a library error at loading.
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in original_motion_state_dict("v2", (32, 64)).items()},
+              tmp_path / "fp8.safetensors")
+    with pytest.raises(KinemaError, match=r"fp8.safetensors \(a motion module\) holds float8_e4m3fn tensors"):
+        kinema.describe(tmp_path / "fp8.safetensors")
 
 
 def test_weights_holding_nan_or_infinity_are_refused_before_any_sampling(tmp_path, sd_model):
