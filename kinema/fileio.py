@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kinema.errors import KinemaError, is_disk_full, library_error_message, os_error_message, without_temporaries
+from kinema.interrupt import stop_if_requested
 from kinema.sniff import Kind, sniff
 
 MANIFEST = "kinema-output.json"  # inside every folder kinema writes: its kind and the files it wrote
@@ -517,6 +518,7 @@ def atomic_folder(
     with _temporary(path, kind, True, overwrite, inputs) as (target, temp):
         before = _state(target)
         yield temp
+        stop_if_requested()  # a stop a library swallowed (raised in a __del__, say) writes nothing
         write_manifest(temp, kind)
         _chmod_tree(temp, target.stat().st_mode & 0o7777 if target.is_dir() else None)
         _check_unchanged(target, before, Path(path), kind, True, overwrite, inputs)
@@ -539,6 +541,7 @@ def atomic_file(
         before = _state(target)
         written = temp / target.name
         yield written
+        stop_if_requested()
         os.chmod(written, target.stat().st_mode & 0o7777 if target.is_file() else _file_mode())
         _check_unchanged(target, before, Path(path), kind, False, overwrite, inputs)
         os.replace(written, target)

@@ -24,7 +24,7 @@ from kinema import __version__
 from kinema.cli import batch, data, doctor, eval, generate, serve, train, ui, weights
 from kinema.cli.args import add_common_options
 from kinema.errors import KinemaError, library_error_message, os_error_message
-from kinema.interrupt import Terminated, stop_on_signals
+from kinema.interrupt import Terminated, stop_if_requested, stop_on_signals
 from kinema.log import cli_level, library_progress_bars, log_to_stderr
 
 # Every command group, in the order `kinema --help` lists them.
@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace, label: str) -> int:
     try:
         with stop_on_signals():
             args.run(args)
+            stop_if_requested()  # a stop a library swallowed (raised in a __del__, say) still ends as a stop
     except KinemaError as err:
         return _fail(label, str(err), args.debug)
     except KeyboardInterrupt:

@@ -187,3 +187,29 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_run(tmp_path, monkeypatch
     assert capsys.readouterr().err.strip().endswith("nothing half-written was left")
     assert snapshot(tmp_path) == before
     assert {stop: signal.getsignal(stop) for stop in handlers} == handlers  # handlers put back
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_swallowed_while_converting_writes_nothing(tmp_path, monkeypatch, capsys, signum, code):
+    """A Ctrl-C that lands in a __del__ (Python prints "Exception ignored" and goes on), once seen in a convert of a
+    900 MB module: the run wrote its output and exited 0. The output is not swapped in, and the run ends as a stop."""
+    import kinema.loaders.checkpoint_io as checkpoint_io
+
+    source = tmp_path / "mm.safetensors"
+    write_state_dict(original_motion_state_dict("v2"), source)
+    before = snapshot(tmp_path)
+    save = checkpoint_io.save_file
+
+    def save_then_swallow(tensors, path, metadata=None):
+        save(tensors, path, metadata=metadata)
+        try:
+            os.kill(os.getpid(), signum)
+            for _ in range(1000):  # the handler runs between bytecodes, here
+                pass
+        except BaseException:
+            pass
+
+    monkeypatch.setattr(checkpoint_io, "save_file", save_then_swallow)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "diffusers"]) == code
+    assert capsys.readouterr().err.strip().endswith("nothing half-written was left")
+    assert snapshot(tmp_path) == before
