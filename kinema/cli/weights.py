@@ -4,6 +4,7 @@ layout. Both go through the loaders' front door (`kinema.loaders`: `describe`, `
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from kinema.cli.args import add_command, checked_number, example, positive_int, seed_number
@@ -11,6 +12,8 @@ from kinema.errors import KinemaError
 
 # The format registry is plain data (it imports no torch), so `--to` lists exactly what the loaders convert to.
 from kinema.loaders.formats import CONVERT_LAYOUTS
+
+logger = logging.getLogger(__name__)
 
 INSPECT_DESCRIPTION = (
     "Recognise an AnimateDiff motion module (file or diffusers MotionAdapter folder), a motion LoRA, an EasyAnimate "
@@ -116,6 +119,11 @@ def check_inspect(args: argparse.Namespace) -> None:
             args.vae_config = unet_config_of(model, part="vae")
 
 
+# What `inspect --model` checks against the model: a motion module's widths here; the others are read with its UNet's
+# or VAE's config (a single file's own config is SD1.5's), which refuses one that does not fit.
+CHECKED_AGAINST_MODEL = ("motion_module", "controlnet", "sparsectrl", "image_vae")
+
+
 def run_inspect(args: argparse.Namespace) -> None:
     """Print what the path holds (checked against --model's UNet and VAE when given)."""
     from kinema.bundled import resolve_model
@@ -130,7 +138,13 @@ def run_inspect(args: argparse.Namespace) -> None:
     report = describe_source(Source(resolve_model(args.path), {"unet_config": args.unet_config,
                                                                "vae_config": args.vae_config}))
     widths = list(args.unet_config.get("block_out_channels", ()))
-    if report.get("kind") == "motion_module" and report.get("channels") != widths:
+    if report.get("kind") not in CHECKED_AGAINST_MODEL:
+        logger.warning("--model checks motion modules, ControlNets, SparseCtrl encoders and VAEs against the "
+                       "model; %s is a %s, not checked against %s (`kinema generate` with both checks it whole)",
+                       args.path, str(report.get("kind", "file")).replace("_", " "), args.model)
+        print_report(report, args.json)
+        return
+    if report["kind"] == "motion_module" and report.get("channels") != widths:
         raise KinemaError(f"{args.path} is made for a UNet of widths {tuple(report['channels'])}, but {args.model}'s "
                           f"UNet has widths {tuple(widths)}: use a motion module made for this base model")
     print_report({**report, "checked_against": args.model}, args.json)

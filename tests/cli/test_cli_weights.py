@@ -237,3 +237,15 @@ def test_inspect_checks_a_controlnet_or_motion_module_against_the_models_unet(tm
     assert code == 1 and f"is made for a UNet of widths {TINY_CHANNELS}" in err
     code, _, err = run(capsys, "inspect", str(tmp_path / "mm_v2.safetensors"), "--model", str(tmp_path))
     assert code == 2 and "is not a Stable Diffusion diffusers folder (no unet/config.json)" in err
+
+
+def test_inspect_says_what_model_does_not_check(tmp_path, capsys):
+    from tiny_sd import module_prefixes, published_motion_lora, tiny_sd_parts, write_sd_folder
+
+    parts = tiny_sd_parts(seed=1)
+    model = write_sd_folder(tmp_path / "tiny-sd", {name: parts[name] for name in ("unet", "vae", "text_encoder")})
+    lora = tmp_path / "ml.safetensors"
+    write_state_dict(published_motion_lora(dict(module_prefixes((32, 64, 64), True)), rank=4, seed=0), lora)
+    code, out, err = run(capsys, "inspect", str(lora), "--model", str(model))
+    assert code == 0 and "checked_against" not in out
+    assert f"{lora} is a motion lora, not checked against {model}" in err
