@@ -603,12 +603,17 @@ def _require_path(path: str | None, what: str) -> None:
         raise KinemaError(f"no such {what}: {path}")
 
 
-def _require_weights(path: str | None, what: str) -> None:
+def _require_weights(path: str | None, what: str, scaled: bool = False) -> None:
     """A weights option names a path that exists and, for a file, holds weights as its first bytes tell (a text
     file, an image or an archive named .safetensors is refused here, torch-free, rather than once torch has loaded
-    it); what kind of weights is the loader's to say."""
+    it); what kind of weights is the loader's to say. `scaled`: given as PATH[:WEIGHT]."""
     from kinema.sniff import sniff
 
+    head, colon, tail = (path or "").rpartition(":")
+    if scaled and colon and not os.path.lexists(path or "") and os.path.lexists(head):
+        # PATH:WEIGHT whose weight is no number was read as one path, and refused as a missing file
+        raise KinemaError(f"{tail!r} after {head}: is not a number; give the {what} as PATH or PATH:WEIGHT with a "
+                          "number (e.g. :0.8)")
     _require_path(path, what)
     if path is not None and os.path.isfile(path):
         found = sniff(path)
@@ -664,11 +669,11 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     _require_path(args.tokenizer, "tokenizer")
     _require_weights(args.vae, "VAE")
     for path, _ in args.lora:
-        _require_weights(path, "LoRA file")
+        _require_weights(path, "LoRA file", scaled=True)
     if args.ip_adapter is not None:
         from kinema.loaders.ip_adapter import image_encoder_folder
 
-        _require_weights(args.ip_adapter[0], "IP-Adapter file")
+        _require_weights(args.ip_adapter[0], "IP-Adapter file", scaled=True)
         image_encoder_folder(args.ip_adapter[0], args.image_encoder)
     elif args.image_encoder is not None:
         raise KinemaError("--image-encoder is the CLIP image encoder of an IP-Adapter: give --ip-adapter too")
@@ -678,7 +683,7 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     for image in _ip_images(args):
         _check_image(image, "image prompt")
     for path, _ in args.controlnet or []:
-        _require_weights(path, "ControlNet")
+        _require_weights(path, "ControlNet", scaled=True)
     if len(args.control_video or []) != len(args.controlnet or []):
         raise KinemaError("--controlnet and --control-video come together (the ControlNet steers by the control "
                           "images): give one --control-video per --controlnet, in their order, or neither")
