@@ -239,6 +239,17 @@ def _build_empty(name: str, config_dir: Path) -> tuple[nn.Module, dict[str, Any]
         return cls.from_config(config), dict(config)
 
 
+# diffusers' names (`infer_diffusers_model_type`) of the single files most often mistaken for an SD1.5 one.
+_MODEL_TYPE_WORDS = {
+    "v2": "a Stable Diffusion 2.x checkpoint", "inpainting": "a Stable Diffusion 1.5 inpainting checkpoint (9 input "
+    "channels)", "inpainting_v2": "a Stable Diffusion 2 inpainting checkpoint", "xl_base": "an SDXL base checkpoint",
+    "xl_refiner": "an SDXL refiner checkpoint", "xl_inpaint": "an SDXL inpainting checkpoint",
+    "upscale": "a Stable Diffusion x4 upscaler checkpoint", "sd3": "a Stable Diffusion 3 checkpoint",
+    "sd35_large": "a Stable Diffusion 3.5 Large checkpoint", "sd35_medium": "a Stable Diffusion 3.5 Medium checkpoint",
+    "controlnet": "a ControlNet (give it with --controlnet)",
+}
+
+
 def _check_ldm_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     """`state` holds the UNet, VAE and text encoder of Stable Diffusion 1.x, or a KinemaError saying what it is."""
     # Another family first: SDXL's and SD2's text encoders sit under other prefixes, which the check below would
@@ -248,8 +259,9 @@ def _check_ldm_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     except (IndexError, KeyError, ValueError, AttributeError):
         kind = None  # a tensor too malformed for diffusers to read the type from: the checks below name it
     if kind is not None and kind != "v1":
-        raise KinemaError(f"{path} looks like a {kind!r} checkpoint, not Stable Diffusion 1.x; AnimateDiff's SD1.5 "
-                          "motion modules need an SD1.5-architecture base")
+        raise KinemaError(f"{path} looks like {_MODEL_TYPE_WORDS.get(kind, f'a {kind!r} checkpoint (diffusers name)')}"
+                          ", not Stable Diffusion 1.x; AnimateDiff's SD1.5 motion modules need an SD1.5-architecture "
+                          "base")
     absent = [f"{name} ({prefix}*)" for name, prefix in LDM_PREFIXES.items()
               if not any(k.startswith(prefix) for k in state)]
     if absent:

@@ -245,13 +245,13 @@ def test_single_file_problems_are_refused_with_the_reason(tiny, sd_folder, confi
     with pytest.raises(KinemaError, match=r"1 unet entries have no place.*model.diffusion_model.extra_block.weight"):
         attempt({**state, "model.diffusion_model.extra_block.weight": torch.zeros(2)})
     v2_key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-    with pytest.raises(KinemaError, match="looks like a 'v2' checkpoint"):
+    with pytest.raises(KinemaError, match="looks like a Stable Diffusion 2.x checkpoint"):
         attempt({**state, v2_key: torch.zeros(32, 1024)})
     # SDXL's and SD2's text encoders sit elsewhere: named as those families, not as a file missing its text encoder.
     text = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
     for extra, family in ((("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", (1280,)),
-                           "xl_base"), ((v2_key, (32, 1024)), "v2")):
-        with pytest.raises(KinemaError, match=f"looks like a '{family}' checkpoint, not Stable Diffusion 1.x"):
+                           "an SDXL base"), ((v2_key, (32, 1024)), "a Stable Diffusion 2.x")):
+        with pytest.raises(KinemaError, match=f"looks like {family} checkpoint, not Stable Diffusion 1.x"):
             attempt({**text, extra[0]: torch.zeros(extra[1])})
     # A tensor too malformed for diffusers' type guess (an IndexError there) is named by the shape check instead.
     with pytest.raises(KinemaError, match=r"1 mismatched \(e.g. conv_in.weight: file \(3,\) vs model \(32, 4, 3, 3\)"):

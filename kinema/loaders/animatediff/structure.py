@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, count_words
 from kinema.loaders.animatediff.keys import check_frame_table, is_pe_key, pe_places, rename_state_dict
 from kinema.loaders.animatediff.motion_lora_keys import SPATIAL_PROCESSOR_KEY
 from kinema.models.motion import build_motion_module
@@ -143,7 +143,8 @@ def motion_structure(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         else:
             stray.append(key)
     if stray:
-        raise KinemaError(f"besides motion modules the file holds {len(stray)} other tensors; {guess_kind(stray)}. "
+        raise KinemaError(f"besides motion modules the file holds {count_words(len(stray), 'other tensor')}; "
+                          f"{guess_kind(stray)}. "
                           "kinema loads bare motion modules: save them alone (VideoUNet.motion_state_dict)")
     down = Counter(int(d) for d, _ in modules.values() if d is not None)
     up = Counter(int(u) for _, u in modules.values() if u is not None)

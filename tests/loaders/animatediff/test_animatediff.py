@@ -339,7 +339,7 @@ def test_files_of_other_kinds_are_named(tmp_path, unet2d):
                ".positional_encoding": torch.zeros(1, 24, 32)}
     assert "HotShot-XL" in refusal(tmp_path, hotshot, unet2d)
     full = {**v3, "down_blocks.0.resnets.0.conv1.weight": torch.zeros(32, 32, 3, 3)}
-    assert "besides motion modules the file holds 1 other tensors; it looks like an image UNet" in refusal(
+    assert "besides motion modules the file holds 1 other tensor; it looks like an image UNet" in refusal(
         tmp_path, full, unet2d)
 
 
