@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from kinema.errors import KinemaError, with_article
-from kinema.fileio import check_output, kind_words
-from kinema.loaders.formats import Format, convertible_kinds, format_of
+from kinema.fileio import check_output
+from kinema.loaders.formats import Format, convertible_words, format_of
 from kinema.loaders.source import Source, describe_source
 
 
@@ -27,25 +27,28 @@ def convert(
     kind = describe_source(described)["kind"]
     entry = format_of(kind)
     if entry.convert is None:
-        raise KinemaError(f"{source} is {with_article(kind_words(kind))}; kinema converts {convertible_kinds()}")
+        raise KinemaError(f"kinema converts {convertible_words()}; {source} is none of these ({entry.name})")
     if to not in entry.layouts:
-        raise KinemaError(f"{with_article(kind_words(kind))} converts to {list(entry.layouts)}, not {to!r}")
+        raise KinemaError(f"{with_article(entry.name)} converts to {list(entry.layouts)}, not {to!r}")
     check_output(target, kind, folder=to in entry.folder_layouts, overwrite=overwrite, inputs=(source,))
-    _check_target_form(Path(target), entry, to)
+    _check_target_form(Path(target), entry, to, os.fspath(target).endswith(("/", os.sep)))
     return entry.function("convert")(described, Path(target), to, overwrite=overwrite)
 
 
-def _check_target_form(target: Path, entry: Format, to: str) -> None:
+def _check_target_form(target: Path, entry: Format, to: str, as_folder: bool) -> None:
     """The target path has the form layout `to` is written in (a folder, or a file of a weights suffix), checked
-    before the weights are read."""
+    before the weights are read; `as_folder`: it was given with a trailing slash."""
     from kinema.loaders.checkpoint_io import SAFETENSORS_SUFFIXES, SUPPORTED_SUFFIXES
 
     if to in entry.folder_layouts:
         if target.suffix:
-            raise KinemaError(f"the {to} layout of a {entry.kind.replace('_', ' ')} is a folder; give a folder path "
+            raise KinemaError(f"the {to} layout of {with_article(entry.name)} is a folder; give a folder path "
                               f"without an extension, got {target}")
         return
     suffixes = SAFETENSORS_SUFFIXES if to in entry.safetensors_layouts else SUPPORTED_SUFFIXES
+    if as_folder:
+        raise KinemaError(f"the {to} layout of {with_article(entry.name)} is one {' or '.join(suffixes)} file, "
+                          f"but {target}/ ends with a slash, as a folder does; give the file's name without it")
     if target.suffix.lower() not in suffixes:
-        raise KinemaError(f"the {to} layout of a {entry.kind.replace('_', ' ')} is a {' or '.join(suffixes)} file, "
+        raise KinemaError(f"the {to} layout of {with_article(entry.name)} is a {' or '.join(suffixes)} file, "
                           f"got {target}")

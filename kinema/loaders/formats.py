@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, with_article
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,16 @@ class Format:
     folder_layouts: tuple[str, ...] = ()  # layouts written as a folder rather than one file
     safetensors_layouts: tuple[str, ...] = ()  # file layouts that keep settings in safetensors metadata
 
+    @property
+    def name(self) -> str:
+        """The label without its parenthesis, as messages say it: "Stable Diffusion 1.5", "motion LoRA"."""
+        return self.label.split(" (")[0]
+
     def function(self, role: str) -> Callable[..., Any]:
         """The describe / load / convert function of this format, imported now."""
         ref = getattr(self, role)
         if ref is None:
-            raise KinemaError(f"a {self.kind} cannot be {role}ed; kinema converts {convertible_kinds()}")
+            raise KinemaError(f"{with_article(self.name)} cannot be {role}ed; kinema converts {convertible_words()}")
         module, _, name = ref.partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -104,3 +109,9 @@ def format_of(kind: str) -> Format:
 def convertible_kinds() -> list[str]:
     """Kinds `kinema convert` rewrites."""
     return [f.kind for f in FORMATS if f.convert is not None]
+
+
+def convertible_words() -> str:
+    """What `kinema convert` rewrites, as messages list it: "an AnimateDiff motion module, ..., or an IP-Adapter"."""
+    names = [with_article(f.name) for f in FORMATS if f.convert is not None]
+    return ", ".join(names[:-1]) + f", or {names[-1]}"

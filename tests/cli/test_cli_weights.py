@@ -162,7 +162,7 @@ def test_convert_refuses_a_layout_the_kind_lacks(tmp_path, capsys):
     write_state_dict(original_motion_state_dict("v3"), tmp_path / "mm.safetensors")
     code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "o.safetensors"),
                        "--to", "diffusers_peft")
-    assert code == 1 and "a motion module converts to ['original', 'diffusers', 'kinema']" in err
+    assert code == 1 and "an AnimateDiff motion module converts to ['original', 'diffusers', 'kinema']" in err
     code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / "mm.safetensors"),
                        "--to", "original")
     assert code == 2 and "is the input" in err
@@ -178,13 +178,16 @@ def test_a_target_of_the_wrong_form_is_refused_before_the_weights_are_read(tmp_p
         return pytest.fail("convert ran") if role == "convert" else described(self, role)
 
     monkeypatch.setattr(type(format_of("motion_module")), "function", no_convert)
-    for target, layout, words in (("o.txt", "kinema", "the kinema layout of a motion module is a .safetensors file"),
-                                  ("o.ckpt", "kinema", "the kinema layout of a motion module is a .safetensors file"),
-                                  ("o.txt", "original", "the original layout of a motion module is a .safetensors or "),
-                                  ("adapter.x", "diffusers", "the diffusers layout of a motion module is a folder; "
-                                                             "give a folder path without an extension")):
-        code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), str(tmp_path / target), "--to",
-                           layout)
+    module = "an AnimateDiff motion module"
+    for target, layout, words in (("o.txt", "kinema", f"the kinema layout of {module} is a .safetensors file"),
+                                  ("o.ckpt", "kinema", f"the kinema layout of {module} is a .safetensors file"),
+                                  ("o.txt", "original", f"the original layout of {module} is a .safetensors or "),
+                                  ("adapter.x", "diffusers", f"the diffusers layout of {module} is a folder; "
+                                                             "give a folder path without an extension"),
+                                  ("o.safetensors/", "kinema", f"the kinema layout of {module} is one .safetensors "
+                                                               "file, but")):
+        code, _, err = run(capsys, "convert", str(tmp_path / "mm.safetensors"), f"{tmp_path}/{target}", "--to",
+                           layout)  # a trailing slash kept, as the shell gives it
         assert code == 1 and words in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mm.safetensors"]
 

@@ -61,7 +61,8 @@ def test_an_unknown_kind_is_one_line_naming_the_known_ones():
     with pytest.raises(KinemaError, match=r"unknown kind 'sdxl'; kinema knows \[.*'stable_diffusion'") as err:
         format_of("sdxl")
     assert "\n" not in str(err.value)
-    with pytest.raises(KinemaError, match=r"a stable_diffusion cannot be converted; kinema converts \["):
+    with pytest.raises(KinemaError, match=r"a Stable Diffusion 1.5 cannot be converted; kinema converts an "
+                                          r"AnimateDiff motion module, "):
         format_of("stable_diffusion").function("convert")
 
 
