@@ -172,7 +172,8 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[m
         _require(f == 1 or f % n == 0, f"latent F' must be 1 or a multiple of {n}; got {f}. Latents from encode "
                                        "always are; check how they were sliced.")
 
-    def _tiling(self, tiling: TilingArg, side: Literal["encoder", "decoder"]) -> Tiling | None:
+    def resolve_tiling(self, tiling: TilingArg, side: Literal["encoder", "decoder"]) -> Tiling | None:
+        """The tiles `encode` or `decode` (`side`) use for `tiling`: None for none."""
         if isinstance(tiling, Tiling):
             return tiling
         if tiling == "off":
@@ -225,7 +226,7 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[m
         other F or for H, W not multiples of 8, before any conv runs.
         """
         self._check_video(video)
-        moments = self._encode_moments(video.to(self.dtype), self._tiling(tiling, "encoder"))
+        moments = self._encode_moments(video.to(self.dtype), self.resolve_tiling(tiling, "encoder"))
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -274,14 +275,14 @@ class SliceVAE(StrictFromPretrained, ModelMixin, ConfigMixin):  # type: ignore[m
         frames = 1 if f == 1 else f // c.mini_batch_decoder * c.mini_batch_encoder
         r = self.spatial_ratio
         out = latents.new_empty(b, c.out_channels, frames, h * r, w * r)
-        decoder_tiling = self._tiling(tiling, "decoder")
+        decoder_tiling = self.resolve_tiling(tiling, "decoder")
         self._decode_into(latents, out, decoder_tiling, average=False)
         if smooth_seams and frames > c.mini_batch_encoder:
             out.clamp_(-1, 1)
             before = c.mini_batch_encoder // 2
             middle = out[:, :, before:frames - (c.mini_batch_encoder - before)]
             # Encode every shifted slice before any of `out` is overwritten.
-            shifted = DiagonalGaussianDistribution(self._encode_moments(middle, self._tiling(tiling, "encoder")))
+            shifted = DiagonalGaussianDistribution(self._encode_moments(middle, self.resolve_tiling(tiling, "encoder")))
             self._decode_into(shifted.mode(), middle, decoder_tiling, average=True)
             out.clamp_(-1, 1)
         return DecoderOutput(sample=out) if return_dict else (out,)

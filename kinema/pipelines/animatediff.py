@@ -14,7 +14,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.models.presets import image_vae_downsample
 from kinema.pipelines.decode import decode_latents, overflow_safe
-from kinema.pipelines.family import Conditioning, VideoFamily
+from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes
 from kinema.pipelines.text_encoding import PromptWorld, cut_off_text, encode_prompts, text_length
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 
@@ -183,6 +183,14 @@ class AnimateDiffFamily(VideoFamily):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Frames `(B, F, 3, H, W)` float32 in [0, 1] from scaled latents `(B, 4, F, h, w)` (see `decode_latents`)."""
         return decode_latents(self.vae, latents, self.decode_chunk)
+
+    def decode_bytes(self, videos: int, frames: int, height: int, width: int) -> int | None:
+        """See VideoFamily.decode_bytes: `decode_chunk` frames a call (of every video's frames in a row)."""
+        widths = self.vae.config.block_out_channels
+        tile = int(self.vae.tile_sample_min_size) if self.vae_tiling else None
+        element = next(self.vae.parameters()).element_size()
+        return decode_call_bytes(widths[min(1, len(widths) - 1)], min(self.decode_chunk, videos * frames), height,
+                                 width, tile, element)
 
     def settings(self) -> dict[str, Any]:
         """The model, family, and the motion module and LoRAs when known (`loras`: `{"path", "weight"}` each)."""

@@ -105,6 +105,11 @@ class VideoFamily:
         """Frames `(B, F, 3, H, W)` float32 in [0, 1] from scaled latents `(B, C, F', h, w)`."""
         raise NotImplementedError
 
+    def decode_bytes(self, videos: int, frames: int, height: int, width: int) -> int | None:
+        """About the memory decoding `videos` videos of `frames` frames at `height` x `width` takes at once, beyond
+        the finished frames (`decode_call_bytes`); None where unknown."""
+        return None
+
     @property
     def inpaints(self) -> bool:
         """Whether the model takes inpaint conditioning (an EasyAnimate InP model): image-to-video and continuation
@@ -268,3 +273,14 @@ class VideoFamily:
     def settings(self) -> dict[str, Any]:
         """What to record about the model in a video's settings."""
         return {"model": self.name, "family": self.family}
+
+
+def decode_call_bytes(channels: int, frames: int, height: int, width: int, tile: int | None,
+                      element_bytes: int) -> int:
+    """The memory a VAE decoder's call on `frames` frames at `height` x `width` (in tiles of `tile` pixels, None:
+    whole) holds at its peak, estimated: its widest full-size activations, `channels` wide (the decoder's second
+    level, upsampled to full size) in `element_bytes` elements, about 3.5 of them at once (measured 3.1 to 4.1
+    times on SD's and kinema-tiny-ad's VAEs, 3.7 to 4.9 on a Slice VAE's, float32, CPU)."""
+    if tile is not None:
+        height, width = min(height, tile), min(width, tile)
+    return 7 * channels * element_bytes * frames * height * width // 2

@@ -27,7 +27,7 @@ import torch
 
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, shorten
-from kinema.memory import check_frames_fit, peak_memory_bytes, reset_peak_memory
+from kinema.memory import available_memory, check_frames_fit, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
 from kinema.pipelines.family import Conditioning, VideoFamily
@@ -840,8 +840,34 @@ def decode_saved(family: VideoFamily, latents: torch.Tensor,
                           f"{tuple(latents.shape)}")
     if settings is not None:
         _check_saved_by_a_match(family, latents, settings)
+    batch, _, held, height, width = latents.shape
+    _check_decode_fits(family, batch, family.pixel_frames(held), height * family.spatial_factor,
+                       width * family.spatial_factor)
     with torch.no_grad():
         return family.decode(latents.to(_device(family)))
+
+
+def _check_decode_fits(family: VideoFamily, videos: int, frames: int, height: int, width: int,
+                       dtype: str | None = None, offload: bool = False) -> None:
+    """Refuse, before any sampling, a decode whose VAE needs more memory at once than its device has free
+    (`VideoFamily.decode_bytes`, an estimate; `dtype`: the run's, if it casts the VAE)."""
+    needed = family.decode_bytes(videos, frames, height, width)
+    if needed is None:
+        return
+    needed += 2 * videos * frames * 3 * height * width * 4  # the decoded video, and its copy mapped to [0, 1]
+    if dtype is not None:  # a smaller element than the VAE's now; a larger one is not estimated up
+        held = next(family.vae.parameters()).element_size()
+        needed = needed * min(held, torch.empty(0, dtype=getattr(torch, dtype)).element_size()) // held
+    device = _device(family, offload)
+    try:
+        free = available_memory(device)
+    except KinemaError:
+        return
+    if needed > free:
+        raise KinemaError(f"decoding {frames} frames at {width}x{height} needs about {memory_words(needed)} of "
+                          f"memory at once on {device.type} (the VAE's full-size layers), and {memory_words(free)} "
+                          "is free; decode in tiles (--vae-tiling, vae_tiling), fewer frames at a time "
+                          "(--decode-chunk, decode_chunk, AnimateDiff models), or ask for a smaller size")
 
 
 def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepCallback | None = None,
@@ -932,6 +958,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         made = input_video.shape[0] if input_video is not None else int(request.frames or plan.frames)
     check_frames_fit(len(seeds), made, plan.height, plan.width, "ask for fewer frames (generate --frames, extend "
                      "--frames / --to), a smaller size or fewer seeds")
+    set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
+    _check_decode_fits(family, len(seeds), made, plan.height, plan.width, request.dtype, request.offload)
     _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")

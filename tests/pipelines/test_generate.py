@@ -15,6 +15,7 @@ from tiny_easyanimate import source_model, write_full_folder
 from tiny_models import perturb, tiny_video_dit
 from tiny_sd import tiny_sd_parts
 
+import kinema.pipelines.generation as generation_module
 from kinema.errors import KinemaError
 from kinema.loaders.easyanimate.folder import load_easyanimate
 from kinema.loaders.stable_diffusion import load_tokenizer
@@ -785,6 +786,37 @@ def test_frames_that_cannot_fit_in_memory_are_refused_before_denoising(family, m
         run(family, frames=1400, seeds=[1, 2])
     assert spy.calls == []
     assert run(family, frames=8, seeds=[1, 2], steps=1).frames.shape == (2, 8, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("family", ["animatediff", "easyanimate"], indirect=True)
+def test_a_decode_that_cannot_fit_in_memory_is_refused_before_denoising_and_tiles_fit(family, monkeypatch):
+    """The VAE's full-size layers for the frames one call decodes are estimated (VideoFamily.decode_bytes) and
+    checked against the free memory before sampling: a 100000x64 video once ran its sampling and was then killed by
+    the out-of-memory killer in the decoder. Tiles shrink what one call holds."""
+    from kinema.models.slice_vae_tiling import Tiling
+    from kinema.pipelines.generation import set_vae_options
+
+    big, tile = 256, 64
+    if isinstance(family, EasyAnimateFamily):
+        monkeypatch.setattr(family.vae, "config_tiling", Tiling(tile))
+    else:
+        monkeypatch.setattr(family.vae, "tile_sample_min_size", tile)
+    whole = family.decode_bytes(1, 8, big, big)
+    set_vae_options(family, vae_tiling=True, decode_chunk=None)
+    tiled = family.decode_bytes(1, 8, big, big)
+    set_vae_options(family, vae_tiling=False, decode_chunk=None)
+    assert tiled * (big // tile) ** 2 == whole  # a tile's share of the frame
+    finished = 2 * 8 * 3 * big * big * 4  # the decoded video and its copy in [0, 1]
+    monkeypatch.setattr(generation_module, "available_memory", lambda device="cpu": whole + finished - 1)
+    spy = spy_on(family, monkeypatch)
+    with pytest.raises(KinemaError, match=rf"^decoding 8 frames at {big}x{big} needs about .* of memory at once on "
+                                          r"cpu \(the VAE's full-size layers\), and .* is free; decode in tiles "
+                                          r"\(--vae-tiling, vae_tiling\)"):
+        run(family, frames=8, height=big, width=big)
+    assert spy.calls == []
+    set_vae_options(family, vae_tiling=True, decode_chunk=None)  # what a request with vae_tiling sets
+    generation_module._check_decode_fits(family, 1, 8, big, big)  # fits in tiles
+    set_vae_options(family, vae_tiling=False, decode_chunk=None)
 
 
 def test_saved_latents_are_refused_by_a_vae_that_did_not_make_them(animatediff, easyanimate):
