@@ -126,6 +126,6 @@ class JobWorker:
 
         if self.cache is None:
             self.cache = FamilyCache(max_models=MODELS_KEPT, device=self.device)
-        job = job_from_mapping(spec, models_dir=self.models_dir)
+        job = job_from_mapping(spec, models_dir=self.models_dir, device=self.device)
         # overwrite: a job re-run after a restart replaces what its earlier, interrupted run left in its folder
         return run_job(job, out, cache=self.cache, callback=on_step, progress=False, overwrite=True)

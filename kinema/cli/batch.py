@@ -66,7 +66,7 @@ def check_batch(args: argparse.Namespace) -> None:
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     check_batch_output(args.out)
-    args.jobs = read_jobs(Path(args.jobs_file), models_dir=args.models_dir)
+    args.jobs = read_jobs(Path(args.jobs_file), models_dir=args.models_dir, device=args.device)
 
 
 def run_batch(args: argparse.Namespace) -> None:

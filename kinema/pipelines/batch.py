@@ -79,10 +79,12 @@ def job_id(data: Mapping[str, Any], occurrence: int = 1) -> str:
 JOB_EXAMPLE = '{"prompt": "a red circle moving right", "seed": 1}'
 
 
-def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None = None) -> list[BatchJob]:
+def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None = None,
+              device: Any = "cpu") -> list[BatchJob]:
     """Read and check every job of the JSON Lines file `path` (one JSON object per line; blank lines are skipped),
     before any model loads: each line goes through `job_from_mapping` (relative paths resolve against the file's
-    folder, model names also against `models_dir`). Raises one KinemaError naming the first bad line's number."""
+    folder, model names also against `models_dir`; speed presets take `device`'s settings). Raises one
+    KinemaError naming the first bad line's number."""
     from kinema.jsonl import read_json_lines
     from kinema.pipelines.jobs import job_from_mapping
 
@@ -91,7 +93,7 @@ def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None =
     seen: dict[str, int] = {}
     for where, number, data in read_json_lines(path, what="job", example=JOB_EXAMPLE):
         try:
-            job = job_from_mapping(data, where=where, models_dir=models_dir, base=path.parent)
+            job = job_from_mapping(data, where=where, models_dir=models_dir, base=path.parent, device=device)
         except KinemaError as err:
             message = str(err)
             raise KinemaError(message if f"line {number}" in message else f"{where}: {message}") from None

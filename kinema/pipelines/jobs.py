@@ -759,7 +759,7 @@ def stored_model_parts(recorded: Mapping[str, Any]) -> dict[str, str]:
 
 
 def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir: str | os.PathLike | None = None,
-                     base: str | os.PathLike | None = None) -> Job:
+                     base: str | os.PathLike | None = None, device: Any = "cpu") -> Job:
     """Build and check a Job from plain data (JSON body, JSONL line, YAML entry, web form).
 
     Keys (`JOB_KEYS`): model (default kinema-tiny), motion_module, loras ([[path, weight], ...] or [{"path": ...,
@@ -769,7 +769,8 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
     s2}), ...). Unset height/width/frames/steps/guidance/scheduler take the model's kinema.json defaults (as `kinema
     generate` does); with an input video, the size is the video's. Relative paths resolve against `base` (default:
     the current folder), then `models_dir`; a model name that is no path is a bundled model's. Random seeds (-1) are
-    drawn here, so job.settings() records the seeds actually used.
+    drawn here, so job.settings() records the seeds actually used. A speed preset takes the settings of the
+    `device` the job will run on (a kinema.devices name; bfloat16 only where it is native).
 
     Raises KinemaError with one line starting with `where`: unknown key (naming the nearest valid key), wrong type,
     missing model/motion-module/LoRA/image file, a model path that is no model kinema generates with (sniffed or
@@ -779,12 +780,12 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
     """
     try:
         return _job(data, Path(base) if base is not None else Path.cwd(),
-                    Path(models_dir) if models_dir is not None else None)
+                    Path(models_dir) if models_dir is not None else None, device)
     except KinemaError as err:
         raise KinemaError(f"{where}: {err}") from None
 
 
-def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
+def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: Any = "cpu") -> Job:
     if not isinstance(data, Mapping):
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
     surrogate = lone_surrogate(data)
@@ -958,7 +959,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> Job:
     if given.get("speed") is not None:  # the preset fills what the job leaves unset, before the model's defaults
         from kinema.pipelines.speed import chosen_settings
 
-        given.update(chosen_settings(given["speed"], given))
+        given.update(chosen_settings(given["speed"], given, device))
     video = given.get("video")
     if video is not None and "fps" not in given:  # the frames kept or remade play at the input's speed
         rate = video_fps(video)

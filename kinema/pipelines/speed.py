@@ -34,11 +34,27 @@ assert tuple(SPEED_PRESETS) == SPEEDS
 CPU_WITHOUT_BFLOAT16: dict[str, dict[str, Any]] = {"fast": {"quantize": "int8"}}
 
 
-def native_bfloat16(device: Any = "cpu") -> bool:
-    """Whether `device` runs bfloat16 matmuls natively (CUDA: compute capability 8+; CPU: AVX-512 BF16 or AMX)."""
+def _here(device: Any) -> Any:
+    """The torch device `device` (one, or a kinema.devices name such as auto) is on this machine; None where this
+    machine lacks it."""
     import torch
 
-    device = torch.device(device)
+    from kinema.devices import resolve_device
+
+    try:
+        return resolve_device(device) if isinstance(device, str) else torch.device(device)
+    except KinemaError:
+        return None
+
+
+def native_bfloat16(device: Any = "cpu") -> bool:
+    """Whether `device` (a torch device, or a kinema.devices name such as auto) runs bfloat16 matmuls natively
+    (CUDA: compute capability 8+; CPU: AVX-512 BF16 or AMX); False for a device this machine lacks."""
+    import torch
+
+    device = _here(device)
+    if device is None:  # another machine's (a Ray worker's): no bfloat16 assumed
+        return False
     if device.type == "cuda":
         # torch counts pre-Ampere GPUs' emulated bfloat16 as supported by default; emulated is slow, so not native.
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
@@ -55,9 +71,8 @@ def preset_settings(name: str, device: Any = "cpu") -> dict[str, Any]:
     if settings.get("dtype") == "bfloat16" and not native_bfloat16(device):
         logger.info("speed %s: this device has no native bfloat16, so the models stay in float32", name)
         del settings["dtype"]
-        import torch
 
-        if torch.device(device).type == "cpu":
+        if getattr(_here(device), "type", None) == "cpu":
             settings.update(CPU_WITHOUT_BFLOAT16.get(name, {}))
     return settings
 

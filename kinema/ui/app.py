@@ -111,10 +111,10 @@ def extra_note_text(extra: dict[str, Any]) -> str:
     return f"Also from the loaded video (no field for them here; the next video uses them): {listed}"
 
 
-def check_form(values: dict[str, Any], models_dir: str | os.PathLike | None) -> Job:
-    """The job of the form `values`, checked by `job_from_mapping` (KinemaError: one line, as the CLI and API say
-    it)."""
-    return job_from_mapping(form_to_mapping(values), where="form", models_dir=models_dir)
+def check_form(values: dict[str, Any], models_dir: str | os.PathLike | None, device: Any = "cpu") -> Job:
+    """The job of the form `values` for the models on `device`, checked by `job_from_mapping` (KinemaError: one
+    line, as the CLI and API say it)."""
+    return job_from_mapping(form_to_mapping(values), where="form", models_dir=models_dir, device=device)
 
 
 def newest_steps(events: queue.Queue) -> Iterator[tuple[str, Any]]:
@@ -471,11 +471,11 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             values["loras"] = [[data[path], data[weight]] for path, weight in zip(lora_paths, lora_weights,
                                                                                       strict=True)]
             try:
-                check_form(values, models_path)  # refuse bad input before anything is copied
+                check_form(values, models_path, family_cache.device)  # refuse bad input before anything is copied
                 for key in INPUT_KEYS:
                     if values.get(key):
                         values[key] = str(keep_input(values[key], outputs))
-                job = check_form(values, models_path)
+                job = check_form(values, models_path, family_cache.device)
             except KinemaError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             except OSError as err:

@@ -120,3 +120,24 @@ def test_a_gpu_whose_bfloat16_is_emulated_is_not_native(monkeypatch, caplog):
         "they could; use --dtype float16 here"]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert speed.native_bfloat16("cuda") and speed.preset_settings("fast", "cuda")["dtype"] == "bfloat16"
+
+
+def test_a_jobs_preset_takes_the_settings_of_the_device_it_runs_on(monkeypatch):
+    """A job's preset was chosen for the CPU whatever the device: on a GPU server whose CPU lacks bfloat16 it
+    asked for int8, which the GPU refuses."""
+    asked = []
+    monkeypatch.setattr(speed, "native_bfloat16", lambda device="cpu": asked.append(device) or device == "cuda")
+    on_gpu = job_from_mapping({"prompt": "a red circle", "speed": "fast"}, device="cuda").request
+    assert (asked, on_gpu.dtype, on_gpu.quantize) == (["cuda"], "bfloat16", None)
+    on_cpu = job_from_mapping({"prompt": "a red circle", "speed": "fast"}).request
+    assert (on_cpu.dtype, on_cpu.quantize) == (None, "int8")
+
+
+def test_a_device_this_machine_lacks_has_no_native_bfloat16_and_no_cpu_fallback():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert speed.native_bfloat16("cuda") is False  # a Ray worker's GPU, asked on the driver
+    assert speed.preset_settings("fast", "cuda").get("quantize") is None  # int8 is a CPU's stand-in
+    assert speed.native_bfloat16("auto") == speed.native_bfloat16("cpu")
