@@ -417,6 +417,13 @@ def check_config(config: TrainConfig) -> None:
     _check_range(validation.guidance is None or validation.guidance >= 1, f"config key validation.guidance must be "
                  f"at least 1 (1 turns classifier-free guidance off), or null for the model's default; got "
                  f"{validation.guidance}")
+    if validation.every:  # the videos' own limits (steps, guidance, frames, size), refused at the first validation
+        for prompt in validation.prompts:
+            try:
+                validation_request(config, prompt).check()
+            except KinemaError as err:
+                raise KinemaError(f"validation: {err}; fix the validation section (or data.frames / data.size, "
+                                  "which it takes by default)") from None
     # Values torch's AdamW and DataLoader would refuse only once the model has loaded.
     _check_range(train.adam_eps > 0, f"config key train.adam_eps must be > 0, got {train.adam_eps}")
     _check_range(train.weight_decay >= 0, f"config key train.weight_decay must be >= 0, got {train.weight_decay}")
@@ -469,3 +476,14 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         if value:
             setattr(holder, key, os.path.abspath(os.path.expanduser(value)))
     return config
+
+
+def validation_request(config: TrainConfig, prompt: str) -> Any:
+    """The GenerationRequest of one validation video: `prompt` at the run's clip size, `validation.frames` (or
+    `data.frames`), its steps, guidance (None: the model's default) and seed."""
+    from kinema.pipelines.request import GenerationRequest
+
+    settings = config.validation
+    return GenerationRequest(prompt=prompt, frames=settings.frames or config.data.frames,
+                             height=config.data.size[0], width=config.data.size[1], steps=settings.steps,
+                             guidance=settings.guidance, seeds=(settings.seed,))

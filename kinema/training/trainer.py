@@ -34,7 +34,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.interrupt import ignore_stop_signals, stop_if_requested, stop_requested, stops_deferred
-from kinema.training.config import TrainConfig, resume_identity, with_new_defaults
+from kinema.training.config import TrainConfig, resume_identity, validation_request, with_new_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -338,21 +338,15 @@ def _validate(config: TrainConfig, task: Any, run_folder: Path, step: int, ema: 
     """Render the validation prompts with the current (EMA, when kept) weights into validation/step-N/."""
     from kinema.pipelines.generation import generate
     from kinema.pipelines.outputs import write_result
-    from kinema.pipelines.request import GenerationRequest
 
     if task.family is None:
         return
-    settings = config.validation
-    frames = settings.frames or config.data.frames
     task.model.eval()
     scope = ema.applied() if ema is not None else contextlib.nullcontext()
     try:
         with scope, torch.no_grad():
-            for index, prompt in enumerate(settings.prompts):
-                request = GenerationRequest(prompt=prompt, frames=frames, height=config.data.size[0],
-                                            width=config.data.size[1], steps=settings.steps,
-                                            guidance=settings.guidance, seeds=(settings.seed,))
-                result = generate(task.family, request, progress=False)
+            for index, prompt in enumerate(config.validation.prompts):
+                result = generate(task.family, validation_request(config, prompt), progress=False)
                 out = run_folder / "validation" / f"step-{step:08d}" / f"{index:02d}.mp4"
                 write_result(result, out, fps=8, overwrite=True)
     finally:
