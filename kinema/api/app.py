@@ -42,7 +42,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kinema import __version__
-from kinema.api.store import STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
+from kinema.api.store import FINISHED, STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.data.probe import PIL_FORMATS
 from kinema.errors import KinemaError, library_error_message, shorten
@@ -642,7 +642,7 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
                 responses={202: {"model": JobView, "description": "a running job will stop at its next step"}})
     def cancel_job(job_id: str) -> JSONResponse:
         before = _found(server, job_id)
-        if before.status in ("done", "failed", "cancelled"):
+        if before.status in FINISHED:
             raise HTTPException(409, f"job {job_id} is already {before.status}; only queued and running jobs can be "
                                      "cancelled")
         record = server.store.cancel(job_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kinema.cli.args import add_command, add_device_option, checked_number, example, listen_on, positive_int
 from kinema.errors import KinemaError
+from kinema.pipelines.request import MAX_STEPS
 
 API_KEY_VARIABLE = "KINEMA_API_KEY"
 DEFAULT_DATA_DIR = Path("kinema-serve")
@@ -60,8 +61,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-side", metavar="N", type=positive_int, default=2048,
                         help="largest height or width a job may ask for (default 2048)")
     add_device_option(parser)
-    parser.add_argument("--max-steps", metavar="N", type=positive_int, default=500,
-                        help="most sampling steps a job may ask for (default 500)")
+    parser.add_argument("--max-steps", metavar="N", type=positive_int, default=MAX_STEPS,
+                        help=f"most sampling steps a job may ask for (default {MAX_STEPS}, what any request takes)")
 
 
 def is_loopback(host: str) -> bool:

@@ -106,11 +106,6 @@ def format_of(kind: str) -> Format:
     raise KinemaError(f"unknown kind {kind!r}; kinema knows {[f.kind for f in FORMATS]}")
 
 
-def convertible_kinds() -> list[str]:
-    """Kinds `kinema convert` rewrites."""
-    return [f.kind for f in FORMATS if f.convert is not None]
-
-
 def convertible_words() -> str:
     """What `kinema convert` rewrites, as messages list it: "an AnimateDiff motion module, ..., or an IP-Adapter"."""
     names = [with_article(f.name) for f in FORMATS if f.convert is not None]

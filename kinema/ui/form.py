@@ -52,7 +52,6 @@ RESIZE_KEYS = {VIDEO_TO_VIDEO: "v2v_resize", EXTEND: "extend_resize"}
 # The size a video takes from its start image rounds down to this: both families' VAEs downscale 8x.
 SIZE_MULTIPLE = 8
 _WHOLE_NUMBERS = ("steps", "width", "height", "frames", "seed", "extend_frames")
-_NUMBERS = ("guidance", "strength")
 
 
 def _number(value: Any, whole: bool) -> Any:
