@@ -195,6 +195,13 @@ def _run_record(path: Path) -> bool:
     return isinstance(record, dict) and record.get("kind") == RUN_KIND
 
 
+def slug(text: str, limit: int = 48, fallback: str = "video") -> str:
+    """A file name from `text`: its lower-case ASCII letters and digits, words joined by '-', at most `limit`
+    characters (`fallback` when nothing is left)."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:limit].rstrip("-") or fallback
+
+
 def kind_words(kind: str) -> str:
     """An output kind as messages name it: "synth_dataset" -> "synth dataset"."""
     return kind.replace("_", " ")

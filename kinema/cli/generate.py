@@ -23,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from kinema.cli.args import (
 )
 from kinema.data.probe import STILL_IMAGE_KINDS
 from kinema.errors import KinemaError
+from kinema.fileio import slug
 from kinema.pipelines.jobs import (
     check_image_file,
     check_model_request,
@@ -85,7 +85,6 @@ DEFAULT_SUFFIX = ".mp4"
 # parsed against a length no keyframe reaches (frame numbers have at most 18 digits), so only the keyframes' syntax
 # and order are judged here, and a keyframe past the video is named against its real length later.
 _ANY_LENGTH = 10**18
-_SLUG_LENGTH = 48
 MAX_GIF_FPS = 50
 
 GENERATE_DESCRIPTION = (
@@ -580,13 +579,6 @@ def _first_prompt(prompt: str | dict[str, Any]) -> str:
     values = prompt.get("prompt_map", prompt)
     first = next(iter(values.values()), "") if isinstance(values, dict) else ""
     return first if isinstance(first, str) else ""
-
-
-def slug(text: str) -> str:
-    """A file name from text: lower-case ASCII letters and digits, words joined by '-', at most 48 characters
-    ("video" when nothing is left)."""
-    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return words[:_SLUG_LENGTH].rstrip("-") or "video"
 
 
 def default_output(name: str, seeds: list[int]) -> Path:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -29,6 +28,7 @@ from typing import Any
 from kinema.data.probe import video_size
 from kinema.errors import KinemaError
 from kinema.eval.prompts import DEFAULT_PROMPTS, LABEL_NAMES, PromptEntry, default_seed, read_prompts
+from kinema.fileio import slug
 from kinema.pipelines.request import MAX_SEED
 
 logger = logging.getLogger(__name__)
@@ -119,10 +119,6 @@ def _accuracies(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key in LABELS:
         scores[f"{key}_acc"] = _mean([float(row["correct"][key]) for row in rows]) if rows else None
     return scores
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].rstrip("-") or "video"
 
 
 def _write_video(folder: Path, name: str, video: Any, settings: dict[str, Any]) -> str:
@@ -217,8 +213,8 @@ def _write_confusions(folder: Path, rows: Sequence[dict[str, Any]]) -> list[str]
 def default_out_dir(model: str, motion_module: str | os.PathLike | None = None) -> Path:
     """`out/eval-<model name>[-<motion module name>]`: where `kinema eval` writes without --out."""
     path = Path(str(model))
-    name = _slug((path.resolve() if path.exists() else path).name)
-    return Path("out") / (f"eval-{name}" + (f"-{_slug(Path(motion_module).stem)}" if motion_module else ""))
+    name = slug((path.resolve() if path.exists() else path).name, 40)
+    return Path("out") / (f"eval-{name}" + (f"-{slug(Path(motion_module).stem, 40)}" if motion_module else ""))
 
 
 def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: str | os.PathLike, *, seed: int,
@@ -445,7 +441,7 @@ def _run(model: str, entries: list[PromptEntry], prompts_path: Path, *, seed: in
             # median step, tells (1: it moves on from the image as from any frame).
             row["jump"] = round(seam_score(video, [1]), 3)
         if folder is not None and save_videos:
-            row["video"] = _write_video(folder, f"{index:03d}-{_slug(entry.prompt)}", video, result.settings[0])
+            row["video"] = _write_video(folder, f"{index:03d}-{slug(entry.prompt, 40)}", video, result.settings[0])
             files.append(row["video"])
         if index in continued:
             start_videos[index] = video
@@ -515,7 +511,7 @@ def _continue(family: Any, entry: PromptEntry, seed: int, start: Any, total: int
     if problem is not None:
         report["detector_error"] = problem
     if folder is not None:
-        report["video"] = _write_video(folder, f"continuation-{index:03d}-{_slug(entry.prompt)}", video,
+        report["video"] = _write_video(folder, f"continuation-{index:03d}-{slug(entry.prompt, 40)}", video,
                                        result.settings[0])
     return report
 

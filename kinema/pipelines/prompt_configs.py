@@ -48,14 +48,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.errors import KinemaError
-from kinema.fileio import load_config_file
+from kinema.fileio import load_config_file, slug
 from kinema.pipelines.jobs import Job, job_from_mapping, unknown_key_error
 
 if TYPE_CHECKING:
@@ -358,11 +357,6 @@ def _seeds_per_prompt(seed: Any, prompts: int) -> list[Any]:
     return seeds
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return words[:limit].rstrip("-") or "video"
-
-
 def _first_words(prompt: Any) -> str:
     """What a run's folder is named after: the prompt, or a schedule's first prompt."""
     if isinstance(prompt, Mapping):
@@ -398,7 +392,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
     schedule = {key: entry[key] for key in SCHEDULE_KEYS if _given(entry, key) is not None}
     n_prompt = _given(entry, "n_prompt")
     used = _paths_as_found({**entry, **travel_used}, config_folder)
-    stem = f"{index + 1:02d}-{_slug(name, 24)}"
+    stem = f"{index + 1:02d}-{slug(name, 24)}"
     runs: list[ConfigRun] = []
 
     def job(data: dict[str, Any], label: str, modules_label: str) -> Job:
@@ -450,7 +444,7 @@ def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, con
             made = job(data, label, f" (motion module {module_index + 1})" if tail else "")
             if len(used_seeds) == prompt_index:
                 used_seeds.append(int(made.request.seeds[0]))
-            folder = f"{stem}-{prompt_index + 1:02d}-{_slug(words)}{tail}"
+            folder = f"{stem}-{prompt_index + 1:02d}-{slug(words, 40)}{tail}"
             runs.append(ConfigRun(folder, made, name, prompt_index))
     used["seed"] = used_seeds
     return runs, used

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -17,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kinema.errors import KinemaError
+from kinema.fileio import slug
 from kinema.pipelines.jobs import JOB_FILE, REPORT_FILE, video_names
 
 MAX_ENTRIES = 100
-_SLUG_LENGTH = 40
 INPUTS_FOLDER = "inputs"
 
 
@@ -94,12 +93,6 @@ def _reported_frames(path: Path) -> int | None:
     return frames if isinstance(frames, int) else None
 
 
-def slug(text: str) -> str:
-    """Lower-case words of `text` joined by hyphens, short enough for a folder name ("job" when none)."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return "-".join(words)[:_SLUG_LENGTH].strip("-") or "job"
-
-
 _reserved: set[Path] = set()
 _reserved_lock = threading.Lock()
 
@@ -108,7 +101,7 @@ def new_job_folder(outputs_dir: str | os.PathLike, settings: dict[str, Any]) -> 
     """A folder name for a new job under `outputs_dir` that neither exists nor was handed out before in this process
     (run_job creates it only at the end, and generations may run at once): `YYYYmmdd-HHMMSS-<prompt words>`, with
     `-2`, `-3`, ... when taken."""
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(_first_prompt(settings.get('prompt', '')))}"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(_first_prompt(settings.get('prompt', '')), 40, 'job')}"
     root = Path(outputs_dir)
     with _reserved_lock:
         for number in range(1, 10_000):

@@ -21,9 +21,9 @@ from kinema.cli.generate import (
     default_output,
     parse_lora,
     read_prompt,
-    slug,
 )
 from kinema.errors import KinemaError
+from kinema.fileio import slug
 from kinema.pipelines.request import ContextSettings, FreeInitSettings, FreeUSettings, GenerationRequest
 
 COMMANDS = ("generate", "v2v", "extend", "decode")

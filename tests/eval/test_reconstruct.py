@@ -15,6 +15,7 @@ class _PixelFamily:
     """A stand-in VAE whose latents are the frames themselves, passed through `change` on the way back."""
 
     latent_channels = 3
+    spatial_factor = 1
 
     def __init__(self, change=lambda frames: frames):
         self.model = torch.nn.Linear(1, 1)
@@ -25,6 +26,12 @@ class _PixelFamily:
 
     def decode(self, latents):
         return self.change(latents.permute(0, 2, 1, 3, 4))
+
+    def pixel_frames(self, latent_frames):
+        return latent_frames
+
+    def decode_bytes(self, videos, frames, height, width):
+        return None  # no estimate, as a VideoFamily without one
 
 
 def test_a_lossless_vae_lets_everything_through():
