@@ -73,11 +73,25 @@ def pool_worker_init() -> None:
     import time
 
     ignore_stop_signals()
-    spawner = multiprocessing.parent_process()  # the pool's process, even if it died before this ran
-    parent = os.getppid() if spawner is None else spawner.pid
+    # The OS parent, and the pool's process by its pid: a forkserver's worker has the server as its OS parent.
+    spawner = multiprocessing.parent_process()
+    first_parent = os.getppid()
+
+    def parent_alive() -> bool:
+        if os.getppid() != first_parent:  # orphaned: adopted by init (or a subreaper), even while the dead parent
+            return False                  # waits, a zombie, for its own parent to reap it
+        if spawner is None or spawner.pid is None:
+            return True
+        try:
+            os.kill(spawner.pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by another user
+            return True
+        return True
 
     def watch() -> None:
-        while os.getppid() == parent:  # an orphan is adopted by init (or a subreaper): its parent id changes
+        while parent_alive():
             time.sleep(0.5)
         os._exit(1)
 

@@ -524,7 +524,7 @@ class _Server:
                 fields[key] = str(path)
             self.limits.check_given(fields)
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir,
-                           device=self.device)
+                           device=self.device, check_memory=False)  # the memory free when it runs, not now
             self.limits.check(job, input_frames)  # job_from_mapping checked the images' sizes against the video's
         except BaseException:
             for path in saved:

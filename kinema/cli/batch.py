@@ -66,7 +66,9 @@ def check_batch(args: argparse.Namespace) -> None:
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     check_batch_output(args.out)
-    args.jobs = read_jobs(Path(args.jobs_file), models_dir=args.models_dir, device=args.device)
+    # On Ray the workers' machines decide their device, not this one: presets and memory are theirs to judge.
+    args.jobs = read_jobs(Path(args.jobs_file), models_dir=args.models_dir,
+                          device=None if args.ray is not None else args.device)
 
 
 def run_batch(args: argparse.Namespace) -> None:

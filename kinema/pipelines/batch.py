@@ -83,8 +83,8 @@ def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None =
               device: Any = "cpu") -> list[BatchJob]:
     """Read and check every job of the JSON Lines file `path` (one JSON object per line; blank lines are skipped),
     before any model loads: each line goes through `job_from_mapping` (relative paths resolve against the file's
-    folder, model names also against `models_dir`; speed presets take `device`'s settings). Raises one
-    KinemaError naming the first bad line's number."""
+    folder, model names also against `models_dir`; speed presets take `device`'s settings, None: Ray workers',
+    unknown here). Raises one KinemaError naming the first bad line's number."""
     from kinema.jsonl import read_json_lines
     from kinema.pipelines.jobs import job_from_mapping
 

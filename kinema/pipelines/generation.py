@@ -848,17 +848,18 @@ def decode_saved(family: VideoFamily, latents: torch.Tensor,
 
 
 def _check_decode_fits(family: VideoFamily, videos: int, frames: int, height: int, width: int,
-                       dtype: str | None = None, offload: bool = False) -> None:
+                       dtype: str | None = None) -> None:
     """Refuse, before any sampling, a decode whose VAE needs more memory at once than its device has free
     (`VideoFamily.decode_bytes`, an estimate; `dtype`: the run's, if it casts the VAE)."""
     needed = family.decode_bytes(videos, frames, height, width)
     if needed is None:
         return
-    needed += 2 * videos * frames * 3 * height * width * 4  # the decoded video, and its copy mapped to [0, 1]
     if dtype is not None:  # a smaller element than the VAE's now; a larger one is not estimated up
         held = next(family.vae.parameters()).element_size()
         needed = needed * min(held, torch.empty(0, dtype=getattr(torch, dtype)).element_size()) // held
-    device = _device(family, offload)
+    device = _device(family)
+    if device.type == "cpu":  # the decoded video and its copy mapped to [0, 1] (chunks move to the CPU as made)
+        needed += 2 * videos * frames * 3 * height * width * 4
     try:
         free = available_memory(device)
     except KinemaError:
@@ -959,7 +960,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     check_frames_fit(len(seeds), made, plan.height, plan.width, "ask for fewer frames (generate --frames, extend "
                      "--frames / --to), a smaller size or fewer seeds")
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
-    _check_decode_fits(family, len(seeds), made, plan.height, plan.width, request.dtype, request.offload)
+    if output != "latent" and not request.offload:
+        # Offloaded, the weights still sit on the accelerator here and leave it stage by stage: not counted.
+        _check_decode_fits(family, len(seeds), made, plan.height, plan.width, request.dtype)
     _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")

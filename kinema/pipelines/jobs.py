@@ -759,7 +759,7 @@ def stored_model_parts(recorded: Mapping[str, Any]) -> dict[str, str]:
 
 
 def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir: str | os.PathLike | None = None,
-                     base: str | os.PathLike | None = None, device: Any = "cpu") -> Job:
+                     base: str | os.PathLike | None = None, device: Any = "cpu", check_memory: bool = True) -> Job:
     """Build and check a Job from plain data (JSON body, JSONL line, YAML entry, web form).
 
     Keys (`JOB_KEYS`): model (default kinema-tiny), motion_module, loras ([[path, weight], ...] or [{"path": ...,
@@ -770,7 +770,9 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
     generate` does); with an input video, the size is the video's. Relative paths resolve against `base` (default:
     the current folder), then `models_dir`; a model name that is no path is a bundled model's. Random seeds (-1) are
     drawn here, so job.settings() records the seeds actually used. A speed preset takes the settings of the
-    `device` the job will run on (a kinema.devices name; bfloat16 only where it is native).
+    `device` the job will run on (a kinema.devices name; bfloat16 only where it is native; None: other machines'
+    device, unknown here, so neither bfloat16 nor int8). With `check_memory` (and a device here), the finished
+    frames must fit in the memory free now.
 
     Raises KinemaError with one line starting with `where`: unknown key (naming the nearest valid key), wrong type,
     missing model/motion-module/LoRA/image file, a model path that is no model kinema generates with (sniffed or
@@ -780,12 +782,13 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
     """
     try:
         return _job(data, Path(base) if base is not None else Path.cwd(),
-                    Path(models_dir) if models_dir is not None else None, device)
+                    Path(models_dir) if models_dir is not None else None, device, check_memory)
     except KinemaError as err:
         raise KinemaError(f"{where}: {err}") from None
 
 
-def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: Any = "cpu") -> Job:
+def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: Any = "cpu",
+         check_memory: bool = True) -> Job:
     if not isinstance(data, Mapping):
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
     surrogate = lone_surrogate(data)
@@ -1019,7 +1022,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
                         segment_frames=request.segment_frames if request.extend_frames is not None else None,
                         overlap_frames=request.overlap_frames if request.extend_frames is not None else None)
     finished = made if made is not None else whole  # an extended video's finished frames are all of its frames
-    if finished is not None and request.height is not None and request.width is not None:
+    if check_memory and device is not None and finished is not None and request.height is not None \
+            and request.width is not None:
         check_frames_fit(len(request.seeds), finished, request.height, request.width,
                          'ask for fewer "frames" (or "extend_frames"), a smaller "width" and "height", or fewer '
                          '"seeds"')

@@ -36,11 +36,13 @@ CPU_WITHOUT_BFLOAT16: dict[str, dict[str, Any]] = {"fast": {"quantize": "int8"}}
 
 def _here(device: Any) -> Any:
     """The torch device `device` (one, or a kinema.devices name such as auto) is on this machine; None where this
-    machine lacks it."""
+    machine lacks it, and for None (a device of machines not this one: Ray workers')."""
     import torch
 
     from kinema.devices import resolve_device
 
+    if device is None:
+        return None
     try:
         return resolve_device(device) if isinstance(device, str) else torch.device(device)
     except KinemaError:

@@ -372,9 +372,10 @@ def check_config(config: TrainConfig) -> None:
     if train.trainable_modules is not None and config.mode not in ("full", "motion"):
         raise KinemaError(f"train.trainable_modules is for modes full and motion; mode {config.mode} trains "
                           f"{MODES[config.mode].split(';')[0]}: remove it")
-    if train.trainable_modules == []:  # read as "unset" it trained the default parts without a word
-        raise KinemaError("train.trainable_modules is an empty list: list the parts to train with the motion modules "
-                          "(mode motion) or of the transformer (mode full), or null for the default set")
+    if train.trainable_modules == []:  # a warning, not a refusal: runs started with it resume with their own config
+        logger.warning("train.trainable_modules is an empty list, read as null: the default set trains; list the "
+                       "parts to train with the motion modules (mode motion) or of the transformer (mode full), or "
+                       "write null")
     if train.trainable_modules is not None and not all(isinstance(n, str) and n for n in train.trainable_modules):
         raise KinemaError(f"train.trainable_modules must be a list of non-empty names, got "
                           f"{train.trainable_modules!r}")

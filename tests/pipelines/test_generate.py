@@ -817,6 +817,9 @@ def test_a_decode_that_cannot_fit_in_memory_is_refused_before_denoising_and_tile
     set_vae_options(family, vae_tiling=True, decode_chunk=None)  # what a request with vae_tiling sets
     generation_module._check_decode_fits(family, 1, 8, big, big)  # fits in tiles
     set_vae_options(family, vae_tiling=False, decode_chunk=None)
+    # Latents alone (to decode elsewhere) decode nothing here: no room for a decode asked.
+    monkeypatch.setattr(generation_module, "available_memory", lambda device="cpu": 1)
+    assert run(family, frames=8, steps=1, output="latent").latents is not None
 
 
 def test_saved_latents_are_refused_by_a_vae_that_did_not_make_them(animatediff, easyanimate):

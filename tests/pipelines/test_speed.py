@@ -141,3 +141,11 @@ def test_a_device_this_machine_lacks_has_no_native_bfloat16_and_no_cpu_fallback(
     assert speed.native_bfloat16("cuda") is False  # a Ray worker's GPU, asked on the driver
     assert speed.preset_settings("fast", "cuda").get("quantize") is None  # int8 is a CPU's stand-in
     assert speed.native_bfloat16("auto") == speed.native_bfloat16("cpu")
+
+
+def test_a_ray_jobs_preset_chooses_no_precision_for_workers_it_cannot_see(monkeypatch):
+    """Read on the Ray driver (device None), a job's preset takes neither bfloat16 nor int8: the driver's CPU or
+    GPU says nothing of the workers'. Nor is the driver's free memory theirs."""
+    monkeypatch.setattr("kinema.memory.available_memory", lambda device="cpu": 1)
+    request = job_from_mapping({"prompt": "a red circle", "speed": "fast"}, device=None).request
+    assert (request.steps, request.dtype, request.quantize) == (10, None, None)

@@ -58,7 +58,6 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"mode": "lora", "train__trainable_modules": ["proj_out"]}, "train.trainable_modules is for modes full and "
      "motion"),
     ({"train__trainable_modules": [""]}, "train.trainable_modules must be a list of non-empty names"),
-    ({"train__trainable_modules": []}, "train.trainable_modules is an empty list: list the parts to train"),
     ({"lora__targets": "everything"}, "unknown lora.targets 'everything'"),
     ({"validation__every": 5}, "validation.prompts is empty"),
     ({"validation__steps": 0}, "config key validation.steps must be at least 1, got 0"),
@@ -165,8 +164,12 @@ def test_settings_the_mode_does_not_read_are_said(caplog):
         config(lora__rank=64, vae__kl_weight=0.5)  # mode motion
         config(train__lr_schedule="constant", train__warmup_steps=100)
         config(mode="lora", lora__rank=64, train__warmup_steps=100)  # read: nothing said
+        # Said, not refused: a run started with it resumes only with its own config.
+        assert config(train__trainable_modules=[]).train.trainable_modules == []
     assert [record.getMessage() for record in caplog.records] == [
         "lora.rank is a setting of mode lora, and mode motion does not read it",
         "vae.kl_weight is a setting of mode vae, and mode motion does not read it",
         "train.warmup_steps warms up a schedule with a warm-up, and train.lr_schedule constant has none: it changes "
-        "nothing (constant_with_warmup has one)"]
+        "nothing (constant_with_warmup has one)",
+        "train.trainable_modules is an empty list, read as null: the default set trains; list the parts to train with "
+        "the motion modules (mode motion) or of the transformer (mode full), or write null"]
