@@ -157,6 +157,16 @@ def test_sigterm_mid_write_of_a_full_size_motion_module(tmp_path):
     os.unlink(source)
 
 
+def swallowed_stop(signum: int) -> None:
+    """Send this process `signum` and swallow what its handler raises, as a library (a __del__) may."""
+    try:
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the handler runs between bytecodes, here
+            pass
+    except BaseException:
+        pass
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stop_swallowed_by_a_library_still_stops_the_run(tmp_path, monkeypatch, capsys, signum, code):
     """A signal's exception raised inside code that swallows it (as numpy's lazy import of numpy.random once did,
@@ -168,12 +178,7 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_run(tmp_path, monkeypatch
 
     def clip_in_a_swallowing_library(self, index):
         if index == 2:
-            try:
-                os.kill(os.getpid(), signum)
-                for _ in range(1000):  # the handler runs between bytecodes, here
-                    pass
-            except BaseException:
-                pass
+            swallowed_stop(signum)
         rendered.append(index)
         return render(self, index)
 
@@ -202,12 +207,7 @@ def test_a_stop_swallowed_while_converting_writes_nothing(tmp_path, monkeypatch,
 
     def save_then_swallow(tensors, path, metadata=None):
         save(tensors, path, metadata=metadata)
-        try:
-            os.kill(os.getpid(), signum)
-            for _ in range(1000):  # the handler runs between bytecodes, here
-                pass
-        except BaseException:
-            pass
+        swallowed_stop(signum)
 
     monkeypatch.setattr(checkpoint_io, "save_file", save_then_swallow)
     assert main(["convert", str(source), str(tmp_path / "out"), "--to", "diffusers"]) == code
