@@ -80,7 +80,7 @@ def pool_worker_init() -> None:
     def parent_alive() -> bool:
         if os.getppid() != first_parent:  # orphaned: adopted by init (or a subreaper), even while the dead parent
             return False                  # waits, a zombie, for its own parent to reap it
-        if spawner is None or spawner.pid is None:
+        if spawner is None or spawner.pid is None or os.name == "nt":  # Windows' os.kill(pid, 0) sends Ctrl-C
             return True
         try:
             os.kill(spawner.pid, 0)  # signal 0: only asks whether the process exists

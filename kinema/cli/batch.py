@@ -53,7 +53,14 @@ def check_batch(args: argparse.Namespace) -> None:
     """Bad usage of `kinema batch`, refused before any heavy import: --workers without --ray, Ray missing, the
     output folder, and every line of the jobs file."""
     from kinema.errors import KinemaError
-    from kinema.pipelines.batch import RAY_MISSING, check_batch_output, ray_available, ray_host_port, read_jobs
+    from kinema.pipelines.batch import (
+        LOCAL_RAY,
+        RAY_MISSING,
+        check_batch_output,
+        ray_available,
+        ray_host_port,
+        read_jobs,
+    )
 
     if args.workers is not None and args.ray is None:
         raise KinemaError("--workers sets the number of Ray worker actors; give --ray local (or a cluster's "
@@ -66,9 +73,10 @@ def check_batch(args: argparse.Namespace) -> None:
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
     check_batch_output(args.out)
-    # On Ray the workers' machines decide their device, not this one: presets and memory are theirs to judge.
-    args.jobs = read_jobs(Path(args.jobs_file), models_dir=args.models_dir,
-                          device=None if args.ray is not None else args.device)
+    # On a Ray cluster the workers' machines decide their device, not this one: presets and memory are theirs to
+    # judge (a local cluster's workers run here).
+    elsewhere = args.ray is not None and args.ray != LOCAL_RAY
+    args.jobs = read_jobs(Path(args.jobs_file), models_dir=args.models_dir, device=None if elsewhere else args.device)
 
 
 def run_batch(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.models.presets import image_vae_downsample
 from kinema.pipelines.decode import decode_latents, overflow_safe
-from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes
+from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes, video_bytes
 from kinema.pipelines.text_encoding import PromptWorld, cut_off_text, encode_prompts, text_length
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 
@@ -185,12 +185,14 @@ class AnimateDiffFamily(VideoFamily):
         return decode_latents(self.vae, latents, self.decode_chunk)
 
     def decode_bytes(self, videos: int, frames: int, height: int, width: int) -> int | None:
-        """See VideoFamily.decode_bytes: `decode_chunk` frames a call (of every video's frames in a row)."""
+        """See VideoFamily.decode_bytes: `decode_chunk` frames a call (of every video's frames in a row), each
+        chunk moved to the CPU as made (the video and its copy in [0, 1] count there)."""
         widths = self.vae.config.block_out_channels
         tile = int(self.vae.tile_sample_min_size) if self.vae_tiling else None
-        element = next(self.vae.parameters()).element_size()
-        return decode_call_bytes(widths[min(1, len(widths) - 1)], min(self.decode_chunk, videos * frames), height,
-                                 width, tile, element)
+        parameter = next(self.vae.parameters())
+        held = 2 * video_bytes(videos, frames, height, width) if parameter.device.type == "cpu" else 0
+        return held + decode_call_bytes(widths[min(1, len(widths) - 1)], min(self.decode_chunk, videos * frames),
+                                        height, width, tile, parameter.element_size())
 
     def settings(self) -> dict[str, Any]:
         """The model, family, and the motion module and LoRAs when known (`loras`: `{"path", "weight"}` each)."""

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
-from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes
+from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes, video_bytes
 from kinema.pipelines.jobs import check_size_multiple, check_slice_frames
 from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, cut_off_text, encode_masked_prompts
 from kinema.sampling.denoisers import Denoiser, DiTDenoiser
@@ -233,13 +233,14 @@ class EasyAnimateFamily(VideoFamily):
         return self._encode_pixels(frames.permute(0, 2, 1, 3, 4) * 2 - 1)
 
     def decode_bytes(self, videos: int, frames: int, height: int, width: int) -> int | None:
-        """See VideoFamily.decode_bytes: a slice of every video a call (its peak does not grow with the frames)."""
+        """See VideoFamily.decode_bytes: a slice of every video a call, into the whole video held on the VAE's
+        device, then its float32 copies in [0, 1] (three videos at once)."""
         config = self.vae.config
         tiling = self.vae.resolve_tiling(self._tiling(), "decoder")
         element = next(self.vae.parameters()).element_size()
-        return decode_call_bytes(config.ch * config.ch_mult[min(1, len(config.ch_mult) - 1)],
-                                 videos * min(frames, self._slice[0]), height, width,
-                                 None if tiling is None else tiling.tile_size, element)
+        return 3 * video_bytes(videos, frames, height, width) + decode_call_bytes(
+            config.ch * config.ch_mult[min(1, len(config.ch_mult) - 1)], videos * min(frames, self._slice[0]),
+            height, width, None if tiling is None else tiling.tile_size, element)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Frames `(B, F, 3, H, W)` float32 in [0, 1] from scaled latents `(B, 4, F', h, w)` (F' = 1 or 2k): divided

@@ -106,8 +106,8 @@ class VideoFamily:
         raise NotImplementedError
 
     def decode_bytes(self, videos: int, frames: int, height: int, width: int) -> int | None:
-        """About the memory decoding `videos` videos of `frames` frames at `height` x `width` takes at once, beyond
-        the finished frames (`decode_call_bytes`); None where unknown."""
+        """About the memory decoding `videos` videos of `frames` frames at `height` x `width` takes at once on the
+        VAE's device (`decode_call_bytes`, and the decoded video where it is held); None where unknown."""
         return None
 
     @property
@@ -273,6 +273,11 @@ class VideoFamily:
     def settings(self) -> dict[str, Any]:
         """What to record about the model in a video's settings."""
         return {"model": self.name, "family": self.family}
+
+
+def video_bytes(videos: int, frames: int, height: int, width: int) -> int:
+    """Bytes of `videos` decoded videos `(B, F, 3, H, W)` in float32."""
+    return videos * frames * 3 * height * width * 4
 
 
 def decode_call_bytes(channels: int, frames: int, height: int, width: int, tile: int | None,

@@ -858,8 +858,6 @@ def _check_decode_fits(family: VideoFamily, videos: int, frames: int, height: in
         held = next(family.vae.parameters()).element_size()
         needed = needed * min(held, torch.empty(0, dtype=getattr(torch, dtype)).element_size()) // held
     device = _device(family)
-    if device.type == "cpu":  # the decoded video and its copy mapped to [0, 1] (chunks move to the CPU as made)
-        needed += 2 * videos * frames * 3 * height * width * 4
     try:
         free = available_memory(device)
     except KinemaError:
@@ -960,8 +958,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     check_frames_fit(len(seeds), made, plan.height, plan.width, "ask for fewer frames (generate --frames, extend "
                      "--frames / --to), a smaller size or fewer seeds")
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
-    if output != "latent" and not request.offload:
-        # Offloaded, the weights still sit on the accelerator here and leave it stage by stage: not counted.
+    if (output != "latent" or plan.continuation) and not (request.offload and _offload_target(family) is not None):
+        # Offloaded to an accelerator, the weights still sit there now and leave it stage by stage: not counted.
         _check_decode_fits(family, len(seeds), made, plan.height, plan.width, request.dtype)
     _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None

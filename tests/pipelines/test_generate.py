@@ -805,9 +805,8 @@ def test_a_decode_that_cannot_fit_in_memory_is_refused_before_denoising_and_tile
     set_vae_options(family, vae_tiling=True, decode_chunk=None)
     tiled = family.decode_bytes(1, 8, big, big)
     set_vae_options(family, vae_tiling=False, decode_chunk=None)
-    assert tiled * (big // tile) ** 2 == whole  # a tile's share of the frame
-    finished = 2 * 8 * 3 * big * big * 4  # the decoded video and its copy in [0, 1]
-    monkeypatch.setattr(generation_module, "available_memory", lambda device="cpu": whole + finished - 1)
+    assert tiled < whole / 3  # the layers at a tile's share of the frame, 1/16 (the decoded video held alike)
+    monkeypatch.setattr(generation_module, "available_memory", lambda device="cpu": whole - 1)
     spy = spy_on(family, monkeypatch)
     with pytest.raises(KinemaError, match=rf"^decoding 8 frames at {big}x{big} needs about .* of memory at once on "
                                           r"cpu \(the VAE's full-size layers\), and .* is free; decode in tiles "
