@@ -60,8 +60,9 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 _COLUMNS = ("id", "status", "created", "started", "finished", "spec", "settings", "step", "total", "error", "videos",
             "cancel_requested", "attempts", "warnings")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
-# Columns a later kinema added, which JobStore adds to an earlier server's table when it opens it.
-_ADDED_COLUMNS = ("warnings",)
+# Columns a later kinema added (as _SCHEMA declares them), which JobStore adds to an earlier server's table when it
+# opens it: its jobs had none recorded.
+_ADDED_COLUMNS = {"warnings": "TEXT NOT NULL DEFAULT '[]'"}
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -120,8 +121,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")  # an accepted job is on disk before the client hears so
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "warnings" not in columns:  # a data folder an earlier kinema made: its jobs had none recorded
-            self._db.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+        for name, declaration in _ADDED_COLUMNS.items():
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         """Close the database connection."""
