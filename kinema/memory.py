@@ -161,11 +161,16 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     raise KinemaError(f"cannot tell the free memory of device {device}; train on cpu or cuda")
 
 
+def video_bytes(videos: int, frames: int, height: int, width: int) -> int:
+    """Bytes of `videos` finished videos `(B, F, 3, H, W)` in float32."""
+    return videos * frames * 3 * height * width * 4
+
+
 def check_frames_fit(videos: int, frames: int, height: int, width: int, fix: str) -> None:
     """Refuse, before any sampling, videos whose finished frames `(videos, frames, 3, height, width)` float32 alone
     need more memory than the machine has free (left unchecked where that cannot be read); `fix` is the front end's
     way to fewer frames, a smaller size or fewer seeds."""
-    needed = videos * frames * 3 * height * width * 4
+    needed = video_bytes(videos, frames, height, width)
     try:
         free = available_memory("cpu")  # the finished frames are gathered on the CPU, whatever the device
     except KinemaError:

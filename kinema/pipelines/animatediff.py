@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
+from kinema.memory import video_bytes
 from kinema.models.presets import image_vae_downsample
 from kinema.pipelines.decode import decode_latents, overflow_safe
-from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes, video_bytes
+from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes
 from kinema.pipelines.text_encoding import PromptWorld, cut_off_text, encode_prompts, text_length
 from kinema.sampling.denoisers import Denoiser, UNetDenoiser
 

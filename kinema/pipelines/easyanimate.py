@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from kinema.errors import KinemaError
-from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes, video_bytes
+from kinema.memory import video_bytes
+from kinema.pipelines.family import Conditioning, VideoFamily, decode_call_bytes
 from kinema.pipelines.jobs import check_size_multiple, check_slice_frames
 from kinema.pipelines.text_encoding import T5_TEXT_LENGTH, PromptWorld, cut_off_text, encode_masked_prompts
 from kinema.sampling.denoisers import Denoiser, DiTDenoiser

@@ -275,11 +275,6 @@ class VideoFamily:
         return {"model": self.name, "family": self.family}
 
 
-def video_bytes(videos: int, frames: int, height: int, width: int) -> int:
-    """Bytes of `videos` decoded videos `(B, F, 3, H, W)` in float32."""
-    return videos * frames * 3 * height * width * 4
-
-
 def decode_call_bytes(channels: int, frames: int, height: int, width: int, tile: int | None,
                       element_bytes: int) -> int:
     """The memory a VAE decoder's call on `frames` frames at `height` x `width` (in tiles of `tile` pixels, None:
