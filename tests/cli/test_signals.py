@@ -130,8 +130,9 @@ def test_synth_workers_exit_when_their_parent_is_killed(tmp_path):
     run = subprocess.Popen([*KINEMA, "data", "synth", "--out", str(tmp_path / "set"), "--n", "4000", "--workers",
                             "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: any(p.rglob("*.mp4") for p in temporaries(tmp_path)))
+    # The pool's two workers (and multiprocessing's resource tracker); on a busy machine the second may start late.
+    wait_for(lambda: len(children_of(run.pid)) >= 2)
     workers = children_of(run.pid)
-    assert len(workers) >= 2  # the pool's two workers (and multiprocessing's resource tracker)
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=60)
     wait_for(lambda: not any(alive(pid) for pid in workers), timeout=30)  # they waited on their task pipe for ever
