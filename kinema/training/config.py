@@ -361,7 +361,8 @@ def check_config(config: TrainConfig) -> None:
         _check_range(math.isfinite(train.logit_mean) and math.isfinite(train.logit_std) and train.logit_std > 0,
                      f"train.logit_mean must be a number and train.logit_std a positive one, got {train.logit_mean} "
                      f"and {train.logit_std}")
-        if config.mode == "vae" or train.timesteps != "logit_normal":
+        # Unset train.timesteps is the family's recipe, known once the model is read: DiffusionTask checks it.
+        if config.mode == "vae" or train.timesteps == "uniform":
             raise KinemaError("train.logit_mean and train.logit_std shape the logit-normal timestep draw; add "
                               "train.timesteps: logit_normal (or remove them)")
     if train.snr_gamma is not None:
@@ -402,6 +403,9 @@ def check_config(config: TrainConfig) -> None:
     if train.warmup_steps and train.lr_schedule == "constant":
         logger.warning("train.warmup_steps warms up a schedule with a warm-up, and train.lr_schedule constant has "
                        "none: it changes nothing (constant_with_warmup has one)")
+    elif train.warmup_steps >= train.steps:
+        logger.warning("train.warmup_steps (%d) is not below train.steps (%d): the learning rate never reaches "
+                       "train.learning_rate; lower the warm-up or raise the steps", train.warmup_steps, train.steps)
     if config.mode == "vae" and train.gradient_checkpointing:
         raise KinemaError("mode vae: the Slice VAE has no gradient checkpointing; set train.gradient_checkpointing: "
                           "false and lower data.frames or data.size to save memory")
@@ -411,6 +415,9 @@ def check_config(config: TrainConfig) -> None:
     _check_range(config.validation.every >= 0, f"validation.every must be >= 0, got {config.validation.every}")
     if config.validation.every and not config.validation.prompts:
         raise KinemaError("validation.every is set but validation.prompts is empty: list the prompts to render")
+    if config.validation.prompts and not config.validation.every and config.mode != "vae":
+        logger.warning("validation.prompts are listed but validation.every is 0, so no validation videos are made; "
+                       "set validation.every to render them every that many steps")
     validation = config.validation
     _check_range(validation.steps >= 1, f"config key validation.steps must be at least 1, got {validation.steps}")
     _check_range(validation.frames is None or validation.frames >= 1, f"config key validation.frames must be at "

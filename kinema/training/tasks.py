@@ -283,6 +283,10 @@ class DiffusionTask(TrainingTask):
         self.noise_schedule = DDPMScheduler(**family.noise_schedule())
         # AnimateDiff samples timesteps uniformly; EasyAnimate V3 logit-normally (sigmoid(N(0, 1)) * 1000).
         self.timesteps = config.train.timesteps or ("logit_normal" if self.is_dit else "uniform")
+        if self.timesteps == "uniform" and (config.train.logit_mean, config.train.logit_std) != (0.0, 1.0):
+            raise KinemaError(f"train.logit_mean and train.logit_std shape the logit-normal timestep draw, and "
+                              f"{config.model.path} is an AnimateDiff-family model, whose recipe draws timesteps "
+                              f"uniformly; add train.timesteps: logit_normal (or remove them)")
         for part in (family.vae, family.text_encoder, getattr(family, "image_encoder", None)):
             if part is not None:
                 part.requires_grad_(False).eval()

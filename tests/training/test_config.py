@@ -77,8 +77,10 @@ def test_defaults_fill_what_the_file_leaves_out():
     ({"train__snr_gamma": 0}, "train.snr_gamma must be a positive number (5 in the Min-SNR paper"),
     ({"mode": "vae", "train__snr_gamma": 5}, "train.snr_gamma weights the denoising loss; mode vae trains a VAE"),
     ({"train__timesteps": "logit_normal", "train__logit_std": 0.0}, "train.logit_std a positive one, got 0.0 and 0.0"),
-    ({"train__logit_mean": -1.0}, "train.logit_mean and train.logit_std shape the logit-normal timestep draw; add "
-                                  "train.timesteps: logit_normal"),
+    ({"train__timesteps": "uniform", "train__logit_mean": -1.0}, "train.logit_mean and train.logit_std shape the "
+                                                                  "logit-normal timestep draw; add train.timesteps: "
+                                                                  "logit_normal"),
+    ({"mode": "vae", "train__logit_mean": -1.0}, "train.logit_mean and train.logit_std shape the logit-normal"),
     ({"mode": "vae", "vae__temporal_weight": -0.5}, "vae.temporal_weight must be >= 0 (0 turns it off), got -0.5"),
     ({"data__decode_timeout": 0}, "data.decode_timeout is the seconds a file may take to decode, above 0 (or null"),
     ({"data__buckets": [[30, 32, 4]]}, "each of data.buckets is [height, width, frames], height and width multiples "
@@ -166,10 +168,18 @@ def test_settings_the_mode_does_not_read_are_said(caplog):
         config(mode="lora", lora__rank=64, train__warmup_steps=100)  # read: nothing said
         # Said, not refused: a run started with it resumes only with its own config.
         assert config(train__trainable_modules=[]).train.trainable_modules == []
+        config(train__warmup_steps=3, train__steps=3)
+        config(validation__prompts=["a cat"])
+        # Left to the model's recipe (EasyAnimate V3 draws logit-normally): checked once the model is read.
+        assert config(train__logit_mean=-0.5).train.logit_mean == -0.5
     assert [record.getMessage() for record in caplog.records] == [
         "lora.rank is a setting of mode lora, and mode motion does not read it",
         "vae.kl_weight is a setting of mode vae, and mode motion does not read it",
         "train.warmup_steps warms up a schedule with a warm-up, and train.lr_schedule constant has none: it changes "
         "nothing (constant_with_warmup has one)",
         "train.trainable_modules is an empty list, read as null: the default set trains; list the parts to train with "
-        "the motion modules (mode motion) or of the transformer (mode full), or write null"]
+        "the motion modules (mode motion) or of the transformer (mode full), or write null",
+        "train.warmup_steps (3) is not below train.steps (3): the learning rate never reaches train.learning_rate; "
+        "lower the warm-up or raise the steps",
+        "validation.prompts are listed but validation.every is 0, so no validation videos are made; set "
+        "validation.every to render them every that many steps"]

@@ -388,6 +388,11 @@ def test_bad_inputs_fail_before_any_step(tmp_path, sd_model, synth_videos, v3_mo
                           train={"trainable_modules": ["blocks"]}), progress=False)
     with pytest.raises(KinemaError, match="mode full does not apply"):
         train(make_config(tmp_path, sd_model_section(sd_model), synth_videos, "full", SD_DATA), progress=False)
+    # Unset train.timesteps is the family's recipe: uniform for AnimateDiff, which a logit-normal mean cannot shape.
+    with pytest.raises(KinemaError, match="is an AnimateDiff-family model, whose recipe draws timesteps uniformly; "
+                                          "add train.timesteps: logit_normal"):
+        train(make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                          train={"logit_mean": -0.5}), progress=False)
     assert not (tmp_path / "run").exists()
 
 
