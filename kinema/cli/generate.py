@@ -157,7 +157,9 @@ def parse_lora(text: str) -> tuple[str, float]:
     """`PATH[:WEIGHT]` -> `(path, weight)`, weight 1.0 when not given. Only the last colon can start a weight, and
     only when what follows it is a number, so Windows drive letters and colons inside a path stay in the path
     (`C:\\loras\\zoom.safetensors:0.8` -> `("C:\\loras\\zoom.safetensors", 0.8)`)."""
-    return _path_and_number(text, "the LoRA weight")
+    from kinema.pipelines.request import check_lora_weight
+
+    return _path_and_scale(text, "the LoRA weight", check_lora_weight)
 
 
 def parse_ip_adapter(text: str) -> tuple[str, float]:
@@ -381,7 +383,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True,
     if samples:
         group.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="PATH[:W]",
                            help="motion LoRA or SD1.5 image LoRA (AnimateDiff v3's domain adapter is one) at weight W "
-                                "(default 1.0); repeat for several")
+                                "(default 1.0; -100 to 100, negative pushes away from it); repeat for several")
         group.add_argument("--ip-adapter", type=parse_ip_adapter, metavar="PATH[:S]",
                            help="IP-Adapter (h94/IP-Adapter's ip-adapter_sd15 and its plus and full-face variants, "
                                 "SD models) at scale S (default 1.0): --ip-image then prompts with an image")

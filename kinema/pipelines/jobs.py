@@ -67,6 +67,7 @@ from kinema.pipelines.request import (
     GenerationRequest,
     changed_inputs,
     check_image_keyframes,
+    check_lora_weight,
     check_mask_file,
     check_pia_module,
     check_seed,
@@ -708,8 +709,8 @@ def _loras(value: Any, base: Path, models_dir: Path | None) -> list[tuple[str, f
             path, weight = entry
         else:
             raise KinemaError(f"each LoRA is {form}, got {entry!r}")
-        loras.append((_path(path, "LoRA path", base, models_dir, "LoRA file"),
-                      _number(weight, "LoRA weight")))
+        weight = check_lora_weight(_number(weight, "LoRA weight"), "LoRA weight")  # before the path is looked up
+        loras.append((_path(path, "LoRA path", base, models_dir, "LoRA file"), weight))
     return loras
 
 

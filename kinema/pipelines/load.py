@@ -15,19 +15,17 @@ that does not store them (original or diffusers layout) inflates the UNet with.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from kinema.bundled import folder_motion_module
 from kinema.errors import KinemaError, naming, shorten
 from kinema.pipelines.family import VideoFamily
-from kinema.pipelines.request import DTYPES
+from kinema.pipelines.request import DTYPES, check_lora_weight
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +48,8 @@ def _checked_loras(loras: Sequence[tuple[str | os.PathLike, float]]) -> list[tup
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
             raise KinemaError(f"each LoRA is a (path, weight) pair; got {entry!r}")
         path, weight = entry
-        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
-            raise KinemaError(f"LoRA weight for {path} must be a finite number, got {weight!r}")
-        checked.append((_existing(path, "LoRA"), float(weight)))
+        weight = check_lora_weight(weight, f"the LoRA weight for {path}")
+        checked.append((_existing(path, "LoRA"), weight))
     return checked
 
 

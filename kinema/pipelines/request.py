@@ -323,6 +323,19 @@ def check_scale(scale: Any, name: str, meaning: str) -> float:
     return float(scale)
 
 
+MAX_LORA_WEIGHT = 100.0  # ComfyUI's LoRA loaders' range: beyond it a weight is a typo that turns frames to noise
+
+
+def check_lora_weight(weight: Any, name: str = "the LoRA weight") -> float:
+    """`weight` as a float, or one KinemaError line (`name` naming it) unless it is a number from -100 to 100: a
+    LoRA's or motion LoRA's strength, where a negative one pushes away from what it learned, as ComfyUI allows."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
+            math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
+        raise KinemaError(f"{name} must be a number from -100 to 100 (1: as trained, 0: off, negative: its "
+                          f"opposite), got {weight!r}")
+    return float(weight)
+
+
 def check_seed(seed: int, also: str = "") -> None:
     """One KinemaError line for a seed torch.Generator does not take; `also` adds to the range the message gives
     (jobs: ", or -1 for a random one")."""

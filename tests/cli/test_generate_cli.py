@@ -429,6 +429,9 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
                                                          "second, got 1e+20"),
         (["generate", "a cat", *model, "--scheduler", "magic"], "argument --scheduler: invalid choice: 'magic'"),
         (["generate", "a cat", *model, "--lora", "x:inf"], "argument --lora: the LoRA weight must be a finite number"),
+        (["generate", "a cat", *model, "--lora", "x:1e9"], "argument --lora: the LoRA weight must be a number from "
+                                                           "-100 to 100 (1: as trained, 0: off, negative: its "
+                                                           "opposite), got 1000000000.0 in 'x:1e9'"),
         (["v2v", "clip.mp4", "a robot", *model], "the following arguments are required: --strength"),
         (["generate", "a cat", *model, "--ip-adapter", "ip.safetensors:-1"], "argument --ip-adapter: the IP-Adapter "
                                                                              "scale must be at least 0"),

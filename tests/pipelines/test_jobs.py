@@ -130,6 +130,9 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"promt": "a cat"}, "job: unknown key 'promt'; did you mean 'prompt'?"),
     ({"prompt": "a cat", "context": {"lenght": 8}}, "job: context: unknown key 'lenght'; did you mean 'length'?"),
     ({"prompt": "a cat", "loras": [{"path": "x", "wieght": 1}]}, "unknown key 'wieght'; did you mean 'weight'?"),
+    ({"prompt": "a cat", "loras": [{"path": "x", "weight": -1e9}]}, "job: LoRA weight must be a number from -100 to "
+                                                                    "100 (1: as trained, 0: off, negative: its "
+                                                                    "opposite), got -1000000000.0"),
     ({"prompt": "a cat", "steps": "ten"}, "job: steps must be a whole number, got str 'ten'"),
     ({"prompt": "a cat", "frames": 8.0}, "job: frames must be a whole number, got float 8.0; send 8"),
     ({"prompt": None}, "job: prompt must be text, got null"),

@@ -14,7 +14,6 @@ alpha / r for peft-style files carrying alpha. Key layouts and conversion live i
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
@@ -92,9 +91,9 @@ def _check_strength(strength: float) -> float:
         value = float(strength)
     except (TypeError, ValueError):
         raise KinemaError(f"motion LoRA strength must be a number, got {strength!r}") from None
-    if not math.isfinite(value):
-        raise KinemaError(f"motion LoRA strength must be finite, got {strength!r}")
-    return value
+    from kinema.pipelines.request import check_lora_weight
+
+    return check_lora_weight(value, "motion LoRA strength")
 
 
 def _entry(state: _State, name: str) -> _Loaded:
