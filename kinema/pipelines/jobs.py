@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kinema.bundled import DEFAULT_MODEL, folder_motion_module, is_bundled_name, model_defaults, resolve_model
 from kinema.data.probe import (
@@ -790,6 +790,80 @@ def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir:
 
 def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: Any = "cpu",
          check_memory: bool = True) -> Job:
+    data, recorded = _job_keys(data)
+    data = _with_makers_parts(data, base, models_dir)
+    parts = _model_parts(data, base, models_dir)
+    given = _plain_settings(data)
+    image_sizes = _input_files(data, given, parts.controlnet, base)
+    _control_settings(data, given, parts.controlnet)
+    given["seeds"] = _seeds(data)
+    given["prompt"] = _prompt(data.get("prompt", ""))
+    if given.get("speed") is not None:  # the preset fills what the job leaves unset, before the model's defaults
+        from kinema.pipelines.speed import chosen_settings
+
+        given.update(chosen_settings(given["speed"], given, device))
+    _frames_of_input_video(given)
+    folder = _fill_defaults(given, parts.model, data, image_sizes)
+    # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
+    request = GenerationRequest(**given).with_defaults()
+    request.check()
+    check_pia_module(parts.motion_module, request)
+    if isinstance(recorded, Mapping):  # a video's settings, replayed: its inputs may have changed since
+        for path in changed_inputs(request, recorded):
+            logger.warning("%s has changed since the video these settings come from was made (its SHA-256 differs), "
+                           "so this job makes another video", path)
+    made, whole = _frames_made_and_whole(request)
+    check_model_request(folder, frames=made, height=request.height, width=request.width,
+                        motion_module=parts.motion_module, loras=parts.loras, tokenizer=parts.tokenizer,
+                        input_video=request.video is not None, freeu=request.freeu is not None,
+                        ip_adapter=parts.ip_adapter, controlnet=parts.controlnet, clip_skip=request.clip_skip,
+                        vae=parts.vae, context_length=None if request.context is None else request.context.length,
+                        segment_frames=request.segment_frames if request.extend_frames is not None else None,
+                        overlap_frames=request.overlap_frames if request.extend_frames is not None else None)
+    finished = made if made is not None else whole  # an extended video's finished frames are all of its frames
+    if check_memory and device is not None and finished is not None and request.height is not None \
+            and request.width is not None:
+        check_frames_fit(len(request.seeds), finished, request.height, request.width,
+                         'ask for fewer "frames" (or "extend_frames"), a smaller "width" and "height", or fewer '
+                         '"seeds"')
+    _check_control_inputs(request, parts.controlnet, made, image_sizes)
+    if made is not None:
+        check_image_keyframes(request.ip_image, made, "make more frames (\"frames\")" if request.video is None
+                              else "give a longer input video")
+    if not request.resize:  # generate() refuses these too, but only once the model has loaded
+        for what, (width, height) in image_sizes.items():
+            if (height, width) != (request.height, request.width):
+                raise KinemaError(f"the {what} is {width}x{height} but the job makes {request.width}x"
+                                  f"{request.height} videos; set \"resize\": true to resize it, or \"width\": {width}, "
+                                  f"\"height\": {height}")
+    if data.get("mode") is not None and data["mode"] != request.mode:
+        raise KinemaError(f"mode is {data['mode']!r} but the inputs make a {request.mode} job; drop mode or fix the "
+                          "inputs (image: image-to-video, video: video-to-video, video + extend_frames: extend)")
+    prompt = request.prompt
+    if request.mode == "text-to-video" and isinstance(prompt, str) and not prompt.strip() \
+            and request.control_video is None:  # control images alone may lead (guess mode)
+        raise KinemaError('no prompt: add "prompt": "a red circle moving right" (or a prompt schedule)')
+    if not isinstance(prompt, str) or prompt.strip():  # its keyframes within the frames made (an extended video's all)
+        parse_prompt_schedule(prompt, whole or 10**9, request.interpolation, request.prompt_hold, request.prompt_loop)
+    return Job(request=request, **parts._asdict())
+
+
+class _ModelParts(NamedTuple):
+    """A job's model files, resolved and checked (`Job`'s fields besides its request)."""
+
+    model: str
+    motion_module: str | None
+    loras: list[tuple[str, float]]
+    tokenizer: str | None
+    ip_adapter: tuple[str, float] | None
+    image_encoder: str | None
+    controlnet: tuple[str, float] | list[tuple[str, float]] | None
+    vae: str | None
+
+
+def _job_keys(data: Any) -> tuple[dict[str, Any], Any]:
+    """`(data, recorded)`: a job's keys, each known, without what a video's settings record besides the job, and the
+    inputs' digests those settings recorded (None when they are not a video's)."""
     if not isinstance(data, Mapping):
         raise KinemaError(f"a job is an object of settings ({{\"prompt\": ...}}), not {_type_name(data)}")
     surrogate = lone_surrogate(data)
@@ -805,31 +879,45 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
     for key in data:
         if key not in JOB_KEYS:
             raise unknown_key_error(key, JOB_KEYS)
+    return data, recorded
+
+
+def _with_makers_parts(data: dict[str, Any], base: Path, models_dir: Path | None) -> dict[str, Any]:
+    """As `kinema extend`: a video is continued by the model (and motion module and VAE) that made it, where an
+    extend job names no model."""
     video = data.get("video")
     if data.get("model") is None and data.get("extend_frames") is not None and isinstance(video, str) and video:
-        # As `kinema extend`: a video is continued by the model (and motion module and VAE) that made it.
         found = existing_path(video, "video", (base, models_dir))
         if found is not None:
             from kinema.data.probe import stored_settings
 
             made_with = stored_model_parts(stored_settings(found))
-            data = {**data, **{key: value for key, value in made_with.items() if data.get(key) is None}}
+            return {**data, **{key: value for key, value in made_with.items() if data.get(key) is None}}
+    return data
+
+
+def _optional_path(data: Mapping[str, Any], key: str, base: Path, models_dir: Path | None, what: str) -> str | None:
+    return None if data.get(key) is None else _path(data[key], key, base, models_dir, what)
+
+
+def _model_parts(data: Mapping[str, Any], base: Path, models_dir: Path | None) -> _ModelParts:
+    """The job's model files: each path resolved (`base`, then `models_dir`) and told to be the kind its key names,
+    scales checked, and the files that come in pairs (an IP-Adapter and its image, a ControlNet and its control
+    video) given together."""
+    from kinema.loaders.controlnet import check_controlnet_scale
+    from kinema.loaders.ip_adapter import check_ip_adapter_scale
+
     model = _model(data.get("model", DEFAULT_MODEL), base, models_dir)
-    motion_module = None if data.get("motion_module") is None else _path(
-        data["motion_module"], "motion_module", base, models_dir, "motion module")
+    motion_module = _optional_path(data, "motion_module", base, models_dir, "motion module")
     if motion_module is not None:
         _check_file_kind(motion_module, "motion_module")
-    tokenizer = None if data.get("tokenizer") is None else _path(
-        data["tokenizer"], "tokenizer", base, models_dir, "tokenizer")
-    vae = None if data.get("vae") is None else _path(data["vae"], "vae", base, models_dir, "VAE")
+    tokenizer = _optional_path(data, "tokenizer", base, models_dir, "tokenizer")
+    vae = _optional_path(data, "vae", base, models_dir, "VAE")
     if vae is not None:
         _check_file_kind(vae, "vae")
     loras = _loras(data.get("loras") or [], base, models_dir)
     for path, _ in loras:
         _check_file_kind(path, "LoRA")
-    from kinema.loaders.controlnet import check_controlnet_scale
-    from kinema.loaders.ip_adapter import check_ip_adapter_scale
-
     ip_adapter = _scaled_file(data.get("ip_adapter"), "ip_adapter", base, models_dir, "IP-Adapter file",
                               lambda scale: check_ip_adapter_scale(scale, "ip_adapter.scale"), "ip_adapter")
     controlnet: tuple[str, float] | list[tuple[str, float]] | None
@@ -850,8 +938,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
     if (data.get("control_video") is None) != (controlnet is None):
         raise KinemaError("a ControlNet and its control images come together: give both controlnet and "
                           "control_video, or neither")
-    image_encoder = None if data.get("image_encoder") is None else _path(
-        data["image_encoder"], "image_encoder", base, models_dir, "image encoder folder")
+    image_encoder = _optional_path(data, "image_encoder", base, models_dir, "image encoder folder")
     if ip_adapter is not None:
         from kinema.loaders.ip_adapter import image_encoder_folder
 
@@ -861,7 +948,12 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
     if (data.get("ip_image") is None) != (ip_adapter is None):
         raise KinemaError("an IP-Adapter and its image prompt come together: give both ip_adapter and ip_image, "
                           "or neither")
+    return _ModelParts(model, motion_module, loras, tokenizer, ip_adapter, image_encoder, controlnet, vae)
 
+
+def _plain_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields that are no files: numbers, switches, text, named choices and settings objects, each of
+    its type."""
     given: dict[str, Any] = {}
     for key in _INT_FIELDS:
         if data.get(key) is not None:
@@ -898,6 +990,14 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
             raise KinemaError(f"freeu must be true (Stable Diffusion 1.5's factors), false, or an object of factors "
                               f"({{\"b1\": 1.5, \"b2\": 1.6, \"s1\": 0.9, \"s2\": 0.2}}), got {_type_name(freeu)}")
         given["freeu"] = _settings_object(freeu, "freeu", FreeUSettings)
+    return given
+
+
+def _input_files(data: Mapping[str, Any], given: dict[str, Any], controlnet: Any, base: Path
+                 ) -> dict[str, tuple[int, int]]:
+    """Puts the input files (images, videos, masks, image prompts, control videos or keyframe images) in `given`,
+    each resolved against `base` and told to be what its key names; returns the `(width, height)` of those that
+    must match the video's size, by their names in words."""
     image_sizes: dict[str, tuple[int, int]] = {}
     for key, what in _FILE_FIELDS.items():
         if key == "control_video" and isinstance(controlnet, list):  # one control video per ControlNet
@@ -936,12 +1036,17 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
                 size = check_image_file(given[key], what)
                 if key != "ip_image":  # an image prompt may be any size: CLIP's processor crops it
                     image_sizes[what] = size
+    return image_sizes
+
+
+def _control_settings(data: Mapping[str, Any], given: dict[str, Any], controlnet: Any) -> None:
+    """Puts the control frames' placement, falloff and preprocessors in `given`, each of its type."""
     if data.get("control_indices") is not None:
         indices = data["control_indices"]
         if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
             raise KinemaError(f"control_indices must be a list of frame numbers (e.g. [0, 15], or [0, -1] for the "
                               f"first and last), got {indices!r}")
-        given["control_indices"] = indices  # placed (range, repeats) against the frames made, below
+        given["control_indices"] = indices  # placed (range, repeats) against the frames made, by _job
     if data.get("control_falloff") is not None:  # a list of weights: the request's check names what it takes
         falloff = data["control_falloff"]
         given["control_falloff"] = falloff if not isinstance(falloff, list) else [
@@ -957,32 +1062,38 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
                               f"list of them, one per ControlNet; got {names!r}")
         preprocessors_for(names, several)
         given["control_preprocess"] = names
-    given["seeds"] = _seeds(data)
-    prompt = given["prompt"] = _prompt(data.get("prompt", ""))
 
-    if given.get("speed") is not None:  # the preset fills what the job leaves unset, before the model's defaults
-        from kinema.pipelines.speed import chosen_settings
 
-        given.update(chosen_settings(given["speed"], given, device))
+def _frames_of_input_video(given: dict[str, Any]) -> None:
+    """With an input video: its fps where the job gives none, and frames, which the video decides: its own count
+    (remade frame for frame), or that plus extend_frames (extend)."""
     video = given.get("video")
-    if video is not None and "fps" not in given:  # the frames kept or remade play at the input's speed
+    if video is None:
+        return
+    if "fps" not in given:  # the frames kept or remade play at the input's speed
         rate = video_fps(video)
         if rate is not None:
             given["fps"] = rate
-    if video is not None and given.get("extend_frames") is None:  # remade frame for frame
-        count = frame_count(video)
+    count = frame_count(video)
+    if given.get("extend_frames") is None:  # remade frame for frame
         if given.get("frames", count) != count:
             raise KinemaError(f"frames is {given['frames']} but video-to-video remakes the input video's {count} "
                               "frames; drop frames (or give a video of that length)")
         given["frames"] = count
-    elif video is not None:  # extend: the input's frames and those appended, which the job's settings record
-        count = frame_count(video)
+    else:  # extend: the input's frames and those appended, which the job's settings record
         whole = count + given["extend_frames"]
         if given.get("frames", whole) != whole:
             raise KinemaError(f"frames is {given['frames']} but extending the input video's {count} frames by "
                               f"extend_frames {given['extend_frames']} makes {whole}; drop frames (extend_frames says "
                               "how many to append)")
         given["frames"] = whole
+
+
+def _fill_defaults(given: dict[str, Any], model: str, data: Mapping[str, Any],
+                   image_sizes: dict[str, tuple[int, int]]) -> Path:
+    """Fills what the job leaves unset from the model's kinema.json defaults, an input video's size, and, for an
+    extend job with no prompt, the video's own prompt settings; returns the model's folder."""
+    video = given.get("video")
     unset = [key for key in (INPUT_DEFAULTS if video else GENERATE_DEFAULTS) + CONTINUATION_DEFAULTS
              if key not in given]
     folder, defaults = model_defaults_for(model, unset, f"no such model file or folder: {model}")
@@ -992,42 +1103,33 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
         given.setdefault("height", height)
         given.setdefault("width", width)
         image_sizes["input video"] = (width, height)  # another size needs resize, as for the images
-    if video is not None and given.get("extend_frames") is not None and prompt == "":
+    if video is not None and given.get("extend_frames") is not None and given["prompt"] == "":
         from kinema.data.probe import stored_settings
 
         # As `kinema extend` continues the video's own: its prompt, blended as it was where the job does not say.
         given.update(stored_prompt_settings(stored_settings(video), [key for key in data if data[key] is not None]))
-        prompt = given["prompt"]
-    # What neither the job nor the model's defaults set takes the library's, so the limits below see the real size.
-    request = GenerationRequest(**given).with_defaults()
-    request.check()
-    check_pia_module(motion_module, request)
-    if isinstance(recorded, Mapping):  # a video's settings, replayed: its inputs may have changed since
-        for path in changed_inputs(request, recorded):
-            logger.warning("%s has changed since the video these settings come from was made (its SHA-256 differs), "
-                           "so this job makes another video", path)
-    made = request.frames
-    whole = request.frames  # the frames the schedules run over: the video made, or an extended video's all
-    if video is not None:  # its frames are remade (video-to-video), or continued past the overlap (extend)
-        have = frame_count(video)
-        made = have if request.extend_frames is None else None
-        whole = have if request.extend_frames is None else have + request.extend_frames
-        if request.extend_frames is not None:
-            check_video_holds_overlap(have, request.overlap_frames or 0)
-            check_image_keyframes(request.ip_image, whole, "append more frames (\"extend_frames\")")
-    check_model_request(folder, frames=made, height=request.height, width=request.width, motion_module=motion_module,
-                        loras=loras, tokenizer=tokenizer, input_video=video is not None,
-                        freeu=request.freeu is not None, ip_adapter=ip_adapter, controlnet=controlnet,
-                        clip_skip=request.clip_skip, vae=vae,
-                        context_length=None if request.context is None else request.context.length,
-                        segment_frames=request.segment_frames if request.extend_frames is not None else None,
-                        overlap_frames=request.overlap_frames if request.extend_frames is not None else None)
-    finished = made if made is not None else whole  # an extended video's finished frames are all of its frames
-    if check_memory and device is not None and finished is not None and request.height is not None \
-            and request.width is not None:
-        check_frames_fit(len(request.seeds), finished, request.height, request.width,
-                         'ask for fewer "frames" (or "extend_frames"), a smaller "width" and "height", or fewer '
-                         '"seeds"')
+    return folder
+
+
+def _frames_made_and_whole(request: GenerationRequest) -> tuple[int | None, int | None]:
+    """`(made, whole)`: the frames sampled anew (None for an extend, whose count the model's segments decide) and
+    the frames the schedules run over (an extended video's all); an extend's input checked against its overlap and
+    image prompt keyframes."""
+    if request.video is None:
+        return request.frames, request.frames
+    have = frame_count(request.video)  # its frames are remade (video-to-video), or continued past the overlap
+    if request.extend_frames is None:
+        return have, have
+    whole = have + request.extend_frames
+    check_video_holds_overlap(have, request.overlap_frames or 0)
+    check_image_keyframes(request.ip_image, whole, "append more frames (\"extend_frames\")")
+    return None, whole
+
+
+def _check_control_inputs(request: GenerationRequest, controlnet: Any, made: int | None,
+                          image_sizes: dict[str, tuple[int, int]]) -> None:
+    """The control videos' and keyframe images' frames placed against the `made` frames, their sizes added to
+    `image_sizes`, the mask's frames and the SparseCtrl falloff checked."""
     # The control videos as files, each with its frame count: one file, the files of several ControlNets, or one
     # ControlNet's keyframe images (counted as one video of that many frames).
     videos: list[tuple[str, str]] = []
@@ -1052,27 +1154,8 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
     if controlnet is not None:
         check_sparsectrl_falloff([path for path, _ in (controlnet if isinstance(controlnet, list) else [controlnet])],
                                  request.control_falloff)
-    if made is not None:
-        check_image_keyframes(request.ip_image, made, "make more frames (\"frames\")" if request.video is None
-                              else "give a longer input video")
     if isinstance(request.control_video, list) and not isinstance(controlnet, list) and made is not None:
         control_places(len(request.control_video), made, request.control_indices)
-    if not request.resize:  # generate() refuses these too, but only once the model has loaded
-        for what, (width, height) in image_sizes.items():
-            if (height, width) != (request.height, request.width):
-                raise KinemaError(f"the {what} is {width}x{height} but the job makes {request.width}x"
-                                  f"{request.height} videos; set \"resize\": true to resize it, or \"width\": {width}, "
-                                  f"\"height\": {height}")
-    if data.get("mode") is not None and data["mode"] != request.mode:
-        raise KinemaError(f"mode is {data['mode']!r} but the inputs make a {request.mode} job; drop mode or fix the "
-                          "inputs (image: image-to-video, video: video-to-video, video + extend_frames: extend)")
-    if request.mode == "text-to-video" and isinstance(prompt, str) and not prompt.strip() \
-            and request.control_video is None:  # control images alone may lead (guess mode)
-        raise KinemaError('no prompt: add "prompt": "a red circle moving right" (or a prompt schedule)')
-    if isinstance(prompt, dict) or prompt.strip():  # its keyframes within the frames made (an extended video's all)
-        parse_prompt_schedule(prompt, whole or 10**9, request.interpolation, request.prompt_hold, request.prompt_loop)
-    return Job(request=request, model=model, motion_module=motion_module, loras=loras, tokenizer=tokenizer,
-               ip_adapter=ip_adapter, image_encoder=image_encoder, controlnet=controlnet, vae=vae)
 
 
 # ---------------------------------------------------------------- running
