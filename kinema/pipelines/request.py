@@ -323,6 +323,13 @@ def check_scale(scale: Any, name: str, meaning: str) -> float:
     return float(scale)
 
 
+def _at_least_one(name: str, value: float) -> None:
+    # `not (finite and >= 1)`, so that NaN, which fails every comparison, and infinity are refused too (the Python
+    # API hands floats straight through).
+    if not (math.isfinite(value) and value >= 1):
+        raise KinemaError(f"{name} must be at least 1, got {value}")
+
+
 MAX_LORA_WEIGHT = 100.0  # ComfyUI's LoRA loaders' range: beyond it a weight is a typo that turns frames to noise
 
 
@@ -646,28 +653,32 @@ class GenerationRequest:
     def check(self) -> None:
         """One KinemaError line for settings that no model can take (model-specific limits, such as the sizes a VAE
         takes, are checked by `generate()` before any denoising)."""
-        # Checked as `not (finite and in range)`, so that NaN, which fails every comparison, and infinity, which
-        # passes a lower bound, are refused too (the Python API hands floats straight through).
-        def positive(name: str, value: float) -> None:
-            if not (math.isfinite(value) and value >= 1):
-                raise KinemaError(f"{name} must be at least 1, got {value}")
-
         self._check_types()
         # Only the text the tokenizer reads: a path's undecodable bytes are the real name of a file (surrogateescape).
         surrogate = lone_surrogate([self.prompt, self.negative_prompt])
         if surrogate is not None:
             raise lone_surrogate_error(surrogate)
+        self._check_sampling()
+        self._check_control()
+        self._check_inputs()
+        self._check_speed()
+        if not isinstance(self.prompt, (str, Mapping)):
+            raise KinemaError(f"prompt must be a string or a prompt schedule mapping; got {type(self.prompt).__name__}")
+
+    def _check_sampling(self) -> None:
+        """Steps, frames, guidance, seeds, the scheduler's and the prompt schedule's settings, context windows,
+        FreeInit, FreeU, clip skip, motion strength."""
         # None is "the model's default" (`with_defaults`), checked once filled.
         for name in ("steps", "frames"):
             if getattr(self, name) is not None:
-                positive(name, getattr(self, name))
+                _at_least_one(name, getattr(self, name))
         if self.steps is not None and self.steps > MAX_STEPS:
             raise KinemaError(f"steps must be at most {MAX_STEPS} (some schedulers fail past it; 20 to 50 are usual), "
                               f"got {self.steps}")
         if self.scheduler == "lcm" and self.steps is not None and self.steps > MAX_LCM_STEPS:
             raise KinemaError(f"the lcm scheduler takes at most {MAX_LCM_STEPS} steps (its original_inference_steps; "
                               f"4 to 8 are usual), got {self.steps}")
-        positive("decode_chunk", self.decode_chunk)
+        _at_least_one("decode_chunk", self.decode_chunk)
         check_fps(self.fps)
         if self.guidance is not None and not (math.isfinite(self.guidance) and 1 <= self.guidance <= MAX_GUIDANCE):
             raise KinemaError(f"guidance must be a finite number from 1 to {MAX_GUIDANCE:g} (1 turns classifier-free "
@@ -703,6 +714,9 @@ class GenerationRequest:
         if self.freeu is not None and not isinstance(self.freeu, FreeUSettings):
             raise KinemaError(f"freeu must be FreeUSettings(b1=..., b2=..., s1=..., s2=...) or None, got "
                               f"{self.freeu!r}")
+
+    def _check_control(self) -> None:
+        """ControlNet and SparseCtrl settings, which come with a control video, and the PIA motion preset."""
         check_control_window(self.control_start, self.control_end)
         if self.control_indices is not None and self.control_video is None:
             raise KinemaError("control_indices place the images of a control video: give control_video "
@@ -735,6 +749,9 @@ class GenerationRequest:
             raise KinemaError("a ControlNet steers the frames of one clip, and extend makes new segments past the "
                               "control video's end; use the control video with generate (text-, image- or "
                               "video-to-video), with --frames as long as it")
+
+    def _check_inputs(self) -> None:
+        """Start and end images, the mask, strength, and the extend settings, which come with their inputs."""
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
         if self.end_image is not None and self.frames == 1:  # the one frame would be the end image, not the start
@@ -750,24 +767,27 @@ class GenerationRequest:
         if not 0 < self.strength <= 1:
             raise KinemaError(f"strength must be in (0, 1] (the share of the input noised away), got {self.strength}")
         if self.extend_frames is not None:
-            positive("extend_frames", self.extend_frames)
+            _at_least_one("extend_frames", self.extend_frames)
             if self.video is None:
                 raise KinemaError("extend_frames continues a video: give video too")
         if self.overlap_frames is not None and self.overlap_frames < 1:
             raise KinemaError(f"overlap_frames must be at least 1, got {self.overlap_frames}")
         if self.segment_frames is not None:
-            positive("segment_frames", self.segment_frames)
+            _at_least_one("segment_frames", self.segment_frames)
             if self.overlap_frames is not None and self.overlap_frames >= self.segment_frames:
                 raise overlap_error(self.overlap_frames, self.segment_frames)
+
+    def _check_speed(self) -> None:
+        """Attention chunks, quantisation, step caching, guidance truncation and rescale, the speed preset."""
         if self.attention_chunk is not None:
-            positive("attention_chunk", self.attention_chunk)
+            _at_least_one("attention_chunk", self.attention_chunk)
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise KinemaError(f"unknown quantization {self.quantize!r}; known: {', '.join(QUANTIZATIONS)}")
         if self.quantize is not None and self.dtype not in (None, "float32"):
             raise KinemaError(f"{self.quantize} quantisation takes a float32 model, not {self.dtype}: drop dtype "
                               "(--dtype, or pass --dtype float32 with --speed)")
         if self.cache_interval is not None:
-            positive("cache_interval", self.cache_interval)
+            _at_least_one("cache_interval", self.cache_interval)
         if self.cfg_truncation is not None and not 0 < self.cfg_truncation <= 1:
             raise KinemaError(f"cfg_truncation must be in (0, 1] (the share of steps that keep guidance), got "
                               f"{self.cfg_truncation}")
@@ -777,8 +797,7 @@ class GenerationRequest:
                               f"rescaled to the conditional one's spread), got {self.guidance_rescale!r}")
         if self.speed is not None and self.speed not in SPEEDS:
             raise KinemaError(f"unknown speed preset {self.speed!r}; known presets: {', '.join(SPEEDS)}")
-        if not isinstance(self.prompt, (str, Mapping)):
-            raise KinemaError(f"prompt must be a string or a prompt schedule mapping; got {type(self.prompt).__name__}")
+
 
     def _check_types(self) -> None:
         """One KinemaError line for a number field given as something else (the Python API hands values straight
