@@ -104,6 +104,15 @@ def load_strict(
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=True, assign=assign)
 
 
+def empty_model(cls: Any, config: Mapping[str, Any]) -> Any:
+    """The diffusers model `cls.from_config(config)` with its parameters on the meta device: names and shapes
+    without memory, for `assign_checked` to fill."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
 def assign_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, *,
                    dtype: torch.dtype | None = None, advice: str = "",
                    extra: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -142,8 +151,6 @@ class StrictFromPretrained:
     ) -> Any:
         """diffusers' `from_pretrained` of a local folder, once every weight name and shape is checked against the
         model config.json builds (`check_fits`); a KinemaError naming any missing, unexpected or mismatched key."""
-        from accelerate import init_empty_weights
-
         from kinema.fileio import read_json_object
         from kinema.loaders.checkpoint_io import find_weights
 
@@ -154,8 +161,7 @@ class StrictFromPretrained:
         context = f"{pretrained_model_name_or_path}: weights do not fit the {cls.__name__} its config.json describes"
         advice = "Re-save the model, or check that config.json and the weights file belong together"
         config = read_json_object(folder / "config.json", f"the {cls.__name__}'s config")
-        with init_empty_weights():  # parameters on the meta device: names and shapes without memory
-            expected = shapes(cls.from_config(config).state_dict())
+        expected = shapes(empty_model(cls, config).state_dict())
         check_fits(expected, find_weights(folder, variants=(kwargs.get("variant"),)).shapes(), context, advice=advice)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)

@@ -148,11 +148,11 @@ _ADVICE = "Is it an SD1.5 ControlNet, and the base model an SD1.5 model?"
 
 def _empty_model(config: dict[str, Any]) -> ControlNetModel:
     """The `ControlNetModel` of `config`, its weights on the meta device."""
-    from accelerate import init_empty_weights
     from diffusers.models.controlnets.controlnet import ControlNetModel
 
-    with init_empty_weights():
-        return ControlNetModel.from_config(config)
+    from kinema.state_dicts import empty_model
+
+    return empty_model(ControlNetModel, config)
 
 
 def _check_fits(model: ControlNetModel, state: dict[str, torch.Tensor]) -> None:

@@ -198,16 +198,15 @@ def _renamed(layout: str, state: Mapping[str, torch.Tensor], config: Mapping[str
 
 
 def _empty_model(config: Mapping[str, Any]) -> AutoencoderKL:
-    from accelerate import init_empty_weights
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     from kinema.errors import library_error_message
+    from kinema.state_dicts import empty_model
 
     # Without diffusers' private keys: `_use_default_values` would put back its defaults over the values given.
     settings = {name: value for name, value in config.items() if not name.startswith("_")}
     try:
-        with init_empty_weights():
-            return AutoencoderKL.from_config(settings)
+        return empty_model(AutoencoderKL, settings)
     except (IndexError, KeyError, TypeError, ValueError) as err:  # settings that disagree (levels vs block types)
         raise KinemaError(f"its config does not build an AutoencoderKL ({library_error_message(err)}): restore the "
                           "config.json the VAE came with") from None

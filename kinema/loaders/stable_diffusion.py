@@ -65,7 +65,7 @@ from kinema.loaders.checkpoint_io import (
 from kinema.loaders.source import IMAGE_LORA_DOWN, LORA_PAIRS, MOTION_MODULE_NAME, Source
 from kinema.loaders.text_encoder import TextEncoderEntry, load_text_encoder, resolve_text_encoder, text_encoder_entry
 from kinema.models.precision import cast_module
-from kinema.state_dicts import check_fits, check_loading_info, load_strict, shapes
+from kinema.state_dicts import check_fits, check_loading_info, empty_model, load_strict, shapes
 
 logger = logging.getLogger(__name__)
 
@@ -385,8 +385,7 @@ def _describe_folder(root: Path) -> dict[str, Any]:
     headers = {name: found.header() for name, found in weights.items()}
     configs = {name: read_json_object(root / name / "config.json", f"the {name}'s config") for name in ("unet", "vae")}
     for name, config in configs.items():  # every name and shape against the model its config builds, as a load does
-        with init_empty_weights():
-            expected = shapes(MODEL_CLASSES[name].from_config(config).state_dict())
+        expected = shapes(empty_model(MODEL_CLASSES[name], config).state_dict())
         check_fits(expected, {k: shape for k, (shape, _) in headers[name].items()},
                    f"{root / name}: weights do not fit its config")
     unet_config = configs["unet"]

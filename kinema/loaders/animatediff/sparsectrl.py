@@ -118,11 +118,11 @@ _ADVICE = "Is it AnimateDiff v3's SparseCtrl (v3_sd15_sparsectrl_rgb or _scribbl
 
 def _empty_model(config: dict[str, Any]) -> Any:
     """The `SparseControlNetModel` of `config`, its weights on the meta device (its frame tables made, real)."""
-    from accelerate import init_empty_weights
     from diffusers.models.controlnets.controlnet_sparsectrl import SparseControlNetModel
 
-    with init_empty_weights():
-        return SparseControlNetModel.from_config(config)
+    from kinema.state_dicts import empty_model
+
+    return empty_model(SparseControlNetModel, config)
 
 
 def _check_fits(model: Any, state: dict[str, torch.Tensor]) -> None:
