@@ -12,8 +12,9 @@
     GET    /v1/health             the server is up, and how many jobs each status has
     GET    /openapi.json, /docs   the OpenAPI spec (FastAPI's) and its browsable page
 
-Every error is a JSON object `{"detail": "one line"}` with a 4xx status: bad input is 422 (400 for a body that is
-not JSON, 413 over the upload limit, 415 another content type), an unknown job 404, a job in the wrong state 409.
+Every error is a JSON object `{"detail": "one line"}`: bad input is 422 (400 for a body that is not JSON, 413 over
+the upload limit, 415 another content type), an unknown job 404, a job in the wrong state 409; the server's own
+trouble is 5xx (507: no disk room for an upload, 503: its data folder was removed while it ran, 500: anything else).
 With an API key, every request (the spec included) needs `Authorization: Bearer KEY`, else 401.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hmac
 import io
 import logging
@@ -45,7 +47,7 @@ from kinema import __version__
 from kinema.api.store import FINISHED, STATUSES, DataDirLock, JobRecord, JobStore, lock_data_dir
 from kinema.api.worker import JobRunner, JobWorker
 from kinema.data.probe import PIL_FORMATS
-from kinema.errors import KinemaError, library_error_message, shorten
+from kinema.errors import KinemaError, library_error_message, os_error_message, shorten
 from kinema.fileio import json_kind
 from kinema.jsonl import loads_once_each
 from kinema.pipelines.request import MAX_FALLOFF, MAX_FPS, MAX_GUIDANCE, MAX_MASK_BLUR, MAX_SEED, MAX_STEPS, MIN_FPS
@@ -117,7 +119,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": words} for code, words in (
         (400, "the body is not valid JSON"), (401, "missing or wrong API key"), (404, "no such job"),
         (409, "the job is not in a state that allows this"), (413, "over the upload limit"),
-        (415, "not JSON or multipart/form-data"), (422, "bad job fields or parameters"))}
+        (415, "not JSON or multipart/form-data"), (422, "bad job fields or parameters"),
+        (500, "the server failed (its log has the details)"),
+        (503, "the server's jobs database was removed while it ran"),
+        (507, "no room on the server's disk for the upload"))}
 
 _JOB_FIELDS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -290,6 +295,7 @@ def _decode_base64(text: Any, what: str) -> bytes:
         text = text.split(",", 1)[1]
     # Line breaks as `base64` and MIME wrap it (every 76 characters), and the URL-safe alphabet, are base64 too.
     text = "".join(text.split())
+    text += "=" * (-len(text) % 4)  # base64url is often sent unpadded (JWTs, Go's RawURLEncoding)
     try:
         return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
     except (binascii.Error, ValueError):
@@ -340,8 +346,9 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
         if not isinstance(fields, dict):
             raise KinemaError("the body must be a JSON object of job fields, such as {\"prompt\": \"a red circle\"}")
         for name, what in UPLOADS.items():
-            if f"{name}_base64" in fields:
-                uploads[name] = _decode_base64(fields.pop(f"{name}_base64"), f"{name}_base64 (the {what})")
+            encoded = fields.pop(f"{name}_base64", None)
+            if encoded is not None:  # null: left out, as for every key
+                uploads[name] = _decode_base64(encoded, f"{name}_base64 (the {what})")
                 _check_upload_size(uploads[name], what, limit)
         return fields, uploads
     if content_type == "multipart/form-data":
@@ -364,7 +371,7 @@ async def _read_submission(request: Request, limit: int) -> tuple[dict[str, Any]
                 raise KinemaError("the form has no `job` field; send the job fields as JSON in a field named job")
             fields = _job_object(form["job"])
             for name, what in UPLOADS.items():
-                if f"{name}_base64" in fields:
+                if fields.pop(f"{name}_base64", None) is not None:  # null: left out
                     raise KinemaError(f"in a multipart form the {what} is a file: send it as the form field {name}, "
                                       f"not as {name}_base64 in the job")
             for name, what in UPLOADS.items():
@@ -428,11 +435,17 @@ class JobLimits:
         for field, value in sizes.items():
             _refuse_over(names.get(field, field), value, *self._bounds()[field])
 
-    def check_given(self, fields: Mapping[str, Any]) -> None:
-        """The limits on the frames, size and steps a submission names, checked before its model's rules, whose
-        suggestions (the nearest frame count a Slice VAE makes) could go past them."""
+    def check_given(self, fields: Mapping[str, Any], input_frames: int | None = None) -> None:
+        """The limits on the frames, size and steps a submission names (an uploaded video's `input_frames`, with
+        its extend_frames, as its frames), checked before its model's rules, whose suggestions (the nearest frame
+        count a Slice VAE makes) could go past them."""
+        given = dict(fields)
+        if input_frames is not None:
+            extend = fields.get("extend_frames")
+            given["frames"] = input_frames + (extend if isinstance(extend, int) and not isinstance(extend, bool)
+                                              and extend > 0 else 0)
         for field in ("frames", "height", "width", "steps"):
-            value = fields.get(field)
+            value = given.get(field)
             if isinstance(value, int) and not isinstance(value, bool):
                 _refuse_over(field, value, *self._bounds()[field])
 
@@ -470,6 +483,10 @@ class _Server:
     def store(self) -> JobStore:
         if self._store is None:
             raise RuntimeError("the app has not started (use it inside `with TestClient(app)` or serve it)")
+        gone = self._store.missing()
+        if gone is not None:  # jobs accepted now would be lost: refused, and the worker takes none
+            raise HTTPException(503, f"{gone}, so this server can keep no jobs; stop kinema serve and start it again "
+                                     "with a new or empty --data-dir")
         return self._store
 
     @property
@@ -519,10 +536,16 @@ class _Server:
                 else:
                     suffix = _checked(_image_suffix_checked, data, UPLOADS[key], self.max_upload_bytes)
                 path = self.uploads_dir / f"{job_id}-{key}{suffix}"
-                path.write_bytes(data)
+                try:
+                    self.uploads_dir.mkdir(exist_ok=True)  # as the worker remakes results/, if it was removed
+                    path.write_bytes(data)
+                except OSError as err:
+                    raise HTTPException(507 if err.errno == errno.ENOSPC else 500,
+                                        f"the server could not keep the {UPLOADS[key]}: {os_error_message(err)}"
+                                        ) from None
                 saved.append(path)
                 fields[key] = str(path)
-            self.limits.check_given(fields)
+            self.limits.check_given(fields, input_frames)
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir,
                            device=self.device, check_memory=False)  # the memory free when it runs, not now
             self.limits.check(job, input_frames)  # job_from_mapping checked the images' sizes against the video's
@@ -596,6 +619,13 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return _error_response(err.status_code, str(err.detail), getattr(err, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        # What no check foresaw is still one JSON line, as every error; the log keeps the traceback.
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return _error_response(500, f"the server failed ({shorten(library_error_message(err), 300)}); its log has "
+                                    "the details")
+
     @app.post("/v1/jobs", status_code=201, response_model=JobView, openapi_extra=_SUBMIT_BODY,
               summary="Queue a generation job")
     async def submit_job(request: Request) -> JSONResponse:
@@ -647,6 +677,9 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
                                      "cancelled")
         record = server.store.cancel(job_id)
         assert record is not None
+        if record.status in ("done", "failed"):  # it finished between the two reads
+            raise HTTPException(409, f"job {job_id} is already {record.status}; only queued and running jobs can be "
+                                     "cancelled")
         return JSONResponse(record.public(), status_code=202 if record.status == "running" else 200)
 
     @app.get("/v1/health", response_model=Health, summary="The server is up")

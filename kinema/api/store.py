@@ -124,6 +124,14 @@ class JobStore:
         for name, declaration in _ADDED_COLUMNS.items():
             if name not in columns:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+        self._identity = _file_identity(self.path)
+
+    def missing(self) -> str | None:
+        """Why the database file this store writes is no longer at `path` (removed or replaced while the server
+        ran, so what it records would be lost), or None while it is."""
+        if _file_identity(self.path) != self._identity:
+            return f"the jobs database {self.path} was removed or replaced while the server ran"
+        return None
 
     def close(self) -> None:
         """Close the database connection."""
@@ -258,6 +266,14 @@ class JobStore:
                                               "need more memory than the server has (try fewer frames or a smaller "
                                               "size)", MAX_ATTEMPTS))
             db.execute("UPDATE jobs SET status = 'queued', step = 0 WHERE status = 'running'")
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def check_data_dir(folder: str | os.PathLike) -> Path:

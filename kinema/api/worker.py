@@ -84,6 +84,9 @@ class JobWorker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            if self.store.missing() is not None:  # what it would record is lost: the routes say so (503)
+                self._wake.wait(self.poll_seconds)
+                continue
             record = self.store.claim_next()
             if record is None:
                 self._wake.wait(self.poll_seconds)

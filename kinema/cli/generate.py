@@ -721,6 +721,7 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
                         ip_adapter=args.ip_adapter, controlnet=args.controlnet,
                         clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae,
                         context_length=getattr(args, "context_length", None),
+                        context_overlap=getattr(args, "context_overlap", None),
                         segment_frames=getattr(args, "segment_frames", None),
                         overlap_frames=getattr(args, "overlap_frames", None) if hasattr(args, "segment_frames")
                         else None)  # extend's: continuation segments

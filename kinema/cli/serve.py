@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
 from kinema.cli.args import add_command, add_device_option, checked_number, example, listen_on, positive_int
@@ -105,6 +106,11 @@ def run_serve(args: argparse.Namespace) -> None:
                          max_upload_bytes=args.max_upload_mb << 20,
                          limits=JobLimits(frames=args.max_frames, side=args.max_side, steps=args.max_steps),
                          device=device)
-        config = uvicorn.Config(app, host=args.host, port=listener.getsockname()[1],
+        port = listener.getsockname()[1]
+        if not args.quiet:  # uvicorn says nothing of a socket it is handed, and --port 0 picks the port here
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"kinema serve: listening on http://{host}:{port} (the API's page: http://{host}:{port}/docs); "
+                  f"jobs in {args.data_dir}", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, host=args.host, port=port,
                                 log_level="warning" if args.quiet else "info", timeout_graceful_shutdown=30)
         uvicorn.Server(config).run(sockets=[listener])

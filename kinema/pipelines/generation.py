@@ -36,6 +36,7 @@ from kinema.pipelines.request import (
     OUTPUT_TYPES,
     GenerationRequest,
     changed_since_saved,
+    check_context_latent_frames,
     check_image_keyframes,
     check_mask_frames,
     check_video_holds_overlap,
@@ -400,12 +401,7 @@ def _context_options(family: VideoFamily, request: GenerationRequest, latent_fra
     options = ContextOptions(length=max(settings.length // scale, 1), overlap=settings.overlap // scale,
                              stride=settings.stride, closed_loop=settings.closed_loop, schedule=settings.schedule,
                              fuse=settings.fuse, freenoise=settings.freenoise)
-    if scale > 1 and (settings.length % scale or settings.overlap % scale or options.overlap >= options.length):
-        # Said in the frames the request gave, not latent ones; other counts were rounded down without a word.
-        raise KinemaError(f"{family.name}'s windows count whole latent frames of {scale} frames, so a context length "
-                          f"of {settings.length} and an overlap of {settings.overlap} would be windows of "
-                          f"{options.length * scale} frames overlapping by {options.overlap * scale}; use a context "
-                          f"length and overlap that are multiples of {scale}, the overlap below the length")
+    check_context_latent_frames(family.name, scale, settings.length, settings.overlap)  # jobs check it at submit
     options.check(latent_frames, family.model.max_frames)
     if request.context is not None and latent_frames <= options.length:
         logger.warning("the context windows change nothing: these %d frames fit in one window of %d, sampled as one "

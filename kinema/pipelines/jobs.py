@@ -66,6 +66,7 @@ from kinema.pipelines.request import (
     FreeUSettings,
     GenerationRequest,
     changed_inputs,
+    check_context_latent_frames,
     check_image_keyframes,
     check_lora_weight,
     check_mask_file,
@@ -240,6 +241,7 @@ class ModelShape:
     why: str
     frames_per_slice: int | None = None
     family: str = "animatediff"  # or "easyanimate": which family's loader takes the folder
+    frames_per_latent: int = 1  # pixel frames per latent frame (a Slice VAE's: 4 in V3)
 
 
 def model_shape(folder: Path) -> ModelShape | None:
@@ -255,8 +257,10 @@ def model_shape(folder: Path) -> ModelShape | None:
         patch = _whole(_config(folder / "transformer" / "config.json").get("patch_size"))
         if patch is None:
             return None
+        latents = _whole(vae.get("mini_batch_decoder"))
         return ModelShape(ratio * patch, f"the VAE's {ratio}x downscale times the transformer's {patch}x{patch} "
-                                         "patches", per_slice, "easyanimate")
+                                         "patches", per_slice, "easyanimate",
+                          per_slice // latents if latents and per_slice % latents == 0 else 1)
     if isinstance(vae.get("block_out_channels"), list) and vae["block_out_channels"]:
         return ModelShape(image_vae_downsample(vae["block_out_channels"]), "the VAE's downscale")
     return None
@@ -328,11 +332,12 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
                         tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
                         ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1, vae: Any = None,
-                        context_length: int | None = None, segment_frames: int | None = None,
-                        overlap_frames: int | None = None) -> None:
+                        context_length: int | None = None, context_overlap: int | None = None,
+                        segment_frames: int | None = None, overlap_frames: int | None = None) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, a
-    context window or continuation segment longer than its window (`model_window`), a continuation's
+    context window or continuation segment longer than its window (`model_window`), context windows that are no
+    whole latent frames (`context_overlap` None: ContextSettings' default), a continuation's
     `overlap_frames` not below its segments (`segment_frames`, else the window), or a motion module, LoRA,
     tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose configs say nothing, are
     not checked."""
@@ -346,6 +351,9 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
         segment = segment_frames or (None if window is None else window[0])
         if overlap_frames is not None and segment is not None and overlap_frames >= segment:
             raise overlap_error(overlap_frames, segment)
+    if context_length is not None:
+        check_context_latent_frames(folder.name, shape.frames_per_latent, context_length,
+                                    ContextSettings.overlap if context_overlap is None else context_overlap)
     if frames is not None and shape.frames_per_slice is not None:
         check_slice_frames(frames, shape.frames_per_slice, input_video)
     if height is not None and width is not None:
@@ -522,18 +530,18 @@ def _choice(value: Any, key: str, choices: Iterable[str]) -> str:
 
 def _seeds(data: Mapping[str, Any]) -> list[int]:
     """The job's seeds, -1 drawn at random here (so the settings record the seed used)."""
-    if "seed" in data and "seeds" in data:
+    given = [key for key in ("seed", "seeds") if data.get(key) is not None]  # null: left out, as for every key
+    if len(given) == 2:
         raise KinemaError("give seed or seeds, not both")
-    key = "seed" if "seed" in data else "seeds"
-    value = data.get(key, 0)
+    key = given[0] if given else "seeds"
+    value = data[key] if given else 0
     values = value if isinstance(value, list) else [value]
     if not values:
         raise KinemaError(f"{key} is an empty list; give at least one seed (one video per seed)")
     seeds = []
     for seed in values:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise KinemaError(f"{key} must be a whole number or a list of them, got {_type_name(seed)} "
-                              f"{seed!r}")
+            raise KinemaError(f"{key} must be a whole number or a list of them, got {value_words(seed)}")
         if seed == RANDOM_SEED:
             seed = secrets.randbelow(RANDOM_SEED_LIMIT)
         else:
@@ -818,6 +826,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
                         input_video=request.video is not None, freeu=request.freeu is not None,
                         ip_adapter=parts.ip_adapter, controlnet=parts.controlnet, clip_skip=request.clip_skip,
                         vae=parts.vae, context_length=None if request.context is None else request.context.length,
+                        context_overlap=None if request.context is None else request.context.overlap,
                         segment_frames=request.segment_frames if request.extend_frames is not None else None,
                         overlap_frames=request.overlap_frames if request.extend_frames is not None else None)
     finished = made if made is not None else whole  # an extended video's finished frames are all of its frames
@@ -907,7 +916,7 @@ def _model_parts(data: Mapping[str, Any], base: Path, models_dir: Path | None) -
     from kinema.loaders.controlnet import check_controlnet_scale
     from kinema.loaders.ip_adapter import check_ip_adapter_scale
 
-    model = _model(data.get("model", DEFAULT_MODEL), base, models_dir)
+    model = _model(DEFAULT_MODEL if data.get("model") is None else data["model"], base, models_dir)
     motion_module = _optional_path(data, "motion_module", base, models_dir, "motion module")
     if motion_module is not None:
         _check_file_kind(motion_module, "motion_module")

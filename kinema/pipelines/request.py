@@ -33,6 +33,10 @@ MAX_LCM_STEPS = 50
 # Frame rates a written video keeps: its time base is the rate as a fraction of denominator up to 1001, so a slower
 # rate rounds to 0, and a far faster one overflows the container's 32-bit numbers.
 MIN_FPS, MAX_FPS = 0.01, 1000.0
+# The characters of one prompt text (the prompt, each keyframe's of a schedule, the negative prompt): a text encoder
+# reads its first 77 (CLIP) or 120 (V3's T5) tokens, and a longer text would only be stored and repeated in every
+# settings file and job record.
+MAX_PROMPT_CHARS = 10_000
 DEFAULT_FPS = 8.0
 
 MODES = ("text-to-video", "image-to-video", "video-to-video", "extend")
@@ -341,6 +345,19 @@ def check_lora_weight(weight: Any, name: str = "the LoRA weight") -> float:
         raise KinemaError(f"{name} must be a number from -100 to 100 (1: as trained, 0: off, negative: its "
                           f"opposite), got {weight!r}")
     return float(weight)
+
+
+def check_context_latent_frames(name: str, frames_per_latent: int, length: int, overlap: int) -> None:
+    """One KinemaError line unless context windows of `length` pixel frames overlapping by `overlap` are whole
+    latent frames of `frames_per_latent` pixel frames each (the model `name`'s), the overlap below the length:
+    other counts would be rounded down to windows of another length."""
+    scale = frames_per_latent
+    windows, shared = max(length // scale, 1), overlap // scale
+    if scale > 1 and (length % scale or overlap % scale or shared >= windows):
+        raise KinemaError(f"{name}'s windows count whole latent frames of {scale} frames, so a context length of "
+                          f"{length} and an overlap of {overlap} would be windows of {windows * scale} frames "
+                          f"overlapping by {shared * scale}; use a context length and overlap that are multiples of "
+                          f"{scale}, the overlap below the length")
 
 
 def check_seed(seed: int, also: str = "") -> None:
@@ -658,6 +675,14 @@ class GenerationRequest:
         surrogate = lone_surrogate([self.prompt, self.negative_prompt])
         if surrogate is not None:
             raise lone_surrogate_error(surrogate)
+        texts = [("the negative prompt", self.negative_prompt)] + (
+            [("the prompt", self.prompt)] if isinstance(self.prompt, str) else
+            [(f"the prompt of frame {key}", text) for key, text in self.prompt.items()]
+            if isinstance(self.prompt, Mapping) else [])
+        for what, text in texts:
+            if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+                raise KinemaError(f"{what} is {len(text)} characters; kinema takes at most {MAX_PROMPT_CHARS} (the "
+                                  "text encoder reads only its first 77 to 120 tokens): shorten it")
         self._check_sampling()
         self._check_control()
         self._check_inputs()
@@ -752,6 +777,9 @@ class GenerationRequest:
 
     def _check_inputs(self) -> None:
         """Start and end images, the mask, strength, and the extend settings, which come with their inputs."""
+        if self.image is not None and self.video is not None:  # generate() would read the video alone
+            raise KinemaError("a start image (image, --image) begins an image-to-video clip, and an input video "
+                              "(video) is remade or continued from its own frames: give one of them")
         if self.end_image is not None and self.image is None:
             raise KinemaError("an end image needs a start image: give image too")
         if self.end_image is not None and self.frames == 1:  # the one frame would be the end image, not the start

@@ -167,7 +167,7 @@ def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path, capsys):
     assert not (tmp_path / "data").exists()
 
 
-def test_serve_holds_its_port_from_the_check_until_uvicorn_serves_it(tmp_path, monkeypatch):
+def test_serve_holds_its_port_from_the_check_until_uvicorn_serves_it(tmp_path, monkeypatch, capsys):
     # A port found free and bound only once the app had started could be taken in between.
     import socket
 
@@ -193,6 +193,9 @@ def test_serve_holds_its_port_from_the_check_until_uvicorn_serves_it(tmp_path, m
         (self.config.port, sock.getsockname()[1]) for sock in sockets))
     assert main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 0
     assert served == [(port, port)]
+    # uvicorn says nothing of a socket it is handed: kinema names the address (the port --port 0 picked).
+    assert f"kinema serve: listening on http://127.0.0.1:{port} (the API's page: http://127.0.0.1:{port}/docs)" in \
+        capsys.readouterr().err
     assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]  # --device auto, resolved
     with socket.socket() as after:  # given back when the server stops
         after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

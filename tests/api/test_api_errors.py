@@ -48,7 +48,7 @@ def assert_one_line_error(response, status: int, *words: str) -> str:
     ({"prompt": "x", "video_base64": base64.b64encode(b"just some text").decode()}, 422,
      ("input video is corrupt, truncated or not a video",)),
     ({"prompt": "x", "image_base64": "not base64 !!"}, 422, ("not valid base64",)),
-    ({"prompt": "x", "image_base64": None}, 422, ("must be a base64 string, got null",)),
+    ({"prompt": "x", "image_base64": 5}, 422, ("must be a base64 string, got",)),
     ({"prompt": "a \ud800 circle"}, 422, ("job: the text 'a \\ud800 circle' holds a lone surrogate",)),
     ({"prompt": "x", "model": "\udfff"}, 422, ("job: the text '\\udfff' holds a lone surrogate",)),
     ({"prompt": "x", "image_base64": base64.b64encode(b"just some text").decode()}, 422, ("not an image",)),
@@ -307,3 +307,119 @@ def test_a_video_file_without_pictures_is_refused(serve, fake_runner):
         response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "extend_frames": 4}'},
                                files={"video": ("clip.mp4", sound.getvalue())})
         assert_one_line_error(response, 422, "input video has no video frames")
+
+
+def test_null_is_a_left_out_key_for_every_field(serve, fake_runner, wait):
+    # Clients that write unset optional fields as null: model, seed and the uploads too, as the other keys.
+    with serve(runner=fake_runner) as client:
+        response = client.post("/v1/jobs", json={"prompt": "x", "steps": 1, "model": None, "seed": None,
+                                                 "image_base64": None, "motion_module": None})
+        assert response.status_code == 201, response.text
+        settings = response.json()["settings"]
+        assert (settings["model"], settings["seeds"], settings["image"]) == ("kinema-tiny", [0], None)
+        response = client.post("/v1/jobs", files={"job": (None, '{"prompt": "x", "steps": 1, "image_base64": null}')})
+        assert response.status_code == 201, response.text
+        assert_one_line_error(client.post("/v1/jobs", json={"prompt": "x", "seed": [1, "2"]}), 422,
+                              "seed must be a whole number or a list of them, got str '2'")
+
+
+def test_unpadded_base64_is_base64(serve, fake_runner):
+    png = png_bytes()
+    assert len(png) % 3, "the test needs a file whose base64 is padded"
+    with serve(runner=fake_runner) as client:
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            response = client.post("/v1/jobs", json={"prompt": "x", "steps": 1,
+                                                     "image_base64": encode(png).decode().rstrip("=")})
+            assert response.status_code == 201, response.text
+
+
+def test_a_start_image_with_an_input_video_is_refused(serve, fake_runner, tmp_path):
+    clip = video_bytes(tmp_path, 8)
+    with serve(runner=fake_runner) as client:
+        for fields in ({"strength": 0.5}, {"extend_frames": 8}):
+            response = client.post("/v1/jobs", data={"job": json.dumps({"prompt": "x", "steps": 1, **fields})},
+                                   files={"video": ("clip.mp4", clip), "image": ("start.png", png_bytes())})
+            assert_one_line_error(response, 422, "a start image (image, --image) begins an image-to-video clip, and "
+                                                 "an input video (video) is remade or continued")
+        assert not any((tmp_path / "data" / "uploads").iterdir())
+
+
+def test_a_prompt_past_any_text_encoder_is_refused(serve, fake_runner):
+    with serve(runner=fake_runner) as client:
+        for body, what in (({"prompt": "red " * 5000}, "the prompt is 20000 characters"),
+                           ({"prompt": "x", "negative_prompt": "y" * 10_001}, "the negative prompt is 10001"),
+                           ({"prompt": {"0": "x", "8": "z" * 20_000}}, "the prompt of frame 8 is 20000")):
+            assert_one_line_error(client.post("/v1/jobs", json=body), 422, what, "at most 10000")
+        assert client.post("/v1/jobs", json={"prompt": "r" * 10_000, "steps": 1}).status_code == 201
+
+
+def test_context_windows_of_part_latent_frames_are_refused_at_submit(serve, fake_runner):
+    # kinema-tiny's Slice VAE makes one latent frame of 4 frames: checked before the model loads, not when it runs.
+    with serve(runner=fake_runner) as client:
+        response = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1, "frames": 16,
+                                                 "context": {"length": 8, "overlap": 2}})
+        assert_one_line_error(response, 422, "kinema-tiny's windows count whole latent frames of 4 frames, so a "
+                                             "context length of 8 and an overlap of 2")
+        response = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1, "frames": 16,
+                                                 "context": {"length": 6}})
+        assert_one_line_error(response, 422, "context length of 6 and an overlap of 4")
+        assert client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 1, "frames": 16,
+                                             "context": {"length": 8, "overlap": 4}}).status_code == 201
+
+
+def test_a_long_input_video_meets_the_servers_limit_before_the_models_rules(serve, fake_runner, tmp_path):
+    # The Slice VAE's "trim it to 8 frames" would be refused next by the server's limit: the limit is said first.
+    clip = video_bytes(tmp_path, 10)
+    with serve(runner=fake_runner, limits=JobLimits(frames=9)) as client:
+        response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1, "strength": 0.5}'},
+                               files={"video": ("clip.mp4", clip)})
+        assert_one_line_error(response, 422, "frames is 10, over this server's limit of 9")
+
+
+def test_the_servers_own_trouble_is_one_json_line_too(serve, fake_runner, monkeypatch, tmp_path):
+    import errno
+    import shutil
+
+    from kinema.api.store import JobStore
+
+    upload = {"prompt": "x", "steps": 1, "image_base64": base64.b64encode(png_bytes()).decode()}
+    with serve(runner=fake_runner) as client:
+        shutil.rmtree(tmp_path / "data" / "uploads")  # removed while serving: made again, as results/ is
+        assert client.post("/v1/jobs", json=upload).status_code == 201
+        with monkeypatch.context() as patch:
+            def disk_full(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            patch.setattr(Path, "write_bytes", disk_full)
+            assert_one_line_error(client.post("/v1/jobs", json=upload), 507, "the server could not keep the start "
+                                  "image: the disk is full")
+        with monkeypatch.context() as patch:  # what no check foresaw: JSON, not Starlette's plain text
+            patch.setattr(JobStore, "counts", lambda self: 1 / 0)
+            assert_one_line_error(client.get("/v1/health"), 500, "the server failed (", "its log has the details")
+
+
+def test_a_data_folder_removed_while_serving_takes_no_more_jobs(serve, fake_runner, tmp_path):
+    import shutil
+
+    with serve(runner=fake_runner) as client:
+        shutil.rmtree(tmp_path / "data")
+        for response in (client.get("/v1/health"), client.post("/v1/jobs", json={"prompt": "x", "steps": 1})):
+            assert_one_line_error(response, 503, "was removed or replaced while the server ran, so this server can "
+                                                 "keep no jobs; stop kinema serve and start it again")
+    assert fake_runner.started == []
+
+
+def test_a_job_that_finishes_while_it_is_cancelled_is_409(serve, fake_runner, monkeypatch):
+    import dataclasses
+
+    from kinema.api.store import JobStore
+
+    with serve(runner=fake_runner) as client:
+        fake_runner.gate.clear()
+        job = client.post("/v1/jobs", json={"prompt": "x", "steps": 1}).json()
+        real_cancel = JobStore.cancel
+        # The job finishes between the route's read and its cancel: the cancel changes nothing, and says so.
+        monkeypatch.setattr(JobStore, "cancel", lambda self, job_id: dataclasses.replace(
+            real_cancel(self, job_id), status="done"))
+        assert_one_line_error(client.delete(f"/v1/jobs/{job['id']}"), 409, "is already done")
+        fake_runner.gate.set()
