@@ -174,8 +174,9 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "steps": {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
         "guidance": {"type": "number", "minimum": 1, "maximum": MAX_GUIDANCE},
         "scheduler": {"type": "string"},
-        "seed": {"type": "integer", "maximum": MAX_SEED,
-                 "description": "-1 draws a random seed (recorded in the job's settings)"},
+        "seed": {"oneOf": [{"type": "integer", "maximum": MAX_SEED}, {"type": "array", "items": {"type": "integer"}}],
+                 "description": "a seed or a list of them (one video each); -1 draws a random seed (recorded in the "
+                                "job's settings)"},
         "seeds": {"type": "array", "items": {"type": "integer"}, "description": "one video per seed"},
         "resize": {"type": "boolean", "description": "resize the start image to height x width"},
         "fps": {"type": "number", "minimum": MIN_FPS, "maximum": MAX_FPS},
@@ -193,6 +194,49 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "mask_blur": {"type": "number", "minimum": 0, "maximum": MAX_MASK_BLUR,
                       "description": "with a mask: the radius in pixels of the blur that feathers its edge"},
         "extend_frames": {"type": "integer", "minimum": 1, "description": "append this many frames to the video"},
+        "overlap_frames": {"type": "integer", "minimum": 1, "description": "continuation: the last frames that "
+                                                                           "condition the next segment"},
+        "segment_frames": {"type": "integer", "minimum": 1, "description": "continuation: frames per segment "
+                                                                           "(default: the model's window)"},
+        "mode": {"type": "string", "enum": ["text-to-video", "image-to-video", "video-to-video", "extend"],
+                 "description": "optional: must agree with the inputs given (a job's settings carry it)"},
+        "tokenizer": {"type": "string", "description": "a tokenizer folder, for single-file SD checkpoints"},
+        "context": {"type": "object", "description": "context windows for videos past the model's window: length, "
+                                                     "overlap, stride, schedule (uniform, static), fuse (flat, "
+                                                     "pyramid, overlap-linear), closed_loop, freenoise"},
+        "free_init": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "object"}],
+                      "description": "FreeInit: iterations, or {iterations, method, spatial_stop, temporal_stop, "
+                                     "order}"},
+        "freeu": {"oneOf": [{"type": "boolean"}, {"type": "object"}],
+                  "description": "FreeU (AnimateDiff models): true for SD1.5's factors, or {b1, b2, s1, s2}"},
+        "interpolation": {"type": "string", "enum": ["linear", "slerp"],
+                          "description": "prompt travel between keyframes"},
+        "prompt_hold": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "the share of each gap a keyframe's prompt is held before blending"},
+        "prompt_loop": {"type": "boolean", "description": "the prompt schedule wraps from the last keyframe to the "
+                                                          "first"},
+        "clip_skip": {"type": "integer", "minimum": 1, "description": "AnimateDiff models: 2 reads CLIP's "
+                                                                      "next-to-last layer"},
+        "timestep_spacing": {"type": "string", "enum": ["leading", "linspace", "trailing"]},
+        "motion_scale": {"type": "number", "description": "factor on the motion modules' attention (a temperature)"},
+        "motion_effect": {"type": "number", "description": "factor on the motion modules' residual (0: no motion "
+                                                           "layers)"},
+        "normalize_control": {"type": "boolean", "description": "turn the control images gray and stretch them to "
+                                                                "[0, 1] (SparseCtrl scribbles)"},
+        "speed": {"type": "string", "enum": ["fast", "balanced", "quality"],
+                  "description": "a preset filling the speed settings the job leaves unset"},
+        "dtype": {"type": "string", "enum": ["float32", "bfloat16", "float16"]},
+        "quantize": {"type": "string", "enum": ["int8"]},
+        "compile": {"type": "boolean", "description": "torch.compile the model"},
+        "offload": {"type": "boolean", "description": "keep each model part off the accelerator until it runs"},
+        "vae_tiling": {"type": "boolean", "description": "decode in spatial tiles"},
+        "decode_chunk": {"type": "integer", "minimum": 1, "description": "frames per VAE call (SD VAE)"},
+        "attention_chunk": {"type": "integer", "minimum": 1, "description": "queries per attention call"},
+        "cache_interval": {"type": "integer", "minimum": 1, "description": "step caching: deep features every "
+                                                                           "this many steps"},
+        "cfg_truncation": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                           "description": "the share of steps that keep classifier-free guidance"},
+        "guidance_rescale": {"type": "number", "minimum": 0, "maximum": 1},
     },
 }
 _SUBMIT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {

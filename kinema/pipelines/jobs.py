@@ -477,9 +477,24 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
         raise KinemaError(f"the {what} is too large: {count}over the limit of {Image.MAX_IMAGE_PIXELS} pixels (PIL's "
                           "guard against decompression bombs); give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        other = _other_image_format(opener) if isinstance(err, UnidentifiedImageError) else None
+        if other is not None:  # a BMP, TIFF, ...: an image, of a format kinema does not read
+            raise KinemaError(f"the {what} is a {other} image, which kinema does not read; save it as a "
+                              f"{STILL_IMAGE_KINDS} file") from None
         detail = "" if isinstance(err, UnidentifiedImageError) else f" ({shorten(str(err), 80)})"
         raise KinemaError(f"the {what} is not an image{detail}; give a {STILL_IMAGE_KINDS} file") from None
     return size
+
+
+def _other_image_format(opener: Any) -> str | None:
+    """The format PIL names an image of outside `PIL_FORMATS` by (its header only, no pixels decoded), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(opener()) as image:
+            return image.format
+    except Exception:  # noqa: BLE001 - any failure means: not an image PIL knows
+        return None
 
 
 # ---------------------------------------------------------------- from plain data

@@ -46,3 +46,14 @@ def test_no_request_the_spec_allows_or_breaks_gets_a_500(tmp_path):
                 no_server_error()
     finally:
         shutdown_lifespans()  # stops the app schemathesis started: its worker thread and its database
+
+
+def test_the_spec_describes_every_job_key():
+    # A client generated from the spec can send every field a job takes (the uploads as FIELD_base64).
+    from kinema.api.app import _JOB_FIELDS_SCHEMA, UPLOADS
+    from kinema.pipelines.jobs import JOB_KEYS
+
+    described = set(_JOB_FIELDS_SCHEMA["properties"])
+    assert set(JOB_KEYS) - set(UPLOADS) <= described
+    assert {f"{name}_base64" for name in UPLOADS} <= described
+    assert described - {f"{name}_base64" for name in UPLOADS} <= set(JOB_KEYS)

@@ -3,6 +3,7 @@ refusals before any model loads, and run_job's folder on the bundled kinema-tiny
 directly on a separately loaded model."""
 
 import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -245,6 +246,12 @@ def test_an_image_that_is_not_an_image_or_too_big_is_refused(tmp_path):
         check_image_bytes(png_bytes()[:60], max_bytes=10_000)  # a truncated PNG
     with pytest.raises(KinemaError, match="the image is not an image"):
         check_image_bytes(png_with_garbage_pixels(), max_bytes=10_000)
+    for kind in ("BMP", "TIFF"):  # images, of formats kinema does not read: named
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format=kind)
+        with pytest.raises(KinemaError, match=f"^the image is a {kind} image, which kinema does not read; save it as "
+                                              "a PNG, JPEG, WebP or GIF file$"):
+            check_image_bytes(buffer.getvalue(), max_bytes=10_000)
     (tmp_path / "cat.png").write_text("not a picture")
     with pytest.raises(KinemaError, match=r"^job: the image .*cat.png is not an image"):
         job_from_mapping({"prompt": "a cat", "image": "cat.png"}, base=tmp_path)
