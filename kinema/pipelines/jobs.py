@@ -486,15 +486,22 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
     return size
 
 
-def _other_image_format(opener: Any) -> str | None:
-    """The format PIL names an image of outside `PIL_FORMATS` by (its header only, no pixels decoded), else None."""
-    from PIL import Image
+# Image formats kinema does not read, by their first bytes: told from the header alone, not by letting PIL's other
+# plugins parse an upload (an EPS is rendered by Ghostscript).
+_OTHER_IMAGE_MAGIC = ((b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"%!PS", "EPS"),
+                      (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"), (b"\0\0\1\0", "ICO"),
+                      (b"\xff\x0a", "JPEG XL"), (b"\0\0\0\x0cJXL ", "JPEG XL"), (b"qoif", "QOI"))
 
-    try:
-        with Image.open(opener()) as image:
-            return image.format
-    except Exception:  # noqa: BLE001 - any failure means: not an image PIL knows
-        return None
+
+def _other_image_format(opener: Any) -> str | None:
+    """The name of an image format kinema does not read that the file starts like, else None; HEIC and AVIF by
+    their ISO media brand."""
+    source = opener()  # a path, or the bytes of an upload
+    with open(source, "rb") if isinstance(source, str) else source as file:
+        head = file.read(16)
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"avif", b"avis"):
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC"
+    return next((name for magic, name in _OTHER_IMAGE_MAGIC if head.startswith(magic)), None)
 
 
 # ---------------------------------------------------------------- from plain data
