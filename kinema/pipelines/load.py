@@ -212,7 +212,7 @@ def load_family(
     motion_module: str | os.PathLike | None = None,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     dtype: str = "float32",
-    device: Any = "cpu",
+    device: Any = "auto",
     tokenizer: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     ip_adapter: tuple[str | os.PathLike, float] | None = None,
@@ -235,7 +235,8 @@ def load_family(
             encoder at scale `weight` before the UNet is inflated. Weights may be any finite number.
         dtype: "float32", "bfloat16" or "float16" for every model (the text encoders too). SD parts are loaded and
             LoRAs fused in float32, then cast.
-        device: where the models go.
+        device: where the models go: a torch device, or a kinema.devices name: auto (the first CUDA GPU when torch
+            sees one, else the CPU), cpu, cuda, cuda:N or mps.
         tokenizer: SD single files only (they hold none): an SD1.5 diffusers folder or a CLIP tokenizer folder.
         config: SD single files only: a folder of component configs (default: the shipped SD1.5 ones).
         ip_adapter: SD models only: `(path, scale)` of an IP-Adapter file (kinema.loaders.ip_adapter), whose image
@@ -251,14 +252,18 @@ def load_family(
 
     Raises one KinemaError line, before any weights are read (beyond a torch pickle's, which must be unpickled to
     see its names), for a missing path that is not a bundled model's name either (listing those), an unknown dtype,
-    a non-finite LoRA weight, a model that is neither family, an SD model without motion module, a motion module or
-    LoRA given with an EasyAnimate model, a file given as motion module or LoRA that is not one, or a motion module
-    made for another UNet.
+    a device this machine lacks, a LoRA weight out of range, a model that is neither family, an SD model without
+    motion module, a motion module or LoRA given with an EasyAnimate model, a file given as motion module or LoRA
+    that is not one, or a motion module made for another UNet.
     """
     import torch
 
     if dtype not in DTYPES:
         raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
+    if not isinstance(device, torch.device):  # a name this machine lacks: one line before any weights load
+        from kinema.devices import resolve_device
+
+        device = resolve_device(device)
     from kinema.bundled import (
         is_bundled_name,
         model_defaults,

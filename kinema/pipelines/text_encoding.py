@@ -5,6 +5,7 @@ kinema's bundled models name in their kinema.json)."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,16 @@ SD_TEXT_LENGTH = 77
 T5_TEXT_LENGTH = 120
 
 
+# transformers' fast tokenizers set padding and truncation on the shared Rust tokenizer before each call, so two
+# threads sharing a model (a server's) could pad one's prompts by the other's settings: every call here takes turns.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def _tokenize(tokenizer: Any, text: Any, **options: Any) -> Any:
+    with _TOKENIZER_LOCK:
+        return tokenizer(text, **options)
+
+
 def text_length(tokenizer: Any, text_encoder: Any) -> int:
     """Tokens per prompt: the tokenizer's `model_max_length` (77 for SD1.5), at most the encoder's positions."""
     positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", SD_TEXT_LENGTH)
@@ -28,9 +39,9 @@ def text_length(tokenizer: Any, text_encoder: Any) -> int:
 def cut_off_text(tokenizer: Any, prompt: str, max_length: int) -> str | None:
     """The end of `prompt` that an encoder reading `max_length` tokens (its special tokens included, as the encoders
     here tokenize) never sees, as text; None when the whole prompt fits."""
-    special = len(tokenizer("", add_special_tokens=True).input_ids)  # CLIP and BERT: 2, T5: 1
+    special = len(_tokenize(tokenizer, "", add_special_tokens=True).input_ids)  # CLIP and BERT: 2, T5: 1
     # verbose=False: transformers' own warning names token indices, not the words that are lost.
-    ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+    ids = _tokenize(tokenizer, prompt, add_special_tokens=False, verbose=False).input_ids
     kept = max(max_length - special, 0)
     return None if len(ids) <= kept else tokenizer.decode(ids[kept:]).strip()
 
@@ -75,8 +86,8 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequence[st
     (diffusers' `clip_skip` is N - 1)."""
     batch = _prompt_batch(prompts)
     check_clip_skip(text_encoder, clip_skip)
-    ids = tokenizer(batch, padding="max_length", max_length=text_length(tokenizer, text_encoder), truncation=True,
-                    return_tensors="pt").input_ids
+    ids = _tokenize(tokenizer, batch, padding="max_length", max_length=text_length(tokenizer, text_encoder),
+                    truncation=True, return_tensors="pt").input_ids
     parameter = next(text_encoder.parameters())
     with torch.no_grad():
         if clip_skip == 1:
@@ -121,8 +132,8 @@ def encode_masked_prompts(text_encoder: Any, tokenizer: Any, prompts: str | Sequ
     batch = _prompt_batch(prompts)
     if max_length < 1:
         raise KinemaError(f"max_length must be at least 1 token, got {max_length}")
-    tokens = tokenizer(batch, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-                       return_attention_mask=True, return_tensors="pt")
+    tokens = _tokenize(tokenizer, batch, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     parameter = next(text_encoder.parameters())
     ids, mask = tokens.input_ids.to(parameter.device), tokens.attention_mask.to(parameter.device)
     with torch.no_grad():

@@ -227,3 +227,34 @@ def test_the_shipped_motion_module_alone_holds_the_settings_of_its_folder():
     for key, value in motion.items():
         assert described.get(key, value) == value, key  # what describe shows of them (not transformer_blocks)
     assert (described["num_attention_heads"], described["norm_mode"]) == (4, "per_frame")
+
+
+def test_threads_sharing_a_model_take_turns_at_its_tokenizer():
+    # A fast tokenizer sets padding on its shared Rust tokenizer before each call: two threads at once once padded
+    # an empty negative prompt by the other's settings (2 tokens instead of 32). A stand-in counts the overlap.
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from kinema.pipelines.text_encoding import cut_off_text
+
+    inside, most = 0, 0
+    lock = threading.Lock()
+
+    def tokenizer(text, **options):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.01)
+        with lock:
+            inside -= 1
+        return SimpleNamespace(input_ids=[0] * (2 + len(text.split())))
+
+    tokenizer.decode = lambda ids: "x"
+    threads = [threading.Thread(target=cut_off_text, args=(tokenizer, "a red circle", 32)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 1
