@@ -594,6 +594,10 @@ def load_image_lora_source(source: Source, *, sd: Any = None, strength: float = 
     if not isinstance(sd, StableDiffusionComponents):
         raise KinemaError(f"{source.path} is an image LoRA, which changes a Stable Diffusion model's weights: pass "
                           "sd=, e.g. kinema.load(lora, sd=kinema.load(sd15_folder))")
+    from kinema.pipelines.request import check_lora_weight
+
+    # Before the weights change in place: a strength of NaN would fill the caller's model with it for good.
+    strength = check_lora_weight(strength, "the LoRA strength")
     image = [name for name in source.names if MOTION_MODULE_NAME not in name]
     try:
         counts = load_spatial_lora(sd, source.read(image), scale=strength, metadata=source.layout[1])

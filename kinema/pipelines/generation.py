@@ -445,8 +445,12 @@ def _optimize(model: torch.nn.Module, request: GenerationRequest) -> None:
 
     if request.quantize is not None and not _quantized(model):
         quantize_model(model, request.quantize)
-    if request.compile and getattr(model, "_compiled_call_impl", None) is None:
+    if request.compile and not _compiled(model):
         compile_model(model)
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    return getattr(model, "_compiled_call_impl", None) is not None
 
 
 def _quantized(model: torch.nn.Module) -> bool:
@@ -969,8 +973,12 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
                        "a model without inpaint channels), not from noise")
 
     # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
-    settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **family.settings(), "seed": seed,
-                 "scheduler": plan.scheduler} for seed in seeds]
+    # int8 and torch.compile stay on a family once an earlier request turned them on: recorded as what runs, so the
+    # settings remake the video.
+    kept = {"quantize": request.quantize or ("int8" if _quantized(family.model) else None),
+            "compile": request.compile or _compiled(family.model)}
+    settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **kept, **family.settings(),
+                 "seed": seed, "scheduler": plan.scheduler} for seed in seeds]
     if resume is not None and plan.continuation:
         raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
                           "nothing to resume it from; run it without resume")
@@ -1035,7 +1043,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     report = {"mode": mode, "family": family.family, "device": str(device), "dtype": dtype,
               "vae_dtype": vae_dtype,  # float32 after a float16 VAE overflowed (kinema.pipelines.decode)
               "int8": _quantized(family.model),
-              "compiled": getattr(family.model, "_compiled_call_impl", None) is not None,
+              "compiled": _compiled(family.model),
               "seconds": round(time.perf_counter() - began, 3),
               "peak_memory_bytes": peak_memory_bytes(device), "frames": None if frames is None else frames.shape[1],
               "latent_frames": int(latents.shape[2]), "scheduler": plan.scheduler, "windows": windows,

@@ -436,6 +436,12 @@ def test_image_loras_are_described_and_named_where_a_motion_module_is_expected(s
     fused, reference = kinema.loaders.load(path, sd=load_stable_diffusion(sd_folder), strength=0.5), sd
     load_spatial_lora(reference, path, scale=0.5)
     assert_same_weights(fused.unet, reference.unet)
+    # Refused before the fuse, which changes the weights in place: NaN would have filled the caller's model.
+    untouched = load_stable_diffusion(sd_folder)
+    for strength in (float("nan"), "0.8", None):
+        with pytest.raises(KinemaError, match="the LoRA strength must be a number from -100 to 100"):
+            kinema.loaders.load(kohya, sd=untouched, strength=strength)
+    assert all(torch.isfinite(p).all() for p in untouched.unet.parameters())
 
 
 def test_lora_layers_that_do_not_fit_are_refused(sd_folder):

@@ -233,3 +233,19 @@ def test_generate_runs_end_to_end_on_an_int8_model():
                                                 width=64))
     assert any(type(layer) is DynamicInt8Linear for layer in family.model.modules())
     assert result.frames.shape == (1, 8, 3, 64, 64) and torch.isfinite(result.latents).all()
+
+
+def test_a_family_an_earlier_request_left_int8_records_int8_in_later_settings():
+    # int8 stays on the family; a later request's settings that said quantize null would remake another video.
+    from dataclasses import replace
+
+    from kinema.pipelines import GenerationRequest, generate, load_family
+
+    family = load_family(bundled_model_path("kinema-tiny"), device="cpu")
+    request = GenerationRequest(prompt="a red circle moving right", frames=8, steps=1, seeds=[3])
+    generate(family, replace(request, quantize="int8"), progress=False)
+    later = generate(family, request, progress=False)
+    assert later.report["int8"] and (later.settings[0]["quantize"], later.settings[0]["compile"]) == ("int8", False)
+    remade = generate(load_family(bundled_model_path("kinema-tiny"), device="cpu"),
+                      replace(request, quantize="int8"), progress=False)
+    assert torch.equal(remade.frames, later.frames)
