@@ -108,6 +108,7 @@ class IPAdapter:
     variant: str
     image_encoder: Any  # transformers CLIPVisionModelWithProjection
     image_processor: Any  # transformers CLIPImageProcessor
+    image_encoder_path: str | None = None  # the encoder's folder, absolute: what the settings record
 
     def embeds(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(cond, uncond)` image-prompt embeddings of images `(B, 3, H, W)` in [0, 1], as diffusers' AnimateDiff
@@ -215,7 +216,7 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike | Source, *, scale:
     set_ip_adapter_scale(unet, scale)
     encoder.to(parameter.device)
     logger.info("IP-Adapter %s (%s) loaded at scale %g", path, variant, scale)
-    return IPAdapter(str(path), float(scale), variant, encoder, processor)
+    return IPAdapter(str(path), float(scale), variant, encoder, processor, os.path.abspath(encoder_folder))
 
 
 def check_ip_adapter_scale(scale: Any, name: str = "the IP-Adapter scale") -> float:

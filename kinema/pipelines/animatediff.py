@@ -206,6 +206,8 @@ class AnimateDiffFamily(VideoFamily):
             recorded["loras"] = [{"path": path, "weight": weight} for path, weight in self.loras]
         if self.ip_adapter is not None:
             recorded["ip_adapter"] = {"path": self.ip_adapter.path, "scale": self.ip_adapter.scale}
+            if self.ip_adapter.image_encoder_path is not None:  # given elsewhere than beside the adapter, maybe
+                recorded["image_encoder"] = self.ip_adapter.image_encoder_path
         if self.controlnet is not None:
             nets = getattr(self.controlnet, "nets", [self.controlnet])
             steering = [{"path": net.path, "scale": net.scale} for net in nets]

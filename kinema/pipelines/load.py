@@ -36,10 +36,11 @@ MOTION_SETTINGS_ENTRY = "motion"
 
 
 def _existing(path: str | os.PathLike, what: str) -> Path:
+    """`path` made absolute, as the settings record it (so they remake the video from any folder), once it exists."""
     found = Path(path)
     if not found.exists():
         raise KinemaError(f"{what} {found} does not exist: check the path")
-    return found
+    return Path(os.path.abspath(found))
 
 
 def _checked_loras(loras: Sequence[tuple[str | os.PathLike, float]]) -> list[tuple[Path, float]]:

@@ -247,6 +247,8 @@ def test_generate_with_an_image_prompt_from_a_model_folder(sd_model, adapter_fol
     adapter = adapter_folder / "ip-adapter_sd15.safetensors"
     family = load_family(sd_model["path"], motion_module=sd_model["motion_module"], ip_adapter=(adapter, 0.8))
     assert family.settings()["ip_adapter"] == {"path": str(adapter), "scale": 0.8}
+    # The encoder it read, recorded: one given elsewhere (--image-encoder) is what a remake needs.
+    assert family.settings()["image_encoder"] == str(adapter_folder / "image_encoder")
     as_pil(image()).save(tmp_path / "style.png")
     request = GenerationRequest("a cat", frames=4, height=32, width=32, steps=2, seeds=[1])
     result = generate(family, GenerationRequest(**{**vars(request), "ip_image": str(tmp_path / "style.png")}),

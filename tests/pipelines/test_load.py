@@ -147,6 +147,17 @@ def test_folder_motion_module_and_loras_equal_loading_the_pieces_by_hand(files, 
         torch.testing.assert_close(family.model(x, 10, text), video(x, 10, text), rtol=1e-5, atol=1e-5)
 
 
+def test_paths_given_relative_are_recorded_absolute(files, monkeypatch, tmp_path):
+    # The settings remake the video from any folder (a batch elsewhere, `kinema extend` of it from another folder).
+    monkeypatch.chdir(files["root"])
+    family = load_family(files["folder"].name, motion_module=files["motion_module"].name,
+                         loras=[(files["kohya"].name, 0.5)])
+    monkeypatch.chdir(tmp_path)
+    assert family.settings() == {"model": str(files["folder"]), "family": "animatediff",
+                                 "motion_module": str(files["motion_module"]),
+                                 "loras": [{"path": str(files["kohya"]), "weight": 0.5}]}
+
+
 def test_another_vae_replaces_the_models_own_and_is_recorded(files, plain):
     swapped = load_family(files["folder"], motion_module=files["motion_module"], vae=files["other_vae"]["file"])
     assert_same_weights(swapped.vae, files["other_vae"]["model"])
