@@ -167,6 +167,15 @@ def animation_frames(image: Any) -> tuple[list[int], float | None]:
     return [index for index, times in enumerate(repeats) for _ in range(times)], float(fps)
 
 
+def rgb8(image: Any) -> Any:
+    """A PIL image as 8-bit RGB: a 16-bit grayscale PNG (depth maps are saved so) scaled to 0-255, where PIL's own
+    convert("RGB") clips every value past 255 to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        top = 65535 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255
+        image = image.convert("I").point(lambda value: value * (255 / top)).convert("L")
+    return image.convert("RGB")
+
+
 def rgb_frames(path: str | os.PathLike) -> Iterator[Any]:
     """The frames of a video, animation, still image or frame folder as uint8 `(H, W, 3)` arrays, decoded one at a
     time (no torch), as kinema.data.video_io's readers decode them."""
@@ -177,14 +186,14 @@ def rgb_frames(path: str | os.PathLike) -> Iterator[Any]:
     if path.is_dir():
         for file in folder_frames(path):
             with Image.open(file, formats=PIL_FORMATS) as image:
-                yield np.asarray(image.convert("RGB"))
+                yield np.asarray(rgb8(image))
     elif path.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
         with Image.open(path, formats=PIL_FORMATS) as image:
             shown = animation_frames(image)[0]
             for position, index in enumerate(shown):
                 if position == 0 or index != shown[position - 1]:
                     image.seek(index)
-                    frame = np.asarray(image.convert("RGB"))
+                    frame = np.asarray(rgb8(image))
                 yield frame
     else:
         import av

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kinema.data.probe import PIL_FORMATS
+from kinema.data.probe import PIL_FORMATS, rgb8
 from kinema.errors import KinemaError, shorten
 from kinema.memory import available_memory, check_frames_fit, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
@@ -95,12 +95,12 @@ def _read_image(image: Any, what: str) -> torch.Tensor:
         if not path.is_file():
             raise KinemaError(f"{what} {path} does not exist")
         try:
-            image = Image.open(path, formats=PIL_FORMATS).convert("RGB")
+            image = rgb8(Image.open(path, formats=PIL_FORMATS))
         except OSError as err:
             raise KinemaError(f"cannot read {what} {path}: {err}") from None
     if isinstance(image, Image.Image):
         # np.array copies: torch warns about the read-only buffer np.asarray would share with PIL
-        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+        image = torch.from_numpy(np.array(rgb8(image))).permute(2, 0, 1).float() / 255
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise KinemaError(f"{what} must be a path, a PIL image or a (3, H, W) tensor in [0, 1]")
     return _unit_range(image, what)

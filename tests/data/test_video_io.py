@@ -301,3 +301,21 @@ def test_frames_named_without_padding_are_read_in_frame_order(tmp_path):
     reds = ((video.frames[:, 0, 0, 0] + 1) / 2 * 255).round().tolist()
     assert reds == [20, 40, 200, 220]
     assert (frame_count(folder), video_size(folder), probe(folder)) == (4, (6, 8), (6, 8, 4))
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
+    # Depth maps are saved as 16-bit grayscale PNGs; PIL's convert("RGB") clips every value past 255 to white.
+    from kinema.data.probe import rgb_frames
+    from kinema.pipelines.generation import _read_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "frames" / "0000.png")
+    expected = torch.from_numpy((ramp / 257).round() / 255).float()  # 65535 -> 255
+    for read in (_read_image(tmp_path / "depth.png", "the control image"),
+                 (read_video(tmp_path / "depth.png").frames[0] + 1) / 2,
+                 (read_video(tmp_path / "frames").frames[0] + 1) / 2,
+                 torch.from_numpy(next(rgb_frames(tmp_path / "depth.png"))).permute(2, 0, 1).float() / 255):
+        assert read.shape == (3, 64, 64)
+        torch.testing.assert_close(read[1], expected, atol=1 / 255 + 1e-6, rtol=0)
