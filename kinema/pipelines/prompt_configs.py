@@ -83,7 +83,8 @@ IGNORED_KEYS = (
     "inference_config", "controlnet_config", "compile",
     "unet_batch_size",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
-    "lcm_lora_scale", "is_single_prompt_mode")
+    "lcm_lora_scale", "is_single_prompt_mode",
+    "domain_lora_scale")  # AnimateDiff's v3 configs set it, and its code reads adapter_lora_scale
 # animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
 SCHEDULER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m",
                      "k_dpmpp_2m_karras": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
@@ -159,6 +160,11 @@ def _model_and_loras(entry: Mapping[str, Any]) -> tuple[Any, list[Any]]:
     if len(models) > 1:
         raise KinemaError(f"give the model once: {' and '.join(models)} are all set")
     model = next(iter(models.values()), None)
+    if model is None and _given(entry, "motion_module") is not None:
+        # AnimateDiff's v3 configs leave dreambooth_path "" for its --pretrained-model-path, which kinema has not.
+        raise KinemaError("the entry gives a motion module but no model (model, dreambooth_path and path are empty "
+                          "or missing): set dreambooth_path (or model) to the Stable Diffusion 1.5 folder or file it "
+                          "animates")
     if _given(entry, "lora_model_path") is not None:
         loras.append([entry["lora_model_path"], entry.get("lora_alpha", DEFAULT_LORA_ALPHA)])
     if _given(entry, "adapter_lora_path") is not None:

@@ -83,6 +83,15 @@ def test_the_v3_domain_adapter_is_an_image_lora_at_its_own_scale(tmp_path, monke
         "adapter_lora_scale 0.5 has no adapter_lora_path to weigh, so it does nothing; give the file or drop it"]
     adapter = str(tmp_path / "models/v3_sd15_adapter.ckpt")
     assert [run.job.loras for run in read.runs] == [[(adapter, 1.0)], [(adapter, 0.5)], [], [(adapter, 1.0)]]
+    # The published v3 files (63bb388) also set domain_lora_scale, which AnimateDiff's code never reads, and leave
+    # dreambooth_path empty for its --pretrained-model-path: the one said, the other refused naming the key.
+    published = write(tmp_path / "v3-1-T2V.yaml", [{**entry, "domain_lora_scale": 1.0}])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert read_config(published).ignored == ["domain_lora_scale"]
+    with pytest.raises(KinemaError, match=r"gives a motion module but no model \(model, dreambooth_path and path "
+                                          r"are empty or missing\): set dreambooth_path \(or model\)"):
+        read_config(write(tmp_path / "v3-2.yaml", [{**entry, "dreambooth_path": ""}]))
 
 
 def test_sparsectrl_keys_make_the_keyframe_jobs_animatediff_means(tmp_path, monkeypatch, caplog, stand_in_models):
@@ -201,7 +210,9 @@ def test_prompt_travel_keys_make_one_scheduled_job(tmp_path, monkeypatch, stand_
     ("- prompt: [a, b, c]\n  n_prompt: [x, y]\n", "n_prompt lists 2 negative prompts for 3 prompts"),
     ("- prompt: [a, b, c]\n  seed: [1, 2]\n", "seed lists 2 seeds for 3 prompts; give one seed, or one per prompt"),
     (f"- prompt: [a cat]\n  seed: {2**64}\n", f"seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
-    ("- prompt: [a cat]\n  motion_module: mm_sd_v15_v2.ckpt\n", "no such motion module: mm_sd_v15_v2.ckpt"),
+    ("- prompt: [a cat]\n  model: kinema-tiny-ad\n  motion_module: mm_sd_v15_v2.ckpt\n",
+     "no such motion module: mm_sd_v15_v2.ckpt"),
+    ("- prompt: [a cat]\n  motion_module: mm_sd_v15_v2.ckpt\n", "gives a motion module but no model"),
     ("- prompt: [a cat]\n  dreambooth_path: models/toon.safetensors\n",
      "no such model file or folder: models/toon.safetensors; a model is an existing path or a bundled model's name"),
     ("- prompt: [a cat]\n  prompt_map: {0: a dog}\n", "give prompt or a prompt schedule"),
