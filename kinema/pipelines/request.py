@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -325,6 +325,26 @@ def check_scale(scale: Any, name: str, meaning: str) -> float:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
         raise KinemaError(f"{name} must be at least 0 and finite ({meaning}), got {scale!r}")
     return float(scale)
+
+
+def _check_field_types(settings: Any, prefix: str, skip: Sequence[str] = ()) -> None:
+    """One KinemaError line for a field of the dataclass `settings` whose value is not of its declared kind: a whole
+    number, a number, true/false or text (the Python API hands values straight through: "6", "no", 8.5). numpy
+    numbers pass; None passes where the field allows it."""
+    for field in fields(settings):
+        kind, value = str(field.type), getattr(settings, field.name)
+        if value is None or field.name in skip:
+            continue
+        name = f"{prefix}{field.name}"
+        if kind.startswith(("int", "float")):
+            whole = kind.startswith("int")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+                raise KinemaError(f"{name} must be {'a whole number' if whole else 'a number'}, got "
+                                  f"{value_words(value)}")
+        elif kind.startswith("bool") and not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+            raise KinemaError(f"{name} must be True or False, got {value_words(value)}")
+        elif kind == "str" and not isinstance(value, str):
+            raise KinemaError(f"{name} must be text, got {value_words(value)}")
 
 
 def _at_least_one(name: str, value: float) -> None:
@@ -830,16 +850,9 @@ class GenerationRequest:
     def _check_types(self) -> None:
         """One KinemaError line for a number field given as something else (the Python API hands values straight
         through: "6", True, a list), before any arithmetic on it fails in Python's words. numpy numbers pass."""
-        for field in fields(self):
-            kind = str(field.type)
-            value = getattr(self, field.name)
-            if value is None or not kind.startswith(("int", "float")) or field.name in _OWN_TYPE_CHECKS:
-                continue
-            whole = kind.startswith("int")
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
-                raise KinemaError(f"{field.name} must be {'a whole number' if whole else 'a number'}, got "
-                                  f"{value_words(value)}")
-        if isinstance(self.seeds, str | bytes | Mapping) or not isinstance(self.seeds, Iterable):
+        _check_field_types(self, "", skip=_OWN_TYPE_CHECKS)
+        # A one-pass iterator would be used up by this check and leave sampling no seed.
+        if isinstance(self.seeds, str | bytes | Mapping | Iterator) or not isinstance(self.seeds, Iterable):
             raise KinemaError(f"seeds must be a list of whole numbers (one video per seed), got "
                               f"{value_words(self.seeds)}")
         settings_types: tuple[tuple[str, type], ...] = (("free_init", FreeInitSettings), ("context", ContextSettings))
@@ -848,6 +861,8 @@ class GenerationRequest:
             if value is not None and not isinstance(value, settings_type):
                 raise KinemaError(f"{name} must be {settings_type.__name__}(...) or None, got "
                                   f"{value_words(value)}")
+            if value is not None:
+                _check_field_types(value, f"{name}.")
 
     def settings(self) -> dict[str, Any]:
         """The request as JSON-ready data for a video's settings (inputs given as tensors or images recorded by

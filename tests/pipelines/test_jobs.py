@@ -30,7 +30,7 @@ from kinema.pipelines.jobs import (
     model_window,
     run_job,
 )
-from kinema.pipelines.request import ContextSettings, FreeUSettings, GenerationRequest
+from kinema.pipelines.request import ContextSettings, FreeInitSettings, FreeUSettings, GenerationRequest
 
 SMALL = {"frames": 8, "steps": 2}
 
@@ -187,8 +187,17 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, data, message):
     ("fps", float("nan"), "fps must be from 0.01 to 1000"),
     ("steps", float("inf"), "steps must be a whole number, got float inf"),
     ("steps", 501, r"steps must be at most 500 \(some schedulers fail past it"),
+    # Switches, text and settings objects' fields are checked by their declared kinds too: "no" is true in Python.
+    ("compile", "no", "^compile must be True or False, got str 'no'$"),
+    ("resize", 1, "^resize must be True or False, got int 1$"),
+    ("negative_prompt", 3, "^negative_prompt must be text, got int 3$"),
+    ("seeds", iter([1]), "^seeds must be a list of whole numbers"),  # this check would use it up
+    ("context", ContextSettings(length="8"), "^context.length must be a whole number, got str '8'$"),
+    ("context", ContextSettings(overlap=4.5), "^context.overlap must be a whole number, got float 4.5$"),
+    ("context", ContextSettings(closed_loop="no"), "^context.closed_loop must be True or False"),
+    ("free_init", FreeInitSettings(method=2), "^free_init.method must be text, got int 2$"),
 ])
-def test_the_python_api_refuses_nan_and_infinity(field, value, message):
+def test_the_python_api_refuses_nan_infinity_and_values_of_another_kind(field, value, message):
     """GenerationRequest is also built directly (the Python API), where no job parser has checked the numbers."""
     request = GenerationRequest(prompt="a cat", **{field: value})
     with pytest.raises(KinemaError, match=message):
