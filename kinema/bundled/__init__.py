@@ -81,6 +81,10 @@ def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Pat
     model file or folder: MODEL"), then the bundled models this install has, or for a bundled name whose folder is
     missing, that it is missing.
     """
+    if not isinstance(model, str | os.PathLike):  # the Python API: None, a number
+        from kinema.errors import value_words
+
+        raise KinemaError(f"a model is a path or a bundled model's name, got {value_words(model)}")
     path = Path(model)
     if path.exists():
         return path

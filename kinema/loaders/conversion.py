@@ -21,6 +21,13 @@ def convert(
     """Convert whatever `source` is into layout `to` at `target`; returns the written path and notes for the user.
     `target` follows kinema's output policy (kinema.fileio): a new path, or with `overwrite` an earlier kinema
     output of the same kind; never a file or folder kinema did not write, never the input or a folder holding it."""
+    from kinema.errors import value_words
+
+    for name, value in (("source", source), ("target", target)):
+        if not isinstance(value, str | os.PathLike):
+            raise KinemaError(f"convert's {name} is a path, got {value_words(value)}")
+    if not isinstance(overwrite, bool):
+        raise KinemaError(f"overwrite must be True or False, got {value_words(overwrite)}")
     # The policy is checked before reading (a V3 transformer is GBs) and again once the kind is known.
     check_output(target, None, folder=None, overwrite=overwrite, inputs=(source,))
     described = Source(Path(source))

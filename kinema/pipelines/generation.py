@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kinema.data.probe import PIL_FORMATS, rgb8
-from kinema.errors import KinemaError, shorten
+from kinema.errors import KinemaError, shorten, value_words
 from kinema.memory import available_memory, check_frames_fit, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
@@ -887,6 +887,13 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             (`load_latents`) and stopped before writing its videos: they are decoded instead of sampling again. One
             KinemaError line, before any denoising, when they are another run's (their settings differ).
     """
+    if not isinstance(family, VideoFamily):
+        raise KinemaError(f"generate takes a loaded model (kinema.pipelines.load_family(...)), got "
+                          f"{value_words(family)}")
+    if not isinstance(request, GenerationRequest):
+        raise KinemaError(f"generate takes a GenerationRequest(prompt=..., ...), got {value_words(request)}")
+    if callback is not None and not callable(callback):
+        raise KinemaError(f"callback must be a function of (step, timestep, latents), got {value_words(callback)}")
     if output not in OUTPUT_TYPES:
         raise KinemaError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUT_TYPES)}")
     began = time.perf_counter()

@@ -233,9 +233,9 @@ def load_family(
         loras: SD models only: `(path, weight)` pairs, applied in order. Motion LoRAs (told apart by the format
             registry's motion-LoRA describer, as `kinema.describe` tells them) are applied to the motion modules at
             strength `weight`; any other file of LoRA matrices is an image LoRA, fused into the UNet and text
-            encoder at scale `weight` before the UNet is inflated. Weights may be any finite number.
-        dtype: "float32", "bfloat16" or "float16" for every model (the text encoders too). SD parts are loaded and
-            LoRAs fused in float32, then cast.
+            encoder at scale `weight` before the UNet is inflated. Weights go from -100 to 100.
+        dtype: "float32", "bfloat16" or "float16" (or the torch dtype) for every model (the text encoders too). SD
+            parts are loaded and LoRAs fused in float32, then cast.
         device: where the models go: a torch device, or a kinema.devices name: auto (the first CUDA GPU when torch
             sees one, else the CPU), cpu, cuda, cuda:N or mps.
         tokenizer: SD single files only (they hold none): an SD1.5 diffusers folder or a CLIP tokenizer folder.
@@ -259,8 +259,14 @@ def load_family(
     """
     import torch
 
+    if isinstance(dtype, torch.dtype):  # torch.float16, as kinema.load takes it
+        dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
+    if not isinstance(model, str | os.PathLike):
+        from kinema.errors import value_words
+
+        raise KinemaError(f"a model is a path or a bundled model's name, got {value_words(model)}")
     if not isinstance(device, torch.device):  # a name this machine lacks: one line before any weights load
         from kinema.devices import resolve_device
 
@@ -322,6 +328,9 @@ def _image_prompt_files(ip_adapter: tuple[str | os.PathLike, float], encoder: st
                         ) -> _ImagePromptFiles:
     from kinema.loaders.ip_adapter import check_ip_adapter_scale, image_encoder_folder
 
+    if not (isinstance(ip_adapter, (tuple, list)) and len(ip_adapter) == 2):
+        raise KinemaError(f"ip_adapter is a (path, scale) pair, e.g. (\"ip-adapter_sd15.safetensors\", 1.0); got "
+                          f"{ip_adapter!r}")
     path, scale = ip_adapter
     adapter = _existing(path, "IP-Adapter")
     source, report = _describe(adapter)  # headers only: another kind of file is named before any weights load

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class PromptWorld:
 
         outside = next((p for p in prompts if p.strip() and not in_synth_world(p)), None)
         if outside is not None:
-            logger.warning(WORLD_WARNING, outside)
+            logger.warning(WORLD_WARNING, shorten(outside, 200))
 
 
 def _prompt_batch(prompts: str | Sequence[str]) -> list[str]:

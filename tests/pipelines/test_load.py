@@ -355,3 +355,28 @@ def test_bad_input_is_one_line_before_any_weights_are_read(files, case, no_weigh
     with pytest.raises(KinemaError, match=message) as caught:
         load_family(*args, **kwargs)
     assert "\n" not in str(caught.value)
+
+
+def test_the_python_api_names_arguments_of_the_wrong_kind(files):
+    # Python's own errors (TypeError deep in pathlib, AttributeError in generate) named nothing a user passed.
+    import kinema
+    from kinema.pipelines import generate
+    from kinema.pipelines.request import GenerationRequest
+
+    for call, message in (
+            (lambda: kinema.describe(None), "^a model is a path or a bundled model's name, got null$"),
+            (lambda: kinema.load(3), "^a model is a path or a bundled model's name, got int 3$"),
+            (lambda: kinema.convert(files["motion_module"], None, "diffusers"), "^convert's target is a path"),
+            (lambda: kinema.convert(files["motion_module"], files["root"] / "x", "diffusers", overwrite="no"),
+             "^overwrite must be True or False"),
+            (lambda: load_family(None), "^a model is a path or a bundled model's name"),
+            (lambda: load_family(files["folder"], motion_module=files["motion_module"], ip_adapter="ip.safetensors"),
+             r"^ip_adapter is a \(path, scale\) pair"),
+            (lambda: generate("kinema-tiny", GenerationRequest(prompt="x")),
+             r"^generate takes a loaded model \(kinema.pipelines.load_family\(...\)\), got str 'kinema-tiny'$"),
+            (lambda: generate(load_family("kinema-tiny"), {"prompt": "x"}), "^generate takes a GenerationRequest"),
+            (lambda: generate(load_family("kinema-tiny"), GenerationRequest(prompt="x"), callback=5),
+             "^callback must be a function of"),
+    ):
+        with pytest.raises(KinemaError, match=message):
+            call()
