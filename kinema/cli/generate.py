@@ -668,7 +668,8 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
         from kinema.loaders.ip_adapter import image_encoder_folder
 
         _require_weights(args.ip_adapter[0], "IP-Adapter file", scaled=True)
-        image_encoder_folder(args.ip_adapter[0], args.image_encoder)
+        if _may_be_ip_adapter(args.ip_adapter[0]):  # else the load names what it is, not its missing encoder
+            image_encoder_folder(args.ip_adapter[0], args.image_encoder)
     elif args.image_encoder is not None:
         raise KinemaError("--image-encoder is the CLIP image encoder of an IP-Adapter: give --ip-adapter too")
     if (args.ip_image is None) != (args.ip_adapter is None):
@@ -684,6 +685,17 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
     for video in args.control_video or []:
         _require_path(video, "control video")
     return folder
+
+
+def _may_be_ip_adapter(path: str) -> bool:
+    """False for a folder or a safetensors file without IP-Adapter tensors (`image_proj.*`), told torch-free from
+    its header; True otherwise (a pickle is told once it is read)."""
+    from kinema.sniff import Kind, sniff
+
+    if Path(path).is_dir():
+        return False
+    found = sniff(path)
+    return found.kind is not Kind.SAFETENSORS or any(name.startswith("image_proj.") for name in found.names)
 
 
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:

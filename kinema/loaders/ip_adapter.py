@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kinema.errors import KinemaError, naming, without_library_notices
+from kinema.errors import KinemaError, library_error_message, naming, shorten, without_library_notices
 
 if TYPE_CHECKING:  # torch and the readers load when a file is read, so the CLI checks its options without them
     import torch
@@ -194,6 +194,12 @@ def load_ip_adapter(video_unet: Any, path: str | os.PathLike | Source, *, scale:
     if getattr(unet, "encoder_hid_proj", None) is not None:
         raise KinemaError("this model already has an IP-Adapter (or another image projection) loaded; load the "
                           "model again to use another")
+    try:  # diffusers builds the projection after it has swapped the UNet's processors: built here first, alone
+        unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"], low_cpu_mem_usage=False)
+    except (RuntimeError, KeyError) as err:  # a tensor missing or mis-shaped: a damaged file
+        raise KinemaError(f"{path}: its image_proj weights do not fit the {variant} IP-Adapter's projection "
+                          f"({shorten(library_error_message(err), 200)}): the file is damaged, or no h94 SD1.5 "
+                          "adapter") from None
     encoder_folder = image_encoder_folder(path, image_encoder)
     from kinema.loaders.checkpoint_io import load_pretrained
 

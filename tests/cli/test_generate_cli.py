@@ -278,6 +278,7 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
     Image.new("RGB", (100, 84)).save(tmp_path / "odd.png")
 
     save_file({"latents": torch.zeros(1, 4, 2, 2, 2)}, str(tmp_path / "weights.safetensors"))
+    save_file({"image_proj.proj.weight": torch.zeros(4, 4)}, str(tmp_path / "ip.safetensors"))
     # PIA motion modules, told from the header and the config alone: the tensors are never read.
     save_file({"conv_in.weight": torch.zeros(1, 9, 1, 1), "conv_in.bias": torch.zeros(1),
                "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(1)},
@@ -303,7 +304,7 @@ def test_usage_errors_exit_2_with_one_line_before_torch_is_imported(model_files,
         (["generate", "a cat", *model, "--ip-image", "clip.mp4"], "--ip-adapter and --ip-image come together (the "
                                                                   "adapter conditions on the image prompt): give "
                                                                   "both, or neither"),
-        (["generate", "a cat", *model, "--ip-adapter", "weights.safetensors", "--ip-image", "clip.mp4"],
+        (["generate", "a cat", *model, "--ip-adapter", "ip.safetensors", "--ip-image", "clip.mp4"],
          "the IP-Adapter needs its CLIP image encoder, and image_encoder is no transformers model folder"),
         (["generate", "a cat", *model, "--control-video", "clip.mp4"], "--controlnet and --control-video come "
                                                                        "together (the ControlNet steers by the "
@@ -954,3 +955,17 @@ def test_refusals_that_the_options_and_headers_decide_come_before_the_model_load
         assert code == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_another_kind_of_file_as_ip_adapter_is_left_to_the_load_that_names_it(tmp_path):
+    # Blamed for a missing image_encoder/ beside it before: the load says what the file is instead.
+    from safetensors.torch import save_file
+
+    from kinema.cli.generate import _may_be_ip_adapter
+
+    save_file({"image_proj.proj.weight": torch.zeros(4, 4)}, str(tmp_path / "ip.safetensors"))
+    save_file({"down_blocks.0.motion_modules.0.proj_in.weight": torch.zeros(4, 4)}, str(tmp_path / "mm.safetensors"))
+    (tmp_path / "ip.bin").write_bytes(b"PK")  # a pickle: told once read
+    assert [_may_be_ip_adapter(str(tmp_path / name)) for name in ("ip.safetensors", "mm.safetensors", "ip.bin")] == [
+        True, False, True]
+    assert not _may_be_ip_adapter(str(tmp_path))  # a ControlNet folder, say

@@ -192,6 +192,9 @@ def test_inspect_names_the_variant_and_bin_files_read_as_safetensors_do(unet2d, 
      r"IP-Adapter FaceID file"),
     (lambda s: {**s, "image_proj.proj.weight": s["image_proj.proj.weight"] * float("nan")},
      r"the IP-Adapter holds NaN or infinite values"),
+    (lambda s: {k: v for k, v in s.items() if k != "image_proj.norm.weight"},
+     r"bad.safetensors: its image_proj weights do not fit the plain IP-Adapter's projection \(.*norm.weight.*\): "
+     r"the file is damaged, or no h94 SD1.5 adapter$"),
 ])
 def test_bad_files_are_one_line_before_the_model_changes(unet2d, adapter_folder, tmp_path, change, message):
     path = tmp_path / "bad.safetensors"
