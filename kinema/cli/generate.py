@@ -1047,7 +1047,7 @@ def check_extend(args: argparse.Namespace) -> None:
         args.prompt = read_prompt(args.prompt)
     args.stored_settings = stored_settings(args.video)
     if args.model is None:  # continued alike: with the model that made it, as its settings name it
-        _take_stored_model(args, args.stored_settings)
+        _take_stored_model(args, args.stored_settings, continued=True)
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS))
     extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
                                                                                       have)
@@ -1134,13 +1134,17 @@ def _another_model(subject: str, made_by: str, now: str, purpose: str) -> str:
     return f"{subject} by {made_by}, which is not here any more, and {now}"
 
 
-def _take_stored_model(args: argparse.Namespace, recorded: dict[str, Any]) -> None:
-    """decode and extend without --model: the model (and motion module and VAE, unless given) that made the latents
-    or video, as their settings `recorded` name them, where it is still here; else the default model."""
+def _take_stored_model(args: argparse.Namespace, recorded: dict[str, Any], continued: bool = False) -> None:
+    """decode and extend without --model: the model (and motion module and VAE, unless given; an extended video's
+    LoRAs, unless --lora is) that made the latents or video, as their settings `recorded` name them, where it is
+    still here; else the default model."""
     from kinema.pipelines.jobs import stored_model_parts
 
-    for key, value in stored_model_parts(recorded).items():
-        if getattr(args, key) is None:
+    for key, value in stored_model_parts(recorded, continued=continued).items():
+        if key == "loras":
+            if not args.lora:
+                args.lora = [(entry["path"], entry.get("weight", 1.0)) for entry in value]
+        elif getattr(args, key) is None:
             setattr(args, key, value)
 
 

@@ -772,16 +772,38 @@ def _prompt(value: Any) -> str | dict[str, Any]:
     return text
 
 
-def stored_model_parts(recorded: Mapping[str, Any]) -> dict[str, str]:
+def stored_model_parts(recorded: Mapping[str, Any], *, continued: bool = False) -> dict[str, Any]:
     """The model, motion module and VAE that a video's or latents' settings `recorded` name, those still here (a
     bundled model's name, or a path that exists): what `kinema extend`, `kinema decode` and extend jobs take when
-    given no model. {} when the model is not here."""
+    given no model. {} when the model is not here. A video `continued` (extend) keeps its LoRAs too (`loras`,
+    `{"path", "weight"}` each, when every file is still here), and a warning says what it is continued without."""
     model = recorded.get("model")
     if not isinstance(model, str) or not (is_bundled_name(model) or os.path.exists(model)):
         return {}
-    parts = {"model": model}
+    parts: dict[str, Any] = {"model": model}
     if is_bundled_name(model):  # its own folder supplies them, as when it is named (and no install path is copied)
         return parts
+    for key in ("motion_module", "vae"):
+        stored = recorded.get(key)
+        if isinstance(stored, str) and os.path.exists(stored):
+            parts[key] = stored
+    if not continued:
+        return parts
+    loras = recorded.get("loras")
+    if isinstance(loras, list) and loras:
+        paths = [entry.get("path") if isinstance(entry, Mapping) else None for entry in loras]
+        if all(isinstance(path, str) and os.path.exists(path) for path in paths):
+            parts["loras"] = [dict(entry) for entry in loras]
+        else:
+            logger.warning("the video was made with LoRAs that are no longer all here (%s), so it is continued "
+                           "without them; give them again to keep its style", ", ".join(map(str, paths)))
+    if recorded.get("ip_adapter"):
+        logger.warning("the video was made with an IP-Adapter's image prompt, and is continued without it; give the "
+                       "IP-Adapter and its image again (--ip-adapter and --ip-image) to keep it")
+    if recorded.get("controlnet"):
+        logger.warning("the video was made with a ControlNet, which steers one clip's frames: it is continued "
+                       "without")
+    return parts
     for key in ("motion_module", "vae"):
         stored = recorded.get(key)
         if isinstance(stored, str) and os.path.exists(stored):
@@ -922,7 +944,7 @@ def _with_makers_parts(data: dict[str, Any], base: Path, models_dir: Path | None
         if found is not None:
             from kinema.data.probe import stored_settings
 
-            made_with = stored_model_parts(stored_settings(found))
+            made_with = stored_model_parts(stored_settings(found), continued=True)
             return {**data, **{key: value for key, value in made_with.items() if data.get(key) is None}}
     return data
 

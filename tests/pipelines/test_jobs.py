@@ -728,3 +728,33 @@ def test_a_missing_relative_input_names_where_it_was_looked_for_and_a_home_path_
     monkeypatch.setenv("HOME", str(tmp_path))
     job = job_from_mapping({"prompt": "a cat", "image": "~/start.png"}, base=tmp_path / "elsewhere")
     assert job.request.image == str(tmp_path / "start.png")
+
+
+def test_a_continued_video_keeps_its_loras_and_says_what_it_loses(tmp_path, caplog):
+    # `kinema extend` and extend jobs without a model take the one that made the video; its LoRAs were dropped
+    # without a word, and so were its IP-Adapter and ControlNet.
+    import logging
+
+    from kinema.pipelines.jobs import stored_model_parts
+
+    for name in ("sd", "mm.safetensors", "style.safetensors"):
+        (tmp_path / name).touch()
+    recorded = {"model": str(tmp_path / "sd"), "motion_module": str(tmp_path / "mm.safetensors"),
+                "loras": [{"path": str(tmp_path / "style.safetensors"), "weight": 0.7}],
+                "ip_adapter": {"path": str(tmp_path / "ip.bin"), "scale": 1.0}}
+    # Decoding latents needs the VAE alone: no LoRA, nothing said.
+    with caplog.at_level(logging.WARNING):
+        assert stored_model_parts(recorded) == {"model": str(tmp_path / "sd"),
+                                                "motion_module": str(tmp_path / "mm.safetensors")}
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        parts = stored_model_parts(recorded, continued=True)
+    assert parts["loras"] == [{"path": str(tmp_path / "style.safetensors"), "weight": 0.7}]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the video was made with an IP-Adapter's image prompt, and is continued without it; give the IP-Adapter and "
+        "its image again (--ip-adapter and --ip-image) to keep it"]
+    (tmp_path / "style.safetensors").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert "loras" not in stored_model_parts({**recorded, "ip_adapter": None}, continued=True)
+    assert "LoRAs that are no longer all here" in caplog.text
