@@ -297,7 +297,7 @@ def pia_refusal(motion_module: Any, pia: bool, mode: str, end_image: bool, prese
                            f"(image, --image), with no end image, and makes nothing else ({mode}"
                            f"{' with an end image' if end_image else ''}); load another motion module for that")
     if preset and not pia:
-        what = "no motion module" if motion_module is None else f"the motion module {motion_module}"
+        what = "the model's motion module" if motion_module is None else f"the motion module {motion_module}"
         return KinemaError(f"pia_motion (--pia-motion) is a PIA motion preset, and {what} is not a PIA image "
                            "animator; load a PIA motion module, or drop it")
     return None
