@@ -362,6 +362,10 @@ def ip_adapter_job_data(given: Any, frames: int | None, config_folder: Path) -> 
     data: dict[str, Any] = {"ip_image": str(next(iter(images.values()))) if len(images) == 1 else {
         str(frame): str(path) for frame, path in images.items()}}  # several: the image prompt travels
     path = given.get("path")
+    flags = [key for key in ("is_full_face", "is_light", "is_plus_face", "is_plus") if given.get(key)]
+    if isinstance(path, str) and flags:
+        logger.warning("ip_adapter_map: path names the adapter file, whose tensors tell its variant, so %s chooses "
+                       "nothing; drop it, or drop path to let it pick h94's file", " and ".join(flags))
     if not isinstance(path, str):
         local = Path.cwd() / "data/models/ip_adapter/models" / name
         path = str(local) if local.is_file() else _cached_hub_file(IP_ADAPTER_REPO, f"models/{name}")

@@ -246,7 +246,8 @@ def test_badly_named_images_are_one_line(project, hub, stand_in_models):
         read_config(travel(project, controlnet_map={"input_image_dir": "cn", "controlnet_openpose": net()}))
 
 
-def test_the_ip_adapter_map_prompts_with_its_image_and_the_file_its_flags_name(project, hub, stand_in_models):
+def test_the_ip_adapter_map_prompts_with_its_image_and_the_file_its_flags_name(project, hub, stand_in_models,
+                                                                                 caplog):
     weights = project / "data/models/ip_adapter/models/ip-adapter-plus_sd15.bin"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"x")
@@ -269,6 +270,13 @@ def test_the_ip_adapter_map_prompts_with_its_image_and_the_file_its_flags_name(p
     [late, _] = images(project / "data/ip_adapter_image/test", 8, 16)  # 16: past L 16
     [run] = read_config(travel(project, ip_adapter_map=ip_map)).runs
     assert run.job.request.ip_image == {"0": image, "8": late}  # several images: the image prompt travels
+    # kinema's own "path" names the file, and the file's tensors its variant: a flag beside it chooses nothing.
+    with caplog.at_level(logging.WARNING):
+        [run] = read_config(travel(project, ip_adapter_map={**ip_map, "path": str(weights),
+                                                            "image_encoder": str(encoder)})).runs
+    assert run.job.ip_adapter == (str(weights), 0.5)
+    assert "ip_adapter_map: path names the adapter file, whose tensors tell its variant, so is_plus chooses " \
+           "nothing" in caplog.text
 
 
 def test_the_img2img_map_remakes_its_numbered_frames(project, stand_in_models):
