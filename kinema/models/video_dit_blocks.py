@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from kinema.errors import KinemaError
-from kinema.models.motion import build_motion_module
+from kinema.models.motion import build_motion_module, run_motion_module
 
 MotionModuleSpec = str | dict[str, Any]
 
@@ -165,7 +165,7 @@ class VideoDiTBlock(nn.Module):
         h = self.attn1(rearrange(h, "b (f n) c -> (b f) n c", f=num_frames))  # attention within each frame
         x = x + gate_msa * rearrange(h, "(b f) n c -> b (f n) c", f=num_frames)
         video = rearrange(x, "b (f h w) c -> b c f h w", f=num_frames, h=height, w=width)
-        x = rearrange(self.attn_temporal(video), "b c f h w -> b (f h w) c")
+        x = rearrange(run_motion_module(self.attn_temporal, video), "b c f h w -> b (f h w) c")
         # No norm before cross-attention: PixArt (and V3) feed the raw hidden states.
         x = x + self.attn2(x, encoder_hidden_states=context, attention_mask=context_bias)
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp

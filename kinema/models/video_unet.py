@@ -34,7 +34,7 @@ from kinema.models.motion import (
     build_motion_module,
     check_frame_count,
     check_norm_mode,
-    motion_takes_text,
+    run_motion_module,
     video_group_norm,
 )
 from kinema.models.video_model import Timestep, VideoModel, timesteps_per_clip
@@ -115,10 +115,7 @@ class MotionHook:
         hidden = output[0] if isinstance(output, tuple) else output  # attentions return a 1-tuple
         clip = _current_clip()
         video = rearrange(hidden, "(b f) c h w -> b c f h w", f=clip.frames)
-        if motion_takes_text(self.motion_module):
-            video = self.motion_module(video, text=clip.text)
-        else:
-            video = self.motion_module(video)
+        video = run_motion_module(self.motion_module, video, clip.text)
         hidden = rearrange(video, "b c f h w -> (b f) c h w")
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

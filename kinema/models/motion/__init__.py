@@ -11,6 +11,7 @@ from kinema.models.motion.registry import (
     motion_max_frames,
     motion_takes_text,
     register_motion_module,
+    run_motion_module,
     set_motion_attention_chunk_size,
 )
 from kinema.models.motion.strength import MotionStrength, current_motion_strength, motion_strength
@@ -38,6 +39,7 @@ __all__ = [
     "motion_strength",
     "motion_takes_text",
     "register_motion_module",
+    "run_motion_module",
     "set_motion_attention_chunk_size",
     "sinusoidal_frame_encoding",
     "video_group_norm",

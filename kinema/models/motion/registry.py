@@ -54,7 +54,12 @@ MOTION_MODULES: dict[str, type[nn.Module]] = {}
 def register_motion_module(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: make a motion module (see `MotionModule`) buildable as `{"type": name, **settings}`."""
 
+    if not isinstance(name, str) or not name:
+        raise KinemaError(f"a motion module is registered under a name (text), got {name!r}")
+
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise KinemaError(f"register_motion_module decorates a torch.nn.Module class, got {cls!r}")
         if name in MOTION_MODULES and MOTION_MODULES[name] is not cls:
             raise KinemaError(f"a motion module named {name!r} is already registered ({MOTION_MODULES[name]!r}); "
                               "pick another name")
@@ -71,10 +76,26 @@ def build_motion_module(spec: str | dict[str, Any], channels: int) -> nn.Module:
     if name not in MOTION_MODULES:
         raise KinemaError(f"unknown motion module type {name!r}; registered: {sorted(MOTION_MODULES)}. "
                           "Register your own with kinema.models.motion.register_motion_module")
-    try:
-        return MOTION_MODULES[name](channels, **spec)
+    import inspect
+
+    cls = MOTION_MODULES[name]
+    try:  # the settings against the signature alone: a TypeError inside the module's own __init__ is its bug
+        inspect.signature(cls).bind(channels, **spec)
     except TypeError as err:
         raise KinemaError(f"bad settings for motion module {name!r}: {err}") from None
+    return cls(channels, **spec)
+
+
+def run_motion_module(module: nn.Module, video: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    """`module(video)` (with `text=` for a module that takes the prompt tokens), `(B, C, F, H, W)` in and out; one
+    KinemaError line naming the module when it returns anything else (a custom module that drops a frame or
+    changes the channels would otherwise fail deep in the next layer)."""
+    out = module(video, text=text) if motion_takes_text(module) else module(video)
+    if not isinstance(out, torch.Tensor) or out.shape != video.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise KinemaError(f"the motion module {type(module).__name__} returned {got} for a {tuple(video.shape)} "
+                          "input: a motion module returns a tensor of its input's shape, (B, C, F, H, W)")
+    return out
 
 
 def motion_max_frames(module: nn.Module) -> int:

@@ -335,3 +335,36 @@ def test_the_norm_learns_from_frozen_tokens_laid_out_channels_last():
             (video_group_norm(norm, given, mode) * torch.randn(2, 32, 3, 4, 4)).sum().backward()
             grads.append((norm.weight.grad, norm.bias.grad))
         torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_user_modules_broken_contract_is_named():
+    # A module that drops a frame failed deep in the next diffusers layer; a bug in its __init__ was called "bad
+    # settings"; a function or a nameless registration was taken.
+    from kinema.models.motion import run_motion_module
+
+    @register_motion_module("test_drop_frame")
+    class DropFrame(torch.nn.Module):
+        def __init__(self, channels, broken=False):
+            super().__init__()
+            if broken:
+                raise TypeError("a bug of its own")
+
+        def forward(self, x):
+            return x[:, :, 1:]
+
+    try:
+        with pytest.raises(KinemaError, match=r"^the motion module DropFrame returned \(1, 8, 2, 2, 2\) for a "
+                                              r"\(1, 8, 3, 2, 2\) input: a motion module returns a tensor of its "
+                                              r"input's shape, \(B, C, F, H, W\)$"):
+            run_motion_module(build_motion_module({"type": "test_drop_frame"}, 8), torch.randn(1, 8, 3, 2, 2))
+        with pytest.raises(TypeError, match="a bug of its own"):
+            build_motion_module({"type": "test_drop_frame", "broken": True}, 8)
+        with pytest.raises(KinemaError, match="bad settings for motion module 'test_drop_frame'"):
+            build_motion_module({"type": "test_drop_frame", "heads": 2}, 8)
+    finally:
+        MOTION_MODULES.pop("test_drop_frame")
+    with pytest.raises(KinemaError, match="decorates a torch.nn.Module class"):
+        register_motion_module("test_function")(lambda channels: None)
+    with pytest.raises(KinemaError, match="registered under a name"):
+        register_motion_module(3)
+    assert "test_function" not in MOTION_MODULES
