@@ -223,7 +223,9 @@ def read_controlnet(path: str | os.PathLike | Source, unet_config: dict[str, Any
 
 
 # The UNet settings a ControlNet's residuals must share with the UNet they are added to.
-_MUST_MATCH = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")
+# addition_embed_type: an SDXL ControlNet (text_time) of SD1.5 widths would fit every other one, and fail in sampling.
+_MUST_MATCH = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+               "addition_embed_type")
 
 
 def check_fits_unet(config: dict[str, Any], unet_config: dict[str, Any]) -> None:

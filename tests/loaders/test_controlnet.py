@@ -222,12 +222,18 @@ def test_weights_holding_nan_are_refused(unet2d, file_controlnet, tmp_path):
         read_controlnet(path, dict(unet2d.config))
 
 
-def test_a_controlnet_for_another_unet_is_named_before_loading(controlnet_folder):
+def test_a_controlnet_for_another_unet_is_named_before_loading(controlnet_folder, unet2d):
     from kinema.loaders.controlnet import check_fits_unet
 
     with pytest.raises(KinemaError, match=r"the ControlNet's block_out_channels is \[32, 64\] and the base UNet's "
                                           r"\[320, 640, 1280, 1280\], so its residuals do not fit"):
         check_fits_unet(ControlNetModel.load_config(controlnet_folder), controlnet_config())
+    # SDXL's ControlNets add time and text embeddings: at equal widths, every other setting would pass.
+    own = dict(ControlNetModel.load_config(controlnet_folder))
+    with pytest.raises(KinemaError, match=r"the ControlNet's addition_embed_type is text_time and the base UNet's "
+                                          r"None"):
+        check_fits_unet({**own, "addition_embed_type": "text_time"}, dict(unet2d.config))
+    check_fits_unet(own, dict(unet2d.config))
     source = Source(controlnet_folder, {"unet_config": {**controlnet_config(), "block_out_channels": [64, 64]}})
     with pytest.raises(KinemaError, match=r"control_v11p_tiny: the ControlNet's block_out_channels"):
         describe_controlnet(source)
