@@ -657,6 +657,8 @@ def load_config_file(path: str | os.PathLike) -> Any:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise KinemaError(f"{path} is a folder; give the config file in it (a .yaml or .json file)")
     if not path.is_file():
         raise KinemaError(f"no such config file: {path}")
     try:

@@ -459,6 +459,9 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         values = load_config_file(path)  # a key given twice is refused: YAML keeps the last, dropping a section
     except OSError as err:
         raise KinemaError(f"cannot read {path}: {err}") from None
+    if values is None:
+        raise KinemaError(f"{path} is empty: write the run's settings in it (mode, model.path, data.root, output; "
+                          "configs/train/ holds examples, docs/training.md every key)")
     if not isinstance(values, dict):
         raise KinemaError(f"{path} must be a mapping of settings (key: value lines), got {type(values).__name__}")
     for dotted, value in (overrides or {}).items():

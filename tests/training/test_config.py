@@ -113,6 +113,11 @@ def test_overrides_and_paths(tmp_path, monkeypatch):
     assert made.output == os.path.join(str(tmp_path), "runs", "a") and os.path.isabs(made.model.path)
     with pytest.raises(KinemaError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(KinemaError, match=r"is a folder; give the config file in it \(a .yaml or .json file\)$"):
+        load_config(tmp_path)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(KinemaError, match=r"empty.yaml is empty: write the run's settings in it \(mode, model.path"):
+        load_config(tmp_path / "empty.yaml")
     (tmp_path / "bad.yaml").write_text("mode: [\n")
     with pytest.raises(KinemaError, match="is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
