@@ -144,7 +144,8 @@ _WEIGHTS_ONLY_KINDS = ("motion_module", "motion_lora")
 # kinema's own outputs that hold no weights, and what takes each: `kinema inspect` given one says so.
 _NOT_WEIGHTS = {"latents": ": `kinema decode` makes its video",
                 "video": ": `kinema extend` and `kinema v2v` take it; its settings are in its sidecar",
-                "video_settings": ": the settings of the video beside it", "synth_dataset": ": `kinema train` takes it",
+                "video_settings": ": the settings of the video beside it",
+                "synth_dataset": ": `kinema train` takes it as data.root",
                 "training_export": ": the weights are inside it: model/ a model folder (--model), "
                                    "motion_module.safetensors a motion module (--motion-module, with the model it "
                                    "trained on), lora.safetensors a LoRA (--lora)", "eval": "", "eval_prompts": "",
@@ -182,6 +183,9 @@ def describe_source(source: Source) -> dict[str, Any]:
         hint = f"; {guess_kind(source.names)}"
     elif path.is_file():
         hint = f"; weights files kinema reads end in {', '.join(SUPPORTED_SUFFIXES)}"
+    elif (path / "config.json").is_file() and any((path.parent / name).is_file()
+                                                  for name in ("model_index.json", "kinema.json")):
+        hint = f"; it is the {path.name}/ part of the model folder {path.parent}: give that folder"
     elif path.is_dir() and not (path / "config.json").is_file() and any(
             child.is_file() and child.suffix in SUPPORTED_SUFFIXES for child in path.iterdir()):
         # A diffusers folder (MotionAdapter, AutoencoderKL, ControlNet, UNet) is built from its config.json.

@@ -140,6 +140,16 @@ def test_a_training_run_its_checkpoints_and_its_run_file_are_named_with_what_tak
             kinema.loaders.describe(path)
 
 
+def test_a_part_of_a_model_folder_names_the_folder_to_give():
+    # A model's unet/ (a UNet2DConditionModel config) is no kind of its own: the folder above it is the model.
+    from kinema.bundled import bundled_model_path
+
+    folder = bundled_model_path("kinema-tiny-ad")
+    with pytest.raises(KinemaError, match=f"it is the unet/ part of the model folder {re.escape(str(folder))}: give "
+                                          "that folder$"):
+        kinema.loaders.describe(folder / "unet")
+
+
 # ---------------------------------------------------------------- the package's public names
 
 
