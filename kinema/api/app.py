@@ -567,6 +567,7 @@ class _Server:
             if fields.get(key) is not None:
                 raise KinemaError(f"the API reads no server paths: send the {UPLOADS[key]} as the multipart file "
                                   f"field {key} or as {key}_base64, not as {key!r}")
+        store = self.store  # a data folder removed while serving: 503 now, before any upload is written
         job_id = uuid.uuid4().hex
         saved: list[Path] = []
         input_frames = None
@@ -593,14 +594,14 @@ class _Server:
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir,
                            device=self.device, check_memory=False)  # the memory free when it runs, not now
             self.limits.check(job, input_frames)  # job_from_mapping checked the images' sizes against the video's
-        except BaseException:
+            # job.settings() is what job_from_mapping takes back to make the same job after a restart: the seeds
+            # drawn, the model files as resolved, the uploads as the server's files.
+            record = store.add(job.settings(), job.settings(), job.request.sampling_steps() or job.request.steps,
+                               job_id)
+        except BaseException:  # nothing of a job that was not queued stays behind
             for path in saved:
                 path.unlink(missing_ok=True)
             raise
-        # job.settings() is what job_from_mapping takes back to make the same job after a restart: the seeds drawn,
-        # the model files as resolved, the uploads as the server's files.
-        record = self.store.add(job.settings(), job.settings(), job.request.sampling_steps() or job.request.steps,
-                                job_id)
         self.worker.wake()
         return record
 
@@ -665,10 +666,10 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception) -> JSONResponse:
-        # What no check foresaw is still one JSON line, as every error; the log keeps the traceback.
+        # What no check foresaw is still one JSON line, as every error; the log keeps the traceback and the words,
+        # which may name the server's files: the client hears the kind of failure alone.
         logger.error("%s %s failed", request.method, request.url.path, exc_info=err)
-        return _error_response(500, f"the server failed ({shorten(library_error_message(err), 300)}); its log has "
-                                    "the details")
+        return _error_response(500, f"the server failed ({type(err).__name__}); its log has the details")
 
     @app.post("/v1/jobs", status_code=201, response_model=JobView, openapi_extra=_SUBMIT_BODY,
               summary="Queue a generation job")

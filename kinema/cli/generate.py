@@ -727,13 +727,15 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
     with an EasyAnimate model."""
     if getattr(args, "size_of_input", False):
         _check_input_video_size(folder, args.height, args.width)
+    # Any --context-* option makes windows, of ContextSettings' defaults where not given (decode has none).
+    context = _context(args) if hasattr(args, "context_length") else None
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
                         ip_adapter=args.ip_adapter, controlnet=args.controlnet,
                         clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae,
-                        context_length=getattr(args, "context_length", None),
-                        context_overlap=getattr(args, "context_overlap", None),
+                        context_length=None if context is None else context.length,
+                        context_overlap=None if context is None else context.overlap,
                         segment_frames=getattr(args, "segment_frames", None),
                         overlap_frames=getattr(args, "overlap_frames", None) if hasattr(args, "segment_frames")
                         else None)  # extend's: continuation segments
@@ -1138,9 +1140,14 @@ def _take_stored_model(args: argparse.Namespace, recorded: dict[str, Any], conti
     """decode and extend without --model: the model (and motion module and VAE, unless given; an extended video's
     LoRAs, unless --lora is) that made the latents or video, as their settings `recorded` name them, where it is
     still here; else the default model."""
-    from kinema.pipelines.jobs import stored_model_parts
+    from kinema.pipelines.jobs import stored_model_parts, warn_continued_without
 
-    for key, value in stored_model_parts(recorded, continued=continued).items():
+    parts = stored_model_parts(recorded, continued=continued)
+    if continued:
+        given = ["loras"] * bool(args.lora) + ["ip_adapter"] * (args.ip_adapter is not None)
+        warn_continued_without(recorded, parts, given,
+                               {"loras": "--lora", "ip_adapter": "--ip-adapter and --ip-image"})
+    for key, value in parts.items():
         if key == "loras":
             if not args.lora:
                 args.lora = [(entry["path"], entry.get("weight", 1.0)) for entry in value]

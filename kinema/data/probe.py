@@ -172,7 +172,7 @@ def rgb8(image: Any) -> Any:
     convert("RGB") clips every value past 255 to white."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         top = 65535 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255
-        image = image.convert("I").point(lambda value: value * (255 / top)).convert("L")
+        image = image.convert("I").point(lambda value: value * (255 / top) + 0.5).convert("L")  # rounded
     return image.convert("RGB")
 
 

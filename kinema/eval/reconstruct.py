@@ -33,7 +33,7 @@ def score_reconstructions(model: str, *, count: int = 24, seed: int = DEFAULT_SE
     if family is None:
         from kinema.pipelines.load import load_family
 
-        family = load_family(model)
+        family = load_family(model, device="cpu")  # the CPU, as the frames it compares are
     rows: list[dict[str, Any]] = []
     for index in range(count):
         clip = synth_clip(seed, index, frames, size)

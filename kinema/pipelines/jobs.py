@@ -28,7 +28,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -488,19 +488,21 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
 
 # Image formats kinema does not read, by their first bytes: told from the header alone, not by letting PIL's other
 # plugins parse an upload (an EPS is rendered by Ghostscript).
-_OTHER_IMAGE_MAGIC = ((b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"%!PS", "EPS"),
+_OTHER_IMAGE_MAGIC = ((b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"II+\0", "BigTIFF"),
+                      (b"MM\0+", "BigTIFF"), (b"%!PS", "EPS"),
                       (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"), (b"\0\0\1\0", "ICO"),
                       (b"\xff\x0a", "JPEG XL"), (b"\0\0\0\x0cJXL ", "JPEG XL"), (b"qoif", "QOI"))
 
 
 def _other_image_format(opener: Any) -> str | None:
-    """The name of an image format kinema does not read that the file starts like, else None; HEIC and AVIF by
-    their ISO media brand."""
+    """The name of an image format kinema does not read that the file starts like, else None; HEIC, HEIF and AVIF
+    by their ISO media brand."""
     source = opener()  # a path, or the bytes of an upload
     with open(source, "rb") if isinstance(source, str) else source as file:
         head = file.read(16)
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"avif", b"avis"):
-        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC"
+    brands = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+    if head[4:8] == b"ftyp" and head[8:12] in brands:
+        return brands[head[8:12]]
     return next((name for magic, name in _OTHER_IMAGE_MAGIC if head.startswith(magic)), None)
 
 
@@ -776,39 +778,40 @@ def stored_model_parts(recorded: Mapping[str, Any], *, continued: bool = False) 
     """The model, motion module and VAE that a video's or latents' settings `recorded` name, those still here (a
     bundled model's name, or a path that exists): what `kinema extend`, `kinema decode` and extend jobs take when
     given no model. {} when the model is not here. A video `continued` (extend) keeps its LoRAs too (`loras`,
-    `{"path", "weight"}` each, when every file is still here), and a warning says what it is continued without."""
+    `{"path", "weight"}` each, when every file is still here; `warn_continued_without` says when not)."""
     model = recorded.get("model")
     if not isinstance(model, str) or not (is_bundled_name(model) or os.path.exists(model)):
         return {}
     parts: dict[str, Any] = {"model": model}
-    if is_bundled_name(model):  # its own folder supplies them, as when it is named (and no install path is copied)
-        return parts
-    for key in ("motion_module", "vae"):
-        stored = recorded.get(key)
-        if isinstance(stored, str) and os.path.exists(stored):
-            parts[key] = stored
-    if not continued:
-        return parts
+    if not is_bundled_name(model):  # a bundled model's own folder supplies them (no install path is copied)
+        for key in ("motion_module", "vae"):
+            stored = recorded.get(key)
+            if isinstance(stored, str) and os.path.exists(stored):
+                parts[key] = stored
     loras = recorded.get("loras")
-    if isinstance(loras, list) and loras:
-        paths = [entry.get("path") if isinstance(entry, Mapping) else None for entry in loras]
-        if all(isinstance(path, str) and os.path.exists(path) for path in paths):
-            parts["loras"] = [dict(entry) for entry in loras]
-        else:
-            logger.warning("the video was made with LoRAs that are no longer all here (%s), so it is continued "
-                           "without them; give them again to keep its style", ", ".join(map(str, paths)))
-    if recorded.get("ip_adapter"):
+    if continued and isinstance(loras, list) and loras and all(
+            isinstance(entry, Mapping) and isinstance(entry.get("path"), str) and os.path.exists(entry["path"])
+            for entry in loras):
+        parts["loras"] = [dict(entry) for entry in loras]
+    return parts
+
+
+def warn_continued_without(recorded: Mapping[str, Any], parts: Mapping[str, Any], given: Collection[str],
+                           options: Mapping[str, str]) -> None:
+    """One warning each for what the video of settings `recorded` was made with and a continuation of it, with the
+    model `parts` it takes (`stored_model_parts`), goes without: its LoRAs no longer all here, its IP-Adapter's
+    image prompt, its ControlNet. Parts the caller gives (`given`: "loras", "ip_adapter") are not said; `options`
+    names them as the caller's user gives them ({"loras": "--lora", "ip_adapter": "--ip-adapter and --ip-image"})."""
+    if recorded.get("loras") and "loras" not in parts and "loras" not in given:
+        paths = [entry.get("path") if isinstance(entry, Mapping) else entry for entry in recorded["loras"]]
+        logger.warning("the video was made with LoRAs that are no longer all here (%s), so it is continued without "
+                       "them; give them again (%s) to keep its style", ", ".join(map(str, paths)), options["loras"])
+    if recorded.get("ip_adapter") and "ip_adapter" not in given:
         logger.warning("the video was made with an IP-Adapter's image prompt, and is continued without it; give the "
-                       "IP-Adapter and its image again (--ip-adapter and --ip-image) to keep it")
+                       "IP-Adapter and its image again (%s) to keep it", options["ip_adapter"])
     if recorded.get("controlnet"):
         logger.warning("the video was made with a ControlNet, which steers one clip's frames: it is continued "
                        "without")
-    return parts
-    for key in ("motion_module", "vae"):
-        stored = recorded.get(key)
-        if isinstance(stored, str) and os.path.exists(stored):
-            parts[key] = stored
-    return parts
 
 
 def job_from_mapping(data: Mapping[str, Any], *, where: str = "job", models_dir: str | os.PathLike | None = None,
@@ -944,7 +947,10 @@ def _with_makers_parts(data: dict[str, Any], base: Path, models_dir: Path | None
         if found is not None:
             from kinema.data.probe import stored_settings
 
-            made_with = stored_model_parts(stored_settings(found), continued=True)
+            recorded = stored_settings(found)
+            made_with = stored_model_parts(recorded, continued=True)
+            warn_continued_without(recorded, made_with, [key for key in ("loras", "ip_adapter") if data.get(key)],
+                                   {"loras": "loras", "ip_adapter": "ip_adapter and ip_image"})
             return {**data, **{key: value for key, value in made_with.items() if data.get(key) is None}}
     return data
 

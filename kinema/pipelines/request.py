@@ -341,10 +341,26 @@ def _check_field_types(settings: Any, prefix: str, skip: Sequence[str] = ()) -> 
             if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
                 raise KinemaError(f"{name} must be {'a whole number' if whole else 'a number'}, got "
                                   f"{value_words(value)}")
-        elif kind.startswith("bool") and not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        elif kind.startswith("bool") and not (isinstance(value, bool) or (
+                type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
             raise KinemaError(f"{name} must be True or False, got {value_words(value)}")
         elif kind == "str" and not isinstance(value, str):
             raise KinemaError(f"{name} must be text, got {value_words(value)}")
+
+
+def _prompt_texts(prompt: Any) -> list[tuple[str, Any]]:
+    """`(what, text)` for each text of a prompt: itself, or a schedule's keyframes, prompt travel's head_prompt,
+    tail_prompt and prompt_map entries included."""
+    if not isinstance(prompt, Mapping):
+        return [("the prompt", prompt)]
+    texts: list[tuple[str, Any]] = []
+    for key, value in prompt.items():
+        if isinstance(value, Mapping):  # prompt travel's prompt_map
+            texts += [(f"the prompt of frame {frame}", text) for frame, text in value.items()]
+        else:
+            frame = str(key).lstrip("-").isdigit()
+            texts.append((f"the prompt of frame {key}" if frame else f"the {str(key).replace('_', ' ')}", value))
+    return texts
 
 
 def _at_least_one(name: str, value: float) -> None:
@@ -360,11 +376,11 @@ MAX_LORA_WEIGHT = 100.0  # ComfyUI's LoRA loaders' range: beyond it a weight is 
 def check_lora_weight(weight: Any, name: str = "the LoRA weight") -> float:
     """`weight` as a float, or one KinemaError line (`name` naming it) unless it is a number from -100 to 100: a
     LoRA's or motion LoRA's strength, where a negative one pushes away from what it learned, as ComfyUI allows."""
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
-            math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
+    number = float(weight) if isinstance(weight, numbers.Real) and not isinstance(weight, bool) else math.nan
+    if not (math.isfinite(number) and abs(number) <= MAX_LORA_WEIGHT):  # NaN, and what is no number, fail here
         raise KinemaError(f"{name} must be a number from -100 to 100 (1: as trained, 0: off, negative: its "
                           f"opposite), got {weight!r}")
-    return float(weight)
+    return number
 
 
 def check_context_latent_frames(name: str, frames_per_latent: int, length: int, overlap: int) -> None:
@@ -695,11 +711,7 @@ class GenerationRequest:
         surrogate = lone_surrogate([self.prompt, self.negative_prompt])
         if surrogate is not None:
             raise lone_surrogate_error(surrogate)
-        texts = [("the negative prompt", self.negative_prompt)] + (
-            [("the prompt", self.prompt)] if isinstance(self.prompt, str) else
-            [(f"the prompt of frame {key}", text) for key, text in self.prompt.items()]
-            if isinstance(self.prompt, Mapping) else [])
-        for what, text in texts:
+        for what, text in [("the negative prompt", self.negative_prompt), *_prompt_texts(self.prompt)]:
             if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
                 raise KinemaError(f"{what} is {len(text)} characters; kinema takes at most {MAX_PROMPT_CHARS} (the "
                                   "text encoder reads only its first 77 to 120 tokens): shorten it")

@@ -193,8 +193,9 @@ def _load_animatediff_family(config: TrainConfig) -> Any:
     if config.model.motion_module or own is not None:
         if own is not None:
             logger.info("training on %s with its own motion modules (%s)", config.model.path, own.name)
+        # On the CPU: accelerate moves the model to each process's device (auto would put every rank's on cuda:0).
         return load_family(config.model.path, motion_module=config.model.motion_module,
-                           tokenizer=config.model.tokenizer)
+                           tokenizer=config.model.tokenizer, device="cpu")
     from kinema.loaders.stable_diffusion import load_stable_diffusion
     from kinema.models.presets import ANIMATEDIFF_VERSIONS
     from kinema.models.video_unet import VideoUNet
@@ -267,7 +268,7 @@ def load_training_family(config: TrainConfig) -> Any:
                           "motion layers: remove it")
     from kinema.pipelines.load import load_family
 
-    return load_family(config.model.path)
+    return load_family(config.model.path, device="cpu")  # accelerate moves it, as above
 
 
 class DiffusionTask(TrainingTask):

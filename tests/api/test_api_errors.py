@@ -348,7 +348,11 @@ def test_a_prompt_past_any_text_encoder_is_refused(serve, fake_runner):
     with serve(runner=fake_runner) as client:
         for body, what in (({"prompt": "red " * 5000}, "the prompt is 20000 characters"),
                            ({"prompt": "x", "negative_prompt": "y" * 10_001}, "the negative prompt is 10001"),
-                           ({"prompt": {"0": "x", "8": "z" * 20_000}}, "the prompt of frame 8 is 20000")):
+                           ({"prompt": {"0": "x", "8": "z" * 20_000}}, "the prompt of frame 8 is 20000"),
+                           ({"prompt": {"head_prompt": "a red circle", "prompt_map": {"0": "m" * 10_001}}},
+                            "the prompt of frame 0 is 10001"),
+                           ({"prompt": {"head_prompt": "h" * 10_001, "prompt_map": {"0": "x"}}},
+                            "the head prompt is 10001")):
             assert_one_line_error(client.post("/v1/jobs", json=body), 422, what, "at most 10000")
         assert client.post("/v1/jobs", json={"prompt": "r" * 10_000, "steps": 1}).status_code == 201
 
@@ -395,15 +399,21 @@ def test_the_servers_own_trouble_is_one_json_line_too(serve, fake_runner, monkey
                                   "image: the disk is full")
         with monkeypatch.context() as patch:  # what no check foresaw: JSON, not Starlette's plain text
             patch.setattr(JobStore, "counts", lambda self: 1 / 0)
-            assert_one_line_error(client.get("/v1/health"), 500, "the server failed (", "its log has the details")
+            assert_one_line_error(client.get("/v1/health"), 500, "the server failed (ZeroDivisionError); its log has "
+                                                                 "the details")
 
 
 def test_a_data_folder_removed_while_serving_takes_no_more_jobs(serve, fake_runner, tmp_path):
     import shutil
 
+    upload = {"prompt": "x", "steps": 1, "image_base64": base64.b64encode(png_bytes()).decode()}
     with serve(runner=fake_runner) as client:
+        (tmp_path / "data" / "jobs.sqlite3").unlink()  # the database alone: an upload is not kept either
+        assert_one_line_error(client.post("/v1/jobs", json=upload), 503, "was removed or replaced")
+        assert not any((tmp_path / "data" / "uploads").iterdir())
         shutil.rmtree(tmp_path / "data")
-        for response in (client.get("/v1/health"), client.post("/v1/jobs", json={"prompt": "x", "steps": 1})):
+        for response in (client.get("/v1/health"), client.post("/v1/jobs", json={"prompt": "x", "steps": 1}),
+                         client.post("/v1/jobs", json=upload)):
             assert_one_line_error(response, 503, "was removed or replaced while the server ran, so this server can "
                                                  "keep no jobs; stop kinema serve and start it again")
     assert fake_runner.started == []

@@ -69,6 +69,16 @@ def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_before_loading(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_context_windows_of_part_latent_frames_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    # The default context length (16) with --context-overlap 3 alone: refused as the job parser refuses it.
+    monkeypatch.setattr("kinema.pipelines.load.load_family", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["generate", "a red circle", "--frames", "16", "--context-overlap", "3", "-o",
+                 str(tmp_path / "x.mp4")]) == 2
+    assert "windows count whole latent frames of 4 frames, so a context length of 16 and an overlap of 3" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_help_says_what_the_default_model_is(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

@@ -735,26 +735,46 @@ def test_a_continued_video_keeps_its_loras_and_says_what_it_loses(tmp_path, capl
     # without a word, and so were its IP-Adapter and ControlNet.
     import logging
 
-    from kinema.pipelines.jobs import stored_model_parts
+    from kinema.pipelines.jobs import stored_model_parts, warn_continued_without
 
     for name in ("sd", "mm.safetensors", "style.safetensors"):
         (tmp_path / name).touch()
-    recorded = {"model": str(tmp_path / "sd"), "motion_module": str(tmp_path / "mm.safetensors"),
-                "loras": [{"path": str(tmp_path / "style.safetensors"), "weight": 0.7}],
+    style = {"path": str(tmp_path / "style.safetensors"), "weight": 0.7}
+    recorded = {"model": str(tmp_path / "sd"), "motion_module": str(tmp_path / "mm.safetensors"), "loras": [style],
                 "ip_adapter": {"path": str(tmp_path / "ip.bin"), "scale": 1.0}}
-    # Decoding latents needs the VAE alone: no LoRA, nothing said.
+    # Decoding latents needs the VAE alone: no LoRA.
+    assert stored_model_parts(recorded) == {"model": str(tmp_path / "sd"),
+                                            "motion_module": str(tmp_path / "mm.safetensors")}
+    parts = stored_model_parts(recorded, continued=True)
+    assert parts["loras"] == [style]
+    # A bundled model's own folder supplies its motion module, not its LoRAs: those are kept too.
+    assert stored_model_parts({**recorded, "model": "kinema-tiny-ad"}, continued=True) == {
+        "model": "kinema-tiny-ad", "loras": [style]}
+    options = {"loras": "loras", "ip_adapter": "ip_adapter and ip_image"}
     with caplog.at_level(logging.WARNING):
-        assert stored_model_parts(recorded) == {"model": str(tmp_path / "sd"),
-                                                "motion_module": str(tmp_path / "mm.safetensors")}
-    assert not caplog.records
-    with caplog.at_level(logging.WARNING):
-        parts = stored_model_parts(recorded, continued=True)
-    assert parts["loras"] == [{"path": str(tmp_path / "style.safetensors"), "weight": 0.7}]
+        warn_continued_without(recorded, parts, [], options)
+        warn_continued_without(recorded, parts, ["ip_adapter"], options)  # given again: nothing said
     assert [r.getMessage() for r in caplog.records] == [
         "the video was made with an IP-Adapter's image prompt, and is continued without it; give the IP-Adapter and "
-        "its image again (--ip-adapter and --ip-image) to keep it"]
+        "its image again (ip_adapter and ip_image) to keep it"]
     (tmp_path / "style.safetensors").unlink()
     caplog.clear()
+    gone = stored_model_parts(recorded, continued=True)
+    assert "loras" not in gone
     with caplog.at_level(logging.WARNING):
-        assert "loras" not in stored_model_parts({**recorded, "ip_adapter": None}, continued=True)
-    assert "LoRAs that are no longer all here" in caplog.text
+        warn_continued_without({**recorded, "ip_adapter": None}, gone, [], options)
+        warn_continued_without({**recorded, "ip_adapter": None}, gone, ["loras"], options)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the video was made with LoRAs that are no longer all here ({style['path']}), so it is continued without "
+        "them; give them again (loras) to keep its style"]
+
+
+def test_numpy_numbers_and_bools_are_what_they_stand_for():
+    # Values computed with numpy reach the Python API as numpy scalars: under numpy 2 a bool's type is named "bool".
+    from kinema.pipelines.request import check_lora_weight
+
+    GenerationRequest(prompt="a cat", resize=np.True_, compile=np.False_, guidance=np.float32(6.5),
+                      context=ContextSettings(length=np.int64(16), closed_loop=np.True_)).check()
+    assert (check_lora_weight(np.float32(0.5)), check_lora_weight(np.int64(-2))) == (0.5, -2.0)
+    with pytest.raises(KinemaError, match="the LoRA weight must be a number from -100 to 100"):
+        check_lora_weight(np.float64("nan"))
