@@ -368,8 +368,20 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
 # ---------------------------------------------------------------- temporary names and stale leftovers
 
 
+_STEM_BYTES = 150  # a name near the 255-byte limit still leaves room for the temporary's decoration (~35 bytes)
+
+
 def _temp_stem(target: Path) -> str:
-    return target.name[:200]  # a name near the 255-byte limit still leaves room for the temporary's decoration
+    """`target`'s name, or for a long one its first bytes and a digest of the whole: NAME and NAME.json (a video and
+    its sidecar, written one inside the other) must never share a temporary."""
+    name = target.name
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= _STEM_BYTES:
+        return name
+    import hashlib
+
+    head = raw[:_STEM_BYTES - 17].decode("utf-8", "ignore")  # never half a character
+    return f"{head}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def _temp_path(target: Path, role: str) -> Path:

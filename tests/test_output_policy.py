@@ -11,6 +11,7 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from loaders.animatediff.animatediff_fixtures import original_motion_state_dict
@@ -289,6 +290,32 @@ def test_a_name_near_the_length_limit_still_writes(tmp_path):
     target = tmp_path / ("v" * 240 + ".safetensors")
     write_state_dict({"a": torch.zeros(2)}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("name", ["v" * 235, "日" * 80])  # 235 characters; 240 bytes in 80 characters
+def test_a_long_video_name_and_its_sidecar_get_their_own_temporaries(tmp_path, name):
+    # Cut to 200 characters, NAME.mp4 and NAME.mp4.json shared a temporary: the sidecar's removal took the video.
+    from kinema.data.video_io import write_video
+
+    target = tmp_path / f"{name}.mp4"
+    write_video(np.zeros((2, 16, 16, 3), np.uint8), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, f"{target.name}.json"]
+
+
+def test_a_video_written_through_a_link_has_its_settings_and_latents_beside_the_target(tmp_path):
+    # They went beside the link, and the target's own sidecar went on describing the video it had replaced.
+    from kinema.data.probe import sidecar_path, stored_settings
+    from kinema.data.video_io import write_video
+    from kinema.pipelines.outputs import latents_path
+
+    real, link = tmp_path / "real.mp4", tmp_path / "link.mp4"
+    write_video(np.zeros((2, 16, 16, 3), np.uint8), real, settings={"prompt": "a red circle"})
+    link.symlink_to(real)
+    assert (sidecar_path(link), latents_path(link)) == (tmp_path / "real.mp4.json",
+                                                        tmp_path / "real.mp4.latents.safetensors")
+    write_video(np.zeros((2, 16, 16, 3), np.uint8), link, settings={"prompt": "a blue square"}, overwrite=True)
+    assert stored_settings(real)["prompt"] == "a blue square"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.mp4", "real.mp4", "real.mp4.json"]
 
 
 def test_a_users_file_where_the_settings_sidecar_goes_stops_the_video_write(tmp_path):

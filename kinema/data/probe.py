@@ -281,8 +281,11 @@ _XMP_SETTINGS = re.compile(rb'kinema:settings="([^"]*)"')
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
-    """Where the settings of `path` are stored: the full name plus `.json` (`clip.mp4` -> `clip.mp4.json`)."""
+    """Where the settings of `path` are stored: the full name plus `.json` (`clip.mp4` -> `clip.mp4.json`); for a
+    symbolic link, beside the file it points to, which a write through the link changes."""
     path = Path(path)
+    if path.is_symlink() and path.exists():
+        path = Path(os.path.realpath(path))
     return path.with_name(path.name + ".json")
 
 

@@ -58,6 +58,8 @@ def latents_path(out: str | os.PathLike) -> Path:
     """Where the latents of a generation writing to `out` are saved: `out`'s full name plus `.latents.safetensors`,
     beside it (`clip.mp4` -> `clip.mp4.latents.safetensors`); one file holds every seed's latents."""
     out = Path(out)
+    if out.is_symlink() and out.exists():  # a write through the link makes the target's video: its latents too
+        out = Path(os.path.realpath(out))
     return out.with_name(out.name + LATENTS_SUFFIX)
 
 
