@@ -7,8 +7,10 @@ Only argparse, the standard library and kinema's plain-data request (no torch) a
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kinema.devices import AUTO, DEVICE_HELP, check_device_name
@@ -103,6 +105,11 @@ def output_path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; give a file name such as out/fox.mp4, or a folder name for "
                                          "frames")
+    if Path(text).name in ("", ".", ".."):  # `.`, `..`, `/`: pathlib names them nothing; the folder's own name
+        text = os.path.abspath(text)
+        if not Path(text).name:
+            raise argparse.ArgumentTypeError(f"is the root folder {text}; give a file name such as out/fox.mp4, or "
+                                             "a folder name for frames")
     return text
 
 

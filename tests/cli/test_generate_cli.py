@@ -945,6 +945,7 @@ def test_refusals_that_the_options_and_headers_decide_come_before_the_model_load
              "overlap_frames (16: the request's, else the model's kinema.json default) must be below the segment "
              "length (16 frames)"),
             (["generate", "a cat", "-o", ""], "argument -o/--output: is empty; give a file name"),
+            (["generate", "a cat", "-o", "/"], "argument -o/--output: is the root folder /; give a file name"),
             (["generate", "a cat", "--fps", "60", "-o", str(tmp_path / "fast.gif")],
              "so it plays at most 50 fps, not 60; write .mp4, .webm or .webp, or lower --fps"),
             (["generate", str(tmp_path / "dir.json")], f"the prompt file {tmp_path / 'dir.json'} is a folder")):
@@ -969,3 +970,13 @@ def test_another_kind_of_file_as_ip_adapter_is_left_to_the_load_that_names_it(tm
     assert [_may_be_ip_adapter(str(tmp_path / name)) for name in ("ip.safetensors", "mm.safetensors", "ip.bin")] == [
         True, False, True]
     assert not _may_be_ip_adapter(str(tmp_path))  # a ControlNet folder, say
+
+
+def test_dot_as_output_is_the_current_folder_by_its_name(tmp_path, monkeypatch):
+    # pathlib names "." and ".." nothing: writing settings beside them raised "has an empty name".
+    from kinema.cli.args import output_path
+
+    (tmp_path / "clips").mkdir()
+    monkeypatch.chdir(tmp_path / "clips")
+    assert [output_path(text) for text in (".", "./", "..", "sub/.", "out.mp4")] == [
+        str(tmp_path / "clips"), str(tmp_path / "clips"), str(tmp_path), "sub/.", "out.mp4"]  # pathlib: "sub"
