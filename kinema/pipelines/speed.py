@@ -81,10 +81,13 @@ def preset_settings(name: str, device: Any = "cpu") -> dict[str, Any]:
 
 def chosen_settings(name: str, given: Mapping[str, Any], device: Any = "cpu") -> dict[str, Any]:
     """What preset `name` sets when the user gave `given` (setting -> value; those win): its settings less the
-    given ones, and no int8 when the user asked for half precision (int8 takes a float32 model)."""
+    given ones, no int8 when the user asked for half precision, and no half precision when the user asked for int8
+    (int8 takes a float32 model)."""
     chosen = {key: value for key, value in preset_settings(name, device).items() if key not in given}
     if given.get("dtype") not in (None, "float32"):
         chosen.pop("quantize", None)
+    if given.get("quantize") is not None and chosen.get("dtype") not in (None, "float32"):
+        chosen.pop("dtype")
     return chosen
 
 

@@ -37,6 +37,11 @@ def test_given_settings_win_and_bfloat16_only_where_native(monkeypatch):
     assert (request.dtype, request.quantize) == ("bfloat16", None)
     request.check()
     assert speed.preset_settings("balanced").get("quantize") is None  # int8 stands in for bfloat16 in fast only
+    # ... and a user's int8 keeps the preset's bfloat16 out where it is native (it was refused as a bfloat16 model).
+    monkeypatch.setattr(speed, "native_bfloat16", lambda device="cpu": True)
+    request = speed.apply_speed(GenerationRequest(prompt="x", quantize="int8"), "fast", keep={"quantize"})
+    assert (request.dtype, request.quantize) == (None, "int8")
+    request.check()
     with pytest.raises(KinemaError, match="unknown speed preset 'ludicrous'; known presets: fast, balanced, quality"):
         speed.preset_settings("ludicrous")
 
