@@ -231,7 +231,8 @@ _JOB_FIELDS_SCHEMA: dict[str, Any] = {
         "offload": {"type": "boolean", "description": "keep each model part off the accelerator until it runs"},
         "vae_tiling": {"type": "boolean", "description": "decode in spatial tiles"},
         "decode_chunk": {"type": "integer", "minimum": 1, "description": "frames per VAE call (SD VAE)"},
-        "attention_chunk": {"type": "integer", "minimum": 1, "description": "queries per attention call"},
+        "attention_chunk": {"type": "integer", "minimum": 1,
+                            "description": "motion-module attention: sequences per call"},
         "cache_interval": {"type": "integer", "minimum": 1, "description": "step caching: deep features every "
                                                                            "this many steps"},
         "cfg_truncation": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,

@@ -443,7 +443,8 @@ def _add_model_options(parser: argparse.ArgumentParser, *, samples: bool = True,
     if not samples:
         return
     group.add_argument("--attention-chunk", type=positive_int,
-                       help="compute attention in chunks of this many queries (less memory, slower)")
+                       help="run the motion modules' attention over this many sequences (pixel positions) at a "
+                            "time: less memory for long clips, same result; spatial attention is not chunked")
     group.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
 
     group = parser.add_argument_group("speed (docs/speed.md)")

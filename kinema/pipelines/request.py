@@ -601,7 +601,8 @@ class GenerationRequest:
             family's models are cast in place and stay so for later calls (weights cast down stay rounded): to run a
             family in one dtype, load it so (`load_family(..., dtype=)`); the report records the dtype that ran.
         vae_tiling: decode (and encode) in spatial tiles; decode_chunk: frames per VAE call (SD VAE).
-        attention_chunk: compute attention in chunks of this many queries (None: at once).
+        attention_chunk: run the motion modules' attention over this many sequences (pixel positions) at a
+            time (None: all at once); the spatial attention is not chunked.
         offload: keep each model on the CPU until its stage runs (for accelerators).
         compile: torch.compile the video model (a persistent cache: only the first run of a shape pays).
         quantize: "int8": dynamic int8 quantisation of the video model's Linear layers (None: off).
