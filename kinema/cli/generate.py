@@ -1324,12 +1324,14 @@ def run_decode(args: argparse.Namespace) -> None:
     frames = decode_saved(family, latents, settings).cpu()
     report = {"mode": "decode", "family": family.family, "device": str(device), "dtype": args.dtype or "float32",
               "seconds": round(time.perf_counter() - began, 3), "peak_memory_bytes": peak_memory_bytes(device),
-              "frames": frames.shape[1], "latents": str(args.latents), "vae_tiling": args.vae_tiling,
+              "frames": frames.shape[1], "latents": os.path.abspath(args.latents), "vae_tiling": args.vae_tiling,
               "decode_chunk": args.decode_chunk,
               "decoder": decoder}  # the settings are the run's that made the latents; this model decoded them
     fps = args.fps or next((entry["fps"] for entry in settings if entry.get("fps")), 8.0)
     if args.fps is not None:  # the settings say what the video plays at
         settings = [{**entry, "fps": args.fps} for entry in settings]
+    # ... and how it was decoded (DECODE_SETTINGS: the sampling settings above are the latents' run's, dtype too).
+    settings = [{**entry, "vae_tiling": args.vae_tiling, "decode_chunk": args.decode_chunk} for entry in settings]
     result = GenerationResult(frames, latents, settings, report)
     paths = write_result(result, args.output, fps=fps, overwrite=args.overwrite)
     _print_summary(paths, report, None)

@@ -567,7 +567,8 @@ def png_frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("*.png"))])
 
 
-def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, family, tmp_path, capsys):
+def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd, family, tmp_path, capsys,
+                                                                          monkeypatch):
     from kinema.data.probe import read_sidecar
     from kinema.data.video_io import read_video
     from kinema.pipelines.generation import generate
@@ -608,10 +609,15 @@ def test_generate_writes_the_librarys_frames_and_decode_gives_them_again(tiny_sd
         assert settings["seed"] == seed and settings["prompt"] == "a red fox"
         assert settings["report"]["mode"] == "decode"
 
-    # Writing to the same outputs again is refused until --overwrite, which replaces kinema's own files.
+    # Writing to the same outputs again is refused until --overwrite, which replaces kinema's own files; the settings
+    # say how this decode ran (they said the latents' run's tiling and chunk), the report where the latents are.
     assert main(decode) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    assert main([*decode, "--overwrite"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["decode", "fox.mp4.latents.safetensors", *decode[2:], "--overwrite", "--decode-chunk", "3"]) == 0
+    settings = read_sidecar(tmp_path / "again-seed4")
+    assert (settings["decode_chunk"], settings["report"]["decode_chunk"]) == (3, 3)
+    assert settings["report"]["latents"] == str(tmp_path / "fox.mp4.latents.safetensors")
 
     # Without --model, the model the latents name decodes them (it once fell back to the bundled default, and
     # refused these as another family's); with another model, a warning, and the report names the decoder.
