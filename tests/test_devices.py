@@ -73,3 +73,20 @@ def test_an_offloaded_run_puts_its_tensors_on_the_offload_device(monkeypatch):
     assert _device(family) == torch.device("cpu")
     family.offload_device = torch.device("cpu")  # nowhere to offload to: the model's own device
     assert _device(family, offload=True) == torch.device("cpu")
+
+
+def test_offload_with_no_accelerator_is_said_and_recorded_as_not_run(caplog):
+    # The settings said offload: true for a run that offloaded nothing.
+    import logging
+
+    from kinema.bundled import bundled_model_path
+    from kinema.pipelines import GenerationRequest, generate, load_family
+
+    if torch.cuda.is_available():
+        pytest.skip("an accelerator is here: offload runs")
+    family = load_family(bundled_model_path("kinema-tiny"), device="cpu")
+    with caplog.at_level(logging.WARNING):
+        result = generate(family, GenerationRequest(prompt="a red circle moving right", frames=8, steps=1,
+                                                    offload=True), progress=False)
+    assert result.settings[0]["offload"] is False
+    assert "offload: no accelerator here, so the models stay where they are" in caplog.text

@@ -902,6 +902,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     request = request.with_defaults(family.defaults)
     if family.controlnet is not None and family.controlnet.pools_globally and not request.guess_mode:
         request = replace(request, guess_mode=True)  # diffusers' rule; recorded as what ran
+    if request.offload and _offload_target(family) is None:  # recorded as what ran: no offload
+        logger.warning("offload: no accelerator here, so the models stay where they are")
+        request = replace(request, offload=False)
     request.check()
     mode = request.mode
     if isinstance(request.prompt, str) and not isinstance(request.ip_image, Mapping) and (
