@@ -357,8 +357,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     _add_model_options(decode, samples=False, stored_model_default=f"the model the latents were made with, as their "
                        f"settings name it, else {DEFAULT_MODEL}")
     decode.add_argument("-o", "--output", type=output_path,
-                        help="video file (.mp4, .webm, .gif, .webp) or frames folder (no extension); default "
-                             "<latents name>-decoded.mp4")
+                        help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or frames folder (no "
+                             "extension); default <latents name>-decoded.mp4")
     decode.add_argument("--fps", type=frame_rate, help="frames per second (default: the stored settings')")
     decode.add_argument("--overwrite", action="store_true",
                         help="replace earlier kinema outputs at OUT (never files kinema did not write)")
