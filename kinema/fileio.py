@@ -347,6 +347,8 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
             raise KinemaError(f"{given} already exists and is {damaged}, so kinema cannot tell whether it wrote it, "
                               f"and never replaces what it may not have written: delete it yourself if it is an "
                               f"output of yours, or choose a new {noun}")
+        elif real.with_name(real.name + ".json").is_file():  # a video is kinema's while the two agree
+            hint = f" (or it and its settings {real.name}.json no longer agree: one was edited)"
         instead = "a new folder or an empty one" if noun == "folder" else "a new file"
         raise KinemaError(f"{given} already exists and kinema did not write it{hint}; kinema never replaces what it "
                           f"did not write: choose {instead}")
