@@ -6,7 +6,8 @@ The policy (`check_output`), for every command that writes (convert, data synth,
   the same kind that kinema recognises by the mark it wrote *inside* it (a manifest in a folder, safetensors
   metadata or a zip record in a weights file, the settings in a video), and it holds nothing kinema did not write
   and none of the inputs;
-- a symbolic link is written through (the link stays, what it points to gets the output); a dangling one is refused;
+- a symbolic link is written through (the link stays, what it points to gets the output); a dangling one is refused
+  (and a video output that is a link, by `probe.check_video_not_a_link`: its sidecar goes beside its name);
 - files get `0666 & ~umask`, folders `0777 & ~umask` (a setgid parent's group bit is kept by the kernel); a replaced
   output keeps its mode.
 
@@ -347,7 +348,7 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
             raise KinemaError(f"{given} already exists and is {damaged}, so kinema cannot tell whether it wrote it, "
                               f"and never replaces what it may not have written: delete it yourself if it is an "
                               f"output of yours, or choose a new {noun}")
-        elif real.with_name(real.name + ".json").is_file():  # a video is kinema's while the two agree
+        elif _sidecar_settings(real.with_name(real.name + ".json")) is not None:  # kinema's while the two agree
             hint = f" (or it and its settings {real.name}.json no longer agree: one was edited)"
         instead = "a new folder or an empty one" if noun == "folder" else "a new file"
         raise KinemaError(f"{given} already exists and kinema did not write it{hint}; kinema never replaces what it "

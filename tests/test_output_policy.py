@@ -302,20 +302,22 @@ def test_a_long_video_name_and_its_sidecar_get_their_own_temporaries(tmp_path, n
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, f"{target.name}.json"]
 
 
-def test_a_video_written_through_a_link_has_its_settings_and_latents_beside_the_target(tmp_path):
-    # They went beside the link, and the target's own sidecar went on describing the video it had replaced.
-    from kinema.data.probe import sidecar_path, stored_settings
+def test_a_video_output_that_is_a_symbolic_link_is_refused(tmp_path):
+    # Written through, its settings and latents went beside the link, and the target's own sidecar went on describing
+    # the video it had replaced; kinema then refused its own file.
     from kinema.data.video_io import write_video
-    from kinema.pipelines.outputs import latents_path
+    from kinema.pipelines.outputs import check_video_outputs
 
     real, link = tmp_path / "real.mp4", tmp_path / "link.mp4"
     write_video(np.zeros((2, 16, 16, 3), np.uint8), real, settings={"prompt": "a red circle"})
     link.symlink_to(real)
-    assert (sidecar_path(link), latents_path(link)) == (tmp_path / "real.mp4.json",
-                                                        tmp_path / "real.mp4.latents.safetensors")
-    write_video(np.zeros((2, 16, 16, 3), np.uint8), link, settings={"prompt": "a blue square"}, overwrite=True)
-    assert stored_settings(real)["prompt"] == "a blue square"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.mp4", "real.mp4", "real.mp4.json"]
+    before = snapshot(tmp_path)
+    message = rf"link.mp4 is a symbolic link to {real}; a video's settings and latents go beside the name it is "
+    with pytest.raises(KinemaError, match=message):
+        check_video_outputs([link], overwrite=True)
+    with pytest.raises(KinemaError, match=message):
+        write_video(np.zeros((2, 16, 16, 3), np.uint8), link, overwrite=True)
+    assert snapshot(tmp_path) == before
 
 
 def test_a_users_file_where_the_settings_sidecar_goes_stops_the_video_write(tmp_path):
@@ -374,6 +376,11 @@ def test_a_video_is_kinemas_only_while_it_and_its_sidecar_carry_the_same_setting
         write_video(frames, tmp_path / f"new{suffix}", overwrite=True)
     assert snapshot(tmp_path) == before
     assert output_kind(side) is None and output_kind(tmp_path / f"new{suffix}.json") is None
+    # A user's file with a .json of their own beside it: no word of settings that disagree.
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "notes.txt.json").write_text('{"mine": true}')
+    with pytest.raises(KinemaError, match=r"notes.txt already exists and kinema did not write it; kinema never"):
+        check_output(tmp_path / "notes.txt", "video", folder=False, overwrite=True)
 
 
 def test_a_sidecar_left_without_its_video_is_replaced_only_with_overwrite(tmp_path):

@@ -595,14 +595,15 @@ class _Server:
             job = _checked(job_from_mapping, fields, where="job", models_dir=self.models_dir, base=self.models_dir,
                            device=self.device, check_memory=False)  # the memory free when it runs, not now
             self.limits.check(job, input_frames)  # job_from_mapping checked the images' sizes against the video's
-            # job.settings() is what job_from_mapping takes back to make the same job after a restart: the seeds
-            # drawn, the model files as resolved, the uploads as the server's files.
-            record = store.add(job.settings(), job.settings(), job.request.sampling_steps() or job.request.steps,
-                               job_id)
+            store = self.store  # again: the folder may have gone while the job was checked
         except BaseException:  # nothing of a job that was not queued stays behind
             for path in saved:
                 path.unlink(missing_ok=True)
             raise
+        # job.settings() is what job_from_mapping takes back to make the same job after a restart: the seeds drawn,
+        # the model files as resolved, the uploads as the server's files.
+        record = store.add(job.settings(), job.settings(), job.request.sampling_steps() or job.request.steps,
+                           job_id)
         self.worker.wake()
         return record
 

@@ -280,12 +280,20 @@ SETTINGS_KEY = "kinema"  # PNG text-chunk key
 _XMP_SETTINGS = re.compile(rb'kinema:settings="([^"]*)"')
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    """Where the settings of `path` are stored: the full name plus `.json` (`clip.mp4` -> `clip.mp4.json`); for a
-    symbolic link, beside the file it points to, which a write through the link changes."""
+def check_video_not_a_link(path: str | os.PathLike) -> None:
+    """One KinemaError line when the video output `path` is a symbolic link: a video's settings and latents go
+    beside its name, where the file it points to would go without them (and its own would go on describing the
+    video it had before)."""
     path = Path(path)
-    if path.is_symlink() and path.exists():
-        path = Path(os.path.realpath(path))
+    if path.is_symlink():
+        raise KinemaError(f"{path} is a symbolic link to {os.readlink(path)}; a video's settings and latents go beside "
+                          f"the name it is written to: give the path it points to ({os.path.realpath(path)}), or "
+                          "another one")
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the settings of `path` are stored: the full name plus `.json` (`clip.mp4` -> `clip.mp4.json`)."""
+    path = Path(path)
     return path.with_name(path.name + ".json")
 
 

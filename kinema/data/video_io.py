@@ -48,6 +48,7 @@ from kinema.data.probe import (
     READ_SUFFIXES,
     SETTINGS_KEY,
     animation_frames,
+    check_video_not_a_link,
     folder_frames,
     frame_ms,
     from_yuv,
@@ -248,6 +249,7 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps:
     array = to_uint8_frames(frames)
     is_folder = suffix == ""
     side = sidecar_path(path)
+    check_video_not_a_link(path)
     check_output(path, "video", folder=is_folder, overwrite=overwrite)
     check_output(side, "video_settings", folder=False, overwrite=overwrite)  # before encoding
     full = _complete_settings(settings, array, fps)

@@ -802,8 +802,10 @@ def warn_continued_without(recorded: Mapping[str, Any], parts: Mapping[str, Any]
     model `parts` it takes (`stored_model_parts`), goes without: its LoRAs no longer all here, its IP-Adapter's
     image prompt, its ControlNet. Parts the caller gives (`given`: "loras", "ip_adapter") are not said; `options`
     names them as the caller's user gives them ({"loras": "--lora", "ip_adapter": "--ip-adapter and --ip-image"})."""
-    if recorded.get("loras") and "loras" not in parts and "loras" not in given:
-        paths = [entry.get("path") if isinstance(entry, Mapping) else entry for entry in recorded["loras"]]
+    loras = recorded.get("loras")
+    # With no parts the model itself is gone, and the video is continued by another: its LoRAs are not in question.
+    if isinstance(loras, list) and loras and parts and "loras" not in parts and "loras" not in given:
+        paths = [entry.get("path") if isinstance(entry, Mapping) else entry for entry in loras]
         logger.warning("the video was made with LoRAs that are no longer all here (%s), so it is continued without "
                        "them; give them again (%s) to keep its style", ", ".join(map(str, paths)), options["loras"])
     if recorded.get("ip_adapter") and "ip_adapter" not in given:

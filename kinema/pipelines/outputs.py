@@ -58,8 +58,6 @@ def latents_path(out: str | os.PathLike) -> Path:
     """Where the latents of a generation writing to `out` are saved: `out`'s full name plus `.latents.safetensors`,
     beside it (`clip.mp4` -> `clip.mp4.latents.safetensors`); one file holds every seed's latents."""
     out = Path(out)
-    if out.is_symlink() and out.exists():  # a write through the link makes the target's video: its latents too
-        out = Path(os.path.realpath(out))
     return out.with_name(out.name + LATENTS_SUFFIX)
 
 
@@ -98,8 +96,11 @@ def check_video_outputs(paths: Sequence[Path], *, overwrite: bool = False, frame
     for path in paths:  # a killed run's leftovers of every video first, also where a refusal below stops early
         for target in (path, path.with_name(path.name + ".json")):
             clean_stale(Path(os.path.realpath(target)))
+    from kinema.data.probe import check_video_not_a_link
+
     for path in paths:
         check_video_suffix(path, frames)
+        check_video_not_a_link(path)
         check_output(path, "video", folder=path.suffix == "", overwrite=overwrite, inputs=inputs)
         check_output(path.with_name(path.name + ".json"), "video_settings", folder=False, overwrite=overwrite)
 

@@ -411,6 +411,8 @@ def test_a_data_folder_removed_while_serving_takes_no_more_jobs(serve, fake_runn
         (tmp_path / "data" / "jobs.sqlite3").unlink()  # the database alone: an upload is not kept either
         assert_one_line_error(client.post("/v1/jobs", json=upload), 503, "was removed or replaced")
         assert not any((tmp_path / "data" / "uploads").iterdir())
+        (tmp_path / "data" / "jobs.sqlite3").touch()  # the database file back, but not the one the server opened
+        assert_one_line_error(client.post("/v1/jobs", json=upload), 503, "was removed or replaced")
         shutil.rmtree(tmp_path / "data")
         for response in (client.get("/v1/health"), client.post("/v1/jobs", json={"prompt": "x", "steps": 1}),
                          client.post("/v1/jobs", json=upload)):
@@ -433,3 +435,19 @@ def test_a_job_that_finishes_while_it_is_cancelled_is_409(serve, fake_runner, mo
             real_cancel(self, job_id), status="done"))
         assert_one_line_error(client.delete(f"/v1/jobs/{job['id']}"), 409, "is already done")
         fake_runner.gate.set()
+
+
+def test_a_database_removed_while_a_job_is_checked_takes_no_job(serve, fake_runner, monkeypatch, tmp_path):
+    import kinema.pipelines.jobs as jobs
+
+    real = jobs.job_from_mapping
+
+    def checked_as_it_goes(*args, **kwargs):
+        (tmp_path / "data" / "jobs.sqlite3").unlink()
+        return real(*args, **kwargs)
+
+    with serve(runner=fake_runner) as client:
+        monkeypatch.setattr(jobs, "job_from_mapping", checked_as_it_goes)
+        upload = {"prompt": "x", "steps": 1, "image_base64": base64.b64encode(png_bytes()).decode()}
+        assert_one_line_error(client.post("/v1/jobs", json=upload), 503, "was removed or replaced")
+        assert not any((tmp_path / "data" / "uploads").iterdir())

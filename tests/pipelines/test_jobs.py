@@ -767,6 +767,11 @@ def test_a_continued_video_keeps_its_loras_and_says_what_it_loses(tmp_path, capl
     assert [r.getMessage() for r in caplog.records] == [
         f"the video was made with LoRAs that are no longer all here ({style['path']}), so it is continued without "
         "them; give them again (loras) to keep its style"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # settings of another shape, and a model that is gone: nothing to say
+        warn_continued_without({**recorded, "loras": 3, "ip_adapter": None}, gone, [], options)
+        warn_continued_without({**recorded, "ip_adapter": None}, {}, [], options)
+    assert not caplog.records
 
 
 def test_numpy_numbers_and_bools_are_what_they_stand_for():
