@@ -424,15 +424,16 @@ def clean_stale(target: Path) -> None:
     that was being replaced when the process died is put back first."""
     # Names only, filtered by prefix before any regex or Path: a dataset writer calls this for each of thousands of
     # files in one folder, and a per-entry Path and regex made writing quadratic (minutes at 8,000 clips).
-    prefix = f".{_temp_stem(target)}.kinema-"
+    stems = {_temp_stem(target), target.name[:200]}  # the second: how kinema before 2026-11-30 cut a long name
+    prefixes = tuple(f".{stem}.kinema-" for stem in stems)
     try:
-        names = [name for name in os.listdir(target.parent) if name.startswith(prefix)]
+        names = [name for name in os.listdir(target.parent) if name.startswith(prefixes)]
     except OSError:
         return
     for name in names:
         entry = target.parent / name
         match = _TEMP.match(name)
-        if not match or match["name"] != _temp_stem(target) or _alive(int(match["pid"])):
+        if not match or match["name"] not in stems or _alive(int(match["pid"])):
             continue
         if match["role"] == "old" and not os.path.lexists(target):
             os.replace(entry, target)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from kinema.cli import main
 from kinema.errors import KinemaError
-from kinema.fileio import atomic_folder, check_output, output_kind
+from kinema.fileio import atomic_folder, check_output, clean_stale, output_kind
 from kinema.loaders.checkpoint_io import read_state_dict, write_state_dict
 
 
@@ -300,6 +300,15 @@ def test_a_long_video_name_and_its_sidecar_get_their_own_temporaries(tmp_path, n
     target = tmp_path / f"{name}.mp4"
     write_video(np.zeros((2, 16, 16, 3), np.uint8), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, f"{target.name}.json"]
+
+
+def test_an_output_a_killed_earlier_kinema_was_replacing_under_a_long_name_is_put_back(tmp_path):
+    # Before the cut counted bytes, a long name's temporary was its first 200 characters.
+    target = tmp_path / ("v" * 230 + ".mp4")
+    old = tmp_path / f".{target.name[:200]}.kinema-old-{2**22 + 7}"  # a pid above the kernel's default pid_max
+    old.write_bytes(b"the video being replaced")
+    clean_stale(target)
+    assert target.read_bytes() == b"the video being replaced" and not old.exists()
 
 
 def test_a_video_output_that_is_a_symbolic_link_is_refused(tmp_path):
