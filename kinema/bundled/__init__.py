@@ -74,6 +74,15 @@ def is_bundled_name(model: str | os.PathLike) -> bool:
     return isinstance(model, str) and model in BUNDLED_MODELS and not Path(model).exists()
 
 
+def check_model_name(model: Any) -> None:
+    """One KinemaError line unless `model` is a path or a name (the Python API hands values straight through: None,
+    a number)."""
+    if not isinstance(model, str | os.PathLike):
+        from kinema.errors import value_words
+
+        raise KinemaError(f"a model is a path or a bundled model's name, got {value_words(model)}")
+
+
 def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Path:
     """`model` as a path: itself when it exists, else the folder of the bundled model of that name.
 
@@ -81,10 +90,7 @@ def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Pat
     model file or folder: MODEL"), then the bundled models this install has, or for a bundled name whose folder is
     missing, that it is missing.
     """
-    if not isinstance(model, str | os.PathLike):  # the Python API: None, a number
-        from kinema.errors import value_words
-
-        raise KinemaError(f"a model is a path or a bundled model's name, got {value_words(model)}")
+    check_model_name(model)
     path = Path(model)
     if path.exists():
         return path

@@ -691,12 +691,13 @@ def _check_model(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> Pa
 def _may_be_ip_adapter(path: str) -> bool:
     """False for a folder or a safetensors file without IP-Adapter tensors (`image_proj.*`), told torch-free from
     its header; True otherwise (a pickle is told once it is read)."""
+    from kinema.loaders.ip_adapter import IMAGE_PROJ
     from kinema.sniff import Kind, sniff
 
     if Path(path).is_dir():
         return False
     found = sniff(path)
-    return found.kind is not Kind.SAFETENSORS or any(name.startswith("image_proj.") for name in found.names)
+    return found.kind is not Kind.SAFETENSORS or any(name.startswith(IMAGE_PROJ) for name in found.names)
 
 
 def _check_control_frames(args: argparse.Namespace, frames: int, input_video: bool = False) -> None:
@@ -728,15 +729,14 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
     with an EasyAnimate model."""
     if getattr(args, "size_of_input", False):
         _check_input_video_size(folder, args.height, args.width)
-    # Any --context-* option makes windows, of ContextSettings' defaults where not given (decode has none).
-    context = _context(args) if hasattr(args, "context_length") else None
     check_model_request(folder, frames=frames, height=getattr(args, "height", None), width=getattr(args, "width", None),
                         motion_module=args.motion_module, loras=args.lora, tokenizer=args.tokenizer,
                         input_video=input_video, freeu=getattr(args, "freeu", None) is not None,
                         ip_adapter=args.ip_adapter, controlnet=args.controlnet,
                         clip_skip=getattr(args, "clip_skip", None) or 1, vae=args.vae,
-                        context_length=None if context is None else context.length,
-                        context_overlap=None if context is None else context.overlap,
+                        # Any --context-* option makes windows, of ContextSettings' defaults where not given
+                        # (decode has none).
+                        context=_context(args) if hasattr(args, "context_length") else None,
                         segment_frames=getattr(args, "segment_frames", None),
                         overlap_frames=getattr(args, "overlap_frames", None) if hasattr(args, "segment_frames")
                         else None)  # extend's: continuation segments

@@ -479,12 +479,9 @@ def _warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
 def _offload(family: VideoFamily) -> list[torch.nn.Module]:
     """Model CPU offload through accelerate's hooks (as diffusers' `enable_model_cpu_offload`): each model stays in
     CPU memory and moves to the accelerator (`family.offload_device`, else the first CUDA GPU) for its own forward,
-    sending the previous one back. Without an accelerator there is nowhere to offload from, and it is logged and
-    skipped."""
+    sending the previous one back. `generate` turns offload off, saying so, where there is no accelerator."""
     target = _offload_target(family)
-    if target is None:
-        logger.warning("offload: no accelerator here, so the models stay where they are")
-        return []
+    assert target is not None  # generate's request keeps offload only with an accelerator
     from accelerate import cpu_offload_with_hook
 
     vae = getattr(family, "vae", None)
@@ -968,8 +965,9 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     check_frames_fit(len(seeds), made, plan.height, plan.width, "ask for fewer frames (generate --frames, extend "
                      "--frames / --to), a smaller size or fewer seeds")
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
-    if (output != "latent" or plan.continuation) and not (request.offload and _offload_target(family) is not None):
-        # Offloaded to an accelerator, the weights still sit there now and leave it stage by stage: not counted.
+    if (output != "latent" or plan.continuation) and not request.offload:
+        # Offloaded to an accelerator (offload stays on only where there is one, above), the weights still sit
+        # there now and leave it stage by stage: not counted.
         _check_decode_fits(family, len(seeds), made, plan.height, plan.width, request.dtype)
     _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None

@@ -332,28 +332,28 @@ def check_model_request(folder: Path, *, frames: int | None = None, height: int 
                         width: int | None = None, motion_module: Any = None, loras: Any = (),
                         tokenizer: Any = None, input_video: bool = False, freeu: bool = False,
                         ip_adapter: Any = None, controlnet: Any = None, clip_skip: int = 1, vae: Any = None,
-                        context_length: int | None = None, context_overlap: int | None = None,
-                        segment_frames: int | None = None, overlap_frames: int | None = None) -> None:
+                        context: ContextSettings | None = None, segment_frames: int | None = None,
+                        overlap_frames: int | None = None) -> None:
     """Before any weights load, one KinemaError line for what the model folder cannot take, read from its configs
     once (`model_shape`): a frame count (an `input_video`'s, remade frame for frame) or size it cannot make, a
-    context window or continuation segment longer than its window (`model_window`), context windows that are no
-    whole latent frames (`context_overlap` None: ContextSettings' default), a continuation's
+    `context` window or continuation segment longer than its window (`model_window`), context windows that are no
+    whole latent frames, a continuation's
     `overlap_frames` not below its segments (`segment_frames`, else the window), or a motion module, LoRA,
     tokenizer or FreeU given with an EasyAnimate model. Values left None, and models whose configs say nothing, are
     not checked."""
     shape = model_shape(folder)
     if shape is None:
         return
-    if context_length is not None or segment_frames is not None or overlap_frames is not None:
+    if context is not None or segment_frames is not None or overlap_frames is not None:
         window = model_window(folder, motion_module)
         if window is not None:
-            check_window(*window, context_length=context_length, segment_frames=segment_frames)
+            check_window(*window, context_length=None if context is None else context.length,
+                         segment_frames=segment_frames)
         segment = segment_frames or (None if window is None else window[0])
         if overlap_frames is not None and segment is not None and overlap_frames >= segment:
             raise overlap_error(overlap_frames, segment)
-    if context_length is not None:
-        check_context_latent_frames(folder.name, shape.frames_per_latent, context_length,
-                                    ContextSettings.overlap if context_overlap is None else context_overlap)
+    if context is not None:
+        check_context_latent_frames(folder.name, shape.frames_per_latent, context.length, context.overlap)
     if frames is not None and shape.frames_per_slice is not None:
         check_slice_frames(frames, shape.frames_per_slice, input_video)
     if height is not None and width is not None:
@@ -874,8 +874,7 @@ def _job(data: Mapping[str, Any], base: Path, models_dir: Path | None, device: A
                         motion_module=parts.motion_module, loras=parts.loras, tokenizer=parts.tokenizer,
                         input_video=request.video is not None, freeu=request.freeu is not None,
                         ip_adapter=parts.ip_adapter, controlnet=parts.controlnet, clip_skip=request.clip_skip,
-                        vae=parts.vae, context_length=None if request.context is None else request.context.length,
-                        context_overlap=None if request.context is None else request.context.overlap,
+                        vae=parts.vae, context=request.context,
                         segment_frames=request.segment_frames if request.extend_frames is not None else None,
                         overlap_frames=request.overlap_frames if request.extend_frames is not None else None)
     finished = made if made is not None else whole  # an extended video's finished frames are all of its frames

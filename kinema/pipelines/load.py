@@ -263,10 +263,9 @@ def load_family(
         dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise KinemaError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(DTYPES)}")
-    if not isinstance(model, str | os.PathLike):
-        from kinema.errors import value_words
+    from kinema.bundled import check_model_name
 
-        raise KinemaError(f"a model is a path or a bundled model's name, got {value_words(model)}")
+    check_model_name(model)  # before the message below makes a Path of it
     if not isinstance(device, torch.device):  # a name this machine lacks: one line before any weights load
         from kinema.devices import resolve_device
 

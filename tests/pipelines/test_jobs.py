@@ -602,7 +602,7 @@ def test_the_shape_read_before_loading_is_the_loaded_familys(model, request):
         refusal = (f"context length {length} exceeds the {family.max_frames} frames {name} denoises at once; use a "
                    f"context length of at most {family.max_frames}")
         with contextlib.nullcontext() if length == family.max_frames else pytest.raises(KinemaError, match=refusal):
-            check_model_request(folder, motion_module=module, context_length=length)
+            check_model_request(folder, motion_module=module, context=ContextSettings(length=length))
         refusal = f"segments of {length} frames exceed the {family.max_frames} frames {name} denoises at once"
         with contextlib.nullcontext() if length == family.max_frames else pytest.raises(KinemaError, match=refusal):
             check_model_request(folder, motion_module=module, segment_frames=length)
