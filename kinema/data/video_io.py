@@ -317,7 +317,8 @@ def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) ->
         with Image.open(files[index], formats=PIL_FORMATS) as image:
             wanted.append(np.asarray(rgb8(image)))
     if len({w.shape for w in wanted}) > 1:
-        raise KinemaError(f"frames in {path} differ in size; every frame of a clip must have the same size")
+        raise KinemaError(f"frames in {path} differ in size; every frame of a clip must have the same size (as a "
+                          "generation input, --resize (resize=True) fits each frame)")
     return np.stack(wanted) if wanted else np.zeros((0, 1, 1, 3), np.uint8), _sidecar_fps(path), len(files)
 
 

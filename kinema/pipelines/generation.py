@@ -136,13 +136,28 @@ def _fit(frames: torch.Tensor, height: int, width: int, resize: bool, what: str)
                                            align_corners=False, antialias=True).clamp(0, 1)
 
 
+def _path_frames(path: str | Path, height: int | None, width: int | None, resize: bool, what: str) -> torch.Tensor:
+    """The frames of the video, animation, image or frame folder `path` as float `(F, 3, H, W)` in [0, 1]. With
+    `resize`, a frame folder's frames are fitted to height x width (None: the first frame's) one by one, so that they
+    may differ in size, as the image folders of prompt travel's img2img_map and controlnet_map do; a clip's frames
+    (and a folder's without resize) have one size."""
+    from kinema.data.probe import folder_frames
+    from kinema.data.video_io import read_video
+
+    files = folder_frames(path) if resize and Path(path).is_dir() else []
+    if not files:
+        return (read_video(path).frames + 1) / 2
+    first = _read_image(files[0], what)
+    height, width = height or first.shape[-2], width or first.shape[-1]
+    return torch.cat([_fit((first if index == 0 else _read_image(file, what))[None], height, width, True, what)
+                      for index, file in enumerate(files)])
+
+
 def _video_tensor(video: Any, height: int | None, width: int | None, resize: bool) -> torch.Tensor:
     """`video` (a path or `(F, 3, H, W)` in [0, 1]) as float `(F, 3, height, width)` in [0, 1] (height or width
     None: the video's own)."""
     if isinstance(video, (str, Path)):
-        from kinema.data.video_io import read_video
-
-        video = (read_video(video).frames + 1) / 2
+        video = _path_frames(video, height, width, resize, "the input video")
     if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
         raise KinemaError("the input video must be a path or an (F, 3, H, W) tensor in [0, 1]")
     video = _unit_range(video, "the input video")
@@ -153,9 +168,7 @@ def _mask_tensor(mask: Any, frames: int, height: int, width: int, resize: bool) 
     """`mask` (see GenerationRequest.mask) as bool `(frames, height, width)`, True for the pixels to remake."""
     from PIL import Image
     if isinstance(mask, (str, Path)):
-        from kinema.data.video_io import read_video
-
-        mask = (read_video(mask).frames + 1) / 2
+        mask = _path_frames(mask, height, width, resize, "the mask")
     elif isinstance(mask, Image.Image):
         mask = _read_image(mask, "the mask")[None]
     if not isinstance(mask, torch.Tensor):
@@ -204,9 +217,7 @@ def _control_images(control: Any, height: int, width: int, resize: bool, normali
     if isinstance(control, list | tuple):
         control = torch.stack([image_tensor(image, height, width, resize, "the control image") for image in control])
     elif isinstance(control, (str, Path)):
-        from kinema.data.video_io import read_video
-
-        control = (read_video(control).frames + 1) / 2
+        control = _path_frames(control, height, width, resize, "the control video")
     if not isinstance(control, torch.Tensor) or control.ndim != 4 or control.shape[1] != 3:
         raise KinemaError("the control video must be a path (a video, animation, image or folder of frames), a list "
                           "of image paths, or an (F, 3, H, W) tensor in [0, 1]")

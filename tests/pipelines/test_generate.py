@@ -401,6 +401,27 @@ def test_a_latent_is_held_only_where_every_pixel_it_covers_is_kept(animatediff):
     assert held.sum() == held.numel() - 1 and not held[0, 1, 2]
 
 
+def test_a_frame_folder_of_mixed_sizes_is_fitted_frame_by_frame_with_resize(tmp_path):
+    from PIL import Image
+
+    from kinema.pipelines.generation import _path_frames
+
+    pixels = [numpy.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=numpy.uint8)
+              for seed, (h, w) in enumerate(((24, 32), (12, 20), (24, 32)))]
+    for index, frame in enumerate(pixels):  # as prompt travel's img2img_map folders hold them
+        Image.fromarray(frame).save(tmp_path / f"{index:04d}.png")
+    with pytest.raises(KinemaError, match=r"frames in .* differ in size; .* --resize \(resize=True\) fits each frame"):
+        _path_frames(tmp_path, 24, 32, False, "the input video")
+    as_tensors = [torch.from_numpy(frame).permute(2, 0, 1).float()[None] / 255 for frame in pixels]
+    fitted = _path_frames(tmp_path, 16, 16, True, "the input video")
+    expected = torch.cat([torch.nn.functional.interpolate(frame, size=(16, 16), mode="bicubic", antialias=True)
+                          .clamp(0, 1) for frame in as_tensors])
+    torch.testing.assert_close(fitted, expected, rtol=0, atol=1e-6)
+    own_size = _path_frames(tmp_path, None, None, True, "the input video")  # the first frame's size
+    assert own_size.shape == (3, 3, 24, 32)
+    torch.testing.assert_close(own_size[0], as_tensors[0][0], rtol=0, atol=0)
+
+
 def test_mask_files_and_the_refusals_before_any_denoising(animatediff, tmp_path, monkeypatch):
     from PIL import Image
 
