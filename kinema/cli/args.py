@@ -101,16 +101,25 @@ fraction = checked_number(float, "a number between 0 and 1", lambda value: 0.0 <
 
 
 def output_path(text: str) -> str:
-    """argparse type of `-o`: a name, not the empty string (which pathlib reads as the current folder)."""
+    """argparse type of `-o`: a name, not the empty string (which pathlib reads as the current folder). A name ending
+    in a path separator, and `.` or `..`, is a folder to write the default-named video into (`output_in`), kept
+    absolute and ending in a separator because pathlib drops both marks."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("is empty; give a file name such as out/fox.mp4, or a folder name for "
-                                         "frames")
-    if Path(text).name in ("", ".", ".."):  # `.`, `..`, `/`: pathlib names them nothing; the folder's own name
-        text = os.path.abspath(text)
-        if not Path(text).name:
-            raise argparse.ArgumentTypeError(f"is the root folder {text}; give a file name such as out/fox.mp4, or "
-                                             "a folder name for frames")
+        raise argparse.ArgumentTypeError("is empty; give a file name such as out/fox.mp4, a folder name for frames, "
+                                         "or a folder ending in / to write the video into")
+    if os.path.basename(text) in ("", ".", ".."):
+        return os.path.join(os.path.abspath(text), "")
     return text
+
+
+def output_in(given: str | None, default: Path) -> Path:
+    """OUT for `-o given`: `default` when not given; the folder `given` (`output_path` ends it in a separator)
+    with `default`'s file name; else `given` itself (a video file, or a frames folder)."""
+    if given is None:
+        return default
+    if given.endswith(("/", os.sep)):
+        return Path(given) / default.name
+    return Path(given)
 
 
 def add_device_option(parser: argparse.ArgumentParser | Any) -> None:

@@ -10,7 +10,8 @@ The model is `--model` (a path, or a bundled model's name), else the bundled def
 16 frames at 64x64), else the library's (`LIBRARY_DEFAULTS`); reading them is plain JSON, before any heavy import.
 
 Where the files go (`-o OUT`, see kinema.pipelines.outputs): one seed writes OUT, several write `STEM-seedS.SUFFIX`
-beside it; the final latents are saved before decoding to `OUT.latents.safetensors` (one file for all seeds), so
+beside it (an OUT ending in a path separator, or `.`, is the folder the default names below go in); the final
+latents are saved before decoding to `OUT.latents.safetensors` (one file for all seeds), so
 `kinema decode` can redo a failed or different decode without sampling again. `extend` saves no latents: its video
 is decoded segment by segment. Without `-o`, videos go to `out/`: `out/<prompt words>-seed<S>.mp4` for `generate`
 (`out/<video name>-v2v-seed<S>.mp4`, `out/<video name>-extended-seed<S>.mp4`), and `decode` writes
@@ -36,6 +37,7 @@ from kinema.cli.args import (
     fraction,
     frame_rate,
     non_negative_int,
+    output_in,
     output_path,
     positive_int,
     seed_number,
@@ -358,7 +360,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                        f"settings name it, else {DEFAULT_MODEL}")
     decode.add_argument("-o", "--output", type=output_path,
                         help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or frames folder (no "
-                             "extension); default <latents name>-decoded.mp4")
+                             "extension); default <latents name>-decoded.mp4 (a folder ending in /: inside it)")
     decode.add_argument("--fps", type=frame_rate, help="frames per second (default: the stored settings')")
     decode.add_argument("--overwrite", action="store_true",
                         help="replace earlier kinema outputs at OUT (never files kinema did not write)")
@@ -538,7 +540,8 @@ def _add_output_options(parser: argparse.ArgumentParser, *, latents: bool) -> No
     group = parser.add_argument_group("output")
     group.add_argument("-o", "--output", type=output_path,
                        help="video file (.mp4, .webm, .gif, .webp, .png for one frame) or frames folder (no "
-                            "extension); several seeds write STEM-seedS.SUFFIX beside it")
+                            "extension); several seeds write STEM-seedS.SUFFIX beside it. A folder ending in / "
+                            "(or .) gets the default name inside it")
     group.add_argument("--fps", type=frame_rate, help="frames per second (default 8; v2v and extend: the input "
                                                       "video's)")
     group.add_argument("--overwrite", action="store_true",
@@ -831,7 +834,7 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     from kinema.fileio import check_output
     from kinema.pipelines.outputs import check_video_outputs, latents_path, video_paths
 
-    args.output = Path(args.output) if args.output is not None else default
+    args.output = output_in(args.output, default)
     fps = getattr(args, "fps", None) or DEFAULT_FPS
     if args.output.suffix.lower() == ".gif" and fps > MAX_GIF_FPS:
         raise KinemaError(f"a GIF keeps frame delays in hundredths of a second and players slow any under 2 to a "

@@ -3,6 +3,7 @@ exits 2 with one line before torch is imported, and on tiny SD weights `generate
 while `decode` of the saved latents gives the same frames again."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -951,7 +952,6 @@ def test_refusals_that_the_options_and_headers_decide_come_before_the_model_load
              "overlap_frames (16: the request's, else the model's kinema.json default) must be below the segment "
              "length (16 frames)"),
             (["generate", "a cat", "-o", ""], "argument -o/--output: is empty; give a file name"),
-            (["generate", "a cat", "-o", "/"], "argument -o/--output: is the root folder /; give a file name"),
             (["generate", "a cat", "--fps", "60", "-o", str(tmp_path / "fast.gif")],
              "so it plays at most 50 fps, not 60; write .mp4, .webm or .webp, or lower --fps"),
             (["generate", str(tmp_path / "dir.json")], f"the prompt file {tmp_path / 'dir.json'} is a folder")):
@@ -978,11 +978,24 @@ def test_another_kind_of_file_as_ip_adapter_is_left_to_the_load_that_names_it(tm
     assert not _may_be_ip_adapter(str(tmp_path))  # a ControlNet folder, say
 
 
-def test_dot_as_output_is_the_current_folder_by_its_name(tmp_path, monkeypatch):
-    # pathlib names "." and ".." nothing: writing settings beside them raised "has an empty name".
-    from kinema.cli.args import output_path
+def test_a_folder_ending_in_a_separator_or_dot_gets_the_default_name_inside(tmp_path, monkeypatch):
+    # pathlib drops a trailing "/" and names "." nothing: `-o clips/` made a frames folder "clips", `-o .` wrote
+    # frames into the current folder and its settings into the parent.
+    from kinema.cli.args import output_in, output_path
 
     (tmp_path / "clips").mkdir()
     monkeypatch.chdir(tmp_path / "clips")
-    assert [output_path(text) for text in (".", "./", "..", "sub/.", "out.mp4")] == [
-        str(tmp_path / "clips"), str(tmp_path / "clips"), str(tmp_path), "sub/.", "out.mp4"]  # pathlib: "sub"
+    here, up = str(tmp_path / "clips") + os.sep, str(tmp_path) + os.sep
+    assert [output_path(text) for text in (".", "./", "..", "sub/.", "sub/", "out.mp4", "frames")] == [
+        here, here, up, here + "sub" + os.sep, here + "sub" + os.sep, "out.mp4", "frames"]
+    default = Path("out/a-cat-seed0.mp4")
+    assert [output_in(given, default) for given in (None, "sub/", "x.webm", "frames")] == [
+        default, Path("sub/a-cat-seed0.mp4"), Path("x.webm"), Path("frames")]
+    argv = ["generate", "a red circle", "--model", "kinema-tiny-ad", "--steps", "1", "--frames", "8"]
+    assert main([*argv, "-o", "."]) == 0
+    assert main([*argv, "--seed", "3", "4", "-o", "sub/"]) == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "clips", "clips/a-red-circle-seed0.mp4", "clips/a-red-circle-seed0.mp4.json",
+        "clips/a-red-circle-seed0.mp4.latents.safetensors", "clips/sub", "clips/sub/a-red-circle-seed3.mp4",
+        "clips/sub/a-red-circle-seed3.mp4.json", "clips/sub/a-red-circle-seed4.mp4",
+        "clips/sub/a-red-circle-seed4.mp4.json", "clips/sub/a-red-circle.mp4.latents.safetensors"]
