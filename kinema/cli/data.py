@@ -10,7 +10,9 @@ from kinema.cli.args import add_command, add_group, example, fraction, positive_
 def add(subparsers: argparse._SubParsersAction) -> None:
     """Register `kinema data` and its subcommands."""
     group = add_group(subparsers, "data", help="make synthetic training data and eval prompt sets",
-                      description="Make synthetic training data (synth) and prompt sets for kinema eval (prompts).")
+                      description="Make synthetic training data (synth) and prompt sets for kinema eval (prompts).",
+                      epilog=example("kinema data synth --out out/synth --n 20",
+                                     "kinema data prompts --out out/prompts-31337 --seed 31337"))
     data_subparsers = group.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     synth = add_command(
         data_subparsers, "synth", run=run_synth, check=check_synth, label="data synth",

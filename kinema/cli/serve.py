@@ -55,7 +55,8 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models-dir", metavar="DIR", type=Path,
                         help="where jobs' model names (and relative model, motion-module and LoRA paths) are found")
     parser.add_argument("--max-upload-mb", metavar="N", type=positive_int, default=DEFAULT_MAX_UPLOAD_MB,
-                        help=f"largest image a job may upload, in MiB (default {DEFAULT_MAX_UPLOAD_MB})")
+                        help="largest file a job may upload (image, video, mask, control video), in MiB "
+                             f"(default {DEFAULT_MAX_UPLOAD_MB})")
     # kinema.api.app.JobLimits' defaults, repeated so --help imports no FastAPI
     parser.add_argument("--max-frames", metavar="N", type=positive_int, default=1024,
                         help="most frames a job may ask for (default 1024)")

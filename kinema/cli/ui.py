@@ -51,7 +51,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
                         help="generations run at once; the rest wait in the queue (default 1)")
     add_device_option(parser)
     parser.add_argument("--max-upload-mb", type=positive_number, default=DEFAULT_MAX_UPLOAD_MB,
-                        help=f"largest image or video upload in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+                        help=f"largest image or video upload in MiB (default {DEFAULT_MAX_UPLOAD_MB:g})")
 
 
 def check_ui(args: argparse.Namespace) -> None:

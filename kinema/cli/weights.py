@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 INSPECT_DESCRIPTION = (
     "Recognise an AnimateDiff motion module (file or diffusers MotionAdapter folder), a motion LoRA, an EasyAnimate "
-    "V3 folder, transformer or Slice VAE, or a Stable Diffusion 1.5 folder or single file, check every tensor name "
+    "V3 folder, transformer or Slice VAE, a Stable Diffusion 1.5 folder or single file, an image LoRA, an IP-Adapter, "
+    "a ControlNet or SparseCtrl, or an SD VAE, check every tensor name "
     "and shape against its layout, and print its format, version, key and parameter counts (buffers excluded), "
     "frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles that need code are refused."
 )

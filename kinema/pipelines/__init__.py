@@ -9,7 +9,7 @@ from __future__ import annotations
 from kinema.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    ".request": ("GenerationRequest", "ContextSettings", "FreeInitSettings"),
+    ".request": ("GenerationRequest", "ContextSettings", "FreeInitSettings", "FreeUSettings"),
     ".generation": ("generate", "GenerationResult", "decode_saved"),
     ".family": ("VideoFamily",),
     ".animatediff": ("AnimateDiffFamily",),

@@ -26,8 +26,8 @@ _PROJECTION_SEED = 0
 
 def latent_projection(channels: int) -> torch.Tensor:
     """The fixed `(channels, 3)` map from latent channels to RGB: SD1.5's fitted one for 4 channels, else a seeded
-    random projection (other VAEs, such as kinema-tiny's 8 channels, have no published fit; the colours are
-    arbitrary but the same at every step and in every run)."""
+    random projection (VAEs of other channel counts have no published fit; the colours are arbitrary but the same
+    at every step and in every run)."""
     import torch
 
     if channels == len(SD_LATENT_RGB):
