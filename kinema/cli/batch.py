@@ -72,6 +72,8 @@ def check_batch(args: argparse.Namespace) -> None:
         ray_host_port(args.ray)
     if args.ray is not None and not ray_available():
         raise KinemaError(RAY_MISSING)
+    if args.models_dir is not None and not Path(args.models_dir).is_dir():
+        raise KinemaError(f"no models folder {args.models_dir}; give an existing folder with --models-dir")
     check_batch_output(args.out)
     # On a Ray cluster the workers' machines decide their device, not this one: presets and memory are theirs to
     # judge (a local cluster's workers run here).

@@ -12,8 +12,9 @@ The output folder `DIR` holds:
   `loads` (how many times it loaded a model, the sum of its jobs' `loaded`) and `jobs`. Each record is one
   write(2) call and the reader skips a torn last line, so a killed run cannot leave the manifest unreadable.
 
-A job's ID is a hash of its line's content (whitespace and key order aside): an edited line is a new job and runs
-again, an untouched one is skipped. Every line is read and checked (kinema.pipelines.jobs.job_from_mapping) before
+A job's ID is a hash of its line's content (whitespace and key order aside) and of the files its relative paths
+resolved to: an edited line, or the same line naming other files, is a new job and runs again; an untouched one is
+skipped. Every line is read and checked (kinema.pipelines.jobs.job_from_mapping) before
 any model loads; a bad line is one KinemaError naming its line number.
 
 Locally the jobs run in turn on one FamilyCache (a model loads once for all jobs that share it). With Ray, each
@@ -68,10 +69,13 @@ class BatchJob:
     job: Job
 
 
-def job_id(data: Mapping[str, Any], occurrence: int = 1) -> str:
+def job_id(data: Mapping[str, Any], occurrence: int = 1, resolved: Mapping[str, Any] | None = None) -> str:
     """The ID of a job line: a hash of its content as canonical JSON (so whitespace and key order do not count, and
-    any edit does). The same line given again gets `-2`, `-3`, ... (`occurrence`): its own job, e.g. with seed -1."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    any edit does), and of `resolved`, where its paths resolved to when they are not those it gives (a relative
+    path, a model under --models-dir): the same line in another folder names other files, so it is another job.
+    The same line given again gets `-2`, `-3`, ... (`occurrence`): its own job, e.g. with seed -1."""
+    content: Any = {"line": data, "resolved": resolved} if resolved else data
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:_ID_LENGTH]
     return digest if occurrence == 1 else f"{digest}-{occurrence}"
 
@@ -97,10 +101,19 @@ def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None =
         except KinemaError as err:
             message = str(err)
             raise KinemaError(message if f"line {number}" in message else f"{where}: {message}") from None
-        first = job_id(data)
+        resolved = _resolved_paths(data, job)
+        first = job_id(data, resolved=resolved)
         seen[first] = seen.get(first, 0) + 1
-        jobs.append(BatchJob(line=number, id=job_id(data, seen[first]), job=job))
+        jobs.append(BatchJob(line=number, id=job_id(data, seen[first], resolved), job=job))
     return jobs
+
+
+def _resolved_paths(data: Mapping[str, Any], job: Job) -> dict[str, Any]:
+    """The files the job line `data` names, as `job` resolved them, where that is not how the line gives them."""
+    from kinema.pipelines.jobs import PATH_KEYS
+
+    settings = job.settings()
+    return {key: settings.get(key) for key in PATH_KEYS if data.get(key) is not None and settings.get(key) != data[key]}
 
 
 # ---------------------------------------------------------------- the manifest

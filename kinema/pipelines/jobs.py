@@ -114,6 +114,7 @@ _BOOL_FIELDS = ("resize", "vae_tiling", "offload", "compile", "normalize_control
 _TEXT_FIELDS = ("negative_prompt",)
 _FILE_FIELDS = {"image": "image", "end_image": "end image", "video": "video", "mask": "mask",
                 "ip_image": "image prompt", "control_video": "control video"}
+PATH_KEYS = (*_MODEL_KEYS, *_FILE_FIELDS)  # the job keys that name files, resolved by job_from_mapping
 _VIDEO_FIELDS = ("video", "mask", "control_video")  # file fields that may be videos (or frame folders), not images only
 # The named choices of ContextSettings and FreeInitSettings, checked here without importing the torch modules that
 # define them (kinema.sampling.context SCHEDULES, FUSE_METHODS; kinema.sampling.freeinit FREE_INIT_METHODS);

@@ -121,6 +121,8 @@ def test_workers_need_ray_and_a_missing_ray_says_how_to_install_it(tmp_path, mon
     jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
     assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--workers", "2"]) == 2
     assert "give --ray local" in capsys.readouterr().err
+    assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--models-dir", str(tmp_path / "nowhere")]) == 2
+    assert f"no models folder {tmp_path / 'nowhere'}; give an existing folder" in capsys.readouterr().err
     for device in ("cuda:1", "mps"):  # one machine's device, where each Ray worker runs on its own
         assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--ray", "local", "--device", device]) == 2
         assert f"--device {device} names a device of one machine" in capsys.readouterr().err

@@ -40,6 +40,27 @@ def test_a_job_id_is_the_hash_of_the_line_content_so_an_edit_runs_again():
     assert job_id(LINE, occurrence=2) == f"{reference}-2"
 
 
+def test_the_same_line_naming_other_files_is_another_job(tmp_path):
+    # A relative path names the file beside the jobs file: a batch of one folder's line must not count another
+    # folder's (another start image) as done. Lines whose paths are taken as written keep the plain hash.
+    from PIL import Image
+
+    line = {**LINE, "image": "start.png"}
+    ids = []
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (64, 64), colour).save(tmp_path / name / "start.png")
+        [job] = read_jobs(write_lines(tmp_path / name / "jobs.jsonl", [json.dumps(line)]))
+        assert job.job.request.image == str(tmp_path / name / "start.png")
+        ids.append(job.id)
+    assert ids[0] != ids[1]
+    absolute = {**LINE, "image": str(tmp_path / "a" / "start.png")}
+    [job] = read_jobs(write_lines(tmp_path / "jobs.jsonl", [json.dumps(absolute)]))
+    assert job.id == job_id(absolute)
+    [job] = read_jobs(write_lines(tmp_path / "plain.jsonl", [json.dumps(LINE)]))
+    assert job.id == job_id(LINE)
+
+
 def test_read_jobs_checks_every_line_and_names_the_first_bad_one(tmp_path):
     good = json.dumps(LINE)
     jobs = read_jobs(write_lines(tmp_path / "ok.jsonl", [good, "", "  ", json.dumps({**LINE, "seed": [3, 4]}), good]))
