@@ -225,8 +225,8 @@ def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: 
     motion, or as many as the `continuation` the first videos are extended to: None for none), a motion module or
     LoRA that is missing or that the model cannot take, or a line whose seed plus `seed` is past the largest
     seed."""
-    from kinema.bundled import resolve_model
-    from kinema.pipelines.jobs import check_model_request
+    from kinema.pipelines.jobs import check_model_path, check_model_request, model_defaults_for
+    from kinema.pipelines.request import LIBRARY_DEFAULTS
 
     if frames is not None and frames < 2:
         raise KinemaError(f"frames must be at least 2 to show motion, got {frames}")
@@ -236,8 +236,16 @@ def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: 
     for path, what in ((motion_module, "motion module"), *((path, "LoRA file") for path, _ in loras)):
         if path is not None and not os.path.lexists(path):
             raise KinemaError(f"no such {what}: {path}")
-    check_model_request(resolve_model(model, f"no such model file or folder: {model}"), frames=frames,
-                        motion_module=motion_module, loras=loras)
+    folder, defaults = model_defaults_for(model, ("frames", "overlap_frames"), f"no such model file or folder: {model}")
+    if os.path.lexists(model):  # a folder of other weights fails here, not once the model loads
+        check_model_path(folder)
+    check_model_request(folder, frames=frames, motion_module=motion_module, loras=loras)
+    length = frames if frames is not None else defaults.get("frames", DEFAULT_FRAMES)
+    overlap = defaults.get("overlap_frames", LIBRARY_DEFAULTS["overlap_frames"])
+    if continuation is not None and length <= overlap:
+        raise KinemaError(f"the continuation extends each video in segments of its {length} frames that overlap by "
+                          f"the model's {overlap} (its kinema.json default), so the videos need more than {overlap} "
+                          "frames: raise --frames, or pass --no-continuation")
     for entry in entries:
         if _video_seed(entry, seed) > MAX_SEED:
             raise KinemaError(f"{prompts_path}, line {entry.line}: its seed plus --seed {seed} is "
@@ -329,9 +337,13 @@ def evaluate(
 
         # What a reader of report.json needs to run it again: the prompt file's exact bytes, the lines scored.
         report.prompts = str(Path(prompts_path).resolve())
+        # Paths absolute (a bundled model by its name), so that it runs again from any folder.
+        report.model = os.path.abspath(model) if os.path.lexists(model) else model
         report.settings.update(kinema_version=__version__, limit=limit, held_out_from=held_out_from,
-                               motion_module=None if motion_module is None else os.fspath(motion_module),
-                               loras=[[os.fspath(path), weight] for path, weight in loras],
+                               motion_module=None if motion_module is None else os.path.abspath(motion_module),
+                               loras=[[os.path.abspath(path), weight] for path, weight in loras],
+                               continuation_frames=continuation_frames if continuation else None,
+                               continuations=continuations if continuation else 0,
                                prompts_sha256=hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest())
         if folder is not None and out_dir is not None:
             report.out_dir = str(Path(out_dir).resolve())

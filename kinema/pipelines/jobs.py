@@ -658,7 +658,7 @@ def _model(value: Any, base: Path, models_dir: Path | None) -> str:
     found = existing_path(text, "model", (base, models_dir))
     if found is not None:
         path = os.path.abspath(found)
-        _check_model_path(Path(path))
+        check_model_path(Path(path))
         return path
     if is_bundled_name(text):
         resolve_model(text)  # a bundled name whose folder this install lacks says so
@@ -667,7 +667,7 @@ def _model(value: Any, base: Path, models_dir: Path | None) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _check_model_path(path: Path) -> None:
+def check_model_path(path: Path) -> None:
     """One KinemaError line unless `path` is a model `load_family` generates with, as far as headers tell
     (`_check_file_kind`), and an EasyAnimate one a whole model folder."""
     if _check_file_kind(str(path), "model") == "easyanimate_transformer":

@@ -282,6 +282,11 @@ def test_a_motion_module_and_loras_are_scored_on_the_model(tmp_path, monkeypatch
                       motion_module=str(module))
     assert seen[0]["motion_module"] == str(module) and seen[0]["loras"] == []
     assert report.settings["motion_module"] == str(module) and report.settings["held_out_from"] == "prompt file"
+    assert report.model == "kinema-tiny-ad" and report.settings["continuations"] == 0
+    monkeypatch.chdir(module.parent)  # given relative, recorded absolute: report.json runs again from anywhere
+    report = evaluate(".", write_t2v(tmp_path), frames=8, steps=1, progress=False, continuation=False,
+                      motion_module=module.name, limit=1)
+    assert (report.model, report.settings["motion_module"]) == (str(module.parent), str(module))
     assert main(["eval", "--model", "kinema-tiny", "--motion-module", str(module), "--prompts",
                  str(write_t2v(tmp_path)), "--out", str(tmp_path / "out")]) == 2
     assert "is an EasyAnimate model, which has its own motion layers: drop --motion-module" in capsys.readouterr().err
@@ -300,4 +305,14 @@ def test_frames_as_many_as_the_continuation_are_refused_before_any_model_loads(t
            "for fewer frames, or pass --no-continuation" in capsys.readouterr().err
     with pytest.raises(KinemaError, match="extends the first videos to 64 frames"):
         evaluate("kinema-tiny", prompts, frames=64, continuation_frames=64, progress=False)
+    # kinema-tiny-ad's segments overlap by 8 frames (its kinema.json), so 8-frame videos cannot be continued
+    assert main(["eval", "--model", "kinema-tiny-ad", "--prompts", prompts, "--frames", "8", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "segments of its 8 frames that overlap by the model's 8 (its kinema.json default), so the videos need " \
+           "more than 8 frames: raise --frames, or pass --no-continuation" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("not a model")
+    assert main(["eval", "--model", str(tmp_path / "notes"), "--prompts", prompts, "--no-continuation", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert f"model {tmp_path / 'notes'}: not a format kinema knows" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
