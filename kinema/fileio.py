@@ -120,8 +120,10 @@ def write_manifest(folder: Path, kind: str) -> None:
 
     files = {name: os.lstat(folder / name).st_size for name in _folder_files(folder) if name != MANIFEST}
     hashes = {name: sha256_of(folder / name) for name, size in files.items() if _hashed(folder, name, size)}
+    # The large ones' modification times stand in for their hashes: rewritten in place at the same size, they change.
+    times = {name: os.lstat(folder / name).st_mtime_ns for name in files if name not in hashes}
     (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files,
-                                               "sha256": hashes}, indent=1) + "\n")
+                                               "sha256": hashes, "mtime_ns": times}, indent=1) + "\n")
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -247,14 +249,17 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 def change_since_written(folder: Path, name: str, manifest: dict) -> str | None:
     """How the file `name` in `folder` differs from what `manifest` recorded when kinema wrote it: "unlisted" (added
-    since), "size" or "contents" (edited since: its size, or the SHA-256 of a file up to 16 MiB; manifests from
-    before kinema listed hashes give sizes only), or None when it is as written."""
-    written, hashes = manifest.get("files") or {}, manifest.get("sha256")
+    since), "size" or "contents" (edited since: its size, or the SHA-256 of a file up to 16 MiB and the modification
+    time of a larger one; manifests from before kinema listed them give sizes only), or None when it is as written."""
+    written, hashes, times = manifest.get("files") or {}, manifest.get("sha256"), manifest.get("mtime_ns")
     if name not in written:
         return "unlisted"
-    if written[name] != os.lstat(folder / name).st_size:
+    found = os.lstat(folder / name)
+    if written[name] != found.st_size:
         return "size"
     if isinstance(hashes, dict) and name in hashes and hashes[name] != sha256_of(folder / name):
+        return "contents"
+    if isinstance(times, dict) and name in times and times[name] != found.st_mtime_ns:
         return "contents"
     return None
 
@@ -323,6 +328,9 @@ def _allowed(given: Path, kind: str | None, *, folder: bool | None, overwrite: b
             raise KinemaError(f"the output {given} {what} the input {source}; write the result somewhere else")
     if not real.exists():
         return real
+    if not (real.is_file() or real.is_dir()):  # opening a FIFO to judge it would wait for a writer forever
+        raise KinemaError(f"{given} is a FIFO, socket or device, not a file or folder kinema writes; give another "
+                          "path")
     noun = "folder" if real.is_dir() else "file"
     if folder is True and not real.is_dir():
         raise KinemaError(f"{given} is a file; give a folder path for the {kind_words(kind or 'output')}")

@@ -134,7 +134,7 @@ def _safetensors(path: Path, f, head: bytes, size: int) -> FileKind | None:
         end = max((int(stop) for _, stop in offsets), default=0)
         shapes = tuple(tuple(int(size) for size in entry["shape"]) for name, entry in header.items()
                        if name != "__metadata__")
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # nested too deeply for json
         return FileKind(path, Kind.SAFETENSORS_DAMAGED, "a safetensors file with a damaged header (not the JSON "
                         "table of tensors the format needs)", _DOWNLOAD_AGAIN)
     expected = 8 + length + end

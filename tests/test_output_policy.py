@@ -187,6 +187,18 @@ def test_user_files_inside_an_earlier_synth_output_are_never_lost(tmp_path, caps
     assert "corrected by hand" in (out / "metadata.json").read_text()
 
 
+def test_a_large_file_rewritten_at_its_size_is_the_users(tmp_path):
+    # Files over 16 MiB are not hashed (saves stay fast): weights edited in place at the same size were replaced.
+    out = tmp_path / "model"
+    with atomic_folder(out, "test_output") as folder:
+        (folder / "weights.bin").write_bytes(b"\0" * (17 * 2**20))
+    check_output(out, "test_output", folder=True, overwrite=True)  # as kinema wrote it: replaceable
+    with open(out / "weights.bin", "r+b") as f:  # fine-tuned in place: same size, other bytes
+        f.write(b"\1" * 1024)
+    with pytest.raises(KinemaError, match=r"edited since \(weights.bin\)"):
+        check_output(out, "test_output", folder=True, overwrite=True)
+
+
 def test_the_empty_current_folder_is_written_into(tmp_path, capsys, monkeypatch):
     here = tmp_path / "here"
     here.mkdir()
@@ -258,6 +270,17 @@ def test_a_symlinked_target_is_written_through_never_replaced(tmp_path, capsys):
     assert run(capsys, "data", "synth", "--out", str(link), "--n", "1", "--frames", "2", "--size", "16")[0] == 0
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert (real / "metadata.json").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_fifo_at_the_target_is_refused_without_opening_it(tmp_path):
+    # Judging whether kinema wrote it opened it, and opening a FIFO waits for a writer: convert hung forever.
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    for folder in (False, None):
+        with pytest.raises(KinemaError, match="is a FIFO, socket or device, not a file or folder kinema writes"):
+            check_output(fifo, "motion_module", folder=folder, overwrite=True)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
 def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):

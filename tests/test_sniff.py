@@ -231,6 +231,9 @@ def test_truncated_and_overlong_safetensors(tmp_path):
         "longer.safetensors": (data + b"\x00" * 3, f"whose header says {len(data)} bytes but the file has "
                                                    f"{len(data) + 3}: something was written after its end"),
         "bad-header.safetensors": (data[:8] + b"{" + b"x" * (len(data) - 9), "with a damaged header"),
+        # json.loads recursed past Python's limit: a RecursionError with a traceback
+        "nested.safetensors": (struct.pack("<Q", 100_006) + b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                               "with a damaged header (not the JSON"),
         # These two were called "neither safetensors nor a torch checkpoint".
         "huge-length.safetensors": (struct.pack("<Q", 2**62) + data[8:], "with a damaged header (its length field "
                                                                          f"says {2**62} bytes"),

@@ -180,7 +180,8 @@ def check_init_model(args: argparse.Namespace) -> None:
     if args.scale_data is not None and args.vae is None:
         raise KinemaError("--scale-data measures a trained VAE's latents: give --vae too")
     check_size(args.name, _size(args), trained_vae=args.vae is not None)
-    check_output(args.out, "model", folder=True, overwrite=args.overwrite)
+    check_output(args.out, "model", folder=True, overwrite=args.overwrite,
+                 inputs=tuple(path for path in (args.vae, args.scale_data) if path is not None))
 
 
 def run_init_model(args: argparse.Namespace) -> None:

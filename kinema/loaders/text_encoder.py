@@ -164,7 +164,12 @@ def load_text_encoder(entry: TextEncoderEntry, model_folder: str | os.PathLike, 
     local = Path(source).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        text_encoder = AutoModel.from_pretrained(source, dtype=dtype or torch.float32)
+        if local:  # weights that do not fit its config are refused, not filled at random
+            from kinema.loaders.checkpoint_io import load_pretrained
+
+            text_encoder = load_pretrained(AutoModel, source, "text encoder", dtype=dtype or torch.float32)
+        else:
+            text_encoder = AutoModel.from_pretrained(source, dtype=dtype or torch.float32)
     except OSError as err:
         if local:
             raise KinemaError(f"cannot load the text encoder in {source}: {str(err).splitlines()[0]}") from None

@@ -132,14 +132,15 @@ def write_initial_model(name: str, out: str | os.PathLike, seed: int = 0, vae: s
         raise KinemaError(f"unknown model {name!r}: kinema can start {', '.join(INITIAL_MODELS)}")
     sized = check_size(name, size, trained_vae=vae is not None)
     out = Path(out)
-    check_output(out, "model", folder=True, overwrite=overwrite)
+    inputs = tuple(path for path in (vae, scale_data) if path is not None)
+    check_output(out, "model", folder=True, overwrite=overwrite, inputs=inputs)
     vae_folder = None
     if vae is not None:
         check_vae_folder(name, vae)
         vae_folder = Path(vae)
     if scale_data is not None and vae_folder is None:
         raise KinemaError("the latents' scale is measured on a trained VAE: give the VAE folder too")
-    with atomic_folder(out, "model", overwrite=overwrite) as temp:
+    with atomic_folder(out, "model", overwrite=overwrite, inputs=inputs) as temp:
         if name == "kinema-tiny":
             _write_tiny(temp, seed, vae_folder, scale_data, sized)
         else:

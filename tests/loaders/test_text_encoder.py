@@ -150,6 +150,19 @@ def test_load_gives_transformers_model_with_the_entrys_length(bert):
         load_text_encoder(TextEncoderEntry(path=str(bert), max_length=65), "unused")
 
 
+def test_an_encoder_folder_missing_weights_is_refused_not_filled_at_random(bert, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    partial = Path(shutil.copytree(bert, tmp_path / "partial"))
+    weights = load_file(partial / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if ".layer.0.output." not in name},
+              str(partial / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KinemaError, match=r"the text encoder weights in .*partial.*encoder\.layer\.0\.output"):
+        load_text_encoder(TextEncoderEntry(path=str(partial)), "unused")
+
+
 # ---------------------------------------------------------------- EasyAnimate-family folders
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kinema.cli import main
 from kinema.errors import KinemaError
 from kinema.models.initial import latent_scaling_factor, write_initial_model
 from kinema.models.presets import KINEMA_TINY_SLICE_VAE, kinema_tiny_transformer
@@ -146,6 +147,17 @@ def test_scaling_factor_is_one_over_the_latent_std(tmp_path, synth_videos):
 def test_bad_requests():
     with pytest.raises(KinemaError, match="unknown model 'kinema-huge'"):
         write_initial_model("kinema-huge", "/nonexistent/x")
+
+
+def test_the_vae_it_starts_from_is_an_input_it_never_writes_over(tmp_path):
+    write_initial_model("kinema-tiny", tmp_path / "first")
+    vae = tmp_path / "first" / "vae"
+    for out, overwrite in ((vae / "inside", False), (tmp_path / "first", True)):  # in it, or the folder holding it
+        with pytest.raises(KinemaError, match="input"):
+            write_initial_model("kinema-tiny", out, vae=vae, overwrite=overwrite)
+        assert main(["init-model", "kinema-tiny", "--out", str(out), "--vae", str(vae),
+                     *(["--overwrite"] if overwrite else [])]) == 2
+    assert not (vae / "inside").exists() and (vae / "config.json").is_file()
 
 
 def exported_v3_folder(folder):
