@@ -21,14 +21,13 @@ brings its config, which must share the model's latent space: the same latent ch
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.errors import KinemaError, naming
+from kinema.loaders.config_values import check_config_values, is_positive_int, is_positive_ints, is_positive_number
 
 if TYPE_CHECKING:  # torch and diffusers load when a file is read
     import torch
@@ -140,28 +139,18 @@ def _folder_config(source: Source) -> dict[str, Any]:
     from kinema.fileio import read_json_object
 
     config = read_json_object(source.path / "config.json", "the VAE's config")
-    _check_config_values(config)
+    check_config_values(config, _CONFIG_RULES, "its config.json", "restore the config.json the VAE came with")
     return dict(_empty_model(config).config)
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _check_config_values(config: Mapping[str, Any]) -> None:
-    """One KinemaError line for a config.json value that is not what an AutoencoderKL takes, before diffusers reads
-    it (it would fail later with a bare TypeError, or carry a string into the decode)."""
-    checks = {
-        "scaling_factor": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                           and v > 0, "a number above 0 (SD1.5's VAEs: 0.18215)"),
-        "latent_channels": (_positive_int, "a positive whole number (SD1.5's VAEs: 4)"),
-        "block_out_channels": (lambda v: isinstance(v, list) and bool(v) and all(map(_positive_int, v)),
-                               "a list of positive whole numbers, one per level (SD1.5's: [128, 256, 512, 512])"),
-    }
-    for name, (valid, wanted) in checks.items():
-        if name in config and not valid(config[name]):
-            raise KinemaError(f"its config.json's {name} is {json.dumps(config[name])}, not {wanted}: restore the "
-                              "config.json the VAE came with")
+# What an AutoencoderKL takes, checked before diffusers reads the config: it would fail later with a bare TypeError,
+# or carry a string into the decode.
+_CONFIG_RULES = {
+    "scaling_factor": (is_positive_number, "a number above 0 (SD1.5's VAEs: 0.18215)"),
+    "latent_channels": (is_positive_int, "a positive whole number (SD1.5's VAEs: 4)"),
+    "block_out_channels": (lambda value: isinstance(value, list) and is_positive_ints(value),
+                           "a list of positive whole numbers, one per level (SD1.5's: [128, 256, 512, 512])"),
+}
 
 
 def _diffusers_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kinema.data.synth_limits import MAX_FRAMES
 from kinema.errors import KinemaError
 from kinema.pipelines.request import MAX_SEED
 
@@ -420,8 +421,8 @@ def check_config(config: TrainConfig) -> None:
                        "set validation.every to render them every that many steps")
     validation = config.validation
     _check_range(validation.steps >= 1, f"config key validation.steps must be at least 1, got {validation.steps}")
-    _check_range(validation.frames is None or validation.frames >= 1, f"config key validation.frames must be at "
-                 f"least 1 (or null for data.frames), got {validation.frames}")
+    _check_range(validation.frames is None or 1 <= validation.frames <= MAX_FRAMES, f"config key validation.frames "
+                 f"must be from 1 to {MAX_FRAMES} (or null for data.frames), got {validation.frames}")
     _check_range(validation.guidance is None or validation.guidance >= 1, f"config key validation.guidance must be "
                  f"at least 1 (1 turns classifier-free guidance off), or null for the model's default; got "
                  f"{validation.guidance}")

@@ -240,6 +240,8 @@ def _check_frame_counts(config: TrainConfig, task: Any) -> None:
     step 1 and said with the setting that gives it: a count the VAE cannot take failed at the first batch of its
     kind, images or validation many steps in."""
     counts = {"data.frames": config.data.frames}
+    for index, (_, _, frames) in enumerate(config.data.buckets or ()):  # clips of a bucket are read at its count
+        counts[f"data.buckets[{index}]'s frame count"] = frames
     if config.data.image_ratio != 0:
         counts["data.image_frames"] = config.data.image_frames
     if config.validation.every and task.family is not None:
@@ -251,11 +253,12 @@ def _check_frame_counts(config: TrainConfig, task: Any) -> None:
             raise KinemaError(f"{key} is {frames}, which this model cannot take: {err}") from None
 
 
-def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, device: Any) -> Any:
-    """Estimate the memory of a step from one probe clip and refuse, before step 1, a batch that cannot fit."""
+def _check_memory(config: TrainConfig, task: Any, dataset: Any, device: Any) -> Any:
+    """Estimate the memory of a step from one probe clip of the run's largest shape and refuse, before step 1, a
+    batch that cannot fit."""
     from kinema.training.estimate import check_memory, estimate_training_memory
 
-    probe = _probe_batch(config, dataset, order)
+    probe = _probe_batch(dataset)
     generator = torch.Generator().manual_seed(config.seed)
 
     def forward() -> torch.Tensor:
@@ -264,9 +267,8 @@ def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, devi
     estimate = estimate_training_memory(task.module, forward, config.train.batch_size, probe_batch=1,
                                         mixed_precision=config.train.mixed_precision,
                                         gradient_checkpointing=config.train.gradient_checkpointing)
-    data = config.data
-    check_memory(estimate, device, f"a batch of {config.train.batch_size} x {data.frames} frames at "
-                                   f"{data.size[0]}x{data.size[1]}")
+    (height, width), frames = dataset.bucket_shape(_largest_group(dataset)[0])
+    check_memory(estimate, device, f"a batch of {config.train.batch_size} x {frames} frames at {height}x{width}")
     return estimate
 
 
@@ -280,14 +282,31 @@ def _probe_each_kind(dataset: Any) -> None:
         dataset.load_item(index, 0)
 
 
-def _probe_batch(config: TrainConfig, dataset: Any, order: Any) -> dict[str, Any]:
-    """The first clip of the first batch alone, collated as the loader gives it (the batch itself may be too big to
-    read, which is what the probe is for)."""
+def _largest_group(dataset: Any) -> tuple[Any, list[int]]:
+    """The group of entries read at the run's largest shape (height x width x frames: videos rather than images made
+    clips, the largest bucket) and its entries: a step's memory and time are judged on it, not on the first batch,
+    which may be of images or a small bucket (8 times less memory, measured)."""
+    members: dict[Any, list[int]] = {}
+    for index, group in enumerate(dataset.groups()):
+        members.setdefault(group, []).append(index)
+
+    def volume(group: Any) -> int:
+        (height, width), frames = dataset.bucket_shape(group)
+        return height * width * frames
+
+    largest = max(members, key=volume)
+    return largest, members[largest]
+
+
+def _probe_batch(dataset: Any, clips: int = 1) -> dict[str, Any]:
+    """`clips` clips of the largest group (`_largest_group`; its first ones, again from the first where it has
+    fewer), collated as the loader gives them; one clip for the memory probe (a whole batch may be too big to read,
+    which is what the probe is for)."""
     from kinema.data.dataset import collate
 
-    indices, group, epoch = order.batch(0, 0)
+    group, indices = _largest_group(dataset)
     size, frames = dataset.bucket_shape(group)
-    return collate([dataset.load_item(indices[0], epoch, size=size, frames=frames)])
+    return collate([dataset.load_item(indices[i % len(indices)], 0, size=size, frames=frames) for i in range(clips)])
 
 
 @contextlib.contextmanager
@@ -343,14 +362,38 @@ def _validate(config: TrainConfig, task: Any, run_folder: Path, step: int, ema: 
         return
     task.model.eval()
     scope = ema.applied() if ema is not None else contextlib.nullcontext()
+
+    def stop_asked(*_: Any) -> None:  # a stop signal ends the videos at the next sampling step, not after them all
+        if stop_requested():
+            raise _ValidationStopped
+
     try:
         with scope, torch.no_grad():
             for index, prompt in enumerate(config.validation.prompts):
-                result = generate(task.family, validation_request(config, prompt), progress=False)
+                result = generate(task.family, validation_request(config, prompt), progress=False,
+                                  callback=stop_asked)
                 out = run_folder / "validation" / f"step-{step:08d}" / f"{index:02d}.mp4"
                 write_result(result, out, fps=8, overwrite=True)
+    except _ValidationStopped:
+        logger.warning("stopping: the validation videos of step %d are left unfinished", step)
     finally:
         task.model.train()
+
+
+def _diverged(config: TrainConfig, loss: float, step: int) -> KinemaError:
+    """The refusal of a loss that is no longer finite: the run's checkpoints hold the weights that led to it, and a
+    resume keeps the learning rate, so the fix is a new run with settings it does not have yet."""
+    fixes = ["a lower train.learning_rate"]
+    if config.train.max_grad_norm is None:
+        fixes.append("train.max_grad_norm set (e.g. 1.0)")
+    if config.train.mixed_precision != "no":
+        fixes.append("train.mixed_precision: no")
+    return KinemaError(f"the loss became {loss} at step {step}; its checkpoints hold the weights that led there, and "
+                       f"a resume keeps its learning rate: start a new run (another output) with {' or '.join(fixes)}")
+
+
+class _ValidationStopped(Exception):
+    """Raised from a validation video's sampling step once a stop signal has come (kinema.interrupt)."""
 
 
 EXPORT_RECORD = "export.json"  # in final/: the step its weights were trained to
@@ -492,14 +535,14 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     task = make_task(config)
     _check_frame_counts(config, task)
     task.to(accelerator.device)
-    estimate = _check_memory(config, task, dataset, order, accelerator.device)
+    estimate = _check_memory(config, task, dataset, accelerator.device)
     task.model.zero_grad(set_to_none=True)
     named = task.trainable_parameters()
     report: dict[str, Any] = {"mode": config.mode, "model": config.model.path, **task.describe(),
                               "data": _data_report(dataset), "processes": world,
                               "memory_estimate": estimate.describe()}
     if dry_run:
-        report["seconds_per_step"] = _time_one_step(config, task, dataset, order)
+        report["seconds_per_step"] = _time_one_step(config, task, dataset)
         return TrainResult(None, 0, 0, report=report, task=task, is_main=main)
 
     if main:
@@ -558,9 +601,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
                     ema.step()
                 mean_loss = float(accelerator.reduce(total_loss, "mean"))
                 if not math.isfinite(mean_loss):
-                    raise KinemaError(f"the loss became {mean_loss} at step {step + 1}: lower train.learning_rate, "
-                                      "set train.max_grad_norm, or use mixed_precision: no; resume from the last "
-                                      "checkpoint")
+                    raise _diverged(config, mean_loss, step + 1)
                 done = step + 1
                 result.end_step, result.last_loss = done, mean_loss
                 result.losses.append(mean_loss)
@@ -613,11 +654,10 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     return result
 
 
-def _time_one_step(config: TrainConfig, task: Any, dataset: Any, order: Any) -> float:
-    """Seconds of one forward and backward pass on the first batch; gradients are dropped, no weight changes."""
-    from kinema.data.dataset import TrainBatches
-
-    batch = TrainBatches(dataset, order, rank=0, start=0)[0]
+def _time_one_step(config: TrainConfig, task: Any, dataset: Any) -> float:
+    """Seconds of one forward and backward pass on a batch of the run's largest shape (`_largest_group`); gradients
+    are dropped, no weight changes."""
+    batch = _probe_batch(dataset, config.train.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
     began = time.perf_counter()
     for _ in range(config.train.gradient_accumulation):

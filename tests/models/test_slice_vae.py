@@ -4,6 +4,7 @@ translated into SliceVAE arguments, strict loads)."""
 import hashlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -516,6 +517,24 @@ def test_unknown_config_field_raises(tmp_path):
     write_v3_folder(tmp_path, random_v3_state(), temporal_compression_ratio=4)
     assert is_slice_vae_folder(tmp_path)
     with pytest.raises(KinemaError, match=r"does not know: \['temporal_compression_ratio'\]"):
+        load_slice_vae(tmp_path)
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ({"mini_batch_decoder": "2"}, 'mini_batch_decoder is "2", not a positive whole number'),
+    ({"ch": 8.0}, "ch is 8.0, not a positive whole number"),
+    ({"norm_num_groups": 0}, "norm_num_groups is 0, not a positive whole number"),
+    ({"layers_per_block": None}, "layers_per_block is null, not a positive whole number"),
+    ({"ch_mult": [1, "2"]}, 'ch_mult is \\[1, "2"\\], not a list of positive whole numbers'),
+    ({"scaling_factor": float("inf")}, "scaling_factor is Infinity, not a number above 0"),
+    ({"scaling_factor": float("nan")}, "scaling_factor is NaN, not a number above 0"),
+    ({"mid_block_use_attention": "yes"}, 'mid_block_use_attention is "yes", not true or false'),
+])
+def test_a_config_value_no_slice_vae_takes_is_one_line_naming_the_file(tmp_path, value, said):
+    # These were a bare TypeError or ZeroDivisionError from inside torch, or (infinity) a model that decoded NaN.
+    write_v3_folder(tmp_path, random_v3_state(), **value)
+    with pytest.raises(KinemaError, match=f"^{re.escape(str(tmp_path / 'config.json'))}'s {said}: restore the "
+                                          "config.json the VAE came with$"):
         load_slice_vae(tmp_path)
 
 

@@ -163,6 +163,8 @@ def test_motion_mode_on_v3_trains_its_hybrid_motion_modules_alone(tmp_path, v3_m
     ("vae", {"frames": 4}, {}, "data.frames is 4, which this model cannot take: F must be 1 or a multiple of 8"),
     ("full", {"image_frames": 264, "image_ratio": 0.5}, {},
      "data.image_frames is 264, which this model cannot take: "),
+    ("full", {"buckets": [[32, 32, 8], [32, 48, 5]]}, {},
+     "data.buckets[1]'s frame count is 5, which this model cannot take: EasyAnimate V3 makes 1 or a multiple of 8"),
 ])
 def test_a_frame_count_the_model_cannot_take_is_refused_before_step_1(tmp_path, v3_model, synth_videos, mode, data,
                                                                        sections, said, monkeypatch):
@@ -405,6 +407,28 @@ def test_a_batch_too_big_for_the_memory_is_refused_with_the_estimate(tmp_path, s
         train(config, progress=False)
 
 
+def test_the_memory_probe_is_a_clip_of_the_largest_shape_whichever_batch_comes_first(tmp_path, sd_model,
+                                                                                      synth_videos, monkeypatch):
+    # The first batch alone was probed: a run whose seed drew an image batch first was judged on 1-frame clips.
+    from kinema.data.dataset import TrainBatches
+    from kinema.training import trainer as trainer_module
+    from kinema.training.trainer import _batch_order, _dataset
+
+    probed, first = [], []
+    plain = trainer_module._probe_batch
+    monkeypatch.setattr(trainer_module, "_probe_batch", lambda *a, **k: probed.append(plain(*a, **k)) or probed[-1])
+    for seed in range(4):
+        config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA)
+        config = config_from_dict({**config.to_dict(), "seed": seed, "data": {**config.to_dict()["data"],
+                                                                             "image_ratio": 0.5}})
+        dataset = _dataset(config)
+        first.append(TrainBatches(dataset, _batch_order(config, dataset, 1), rank=0, start=0)[0]["pixels"]
+                     .shape[1])
+        train(config, dry_run=True, progress=False)
+    assert 1 in first and 4 in first  # some seeds start on images, some on videos
+    assert {tuple(batch["pixels"].shape[1:]) for batch in probed} == {(4, 3, 16, 16)}
+
+
 def test_dry_run_reports_and_writes_nothing(tmp_path, sd_model, synth_videos):
     config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA)
     result = train(config, dry_run=True, progress=False)
@@ -499,6 +523,49 @@ def test_validation_videos_land_in_the_run_folder_at_the_models_own_guidance(tmp
     clip = read_video(result.run_folder / "validation" / "step-00000002" / "00.mp4")
     assert clip.frames.shape == (4, 3, 16, 16)
     assert read_sidecar(result.run_folder / "validation" / "step-00000002" / "00.mp4")["guidance"] == 3.5
+
+
+def test_a_stop_during_validation_ends_the_videos_at_the_next_sampling_step(tmp_path, sd_model, synth_videos,
+                                                                              monkeypatch):
+    # A stop signal waited for every validation video (minutes with real models, past a scheduler's grace period).
+    import kinema.pipelines.generation as generation_module
+    import kinema.pipelines.outputs as outputs_module
+    import kinema.training.trainer as trainer_module
+
+    stopped, steps_after = [False], []
+    plain_write, plain_generate = outputs_module.write_result, generation_module.generate
+
+    def write_then_stop(*args, **kwargs):
+        stopped[0] = True  # the signal lands as the first video is written
+        return plain_write(*args, **kwargs)
+
+    def counting_generate(family, request, callback=None, **kwargs):
+        def count(*step):
+            steps_after.append(stopped[0])
+            callback(*step)
+        return plain_generate(family, request, callback=count, **kwargs)
+
+    monkeypatch.setattr(outputs_module, "write_result", write_then_stop)
+    monkeypatch.setattr(generation_module, "generate", counting_generate)
+    monkeypatch.setattr(trainer_module, "stop_requested", lambda: stopped[0])
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                         train={"steps": 4}, checkpoint={"every": 4},
+                         validation={"every": 2, "prompts": ["a red circle", "a blue square", "a cat"], "steps": 3})
+    result = train(config, progress=False)
+    assert result.end_step == 2  # stopped after the step it validated, its checkpoint saved
+    assert sorted(p.name for p in (result.run_folder / "validation" / "step-00000002").iterdir()
+                  if p.suffix == ".mp4") == ["00.mp4"]
+    assert steps_after == [False, False, False, True]  # the second video stopped at its first step
+    assert (result.run_folder / "checkpoints").is_dir()
+
+
+def test_a_loss_that_diverges_says_to_start_a_new_run_with_the_settings_it_lacks(tmp_path, sd_model, synth_videos):
+    config = make_config(tmp_path, sd_model_section(sd_model), synth_videos, "motion", SD_DATA,
+                         train={"steps": 3, "learning_rate": 1e30, "max_grad_norm": None})
+    with pytest.raises(KinemaError, match=r"the loss became nan at step \d; its checkpoints hold the weights that led "
+                                          r"there, and a resume keeps its learning rate: start a new run \(another "
+                                          r"output\) with a lower train.learning_rate or train.max_grad_norm set"):
+        train(config, progress=False)
 
 
 def test_exported_motion_loras_load_back_through_kinema_at_the_trained_scale(tmp_path, sd_model, synth_videos):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kinema.errors import KinemaError
+from kinema.loaders.config_values import FRACTION, POSITIVE_INT, POSITIVE_NUMBER, check_config_values
 from kinema.models.video_dit import VideoDiT
 from kinema.models.video_dit_blocks import EASYANIMATE_V3_SKIP_LINEARS, easyanimate_v3_skip_pairs
 
@@ -108,6 +109,14 @@ def _motion_spec(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
             "norm_num_groups": 32}
 
 
+_CONFIG_RULES = {
+    **dict.fromkeys(("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers",
+                     "cross_attention_dim", "sample_size", "patch_size", "caption_channels"), POSITIVE_INT),
+    "norm_eps": POSITIVE_NUMBER, "dropout": FRACTION,
+}
+_CONFIG_FIX = "restore the config.json the transformer came with"
+
+
 def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
     """EasyAnimate V3 `transformer/config.json` (or a kinema VideoDiT config) -> `VideoDiT(**kwargs)` arguments.
 
@@ -117,9 +126,11 @@ def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
     `in_channels == 12` with `enable_clip_in_inpaint` becomes `image_embed_dim=768`, and `enable_uvit` becomes
     V3's skip wiring at this depth (`easyanimate_v3_skip_pairs`, 13 linears). Unknown fields are refused.
     """
+    where = "the EasyAnimate transformer's config.json"
     if config.get("_class_name") == VideoDiT.__name__:
-        return {name: value for name, value in config.items() if not name.startswith("_")}
-    where = "EasyAnimate transformer config"
+        kinema_kwargs = {name: value for name, value in config.items() if not name.startswith("_")}
+        check_config_values(kinema_kwargs, _CONFIG_RULES, where, _CONFIG_FIX)
+        return kinema_kwargs
     config = {**V3_YAML_EXTRAS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     known = set(V3_SAME_FIELDS) | set(V3_FIXED_FIELDS) | set(V3_INERT_FIELDS)
     unknown = sorted(set(config) - known)
@@ -134,6 +145,7 @@ def video_dit_config_from_easyanimate(config: dict[str, Any]) -> dict[str, Any]:
                           "use and kinema does not support")
     kwargs = {name: config.get(name, V3_CLASS_DEFAULTS.get(name)) for name in V3_SAME_FIELDS}
     kwargs["out_channels"] = kwargs["out_channels"] or kwargs["in_channels"]
+    check_config_values(kwargs, _CONFIG_RULES, where, _CONFIG_FIX)
     layers, block_type = config["num_layers"], config["basic_block_type"]
     if block_type == "global_motionmodule":
         even = _motion_spec(config["motion_module_kwargs_even"] or {}, f"{where} motion_module_kwargs_even")

@@ -20,6 +20,14 @@ from kinema.errors import KinemaError
 from kinema.fileio import read_json_object
 from kinema.loaders.checkpoint_io import WeightFiles, dtype_report, find_weights
 from kinema.loaders.checkpoint_io import read_state_dict as read_weights_file
+from kinema.loaders.config_values import (
+    BOOLEAN,
+    FRACTION,
+    POSITIVE_INT,
+    POSITIVE_INTS,
+    POSITIVE_NUMBER,
+    check_config_values,
+)
 from kinema.models.presets import EASYANIMATE_V3_SLICE_VAE
 from kinema.models.slice_vae import SliceVAE
 from kinema.state_dicts import check_fits, load_strict, shapes
@@ -64,6 +72,15 @@ def _is_v3_value(value: Any, v3_value: Any) -> bool:
     return value == v3_value or (v3_value is False and value is None)
 
 
+_CONFIG_RULES = {
+    **dict.fromkeys(("in_channels", "out_channels", "ch", "layers_per_block", "latent_channels", "norm_num_groups",
+                     "mini_batch_encoder", "mini_batch_decoder", "mid_block_num_attention_heads",
+                     "tile_sample_min_size"), POSITIVE_INT),
+    "ch_mult": POSITIVE_INTS, "scaling_factor": POSITIVE_NUMBER, "tile_overlap_factor": FRACTION,
+    **dict.fromkeys(("mid_block_use_attention", "use_tiling", "use_tiling_encoder", "use_tiling_decoder"), BOOLEAN),
+}
+
+
 def slice_vae_config_from_easyanimate(config: dict[str, Any], where: str = "Slice VAE config") -> dict[str, Any]:
     """EasyAnimate V3 `vae/config.json` (or a kinema SliceVAE config, older ones included) -> `SliceVAE(**kwargs)`.
 
@@ -83,6 +100,7 @@ def slice_vae_config_from_easyanimate(config: dict[str, Any], where: str = "Slic
             raise KinemaError(f"{where}: {name}={config[name]!r} is {other}, not V3's ({v3_value!r}); kinema reads "
                               "EasyAnimate V3 Slice VAEs only")
     kwargs = {**EASYANIMATE_V3_SLICE_VAE, **{name: config[name] for name in SLICE_VAE_FIELDS if name in config}}
+    check_config_values(kwargs, _CONFIG_RULES, where, "restore the config.json the VAE came with")
     for name in BLOCK_TYPE_FIELDS:
         if isinstance(kwargs[name], str):
             kwargs[name] = ast.literal_eval(kwargs[name])

@@ -176,6 +176,10 @@ BAD_CONFIGS = {
                              "attention_block_types .* are not supported"),
     "resolution conditioning": (dict(sample_size=128), "sample_size 128"),
     "missing field": (dict(num_layers=None), r"missing \['num_layers'\]"),
+    # These were a bare TypeError or ZeroDivisionError from inside torch.
+    "count as text": (dict(num_layers="4"), r"config.json's num_layers is \"4\", not a positive whole number: restore"),
+    "zero patch": (dict(patch_size=0), "config.json's patch_size is 0, not a positive whole number"),
+    "width as float": (dict(attention_head_dim=32.0), "config.json's attention_head_dim is 32.0, not a positive whole"),
 }
 
 
