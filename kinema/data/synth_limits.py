@@ -55,6 +55,11 @@ def check_combinations(combinations: Collection[Sequence[str]]) -> list[tuple[st
             raise KinemaError(f"{':'.join(combo)} holds nothing out: the synthetic world never rotates circles (a "
                               "turning circle looks still); hold out a square or triangle, or another motion")
         checked.append((colour, shape, motion))
+    drawable = {(colour, shape, motion) for colour in COLOUR_NAMES for shape in SHAPES for motion in MOTIONS
+                if not (shape == "circle" and motion.startswith("rotate"))}
+    if drawable <= set(checked):
+        raise KinemaError("the held-out combinations are every colour, shape and motion the synthetic world has, so "
+                          "no video could be drawn; hold out fewer")
     return checked
 
 SETTINGS_NAME = "synth.json"  # settings of the whole set

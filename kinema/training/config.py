@@ -39,6 +39,9 @@ from kinema.errors import KinemaError
 from kinema.pipelines.request import MAX_SEED
 
 logger = logging.getLogger(__name__)
+# The longest side a clip is read at: past it a typo (100000) made the reader allocate hundreds of GB before the
+# memory check could say so. 4096 is four times SD1.5's training size and twice SDXL's.
+MAX_TRAIN_SIZE = 4096
 
 # mode -> what trains in it
 MODES: dict[str, str] = {
@@ -325,8 +328,10 @@ def check_config(config: TrainConfig) -> None:
                        ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep", config.checkpoint.keep),
                        ("log.every", config.log.every), ("lora.rank", config.lora.rank)):
         _check_range(value >= 1, f"config key {key} must be at least 1, got {value}")
-    _check_range(len(data.size) == 2 and min(data.size) >= 8 and all(s % 8 == 0 for s in data.size),
-                 f"data.size must be [height, width], multiples of 8 (the VAE's downscale), got {data.size}")
+    _check_range(len(data.size) == 2 and 8 <= min(data.size) and max(data.size) <= MAX_TRAIN_SIZE
+                 and all(s % 8 == 0 for s in data.size),
+                 f"data.size must be [height, width], multiples of 8 (the VAE's downscale) up to {MAX_TRAIN_SIZE}, "
+                 f"got {data.size}")
     for key, fraction in (("data.text_dropout", data.text_dropout), ("data.max_missing_fraction",
                           data.max_missing_fraction), ("inpaint.clip_probability", config.inpaint.clip_probability)):
         _check_range(0.0 <= fraction <= 1.0, f"config key {key} is a fraction in [0, 1], got {fraction}")
@@ -334,10 +339,13 @@ def check_config(config: TrainConfig) -> None:
         _check_range(0.0 <= data.image_ratio <= 1.0, f"data.image_ratio is a fraction in [0, 1], got "
                      f"{data.image_ratio}")
     if data.buckets is not None:
+        _check_range(bool(data.buckets), "data.buckets is empty; list [height, width, frames] buckets, or leave it "
+                     "out (null) to read every clip at data.size and data.frames")
         for bucket in data.buckets:
-            _check_range(len(bucket) == 3 and min(bucket) >= 1 and bucket[0] % 8 == 0 and bucket[1] % 8 == 0,
+            _check_range(len(bucket) == 3 and min(bucket) >= 1 and bucket[0] % 8 == 0 and bucket[1] % 8 == 0
+                         and max(bucket[:2]) <= MAX_TRAIN_SIZE,
                          f"each of data.buckets is [height, width, frames], height and width multiples of 8 (the "
-                         f"VAE's downscale), got {bucket}")
+                         f"VAE's downscale) up to {MAX_TRAIN_SIZE}, got {bucket}")
     if data.decode_timeout is not None:
         _check_range(data.decode_timeout > 0, f"data.decode_timeout is the seconds a file may take to decode, above "
                      f"0 (or null for no limit), got {data.decode_timeout}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kinema.data import synth
+from kinema.data import synth, synth_limits
 from kinema.data.probe import read_sidecar
 from kinema.data.synth import (
     BACKGROUND_COLOURS,
@@ -306,6 +306,12 @@ def test_hold_out_names_are_checked():
         synth.check_combinations([("red", "circle")])
     with pytest.raises(KinemaError, match="red:circle:rotate_cw holds nothing out: the synthetic world never rotates"):
         synth.check_combinations([("red", "circle", "rotate_cw")])
+    every = [(c, s, m) for c in synth_limits.COLOUR_NAMES for s in synth_limits.SHAPES for m in synth_limits.MOTIONS
+             if not (s == "circle" and m.startswith("rotate"))]
+    with pytest.raises(KinemaError, match="every colour, shape and motion .* so no video could be drawn; hold out "
+                                          "fewer"):
+        synth.check_combinations(every)  # it said "draw more clips (--n)", which can never help
+    assert len(synth.check_combinations(every[1:])) == len(every) - 1
 
 
 def test_hold_out_on_the_command_line_takes_spaces_and_an_empty_set_is_refused(tmp_path, capsys):
