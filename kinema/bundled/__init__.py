@@ -81,6 +81,8 @@ def check_model_name(model: Any) -> None:
         from kinema.errors import value_words
 
         raise KinemaError(f"a model is a path or a bundled model's name, got {value_words(model)}")
+    if not os.fspath(model).strip():  # pathlib reads "" as the current folder
+        raise KinemaError("the path is empty; give a weights file, a model folder or a bundled model's name")
 
 
 def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Path:

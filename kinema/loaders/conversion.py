@@ -26,6 +26,8 @@ def convert(
     for name, value in (("source", source), ("target", target)):
         if not isinstance(value, str | os.PathLike):
             raise KinemaError(f"convert's {name} is a path, got {value_words(value)}")
+        if not os.fspath(value).strip():  # pathlib reads "" as the current folder
+            raise KinemaError(f"convert's {name} is empty; give a path")
     if not isinstance(overwrite, bool):
         raise KinemaError(f"overwrite must be True or False, got {value_words(overwrite)}")
     # The policy is checked before reading (a V3 transformer is GBs) and again once the kind is known.

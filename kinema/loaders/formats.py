@@ -74,7 +74,8 @@ FORMATS: tuple[Format, ...] = (
     Format("ip_adapter", "IP-Adapter for SD1.5 (h94/IP-Adapter: plain, plus, full face)",
            describe="kinema.loaders.ip_adapter:describe_ip_adapter",
            load="kinema.loaders.ip_adapter:load_ip_adapter_source",
-           convert="kinema.loaders.ip_adapter:convert_ip_adapter_source", layouts=("original",)),
+           convert="kinema.loaders.ip_adapter:convert_ip_adapter_source", layouts=("original",),
+           safetensors_layouts=("original",)),  # what convert_ip_adapter_source writes
     Format("sparsectrl", "AnimateDiff v3 SparseCtrl (RGB or scribble keyframe encoder)",
            describe="kinema.loaders.animatediff.sparsectrl:describe_sparsectrl",
            load="kinema.loaders.controlnet:load_controlnet_source"),

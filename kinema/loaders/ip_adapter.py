@@ -258,12 +258,10 @@ def load_ip_adapter_source(source: Source, *, video_unet: Any = None, scale: flo
 def convert_ip_adapter_source(source: Source, target: Path, to: str, *, overwrite: bool = False
                               ) -> tuple[Path, list[str]]:
     """An IP-Adapter file as h94's `.safetensors` (layout "original": `image_proj.*` and `ip_adapter.*`, the names
-    diffusers' `load_ip_adapter` reads), e.g. from its pickled `.bin` twin; tensors are copied as they are."""
+    diffusers' `load_ip_adapter` and ComfyUI read), e.g. from its pickled `.bin` twin; tensors are copied as they
+    are. The front door (kinema.loaders.conversion) has refused any other suffix before the weights were read."""
     from kinema.loaders.checkpoint_io import write_state_dict
 
-    if Path(target).suffix.lower() != ".safetensors":
-        raise KinemaError(f"an IP-Adapter converts to a .safetensors file (h94's layout, which diffusers and "
-                          f"ComfyUI read), not {Path(target).name}")
     _, parts = read_ip_adapter(source.path)
     tensors = {f"{part}.{name}": tensor for part, named in parts.items() for name, tensor in named.items()}
     return write_state_dict(tensors, target, kind="ip_adapter", overwrite=overwrite, inputs=(source.path,)), []

@@ -366,6 +366,10 @@ def test_the_python_api_names_arguments_of_the_wrong_kind(files):
     for call, message in (
             (lambda: kinema.describe(None), "^a model is a path or a bundled model's name, got null$"),
             (lambda: kinema.load(3), "^a model is a path or a bundled model's name, got int 3$"),
+            # pathlib reads "" as the current folder: describe("") described it
+            (lambda: kinema.describe(""), "^the path is empty; give a weights file, a model folder or a bundled"),
+            (lambda: kinema.load(" "), "^the path is empty"),
+            (lambda: kinema.convert(files["motion_module"], "", "diffusers"), "^convert's target is empty; give a"),
             (lambda: kinema.convert(files["motion_module"], None, "diffusers"), "^convert's target is a path"),
             (lambda: kinema.convert(files["motion_module"], files["root"] / "x", "diffusers", overwrite="no"),
              "^overwrite must be True or False"),
