@@ -160,8 +160,10 @@ def load_video_dit(
 def _describable(path: Path) -> tuple[Path, WeightFiles] | None:
     """The config folder and safetensors weights `describe_easyanimate` reads at `path`; None when there are none
     (a weights file of another type, a folder without diffusers weights)."""
-    if path.is_file():
-        return (path.parent, WeightFiles(path.parent, (path,))) if path.suffix == ".safetensors" else None
+    if path.is_file():  # known by its bytes, as every other kind is: a safetensors file named .ckpt is one
+        from kinema.sniff import Kind, sniff
+
+        return (path.parent, WeightFiles(path.parent, (path,))) if sniff(path).kind is Kind.SAFETENSORS else None
     if not path.is_dir():
         return None
     folder = path / "transformer" if (path / "transformer").is_dir() else path

@@ -86,6 +86,18 @@ def test_sharded_transformer_folder_is_described_and_loaded_like_the_single_file
             front_door(sharded)
 
 
+def test_a_transformer_file_is_known_by_its_bytes_whatever_its_suffix(tmp_path):
+    # It was told by its suffix alone: named .ckpt or .SAFETENSORS it was "not a format kinema knows".
+    expected = as_written(FIXTURES / "transformer")
+    for name in ("transformer.ckpt", "t.SAFETENSORS"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        shutil.copy(FIXTURES / "transformer" / "config.json", folder / "config.json")
+        shutil.copy(FIXTURES / "transformer" / WEIGHTS, folder / name)
+        assert describe(folder / name)["kind"] == describe(FIXTURES / "transformer")["kind"]
+        assert_holds_exactly(load(folder / name), expected)
+
+
 def test_lone_transformer_file_is_described_but_needs_its_config_to_load(tmp_path):
     lone = tmp_path / "v3_transformer.safetensors"
     shutil.copy(FIXTURES / "transformer" / WEIGHTS, lone)
