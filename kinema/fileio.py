@@ -120,10 +120,12 @@ def write_manifest(folder: Path, kind: str) -> None:
 
     files = {name: os.lstat(folder / name).st_size for name in _folder_files(folder) if name != MANIFEST}
     hashes = {name: sha256_of(folder / name) for name, size in files.items() if _hashed(folder, name, size)}
-    # The large ones' modification times stand in for their hashes: rewritten in place at the same size, they change.
-    times = {name: os.lstat(folder / name).st_mtime_ns for name in files if name not in hashes}
+    # For the large ones, their inode and modification time stand in for a hash: a file rewritten in place at its
+    # size keeps the one and changes the other, where a copy of the folder (a moved run, a download) changes both.
+    stats = {name: [found.st_ino, found.st_mtime_ns] for name in files if name not in hashes
+             for found in (os.lstat(folder / name),)}
     (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files,
-                                               "sha256": hashes, "mtime_ns": times}, indent=1) + "\n")
+                                               "sha256": hashes, "inode_mtime_ns": stats}, indent=1) + "\n")
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -249,9 +251,10 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 def change_since_written(folder: Path, name: str, manifest: dict) -> str | None:
     """How the file `name` in `folder` differs from what `manifest` recorded when kinema wrote it: "unlisted" (added
-    since), "size" or "contents" (edited since: its size, or the SHA-256 of a file up to 16 MiB and the modification
-    time of a larger one; manifests from before kinema listed them give sizes only), or None when it is as written."""
-    written, hashes, times = manifest.get("files") or {}, manifest.get("sha256"), manifest.get("mtime_ns")
+    since), "size" or "contents" (edited since: its size, the SHA-256 of a file up to 16 MiB, or a larger one's
+    modification time where it is the same file, its inode, and not a copy; manifests from before kinema listed
+    them give sizes only), or None when it is as written."""
+    written, hashes, stats = manifest.get("files") or {}, manifest.get("sha256"), manifest.get("inode_mtime_ns")
     if name not in written:
         return "unlisted"
     found = os.lstat(folder / name)
@@ -259,7 +262,8 @@ def change_since_written(folder: Path, name: str, manifest: dict) -> str | None:
         return "size"
     if isinstance(hashes, dict) and name in hashes and hashes[name] != sha256_of(folder / name):
         return "contents"
-    if isinstance(times, dict) and name in times and times[name] != found.st_mtime_ns:
+    if isinstance(stats, dict) and stats.get(name) not in (None, [found.st_ino, found.st_mtime_ns]) and \
+            stats[name][0] == found.st_ino:
         return "contents"
     return None
 

@@ -197,6 +197,15 @@ def test_a_large_file_rewritten_at_its_size_is_the_users(tmp_path):
         f.write(b"\1" * 1024)
     with pytest.raises(KinemaError, match=r"edited since \(weights.bin\)"):
         check_output(out, "test_output", folder=True, overwrite=True)
+    # A copy (a moved run, a download) has new inodes and times and its files as written: still kinema's.
+    import shutil
+
+    with atomic_folder(out.with_name("again"), "test_output") as folder:
+        (folder / "weights.bin").write_bytes(b"\0" * (17 * 2**20))
+    shutil.copytree(out.with_name("again"), tmp_path / "copied", copy_function=shutil.copy)  # `cp -r`: new times
+    copied, written = (os.stat(folder / "weights.bin") for folder in (tmp_path / "copied", out.with_name("again")))
+    assert (copied.st_ino, copied.st_mtime_ns) != (written.st_ino, written.st_mtime_ns)
+    check_output(tmp_path / "copied", "test_output", folder=True, overwrite=True)
 
 
 def test_the_empty_current_folder_is_written_into(tmp_path, capsys, monkeypatch):

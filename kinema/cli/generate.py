@@ -834,6 +834,14 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     from kinema.fileio import check_output
     from kinema.pipelines.outputs import check_video_outputs, latents_path, video_paths
 
+    if args.output is not None and args.output.endswith(("/", os.sep)):
+        from kinema.fileio import kind_words, output_kind
+
+        found = output_kind(Path(args.output))
+        if found is not None:  # its files are listed: one written into it would make it the user's
+            raise KinemaError(f"{args.output} is an earlier kinema {kind_words(found)}, and a folder ending in / gets "
+                              "the video inside it; give another folder, or name it without the / to replace it "
+                              "(--overwrite)")
     args.output = output_in(args.output, default)
     fps = getattr(args, "fps", None) or DEFAULT_FPS
     if args.output.suffix.lower() == ".gif" and fps > MAX_GIF_FPS:

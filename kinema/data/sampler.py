@@ -101,6 +101,11 @@ class BatchOrder:
         self._plans: dict[int, list[_Planned]] = {}
         self._stream_passes: dict[int, list[tuple[list[int], Hashable]]] = {}
 
+    @property
+    def drawn_groups(self) -> list[Hashable]:
+        """The groups batches are drawn from (image_ratio 1: images only, 0: videos only), in order."""
+        return [*self._anchor, *self._stream]
+
     def batch(self, micro_step: int, rank: int = 0) -> tuple[list[int], Hashable, int]:
         """`(indices, group, epoch)` of global micro-batch `micro_step` on process `rank`.
 

@@ -243,9 +243,10 @@ def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: 
     length = frames if frames is not None else defaults.get("frames", DEFAULT_FRAMES)
     overlap = defaults.get("overlap_frames", LIBRARY_DEFAULTS["overlap_frames"])
     if continuation is not None and length <= overlap:
+        whose = "the model's kinema.json default" if "overlap_frames" in defaults else "kinema's default"
         raise KinemaError(f"the continuation extends each video in segments of its {length} frames that overlap by "
-                          f"the model's {overlap} (its kinema.json default), so the videos need more than {overlap} "
-                          "frames: raise --frames, or pass --no-continuation")
+                          f"{overlap} ({whose}), so the videos need more than {overlap} frames: raise --frames, or "
+                          "pass --no-continuation")
     for entry in entries:
         if _video_seed(entry, seed) > MAX_SEED:
             raise KinemaError(f"{prompts_path}, line {entry.line}: its seed plus --seed {seed} is "

@@ -431,11 +431,13 @@ def _shards(index: Path) -> tuple[Path, ...]:
     return tuple(index.parent / file for file in dict.fromkeys(weight_map.values()))
 
 
-def load_pretrained(cls: Any, folder: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+def load_pretrained(cls: Any, folder: str | os.PathLike, what: str, *, unused: tuple[str, ...] = (),
+                    **kwargs: Any) -> Any:
     """`cls.from_pretrained(folder, **kwargs)` for a transformers encoder folder (T5, CLIP), held to kinema's rules:
     a folder without config.json (which transformers would fill with a default config) and weights that do not fit
     the config are each one KinemaError line naming `what` and the folder, not transformers' table; a pickle that
-    needs code is refused with kinema's own line (its weights-only read), not torch's advice to load it unsafely."""
+    needs code is refused with kinema's own line (its weights-only read), not torch's advice to load it unsafely.
+    Weights under the prefixes `unused` (parts kinema never runs) may be missing."""
     import transformers
 
     folder = Path(folder)
@@ -454,6 +456,7 @@ def load_pretrained(cls: Any, folder: str | os.PathLike, what: str, **kwargs: An
         transformers.logging.set_verbosity(verbosity)
     from kinema.state_dicts import check_loading_info
 
+    info = {**info, "missing_keys": [key for key in info.get("missing_keys", ()) if not key.startswith(unused)]}
     check_loading_info(info, f"the {what} weights in {folder}",
                        advice="its config.json and weights come from different models; download the folder again")
     return model

@@ -167,7 +167,9 @@ def load_text_encoder(entry: TextEncoderEntry, model_folder: str | os.PathLike, 
         if local:  # weights that do not fit its config are refused, not filled at random
             from kinema.loaders.checkpoint_io import load_pretrained
 
-            text_encoder = load_pretrained(AutoModel, source, "text encoder", dtype=dtype or torch.float32)
+            # Its last hidden states are read, never a BERT's pooler, which some exports leave out.
+            text_encoder = load_pretrained(AutoModel, source, "text encoder", unused=("pooler.",),
+                                           dtype=dtype or torch.float32)
         else:
             text_encoder = AutoModel.from_pretrained(source, dtype=dtype or torch.float32)
     except OSError as err:

@@ -141,11 +141,20 @@ def _path_frames(path: str | Path, height: int | None, width: int | None, resize
     `resize`, a frame folder's frames are fitted to height x width (None: the first frame's) one by one, so that they
     may differ in size, as the image folders of prompt travel's img2img_map and controlnet_map do; a clip's frames
     (and a folder's without resize) have one size."""
+    from PIL import Image
+
     from kinema.data.probe import folder_frames
     from kinema.data.video_io import read_video
 
     files = folder_frames(path) if resize and Path(path).is_dir() else []
-    if not files:
+    sizes = set()
+    try:  # headers alone: frames of one size are read as a clip, as they were before
+        for file in files:
+            with Image.open(file, formats=PIL_FORMATS) as image:
+                sizes.add(image.size)
+    except OSError:
+        sizes.clear()  # read_video names the file
+    if len(sizes) < 2:
         return (read_video(path).frames + 1) / 2
     first = _read_image(files[0], what)
     height, width = height or first.shape[-2], width or first.shape[-1]

@@ -253,12 +253,13 @@ def _check_frame_counts(config: TrainConfig, task: Any) -> None:
             raise KinemaError(f"{key} is {frames}, which this model cannot take: {err}") from None
 
 
-def _check_memory(config: TrainConfig, task: Any, dataset: Any, device: Any) -> Any:
+def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, device: Any) -> Any:
     """Estimate the memory of a step from one probe clip of the run's largest shape and refuse, before step 1, a
     batch that cannot fit."""
     from kinema.training.estimate import check_memory, estimate_training_memory
 
-    probe = _probe_batch(dataset)
+    group, indices = _largest_group(dataset, order)
+    probe = _probe_batch(dataset, group, indices)
     generator = torch.Generator().manual_seed(config.seed)
 
     def forward() -> torch.Tensor:
@@ -267,7 +268,7 @@ def _check_memory(config: TrainConfig, task: Any, dataset: Any, device: Any) -> 
     estimate = estimate_training_memory(task.module, forward, config.train.batch_size, probe_batch=1,
                                         mixed_precision=config.train.mixed_precision,
                                         gradient_checkpointing=config.train.gradient_checkpointing)
-    (height, width), frames = dataset.bucket_shape(_largest_group(dataset)[0])
+    (height, width), frames = dataset.bucket_shape(group)
     check_memory(estimate, device, f"a batch of {config.train.batch_size} x {frames} frames at {height}x{width}")
     return estimate
 
@@ -282,13 +283,15 @@ def _probe_each_kind(dataset: Any) -> None:
         dataset.load_item(index, 0)
 
 
-def _largest_group(dataset: Any) -> tuple[Any, list[int]]:
-    """The group of entries read at the run's largest shape (height x width x frames: videos rather than images made
-    clips, the largest bucket) and its entries: a step's memory and time are judged on it, not on the first batch,
-    which may be of images or a small bucket (8 times less memory, measured)."""
+def _largest_group(dataset: Any, order: Any) -> tuple[Any, list[int]]:
+    """Of the groups `order` draws batches from, the one read at the run's largest shape (height x width x frames:
+    videos rather than images made clips, the largest bucket) and its entries: a step's memory and time are judged
+    on it, not on the first batch, which may be of images or a small bucket (8 times less memory, measured)."""
+    drawn = set(order.drawn_groups)
     members: dict[Any, list[int]] = {}
     for index, group in enumerate(dataset.groups()):
-        members.setdefault(group, []).append(index)
+        if group in drawn:
+            members.setdefault(group, []).append(index)
 
     def volume(group: Any) -> int:
         (height, width), frames = dataset.bucket_shape(group)
@@ -298,13 +301,12 @@ def _largest_group(dataset: Any) -> tuple[Any, list[int]]:
     return largest, members[largest]
 
 
-def _probe_batch(dataset: Any, clips: int = 1) -> dict[str, Any]:
-    """`clips` clips of the largest group (`_largest_group`; its first ones, again from the first where it has
-    fewer), collated as the loader gives them; one clip for the memory probe (a whole batch may be too big to read,
-    which is what the probe is for)."""
+def _probe_batch(dataset: Any, group: Any, indices: list[int], clips: int = 1) -> dict[str, Any]:
+    """`clips` clips of `group` (its entries `indices`: the first ones, again from the first where it has fewer),
+    collated as the loader gives them; one clip for the memory probe (a whole batch may be too big to read, which
+    is what the probe is for)."""
     from kinema.data.dataset import collate
 
-    group, indices = _largest_group(dataset)
     size, frames = dataset.bucket_shape(group)
     return collate([dataset.load_item(indices[i % len(indices)], 0, size=size, frames=frames) for i in range(clips)])
 
@@ -535,14 +537,14 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     task = make_task(config)
     _check_frame_counts(config, task)
     task.to(accelerator.device)
-    estimate = _check_memory(config, task, dataset, accelerator.device)
+    estimate = _check_memory(config, task, dataset, order, accelerator.device)
     task.model.zero_grad(set_to_none=True)
     named = task.trainable_parameters()
     report: dict[str, Any] = {"mode": config.mode, "model": config.model.path, **task.describe(),
                               "data": _data_report(dataset), "processes": world,
                               "memory_estimate": estimate.describe()}
     if dry_run:
-        report["seconds_per_step"] = _time_one_step(config, task, dataset)
+        report["seconds_per_step"] = _time_one_step(config, task, dataset, order)
         return TrainResult(None, 0, 0, report=report, task=task, is_main=main)
 
     if main:
@@ -654,10 +656,10 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
     return result
 
 
-def _time_one_step(config: TrainConfig, task: Any, dataset: Any) -> float:
+def _time_one_step(config: TrainConfig, task: Any, dataset: Any, order: Any) -> float:
     """Seconds of one forward and backward pass on a batch of the run's largest shape (`_largest_group`); gradients
     are dropped, no weight changes."""
-    batch = _probe_batch(dataset, config.train.batch_size)
+    batch = _probe_batch(dataset, *_largest_group(dataset, order), clips=config.train.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
     began = time.perf_counter()
     for _ in range(config.train.gradient_accumulation):

@@ -978,7 +978,7 @@ def test_another_kind_of_file_as_ip_adapter_is_left_to_the_load_that_names_it(tm
     assert not _may_be_ip_adapter(str(tmp_path))  # a ControlNet folder, say
 
 
-def test_a_folder_ending_in_a_separator_or_dot_gets_the_default_name_inside(tmp_path, monkeypatch):
+def test_a_folder_ending_in_a_separator_or_dot_gets_the_default_name_inside(tmp_path, monkeypatch, capsys):
     # pathlib drops a trailing "/" and names "." nothing: `-o clips/` made a frames folder "clips", `-o .` wrote
     # frames into the current folder and its settings into the parent.
     from kinema.cli.args import output_in, output_path
@@ -999,3 +999,7 @@ def test_a_folder_ending_in_a_separator_or_dot_gets_the_default_name_inside(tmp_
         "clips/a-red-circle-seed0.mp4.latents.safetensors", "clips/sub", "clips/sub/a-red-circle-seed3.mp4",
         "clips/sub/a-red-circle-seed3.mp4.json", "clips/sub/a-red-circle-seed4.mp4",
         "clips/sub/a-red-circle-seed4.mp4.json", "clips/sub/a-red-circle.mp4.latents.safetensors"]
+    assert main([*argv, "-o", "frames"]) == 0  # no slash: a folder of frames, as ever
+    assert main([*argv, "-o", "frames/"]) == 2  # a video written into it would make kinema's frames the user's
+    assert "frames/ is an earlier kinema video, and a folder ending in / gets the video inside it" in \
+        capsys.readouterr().err

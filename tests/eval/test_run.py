@@ -308,8 +308,8 @@ def test_frames_as_many_as_the_continuation_are_refused_before_any_model_loads(t
     # kinema-tiny-ad's segments overlap by 8 frames (its kinema.json), so 8-frame videos cannot be continued
     assert main(["eval", "--model", "kinema-tiny-ad", "--prompts", prompts, "--frames", "8", "--out",
                  str(tmp_path / "out")]) == 2
-    assert "segments of its 8 frames that overlap by the model's 8 (its kinema.json default), so the videos need " \
-           "more than 8 frames: raise --frames, or pass --no-continuation" in capsys.readouterr().err
+    assert "segments of its 8 frames that overlap by 8 (the model's kinema.json default), so the videos need more " \
+           "than 8 frames: raise --frames, or pass --no-continuation" in capsys.readouterr().err
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("not a model")
     assert main(["eval", "--model", str(tmp_path / "notes"), "--prompts", prompts, "--no-continuation", "--out",

@@ -161,6 +161,13 @@ def test_an_encoder_folder_missing_weights_is_refused_not_filled_at_random(bert,
               str(partial / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(KinemaError, match=r"the text encoder weights in .*partial.*encoder\.layer\.0\.output"):
         load_text_encoder(TextEncoderEntry(path=str(partial)), "unused")
+    # A BERT's pooler is never run: an export that leaves it out loads.
+    save_file({name: tensor for name, tensor in weights.items() if not name.startswith("pooler.")},
+              str(partial / "model.safetensors"), metadata={"format": "pt"})
+    parts = load_text_encoder(TextEncoderEntry(path=str(partial)), "unused")
+    reference = BertModel.from_pretrained(bert)
+    ids = torch.tensor([[2, 6, 9, 3]])
+    torch.testing.assert_close(parts.text_encoder(ids).last_hidden_state, reference(ids).last_hidden_state)
 
 
 # ---------------------------------------------------------------- EasyAnimate-family folders

@@ -59,6 +59,17 @@ def test_the_same_line_naming_other_files_is_another_job(tmp_path):
     assert job.id == job_id(absolute)
     [job] = read_jobs(write_lines(tmp_path / "plain.jsonl", [json.dumps(LINE)]))
     assert job.id == job_id(LINE)
+    # Absolute paths in the forms a job rewrites (a LoRA object, a bare ControlNet path) are taken as written.
+    from kinema.pipelines.batch import _resolved_paths
+    from kinema.pipelines.jobs import Job
+    from kinema.pipelines.request import GenerationRequest
+
+    job = Job(request=GenerationRequest(prompt="x"), model="kinema-tiny-ad", loras=[("/abs/l.safetensors", 0.5)],
+              controlnet=("/abs/cn", 1.0))
+    assert _resolved_paths({"loras": [{"path": "/abs/l.safetensors", "weight": 0.5}], "controlnet": "/abs/cn"},
+                           job) == {}
+    assert _resolved_paths({"loras": [["l.safetensors", 0.5]], "controlnet": "/abs/cn"}, job) == {
+        "loras": [["/abs/l.safetensors", 0.5]]}
 
 
 def test_read_jobs_checks_every_line_and_names_the_first_bad_one(tmp_path):

@@ -427,6 +427,11 @@ def test_the_memory_probe_is_a_clip_of_the_largest_shape_whichever_batch_comes_f
         train(config, dry_run=True, progress=False)
     assert 1 in first and 4 in first  # some seeds start on images, some on videos
     assert {tuple(batch["pixels"].shape[1:]) for batch in probed} == {(4, 3, 16, 16)}
+    probed.clear()  # a run of images alone is judged on them, not on the videos it never reads
+    config = config_from_dict({**config.to_dict(), "mode": "lora",
+                               "data": {**config.to_dict()["data"], "image_ratio": 1.0}})
+    train(config, dry_run=True, progress=False)
+    assert {tuple(batch["pixels"].shape[1:]) for batch in probed} == {(1, 3, 16, 16)}
 
 
 def test_dry_run_reports_and_writes_nothing(tmp_path, sd_model, synth_videos):
