@@ -427,6 +427,25 @@ def test_an_edit_that_keeps_the_size_is_found_before_training_goes_on(two_checkp
         run.load(newest)
 
 
+def test_a_copied_run_with_large_weights_resumes_and_an_in_place_edit_is_still_found(tmp_path):
+    # Weights over 16 MiB are known by inode and modification time, not a hash: a copy (cp -r, a download) changes
+    # both and is the same run; a rewrite in place keeps the inode and is an edit.
+    import shutil
+
+    run = RunFolder.open(tmp_path / "run", CONFIG, resume=None, keep=3)
+    big = {"model": {"w": torch.arange(5 * 2**20, dtype=torch.float32)}}  # 20 MiB
+    run.save(1, big, {"optimizer": {"m": torch.ones(4)}})
+    shutil.copytree(tmp_path / "run", tmp_path / "copied", copy_function=shutil.copy)  # new inodes and times
+    copied = RunFolder.open(tmp_path / "copied", CONFIG, resume="latest", keep=3)
+    assert torch.equal(copied.load(copied.resolve("latest")).tensors["model"]["w"], big["model"]["w"])
+    weights = run.resolve("latest") / "model.safetensors"
+    with open(weights, "r+b") as f:  # the original fine-tuned in place: same size, other bytes
+        f.seek(-8, 2)
+        f.write(bytes(8))
+    with pytest.raises(KinemaError, match=r"model.safetensors was changed since it was saved \(same size"):
+        run.load(run.resolve("latest"))
+
+
 def test_a_state_file_that_asks_for_code_is_refused(two_checkpoints):
     run, newest = two_checkpoints
     torch.save({"optimizer": NotPlain()}, newest / "state.pt")
