@@ -100,10 +100,11 @@ def describe_motion_lora_source(source: Source) -> dict[str, Any] | None:
         raise naming(source.path, err) from None
 
 
-def load_motion_module_path(source: Source, *, unet: Any = None, **overrides: Any) -> Any:
+def load_motion_module_path(source: Source, *, unet: Any = None, dtype: Any = None, **overrides: Any) -> Any:
     """A motion module inflating `unet` (a diffusers `UNet2DConditionModel`, a `VideoUNet`, or loaded Stable
-    Diffusion components) into a `VideoUNet`; `overrides` change detected settings (e.g. `norm_mode`). What
-    `describe` read of the file is used, not read again."""
+    Diffusion components) into a `VideoUNet`, in `dtype` when given (the whole video UNet; None: as loaded);
+    `overrides` change detected settings (e.g. `norm_mode`). What `describe` read of the file is used, not read
+    again."""
     from kinema.loaders.animatediff.load import load_motion_module
     from kinema.loaders.stable_diffusion import StableDiffusionComponents
 
@@ -112,7 +113,8 @@ def load_motion_module_path(source: Source, *, unet: Any = None, **overrides: An
         raise KinemaError(f"{path} is a motion module, which animates a base image UNet: pass unet=, e.g. "
                           "kinema.load(motion_module, unet=kinema.load('stable-diffusion-v1-5').unet)")
     base = unet.unet if isinstance(unet, StableDiffusionComponents) else unet
-    return load_motion_module(source, base, **overrides)
+    video_unet = load_motion_module(source, base, **overrides)
+    return video_unet if dtype is None else video_unet.to(dtype)
 
 
 def load_motion_lora_path(source: Source, *, video_unet: Any = None, name: str | None = None, strength: float = 1.0,

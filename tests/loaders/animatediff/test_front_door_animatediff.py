@@ -96,6 +96,12 @@ def test_load_opens_a_diffusers_motion_adapter_folder(tmp_path, unet2d):
     assert (video.config.motion_module["norm_mode"], video.config.resnet_norm_mode) == ("across_frames", "per_frame")
     per_frame = kinema.load(tmp_path / "adapter", unet=unet2d, norm_mode="per_frame")
     assert per_frame.config.motion_module["norm_mode"] == "per_frame"
+    # dtype, which load's docstring offers every kind, was an unknown motion-module setting
+    halved = kinema.load(tmp_path / "adapter", unet=unet2d, dtype="bfloat16")
+    assert {p.dtype for p in halved.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(mine.float(), theirs.to(torch.bfloat16).float()) for mine, theirs in zip(
+        halved.state_dict().values(), video.state_dict().values(), strict=True))
+    assert {p.dtype for p in (*unet2d.parameters(), *video.parameters())} == {torch.float32}  # copies, not cast
 
 
 def test_load_opens_a_kinema_file_written_before_settings_were_keyword_arguments(tmp_path, unet2d):
