@@ -100,6 +100,17 @@ def test_models_dir_defaults_to_the_home_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("KINEMA_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert doctor_report()["models_dir"] == str(tmp_path / ".cache" / "kinema" / "models")
+    monkeypatch.setenv("KINEMA_HOME", "~/kinema")  # as a shell reads it, not a folder named "~"
+    assert doctor_report()["models_dir"] == str(tmp_path / "kinema" / "models")
+
+
+def test_a_models_folder_that_is_a_file_is_warned_about(monkeypatch, tmp_path, capsys):
+    from kinema.cli import main
+
+    (tmp_path / "models").write_text("not a folder")
+    monkeypatch.setenv("KINEMA_HOME", str(tmp_path))
+    assert main(["doctor", "--json"]) == 0
+    assert f"the models folder {tmp_path / 'models'} is a file" in capsys.readouterr().err
 
 
 def test_cuda_devices_are_listed_by_name(monkeypatch):

@@ -96,6 +96,9 @@ def resolve_model(model: str | os.PathLike, not_found: str | None = None) -> Pat
     path = Path(model)
     if path.exists():
         return path
+    if path.is_symlink():
+        raise KinemaError(f"{model} is a symbolic link to {os.readlink(path)}, which does not exist; fix the link or "
+                          "give another path")
     if is_bundled_name(model):
         folder = bundled_model_path(str(model))
         if not (folder / MODEL_INFO).is_file():

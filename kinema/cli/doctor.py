@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 from kinema.cli.args import add_command, example
+
+logger = logging.getLogger(__name__)
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +29,10 @@ def run(args: argparse.Namespace) -> None:
 
     report = doctor_report()
     print_report(report, args.json)
+    folder = Path(report["models_dir"])
+    if folder.exists() and not folder.is_dir():  # a missing one is normal: nothing downloaded there yet
+        logger.warning("the models folder %s is a file, so model names are not looked up there; move it, or set "
+                       "KINEMA_HOME to another folder", folder)
     if ".mp4" in report.get("cannot_write", ()):
         from kinema.data.probe import FORMAT_ENCODERS
         from kinema.errors import KinemaError

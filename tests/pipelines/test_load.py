@@ -357,18 +357,21 @@ def test_bad_input_is_one_line_before_any_weights_are_read(files, case, no_weigh
     assert "\n" not in str(caught.value)
 
 
-def test_the_python_api_names_arguments_of_the_wrong_kind(files):
+def test_the_python_api_names_arguments_of_the_wrong_kind(files, tmp_path):
     # Python's own errors (TypeError deep in pathlib, AttributeError in generate) named nothing a user passed.
     import kinema
     from kinema.pipelines import generate
     from kinema.pipelines.request import GenerationRequest
 
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "gone.safetensors")
     for call, message in (
             (lambda: kinema.describe(None), "^a model is a path or a bundled model's name, got null$"),
             (lambda: kinema.load(3), "^a model is a path or a bundled model's name, got int 3$"),
             # pathlib reads "" as the current folder: describe("") described it
             (lambda: kinema.describe(""), "^the path is empty; give a weights file, a model folder or a bundled"),
             (lambda: kinema.load(" "), "^the path is empty"),
+            (lambda: kinema.describe(tmp_path / "dangling.safetensors"),
+             r"dangling.safetensors is a symbolic link to .*gone.safetensors, which does not exist; fix the link"),
             (lambda: kinema.convert(files["motion_module"], "", "diffusers"), "^convert's target is empty; give a"),
             (lambda: kinema.convert(files["motion_module"], None, "diffusers"), "^convert's target is a path"),
             (lambda: kinema.convert(files["motion_module"], files["root"] / "x", "diffusers", overwrite="no"),
