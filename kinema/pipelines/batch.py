@@ -87,17 +87,19 @@ def read_jobs(path: str | os.PathLike, *, models_dir: str | os.PathLike | None =
               device: Any = "cpu") -> list[BatchJob]:
     """Read and check every job of the JSON Lines file `path` (one JSON object per line; blank lines are skipped),
     before any model loads: each line goes through `job_from_mapping` (relative paths resolve against the file's
-    folder, model names also against `models_dir`; speed presets take `device`'s settings, None: Ray workers',
-    unknown here). Raises one KinemaError naming the first bad line's number."""
+    folder, or the current one for a pipe, model names also against `models_dir`; speed presets take `device`'s
+    settings, None: Ray workers', unknown here). Raises one KinemaError naming the first bad line's number."""
     from kinema.jsonl import read_json_lines
     from kinema.pipelines.jobs import job_from_mapping
 
     path = Path(path)
     jobs: list[BatchJob] = []
     seen: dict[str, int] = {}
+    # A pipe (/dev/stdin, <(...)) has no folder of its own: its relative paths are the shell's, the current folder's.
+    base = path.parent if path.is_file() else Path.cwd()
     for where, number, data in read_json_lines(path, what="job", example=JOB_EXAMPLE):
         try:
-            job = job_from_mapping(data, where=where, models_dir=models_dir, base=path.parent, device=device)
+            job = job_from_mapping(data, where=where, models_dir=models_dir, base=base, device=device)
         except KinemaError as err:
             message = str(err)
             raise KinemaError(message if f"line {number}" in message else f"{where}: {message}") from None

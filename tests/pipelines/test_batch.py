@@ -59,6 +59,17 @@ def test_the_same_line_naming_other_files_is_another_job(tmp_path):
     assert job.id == job_id(absolute)
     [job] = read_jobs(write_lines(tmp_path / "plain.jsonl", [json.dumps(LINE)]))
     assert job.id == job_id(LINE)
+    # A pipe's relative paths are the current folder's (read from /dev/stdin they resolved against /dev).
+    import subprocess
+    import sys
+
+    (tmp_path / "here").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "here" / "start.png")
+    code = ("import sys; from kinema.pipelines.batch import read_jobs; "
+            "print(read_jobs('/dev/stdin')[0].job.request.image)")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(line) + "\n", capture_output=True,
+                          text=True, cwd=tmp_path / "here", timeout=120)
+    assert done.stdout.strip() == str(tmp_path / "here" / "start.png"), done.stderr
     # Absolute paths in the forms a job rewrites (a LoRA object, a bare ControlNet path) are taken as written.
     from kinema.pipelines.batch import _resolved_paths
     from kinema.pipelines.jobs import Job
