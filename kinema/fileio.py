@@ -64,8 +64,11 @@ def _folder_files(folder: Path) -> list[str]:
 
 
 # Files up to this size are listed with their SHA-256 too, so an edit that keeps the size (a caption corrected in
-# metadata.json, a setting in a config) is known; larger ones (weights, videos) by size alone, to keep saves fast.
+# metadata.json, a setting in a config) is known; larger ones (weights, videos) by the SHA-256 of a sample of their
+# bytes (`sampled_sha256`), to keep saves fast.
 _HASHED_BYTES = 16 * 2**20
+_SAMPLED_EDGE = 2**20  # bytes read at each end of a large file
+_SAMPLED_BLOCKS, _SAMPLED_BLOCK = 32, 2**16  # and this many blocks of this size spread between them
 
 
 def sha256_of(path: Path) -> str:
@@ -76,6 +79,24 @@ def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def sampled_sha256(path: Path) -> str:
+    """The SHA-256 of a large file's size, its first and last MiB and 32 blocks of 64 KiB spread evenly between them
+    (about 4 MiB read): weights edited in place or saved anew at their size (fine-tuning rewrites nearly every byte)
+    change it, and a copy of the file (new inode and times) does not."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    step = max((size - 2 * _SAMPLED_EDGE) // (_SAMPLED_BLOCKS + 1), 1)
+    offsets = [0, *(_SAMPLED_EDGE + step * (i + 1) for i in range(_SAMPLED_BLOCKS)), max(size - _SAMPLED_EDGE, 0)]
+    with open(path, "rb") as f:
+        for offset, length in zip(offsets, [_SAMPLED_EDGE, *[_SAMPLED_BLOCK] * _SAMPLED_BLOCKS, _SAMPLED_EDGE],
+                                  strict=True):
+            f.seek(offset)
+            digest.update(f.read(length))
     return digest.hexdigest()
 
 
@@ -120,12 +141,10 @@ def write_manifest(folder: Path, kind: str) -> None:
 
     files = {name: os.lstat(folder / name).st_size for name in _folder_files(folder) if name != MANIFEST}
     hashes = {name: sha256_of(folder / name) for name, size in files.items() if _hashed(folder, name, size)}
-    # For the large ones, their inode and modification time stand in for a hash: a file rewritten in place at its
-    # size keeps the one and changes the other, where a copy of the folder (a moved run, a download) changes both.
-    stats = {name: [found.st_ino, found.st_mtime_ns] for name in files if name not in hashes
-             for found in (os.lstat(folder / name),)}
+    sampled = {name: sampled_sha256(folder / name) for name in files
+               if name not in hashes and not os.path.islink(folder / name)}
     (folder / MANIFEST).write_text(json.dumps({MARK_KEY: kind, "kinema": __version__, "files": files,
-                                               "sha256": hashes, "inode_mtime_ns": stats}, indent=1) + "\n")
+                                               "sha256": hashes, "sampled_sha256": sampled}, indent=1) + "\n")
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -251,19 +270,17 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 def change_since_written(folder: Path, name: str, manifest: dict) -> str | None:
     """How the file `name` in `folder` differs from what `manifest` recorded when kinema wrote it: "unlisted" (added
-    since), "size" or "contents" (edited since: its size, the SHA-256 of a file up to 16 MiB, or a larger one's
-    modification time where it is the same file, its inode, and not a copy; manifests from before kinema listed
-    them give sizes only), or None when it is as written."""
-    written, hashes, stats = manifest.get("files") or {}, manifest.get("sha256"), manifest.get("inode_mtime_ns")
+    since), "size" or "contents" (edited since: its size, the SHA-256 of a file up to 16 MiB, or of a larger one's
+    sample of bytes, `sampled_sha256`; manifests from before kinema listed them give sizes only), or None when it
+    is as written."""
+    written, hashes, sampled = manifest.get("files") or {}, manifest.get("sha256"), manifest.get("sampled_sha256")
     if name not in written:
         return "unlisted"
-    found = os.lstat(folder / name)
-    if written[name] != found.st_size:
+    if written[name] != os.lstat(folder / name).st_size:
         return "size"
     if isinstance(hashes, dict) and name in hashes and hashes[name] != sha256_of(folder / name):
         return "contents"
-    if isinstance(stats, dict) and stats.get(name) not in (None, [found.st_ino, found.st_mtime_ns]) and \
-            stats[name][0] == found.st_ino:
+    if isinstance(sampled, dict) and name in sampled and sampled[name] != sampled_sha256(folder / name):
         return "contents"
     return None
 

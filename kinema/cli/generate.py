@@ -825,6 +825,20 @@ def _request(args: argparse.Namespace, **fields: Any) -> Any:
     return GenerationRequest(**{**shared, **fields}).with_defaults()
 
 
+def _check_not_inside_an_output(path: Path) -> None:
+    """One KinemaError line when `path` goes inside a folder kinema wrote with a manifest of its files (a frames
+    folder, a synth dataset, an export): a video written there would make the folder hold files kinema did not
+    write, which its own --overwrite then refuses."""
+    from kinema.fileio import MANIFEST, kind_words, output_kind
+
+    for folder in Path(os.path.abspath(path)).parents:
+        kind = output_kind(folder) if (folder / MANIFEST).is_file() else None
+        if kind is not None:
+            raise KinemaError(f"{path} is inside {folder}, an earlier kinema {kind_words(kind)} whose files kinema "
+                              "lists; a video written there would make it hold files kinema did not write: write it "
+                              "elsewhere")
+
+
 def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, inputs: tuple[str, ...],
                    latents: bool) -> None:
     """Settle OUT (its default when -o is not given) and refuse, before any work, whatever the output policy
@@ -834,15 +848,8 @@ def _check_outputs(args: argparse.Namespace, default: Path, frames: int | None, 
     from kinema.fileio import check_output
     from kinema.pipelines.outputs import check_video_outputs, latents_path, video_paths
 
-    if args.output is not None and args.output.endswith(("/", os.sep)):
-        from kinema.fileio import kind_words, output_kind
-
-        found = output_kind(Path(args.output))
-        if found is not None:  # its files are listed: one written into it would make it the user's
-            raise KinemaError(f"{args.output} is an earlier kinema {kind_words(found)}, and a folder ending in / gets "
-                              "the video inside it; give another folder, or name it without the / to replace it "
-                              "(--overwrite)")
     args.output = output_in(args.output, default)
+    _check_not_inside_an_output(args.output)
     fps = getattr(args, "fps", None) or DEFAULT_FPS
     if args.output.suffix.lower() == ".gif" and fps > MAX_GIF_FPS:
         raise KinemaError(f"a GIF keeps frame delays in hundredths of a second and players slow any under 2 to a "

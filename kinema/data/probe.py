@@ -46,7 +46,8 @@ def folder_frames(path: str | os.PathLike) -> list[Path]:
     def key(file: Path) -> list[Any]:
         return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in _DIGIT_RUNS.split(file.name)]
 
-    return sorted((p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=key)
+    # Regular files only: opening a FIFO named 0001.png would wait for a writer forever.
+    return sorted((p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=key)
 
 
 def frame_count(path: str | os.PathLike, what: str = "video") -> int:
@@ -54,7 +55,7 @@ def frame_count(path: str | os.PathLike, what: str = "video") -> int:
     one KinemaError line naming `what` when it is not one kinema reads."""
     path = Path(path)
     if path.is_dir():
-        frames = sum(1 for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        frames = len(folder_frames(path))
         if frames < 1:
             raise KinemaError(f"the {what} {path} is a folder without PNG, JPEG or WebP frames")
         return frames

@@ -34,7 +34,7 @@ class Format:
     convert: str | None = None
     layouts: tuple[str, ...] = ()
     folder_layouts: tuple[str, ...] = ()  # layouts written as a folder rather than one file
-    safetensors_layouts: tuple[str, ...] = ()  # file layouts that keep settings in safetensors metadata
+    safetensors_layouts: tuple[str, ...] = ()  # file layouts written as .safetensors alone (no .ckpt / .pt / .bin)
 
     @property
     def name(self) -> str:
@@ -75,7 +75,7 @@ FORMATS: tuple[Format, ...] = (
            describe="kinema.loaders.ip_adapter:describe_ip_adapter",
            load="kinema.loaders.ip_adapter:load_ip_adapter_source",
            convert="kinema.loaders.ip_adapter:convert_ip_adapter_source", layouts=("original",),
-           safetensors_layouts=("original",)),  # what convert_ip_adapter_source writes
+           safetensors_layouts=("original",)),
     Format("sparsectrl", "AnimateDiff v3 SparseCtrl (RGB or scribble keyframe encoder)",
            describe="kinema.loaders.animatediff.sparsectrl:describe_sparsectrl",
            load="kinema.loaders.controlnet:load_controlnet_source"),

@@ -458,8 +458,8 @@ class RunFolder:
     @staticmethod
     def _check_saved(path: Path, manifest: dict, others: list[Path]) -> None:
         """Compare a file with what the manifest recorded when kinema wrote it: its size (truncation, replacement)
-        and, for files up to 16 MiB, its SHA-256 (an edit or damage that keeps the size), before a reader trips on
-        it or trains on from it."""
+        and its SHA-256 (of a sample of its bytes over 16 MiB: an edit or damage that keeps the size), before a
+        reader trips on it or trains on from it."""
         if not path.is_file():
             raise _damaged(path, "is missing", others)
         change = change_since_written(path.parent, path.name, manifest)

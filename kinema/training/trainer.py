@@ -273,12 +273,24 @@ def _check_memory(config: TrainConfig, task: Any, dataset: Any, order: Any, devi
     return estimate
 
 
-def _probe_each_kind(dataset: Any) -> None:
-    """One entry of each type (video, image) read now, at its group's shape: a set none of whose clips of a type
-    can be used (all too short, all corrupt) is refused before the model loads, where a usable one costs a decode."""
-    first: dict[Any, int] = {}
+def _drawn_members(dataset: Any, order: Any) -> dict[Any, list[int]]:
+    """The entries of each group `order` draws batches from (image_ratio 1: images only, 0: videos only), in order:
+    what the probes before step 1 read, never a group the run does not."""
+    drawn = set(order.drawn_groups)
+    members: dict[Any, list[int]] = {}
     for index, group in enumerate(dataset.groups()):
-        first.setdefault(group[0], index)
+        if group in drawn:
+            members.setdefault(group, []).append(index)
+    return members
+
+
+def _probe_each_kind(dataset: Any, order: Any) -> None:
+    """One entry of each type (video, image) the batches are drawn from read now, at its group's shape: a set none
+    of whose clips of a type can be used (all too short, all corrupt) is refused before the model loads, where a
+    usable one costs a decode."""
+    first: dict[Any, int] = {}
+    for group, indices in _drawn_members(dataset, order).items():
+        first[group[0]] = min(indices[0], first.get(group[0], indices[0]))
     for index in first.values():
         dataset.load_item(index, 0)
 
@@ -287,11 +299,7 @@ def _largest_group(dataset: Any, order: Any) -> tuple[Any, list[int]]:
     """Of the groups `order` draws batches from, the one read at the run's largest shape (height x width x frames:
     videos rather than images made clips, the largest bucket) and its entries: a step's memory and time are judged
     on it, not on the first batch, which may be of images or a small bucket (8 times less memory, measured)."""
-    drawn = set(order.drawn_groups)
-    members: dict[Any, list[int]] = {}
-    for index, group in enumerate(dataset.groups()):
-        if group in drawn:
-            members.setdefault(group, []).append(index)
+    members = _drawn_members(dataset, order)
 
     def volume(group: Any) -> int:
         (height, width), frames = dataset.bucket_shape(group)
@@ -509,7 +517,7 @@ def _train(config: TrainConfig, resume: str | None, dry_run: bool, progress: boo
         raise KinemaError(f"mode motion learns how frames follow each other, and {why}, so it would see stills "
                           f"alone, which teach a motion module nothing; {fix}")
     order = _batch_order(config, dataset, world)
-    _probe_each_kind(dataset)
+    _probe_each_kind(dataset, order)
     identity = resume_identity(config)
     inputs = _input_fingerprints(config) if not dry_run and main else None
     from kinema.bundled import resolve_model

@@ -1000,6 +1000,7 @@ def test_a_folder_ending_in_a_separator_or_dot_gets_the_default_name_inside(tmp_
         "clips/sub/a-red-circle-seed3.mp4.json", "clips/sub/a-red-circle-seed4.mp4",
         "clips/sub/a-red-circle-seed4.mp4.json", "clips/sub/a-red-circle.mp4.latents.safetensors"]
     assert main([*argv, "-o", "frames"]) == 0  # no slash: a folder of frames, as ever
-    assert main([*argv, "-o", "frames/"]) == 2  # a video written into it would make kinema's frames the user's
-    assert "frames/ is an earlier kinema video, and a folder ending in / gets the video inside it" in \
-        capsys.readouterr().err
+    for inside in ("frames/", "frames/x.mp4", "frames/sub/"):  # a video there would make kinema's frames the user's
+        assert main([*argv, "-o", inside]) == 2
+        assert f"is inside {tmp_path / 'clips' / 'frames'}, an earlier kinema video whose files kinema lists" in \
+            capsys.readouterr().err

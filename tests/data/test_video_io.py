@@ -319,6 +319,19 @@ def test_frames_named_without_padding_are_read_in_frame_order(tmp_path):
     assert (frame_count(folder), video_size(folder), probe(folder)) == (4, (6, 8), (6, 8, 4))
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_a_fifo_in_a_frame_folder_is_not_a_frame(tmp_path):
+    # Opening it (to hash the inputs, or read its size) waited for a writer forever.
+    import os
+
+    from kinema.data.probe import folder_frames, frame_count
+
+    write_video(index_clip(3, 16), tmp_path / "frames")
+    os.mkfifo(tmp_path / "frames" / "00009.png")
+    assert [p.name for p in folder_frames(tmp_path / "frames")] == ["00000.png", "00001.png", "00002.png"]
+    assert frame_count(tmp_path / "frames") == 3 and read_video(tmp_path / "frames").frames.shape[0] == 3
+
+
 def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     # Depth maps are saved as 16-bit grayscale PNGs; PIL's convert("RGB") clips every value past 255 to white.
     from kinema.data.probe import rgb_frames

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from kinema.errors import KinemaError
 from kinema.fileio import MANIFEST
@@ -428,8 +429,8 @@ def test_an_edit_that_keeps_the_size_is_found_before_training_goes_on(two_checkp
 
 
 def test_a_copied_run_with_large_weights_resumes_and_an_in_place_edit_is_still_found(tmp_path):
-    # Weights over 16 MiB are known by inode and modification time, not a hash: a copy (cp -r, a download) changes
-    # both and is the same run; a rewrite in place keeps the inode and is an edit.
+    # Weights over 16 MiB are known by the SHA-256 of a sample of their bytes: a copy (cp -r, a download) is the same
+    # run, and weights saved anew at their size (safetensors' save_file: a new inode) are an edit.
     import shutil
 
     run = RunFolder.open(tmp_path / "run", CONFIG, resume=None, keep=3)
@@ -438,12 +439,15 @@ def test_a_copied_run_with_large_weights_resumes_and_an_in_place_edit_is_still_f
     shutil.copytree(tmp_path / "run", tmp_path / "copied", copy_function=shutil.copy)  # new inodes and times
     copied = RunFolder.open(tmp_path / "copied", CONFIG, resume="latest", keep=3)
     assert torch.equal(copied.load(copied.resolve("latest")).tensors["model"]["w"], big["model"]["w"])
-    weights = run.resolve("latest") / "model.safetensors"
-    with open(weights, "r+b") as f:  # the original fine-tuned in place: same size, other bytes
-        f.seek(-8, 2)
-        f.write(bytes(8))
+    from safetensors.torch import load_file, save_file
+
+    weights = copied.resolve("latest") / "model.safetensors"
+    tensors = load_file(weights)
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    save_file({name: tensor * 0 for name, tensor in tensors.items()}, weights, metadata=metadata)  # same size
     with pytest.raises(KinemaError, match=r"model.safetensors was changed since it was saved \(same size"):
-        run.load(run.resolve("latest"))
+        copied.load(copied.resolve("latest"))
 
 
 def test_a_state_file_that_asks_for_code_is_refused(two_checkpoints):
