@@ -86,7 +86,8 @@ def video_size(path: str | os.PathLike, what: str = "video") -> tuple[int, int]:
     try:
         if first.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
             with Image.open(first, formats=PIL_FORMATS) as image:
-                return image.height, image.width
+                width, height = oriented_size(image)
+                return height, width
         import av
 
         with av.open(os.fspath(path)) as container:
@@ -168,9 +169,24 @@ def animation_frames(image: Any) -> tuple[list[int], float | None]:
     return [index for index, times in enumerate(repeats) for _ in range(times)], float(fps)
 
 
+_EXIF_ORIENTATION = 0x0112  # 1: as stored; 5 to 8 turn the picture a quarter turn
+
+
+def oriented_size(image: Any) -> tuple[int, int]:
+    """`(width, height)` of a PIL image as it is shown: a phone photo stored sideways with an EXIF orientation of 5
+    to 8 is shown (and read by `rgb8`) a quarter turn round."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def rgb8(image: Any) -> Any:
-    """A PIL image as 8-bit RGB: a 16-bit grayscale PNG (depth maps are saved so) scaled to 0-255, where PIL's own
-    convert("RGB") clips every value past 255 to white."""
+    """A PIL image as 8-bit RGB, upright as shown (its EXIF orientation applied, as browsers and gradio show a phone
+    photo): a 16-bit grayscale PNG (depth maps are saved so) scaled to 0-255, where PIL's own convert("RGB") clips
+    every value past 255 to white."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        from PIL import ImageOps
+
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         top = 65535 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255
         image = image.convert("I").point(lambda value: value * (255 / top) + 0.5).convert("L")  # rounded

@@ -39,6 +39,7 @@ from kinema.data.probe import (
     STILL_IMAGE_KINDS,
     frame_count,
     missing_encoder,
+    oriented_size,
     video_fps,
     video_kind_and_frames,
     video_size,
@@ -467,10 +468,10 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; such an image is as unusable here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(opener(), formats=PIL_FORMATS) as image:
-                size = image.size
                 image.verify()  # the chunks and checksums: a truncated file fails here
             with Image.open(opener(), formats=PIL_FORMATS) as image:
                 image.load()  # the pixels: verify passes compressed data that is garbage with good checksums
+                size = oriented_size(image)  # as shown, and read: a phone photo's EXIF turn applied
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL's error names twice the limit (where it stops warning); the limit that counts here is the one it warns at.
         pixels = re.search(r"\((\d+) pixels\)", str(err))

@@ -45,6 +45,7 @@ from kinema.ui.form import (
     form_to_mapping,
     settings_to_form,
     size_of_image,
+    video_model_parts,
 )
 from kinema.ui.gallery import GalleryEntry, keep_input, new_job_folder, read_gallery
 from kinema.ui.models import ModelChoices, scan_models
@@ -72,6 +73,23 @@ CACHE_CLEANING = (3600, 86400)
 
 # The video tabs' resize box: for an input whose size the model cannot make (each side a multiple of 16, say).
 RESIZE_LABEL = "Resize the video to the Width x Height below (else it keeps its own size)"
+
+
+def image_path_input(**options: Any) -> gr.Image:
+    """A gr.Image (type filepath) handing over the uploaded file's path unopened. gradio opens an upload with PIL
+    before any handler runs, so a file that is not an image (or a decompression bomb) failed as its traceback,
+    before kinema's own one-line check, and on every tab, as generate takes every tab's inputs. (Its method is
+    replaced on the instance: a subclass would make gradio write an app.pyi beside this file.)"""
+    component = gr.Image(type="filepath", **options)
+    plain = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return plain(payload)  # a pasted image, a data: URL, is decoded by gr.Image
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
 
 
 def form_defaults(model: str, preset: str | None = None) -> dict[str, Any]:
@@ -229,9 +247,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                                     "context windows.")
                     with gr.Tab(TABS[1][1], id=IMAGE_TO_VIDEO) as tab_blocks[IMAGE_TO_VIDEO]:
                         with gr.Row():
-                            image = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"])
-                            end_image = gr.Image(label="End image (optional)", type="filepath",
-                                                 sources=["upload", "clipboard"])
+                            image = image_path_input(label="Start image", sources=["upload", "clipboard"])
+                            end_image = image_path_input(label="End image (optional)", sources=["upload", "clipboard"])
                         with gr.Row():
                             resize = gr.Checkbox(label="Resize the images to the video's size", value=True)
                             image_size = gr.Button("Make the video the start image's size", elem_id="image-size")
@@ -309,7 +326,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     motion_scale = gr.Number(label="Motion scale (attention sharpness, 1: as trained)", value=1.0,
                                              step=0.1, elem_id="motion-scale")
                 with gr.Row():
-                    seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="seed")
+                    # Text: a browser's numbers are exact only to 2**53, and seeds go to 2**64 - 1.
+                    seed = gr.Textbox(label="Seed (-1: random)", value="0", max_lines=1, elem_id="seed")
                     random_seed = gr.Button("Random seed", elem_id="random-seed")
                 # Settings of a loaded video that the form has no field for; the next job takes them as they were.
                 extra = gr.State({})
@@ -361,8 +379,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         for tab_mode, tab in tab_blocks.items():
             tab.select(lambda chosen=tab_mode: chosen, outputs=mode, concurrency_limit=None)
 
-        # The job's own range for random seeds (-1): exact as JavaScript numbers in the browser.
-        random_seed.click(lambda: secrets.randbelow(RANDOM_SEED_LIMIT), outputs=seed, concurrency_limit=None)
+        # The job's own range for random seeds (-1).
+        random_seed.click(lambda: str(secrets.randbelow(RANDOM_SEED_LIMIT)), outputs=seed, concurrency_limit=None)
 
         def size_from_image(path: str | None) -> tuple[Any, Any, Any]:
             if not path:
@@ -393,6 +411,17 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 gr.Warning(str(err))
                 return tuple(gr.skip() for _ in GENERATE_DEFAULTS)
             return tuple(defaults[key] for key in GENERATE_DEFAULTS)
+
+        def extend_video_uploaded(video: str | None) -> tuple[Any, Any]:
+            """The model and motion module that made the video to continue, shown in their fields (a video without
+            stored settings leaves them): what the job continues it with unless another is chosen."""
+            parts = video_model_parts(video)
+            if not parts:
+                return gr.skip(), gr.skip()
+            return parts["model"], parts.get("motion_module") or NO_CHOICE
+
+        extend_video.upload(extend_video_uploaded, inputs=extend_video, outputs=[model, motion_module],
+                            concurrency_limit=None)
 
         # .input, not .change: loading a gallery video's settings sets the model too, and must keep its numbers.
         model.input(model_chosen, inputs=[model, speed], outputs=[form_fields[key] for key in GENERATE_DEFAULTS],

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.data.probe import PIL_FORMATS, video_fps
+from kinema.data.probe import PIL_FORMATS, oriented_size, video_fps
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import JOB_KEYS
 from kinema.pipelines.request import CONTINUATION_DEFAULTS, LIBRARY_DEFAULTS, MODES, GenerationRequest
@@ -55,15 +56,17 @@ _WHOLE_NUMBERS = ("steps", "width", "height", "frames", "seed", "extend_frames")
 
 
 def _number(value: Any, whole: bool) -> Any:
-    """A form number as the job wants it: whole numbers as int (sliders and number boxes may give 8.0); anything
-    else as it is, for the job's own one-line refusal."""
+    """A form number as the job wants it: whole numbers as int (sliders and number boxes may give 8.0, the seed's
+    text box "123"); anything else as it is, for the job's own one-line refusal."""
     if whole and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if whole and isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         return int(value)
     return value
 
 
 def _given(value: Any) -> bool:
-    return value is not None and value != ""
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,11 +124,32 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
             data["mask_blur"] = _number(values["v2v_mask_blur"], whole=False)
         if mode == EXTEND and _given(values.get("extend_frames")):
             data["extend_frames"] = _number(values["extend_frames"], whole=True)
-        if mode == EXTEND and data["model"] == DEFAULT_MODEL and not _given(values.get("motion_module")):
-            # The model field left as it opens: the video goes on with the model that made it, as `kinema extend`
-            # without --model (the job takes it from the video's settings, else the default).
+        if mode == EXTEND and _is_the_videos_model(video, data["model"], values.get("motion_module")):
+            # The model that made the video (the upload put it in the field): the job goes on as `kinema extend`
+            # without --model, taking it and its LoRAs from the video's settings. Another model chosen stays.
             del data["model"]
+            data.pop("motion_module", None)
     return data
+
+
+def video_model_parts(video: str | None) -> dict[str, Any]:
+    """The model (and motion module) a video's stored settings name, where they are still here: what the Extend
+    tab's model fields show once the video is uploaded ({} for a video without them)."""
+    from kinema.data.probe import stored_settings
+    from kinema.pipelines.jobs import stored_model_parts
+
+    if not video:
+        return {}
+    try:
+        parts = stored_model_parts(stored_settings(video))
+    except (KinemaError, OSError):  # a video kinema cannot read: the job says so
+        return {}
+    return {key: parts[key] for key in ("model", "motion_module") if key in parts}
+
+
+def _is_the_videos_model(video: Any, model: str, motion_module: Any) -> bool:
+    parts = video_model_parts(video)
+    return bool(parts) and parts["model"] == model and parts.get("motion_module") == (motion_module or None)
 
 
 def _control_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -213,7 +237,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
                   control_indices=", ".join(str(i) for i in settings.get("control_indices") or []),
                   guess_mode=bool(controlnet and settings.get("guess_mode")))
     seeds = settings.get("seeds") or [settings.get("seed", 0)]
-    values["seed"] = seeds[0]
+    values["seed"] = str(seeds[0])  # the seed's box holds text: exact to 2**64 - 1
     if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO):
         values.update({key: settings[key] for key in ("width", "height", "frames") if settings.get(key) is not None})
     if mode == IMAGE_TO_VIDEO:
@@ -243,5 +267,5 @@ def size_of_image(path: str, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     from PIL import Image
 
     with Image.open(path, formats=PIL_FORMATS) as image:
-        width, height = image.size
+        width, height = oriented_size(image)
     return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)

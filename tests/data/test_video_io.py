@@ -348,3 +348,29 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
                  torch.from_numpy(next(rgb_frames(tmp_path / "depth.png"))).permute(2, 0, 1).float() / 255):
         assert read.shape == (3, 64, 64)
         torch.testing.assert_close(read[1], expected, atol=1e-6, rtol=0)  # rounded, as 65535 / 257 is exact
+
+
+def test_a_phone_photo_stored_sideways_is_read_and_sized_upright(tmp_path):
+    # Its EXIF orientation 6 turns it a quarter turn as browsers (and gradio) show it; kinema read the stored pixels,
+    # so the size check refused the size the user saw and the video was made sideways.
+    from PIL import ImageOps
+
+    from kinema.data.probe import oriented_size, video_size
+    from kinema.pipelines.generation import _read_image
+    from kinema.pipelines.jobs import check_image_file
+
+    stored = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # 64 wide, 48 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "frames").mkdir()
+    for path in (tmp_path / "photo.png", tmp_path / "frames" / "0000.png"):
+        Image.fromarray(stored).save(path, exif=exif)
+    with Image.open(tmp_path / "photo.png") as image:
+        upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))  # PIL's own turn: the reference
+        assert oriented_size(image) == (48, 64)
+    assert upright.shape == (64, 48, 3)
+    expected = torch.from_numpy(upright).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(_read_image(tmp_path / "photo.png", "the start image"), expected, rtol=0, atol=0)
+    torch.testing.assert_close((read_video(tmp_path / "frames").frames[0] + 1) / 2, expected, rtol=0, atol=1e-6)
+    assert check_image_file(str(tmp_path / "photo.png"), "start image") == (48, 64)
+    assert video_size(tmp_path / "frames") == (64, 48)  # (height, width)

@@ -85,3 +85,23 @@ def test_choosing_a_model_keeps_the_speed_presets_sampler_and_steps():
                                                                                             plain["steps"])
     assert {k: v for k, v in chosen.items() if k not in ("scheduler", "steps")} == {
         k: v for k, v in plain.items() if k not in ("scheduler", "steps")}
+
+
+def test_an_uploaded_image_reaches_kinemas_check_unopened(tmp_path):
+    # gradio opened uploads with PIL first: a text file named x.png failed as a traceback on every tab.
+    import gradio as gr
+    from gradio.data_classes import ImageData
+    from PIL import UnidentifiedImageError
+
+    from kinema.pipelines.jobs import check_image_file
+    from kinema.ui.app import image_path_input
+
+    fake = tmp_path / "x.png"
+    fake.write_text("not an image")
+    payload = ImageData(path=str(fake), orig_name="x.png")
+    with pytest.raises(UnidentifiedImageError):
+        gr.Image(type="filepath").preprocess(payload)
+    component = image_path_input()
+    assert component.preprocess(payload) == str(fake) and component.preprocess(None) is None
+    with pytest.raises(KinemaError, match="x.png is not an image"):
+        check_image_file(str(fake), "start image")

@@ -148,6 +148,17 @@ def test_the_form_refuses_a_tab_without_its_input_and_bad_input_as_the_job_does(
         job_from_mapping(form_to_mapping({**BLANK_FORM, "prompt": "a red circle", "steps": 0.0}), where="form")
 
 
+def test_the_seed_box_holds_any_seed_exactly():
+    # A gr.Number goes through the browser's numbers, exact to 2**53: 12345678901234567891 came back ...7000.
+    seed = 2**64 - 1
+    mapping = form_to_mapping({**BLANK_FORM, "prompt": "a red circle", "seed": f" {seed} "})
+    assert mapping["seed"] == seed and job_from_mapping(mapping).request.seeds == [seed]
+    assert settings_to_form(job_from_mapping(mapping).settings())["seed"] == str(seed)
+    assert "seed" not in form_to_mapping({**BLANK_FORM, "prompt": "x", "seed": "  "})  # blank: the job's default
+    with pytest.raises(KinemaError, match="seed must be a whole number or a list of them"):
+        job_from_mapping(form_to_mapping({**BLANK_FORM, "prompt": "x", "seed": "twelve"}))
+
+
 def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
     mapping = form_to_mapping({**BLANK_FORM, "prompt": "a red circle", "frames": 8.0, "steps": 2.0, "seed": -1,
                                "loras": [["", 1.0]]})
@@ -232,21 +243,23 @@ def test_a_video_takes_the_start_images_size_rounded_down_to_the_vaes_multiple(t
 
 
 def test_the_extend_tab_goes_on_with_the_model_that_made_the_video(tmp_path):
-    # The model field as the page opens (kinema-tiny) once continued a kinema-tiny-ad video with kinema-tiny.
+    # Uploading the video puts the model that made it in the field; left so, the job continues it as `kinema extend`
+    # without --model does. Another model chosen is taken: kinema-tiny was once dropped as "the field as it opens".
     import numpy as np
 
     from kinema.data.video_io import write_video
+    from kinema.ui.form import video_model_parts
 
     write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "ad.mp4",
                 settings={"prompt": "a red circle moving right", "model": "kinema-tiny-ad"})
-    form = {**BLANK_FORM, "mode": "extend", "extend_video": str(tmp_path / "ad.mp4"), "extend_frames": 8}
+    assert video_model_parts(str(tmp_path / "ad.mp4")) == {"model": "kinema-tiny-ad"}
+    form = {**BLANK_FORM, "mode": "extend", "extend_video": str(tmp_path / "ad.mp4"), "extend_frames": 8,
+            "model": "kinema-tiny-ad"}
+    assert "model" not in form_to_mapping(form)  # the video's own: taken from its settings, LoRAs too
     assert job_from_mapping(form_to_mapping(form)).model == "kinema-tiny-ad"
-    # A model chosen is the one taken.
-    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "tiny.mp4",
-                settings={"prompt": "a red circle moving right", "model": "kinema-tiny"})
-    chosen = {**form, "extend_video": str(tmp_path / "tiny.mp4"), "model": "kinema-tiny-ad"}
-    assert job_from_mapping(form_to_mapping(chosen)).model == "kinema-tiny-ad"
-    # A video with no model recorded: the default.
+    assert job_from_mapping(form_to_mapping({**form, "model": "kinema-tiny"})).model == "kinema-tiny"
+    # A video with no model recorded: the field's.
     write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "theirs.mp4")
-    assert job_from_mapping(form_to_mapping({**form, "extend_video": str(tmp_path / "theirs.mp4"),
-                                             "prompt": "x"})).model == "kinema-tiny"
+    assert video_model_parts(str(tmp_path / "theirs.mp4")) == {}
+    assert job_from_mapping(form_to_mapping({**form, "extend_video": str(tmp_path / "theirs.mp4"), "prompt": "x",
+                                             "model": "kinema-tiny"})).model == "kinema-tiny"
