@@ -92,6 +92,14 @@ def image_path_input(**options: Any) -> gr.Image:
     return component
 
 
+def _input_paths(job: Job) -> set[str]:
+    """The absolute paths of the input files `job` reads (start and end image, video, mask, control videos)."""
+    request = job.request
+    paths = [request.image, request.end_image, request.video, request.mask,
+             *(request.control_video if isinstance(request.control_video, list) else [request.control_video])]
+    return {os.path.abspath(path) for path in paths if isinstance(path, str | os.PathLike)}
+
+
 def form_defaults(model: str, preset: str | None = None) -> dict[str, Any]:
     """The size, frames, steps, guidance and scheduler the form shows for `model`: its kinema.json defaults where it
     has them, else the library's (`LIBRARY_DEFAULTS`), as `kinema generate` fills unset options; with a speed
@@ -500,10 +508,13 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             values["loras"] = [[data[path], data[weight]] for path, weight in zip(lora_paths, lora_weights,
                                                                                       strict=True)]
             try:
-                check_form(values, models_path, family_cache.device)  # refuse bad input before anything is copied
+                # Bad input is refused before anything is copied, and only the inputs the job reads are kept (an
+                # upload left in another tab is neither hashed nor copied).
+                used = _input_paths(check_form(values, models_path, family_cache.device))
                 for key in INPUT_KEYS:
                     if values.get(key):
-                        values[key] = str(keep_input(values[key], outputs))
+                        values[key] = str(keep_input(values[key], outputs)) if os.path.abspath(values[key]) in used \
+                            else None
                 job = check_form(values, models_path, family_cache.device)
             except KinemaError as err:
                 raise gr.Error(str(err), print_exception=False) from None

@@ -105,3 +105,15 @@ def test_an_uploaded_image_reaches_kinemas_check_unopened(tmp_path):
     assert component.preprocess(payload) == str(fake) and component.preprocess(None) is None
     with pytest.raises(KinemaError, match="x.png is not an image"):
         check_image_file(str(fake), "start image")
+
+
+def test_only_the_inputs_the_job_reads_are_kept(tmp_path):
+    # Uploads left in other tabs were hashed and copied into the outputs folder with every video.
+    from PIL import Image
+
+    from kinema.ui.app import _input_paths
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "start.png")
+    job = job_from_mapping({"prompt": "a red circle", "image": str(tmp_path / "start.png"), "steps": 1})
+    assert _input_paths(job) == {str(tmp_path / "start.png")}
+    assert _input_paths(job_from_mapping({"prompt": "a red circle", "steps": 1})) == set()
