@@ -275,8 +275,7 @@ def video_kind_and_frames(opener: Any, what: str) -> tuple[str, int]:
                 stream = container.streams.video[0]
                 frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     except (OSError, av.FFmpegError, ValueError) as err:
-        raise KinemaError(f"the {what} is corrupt, truncated or not a video kinema can read ({type(err).__name__}: "
-                          f"{shorten(str(err), 80)}); give an MP4, WebM, MKV, MOV, GIF or WebP video") from None
+        raise unreadable_video(what, err) from None
     if "image2" in names:  # PyAV's demuxer chosen by an image's name: PIL could not open what the name promised
         raise KinemaError(f"the {what} is not a {STILL_IMAGE_KINDS} image kinema can read (damaged, or another "
                           "format under that name); give a whole image, or a video")
@@ -377,6 +376,12 @@ def _describes(settings: dict, path: str | os.PathLike) -> bool:
 _STALE_SAID: dict[tuple[str, int], float] = {}
 
 
+def unreadable_video(what: str, err: BaseException) -> KinemaError:
+    """The one refusal of a video file PyAV cannot open (`what`: "video PATH", ...)."""
+    return KinemaError(f"the {what} is corrupt, truncated or not a video kinema can read ({type(err).__name__}: "
+                       f"{shorten(str(err), 80)}); give an MP4, WebM, MKV, MOV, GIF or WebP video")
+
+
 def read_embedded_settings(path: str | os.PathLike) -> dict | None:
     """The settings stored inside the file itself (mp4/webm comment, GIF comment, PNG text), or None: also when the
     comment is not a JSON object, since other tools write comments of their own there."""
@@ -397,7 +402,9 @@ def read_embedded_settings(path: str | os.PathLike) -> dict | None:
         else:
             return None
     except (OSError, av.FFmpegError) as err:
-        raise KinemaError(f"cannot read {path}: {shorten(str(err))}") from None
+        if suffix in (".png", ".gif", ".webp"):
+            raise KinemaError(f"cannot read {path}: {shorten(str(err))}") from None
+        raise unreadable_video(f"video {path}", err) from None
     return _settings_object(text)
 
 

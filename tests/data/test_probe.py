@@ -36,6 +36,12 @@ def test_what_is_not_a_video_is_one_line(tmp_path):
         with pytest.raises(KinemaError, match=words) as caught:
             frame_count(path, "input video")
         assert "\n" not in str(caught.value) and str(caught.value).startswith(f"the input video {path}")
+    # An extend job reads the settings stored in the video first: it said "cannot read ...: [Errno 1094995529]".
+    from kinema.pipelines.jobs import job_from_mapping
+
+    with pytest.raises(KinemaError, match=rf"the video {tmp_path / 'broken.mp4'} is corrupt, truncated or not a video "
+                                          r"kinema can read \(InvalidDataError.*give an MP4"):
+        job_from_mapping({"video": str(tmp_path / "broken.mp4"), "extend_frames": 8})
 
 
 def test_a_videos_frame_rate_is_the_one_kinema_stored_else_its_containers():
