@@ -459,7 +459,10 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         def load_into_form(settings: Any) -> tuple[Any, ...]:
             if not isinstance(settings, dict):
                 raise gr.Error("select a video in the gallery first")
-            values = settings_to_form(settings)
+            try:
+                values = settings_to_form(settings)
+            except KinemaError as err:  # a hand-edited job.json
+                raise gr.Error(str(err), print_exception=False) from None
             extra_values = values.pop("extra")
             if isinstance(settings.get("controlnet"), list) and len(settings["controlnet"]) > 2:
                 gr.Warning(f"the video was steered by {len(settings['controlnet'])} ControlNets; the form holds "

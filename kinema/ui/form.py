@@ -132,6 +132,21 @@ def form_to_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _recorded_loras(loras: Any) -> list[list[Any]]:
+    """The `[path, weight]` pairs of recorded settings' LoRAs (pairs, or `{"path", "weight"}` objects); an entry of
+    another shape (a hand-edited job.json) is one KinemaError line, not Python's unpacking error."""
+    pairs = []
+    for entry in loras or []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            pairs.append([entry["path"], entry.get("weight", 1.0)])
+        elif isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], str):
+            pairs.append(list(entry))
+        else:
+            raise KinemaError(f"these settings' loras hold {json.dumps(entry)[:80]}, not a [path, weight] pair; fix "
+                              "or remove it in the job.json")
+    return pairs
+
+
 def video_model_parts(video: str | None) -> dict[str, Any]:
     """The model (and motion module) a video's stored settings name, where they are still here: what the Extend
     tab's model fields show once the video is uploaded ({} for a video without them)."""
@@ -210,7 +225,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
         "negative_prompt": settings.get("negative_prompt") or "",
         "model": settings.get("model") or DEFAULT_MODEL,
         "motion_module": settings.get("motion_module"),
-        "loras": [[path, weight] for path, weight in settings.get("loras") or []],
+        "loras": _recorded_loras(settings.get("loras")),
         "scheduler": settings.get("scheduler"),
         "speed": settings.get("speed") or "",
         "extra": _extra_settings(settings),

@@ -45,6 +45,7 @@ def latent_preview(latents: torch.Tensor, size: int = PREVIEW_SIZE) -> np.ndarra
     if latents.ndim != 5:
         raise KinemaError(f"expected latents shaped (B, C, F', h, w), got {tuple(latents.shape)}")
     frame = latents[0, :, 0].detach().float().cpu()  # (C, h, w)
+    frame = torch.nan_to_num(frame, nan=0.0, posinf=0.0, neginf=0.0)  # one NaN stretched every colour to black
     rgb = torch.einsum("chw,ck->hwk", frame, latent_projection(frame.shape[0]))
     low = rgb.amin(dim=(0, 1), keepdim=True)
     high = rgb.amax(dim=(0, 1), keepdim=True)

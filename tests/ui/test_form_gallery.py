@@ -263,3 +263,21 @@ def test_the_extend_tab_goes_on_with_the_model_that_made_the_video(tmp_path):
     assert video_model_parts(str(tmp_path / "theirs.mp4")) == {}
     assert job_from_mapping(form_to_mapping({**form, "extend_video": str(tmp_path / "theirs.mp4"), "prompt": "x",
                                              "model": "kinema-tiny"})).model == "kinema-tiny"
+
+
+def test_malformed_loras_in_a_job_json_are_one_line_and_a_nan_latent_keeps_the_preview():
+    import torch
+
+    from kinema.ui.preview import latent_preview
+
+    settings = job_from_mapping({"prompt": "a red circle"}).settings()
+    for loras in ("abc", [["a", 1, 2]], [7]):  # Python's unpacking error reached the page as "Error"
+        with pytest.raises(KinemaError, match="these settings' loras hold .*, not a \\[path, weight\\] pair"):
+            settings_to_form({**settings, "loras": loras})
+    assert settings_to_form({**settings, "loras": [{"path": "l.safetensors", "weight": 0.5}]})["loras"] == [
+        ["l.safetensors", 0.5]]
+    latents = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    clean = latent_preview(latents)
+    latents[0, 0, 0, 0, 0] = float("nan")  # one NaN stretched every colour to black
+    broken = latent_preview(latents)
+    assert broken.max() > 0 and (broken != clean).any(axis=2).mean() < 0.1
