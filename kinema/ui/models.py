@@ -79,9 +79,13 @@ def scan_models(models_dir: str | os.PathLike | None) -> ModelChoices:
         return choices
     root = Path(models_dir).resolve()
     seen = 0
+    visited: set[Path] = set()  # folders by their real path: a link to a folder above would list it again
 
     def visit(folder: Path, depth: int) -> None:
         nonlocal seen
+        if folder.resolve() in visited:
+            return
+        visited.add(folder.resolve())
         try:
             entries = sorted(folder.iterdir())
         except OSError as err:

@@ -46,6 +46,9 @@ def test_the_scan_sorts_a_models_folder_into_models_motion_modules_and_loras(tmp
     assert found.controlnets == [("ControlNet/control_tiny/", str(root.resolve() / "ControlNet" / "control_tiny"))]
     assert [label for label, _ in found.skipped] == ["broken.safetensors"]
     assert "LFS" in found.skipped[0][1] or "pointer" in found.skipped[0][1]
+    # A link back to a folder above listed everything again once per level.
+    (root / "Lora" / "again").symlink_to(root)
+    assert scan_models(root) == found
 
 
 def test_without_a_models_folder_the_bundled_models_are_offered(tmp_path):
