@@ -30,6 +30,7 @@ from kinema.pipelines.jobs import (
     Cancelled,
     FamilyCache,
     Job,
+    check_model_path,
     job_from_mapping,
     model_defaults_for,
     run_job,
@@ -103,10 +104,13 @@ def _input_paths(job: Job) -> set[str]:
 def form_defaults(model: str, preset: str | None = None) -> dict[str, Any]:
     """The size, frames, steps, guidance and scheduler the form shows for `model`: its kinema.json defaults where it
     has them, else the library's (`LIBRARY_DEFAULTS`), as `kinema generate` fills unset options; with a speed
-    `preset` (kinema.pipelines.speed), its sampler and steps where it sets them, as `--speed` does."""
+    `preset` (kinema.pipelines.speed), its sampler and steps where it sets them, as `--speed` does. A path that is no
+    model to generate with is one KinemaError line now, not the library's 512x512 filled in without a word."""
     values = {key: LIBRARY_DEFAULTS[key] for key in GENERATE_DEFAULTS if key in LIBRARY_DEFAULTS}
     values["scheduler"] = FAMILY_DEFAULT
-    _, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
+    folder, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
+    if os.path.exists(model):
+        check_model_path(folder)
     values.update(defaults)
     settings = SPEED_PRESETS.get(preset or "", {})
     values.update({key: settings[key] for key in ("scheduler", "steps") if key in settings})

@@ -24,6 +24,11 @@ from kinema.ui.app import (
 def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
     defaults = json.loads((bundled_model_path("kinema-tiny") / "kinema.json").read_text())["defaults"]
     assert form_defaults("kinema-tiny") == defaults
+    assert form_defaults(str(bundled_model_path("kinema-tiny"))) == defaults  # its folder, as a path
+    (tmp_path / "notes").mkdir()  # a path typed in that is no model filled the library's 512x512 without a word
+    (tmp_path / "notes" / "x.txt").write_text("not a model")
+    with pytest.raises(KinemaError, match="notes: not a format kinema knows"):
+        form_defaults(str(tmp_path / "notes"))
     app = build_app(models_dir=None, outputs_dir=tmp_path / "outputs", concurrency=2)
     config = app.get_config_file()
     values = {block["props"].get("elem_id"): block["props"].get("value") for block in config["components"]}
