@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> None:
 
     report = doctor_report()
     print_report(report, args.json)
-    folder = Path(report["models_dir"])
-    if folder.exists() and not folder.is_dir():  # a missing one is normal: nothing downloaded there yet
+    folder = Path(report.get("models_dir") or "")
+    if report.get("models_dir") and folder.exists() and not folder.is_dir():  # a missing one is normal
         logger.warning("the models folder %s is a file, so model names are not looked up there; move it, or set "
                        "KINEMA_HOME to another folder", folder)
     if ".mp4" in report.get("cannot_write", ()):
