@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kinema.data.probe import IMAGE_SUFFIXES, PIL_FORMATS, folder_frames, frame_count
+from kinema.data.probe import IMAGE_SUFFIXES, PIL_FORMATS, folder_frames, frame_count, oriented_size
 from kinema.data.sampler import BatchOrder
 from kinema.data.video_io import PILLOW_SUFFIXES, read_errors_named, read_video
 from kinema.errors import KinemaError
@@ -178,10 +178,12 @@ def probe(path: Path) -> tuple[int, int, int]:
         if not files:
             raise KinemaError(f"{path} holds no frames")
         with Image.open(files[0], formats=PIL_FORMATS) as image:
-            return image.height, image.width, len(files)
+            width, height = oriented_size(image)  # as read: a phone photo's EXIF turn applied
+            return height, width, len(files)
     if path.suffix.lower() in PILLOW_SUFFIXES:
         with Image.open(path, formats=PIL_FORMATS) as image:
-            return image.height, image.width, getattr(image, "n_frames", 1)
+            width, height = oriented_size(image)
+            return height, width, getattr(image, "n_frames", 1)
     with read_errors_named(path), av.open(str(path)) as container:
         if not container.streams.video:
             raise KinemaError(f"{path} has no video stream")

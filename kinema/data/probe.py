@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,18 +173,28 @@ def animation_frames(image: Any) -> tuple[list[int], float | None]:
 _EXIF_ORIENTATION = 0x0112  # 1: as stored; 5 to 8 turn the picture a quarter turn
 
 
+def _orientation(image: Any) -> int:
+    """The EXIF orientation of a PIL image (1: as stored); 1 too when its EXIF block is broken, which PIL decodes
+    past but `getexif` raises on."""
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except (SyntaxError, ValueError, TypeError, OSError, struct.error):
+        return 1
+
+
 def oriented_size(image: Any) -> tuple[int, int]:
-    """`(width, height)` of a PIL image as it is shown: a phone photo stored sideways with an EXIF orientation of 5
-    to 8 is shown (and read by `rgb8`) a quarter turn round."""
+    """`(width, height)` of an image file kinema opened, as it is shown: a phone photo stored sideways with an EXIF
+    orientation of 5 to 8 is shown (and read by `rgb8(image, upright=True)`) a quarter turn round."""
     width, height = image.size
-    return (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
-def rgb8(image: Any) -> Any:
-    """A PIL image as 8-bit RGB, upright as shown (its EXIF orientation applied, as browsers and gradio show a phone
-    photo): a 16-bit grayscale PNG (depth maps are saved so) scaled to 0-255, where PIL's own convert("RGB") clips
-    every value past 255 to white."""
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+def rgb8(image: Any, upright: bool = False) -> Any:
+    """A PIL image as 8-bit RGB: a 16-bit grayscale PNG (depth maps are saved so) scaled to 0-255, where PIL's own
+    convert("RGB") clips every value past 255 to white. `upright` (for files kinema opens) applies the EXIF
+    orientation, as browsers and gradio show a phone photo; a PIL image handed in is taken as it is, as PIL and
+    diffusers take one (diffusers' load_image turns it when it opens the file)."""
+    if upright and _orientation(image) != 1:
         from PIL import ImageOps
 
         image = ImageOps.exif_transpose(image)
@@ -203,14 +214,14 @@ def rgb_frames(path: str | os.PathLike) -> Iterator[Any]:
     if path.is_dir():
         for file in folder_frames(path):
             with Image.open(file, formats=PIL_FORMATS) as image:
-                yield np.asarray(rgb8(image))
+                yield np.asarray(rgb8(image, upright=True))
     elif path.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
         with Image.open(path, formats=PIL_FORMATS) as image:
             shown = animation_frames(image)[0]
             for position, index in enumerate(shown):
                 if position == 0 or index != shown[position - 1]:
                     image.seek(index)
-                    frame = np.asarray(rgb8(image))
+                    frame = np.asarray(rgb8(image, upright=True))
                 yield frame
     else:
         import av

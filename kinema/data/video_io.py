@@ -308,7 +308,7 @@ def _read_pillow(path: Path, start: int, stride: int, max_frames: int | None) ->
         wanted = []
         for index in _indices(total, start, stride, max_frames):
             image.seek(shown[index])
-            wanted.append(np.asarray(rgb8(image)))
+            wanted.append(np.asarray(rgb8(image, upright=True)))
     fps = rate or _sidecar_fps(path)
     return np.stack(wanted) if wanted else np.zeros((0, 1, 1, 3), np.uint8), fps, total
 
@@ -318,7 +318,7 @@ def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) ->
     wanted = []
     for index in _indices(len(files), start, stride, max_frames):
         with Image.open(files[index], formats=PIL_FORMATS) as image:
-            wanted.append(np.asarray(rgb8(image)))
+            wanted.append(np.asarray(rgb8(image, upright=True)))
     if len({w.shape for w in wanted}) > 1:
         raise KinemaError(f"frames in {path} differ in size; every frame of a clip must have the same size (as a "
                           "generation input, --resize (resize=True) fits each frame)")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kinema.data.probe import PIL_FORMATS, rgb8
+from kinema.data.probe import PIL_FORMATS, oriented_size, rgb8
 from kinema.errors import KinemaError, shorten, value_words
 from kinema.memory import available_memory, check_frames_fit, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
@@ -95,10 +95,12 @@ def _read_image(image: Any, what: str) -> torch.Tensor:
         if not path.is_file():
             raise KinemaError(f"{what} {path} does not exist")
         try:
-            image = rgb8(Image.open(path, formats=PIL_FORMATS))
+            with Image.open(path, formats=PIL_FORMATS) as opened:
+                pixels = np.array(rgb8(opened, upright=True))  # a file is read upright, as shown
         except OSError as err:
             raise KinemaError(f"cannot read {what} {path}: {err}") from None
-    if isinstance(image, Image.Image):
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    elif isinstance(image, Image.Image):
         # np.array copies: torch warns about the read-only buffer np.asarray would share with PIL
         image = torch.from_numpy(np.array(rgb8(image))).permute(2, 0, 1).float() / 255
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
@@ -148,10 +150,10 @@ def _path_frames(path: str | Path, height: int | None, width: int | None, resize
 
     files = folder_frames(path) if resize and Path(path).is_dir() else []
     sizes = set()
-    try:  # headers alone: frames of one size are read as a clip, as they were before
+    try:  # headers alone: frames of one size (as shown) are read as a clip, as they were before
         for file in files:
             with Image.open(file, formats=PIL_FORMATS) as image:
-                sizes.add(image.size)
+                sizes.add(oriented_size(image))
     except OSError:
         sizes.clear()  # read_video names the file
     if len(sizes) < 2:

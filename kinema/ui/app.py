@@ -460,7 +460,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         form_outputs = [mode, tabs, *form_fields.values(), *lora_paths, *lora_weights, extra, extra_note,
                         forget_extra]
 
-        def load_into_form(settings: Any) -> tuple[Any, ...]:
+        def load_into_form(settings: Any, shown_image: Any = None, shown_end_image: Any = None) -> tuple[Any, ...]:
             if not isinstance(settings, dict):
                 raise gr.Error("select a video in the gallery first")
             try:
@@ -489,12 +489,17 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             values["controlnet_2"] = values.get("controlnet_2") or NO_CHOICE
             values["scheduler"] = values.get("scheduler") or FAMILY_DEFAULT
             values["speed"] = values.get("speed") or NO_SPEED
+            # The image fields get their own value back, never an update: gradio answers an update by building a
+            # plain gr.Image for the session, which would open uploads again (image_path_input).
+            values.setdefault("image", shown_image)
+            values.setdefault("end_image", shown_end_image)
             field_updates = [values[key] if key in values else gr.skip() for key in form_fields]
             return (values["mode"], gr.Tabs(selected=values["mode"]), *field_updates,
                     *[path or NO_CHOICE for path, _ in loras], *[weight for _, weight in loras], extra_values,
                     extra_note_text(extra_values), gr.Button(visible=bool(extra_values)))
 
-        load_settings.click(load_into_form, inputs=selected_settings, outputs=form_outputs, concurrency_limit=None)
+        load_settings.click(load_into_form, inputs=[selected_settings, image, end_image], outputs=form_outputs,
+                            concurrency_limit=None)
         forget_extra.click(lambda: ({}, "", gr.Button(visible=False)), outputs=[extra, extra_note, forget_extra],
                            concurrency_limit=None)
 

@@ -60,7 +60,7 @@ def _number(value: Any, whole: bool) -> Any:
     text box "123"); anything else as it is, for the job's own one-line refusal."""
     if whole and isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if whole and isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+    if whole and isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,30}\s*", value):  # past 2**64: the job's
         return int(value)
     return value
 
@@ -252,7 +252,7 @@ def settings_to_form(settings: Mapping[str, Any]) -> dict[str, Any]:
                   control_indices=", ".join(str(i) for i in settings.get("control_indices") or []),
                   guess_mode=bool(controlnet and settings.get("guess_mode")))
     seeds = settings.get("seeds") or [settings.get("seed", 0)]
-    values["seed"] = str(seeds[0])  # the seed's box holds text: exact to 2**64 - 1
+    values["seed"] = "" if seeds[0] is None else str(seeds[0])  # the seed's box holds text: exact to 2**64 - 1
     if mode in (TEXT_TO_VIDEO, IMAGE_TO_VIDEO):
         values.update({key: settings[key] for key in ("width", "height", "frames") if settings.get(key) is not None})
     if mode == IMAGE_TO_VIDEO:

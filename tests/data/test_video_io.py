@@ -374,3 +374,34 @@ def test_a_phone_photo_stored_sideways_is_read_and_sized_upright(tmp_path):
     torch.testing.assert_close((read_video(tmp_path / "frames").frames[0] + 1) / 2, expected, rtol=0, atol=1e-6)
     assert check_image_file(str(tmp_path / "photo.png"), "start image") == (48, 64)
     assert video_size(tmp_path / "frames") == (64, 48)  # (height, width)
+
+
+def test_exif_edge_cases_a_broken_block_a_pil_image_handed_in_and_the_dataset_and_folder_sizes(tmp_path):
+    from PIL import ImageOps
+
+    from kinema.data.dataset import probe
+    from kinema.data.probe import video_size
+    from kinema.pipelines.generation import _path_frames, _read_image
+    from kinema.pipelines.jobs import check_image_file
+
+    stored = np.random.default_rng(1).integers(0, 256, (20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high
+    # A broken EXIF block, which PIL decodes past: read as stored, not refused or a SyntaxError.
+    Image.fromarray(stored).save(tmp_path / "bad.png", exif=b"Exif\0\0XX*\0\x08\0\0\0")
+    assert check_image_file(str(tmp_path / "bad.png"), "mask") == (40, 20)
+    assert video_size(tmp_path / "bad.png") == (20, 40)
+    assert _read_image(tmp_path / "bad.png", "the mask").shape == (3, 20, 40)
+    # A PIL image handed in is taken as it is (PIL's rotate keeps the tag): not turned a second time.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    with Image.open(tmp_path / "phone.png") as opened:
+        turned = ImageOps.exif_transpose(opened).convert("RGB")
+        turned.info["exif"] = opened.info.get("exif")
+    assert _read_image(turned, "the start image").shape == (3, 40, 20)
+    # The training dataset sizes and buckets a photo as it reads it; a folder of photos turned differently is one
+    # size as shown, so resize fits each.
+    assert probe(tmp_path / "phone.png")[:2] == (40, 20)
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(stored).save(tmp_path / "mixed" / "0001.png", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "mixed" / "0002.png")
+    assert _path_frames(tmp_path / "mixed", 32, 32, True, "the input video").shape == (2, 3, 32, 32)

@@ -122,3 +122,25 @@ def test_only_the_inputs_the_job_reads_are_kept(tmp_path):
     job = job_from_mapping({"prompt": "a red circle", "image": str(tmp_path / "start.png"), "steps": 1})
     assert _input_paths(job) == {str(tmp_path / "start.png")}
     assert _input_paths(job_from_mapping({"prompt": "a red circle", "steps": 1})) == set()
+
+
+def test_loading_settings_keeps_the_image_fields_reading_uploads_unopened(tmp_path):
+    # An update to a field makes gradio build a plain gr.Image for the session, which opens uploads with PIL again:
+    # after one "Load these settings", a text file named y.png failed as gradio's traceback.
+    import asyncio
+
+    import gradio as gr
+    from gradio.state_holder import SessionState
+
+    app = build_app(models_dir=None, outputs_dir=tmp_path / "out")
+    image = next(b for b in app.blocks.values() if isinstance(b, gr.Image) and b.label == "Start image")
+    load = next(fn for fn in app.fns.values() if fn.name == "load_into_form")
+    state = SessionState(app)
+    settings = job_from_mapping({"prompt": "a red circle", "steps": 1}).settings()  # a text-to-video job's
+    asyncio.run(app.postprocess_data(load, list(load.fn(settings, None, None)), state))
+    shown = state[image._id] if image._id in state else image
+    fake = tmp_path / "y.png"
+    fake.write_text("not an image")
+    from gradio.data_classes import ImageData
+
+    assert shown.preprocess(ImageData(path=str(fake), orig_name="y.png")) == str(fake)

@@ -155,8 +155,9 @@ def test_the_seed_box_holds_any_seed_exactly():
     assert mapping["seed"] == seed and job_from_mapping(mapping).request.seeds == [seed]
     assert settings_to_form(job_from_mapping(mapping).settings())["seed"] == str(seed)
     assert "seed" not in form_to_mapping({**BLANK_FORM, "prompt": "x", "seed": "  "})  # blank: the job's default
-    with pytest.raises(KinemaError, match="seed must be a whole number or a list of them"):
-        job_from_mapping(form_to_mapping({**BLANK_FORM, "prompt": "x", "seed": "twelve"}))
+    for text in ("twelve", "1" * 5000, "１２"):  # 5000 digits: int() refused it with a ValueError
+        with pytest.raises(KinemaError, match="seed must be a whole number or a list of them"):
+            job_from_mapping(form_to_mapping({**BLANK_FORM, "prompt": "x", "seed": text}))
 
 
 def test_form_numbers_reach_the_job_as_whole_numbers_and_every_key_is_known():
