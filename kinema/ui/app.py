@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 
 from kinema.bundled import DEFAULT_MODEL
+from kinema.data.probe import stored_settings
 from kinema.errors import KinemaError, count_words, library_error_message, os_error_message
 from kinema.log import warnings_of_this_thread
 from kinema.pipelines.jobs import (
@@ -424,15 +425,24 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 return tuple(gr.skip() for _ in GENERATE_DEFAULTS)
             return tuple(defaults[key] for key in GENERATE_DEFAULTS)
 
-        def extend_video_uploaded(video: str | None) -> tuple[Any, Any]:
-            """The model and motion module that made the video to continue, shown in their fields (a video without
-            stored settings leaves them): what the job continues it with unless another is chosen."""
+        def extend_video_uploaded(video: str | None, preset: str) -> tuple[Any, ...]:
+            """The model and motion module that made the video to continue, shown in their fields with the model's
+            defaults (as choosing it does): what the job continues it with unless another is chosen. A video
+            without stored settings leaves them; one whose model is gone says so."""
             parts = video_model_parts(video)
             if not parts:
-                return gr.skip(), gr.skip()
-            return parts["model"], parts.get("motion_module") or NO_CHOICE
+                try:
+                    recorded = stored_settings(video).get("model") if video else None
+                except KinemaError:  # a video kinema cannot read: Generate says so
+                    recorded = None
+                if isinstance(recorded, str):
+                    gr.Warning(f"the model that made this video, {recorded}, is not here; it is continued with the "
+                               "model chosen")
+                return (gr.skip(), gr.skip(), *(gr.skip() for _ in GENERATE_DEFAULTS))
+            return (parts["model"], parts.get("motion_module") or NO_CHOICE, *model_chosen(parts["model"], preset))
 
-        extend_video.upload(extend_video_uploaded, inputs=extend_video, outputs=[model, motion_module],
+        extend_video.upload(extend_video_uploaded, inputs=[extend_video, speed],
+                            outputs=[model, motion_module, *[form_fields[key] for key in GENERATE_DEFAULTS]],
                             concurrency_limit=None)
 
         # .input, not .change: loading a gallery video's settings sets the model too, and must keep its numbers.

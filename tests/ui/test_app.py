@@ -10,6 +10,7 @@ import pytest
 from kinema.bundled import bundled_model_path
 from kinema.errors import KinemaError
 from kinema.pipelines.jobs import FamilyCache, job_from_mapping
+from kinema.pipelines.request import GENERATE_DEFAULTS
 from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.ui.app import (
     build_app,
@@ -144,3 +145,24 @@ def test_loading_settings_keeps_the_image_fields_reading_uploads_unopened(tmp_pa
     from gradio.data_classes import ImageData
 
     assert shown.preprocess(ImageData(path=str(fake), orig_name="y.png")) == str(fake)
+
+
+def test_uploading_a_video_to_extend_shows_its_model_with_that_models_defaults(tmp_path):
+    # The field was set without the model's defaults, so the steps and sampler stayed the previous model's; a video
+    # whose model is gone left the field as it was without a word.
+    import numpy as np
+
+    from kinema.data.video_io import write_video
+
+    app = build_app(models_dir=None, outputs_dir=tmp_path / "out")
+    upload = next(fn for fn in app.fns.values() if fn.name == "extend_video_uploaded")
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "ad.mp4",
+                settings={"prompt": "a red circle moving right", "model": "kinema-tiny-ad"})
+    model, motion_module, *numbers = upload.fn(str(tmp_path / "ad.mp4"), "")
+    defaults = form_defaults("kinema-tiny-ad")
+    assert (model, motion_module) == ("kinema-tiny-ad", "")
+    assert numbers == [defaults[key] for key in GENERATE_DEFAULTS]
+    write_video(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "gone.mp4",
+                settings={"prompt": "x", "model": str(tmp_path / "deleted-model")})
+    with pytest.warns(UserWarning, match="the model that made this video, .*deleted-model, is not here"):
+        upload.fn(str(tmp_path / "gone.mp4"), "")
