@@ -114,19 +114,11 @@ def _resolved_paths(data: Mapping[str, Any], job: Job) -> dict[str, Any]:
     """The files the job line `data` names, as `job` resolved them, where that is not how the line gives them (its
     path strings compared, whatever form holds them: a LoRA object or pair, a path or a {path, scale} object)."""
     from kinema.pipelines.jobs import PATH_KEYS
+    from kinema.pipelines.request import paths_in
 
     settings = job.settings()
     return {key: settings.get(key) for key in PATH_KEYS
-            if data.get(key) is not None and _strings(settings.get(key)) != _strings(data[key])}
-
-
-def _strings(value: Any) -> list[str]:
-    """Every string in `value` (nested lists and mappings' values), in order: a setting's paths without its weights."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    return [text for item in value for text in _strings(item)] if isinstance(value, list | tuple) else []
+            if data.get(key) is not None and paths_in(settings.get(key)) != paths_in(data[key])}
 
 
 # ---------------------------------------------------------------- the manifest

@@ -430,6 +430,21 @@ def check_mask_file(mask: str | os.PathLike, frames: int) -> tuple[int, int]:
 INPUT_KEYS = ("image", "end_image", "video", "mask", "ip_image", "control_video")
 
 
+def paths_in(value: Any) -> list[str]:
+    """Every path in `value`, in order: itself (a str or os.PathLike), or those of a list, tuple or mapping's values,
+    nested (control videos, an image prompt schedule, a LoRA's {"path", "weight"}); anything else holds none."""
+    if isinstance(value, str | os.PathLike):
+        return [os.fspath(value)]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return [path for each in value for path in paths_in(each)] if isinstance(value, list | tuple) else []
+
+
+def input_paths(request: GenerationRequest) -> list[str]:
+    """The paths of `request`'s input files given by path (`INPUT_KEYS`), in order."""
+    return [path for key in INPUT_KEYS for path in paths_in(getattr(request, key))]
+
+
 def input_digests(request: GenerationRequest) -> dict[str, str]:
     """SHA-256 of each input file of `request` given by path (`INPUT_KEYS`; `sha256sum`'s for a file; a frames
     folder: over its frames' names and bytes), keyed by its absolute path: what a video's report records, so that a
@@ -439,29 +454,19 @@ def input_digests(request: GenerationRequest) -> dict[str, str]:
 
     from kinema.data.probe import folder_frames
 
-    def paths(value: Any) -> list[str]:
-        if isinstance(value, str | os.PathLike):
-            return [os.fspath(value)]
-        if isinstance(value, Mapping):
-            return [item for each in value.values() for item in paths(each)]
-        if isinstance(value, list | tuple):
-            return [item for each in value for item in paths(each)]
-        return []
-
     digests = {}
-    for key in INPUT_KEYS:
-        for path in paths(getattr(request, key)):
-            files = folder_frames(path) if os.path.isdir(path) else [Path(path)] if os.path.isfile(path) else []
-            if not files:
-                continue
-            digest = hashlib.sha256()
-            for file in files:
-                if os.path.isdir(path):  # a file's digest is `sha256sum`'s; a folder's frames go by name too
-                    digest.update(file.name.encode() + b"\0")
-                with open(file, "rb") as f:
-                    while block := f.read(1 << 20):
-                        digest.update(block)
-            digests[os.path.abspath(path)] = digest.hexdigest()
+    for path in input_paths(request):
+        files = folder_frames(path) if os.path.isdir(path) else [Path(path)] if os.path.isfile(path) else []
+        if not files:
+            continue
+        digest = hashlib.sha256()
+        for file in files:
+            if os.path.isdir(path):  # a file's digest is `sha256sum`'s; a folder's frames go by name too
+                digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        digests[os.path.abspath(path)] = digest.hexdigest()
     return digests
 
 

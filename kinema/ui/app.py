@@ -23,7 +23,6 @@ from typing import Any
 import gradio as gr
 
 from kinema.bundled import DEFAULT_MODEL
-from kinema.data.probe import stored_settings
 from kinema.errors import KinemaError, count_words, library_error_message, os_error_message
 from kinema.log import warnings_of_this_thread
 from kinema.pipelines.jobs import (
@@ -36,7 +35,13 @@ from kinema.pipelines.jobs import (
     model_defaults_for,
     run_job,
 )
-from kinema.pipelines.request import GENERATE_DEFAULTS, LIBRARY_DEFAULTS, MAX_MASK_BLUR, PIA_MOTION_NAMES
+from kinema.pipelines.request import (
+    GENERATE_DEFAULTS,
+    LIBRARY_DEFAULTS,
+    MAX_MASK_BLUR,
+    PIA_MOTION_NAMES,
+    input_paths,
+)
 from kinema.pipelines.speed import SPEED_PRESETS
 from kinema.sampling.schedulers import SCHEDULERS
 from kinema.ui.form import (
@@ -48,6 +53,7 @@ from kinema.ui.form import (
     settings_to_form,
     size_of_image,
     video_model_parts,
+    video_settings,
 )
 from kinema.ui.gallery import GalleryEntry, keep_input, new_job_folder, read_gallery
 from kinema.ui.models import ModelChoices, scan_models
@@ -95,11 +101,8 @@ def image_path_input(**options: Any) -> gr.Image:
 
 
 def _input_paths(job: Job) -> set[str]:
-    """The absolute paths of the input files `job` reads (start and end image, video, mask, control videos)."""
-    request = job.request
-    paths = [request.image, request.end_image, request.video, request.mask,
-             *(request.control_video if isinstance(request.control_video, list) else [request.control_video])]
-    return {os.path.abspath(path) for path in paths if isinstance(path, str | os.PathLike)}
+    """The absolute paths of the input files `job` reads (kinema.pipelines.request.input_paths)."""
+    return {os.path.abspath(path) for path in input_paths(job.request)}
 
 
 def form_defaults(model: str, preset: str | None = None) -> dict[str, Any]:
@@ -429,15 +432,12 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             """The model and motion module that made the video to continue, shown in their fields with the model's
             defaults (as choosing it does): what the job continues it with unless another is chosen. A video
             without stored settings leaves them; one whose model is gone says so."""
-            parts = video_model_parts(video)
+            recorded = video_settings(video)
+            parts = video_model_parts(video, recorded)
             if not parts:
-                try:
-                    recorded = stored_settings(video).get("model") if video else None
-                except KinemaError:  # a video kinema cannot read: Generate says so
-                    recorded = None
-                if isinstance(recorded, str):
-                    gr.Warning(f"the model that made this video, {recorded}, is not here; it is continued with the "
-                               "model chosen")
+                if isinstance(recorded.get("model"), str):
+                    gr.Warning(f"the model that made this video, {recorded['model']}, is not here; it is continued "
+                               "with the model chosen")
                 return (gr.skip(), gr.skip(), *(gr.skip() for _ in GENERATE_DEFAULTS))
             return (parts["model"], parts.get("motion_module") or NO_CHOICE, *model_chosen(parts["model"], preset))
 

@@ -147,18 +147,25 @@ def _recorded_loras(loras: Any) -> list[list[Any]]:
     return pairs
 
 
-def video_model_parts(video: str | None) -> dict[str, Any]:
-    """The model (and motion module) a video's stored settings name, where they are still here: what the Extend
-    tab's model fields show once the video is uploaded ({} for a video without them)."""
+def video_settings(video: str | None) -> dict[str, Any]:
+    """The settings stored with `video` ({} for none, and for a video kinema cannot read: the job says so)."""
     from kinema.data.probe import stored_settings
-    from kinema.pipelines.jobs import stored_model_parts
 
     if not video:
         return {}
     try:
-        parts = stored_model_parts(stored_settings(video))
-    except (KinemaError, OSError):  # a video kinema cannot read: the job says so
+        return stored_settings(video)
+    except (KinemaError, OSError):
         return {}
+
+
+def video_model_parts(video: str | None, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model (and motion module) a video's stored settings name (`recorded`, read from it when None), where
+    they are still here: what the Extend tab's model fields show once the video is uploaded ({} for a video without
+    them)."""
+    from kinema.pipelines.jobs import stored_model_parts
+
+    parts = stored_model_parts(video_settings(video) if recorded is None else recorded)
     return {key: parts[key] for key in ("model", "motion_module") if key in parts}
 
 
