@@ -20,7 +20,8 @@ INSPECT_DESCRIPTION = (
     "V3 folder, transformer or Slice VAE, a Stable Diffusion 1.5 folder or single file, an image LoRA, an IP-Adapter, "
     "a ControlNet or SparseCtrl, or an SD VAE, check every tensor name "
     "and shape against its layout, and print its format, version, key and parameter counts (buffers excluded), "
-    "frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles that need code are refused."
+    "frame-encoding length, dtype, mid block and channels. Reads tensors only; pickles that need code are refused. "
+    "A .safetensors file's header is read, not its values: NaN or infinity in them is refused when it loads."
 )
 CONVERT_DESCRIPTION = (
     "Convert an AnimateDiff motion module between layouts: `original` (.ckpt or .safetensors with the published "

@@ -8,13 +8,14 @@ exist.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from kinema.errors import KinemaError
+from kinema.errors import KinemaError, with_article
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,25 @@ def load(path: str | os.PathLike, **options: Any) -> Any:
     report = describe_source(source)
     kind = report["kind"]
     logger.info("loading %s: %s (%s)", path, kind, report.get("format", "kinema"))
-    loaded = format_of(kind).function("load")(source, **options)
+    loader = format_of(kind).function("load")
+    _check_options(loader, options, f"{source.path} is {with_article(format_of(kind).name)}")
+    loaded = loader(source, **options)
     logger.info("loaded %s as %s in %.1f s", path, type(loaded).__name__, time.perf_counter() - began)
     return loaded
+
+
+def _check_options(loader: Any, options: dict[str, Any], what: str) -> None:
+    """One KinemaError line for an option `loader` does not take (a motion LoRA's `dtype=`, an image LoRA's
+    `video_unet=`), naming those it takes, where Python's TypeError named a function the caller never called. A
+    loader taking `**options` checks its own."""
+    parameters = list(inspect.signature(loader).parameters.values())[1:]  # the first is the Source
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    taken = [parameter.name for parameter in parameters]
+    unknown = [name for name in options if name not in taken]
+    if unknown:
+        raise KinemaError(f"{what}, whose load takes {', '.join(f'{name}=' for name in taken) or 'no options'}; "
+                          f"not {', '.join(f'{name}=' for name in unknown)}")
 
 
 def _torch_dtype(value: Any) -> Any:

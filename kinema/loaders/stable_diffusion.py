@@ -23,6 +23,7 @@ Nothing here touches the network: every path is local and every diffusers/transf
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -269,12 +270,18 @@ def _check_ldm_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
                           "(a LoRA, VAE or UNet-only file?); use a full SD1.5 file or a diffusers folder")
 
 
+# diffusers' notice on a file with EMA copies asks for its converter's `--extract_ema` flag, which kinema has not: the
+# non-EMA weights load, the EMA ones are listed in `ignored_keys`.
+_EMA_NOTICE = {"diffusers.loaders.single_file_utils": ("--extract_ema",)}
+
+
 def _ldm_component(path: Path, state: Mapping[str, torch.Tensor], name: str, model: nn.Module,
                    config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Component `name`'s tensors of the LDM file `state`, renamed for `model` by diffusers' key maps; KinemaError
     when some tensor under its prefix has no place there. Works on meta tensors too (names and shapes only)."""
     if name == "unet":
-        weights = convert_ldm_unet_checkpoint(state, config)
+        with without_library_notices(_EMA_NOTICE):
+            weights = convert_ldm_unet_checkpoint(state, config)
     elif name == "vae":
         weights = convert_ldm_vae_checkpoint(state, config)
     else:
@@ -370,13 +377,26 @@ def is_diffusers_folder(path: Path) -> bool:
     """A diffusers Stable Diffusion folder by its layout: `unet` beside `model_index.json` or another component
     (`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, or a kinema.json naming the text encoder). One with parts
     missing is still one, so that describing it names what is missing. (An EasyAnimate folder has `transformer/`
-    instead; a motion adapter has no `unet/`.)"""
+    instead; a motion adapter has no `unet/`.) A folder without `unet/` is one when its model_index.json names a
+    Stable Diffusion 1.x pipeline, so that describing it says unet/ is missing."""
     if not (path / "unet").exists():
-        return False
+        return _pipeline_class(path).startswith("StableDiffusion") and not _pipeline_class(path).startswith(
+            ("StableDiffusionXL", "StableDiffusion3"))
     if (path / "model_index.json").is_file():
         return True
     return (any((path / name).is_dir() for name in ("vae", "text_encoder", "tokenizer", "scheduler"))
             or text_encoder_entry(path) is not None)
+
+
+def _pipeline_class(path: Path) -> str:
+    """The `_class_name` of the folder's model_index.json; "" for none, or one unreadable (describing it is another
+    format's turn)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def _describe_folder(root: Path) -> dict[str, Any]:

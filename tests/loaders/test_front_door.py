@@ -257,3 +257,48 @@ def test_the_stable_diffusion_describer_leaves_other_kinds_alone(tiny, tmp_path)
     save_file(unet_only, tmp_path / "unet_only.safetensors")
     with pytest.raises(KinemaError, match=r"has no vae \(first_stage_model.\*\), text_encoder .* not a full Stable"):
         describe(tmp_path / "unet_only.safetensors")
+
+
+def test_an_option_a_kind_does_not_take_is_one_line_naming_those_it_takes(tmp_path):
+    """A motion LoRA's dtype= (load's docstring names dtype), an image LoRA given video_unet= and a motion LoRA given
+    sd= were Python's TypeError naming a function the caller never called."""
+    from tiny_sd import tiny_sd_parts, write_kohya_lora, write_motion_lora, write_motion_module
+
+    parts = tiny_sd_parts()
+    module, motion_lora, image_lora = (tmp_path / "mm.safetensors", tmp_path / "pan.safetensors",
+                                       tmp_path / "style.safetensors")
+    write_motion_module(module)
+    write_motion_lora(motion_lora)
+    write_kohya_lora(image_lora)
+    video_unet = kinema.load(module, unet=parts["unet"])
+    for path, options, said in (
+            (motion_lora, {"video_unet": video_unet, "dtype": "float16"},
+             f"{motion_lora} is a motion LoRA, whose load takes video_unet=, name=, strength=, merge=; not dtype="),
+            (motion_lora, {"sd": parts}, "is a motion LoRA, whose load takes video_unet=, name=, strength=, merge=; "
+                                         "not sd="),
+            (image_lora, {"video_unet": video_unet}, "is an image LoRA for SD1.5, whose load takes sd=, strength=; "
+                                                     "not video_unet=")):
+        with pytest.raises(KinemaError) as err:
+            kinema.load(path, **options)
+        assert said in str(err.value)
+    assert kinema.load(motion_lora, video_unet=video_unet, strength=0.5) is video_unet
+
+
+def test_a_motion_module_in_half_precision_loads_without_diffusers_float32_notice(tmp_path):
+    """diffusers' ModelMixin.to(dtype) logged "modules ... should be kept in float32: []" on every such load."""
+    import logging
+
+    from tiny_sd import tiny_sd_parts, write_motion_module
+
+    write_motion_module(tmp_path / "mm.safetensors")
+    notices: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())  # type: ignore[method-assign]
+    library_logger = logging.getLogger("diffusers.models.modeling_utils")
+    library_logger.addHandler(handler)
+    try:
+        video_unet = kinema.load(tmp_path / "mm.safetensors", unet=tiny_sd_parts()["unet"], dtype="float16")
+    finally:
+        library_logger.removeHandler(handler)
+    assert {parameter.dtype for parameter in video_unet.parameters()} == {torch.float16}
+    assert not [notice for notice in notices if "kept in float32" in notice]

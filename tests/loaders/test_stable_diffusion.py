@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import re
 import socket
 
@@ -182,6 +183,16 @@ def test_missing_components_are_named(sd_folder, tmp_path):
     (broken / "unet").write_text("not a folder")
     with pytest.raises(KinemaError, match=r"missing unet/config.json, unet/ weights"):
         kinema.describe(broken)
+    # unet/ gone altogether: the model_index.json's SD pipeline says what the folder is (a generic "not a format
+    # kinema knows" once); an SDXL one is not taken for SD1.5.
+    (broken / "unet").unlink()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(KinemaError, match=r"broken is not a complete.*missing unet/config.json, unet/ weights"):
+        kinema.describe(broken)
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(KinemaError) as err:
+        kinema.describe(broken)
+    assert "not a complete" not in str(err.value)
     with pytest.raises(KinemaError, match="no such model file or folder"):
         load_stable_diffusion(tmp_path / "nothing")
     with pytest.raises(KinemaError, match="tokenizer= and config= are for single-file"):
@@ -207,6 +218,29 @@ def test_folder_weights_are_checked_strictly_and_fp16_variants_found(tiny, sd_fo
     with pytest.raises(KinemaError, match=r"variant/vae: weights do not fit its config: 1 missing keys "
                                           r"\(e.g. \['decoder.conv_out.bias'\]\); 1 unexpected keys \(e.g. \['extra"):
         load_stable_diffusion(folder)
+
+
+def test_a_file_with_ema_copies_loads_the_non_ema_weights_without_diffusers_flag_notice(tiny, sd_folder, config_dir,
+                                                                                        tmp_path):
+    """An unpruned file (EMA copies of the UNet, as v1-5-pruned.ckpt) printed diffusers' notice to add an
+    `--extract_ema` flag kinema has not."""
+    state = ldm_checkpoint(tiny)
+    ema = {"model_ema." + "".join(key.split(".")[1:]): value + 1 for key, value in state.items()
+           if key.startswith("model.diffusion_model.")}
+    assert len(ema) > 100  # diffusers' threshold for a file with EMA weights
+    save_file({**state, **ema}, tmp_path / "unpruned.safetensors")
+    notices: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())  # type: ignore[method-assign]
+    library_logger = logging.getLogger("diffusers.loaders.single_file_utils")
+    library_logger.addHandler(handler)  # sees what the logger's filters let through, whatever the verbosity shown
+    try:
+        sd = load_stable_diffusion(tmp_path / "unpruned.safetensors", tokenizer=sd_folder, config=config_dir)
+    finally:
+        library_logger.removeHandler(handler)
+    assert_same_weights(sd.unet, tiny["unet"])
+    assert set(ema) <= set(sd.ignored_keys)
+    assert not [notice for notice in notices if "extract_ema" in notice]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])

@@ -114,7 +114,11 @@ def load_motion_module_path(source: Source, *, unet: Any = None, dtype: Any = No
                           "kinema.load(motion_module, unet=kinema.load('stable-diffusion-v1-5').unet)")
     base = unet.unet if isinstance(unet, StableDiffusionComponents) else unet
     video_unet = load_motion_module(source, base, **overrides)
-    return video_unet if dtype is None else video_unet.to(dtype)
+    if dtype is None:
+        return video_unet
+    from kinema.models.precision import cast_module
+
+    return cast_module(video_unet, dtype=dtype)  # diffusers' .to() logs a "kept in float32: []" notice
 
 
 def load_motion_lora_path(source: Source, *, video_unet: Any = None, name: str | None = None, strength: float = 1.0,

@@ -142,6 +142,9 @@ def motion_structure(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
             modules[m["module"]] = (m["down"], m["up"])
         else:
             stray.append(key)
+    if stray and not modules:
+        raise KinemaError(f"the file holds no motion module (no tensor is named like one); {guess_kind(stray)}. "
+                          "kinema loads bare motion modules: save them alone (VideoUNet.motion_state_dict)")
     if stray:
         raise KinemaError(f"besides motion modules the file holds {count_words(len(stray), 'other tensor')}; "
                           f"{guess_kind(stray)}. "

@@ -81,6 +81,13 @@ def save_motion_module(
     if config.in_channels != config.out_channels:
         raise KinemaError(f"this VideoUNet takes {config.in_channels} input channels (a PIA image animator's conv_in), "
                           "which a motion module alone does not hold; kinema saves motion modules without it")
+    from kinema.loaders.animatediff.motion_lora import loaded_motion_loras
+
+    adapters = [name for name, entry in loaded_motion_loras(video_unet).items() if not entry["merged"]]
+    if adapters:  # their peft wrappers rename the projections (to_q.base_layer.weight): a file nothing reads back
+        raise KinemaError(f"this VideoUNet carries motion LoRA {', '.join(adapters)} as an adapter, which a motion "
+                          "module file does not hold: unload it first (unload_motion_lora) to save the module alone, "
+                          "or load it with merge=True to save the module with the LoRA in its weights")
     return write_motion_module(video_unet.motion_state_dict(), video_unet_settings(video_unet), path, layout, version,
                                overwrite=overwrite)
 

@@ -341,6 +341,10 @@ def test_files_of_other_kinds_are_named(tmp_path, unet2d):
     full = {**v3, "down_blocks.0.resnets.0.conv1.weight": torch.zeros(32, 32, 3, 3)}
     assert "besides motion modules the file holds 1 other tensor; it looks like an image UNet" in refusal(
         tmp_path, full, unet2d)
+    # Every name behind DDP's `module.`: no motion module besides them (it said "besides motion modules").
+    ddp = refusal(tmp_path, {f"module.{name}": tensor for name, tensor in v3.items()}, unet2d)
+    assert "the file holds no motion module (no tensor is named like one); it looks like a model saved" in ddp
+    assert "without that prefix" in ddp
 
 
 def test_missing_and_mismatched_keys_name_keys_and_version(tmp_path, unet2d):

@@ -420,3 +420,24 @@ def test_a_failure_inside_peft_leaves_the_model_as_it_was(make_video, loras, mon
     assert all(list(m.lora_A) == ["zoom", "tilt"] and m.active_adapters == ["zoom", "tilt"] for m in layers)
     assert {n for n, p in video.named_parameters() if p.requires_grad} == trainable
     assert torch.equal(run(video), expected)
+
+
+def test_a_motion_module_is_saved_with_a_merged_lora_and_refused_with_an_adapter(make_video, loras, tmp_path):
+    """An adapter's peft wrappers rename the projections (to_q.base_layer.weight): the save wrote a file that
+    neither describe nor load read back. A merged LoRA is in the weights: the file loads as the merged model."""
+    from kinema.loaders.animatediff import load_motion_module, save_motion_module
+
+    lora, _ = loras
+    adapter, merged = make_video(), make_video()
+    load_motion_lora(adapter, lora, "zoom", strength=0.7)
+    with pytest.raises(KinemaError, match="carries motion LoRA zoom as an adapter, which a motion module file does "
+                                          "not hold: unload it first"):
+        save_motion_module(adapter, tmp_path / "adapter.safetensors")
+    assert not (tmp_path / "adapter.safetensors").exists()
+    unload_motion_lora(adapter, "zoom")
+    save_motion_module(adapter, tmp_path / "alone.safetensors")
+    assert torch.equal(run(load_motion_module(tmp_path / "alone.safetensors", make_video().unet)), run(make_video()))
+
+    load_motion_lora(merged, lora, "zoom", strength=0.7, merge=True)
+    save_motion_module(merged, tmp_path / "merged.safetensors")
+    assert torch.equal(run(load_motion_module(tmp_path / "merged.safetensors", make_video().unet)), run(merged))
