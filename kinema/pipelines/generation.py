@@ -48,7 +48,7 @@ from kinema.pipelines.request import (
     pia_refusal,
 )
 from kinema.sampling.denoisers import Denoiser
-from kinema.sampling.loop import StepCallback, generators, initial_noise, noised_to, repaint_step, sample
+from kinema.sampling.loop import StepCallback, initial_noise, noised_to, repaint_step, sample, step_generators
 from kinema.sampling.schedulers import check_timestep_spacing, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -583,7 +583,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
             repaint = repaint_step(scheduler, clip.known, clip.keep, clip.noise, run_steps)
         cond, uncond = conditioning_at(first_step)
         latents = sample(denoiser, scheduler, noise, cond, uncond, run_steps, plan.guidance, callback=callback,
-                         progress=progress, generator=generators(seeds), first_step=first_step,
+                         progress=progress, generator=step_generators(seeds, clip.noise.shape), first_step=first_step,
                          conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
                          cfg_truncation=request.cfg_truncation, guidance_rescale=request.guidance_rescale)
         if not torch.isfinite(latents).all():
@@ -782,12 +782,12 @@ def _extend(family: VideoFamily, request: GenerationRequest, plan: _Plan, start:
         frames[:, :overlap] = context
         keep = torch.zeros(segment, dtype=torch.bool)
         keep[:overlap] = True
-        noise = _noise(family, plan, request, [s + 7919 * (segments + 1) for s in seeds],
-                       _device(family, request.offload))
+        segment_seeds = [s + 7919 * (segments + 1) for s in seeds]
+        noise = _noise(family, plan, request, segment_seeds, _device(family, request.offload))
         device = noise.device
         clip = _condition_on_frames(family, noise, frames.to(device), keep, context[:, 0].to(device),
                                     inpaint=family.inpaints)
-        latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
+        latents = _denoise(family, request, plan, text, clip, segment_seeds, callback, progress)
         new = family.decode(latents).cpu()
         video[:, have - overlap:have] = _crossfade(context, new[:, :overlap])
         take = min(segment - overlap, total - have)

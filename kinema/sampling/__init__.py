@@ -13,7 +13,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".schedulers": ("SCHEDULERS", "FAMILIES", "make_scheduler"),
     ".denoisers": ("Denoiser", "UNetDenoiser", "DiTDenoiser"),
     ".guidance": ("guided_prediction",),
-    ".loop": ("sample", "initial_noise", "generators", "noised_to", "repaint_step"),
+    ".loop": ("sample", "initial_noise", "generators", "step_generators", "noised_to", "repaint_step"),
     ".context": ("ContextOptions", "ContextDenoiser", "context_windows", "fuse_weights", "fusion_weights"),
     ".noise": ("freenoise_noise", "freenoise_initial_noise"),
     ".prompt_travel": ("PromptSchedule", "parse_prompt_schedule", "interpolate_states", "schedule_table"),

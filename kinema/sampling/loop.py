@@ -31,6 +31,16 @@ def generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
+def step_generators(seeds: Sequence[int], shape: Sequence[int]) -> list[torch.Generator]:
+    """One generator per video for the noise a stochastic sampler (euler_a, lcm) adds while stepping: seeded
+    `seeds[b]` and past the draw of `initial_noise(shape, seeds)`, as diffusers' pipelines go on drawing from the
+    generator that drew the latents. A generator seeded afresh would add the initial noise again at the first step."""
+    found = generators(seeds)
+    for generator in found:
+        torch.randn(tuple(int(n) for n in shape[1:]), generator=generator, dtype=torch.float32)
+    return found
+
+
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Unit Gaussian noise `(B, C, F, H, W)`, video b drawn from its own generator seeded `seeds[b]`: the same seed

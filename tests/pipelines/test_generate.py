@@ -110,6 +110,37 @@ def test_guidance_rescale_reaches_the_sampler_and_is_recorded(animatediff, monke
         run(animatediff, guidance_rescale=1.5)
 
 
+@pytest.mark.parametrize("extend", [False, True])
+def test_a_samplers_step_noise_is_drawn_past_the_initial_noise(animatediff, monkeypatch, extend):
+    """euler_a and lcm add noise while stepping: the generators generate() gives the sampler were seeded afresh, so
+    the first step added the initial noise again (a continuation's segments with the first clip's seeds)."""
+    import kinema.pipelines.generation as generation_module
+
+    starts = []
+    original = generation_module.sample
+
+    def spy(denoiser, scheduler, latents, *args, generator=None, **kwargs):
+        states = [g.get_state() for g in generator]
+        next_draws = []
+        for state in states:
+            copy = torch.Generator().set_state(state)
+            next_draws.append(torch.randn(latents.shape[1:], generator=copy))
+        starts.append((latents.detach().clone(), torch.stack(next_draws)))
+        return original(denoiser, scheduler, latents, *args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(generation_module, "sample", spy)
+    video = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    run(animatediff, scheduler="euler_a", seeds=[3, 4], steps=1, frames=4,
+        **({"video": video, "extend_frames": 4, "overlap_frames": 2, "segment_frames": 4} if extend else {}))
+    assert len(starts) == (2 if extend else 1)
+    for latents, next_draw in starts:
+        scale = latents.flatten(1).std(dim=1).view(-1, 1, 1, 1, 1)  # the scheduler's init sigma
+        unit = latents / scale
+        for video in range(2):
+            correlation = torch.corrcoef(torch.stack([unit[video].flatten(), next_draw[video].flatten()]))[0, 1]
+            assert abs(correlation.item()) < 0.2, f"the step noise repeats the initial noise ({correlation:.2f})"
+
+
 @pytest.fixture
 def family(request):
     return request.getfixturevalue(request.param)

@@ -12,7 +12,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from kinema.loaders.animatediff.keys import diffusers_to_original_key
 from kinema.models.video_unet import VideoUNet
 from kinema.sampling.denoisers import UNetDenoiser
-from kinema.sampling.loop import initial_noise, sample
+from kinema.sampling.loop import generators, initial_noise, sample, step_generators
 from kinema.sampling.schedulers import make_scheduler
 
 FRAMES, STEPS, GUIDANCE = 4, 4, 7.5
@@ -78,6 +78,30 @@ def kinema_latents(video, scheduler_name, noise):
     with torch.no_grad():
         return sample(UNetDenoiser(video), make_scheduler(scheduler_name), noise, UNetDenoiser.conditioning(cond),
                       UNetDenoiser.conditioning(uncond), STEPS, GUIDANCE, progress=False)
+
+
+@pytest.mark.parametrize("scheduler_name", ["euler_a", "lcm"])
+def test_samplers_that_add_noise_equal_diffusers_drawing_latents_and_step_noise_from_one_generator(pair,
+                                                                                                  scheduler_name):
+    """diffusers draws the latents, then each step's noise, from the generators it is given; kinema's step noise
+    (`step_generators`) goes on past the initial noise, where a generator seeded afresh added the initial noise
+    again at the first step."""
+    pipe, video = pair
+    seeds, shape = [11, 12], (2, 4, FRAMES, 16, 16)
+    cond, uncond = embeddings()
+    pipe.scheduler = make_scheduler(scheduler_name)
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=generators(seeds),
+                        num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32,
+                        output_type="latent", return_dict=False)[0]
+        ours = sample(UNetDenoiser(video), make_scheduler(scheduler_name), initial_noise(shape, seeds),
+                      UNetDenoiser.conditioning(cond), UNetDenoiser.conditioning(uncond), STEPS, GUIDANCE,
+                      progress=False, generator=step_generators(seeds, shape))
+        again = sample(UNetDenoiser(video), make_scheduler(scheduler_name), initial_noise(shape, seeds),
+                       UNetDenoiser.conditioning(cond), UNetDenoiser.conditioning(uncond), STEPS, GUIDANCE,
+                       progress=False, generator=generators(seeds))
+    assert (ours - expected).abs().max().item() <= 1e-3
+    assert (again - expected).abs().max().item() > 1e-2  # the initial noise added again ends elsewhere
 
 
 @pytest.mark.parametrize("scheduler_name", ["ddim", "euler"])
