@@ -60,6 +60,9 @@ UPLOADS = {"image": "start image", "end_image": "end image", "video": "input vid
            "ip_image": "image prompt", "control_video": "control video"}
 # Room in a request body besides its uploads (the job's own fields).
 _BODY_ROOM = 1 << 20
+# How long a stopping server waits for its running job to reach the end of a step (where it stops and goes back to
+# the queue) before it puts the job back itself and exits: one step at a large size, or the decode, takes minutes.
+STOP_WAIT_SECONDS = 10.0
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -267,9 +270,40 @@ def _error_response(status: int, message: str, headers: dict[str, str] | None = 
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _host_name(value: str) -> str:
+    """The name or address of a Host header or an Origin's authority, without its port: `[::1]:8000` -> `::1`."""
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def _from_elsewhere(headers: dict[bytes, bytes]) -> str | None:
+    """Why a request to a server without an API key (one listening on loopback) did not come from this machine's
+    own clients, or None. A web page can post a form to http://127.0.0.1:PORT (a multipart POST needs no CORS
+    preflight) and, through a name of its own that it points at 127.0.0.1 (DNS rebinding), read the answers; the
+    Host and Origin headers, which a page cannot set, say so. curl, scripts and the API's own /docs page send a local
+    Host and no Origin, or a local one."""
+    from kinema.cli.serve import is_loopback
+
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not is_loopback(_host_name(host)):
+        return (f"the Host header {host!r} is not localhost or a loopback address: a server without an API key "
+                "answers this machine's own clients only, not a web page that reached it through a name of its own; "
+                "use http://127.0.0.1:PORT, or start kinema serve with --api-key")
+    origin = headers.get(b"origin")
+    if origin is not None:
+        authority = origin.decode("latin-1").partition("://")[2]
+        if not is_loopback(_host_name(authority)):
+            return (f"a request from the web page at {origin.decode('latin-1')!r}: a server without an API key "
+                    "answers this machine's own clients and its own /docs page only; start kinema serve with "
+                    "--api-key for others")
+    return None
+
+
 class _Guard:
-    """ASGI middleware in front of every route: the API key (compared in constant time) and the request body limit
-    (the declared length, and the bytes actually received for a body sent without one)."""
+    """ASGI middleware in front of every route: the API key (compared in constant time), or without one a request
+    from this machine alone (`_from_elsewhere`), and the request body limit (the declared length, and the bytes
+    actually received for a body sent without one)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app = app
@@ -290,8 +324,14 @@ class _Guard:
                                            {"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
-        too_large = _error_response(413, f"the request body is over the server's limit of {self.max_body} bytes; "
-                                         "send a smaller image (the limit is kinema serve --max-upload-mb)")
+        else:
+            refusal = _from_elsewhere(headers)
+            if refusal is not None:
+                await _error_response(403, refusal)(scope, receive, send)
+                return
+        too_large = _error_response(413, f"the request body is over the server's limit of {self.max_body} bytes "
+                                         "(room for each upload a job takes at kinema serve's --max-upload-mb); "
+                                         "send smaller files")
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body:
             if not declared.isdigit():
@@ -553,7 +593,7 @@ class _Server:
 
     def stop(self) -> None:
         if self._worker is not None:
-            self._worker.stop()
+            self._worker.stop(STOP_WAIT_SECONDS)
         if self._store is not None:
             self._store.close()
         if self._lock is not None:
@@ -652,7 +692,9 @@ def create_app(data_dir: str | os.PathLike, *, api_key: str | None = None,
                   description="Text-to-video and image-to-video generation as durable jobs. Errors are "
                               "{\"detail\": \"one line\"}.")
     app.state.server = server
-    app.add_middleware(_Guard, api_key=api_key, max_body=2 * (max_upload_bytes * 4 // 3 + 4) + _BODY_ROOM)
+    # Every upload a job may send, each at the limit and as base64 (a third larger than the file), and its fields.
+    app.add_middleware(_Guard, api_key=api_key,
+                       max_body=len(UPLOADS) * (max_upload_bytes * 4 // 3 + 4) + _BODY_ROOM)
 
     @app.exception_handler(KinemaError)
     async def bad_input(request: Request, err: KinemaError) -> JSONResponse:

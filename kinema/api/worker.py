@@ -62,6 +62,9 @@ class JobWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._records = threading.Lock()  # who records the running job's end: the thread, or stop() past its wait
+        self._running: str | None = None
+        self._left = False  # stop() stopped waiting: the thread records nothing more
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -70,12 +73,32 @@ class JobWorker:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the thread: a running job stops at its next step and goes back to the queue."""
+        """Stop the thread: a running job stops at its next step and goes back to the queue. Past `timeout` seconds
+        (None: no limit) a job still inside one step (a large size's step, or its decode, can take minutes) goes back
+        to the queue here and the thread, a daemon, is left to end with the process, recording nothing more: a
+        server told to stop does not hang on it."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        self._thread = None
+        with self._records:
+            self._left, running = True, self._running
+        if running is not None:
+            self.store.requeue(running)
+            logger.warning("job %s: back in the queue, left inside a step (the server stopped without waiting for "
+                           "it)", running)
+
+    def _record(self, update: Callable[[], None]) -> bool:
+        """Record the running job's end with `update`, unless `stop` has left the thread (it put the job back in
+        the queue itself); whether it was recorded."""
+        with self._records:
+            if self._left:
+                return False
+            self._running = None
+            update()
+            return True
 
     def wake(self) -> None:
         """Tell the worker a job was queued (it also polls)."""
@@ -103,26 +126,30 @@ class JobWorker:
             if self.store.progress(record.id, steps) or self._stop.is_set():
                 raise cancelled(record.id)
 
+        with self._records:
+            self._running = record.id
         logger.info("job %s: running", record.id)
         try:
             with warnings_of_this_thread(lambda text: self.store.warn(record.id, text)):
                 videos = self.runner(record.spec, self.results_dir / record.id, on_step)
         except cancelled:
             if self._stop.is_set():
-                self.store.requeue(record.id)
-                logger.info("job %s: back in the queue (the server is stopping)", record.id)
-            else:
-                self.store.mark_cancelled(record.id)
+                if self._record(lambda: self.store.requeue(record.id)):
+                    logger.info("job %s: back in the queue (the server is stopping)", record.id)
+            elif self._record(lambda: self.store.mark_cancelled(record.id)):
                 logger.info("job %s: cancelled", record.id)
         except KinemaError as err:
-            self.store.fail(record.id, str(err))
-            logger.warning("job %s: failed: %s", record.id, err)
+            message = str(err)
+            if self._record(lambda: self.store.fail(record.id, message)):
+                logger.warning("job %s: failed: %s", record.id, message)
         except Exception as err:  # a job's failure must not stop the worker; the log keeps the traceback
-            self.store.fail(record.id, library_error_message(err))
-            logger.exception("job %s: failed", record.id)
+            message = library_error_message(err)
+            if self._record(lambda: self.store.fail(record.id, message)):
+                logger.exception("job %s: failed", record.id)
         else:
-            self.store.finish(record.id, [os.path.relpath(path, self.results_dir / record.id) for path in videos])
-            logger.info("job %s: done", record.id)
+            names = [os.path.relpath(path, self.results_dir / record.id) for path in videos]
+            if self._record(lambda: self.store.finish(record.id, names)):
+                logger.info("job %s: done", record.id)
 
     def _run_with_model(self, spec: dict[str, Any], out: Path, on_step: StepCallback) -> list[Path]:
         from kinema.pipelines.jobs import FamilyCache, job_from_mapping, run_job

@@ -977,7 +977,7 @@ def _model_parts(data: Mapping[str, Any], base: Path, models_dir: Path | None) -
     vae = _optional_path(data, "vae", base, models_dir, "VAE")
     if vae is not None:
         _check_file_kind(vae, "vae")
-    loras = _loras(data.get("loras") or [], base, models_dir)
+    loras = _loras([] if data.get("loras") is None else data["loras"], base, models_dir)
     for path, _ in loras:
         _check_file_kind(path, "LoRA")
     ip_adapter = _scaled_file(data.get("ip_adapter"), "ip_adapter", base, models_dir, "IP-Adapter file",

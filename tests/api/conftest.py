@@ -62,7 +62,7 @@ def serve(tmp_path: Path) -> Callable[..., Any]:
     def serving(data_dir: Path | None = None, **options: Any) -> Iterator[TestClient]:
         options.setdefault("poll_seconds", 0.05)
         app = create_app(data_dir or tmp_path / "data", **options)
-        with TestClient(app, raise_server_exceptions=False) as client:
+        with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
             yield client
 
     return serving

@@ -178,6 +178,14 @@ def test_oversized_uploads_get_413_at_the_configured_limit(serve, fake_runner):
                                files={"image": ("a.png", small)})
         assert accepted.status_code == 201, accepted.text
 
+    # Every upload a job takes, each just under the limit, in one request: its files are read (these are no videos),
+    # where the body's limit held two files' worth (413).
+    with serve(runner=fake_runner, max_upload_bytes=1 << 20) as client:
+        files = {key: (f"{key}.mp4", b"v" * ((1 << 20) - 1)) for key in ("image", "end_image", "video", "mask",
+                                                                          "ip_image", "control_video")}
+        response = client.post("/v1/jobs", data={"job": '{"prompt": "x", "steps": 1}'}, files=files)
+        assert response.status_code == 422, response.text
+
 
 def test_every_request_needs_the_key_when_one_is_set(serve, fake_runner):
     with serve(runner=fake_runner, api_key="s3cret-key") as client:
@@ -201,6 +209,28 @@ def test_without_a_key_nothing_asks_for_one(serve, fake_runner):
     with serve(runner=fake_runner) as client:
         assert client.get("/v1/health").json()["status"] == "ok"
         assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+
+
+def test_without_a_key_a_web_page_is_refused_and_this_machines_clients_are_not(serve, fake_runner):
+    """A page could post a form to the loopback server (queueing jobs, probing paths) and, through a name it points
+    at 127.0.0.1 (DNS rebinding), read every job: a keyless server took any Host and Origin."""
+    job = {"job": (None, '{"prompt": "x", "steps": 1}')}  # a form's multipart fields
+    with serve(runner=fake_runner) as client:
+        for host in ("evil.example:8000", "rebind.evil.example", "127.0.0.1.evil.example", ""):
+            listed = client.get("/v1/jobs", headers={"host": host})
+            assert_one_line_error(listed, 403, "is not localhost or a loopback address", "--api-key")
+        for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example:8000"):
+            posted = client.post("/v1/jobs", files=job, headers={"origin": origin})
+            assert_one_line_error(posted, 403, f"a request from the web page at '{origin}'", "--api-key")
+        assert client.get("/v1/jobs").status_code == 200  # no jobs queued by any of those
+        assert client.get("/v1/jobs").json()["jobs"] == []
+        for host, origin in (("localhost:8000", None), ("[::1]:8000", "http://[::1]:8000"),
+                             ("127.0.0.1:8000", "http://localhost:8000"), ("127.0.0.2", None)):
+            headers = {"host": host, **({"origin": origin} if origin else {})}
+            assert client.post("/v1/jobs", files=job, headers=headers).status_code == 201, (host, origin)
+    with serve(runner=fake_runner, api_key="k") as client:  # the key decides, whatever the names
+        headers = {"Authorization": "Bearer k", "host": "kinema.example", "origin": "https://app.example"}
+        assert client.get("/v1/jobs", headers=headers).status_code == 200
 
 
 def test_jobs_over_the_servers_limits_are_refused(serve, fake_runner):

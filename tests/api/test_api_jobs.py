@@ -4,6 +4,7 @@ listing, and the states a result can be asked for in."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from kinema.api.store import JobStore
@@ -90,6 +91,32 @@ def test_a_stopped_server_requeues_its_running_job_and_resumes_the_queue(serve, 
     with serve(data_dir=data, runner=fake_runner) as client:
         assert [wait(client, job_id)["status"] for job_id in ids] == ["done"] * 3
     assert fake_runner.finished == ["job 0", "job 1", "job 2"]
+
+
+def test_a_server_stops_without_waiting_for_a_step_that_does_not_end(serve, fake_runner, wait, tmp_path,
+                                                                      monkeypatch):
+    """A step at a large size (or the decode) can take minutes, and the server waited for it with no limit: a
+    SIGTERM, then every Ctrl-C, left it neither serving nor exiting. Past STOP_WAIT_SECONDS the job goes back to the
+    queue and the thread, left to the process's end, records nothing more."""
+    import kinema.api.app as app_module
+
+    monkeypatch.setattr(app_module, "STOP_WAIT_SECONDS", 0.2)
+    data = tmp_path / "data"
+    began = time.monotonic()
+    with serve(data_dir=data, runner=fake_runner) as client:
+        fake_runner.gate.clear()  # the job's first step does not end while the server stops
+        job_id = client.post("/v1/jobs", json={"prompt": "slow", "steps": 3}).json()["id"]
+        wait(client, job_id, ("running",))
+    assert time.monotonic() - began < 8
+    store = JobStore(data)
+    record = store.get(job_id)
+    assert record is not None and (record.status, record.attempts) == ("queued", 0)
+    fake_runner.gate.set()  # the left thread's step ends now: it records nothing
+    time.sleep(0.3)
+    assert store.get(job_id).status == "queued"  # type: ignore[union-attr]
+    store.close()
+    with serve(data_dir=data, runner=fake_runner) as client:
+        assert wait(client, job_id)["status"] == "done"
 
 
 def test_recover_requeues_running_jobs_cancels_those_asked_and_fails_repeat_crashers(tmp_path):

@@ -23,7 +23,8 @@ from kinema.api.app import create_app
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
     """One server with the real model for the module, so kinema-tiny loads once."""
     data = tmp_path_factory.mktemp("api-model") / "data"
-    with TestClient(create_app(data, poll_seconds=0.05), raise_server_exceptions=False) as client:
+    with TestClient(create_app(data, poll_seconds=0.05), base_url="http://127.0.0.1",
+                    raise_server_exceptions=False) as client:
         yield client, data
 
 

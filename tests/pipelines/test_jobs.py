@@ -131,6 +131,10 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"promt": "a cat"}, "job: unknown key 'promt'; did you mean 'prompt'?"),
     ({"prompt": "a cat", "context": {"lenght": 8}}, "job: context: unknown key 'lenght'; did you mean 'length'?"),
     ({"prompt": "a cat", "loras": [{"path": "x", "wieght": 1}]}, "unknown key 'wieght'; did you mean 'weight'?"),
+    # Falsy values that are no list were taken as no LoRA at all.
+    ({"prompt": "a cat", "loras": 0}, "job: loras must be a list of [path, weight] pairs"),
+    ({"prompt": "a cat", "loras": ""}, "job: loras must be a list of [path, weight] pairs"),
+    ({"prompt": "a cat", "loras": {}}, "job: loras must be a list of [path, weight] pairs"),
     ({"prompt": "a cat", "loras": [{"path": "x", "weight": -1e9}]}, "job: LoRA weight must be a number from -100 to "
                                                                     "100 (1: as trained, 0: off, negative: its "
                                                                     "opposite), got -1000000000.0"),
