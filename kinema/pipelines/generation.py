@@ -990,7 +990,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     if (output != "latent" or plan.continuation) and not request.offload:
         # Offloaded to an accelerator (offload stays on only where there is one, above), the weights still sit
         # there now and leave it stage by stage: not counted.
-        _check_decode_fits(family, len(seeds), made, plan.height, plan.width, request.dtype)
+        _check_decode_fits(family, 1, made, plan.height, plan.width, request.dtype)  # one video at a time
     _warn_prompts(family, request, made)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")
@@ -1002,7 +1002,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         logger.warning("FreeInit is off: sampling starts from given frames (video-to-video, or the held frames of "
                        "a model without inpaint channels), not from noise")
 
-    # One entry per video: its own seed (a seed alone remakes that video), the batch's seeds dropped.
+    # One entry per video: its own seed (a seed alone remakes that video: each is made alone), the batch's dropped.
     # int8 and torch.compile stay on a family once an earlier request turned them on: recorded as what runs, so the
     # settings remake the video.
     kept = {"quantize": request.quantize or ("int8" if _quantized(family.model) else None),
@@ -1018,43 +1018,39 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     reset_peak_memory(device)
     segments = 0
     windows = None
+    # Each video is made alone, a batch of one: a batch of several sums in other orders (GEMM blocking), which moved a
+    # seed's video by up to 9/255 from the one its own settings remake.
     with _precision_and_memory(family, request):
         if plan.continuation:
-            if mode == "text-to-video":
-                assert request.frames is not None  # filled by with_defaults
-                total = request.frames
-                first = _generate_clip(family, replace(request, frames=plan.frames), plan, seeds, callback, progress,
-                                       span=_Span(0, total))
+            made_videos = []
+            for seed in seeds:
+                if mode == "text-to-video":
+                    assert request.frames is not None  # filled by with_defaults
+                    total = request.frames
+                    first = _generate_clip(family, replace(request, frames=plan.frames), plan, [seed], callback,
+                                           progress, span=_Span(0, total))
+                    with torch.no_grad():
+                        start = family.decode(first).cpu()
+                else:
+                    assert input_video is not None and request.extend_frames is not None
+                    total = input_video.shape[0] + request.extend_frames
+                    start = input_video[None]
                 with torch.no_grad():
-                    start = family.decode(first).cpu()
-                segments = 1
-            else:
-                assert input_video is not None and request.extend_frames is not None
-                total = input_video.shape[0] + request.extend_frames
-                start = input_video[None].expand(len(seeds), -1, -1, -1, -1)
-            with torch.no_grad():
-                frames, latents, more = _extend(family, request, plan, start, total, seeds, callback, progress)
-            segments += more
+                    made_videos.append(_extend(family, request, plan, start, total, [seed], callback, progress))
+            frames = torch.cat([video for video, _, _ in made_videos])
+            latents = torch.cat([last for _, last, _ in made_videos])
+            segments = made_videos[0][2] + (1 if mode == "text-to-video" else 0)
         else:
             if resume is not None:
                 logger.info("resumed: the saved final latents of this run are decoded, not sampled again")
                 latents = resume[0].to(device)
-            elif mode == "video-to-video":
-                assert input_video is not None
-                noise = _noise(family, plan, request, seeds, device)
-                with torch.no_grad():
-                    clean = family.encode_frames(input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device))
-                clean = clean.to(noise)
-                clip = replace(_text_to_video_clip(family, noise, plan) if remake is None else _masked_clip(
-                    family, noise, input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device), remake, clean),
-                    clean=clean, strength=request.strength)
-                with torch.no_grad():
-                    text = _with_control(family, request, _encode_text(family, request, len(seeds),
-                                                                       plan.latent_frames, plan.frames),
-                                         control_images, plan.frames, len(seeds))
-                latents = _denoise(family, request, plan, text, clip, seeds, callback, progress)
             else:
-                latents = _generate_clip(family, request, plan, seeds, callback, progress, images, control_images)
+                encoded = None
+                if input_video is not None:  # video-to-video: the input's latents, the same for every seed
+                    with torch.no_grad():
+                        encoded = family.encode_frames(input_video[None].to(device))
+                latents = torch.cat([_sample_clip(family, request, plan, [seed], callback, progress, input_video,
+                                                  encoded, remake, images, control_images) for seed in seeds])
             if plan.context is not None:
                 from kinema.sampling.context import context_windows
 
@@ -1064,7 +1060,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             frames = None
             if output != "latent":
                 with torch.no_grad():
-                    frames = family.decode(latents).cpu()
+                    frames = torch.cat([family.decode(latents[video:video + 1]).cpu() for video in range(len(seeds))])
                 if remake is not None:
                     assert input_video is not None  # a mask comes with video-to-video
                     frames = _composite(frames, input_video, remake, request.mask_blur)
@@ -1083,6 +1079,29 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     for entry in settings:
         entry["report"] = report
     return GenerationResult(None if frames is None else _as_output(frames, output), latents, settings, report)
+
+
+def _sample_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, seeds: Sequence[int],
+                 callback: StepCallback | None, progress: bool, input_video: torch.Tensor | None,
+                 encoded: torch.Tensor | None, remake: torch.Tensor | None,
+                 images: tuple[torch.Tensor, torch.Tensor | None] | None,
+                 control_images: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """The final latents `(B, C, F', h, w)` of a clip that is no continuation: video-to-video from `input_video`
+    `(F, 3, H, W)` and its latents `encoded` `(1, C, F', h, w)` (inpainting where `remake` marks it), else text- or
+    image-to-video."""
+    if request.mode != "video-to-video":
+        return _generate_clip(family, request, plan, seeds, callback, progress, images, control_images)
+    assert input_video is not None and encoded is not None
+    device = _device(family, request.offload)
+    noise = _noise(family, plan, request, seeds, device)
+    videos = input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device)
+    clean = encoded.expand(len(seeds), -1, -1, -1, -1).to(noise, copy=True)  # this clip's own, as sampling changes
+    clip = replace(_text_to_video_clip(family, noise, plan) if remake is None else _masked_clip(
+        family, noise, videos, remake, clean), clean=clean, strength=request.strength)
+    with torch.no_grad():
+        text = _with_control(family, request, _encode_text(family, request, len(seeds), plan.latent_frames,
+                                                           plan.frames), control_images, plan.frames, len(seeds))
+    return _denoise(family, request, plan, text, clip, seeds, callback, progress)
 
 
 # Settings that change how latents are decoded, not the latents: a resumed run may take others than its first.

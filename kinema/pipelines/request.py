@@ -686,14 +686,15 @@ class GenerationRequest:
         return "text-to-video"
 
     def sampling_steps(self) -> int | None:
-        """The denoising steps generate() reports progress for: steps x FreeInit's iterations, or the last
-        round(steps x strength) of them for video-to-video; None for a continuation (its segments follow the model's
-        window) and for steps left to the model's default."""
+        """The denoising steps generate() reports progress for: per video (it makes one seed's at a time), steps x
+        FreeInit's iterations, or the last round(steps x strength) of them for video-to-video; None for a
+        continuation (its segments follow the model's window) and for steps left to the model's default."""
         if self.mode == "extend" or self.steps is None:
             return None
+        videos = len(self.seeds) if self.seeds else 1
         if self.mode == "video-to-video":
-            return max(1, round(self.steps * self.strength))
-        return self.steps * (self.free_init.iterations if self.free_init else 1)
+            return videos * max(1, round(self.steps * self.strength))
+        return videos * self.steps * (self.free_init.iterations if self.free_init else 1)
 
     def with_defaults(self, model_defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
         """This request with the fields it left None filled: from `model_defaults` (a model's kinema.json
