@@ -954,7 +954,14 @@ def test_refusals_that_the_options_and_headers_decide_come_before_the_model_load
             (["generate", "a cat", "-o", ""], "argument -o/--output: is empty; give a file name"),
             (["generate", "a cat", "--fps", "60", "-o", str(tmp_path / "fast.gif")],
              "so it plays at most 50 fps, not 60; write .mp4, .webm or .webp, or lower --fps"),
-            (["generate", str(tmp_path / "dir.json")], f"the prompt file {tmp_path / 'dir.json'} is a folder")):
+            (["generate", str(tmp_path / "dir.json")], f"the prompt file {tmp_path / 'dir.json'} is a folder"),
+            # Finished frames past the free memory (refused after a load, exit 1, in 12 s).
+            (["generate", "a cat", "--width", "100000", "--height", "100000", "-o", str(tmp_path / "big.mp4")],
+             "16 frames at 100000x100000 need 1788.14 GiB of memory for the finished frames alone"),
+            (["v2v", str(made), "a cat", "--strength", "0.5", "--width", "100000", "--height", "100000", "--resize",
+              "-o", str(tmp_path / "big.mp4")], "8 frames at 100000x100000 need 894.07 GiB of memory"),
+            (["extend", str(made), "--frames", "10000000", "-o", str(tmp_path / "long.mp4")],
+             "10000008 frames at 64x64 need 457.76 GiB of memory for the finished frames alone")):
         try:
             code = main(argv)
         except SystemExit as usage:  # argparse's own refusals exit
