@@ -340,7 +340,8 @@ def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int
     window = None if span is None else range(span.first, span.first + pixel_frames)
     per_frame = interpolate_states(states, schedule, total, window)  # (F, L, D)
     if latent_frames != pixel_frames:  # the VAE merges frames in time: each latent frame takes its middle frame's
-        index = torch.linspace(0, pixel_frames - 1, latent_frames).round().long()
+        covered = pixel_frames / latent_frames  # pixel frames per latent frame (4 in V3's Slice VAE)
+        index = ((torch.arange(latent_frames) + 0.5) * covered - 0.5).round().long().clamp(0, pixel_frames - 1)
         per_frame = per_frame[index]
     cond: Conditioning = {family.text_key: per_frame[None].expand(videos, *per_frame.shape).contiguous()}
     for key, value in keyframes.items():

@@ -160,11 +160,13 @@ class DiTDenoiser(Denoiser):
                 "clip_attention_mask": clip_attention_mask}
 
     def predict(self, latents: torch.Tensor, timestep: Timestep, cond: Conditioning) -> torch.Tensor:
-        """As `Denoiser.predict`; per-frame text states `(B, F, L, D)` (prompt travel) become the middle frame's,
-        because the DiT cross-attends every frame to one text (with context windows: each window's middle frame)."""
+        """As `Denoiser.predict`; per-frame text states `(B, F, L, D)` (prompt travel) become their mean over the
+        frames, because the DiT cross-attends every frame to one text (with context windows: each window's mean): the
+        blend at the clip's middle for a linear travel, where the frame after the middle (an even count has none at
+        it) leaned to the later prompt."""
         text = cond.get("encoder_hidden_states")
         if text is not None and text.ndim == 4:
-            cond = {**cond, "encoder_hidden_states": text[:, text.shape[1] // 2]}
+            cond = {**cond, "encoder_hidden_states": text.mean(dim=1)}
         return super().predict(latents, timestep, cond)
 
     def epsilon(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

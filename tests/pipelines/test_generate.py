@@ -661,10 +661,12 @@ def test_inp_text_to_video_past_the_window_follows_a_schedule_past_it(easyanimat
     parsed = parse_prompt_schedule({"0": "a cat runs", "12": "a dog sleeps"}, 16)
     keyframes = easyanimate.encode_text(parsed.prompts())[easyanimate.text_key]
     whole = interpolate_states(keyframes, parsed, 16)
-    # Each segment of 8 frames (0-7, 4-11, 8-15) is 2 latent frames, each taking the text of the frame in its middle
-    # (0 and 7 of the segment); the DiT cross-attends to the text of its middle latent frame, the second.
+    # Each segment of 8 frames (0-7, 4-11, 8-15) is 2 latent frames of 4 frames each, each taking the text of the
+    # frame in its middle (1.5 and 5.5, rounded to even: 2 and 6; they took 0 and 7, the ends); the DiT cross-attends
+    # to their mean (it took the second's, leaning to the later prompt).
     for call, start in zip(spy.calls, (0, 4, 8), strict=True):
-        torch.testing.assert_close(call[easyanimate.text_key][-1], whole[start + 7], rtol=0, atol=1e-6)
+        expected = (whole[start + 2] + whole[start + 6]) / 2
+        torch.testing.assert_close(call[easyanimate.text_key][-1], expected, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ FreeInit, dtype
