@@ -107,9 +107,11 @@ def _uniform_windows(frames: int, options: ContextOptions, step: int) -> list[li
     for level in range(_spacing_levels(frames, length, options.stride)):
         spacing = 1 << level
         first = shift + int(phase * spacing)
-        # Windows go round the circle of frames from `first`. A loop needs the last one to reach past `first` again;
-        # otherwise reaching the frame before it is enough, as every window is unwrapped below.
-        end = first + frames - (0 if options.closed_loop else overlap)
+        # Windows go round the circle of frames from `first`, the last reaching past `first` again, so that the
+        # frames either side of `first` share a window by `overlap` frames too, loop or not (reaching the frame before
+        # it, as AnimateDiff-Evolved's uniform schedule does, left that seam with less overlap, or none). Windows
+        # that wrap past the last frame are unwrapped below where the video does not loop.
+        end = first + frames
         starts = [start % frames for start in range(first, end, length * spacing - overlap)]
         level_windows = [[start + k * spacing for k in range(length)] for start in starts]
         if options.closed_loop:

@@ -85,6 +85,17 @@ def test_windows_cover_every_frame_with_length_distinct_frames_at_every_step():
                 assert len(set(window)) == len(window) and all(0 <= f < frames for f in window), label
                 if not closed_loop:  # nothing wraps from the last frame to the first
                     assert window == sorted(window), label
+            # Every seam keeps its overlap: the frames either side of a window's start (but the video's first, or a
+            # loop's) share a window of consecutive frames with `overlap` frames before it. The uniform schedule
+            # left one seam with less, or none (frames 19 | 20 of 40 at step 1, windows of 16 by 4).
+            plain = [window for window in windows
+                     if all(b - a in (1, 1 - frames) for a, b in itertools.pairwise(window))]
+            for window in plain:
+                start = window[0]
+                if start == 0 or frames <= length:
+                    continue
+                held = [(start - k) % frames for k in range(overlap + 1) if closed_loop or start - k >= 0]
+                assert any(set(held) <= set(other) for other in plain), (label, window)
 
 
 def test_short_video_is_one_window_of_all_frames():
