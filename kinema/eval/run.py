@@ -225,7 +225,7 @@ def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: 
     motion, or as many as the `continuation` the first videos are extended to: None for none), a motion module or
     LoRA that is missing or that the model cannot take, or a line whose seed plus `seed` is past the largest
     seed."""
-    from kinema.pipelines.jobs import check_model_path, check_model_request, model_defaults_for
+    from kinema.pipelines.jobs import check_model_request, model_defaults_for
     from kinema.pipelines.request import LIBRARY_DEFAULTS
 
     if frames is not None and frames < 2:
@@ -236,9 +236,8 @@ def check_eval_inputs(model: str, entries: Sequence[PromptEntry], prompts_path: 
     for path, what in ((motion_module, "motion module"), *((path, "LoRA file") for path, _ in loras)):
         if path is not None and not os.path.lexists(path):
             raise KinemaError(f"no such {what}: {path}")
-    folder, defaults = model_defaults_for(model, ("frames", "overlap_frames"), f"no such model file or folder: {model}")
-    if os.path.lexists(model):  # a folder of other weights fails here, not once the model loads
-        check_model_path(folder)
+    folder, defaults = model_defaults_for(model, ("frames", "overlap_frames"), f"no such model file or folder: {model}",
+                                          checked=True)
     check_model_request(folder, frames=frames, motion_module=motion_module, loras=loras)
     length = frames if frames is not None else defaults.get("frames", DEFAULT_FRAMES)
     overlap = defaults.get("overlap_frames", LIBRARY_DEFAULTS["overlap_frames"])

@@ -176,12 +176,16 @@ def _scaled_settings(files: tuple[str, float] | list[tuple[str, float]] | None) 
 # ---------------------------------------------------------------- checks shared with `kinema generate`
 
 
-def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found: str | None = None
-                       ) -> tuple[Path, dict[str, Any]]:
+def model_defaults_for(model: str | os.PathLike, unset: Iterable[str], not_found: str | None = None, *,
+                       checked: bool = False) -> tuple[Path, dict[str, Any]]:
     """`(folder, defaults)`: the model's path (`kinema.bundled.resolve_model`, `not_found` its words for a missing
     one) and the values its kinema.json "defaults" give the request fields named in `unset` (those it has). One
-    KinemaError line for a missing model or a default scheduler kinema does not know."""
+    KinemaError line for a missing model or a default scheduler kinema does not know, and with `checked` for a path
+    given that is no model to generate with (`check_model_path`: a folder of other weights fails here, not once the
+    model loads; a bundled model's name is left unread)."""
     folder = resolve_model(model, not_found)
+    if checked and os.path.lexists(model):
+        check_model_path(folder)
     found = model_defaults(folder) if folder.is_dir() else {}
     chosen = {key: found[key] for key in unset if key in found}
     if "scheduler" in chosen and chosen["scheduler"] not in SCHEDULERS:

@@ -30,7 +30,6 @@ from kinema.pipelines.jobs import (
     Cancelled,
     FamilyCache,
     Job,
-    check_model_path,
     job_from_mapping,
     model_defaults_for,
     run_job,
@@ -112,9 +111,7 @@ def form_defaults(model: str, preset: str | None = None) -> dict[str, Any]:
     model to generate with is one KinemaError line now, not the library's 512x512 filled in without a word."""
     values = {key: LIBRARY_DEFAULTS[key] for key in GENERATE_DEFAULTS if key in LIBRARY_DEFAULTS}
     values["scheduler"] = FAMILY_DEFAULT
-    folder, defaults = model_defaults_for(model, GENERATE_DEFAULTS)
-    if os.path.exists(model):
-        check_model_path(folder)
+    _, defaults = model_defaults_for(model, GENERATE_DEFAULTS, checked=True)
     values.update(defaults)
     settings = SPEED_PRESETS.get(preset or "", {})
     values.update({key: settings[key] for key in ("scheduler", "steps") if key in settings})
