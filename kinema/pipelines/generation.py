@@ -578,13 +578,19 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         first_step = min(steps - 1, steps - max(1, round(steps * clip.strength)))
         start = noised_to(scheduler, clip.clean, clip.noise, first_step, steps)
 
+    # FreeInit's fresh noise is the draws after the initial noise (seeded_fresh_noise), so a sampler's step noise
+    # comes after those too, not again.
+    free_init = request.free_init is not None and clip.clean is None
+    drawn = request.free_init.iterations if free_init and request.free_init is not None else 1
+
     def run(noise: torch.Tensor, run_steps: int) -> torch.Tensor:
         repaint = None
         if clip.known is not None and clip.keep is not None:
             repaint = repaint_step(scheduler, clip.known, clip.keep, clip.noise, run_steps)
         cond, uncond = conditioning_at(first_step)
         latents = sample(denoiser, scheduler, noise, cond, uncond, run_steps, plan.guidance, callback=callback,
-                         progress=progress, generator=step_generators(seeds, clip.noise.shape), first_step=first_step,
+                         progress=progress, generator=step_generators(seeds, clip.noise.shape, drawn),
+                         first_step=first_step,
                          conditioning_at=conditioning_at, after_step=repaint, cache_interval=request.cache_interval,
                          cfg_truncation=request.cfg_truncation, guidance_rescale=request.guidance_rescale)
         if not torch.isfinite(latents).all():
@@ -592,7 +598,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         return latents
 
     with torch.no_grad():
-        if request.free_init is None or clip.clean is not None:  # `generate` says when FreeInit is off
+        if not free_init:  # `generate` says when FreeInit is off
             return run(start, steps)
         from kinema.sampling.freeinit import FreeInitOptions, free_init_sample, seeded_fresh_noise
 

@@ -31,13 +31,15 @@ def generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
-def step_generators(seeds: Sequence[int], shape: Sequence[int]) -> list[torch.Generator]:
+def step_generators(seeds: Sequence[int], shape: Sequence[int], drawn: int = 1) -> list[torch.Generator]:
     """One generator per video for the noise a stochastic sampler (euler_a, lcm) adds while stepping: seeded
-    `seeds[b]` and past the draw of `initial_noise(shape, seeds)`, as diffusers' pipelines go on drawing from the
+    `seeds[b]` and past the `drawn` draws of one video's `shape[1:]` made from that seed before (the initial noise,
+    `initial_noise(shape, seeds)`; FreeInit's fresh noise after it), as diffusers' pipelines go on drawing from the
     generator that drew the latents. A generator seeded afresh would add the initial noise again at the first step."""
     found = generators(seeds)
     for generator in found:
-        torch.randn(tuple(int(n) for n in shape[1:]), generator=generator, dtype=torch.float32)
+        for _ in range(drawn):
+            torch.randn(tuple(int(n) for n in shape[1:]), generator=generator, dtype=torch.float32)
     return found
 
 

@@ -110,7 +110,7 @@ def test_guidance_rescale_reaches_the_sampler_and_is_recorded(animatediff, monke
         run(animatediff, guidance_rescale=1.5)
 
 
-@pytest.mark.parametrize("extend", [False, True])
+@pytest.mark.parametrize("extend", [False, True, "free_init"])
 def test_a_samplers_step_noise_is_drawn_past_the_initial_noise(animatediff, monkeypatch, extend):
     """euler_a and lcm add noise while stepping: the generators generate() gives the sampler were seeded afresh, so
     the first step added the initial noise again (a continuation's segments with the first clip's seeds)."""
@@ -130,9 +130,12 @@ def test_a_samplers_step_noise_is_drawn_past_the_initial_noise(animatediff, monk
 
     monkeypatch.setattr(generation_module, "sample", spy)
     video = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    run(animatediff, scheduler="euler_a", seeds=[3, 4], steps=1, frames=4,
-        **({"video": video, "extend_frames": 4, "overlap_frames": 2, "segment_frames": 4} if extend else {}))
-    assert len(starts) == (4 if extend else 2)  # each seed's video alone
+    # FreeInit's second run starts from its fresh noise, the draw after the initial noise, which the step noise
+    # repeated next (correlation 0.96).
+    options = {True: {"video": video, "extend_frames": 4, "overlap_frames": 2, "segment_frames": 4},
+               "free_init": {"free_init": FreeInitSettings(iterations=2)}, False: {}}[extend]
+    run(animatediff, scheduler="euler_a", seeds=[3, 4], steps=1, frames=4, **options)
+    assert len(starts) == (2 if extend is False else 4)  # each seed's video alone, in two segments or runs
     for latents, next_draw in starts:
         scale = latents.flatten(1).std(dim=1).view(-1, 1, 1, 1, 1)  # the scheduler's init sigma
         unit = latents / scale
