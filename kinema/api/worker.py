@@ -1,10 +1,10 @@
 """The thread that runs the API's queued jobs, one at a time, oldest first.
 
 Each job runs through `kinema.pipelines.jobs.run_job` with one `FamilyCache` for the server's life, so a model is
-loaded once and serves the jobs that ask for it (the `MODELS_KEPT` used last stay loaded). The step callback records
-progress and is where a job stops: it raises `kinema.pipelines.jobs.Cancelled` when a DELETE asked to cancel the
-job (the job ends `cancelled`) or when the server is stopping (the job goes back to the queue and runs again after
-the restart).
+loaded once and serves the jobs that ask for it (the two used last stay loaded, `FamilyCache`'s default, so memory
+stays bounded however many models clients ask for). The step callback records progress and is where a job stops:
+it raises `kinema.pipelines.jobs.Cancelled` when a DELETE asked to cancel the job (the job ends `cancelled`) or when
+the server is stopping (the job goes back to the queue and runs again after the restart).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ StepCallback = Callable[[int, Any, Any], None]
 # What runs one job: (its spec, its result folder, the step callback) -> the videos written. The default loads the
 # model and generates; tests of the queue give a cheap stand-in.
 JobRunner = Callable[[dict[str, Any], Path, StepCallback], list[Path]]
-# Loaded models kept between jobs: a server that serves several models keeps the two used last, so memory stays
-# bounded however many models its clients ask for over its life.
-MODELS_KEPT = 2
 
 
 def _cancelled_type() -> type[Exception]:
@@ -155,7 +152,7 @@ class JobWorker:
         from kinema.pipelines.jobs import FamilyCache, job_from_mapping, run_job
 
         if self.cache is None:
-            self.cache = FamilyCache(max_models=MODELS_KEPT, device=self.device)
+            self.cache = FamilyCache(device=self.device)
         job = job_from_mapping(spec, models_dir=self.models_dir, device=self.device)
         # overwrite: a job re-run after a restart replaces what its earlier, interrupted run left in its folder
         return run_job(job, out, cache=self.cache, callback=on_step, progress=False, overwrite=True)

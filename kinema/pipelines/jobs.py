@@ -1227,6 +1227,11 @@ def _check_control_inputs(request: GenerationRequest, controlnet: Any, made: int
 # ---------------------------------------------------------------- running
 
 
+# The models a FamilyCache keeps loaded by default: the two used last. A key holds the dtype and every LoRA weight, so
+# a web app or server whose users change those would otherwise keep a whole model per change until memory ran out.
+MODELS_KEPT = 2
+
+
 class FamilyCache:
     """Keeps loaded models by `Job.model_key()`: `load_family` runs once per key (`loads` counts its calls).
     `max_models` bounds how many stay loaded (the least recently used goes first; None keeps all); `device` is
@@ -1234,7 +1239,7 @@ class FamilyCache:
     the machine that runs the jobs (a Ray worker's own). Safe to share between threads: a key is loaded by one of
     them while the others wait."""
 
-    def __init__(self, *, max_models: int | None = None, device: Any = "cpu") -> None:
+    def __init__(self, *, max_models: int | None = MODELS_KEPT, device: Any = "cpu") -> None:
         if max_models is not None and max_models < 1:
             raise KinemaError(f"max_models must be at least 1 (or None for no limit), got {max_models}")
         from kinema.devices import resolve_device

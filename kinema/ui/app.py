@@ -236,7 +236,10 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     models_path = Path(models_dir) if models_dir is not None else None
     outputs = Path(outputs_dir)
     family_cache = cache if cache is not None else FamilyCache()
-    stops: dict[str, threading.Event] = {}
+    # Each generation's stop, from its click (queued) to its end, by a token of its own: {token: (session, event)}.
+    # Keyed by session alone, a Stop pressed while the job waited in the queue found nothing and was lost, and a
+    # session's second job took the first one's place.
+    stops: dict[str, tuple[str, threading.Event]] = {}
     scan = scan_models(models_path)
     start = form_defaults(DEFAULT_MODEL)
     scheduler_choices = [("the model's default", FAMILY_DEFAULT)] + [(name, name) for name in SCHEDULERS]
@@ -247,6 +250,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     "It starts on the bundled model; add your own with `kinema ui --models-dir DIR`.")
         mode = gr.State(TEXT_TO_VIDEO)
         gallery_settings = gr.State([])
+        job_token = gr.State("")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
@@ -511,9 +515,14 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                            concurrency_limit=None)
 
         def stop_job(request: gr.Request) -> None:
-            event = stops.get(request.session_hash or "")
-            if event is not None:
-                event.set()
+            for session, event in list(stops.values()):
+                if session == (request.session_hash or ""):
+                    event.set()
+
+        def enqueue_job(request: gr.Request) -> str:
+            token = secrets.token_hex(16)
+            stops[token] = (request.session_hash or "", threading.Event())
+            return token
 
         stop.click(stop_job, concurrency_limit=None)
 
@@ -521,6 +530,20 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         def generate_video(data: dict[Any, Any], request: gr.Request,
                            progress: gr.Progress = gr.Progress()  # noqa: B008
                            ) -> Iterator[dict[Any, Any]]:
+            token = data[job_token]
+            if token not in stops:  # called without the click's token (an API client): one of its own from now
+                token = enqueue_job(request)
+            _, stop_event = stops[token]
+            try:
+                if stop_event.is_set():
+                    yield {status: "Stopped before it started: nothing was written."}
+                    return
+                yield from _generate(data, stop_event, progress)
+            finally:
+                stops.pop(token, None)
+
+        def _generate(data: dict[Any, Any], stop_event: threading.Event, progress: gr.Progress
+                      ) -> Iterator[dict[Any, Any]]:
             values = {key: data[component] for key, component in form_fields.items()}
             values["mode"] = data[mode]
             values["extra"] = data[extra]
@@ -540,39 +563,33 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             except OSError as err:
                 raise gr.Error(os_error_message(err), print_exception=False) from None
             out = new_job_folder(outputs, job.settings())
-            stop_event = threading.Event()
-            session = request.session_hash or ""
-            stops[session] = stop_event
             total = job.request.sampling_steps()
             progress((0, total), desc="loading the model and starting")
-            try:
-                for kind, payload in run_in_worker(job, out, family_cache, stop_event):
-                    if kind == "step":
-                        done_steps, picture = payload
-                        progress((done_steps, total), desc=f"step {done_steps}" + (f" of {total}" if total else ""))
-                        yield {preview: picture, status: f"Sampling: step {done_steps}"}
-                    elif kind == "warning":
-                        gr.Warning(payload)
-                    elif kind == "stopped":
-                        yield {status: "Stopped: nothing was written."}
-                    elif kind == "error":
-                        if not isinstance(payload, (KinemaError, OSError)):
-                            logger.error("job %s failed", out.name, exc_info=payload)
-                        raise gr.Error(error_message(payload), print_exception=False)
-                    else:
-                        items, settings_list = gallery_value()
-                        seeds = ", ".join(str(s) for s in job.request.seeds)
-                        yield {video: str(payload[0]), gallery: items, gallery_settings: settings_list,
-                               selected_settings: settings_list[0] if settings_list else None,
-                               status: f"Done: seed {seeds}. Saved in {out}"}
-            finally:
-                if stops.get(session) is stop_event:
-                    del stops[session]
+            for kind, payload in run_in_worker(job, out, family_cache, stop_event):
+                if kind == "step":
+                    done_steps, picture = payload
+                    progress((done_steps, total), desc=f"step {done_steps}" + (f" of {total}" if total else ""))
+                    yield {preview: picture, status: f"Sampling: step {done_steps}"}
+                elif kind == "warning":
+                    gr.Warning(payload)
+                elif kind == "stopped":
+                    yield {status: "Stopped: nothing was written."}
+                elif kind == "error":
+                    if not isinstance(payload, (KinemaError, OSError)):
+                        logger.error("job %s failed", out.name, exc_info=payload)
+                    raise gr.Error(error_message(payload), print_exception=False)
+                else:
+                    items, settings_list = gallery_value()
+                    seeds = ", ".join(str(s) for s in job.request.seeds)
+                    yield {video: str(payload[0]), gallery: items, gallery_settings: settings_list,
+                           selected_settings: settings_list[0] if settings_list else None,
+                           status: f"Done: seed {seeds}. Saved in {out}"}
 
         # One event for both triggers, so the queue's concurrency limit counts every generation together.
-        gr.on([generate.click, prompt.submit], generate_video,
-              inputs={mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
-              outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
+        # The token is made at the click, before the queue: a Stop pressed while the job waits there reaches it.
+        gr.on([generate.click, prompt.submit], enqueue_job, outputs=job_token, queue=False).then(
+            generate_video, inputs={job_token, mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
+            outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
     app.queue(default_concurrency_limit=concurrency)
     return app
 

@@ -4,6 +4,7 @@ run by its worker relays steps, previews and warnings, and stops when asked, lea
 import json
 import queue
 import threading
+import time
 
 import pytest
 
@@ -166,3 +167,56 @@ def test_uploading_a_video_to_extend_shows_its_model_with_that_models_defaults(t
                 settings={"prompt": "x", "model": str(tmp_path / "deleted-model")})
     with pytest.warns(UserWarning, match="the model that made this video, .*deleted-model, is not here"):
         upload.fn(str(tmp_path / "gone.mp4"), "")
+
+
+def form_values(client, **by_label) -> list:
+    """The /generate_video API's arguments, in order: each field's default, those named by label (Prompt, Steps)
+    replaced."""
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_video"][
+        "parameters"]
+    return [by_label.get(parameter["label"], parameter.get("parameter_default")) for parameter in parameters]
+
+
+def test_stop_reaches_a_job_still_waiting_in_the_queue_and_no_other_sessions(tmp_path, monkeypatch):
+    """Stop found a session's job only once it ran: pressed while it waited behind another session's, it was lost
+    and the job ran whole later."""
+    import socket
+
+    from gradio_client import Client
+
+    import kinema.ui.app as app_module
+
+    gate, started = threading.Event(), threading.Event()
+    real_run_job = app_module.run_job
+
+    def held_run_job(*args, **kwargs):  # the first job holds the queue until the test lets it go on
+        started.set()
+        assert gate.wait(60)
+        return real_run_job(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "run_job", held_run_job)
+    app = build_app(models_dir=None, outputs_dir=tmp_path / "out", concurrency=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app_module.launch_app(app, outputs_dir=tmp_path / "out", port=port, block=False, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        first, second = Client(url, verbose=False), Client(url, verbose=False)
+        running = first.submit(*form_values(first, Prompt="a red circle moving right", Steps=2),
+                               api_name="/generate_video")
+        assert started.wait(60)
+        second.predict(api_name="/enqueue_job")  # the click's token, as the page's Generate makes it
+        waiting = second.submit(*form_values(second, Prompt="a blue square moving up", Steps=2),
+                                api_name="/generate_video")
+        deadline = time.monotonic() + 60
+        while waiting.status().code.name != "IN_QUEUE" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second.predict(api_name="/stop_job")
+        gate.set()
+        assert waiting.result()[2] == "Stopped before it started: nothing was written."
+        assert running.result()[2].startswith("Done: seed")  # the other session's job ran on
+        assert len(list((tmp_path / "out").glob("*/*.mp4"))) == 1
+    finally:
+        gate.set()
+        app.close(verbose=False)
