@@ -285,15 +285,16 @@ def _from_elsewhere(headers: dict[bytes, bytes]) -> str | None:
     Host and no Origin, or a local one."""
     from kinema.cli.serve import is_loopback
 
-    host = headers.get(b"host", b"").decode("latin-1")
-    if not is_loopback(_host_name(host)):
+    sent = headers.get(b"host")  # none: HTTP/1.0, a health check; never a browser, which always sends it
+    host = "" if sent is None else sent.decode("latin-1")
+    if sent is not None and not is_loopback(_host_name(host).rstrip(".").lower()):
         return (f"the Host header {host!r} is not localhost or a loopback address: a server without an API key "
                 "answers this machine's own clients only, not a web page that reached it through a name of its own; "
                 "use http://127.0.0.1:PORT, or start kinema serve with --api-key")
     origin = headers.get(b"origin")
     if origin is not None:
         authority = origin.decode("latin-1").partition("://")[2]
-        if not is_loopback(_host_name(authority)):
+        if not is_loopback(_host_name(authority).rstrip(".").lower()):
             return (f"a request from the web page at {origin.decode('latin-1')!r}: a server without an API key "
                     "answers this machine's own clients and its own /docs page only; start kinema serve with "
                     "--api-key for others")

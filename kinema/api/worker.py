@@ -66,6 +66,7 @@ class JobWorker:
     def start(self) -> None:
         """Start the worker thread."""
         self._stop.clear()
+        self._left = False
         self._thread = threading.Thread(target=self._loop, name="kinema-api-worker", daemon=True)
         self._thread.start()
 

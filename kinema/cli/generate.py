@@ -745,14 +745,13 @@ def _check_model_takes(args: argparse.Namespace, folder: Path, frames: int | Non
                         else None)  # extend's: continuation segments
 
 
-def _check_frames_fit(args: argparse.Namespace, frames: int) -> None:
+def _check_frames_fit(args: argparse.Namespace, frames: int, fewer: str) -> None:
     """Videos whose finished frames alone outgrow the free memory, refused before the model loads (generate()
-    refuses them too, once it has)."""
+    refuses them too, once it has); `fewer`: the command's way to fewer frames."""
     from kinema.memory import check_frames_fit
 
-    if args.height is not None and args.width is not None:
-        check_frames_fit(len(args.seed), frames, args.height, args.width,
-                         "ask for fewer frames (--frames, --to), a smaller --width and --height, or fewer seeds")
+    height, width = (args.height or LIBRARY_DEFAULTS["height"], args.width or LIBRARY_DEFAULTS["width"])
+    check_frames_fit(len(args.seed), frames, height, width, f"{fewer}, a smaller --width and --height, or fewer seeds")
 
 
 def _check_input_video_size(folder: Path, height: int, width: int) -> None:
@@ -1005,7 +1004,7 @@ def check_generate(args: argparse.Namespace) -> None:
     model = _check_model(args, GENERATE_DEFAULTS)
     args.frames = args.frames or LIBRARY_DEFAULTS["frames"]
     _check_model_takes(args, model, args.frames)
-    _check_frames_fit(args, args.frames)
+    _check_frames_fit(args, args.frames, "ask for fewer --frames")
     _check_input_size(args, sizes[0], "start image", model)
     _check_input_size(args, sizes[1], "end image", model)
     _check_control_frames(args, args.frames)
@@ -1048,7 +1047,7 @@ def check_v2v(args: argparse.Namespace) -> None:
     frames = _check_video_input(args)
     args.prompt = read_prompt(args.prompt)
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS), frames, input_video=True)
-    _check_frames_fit(args, frames)
+    _check_frames_fit(args, frames, "give a shorter input video")
     _check_control_frames(args, frames, input_video=True)
     if args.mask is not None:
         from kinema.pipelines.request import check_mask_file
@@ -1084,7 +1083,7 @@ def check_extend(args: argparse.Namespace) -> None:
     _check_model_takes(args, _check_model(args, INPUT_DEFAULTS))
     extend_frames = args.frames if args.total_frames is None else _frames_to_append(args.video, args.total_frames,
                                                                                       have)
-    _check_frames_fit(args, have + extend_frames)
+    _check_frames_fit(args, have + extend_frames, "append fewer frames (--frames, --to)")
     _inherit_prompt(args, blend_given, have + extend_frames)
     args.request = _request(args, prompt=args.prompt or "", video=args.video, extend_frames=extend_frames,
                             segment_frames=args.segment_frames)

@@ -72,9 +72,11 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:  # a host name, which may resolve to any interface
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, which Python calls no loopback
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def check_serve(args: argparse.Namespace) -> None:

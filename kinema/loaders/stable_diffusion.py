@@ -380,8 +380,9 @@ def is_diffusers_folder(path: Path) -> bool:
     instead; a motion adapter has no `unet/`.) A folder without `unet/` is one when its model_index.json names a
     Stable Diffusion 1.x pipeline, so that describing it says unet/ is missing."""
     if not (path / "unet").exists():
-        return _pipeline_class(path).startswith("StableDiffusion") and not _pipeline_class(path).startswith(
-            ("StableDiffusionXL", "StableDiffusion3"))
+        pipeline = _pipeline_class(path)
+        return pipeline.startswith("StableDiffusion") and not pipeline.startswith(("StableDiffusionXL",
+                                                                                    "StableDiffusion3"))
     if (path / "model_index.json").is_file():
         return True
     return (any((path / name).is_dir() for name in ("vae", "text_encoder", "tokenizer", "scheduler"))

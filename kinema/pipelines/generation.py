@@ -14,6 +14,7 @@ frame its own interpolated text (kinema.sampling.prompt_travel). Everything is c
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -339,10 +340,10 @@ def _encode_prompts(family: VideoFamily, request: GenerationRequest, videos: int
     assert states is not None
     window = None if span is None else range(span.first, span.first + pixel_frames)
     per_frame = interpolate_states(states, schedule, total, window)  # (F, L, D)
-    if latent_frames != pixel_frames:  # the VAE merges frames in time: each latent frame takes its middle frame's
-        covered = pixel_frames / latent_frames  # pixel frames per latent frame (4 in V3's Slice VAE)
-        index = ((torch.arange(latent_frames) + 0.5) * covered - 0.5).round().long().clamp(0, pixel_frames - 1)
-        per_frame = per_frame[index]
+    if latent_frames != pixel_frames:  # the VAE merges frames in time: each latent frame takes the mean blend of
+        # the frames it covers (4 in V3's Slice VAE), so the DiT's mean over them is the clip's middle blend
+        bounds = [round(k * pixel_frames / latent_frames) for k in range(latent_frames + 1)]
+        per_frame = torch.stack([per_frame[first:end].mean(dim=0) for first, end in itertools.pairwise(bounds)])
     cond: Conditioning = {family.text_key: per_frame[None].expand(videos, *per_frame.shape).contiguous()}
     for key, value in keyframes.items():
         if key != family.text_key and value is not None:  # masks: a token kept by any keyframe prompt is kept
@@ -904,7 +905,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         family: the model's parts (`kinema.pipelines.load.load_family`, or an `AnimateDiffFamily` /
             `EasyAnimateFamily` built from parts).
         request: the settings; checked, with the family's own limits, before any denoising.
-        callback: called as `callback(step, timestep, latents)` after each sampling step.
+        callback: called as `callback(step, timestep, latents)` after each sampling step; the videos are made one
+            after another, each alone (so a seed's settings remake its video exactly), so `latents` are one video's
+            `(1, C, F', h, w)` and `step` counts from 0 again for each (`GenerationRequest.sampling_steps` counts
+            them all).
         progress: show progress bars.
         output: "tensor", "numpy", "pil" or "latent" (see `GenerationResult.frames`).
         on_latents: called with the final latents `(B, C, F', h, w)` and the settings before decoding (to save them,
@@ -1032,18 +1036,15 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
             made_videos = []
             for seed in seeds:
                 if mode == "text-to-video":
-                    assert request.frames is not None  # filled by with_defaults
-                    total = request.frames
                     first = _generate_clip(family, replace(request, frames=plan.frames), plan, [seed], callback,
-                                           progress, span=_Span(0, total))
+                                           progress, span=_Span(0, made))
                     with torch.no_grad():
                         start = family.decode(first).cpu()
                 else:
-                    assert input_video is not None and request.extend_frames is not None
-                    total = input_video.shape[0] + request.extend_frames
+                    assert input_video is not None
                     start = input_video[None]
                 with torch.no_grad():
-                    made_videos.append(_extend(family, request, plan, start, total, [seed], callback, progress))
+                    made_videos.append(_extend(family, request, plan, start, made, [seed], callback, progress))
             frames = torch.cat([video for video, _, _ in made_videos])
             latents = torch.cat([last for _, last, _ in made_videos])
             segments = made_videos[0][2] + (1 if mode == "text-to-video" else 0)
@@ -1101,10 +1102,10 @@ def _sample_clip(family: VideoFamily, request: GenerationRequest, plan: _Plan, s
     assert input_video is not None and encoded is not None
     device = _device(family, request.offload)
     noise = _noise(family, plan, request, seeds, device)
-    videos = input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device)
     clean = encoded.expand(len(seeds), -1, -1, -1, -1).to(noise, copy=True)  # this clip's own, as sampling changes
     clip = replace(_text_to_video_clip(family, noise, plan) if remake is None else _masked_clip(
-        family, noise, videos, remake, clean), clean=clean, strength=request.strength)
+        family, noise, input_video[None].expand(len(seeds), -1, -1, -1, -1).to(device), remake, clean),
+        clean=clean, strength=request.strength)
     with torch.no_grad():
         text = _with_control(family, request, _encode_text(family, request, len(seeds), plan.latent_frames,
                                                            plan.frames), control_images, plan.frames, len(seeds))

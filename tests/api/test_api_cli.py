@@ -36,7 +36,8 @@ def test_any_host_but_loopback_is_refused_without_a_key(host, tmp_path, monkeypa
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True),
                                                 ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
-                                                ("10.0.0.1", False), ("example.com", False)])
+                                                ("10.0.0.1", False), ("example.com", False),
+                                                ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", False)])
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
 

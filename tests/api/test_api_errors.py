@@ -216,7 +216,7 @@ def test_without_a_key_a_web_page_is_refused_and_this_machines_clients_are_not(s
     at 127.0.0.1 (DNS rebinding), read every job: a keyless server took any Host and Origin."""
     job = {"job": (None, '{"prompt": "x", "steps": 1}')}  # a form's multipart fields
     with serve(runner=fake_runner) as client:
-        for host in ("evil.example:8000", "rebind.evil.example", "127.0.0.1.evil.example", ""):
+        for host in ("evil.example:8000", "rebind.evil.example", "127.0.0.1.evil.example", "localhost.evil"):
             listed = client.get("/v1/jobs", headers={"host": host})
             assert_one_line_error(listed, 403, "is not localhost or a loopback address", "--api-key")
         for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example:8000"):
@@ -225,9 +225,14 @@ def test_without_a_key_a_web_page_is_refused_and_this_machines_clients_are_not(s
         assert client.get("/v1/jobs").status_code == 200  # no jobs queued by any of those
         assert client.get("/v1/jobs").json()["jobs"] == []
         for host, origin in (("localhost:8000", None), ("[::1]:8000", "http://[::1]:8000"),
-                             ("127.0.0.1:8000", "http://localhost:8000"), ("127.0.0.2", None)):
+                             ("127.0.0.1:8000", "http://localhost:8000"), ("127.0.0.2", None),
+                             ("LOCALHOST:8000", "http://LocalHost.:8000"), ("localhost.", None),
+                             ("[::ffff:127.0.0.1]:8000", None)):
             headers = {"host": host, **({"origin": origin} if origin else {})}
             assert client.post("/v1/jobs", files=job, headers=headers).status_code == 201, (host, origin)
+    from kinema.api.app import _from_elsewhere
+
+    assert _from_elsewhere({}) is None  # no Host at all (HTTP/1.0, a load balancer's check): never a browser
     with serve(runner=fake_runner, api_key="k") as client:  # the key decides, whatever the names
         headers = {"Authorization": "Bearer k", "host": "kinema.example", "origin": "https://app.example"}
         assert client.get("/v1/jobs", headers=headers).status_code == 200

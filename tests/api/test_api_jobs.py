@@ -161,7 +161,7 @@ def test_unknown_jobs_are_404_and_results_wait_for_done(serve, fake_runner, wait
         job_id = client.post("/v1/jobs", json={"prompt": "p", "steps": 1, "seeds": [3, 5]}).json()["id"]
         early = client.get(f"/v1/jobs/{job_id}/result")
         assert early.status_code == 409
-        assert "is queued" in early.json()["detail"] or "is running (step 0 of 1)" in early.json()["detail"]
+        assert "is queued" in early.json()["detail"] or "is running (step 0 of 2)" in early.json()["detail"]
         fake_runner.gate.set()
         wait(client, job_id)
         assert client.get(f"/v1/jobs/{job_id}/result", params={"seed": 5}).content == b"fake video of p seed 5"

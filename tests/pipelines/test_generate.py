@@ -664,11 +664,11 @@ def test_inp_text_to_video_past_the_window_follows_a_schedule_past_it(easyanimat
     parsed = parse_prompt_schedule({"0": "a cat runs", "12": "a dog sleeps"}, 16)
     keyframes = easyanimate.encode_text(parsed.prompts())[easyanimate.text_key]
     whole = interpolate_states(keyframes, parsed, 16)
-    # Each segment of 8 frames (0-7, 4-11, 8-15) is 2 latent frames of 4 frames each, each taking the text of the
-    # frame in its middle (1.5 and 5.5, rounded to even: 2 and 6; they took 0 and 7, the ends); the DiT cross-attends
-    # to their mean (it took the second's, leaning to the later prompt).
+    # Each segment of 8 frames (0-7, 4-11, 8-15) is 2 latent frames of 4 frames each, each taking the mean text of
+    # its frames (they took frames 0 and 7, the ends); the DiT cross-attends to their mean, the segment's mean (it
+    # took the second's, leaning to the later prompt).
     for call, start in zip(spy.calls, (0, 4, 8), strict=True):
-        expected = (whole[start + 2] + whole[start + 6]) / 2
+        expected = whole[start:start + 8].mean(dim=0)
         torch.testing.assert_close(call[easyanimate.text_key][-1], expected, rtol=0, atol=1e-6)
 
 
