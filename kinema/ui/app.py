@@ -24,6 +24,7 @@ import gradio as gr
 
 from kinema.bundled import DEFAULT_MODEL
 from kinema.errors import KinemaError, count_words, library_error_message, os_error_message
+from kinema.interrupt import Terminated
 from kinema.log import warnings_of_this_thread
 from kinema.pipelines.jobs import (
     RANDOM_SEED_LIMIT,
@@ -173,7 +174,7 @@ def newest_steps(events: queue.Queue) -> Iterator[tuple[str, Any]]:
 def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event) -> Iterator[tuple[str, Any]]:
     """Run `job` into `out` on a worker thread and yield what happens, in order: ("step", (steps done, preview
     image)) for the newest sampling step (`newest_steps`), ("warning", text) per kinema warning, then one of
-    ("done", video paths), ("stopped", None) or ("error", exception). Setting `stop` (or closing this generator)
+    ("done", video paths), ("stopped", None or why) or ("error", exception). Setting `stop` (or closing this generator)
     stops the job at its next step."""
     events: queue.Queue = queue.Queue()
     steps_done = 0
@@ -191,6 +192,8 @@ def run_in_worker(job: Job, out: Path, cache: FamilyCache, stop: threading.Event
                 events.put(("done", run_job(job, out, cache=cache, callback=callback)))
         except Cancelled:
             events.put(("stopped", None))
+        except (KeyboardInterrupt, Terminated):  # the app is stopping (Ctrl-C, SIGTERM): stopped, not failed
+            events.put(("stopped", "the app is stopping"))
         except BaseException as err:  # reported to the user; the worker thread must not die silently
             events.put(("error", err))
 
@@ -573,7 +576,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                 elif kind == "warning":
                     gr.Warning(payload)
                 elif kind == "stopped":
-                    yield {status: "Stopped: nothing was written."}
+                    yield {status: f"Stopped{f' ({payload})' if payload else ''}: nothing was written."}
                 elif kind == "error":
                     if not isinstance(payload, (KinemaError, OSError)):
                         logger.error("job %s failed", out.name, exc_info=payload)
@@ -587,7 +590,8 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
 
         # One event for both triggers, so the queue's concurrency limit counts every generation together.
         # The token is made at the click, before the queue: a Stop pressed while the job waits there reaches it.
-        gr.on([generate.click, prompt.submit], enqueue_job, outputs=job_token, queue=False).then(
+        gr.on([generate.click, prompt.submit], enqueue_job, outputs=job_token, queue=False,
+              concurrency_limit=None).then(
             generate_video, inputs={job_token, mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
             outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
     app.queue(default_concurrency_limit=concurrency)

@@ -39,7 +39,8 @@ def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
     assert app._queue.default_concurrency_limit == 2
     # Generations (Generate or Enter in the prompt) share the queue's limit; scans, gallery and settings never wait.
     limits = {fn.name: (fn.concurrency_limit, len(fn.targets)) for fn in app.fns.values()}
-    assert limits.pop("generate_video") == ("default", 2)
+    assert limits.pop("generate_video") == ("default", 1)  # run after enqueue_job, on either trigger
+    assert limits.pop("enqueue_job") == (None, 2)
     assert {limit for limit, _ in limits.values()} == {None}
 
 
@@ -65,6 +66,22 @@ def test_the_worker_relays_steps_and_warnings_and_stops_when_asked(tmp_path):
             stop.set()
     assert seen[-2:] == ["step", "stopped"] and "warning" in seen
     assert not out.exists()
+
+
+def test_a_job_stopped_by_the_apps_own_stop_is_stopped_not_failed(tmp_path, monkeypatch):
+    """Ctrl-C reaches the job's thread at its next step (kinema.interrupt): the page showed an error box
+    "KeyboardInterrupt:" and the log a failed job."""
+    import kinema.ui.app as app_module
+    from kinema.interrupt import Terminated
+
+    for stop in (KeyboardInterrupt(), Terminated(15)):
+        def interrupted(*args, stop=stop, **kwargs):
+            raise stop
+
+        monkeypatch.setattr(app_module, "run_job", interrupted)
+        job = job_from_mapping({"prompt": "a red circle", "frames": 8, "steps": 2})
+        assert list(run_in_worker(job, tmp_path / "job", FamilyCache(), threading.Event())) == [
+            ("stopped", "the app is stopping")]
 
 
 def test_a_backlog_of_steps_reaches_the_page_as_the_newest_step_only():
