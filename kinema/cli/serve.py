@@ -83,6 +83,9 @@ def check_serve(args: argparse.Namespace) -> None:
     """Bad usage of `kinema serve`, refused before any heavy import."""
     from kinema.api.store import check_data_dir
 
+    if args.api_key is not None and not args.api_key.strip():  # taken for "no key" without a word
+        raise KinemaError("--api-key is empty; give a key (e.g. openssl rand -hex 16), or leave the option out to "
+                          "serve on loopback without one")
     args.api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     if args.api_key is None and not is_loopback(args.host):
         raise KinemaError(f"--host {args.host} lets other machines in, so the server needs an API key: give "

@@ -476,6 +476,7 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
             with Image.open(opener(), formats=PIL_FORMATS) as image:
                 image.load()  # the pixels: verify passes compressed data that is garbage with good checksums
                 size = oriented_size(image)  # as shown, and read: a phone photo's EXIF turn applied
+                frames = getattr(image, "n_frames", 1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL's error names twice the limit (where it stops warning); the limit that counts here is the one it warns at.
         pixels = re.search(r"\((\d+) pixels\)", str(err))
@@ -489,6 +490,8 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
                               f"{STILL_IMAGE_KINDS} file") from None
         detail = "" if isinstance(err, UnidentifiedImageError) else f" ({shorten(str(err), 80)})"
         raise KinemaError(f"the {what} is not an image{detail}; give a {STILL_IMAGE_KINDS} file") from None
+    if frames > 1:  # an animated GIF, PNG or WebP: taken as its first frame, as PIL opens it
+        logger.warning("the %s is an animated image of %d frames; its first frame is used", what, frames)
     return size
 
 

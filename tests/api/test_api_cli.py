@@ -211,3 +211,12 @@ def test_the_port_check_names_a_host_that_is_not_here():
         check_port_free("192.0.2.1", 8000)  # TEST-NET-1: never a local address
     with pytest.raises(KinemaError, match="--host nohost.invalid is not a host name"):
         check_port_free("nohost.invalid", 8000)
+
+
+def test_an_empty_api_key_is_refused(tmp_path, monkeypatch, capsys):
+    # "--api-key ''" (an unset shell variable, say) served without a key without a word.
+    never_serve(monkeypatch)
+    for key in ("", "  "):
+        assert main(["serve", "--api-key", key, "--data-dir", str(tmp_path / "data")]) == 2
+        assert "--api-key is empty" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()

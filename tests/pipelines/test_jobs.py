@@ -787,3 +787,20 @@ def test_numpy_numbers_and_bools_are_what_they_stand_for():
     assert (check_lora_weight(np.float32(0.5)), check_lora_weight(np.int64(-2))) == (0.5, -2.0)
     with pytest.raises(KinemaError, match="the LoRA weight must be a number from -100 to 100"):
         check_lora_weight(np.float64("nan"))
+
+
+def test_an_animated_image_says_its_first_frame_is_used(tmp_path, caplog):
+    # An animated GIF given as a start image was taken as its first frame without a word.
+    from PIL import Image
+
+    from kinema.pipelines.jobs import check_image_file
+
+    frames = [Image.new("RGB", (16, 12), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "still.gif")
+    with caplog.at_level("WARNING", logger="kinema.pipelines.jobs"):
+        assert check_image_file(tmp_path / "still.gif", "start image") == (16, 12)
+        assert not caplog.records
+        assert check_image_file(tmp_path / "anim.gif", "start image") == (16, 12)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the start image {tmp_path / 'anim.gif'} is an animated image of 3 frames; its first frame is used"]
