@@ -149,6 +149,14 @@ def check_form(values: dict[str, Any], models_dir: str | os.PathLike | None, dev
     return job_from_mapping(form_to_mapping(values), where="form", models_dir=models_dir, device=device)
 
 
+def _upload_names(message: str, uploads: list[str]) -> str:
+    """`message` with each uploaded file named as the user named it: gradio keeps an upload at a path of its own
+    (/tmp/gradio/<hash>/cat.png), which said nothing the user could find."""
+    for path in uploads:
+        message = message.replace(path, os.path.basename(path))
+    return message
+
+
 def newest_steps(events: queue.Queue) -> Iterator[tuple[str, Any]]:
     """The events of `events` in order until one of "done", "stopped" or "error", but of several "step" events
     waiting at once only the newest: a page slower than the sampler gets the current step and preview, not a
@@ -552,6 +560,7 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
             values["extra"] = data[extra]
             values["loras"] = [[data[path], data[weight]] for path, weight in zip(lora_paths, lora_weights,
                                                                                       strict=True)]
+            uploads = [values[key] for key in INPUT_KEYS if values.get(key)]
             try:
                 # Bad input is refused before anything is copied, and only the inputs the job reads are kept (an
                 # upload left in another tab is neither hashed nor copied).
@@ -562,9 +571,9 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                             else None
                 job = check_form(values, models_path, family_cache.device)
             except KinemaError as err:
-                raise gr.Error(str(err), print_exception=False) from None
+                raise gr.Error(_upload_names(str(err), uploads), print_exception=False) from None
             except OSError as err:
-                raise gr.Error(os_error_message(err), print_exception=False) from None
+                raise gr.Error(_upload_names(os_error_message(err), uploads), print_exception=False) from None
             out = new_job_folder(outputs, job.settings())
             total = job.request.sampling_steps()
             progress((0, total), desc="loading the model and starting")

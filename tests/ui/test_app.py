@@ -237,3 +237,12 @@ def test_stop_reaches_a_job_still_waiting_in_the_queue_and_no_other_sessions(tmp
     finally:
         gate.set()
         app.close(verbose=False)
+
+
+def test_an_uploads_error_names_the_file_as_the_user_named_it():
+    # gradio keeps an upload at a path of its own: "the image /tmp/gradio/<hash>/cat.png is not an image".
+    from kinema.ui.app import _upload_names
+
+    upload = "/tmp/gradio/0123abcd/cat.png"
+    assert _upload_names(f"form: the image {upload} is not an image; give a PNG", [upload, "/tmp/x/dog.png"]) == \
+        "form: the image cat.png is not an image; give a PNG"
