@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kinema.data.probe import PIL_FORMATS, oriented_size, rgb8
-from kinema.errors import KinemaError, shorten, value_words
+from kinema.errors import KinemaError, count_words, shorten, value_words
 from kinema.memory import available_memory, check_frames_fit, memory_words, peak_memory_bytes, reset_peak_memory
 from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
@@ -608,6 +608,21 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         return free_init_sample(run, start, scheduler, options, steps, fresh)
 
 
+def _warn_late_start(family: VideoFamily, request: GenerationRequest, plan: _Plan) -> None:
+    """A warning, once before any sampling, when the sampler's first timestep is far below pure noise (below 3/4 of
+    the noise schedule), where sampling starts: few steps of a `leading` or `linspace` spacing (DDIM's 1 step runs at
+    timestep 1, 2 steps from 501), which leave the video noisy; `trailing` spacing starts at the top."""
+    spacing = {} if request.timestep_spacing is None else {"timestep_spacing": request.timestep_spacing}
+    scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type, **spacing)
+    scheduler.set_timesteps(plan.steps)
+    first, top = int(scheduler.timesteps[0]), int(scheduler.config.num_train_timesteps)
+    if first < 0.75 * top:
+        logger.warning("with %s the %s sampler starts at timestep %d of %d (its %r timestep spacing), far below "
+                       "the pure noise sampling starts from, so the video stays noisy: use --timestep-spacing "
+                       "trailing (timestep_spacing), or more steps", count_words(plan.steps, "step"), plan.scheduler,
+                       first, top, scheduler.config.timestep_spacing)
+
+
 def _warn_prompts(family: VideoFamily, request: GenerationRequest, frames: int) -> None:
     """Warnings, once per run before any sampling, for prompts the model will not follow: one outside the world of
     a model that declares one (`PromptWorld`: the bundled models' coloured shapes), and each prompt (a schedule's
@@ -1003,6 +1018,8 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         # there now and leave it stage by stage: not counted.
         _check_decode_fits(family, 1, made, plan.height, plan.width, request.dtype)  # one video at a time
     _warn_prompts(family, request, made)
+    if mode != "video-to-video":
+        _warn_late_start(family, request, plan)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")
 

@@ -914,3 +914,21 @@ def test_image_to_video_needs_an_inpaint_model_on_the_dit(easyanimate, monkeypat
     with pytest.raises(KinemaError, match="inpaint"):
         run(t2v, image=torch.rand(3, SIZE, SIZE), frames=8)
     assert spy.calls == []
+
+
+@pytest.mark.parametrize(("options", "starts_at"), [({"steps": 1}, 1), ({"steps": 2}, 501), ({"steps": 3}, 667),
+                                                    ({"steps": 4}, None), ({"steps": 25}, None),
+                                                    ({"steps": 1, "timestep_spacing": "trailing"}, None),
+                                                    ({"steps": 1, "scheduler": "euler"}, 0),
+                                                    ({"steps": 1, "scheduler": "dpmpp_2m"}, None)])
+def test_a_sampler_starting_far_below_pure_noise_is_warned_of(animatediff, caplog, options, starts_at):
+    """DDIM's default leading spacing runs 1 step at timestep 1 (the video stays noise, std 0.99) and 2 from 501,
+    without a word."""
+    with caplog.at_level("WARNING", logger="kinema.pipelines.generation"):
+        run(animatediff, **{"scheduler": "ddim", **options})
+    said = [record.getMessage() for record in caplog.records if "far below the pure noise" in record.getMessage()]
+    if starts_at is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and f"starts at timestep {starts_at} of 1000" in said[0]
+        assert "--timestep-spacing trailing" in said[0]
