@@ -33,6 +33,7 @@ from kinema.models.freeu import freeu
 from kinema.models.motion.strength import motion_strength
 from kinema.pipelines.family import Conditioning, VideoFamily
 from kinema.pipelines.request import (
+    DTYPES,
     MASK_MARKS_NOTHING,
     OUTPUT_TYPES,
     GenerationRequest,
@@ -967,6 +968,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         # The settings record the frames made: the input's remade frame for frame, or it and those appended.
         request = replace(request, frames=input_video.shape[0] + (request.extend_frames or 0))
     plan = _plan(family, request)
+    if output == "latent" and plan.continuation:
+        raise KinemaError("a video made in segments (a continuation) is decoded segment by segment and has no "
+                          "latents of the whole video, so output='latent' cannot be given; ask for 'tensor', 'numpy' "
+                          "or 'pil'")
     seeds = [int(s) for s in request.seeds]
     device = _device(family, request.offload)
     if input_video is not None:
@@ -1033,8 +1038,11 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     # One entry per video: its own seed (a seed alone remakes that video: each is made alone), the batch's dropped.
     # int8 and torch.compile stay on a family once an earlier request turned them on: recorded as what runs, so the
     # settings remake the video.
+    # So is a family loaded in another dtype than float32 (load_family(dtype=), or an earlier request's).
+    loaded_in = str(next(family.model.parameters()).dtype).removeprefix("torch.")
     kept = {"quantize": request.quantize or ("int8" if _quantized(family.model) else None),
-            "compile": request.compile or _compiled(family.model)}
+            "compile": request.compile or _compiled(family.model),
+            "dtype": request.dtype or (loaded_in if loaded_in in DTYPES and loaded_in != "float32" else None)}
     settings = [{**{k: v for k, v in request.settings().items() if k != "seeds"}, **kept, **family.settings(),
                  "seed": seed, "scheduler": plan.scheduler} for seed in seeds]
     if resume is not None and plan.continuation:

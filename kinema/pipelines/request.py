@@ -147,7 +147,9 @@ _OWN_TYPE_CHECKS = ("mask_blur",)
 
 
 def _python_numbers(value: Any) -> Any:
-    """`value` with numpy's numbers (alone, or in lists and dicts) as Python's, which JSON writes."""
+    """`value` with numpy's numbers and booleans (alone, or in lists and dicts) as Python's, which JSON writes."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # no numbers.Real
+        return bool(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
         return int(value) if isinstance(value, numbers.Integral) else float(value)
     if isinstance(value, list | tuple):
@@ -507,8 +509,8 @@ def check_window(window: int, name: str, context_length: int | None = None,
 def check_mask_blur(blur: Any, masked: bool) -> None:
     """One KinemaError line for a mask blur that is not a number of pixels from 0 to MAX_MASK_BLUR, or one given
     without a mask (`masked`)."""
-    if isinstance(blur, bool) or not isinstance(blur, int | float) or not (
-            math.isfinite(blur) and 0 <= blur <= MAX_MASK_BLUR):
+    if isinstance(blur, bool) or not isinstance(blur, numbers.Real) or not (
+            math.isfinite(blur) and 0 <= float(blur) <= MAX_MASK_BLUR):
         raise KinemaError(f"mask_blur is the radius in pixels of the blur that feathers the mask's edge, from 0 (a "
                           f"hard edge) to {MAX_MASK_BLUR:g}; got {blur!r}")
     if blur and not masked:
@@ -752,6 +754,9 @@ class GenerationRequest:
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
         for seed in seeds:
             check_seed(seed)
+        repeated = next((seed for index, seed in enumerate(seeds) if seed in seeds[:index]), None)
+        if repeated is not None:  # the same video twice, and two files of one name
+            raise KinemaError(f"seed {repeated} is given more than once; give each seed once (one video per seed)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in INTERPOLATIONS:
@@ -770,7 +775,7 @@ class GenerationRequest:
             raise KinemaError(f"the context stride {self.context.stride} (--context-stride, context.stride) spaces "
                               f"the windows of the uniform schedule only; drop it with the {self.context.schedule!r} "
                               "schedule")
-        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, numbers.Integral) or self.clip_skip < 1:
             raise KinemaError(f"clip_skip is a whole number of at least 1 (1: CLIP's last layer, 2: the one before), "
                               f"got {self.clip_skip!r}")
         check_timestep_spacing(self.timestep_spacing, self.scheduler)
@@ -859,7 +864,7 @@ class GenerationRequest:
             raise KinemaError(f"cfg_truncation must be in (0, 1] (the share of steps that keep guidance), got "
                               f"{self.cfg_truncation}")
         if self.guidance_rescale is not None and (isinstance(self.guidance_rescale, bool) or not isinstance(
-                self.guidance_rescale, int | float) or not 0 <= self.guidance_rescale <= 1):
+                self.guidance_rescale, numbers.Real) or not 0 <= self.guidance_rescale <= 1):
             raise KinemaError(f"guidance_rescale must be a number from 0 to 1 (the share of the guided prediction "
                               f"rescaled to the conditional one's spread), got {self.guidance_rescale!r}")
         if self.speed is not None and self.speed not in SPEEDS:

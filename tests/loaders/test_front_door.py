@@ -282,6 +282,8 @@ def test_an_option_a_kind_does_not_take_is_one_line_naming_those_it_takes(tmp_pa
             kinema.load(path, **options)
         assert said in str(err.value)
     assert kinema.load(motion_lora, video_unet=video_unet, strength=0.5) is video_unet
+    with pytest.raises(KinemaError, match="whose load takes dtype=, device=, mmap=; not bogus="):
+        kinema.load("kinema-tiny", bogus=1)
 
 
 def test_a_motion_module_in_half_precision_loads_without_diffusers_float32_notice(tmp_path):

@@ -932,3 +932,27 @@ def test_a_sampler_starting_far_below_pure_noise_is_warned_of(animatediff, caplo
     else:
         assert len(said) == 1 and f"starts at timestep {starts_at} of 1000" in said[0]
         assert "--timestep-spacing trailing" in said[0]
+
+
+def test_notebook_inputs_numpy_values_and_a_bfloat16_family_are_recorded_as_what_ran(animatediff):
+    """Found by a hostile notebook user: numpy booleans passed the check but made the settings unsaveable, numpy
+    numbers were refused by some fields, a repeated seed made the same video twice and then refused to save, the
+    settings of a family loaded in bfloat16 said dtype None (a float32 remake differed by 0.18), and output='latent'
+    of a continuation gave PIL images."""
+    import json
+
+    import numpy as np
+
+    result = run(animatediff, resize=np.bool_(False), clip_skip=np.int64(1), guidance_rescale=np.float32(0.5),
+                 steps=1, timestep_spacing="trailing")
+    json.dumps(result.settings)
+    assert result.settings[0]["resize"] is False and result.settings[0]["guidance_rescale"] == 0.5
+    assert result.settings[0]["dtype"] is None  # a float32 family
+    with pytest.raises(KinemaError, match="seed 1 is given more than once; give each seed once"):
+        run(animatediff, seeds=[1, 2, 1])
+    with pytest.raises(KinemaError, match="output='latent' cannot be given"):
+        run(animatediff, output="latent", video=torch.rand(4, 3, SIZE, SIZE), extend_frames=4, overlap_frames=2,
+            segment_frames=4)
+    half = copy.deepcopy(animatediff)
+    half.model.to(torch.bfloat16)
+    assert run(half, steps=1, timestep_spacing="trailing").settings[0]["dtype"] == "bfloat16"

@@ -26,13 +26,14 @@ def describe_slice_vae_source(source: Source) -> dict[str, Any] | None:
     return describe_slice_vae(source.path) if source.path.is_dir() else None
 
 
-def load_easyanimate_path(source: Source, **options: Any) -> Any:
-    """A whole V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]) as an `EasyAnimateModel`;
-    a transformer folder or file as a `VideoDiT`. Options: `dtype`, `device`, `mmap`."""
+def load_easyanimate_path(source: Source, *, dtype: Any = None, device: Any = "cpu", mmap: bool = False) -> Any:
+    """A whole V3 folder (transformer/, vae/, text_encoder/, tokenizer/[, image_encoder/]) as an `EasyAnimateModel`
+    (`dtype` default float32); a transformer folder or file as a `VideoDiT` (`dtype` default: as stored)."""
     from kinema.loaders.easyanimate.folder import is_model_folder, load_easyanimate
     from kinema.loaders.easyanimate.transformer import load_video_dit
 
     path = source.path
+    options = {"device": device, "mmap": mmap, **({} if dtype is None else {"dtype": dtype})}
     return load_easyanimate(path, **options) if is_model_folder(path) else load_video_dit(path, **options)
 
 
