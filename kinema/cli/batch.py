@@ -19,9 +19,9 @@ DESCRIPTION = (
     "and steps take the model's defaults, as in `kinema generate`). Each job writes DIR/jobs/ID/ (its videos, their "
     "settings and job.json) whole or not at all, and a record to DIR/manifest.jsonl. Running the same command again "
     "skips the jobs already done, so a run stopped by a crash resumes; an edited line is a new job. Without --ray "
-    "the jobs run here in turn, each model loaded once. With --ray they fan out over Ray worker actors, each "
-    "loading a model once for all the jobs it serves (Ray: pip install \"kinema[batch]\"); on a cluster of several "
-    "machines, DIR and every file the jobs name must be on storage all of them see."
+    "the jobs run here in turn, grouped by model, each model loaded once. With --ray they fan out over Ray worker "
+    "actors, each loading a model once for all the jobs it serves (Ray: pip install \"kinema[batch]\"); on a cluster "
+    "of several machines, DIR and every file the jobs name must be on storage all of them see."
 )
 
 

@@ -381,11 +381,13 @@ def _run_locked(jobs: Sequence[BatchJob], real: Path, manifest: Path, finished: 
 
 
 def _run_here(pending: Sequence[BatchJob], out: Path, record: Record, device: str) -> list[dict[str, Any]]:
-    """Run the jobs in turn in this process on one FamilyCache; returns the one worker's record."""
+    """Run the jobs in turn in this process on one FamilyCache, grouped by model (in file order within a model), so
+    that each model loads once though the cache keeps only the two used last; returns the one worker's record."""
     from kinema.interrupt import stop_if_requested
 
     worker = BatchWorker(_worker_name(0), str(out), device)
-    for batch_job in pending:
+    order = {key: index for index, key in enumerate(dict.fromkeys(repr(job.job.model_key()) for job in pending))}
+    for batch_job in sorted(pending, key=lambda batch_job: order[repr(batch_job.job.model_key())]):
         stop_if_requested()
         record(worker.run(batch_job))
     return [worker.summary()]

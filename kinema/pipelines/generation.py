@@ -549,8 +549,7 @@ class _Clip:
 def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text: _Text, clip: _Clip,
              seeds: Sequence[int], callback: StepCallback | None, progress: bool) -> torch.Tensor:
     """Sample one clip's latents `(B, C, F', h, w)` under everything the plan and the clip ask for."""
-    spacing = {} if request.timestep_spacing is None else {"timestep_spacing": request.timestep_spacing}
-    scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type, **spacing)
+    scheduler = _scheduler(family, request, plan)
     steps = plan.steps
     denoiser: Denoiser = family.denoiser()
     frames = clip.noise.shape[2]
@@ -583,7 +582,7 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
     # FreeInit's fresh noise is the draws after the initial noise (seeded_fresh_noise), so a sampler's step noise
     # comes after those too, not again.
     free_init = request.free_init is not None and clip.clean is None
-    drawn = request.free_init.iterations if free_init and request.free_init is not None else 1
+    drawn = request.free_init.iterations if request.free_init is not None and clip.clean is None else 1
 
     def run(noise: torch.Tensor, run_steps: int) -> torch.Tensor:
         repaint = None
@@ -609,12 +608,17 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         return free_init_sample(run, start, scheduler, options, steps, fresh)
 
 
+def _scheduler(family: VideoFamily, request: GenerationRequest, plan: _Plan) -> Any:
+    """A fresh diffusers scheduler of the plan's sampler for `family`, at the request's timestep spacing."""
+    spacing = {} if request.timestep_spacing is None else {"timestep_spacing": request.timestep_spacing}
+    return make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type, **spacing)
+
+
 def _warn_late_start(family: VideoFamily, request: GenerationRequest, plan: _Plan) -> None:
     """A warning, once before any sampling, when the sampler's first timestep is far below pure noise (below 3/4 of
     the noise schedule), where sampling starts: few steps of a `leading` or `linspace` spacing (DDIM's 1 step runs at
     timestep 1, 2 steps from 501), which leave the video noisy; `trailing` spacing starts at the top."""
-    spacing = {} if request.timestep_spacing is None else {"timestep_spacing": request.timestep_spacing}
-    scheduler = make_scheduler(plan.scheduler, family.family, prediction_type=family.prediction_type, **spacing)
+    scheduler = _scheduler(family, request, plan)
     scheduler.set_timesteps(plan.steps)
     first, top = int(scheduler.timesteps[0]), int(scheduler.config.num_train_timesteps)
     if first < 0.75 * top:
@@ -1018,12 +1022,12 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
     check_frames_fit(len(seeds), made, plan.height, plan.width, "ask for fewer frames (generate --frames, extend "
                      "--frames / --to), a smaller size or fewer seeds")
     set_vae_options(family, vae_tiling=request.vae_tiling, decode_chunk=request.decode_chunk)
-    if (output != "latent" or plan.continuation) and not request.offload:
+    if output != "latent" and not request.offload:  # a continuation is refused output="latent" above
         # Offloaded to an accelerator (offload stays on only where there is one, above), the weights still sit
         # there now and leave it stage by stage: not counted.
         _check_decode_fits(family, 1, made, plan.height, plan.width, request.dtype)  # one video at a time
     _warn_prompts(family, request, made)
-    if mode != "video-to-video":
+    if mode != "video-to-video" and resume is None:
         _warn_late_start(family, request, plan)
     check_image_keyframes(request.ip_image, made, "make more frames" if input_video is None
                           else "append more frames" if mode == "extend" else "give a longer input video")
@@ -1049,7 +1053,10 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
                           "nothing to resume it from; run it without resume")
     if resume is not None:
-        _check_resumed(resume, settings, inputs, (len(seeds), family.latent_channels, plan.latent_frames,
+        compared = settings
+        if request.dtype is None and all(entry.get("dtype") is None for entry in resume[1]):
+            compared = [{**entry, "dtype": None} for entry in settings]  # saved before a family's dtype was recorded
+        _check_resumed(resume, compared, inputs, (len(seeds), family.latent_channels, plan.latent_frames,
                                           plan.height // family.spatial_factor, plan.width // family.spatial_factor))
     reset_peak_memory(device)
     segments = 0

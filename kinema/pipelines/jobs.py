@@ -17,6 +17,7 @@ torch at module level: checking a job is plain Python, PIL for images and PyAV f
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
@@ -27,6 +28,7 @@ import os
 import re
 import secrets
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -476,7 +478,8 @@ def _verify_image(opener: Any, what: str) -> tuple[int, int]:
             with Image.open(opener(), formats=PIL_FORMATS) as image:
                 image.load()  # the pixels: verify passes compressed data that is garbage with good checksums
                 size = oriented_size(image)  # as shown, and read: a phone photo's EXIF turn applied
-                frames = getattr(image, "n_frames", 1)
+                # A phone's JPEG may hold a second picture (MPO) that PIL counts as a frame: animated formats alone.
+                frames = getattr(image, "n_frames", 1) if image.format in ("GIF", "PNG", "WEBP") else 1
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL's error names twice the limit (where it stops warning); the limit that counts here is the one it warns at.
         pixels = re.search(r"\((\d+) pixels\)", str(err))
@@ -1237,7 +1240,8 @@ MODELS_KEPT = 2
 
 class FamilyCache:
     """Keeps loaded models by `Job.model_key()`: `load_family` runs once per key (`loads` counts its calls).
-    `max_models` bounds how many stay loaded (the least recently used goes first; None keeps all); `device` is
+    `max_models` bounds how many stay loaded (the least recently used goes first, though one a running job still
+    holds is taken back rather than loaded twice; None keeps all); `device` is
     where they load: a torch device, or a name of kinema.devices (auto, cpu, cuda, cuda:N, mps) resolved here, on
     the machine that runs the jobs (a Ray worker's own). Safe to share between threads: a key is loaded by one of
     them while the others wait."""
@@ -1251,6 +1255,7 @@ class FamilyCache:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.loads = 0
         self._families: OrderedDict[tuple, VideoFamily] = OrderedDict()
+        self._let_go: weakref.WeakValueDictionary[tuple, VideoFamily] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def get(self, job: Job) -> VideoFamily:
@@ -1262,9 +1267,15 @@ class FamilyCache:
                 return self._families[key]
             from kinema.pipelines.load import load_family
 
+            family = self._let_go.get(key)  # let go of, but still held by a job running on it: no second copy
             if self.max_models is not None:
                 while len(self._families) >= self.max_models:  # free memory before the next model takes it
-                    self._families.popitem(last=False)
+                    gone, held = self._families.popitem(last=False)
+                    with contextlib.suppress(TypeError):  # a stand-in that takes no weak reference
+                        self._let_go[gone] = held
+            if family is not None:
+                self._families[key] = family
+                return family
             family = load_family(job.model, motion_module=job.motion_module, loras=job.loras,
                                  dtype=job.request.dtype or "float32", device=self.device, tokenizer=job.tokenizer,
                                  ip_adapter=job.ip_adapter, image_encoder=job.image_encoder,

@@ -2,7 +2,8 @@
 
 Every generation is a job: the form becomes a mapping (kinema.ui.form), `job_from_mapping` checks it (the same
 one-line refusals as the CLI and the HTTP API, shown as a gradio error), and `run_job` makes it into a folder of its
-own under the outputs folder with one `FamilyCache`, so a model loads once however many jobs it serves. The job runs
+own under the outputs folder with one `FamilyCache`, which keeps the two models used last loaded for the jobs
+that follow. The job runs
 in a worker thread; the event handler, a generator, relays its step callbacks as gradio progress and latent previews
 (kinema.ui.preview), and its kinema warnings as gradio warnings. Generations share gradio's queue:
 `concurrency` of them run at once, and the light events (scans, gallery, settings) do not wait behind them.
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,10 +250,13 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     models_path = Path(models_dir) if models_dir is not None else None
     outputs = Path(outputs_dir)
     family_cache = cache if cache is not None else FamilyCache()
-    # Each generation's stop, from its click (queued) to its end, by a token of its own: {token: (session, event)}.
-    # Keyed by session alone, a Stop pressed while the job waited in the queue found nothing and was lost, and a
-    # session's second job took the first one's place.
-    stops: dict[str, tuple[str, threading.Event]] = {}
+    # Stop, per page (gradio session): the stop of each of its running generations, when its waiting one was clicked
+    # (the page sends no second while one is pending: a later click is dropped) and when it last pressed Stop. A
+    # Stop pressed after the click reaches the generation still waiting in the queue; keyed to running jobs alone, it
+    # found nothing and was lost, and the job ran whole later.
+    running: dict[str, set[threading.Event]] = {}
+    clicked: dict[str, float] = {}
+    stopped: dict[str, float] = {}
     scan = scan_models(models_path)
     start = form_defaults(DEFAULT_MODEL)
     scheduler_choices = [("the model's default", FAMILY_DEFAULT)] + [(name, name) for name in SCHEDULERS]
@@ -261,7 +267,6 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                     "It starts on the bundled model; add your own with `kinema ui --models-dir DIR`.")
         mode = gr.State(TEXT_TO_VIDEO)
         gallery_settings = gr.State([])
-        job_token = gr.State("")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
@@ -526,32 +531,41 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                            concurrency_limit=None)
 
         def stop_job(request: gr.Request) -> None:
-            for session, event in list(stops.values()):
-                if session == (request.session_hash or ""):
-                    event.set()
+            session = request.session_hash or ""
+            stopped[session] = time.monotonic()
+            for event in list(running.get(session, ())):
+                event.set()
 
-        def enqueue_job(request: gr.Request) -> str:
-            token = secrets.token_hex(16)
-            stops[token] = (request.session_hash or "", threading.Event())
-            return token
+        def enqueue_job(request: gr.Request) -> None:
+            clicked.setdefault(request.session_hash or "", time.monotonic())  # the first click: the others dropped
+
+        def forget_page(request: gr.Request) -> None:
+            session = request.session_hash or ""
+            clicked.pop(session, None)
+            stopped.pop(session, None)
 
         stop.click(stop_job, concurrency_limit=None)
+        app.unload(forget_page)
 
         # gradio finds its progress tracker by this default value.
         def generate_video(data: dict[Any, Any], request: gr.Request,
                            progress: gr.Progress = gr.Progress()  # noqa: B008
                            ) -> Iterator[dict[Any, Any]]:
-            token = data[job_token]
-            if token not in stops:  # called without the click's token (an API client): one of its own from now
-                token = enqueue_job(request)
-            _, stop_event = stops[token]
+            session = request.session_hash or ""
+            click = clicked.pop(session, None)  # none: an API client calling this alone
+            if click is not None and stopped.get(session, -math.inf) >= click:
+                yield {status: "Stopped before it started: nothing was written."}
+                return
+            stop_event = threading.Event()
+            running.setdefault(session, set()).add(stop_event)
             try:
-                if stop_event.is_set():
-                    yield {status: "Stopped before it started: nothing was written."}
-                    return
                 yield from _generate(data, stop_event, progress)
             finally:
-                stops.pop(token, None)
+                running[session].discard(stop_event)
+                if not running[session]:
+                    del running[session]
+                if clicked.get(session, math.inf) < time.monotonic():  # a click the page dropped while this ran
+                    clicked.pop(session, None)
 
         def _generate(data: dict[Any, Any], stop_event: threading.Event, progress: gr.Progress
                       ) -> Iterator[dict[Any, Any]]:
@@ -597,11 +611,11 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                            selected_settings: settings_list[0] if settings_list else None,
                            status: f"Done: seed {seeds}. Saved in {out}"}
 
-        # One event for both triggers, so the queue's concurrency limit counts every generation together.
-        # The token is made at the click, before the queue: a Stop pressed while the job waits there reaches it.
-        gr.on([generate.click, prompt.submit], enqueue_job, outputs=job_token, queue=False,
-              concurrency_limit=None).then(
-            generate_video, inputs={job_token, mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
+        # One event for both triggers, so the queue's concurrency limit counts every generation together. The click
+        # is noted before the queue: a Stop pressed while the job waits there reaches it.
+        gr.on([generate.click, prompt.submit], enqueue_job, queue=False, concurrency_limit=None,
+              api_visibility="undocumented").then(
+            generate_video, inputs={mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
             outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
     app.queue(default_concurrency_limit=concurrency)
     return app

@@ -22,7 +22,7 @@ from kinema.pipelines.batch import (
     run_batch,
     run_one,
 )
-from kinema.pipelines.jobs import job_from_mapping
+from kinema.pipelines.jobs import FamilyCache, job_from_mapping
 
 LINE = {"prompt": "a red circle moving right", "frames": 8, "steps": 2, "seed": 1}
 
@@ -276,6 +276,40 @@ def fan_out(tmp_path, monkeypatch, cpus: int, workers: int | None, dying_lines: 
     summary = run_batch(jobs, tmp_path / "out", ray="auto", workers=workers)
     records = [r for r in read_manifest(tmp_path / "out") if "job" in r]
     return summary, records, fake
+
+
+def test_jobs_run_here_grouped_by_model_so_each_loads_once(tmp_path, monkeypatch):
+    """The cache keeps the two models used last: three models interleaved line by line loaded one per job."""
+    import kinema.pipelines.batch as batch
+    import kinema.pipelines.load as load
+
+    class Family:
+        pass
+
+    monkeypatch.setattr(load, "load_family", lambda model, **options: Family())
+    ran = []
+
+    def fake_run_one(batch_job, out, cache, worker):
+        cache.get(batch_job.job)
+        ran.append(batch_job.line)
+        return {"job": batch_job.id, "line": batch_job.line, "worker": worker, "status": "done", "outputs": [],
+                "seconds": 0.0, "loaded": 0}
+
+    monkeypatch.setattr(batch, "run_one", fake_run_one)
+    dtypes = ["float32", "bfloat16", "float16"] * 2
+    jobs = [BatchJob(line=n, id=f"job{n}", job=job_from_mapping({**LINE, "seed": n, "dtype": dtype}))
+            for n, dtype in enumerate(dtypes, start=1)]
+    loads = []
+    original = FamilyCache.get
+
+    def counting(cache, job):
+        family = original(cache, job)
+        loads.append(cache.loads)
+        return family
+
+    monkeypatch.setattr(FamilyCache, "get", counting)
+    run_batch(jobs, tmp_path / "out")
+    assert ran == [1, 4, 2, 5, 3, 6] and loads[-1] == 3
 
 
 def test_ray_workers_are_fed_in_turn_and_a_dead_workers_jobs_go_to_the_others(tmp_path, monkeypatch):

@@ -955,4 +955,12 @@ def test_notebook_inputs_numpy_values_and_a_bfloat16_family_are_recorded_as_what
             segment_frames=4)
     half = copy.deepcopy(animatediff)
     half.model.to(torch.bfloat16)
-    assert run(half, steps=1, timestep_spacing="trailing").settings[0]["dtype"] == "bfloat16"
+    saved = []
+    made = generate(half, request(steps=1, timestep_spacing="trailing"), progress=False,
+                    on_latents=lambda latents, settings: saved.append((latents, settings)))
+    assert made.settings[0]["dtype"] == "bfloat16"
+    # Latents saved before the family's own dtype was recorded (None) still resume this run.
+    latents, settings = saved[0]
+    resumed = generate(half, request(steps=1, timestep_spacing="trailing"), progress=False,
+                       resume=(latents, [{**entry, "dtype": None} for entry in settings]))
+    assert torch.equal(resumed.frames, made.frames)

@@ -369,6 +369,32 @@ def test_the_cache_keeps_at_most_max_models(monkeypatch):
     assert cache.get(cat) is not first and cache.loads == 3
 
 
+def test_a_model_let_go_while_a_job_still_runs_on_it_is_taken_back_not_loaded_twice(monkeypatch):
+    """Past max_models the cache let go of a model a running job still held, and the next job for it loaded a second
+    copy: three models resident for a limit of two."""
+    import gc
+
+    import kinema.pipelines.load as load
+
+    class Family:
+        pass
+
+    monkeypatch.setattr(load, "load_family", lambda model, **options: Family())
+    cache = FamilyCache(max_models=2)
+    a, b, c = (job_from_mapping({"prompt": "a cat", **extra}) for extra in ({}, {"dtype": "bfloat16"},
+                                                                            {"dtype": "float16"}))
+    running = cache.get(a)  # a job still runs on it
+    cache.get(b)
+    cache.get(c)  # a is let go of
+    assert cache.get(a) is running and cache.loads == 3
+    del running
+    cache.get(b)  # b and c were let go of with no job on them: freed, loaded again
+    cache.get(c)  # a let go of again, and no job holds it now: freed too, so it loads again
+    gc.collect()
+    cache.get(a)
+    assert cache.loads == 6
+
+
 def test_the_video_size_of_a_video_job_is_the_inputs(tmp_path):
     from kinema.data.video_io import write_video
 
@@ -798,8 +824,11 @@ def test_an_animated_image_says_its_first_frame_is_used(tmp_path, caplog):
     frames = [Image.new("RGB", (16, 12), colour) for colour in ("red", "blue", "green")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
     frames[0].save(tmp_path / "still.gif")
+    # A phone's JPEG with a second picture inside (MPO), which PIL counts as 2 frames: no animation.
+    frames[0].save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=frames[1:2])
     with caplog.at_level("WARNING", logger="kinema.pipelines.jobs"):
         assert check_image_file(tmp_path / "still.gif", "start image") == (16, 12)
+        assert check_image_file(tmp_path / "phone.jpg", "start image") == (16, 12)
         assert not caplog.records
         assert check_image_file(tmp_path / "anim.gif", "start image") == (16, 12)
     assert [record.getMessage() for record in caplog.records] == [

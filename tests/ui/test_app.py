@@ -41,6 +41,7 @@ def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
     limits = {fn.name: (fn.concurrency_limit, len(fn.targets)) for fn in app.fns.values()}
     assert limits.pop("generate_video") == ("default", 1)  # run after enqueue_job, on either trigger
     assert limits.pop("enqueue_job") == (None, 2)
+    limits.pop("forget_page")  # a page closed: its notes go whenever the queue reaches it
     assert {limit for limit, _ in limits.values()} == {None}
 
 
@@ -223,17 +224,24 @@ def test_stop_reaches_a_job_still_waiting_in_the_queue_and_no_other_sessions(tmp
         running = first.submit(*form_values(first, Prompt="a red circle moving right", Steps=2),
                                api_name="/generate_video")
         assert started.wait(60)
-        second.predict(api_name="/enqueue_job")  # the click's token, as the page's Generate makes it
+        second.predict(api_name="/enqueue_job")  # the click, noted as the page's Generate does before the queue
         waiting = second.submit(*form_values(second, Prompt="a blue square moving up", Steps=2),
                                 api_name="/generate_video")
         deadline = time.monotonic() + 60
         while waiting.status().code.name != "IN_QUEUE" and time.monotonic() < deadline:
             time.sleep(0.05)
         second.predict(api_name="/stop_job")
+        # A second click while it waits (the page drops its generation) does not undo the Stop: a fresh token did.
+        second.predict(api_name="/enqueue_job")
         gate.set()
         assert waiting.result()[2] == "Stopped before it started: nothing was written."
         assert running.result()[2].startswith("Done: seed")  # the other session's job ran on
         assert len(list((tmp_path / "out").glob("*/*.mp4"))) == 1
+        # The Stop was before that click: the page's next generation runs.
+        second.predict(api_name="/enqueue_job")
+        again = second.submit(*form_values(second, Prompt="a blue square moving up", Steps=2),
+                              api_name="/generate_video")
+        assert again.result()[2].startswith("Done: seed")
     finally:
         gate.set()
         app.close(verbose=False)
