@@ -75,6 +75,7 @@ from kinema.pipelines.request import (
     check_mask_file,
     check_pia_module,
     check_seed,
+    check_seeds_once,
     check_video_holds_overlap,
     check_window,
     control_places,
@@ -583,8 +584,7 @@ def _seeds(data: Mapping[str, Any]) -> list[int]:
         else:
             check_seed(seed, ", or -1 for a random one")
         seeds.append(seed)
-    if len(set(seeds)) != len(seeds):
-        raise KinemaError(f"a seed is given more than once ({seeds}), which would make the same video twice")
+    check_seeds_once(seeds)
     return seeds
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kinema.errors import KinemaError
+from kinema.pipelines.request import check_seeds_once
 
 if TYPE_CHECKING:
     import torch
@@ -45,10 +46,7 @@ def video_paths(out: str | os.PathLike, seeds: Sequence[int]) -> list[Path]:
     seeds = list(seeds)
     if not seeds:
         raise KinemaError("no seeds given; give at least one (one video per seed)")
-    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-    if repeated:
-        raise KinemaError(f"seed {repeated[0]} is given more than once, which would make the same video twice; "
-                          "give each seed once")
+    check_seeds_once(seeds)
     if len(seeds) == 1:
         return [out]
     return [out.with_name(f"{out.stem}-seed{seed}{out.suffix}") for seed in seeds]

@@ -506,6 +506,14 @@ def check_window(window: int, name: str, context_length: int | None = None,
                           f"use segment_frames (--segment-frames) of at most {window}")
 
 
+def check_seeds_once(seeds: Sequence[int]) -> None:
+    """One KinemaError line for a seed given twice: the same video made twice, and two files of one name."""
+    repeated = next((seed for index, seed in enumerate(seeds) if seed in seeds[:index]), None)
+    if repeated is not None:
+        raise KinemaError(f"seed {repeated} is given more than once, which would make the same video twice; give "
+                          "each seed once")
+
+
 def check_mask_blur(blur: Any, masked: bool) -> None:
     """One KinemaError line for a mask blur that is not a number of pixels from 0 to MAX_MASK_BLUR, or one given
     without a mask (`masked`)."""
@@ -754,9 +762,7 @@ class GenerationRequest:
             raise KinemaError(f"seeds must be a non-empty list of integers (one video per seed); got {self.seeds!r}")
         for seed in seeds:
             check_seed(seed)
-        repeated = next((seed for index, seed in enumerate(seeds) if seed in seeds[:index]), None)
-        if repeated is not None:  # the same video twice, and two files of one name
-            raise KinemaError(f"seed {repeated} is given more than once; give each seed once (one video per seed)")
+        check_seeds_once(seeds)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KinemaError(f"unknown dtype {self.dtype!r}; known dtypes: {', '.join(DTYPES)}")
         if self.interpolation not in INTERPOLATIONS:

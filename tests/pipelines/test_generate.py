@@ -948,7 +948,7 @@ def test_notebook_inputs_numpy_values_and_a_bfloat16_family_are_recorded_as_what
     json.dumps(result.settings)
     assert result.settings[0]["resize"] is False and result.settings[0]["guidance_rescale"] == 0.5
     assert result.settings[0]["dtype"] is None  # a float32 family
-    with pytest.raises(KinemaError, match="seed 1 is given more than once; give each seed once"):
+    with pytest.raises(KinemaError, match="seed 1 is given more than once, which would make the same video twice"):
         run(animatediff, seeds=[1, 2, 1])
     with pytest.raises(KinemaError, match="output='latent' cannot be given"):
         run(animatediff, output="latent", video=torch.rand(4, 3, SIZE, SIZE), extend_frames=4, overlap_frames=2,

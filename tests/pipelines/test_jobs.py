@@ -157,7 +157,7 @@ def test_relative_paths_resolve_against_base_then_the_models_folder(tmp_path):
     ({"prompt": "a cat", "freeu": {"s2": 0}}, "job: FreeU factor s2 must be a finite number above 0, got 0.0"),
     ({"prompt": "a cat", "freeu": {"s2": "x"}}, "job: freeu.s2 must be a finite number, got str 'x'"),
     ({"prompt": "a cat", "seed": 2**64}, f"job: seed {2**64} is out of range; seeds go from 0 to 2**64 - 1"),
-    ({"prompt": "a cat", "seed": [1, 1]}, "a seed is given more than once"),
+    ({"prompt": "a cat", "seed": [1, 1]}, "seed 1 is given more than once, which would make the same video twice"),
     ({"prompt": "a cat", "seed": 1, "seeds": [2]}, "give seed or seeds, not both"),
     ({"prompt": "a cat", "guidance": 0.5}, "job: guidance must be a finite number from 1 to 100"),
     ({"prompt": " "}, "job: no prompt"),
