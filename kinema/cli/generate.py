@@ -942,8 +942,8 @@ def _check_config(args: argparse.Namespace) -> None:
     if given == ["--print-schedule"]:
         raise KinemaError("--print-schedule shows one PROMPT's schedule; it cannot be combined with --config")
     if given:
-        raise KinemaError(f"{given[0]} cannot be combined with --config; set it in the config file (see "
-                          "docs/configs.md)")
+        raise KinemaError(f"{given[0]} cannot be combined with --config; set it in the config file where it has a "
+                          "key (docs/configs.md lists them), or run without --config")
     # Values as the file would hold them: FreeU's factors as a mapping.
     overrides = {key: vars(value) if key == "freeu" else value for option, key in CONFIG_OVERRIDES.items()
                  if (value := getattr(args, option)) is not None}

@@ -84,7 +84,8 @@ IGNORED_KEYS = (
     "unet_batch_size",
     "upscale_config", "stylize_config", "region_map", "gradual_latent_hires_fix_map", "apply_lcm_lora",
     "lcm_lora_scale", "is_single_prompt_mode",
-    "domain_lora_scale")  # AnimateDiff's v3 configs set it, and its code reads adapter_lora_scale
+    "domain_lora_scale",  # AnimateDiff's v3 configs set it, and its code reads adapter_lora_scale
+    "context_schedule", "lcm_map", "result")  # prompt travel's own files and the prompt.json it writes with a video
 # animatediff-cli-prompt-travel's scheduler names that are kinema's under another name.
 SCHEDULER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m",
                      "k_dpmpp_2m_karras": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
@@ -375,7 +376,18 @@ def _check_keys(entry: Mapping[str, Any]) -> list[str]:
     for key in entry:
         if key not in ENTRY_KEYS and key not in IGNORED_KEYS:
             raise unknown_key_error(key, ENTRY_KEYS, also_near=IGNORED_KEYS)
-    return [key for key in entry if key in IGNORED_KEYS and _given(entry, key) not in (None, False)]
+    return [key for key in entry if key in IGNORED_KEYS and _given(entry, key) not in (None, False)
+            and not _changes_nothing(key, entry[key])]
+
+
+def _changes_nothing(key: str, value: Any) -> bool:
+    """An ignored key whose value would change nothing here: prompt travel's `context_schedule` "uniform" (kinema's
+    windows' own schedule), an `lcm_map` not enabled, and the `result` record it writes beside a video."""
+    if key == "context_schedule":
+        return value == "uniform"
+    if key == "lcm_map":
+        return not (isinstance(value, Mapping) and value.get("enable"))
+    return key == "result"
 
 
 def _entry_runs(name: str, entry: Mapping[str, Any], index: int, where: str, config_folder: Path

@@ -254,15 +254,15 @@ def controlnet_job_data(given: Any, frames: int | None, config_folder: Path) -> 
         if unknown:
             raise KinemaError(f"controlnet_map.{name}: unknown key {unknown[0]!r}; known keys: "
                               f"{', '.join(CONTROLNET_KEYS)}")
-    folder = _folder(given.get("input_image_dir"), "controlnet_map", config_folder, "controlnet_image/test")
-    used = {**given, "input_image_dir": str(folder)}
     enabled = {name: entry for name, entry in entries.items()
                if _flag(entry, "enable", False, f"controlnet_map.{name}")}
     if enabled.pop("controlnet_ref", None) is not None:
         logger.warning("controlnet_map.controlnet_ref (reference-only) is not a ControlNet kinema runs; it is left out")
-    if not enabled:
+    if not enabled:  # its image folder is not looked at, as prompt travel looks at it for enabled ones only
         logger.warning("controlnet_map enables no ControlNet (\"enable\": true), so none steers")
-        return {}, used
+        return {}, dict(given)
+    folder = _folder(given.get("input_image_dir"), "controlnet_map", config_folder, "controlnet_image/test")
+    used = {**given, "input_image_dir": str(folder)}
     keyframes: dict[str, dict[int, Path]] = {}
     for name in enabled:
         if (folder / name).is_dir():

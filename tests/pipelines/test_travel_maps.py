@@ -229,6 +229,25 @@ def test_no_images_means_no_controlnet_with_one_warning(project, hub, stand_in_m
         "controlnet_map enables no ControlNet (\"enable\": true), so none steers"]
 
 
+def test_a_map_enabling_no_controlnet_needs_no_image_folder(project, hub, stand_in_models, caplog):
+    # Prompt travel's own file with every ControlNet turned off was refused: its controlnet_image/test was missing.
+    with caplog.at_level(logging.WARNING):
+        [run] = read_config(travel(project, controlnet_map={"input_image_dir": "controlnet_image/test",
+                                                            "controlnet_openpose": net(enable=False)})).runs
+    assert run.job.controlnet is None
+    assert "controlnet_map enables no ControlNet" in caplog.text
+
+
+def test_prompt_travels_own_files_and_its_prompt_json_are_read(project, hub, stand_in_models):
+    # Its prompt_travel.json and sample_lcm.json, and the prompt.json it writes beside each video, were refused:
+    # "unknown key 'context_schedule'; did you mean 'scheduler'?".
+    plain = {"context_schedule": "uniform", "lcm_map": {"enable": False, "start_scale": 0.15},
+             "result": {"output": "output/2024-01-01T00-00-00-travel", "seed": 4}}
+    assert read_config(travel(project, **plain)).ignored == []
+    said = read_config(travel(project, context_schedule="composite", lcm_map={"enable": True})).ignored
+    assert said == ["context_schedule", "lcm_map"]
+
+
 def test_badly_named_images_are_one_line(project, hub, stand_in_models):
     hub("lllyasviel/control_v11p_sd15_openpose")
     folder = project / "data/cn/controlnet_openpose"
