@@ -55,19 +55,23 @@ def test_a_written_config_makes_the_same_frames_again(tmp_path, capsys, encoded_
         assert np.abs(videos[path].astype(int) - rerun[path].astype(int)).max() <= 1
 
 
+ELSE = " (docs/configs.md lists them), or run without --config"
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["a red circle"], "give PROMPT or --config, not both (a config file holds its prompts)"),
-    (["--seed", "3"], "--seed cannot be combined with --config; set it in the config file (see docs/configs.md)"),
+    (["--seed", "3"], "--seed cannot be combined with --config; set it in the config file where it has a key "
+                      "(docs/configs.md lists them), or run without --config"),
     # Given at the value they take when left out, they are still given (and would be ignored otherwise).
-    (["--seed", "0"], "--seed cannot be combined with --config; set it in the config file (see docs/configs.md)"),
-    (["--negative", ""], "--negative cannot be combined with --config; set it in the config file (see "
-                         "docs/configs.md)"),
+    (["--seed", "0"], f"--seed cannot be combined with --config; set it in the config file where it has a key{ELSE}"),
+    (["--negative", ""], f"--negative cannot be combined with --config; set it in the config file where it has a key"
+                         f"{ELSE}"),
     (["--interpolation", "linear"], "--interpolation cannot be combined with --config; set it in the config file "
-                                    "(see docs/configs.md)"),
-    (["--decode-chunk", "16"], "--decode-chunk cannot be combined with --config; set it in the config file (see "
-                               "docs/configs.md)"),
-    (["--model", "kinema-tiny"], "--model cannot be combined with --config; set it in the config file (see "
-                                 "docs/configs.md)"),
+                                    f"where it has a key{ELSE}"),
+    (["--decode-chunk", "16"], "--decode-chunk cannot be combined with --config; set it in the config file where it "
+                               f"has a key{ELSE}"),
+    (["--model", "kinema-tiny"], "--model cannot be combined with --config; set it in the config file where it has a "
+                                 f"key{ELSE}"),
     (["--print-schedule"], "--print-schedule shows one PROMPT's schedule; it cannot be combined with --config"),
     (["-o", "clip.mp4"], "with --config, -o names a folder (one subfolder per prompt), not clip.mp4"),
 ])
