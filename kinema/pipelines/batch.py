@@ -386,8 +386,9 @@ def _run_here(pending: Sequence[BatchJob], out: Path, record: Record, device: st
     from kinema.interrupt import stop_if_requested
 
     worker = BatchWorker(_worker_name(0), str(out), device)
-    order = {key: index for index, key in enumerate(dict.fromkeys(repr(job.job.model_key()) for job in pending))}
-    for batch_job in sorted(pending, key=lambda batch_job: order[repr(batch_job.job.model_key())]):
+    keyed = [(repr(batch_job.job.model_key()), batch_job) for batch_job in pending]
+    order = {key: index for index, key in enumerate(dict.fromkeys(key for key, _ in keyed))}
+    for _, batch_job in sorted(keyed, key=lambda pair: order[pair[0]]):
         stop_if_requested()
         record(worker.run(batch_job))
     return [worker.summary()]

@@ -581,8 +581,8 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
 
     # FreeInit's fresh noise is the draws after the initial noise (seeded_fresh_noise), so a sampler's step noise
     # comes after those too, not again.
-    free_init = request.free_init is not None and clip.clean is None
-    drawn = request.free_init.iterations if request.free_init is not None and clip.clean is None else 1
+    free_init = request.free_init if clip.clean is None else None  # `generate` says when FreeInit is off
+    drawn = free_init.iterations if free_init is not None else 1
 
     def run(noise: torch.Tensor, run_steps: int) -> torch.Tensor:
         repaint = None
@@ -599,11 +599,11 @@ def _denoise(family: VideoFamily, request: GenerationRequest, plan: _Plan, text:
         return latents
 
     with torch.no_grad():
-        if not free_init:  # `generate` says when FreeInit is off
+        if free_init is None:
             return run(start, steps)
         from kinema.sampling.freeinit import FreeInitOptions, free_init_sample, seeded_fresh_noise
 
-        options = FreeInitOptions(**vars(request.free_init))
+        options = FreeInitOptions(**vars(free_init))
         fresh = seeded_fresh_noise(start.shape, seeds, dtype=start.dtype, device=start.device)
         return free_init_sample(run, start, scheduler, options, steps, fresh)
 

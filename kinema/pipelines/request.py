@@ -696,8 +696,8 @@ class GenerationRequest:
         return "text-to-video"
 
     def sampling_steps(self) -> int | None:
-        """The denoising steps generate() reports progress for: per video (it makes one seed's at a time), steps x
-        FreeInit's iterations, or the last round(steps x strength) of them for video-to-video; None for a
+        """The denoising steps generate() reports progress for, every video's (it makes one seed's at a time): each
+        steps x FreeInit's iterations, or the last round(steps x strength) of them for video-to-video; None for a
         continuation (its segments follow the model's window) and for steps left to the model's default."""
         if self.mode == "extend" or self.steps is None:
             return None

@@ -3,10 +3,10 @@
 Every generation is a job: the form becomes a mapping (kinema.ui.form), `job_from_mapping` checks it (the same
 one-line refusals as the CLI and the HTTP API, shown as a gradio error), and `run_job` makes it into a folder of its
 own under the outputs folder with one `FamilyCache`, which keeps the two models used last loaded for the jobs
-that follow. The job runs
-in a worker thread; the event handler, a generator, relays its step callbacks as gradio progress and latent previews
-(kinema.ui.preview), and its kinema warnings as gradio warnings. Generations share gradio's queue:
-`concurrency` of them run at once, and the light events (scans, gallery, settings) do not wait behind them.
+that follow. The job runs in a worker thread; the event handler, a generator, relays its step callbacks as gradio
+progress and latent previews (kinema.ui.preview), and its kinema warnings as gradio warnings. Generations share
+gradio's queue: `concurrency` of them run at once, and the light events (scans, gallery, settings) do not wait behind
+them.
 """
 
 from __future__ import annotations
