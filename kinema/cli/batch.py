@@ -102,6 +102,6 @@ def run_batch(args: argparse.Namespace) -> None:
     print(f"batch {summary.out}: {summary.done} job(s) done, {summary.skipped} already done, "
           f"{len(summary.failed)} failed; model loads per worker: {loads}; manifest {summary.manifest}")
     if summary.failed:
-        first = summary.failed[0]
+        first = min(summary.failed, key=lambda record: record["line"])  # jobs run grouped by model, not by line
         raise KinemaError(f"{len(summary.failed)} job(s) failed (first: line {first['line']}: {first['error']}); "
                           f"see {summary.manifest}, fix them and run the same command again to retry them")

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,13 +248,11 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
     models_path = Path(models_dir) if models_dir is not None else None
     outputs = Path(outputs_dir)
     family_cache = cache if cache is not None else FamilyCache()
-    # Stop, per page (gradio session): the stop of each of its running generations, when its waiting one was clicked
-    # (the page sends no second while one is pending: a later click is dropped) and when it last pressed Stop. A
-    # Stop pressed after the click reaches the generation still waiting in the queue; keyed to running jobs alone, it
-    # found nothing and was lost, and the job ran whole later.
+    # The stop of each running generation, per page (gradio session): a page's generations, one or several (an API
+    # client's), each stop at their next step when it presses Stop. A generation still waiting in the queue is
+    # dropped by gradio itself (the Stop button cancels the generate event).
     running: dict[str, set[threading.Event]] = {}
-    clicked: dict[str, float] = {}
-    stopped: dict[str, float] = {}
+    running_lock = threading.Lock()
     scan = scan_models(models_path)
     start = form_defaults(DEFAULT_MODEL)
     scheduler_choices = [("the model's default", FAMILY_DEFAULT)] + [(name, name) for name in SCHEDULERS]
@@ -530,42 +526,28 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
         forget_extra.click(lambda: ({}, "", gr.Button(visible=False)), outputs=[extra, extra_note, forget_extra],
                            concurrency_limit=None)
 
-        def stop_job(request: gr.Request) -> None:
-            session = request.session_hash or ""
-            stopped[session] = time.monotonic()
-            for event in list(running.get(session, ())):
-                event.set()
-
-        def enqueue_job(request: gr.Request) -> None:
-            clicked.setdefault(request.session_hash or "", time.monotonic())  # the first click: the others dropped
-
-        def forget_page(request: gr.Request) -> None:
-            session = request.session_hash or ""
-            clicked.pop(session, None)
-            stopped.pop(session, None)
-
-        stop.click(stop_job, concurrency_limit=None)
-        app.unload(forget_page)
+        def stop_job(request: gr.Request) -> str:
+            with running_lock:
+                for event in running.get(request.session_hash or "", ()):
+                    event.set()
+            return ("Stopped: a generation still waiting never starts; a running one ends at its next sampling step "
+                    "and writes nothing (one already decoding finishes)")
 
         # gradio finds its progress tracker by this default value.
         def generate_video(data: dict[Any, Any], request: gr.Request,
                            progress: gr.Progress = gr.Progress()  # noqa: B008
                            ) -> Iterator[dict[Any, Any]]:
             session = request.session_hash or ""
-            click = clicked.pop(session, None)  # none: an API client calling this alone
-            if click is not None and stopped.get(session, -math.inf) >= click:
-                yield {status: "Stopped before it started: nothing was written."}
-                return
             stop_event = threading.Event()
-            running.setdefault(session, set()).add(stop_event)
+            with running_lock:
+                running.setdefault(session, set()).add(stop_event)
             try:
                 yield from _generate(data, stop_event, progress)
             finally:
-                running[session].discard(stop_event)
-                if not running[session]:
-                    del running[session]
-                if clicked.get(session, math.inf) < time.monotonic():  # a click the page dropped while this ran
-                    clicked.pop(session, None)
+                with running_lock:
+                    running[session].discard(stop_event)
+                    if not running[session]:
+                        del running[session]
 
         def _generate(data: dict[Any, Any], stop_event: threading.Event, progress: gr.Progress
                       ) -> Iterator[dict[Any, Any]]:
@@ -611,12 +593,14 @@ def build_app(models_dir: str | os.PathLike | None = None, outputs_dir: str | os
                            selected_settings: settings_list[0] if settings_list else None,
                            status: f"Done: seed {seeds}. Saved in {out}"}
 
-        # One event for both triggers, so the queue's concurrency limit counts every generation together. The click
-        # is noted before the queue: a Stop pressed while the job waits there reaches it.
-        gr.on([generate.click, prompt.submit], enqueue_job, queue=False, concurrency_limit=None,
-              api_visibility="undocumented").then(
-            generate_video, inputs={mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
-            outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
+        # One event for both triggers, so the queue's concurrency limit counts every generation together.
+        generation = gr.on([generate.click, prompt.submit], generate_video,
+                           inputs={mode, extra, *form_fields.values(), *lora_paths, *lora_weights},
+                           outputs=[preview, video, status, gallery, gallery_settings, selected_settings])
+        # The page's Stop: gradio drops its generation still waiting in the queue (a Stop that found no running job
+        # was lost, and the job ran whole later) and ends a running one's event, whose job stop_job stops at its
+        # next step.
+        stop.click(stop_job, outputs=status, concurrency_limit=None, cancels=[generation])
     app.queue(default_concurrency_limit=concurrency)
     return app
 

@@ -4,7 +4,6 @@ run by its worker relays steps, previews and warnings, and stops when asked, lea
 import json
 import queue
 import threading
-import time
 
 import pytest
 
@@ -39,9 +38,8 @@ def test_the_page_starts_on_the_bundled_model_with_its_defaults(tmp_path):
     assert app._queue.default_concurrency_limit == 2
     # Generations (Generate or Enter in the prompt) share the queue's limit; scans, gallery and settings never wait.
     limits = {fn.name: (fn.concurrency_limit, len(fn.targets)) for fn in app.fns.values()}
-    assert limits.pop("generate_video") == ("default", 1)  # run after enqueue_job, on either trigger
-    assert limits.pop("enqueue_job") == (None, 2)
-    limits.pop("forget_page")  # a page closed: its notes go whenever the queue reaches it
+    assert limits.pop("generate_video") == ("default", 2)
+    limits.pop(None)  # gradio's own event for the Stop button's cancels (no function: it drops the generation)
     assert {limit for limit, _ in limits.values()} == {None}
 
 
@@ -187,64 +185,15 @@ def test_uploading_a_video_to_extend_shows_its_model_with_that_models_defaults(t
         upload.fn(str(tmp_path / "gone.mp4"), "")
 
 
-def form_values(client, **by_label) -> list:
-    """The /generate_video API's arguments, in order: each field's default, those named by label (Prompt, Steps)
-    replaced."""
-    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_video"][
-        "parameters"]
-    return [by_label.get(parameter["label"], parameter.get("parameter_default")) for parameter in parameters]
-
-
-def test_stop_reaches_a_job_still_waiting_in_the_queue_and_no_other_sessions(tmp_path, monkeypatch):
-    """Stop found a session's job only once it ran: pressed while it waited behind another session's, it was lost
-    and the job ran whole later."""
-    import socket
-
-    from gradio_client import Client
-
-    import kinema.ui.app as app_module
-
-    gate, started = threading.Event(), threading.Event()
-    real_run_job = app_module.run_job
-
-    def held_run_job(*args, **kwargs):  # the first job holds the queue until the test lets it go on
-        started.set()
-        assert gate.wait(60)
-        return real_run_job(*args, **kwargs)
-
-    monkeypatch.setattr(app_module, "run_job", held_run_job)
-    app = build_app(models_dir=None, outputs_dir=tmp_path / "out", concurrency=1)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app_module.launch_app(app, outputs_dir=tmp_path / "out", port=port, block=False, quiet=True)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        first, second = Client(url, verbose=False), Client(url, verbose=False)
-        running = first.submit(*form_values(first, Prompt="a red circle moving right", Steps=2),
-                               api_name="/generate_video")
-        assert started.wait(60)
-        second.predict(api_name="/enqueue_job")  # the click, noted as the page's Generate does before the queue
-        waiting = second.submit(*form_values(second, Prompt="a blue square moving up", Steps=2),
-                                api_name="/generate_video")
-        deadline = time.monotonic() + 60
-        while waiting.status().code.name != "IN_QUEUE" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        second.predict(api_name="/stop_job")
-        # A second click while it waits (the page drops its generation) does not undo the Stop: a fresh token did.
-        second.predict(api_name="/enqueue_job")
-        gate.set()
-        assert waiting.result()[2] == "Stopped before it started: nothing was written."
-        assert running.result()[2].startswith("Done: seed")  # the other session's job ran on
-        assert len(list((tmp_path / "out").glob("*/*.mp4"))) == 1
-        # The Stop was before that click: the page's next generation runs.
-        second.predict(api_name="/enqueue_job")
-        again = second.submit(*form_values(second, Prompt="a blue square moving up", Steps=2),
-                              api_name="/generate_video")
-        assert again.result()[2].startswith("Done: seed")
-    finally:
-        gate.set()
-        app.close(verbose=False)
+def test_stop_cancels_the_pages_generation_waiting_or_running(tmp_path):
+    """Stop found a page's job only once it ran: pressed while it waited in the queue it was lost, and the job ran
+    whole later. The Stop button now cancels the generate event too (gradio drops it from the queue), beside
+    stopping a running job at its next step."""
+    app = build_app(models_dir=None, outputs_dir=tmp_path / "out")
+    dependencies = app.get_config_file()["dependencies"]
+    generation = next(d["id"] for d in dependencies if d.get("api_name") == "generate_video")
+    stop = next(d for d in dependencies if d.get("api_name") == "stop_job")
+    assert any(d.get("cancels") == [generation] and d["targets"] == stop["targets"] for d in dependencies)
 
 
 def test_an_uploads_error_names_the_file_as_the_user_named_it():
