@@ -1053,10 +1053,7 @@ def generate(family: VideoFamily, request: GenerationRequest, *, callback: StepC
         raise KinemaError("a continuation is decoded segment by segment and saves no final latents, so there is "
                           "nothing to resume it from; run it without resume")
     if resume is not None:
-        compared = settings
-        if request.dtype is None and all(entry.get("dtype") is None for entry in resume[1]):
-            compared = [{**entry, "dtype": None} for entry in settings]  # saved before a family's dtype was recorded
-        _check_resumed(resume, compared, inputs, (len(seeds), family.latent_channels, plan.latent_frames,
+        _check_resumed(resume, settings, inputs, (len(seeds), family.latent_channels, plan.latent_frames,
                                           plan.height // family.spatial_factor, plan.width // family.spatial_factor))
     reset_peak_memory(device)
     segments = 0

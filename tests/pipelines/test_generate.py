@@ -959,8 +959,10 @@ def test_notebook_inputs_numpy_values_and_a_bfloat16_family_are_recorded_as_what
     made = generate(half, request(steps=1, timestep_spacing="trailing"), progress=False,
                     on_latents=lambda latents, settings: saved.append((latents, settings)))
     assert made.settings[0]["dtype"] == "bfloat16"
-    # Latents saved before the family's own dtype was recorded (None) still resume this run.
+    # Latents of a float32 family (dtype None) are another run's for it.
     latents, settings = saved[0]
-    resumed = generate(half, request(steps=1, timestep_spacing="trailing"), progress=False,
-                       resume=(latents, [{**entry, "dtype": None} for entry in settings]))
+    with pytest.raises(KinemaError, match="their settings differ in dtype"):
+        generate(half, request(steps=1, timestep_spacing="trailing"), progress=False,
+                 resume=(latents, [{**entry, "dtype": None} for entry in settings]))
+    resumed = generate(half, request(steps=1, timestep_spacing="trailing"), progress=False, resume=saved[0])
     assert torch.equal(resumed.frames, made.frames)
