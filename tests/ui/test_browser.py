@@ -1,7 +1,7 @@
 """The web app end to end in a real browser: Debian's Chromium, headless, driven by Playwright (nothing downloaded).
 
 The app is launched in this process on a free port with the bundled kinema-tiny; the test types a prompt, makes
-a cheap video (8 frames, 2 steps, 64x64), checks that the <video> element plays it and that the gallery shows it
+a cheap video (8 frames, 4 steps, 64x64), checks that the <video> element plays it and that the gallery shows it
 with its settings. Screenshots go to $KINEMA_TEST_ARTIFACTS/ui/ when set, else to the test's tmp_path.
 """
 
@@ -71,7 +71,7 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     page.set_default_timeout(90_000)  # each later wait: a loaded CI machine may be slow to render
     page.goto(url)
     page.locator("#prompt textarea").fill(PROMPT)
-    page.locator("#steps input").fill("2")
+    page.locator("#steps input").fill("4")  # 2 or 3 DDIM steps start far below pure noise: warned of, in a toast
     page.locator("#frames input").fill("8")
     page.locator("#generate").click()
 
@@ -98,13 +98,13 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     folders = [folder for folder in outputs.iterdir() if (folder / "job.json").is_file()]
     assert len(folders) == 1
     written = json.loads((folders[0] / "job.json").read_text())
-    assert written["prompt"] == PROMPT and written["frames"] == 8 and written["steps"] == 2
+    assert written["prompt"] == PROMPT and written["frames"] == 8 and written["steps"] == 4
     with av.open(str(folders[0] / "video-seed0.mp4")) as container:
         decoded = list(container.decode(video=0))
     assert len(decoded) == 8 and (decoded[0].width, decoded[0].height) == (64, 64)
 
     gallery = page.locator("#gallery")
-    gallery.get_by_text(f"{PROMPT} · seed 0 · 8 frames 64x64 · 2 steps").wait_for()
+    gallery.get_by_text(f"{PROMPT} · seed 0 · 8 frames 64x64 · 4 steps").wait_for()
     gallery.locator("button").filter(has=page.locator("video")).first.click()
     settings = page.locator("#selected-settings")
     settings.get_by_text(PROMPT).first.wait_for()
@@ -116,7 +116,7 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     page.locator("#load-settings").click()
     expect = sync_api.expect
     expect(page.locator("#prompt textarea")).to_have_value(PROMPT)
-    expect(page.locator("#steps input")).to_have_value("2")
+    expect(page.locator("#steps input")).to_have_value("4")
 
     page.locator("#random-seed").click()
     expect(page.locator("#seed input")).not_to_have_value("0")
@@ -125,7 +125,8 @@ def test_generate_in_the_browser_plays_the_video_and_lists_it_with_its_settings(
     # Bad input is refused by the job's check, in the words of the CLI and the API, before any model work.
     page.locator("#steps input").fill("0")
     page.locator("#generate").click()
-    expect(page.locator(".toast-body").first).to_contain_text("form: steps must be at least 1, got 0")
+    expect(page.locator(".toast-body", has_text="form: steps must be at least 1").first).to_contain_text(
+        "form: steps must be at least 1, got 0")
     assert len([folder for folder in outputs.iterdir() if (folder / "job.json").is_file()]) == 1
 
 
@@ -191,3 +192,36 @@ def test_a_loaded_video_brings_the_settings_the_form_has_no_field_for(browser, s
     page.locator("#forget-extra").click()
     expect(page.locator("#forget-extra")).to_be_hidden()
     expect(note).not_to_contain_text("cfg_truncation")
+
+
+def test_stop_in_the_browser_drops_a_generation_waiting_in_the_queue(browser, tmp_path):
+    """Stop found a page's job only once it ran: pressed while it waited behind another page's, it was lost and the
+    job ran whole later. The Stop button cancels the page's generate event: gradio drops the waiting one."""
+    from playwright import sync_api
+
+    from kinema.ui.app import build_app, launch_app
+
+    outputs = tmp_path / "outputs"
+    app = build_app(models_dir=None, outputs_dir=outputs, concurrency=1)
+    port = free_port()
+    launch_app(app, outputs_dir=outputs, port=port, block=False, quiet=True)
+    try:
+        first, second = browser.new_page(), browser.new_page()
+        for page, steps in ((first, "400"), (second, "4")):
+            page.set_default_timeout(90_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#steps input").fill(steps)
+            page.locator("#frames input").fill("8")
+        first.locator("#generate").click()
+        sync_api.expect(first.locator("#status")).to_contain_text("Sampling: step")
+        second.locator("#generate").click()  # waits in the queue behind the first page's
+        second.wait_for_timeout(1000)
+        second.locator("#stop").click()
+        sync_api.expect(second.locator("#status")).to_contain_text("Stopped")
+        first.locator("#stop").click()  # the first page's running job ends at its next step
+        sync_api.expect(first.locator("#status")).to_contain_text("Stopped")
+        first.wait_for_timeout(3000)  # the dropped generation would have started by now, and written
+        assert not [folder for folder in outputs.iterdir() if folder.is_dir() and (folder / "job.json").is_file()]
+    finally:
+        app.close(verbose=False)
