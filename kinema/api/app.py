@@ -271,10 +271,13 @@ def _error_response(status: int, message: str, headers: dict[str, str] | None = 
 
 
 def _host_name(value: str) -> str:
-    """The name or address of a Host header or an Origin's authority, without its port: `[::1]:8000` -> `::1`."""
+    """The name or address of a Host header or an Origin's authority, without its port, as `is_loopback` compares
+    it (lower case, no trailing dot): `[::1]:8000` -> `::1`, `LocalHost.:8000` -> `localhost`."""
     if value.startswith("["):
-        return value[1:].partition("]")[0]
-    return value.rpartition(":")[0] if value.count(":") == 1 else value
+        name = value[1:].partition("]")[0]
+    else:
+        name = value.rpartition(":")[0] if value.count(":") == 1 else value
+    return name.rstrip(".").lower()
 
 
 def _from_elsewhere(headers: dict[bytes, bytes]) -> str | None:
@@ -287,14 +290,14 @@ def _from_elsewhere(headers: dict[bytes, bytes]) -> str | None:
 
     sent = headers.get(b"host")  # none: HTTP/1.0, a health check; never a browser, which always sends it
     host = "" if sent is None else sent.decode("latin-1")
-    if sent is not None and not is_loopback(_host_name(host).rstrip(".").lower()):
+    if sent is not None and not is_loopback(_host_name(host)):
         return (f"the Host header {host!r} is not localhost or a loopback address: a server without an API key "
                 "answers this machine's own clients only, not a web page that reached it through a name of its own; "
                 "use http://127.0.0.1:PORT, or start kinema serve with --api-key")
     origin = headers.get(b"origin")
     if origin is not None:
         authority = origin.decode("latin-1").partition("://")[2]
-        if not is_loopback(_host_name(authority).rstrip(".").lower()):
+        if not is_loopback(_host_name(authority)):
             return (f"a request from the web page at {origin.decode('latin-1')!r}: a server without an API key "
                     "answers this machine's own clients and its own /docs page only; start kinema serve with "
                     "--api-key for others")
